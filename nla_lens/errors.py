@@ -1,0 +1,45 @@
+"""Typed errors. Each message says what was wrong and how to fix it."""
+
+
+class NLAError(Exception):
+    """Base class of every error nla_lens raises on bad input."""
+
+
+class SidecarError(NLAError):
+    """`nla_meta.yaml` is missing, malformed, or of an unknown dialect."""
+
+
+class TokenizerDriftError(NLAError):
+    """The live tokenizer disagrees with the ids recorded in the sidecar."""
+
+
+class MarkerError(NLAError):
+    """The injection marker is missing, duplicated, or its sites do not match the vectors."""
+
+
+class VectorError(NLAError):
+    """Activation vectors have the wrong shape, dtype, device, or non-finite / zero values."""
+
+
+class CheckpointError(NLAError):
+    """A checkpoint folder lacks a file or holds weights of an unexpected shape."""
+
+
+class PairMismatchError(NLAError):
+    """An AV and an AR that were not trained as one NLA (different d_model or layer)."""
+
+
+class PromptTooLongError(NLAError):
+    """A prompt does not fit the model's context window."""
+
+
+class ChatTemplateError(NLAError):
+    """The tokenizer has no chat template, so the AV prompt cannot be built."""
+
+
+class InjectionError(NLAError):
+    """An injection hook saw an activation it cannot have been built for."""
+
+
+class InputError(NLAError):
+    """A call got arguments it cannot work with (empty input, out-of-range settings)."""

@@ -1,0 +1,56 @@
+"""Find the injection marker: a token id whose left and right neighbours are the sidecar's ids.
+
+Anchoring on the neighbours (as the training code does) keeps a marker char that happens to occur
+elsewhere in a prompt from being mistaken for the injection site.
+"""
+
+from __future__ import annotations
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+from nla_lens.errors import MarkerError
+
+
+def find_marker_sites(
+    tokens: Int[Tensor, "batch pos"],
+    marker_id: int,
+    left_id: int,
+    right_id: int,
+    *,
+    expected: int | None = None,
+) -> tuple[Int[Tensor, " n_sites"], Int[Tensor, " n_sites"]]:
+    """Return (batch index, position) of every valid marker site, in row-major order.
+
+    Left padding is fine: pad ids never equal the marker's neighbours. With `expected`, the number
+    of sites must match (one per injected vector), else :class:`MarkerError`.
+    """
+    if tokens.ndim != 2:
+        raise MarkerError(f"tokens must be [batch, pos], got shape {tuple(tokens.shape)}")
+    is_marker = tokens[:, 1:-1] == marker_id
+    anchored = is_marker & (tokens[:, :-2] == left_id) & (tokens[:, 2:] == right_id)
+    rows, cols = anchored.nonzero(as_tuple=True)
+    positions = cols + 1
+    if expected is not None and rows.numel() != expected:
+        loose = int((tokens == marker_id).sum())
+        raise MarkerError(
+            f"found {rows.numel()} neighbour-anchored marker site(s) (id {marker_id} between "
+            f"{left_id} and {right_id}; {loose} bare marker id(s)) but {expected} vector(s) to "
+            "inject. Build prompts with av.prompt_tokens(n), or pass one vector per marker site."
+        )
+    return rows, positions
+
+
+def one_site_per_row(tokens: Int[Tensor, "batch pos"], marker_id: int, left_id: int,
+                     right_id: int) -> Int[Tensor, " batch"]:
+    """Position of the single marker site of each row; raise unless every row has exactly one."""
+    rows, positions = find_marker_sites(tokens, marker_id, left_id, right_id)
+    counts = torch.bincount(rows, minlength=tokens.shape[0])
+    bad = (counts != 1).nonzero(as_tuple=True)[0].tolist()
+    if bad:
+        raise MarkerError(
+            f"rows {bad[:8]} hold {counts[bad[:8]].tolist()} marker sites; each AV prompt needs "
+            "exactly one. Build prompts with av.prompt_tokens(n)."
+        )
+    return positions

@@ -1,0 +1,39 @@
+"""Reading the AV's output: the explanation between the tags, and signs of a failed injection."""
+
+from __future__ import annotations
+
+import re
+
+# The paper's inference code: first match, surrounding whitespace dropped.
+_EXPLANATION = re.compile(r"<explanation>\s*(.*?)\s*</explanation>", re.DOTALL)
+_CJK = re.compile(r"[\u2e80-\u9fff\uac00-\ud7af\uf900-\ufaff\u3000-\u303f\uff00-\uffef]")
+
+
+def parse_explanation(text: str) -> str | None:
+    """The explanation between `<explanation>` tags, stripped; None when the tags are missing."""
+    match = _EXPLANATION.search(text)
+    return match.group(1).strip() if match else None
+
+
+def looks_like_failed_injection(text: str, marker_char: str, cjk_fraction: float = 0.3) -> bool:
+    """What users of the reference code watch for: the marker echoed, or output dominated by CJK.
+
+    A vector that never reached the AV (wrong site, wrong scale) leaves it to continue from the bare
+    marker char, which for Qwen-family tokenizers drifts into CJK text.
+    """
+    if marker_char in text:
+        return True
+    visible = [c for c in text if not c.isspace()]
+    return bool(visible) and len(_CJK.findall(text)) / len(visible) > cjk_fraction
+
+
+def injection_warning(texts: list[str], marker_char: str) -> str | None:
+    """A warning for a batch of AV outputs, or None when they look healthy."""
+    flagged = [i for i, t in enumerate(texts) if looks_like_failed_injection(t, marker_char)]
+    if not flagged:
+        return None
+    return (
+        f"{len(flagged)}/{len(texts)} AV outputs echo the marker {marker_char!r} or are mostly CJK "
+        f"(rows {flagged[:8]}): the injection probably failed. Check the injection method and hook "
+        "point against how this AV was trained (av.injection_spec)."
+    )

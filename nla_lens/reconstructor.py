@@ -1,0 +1,97 @@
+"""The activation reconstructor (AR): an explanation in, a vector out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer
+from transformers import PreTrainedTokenizerBase
+
+from nla_lens import loading
+from nla_lens.errors import InputError, PromptTooLongError, SidecarError
+from nla_lens.sidecar import NLAMeta, check_tokenizer, load_meta
+
+
+class ActivationReconstructor:
+    """Holds the AR: a truncated `HookedTransformer` (K+1 blocks, no final norm, no unembed, so
+    `model(tokens)` returns the residual stream), its `Linear(d, d, bias=False)` readout and meta.
+    """
+
+    def __init__(self, model: HookedTransformer, readout: nn.Linear,
+                 tokenizer: PreTrainedTokenizerBase, meta: NLAMeta) -> None:
+        if model.cfg.d_model != meta.d_model or readout.in_features != meta.d_model:
+            raise SidecarError(
+                f"the sidecar says d_model={meta.d_model}, the model has {model.cfg.d_model} and "
+                f"the readout {readout.in_features}: the files belong to different checkpoints"
+            )
+        self.model = model
+        self.readout = readout
+        self.tokenizer = tokenizer
+        self.meta = meta
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_id: str | Path,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        trust_remote_code: bool = False,
+    ) -> ActivationReconstructor:
+        """Load an AR folder (truncated HF backbone + `value_head.safetensors`); reads K+1 blocks."""
+        folder = loading.resolve_checkpoint(path_or_id)
+        meta = load_meta(folder)
+        if meta.role == "av":
+            raise SidecarError(f"{folder} is an AV checkpoint; load it with ActivationVerbalizer")
+        if meta.ar_template is None:
+            raise SidecarError(f"{folder}/nla_meta.yaml has no AR (critic) prompt template")
+        tokenizer = loading.load_tokenizer(folder, trust_remote_code=trust_remote_code)
+        tokenizer.padding_side = "left"  # the last real token is then always at position -1
+        check_tokenizer(meta, tokenizer)
+        model = loading.load_hooked_transformer(folder, tokenizer, dtype=dtype, device=device,
+                                                n_layers=meta.layer + 1,
+                                                trust_remote_code=trust_remote_code)
+        readout = loading.load_readout(folder, meta.d_model, dtype=dtype, device=device)
+        return cls(model, readout, tokenizer, meta)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.W_E.device
+
+    def prompt_tokens(self, explanations: list[str]) -> tuple[Int[Tensor, "n pos"], Int[Tensor, "n pos"]]:
+        """Left-padded AR prompts and their attention mask (no special tokens added)."""
+        if isinstance(explanations, str) or not explanations:
+            raise InputError("pass a non-empty list of explanation strings")
+        ids = [self.tokenizer.encode(self.meta.ar_prompt(e), add_special_tokens=False)
+               for e in explanations]
+        n_ctx = self.model.cfg.n_ctx
+        too_long = [(i, len(row)) for i, row in enumerate(ids) if len(row) > n_ctx]
+        if too_long:
+            row, length = too_long[0]
+            raise PromptTooLongError(
+                f"explanation {row} makes an AR prompt of {length} tokens, over n_ctx={n_ctx} "
+                f"({len(too_long)} such rows); shorten it rather than let it be truncated"
+            )
+        width = max(len(row) for row in ids)
+        pad = self.tokenizer.pad_token_id
+        tokens = torch.tensor([[pad] * (width - len(row)) + row for row in ids], device=self.device)
+        mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in ids], device=self.device)
+        return tokens, mask
+
+    @torch.inference_mode()
+    def reconstruct(self, explanations: list[str], batch_size: int = 64,
+                    progress: bool = False) -> Float[Tensor, "n d_model"]:
+        """The readout at the last token of each AR prompt, as float32 vectors."""
+        tokens, mask = self.prompt_tokens(explanations)
+        out = []
+        for start in tqdm(range(0, len(explanations), batch_size), desc="reconstruct",
+                          disable=not progress, unit="batch"):
+            rows = slice(start, start + batch_size)
+            width = int(mask[rows].sum(dim=1).max())  # drop columns that are padding in every row
+            resid = self.model(tokens[rows, -width:], attention_mask=mask[rows, -width:])
+            out.append(self.readout(resid[:, -1]).float())
+        return torch.cat(out)

@@ -1,0 +1,287 @@
+"""`nla_meta.yaml`: the sidecar every NLA checkpoint carries, in both dialects found in the wild.
+
+* ``kind: nla_model``, ``schema_version: 2`` (the paper's checkpoints, and what nla_lens writes);
+* ``kind: nla_dataset``, ``schema_version: 1`` (the dataset sidecar nanoNLA copies into checkpoints).
+
+Neither dialect records how the vector was injected, so :func:`resolve_injection` applies the rule
+of DESIGN.md section 1; sidecars written by nla_lens carry an explicit ``injection:`` block.
+Everything here is pure: tokenizer checks take the tokenizer as an argument.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from nla_lens.errors import ChatTemplateError, MarkerError, SidecarError, TokenizerDriftError
+from nla_lens.markers import find_marker_sites
+
+SIDECAR_NAME = "nla_meta.yaml"
+InjectionMethod = Literal["karvonen", "embedding"]
+DEFAULT_HOOK_POINT: dict[str, str] = {
+    # Output of decoder layer 1, where nanoNLA / Activation Oracles add the vector.
+    "karvonen": "blocks.1.hook_resid_post",
+    # The token embedding (after any embedding scale), which the paper's checkpoints replace.
+    "embedding": "hook_embed",
+}
+_ROLES = {"av": "av", "actor": "av", "ar": "ar", "critic": "ar"}
+
+
+@dataclass(frozen=True)
+class InjectionSpec:
+    """How and where a vector enters the AV's forward pass."""
+
+    method: InjectionMethod
+    hook_point: str
+
+    @classmethod
+    def of(cls, method: str, hook_point: str | None = None) -> InjectionSpec:
+        if method not in DEFAULT_HOOK_POINT:
+            raise SidecarError(
+                f"unknown injection method {method!r}; use one of {sorted(DEFAULT_HOOK_POINT)}"
+            )
+        return cls(method, hook_point or DEFAULT_HOOK_POINT[method])  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class NLAMeta:
+    """The facts of one NLA checkpoint, read from its sidecar (never hard-coded)."""
+
+    kind: str
+    schema_version: int
+    role: Literal["av", "ar"] | None
+    d_model: int
+    layer: int
+    injection_char: str
+    injection_token_id: int
+    injection_left_neighbor_id: int
+    injection_right_neighbor_id: int
+    critic_suffix_ids: tuple[int, ...] | None
+    av_template: str | None
+    ar_template: str | None
+    mse_scale: float
+    injection_scale: float | None
+    injection: InjectionSpec | None
+    base_model: str | None = None
+    raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def av_prompt(self) -> str:
+        """The AV's user message with the marker char filled in."""
+        if self.av_template is None:
+            raise SidecarError("this sidecar has no AV (actor) prompt template")
+        return self.av_template.replace("{injection_char}", self.injection_char)
+
+    def ar_prompt(self, explanation: str) -> str:
+        """The AR's input text for one explanation."""
+        if self.ar_template is None:
+            raise SidecarError("this sidecar has no AR (critic) prompt template")
+        return self.ar_template.replace("{explanation}", explanation)
+
+
+def load_meta(folder: str | Path) -> NLAMeta:
+    """Read and parse `nla_meta.yaml` from a checkpoint folder (`yaml.safe_load`, no code)."""
+    path = Path(folder) / SIDECAR_NAME
+    if not path.is_file():
+        raise SidecarError(
+            f"no {SIDECAR_NAME} in {folder}: an NLA checkpoint needs its sidecar. Copy the "
+            f"{SIDECAR_NAME} released with the checkpoint into that folder."
+        )
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise SidecarError(f"{path} is not valid YAML ({exc}); restore the released file") from exc
+    return parse_meta(data, source=str(path))
+
+
+def parse_meta(data: Any, *, source: str = "sidecar") -> NLAMeta:
+    """Parse a sidecar mapping of either dialect into an :class:`NLAMeta`."""
+    if not isinstance(data, dict):
+        raise SidecarError(f"{source}: expected a YAML mapping at the top level, got {type(data).__name__}")
+    kind = data.get("kind")
+    if kind == "nla_model":
+        return _parse_model_dialect(data, source)
+    if kind == "nla_dataset":
+        return _parse_dataset_dialect(data, source)
+    raise SidecarError(
+        f"{source}: unknown sidecar kind {kind!r}; nla_lens reads 'nla_model' (schema 2) and "
+        "'nla_dataset' (schema 1). Check that this is an NLA checkpoint's nla_meta.yaml."
+    )
+
+
+def _parse_model_dialect(data: dict[str, Any], source: str) -> NLAMeta:
+    _expect_schema(data, 2, source)
+    role_name = data.get("role")
+    if role_name not in _ROLES:
+        raise SidecarError(f"{source}: role must be one of {sorted(_ROLES)}, got {role_name!r}")
+    role = _ROLES[role_name]
+    extraction = _section(data, "extraction", source, required=False)
+    critic = _section(data, "critic", source, required=False)
+    ar = _section(data, "ar", source, required=False)
+    d_model = _int(data.get("d_model", extraction.get("d_model")), "d_model", source)
+    ar_blocks = _first_present(ar.get("num_hidden_layers"), critic.get("num_hidden_layers"))  # K + 1
+    layer = _first_present(
+        data.get("extraction_layer_index"),
+        critic.get("extraction_layer_index"),
+        extraction.get("layer_index"),
+        None if ar_blocks is None else _int(ar_blocks, "ar.num_hidden_layers", source) - 1,
+    )
+    injection_scale = _scale(extraction.get("injection_scale"), d_model, "injection_scale", source)
+    injection = _explicit_injection(data, source)
+    if injection is None and role == "av" and injection_scale is not None:
+        injection = InjectionSpec.of("embedding")
+    return _build(data, source, role=role, d_model=d_model, layer=layer,
+                  extraction=extraction, injection_scale=injection_scale, injection=injection)
+
+
+def _parse_dataset_dialect(data: dict[str, Any], source: str) -> NLAMeta:
+    _expect_schema(data, 1, source)
+    extraction = _section(data, "extraction", source)
+    d_model = _int(extraction.get("d_model"), "extraction.d_model", source)
+    injection_scale = _scale(extraction.get("injection_scale"), d_model, "injection_scale", source)
+    # nanoNLA trains with the Karvonen add at the output of decoder layer 1.
+    injection = _explicit_injection(data, source) or InjectionSpec.of("karvonen")
+    return _build(data, source, role=None, d_model=d_model, layer=extraction.get("layer_index"),
+                  extraction=extraction, injection_scale=injection_scale, injection=injection)
+
+
+def _build(data: dict[str, Any], source: str, *, role: Literal["av", "ar"] | None, d_model: int,
+           layer: Any, extraction: dict[str, Any], injection_scale: float | None,
+           injection: InjectionSpec | None) -> NLAMeta:
+    tokens = _section(data, "tokens", source)
+    templates = _section(data, "prompt_templates", source)
+    suffix = tokens.get("critic_suffix_ids")
+    av_template = templates.get("av", templates.get("actor"))
+    ar_template = templates.get("ar", templates.get("critic"))
+    if av_template is not None and "{injection_char}" not in av_template:
+        raise SidecarError(f"{source}: the AV template has no '{{injection_char}}' placeholder")
+    if ar_template is not None and "{explanation}" not in ar_template:
+        raise SidecarError(f"{source}: the AR template has no '{{explanation}}' placeholder")
+    injection_char = tokens.get("injection_char")
+    if not isinstance(injection_char, str) or len(injection_char) == 0:
+        raise SidecarError(f"{source}: tokens.injection_char must be a non-empty string")
+    return NLAMeta(
+        kind=data["kind"],
+        schema_version=data["schema_version"],
+        role=role,
+        d_model=d_model,
+        layer=_int(layer, "the extraction layer index", source),
+        injection_char=injection_char,
+        injection_token_id=_int(tokens.get("injection_token_id"), "tokens.injection_token_id", source),
+        injection_left_neighbor_id=_int(
+            tokens.get("injection_left_neighbor_id"), "tokens.injection_left_neighbor_id", source
+        ),
+        injection_right_neighbor_id=_int(
+            tokens.get("injection_right_neighbor_id"), "tokens.injection_right_neighbor_id", source
+        ),
+        critic_suffix_ids=None if suffix is None else tuple(_int(i, "critic_suffix_ids", source) for i in suffix),
+        av_template=av_template,
+        ar_template=ar_template,
+        mse_scale=_scale(extraction.get("mse_scale"), d_model, "mse_scale", source) or math.sqrt(d_model),
+        injection_scale=injection_scale,
+        injection=injection,
+        base_model=extraction.get("base_model", data.get("base_model")),
+        raw=data,
+    )
+
+
+def _explicit_injection(data: dict[str, Any], source: str) -> InjectionSpec | None:
+    block = data.get("injection")
+    if block is None:
+        return None
+    if not isinstance(block, dict) or "method" not in block:
+        raise SidecarError(f"{source}: 'injection' must be a mapping with a 'method' key")
+    return InjectionSpec.of(block["method"], block.get("hook_point"))
+
+
+def _expect_schema(data: dict[str, Any], version: int, source: str) -> None:
+    if data.get("schema_version") != version:
+        raise SidecarError(
+            f"{source}: kind {data.get('kind')!r} is read at schema_version {version}, "
+            f"found {data.get('schema_version')!r}; upgrade nla_lens or fix the sidecar"
+        )
+
+
+def _section(data: dict[str, Any], key: str, source: str, required: bool = True) -> dict[str, Any]:
+    value = data.get(key)
+    if value is None and not required:
+        return {}
+    if not isinstance(value, dict):
+        raise SidecarError(f"{source}: missing or malformed section '{key}' (expected a mapping)")
+    return value
+
+
+def _first_present(*values: Any) -> Any:
+    return next((v for v in values if v is not None), None)
+
+
+def _int(value: Any, name: str, source: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SidecarError(f"{source}: {name} must be an integer, got {value!r}")
+    return value
+
+
+def _scale(value: Any, d_model: int, name: str, source: str) -> float | None:
+    """Resolve a scale entry: absent/null -> None, "sqrt_d_model" -> sqrt(d), a number -> itself."""
+    if value is None:
+        return None
+    if value == "sqrt_d_model":
+        return math.sqrt(d_model)
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+        return float(value)
+    raise SidecarError(f"{source}: {name} must be a positive number or 'sqrt_d_model', got {value!r}")
+
+
+def av_prompt_ids(meta: NLAMeta, tokenizer: Any) -> list[int]:
+    """Token ids of the canonical AV prompt: one user message, chat template, generation prompt."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ChatTemplateError(
+            "the AV tokenizer has no chat template; load the tokenizer saved with the AV checkpoint "
+            "(its tokenizer_config.json carries the template)"
+        )
+    messages = [{"role": "user", "content": meta.av_prompt()}]
+    # Qwen3: no enable_thinking argument, exactly as the AV was trained.
+    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                              return_dict=False))
+
+
+def check_tokenizer(meta: NLAMeta, tokenizer: Any) -> None:
+    """Check the sidecar's token facts against the live tokenizer; raise on any drift."""
+    marker_ids = tokenizer.encode(meta.injection_char, add_special_tokens=False)
+    if marker_ids != [meta.injection_token_id]:
+        raise TokenizerDriftError(
+            f"marker {meta.injection_char!r} encodes to {marker_ids}, but the sidecar says "
+            f"[{meta.injection_token_id}]: the tokenizer is not the one this NLA was trained with. "
+            "Load the tokenizer saved with the checkpoint."
+        )
+    if meta.av_template is not None:
+        import torch
+
+        ids = torch.tensor([av_prompt_ids(meta, tokenizer)])
+        try:
+            find_marker_sites(ids, meta.injection_token_id, meta.injection_left_neighbor_id,
+                              meta.injection_right_neighbor_id, expected=1)
+        except MarkerError as exc:
+            raise TokenizerDriftError(
+                f"the canonical AV prompt does not hold exactly one neighbour-anchored marker "
+                f"({exc}); the tokenizer or chat template differs from training"
+            ) from exc
+    if meta.critic_suffix_ids is not None and meta.ar_template is not None:
+        ids = tokenizer.encode(meta.ar_prompt("a"), add_special_tokens=False)
+        suffix = list(meta.critic_suffix_ids)
+        if ids[-len(suffix):] != suffix:
+            raise TokenizerDriftError(
+                f"the AR prompt ends in ids {ids[-len(suffix):]}, the sidecar's critic_suffix_ids "
+                f"are {suffix}: the tokenizer differs from training. Load the checkpoint's tokenizer."
+            )
+
+
+def dump_meta(meta_dict: dict[str, Any], folder: str | Path) -> Path:
+    """Write a sidecar mapping (validated by parsing it back) into `folder`."""
+    parse_meta(meta_dict, source="sidecar to write")
+    path = Path(folder) / SIDECAR_NAME
+    path.write_text(yaml.safe_dump(meta_dict, allow_unicode=True, sort_keys=False), encoding="utf-8")
+    return path

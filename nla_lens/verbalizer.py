@@ -1,0 +1,197 @@
+"""The activation verbalizer (AV): a vector in, an explanation out."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer
+from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+from transformers import PreTrainedTokenizerBase
+
+from nla_lens import loading
+from nla_lens.errors import InjectionError, InputError, SidecarError
+from nla_lens.injection import Injection, check_vectors
+from nla_lens.markers import find_marker_sites
+from nla_lens.parsing import injection_warning, parse_explanation
+from nla_lens.sidecar import InjectionSpec, NLAMeta, av_prompt_ids, check_tokenizer, load_meta
+
+
+@dataclass(frozen=True)
+class Verbalization:
+    """One AV output: the raw completion, the parsed explanation (None if untagged), the ids."""
+
+    text: str
+    explanation: str | None
+    tokens: list[int]
+
+
+class ActivationVerbalizer:
+    """Holds the AV as a `HookedTransformer` (`.model`), its tokenizer and its `NLAMeta`.
+
+    The injection is an ordinary TL hook (`self.injection(...)`), so it composes with any other
+    hooks; `verbalize` adds it for the prefill only and leaves hooks the caller installed with
+    `self.model.hooks(...)` in force for every step.
+    """
+
+    def __init__(self, model: HookedTransformer, tokenizer: PreTrainedTokenizerBase, meta: NLAMeta,
+                 injection_spec: InjectionSpec, eos_token_ids: list[int]) -> None:
+        if meta.d_model != model.cfg.d_model:
+            raise SidecarError(
+                f"the sidecar says d_model={meta.d_model} but the model has {model.cfg.d_model}: "
+                "the sidecar belongs to another checkpoint"
+            )
+        if injection_spec.hook_point not in model.hook_dict:
+            raise InjectionError(
+                f"hook point {injection_spec.hook_point!r} does not exist in this model; pick one of "
+                "model.hook_dict, e.g. 'blocks.1.hook_resid_post' or 'hook_embed'"
+            )
+        self.model = model
+        self.tokenizer = tokenizer
+        self.meta = meta
+        self.injection_spec = injection_spec
+        self.eos_token_ids = eos_token_ids
+        self._prompt = torch.tensor(av_prompt_ids(meta, tokenizer))
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_id: str | Path,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        injection: InjectionSpec | str | None = None,
+        hook_point: str | None = None,
+        trust_remote_code: bool = False,
+    ) -> ActivationVerbalizer:
+        """Load an AV checkpoint folder (or a cached hub id) and validate it before reading weights.
+
+        `injection` ("karvonen" / "embedding" / an InjectionSpec) and `hook_point` override what the
+        sidecar implies; by default the checkpoint is served exactly as it was trained.
+        """
+        folder = loading.resolve_checkpoint(path_or_id)
+        meta = load_meta(folder)
+        if meta.role == "ar":
+            raise SidecarError(f"{folder} is an AR checkpoint; load it with ActivationReconstructor")
+        spec = _injection_spec(meta, injection, hook_point)
+        tokenizer = loading.load_tokenizer(folder, trust_remote_code=trust_remote_code)
+        check_tokenizer(meta, tokenizer)
+        model = loading.load_hooked_transformer(folder, tokenizer, dtype=dtype, device=device,
+                                                trust_remote_code=trust_remote_code)
+        return cls(model, tokenizer, meta, spec, loading.eos_token_ids(folder, tokenizer))
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.W_E.device
+
+    def prompt_tokens(self, n: int) -> Int[Tensor, "n pos"]:
+        """`n` copies of the canonical AV prompt, each holding one marker site."""
+        return self._prompt.to(self.device).expand(n, -1).clone()
+
+    def injection(self, vectors: Float[Tensor, "n d_model"],
+                  tokens: Int[Tensor, "n pos"] | None = None) -> Injection:
+        """Bind `vectors` to the marker sites of `tokens` (default: the canonical prompts)."""
+        vectors = check_vectors(vectors, self.meta.d_model)
+        if tokens is None:
+            tokens = self.prompt_tokens(vectors.shape[0])
+        rows, positions = find_marker_sites(
+            tokens, self.meta.injection_token_id, self.meta.injection_left_neighbor_id,
+            self.meta.injection_right_neighbor_id, expected=vectors.shape[0],
+        )
+        return Injection(self.injection_spec, vectors.to(self.device), rows, positions,
+                         (tokens.shape[0], tokens.shape[1]), self.meta.injection_scale)
+
+    def verbalize(
+        self,
+        vectors: Float[Tensor, "n d_model"],
+        *,
+        max_new_tokens: int = 150,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        batch_size: int = 32,
+        seed: int | None = None,
+        progress: bool = True,
+    ) -> list[Verbalization]:
+        """Explain each vector. Temperature 0 is greedy; a seed makes sampling reproducible."""
+        vectors = check_vectors(vectors, self.meta.d_model)
+        if temperature < 0 or not 0 < top_p <= 1 or max_new_tokens < 1 or batch_size < 1:
+            raise InputError(
+                "need temperature >= 0, 0 < top_p <= 1, max_new_tokens >= 1 and batch_size >= 1"
+            )
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(seed)
+        results: list[Verbalization] = []
+        starts = range(0, vectors.shape[0], batch_size)
+        for start in tqdm(starts, desc="verbalize", disable=not progress, unit="batch"):
+            batch = vectors[start:start + batch_size]
+            for ids in self._generate(batch, max_new_tokens, temperature, top_p, generator):
+                text = self.tokenizer.decode(ids, skip_special_tokens=True)
+                results.append(Verbalization(text, parse_explanation(text), ids))
+        warning = injection_warning([r.text for r in results], self.meta.injection_char)
+        if warning:
+            warnings.warn(warning, stacklevel=2)
+        return results
+
+    @torch.inference_mode()
+    def _generate(self, vectors: Float[Tensor, "n d_model"], max_new_tokens: int, temperature: float,
+                  top_p: float, generator: torch.Generator | None) -> list[list[int]]:
+        """KV-cached decoding; the injection hook is installed for the prefill forward only."""
+        n = vectors.shape[0]
+        tokens = self.prompt_tokens(n)
+        injection = self.injection(vectors, tokens)
+        cache = TransformerLensKeyValueCache.init_cache(self.model.cfg, self.device, n)
+        with self.model.hooks(fwd_hooks=injection.fwd_hooks()):
+            logits = self.model(tokens, attention_mask=torch.ones_like(tokens), past_kv_cache=cache)[:, -1]
+        eos = torch.tensor(self.eos_token_ids, device=self.device)
+        finished = torch.zeros(n, dtype=torch.bool, device=self.device)
+        lengths = torch.full((n,), max_new_tokens, device=self.device)
+        steps = []
+        step_mask = torch.ones(n, 1, dtype=torch.long, device=self.device)
+        for step in range(max_new_tokens):
+            next_ids = _sample(logits, temperature, top_p, generator)
+            steps.append(next_ids)
+            just_done = ~finished & torch.isin(next_ids, eos)
+            lengths = torch.where(just_done, step + 1, lengths)
+            finished |= just_done
+            if bool(finished.all()) or step == max_new_tokens - 1:
+                break
+            logits = self.model(next_ids[:, None], attention_mask=step_mask, past_kv_cache=cache)[:, -1]
+        generated = torch.stack(steps, dim=1).tolist()
+        return [row[:length] for row, length in zip(generated, lengths.tolist())]
+
+
+def _sample(logits: Float[Tensor, "n vocab"], temperature: float, top_p: float,
+            generator: torch.Generator | None) -> Int[Tensor, " n"]:
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (the top token always survives).
+        drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _injection_spec(meta: NLAMeta, injection: InjectionSpec | str | None,
+                    hook_point: str | None) -> InjectionSpec:
+    """User override > explicit sidecar block > the dialect rule (resolved by the sidecar parser)."""
+    if isinstance(injection, InjectionSpec):
+        return injection
+    if isinstance(injection, str):
+        return InjectionSpec.of(injection, hook_point)
+    if meta.injection is None:
+        raise SidecarError(
+            "the sidecar does not say how vectors were injected (no injection block, no "
+            "injection_scale); pass injection='karvonen' or injection='embedding'"
+        )
+    if hook_point is not None:
+        return InjectionSpec(meta.injection.method, hook_point)
+    return meta.injection

@@ -1,0 +1,122 @@
+"""AV forward passes with nla_lens's TL hooks equal plain HF with plain torch hooks (fp32, CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hf_reference as ref
+import nla_lens as nl
+
+ATOL = 1e-5
+
+
+def _no_hooks_left(model) -> bool:
+    return all(not hp.fwd_hooks and not hp.bwd_hooks for hp in model.hook_dict.values())
+
+
+@pytest.mark.parametrize("which", ["av_karvonen", "av_embedding"])
+def test_injection_matches_hf_reference(request, tiny_paths, which, vectors):
+    av = request.getfixturevalue(which)
+    tokens = av.prompt_tokens(len(vectors))
+    logits = av.model.run_with_hooks(tokens, fwd_hooks=av.injection(vectors, tokens).fwd_hooks())
+
+    hf, _ = ref.load_hf(tiny_paths[which])
+    meta = ref.sidecar(tiny_paths[which])
+    sites = ref.marker_sites(tokens, meta["tokens"])
+    if which == "av_karvonen":
+        hook = ref.karvonen_hook(hf, sites, vectors)
+    else:
+        hook = ref.embedding_hook(hf, sites, vectors, meta["extraction"]["injection_scale"])
+    with torch.no_grad(), hook:
+        expected = hf(tokens).logits
+    with torch.no_grad():
+        plain = hf(tokens).logits
+    assert (logits - expected).abs().max() < ATOL
+    # The check has teeth: the injection moves the logits far more than the tolerance.
+    assert (expected - plain).abs().max() > 1e-2
+
+
+def test_karvonen_matches_hf_layer1_hook_on_left_padded_batch(av_karvonen, tiny_paths, vectors):
+    tok = av_karvonen.tokenizer
+    marker = av_karvonen.meta.injection_char
+    prefixes = ["", "the cat ", "a dog ran in the park and ", "sea "]
+    rows = [tok.apply_chat_template([{"role": "user", "content": f"{p}<c>{marker}</c>"}],
+                                    add_generation_prompt=True, tokenize=True, return_dict=False)
+            for p in prefixes]
+    width = max(map(len, rows))
+    assert len({len(r) for r in rows}) == 4
+    tokens = torch.tensor([[tok.pad_token_id] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+
+    inj = av_karvonen.injection(vectors, tokens)
+    logits = av_karvonen.model.run_with_hooks(tokens, attention_mask=mask, fwd_hooks=inj.fwd_hooks())
+
+    hf, _ = ref.load_hf(tiny_paths["av_karvonen"])
+    sites = ref.marker_sites(tokens, ref.sidecar(tiny_paths["av_karvonen"])["tokens"])
+    with torch.no_grad(), ref.karvonen_hook(hf, sites, vectors):
+        expected = hf(tokens, attention_mask=mask).logits
+    real = mask.bool()
+    assert (logits[real] - expected[real]).abs().max() < ATOL
+
+
+def test_injection_composes_with_user_ablation_and_steering_in_one_run(av_karvonen, tiny_paths, vectors):
+    steer = torch.randn(av_karvonen.meta.d_model, generator=torch.Generator().manual_seed(7))
+    head_dim = av_karvonen.model.cfg.d_head
+
+    def ablate_head_1(z, hook):
+        z[:, :, 1] = 0.0
+        return z
+
+    def add_steer(resid, hook):
+        return resid + 2.0 * steer
+
+    tokens = av_karvonen.prompt_tokens(len(vectors))
+    inj = av_karvonen.injection(vectors, tokens)
+    logits = av_karvonen.model.run_with_hooks(tokens, fwd_hooks=[
+        *inj.fwd_hooks(), ("blocks.3.attn.hook_z", ablate_head_1), ("blocks.2.hook_resid_post", add_steer)])
+
+    hf, _ = ref.load_hf(tiny_paths["av_karvonen"])
+    sites = ref.marker_sites(tokens, ref.sidecar(tiny_paths["av_karvonen"])["tokens"])
+    with (torch.no_grad(), ref.karvonen_hook(hf, sites, vectors),
+          ref.head_ablation_hook(hf, 3, 1, head_dim), ref.layer_output_hook(hf, 2, lambda h: h + 2.0 * steer)):
+        expected = hf(tokens).logits
+    with torch.no_grad(), ref.karvonen_hook(hf, sites, vectors):
+        injection_only = hf(tokens).logits
+    assert (logits - expected).abs().max() < ATOL
+    assert (expected - injection_only).abs().max() > 1e-2
+    assert _no_hooks_left(av_karvonen.model)
+
+
+def test_any_hook_point_can_be_chosen(tiny_paths, vectors):
+    av = nl.ActivationVerbalizer.from_pretrained(tiny_paths["av_karvonen"], hook_point="blocks.0.hook_resid_post")
+    tokens = av.prompt_tokens(len(vectors))
+    logits = av.model.run_with_hooks(tokens, fwd_hooks=av.injection(vectors, tokens).fwd_hooks())
+    hf, _ = ref.load_hf(tiny_paths["av_karvonen"])
+    sites = ref.marker_sites(tokens, ref.sidecar(tiny_paths["av_karvonen"])["tokens"])
+    with torch.no_grad(), ref.karvonen_hook(hf, sites, vectors, layer_module=hf.model.layers[0]):
+        expected = hf(tokens).logits
+    assert (logits - expected).abs().max() < ATOL
+
+
+def test_hooks_never_leak_after_an_exception(av_karvonen, vectors):
+    def explode(act, hook):
+        raise RuntimeError("user hook failed")
+
+    tokens = av_karvonen.prompt_tokens(len(vectors))
+    inj = av_karvonen.injection(vectors, tokens)
+    with pytest.raises(RuntimeError, match="user hook failed"):
+        av_karvonen.model.run_with_hooks(tokens, fwd_hooks=[*inj.fwd_hooks(), ("blocks.3.hook_resid_post", explode)])
+    assert _no_hooks_left(av_karvonen.model)
+    with pytest.raises(RuntimeError, match="user hook failed"):
+        with av_karvonen.model.hooks(fwd_hooks=[("blocks.3.hook_resid_post", explode)]):
+            av_karvonen.verbalize(vectors, max_new_tokens=3, progress=False)
+    assert _no_hooks_left(av_karvonen.model)
+
+
+def test_injection_refuses_tokens_it_was_not_built_for(av_karvonen, vectors):
+    inj = av_karvonen.injection(vectors)
+    other = av_karvonen.prompt_tokens(len(vectors) + 1)
+    with pytest.raises(nl.InjectionError, match="built for tokens of shape"):
+        av_karvonen.model.run_with_hooks(other, fwd_hooks=inj.fwd_hooks())
+    assert _no_hooks_left(av_karvonen.model)
