@@ -163,7 +163,7 @@ class ActivationVerbalizer:
                 break
             logits = self.model(next_ids[:, None], attention_mask=step_mask, past_kv_cache=cache)[:, -1]
         generated = torch.stack(steps, dim=1).tolist()
-        return [row[:length] for row, length in zip(generated, lengths.tolist())]
+        return [row[:length] for row, length in zip(generated, lengths.tolist(), strict=True)]
 
 
 def _sample(logits: Float[Tensor, "n vocab"], temperature: float, top_p: float,

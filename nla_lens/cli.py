@@ -1,0 +1,63 @@
+"""The `nla-lens` command: a thin layer over the library.
+
+Each subcommand lives beside the code it drives and registers itself through an `add_parser`
+function taking the subparsers object; this module only assembles them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from nla_lens.errors import NLAError
+
+
+def _add_inspect(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "inspect", help="print a checkpoint's sidecar and check it against its tokenizer",
+        description="Read nla_meta.yaml from an NLA checkpoint folder, print the facts nla_lens will use "
+                    "(dialect, role, layer, injection, scales, marker ids) and validate them against the "
+                    "folder's tokenizer. Exits non-zero with the reason when anything is off.")
+    parser.add_argument("checkpoint", help="an AV or AR checkpoint folder (or a hub id in the local HF cache)")
+    parser.set_defaults(run=_run_inspect)
+
+
+def _run_inspect(args: argparse.Namespace) -> None:
+    from nla_lens import loading
+    from nla_lens.sidecar import check_tokenizer, load_meta
+
+    folder = loading.resolve_checkpoint(args.checkpoint)
+    meta = load_meta(folder)
+    for name in ("kind", "schema_version", "role", "d_model", "layer", "injection", "injection_scale",
+                 "mse_scale", "injection_char", "injection_token_id", "injection_left_neighbor_id",
+                 "injection_right_neighbor_id", "critic_suffix_ids", "base_model"):
+        print(f"{name:28s} {getattr(meta, name)!r}")
+    check_tokenizer(meta, loading.load_tokenizer(folder))
+    print("tokenizer check               ok")
+
+
+def _registrars() -> list[Callable[[argparse._SubParsersAction], None]]:
+    return [_add_inspect]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nla-lens", description=__doc__.splitlines()[0])
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for register in _registrars():
+        register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except NLAError as exc:
+        print(f"nla-lens {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
