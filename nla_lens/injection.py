@@ -38,6 +38,8 @@ def check_vectors(vectors: Tensor, d_model: int) -> Float[Tensor, "n d_model"]:
             f"vectors must have shape [n, {d_model}] (d_model of this NLA), got "
             f"{tuple(vectors.shape)}. Take them from blocks.K.hook_resid_post of the base model."
         )
+    if vectors.device.type == "meta":
+        raise VectorError("vectors are on the meta device and hold no values; pass real tensors")
     if vectors.shape[0] == 0:
         raise VectorError("no vectors given: pass at least one [d_model] vector")
     if not vectors.is_floating_point():

@@ -15,7 +15,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 
 def load_hf(folder: Path):
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    # ignore_mismatched_sizes: a paper AR may carry an eye(d) lm_head placeholder, unused here.
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, ignore_mismatched_sizes=True).eval()
     return model, AutoTokenizer.from_pretrained(folder)
 
 

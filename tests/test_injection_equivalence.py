@@ -55,7 +55,8 @@ def test_karvonen_matches_hf_layer1_hook_on_left_padded_batch(av_karvonen, tiny_
     hf, _ = ref.load_hf(tiny_paths["av_karvonen"])
     sites = ref.marker_sites(tokens, ref.sidecar(tiny_paths["av_karvonen"])["tokens"])
     with torch.no_grad(), ref.karvonen_hook(hf, sites, vectors):
-        expected = hf(tokens, attention_mask=mask).logits
+        # Positions count real tokens only, as HF generate does for left-padded batches.
+        expected = hf(tokens, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
     real = mask.bool()
     assert (logits[real] - expected[real]).abs().max() < ATOL
 

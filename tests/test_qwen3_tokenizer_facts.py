@@ -6,7 +6,8 @@ Uses the official Qwen3 ``tokenizer.json`` + ``tokenizer_config.json`` as shippe
 The directory is ``$NLA_QWEN3_TOKENIZER_DIR`` or ``~/.cache/nla_lens/qwen3-tokenizer``.
 The module skips when the files are absent.
 
-Plain tokenizer only: this deliberately does not import ``nla_lens``.
+The last test routes the released sidecar facts through ``nla_lens.sidecar``, the code path
+``from_pretrained`` uses, with the paper's own AV / AR templates.
 """
 
 from __future__ import annotations
@@ -93,3 +94,37 @@ def test_critic_suffix(tok):
     ] + CRITIC_SUFFIX_IDS
     # ... while " <summary>" alone is only its last three ids.
     assert tok.encode(" <summary>", add_special_tokens=False) == CRITIC_SUFFIX_IDS[2:]
+
+
+# The paper's templates, verbatim (nla/datagen/stage3_build.py; identical in nanoNLA).
+PAPER_AV_TEMPLATE = (
+    "You are a meticulous AI researcher conducting an important investigation into activation vectors "
+    "from a language model. Your overall task is to describe the semantic content of that activation "
+    "vector.\n\nWe will pass the vector enclosed in <concept> tags into your context. You must then "
+    "produce an explanation for the vector, enclosed within <explanation> tags. The explanation consists "
+    "of 2-3 text snippets describing that vector.\n\nHere is the vector:\n\n<concept>{injection_char}"
+    "</concept>\n\nPlease provide an explanation."
+)
+PAPER_AR_TEMPLATE = "Summary of the following text: <text>{explanation}</text> <summary>"
+
+
+def test_released_qwen3_sidecar_checks_out_through_nla_lens(tok):
+    import torch
+
+    from nla_lens.markers import find_marker_sites
+    from nla_lens.sidecar import av_prompt_ids, check_tokenizer, parse_meta
+
+    meta = parse_meta({
+        "kind": "nla_dataset", "schema_version": 1,
+        "extraction": {"base_model": "Qwen/Qwen3-8B", "d_model": 4096, "layer_index": 24, "norm": "none"},
+        "tokens": {"injection_char": MARKER, "injection_token_id": MARKER_ID,
+                   "injection_left_neighbor_id": GT_ID, "injection_right_neighbor_id": LT_SLASH_ID,
+                   "critic_suffix_ids": CRITIC_SUFFIX_IDS},
+        "prompt_templates": {"actor": PAPER_AV_TEMPLATE, "critic": PAPER_AR_TEMPLATE},
+    })
+    check_tokenizer(meta, tok)
+    ids = torch.tensor([av_prompt_ids(meta, tok)])
+    rows, positions = find_marker_sites(ids, MARKER_ID, GT_ID, LT_SLASH_ID, expected=1)
+    p = int(positions[0])
+    assert ids[0, p - 1 : p + 2].tolist() == [GT_ID, MARKER_ID, LT_SLASH_ID]
+    assert tok.decode(ids[0, -3:]) == "<|im_start|>assistant\n"

@@ -1,0 +1,112 @@
+"""Loading HF folders into TransformerLens: no weight processing, safetensors only, AR truncation."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+import hf_reference as ref
+import nla_lens as nl
+from nla_lens import loading
+
+
+def test_weights_are_loaded_without_processing(av_karvonen, tiny_paths):
+    hf, _ = ref.load_hf(tiny_paths["av_karvonen"])
+    block, layer = av_karvonen.model.blocks[1], hf.model.layers[1]
+    # fold_ln would set ln weights to one and scale W_Q; centering would shift W_E / W_U.
+    assert torch.equal(block.ln1.w, layer.input_layernorm.weight)
+    assert torch.equal(block.attn.W_Q.reshape(4, 64, 16), layer.self_attn.q_proj.weight.reshape(4, 16, 64).transpose(1, 2))
+    assert torch.equal(block.attn.k_norm.w, layer.self_attn.k_norm.weight)
+    assert torch.equal(av_karvonen.model.W_E, hf.model.embed_tokens.weight)
+    assert torch.equal(av_karvonen.model.W_U, hf.lm_head.weight.T)
+    assert torch.equal(av_karvonen.model.ln_final.w, hf.model.norm.weight)
+    assert not torch.equal(block.ln1.w, torch.ones_like(block.ln1.w))
+
+
+def test_n_ctx_comes_from_the_hf_config(av_karvonen, ar_nanonla):
+    assert av_karvonen.model.cfg.n_ctx == 256 == ar_nanonla.model.cfg.n_ctx
+
+
+def test_bf16_load_casts_on_the_fly(tiny_paths):
+    av = nl.ActivationVerbalizer.from_pretrained(tiny_paths["av_karvonen"], dtype=torch.bfloat16)
+    assert av.model.W_E.dtype == torch.bfloat16
+    assert av.model.blocks[0].attn.W_Q.dtype == torch.bfloat16
+
+
+def test_ar_keeps_k_plus_1_blocks_and_no_final_norm_or_unembed(ar_paper):
+    model = ar_paper.model
+    assert len(model.blocks) == ar_paper.meta.layer + 1
+    assert isinstance(model.ln_final, torch.nn.Identity) and isinstance(model.unembed, torch.nn.Identity)
+    tokens, mask = ar_paper.prompt_tokens(["a cat"])
+    _, cache = model.run_with_cache(tokens, attention_mask=mask)
+    last = f"blocks.{ar_paper.meta.layer}.hook_resid_post"
+    assert torch.equal(model(tokens, attention_mask=mask), cache[last])
+
+
+def test_ar_loads_from_a_full_depth_folder_reading_only_kept_blocks(tiny_paths, tmp_path):
+    """An AR sidecar beside full-depth weights: blocks past K, the final norm and lm_head are ignored."""
+    folder = shutil.copytree(tiny_paths["av_karvonen"], tmp_path / "ar_full")
+    shutil.copy(tiny_paths["ar_nanonla"] / "value_head.safetensors", folder)
+    ar = nl.ActivationReconstructor.from_pretrained(folder)
+    reference = nl.ActivationReconstructor.from_pretrained(tiny_paths["ar_nanonla"])
+    texts = ["a cat", "the sea"]
+    assert torch.equal(ar.reconstruct(texts), reference.reconstruct(texts))
+
+
+def test_pickle_only_checkpoint_is_refused(tiny_paths, tmp_path):
+    folder = shutil.copytree(tiny_paths["av_karvonen"], tmp_path / "av")
+    (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
+    with pytest.raises(nl.CheckpointError, match="safetensors only, never pickle"):
+        nl.ActivationVerbalizer.from_pretrained(folder)
+
+
+def test_missing_or_malformed_value_head(tiny_paths, tmp_path):
+    folder = shutil.copytree(tiny_paths["ar_nanonla"], tmp_path / "ar")
+    (folder / "value_head.safetensors").unlink()
+    with pytest.raises(nl.CheckpointError, match="no value_head.safetensors"):
+        nl.ActivationReconstructor.from_pretrained(folder)
+    save_file({"weight": torch.zeros(64, 32)}, folder / "value_head.safetensors")
+    with pytest.raises(nl.CheckpointError, match=r"shape \[64, 64\]"):
+        nl.ActivationReconstructor.from_pretrained(folder)
+
+
+def test_missing_weights_are_reported(tiny_paths, tmp_path):
+    folder = shutil.copytree(tiny_paths["av_karvonen"], tmp_path / "av")
+    weights = load_file(str(folder / "model.safetensors"))
+    del weights["model.layers.2.mlp.up_proj.weight"]
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(nl.CheckpointError, match="blocks.2.mlp.W_in"):
+        nl.ActivationVerbalizer.from_pretrained(folder)
+
+
+def test_loading_the_wrong_role_is_a_typed_error(tiny_paths):
+    with pytest.raises(nl.SidecarError, match="AR checkpoint"):
+        nl.ActivationVerbalizer.from_pretrained(tiny_paths["ar_paper"])
+    with pytest.raises(nl.SidecarError, match="AV checkpoint"):
+        nl.ActivationReconstructor.from_pretrained(tiny_paths["av_embedding"])
+
+
+def test_unknown_path_or_uncached_hub_id(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(nl.CheckpointError, match="neither a local folder"):
+        loading.resolve_checkpoint("nobody/no-such-nla")
+
+
+def test_user_override_of_the_injection_method(tiny_paths):
+    av = nl.ActivationVerbalizer.from_pretrained(tiny_paths["av_embedding"], injection="karvonen")
+    assert av.injection_spec == nl.InjectionSpec("karvonen", "blocks.1.hook_resid_post")
+    with pytest.raises(nl.InjectionError, match="does not exist"):
+        nl.ActivationVerbalizer.from_pretrained(tiny_paths["av_karvonen"], hook_point="blocks.99.hook_resid_post")
+
+
+def test_embedding_injection_without_a_scale_is_refused(tiny_paths, tmp_path):
+    folder = shutil.copytree(tiny_paths["av_karvonen"], tmp_path / "av")
+    av = nl.ActivationVerbalizer.from_pretrained(folder, injection="embedding")
+    with pytest.raises(nl.InjectionError, match="needs an injection_scale"):
+        av.injection(torch.randn(1, 64))
+    meta = yaml.safe_load((folder / "nla_meta.yaml").read_text())
+    assert "injection_scale" not in meta["extraction"]

@@ -1,0 +1,57 @@
+"""`reconstruct` equals the paper's reference critic: truncated HF model, no final norm, value head."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hf_reference as ref
+import nla_lens as nl
+
+TEXTS = [
+    "a cat",
+    "The cat sat on the mat. A dog ran in the park.",
+    "numbers one two three",
+    "Words about the weather and the sea, names of places, a question, the end of a sentence.",
+    "x",
+]
+
+
+@pytest.mark.parametrize("which", ["ar_nanonla", "ar_paper"])
+def test_reconstruct_matches_hf_truncated_model_and_readout(request, tiny_paths, which):
+    ar = request.getfixturevalue(which)
+    assert ar.model.cfg.n_layers == ar.meta.layer + 1
+    got = ar.reconstruct(TEXTS, batch_size=64)
+    expected = ref.ar_reconstruct(tiny_paths[which], TEXTS)
+    assert got.shape == (len(TEXTS), ar.meta.d_model)
+    assert got.dtype == torch.float32
+    assert (got - expected).abs().max() < 1e-5
+    # Padding-safe: small batches (less padding) give the same vectors.
+    assert (ar.reconstruct(TEXTS, batch_size=2) - expected).abs().max() < 1e-5
+
+
+def test_ar_readout_of_last_token_residual_matches_reference(ar_paper, tiny_paths):
+    tokens, mask = ar_paper.prompt_tokens(TEXTS[:1])
+    resid = ar_paper.model(tokens, attention_mask=mask)
+    got = ar_paper.readout(resid[:, -1])
+    assert (got - ref.ar_reconstruct(tiny_paths["ar_paper"], TEXTS[:1])).abs().max() < 1e-5
+
+
+def test_ar_prompt_ends_with_the_critic_suffix(ar_nanonla):
+    tokens, mask = ar_nanonla.prompt_tokens(TEXTS)
+    suffix = list(ar_nanonla.meta.critic_suffix_ids)
+    for row in tokens.tolist():
+        assert row[-len(suffix):] == suffix
+
+
+def test_overlong_explanation_is_an_error_naming_the_row(ar_nanonla):
+    long = " ".join(["word"] * 400)
+    with pytest.raises(nl.PromptTooLongError, match="explanation 1 makes an AR prompt"):
+        ar_nanonla.reconstruct(["short", long])
+
+
+def test_empty_explanations_are_an_input_error(ar_nanonla):
+    with pytest.raises(nl.InputError):
+        ar_nanonla.reconstruct([])
+    with pytest.raises(nl.InputError):
+        ar_nanonla.reconstruct("a bare string, not a list")

@@ -1,0 +1,189 @@
+"""Sidecar parsing (both dialects), injection rules, scale resolution and tokenizer drift checks."""
+
+from __future__ import annotations
+
+import copy
+import math
+import shutil
+
+import pytest
+import yaml
+
+import nla_lens as nl
+from nla_lens.sidecar import InjectionSpec, check_tokenizer, load_meta, parse_meta
+from nla_lens.testing import AR_TEMPLATE, AV_TEMPLATE, build_tokenizer, token_facts
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer()
+
+
+def model_dialect(**overrides):
+    data = {
+        "kind": "nla_model", "schema_version": 2, "role": "av", "d_model": 4096, "extraction_layer_index": 24,
+        "extraction": {"injection_scale": 150.0, "mse_scale": None},
+        "tokens": {"injection_char": "㈎", "injection_token_id": 149705, "injection_left_neighbor_id": 29,
+                   "injection_right_neighbor_id": 522, "critic_suffix_ids": [1318, 29, 366, 1708, 29]},
+        "prompt_templates": {"av": AV_TEMPLATE, "ar": AR_TEMPLATE},
+    }
+    data.update(overrides)
+    return data
+
+
+def dataset_dialect(**extraction):
+    return {
+        "kind": "nla_dataset", "schema_version": 1,
+        "extraction": {"base_model": "Qwen/Qwen3-8B", "d_model": 4096, "layer_index": 24, **extraction},
+        "tokens": model_dialect()["tokens"],
+        "prompt_templates": {"actor": AV_TEMPLATE, "critic": AR_TEMPLATE},
+    }
+
+
+def test_dataset_dialect_means_karvonen_at_layer_1_output():
+    meta = parse_meta(dataset_dialect())
+    assert (meta.role, meta.d_model, meta.layer) == (None, 4096, 24)
+    assert meta.injection == InjectionSpec("karvonen", "blocks.1.hook_resid_post")
+    assert meta.mse_scale == 64.0 and meta.injection_scale is None
+    assert meta.critic_suffix_ids == (1318, 29, 366, 1708, 29)
+    assert meta.av_template == AV_TEMPLATE and meta.ar_template == AR_TEMPLATE
+
+
+def test_model_dialect_with_injection_scale_means_embedding_replacement():
+    meta = parse_meta(model_dialect())
+    assert meta.role == "av" and meta.layer == 24
+    assert meta.injection == InjectionSpec("embedding", "hook_embed")
+    assert meta.injection_scale == 150.0
+
+
+@pytest.mark.parametrize("role, expected", [("actor", "av"), ("av", "av"), ("critic", "ar"), ("ar", "ar")])
+def test_roles_and_template_keys_of_both_namings(role, expected):
+    data = model_dialect(role=role, prompt_templates={"actor": AV_TEMPLATE, "critic": AR_TEMPLATE})
+    meta = parse_meta(data)
+    assert meta.role == expected and meta.av_template == AV_TEMPLATE and meta.ar_template == AR_TEMPLATE
+
+
+@pytest.mark.parametrize("layer_keys", [
+    {"extraction_layer_index": 24},
+    {"critic": {"extraction_layer_index": 24}},
+    {"critic": {"num_hidden_layers": 25}},
+    {"ar": {"num_hidden_layers": 25}},
+])
+def test_layer_is_read_from_every_known_key(layer_keys):
+    data = model_dialect(role="ar")
+    del data["extraction_layer_index"]
+    data.update(layer_keys)
+    assert parse_meta(data).layer == 24
+
+
+def test_explicit_injection_block_wins_over_the_dialect_rule():
+    meta = parse_meta({**dataset_dialect(), "injection": {"method": "embedding", "hook_point": "hook_embed"}})
+    assert meta.injection == InjectionSpec("embedding", "hook_embed")
+    meta = parse_meta(model_dialect(injection={"method": "karvonen", "hook_point": "blocks.2.hook_resid_post"}))
+    assert meta.injection == InjectionSpec("karvonen", "blocks.2.hook_resid_post")
+
+
+@pytest.mark.parametrize("raw, expected", [
+    (None, 64.0), ("sqrt_d_model", 64.0), (12.5, 12.5), (3, 3.0),
+])
+def test_mse_scale_resolution(raw, expected):
+    extraction = {"injection_scale": None} if raw is None else {"injection_scale": None, "mse_scale": raw}
+    assert parse_meta(model_dialect(extraction=extraction)).mse_scale == expected
+    assert parse_meta(dataset_dialect(mse_scale=raw)).mse_scale == expected
+
+
+def test_injection_scale_resolution():
+    assert parse_meta(model_dialect(extraction={"injection_scale": "sqrt_d_model"})).injection_scale == 64.0
+    assert parse_meta(model_dialect(extraction={"injection_scale": None})).injection_scale is None
+    assert parse_meta(model_dialect(extraction={})).injection is None  # AV: the user must say how
+
+
+@pytest.mark.parametrize("mutate, match", [
+    (lambda d: d.update(kind="something_else"), "unknown sidecar kind"),
+    (lambda d: d.update(schema_version=3), "schema_version 2"),
+    (lambda d: d.update(role="judge"), "role must be one of"),
+    (lambda d: d.pop("tokens"), "section 'tokens'"),
+    (lambda d: d["tokens"].update(injection_token_id="x"), "injection_token_id must be an integer"),
+    (lambda d: d.update(d_model=None), "d_model must be an integer"),
+    (lambda d: d["extraction"].update(mse_scale="big"), "mse_scale must be a positive number"),
+    (lambda d: d["extraction"].update(injection_scale=-1), "injection_scale must be a positive number"),
+    (lambda d: d["prompt_templates"].update(av="no placeholder"), "injection_char"),
+    (lambda d: d["prompt_templates"].update(ar="no placeholder"), "explanation"),
+    (lambda d: d.update(injection={"method": "telepathy"}), "unknown injection method"),
+])
+def test_malformed_sidecars_raise_sidecar_error(mutate, match):
+    data = copy.deepcopy(model_dialect())
+    mutate(data)
+    with pytest.raises(nl.SidecarError, match=match):
+        parse_meta(data)
+
+
+def test_missing_and_unparseable_sidecar_files(tmp_path):
+    with pytest.raises(nl.SidecarError, match="no nla_meta.yaml"):
+        load_meta(tmp_path)
+    (tmp_path / "nla_meta.yaml").write_text("kind: [unclosed\n")
+    with pytest.raises(nl.SidecarError, match="not valid YAML"):
+        load_meta(tmp_path)
+    (tmp_path / "nla_meta.yaml").write_text("- a list\n")
+    with pytest.raises(nl.SidecarError, match="mapping"):
+        load_meta(tmp_path)
+    (tmp_path / "nla_meta.yaml").write_text("!!python/object/apply:os.system ['true']\n")
+    with pytest.raises(nl.SidecarError):  # safe_load refuses to build objects
+        load_meta(tmp_path)
+
+
+def test_live_tokenizer_check_passes_for_matching_facts(tokenizer):
+    data = dataset_dialect()
+    data["tokens"] = token_facts(tokenizer)
+    check_tokenizer(parse_meta(data), tokenizer)
+
+
+@pytest.mark.parametrize("field, match", [
+    ("injection_token_id", "encodes to"),
+    ("injection_left_neighbor_id", "neighbour-anchored"),
+    ("injection_right_neighbor_id", "neighbour-anchored"),
+    ("critic_suffix_ids", "critic_suffix_ids"),
+])
+def test_tokenizer_drift_is_detected(tokenizer, field, match):
+    data = dataset_dialect()
+    data["tokens"] = token_facts(tokenizer)
+    value = data["tokens"][field]
+    data["tokens"][field] = [t + 1 for t in value] if isinstance(value, list) else value + 1
+    with pytest.raises(nl.TokenizerDriftError, match=match):
+        check_tokenizer(parse_meta(data), tokenizer)
+
+
+def test_duplicated_marker_in_the_av_template_is_drift(tokenizer):
+    data = dataset_dialect()
+    data["tokens"] = token_facts(tokenizer)
+    data["prompt_templates"]["actor"] = AV_TEMPLATE + " and " + AV_TEMPLATE
+    with pytest.raises(nl.TokenizerDriftError, match="found 2"):
+        check_tokenizer(parse_meta(data), tokenizer)
+
+
+def test_tokenizer_without_chat_template_is_a_typed_error(tiny_paths, tmp_path):
+    folder = shutil.copytree(tiny_paths["av_karvonen"], tmp_path / "av")
+    config = folder / "tokenizer_config.json"
+    text = config.read_text()
+    import json
+
+    data = json.loads(text)
+    data.pop("chat_template", None)
+    config.write_text(json.dumps(data))
+    for extra in folder.glob("chat_template*"):
+        extra.unlink()
+    with pytest.raises(nl.ChatTemplateError, match="no chat template"):
+        nl.ActivationVerbalizer.from_pretrained(folder)
+
+
+def test_sidecar_d_model_must_match_the_model(tiny_paths, tmp_path):
+    folder = shutil.copytree(tiny_paths["av_karvonen"], tmp_path / "av")
+    meta = yaml.safe_load((folder / "nla_meta.yaml").read_text())
+    meta["extraction"]["d_model"] = 128
+    (folder / "nla_meta.yaml").write_text(yaml.safe_dump(meta, allow_unicode=True))
+    with pytest.raises(nl.SidecarError, match="d_model=128"):
+        nl.ActivationVerbalizer.from_pretrained(folder)
+
+
+def test_sqrt_d_model_scale_matches_sqrt():
+    assert parse_meta(dataset_dialect(mse_scale="sqrt_d_model")).mse_scale == math.sqrt(4096)

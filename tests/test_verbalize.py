@@ -1,0 +1,135 @@
+"""`verbalize` equals plain-HF `generate` with the reference injection hook, token for token."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hf_reference as ref
+import nla_lens as nl
+
+MAX_NEW = 12
+
+
+def hf_generate(folder, vectors, *, steer=None):
+    """HF greedy generate with the training-time injection hook (and an optional layer-2 steering hook)."""
+    hf, tok = ref.load_hf(folder)
+    meta = ref.sidecar(folder)
+    ids = torch.tensor([ref.av_prompt(tok, meta)] * len(vectors))
+    sites = ref.marker_sites(ids, meta["tokens"])
+    if meta["kind"] == "nla_dataset":
+        inject = ref.karvonen_hook(hf, sites, vectors)
+    else:
+        inject = ref.embedding_hook(hf, sites, vectors, meta["extraction"]["injection_scale"])
+    steering = ref.layer_output_hook(hf, 2, steer) if steer else ref.layer_output_hook(hf, 2, lambda h: h)
+    eos = hf.generation_config.eos_token_id
+    with torch.no_grad(), inject, steering:
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_NEW, do_sample=False,
+                          eos_token_id=eos, pad_token_id=tok.pad_token_id)
+    eos_ids = {eos} if isinstance(eos, int) else set(eos)
+    rows = []
+    for row in out[:, ids.shape[1]:].tolist():
+        cut = next((i + 1 for i, t in enumerate(row) if t in eos_ids), len(row))
+        rows.append(row[:cut])
+    return rows
+
+
+@pytest.mark.parametrize("which", ["av_karvonen", "av_embedding"])
+def test_greedy_verbalize_equals_hf_generate_with_reference_hook(request, tiny_paths, which, vectors):
+    av = request.getfixturevalue(which)
+    out = av.verbalize(vectors, max_new_tokens=MAX_NEW, progress=False)
+    expected = hf_generate(tiny_paths[which], vectors)
+    assert [o.tokens for o in out] == expected
+    assert len({tuple(r) for r in expected}) > 1, "vectors should lead to different outputs"
+    if which == "av_karvonen":  # this fixture stops some rows at EOS early: per-row stopping is exercised
+        assert min(map(len, expected)) < MAX_NEW == max(map(len, expected))
+    for o in out:
+        assert o.text == av.tokenizer.decode(o.tokens, skip_special_tokens=True)
+
+
+def test_batched_verbalize_equals_one_at_a_time(av_karvonen, vectors):
+    batched = av_karvonen.verbalize(vectors, max_new_tokens=MAX_NEW, batch_size=4, progress=False)
+    single = [av_karvonen.verbalize(v, max_new_tokens=MAX_NEW, progress=False)[0] for v in vectors]
+    uneven = av_karvonen.verbalize(vectors, max_new_tokens=MAX_NEW, batch_size=3, progress=False)
+    assert batched == single == uneven
+
+
+def test_user_steering_hook_is_honoured_in_prefill_and_decode(av_karvonen, tiny_paths, vectors):
+    steer = 4.0 * torch.randn(av_karvonen.meta.d_model, generator=torch.Generator().manual_seed(11))
+    with av_karvonen.model.hooks(fwd_hooks=[("blocks.2.hook_resid_post", lambda r, hook: r + steer)]):
+        steered = av_karvonen.verbalize(vectors, max_new_tokens=MAX_NEW, progress=False)
+    expected = hf_generate(tiny_paths["av_karvonen"], vectors, steer=lambda h: h + steer)
+    plain = av_karvonen.verbalize(vectors, max_new_tokens=MAX_NEW, progress=False)
+    assert [o.tokens for o in steered] == expected
+    assert [o.tokens for o in steered] != [o.tokens for o in plain]
+
+
+def test_steering_only_in_decode_steps_changes_later_tokens(av_karvonen, vectors):
+    """A hook that fires on decode steps only proves user hooks stay installed after the prefill."""
+    steer = 4.0 * torch.randn(av_karvonen.meta.d_model, generator=torch.Generator().manual_seed(12))
+
+    def decode_only(resid, hook):
+        return resid + steer if resid.shape[1] == 1 else resid
+
+    plain = av_karvonen.verbalize(vectors, max_new_tokens=MAX_NEW, progress=False)
+    with av_karvonen.model.hooks(fwd_hooks=[("blocks.2.hook_resid_post", decode_only)]):
+        steered = av_karvonen.verbalize(vectors, max_new_tokens=MAX_NEW, progress=False)
+    assert [o.tokens[0] for o in steered] == [o.tokens[0] for o in plain]
+    assert [o.tokens for o in steered] != [o.tokens for o in plain]
+
+
+def test_seeded_sampling_is_reproducible_and_temperature_zero_is_greedy(av_karvonen, vectors):
+    kwargs = dict(max_new_tokens=MAX_NEW, temperature=1.0, progress=False)
+    first = av_karvonen.verbalize(vectors, seed=3, **kwargs)
+    again = av_karvonen.verbalize(vectors, seed=3, **kwargs)
+    other = av_karvonen.verbalize(vectors, seed=4, **kwargs)
+    greedy = av_karvonen.verbalize(vectors, max_new_tokens=MAX_NEW, progress=False)
+    assert first == again
+    assert first != other
+    assert first != greedy
+    # top_p this small keeps only the most likely token: sampling collapses to greedy.
+    assert av_karvonen.verbalize(vectors, seed=5, top_p=1e-9, **{**kwargs, "temperature": 0.7}) == greedy
+
+
+def test_explanations_are_parsed_from_tags():
+    from nla_lens.parsing import parse_explanation
+
+    assert parse_explanation("<explanation>\n a cat \n</explanation><|im_end|>") == "a cat"
+    assert parse_explanation("<think>\n\n</think><explanation>x</explanation> <explanation>y</explanation>") == "x"
+    assert parse_explanation("<explanation> never closed") is None
+    assert parse_explanation("no tags") is None
+
+
+def test_failed_injection_is_flagged():
+    from nla_lens.parsing import injection_warning, looks_like_failed_injection
+
+    assert looks_like_failed_injection("这是一个中文的输出文本", "㈎")
+    assert looks_like_failed_injection("<explanation>㈎㈎</explanation>", "㈎")
+    assert not looks_like_failed_injection("<explanation>\nThe cat sat.\n</explanation>", "㈎")
+    assert injection_warning(["fine text", "中文中文中文"], "㈎").startswith("1/2 AV outputs")
+    assert injection_warning(["fine text"], "㈎") is None
+
+
+@pytest.mark.parametrize(
+    ("bad", "match"),
+    [
+        (torch.empty(0, 64), "no vectors"),
+        (torch.randn(4, 63), r"shape \[n, 64\]"),
+        (torch.randn(2, 3, 64), r"shape \[n, 64\]"),
+        (torch.ones(4, 64, dtype=torch.long), "floating point"),
+        (torch.tensor([[float("nan")] * 64]), "NaN or Inf"),
+        (torch.tensor([[float("inf")] + [0.0] * 63]), "NaN or Inf"),
+        (torch.zeros(2, 64), "zero"),
+        (torch.randn(2, 64, device="meta"), "device"),
+        ([[0.0] * 64], "torch.Tensor"),
+    ],
+)
+def test_bad_vectors_raise_vector_error(av_karvonen, bad, match):
+    with pytest.raises(nl.VectorError, match=match):
+        av_karvonen.verbalize(bad, max_new_tokens=2, progress=False)
+
+
+def test_bad_generation_settings_raise_input_error(av_karvonen, vectors):
+    for kwargs in ({"temperature": -1.0}, {"top_p": 0.0}, {"max_new_tokens": 0}, {"batch_size": 0}):
+        with pytest.raises(nl.InputError):
+            av_karvonen.verbalize(vectors, progress=False, **kwargs)
