@@ -14,8 +14,8 @@ Positions (one spec, resolved per row of the batch that runs):
 
 Which tokens are real comes from ``attention_mask`` if given, else from ``tokens``: runs of pad
 tokens at either end are padding (TransformerLens's ``utils.get_attention_mask`` rule, from both
-sides), else every column is real. Pass the mask when a real token can share the pad id at a row's
-end (e.g. pad == EOS and a row ends in EOS).
+sides), else every column is real. Pass the mask when a real token at either end of a row can share
+the pad id (e.g. pad == EOS and a row ends in EOS).
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ def _per_row(positions: Any, batch: int) -> Int[Tensor, "batch k"]:
 
 
 class Capture:
-    """Records `blocks.{layer}.hook_resid_post` at `positions` during every run inside `with`.
+    """Records `blocks.{layer}.hook_resid_post` at `positions` while the model runs inside `with`.
 
     The record is taken from the output of block `layer` (a plain torch forward hook on
     `model.blocks[layer]`), i.e. after *every* hook on `blocks.{layer}.hook_resid_post` has run,
