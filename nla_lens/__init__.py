@@ -1,5 +1,6 @@
 """nla_lens: Natural Language Autoencoders in TransformerLens."""
 
+from nla_lens.capture import Capture, CapturedRow, capture
 from nla_lens.errors import (
     ChatTemplateError,
     CheckpointError,
@@ -13,6 +14,16 @@ from nla_lens.errors import (
     TokenizerDriftError,
     VectorError,
 )
+from nla_lens.experiments import (
+    DirectionVerbalization,
+    PatchingRow,
+    PatchingStudy,
+    SteeringResult,
+    SteeringRow,
+    patching_study,
+    steer_then_verbalize,
+    verbalize_direction,
+)
 from nla_lens.injection import Injection
 from nla_lens.nla import NLA, RoundTrip
 from nla_lens.reconstructor import ActivationReconstructor
@@ -23,8 +34,11 @@ __all__ = [
     "NLA",
     "ActivationReconstructor",
     "ActivationVerbalizer",
+    "Capture",
+    "CapturedRow",
     "ChatTemplateError",
     "CheckpointError",
+    "DirectionVerbalization",
     "Injection",
     "InjectionError",
     "InjectionSpec",
@@ -33,12 +47,20 @@ __all__ = [
     "NLAError",
     "NLAMeta",
     "PairMismatchError",
+    "PatchingRow",
+    "PatchingStudy",
     "PromptTooLongError",
     "RoundTrip",
     "SidecarError",
+    "SteeringResult",
+    "SteeringRow",
     "TokenizerDriftError",
     "Verbalization",
     "VectorError",
+    "capture",
     "load_meta",
     "parse_meta",
+    "patching_study",
+    "steer_then_verbalize",
+    "verbalize_direction",
 ]

@@ -1,0 +1,242 @@
+"""Record base-model activations (layer K, chosen positions) inside the user's own runs.
+
+`capture` is a context manager: whatever the user runs inside it (`run_with_hooks`,
+`run_with_cache`, `generate`, a plain forward), with whatever hooks, it keeps the residual stream
+``blocks.{K}.hook_resid_post`` at the chosen positions, as float32 rows with their provenance.
+
+Positions (one spec, resolved per row of the batch that runs):
+
+* an int ``p >= 0`` or a list of them: those columns of every row (row-major order);
+* a negative int ``-k``: the k-th last *real* token of each row, so ``-1`` is the last real token
+  whether the batch is unpadded, left-padded (the last column) or right-padded (from the mask);
+* a ``[batch]`` integer tensor: one position per row (negative values as above);
+* a ``[batch, pos]`` boolean tensor: every True entry (e.g. ``attention_mask.bool()``).
+
+Which tokens are real comes from ``attention_mask`` if given, else from ``tokens``: runs of pad
+tokens at either end are padding (TransformerLens's ``utils.get_attention_mask`` rule, from both
+sides), else every column is real. Pass the mask when a real token at either end of a row can share
+the pad id (e.g. pad == EOS and a row ends in EOS).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor, nn
+from transformer_lens import HookedTransformer
+from transformer_lens import utils as tl_utils
+
+from nla_lens.errors import InputError
+
+PositionSpec = int | Sequence[int] | Int[Tensor, " batch"] | Bool[Tensor, "batch pos"]
+Calls = Literal["first", "all"]
+
+
+@dataclass(frozen=True)
+class CapturedRow:
+    """Where one captured vector came from: batch row, column, its token and which forward pass."""
+
+    batch: int
+    position: int
+    token: str | None  # None when `capture` was not given the tokens
+    call: int  # 0 for the first forward pass inside the context
+
+
+def last_real_positions(real: Bool[Tensor, "batch pos"]) -> Int[Tensor, " batch"]:
+    """Column of the last real token of each row (padding on either side)."""
+    empty = (~real.any(dim=1)).nonzero().flatten().tolist()
+    if empty:
+        raise InputError(f"rows {empty[:8]} have no real token (their attention mask is all zeros)")
+    return real.shape[1] - 1 - real.flip(1).int().argmax(dim=1)
+
+
+def resolve_positions(
+    positions: PositionSpec, real: Bool[Tensor, "batch pos"]
+) -> tuple[Int[Tensor, " n"], Int[Tensor, " n"]]:
+    """(row, column) of every selected token, row-major; raise on columns outside the row or on padding."""
+    batch, width = real.shape
+    if isinstance(positions, Tensor) and positions.dtype == torch.bool:
+        if positions.shape != real.shape:
+            raise InputError(
+                f"a boolean positions mask must have the [batch, pos] shape of the run, "
+                f"{[batch, width]}; got {list(positions.shape)}"
+            )
+        rows, cols = positions.to(real.device).nonzero(as_tuple=True)
+    else:
+        wanted = _per_row(positions, batch).to(real.device)
+        last = last_real_positions(real)[:, None]
+        cols = torch.where(wanted < 0, last + 1 + wanted, wanted)
+        outside = (cols < 0) | (cols >= width)
+        if outside.any():
+            row, k = (int(i) for i in outside.nonzero()[0])
+            raise InputError(
+                f"position {int(wanted[row, k])} is outside row {row} (columns 0..{width - 1}, last real "
+                f"token at {int(last[row])}); pick positions inside the sequence"
+            )
+        rows = torch.arange(batch, device=real.device)[:, None].expand_as(cols).flatten()
+        cols = cols.flatten()
+    padding = ~real[rows, cols]
+    if padding.any():
+        i = int(padding.nonzero()[0])
+        raise InputError(
+            f"position {int(cols[i])} of row {int(rows[i])} is padding; use negative positions "
+            "(counted back from each row's last real token) or a boolean mask of real tokens"
+        )
+    return rows, cols
+
+
+def _per_row(positions: Any, batch: int) -> Int[Tensor, "batch k"]:
+    """Every non-mask spec as a `[batch, k]` integer tensor of requested columns."""
+    if isinstance(positions, Tensor) and positions.ndim == 0:
+        positions = positions.item()
+    if isinstance(positions, int) and not isinstance(positions, bool):
+        return torch.full((batch, 1), positions)
+    if isinstance(positions, Tensor):
+        if positions.ndim != 1 or positions.shape[0] != batch or positions.is_floating_point():
+            raise InputError(
+                f"a positions tensor must be [batch] integers (one per row, batch={batch}) or a "
+                f"[batch, pos] boolean mask; got {positions.dtype} of shape {list(positions.shape)}"
+            )
+        return positions.long()[:, None]
+    if isinstance(positions, Sequence) and not isinstance(positions, str) and positions and all(
+            isinstance(p, int) and not isinstance(p, bool) for p in positions):
+        return torch.tensor(list(positions)).expand(batch, -1)
+    raise InputError(
+        f"positions must be an int, a non-empty list of ints, a [batch] integer tensor or a "
+        f"[batch, pos] boolean mask; got {positions!r}"
+    )
+
+
+class Capture:
+    """Records `blocks.{layer}.hook_resid_post` at `positions` while the model runs inside `with`.
+
+    The record is taken from the output of block `layer` (a plain torch forward hook on
+    `model.blocks[layer]`), i.e. after *every* hook on `blocks.{layer}.hook_resid_post` has run,
+    however it was installed. A TL hook added on entry would instead run before hooks the user adds
+    later at the same point (TL calls hooks in the order they were added), and so would miss a
+    steering hook at layer K itself. What is captured is what block K+1 reads, and what
+    `run_with_cache` stores when called inside the user's hooks. The hook is removed on every exit
+    path; TL's own hook contexts (`run_with_hooks`, `hooks()`, `reset_hooks`) are left untouched.
+
+    Several forward passes inside one context: by default (`calls="first"`) only the first one is
+    recorded, which for `generate` is the prefill over the whole prompt; later passes are counted
+    in `n_calls` and ignored. With `calls="all"` every pass is recorded and the rows concatenated
+    (`row.call` tells them apart); positions are resolved against each pass's own shape and the
+    mask / tokens apply to passes of their shape only, so with a KV-cached `generate` and
+    `positions=-1` you get the prompt's last token followed by each generated token.
+    """
+
+    def __init__(self, model: HookedTransformer, layer: int, positions: PositionSpec = -1, *,
+                 attention_mask: Int[Tensor, "batch pos"] | None = None,
+                 tokens: Int[Tensor, "batch pos"] | None = None, calls: Calls = "first") -> None:
+        n_layers = model.cfg.n_layers
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n_layers:
+            raise InputError(
+                f"layer must be an int in 0..{n_layers - 1} (this model has {n_layers} blocks); got {layer!r}"
+            )
+        if calls not in ("first", "all"):
+            raise InputError(f"calls must be 'first' or 'all', got {calls!r}")
+        self.model = model
+        self.layer = layer
+        self.positions = positions
+        self.calls = calls
+        self.tokens = tokens
+        self._real = _real_tokens(model, attention_mask, tokens)
+        if self._real is not None:
+            resolve_positions(positions, self._real)  # fail before the user's run, not inside it
+        self.rows: list[CapturedRow] = []
+        self.n_calls = 0
+        self._chunks: list[Tensor] = []
+        self._handle: Any = None
+
+    @property
+    def hook_name(self) -> str:
+        return f"blocks.{self.layer}.hook_resid_post"
+
+    @property
+    def vectors(self) -> Float[Tensor, "n d_model"]:
+        """The captured residuals, float32, one row per entry of `rows`."""
+        if self.n_calls == 0:
+            raise InputError(
+                f"nothing was captured: no forward pass reached block {self.layer} inside the "
+                "`with capture(...)` block. Run the model inside it (stop_at_layer must exceed the layer)."
+            )
+        return torch.cat(self._chunks)
+
+    def __enter__(self) -> Capture:
+        self.rows, self.n_calls, self._chunks = [], 0, []
+        # The block's output is blocks.{layer}.hook_resid_post after all of its hooks (see above).
+        self._handle = self.model.blocks[self.layer].register_forward_hook(self._record)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._handle.remove()
+        self._handle = None
+
+    def _record(self, module: nn.Module, args: tuple, output: Float[Tensor, "batch pos d_model"]) -> None:
+        call = self.n_calls
+        self.n_calls += 1
+        if call > 0 and self.calls == "first":
+            return
+        batch, width = output.shape[:2]
+        real = self._real
+        if real is not None and tuple(real.shape) != (batch, width):
+            if call == 0:
+                raise InputError(
+                    f"capture was given attention_mask / tokens of shape {list(real.shape)}, but the "
+                    f"model ran [batch, pos] = {[batch, width]}; pass the ones you run"
+                )
+            real = None
+        if real is None:
+            real = torch.ones(batch, width, dtype=torch.bool, device=output.device)
+        rows, cols = resolve_positions(self.positions, real.to(output.device))
+        self._chunks.append(output[rows, cols].detach().float())
+        tokens = self.tokens if self.tokens is not None and tuple(self.tokens.shape) == (batch, width) else None
+        for b, p in zip(rows.tolist(), cols.tolist(), strict=True):
+            self.rows.append(CapturedRow(b, p, self._token(tokens, b, p), call))
+
+    def _token(self, tokens: Tensor | None, row: int, col: int) -> str | None:
+        if tokens is None or self.model.tokenizer is None:
+            return None
+        # As TL's to_str_tokens decodes each token.
+        return self.model.tokenizer.decode([int(tokens[row, col])], clean_up_tokenization_spaces=False)
+
+
+def capture(model: HookedTransformer, layer: int, positions: PositionSpec = -1, *,
+            attention_mask: Int[Tensor, "batch pos"] | None = None,
+            tokens: Int[Tensor, "batch pos"] | None = None, calls: Calls = "first") -> Capture:
+    """Record `blocks.{layer}.hook_resid_post` at `positions` while you run `model` in a `with` block.
+
+    >>> with capture(base_model, layer=24, positions=-1, attention_mask=mask, tokens=tokens) as cap:
+    ...     base_model.run_with_hooks(tokens, attention_mask=mask, fwd_hooks=[(name, steer)])
+    >>> cap.vectors, cap.rows    # [n, d_model] float32, provenance of each row
+
+    Pass `tokens` for token strings in `cap.rows` and for padding-aware negative positions, and the
+    `attention_mask` you run with (it wins over the pad tokens). See :class:`Capture` for what is
+    recorded when the model runs several times inside the block.
+    """
+    return Capture(model, layer, positions, attention_mask=attention_mask, tokens=tokens, calls=calls)
+
+
+def _real_tokens(model: HookedTransformer, attention_mask: Tensor | None,
+                 tokens: Tensor | None) -> Bool[Tensor, "batch pos"] | None:
+    if tokens is not None and attention_mask is not None and tokens.shape != attention_mask.shape:
+        raise InputError(
+            f"tokens {list(tokens.shape)} and attention_mask {list(attention_mask.shape)} must have the same shape"
+        )
+    for name, value in (("tokens", tokens), ("attention_mask", attention_mask)):
+        if value is not None and value.ndim != 2:
+            raise InputError(f"{name} must be [batch, pos], got shape {list(value.shape)}")
+    if attention_mask is not None:
+        return attention_mask.bool()
+    if tokens is None or model.tokenizer is None or model.tokenizer.pad_token_id is None:
+        return None
+    # TL's rule (leading pads, a BOS that shares the pad id kept), applied from both ends so that
+    # left- and right-padded batches both work without a mask.
+    prepend_bos = model.cfg.default_prepend_bos
+    return (tl_utils.get_attention_mask(model.tokenizer, tokens, prepend_bos, padding_side="left").bool()
+            & tl_utils.get_attention_mask(model.tokenizer, tokens, prepend_bos, padding_side="right").bool())

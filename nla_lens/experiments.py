@@ -1,0 +1,305 @@
+"""Experiments read out through an NLA: steer or patch the base model, then verbalize; verbalize any direction.
+
+Each helper is a few plain TransformerLens runs of the base model (hooks are ordinary
+`(activation, hook)` functions), a :func:`~nla_lens.capture.capture` at the NLA's layer K, and one
+batched verbalization (with an NLA: one round trip) of everything captured. Base runs stop after
+block K (`stop_at_layer`), since nothing later reaches the captured residual. Results are
+dataclasses; `pandas.DataFrame(map(dataclasses.asdict, result.rows))` makes a table of them.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from transformer_lens import HookedTransformer
+from transformer_lens import utils as tl_utils
+from transformer_lens.hook_points import HookPoint
+
+from nla_lens import metrics
+from nla_lens.capture import Capture, PositionSpec, capture, resolve_positions
+from nla_lens.errors import InputError
+from nla_lens.injection import HookFn, check_vectors
+from nla_lens.nla import NLA, RoundTrip
+from nla_lens.verbalizer import ActivationVerbalizer, Verbalization
+
+
+@dataclass(frozen=True)
+class SteeringRow:
+    """One captured site, read out without and with steering."""
+
+    batch: int
+    position: int
+    token: str | None
+    clean: Verbalization
+    steered: Verbalization
+    added: list[str]  # words of the steered readout that the clean one lacks (difflib)
+    removed: list[str]  # words of the clean readout that the steered one lacks
+    cosine: float  # between the clean and the steered captured vectors
+    fve_clean: float | None  # per-row FVE of the round trip; None without an AR
+    fve_steered: float | None
+
+
+@dataclass(frozen=True)
+class SteeringResult:
+    rows: list[SteeringRow]
+    clean_vectors: Float[Tensor, "n d_model"]
+    steered_vectors: Float[Tensor, "n d_model"]
+    round_trip: RoundTrip | None  # over clean then steered vectors; None without an AR
+
+
+@dataclass(frozen=True)
+class PatchingRow:
+    """One captured site of one run (clean, corrupted or patched), read out."""
+
+    run: Literal["clean", "corrupted", "patched"]
+    batch: int
+    position: int
+    token: str | None
+    verbalization: Verbalization
+    fve: float | None  # per-row FVE of the round trip; None without an AR
+    cosine_to_clean: float  # captured vector vs the clean run's at the same site
+
+
+@dataclass(frozen=True)
+class PatchingStudy:
+    rows: list[PatchingRow]  # clean rows, then corrupted, then patched
+    hook_name: str
+    clean_vectors: Float[Tensor, "n d_model"]
+    corrupted_vectors: Float[Tensor, "n d_model"]
+    patched_vectors: Float[Tensor, "n d_model"]
+    round_trip: RoundTrip | None  # over clean, corrupted, patched vectors; None without an AR
+
+
+@dataclass(frozen=True)
+class DirectionVerbalization:
+    vectors: Float[Tensor, "n d_model"]  # the directions as verbalized (rescaled if asked)
+    verbalizations: list[Verbalization]
+
+    @property
+    def explanations(self) -> list[str | None]:
+        return [v.explanation for v in self.verbalizations]
+
+
+def steering_hook(vector: Float[Tensor, " d_model"], scale: float, positions: PositionSpec | None = None,
+                  attention_mask: Int[Tensor, "batch pos"] | None = None) -> HookFn:
+    """A TL hook adding `scale * vector` to the residual at `positions` (all positions when None)."""
+
+    def hook(resid: Float[Tensor, "batch pos d_model"], hook: HookPoint) -> Tensor:
+        delta = (scale * vector).to(resid.device, resid.dtype)
+        if positions is None:
+            return resid + delta
+        batch, width = resid.shape[:2]
+        real = torch.ones(batch, width, dtype=torch.bool, device=resid.device)
+        if attention_mask is not None and tuple(attention_mask.shape) == (batch, width):
+            real = attention_mask.to(resid.device).bool()
+        rows, cols = resolve_positions(positions, real)
+        return resid.index_put((rows, cols), delta.expand(len(rows), -1), accumulate=True)
+
+    return hook
+
+
+def steer_then_verbalize(
+    base_model: HookedTransformer,
+    nla_or_av: NLA | ActivationVerbalizer,
+    tokens: Int[Tensor, "batch pos"],
+    *,
+    steering_vector: Float[Tensor, " d_model"],
+    scale: float,
+    steer_layer: int,
+    capture_layer: int | None = None,
+    positions: PositionSpec = -1,
+    steer_positions: PositionSpec | None = None,
+    attention_mask: Int[Tensor, "batch pos"] | None = None,
+    baseline: float | None = None,
+    **verbalize_kwargs: Any,
+) -> SteeringResult:
+    """Run `tokens` without and with `scale * steering_vector` added at `blocks.{steer_layer}.hook_resid_post`
+    (at `steer_positions`, default all), capture layer K (default: the NLA's) at `positions` in
+    both runs, and verbalize both (round-trip them too when given an NLA).
+
+    Steering at layer K itself moves the captured vector by exactly `scale * steering_vector`.
+    `baseline` is passed to the round trip: give a held-out set's for per-row FVEs that mean much.
+    """
+    av = _verbalizer(nla_or_av)
+    layer = av.meta.layer if capture_layer is None else capture_layer
+    _check_base(base_model, av)
+    vector = check_vectors(steering_vector, base_model.cfg.d_model)
+    if vector.shape[0] != 1:
+        raise InputError(f"steering_vector must be one [d_model] vector, got shape {list(steering_vector.shape)}")
+    _check_reaches(base_model, steer_layer, layer, "steer_layer")
+    hook = (f"blocks.{steer_layer}.hook_resid_post", steering_hook(vector[0], scale, steer_positions, attention_mask))
+    with torch.no_grad():
+        clean = _capture_run(base_model, layer, positions, tokens, attention_mask, [])
+        steered = _capture_run(base_model, layer, positions, tokens, attention_mask, [hook])
+    n = len(clean.rows)
+    verbalizations, fves, round_trip = _read(
+        nla_or_av, torch.cat([clean.vectors, steered.vectors]), baseline, verbalize_kwargs)
+    cosines = torch.cosine_similarity(clean.vectors, steered.vectors, dim=-1).tolist()
+    rows = []
+    for i, site in enumerate(clean.rows):
+        before, after = verbalizations[i], verbalizations[n + i]
+        added, removed = word_diff(_readout(before), _readout(after))
+        rows.append(SteeringRow(site.batch, site.position, site.token, before, after, added, removed,
+                                cosines[i], fves[i], fves[n + i]))
+    return SteeringResult(rows, clean.vectors, steered.vectors, round_trip)
+
+
+def patching_study(
+    base_model: HookedTransformer,
+    nla_or_av: NLA | ActivationVerbalizer,
+    clean_tokens: Int[Tensor, "batch pos"],
+    corrupted_tokens: Int[Tensor, "batch pos"],
+    *,
+    patch_layer: int,
+    patch_position: int,
+    activation_name: str = "resid_pre",
+    capture_layer: int | None = None,
+    capture_position: PositionSpec = -1,
+    baseline: float | None = None,
+    **verbalize_kwargs: Any,
+) -> PatchingStudy:
+    """Patch one activation from the clean run into the corrupted run, then read all three runs out at layer K.
+
+    Follows `transformer_lens.patching` (`get_act_patch_resid_pre` and friends): the activation is
+    `utils.get_act_name(activation_name, patch_layer)` (default `blocks.{L}.hook_resid_pre`), taken
+    from `run_with_cache` on the clean tokens, and written into the corrupted run at column
+    `patch_position` of every row; clean and corrupted tokens have the same shape. The clean,
+    corrupted and patched residuals at layer K (`capture_position`, default the last column) are
+    verbalized (and round-tripped, with an NLA) in one batch.
+    """
+    av = _verbalizer(nla_or_av)
+    layer = av.meta.layer if capture_layer is None else capture_layer
+    _check_base(base_model, av)
+    if clean_tokens.shape != corrupted_tokens.shape or clean_tokens.ndim != 2:
+        raise InputError(
+            f"clean {list(clean_tokens.shape)} and corrupted {list(corrupted_tokens.shape)} tokens must be "
+            "[batch, pos] of one shape, as in transformer_lens.patching; pick prompts of equal token length"
+        )
+    _check_reaches(base_model, patch_layer, layer, "patch_layer")
+    hook_name = tl_utils.get_act_name(activation_name, patch_layer)
+    if hook_name not in base_model.hook_dict:
+        raise InputError(f"{hook_name!r} is not a hook point of this model; use e.g. 'resid_pre' or 'attn_out'")
+    width = clean_tokens.shape[1]
+    if isinstance(patch_position, bool) or not isinstance(patch_position, int) or not -width <= patch_position < width:
+        raise InputError(f"patch_position must be an int column in -{width}..{width - 1}, got {patch_position!r}")
+    with torch.no_grad():
+        with capture(base_model, layer, capture_position, tokens=clean_tokens) as clean:
+            _, cache = base_model.run_with_cache(clean_tokens, names_filter=hook_name, stop_at_layer=layer + 1)
+        patch = (hook_name, _patch_hook(cache[hook_name], patch_position % width))
+        corrupted = _capture_run(base_model, layer, capture_position, corrupted_tokens, None, [])
+        patched = _capture_run(base_model, layer, capture_position, corrupted_tokens, None, [patch])
+    runs: tuple[tuple[Literal["clean", "corrupted", "patched"], Capture], ...] = (
+        ("clean", clean), ("corrupted", corrupted), ("patched", patched))
+    vectors = torch.cat([cap.vectors for _, cap in runs])
+    verbalizations, fves, round_trip = _read(nla_or_av, vectors, baseline, verbalize_kwargs)
+    n = len(clean.rows)
+    rows = []
+    for k, (run, cap) in enumerate(runs):
+        cosines = torch.cosine_similarity(cap.vectors, clean.vectors, dim=-1).tolist()
+        for i, site in enumerate(cap.rows):
+            rows.append(PatchingRow(run, site.batch, site.position, site.token,
+                                    verbalizations[k * n + i], fves[k * n + i], cosines[i]))
+    return PatchingStudy(rows, hook_name, clean.vectors, corrupted.vectors, patched.vectors, round_trip)
+
+
+def verbalize_direction(
+    av: ActivationVerbalizer,
+    direction: Float[Tensor, "n d_model"],
+    scale_like: Float[Tensor, "m d_model"] | None = None,
+    **verbalize_kwargs: Any,
+) -> DirectionVerbalization:
+    """Verbalize arbitrary directions (a steering vector, an SAE decoder row, a probe weight).
+
+    Only the direction reaches the AV. The Karvonen injection adds ``||h_p|| * v / ||v||`` (the
+    marker residual's own norm, whatever ``||v||`` is); embedding replacement writes
+    ``v * injection_scale / ||v||`` (the sidecar's injection_scale, whatever ``||v||`` is). So
+    `scale_like` never changes an explanation: it rescales the returned `vectors` to the mean L2
+    norm of the reference activations `scale_like` (e.g. real layer-K residuals), so that they can
+    be stored, compared or round-tripped next to real activations.
+    """
+    vectors = check_vectors(direction, av.meta.d_model).float()
+    if scale_like is not None:
+        reference = check_vectors(scale_like, av.meta.d_model).float()
+        target = reference.norm(dim=-1).mean().to(vectors.device)
+        vectors = vectors * (target / vectors.norm(dim=-1, keepdim=True))
+    return DirectionVerbalization(vectors, av.verbalize(vectors, **verbalize_kwargs))
+
+
+def word_diff(before: str, after: str) -> tuple[list[str], list[str]]:
+    """(added, removed): the words `after` gains and loses relative to `before` (difflib on words)."""
+    a, b = before.split(), after.split()
+    added: list[str] = []
+    removed: list[str] = []
+    for op, i1, i2, j1, j2 in difflib.SequenceMatcher(a=a, b=b, autojunk=False).get_opcodes():
+        if op != "equal":
+            removed += a[i1:i2]
+            added += b[j1:j2]
+    return added, removed
+
+
+def _readout(verbalization: Verbalization) -> str:
+    """What a diff compares: the explanation, or the raw completion when it failed to parse."""
+    return verbalization.text if verbalization.explanation is None else verbalization.explanation
+
+
+def _patch_hook(clean_activation: Tensor, position: int) -> HookFn:
+    """TL's `layer_pos_patch_setter`: the clean activation at `position` of every row."""
+
+    def hook(activation: Tensor, hook: HookPoint) -> Tensor:
+        activation = activation.clone()
+        activation[:, position] = clean_activation[:, position].to(activation.device)
+        return activation
+
+    return hook
+
+
+def _capture_run(model: HookedTransformer, layer: int, positions: PositionSpec, tokens: Tensor,
+                 attention_mask: Tensor | None, fwd_hooks: list[tuple[str, HookFn]]) -> Capture:
+    with capture(model, layer, positions, attention_mask=attention_mask, tokens=tokens) as cap:
+        model.run_with_hooks(tokens, attention_mask=attention_mask, stop_at_layer=layer + 1, fwd_hooks=fwd_hooks)
+    return cap
+
+
+def _read(nla_or_av: NLA | ActivationVerbalizer, vectors: Float[Tensor, "n d_model"], baseline: float | None,
+          verbalize_kwargs: dict[str, Any]) -> tuple[list[Verbalization], list[float | None], RoundTrip | None]:
+    """Verbalizations and per-row FVEs (1 - mse_i / baseline) of `vectors`, in one AV batch."""
+    if isinstance(nla_or_av, ActivationVerbalizer):
+        return nla_or_av.verbalize(vectors, **verbalize_kwargs), [None] * len(vectors), None
+    if baseline is None and metrics.paper_baseline(vectors, nla_or_av.mse_scale) == 0:
+        raise InputError("the captured vectors are all parallel, so the paper baseline is 0; pass baseline=")
+    round_trip = nla_or_av.round_trip(vectors, baseline=baseline, **verbalize_kwargs)
+    fves: list[float | None] = [1.0 - m / round_trip.baseline for m in round_trip.mse.tolist()]
+    return round_trip.verbalizations, fves, round_trip
+
+
+def _verbalizer(nla_or_av: NLA | ActivationVerbalizer) -> ActivationVerbalizer:
+    if isinstance(nla_or_av, NLA):
+        return nla_or_av.av
+    if isinstance(nla_or_av, ActivationVerbalizer):
+        return nla_or_av
+    raise InputError(f"expected an NLA or an ActivationVerbalizer, got {type(nla_or_av).__name__}")
+
+
+def _check_base(base_model: HookedTransformer, av: ActivationVerbalizer) -> None:
+    if base_model.cfg.d_model != av.meta.d_model:
+        raise InputError(
+            f"the base model has d_model={base_model.cfg.d_model} but this NLA reads {av.meta.d_model}-d "
+            "vectors; pass the base model the NLA was trained on"
+        )
+
+
+def _check_reaches(base_model: HookedTransformer, layer: int, capture_layer: int, name: str) -> None:
+    """An intervention at block `layer` must run before the capture at `capture_layer`."""
+    n_layers = base_model.cfg.n_layers
+    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n_layers:
+        raise InputError(f"{name} must be an int in 0..{n_layers - 1}; got {layer!r}")
+    if layer > capture_layer:
+        raise InputError(
+            f"{name}={layer} comes after the captured layer {capture_layer}, so it cannot change what is "
+            "captured; intervene at or before the NLA's layer"
+        )

@@ -1,0 +1,56 @@
+"""The tiny base model and padded prompt batches shared by the capture and experiment tests."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from transformer_lens import HookedTransformer
+
+from nla_lens import loading
+
+PROMPTS = ["The cat sat on the mat.", "A dog ran", "the sea and the mat", "Words about the weather and the sea."]
+
+
+def load_base(folder: Path) -> HookedTransformer:
+    """The tiny base model (the tiny AV folder holds a full copy of it), loaded without processing."""
+    return loading.load_hooked_transformer(folder, loading.load_tokenizer(folder), dtype=torch.float32,
+                                           device="cpu")
+
+
+def padded(base: HookedTransformer, side: str, prompts: list[str] = PROMPTS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of different lengths, padded with pad_token_id on `side`, and their attention mask."""
+    tok = base.tokenizer
+    rows = [tok.encode(p, add_special_tokens=False) for p in prompts]
+    width = max(map(len, rows))
+    assert len({len(r) for r in rows}) == len(rows)
+    tokens, mask = [], []
+    for row in rows:
+        pad = width - len(row)
+        if side == "left":
+            tokens.append([tok.pad_token_id] * pad + row)
+            mask.append([0] * pad + [1] * len(row))
+        else:
+            tokens.append(row + [tok.pad_token_id] * pad)
+            mask.append([1] * len(row) + [0] * pad)
+    return torch.tensor(tokens), torch.tensor(mask)
+
+
+def no_hooks_left(model: HookedTransformer) -> bool:
+    """No TL hook on any hook point and no torch forward hook on any block."""
+    return (all(not hp.fwd_hooks and not hp.bwd_hooks for hp in model.hook_dict.values())
+            and all(not block._forward_hooks for block in model.blocks))
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """torch on one thread: for d_model=64 the OpenMP hand-off costs more than the matmuls, and on a
+    loaded 2-core machine far more (measured: the tiny-model suites ran 4x slower on 2 threads)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -1,0 +1,192 @@
+"""`nl.capture` records exactly what `run_with_cache` stores, under the user's own hooks and padding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from base_batches import PROMPTS, load_base, no_hooks_left, one_thread, padded
+from conftest import LAYER
+
+import nla_lens as nl
+
+NAME = f"blocks.{LAYER}.hook_resid_post"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    with one_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def base(tiny_paths):
+    return load_base(tiny_paths["av_karvonen"])
+
+
+STEER = torch.randn(64, generator=torch.Generator().manual_seed(3))
+
+
+def steer_hook(scale: float):
+    return lambda resid, hook: resid + scale * STEER
+
+
+@pytest.mark.parametrize("user_hooks", ["none", "steer_layer_0", "steer_captured_layer"])
+def test_capture_equals_run_with_cache_on_left_padded_batch(base, user_hooks):
+    tokens, mask = padded(base, "left")
+    hooks = {"none": [], "steer_layer_0": [("blocks.0.hook_resid_post", steer_hook(4.0))],
+             "steer_captured_layer": [(NAME, steer_hook(4.0))]}[user_hooks]
+    with nl.capture(base, LAYER, -1, attention_mask=mask, tokens=tokens) as cap:
+        base.run_with_hooks(tokens, attention_mask=mask, fwd_hooks=hooks)
+    with base.hooks(fwd_hooks=hooks):
+        _, cache = base.run_with_cache(tokens, attention_mask=mask, names_filter=NAME)
+    assert torch.equal(cap.vectors, cache[NAME][:, -1])
+    assert cap.vectors.dtype == torch.float32
+    width = tokens.shape[1]
+    assert [(r.batch, r.position, r.call) for r in cap.rows] == [(b, width - 1, 0) for b in range(len(PROMPTS))]
+    assert [r.token for r in cap.rows] == base.to_str_tokens(tokens[:, -1])
+    assert no_hooks_left(base)
+
+
+def test_capture_sees_a_steering_hook_at_the_captured_layer(base):
+    tokens, mask = padded(base, "left")
+    with nl.capture(base, LAYER, -1, attention_mask=mask) as clean:
+        base(tokens, attention_mask=mask)
+    with nl.capture(base, LAYER, -1, attention_mask=mask) as steered:
+        base.run_with_hooks(tokens, attention_mask=mask, fwd_hooks=[(NAME, steer_hook(2.5))])
+    assert (steered.vectors - clean.vectors - 2.5 * STEER).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("source", ["attention_mask", "pad_tokens"])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_negative_positions_count_back_from_the_last_real_token(base, side, source):
+    tokens, mask = padded(base, side)
+    lengths = mask.sum(dim=1)
+    last = lengths - 1 if side == "right" else torch.full_like(lengths, tokens.shape[1] - 1)
+    kwargs = {"attention_mask": mask} if source == "attention_mask" else {}
+    with nl.capture(base, LAYER, [-1, -2], tokens=tokens, **kwargs) as cap:
+        _, cache = base.run_with_cache(tokens, attention_mask=mask, names_filter=NAME)
+    rows = torch.arange(len(PROMPTS)).repeat_interleave(2)
+    cols = torch.stack([last, last - 1], dim=1).flatten()
+    assert [(r.batch, r.position) for r in cap.rows] == list(zip(rows.tolist(), cols.tolist(), strict=True))
+    assert torch.equal(cap.vectors, cache[NAME][rows, cols])
+
+
+def _positions_cases(mask: torch.Tensor) -> list[tuple[object, list[tuple[int, int]]]]:
+    width = mask.shape[1]
+    bool_mask = torch.zeros_like(mask, dtype=torch.bool)
+    bool_mask[0, -3:] = True
+    bool_mask[2, -1] = True
+    return [
+        (width - 2, [(b, width - 2) for b in range(4)]),
+        ([width - 1, width - 2], [(b, c) for b in range(4) for c in (width - 1, width - 2)]),
+        (torch.tensor([width - 1, width - 2, -3, -1]), [(0, width - 1), (1, width - 2), (2, width - 3),
+                                                          (3, width - 1)]),
+        (bool_mask, [(0, width - 3), (0, width - 2), (0, width - 1), (2, width - 1)]),
+        (mask.bool(), [(b, c) for b in range(4) for c in range(width) if mask[b, c]]),
+    ]
+
+
+@pytest.mark.parametrize("case", range(5), ids=["int", "list", "per_row_tensor", "bool_mask", "all_real_tokens"])
+def test_positions_variants_select_the_right_sites(base, case):
+    tokens, mask = padded(base, "left")
+    positions, expected = _positions_cases(mask)[case]
+    with nl.capture(base, LAYER, positions, attention_mask=mask) as cap:
+        _, cache = base.run_with_cache(tokens, attention_mask=mask, names_filter=NAME)
+    assert [(r.batch, r.position) for r in cap.rows] == expected
+    rows, cols = map(torch.tensor, zip(*expected, strict=True))
+    assert torch.equal(cap.vectors, cache[NAME][rows, cols])
+    assert all(r.token is None for r in cap.rows)  # no tokens given
+
+
+def test_capture_outlives_the_users_hook_contexts_and_first_call_is_the_default(base):
+    tokens, mask = padded(base, "left")
+    with nl.capture(base, LAYER, -1, attention_mask=mask) as first:
+        base.run_with_hooks(tokens, attention_mask=mask, fwd_hooks=[(NAME, steer_hook(1.0))])
+        base(tokens, attention_mask=mask)
+    with nl.capture(base, LAYER, -1, attention_mask=mask, calls="all") as both:
+        base.run_with_hooks(tokens, attention_mask=mask, fwd_hooks=[(NAME, steer_hook(1.0))])
+        base(tokens, attention_mask=mask)
+    assert first.n_calls == 2 and len(first.rows) == 4
+    assert both.n_calls == 2 and [r.call for r in both.rows] == [0] * 4 + [1] * 4
+    assert torch.equal(both.vectors[:4], first.vectors)
+    assert (both.vectors[:4] - both.vectors[4:] - STEER).abs().max() < 1e-5
+
+
+def test_generate_records_the_prefill_or_every_new_token(base):
+    tokens, mask = padded(base, "left")
+    with nl.capture(base, LAYER, -1, tokens=tokens) as prefill:
+        base.generate(tokens, max_new_tokens=3, do_sample=False, stop_at_eos=False, verbose=False)
+    with nl.capture(base, LAYER, -1, tokens=tokens, calls="all") as every:
+        out = base.generate(tokens, max_new_tokens=3, do_sample=False, stop_at_eos=False, verbose=False)
+    assert prefill.n_calls == 3 and len(prefill.rows) == 4
+    assert [r.call for r in every.rows] == [0] * 4 + [1] * 4 + [2] * 4
+    fed = out[:, :-1].clone()  # the last sampled token is never fed back; clone: out is an inference tensor
+    full_mask = torch.cat([mask, torch.ones(4, 2, dtype=mask.dtype)], dim=1)
+    _, cache = base.run_with_cache(fed, attention_mask=full_mask, names_filter=NAME)
+    width = tokens.shape[1]
+    expected = cache[NAME][:, width - 1:].transpose(0, 1).reshape(-1, 64)  # call-major, like the rows
+    assert torch.equal(prefill.vectors, every.vectors[:4])
+    assert (every.vectors - expected).abs().max() < 1e-4  # KV cache vs full forward
+
+
+def test_hooks_removed_after_an_exception_inside_the_context(base):
+    tokens, mask = padded(base, "left")
+
+    def explode(resid, hook):
+        raise RuntimeError("user hook failed")
+
+    with pytest.raises(RuntimeError, match="user hook failed"):
+        with nl.capture(base, LAYER, -1, attention_mask=mask):
+            base.run_with_hooks(tokens, attention_mask=mask, fwd_hooks=[("blocks.3.hook_resid_post", explode)])
+    assert no_hooks_left(base)
+    with pytest.raises(KeyError):
+        with nl.capture(base, LAYER, -1), base.hooks(fwd_hooks=[(NAME, steer_hook(1.0))]):
+            raise KeyError("the user's own code failed")
+    assert no_hooks_left(base)
+
+
+@pytest.mark.parametrize("layer", [4, -1, 1.0, "2", True])
+def test_bad_layer_is_an_input_error(base, layer):
+    with pytest.raises(nl.InputError, match=r"layer must be an int in 0\.\.3"):
+        nl.capture(base, layer)
+
+
+@pytest.mark.parametrize("positions", [99, -99, [0, 99], torch.tensor([0, 1, 99, 0])])
+def test_positions_out_of_range_fail_before_the_run_when_the_shape_is_known(base, positions):
+    tokens, mask = padded(base, "left")
+    with pytest.raises(nl.InputError, match="outside row"):
+        nl.capture(base, LAYER, positions, attention_mask=mask)
+
+
+def test_positions_out_of_range_fail_inside_the_run_and_leave_no_hook(base):
+    tokens, mask = padded(base, "left")
+    with pytest.raises(nl.InputError, match="outside row"):
+        with nl.capture(base, LAYER, tokens.shape[1]):
+            base(tokens, attention_mask=mask)
+    assert no_hooks_left(base)
+
+
+@pytest.mark.parametrize("positions, match", [
+    (0, "is padding"),
+    (torch.ones(4, 3, dtype=torch.bool), "boolean positions mask must have"),
+    (torch.tensor([0, 1]), r"one per row, batch=4"),
+    (torch.tensor([0.0, 1.0, 2.0, 3.0]), "integers"),
+    ([], "non-empty list"),
+    ("last", "positions must be"),
+])
+def test_bad_positions_are_input_errors(base, positions, match):
+    tokens, mask = padded(base, "left")
+    with pytest.raises(nl.InputError, match=match):
+        nl.capture(base, LAYER, positions, attention_mask=mask)
+
+
+def test_mask_of_another_shape_and_an_empty_capture_are_input_errors(base):
+    tokens, mask = padded(base, "left")
+    with pytest.raises(nl.InputError, match="the model ran"):
+        with nl.capture(base, LAYER, -1, attention_mask=mask[:, 1:]):
+            base(tokens, attention_mask=mask)
+    with nl.capture(base, LAYER, -1) as cap:
+        base(tokens, attention_mask=mask, stop_at_layer=LAYER)
+    with pytest.raises(nl.InputError, match="nothing was captured"):
+        cap.vectors  # noqa: B018
+    assert no_hooks_left(base)

@@ -1,0 +1,199 @@
+"""Steer / patch then verbalize, and verbalize any direction: the helpers equal hand-written TL runs."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from base_batches import load_base, no_hooks_left, one_thread, padded
+from conftest import D_MODEL, LAYER
+
+import nla_lens as nl
+from nla_lens.experiments import word_diff
+
+NAME = f"blocks.{LAYER}.hook_resid_post"
+FAST = {"max_new_tokens": 4, "progress": False}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    with one_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def base(tiny_paths):
+    return load_base(tiny_paths["av_karvonen"])
+
+
+@pytest.fixture(scope="module")
+def nla(av_karvonen, ar_nanonla):
+    return nl.NLA(av_karvonen, ar_nanonla)
+
+
+@pytest.fixture()
+def steer() -> torch.Tensor:
+    return torch.randn(D_MODEL, generator=torch.Generator().manual_seed(11))
+
+
+def equal_length_pair(base) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clean and corrupted prompts that differ in one token, as transformer_lens.patching expects."""
+    clean = base.tokenizer.encode("The cat sat on the mat.", add_special_tokens=False)
+    corrupted = base.tokenizer.encode("The dog sat on the mat.", add_special_tokens=False)
+    assert len(clean) == len(corrupted) and sum(a != b for a, b in zip(clean, corrupted, strict=True)) >= 1
+    return torch.tensor([clean, clean[::-1]]), torch.tensor([corrupted, corrupted[::-1]])
+
+
+def test_steering_at_the_captured_layer_moves_it_by_exactly_scale_times_vector(base, nla, steer):
+    tokens, mask = padded(base, "left")
+    result = nl.steer_then_verbalize(base, nla, tokens, attention_mask=mask, steering_vector=steer, scale=3.0,
+                                     steer_layer=LAYER, baseline=0.5, **FAST)
+    assert (result.steered_vectors - result.clean_vectors - 3.0 * steer).abs().max() < 1e-5
+    assert [(r.batch, r.position, r.token) for r in result.rows] == [
+        (b, tokens.shape[1] - 1, t) for b, t in enumerate(base.to_str_tokens(tokens[:, -1]))]
+    rt = result.round_trip
+    assert rt is not None and rt.baseline == 0.5 and len(rt.verbalizations) == 2 * len(tokens)
+    for i, row in enumerate(result.rows):
+        assert row.clean == rt.verbalizations[i] and row.steered == rt.verbalizations[len(tokens) + i]
+        assert row.fve_clean == pytest.approx(1 - float(rt.mse[i]) / 0.5, abs=1e-6)
+        assert row.fve_steered == pytest.approx(1 - float(rt.mse[len(tokens) + i]) / 0.5, abs=1e-6)
+        assert row.cosine == pytest.approx(float(torch.cosine_similarity(
+            result.clean_vectors[i], result.steered_vectors[i], dim=0)), abs=1e-6)
+    assert no_hooks_left(base)
+
+
+def test_steer_then_verbalize_equals_hand_written_runs(base, av_karvonen, steer):
+    tokens, mask = padded(base, "left")
+    result = nl.steer_then_verbalize(base, av_karvonen, tokens, attention_mask=mask, steering_vector=steer,
+                                     scale=2.0, steer_layer=0, positions=[-1, -2], steer_positions=-2, **FAST)
+
+    def add_at_second_last(resid, hook):
+        resid = resid.clone()
+        resid[:, -2] += 2.0 * steer
+        return resid
+
+    _, clean = base.run_with_cache(tokens, attention_mask=mask, names_filter=NAME)
+    with base.hooks(fwd_hooks=[("blocks.0.hook_resid_post", add_at_second_last)]):
+        _, steered = base.run_with_cache(tokens, attention_mask=mask, names_filter=NAME)
+    sites = torch.arange(len(tokens)).repeat_interleave(2), torch.tensor([-1, -2] * len(tokens))
+    assert torch.equal(result.clean_vectors, clean[NAME][sites])
+    assert torch.equal(result.steered_vectors, steered[NAME][sites])
+    # The steering reached the other captured position through attention only.
+    assert (result.steered_vectors - result.clean_vectors).abs().max() > 1e-2
+    expected = av_karvonen.verbalize(torch.cat([clean[NAME][sites], steered[NAME][sites]]), **FAST)
+    assert [r.clean for r in result.rows] + [r.steered for r in result.rows] == expected
+    assert result.round_trip is None and all(r.fve_clean is None for r in result.rows)
+    for row in result.rows:
+        assert (row.added, row.removed) == word_diff(row.clean.text, row.steered.text)  # nothing parses
+
+
+def hand_written_patching(base, clean_tokens, corrupted_tokens, layer, position):
+    """transformer_lens.patching's resid_pre patch, written out: clean cache -> hook -> corrupted run."""
+    patch_name = f"blocks.{layer}.hook_resid_pre"
+    _, clean_cache = base.run_with_cache(clean_tokens, names_filter=[patch_name, NAME])
+
+    def patch(corrupted, hook):
+        corrupted = corrupted.clone()
+        corrupted[:, position, :] = clean_cache[patch_name][:, position, :]
+        return corrupted
+
+    _, corrupted_cache = base.run_with_cache(corrupted_tokens, names_filter=NAME)
+    with base.hooks(fwd_hooks=[(patch_name, patch)]):
+        _, patched_cache = base.run_with_cache(corrupted_tokens, names_filter=NAME)
+    return clean_cache[NAME][:, -1], corrupted_cache[NAME][:, -1], patched_cache[NAME][:, -1]
+
+
+@pytest.mark.parametrize("layer, position", [(0, 1), (1, 1), (LAYER, -1)])
+def test_patching_study_equals_hand_written_tl_patching(base, nla, layer, position):
+    clean_tokens, corrupted_tokens = equal_length_pair(base)
+    study = nl.patching_study(base, nla, clean_tokens, corrupted_tokens, patch_layer=layer,
+                              patch_position=position, baseline=0.5, **FAST)
+    clean, corrupted, patched = hand_written_patching(base, clean_tokens, corrupted_tokens, layer, position)
+    assert study.hook_name == f"blocks.{layer}.hook_resid_pre"
+    assert torch.equal(study.clean_vectors, clean)
+    assert torch.equal(study.corrupted_vectors, corrupted)
+    assert torch.equal(study.patched_vectors, patched)
+    assert (clean - corrupted).abs().max() > 1e-2  # the prompts do differ at layer K
+    assert no_hooks_left(base)
+
+
+def test_patching_study_table_has_a_row_per_run_and_site_with_fve(base, nla):
+    clean_tokens, corrupted_tokens = equal_length_pair(base)
+    study = nl.patching_study(base, nla, clean_tokens, corrupted_tokens, patch_layer=1, patch_position=1,
+                              capture_position=[-1, 0], **FAST)
+    rt = study.round_trip
+    assert rt is not None and rt.baseline_source == "paper (these vectors)"
+    assert [r.run for r in study.rows] == ["clean"] * 4 + ["corrupted"] * 4 + ["patched"] * 4
+    width = clean_tokens.shape[1]
+    assert [(r.batch, r.position) for r in study.rows[:4]] == [(0, width - 1), (0, 0), (1, width - 1), (1, 0)]
+    for i, row in enumerate(study.rows):
+        assert row.verbalization == rt.verbalizations[i]
+        assert row.fve == pytest.approx(1 - float(rt.mse[i]) / rt.baseline, abs=1e-6)
+    assert all(r.cosine_to_clean == pytest.approx(1.0, abs=1e-6) for r in study.rows[:4])
+    # Column 0 comes before the patched column 1, so the patch cannot reach it.
+    assert torch.equal(study.patched_vectors[1::2], study.corrupted_vectors[1::2])
+    assert set(dataclasses.asdict(study.rows[0])) >= {"run", "batch", "position", "token", "fve"}
+
+
+def test_patching_the_captured_site_itself_restores_the_clean_vector(base, av_karvonen):
+    clean_tokens, corrupted_tokens = equal_length_pair(base)
+    study = nl.patching_study(base, av_karvonen, clean_tokens, corrupted_tokens, patch_layer=LAYER,
+                              patch_position=-1, activation_name="resid_post", **FAST)
+    assert study.hook_name == NAME
+    assert torch.equal(study.patched_vectors, study.clean_vectors)
+    assert not torch.equal(study.corrupted_vectors, study.clean_vectors)
+    assert [r.verbalization for r in study.rows[4:]] == [r.verbalization for r in study.rows[:2]]
+    assert all(r.fve is None for r in study.rows)
+
+
+@pytest.mark.parametrize("which", ["av_karvonen", "av_embedding"])
+def test_injection_only_sees_the_direction_so_verbalize_direction_is_scale_free(request, which):
+    av = request.getfixturevalue(which)
+    direction = torch.randn(2, D_MODEL, generator=torch.Generator().manual_seed(5))
+    tokens = av.prompt_tokens(2)
+    small = av.model.run_with_hooks(tokens, fwd_hooks=av.injection(direction, tokens).fwd_hooks())
+    large = av.model.run_with_hooks(tokens, fwd_hooks=av.injection(1000 * direction, tokens).fwd_hooks())
+    assert (small - large).abs().max() < 1e-4
+    reference = torch.randn(8, D_MODEL, generator=torch.Generator().manual_seed(6)) * 7.0
+    plain = nl.verbalize_direction(av, direction, **FAST)
+    rescaled = nl.verbalize_direction(av, 1000 * direction, scale_like=reference, **FAST)
+    assert plain.verbalizations == rescaled.verbalizations
+    assert torch.equal(plain.vectors, direction)
+    norms = rescaled.vectors.norm(dim=-1)
+    assert torch.allclose(norms, reference.norm(dim=-1).mean().expand(2), rtol=1e-6)
+    assert torch.allclose(torch.cosine_similarity(rescaled.vectors, direction, dim=-1), torch.ones(2), atol=1e-6)
+    assert plain.explanations == [v.explanation for v in plain.verbalizations]
+
+
+def test_word_diff_reports_added_and_removed_words():
+    assert word_diff("the cat sat on the mat", "the dog sat on a red mat") == (["dog", "a", "red"], ["cat", "the"])
+    assert word_diff("same words", "same words") == ([], [])
+
+
+def test_experiment_arguments_are_checked_with_typed_errors(base, nla, av_karvonen, steer):
+    tokens, mask = padded(base, "left")
+    clean_tokens, corrupted_tokens = equal_length_pair(base)
+    with pytest.raises(nl.InputError, match="comes after the captured layer"):
+        nl.steer_then_verbalize(base, nla, tokens, steering_vector=steer, scale=1.0, steer_layer=LAYER + 1)
+    with pytest.raises(nl.InputError, match="steer_layer must be an int"):
+        nl.steer_then_verbalize(base, nla, tokens, steering_vector=steer, scale=1.0, steer_layer=-1)
+    with pytest.raises(nl.VectorError, match="must have shape"):
+        nl.steer_then_verbalize(base, nla, tokens, steering_vector=steer[:10], scale=1.0, steer_layer=0)
+    with pytest.raises(nl.InputError, match="outside row"):
+        nl.steer_then_verbalize(base, nla, tokens, attention_mask=mask, steering_vector=steer, scale=1.0,
+                                steer_layer=0, positions=99)
+    with pytest.raises(nl.InputError, match="one shape"):
+        nl.patching_study(base, nla, clean_tokens, corrupted_tokens[:, 1:], patch_layer=0, patch_position=0)
+    with pytest.raises(nl.InputError, match="patch_position must be"):
+        nl.patching_study(base, nla, clean_tokens, corrupted_tokens, patch_layer=0, patch_position=99)
+    with pytest.raises(nl.InputError, match="not a hook point"):
+        nl.patching_study(base, nla, clean_tokens, corrupted_tokens, patch_layer=0, patch_position=0,
+                          activation_name="no_such_activation")
+    with pytest.raises(nl.InputError, match="all parallel"):
+        nl.steer_then_verbalize(base, nla, tokens[:1], steering_vector=steer, scale=0.0, steer_layer=0)
+    with pytest.raises(nl.InputError, match="expected an NLA or an ActivationVerbalizer"):
+        nl.patching_study(base, base, clean_tokens, corrupted_tokens, patch_layer=0, patch_position=0)
+    with pytest.raises(nl.VectorError, match="zero"):
+        nl.verbalize_direction(av_karvonen, torch.zeros(D_MODEL))
+    assert no_hooks_left(base)
