@@ -20,7 +20,6 @@ from transformer_lens import HookedTransformer
 from transformer_lens import utils as tl_utils
 from transformer_lens.hook_points import HookPoint
 
-from nla_lens import metrics
 from nla_lens.capture import Capture, PositionSpec, capture, resolve_positions
 from nla_lens.errors import InputError
 from nla_lens.injection import HookFn, check_vectors
@@ -270,8 +269,6 @@ def _read(nla_or_av: NLA | ActivationVerbalizer, vectors: Float[Tensor, "n d_mod
     """Verbalizations and per-row FVEs (1 - mse_i / baseline) of `vectors`, in one AV batch."""
     if isinstance(nla_or_av, ActivationVerbalizer):
         return nla_or_av.verbalize(vectors, **verbalize_kwargs), [None] * len(vectors), None
-    if baseline is None and metrics.paper_baseline(vectors, nla_or_av.mse_scale) == 0:
-        raise InputError("the captured vectors are all parallel, so the paper baseline is 0; pass baseline=")
     round_trip = nla_or_av.round_trip(vectors, baseline=baseline, **verbalize_kwargs)
     fves: list[float | None] = [1.0 - m / round_trip.baseline for m in round_trip.mse.tolist()]
     return round_trip.verbalizations, fves, round_trip

@@ -11,7 +11,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from nla_lens import metrics
-from nla_lens.errors import PairMismatchError
+from nla_lens.errors import InputError, PairMismatchError
 from nla_lens.injection import check_vectors
 from nla_lens.parsing import injection_warning
 from nla_lens.reconstructor import ActivationReconstructor
@@ -62,11 +62,19 @@ class NLA:
         baseline when scoring a few vectors (the released Qwen3-8B L24 pair: about 0.56).
         """
         vectors = check_vectors(vectors, self.av.meta.d_model).float()
+        d_model, scale = self.av.meta.d_model, self.mse_scale
+        source = "given"
+        if baseline is None:
+            baseline, source = metrics.paper_baseline(vectors, scale), "paper (these vectors)"
+        if not baseline > 0:  # checked before the expensive verbalization
+            raise InputError(
+                f"the FVE baseline is {baseline:g}: with a single vector (or only parallel ones) the paper "
+                "baseline is zero. Pass baseline= computed on a larger held-out set (metrics.paper_baseline)."
+            )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # reported once on the result instead
             verbalizations = self.av.verbalize(vectors, **verbalize_kwargs)
         parsed = [i for i, v in enumerate(verbalizations) if v.explanation is not None]
-        d_model, scale = self.av.meta.d_model, self.mse_scale
         reconstructions = torch.full_like(vectors, float("nan"))
         mse = torch.full((len(vectors),), metrics.miss_mse(d_model, scale))
         if parsed:
@@ -74,9 +82,6 @@ class NLA:
             predicted = self.ar.reconstruct(texts, batch_size=reconstruct_batch_size).to(vectors.device)
             reconstructions[parsed] = predicted
             mse[parsed] = metrics.mse_per_item(predicted, vectors[parsed], scale).cpu()
-        source = "given"
-        if baseline is None:
-            baseline, source = metrics.paper_baseline(vectors, scale), "paper (these vectors)"
         notes = [w for w in [injection_warning([v.text for v in verbalizations],
                                                self.av.meta.injection_char)] if w]
         return RoundTrip(verbalizations, reconstructions, mse, float(mse.mean()),

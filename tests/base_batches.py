@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -42,15 +40,3 @@ def no_hooks_left(model: HookedTransformer) -> bool:
     """No TL hook on any hook point and no torch forward hook on any block."""
     return (all(not hp.fwd_hooks and not hp.bwd_hooks for hp in model.hook_dict.values())
             and all(not block._forward_hooks for block in model.blocks))
-
-
-@contextmanager
-def one_thread() -> Iterator[None]:
-    """torch on one thread: for d_model=64 the OpenMP hand-off costs more than the matmuls, and on a
-    loaded 2-core machine far more (measured: the tiny-model suites ran 4x slower on 2 threads)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)

@@ -14,6 +14,16 @@ D_MODEL = 64
 LAYER = 2
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_thread():
+    """torch on one thread: for d_model=64 the OpenMP hand-off costs more than the matmuls
+    (measured on 2 cores: the tiny-model suites ran up to 4x slower on 2 threads)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_paths(tmp_path_factory) -> dict[str, Path]:
     return make_tiny_nla(tmp_path_factory.mktemp("tiny_nla"), layer=LAYER, d_model=D_MODEL)

@@ -4,18 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from base_batches import PROMPTS, load_base, no_hooks_left, one_thread, padded
+from base_batches import PROMPTS, load_base, no_hooks_left, padded
 from conftest import LAYER
 
 import nla_lens as nl
 
 NAME = f"blocks.{LAYER}.hook_resid_post"
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
 
 
 @pytest.fixture(scope="module")

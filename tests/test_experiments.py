@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 import torch
-from base_batches import load_base, no_hooks_left, one_thread, padded
+from base_batches import load_base, no_hooks_left, padded
 from conftest import D_MODEL, LAYER
 
 import nla_lens as nl
@@ -15,11 +15,6 @@ from nla_lens.experiments import word_diff
 NAME = f"blocks.{LAYER}.hook_resid_post"
 FAST = {"max_new_tokens": 4, "progress": False}
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
 
 
 @pytest.fixture(scope="module")
@@ -190,7 +185,7 @@ def test_experiment_arguments_are_checked_with_typed_errors(base, nla, av_karvon
     with pytest.raises(nl.InputError, match="not a hook point"):
         nl.patching_study(base, nla, clean_tokens, corrupted_tokens, patch_layer=0, patch_position=0,
                           activation_name="no_such_activation")
-    with pytest.raises(nl.InputError, match="all parallel"):
+    with pytest.raises(nl.InputError, match="only parallel ones"):
         nl.steer_then_verbalize(base, nla, tokens[:1], steering_vector=steer, scale=0.0, steer_layer=0)
     with pytest.raises(nl.InputError, match="expected an NLA or an ActivationVerbalizer"):
         nl.patching_study(base, base, clean_tokens, corrupted_tokens, patch_layer=0, patch_position=0)

@@ -59,3 +59,12 @@ def test_pair_mismatch_is_refused(av_karvonen, tiny_paths, tmp_path):
     other = nl.ActivationReconstructor.from_pretrained(folder)
     with pytest.raises(nl.PairMismatchError, match="layer"):
         nl.NLA(av_karvonen, other)
+
+
+def test_a_zero_baseline_asks_for_a_held_out_one(av_karvonen, ar_nanonla, vectors, monkeypatch):
+    fake = [Verbalization("<explanation>a</explanation>", "a", [])]
+    monkeypatch.setattr(av_karvonen, "verbalize", lambda v, **kw: fake)
+    nla = nl.NLA(av_karvonen, ar_nanonla)
+    with pytest.raises(nl.InputError, match="baseline= computed on a larger held-out set"):
+        nla.round_trip(vectors[:1])
+    assert nla.round_trip(vectors[:1], baseline=0.56).baseline == 0.56

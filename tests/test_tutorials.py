@@ -8,17 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from base_batches import load_base, no_hooks_left, one_thread
+from base_batches import load_base, no_hooks_left
 
 import nla_lens as nl
 
 TUTORIALS = sorted((Path(__file__).parents[1] / "tutorials").glob("*.py"))
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
 
 
 def test_there_are_three_tutorials():
