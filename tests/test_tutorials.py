@@ -33,18 +33,19 @@ def test_tutorial_runs_and_its_last_cell_asserts(tutorial, tmp_path, monkeypatch
 
 
 def test_experiments_doc_snippets_run_on_the_tiny_nla(tiny_paths, av_karvonen, ar_nanonla, monkeypatch):
-    """docs/experiments.md: every python block but the first (which loads the real checkpoints)."""
+    """README's "Use it in your experiments": every python block but the first (real checkpoints)."""
     # The doc's 150-token default explanations, cut short: the tiny AV only babbles.
     monkeypatch.setattr(av_karvonen, "verbalize", functools.partial(av_karvonen.verbalize, max_new_tokens=8,
                                                                     progress=False))
-    doc = (Path(__file__).parents[1] / "docs" / "experiments.md").read_text()
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    doc = readme.split("## Use it in your experiments")[1].split("\n## ")[0]
     blocks = [block.split("```")[0] for block in doc.split("```python\n")[1:]]
     assert "from_pretrained" in blocks[0] and len(blocks) == 5
     base = load_base(tiny_paths["av_karvonen"])
     namespace = {"torch": torch, "nl": nl, "av": av_karvonen, "nla": nl.NLA(av_karvonen, ar_nanonla),
                  "base": base, "K": av_karvonen.meta.layer}
     for block in blocks[1:]:
-        exec(compile(block, "docs/experiments.md", "exec"), namespace)
+        exec(compile(block, "README.md", "exec"), namespace)
     assert namespace["cap"].vectors.shape == (2, av_karvonen.meta.d_model)
     assert [r.run for r in namespace["study"].rows] == ["clean", "corrupted", "patched"]
     assert no_hooks_left(base) and no_hooks_left(av_karvonen.model)
