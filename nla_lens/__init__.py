@@ -3,6 +3,7 @@
 from nla_lens.errors import (
     ChatTemplateError,
     CheckpointError,
+    ConfigError,
     InjectionError,
     InputError,
     MarkerError,
@@ -10,6 +11,7 @@ from nla_lens.errors import (
     PairMismatchError,
     PromptTooLongError,
     SidecarError,
+    SplitLeakError,
     TokenizerDriftError,
     VectorError,
 )
@@ -25,6 +27,7 @@ __all__ = [
     "ActivationVerbalizer",
     "ChatTemplateError",
     "CheckpointError",
+    "ConfigError",
     "Injection",
     "InjectionError",
     "InjectionSpec",
@@ -36,6 +39,7 @@ __all__ = [
     "PromptTooLongError",
     "RoundTrip",
     "SidecarError",
+    "SplitLeakError",
     "TokenizerDriftError",
     "Verbalization",
     "VectorError",
