@@ -92,6 +92,9 @@ def test_resume_from_a_mid_run_checkpoint_gives_the_uninterrupted_weights(base_f
 
     resumed = init_av(base_folder, dataset_meta)
     mid = tmp_path / "whole" / "checkpoints" / "step-000003"
+    # Pickle-free: weights and optimizer tensors in safetensors, scalars and history in JSON.
+    assert sorted(p.name for p in mid.iterdir()) == ["optimizer.safetensors", "params.safetensors",
+                                                      "trainer_state.json"]
     second = train_av(resumed, train, held_out, config, out_dir=tmp_path / "resumed", resume=mid, n_samples=0,
                       progress=False)
     assert second.history == full.history

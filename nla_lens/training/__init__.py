@@ -29,7 +29,7 @@ from nla_lens.training.dataset import (
     save_explanations,
     split_by_document,
 )
-from nla_lens.training.export import export_ar, export_av, hf_state_dict
+from nla_lens.training.export import export_ar, export_av, freeze_weights_hf_lacks, hf_state_dict, model_sidecar
 from nla_lens.training.extraction import (
     ActivationDataset,
     ActivationRecord,
@@ -44,7 +44,7 @@ __all__ = [
     "ARRows", "ARRunConfig", "AVRows", "AVRunConfig", "ActivationDataset", "ActivationRecord", "Document",
     "ExtractConfig", "ExtractRunConfig", "LabelledActivations", "RunResult", "TrainConfig", "TrainResult",
     "ar_loss", "ar_rows", "av_loss", "av_rows", "check_document_disjoint", "evaluate_ar", "evaluate_av",
-    "export_ar", "export_av", "extract_activations", "hf_state_dict", "init_ar", "init_av", "label_activations",
-    "load_activations", "load_config", "run_extract", "run_train_ar", "run_train_av", "save_explanations",
-    "split_by_document", "train_ar", "train_av",
+    "export_ar", "export_av", "extract_activations", "freeze_weights_hf_lacks", "hf_state_dict", "init_ar",
+    "init_av", "label_activations", "load_activations", "load_config", "model_sidecar", "run_extract",
+    "run_train_ar", "run_train_av", "save_explanations", "split_by_document", "train_ar", "train_av",
 ]

@@ -67,8 +67,9 @@ def av_loss(av: ActivationVerbalizer, rows: AVRows, index: Int[Tensor, " batch"]
     # Position t predicts token t+1: score positions whose next token is a response token.
     scored = mask[:, 1:].bool()
     scored[:, :len(prompt) - 1] = False
-    # Unembed the scored positions only: the logits of prompt and pad positions are never needed.
-    logits = av.model.unembed(av.model.ln_final(resid[:, :-1][scored][None]))[0]
+    # Final norm + unembed of the scored positions only (TL's own tail of the forward, from the last
+    # block on): the logits of prompt and pad positions are never needed.
+    logits = av.model(resid[:, :-1][scored][None], start_at_layer=av.model.cfg.n_layers)[0]
     return F.cross_entropy(logits.float(), tokens[:, 1:][scored], reduction=reduction)
 
 

@@ -147,8 +147,7 @@ def extract_activations(
     _write_or_check_sidecar(out, sidecar)
     total = len(documents) if hasattr(documents, "__len__") else None  # type: ignore[arg-type]
     bar = tqdm(total=total, desc="extract", unit="doc", disable=not progress)
-    seen: set[str] = set()
-    for index, chunk in enumerate(_chunks(_as_documents(documents, seen), config.docs_per_shard)):
+    for index, chunk in enumerate(_chunks(_as_documents(documents), config.docs_per_shard)):
         path = shard_path(out, index)
         if not path.is_file():
             _write_shard(model, tokenizer, chunk, path, config)
@@ -169,7 +168,8 @@ def _write_or_check_sidecar(out: Path, sidecar: dict[str, Any]) -> None:
     path.write_text(yaml.safe_dump(sidecar, allow_unicode=True, sort_keys=False), encoding="utf-8")
 
 
-def _as_documents(documents: Iterable[Document | str], seen: set[str]) -> Iterator[Document]:
+def _as_documents(documents: Iterable[Document | str]) -> Iterator[Document]:
+    seen: set[str] = set()
     for index, doc in enumerate(documents):
         doc = doc if isinstance(doc, Document) else Document(str(index), doc)
         if doc.id in seen:
