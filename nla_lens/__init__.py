@@ -4,6 +4,7 @@ from nla_lens.capture import Capture, CapturedRow, capture
 from nla_lens.errors import (
     ChatTemplateError,
     CheckpointError,
+    ConfigError,
     InjectionError,
     InputError,
     MarkerError,
@@ -11,6 +12,7 @@ from nla_lens.errors import (
     PairMismatchError,
     PromptTooLongError,
     SidecarError,
+    SplitLeakError,
     TokenizerDriftError,
     VectorError,
 )
@@ -38,6 +40,7 @@ __all__ = [
     "CapturedRow",
     "ChatTemplateError",
     "CheckpointError",
+    "ConfigError",
     "DirectionVerbalization",
     "Injection",
     "InjectionError",
@@ -52,6 +55,7 @@ __all__ = [
     "PromptTooLongError",
     "RoundTrip",
     "SidecarError",
+    "SplitLeakError",
     "SteeringResult",
     "SteeringRow",
     "TokenizerDriftError",

@@ -38,7 +38,9 @@ def _run_inspect(args: argparse.Namespace) -> None:
 
 
 def _registrars() -> list[Callable[[argparse._SubParsersAction], None]]:
-    return [_add_inspect]
+    from nla_lens.training.cli import add_extract, add_train_ar, add_train_av
+
+    return [_add_inspect, add_extract, add_train_av, add_train_ar]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -43,3 +43,11 @@ class InjectionError(NLAError):
 
 class InputError(NLAError):
     """A call got arguments it cannot work with (empty input, out-of-range settings)."""
+
+
+class SplitLeakError(NLAError):
+    """Train and eval rows share a document, so held-out scores would be inflated."""
+
+
+class ConfigError(NLAError):
+    """A training or extraction config has an unknown key, a bad value, or contradicts saved state."""

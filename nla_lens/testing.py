@@ -188,3 +188,48 @@ def make_tiny_nla(root: str | Path, *, n_layers: int = 4, layer: int = 2, d_mode
                             _model_sidecar(tokens, d_model, layer, "ar", None), layer,
                             readout=readout, shards=3, placeholders=True),
     }
+
+
+# Explanations the tiny tokenizer encodes in few tokens (its BPE was trained on these words).
+TINY_LABELS = ["the cat sat on the mat", "a dog ran in the park", "words about the weather", "the sea",
+               "numbers one two three", "names of places", "a question", "the end of a sentence"]
+
+
+def save_base_model(folder: str | Path, *, n_layers: int = 4, d_model: int = 64, seed: int = 0) -> Path:
+    """A tiny base model as a plain HF folder (weights + tokenizer, no sidecar), for training tests."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(folder)
+    build_base_model(tokenizer, n_layers=n_layers, d_model=d_model, seed=seed).save_pretrained(folder)
+    return folder
+
+
+def tiny_corpus(n_docs: int, *, words_per_doc: int = 24, seed: int = 0) -> list:
+    """Documents of random words from the tiny tokenizer's vocabulary, with ids ``doc-0``, ``doc-1``, ..."""
+    import random
+
+    from nla_lens.training.extraction import Document
+
+    rng = random.Random(seed)
+    vocabulary = " ".join(TINY_LABELS).split()
+    return [Document(f"doc-{i}", " ".join(rng.choice(vocabulary) for _ in range(words_per_doc)))
+            for i in range(n_docs)]
+
+
+def label_determined_vectors(n_docs: int, *, rows_per_doc: int = 4, d_model: int = 64, noise: float = 0.05,
+                             seed: int = 0):
+    """A synthetic labelled set where the label fully determines the vector (up to `noise`).
+
+    Each label owns a random direction; every vector also shares one large common direction, as real
+    residuals do, so the paper baseline (distance from the mean) is what is left to explain.
+    """
+    from nla_lens.training.dataset import LabelledActivations
+
+    generator = torch.Generator().manual_seed(seed)
+    centroids = torch.randn(len(TINY_LABELS), d_model, generator=generator)
+    common = 2.0 * torch.randn(d_model, generator=generator)
+    labels = torch.randint(len(TINY_LABELS), (n_docs * rows_per_doc,), generator=generator)
+    vectors = common + centroids[labels] + noise * torch.randn(len(labels), d_model, generator=generator)
+    return LabelledActivations(vectors, [f"doc-{i // rows_per_doc}" for i in range(len(labels))],
+                               [8 + i % rows_per_doc for i in range(len(labels))],
+                               [TINY_LABELS[k] for k in labels.tolist()])

@@ -52,3 +52,39 @@ def ar_paper(tiny_paths) -> nl.ActivationReconstructor:
 @pytest.fixture()
 def vectors() -> torch.Tensor:
     return torch.randn(4, D_MODEL, generator=torch.Generator().manual_seed(1234)) * 3.0
+
+
+# --- training (issue #5): a plain tiny base model, its dataset sidecar, a label-determined task ---
+
+@pytest.fixture(scope="session")
+def base_folder(tmp_path_factory) -> Path:
+    from nla_lens.testing import save_base_model
+
+    return save_base_model(tmp_path_factory.mktemp("base"), d_model=D_MODEL)
+
+
+@pytest.fixture(scope="session")
+def extract_config():
+    from nla_lens.testing import AR_TEMPLATE, AV_TEMPLATE
+    from nla_lens.training import ExtractConfig
+
+    return ExtractConfig(layer=LAYER, positions_per_doc=3, min_context=4, max_tokens=32, batch_size=4,
+                         docs_per_shard=5, av_template=AV_TEMPLATE, ar_template=AR_TEMPLATE)
+
+
+@pytest.fixture(scope="session")
+def dataset_meta(base_folder, extract_config) -> nl.NLAMeta:
+    from nla_lens.loading import load_tokenizer
+    from nla_lens.training.extraction import dataset_sidecar
+
+    sidecar = dataset_sidecar(load_tokenizer(base_folder), extract_config, base_model="tiny", d_model=D_MODEL)
+    return nl.parse_meta(sidecar)
+
+
+@pytest.fixture(scope="session")
+def label_split():
+    """(train, eval) of a synthetic task where the label fully determines the vector; split by document."""
+    from nla_lens.testing import label_determined_vectors
+    from nla_lens.training import split_by_document
+
+    return split_by_document(label_determined_vectors(60, d_model=D_MODEL), eval_fraction=0.2, seed=0)

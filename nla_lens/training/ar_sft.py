@@ -1,0 +1,79 @@
+"""AR SFT: the base's first K+1 blocks plus an identity-initialised readout learn explanation -> vector.
+
+The loss is the paper's MSE on vectors rescaled to `mse_scale`; the held-out score is FVE against
+the paper baseline of the held-out targets. Training batches are built like
+`ActivationReconstructor.prompt_tokens` (left padding, readout at the last token), and evaluation
+calls `reconstruct` itself, so the AR is scored exactly as it will be served.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from jaxtyping import Int
+from torch import Tensor, nn
+
+from nla_lens import loading, metrics
+from nla_lens.reconstructor import ActivationReconstructor
+from nla_lens.sidecar import NLAMeta, check_tokenizer, parse_meta
+from nla_lens.training import loop
+from nla_lens.training.config import TrainConfig
+from nla_lens.training.dataset import ARRows, LabelledActivations, ar_rows, check_document_disjoint, check_fits
+from nla_lens.training.export import freeze_weights_hf_lacks, model_sidecar
+from nla_lens.training.padding import pad
+
+
+def init_ar(base_model: str | Path, dataset: NLAMeta, *, device: str | torch.device = "cpu",
+            dtype: torch.dtype = torch.float32) -> ActivationReconstructor:
+    """An untrained AR: the base's first K+1 blocks (no final norm, no unembed), readout = identity."""
+    folder = loading.resolve_checkpoint(base_model)
+    tokenizer = loading.load_tokenizer(folder)
+    meta = parse_meta(model_sidecar(dataset, "ar"), source="AR sidecar")
+    check_tokenizer(meta, tokenizer)
+    model = loading.load_hooked_transformer(folder, tokenizer, dtype=dtype, device=device, n_layers=meta.layer + 1)
+    freeze_weights_hf_lacks(model, loading.load_hf_config(folder))
+    readout = nn.Linear(meta.d_model, meta.d_model, bias=False, device=device, dtype=dtype)
+    with torch.no_grad():
+        readout.weight.copy_(torch.eye(meta.d_model))
+    return ActivationReconstructor(model, readout, tokenizer, meta)
+
+
+def ar_loss(ar: ActivationReconstructor, rows: ARRows, index: Int[Tensor, " batch"]) -> Tensor:
+    """Mean MSE of the rescaled readout at the last prompt token against the rescaled targets."""
+    tokens, mask = pad([rows.prompts[i] for i in index.tolist()], 0, side="left")
+    resid = ar.model(tokens.to(ar.device), attention_mask=mask.to(ar.device))
+    predicted = ar.readout(resid[:, -1])
+    return metrics.mse_per_item(predicted, rows.vectors[index].to(ar.device), ar.meta.mse_scale).mean()
+
+
+def evaluate_ar(ar: ActivationReconstructor, rows: ARRows, *, batch_size: int) -> dict:
+    """Held-out MSE and FVE, with the paper baseline of the held-out targets."""
+    predicted = ar.reconstruct(rows.explanations, batch_size=batch_size)
+    targets = rows.vectors.to(predicted.device)
+    mse = metrics.mse_per_item(predicted, targets, ar.meta.mse_scale)
+    baseline = metrics.paper_baseline(targets, ar.meta.mse_scale)
+    return {"eval_mse": float(mse.mean()), "fve": metrics.fve(mse, baseline), "baseline": baseline,
+            "baseline_source": "paper (held-out targets)"}
+
+
+def train_ar(
+    ar: ActivationReconstructor,
+    train: LabelledActivations,
+    evaluation: LabelledActivations,
+    config: TrainConfig,
+    *,
+    out_dir: str | Path | None = None,
+    resume: str | Path | None = None,
+    progress: bool = True,
+) -> loop.TrainResult:
+    """Fine-tune `ar.model` and `ar.readout` in place on `train`; `evaluation` must hold other documents."""
+    check_document_disjoint(train, evaluation)
+    rows, eval_rows = (ar_rows(data, ar.meta, ar.tokenizer) for data in (train, evaluation))
+    check_fits(ar.model.cfg.n_ctx, rows, eval_rows)
+    return loop.train(
+        modules={"model": ar.model, "readout": ar.readout}, n_rows=len(rows),
+        loss_fn=lambda index: ar_loss(ar, rows, index),
+        evaluate=lambda: evaluate_ar(ar, eval_rows, batch_size=config.batch_size),
+        config=config, out_dir=out_dir, resume=resume, desc="ar sft", progress=progress,
+    )

@@ -1,0 +1,119 @@
+"""AV SFT: the base model learns to answer the canonical prompt, vector injected, with the explanation.
+
+The injection is the AV's own `Injection` hook, installed with `model.hooks(...)` around every
+training and eval forward, so the model is trained exactly as `verbalize` serves it. No activation
+checkpointing: a recomputed forward would have to see the hook too, and nothing here needs it yet.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Int
+from torch import Tensor
+
+from nla_lens import loading
+from nla_lens.errors import ConfigError
+from nla_lens.sidecar import InjectionSpec, NLAMeta, check_tokenizer, parse_meta
+from nla_lens.training import loop
+from nla_lens.training.config import TrainConfig
+from nla_lens.training.dataset import AVRows, LabelledActivations, av_rows, check_document_disjoint, check_fits
+from nla_lens.training.export import freeze_weights_hf_lacks, model_sidecar
+from nla_lens.training.padding import pad
+from nla_lens.verbalizer import ActivationVerbalizer, _injection_spec
+
+
+def init_av(
+    base_model: str | Path,
+    dataset: NLAMeta,
+    *,
+    injection: InjectionSpec | str | None = None,
+    hook_point: str | None = None,
+    injection_scale: float | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> ActivationVerbalizer:
+    """An untrained AV: the full base model, with the sidecar it will be exported with.
+
+    The injection defaults to what `dataset`'s sidecar implies (Karvonen at the output of decoder
+    layer 1 for an `nla_dataset`); embedding replacement needs an `injection_scale`.
+    """
+    spec = _injection_spec(dataset, injection, hook_point)
+    if (spec.method == "embedding") != (injection_scale is not None):
+        raise ConfigError("injection_scale is needed by embedding replacement and used by nothing else; "
+                          f"got {injection_scale!r} with injection {spec.method!r}")
+    folder = loading.resolve_checkpoint(base_model)
+    tokenizer = loading.load_tokenizer(folder)
+    meta = parse_meta(model_sidecar(dataset, "av", injection=spec, injection_scale=injection_scale),
+                      source="AV sidecar")
+    check_tokenizer(meta, tokenizer)
+    model = loading.load_hooked_transformer(folder, tokenizer, dtype=dtype, device=device)
+    freeze_weights_hf_lacks(model, loading.load_hf_config(folder))
+    return ActivationVerbalizer(model, tokenizer, meta, spec, [tokenizer.eos_token_id])
+
+
+def av_loss(av: ActivationVerbalizer, rows: AVRows, index: Int[Tensor, " batch"], *,
+            reduction: str = "mean") -> Tensor:
+    """Cross-entropy on the response tokens (explanation + EOS) only, injection hook installed."""
+    prompt = rows.prompt.tolist()
+    tokens, mask = pad([prompt + rows.responses[i] for i in index.tolist()], 0, side="right")
+    tokens, mask = tokens.to(av.device), mask.to(av.device)
+    injection = av.injection(rows.vectors[index].to(av.device), tokens)
+    with av.model.hooks(fwd_hooks=injection.fwd_hooks()):
+        resid = av.model(tokens, attention_mask=mask, stop_at_layer=av.model.cfg.n_layers)
+    # Position t predicts token t+1: score positions whose next token is a response token.
+    scored = mask[:, 1:].bool()
+    scored[:, :len(prompt) - 1] = False
+    # Final norm + unembed of the scored positions only (TL's own tail of the forward, from the last
+    # block on): the logits of prompt and pad positions are never needed.
+    logits = av.model(resid[:, :-1][scored][None], start_at_layer=av.model.cfg.n_layers)[0]
+    return F.cross_entropy(logits.float(), tokens[:, 1:][scored], reduction=reduction)
+
+
+@torch.inference_mode()
+def evaluate_av(av: ActivationVerbalizer, rows: AVRows, *, batch_size: int, n_samples: int,
+                max_new_tokens: int) -> dict:
+    """Held-out response loss (per token) and greedy verbalizations of the first `n_samples` rows."""
+    total = sum(float(av_loss(av, rows, index, reduction="sum"))
+                for index in torch.arange(len(rows)).split(batch_size))
+    metrics: dict = {"eval_loss": total / sum(map(len, rows.responses))}
+    if n_samples:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # an untrained AV echoing the marker is expected
+            outputs = av.verbalize(rows.vectors[:n_samples], max_new_tokens=max_new_tokens,
+                                   batch_size=batch_size, progress=False)
+        pairs = list(zip(outputs, rows.explanations, strict=False))
+        metrics["sample_exact_match"] = sum(o.explanation == t for o, t in pairs) / len(pairs)
+        metrics["samples"] = [{"target": t, "text": o.text} for o, t in pairs]
+    return metrics
+
+
+def train_av(
+    av: ActivationVerbalizer,
+    train: LabelledActivations,
+    evaluation: LabelledActivations,
+    config: TrainConfig,
+    *,
+    out_dir: str | Path | None = None,
+    resume: str | Path | None = None,
+    n_samples: int = 4,
+    sample_max_new_tokens: int = 64,
+    progress: bool = True,
+) -> loop.TrainResult:
+    """Fine-tune `av.model` in place on `train`; `evaluation` must hold other documents."""
+    check_document_disjoint(train, evaluation)
+    eos = av.tokenizer.eos_token_id
+    if eos not in av.eos_token_ids:
+        raise ConfigError(f"the tokenizer's EOS id {eos} is not among the AV's stop ids {av.eos_token_ids}")
+    rows, eval_rows = (av_rows(data, av.meta, av.tokenizer, eos) for data in (train, evaluation))
+    check_fits(av.model.cfg.n_ctx, rows, eval_rows)
+    return loop.train(
+        modules={"model": av.model}, n_rows=len(rows),
+        loss_fn=lambda index: av_loss(av, rows, index),
+        evaluate=lambda: evaluate_av(av, eval_rows, batch_size=config.batch_size, n_samples=n_samples,
+                                     max_new_tokens=sample_max_new_tokens),
+        config=config, out_dir=out_dir, resume=resume, desc="av sft", progress=progress,
+    )

@@ -1,0 +1,65 @@
+"""`nla-lens extract`, `train-av` and `train-ar`: each reads one YAML config and calls the pipeline."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from nla_lens.training import pipeline
+from nla_lens.training.config import ARRunConfig, AVRunConfig, ExtractRunConfig, load_config
+
+
+def _command(subparsers: argparse._SubParsersAction, name: str, config_cls: type, run: Callable[[Any], str], *,
+             help: str, description: str) -> None:
+    parser = subparsers.add_parser(name, help=help, description=description)
+    parser.add_argument("config", help=f"a YAML file whose keys are the fields of {config_cls.__name__} "
+                                       "(nested sections included)")
+
+    def main(args: argparse.Namespace) -> None:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        print(run(load_config(config_cls, args.config)))
+
+    parser.set_defaults(run=main)
+
+
+def add_extract(subparsers: argparse._SubParsersAction) -> None:
+    _command(subparsers, "extract", ExtractRunConfig, _extract,
+             help="take base-model activations at layer K from a JSONL corpus",
+             description="Run a base model over a JSONL corpus ({\"id\", \"text\"} per line) and store "
+                         "blocks.K.hook_resid_post at seeded positions, with provenance, in resumable "
+                         "safetensors shards plus an nla_dataset sidecar.")
+
+
+def add_train_av(subparsers: argparse._SubParsersAction) -> None:
+    _command(subparsers, "train-av", AVRunConfig, _train_av,
+             help="supervised fine-tuning of an activation verbalizer, then export",
+             description="Pair an extraction with explanations (JSONL), split by document, fine-tune the base "
+                         "model as an AV with the injection hook in every forward, and export an HF folder + "
+                         "nla_meta.yaml under out_dir/model.")
+
+
+def add_train_ar(subparsers: argparse._SubParsersAction) -> None:
+    _command(subparsers, "train-ar", ARRunConfig, _train_ar,
+             help="supervised fine-tuning of an activation reconstructor, then export",
+             description="Pair an extraction with explanations (JSONL), split by document, fine-tune the base's "
+                         "first K+1 blocks and an identity-initialised readout, report held-out FVE, and export "
+                         "a truncated HF folder + value_head.safetensors under out_dir/model.")
+
+
+def _extract(config: ExtractRunConfig) -> str:
+    return f"activations written to {pipeline.run_extract(config)}"
+
+
+def _train_av(config: AVRunConfig) -> str:
+    run = pipeline.run_train_av(config)
+    first, last = run.train.evals[0], run.train.evals[-1]
+    return f"eval loss {first['eval_loss']:.4f} -> {last['eval_loss']:.4f}; AV exported to {run.model_dir}"
+
+
+def _train_ar(config: ARRunConfig) -> str:
+    run = pipeline.run_train_ar(config)
+    first, last = run.train.evals[0], run.train.evals[-1]
+    return (f"held-out FVE {first['fve']:.3f} -> {last['fve']:.3f} (baseline: {last['baseline_source']}); "
+            f"AR exported to {run.model_dir}")

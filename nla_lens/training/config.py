@@ -1,0 +1,149 @@
+"""Typed configs for extraction and SFT, read from YAML (`yaml.safe_load`, unknown keys rejected)."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from nla_lens.errors import ConfigError
+
+# The paper's critic prompt; the AV prompt puts the marker between '>' and '</' as nanoNLA's does.
+DEFAULT_AR_TEMPLATE = "Summary of the following text: <text>{explanation}</text> <summary>"
+DEFAULT_AV_TEMPLATE = (
+    "Describe what this activation from the model represents: <concept>{injection_char}</concept>"
+)
+DEFAULT_INJECTION_CHAR = "㈎"
+
+
+@dataclass
+class ExtractConfig:
+    """Which base-model activations to take: `blocks.{layer}.hook_resid_post` at seeded positions."""
+
+    layer: int
+    positions_per_doc: int = 4
+    min_context: int = 8  # positions before this index are never taken: too little context
+    max_tokens: int = 256  # documents are cut to this many tokens
+    batch_size: int = 8
+    docs_per_shard: int = 256
+    seed: int = 0
+    injection_char: str = DEFAULT_INJECTION_CHAR
+    av_template: str = DEFAULT_AV_TEMPLATE
+    ar_template: str = DEFAULT_AR_TEMPLATE
+
+
+@dataclass
+class TrainConfig:
+    """The SFT loop's settings, shared by the AV and AR trainers."""
+
+    steps: int = 200
+    batch_size: int = 8  # rows per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-4
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1  # the cosine decays to lr * min_lr_ratio
+    weight_decay: float = 0.0  # applied to matrices only, never to norms or biases
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 1.0
+    seed: int = 0
+    trainable_blocks: list[int] | None = None  # None: every block, embeddings and head
+    eval_every: int = 0  # 0: evaluate at the start and the end only
+    save_every: int = 0  # 0: checkpoint at the end only (when an out_dir is given)
+    keep_checkpoints: int = 2
+    bf16: bool = True  # autocast on CUDA only; CPU runs stay fp32 and deterministic
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)  # type: ignore[assignment]
+        if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1 or self.lr <= 0:
+            raise ConfigError("need steps >= 1, batch_size >= 1, grad_accum >= 1 and lr > 0")
+        if not 0 <= self.min_lr_ratio <= 1 or self.warmup_steps < 0 or self.grad_clip <= 0:
+            raise ConfigError("need 0 <= min_lr_ratio <= 1, warmup_steps >= 0 and grad_clip > 0")
+        if self.eval_every < 0 or self.save_every < 0 or self.keep_checkpoints < 1:
+            raise ConfigError("need eval_every >= 0, save_every >= 0 and keep_checkpoints >= 1")
+
+
+@dataclass
+class ExtractRunConfig:
+    """`nla-lens extract`: a base HF folder, a JSONL corpus ({"id", "text"} per line), an out_dir."""
+
+    base_model: str
+    corpus: str
+    out_dir: str
+    extract: ExtractConfig
+    device: str = "cpu"
+    dtype: str = "float32"
+
+
+@dataclass
+class SFTRunConfig:
+    """Fields both `nla-lens train-av` and `train-ar` read."""
+
+    base_model: str  # HF folder the AV / AR is initialised from (the base model itself)
+    activations: str  # an extraction folder
+    explanations: str  # JSONL: {"doc_id", "position", "explanation"} per line
+    out_dir: str  # checkpoints/ and the exported model/ go here
+    eval_fraction: float = 0.1
+    split_seed: int = 0
+    device: str = "cpu"
+    resume: str | None = None  # "latest" or a checkpoint folder
+    export_dtype: str = "float32"
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass
+class AVRunConfig(SFTRunConfig):
+    injection: str = "karvonen"
+    hook_point: str | None = None
+    injection_scale: float | None = None  # embedding replacement only
+    n_samples: int = 4
+    sample_max_new_tokens: int = 64
+
+
+@dataclass
+class ARRunConfig(SFTRunConfig):
+    pass
+
+
+Config = TypeVar("Config")
+
+
+def load_config(cls: type[Config], path: str | Path) -> Config:
+    """Read a YAML file into the dataclass `cls`, nested sections included."""
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read config {path}: {exc}") from exc
+    return from_dict(cls, data, where=str(path))
+
+
+def from_dict(cls: type[Config], data: Any, *, where: str = "config") -> Config:
+    """Build dataclass `cls` from a mapping; unknown keys and missing required keys are errors."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping for {cls.__name__}, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown} for {cls.__name__}; known: {sorted(fields)}")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, value in data.items():
+        nested = _dataclass_in(hints[name])
+        values[name] = from_dict(nested, value, where=f"{where}.{name}") if nested and value is not None else value
+    try:
+        return cls(**values)
+    except TypeError as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+
+
+def _dataclass_in(hint: Any) -> type | None:
+    """The dataclass a field holds, seeing through `X | None`."""
+    if dataclasses.is_dataclass(hint):
+        return hint
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return next((a for a in typing.get_args(hint) if dataclasses.is_dataclass(a)), None)
+    return None

@@ -1,0 +1,174 @@
+"""Export trained TransformerLens models as HF folders that `from_pretrained` reads with no flags.
+
+The weight converter is the inverse of `loading._tl_targets` for the Qwen3 / Qwen2 / Llama
+families. TransformerLens carries biases those HF models lack (o_proj, MLP, unembed, and q/k/v
+except in Qwen2); `freeze_weights_hf_lacks` keeps them frozen at zero during training and
+the exporter refuses to drop one that is not zero.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import einops
+import torch
+from safetensors.torch import save_file
+from torch import Tensor
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+from transformers import GenerationConfig
+
+from nla_lens import loading
+from nla_lens.errors import CheckpointError
+from nla_lens.reconstructor import ActivationReconstructor
+from nla_lens.sidecar import InjectionSpec, NLAMeta, dump_meta
+from nla_lens.verbalizer import ActivationVerbalizer
+
+_BLOCK = re.compile(r"^blocks\.(\d+)\.(.+)$")
+_SAME = {"ln1.w": "input_layernorm.weight", "ln2.w": "post_attention_layernorm.weight",
+         "attn.q_norm.w": "self_attn.q_norm.weight", "attn.k_norm.w": "self_attn.k_norm.weight"}
+
+
+def has_qkv_bias(hf_config: Any) -> bool:
+    """Qwen2 has q/k/v biases. (Llama / Qwen3 with `attention_bias` also bias o_proj; the loader
+    refuses those checkpoints, so they never reach the exporter.)"""
+    return (hf_config.architectures or [None])[0] == "Qwen2ForCausalLM"
+
+
+def _hf_target(name: str, tensor: Tensor, cfg: HookedTransformerConfig, qkv_bias: bool) -> tuple[str, Tensor] | None:
+    """HF name and value for one TL parameter; None for a TL-only bias (which must be zero)."""
+    if name == "embed.W_E":
+        return "model.embed_tokens.weight", tensor
+    if name == "ln_final.w":
+        return "model.norm.weight", tensor
+    if name == "unembed.W_U":
+        return "lm_head.weight", tensor.T
+    if name == "unembed.b_U":
+        return None
+    match = _BLOCK.match(name)
+    if match is None:
+        raise CheckpointError(f"no HF counterpart known for {name!r}; export supports "
+                              f"{loading.SUPPORTED_ARCHITECTURES}")
+    prefix, rest = f"model.layers.{match.group(1)}.", match.group(2)
+    if rest in _SAME:
+        return prefix + _SAME[rest], tensor
+    proj = re.fullmatch(r"attn\._?([Wb])_([QKV])", rest)
+    if proj is not None:
+        kind, head = proj.groups()
+        hf = f"{prefix}self_attn.{head.lower()}_proj."
+        if kind == "W":
+            return hf + "weight", einops.rearrange(tensor, "n m h -> (n h) m")
+        return (hf + "bias", einops.rearrange(tensor, "n h -> (n h)")) if qkv_bias else None
+    if rest == "attn.W_O":
+        return prefix + "self_attn.o_proj.weight", einops.rearrange(tensor, "n h m -> m (n h)")
+    mlp = {"mlp.W_in": "mlp.up_proj.weight", "mlp.W_gate": "mlp.gate_proj.weight", "mlp.W_out": "mlp.down_proj.weight"}
+    if rest in mlp:
+        return prefix + mlp[rest], tensor.T
+    if rest in ("attn.b_O", "mlp.b_in", "mlp.b_out"):
+        return None
+    raise CheckpointError(f"no HF counterpart known for {name!r}")
+
+
+def hf_state_dict(model: HookedTransformer, *, qkv_bias: bool,
+                  dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+    """The model's weights under HF Qwen/Llama names (no final norm / lm_head for a truncated AR)."""
+    out = {}
+    for name, param in model.named_parameters():
+        target = _hf_target(name, param.detach(), model.cfg, qkv_bias)
+        if target is None:
+            if bool(param.detach().any()):
+                raise CheckpointError(
+                    f"{name} is not zero, but {model.cfg.original_architecture} has no such weight; "
+                    "train with freeze_weights_hf_lacks(model, hf_config) so it stays zero"
+                )
+            continue
+        hf_name, value = target
+        out[hf_name] = value.to(dtype or value.dtype).contiguous().cpu()
+    return out
+
+
+def freeze_weights_hf_lacks(model: HookedTransformer, hf_config: Any) -> list[str]:
+    """Freeze (at zero) the TL parameters the HF architecture has no weight for; return their names."""
+    frozen = []
+    for name, param in model.named_parameters():
+        if _hf_target(name, param.detach(), model.cfg, has_qkv_bias(hf_config)) is None:
+            param.requires_grad_(False)
+            frozen.append(name)
+    return frozen
+
+
+def model_sidecar(dataset: NLAMeta, role: str, *, injection: InjectionSpec | None = None,
+                  injection_scale: float | None = None, stage: str = "sft") -> dict[str, Any]:
+    """The `nla_model` schema-2 sidecar of an AV or AR trained on `dataset` (an `nla_dataset` meta).
+
+    Unlike the released sidecars it records the injection (`method`, `hook_point`) explicitly.
+    """
+    tokens = {
+        "injection_char": dataset.injection_char,
+        "injection_token_id": dataset.injection_token_id,
+        "injection_left_neighbor_id": dataset.injection_left_neighbor_id,
+        "injection_right_neighbor_id": dataset.injection_right_neighbor_id,
+        "critic_suffix_ids": None if dataset.critic_suffix_ids is None else list(dataset.critic_suffix_ids),
+    }
+    sidecar: dict[str, Any] = {
+        "kind": "nla_model", "schema_version": 2, "role": role, "stage": stage,
+        "d_model": dataset.d_model, "extraction_layer_index": dataset.layer,
+        "extraction": {"base_model": dataset.base_model, "injection_scale": injection_scale,
+                       "mse_scale": dataset.mse_scale},
+        "tokens": tokens,
+        "prompt_templates": {"av": dataset.av_template, "ar": dataset.ar_template},
+    }
+    if role == "av":
+        if injection is None:
+            raise CheckpointError("an AV sidecar needs its injection (method and hook point)")
+        sidecar["injection"] = {"method": injection.method, "hook_point": injection.hook_point}
+    else:
+        sidecar["critic"] = {"extraction_layer_index": dataset.layer}
+        sidecar["ar"] = {"num_hidden_layers": dataset.layer + 1}
+    return sidecar
+
+
+def _write_config(base_model: str | Path, folder: Path, *, n_layers: int | None, untie: bool,
+                  dtype: torch.dtype) -> Any:
+    config = loading.load_hf_config(loading.resolve_checkpoint(base_model))
+    if n_layers is not None:
+        config.num_hidden_layers = n_layers
+        if getattr(config, "layer_types", None) is not None:
+            config.layer_types = config.layer_types[:n_layers]
+    if untie:  # the AV's embedding and unembedding were trained apart
+        config.tie_word_embeddings = False
+    config.dtype = str(dtype).removeprefix("torch.")
+    config.save_pretrained(folder)
+    return config
+
+
+def export_av(av: ActivationVerbalizer, folder: str | Path, base_model: str | Path, *,
+              dtype: torch.dtype = torch.float32) -> Path:
+    """Write the AV as an HF folder + tokenizer + generation_config + `nla_meta.yaml` (role av)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = _write_config(base_model, folder, n_layers=None, untie=True, dtype=dtype)
+    save_file(hf_state_dict(av.model, qkv_bias=has_qkv_bias(config), dtype=dtype), folder / "model.safetensors",
+              metadata={"format": "pt"})
+    # `verbalize` stops on these ids (loading.eos_token_ids reads this file first).
+    GenerationConfig(eos_token_id=av.eos_token_ids, pad_token_id=av.tokenizer.pad_token_id).save_pretrained(folder)
+    av.tokenizer.save_pretrained(folder)
+    spec = av.injection_spec  # what the AV was trained with, even where its sidecar left it implicit
+    dump_meta({**av.meta.raw, "injection": {"method": spec.method, "hook_point": spec.hook_point}}, folder)
+    return folder
+
+
+def export_ar(ar: ActivationReconstructor, folder: str | Path, base_model: str | Path, *,
+              dtype: torch.dtype = torch.float32) -> Path:
+    """Write the AR as a truncated HF folder (K+1 layers, no norm / lm_head) + `value_head.safetensors`."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = _write_config(base_model, folder, n_layers=ar.meta.layer + 1, untie=False, dtype=dtype)
+    save_file(hf_state_dict(ar.model, qkv_bias=has_qkv_bias(config), dtype=dtype), folder / "model.safetensors",
+              metadata={"format": "pt"})
+    save_file({"weight": ar.readout.weight.detach().to(dtype).contiguous().cpu()},
+              folder / loading.VALUE_HEAD_FILE)
+    ar.tokenizer.save_pretrained(folder)
+    dump_meta(ar.meta.raw, folder)
+    return folder

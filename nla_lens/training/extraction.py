@@ -1,0 +1,249 @@
+"""Activation extraction: base-model residuals at layer K, with provenance, in resumable shards.
+
+A folder holds `nla_meta.yaml` (``kind: nla_dataset``, ``schema_version: 1``) and
+``shards/acts-00000.safetensors``, ... Each shard is one file: `vectors` [n, d_model] float32 and
+`positions` / `token_ids` [n], with the per-row provenance (doc id, position, token, prefix) as JSON
+in the safetensors metadata, so a shard is written (and counted as done) atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from jaxtyping import Float
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer
+from transformers import PreTrainedTokenizerBase
+
+from nla_lens.errors import ConfigError, InputError, SidecarError, TokenizerDriftError
+from nla_lens.sidecar import SIDECAR_NAME, NLAMeta, av_prompt_ids, check_tokenizer, load_meta, parse_meta
+from nla_lens.training.config import ExtractConfig
+from nla_lens.training.padding import pad
+
+logger = logging.getLogger(__name__)
+SHARD_DIR = "shards"
+
+
+@dataclass(frozen=True)
+class Document:
+    id: str
+    text: str
+
+
+@dataclass(frozen=True)
+class ActivationRecord:
+    """Where one vector came from. The vector has seen `prefix` followed by `token`."""
+
+    doc_id: str
+    position: int  # token index in the tokenized document
+    token_id: int
+    token: str  # the token at `position`, detokenized
+    prefix: str  # the detokenized tokens before `position`
+
+
+@dataclass(frozen=True)
+class ActivationDataset:
+    """All rows of an extraction folder, in corpus order."""
+
+    meta: NLAMeta
+    vectors: Float[Tensor, "n d_model"]
+    records: list[ActivationRecord]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+
+def token_facts(tokenizer: PreTrainedTokenizerBase, injection_char: str, av_template: str,
+                ar_template: str) -> dict[str, Any]:
+    """The sidecar's `tokens:` block, derived from the live tokenizer as the training code derives it."""
+    marker_ids = tokenizer.encode(injection_char, add_special_tokens=False)
+    if len(marker_ids) != 1:
+        raise TokenizerDriftError(
+            f"the marker {injection_char!r} encodes to {len(marker_ids)} tokens; pick an injection_char "
+            "that is a single token in this tokenizer"
+        )
+    draft = {"injection_char": injection_char, "injection_token_id": marker_ids[0],
+             "injection_left_neighbor_id": -1, "injection_right_neighbor_id": -1}
+    prompt = av_prompt_ids(_draft_meta(draft, av_template, ar_template), tokenizer)
+    if prompt.count(marker_ids[0]) != 1 or prompt.index(marker_ids[0]) in (0, len(prompt) - 1):
+        raise TokenizerDriftError(
+            f"the AV prompt built from {av_template!r} must hold the marker exactly once, with a token "
+            "on each side; change av_template"
+        )
+    at = prompt.index(marker_ids[0])
+    # The suffix's first token can merge with the explanation's last characters; the rest cannot.
+    suffix = tokenizer.encode(ar_template.split("{explanation}")[1], add_special_tokens=False)[1:]
+    facts = {**draft, "injection_left_neighbor_id": prompt[at - 1], "injection_right_neighbor_id": prompt[at + 1],
+             "critic_suffix_ids": suffix or None}
+    check_tokenizer(_draft_meta(facts, av_template, ar_template), tokenizer)
+    return facts
+
+
+def _draft_meta(tokens: dict[str, Any], av_template: str, ar_template: str) -> NLAMeta:
+    return parse_meta({"kind": "nla_dataset", "schema_version": 1, "tokens": tokens,
+                       "extraction": {"d_model": 1, "layer_index": 0},
+                       "prompt_templates": {"actor": av_template, "critic": ar_template}})
+
+
+def dataset_sidecar(tokenizer: PreTrainedTokenizerBase, config: ExtractConfig, *, base_model: str,
+                    d_model: int) -> dict[str, Any]:
+    """The `nla_dataset` sidecar of an extraction (the key layout nanoNLA copies into checkpoints)."""
+    settings = {k: v for k, v in asdict(config).items()
+                if k not in ("layer", "batch_size", "injection_char", "av_template", "ar_template")}
+    return {
+        "dataset_id": f"{Path(base_model).name or base_model}-L{config.layer}",
+        "stage": "activations",
+        "kind": "nla_dataset",
+        "schema_version": 1,
+        "extraction": {"base_model": base_model, "d_model": d_model, "layer_index": config.layer,
+                       "hook_point": f"blocks.{config.layer}.hook_resid_post", "norm": "none", **settings},
+        "tokens": token_facts(tokenizer, config.injection_char, config.av_template, config.ar_template),
+        "prompt_templates": {"actor": config.av_template, "critic": config.ar_template},
+    }
+
+
+def sample_positions(n_tokens: int, doc_id: str, config: ExtractConfig) -> list[int]:
+    """Sorted positions past `min_context`, seeded by (seed, doc id) so they do not depend on order."""
+    eligible = range(config.min_context, n_tokens)
+    rng = random.Random(f"{config.seed}:{doc_id}")
+    return sorted(rng.sample(eligible, min(config.positions_per_doc, len(eligible))))
+
+
+def extract_activations(
+    model: HookedTransformer,
+    tokenizer: PreTrainedTokenizerBase,
+    documents: Iterable[Document | str],
+    out_dir: str | Path,
+    config: ExtractConfig,
+    *,
+    base_model: str | None = None,
+    progress: bool = True,
+) -> Path:
+    """Write `blocks.{layer}.hook_resid_post` at sampled positions of each document to `out_dir`.
+
+    Resumable: shards already on disk are skipped (their documents are not even tokenized), and
+    the sidecar must match the one on disk. Plain strings get their corpus index as doc id.
+    """
+    if not 0 <= config.layer < model.cfg.n_layers:
+        raise ConfigError(f"layer {config.layer} is outside the model's {model.cfg.n_layers} blocks")
+    if config.positions_per_doc < 1 or config.min_context < 0 or config.max_tokens <= config.min_context:
+        raise ConfigError("need positions_per_doc >= 1, min_context >= 0 and max_tokens > min_context")
+    out = Path(out_dir)
+    (out / SHARD_DIR).mkdir(parents=True, exist_ok=True)
+    sidecar = dataset_sidecar(tokenizer, config, base_model=base_model or model.cfg.model_name,
+                              d_model=model.cfg.d_model)
+    _write_or_check_sidecar(out, sidecar)
+    total = len(documents) if hasattr(documents, "__len__") else None  # type: ignore[arg-type]
+    bar = tqdm(total=total, desc="extract", unit="doc", disable=not progress)
+    for index, chunk in enumerate(_chunks(_as_documents(documents), config.docs_per_shard)):
+        path = shard_path(out, index)
+        if not path.is_file():
+            _write_shard(model, tokenizer, chunk, path, config)
+        bar.update(len(chunk))
+    bar.close()
+    return out
+
+
+def _write_or_check_sidecar(out: Path, sidecar: dict[str, Any]) -> None:
+    path = out / SIDECAR_NAME
+    if path.is_file():
+        if yaml.safe_load(path.read_text(encoding="utf-8")) != sidecar:
+            raise ConfigError(
+                f"{out} holds an extraction with other settings (base model, layer, positions, "
+                "tokenizer or templates); resume with the same config or use a new out_dir"
+            )
+        return
+    path.write_text(yaml.safe_dump(sidecar, allow_unicode=True, sort_keys=False), encoding="utf-8")
+
+
+def _as_documents(documents: Iterable[Document | str]) -> Iterator[Document]:
+    seen: set[str] = set()
+    for index, doc in enumerate(documents):
+        doc = doc if isinstance(doc, Document) else Document(str(index), doc)
+        if doc.id in seen:
+            raise InputError(f"document id {doc.id!r} occurs twice; document ids must be unique "
+                             "(splits are made by document)")
+        seen.add(doc.id)
+        yield doc
+
+
+def _chunks(docs: Iterator[Document], size: int) -> Iterator[list[Document]]:
+    chunk: list[Document] = []
+    for doc in docs:
+        chunk.append(doc)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def shard_path(out: Path, index: int) -> Path:
+    return out / SHARD_DIR / f"acts-{index:05d}.safetensors"
+
+
+@torch.inference_mode()
+def _write_shard(model: HookedTransformer, tokenizer: PreTrainedTokenizerBase, docs: list[Document],
+                 path: Path, config: ExtractConfig) -> None:
+    """Run the chunk's documents in length-sorted batches and save one shard atomically."""
+    ids = [row[:config.max_tokens] for row in tokenizer(
+        [d.text for d in docs], add_special_tokens=True)["input_ids"]]
+    picks = [sample_positions(len(row), doc.id, config) for row, doc in zip(ids, docs, strict=True)]
+    vectors: list[Tensor | None] = [None] * len(docs)
+    order = sorted((i for i in range(len(docs)) if picks[i]), key=lambda i: len(ids[i]))
+    device = model.W_E.device
+    for start in range(0, len(order), config.batch_size):
+        batch = order[start:start + config.batch_size]
+        tokens, mask = pad([ids[i] for i in batch], 0, side="right")
+        # Right padding under a causal mask: real positions never see the pads.
+        resid = model(tokens.to(device), attention_mask=mask.to(device), stop_at_layer=config.layer + 1)
+        rows = torch.cat([torch.full((len(picks[i]),), b) for b, i in enumerate(batch)])
+        cols = torch.tensor([p for i in batch for p in picks[i]])
+        taken = resid[rows.to(device), cols.to(device)].float().cpu()
+        for i, part in zip(batch, taken.split([len(picks[i]) for i in batch]), strict=True):
+            vectors[i] = part
+    records = [ActivationRecord(doc.id, p, row[p], tokenizer.decode([row[p]]), tokenizer.decode(row[:p]))
+               for doc, row, positions in zip(docs, ids, picks, strict=True) for p in positions]
+    tensors = {
+        "vectors": torch.cat([v for v in vectors if v is not None]) if records
+        else torch.zeros(0, model.cfg.d_model),
+        "positions": torch.tensor([r.position for r in records], dtype=torch.int64),
+        "token_ids": torch.tensor([r.token_id for r in records], dtype=torch.int64),
+    }
+    metadata = {"records": json.dumps([{"doc_id": r.doc_id, "token": r.token, "prefix": r.prefix}
+                                       for r in records], ensure_ascii=False)}
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, tmp, metadata=metadata)
+    os.replace(tmp, path)
+
+
+def load_activations(folder: str | Path) -> ActivationDataset:
+    """Read an extraction folder (sidecar + every shard) into memory."""
+    folder = Path(folder)
+    meta = load_meta(folder)
+    if meta.kind != "nla_dataset":
+        raise SidecarError(f"{folder} holds a {meta.kind} sidecar; point at an extraction folder")
+    shards = sorted((folder / SHARD_DIR).glob("acts-*.safetensors"))
+    if not shards:
+        raise InputError(f"{folder}/{SHARD_DIR} holds no shards; run the extraction first")
+    vectors, records = [], []
+    for path in shards:
+        with safe_open(str(path), framework="pt") as f:
+            provenance = json.loads(f.metadata()["records"])
+            positions, token_ids = f.get_tensor("positions").tolist(), f.get_tensor("token_ids").tolist()
+            vectors.append(f.get_tensor("vectors"))
+        records += [ActivationRecord(r["doc_id"], p, t, r["token"], r["prefix"])
+                    for r, p, t in zip(provenance, positions, token_ids, strict=True)]
+    return ActivationDataset(meta, torch.cat(vectors), records)

@@ -1,0 +1,254 @@
+"""The SFT loop both trainers share: AdamW, warmup + cosine, clipping, accumulation, checkpoints.
+
+Everything that decides the trajectory is a pure function of (config, step): the learning rate and
+the rows of each micro-batch (a seeded permutation per epoch). A checkpoint therefore only needs the
+trainable weights and the optimizer's tensors, and resuming from one gives the same final weights as
+an uninterrupted run. Checkpoints are safetensors + JSON, so loading one never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+import math
+import re
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Int
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from nla_lens.errors import CheckpointError, ConfigError
+from nla_lens.training.config import TrainConfig
+
+logger = logging.getLogger(__name__)
+CHECKPOINT_DIR = "checkpoints"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+# Settings that may change between a run and its resumption without changing the trajectory.
+_RESUMABLE_CHANGES = {"eval_every", "save_every", "keep_checkpoints"}
+
+
+@dataclass
+class TrainResult:
+    """What one training run did: per-step losses, every evaluation, the last checkpoint."""
+
+    steps: int
+    history: list[dict[str, float]] = field(default_factory=list)  # step, loss, lr, grad_norm
+    evals: list[dict[str, Any]] = field(default_factory=list)  # step + the trainer's metrics
+    checkpoint: Path | None = None
+    seconds: float = 0.0
+
+
+def lr_at(step: int, config: TrainConfig) -> float:
+    """Linear warmup over `warmup_steps`, then a cosine from `lr` down to `lr * min_lr_ratio`."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    decay_steps = max(1, config.steps - config.warmup_steps)
+    progress = min(1.0, (step - config.warmup_steps) / decay_steps)
+    cosine = 0.5 * (1 + math.cos(math.pi * progress))
+    return config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine)
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(n_rows: int, seed: int, epoch: int) -> Tensor:
+    return torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+
+
+def micro_batches(step: int, n_rows: int, config: TrainConfig) -> list[Int[Tensor, " batch"]]:
+    """Row indices of each micro-batch of optimizer step `step` (seeded; independent of history)."""
+    per_epoch = math.ceil(n_rows / config.batch_size)
+    out = []
+    for micro in range(step * config.grad_accum, (step + 1) * config.grad_accum):
+        epoch, k = divmod(micro, per_epoch)
+        out.append(_epoch_order(n_rows, config.seed, epoch)[k * config.batch_size:(k + 1) * config.batch_size])
+    return out
+
+
+def select_trainable(modules: dict[str, nn.Module], trainable_blocks: list[int] | None) -> dict[str, nn.Parameter]:
+    """Parameters to train, named `<module>.<param>`; frozen ones get `requires_grad=False`.
+
+    With `trainable_blocks`, only those TransformerLens blocks of the `model` module train (other
+    modules, e.g. the AR readout, always train). Parameters already frozen stay frozen.
+    """
+    n_layers = modules["model"].cfg.n_layers
+    if trainable_blocks is not None and not all(0 <= b < n_layers for b in trainable_blocks):
+        raise ConfigError(f"trainable_blocks {trainable_blocks} must index the model's {n_layers} blocks")
+    params = {}
+    for module_name, module in modules.items():
+        for name, param in module.named_parameters():
+            block = re.match(r"blocks\.(\d+)\.", name)
+            if module_name == "model" and trainable_blocks is not None and (
+                    block is None or int(block.group(1)) not in trainable_blocks):
+                param.requires_grad_(False)
+            if param.requires_grad:
+                params[f"{module_name}.{name}"] = param
+    if not params:
+        raise ConfigError("no parameter is left to train; check trainable_blocks")
+    return params
+
+
+def make_optimizer(params: dict[str, nn.Parameter], config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (norm gains and biases are not decayed)."""
+    decay = [p for p in params.values() if p.ndim >= 2]
+    no_decay = [p for p in params.values() if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": config.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas)
+
+
+def train(
+    *,
+    modules: dict[str, nn.Module],
+    n_rows: int,
+    loss_fn: Callable[[Int[Tensor, " batch"]], Tensor],
+    evaluate: Callable[[], dict[str, Any]],
+    config: TrainConfig,
+    out_dir: str | Path | None = None,
+    resume: str | Path | None = None,
+    desc: str = "train",
+    progress: bool = True,
+) -> TrainResult:
+    """Run `config.steps` optimizer steps of `loss_fn` (mean loss of a micro-batch of row indices).
+
+    `modules["model"]` is the TransformerLens model. `evaluate()` runs at the start, every
+    `eval_every` steps and at the end; checkpoints go to `out_dir/checkpoints/step-NNNNNN`.
+    `resume` is a checkpoint folder or "latest" (the newest under `out_dir`).
+    """
+    started = time.perf_counter()
+    params = select_trainable(modules, config.trainable_blocks)
+    optimizer = make_optimizer(params, config)
+    result = TrainResult(steps=config.steps)
+    if resume is not None:
+        folder = latest_checkpoint(out_dir) if resume == "latest" else Path(resume)
+        result = load_checkpoint(folder, params, optimizer, config)
+        logger.info("resumed from %s at step %d", folder, len(result.history))
+    start = len(result.history)
+    device = next(iter(params.values())).device
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if config.bf16 and device.type == "cuda"
+                else contextlib.nullcontext())
+
+    def run_eval(step: int) -> None:
+        for module in modules.values():
+            module.eval()
+        with autocast:
+            metrics = {"step": step, **evaluate()}
+        result.evals.append(metrics)
+        logger.info("%s step %d: %s", desc, step, {k: v for k, v in metrics.items() if not isinstance(v, list)})
+        for sample in metrics.get("samples", []):
+            logger.info("  %s", sample)
+
+    if start == 0:
+        run_eval(0)
+    bar = tqdm(range(start, config.steps), desc=desc, unit="step", initial=start, total=config.steps,
+               disable=not progress)
+    for step in bar:
+        for module in modules.values():
+            module.train()
+        lr = lr_at(step, config)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        total = 0.0
+        for index in micro_batches(step, n_rows, config):
+            with autocast:
+                loss = loss_fn(index) / config.grad_accum
+            loss.backward()
+            total += float(loss.detach())
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(list(params.values()), config.grad_clip))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        result.history.append({"step": step + 1, "loss": total, "lr": lr, "grad_norm": grad_norm})
+        bar.set_postfix(loss=f"{total:.4f}")
+        done = step + 1
+        if done == config.steps or (config.eval_every and done % config.eval_every == 0):
+            run_eval(done)
+        if out_dir is not None and (done == config.steps or (config.save_every and done % config.save_every == 0)):
+            result.checkpoint = save_checkpoint(Path(out_dir), done, params, optimizer, config, result)
+    for module in modules.values():
+        module.eval()
+    result.seconds += time.perf_counter() - started
+    return result
+
+
+def save_checkpoint(out_dir: Path, step: int, params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer,
+                    config: TrainConfig, result: TrainResult) -> Path:
+    """Write `checkpoints/step-NNNNNN` atomically and keep the newest `keep_checkpoints` of them."""
+    root = out_dir / CHECKPOINT_DIR
+    folder = root / f"step-{step:06d}"
+    tmp = root / f".step-{step:06d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({name: p.detach().contiguous().cpu() for name, p in params.items()}, tmp / "params.safetensors")
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, entry in state["state"].items():
+        for key, value in entry.items():
+            if isinstance(value, Tensor):
+                tensors[f"{index}.{key}"] = value.contiguous().cpu()
+            else:
+                scalars[f"{index}.{key}"] = value
+    save_file(tensors, tmp / "optimizer.safetensors")
+    trainer_state = {
+        "step": step, "param_names": list(params), "param_groups": state["param_groups"],
+        "optimizer_scalars": scalars, "config": asdict(config),
+        "history": result.history, "evals": result.evals, "seconds": result.seconds,
+    }
+    (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1), encoding="utf-8")
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    for old in _checkpoints(root)[:-config.keep_checkpoints]:
+        shutil.rmtree(old)
+    return folder
+
+
+def load_checkpoint(folder: Path, params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer,
+                    config: TrainConfig) -> TrainResult:
+    """Restore weights and optimizer state from `folder`; the config must match the saved one."""
+    state_path = folder / "trainer_state.json"
+    if not state_path.is_file():
+        raise CheckpointError(f"{folder} is not a training checkpoint (no trainer_state.json)")
+    state = json.loads(state_path.read_text(encoding="utf-8"))
+    saved = state["config"]
+    changed = sorted(k for k, v in asdict(config).items()
+                     if k not in _RESUMABLE_CHANGES and json.loads(json.dumps(v)) != saved.get(k))
+    if changed:
+        raise ConfigError(f"resuming from {folder} with other settings for {changed}; an exact resume "
+                          "needs the config the run started with")
+    if state["param_names"] != list(params):
+        raise CheckpointError(f"{folder} holds other trainable parameters than this model; resume with "
+                              "the same base model and trainable_blocks")
+    weights = load_file(folder / "params.safetensors")
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(weights[name])
+    moments: dict[int, dict[str, Any]] = {}
+    for key, value in load_file(folder / "optimizer.safetensors").items():
+        index, name = key.split(".", 1)
+        moments.setdefault(int(index), {})[name] = value
+    for key, value in state["optimizer_scalars"].items():
+        index, name = key.split(".", 1)
+        moments.setdefault(int(index), {})[name] = value
+    groups = [{**g, "betas": tuple(g["betas"])} for g in state["param_groups"]]
+    optimizer.load_state_dict({"state": moments, "param_groups": groups})
+    return TrainResult(steps=config.steps, history=state["history"], evals=state["evals"],
+                       checkpoint=folder, seconds=state["seconds"])
+
+
+def _checkpoints(root: Path) -> list[Path]:
+    found = [p for p in root.glob("step-*") if _STEP_DIR.match(p.name) and (p / "trainer_state.json").is_file()]
+    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))  # type: ignore[union-attr]
+
+
+def latest_checkpoint(out_dir: str | Path | None) -> Path:
+    found = _checkpoints(Path(out_dir) / CHECKPOINT_DIR) if out_dir is not None else []
+    if not found:
+        raise CheckpointError(f"no checkpoint under {out_dir}/{CHECKPOINT_DIR} to resume from")
+    return found[-1]

@@ -1,0 +1,96 @@
+"""Config-driven runs (what `nla-lens extract / train-av / train-ar` call): load, train, export."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from nla_lens import loading
+from nla_lens.errors import ConfigError, InputError
+from nla_lens.sidecar import NLAMeta
+from nla_lens.training.ar_sft import init_ar, train_ar
+from nla_lens.training.av_sft import init_av, train_av
+from nla_lens.training.config import ARRunConfig, AVRunConfig, ExtractRunConfig, SFTRunConfig
+from nla_lens.training.dataset import LabelledActivations, label_activations, split_by_document
+from nla_lens.training.export import export_ar, export_av
+from nla_lens.training.extraction import Document, extract_activations, load_activations
+from nla_lens.training.loop import TrainResult
+
+MODEL_DIR = "model"
+RESULT_FILE = "train_result.json"
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """Where a run exported its model, and what training did."""
+
+    model_dir: Path
+    train: TrainResult
+
+
+def read_corpus(path: str | Path) -> list[Document]:
+    """A JSONL corpus: ``{"text": ...}`` per line, with an optional ``"id"`` (default: the line index)."""
+    docs = []
+    with Path(path).open(encoding="utf-8") as f:
+        for index, line in enumerate(f):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                docs.append(Document(str(row.get("id", index)), row["text"]))
+            except (ValueError, KeyError, AttributeError) as exc:
+                raise InputError(f"{path}:{index + 1}: expected a JSON object with a 'text' key ({exc})") from exc
+    return docs
+
+
+def _dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ConfigError(f"{name!r} is not a torch floating-point dtype (float32, bfloat16, float16)")
+    return dtype
+
+
+def run_extract(config: ExtractRunConfig, *, progress: bool = True) -> Path:
+    folder = loading.resolve_checkpoint(config.base_model)
+    tokenizer = loading.load_tokenizer(folder)
+    model = loading.load_hooked_transformer(folder, tokenizer, dtype=_dtype(config.dtype), device=config.device)
+    return extract_activations(model, tokenizer, read_corpus(config.corpus), config.out_dir, config.extract,
+                               base_model=config.base_model, progress=progress)
+
+
+def _split(config: SFTRunConfig) -> tuple[NLAMeta, LabelledActivations, LabelledActivations]:
+    """The same (activations, explanations, eval_fraction, split_seed) give the AV and AR one split."""
+    activations = load_activations(config.activations)
+    data = label_activations(activations, config.explanations)
+    return (activations.meta, *split_by_document(data, config.eval_fraction, config.split_seed))
+
+
+def _save_result(config: SFTRunConfig, model_dir: Path, result: TrainResult) -> RunResult:
+    summary = {"model_dir": model_dir, "config": asdict(config), **asdict(result)}
+    (Path(config.out_dir) / RESULT_FILE).write_text(json.dumps(summary, indent=1, default=str), encoding="utf-8")
+    return RunResult(model_dir, result)
+
+
+def run_train_av(config: AVRunConfig, *, progress: bool = True) -> RunResult:
+    """Extraction folder + explanations -> a trained, exported AV under `out_dir/model`."""
+    meta, train, evaluation = _split(config)
+    av = init_av(config.base_model, meta, injection=config.injection, hook_point=config.hook_point,
+                 injection_scale=config.injection_scale, device=config.device)
+    result = train_av(av, train, evaluation, config.train, out_dir=config.out_dir, resume=config.resume,
+                      n_samples=config.n_samples, sample_max_new_tokens=config.sample_max_new_tokens,
+                      progress=progress)
+    model_dir = export_av(av, Path(config.out_dir) / MODEL_DIR, config.base_model, dtype=_dtype(config.export_dtype))
+    return _save_result(config, model_dir, result)
+
+
+def run_train_ar(config: ARRunConfig, *, progress: bool = True) -> RunResult:
+    """Extraction folder + explanations -> a trained, exported AR under `out_dir/model`."""
+    meta, train, evaluation = _split(config)
+    ar = init_ar(config.base_model, meta, device=config.device)
+    result = train_ar(ar, train, evaluation, config.train, out_dir=config.out_dir, resume=config.resume,
+                      progress=progress)
+    model_dir = export_ar(ar, Path(config.out_dir) / MODEL_DIR, config.base_model, dtype=_dtype(config.export_dtype))
+    return _save_result(config, model_dir, result)

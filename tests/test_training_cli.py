@@ -1,0 +1,64 @@
+"""`nla-lens extract / train-av / train-ar` from YAML configs, end to end, on the tiny base model."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import yaml
+from conftest import LAYER
+
+import nla_lens as nl
+from nla_lens import testing
+from nla_lens.cli import main
+from nla_lens.training import label_activations, load_activations, save_explanations
+
+
+def _write(path, data) -> str:
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    return str(path)
+
+
+def test_cli_extracts_trains_and_exports_an_nla_that_loads_with_no_flags(tmp_path, base_folder, extract_config,
+                                                                           capsys):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"id": d.id, "text": d.text}) + "\n"
+                              for d in testing.tiny_corpus(12, words_per_doc=10)))
+    acts = tmp_path / "acts"
+    assert main(["extract", _write(tmp_path / "extract.yaml", {
+        "base_model": str(base_folder), "corpus": str(corpus), "out_dir": str(acts),
+        "extract": dataclasses.asdict(extract_config)})]) == 0
+    data = label_activations(load_activations(acts), lambda r: f"the token {r.token.strip()}")
+    explanations = save_explanations(data, tmp_path / "explanations.jsonl")
+
+    common = {"base_model": str(base_folder), "activations": str(acts), "explanations": str(explanations),
+              "eval_fraction": 0.25, "train": {"steps": 3, "batch_size": 8, "lr": 1e-3, "warmup_steps": 1}}
+    av_config = _write(tmp_path / "av.yaml", {**common, "out_dir": str(tmp_path / "av"), "n_samples": 2,
+                                              "sample_max_new_tokens": 8})
+    assert main(["train-av", av_config]) == 0
+    assert main(["train-ar", _write(tmp_path / "ar.yaml", {**common, "out_dir": str(tmp_path / "ar")})]) == 0
+    out = capsys.readouterr().out
+    assert "eval loss" in out and "held-out FVE" in out
+
+    av = nl.ActivationVerbalizer.from_pretrained(tmp_path / "av" / "model")
+    ar = nl.ActivationReconstructor.from_pretrained(tmp_path / "ar" / "model")
+    assert av.injection_spec == nl.InjectionSpec("karvonen", "blocks.1.hook_resid_post")
+    assert (av.meta.layer, ar.meta.layer, ar.model.cfg.n_layers) == (LAYER, LAYER, LAYER + 1)
+    round_trip = nl.NLA(av, ar).round_trip(data.vectors[:3], max_new_tokens=8, progress=False)
+    assert round_trip.mse.shape == (3,)
+    result = json.loads((tmp_path / "ar" / "train_result.json").read_text())
+    assert len(result["history"]) == 3 and result["evals"][-1]["baseline_source"] == "paper (held-out targets)"
+
+    # Resuming a finished run from its latest checkpoint runs no further step.
+    resumed = yaml.safe_load(Path(av_config).read_text()) | {"resume": "latest"}
+    assert main(["train-av", _write(tmp_path / "av_resume.yaml", resumed)]) == 0
+    assert len(json.loads((tmp_path / "av" / "train_result.json").read_text())["history"]) == 3
+
+
+def test_cli_rejects_an_unknown_config_key(tmp_path, capsys):
+    config = _write(tmp_path / "bad.yaml", {"base_model": "x", "activations": "y", "explanations": "z",
+                                            "out_dir": "o", "trian": {"steps": 1}})
+    assert main(["train-ar", config]) == 2
+    err = capsys.readouterr().err
+    assert "ConfigError" in err and "'trian'" in err

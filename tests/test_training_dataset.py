@@ -1,0 +1,113 @@
+"""Dataset building: explanations paired with activations, document-disjoint splits, AV and AR rows."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import nla_lens as nl
+from nla_lens import loading, testing
+from nla_lens.markers import find_marker_sites
+from nla_lens.parsing import parse_explanation
+from nla_lens.sidecar import av_prompt_ids
+from nla_lens.training import (
+    ActivationRecord,
+    TrainConfig,
+    ar_rows,
+    av_rows,
+    check_document_disjoint,
+    extract_activations,
+    init_ar,
+    init_av,
+    label_activations,
+    load_activations,
+    save_explanations,
+    split_by_document,
+    train_ar,
+    train_av,
+)
+
+
+def label_by_token(record: ActivationRecord) -> str:
+    return f"the token {record.token.strip()}"
+
+
+@pytest.fixture(scope="module")
+def acts(tmp_path_factory, base_folder, extract_config):
+    tokenizer = loading.load_tokenizer(base_folder)
+    model = loading.load_hooked_transformer(base_folder, tokenizer, dtype=torch.float32, device="cpu")
+    folder = tmp_path_factory.mktemp("acts")
+    extract_activations(model, tokenizer, testing.tiny_corpus(8, words_per_doc=10), folder, extract_config,
+                        progress=False)
+    return load_activations(folder)
+
+
+def test_explanations_from_jsonl_equal_those_from_a_labeler(acts, tmp_path):
+    from_labeler = label_activations(acts, label_by_token)
+    path = save_explanations(from_labeler, tmp_path / "explanations.jsonl")
+    from_jsonl = label_activations(acts, path)
+    assert from_jsonl.explanations == from_labeler.explanations == [label_by_token(r) for r in acts.records]
+    assert from_jsonl.doc_ids == [r.doc_id for r in acts.records]
+    assert torch.equal(from_jsonl.vectors, acts.vectors)
+
+
+def test_rows_without_explanation_are_left_out(acts):
+    data = label_activations(acts, lambda r: None if r.position % 2 else label_by_token(r))
+    assert data.positions == [r.position for r in acts.records if r.position % 2 == 0]
+
+
+def test_an_explanation_matching_no_row_is_rejected(acts, tmp_path):
+    path = tmp_path / "explanations.jsonl"
+    path.write_text(json.dumps({"doc_id": "nope", "position": 3, "explanation": "x"}) + "\n")
+    with pytest.raises(nl.InputError, match="match no activation row"):
+        label_activations(acts, path)
+
+
+def test_split_is_document_disjoint_and_seeded():
+    data = testing.label_determined_vectors(40)
+    train, held_out = split_by_document(data, eval_fraction=0.25, seed=1)
+    assert not set(train.doc_ids) & set(held_out.doc_ids)
+    assert len(set(held_out.doc_ids)) == 10 and len(train) + len(held_out) == len(data)
+    again, _ = split_by_document(data, eval_fraction=0.25, seed=1)
+    assert again.doc_ids == train.doc_ids
+    assert split_by_document(data, eval_fraction=0.25, seed=2)[0].doc_ids != train.doc_ids
+
+
+def test_document_overlap_between_train_and_eval_is_rejected(base_folder, dataset_meta):
+    data = testing.label_determined_vectors(10)
+    # A row-level split: every document lands on both sides.
+    row_train, row_eval = data.select(range(0, len(data), 2)), data.select(range(1, len(data), 2))
+    with pytest.raises(nl.SplitLeakError, match="both train and eval"):
+        check_document_disjoint(row_train, row_eval)
+    config = TrainConfig(steps=1)
+    with pytest.raises(nl.SplitLeakError):
+        train_av(init_av(base_folder, dataset_meta), row_train, row_eval, config, progress=False)
+    with pytest.raises(nl.SplitLeakError):
+        train_ar(init_ar(base_folder, dataset_meta), row_train, row_eval, config, progress=False)
+
+
+def test_av_rows_are_the_canonical_prompt_then_tagged_explanation_and_eos(base_folder, dataset_meta):
+    tokenizer = loading.load_tokenizer(base_folder)
+    data = testing.label_determined_vectors(3)
+    rows = av_rows(data, dataset_meta, tokenizer, tokenizer.eos_token_id)
+    assert rows.prompt.tolist() == av_prompt_ids(dataset_meta, tokenizer)
+    find_marker_sites(rows.prompt[None], dataset_meta.injection_token_id, dataset_meta.injection_left_neighbor_id,
+                      dataset_meta.injection_right_neighbor_id, expected=1)
+    for response, explanation in zip(rows.responses, data.explanations, strict=True):
+        assert response[-1] == tokenizer.eos_token_id
+        text = tokenizer.decode(response[:-1])
+        assert text == f"<explanation>\n{explanation}\n</explanation>"
+        assert parse_explanation(text) == explanation
+
+
+def test_ar_rows_are_the_critic_prompt_without_special_tokens(base_folder, dataset_meta):
+    tokenizer = loading.load_tokenizer(base_folder)
+    data = testing.label_determined_vectors(3)
+    rows = ar_rows(data, dataset_meta, tokenizer)
+    suffix = list(dataset_meta.critic_suffix_ids)
+    for prompt, explanation in zip(rows.prompts, data.explanations, strict=True):
+        assert prompt == tokenizer.encode(dataset_meta.ar_prompt(explanation), add_special_tokens=False)
+        assert prompt[-len(suffix):] == suffix
+    assert torch.equal(rows.vectors, data.vectors)

@@ -1,0 +1,76 @@
+"""The TL -> HF weight converter is the exact inverse of the loader, for every supported family."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+import nla_lens as nl
+from nla_lens import loading, testing
+from nla_lens.training import hf_state_dict
+from nla_lens.training.export import freeze_weights_hf_lacks, has_qkv_bias
+
+SHAPE = {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 3, "num_attention_heads": 4,
+         "max_position_embeddings": 64}
+
+
+def _hf_model(family: str, tokenizer):
+    if family == "qwen3":
+        return testing.build_base_model(tokenizer, n_layers=3, d_model=32)
+    if family == "qwen2":  # no GQA here, so TL names the k/v weights W_K / W_V (no underscore)
+        return Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tokenizer), num_key_value_heads=4, **SHAPE))
+    return LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), num_key_value_heads=2, **SHAPE))
+
+
+@pytest.fixture(params=["qwen3", "qwen2", "llama"])
+def hf_folder(request, tmp_path):
+    tokenizer = testing.build_tokenizer(tmp_path)
+    model = _hf_model(request.param, tokenizer)
+    with torch.no_grad():  # every tensor random, so a swapped or transposed weight cannot hide
+        for param in model.parameters():
+            param.copy_(torch.randn_like(param))
+    model.save_pretrained(tmp_path)
+    return tmp_path, model
+
+
+def _load(folder, n_layers=None):
+    return loading.load_hooked_transformer(folder, loading.load_tokenizer(folder), dtype=torch.float32,
+                                           device="cpu", n_layers=n_layers)
+
+
+def test_hf_state_dict_inverts_the_loader(hf_folder):
+    folder, hf = hf_folder
+    expected = hf.state_dict()
+    exported = hf_state_dict(_load(folder), qkv_bias=has_qkv_bias(hf.config))
+    assert exported.keys() == expected.keys()
+    for name, value in expected.items():
+        assert torch.equal(exported[name], value), name
+
+
+def test_hf_state_dict_of_a_truncated_model_has_no_final_norm_or_head(hf_folder):
+    folder, hf = hf_folder
+    exported = hf_state_dict(_load(folder, n_layers=2), qkv_bias=has_qkv_bias(hf.config))
+    expected = {k: v for k, v in hf.state_dict().items()
+                if k == "model.embed_tokens.weight" or k.startswith(("model.layers.0.", "model.layers.1."))}
+    assert exported.keys() == expected.keys()
+    assert all(torch.equal(exported[k], v) for k, v in expected.items())
+
+
+def test_only_biases_the_hf_model_lacks_are_frozen(hf_folder):
+    folder, hf = hf_folder
+    model = _load(folder)
+    frozen = freeze_weights_hf_lacks(model, hf.config)
+    qkv = {n for n, _ in model.named_parameters() if n.split(".")[-1].lstrip("_") in ("b_Q", "b_K", "b_V")}
+    tl_only = {n for n, _ in model.named_parameters() if n.endswith(("b_O", "b_in", "b_out", "b_U"))}
+    assert set(frozen) == (tl_only if has_qkv_bias(hf.config) else tl_only | qkv)
+    assert all(not p.requires_grad for n, p in model.named_parameters() if n in frozen)
+
+
+def test_export_refuses_a_nonzero_bias_the_hf_model_cannot_hold(hf_folder):
+    folder, hf = hf_folder
+    model = _load(folder)
+    with torch.no_grad():
+        model.blocks[0].attn.b_O.add_(1.0)
+    with pytest.raises(nl.CheckpointError, match="blocks.0.attn.b_O is not zero"):
+        hf_state_dict(model, qkv_bias=has_qkv_bias(hf.config))

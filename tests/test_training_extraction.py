@@ -1,0 +1,122 @@
+"""Activation extraction: the stored vectors are the base model's resid_post, with provenance, resumable."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from conftest import D_MODEL, LAYER
+
+import nla_lens as nl
+from nla_lens import loading, testing
+from nla_lens.sidecar import check_tokenizer
+from nla_lens.training import Document, extract_activations, load_activations
+from nla_lens.training.extraction import sample_positions, shard_path, token_facts
+
+
+@pytest.fixture(scope="module")
+def base_tl(base_folder):
+    tokenizer = loading.load_tokenizer(base_folder)
+    return loading.load_hooked_transformer(base_folder, tokenizer, dtype=torch.float32, device="cpu"), tokenizer
+
+
+@pytest.fixture(scope="module")
+def corpus() -> list[Document]:
+    # Uneven lengths (so batches are padded) and one document too short to yield any row.
+    docs = testing.tiny_corpus(11, words_per_doc=12, seed=3)
+    return [*docs[:4], Document("short", "the sea"), *[Document(d.id, d.text * 2) for d in docs[4:]]]
+
+
+def test_extraction_stores_unbatched_resid_post_with_provenance(tmp_path, base_tl, corpus, extract_config):
+    model, tokenizer = base_tl
+    acts = load_activations(extract_activations(model, tokenizer, corpus, tmp_path, extract_config, progress=False))
+    assert acts.vectors.dtype == torch.float32 and acts.vectors.shape == (len(acts), D_MODEL)
+    texts = {d.id: d.text for d in corpus}
+    hook = f"blocks.{LAYER}.hook_resid_post"
+    for doc_id in texts:
+        ids = tokenizer(texts[doc_id])["input_ids"][:extract_config.max_tokens]
+        rows = [i for i, r in enumerate(acts.records) if r.doc_id == doc_id]
+        assert len(rows) == max(0, min(extract_config.positions_per_doc, len(ids) - extract_config.min_context))
+        if not rows:
+            continue
+        _, cache = model.run_with_cache(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                        names_filter=hook)
+        for i in rows:
+            record = acts.records[i]
+            assert record.position >= extract_config.min_context
+            assert record.token_id == ids[record.position]
+            assert record.token == tokenizer.decode([ids[record.position]])
+            assert record.prefix == tokenizer.decode(ids[:record.position])
+            assert (acts.vectors[i] - cache[hook][0, record.position]).abs().max() < 1e-5
+
+
+def test_dataset_sidecar_is_nanonla_dialect_and_matches_the_tokenizer(tmp_path, base_tl, corpus, extract_config):
+    model, tokenizer = base_tl
+    meta = load_activations(extract_activations(model, tokenizer, corpus[:3], tmp_path, extract_config,
+                                                progress=False)).meta
+    assert (meta.kind, meta.schema_version, meta.layer, meta.d_model) == ("nla_dataset", 1, LAYER, D_MODEL)
+    assert meta.injection == nl.InjectionSpec("karvonen", "blocks.1.hook_resid_post")
+    # The derived token facts agree with the fixtures' own derivation, and pass the loader's checks.
+    assert meta.raw["tokens"] == testing.token_facts(tokenizer)
+    check_tokenizer(meta, tokenizer)
+
+
+def test_positions_are_seeded_by_document_and_past_min_context(extract_config):
+    picks = sample_positions(30, "doc-7", extract_config)
+    assert picks == sorted(picks) and len(set(picks)) == extract_config.positions_per_doc
+    assert min(picks) >= extract_config.min_context
+    assert picks == sample_positions(30, "doc-7", extract_config)
+    reseeded = dataclasses.replace(extract_config, seed=extract_config.seed + 1)
+    assert any(sample_positions(30, f"doc-{i}", reseeded) != sample_positions(30, f"doc-{i}", extract_config)
+               for i in range(5))
+
+
+def test_extraction_resumes_by_skipping_written_shards(tmp_path, base_tl, corpus, extract_config):
+    model, tokenizer = base_tl
+    extract_activations(model, tokenizer, corpus, tmp_path, extract_config, progress=False)
+    shards = sorted((tmp_path / "shards").glob("*.safetensors"))
+    assert len(shards) == 3  # 11 documents, 5 per shard
+    original = [p.read_bytes() for p in shards]
+    shard_path(tmp_path, 1).unlink()
+
+    forwarded = []
+    with model.hooks(fwd_hooks=[("hook_embed", lambda x, hook: forwarded.append(x.shape[0]))]):
+        extract_activations(model, tokenizer, corpus, tmp_path, extract_config, progress=False)
+        assert sum(forwarded) == 5  # only the missing shard's documents ran
+        forwarded.clear()
+        extract_activations(model, tokenizer, corpus, tmp_path, extract_config, progress=False)
+        assert forwarded == []
+    assert [p.read_bytes() for p in shards] == original
+
+    with pytest.raises(nl.ConfigError, match="other settings"):
+        extract_activations(model, tokenizer, corpus, tmp_path, dataclasses.replace(extract_config, layer=1),
+                            progress=False)
+
+
+def test_duplicate_document_ids_are_rejected(tmp_path, base_tl, extract_config):
+    model, tokenizer = base_tl
+    docs = [Document("a", "the cat sat on the mat " * 3), Document("a", "a dog ran in the park " * 3)]
+    with pytest.raises(nl.InputError, match="occurs twice"):
+        extract_activations(model, tokenizer, docs, tmp_path, extract_config, progress=False)
+
+
+def test_a_marker_that_is_not_one_token_is_rejected(base_tl):
+    _, tokenizer = base_tl
+    with pytest.raises(nl.TokenizerDriftError, match="single token"):
+        token_facts(tokenizer, "☃", testing.AV_TEMPLATE, testing.AR_TEMPLATE)
+
+
+def test_default_templates_give_the_released_qwen3_token_facts():
+    from test_qwen3_tokenizer_facts import _tokenizer_dir
+    from transformers import AutoTokenizer
+
+    from nla_lens.training.config import DEFAULT_AR_TEMPLATE, DEFAULT_AV_TEMPLATE, DEFAULT_INJECTION_CHAR
+
+    folder = _tokenizer_dir()
+    if not (folder / "tokenizer.json").is_file():
+        pytest.skip(f"no Qwen3 tokenizer in {folder}; run .ci/fetch_qwen3_tokenizer.sh")
+    facts = token_facts(AutoTokenizer.from_pretrained(str(folder)), DEFAULT_INJECTION_CHAR, DEFAULT_AV_TEMPLATE,
+                        DEFAULT_AR_TEMPLATE)
+    assert facts == {"injection_char": "㈎", "injection_token_id": 149705, "injection_left_neighbor_id": 29,
+                     "injection_right_neighbor_id": 522, "critic_suffix_ids": [1318, 29, 366, 1708, 29]}
