@@ -36,8 +36,8 @@ class BaseConfig:
     d_mlp: int = 384
     n_ctx: int = 256
     seq_len: int = 128
-    batch_size: int = 32
-    steps: int = 1500
+    batch_size: int = 16
+    steps: int = 600
     lr: float = 3e-3
     seed: int = 0
 

@@ -1,0 +1,106 @@
+"""Held-out scores of the bundled toy NLA: round-trip FVE, final-token naming, shuffled control."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from nla_lens import loading, metrics
+from nla_lens.nla import NLA
+from nla_lens.reconstructor import ActivationReconstructor
+from nla_lens.toy.corpus import Play
+from nla_lens.toy.labeler import names_token
+from nla_lens.verbalizer import ActivationVerbalizer
+
+HELDOUT_FILE = "heldout.json"
+MIN_CONTEXT = 8  # the toy AV was trained on positions past this much context
+MAX_TOKENS = 64
+
+
+@dataclass(frozen=True)
+class ToyScores:
+    n: int
+    fve: float  # paper baseline of these held-out vectors
+    baseline: float
+    names_final_token: float  # fraction of explanations whose first snippet names the true token
+    shuffled_fve: float  # explanations paired with the wrong vectors
+    failed_parses: int
+
+
+@dataclass(frozen=True)
+class ToyNLA:
+    """The bundled checkpoints, loaded: the base LM (TL), the AV and the AR."""
+
+    base: object
+    av: ActivationVerbalizer
+    ar: ActivationReconstructor
+
+    @classmethod
+    def load(cls, folder: Path, device: str = "cpu") -> ToyNLA:
+        tokenizer = loading.load_tokenizer(folder / "base")
+        base = loading.load_hooked_transformer(folder / "base", tokenizer, dtype=torch.float32, device=device)
+        return cls(base, ActivationVerbalizer.from_pretrained(folder / "av", device=device),
+                   ActivationReconstructor.from_pretrained(folder / "ar", device=device))
+
+    @torch.inference_mode()
+    def activations(self, ids: list[int]) -> Float[Tensor, "pos d_model"]:
+        """`blocks.K.hook_resid_post` at every position of one tokenized text."""
+        layer = self.av.meta.layer
+        resid = self.base(torch.tensor([ids]), stop_at_layer=layer + 1)
+        return resid[0].float()
+
+
+def heldout_documents(plays: list[Play], path: Path, per_play: int = 150) -> Path:
+    """Speeches of the held-out plays that are long enough to explain, stored beside the checkpoints."""
+    docs = []
+    for play in plays:
+        lines = [line for line in play.text.splitlines() if len(line) > 80]
+        docs += [{"id": f"{play.title}/{i}", "text": line} for i, line in enumerate(lines[:per_play])]
+    path.write_text(json.dumps(docs, indent=0, ensure_ascii=False))
+    return path
+
+
+def heldout_positions(toy: ToyNLA, folder: Path, per_doc: int = 2,
+                      limit: int = 256) -> tuple[Float[Tensor, "n d_model"], Int[Tensor, " n"]]:
+    """Vectors and their token ids at fixed positions (every 7th past the context) of held-out speeches."""
+    docs = json.loads((folder / HELDOUT_FILE).read_text())
+    vectors, tokens = [], []
+    for doc in docs:
+        ids = toy.av.tokenizer.encode(doc["text"], add_special_tokens=False)[:MAX_TOKENS]
+        positions = list(range(MIN_CONTEXT, len(ids), 7))[:per_doc]
+        if positions:
+            vectors.append(toy.activations(ids)[positions])
+            tokens += [ids[p] for p in positions]
+        if len(tokens) >= limit:
+            break
+    return torch.cat(vectors)[:limit], torch.tensor(tokens[:limit])
+
+
+def evaluate_toy(folder: Path, limit: int = 256) -> ToyScores:
+    toy = ToyNLA.load(folder)
+    vectors, tokens = heldout_positions(toy, folder, limit=limit)
+    round_trip = NLA(toy.av, toy.ar).round_trip(vectors, max_new_tokens=48, batch_size=64, progress=False)
+    named = [names_token(v.explanation, toy.av.tokenizer, int(t))
+             for v, t in zip(round_trip.verbalizations, tokens, strict=True)]
+    return ToyScores(
+        n=len(vectors), fve=round_trip.fve, baseline=round_trip.baseline,
+        names_final_token=sum(named) / len(named), shuffled_fve=shuffled_fve(round_trip.reconstructions, vectors,
+                                                                              toy.ar.meta.mse_scale,
+                                                                              round_trip.baseline),
+        failed_parses=round_trip.n_failed_parses)
+
+
+def shuffled_fve(reconstructions: Float[Tensor, "n d_model"], vectors: Float[Tensor, "n d_model"],
+                 mse_scale: float, baseline: float) -> float:
+    """FVE when each explanation's reconstruction is scored against another row's vector (a roll by one);
+    failed parses count as misses, as in the round trip."""
+    rolled = reconstructions.roll(1, dims=0)
+    ok = ~torch.isnan(rolled).any(dim=1)
+    mse = torch.full((len(vectors),), metrics.miss_mse(vectors.shape[1], mse_scale))
+    mse[ok] = metrics.mse_per_item(rolled[ok], vectors[ok], mse_scale)
+    return metrics.fve(mse, baseline)

