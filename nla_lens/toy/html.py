@@ -17,10 +17,11 @@ class TokenRow:
 _STYLE = """
 body { font-family: Georgia, serif; max-width: 60em; margin: 2em auto; line-height: 2.4; color: #222; }
 h1 { font-size: 1.4em; } p.meta { font-family: sans-serif; font-size: 0.9em; color: #555; line-height: 1.4; }
-span.tok { position: relative; padding: 0.15em 0.1em; border-radius: 3px; white-space: pre; cursor: help; }
-span.tok .tip { visibility: hidden; position: absolute; left: 0; top: 1.9em; z-index: 1; width: 24em;
+span.tok { position: relative; padding: 0.15em 0; white-space: pre-wrap; cursor: help;
+  box-shadow: inset -1px 0 rgba(255,255,255,0.8); }
+span.tok .tip { display: none; position: absolute; left: 0; top: 1.9em; z-index: 1; width: 24em;
   background: #222; color: #fff; font: 0.8em/1.4 sans-serif; padding: 0.5em; border-radius: 4px; white-space: normal; }
-span.tok:hover .tip { visibility: visible; }
+span.tok:hover .tip { display: block; }
 div.legend span { display: inline-block; width: 4em; text-align: center; font: 0.8em sans-serif; }
 """
 
@@ -44,7 +45,7 @@ def render_page(title: str, sentences: Sequence[Sequence[TokenRow]], summary: st
                 f"FVE {row.fve:.2f}<br>{html.escape(row.explanation or '(explanation failed to parse)')}")
             spans.append(f'<span class="tok" style="background:{_colour(row.fve)}">{html.escape(row.token)}'
                          f'<span class="tip">{tip}</span></span>')
-        body.append("<p>" + "".join(spans) + "</p>")
+        body.append("<p>" + "<wbr>".join(spans) + "</p>")  # lines may break between tokens
     legend = "".join(f'<span style="background:{_colour(x / 4)}">{x / 4:.2f}</span>' for x in range(5))
     return (f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>"

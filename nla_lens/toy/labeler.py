@@ -19,7 +19,7 @@ def quote(piece: str) -> str:
 
 
 def describe_position(tokenizer: PreTrainedTokenizerBase, prefix: Sequence[int], predicted: int,
-                      context_tokens: int = 3) -> str:
+                      context_tokens: int = 1) -> str:
     """2-3 snippets about the last token of `prefix`, given the base model's next-token guess."""
     final = tokenizer.decode([prefix[-1]])
     before = tokenizer.decode(list(prefix[-1 - context_tokens:-1])).strip()

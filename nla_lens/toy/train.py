@@ -43,10 +43,10 @@ class ToyConfig:
     base: toy_base.BaseConfig = field(default_factory=toy_base.BaseConfig)
     layer: int = 3
     extract: ExtractConfig = field(default_factory=lambda: ExtractConfig(
-        layer=3, positions_per_doc=2, min_context=8, max_tokens=64, batch_size=64, docs_per_shard=4096,
+        layer=3, positions_per_doc=4, min_context=8, max_tokens=64, batch_size=64, docs_per_shard=4096,
         av_template=AV_TEMPLATE, ar_template=AR_TEMPLATE))
     av: TrainConfig = field(default_factory=lambda: TrainConfig(
-        steps=900, batch_size=32, lr=2e-3, warmup_steps=50, weight_decay=0.01))
+        steps=2400, batch_size=32, lr=2e-3, warmup_steps=50, weight_decay=0.01))
     ar: TrainConfig = field(default_factory=lambda: TrainConfig(
         steps=500, batch_size=32, lr=1e-3, warmup_steps=40, weight_decay=0.01))
     eval_fraction: float = 0.02

@@ -1,0 +1,56 @@
+"""The `nla-lens` subcommands over the tiny fixtures: thin layers that give the library's numbers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoTokenizer
+
+from nla_lens.cli import main
+
+
+def test_verbalize_from_a_vector_file_matches_the_library(av_karvonen, tiny_paths, vectors, tmp_path, capsys):
+    save_file({"vectors": vectors}, tmp_path / "v.safetensors")
+    out = tmp_path / "out.jsonl"
+    assert main(["verbalize", "--av", str(tiny_paths["av_karvonen"]), "--vectors", str(tmp_path / "v.safetensors"),
+                 "--max-new-tokens", "6", "--output", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    expected = av_karvonen.verbalize(vectors, max_new_tokens=6, progress=False)
+    assert [r["text"] for r in rows] == [v.text for v in expected]
+    torch.save(vectors, tmp_path / "v.pt")
+    assert main(["verbalize", "--av", str(tiny_paths["av_karvonen"]), "--vectors", str(tmp_path / "v.pt"),
+                 "--max-new-tokens", "6"]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 2 * len(vectors)
+
+
+def test_verbalize_text_captures_every_position_of_the_base(tiny_paths, capsys):
+    folder = str(tiny_paths["av_karvonen"])
+    assert main(["verbalize", "--av", folder, "--base", folder, "--text", "the cat sat", "--max-new-tokens", "3"]) == 0
+    n_tokens = len(AutoTokenizer.from_pretrained(folder).encode("the cat sat"))
+    assert len(capsys.readouterr().out.strip().splitlines()) == n_tokens
+
+
+def test_reconstruct_writes_the_ar_vectors(ar_nanonla, tiny_paths, tmp_path):
+    out = tmp_path / "r.safetensors"
+    assert main(["reconstruct", "--ar", str(tiny_paths["ar_nanonla"]), "a cat", "the sea", "--output", str(out)]) == 0
+    assert torch.equal(load_file(str(out))["vectors"], ar_nanonla.reconstruct(["a cat", "the sea"]))
+
+
+def test_errors_exit_2_with_the_typed_reason(tiny_paths, tmp_path, capsys):
+    assert main(["inspect", str(tiny_paths["ar_paper"])]) == 0
+    assert main(["inspect", str(tmp_path)]) == 2
+    assert "SidecarError" in capsys.readouterr().err
+    save_file({"a": torch.zeros(2, 64), "b": torch.zeros(2, 64)}, tmp_path / "two.safetensors")
+    assert main(["verbalize", "--av", str(tiny_paths["av_karvonen"]), "--vectors", str(tmp_path / "two.safetensors")]) == 2
+    assert main(["verbalize", "--av", str(tiny_paths["av_karvonen"]), "--text", "hi"]) == 2
+    assert "needs --base" in capsys.readouterr().err
+
+
+def test_every_subcommand_explains_its_flags(capsys):
+    for command in ["demo", "verbalize", "reconstruct", "inspect", "extract", "train-av", "train-ar"]:
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        assert "--" in capsys.readouterr().out or command == "inspect"
