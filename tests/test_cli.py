@@ -44,8 +44,9 @@ def test_errors_exit_2_with_the_typed_reason(tiny_paths, tmp_path, capsys):
     assert main(["inspect", str(tmp_path)]) == 2
     assert "SidecarError" in capsys.readouterr().err
     save_file({"a": torch.zeros(2, 64), "b": torch.zeros(2, 64)}, tmp_path / "two.safetensors")
-    assert main(["verbalize", "--av", str(tiny_paths["av_karvonen"]), "--vectors", str(tmp_path / "two.safetensors")]) == 2
-    assert main(["verbalize", "--av", str(tiny_paths["av_karvonen"]), "--text", "hi"]) == 2
+    av = str(tiny_paths["av_karvonen"])
+    assert main(["verbalize", "--av", av, "--vectors", str(tmp_path / "two.safetensors")]) == 2
+    assert main(["verbalize", "--av", av, "--text", "hi"]) == 2
     assert "needs --base" in capsys.readouterr().err
 
 
