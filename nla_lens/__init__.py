@@ -1,6 +1,7 @@
 """nla_lens: Natural Language Autoencoders in TransformerLens."""
 
 from nla_lens.errors import (
+    BackendError,
     ChatTemplateError,
     CheckpointError,
     InjectionError,
@@ -23,6 +24,7 @@ __all__ = [
     "NLA",
     "ActivationReconstructor",
     "ActivationVerbalizer",
+    "BackendError",
     "ChatTemplateError",
     "CheckpointError",
     "Injection",

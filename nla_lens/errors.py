@@ -43,3 +43,7 @@ class InjectionError(NLAError):
 
 class InputError(NLAError):
     """A call got arguments it cannot work with (empty input, out-of-range settings)."""
+
+
+class BackendError(NLAError):
+    """The requested TransformerLens backend is unavailable, or misbehaves, with the installed versions."""
