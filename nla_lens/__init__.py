@@ -2,6 +2,7 @@
 
 from nla_lens.capture import Capture, CapturedRow, capture
 from nla_lens.errors import (
+    BackendError,
     ChatTemplateError,
     CheckpointError,
     ConfigError,
@@ -36,6 +37,7 @@ __all__ = [
     "NLA",
     "ActivationReconstructor",
     "ActivationVerbalizer",
+    "BackendError",
     "Capture",
     "CapturedRow",
     "ChatTemplateError",

@@ -51,3 +51,7 @@ class SplitLeakError(NLAError):
 
 class ConfigError(NLAError):
     """A training or extraction config has an unknown key, a bad value, or contradicts saved state."""
+
+
+class BackendError(NLAError):
+    """The requested TransformerLens backend is unavailable, or misbehaves, with the installed versions."""

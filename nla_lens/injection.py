@@ -100,7 +100,7 @@ class Injection:
             return None  # a KV-cached decode step: the prompt was injected at prefill
         if (batch, pos) != self.token_shape:
             raise InjectionError(
-                f"{hook.name}: activation has [batch, pos] = {[batch, pos]}, but this injection "
+                f"{self.spec.hook_point}: activation has [batch, pos] = {[batch, pos]}, but this injection "
                 f"was built for tokens of shape {list(self.token_shape)}. Build it with "
                 "av.injection(vectors, tokens) for the tokens you run."
             )

@@ -1,6 +1,7 @@
 """HF checkpoint folder -> TransformerLens `HookedTransformer`, with no weight processing.
 
-Every backend-specific line of nla_lens lives here. The weights are streamed tensor by tensor from
+The `hooked` backend (`nla_lens.backends`) builds its models here; the helpers that read folders,
+tokenizers and the AR readout serve both backends. The weights are streamed tensor by tensor from
 the safetensors shards straight into the parameters of a model built with uninitialised storage, so
 peak host memory stays near one copy of the weights (TL's own HF-model -> state-dict path needs
 about three). No fold_ln, no centering, no value-bias folding: activations equal HF's.
@@ -18,10 +19,14 @@ from typing import Any
 import einops
 import torch
 from torch import Tensor, nn
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
 from nla_lens.errors import CheckpointError
+
+try:
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+except ImportError:  # TransformerLens 4.x: the helpers below still serve nla_lens.backends.bridge
+    HookedTransformer = HookedTransformerConfig = None
 
 SUPPORTED_ARCHITECTURES = ("Qwen3ForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM")
 VALUE_HEAD_FILE = "value_head.safetensors"

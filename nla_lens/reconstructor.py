@@ -3,25 +3,28 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 from transformers import PreTrainedTokenizerBase
 
-from nla_lens import loading
+from nla_lens import backends, loading
 from nla_lens.errors import InputError, PromptTooLongError, SidecarError
 from nla_lens.sidecar import NLAMeta, check_tokenizer, load_meta
 
+if TYPE_CHECKING:
+    from nla_lens.backends import TLModel
+
 
 class ActivationReconstructor:
-    """Holds the AR: a truncated `HookedTransformer` (K+1 blocks, no final norm, no unembed, so
+    """Holds the AR: a truncated TL model (K+1 blocks, no final norm, no unembed, so
     `model(tokens)` returns the residual stream), its `Linear(d, d, bias=False)` readout and meta.
     """
 
-    def __init__(self, model: HookedTransformer, readout: nn.Linear,
+    def __init__(self, model: TLModel, readout: nn.Linear,
                  tokenizer: PreTrainedTokenizerBase, meta: NLAMeta) -> None:
         if model.cfg.d_model != meta.d_model or readout.in_features != meta.d_model:
             raise SidecarError(
@@ -41,8 +44,12 @@ class ActivationReconstructor:
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
         trust_remote_code: bool = False,
+        backend: str | None = None,
     ) -> ActivationReconstructor:
-        """Load an AR folder (truncated HF backbone + `value_head.safetensors`); reads K+1 blocks."""
+        """Load an AR folder (truncated HF backbone + `value_head.safetensors`); reads K+1 blocks.
+
+        `backend` ("hooked" / "bridge") overrides the one the installed TransformerLens implies.
+        """
         folder = loading.resolve_checkpoint(path_or_id)
         meta = load_meta(folder)
         if meta.role == "av":
@@ -52,9 +59,8 @@ class ActivationReconstructor:
         tokenizer = loading.load_tokenizer(folder, trust_remote_code=trust_remote_code)
         tokenizer.padding_side = "left"  # the last real token is then always at position -1
         check_tokenizer(meta, tokenizer)
-        model = loading.load_hooked_transformer(folder, tokenizer, dtype=dtype, device=device,
-                                                n_layers=meta.layer + 1,
-                                                trust_remote_code=trust_remote_code)
+        model = backends.load_model(folder, tokenizer, backend=backend, dtype=dtype, device=device,
+                                    n_layers=meta.layer + 1, trust_remote_code=trust_remote_code)
         readout = loading.load_readout(folder, meta.d_model, dtype=dtype, device=device)
         return cls(model, readout, tokenizer, meta)
 

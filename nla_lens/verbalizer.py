@@ -5,21 +5,23 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
-from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 from transformers import PreTrainedTokenizerBase
 
-from nla_lens import loading
+from nla_lens import backends, loading
 from nla_lens.errors import InjectionError, InputError, SidecarError
 from nla_lens.injection import Injection, check_vectors
 from nla_lens.markers import find_marker_sites
 from nla_lens.parsing import injection_warning, parse_explanation
 from nla_lens.sidecar import InjectionSpec, NLAMeta, av_prompt_ids, check_tokenizer, load_meta
+
+if TYPE_CHECKING:
+    from nla_lens.backends import TLModel
 
 
 @dataclass(frozen=True)
@@ -32,14 +34,15 @@ class Verbalization:
 
 
 class ActivationVerbalizer:
-    """Holds the AV as a `HookedTransformer` (`.model`), its tokenizer and its `NLAMeta`.
+    """Holds the AV as a TL model (`.model`: `HookedTransformer` or `TransformerBridge`, see
+    `nla_lens.backends`), its tokenizer and its `NLAMeta`.
 
     The injection is an ordinary TL hook (`self.injection(...)`), so it composes with any other
     hooks; `verbalize` adds it for the prefill only and leaves hooks the caller installed with
     `self.model.hooks(...)` in force for every step.
     """
 
-    def __init__(self, model: HookedTransformer, tokenizer: PreTrainedTokenizerBase, meta: NLAMeta,
+    def __init__(self, model: TLModel, tokenizer: PreTrainedTokenizerBase, meta: NLAMeta,
                  injection_spec: InjectionSpec, eos_token_ids: list[int]) -> None:
         if meta.d_model != model.cfg.d_model:
             raise SidecarError(
@@ -68,11 +71,13 @@ class ActivationVerbalizer:
         injection: InjectionSpec | str | None = None,
         hook_point: str | None = None,
         trust_remote_code: bool = False,
+        backend: str | None = None,
     ) -> ActivationVerbalizer:
         """Load an AV checkpoint folder (or a cached hub id) and validate it before reading weights.
 
         `injection` ("karvonen" / "embedding" / an InjectionSpec) and `hook_point` override what the
-        sidecar implies; by default the checkpoint is served exactly as it was trained.
+        sidecar implies; by default the checkpoint is served exactly as it was trained. `backend`
+        ("hooked" / "bridge") overrides the one the installed TransformerLens implies.
         """
         folder = loading.resolve_checkpoint(path_or_id)
         meta = load_meta(folder)
@@ -81,8 +86,8 @@ class ActivationVerbalizer:
         spec = _injection_spec(meta, injection, hook_point)
         tokenizer = loading.load_tokenizer(folder, trust_remote_code=trust_remote_code)
         check_tokenizer(meta, tokenizer)
-        model = loading.load_hooked_transformer(folder, tokenizer, dtype=dtype, device=device,
-                                                trust_remote_code=trust_remote_code)
+        model = backends.load_model(folder, tokenizer, backend=backend, dtype=dtype, device=device,
+                                    trust_remote_code=trust_remote_code)
         return cls(model, tokenizer, meta, spec, loading.eos_token_ids(folder, tokenizer))
 
     @property
@@ -145,9 +150,9 @@ class ActivationVerbalizer:
         n = vectors.shape[0]
         tokens = self.prompt_tokens(n)
         injection = self.injection(vectors, tokens)
-        cache = TransformerLensKeyValueCache.init_cache(self.model.cfg, self.device, n)
+        forward = backends.kv_cached_forward(self.model, n, self.device)
         with self.model.hooks(fwd_hooks=injection.fwd_hooks()):
-            logits = self.model(tokens, attention_mask=torch.ones_like(tokens), past_kv_cache=cache)[:, -1]
+            logits = forward(tokens, torch.ones_like(tokens))[:, -1]
         eos = torch.tensor(self.eos_token_ids, device=self.device)
         finished = torch.zeros(n, dtype=torch.bool, device=self.device)
         lengths = torch.full((n,), max_new_tokens, device=self.device)
@@ -161,7 +166,7 @@ class ActivationVerbalizer:
             finished |= just_done
             if bool(finished.all()) or step == max_new_tokens - 1:
                 break
-            logits = self.model(next_ids[:, None], attention_mask=step_mask, past_kv_cache=cache)[:, -1]
+            logits = forward(next_ids[:, None], step_mask)[:, -1]
         generated = torch.stack(steps, dim=1).tolist()
         return [row[:length] for row, length in zip(generated, lengths.tolist(), strict=True)]
 

@@ -1,0 +1,104 @@
+"""Which TransformerLens model nla_lens builds, and the two things that differ between them.
+
+* ``hooked``: `HookedTransformer` (TransformerLens 3.x), converted from the HF weights by
+  `nla_lens.loading` with no weight processing.
+* ``bridge``: `TransformerBridge` (TransformerLens 4.x; 3.9 ships an early one too), which wraps
+  the HF model itself and keeps the 3.x hook names as aliases.
+
+The default follows the installed TransformerLens major version (3 -> hooked, 4 -> bridge);
+``NLA_LENS_BACKEND`` or the loaders' ``backend=`` argument overrides it. Everything else in
+nla_lens uses only what both models offer: hook names, `run_with_hooks`, `hooks()`, `to_tokens`,
+`cfg`. The two differences live here: how a checkpoint folder becomes a model (`load_model`) and
+how a forward runs against a KV cache (`kv_cached_forward`).
+"""
+
+from __future__ import annotations
+
+import os
+from importlib import import_module, metadata
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from transformers import PreTrainedTokenizerBase
+
+from nla_lens.errors import BackendError
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
+    from transformer_lens.model_bridge import TransformerBridge
+
+    TLModel = HookedTransformer | TransformerBridge
+
+BACKENDS = ("hooked", "bridge")
+ENV_VAR = "NLA_LENS_BACKEND"
+
+
+class KVCachedForward(Protocol):
+    """A forward pass that extends one KV cache: a prefill, then single-token steps.
+
+    `attention_mask` covers the new tokens only; hooks installed on the model fire on every call.
+    """
+
+    def __call__(self, tokens: Int[Tensor, "batch pos"],
+                 attention_mask: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_vocab"]: ...
+
+
+def transformer_lens_major() -> int:
+    return int(metadata.version("transformer-lens").split(".")[0])
+
+
+def default_backend() -> str:
+    """``NLA_LENS_BACKEND`` if set, else ``hooked`` on TransformerLens 3.x and ``bridge`` on 4.x."""
+    name = os.environ.get(ENV_VAR, "").strip()
+    if name:
+        return _check_name(name, f"${ENV_VAR}")
+    return "hooked" if transformer_lens_major() < 4 else "bridge"
+
+
+def resolve(backend: str | None = None) -> ModuleType:
+    """The backend module for `backend` (default: `default_backend()`), checked against the install."""
+    name = default_backend() if backend is None else _check_name(backend, "backend")
+    if name == "hooked" and transformer_lens_major() >= 4:
+        raise BackendError(
+            f"backend 'hooked' needs HookedTransformer, which transformer-lens "
+            f"{metadata.version('transformer-lens')} no longer has (removed in 4.0). Use "
+            "backend='bridge', or install the 3.x flavour: pip install 'transformer-lens==3.9.0'"
+        )
+    return import_module(f"nla_lens.backends.{name}")
+
+
+def load_model(folder: Path, tokenizer: PreTrainedTokenizerBase, *, backend: str | None = None,
+               dtype: torch.dtype, device: str | torch.device, n_layers: int | None = None,
+               trust_remote_code: bool = False) -> TLModel:
+    """A TL model of the HF folder, unprocessed; with `n_layers`, only the first blocks and
+    neither final norm nor unembed, so `model(tokens)` returns the residual after the last block."""
+    return resolve(backend).load_model(folder, tokenizer, dtype=dtype, device=device, n_layers=n_layers,
+                                       trust_remote_code=trust_remote_code)
+
+
+def backend_of(model: TLModel) -> str:
+    """The backend a model belongs to, told from its class (no TransformerLens import needed)."""
+    names = {cls.__name__ for cls in type(model).__mro__}
+    if "HookedTransformer" in names:
+        return "hooked"
+    if "TransformerBridge" in names:
+        return "bridge"
+    raise BackendError(
+        f"{type(model).__name__} is neither a HookedTransformer nor a TransformerBridge; "
+        "nla_lens drives one of those two"
+    )
+
+
+def kv_cached_forward(model: TLModel, batch_size: int, device: torch.device) -> KVCachedForward:
+    """A fresh KV cache for `batch_size` rows of `model`, and the forward that fills it."""
+    return import_module(f"nla_lens.backends.{backend_of(model)}").kv_cached_forward(model, batch_size, device)
+
+
+def _check_name(name: str, source: str) -> str:
+    if name not in BACKENDS:
+        raise BackendError(f"{source} is {name!r}; pick one of {BACKENDS}")
+    return name

@@ -1,0 +1,116 @@
+"""TransformerLens 4.x: `TransformerBridge` around the HF model, with no weight processing.
+
+The bridge runs HF's own modules and names their activations with TL hook points, keeping the
+3.x names (`blocks.1.hook_resid_post`, `blocks.3.attn.hook_z`, `hook_embed`) as aliases of its
+own (`blocks.1.hook_out`, ...), so the same hooks see the same tensors as on `HookedTransformer`.
+Choices made here, each because the bridge's default would change what nla_lens computes:
+
+* `enable_compatibility_mode()` / `process_weights()` are never called: they fold norms and
+  centre weights, which changes activations. Weights stay byte-equal to the checkpoint.
+* We load the HF model ourselves (then `boot_transformers(hf_model=...)`), with a config cut to
+  K+1 layers for the AR, so the loading report can be checked (missing weights are an error) and
+  an AR's Megatron placeholder `lm_head.weight = eye(d)` can be skipped rather than refused.
+* An AR's final norm and unembed become `nn.Identity` inside their bridge components, so
+  `model(tokens)` returns the residual after block K and `ln_final.*` hooks still fire.
+* Decoding uses HF's own KV cache through the bridge's manual entry point
+  (`past_key_values=`, `return_type="logits_and_cache"`); `generate()` is not used because it
+  ignores `fwd_hooks`. Hooks installed with `model.hooks(...)` fire on the prefill and every step.
+"""
+
+from __future__ import annotations
+
+from importlib import metadata
+from pathlib import Path
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+from transformer_lens.model_bridge import TransformerBridge
+from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedTokenizerBase
+
+from nla_lens import loading
+from nla_lens.errors import BackendError, CheckpointError
+
+# An AR folder may lack these or hold placeholders for them; the AR drops both modules anyway.
+_AR_IGNORED = frozenset({"model.norm.weight", "lm_head.weight"})
+
+
+def load_model(folder: Path, tokenizer: PreTrainedTokenizerBase, *, dtype: torch.dtype,
+               device: str | torch.device, n_layers: int | None = None,
+               trust_remote_code: bool = False) -> TransformerBridge:
+    """Boot a `TransformerBridge` on the HF folder; with `n_layers`, a truncated AR backbone."""
+    hf_config = loading.load_hf_config(folder, trust_remote_code=trust_remote_code)
+    arch = (hf_config.architectures or [None])[0]
+    if arch not in loading.SUPPORTED_ARCHITECTURES:
+        raise CheckpointError(
+            f"architecture {arch!r} is not supported yet; nla_lens loads {loading.SUPPORTED_ARCHITECTURES}"
+        )
+    loading._weight_files(folder)  # refuses pickle-only folders before HF would fall back to them
+    truncated = n_layers is not None
+    if truncated:
+        if n_layers > hf_config.num_hidden_layers:
+            raise CheckpointError(f"{folder} has {hf_config.num_hidden_layers} layers, {n_layers} requested")
+        hf_config.num_hidden_layers = n_layers
+        if getattr(hf_config, "layer_types", None) is not None:
+            hf_config.layer_types = hf_config.layer_types[:n_layers]
+    hf_model, report = AutoModelForCausalLM.from_pretrained(
+        folder, config=hf_config, dtype=dtype, device_map=torch.device(device), attn_implementation="eager",
+        use_safetensors=True, ignore_mismatched_sizes=True, output_loading_info=True,
+        trust_remote_code=trust_remote_code,
+    )
+    _check_report(report, folder, ignored=_AR_IGNORED if truncated else frozenset())
+    bridge = TransformerBridge.boot_transformers(str(folder), hf_model=hf_model.eval(),
+                                                 tokenizer=tokenizer, dtype=dtype, device=device,
+                                                 trust_remote_code=trust_remote_code)
+    # As on the hooked backend: nla_lens builds its prompts itself and never wants a BOS added.
+    bridge.cfg.default_prepend_bos = False
+    if truncated:
+        bridge.ln_final.set_original_component(nn.Identity())
+        bridge.unembed.set_original_component(nn.Identity())
+    return bridge.eval()
+
+
+def _check_report(report: dict, folder: Path, *, ignored: frozenset[str]) -> None:
+    """HF fills missing or misshapen weights with random values; nla_lens refuses them instead."""
+    mismatched = [(name, tuple(found), tuple(wanted)) for name, found, wanted in report["mismatched_keys"]
+                  if name not in ignored]
+    if mismatched:
+        name, found, wanted = mismatched[0]
+        raise CheckpointError(
+            f"{name} has shape {found} in {folder}, which does not fit the model's {wanted}: "
+            "config.json and the weights disagree"
+        )
+    missing = sorted(set(report["missing_keys"]) - ignored)
+    if missing:
+        raise CheckpointError(f"{folder} lacks weights for {missing[:6]} ({len(missing)} in all)")
+
+
+class _CachedForward:
+    """HF's `DynamicCache` driven through the bridge; keeps the mask of every token seen so far,
+    as HF wants the mask of the cached prefix and the new tokens together."""
+
+    def __init__(self, model: TransformerBridge, batch_size: int, device: torch.device) -> None:
+        self.model = model
+        self.cache = DynamicCache(config=model.original_model.config)
+        self.mask = torch.zeros(batch_size, 0, dtype=torch.long, device=device)
+
+    def __call__(self, tokens: Int[Tensor, "batch pos"],
+                 attention_mask: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_vocab"]:
+        self.mask = torch.cat([self.mask, attention_mask.to(self.mask)], dim=1)
+        logits, cache = self.model(tokens, attention_mask=self.mask, past_key_values=self.cache,
+                                   return_type="logits_and_cache")
+        if cache is None or cache.get_seq_length() != self.mask.shape[1]:
+            # transformers 5.24 hands attention the cache as `cache=`, TL 4.3 reads `past_key_values=`:
+            # the cache then stays empty and every decode step silently forgets the prompt.
+            raise BackendError(
+                f"the KV cache holds {0 if cache is None else cache.get_seq_length()} positions after "
+                f"{self.mask.shape[1]} tokens: transformer-lens {metadata.version('transformer-lens')} "
+                f"does not fill HF's cache with transformers {metadata.version('transformers')}. "
+                "Install a tested pair (see docs/backends.md), e.g. transformers<5.24"
+            )
+        self.cache = cache
+        return logits
+
+
+def kv_cached_forward(model: TransformerBridge, batch_size: int, device: torch.device) -> _CachedForward:
+    return _CachedForward(model, batch_size, device)

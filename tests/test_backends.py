@@ -1,0 +1,144 @@
+"""Both TransformerLens backends: how one is picked, the hook names nla_lens relies on, the KV cache.
+
+The rest of the suite runs unchanged on whichever backend the installed TransformerLens implies
+(CI runs it on 3.x and on 4.x); the tests here pin what differs between the two.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import hf_reference as ref
+import nla_lens as nl
+from nla_lens import backends
+
+ATOL = 1e-5
+MAX_NEW = 12
+
+
+def test_default_backend_follows_the_transformer_lens_major(monkeypatch):
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    expected = "hooked" if backends.transformer_lens_major() < 4 else "bridge"
+    assert backends.default_backend() == expected
+
+
+def test_backend_env_var_overrides_and_unknown_names_are_refused(monkeypatch, tiny_paths):
+    monkeypatch.setenv(backends.ENV_VAR, "bridge")
+    assert backends.default_backend() == "bridge"
+    monkeypatch.setenv(backends.ENV_VAR, "hookedtransformer")
+    with pytest.raises(nl.BackendError, match=r"\$NLA_LENS_BACKEND is 'hookedtransformer'; pick one of"):
+        backends.default_backend()
+    with pytest.raises(nl.BackendError, match="backend is 'tl5'"):
+        nl.ActivationVerbalizer.from_pretrained(tiny_paths["av_karvonen"], backend="tl5")
+
+
+@pytest.mark.skipif(backends.transformer_lens_major() < 4, reason="HookedTransformer exists on 3.x")
+def test_hooked_backend_on_transformer_lens_4_says_how_to_get_it(tiny_paths):
+    with pytest.raises(nl.BackendError, match="transformer-lens==3.9.0"):
+        nl.ActivationReconstructor.from_pretrained(tiny_paths["ar_nanonla"], backend="hooked")
+
+
+def test_the_model_built_is_the_chosen_backends(av_karvonen, ar_paper):
+    assert backends.backend_of(av_karvonen.model) == backends.default_backend()
+    assert backends.backend_of(ar_paper.model) == backends.default_backend()
+    with pytest.raises(nl.BackendError, match="neither a HookedTransformer nor a TransformerBridge"):
+        backends.backend_of(torch.nn.Linear(2, 2))
+
+
+def test_hook_names_carry_the_hf_tensors(av_karvonen, tiny_paths, vectors):
+    """The names nla_lens and its users hook, with the shapes HookedTransformer gives them."""
+    model, cfg = av_karvonen.model, av_karvonen.model.cfg
+    tokens = av_karvonen.prompt_tokens(2)
+    names = ["hook_embed", "blocks.1.hook_resid_post", "blocks.2.hook_resid_pre", "blocks.3.attn.hook_z"]
+    _, cache = model.run_with_cache(tokens, names_filter=lambda name: name in names)
+
+    hf, _ = ref.load_hf(tiny_paths["av_karvonen"])
+    o_proj_in = {}
+    handle = hf.model.layers[3].self_attn.o_proj.register_forward_pre_hook(
+        lambda _m, args: o_proj_in.setdefault("z", args[0]))
+    with torch.no_grad():
+        hidden = hf(tokens, output_hidden_states=True).hidden_states
+    handle.remove()
+    batch, pos = tokens.shape
+    expected = {
+        "hook_embed": hidden[0],
+        "blocks.1.hook_resid_post": hidden[2],  # output of decoder layer 1
+        "blocks.2.hook_resid_pre": hidden[2],
+        "blocks.3.attn.hook_z": o_proj_in["z"].reshape(batch, pos, cfg.n_heads, cfg.d_head),
+    }
+    for name, value in expected.items():
+        assert cache[name].shape == value.shape, name
+        assert (cache[name] - value).abs().max() < ATOL, name
+    assert cache["blocks.3.attn.hook_z"].shape == (batch, pos, cfg.n_heads, cfg.d_head)
+
+
+def test_to_tokens_adds_no_bos(av_karvonen):
+    text = "The cat sat on the mat."
+    assert av_karvonen.model.to_tokens(text)[0].tolist() == av_karvonen.tokenizer.encode(text)
+
+
+def test_hooks_see_the_prompt_at_prefill_then_one_token_per_step(av_karvonen, vectors):
+    seen = []
+    with av_karvonen.model.hooks(fwd_hooks=[("blocks.1.hook_resid_post", lambda a, hook: seen.append(a.shape))]):
+        out = av_karvonen.verbalize(vectors, max_new_tokens=MAX_NEW, progress=False)
+    n, d_model = len(vectors), av_karvonen.meta.d_model
+    steps = max(len(o.tokens) for o in out)
+    assert seen == [(n, av_karvonen.prompt_tokens(1).shape[1], d_model)] + [(n, 1, d_model)] * (steps - 1)
+
+
+@pytest.mark.parametrize("which", ["av_karvonen", "av_embedding"])
+def test_kv_cached_greedy_decoding_equals_full_recompute(request, which, vectors):
+    """Catches a KV cache that stops filling (transformer-lens 4.3 with transformers 5.24): the
+    reference recomputes the whole sequence every step, with the same injection at the prompt."""
+    av = request.getfixturevalue(which)
+    out = av.verbalize(vectors, max_new_tokens=MAX_NEW, progress=False)
+    tokens = av.prompt_tokens(len(vectors))
+    prompt = av.injection(vectors, tokens)
+    for _ in range(MAX_NEW):
+        injection = dataclasses.replace(prompt, token_shape=tuple(tokens.shape))
+        with torch.inference_mode():
+            logits = av.model.run_with_hooks(tokens, fwd_hooks=injection.fwd_hooks())
+        tokens = torch.cat([tokens, logits[:, -1].argmax(dim=-1, keepdim=True)], dim=1)
+    recomputed = tokens[:, prompt.token_shape[1]:].tolist()
+    assert [o.tokens for o in out] == [row[:len(o.tokens)] for o, row in zip(out, recomputed, strict=True)]
+    assert max(len(o.tokens) for o in out) == MAX_NEW  # the comparison covers many decode steps
+
+
+def test_mismatched_weight_shapes_are_refused(tiny_paths, tmp_path):
+    folder = shutil.copytree(tiny_paths["av_karvonen"], tmp_path / "av")
+    weights = load_file(str(folder / "model.safetensors"))
+    weights["model.layers.1.mlp.down_proj.weight"] = weights["model.layers.1.mlp.down_proj.weight"][:, :64].contiguous()
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(nl.CheckpointError, match="config.json and the weights disagree"):
+        nl.ActivationVerbalizer.from_pretrained(folder)
+
+
+@pytest.mark.skipif(backends.default_backend() != "bridge", reason="the bridge's HF cache only")
+def test_a_kv_cache_that_stays_empty_is_an_error_not_wrong_text(av_karvonen, vectors, monkeypatch):
+    """What transformers 5.24 does to transformer-lens 4.3: attention never writes the cache."""
+    from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
+
+    monkeypatch.setattr(AttentionBridge, "_update_kv_cache", lambda self, k, v, **kwargs: (k, v))
+    with pytest.raises(nl.BackendError, match="KV cache holds 0 positions"):
+        av_karvonen.verbalize(vectors, max_new_tokens=MAX_NEW, progress=False)
+
+
+@pytest.mark.skipif(backends.transformer_lens_major() >= 4, reason="both backends exist on 3.x only")
+def test_both_backends_agree_on_one_install(tiny_paths, vectors):
+    """On TransformerLens 3.9 both models can be built: same logits, explanations and vectors."""
+    hooked = nl.ActivationVerbalizer.from_pretrained(tiny_paths["av_embedding"], backend="hooked")
+    bridge = nl.ActivationVerbalizer.from_pretrained(tiny_paths["av_embedding"], backend="bridge")
+    tokens = hooked.prompt_tokens(len(vectors))
+    logits = [av.model.run_with_hooks(tokens, fwd_hooks=av.injection(vectors, tokens).fwd_hooks())
+              for av in (hooked, bridge)]
+    assert (logits[0] - logits[1]).abs().max() < 2 * ATOL  # each is within ATOL of plain HF
+    kwargs = dict(max_new_tokens=MAX_NEW, progress=False)
+    assert hooked.verbalize(vectors, **kwargs) == bridge.verbalize(vectors, **kwargs)
+    texts = ["a cat", "The cat sat on the mat."]
+    ars = [nl.ActivationReconstructor.from_pretrained(tiny_paths["ar_paper"], backend=b) for b in backends.BACKENDS]
+    assert (ars[0].reconstruct(texts) - ars[1].reconstruct(texts)).abs().max() < 2 * ATOL
