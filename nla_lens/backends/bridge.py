@@ -106,7 +106,7 @@ class _CachedForward:
                 f"the KV cache holds {0 if cache is None else cache.get_seq_length()} positions after "
                 f"{self.mask.shape[1]} tokens: transformer-lens {metadata.version('transformer-lens')} "
                 f"does not fill HF's cache with transformers {metadata.version('transformers')}. "
-                "Install a tested pair (see docs/backends.md), e.g. transformers<5.24"
+                "Install a tested pair (README, 'TransformerLens 3.x and 4.x'), e.g. transformers<5.24"
             )
         self.cache = cache
         return logits
