@@ -1,0 +1,201 @@
+"""KV-cached decoding for `verbalize`: a prefill through TransformerLens, then one token per step.
+
+Two decoders share one interface (`prefill(tokens, fwd_hooks)` then `step(ids)`, each returning
+the logits at the last position):
+
+* `HookedDecoder` runs every step through `HookedTransformer.forward` with TL's KV cache, so every
+  hook the caller installed fires on every step. It serves any model.
+* `FastDecoder` runs the prefill through TL as well (the injection is a TL hook), then decodes with
+  the same arithmetic as TL's Qwen / Llama blocks minus TL's per-step overheads: TL caches keys
+  before the rotary embedding and so re-rotates the whole cache in every layer at every step, and
+  repeats the K/V heads of grouped-query attention over the whole cache as well. Here keys are
+  cached rotated, in a buffer allocated once, and grouped heads are read through a view. It is used
+  only when the model has no hooks attached at all: then nothing can observe the difference.
+
+Both compute logits at the last prompt position only (as HF `generate` does), so a prefill never
+holds a `[batch, pos, d_vocab]` tensor.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+from transformer_lens import HookedTransformer
+from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+from transformer_lens.components import Embed, GatedMLP, GroupedQueryAttention, RMSNorm, Unembed
+from transformer_lens.components.attention import Attention
+
+from nla_lens.injection import HookFn
+
+# cfg values under which a TL block computes exactly what `FastDecoder` computes (the loader's
+# Qwen3 / Qwen2 / Llama configs); the rotary frequencies are read from TL's own sin/cos buffers.
+_FAST_CFG = {
+    "positional_embedding_type": "rotary", "rotary_adjacent_pairs": False, "normalization_type": "RMS",
+    "final_rms": True, "gated_mlp": True, "act_fn": "silu", "n_devices": 1, "load_in_4bit": False,
+    "attention_dir": "causal", "attn_only": False, "parallel_attn_mlp": False, "post_embedding_ln": False,
+    "use_normalization_before_and_after": False, "use_logn_attn": False, "use_dynamic_ntk_rope": False,
+    "clip_qkv": None, "use_attention_sinks": False, "attn_types": None,
+}
+_FAST_ARCHITECTURES = ("Qwen3ForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM")
+
+
+def decoder_for(model: HookedTransformer, batch: int, max_len: int) -> HookedDecoder | FastDecoder:
+    """The fast decoder when it computes what TL would and nothing observes TL's internals."""
+    fast = FastDecoder.build(model, batch, max_len)
+    return fast if fast is not None else HookedDecoder(model, batch)
+
+
+def _last_logits(model: HookedTransformer, resid: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch vocab"]:
+    logits = model.unembed(model.ln_final(resid[:, -1:]))[:, -1]
+    cap = model.cfg.output_logits_soft_cap
+    return cap * torch.tanh(logits / cap) if cap > 0 else logits
+
+
+class HookedDecoder:
+    """Each step is a `HookedTransformer.forward` with TL's KV cache: every hook fires every step."""
+
+    def __init__(self, model: HookedTransformer, batch: int) -> None:
+        self.model = model
+        self.cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.W_E.device, batch)
+        self.step_mask = torch.ones(batch, 1, dtype=torch.long, device=model.W_E.device)
+
+    def prefill(self, tokens: Int[Tensor, "batch pos"], fwd_hooks: list[tuple[str, HookFn]]) -> Tensor:
+        with self.model.hooks(fwd_hooks=fwd_hooks):
+            resid = self.model(tokens, attention_mask=torch.ones_like(tokens), past_kv_cache=self.cache,
+                               stop_at_layer=self.model.cfg.n_layers)
+            return _last_logits(self.model, resid)
+
+    def step(self, ids: Int[Tensor, " batch"]) -> Float[Tensor, "batch vocab"]:
+        return self.model(ids[:, None], attention_mask=self.step_mask, past_kv_cache=self.cache)[:, -1]
+
+
+class _Layer:
+    """One block's weights as HF-layout `[out, in]` views (free: the loader stores them that way)."""
+
+    def __init__(self, block: nn.Module) -> None:
+        attn, mlp = block.attn, block.mlp
+        grouped = isinstance(attn, GroupedQueryAttention)
+        w_k, w_v = (attn._W_K, attn._W_V) if grouped else (attn.W_K, attn.W_V)
+        b_k, b_v = (attn._b_K, attn._b_V) if grouped else (attn.b_K, attn.b_V)
+        self.n_heads, self.n_kv, self.d_head = attn.W_Q.shape[0], w_k.shape[0], attn.W_Q.shape[2]
+        self.w_q, self.w_k, self.w_v = (_as_linear(w) for w in (attn.W_Q, w_k, w_v))
+        self.b_q, self.b_k, self.b_v = attn.b_Q.reshape(-1), b_k.reshape(-1), b_v.reshape(-1)
+        self.w_o = attn.W_O.permute(2, 0, 1).reshape(attn.W_O.shape[2], -1)
+        self.b_o = attn.b_O
+        self.q_norm = attn.q_norm.w if attn.q_norm is not None else None
+        self.k_norm = attn.k_norm.w if attn.k_norm is not None else None
+        self.scale = attn.attn_scale
+        self.cos, self.sin = attn.rotary_cos, attn.rotary_sin
+        self.ln1, self.ln2, self.eps = block.ln1.w, block.ln2.w, block.ln1.eps
+        self.w_gate, self.w_in, self.w_out = mlp.W_gate.T, mlp.W_in.T, mlp.W_out.T
+        self.b_in, self.b_out = mlp.b_in, mlp.b_out
+
+    def views_are_free(self) -> bool:
+        return all(w.is_contiguous() for w in (self.w_q, self.w_k, self.w_v, self.w_o, self.w_gate,
+                                               self.w_in, self.w_out))
+
+
+def _as_linear(w: Float[Tensor, "n d_model d_head"]) -> Float[Tensor, "n_d_head d_model"]:
+    return w.permute(0, 2, 1).reshape(-1, w.shape[1])
+
+
+class FastDecoder:
+    """Decodes with TL's arithmetic for Qwen / Llama blocks, keys cached after the rotary embedding.
+
+    Built only for a model with no hooks attached and unmodified TL components; the prefill still
+    runs through `HookedTransformer.forward` (with the caller's hooks, i.e. the injection), and the
+    rotated keys and the values are read off `hook_rot_k` / `hook_v` into a preallocated cache.
+    """
+
+    def __init__(self, model: HookedTransformer, layers: list[_Layer], batch: int, max_len: int) -> None:
+        self.model = model
+        self.layers = layers
+        first = layers[0]
+        shape = (len(layers), batch, first.n_kv, max_len, first.d_head)
+        self.keys = torch.empty(shape, dtype=model.cfg.dtype, device=model.W_E.device)
+        self.values = torch.empty_like(self.keys)
+        self.pos = 0
+
+    @classmethod
+    def build(cls, model: HookedTransformer, batch: int, max_len: int) -> FastDecoder | None:
+        cfg = model.cfg
+        if cfg.original_architecture not in _FAST_ARCHITECTURES:
+            return None
+        if any(getattr(cfg, key) != value for key, value in _FAST_CFG.items()):
+            return None
+        if cfg.rotary_dim != cfg.d_head or cfg.attn_scores_soft_cap > 0 or cfg.output_logits_soft_cap > 0:
+            return None
+        if any(hp._forward_hooks or hp._forward_pre_hooks for hp in model.hook_dict.values()):
+            return None
+        if not (type(model.embed) is Embed and type(model.ln_final) is RMSNorm and type(model.unembed) is Unembed):
+            return None
+        for block in model.blocks:
+            if not (type(block.attn) in (Attention, GroupedQueryAttention) and type(block.mlp) is GatedMLP
+                    and type(block.ln1) is RMSNorm and type(block.ln2) is RMSNorm):
+                return None
+        layers = [_Layer(block) for block in model.blocks]
+        if not all(layer.views_are_free() for layer in layers) or not model.W_U.T.is_contiguous():
+            return None
+        if any(layer.cos.shape[0] < max_len for layer in layers):
+            return None
+        return cls(model, layers, batch, max_len)
+
+    def prefill(self, tokens: Int[Tensor, "batch pos"], fwd_hooks: list[tuple[str, HookFn]]) -> Tensor:
+        n_pos = tokens.shape[1]
+
+        def keep(store: Tensor, layer: int):
+            def hook(activation: Tensor, hook) -> None:  # [batch, pos, n_kv, d_head]
+                store[layer, :, :, :n_pos] = activation.transpose(1, 2)
+            return hook
+
+        capture = [hook for i in range(len(self.layers)) for hook in (
+            (f"blocks.{i}.attn.hook_rot_k", keep(self.keys, i)), (f"blocks.{i}.attn.hook_v", keep(self.values, i)))]
+        with self.model.hooks(fwd_hooks=[*fwd_hooks, *capture]):
+            resid = self.model(tokens, attention_mask=torch.ones_like(tokens), stop_at_layer=self.model.cfg.n_layers)
+        self.pos = n_pos
+        return self._logits(resid[:, -1:])[:, -1]
+
+    def step(self, ids: Int[Tensor, " batch"]) -> Float[Tensor, "batch vocab"]:
+        x = self.model.embed.W_E[ids[:, None]]
+        for i, layer in enumerate(self.layers):
+            x = x + self._attention(i, layer, _rms(x, layer.ln1, layer.eps))
+            h = _rms(x, layer.ln2, layer.eps)
+            post = F.silu(F.linear(h, layer.w_gate)) * F.linear(h, layer.w_in) + layer.b_in
+            x = x + F.linear(post, layer.w_out, layer.b_out)
+        self.pos += 1
+        return self._logits(x)[:, -1]
+
+    def _attention(self, i: int, layer: _Layer, h: Float[Tensor, "batch 1 d_model"]) -> Tensor:
+        batch, p, d_head = h.shape[0], self.pos, layer.d_head
+        q = F.linear(h, layer.w_q, layer.b_q).view(batch, 1, layer.n_heads, d_head)
+        k = F.linear(h, layer.w_k, layer.b_k).view(batch, 1, layer.n_kv, d_head)
+        v = F.linear(h, layer.w_v, layer.b_v).view(batch, 1, layer.n_kv, d_head)
+        if layer.q_norm is not None:
+            q, k = _rms(q, layer.q_norm, layer.eps), _rms(k, layer.k_norm, layer.eps)
+        cos, sin = layer.cos[p], layer.sin[p]
+        self.keys[i, :, :, p] = _rotate(k, cos, sin)[:, 0]
+        self.values[i, :, :, p] = v[:, 0]
+        keys, values = self.keys[i, :, :, :p + 1], self.values[i, :, :, :p + 1]  # [batch, n_kv, pos, d_head]
+        # Query head j reads kv head j // group, as TL's repeat_interleave does, without the copy.
+        q = _rotate(q, cos, sin).view(batch, layer.n_kv, -1, d_head)
+        pattern = torch.softmax(q @ keys.transpose(-1, -2) / layer.scale, dim=-1)
+        z = (pattern.to(values.dtype) @ values).reshape(batch, 1, -1)
+        return F.linear(z, layer.w_o, layer.b_o)
+
+    def _logits(self, resid: Float[Tensor, "batch 1 d_model"]) -> Float[Tensor, "batch 1 vocab"]:
+        model = self.model
+        return F.linear(_rms(resid, model.ln_final.w, model.ln_final.eps), model.W_U.T, model.unembed.b_U)
+
+
+def _rms(x: Tensor, w: Tensor, eps: float) -> Tensor:
+    """TL's RMSNorm: the statistics in fp32, the result cast back before the weight."""
+    wide = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    return (wide / (wide.pow(2).mean(-1, keepdim=True) + eps).sqrt()).to(x.dtype) * w
+
+
+def _rotate(x: Float[Tensor, "batch 1 n d_head"], cos: Tensor, sin: Tensor) -> Tensor:
+    """TL's (GPT-NeoX style) rotary embedding at one position."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
