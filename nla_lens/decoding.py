@@ -72,7 +72,11 @@ class HookedDecoder:
 
 
 class _Layer:
-    """One block's weights as HF-layout `[out, in]` views (free: the loader stores them that way)."""
+    """One block's weights as HF-layout `[out, in]` views (free: the loader stores them that way).
+
+    q/k/v, and gate/up, run as one matmul each when they are consecutive rows of one storage, as
+    the loader lays them out.
+    """
 
     def __init__(self, block: nn.Module) -> None:
         attn, mlp = block.attn, block.mlp
@@ -80,33 +84,52 @@ class _Layer:
         w_k, w_v = (attn._W_K, attn._W_V) if grouped else (attn.W_K, attn.W_V)
         b_k, b_v = (attn._b_K, attn._b_V) if grouped else (attn.b_K, attn.b_V)
         self.n_heads, self.n_kv, self.d_head = attn.W_Q.shape[0], w_k.shape[0], attn.W_Q.shape[2]
-        self.w_q, self.w_k, self.w_v = (_as_linear(w) for w in (attn.W_Q, w_k, w_v))
-        self.b_q, self.b_k, self.b_v = attn.b_Q.reshape(-1), b_k.reshape(-1), b_v.reshape(-1)
+        self.qkv = _rows(_as_linear(attn.W_Q), _as_linear(w_k), _as_linear(w_v))
+        self.b_qkv = torch.cat([attn.b_Q.reshape(-1), b_k.reshape(-1), b_v.reshape(-1)])
         self.w_o = attn.W_O.permute(2, 0, 1).reshape(attn.W_O.shape[2], -1)
         self.b_o = attn.b_O
-        self.q_norm = attn.q_norm.w if attn.q_norm is not None else None
-        self.k_norm = attn.k_norm.w if attn.k_norm is not None else None
-        self.scale = attn.attn_scale
+        self.qk_norm = None  # q and k are normalised as one [n_heads + n_kv, d_head] block
+        if attn.q_norm is not None:
+            self.qk_norm = torch.cat([attn.q_norm.w.expand(self.n_heads, -1), attn.k_norm.w.expand(self.n_kv, -1)])
+        self.scale = 1.0 / attn.attn_scale
         self.cos, self.sin = attn.rotary_cos, attn.rotary_sin
         self.ln1, self.ln2, self.eps = block.ln1.w, block.ln2.w, block.ln1.eps
-        self.w_gate, self.w_in, self.w_out = mlp.W_gate.T, mlp.W_in.T, mlp.W_out.T
-        self.b_in, self.b_out = mlp.b_in, mlp.b_out
+        self.gate_up = _rows(mlp.W_gate.T, mlp.W_in.T)
+        self.b_in = mlp.b_in if bool(mlp.b_in.any()) else None  # TL adds it after the gating
+        self.w_out, self.b_out = mlp.W_out.T, mlp.b_out
 
     def views_are_free(self) -> bool:
-        return all(w.is_contiguous() for w in (self.w_q, self.w_k, self.w_v, self.w_o, self.w_gate,
-                                               self.w_in, self.w_out))
+        return all(w.is_contiguous() for w in (*self.qkv, self.w_o, *self.gate_up, self.w_out))
 
 
 def _as_linear(w: Float[Tensor, "n d_model d_head"]) -> Float[Tensor, "n_d_head d_model"]:
     return w.permute(0, 2, 1).reshape(-1, w.shape[1])
 
 
+def _rows(*weights: Tensor) -> tuple[Tensor, ...]:
+    """`weights` as one `[sum of rows, in]` view when they are consecutive in memory, else as given."""
+    first = weights[0]
+    offset = first.storage_offset()
+    for w in weights:
+        if (not w.is_contiguous() or w.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
+                or w.storage_offset() != offset or w.shape[1] != first.shape[1]):
+            return weights
+        offset += w.numel()
+    return (first.as_strided((sum(w.shape[0] for w in weights), first.shape[1]), (first.shape[1], 1)),)
+
+
+def _linear(x: Tensor, weights: tuple[Tensor, ...], bias: Tensor | None = None) -> Tensor:
+    out = F.linear(x, weights[0]) if len(weights) == 1 else torch.cat([F.linear(x, w) for w in weights], dim=-1)
+    return out if bias is None else out + bias
+
+
 class FastDecoder:
-    """Decodes with TL's arithmetic for Qwen / Llama blocks, keys cached after the rotary embedding.
+    """Decodes with the arithmetic of TL's Qwen / Llama blocks, keys cached after the rotary embedding.
 
     Built only for a model with no hooks attached and unmodified TL components; the prefill still
     runs through `HookedTransformer.forward` (with the caller's hooks, i.e. the injection), and the
     rotated keys and the values are read off `hook_rot_k` / `hook_v` into a preallocated cache.
+    Norms and attention use torch's fused kernels, which round as HF's RMSNorm and SDPA do.
     """
 
     def __init__(self, model: HookedTransformer, layers: list[_Layer], batch: int, max_len: int) -> None:
@@ -161,28 +184,26 @@ class FastDecoder:
         x = self.model.embed.W_E[ids[:, None]]
         for i, layer in enumerate(self.layers):
             x = x + self._attention(i, layer, _rms(x, layer.ln1, layer.eps))
-            h = _rms(x, layer.ln2, layer.eps)
-            post = F.silu(F.linear(h, layer.w_gate)) * F.linear(h, layer.w_in) + layer.b_in
-            x = x + F.linear(post, layer.w_out, layer.b_out)
+            gate, up = _linear(_rms(x, layer.ln2, layer.eps), layer.gate_up).chunk(2, dim=-1)
+            post = F.silu(gate) * up
+            x = x + F.linear(post if layer.b_in is None else post + layer.b_in, layer.w_out, layer.b_out)
         self.pos += 1
         return self._logits(x)[:, -1]
 
     def _attention(self, i: int, layer: _Layer, h: Float[Tensor, "batch 1 d_model"]) -> Tensor:
-        batch, p, d_head = h.shape[0], self.pos, layer.d_head
-        q = F.linear(h, layer.w_q, layer.b_q).view(batch, 1, layer.n_heads, d_head)
-        k = F.linear(h, layer.w_k, layer.b_k).view(batch, 1, layer.n_kv, d_head)
-        v = F.linear(h, layer.w_v, layer.b_v).view(batch, 1, layer.n_kv, d_head)
-        if layer.q_norm is not None:
-            q, k = _rms(q, layer.q_norm, layer.eps), _rms(k, layer.k_norm, layer.eps)
-        cos, sin = layer.cos[p], layer.sin[p]
-        self.keys[i, :, :, p] = _rotate(k, cos, sin)[:, 0]
-        self.values[i, :, :, p] = v[:, 0]
-        keys, values = self.keys[i, :, :, :p + 1], self.values[i, :, :, :p + 1]  # [batch, n_kv, pos, d_head]
-        # Query head j reads kv head j // group, as TL's repeat_interleave does, without the copy.
-        q = _rotate(q, cos, sin).view(batch, layer.n_kv, -1, d_head)
-        pattern = torch.softmax(q @ keys.transpose(-1, -2) / layer.scale, dim=-1)
-        z = (pattern.to(values.dtype) @ values).reshape(batch, 1, -1)
-        return F.linear(z, layer.w_o, layer.b_o)
+        batch, p, n_heads, n_kv = h.shape[0], self.pos, layer.n_heads, layer.n_kv
+        qkv = _linear(h, layer.qkv, layer.b_qkv).view(batch, n_heads + 2 * n_kv, layer.d_head)
+        qk = qkv[:, :n_heads + n_kv]
+        if layer.qk_norm is not None:
+            qk = _rms(qk, layer.qk_norm, layer.eps)
+        half = layer.d_head // 2  # TL's (GPT-NeoX style) rotary embedding at position p
+        qk = qk * layer.cos[p] + torch.cat([-qk[..., half:], qk[..., :half]], dim=-1) * layer.sin[p]
+        self.keys[i, :, :, p] = qk[:, n_heads:]
+        self.values[i, :, :, p] = qkv[:, n_heads + n_kv:]
+        # Query head j reads kv head j // (n_heads / n_kv), as TL's repeat_interleave does.
+        z = F.scaled_dot_product_attention(qk[:, :n_heads, None], self.keys[i, :, :, :p + 1],
+                                           self.values[i, :, :, :p + 1], scale=layer.scale, enable_gqa=True)
+        return F.linear(z.reshape(batch, 1, -1), layer.w_o, layer.b_o)
 
     def _logits(self, resid: Float[Tensor, "batch 1 d_model"]) -> Float[Tensor, "batch 1 vocab"]:
         model = self.model
@@ -190,12 +211,7 @@ class FastDecoder:
 
 
 def _rms(x: Tensor, w: Tensor, eps: float) -> Tensor:
-    """TL's RMSNorm: the statistics in fp32, the result cast back before the weight."""
-    wide = x if x.dtype in (torch.float32, torch.float64) else x.float()
-    return (wide / (wide.pow(2).mean(-1, keepdim=True) + eps).sqrt()).to(x.dtype) * w
-
-
-def _rotate(x: Float[Tensor, "batch 1 n d_head"], cos: Tensor, sin: Tensor) -> Tensor:
-    """TL's (GPT-NeoX style) rotary embedding at one position."""
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+    """RMSNorm with HF's rounding (TL's differs in the last bit), statistics in fp32 at least."""
+    if x.dtype in (torch.float32, torch.float64):
+        return F.rms_norm(x, x.shape[-1:], eps=eps) * w
+    return F.rms_norm(x.float(), x.shape[-1:], eps=eps).to(x.dtype) * w

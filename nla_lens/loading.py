@@ -254,23 +254,51 @@ def _hf_layout(tl_name: str, shape: torch.Size) -> tuple[tuple[int, ...], Callab
     return tuple(shape), None
 
 
+# Matrices that read the same input share one HF-layout storage, rows in this order, so a decoder
+# can run each group as one matmul: q/k/v of a block, and the gate and up projections of its MLP.
+_FUSED = {"W_Q": ("qkv", 0), "W_K": ("qkv", 1), "_W_K": ("qkv", 1), "W_V": ("qkv", 2), "_W_V": ("qkv", 2),
+          "W_gate": ("gate_up", 0), "W_in": ("gate_up", 1)}
+
+
 def _hf_layout_targets(model: HookedTransformer) -> dict[str, Tensor]:
     """Per TL parameter, a contiguous HF-shaped tensor sharing its memory, to stream bytes into.
 
     Parameters whose TL layout differs from HF's are replaced (before anything has touched their
-    uninitialised storage) by strided views of fresh HF-layout storage.
+    uninitialised storage) by strided views of fresh HF-layout storage; q/k/v and gate/up of each
+    block are consecutive rows of one storage (see `_FUSED`).
     """
-    targets = {}
+    targets: dict[str, Tensor] = {}
+    groups: dict[str, list[tuple[int, str, nn.Parameter]]] = {}
     for tl_name, param in list(model.named_parameters()):
+        module_name, leaf = tl_name.rsplit(".", 1)
+        if leaf in _FUSED and module_name.startswith("blocks."):
+            kind, rank = _FUSED[leaf]
+            groups.setdefault(f"{module_name.rsplit('.', 1)[0]}.{kind}", []).append((rank, tl_name, param))
+            continue
         hf_shape, view = _hf_layout(tl_name, param.shape)
         if view is None:
             targets[tl_name] = param.detach().view(hf_shape)
             continue
-        storage = torch.empty(hf_shape, dtype=param.dtype, device=param.device)
-        module_name, attr = tl_name.rsplit(".", 1)
-        setattr(model.get_submodule(module_name), attr, nn.Parameter(view(storage), param.requires_grad))
-        targets[tl_name] = storage
+        targets[tl_name] = _replace_parameter(model, tl_name, param, torch.empty(hf_shape, dtype=param.dtype,
+                                                                                 device=param.device), view)
+    for members in groups.values():
+        members.sort(key=lambda member: member[0])
+        layouts = [_hf_layout(name, param.shape) for _, name, param in members]
+        first = members[0][2]
+        storage = torch.empty(sum(shape[0] for shape, _ in layouts), layouts[0][0][1], dtype=first.dtype,
+                              device=first.device)
+        start = 0
+        for (_, name, param), (shape, view) in zip(members, layouts, strict=True):
+            targets[name] = _replace_parameter(model, name, param, storage[start:start + shape[0]], view)
+            start += shape[0]
     return targets
+
+
+def _replace_parameter(model: HookedTransformer, tl_name: str, param: nn.Parameter, storage: Tensor,
+                       view: Callable[[Tensor], Tensor]) -> Tensor:
+    module_name, attr = tl_name.rsplit(".", 1)
+    setattr(model.get_submodule(module_name), attr, nn.Parameter(view(storage), param.requires_grad))
+    return storage
 
 
 def _stream_weights(folder: Path, targets: dict[str, Tensor], cfg: HookedTransformerConfig, *,
