@@ -38,7 +38,9 @@ def _run_inspect(args: argparse.Namespace) -> None:
 
 
 def _registrars() -> list[Callable[[argparse._SubParsersAction], None]]:
-    return [_add_inspect]
+    from nla_lens import bench
+
+    return [_add_inspect, bench.add_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:
