@@ -1,22 +1,27 @@
-"""KV-cached decoding for `verbalize`: a prefill through TransformerLens, then one token per step.
+"""Fast paths for the AV and AR forwards, with TransformerLens's own forward as the fallback.
 
-Two decoders share one interface (`prefill(tokens, fwd_hooks)` then `step(ids)`, each returning
-the logits at the last position):
+`verbalize` decodes through one of two decoders sharing one interface (`prefill(tokens,
+fwd_hooks)` then `step(ids)`, each returning the logits at the last position only, as HF
+`generate` computes them, so a prefill never holds a `[batch, pos, d_vocab]` tensor):
 
 * `HookedDecoder` runs every step through `HookedTransformer.forward` with TL's KV cache, so every
-  hook the caller installed fires on every step. It serves any model.
-* `FastDecoder` runs the prefill through TL as well (the injection is a TL hook), then decodes with
-  the same arithmetic as TL's Qwen / Llama blocks minus TL's per-step overheads: TL caches keys
-  before the rotary embedding and so re-rotates the whole cache in every layer at every step, and
-  repeats the K/V heads of grouped-query attention over the whole cache as well. Here keys are
-  cached rotated, in a buffer allocated once, and grouped heads are read through a view. It is used
-  only when the model has no hooks attached at all: then nothing can observe the difference.
+  hook fires on every step. It serves any model and any hooks.
+* `FastDecoder` computes what TL's Qwen / Llama blocks compute, on the same parameters, without
+  TL's per-step overheads: TL caches keys before the rotary embedding and so re-rotates the whole
+  cache in every layer at every step, repeats the K/V heads of grouped-query attention over the
+  whole cache, and rebuilds masks per layer. Here keys are cached rotated in a buffer allocated
+  once, q/k/v and gate/up run as one matmul each (the loader lays them out for that), and norms and
+  attention use torch's fused kernels, which round as HF's RMSNorm and SDPA do.
 
-Both compute logits at the last prompt position only (as HF `generate` does), so a prefill never
-holds a `[batch, pos, d_vocab]` tensor.
+`FastBlocks` (the block stack behind `FastDecoder`) also serves `reconstruct`. Both fast paths run
+only when the model has no hooks attached at all, so nothing can observe that TL's forward did
+not run; the injection, passed explicitly, is applied at `hook_embed` or `blocks.{i}.hook_resid_post`
+exactly as TL would apply it there.
 """
 
 from __future__ import annotations
+
+import re
 
 import torch
 import torch.nn.functional as F
@@ -41,10 +46,30 @@ _FAST_CFG = {
 _FAST_ARCHITECTURES = ("Qwen3ForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM")
 
 
-def decoder_for(model: HookedTransformer, batch: int, max_len: int) -> HookedDecoder | FastDecoder:
+def decoder_for(model: HookedTransformer, batch: int, max_len: int,
+                fwd_hooks: list[tuple[str, HookFn]]) -> HookedDecoder | FastDecoder:
     """The fast decoder when it computes what TL would and nothing observes TL's internals."""
-    fast = FastDecoder.build(model, batch, max_len)
+    fast = FastDecoder.build(model, batch, max_len) if FastBlocks.supports(fwd_hooks) else None
     return fast if fast is not None else HookedDecoder(model, batch)
+
+
+def residual(model: HookedTransformer, tokens: Int[Tensor, "batch pos"],
+             attention_mask: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
+    """`model(tokens, attention_mask=...)` for an AR model (no final norm, no unembed)."""
+    batch, n_pos = tokens.shape
+    blocks = FastBlocks.build(model) if _is_identity(model.ln_final) and _is_identity(model.unembed) else None
+    if blocks is None or n_pos > blocks.max_len:
+        return model(tokens, attention_mask=attention_mask)
+    keys = torch.empty(1, batch, blocks.n_kv, n_pos, blocks.d_head, dtype=model.cfg.dtype, device=tokens.device)
+    positions = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)  # as TL's get_offset_position_ids
+    # Pad queries see themselves only, so no softmax row is empty (an empty row would be NaN).
+    eye = torch.eye(n_pos, dtype=torch.bool, device=tokens.device)
+    mask = (eye.logical_not().tril() & attention_mask.bool()[:, None, None, :]) | eye
+    return blocks.run(tokens, positions, mask, keys, torch.empty_like(keys), start=0, shared_cache=True)
+
+
+def _is_identity(module: nn.Module) -> bool:
+    return type(module) is nn.Identity
 
 
 def _last_logits(model: HookedTransformer, resid: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch vocab"]:
@@ -123,87 +148,124 @@ def _linear(x: Tensor, weights: tuple[Tensor, ...], bias: Tensor | None = None) 
     return out if bias is None else out + bias
 
 
-class FastDecoder:
-    """Decodes with the arithmetic of TL's Qwen / Llama blocks, keys cached after the rotary embedding.
+_HOOKABLE = re.compile(r"^(hook_embed|blocks\.\d+\.hook_resid_post)$")
 
-    Built only for a model with no hooks attached and unmodified TL components; the prefill still
-    runs through `HookedTransformer.forward` (with the caller's hooks, i.e. the injection), and the
-    rotated keys and the values are read off `hook_rot_k` / `hook_v` into a preallocated cache.
-    Norms and attention use torch's fused kernels, which round as HF's RMSNorm and SDPA do.
-    """
 
-    def __init__(self, model: HookedTransformer, layers: list[_Layer], batch: int, max_len: int) -> None:
+class FastBlocks:
+    """The block stack of an eligible model, run with TL's block arithmetic on its parameters."""
+
+    def __init__(self, model: HookedTransformer, layers: list[_Layer]) -> None:
         self.model = model
         self.layers = layers
-        first = layers[0]
-        shape = (len(layers), batch, first.n_kv, max_len, first.d_head)
-        self.keys = torch.empty(shape, dtype=model.cfg.dtype, device=model.W_E.device)
-        self.values = torch.empty_like(self.keys)
-        self.pos = 0
+        self.n_kv, self.d_head = layers[0].n_kv, layers[0].d_head
+        self.max_len = min(layer.cos.shape[0] for layer in layers)  # positions TL's rotary buffers cover
+
+    @staticmethod
+    def supports(fwd_hooks: list[tuple[str, HookFn]]) -> bool:
+        return all(_HOOKABLE.match(name) for name, _ in fwd_hooks)
 
     @classmethod
-    def build(cls, model: HookedTransformer, batch: int, max_len: int) -> FastDecoder | None:
+    def build(cls, model: HookedTransformer) -> FastBlocks | None:
         cfg = model.cfg
         if cfg.original_architecture not in _FAST_ARCHITECTURES:
             return None
         if any(getattr(cfg, key) != value for key, value in _FAST_CFG.items()):
             return None
-        if cfg.rotary_dim != cfg.d_head or cfg.attn_scores_soft_cap > 0 or cfg.output_logits_soft_cap > 0:
+        if cfg.rotary_dim != cfg.d_head or cfg.attn_scores_soft_cap > 0 or cfg.use_hook_tokens:
             return None
         if any(hp._forward_hooks or hp._forward_pre_hooks for hp in model.hook_dict.values()):
             return None
-        if not (type(model.embed) is Embed and type(model.ln_final) is RMSNorm and type(model.unembed) is Unembed):
+        if type(model.embed) is not Embed:
             return None
         for block in model.blocks:
             if not (type(block.attn) in (Attention, GroupedQueryAttention) and type(block.mlp) is GatedMLP
                     and type(block.ln1) is RMSNorm and type(block.ln2) is RMSNorm):
                 return None
         layers = [_Layer(block) for block in model.blocks]
-        if not all(layer.views_are_free() for layer in layers) or not model.W_U.T.is_contiguous():
+        if not all(layer.views_are_free() for layer in layers):
             return None
-        if any(layer.cos.shape[0] < max_len for layer in layers):
-            return None
-        return cls(model, layers, batch, max_len)
+        return cls(model, layers)
 
-    def prefill(self, tokens: Int[Tensor, "batch pos"], fwd_hooks: list[tuple[str, HookFn]]) -> Tensor:
-        n_pos = tokens.shape[1]
+    def run(self, ids: Int[Tensor, "batch pos"], positions: Int[Tensor, "batch pos"], mask: Tensor | None,
+            keys: Tensor, values: Tensor, *, start: int, shared_cache: bool = False,
+            hooks: dict[str, HookFn] | None = None) -> Float[Tensor, "batch pos d_model"]:
+        """Blocks over `ids` at cache positions [start, start + pos); keys / values are
+        `[layers, batch, n_kv, max_len, d_head]` (one layer reused by all when `shared_cache`).
 
-        def keep(store: Tensor, layer: int):
-            def hook(activation: Tensor, hook) -> None:  # [batch, pos, n_kv, d_head]
-                store[layer, :, :, :n_pos] = activation.transpose(1, 2)
-            return hook
-
-        capture = [hook for i in range(len(self.layers)) for hook in (
-            (f"blocks.{i}.attn.hook_rot_k", keep(self.keys, i)), (f"blocks.{i}.attn.hook_v", keep(self.values, i)))]
-        with self.model.hooks(fwd_hooks=[*fwd_hooks, *capture]):
-            resid = self.model(tokens, attention_mask=torch.ones_like(tokens), stop_at_layer=self.model.cfg.n_layers)
-        self.pos = n_pos
-        return self._logits(resid[:, -1:])[:, -1]
-
-    def step(self, ids: Int[Tensor, " batch"]) -> Float[Tensor, "batch vocab"]:
-        x = self.model.embed.W_E[ids[:, None]]
+        `mask` (True = attend) of `[batch, 1, pos, start + pos]`, or None for plain causal
+        attention (start = 0) or for one new token attending to the whole cache.
+        """
+        hooks = hooks or {}
+        x = self._hooked(hooks, "hook_embed", self.model.embed.W_E[ids])
+        end = start + ids.shape[1]
         for i, layer in enumerate(self.layers):
-            x = x + self._attention(i, layer, _rms(x, layer.ln1, layer.eps))
+            cache = 0 if shared_cache else i
+            x = x + self._attention(layer, _rms(x, layer.ln1, layer.eps), positions, mask,
+                                    keys[cache], values[cache], start, end)
             gate, up = _linear(_rms(x, layer.ln2, layer.eps), layer.gate_up).chunk(2, dim=-1)
             post = F.silu(gate) * up
             x = x + F.linear(post if layer.b_in is None else post + layer.b_in, layer.w_out, layer.b_out)
-        self.pos += 1
-        return self._logits(x)[:, -1]
+            x = self._hooked(hooks, f"blocks.{i}.hook_resid_post", x)
+        return x
 
-    def _attention(self, i: int, layer: _Layer, h: Float[Tensor, "batch 1 d_model"]) -> Tensor:
-        batch, p, n_heads, n_kv = h.shape[0], self.pos, layer.n_heads, layer.n_kv
-        qkv = _linear(h, layer.qkv, layer.b_qkv).view(batch, n_heads + 2 * n_kv, layer.d_head)
-        qk = qkv[:, :n_heads + n_kv]
+    def _hooked(self, hooks: dict[str, HookFn], name: str, activation: Tensor) -> Tensor:
+        if name not in hooks:
+            return activation
+        out = hooks[name](activation, self.model.hook_dict[name])
+        return activation if out is None else out
+
+    def _attention(self, layer: _Layer, h: Float[Tensor, "batch pos d_model"], positions: Tensor,
+                   mask: Tensor | None, keys: Tensor, values: Tensor, start: int, end: int) -> Tensor:
+        batch, n_pos, n_heads, n_kv = h.shape[0], h.shape[1], layer.n_heads, layer.n_kv
+        qkv = _linear(h, layer.qkv, layer.b_qkv).view(batch, n_pos, n_heads + 2 * n_kv, layer.d_head)
+        qk = qkv[:, :, :n_heads + n_kv]
         if layer.qk_norm is not None:
             qk = _rms(qk, layer.qk_norm, layer.eps)
-        half = layer.d_head // 2  # TL's (GPT-NeoX style) rotary embedding at position p
-        qk = qk * layer.cos[p] + torch.cat([-qk[..., half:], qk[..., :half]], dim=-1) * layer.sin[p]
-        self.keys[i, :, :, p] = qk[:, n_heads:]
-        self.values[i, :, :, p] = qkv[:, n_heads + n_kv:]
+        half = layer.d_head // 2  # TL's (GPT-NeoX style) rotary embedding
+        cos, sin = layer.cos[positions][:, :, None], layer.sin[positions][:, :, None]
+        qk = qk * cos + torch.cat([-qk[..., half:], qk[..., :half]], dim=-1) * sin
+        keys[:, :, start:end] = qk[:, :, n_heads:].transpose(1, 2)
+        values[:, :, start:end] = qkv[:, :, n_heads + n_kv:].transpose(1, 2)
         # Query head j reads kv head j // (n_heads / n_kv), as TL's repeat_interleave does.
-        z = F.scaled_dot_product_attention(qk[:, :n_heads, None], self.keys[i, :, :, :p + 1],
-                                           self.values[i, :, :, :p + 1], scale=layer.scale, enable_gqa=True)
-        return F.linear(z.reshape(batch, 1, -1), layer.w_o, layer.b_o)
+        z = F.scaled_dot_product_attention(
+            qk[:, :, :n_heads].transpose(1, 2), keys[:, :, :end], values[:, :, :end], attn_mask=mask,
+            is_causal=mask is None and n_pos > 1, scale=layer.scale, enable_gqa=True)
+        return F.linear(z.transpose(1, 2).reshape(batch, n_pos, -1), layer.w_o, layer.b_o)
+
+
+class FastDecoder:
+    """`FastBlocks` with a preallocated cache of rotated keys, the final norm and the unembed."""
+
+    def __init__(self, blocks: FastBlocks, batch: int, max_len: int) -> None:
+        self.blocks = blocks
+        self.model = model = blocks.model
+        shape = (len(blocks.layers), batch, blocks.n_kv, max_len, blocks.d_head)
+        self.keys = torch.empty(shape, dtype=model.cfg.dtype, device=model.W_E.device)
+        self.values = torch.empty_like(self.keys)
+        self.pos = 0
+
+    @classmethod
+    def build(cls, model: HookedTransformer, batch: int, max_len: int) -> FastDecoder | None:
+        blocks = FastBlocks.build(model)
+        if blocks is None or model.cfg.output_logits_soft_cap > 0:
+            return None
+        if type(model.ln_final) is not RMSNorm or type(model.unembed) is not Unembed:
+            return None
+        if not model.W_U.T.is_contiguous() or max_len > blocks.max_len:
+            return None
+        return cls(blocks, batch, max_len)
+
+    def prefill(self, tokens: Int[Tensor, "batch pos"], fwd_hooks: list[tuple[str, HookFn]]) -> Tensor:
+        positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+        resid = self.blocks.run(tokens, positions, None, self.keys, self.values, start=0, hooks=dict(fwd_hooks))
+        self.pos = tokens.shape[1]
+        return self._logits(resid[:, -1:])[:, -1]
+
+    def step(self, ids: Int[Tensor, " batch"]) -> Float[Tensor, "batch vocab"]:
+        positions = torch.full((len(ids), 1), self.pos, device=ids.device)
+        resid = self.blocks.run(ids[:, None], positions, None, self.keys, self.values, start=self.pos)
+        self.pos += 1
+        return self._logits(resid)[:, -1]
 
     def _logits(self, resid: Float[Tensor, "batch 1 d_model"]) -> Float[Tensor, "batch 1 vocab"]:
         model = self.model

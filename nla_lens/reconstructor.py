@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 from transformers import PreTrainedTokenizerBase
 
-from nla_lens import loading
+from nla_lens import decoding, loading
 from nla_lens.errors import InputError, PromptTooLongError, SidecarError
 from nla_lens.sidecar import NLAMeta, check_tokenizer, load_meta
 
@@ -92,6 +92,6 @@ class ActivationReconstructor:
                           disable=not progress, unit="batch"):
             rows = slice(start, start + batch_size)
             width = int(mask[rows].sum(dim=1).max())  # drop columns that are padding in every row
-            resid = self.model(tokens[rows, -width:], attention_mask=mask[rows, -width:])
+            resid = decoding.residual(self.model, tokens[rows, -width:], mask[rows, -width:])
             out.append(self.readout(resid[:, -1]).float())
         return torch.cat(out)

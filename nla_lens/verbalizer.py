@@ -149,7 +149,7 @@ class ActivationVerbalizer:
         n = vectors.shape[0]
         tokens = self.prompt_tokens(n)
         injection = self.injection(vectors, tokens)
-        decoder = decoding.decoder_for(self.model, n, tokens.shape[1] + max_new_tokens)
+        decoder = decoding.decoder_for(self.model, n, tokens.shape[1] + max_new_tokens, injection.fwd_hooks())
         logits = decoder.prefill(tokens, injection.fwd_hooks())
         eos = torch.tensor(self.eos_token_ids, device=self.device, dtype=torch.long)
         finished = torch.zeros(n, dtype=torch.bool, device=self.device)
