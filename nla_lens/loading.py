@@ -254,18 +254,17 @@ def _hf_layout(tl_name: str, shape: torch.Size) -> tuple[tuple[int, ...], Callab
     return tuple(shape), None
 
 
-# Matrices that read the same input share one HF-layout storage, rows in this order, so a decoder
-# can run each group as one matmul: q/k/v of a block, and the gate and up projections of its MLP.
-_FUSED = {"W_Q": ("qkv", 0), "W_K": ("qkv", 1), "_W_K": ("qkv", 1), "W_V": ("qkv", 2), "_W_V": ("qkv", 2),
-          "W_gate": ("gate_up", 0), "W_in": ("gate_up", 1)}
+# q/k/v of a block share one HF-layout storage, rows in this order, so the fast decoder
+# (decoding.py) runs them as one matmul.
+_FUSED = {"W_Q": ("qkv", 0), "W_K": ("qkv", 1), "_W_K": ("qkv", 1), "W_V": ("qkv", 2), "_W_V": ("qkv", 2)}
 
 
 def _hf_layout_targets(model: HookedTransformer) -> dict[str, Tensor]:
     """Per TL parameter, a contiguous HF-shaped tensor sharing its memory, to stream bytes into.
 
     Parameters whose TL layout differs from HF's are replaced (before anything has touched their
-    uninitialised storage) by strided views of fresh HF-layout storage; q/k/v and gate/up of each
-    block are consecutive rows of one storage (see `_FUSED`).
+    uninitialised storage) by strided views of fresh HF-layout storage; q/k/v of each block are
+    consecutive rows of one storage (see `_FUSED`).
     """
     targets: dict[str, Tensor] = {}
     groups: dict[str, list[tuple[int, str, nn.Parameter]]] = {}

@@ -35,9 +35,9 @@ def test_loaded_weights_sit_in_hf_layout_so_tl_rearranges_are_views(av_karvonen)
     assert einops.rearrange(attn.W_O, "n h m -> m (n h)").is_contiguous()
     assert mlp.W_in.T.is_contiguous() and mlp.W_gate.T.is_contiguous() and mlp.W_out.T.is_contiguous()
     assert av_karvonen.model.W_U.T.is_contiguous()
-    # q/k/v (and gate/up) are consecutive rows of one storage: one matmul each when decoding.
+    # q/k/v are consecutive rows of one storage: one matmul when decoding.
     assert attn._W_K.data_ptr() == attn.W_Q.data_ptr() + attn.W_Q.numel() * attn.W_Q.element_size()
-    assert mlp.W_in.data_ptr() == mlp.W_gate.data_ptr() + mlp.W_gate.numel() * mlp.W_gate.element_size()
+    assert attn._W_V.data_ptr() == attn._W_K.data_ptr() + attn._W_K.numel() * attn._W_K.element_size()
 
 
 def test_fast_decoder_matches_tl_forward_with_kv_cache(av_karvonen, vectors):
