@@ -96,7 +96,9 @@ def _run(args: argparse.Namespace) -> None:
 
 def run(plan: Plan, *, device: str = "cpu", out: Callable[[str], None] = print) -> None:
     """Write the checkpoints, print the memory then the speed figures, delete the checkpoints."""
-    out(f"nla-lens bench: device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    load = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    out(f"nla-lens bench: device {device}, torch {torch.__version__}, {torch.get_num_threads()} torch threads, "
+        f"{os.cpu_count()} CPUs, load average {load} (speed ratios need an otherwise idle machine)")
     root = Path(tempfile.mkdtemp(prefix="nla_lens_bench_"))
     try:
         memory = write_checkpoints(root / "memory", plan.memory, plan.ar_layer)
