@@ -53,19 +53,20 @@ def decoder_for(model: HookedTransformer, batch: int, max_len: int,
     return fast if fast is not None else HookedDecoder(model, batch)
 
 
-def residual(model: HookedTransformer, tokens: Int[Tensor, "batch pos"],
-             attention_mask: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
-    """`model(tokens, attention_mask=...)` for an AR model (no final norm, no unembed)."""
+def last_residual(model: HookedTransformer, tokens: Int[Tensor, "batch pos"],
+                  attention_mask: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch d_model"]:
+    """`model(tokens, attention_mask=...)[:, -1]` for an AR model (no final norm, no unembed)."""
     batch, n_pos = tokens.shape
     blocks = FastBlocks.build(model) if _is_identity(model.ln_final) and _is_identity(model.unembed) else None
     if blocks is None or n_pos > blocks.max_len:
-        return model(tokens, attention_mask=attention_mask)
+        return model(tokens, attention_mask=attention_mask)[:, -1]
     keys = torch.empty(1, batch, blocks.n_kv, n_pos, blocks.d_head, dtype=model.cfg.dtype, device=tokens.device)
     positions = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)  # as TL's get_offset_position_ids
     # Pad queries see themselves only, so no softmax row is empty (an empty row would be NaN).
     eye = torch.eye(n_pos, dtype=torch.bool, device=tokens.device)
     mask = (eye.logical_not().tril() & attention_mask.bool()[:, None, None, :]) | eye
-    return blocks.run(tokens, positions, mask, keys, torch.empty_like(keys), start=0, shared_cache=True)
+    return blocks.run(tokens, positions, mask, keys, torch.empty_like(keys), start=0, shared_cache=True,
+                      last_only=True)[:, -1]
 
 
 def _is_identity(module: nn.Module) -> bool:
@@ -187,21 +188,24 @@ class FastBlocks:
         return cls(model, layers)
 
     def run(self, ids: Int[Tensor, "batch pos"], positions: Int[Tensor, "batch pos"], mask: Tensor | None,
-            keys: Tensor, values: Tensor, *, start: int, shared_cache: bool = False,
+            keys: Tensor, values: Tensor, *, start: int, shared_cache: bool = False, last_only: bool = False,
             hooks: dict[str, HookFn] | None = None) -> Float[Tensor, "batch pos d_model"]:
         """Blocks over `ids` at cache positions [start, start + pos); keys / values are
         `[layers, batch, n_kv, max_len, d_head]` (one layer reused by all when `shared_cache`).
 
         `mask` (True = attend) of `[batch, 1, pos, start + pos]`, or None for plain causal
-        attention (start = 0) or for one new token attending to the whole cache.
+        attention (start = 0) or for one new token attending to the whole cache. With `last_only`
+        the last block computes (and returns) the last position only: nothing reads the others.
         """
         hooks = hooks or {}
         x = self._hooked(hooks, "hook_embed", self.model.embed.W_E[ids])
         end = start + ids.shape[1]
         for i, layer in enumerate(self.layers):
             cache = 0 if shared_cache else i
-            x = x + self._attention(layer, _rms(x, layer.ln1, layer.eps), positions, mask,
-                                    keys[cache], values[cache], start, end)
+            last = last_only and i == len(self.layers) - 1
+            attn_out = self._attention(layer, _rms(x, layer.ln1, layer.eps), positions, mask,
+                                       keys[cache], values[cache], start, end, last)
+            x = (x[:, -1:] if last else x) + attn_out
             h = _rms(x, layer.ln2, layer.eps)
             post = F.silu(F.linear(h, layer.w_gate)) * F.linear(h, layer.w_in)
             x = x + F.linear(post if layer.b_in is None else post + layer.b_in, layer.w_out, layer.b_out)
@@ -215,7 +219,8 @@ class FastBlocks:
         return activation if out is None else out
 
     def _attention(self, layer: _Layer, h: Float[Tensor, "batch pos d_model"], positions: Tensor,
-                   mask: Tensor | None, keys: Tensor, values: Tensor, start: int, end: int) -> Tensor:
+                   mask: Tensor | None, keys: Tensor, values: Tensor, start: int, end: int,
+                   last_query: bool) -> Tensor:
         batch, n_pos, n_heads, n_kv = h.shape[0], h.shape[1], layer.n_heads, layer.n_kv
         # [batch, heads, pos, d_head] throughout: SDPA's layout, where the rotary broadcast is cheap.
         qkv = _linear(h, layer.qkv, layer.b_qkv).view(batch, n_pos, n_heads + 2 * n_kv, layer.d_head).transpose(1, 2)
@@ -227,10 +232,14 @@ class FastBlocks:
         qk = qk * cos + torch.cat([-qk[..., half:], qk[..., :half]], dim=-1) * sin
         keys[:, :, start:end] = qk[:, n_heads:]
         values[:, :, start:end] = qkv[:, n_heads + n_kv:]
+        queries = qk[:, :n_heads, -1:] if last_query else qk[:, :n_heads]
+        if last_query and mask is not None:
+            mask = mask[:, :, -1:]
         # Query head j reads kv head j // (n_heads / n_kv), as TL's repeat_interleave does.
-        z = F.scaled_dot_product_attention(qk[:, :n_heads], keys[:, :, :end], values[:, :, :end], attn_mask=mask,
-                                           is_causal=mask is None and n_pos > 1, scale=layer.scale, enable_gqa=True)
-        return F.linear(z.transpose(1, 2).reshape(batch, n_pos, -1), layer.w_o, layer.b_o)
+        z = F.scaled_dot_product_attention(queries, keys[:, :, :end], values[:, :, :end], attn_mask=mask,
+                                           is_causal=mask is None and queries.shape[2] > 1, scale=layer.scale,
+                                           enable_gqa=True)
+        return F.linear(z.transpose(1, 2).reshape(batch, queries.shape[2], -1), layer.w_o, layer.b_o)
 
 
 class FastDecoder:
@@ -257,7 +266,10 @@ class FastDecoder:
 
     def prefill(self, tokens: Int[Tensor, "batch pos"], fwd_hooks: list[tuple[str, HookFn]]) -> Tensor:
         positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
-        resid = self.blocks.run(tokens, positions, None, self.keys, self.values, start=0, hooks=dict(fwd_hooks))
+        hooks = dict(fwd_hooks)
+        last_only = f"blocks.{len(self.blocks.layers) - 1}.hook_resid_post" not in hooks
+        resid = self.blocks.run(tokens, positions, None, self.keys, self.values, start=0, hooks=hooks,
+                                last_only=last_only)
         self.pos = tokens.shape[1]
         return self._logits(resid[:, -1:])[:, -1]
 

@@ -1,9 +1,12 @@
 """HF checkpoint folder -> TransformerLens `HookedTransformer`, with no weight processing.
 
-Every backend-specific line of nla_lens lives here. The weights are streamed tensor by tensor from
-the safetensors shards straight into the parameters of a model built with uninitialised storage, so
-peak host memory stays near one copy of the weights (TL's own HF-model -> state-dict path needs
-about three). No fold_ln, no centering, no value-bias folding: activations equal HF's.
+Every backend-specific line of nla_lens lives here (and in decoding.py, its fast forward). The
+weights are streamed tensor by tensor from the safetensors shards straight into the parameters of a
+model built with uninitialised storage, so peak host memory stays near one copy of the weights (TL's
+own HF-model -> state-dict path needs two to three); a bf16 -> fp32 cast goes through a 16 MiB
+buffer. Matrices are stored in HF's `[out, in]` layout with the TL parameters as strided views of
+that storage, so the rearranges TL's forward applies before every `F.linear` are free views rather
+than copies of every weight. No fold_ln, no centering, no value-bias folding: activations equal HF's.
 """
 
 from __future__ import annotations
