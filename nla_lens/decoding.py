@@ -124,8 +124,14 @@ class _Layer:
         self.b_in = mlp.b_in if bool(mlp.b_in.any()) else None  # TL adds it after the gating
         self.w_out, self.b_out = mlp.W_out.T, mlp.b_out
 
-    def views_are_free(self) -> bool:
-        return all(w.is_contiguous() for w in (*self.qkv, self.w_o, self.w_gate, self.w_in, self.w_out))
+    @staticmethod
+    def in_hf_layout(block: nn.Module) -> bool:
+        """Whether every `[out, in]` view above is free (else building them would copy weights)."""
+        attn, mlp = block.attn, block.mlp
+        grouped = isinstance(attn, GroupedQueryAttention)
+        qkv = (attn.W_Q, *((attn._W_K, attn._W_V) if grouped else (attn.W_K, attn.W_V)))
+        return (all(w.permute(0, 2, 1).is_contiguous() for w in qkv) and attn.W_O.permute(2, 0, 1).is_contiguous()
+                and all(w.T.is_contiguous() for w in (mlp.W_gate, mlp.W_in, mlp.W_out)))
 
 
 def _as_linear(w: Float[Tensor, "n d_model d_head"]) -> Float[Tensor, "n_d_head d_model"]:
@@ -182,10 +188,9 @@ class FastBlocks:
             if not (type(block.attn) in (Attention, GroupedQueryAttention) and type(block.mlp) is GatedMLP
                     and type(block.ln1) is RMSNorm and type(block.ln2) is RMSNorm):
                 return None
-        layers = [_Layer(block) for block in model.blocks]
-        if not all(layer.views_are_free() for layer in layers):
+        if not all(_Layer.in_hf_layout(block) for block in model.blocks):
             return None
-        return cls(model, layers)
+        return cls(model, [_Layer(block) for block in model.blocks])
 
     def run(self, ids: Int[Tensor, "batch pos"], positions: Int[Tensor, "batch pos"], mask: Tensor | None,
             keys: Tensor, values: Tensor, *, start: int, shared_cache: bool = False, last_only: bool = False,
