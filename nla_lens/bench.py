@@ -73,7 +73,7 @@ class Plan:
 
 
 FULL = Plan(memory=Shape(1024, 8, 16, 8, 3072, 151936), speed=Shape(512, 8, 8, 4, 1536, 16384), ar_layer=3,
-            batches=(1, 16), new_tokens=64, reps=3, forward_reps=9, ar_texts=64, ar_batch=32)
+            batches=(1, 16), new_tokens=64, reps=5, forward_reps=11, ar_texts=64, ar_batch=32)
 QUICK = Plan(memory=Shape(64, 4, 4, 2, 128, 512), speed=Shape(64, 4, 4, 2, 128, 512), ar_layer=2,
              batches=(1, 4), new_tokens=8, reps=1, forward_reps=2, ar_texts=8, ar_batch=4)
 

@@ -111,7 +111,8 @@ class _Layer:
         b_k, b_v = (attn._b_K, attn._b_V) if grouped else (attn.b_K, attn.b_V)
         self.n_heads, self.n_kv, self.d_head = attn.W_Q.shape[0], w_k.shape[0], attn.W_Q.shape[2]
         self.qkv = _rows(_as_linear(attn.W_Q), _as_linear(w_k), _as_linear(w_v))
-        self.b_qkv = torch.cat([attn.b_Q.reshape(-1), b_k.reshape(-1), b_v.reshape(-1)])
+        b_qkv = torch.cat([attn.b_Q.reshape(-1), b_k.reshape(-1), b_v.reshape(-1)])
+        self.b_qkv = b_qkv if bool(b_qkv.any()) else None  # only Qwen2 has q/k/v biases
         self.w_o = attn.W_O.permute(2, 0, 1).reshape(attn.W_O.shape[2], -1)
         self.b_o = attn.b_O
         self.qk_norm = None  # q and k are normalised as one [n_heads + n_kv, d_head] block
@@ -166,6 +167,8 @@ class FastBlocks:
         self.layers = layers
         self.n_kv, self.d_head = layers[0].n_kv, layers[0].d_head
         self.max_len = min(layer.cos.shape[0] for layer in layers)  # positions TL's rotary buffers cover
+        self.shared_rotary = all(torch.equal(layer.cos, layers[0].cos) and torch.equal(layer.sin, layers[0].sin)
+                                 for layer in layers)
 
     @staticmethod
     def supports(fwd_hooks: list[tuple[str, HookFn]]) -> bool:
@@ -208,7 +211,9 @@ class FastBlocks:
         for i, layer in enumerate(self.layers):
             cache = 0 if shared_cache else i
             last = last_only and i == len(self.layers) - 1
-            attn_out = self._attention(layer, _rms(x, layer.ln1, layer.eps), positions, mask,
+            if i == 0 or not self.shared_rotary:  # TL keeps one identical table per layer
+                cos, sin = layer.cos[positions][:, None], layer.sin[positions][:, None]
+            attn_out = self._attention(layer, _rms(x, layer.ln1, layer.eps), cos, sin, mask,
                                        keys[cache], values[cache], start, end, last)
             x = (x[:, -1:] if last else x) + attn_out
             h = _rms(x, layer.ln2, layer.eps)
@@ -223,7 +228,7 @@ class FastBlocks:
         out = hooks[name](activation, self.model.hook_dict[name])
         return activation if out is None else out
 
-    def _attention(self, layer: _Layer, h: Float[Tensor, "batch pos d_model"], positions: Tensor,
+    def _attention(self, layer: _Layer, h: Float[Tensor, "batch pos d_model"], cos: Tensor, sin: Tensor,
                    mask: Tensor | None, keys: Tensor, values: Tensor, start: int, end: int,
                    last_query: bool) -> Tensor:
         batch, n_pos, n_heads, n_kv = h.shape[0], h.shape[1], layer.n_heads, layer.n_kv
@@ -233,7 +238,6 @@ class FastBlocks:
         if layer.qk_norm is not None:
             qk = _rms(qk, layer.qk_norm[:, None], layer.eps)
         half = layer.d_head // 2  # TL's (GPT-NeoX style) rotary embedding
-        cos, sin = layer.cos[positions][:, None], layer.sin[positions][:, None]
         qk = qk * cos + torch.cat([-qk[..., half:], qk[..., :half]], dim=-1) * sin
         keys[:, :, start:end] = qk[:, n_heads:]
         values[:, :, start:end] = qkv[:, n_heads + n_kv:]
@@ -292,5 +296,7 @@ class FastDecoder:
 def _rms(x: Tensor, w: Tensor, eps: float) -> Tensor:
     """RMSNorm with HF's rounding (TL's differs in the last bit), statistics in fp32 at least."""
     if x.dtype in (torch.float32, torch.float64):
+        if w.shape == x.shape[-1:]:
+            return F.rms_norm(x, x.shape[-1:], w, eps)
         return F.rms_norm(x, x.shape[-1:], eps=eps) * w
     return F.rms_norm(x.float(), x.shape[-1:], eps=eps).to(x.dtype) * w
