@@ -1,10 +1,13 @@
 """HF checkpoint folder -> TransformerLens `HookedTransformer`, with no weight processing.
 
-The `hooked` backend (`nla_lens.backends`) builds its models here; the helpers that read folders,
-tokenizers and the AR readout serve both backends. The weights are streamed tensor by tensor from
-the safetensors shards straight into the parameters of a model built with uninitialised storage, so
-peak host memory stays near one copy of the weights (TL's own HF-model -> state-dict path needs
-about three). No fold_ln, no centering, no value-bias folding: activations equal HF's.
+The `hooked` backend (`nla_lens.backends`) builds its models here (with `decoding.py`, its fast
+forward); the helpers that read folders, tokenizers and the AR readout serve both backends. The
+weights are streamed tensor by tensor from the safetensors shards straight into the parameters of a
+model built with uninitialised storage, so peak host memory stays near one copy of the weights (TL's
+own HF-model -> state-dict path needs two to three); a bf16 -> fp32 cast goes through a 16 MiB
+buffer. Matrices are stored in HF's `[out, in]` layout with the TL parameters as strided views of
+that storage, so the rearranges TL's forward applies before every `F.linear` are free views rather
+than copies of every weight. No fold_ln, no centering, no value-bias folding: activations equal HF's.
 """
 
 from __future__ import annotations
@@ -12,11 +15,11 @@ from __future__ import annotations
 import json
 import re
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
-import einops
 import torch
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
@@ -36,6 +39,8 @@ _SAFETENSORS_DTYPES = {
     "U8": torch.uint8, "BOOL": torch.bool,
 }
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+_READ_CHUNK = 1 << 28  # bytes per read() call; Linux caps a single read near 2 GiB
+_CAST_CHUNK = 1 << 24  # bytes of the host buffer used when a tensor is cast or sent to a device
 
 
 def resolve_checkpoint(path_or_id: str | Path) -> Path:
@@ -125,21 +130,64 @@ def read_safetensors(path: Path, keep: set[str] | None = None) -> Iterator[tuple
     Reads into fresh buffers instead of mmapping the file, so touched file pages never pile up in
     the process's resident memory while a multi-GB shard is converted.
     """
+    for name, info, f in _safetensors_entries(path):
+        if keep is not None and name not in keep:
+            continue
+        buffer = bytearray(info.nbytes)
+        _read_exactly(f, memoryview(buffer), path)
+        tensor = torch.frombuffer(buffer, dtype=info.dtype) if buffer else torch.empty(0, dtype=info.dtype)
+        yield name, tensor.reshape(info.shape)
+
+
+@dataclass(frozen=True)
+class _TensorInfo:
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+def _safetensors_entries(path: Path) -> Iterator[tuple[str, _TensorInfo, BinaryIO]]:
+    """(name, info, file positioned at its data) for each tensor of one file, in file order."""
     with open(path, "rb") as f:
         (header_len,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(header_len))
         header.pop("__metadata__", None)
         start = 8 + header_len
         for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-            if keep is not None and name not in keep:
-                continue
             begin, end = info["data_offsets"]
             f.seek(start + begin)
-            buffer = bytearray(end - begin)
-            f.readinto(buffer)
-            dtype = _SAFETENSORS_DTYPES[info["dtype"]]
-            tensor = torch.frombuffer(buffer, dtype=dtype) if buffer else torch.empty(0, dtype=dtype)
-            yield name, tensor.reshape(info["shape"])
+            yield name, _TensorInfo(_SAFETENSORS_DTYPES[info["dtype"]], tuple(info["shape"]), end - begin), f
+
+
+def _read_exactly(f: BinaryIO, out: memoryview, path: Path) -> None:
+    done = 0
+    while done < len(out):
+        n = f.readinto(out[done:done + _READ_CHUNK])
+        if not n:
+            raise CheckpointError(f"{path} ends early: the file is truncated or corrupt; download it again")
+        done += n
+
+
+def _read_into(f: BinaryIO, info: _TensorInfo, target: Tensor, path: Path, buffer: bytearray) -> None:
+    """Fill `target` (contiguous, laid out as in the file) with one tensor's bytes.
+
+    Same dtype on the CPU: read straight into the parameter's memory. Otherwise go through one
+    reusable host buffer a chunk at a time, so a cast (bf16 -> fp32) or a device copy never holds
+    a second full-size tensor.
+    """
+    flat = target.view(-1)
+    if info.nbytes == 0:
+        return
+    if target.device.type == "cpu" and target.dtype == info.dtype:
+        _read_exactly(f, memoryview(flat.view(torch.uint8).numpy()), path)
+        return
+    itemsize = info.dtype.itemsize
+    step = len(buffer) // itemsize
+    for first in range(0, flat.numel(), step):
+        count = min(step, flat.numel() - first)
+        view = memoryview(buffer)[:count * itemsize]
+        _read_exactly(f, view, path)
+        flat[first:first + count].copy_(torch.frombuffer(view, dtype=info.dtype))
 
 
 def _weight_files(folder: Path) -> list[Path]:
@@ -155,67 +203,129 @@ def _weight_files(folder: Path) -> list[Path]:
     )
 
 
-def _tl_targets(name: str, tensor: Tensor, cfg: HookedTransformerConfig) -> list[tuple[str, Tensor]]:
-    """TL parameter name(s) and value(s) for one HF Qwen/Llama tensor; [] for tensors TL ignores."""
+_SIMPLE_NAMES = {
+    "input_layernorm.weight": "ln1.w",
+    "post_attention_layernorm.weight": "ln2.w",
+    "self_attn.q_norm.weight": "attn.q_norm.w",
+    "self_attn.k_norm.weight": "attn.k_norm.w",
+    "self_attn.o_proj.weight": "attn.W_O",
+    "mlp.up_proj.weight": "mlp.W_in",
+    "mlp.gate_proj.weight": "mlp.W_gate",
+    "mlp.down_proj.weight": "mlp.W_out",
+}
+
+
+def _tl_name(name: str, cfg: HookedTransformerConfig) -> str | None:
+    """TL parameter name for one HF Qwen/Llama tensor; None for tensors TL has no place for."""
     if name == "model.embed_tokens.weight":
-        return [("embed.W_E", tensor)]
+        return "embed.W_E"
     if name == "model.norm.weight":
-        return [("ln_final.w", tensor)]
+        return "ln_final.w"
     if name == "lm_head.weight":
-        return [("unembed.W_U", tensor.T)]
+        return "unembed.W_U"
     match = _LAYER.match(name)
     if match is None:
-        return []
+        return None
     layer, rest = int(match.group(1)), match.group(2)
     if layer >= cfg.n_layers:
-        return []
-    gqa = "_" if cfg.n_key_value_heads is not None else ""
-    n_kv = cfg.n_key_value_heads or cfg.n_heads
+        return None
     prefix = f"blocks.{layer}."
-    heads = {"q": (cfg.n_heads, "W_Q", "b_Q"), "k": (n_kv, f"{gqa}W_K", f"{gqa}b_K"),
-             "v": (n_kv, f"{gqa}W_V", f"{gqa}b_V")}
-    simple = {
-        "input_layernorm.weight": ("ln1.w", lambda t: t),
-        "post_attention_layernorm.weight": ("ln2.w", lambda t: t),
-        "self_attn.q_norm.weight": ("attn.q_norm.w", lambda t: t),
-        "self_attn.k_norm.weight": ("attn.k_norm.w", lambda t: t),
-        "self_attn.o_proj.weight": ("attn.W_O", lambda t: einops.rearrange(t, "m (n h) -> n h m", n=cfg.n_heads)),
-        "mlp.up_proj.weight": ("mlp.W_in", lambda t: t.T),
-        "mlp.gate_proj.weight": ("mlp.W_gate", lambda t: t.T),
-        "mlp.down_proj.weight": ("mlp.W_out", lambda t: t.T),
-    }
-    if rest in simple:
-        tl_name, transform = simple[rest]
-        return [(prefix + tl_name, transform(tensor))]
+    if rest in _SIMPLE_NAMES:
+        return prefix + _SIMPLE_NAMES[rest]
     proj = re.fullmatch(r"self_attn\.([qkv])_proj\.(weight|bias)", rest)
     if proj is None:
         raise CheckpointError(f"unexpected tensor {name!r} in the checkpoint; is it a supported architecture?")
-    n, w_name, b_name = heads[proj.group(1)]
-    if proj.group(2) == "weight":
-        return [(prefix + "attn." + w_name, einops.rearrange(tensor, "(n h) m -> n m h", n=n))]
-    return [(prefix + "attn." + b_name, einops.rearrange(tensor, "(n h) -> n h", n=n))]
+    head, kind = proj.group(1).upper(), "W" if proj.group(2) == "weight" else "b"
+    gqa = "_" if cfg.n_key_value_heads is not None and head != "Q" else ""
+    return f"{prefix}attn.{gqa}{kind}_{head}"
 
 
-def _stream_weights(model: HookedTransformer, folder: Path, *, skip: frozenset[str]) -> set[str]:
-    """Copy checkpoint tensors into `model`'s parameters; return the TL names written."""
-    params = dict(model.named_parameters())
+def _hf_layout(tl_name: str, shape: torch.Size) -> tuple[tuple[int, ...], Callable[[Tensor], Tensor] | None]:
+    """The HF shape of a TL parameter, and how to view HF-layout storage as the TL tensor.
+
+    The view is None where the TL tensor already has HF's memory layout (embeddings, norms,
+    biases). Attention and MLP matrices get HF-layout storage: TL's forward rearranges them to
+    HF's `[out, in]` before every `F.linear`, which is then a free view instead of a copy of every
+    weight on every forward, and the matmuls see exactly HF's operands.
+    """
+    leaf = tl_name.rsplit(".", 1)[-1]
+    if leaf in ("W_Q", "W_K", "W_V", "_W_K", "_W_V"):  # TL [n, m, h] <- HF [(n h), m]
+        n, m, h = shape
+        return (n * h, m), lambda s: s.view(n, h, m).permute(0, 2, 1)
+    if leaf == "W_O":  # TL [n, h, m] <- HF [m, (n h)]
+        n, h, m = shape
+        return (m, n * h), lambda s: s.view(m, n, h).permute(1, 2, 0)
+    if leaf in ("W_in", "W_gate", "W_out", "W_U"):  # TL [in, out] <- HF [out, in]
+        return (shape[1], shape[0]), lambda s: s.T
+    if leaf in ("b_Q", "b_K", "b_V", "_b_K", "_b_V"):  # TL [n, h] <- HF [(n h)]
+        return (shape.numel(),), None
+    return tuple(shape), None
+
+
+# q/k/v of a block share one HF-layout storage, rows in this order, so the fast decoder
+# (decoding.py) runs them as one matmul.
+_FUSED = {"W_Q": ("qkv", 0), "W_K": ("qkv", 1), "_W_K": ("qkv", 1), "W_V": ("qkv", 2), "_W_V": ("qkv", 2)}
+
+
+def _hf_layout_targets(model: HookedTransformer) -> dict[str, Tensor]:
+    """Per TL parameter, a contiguous HF-shaped tensor sharing its memory, to stream bytes into.
+
+    Parameters whose TL layout differs from HF's are replaced (before anything has touched their
+    uninitialised storage) by strided views of fresh HF-layout storage; q/k/v of each block are
+    consecutive rows of one storage (see `_FUSED`).
+    """
+    targets: dict[str, Tensor] = {}
+    groups: dict[str, list[tuple[int, str, nn.Parameter]]] = {}
+    for tl_name, param in list(model.named_parameters()):
+        module_name, leaf = tl_name.rsplit(".", 1)
+        if leaf in _FUSED and module_name.startswith("blocks."):
+            kind, rank = _FUSED[leaf]
+            groups.setdefault(f"{module_name.rsplit('.', 1)[0]}.{kind}", []).append((rank, tl_name, param))
+            continue
+        hf_shape, view = _hf_layout(tl_name, param.shape)
+        if view is None:
+            targets[tl_name] = param.detach().view(hf_shape)
+            continue
+        targets[tl_name] = _replace_parameter(model, tl_name, param, torch.empty(hf_shape, dtype=param.dtype,
+                                                                                 device=param.device), view)
+    for members in groups.values():
+        members.sort(key=lambda member: member[0])
+        layouts = [_hf_layout(name, param.shape) for _, name, param in members]
+        first = members[0][2]
+        storage = torch.empty(sum(shape[0] for shape, _ in layouts), layouts[0][0][1], dtype=first.dtype,
+                              device=first.device)
+        start = 0
+        for (_, name, param), (shape, view) in zip(members, layouts, strict=True):
+            targets[name] = _replace_parameter(model, name, param, storage[start:start + shape[0]], view)
+            start += shape[0]
+    return targets
+
+
+def _replace_parameter(model: HookedTransformer, tl_name: str, param: nn.Parameter, storage: Tensor,
+                       view: Callable[[Tensor], Tensor]) -> Tensor:
+    module_name, attr = tl_name.rsplit(".", 1)
+    setattr(model.get_submodule(module_name), attr, nn.Parameter(view(storage), param.requires_grad))
+    return storage
+
+
+def _stream_weights(folder: Path, targets: dict[str, Tensor], cfg: HookedTransformerConfig, *,
+                    skip: frozenset[str]) -> set[str]:
+    """Read checkpoint tensors straight into their targets; return the TL names written."""
     written: set[str] = set()
+    buffer = bytearray(_CAST_CHUNK)
     for file in _weight_files(folder):
-        for name, tensor in read_safetensors(file):
-            if name in skip:
+        for name, info, f in _safetensors_entries(file):
+            tl_name = None if name in skip else _tl_name(name, cfg)
+            if tl_name is None or tl_name not in targets:
                 continue
-            for tl_name, value in _tl_targets(name, tensor, model.cfg):
-                if tl_name not in params:
-                    continue
-                param = params[tl_name]
-                if param.shape != value.shape:
-                    raise CheckpointError(
-                        f"{name} has shape {tuple(tensor.shape)}, which does not fit {tl_name} "
-                        f"{tuple(param.shape)}: config.json and the weights disagree"
-                    )
-                with torch.no_grad():
-                    param.copy_(value)
-                written.add(tl_name)
+            target = targets[tl_name]
+            if tuple(target.shape) != info.shape:
+                raise CheckpointError(
+                    f"{name} has shape {info.shape}, which does not fit {tl_name} (HF shape "
+                    f"{tuple(target.shape)}): config.json and the weights disagree"
+                )
+            _read_into(f, info, target, file, buffer)
+            written.add(tl_name)
     return written
 
 
@@ -256,15 +366,17 @@ def load_hooked_transformer(
         model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False, default_padding_side="left")
     truncated = n_layers is not None
     if truncated:
-        # The AR reads the raw residual: drop the final norm and unembed before touching weights.
+        # The AR reads the raw residual: drop the final norm and unembed before touching weights,
+        # so their uninitialised storage is freed without ever being written.
         model.ln_final = nn.Identity()
         model.unembed = nn.Identity()
         model.setup()
+    targets = _hf_layout_targets(model)
     skip = frozenset({"model.norm.weight", "lm_head.weight"}) if truncated else frozenset()
-    written = _stream_weights(model, folder, skip=skip)
+    written = _stream_weights(folder, targets, cfg, skip=skip)
     if not truncated and getattr(hf_config, "tie_word_embeddings", False) and "unembed.W_U" not in written:
         with torch.no_grad():
-            model.unembed.W_U.copy_(model.embed.W_E.T)
+            targets["unembed.W_U"].copy_(targets["embed.W_E"])
         written.add("unembed.W_U")
     _zero_absent_biases(model, written)
     _check_complete(model, written, folder)

@@ -98,6 +98,6 @@ class ActivationReconstructor:
                           disable=not progress, unit="batch"):
             rows = slice(start, start + batch_size)
             width = int(mask[rows].sum(dim=1).max())  # drop columns that are padding in every row
-            resid = self.model(tokens[rows, -width:], attention_mask=mask[rows, -width:])
-            out.append(self.readout(resid[:, -1]).float())
+            resid = backends.last_residual(self.model, tokens[rows, -width:], mask[rows, -width:])
+            out.append(self.readout(resid).float())
         return torch.cat(out)

@@ -23,6 +23,11 @@ from nla_lens.sidecar import InjectionSpec, NLAMeta, av_prompt_ids, check_tokeni
 if TYPE_CHECKING:
     from nla_lens.backends import TLModel
 
+# Decode steps between checks that every row has emitted EOS: reading the flag waits for the
+# accelerator, which then idles while the host queues the next step. Free on the CPU.
+_STOP_CHECK_EVERY = {"cpu": 1}
+_STOP_CHECK_EVERY_DEFAULT = 8
+
 
 @dataclass(frozen=True)
 class Verbalization:
@@ -150,25 +155,22 @@ class ActivationVerbalizer:
         n = vectors.shape[0]
         tokens = self.prompt_tokens(n)
         injection = self.injection(vectors, tokens)
-        forward = backends.kv_cached_forward(self.model, n, self.device)
-        with self.model.hooks(fwd_hooks=injection.fwd_hooks()):
-            logits = forward(tokens, torch.ones_like(tokens))[:, -1]
-        eos = torch.tensor(self.eos_token_ids, device=self.device)
+        decoder = backends.decoder(self.model, n, tokens.shape[1] + max_new_tokens, injection.fwd_hooks())
+        logits = decoder.prefill(tokens, injection.fwd_hooks())
+        eos = torch.tensor(self.eos_token_ids, device=self.device, dtype=torch.long)
         finished = torch.zeros(n, dtype=torch.bool, device=self.device)
-        lengths = torch.full((n,), max_new_tokens, device=self.device)
-        steps = []
-        step_mask = torch.ones(n, 1, dtype=torch.long, device=self.device)
+        generated = torch.empty(n, max_new_tokens, dtype=torch.long, device=self.device)
+        check_every = _STOP_CHECK_EVERY.get(self.device.type, _STOP_CHECK_EVERY_DEFAULT)
         for step in range(max_new_tokens):
             next_ids = _sample(logits, temperature, top_p, generator)
-            steps.append(next_ids)
-            just_done = ~finished & torch.isin(next_ids, eos)
-            lengths = torch.where(just_done, step + 1, lengths)
-            finished |= just_done
-            if bool(finished.all()) or step == max_new_tokens - 1:
+            generated[:, step] = next_ids
+            finished |= torch.isin(next_ids, eos)
+            if step == max_new_tokens - 1 or (step % check_every == 0 and bool(finished.all())):
                 break
-            logits = forward(next_ids[:, None], step_mask)[:, -1]
-        generated = torch.stack(steps, dim=1).tolist()
-        return [row[:length] for row, length in zip(generated, lengths.tolist(), strict=True)]
+            logits = decoder.step(next_ids)
+        rows = generated[:, :step + 1].tolist()
+        eos_ids = set(self.eos_token_ids)
+        return [row[:next((i + 1 for i, t in enumerate(row) if t in eos_ids), len(row))] for row in rows]
 
 
 def _sample(logits: Float[Tensor, "n vocab"], temperature: float, top_p: float,

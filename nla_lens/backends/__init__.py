@@ -9,7 +9,7 @@ The default follows the installed TransformerLens major version (3 -> hooked, 4 
 ``NLA_LENS_BACKEND`` or the loaders' ``backend=`` argument overrides it. Everything else in
 nla_lens uses only what both models offer: hook names, `run_with_hooks`, `hooks()`, `to_tokens`,
 `cfg`. The two differences live here: how a checkpoint folder becomes a model (`load_model`) and
-how a forward runs against a KV cache (`kv_cached_forward`).
+how a forward runs against a KV cache (`decoder`) and the AR's last residual (`last_residual`).
 """
 
 from __future__ import annotations
@@ -37,14 +37,13 @@ BACKENDS = ("hooked", "bridge")
 ENV_VAR = "NLA_LENS_BACKEND"
 
 
-class KVCachedForward(Protocol):
-    """A forward pass that extends one KV cache: a prefill, then single-token steps.
+class Decoder(Protocol):
+    """KV-cached decoding for `verbalize`: the prefill runs under `fwd_hooks` (the injection), each step
+    under whatever hooks the caller installed; both return the last position's logits."""
 
-    `attention_mask` covers the new tokens only; hooks installed on the model fire on every call.
-    """
+    def prefill(self, tokens: Int[Tensor, "batch pos"], fwd_hooks: list) -> Float[Tensor, "batch d_vocab"]: ...
 
-    def __call__(self, tokens: Int[Tensor, "batch pos"],
-                 attention_mask: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_vocab"]: ...
+    def step(self, ids: Int[Tensor, " batch"]) -> Float[Tensor, "batch d_vocab"]: ...
 
 
 def transformer_lens_major() -> int:
@@ -93,9 +92,16 @@ def backend_of(model: TLModel) -> str:
     )
 
 
-def kv_cached_forward(model: TLModel, batch_size: int, device: torch.device) -> KVCachedForward:
-    """A fresh KV cache for `batch_size` rows of `model`, and the forward that fills it."""
-    return import_module(f"nla_lens.backends.{backend_of(model)}").kv_cached_forward(model, batch_size, device)
+def decoder(model: TLModel, batch_size: int, max_len: int, fwd_hooks: list) -> Decoder:
+    """The backend's decoder for `batch_size` rows of at most `max_len` tokens."""
+    return import_module(f"nla_lens.backends.{backend_of(model)}").decoder(model, batch_size, max_len, fwd_hooks)
+
+
+def last_residual(model: TLModel, tokens: Int[Tensor, "batch pos"],
+                  attention_mask: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch d_model"]:
+    """An AR model's residual after its last block, at the last position (left padding)."""
+    module = import_module(f"nla_lens.backends.{backend_of(model)}")
+    return module.last_residual(model, tokens, attention_mask)
 
 
 def _check_name(name: str, source: str) -> str:

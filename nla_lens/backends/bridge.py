@@ -112,5 +112,27 @@ class _CachedForward:
         return logits
 
 
-def kv_cached_forward(model: TransformerBridge, batch_size: int, device: torch.device) -> _CachedForward:
-    return _CachedForward(model, batch_size, device)
+class _Decoder:
+    """`backends.Decoder` over the bridge's cached forward: every hook fires on every call."""
+
+    def __init__(self, model: TransformerBridge, batch_size: int) -> None:
+        device = next(model.parameters()).device
+        self.model = model
+        self.forward = _CachedForward(model, batch_size, device)
+        self.step_mask = torch.ones(batch_size, 1, dtype=torch.long, device=device)
+
+    def prefill(self, tokens: Int[Tensor, "batch pos"], fwd_hooks: list) -> Float[Tensor, "batch d_vocab"]:
+        with self.model.hooks(fwd_hooks=fwd_hooks):
+            return self.forward(tokens, torch.ones_like(tokens))[:, -1]
+
+    def step(self, ids: Int[Tensor, " batch"]) -> Float[Tensor, "batch d_vocab"]:
+        return self.forward(ids[:, None], self.step_mask)[:, -1]
+
+
+def decoder(model: TransformerBridge, batch_size: int, max_len: int, fwd_hooks: list) -> _Decoder:
+    return _Decoder(model, batch_size)
+
+
+def last_residual(model: TransformerBridge, tokens: Int[Tensor, "batch pos"],
+                  attention_mask: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch d_model"]:
+    return model(tokens, attention_mask=attention_mask)[:, -1]

@@ -5,13 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from jaxtyping import Float, Int
-from torch import Tensor
 from transformer_lens import HookedTransformer
-from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 from transformers import PreTrainedTokenizerBase
 
-from nla_lens import loading
+from nla_lens import decoding, loading
 
 
 def load_model(folder: Path, tokenizer: PreTrainedTokenizerBase, *, dtype: torch.dtype,
@@ -21,17 +18,6 @@ def load_model(folder: Path, tokenizer: PreTrainedTokenizerBase, *, dtype: torch
                                            trust_remote_code=trust_remote_code)
 
 
-class _CachedForward:
-    """TL's own cache; it keeps the attention mask of every token it has seen."""
-
-    def __init__(self, model: HookedTransformer, batch_size: int, device: torch.device) -> None:
-        self.model = model
-        self.cache = TransformerLensKeyValueCache.init_cache(model.cfg, device, batch_size)
-
-    def __call__(self, tokens: Int[Tensor, "batch pos"],
-                 attention_mask: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_vocab"]:
-        return self.model(tokens, attention_mask=attention_mask, past_kv_cache=self.cache)
-
-
-def kv_cached_forward(model: HookedTransformer, batch_size: int, device: torch.device) -> _CachedForward:
-    return _CachedForward(model, batch_size, device)
+# The fast paths (decoding.py) fall back to TL's own forward whenever a hook could observe it.
+decoder = decoding.decoder_for
+last_residual = decoding.last_residual

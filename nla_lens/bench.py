@@ -1,0 +1,448 @@
+"""`nla-lens bench`: nla_lens's memory and speed against plain HF and TransformerLens's own loader.
+
+Every figure comes from one run of this command: the same random Qwen3-shaped weights and the same
+inputs on every side, repetitions interleaved, medians reported. The checkpoints are written as
+bf16 sharded safetensors into a temporary folder that is deleted afterwards.
+
+* memory: each load runs in a fresh subprocess, so peaks never contaminate each other. The figure
+  is (peak RSS - RSS once the libraries are imported) / bytes of the loaded weights, over the load
+  plus one forward pass, after touching every weight (HF maps safetensors lazily). On a GPU the
+  peak of allocated device memory is reported as well.
+* speed: `verbalize` against HF `generate` with the reference forward hook on decoder layer 1;
+  the forward pass with and without the injection hook; `reconstruct` against the HF truncated
+  model + readout, both batched over left-padded prompts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+AV_TEMPLATE = ("Here is an activation vector: <c>{injection_char}</c>. Say in one sentence what the "
+               "model was thinking about, inside explanation tags.")
+_WORDS = ("the cat sat on the mat a dog ran in the park words about weather and the sea numbers one two "
+          "three names of places a question the end of a sentence").split()
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A Qwen3-shaped model: GQA, q/k norms, untied embeddings, head_dim = d_model / n_heads."""
+
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    d_mlp: int
+    vocab: int
+
+    def n_params(self) -> int:
+        d, h = self.d_model, self.d_model // self.n_heads
+        attn = 2 * d * self.n_heads * h + 2 * d * self.n_kv_heads * h + 2 * h + 2 * d
+        return 2 * self.vocab * d + d + self.n_layers * (attn + 3 * d * self.d_mlp)
+
+    def describe(self) -> str:
+        return (f"{self.n_params() / 1e6:.1f}M params (d_model {self.d_model}, {self.n_layers} layers, "
+                f"{self.n_heads}/{self.n_kv_heads} heads, d_mlp {self.d_mlp}, vocab {self.vocab})")
+
+
+@dataclass(frozen=True)
+class Plan:
+    memory: Shape
+    speed: Shape
+    ar_layer: int  # K: the AR keeps K + 1 blocks
+    batches: tuple[int, ...]
+    new_tokens: int
+    reps: int
+    forward_reps: int
+    ar_texts: int
+    ar_batch: int
+
+
+FULL = Plan(memory=Shape(1024, 8, 16, 8, 3072, 151936), speed=Shape(512, 8, 8, 4, 1536, 16384), ar_layer=3,
+            batches=(1, 16), new_tokens=64, reps=5, forward_reps=11, ar_texts=64, ar_batch=32)
+QUICK = Plan(memory=Shape(64, 4, 4, 2, 128, 512), speed=Shape(64, 4, 4, 2, 128, 512), ar_layer=2,
+             batches=(1, 4), new_tokens=8, reps=1, forward_reps=2, ar_texts=8, ar_batch=4)
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "bench", help="measure load memory and verbalize / reconstruct speed against HF and TransformerLens",
+        description=__doc__.split("\n\n")[1])
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--quick", action="store_true", help="tiny models and few repetitions (a smoke test)")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.set_defaults(run=_run)
+
+
+def _run(args: argparse.Namespace) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    run(QUICK if args.quick else FULL, device=args.device)
+
+
+def run(plan: Plan, *, device: str = "cpu", out: Callable[[str], None] = print) -> None:
+    """Write the checkpoints, print the memory then the speed figures, delete the checkpoints."""
+    load = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    out(f"nla-lens bench: device {device}, torch {torch.__version__}, {torch.get_num_threads()} torch threads, "
+        f"{os.cpu_count()} CPUs, load average {load} (speed ratios need an otherwise idle machine)")
+    root = Path(tempfile.mkdtemp(prefix="nla_lens_bench_"))
+    try:
+        memory = write_checkpoints(root / "memory", plan.memory, plan.ar_layer)
+        _report_memory(memory, plan, device, out)
+        shutil.rmtree(root / "memory")
+        speed = write_checkpoints(root / "speed", plan.speed, plan.ar_layer)
+        _report_speed(speed, plan, device, out)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+# --- checkpoints -------------------------------------------------------------------------------
+
+
+def write_checkpoints(root: Path, shape: Shape, ar_layer: int, seed: int = 0) -> dict[str, Path]:
+    """A random AV (full depth, Karvonen sidecar) and AR (K+1 blocks, sharded, placeholders)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from nla_lens.sidecar import dump_meta
+    from nla_lens.testing import AR_TEMPLATE, MARKER, build_tokenizer, save_ar
+
+    tokenizer = build_tokenizer()
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": AV_TEMPLATE.replace("{injection_char}", MARKER)}],
+        add_generation_prompt=True, tokenize=True, return_dict=False)
+    marker = tokenizer.convert_tokens_to_ids(MARKER)
+    at = prompt.index(marker)
+    suffix = AR_TEMPLATE.split("{explanation}")[1]
+    sidecar = {
+        "kind": "nla_dataset", "schema_version": 1, "dataset_id": "bench", "stage": "ar_sft",
+        "extraction": {"base_model": "bench", "d_model": shape.d_model, "layer_index": ar_layer},
+        "tokens": {"injection_char": MARKER, "injection_token_id": marker,
+                   "injection_left_neighbor_id": prompt[at - 1], "injection_right_neighbor_id": prompt[at + 1],
+                   "critic_suffix_ids": tokenizer.encode(suffix, add_special_tokens=False)[1:]},
+        "prompt_templates": {"actor": AV_TEMPLATE, "critic": AR_TEMPLATE},
+    }
+    config = Qwen3Config(
+        vocab_size=shape.vocab, hidden_size=shape.d_model, intermediate_size=shape.d_mlp,
+        num_hidden_layers=shape.n_layers, num_attention_heads=shape.n_heads,
+        num_key_value_heads=shape.n_kv_heads, head_dim=shape.d_model // shape.n_heads,
+        max_position_embeddings=2048, rms_norm_eps=1e-6, tie_word_embeddings=False,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    with torch.device("meta"):
+        model = Qwen3ForCausalLM(config)
+    model = model.to_empty(device="cpu").to(torch.bfloat16).eval()  # every parameter is written below
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.ndim == 1:  # norm weights away from one, so loading them wrong shows
+                param.copy_(1.0 + 0.3 * torch.randn(param.shape, generator=generator))
+            elif name.endswith(("embed_tokens.weight", "o_proj.weight", "down_proj.weight")):
+                param.normal_(0.0, 0.05, generator=generator)  # small writes into the residual stream
+            else:  # peaked logits: few greedy near-ties between implementations
+                param.normal_(0.0, 1.6 / math.sqrt(param.shape[1]), generator=generator)
+    shard = f"{max(1, shape.n_params() // 3 * 2 // 2**20)}MB"  # about three shards
+    av = root / "av"
+    model.save_pretrained(av, max_shard_size=shard)
+    tokenizer.save_pretrained(av)
+    dump_meta(sidecar, av)
+    readout = torch.eye(shape.d_model) + 0.05 * torch.randn(shape.d_model, shape.d_model, generator=generator)
+    ar = save_ar(model, tokenizer, root / "ar", sidecar, ar_layer, readout=readout.to(torch.bfloat16),
+                 shards=3, placeholders=True)
+    del model
+    return {"av": av, "ar": ar}
+
+
+# --- memory ------------------------------------------------------------------------------------
+
+_MEMORY_RUNS = (  # (label, loader, dtype)
+    ("AV nla_lens", "nla_av", "bfloat16"), ("AV HF from_pretrained", "hf", "bfloat16"),
+    ("AV TL from HF model", "tl", "bfloat16"), ("AR nla_lens (kept blocks)", "nla_ar", "bfloat16"),
+    ("AV nla_lens", "nla_av", "float32"), ("AV HF from_pretrained", "hf", "float32"),
+    ("AV TL from HF model", "tl", "float32"), ("AR nla_lens (kept blocks)", "nla_ar", "float32"),
+)
+
+
+def _report_memory(paths: dict[str, Path], plan: Plan, device: str, out: Callable[[str], None]) -> None:
+    out(f"memory model: Qwen3-shaped, {plan.memory.describe()}, AR keeps {plan.ar_layer + 1} blocks; "
+        f"bf16 sharded safetensors ({_folder_mb(paths['av']):.0f} MB AV, {_folder_mb(paths['ar']):.0f} MB AR)")
+    out("  peak RSS over load + one forward / weight bytes (RSS before the load subtracted; fresh process each)")
+    with _ForkServer() as server:
+        for label, loader, dtype in _MEMORY_RUNS:
+            result = server.measure(loader, paths["ar"] if loader == "nla_ar" else paths["av"], dtype, device)
+            name = f"{label} (bf16 file -> {'bf16' if dtype == 'bfloat16' else 'fp32'} model)"
+            line = (f"  {name:58s} {result['growth'] / result['weights']:5.2f}x   (weights "
+                    f"{result['weights'] / 2**20:6.0f} MB, peak growth {result['growth'] / 2**20:6.0f} MB)")
+            if "device_peak" in result:
+                line += f"   {device} peak / weights {result['device_peak'] / result['weights']:.2f}x"
+            out(line)
+
+
+def _folder_mb(folder: Path) -> float:
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors")) / 2**20
+
+
+_RESULT = "nla-lens-bench-result "
+
+
+class _ForkServer:
+    """A subprocess that imports torch, transformers and TransformerLens once, then forks a fresh
+    child per measurement: every load gets its own process and peak, without paying the imports
+    (seconds each) again. It computes nothing itself, so forking it is safe."""
+
+    def __enter__(self) -> _ForkServer:
+        code = "import nla_lens.bench as b; b._serve_forks()"
+        self.proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.DEVNULL, text=True,
+                                     env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        return self
+
+    def measure(self, loader: str, folder: Path, dtype: str, device: str) -> dict[str, Any]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(json.dumps([loader, str(folder), dtype, device]) + "\n")
+        self.proc.stdin.flush()
+        for line in self.proc.stdout:
+            if line.startswith(_RESULT):
+                result = json.loads(line[len(_RESULT):])
+                if "error" in result:
+                    raise RuntimeError(f"memory measurement {loader} {dtype} failed:\n{result['error']}")
+                return result
+        raise RuntimeError(f"the memory measurement process died during {loader} {dtype}")
+
+    def __exit__(self, *exc: object) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+def _serve_forks() -> None:
+    import traceback
+
+    import transformer_lens  # noqa: F401 - imported once here, inherited by every child
+    import transformers  # noqa: F401
+
+    import nla_lens  # noqa: F401
+
+    for request in sys.stdin:
+        pid = os.fork()
+        if pid == 0:
+            try:
+                result = _measure_load(*json.loads(request))
+            except BaseException:  # noqa: BLE001 - reported to the parent, which raises
+                result = {"error": traceback.format_exc()}
+            print(_RESULT + json.dumps(result), flush=True)
+            os._exit(0)
+        os.waitpid(pid, 0)
+
+
+def _status_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def _measure_load(loader: str, folder: str, dtype_name: str, device: str) -> dict[str, int]:
+    """One load + one forward in this (fresh) process: weight bytes and peak RSS growth."""
+    import gc
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import nla_lens as nl
+
+    dtype = getattr(torch, dtype_name)
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM: only the load below counts
+    base = _status_bytes("VmRSS")
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    with torch.inference_mode():
+        if loader == "nla_av":
+            av = nl.ActivationVerbalizer.from_pretrained(folder, dtype=dtype, device=device)
+            modules = [av.model]
+            av.model(av.prompt_tokens(1))
+        elif loader == "nla_ar":
+            ar = nl.ActivationReconstructor.from_pretrained(folder, dtype=dtype, device=device)
+            modules = [ar.model, ar.readout]
+            ar.reconstruct(["a cat sat on the mat"])
+        elif loader == "hf":
+            hf = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map=device).eval()
+            modules = [hf]
+            hf(torch.tensor([[1, 2, 3, 4]], device=device))
+        else:
+            modules = [_tl_from_hf_model(Path(folder), AutoTokenizer.from_pretrained(folder), dtype, device)]
+            modules[0](torch.tensor([[1, 2, 3, 4]], device=device))
+        params = [p for m in modules for p in m.parameters()]
+        for p in params:  # fault in every page (HF maps safetensors lazily)
+            p.sum()
+    result = {"weights": sum(p.numel() * p.element_size() for p in params),
+              "growth": _status_bytes("VmHWM") - base}
+    if device.startswith("cuda"):
+        result["device_peak"] = torch.cuda.max_memory_allocated()
+    return result
+
+
+def _tl_from_hf_model(folder: Path, tokenizer: Any, dtype: torch.dtype, device: str) -> Any:
+    """TransformerLens 3.9's own path, as `HookedTransformer.from_pretrained_no_processing(name,
+    hf_model=...)` runs it, minus its lookup of the name in TL's list of official models."""
+    from transformer_lens import HookedTransformer
+    from transformer_lens import loading_from_pretrained as tl_loading
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    cfg = tl_loading.get_pretrained_model_config(str(folder), hf_cfg=hf.config.to_dict(), dtype=dtype,
+                                                 device=device, fold_ln=False)
+    state_dict = tl_loading.get_pretrained_state_dict(str(folder), cfg, hf, dtype=dtype)
+    model = HookedTransformer(cfg, tokenizer, move_to_device=False)
+    model.load_and_process_state_dict(state_dict, fold_ln=False, center_writing_weights=False,
+                                      center_unembed=False, fold_value_biases=False,
+                                      refactor_factored_attn_matrices=False)
+    del hf, state_dict
+    return model.to(device)
+
+
+# --- speed -------------------------------------------------------------------------------------
+
+
+def _report_speed(paths: dict[str, Path], plan: Plan, device: str, out: Callable[[str], None]) -> None:
+    from transformers import AutoModelForCausalLM
+
+    import nla_lens as nl
+
+    av = nl.ActivationVerbalizer.from_pretrained(paths["av"], device=device)
+    av.eos_token_ids = []  # every row runs the full plan.new_tokens, as on the HF side
+    hf = AutoModelForCausalLM.from_pretrained(paths["av"], dtype=torch.float32, device_map=device).eval()
+    n_prompt = av.prompt_tokens(1).shape[1]
+    out(f"speed model: Qwen3-shaped, {plan.speed.describe()}, fp32 on {device}; AV prompt {n_prompt} tokens")
+    generator = torch.Generator().manual_seed(1)
+    for batch in plan.batches:
+        vectors = (3.0 * torch.randn(batch, plan.speed.d_model, generator=generator)).to(device)
+        _report_verbalize(av, hf, vectors, plan, device, out)
+    vectors = (3.0 * torch.randn(plan.batches[-1], plan.speed.d_model, generator=generator)).to(device)
+    _report_hook_overhead(av, vectors, plan, device, out)
+    ar = nl.ActivationReconstructor.from_pretrained(paths["ar"], device=device)
+    words = torch.randint(len(_WORDS), (plan.ar_texts, 40), generator=generator).tolist()
+    lengths = torch.randint(4, 40, (plan.ar_texts,), generator=generator).tolist()
+    texts = [" ".join(_WORDS[i] for i in row[:n]) for row, n in zip(words, lengths, strict=True)]
+    _report_reconstruct(ar, _HFCritic(paths["ar"], device), texts, plan, device, out)
+
+
+def _report_verbalize(av: Any, hf: Any, vectors: torch.Tensor, plan: Plan, device: str,
+                      out: Callable[[str], None]) -> None:
+    batch = len(vectors)
+
+    def ours() -> list[list[int]]:
+        outputs = av.verbalize(vectors, max_new_tokens=plan.new_tokens, batch_size=batch, progress=False)
+        return [o.tokens for o in outputs]
+
+    def theirs() -> list[list[int]]:
+        return _hf_generate(hf, av, vectors, plan.new_tokens)
+
+    same = sum(a == b for a, b in zip(ours(), theirs(), strict=True))
+    t_ours, t_theirs = _interleaved(ours, theirs, plan.reps, device)
+    tokens = batch * plan.new_tokens
+    out(f"  verbalize batch {batch:2d}, {plan.new_tokens} new tokens, greedy: nla_lens {tokens / t_ours:7.1f} tok/s, "
+        f"HF generate + layer-1 hook {tokens / t_theirs:7.1f} tok/s -> {t_theirs / t_ours:.2f}x "
+        f"(rows with identical tokens: {same}/{batch})")
+
+
+def _report_hook_overhead(av: Any, vectors: torch.Tensor, plan: Plan, device: str,
+                          out: Callable[[str], None]) -> None:
+    tokens = av.prompt_tokens(len(vectors))
+    injection = av.injection(vectors, tokens)
+    with torch.inference_mode():
+        t_hook, t_plain = _interleaved(lambda: av.model.run_with_hooks(tokens, fwd_hooks=injection.fwd_hooks()),
+                                       lambda: av.model(tokens), plan.forward_reps, device)
+    out(f"  injection hook overhead, forward batch {len(vectors)}: with hook / without {t_hook / t_plain:.3f}x "
+        f"({100 * (t_hook / t_plain - 1):+.1f}%)")
+
+
+def _report_reconstruct(ar: Any, reference: _HFCritic, texts: list[str], plan: Plan, device: str,
+                        out: Callable[[str], None]) -> None:
+    diff = (ar.reconstruct(texts, batch_size=plan.ar_batch) - reference(texts, plan.ar_batch)).abs().max()
+    t_ours, t_theirs = _interleaved(lambda: ar.reconstruct(texts, batch_size=plan.ar_batch),
+                                    lambda: reference(texts, plan.ar_batch), plan.reps, device)
+    out(f"  AR reconstruct {len(texts)} texts, batch {plan.ar_batch}, left-padded: nla_lens "
+        f"{len(texts) / t_ours:7.1f} texts/s, HF truncated model + readout {len(texts) / t_theirs:7.1f} "
+        f"texts/s -> {t_theirs / t_ours:.2f}x (max |diff| {float(diff):.1e})")
+
+
+def _interleaved(first: Callable[[], Any], second: Callable[[], Any], reps: int, device: str) -> tuple[float, float]:
+    """Median seconds of each, run alternately (order swapped every repetition) after a warm-up."""
+    times: tuple[list[float], list[float]] = ([], [])
+    first(), second()
+    for rep in range(reps):
+        order = (0, 1) if rep % 2 == 0 else (1, 0)
+        for i in order:
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            (first, second)[i]()
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            times[i].append(time.perf_counter() - start)
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
+def _hf_generate(hf: Any, av: Any, vectors: torch.Tensor, new_tokens: int) -> list[list[int]]:
+    """HF greedy `generate` with the training code's forward hook on decoder layer 1 (prefill only)."""
+    tokens = av.prompt_tokens(len(vectors))
+    rows, positions = torch.nonzero(tokens == av.meta.injection_token_id, as_tuple=True)
+
+    def hook(_module, _inputs, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        if hidden.shape[1] < 2:
+            return output
+        hidden = hidden.clone()
+        h = hidden[rows, positions]
+        hidden[rows, positions] = h + h.norm(dim=-1, keepdim=True) * vectors / vectors.norm(dim=-1, keepdim=True)
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    handle = hf.model.layers[1].register_forward_hook(hook)
+    try:
+        with torch.inference_mode():
+            out = hf.generate(tokens, attention_mask=torch.ones_like(tokens), max_new_tokens=new_tokens,
+                              do_sample=False, eos_token_id=None, pad_token_id=av.tokenizer.pad_token_id)
+    finally:
+        handle.remove()
+    return out[:, tokens.shape[1]:].tolist()
+
+
+class _HFCritic:
+    """The reference AR: HF truncated backbone, final norm removed, readout at the last token."""
+
+    def __init__(self, folder: Path, device: str) -> None:
+        from safetensors.torch import load_file
+        from transformers import AutoModel, AutoTokenizer
+
+        from nla_lens.sidecar import load_meta
+
+        self.model = AutoModel.from_pretrained(folder, dtype=torch.float32, device_map=device).eval()
+        self.model.norm = torch.nn.Identity()
+        self.head = load_file(str(folder / "value_head.safetensors"))["weight"].float().to(device)
+        self.tokenizer = AutoTokenizer.from_pretrained(folder, padding_side="left")
+        self.meta = load_meta(folder)
+        self.device = device
+
+    @torch.inference_mode()
+    def __call__(self, texts: list[str], batch_size: int) -> torch.Tensor:
+        out = []
+        for start in range(0, len(texts), batch_size):
+            batch = self.tokenizer([self.meta.ar_prompt(t) for t in texts[start:start + batch_size]],
+                                   add_special_tokens=False, padding=True, return_tensors="pt").to(self.device)
+            positions = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
+            hidden = self.model(**batch, position_ids=positions).last_hidden_state[:, -1]
+            out.append(hidden @ self.head.T)
+        return torch.cat(out)

@@ -1,0 +1,302 @@
+"""Fast paths for the AV and AR forwards, with TransformerLens's own forward as the fallback.
+
+`verbalize` decodes through one of two decoders sharing one interface (`prefill(tokens,
+fwd_hooks)` then `step(ids)`, each returning the logits at the last position only, as HF
+`generate` computes them, so a prefill never holds a `[batch, pos, d_vocab]` tensor):
+
+* `HookedDecoder` runs every step through `HookedTransformer.forward` with TL's KV cache, so every
+  hook fires on every step. It serves any model and any hooks.
+* `FastDecoder` computes what TL's Qwen / Llama blocks compute, on the same parameters, without
+  TL's per-step overheads: TL caches keys before the rotary embedding and so re-rotates the whole
+  cache in every layer at every step, repeats the K/V heads of grouped-query attention over the
+  whole cache, and rebuilds masks per layer. Here keys are cached rotated in a buffer allocated
+  once, q/k/v run as one matmul (the loader lays them out for that), and norms and
+  attention use torch's fused kernels, which round as HF's RMSNorm and SDPA do.
+
+`FastBlocks` (the block stack behind `FastDecoder`) also serves `reconstruct`. Both fast paths run
+only when the model has no hooks attached at all, so nothing can observe that TL's forward did
+not run; the injection, passed explicitly, is applied at `hook_embed` or `blocks.{i}.hook_resid_post`
+exactly as TL would apply it there.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+from transformer_lens import HookedTransformer
+from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+from transformer_lens.components import Embed, GatedMLP, GroupedQueryAttention, RMSNorm, Unembed
+from transformer_lens.components.attention import Attention
+
+from nla_lens.injection import HookFn
+
+# cfg values under which a TL block computes exactly what `FastDecoder` computes (the loader's
+# Qwen3 / Qwen2 / Llama configs); the rotary frequencies are read from TL's own sin/cos buffers.
+_FAST_CFG = {
+    "positional_embedding_type": "rotary", "rotary_adjacent_pairs": False, "normalization_type": "RMS",
+    "final_rms": True, "gated_mlp": True, "act_fn": "silu", "n_devices": 1, "load_in_4bit": False,
+    "attention_dir": "causal", "attn_only": False, "parallel_attn_mlp": False, "post_embedding_ln": False,
+    "use_normalization_before_and_after": False, "use_logn_attn": False, "use_dynamic_ntk_rope": False,
+    "clip_qkv": None, "use_attention_sinks": False, "attn_types": None,
+}
+_FAST_ARCHITECTURES = ("Qwen3ForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM")
+
+
+def decoder_for(model: HookedTransformer, batch: int, max_len: int,
+                fwd_hooks: list[tuple[str, HookFn]]) -> HookedDecoder | FastDecoder:
+    """The fast decoder when it computes what TL would and nothing observes TL's internals."""
+    fast = FastDecoder.build(model, batch, max_len) if FastBlocks.supports(fwd_hooks) else None
+    return fast if fast is not None else HookedDecoder(model, batch)
+
+
+def last_residual(model: HookedTransformer, tokens: Int[Tensor, "batch pos"],
+                  attention_mask: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch d_model"]:
+    """`model(tokens, attention_mask=...)[:, -1]` for an AR model (no final norm, no unembed)."""
+    batch, n_pos = tokens.shape
+    blocks = FastBlocks.build(model) if _is_identity(model.ln_final) and _is_identity(model.unembed) else None
+    if blocks is None or n_pos > blocks.max_len:
+        return model(tokens, attention_mask=attention_mask)[:, -1]
+    keys = torch.empty(1, batch, blocks.n_kv, n_pos, blocks.d_head, dtype=model.cfg.dtype, device=tokens.device)
+    positions = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)  # as TL's get_offset_position_ids
+    # Pad queries see themselves only, so no softmax row is empty (an empty row would be NaN).
+    eye = torch.eye(n_pos, dtype=torch.bool, device=tokens.device)
+    mask = (eye.logical_not().tril() & attention_mask.bool()[:, None, None, :]) | eye
+    return blocks.run(tokens, positions, mask, keys, torch.empty_like(keys), start=0, shared_cache=True,
+                      last_only=True)[:, -1]
+
+
+def _is_identity(module: nn.Module) -> bool:
+    return type(module) is nn.Identity
+
+
+def _last_logits(model: HookedTransformer, resid: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch vocab"]:
+    logits = model.unembed(model.ln_final(resid[:, -1:]))[:, -1]
+    cap = model.cfg.output_logits_soft_cap
+    return cap * torch.tanh(logits / cap) if cap > 0 else logits
+
+
+class HookedDecoder:
+    """Each step is a `HookedTransformer.forward` with TL's KV cache: every hook fires every step."""
+
+    def __init__(self, model: HookedTransformer, batch: int) -> None:
+        self.model = model
+        self.cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.W_E.device, batch)
+        self.step_mask = torch.ones(batch, 1, dtype=torch.long, device=model.W_E.device)
+
+    def prefill(self, tokens: Int[Tensor, "batch pos"], fwd_hooks: list[tuple[str, HookFn]]) -> Tensor:
+        with self.model.hooks(fwd_hooks=fwd_hooks):
+            resid = self.model(tokens, attention_mask=torch.ones_like(tokens), past_kv_cache=self.cache,
+                               stop_at_layer=self.model.cfg.n_layers)
+            return _last_logits(self.model, resid)
+
+    def step(self, ids: Int[Tensor, " batch"]) -> Float[Tensor, "batch vocab"]:
+        return self.model(ids[:, None], attention_mask=self.step_mask, past_kv_cache=self.cache)[:, -1]
+
+
+class _Layer:
+    """One block's weights as HF-layout `[out, in]` views (free: the loader stores them that way).
+
+    q/k/v run as one matmul when they are consecutive rows of one storage, as the loader lays them
+    out. (Gate and up stay two: on CPU one wide matmul measured slower than two.)
+    """
+
+    def __init__(self, block: nn.Module) -> None:
+        attn, mlp = block.attn, block.mlp
+        grouped = isinstance(attn, GroupedQueryAttention)
+        w_k, w_v = (attn._W_K, attn._W_V) if grouped else (attn.W_K, attn.W_V)
+        b_k, b_v = (attn._b_K, attn._b_V) if grouped else (attn.b_K, attn.b_V)
+        self.n_heads, self.n_kv, self.d_head = attn.W_Q.shape[0], w_k.shape[0], attn.W_Q.shape[2]
+        self.qkv = _rows(_as_linear(attn.W_Q), _as_linear(w_k), _as_linear(w_v))
+        b_qkv = torch.cat([attn.b_Q.reshape(-1), b_k.reshape(-1), b_v.reshape(-1)])
+        self.b_qkv = b_qkv if bool(b_qkv.any()) else None  # only Qwen2 has q/k/v biases
+        self.w_o = attn.W_O.permute(2, 0, 1).reshape(attn.W_O.shape[2], -1)
+        self.b_o = attn.b_O
+        self.qk_norm = None  # q and k are normalised as one [n_heads + n_kv, d_head] block
+        if attn.q_norm is not None:
+            self.qk_norm = torch.cat([attn.q_norm.w.expand(self.n_heads, -1), attn.k_norm.w.expand(self.n_kv, -1)])
+        self.scale = 1.0 / attn.attn_scale
+        self.cos, self.sin = attn.rotary_cos, attn.rotary_sin
+        self.ln1, self.ln2, self.eps = block.ln1.w, block.ln2.w, block.ln1.eps
+        self.w_gate, self.w_in = mlp.W_gate.T, mlp.W_in.T
+        self.b_in = mlp.b_in if bool(mlp.b_in.any()) else None  # TL adds it after the gating
+        self.w_out, self.b_out = mlp.W_out.T, mlp.b_out
+
+    @staticmethod
+    def in_hf_layout(block: nn.Module) -> bool:
+        """Whether every `[out, in]` view above is free (else building them would copy weights)."""
+        attn, mlp = block.attn, block.mlp
+        grouped = isinstance(attn, GroupedQueryAttention)
+        qkv = (attn.W_Q, *((attn._W_K, attn._W_V) if grouped else (attn.W_K, attn.W_V)))
+        return (all(w.permute(0, 2, 1).is_contiguous() for w in qkv) and attn.W_O.permute(2, 0, 1).is_contiguous()
+                and all(w.T.is_contiguous() for w in (mlp.W_gate, mlp.W_in, mlp.W_out)))
+
+
+def _as_linear(w: Float[Tensor, "n d_model d_head"]) -> Float[Tensor, "n_d_head d_model"]:
+    return w.permute(0, 2, 1).reshape(-1, w.shape[1])
+
+
+def _rows(*weights: Tensor) -> tuple[Tensor, ...]:
+    """`weights` as one `[sum of rows, in]` view when they are consecutive in memory, else as given."""
+    first = weights[0]
+    offset = first.storage_offset()
+    for w in weights:
+        if (not w.is_contiguous() or w.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
+                or w.storage_offset() != offset or w.shape[1] != first.shape[1]):
+            return weights
+        offset += w.numel()
+    return (first.as_strided((sum(w.shape[0] for w in weights), first.shape[1]), (first.shape[1], 1)),)
+
+
+def _linear(x: Tensor, weights: tuple[Tensor, ...], bias: Tensor | None = None) -> Tensor:
+    out = F.linear(x, weights[0]) if len(weights) == 1 else torch.cat([F.linear(x, w) for w in weights], dim=-1)
+    return out if bias is None else out + bias
+
+
+_HOOKABLE = re.compile(r"^(hook_embed|blocks\.\d+\.hook_resid_post)$")
+
+
+class FastBlocks:
+    """The block stack of an eligible model, run with TL's block arithmetic on its parameters."""
+
+    def __init__(self, model: HookedTransformer, layers: list[_Layer]) -> None:
+        self.model = model
+        self.layers = layers
+        self.n_kv, self.d_head = layers[0].n_kv, layers[0].d_head
+        self.max_len = min(layer.cos.shape[0] for layer in layers)  # positions TL's rotary buffers cover
+        self.shared_rotary = all(torch.equal(layer.cos, layers[0].cos) and torch.equal(layer.sin, layers[0].sin)
+                                 for layer in layers)
+
+    @staticmethod
+    def supports(fwd_hooks: list[tuple[str, HookFn]]) -> bool:
+        return all(_HOOKABLE.match(name) for name, _ in fwd_hooks)
+
+    @classmethod
+    def build(cls, model: HookedTransformer) -> FastBlocks | None:
+        cfg = model.cfg
+        if cfg.original_architecture not in _FAST_ARCHITECTURES:
+            return None
+        if any(getattr(cfg, key) != value for key, value in _FAST_CFG.items()):
+            return None
+        if cfg.rotary_dim != cfg.d_head or cfg.attn_scores_soft_cap > 0 or cfg.use_hook_tokens:
+            return None
+        if any(hp._forward_hooks or hp._forward_pre_hooks for hp in model.hook_dict.values()):
+            return None
+        if type(model.embed) is not Embed:
+            return None
+        for block in model.blocks:
+            if not (type(block.attn) in (Attention, GroupedQueryAttention) and type(block.mlp) is GatedMLP
+                    and type(block.ln1) is RMSNorm and type(block.ln2) is RMSNorm):
+                return None
+        if not all(_Layer.in_hf_layout(block) for block in model.blocks):
+            return None
+        return cls(model, [_Layer(block) for block in model.blocks])
+
+    def run(self, ids: Int[Tensor, "batch pos"], positions: Int[Tensor, "batch pos"], mask: Tensor | None,
+            keys: Tensor, values: Tensor, *, start: int, shared_cache: bool = False, last_only: bool = False,
+            hooks: dict[str, HookFn] | None = None) -> Float[Tensor, "batch pos d_model"]:
+        """Blocks over `ids` at cache positions [start, start + pos); keys / values are
+        `[layers, batch, n_kv, max_len, d_head]` (one layer reused by all when `shared_cache`).
+
+        `mask` (True = attend) of `[batch, 1, pos, start + pos]`, or None for plain causal
+        attention (start = 0) or for one new token attending to the whole cache. With `last_only`
+        the last block computes (and returns) the last position only: nothing reads the others.
+        """
+        hooks = hooks or {}
+        x = self._hooked(hooks, "hook_embed", self.model.embed.W_E[ids])
+        end = start + ids.shape[1]
+        for i, layer in enumerate(self.layers):
+            cache = 0 if shared_cache else i
+            last = last_only and i == len(self.layers) - 1
+            if i == 0 or not self.shared_rotary:  # TL keeps one identical table per layer
+                cos, sin = layer.cos[positions][:, None], layer.sin[positions][:, None]
+            attn_out = self._attention(layer, _rms(x, layer.ln1, layer.eps), cos, sin, mask,
+                                       keys[cache], values[cache], start, end, last)
+            x = (x[:, -1:] if last else x) + attn_out
+            h = _rms(x, layer.ln2, layer.eps)
+            post = F.silu(F.linear(h, layer.w_gate)) * F.linear(h, layer.w_in)
+            x = x + F.linear(post if layer.b_in is None else post + layer.b_in, layer.w_out, layer.b_out)
+            x = self._hooked(hooks, f"blocks.{i}.hook_resid_post", x)
+        return x
+
+    def _hooked(self, hooks: dict[str, HookFn], name: str, activation: Tensor) -> Tensor:
+        if name not in hooks:
+            return activation
+        out = hooks[name](activation, self.model.hook_dict[name])
+        return activation if out is None else out
+
+    def _attention(self, layer: _Layer, h: Float[Tensor, "batch pos d_model"], cos: Tensor, sin: Tensor,
+                   mask: Tensor | None, keys: Tensor, values: Tensor, start: int, end: int,
+                   last_query: bool) -> Tensor:
+        batch, n_pos, n_heads, n_kv = h.shape[0], h.shape[1], layer.n_heads, layer.n_kv
+        # [batch, heads, pos, d_head] throughout: SDPA's layout, where the rotary broadcast is cheap.
+        qkv = _linear(h, layer.qkv, layer.b_qkv).view(batch, n_pos, n_heads + 2 * n_kv, layer.d_head).transpose(1, 2)
+        qk = qkv[:, :n_heads + n_kv]
+        if layer.qk_norm is not None:
+            qk = _rms(qk, layer.qk_norm[:, None], layer.eps)
+        half = layer.d_head // 2  # TL's (GPT-NeoX style) rotary embedding
+        qk = qk * cos + torch.cat([-qk[..., half:], qk[..., :half]], dim=-1) * sin
+        keys[:, :, start:end] = qk[:, n_heads:]
+        values[:, :, start:end] = qkv[:, n_heads + n_kv:]
+        queries = qk[:, :n_heads, -1:] if last_query else qk[:, :n_heads]
+        if last_query and mask is not None:
+            mask = mask[:, :, -1:]
+        # Query head j reads kv head j // (n_heads / n_kv), as TL's repeat_interleave does.
+        z = F.scaled_dot_product_attention(queries, keys[:, :, :end], values[:, :, :end], attn_mask=mask,
+                                           is_causal=mask is None and queries.shape[2] > 1, scale=layer.scale,
+                                           enable_gqa=True)
+        return F.linear(z.transpose(1, 2).reshape(batch, queries.shape[2], -1), layer.w_o, layer.b_o)
+
+
+class FastDecoder:
+    """`FastBlocks` with a preallocated cache of rotated keys, the final norm and the unembed."""
+
+    def __init__(self, blocks: FastBlocks, batch: int, max_len: int) -> None:
+        self.blocks = blocks
+        self.model = model = blocks.model
+        shape = (len(blocks.layers), batch, blocks.n_kv, max_len, blocks.d_head)
+        self.keys = torch.empty(shape, dtype=model.cfg.dtype, device=model.W_E.device)
+        self.values = torch.empty_like(self.keys)
+        self.pos = 0
+
+    @classmethod
+    def build(cls, model: HookedTransformer, batch: int, max_len: int) -> FastDecoder | None:
+        blocks = FastBlocks.build(model)
+        if blocks is None or model.cfg.output_logits_soft_cap > 0:
+            return None
+        if type(model.ln_final) is not RMSNorm or type(model.unembed) is not Unembed:
+            return None
+        if not model.W_U.T.is_contiguous() or max_len > blocks.max_len:
+            return None
+        return cls(blocks, batch, max_len)
+
+    def prefill(self, tokens: Int[Tensor, "batch pos"], fwd_hooks: list[tuple[str, HookFn]]) -> Tensor:
+        positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+        hooks = dict(fwd_hooks)
+        last_only = f"blocks.{len(self.blocks.layers) - 1}.hook_resid_post" not in hooks
+        resid = self.blocks.run(tokens, positions, None, self.keys, self.values, start=0, hooks=hooks,
+                                last_only=last_only)
+        self.pos = tokens.shape[1]
+        return self._logits(resid[:, -1:])[:, -1]
+
+    def step(self, ids: Int[Tensor, " batch"]) -> Float[Tensor, "batch vocab"]:
+        positions = torch.full((len(ids), 1), self.pos, device=ids.device)
+        resid = self.blocks.run(ids[:, None], positions, None, self.keys, self.values, start=self.pos)
+        self.pos += 1
+        return self._logits(resid)[:, -1]
+
+    def _logits(self, resid: Float[Tensor, "batch 1 d_model"]) -> Float[Tensor, "batch 1 vocab"]:
+        model = self.model
+        return F.linear(_rms(resid, model.ln_final.w, model.ln_final.eps), model.W_U.T, model.unembed.b_U)
+
+
+def _rms(x: Tensor, w: Tensor, eps: float) -> Tensor:
+    """RMSNorm with HF's rounding (TL's differs in the last bit), statistics in fp32 at least."""
+    if x.dtype in (torch.float32, torch.float64):
+        if w.shape == x.shape[-1:]:
+            return F.rms_norm(x, x.shape[-1:], w, eps)
+        return F.rms_norm(x, x.shape[-1:], eps=eps) * w
+    return F.rms_norm(x.float(), x.shape[-1:], eps=eps).to(x.dtype) * w

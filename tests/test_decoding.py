@@ -1,0 +1,78 @@
+"""The fast decoder computes what TransformerLens's own KV-cached forward computes, and steps aside
+whenever a hook is attached; the loader's HF-layout storage makes TL's per-forward rearranges free."""
+
+from __future__ import annotations
+
+import einops
+import pytest
+import torch
+
+import nla_lens as nl
+from nla_lens.decoding import FastDecoder, HookedDecoder, decoder_for, last_residual
+
+STEPS = 10
+
+
+def _run_both(av, vectors, atol):
+    tokens = av.prompt_tokens(len(vectors))
+    fast = FastDecoder.build(av.model, len(vectors), tokens.shape[1] + STEPS)
+    assert fast is not None
+    hooked = HookedDecoder(av.model, len(vectors))
+    with torch.inference_mode():
+        ours = fast.prefill(tokens, av.injection(vectors, tokens).fwd_hooks())
+        theirs = hooked.prefill(tokens, av.injection(vectors, tokens).fwd_hooks())
+        assert (ours - theirs).abs().max() <= atol
+        for _ in range(STEPS):
+            ids = theirs.argmax(dim=-1)
+            ours, theirs = fast.step(ids), hooked.step(ids)
+            assert (ours - theirs).abs().max() <= atol
+
+
+def test_loaded_weights_sit_in_hf_layout_so_tl_rearranges_are_views(av_karvonen):
+    attn, mlp = av_karvonen.model.blocks[1].attn, av_karvonen.model.blocks[1].mlp
+    for w in (attn.W_Q, attn._W_K, attn._W_V):
+        assert einops.rearrange(w, "n m h -> (n h) m").is_contiguous()
+    assert einops.rearrange(attn.W_O, "n h m -> m (n h)").is_contiguous()
+    assert mlp.W_in.T.is_contiguous() and mlp.W_gate.T.is_contiguous() and mlp.W_out.T.is_contiguous()
+    assert av_karvonen.model.W_U.T.is_contiguous()
+    # q/k/v are consecutive rows of one storage: one matmul when decoding.
+    assert attn._W_K.data_ptr() == attn.W_Q.data_ptr() + attn.W_Q.numel() * attn.W_Q.element_size()
+    assert attn._W_V.data_ptr() == attn._W_K.data_ptr() + attn._W_K.numel() * attn._W_K.element_size()
+
+
+def test_fast_decoder_matches_tl_forward_with_kv_cache(av_karvonen, vectors):
+    _run_both(av_karvonen, vectors, atol=1e-4)  # fused kernels round differently from TL's ops
+
+
+def test_fast_decoder_matches_in_bf16_and_after_a_dtype_move(tiny_paths, vectors):
+    av = nl.ActivationVerbalizer.from_pretrained(tiny_paths["av_karvonen"], dtype=torch.bfloat16)
+    _run_both(av, vectors, atol=0.25)  # bf16 logits of size 4 have an ulp of 1/32; rounding orders differ
+    av.model.to(torch.float64)  # each parameter gets its own storage: q/k/v run as three matmuls
+    _run_both(av, vectors.double(), atol=1e-10)
+
+
+def test_any_attached_hook_selects_tl_forward(av_karvonen, vectors):
+    injection = av_karvonen.injection(vectors).fwd_hooks()
+    assert isinstance(decoder_for(av_karvonen.model, 4, 64, injection), FastDecoder)
+    # An injection where the fast path has no hook point is served by TL's forward.
+    assert isinstance(decoder_for(av_karvonen.model, 4, 64, [("blocks.1.attn.hook_z", injection[0][1])]),
+                      HookedDecoder)
+    with av_karvonen.model.hooks(fwd_hooks=[("blocks.3.hook_mlp_out", lambda act, hook: None)]):
+        assert isinstance(decoder_for(av_karvonen.model, 4, 64, injection), HookedDecoder)
+        observed = av_karvonen.verbalize(vectors, max_new_tokens=12, progress=False)
+    assert observed == av_karvonen.verbalize(vectors, max_new_tokens=12, progress=False)
+
+
+def test_fast_ar_last_residual_matches_tl_forward_on_a_left_padded_batch(ar_paper):
+    tokens, mask = ar_paper.prompt_tokens(["a cat", "the sea and the park and a dog ran", "one"])
+    assert (mask == 0).any()
+    with torch.inference_mode():
+        fast = last_residual(ar_paper.model, tokens, mask)
+        reference = ar_paper.model(tokens, attention_mask=mask)[:, -1]
+    assert (fast - reference).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("max_new_tokens", [1, 3])
+def test_short_generations_stop_where_asked(av_karvonen, vectors, max_new_tokens):
+    out = av_karvonen.verbalize(vectors, max_new_tokens=max_new_tokens, progress=False)
+    assert all(1 <= len(o.tokens) <= max_new_tokens for o in out)
