@@ -22,15 +22,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
-from transformer_lens import HookedTransformer
-from transformer_lens import utils as tl_utils
+from transformer_lens.utilities import get_attention_mask
 
 from nla_lens.errors import InputError
+
+if TYPE_CHECKING:
+    from nla_lens.backends import TLModel
 
 PositionSpec = int | Sequence[int] | Int[Tensor, " batch"] | Bool[Tensor, "batch pos"]
 Calls = Literal["first", "all"]
@@ -115,7 +117,9 @@ class Capture:
     """Records `blocks.{layer}.hook_resid_post` at `positions` while the model runs inside `with`.
 
     The record is taken from the output of block `layer` (a plain torch forward hook on
-    `model.blocks[layer]`), i.e. after *every* hook on `blocks.{layer}.hook_resid_post` has run,
+    `model.blocks[layer]`: a `TransformerBlock`, or on the bridge a `BlockBridge` whose output has
+    passed its `hook_out`, alias `hook_resid_post`), i.e. after *every* hook on
+    `blocks.{layer}.hook_resid_post` has run,
     however it was installed. A TL hook added on entry would instead run before hooks the user adds
     later at the same point (TL calls hooks in the order they were added), and so would miss a
     steering hook at layer K itself. What is captured is what block K+1 reads, and what
@@ -130,7 +134,7 @@ class Capture:
     `positions=-1` you get the prompt's last token followed by each generated token.
     """
 
-    def __init__(self, model: HookedTransformer, layer: int, positions: PositionSpec = -1, *,
+    def __init__(self, model: TLModel, layer: int, positions: PositionSpec = -1, *,
                  attention_mask: Int[Tensor, "batch pos"] | None = None,
                  tokens: Int[Tensor, "batch pos"] | None = None, calls: Calls = "first") -> None:
         n_layers = model.cfg.n_layers
@@ -177,7 +181,9 @@ class Capture:
         self._handle.remove()
         self._handle = None
 
-    def _record(self, module: nn.Module, args: tuple, output: Float[Tensor, "batch pos d_model"]) -> None:
+    def _record(self, module: nn.Module, args: tuple, output: Tensor | tuple) -> None:
+        # A bridge block returns whatever its HF decoder layer returns: a tensor, or a tuple on older HF.
+        output = output[0] if isinstance(output, tuple) else output
         call = self.n_calls
         self.n_calls += 1
         if call > 0 and self.calls == "first":
@@ -206,7 +212,7 @@ class Capture:
         return self.model.tokenizer.decode([int(tokens[row, col])], clean_up_tokenization_spaces=False)
 
 
-def capture(model: HookedTransformer, layer: int, positions: PositionSpec = -1, *,
+def capture(model: TLModel, layer: int, positions: PositionSpec = -1, *,
             attention_mask: Int[Tensor, "batch pos"] | None = None,
             tokens: Int[Tensor, "batch pos"] | None = None, calls: Calls = "first") -> Capture:
     """Record `blocks.{layer}.hook_resid_post` at `positions` while you run `model` in a `with` block.
@@ -222,7 +228,21 @@ def capture(model: HookedTransformer, layer: int, positions: PositionSpec = -1, 
     return Capture(model, layer, positions, attention_mask=attention_mask, tokens=tokens, calls=calls)
 
 
-def _real_tokens(model: HookedTransformer, attention_mask: Tensor | None,
+def resid_post(model: TLModel, tokens: Int[Tensor, "batch pos"], layer: int, *,
+               attention_mask: Int[Tensor, "batch pos"] | None = None) -> Float[Tensor, "batch pos d_model"]:
+    """`blocks.{layer}.hook_resid_post` of one run of `tokens` that runs no block after `layer`.
+
+    Read from the hook rather than from what `stop_at_layer=layer + 1` returns: for the last block
+    HookedTransformer returns the residual but the bridge, which stops only in front of an existing
+    block, runs on and returns logits.
+    """
+    kept: list[Tensor] = []
+    model.run_with_hooks(tokens, attention_mask=attention_mask, stop_at_layer=layer + 1,
+                         fwd_hooks=[(f"blocks.{layer}.hook_resid_post", lambda resid, hook: kept.append(resid))])
+    return kept[0]
+
+
+def _real_tokens(model: TLModel, attention_mask: Tensor | None,
                  tokens: Tensor | None) -> Bool[Tensor, "batch pos"] | None:
     if tokens is not None and attention_mask is not None and tokens.shape != attention_mask.shape:
         raise InputError(
@@ -238,5 +258,5 @@ def _real_tokens(model: HookedTransformer, attention_mask: Tensor | None,
     # TL's rule (leading pads, a BOS that shares the pad id kept), applied from both ends so that
     # left- and right-padded batches both work without a mask.
     prepend_bos = model.cfg.default_prepend_bos
-    return (tl_utils.get_attention_mask(model.tokenizer, tokens, prepend_bos, padding_side="left").bool()
-            & tl_utils.get_attention_mask(model.tokenizer, tokens, prepend_bos, padding_side="right").bool())
+    return (get_attention_mask(model.tokenizer, tokens, prepend_bos, padding_side="left").bool()
+            & get_attention_mask(model.tokenizer, tokens, prepend_bos, padding_side="right").bool())

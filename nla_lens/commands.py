@@ -33,16 +33,17 @@ def read_vectors(path: Path) -> Float[Tensor, "n d_model"]:
 
 def capture_text(base: str, layer: int, text: str, device: str, dtype: torch.dtype) -> Float[Tensor, "pos d_model"]:
     """`blocks.{layer}.hook_resid_post` of the base model at every position of `text`."""
-    from nla_lens import loading
+    from nla_lens import backends, loading
+    from nla_lens.capture import resid_post
 
     folder = loading.resolve_checkpoint(base)
     tokenizer = loading.load_tokenizer(folder)
-    model = loading.load_hooked_transformer(folder, tokenizer, dtype=dtype, device=device)
+    model = backends.load_model(folder, tokenizer, dtype=dtype, device=device)
     if not 0 <= layer < model.cfg.n_layers:
         raise InputError(f"--layer {layer} is outside the base model's {model.cfg.n_layers} blocks")
     ids = torch.tensor([tokenizer.encode(text, add_special_tokens=False)], device=device)
     with torch.inference_mode():
-        return model(ids, stop_at_layer=layer + 1)[0].float()
+        return resid_post(model, ids, layer)[0].float()
 
 
 def add_verbalize(subparsers: argparse._SubParsersAction) -> None:

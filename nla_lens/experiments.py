@@ -11,20 +11,23 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from transformer_lens import HookedTransformer
-from transformer_lens import utils as tl_utils
 from transformer_lens.hook_points import HookPoint
+from transformer_lens.utilities import get_act_name
 
+from nla_lens import backends
 from nla_lens.capture import Capture, PositionSpec, capture, resolve_positions
 from nla_lens.errors import InputError
 from nla_lens.injection import HookFn, check_vectors
 from nla_lens.nla import NLA, RoundTrip
 from nla_lens.verbalizer import ActivationVerbalizer, Verbalization
+
+if TYPE_CHECKING:
+    from nla_lens.backends import TLModel
 
 
 @dataclass(frozen=True)
@@ -103,7 +106,7 @@ def steering_hook(vector: Float[Tensor, " d_model"], scale: float, positions: Po
 
 
 def steer_then_verbalize(
-    base_model: HookedTransformer,
+    base_model: TLModel,
     nla_or_av: NLA | ActivationVerbalizer,
     tokens: Int[Tensor, "batch pos"],
     *,
@@ -149,7 +152,7 @@ def steer_then_verbalize(
 
 
 def patching_study(
-    base_model: HookedTransformer,
+    base_model: TLModel,
     nla_or_av: NLA | ActivationVerbalizer,
     clean_tokens: Int[Tensor, "batch pos"],
     corrupted_tokens: Int[Tensor, "batch pos"],
@@ -180,15 +183,17 @@ def patching_study(
             "[batch, pos] of one shape, as in transformer_lens.patching; pick prompts of equal token length"
         )
     _check_reaches(base_model, patch_layer, layer, "patch_layer")
-    hook_name = tl_utils.get_act_name(activation_name, patch_layer)
+    hook_name = get_act_name(activation_name, patch_layer)
     if hook_name not in base_model.hook_dict:
         raise InputError(f"{hook_name!r} is not a hook point of this model; use e.g. 'resid_pre' or 'attn_out'")
     width = clean_tokens.shape[1]
     if isinstance(patch_position, bool) or not isinstance(patch_position, int) or not -width <= patch_position < width:
         raise InputError(f"patch_position must be an int column in -{width}..{width - 1}, got {patch_position!r}")
     with torch.no_grad():
+        clean_mask = backends.implicit_attention_mask(base_model, clean_tokens)
         with capture(base_model, layer, capture_position, tokens=clean_tokens) as clean:
-            _, cache = base_model.run_with_cache(clean_tokens, names_filter=hook_name, stop_at_layer=layer + 1)
+            _, cache = base_model.run_with_cache(clean_tokens, names_filter=hook_name, stop_at_layer=layer + 1,
+                                                 attention_mask=clean_mask)
         patch = (hook_name, _patch_hook(cache[hook_name], patch_position % width))
         corrupted = _capture_run(base_model, layer, capture_position, corrupted_tokens, None, [])
         patched = _capture_run(base_model, layer, capture_position, corrupted_tokens, None, [patch])
@@ -257,10 +262,12 @@ def _patch_hook(clean_activation: Tensor, position: int) -> HookFn:
     return hook
 
 
-def _capture_run(model: HookedTransformer, layer: int, positions: PositionSpec, tokens: Tensor,
+def _capture_run(model: TLModel, layer: int, positions: PositionSpec, tokens: Tensor,
                  attention_mask: Tensor | None, fwd_hooks: list[tuple[str, HookFn]]) -> Capture:
+    # Without a mask, the bridge attends to pads where HookedTransformer masks leading ones: run both alike.
+    run_mask = backends.implicit_attention_mask(model, tokens) if attention_mask is None else attention_mask
     with capture(model, layer, positions, attention_mask=attention_mask, tokens=tokens) as cap:
-        model.run_with_hooks(tokens, attention_mask=attention_mask, stop_at_layer=layer + 1, fwd_hooks=fwd_hooks)
+        model.run_with_hooks(tokens, attention_mask=run_mask, stop_at_layer=layer + 1, fwd_hooks=fwd_hooks)
     return cap
 
 
@@ -282,7 +289,7 @@ def _verbalizer(nla_or_av: NLA | ActivationVerbalizer) -> ActivationVerbalizer:
     raise InputError(f"expected an NLA or an ActivationVerbalizer, got {type(nla_or_av).__name__}")
 
 
-def _check_base(base_model: HookedTransformer, av: ActivationVerbalizer) -> None:
+def _check_base(base_model: TLModel, av: ActivationVerbalizer) -> None:
     if base_model.cfg.d_model != av.meta.d_model:
         raise InputError(
             f"the base model has d_model={base_model.cfg.d_model} but this NLA reads {av.meta.d_model}-d "
@@ -290,7 +297,7 @@ def _check_base(base_model: HookedTransformer, av: ActivationVerbalizer) -> None
         )
 
 
-def _check_reaches(base_model: HookedTransformer, layer: int, capture_layer: int, name: str) -> None:
+def _check_reaches(base_model: TLModel, layer: int, capture_layer: int, name: str) -> None:
     """An intervention at block `layer` must run before the capture at `capture_layer`."""
     n_layers = base_model.cfg.n_layers
     if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n_layers:

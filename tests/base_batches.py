@@ -3,22 +3,24 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from transformer_lens import HookedTransformer
 
-from nla_lens import loading
+from nla_lens import backends, loading
+
+if TYPE_CHECKING:
+    from nla_lens.backends import TLModel
 
 PROMPTS = ["The cat sat on the mat.", "A dog ran", "the sea and the mat", "Words about the weather and the sea."]
 
 
-def load_base(folder: Path) -> HookedTransformer:
-    """The tiny base model (the tiny AV folder holds a full copy of it), loaded without processing."""
-    return loading.load_hooked_transformer(folder, loading.load_tokenizer(folder), dtype=torch.float32,
-                                           device="cpu")
+def load_base(folder: Path) -> TLModel:
+    """The tiny base model (the tiny AV folder holds a full copy of it), unprocessed, on the default backend."""
+    return backends.load_model(folder, loading.load_tokenizer(folder), dtype=torch.float32, device="cpu")
 
 
-def padded(base: HookedTransformer, side: str, prompts: list[str] = PROMPTS) -> tuple[torch.Tensor, torch.Tensor]:
+def padded(base: TLModel, side: str, prompts: list[str] = PROMPTS) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows of different lengths, padded with pad_token_id on `side`, and their attention mask."""
     tok = base.tokenizer
     rows = [tok.encode(p, add_special_tokens=False) for p in prompts]
@@ -36,7 +38,7 @@ def padded(base: HookedTransformer, side: str, prompts: list[str] = PROMPTS) -> 
     return torch.tensor(tokens), torch.tensor(mask)
 
 
-def no_hooks_left(model: HookedTransformer) -> bool:
+def no_hooks_left(model: TLModel) -> bool:
     """No TL hook on any hook point and no torch forward hook on any block."""
     return (all(not hp.fwd_hooks and not hp.bwd_hooks for hp in model.hook_dict.values())
             and all(not block._forward_hooks for block in model.blocks))

@@ -8,10 +8,14 @@ import pytest
 import torch
 
 import nla_lens as nl
+from nla_lens import backends
 from nla_lens.testing import make_tiny_nla
 
 D_MODEL = 64
 LAYER = 2
+# nla_lens.training drives HookedTransformer (start_at_layer, TL parameter names, the HF exporter).
+NEEDS_TL3 = pytest.mark.skipif(backends.default_backend() == "bridge",
+                               reason="training needs the TL 3.x backend: pip install 'nla_lens[tl3]'")
 
 
 @pytest.fixture(scope="session", autouse=True)

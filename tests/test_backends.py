@@ -43,6 +43,20 @@ def test_hooked_backend_on_transformer_lens_4_says_how_to_get_it(tiny_paths):
         nl.ActivationReconstructor.from_pretrained(tiny_paths["ar_nanonla"], backend="hooked")
 
 
+@pytest.mark.skipif(backends.default_backend() == "hooked", reason="training runs on the hooked backend")
+def test_training_on_the_bridge_is_a_backend_error_saying_how_to_get_tl3(base_folder, dataset_meta, av_karvonen,
+                                                                          tmp_path):
+    from nla_lens.training import export_av, init_ar, init_av
+
+    match = r"training needs the TL 3.x backend: pip install 'nla_lens\[tl3\]'"
+    for init in (init_av, init_ar):
+        with pytest.raises(nl.BackendError, match=match):
+            init(base_folder, dataset_meta)
+    with pytest.raises(nl.BackendError, match=r"export needs the TL 3.x backend.*model is a TransformerBridge"):
+        export_av(av_karvonen, tmp_path / "av", base_folder)
+    assert not (tmp_path / "av").exists()
+
+
 def test_the_model_built_is_the_chosen_backends(av_karvonen, ar_paper):
     assert backends.backend_of(av_karvonen.model) == backends.default_backend()
     assert backends.backend_of(ar_paper.model) == backends.default_backend()

@@ -8,6 +8,7 @@ from base_batches import PROMPTS, load_base, no_hooks_left, padded
 from conftest import LAYER
 
 import nla_lens as nl
+from nla_lens.capture import resid_post
 
 NAME = f"blocks.{LAYER}.hook_resid_post"
 
@@ -107,12 +108,17 @@ def test_capture_outlives_the_users_hook_contexts_and_first_call_is_the_default(
     assert (both.vectors[:4] - both.vectors[4:] - STEER).abs().max() < 1e-5
 
 
+# padding_side="left": the bridge reads a pre-padded tensor's padding off its pad tokens only when asked
+# (HookedTransformer always does); without it the pads are attended to.
+GENERATE = {"max_new_tokens": 3, "do_sample": False, "stop_at_eos": False, "verbose": False, "padding_side": "left"}
+
+
 def test_generate_records_the_prefill_or_every_new_token(base):
     tokens, mask = padded(base, "left")
     with nl.capture(base, LAYER, -1, tokens=tokens) as prefill:
-        base.generate(tokens, max_new_tokens=3, do_sample=False, stop_at_eos=False, verbose=False)
+        base.generate(tokens, **GENERATE)
     with nl.capture(base, LAYER, -1, tokens=tokens, calls="all") as every:
-        out = base.generate(tokens, max_new_tokens=3, do_sample=False, stop_at_eos=False, verbose=False)
+        out = base.generate(tokens, **GENERATE)
     assert prefill.n_calls == 3 and len(prefill.rows) == 4
     assert [r.call for r in every.rows] == [0] * 4 + [1] * 4 + [2] * 4
     fed = out[:, :-1].clone()  # the last sampled token is never fed back; clone: out is an inference tensor
@@ -122,6 +128,15 @@ def test_generate_records_the_prefill_or_every_new_token(base):
     expected = cache[NAME][:, width - 1:].transpose(0, 1).reshape(-1, 64)  # call-major, like the rows
     assert torch.equal(prefill.vectors, every.vectors[:4])
     assert (every.vectors - expected).abs().max() < 1e-4  # KV cache vs full forward
+
+
+@pytest.mark.parametrize("layer", range(4))
+def test_resid_post_is_the_hooked_residual_at_every_layer_the_last_included(base, layer):
+    """On the bridge, stop_at_layer=n_layers returns logits; resid_post reads the hook on both backends."""
+    tokens, mask = padded(base, "left")
+    name = f"blocks.{layer}.hook_resid_post"
+    _, cache = base.run_with_cache(tokens, attention_mask=mask, names_filter=name)
+    assert torch.equal(resid_post(base, tokens, layer, attention_mask=mask), cache[name])
 
 
 def test_hooks_removed_after_an_exception_inside_the_context(base):

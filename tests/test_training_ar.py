@@ -7,13 +7,15 @@ import time
 
 import pytest
 import torch
-from conftest import LAYER
+from conftest import LAYER, NEEDS_TL3
 from torch import nn
 
 import hf_reference as ref
 import nla_lens as nl
 from nla_lens import metrics
 from nla_lens.training import TrainConfig, ar_loss, ar_rows, export_ar, init_ar, train_ar
+
+pytestmark = NEEDS_TL3
 
 CONFIG = TrainConfig(steps=100, batch_size=16, lr=1e-3, warmup_steps=10)
 

@@ -9,11 +9,14 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import NEEDS_TL3
 
 import hf_reference as ref
 import nla_lens as nl
 from nla_lens.injection import Injection
 from nla_lens.training import TrainConfig, av_loss, av_rows, export_av, init_av, train_av
+
+pytestmark = NEEDS_TL3
 
 CONFIG = TrainConfig(steps=100, batch_size=16, lr=1e-3, warmup_steps=10)
 

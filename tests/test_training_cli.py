@@ -7,12 +7,14 @@ import json
 from pathlib import Path
 
 import yaml
-from conftest import LAYER
+from conftest import LAYER, NEEDS_TL3
 
 import nla_lens as nl
 from nla_lens import testing
 from nla_lens.cli import main
 from nla_lens.training import label_activations, load_activations, save_explanations
+
+pytestmark = NEEDS_TL3
 
 
 def _write(path, data) -> str:

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from conftest import NEEDS_TL3
 
 import nla_lens as nl
 from nla_lens import loading, testing
@@ -28,6 +29,8 @@ from nla_lens.training import (
     train_ar,
     train_av,
 )
+
+pytestmark = NEEDS_TL3
 
 
 def label_by_token(record: ActivationRecord) -> str:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import NEEDS_TL3
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 import nla_lens as nl
 from nla_lens import loading, testing
 from nla_lens.training import hf_state_dict
 from nla_lens.training.export import freeze_weights_hf_lacks, has_qkv_bias
+
+pytestmark = NEEDS_TL3
 
 SHAPE = {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 3, "num_attention_heads": 4,
          "max_position_embeddings": 64}

@@ -6,13 +6,15 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import D_MODEL, LAYER
+from conftest import D_MODEL, LAYER, NEEDS_TL3
 
 import nla_lens as nl
 from nla_lens import loading, testing
 from nla_lens.sidecar import check_tokenizer
 from nla_lens.training import Document, extract_activations, load_activations
 from nla_lens.training.extraction import sample_positions, shard_path, token_facts
+
+pytestmark = NEEDS_TL3
 
 
 @pytest.fixture(scope="module")

@@ -22,9 +22,10 @@ import os
 import tempfile
 
 import torch
+from transformer_lens.utilities import get_attention_mask
 
 import nla_lens as nl
-from nla_lens import loading
+from nla_lens import backends, loading
 from nla_lens.testing import make_tiny_nla
 
 # %% [markdown]
@@ -37,8 +38,8 @@ paths = make_tiny_nla(workdir.name)
 av = nl.ActivationVerbalizer.from_pretrained(paths["av_karvonen"])
 ar = nl.ActivationReconstructor.from_pretrained(paths["ar_nanonla"])
 nla = nl.NLA(av, ar)
-base = loading.load_hooked_transformer(paths["av_karvonen"], loading.load_tokenizer(paths["av_karvonen"]),
-                                       dtype=torch.float32, device="cpu")
+base = backends.load_model(paths["av_karvonen"], loading.load_tokenizer(paths["av_karvonen"]),
+                           dtype=torch.float32, device="cpu")
 MAX_NEW_TOKENS = 12
 BASELINE = None  # the paper baseline of the vectors scored; fine for a demo
 STEER_LAYER = 1
@@ -48,7 +49,8 @@ SCALE = 4.0
 # ## Real checkpoints: the released Qwen3-8B NLA (layer 24)
 # Needs a GPU, `Qwen/Qwen3-8B` in the local HF cache and the AV and AR checkpoint folders:
 # `NLA_REAL_CHECKPOINTS=1 NLA_AV=/path/to/av NLA_AR=/path/to/ar`. Use a base model without weight
-# processing (`load_hooked_transformer`, or TL's `from_pretrained_no_processing`).
+# processing (`backends.load_model`, TL 3.x's `from_pretrained_no_processing`, or a 4.x
+# `TransformerBridge` without `enable_compatibility_mode()`).
 
 # %%
 if os.environ.get("NLA_REAL_CHECKPOINTS"):
@@ -56,8 +58,7 @@ if os.environ.get("NLA_REAL_CHECKPOINTS"):
     ar = nl.ActivationReconstructor.from_pretrained(os.environ["NLA_AR"], device="cuda", dtype=torch.bfloat16)
     nla = nl.NLA(av, ar)
     base_folder = loading.resolve_checkpoint("Qwen/Qwen3-8B")
-    base = loading.load_hooked_transformer(base_folder, loading.load_tokenizer(base_folder),
-                                           dtype=torch.bfloat16, device="cuda")
+    base = backends.load_model(base_folder, loading.load_tokenizer(base_folder), dtype=torch.bfloat16, device="cuda")
     MAX_NEW_TOKENS = 150
     BASELINE = 0.56  # held-out paper baseline of the released L24 pair
     STEER_LAYER = 12
@@ -70,8 +71,9 @@ if os.environ.get("NLA_REAL_CHECKPOINTS"):
 # %%
 K = nla.av.meta.layer
 pair = base.to_tokens(["The cat sat on the mat.", "The dog sat on the mat."])
-with nl.capture(base, STEER_LAYER, positions=-1, tokens=pair) as contrast:
-    base(pair, stop_at_layer=STEER_LAYER + 1)
+pair_mask = get_attention_mask(base.tokenizer, pair, prepend_bos=False)
+with nl.capture(base, STEER_LAYER, positions=-1, tokens=pair, attention_mask=pair_mask) as contrast:
+    base(pair, attention_mask=pair_mask, stop_at_layer=STEER_LAYER + 1)
 steering_vector = contrast.vectors[0] - contrast.vectors[1]
 print(f"steering vector norm {steering_vector.norm():.2f}")
 
@@ -82,9 +84,10 @@ print(f"steering vector norm {steering_vector.norm():.2f}")
 
 # %%
 prompts = ["A dog ran in the park", "Words about the weather and the sea.", "the sea"]
-tokens = base.to_tokens(prompts)
-with nl.capture(base, K, positions=-1, tokens=tokens) as reference:
-    base(tokens, stop_at_layer=K + 1)
+tokens = base.to_tokens(prompts)  # left-padded; run with the mask (the bridge attends to pads without it)
+mask = get_attention_mask(base.tokenizer, tokens, prepend_bos=False)
+with nl.capture(base, K, positions=-1, tokens=tokens, attention_mask=mask) as reference:
+    base(tokens, attention_mask=mask, stop_at_layer=K + 1)
 direction = nl.verbalize_direction(nla.av, steering_vector, scale_like=reference.vectors,
                                    max_new_tokens=MAX_NEW_TOKENS, progress=False)
 print(f"rescaled norm {direction.vectors.norm():.2f}: {direction.verbalizations[0].text!r}")
@@ -96,8 +99,8 @@ print(f"rescaled norm {direction.vectors.norm():.2f}: {direction.verbalizations[
 
 # %%
 result = nl.steer_then_verbalize(base, nla, tokens, steering_vector=steering_vector, scale=SCALE,
-                                 steer_layer=STEER_LAYER, baseline=BASELINE, max_new_tokens=MAX_NEW_TOKENS,
-                                 progress=False)
+                                 steer_layer=STEER_LAYER, attention_mask=mask, baseline=BASELINE,
+                                 max_new_tokens=MAX_NEW_TOKENS, progress=False)
 for row in result.rows:
     print(f"row {row.batch} {row.token!r}: cos(clean, steered)={row.cosine:.3f} "
           f"FVE {row.fve_clean:.2f} -> {row.fve_steered:.2f}")
@@ -111,7 +114,7 @@ for row in result.rows:
 
 # %%
 at_k = nl.steer_then_verbalize(base, nla, tokens, steering_vector=steering_vector, scale=SCALE, steer_layer=K,
-                               baseline=BASELINE, max_new_tokens=MAX_NEW_TOKENS, progress=False)
+                               attention_mask=mask, baseline=BASELINE, max_new_tokens=MAX_NEW_TOKENS, progress=False)
 moved = at_k.steered_vectors - at_k.clean_vectors
 expected = SCALE * steering_vector.float()
 tolerance = 2 * torch.finfo(base.cfg.dtype).eps * float(at_k.steered_vectors.abs().max())

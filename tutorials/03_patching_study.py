@@ -24,7 +24,7 @@ import tempfile
 import torch
 
 import nla_lens as nl
-from nla_lens import loading
+from nla_lens import backends, loading
 from nla_lens.testing import make_tiny_nla
 
 # %% [markdown]
@@ -37,8 +37,8 @@ paths = make_tiny_nla(workdir.name)
 av = nl.ActivationVerbalizer.from_pretrained(paths["av_karvonen"])
 ar = nl.ActivationReconstructor.from_pretrained(paths["ar_nanonla"])
 nla = nl.NLA(av, ar)
-base = loading.load_hooked_transformer(paths["av_karvonen"], loading.load_tokenizer(paths["av_karvonen"]),
-                                       dtype=torch.float32, device="cpu")
+base = backends.load_model(paths["av_karvonen"], loading.load_tokenizer(paths["av_karvonen"]),
+                           dtype=torch.float32, device="cpu")
 MAX_NEW_TOKENS = 12
 BASELINE = None  # the paper baseline of the vectors scored; fine for a demo
 CLEAN, CORRUPTED = "The cat sat on the mat.", "The dog sat on the mat."
@@ -47,7 +47,8 @@ CLEAN, CORRUPTED = "The cat sat on the mat.", "The dog sat on the mat."
 # ## Real checkpoints: the released Qwen3-8B NLA (layer 24)
 # Needs a GPU, `Qwen/Qwen3-8B` in the local HF cache and the AV and AR checkpoint folders:
 # `NLA_REAL_CHECKPOINTS=1 NLA_AV=/path/to/av NLA_AR=/path/to/ar`. Use a base model without weight
-# processing (`load_hooked_transformer`, or TL's `from_pretrained_no_processing`).
+# processing (`backends.load_model`, TL 3.x's `from_pretrained_no_processing`, or a 4.x
+# `TransformerBridge` without `enable_compatibility_mode()`).
 
 # %%
 if os.environ.get("NLA_REAL_CHECKPOINTS"):
@@ -55,8 +56,7 @@ if os.environ.get("NLA_REAL_CHECKPOINTS"):
     ar = nl.ActivationReconstructor.from_pretrained(os.environ["NLA_AR"], device="cuda", dtype=torch.bfloat16)
     nla = nl.NLA(av, ar)
     base_folder = loading.resolve_checkpoint("Qwen/Qwen3-8B")
-    base = loading.load_hooked_transformer(base_folder, loading.load_tokenizer(base_folder),
-                                           dtype=torch.bfloat16, device="cuda")
+    base = backends.load_model(base_folder, loading.load_tokenizer(base_folder), dtype=torch.bfloat16, device="cuda")
     MAX_NEW_TOKENS = 150
     BASELINE = 0.56  # held-out paper baseline of the released L24 pair
     CLEAN = "When Mary and John went to the store, John gave a drink to"

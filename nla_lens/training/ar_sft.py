@@ -14,7 +14,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor, nn
 
-from nla_lens import loading, metrics
+from nla_lens import backends, loading, metrics
 from nla_lens.reconstructor import ActivationReconstructor
 from nla_lens.sidecar import NLAMeta, check_tokenizer, parse_meta
 from nla_lens.training import loop
@@ -27,6 +27,7 @@ from nla_lens.training.padding import pad
 def init_ar(base_model: str | Path, dataset: NLAMeta, *, device: str | torch.device = "cpu",
             dtype: torch.dtype = torch.float32) -> ActivationReconstructor:
     """An untrained AR: the base's first K+1 blocks (no final norm, no unembed), readout = identity."""
+    backends.require_hooked("training")
     folder = loading.resolve_checkpoint(base_model)
     tokenizer = loading.load_tokenizer(folder)
     meta = parse_meta(model_sidecar(dataset, "ar"), source="AR sidecar")
@@ -68,6 +69,7 @@ def train_ar(
     progress: bool = True,
 ) -> loop.TrainResult:
     """Fine-tune `ar.model` and `ar.readout` in place on `train`; `evaluation` must hold other documents."""
+    backends.require_hooked("training", ar.model)
     check_document_disjoint(train, evaluation)
     rows, eval_rows = (ar_rows(data, ar.meta, ar.tokenizer) for data in (train, evaluation))
     check_fits(ar.model.cfg.n_ctx, rows, eval_rows)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from jaxtyping import Int
 from torch import Tensor
 
-from nla_lens import loading
+from nla_lens import backends, loading
 from nla_lens.errors import ConfigError
 from nla_lens.sidecar import InjectionSpec, NLAMeta, check_tokenizer, parse_meta
 from nla_lens.training import loop
@@ -41,6 +41,7 @@ def init_av(
     The injection defaults to what `dataset`'s sidecar implies (Karvonen at the output of decoder
     layer 1 for an `nla_dataset`); embedding replacement needs an `injection_scale`.
     """
+    backends.require_hooked("training")
     spec = _injection_spec(dataset, injection, hook_point)
     if (spec.method == "embedding") != (injection_scale is not None):
         raise ConfigError("injection_scale is needed by embedding replacement and used by nothing else; "
@@ -104,6 +105,7 @@ def train_av(
     progress: bool = True,
 ) -> loop.TrainResult:
     """Fine-tune `av.model` in place on `train`; `evaluation` must hold other documents."""
+    backends.require_hooked("training", av.model)
     check_document_disjoint(train, evaluation)
     eos = av.tokenizer.eos_token_id
     if eos not in av.eos_token_ids:

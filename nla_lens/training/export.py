@@ -10,20 +10,22 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import einops
 import torch
 from safetensors.torch import save_file
 from torch import Tensor
-from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformers import GenerationConfig
 
-from nla_lens import loading
+from nla_lens import backends, loading
 from nla_lens.errors import CheckpointError
 from nla_lens.reconstructor import ActivationReconstructor
 from nla_lens.sidecar import InjectionSpec, NLAMeta, dump_meta
 from nla_lens.verbalizer import ActivationVerbalizer
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 _BLOCK = re.compile(r"^blocks\.(\d+)\.(.+)$")
 _SAME = {"ln1.w": "input_layernorm.weight", "ln2.w": "post_attention_layernorm.weight",
@@ -73,6 +75,7 @@ def _hf_target(name: str, tensor: Tensor, cfg: HookedTransformerConfig, qkv_bias
 def hf_state_dict(model: HookedTransformer, *, qkv_bias: bool,
                   dtype: torch.dtype | None = None) -> dict[str, Tensor]:
     """The model's weights under HF Qwen/Llama names (no final norm / lm_head for a truncated AR)."""
+    backends.require_hooked("export", model)
     out = {}
     for name, param in model.named_parameters():
         target = _hf_target(name, param.detach(), model.cfg, qkv_bias)
@@ -146,6 +149,7 @@ def _write_config(base_model: str | Path, folder: Path, *, n_layers: int | None,
 def export_av(av: ActivationVerbalizer, folder: str | Path, base_model: str | Path, *,
               dtype: torch.dtype = torch.float32) -> Path:
     """Write the AV as an HF folder + tokenizer + generation_config + `nla_meta.yaml` (role av)."""
+    backends.require_hooked("export", av.model)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config = _write_config(base_model, folder, n_layers=None, untie=True, dtype=dtype)
@@ -162,6 +166,7 @@ def export_av(av: ActivationVerbalizer, folder: str | Path, base_model: str | Pa
 def export_ar(ar: ActivationReconstructor, folder: str | Path, base_model: str | Path, *,
               dtype: torch.dtype = torch.float32) -> Path:
     """Write the AR as a truncated HF folder (K+1 layers, no norm / lm_head) + `value_head.safetensors`."""
+    backends.require_hooked("export", ar.model)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config = _write_config(base_model, folder, n_layers=ar.meta.layer + 1, untie=False, dtype=dtype)

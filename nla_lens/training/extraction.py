@@ -15,7 +15,7 @@ import random
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import yaml
@@ -24,13 +24,16 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 from transformers import PreTrainedTokenizerBase
 
+from nla_lens import backends
 from nla_lens.errors import ConfigError, InputError, SidecarError, TokenizerDriftError
 from nla_lens.sidecar import SIDECAR_NAME, NLAMeta, av_prompt_ids, check_tokenizer, load_meta, parse_meta
 from nla_lens.training.config import ExtractConfig
 from nla_lens.training.padding import pad
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
 
 logger = logging.getLogger(__name__)
 SHARD_DIR = "shards"
@@ -136,6 +139,7 @@ def extract_activations(
     Resumable: shards already on disk are skipped (their documents are not even tokenized), and
     the sidecar must match the one on disk. Plain strings get their corpus index as doc id.
     """
+    backends.require_hooked("training", model)
     if not 0 <= config.layer < model.cfg.n_layers:
         raise ConfigError(f"layer {config.layer} is outside the model's {model.cfg.n_layers} blocks")
     if config.positions_per_doc < 1 or config.min_context < 0 or config.max_tokens <= config.min_context:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from nla_lens import loading
+from nla_lens import backends, loading
 from nla_lens.errors import ConfigError, InputError
 from nla_lens.sidecar import NLAMeta
 from nla_lens.training.ar_sft import init_ar, train_ar
@@ -54,6 +54,7 @@ def _dtype(name: str) -> torch.dtype:
 
 
 def run_extract(config: ExtractRunConfig, *, progress: bool = True) -> Path:
+    backends.require_hooked("training")
     folder = loading.resolve_checkpoint(config.base_model)
     tokenizer = loading.load_tokenizer(folder)
     model = loading.load_hooked_transformer(folder, tokenizer, dtype=_dtype(config.dtype), device=config.device)
