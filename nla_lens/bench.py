@@ -32,6 +32,8 @@ from typing import Any
 
 import torch
 
+from nla_lens import backends
+
 AV_TEMPLATE = ("Here is an activation vector: <c>{injection_char}</c>. Say in one sentence what the "
                "model was thinking about, inside explanation tags.")
 _WORDS = ("the cat sat on the mat a dog ran in the park words about weather and the sea numbers one two "
@@ -96,6 +98,7 @@ def _run(args: argparse.Namespace) -> None:
 
 def run(plan: Plan, *, device: str = "cpu", out: Callable[[str], None] = print) -> None:
     """Write the checkpoints, print the memory then the speed figures, delete the checkpoints."""
+    backends.require_hooked("nla-lens bench (it measures the streaming HookedTransformer loader and decoder)")
     load = " ".join(f"{x:.1f}" for x in os.getloadavg())
     out(f"nla-lens bench: device {device}, torch {torch.__version__}, {torch.get_num_threads()} torch threads, "
         f"{os.cpu_count()} CPUs, load average {load} (speed ratios need an otherwise idle machine)")

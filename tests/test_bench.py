@@ -8,8 +8,11 @@ from __future__ import annotations
 import re
 
 import torch
+from conftest import NEEDS_TL3
 
 from nla_lens.cli import main
+
+pytestmark = NEEDS_TL3  # the bench measures the streaming HookedTransformer loader and decoder
 
 
 def test_quick_bench_prints_every_ratio(capsys):

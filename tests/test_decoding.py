@@ -8,7 +8,12 @@ import pytest
 import torch
 
 import nla_lens as nl
-from nla_lens.decoding import FastDecoder, HookedDecoder, decoder_for, last_residual
+from nla_lens import backends
+
+if backends.default_backend() != "hooked":  # before importing a HookedTransformer-only module
+    pytest.skip("the fast decoder serves the TL 3.x (HookedTransformer) backend", allow_module_level=True)
+
+from nla_lens.decoding import FastDecoder, HookedDecoder, decoder_for, last_residual  # noqa: E402
 
 STEPS = 10
 
