@@ -96,6 +96,10 @@ def _run(args: argparse.Namespace) -> None:
 
 def run(plan: Plan, *, device: str = "cpu", out: Callable[[str], None] = print) -> None:
     """Write the checkpoints, print the memory then the speed figures, delete the checkpoints."""
+    from nla_lens import backends
+
+    # It measures the hooked backend's loader and decoder against TransformerLens 3.x's own loader.
+    backends.require_hooked("the benchmark")
     load = " ".join(f"{x:.1f}" for x in os.getloadavg())
     out(f"nla-lens bench: device {device}, torch {torch.__version__}, {torch.get_num_threads()} torch threads, "
         f"{os.cpu_count()} CPUs, load average {load} (speed ratios need an otherwise idle machine)")

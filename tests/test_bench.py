@@ -7,9 +7,15 @@ from __future__ import annotations
 
 import re
 
+import pytest
 import torch
 
+from nla_lens import backends
 from nla_lens.cli import main
+
+pytestmark = pytest.mark.skipif(
+    backends.default_backend() == "bridge",
+    reason="the benchmark measures the hooked backend against TL 3.x's own loader: pip install 'nla_lens[tl3]'")
 
 
 def test_quick_bench_prints_every_ratio(capsys):
