@@ -8,8 +8,11 @@
 The default follows the installed TransformerLens major version (3 -> hooked, 4 -> bridge);
 ``NLA_LENS_BACKEND`` or the loaders' ``backend=`` argument overrides it. Everything else in
 nla_lens uses only what both models offer: hook names, `run_with_hooks`, `hooks()`, `to_tokens`,
-`cfg`. The two differences live here: how a checkpoint folder becomes a model (`load_model`) and
-how a forward runs against a KV cache (`decoder`) and the AR's last residual (`last_residual`).
+`cfg`. The differences live here: how a checkpoint folder becomes a model (`load_model`), how a
+forward runs against a KV cache (`decoder`), the AR's last residual (`last_residual`), the
+attention mask HookedTransformer derives for a padded token tensor and the bridge does not
+(`implicit_attention_mask`), and the guard of the HookedTransformer-only training code
+(`require_hooked`).
 """
 
 from __future__ import annotations
