@@ -121,21 +121,13 @@ def write_checkpoints(root: Path, shape: Shape, ar_layer: int, seed: int = 0) ->
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     from nla_lens.sidecar import dump_meta
-    from nla_lens.testing import AR_TEMPLATE, MARKER, build_tokenizer, save_ar
+    from nla_lens.testing import AR_TEMPLATE, build_tokenizer, save_ar, token_facts
 
     tokenizer = build_tokenizer()
-    prompt = tokenizer.apply_chat_template(
-        [{"role": "user", "content": AV_TEMPLATE.replace("{injection_char}", MARKER)}],
-        add_generation_prompt=True, tokenize=True, return_dict=False)
-    marker = tokenizer.convert_tokens_to_ids(MARKER)
-    at = prompt.index(marker)
-    suffix = AR_TEMPLATE.split("{explanation}")[1]
     sidecar = {
         "kind": "nla_dataset", "schema_version": 1, "dataset_id": "bench", "stage": "ar_sft",
         "extraction": {"base_model": "bench", "d_model": shape.d_model, "layer_index": ar_layer},
-        "tokens": {"injection_char": MARKER, "injection_token_id": marker,
-                   "injection_left_neighbor_id": prompt[at - 1], "injection_right_neighbor_id": prompt[at + 1],
-                   "critic_suffix_ids": tokenizer.encode(suffix, add_special_tokens=False)[1:]},
+        "tokens": token_facts(tokenizer, AV_TEMPLATE),
         "prompt_templates": {"actor": AV_TEMPLATE, "critic": AR_TEMPLATE},
     }
     config = Qwen3Config(

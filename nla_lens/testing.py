@@ -52,10 +52,10 @@ def build_tokenizer(folder: Path | None = None, vocab_size: int = 384) -> PreTra
     return tokenizer
 
 
-def token_facts(tokenizer: PreTrainedTokenizerFast) -> dict:
+def token_facts(tokenizer: PreTrainedTokenizerFast, av_template: str = AV_TEMPLATE) -> dict:
     """The sidecar's `tokens:` block, derived from the tokenizer as the training code derives it."""
     prompt = tokenizer.apply_chat_template(
-        [{"role": "user", "content": AV_TEMPLATE.replace("{injection_char}", MARKER)}],
+        [{"role": "user", "content": av_template.replace("{injection_char}", MARKER)}],
         add_generation_prompt=True, tokenize=True, return_dict=False)
     marker_id = tokenizer.convert_tokens_to_ids(MARKER)
     at = prompt.index(marker_id)
