@@ -124,15 +124,13 @@ def hooked_config(hf_config: Any, *, n_layers: int | None, dtype: torch.dtype,
     )
 
 
-def read_safetensors(path: Path, keep: set[str] | None = None) -> Iterator[tuple[str, Tensor]]:
+def read_safetensors(path: Path) -> Iterator[tuple[str, Tensor]]:
     """Yield (name, tensor) from one safetensors file, one tensor in memory at a time.
 
     Reads into fresh buffers instead of mmapping the file, so touched file pages never pile up in
     the process's resident memory while a multi-GB shard is converted.
     """
     for name, info, f in _safetensors_entries(path):
-        if keep is not None and name not in keep:
-            continue
         buffer = bytearray(info.nbytes)
         _read_exactly(f, memoryview(buffer), path)
         tensor = torch.frombuffer(buffer, dtype=info.dtype) if buffer else torch.empty(0, dtype=info.dtype)
