@@ -1,0 +1,82 @@
+"""Where this process sits in a `torchrun` job: its rank, the world size and its device.
+
+nla_lens scales on PyTorch's own stack: `torchrun` (or any launcher that sets the same
+environment) starts one process per device, and `process_group` joins them with NCCL on CUDA and
+gloo on the CPU. Run without a launcher, everything here describes a world of one process and no
+process group is created.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from nla_lens.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's rank among `world_size` processes (torchrun's RANK / WORLD_SIZE / LOCAL_RANK)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls) -> World:
+        try:
+            world = cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                        int(os.environ.get("LOCAL_RANK", 0)))
+        except ValueError as exc:
+            raise ConfigError(f"RANK / WORLD_SIZE / LOCAL_RANK must be integers: {exc}") from exc
+        if not 0 <= world.rank < world.world_size:
+            raise ConfigError(f"RANK={world.rank} is outside WORLD_SIZE={world.world_size}")
+        return world
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def device_for(world: World, device: str | torch.device) -> torch.device:
+    """`cuda` means this rank's own GPU (`cuda:LOCAL_RANK`); anything else is used as given."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", world.local_rank)
+    return device
+
+
+@contextmanager
+def process_group(device: str | torch.device, *, timeout: timedelta = timedelta(hours=12)) -> Iterator[World]:
+    """Join the job's process group for the duration (a no-op for a single process).
+
+    The long default timeout is for the end of sharded jobs, where fast ranks wait for the slowest.
+    """
+    world = World.from_env()
+    created = world.is_distributed and not dist.is_initialized()
+    if created:
+        device = device_for(world, device)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
+    try:
+        yield world
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
+def barrier(world: World) -> None:
+    """Wait for every rank (nothing to wait for in a world of one)."""
+    if world.is_distributed:
+        dist.barrier()
