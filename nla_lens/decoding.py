@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 from transformer_lens import HookedTransformer
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 from transformer_lens.components import Embed, GatedMLP, GroupedQueryAttention, RMSNorm, Unembed
@@ -184,6 +185,8 @@ class FastBlocks:
         if cfg.rotary_dim != cfg.d_head or cfg.attn_scores_soft_cap > 0 or cfg.use_hook_tokens:
             return None
         if any(hp._forward_hooks or hp._forward_pre_hooks for hp in model.hook_dict.values()):
+            return None
+        if any(isinstance(p, DTensor) for p in model.parameters()):  # FSDP shards are whole only inside TL's forward
             return None
         if type(model.embed) is not Embed:
             return None

@@ -14,8 +14,8 @@ from torch import Tensor
 
 
 def rescale(vectors: Float[Tensor, "n d_model"], mse_scale: float) -> Float[Tensor, "n d_model"]:
-    """Each row rescaled to L2 norm `mse_scale` (computed in fp32)."""
-    vectors = vectors.float()
+    """Each row rescaled to L2 norm `mse_scale` (computed in fp32, or float64 for float64 input)."""
+    vectors = vectors.to(torch.promote_types(vectors.dtype, torch.float32))
     return vectors * (mse_scale / vectors.norm(dim=-1, keepdim=True))
 
 

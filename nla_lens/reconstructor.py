@@ -88,7 +88,7 @@ class ActivationReconstructor:
         mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in ids], device=self.device)
         return tokens, mask
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: FSDP reuses the buffers it gathers here in training
     def reconstruct(self, explanations: list[str], batch_size: int = 64,
                     progress: bool = False) -> Float[Tensor, "n d_model"]:
         """The readout at the last token of each AR prompt, as float32 vectors."""

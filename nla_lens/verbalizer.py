@@ -148,7 +148,7 @@ class ActivationVerbalizer:
             warnings.warn(warning, stacklevel=2)
         return results
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: FSDP reuses the buffers it gathers here in training
     def _generate(self, vectors: Float[Tensor, "n d_model"], max_new_tokens: int, temperature: float,
                   top_p: float, generator: torch.Generator | None) -> list[list[int]]:
         """KV-cached decoding; the injection hook is installed for the prefill forward only."""

@@ -40,12 +40,14 @@ def init_ar(base_model: str | Path, dataset: NLAMeta, *, device: str | torch.dev
     return ActivationReconstructor(model, readout, tokenizer, meta)
 
 
-def ar_loss(ar: ActivationReconstructor, rows: ARRows, index: Int[Tensor, " batch"]) -> Tensor:
-    """Mean MSE of the rescaled readout at the last prompt token against the rescaled targets."""
+def ar_loss(ar: ActivationReconstructor, rows: ARRows, index: Int[Tensor, " batch"], *,
+            reduction: str = "mean") -> Tensor:
+    """MSE of the rescaled readout at the last prompt token against the rescaled targets (mean or sum)."""
     tokens, mask = pad([rows.prompts[i] for i in index.tolist()], 0, side="left")
     resid = ar.model(tokens.to(ar.device), attention_mask=mask.to(ar.device))
     predicted = ar.readout(resid[:, -1])
-    return metrics.mse_per_item(predicted, rows.vectors[index].to(ar.device), ar.meta.mse_scale).mean()
+    mse = metrics.mse_per_item(predicted, rows.vectors[index].to(ar.device), ar.meta.mse_scale)
+    return mse.sum() if reduction == "sum" else mse.mean()
 
 
 def evaluate_ar(ar: ActivationReconstructor, rows: ARRows, *, batch_size: int) -> dict:
@@ -75,7 +77,8 @@ def train_ar(
     check_fits(ar.model.cfg.n_ctx, rows, eval_rows)
     return loop.train(
         modules={"model": ar.model, "readout": ar.readout}, n_rows=len(rows),
-        loss_fn=lambda index: ar_loss(ar, rows, index),
+        loss_sum=lambda index: ar_loss(ar, rows, index, reduction="sum"),
+        units=len,
         evaluate=lambda: evaluate_ar(ar, eval_rows, batch_size=config.batch_size),
         config=config, out_dir=out_dir, resume=resume, desc="ar sft", progress=progress,
     )

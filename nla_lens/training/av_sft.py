@@ -1,8 +1,8 @@
 """AV SFT: the base model learns to answer the canonical prompt, vector injected, with the explanation.
 
 The injection is the AV's own `Injection` hook, installed with `model.hooks(...)` around every
-training and eval forward, so the model is trained exactly as `verbalize` serves it. No activation
-checkpointing: a recomputed forward would have to see the hook too, and nothing here needs it yet.
+training and eval forward, so the model is trained exactly as `verbalize` serves it. With
+`activation_checkpointing`, the recompute in backward replays that hook (`training.recompute`).
 """
 
 from __future__ import annotations
@@ -71,10 +71,11 @@ def av_loss(av: ActivationVerbalizer, rows: AVRows, index: Int[Tensor, " batch"]
     # Final norm + unembed of the scored positions only (TL's own tail of the forward, from the last
     # block on): the logits of prompt and pad positions are never needed.
     logits = av.model(resid[:, :-1][scored][None], start_at_layer=av.model.cfg.n_layers)[0]
-    return F.cross_entropy(logits.float(), tokens[:, 1:][scored], reduction=reduction)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 up, float64 kept
+    return F.cross_entropy(logits, tokens[:, 1:][scored], reduction=reduction)
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: FSDP reuses the buffers it gathers here in training
 def evaluate_av(av: ActivationVerbalizer, rows: AVRows, *, batch_size: int, n_samples: int,
                 max_new_tokens: int) -> dict:
     """Held-out response loss (per token) and greedy verbalizations of the first `n_samples` rows."""
@@ -114,7 +115,8 @@ def train_av(
     check_fits(av.model.cfg.n_ctx, rows, eval_rows)
     return loop.train(
         modules={"model": av.model}, n_rows=len(rows),
-        loss_fn=lambda index: av_loss(av, rows, index),
+        loss_sum=lambda index: av_loss(av, rows, index, reduction="sum"),
+        units=lambda index: sum(len(rows.responses[i]) for i in index.tolist()),
         evaluate=lambda: evaluate_av(av, eval_rows, batch_size=config.batch_size, n_samples=n_samples,
                                      max_new_tokens=sample_max_new_tokens),
         config=config, out_dir=out_dir, resume=resume, desc="av sft", progress=progress,

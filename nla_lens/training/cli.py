@@ -7,6 +7,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from nla_lens.distributed import World
 from nla_lens.training import pipeline
 from nla_lens.training.config import ARRunConfig, AVRunConfig, ExtractRunConfig, load_config
 
@@ -19,7 +20,9 @@ def _command(subparsers: argparse._SubParsersAction, name: str, config_cls: type
 
     def main(args: argparse.Namespace) -> None:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
-        print(run(load_config(config_cls, args.config)))
+        summary = run(load_config(config_cls, args.config))
+        if World.from_env().is_main:  # under torchrun, one summary for the job
+            print(summary)
 
     parser.set_defaults(run=main)
 

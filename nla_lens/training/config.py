@@ -56,6 +56,8 @@ class TrainConfig:
     save_every: int = 0  # 0: checkpoint at the end only (when an out_dir is given)
     keep_checkpoints: int = 2
     bf16: bool = True  # autocast on CUDA only; CPU runs stay fp32 and deterministic
+    data_parallel: str = "ddp"  # under torchrun: "ddp" replicates the model on each rank, "fsdp" shards it
+    activation_checkpointing: bool = False  # recompute each block in backward (hooks replayed)
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)  # type: ignore[assignment]
@@ -63,6 +65,8 @@ class TrainConfig:
             raise ConfigError("need steps >= 1, batch_size >= 1, grad_accum >= 1 and lr > 0")
         if not 0 <= self.min_lr_ratio <= 1 or self.warmup_steps < 0 or self.grad_clip <= 0:
             raise ConfigError("need 0 <= min_lr_ratio <= 1, warmup_steps >= 0 and grad_clip > 0")
+        if self.data_parallel not in ("ddp", "fsdp"):
+            raise ConfigError(f"data_parallel must be 'ddp' or 'fsdp', got {self.data_parallel!r}")
         if self.eval_every < 0 or self.save_every < 0 or self.keep_checkpoints < 1:
             raise ConfigError("need eval_every >= 0, save_every >= 0 and keep_checkpoints >= 1")
 
@@ -89,7 +93,8 @@ class SFTRunConfig:
     out_dir: str  # checkpoints/ and the exported model/ go here
     eval_fraction: float = 0.1
     split_seed: int = 0
-    device: str = "cpu"
+    device: str = "cpu"  # under torchrun, "cuda" means each rank's own GPU
+    dtype: str = "float32"  # the dtype the model is trained in
     resume: str | None = None  # "latest" or a checkpoint folder
     export_dtype: str = "float32"
     train: TrainConfig = field(default_factory=TrainConfig)

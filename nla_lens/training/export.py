@@ -22,6 +22,7 @@ from nla_lens import backends, loading
 from nla_lens.errors import CheckpointError
 from nla_lens.reconstructor import ActivationReconstructor
 from nla_lens.sidecar import InjectionSpec, NLAMeta, dump_meta
+from nla_lens.training.parallel import current_world, whole
 from nla_lens.verbalizer import ActivationVerbalizer
 
 if TYPE_CHECKING:
@@ -74,13 +75,17 @@ def _hf_target(name: str, tensor: Tensor, cfg: HookedTransformerConfig, qkv_bias
 
 def hf_state_dict(model: HookedTransformer, *, qkv_bias: bool,
                   dtype: torch.dtype | None = None) -> dict[str, Tensor]:
-    """The model's weights under HF Qwen/Llama names (no final norm / lm_head for a truncated AR)."""
+    """The model's weights under HF Qwen/Llama names (no final norm / lm_head for a truncated AR).
+
+    FSDP-sharded weights are gathered whole: under `torchrun` every rank must call this.
+    """
     backends.require_hooked("export", model)
     out = {}
     for name, param in model.named_parameters():
-        target = _hf_target(name, param.detach(), model.cfg, qkv_bias)
+        weight = whole(param.detach())
+        target = _hf_target(name, weight, model.cfg, qkv_bias)
         if target is None:
-            if bool(param.detach().any()):
+            if bool(weight.any()):
                 raise CheckpointError(
                     f"{name} is not zero, but {model.cfg.original_architecture} has no such weight; "
                     "train with freeze_weights_hf_lacks(model, hf_config) so it stays zero"
@@ -132,8 +137,7 @@ def model_sidecar(dataset: NLAMeta, role: str, *, injection: InjectionSpec | Non
     return sidecar
 
 
-def _write_config(base_model: str | Path, folder: Path, *, n_layers: int | None, untie: bool,
-                  dtype: torch.dtype) -> Any:
+def _hf_config(base_model: str | Path, *, n_layers: int | None, untie: bool, dtype: torch.dtype) -> Any:
     config = loading.load_hf_config(loading.resolve_checkpoint(base_model))
     if n_layers is not None:
         config.num_hidden_layers = n_layers
@@ -142,19 +146,24 @@ def _write_config(base_model: str | Path, folder: Path, *, n_layers: int | None,
     if untie:  # the AV's embedding and unembedding were trained apart
         config.tie_word_embeddings = False
     config.dtype = str(dtype).removeprefix("torch.")
-    config.save_pretrained(folder)
     return config
 
 
 def export_av(av: ActivationVerbalizer, folder: str | Path, base_model: str | Path, *,
               dtype: torch.dtype = torch.float32) -> Path:
-    """Write the AV as an HF folder + tokenizer + generation_config + `nla_meta.yaml` (role av)."""
+    """Write the AV as an HF folder + tokenizer + generation_config + `nla_meta.yaml` (role av).
+
+    Under `torchrun` every rank calls this (to gather FSDP shards) and rank 0 writes.
+    """
     backends.require_hooked("export", av.model)
     folder = Path(folder)
+    config = _hf_config(base_model, n_layers=None, untie=True, dtype=dtype)
+    weights = hf_state_dict(av.model, qkv_bias=has_qkv_bias(config), dtype=dtype)
+    if not current_world().is_main:
+        return folder
     folder.mkdir(parents=True, exist_ok=True)
-    config = _write_config(base_model, folder, n_layers=None, untie=True, dtype=dtype)
-    save_file(hf_state_dict(av.model, qkv_bias=has_qkv_bias(config), dtype=dtype), folder / "model.safetensors",
-              metadata={"format": "pt"})
+    config.save_pretrained(folder)
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
     # `verbalize` stops on these ids (loading.eos_token_ids reads this file first).
     GenerationConfig(eos_token_id=av.eos_token_ids, pad_token_id=av.tokenizer.pad_token_id).save_pretrained(folder)
     av.tokenizer.save_pretrained(folder)
@@ -165,15 +174,21 @@ def export_av(av: ActivationVerbalizer, folder: str | Path, base_model: str | Pa
 
 def export_ar(ar: ActivationReconstructor, folder: str | Path, base_model: str | Path, *,
               dtype: torch.dtype = torch.float32) -> Path:
-    """Write the AR as a truncated HF folder (K+1 layers, no norm / lm_head) + `value_head.safetensors`."""
+    """Write the AR as a truncated HF folder (K+1 layers, no norm / lm_head) + `value_head.safetensors`.
+
+    Under `torchrun` every rank calls this (to gather FSDP shards) and rank 0 writes.
+    """
     backends.require_hooked("export", ar.model)
     folder = Path(folder)
+    config = _hf_config(base_model, n_layers=ar.meta.layer + 1, untie=False, dtype=dtype)
+    weights = hf_state_dict(ar.model, qkv_bias=has_qkv_bias(config), dtype=dtype)
+    readout = whole(ar.readout.weight.detach()).to(dtype).contiguous().cpu()
+    if not current_world().is_main:
+        return folder
     folder.mkdir(parents=True, exist_ok=True)
-    config = _write_config(base_model, folder, n_layers=ar.meta.layer + 1, untie=False, dtype=dtype)
-    save_file(hf_state_dict(ar.model, qkv_bias=has_qkv_bias(config), dtype=dtype), folder / "model.safetensors",
-              metadata={"format": "pt"})
-    save_file({"weight": ar.readout.weight.detach().to(dtype).contiguous().cpu()},
-              folder / loading.VALUE_HEAD_FILE)
+    config.save_pretrained(folder)
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    save_file({"weight": readout}, folder / loading.VALUE_HEAD_FILE)
     ar.tokenizer.save_pretrained(folder)
     dump_meta(ar.meta.raw, folder)
     return folder

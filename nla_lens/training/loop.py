@@ -4,6 +4,10 @@ Everything that decides the trajectory is a pure function of (config, step): the
 the rows of each micro-batch (a seeded permutation per epoch). A checkpoint therefore only needs the
 trainable weights and the optimizer's tensors, and resuming from one gives the same final weights as
 an uninterrupted run. Checkpoints are safetensors + JSON, so loading one never unpickles anything.
+
+Under `torchrun` the same loop runs data-parallel (`nla_lens.training.parallel`): the micro-batches
+are still the global ones, split across ranks, so the world size changes float summation order only,
+and checkpoints hold whole tensors that any world size can resume from.
 """
 
 from __future__ import annotations
@@ -27,14 +31,17 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from nla_lens.distributed import World
 from nla_lens.errors import CheckpointError, ConfigError
+from nla_lens.training import parallel
 from nla_lens.training.config import TrainConfig
+from nla_lens.training.recompute import activation_checkpointing
 
 logger = logging.getLogger(__name__)
 CHECKPOINT_DIR = "checkpoints"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 # Settings that may change between a run and its resumption without changing the trajectory.
-_RESUMABLE_CHANGES = {"eval_every", "save_every", "keep_checkpoints"}
+_RESUMABLE_CHANGES = {"eval_every", "save_every", "keep_checkpoints", "data_parallel", "activation_checkpointing"}
 
 
 @dataclass
@@ -109,7 +116,8 @@ def train(
     *,
     modules: dict[str, nn.Module],
     n_rows: int,
-    loss_fn: Callable[[Int[Tensor, " batch"]], Tensor],
+    loss_sum: Callable[[Int[Tensor, " batch"]], Tensor],
+    units: Callable[[Int[Tensor, " batch"]], int],
     evaluate: Callable[[], dict[str, Any]],
     config: TrainConfig,
     out_dir: str | Path | None = None,
@@ -117,20 +125,41 @@ def train(
     desc: str = "train",
     progress: bool = True,
 ) -> TrainResult:
-    """Run `config.steps` optimizer steps of `loss_fn` (mean loss of a micro-batch of row indices).
+    """Run `config.steps` optimizer steps; a micro-batch's loss is `loss_sum(rows) / units(rows)`.
 
-    `modules["model"]` is the TransformerLens model. `evaluate()` runs at the start, every
-    `eval_every` steps and at the end; checkpoints go to `out_dir/checkpoints/step-NNNNNN`.
+    `loss_sum` sums the per-unit losses of some rows (tokens, vectors) and `units` counts those
+    units: a micro-batch split across ranks is still normalised by its global count.
+    `modules["model"]` is the TransformerLens model. `evaluate()` runs (on every rank) at the start,
+    every `eval_every` steps and at the end; checkpoints go to `out_dir/checkpoints/step-NNNNNN`.
     `resume` is a checkpoint folder or "latest" (the newest under `out_dir`).
     """
     started = time.perf_counter()
+    world = parallel.current_world()
     params = select_trainable(modules, config.trainable_blocks)
-    optimizer = make_optimizer(params, config)
-    result = TrainResult(steps=config.steps)
-    if resume is not None:
-        folder = latest_checkpoint(out_dir) if resume == "latest" else Path(resume)
-        result = load_checkpoint(folder, params, optimizer, config)
-        logger.info("resumed from %s at step %d", folder, len(result.history))
+    device = next(iter(params.values())).device
+    with contextlib.ExitStack() as stack:
+        if config.activation_checkpointing:
+            stack.enter_context(activation_checkpointing(modules["model"]))
+        if config.data_parallel == "fsdp" and world.is_distributed:
+            parallel.shard_modules(modules, device, bf16=config.bf16)
+            params = select_trainable(modules, config.trainable_blocks)  # FSDP replaced the parameters
+        step_loss = parallel.wrap(parallel.LossModule(modules, loss_sum), config.data_parallel, device)
+        optimizer = make_optimizer(params, config)
+        result = TrainResult(steps=config.steps)
+        if resume is not None:
+            folder = latest_checkpoint(out_dir) if resume == "latest" else Path(resume)
+            result = load_checkpoint(folder, params, optimizer, config)
+            logger.info("resumed from %s at step %d", folder, len(result.history))
+        _run_steps(modules, step_loss, params, optimizer, n_rows, units, evaluate, config, result, world,
+                   out_dir=out_dir, desc=desc, progress=progress)
+    result.seconds += time.perf_counter() - started
+    return result
+
+
+def _run_steps(modules: dict[str, nn.Module], step_loss: nn.Module, params: dict[str, nn.Parameter],
+               optimizer: torch.optim.Optimizer, n_rows: int, units: Callable[[Tensor], int],
+               evaluate: Callable[[], dict[str, Any]], config: TrainConfig, result: TrainResult,
+               world: World, *, out_dir: str | Path | None, desc: str, progress: bool) -> None:
     start = len(result.history)
     device = next(iter(params.values())).device
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if config.bf16 and device.type == "cuda"
@@ -142,14 +171,16 @@ def train(
         with autocast:
             metrics = {"step": step, **evaluate()}
         result.evals.append(metrics)
-        logger.info("%s step %d: %s", desc, step, {k: v for k, v in metrics.items() if not isinstance(v, list)})
-        for sample in metrics.get("samples", []):
-            logger.info("  %s", sample)
+        if world.is_main:
+            logger.info("%s step %d: %s", desc, step,
+                        {k: v for k, v in metrics.items() if not isinstance(v, list)})
+            for sample in metrics.get("samples", []):
+                logger.info("  %s", sample)
 
     if start == 0:
         run_eval(0)
     bar = tqdm(range(start, config.steps), desc=desc, unit="step", initial=start, total=config.steps,
-               disable=not progress)
+               disable=not progress or not world.is_main)
     for step in bar:
         for module in modules.values():
             module.train()
@@ -157,12 +188,20 @@ def train(
         for group in optimizer.param_groups:
             group["lr"] = lr
         total = 0.0
-        for index in micro_batches(step, n_rows, config):
-            with autocast:
-                loss = loss_fn(index) / config.grad_accum
-            loss.backward()
-            total += float(loss.detach())
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(list(params.values()), config.grad_clip))
+        batches = micro_batches(step, n_rows, config)
+        for k, index in enumerate(batches):
+            share, counts = parallel.rank_share(index, world)
+            divisor = units(index) / world.world_size  # the ranks' gradients are averaged
+            last = k == len(batches) - 1
+            no_sync = step_loss.no_sync() if hasattr(step_loss, "no_sync") and not last else contextlib.nullcontext()
+            with no_sync:
+                with autocast:
+                    loss = step_loss(share, divisor) / config.grad_accum
+                if not counts:
+                    loss = loss * 0.0
+                loss.backward()
+            total += parallel.all_reduce_sum(float(loss.detach()), device) / world.world_size
+        grad_norm = float(parallel.whole(torch.nn.utils.clip_grad_norm_(list(params.values()), config.grad_clip)))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         result.history.append({"step": step + 1, "loss": total, "lr": lr, "grad_norm": grad_norm})
@@ -174,27 +213,31 @@ def train(
             result.checkpoint = save_checkpoint(Path(out_dir), done, params, optimizer, config, result)
     for module in modules.values():
         module.eval()
-    result.seconds += time.perf_counter() - started
-    return result
 
 
 def save_checkpoint(out_dir: Path, step: int, params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer,
                     config: TrainConfig, result: TrainResult) -> Path:
-    """Write `checkpoints/step-NNNNNN` atomically and keep the newest `keep_checkpoints` of them."""
+    """Write `checkpoints/step-NNNNNN` atomically and keep the newest `keep_checkpoints` of them.
+
+    Tensors are saved whole (FSDP shards are gathered; every rank must call this), rank 0 writes.
+    """
     root = out_dir / CHECKPOINT_DIR
     folder = root / f"step-{step:06d}"
-    tmp = root / f".step-{step:06d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({name: p.detach().contiguous().cpu() for name, p in params.items()}, tmp / "params.safetensors")
+    weights = {name: parallel.whole(p.detach()).contiguous().cpu() for name, p in params.items()}
     state = optimizer.state_dict()
     tensors, scalars = {}, {}
     for index, entry in state["state"].items():
         for key, value in entry.items():
             if isinstance(value, Tensor):
-                tensors[f"{index}.{key}"] = value.contiguous().cpu()
+                tensors[f"{index}.{key}"] = parallel.whole(value).contiguous().cpu()
             else:
                 scalars[f"{index}.{key}"] = value
+    if not parallel.current_world().is_main:
+        return folder
+    tmp = root / f".step-{step:06d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(weights, tmp / "params.safetensors")
     save_file(tensors, tmp / "optimizer.safetensors")
     trainer_state = {
         "step": step, "param_names": list(params), "param_groups": state["param_groups"],
@@ -211,7 +254,10 @@ def save_checkpoint(out_dir: Path, step: int, params: dict[str, nn.Parameter], o
 
 def load_checkpoint(folder: Path, params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer,
                     config: TrainConfig) -> TrainResult:
-    """Restore weights and optimizer state from `folder`; the config must match the saved one."""
+    """Restore weights and optimizer state from `folder`; the config must match the saved one.
+
+    The saved tensors are whole, so the run may resume on another number of ranks.
+    """
     state_path = folder / "trainer_state.json"
     if not state_path.is_file():
         raise CheckpointError(f"{folder} is not a training checkpoint (no trainer_state.json)")
@@ -228,11 +274,13 @@ def load_checkpoint(folder: Path, params: dict[str, nn.Parameter], optimizer: to
     weights = load_file(folder / "params.safetensors")
     with torch.no_grad():
         for name, param in params.items():
-            param.copy_(weights[name])
+            param.copy_(parallel.like(weights[name], param))
+    ordered = [p for group in optimizer.param_groups for p in group["params"]]
     moments: dict[int, dict[str, Any]] = {}
     for key, value in load_file(folder / "optimizer.safetensors").items():
         index, name = key.split(".", 1)
-        moments.setdefault(int(index), {})[name] = value
+        param = ordered[int(index)]
+        moments.setdefault(int(index), {})[name] = parallel.like(value, param) if value.shape == param.shape else value
     for key, value in state["optimizer_scalars"].items():
         index, name = key.split(".", 1)
         moments.setdefault(int(index), {})[name] = value

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from nla_lens import backends, loading
+from nla_lens.distributed import World, device_for, process_group
 from nla_lens.errors import ConfigError, InputError
 from nla_lens.sidecar import NLAMeta
 from nla_lens.training.ar_sft import init_ar, train_ar
@@ -69,29 +70,43 @@ def _split(config: SFTRunConfig) -> tuple[NLAMeta, LabelledActivations, Labelled
     return (activations.meta, *split_by_document(data, config.eval_fraction, config.split_seed))
 
 
-def _save_result(config: SFTRunConfig, model_dir: Path, result: TrainResult) -> RunResult:
-    summary = {"model_dir": model_dir, "config": asdict(config), **asdict(result)}
-    (Path(config.out_dir) / RESULT_FILE).write_text(json.dumps(summary, indent=1, default=str), encoding="utf-8")
+def _save_result(config: SFTRunConfig, model_dir: Path, result: TrainResult, world: World) -> RunResult:
+    if world.is_main:
+        summary = {"model_dir": model_dir, "config": asdict(config), "world_size": world.world_size,
+                   **asdict(result)}
+        (Path(config.out_dir) / RESULT_FILE).write_text(json.dumps(summary, indent=1, default=str),
+                                                        encoding="utf-8")
     return RunResult(model_dir, result)
 
 
 def run_train_av(config: AVRunConfig, *, progress: bool = True) -> RunResult:
-    """Extraction folder + explanations -> a trained, exported AV under `out_dir/model`."""
+    """Extraction folder + explanations -> a trained, exported AV under `out_dir/model`.
+
+    Under `torchrun` every rank runs this: data-parallel SFT (`config.train.data_parallel`), rank 0 writes.
+    """
     meta, train, evaluation = _split(config)
-    av = init_av(config.base_model, meta, injection=config.injection, hook_point=config.hook_point,
-                 injection_scale=config.injection_scale, device=config.device)
-    result = train_av(av, train, evaluation, config.train, out_dir=config.out_dir, resume=config.resume,
-                      n_samples=config.n_samples, sample_max_new_tokens=config.sample_max_new_tokens,
-                      progress=progress)
-    model_dir = export_av(av, Path(config.out_dir) / MODEL_DIR, config.base_model, dtype=_dtype(config.export_dtype))
-    return _save_result(config, model_dir, result)
+    with process_group(config.device) as world:
+        av = init_av(config.base_model, meta, injection=config.injection, hook_point=config.hook_point,
+                     injection_scale=config.injection_scale, device=device_for(world, config.device),
+                     dtype=_dtype(config.dtype))
+        result = train_av(av, train, evaluation, config.train, out_dir=config.out_dir, resume=config.resume,
+                          n_samples=config.n_samples, sample_max_new_tokens=config.sample_max_new_tokens,
+                          progress=progress)
+        model_dir = export_av(av, Path(config.out_dir) / MODEL_DIR, config.base_model,
+                              dtype=_dtype(config.export_dtype))
+        return _save_result(config, model_dir, result, world)
 
 
 def run_train_ar(config: ARRunConfig, *, progress: bool = True) -> RunResult:
-    """Extraction folder + explanations -> a trained, exported AR under `out_dir/model`."""
+    """Extraction folder + explanations -> a trained, exported AR under `out_dir/model`.
+
+    Under `torchrun` every rank runs this: data-parallel SFT (`config.train.data_parallel`), rank 0 writes.
+    """
     meta, train, evaluation = _split(config)
-    ar = init_ar(config.base_model, meta, device=config.device)
-    result = train_ar(ar, train, evaluation, config.train, out_dir=config.out_dir, resume=config.resume,
-                      progress=progress)
-    model_dir = export_ar(ar, Path(config.out_dir) / MODEL_DIR, config.base_model, dtype=_dtype(config.export_dtype))
-    return _save_result(config, model_dir, result)
+    with process_group(config.device) as world:
+        ar = init_ar(config.base_model, meta, device=device_for(world, config.device), dtype=_dtype(config.dtype))
+        result = train_ar(ar, train, evaluation, config.train, out_dir=config.out_dir, resume=config.resume,
+                          progress=progress)
+        model_dir = export_ar(ar, Path(config.out_dir) / MODEL_DIR, config.base_model,
+                              dtype=_dtype(config.export_dtype))
+        return _save_result(config, model_dir, result, world)

@@ -1,0 +1,54 @@
+"""Activation checkpointing replays the injection hook (and any user hook) in backward's recompute."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import NEEDS_TL3
+from torch.utils.checkpoint import CheckpointError, checkpoint
+
+from nla_lens.training import av_loss, av_rows, init_av
+from nla_lens.training.recompute import activation_checkpointing
+
+pytestmark = NEEDS_TL3
+
+
+@pytest.fixture(scope="module")
+def av_and_rows(base_folder, dataset_meta, label_split):
+    av = init_av(base_folder, dataset_meta)
+    return av, av_rows(label_split[0], av.meta, av.tokenizer, av.tokenizer.eos_token_id)
+
+
+def _gradients(av, rows) -> dict[str, torch.Tensor]:
+    """Gradients of the AV loss; backward runs after `av_loss` has removed its injection hook."""
+    av.model.zero_grad(set_to_none=True)
+    steer = torch.linspace(-1, 1, av.meta.d_model)
+    with av.model.hooks(fwd_hooks=[("blocks.2.hook_resid_mid", lambda x, hook: x + steer)]):
+        loss = av_loss(av, rows, torch.tensor([0, 3, 7]))
+    loss.backward()
+    return {name: p.grad.clone() for name, p in av.model.named_parameters() if p.grad is not None}
+
+
+def test_checkpointed_blocks_give_the_same_gradients_as_plain_ones(av_and_rows):
+    av, rows = av_and_rows
+    plain = _gradients(av, rows)
+    with activation_checkpointing(av.model):
+        checkpointed = _gradients(av, rows)
+    assert plain.keys() == checkpointed.keys()
+    assert all(torch.equal(plain[name], checkpointed[name]) for name in plain)
+    assert all("forward" not in vars(block) for block in av.model.blocks)  # the class forward is back
+
+
+def test_a_recompute_without_the_replayed_hooks_is_not_the_forward(av_and_rows):
+    """The control: torch's own checkpoint recomputes block 1 without the injection (gone by
+    backward) and notices only because the hook saved tensors; replaying the hooks is what is needed."""
+    av, rows = av_and_rows
+    try:
+        for block in av.model.blocks:
+            block.forward = lambda *args, _f=block.forward, **kwargs: checkpoint(_f, *args, use_reentrant=False,
+                                                                                 **kwargs)
+        with pytest.raises(CheckpointError):
+            _gradients(av, rows)
+    finally:
+        for block in av.model.blocks:
+            del block.forward
