@@ -20,6 +20,7 @@ import math
 import re
 import shutil
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -141,6 +142,10 @@ def train(
         if config.activation_checkpointing:
             stack.enter_context(activation_checkpointing(modules["model"]))
         if config.data_parallel == "fsdp" and world.is_distributed:
+            stack.enter_context(warnings.catch_warnings())
+            # FSDP2 warns that the TL model returns views; the losses never modify them in place, and
+            # the gradients are tested against one process (tests/test_distributed_training.py).
+            warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
             parallel.shard_modules(modules, device, bf16=config.bf16)
             params = select_trainable(modules, config.trainable_blocks)  # FSDP replaced the parameters
         step_loss = parallel.wrap(parallel.LossModule(modules, loss_sum), config.data_parallel, device)
