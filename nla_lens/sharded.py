@@ -97,7 +97,7 @@ def verbalize_file(
     av_meta = load_meta(av_folder)
     table = _read(input, column, av_meta)
     manifest = {"job": "verbalize", **_input_facts(input, table), "shard_size": shard_size,
-                "av": str(av_folder), "dtype": str(dtype), **sampling.facts()}
+                "av": str(av_folder), "dtype": _dtype_name(dtype), **sampling.facts()}
     with process_group(device) as world:
         @cache
         def load() -> ActivationVerbalizer:
@@ -127,8 +127,8 @@ def round_trip_file(
     table = _read(input, column, av_meta)
     baseline, source = fve_baseline(table.vectors, ar_meta.mse_scale, baseline)  # before any verbalization
     manifest = {"job": "round-trip", **_input_facts(input, table), "shard_size": shard_size, "av": str(av_folder),
-                "ar": str(ar_folder), "baseline": None if source != "given" else baseline, "dtype": str(dtype),
-                **sampling.facts()}
+                "ar": str(ar_folder), "baseline": baseline if source == "given" else None,
+                "dtype": _dtype_name(dtype), **sampling.facts()}
     with process_group(device) as world:
         @cache
         def load() -> NLA:
@@ -146,7 +146,7 @@ def round_trip_file(
     result = _with_warnings(result, av_meta)
     if result.table is None:
         return result
-    mse = torch.from_numpy(result.table.column("mse").to_numpy())
+    mse = torch.tensor(result.table.column("mse").to_numpy())
     summary = RoundTripSummary(len(mse), float(mse.mean()), metrics.fve(mse, baseline), baseline, source,
                                result.table.column("explanation").null_count, ar_meta.mse_scale)
     summary_path(output).write_text(json.dumps(asdict(summary), indent=2) + "\n", encoding="utf-8")
@@ -160,6 +160,10 @@ def summary_path(output: Path) -> Path:
 def _read(input: Path, column: str | None, av_meta: NLAMeta) -> VectorTable:
     table = read_input(input, column)
     return VectorTable(check_vectors(table.vectors, av_meta.d_model).float(), table.columns)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _input_facts(input: Path, table: VectorTable) -> dict[str, Any]:

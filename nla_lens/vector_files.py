@@ -14,7 +14,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
@@ -98,7 +97,7 @@ def _to_tensor(values: pa.ChunkedArray, name: str, path: Path) -> Float[Tensor, 
                          "every row must have d_model values")
     width = lengths.pop() if lengths else 0
     flat = values.flatten().to_numpy(zero_copy_only=False)
-    return torch.from_numpy(np.ascontiguousarray(flat).reshape(len(values), width))
+    return torch.tensor(flat).reshape(len(values), width)  # a copy: arrow's buffers are read-only
 
 
 OUTPUT_SUFFIXES = (".parquet", ".jsonl")
