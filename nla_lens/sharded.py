@@ -27,7 +27,7 @@ from nla_lens.nla import NLA, check_pair, fve_baseline
 from nla_lens.parsing import injection_warning
 from nla_lens.reconstructor import ActivationReconstructor
 from nla_lens.sidecar import NLAMeta, load_meta
-from nla_lens.vector_files import VectorTable, check_output, read_input, write_table
+from nla_lens.vector_files import VectorTable, check_output, read_input, write_atomic, write_table
 from nla_lens.verbalizer import ActivationVerbalizer, Verbalization
 
 
@@ -88,15 +88,19 @@ def shard_seed(seed: int, shard: int) -> int:
 
 
 def verbalize_file(
-    av: str | Path, input: Path, output: Path, *, sampling: Sampling = Sampling(), column: str | None = None,
-    shard_size: int = 256, shards: Sequence[int] | None = None, device: str = "cpu",
+    av: str | Path, input_path: str | Path, output: str | Path, *, sampling: Sampling = Sampling(),
+    column: str | None = None, shard_size: int = 256, shards: Sequence[int] | None = None, device: str = "cpu",
     dtype: torch.dtype = torch.float32, progress: bool = True,
 ) -> JobResult:
-    """Explain every vector of `input` into `output` (.parquet or .jsonl): index, input columns, explanation, text."""
+    """Explain every vector of `input_path` into `output` (.parquet or .jsonl).
+
+    Output rows: index (the input row), the input's scalar columns, explanation (None if untagged), text.
+    """
+    input_path, output = Path(input_path), Path(output)
     av_folder = loading.resolve_checkpoint(av)
     av_meta = load_meta(av_folder)
-    table = _read(input, column, av_meta)
-    manifest = {"job": "verbalize", **_input_facts(input, table), "shard_size": shard_size,
+    table = _read(input_path, column, av_meta)
+    manifest = {"job": "verbalize", **_input_facts(input_path, table), "shard_size": shard_size,
                 "av": str(av_folder), "dtype": _dtype_name(dtype), **sampling.facts()}
     with process_group(device) as world:
         @cache
@@ -111,22 +115,23 @@ def verbalize_file(
 
 
 def round_trip_file(
-    av: str | Path, ar: str | Path, input: Path, output: Path, *, sampling: Sampling = Sampling(),
+    av: str | Path, ar: str | Path, input_path: str | Path, output: str | Path, *, sampling: Sampling = Sampling(),
     baseline: float | None = None, reconstruct_batch_size: int = 64, column: str | None = None,
     shard_size: int = 256, shards: Sequence[int] | None = None, device: str = "cpu",
     dtype: torch.dtype = torch.float32, progress: bool = True,
 ) -> JobResult:
-    """Verbalize, reconstruct and score every vector of `input`; rows as `verbalize_file` plus `mse`.
+    """Verbalize, reconstruct and score every vector of `input_path`; rows as `verbalize_file` plus `mse`.
 
     Each row is scored by `NLA.score`; the merge adds a `RoundTripSummary` (written next to the
     output as `<stem>.summary.json`) whose baseline is the paper's over all input vectors unless given.
     """
+    input_path, output = Path(input_path), Path(output)
     av_folder, ar_folder = loading.resolve_checkpoint(av), loading.resolve_checkpoint(ar)
     av_meta, ar_meta = load_meta(av_folder), load_meta(ar_folder)
     check_pair(av_meta, ar_meta)
-    table = _read(input, column, av_meta)
+    table = _read(input_path, column, av_meta)
     baseline, source = fve_baseline(table.vectors, ar_meta.mse_scale, baseline)  # before any verbalization
-    manifest = {"job": "round-trip", **_input_facts(input, table), "shard_size": shard_size, "av": str(av_folder),
+    manifest = {"job": "round-trip", **_input_facts(input_path, table), "shard_size": shard_size, "av": str(av_folder),
                 "ar": str(ar_folder), "baseline": baseline if source == "given" else None,
                 "dtype": _dtype_name(dtype), **sampling.facts()}
     with process_group(device) as world:
@@ -149,7 +154,8 @@ def round_trip_file(
     mse = torch.tensor(result.table.column("mse").to_numpy())
     summary = RoundTripSummary(len(mse), float(mse.mean()), metrics.fve(mse, baseline), baseline, source,
                                result.table.column("explanation").null_count, ar_meta.mse_scale)
-    summary_path(output).write_text(json.dumps(asdict(summary), indent=2) + "\n", encoding="utf-8")
+    write_atomic(summary_path(output), lambda tmp: tmp.write_text(json.dumps(asdict(summary), indent=2) + "\n",
+                                                                  encoding="utf-8"))
     return replace(result, summary=summary)
 
 
@@ -157,8 +163,8 @@ def summary_path(output: Path) -> Path:
     return output.with_name(output.stem + ".summary.json")
 
 
-def _read(input: Path, column: str | None, av_meta: NLAMeta) -> VectorTable:
-    table = read_input(input, column)
+def _read(input_path: Path, column: str | None, av_meta: NLAMeta) -> VectorTable:
+    table = read_input(input_path, column)
     return VectorTable(check_vectors(table.vectors, av_meta.d_model).float(), table.columns)
 
 
@@ -166,10 +172,10 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _input_facts(input: Path, table: VectorTable) -> dict[str, Any]:
+def _input_facts(input_path: Path, table: VectorTable) -> dict[str, Any]:
     """Which input the shards were computed from: its path and size, and a hash of the vectors themselves."""
     digest = hashlib.sha256(table.vectors.contiguous().numpy()).hexdigest()
-    return {"input": str(input.resolve()), "input_bytes": input.stat().st_size,
+    return {"input": str(input_path.resolve()), "input_bytes": input_path.stat().st_size,
             "n_rows": table.vectors.shape[0], "vectors_sha256": digest}
 
 
