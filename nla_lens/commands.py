@@ -159,8 +159,10 @@ def _report(result: sharded.JobResult) -> None:
     """One line per outcome, from rank 0 only (the other ranks' results carry no merge)."""
     folder = shard_store.shard_folder(result.output)
     if result.missing:
+        ids = ",".join(map(str, result.missing))
         print(f"shards {result.missing} of {result.n_shards} are not finished (a rank failed, or --shards left them "
-              f"out): rerun the same command to compute them; the finished ones in {folder} are kept")
+              f"out): rerun the same command without --shards, or with --shards {ids}, to compute them and merge; "
+              f"the finished ones in {folder} are kept")
     elif result.table is not None:
         print(f"wrote {result.table.num_rows} rows to {result.output} ({len(result.computed)} of {result.n_shards} "
               f"shards computed by this process; shards kept in {folder})")

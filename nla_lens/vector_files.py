@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from jaxtyping import Float
@@ -90,12 +91,11 @@ def _to_tensor(values: pa.ChunkedArray, name: str, path: Path) -> Float[Tensor, 
     values = values.combine_chunks()
     if values.null_count:
         raise InputError(f"{path}: column {name!r} has {values.null_count} null rows; drop or fill them")
-    lengths = set(values.value_lengths().to_pylist()) if not pa.types.is_fixed_size_list(values.type) \
-        else {values.type.list_size}
+    lengths = sorted(pc.unique(pc.list_value_length(values)).to_pylist())
     if len(lengths) > 1:
-        raise InputError(f"{path}: column {name!r} holds vectors of lengths {sorted(lengths)[:8]}; "
+        raise InputError(f"{path}: column {name!r} holds vectors of lengths {lengths[:8]}; "
                          "every row must have d_model values")
-    width = lengths.pop() if lengths else 0
+    width = lengths[0] if lengths else 0
     flat = values.flatten().to_numpy(zero_copy_only=False)
     return torch.tensor(flat).reshape(len(values), width)  # a copy: arrow's buffers are read-only
 

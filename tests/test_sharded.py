@@ -175,6 +175,9 @@ def test_the_vector_column_is_found_or_must_be_named(tiny_paths, rows, tmp_path)
     table = sharded.verbalize_file(av, path, tmp_path / "o.parquet", sampling=GREEDY, column="vector",
                                    progress=False).table
     assert table.column_names == ["index", "tag", "explanation", "text"]  # list columns are not carried
+    pq.write_table(pa.table({"vector": [[1.0] * 64, [1.0] * 63]}), tmp_path / "ragged.parquet")
+    with pytest.raises(nl.InputError, match=r"lengths \[63, 64\]"):
+        sharded.verbalize_file(av, tmp_path / "ragged.parquet", tmp_path / "o.parquet", progress=False)
 
 
 @pytest.mark.parametrize(("vectors", "error", "match"), [
