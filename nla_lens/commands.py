@@ -1,34 +1,26 @@
-"""`nla-lens verbalize` and `nla-lens reconstruct`: the library's two halves from the shell."""
+"""`nla-lens verbalize`, `round-trip` and `reconstruct`: the library from the shell."""
 
 from __future__ import annotations
 
 import argparse
-import json
+import sys
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
+import pyarrow as pa
 import torch
 from jaxtyping import Float
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 
+from nla_lens import shard_store, sharded
+from nla_lens.distributed import World
 from nla_lens.errors import InputError
+from nla_lens.sharded import Sampling
+from nla_lens.vector_files import VectorTable, read_input, write_table
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def read_vectors(path: Path) -> Float[Tensor, "n d_model"]:
-    """Vectors from .safetensors (a tensor named `vectors`, or the only one) or .pt (weights_only load)."""
-    if path.suffix == ".safetensors":
-        tensors = load_file(str(path))
-        if "vectors" not in tensors and len(tensors) != 1:
-            raise InputError(f"{path} holds {sorted(tensors)}; name the [n, d_model] tensor 'vectors'")
-        return tensors.get("vectors", next(iter(tensors.values())))
-    if path.suffix == ".pt":
-        loaded = torch.load(path, weights_only=True)  # tensors only: no pickled code is run
-        if not isinstance(loaded, Tensor):
-            raise InputError(f"{path} must hold a single tensor, got {type(loaded).__name__}")
-        return loaded
-    raise InputError(f"{path}: expected a .safetensors or .pt file of [n, d_model] vectors")
 
 
 def capture_text(base: str, layer: int, text: str, device: str, dtype: torch.dtype) -> Float[Tensor, "pos d_model"]:
@@ -49,25 +41,88 @@ def capture_text(base: str, layer: int, text: str, device: str, dtype: torch.dty
 def add_verbalize(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "verbalize", help="explain activation vectors with an AV",
-        description="Explain vectors with an activation verbalizer. Take them from a file (--vectors) or capture "
-                    "them from a base model (--base, --layer, --text: every position of the text).")
+        description="Explain vectors with an activation verbalizer. Take them from a file (--input) or capture "
+                    "them from a base model (--base, --layer, --text: every position of the text). With --input "
+                    "and --output the job is sharded: run it as one process or under torchrun "
+                    "(torchrun --nproc-per-node N -m nla_lens.cli verbalize ...), and rerun the same command to "
+                    "resume. " + _SHARDING_NOTE)
     parser.add_argument("--av", required=True, help="the AV checkpoint folder (or a hub id in the local HF cache)")
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--vectors", type=Path, help=".safetensors (tensor 'vectors') or .pt file of [n, d_model]")
+    source.add_argument("--input", "--vectors", dest="input", type=Path, help=_INPUT_HELP)
     source.add_argument("--text", help="text to run through --base; each of its positions is explained")
     parser.add_argument("--base", help="base model folder for --text (the model the AV reads)")
     parser.add_argument("--layer", type=int, help="layer K for --text (default: the AV's sidecar layer)")
-    parser.add_argument("--max-new-tokens", type=int, default=150, help="longest explanation (default 150)")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
-    parser.add_argument("--seed", type=int, default=None, help="seed for sampling at temperature > 0")
-    parser.add_argument("--batch-size", type=int, default=32, help="vectors per AV batch")
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
-    parser.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="model dtype")
-    parser.add_argument("--output", type=Path, help="also write one JSON line per vector here")
+    parser.add_argument("--output", type=Path,
+                        help="write the rows (index, the input's columns, explanation, text) to this .parquet or "
+                             ".jsonl file instead of printing them")
+    _add_job_flags(parser)
     parser.set_defaults(run=_run_verbalize)
 
 
+def add_round_trip(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "round-trip", help="verbalize, reconstruct and score vectors (MSE, FVE) with an AV/AR pair",
+        description="Score an NLA on a vector file: each vector is explained by the AV, rebuilt from the "
+                    "explanation by the AR and scored as NLA.round_trip does (a failed parse scores as a miss). "
+                    "Writes the rows (index, the input's columns, explanation, text, mse) to --output and the "
+                    "mean MSE, baseline and FVE over all rows to <output stem>.summary.json. Runs as one "
+                    "process or under torchrun; rerun the same command to resume. " + _SHARDING_NOTE)
+    parser.add_argument("--av", required=True, help="the AV checkpoint folder (or a hub id in the local HF cache)")
+    parser.add_argument("--ar", required=True, help="the AR trained with this AV")
+    parser.add_argument("--input", "--vectors", dest="input", type=Path, required=True, help=_INPUT_HELP)
+    parser.add_argument("--output", type=Path, required=True, help="the per-row .parquet or .jsonl file")
+    parser.add_argument("--baseline", type=float,
+                        help="FVE baseline (default: the paper baseline of all input vectors)")
+    parser.add_argument("--reconstruct-batch-size", type=int, default=64, help="explanations per AR batch")
+    _add_job_flags(parser)
+    parser.set_defaults(run=_run_round_trip)
+
+
+_INPUT_HELP = (".safetensors (tensor 'vectors', or the only one), .pt or .parquet file of [n, d_model] vectors; "
+               "a parquet file's other scalar columns (ids, positions, ...) are copied to the output rows")
+_SHARDING_NOTE = ("Shards are --shard-size consecutive rows, written to <output>.shards/ as they finish; the "
+                  "folder is kept after the merge (delete it when done; a rerun then recomputes everything).")
+
+
+def _add_job_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--column", help="the parquet column holding the vectors (default: the only list-of-floats "
+                                         "column)")
+    parser.add_argument("--shard-size", type=int, default=256, help="input rows per shard (default 256)")
+    parser.add_argument("--shards", type=_shard_ids,
+                        help="compute only these shard ids, e.g. 0,3 (to redo a failed rank's shards in one "
+                             "process); the output is merged once every shard exists")
+    parser.add_argument("--max-new-tokens", type=int, default=150, help="longest explanation (default 150)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass at temperature > 0")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed for sampling at temperature > 0; each shard derives its own from it (default 0)")
+    parser.add_argument("--batch-size", type=int, default=32, help="vectors per AV batch")
+    parser.add_argument("--device", default="cpu", help="torch device; cuda under torchrun means cuda:LOCAL_RANK")
+    parser.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="model dtype")
+
+
+def _shard_ids(value: str) -> list[int]:
+    try:
+        return [int(part) for part in value.split(",") if part.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated shard ids such as 0,3, got {value!r}") from exc
+
+
+def _sampling(args: argparse.Namespace) -> Sampling:
+    return Sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed, args.batch_size)
+
+
+def _job_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return {"sampling": _sampling(args), "column": args.column, "shard_size": args.shard_size,
+            "shards": args.shards, "device": args.device, "dtype": _DTYPES[args.dtype]}
+
+
 def _run_verbalize(args: argparse.Namespace) -> None:
+    if args.input is not None and args.output is not None:
+        _report(sharded.verbalize_file(args.av, args.input, args.output, **_job_kwargs(args)))
+        return
+    if World.from_env().is_distributed:
+        raise InputError("under torchrun, give --input FILE and --output FILE: only file jobs are sharded")
     from nla_lens.verbalizer import ActivationVerbalizer
 
     av = ActivationVerbalizer.from_pretrained(args.av, device=args.device, dtype=_DTYPES[args.dtype])
@@ -75,17 +130,44 @@ def _run_verbalize(args: argparse.Namespace) -> None:
         if args.base is None:
             raise InputError("--text needs --base, the model whose activations the AV explains")
         layer = av.meta.layer if args.layer is None else args.layer
-        vectors = capture_text(args.base, layer, args.text, args.device, _DTYPES[args.dtype])
+        table = VectorTable(capture_text(args.base, layer, args.text, args.device, _DTYPES[args.dtype]),
+                            pa.table({}))
     else:
-        vectors = read_vectors(args.vectors)
-    out = av.verbalize(vectors, max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
-                       batch_size=args.batch_size)
-    lines = [json.dumps({"index": i, "explanation": v.explanation, "text": v.text}, ensure_ascii=False)
-             for i, v in enumerate(out)]
+        table = read_input(args.input, args.column)
+    sampling = _sampling(args)
+    out = av.verbalize(table.vectors, max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
+                       top_p=sampling.top_p, seed=sampling.seed, batch_size=sampling.batch_size)
+    if args.output:
+        write_table(sharded.output_rows(table, range(len(out)), out), args.output)
+        print(f"wrote {len(out)} rows to {args.output}")
+        return
     for i, v in enumerate(out):
         print(f"{i}\t{v.explanation if v.explanation is not None else '(no <explanation> tags) ' + v.text!r}")
-    if args.output:
-        args.output.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _run_round_trip(args: argparse.Namespace) -> None:
+    result = sharded.round_trip_file(args.av, args.ar, args.input, args.output, baseline=args.baseline,
+                                     reconstruct_batch_size=args.reconstruct_batch_size, **_job_kwargs(args))
+    _report(result)
+    if result.summary is not None:
+        for name, value in asdict(result.summary).items():
+            print(f"{name:16s} {value}")
+        print(f"summary written to {sharded.summary_path(args.output)}")
+
+
+def _report(result: sharded.JobResult) -> None:
+    """One line per outcome, from rank 0 only (the other ranks' results carry no merge)."""
+    folder = shard_store.shard_folder(result.output)
+    if result.missing:
+        ids = ",".join(map(str, result.missing))
+        print(f"shards {result.missing} of {result.n_shards} are not finished (a rank failed, or --shards left them "
+              f"out): rerun the same command without --shards, or with --shards {ids}, to compute them and merge; "
+              f"the finished ones in {folder} are kept")
+    elif result.table is not None:
+        print(f"wrote {result.table.num_rows} rows to {result.output} ({len(result.computed)} of {result.n_shards} "
+              f"shards computed by this process; shards kept in {folder})")
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
 
 
 def add_reconstruct(subparsers: argparse._SubParsersAction) -> None:

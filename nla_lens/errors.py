@@ -50,7 +50,7 @@ class SplitLeakError(NLAError):
 
 
 class ConfigError(NLAError):
-    """A training or extraction config has an unknown key, a bad value, or contradicts saved state."""
+    """A training, extraction or job setting is unknown, out of range, or contradicts saved state."""
 
 
 class BackendError(NLAError):

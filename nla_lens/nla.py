@@ -15,7 +15,32 @@ from nla_lens.errors import InputError, PairMismatchError
 from nla_lens.injection import check_vectors
 from nla_lens.parsing import injection_warning
 from nla_lens.reconstructor import ActivationReconstructor
+from nla_lens.sidecar import NLAMeta
 from nla_lens.verbalizer import ActivationVerbalizer, Verbalization
+
+
+def check_pair(av_meta: NLAMeta, ar_meta: NLAMeta) -> None:
+    """An AV and an AR form one NLA only if they share d_model and layer (readable before loading weights)."""
+    for name in ("d_model", "layer"):
+        if getattr(av_meta, name) != getattr(ar_meta, name):
+            raise PairMismatchError(
+                f"AV and AR disagree on {name} ({getattr(av_meta, name)} vs "
+                f"{getattr(ar_meta, name)}): load the AR trained with this AV"
+            )
+
+
+def fve_baseline(vectors: Float[Tensor, "n d_model"], mse_scale: float,
+                 baseline: float | None = None) -> tuple[float, str]:
+    """The FVE baseline and where it came from: `baseline` if given, else the paper's of `vectors`."""
+    source = "given"
+    if baseline is None:
+        baseline, source = metrics.paper_baseline(vectors, mse_scale), "paper (these vectors)"
+    if not baseline > 0:
+        raise InputError(
+            f"the FVE baseline is {baseline:g}: with a single vector (or only parallel ones) the paper "
+            "baseline is zero. Pass baseline= computed on a larger held-out set (metrics.paper_baseline)."
+        )
+    return baseline, source
 
 
 @dataclass(frozen=True)
@@ -41,12 +66,7 @@ class NLA:
     """The AV/AR pair; checks at construction that they share d_model and layer."""
 
     def __init__(self, av: ActivationVerbalizer, ar: ActivationReconstructor) -> None:
-        for name in ("d_model", "layer"):
-            if getattr(av.meta, name) != getattr(ar.meta, name):
-                raise PairMismatchError(
-                    f"AV and AR disagree on {name} ({getattr(av.meta, name)} vs "
-                    f"{getattr(ar.meta, name)}): load the AR trained with this AV"
-                )
+        check_pair(av.meta, ar.meta)
         self.av = av
         self.ar = ar
 
@@ -62,28 +82,32 @@ class NLA:
         baseline when scoring a few vectors (the released Qwen3-8B L24 pair: about 0.56).
         """
         vectors = check_vectors(vectors, self.av.meta.d_model).float()
-        d_model, scale = self.av.meta.d_model, self.mse_scale
-        source = "given"
-        if baseline is None:
-            baseline, source = metrics.paper_baseline(vectors, scale), "paper (these vectors)"
-        if not baseline > 0:  # checked before the expensive verbalization
-            raise InputError(
-                f"the FVE baseline is {baseline:g}: with a single vector (or only parallel ones) the paper "
-                "baseline is zero. Pass baseline= computed on a larger held-out set (metrics.paper_baseline)."
-            )
+        baseline, source = fve_baseline(vectors, self.mse_scale, baseline)  # before the expensive part
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # reported once on the result instead
             verbalizations = self.av.verbalize(vectors, **verbalize_kwargs)
+        reconstructions, mse = self.score(vectors, verbalizations, reconstruct_batch_size=reconstruct_batch_size)
+        notes = [w for w in [injection_warning([v.text for v in verbalizations],
+                                               self.av.meta.injection_char)] if w]
+        n_failed = sum(v.explanation is None for v in verbalizations)
+        return RoundTrip(verbalizations, reconstructions, mse, float(mse.mean()),
+                         metrics.fve(mse, baseline), baseline, source, n_failed, notes)
+
+    def score(self, vectors: Float[Tensor, "n d_model"], verbalizations: list[Verbalization], *,
+              reconstruct_batch_size: int = 64) -> tuple[Float[Tensor, "n d_model"], Float[Tensor, " n"]]:
+        """Reconstruct each parsed explanation and score it against its vector.
+
+        Returns the reconstructions (NaN rows for failed parses) and the per-row MSE, where a failed
+        parse scores `metrics.miss_mse`. The one scoring rule of `round_trip` and of sharded jobs.
+        """
+        vectors = vectors.float()
+        scale = self.mse_scale
         parsed = [i for i, v in enumerate(verbalizations) if v.explanation is not None]
         reconstructions = torch.full_like(vectors, float("nan"))
-        mse = torch.full((len(vectors),), metrics.miss_mse(d_model, scale))
+        mse = torch.full((len(vectors),), metrics.miss_mse(self.av.meta.d_model, scale))
         if parsed:
             texts = [verbalizations[i].explanation for i in parsed]
             predicted = self.ar.reconstruct(texts, batch_size=reconstruct_batch_size).to(vectors.device)
             reconstructions[parsed] = predicted
             mse[parsed] = metrics.mse_per_item(predicted, vectors[parsed], scale).cpu()
-        notes = [w for w in [injection_warning([v.text for v in verbalizations],
-                                               self.av.meta.injection_char)] if w]
-        return RoundTrip(verbalizations, reconstructions, mse, float(mse.mean()),
-                         metrics.fve(mse, baseline), baseline, source,
-                         len(vectors) - len(parsed), notes)
+        return reconstructions, mse

@@ -1,0 +1,86 @@
+"""The shards folder of a sharded job: its manifest, one parquet file per finished shard, the merge.
+
+`<output>.shards/` holds `manifest.json` (every setting that determines the results) and
+`shard-00000.parquet`, `shard-00001.parquet`, ... Shards are fixed-size chunks of consecutive input
+rows, numbered independently of the world size, so a result never depends on how many ranks ran it.
+A shard file exists only once it is complete (written under a temporary name, then renamed), so
+"the file exists" is the whole resume rule.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from nla_lens.distributed import World
+from nla_lens.errors import ConfigError, InputError
+from nla_lens.vector_files import write_atomic
+
+MANIFEST = "manifest.json"
+
+
+def shard_folder(output: Path) -> Path:
+    return output.with_name(output.name + ".shards")
+
+
+def shard_path(folder: Path, index: int) -> Path:
+    return folder / f"shard-{index:05d}.parquet"
+
+
+def shard_rows(n_rows: int, shard_size: int) -> list[range]:
+    """The input rows of each shard: consecutive chunks of `shard_size` (the last may be shorter)."""
+    if shard_size < 1:
+        raise InputError(f"--shard-size must be at least 1, got {shard_size}")
+    return [range(start, min(start + shard_size, n_rows)) for start in range(0, n_rows, shard_size)]
+
+
+def assigned_shards(n_shards: int, world: World, only: Sequence[int] | None = None) -> list[int]:
+    """This rank's shards: every world_size-th of `only` (default: all shards), starting at its rank."""
+    ids = list(range(n_shards)) if only is None else sorted(set(only))
+    outside = [i for i in ids if not 0 <= i < n_shards]
+    if outside:
+        raise InputError(f"shards {outside} do not exist: this input has shards 0..{n_shards - 1}")
+    return ids[world.rank::world.world_size]
+
+
+def check_manifest(folder: Path, manifest: dict[str, Any]) -> None:
+    """Refuse to resume from shards that were computed with other settings."""
+    path = folder / MANIFEST
+    if not path.exists():
+        return
+    recorded = json.loads(path.read_text(encoding="utf-8"))
+    differing = sorted(k for k in recorded.keys() | manifest.keys() if recorded.get(k) != manifest.get(k))
+    if differing:
+        changes = ", ".join(f"{k}: {recorded.get(k)!r} -> {manifest.get(k)!r}" for k in differing)
+        raise ConfigError(
+            f"{folder} holds shards computed with other settings ({changes}). Pick another --output, "
+            "or delete that folder to start over"
+        )
+
+
+def save_shard(folder: Path, index: int, table: pa.Table, manifest: dict[str, Any]) -> None:
+    """Write one finished shard; it counts as done only once renamed to its final name.
+
+    The manifest is written with the first shard, so a run that fails before finishing any shard
+    (bad settings, a model that does not load) leaves nothing a corrected rerun would be checked
+    against. Concurrent ranks write identical content under private names, then rename.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / MANIFEST).exists():
+        write_atomic(folder / MANIFEST, lambda tmp: tmp.write_text(
+            json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8"))
+    write_atomic(shard_path(folder, index), lambda tmp: pq.write_table(table, tmp))
+
+
+def missing_shards(folder: Path, n_shards: int) -> list[int]:
+    return [i for i in range(n_shards) if not shard_path(folder, i).exists()]
+
+
+def merge(folder: Path, n_shards: int) -> pa.Table:
+    """Every shard in shard order, which is input row order."""
+    return pa.concat_tables([pq.read_table(shard_path(folder, i)) for i in range(n_shards)])

@@ -1,0 +1,221 @@
+"""Sharded batch jobs: verbalize or round-trip a vector file, in one process or many under torchrun.
+
+Rank r of W computes shards r, r+W, ... (see `nla_lens.shard_store`), skipping those already on
+disk, then waits for the others; rank 0 merges once every shard exists. A killed or failed run is
+finished by rerunning the same call; `shards=[...]` redoes chosen shards, e.g. in one process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import torch
+from tqdm.auto import tqdm
+
+from nla_lens import loading, metrics, shard_store
+from nla_lens.distributed import World, barrier, device_for, process_group
+from nla_lens.injection import check_vectors
+from nla_lens.nla import NLA, check_pair, fve_baseline
+from nla_lens.parsing import injection_warning
+from nla_lens.reconstructor import ActivationReconstructor
+from nla_lens.sidecar import NLAMeta, load_meta
+from nla_lens.vector_files import VectorTable, check_output, read_input, write_atomic, write_table
+from nla_lens.verbalizer import ActivationVerbalizer, Verbalization
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the AV decodes. With temperature > 0 each shard samples from its own seeded generator."""
+
+    max_new_tokens: int = 150
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    batch_size: int = 32
+
+    def facts(self) -> dict[str, Any]:
+        """The settings a finished shard depends on (greedy rows depend on neither seed nor batching)."""
+        facts: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature}
+        if self.temperature > 0:
+            facts |= {"top_p": self.top_p, "seed": self.seed, "batch_size": self.batch_size}
+        return facts
+
+    def verbalize(self, av: ActivationVerbalizer, vectors: torch.Tensor, shard: int) -> list[Verbalization]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # checked once over every row at the merge
+            return av.verbalize(vectors, max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+                                top_p=self.top_p, batch_size=self.batch_size, seed=shard_seed(self.seed, shard),
+                                progress=False)
+
+
+@dataclass(frozen=True)
+class RoundTripSummary:
+    """Round-trip scores over the union of every shard's rows, as `NLA.round_trip` defines them."""
+
+    n_rows: int
+    mean_mse: float
+    fve: float
+    baseline: float
+    baseline_source: str  # "paper (these vectors)": all input vectors; or "given"
+    n_failed_parses: int
+    mse_scale: float
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """What this process did. `table` (rank 0 only) is the merged output, once no shard is missing."""
+
+    output: Path
+    n_shards: int
+    computed: list[int]
+    missing: list[int]
+    table: pa.Table | None = None
+    summary: RoundTripSummary | None = None
+    warnings: list[str] = field(default_factory=list)
+
+
+def shard_seed(seed: int, shard: int) -> int:
+    """A generator seed per shard, so sampled rows do not depend on which rank ran the shard."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{shard}".encode()).digest()[:8], "little") >> 1
+
+
+def verbalize_file(
+    av: str | Path, input_path: str | Path, output: str | Path, *, sampling: Sampling = Sampling(),
+    column: str | None = None, shard_size: int = 256, shards: Sequence[int] | None = None, device: str = "cpu",
+    dtype: torch.dtype = torch.float32, progress: bool = True,
+) -> JobResult:
+    """Explain every vector of `input_path` into `output` (.parquet or .jsonl).
+
+    Output rows: index (the input row), the input's scalar columns, explanation (None if untagged), text.
+    """
+    input_path, output = Path(input_path), Path(output)
+    av_folder = loading.resolve_checkpoint(av)
+    av_meta = load_meta(av_folder)
+    table = _read(input_path, column, av_meta)
+    manifest = {"job": "verbalize", **_input_facts(input_path, table), "shard_size": shard_size,
+                "av": str(av_folder), "dtype": _dtype_name(dtype), **sampling.facts()}
+    with process_group(device) as world:
+        @cache
+        def load() -> ActivationVerbalizer:
+            return ActivationVerbalizer.from_pretrained(av_folder, device=device_for(world, device), dtype=dtype)
+
+        def compute(shard: int, rows: range) -> pa.Table:
+            return output_rows(table, rows, sampling.verbalize(load(), table.vectors[rows.start:rows.stop], shard))
+
+        result = _run(table, output, manifest, compute, world, shard_size, shards, progress)
+    return _with_warnings(result, av_meta)
+
+
+def round_trip_file(
+    av: str | Path, ar: str | Path, input_path: str | Path, output: str | Path, *, sampling: Sampling = Sampling(),
+    baseline: float | None = None, reconstruct_batch_size: int = 64, column: str | None = None,
+    shard_size: int = 256, shards: Sequence[int] | None = None, device: str = "cpu",
+    dtype: torch.dtype = torch.float32, progress: bool = True,
+) -> JobResult:
+    """Verbalize, reconstruct and score every vector of `input_path`; rows as `verbalize_file` plus `mse`.
+
+    Each row is scored by `NLA.score`; the merge adds a `RoundTripSummary` (written next to the
+    output as `<stem>.summary.json`) whose baseline is the paper's over all input vectors unless given.
+    """
+    input_path, output = Path(input_path), Path(output)
+    av_folder, ar_folder = loading.resolve_checkpoint(av), loading.resolve_checkpoint(ar)
+    av_meta, ar_meta = load_meta(av_folder), load_meta(ar_folder)
+    check_pair(av_meta, ar_meta)
+    table = _read(input_path, column, av_meta)
+    baseline, source = fve_baseline(table.vectors, ar_meta.mse_scale, baseline)  # before any verbalization
+    manifest = {"job": "round-trip", **_input_facts(input_path, table), "shard_size": shard_size, "av": str(av_folder),
+                "ar": str(ar_folder), "baseline": baseline if source == "given" else None,
+                "dtype": _dtype_name(dtype), **sampling.facts()}
+    with process_group(device) as world:
+        @cache
+        def load() -> NLA:
+            rank_device = device_for(world, device)
+            return NLA(ActivationVerbalizer.from_pretrained(av_folder, device=rank_device, dtype=dtype),
+                       ActivationReconstructor.from_pretrained(ar_folder, device=rank_device, dtype=dtype))
+
+        def compute(shard: int, rows: range) -> pa.Table:
+            nla, vectors = load(), table.vectors[rows.start:rows.stop]
+            verbalizations = sampling.verbalize(nla.av, vectors, shard)
+            _, mse = nla.score(vectors, verbalizations, reconstruct_batch_size=reconstruct_batch_size)
+            return output_rows(table, rows, verbalizations, mse=pa.array(mse.numpy(), pa.float32()))
+
+        result = _run(table, output, manifest, compute, world, shard_size, shards, progress)
+    result = _with_warnings(result, av_meta)
+    if result.table is None:
+        return result
+    mse = torch.tensor(result.table.column("mse").to_numpy())
+    summary = RoundTripSummary(len(mse), float(mse.mean()), metrics.fve(mse, baseline), baseline, source,
+                               result.table.column("explanation").null_count, ar_meta.mse_scale)
+    write_atomic(summary_path(output), lambda tmp: tmp.write_text(json.dumps(asdict(summary), indent=2) + "\n",
+                                                                  encoding="utf-8"))
+    return replace(result, summary=summary)
+
+
+def summary_path(output: Path) -> Path:
+    return output.with_name(output.stem + ".summary.json")
+
+
+def _read(input_path: Path, column: str | None, av_meta: NLAMeta) -> VectorTable:
+    table = read_input(input_path, column)
+    return VectorTable(check_vectors(table.vectors, av_meta.d_model).float(), table.columns)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _input_facts(input_path: Path, table: VectorTable) -> dict[str, Any]:
+    """Which input the shards were computed from: its path and size, and a hash of the vectors themselves."""
+    digest = hashlib.sha256(table.vectors.contiguous().numpy()).hexdigest()
+    return {"input": str(input_path.resolve()), "input_bytes": input_path.stat().st_size,
+            "n_rows": table.vectors.shape[0], "vectors_sha256": digest}
+
+
+def output_rows(table: VectorTable, rows: range, verbalizations: list[Verbalization], **extra: pa.Array) -> pa.Table:
+    """One shard's output rows: input row index, the input's own columns, the AV's output, then `extra`."""
+    carried = table.columns.slice(rows.start, len(rows))
+    return pa.table({
+        "index": pa.array(rows, pa.int64()),
+        **{name: carried.column(name) for name in carried.column_names},
+        "explanation": pa.array([v.explanation for v in verbalizations], pa.string()),
+        "text": pa.array([v.text for v in verbalizations], pa.string()),
+        **extra,
+    })
+
+
+def _run(table: VectorTable, output: Path, manifest: dict[str, Any], compute: Callable[[int, range], pa.Table],
+         world: World, shard_size: int, shards: Sequence[int] | None, progress: bool) -> JobResult:
+    """Compute this rank's unfinished shards, wait for every rank, and merge on rank 0 if nothing is missing."""
+    check_output(output)
+    folder = shard_store.shard_folder(output)
+    shard_store.check_manifest(folder, manifest)
+    ranges = shard_store.shard_rows(table.vectors.shape[0], shard_size)
+    todo = [i for i in shard_store.assigned_shards(len(ranges), world, shards)
+            if not shard_store.shard_path(folder, i).exists()]
+    for shard in tqdm(todo, desc=manifest["job"], unit="shard", disable=not (progress and world.is_main)):
+        shard_store.save_shard(folder, shard, compute(shard, ranges[shard]), manifest)
+    barrier(world)
+    if not world.is_main:
+        return JobResult(output, len(ranges), todo, [])
+    missing = shard_store.missing_shards(folder, len(ranges))
+    if missing:
+        return JobResult(output, len(ranges), todo, missing)
+    merged = shard_store.merge(folder, len(ranges))
+    write_table(merged, output)
+    return JobResult(output, len(ranges), todo, [], merged)
+
+
+def _with_warnings(result: JobResult, av_meta: NLAMeta) -> JobResult:
+    """The failed-injection check of `ActivationVerbalizer.verbalize`, once over all merged rows."""
+    if result.table is None:
+        return result
+    warning = injection_warning(result.table.column("text").to_pylist(), av_meta.injection_char)
+    return replace(result, warnings=[warning] if warning else [])

@@ -1,0 +1,127 @@
+"""Vector files in, result tables out: .safetensors / .pt / .parquet inputs, .parquet / .jsonl outputs.
+
+A parquet input keeps its provenance: its scalar columns (ids, doc_id, position, ...) travel with
+each vector to the output rows. Every write goes to a temporary name first and is then renamed, so
+a reader (or a resumed job) never sees a half-written file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+from jaxtyping import Float
+from safetensors.torch import load_file
+from torch import Tensor
+
+from nla_lens.errors import InputError
+
+# Column names the jobs write; an input column of the same name would be overwritten.
+RESULT_COLUMNS = ("index", "explanation", "text", "mse")
+
+
+@dataclass(frozen=True)
+class VectorTable:
+    """Vectors to explain, with the input's scalar columns (none unless read from parquet)."""
+
+    vectors: Float[Tensor, "n d_model"]
+    columns: pa.Table
+
+
+def read_vectors(path: Path) -> Float[Tensor, "n d_model"]:
+    """Vectors from .safetensors (a tensor named `vectors`, or the only one) or .pt (weights_only load)."""
+    if path.suffix == ".safetensors":
+        tensors = load_file(str(path))
+        if "vectors" not in tensors and len(tensors) != 1:
+            raise InputError(f"{path} holds {sorted(tensors)}; name the [n, d_model] tensor 'vectors'")
+        return tensors.get("vectors", next(iter(tensors.values())))
+    if path.suffix == ".pt":
+        loaded = torch.load(path, weights_only=True)  # tensors only: no pickled code is run
+        if not isinstance(loaded, Tensor):
+            raise InputError(f"{path} must hold a single tensor, got {type(loaded).__name__}")
+        return loaded
+    raise InputError(f"{path}: expected a .safetensors, .pt or .parquet file of [n, d_model] vectors")
+
+
+def read_input(path: Path, column: str | None = None) -> VectorTable:
+    """A vector file as a `VectorTable`; `column` names the vector column of a parquet file."""
+    if path.suffix != ".parquet":
+        if column is not None:
+            raise InputError(f"--column only applies to parquet inputs, not {path.name}")
+        return VectorTable(read_vectors(path), pa.table({}))
+    table = pq.read_table(path)
+    name = _vector_column(table.schema, column, path)
+    carried = [f.name for f in table.schema if f.name != name and not pa.types.is_nested(f.type)]
+    clash = sorted(set(carried) & set(RESULT_COLUMNS))
+    if clash:
+        raise InputError(f"{path} has columns {clash}, which the output writes itself; rename them")
+    return VectorTable(_to_tensor(table.column(name), name, path), table.select(carried))
+
+
+def _is_float_list(kind: pa.DataType) -> bool:
+    list_like = pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)
+    return list_like and pa.types.is_floating(kind.value_type)
+
+
+def _vector_column(schema: pa.Schema, column: str | None, path: Path) -> str:
+    """The named column, or the only list-of-floats column."""
+    if column is not None:
+        if column not in schema.names:
+            raise InputError(f"{path} has no column {column!r}; its columns are {schema.names}")
+        if not _is_float_list(schema.field(column).type):
+            raise InputError(f"{path}: column {column!r} is {schema.field(column).type}, not a list of floats")
+        return column
+    candidates = [f.name for f in schema if _is_float_list(f.type)]
+    if len(candidates) != 1:
+        found = f"several: {candidates}" if candidates else "none"
+        raise InputError(f"{path}: expected exactly one list-of-floats column for the vectors, found {found}; "
+                         "name it with --column")
+    return candidates[0]
+
+
+def _to_tensor(values: pa.ChunkedArray, name: str, path: Path) -> Float[Tensor, "n d_model"]:
+    values = values.combine_chunks()
+    if values.null_count:
+        raise InputError(f"{path}: column {name!r} has {values.null_count} null rows; drop or fill them")
+    lengths = sorted(pc.unique(pc.list_value_length(values)).to_pylist())
+    if len(lengths) > 1:
+        raise InputError(f"{path}: column {name!r} holds vectors of lengths {lengths[:8]}; "
+                         "every row must have d_model values")
+    width = lengths[0] if lengths else 0
+    flat = values.flatten().to_numpy(zero_copy_only=False)
+    return torch.tensor(flat).reshape(len(values), width)  # a copy: arrow's buffers are read-only
+
+
+OUTPUT_SUFFIXES = (".parquet", ".jsonl")
+
+
+def check_output(path: Path) -> None:
+    """Checked before a job starts, so a typo does not surface only after hours of work."""
+    if path.suffix not in OUTPUT_SUFFIXES:
+        raise InputError(f"{path}: the output must end in .parquet or .jsonl")
+
+
+def write_table(table: pa.Table, path: Path) -> None:
+    """Write `table` as .parquet or .jsonl (one JSON object per row), atomically."""
+    check_output(path)
+    if path.suffix == ".parquet":
+        write_atomic(path, lambda tmp: pq.write_table(table, tmp))
+    else:
+        write_atomic(path, lambda tmp: tmp.write_text(
+            "".join(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in table.to_pylist()),
+            encoding="utf-8"))
+
+
+def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
+    """`write(tmp)` to a private temporary name beside `path`, then rename: readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    write(tmp)
+    os.replace(tmp, path)

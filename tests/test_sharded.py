@@ -1,0 +1,202 @@
+"""Sharded verbalize / round-trip jobs: under torchrun (2 gloo ranks), resumed, redone shard by shard."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import nla_lens as nl
+from nla_lens import shard_store, sharded
+from nla_lens.cli import main
+from nla_lens.sharded import Sampling
+from nla_lens.toy.demo import TOY_DIR
+from nla_lens.toy.evaluate import HELDOUT_FILE, MIN_CONTEXT, ToyNLA
+
+REPO = Path(__file__).resolve().parents[1]
+N_ROWS, SHARD_SIZE = 10, 3  # shards of 3, 3, 3, 1: uneven, and each of 2 ranks gets two
+GREEDY = Sampling(max_new_tokens=8)
+
+
+def torchrun(*args: str) -> None:
+    """`torchrun --standalone --nproc-per-node 2 -m nla_lens.cli ...` on the CPU (gloo)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "nla_lens.cli", *args]
+    done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def write_parquet(path: Path, vectors: torch.Tensor, **columns: list) -> Path:
+    pq.write_table(pa.table({**columns, "vector": pa.array(vectors.tolist(), pa.list_(pa.float32()))}), path)
+    return path
+
+
+@pytest.fixture()
+def rows() -> torch.Tensor:
+    return torch.randn(N_ROWS, 64, generator=torch.Generator().manual_seed(7))
+
+
+@pytest.fixture()
+def input_file(rows, tmp_path) -> Path:
+    return write_parquet(tmp_path / "in.parquet", rows, doc_id=[f"doc{i // 4}" for i in range(N_ROWS)],
+                         position=list(range(N_ROWS)))
+
+
+def verbalize_args(av: Path, input_file: Path, output: Path, *extra: str) -> list[str]:
+    return ["verbalize", "--av", str(av), "--input", str(input_file), "--output", str(output),
+            "--shard-size", str(SHARD_SIZE), "--max-new-tokens", "8", *extra]
+
+
+def test_two_torchrun_ranks_give_the_single_process_rows(av_karvonen, tiny_paths, input_file, rows, tmp_path):
+    torchrun(*verbalize_args(tiny_paths["av_karvonen"], input_file, tmp_path / "two.parquet"))
+    assert main(verbalize_args(tiny_paths["av_karvonen"], input_file, tmp_path / "one.parquet")) == 0
+    two, one = pq.read_table(tmp_path / "two.parquet"), pq.read_table(tmp_path / "one.parquet")
+    assert two.equals(one)
+    assert two.column_names == ["index", "doc_id", "position", "explanation", "text"]
+    assert two.column("index").to_pylist() == list(range(N_ROWS))
+    assert two.column("doc_id").to_pylist() == [f"doc{i // 4}" for i in range(N_ROWS)]
+    expected = av_karvonen.verbalize(rows, max_new_tokens=8, progress=False)
+    assert two.column("text").to_pylist() == [v.text for v in expected]
+
+
+@pytest.fixture(scope="module")
+def toy_vectors(tmp_path_factory) -> Path:
+    """Activations of the bundled toy base model, which its trained AV explains with parseable text."""
+    toy = ToyNLA.load(TOY_DIR)
+    text = json.loads((TOY_DIR / HELDOUT_FILE).read_text())[0]["text"]
+    ids = toy.av.tokenizer.encode(text, add_special_tokens=False)[:MIN_CONTEXT + N_ROWS]
+    path = tmp_path_factory.mktemp("toy") / "toy.safetensors"
+    save_file({"vectors": toy.activations(ids)[MIN_CONTEXT:].contiguous()}, path)
+    return path
+
+
+def test_two_torchrun_ranks_score_the_round_trip_as_one_process_and_nla(toy_vectors, tmp_path):
+    args = ["round-trip", "--av", str(TOY_DIR / "av"), "--ar", str(TOY_DIR / "ar"), "--input", str(toy_vectors),
+            "--shard-size", str(SHARD_SIZE), "--max-new-tokens", "40"]
+    torchrun(*args, "--output", str(tmp_path / "two.parquet"))
+    result = sharded.round_trip_file(TOY_DIR / "av", TOY_DIR / "ar", toy_vectors, tmp_path / "one.parquet",
+                                     sampling=Sampling(max_new_tokens=40), shard_size=SHARD_SIZE, progress=False)
+    two = pq.read_table(tmp_path / "two.parquet")
+    assert two.equals(result.table)
+    summary = json.loads(sharded.summary_path(tmp_path / "two.parquet").read_text())
+    assert summary == json.loads(sharded.summary_path(tmp_path / "one.parquet").read_text())
+
+    toy = ToyNLA.load(TOY_DIR)
+    reference = nl.NLA(toy.av, toy.ar).round_trip(load_file(toy_vectors)["vectors"], max_new_tokens=40,
+                                                  progress=False)
+    assert reference.n_failed_parses < N_ROWS  # rows parse, so the AR's reconstructions are really scored
+    assert summary["n_failed_parses"] == reference.n_failed_parses
+    assert summary["baseline"] == pytest.approx(reference.baseline, abs=1e-9)
+    assert summary["fve"] == pytest.approx(reference.fve, abs=1e-6)
+    assert torch.allclose(torch.tensor(two.column("mse").to_numpy()), reference.mse, atol=1e-6)
+    assert two.column("explanation").to_pylist() == reference.explanations
+
+
+def test_a_killed_run_resumes_with_only_the_missing_shards(tiny_paths, input_file, tmp_path, monkeypatch):
+    av = tiny_paths["av_karvonen"]
+    reference = sharded.verbalize_file(av, input_file, tmp_path / "ref.parquet", sampling=GREEDY,
+                                       shard_size=SHARD_SIZE, progress=False).table
+    out = tmp_path / "out.parquet"
+    folder = shard_store.shard_folder(out)
+    folder.mkdir()
+    (folder / ".shard-00001.parquet.0123abcd.tmp").write_bytes(b"half a file")  # a write cut short earlier
+    save = shard_store.save_shard
+
+    def save_then_die(*args, **kwargs):
+        save(*args, **kwargs)
+        raise KeyboardInterrupt("killed after the first shard")
+
+    monkeypatch.setattr(shard_store, "save_shard", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        sharded.verbalize_file(av, input_file, out, sampling=GREEDY, shard_size=SHARD_SIZE, progress=False)
+    assert sorted(p.name for p in folder.glob("shard-*")) == ["shard-00000.parquet"] and not out.exists()
+
+    monkeypatch.setattr(shard_store, "save_shard", save)
+    calls = []
+    verbalize = nl.ActivationVerbalizer.verbalize
+    monkeypatch.setattr(nl.ActivationVerbalizer, "verbalize",
+                        lambda self, vectors, **kw: calls.append(len(vectors)) or verbalize(self, vectors, **kw))
+    result = sharded.verbalize_file(av, input_file, out, sampling=GREEDY, shard_size=SHARD_SIZE,
+                                    progress=False)
+    assert result.computed == [1, 2, 3] and calls == [3, 3, 1]
+    assert pq.read_table(out).equals(reference)
+
+
+def test_listed_shards_run_alone_and_the_merge_waits_for_all(tiny_paths, input_file, tmp_path, capsys):
+    av, out = tiny_paths["av_karvonen"], tmp_path / "out.jsonl"
+    assert main(verbalize_args(av, input_file, out, "--shards", "1,3")) == 0
+    assert "shards [0, 2] of 4 are not finished" in capsys.readouterr().out and not out.exists()
+    assert main(verbalize_args(av, input_file, out, "--shards", "0,2")) == 0
+    assert f"wrote {N_ROWS} rows" in capsys.readouterr().out
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [row["index"] for row in lines] == list(range(N_ROWS))
+    assert main(verbalize_args(av, input_file, out, "--shards", "4")) == 2
+    assert "shards [4] do not exist" in capsys.readouterr().err
+
+
+def test_a_rerun_with_other_settings_names_them(tiny_paths, input_file, tmp_path):
+    av, out = tiny_paths["av_karvonen"], tmp_path / "out.parquet"
+    sharded.verbalize_file(av, input_file, out, sampling=GREEDY, shard_size=SHARD_SIZE, shards=[0],
+                           progress=False)
+    with pytest.raises(nl.ConfigError, match=r"max_new_tokens: 8 -> 9.*another --output"):
+        sharded.verbalize_file(av, input_file, out, sampling=Sampling(max_new_tokens=9), shard_size=SHARD_SIZE,
+                               progress=False)
+    with pytest.raises(nl.ConfigError, match="shard_size"):
+        sharded.verbalize_file(av, input_file, out, sampling=GREEDY, shard_size=4, progress=False)
+
+
+def test_sampled_rows_do_not_depend_on_which_process_ran_the_shard(tiny_paths, input_file, tmp_path):
+    av, sampling = tiny_paths["av_karvonen"], Sampling(max_new_tokens=8, temperature=1.0, seed=3)
+    whole = sharded.verbalize_file(av, input_file, tmp_path / "a.parquet", sampling=sampling,
+                                   shard_size=SHARD_SIZE, progress=False).table
+    for shards in ([3, 1], [0, 2]):
+        split = sharded.verbalize_file(av, input_file, tmp_path / "b.parquet", sampling=sampling,
+                                       shard_size=SHARD_SIZE, shards=shards, progress=False).table
+    assert split.equals(whole)
+    assert whole.column("text").to_pylist() != sharded.verbalize_file(
+        av, input_file, tmp_path / "c.parquet", sampling=GREEDY, shard_size=SHARD_SIZE,
+        progress=False).table.column("text").to_pylist()
+
+
+def test_the_vector_column_is_found_or_must_be_named(tiny_paths, rows, tmp_path):
+    av = tiny_paths["av_karvonen"]
+    path = write_parquet(tmp_path / "two.parquet", rows, other=rows.double().tolist(), tag=["x"] * N_ROWS)
+    with pytest.raises(nl.InputError, match=r"several: \['other', 'vector'\].*--column"):
+        sharded.verbalize_file(av, path, tmp_path / "o.parquet", sampling=GREEDY, progress=False)
+    table = sharded.verbalize_file(av, path, tmp_path / "o.parquet", sampling=GREEDY, column="vector",
+                                   progress=False).table
+    assert table.column_names == ["index", "tag", "explanation", "text"]  # list columns are not carried
+    pq.write_table(pa.table({"vector": [[1.0] * 64, [1.0] * 63]}), tmp_path / "ragged.parquet")
+    with pytest.raises(nl.InputError, match=r"lengths \[63, 64\]"):
+        sharded.verbalize_file(av, tmp_path / "ragged.parquet", tmp_path / "o.parquet", progress=False)
+
+
+@pytest.mark.parametrize(("vectors", "error", "match"), [
+    (torch.randn(3, 32), nl.VectorError, r"shape \[n, 64\]"),
+    (torch.tensor([[float("nan")] * 64, [1.0] * 64]), nl.VectorError, "NaN"),
+])
+def test_bad_vectors_are_refused_before_any_work(tiny_paths, tmp_path, vectors, error, match):
+    path = tmp_path / "v.safetensors"
+    save_file({"vectors": vectors}, path)
+    with pytest.raises(error, match=match):
+        sharded.verbalize_file(tiny_paths["av_karvonen"], path, tmp_path / "o.parquet", progress=False)
+    assert not shard_store.shard_folder(tmp_path / "o.parquet").exists()
+
+
+def test_round_trip_refuses_a_zero_baseline_and_a_bad_output(tiny_paths, rows, tmp_path):
+    av, ar = tiny_paths["av_karvonen"], tiny_paths["ar_nanonla"]
+    one = tmp_path / "one.safetensors"
+    save_file({"vectors": rows[:1]}, one)
+    with pytest.raises(nl.InputError, match="held-out"):
+        sharded.round_trip_file(av, ar, one, tmp_path / "o.parquet", progress=False)
+    with pytest.raises(nl.InputError, match=r"\.parquet or \.jsonl"):
+        sharded.round_trip_file(av, ar, one, tmp_path / "o.csv", baseline=0.5, progress=False)
