@@ -16,7 +16,7 @@ from torch import Tensor
 
 from nla_lens import shard_store, sharded
 from nla_lens.distributed import World
-from nla_lens.errors import InputError
+from nla_lens.errors import InputError, PromptTooLongError
 from nla_lens.sharded import Sampling
 from nla_lens.vector_files import VectorTable, read_input, write_table
 
@@ -34,6 +34,9 @@ def capture_text(base: str, layer: int, text: str, device: str, dtype: torch.dty
     if not 0 <= layer < model.cfg.n_layers:
         raise InputError(f"--layer {layer} is outside the base model's {model.cfg.n_layers} blocks")
     ids = torch.tensor([tokenizer.encode(text, add_special_tokens=False)], device=device)
+    if ids.shape[1] > model.cfg.n_ctx:
+        raise PromptTooLongError(f"--text is {ids.shape[1]} tokens, over the base model's context of "
+                                 f"{model.cfg.n_ctx}; pass a shorter text")
     with torch.inference_mode():
         return resid_post(model, ids, layer)[0].float()
 
@@ -129,6 +132,8 @@ def _run_verbalize(args: argparse.Namespace) -> None:
     if args.text is not None:
         if args.base is None:
             raise InputError("--text needs --base, the model whose activations the AV explains")
+        if args.shards is not None or args.column is not None:
+            raise InputError("--shards and --column apply to --input files; --text is explained in one process")
         layer = av.meta.layer if args.layer is None else args.layer
         table = VectorTable(capture_text(args.base, layer, args.text, args.device, _DTYPES[args.dtype]),
                             pa.table({}))

@@ -49,6 +49,10 @@ def test_errors_exit_2_with_the_typed_reason(tiny_paths, tmp_path, capsys):
     assert main(["verbalize", "--av", av, "--vectors", str(tmp_path / "two.safetensors")]) == 2
     assert main(["verbalize", "--av", av, "--text", "hi"]) == 2
     assert "needs --base" in capsys.readouterr().err
+    assert main(["verbalize", "--av", av, "--base", av, "--text", "the cat sat " * 200]) == 2
+    assert "PromptTooLongError" in capsys.readouterr().err  # not an IndexError from the rotary table
+    assert main(["verbalize", "--av", av, "--base", av, "--text", "hi", "--shards", "0"]) == 2
+    assert "apply to --input" in capsys.readouterr().err
 
 
 def test_every_subcommand_explains_its_flags(capsys):
