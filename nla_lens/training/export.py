@@ -77,9 +77,11 @@ def hf_state_dict(model: HookedTransformer, *, qkv_bias: bool,
                   dtype: torch.dtype | None = None) -> dict[str, Tensor]:
     """The model's weights under HF Qwen/Llama names (no final norm / lm_head for a truncated AR).
 
-    FSDP-sharded weights are gathered whole: under `torchrun` every rank must call this.
+    FSDP-sharded weights are gathered whole: under `torchrun` every rank must call this, and only
+    rank 0 keeps them (the dict is empty on the others).
     """
     backends.require_hooked("export", model)
+    keep = current_world().is_main
     out = {}
     for name, param in model.named_parameters():
         weight = whole(param.detach())
@@ -92,7 +94,8 @@ def hf_state_dict(model: HookedTransformer, *, qkv_bias: bool,
                 )
             continue
         hf_name, value = target
-        out[hf_name] = value.to(dtype or value.dtype).contiguous().cpu()
+        if keep:
+            out[hf_name] = value.to(dtype or value.dtype).contiguous().cpu()
     return out
 
 

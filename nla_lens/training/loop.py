@@ -228,15 +228,11 @@ def save_checkpoint(out_dir: Path, step: int, params: dict[str, nn.Parameter], o
     """
     root = out_dir / CHECKPOINT_DIR
     folder = root / f"step-{step:06d}"
-    weights = {name: parallel.whole(p.detach()).contiguous().cpu() for name, p in params.items()}
+    weights = parallel.gathered_on_main(params.items())
     state = optimizer.state_dict()
-    tensors, scalars = {}, {}
-    for index, entry in state["state"].items():
-        for key, value in entry.items():
-            if isinstance(value, Tensor):
-                tensors[f"{index}.{key}"] = parallel.whole(value).contiguous().cpu()
-            else:
-                scalars[f"{index}.{key}"] = value
+    entries = [(f"{index}.{key}", value) for index, entry in state["state"].items() for key, value in entry.items()]
+    tensors = parallel.gathered_on_main((k, v) for k, v in entries if isinstance(v, Tensor))
+    scalars = {k: v for k, v in entries if not isinstance(v, Tensor)}
     if not parallel.current_world().is_main:
         return folder
     tmp = root / f".step-{step:06d}.tmp"

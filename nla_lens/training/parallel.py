@@ -10,7 +10,7 @@ a run can resume on any number of ranks.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.distributed as dist
@@ -85,6 +85,18 @@ def wrap(loss_module: LossModule, data_parallel: str, device: torch.device) -> n
 def whole(tensor: Tensor) -> Tensor:
     """The full tensor behind an FSDP shard (a collective: every rank must call it), else `tensor`."""
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def gathered_on_main(named: Iterable[tuple[str, Tensor]]) -> dict[str, Tensor]:
+    """Whole CPU copies of the tensors on rank 0, an empty dict on the others (every rank must call
+    this). FSDP shards are gathered one tensor at a time, so no other rank holds a whole model."""
+    keep = current_world().is_main
+    out = {}
+    for name, tensor in named:
+        full = whole(tensor.detach())
+        if keep:
+            out[name] = full.contiguous().cpu()
+    return out
 
 
 def like(full: Tensor, param: Tensor) -> Tensor:
