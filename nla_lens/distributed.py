@@ -8,14 +8,16 @@ process group is created.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor
 
 from nla_lens.errors import ConfigError
 
@@ -56,7 +58,7 @@ def device_for(world: World, device: str | torch.device) -> torch.device:
     return device
 
 
-@contextmanager
+@contextlib.contextmanager
 def process_group(device: str | torch.device, *, timeout: timedelta = timedelta(hours=12)) -> Iterator[World]:
     """Join the job's process group for the duration (a no-op for a single process).
 
@@ -80,3 +82,10 @@ def barrier(world: World) -> None:
     """Wait for every rank (nothing to wait for in a world of one)."""
     if world.is_distributed:
         dist.barrier()
+
+
+def inference(*modules: nn.Module) -> contextlib.AbstractContextManager:
+    """`torch.inference_mode()`, or `torch.no_grad()` for FSDP-sharded modules: FSDP keeps the
+    buffers it gathers and reuses them in training, which inference tensors may not be."""
+    sharded = any(isinstance(p, DTensor) for module in modules for p in module.parameters())
+    return torch.no_grad() if sharded else torch.inference_mode()

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from nla_lens import backends, loading
+from nla_lens.distributed import inference
 from nla_lens.errors import InputError, PromptTooLongError, SidecarError
 from nla_lens.sidecar import NLAMeta, check_tokenizer, load_meta
 
@@ -88,7 +89,6 @@ class ActivationReconstructor:
         mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in ids], device=self.device)
         return tokens, mask
 
-    @torch.no_grad()  # not inference_mode: FSDP reuses the buffers it gathers here in training
     def reconstruct(self, explanations: list[str], batch_size: int = 64,
                     progress: bool = False) -> Float[Tensor, "n d_model"]:
         """The readout at the last token of each AR prompt, as float32 vectors."""
@@ -98,6 +98,7 @@ class ActivationReconstructor:
                           disable=not progress, unit="batch"):
             rows = slice(start, start + batch_size)
             width = int(mask[rows].sum(dim=1).max())  # drop columns that are padding in every row
-            resid = backends.last_residual(self.model, tokens[rows, -width:], mask[rows, -width:])
-            out.append(self.readout(resid).float())
+            with inference(self.model, self.readout):
+                resid = backends.last_residual(self.model, tokens[rows, -width:], mask[rows, -width:])
+                out.append(self.readout(resid).float())
         return torch.cat(out)

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from nla_lens import backends, loading
+from nla_lens.distributed import inference
 from nla_lens.errors import InjectionError, InputError, SidecarError
 from nla_lens.injection import Injection, check_vectors
 from nla_lens.markers import find_marker_sites
@@ -139,8 +140,10 @@ class ActivationVerbalizer:
         results: list[Verbalization] = []
         starts = range(0, vectors.shape[0], batch_size)
         for start in tqdm(starts, desc="verbalize", disable=not progress, unit="batch"):
-            batch = vectors[start:start + batch_size]
-            for ids in self._generate(batch, max_new_tokens, temperature, top_p, generator):
+            with inference(self.model):
+                generated = self._generate(vectors[start:start + batch_size], max_new_tokens, temperature, top_p,
+                                           generator)
+            for ids in generated:
                 text = self.tokenizer.decode(ids, skip_special_tokens=True)
                 results.append(Verbalization(text, parse_explanation(text), ids))
         warning = injection_warning([r.text for r in results], self.meta.injection_char)
@@ -148,7 +151,6 @@ class ActivationVerbalizer:
             warnings.warn(warning, stacklevel=2)
         return results
 
-    @torch.no_grad()  # not inference_mode: FSDP reuses the buffers it gathers here in training
     def _generate(self, vectors: Float[Tensor, "n d_model"], max_new_tokens: int, temperature: float,
                   top_p: float, generator: torch.Generator | None) -> list[list[int]]:
         """KV-cached decoding; the injection hook is installed for the prefill forward only."""

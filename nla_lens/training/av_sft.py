@@ -16,6 +16,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from nla_lens import backends, loading
+from nla_lens.distributed import inference
 from nla_lens.errors import ConfigError
 from nla_lens.sidecar import InjectionSpec, NLAMeta, check_tokenizer, parse_meta
 from nla_lens.training import loop
@@ -75,12 +76,12 @@ def av_loss(av: ActivationVerbalizer, rows: AVRows, index: Int[Tensor, " batch"]
     return F.cross_entropy(logits, tokens[:, 1:][scored], reduction=reduction)
 
 
-@torch.no_grad()  # not inference_mode: FSDP reuses the buffers it gathers here in training
 def evaluate_av(av: ActivationVerbalizer, rows: AVRows, *, batch_size: int, n_samples: int,
                 max_new_tokens: int) -> dict:
     """Held-out response loss (per token) and greedy verbalizations of the first `n_samples` rows."""
-    total = sum(float(av_loss(av, rows, index, reduction="sum"))
-                for index in torch.arange(len(rows)).split(batch_size))
+    with inference(av.model):
+        total = sum(float(av_loss(av, rows, index, reduction="sum"))
+                    for index in torch.arange(len(rows)).split(batch_size))
     metrics: dict = {"eval_loss": total / sum(map(len, rows.responses))}
     if n_samples:
         with warnings.catch_warnings():
