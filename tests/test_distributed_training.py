@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from conftest import NEEDS_TL3
+from launch import torchrun_cli
 from safetensors.torch import load_file
 
 from nla_lens import testing
@@ -27,7 +25,6 @@ from nla_lens.training import label_activations, load_activations, save_explanat
 from nla_lens.training.parallel import rank_share
 
 pytestmark = NEEDS_TL3
-REPO = Path(__file__).resolve().parents[1]
 TRAIN = {"steps": 4, "batch_size": 7, "lr": 1e-3, "warmup_steps": 1, "save_every": 2, "keep_checkpoints": 4}
 
 
@@ -58,13 +55,6 @@ def _config(workdir: Path, base_folder: Path, name: str, *, dtype: str, **overri
     return _write(workdir / f"{name}.yaml", config)
 
 
-def _torchrun(*args: str) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           "-m", "nla_lens.cli", *args], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-4000:]
-
-
 def _weights(workdir: Path, name: str, step: int = 4) -> dict[str, torch.Tensor]:
     return load_file(workdir / name / "checkpoints" / f"step-{step:06d}" / "params.safetensors")
 
@@ -76,7 +66,7 @@ def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 
 def test_two_rank_ddp_av_sft_gives_the_one_process_weights(workdir, base_folder):
     assert main(["train-av", _config(workdir, base_folder, "av_1", dtype="float64")]) == 0
-    _torchrun("train-av", _config(workdir, base_folder, "av_2", dtype="float64"))
+    torchrun_cli("train-av", _config(workdir, base_folder, "av_2", dtype="float64"))
     one, two = _weights(workdir, "av_1"), _weights(workdir, "av_2")
     assert next(iter(one.values())).dtype == torch.float64
     assert _max_diff(one, two) <= 1e-9
@@ -95,7 +85,7 @@ def test_two_rank_ddp_av_sft_gives_the_one_process_weights(workdir, base_folder)
 
 def test_fsdp_with_activation_checkpointing_resumes_a_one_process_run_on_two_ranks(workdir, base_folder):
     assert main(["train-av", _config(workdir, base_folder, "av_1_fp32", dtype="float32")]) == 0
-    _torchrun("train-av", _config(workdir, base_folder, "av_1_then_fsdp", dtype="float32",
+    torchrun_cli("train-av", _config(workdir, base_folder, "av_1_then_fsdp", dtype="float32",
                                   train={"data_parallel": "fsdp", "activation_checkpointing": True},
                                   resume=str(workdir / "av_1_fp32" / "checkpoints" / "step-000002")))
     one, fsdp = _weights(workdir, "av_1_fp32"), _weights(workdir, "av_1_then_fsdp")
@@ -109,7 +99,7 @@ def test_fsdp_with_activation_checkpointing_resumes_a_one_process_run_on_two_ran
 
 def test_two_rank_ddp_ar_sft_gives_the_one_process_weights(workdir, base_folder):
     assert main(["train-ar", _config(workdir, base_folder, "ar_1", dtype="float64")]) == 0
-    _torchrun("train-ar", _config(workdir, base_folder, "ar_2", dtype="float64"))
+    torchrun_cli("train-ar", _config(workdir, base_folder, "ar_2", dtype="float64"))
     one, two = _weights(workdir, "ar_1"), _weights(workdir, "ar_2")
     assert "readout.weight" in one
     assert _max_diff(one, two) <= 1e-9

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from launch import torchrun_cli
 from safetensors.torch import load_file, save_file
 
 import nla_lens as nl
@@ -21,18 +19,8 @@ from nla_lens.sharded import Sampling
 from nla_lens.toy.demo import TOY_DIR
 from nla_lens.toy.evaluate import HELDOUT_FILE, MIN_CONTEXT, ToyNLA
 
-REPO = Path(__file__).resolve().parents[1]
 N_ROWS, SHARD_SIZE = 10, 3  # shards of 3, 3, 3, 1: uneven, and each of 2 ranks gets two
 GREEDY = Sampling(max_new_tokens=8)
-
-
-def torchrun(*args: str) -> None:
-    """`torchrun --standalone --nproc-per-node 2 -m nla_lens.cli ...` on the CPU (gloo)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "nla_lens.cli", *args]
-    done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout + done.stderr
 
 
 def write_parquet(path: Path, vectors: torch.Tensor, **columns: list) -> Path:
@@ -57,7 +45,7 @@ def verbalize_args(av: Path, input_file: Path, output: Path, *extra: str) -> lis
 
 
 def test_two_torchrun_ranks_give_the_single_process_rows(av_karvonen, tiny_paths, input_file, rows, tmp_path):
-    torchrun(*verbalize_args(tiny_paths["av_karvonen"], input_file, tmp_path / "two.parquet"))
+    torchrun_cli(*verbalize_args(tiny_paths["av_karvonen"], input_file, tmp_path / "two.parquet"))
     assert main(verbalize_args(tiny_paths["av_karvonen"], input_file, tmp_path / "one.parquet")) == 0
     two, one = pq.read_table(tmp_path / "two.parquet"), pq.read_table(tmp_path / "one.parquet")
     assert two.equals(one)
@@ -82,7 +70,7 @@ def toy_vectors(tmp_path_factory) -> Path:
 def test_two_torchrun_ranks_score_the_round_trip_as_one_process_and_nla(toy_vectors, tmp_path):
     args = ["round-trip", "--av", str(TOY_DIR / "av"), "--ar", str(TOY_DIR / "ar"), "--input", str(toy_vectors),
             "--shard-size", str(SHARD_SIZE), "--max-new-tokens", "40"]
-    torchrun(*args, "--output", str(tmp_path / "two.parquet"))
+    torchrun_cli(*args, "--output", str(tmp_path / "two.parquet"))
     result = sharded.round_trip_file(TOY_DIR / "av", TOY_DIR / "ar", toy_vectors, tmp_path / "one.parquet",
                                      sampling=Sampling(max_new_tokens=40), shard_size=SHARD_SIZE, progress=False)
     two = pq.read_table(tmp_path / "two.parquet")
