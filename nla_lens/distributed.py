@@ -9,6 +9,7 @@ process group is created.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -71,11 +72,17 @@ def process_group(device: str | torch.device, *, timeout: timedelta = timedelta(
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
+    if not created:
+        yield world
+        return
     try:
         yield world
+        dist.barrier()  # tear down together: no rank leaves while another still runs a collective
     finally:
-        if created:
-            dist.destroy_process_group()
+        # FSDP-sharded modules hold the group through reference cycles. Collected only at interpreter
+        # shutdown, gloo's worker threads abort the process (SIGABRT), so collect them now.
+        gc.collect()
+        dist.destroy_process_group()
 
 
 def barrier(world: World) -> None:

@@ -55,15 +55,17 @@ def rank_share(index: Int[Tensor, " batch"], world: World) -> tuple[Int[Tensor, 
 def shard_modules(modules: dict[str, nn.Module], device: torch.device, *, bf16: bool) -> None:
     """FSDP2 in place: each TL block is its own unit, then each top-level module (embeddings, head,
     the AR readout). On CUDA with `bf16`, parameters are gathered in bf16 and gradients reduced in fp32."""
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    mesh = init_device_mesh(device.type, (current_world().world_size,))
     policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
               if bf16 and device.type == "cuda" else MixedPrecisionPolicy())
     for module in modules.values():
         _make_parameters_contiguous(module)
         for block in getattr(module, "blocks", []):
-            fully_shard(block, mp_policy=policy)
-        fully_shard(module, mp_policy=policy)
+            fully_shard(block, mesh=mesh, mp_policy=policy)
+        fully_shard(module, mesh=mesh, mp_policy=policy)
 
 
 def _make_parameters_contiguous(module: nn.Module) -> None:

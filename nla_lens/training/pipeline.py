@@ -86,15 +86,21 @@ def run_train_av(config: AVRunConfig, *, progress: bool = True) -> RunResult:
     """
     meta, train, evaluation = _split(config)
     with process_group(config.device) as world:
-        av = init_av(config.base_model, meta, injection=config.injection, hook_point=config.hook_point,
-                     injection_scale=config.injection_scale, device=device_for(world, config.device),
-                     dtype=_dtype(config.dtype))
-        result = train_av(av, train, evaluation, config.train, out_dir=config.out_dir, resume=config.resume,
-                          n_samples=config.n_samples, sample_max_new_tokens=config.sample_max_new_tokens,
-                          progress=progress)
-        model_dir = export_av(av, Path(config.out_dir) / MODEL_DIR, config.base_model,
-                              dtype=_dtype(config.export_dtype))
+        result, model_dir = _train_and_export_av(config, meta, train, evaluation, device_for(world, config.device),
+                                                 progress)
         return _save_result(config, model_dir, result, world)
+
+
+def _train_and_export_av(config: AVRunConfig, meta: NLAMeta, train: LabelledActivations,
+                         evaluation: LabelledActivations, device: torch.device,
+                         progress: bool) -> tuple[TrainResult, Path]:
+    # The model lives in this frame only, so it is gone before the process group is destroyed.
+    av = init_av(config.base_model, meta, injection=config.injection, hook_point=config.hook_point,
+                 injection_scale=config.injection_scale, device=device, dtype=_dtype(config.dtype))
+    result = train_av(av, train, evaluation, config.train, out_dir=config.out_dir, resume=config.resume,
+                      n_samples=config.n_samples, sample_max_new_tokens=config.sample_max_new_tokens,
+                      progress=progress)
+    return result, export_av(av, Path(config.out_dir) / MODEL_DIR, config.base_model, dtype=_dtype(config.export_dtype))
 
 
 def run_train_ar(config: ARRunConfig, *, progress: bool = True) -> RunResult:
@@ -104,9 +110,16 @@ def run_train_ar(config: ARRunConfig, *, progress: bool = True) -> RunResult:
     """
     meta, train, evaluation = _split(config)
     with process_group(config.device) as world:
-        ar = init_ar(config.base_model, meta, device=device_for(world, config.device), dtype=_dtype(config.dtype))
-        result = train_ar(ar, train, evaluation, config.train, out_dir=config.out_dir, resume=config.resume,
-                          progress=progress)
-        model_dir = export_ar(ar, Path(config.out_dir) / MODEL_DIR, config.base_model,
-                              dtype=_dtype(config.export_dtype))
+        result, model_dir = _train_and_export_ar(config, meta, train, evaluation, device_for(world, config.device),
+                                                 progress)
         return _save_result(config, model_dir, result, world)
+
+
+def _train_and_export_ar(config: ARRunConfig, meta: NLAMeta, train: LabelledActivations,
+                         evaluation: LabelledActivations, device: torch.device,
+                         progress: bool) -> tuple[TrainResult, Path]:
+    # The model lives in this frame only, so it is gone before the process group is destroyed.
+    ar = init_ar(config.base_model, meta, device=device, dtype=_dtype(config.dtype))
+    result = train_ar(ar, train, evaluation, config.train, out_dir=config.out_dir, resume=config.resume,
+                      progress=progress)
+    return result, export_ar(ar, Path(config.out_dir) / MODEL_DIR, config.base_model, dtype=_dtype(config.export_dtype))
