@@ -6,6 +6,9 @@
     av = init_av(base_folder, load_activations("acts").meta)
     train_av(av, train, held_out, TrainConfig(steps=500))
     export_av(av, "my_av", base_folder)   # ActivationVerbalizer.from_pretrained("my_av")
+
+Under `torchrun`, run the same calls on every rank inside `nla_lens.distributed.process_group`:
+`TrainConfig.data_parallel` picks DDP or FSDP (`nla_lens.training.parallel`).
 """
 
 from nla_lens.training.ar_sft import ar_loss, evaluate_ar, init_ar, train_ar
