@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -79,16 +80,21 @@ def _save_result(config: SFTRunConfig, model_dir: Path, result: TrainResult, wor
     return RunResult(model_dir, result)
 
 
+def _run_sft(config: SFTRunConfig, train_and_export: Callable[..., tuple[TrainResult, Path]],
+             progress: bool) -> RunResult:
+    meta, train, evaluation = _split(config)
+    with process_group(config.device) as world:
+        result, model_dir = train_and_export(config, meta, train, evaluation, device_for(world, config.device),
+                                             progress)
+        return _save_result(config, model_dir, result, world)
+
+
 def run_train_av(config: AVRunConfig, *, progress: bool = True) -> RunResult:
     """Extraction folder + explanations -> a trained, exported AV under `out_dir/model`.
 
     Under `torchrun` every rank runs this: data-parallel SFT (`config.train.data_parallel`), rank 0 writes.
     """
-    meta, train, evaluation = _split(config)
-    with process_group(config.device) as world:
-        result, model_dir = _train_and_export_av(config, meta, train, evaluation, device_for(world, config.device),
-                                                 progress)
-        return _save_result(config, model_dir, result, world)
+    return _run_sft(config, _train_and_export_av, progress)
 
 
 def _train_and_export_av(config: AVRunConfig, meta: NLAMeta, train: LabelledActivations,
@@ -108,11 +114,7 @@ def run_train_ar(config: ARRunConfig, *, progress: bool = True) -> RunResult:
 
     Under `torchrun` every rank runs this: data-parallel SFT (`config.train.data_parallel`), rank 0 writes.
     """
-    meta, train, evaluation = _split(config)
-    with process_group(config.device) as world:
-        result, model_dir = _train_and_export_ar(config, meta, train, evaluation, device_for(world, config.device),
-                                                 progress)
-        return _save_result(config, model_dir, result, world)
+    return _run_sft(config, _train_and_export_ar, progress)
 
 
 def _train_and_export_ar(config: ARRunConfig, meta: NLAMeta, train: LabelledActivations,
