@@ -192,7 +192,7 @@ def _run_steps(modules: dict[str, nn.Module], step_loss: nn.Module, params: dict
         lr = lr_at(step, config)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        total = 0.0
+        local_total = 0.0
         batches = micro_batches(step, n_rows, config)
         for k, index in enumerate(batches):
             share, counts = parallel.rank_share(index, world)
@@ -205,7 +205,8 @@ def _run_steps(modules: dict[str, nn.Module], step_loss: nn.Module, params: dict
                 if not counts:
                     loss = loss * 0.0
                 loss.backward()
-            total += parallel.all_reduce_sum(float(loss.detach()), device) / world.world_size
+            local_total += float(loss.detach())
+        total = parallel.all_reduce_sum(local_total, device) / world.world_size  # one collective per step
         grad_norm = float(parallel.whole(torch.nn.utils.clip_grad_norm_(list(params.values()), config.grad_clip)))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
