@@ -94,11 +94,11 @@ class ActivationReconstructor:
         """The readout at the last token of each AR prompt, as float32 vectors."""
         tokens, mask = self.prompt_tokens(explanations)
         out = []
-        for start in tqdm(range(0, len(explanations), batch_size), desc="reconstruct",
-                          disable=not progress, unit="batch"):
-            rows = slice(start, start + batch_size)
-            width = int(mask[rows].sum(dim=1).max())  # drop columns that are padding in every row
-            with inference(self.model, self.readout):
+        with inference(self.model, self.readout):
+            for start in tqdm(range(0, len(explanations), batch_size), desc="reconstruct",
+                              disable=not progress, unit="batch"):
+                rows = slice(start, start + batch_size)
+                width = int(mask[rows].sum(dim=1).max())  # drop columns that are padding in every row
                 resid = backends.last_residual(self.model, tokens[rows, -width:], mask[rows, -width:])
                 out.append(self.readout(resid).float())
         return torch.cat(out)

@@ -139,13 +139,12 @@ class ActivationVerbalizer:
             generator = torch.Generator(device=self.device).manual_seed(seed)
         results: list[Verbalization] = []
         starts = range(0, vectors.shape[0], batch_size)
-        for start in tqdm(starts, desc="verbalize", disable=not progress, unit="batch"):
-            with inference(self.model):
-                generated = self._generate(vectors[start:start + batch_size], max_new_tokens, temperature, top_p,
-                                           generator)
-            for ids in generated:
-                text = self.tokenizer.decode(ids, skip_special_tokens=True)
-                results.append(Verbalization(text, parse_explanation(text), ids))
+        with inference(self.model):
+            for start in tqdm(starts, desc="verbalize", disable=not progress, unit="batch"):
+                for ids in self._generate(vectors[start:start + batch_size], max_new_tokens, temperature, top_p,
+                                          generator):
+                    text = self.tokenizer.decode(ids, skip_special_tokens=True)
+                    results.append(Verbalization(text, parse_explanation(text), ids))
         warning = injection_warning([r.text for r in results], self.meta.injection_char)
         if warning:
             warnings.warn(warning, stacklevel=2)
