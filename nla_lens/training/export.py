@@ -22,7 +22,7 @@ from nla_lens import backends, loading
 from nla_lens.errors import CheckpointError
 from nla_lens.reconstructor import ActivationReconstructor
 from nla_lens.sidecar import InjectionSpec, NLAMeta, dump_meta
-from nla_lens.training.parallel import current_world, whole
+from nla_lens.training.parallel import current_world, gathered_on_main, whole
 from nla_lens.verbalizer import ActivationVerbalizer
 
 if TYPE_CHECKING:
@@ -152,21 +152,32 @@ def _hf_config(base_model: str | Path, *, n_layers: int | None, untie: bool, dty
     return config
 
 
+def _export_backbone(model: HookedTransformer, folder: Path, base_model: str | Path, *, n_layers: int | None,
+                     untie: bool, dtype: torch.dtype) -> bool:
+    """Gather the weights (every rank), then on rank 0 write `config.json` + `model.safetensors`.
+
+    Returns whether this rank wrote them, i.e. whether it goes on to write the rest of the folder.
+    """
+    backends.require_hooked("export", model)
+    config = _hf_config(base_model, n_layers=n_layers, untie=untie, dtype=dtype)
+    weights = hf_state_dict(model, qkv_bias=has_qkv_bias(config), dtype=dtype)
+    if not current_world().is_main:
+        return False
+    folder.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(folder)
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    return True
+
+
 def export_av(av: ActivationVerbalizer, folder: str | Path, base_model: str | Path, *,
               dtype: torch.dtype = torch.float32) -> Path:
     """Write the AV as an HF folder + tokenizer + generation_config + `nla_meta.yaml` (role av).
 
     Under `torchrun` every rank calls this (to gather FSDP shards) and rank 0 writes.
     """
-    backends.require_hooked("export", av.model)
     folder = Path(folder)
-    config = _hf_config(base_model, n_layers=None, untie=True, dtype=dtype)
-    weights = hf_state_dict(av.model, qkv_bias=has_qkv_bias(config), dtype=dtype)
-    if not current_world().is_main:
+    if not _export_backbone(av.model, folder, base_model, n_layers=None, untie=True, dtype=dtype):
         return folder
-    folder.mkdir(parents=True, exist_ok=True)
-    config.save_pretrained(folder)
-    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
     # `verbalize` stops on these ids (loading.eos_token_ids reads this file first).
     GenerationConfig(eos_token_id=av.eos_token_ids, pad_token_id=av.tokenizer.pad_token_id).save_pretrained(folder)
     av.tokenizer.save_pretrained(folder)
@@ -181,17 +192,11 @@ def export_ar(ar: ActivationReconstructor, folder: str | Path, base_model: str |
 
     Under `torchrun` every rank calls this (to gather FSDP shards) and rank 0 writes.
     """
-    backends.require_hooked("export", ar.model)
     folder = Path(folder)
-    config = _hf_config(base_model, n_layers=ar.meta.layer + 1, untie=False, dtype=dtype)
-    weights = hf_state_dict(ar.model, qkv_bias=has_qkv_bias(config), dtype=dtype)
-    readout = whole(ar.readout.weight.detach()).to(dtype).contiguous().cpu()
-    if not current_world().is_main:
+    readout = gathered_on_main([("weight", ar.readout.weight)])
+    if not _export_backbone(ar.model, folder, base_model, n_layers=ar.meta.layer + 1, untie=False, dtype=dtype):
         return folder
-    folder.mkdir(parents=True, exist_ok=True)
-    config.save_pretrained(folder)
-    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
-    save_file({"weight": readout}, folder / loading.VALUE_HEAD_FILE)
+    save_file({name: weight.to(dtype) for name, weight in readout.items()}, folder / loading.VALUE_HEAD_FILE)
     ar.tokenizer.save_pretrained(folder)
     dump_meta(ar.meta.raw, folder)
     return folder
