@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
@@ -31,6 +30,7 @@ from nla_lens.errors import ConfigError, InputError, SidecarError, TokenizerDrif
 from nla_lens.sidecar import SIDECAR_NAME, NLAMeta, av_prompt_ids, check_tokenizer, load_meta, parse_meta
 from nla_lens.training.config import ExtractConfig
 from nla_lens.training.padding import pad
+from nla_lens.vector_files import write_atomic
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
@@ -228,9 +228,7 @@ def _write_shard(model: HookedTransformer, tokenizer: PreTrainedTokenizerBase, d
     }
     metadata = {"records": json.dumps([{"doc_id": r.doc_id, "token": r.token, "prefix": r.prefix}
                                        for r in records], ensure_ascii=False)}
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, tmp, metadata=metadata)
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def load_activations(folder: str | Path) -> ActivationDataset:
