@@ -1,5 +1,7 @@
 """nla_lens: Natural Language Autoencoders in TransformerLens."""
 
+__version__ = "0.1.0"  # the package version (pyproject.toml reads it from here)
+
 from nla_lens.capture import Capture, CapturedRow, capture
 from nla_lens.errors import (
     BackendError,

@@ -10,6 +10,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
+from nla_lens import __version__
 from nla_lens.errors import NLAError
 
 
@@ -49,6 +50,7 @@ def _registrars() -> list[Callable[[argparse._SubParsersAction], None]]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nla-lens", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True)
     for register in _registrars():
         register(subparsers)
