@@ -17,6 +17,7 @@ sdist=$(echo "$work"/dist/*.tar.gz)
 wheel=$(echo "$work"/dist/*.whl)
 "$work/tools/bin/python" -m twine check --strict "$sdist" "$wheel"
 "$work/tools/bin/python" .ci/dist_contents.py "$sdist" "$wheel"
+echo "== built and checked the sdist and wheel (${SECONDS}s)"
 
 python3 -m venv "$work/venv"
 "$work/venv/bin/python" -m pip install --quiet torch==2.13.0  # the CPU wheel on disk; never an unpinned torch
@@ -27,3 +28,4 @@ cd "$work"  # off the clone; `python -I` keeps the script's folder and PYTHON* v
 "$work/venv/bin/nla-lens" demo >demo.txt
 tail -n 1 demo.txt
 "$work/venv/bin/python" -I wheel_smoke.py "$repo" demo.txt
+echo "== the installed wheel works (${SECONDS}s in all)"
