@@ -2,7 +2,8 @@
 # The package as users get it. Build the sdist and, from it, the wheel (`python -m build`); check both
 # (twine; .ci/dist_contents.py: committed files present, no dev-tree debris, metadata); install the wheel
 # with the tl3 extra into a fresh venv and, from a folder outside the clone, run `nla-lens demo` and an
-# import + verbalize smoke test (.ci/wheel_smoke.py). About two minutes beside a warm pip cache.
+# import + verbalize smoke test (.ci/wheel_smoke.py). Measured: 2.5 CPU-minutes, most of it installing torch
+# and the dependencies (pip's cache is left on, so what the test venvs fetched is reused).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
