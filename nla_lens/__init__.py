@@ -1,5 +1,7 @@
 """nla_lens: Natural Language Autoencoders in TransformerLens."""
 
+from nla_lens import toy
+from nla_lens.base_model import load_base
 from nla_lens.capture import Capture, CapturedRow, capture
 from nla_lens.errors import (
     BackendError,
@@ -27,11 +29,13 @@ from nla_lens.experiments import (
     steer_then_verbalize,
     verbalize_direction,
 )
+from nla_lens.explain import ExplainedToken, Explanation, explain
 from nla_lens.injection import Injection
 from nla_lens.nla import NLA, RoundTrip
 from nla_lens.reconstructor import ActivationReconstructor
+from nla_lens.results import TabularResult
 from nla_lens.sidecar import InjectionSpec, NLAMeta, load_meta, parse_meta
-from nla_lens.verbalizer import ActivationVerbalizer, Verbalization
+from nla_lens.verbalizer import ActivationVerbalizer, Verbalization, Verbalizations
 
 __all__ = [
     "NLA",
@@ -44,6 +48,8 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "DirectionVerbalization",
+    "ExplainedToken",
+    "Explanation",
     "Injection",
     "InjectionError",
     "InjectionSpec",
@@ -60,13 +66,18 @@ __all__ = [
     "SplitLeakError",
     "SteeringResult",
     "SteeringRow",
+    "TabularResult",
     "TokenizerDriftError",
     "Verbalization",
+    "Verbalizations",
     "VectorError",
     "capture",
+    "explain",
+    "load_base",
     "load_meta",
     "parse_meta",
     "patching_study",
     "steer_then_verbalize",
+    "toy",
     "verbalize_direction",
 ]

@@ -18,6 +18,8 @@ attention mask HookedTransformer derives for a padded token tensor and the bridg
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib import import_module, metadata
 from pathlib import Path
 from types import ModuleType
@@ -78,8 +80,23 @@ def load_model(folder: Path, tokenizer: PreTrainedTokenizerBase, *, backend: str
                trust_remote_code: bool = False) -> TLModel:
     """A TL model of the HF folder, unprocessed; with `n_layers`, only the first blocks and
     neither final norm nor unembed, so `model(tokens)` returns the residual after the last block."""
-    return resolve(backend).load_model(folder, tokenizer, dtype=dtype, device=device, n_layers=n_layers,
-                                       trust_remote_code=trust_remote_code)
+    module = resolve(backend)
+    with _no_hf_progress_bars():  # library calls stay quiet; transformers shows one bar per from_pretrained
+        return module.load_model(folder, tokenizer, dtype=dtype, device=device, n_layers=n_layers,
+                                 trust_remote_code=trust_remote_code)
+
+
+@contextmanager
+def _no_hf_progress_bars() -> Iterator[None]:
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def backend_of(model: TLModel) -> str:
