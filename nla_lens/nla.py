@@ -36,20 +36,6 @@ def check_pair(av_meta: NLAMeta, ar_meta: NLAMeta) -> None:
             )
 
 
-def fve_baseline(vectors: Float[Tensor, "n d_model"], mse_scale: float,
-                 baseline: float | None = None) -> tuple[float, str]:
-    """The FVE baseline and where it came from: `baseline` if given, else the paper's of `vectors`."""
-    source = "given"
-    if baseline is None:
-        baseline, source = metrics.paper_baseline(vectors, mse_scale), "paper (these vectors)"
-    if not baseline > 0:
-        raise InputError(
-            f"the FVE baseline is {baseline:g}: with a single vector (or only parallel ones) the paper "
-            "baseline is zero. Pass baseline= computed on a larger held-out set (metrics.paper_baseline)."
-        )
-    return baseline, source
-
-
 MIN_BASELINE_VECTORS = 32  # fewer vectors than this give a paper baseline too noisy to divide by
 
 

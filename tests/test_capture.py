@@ -91,7 +91,8 @@ def test_positions_variants_select_the_right_sites(base, case):
     assert [(r.batch, r.position) for r in cap.rows] == expected
     rows, cols = map(torch.tensor, zip(*expected, strict=True))
     assert torch.equal(cap.vectors, cache[NAME][rows, cols])
-    assert all(r.token is None for r in cap.rows)  # no tokens given
+    # Not given the tokens, capture read them from the run itself.
+    assert [r.token for r in cap.rows] == [base.to_single_str_token(int(tokens[b, c])) for b, c in expected]
 
 
 def test_capture_outlives_the_users_hook_contexts_and_first_call_is_the_default(base):
