@@ -81,7 +81,6 @@ def _warn_if_nla_checkpoint(folder: Path) -> None:
     if not (folder / SIDECAR_NAME).is_file():
         return
     role = load_meta(folder).role
-    if role is not None:
-        warnings.warn(f"{folder} is an NLA {role.upper()} checkpoint (it has {SIDECAR_NAME}), not the base "
-                      "model: its activations are not the ones the NLA was trained to read. Pass the base "
-                      "model's folder.", stacklevel=3)
+    warnings.warn(f"{folder} is an NLA {'' if role is None else role.upper() + ' '}checkpoint (it has "
+                  f"{SIDECAR_NAME}), not the base model: its activations are not the ones the NLA was trained "
+                  "to read. Pass the base model's folder.", stacklevel=3)
