@@ -204,7 +204,7 @@ def format_cell(value: Any, width: int | None = None) -> str:
     elif isinstance(value, float):
         text = "nan" if math.isnan(value) else f"{value:.3f}"
     elif isinstance(value, (list, tuple)):
-        text = ", ".join(map(str, value))
+        text = " ".join(map(str, value))
     elif isinstance(value, str):
         text = value.replace("\n", "\\n")
     else:
