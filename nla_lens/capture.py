@@ -31,6 +31,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 from transformer_lens.utilities import get_attention_mask
 
+from nla_lens import backends
 from nla_lens.errors import InputError
 
 if TYPE_CHECKING:
@@ -180,7 +181,8 @@ class Capture:
         self._seen = (None, None)
         # The block's output is blocks.{layer}.hook_resid_post after all of its hooks (see above).
         self._handle = self.model.blocks[self.layer].register_forward_hook(self._record)
-        self._input_handle = self.model.register_forward_pre_hook(self._see_input, with_kwargs=True)
+        self._input_handle = backends.input_module(self.model).register_forward_pre_hook(self._see_input,
+                                                                                         with_kwargs=True)
         return self
 
     def __exit__(self, *exc_info: object) -> None:

@@ -112,6 +112,13 @@ def backend_of(model: TLModel) -> str:
     )
 
 
+def input_module(model: TLModel) -> torch.nn.Module:
+    """The module whose call receives a run's input (first argument) and its `attention_mask=`: the
+    HookedTransformer itself, or the HF model a bridge wraps (the bridge calls its own `forward`
+    directly from `run_with_hooks` / `run_with_cache`, so hooks on its `__call__` would miss those)."""
+    return model.original_model if backend_of(model) == "bridge" else model
+
+
 def decoder(model: TLModel, batch_size: int, max_len: int, fwd_hooks: list) -> Decoder:
     """The backend's decoder for `batch_size` rows of at most `max_len` tokens."""
     return import_module(f"nla_lens.backends.{backend_of(model)}").decoder(model, batch_size, max_len, fwd_hooks)
