@@ -59,7 +59,7 @@ class Explanation(TabularResult):
     round_trip: RoundTrip
     model_name: str | None = None
 
-    display_columns = ("text", "position", "token", "explanation", "fve", "mse")
+    display_columns = ("text_index", "position", "token", "explanation", "fve", "mse")
 
     @property
     def hook_name(self) -> str:
@@ -71,8 +71,8 @@ class Explanation(TabularResult):
 
     def to_records(self) -> list[dict[str, Any]]:
         rt = self.round_trip
-        return [{"text": r.text_index, "position": r.position, "token": r.token, "explanation": r.explanation,
-                 "parsed": r.explanation is not None, "raw_text": r.verbalization.text, "mse": r.mse, "fve": r.fve,
+        return [{"text_index": r.text_index, "position": r.position, "token": r.token, "explanation": r.explanation,
+                 "parsed": r.explanation is not None, "text": r.verbalization.text, "mse": r.mse, "fve": r.fve,
                  "baseline": rt.baseline, "baseline_source": rt.baseline_source, "layer": self.layer}
                 for r in self.rows]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -118,6 +119,15 @@ def baseline_phrase(fve: float | None, baseline: float | None, source: str, n: i
     return f"FVE {fve:.3f} (baseline {baseline:.3f}, {source}{'' if n is None else f', n={n}'})"
 
 
+def warn_at_caller(message: str) -> None:
+    """`warnings.warn` pointing at the first frame outside nla_lens: the user's line, however deep the call."""
+    package = str(Path(__file__).parent)
+    frame, level = sys._getframe(1), 2
+    while frame is not None and frame.f_code.co_filename.startswith(package):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, stacklevel=level)
+
+
 class NLA:
     """The AV/AR pair; checks at construction that they share d_model and layer."""
 
@@ -179,7 +189,7 @@ class NLA:
         notes = [w for w in [injection_warning([v.text for v in verbalizations], self.av.meta.injection_char),
                              resolved.warning] if w]
         if resolved.warning:
-            warnings.warn(resolved.warning, stacklevel=2)
+            warn_at_caller(resolved.warning)
         n_failed = sum(v.explanation is None for v in verbalizations)
         value = resolved.value
         return RoundTrip(verbalizations, reconstructions, mse, float(mse.mean()),

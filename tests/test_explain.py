@@ -51,7 +51,8 @@ def test_explain_has_a_row_per_token_scored_as_a_round_trip_of_the_captured_vect
     assert [r.fve for r in ex.rows] == pytest.approx((1 - reference.mse / 0.8).tolist(), abs=1e-6)
     records = ex.to_records()
     assert {r["baseline"] for r in records} == {0.8} and {r["baseline_source"] for r in records} == {"given"}
-    assert set(records[0]) >= {"text", "position", "token", "explanation", "parsed", "mse", "fve", "layer"}
+    assert set(records[0]) >= {"text_index", "position", "token", "explanation", "parsed", "text", "mse", "fve",
+                               "baseline", "baseline_source", "layer"}
     assert ex.texts == TEXTS and no_hooks_left(base)
 
 
@@ -145,7 +146,7 @@ def test_explain_command_prints_rows_and_writes_them(tmp_path, capsys):
     assert "[0] Romeo: wherefore art" in printed and "[1] Thou art a villain" in printed
     assert "sidecar (held-out)" in printed and printed.count("The token") == 2
     rows = pq.read_table(out).to_pylist()
-    assert [r["text"] for r in rows] == [0, 1] and all(r["fve"] is not None for r in rows)
+    assert [r["text_index"] for r in rows] == [0, 1] and all(r["fve"] is not None for r in rows)
 
 
 @pytest.mark.parametrize("args, message", [

@@ -34,14 +34,15 @@ class DemoResult:
         return self.explanation.round_trip.n_failed_parses
 
 
-def run_demo(folder: Path = TOY_DIR, n_sentences: int = 3, max_new_tokens: int = 48) -> DemoResult:
+def run_demo(folder: Path = TOY_DIR, n_sentences: int = 3, max_new_tokens: int = 48,
+             progress: bool = False) -> DemoResult:
     """Round-trip every position past the toy's minimum context in a few held-out speeches."""
     toy = ToyNLA.load(folder)
     tokenizer = toy.av.tokenizer
     docs = json.loads((folder / HELDOUT_FILE).read_text())[:n_sentences]
     token_ids = [tokenizer.encode(d["text"], add_special_tokens=False)[:MAX_TOKENS] for d in docs]
     explanation = explain_tokens(toy.nla, toy.base, token_ids, positions=slice(MIN_CONTEXT, None),
-                                 max_new_tokens=max_new_tokens, batch_size=64)
+                                 max_new_tokens=max_new_tokens, batch_size=64, progress=progress)
     return DemoResult(explanation)
 
 
@@ -83,7 +84,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> None:
-    result = run_demo(args.checkpoint, args.sentences, args.max_new_tokens)
+    result = run_demo(args.checkpoint, args.sentences, args.max_new_tokens, progress=True)
     print_demo(result)
     if args.html:
         result.explanation.save(args.html)
