@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from nla_lens import backends, loading
+from nla_lens import backends, loading, toy
 from nla_lens.errors import CheckpointError, InputError
 from nla_lens.nla import NLA
 from nla_lens.reconstructor import ActivationReconstructor
@@ -60,8 +60,6 @@ def _meta_of(source: object) -> NLAMeta | None:
 def _base_folder(source: object, meta: NLAMeta | None) -> Path:
     if meta is None:
         return loading.resolve_checkpoint(source)  # type: ignore[arg-type]
-    from nla_lens import toy
-
     name = meta.base_model
     if name is None:
         raise CheckpointError("the sidecar does not name its base model (no base_model entry); pass the base "
