@@ -2,6 +2,8 @@
 
 __version__ = "0.1.0"  # the package version (pyproject.toml reads it from here)
 
+from nla_lens import toy
+from nla_lens.base_model import load_base
 from nla_lens.capture import Capture, CapturedRow, capture
 from nla_lens.errors import (
     BackendError,
@@ -29,11 +31,13 @@ from nla_lens.experiments import (
     steer_then_verbalize,
     verbalize_direction,
 )
+from nla_lens.explain import ExplainedToken, Explanation, explain
 from nla_lens.injection import Injection
 from nla_lens.nla import NLA, RoundTrip
 from nla_lens.reconstructor import ActivationReconstructor
+from nla_lens.results import TabularResult
 from nla_lens.sidecar import InjectionSpec, NLAMeta, load_meta, parse_meta
-from nla_lens.verbalizer import ActivationVerbalizer, Verbalization
+from nla_lens.verbalizer import ActivationVerbalizer, Verbalization, Verbalizations
 
 __all__ = [
     "NLA",
@@ -46,6 +50,8 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "DirectionVerbalization",
+    "ExplainedToken",
+    "Explanation",
     "Injection",
     "InjectionError",
     "InjectionSpec",
@@ -62,13 +68,18 @@ __all__ = [
     "SplitLeakError",
     "SteeringResult",
     "SteeringRow",
+    "TabularResult",
     "TokenizerDriftError",
     "Verbalization",
+    "Verbalizations",
     "VectorError",
     "capture",
+    "explain",
+    "load_base",
     "load_meta",
     "parse_meta",
     "patching_study",
     "steer_then_verbalize",
+    "toy",
     "verbalize_direction",
 ]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import re
 import struct
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -360,7 +361,10 @@ def load_hooked_transformer(
     cfg = hooked_config(hf_config, n_layers=n_layers, dtype=dtype, device=device)
     if n_layers is not None and n_layers > hf_config.num_hidden_layers:
         raise CheckpointError(f"{folder} has {hf_config.num_hidden_layers} layers, {n_layers} requested")
-    with torch.device(device):
+    with torch.device(device), warnings.catch_warnings():
+        # TL 3.9 urges TransformerBridge + enable_compatibility_mode(), whose weight processing would change
+        # the activations the NLA reads: nla_lens serves both backends unprocessed, so the advice does not apply.
+        warnings.filterwarnings("ignore", message="HookedTransformer is deprecated", category=DeprecationWarning)
         model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False, default_padding_side="left")
     truncated = n_layers is not None
     if truncated:

@@ -67,6 +67,8 @@ class NLAMeta:
     injection_scale: float | None
     injection: InjectionSpec | None
     base_model: str | None = None
+    fve_baseline: float | None = None  # paper baseline of held-out vectors, as recorded at export
+    fve_baseline_n: int | None = None  # how many vectors it was measured on
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def av_prompt(self) -> str:
@@ -160,6 +162,7 @@ def _build(data: dict[str, Any], source: str, *, role: Literal["av", "ar"] | Non
         raise SidecarError(f"{source}: the AV template has no '{{injection_char}}' placeholder")
     if ar_template is not None and "{explanation}" not in ar_template:
         raise SidecarError(f"{source}: the AR template has no '{{explanation}}' placeholder")
+    fve_baseline, fve_baseline_n = _recorded_baseline(data, source)
     injection_char = tokens.get("injection_char")
     if not isinstance(injection_char, str) or len(injection_char) == 0:
         raise SidecarError(f"{source}: tokens.injection_char must be a non-empty string")
@@ -184,8 +187,24 @@ def _build(data: dict[str, Any], source: str, *, role: Literal["av", "ar"] | Non
         injection_scale=injection_scale,
         injection=injection,
         base_model=extraction.get("base_model", data.get("base_model")),
+        fve_baseline=fve_baseline,
+        fve_baseline_n=fve_baseline_n,
         raw=data,
     )
+
+
+def _recorded_baseline(data: dict[str, Any], source: str) -> tuple[float | None, int | None]:
+    """`fve_baseline: {value, n}`, which sidecars nla_lens exports carry (absent from the released ones)."""
+    block = data.get("fve_baseline")
+    if block is None:
+        return None, None
+    value = block.get("value") if isinstance(block, dict) else None
+    n = block.get("n") if isinstance(block, dict) else None
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0
+            or isinstance(n, bool) or not isinstance(n, int) or n < 2):
+        raise SidecarError(f"{source}: fve_baseline must be a mapping {{value: a positive number, n: an integer "
+                           f">= 2}}, got {block!r}; fix it or delete the block")
+    return float(value), n
 
 
 def _explicit_injection(data: dict[str, Any], source: str) -> InjectionSpec | None:
