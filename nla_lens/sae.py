@@ -34,7 +34,7 @@ from nla_lens import backends
 from nla_lens.capture import resid_post
 from nla_lens.errors import BackendError, InputError, SAEMismatchError
 from nla_lens.injection import check_vectors
-from nla_lens.nla import NLA, RoundTrip
+from nla_lens.nla import NLA
 from nla_lens.verbalizer import ActivationVerbalizer, Verbalization
 
 if TYPE_CHECKING:
@@ -152,7 +152,7 @@ class FeatureVerbalizations:
     hook_name: str
     offset: bool  # True: mean residual + spread * unit decoder row; False: the decoder row
     cosines: Float[Tensor, " n"] | None  # cos(AR reconstruction - offset mean, decoder row); NaN on failed parses
-    round_trip: RoundTrip | None
+    reconstructions: Float[Tensor, "n d_model"] | None  # the AR's vectors; NaN rows where the parse failed
 
     @property
     def explanations(self) -> list[str | None]:
@@ -249,8 +249,8 @@ def verbalize_sae_features(
     `offset` (a :class:`ResidualStats`, e.g. from :func:`residual_stats`) verbalizes
     `mean + spread * W_dec[f] / ||W_dec[f]||` instead of the bare row: decoder rows lack the mean
     that real residuals carry. On the bundled toy the bare rows read better (README, "SAE features").
-    With an NLA, the explanations are also rebuilt by the AR and `cosines` holds
-    cos(reconstruction - offset mean, W_dec[f]). `verbalize_kwargs` go to `av.verbalize`.
+    With an NLA, the AR rebuilds each explanation and `cosines` holds cos(reconstruction - offset mean,
+    W_dec[f]) (NaN where the explanation failed to parse). `verbalize_kwargs` go to `av.verbalize`.
     """
     nla = av_or_nla if isinstance(av_or_nla, NLA) else None
     av = av_or_nla.av if nla is not None else av_or_nla
@@ -259,14 +259,19 @@ def verbalize_sae_features(
     hook_name = check_sae_reads_layer(sae, av.meta.layer, av.meta.d_model, allow_other_hook=allow_other_hook)
     rows = decoder_rows(sae, list(features))
     vectors = check_vectors(feature_vectors(rows, offset), av.meta.d_model)
+    verbalizations = av.verbalize(vectors, **verbalize_kwargs)
     if nla is None:
-        return FeatureVerbalizations(list(features), av.verbalize(vectors, **verbalize_kwargs), vectors, hook_name,
-                                     offset is not None, None, None)
-    round_trip = nla.round_trip(vectors, **verbalize_kwargs)
-    rebuilt = round_trip.reconstructions - (0 if offset is None else offset.mean.float())
-    cosines = torch.nn.functional.cosine_similarity(rebuilt, rows.to(rebuilt.device), dim=1)
-    return FeatureVerbalizations(list(features), round_trip.verbalizations, vectors, hook_name, offset is not None,
-                                 cosines, round_trip)
+        return FeatureVerbalizations(list(features), verbalizations, vectors, hook_name, offset is not None, None, None)
+    # Only the cosine is reported: a round trip's FVE needs a baseline over many real activations.
+    reconstructions = torch.full_like(vectors, float("nan"))
+    parsed = [i for i, v in enumerate(verbalizations) if v.explanation is not None]
+    if parsed:
+        rebuilt = nla.ar.reconstruct([verbalizations[i].explanation for i in parsed]).to(vectors.device)
+        reconstructions[parsed] = rebuilt
+    centred = reconstructions - (0 if offset is None else offset.mean.to(vectors.device).float())
+    cosines = torch.nn.functional.cosine_similarity(centred, rows, dim=1)
+    return FeatureVerbalizations(list(features), verbalizations, vectors, hook_name, offset is not None, cosines,
+                                 reconstructions)
 
 
 def hooked_sae_transformer(model: HookedTransformer) -> HookedSAETransformer:

@@ -56,7 +56,8 @@ def toy():
     return ToyNLA.load(TOY_DIR)
 
 
-TOY_TEXTS = ["Macbeth: So foul and fair a day I have not seen.", "Miranda: O brave new world, that has such people in't!",
+TOY_TEXTS = ["Macbeth: So foul and fair a day I have not seen.",
+             "Miranda: O brave new world, that has such people in't!",
              "Prospero: We are such stuff as dreams are made on, and our little life is rounded with a sleep."]
 
 
@@ -119,7 +120,16 @@ def test_nla_cosine_is_the_ar_reconstruction_against_the_decoder_row(toy):
     rebuilt = toy.ar.reconstruct(out.explanations) - stats.mean
     expected = torch.nn.functional.cosine_similarity(rebuilt, sae.W_dec.detach()[[1, 5, 9]], dim=1)
     assert torch.allclose(out.cosines, expected, atol=1e-5)
-    assert out.round_trip is not None and out.round_trip.n_failed_parses == 0
+    assert torch.allclose(out.reconstructions, rebuilt + stats.mean, atol=1e-5)
+
+
+@NEEDS_SAE_LENS
+def test_failed_parses_get_no_cosine(av_karvonen, ar_nanonla):
+    sae = make_sae(D_MODEL, 16, f"blocks.{LAYER}.hook_resid_post")
+    out = nl.verbalize_sae_features(nl.NLA(av_karvonen, ar_nanonla), sae, [0, 1], max_new_tokens=3, progress=False)
+    assert out.explanations == [None, None]  # three tokens of a random AV: no closing tag
+    assert out.cosines.isnan().all() and out.reconstructions.isnan().all()
+    assert [r["cosine"] for r in out.records()] == [None, None]
 
 
 @NEEDS_SAE_LENS
