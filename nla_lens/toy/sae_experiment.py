@@ -28,6 +28,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from nla_lens.capture import resid_post
+from nla_lens.nla import NLA
 from nla_lens.sae import ResidualStats, require_sae_lens, verbalize_sae_features
 from nla_lens.toy.demo import TOY_DIR
 from nla_lens.toy.evaluate import HELDOUT_FILE, MIN_CONTEXT, ToyNLA
@@ -78,6 +79,9 @@ class SAEExperimentResult:
     agreement: float  # explanation of the bare decoder row names T
     agreement_offset: float  # explanation of mean + spread * unit row names T
     control: float  # explanation of the bare row names another feature's T
+    cosine: float  # mean cos(AR reconstruction of the bare row's explanation, the row)
+    cosine_offset: float  # the same with the mean offset (the mean subtracted from the reconstruction)
+    control_cosine: float  # mean cos(AR reconstruction, the control feature's row)
     sae_fvu: float  # fraction of variance the SAE leaves unexplained on these positions
     sae_l0: float  # mean number of active features per position
     train_seconds: float
@@ -88,7 +92,9 @@ class SAEExperimentResult:
         return (f"{self.n_token_features} of {self.n_live} live features fire >= {self.config.purity:.0%} on one "
                 f"token in their top {self.config.top_k}; the AV names that token for {self.agreement:.1%} of them "
                 f"(bare decoder rows), {self.agreement_offset:.1%} with the mean offset; control (another "
-                f"feature's token) {self.control:.1%}. SAE: d_sae {self.config.d_sae}, L0 {self.sae_l0:.1f}, "
+                f"feature's token) {self.control:.1%}. Mean AR cosine to the decoder row {self.cosine:.3f} "
+                f"({self.cosine_offset:.3f} with the offset; {self.control_cosine:.3f} to the control's row). "
+                f"SAE: d_sae {self.config.d_sae}, L0 {self.sae_l0:.1f}, "
                 f"FVU {self.sae_fvu:.3f}, trained in {self.train_seconds:.0f} s")
 
 
@@ -158,13 +164,11 @@ def token_features(acts: Float[Tensor, "n d_sae"], tokens: Int[Tensor, " n"], to
     return len(live), found
 
 
-def control_tokens(tokens: list[int]) -> list[int]:
-    """For each feature, the token of the next feature (cyclically) whose token differs from its own."""
-    out = []
-    for i, token in enumerate(tokens):
-        others = [tokens[(i + j) % len(tokens)] for j in range(1, len(tokens))]
-        out.append(next((t for t in others if t != token), token))
-    return out
+def control_pairs(tokens: list[int]) -> list[int]:
+    """For each feature, the index of the next feature (cyclically) whose token differs from its own."""
+    n = len(tokens)
+    return [next(((i + j) % n for j in range(1, n) if tokens[(i + j) % n] != token), i)
+            for i, token in enumerate(tokens)]
 
 
 def run_sae_experiment(folder: Path = TOY_DIR, cfg: SAEExperimentConfig | None = None) -> SAEExperimentResult:
@@ -186,10 +190,14 @@ def run_sae_experiment(folder: Path = TOY_DIR, cfg: SAEExperimentConfig | None =
         raise RuntimeError(f"no live feature fires >= {cfg.purity:.0%} on one token; train the SAE longer")
     features = [f.feature for f in found]
     targets = [f.token for f in found]
-    controls = control_tokens(targets)
+    pairs = control_pairs(targets)
+    controls = [targets[j] for j in pairs]
+    nla = NLA(toy.av, toy.ar)
     kwargs = {"max_new_tokens": cfg.max_new_tokens, "batch_size": 128, "progress": False}
-    bare = verbalize_sae_features(toy.av, sae, features, **kwargs)
-    shifted = verbalize_sae_features(toy.av, sae, features, offset=ResidualStats.from_vectors(resid), **kwargs)
+    bare = verbalize_sae_features(nla, sae, features, **kwargs)
+    shifted = verbalize_sae_features(nla, sae, features, offset=ResidualStats.from_vectors(resid), **kwargs)
+    other_rows = sae.W_dec.detach()[[features[j] for j in pairs]].float()
+    control_cosines = torch.nn.functional.cosine_similarity(bare.reconstructions, other_rows, dim=1)
     table = []
     for f, e, e_offset, control in zip(found, bare.explanations, shifted.explanations, controls, strict=True):
         table.append(FeatureRow(
@@ -199,7 +207,9 @@ def run_sae_experiment(folder: Path = TOY_DIR, cfg: SAEExperimentConfig | None =
     return SAEExperimentResult(
         n_positions=len(tokens), n_live=n_live, n_token_features=n,
         agreement=sum(r.named for r in table) / n, agreement_offset=sum(r.named_offset for r in table) / n,
-        control=sum(r.named_control for r in table) / n, sae_fvu=sae_fvu,
+        control=sum(r.named_control for r in table) / n, cosine=float(bare.cosines.nanmean()),
+        cosine_offset=float(shifted.cosines.nanmean()), control_cosine=float(control_cosines.nanmean()),
+        sae_fvu=sae_fvu,
         sae_l0=float((acts > 0).sum(dim=1).float().mean()), train_seconds=train_seconds, config=cfg, rows=table)
 
 
