@@ -145,7 +145,7 @@ def feature_card(
     per_text = []
     with torch.inference_mode():
         for ids, resid in text_residuals(base, texts, av.meta.layer):
-            acts = sae.encode(resid.to(sae.W_dec.dtype))[:, feature].float().cpu()
+            acts = sae.encode(resid.to(sae.W_dec.device, sae.W_dec.dtype))[:, feature].float().cpu()
             acts[:skip_first] = float("nan")
             per_text.append((ids, acts))
     flat = torch.cat([acts for _, acts in per_text])

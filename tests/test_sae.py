@@ -219,3 +219,19 @@ def test_toy_sae_features_are_named_by_the_av_well_above_control():
     recorded = json.loads((TOY_DIR / SCORES_FILE).read_text())
     assert result.agreement == pytest.approx(recorded["agreement"], abs=0.05)
     assert result.agreement_offset == pytest.approx(recorded["agreement_offset"], abs=0.05)
+
+
+@NEEDS_SAE_LENS
+def test_readme_sae_snippet_runs_on_the_toy(toy):
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    block = readme.split("## SAE features through the NLA")[1].split("```python\n")[1].split("```")[0]
+    K = toy.av.meta.layer
+    namespace = {"nl": nl, "nla": nl.NLA(toy.av, toy.ar), "sae": make_sae(128, 1024, f"blocks.{K}.hook_resid_post"),
+                 "base": toy.base, "texts": TOY_TEXTS, "K": K,
+                 "tokens": torch.tensor([toy.av.tokenizer.encode(TOY_TEXTS[0])])}
+    exec(compile(block, "README.md", "exec"), namespace)
+    assert len(namespace["feats"]) == 3 and namespace["shifted"].offset
+    assert namespace["card"].feature == 12 and namespace["cap"].vectors.shape == (1, 128)
+    assert no_hooks_left(namespace["sae_model"])

@@ -73,7 +73,7 @@ encoded = text_residuals(base, texts, K)
 residuals = torch.cat([resid[SKIP_FIRST:] for _, resid in encoded])
 token_ids = [t for ids, _ in encoded for t in ids[SKIP_FIRST:]]
 with torch.inference_mode():
-    acts = sae.encode(residuals.to(sae.W_dec.dtype))
+    acts = sae.encode(residuals.to(sae.W_dec.device, sae.W_dec.dtype)).cpu()
 peak, where = acts.max(dim=0)
 features, seen = [], set()
 for f in peak.argsort(descending=True).tolist():
@@ -137,7 +137,8 @@ with torch.inference_mode():
 strengths = [c.activation for c in card.contexts]
 assert strengths == sorted(strengths, reverse=True)
 assert abs(strengths[0] - acts[:, features[0]].max().item()) < 1e-4
-assert torch.allclose(cap.vectors[0], expected, atol=1e-4)
+tolerance = (1e-5 if base.cfg.dtype == torch.float32 else 1e-2) * float(expected.norm())  # bf16: its rounding
+assert float((cap.vectors[0] - expected.to(cap.vectors.device)).abs().max()) <= tolerance
 assert len(bare) == len(features) and bare.cosines.shape == (len(features),)
 if not os.environ.get("NLA_REAL_CHECKPOINTS"):
     assert all(e is not None and e.startswith("The token ") for e in bare.explanations)
