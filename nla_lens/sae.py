@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import html
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -194,7 +195,8 @@ class FeatureVerbalizations:
         return save_records(self.records(), Path(path), self._repr_html_)
 
 
-def save_records(records: list[dict[str, Any]], path: Path, to_html: Any) -> Path:
+def save_records(records: list[dict[str, Any]], path: Path, to_html: Callable[[], str]) -> Path:
+    """One table to `path`: parquet, JSON records, or an HTML page around `to_html()`."""
     if path.suffix == ".parquet":
         import pyarrow as pa
         import pyarrow.parquet as pq

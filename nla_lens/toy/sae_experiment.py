@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from jaxtyping import Float, Int
@@ -33,6 +34,9 @@ from nla_lens.sae import ResidualStats, require_sae_lens, verbalize_sae_features
 from nla_lens.toy.demo import TOY_DIR
 from nla_lens.toy.evaluate import HELDOUT_FILE, MIN_CONTEXT, ToyNLA
 from nla_lens.toy.labeler import names_token
+
+if TYPE_CHECKING:
+    from sae_lens import SAE
 
 SCORES_FILE = "sae_scores.json"
 
@@ -120,7 +124,7 @@ def _quiet_sae_lens() -> Iterator[None]:
         log.setLevel(level)
 
 
-def train_toy_sae(toy: ToyNLA, rows: Int[Tensor, "rows context"], cfg: SAEExperimentConfig):
+def train_toy_sae(toy: ToyNLA, rows: Int[Tensor, "rows context"], cfg: SAEExperimentConfig) -> SAE:
     """A standard (L1) SAE on `blocks.K.hook_resid_post`, trained by sae-lens's own runner, offline and seeded.
 
     Positions before MIN_CONTEXT are left out (the toy AV never saw them); the torch RNG is seeded
