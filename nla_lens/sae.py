@@ -214,6 +214,8 @@ def save_records(records: list[dict[str, Any]], path: Path, to_html: Callable[[]
 
 def decoder_rows(sae: SAE, features: list[int]) -> Float[Tensor, "n d_in"]:
     """`sae.W_dec[features]` as float32, after checking the ids."""
+    if isinstance(features, Tensor):
+        features = features.tolist()
     if isinstance(features, int) or not features:
         raise InputError("features must be a non-empty list of feature ids")
     d_sae = sae.cfg.d_sae
@@ -238,7 +240,7 @@ def feature_vectors(rows: Float[Tensor, "n d_model"], offset: ResidualStats | No
 def verbalize_sae_features(
     av_or_nla: ActivationVerbalizer | NLA,
     sae: SAE,
-    features: list[int],
+    features: list[int] | Tensor,
     *,
     offset: ResidualStats | None = None,
     allow_other_hook: bool = False,
@@ -259,11 +261,12 @@ def verbalize_sae_features(
     if not isinstance(av, ActivationVerbalizer):
         raise InputError(f"av_or_nla must be an ActivationVerbalizer or an NLA, got {type(av_or_nla).__name__}")
     hook_name = check_sae_reads_layer(sae, av.meta.layer, av.meta.d_model, allow_other_hook=allow_other_hook)
-    rows = decoder_rows(sae, list(features))
+    features = features.tolist() if isinstance(features, Tensor) else list(features)
+    rows = decoder_rows(sae, features)
     vectors = check_vectors(feature_vectors(rows, offset), av.meta.d_model)
     verbalizations = av.verbalize(vectors, **verbalize_kwargs)
     if nla is None:
-        return FeatureVerbalizations(list(features), verbalizations, vectors, hook_name, offset is not None, None, None)
+        return FeatureVerbalizations(features, verbalizations, vectors, hook_name, offset is not None, None, None)
     # Only the cosine is reported: a round trip's FVE needs a baseline over many real activations.
     reconstructions = torch.full_like(vectors, float("nan"))
     parsed = [i for i, v in enumerate(verbalizations) if v.explanation is not None]
@@ -272,7 +275,7 @@ def verbalize_sae_features(
         reconstructions[parsed] = rebuilt
     centred = reconstructions - (0 if offset is None else offset.mean.to(vectors.device).float())
     cosines = torch.nn.functional.cosine_similarity(centred, rows, dim=1)
-    return FeatureVerbalizations(list(features), verbalizations, vectors, hook_name, offset is not None, cosines,
+    return FeatureVerbalizations(features, verbalizations, vectors, hook_name, offset is not None, cosines,
                                  reconstructions)
 
 

@@ -92,6 +92,8 @@ def test_bare_features_are_verbalized_exactly_as_their_decoder_rows(av_karvonen)
     assert out.features == features and not out.offset and out.cosines is None
     assert torch.equal(out.vectors, sae.W_dec.detach()[features])
     assert [v.tokens for v in out.verbalizations] == [v.tokens for v in reference]
+    assert nl.verbalize_sae_features(av_karvonen, sae, torch.tensor(features), max_new_tokens=6,
+                                     progress=False).features == features
 
 
 @NEEDS_SAE_LENS
