@@ -83,3 +83,18 @@ __all__ = [
     "toy",
     "verbalize_direction",
 ]
+
+# SAE features need the optional `sae` extra (sae-lens, TransformerLens 3.x only): imported on first use,
+# so that a missing or incompatible sae-lens raises nla_lens's BackendError there and nowhere else.
+_SAE_NAMES = {"verbalize_sae_features": "nla_lens.sae", "residual_stats": "nla_lens.sae",
+              "ResidualStats": "nla_lens.sae", "FeatureVerbalizations": "nla_lens.sae",
+              "hooked_sae_transformer": "nla_lens.sae", "feature_card": "nla_lens.feature_cards",
+              "FeatureCard": "nla_lens.feature_cards", "SAEMismatchError": "nla_lens.errors"}
+
+
+def __getattr__(name: str):
+    if name in _SAE_NAMES:
+        from importlib import import_module
+
+        return getattr(import_module(_SAE_NAMES[name]), name)
+    raise AttributeError(f"module 'nla_lens' has no attribute {name!r}")
