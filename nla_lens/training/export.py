@@ -130,6 +130,8 @@ def model_sidecar(dataset: NLAMeta, role: str, *, injection: InjectionSpec | Non
         "tokens": tokens,
         "prompt_templates": {"av": dataset.av_template, "ar": dataset.ar_template},
     }
+    if "tokenization" in dataset.raw:  # the BOS rule base text and AR prompts were tokenized with
+        sidecar["tokenization"] = dataset.raw["tokenization"]
     if role == "av":
         if injection is None:
             raise CheckpointError("an AV sidecar needs its injection (method and hook point)")
