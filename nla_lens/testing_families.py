@@ -167,9 +167,10 @@ def paper_sidecar(tokens: dict, d_model: int, layer: int, role: str, injection_s
     }
 
 
-def save_folder(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, folder: Path, sidecar: dict) -> Path:
+def save_folder(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, folder: Path, sidecar: dict,
+                max_shard_size: str = "5GB") -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder)
+    model.save_pretrained(folder, max_shard_size=max_shard_size)
     tokenizer.save_pretrained(folder)
     dump_meta(sidecar, folder)
     return folder
