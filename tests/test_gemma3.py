@@ -153,3 +153,28 @@ def test_bos_family_ar_matches_the_paper_critic(bos_paths, which):
     # Teeth: without the BOS the critic reads other tokens and lands elsewhere.
     unbosed = ref.ar_reconstruct(bos_paths[which], EXPLANATIONS, special_tokens=False)
     assert (unbosed - expected).abs().max() > 100 * ATOL * max(1.0, expected.abs().max().item())
+
+
+@pytest.mark.skipif(backends.default_backend() != "hooked", reason="the HookedTransformer fast decoder")
+def test_gemma3_fast_decoder_equals_tl_forward_past_the_window(gemma_avs, gemma_vectors):
+    from nla_lens import decoding
+    from nla_lens.decoding_gemma import GemmaDecoder
+
+    av = gemma_avs["gemma_av"]
+    tokens = av.prompt_tokens(len(gemma_vectors))
+    hooks = av.injection(gemma_vectors, tokens).fwd_hooks()
+    fast = backends.decoder(av.model, len(tokens), tokens.shape[1] + MAX_NEW, hooks)
+    assert isinstance(fast, GemmaDecoder)
+    slow = decoding.HookedDecoder(av.model, len(tokens))
+    with torch.inference_mode():
+        ours, theirs = fast.prefill(tokens, hooks), slow.prefill(tokens, hooks)
+        assert (ours - theirs).abs().max() < ATOL
+        for _ in range(MAX_NEW - 1):  # decode steps whose local layers see only the last window
+            ids = theirs.argmax(dim=-1)
+            ours, theirs = fast.step(ids), slow.step(ids)
+            assert (ours - theirs).abs().max() < ATOL
+    # Any hook that could observe TL's internals sends decoding back to TL's forward.
+    with av.model.hooks(fwd_hooks=[("blocks.1.attn.hook_z", lambda z, hook: z)]):
+        assert isinstance(backends.decoder(av.model, 1, 64, hooks), decoding.HookedDecoder)
+    assert isinstance(backends.decoder(av.model, 1, 64, [("blocks.0.hook_mlp_out", hooks[0][1])]),
+                      decoding.HookedDecoder)
