@@ -80,3 +80,9 @@ def test_extraction_on_a_bos_base_stores_the_activations_of_bos_first_text(bos_p
     for record, vector in zip(acts.records, acts.vectors, strict=True):
         assert record.token_id == ids[record.position]
         assert (vector - expected[record.position]).abs().max() < ATOL
+
+
+def test_a_multimodal_gemma_base_captures_as_its_text_model(bos_paths):
+    text = commands.capture_text(str(bos_paths["gemma_av"]), LAYER, TEXT, "cpu", torch.float32)
+    wrapped = commands.capture_text(str(bos_paths["gemma_av_multimodal"]), LAYER, TEXT, "cpu", torch.float32)
+    assert torch.equal(text, wrapped)
