@@ -178,3 +178,39 @@ def test_gemma3_fast_decoder_equals_tl_forward_past_the_window(gemma_avs, gemma_
         assert isinstance(backends.decoder(av.model, 1, 64, hooks), decoding.HookedDecoder)
     assert isinstance(backends.decoder(av.model, 1, 64, [("blocks.0.hook_mlp_out", hooks[0][1])]),
                       decoding.HookedDecoder)
+
+
+# The text_config of Google's released Gemma-3-12B-IT / 27B-IT config.json (the multimodal wrapper).
+_RELEASED = {
+    "google/gemma-3-12b-it": {"hidden_size": 3840, "intermediate_size": 15360, "num_attention_heads": 16,
+                              "num_hidden_layers": 48, "num_key_value_heads": 8, "head_dim": 256,
+                              "query_pre_attn_scalar": 256},
+    "google/gemma-3-27b-it": {"hidden_size": 5376, "intermediate_size": 21504, "num_attention_heads": 32,
+                              "num_hidden_layers": 62, "num_key_value_heads": 16, "head_dim": 128,
+                              "query_pre_attn_scalar": 168},
+}
+
+
+@pytest.mark.skipif(backends.default_backend() != "hooked", reason="compares with TransformerLens 3.9's configs")
+@pytest.mark.parametrize("name", sorted(_RELEASED))
+def test_gemma3_config_from_config_json_equals_transformer_lens_own(name, tmp_path):
+    from transformer_lens import loading_from_pretrained
+
+    from nla_lens import loading
+
+    text = {**_RELEASED[name], "model_type": "gemma3_text", "sliding_window": 1024, "rope_theta": 1_000_000.0,
+            "rope_local_base_freq": 10_000.0, "rope_scaling": {"factor": 8.0, "rope_type": "linear"}}
+    (tmp_path / "config.json").write_text(json.dumps({
+        "architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3", "text_config": text,
+        "vision_config": {"model_type": "siglip_vision_model"}, "image_token_index": 262144}))
+    ours = loading.hooked_config(loading.load_hf_config(tmp_path), n_layers=None, dtype=torch.float32, device="cpu")
+    theirs = loading_from_pretrained.convert_hf_model_config(name)
+    skip = {"n_ctx", "initializer_range", "attn_scale"}  # TL caps n_ctx at 8192; init is irrelevant here
+    for key, value in theirs.items():
+        if key not in skip and key not in ("original_architecture", "tokenizer_name"):
+            assert getattr(ours, key) == value, key
+    # TL's hard-coded 27B config has no attn_scale (it would divide by sqrt(d_head) = sqrt(128)); the
+    # checkpoint says query_pre_attn_scalar = 168, which HF and nla_lens use.
+    assert ours.attn_scale == pytest.approx(_RELEASED[name]["query_pre_attn_scalar"] ** 0.5)
+    tl_scale = theirs.get("attn_scale", theirs["d_head"] ** 0.5)  # TL's default: sqrt(d_head)
+    assert (tl_scale == pytest.approx(ours.attn_scale)) == name.endswith("12b-it")
