@@ -37,6 +37,11 @@ class GemmaShape:
     vocab: int
     sliding_window: int
 
+    @property
+    def ar_layer(self) -> int:
+        """K, as the paper picks it: 2/3 of the depth (32 of 48 for Gemma-3-12B); the AR keeps K + 1 blocks."""
+        return 2 * self.n_layers // 3
+
     def n_params(self) -> int:
         d, q, kv = self.d_model, self.n_heads * self.d_head, self.n_kv_heads * self.d_head
         return self.vocab * d + d + self.n_layers * (2 * d * q + 2 * d * kv + 3 * d * self.d_mlp + 4 * d
@@ -53,7 +58,6 @@ class GemmaShape:
 class GemmaPlan:
     memory: GemmaShape
     speed: GemmaShape
-    ar_layer: int
     batches: tuple[int, ...]
     new_tokens: int
     reps: int
@@ -63,17 +67,17 @@ class GemmaPlan:
 # The memory model's embedding is 8.2% of its weights, as Gemma-3-12B's is 8.5% (27B: 5.2%): TL holds the
 # tied unembedding as a second [vocab, d_model] matrix, so that share sets the overhead over the text weights.
 FULL = GemmaPlan(memory=GemmaShape(1024, 24, 8, 4, 128, 4096, 32768, 1024),
-                 speed=GemmaShape(512, 6, 8, 4, 64, 2048, 16384, 16), ar_layer=3, batches=(1, 16),
+                 speed=GemmaShape(512, 6, 8, 4, 64, 2048, 16384, 16), batches=(1, 16),
                  new_tokens=64, reps=5, vision=(768, 4))
 QUICK = GemmaPlan(memory=GemmaShape(64, 6, 4, 2, 16, 128, 512, 8), speed=GemmaShape(64, 6, 4, 2, 16, 128, 512, 8),
-                  ar_layer=2, batches=(1, 4), new_tokens=8, reps=1, vision=(32, 1))
+                  batches=(1, 4), new_tokens=8, reps=1, vision=(32, 1))
 
 
 def run(root: Path, plan: GemmaPlan, *, device: str, out: Callable[[str], None]) -> None:
     """Write the Gemma-3 checkpoints under `root`, print memory then speed; the caller deletes `root`."""
-    memory = write_checkpoints(root / "memory", plan.memory, plan.ar_layer, plan.vision)
+    memory = write_checkpoints(root / "memory", plan.memory, plan.vision)
     _report_memory(memory, plan, device, out)
-    speed = write_checkpoints(root / "speed", plan.speed, plan.ar_layer, plan.vision)
+    speed = write_checkpoints(root / "speed", plan.speed, plan.vision)
     _report_speed(speed, plan, device, out)
 
 
@@ -92,8 +96,7 @@ def _text_config(shape: GemmaShape, tokenizer: Any) -> Any:
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
 
 
-def write_checkpoints(root: Path, shape: GemmaShape, ar_layer: int, vision: tuple[int, int],
-                      seed: int = 0) -> dict[str, Path]:
+def write_checkpoints(root: Path, shape: GemmaShape, vision: tuple[int, int], seed: int = 0) -> dict[str, Path]:
     """AV text-only, AV in the multimodal wrapper (same text weights), AR (K+1 blocks), bf16 shards."""
     from transformers import Gemma3Config, Gemma3ForCausalLM, Gemma3ForConditionalGeneration
 
@@ -102,6 +105,7 @@ def write_checkpoints(root: Path, shape: GemmaShape, ar_layer: int, vision: tupl
     tokenizer = fam.gemma_tokenizer()
     tokens = fam.token_facts(tokenizer, fam.GEMMA_MARKER)
     text_config = _text_config(shape, tokenizer)
+    ar_layer = shape.ar_layer
     with torch.device("meta"):
         text = Gemma3ForCausalLM(text_config)
     text = text.to_empty(device="cpu").to(torch.bfloat16).eval()  # every parameter is written below
@@ -175,7 +179,7 @@ def text_weight_bytes(folder: Path, dtype: torch.dtype) -> int:
 
 
 def _report_memory(paths: dict[str, Path], plan: GemmaPlan, device: str, out: Callable[[str], None]) -> None:
-    out(f"memory model: Gemma-3-shaped, {plan.memory.describe()}, AR keeps {plan.ar_layer + 1} blocks; bf16 "
+    out(f"memory model: Gemma-3-shaped, {plan.memory.describe()}, AR keeps {plan.memory.ar_layer + 1} blocks; bf16 "
         f"sharded safetensors ({bench._folder_mb(paths['av']):.0f} MB text-only AV, "
         f"{bench._folder_mb(paths['av_multimodal']):.0f} MB multimodal AV with a SigLIP tower)")
     out("  peak RSS over load + one forward / bytes of the loaded parameters, and / the checkpoint's text weights")

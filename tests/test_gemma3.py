@@ -149,10 +149,10 @@ def test_bos_family_ar_matches_the_paper_critic(bos_paths, which):
 
     ours = ar.reconstruct(EXPLANATIONS, batch_size=2)
     expected = ref.ar_reconstruct(bos_paths[which], EXPLANATIONS)
-    assert (ours - expected).abs().max() < ATOL * max(1.0, expected.abs().max().item())
+    assert (ours - expected).abs().max() < ATOL
     # Teeth: without the BOS the critic reads other tokens and lands elsewhere.
     unbosed = ref.ar_reconstruct(bos_paths[which], EXPLANATIONS, special_tokens=False)
-    assert (unbosed - expected).abs().max() > 100 * ATOL * max(1.0, expected.abs().max().item())
+    assert (unbosed - expected).abs().max() > 0.1
 
 
 @pytest.mark.skipif(backends.default_backend() != "hooked", reason="the HookedTransformer fast decoder")
