@@ -27,13 +27,14 @@ def capture_text(base: str, layer: int, text: str, device: str, dtype: torch.dty
     """`blocks.{layer}.hook_resid_post` of the base model at every position of `text`."""
     from nla_lens import backends, loading
     from nla_lens.capture import resid_post
+    from nla_lens.sidecar import text_ids
 
     folder = loading.resolve_checkpoint(base)
     tokenizer = loading.load_tokenizer(folder)
     model = backends.load_model(folder, tokenizer, dtype=dtype, device=device)
     if not 0 <= layer < model.cfg.n_layers:
         raise InputError(f"--layer {layer} is outside the base model's {model.cfg.n_layers} blocks")
-    ids = torch.tensor([tokenizer.encode(text, add_special_tokens=False)], device=device)
+    ids = torch.tensor([text_ids(tokenizer, text)], device=device)  # BOS first where the base has one
     if ids.shape[1] > model.cfg.n_ctx:
         raise PromptTooLongError(f"--text is {ids.shape[1]} tokens, over the base model's context of "
                                  f"{model.cfg.n_ctx}; pass a shorter text")

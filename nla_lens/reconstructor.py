@@ -14,7 +14,7 @@ from transformers import PreTrainedTokenizerBase
 from nla_lens import backends, loading
 from nla_lens.distributed import inference
 from nla_lens.errors import InputError, PromptTooLongError, SidecarError
-from nla_lens.sidecar import NLAMeta, check_tokenizer, load_meta
+from nla_lens.sidecar import NLAMeta, ar_prompt_ids, check_tokenizer, load_meta
 
 if TYPE_CHECKING:
     from nla_lens.backends import TLModel
@@ -70,11 +70,11 @@ class ActivationReconstructor:
         return self.model.W_E.device
 
     def prompt_tokens(self, explanations: list[str]) -> tuple[Int[Tensor, "n pos"], Int[Tensor, "n pos"]]:
-        """Left-padded AR prompts and their attention mask (no special tokens added)."""
+        """Left-padded AR prompts and their attention mask, tokenized as the paper's critic does
+        (with special tokens: BOS first on Gemma / Llama, nothing added on Qwen)."""
         if isinstance(explanations, str) or not explanations:
             raise InputError("pass a non-empty list of explanation strings")
-        ids = [self.tokenizer.encode(self.meta.ar_prompt(e), add_special_tokens=False)
-               for e in explanations]
+        ids = [ar_prompt_ids(self.meta, self.tokenizer, e) for e in explanations]
         n_ctx = self.model.cfg.n_ctx
         too_long = [(i, len(row)) for i, row in enumerate(ids) if len(row) > n_ctx]
         if too_long:

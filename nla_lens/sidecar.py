@@ -267,9 +267,38 @@ def av_prompt_ids(meta: NLAMeta, tokenizer: Any) -> list[int]:
                                               return_dict=False))
 
 
+def text_ids(tokenizer: Any, text: str) -> list[int]:
+    """Base-model text as the training code tokenized it to extract activations (kitft
+    `nla/datagen/extractors.py`): with the tokenizer's special tokens, so BOS first where the
+    tokenizer has one (Gemma, Llama) and nothing added for Qwen."""
+    return list(tokenizer.encode(text, add_special_tokens=True))
+
+
+def ar_prompt_ids(meta: NLAMeta, tokenizer: Any, explanation: str) -> list[int]:
+    """The AR prompt as the paper's critic tokenizes it: with special tokens (BOS first on Gemma /
+    Llama; dropping it costs the Gemma pair FVE 0.77 -> 0.31, kitft `nla_inference.py`)."""
+    return list(tokenizer.encode(meta.ar_prompt(explanation), add_special_tokens=True))
+
+
+def tokenization_record(tokenizer: Any) -> dict[str, Any]:
+    """The `tokenization:` block of sidecars nla_lens writes: how base text and AR prompts were
+    tokenized, and the BOS that put first (null where the tokenizer adds none)."""
+    first = text_ids(tokenizer, "a")[:1]
+    bos = tokenizer.bos_token_id
+    return {"base_text": "add_special_tokens", "ar_prompt": "add_special_tokens",
+            "bos_token_id": bos if bos is not None and first == [bos] else None}
+
+
 def check_tokenizer(meta: NLAMeta, tokenizer: Any) -> None:
     """Check the sidecar's token facts against the live tokenizer; raise on any drift."""
     marker_ids = tokenizer.encode(meta.injection_char, add_special_tokens=False)
+    if len(marker_ids) != 1:
+        raise TokenizerDriftError(
+            f"marker {meta.injection_char!r} is {len(marker_ids)} tokens {marker_ids} in this tokenizer, but "
+            "the injection marker must be exactly one token. The sidecar names a char of another tokenizer: "
+            "load the tokenizer saved with the checkpoint, or (training) pick an injection_char that this "
+            "tokenizer encodes as a single token"
+        )
     if marker_ids != [meta.injection_token_id]:
         raise TokenizerDriftError(
             f"marker {meta.injection_char!r} encodes to {marker_ids}, but the sidecar says "
@@ -288,6 +317,14 @@ def check_tokenizer(meta: NLAMeta, tokenizer: Any) -> None:
                 f"the canonical AV prompt does not hold exactly one neighbour-anchored marker "
                 f"({exc}); the tokenizer or chat template differs from training"
             ) from exc
+    recorded = meta.raw.get("tokenization")
+    if isinstance(recorded, dict) and "bos_token_id" in recorded:
+        live = tokenization_record(tokenizer)["bos_token_id"]
+        if live != recorded["bos_token_id"]:
+            raise TokenizerDriftError(
+                f"the sidecar records BOS {recorded['bos_token_id']} first in base text and AR prompts, this "
+                f"tokenizer puts {live}: it is not the tokenizer the NLA was trained with. Load the checkpoint's"
+            )
     if meta.critic_suffix_ids is not None and meta.ar_template is not None:
         ids = tokenizer.encode(meta.ar_prompt("a"), add_special_tokens=False)
         suffix = list(meta.critic_suffix_ids)

@@ -19,6 +19,7 @@ from torch import Tensor
 from transformers import GenerationConfig
 
 from nla_lens import backends, loading, metrics
+from nla_lens.backends import gemma3
 from nla_lens.errors import CheckpointError
 from nla_lens.reconstructor import ActivationReconstructor
 from nla_lens.sidecar import InjectionSpec, NLAMeta, dump_meta
@@ -81,6 +82,10 @@ def hf_state_dict(model: HookedTransformer, *, qkv_bias: bool,
     rank 0 keeps them (the dict is empty on the others).
     """
     backends.require_hooked("export", model)
+    if model.cfg.original_architecture in gemma3.ARCHITECTURES:
+        # TL stores Gemma's norms as 1 + w and W_E pre-scaled by sqrt(d); no inverse is written yet.
+        raise CheckpointError("exporting a Gemma-3 NLA is not supported yet: nla_lens serves Gemma-3 "
+                              "checkpoints and extracts Gemma-3 activations, but trains Qwen / Llama bases only")
     keep = current_world().is_main
     out = {}
     for name, param in model.named_parameters():
@@ -130,6 +135,8 @@ def model_sidecar(dataset: NLAMeta, role: str, *, injection: InjectionSpec | Non
         "tokens": tokens,
         "prompt_templates": {"av": dataset.av_template, "ar": dataset.ar_template},
     }
+    if "tokenization" in dataset.raw:  # the BOS rule base text and AR prompts were tokenized with
+        sidecar["tokenization"] = dataset.raw["tokenization"]
     if role == "av":
         if injection is None:
             raise CheckpointError("an AV sidecar needs its injection (method and hook point)")
