@@ -31,6 +31,7 @@ from nla_lens.injection import Injection
 from nla_lens.nla import NLA, RoundTrip
 from nla_lens.reconstructor import ActivationReconstructor
 from nla_lens.sidecar import InjectionSpec, NLAMeta, load_meta, parse_meta
+from nla_lens.steer_words import Difference, WordSteering, describe_difference, steer_with_words
 from nla_lens.verbalizer import ActivationVerbalizer, Verbalization
 
 __all__ = [
@@ -43,6 +44,7 @@ __all__ = [
     "ChatTemplateError",
     "CheckpointError",
     "ConfigError",
+    "Difference",
     "DirectionVerbalization",
     "Injection",
     "InjectionError",
@@ -63,10 +65,13 @@ __all__ = [
     "TokenizerDriftError",
     "Verbalization",
     "VectorError",
+    "WordSteering",
     "capture",
+    "describe_difference",
     "load_meta",
     "parse_meta",
     "patching_study",
     "steer_then_verbalize",
+    "steer_with_words",
     "verbalize_direction",
 ]

@@ -37,7 +37,7 @@ from nla_lens.errors import InputError
 from nla_lens.nla import NLA
 from nla_lens.steer_words import WordSteering, steer_with_words
 from nla_lens.toy.demo import TOY_DIR
-from nla_lens.toy.evaluate import HELDOUT_FILE, MAX_TOKENS, MIN_CONTEXT, ToyNLA
+from nla_lens.toy.evaluate import HELDOUT_FILE, MIN_CONTEXT, ToyNLA
 from nla_lens.toy.labeler import quote
 
 ALPHAS = (0.25, 0.5, 1.0, 2.0)
@@ -82,8 +82,8 @@ class SteerWordsExperiment:
 
     def __repr__(self) -> str:
         best = max(self.rows, key=lambda r: r.argmax_hit)
-        return (f"SteerWordsExperiment({self.n_sites} sites, {self.choice} Z', samples={self.samples}, best alpha={best.alpha:g}: "
-                f"{best.argmax_hit:.0%} vs random {best.control_argmax_hit:.0%})")
+        return (f"SteerWordsExperiment({self.n_sites} sites, {self.choice} Z', samples={self.samples}, "
+                f"best alpha={best.alpha:g}: {best.argmax_hit:.0%} vs random {best.control_argmax_hit:.0%})")
 
     def _repr_html_(self) -> str:
         return self.to_pandas().to_html(index=False, border=0)
@@ -96,14 +96,14 @@ class SteerWordsExperiment:
 
 
 def run_experiment(folder: Path = TOY_DIR, n_sites: int = 100, alphas: tuple[float, ...] = ALPHAS,
-                   samples: int = 1, choice: Choice = "random", stride: int = 5, frequent: int = 8,
+                   samples: int = 1, choice: Choice = "random", stride: int = 5, per_doc: int = 2, frequent: int = 8,
                    seed: int = 0) -> SteerWordsExperiment:
     """The measurement behind the README table; `samples > 1` averages Delta over sampled explanations."""
     if choice not in ("random", "plausible"):
         raise InputError(f"choice must be 'random' or 'plausible', got {choice!r}")
     toy = ToyNLA.load(folder)
     nla = NLA(toy.av, toy.ar)
-    tokens, positions = _candidate_sites(toy, folder, stride, limit=n_sites + n_sites // 4)
+    tokens, positions = _candidate_sites(toy, folder, stride, per_doc, limit=n_sites + n_sites // 4)
     with torch.no_grad():
         clean = _site_logprobs(toy.base, tokens, positions, [])
         vectors = _site_vectors(toy, tokens, positions)
@@ -125,19 +125,19 @@ def run_experiment(folder: Path = TOY_DIR, n_sites: int = 100, alphas: tuple[flo
     return SteerWordsExperiment(len(keep), samples, choice, sum(named) / len(named), rows)
 
 
-def _candidate_sites(toy: ToyNLA, folder: Path, stride: int,
+def _candidate_sites(toy: ToyNLA, folder: Path, stride: int, per_doc: int,
                      limit: int) -> tuple[Int[Tensor, "n pos"], Int[Tensor, " n"]]:
-    """One row per site: the held-out speech (right-padded; the causal model never reads the pads
-    before the site) and the site's column, every `stride` tokens past the toy's minimum context; the
-    first `limit` of them, in file order."""
+    """One row per site, in file order: the first tokens of a held-out speech, the site at column
+    MIN_CONTEXT + j * stride (j < per_doc). Rows end at the last site, so none needs padding."""
     docs = json.loads((folder / HELDOUT_FILE).read_text())
-    pad = toy.av.tokenizer.pad_token_id
+    columns = [MIN_CONTEXT + j * stride for j in range(per_doc)]
+    width = columns[-1] + 1
     rows, positions = [], []
     for doc in docs:
-        ids = toy.av.tokenizer.encode(doc["text"], add_special_tokens=False)[:MAX_TOKENS]
-        for p in range(MIN_CONTEXT, len(ids), stride):
-            rows.append(ids + [pad] * (MAX_TOKENS - len(ids)))
-            positions.append(p)
+        ids = toy.av.tokenizer.encode(doc["text"], add_special_tokens=False)
+        if len(ids) >= width:
+            rows += [ids[:width]] * per_doc
+            positions += columns
         if len(rows) >= limit:
             break
     return torch.tensor(rows[:limit]), torch.tensor(positions[:limit])
