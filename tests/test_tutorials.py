@@ -16,9 +16,9 @@ TUTORIALS = sorted((Path(__file__).parents[1] / "tutorials").glob("*.py"))
 
 
 
-def test_there_are_three_tutorials():
+def test_there_are_four_tutorials():
     assert [t.name for t in TUTORIALS] == [
-        "01_verbalize_tokens.py", "02_steer_then_verbalize.py", "03_patching_study.py"]
+        "01_verbalize_tokens.py", "02_steer_then_verbalize.py", "03_patching_study.py", "04_steer_with_words.py"]
 
 
 @pytest.mark.parametrize("tutorial", TUTORIALS, ids=lambda t: t.stem)

@@ -13,7 +13,7 @@ tokens, never Z and never the base model's own argmax there, so every hit is a c
   their context and reads an implausible Z' weakly (README, "Steer with words").
 
     python -m nla_lens.toy.steer_words_experiment [--checkpoint DIR] [--positions 100] [--samples 1]
-                                                 [--choice random|plausible]
+                                                 [--choice random|plausible] [--mode add|replace]
 
 Re-run it whenever the bundled toy is retrained; the README table is its output.
 """
@@ -35,7 +35,7 @@ from torch import Tensor
 from nla_lens import backends
 from nla_lens.errors import InputError
 from nla_lens.nla import NLA
-from nla_lens.steer_words import WordSteering, steer_with_words
+from nla_lens.steer_words import Mode, WordSteering, steer_with_words
 from nla_lens.toy.demo import TOY_DIR
 from nla_lens.toy.evaluate import HELDOUT_FILE, MIN_CONTEXT, ToyNLA
 from nla_lens.toy.labeler import quote
@@ -60,6 +60,7 @@ class SteerWordsExperiment:
     n_sites: int
     samples: int
     choice: str
+    mode: str
     av_names_argmax: float  # fraction of sites where the explanation's Z is the base model's argmax
     rows: list[AlphaRow]
 
@@ -82,7 +83,7 @@ class SteerWordsExperiment:
 
     def __repr__(self) -> str:
         best = max(self.rows, key=lambda r: r.argmax_hit)
-        return (f"SteerWordsExperiment({self.n_sites} sites, {self.choice} Z', samples={self.samples}, "
+        return (f"SteerWordsExperiment({self.n_sites} sites, {self.choice} Z', {self.mode}, samples={self.samples}, "
                 f"best alpha={best.alpha:g}: {best.argmax_hit:.0%} vs random {best.control_argmax_hit:.0%})")
 
     def _repr_html_(self) -> str:
@@ -96,8 +97,8 @@ class SteerWordsExperiment:
 
 
 def run_experiment(folder: Path = TOY_DIR, n_sites: int = 100, alphas: tuple[float, ...] = ALPHAS,
-                   samples: int = 1, choice: Choice = "random", stride: int = 5, per_doc: int = 2, frequent: int = 8,
-                   seed: int = 0) -> SteerWordsExperiment:
+                   samples: int = 1, choice: Choice = "random", mode: Mode = "add", stride: int = 5, per_doc: int = 2,
+                   frequent: int = 8, seed: int = 0) -> SteerWordsExperiment:
     """The measurement behind the README table; `samples > 1` averages Delta over sampled explanations."""
     if choice not in ("random", "plausible"):
         raise InputError(f"choice must be 'random' or 'plausible', got {choice!r}")
@@ -112,17 +113,18 @@ def run_experiment(folder: Path = TOY_DIR, n_sites: int = 100, alphas: tuple[flo
     if len(keep) < n_sites:
         raise RuntimeError(f"only {len(keep)} held-out sites have a parsable explanation; lower n_sites or stride")
     tokens, positions, clean = tokens[keep], positions[keep], clean[keep]
-    steering = steer_with_words(nla, toy.base, tokens, positions, edit=edits, samples=samples, seed=seed,
+    steering = steer_with_words(nla, toy.base, tokens, positions, edit=edits, mode=mode, samples=samples, seed=seed,
                                 explanations=None if samples > 1 else [said[i] for i in keep],
                                 max_new_tokens=48, batch_size=64, compare=False)
-    control = replace(steering, delta=torch.randn(steering.delta.shape, generator=torch.Generator().manual_seed(seed)))
+    noise = torch.randn(steering.delta.shape, generator=torch.Generator().manual_seed(seed))
+    control = replace(steering, delta=noise, target=noise)
     rows = []
     with torch.no_grad():
         for alpha in alphas:
             words = _effect(toy.base, tokens, positions, steering, alpha, clean, targets)
             random = _effect(toy.base, tokens, positions, control, alpha, clean, targets)
             rows.append(AlphaRow(alpha, *words, *random))
-    return SteerWordsExperiment(len(keep), samples, choice, sum(named) / len(named), rows)
+    return SteerWordsExperiment(len(keep), samples, choice, mode, sum(named) / len(named), rows)
 
 
 def _candidate_sites(toy: ToyNLA, folder: Path, stride: int, per_doc: int,
@@ -206,10 +208,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--positions", type=int, default=100)
     parser.add_argument("--samples", type=int, default=1)
     parser.add_argument("--choice", choices=["random", "plausible"], default="random")
+    parser.add_argument("--mode", choices=["add", "replace"], default="add")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    result = run_experiment(args.checkpoint, args.positions, samples=args.samples, choice=args.choice, seed=args.seed)
-    print(f"{result.n_sites} held-out sites, {result.choice} Z', {result.samples} explanation sample(s) per site; "
+    result = run_experiment(args.checkpoint, args.positions, samples=args.samples, choice=args.choice, mode=args.mode,
+                            seed=args.seed)
+    print(f"{result.n_sites} held-out sites, {result.choice} Z', mode={result.mode}, {result.samples} explanation "
+          "sample(s) per site; "
           f"the AV's Z is the "
           f"base model's argmax at {result.av_names_argmax:.0%} of them")
     print(result.to_markdown())
