@@ -38,7 +38,7 @@ from torch import Tensor
 from transformer_lens.hook_points import HookPoint
 
 from nla_lens import backends
-from nla_lens.capture import PositionSpec, _real_tokens, capture, resolve_positions
+from nla_lens.capture import PositionSpec, _real_tokens, resid_post, resolve_positions
 from nla_lens.errors import InputError, PairMismatchError, VectorError
 from nla_lens.injection import HookFn, check_vectors, unit
 from nla_lens.nla import NLA
@@ -64,6 +64,7 @@ def site_steering_hook(directions: Float[Tensor, "n d_model"], rows: Int[Tensor,
     written back in the residual's dtype. Runs of the built shape are steered, as are longer runs
     with the same batch (uncached generation: the prompt plus generated tokens); a one-token run
     of a longer prompt is a KV-cached decode step and is left alone, as the prompt was steered at prefill.
+    (A one-token prompt cannot be told from a decode step: KV-cached generation would steer every step.)
     """
     directions = unit(directions.float())
     batch, width = token_shape
@@ -88,7 +89,7 @@ def site_steering_hook(directions: Float[Tensor, "n d_model"], rows: Int[Tensor,
     return hook
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class WordSteering:
     """What `steer_with_words` built: the explanations before and after the edit, Delta, the hook, comparisons.
 
@@ -113,7 +114,7 @@ class WordSteering:
     target: Float[Tensor, "n d_model"]
     clean_logprobs: Float[Tensor, "n d_vocab"] | None = field(default=None, repr=False)
     steered_logprobs: Float[Tensor, "n d_vocab"] | None = field(default=None, repr=False)
-    vocab: list[str] | None = field(default=None, repr=False)  # decoded token ids, for the tables
+    tokenizer: Any = field(default=None, repr=False)  # the base model's, to name tokens in the tables
     continuations: list[tuple[str, str]] | None = None  # (clean, steered) per row
 
     def fwd_hooks(self, alpha: float | None = None) -> list[tuple[str, HookFn]]:
@@ -136,8 +137,9 @@ class WordSteering:
 
     def _top(self, logprobs: Tensor, k: int) -> list[tuple[str, float]]:
         values, ids = logprobs.topk(k)
-        names = self.vocab or [str(i) for i in range(logprobs.shape[-1])]
-        return [(names[int(i)], round(float(v.exp()), 4)) for v, i in zip(values, ids, strict=True)]
+        names = [self.tokenizer.decode([int(i)], clean_up_tokenization_spaces=False) if self.tokenizer else str(int(i))
+                 for i in ids]
+        return [(name, round(float(v.exp()), 4)) for name, v in zip(names, values, strict=True)]
 
     def to_pandas(self, k: int = 3) -> pd.DataFrame:
         """One row per steered site: where, the first explanation and its edit, Delta's size, next tokens."""
@@ -234,17 +236,17 @@ def steer_with_words(
         result = WordSteering(f"blocks.{k}.hook_resid_post", k, float(alpha), mode, rows.cpu(), cols.cpu(),
                               [_decode(base, int(tokens[r, c])) for r, c in sites], (tokens.shape[0], tokens.shape[1]),
                               texts, edited, delta, target)
-        clean = steered = vocab = continuations = None
+        clean = steered = continuations = None
         if compare:
             clean = _site_logprobs(base, tokens, run_mask, rows, cols, [])
             steered = _site_logprobs(base, tokens, run_mask, rows, cols, result.fwd_hooks())
-            vocab = [_decode(base, i) for i in range(clean.shape[-1])]
         if continue_tokens:
             continuations = _continuations(base, tokens, real, result, continue_tokens)
-    return replace(result, clean_logprobs=clean, steered_logprobs=steered, vocab=vocab, continuations=continuations)
+    return replace(result, clean_logprobs=clean, steered_logprobs=steered, tokenizer=base.tokenizer,
+                   continuations=continuations)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Difference:
     """`describe_difference`: the AV's reading of ``a - b`` per row, next to how far apart a and b are."""
 
@@ -326,11 +328,9 @@ def _verbalize_sites(av: ActivationVerbalizer, base: TLModel, tokens: Tensor, ro
                      run_mask: Tensor | None, k: int, samples: int, temperature: float, seed: int,
                      max_new_tokens: int, batch_size: int) -> list[list[str]]:
     """`samples` parsed explanations per site (greedy for one); a site with none raises."""
-    site_mask = torch.zeros(tokens.shape, dtype=torch.bool, device=tokens.device)
-    site_mask[rows, cols] = True
-    with capture(base, k, site_mask) as cap:  # row-major, as resolve_positions returned them
-        base.run_with_hooks(tokens, attention_mask=run_mask, stop_at_layer=k + 1, fwd_hooks=[])
-    vectors = cap.vectors.repeat_interleave(samples, dim=0)
+    resid = resid_post(base, tokens, k, attention_mask=run_mask)
+    vectors = resid[rows.to(resid.device), cols.to(resid.device)].float()
+    vectors = vectors.repeat_interleave(samples, dim=0)
     sampling = {"temperature": temperature, "seed": seed} if samples > 1 else {"temperature": 0.0}
     said = av.verbalize(vectors, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=False, **sampling)
     texts = [[v.explanation for v in said[i * samples:(i + 1) * samples] if v.explanation is not None]

@@ -244,3 +244,25 @@ def test_toy_verbalizes_samples_edits_and_steers():
     gain = result.steered_logprobs[0, target[0]] - result.clean_logprobs[0, target[0]]
     assert gain > 0.5
     assert len(result.continuations) == 1 and no_hooks_left(toy.base)
+
+
+def test_verbalizes_the_sites_in_the_order_given_with_samples(base, nla, monkeypatch):
+    """The AV path: the residual at each site, in `positions` order, once per sample (sampled, seeded)."""
+    tokens, mask = padded(base, "left")
+    seen = {}
+
+    def fake_verbalize(vectors, **kwargs):
+        seen["vectors"], seen["kwargs"] = vectors, kwargs
+        return [nl.Verbalization(f"<explanation>{TINY_LABELS[i % 8]}</explanation>", TINY_LABELS[i % 8], [])
+                for i in range(len(vectors))]
+
+    monkeypatch.setattr(nla.av, "verbalize", fake_verbalize)
+    width = tokens.shape[1]
+    result = nl.steer_with_words(nla, base, tokens[:1], [width - 1, width - 4], attention_mask=mask[:1],
+                                 edit=lambda text: text + " the end", samples=2, seed=7, compare=False)
+    clean, _ = resid_and_logits(base, tokens[:1], mask[:1], [])
+    expected = clean[0, [width - 1, width - 1, width - 4, width - 4]]
+    assert torch.allclose(seen["vectors"], expected, atol=1e-6)
+    assert seen["kwargs"]["temperature"] == 1.0 and seen["kwargs"]["seed"] == 7
+    assert result.explanations == [TINY_LABELS[0:2], TINY_LABELS[2:4]] and result.positions.tolist() == [
+        width - 1, width - 4]
