@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from jaxtyping import Float, Int
+from safetensors.torch import save_file
 from torch import Tensor
 from transformer_lens.hook_points import HookPoint
 
@@ -137,8 +138,7 @@ class WordSteering:
 
     def _top(self, logprobs: Tensor, k: int) -> list[tuple[str, float]]:
         values, ids = logprobs.topk(k)
-        names = [self.tokenizer.decode([int(i)], clean_up_tokenization_spaces=False) if self.tokenizer else str(int(i))
-                 for i in ids]
+        names = [_decode(self.tokenizer, int(i)) if self.tokenizer else str(int(i)) for i in ids]
         return [(name, round(float(v.exp()), 4)) for name, v in zip(names, values, strict=True)]
 
     def to_pandas(self, k: int = 3) -> pd.DataFrame:
@@ -175,8 +175,6 @@ class WordSteering:
         """The table by suffix (.csv, .json, .parquet, .html); `.safetensors` stores delta and target."""
         path = Path(path)
         if path.suffix == ".safetensors":
-            from safetensors.torch import save_file
-
             save_file({"delta": self.delta.contiguous(), "target": self.target.contiguous(),
                        "rows": self.rows.contiguous(), "positions": self.positions.contiguous()}, str(path),
                       metadata={"hook_name": self.hook_name, "alpha": str(self.alpha), "mode": self.mode})
@@ -233,9 +231,9 @@ def steer_with_words(
             texts = _given_explanations(explanations, len(sites))
         edited = _apply_edits(edit, texts)
         delta, target = _delta(nla, texts, edited, sites)
-        result = WordSteering(f"blocks.{k}.hook_resid_post", k, float(alpha), mode, rows.cpu(), cols.cpu(),
-                              [_decode(base, int(tokens[r, c])) for r, c in sites], (tokens.shape[0], tokens.shape[1]),
-                              texts, edited, delta, target)
+        named = [_decode(base.tokenizer, int(tokens[r, c])) for r, c in sites]
+        result = WordSteering(f"blocks.{k}.hook_resid_post", k, float(alpha), mode, rows.cpu(), cols.cpu(), named,
+                              (tokens.shape[0], tokens.shape[1]), texts, edited, delta, target)
         clean = steered = continuations = None
         if compare:
             clean = _site_logprobs(base, tokens, run_mask, rows, cols, [])
@@ -434,8 +432,9 @@ def _continuations(base: TLModel, tokens: Tensor, real: Tensor, result: WordStee
     return out
 
 
-def _decode(model: TLModel, token_id: int) -> str:
-    return model.tokenizer.decode([token_id], clean_up_tokenization_spaces=False)
+def _decode(tokenizer: Any, token_id: int) -> str:
+    """One token as TL's to_str_tokens shows it."""
+    return tokenizer.decode([token_id], clean_up_tokenization_spaces=False)
 
 
 def _tops_text(tops: list[tuple[str, float]]) -> str:
