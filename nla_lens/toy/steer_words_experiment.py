@@ -41,8 +41,8 @@ from nla_lens.toy.evaluate import HELDOUT_FILE, MIN_CONTEXT, ToyNLA
 from nla_lens.toy.labeler import quote
 
 ALPHAS = (0.25, 0.5, 1.0, 2.0)
-# The labeler's format (nla_lens.toy.labeler.describe_position); "after" is absent at a text's start.
 Choice = Literal["random", "plausible"]
+# The labeler's format (nla_lens.toy.labeler.describe_position); "after" is absent at a text's start.
 EXPLANATION = re.compile(r'^The token (".*?"), (?:after (".*?"), )?predicting (".*")\.$')
 
 
@@ -111,7 +111,7 @@ def run_experiment(folder: Path = TOY_DIR, n_sites: int = 100, alphas: tuple[flo
         said = [v.explanation for v in toy.av.verbalize(vectors, max_new_tokens=48, batch_size=64, progress=False)]
     keep, edits, targets, named = _choose_edits(toy, said, clean, choice, frequent, seed, n_sites)
     if len(keep) < n_sites:
-        raise RuntimeError(f"only {len(keep)} held-out sites have a parsable explanation; lower n_sites or stride")
+        raise InputError(f"only {len(keep)} held-out sites have a parsable explanation; lower n_sites or stride")
     tokens, positions, clean = tokens[keep], positions[keep], clean[keep]
     steering = steer_with_words(nla, toy.base, tokens, positions, edit=edits, mode=mode, samples=samples, seed=seed,
                                 explanations=None if samples > 1 else [said[i] for i in keep],
