@@ -198,7 +198,7 @@ def steer_with_words(
     attention_mask: Int[Tensor, "batch pos"] | None = None,
     layer: int | None = None,
     compare: bool = True,
-    continue_tokens: int = 0,
+    continue_tokens: int = 8,
     max_new_tokens: int = 150,
     batch_size: int = 32,
 ) -> WordSteering:
@@ -210,8 +210,8 @@ def steer_with_words(
     text itself, or a sequence with one of those per site. `samples > 1` samples that many
     explanations per site at `temperature` (seeded) and averages Delta over them; `samples = 1` is the
     greedy explanation. `explanations` (one string, or one list of samples, per site) skips the AV.
-    `compare` stores next-token log-probs at the sites without and with steering; `continue_tokens > 0`
-    also stores greedy continuations of each row. `layer`, if given, must be the NLA's layer K.
+    `compare` stores next-token log-probs at the sites without and with steering; `continue_tokens`
+    (0 for none) greedy tokens continue each row without and with it. `layer`, if given, must be K.
     """
     _check_inputs(nla, base, tokens, layer, alpha, mode, samples, continue_tokens)
     k = nla.ar.meta.layer

@@ -115,7 +115,7 @@ def run_experiment(folder: Path = TOY_DIR, n_sites: int = 100, alphas: tuple[flo
     tokens, positions, clean = tokens[keep], positions[keep], clean[keep]
     steering = steer_with_words(nla, toy.base, tokens, positions, edit=edits, mode=mode, samples=samples, seed=seed,
                                 explanations=None if samples > 1 else [said[i] for i in keep],
-                                max_new_tokens=48, batch_size=64, compare=False)
+                                max_new_tokens=48, batch_size=64, compare=False, continue_tokens=0)
     noise = torch.randn(steering.delta.shape, generator=torch.Generator().manual_seed(seed))
     control = replace(steering, delta=noise, target=noise)
     rows = []
