@@ -37,6 +37,7 @@ from nla_lens.nla import NLA, RoundTrip
 from nla_lens.reconstructor import ActivationReconstructor
 from nla_lens.results import TabularResult
 from nla_lens.sidecar import InjectionSpec, NLAMeta, load_meta, parse_meta
+from nla_lens.steer_words import Difference, WordSteering, describe_difference, steer_with_words
 from nla_lens.verbalizer import ActivationVerbalizer, Verbalization, Verbalizations
 
 __all__ = [
@@ -49,6 +50,7 @@ __all__ = [
     "ChatTemplateError",
     "CheckpointError",
     "ConfigError",
+    "Difference",
     "DirectionVerbalization",
     "ExplainedToken",
     "Explanation",
@@ -73,13 +75,16 @@ __all__ = [
     "Verbalization",
     "Verbalizations",
     "VectorError",
+    "WordSteering",
     "capture",
+    "describe_difference",
     "explain",
     "load_base",
     "load_meta",
     "parse_meta",
     "patching_study",
     "steer_then_verbalize",
+    "steer_with_words",
     "toy",
     "verbalize_direction",
 ]

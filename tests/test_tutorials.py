@@ -32,7 +32,8 @@ def _converter():
 
 def test_the_tutorials_are_the_listed_ones_each_with_its_current_notebook():
     assert [t.name for t in TUTORIALS] == [
-        "01_verbalize_tokens.py", "02_steer_then_verbalize.py", "03_patching_study.py", "04_sae_features.py"]
+        "01_verbalize_tokens.py", "02_steer_then_verbalize.py", "03_patching_study.py", "04_sae_features.py",
+        "05_steer_with_words.py"]
     make_notebooks = _converter()
     for script in TUTORIALS:
         shipped = script.with_suffix(".ipynb").read_text(encoding="utf-8")
