@@ -202,6 +202,7 @@ def test_toy_sae_features_are_named_by_the_av_well_above_control():
     assert result.agreement >= 0.3 and result.agreement >= 2 * result.control
     assert result.agreement_offset >= 2 * result.control
     assert result.cosine >= result.control_cosine + 0.3  # the AR rebuilds the feature's row, not just any row
+    assert len(result.to_pandas()) == result.n_token_features and repr(result).startswith("SAEExperimentResult: ")
     # The numbers stored beside the checkpoints (and quoted in the README) are the ones this checkpoint gives;
     # after retraining the toy, re-run `python -m nla_lens.toy.sae_experiment --write`.
     recorded = json.loads((TOY_DIR / SCORES_FILE).read_text())
