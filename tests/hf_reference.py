@@ -108,6 +108,17 @@ def head_ablation_hook(model, layer: int, head: int, head_dim: int):
         handle.remove()
 
 
+@contextlib.contextmanager
+def mlp_post_hook(model, layer: int, fn):
+    """Apply fn(a) to the MLP's gated activation, the input of down_proj (TL blocks.{layer}.mlp.hook_post)."""
+    handle = model.model.layers[layer].mlp.down_proj.register_forward_pre_hook(
+        lambda _m, args: (fn(args[0]), *args[1:]))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def av_prompt(tokenizer, meta: dict) -> list[int]:
     templates = meta["prompt_templates"]
     template = templates.get("av", templates.get("actor"))
@@ -117,8 +128,11 @@ def av_prompt(tokenizer, meta: dict) -> list[int]:
                                               return_dict=False))
 
 
-def ar_reconstruct(folder: Path, texts: list[str]) -> torch.Tensor:
-    """The paper's NLACritic: truncated backbone, final norm -> Identity, value head at the last token."""
+def ar_reconstruct(folder: Path, texts: list[str], hooks=contextlib.nullcontext) -> torch.Tensor:
+    """The paper's NLACritic: truncated backbone, final norm -> Identity, value head at the last token.
+
+    `hooks(model)`: a context manager installing torch hooks on the HF model for the forwards.
+    """
     from safetensors.torch import load_file
 
     model, tokenizer = load_hf(folder)
@@ -128,7 +142,7 @@ def ar_reconstruct(folder: Path, texts: list[str]) -> torch.Tensor:
     template = templates.get("ar", templates.get("critic"))
     head = load_file(str(Path(folder) / "value_head.safetensors"))["weight"]
     out = []
-    with torch.no_grad():
+    with torch.no_grad(), hooks(model):
         for text in texts:  # one at a time: no padding in the reference
             ids = tokenizer.encode(template.replace("{explanation}", text), add_special_tokens=False)
             hidden = model.model(torch.tensor([ids])).last_hidden_state[0, -1]

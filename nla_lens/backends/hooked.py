@@ -18,6 +18,7 @@ def load_model(folder: Path, tokenizer: PreTrainedTokenizerBase, *, dtype: torch
                                            trust_remote_code=trust_remote_code)
 
 
-# The fast paths (decoding.py) fall back to TL's own forward whenever a hook could observe it.
+# The fast paths (decoding.py) honour the hooks they cover and fall back to TL's own forward for others.
 decoder = decoding.decoder_for
 last_residual = decoding.last_residual
+ar_fallback_reason = decoding.ar_fallback_reason
