@@ -82,7 +82,7 @@ def last_residual(model: HookedTransformer, tokens: Int[Tensor, "batch pos"],
     eye = torch.eye(n_pos, dtype=torch.bool, device=tokens.device)
     mask = (eye.logical_not().tril() & attention_mask.bool()[:, None, None, :]) | eye
     # Under hooks, pad positions also hold what TL computes there: a fully masked row, z = 0.
-    pad_queries = (attention_mask == 0)[:, None, :, None] if hooks.any else None
+    pad_queries = (attention_mask == 0)[:, None, :, None] if hooks.any_hooked else None
     return blocks.run(tokens, positions, mask, keys, torch.empty_like(keys), start=0, shared_cache=True,
                       last_only=hooks.blocks[-1] is NO_BLOCK_HOOKS, hooks=hooks, pad_queries=pad_queries)[:, -1]
 

@@ -61,7 +61,7 @@ class HookPlan:
     fallback_reason: str | None = None
 
     @property
-    def any(self) -> bool:
+    def any_hooked(self) -> bool:
         return self.embed is not None or any(b is not NO_BLOCK_HOOKS for b in self.blocks)
 
     @classmethod

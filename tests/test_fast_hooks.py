@@ -260,7 +260,7 @@ def test_uncovered_points_and_plain_torch_hooks_fall_back_visibly(av_karvonen, v
 
 def test_hook_plan_reads_only_points_with_hooks(av_karvonen):
     model = av_karvonen.model
-    assert not HookPlan.of(model).any and HookPlan.of(model).fallback_reason is None
+    assert not HookPlan.of(model).any_hooked and HookPlan.of(model).fallback_reason is None
     with model.hooks(fwd_hooks=[("blocks.2.attn.hook_z", _no_op), ("hook_embed", _no_op)]):
         plan = HookPlan.of(model)
     assert plan.embed is model.hook_dict["hook_embed"]
