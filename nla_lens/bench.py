@@ -8,14 +8,17 @@ bf16 sharded safetensors into a temporary folder that is deleted afterwards.
   is (peak RSS - RSS once the libraries are imported) / bytes of the loaded weights, over the load
   plus one forward pass, after touching every weight (HF maps safetensors lazily). On a GPU the
   peak of allocated device memory is reported as well.
-* speed: `verbalize` against HF `generate` with the reference forward hook on decoder layer 1;
-  the forward pass with and without the injection hook; `reconstruct` against the HF truncated
-  model + readout, both batched over left-padded prompts.
+* speed: `verbalize` against HF `generate` with the reference forward hook on decoder layer 1,
+  hookless and under each user edit of `_edits` (steering, a head ablation, an MLP scaling: TL
+  hooks on our side, the equivalent torch hooks on HF's); the forward pass with and without the
+  injection hook; `reconstruct` against the HF truncated model + readout, both batched over
+  left-padded prompts, hookless and under the steering edit.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -25,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +39,7 @@ from nla_lens import backends
 
 AV_TEMPLATE = ("Here is an activation vector: <c>{injection_char}</c>. Say in one sentence what the "
                "model was thinking about, inside explanation tags.")
+EDIT_LAYER = 2  # where the user edits act (the AR of every plan keeps this block)
 _WORDS = ("the cat sat on the mat a dog ran in the park words about weather and the sea numbers one two "
           "three names of places a question the end of a sentence").split()
 
@@ -327,35 +331,95 @@ def _report_speed(paths: dict[str, Path], plan: Plan, device: str, out: Callable
     n_prompt = av.prompt_tokens(1).shape[1]
     out(f"speed model: Qwen3-shaped, {plan.speed.describe()}, fp32 on {device}; AV prompt {n_prompt} tokens")
     generator = torch.Generator().manual_seed(1)
-    for batch in plan.batches:
-        vectors = (3.0 * torch.randn(batch, plan.speed.d_model, generator=generator)).to(device)
-        _report_verbalize(av, hf, vectors, plan, device, out)
+    edits = _edits(av.model.cfg, device)
+    for edit in (None, *edits):
+        for batch in plan.batches:
+            vectors = (3.0 * torch.randn(batch, plan.speed.d_model, generator=generator)).to(device)
+            _report_verbalize(av, hf, vectors, plan, device, out, edit)
     vectors = (3.0 * torch.randn(plan.batches[-1], plan.speed.d_model, generator=generator)).to(device)
     _report_hook_overhead(av, vectors, plan, device, out)
     ar = nl.ActivationReconstructor.from_pretrained(paths["ar"], device=device)
     words = torch.randint(len(_WORDS), (plan.ar_texts, 40), generator=generator).tolist()
     lengths = torch.randint(4, 40, (plan.ar_texts,), generator=generator).tolist()
     texts = [" ".join(_WORDS[i] for i in row[:n]) for row, n in zip(words, lengths, strict=True)]
-    _report_reconstruct(ar, _HFCritic(paths["ar"], device), texts, plan, device, out)
+    critic = _HFCritic(paths["ar"], device)
+    for edit in (None, edits[0]):
+        _report_reconstruct(ar, critic, texts, plan, device, out, edit)
+
+
+@dataclass(frozen=True)
+class _Edit:
+    """A user edit as TL hooks (nla_lens) and as the equivalent torch hooks on HF decoder layers."""
+
+    label: str
+    tl_hooks: list[tuple[str, Callable]]
+    hf_hooks: Callable[[torch.nn.ModuleList], contextlib.AbstractContextManager]
+
+
+def _edits(cfg: Any, device: str) -> tuple[_Edit, ...]:
+    """Steering at resid_post, zeroing head 0 at hook_z, scaling the MLP's gated activation."""
+    generator = torch.Generator().manual_seed(2)
+    steer = (4.0 * torch.randn(cfg.d_model, generator=generator)).to(device)
+    scale = (1.0 + torch.rand(cfg.d_mlp, generator=generator)).to(device)
+    layer = EDIT_LAYER
+
+    def zero_head(z: torch.Tensor, hook: Any) -> None:
+        z[:, :, 0] = 0.0
+
+    def hf_zero_head(_module: Any, args: tuple) -> None:
+        args[0][..., :cfg.d_head] = 0.0  # o_proj's input is heads side by side, as TL's z
+
+    return (
+        _Edit(f"steering hook at blocks.{layer}.hook_resid_post",
+              [(f"blocks.{layer}.hook_resid_post", lambda resid, hook: resid + steer)],
+              lambda layers: _torch_hook(layers[layer], "forward", lambda _m, _i, out: _map_first(out, steer))),
+        _Edit(f"head 0 ablated at blocks.{layer}.attn.hook_z", [(f"blocks.{layer}.attn.hook_z", zero_head)],
+              lambda layers: _torch_hook(layers[layer].self_attn.o_proj, "forward_pre", hf_zero_head)),
+        _Edit(f"MLP scaled at blocks.{layer}.mlp.hook_post",
+              [(f"blocks.{layer}.mlp.hook_post", lambda post, hook: post * scale)],
+              lambda layers: _torch_hook(layers[layer].mlp.down_proj, "forward_pre",
+                                         lambda _m, args: (args[0] * scale, *args[1:]))),
+    )
+
+
+def _map_first(output: Any, steer: torch.Tensor) -> Any:
+    """A decoder layer's output (a tensor, or a tuple holding it first) with `steer` added."""
+    if isinstance(output, tuple):
+        return (output[0] + steer, *output[1:])
+    return output + steer
+
+
+@contextlib.contextmanager
+def _torch_hook(module: torch.nn.Module, kind: str, fn: Callable) -> Iterator[None]:
+    handle = getattr(module, f"register_{kind}_hook")(fn)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def _report_verbalize(av: Any, hf: Any, vectors: torch.Tensor, plan: Plan, device: str,
-                      out: Callable[[str], None]) -> None:
+                      out: Callable[[str], None], edit: _Edit | None = None) -> None:
+    """Hookless, or with `edit` in force on both sides (`av.model.hooks` / torch hooks on HF)."""
     batch = len(vectors)
 
     def ours() -> list[list[int]]:
-        outputs = av.verbalize(vectors, max_new_tokens=plan.new_tokens, batch_size=batch, progress=False)
+        with av.model.hooks(fwd_hooks=edit.tl_hooks if edit else []):
+            outputs = av.verbalize(vectors, max_new_tokens=plan.new_tokens, batch_size=batch, progress=False)
         return [o.tokens for o in outputs]
 
     def theirs() -> list[list[int]]:
-        return _hf_generate(hf, av, vectors, plan.new_tokens)
+        with edit.hf_hooks(hf.model.layers) if edit else contextlib.nullcontext():
+            return _hf_generate(hf, av, vectors, plan.new_tokens)
 
     same = sum(a == b for a, b in zip(ours(), theirs(), strict=True))
+    path = "fast decoder" if av.fallback_reason is None else f"TL forward: {av.fallback_reason}"
     t_ours, t_theirs = _interleaved(ours, theirs, plan.reps, device)
     tokens = batch * plan.new_tokens
-    out(f"  verbalize batch {batch:2d}, {plan.new_tokens} new tokens, greedy: nla_lens {tokens / t_ours:7.1f} tok/s, "
-        f"HF generate + layer-1 hook {tokens / t_theirs:7.1f} tok/s -> {t_theirs / t_ours:.2f}x "
-        f"(rows with identical tokens: {same}/{batch})")
+    what = f" with {edit.label}" if edit else ""
+    out(f"  verbalize batch {batch:2d}{what}, {plan.new_tokens} new tokens, greedy: nla_lens {tokens / t_ours:7.1f} "
+        f"tok/s ({path}), HF generate + layer-1 hook{' + same edit' if edit else ''} {tokens / t_theirs:7.1f} "
+        f"tok/s -> {t_theirs / t_ours:.2f}x (rows with identical tokens: {same}/{batch})")
 
 
 def _report_hook_overhead(av: Any, vectors: torch.Tensor, plan: Plan, device: str,
@@ -370,13 +434,23 @@ def _report_hook_overhead(av: Any, vectors: torch.Tensor, plan: Plan, device: st
 
 
 def _report_reconstruct(ar: Any, reference: _HFCritic, texts: list[str], plan: Plan, device: str,
-                        out: Callable[[str], None]) -> None:
-    diff = (ar.reconstruct(texts, batch_size=plan.ar_batch) - reference(texts, plan.ar_batch)).abs().max()
-    t_ours, t_theirs = _interleaved(lambda: ar.reconstruct(texts, batch_size=plan.ar_batch),
-                                    lambda: reference(texts, plan.ar_batch), plan.reps, device)
-    out(f"  AR reconstruct {len(texts)} texts, batch {plan.ar_batch}, left-padded: nla_lens "
-        f"{len(texts) / t_ours:7.1f} texts/s, HF truncated model + readout {len(texts) / t_theirs:7.1f} "
-        f"texts/s -> {t_theirs / t_ours:.2f}x (max |diff| {float(diff):.1e})")
+                        out: Callable[[str], None], edit: _Edit | None = None) -> None:
+    def ours() -> torch.Tensor:
+        with ar.model.hooks(fwd_hooks=edit.tl_hooks if edit else []):
+            return ar.reconstruct(texts, batch_size=plan.ar_batch)
+
+    def theirs() -> torch.Tensor:
+        with edit.hf_hooks(reference.model.layers) if edit else contextlib.nullcontext():
+            return reference(texts, plan.ar_batch)
+
+    diff = (ours() - theirs()).abs().max()
+    path = "fast path" if ar.fallback_reason is None else f"TL forward: {ar.fallback_reason}"
+    t_ours, t_theirs = _interleaved(ours, theirs, plan.reps, device)
+    what = f" with {edit.label}" if edit else ""
+    out(f"  AR reconstruct {len(texts)} texts, batch {plan.ar_batch}, left-padded{what}: "
+        f"nla_lens {len(texts) / t_ours:7.1f} texts/s ({path}), HF truncated model + readout"
+        f"{' + same edit' if edit else ''} {len(texts) / t_theirs:7.1f} texts/s -> {t_theirs / t_ours:.2f}x "
+        f"(max |diff| {float(diff):.1e})")
 
 
 def _interleaved(first: Callable[[], Any], second: Callable[[], Any], reps: int, device: str) -> tuple[float, float]:

@@ -13,19 +13,20 @@ fwd_hooks)` then `step(ids)`, each returning the logits at the last position onl
   once, q/k/v run as one matmul (the loader lays them out for that), and norms and
   attention use torch's fused kernels, which round as HF's RMSNorm and SDPA do.
 
-`FastBlocks` (the block stack behind `FastDecoder`) also serves `reconstruct`. Both fast paths run
-only when the model has no hooks attached at all, so nothing can observe that TL's forward did
-not run; the injection, passed explicitly, is applied at `hook_embed` or `blocks.{i}.hook_resid_post`
-exactly as TL would apply it there.
+`FastBlocks` (the block stack behind `FastDecoder`) also serves `reconstruct`. Both fast paths
+honour the hooks attached to the model (and the injection, installed for the prefill): at each
+hook point `nla_lens.fast_hooks` covers, they materialise the activation as TL does and call the
+`HookPoint`. A hook they cannot honour sends the call to TL's forward; the decoder's
+`fallback_reason` (and a debug log line) says why.
 """
 
 from __future__ import annotations
 
-import re
+import logging
 
 import torch
 import torch.nn.functional as F
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 from transformer_lens import HookedTransformer
@@ -33,7 +34,11 @@ from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 from transformer_lens.components import Embed, GatedMLP, GroupedQueryAttention, RMSNorm, Unembed
 from transformer_lens.components.attention import Attention
 
+from nla_lens.errors import BackendError
+from nla_lens.fast_hooks import NO_BLOCK_HOOKS, BlockHooks, HookPlan
 from nla_lens.injection import HookFn
+
+logger = logging.getLogger(__name__)
 
 # cfg values under which a TL block computes exactly what `FastDecoder` computes (the loader's
 # Qwen3 / Qwen2 / Llama configs); the rotary frequencies are read from TL's own sin/cos buffers.
@@ -43,31 +48,55 @@ _FAST_CFG = {
     "attention_dir": "causal", "attn_only": False, "parallel_attn_mlp": False, "post_embedding_ln": False,
     "use_normalization_before_and_after": False, "use_logn_attn": False, "use_dynamic_ntk_rope": False,
     "clip_qkv": None, "use_attention_sinks": False, "attn_types": None,
+    "ungroup_grouped_query_attention": False,  # else TL's hook_k / hook_v hold n_heads heads
 }
 _FAST_ARCHITECTURES = ("Qwen3ForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM")
+_NO_FAST_PATH = ("no fast path for this model (Qwen2 / Qwen3 / Llama blocks in the loader's layout, within "
+                 "TL's rotary tables)")
 
 
 def decoder_for(model: HookedTransformer, batch: int, max_len: int,
                 fwd_hooks: list[tuple[str, HookFn]]) -> HookedDecoder | FastDecoder:
-    """The fast decoder when it computes what TL would and nothing observes TL's internals."""
-    fast = FastDecoder.build(model, batch, max_len) if FastBlocks.supports(fwd_hooks) else None
-    return fast if fast is not None else HookedDecoder(model, batch)
+    """The fast decoder when it computes what TL would and honours every hook attached."""
+    reason = HookPlan.of(model, extra=[name for name, _ in fwd_hooks]).fallback_reason
+    fast = FastDecoder.build(model, batch, max_len, HookPlan.of(model)) if reason is None else None
+    if fast is not None:
+        return fast
+    reason = reason or _NO_FAST_PATH
+    logger.debug("verbalize runs TransformerLens's forward at every step: %s", reason)
+    return HookedDecoder(model, batch, reason)
 
 
 def last_residual(model: HookedTransformer, tokens: Int[Tensor, "batch pos"],
                   attention_mask: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch d_model"]:
     """`model(tokens, attention_mask=...)[:, -1]` for an AR model (no final norm, no unembed)."""
     batch, n_pos = tokens.shape
-    blocks = FastBlocks.build(model) if _is_identity(model.ln_final) and _is_identity(model.unembed) else None
+    hooks = HookPlan.of(model)
+    blocks, reason = _ar_blocks(model, hooks)
     if blocks is None or n_pos > blocks.max_len:
+        logger.debug("reconstruct runs TransformerLens's forward: %s", reason or _NO_FAST_PATH)
         return model(tokens, attention_mask=attention_mask)[:, -1]
     keys = torch.empty(1, batch, blocks.n_kv, n_pos, blocks.d_head, dtype=model.cfg.dtype, device=tokens.device)
     positions = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)  # as TL's get_offset_position_ids
     # Pad queries see themselves only, so no softmax row is empty (an empty row would be NaN).
     eye = torch.eye(n_pos, dtype=torch.bool, device=tokens.device)
     mask = (eye.logical_not().tril() & attention_mask.bool()[:, None, None, :]) | eye
+    # Under hooks, pad positions also hold what TL computes there: a fully masked row, z = 0.
+    pad_queries = (attention_mask == 0)[:, None, :, None] if hooks.any_hooked else None
     return blocks.run(tokens, positions, mask, keys, torch.empty_like(keys), start=0, shared_cache=True,
-                      last_only=True)[:, -1]
+                      last_only=hooks.blocks[-1] is NO_BLOCK_HOOKS, hooks=hooks, pad_queries=pad_queries)[:, -1]
+
+
+def ar_fallback_reason(model: HookedTransformer) -> str | None:
+    """Why `last_residual` runs TL's forward on `model` with its hooks as attached now (None: it doesn't)."""
+    return _ar_blocks(model, HookPlan.of(model))[1]
+
+
+def _ar_blocks(model: HookedTransformer, hooks: HookPlan) -> tuple[FastBlocks | None, str | None]:
+    if hooks.fallback_reason is not None:
+        return None, hooks.fallback_reason
+    blocks = FastBlocks.build(model) if _is_identity(model.ln_final) and _is_identity(model.unembed) else None
+    return blocks, None if blocks is not None else _NO_FAST_PATH
 
 
 def _is_identity(module: nn.Module) -> bool:
@@ -81,10 +110,14 @@ def _last_logits(model: HookedTransformer, resid: Float[Tensor, "batch pos d_mod
 
 
 class HookedDecoder:
-    """Each step is a `HookedTransformer.forward` with TL's KV cache: every hook fires every step."""
+    """Each step is a `HookedTransformer.forward` with TL's KV cache: every hook fires every step.
 
-    def __init__(self, model: HookedTransformer, batch: int) -> None:
+    `fallback_reason` says why this call is not served by `FastDecoder`.
+    """
+
+    def __init__(self, model: HookedTransformer, batch: int, fallback_reason: str) -> None:
         self.model = model
+        self.fallback_reason = fallback_reason
         self.cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.W_E.device, batch)
         self.step_mask = torch.ones(batch, 1, dtype=torch.long, device=model.W_E.device)
 
@@ -157,9 +190,6 @@ def _linear(x: Tensor, weights: tuple[Tensor, ...], bias: Tensor | None = None) 
     return out if bias is None else out + bias
 
 
-_HOOKABLE = re.compile(r"^(hook_embed|blocks\.\d+\.hook_resid_post)$")
-
-
 class FastBlocks:
     """The block stack of an eligible model, run with TL's block arithmetic on its parameters."""
 
@@ -171,10 +201,6 @@ class FastBlocks:
         self.shared_rotary = all(torch.equal(layer.cos, layers[0].cos) and torch.equal(layer.sin, layers[0].sin)
                                  for layer in layers)
 
-    @staticmethod
-    def supports(fwd_hooks: list[tuple[str, HookFn]]) -> bool:
-        return all(_HOOKABLE.match(name) for name, _ in fwd_hooks)
-
     @classmethod
     def build(cls, model: HookedTransformer) -> FastBlocks | None:
         cfg = model.cfg
@@ -183,8 +209,6 @@ class FastBlocks:
         if any(getattr(cfg, key) != value for key, value in _FAST_CFG.items()):
             return None
         if cfg.rotary_dim != cfg.d_head or cfg.attn_scores_soft_cap > 0 or cfg.use_hook_tokens:
-            return None
-        if any(hp._forward_hooks or hp._forward_pre_hooks for hp in model.hook_dict.values()):
             return None
         if any(isinstance(p, DTensor) for p in model.parameters()):  # FSDP shards are whole only inside TL's forward
             return None
@@ -200,43 +224,49 @@ class FastBlocks:
 
     def run(self, ids: Int[Tensor, "batch pos"], positions: Int[Tensor, "batch pos"], mask: Tensor | None,
             keys: Tensor, values: Tensor, *, start: int, shared_cache: bool = False, last_only: bool = False,
-            hooks: dict[str, HookFn] | None = None) -> Float[Tensor, "batch pos d_model"]:
+            hooks: HookPlan | None = None,
+            pad_queries: Bool[Tensor, "batch 1 pos 1"] | None = None) -> Float[Tensor, "batch pos d_model"]:
         """Blocks over `ids` at cache positions [start, start + pos); keys / values are
         `[layers, batch, n_kv, max_len, d_head]` (one layer reused by all when `shared_cache`).
 
         `mask` (True = attend) of `[batch, 1, pos, start + pos]`, or None for plain causal
         attention (start = 0) or for one new token attending to the whole cache. With `last_only`
         the last block computes (and returns) the last position only: nothing reads the others.
+        `hooks` names the hooked points to call; `pad_queries` (True = pad) zeroes those rows of z.
         """
-        hooks = hooks or {}
-        x = self._hooked(hooks, "hook_embed", self.model.embed.W_E[ids])
+        x = self.model.embed.W_E[ids]
+        if hooks is not None and hooks.embed is not None:
+            x = hooks.embed(x)
+        block_hooks = hooks.blocks if hooks is not None else (NO_BLOCK_HOOKS,) * len(self.layers)
         end = start + ids.shape[1]
-        for i, layer in enumerate(self.layers):
+        for i, (layer, hook) in enumerate(zip(self.layers, block_hooks, strict=True)):
             cache = 0 if shared_cache else i
             last = last_only and i == len(self.layers) - 1
             if i == 0 or not self.shared_rotary:  # TL keeps one identical table per layer
                 cos, sin = layer.cos[positions][:, None], layer.sin[positions][:, None]
-            attn_out = self._attention(layer, _rms(x, layer.ln1, layer.eps), cos, sin, mask,
-                                       keys[cache], values[cache], start, end, last)
+            if hook.resid_pre is not None:
+                x = hook.resid_pre(x)
+            attn_out = self._attention(layer, hook, _rms(x, layer.ln1, layer.eps), cos, sin, mask,
+                                       keys[cache], values[cache], start, end, last, pad_queries)
+            if hook.attn_out is not None:
+                attn_out = hook.attn_out(attn_out)
             x = (x[:, -1:] if last else x) + attn_out
-            h = _rms(x, layer.ln2, layer.eps)
-            post = F.silu(F.linear(h, layer.w_gate)) * F.linear(h, layer.w_in)
-            x = x + F.linear(post if layer.b_in is None else post + layer.b_in, layer.w_out, layer.b_out)
-            x = self._hooked(hooks, f"blocks.{i}.hook_resid_post", x)
+            if hook.resid_mid is not None:
+                x = hook.resid_mid(x)
+            x = x + _mlp(layer, hook, _rms(x, layer.ln2, layer.eps))
+            if hook.resid_post is not None:
+                x = hook.resid_post(x)
         return x
 
-    def _hooked(self, hooks: dict[str, HookFn], name: str, activation: Tensor) -> Tensor:
-        if name not in hooks:
-            return activation
-        out = hooks[name](activation, self.model.hook_dict[name])
-        return activation if out is None else out
-
-    def _attention(self, layer: _Layer, h: Float[Tensor, "batch pos d_model"], cos: Tensor, sin: Tensor,
-                   mask: Tensor | None, keys: Tensor, values: Tensor, start: int, end: int,
-                   last_query: bool) -> Tensor:
+    def _attention(self, layer: _Layer, hook: BlockHooks, h: Float[Tensor, "batch pos d_model"], cos: Tensor,
+                   sin: Tensor, mask: Tensor | None, keys: Tensor, values: Tensor, start: int, end: int,
+                   last_query: bool, pad_queries: Tensor | None) -> Float[Tensor, "batch pos d_model"]:
         batch, n_pos, n_heads, n_kv = h.shape[0], h.shape[1], layer.n_heads, layer.n_kv
+        qkv = _linear(h, layer.qkv, layer.b_qkv).view(batch, n_pos, n_heads + 2 * n_kv, layer.d_head)
+        if hook.q is not None or hook.k is not None or hook.v is not None:
+            qkv = _hooked_qkv(hook, qkv, n_heads, n_kv)
         # [batch, heads, pos, d_head] throughout: SDPA's layout, where the rotary broadcast is cheap.
-        qkv = _linear(h, layer.qkv, layer.b_qkv).view(batch, n_pos, n_heads + 2 * n_kv, layer.d_head).transpose(1, 2)
+        qkv = qkv.transpose(1, 2)
         qk = qkv[:, :n_heads + n_kv]
         if layer.qk_norm is not None:
             qk = _rms(qk, layer.qk_norm[:, None], layer.eps)
@@ -251,22 +281,64 @@ class FastBlocks:
         z = F.scaled_dot_product_attention(queries, keys[:, :, :end], values[:, :, :end], attn_mask=mask,
                                            is_causal=mask is None and queries.shape[2] > 1, scale=layer.scale,
                                            enable_gqa=True)
-        return F.linear(z.transpose(1, 2).reshape(batch, queries.shape[2], -1), layer.w_o, layer.b_o)
+        if pad_queries is not None:
+            z = z.masked_fill(pad_queries[:, :, -z.shape[2]:], 0.0)
+        z = z.transpose(1, 2)  # [batch, pos, heads, d_head]: TL's hook_z
+        if hook.z is not None:
+            z = hook.z(z)
+        return F.linear(z.reshape(batch, z.shape[1], -1), layer.w_o, layer.b_o)
+
+
+def _hooked_qkv(hook: BlockHooks, qkv: Float[Tensor, "batch pos qkv_heads d_head"], n_heads: int,
+                n_kv: int) -> Float[Tensor, "batch pos qkv_heads d_head"]:
+    """TL's hook_q / hook_k / hook_v: `[batch, pos, heads, d_head]` each, before the q/k norms and rotary."""
+    q, k, v = (t.contiguous() for t in qkv.split([n_heads, n_kv, n_kv], dim=2))
+    if hook.q is not None:
+        q = hook.q(q)
+    if hook.k is not None:
+        k = hook.k(k)
+    if hook.v is not None:
+        v = hook.v(v)
+    return torch.cat([q, k, v], dim=2)
+
+
+def _mlp(layer: _Layer, hook: BlockHooks, h: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+    """TL's `GatedMLP` (b_in added after the gating), with its hook points."""
+    pre = F.linear(h, layer.w_gate)
+    if hook.pre is not None:
+        pre = hook.pre(pre)
+    pre_linear = F.linear(h, layer.w_in)
+    if hook.pre_linear is not None:
+        pre_linear = hook.pre_linear(pre_linear)
+    post = F.silu(pre) * pre_linear
+    if layer.b_in is not None:
+        post = post + layer.b_in
+    if hook.post is not None:
+        post = hook.post(post)
+    out = F.linear(post, layer.w_out, layer.b_out)
+    return out if hook.mlp_out is None else hook.mlp_out(out)
 
 
 class FastDecoder:
-    """`FastBlocks` with a preallocated cache of rotated keys, the final norm and the unembed."""
+    """`FastBlocks` with a preallocated cache of rotated keys, the final norm and the unembed.
 
-    def __init__(self, blocks: FastBlocks, batch: int, max_len: int) -> None:
+    The hooked points are read once per call: for the prefill with its `fwd_hooks` (the injection)
+    installed, and for the decode steps (`step_hooks`) before it.
+    """
+
+    fallback_reason = None
+
+    def __init__(self, blocks: FastBlocks, batch: int, max_len: int, step_hooks: HookPlan) -> None:
         self.blocks = blocks
         self.model = model = blocks.model
         shape = (len(blocks.layers), batch, blocks.n_kv, max_len, blocks.d_head)
         self.keys = torch.empty(shape, dtype=model.cfg.dtype, device=model.W_E.device)
         self.values = torch.empty_like(self.keys)
+        self.step_hooks = step_hooks
         self.pos = 0
 
     @classmethod
-    def build(cls, model: HookedTransformer, batch: int, max_len: int) -> FastDecoder | None:
+    def build(cls, model: HookedTransformer, batch: int, max_len: int, step_hooks: HookPlan) -> FastDecoder | None:
         blocks = FastBlocks.build(model)
         if blocks is None or model.cfg.output_logits_soft_cap > 0:
             return None
@@ -274,20 +346,24 @@ class FastDecoder:
             return None
         if not model.W_U.T.is_contiguous() or max_len > blocks.max_len:
             return None
-        return cls(blocks, batch, max_len)
+        return cls(blocks, batch, max_len, step_hooks)
 
     def prefill(self, tokens: Int[Tensor, "batch pos"], fwd_hooks: list[tuple[str, HookFn]]) -> Tensor:
         positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
-        hooks = dict(fwd_hooks)
-        last_only = f"blocks.{len(self.blocks.layers) - 1}.hook_resid_post" not in hooks
-        resid = self.blocks.run(tokens, positions, None, self.keys, self.values, start=0, hooks=hooks,
-                                last_only=last_only)
+        with self.model.hooks(fwd_hooks=fwd_hooks):
+            hooks = HookPlan.of(self.model)
+            if hooks.fallback_reason is not None:
+                raise BackendError(f"this decoder was built for other prefill hooks ({hooks.fallback_reason}); "
+                                   "pass the prefill's fwd_hooks to decoder_for")
+            resid = self.blocks.run(tokens, positions, None, self.keys, self.values, start=0, hooks=hooks,
+                                    last_only=hooks.blocks[-1] is NO_BLOCK_HOOKS)
         self.pos = tokens.shape[1]
         return self._logits(resid[:, -1:])[:, -1]
 
     def step(self, ids: Int[Tensor, " batch"]) -> Float[Tensor, "batch vocab"]:
         positions = torch.full((len(ids), 1), self.pos, device=ids.device)
-        resid = self.blocks.run(ids[:, None], positions, None, self.keys, self.values, start=self.pos)
+        resid = self.blocks.run(ids[:, None], positions, None, self.keys, self.values, start=self.pos,
+                                hooks=self.step_hooks)
         self.pos += 1
         return self._logits(resid)[:, -1]
 

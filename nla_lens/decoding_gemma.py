@@ -83,6 +83,8 @@ class _GemmaLayer:
 class GemmaDecoder:
     """`backends.Decoder` for TL Gemma-3 models: prefill, then one token per `step`."""
 
+    fallback_reason = None  # built only when it serves the call: nothing falls back to TL's forward
+
     def __init__(self, model: HookedTransformer, batch: int, max_len: int) -> None:
         self.model = model
         self.layers = [_GemmaLayer(block) for block in model.blocks]

@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 class ActivationReconstructor:
     """Holds the AR: a truncated TL model (K+1 blocks, no final norm, no unembed, so
     `model(tokens)` returns the residual stream), its `Linear(d, d, bias=False)` readout and meta.
+    After each `reconstruct`, `fallback_reason` says why it ran TL's own forward instead of the
+    fast path (None: it didn't), e.g. a hook at a point the fast path does not compute.
     """
 
     def __init__(self, model: TLModel, readout: nn.Linear,
@@ -36,6 +38,7 @@ class ActivationReconstructor:
         self.readout = readout
         self.tokenizer = tokenizer
         self.meta = meta
+        self.fallback_reason: str | None = None
 
     @classmethod
     def from_pretrained(
@@ -93,6 +96,7 @@ class ActivationReconstructor:
                     progress: bool = False) -> Float[Tensor, "n d_model"]:
         """The readout at the last token of each AR prompt, as float32 vectors."""
         tokens, mask = self.prompt_tokens(explanations)
+        self.fallback_reason = backends.ar_fallback_reason(self.model)
         out = []
         with inference(self.model, self.readout):
             for start in tqdm(range(0, len(explanations), batch_size), desc="reconstruct",

@@ -65,7 +65,8 @@ class ActivationVerbalizer:
 
     The injection is an ordinary TL hook (`self.injection(...)`), so it composes with any other
     hooks; `verbalize` adds it for the prefill only and leaves hooks the caller installed with
-    `self.model.hooks(...)` in force for every step.
+    `self.model.hooks(...)` in force for every step. After each batch, `fallback_reason` says why
+    it ran TL's forward at every step instead of the fast decoder (None: it didn't).
     """
 
     def __init__(self, model: TLModel, tokenizer: PreTrainedTokenizerBase, meta: NLAMeta,
@@ -86,6 +87,7 @@ class ActivationVerbalizer:
         self.injection_spec = injection_spec
         self.eos_token_ids = eos_token_ids
         self._prompt = torch.tensor(av_prompt_ids(meta, tokenizer))
+        self.fallback_reason: str | None = None
 
     @classmethod
     def from_pretrained(
@@ -178,6 +180,7 @@ class ActivationVerbalizer:
         tokens = self.prompt_tokens(n)
         injection = self.injection(vectors, tokens)
         decoder = backends.decoder(self.model, n, tokens.shape[1] + max_new_tokens, injection.fwd_hooks())
+        self.fallback_reason = decoder.fallback_reason
         logits = decoder.prefill(tokens, injection.fwd_hooks())
         eos = torch.tensor(self.eos_token_ids, device=self.device, dtype=torch.long)
         finished = torch.zeros(n, dtype=torch.bool, device=self.device)

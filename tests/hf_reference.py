@@ -132,6 +132,17 @@ def text_causal_lm(model):
     return text.eval()
 
 
+@contextlib.contextmanager
+def mlp_post_hook(model, layer: int, fn):
+    """Apply fn(a) to the MLP's gated activation, the input of down_proj (TL blocks.{layer}.mlp.hook_post)."""
+    handle = model.model.layers[layer].mlp.down_proj.register_forward_pre_hook(
+        lambda _m, args: (fn(args[0]), *args[1:]))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def av_prompt(tokenizer, meta: dict) -> list[int]:
     templates = meta["prompt_templates"]
     template = templates.get("av", templates.get("actor"))
@@ -141,9 +152,13 @@ def av_prompt(tokenizer, meta: dict) -> list[int]:
                                               return_dict=False))
 
 
-def ar_reconstruct(folder: Path, texts: list[str], special_tokens: bool = True) -> torch.Tensor:
+def ar_reconstruct(folder: Path, texts: list[str], special_tokens: bool = True,
+                   hooks=contextlib.nullcontext) -> torch.Tensor:
     """The paper's NLACritic: truncated backbone, final norm -> Identity, value head at the last token,
-    the prompt tokenized WITH special tokens (BOS first for Gemma / Llama, nothing for Qwen)."""
+    the prompt tokenized WITH special tokens (BOS first for Gemma / Llama, nothing for Qwen).
+
+    `hooks(model)`: a context manager installing torch hooks on the HF model for the forwards.
+    """
     from safetensors.torch import load_file
 
     model, tokenizer = load_hf(folder)
@@ -153,7 +168,7 @@ def ar_reconstruct(folder: Path, texts: list[str], special_tokens: bool = True) 
     template = templates.get("ar", templates.get("critic"))
     head = load_file(str(Path(folder) / "value_head.safetensors"))["weight"]
     out = []
-    with torch.no_grad():
+    with torch.no_grad(), hooks(model):
         for text in texts:  # one at a time: no padding in the reference
             ids = tokenizer(template.replace("{explanation}", text), add_special_tokens=special_tokens)["input_ids"]
             hidden = model.model(torch.tensor([ids])).last_hidden_state[0, -1]

@@ -26,11 +26,14 @@ def test_quick_bench_prints_every_ratio(capsys):
     for loader in ("AV nla_lens", "AV HF from_pretrained", "AV TL from HF model", "AR nla_lens"):
         for dtype in ("bf16", "fp32"):
             assert re.search(rf"{loader}.*-> {dtype} model\)\s+{ratio}", out), (loader, dtype, out)
-    assert len(re.findall(rf"verbalize batch .* -> {ratio}", out)) == 2, out
+    # Hookless, then under a steering hook, a head ablation and an MLP hook, each on the fast path.
+    assert len(re.findall(rf"verbalize batch .*\(fast decoder\).* -> {ratio}", out)) == 2 * 4, out
+    for edit in ("hook_resid_post", "attn.hook_z", "mlp.hook_post"):
+        assert len(re.findall(rf"verbalize batch .*{edit}.* -> {ratio}", out)) == 2, (edit, out)
     assert re.search(rf"injection hook overhead.* {ratio}", out), out
-    assert re.search(rf"AR reconstruct .* -> {ratio}", out), out
-    # Same weights, same inputs, greedy: nla_lens and HF emit the same tokens.
-    assert re.findall(r"identical tokens: (\d+)/(\d+)", out) == [("1", "1"), ("4", "4")], out
+    assert len(re.findall(rf"AR reconstruct .*\(fast path\).* -> {ratio}", out)) == 2, out
+    # Same weights, same inputs, same edits, greedy: nla_lens and HF emit the same tokens.
+    assert re.findall(r"identical tokens: (\d+)/(\d+)", out) == [("1", "1"), ("4", "4")] * 4, out
     # The Gemma-3-shaped section (issue #13): memory of both layouts, verbalize against HF generate.
     for layout in ("text-only", "multimodal"):
         for dtype in ("bf16", "fp32"):

@@ -165,7 +165,7 @@ def test_gemma3_fast_decoder_equals_tl_forward_past_the_window(gemma_avs, gemma_
     hooks = av.injection(gemma_vectors, tokens).fwd_hooks()
     fast = backends.decoder(av.model, len(tokens), tokens.shape[1] + MAX_NEW, hooks)
     assert isinstance(fast, GemmaDecoder)
-    slow = decoding.HookedDecoder(av.model, len(tokens))
+    slow = decoding.HookedDecoder(av.model, len(tokens), "the reference: TL's own forward")
     with torch.inference_mode():
         ours, theirs = fast.prefill(tokens, hooks), slow.prefill(tokens, hooks)
         assert (ours - theirs).abs().max() < ATOL

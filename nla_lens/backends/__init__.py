@@ -9,7 +9,8 @@ The default follows the installed TransformerLens major version (3 -> hooked, 4 
 ``NLA_LENS_BACKEND`` or the loaders' ``backend=`` argument overrides it. Everything else in
 nla_lens uses only what both models offer: hook names, `run_with_hooks`, `hooks()`, `to_tokens`,
 `cfg`. The differences live here: how a checkpoint folder becomes a model (`load_model`), how a
-forward runs against a KV cache (`decoder`), the AR's last residual (`last_residual`), the
+forward runs against a KV cache (`decoder`), the AR's last residual (`last_residual`, and why it runs
+TL's own forward where it does: `ar_fallback_reason`), the
 attention mask HookedTransformer derives for a padded token tensor and the bridge does not
 (`implicit_attention_mask`), and the guard of the HookedTransformer-only training code
 (`require_hooked`).
@@ -44,7 +45,10 @@ ENV_VAR = "NLA_LENS_BACKEND"
 
 class Decoder(Protocol):
     """KV-cached decoding for `verbalize`: the prefill runs under `fwd_hooks` (the injection), each step
-    under whatever hooks the caller installed; both return the last position's logits."""
+    under whatever hooks the caller installed; both return the last position's logits.
+    `fallback_reason`: why this call runs TL's own forward rather than a fast path (None: it doesn't)."""
+
+    fallback_reason: str | None
 
     def prefill(self, tokens: Int[Tensor, "batch pos"], fwd_hooks: list) -> Float[Tensor, "batch d_vocab"]: ...
 
@@ -129,6 +133,11 @@ def last_residual(model: TLModel, tokens: Int[Tensor, "batch pos"],
     """An AR model's residual after its last block, at the last position (left padding)."""
     module = import_module(f"nla_lens.backends.{backend_of(model)}")
     return module.last_residual(model, tokens, attention_mask)
+
+
+def ar_fallback_reason(model: TLModel) -> str | None:
+    """Why `last_residual` runs TL's own forward on `model` as its hooks stand now (None: a fast path serves it)."""
+    return import_module(f"nla_lens.backends.{backend_of(model)}").ar_fallback_reason(model)
 
 
 def implicit_attention_mask(model: TLModel, tokens: Int[Tensor, "batch pos"]) -> Int[Tensor, "batch pos"] | None:

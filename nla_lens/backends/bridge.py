@@ -127,8 +127,13 @@ class _CachedForward:
         return logits
 
 
+_NO_FAST_PATH = "the bridge backend has no fast path: every forward is TransformerBridge's own"
+
+
 class _Decoder:
     """`backends.Decoder` over the bridge's cached forward: every hook fires on every call."""
+
+    fallback_reason = _NO_FAST_PATH
 
     def __init__(self, model: TransformerBridge, batch_size: int) -> None:
         device = next(model.parameters()).device
@@ -151,3 +156,7 @@ def decoder(model: TransformerBridge, batch_size: int, max_len: int, fwd_hooks: 
 def last_residual(model: TransformerBridge, tokens: Int[Tensor, "batch pos"],
                   attention_mask: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch d_model"]:
     return model(tokens, attention_mask=attention_mask)[:, -1]
+
+
+def ar_fallback_reason(model: TransformerBridge) -> str:
+    return _NO_FAST_PATH

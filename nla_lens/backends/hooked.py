@@ -19,10 +19,11 @@ def load_model(folder: Path, tokenizer: PreTrainedTokenizerBase, *, dtype: torch
 
 
 def decoder(model: HookedTransformer, batch: int, max_len: int, fwd_hooks: list) -> backends.Decoder:
-    """The fast decoders (decoding.py; decoding_gemma.py for Gemma-3) fall back to TL's own forward
-    whenever a hook could observe it."""
+    """Gemma-3's fast decoder (decoding_gemma.py) when no hook could observe it; otherwise decoding.py's,
+    which honours the hooks it covers and falls back to TL's own forward for others."""
     gemma = decoding_gemma.GemmaDecoder.build(model, batch, max_len, fwd_hooks)
     return gemma if gemma is not None else decoding.decoder_for(model, batch, max_len, fwd_hooks)
 
 
 last_residual = decoding.last_residual
+ar_fallback_reason = decoding.ar_fallback_reason
