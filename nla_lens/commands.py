@@ -11,16 +11,18 @@ from typing import Any
 import pyarrow as pa
 import torch
 from jaxtyping import Float
-from safetensors.torch import save_file
 from torch import Tensor
 
 from nla_lens import shard_store, sharded
+from nla_lens.checks import check_at_least_one, check_input_file, check_output_path, resolve_device
+from nla_lens.cli_checks import base_for, nla_checkpoint
 from nla_lens.distributed import World
 from nla_lens.errors import InputError, PromptTooLongError
 from nla_lens.sharded import Sampling
-from nla_lens.vector_files import VectorTable, read_input, write_table
+from nla_lens.vector_files import OUTPUT_SUFFIXES, VectorTable, read_input, write_table, write_vectors
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_VECTOR_SUFFIXES = (".safetensors", ".pt")  # what `reconstruct --output` writes
 
 
 def capture_text(base: str, layer: int, text: str, device: str, dtype: torch.dtype) -> Float[Tensor, "pos d_model"]:
@@ -30,10 +32,13 @@ def capture_text(base: str, layer: int, text: str, device: str, dtype: torch.dty
 
     folder = loading.resolve_checkpoint(base)
     tokenizer = loading.load_tokenizer(folder)
+    token_ids = tokenizer.encode(text, add_special_tokens=False)
+    if not token_ids:
+        raise InputError(f"--text {text!r} holds no tokens; give the text whose positions to explain")
     model = backends.load_model(folder, tokenizer, dtype=dtype, device=device)
     if not 0 <= layer < model.cfg.n_layers:
         raise InputError(f"--layer {layer} is outside the base model's {model.cfg.n_layers} blocks")
-    ids = torch.tensor([tokenizer.encode(text, add_special_tokens=False)], device=device)
+    ids = torch.tensor([token_ids], device=device)
     if ids.shape[1] > model.cfg.n_ctx:
         raise PromptTooLongError(f"--text is {ids.shape[1]} tokens, over the base model's context of "
                                  f"{model.cfg.n_ctx}; pass a shorter text")
@@ -121,25 +126,32 @@ def _job_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _run_verbalize(args: argparse.Namespace) -> None:
+    sampling = _sampling(args)
+    resolve_device(args.device)
+    _, meta = nla_checkpoint(args.av, "av")
+    if args.output is not None:
+        check_output_path(args.output, OUTPUT_SUFFIXES, "--output")
     if args.input is not None and args.output is not None:
         _report(sharded.verbalize_file(args.av, args.input, args.output, **_job_kwargs(args)))
         return
     if World.from_env().is_distributed:
         raise InputError("under torchrun, give --input FILE and --output FILE: only file jobs are sharded")
-    from nla_lens.verbalizer import ActivationVerbalizer
-
-    av = ActivationVerbalizer.from_pretrained(args.av, device=args.device, dtype=_DTYPES[args.dtype])
     if args.text is not None:
+        if not args.text.strip():
+            raise InputError("--text is empty; give the text whose positions to explain")
         if args.base is None:
             raise InputError("--text needs --base, the model whose activations the AV explains")
         if args.shards is not None or args.column is not None:
             raise InputError("--shards and --column apply to --input files; --text is explained in one process")
-        layer = av.meta.layer if args.layer is None else args.layer
-        table = VectorTable(capture_text(args.base, layer, args.text, args.device, _DTYPES[args.dtype]),
+        layer = meta.layer if args.layer is None else args.layer
+        base = base_for(args.base, meta, layer)
+        table = VectorTable(capture_text(str(base), layer, args.text, args.device, _DTYPES[args.dtype]),
                             pa.table({}))
     else:
         table = read_input(args.input, args.column)
-    sampling = _sampling(args)
+    from nla_lens.verbalizer import ActivationVerbalizer
+
+    av = ActivationVerbalizer.from_pretrained(args.av, device=args.device, dtype=_DTYPES[args.dtype])
     out = av.verbalize(table.vectors, max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
                        top_p=sampling.top_p, seed=sampling.seed, batch_size=sampling.batch_size)
     if args.output:
@@ -151,6 +163,11 @@ def _run_verbalize(args: argparse.Namespace) -> None:
 
 
 def _run_round_trip(args: argparse.Namespace) -> None:
+    _sampling(args)
+    resolve_device(args.device)
+    nla_checkpoint(args.av, "av")
+    nla_checkpoint(args.ar, "ar")
+    check_output_path(args.output, OUTPUT_SUFFIXES, "--output")
     result = sharded.round_trip_file(args.av, args.ar, args.input, args.output, baseline=args.baseline,
                                      reconstruct_batch_size=args.reconstruct_batch_size, **_job_kwargs(args))
     _report(result)
@@ -182,7 +199,8 @@ def add_reconstruct(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--ar", required=True, help="the AR checkpoint folder (or a hub id in the local HF cache)")
     parser.add_argument("explanations", nargs="*", help="explanation strings")
     parser.add_argument("--input", type=Path, help="a text file with one explanation per line")
-    parser.add_argument("--output", type=Path, help="write the vectors here as .safetensors (tensor 'vectors')")
+    parser.add_argument("--output", type=Path,
+                        help="write the vectors here: .safetensors (tensor 'vectors') or .pt (one tensor)")
     parser.add_argument("--batch-size", type=int, default=64, help="explanations per AR batch")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="model dtype")
@@ -192,12 +210,21 @@ def add_reconstruct(subparsers: argparse._SubParsersAction) -> None:
 def _run_reconstruct(args: argparse.Namespace) -> None:
     from nla_lens.reconstructor import ActivationReconstructor
 
+    resolve_device(args.device)
+    check_at_least_one(batch_size=args.batch_size)
+    nla_checkpoint(args.ar, "ar")
+    if args.output:
+        check_output_path(args.output, _VECTOR_SUFFIXES, "--output")
     texts = list(args.explanations)
     if args.input:
+        check_input_file(args.input, "--input")
         texts += [line for line in args.input.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not texts:
+        raise InputError("no explanations: give them as arguments, or --input FILE with one per line")
     ar = ActivationReconstructor.from_pretrained(args.ar, device=args.device, dtype=_DTYPES[args.dtype])
     vectors = ar.reconstruct(texts, batch_size=args.batch_size)
     for i, v in enumerate(vectors):
         print(f"{i}\tnorm {float(v.norm()):.3f}\t{[round(x, 3) for x in v[:4].tolist()]} ...")
     if args.output:
-        save_file({"vectors": vectors.contiguous().cpu()}, args.output)
+        write_vectors(vectors, args.output)
+        print(f"wrote {len(vectors)} vectors to {args.output}")

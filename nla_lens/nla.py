@@ -11,6 +11,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from nla_lens import metrics
+from nla_lens.checks import check_at_least_one
 from nla_lens.errors import InputError, PairMismatchError
 from nla_lens.injection import check_vectors
 from nla_lens.parsing import injection_warning
@@ -81,6 +82,7 @@ class NLA:
         `baseline` defaults to the paper's baseline of these vectors; pass a held-out set's
         baseline when scoring a few vectors (the released Qwen3-8B L24 pair: about 0.56).
         """
+        check_at_least_one(reconstruct_batch_size=reconstruct_batch_size)
         vectors = check_vectors(vectors, self.av.meta.d_model).float()
         baseline, source = fve_baseline(vectors, self.mse_scale, baseline)  # before the expensive part
         with warnings.catch_warnings():
