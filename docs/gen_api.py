@@ -53,7 +53,7 @@ def index_page(modules: list[str]) -> str:
     links = [f"- [`{module}`]({module}.md)" for module in modules]
     return "\n".join([
         "# API reference", "",
-        "::: nla_lens", "    options:", "      members: false", "",
+        "::: nla_lens", "    options:", "      members: false", "      heading_level: 2", "",
         "`import nla_lens as nl` gives these names (`nla_lens.__all__`); each links to its documentation in the "
         "module that defines it.", "",
         "| name | summary |", "|---|---|", *rows, "",
@@ -78,7 +78,7 @@ def main() -> None:
     for module in modules:
         importlib.import_module(module)  # a module that fails to import fails the build, not a page
         with mkdocs_gen_files.open(f"reference/{module}.md", "w") as page:
-            page.write(f"# `{module}`\n\n::: {module}\n")
+            page.write(f"::: {module}\n")  # the module's own heading is the page title
     with mkdocs_gen_files.open("reference/index.md", "w") as page:
         page.write(index_page(modules))
     with mkdocs_gen_files.open("reference/cli.md", "w") as page:

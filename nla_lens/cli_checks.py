@@ -26,10 +26,13 @@ def nla_checkpoint(path_or_id: str | Path, role: Literal["av", "ar"]) -> tuple[P
                            f"model folder?). Pass the {_ROLE_NAMES[role]} folder, with the sidecar released with it")
     meta = load_meta(folder)
     found = loading.checkpoint_role(folder, meta)
-    if found != role:
+    if found is not None and found != role:
         other = "ar" if role == "av" else "av"
         raise InputError(f"{flag} {path_or_id} is an {_ROLE_NAMES[found]} checkpoint: pass it as {_FLAGS[other]}, "
                          f"and give {flag} the {_ROLE_NAMES[role]} trained with it")
+    if role == "ar" and not (folder / loading.VALUE_HEAD_FILE).is_file():
+        raise InputError(f"--ar {path_or_id} has no {loading.VALUE_HEAD_FILE}, the readout every AR checkpoint "
+                         "carries, so it is not an AR (an AV folder?). Give --ar the AR trained with your AV")
     return folder, meta
 
 

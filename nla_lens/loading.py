@@ -60,12 +60,12 @@ def resolve_checkpoint(path_or_id: str | Path) -> Path:
         ) from exc
 
 
-def checkpoint_role(folder: Path, meta: NLAMeta) -> Literal["av", "ar"]:
-    """The sidecar's role, else the layout's: only an AR carries `value_head.safetensors`
-    (nanoNLA's `nla_dataset` sidecars record no role)."""
+def checkpoint_role(folder: Path, meta: NLAMeta) -> Literal["av", "ar"] | None:
+    """The sidecar's role, else "ar" where the folder holds an AR readout (`value_head.safetensors`);
+    None where neither tells (nanoNLA's `nla_dataset` sidecars record no role)."""
     if meta.role is not None:
         return meta.role
-    return "ar" if (folder / VALUE_HEAD_FILE).is_file() else "av"
+    return "ar" if (folder / VALUE_HEAD_FILE).is_file() else None
 
 
 def load_tokenizer(folder: Path, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:

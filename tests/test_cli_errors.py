@@ -148,7 +148,7 @@ def test_checkpoints_given_to_the_wrong_flag(tiny_paths, vector_file, tmp_path, 
     assert "ActivationReconstructor" not in err  # a CLI user is told the flag, not the class
     _fails(["round-trip", "--av", av, "--ar", tiny_paths["av_embedding"], "--input", vector_file, "--output",
             tmp_path / "s.parquet"], capsys, "--ar", "is an AV", "pass it as --av")
-    _fails(["reconstruct", "--ar", av, "a cat"], capsys, "is an AV")
+    _fails(["reconstruct", "--ar", av, "a cat"], capsys, "has no value_head.safetensors", "not an AR")
     _fails(["verbalize", "--av", av, "--base", ar, "--text", "the cat"], capsys, "--base", "is an AR checkpoint")
     _fails(["verbalize", "--av", av, "--base", av, "--text", "the cat", "--layer", "9"], capsys,
            "--layer 9 is outside the base model's 4 blocks")
@@ -211,3 +211,22 @@ def test_round_trip_checks_the_reconstruct_batch_before_verbalizing(av_karvonen,
     monkeypatch.setattr(av_karvonen, "verbalize", lambda *a, **k: pytest.fail("verbalized first"))
     with pytest.raises(nl.InputError, match="reconstruct_batch_size=0"):
         nl.NLA(av_karvonen, ar_nanonla).round_trip(vectors, reconstruct_batch_size=0)
+
+
+@pytest.mark.parametrize("command, config, expected", [
+    ("extract", {"corpus": "no/corpus.jsonl", "out_dir": "acts", "extract": {"layer": 1}}, "corpus no/corpus.jsonl"),
+    ("train-av", {"activations": "no/acts", "explanations": "e.jsonl", "out_dir": "av"}, "nla-lens extract writes"),
+    ("train-ar", {"activations": ".", "explanations": "no/e.jsonl", "out_dir": "ar"}, "explanations no/e.jsonl"),
+    ("train-ar", {"activations": ".", "explanations": ".", "out_dir": "ar", "device": "gpu"}, "NVIDIA GPUs 'cuda'"),
+])
+def test_training_configs_are_checked_before_loading(tmp_path, no_model_loads, monkeypatch, capsys, command,
+                                                     config, expected):
+    import yaml
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({"base_model": "base", **config}), encoding="utf-8")
+    _fails([command, "c.yaml"], capsys, expected)
+
+
+def test_bench_device_is_checked_first(capsys):
+    _fails(["bench", "--device", "gpu"], capsys, "InputError", "NVIDIA GPUs 'cuda'")
