@@ -111,6 +111,11 @@ def run(plan: Plan, *, device: str = "cpu", out: Callable[[str], None] = print) 
         shutil.rmtree(root / "memory")
         speed = write_checkpoints(root / "speed", plan.speed, plan.ar_layer)
         _report_speed(speed, plan, device, out)
+        shutil.rmtree(root / "speed")
+        from nla_lens import bench_gemma
+
+        bench_gemma.run(root / "gemma", bench_gemma.QUICK if plan == QUICK else bench_gemma.FULL, device=device,
+                        out=out)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

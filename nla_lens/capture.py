@@ -15,7 +15,9 @@ Positions (one spec, resolved per row of the batch that runs):
 Which tokens are real comes from ``attention_mask`` if given, else from ``tokens``: runs of pad
 tokens at either end are padding (TransformerLens's ``utils.get_attention_mask`` rule, from both
 sides), else every column is real. Pass the mask when a real token at either end of a row can share
-the pad id (e.g. pad == EOS and a row ends in EOS).
+the pad id (e.g. pad == EOS and a row ends in EOS). When `capture` is given neither, it reads them
+from each model call (the token tensor or strings it runs, its ``attention_mask=``), so
+``with capture(model, K) as cap: model(tokens, attention_mask=mask)`` needs them only once.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 from transformer_lens.utilities import get_attention_mask
 
+from nla_lens import backends
 from nla_lens.errors import InputError
 
 if TYPE_CHECKING:
@@ -156,6 +159,8 @@ class Capture:
         self.n_calls = 0
         self._chunks: list[Tensor] = []
         self._handle: Any = None
+        self._input_handle: Any = None
+        self._seen: tuple[Tensor | None, Tensor | None] = (None, None)  # the last call's tokens and mask
 
     @property
     def hook_name(self) -> str:
@@ -173,13 +178,29 @@ class Capture:
 
     def __enter__(self) -> Capture:
         self.rows, self.n_calls, self._chunks = [], 0, []
+        self._seen = (None, None)
         # The block's output is blocks.{layer}.hook_resid_post after all of its hooks (see above).
         self._handle = self.model.blocks[self.layer].register_forward_hook(self._record)
+        self._input_handle = backends.input_module(self.model).register_forward_pre_hook(self._see_input,
+                                                                                         with_kwargs=True)
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self._handle.remove()
-        self._handle = None
+        self._input_handle.remove()
+        self._handle = self._input_handle = None
+
+    def _see_input(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Keep the tokens and mask of each model call, for when `capture` was not given them."""
+        given = args[0] if args else kwargs.get("input")
+        if isinstance(given, (str, list)) and given and all(isinstance(t, str) for t in
+                                                            ([given] if isinstance(given, str) else given)):
+            # What the model will tokenize; only used if its shape matches the run.
+            given = self.model.to_tokens(given, prepend_bos=kwargs.get("prepend_bos"),
+                                         padding_side=kwargs.get("padding_side"))
+        tokens = given if isinstance(given, Tensor) and given.ndim == 2 and not given.is_floating_point() else None
+        mask = kwargs.get("attention_mask")
+        self._seen = (tokens, mask if isinstance(mask, Tensor) and mask.ndim == 2 else None)
 
     def _record(self, module: nn.Module, args: tuple, output: Tensor | tuple) -> None:
         # A bridge block returns whatever its HF decoder layer returns: a tensor, or a tuple on older HF.
@@ -197,11 +218,17 @@ class Capture:
                     f"model ran [batch, pos] = {[batch, width]}; pass the ones you run"
                 )
             real = None
+        seen_tokens, seen_mask = (t if t is not None and tuple(t.shape) == (batch, width) else None
+                                  for t in self._seen)
+        if real is None and self._real is None and (seen_tokens is not None or seen_mask is not None):
+            real = _real_tokens(self.model, seen_mask, seen_tokens)  # inferred from this call's own input
         if real is None:
             real = torch.ones(batch, width, dtype=torch.bool, device=output.device)
         rows, cols = resolve_positions(self.positions, real.to(output.device))
         self._chunks.append(output[rows, cols].detach().float())
         tokens = self.tokens if self.tokens is not None and tuple(self.tokens.shape) == (batch, width) else None
+        if tokens is None and self.tokens is None:
+            tokens = seen_tokens
         for b, p in zip(rows.tolist(), cols.tolist(), strict=True):
             self.rows.append(CapturedRow(b, p, self._token(tokens, b, p), call))
 

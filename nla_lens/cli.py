@@ -11,6 +11,7 @@ import sys
 import warnings
 from collections.abc import Callable, Sequence
 
+from nla_lens import __version__
 from nla_lens.errors import NLAError
 
 
@@ -40,16 +41,17 @@ def _run_inspect(args: argparse.Namespace) -> None:
 
 def _registrars() -> list[Callable[[argparse._SubParsersAction], None]]:
     from nla_lens import bench
-    from nla_lens.commands import add_reconstruct, add_round_trip, add_verbalize
+    from nla_lens.commands import add_explain, add_reconstruct, add_round_trip, add_verbalize
     from nla_lens.toy.demo import add_parser as add_demo
     from nla_lens.training.cli import add_extract, add_train_ar, add_train_av
 
-    return [add_demo, add_verbalize, add_round_trip, add_reconstruct, _add_inspect, add_extract, add_train_av,
-            add_train_ar, bench.add_parser]
+    return [add_demo, add_explain, add_verbalize, add_round_trip, add_reconstruct, _add_inspect, add_extract,
+            add_train_av, add_train_ar, bench.add_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nla-lens", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True)
     for register in _registrars():
         register(subparsers)

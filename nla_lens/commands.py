@@ -29,16 +29,16 @@ def capture_text(base: str, layer: int, text: str, device: str, dtype: torch.dty
     """`blocks.{layer}.hook_resid_post` of the base model at every position of `text`."""
     from nla_lens import backends, loading
     from nla_lens.capture import resid_post
+    from nla_lens.sidecar import text_ids
 
+    if not text.strip():
+        raise InputError("--text is empty; give the text whose positions to explain")
     folder = loading.resolve_checkpoint(base)
     tokenizer = loading.load_tokenizer(folder)
-    token_ids = tokenizer.encode(text, add_special_tokens=False)
-    if not token_ids:
-        raise InputError(f"--text {text!r} holds no tokens; give the text whose positions to explain")
     model = backends.load_model(folder, tokenizer, dtype=dtype, device=device)
     if not 0 <= layer < model.cfg.n_layers:
         raise InputError(f"--layer {layer} is outside the base model's {model.cfg.n_layers} blocks")
-    ids = torch.tensor([token_ids], device=device)
+    ids = torch.tensor([text_ids(tokenizer, text)], device=device)  # BOS first where the base has one
     if ids.shape[1] > model.cfg.n_ctx:
         raise PromptTooLongError(f"--text is {ids.shape[1]} tokens, over the base model's context of "
                                  f"{model.cfg.n_ctx}; pass a shorter text")
@@ -122,7 +122,7 @@ def _sampling(args: argparse.Namespace) -> Sampling:
 
 def _job_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return {"sampling": _sampling(args), "column": args.column, "shard_size": args.shard_size,
-            "shards": args.shards, "device": args.device, "dtype": _DTYPES[args.dtype]}
+            "shards": args.shards, "device": args.device, "dtype": _DTYPES[args.dtype], "progress": True}
 
 
 def _run_verbalize(args: argparse.Namespace) -> None:
@@ -153,7 +153,7 @@ def _run_verbalize(args: argparse.Namespace) -> None:
 
     av = ActivationVerbalizer.from_pretrained(args.av, device=args.device, dtype=_DTYPES[args.dtype])
     out = av.verbalize(table.vectors, max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
-                       top_p=sampling.top_p, seed=sampling.seed, batch_size=sampling.batch_size)
+                       top_p=sampling.top_p, seed=sampling.seed, batch_size=sampling.batch_size, progress=True)
     if args.output:
         write_table(sharded.output_rows(table, range(len(out)), out), args.output)
         print(f"wrote {len(out)} rows to {args.output}")
@@ -228,3 +228,103 @@ def _run_reconstruct(args: argparse.Namespace) -> None:
     if args.output:
         write_vectors(vectors, args.output)
         print(f"wrote {len(vectors)} vectors to {args.output}")
+
+
+def add_explain(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "explain", help="explain every token of a text with an AV/AR pair (explanation, MSE, FVE per token)",
+        description="Run each text through the base model, capture layer K (the NLA's) at every token (or "
+                    "--positions), explain each vector with the AV, rebuild it from the words with the AR, and "
+                    "print one row per token: position, token, FVE, MSE, explanation. FVE uses --baseline, else "
+                    "the AR sidecar's held-out baseline, else that of the captured vectors when there are >= 32.")
+    parser.add_argument("--av", required=True, help="the AV checkpoint folder (or a hub id in the local HF cache)")
+    parser.add_argument("--ar", required=True, help="the AR trained with this AV")
+    parser.add_argument("--base", help="the base model folder (default: the sidecar's base_model)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--text", action="append", help="a text to explain (repeat for several)")
+    source.add_argument("--file", type=Path, help="a UTF-8 text file: each non-empty line is one text")
+    parser.add_argument("--positions", type=_positions_arg,
+                        help="which tokens: comma-separated positions (negative from the end) such as 3,-1, or a "
+                             "slice such as 8: (default: every token)")
+    parser.add_argument("--baseline", type=float, help="FVE baseline (default: the AR sidecar's held-out one)")
+    parser.add_argument("--output", type=Path, help="also write the rows to .parquet / .jsonl, or the view to .html")
+    parser.add_argument("--max-new-tokens", type=int, default=150, help="longest explanation (default 150)")
+    parser.add_argument("--batch-size", type=int, default=32, help="vectors per AV batch")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
+    parser.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="model dtype")
+    parser.set_defaults(run=_run_explain)
+
+
+def _positions_arg(value: str) -> list[int] | slice:
+    try:
+        if ":" in value:
+            parts = [int(p) if p.strip() else None for p in value.split(":")]
+            if len(parts) > 3:
+                raise ValueError(value)
+            return slice(*parts)
+        return [int(p) for p in value.split(",") if p.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected positions such as 3,5,-1 or a slice such as 8: or 2:10, "
+                                         f"got {value!r}") from exc
+
+
+def _explain_texts(args: argparse.Namespace) -> list[str]:
+    if args.file is None:
+        texts = list(args.text)
+    else:
+        if not args.file.is_file():
+            raise InputError(f"--file {args.file} does not exist (or is not a file); pass a text file, one text a line")
+        try:
+            texts = [line for line in args.file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except UnicodeDecodeError as exc:
+            raise InputError(f"--file {args.file} is not UTF-8 text ({exc}); pass a plain text file") from exc
+    if not texts or not all(t.strip() for t in texts):
+        raise InputError("nothing to explain: give a non-empty --text, or a --file with at least one non-empty line")
+    return texts
+
+
+def _explain_device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise InputError(f"--device {name!r} is not a torch device; use cpu, cuda or cuda:N") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {name}: this torch build sees no CUDA GPU; use --device cpu")
+    return device
+
+
+def _run_explain(args: argparse.Namespace) -> None:
+    from nla_lens.base_model import load_base
+    from nla_lens.display import format_cell
+    from nla_lens.nla import NLA
+    from nla_lens.results import check_save_path
+
+    texts = _explain_texts(args)  # every input checked before any model is loaded
+    device = _explain_device(args.device)
+    _, av_meta = nla_checkpoint(args.av, "av")
+    nla_checkpoint(args.ar, "ar")
+    if args.base is not None:
+        base_for(args.base, av_meta, av_meta.layer)
+    if args.output is not None:
+        check_save_path(args.output)
+    if args.max_new_tokens < 1 or args.batch_size < 1:
+        raise InputError("--max-new-tokens and --batch-size must be at least 1")
+    dtype = _DTYPES[args.dtype]
+    nla = NLA.from_pretrained(args.av, args.ar, device=device, dtype=dtype)
+    base = load_base(nla if args.base is None else args.base, device=device, dtype=dtype)
+    explanation = nla.explain(base, texts, positions=args.positions, baseline=args.baseline,
+                              max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, progress=True)
+    for i, text in enumerate(explanation.texts):
+        print(f"\n[{i}] {text}")
+        print(f"  {'pos':>4}  {'token':<14} {'FVE':>6} {'MSE':>6}  explanation")
+        for row in (r for r in explanation.rows if r.text_index == i):
+            said = row.explanation
+            if said is None:
+                said = "(no <explanation> tags) " + row.verbalization.text
+            print(f"  {row.position:>4}  {format_cell(row.token, 14):<14} {format_cell(row.fve):>6} "
+                  f"{format_cell(row.mse):>6}  {format_cell(said)}")
+    print("\n" + explanation.summary())
+    for warning in explanation.round_trip.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if args.output is not None:
+        print(f"wrote {explanation.save(args.output)}")

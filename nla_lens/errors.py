@@ -55,3 +55,7 @@ class ConfigError(NLAError):
 
 class BackendError(NLAError):
     """The requested TransformerLens backend is unavailable, or misbehaves, with the installed versions."""
+
+
+class SAEMismatchError(NLAError):
+    """An SAE reads another activation than the NLA verbalizes (hook point or width)."""

@@ -4,7 +4,8 @@ Each helper is a few plain TransformerLens runs of the base model (hooks are ord
 `(activation, hook)` functions), a :func:`~nla_lens.capture.capture` at the NLA's layer K, and one
 batched verbalization (with an NLA: one round trip) of everything captured. Base runs stop after
 block K (`stop_at_layer`), since nothing later reaches the captured residual. Results are
-dataclasses; `pandas.DataFrame(map(dataclasses.asdict, result.rows))` makes a table of them.
+dataclasses that print short, show as tables in a notebook, and have `to_pandas()` / `save()`
+(:mod:`nla_lens.results`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from nla_lens import backends
 from nla_lens.capture import Capture, PositionSpec, capture, resolve_positions
 from nla_lens.errors import InputError
 from nla_lens.injection import HookFn, check_vectors
-from nla_lens.nla import NLA, RoundTrip
+from nla_lens.nla import NLA, RoundTrip, baseline_phrase
+from nla_lens.results import TabularResult
 from nla_lens.verbalizer import ActivationVerbalizer, Verbalization
 
 if TYPE_CHECKING:
@@ -46,12 +48,25 @@ class SteeringRow:
     fve_steered: float | None
 
 
-@dataclass(frozen=True)
-class SteeringResult:
+@dataclass(frozen=True, repr=False)
+class SteeringResult(TabularResult):
     rows: list[SteeringRow]
     clean_vectors: Float[Tensor, "n d_model"]
     steered_vectors: Float[Tensor, "n d_model"]
     round_trip: RoundTrip | None  # over clean then steered vectors; None without an AR
+
+    display_columns = ("batch", "position", "token", "clean", "steered", "added", "removed", "cosine",
+                       "fve_clean", "fve_steered")
+
+    def to_records(self) -> list[dict[str, Any]]:
+        return [{"batch": r.batch, "position": r.position, "token": r.token, "clean": _readout(r.clean),
+                 "clean_parsed": r.clean.explanation is not None, "steered": _readout(r.steered),
+                 "steered_parsed": r.steered.explanation is not None, "added": r.added, "removed": r.removed,
+                 "cosine": r.cosine, "fve_clean": r.fve_clean, "fve_steered": r.fve_steered} for r in self.rows]
+
+    def summary(self) -> str:
+        changed = sum(_readout(r.clean) != _readout(r.steered) for r in self.rows)
+        return f"{len(self.rows)} sites, {changed} readouts changed by steering; " + _scores(self.round_trip)
 
 
 @dataclass(frozen=True)
@@ -67,8 +82,8 @@ class PatchingRow:
     cosine_to_clean: float  # captured vector vs the clean run's at the same site
 
 
-@dataclass(frozen=True)
-class PatchingStudy:
+@dataclass(frozen=True, repr=False)
+class PatchingStudy(TabularResult):
     rows: list[PatchingRow]  # clean rows, then corrupted, then patched
     hook_name: str
     clean_vectors: Float[Tensor, "n d_model"]
@@ -76,15 +91,43 @@ class PatchingStudy:
     patched_vectors: Float[Tensor, "n d_model"]
     round_trip: RoundTrip | None  # over clean, corrupted, patched vectors; None without an AR
 
+    display_columns = ("run", "batch", "position", "token", "explanation", "cosine_to_clean", "fve")
 
-@dataclass(frozen=True)
-class DirectionVerbalization:
+    def to_records(self) -> list[dict[str, Any]]:
+        return [{"run": r.run, "batch": r.batch, "position": r.position, "token": r.token,
+                 "explanation": _readout(r.verbalization), "parsed": r.verbalization.explanation is not None,
+                 "cosine_to_clean": r.cosine_to_clean, "fve": r.fve} for r in self.rows]
+
+    def summary(self) -> str:
+        return f"patched {self.hook_name}; {len(self.rows)} rows (clean, corrupted, patched); " + _scores(
+            self.round_trip)
+
+
+@dataclass(frozen=True, repr=False)
+class DirectionVerbalization(TabularResult):
     vectors: Float[Tensor, "n d_model"]  # the directions as verbalized (rescaled if asked)
     verbalizations: list[Verbalization]
+
+    display_columns = ("index", "explanation", "norm")
 
     @property
     def explanations(self) -> list[str | None]:
         return [v.explanation for v in self.verbalizations]
+
+    def to_records(self) -> list[dict[str, Any]]:
+        norms = self.vectors.norm(dim=-1).tolist()
+        return [{"index": i, "explanation": _readout(v), "parsed": v.explanation is not None, "norm": norm}
+                for i, (v, norm) in enumerate(zip(self.verbalizations, norms, strict=True))]
+
+    def summary(self) -> str:
+        failed = sum(v.explanation is None for v in self.verbalizations)
+        return f"{len(self.verbalizations)} directions verbalized, {failed} failed to parse"
+
+
+def _scores(round_trip: RoundTrip | None) -> str:
+    if round_trip is None:
+        return "no round trip (AV only)"
+    return baseline_phrase(round_trip.fve, round_trip.baseline, round_trip.baseline_source, round_trip.baseline_n)
 
 
 def steering_hook(vector: Float[Tensor, " d_model"], scale: float, positions: PositionSpec | None = None,
@@ -277,7 +320,7 @@ def _read(nla_or_av: NLA | ActivationVerbalizer, vectors: Float[Tensor, "n d_mod
     if isinstance(nla_or_av, ActivationVerbalizer):
         return nla_or_av.verbalize(vectors, **verbalize_kwargs), [None] * len(vectors), None
     round_trip = nla_or_av.round_trip(vectors, baseline=baseline, **verbalize_kwargs)
-    fves: list[float | None] = [1.0 - m / round_trip.baseline for m in round_trip.mse.tolist()]
+    fves: list[float | None] = [None] * len(vectors) if round_trip.fves is None else round_trip.fves.tolist()
     return round_trip.verbalizations, fves, round_trip
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import re
 import struct
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
+from nla_lens.backends import gemma3
 from nla_lens.errors import CheckpointError
 from nla_lens.sidecar import NLAMeta
 
@@ -32,7 +34,7 @@ try:
 except ImportError:  # TransformerLens 4.x: the helpers below still serve nla_lens.backends.bridge
     HookedTransformer = HookedTransformerConfig = None
 
-SUPPORTED_ARCHITECTURES = ("Qwen3ForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM")
+SUPPORTED_ARCHITECTURES = ("Qwen3ForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM", *gemma3.ARCHITECTURES)
 VALUE_HEAD_FILE = "value_head.safetensors"
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -82,6 +84,16 @@ def load_hf_config(folder: Path, *, trust_remote_code: bool = False) -> Any:
     return AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
 
 
+def prepends_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether the tokenizer puts a BOS first when it adds its special tokens (Gemma, Llama; not Qwen).
+
+    The training code tokenizes base text and AR prompts that way, so a TL model built here keeps
+    `default_prepend_bos` equal to this: `model.to_tokens(text)` then gives the tokens it trained on.
+    """
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer.encode("a", add_special_tokens=True)[:1] == [bos]
+
+
 def eos_token_ids(folder: Path, tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """EOS ids as HF `generate` uses them: generation_config.json first, then the tokenizer."""
     gen = folder / "generation_config.json"
@@ -93,18 +105,25 @@ def eos_token_ids(folder: Path, tokenizer: PreTrainedTokenizerBase) -> list[int]
 
 def hooked_config(hf_config: Any, *, n_layers: int | None, dtype: torch.dtype,
                   device: str | torch.device) -> HookedTransformerConfig:
-    """TL config for the Qwen3 / Qwen2 / Llama families, n_ctx taken from the HF config."""
+    """TL config for the Qwen3 / Qwen2 / Llama / Gemma-3 families, n_ctx taken from the HF config."""
     arch = (hf_config.architectures or [None])[0]
+    if arch in gemma3.ARCHITECTURES:
+        hf_config = gemma3.text_config(hf_config)
     if arch not in SUPPORTED_ARCHITECTURES:
         raise CheckpointError(
             f"architecture {arch!r} is not supported yet; nla_lens loads {SUPPORTED_ARCHITECTURES}"
         )
     rope = getattr(hf_config, "rope_parameters", None) or {}
     scaling = getattr(hf_config, "rope_scaling", None) or rope
-    if scaling.get("rope_type", "default") != "default":
+    if arch not in gemma3.ARCHITECTURES and scaling.get("rope_type", "default") != "default":
         raise CheckpointError(f"rope scaling {scaling.get('rope_type')!r} is not supported yet")
     d_head = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
     n_kv = hf_config.num_key_value_heads
+    family = gemma3.hooked_config_fields(hf_config) if arch in gemma3.ARCHITECTURES else {
+        "act_fn": hf_config.hidden_act,
+        "rotary_base": float(rope.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))),
+        "use_qk_norm": arch == "Qwen3ForCausalLM",
+    }
     return HookedTransformerConfig(
         model_name=str(getattr(hf_config, "_name_or_path", "") or arch),
         original_architecture=arch,
@@ -117,19 +136,17 @@ def hooked_config(hf_config: Any, *, n_layers: int | None, dtype: torch.dtype,
         n_ctx=hf_config.max_position_embeddings,
         eps=hf_config.rms_norm_eps,
         d_vocab=hf_config.vocab_size,
-        act_fn=hf_config.hidden_act,
         normalization_type="RMS",
         final_rms=True,
         gated_mlp=True,
         positional_embedding_type="rotary",
-        rotary_base=float(rope.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))),
         rotary_dim=d_head,
         rotary_adjacent_pairs=False,
-        use_qk_norm=arch == "Qwen3ForCausalLM",
         default_prepend_bos=False,
         init_weights=False,
         dtype=dtype,
         device=str(device),
+        **family,
     )
 
 
@@ -223,7 +240,7 @@ _SIMPLE_NAMES = {
 
 
 def _tl_name(name: str, cfg: HookedTransformerConfig) -> str | None:
-    """TL parameter name for one HF Qwen/Llama tensor; None for tensors TL has no place for."""
+    """TL parameter name for one HF Qwen/Llama/Gemma-3 tensor; None for tensors TL has no place for."""
     if name == "model.embed_tokens.weight":
         return "embed.W_E"
     if name == "model.norm.weight":
@@ -237,8 +254,9 @@ def _tl_name(name: str, cfg: HookedTransformerConfig) -> str | None:
     if layer >= cfg.n_layers:
         return None
     prefix = f"blocks.{layer}."
-    if rest in _SIMPLE_NAMES:
-        return prefix + _SIMPLE_NAMES[rest]
+    simple_names = gemma3.BLOCK_NAMES if cfg.original_architecture in gemma3.ARCHITECTURES else _SIMPLE_NAMES
+    if rest in simple_names:
+        return prefix + simple_names[rest]
     proj = re.fullmatch(r"self_attn\.([qkv])_proj\.(weight|bias)", rest)
     if proj is None:
         raise CheckpointError(f"unexpected tensor {name!r} in the checkpoint; is it a supported architecture?")
@@ -316,13 +334,19 @@ def _replace_parameter(model: HookedTransformer, tl_name: str, param: nn.Paramet
 
 
 def _stream_weights(folder: Path, targets: dict[str, Tensor], cfg: HookedTransformerConfig, *,
-                    skip: frozenset[str]) -> set[str]:
-    """Read checkpoint tensors straight into their targets; return the TL names written."""
+                    skip: frozenset[str], wrapped: bool = False) -> set[str]:
+    """Read checkpoint tensors straight into their targets; return the TL names written.
+
+    `wrapped`: a multimodal wrapper's folder, whose text tensors are renamed as the text-only
+    model's and whose other tensors (vision tower, projector) are skipped without being read.
+    """
     written: set[str] = set()
     buffer = bytearray(_CAST_CHUNK)
     for file in _weight_files(folder):
         for name, info, f in _safetensors_entries(file):
-            tl_name = None if name in skip else _tl_name(name, cfg)
+            if wrapped:
+                name = gemma3.text_tensor_name(name)
+            tl_name = None if name is None or name in skip else _tl_name(name, cfg)
             if tl_name is None or tl_name not in targets:
                 continue
             target = targets[tl_name]
@@ -366,10 +390,16 @@ def load_hooked_transformer(
     residual stream after its last block, and only the kept blocks' weights are read.
     """
     hf_config = load_hf_config(folder, trust_remote_code=trust_remote_code)
+    wrapped = gemma3.is_wrapper(hf_config)
     cfg = hooked_config(hf_config, n_layers=n_layers, dtype=dtype, device=device)
+    cfg.default_prepend_bos = prepends_bos(tokenizer)
+    hf_config = gemma3.text_config(hf_config)
     if n_layers is not None and n_layers > hf_config.num_hidden_layers:
         raise CheckpointError(f"{folder} has {hf_config.num_hidden_layers} layers, {n_layers} requested")
-    with torch.device(device):
+    with torch.device(device), warnings.catch_warnings():
+        # TL 3.9 urges TransformerBridge + enable_compatibility_mode(), whose weight processing would change
+        # the activations the NLA reads: nla_lens serves both backends unprocessed, so the advice does not apply.
+        warnings.filterwarnings("ignore", message="HookedTransformer is deprecated", category=DeprecationWarning)
         model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False, default_padding_side="left")
     truncated = n_layers is not None
     if truncated:
@@ -380,11 +410,13 @@ def load_hooked_transformer(
         model.setup()
     targets = _hf_layout_targets(model)
     skip = frozenset({"model.norm.weight", "lm_head.weight"}) if truncated else frozenset()
-    written = _stream_weights(folder, targets, cfg, skip=skip)
+    written = _stream_weights(folder, targets, cfg, skip=skip, wrapped=wrapped)
     if not truncated and getattr(hf_config, "tie_word_embeddings", False) and "unembed.W_U" not in written:
         with torch.no_grad():
             targets["unembed.W_U"].copy_(targets["embed.W_E"])
         written.add("unembed.W_U")
+    if cfg.original_architecture in gemma3.ARCHITECTURES:
+        gemma3.finish_hooked(model, cfg.d_model)
     _zero_absent_biases(model, written)
     _check_complete(model, written, folder)
     return model.eval()

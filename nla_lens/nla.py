@@ -2,22 +2,30 @@
 
 from __future__ import annotations
 
+import sys
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from nla_lens import metrics
+from nla_lens import loading, metrics
 from nla_lens.checks import check_at_least_one
 from nla_lens.errors import InputError, PairMismatchError
 from nla_lens.injection import check_vectors
 from nla_lens.parsing import injection_warning
 from nla_lens.reconstructor import ActivationReconstructor
-from nla_lens.sidecar import NLAMeta
+from nla_lens.results import TabularResult
+from nla_lens.sidecar import NLAMeta, load_meta
 from nla_lens.verbalizer import ActivationVerbalizer, Verbalization
+
+if TYPE_CHECKING:
+    from nla_lens.backends import TLModel
+    from nla_lens.explain import ExplainPositions, Explanation
 
 
 def check_pair(av_meta: NLAMeta, ar_meta: NLAMeta) -> None:
@@ -30,37 +38,95 @@ def check_pair(av_meta: NLAMeta, ar_meta: NLAMeta) -> None:
             )
 
 
-def fve_baseline(vectors: Float[Tensor, "n d_model"], mse_scale: float,
-                 baseline: float | None = None) -> tuple[float, str]:
-    """The FVE baseline and where it came from: `baseline` if given, else the paper's of `vectors`."""
-    source = "given"
-    if baseline is None:
-        baseline, source = metrics.paper_baseline(vectors, mse_scale), "paper (these vectors)"
-    if not baseline > 0:
-        raise InputError(
-            f"the FVE baseline is {baseline:g}: with a single vector (or only parallel ones) the paper "
-            "baseline is zero. Pass baseline= computed on a larger held-out set (metrics.paper_baseline)."
-        )
-    return baseline, source
+MIN_BASELINE_VECTORS = 32  # fewer vectors than this give a paper baseline too noisy to divide by
 
 
 @dataclass(frozen=True)
-class RoundTrip:
-    """Scores of one round trip. A failed parse scores as a miss (an orthogonal guess)."""
+class Baseline:
+    """The FVE denominator a round trip used, where it came from, and how many vectors it rests on."""
+
+    value: float | None  # None: no trustworthy baseline, so no FVE
+    source: str  # "given", "sidecar (held-out)", "paper (these vectors)" or "none"
+    n: int | None = None  # vectors behind a sidecar or paper baseline
+    warning: str | None = None
+
+
+def resolve_baseline(vectors: Float[Tensor, "n d_model"], mse_scale: float, given: float | None = None,
+                     recorded: NLAMeta | None = None) -> Baseline:
+    """The caller's baseline, else the one recorded in the sidecar at export, else the paper baseline of
+    `vectors` if there are at least `MIN_BASELINE_VECTORS` of them, else none (FVE None, with a warning)."""
+    if given is not None:
+        if isinstance(given, bool) or not isinstance(given, (int, float)) or not given > 0:
+            raise InputError(f"baseline must be a positive number (a held-out set's paper baseline), got {given!r}")
+        return Baseline(float(given), "given")
+    if recorded is not None and recorded.fve_baseline is not None:
+        return Baseline(recorded.fve_baseline, "sidecar (held-out)", recorded.fve_baseline_n)
+    n = vectors.shape[0]
+    problem = f"{n} vectors are too few for one (need >= {MIN_BASELINE_VECTORS})"
+    if n >= MIN_BASELINE_VECTORS:
+        value = metrics.paper_baseline(vectors, mse_scale)
+        # Rescaled rows have mean square mse_scale^2 / d per dim; a spread far below that is rounding noise.
+        if value > 1e-6 * mse_scale**2 / vectors.shape[1]:
+            return Baseline(value, "paper (these vectors)", n)
+        problem = f"these {n} vectors all point the same way (their paper baseline is {value:.2g})"
+    return Baseline(None, "none", warning=(
+        f"no FVE: the AR's sidecar records no held-out baseline and {problem}. Pass baseline= "
+        "(metrics.paper_baseline of a few hundred held-out layer-K vectors; about 0.56 for the released "
+        "Qwen3-8B L24 pair), or score more vectors at once."))
+
+
+@dataclass(frozen=True, repr=False)
+class RoundTrip(TabularResult):
+    """Scores of one round trip. A failed parse scores as a miss (an orthogonal guess).
+
+    `fve` and `fves` are None when no baseline could be trusted (see `resolve_baseline`); `warnings`
+    then says how to get one.
+    """
 
     verbalizations: list[Verbalization]
     reconstructions: Float[Tensor, "n d_model"]  # NaN rows where the explanation failed to parse
     mse: Float[Tensor, " n"]
     mean_mse: float
-    fve: float
-    baseline: float
-    baseline_source: str  # "paper (these vectors)" or "given"
+    fve: float | None
+    baseline: float | None
+    baseline_source: str  # "given", "sidecar (held-out)", "paper (these vectors)" or "none"
     n_failed_parses: int
     warnings: list[str] = field(default_factory=list)
+    fves: Float[Tensor, " n"] | None = None  # per-item FVE, 1 - mse_i / baseline
+    baseline_n: int | None = None  # vectors behind a sidecar or paper baseline
+
+    display_columns = ("index", "explanation", "mse", "fve")
 
     @property
     def explanations(self) -> list[str | None]:
         return [v.explanation for v in self.verbalizations]
+
+    def to_records(self) -> list[dict[str, Any]]:
+        fves = [None] * len(self.mse) if self.fves is None else self.fves.tolist()
+        return [{"index": i, "explanation": v.explanation, "parsed": v.explanation is not None, "text": v.text,
+                 "mse": mse, "fve": fve}
+                for i, (v, mse, fve) in enumerate(zip(self.verbalizations, self.mse.tolist(), fves, strict=True))]
+
+    def summary(self) -> str:
+        return (f"{len(self.verbalizations)} vectors, mean MSE {self.mean_mse:.3f}, "
+                f"{baseline_phrase(self.fve, self.baseline, self.baseline_source, self.baseline_n)}, "
+                f"{self.n_failed_parses} failed parses")
+
+
+def baseline_phrase(fve: float | None, baseline: float | None, source: str, n: int | None) -> str:
+    """"FVE 0.812 (baseline 0.801, sidecar (held-out), n=1982)", or why there is no FVE."""
+    if fve is None or baseline is None:
+        return "no FVE (no baseline: pass baseline=)"
+    return f"FVE {fve:.3f} (baseline {baseline:.3f}, {source}{'' if n is None else f', n={n}'})"
+
+
+def warn_at_caller(message: str) -> None:
+    """`warnings.warn` pointing at the first frame outside nla_lens: the user's line, however deep the call."""
+    package = str(Path(__file__).parent)
+    frame, level = sys._getframe(1), 2
+    while frame is not None and frame.f_code.co_filename.startswith(package):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, stacklevel=level)
 
 
 class NLA:
@@ -71,29 +137,66 @@ class NLA:
         self.av = av
         self.ar = ar
 
+    @classmethod
+    def from_pretrained(cls, av_path: str | Path, ar_path: str | Path, *, device: str | torch.device = "cpu",
+                        dtype: torch.dtype | str = torch.float32, backend: str | None = None,
+                        **av_kwargs: Any) -> NLA:
+        """Load an AV and its AR (folders or cached hub ids), checking that they pair before reading weights.
+
+        `av_kwargs` (`injection`, `hook_point`, `trust_remote_code`) go to `ActivationVerbalizer.from_pretrained`.
+        """
+        check_pair(load_meta(loading.resolve_checkpoint(av_path)), load_meta(loading.resolve_checkpoint(ar_path)))
+        av = ActivationVerbalizer.from_pretrained(av_path, device=device, dtype=dtype, backend=backend, **av_kwargs)
+        ar = ActivationReconstructor.from_pretrained(
+            ar_path, device=device, dtype=dtype, backend=backend,
+            trust_remote_code=av_kwargs.get("trust_remote_code", False))
+        return cls(av, ar)
+
     @property
     def mse_scale(self) -> float:
         return self.ar.meta.mse_scale
+
+    @property
+    def layer(self) -> int:
+        """Layer K: the NLA reads `blocks.K.hook_resid_post` of the base model."""
+        return self.av.meta.layer
+
+    def explain(self, base: TLModel, text_or_texts: str | Sequence[str], *, positions: ExplainPositions = None,
+                baseline: float | None = None, fwd_hooks: Sequence[tuple[str, Any]] = (),
+                **verbalize_kwargs: Any) -> Explanation:
+        """Explain every token (or `positions`) of one or more texts: one row per token with its explanation,
+        round-trip MSE and FVE. Runs `base` under any hooks you have installed, plus `fwd_hooks`.
+        See :func:`nla_lens.explain.explain`."""
+        from nla_lens.explain import explain
+
+        return explain(self, base, text_or_texts, positions=positions, baseline=baseline, fwd_hooks=fwd_hooks,
+                       **verbalize_kwargs)
 
     def round_trip(self, vectors: Float[Tensor, "n d_model"], *, baseline: float | None = None,
                    reconstruct_batch_size: int = 64, **verbalize_kwargs: Any) -> RoundTrip:
         """Verbalize, reconstruct and score `vectors`.
 
-        `baseline` defaults to the paper's baseline of these vectors; pass a held-out set's
-        baseline when scoring a few vectors (the released Qwen3-8B L24 pair: about 0.56).
+        The FVE baseline is `baseline` if given, else the one the AR's sidecar records (nla_lens's
+        exporter writes the held-out one), else the paper baseline of `vectors` when there are at least
+        32 of them; otherwise `fve` is None and `warnings` says how to get one (the released Qwen3-8B
+        L24 pair: about 0.56).
         """
         check_at_least_one(reconstruct_batch_size=reconstruct_batch_size)
         vectors = check_vectors(vectors, self.av.meta.d_model).float()
-        baseline, source = fve_baseline(vectors, self.mse_scale, baseline)  # before the expensive part
+        resolved = resolve_baseline(vectors, self.mse_scale, baseline, self.ar.meta)  # before the expensive part
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # reported once on the result instead
             verbalizations = self.av.verbalize(vectors, **verbalize_kwargs)
         reconstructions, mse = self.score(vectors, verbalizations, reconstruct_batch_size=reconstruct_batch_size)
-        notes = [w for w in [injection_warning([v.text for v in verbalizations],
-                                               self.av.meta.injection_char)] if w]
+        notes = [w for w in [injection_warning([v.text for v in verbalizations], self.av.meta.injection_char),
+                             resolved.warning] if w]
+        if resolved.warning:
+            warn_at_caller(resolved.warning)
         n_failed = sum(v.explanation is None for v in verbalizations)
+        value = resolved.value
         return RoundTrip(verbalizations, reconstructions, mse, float(mse.mean()),
-                         metrics.fve(mse, baseline), baseline, source, n_failed, notes)
+                         None if value is None else metrics.fve(mse, value), value, resolved.source, n_failed,
+                         notes, None if value is None else 1.0 - mse / value, resolved.n)
 
     def score(self, vectors: Float[Tensor, "n d_model"], verbalizations: list[Verbalization], *,
               reconstruct_batch_size: int = 64) -> tuple[Float[Tensor, "n d_model"], Float[Tensor, " n"]]:

@@ -15,7 +15,7 @@ from nla_lens import backends, loading
 from nla_lens.checks import check_at_least_one, check_explanations, resolve_device, resolve_dtype
 from nla_lens.distributed import inference
 from nla_lens.errors import PromptTooLongError, SidecarError
-from nla_lens.sidecar import NLAMeta, check_tokenizer, load_meta
+from nla_lens.sidecar import NLAMeta, ar_prompt_ids, check_tokenizer, load_meta
 
 if TYPE_CHECKING:
     from nla_lens.backends import TLModel
@@ -74,10 +74,10 @@ class ActivationReconstructor:
         return self.model.W_E.device
 
     def prompt_tokens(self, explanations: list[str]) -> tuple[Int[Tensor, "n pos"], Int[Tensor, "n pos"]]:
-        """Left-padded AR prompts and their attention mask (no special tokens added)."""
+        """Left-padded AR prompts and their attention mask, tokenized as the paper's critic does
+        (with special tokens: BOS first on Gemma / Llama, nothing added on Qwen)."""
         check_explanations(explanations)
-        ids = [self.tokenizer.encode(self.meta.ar_prompt(e), add_special_tokens=False)
-               for e in explanations]
+        ids = [ar_prompt_ids(self.meta, self.tokenizer, e) for e in explanations]
         n_ctx = self.model.cfg.n_ctx
         too_long = [(i, len(row)) for i, row in enumerate(ids) if len(row) > n_ctx]
         if too_long:

@@ -24,7 +24,7 @@ from nla_lens import loading, metrics, shard_store
 from nla_lens.checks import check_at_least_one, check_sampling
 from nla_lens.distributed import World, barrier, device_for, process_group
 from nla_lens.injection import check_vectors
-from nla_lens.nla import NLA, check_pair, fve_baseline
+from nla_lens.nla import NLA, check_pair, resolve_baseline
 from nla_lens.parsing import injection_warning
 from nla_lens.reconstructor import ActivationReconstructor
 from nla_lens.sidecar import NLAMeta, load_meta
@@ -66,9 +66,9 @@ class RoundTripSummary:
 
     n_rows: int
     mean_mse: float
-    fve: float
-    baseline: float
-    baseline_source: str  # "paper (these vectors)": all input vectors; or "given"
+    fve: float | None  # None without a trustworthy baseline (see nla.resolve_baseline)
+    baseline: float | None
+    baseline_source: str  # "given", "sidecar (held-out)", "paper (these vectors)" (all input vectors) or "none"
     n_failed_parses: int
     mse_scale: float
 
@@ -94,7 +94,7 @@ def shard_seed(seed: int, shard: int) -> int:
 def verbalize_file(
     av: str | Path, input_path: str | Path, output: str | Path, *, sampling: Sampling = Sampling(),
     column: str | None = None, shard_size: int = 256, shards: Sequence[int] | None = None, device: str = "cpu",
-    dtype: torch.dtype = torch.float32, progress: bool = True,
+    dtype: torch.dtype = torch.float32, progress: bool = False,
 ) -> JobResult:
     """Explain every vector of `input_path` into `output` (.parquet or .jsonl).
 
@@ -123,12 +123,13 @@ def round_trip_file(
     av: str | Path, ar: str | Path, input_path: str | Path, output: str | Path, *, sampling: Sampling = Sampling(),
     baseline: float | None = None, reconstruct_batch_size: int = 64, column: str | None = None,
     shard_size: int = 256, shards: Sequence[int] | None = None, device: str = "cpu",
-    dtype: torch.dtype = torch.float32, progress: bool = True,
+    dtype: torch.dtype = torch.float32, progress: bool = False,
 ) -> JobResult:
     """Verbalize, reconstruct and score every vector of `input_path`; rows as `verbalize_file` plus `mse`.
 
     Each row is scored by `NLA.score`; the merge adds a `RoundTripSummary` (written next to the
-    output as `<stem>.summary.json`) whose baseline is the paper's over all input vectors unless given.
+    output as `<stem>.summary.json`) whose baseline is the given one, else the AR sidecar's, else the
+    paper's over all input vectors (at least 32 of them), as `NLA.round_trip` picks it.
     """
     input_path, output = Path(input_path), Path(output)
     check_output(output)
@@ -137,9 +138,11 @@ def round_trip_file(
     av_meta, ar_meta = load_meta(av_folder), load_meta(ar_folder)
     check_pair(av_meta, ar_meta)
     table = _read(input_path, column, av_meta)
-    baseline, source = fve_baseline(table.vectors, ar_meta.mse_scale, baseline)  # before any verbalization
+    resolved = resolve_baseline(table.vectors, ar_meta.mse_scale, baseline, ar_meta)  # before any verbalization
+    if resolved.warning:
+        warnings.warn(resolved.warning, stacklevel=2)
     manifest = {"job": "round-trip", **_input_facts(input_path, table), "shard_size": shard_size, "av": str(av_folder),
-                "ar": str(ar_folder), "baseline": baseline if source == "given" else None,
+                "ar": str(ar_folder), "baseline": resolved.value if resolved.source == "given" else None,
                 "dtype": _dtype_name(dtype), **sampling.facts()}
     with process_group(device) as world:
         @cache
@@ -159,11 +162,12 @@ def round_trip_file(
     if result.table is None:
         return result
     mse = torch.tensor(result.table.column("mse").to_numpy())
-    summary = RoundTripSummary(len(mse), float(mse.mean()), metrics.fve(mse, baseline), baseline, source,
+    fve = None if resolved.value is None else metrics.fve(mse, resolved.value)
+    summary = RoundTripSummary(len(mse), float(mse.mean()), fve, resolved.value, resolved.source,
                                result.table.column("explanation").null_count, ar_meta.mse_scale)
     write_atomic(summary_path(output), lambda tmp: tmp.write_text(json.dumps(asdict(summary), indent=2) + "\n",
                                                                   encoding="utf-8"))
-    return replace(result, summary=summary)
+    return replace(result, summary=summary, warnings=result.warnings + [w for w in [resolved.warning] if w])
 
 
 def summary_path(output: Path) -> Path:

@@ -67,6 +67,8 @@ class NLAMeta:
     injection_scale: float | None
     injection: InjectionSpec | None
     base_model: str | None = None
+    fve_baseline: float | None = None  # paper baseline of held-out vectors, as recorded at export
+    fve_baseline_n: int | None = None  # how many vectors it was measured on
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def av_prompt(self) -> str:
@@ -160,6 +162,7 @@ def _build(data: dict[str, Any], source: str, *, role: Literal["av", "ar"] | Non
         raise SidecarError(f"{source}: the AV template has no '{{injection_char}}' placeholder")
     if ar_template is not None and "{explanation}" not in ar_template:
         raise SidecarError(f"{source}: the AR template has no '{{explanation}}' placeholder")
+    fve_baseline, fve_baseline_n = _recorded_baseline(data, source)
     injection_char = tokens.get("injection_char")
     if not isinstance(injection_char, str) or len(injection_char) == 0:
         raise SidecarError(f"{source}: tokens.injection_char must be a non-empty string")
@@ -184,8 +187,24 @@ def _build(data: dict[str, Any], source: str, *, role: Literal["av", "ar"] | Non
         injection_scale=injection_scale,
         injection=injection,
         base_model=extraction.get("base_model", data.get("base_model")),
+        fve_baseline=fve_baseline,
+        fve_baseline_n=fve_baseline_n,
         raw=data,
     )
+
+
+def _recorded_baseline(data: dict[str, Any], source: str) -> tuple[float | None, int | None]:
+    """`fve_baseline: {value, n}`, which sidecars nla_lens exports carry (absent from the released ones)."""
+    block = data.get("fve_baseline")
+    if block is None:
+        return None, None
+    value = block.get("value") if isinstance(block, dict) else None
+    n = block.get("n") if isinstance(block, dict) else None
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0
+            or isinstance(n, bool) or not isinstance(n, int) or n < 2):
+        raise SidecarError(f"{source}: fve_baseline must be a mapping {{value: a positive number, n: an integer "
+                           f">= 2}}, got {block!r}; fix it or delete the block")
+    return float(value), n
 
 
 def _explicit_injection(data: dict[str, Any], source: str) -> InjectionSpec | None:
@@ -248,9 +267,38 @@ def av_prompt_ids(meta: NLAMeta, tokenizer: Any) -> list[int]:
                                               return_dict=False))
 
 
+def text_ids(tokenizer: Any, text: str) -> list[int]:
+    """Base-model text as the training code tokenized it to extract activations (kitft
+    `nla/datagen/extractors.py`): with the tokenizer's special tokens, so BOS first where the
+    tokenizer has one (Gemma, Llama) and nothing added for Qwen."""
+    return list(tokenizer.encode(text, add_special_tokens=True))
+
+
+def ar_prompt_ids(meta: NLAMeta, tokenizer: Any, explanation: str) -> list[int]:
+    """The AR prompt as the paper's critic tokenizes it: with special tokens (BOS first on Gemma /
+    Llama; dropping it costs the Gemma pair FVE 0.77 -> 0.31, kitft `nla_inference.py`)."""
+    return list(tokenizer.encode(meta.ar_prompt(explanation), add_special_tokens=True))
+
+
+def tokenization_record(tokenizer: Any) -> dict[str, Any]:
+    """The `tokenization:` block of sidecars nla_lens writes: how base text and AR prompts were
+    tokenized, and the BOS that put first (null where the tokenizer adds none)."""
+    first = text_ids(tokenizer, "a")[:1]
+    bos = tokenizer.bos_token_id
+    return {"base_text": "add_special_tokens", "ar_prompt": "add_special_tokens",
+            "bos_token_id": bos if bos is not None and first == [bos] else None}
+
+
 def check_tokenizer(meta: NLAMeta, tokenizer: Any) -> None:
     """Check the sidecar's token facts against the live tokenizer; raise on any drift."""
     marker_ids = tokenizer.encode(meta.injection_char, add_special_tokens=False)
+    if len(marker_ids) != 1:
+        raise TokenizerDriftError(
+            f"marker {meta.injection_char!r} is {len(marker_ids)} tokens {marker_ids} in this tokenizer, but "
+            "the injection marker must be exactly one token. The sidecar names a char of another tokenizer: "
+            "load the tokenizer saved with the checkpoint, or (training) pick an injection_char that this "
+            "tokenizer encodes as a single token"
+        )
     if marker_ids != [meta.injection_token_id]:
         raise TokenizerDriftError(
             f"marker {meta.injection_char!r} encodes to {marker_ids}, but the sidecar says "
@@ -269,6 +317,14 @@ def check_tokenizer(meta: NLAMeta, tokenizer: Any) -> None:
                 f"the canonical AV prompt does not hold exactly one neighbour-anchored marker "
                 f"({exc}); the tokenizer or chat template differs from training"
             ) from exc
+    recorded = meta.raw.get("tokenization")
+    if isinstance(recorded, dict) and "bos_token_id" in recorded:
+        live = tokenization_record(tokenizer)["bos_token_id"]
+        if live != recorded["bos_token_id"]:
+            raise TokenizerDriftError(
+                f"the sidecar records BOS {recorded['bos_token_id']} first in base text and AR prompts, this "
+                f"tokenizer puts {live}: it is not the tokenizer the NLA was trained with. Load the checkpoint's"
+            )
     if meta.critic_suffix_ids is not None and meta.ar_template is not None:
         ids = tokenizer.encode(meta.ar_prompt("a"), add_special_tokens=False)
         suffix = list(meta.critic_suffix_ids)

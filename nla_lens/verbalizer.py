@@ -5,7 +5,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Float, Int
@@ -20,6 +20,7 @@ from nla_lens.errors import InjectionError, SidecarError
 from nla_lens.injection import Injection, check_vectors
 from nla_lens.markers import find_marker_sites
 from nla_lens.parsing import injection_warning, parse_explanation
+from nla_lens.results import TabularResult
 from nla_lens.sidecar import InjectionSpec, NLAMeta, av_prompt_ids, check_tokenizer, load_meta
 
 if TYPE_CHECKING:
@@ -38,6 +39,25 @@ class Verbalization:
     text: str
     explanation: str | None
     tokens: list[int]
+
+    def __repr__(self) -> str:
+        said = repr(self.explanation) if self.explanation is not None else f"None, text={self.text!r}"
+        return f"Verbalization({said}, {len(self.tokens)} tokens)"
+
+
+class Verbalizations(TabularResult, list):
+    """What `verbalize` returns: a plain list of `Verbalization`s that also prints short, shows as a
+    table in a notebook, and has `to_pandas()` / `save()` (one row per vector)."""
+
+    def to_records(self) -> list[dict[str, Any]]:
+        return [{"index": i, "explanation": v.explanation, "parsed": v.explanation is not None, "text": v.text,
+                 "n_tokens": len(v.tokens)} for i, v in enumerate(self)]
+
+    def summary(self) -> str:
+        failed = sum(v.explanation is None for v in self)
+        return f"{len(self)} verbalizations, {failed} failed to parse"
+
+    display_columns = ("index", "explanation", "parsed")
 
 
 class ActivationVerbalizer:
@@ -130,15 +150,16 @@ class ActivationVerbalizer:
         top_p: float = 1.0,
         batch_size: int = 32,
         seed: int | None = None,
-        progress: bool = True,
-    ) -> list[Verbalization]:
-        """Explain each vector. Temperature 0 is greedy; a seed makes sampling reproducible."""
+        progress: bool = False,
+    ) -> Verbalizations:
+        """Explain each vector. Temperature 0 is greedy; a seed makes sampling reproducible.
+        `progress` shows a bar over batches (off by default; the CLI turns it on)."""
         check_sampling(temperature, top_p, max_new_tokens, batch_size)
         vectors = check_vectors(vectors, self.meta.d_model)
         generator = None
         if seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(seed)
-        results: list[Verbalization] = []
+        results = Verbalizations()
         starts = range(0, vectors.shape[0], batch_size)
         with inference(self.model):
             for start in tqdm(starts, desc="verbalize", disable=not progress, unit="batch"):

@@ -92,3 +92,12 @@ def label_split():
     from nla_lens.training import split_by_document
 
     return split_by_document(label_determined_vectors(60, d_model=D_MODEL), eval_fraction=0.2, seed=0)
+
+
+# --- the BOS families (issue #13): tiny Gemma-3 AV / AR (text-only and multimodal) and a Llama AR ---
+
+@pytest.fixture(scope="session")
+def bos_paths(tmp_path_factory) -> dict[str, Path]:
+    from nla_lens.testing_families import make_tiny_bos_nlas
+
+    return make_tiny_bos_nlas(tmp_path_factory.mktemp("tiny_bos"), layer=LAYER, d_model=D_MODEL)

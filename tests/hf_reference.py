@@ -108,6 +108,30 @@ def head_ablation_hook(model, layer: int, head: int, head_dim: int):
         handle.remove()
 
 
+def replaced_embeddings(model, ids: torch.Tensor, sites, vectors, injection_scale) -> torch.Tensor:
+    """The paper's recipe (kitft docs/inference.md): embed with the model's own embedding layer (Gemma's
+    includes the sqrt(d) scale), overwrite each marker row with v * injection_scale / ||v||."""
+    embeds = model.get_input_embeddings()(ids).clone()
+    for i, (b, p) in enumerate(sites):
+        v = vectors[i].float()
+        embeds[b, p] = (v * (injection_scale / v.norm())).to(embeds.dtype)
+    return embeds
+
+
+def text_causal_lm(model):
+    """A multimodal wrapper's text side as a causal LM (kitft `resolve_text_model`): the wrapper's
+    own language model and lm_head, so `generate(inputs_embeds=...)` runs the text model alone."""
+    language_model = getattr(model.model, "language_model", None)
+    if language_model is None:
+        return model
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        text = AutoModelForCausalLM.from_config(model.config.text_config)
+    text.model, text.lm_head = language_model, model.lm_head
+    return text.eval()
+
+
 def av_prompt(tokenizer, meta: dict) -> list[int]:
     templates = meta["prompt_templates"]
     template = templates.get("av", templates.get("actor"))
@@ -117,8 +141,9 @@ def av_prompt(tokenizer, meta: dict) -> list[int]:
                                               return_dict=False))
 
 
-def ar_reconstruct(folder: Path, texts: list[str]) -> torch.Tensor:
-    """The paper's NLACritic: truncated backbone, final norm -> Identity, value head at the last token."""
+def ar_reconstruct(folder: Path, texts: list[str], special_tokens: bool = True) -> torch.Tensor:
+    """The paper's NLACritic: truncated backbone, final norm -> Identity, value head at the last token,
+    the prompt tokenized WITH special tokens (BOS first for Gemma / Llama, nothing for Qwen)."""
     from safetensors.torch import load_file
 
     model, tokenizer = load_hf(folder)
@@ -130,7 +155,7 @@ def ar_reconstruct(folder: Path, texts: list[str]) -> torch.Tensor:
     out = []
     with torch.no_grad():
         for text in texts:  # one at a time: no padding in the reference
-            ids = tokenizer.encode(template.replace("{explanation}", text), add_special_tokens=False)
+            ids = tokenizer(template.replace("{explanation}", text), add_special_tokens=special_tokens)["input_ids"]
             hidden = model.model(torch.tensor([ids])).last_hidden_state[0, -1]
             out.append(hidden @ head.T)
     return torch.stack(out)

@@ -31,3 +31,10 @@ def test_quick_bench_prints_every_ratio(capsys):
     assert re.search(rf"AR reconstruct .* -> {ratio}", out), out
     # Same weights, same inputs, greedy: nla_lens and HF emit the same tokens.
     assert re.findall(r"identical tokens: (\d+)/(\d+)", out) == [("1", "1"), ("4", "4")], out
+    # The Gemma-3-shaped section (issue #13): memory of both layouts, verbalize against HF generate.
+    for layout in ("text-only", "multimodal"):
+        for dtype in ("bf16", "fp32"):
+            assert re.search(rf"AV nla_lens, {layout} \(bf16 file -> {dtype} model\)\s+{ratio} loaded, {ratio} text",
+                             out), (layout, dtype, out)
+    assert re.findall(rf"Gemma verbalize, batch .* -> {ratio} \(rows with the same tokens as HF: (\d+)/(\d+)\)",
+                      out) == [("1", "1"), ("4", "4")], out

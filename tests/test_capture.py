@@ -82,6 +82,21 @@ def _positions_cases(mask: torch.Tensor) -> list[tuple[object, list[tuple[int, i
     ]
 
 
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_capture_reads_tokens_and_mask_from_the_run_when_not_given_them(base, side):
+    tokens, mask = padded(base, side)
+    with nl.capture(base, LAYER, positions=-1) as cap:  # nothing passed twice
+        _, cache = base.run_with_cache(tokens, attention_mask=mask, names_filter=NAME)
+    last = [int(row.nonzero().max()) for row in mask]
+    assert [(r.batch, r.position) for r in cap.rows] == list(enumerate(last))
+    assert [r.token for r in cap.rows] == [base.to_single_str_token(int(tokens[b, p])) for b, p in enumerate(last)]
+    assert torch.equal(cap.vectors, cache[NAME][torch.arange(len(last)), torch.tensor(last)])
+    with nl.capture(base, LAYER, positions=-1) as from_strings:  # strings: the tokens the model makes of them
+        base(PROMPTS[0], stop_at_layer=LAYER + 1)
+    assert from_strings.rows[-1].token == base.to_str_tokens(PROMPTS[0])[-1]
+    assert no_hooks_left(base)
+
+
 @pytest.mark.parametrize("case", range(5), ids=["int", "list", "per_row_tensor", "bool_mask", "all_real_tokens"])
 def test_positions_variants_select_the_right_sites(base, case):
     tokens, mask = padded(base, "left")
@@ -91,7 +106,8 @@ def test_positions_variants_select_the_right_sites(base, case):
     assert [(r.batch, r.position) for r in cap.rows] == expected
     rows, cols = map(torch.tensor, zip(*expected, strict=True))
     assert torch.equal(cap.vectors, cache[NAME][rows, cols])
-    assert all(r.token is None for r in cap.rows)  # no tokens given
+    # Not given the tokens, capture read them from the run itself.
+    assert [r.token for r in cap.rows] == [base.to_single_str_token(int(tokens[b, c])) for b, c in expected]
 
 
 def test_capture_outlives_the_users_hook_contexts_and_first_call_is_the_default(base):

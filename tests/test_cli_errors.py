@@ -230,3 +230,9 @@ def test_training_configs_are_checked_before_loading(tmp_path, no_model_loads, m
 
 def test_bench_device_is_checked_first(capsys):
     _fails(["bench", "--device", "gpu"], capsys, "InputError", "NVIDIA GPUs 'cuda'")
+
+
+def test_dtype_names_reach_every_loader(tiny_paths):
+    base = backends.load_model(tiny_paths["av_karvonen"], loading.load_tokenizer(tiny_paths["av_karvonen"]),
+                               dtype="float16", device="cpu")
+    assert base.W_E.dtype == torch.float16

@@ -126,9 +126,9 @@ def test_patching_study_equals_hand_written_tl_patching(base, nla, layer, positi
 def test_patching_study_table_has_a_row_per_run_and_site_with_fve(base, nla):
     clean_tokens, corrupted_tokens = equal_length_pair(base)
     study = nl.patching_study(base, nla, clean_tokens, corrupted_tokens, patch_layer=1, patch_position=1,
-                              capture_position=[-1, 0], **FAST)
+                              capture_position=[-1, 0], baseline=0.8, **FAST)
     rt = study.round_trip
-    assert rt is not None and rt.baseline_source == "paper (these vectors)"
+    assert rt is not None and rt.baseline_source == "given"
     assert [r.run for r in study.rows] == ["clean"] * 4 + ["corrupted"] * 4 + ["patched"] * 4
     width = clean_tokens.shape[1]
     assert [(r.batch, r.position) for r in study.rows[:4]] == [(0, width - 1), (0, 0), (1, width - 1), (1, 0)]
@@ -195,8 +195,10 @@ def test_experiment_arguments_are_checked_with_typed_errors(base, nla, av_karvon
     with pytest.raises(nl.InputError, match="not a hook point"):
         nl.patching_study(base, nla, clean_tokens, corrupted_tokens, patch_layer=0, patch_position=0,
                           activation_name="no_such_activation")
-    with pytest.raises(nl.InputError, match="only parallel ones"):
-        nl.steer_then_verbalize(base, nla, tokens[:1], steering_vector=steer, scale=0.0, steer_layer=0)
+    with pytest.warns(UserWarning, match="no FVE"):  # two vectors: no baseline, so no FVE rather than noise
+        result = nl.steer_then_verbalize(base, nla, tokens[:1], steering_vector=steer, scale=0.0, steer_layer=0,
+                                         **FAST)
+    assert all(r.fve_clean is None and r.fve_steered is None for r in result.rows)
     with pytest.raises(nl.InputError, match="expected an NLA or an ActivationVerbalizer"):
         nl.patching_study(base, base, clean_tokens, corrupted_tokens, patch_layer=0, patch_position=0)
     with pytest.raises(nl.VectorError, match="zero"):

@@ -29,10 +29,53 @@ def test_round_trip_scores_parsed_rows_and_counts_failed_parses(av_karvonen, ar_
     scale = ar_nanonla.meta.mse_scale
     assert torch.allclose(rt.mse[parsed], metrics.mse_per_item(expected, vectors[parsed], scale))
     assert float(rt.mse[1]) == metrics.miss_mse(64, scale) == 2.0
-    assert rt.baseline == pytest.approx(metrics.paper_baseline(vectors, scale))
-    assert rt.baseline_source == "paper (these vectors)"
-    assert rt.fve == pytest.approx(1 - float(rt.mse.mean()) / rt.baseline)
+    # Four vectors are too few for a paper baseline, and the tiny AR's sidecar records none: no FVE.
+    assert rt.baseline is None and rt.fve is None and rt.fves is None and rt.baseline_source == "none"
+    assert len(rt.warnings) == 1 and "pass baseline=" in rt.warnings[0].lower()
+
+
+def _fake_verbalize(av, monkeypatch, text="<explanation>the cat</explanation>"):
+    monkeypatch.setattr(av, "verbalize", lambda v, **kw: [Verbalization(text, nl.verbalizer.parse_explanation(text),
+                                                                        [])] * len(v))
+
+
+def test_enough_vectors_give_the_paper_baseline_and_per_item_fve(av_karvonen, ar_nanonla, monkeypatch):
+    _fake_verbalize(av_karvonen, monkeypatch)
+    many = torch.randn(nl.nla.MIN_BASELINE_VECTORS, 64, generator=torch.Generator().manual_seed(0))
+    rt = nl.NLA(av_karvonen, ar_nanonla).round_trip(many)
+    scale = ar_nanonla.meta.mse_scale
+    assert rt.baseline == pytest.approx(metrics.paper_baseline(many, scale), rel=1e-6)
+    assert rt.baseline_source == "paper (these vectors)" and rt.baseline_n == len(many)
+    assert rt.fve == pytest.approx(1 - float(rt.mse.mean()) / rt.baseline, abs=1e-6)
+    assert torch.allclose(rt.fves, 1 - rt.mse / rt.baseline)
+    assert float(rt.fves.mean()) == pytest.approx(rt.fve, abs=1e-6)
     assert rt.warnings == []
+    assert [r["fve"] for r in rt.to_records()] == pytest.approx(rt.fves.tolist())
+
+
+def test_the_sidecar_baseline_wins_over_the_vectors_and_the_caller_over_both(av_karvonen, tiny_paths, tmp_path,
+                                                                             vectors, monkeypatch):
+    folder = shutil.copytree(tiny_paths["ar_nanonla"], tmp_path / "ar")
+    meta = yaml.safe_load((folder / "nla_meta.yaml").read_text())
+    meta["fve_baseline"] = {"value": 0.7, "n": 500}
+    (folder / "nla_meta.yaml").write_text(yaml.safe_dump(meta, allow_unicode=True))
+    nla = nl.NLA(av_karvonen, nl.ActivationReconstructor.from_pretrained(folder))
+    _fake_verbalize(av_karvonen, monkeypatch)
+    rt = nla.round_trip(vectors)
+    assert (rt.baseline, rt.baseline_source, rt.baseline_n) == (0.7, "sidecar (held-out)", 500)
+    assert rt.fve == pytest.approx(1 - float(rt.mse.mean()) / 0.7) and rt.warnings == []
+    assert "baseline 0.700, sidecar (held-out), n=500" in repr(rt)
+    given = nla.round_trip(vectors, baseline=0.5)
+    assert (given.baseline, given.baseline_source) == (0.5, "given")
+
+
+def test_a_malformed_sidecar_baseline_is_refused(tiny_paths, tmp_path):
+    folder = shutil.copytree(tiny_paths["ar_nanonla"], tmp_path / "ar")
+    meta = yaml.safe_load((folder / "nla_meta.yaml").read_text())
+    meta["fve_baseline"] = {"value": -1, "n": 500}
+    (folder / "nla_meta.yaml").write_text(yaml.safe_dump(meta, allow_unicode=True))
+    with pytest.raises(nl.SidecarError, match="fve_baseline"):
+        nl.ActivationReconstructor.from_pretrained(folder)
 
 
 def test_round_trip_with_a_given_baseline_and_a_failed_injection_warning(av_karvonen, ar_nanonla, vectors,
@@ -61,10 +104,15 @@ def test_pair_mismatch_is_refused(av_karvonen, tiny_paths, tmp_path):
         nl.NLA(av_karvonen, other)
 
 
-def test_a_zero_baseline_asks_for_a_held_out_one(av_karvonen, ar_nanonla, vectors, monkeypatch):
-    fake = [Verbalization("<explanation>a</explanation>", "a", [])]
-    monkeypatch.setattr(av_karvonen, "verbalize", lambda v, **kw: fake)
+def test_too_few_or_parallel_vectors_give_no_fve_and_a_warning(av_karvonen, ar_nanonla, vectors, monkeypatch):
+    _fake_verbalize(av_karvonen, monkeypatch)
     nla = nl.NLA(av_karvonen, ar_nanonla)
-    with pytest.raises(nl.InputError, match="baseline= computed on a larger held-out set"):
-        nla.round_trip(vectors[:1])
+    with pytest.warns(UserWarning, match="need >= 32"):
+        one = nla.round_trip(vectors[:1])
+    assert one.fve is None and one.baseline is None and "no FVE" in repr(one)
+    parallel = vectors[:1].expand(40, -1) * torch.arange(1, 41)[:, None]  # paper baseline 0
+    with pytest.warns(UserWarning, match="no FVE"):
+        assert nla.round_trip(parallel).fve is None
     assert nla.round_trip(vectors[:1], baseline=0.56).baseline == 0.56
+    with pytest.raises(nl.InputError, match="positive"):
+        nla.round_trip(vectors[:1], baseline=0.0)

@@ -180,11 +180,14 @@ def test_bad_vectors_are_refused_before_any_work(tiny_paths, tmp_path, vectors, 
     assert not shard_store.shard_folder(tmp_path / "o.parquet").exists()
 
 
-def test_round_trip_refuses_a_zero_baseline_and_a_bad_output(tiny_paths, rows, tmp_path):
+def test_round_trip_of_too_few_vectors_has_no_fve_and_refuses_a_bad_output(tiny_paths, rows, tmp_path):
     av, ar = tiny_paths["av_karvonen"], tiny_paths["ar_nanonla"]
     one = tmp_path / "one.safetensors"
     save_file({"vectors": rows[:1]}, one)
-    with pytest.raises(nl.InputError, match="held-out"):
-        sharded.round_trip_file(av, ar, one, tmp_path / "o.parquet", progress=False)
+    with pytest.warns(UserWarning, match="no FVE"):  # said before the job starts, and again in its result
+        result = sharded.round_trip_file(av, ar, one, tmp_path / "o.parquet", sampling=Sampling(max_new_tokens=4),
+                                         progress=False)
+    assert result.summary.fve is None and result.summary.baseline_source == "none"
+    assert any("pass baseline=" in w.lower() for w in result.warnings)
     with pytest.raises(nl.InputError, match=r"\.parquet or \.jsonl"):
         sharded.round_trip_file(av, ar, one, tmp_path / "o.csv", baseline=0.5, progress=False)

@@ -57,9 +57,12 @@ def test_training_loss_is_the_served_reconstruction_error(trained, label_split):
 
 
 def test_exported_ar_reloads_with_no_flags_and_identical_vectors(trained, base_folder, label_split, tmp_path):
-    ar, _, _ = trained
-    folder = export_ar(ar, tmp_path / "ar", base_folder)
+    ar, result, _ = trained
+    folder = export_ar(ar, tmp_path / "ar", base_folder, heldout=label_split[1].vectors)
     reloaded = nl.ActivationReconstructor.from_pretrained(folder)
+    # The sidecar records the held-out split's paper baseline, the one AR training reported FVE against.
+    assert reloaded.meta.fve_baseline == pytest.approx(result.evals[-1]["baseline"], rel=1e-6)
+    assert reloaded.meta.fve_baseline_n == len(label_split[1])
     texts = label_split[1].explanations[:6]
     before, after = ar.reconstruct(texts), reloaded.reconstruct(texts)
     assert (before - after).abs().max() <= 1e-6

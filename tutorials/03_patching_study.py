@@ -14,51 +14,37 @@
 # read the residual at the NLA's layer K out: `nl.patching_study` captures layer K in the clean,
 # corrupted and patched runs, verbalizes all three and scores each with the round trip's FVE.
 #
-# This runs on a tiny random NLA built on the fly, so its "explanations" are noise; the real
-# Qwen3-8B cell below is skipped unless `NLA_REAL_CHECKPOINTS=1`.
+# The question here: which block's output carries the identity of a token to layer K? On the toy
+# NLA bundled with nla_lens (a small Shakespeare LM read at layer 3, whose AV names the token it
+# sees), patch one component at the token that differs and ask the AV which token it now reads.
+# The real Qwen3-8B cell is skipped unless `NLA_REAL_CHECKPOINTS=1`.
 
 # %%
 import os
-import tempfile
 
 import torch
 
 import nla_lens as nl
-from nla_lens import backends, loading
-from nla_lens.testing import make_tiny_nla
 
 # %% [markdown]
-# ## Tiny checkpoints
-# The tiny AV is a full copy of the tiny base model, so its folder doubles as the base model.
+# ## The bundled toy NLA
 
 # %%
-workdir = tempfile.TemporaryDirectory(prefix="nla_lens_tutorial_")
-paths = make_tiny_nla(workdir.name)
-av = nl.ActivationVerbalizer.from_pretrained(paths["av_karvonen"])
-ar = nl.ActivationReconstructor.from_pretrained(paths["ar_nanonla"])
-nla = nl.NLA(av, ar)
-base = backends.load_model(paths["av_karvonen"], loading.load_tokenizer(paths["av_karvonen"]),
-                           dtype=torch.float32, device="cpu")
-MAX_NEW_TOKENS = 12
-BASELINE = None  # the paper baseline of the vectors scored; fine for a demo
-CLEAN, CORRUPTED = "The cat sat on the mat.", "The dog sat on the mat."
+toy = nl.toy.load()
+base, nla = toy.base, toy.nla
+MAX_NEW_TOKENS = 48
+CLEAN, CORRUPTED = "Macbeth: My lord, the king is dead, and I", "Macbeth: My lord, the queen is dead, and I"
 
 # %% [markdown]
 # ## Real checkpoints: the released Qwen3-8B NLA (layer 24)
-# Needs a GPU, `Qwen/Qwen3-8B` in the local HF cache and the AV and AR checkpoint folders:
-# `NLA_REAL_CHECKPOINTS=1 NLA_AV=/path/to/av NLA_AR=/path/to/ar`. Use a base model without weight
-# processing (`backends.load_model`, TL 3.x's `from_pretrained_no_processing`, or a 4.x
-# `TransformerBridge` without `enable_compatibility_mode()`).
+# Needs a GPU, `Qwen/Qwen3-8B` in the local HF cache and the AV and AR folders:
+# `NLA_REAL_CHECKPOINTS=1 NLA_AV=/path/to/av NLA_AR=/path/to/ar`.
 
 # %%
 if os.environ.get("NLA_REAL_CHECKPOINTS"):
-    av = nl.ActivationVerbalizer.from_pretrained(os.environ["NLA_AV"], device="cuda", dtype=torch.bfloat16)
-    ar = nl.ActivationReconstructor.from_pretrained(os.environ["NLA_AR"], device="cuda", dtype=torch.bfloat16)
-    nla = nl.NLA(av, ar)
-    base_folder = loading.resolve_checkpoint("Qwen/Qwen3-8B")
-    base = backends.load_model(base_folder, loading.load_tokenizer(base_folder), dtype=torch.bfloat16, device="cuda")
+    nla = nl.NLA.from_pretrained(os.environ["NLA_AV"], os.environ["NLA_AR"], device="cuda", dtype=torch.bfloat16)
+    base = nl.load_base(nla, device="cuda", dtype=torch.bfloat16)
     MAX_NEW_TOKENS = 150
-    BASELINE = 0.56  # held-out paper baseline of the released L24 pair
     CLEAN = "When Mary and John went to the store, John gave a drink to"
     CORRUPTED = "When Mary and John went to the store, Mary gave a drink to"
 
@@ -68,7 +54,7 @@ if os.environ.get("NLA_REAL_CHECKPOINTS"):
 # must tokenize to the same length.
 
 # %%
-K = nla.av.meta.layer
+K = nla.layer
 clean_tokens, corrupted_tokens = base.to_tokens(CLEAN), base.to_tokens(CORRUPTED)
 assert clean_tokens.shape == corrupted_tokens.shape, "pick prompts of equal token length"
 (differ,) = (clean_tokens[0] != corrupted_tokens[0]).nonzero().flatten().tolist()
@@ -77,27 +63,33 @@ print(f"the prompts differ at column {differ}: "
       f"{base.to_single_str_token(int(corrupted_tokens[0, differ]))!r}")
 
 # %% [markdown]
-# ## Sweep the patch over layers 0..K at the differing token, read out the last token at layer K
-# `resid_pre` of layer L is the residual entering block L (TL's `get_act_patch_resid_pre`).
+# ## Patch each block's attention and MLP output at the differing token, read it out at layer K
+# `attn_out` / `mlp_out` of layer L is what block L writes into the residual stream
+# (`get_act_name`). The captured site is the differing token itself; `cosine_to_clean` says how far
+# the patched residual moved towards the clean one, and the explanation says which token the AV reads.
 
 # %%
 studies = {}
-for layer in range(K + 1):
-    studies[layer] = nl.patching_study(base, nla, clean_tokens, corrupted_tokens, patch_layer=layer,
-                                       patch_position=differ, baseline=BASELINE,
-                                       max_new_tokens=MAX_NEW_TOKENS, progress=False)
-print("layer  run        cos(., clean)   FVE   readout")
-for layer, study in studies.items():
-    for row in study.rows:
-        text = row.verbalization.explanation or f"(unparsed) {row.verbalization.text!r}"
-        print(f"{layer:5d}  {row.run:9s}  {row.cosine_to_clean:13.3f}  {row.fve:5.2f}  {text[:60]}")
+for name in ("attn_out", "mlp_out"):
+    for layer in range(K + 1):
+        studies[name, layer] = nl.patching_study(base, nla, clean_tokens, corrupted_tokens, patch_layer=layer,
+                                                 patch_position=differ, activation_name=name,
+                                                 capture_position=[differ], max_new_tokens=MAX_NEW_TOKENS)
+first = studies["attn_out", 0]
+print(f"clean:     {first.rows[0].verbalization.explanation}")
+print(f"corrupted: {first.rows[1].verbalization.explanation}")
+print(f"{'patched':9s} {'layer':>5s}  cos(., clean)  FVE    readout")
+for (name, layer), study in studies.items():
+    row = study.rows[2]
+    fve = "" if row.fve is None else f"{row.fve:.2f}"
+    print(f"{name:9s} {layer:5d}  {row.cosine_to_clean:13.3f}  {fve:5s}  {row.verbalization.explanation}")
 
 # %% [markdown]
-# ## The rows are plain dataclasses
-# `pandas.DataFrame(map(dataclasses.asdict, study.rows))` makes a table of them.
+# ## Every study is a table
+# In a notebook a study shows as a table; `to_pandas()` and `save()` give its rows.
 
 # %%
-print(studies[0].rows[-1])
+first  # noqa: B018 - the notebook shows it as a table
 
 # %% [markdown]
 # ## Check: two patches whose outcome is known exactly
@@ -106,10 +98,13 @@ print(studies[0].rows[-1])
 # * Patching `resid_post` of layer K at the captured position copies the captured vector itself.
 
 # %%
-assert torch.equal(studies[0].patched_vectors, studies[0].clean_vectors)
+embedding = nl.patching_study(base, nla, clean_tokens, corrupted_tokens, patch_layer=0, patch_position=differ,
+                              max_new_tokens=MAX_NEW_TOKENS)
+assert torch.equal(embedding.patched_vectors, embedding.clean_vectors)
 at_capture = nl.patching_study(base, nla.av, clean_tokens, corrupted_tokens, patch_layer=K, patch_position=-1,
-                               activation_name="resid_post", max_new_tokens=MAX_NEW_TOKENS, progress=False)
+                               activation_name="resid_post", max_new_tokens=MAX_NEW_TOKENS)
 assert at_capture.hook_name == f"blocks.{K}.hook_resid_post"
 assert torch.equal(at_capture.patched_vectors, at_capture.clean_vectors)
 assert not torch.equal(at_capture.corrupted_vectors, at_capture.clean_vectors)
+assert [r.run for r in first.rows] == ["clean", "corrupted", "patched"]
 print("ok")

@@ -18,6 +18,8 @@ attention mask HookedTransformer derives for a padded token tensor and the bridg
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib import import_module, metadata
 from pathlib import Path
 from types import ModuleType
@@ -28,6 +30,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
+from nla_lens.checks import resolve_device, resolve_dtype
 from nla_lens.errors import BackendError
 
 if TYPE_CHECKING:
@@ -74,12 +77,29 @@ def resolve(backend: str | None = None) -> ModuleType:
 
 
 def load_model(folder: Path, tokenizer: PreTrainedTokenizerBase, *, backend: str | None = None,
-               dtype: torch.dtype, device: str | torch.device, n_layers: int | None = None,
+               dtype: torch.dtype | str, device: str | torch.device, n_layers: int | None = None,
                trust_remote_code: bool = False) -> TLModel:
     """A TL model of the HF folder, unprocessed; with `n_layers`, only the first blocks and
-    neither final norm nor unembed, so `model(tokens)` returns the residual after the last block."""
-    return resolve(backend).load_model(folder, tokenizer, dtype=dtype, device=device, n_layers=n_layers,
-                                       trust_remote_code=trust_remote_code)
+    neither final norm nor unembed, so `model(tokens)` returns the residual after the last block.
+    `dtype` may be a name ("bfloat16")."""
+    dtype, device = resolve_dtype(dtype), resolve_device(device)
+    module = resolve(backend)
+    with _no_hf_progress_bars():  # library calls stay quiet; transformers shows one bar per from_pretrained
+        return module.load_model(folder, tokenizer, dtype=dtype, device=device, n_layers=n_layers,
+                                 trust_remote_code=trust_remote_code)
+
+
+@contextmanager
+def _no_hf_progress_bars() -> Iterator[None]:
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def backend_of(model: TLModel) -> str:
@@ -93,6 +113,13 @@ def backend_of(model: TLModel) -> str:
         f"{type(model).__name__} is neither a HookedTransformer nor a TransformerBridge; "
         "nla_lens drives one of those two"
     )
+
+
+def input_module(model: TLModel) -> torch.nn.Module:
+    """The module whose call receives a run's input (first argument) and its `attention_mask=`: the
+    HookedTransformer itself, or the HF model a bridge wraps (the bridge calls its own `forward`
+    directly from `run_with_hooks` / `run_with_cache`, so hooks on its `__call__` would miss those)."""
+    return model.original_model if backend_of(model) == "bridge" else model
 
 
 def decoder(model: TLModel, batch_size: int, max_len: int, fwd_hooks: list) -> Decoder:

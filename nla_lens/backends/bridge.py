@@ -29,6 +29,7 @@ from transformer_lens.model_bridge import TransformerBridge
 from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedTokenizerBase
 
 from nla_lens import loading
+from nla_lens.backends import gemma3
 from nla_lens.errors import BackendError, CheckpointError
 
 # An AR folder may lack these or hold placeholders for them; the AR drops both modules anyway.
@@ -47,9 +48,31 @@ def load_model(folder: Path, tokenizer: PreTrainedTokenizerBase, *, dtype: torch
         )
     loading._weight_files(folder)  # refuses pickle-only folders before HF would fall back to them
     truncated = n_layers is not None
+    n_blocks = gemma3.text_config(hf_config).num_hidden_layers
+    if truncated and n_layers > n_blocks:
+        raise CheckpointError(f"{folder} has {n_blocks} layers, {n_layers} requested")
+    if gemma3.is_wrapper(hf_config):
+        # The text model alone, streamed from the wrapper's folder: the vision tower is never read.
+        hf_model = gemma3.load_text_model(folder, hf_config, dtype=dtype, device=device, n_layers=n_layers)
+    else:
+        hf_model = _load_hf_model(folder, hf_config, dtype=dtype, device=device, n_layers=n_layers,
+                                  trust_remote_code=trust_remote_code)
+    bridge = TransformerBridge.boot_transformers(str(folder), hf_model=hf_model.eval(),
+                                                 tokenizer=tokenizer, dtype=dtype, device=device,
+                                                 trust_remote_code=trust_remote_code)
+    # As on the hooked backend: `to_tokens` adds a BOS exactly where the training code did (Gemma,
+    # Llama); nla_lens builds its AV / AR prompts itself.
+    bridge.cfg.default_prepend_bos = loading.prepends_bos(tokenizer)
     if truncated:
-        if n_layers > hf_config.num_hidden_layers:
-            raise CheckpointError(f"{folder} has {hf_config.num_hidden_layers} layers, {n_layers} requested")
+        bridge.ln_final.set_original_component(nn.Identity())
+        bridge.unembed.set_original_component(nn.Identity())
+    return bridge.eval()
+
+
+def _load_hf_model(folder: Path, hf_config, *, dtype: torch.dtype, device: str | torch.device,
+                   n_layers: int | None, trust_remote_code: bool) -> nn.Module:
+    """HF's own loader, with the config cut to `n_layers` blocks for an AR; missing weights refused."""
+    if n_layers is not None:
         hf_config.num_hidden_layers = n_layers
         if getattr(hf_config, "layer_types", None) is not None:
             hf_config.layer_types = hf_config.layer_types[:n_layers]
@@ -58,16 +81,8 @@ def load_model(folder: Path, tokenizer: PreTrainedTokenizerBase, *, dtype: torch
         use_safetensors=True, ignore_mismatched_sizes=True, output_loading_info=True,
         trust_remote_code=trust_remote_code,
     )
-    _check_report(report, folder, ignored=_AR_IGNORED if truncated else frozenset())
-    bridge = TransformerBridge.boot_transformers(str(folder), hf_model=hf_model.eval(),
-                                                 tokenizer=tokenizer, dtype=dtype, device=device,
-                                                 trust_remote_code=trust_remote_code)
-    # As on the hooked backend: nla_lens builds its prompts itself and never wants a BOS added.
-    bridge.cfg.default_prepend_bos = False
-    if truncated:
-        bridge.ln_final.set_original_component(nn.Identity())
-        bridge.unembed.set_original_component(nn.Identity())
-    return bridge.eval()
+    _check_report(report, folder, ignored=_AR_IGNORED if n_layers is not None else frozenset())
+    return hf_model
 
 
 def _check_report(report: dict, folder: Path, *, ignored: frozenset[str]) -> None:

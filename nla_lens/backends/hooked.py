@@ -8,7 +8,7 @@ import torch
 from transformer_lens import HookedTransformer
 from transformers import PreTrainedTokenizerBase
 
-from nla_lens import decoding, loading
+from nla_lens import backends, decoding, decoding_gemma, loading
 
 
 def load_model(folder: Path, tokenizer: PreTrainedTokenizerBase, *, dtype: torch.dtype,
@@ -18,6 +18,11 @@ def load_model(folder: Path, tokenizer: PreTrainedTokenizerBase, *, dtype: torch
                                            trust_remote_code=trust_remote_code)
 
 
-# The fast paths (decoding.py) fall back to TL's own forward whenever a hook could observe it.
-decoder = decoding.decoder_for
+def decoder(model: HookedTransformer, batch: int, max_len: int, fwd_hooks: list) -> backends.Decoder:
+    """The fast decoders (decoding.py; decoding_gemma.py for Gemma-3) fall back to TL's own forward
+    whenever a hook could observe it."""
+    gemma = decoding_gemma.GemmaDecoder.build(model, batch, max_len, fwd_hooks)
+    return gemma if gemma is not None else decoding.decoder_for(model, batch, max_len, fwd_hooks)
+
+
 last_residual = decoding.last_residual

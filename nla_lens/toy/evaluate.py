@@ -36,7 +36,8 @@ class ToyScores:
 
 @dataclass(frozen=True)
 class ToyNLA:
-    """The bundled checkpoints, loaded: the base LM (a TL model of the default backend), the AV and the AR."""
+    """The bundled checkpoints, loaded: the base LM (a TL model of the default backend), the AV and the AR
+    (`.nla` pairs them)."""
 
     base: object
     av: ActivationVerbalizer
@@ -53,6 +54,10 @@ class ToyNLA:
         base = backends.load_model(folder / "base", tokenizer, dtype=torch.float32, device=device)
         return cls(base, ActivationVerbalizer.from_pretrained(folder / "av", device=device),
                    ActivationReconstructor.from_pretrained(folder / "ar", device=device))
+
+    @property
+    def nla(self) -> NLA:
+        return NLA(self.av, self.ar)
 
     @torch.inference_mode()
     def activations(self, ids: list[int]) -> Float[Tensor, "pos d_model"]:
@@ -89,7 +94,9 @@ def heldout_positions(toy: ToyNLA, folder: Path, per_doc: int = 2,
 def evaluate_toy(folder: Path, limit: int = 256) -> ToyScores:
     toy = ToyNLA.load(folder)
     vectors, tokens = heldout_positions(toy, folder, limit=limit)
-    round_trip = NLA(toy.av, toy.ar).round_trip(vectors, max_new_tokens=48, batch_size=64, progress=False)
+    # The paper baseline of these held-out vectors, not the sidecar's (of the training run's eval split).
+    baseline = metrics.paper_baseline(vectors, toy.ar.meta.mse_scale)
+    round_trip = toy.nla.round_trip(vectors, baseline=baseline, max_new_tokens=48, batch_size=64)
     named = [names_token(v.explanation, toy.av.tokenizer, int(t))
              for v, t in zip(round_trip.verbalizations, tokens, strict=True)]
     return ToyScores(

@@ -103,7 +103,7 @@ def train_toy(out: Path, cfg: ToyConfig, work: Path) -> dict:
         shutil.rmtree(out / name, ignore_errors=True)
     _export_base(base_dir, out / "base")
     export_av(av, out / "av", base_dir, dtype=torch.bfloat16)
-    export_ar(ar, out / "ar", base_dir, dtype=torch.bfloat16)
+    export_ar(ar, out / "ar", base_dir, dtype=torch.bfloat16, heldout=evaluation.vectors)
     heldout_documents([p for p in plays if p.title in HELDOUT_PLAYS], out / HELDOUT_FILE)
     scores = evaluate_toy(out)
     summary = {

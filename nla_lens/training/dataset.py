@@ -19,7 +19,7 @@ from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
 from nla_lens.errors import InputError, PromptTooLongError, SplitLeakError
-from nla_lens.sidecar import NLAMeta, av_prompt_ids
+from nla_lens.sidecar import NLAMeta, ar_prompt_ids, av_prompt_ids
 from nla_lens.training.extraction import ActivationDataset, ActivationRecord
 
 logger = logging.getLogger(__name__)
@@ -182,7 +182,7 @@ class ARRows:
 
 
 def ar_rows(data: LabelledActivations, meta: NLAMeta, tokenizer: PreTrainedTokenizerBase) -> ARRows:
-    prompts = tokenizer([meta.ar_prompt(e) for e in data.explanations], add_special_tokens=False)["input_ids"]
+    prompts = [ar_prompt_ids(meta, tokenizer, e) for e in data.explanations]  # as the AR reads them
     return ARRows(prompts, data.vectors.float(), data.explanations, data.doc_ids)
 
 

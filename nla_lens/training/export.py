@@ -18,7 +18,8 @@ from safetensors.torch import save_file
 from torch import Tensor
 from transformers import GenerationConfig
 
-from nla_lens import backends, loading
+from nla_lens import backends, loading, metrics
+from nla_lens.backends import gemma3
 from nla_lens.errors import CheckpointError
 from nla_lens.reconstructor import ActivationReconstructor
 from nla_lens.sidecar import InjectionSpec, NLAMeta, dump_meta
@@ -81,6 +82,10 @@ def hf_state_dict(model: HookedTransformer, *, qkv_bias: bool,
     rank 0 keeps them (the dict is empty on the others).
     """
     backends.require_hooked("export", model)
+    if model.cfg.original_architecture in gemma3.ARCHITECTURES:
+        # TL stores Gemma's norms as 1 + w and W_E pre-scaled by sqrt(d); no inverse is written yet.
+        raise CheckpointError("exporting a Gemma-3 NLA is not supported yet: nla_lens serves Gemma-3 "
+                              "checkpoints and extracts Gemma-3 activations, but trains Qwen / Llama bases only")
     keep = current_world().is_main
     out = {}
     for name, param in model.named_parameters():
@@ -130,6 +135,8 @@ def model_sidecar(dataset: NLAMeta, role: str, *, injection: InjectionSpec | Non
         "tokens": tokens,
         "prompt_templates": {"av": dataset.av_template, "ar": dataset.ar_template},
     }
+    if "tokenization" in dataset.raw:  # the BOS rule base text and AR prompts were tokenized with
+        sidecar["tokenization"] = dataset.raw["tokenization"]
     if role == "av":
         if injection is None:
             raise CheckpointError("an AV sidecar needs its injection (method and hook point)")
@@ -187,9 +194,11 @@ def export_av(av: ActivationVerbalizer, folder: str | Path, base_model: str | Pa
 
 
 def export_ar(ar: ActivationReconstructor, folder: str | Path, base_model: str | Path, *,
-              dtype: torch.dtype = torch.float32) -> Path:
+              dtype: torch.dtype = torch.float32, heldout: Tensor | None = None) -> Path:
     """Write the AR as a truncated HF folder (K+1 layers, no norm / lm_head) + `value_head.safetensors`.
 
+    `heldout` (the held-out layer-K vectors, e.g. the eval split) puts their paper baseline and count
+    in the sidecar (`fve_baseline: {value, n}`), the baseline `NLA.round_trip` then uses by default.
     Under `torchrun` every rank calls this (to gather FSDP shards) and rank 0 writes.
     """
     folder = Path(folder)
@@ -198,5 +207,11 @@ def export_ar(ar: ActivationReconstructor, folder: str | Path, base_model: str |
         return folder
     save_file({name: weight.to(dtype) for name, weight in readout.items()}, folder / loading.VALUE_HEAD_FILE)
     ar.tokenizer.save_pretrained(folder)
-    dump_meta(ar.meta.raw, folder)
+    dump_meta({**ar.meta.raw, **_baseline_block(heldout, ar.meta.mse_scale)}, folder)
     return folder
+
+
+def _baseline_block(heldout: Tensor | None, mse_scale: float) -> dict[str, Any]:
+    if heldout is None or heldout.shape[0] < 2:
+        return {}
+    return {"fve_baseline": {"value": metrics.paper_baseline(heldout.float(), mse_scale), "n": int(heldout.shape[0])}}

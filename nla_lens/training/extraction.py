@@ -27,7 +27,16 @@ from transformers import PreTrainedTokenizerBase
 
 from nla_lens import backends
 from nla_lens.errors import ConfigError, InputError, SidecarError, TokenizerDriftError
-from nla_lens.sidecar import SIDECAR_NAME, NLAMeta, av_prompt_ids, check_tokenizer, load_meta, parse_meta
+from nla_lens.sidecar import (
+    SIDECAR_NAME,
+    NLAMeta,
+    av_prompt_ids,
+    check_tokenizer,
+    load_meta,
+    parse_meta,
+    text_ids,
+    tokenization_record,
+)
 from nla_lens.training.config import ExtractConfig
 from nla_lens.training.padding import pad
 from nla_lens.vector_files import write_atomic
@@ -114,6 +123,7 @@ def dataset_sidecar(tokenizer: PreTrainedTokenizerBase, config: ExtractConfig, *
                        "hook_point": f"blocks.{config.layer}.hook_resid_post", "norm": "none", **settings},
         "tokens": token_facts(tokenizer, config.injection_char, config.av_template, config.ar_template),
         "prompt_templates": {"actor": config.av_template, "critic": config.ar_template},
+        "tokenization": tokenization_record(tokenizer),
     }
 
 
@@ -202,8 +212,7 @@ def shard_path(out: Path, index: int) -> Path:
 def _write_shard(model: HookedTransformer, tokenizer: PreTrainedTokenizerBase, docs: list[Document],
                  path: Path, config: ExtractConfig) -> None:
     """Run the chunk's documents in length-sorted batches and save one shard atomically."""
-    ids = [row[:config.max_tokens] for row in tokenizer(
-        [d.text for d in docs], add_special_tokens=True)["input_ids"]]
+    ids = [text_ids(tokenizer, d.text)[:config.max_tokens] for d in docs]  # BOS first where the tokenizer has one
     picks = [sample_positions(len(row), doc.id, config) for row, doc in zip(ids, docs, strict=True)]
     vectors: list[Tensor | None] = [None] * len(docs)
     order = sorted((i for i in range(len(docs)) if picks[i]), key=lambda i: len(ids[i]))

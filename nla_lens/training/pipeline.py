@@ -124,4 +124,5 @@ def _train_and_export_ar(config: ARRunConfig, meta: NLAMeta, train: LabelledActi
     ar = init_ar(config.base_model, meta, device=device, dtype=_dtype(config.dtype))
     result = train_ar(ar, train, evaluation, config.train, out_dir=config.out_dir, resume=config.resume,
                       progress=progress)
-    return result, export_ar(ar, Path(config.out_dir) / MODEL_DIR, config.base_model, dtype=_dtype(config.export_dtype))
+    return result, export_ar(ar, Path(config.out_dir) / MODEL_DIR, config.base_model, dtype=_dtype(config.export_dtype),
+                             heldout=evaluation.vectors)

@@ -1,0 +1,84 @@
+"""The base model an NLA reads, loaded as TransformerLens sees it with no weight processing.
+
+`load_base` takes the folder from the caller or from the sidecar's `base_model` (a local folder or a
+hub id in the local HF cache; the bundled toy's name resolves to the bundled base). It goes through
+`nla_lens.backends`, so activations equal HF's: TL's default processing (centering, folded norms)
+would change the residual stream the NLA was trained on.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from nla_lens import backends, loading, toy
+from nla_lens.errors import CheckpointError, InputError
+from nla_lens.nla import NLA
+from nla_lens.reconstructor import ActivationReconstructor
+from nla_lens.sidecar import SIDECAR_NAME, NLAMeta, load_meta
+from nla_lens.verbalizer import ActivationVerbalizer
+
+if TYPE_CHECKING:
+    from nla_lens.backends import TLModel
+
+
+def load_base(source: NLA | ActivationVerbalizer | ActivationReconstructor | NLAMeta | str | Path, *,
+              device: str | torch.device = "cpu", dtype: torch.dtype | str = torch.float32,
+              backend: str | None = None) -> TLModel:
+    """Load the base model: `source` is a folder (or cached hub id), or an NLA / AV / AR / NLAMeta whose
+    sidecar names it (`base_model`). Checks d_model and depth against the NLA before reading weights."""
+    meta = _meta_of(source)
+    folder = _base_folder(source, meta)
+    _warn_if_nla_checkpoint(folder)
+    config = loading.load_hf_config(folder)
+    if meta is not None:
+        d_model, n_layers = getattr(config, "hidden_size", None), getattr(config, "num_hidden_layers", None)
+        if d_model is not None and d_model != meta.d_model:
+            raise InputError(f"{folder} has d_model={d_model} but the NLA reads {meta.d_model}-d vectors: "
+                             "it is not the base model this NLA was trained on")
+        if n_layers is not None and n_layers <= meta.layer:
+            raise InputError(f"{folder} has {n_layers} layers but the NLA reads layer {meta.layer}: it is not "
+                             "the base model this NLA was trained on")
+    return backends.load_model(folder, loading.load_tokenizer(folder), backend=backend, dtype=dtype, device=device)
+
+
+def _meta_of(source: object) -> NLAMeta | None:
+    if isinstance(source, NLA):
+        return source.av.meta
+    if isinstance(source, (ActivationVerbalizer, ActivationReconstructor)):
+        return source.meta
+    if isinstance(source, NLAMeta):
+        return source
+    if isinstance(source, (str, Path)):
+        return None
+    raise InputError(f"load_base takes a folder, a hub id, or an NLA / AV / AR; got {type(source).__name__}")
+
+
+def _base_folder(source: object, meta: NLAMeta | None) -> Path:
+    if meta is None:
+        return loading.resolve_checkpoint(source)  # type: ignore[arg-type]
+    name = meta.base_model
+    if name is None:
+        raise CheckpointError("the sidecar does not name its base model (no base_model entry); pass the base "
+                              "model's folder: nl.load_base('path/to/base')")
+    if name == toy.BASE_MODEL:
+        return toy.TOY_DIR / "base"
+    try:
+        return loading.resolve_checkpoint(name)
+    except CheckpointError as exc:
+        raise CheckpointError(f"the sidecar names base model {name!r}, which is neither a local folder nor in "
+                              f"the local HF cache. Download it (hf download {name}) or pass its folder: "
+                              "nl.load_base('path/to/base')") from exc
+
+
+def _warn_if_nla_checkpoint(folder: Path) -> None:
+    """An AV folder loads as a language model too, but its fine-tuned weights are not the base's."""
+    if not (folder / SIDECAR_NAME).is_file():
+        return
+    role = load_meta(folder).role
+    warnings.warn(f"{folder} is an NLA {'' if role is None else role.upper() + ' '}checkpoint (it has "
+                  f"{SIDECAR_NAME}), not the base model: its activations are not the ones the NLA was trained "
+                  "to read. Pass the base model's folder.", stacklevel=3)

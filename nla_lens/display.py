@@ -1,0 +1,243 @@
+"""HTML views of results: one explained-text view for any model, and a plain table for the rest.
+
+Everything here returns self-contained HTML: inline CSS scoped under ``.nla-view``, no scripts, no
+external resources, so a page works offline and a notebook cell does not restyle the notebook.
+
+The explained-text view (:func:`explained_text_html`) shows each text as a line of tokens coloured by
+round-trip FVE, with every explained token's explanation in rows under the text (readable without
+hovering; hovering a token shows it too). The colour scale spreads the observed range: non-negative
+FVE runs by rank from pale yellow (the lowest seen) to blue (the highest seen), with the observed
+quantiles on the legend; negative FVE (worse than predicting the mean vector) is red, darker the more
+negative, so it never passes for a low positive score. Without a baseline the tokens are coloured by
+MSE instead (lower is better), and the legend says so.
+"""
+
+from __future__ import annotations
+
+import bisect
+import html
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+_SEQUENTIAL = ((255, 255, 204), (161, 218, 180), (65, 182, 196), (44, 127, 184), (34, 84, 160))  # YlGnBu
+_NEGATIVE = ((254, 224, 210), (222, 45, 38))  # light to dark red
+_CONTEXT = "#e8e8e8"
+_MAX_TABLE_ROWS = 200
+
+_STYLE = """
+.nla-view { font: 14px/1.45 system-ui, sans-serif; color: #222; max-width: 72em; }
+.nla-view .nla-head { margin: 0.3em 0; } .nla-view .nla-head b { font-size: 1.1em; }
+.nla-view .nla-meta { color: #555; font-size: 0.9em; margin: 0.2em 0 0.6em; }
+.nla-view .nla-legend { display: flex; flex-wrap: wrap; gap: 0.4em 1.4em; align-items: center; font-size: 0.85em;
+  margin: 0.4em 0 0.8em; }
+.nla-view .nla-scale { display: inline-flex; flex-direction: column; vertical-align: middle; width: 16em; }
+.nla-view .nla-bar { display: block; height: 1em; border: 1px solid #999; }
+.nla-view .nla-ticks { display: flex; justify-content: space-between; font-size: 0.85em; }
+.nla-view .nla-note { color: #666; }
+.nla-view .nla-swatch { display: inline-block; width: 1.4em; height: 1em; vertical-align: middle;
+  border: 1px solid #999; margin-right: 0.3em; }
+.nla-view .nla-text { margin: 0 0 1.4em; border-top: 1px solid #ddd; padding-top: 0.5em; }
+.nla-view .nla-tokens { font: 16px/2.2 Georgia, serif; margin: 0.2em 0 0.5em; }
+.nla-view .nla-tok { white-space: pre-wrap; padding: 0.12em 0.05em; border-radius: 2px;
+  box-shadow: inset -1px 0 rgba(255,255,255,0.9); }
+.nla-view .nla-tok sub { font: 9px sans-serif; color: inherit; opacity: 0.7; }
+.nla-view .nla-failed { outline: 2px dashed #b00; outline-offset: -2px; }
+.nla-view table { border-collapse: collapse; font-size: 0.9em; }
+.nla-view th, .nla-view td { text-align: left; padding: 0.15em 0.6em; border-bottom: 1px solid #eee;
+  vertical-align: top; }
+.nla-view td.num { text-align: right; font-variant-numeric: tabular-nums; }
+.nla-view td.nla-unparsed { color: #a00; font-style: italic; }
+"""
+
+
+@dataclass(frozen=True)
+class TokenCell:
+    """One token of an explained text, as the view draws it."""
+
+    token: str
+    position: int
+    explained: bool = False  # False: a context token, drawn grey with no row
+    explanation: str | None = None  # None when explained: the AV output failed to parse
+    raw_text: str | None = None  # the AV's raw completion, shown when the parse failed
+    fve: float | None = None
+    mse: float | None = None
+
+
+@dataclass(frozen=True)
+class ColourScale:
+    """Maps a token's score to a background colour by its rank among the scores seen.
+
+    Ranks spread the colours evenly over whatever range was observed (a text whose FVEs all lie in
+    0.85-0.99 still shows which tokens are worst); the legend labels the gradient with the observed
+    quantiles, so the colours stay readable as numbers.
+    """
+
+    metric: Literal["FVE", "MSE"]
+    observed: tuple[float, ...]  # sorted; FVE: the non-negative values, MSE: all values
+    most_negative: float | None  # FVE only: the lowest negative value seen, None if there is none
+
+    @classmethod
+    def from_cells(cls, cells: Sequence[TokenCell]) -> ColourScale:
+        """FVE when every explained token has one, else MSE."""
+        explained = [c for c in cells if c.explained]
+        fves = [c.fve for c in explained]
+        if explained and all(f is not None and math.isfinite(f) for f in fves):
+            negative = [f for f in fves if f < 0]
+            return cls("FVE", tuple(sorted(f for f in fves if f >= 0)), min(negative) if negative else None)
+        mses = [c.mse for c in explained if c.mse is not None and math.isfinite(c.mse)]
+        return cls("MSE", tuple(sorted(mses)), None)
+
+    def value(self, cell: TokenCell) -> float | None:
+        return cell.fve if self.metric == "FVE" else cell.mse
+
+    def colour(self, value: float | None) -> str:
+        if value is None or not math.isfinite(value):
+            return _CONTEXT
+        if self.metric == "FVE" and value < 0:
+            return _rgb(_ramp(_NEGATIVE, value / self.most_negative if self.most_negative else 1.0))
+        t = self._rank(value)
+        return _rgb(_ramp(_SEQUENTIAL, 1.0 - t if self.metric == "MSE" else t))
+
+    def _rank(self, value: float) -> float:
+        """Where `value` falls among the observed values, 0 (lowest) to 1 (highest)."""
+        n = len(self.observed)
+        if n < 2 or self.observed[0] == self.observed[-1]:
+            return 1.0
+        below = bisect.bisect_left(self.observed, value)
+        same = bisect.bisect_right(self.observed, value) - below
+        return min(max((below + (same - 1) / 2) / (n - 1), 0.0), 1.0)
+
+    def quantiles(self, k: int = 5) -> list[float]:
+        """`k` observed values from the lowest to the highest, evenly spaced in rank (the legend's labels)."""
+        n = len(self.observed)
+        return [self.observed[round(i * (n - 1) / (k - 1))] for i in range(k)] if n else []
+
+    def legend_html(self) -> str:
+        labels = self.quantiles()
+        if self.metric == "MSE":
+            labels = labels[::-1]
+        stops = ", ".join(_rgb(_ramp(_SEQUENTIAL, i / 8)) for i in range(9))
+        ticks = "".join(f"<span>{v:.2f}</span>" for v in labels)
+        note = ("lower MSE is better; no FVE without a baseline" if self.metric == "MSE" else
+                "colours spread by rank over the observed values")
+        parts = [f"<span><b>{self.metric}</b> <span class='nla-scale'><span class='nla-bar' style='background: "
+                 f"linear-gradient(to right, {stops})'></span><span class='nla-ticks'>{ticks}</span></span> "
+                 f"<span class='nla-note'>({note})</span></span>"]
+        if self.most_negative is not None:
+            light, dark = _rgb(_NEGATIVE[0]), _rgb(_NEGATIVE[1])
+            parts.append(f"<span><span class='nla-swatch' style='background: linear-gradient(to right, {light}, "
+                         f"{dark})'></span>FVE below 0, down to {self.most_negative:.2f}: worse than the mean "
+                         "vector</span>")
+        parts.append(f"<span><span class='nla-swatch' style='background:{_CONTEXT}'></span>not explained</span>")
+        parts.append("<span><span class='nla-swatch nla-failed'></span>explanation failed to parse</span>")
+        return "<div class='nla-legend'>" + "".join(parts) + "</div>"
+
+
+def explained_text_html(texts: Sequence[Sequence[TokenCell]], *, title: str, layer: int | None,
+                        summary: str = "", hook_name: str | None = None) -> str:
+    """The view of one or more explained texts: coloured tokens, then one row per explained token."""
+    scale = ColourScale.from_cells([c for cells in texts for c in cells])
+    where = ""
+    if layer is not None:
+        where = f" · layer {layer} (<code>{html.escape(hook_name or f'blocks.{layer}.hook_resid_post')}</code>)"
+    blocks = [_text_block(cells, scale) for cells in texts]
+    return (f"<div class='nla-view'><style>{_STYLE}</style>"
+            f"<div class='nla-head'><b>{html.escape(title)}</b>{where}</div>"
+            + (f"<div class='nla-meta'>{html.escape(summary)}</div>" if summary else "")
+            + scale.legend_html() + "".join(blocks) + "</div>")
+
+
+def _text_block(cells: Sequence[TokenCell], scale: ColourScale) -> str:
+    spans, rows = [], []
+    for cell in cells:
+        value = scale.value(cell) if cell.explained else None
+        background = scale.colour(value) if cell.explained else _CONTEXT
+        said = _said(cell)
+        tip = f"{scale.metric} {_num(value)}: {said}" if cell.explained else "context token (not explained)"
+        failed = " nla-failed" if cell.explained and cell.explanation is None else ""
+        spans.append(f"<span class='nla-tok{failed}' style='background:{background};color:{_ink(background)}' "
+                     f"title='{html.escape(tip, quote=True)}'>{html.escape(cell.token)}"
+                     f"<sub>{cell.position}</sub></span>")
+        if cell.explained:
+            chip = (f"<span class='nla-tok{failed}' style='background:{background};color:{_ink(background)}'>"
+                    f"{html.escape(cell.token)}</span>")
+            explanation = (f"<td>{html.escape(cell.explanation)}</td>" if cell.explanation is not None else
+                           f"<td class='nla-unparsed'>{html.escape(said)}</td>")
+            rows.append(f"<tr><td class='num'>{cell.position}</td><td>{chip}</td><td class='num'>{_num(cell.fve)}"
+                        f"</td><td class='num'>{_num(cell.mse)}</td>{explanation}</tr>")
+    table = ("<table><tr><th>pos</th><th>token</th><th>FVE</th><th>MSE</th><th>explanation</th></tr>"
+             + "".join(rows) + "</table>") if rows else ""
+    return f"<div class='nla-text'><div class='nla-tokens'>{'<wbr>'.join(spans)}</div>{table}</div>"
+
+
+def _said(cell: TokenCell) -> str:
+    if cell.explanation is not None:
+        return cell.explanation
+    return "(no <explanation> tags) " + (cell.raw_text or "")
+
+
+def result_html(name: str, summary: str, records: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    """A result as its summary line and an HTML table of `columns` (the first rows of a long result)."""
+    shown = records[:_MAX_TABLE_ROWS]
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    body = []
+    for record in shown:
+        cells = []
+        for column in columns:
+            value = record.get(column)
+            numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+            cells.append(f"<td{' class=num' if numeric else ''}>{html.escape(format_cell(value, 300))}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    more = (f"<div class='nla-meta'>first {len(shown)} of {len(records)} rows; .to_pandas() has them all</div>"
+            if len(records) > len(shown) else "")
+    return (f"<div class='nla-view'><style>{_STYLE}</style><div class='nla-head'><b>{html.escape(name)}</b></div>"
+            f"<div class='nla-meta'>{html.escape(summary)}</div>"
+            f"<table><tr>{head}</tr>{''.join(body)}</table>{more}</div>")
+
+
+def format_cell(value: Any, width: int | None = None) -> str:
+    """A cell as text: floats to 3 decimals, lists joined, long strings cut to `width`."""
+    if value is None:
+        text = ""
+    elif isinstance(value, float):
+        text = "nan" if math.isnan(value) else f"{value:.3f}"
+    elif isinstance(value, (list, tuple)):
+        text = " ".join(map(str, value))
+    elif isinstance(value, str):
+        text = value.replace("\n", "\\n")
+    else:
+        text = str(value)
+    if width is not None and len(text) > width:
+        text = text[:width - 1] + "…"
+    return text
+
+
+def page(title: str, body: str) -> str:
+    """A fragment from this module as one standalone HTML page (no scripts, no external resources)."""
+    return (f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{html.escape(title)}</title></head>"
+            f"<body style='margin: 1.5em'>{body}</body></html>\n")
+
+
+def _ramp(stops: Sequence[tuple[int, int, int]], t: float) -> tuple[int, int, int]:
+    """Linear interpolation through colour stops, t in [0, 1] (clamped)."""
+    t = min(max(t, 0.0), 1.0) * (len(stops) - 1)
+    i = min(int(t), len(stops) - 2)
+    f = t - i
+    a, b = stops[i], stops[i + 1]
+    return tuple(round(a[k] + (b[k] - a[k]) * f) for k in range(3))  # type: ignore[return-value]
+
+
+def _rgb(colour: tuple[int, int, int]) -> str:
+    return "#{:02x}{:02x}{:02x}".format(*colour)
+
+
+def _ink(background: str) -> str:
+    """Black or white text, whichever reads better on `background` (relative luminance)."""
+    r, g, b = (int(background[i:i + 2], 16) / 255 for i in (1, 3, 5))
+    return "#111" if 0.2126 * r + 0.7152 * g + 0.0722 * b > 0.45 else "#fff"
+
+
+def _num(value: float | None) -> str:
+    return "" if value is None else f"{value:.2f}"

@@ -1,0 +1,196 @@
+"""Explain a text token by token in one call: capture layer K, verbalize, reconstruct, score.
+
+`explain` tokenizes each text as the NLA's training data was (with special tokens: BOS first where the
+tokenizer has one), runs the base model once per text (no padding, so no mask to get wrong) under the
+hooks the caller has installed plus `fwd_hooks`, captures `blocks.K.hook_resid_post` at the chosen
+positions, and round-trips every captured vector in one batch. The result is an :class:`Explanation`:
+one row per explained token, a notebook view with the tokens coloured by FVE, `to_pandas()` and `save()`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from nla_lens import display
+from nla_lens.capture import capture
+from nla_lens.errors import InputError, PromptTooLongError
+from nla_lens.nla import RoundTrip, baseline_phrase
+from nla_lens.results import TabularResult
+from nla_lens.verbalizer import Verbalization
+
+if TYPE_CHECKING:
+    from nla_lens.backends import TLModel
+    from nla_lens.nla import NLA
+
+ExplainPositions = int | Sequence[int] | slice | None
+
+
+@dataclass(frozen=True)
+class ExplainedToken:
+    """One explained token: where it is, what the AV said, and how well the AR rebuilt its vector."""
+
+    text_index: int
+    position: int
+    token: str
+    verbalization: Verbalization
+    mse: float
+    fve: float | None  # None when there is no trustworthy baseline
+
+    @property
+    def explanation(self) -> str | None:
+        return self.verbalization.explanation
+
+
+@dataclass(frozen=True, repr=False)
+class Explanation(TabularResult):
+    """What `NLA.explain` returns: one row per explained token of one or more texts."""
+
+    rows: list[ExplainedToken]
+    texts: list[str]
+    tokens: list[list[str]]  # every token of each text, explained or not (what the view draws)
+    layer: int
+    vectors: Float[Tensor, "n d_model"]  # the captured residuals, one per row
+    round_trip: RoundTrip
+    model_name: str | None = None
+
+    display_columns = ("text_index", "position", "token", "explanation", "fve", "mse")
+
+    @property
+    def hook_name(self) -> str:
+        return f"blocks.{self.layer}.hook_resid_post"
+
+    @property
+    def explanations(self) -> list[str | None]:
+        return [row.explanation for row in self.rows]
+
+    def to_records(self) -> list[dict[str, Any]]:
+        rt = self.round_trip
+        return [{"text_index": r.text_index, "position": r.position, "token": r.token, "explanation": r.explanation,
+                 "parsed": r.explanation is not None, "text": r.verbalization.text, "mse": r.mse, "fve": r.fve,
+                 "baseline": rt.baseline, "baseline_source": rt.baseline_source, "layer": self.layer}
+                for r in self.rows]
+
+    def summary(self) -> str:
+        rt = self.round_trip
+        texts = f"{len(self.texts)} text{'s' if len(self.texts) != 1 else ''}"
+        return (f"{len(self.rows)} tokens of {texts} at layer {self.layer}, mean MSE {rt.mean_mse:.3f}, "
+                f"{baseline_phrase(rt.fve, rt.baseline, rt.baseline_source, rt.baseline_n)}, "
+                f"{rt.n_failed_parses} failed parses")
+
+    def cells(self) -> list[list[display.TokenCell]]:
+        """Every token of every text as the view draws it (context tokens unexplained)."""
+        by_site = {(r.text_index, r.position): r for r in self.rows}
+        out = []
+        for t, tokens in enumerate(self.tokens):
+            cells = []
+            for p, token in enumerate(tokens):
+                row = by_site.get((t, p))
+                cells.append(display.TokenCell(token, p) if row is None else display.TokenCell(
+                    token, p, True, row.explanation, row.verbalization.text, row.fve, row.mse))
+            out.append(cells)
+        return out
+
+    def _repr_html_(self) -> str:
+        title = "Explained text" + (f" · {self.model_name}" if self.model_name else "")
+        return display.explained_text_html(self.cells(), title=title, layer=self.layer, summary=self.summary(),
+                                           hook_name=self.hook_name)
+
+
+def explain(nla: NLA, base: TLModel, text_or_texts: str | Sequence[str], *, positions: ExplainPositions = None,
+            baseline: float | None = None, fwd_hooks: Sequence[tuple[str, Any]] = (),
+            **verbalize_kwargs: Any) -> Explanation:
+    """Explain `positions` (default: every token but a tokenizer-added BOS) of each text with `nla`.
+
+    `positions` is an int, a list of ints (negative counts from the end) or a slice, applied to every
+    text. `baseline` is the FVE baseline (default: the AR sidecar's, see `NLA.round_trip`);
+    `verbalize_kwargs` go to `verbalize` (e.g. `max_new_tokens`, `batch_size`).
+    """
+    texts = [text_or_texts] if isinstance(text_or_texts, str) else list(text_or_texts)
+    if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
+        raise InputError("pass a non-empty text, or a non-empty list of non-empty texts, to explain")
+    tokenizer = base.tokenizer
+    if tokenizer is None:
+        raise InputError("the base model has no tokenizer; load it with nl.load_base(...) or pass tokenizer=")
+    rows, skip = [], []
+    for text in texts:
+        ids = tokenizer.encode(text, add_special_tokens=True)  # BOS first where the tokenizer has one
+        plain = tokenizer.encode(text, add_special_tokens=False)
+        rows.append(ids)
+        skip.append(len(ids) - len(plain) if ids[len(ids) - len(plain):] == plain else 0)
+    return explain_tokens(nla, base, rows, positions=positions, skip=skip, texts=texts, baseline=baseline,
+                          fwd_hooks=fwd_hooks, **verbalize_kwargs)
+
+
+def explain_tokens(nla: NLA, base: TLModel, token_rows: Sequence[Sequence[int]], *,
+                   positions: ExplainPositions = None, skip: Sequence[int] | None = None,
+                   texts: Sequence[str] | None = None, baseline: float | None = None,
+                   fwd_hooks: Sequence[tuple[str, Any]] = (), **verbalize_kwargs: Any) -> Explanation:
+    """`explain` for texts already tokenized (`token_rows`); `skip[i]` leading tokens of row i are left
+    out when `positions` is None (a BOS the tokenizer added)."""
+    layer = nla.layer
+    _check_base(base, nla, layer)
+    if not token_rows or not all(len(row) for row in token_rows):
+        raise InputError("every text to explain needs at least one token")
+    too_long = [len(row) for row in token_rows if len(row) > base.cfg.n_ctx]
+    if too_long:
+        raise PromptTooLongError(f"a text is {too_long[0]} tokens, over the base model's context of "
+                                 f"{base.cfg.n_ctx}; split it into shorter texts")
+    skip = [0] * len(token_rows) if skip is None else list(skip)
+    columns = [select_positions(positions, len(row), s) for row, s in zip(token_rows, skip, strict=True)]
+    device = base.W_E.device
+    vectors, sites = [], []
+    with torch.no_grad():
+        for t, (row, cols) in enumerate(zip(token_rows, columns, strict=True)):
+            tokens = torch.tensor([list(row)], device=device)
+            with capture(base, layer, positions=cols) as cap:
+                base.run_with_hooks(tokens, fwd_hooks=list(fwd_hooks), stop_at_layer=layer + 1)
+            vectors.append(cap.vectors)
+            sites += [(t, p) for p in cols]
+    captured = torch.cat(vectors)
+    round_trip = nla.round_trip(captured, baseline=baseline, **verbalize_kwargs)
+    tokenizer = base.tokenizer
+    strings = [[tokenizer.decode([i], clean_up_tokenization_spaces=False) for i in row] for row in token_rows]
+    fves = [None] * len(sites) if round_trip.fves is None else round_trip.fves.tolist()
+    explained = [ExplainedToken(t, p, strings[t][p], v, mse, fve) for (t, p), v, mse, fve in
+                 zip(sites, round_trip.verbalizations, round_trip.mse.tolist(), fves, strict=True)]
+    texts = [tokenizer.decode(list(row)) for row in token_rows] if texts is None else list(texts)
+    return Explanation(explained, texts, strings, layer, captured, round_trip, getattr(base.cfg, "model_name", None))
+
+
+def select_positions(positions: ExplainPositions, length: int, skip: int = 0) -> list[int]:
+    """The columns of a `length`-token text that `positions` names (see `explain`), sorted, no repeats."""
+    if positions is None:
+        return list(range(min(skip, length - 1), length))
+    if isinstance(positions, slice):
+        chosen = list(range(length))[positions]
+    elif isinstance(positions, int) and not isinstance(positions, bool):
+        chosen = [positions]
+    elif (isinstance(positions, Sequence) and not isinstance(positions, str) and positions
+          and all(isinstance(p, int) and not isinstance(p, bool) for p in positions)):
+        chosen = list(positions)
+    else:
+        raise InputError(f"positions must be None (every token), an int, a non-empty list of ints or a slice; "
+                         f"got {positions!r}")
+    outside = [p for p in chosen if not -length <= p < length]
+    if outside:
+        raise InputError(f"position {outside[0]} is outside a text of {length} tokens (0..{length - 1}, or "
+                         f"-{length}..-1 from the end)")
+    if not chosen:
+        raise InputError(f"positions {positions!r} select no token of a text of {length} tokens")
+    return sorted({p % length for p in chosen})
+
+
+def _check_base(base: TLModel, nla: NLA, layer: int) -> None:
+    if base.cfg.d_model != nla.av.meta.d_model:
+        raise InputError(f"the base model has d_model={base.cfg.d_model} but this NLA reads "
+                         f"{nla.av.meta.d_model}-d vectors; pass the base model the NLA was trained on "
+                         "(nl.load_base(nla) loads the one its sidecar names)")
+    if base.cfg.n_layers <= layer:
+        raise InputError(f"the base model has {base.cfg.n_layers} blocks, but this NLA reads layer {layer}; "
+                         "pass the base model the NLA was trained on")

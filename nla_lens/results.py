@@ -1,0 +1,114 @@
+"""Results that print short, show as a table in a notebook, and leave as a DataFrame or a file.
+
+A result type mixes in :class:`TabularResult` and writes two methods:
+
+* ``to_records()``: one flat ``dict`` per row (str / int / float / bool / None, or a list of str);
+* ``summary()``: one line that says what the result holds (counts, FVE, the baseline used).
+
+It then has ``to_pandas()``, ``save(path)`` (``.parquet``, ``.jsonl``, or ``.html`` for the notebook
+view as a standalone page), a short ``__repr__`` (the summary and the first rows, never a tensor) and
+``_repr_html_`` (the summary and an HTML table, from :mod:`nla_lens.display`). A result with a richer
+view (tokens coloured by FVE) overrides ``_repr_html_``. Tensors stay attributes. Dataclass results
+are declared with ``repr=False`` so that the mixin's ``__repr__`` is the one Python uses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import pyarrow as pa
+
+from nla_lens import display
+from nla_lens.errors import InputError
+from nla_lens.vector_files import write_atomic, write_table
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+SAVE_SUFFIXES = (".parquet", ".jsonl", ".html")
+_REPR_ROWS = 5
+_REPR_CELL = 60
+
+
+class TabularResult:
+    """Mixin for result types: a table of flat rows plus a one-line summary (see the module docstring)."""
+
+    #: Columns shown by ``repr`` and ``_repr_html_`` (all columns when None), in this order.
+    display_columns: ClassVar[tuple[str, ...] | None] = None
+
+    def to_records(self) -> list[dict[str, Any]]:
+        """One flat dict per row: what ``to_pandas`` and ``save`` write."""
+        raise NotImplementedError
+
+    def summary(self) -> str:
+        """One line: what the result holds."""
+        return f"{len(self.to_records())} rows"
+
+    def to_pandas(self) -> pd.DataFrame:
+        """The rows as a `pandas.DataFrame` (one column per record key)."""
+        import pandas as pd
+
+        records = self.to_records()
+        return pd.DataFrame.from_records(records, columns=list(records[0]) if records else None)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the rows to ``.parquet`` or ``.jsonl``, or the notebook view to a self-contained ``.html`` page."""
+        path = check_save_path(path)
+        if path.suffix == ".html":
+            page = display.page(type(self).__name__, self._repr_html_())
+            write_atomic(path, lambda tmp: tmp.write_text(page, encoding="utf-8"))
+        else:
+            write_table(records_table(self.to_records()), path)
+        return path
+
+    def __repr__(self) -> str:
+        records = self.to_records()
+        columns = self._shown_columns(records)
+        lines = [f"{type(self).__name__}: {self.summary()}"]
+        if records and columns:
+            lines += text_table(records[:_REPR_ROWS], columns)
+            if len(records) > _REPR_ROWS:
+                lines.append(f"  ... {len(records) - _REPR_ROWS} more rows (.to_pandas() shows them all)")
+        return "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        records = self.to_records()
+        return display.result_html(type(self).__name__, self.summary(), records, self._shown_columns(records))
+
+    def _shown_columns(self, records: list[dict[str, Any]]) -> list[str]:
+        if self.display_columns is not None:
+            return list(self.display_columns)
+        return list(records[0]) if records else []
+
+
+def check_save_path(path: str | Path) -> Path:
+    """Checked before writing: a known suffix, an existing folder, not a folder itself."""
+    path = Path(path)
+    if path.suffix not in SAVE_SUFFIXES:
+        raise InputError(f"{path}: save to a .parquet or .jsonl file (the rows) or an .html file (the view)")
+    if path.is_dir():
+        raise InputError(f"{path} is a folder; give a file name such as {path / 'result.parquet'}")
+    if not path.parent.is_dir():
+        raise InputError(f"the folder {path.parent} does not exist; create it first or save elsewhere")
+    return path
+
+
+def records_table(records: list[dict[str, Any]]) -> pa.Table:
+    """Records as an arrow table; an empty result becomes an empty table."""
+    return pa.Table.from_pylist(records) if records else pa.table({})
+
+
+def text_table(records: Sequence[dict[str, Any]], columns: Sequence[str]) -> list[str]:
+    """Rows as aligned plain-text lines (a header, then one line per record), for reprs."""
+    cells = [[display.format_cell(r.get(c), _REPR_CELL) for c in columns] for r in records]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+    numeric = [all(isinstance(r.get(c), (int, float)) and not isinstance(r.get(c), bool) for r in records
+                   if r.get(c) is not None) for c in columns]
+
+    def line(values: Sequence[str]) -> str:
+        return "  " + "  ".join(v.rjust(w) if num else v.ljust(w)
+                                for v, w, num in zip(values, widths, numeric, strict=True)).rstrip()
+
+    return [line(columns)] + [line(row) for row in cells]

@@ -1,0 +1,295 @@
+"""SAE features read out through an NLA: verbalize sae-lens decoder directions, score them with the AR.
+
+An SAE trained on ``blocks.K.hook_resid_post`` writes each feature ``f`` into the residual along
+its decoder row ``sae.W_dec[f]`` (``[d_sae, d_in]``). The AV reads exactly that residual, so a
+decoder row can be verbalized like any activation; with an AR the explanation is rebuilt into a
+vector and compared with the row (cosine). :mod:`nla_lens.feature_cards` puts the explanation next
+to the contexts the feature fires on, which is how to check it.
+
+Needs the ``sae`` extra (``pip install 'nla_lens[sae]'``): sae-lens 6.x, which requires
+transformer-lens < 4, so this module raises :class:`~nla_lens.errors.BackendError` on import under
+TransformerLens 4.x. The SAE itself is only read through ``W_dec``, ``encode``, ``cfg.d_in`` and
+``cfg.metadata.hook_name``.
+
+``nl.capture`` on a ``HookedSAETransformer`` records the output of block K, i.e. what block K+1
+reads: with an SAE attached at ``blocks.K.hook_resid_post`` that is the SAE's reconstruction, or
+the original residual (reconstruction + error) when the SAE was added with ``use_error_term=True``.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from nla_lens import backends
+from nla_lens.capture import resid_post
+from nla_lens.errors import BackendError, InputError, SAEMismatchError
+from nla_lens.injection import check_vectors
+from nla_lens.nla import NLA
+from nla_lens.verbalizer import ActivationVerbalizer, Verbalization
+
+if TYPE_CHECKING:
+    from sae_lens import SAE, HookedSAETransformer
+    from transformer_lens import HookedTransformer
+
+    from nla_lens.backends import TLModel
+
+
+def require_sae_lens() -> ModuleType:
+    """`sae_lens`, or a `BackendError` that says which install fixes it."""
+    if backends.transformer_lens_major() >= 4:
+        raise BackendError(
+            "SAE features need sae-lens 6.x, which requires transformer-lens < 4 (it builds on "
+            f"HookedTransformer); this environment has transformer-lens {metadata.version('transformer-lens')}. "
+            "Use a TransformerLens 3.x environment: pip install 'nla_lens[tl3,sae]'"
+        )
+    try:
+        import sae_lens
+    except ImportError as error:
+        raise BackendError("SAE features need sae-lens 6.x: pip install 'nla_lens[sae]'") from error
+    return sae_lens
+
+
+require_sae_lens()
+
+
+def resid_hook_names(layer: int) -> tuple[str, str]:
+    """The two TL names of the residual after block `layer` (the second is the next block's input)."""
+    return f"blocks.{layer}.hook_resid_post", f"blocks.{layer + 1}.hook_resid_pre"
+
+
+def check_sae_reads_layer(sae: SAE, layer: int, d_model: int, *, allow_other_hook: bool = False) -> str:
+    """The SAE's hook name, after checking it reads the residual the NLA verbalizes (`blocks.{layer}`).
+
+    A width mismatch cannot be overridden (the vectors would not fit); a different hook point can,
+    with `allow_other_hook=True`, for users who know the two activations live in one space.
+    """
+    hook_name = sae.cfg.metadata.hook_name
+    if sae.cfg.d_in != d_model:
+        raise SAEMismatchError(
+            f"the SAE reads {sae.cfg.d_in}-dim activations ({hook_name}) but the NLA verbalizes "
+            f"d_model={d_model} residuals; use an SAE trained on this NLA's base model"
+        )
+    if sae.cfg.metadata.hook_head_index is not None:
+        raise SAEMismatchError(f"the SAE reads one attention head of {hook_name}, not the residual stream")
+    if hook_name not in resid_hook_names(layer) and not allow_other_hook:
+        raise SAEMismatchError(
+            f"the SAE reads {hook_name!r} but the NLA verbalizes {resid_hook_names(layer)[0]!r} (layer K={layer}); "
+            "use an SAE of that hook point, or pass allow_other_hook=True if you know its decoder "
+            "directions live in the same space"
+        )
+    return hook_name or resid_hook_names(layer)[0]
+
+
+@dataclass(frozen=True)
+class ResidualStats:
+    """Mean of layer-K residuals and their spread, the RMS L2 distance from that mean.
+
+    Decoder rows lack the mean component that every real residual carries; `offset=stats` in
+    :func:`verbalize_sae_features` verbalizes ``mean + spread * W_dec[f] / ||W_dec[f]||``, a vector
+    of the size of a real residual's deviation from the mean.
+    """
+
+    mean: Float[Tensor, " d_model"]
+    spread: float
+    n: int
+
+    @classmethod
+    def from_vectors(cls, vectors: Float[Tensor, "n d_model"]) -> ResidualStats:
+        vectors = vectors.float()
+        mean = vectors.mean(dim=0)
+        spread = float((vectors - mean).pow(2).sum(dim=1).mean().sqrt())
+        return cls(mean, spread, len(vectors))
+
+
+def text_residuals(base: TLModel, texts: list[str], layer: int, *,
+                   max_tokens: int | None = None) -> list[tuple[list[int], Float[Tensor, "pos d_model"]]]:
+    """(token ids, `blocks.{layer}.hook_resid_post` at every position) of each text, one run per text.
+
+    Texts are tokenized with special tokens (a BOS first where the tokenizer has one), as the NLA
+    training code extracted its activations; `max_tokens` cuts each text (default: the context).
+    """
+    if isinstance(texts, str) or not texts:
+        raise InputError("texts must be a non-empty list of strings")
+    limit = max_tokens or base.cfg.n_ctx
+    out = []
+    with torch.inference_mode():
+        for text in texts:
+            ids = base.tokenizer(text, add_special_tokens=True)["input_ids"][:limit]
+            if not ids:
+                raise InputError(f"text {text!r} has no tokens")
+            tokens = torch.tensor([ids], device=base.cfg.device)
+            out.append((ids, resid_post(base, tokens, layer)[0].float()))
+    return out
+
+
+def residual_stats(base: TLModel, texts: list[str], layer: int, *, skip_first: int = 0,
+                   max_tokens: int | None = None) -> ResidualStats:
+    """:class:`ResidualStats` of layer `layer` over every position of `texts` past the first `skip_first`."""
+    rows = [resid[skip_first:] for _, resid in text_residuals(base, texts, layer, max_tokens=max_tokens)]
+    vectors = torch.cat(rows)
+    if len(vectors) == 0:
+        raise InputError(f"no positions left after skip_first={skip_first}; use longer texts")
+    return ResidualStats.from_vectors(vectors)
+
+
+@dataclass(frozen=True)
+class FeatureVerbalizations:
+    """The AV's explanations of SAE features; with an AR, how well each explanation rebuilds the feature."""
+
+    features: list[int]
+    verbalizations: list[Verbalization]
+    vectors: Float[Tensor, "n d_model"]  # what the AV was given
+    hook_name: str
+    offset: bool  # True: mean residual + spread * unit decoder row; False: the decoder row
+    cosines: Float[Tensor, " n"] | None  # cos(AR reconstruction - offset mean, decoder row); NaN on failed parses
+    reconstructions: Float[Tensor, "n d_model"] | None  # the AR's vectors; NaN rows where the parse failed
+
+    @property
+    def explanations(self) -> list[str | None]:
+        return [v.explanation for v in self.verbalizations]
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def __repr__(self) -> str:
+        failed = sum(e is None for e in self.explanations)
+        cosine = "" if self.cosines is None else f", mean AR cosine {float(self.cosines.nanmean()):.3f}"
+        return (f"FeatureVerbalizations({len(self)} features of {self.hook_name}, "
+                f"offset={'mean' if self.offset else 'none'}, {failed} failed parses{cosine})")
+
+    def records(self) -> list[dict[str, Any]]:
+        cosines = [None] * len(self) if self.cosines is None else self.cosines.tolist()
+        return [{"feature": f, "explanation": v.explanation, "text": v.text,
+                 "cosine": None if c is None or c != c else c}
+                for f, v, c in zip(self.features, self.verbalizations, cosines, strict=True)]
+
+    def to_pandas(self) -> Any:
+        import pandas as pd
+
+        return pd.DataFrame(self.records(), columns=["feature", "explanation", "text", "cosine"])
+
+    def _repr_html_(self) -> str:
+        head = "<tr><th>feature</th><th>explanation</th>" + ("" if self.cosines is None else "<th>AR cosine</th>")
+        rows = []
+        for r in self.records():
+            explanation = html.escape(r["explanation"]) if r["explanation"] is not None else (
+                f"<i>failed to parse:</i> {html.escape(r['text'])}")
+            cosine = "" if self.cosines is None else (
+                "<td>-</td>" if r["cosine"] is None else f"<td>{r['cosine']:.3f}</td>")
+            rows.append(f"<tr><td>{r['feature']}</td><td style='text-align:left'>{explanation}</td>{cosine}</tr>")
+        return (f"<div><p>{html.escape(repr(self))}</p><table>{head}</tr>" + "".join(rows) + "</table></div>")
+
+    def save(self, path: str | Path) -> Path:
+        """Write the table: `.parquet`, `.json` (records) or `.html`, by the suffix."""
+        return save_records(self.records(), Path(path), self._repr_html_)
+
+
+def save_records(records: list[dict[str, Any]], path: Path, to_html: Callable[[], str]) -> Path:
+    """One table to `path`: parquet, JSON records, or an HTML page around `to_html()`."""
+    if path.suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(records), path)
+    elif path.suffix == ".json":
+        path.write_text(json.dumps(records, indent=1, ensure_ascii=False), encoding="utf-8")
+    elif path.suffix == ".html":
+        path.write_text("<!DOCTYPE html>\n<html><head><meta charset='utf-8'></head><body>"
+                        f"{to_html()}</body></html>\n", encoding="utf-8")
+    else:
+        raise InputError(f"save() writes .parquet, .json or .html; got {path.name!r}")
+    return path
+
+
+def decoder_rows(sae: SAE, features: list[int]) -> Float[Tensor, "n d_in"]:
+    """`sae.W_dec[features]` as float32, after checking the ids."""
+    if isinstance(features, Tensor):
+        features = features.tolist()
+    if isinstance(features, int) or not features:
+        raise InputError("features must be a non-empty list of feature ids")
+    d_sae = sae.cfg.d_sae
+    bad = [f for f in features if isinstance(f, bool) or not isinstance(f, int) or not 0 <= f < d_sae]
+    if bad:
+        raise InputError(f"feature ids {bad[:8]} are not ints in 0..{d_sae - 1} (this SAE has d_sae={d_sae})")
+    rows = sae.W_dec.detach()[features].float()
+    zero = [f for f, norm in zip(features, rows.norm(dim=1).tolist(), strict=True) if norm == 0]
+    if zero:
+        raise InputError(f"features {zero[:8]} have all-zero decoder rows: there is no direction to verbalize")
+    return rows
+
+
+def feature_vectors(rows: Float[Tensor, "n d_model"], offset: ResidualStats | None) -> Float[Tensor, "n d_model"]:
+    """What the AV reads for each decoder row: the row, or `mean + spread * row / ||row||`."""
+    if offset is None:
+        return rows
+    unit = rows / rows.norm(dim=1, keepdim=True)
+    return offset.mean.to(rows.device).float() + offset.spread * unit
+
+
+def verbalize_sae_features(
+    av_or_nla: ActivationVerbalizer | NLA,
+    sae: SAE,
+    features: list[int] | Tensor,
+    *,
+    offset: ResidualStats | None = None,
+    allow_other_hook: bool = False,
+    **verbalize_kwargs: Any,
+) -> FeatureVerbalizations:
+    """Explain SAE features with the NLA's AV: each feature's decoder row `sae.W_dec[f]` is verbalized.
+
+    The SAE must read the residual the NLA verbalizes (`blocks.K.hook_resid_post`, width d_model):
+    a `SAEMismatchError` otherwise; `allow_other_hook=True` accepts another hook point of that width.
+    `offset` (a :class:`ResidualStats`, e.g. from :func:`residual_stats`) verbalizes
+    `mean + spread * W_dec[f] / ||W_dec[f]||` instead of the bare row: decoder rows lack the mean
+    that real residuals carry. On the bundled toy the bare rows read better (README, "SAE features").
+    With an NLA, the AR rebuilds each explanation and `cosines` holds cos(reconstruction - offset mean,
+    W_dec[f]) (NaN where the explanation failed to parse). `verbalize_kwargs` go to `av.verbalize`.
+    """
+    nla = av_or_nla if isinstance(av_or_nla, NLA) else None
+    av = av_or_nla.av if nla is not None else av_or_nla
+    if not isinstance(av, ActivationVerbalizer):
+        raise InputError(f"av_or_nla must be an ActivationVerbalizer or an NLA, got {type(av_or_nla).__name__}")
+    hook_name = check_sae_reads_layer(sae, av.meta.layer, av.meta.d_model, allow_other_hook=allow_other_hook)
+    features = features.tolist() if isinstance(features, Tensor) else list(features)
+    rows = decoder_rows(sae, features)
+    vectors = check_vectors(feature_vectors(rows, offset), av.meta.d_model)
+    verbalizations = av.verbalize(vectors, **verbalize_kwargs)
+    if nla is None:
+        return FeatureVerbalizations(features, verbalizations, vectors, hook_name, offset is not None, None, None)
+    # Only the cosine is reported: a round trip's FVE needs a baseline over many real activations.
+    reconstructions = torch.full_like(vectors, float("nan"))
+    parsed = [i for i, v in enumerate(verbalizations) if v.explanation is not None]
+    if parsed:
+        rebuilt = nla.ar.reconstruct([verbalizations[i].explanation for i in parsed]).to(vectors.device)
+        reconstructions[parsed] = rebuilt
+    centred = reconstructions - (0 if offset is None else offset.mean.to(vectors.device).float())
+    cosines = torch.nn.functional.cosine_similarity(centred, rows, dim=1)
+    return FeatureVerbalizations(features, verbalizations, vectors, hook_name, offset is not None, cosines,
+                                 reconstructions)
+
+
+def hooked_sae_transformer(model: HookedTransformer) -> HookedSAETransformer:
+    """The same model as a sae-lens `HookedSAETransformer` (shares the weights: no copy), for `add_sae`.
+
+    Built from `model.cfg` on the meta device, then given `model`'s own tensors, so a model that
+    nla_lens loaded without weight processing stays unprocessed.
+    """
+    from sae_lens import HookedSAETransformer
+
+    backends.require_hooked("hooked_sae_transformer", model)
+    with torch.device("meta"):
+        out = HookedSAETransformer(model.cfg, tokenizer=model.tokenizer, move_to_device=False,
+                                   default_padding_side=model.tokenizer.padding_side)
+    out.load_state_dict(model.state_dict(keep_vars=True), strict=True, assign=True)
+    return out.eval()

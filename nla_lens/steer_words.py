@@ -1,0 +1,467 @@
+"""Steer with words: edit an explanation, let the AR turn the edit into a steering vector.
+
+The paper's "Planning in Poetry" and "Reasoning about Rewards" case studies run the NLA backwards:
+read the AV's explanation of the base model's residual at one token, edit its text (rabbit -> mouse,
+"reward" -> "penalty"), and steer the base model with the difference of the AR's reconstructions:
+
+    Delta = mean over samples s of [ unit(AR(edited_s)) - unit(AR(original_s)) ]
+    add:      h <- h + alpha * ||h|| * Delta / ||Delta||            (at blocks.K.hook_resid_post)
+    replace:  h <- h + alpha * (||h|| * T / ||T|| - h),  T = mean_s unit(AR(edited_s))
+
+Each reconstruction is normalised first because the AR was trained on rescaled targets (its output
+norm carries no meaning); ||h|| is the live residual's norm at the steered site, so alpha is a
+fraction of the activation's own size, scale-free across models. `replace` with alpha=1 is the
+"patch with words" variant (the residual becomes the edited explanation's reconstruction at the
+residual's norm). With `samples > 1` the AV samples several explanations per site and Delta is the
+mean over them (the paper averaged 5). The formulas are those of issue #16; the paper's own pages
+(transformer-circuits.pub/2026/nla) were not in the stored corpus this module was written against,
+see the README section "Steer with words" for what was checked and where.
+
+The steering is one plain TransformerLens hook at `blocks.K.hook_resid_post` (`result.fwd_hooks()`),
+bound to the token shape it was built for; it leaves single-token KV-cached decode steps alone, so
+it can stay installed around `generate`. This module calls the core (capture, verbalize,
+reconstruct); the core never calls it.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from jaxtyping import Float, Int
+from safetensors.torch import save_file
+from torch import Tensor
+from transformer_lens.hook_points import HookPoint
+
+from nla_lens import backends
+from nla_lens.capture import PositionSpec, _real_tokens, resid_post, resolve_positions
+from nla_lens.errors import InputError, PairMismatchError, VectorError
+from nla_lens.injection import HookFn, check_vectors, unit
+from nla_lens.nla import NLA
+from nla_lens.verbalizer import ActivationVerbalizer, Verbalization
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from nla_lens.backends import TLModel
+
+Mode = Literal["add", "replace"]
+EditFn = Callable[[str], str]
+# One edit for every site (a function of the explanation, or the edited text itself), or one per site.
+Edit = EditFn | str | Sequence[EditFn | str]
+
+
+def site_steering_hook(directions: Float[Tensor, "n d_model"], rows: Int[Tensor, " n"], cols: Int[Tensor, " n"],
+                       token_shape: tuple[int, int], alpha: float, mode: Mode) -> HookFn:
+    """A TL hook for `blocks.K.hook_resid_post` that steers residual `(rows[i], cols[i])` along `directions[i]`.
+
+    add: ``h + alpha * ||h|| * d / ||d||``; replace: ``h + alpha * (||h|| * d / ||d|| - h)``; ``||h||`` is
+    the residual as it reaches the hook (after any hook added before this one). Computed in float32 and
+    written back in the residual's dtype. Runs of the built shape are steered, as are longer runs
+    with the same batch (uncached generation: the prompt plus generated tokens); a one-token run
+    of a longer prompt is a KV-cached decode step and is left alone, as the prompt was steered at prefill.
+    (A one-token prompt cannot be told from a decode step: KV-cached generation would steer every step.)
+    """
+    directions = unit(directions.float())
+    batch, width = token_shape
+
+    def hook(resid: Float[Tensor, "batch pos d_model"], hook: HookPoint) -> Tensor | None:
+        n, pos = resid.shape[:2]
+        if pos == 1 and width > 1:
+            return None
+        if n != batch or pos < width:
+            raise InputError(
+                f"{hook.name}: this steering was built for tokens of shape {[batch, width]} but the run has "
+                f"[batch, pos] = {[n, pos]}; run the tokens you passed to steer_with_words (generate may "
+                "append tokens), or call steer_with_words again for these"
+            )
+        at = (rows.to(resid.device), cols.to(resid.device))
+        h = resid[at].float()
+        norm = h.norm(dim=-1, keepdim=True)
+        d = directions.to(resid.device)
+        new = h + alpha * norm * d if mode == "add" else h + alpha * (norm * d - h)
+        return resid.index_put(at, new.to(resid.dtype))
+
+    return hook
+
+
+@dataclass(frozen=True, eq=False)
+class WordSteering:
+    """What `steer_with_words` built: the explanations before and after the edit, Delta, the hook, comparisons.
+
+    Per steered site i (row `rows[i]`, column `positions[i]`): `explanations[i]` and `edited[i]` hold
+    one entry per sample (failed parses dropped), `delta[i]` is the mean of unit(AR(edited)) -
+    unit(AR(original)) and `target[i]` the mean of unit(AR(edited)). `clean_logprobs` /
+    `steered_logprobs` are the base model's next-token log-probs at the site without and with the
+    hook; `continuations` the greedy continuations of each row's real tokens (None if not asked for).
+    """
+
+    hook_name: str
+    layer: int
+    alpha: float
+    mode: Mode
+    rows: Int[Tensor, " n"]
+    positions: Int[Tensor, " n"]
+    tokens_at: list[str]  # the token at each steered site
+    token_shape: tuple[int, int]
+    explanations: list[list[str]]
+    edited: list[list[str]]
+    delta: Float[Tensor, "n d_model"]
+    target: Float[Tensor, "n d_model"]
+    clean_logprobs: Float[Tensor, "n d_vocab"] | None = field(default=None, repr=False)
+    steered_logprobs: Float[Tensor, "n d_vocab"] | None = field(default=None, repr=False)
+    tokenizer: Any = field(default=None, repr=False)  # the base model's, to name tokens in the tables
+    continuations: list[tuple[str, str]] | None = None  # (clean, steered) per row
+
+    def fwd_hooks(self, alpha: float | None = None) -> list[tuple[str, HookFn]]:
+        """`[(blocks.K.hook_resid_post, hook)]` for `run_with_hooks` or `model.hooks(...)`; `alpha` overrides."""
+        directions = self.delta if self.mode == "add" else self.target
+        scale = self.alpha if alpha is None else float(alpha)
+        return [(self.hook_name, site_steering_hook(directions, self.rows, self.positions, self.token_shape,
+                                                    scale, self.mode))]
+
+    def next_tokens(self, k: int = 5) -> list[dict[str, Any]]:
+        """Per site: the top-k next tokens without and with steering, and KL(clean || steered) in nats."""
+        if self.clean_logprobs is None or self.steered_logprobs is None:
+            raise InputError("this result holds no next-token comparison; call steer_with_words(..., compare=True)")
+        kl = (self.clean_logprobs.exp() * (self.clean_logprobs - self.steered_logprobs)).sum(-1)
+        out = []
+        for i in range(len(self.rows)):
+            out.append({"clean_top": self._top(self.clean_logprobs[i], k),
+                        "steered_top": self._top(self.steered_logprobs[i], k), "kl": float(kl[i])})
+        return out
+
+    def _top(self, logprobs: Tensor, k: int) -> list[tuple[str, float]]:
+        values, ids = logprobs.topk(k)
+        names = [_decode(self.tokenizer, int(i)) if self.tokenizer else str(int(i)) for i in ids]
+        return [(name, round(float(v.exp()), 4)) for name, v in zip(names, values, strict=True)]
+
+    def to_pandas(self, k: int = 3) -> pd.DataFrame:
+        """One row per steered site: where, the first explanation and its edit, Delta's size, next tokens."""
+        import pandas as pd
+
+        tops = self.next_tokens(k) if self.clean_logprobs is not None else [{}] * len(self.rows)
+        records = []
+        for i in range(len(self.rows)):
+            row = int(self.rows[i])
+            record = {"batch": row, "position": int(self.positions[i]), "token": self.tokens_at[i],
+                      "explanation": self.explanations[i][0], "edited": self.edited[i][0],
+                      "samples": len(self.explanations[i]), "delta_norm": float(self.delta[i].norm())}
+            if tops[i]:
+                record.update({"clean_next": _tops_text(tops[i]["clean_top"]),
+                               "steered_next": _tops_text(tops[i]["steered_top"]), "kl": tops[i]["kl"]})
+            if self.continuations is not None:
+                record["clean_continuation"], record["steered_continuation"] = self.continuations[row]
+            records.append(record)
+        return pd.DataFrame.from_records(records)
+
+    def _summary(self) -> str:
+        return (f"{len(self.rows)} site(s) at {self.hook_name}, mode={self.mode}, alpha={self.alpha:g}, "
+                f"{max(len(e) for e in self.explanations)} sample(s) per site")
+
+    def __repr__(self) -> str:
+        first = f"; site 0: {self.explanations[0][0]!r} -> {self.edited[0][0]!r}"
+        return f"WordSteering({self._summary()}{_cut(first, 160)})"
+
+    def _repr_html_(self) -> str:
+        return _html_table("Steer with words", self._summary(), self.to_pandas())
+
+    def save(self, path: str | Path) -> Path:
+        """The table by suffix (.csv, .json, .parquet, .html); `.safetensors` stores delta and target."""
+        path = Path(path)
+        if path.suffix == ".safetensors":
+            save_file({"delta": self.delta.contiguous(), "target": self.target.contiguous(),
+                       "rows": self.rows.contiguous(), "positions": self.positions.contiguous()}, str(path),
+                      metadata={"hook_name": self.hook_name, "alpha": str(self.alpha), "mode": self.mode})
+            return path
+        return _save_table(self.to_pandas(), path, "Steer with words", self._summary())
+
+
+def steer_with_words(
+    nla: NLA,
+    base: TLModel,
+    tokens: Int[Tensor, "batch pos"],
+    positions: PositionSpec,
+    *,
+    edit: Edit,
+    alpha: float = 1.0,
+    mode: Mode = "add",
+    samples: int = 1,
+    temperature: float = 1.0,
+    seed: int = 0,
+    explanations: Sequence[str | Sequence[str]] | None = None,
+    attention_mask: Int[Tensor, "batch pos"] | None = None,
+    layer: int | None = None,
+    compare: bool = True,
+    continue_tokens: int = 8,
+    max_new_tokens: int = 150,
+    batch_size: int = 32,
+) -> WordSteering:
+    """Verbalize the base model's residual at `positions` (or take `explanations`), apply `edit`, build
+    Delta with the AR and return the steering as a composable hook plus comparisons.
+
+    `positions` is any `nl.capture` position spec (ints, negative = from each row's last real token,
+    a [batch] tensor, a [batch, pos] mask). `edit` is a function of the explanation text, the edited
+    text itself, or a sequence with one of those per site. `samples > 1` samples that many
+    explanations per site at `temperature` (seeded) and averages Delta over them; `samples = 1` is the
+    greedy explanation. `explanations` (one string, or one list of samples, per site) skips the AV.
+    `compare` stores next-token log-probs at the sites without and with steering; `continue_tokens`
+    (0 for none) greedy tokens continue each row without and with it. `layer`, if given, must be K.
+    """
+    _check_inputs(nla, base, tokens, layer, alpha, mode, samples, continue_tokens)
+    k = nla.ar.meta.layer
+    real = _real_tokens(base, attention_mask, tokens)
+    if real is None:
+        real = torch.ones(tokens.shape, dtype=torch.bool)
+    rows, cols = resolve_positions(positions, real.to(tokens.device))
+    sites = list(zip(rows.tolist(), cols.tolist(), strict=True))
+    if len(set(sites)) != len(sites):
+        raise InputError("positions name the same (row, column) twice; steer each site once")
+    run_mask = attention_mask if attention_mask is not None else backends.implicit_attention_mask(base, tokens)
+    with torch.no_grad():
+        if explanations is None:
+            texts = _verbalize_sites(nla.av, base, tokens, rows, cols, run_mask, k, samples, temperature, seed,
+                                     max_new_tokens, batch_size)
+        else:
+            texts = _given_explanations(explanations, len(sites))
+        edited = _apply_edits(edit, texts)
+        delta, target = _delta(nla, texts, edited, sites)
+        named = [_decode(base.tokenizer, int(tokens[r, c])) for r, c in sites]
+        result = WordSteering(f"blocks.{k}.hook_resid_post", k, float(alpha), mode, rows.cpu(), cols.cpu(), named,
+                              (tokens.shape[0], tokens.shape[1]), texts, edited, delta, target)
+        clean = steered = continuations = None
+        if compare:
+            clean = _site_logprobs(base, tokens, run_mask, rows, cols, [])
+            steered = _site_logprobs(base, tokens, run_mask, rows, cols, result.fwd_hooks())
+        if continue_tokens:
+            continuations = _continuations(base, tokens, real, result, continue_tokens)
+    return replace(result, clean_logprobs=clean, steered_logprobs=steered, tokenizer=base.tokenizer,
+                   continuations=continuations)
+
+
+@dataclass(frozen=True, eq=False)
+class Difference:
+    """`describe_difference`: the AV's reading of ``a - b`` per row, next to how far apart a and b are."""
+
+    difference: Float[Tensor, "n d_model"]
+    cosine: Float[Tensor, " n"]  # cos(a, b)
+    verbalizations: list[Verbalization]
+
+    @property
+    def explanations(self) -> list[str | None]:
+        return [v.explanation for v in self.verbalizations]
+
+    def to_pandas(self) -> pd.DataFrame:
+        import pandas as pd
+
+        return pd.DataFrame({"explanation": self.explanations, "text": [v.text for v in self.verbalizations],
+                             "cos_a_b": self.cosine.tolist(), "norm_a_minus_b": self.difference.norm(dim=-1).tolist()})
+
+    def _summary(self) -> str:
+        return f"{len(self.verbalizations)} difference(s) a - b verbalized"
+
+    def __repr__(self) -> str:
+        return f"Difference({self._summary()}{_cut(f'; row 0: {self.explanations[0]!r}', 120)})"
+
+    def _repr_html_(self) -> str:
+        return _html_table("Describe a difference", self._summary(), self.to_pandas())
+
+    def save(self, path: str | Path) -> Path:
+        """The table by suffix: .csv, .json, .parquet or .html."""
+        return _save_table(self.to_pandas(), Path(path), "Describe a difference", self._summary())
+
+
+def describe_difference(nla_or_av: NLA | ActivationVerbalizer, a: Float[Tensor, "n d_model"],
+                        b: Float[Tensor, "n d_model"], **verbalize_kwargs: Any) -> Difference:
+    """Verbalize ``a - b`` (Neuronpedia's "compare"): a steered vs a clean residual, a patched vs a clean one,
+    or two steering vectors. `b` may be one vector for all rows of `a`. Only the direction reaches the AV."""
+    av = nla_or_av.av if isinstance(nla_or_av, NLA) else nla_or_av
+    d = av.meta.d_model
+    a, b = check_vectors(a, d).float(), check_vectors(b, d).float()
+    if b.shape[0] not in (1, a.shape[0]):
+        raise VectorError(f"b has {b.shape[0]} rows; pass one vector or one per row of a ({a.shape[0]})")
+    b = b.to(a.device).expand_as(a)
+    difference = a - b
+    same = (difference.norm(dim=-1) == 0).nonzero().flatten().tolist()
+    if same:
+        raise VectorError(f"a and b are equal at rows {same[:8]}: their difference has no direction to verbalize")
+    verbalize_kwargs.setdefault("progress", False)
+    return Difference(difference, torch.cosine_similarity(a, b, dim=-1), av.verbalize(difference, **verbalize_kwargs))
+
+
+def _check_inputs(nla: NLA, base: TLModel, tokens: Tensor, layer: int | None, alpha: float, mode: str,
+                  samples: int, continue_tokens: int) -> None:
+    if not isinstance(nla, NLA):
+        raise InputError(f"steer_with_words needs an NLA (AV + AR), got {type(nla).__name__}")
+    k = nla.ar.meta.layer
+    if layer is not None and layer != k:
+        raise PairMismatchError(
+            f"this AR reconstructs layer-{k} residuals (blocks.{k}.hook_resid_post), so its Delta only means "
+            f"something there; steering at layer {layer} needs an NLA trained on layer {layer}. Drop layer= "
+            f"or pass layer={k}"
+        )
+    if base.cfg.d_model != nla.ar.meta.d_model or base.cfg.n_layers <= k:
+        raise PairMismatchError(
+            f"the base model (d_model={base.cfg.d_model}, {base.cfg.n_layers} blocks) cannot be the one this "
+            f"NLA reads (d_model={nla.ar.meta.d_model}, layer {k}); pass the base model the NLA was trained on"
+        )
+    if not isinstance(tokens, Tensor) or tokens.ndim != 2 or tokens.is_floating_point():
+        raise InputError("tokens must be a [batch, pos] integer tensor, e.g. base.to_tokens(prompts)")
+    if mode not in ("add", "replace"):
+        raise InputError(f"mode must be 'add' or 'replace', got {mode!r}")
+    if not isinstance(alpha, int | float) or not torch.isfinite(torch.tensor(float(alpha))):
+        raise InputError(f"alpha must be a finite number, got {alpha!r}")
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise InputError(f"samples must be an int >= 1, got {samples!r}")
+    if isinstance(continue_tokens, bool) or not isinstance(continue_tokens, int) or continue_tokens < 0:
+        raise InputError(f"continue_tokens must be an int >= 0, got {continue_tokens!r}")
+
+
+def _verbalize_sites(av: ActivationVerbalizer, base: TLModel, tokens: Tensor, rows: Tensor, cols: Tensor,
+                     run_mask: Tensor | None, k: int, samples: int, temperature: float, seed: int,
+                     max_new_tokens: int, batch_size: int) -> list[list[str]]:
+    """`samples` parsed explanations per site (greedy for one); a site with none raises."""
+    resid = resid_post(base, tokens, k, attention_mask=run_mask)
+    vectors = resid[rows.to(resid.device), cols.to(resid.device)].float()
+    vectors = vectors.repeat_interleave(samples, dim=0)
+    sampling = {"temperature": temperature, "seed": seed} if samples > 1 else {"temperature": 0.0}
+    said = av.verbalize(vectors, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=False, **sampling)
+    texts = [[v.explanation for v in said[i * samples:(i + 1) * samples] if v.explanation is not None]
+             for i in range(len(rows))]
+    failed = [i for i, t in enumerate(texts) if not t]
+    if failed:
+        i = failed[0]
+        raise InputError(
+            f"the AV wrote no parsable explanation for site {i} (row {int(rows[i])}, column {int(cols[i])}); "
+            f"raise max_new_tokens (now {max_new_tokens}) or pass explanations= yourself"
+        )
+    return texts
+
+
+def _given_explanations(explanations: Sequence[str | Sequence[str]], n_sites: int) -> list[list[str]]:
+    if isinstance(explanations, str) or len(explanations) != n_sites:
+        raise InputError(f"explanations must hold one entry per steered site ({n_sites}): a string or a list of them")
+    texts = [[e] if isinstance(e, str) else list(e) for e in explanations]
+    if not all(t and all(isinstance(s, str) for s in t) for t in texts):
+        raise InputError("each site's explanations must be a non-empty string or a non-empty list of strings")
+    return texts
+
+
+def _apply_edits(edit: Edit, texts: list[list[str]]) -> list[list[str]]:
+    if callable(edit) or isinstance(edit, str):
+        per_site: Sequence[EditFn | str] = [edit] * len(texts)
+    elif isinstance(edit, Sequence) and len(edit) == len(texts):
+        per_site = edit
+    else:
+        raise InputError(
+            f"edit must be a function of the explanation, the edited text, or one of those per site ({len(texts)})"
+        )
+    edited = []
+    for site_edit, samples in zip(per_site, texts, strict=True):
+        if isinstance(site_edit, str):
+            edited.append([site_edit] * len(samples))
+        elif callable(site_edit):
+            new = [site_edit(text) for text in samples]
+            if not all(isinstance(t, str) for t in new):
+                raise InputError("an edit function must return the edited explanation as a str")
+            edited.append(new)
+        else:
+            raise InputError(f"each edit must be a str or a function str -> str, got {type(site_edit).__name__}")
+    return edited
+
+
+def _delta(nla: NLA, texts: list[list[str]], edited: list[list[str]],
+           sites: list[tuple[int, int]]) -> tuple[Float[Tensor, "n d_model"], Float[Tensor, "n d_model"]]:
+    """Delta and T per site, one AR batch for all originals and edits; an edit that changes nothing raises."""
+    for i, (before, after) in enumerate(zip(texts, edited, strict=True)):
+        if before == after:
+            raise InputError(
+                f"the edit leaves the explanation of site {i} (row {sites[i][0]}, column {sites[i][1]}) unchanged "
+                f"({before[0]!r}), so Delta = 0 and there is nothing to steer with; edit words that occur in it"
+            )
+    flat_before = [t for site in texts for t in site]
+    flat_after = [t for site in edited for t in site]
+    reconstructed = unit(nla.ar.reconstruct(flat_before + flat_after).float().cpu())
+    n = len(flat_before)
+    before, after = reconstructed[:n], reconstructed[n:]
+    site = torch.tensor([i for i, samples in enumerate(texts) for _ in samples])
+    counts = torch.bincount(site, minlength=len(texts)).float()[:, None]
+    delta = torch.zeros(len(texts), before.shape[1]).index_add_(0, site, after - before) / counts
+    target = torch.zeros(len(texts), before.shape[1]).index_add_(0, site, after) / counts
+    flat = (delta.norm(dim=-1) == 0).nonzero().flatten().tolist()
+    if flat:
+        raise InputError(
+            f"the AR reconstructs the edited and original explanations of site {flat[0]} identically, so Delta = 0; "
+            "make an edit the AR can read (change content words, not only whitespace)"
+        )
+    return delta, target
+
+
+def _site_logprobs(base: TLModel, tokens: Tensor, run_mask: Tensor | None, rows: Tensor, cols: Tensor,
+                   fwd_hooks: list) -> Float[Tensor, "n d_vocab"]:
+    logits = base.run_with_hooks(tokens, attention_mask=run_mask, fwd_hooks=fwd_hooks)
+    return logits[rows.to(logits.device), cols.to(logits.device)].float().log_softmax(-1).cpu()
+
+
+def _continuations(base: TLModel, tokens: Tensor, real: Tensor, result: WordSteering,
+                   n_new: int) -> list[tuple[str, str]]:
+    """Greedy continuations of each row's real tokens, without and with the steering (no padding, no KV cache:
+    the steering hook sees the prompt columns in every forward pass)."""
+    out = []
+    for row in range(tokens.shape[0]):
+        keep = real[row].nonzero().flatten().to(tokens.device)
+        ids = tokens[row, keep][None]
+        mine = result.rows == row
+        shifted = torch.searchsorted(keep.cpu(), result.positions[mine])  # columns within the unpadded row
+        directions = (result.delta if result.mode == "add" else result.target)[mine]
+        hook = site_steering_hook(directions, torch.zeros_like(shifted), shifted, (1, ids.shape[1]),
+                                  result.alpha, result.mode)
+        pair = []
+        for fwd_hooks in ([], [(result.hook_name, hook)]):
+            grown = ids
+            for _ in range(n_new):
+                logits = base.run_with_hooks(grown, fwd_hooks=fwd_hooks)
+                grown = torch.cat([grown, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+            pair.append(base.tokenizer.decode(grown[0, ids.shape[1]:].tolist()))
+        out.append((pair[0], pair[1]))
+    return out
+
+
+def _decode(tokenizer: Any, token_id: int) -> str:
+    """One token as TL's to_str_tokens shows it."""
+    return tokenizer.decode([token_id], clean_up_tokenization_spaces=False)
+
+
+def _tops_text(tops: list[tuple[str, float]]) -> str:
+    return ", ".join(f"{token!r} {p:.3f}" for token, p in tops)
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _html_table(title: str, summary: str, frame: pd.DataFrame) -> str:
+    """A self-contained table (no scripts, no network): title, one summary line, the rows."""
+    return (f"<div><strong>{html.escape(title)}</strong><p>{html.escape(summary)}</p>"
+            f"{frame.to_html(index=False, escape=True, border=0)}</div>")
+
+
+def _save_table(frame: pd.DataFrame, path: Path, title: str, summary: str) -> Path:
+    writers = {
+        ".csv": lambda: frame.to_csv(path, index=False),
+        ".parquet": lambda: frame.to_parquet(path, index=False),
+        ".json": lambda: path.write_text(json.dumps({"summary": summary, "rows": frame.to_dict("records")},
+                                                    indent=1, ensure_ascii=False), encoding="utf-8"),
+        ".html": lambda: path.write_text(f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
+                                         f"</title></head><body>{_html_table(title, summary, frame)}</body></html>",
+                                         encoding="utf-8"),
+    }
+    if path.suffix not in writers:
+        raise InputError(f"save() writes {', '.join(writers)} (tables); got {path.name!r}")
+    writers[path.suffix]()
+    return path

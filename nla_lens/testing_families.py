@@ -1,0 +1,225 @@
+"""Tiny random Gemma-3 and Llama NLA checkpoints: the families whose tokenizers put a BOS first.
+
+Like `nla_lens.testing`, everything is built locally and saved as real HF folders with sidecars in
+the paper's dialect. The tokenizers add a BOS with their special tokens and their chat templates
+start with it, as Gemma-3's and Llama-3's do. The Gemma-3 model exercises what TransformerLens
+models for it: local layers with a sliding window shorter than the AV prompt, local and global
+rotary bases with linear scaling on the global layers, q/k norms, pre- and post-norms,
+`query_pre_attn_scalar` != head_dim (as in Gemma-3-27B), the sqrt(d) embedding scale and a tied
+unembedding. The multimodal layout wraps it with a tiny SigLIP tower.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import (
+    Gemma3Config,
+    Gemma3ForCausalLM,
+    Gemma3ForConditionalGeneration,
+    Gemma3TextConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+    SiglipVisionConfig,
+)
+
+from nla_lens.sidecar import dump_meta
+from nla_lens.testing import AR_TEMPLATE
+
+GEMMA_MARKER = "㈜"  # U+321C, the paper's Gemma-3 marker
+LLAMA_MARKER = "㎡"  # the paper's Llama-3.3 marker: '㈎' is three tokens in Llama-3's tokenizer
+# Long enough that the AV prompt outgrows the sliding window (SLIDING_WINDOW tokens) several times.
+AV_TEMPLATE = "Here is the vector:\n\n<concept>{injection_char}</concept>\n\nPlease provide an explanation."
+SLIDING_WINDOW = 6
+GEMMA_SPECIALS = ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>",
+                  "<start_of_image>", "<end_of_image>", "<image_soft_token>"]
+GEMMA_CHAT = ("{{ bos_token }}{% for m in messages %}<start_of_turn>user\n{{ m['content'] }}<end_of_turn>\n"
+              "{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+LLAMA_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+LLAMA_CHAT = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>user<|end_header_id|>\n\n"
+              "{{ m['content'] }}<|eot_id|>{% endfor %}{% if add_generation_prompt %}"
+              "<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+_CORPUS = [
+    AV_TEMPLATE, AR_TEMPLATE, "<explanation>\n", "\n</explanation>",
+    "The cat sat on the mat. A dog ran in the park. Words about the weather and the sea.",
+    "</text> </summary> </concept> </explanation> <text> <summary> <concept> <explanation>",
+]
+
+
+def build_bos_tokenizer(*, marker: str, specials: list[str], bos: str, eos: str, pad: str,
+                        chat_template: str, vocab_size: int = 400) -> PreTrainedTokenizerFast:
+    """A byte-level BPE whose special tokens put `bos` first, with a chat template that starts with it."""
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    core.train_from_iterator(_CORPUS * 20, trainer)
+    core.add_tokens([AddedToken(marker, normalized=False)])
+    core.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B",
+                                                        special_tokens=[(bos, core.token_to_id(bos))])
+    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token=bos, eos_token=eos, pad_token=pad,
+                                   chat_template=chat_template)
+
+
+def gemma_tokenizer() -> PreTrainedTokenizerFast:
+    return build_bos_tokenizer(marker=GEMMA_MARKER, specials=GEMMA_SPECIALS, bos="<bos>", eos="<end_of_turn>",
+                               pad="<pad>", chat_template=GEMMA_CHAT)
+
+
+def llama_tokenizer() -> PreTrainedTokenizerFast:
+    return build_bos_tokenizer(marker=LLAMA_MARKER, specials=LLAMA_SPECIALS, bos="<|begin_of_text|>",
+                               eos="<|eot_id|>", pad="<|end_of_text|>", chat_template=LLAMA_CHAT)
+
+
+def token_facts(tokenizer: PreTrainedTokenizerFast, marker: str) -> dict:
+    """The sidecar's `tokens:` block, read off the chat-templated AV prompt."""
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": AV_TEMPLATE.replace("{injection_char}", marker)}],
+        add_generation_prompt=True, tokenize=True, return_dict=False)
+    marker_id = tokenizer.convert_tokens_to_ids(marker)
+    at = prompt.index(marker_id)
+    return {
+        "injection_char": marker, "injection_token_id": marker_id,
+        "injection_left_neighbor_id": prompt[at - 1], "injection_right_neighbor_id": prompt[at + 1],
+        "critic_suffix_ids": tokenizer.encode(AR_TEMPLATE.split("{explanation}")[1], add_special_tokens=False)[1:],
+    }
+
+
+def gemma3_text_config(tokenizer: PreTrainedTokenizerFast, *, n_layers: int = 4, d_model: int = 64,
+                       sliding_window: int = SLIDING_WINDOW) -> Gemma3TextConfig:
+    kinds = ["sliding_attention", "sliding_attention", "full_attention"]
+    return Gemma3TextConfig(
+        vocab_size=len(tokenizer), hidden_size=d_model, intermediate_size=2 * d_model, num_hidden_layers=n_layers,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=d_model // 4,
+        query_pre_attn_scalar=3 * d_model // 8, sliding_window=sliding_window,
+        layer_types=[kinds[i % 3] for i in range(n_layers)],
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}},
+        max_position_embeddings=256, rms_norm_eps=1e-6, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def _randomize(model: PreTrainedModel, *, norm_offset: float) -> None:
+    """Non-trivial norm weights; small writes into the residual stream, so fp32 rounding stays near 1e-6."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight") and "vision" not in name:
+                param.copy_(norm_offset + 0.3 * torch.randn_like(param))
+            elif name.endswith(("embed_tokens.weight", "o_proj.weight", "down_proj.weight")):
+                param.normal_(0.0, 0.05)
+            elif name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "up_proj.weight",
+                                "gate_proj.weight")):
+                param.normal_(0.0, 0.2)
+
+
+def build_gemma3(tokenizer: PreTrainedTokenizerFast, *, n_layers: int = 4, d_model: int = 64,
+                 multimodal: bool = False, seed: int = 0) -> Gemma3ForCausalLM | Gemma3ForConditionalGeneration:
+    """A random Gemma-3 text model, or the same text weights inside the multimodal wrapper."""
+    torch.manual_seed(seed)
+    text = Gemma3ForCausalLM(gemma3_text_config(tokenizer, n_layers=n_layers, d_model=d_model)).float().eval()
+    _randomize(text, norm_offset=0.0)  # Gemma's norms multiply by 1 + w
+    if not multimodal:
+        return text
+    ids = tokenizer.convert_tokens_to_ids
+    config = Gemma3Config(
+        text_config=text.config.to_dict(),
+        vision_config=SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, image_size=28, patch_size=14).to_dict(),
+        mm_tokens_per_image=4, boi_token_index=ids("<start_of_image>"), eoi_token_index=ids("<end_of_image>"),
+        image_token_index=ids("<image_soft_token>"), tie_word_embeddings=True,
+    )
+    wrapper = Gemma3ForConditionalGeneration(config).float().eval()
+    wrapper.model.language_model.load_state_dict(text.model.state_dict())
+    return wrapper
+
+
+def build_llama(tokenizer: PreTrainedTokenizerFast, *, n_layers: int = 4, d_model: int = 64,
+                seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=d_model, intermediate_size=2 * d_model, num_hidden_layers=n_layers,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=d_model // 4, max_position_embeddings=256,
+        rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    model = LlamaForCausalLM(config).float().eval()
+    _randomize(model, norm_offset=1.0)
+    return model
+
+
+def paper_sidecar(tokens: dict, d_model: int, layer: int, role: str, injection_scale: float | None) -> dict:
+    """The paper's `nla_model` dialect, as its release scrubber writes it."""
+    return {
+        "kind": "nla_model", "schema_version": 2, "role": role, "stage": "rl",
+        "d_model": d_model, "extraction_layer_index": layer,
+        "extraction": {"injection_scale": injection_scale, "mse_scale": math.sqrt(d_model)},
+        "tokens": tokens if role == "ar" else {**tokens, "critic_suffix_ids": None},
+        "prompt_templates": {"av": AV_TEMPLATE, "ar": AR_TEMPLATE},
+        "critic": {"extraction_layer_index": layer},
+    }
+
+
+def save_folder(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, folder: Path, sidecar: dict,
+                max_shard_size: str = "5GB") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder, max_shard_size=max_shard_size)
+    tokenizer.save_pretrained(folder)
+    dump_meta(sidecar, folder)
+    return folder
+
+
+def save_truncated_ar(model: Gemma3ForCausalLM | LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast,
+                      folder: Path, sidecar: dict, layer: int, readout: torch.Tensor) -> Path:
+    """The paper's AR layout: a K+1-block text backbone (no final norm, no lm_head) + value head."""
+    folder.mkdir(parents=True, exist_ok=True)
+    cut = {"num_hidden_layers": layer + 1}
+    if getattr(model.config, "layer_types", None) is not None:
+        cut["layer_types"] = model.config.layer_types[:layer + 1]
+    config = type(model.config)(**(model.config.to_dict() | cut))
+    config.architectures = [type(model).__name__]
+    config.save_pretrained(folder)
+    keep = {k: v.contiguous() for k, v in model.state_dict().items() if k == "model.embed_tokens.weight"
+            or k.startswith("model.layers.") and int(k.split(".")[2]) <= layer}
+    save_file(keep, folder / "model.safetensors", metadata={"format": "pt"})
+    save_file({"weight": readout.contiguous()}, folder / "value_head.safetensors")
+    tokenizer.save_pretrained(folder)
+    dump_meta(sidecar, folder)
+    return folder
+
+
+def make_tiny_bos_nlas(root: str | Path, *, layer: int = 2, d_model: int = 64,
+                       injection_scale: float = 40.0, seed: int = 5) -> dict[str, Path]:
+    """Write the tiny BOS-family folders under `root`, by name:
+
+    * ``gemma_av``: text-only Gemma-3 AV (embedding replacement after the sqrt(d) scale);
+    * ``gemma_av_multimodal``: the same weights in the multimodal wrapper with a tiny vision tower;
+    * ``gemma_ar``: the Gemma-3 AR (K+1 blocks + value head);
+    * ``llama_ar``: a Llama AR whose tokenizer puts `<|begin_of_text|>` first.
+    """
+    root = Path(root)
+    gemma_tok = gemma_tokenizer()
+    gemma_tokens = token_facts(gemma_tok, GEMMA_MARKER)
+    text = build_gemma3(gemma_tok, d_model=d_model, seed=seed)
+    wrapper = build_gemma3(gemma_tok, d_model=d_model, seed=seed, multimodal=True)
+    llama_tok = llama_tokenizer()
+    llama = build_llama(llama_tok, d_model=d_model, seed=seed)
+    generator = torch.Generator().manual_seed(seed + 1)
+    readout = torch.eye(d_model) + 0.05 * torch.randn(d_model, d_model, generator=generator)
+    av_sidecar = paper_sidecar(gemma_tokens, d_model, layer, "av", injection_scale)
+    return {
+        "gemma_av": save_folder(text, gemma_tok, root / "gemma_av", av_sidecar),
+        "gemma_av_multimodal": save_folder(wrapper, gemma_tok, root / "gemma_av_multimodal", av_sidecar),
+        "gemma_ar": save_truncated_ar(text, gemma_tok, root / "gemma_ar",
+                                      paper_sidecar(gemma_tokens, d_model, layer, "ar", None), layer, readout),
+        "llama_ar": save_truncated_ar(llama, llama_tok, root / "llama_ar",
+                                      paper_sidecar(token_facts(llama_tok, LLAMA_MARKER), d_model, layer, "ar",
+                                                    None), layer, readout),
+    }

@@ -1,0 +1,227 @@
+"""Steer with words on the bundled toy NLA: edit the predicted token in an explanation, steer, count.
+
+At held-out positions whose explanation parses as ``The token "X", after "Y", predicting "Z".``, the
+edit writes a different frequent token Z' for Z, and `nl.steer_with_words` steers the base model's
+layer-K residual at that position along the AR's Delta. Per alpha: how often the base model's
+argmax next token becomes Z', and the mean change of log p(Z'); the control adds a random direction
+of the same norm (alpha * ||h||) at the same sites. Z' comes from the most frequent predicted
+tokens, never Z and never the base model's own argmax there, so every hit is a change:
+
+* ``choice="random"`` (the issue's experiment): Z' drawn uniformly (seeded) from those tokens;
+* ``choice="plausible"``: the one the base model already finds most likely at the site, i.e. an
+  edit the explanation could have said. The toy AR was trained only on explanations consistent with
+  their context and reads an implausible Z' weakly (README, "Steer with words").
+
+Run it:
+
+    python -m nla_lens.toy.steer_words_experiment [--checkpoint DIR] [--positions 100] [--samples 1]
+        [--choice random|plausible] [--mode add|replace]
+
+Re-run it whenever the bundled toy is retrained; the README table is its output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Literal
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+from nla_lens import backends
+from nla_lens.errors import InputError
+from nla_lens.nla import NLA
+from nla_lens.steer_words import Mode, WordSteering, steer_with_words
+from nla_lens.toy.demo import TOY_DIR
+from nla_lens.toy.evaluate import HELDOUT_FILE, MIN_CONTEXT, ToyNLA
+from nla_lens.toy.labeler import quote
+
+ALPHAS = (0.25, 0.5, 1.0, 2.0)
+Choice = Literal["random", "plausible"]
+# The labeler's format (nla_lens.toy.labeler.describe_position); "after" is absent at a text's start.
+EXPLANATION = re.compile(r'^The token (".*?"), (?:after (".*?"), )?predicting (".*")\.$')
+
+
+@dataclass(frozen=True)
+class AlphaRow:
+    alpha: float
+    argmax_hit: float  # fraction of sites where Z' became the argmax next token
+    delta_logp: float  # mean change of log p(Z') at the site, in nats
+    control_argmax_hit: float  # the same with a random direction of the same norm
+    control_delta_logp: float
+
+
+@dataclass(frozen=True)
+class SteerWordsExperiment:
+    n_sites: int
+    samples: int
+    choice: str
+    mode: str
+    av_names_argmax: float  # fraction of sites where the explanation's Z is the base model's argmax
+    rows: list[AlphaRow]
+
+    def meets_target(self, hit: float = 0.5, control: float = 0.05, max_alpha: float = 2.0) -> bool:
+        """Issue #16's bar: at some alpha <= 2, Z' is the argmax at >= 50% of sites, the control at <= 5%."""
+        return any(r.alpha <= max_alpha and r.argmax_hit >= hit and r.control_argmax_hit <= control
+                   for r in self.rows)
+
+    def to_markdown(self) -> str:
+        lines = ["| alpha | Z' argmax (words) | mean Δ log p(Z') (words) | Z' argmax (random) "
+                 "| mean Δ log p(Z') (random) |", "|---|---|---|---|---|"]
+        lines += [f"| {r.alpha:g} | {r.argmax_hit:.0%} | {r.delta_logp:+.2f} | {r.control_argmax_hit:.0%} "
+                  f"| {r.control_delta_logp:+.2f} |" for r in self.rows]
+        return "\n".join(lines)
+
+    def to_pandas(self):
+        import pandas as pd
+
+        return pd.DataFrame([r.__dict__ for r in self.rows])
+
+    def __repr__(self) -> str:
+        best = max(self.rows, key=lambda r: r.argmax_hit)
+        return (f"SteerWordsExperiment({self.n_sites} sites, {self.choice} Z', {self.mode}, samples={self.samples}, "
+                f"best alpha={best.alpha:g}: {best.argmax_hit:.0%} vs random {best.control_argmax_hit:.0%})")
+
+    def _repr_html_(self) -> str:
+        return self.to_pandas().to_html(index=False, border=0)
+
+    def save(self, path: str | Path) -> Path:
+        """JSON with the table and the settings."""
+        path = Path(path)
+        path.write_text(json.dumps({**self.__dict__, "rows": [r.__dict__ for r in self.rows]}, indent=1))
+        return path
+
+
+def run_experiment(folder: Path = TOY_DIR, n_sites: int = 100, alphas: tuple[float, ...] = ALPHAS,
+                   samples: int = 1, choice: Choice = "random", mode: Mode = "add", stride: int = 5, per_doc: int = 2,
+                   frequent: int = 8, seed: int = 0) -> SteerWordsExperiment:
+    """The measurement behind the README table; `samples > 1` averages Delta over sampled explanations."""
+    if choice not in ("random", "plausible"):
+        raise InputError(f"choice must be 'random' or 'plausible', got {choice!r}")
+    toy = ToyNLA.load(folder)
+    nla = NLA(toy.av, toy.ar)
+    tokens, positions = _candidate_sites(toy, folder, stride, per_doc, limit=n_sites + n_sites // 4)
+    with torch.no_grad():
+        clean = _site_logprobs(toy.base, tokens, positions, [])
+        vectors = _site_vectors(toy, tokens, positions)
+        said = [v.explanation for v in toy.av.verbalize(vectors, max_new_tokens=48, batch_size=64, progress=False)]
+    keep, edits, targets, named = _choose_edits(toy, said, clean, choice, frequent, seed, n_sites)
+    if len(keep) < n_sites:
+        raise InputError(f"only {len(keep)} held-out sites have a parsable explanation; lower n_sites or stride")
+    tokens, positions, clean = tokens[keep], positions[keep], clean[keep]
+    steering = steer_with_words(nla, toy.base, tokens, positions, edit=edits, mode=mode, samples=samples, seed=seed,
+                                explanations=None if samples > 1 else [said[i] for i in keep],
+                                max_new_tokens=48, batch_size=64, compare=False, continue_tokens=0)
+    noise = torch.randn(steering.delta.shape, generator=torch.Generator().manual_seed(seed))
+    control = replace(steering, delta=noise, target=noise)
+    rows = []
+    with torch.no_grad():
+        for alpha in alphas:
+            words = _effect(toy.base, tokens, positions, steering, alpha, clean, targets)
+            random = _effect(toy.base, tokens, positions, control, alpha, clean, targets)
+            rows.append(AlphaRow(alpha, *words, *random))
+    return SteerWordsExperiment(len(keep), samples, choice, mode, sum(named) / len(named), rows)
+
+
+def _candidate_sites(toy: ToyNLA, folder: Path, stride: int, per_doc: int,
+                     limit: int) -> tuple[Int[Tensor, "n pos"], Int[Tensor, " n"]]:
+    """One row per site, in file order: the first tokens of a held-out speech, the site at column
+    MIN_CONTEXT + j * stride (j < per_doc). Rows end at the last site, so none needs padding."""
+    docs = json.loads((folder / HELDOUT_FILE).read_text())
+    columns = [MIN_CONTEXT + j * stride for j in range(per_doc)]
+    width = columns[-1] + 1
+    rows, positions = [], []
+    for doc in docs:
+        ids = toy.av.tokenizer.encode(doc["text"], add_special_tokens=False)
+        if len(ids) >= width:
+            rows += [ids[:width]] * per_doc
+            positions += columns
+        if len(rows) >= limit:
+            break
+    return torch.tensor(rows[:limit]), torch.tensor(positions[:limit])
+
+
+def _site_vectors(toy: ToyNLA, tokens: Tensor, positions: Tensor) -> Tensor:
+    k = toy.av.meta.layer
+    kept: list[Tensor] = []
+    toy.base.run_with_hooks(tokens, stop_at_layer=k + 1, fwd_hooks=[
+        (f"blocks.{k}.hook_resid_post", lambda resid, hook: kept.append(resid[torch.arange(len(tokens)), positions]))])
+    return kept[0].float()
+
+
+def _site_logprobs(base, tokens: Tensor, positions: Tensor, fwd_hooks: list) -> Tensor:
+    mask = backends.implicit_attention_mask(base, tokens)
+    logits = base.run_with_hooks(tokens, attention_mask=mask, fwd_hooks=fwd_hooks)
+    return logits[torch.arange(len(tokens)), positions].float().log_softmax(-1)
+
+
+def _choose_edits(toy: ToyNLA, said: list[str | None], clean: Tensor, choice: Choice, frequent: int, seed: int,
+                  limit: int) -> tuple[list[int], list, Tensor, list[bool]]:
+    """Sites whose explanation parses, each with Z' (frequent, != Z, != the base argmax) and its edit."""
+    argmax = clean.argmax(-1)
+    tokenizer = toy.av.tokenizer
+    quoted = {quote(tokenizer.decode([i])): i for i in reversed(range(len(tokenizer)))}  # lowest id wins
+    parsed = [EXPLANATION.match(s or "") for s in said]
+    counts = Counter(m.group(3) for m in parsed if m and m.group(3) in quoted)
+    pool = [z for z, _ in counts.most_common(frequent)]
+    rng = torch.Generator().manual_seed(seed)
+    keep, edits, targets, named = [], [], [], []
+    for i, m in enumerate(parsed):
+        if m is None or len(keep) == limit:
+            continue
+        options = [z for z in pool if z != m.group(3) and quoted[z] != int(argmax[i])]
+        if choice == "random":
+            new = options[int(torch.randint(len(options), (1,), generator=rng))]
+        else:
+            new = max(options, key=lambda z: float(clean[i, quoted[z]]))
+        keep.append(i)
+        edits.append(_set_prediction(new))
+        targets.append(quoted[new])
+        named.append(quoted.get(m.group(3)) == int(argmax[i]))
+    return keep, edits, torch.tensor(targets), named
+
+
+def _set_prediction(new: str):
+    """The edit: whatever token an explanation predicts becomes `new` (a sample that does not parse is kept)."""
+    def edit(explanation: str) -> str:
+        m = EXPLANATION.match(explanation)
+        return explanation if m is None else explanation[:m.start(3)] + new + "."
+    return edit
+
+
+def _effect(base, tokens: Tensor, positions: Tensor, steering: WordSteering, alpha: float, clean: Tensor,
+            targets: Tensor) -> tuple[float, float]:
+    steered = _site_logprobs(base, tokens, positions, steering.fwd_hooks(alpha=alpha))
+    rows = torch.arange(len(targets))
+    hit = (steered.argmax(-1) == targets).float().mean()
+    delta = (steered[rows, targets] - clean[rows, targets]).mean()
+    return float(hit), float(delta)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", type=Path, default=TOY_DIR)
+    parser.add_argument("--positions", type=int, default=100)
+    parser.add_argument("--samples", type=int, default=1)
+    parser.add_argument("--choice", choices=["random", "plausible"], default="random")
+    parser.add_argument("--mode", choices=["add", "replace"], default="add")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    result = run_experiment(args.checkpoint, args.positions, samples=args.samples, choice=args.choice, mode=args.mode,
+                            seed=args.seed)
+    print(f"{result.n_sites} held-out sites, {result.choice} Z', mode={result.mode}, {result.samples} explanation "
+          "sample(s) per site; "
+          f"the AV's Z is the "
+          f"base model's argmax at {result.av_names_argmax:.0%} of them")
+    print(result.to_markdown())
+    print("target met" if result.meets_target() else "target NOT met")
+
+
+if __name__ == "__main__":
+    main()

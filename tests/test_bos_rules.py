@@ -1,0 +1,88 @@
+"""The BOS rules of the training code (issue #13), everywhere nla_lens tokenizes text itself.
+
+Base text for activations and AR prompts are tokenized with the tokenizer's special tokens (kitft
+`nla/datagen/extractors.py`, the critic in `nla_inference.py`): BOS first on Gemma / Llama, nothing
+added on Qwen. Checked against plain HF on the tiny Gemma-3 checkpoint (whose tokenizer puts `<bos>`
+first) and unchanged on the tiny Qwen3 one (no BOS).
+"""
+
+from __future__ import annotations
+
+import torch
+from conftest import LAYER, NEEDS_TL3
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import nla_lens as nl
+from nla_lens import commands, loading
+from nla_lens.sidecar import text_ids
+from nla_lens.testing_families import AV_TEMPLATE, GEMMA_MARKER
+
+ATOL = 1e-5
+TEXT = "The cat sat on the mat. A dog ran in the park."
+
+
+def _hf_resid(folder, ids: list[int]) -> torch.Tensor:
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return hf(torch.tensor([ids]), output_hidden_states=True).hidden_states[LAYER + 1][0]
+
+
+def test_base_text_puts_bos_first_only_where_the_tokenizer_has_one(bos_paths, tiny_paths):
+    gemma = AutoTokenizer.from_pretrained(bos_paths["gemma_av"])
+    qwen = AutoTokenizer.from_pretrained(tiny_paths["av_karvonen"])
+    assert text_ids(gemma, TEXT)[0] == gemma.bos_token_id
+    assert text_ids(gemma, TEXT)[1:] == gemma.encode(TEXT, add_special_tokens=False)
+    assert text_ids(qwen, TEXT) == qwen.encode(TEXT, add_special_tokens=False)  # Qwen: unchanged
+
+
+def test_to_tokens_of_a_loaded_model_follows_the_rule(bos_paths, av_karvonen):
+    av = nl.ActivationVerbalizer.from_pretrained(bos_paths["gemma_av"])
+    tokens = av.model.to_tokens(TEXT)[0].tolist()
+    assert tokens == text_ids(av.tokenizer, TEXT) and tokens.count(av.tokenizer.bos_token_id) == 1
+    assert av_karvonen.model.to_tokens(TEXT)[0].tolist() == text_ids(av_karvonen.tokenizer, TEXT)
+
+
+def test_cli_text_capture_reads_the_bos_first_tokens(bos_paths):
+    folder = bos_paths["gemma_av"]
+    captured = commands.capture_text(str(folder), LAYER, TEXT, "cpu", torch.float32)
+    ids = text_ids(AutoTokenizer.from_pretrained(folder), TEXT)
+    expected = _hf_resid(folder, ids)
+    assert captured.shape == expected.shape
+    assert (captured - expected).abs().max() < ATOL
+
+
+def test_training_ar_rows_and_sidecars_record_the_rule(bos_paths, tiny_paths):
+    from nla_lens.training.dataset import LabelledActivations, ar_rows
+
+    for folder, bos in ((bos_paths["gemma_ar"], True), (tiny_paths["ar_paper"], False)):
+        ar_meta = nl.load_meta(folder)
+        tokenizer = loading.load_tokenizer(folder)
+        data = LabelledActivations(torch.zeros(1, ar_meta.d_model), ["doc-0"], [3], ["the cat"])
+        prompt = ar_rows(data, ar_meta, tokenizer).prompts[0]
+        assert prompt == text_ids(tokenizer, ar_meta.ar_prompt("the cat"))
+        assert (prompt[0] == tokenizer.bos_token_id) is bos
+
+
+@NEEDS_TL3
+def test_extraction_on_a_bos_base_stores_the_activations_of_bos_first_text(bos_paths, tmp_path):
+    from nla_lens.testing import AR_TEMPLATE
+    from nla_lens.training import ExtractConfig, extract_activations, load_activations
+
+    folder = bos_paths["gemma_av"]
+    tokenizer = loading.load_tokenizer(folder)
+    model = loading.load_hooked_transformer(folder, tokenizer, dtype=torch.float32, device="cpu")
+    config = ExtractConfig(layer=LAYER, positions_per_doc=2, min_context=2, max_tokens=24, batch_size=2,
+                           injection_char=GEMMA_MARKER, av_template=AV_TEMPLATE, ar_template=AR_TEMPLATE)
+    acts = load_activations(extract_activations(model, tokenizer, [TEXT], tmp_path, config, progress=False))
+    assert acts.meta.raw["tokenization"]["bos_token_id"] == tokenizer.bos_token_id
+    ids = text_ids(tokenizer, TEXT)[:config.max_tokens]
+    expected = _hf_resid(folder, ids)
+    for record, vector in zip(acts.records, acts.vectors, strict=True):
+        assert record.token_id == ids[record.position]
+        assert (vector - expected[record.position]).abs().max() < ATOL
+
+
+def test_a_multimodal_gemma_base_captures_as_its_text_model(bos_paths):
+    text = commands.capture_text(str(bos_paths["gemma_av"]), LAYER, TEXT, "cpu", torch.float32)
+    wrapped = commands.capture_text(str(bos_paths["gemma_av_multimodal"]), LAYER, TEXT, "cpu", torch.float32)
+    assert torch.equal(text, wrapped)

@@ -1,0 +1,92 @@
+"""The explained-text view, rendered by headless chromium: the colours it promises are on the screen."""
+
+from __future__ import annotations
+
+import shutil
+import struct
+import subprocess
+import zlib
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from nla_lens import display
+
+FVES = [None, None, 0.95, 0.91, 0.62, 0.88, -0.4, -1.5, 0.97, 0.90]
+WORDS = ["Romeo", ":", " where", "fore", " art", " thou", " Romeo", "?", " Deny", " thy"]
+
+
+def _cells() -> list[display.TokenCell]:
+    return [display.TokenCell(w, p) if fve is None else display.TokenCell(
+        w, p, True, None if p == 7 else f'The token "{w}", after something.', "garbled" if p == 7 else None, fve,
+        0.83 * (1 - fve)) for p, (w, fve) in enumerate(zip(WORDS, FVES, strict=True))]
+
+
+def _screenshot(page: Path, out: Path, profile: Path) -> bytes:
+    subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                    "--hide-scrollbars", f"--user-data-dir={profile}", f"--screenshot={out}",
+                    "--window-size=1000,700", page.as_uri()], capture_output=True, timeout=120, check=True)
+    return out.read_bytes()
+
+
+def _pixels(png: bytes) -> tuple[int, int, list[tuple[int, int, int]]]:
+    """Decode an 8-bit RGB(A), non-interlaced PNG (what chromium writes) with zlib alone."""
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    at, chunks, header = 8, [], None
+    while at < len(png):
+        length, kind = struct.unpack(">I4s", png[at:at + 8])
+        data = png[at + 8:at + 8 + length]
+        if kind == b"IHDR":
+            header = struct.unpack(">IIBBBBB", data)
+        elif kind == b"IDAT":
+            chunks.append(data)
+        at += 12 + length
+    width, height, depth, colour_type, _, _, interlace = header
+    assert depth == 8 and colour_type in (2, 6) and interlace == 0
+    channels = 3 if colour_type == 2 else 4
+    raw, stride = zlib.decompress(b"".join(chunks)), width * channels
+    rows, previous = [], bytearray(stride)
+    for y in range(height):
+        kind, line = raw[y * (stride + 1)], bytearray(raw[y * (stride + 1) + 1:(y + 1) * (stride + 1)])
+        for i in range(stride):
+            left = line[i - channels] if i >= channels else 0
+            up, corner = previous[i], previous[i - channels] if i >= channels else 0
+            if kind == 1:
+                line[i] = (line[i] + left) & 255
+            elif kind == 2:
+                line[i] = (line[i] + up) & 255
+            elif kind == 3:
+                line[i] = (line[i] + (left + up) // 2) & 255
+            elif kind == 4:
+                p = left + up - corner
+                pa, pb, pc = abs(p - left), abs(p - up), abs(p - corner)
+                line[i] = (line[i] + (left if pa <= pb and pa <= pc else up if pb <= pc else corner)) & 255
+        rows.append(line)
+        previous = line
+    pixels = [tuple(row[x * channels:x * channels + 3]) for row in rows for x in range(width)]
+    return width, height, pixels
+
+
+def _hex(colour: str) -> tuple[int, int, int]:
+    return tuple(int(colour[i:i + 2], 16) for i in (1, 3, 5))
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian chromium not installed")
+def test_explained_text_view_renders_its_colours_in_headless_chromium(tmp_path):
+    cells = _cells()
+    scale = display.ColourScale.from_cells(cells)
+    page = tmp_path / "view.html"
+    page.write_text(display.page("view", display.explained_text_html(
+        [cells], title="Explained text", layer=3, summary="10 tokens at layer 3")), encoding="utf-8")
+    width, height, pixels = _pixels(_screenshot(page, tmp_path / "shot.png", tmp_path / "profile"))
+    assert (width, height) == (1000, 700)
+    counts = Counter(pixels)
+    assert counts[(255, 255, 255)] < 0.97 * len(pixels)  # not a blank page
+    # Each promised colour fills token boxes: the best FVE, the worst non-negative one, the most negative
+    # (dark red), a milder negative (lighter red) and the grey of context tokens.
+    for name, value in [("best", 0.97), ("lowest non-negative", 0.62), ("most negative", -1.5), ("negative", -0.4)]:
+        assert counts[_hex(scale.colour(value))] > 100, name
+    assert counts[_hex("#e8e8e8")] > 100, "context tokens"
+    assert _hex(scale.colour(-1.5)) == (222, 45, 38)

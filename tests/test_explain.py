@@ -1,0 +1,162 @@
+"""`nla.explain` / `nla-lens explain`, `NLA.from_pretrained`, `nl.load_base` and `nl.toy.load`."""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+from base_batches import load_base, no_hooks_left
+
+import nla_lens as nl
+from nla_lens.cli import main
+from nla_lens.explain import select_positions
+from nla_lens.toy.evaluate import MIN_CONTEXT
+from nla_lens.toy.labeler import names_token
+
+FAST = {"max_new_tokens": 4}
+TEXTS = ["The cat sat on the mat.", "A dog ran"]
+
+
+@pytest.fixture(scope="module")
+def base(tiny_paths):
+    return load_base(tiny_paths["av_karvonen"])
+
+
+@pytest.fixture(scope="module")
+def nla(av_karvonen, ar_nanonla):
+    return nl.NLA(av_karvonen, ar_nanonla)
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return nl.toy.load()
+
+
+def test_explain_has_a_row_per_token_scored_as_a_round_trip_of_the_captured_vectors(base, nla):
+    ex = nla.explain(base, TEXTS, baseline=0.8, **FAST)
+    ids = [base.tokenizer.encode(t, add_special_tokens=True) for t in TEXTS]
+    sites = [(t, p) for t, row in enumerate(ids) for p in range(len(row))]
+    assert [(r.text_index, r.position) for r in ex.rows] == sites
+    assert [r.token for r in ex.rows] == [tok for t in TEXTS for tok in base.to_str_tokens(t, prepend_bos=False)]
+    name = f"blocks.{nla.layer}.hook_resid_post"
+    expected = torch.cat([base.run_with_cache(torch.tensor([row]), names_filter=name)[1][name][0] for row in ids])
+    assert torch.equal(ex.vectors, expected.float())
+    reference = nla.round_trip(expected, baseline=0.8, **FAST)
+    assert [r.verbalization for r in ex.rows] == list(reference.verbalizations)
+    assert [r.mse for r in ex.rows] == pytest.approx(reference.mse.tolist(), abs=1e-6)
+    assert [r.fve for r in ex.rows] == pytest.approx((1 - reference.mse / 0.8).tolist(), abs=1e-6)
+    records = ex.to_records()
+    assert {r["baseline"] for r in records} == {0.8} and {r["baseline_source"] for r in records} == {"given"}
+    assert set(records[0]) >= {"text_index", "position", "token", "explanation", "parsed", "text", "mse", "fve",
+                               "baseline", "baseline_source", "layer"}
+    assert ex.texts == TEXTS and no_hooks_left(base)
+
+
+def test_explain_runs_under_the_users_hooks(base, nla):
+    name = f"blocks.{nla.layer}.hook_resid_post"
+    push = torch.randn(64, generator=torch.Generator().manual_seed(3))
+    plain = nla.explain(base, TEXTS[0], positions=[-1, 0], baseline=0.8, **FAST)
+    with base.hooks(fwd_hooks=[(name, lambda resid, hook: resid + push)]):
+        steered = nla.explain(base, TEXTS[0], positions=[-1, 0], baseline=0.8, **FAST)
+    passed = nla.explain(base, TEXTS[0], positions=[-1, 0], baseline=0.8,
+                         fwd_hooks=[(name, lambda resid, hook: resid + push)], **FAST)
+    assert torch.allclose(steered.vectors, plain.vectors + push, atol=1e-5)
+    assert torch.equal(passed.vectors, steered.vectors)
+    assert no_hooks_left(base)
+
+
+def test_positions_select_the_same_tokens_in_every_text():
+    assert select_positions(None, 5) == [0, 1, 2, 3, 4]
+    assert select_positions(None, 5, skip=1) == [1, 2, 3, 4]  # a BOS the tokenizer added
+    assert select_positions(-1, 5) == [4] and select_positions([3, -1, 3], 5) == [3, 4]
+    assert select_positions(slice(2, None), 5) == [2, 3, 4]
+    with pytest.raises(nl.InputError, match="outside a text of 5 tokens"):
+        select_positions([7], 5)
+    with pytest.raises(nl.InputError, match="select no token"):
+        select_positions(slice(9, None), 5)
+    with pytest.raises(nl.InputError, match="positions must be"):
+        select_positions("last", 5)
+
+
+def test_explain_refuses_empty_texts_with_a_typed_error(base, nla):
+    for bad in ("", "   ", [], ["fine", ""]):
+        with pytest.raises(nl.InputError, match="non-empty"):
+            nla.explain(base, bad)
+
+
+def test_nla_from_pretrained_checks_the_pair_before_loading(tiny_paths, tmp_path):
+    nla = nl.NLA.from_pretrained(tiny_paths["av_karvonen"], tiny_paths["ar_nanonla"])
+    assert nla.layer == nla.ar.meta.layer and nla.av.injection_spec.method == "karvonen"
+    folder = shutil.copytree(tiny_paths["ar_nanonla"], tmp_path / "ar")
+    meta = yaml.safe_load((folder / "nla_meta.yaml").read_text())
+    meta["extraction"]["layer_index"] = 1
+    (folder / "nla_meta.yaml").write_text(yaml.safe_dump(meta, allow_unicode=True))
+    (folder / "model.safetensors").write_bytes(b"not weights")  # never read: the sidecars already disagree
+    with pytest.raises(nl.PairMismatchError, match="layer"):
+        nl.NLA.from_pretrained(tiny_paths["av_karvonen"], folder)
+
+
+def test_load_base_warns_when_given_an_nla_checkpoint_and_names_a_missing_base(tiny_paths, nla):
+    with pytest.warns(UserWarning, match="is an NLA checkpoint"):
+        nl.load_base(tiny_paths["av_karvonen"])
+    with pytest.raises(nl.CheckpointError, match="hf download"):
+        nl.load_base(nla.av.meta)  # the tiny sidecar names a hub id that is not in the cache
+
+
+def test_no_tl_deprecation_nag_and_no_progress_bars_from_library_calls(tiny_paths, av_karvonen, capfd):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_base(tiny_paths["av_karvonen"])
+    assert not [w for w in caught if "enable_compatibility_mode" in str(w.message)]
+    capfd.readouterr()
+    av_karvonen.verbalize(torch.randn(2, 64), **FAST)
+    assert capfd.readouterr().err == ""
+
+
+def test_the_toy_explains_held_out_shakespeare_with_meaningful_scores(toy):
+    text = nl.toy.heldout_texts(1)[0]
+    ex = toy.nla.explain(toy.base, text, max_new_tokens=48, batch_size=64)
+    rt = ex.round_trip
+    assert rt.baseline_source == "sidecar (held-out)" and rt.baseline_n > 1000
+    assert rt.fve > 0.5 and rt.n_failed_parses <= len(ex.rows) // 10
+    late = [r for r in ex.rows if r.position >= MIN_CONTEXT]
+    ids = toy.base.tokenizer.encode(text, add_special_tokens=True)
+    named = [names_token(r.explanation, toy.av.tokenizer, ids[r.position]) for r in late]
+    assert sum(named) >= 0.5 * len(late)  # the AV names the token it reads for most positions
+    html = ex._repr_html_()
+    assert "blocks.3.hook_resid_post" in html and html.count("<tr>") == len(ex.rows) + 1
+
+
+def test_load_base_finds_the_toy_base_from_its_sidecar(toy):
+    base = nl.load_base(toy.nla)
+    assert torch.equal(base.W_E, toy.base.W_E) and base.cfg.n_layers == toy.base.cfg.n_layers
+
+
+def test_explain_command_prints_rows_and_writes_them(tmp_path, capsys):
+    toy_dir = nl.toy.TOY_DIR
+    out = tmp_path / "rows.parquet"
+    assert main(["explain", "--av", str(toy_dir / "av"), "--ar", str(toy_dir / "ar"), "--text", "Romeo: wherefore art",
+                 "--text", "Thou art a villain", "--positions", "-1", "--max-new-tokens", "48", "--output",
+                 str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "[0] Romeo: wherefore art" in printed and "[1] Thou art a villain" in printed
+    assert "sidecar (held-out)" in printed and printed.count("The token") == 2
+    rows = pq.read_table(out).to_pylist()
+    assert [r["text_index"] for r in rows] == [0, 1] and all(r["fve"] is not None for r in rows)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--text", ""], "nothing to explain"),
+    (["--file", "/no/such/file.txt"], "does not exist"),
+    (["--text", "hi", "--output", "/no/such/dir/out.parquet"], "does not exist"),
+    (["--text", "hi", "--output", "out.csv"], r"\.parquet or \.jsonl"),
+    (["--text", "hi", "--device", "gpu"], "not a torch device"),
+])
+def test_explain_command_rejects_bad_input_before_loading_anything(args, message, capsys, tmp_path):
+    assert main(["explain", "--av", str(tmp_path / "missing"), "--ar", str(tmp_path / "missing"), *args]) == 2
+    err = capsys.readouterr().err
+    assert "InputError" in err and message.replace("\\", "") in err

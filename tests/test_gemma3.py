@@ -1,0 +1,216 @@
+"""Gemma-3 NLAs (issue #13) equal the paper's recipe in plain HF, text-only and in the multimodal wrapper.
+
+The AV reference embeds with HF's own (sqrt(d)-scaled) embedding layer, overwrites the marker row with
+v * injection_scale / ||v|| and runs `inputs_embeds` (kitft docs/inference.md); the AR reference is
+the paper's critic (BOS first, final norm removed, value head at the last token). fp32 on the CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, Gemma3ForConditionalGeneration
+
+import hf_reference as ref
+import nla_lens as nl
+from nla_lens import backends
+from nla_lens.testing_families import SLIDING_WINDOW
+
+ATOL = 1e-5
+MAX_NEW = 12
+LAYOUTS = ["gemma_av", "gemma_av_multimodal"]
+EXPLANATIONS = ["the cat sat on the mat", "a dog ran in the park and the weather", "the sea"]
+
+
+def _hf_av(folder):
+    model_class = Gemma3ForConditionalGeneration if "multimodal" in folder.name else AutoModelForCausalLM
+    return model_class.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def gemma_avs(bos_paths) -> dict[str, nl.ActivationVerbalizer]:
+    return {name: nl.ActivationVerbalizer.from_pretrained(bos_paths[name]) for name in LAYOUTS}
+
+
+@pytest.fixture()
+def gemma_vectors() -> torch.Tensor:
+    return 5.0 * torch.randn(3, 64, generator=torch.Generator().manual_seed(7))
+
+
+def _reference_embeds(hf, av, tokens, vectors):
+    sites = ref.marker_sites(tokens, av.meta.raw["tokens"])
+    return ref.replaced_embeddings(hf, tokens, sites, vectors, av.meta.injection_scale)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_gemma3_av_logits_match_hf_embedding_replacement(gemma_avs, bos_paths, layout, gemma_vectors):
+    av = gemma_avs[layout]
+    tokens = av.prompt_tokens(len(gemma_vectors))
+    logits = av.model.run_with_hooks(tokens, fwd_hooks=av.injection(gemma_vectors, tokens).fwd_hooks())
+
+    hf = _hf_av(bos_paths[layout])
+    with torch.no_grad():
+        embeds = _reference_embeds(hf, av, tokens, gemma_vectors)
+        expected = hf(inputs_embeds=embeds).logits
+        plain = hf(tokens).logits
+        hf.config.get_text_config().sliding_window = 10_000  # the same model without its local window
+        unwindowed = hf(inputs_embeds=embeds).logits
+    assert (logits - expected).abs().max() < ATOL
+    # Teeth: the injection moves the logits, and the prompt outgrows the sliding window, so local
+    # attention differs from global attention on it.
+    assert tokens.shape[1] > 4 * SLIDING_WINDOW
+    assert (expected - plain).abs().max() > 1e-2
+    assert (expected - unwindowed).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_gemma3_av_prompt_holds_exactly_one_bos(gemma_avs, layout):
+    av = gemma_avs[layout]
+    tokens = av.prompt_tokens(1)[0].tolist()
+    assert tokens[0] == av.tokenizer.bos_token_id
+    assert tokens.count(av.tokenizer.bos_token_id) == 1
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_gemma3_greedy_verbalize_equals_hf_generate_from_inputs_embeds(gemma_avs, bos_paths, layout,
+                                                                        gemma_vectors):
+    av = gemma_avs[layout]
+    ours = [v.tokens for v in av.verbalize(gemma_vectors, max_new_tokens=MAX_NEW, progress=False)]
+
+    hf = ref.text_causal_lm(_hf_av(bos_paths[layout]))
+    tokens = av.prompt_tokens(len(gemma_vectors))
+    with torch.no_grad():
+        embeds = _reference_embeds(hf, av, tokens, gemma_vectors)
+        generated = hf.generate(inputs_embeds=embeds, attention_mask=torch.ones_like(tokens),
+                                max_new_tokens=MAX_NEW, do_sample=False, eos_token_id=av.eos_token_ids,
+                                pad_token_id=av.tokenizer.pad_token_id)
+    eos = set(av.eos_token_ids)
+    theirs = [row[:next((i + 1 for i, t in enumerate(row) if t in eos), len(row))] for row in generated.tolist()]
+    assert ours == theirs
+    assert len({tuple(row) for row in ours}) > 1  # the vectors steer the text apart
+
+
+def _cut_vision_bytes(folder) -> int:
+    """Truncate the safetensors file where the first vision / projector tensor's data begins."""
+    path = folder / "model.safetensors"
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(header_len))
+    header.pop("__metadata__", None)
+    vision = [info["data_offsets"][0] for name, info in header.items() if not name.startswith("language_model.")]
+    text_end = max(info["data_offsets"][1] for name, info in header.items() if name.startswith("language_model."))
+    cut = 8 + header_len + min(vision)
+    assert vision and cut >= 8 + header_len + text_end  # every text tensor lies before the cut
+    with open(path, "r+b") as f:
+        f.truncate(cut)
+    return len(vision)
+
+
+def test_gemma3_multimodal_loads_without_reading_the_vision_tower(bos_paths, tmp_path, gemma_vectors,
+                                                                   gemma_avs):
+    folder = tmp_path / "wrapper"
+    shutil.copytree(bos_paths["gemma_av_multimodal"], folder)
+    n_vision = _cut_vision_bytes(folder)
+    assert n_vision > 10
+    with pytest.raises(Exception):  # noqa: B017 - the vision bytes are gone: safetensors refuses the file
+        safe_open(str(folder / "model.safetensors"), framework="pt")
+
+    av = nl.ActivationVerbalizer.from_pretrained(folder)
+    tokens = av.prompt_tokens(len(gemma_vectors))
+    logits = av.model.run_with_hooks(tokens, fwd_hooks=av.injection(gemma_vectors, tokens).fwd_hooks())
+    intact = gemma_avs["gemma_av_multimodal"]
+    expected = intact.model.run_with_hooks(tokens, fwd_hooks=intact.injection(gemma_vectors, tokens).fwd_hooks())
+    assert torch.equal(logits, expected)
+    assert not any("vision" in name for name, _ in av.model.named_parameters())
+
+
+@pytest.mark.skipif(backends.default_backend() != "hooked", reason="the HookedTransformer config")
+def test_gemma3_hooked_config_follows_the_checkpoint(gemma_avs):
+    cfg = gemma_avs["gemma_av"].model.cfg
+    assert cfg.attn_types == ["local", "local", "global", "local"] and cfg.window_size == SLIDING_WINDOW
+    assert cfg.use_normalization_before_and_after and cfg.use_qk_norm
+    assert (cfg.rotary_base, cfg.rotary_base_local, cfg.rotary_scaling_factor) == (1e6, 1e4, 8.0)
+    assert cfg.attn_scale == pytest.approx(24 ** 0.5)  # sqrt(query_pre_attn_scalar), not sqrt(d_head) = 4
+    assert cfg.default_prepend_bos  # model.to_tokens(text) puts BOS first, as the training code did
+
+
+@pytest.mark.parametrize("which", ["gemma_ar", "llama_ar"])
+def test_bos_family_ar_matches_the_paper_critic(bos_paths, which):
+    ar = nl.ActivationReconstructor.from_pretrained(bos_paths[which])
+    tokens, mask = ar.prompt_tokens(EXPLANATIONS)
+    bos = ar.tokenizer.bos_token_id
+    first_real = tokens[torch.arange(len(tokens)), (mask == 0).sum(dim=1)]
+    assert (first_real == bos).all() and ((tokens == bos) & mask.bool()).sum() == len(EXPLANATIONS)
+
+    ours = ar.reconstruct(EXPLANATIONS, batch_size=2)
+    expected = ref.ar_reconstruct(bos_paths[which], EXPLANATIONS)
+    assert (ours - expected).abs().max() < ATOL
+    # Teeth: without the BOS the critic reads other tokens and lands elsewhere.
+    unbosed = ref.ar_reconstruct(bos_paths[which], EXPLANATIONS, special_tokens=False)
+    assert (unbosed - expected).abs().max() > 0.1
+
+
+@pytest.mark.skipif(backends.default_backend() != "hooked", reason="the HookedTransformer fast decoder")
+def test_gemma3_fast_decoder_equals_tl_forward_past_the_window(gemma_avs, gemma_vectors):
+    from nla_lens import decoding
+    from nla_lens.decoding_gemma import GemmaDecoder
+
+    av = gemma_avs["gemma_av"]
+    tokens = av.prompt_tokens(len(gemma_vectors))
+    hooks = av.injection(gemma_vectors, tokens).fwd_hooks()
+    fast = backends.decoder(av.model, len(tokens), tokens.shape[1] + MAX_NEW, hooks)
+    assert isinstance(fast, GemmaDecoder)
+    slow = decoding.HookedDecoder(av.model, len(tokens))
+    with torch.inference_mode():
+        ours, theirs = fast.prefill(tokens, hooks), slow.prefill(tokens, hooks)
+        assert (ours - theirs).abs().max() < ATOL
+        for _ in range(MAX_NEW - 1):  # decode steps whose local layers see only the last window
+            ids = theirs.argmax(dim=-1)
+            ours, theirs = fast.step(ids), slow.step(ids)
+            assert (ours - theirs).abs().max() < ATOL
+    # Any hook that could observe TL's internals sends decoding back to TL's forward.
+    with av.model.hooks(fwd_hooks=[("blocks.1.attn.hook_z", lambda z, hook: z)]):
+        assert isinstance(backends.decoder(av.model, 1, 64, hooks), decoding.HookedDecoder)
+    assert isinstance(backends.decoder(av.model, 1, 64, [("blocks.0.hook_mlp_out", hooks[0][1])]),
+                      decoding.HookedDecoder)
+
+
+# The text_config of Google's released Gemma-3-12B-IT / 27B-IT config.json (the multimodal wrapper).
+_RELEASED = {
+    "google/gemma-3-12b-it": {"hidden_size": 3840, "intermediate_size": 15360, "num_attention_heads": 16,
+                              "num_hidden_layers": 48, "num_key_value_heads": 8, "head_dim": 256,
+                              "query_pre_attn_scalar": 256},
+    "google/gemma-3-27b-it": {"hidden_size": 5376, "intermediate_size": 21504, "num_attention_heads": 32,
+                              "num_hidden_layers": 62, "num_key_value_heads": 16, "head_dim": 128,
+                              "query_pre_attn_scalar": 168},
+}
+
+
+@pytest.mark.skipif(backends.default_backend() != "hooked", reason="compares with TransformerLens 3.9's configs")
+@pytest.mark.parametrize("name", sorted(_RELEASED))
+def test_gemma3_config_from_config_json_equals_transformer_lens_own(name, tmp_path):
+    from transformer_lens import loading_from_pretrained
+
+    from nla_lens import loading
+
+    text = {**_RELEASED[name], "model_type": "gemma3_text", "sliding_window": 1024, "rope_theta": 1_000_000.0,
+            "rope_local_base_freq": 10_000.0, "rope_scaling": {"factor": 8.0, "rope_type": "linear"}}
+    (tmp_path / "config.json").write_text(json.dumps({
+        "architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3", "text_config": text,
+        "vision_config": {"model_type": "siglip_vision_model"}, "image_token_index": 262144}))
+    ours = loading.hooked_config(loading.load_hf_config(tmp_path), n_layers=None, dtype=torch.float32, device="cpu")
+    theirs = loading_from_pretrained.convert_hf_model_config(name)
+    skip = {"n_ctx", "initializer_range", "attn_scale"}  # TL caps n_ctx at 8192; init is irrelevant here
+    for key, value in theirs.items():
+        if key not in skip and key not in ("original_architecture", "tokenizer_name"):
+            assert getattr(ours, key) == value, key
+    # TL's hard-coded 27B config has no attn_scale (it would divide by sqrt(d_head) = sqrt(128)); the
+    # checkpoint says query_pre_attn_scalar = 168, which HF and nla_lens use.
+    assert ours.attn_scale == pytest.approx(_RELEASED[name]["query_pre_attn_scalar"] ** 0.5)
+    tl_scale = theirs.get("attn_scale", theirs["d_head"] ** 0.5)  # TL's default: sqrt(d_head)
+    assert (tl_scale == pytest.approx(ours.attn_scale)) == name.endswith("12b-it")

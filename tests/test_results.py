@@ -1,0 +1,119 @@
+"""Every result type prints short, shows as HTML, and leaves as a DataFrame, parquet, JSONL or a page."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import torch
+from base_batches import load_base
+
+import nla_lens as nl
+from nla_lens import display
+
+FAST = {"max_new_tokens": 4}
+LAYER = 2
+
+
+@pytest.fixture(scope="module")
+def base(tiny_paths):
+    return load_base(tiny_paths["av_karvonen"])
+
+
+@pytest.fixture(scope="module")
+def results(base, av_karvonen, ar_nanonla) -> dict[str, nl.TabularResult]:
+    """One of each result type, built on the tiny NLA (its explanations are noise; the plumbing is not)."""
+    nla = nl.NLA(av_karvonen, ar_nanonla)
+    vectors = torch.randn(3, 64, generator=torch.Generator().manual_seed(0))
+    tokens = base.to_tokens(["The cat sat on the mat.", "A dog sat on the mat."])
+    steer = torch.randn(64, generator=torch.Generator().manual_seed(1))
+    return {
+        "verbalizations": av_karvonen.verbalize(vectors, **FAST),
+        "round_trip": nla.round_trip(vectors, baseline=0.8, **FAST),
+        "steering": nl.steer_then_verbalize(base, nla, tokens, steering_vector=steer, scale=4.0, steer_layer=1,
+                                            baseline=0.8, **FAST),
+        "patching": nl.patching_study(base, nla, tokens, tokens.flip(0), patch_layer=1, patch_position=1,
+                                      baseline=0.8, **FAST),
+        "direction": nl.verbalize_direction(av_karvonen, vectors, **FAST),
+        "explanation": nla.explain(base, ["The cat sat.", "A dog"], baseline=0.8, **FAST),
+    }
+
+
+KINDS = ["verbalizations", "round_trip", "steering", "patching", "direction", "explanation"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_repr_is_short_and_holds_no_tensor(results, kind):
+    text = repr(results[kind])
+    assert text.startswith(type(results[kind]).__name__ + ": ")
+    assert "tensor(" not in text and len(text) < 1500 and len(text.splitlines()) <= 8
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_records_pandas_parquet_and_jsonl_agree(results, kind, tmp_path):
+    result = results[kind]
+    records = result.to_records()
+    assert records and all(isinstance(r, dict) and r.keys() == records[0].keys() for r in records)
+    frame = result.to_pandas()
+    assert isinstance(frame, pd.DataFrame) and list(frame.columns) == list(records[0]) and len(frame) == len(records)
+    assert pq.read_table(result.save(tmp_path / "out.parquet")).to_pylist() == records
+    lines = (result.save(tmp_path / "out.jsonl")).read_text(encoding="utf-8").splitlines()
+    assert [json.loads(line) for line in lines] == json.loads(json.dumps(records))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_html_is_self_contained_and_shows_every_shown_column(results, kind, tmp_path):
+    result = results[kind]
+    html = result._repr_html_()
+    assert "<script" not in html and "http" not in html and "<table" in html
+    for column in ("explanation", "fve") if kind in ("round_trip", "explanation") else ():
+        assert column in html.lower()
+    page = result.save(tmp_path / "view.html").read_text(encoding="utf-8")
+    assert page.startswith("<!DOCTYPE html>") and html in page
+
+
+def test_the_rows_carry_the_numbers_of_the_result(results):
+    rt = results["round_trip"]
+    assert [r["mse"] for r in rt.to_records()] == pytest.approx(rt.mse.tolist())
+    assert [r["fve"] for r in rt.to_records()] == pytest.approx((1 - rt.mse / 0.8).tolist())
+    steering = results["steering"]
+    assert [r["fve_steered"] for r in steering.to_records()] == [r.fve_steered for r in steering.rows]
+    assert [r["run"] for r in results["patching"].to_records()] == ["clean"] * 2 + ["corrupted"] * 2 + ["patched"] * 2
+    assert results["verbalizations"] == list(results["verbalizations"])  # still a plain list to compare and index
+
+
+def test_save_refuses_unknown_suffixes_folders_and_missing_folders_before_writing(results, tmp_path):
+    rt = results["round_trip"]
+    with pytest.raises(nl.InputError, match=r"\.parquet or \.jsonl"):
+        rt.save(tmp_path / "out.csv")
+    (tmp_path / "dir.parquet").mkdir()
+    with pytest.raises(nl.InputError, match="is a folder"):
+        rt.save(tmp_path / "dir.parquet")
+    with pytest.raises(nl.InputError, match="does not exist"):
+        rt.save(tmp_path / "no" / "such" / "out.parquet")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir.parquet"]
+
+
+def test_colour_scale_spreads_by_rank_and_keeps_negative_fve_red():
+    cells = [display.TokenCell("a", 0, True, "x", None, fve) for fve in (0.90, 0.92, 0.95, -0.5, -2.0)]
+    scale = display.ColourScale.from_cells(cells)
+    assert scale.metric == "FVE" and scale.observed == (0.90, 0.92, 0.95) and scale.most_negative == -2.0
+    lowest, middle, highest = (scale.colour(v) for v in (0.90, 0.92, 0.95))
+    assert lowest == "#ffffcc" and highest == "#2254a0" and len({lowest, middle, highest}) == 3
+    red = [int(scale.colour(v)[i:i + 2], 16) for v in (-0.5, -2.0) for i in (1, 3, 5)]
+    assert red[0] > red[1] and red[3] > red[4]  # both red-dominant
+    assert scale.colour(-2.0) == "#de2d26" and scale.colour(-0.5) != scale.colour(-2.0)
+    html = display.explained_text_html([cells], title="t", layer=7)
+    assert "blocks.7.hook_resid_post" in html and "below 0, down to -2.00" in html and "0.90" in html
+
+
+def test_without_fve_the_view_colours_by_mse_and_says_so():
+    cells = [display.TokenCell("a", 0), display.TokenCell("b", 1, True, None, "raw", None, 0.4),
+             display.TokenCell("c", 2, True, "said", None, None, 0.1)]
+    scale = display.ColourScale.from_cells(cells)
+    assert scale.metric == "MSE" and scale.colour(0.1) == "#2254a0" and scale.colour(0.4) == "#ffffcc"
+    html = display.explained_text_html([cells], title="t", layer=None)
+    assert "no FVE without a baseline" in html and "(no &lt;explanation&gt; tags) raw" in html
+    assert "nla-failed" in html and "context token (not explained)" in html

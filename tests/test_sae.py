@@ -1,0 +1,239 @@
+"""SAE features through the NLA (nla_lens.sae, nla_lens.feature_cards): checks, vectors, results, cards,
+capture on a HookedSAETransformer, and the toy experiment (a real sae-lens training run) against its target."""
+
+from __future__ import annotations
+
+import html
+import importlib.util
+import json
+
+import pytest
+import torch
+from base_batches import no_hooks_left
+from conftest import D_MODEL, LAYER
+
+import nla_lens as nl
+from nla_lens import backends
+from nla_lens.errors import BackendError
+
+TL4 = backends.transformer_lens_major() >= 4
+NEEDS_SAE_LENS = pytest.mark.skipif(
+    TL4 or importlib.util.find_spec("sae_lens") is None,
+    reason="sae-lens 6.x requires transformer-lens < 4: the TL 4.x leg has no sae-lens (CI installs the `sae` "
+           "extra on the TL 3.x leg only)" if TL4 else "sae-lens not installed: pip install 'nla_lens[sae]'")
+
+
+@pytest.mark.skipif(not TL4, reason="checks the TransformerLens 4.x environment, where sae-lens cannot install")
+def test_sae_features_fail_with_a_typed_error_on_transformer_lens_4():
+    with pytest.raises(BackendError, match="transformer-lens < 4"):
+        nl.verbalize_sae_features  # noqa: B018
+    with pytest.raises(BackendError, match=r"nla_lens\[tl3,sae\]"):
+        import nla_lens.feature_cards  # noqa: F401
+
+
+@NEEDS_SAE_LENS
+def test_require_sae_lens_names_the_transformer_lens_conflict(monkeypatch):
+    from nla_lens import sae
+
+    monkeypatch.setattr(backends, "transformer_lens_major", lambda: 4)
+    with pytest.raises(BackendError, match=r"requires transformer-lens < 4.*pip install 'nla_lens\[tl3,sae\]'"):
+        sae.require_sae_lens()
+
+
+def make_sae(d_in: int, d_sae: int, hook_name: str, seed: int = 0):
+    from sae_lens import StandardSAE, StandardSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    torch.manual_seed(seed)
+    return StandardSAE(StandardSAEConfig(d_in=d_in, d_sae=d_sae, metadata=SAEMetadata(hook_name=hook_name))).eval()
+
+
+@pytest.fixture(scope="module")
+def toy():
+    from nla_lens.toy.demo import TOY_DIR
+    from nla_lens.toy.evaluate import ToyNLA
+
+    return ToyNLA.load(TOY_DIR)
+
+
+TOY_TEXTS = ["Macbeth: So foul and fair a day I have not seen.",
+             "Miranda: O brave new world, that has such people in't!",
+             "Prospero: We are such stuff as dreams are made on, and our little life is rounded with a sleep."]
+
+
+@NEEDS_SAE_LENS
+def test_sae_of_another_hook_or_width_is_refused_with_a_typed_error(av_karvonen):
+    other = make_sae(D_MODEL, 8, f"blocks.{LAYER - 1}.hook_resid_post")
+    with pytest.raises(nl.SAEMismatchError, match=rf"blocks.{LAYER - 1}.hook_resid_post.*allow_other_hook=True"):
+        nl.verbalize_sae_features(av_karvonen, other, [0], max_new_tokens=2, progress=False)
+    out = nl.verbalize_sae_features(av_karvonen, other, [0], allow_other_hook=True, max_new_tokens=2, progress=False)
+    assert out.features == [0] and out.hook_name == f"blocks.{LAYER - 1}.hook_resid_post"
+    narrow = make_sae(D_MODEL // 2, 8, f"blocks.{LAYER}.hook_resid_post")
+    with pytest.raises(nl.SAEMismatchError, match=f"{D_MODEL // 2}-dim"):
+        nl.verbalize_sae_features(av_karvonen, narrow, [0], allow_other_hook=True, progress=False)
+    with pytest.raises(nl.InputError, match="0..7"):
+        nl.verbalize_sae_features(av_karvonen, other, [8], allow_other_hook=True, progress=False)
+
+
+@NEEDS_SAE_LENS
+def test_next_blocks_resid_pre_is_the_same_residual(av_karvonen):
+    from nla_lens.sae import check_sae_reads_layer
+
+    sae = make_sae(D_MODEL, 8, f"blocks.{LAYER + 1}.hook_resid_pre")
+    assert check_sae_reads_layer(sae, LAYER, D_MODEL) == f"blocks.{LAYER + 1}.hook_resid_pre"
+
+
+@NEEDS_SAE_LENS
+def test_bare_features_are_verbalized_exactly_as_their_decoder_rows(av_karvonen):
+    sae = make_sae(D_MODEL, 16, f"blocks.{LAYER}.hook_resid_post")
+    features = [3, 0, 11]
+    out = nl.verbalize_sae_features(av_karvonen, sae, features, max_new_tokens=6, progress=False)
+    reference = av_karvonen.verbalize(sae.W_dec.detach()[features], max_new_tokens=6, progress=False)
+    assert out.features == features and not out.offset and out.cosines is None
+    assert torch.equal(out.vectors, sae.W_dec.detach()[features])
+    assert [v.tokens for v in out.verbalizations] == [v.tokens for v in reference]
+    assert nl.verbalize_sae_features(av_karvonen, sae, torch.tensor(features), max_new_tokens=6,
+                                     progress=False).features == features
+
+
+@NEEDS_SAE_LENS
+def test_mean_offset_adds_the_unit_row_scaled_to_the_residual_spread():
+    from nla_lens.sae import ResidualStats, feature_vectors
+
+    torch.manual_seed(0)
+    residuals = torch.randn(50, 8) * 3 + 5
+    stats = ResidualStats.from_vectors(residuals)
+    mean = residuals.mean(dim=0)
+    assert torch.allclose(stats.mean, mean)
+    assert stats.spread == pytest.approx(float(((residuals - mean) ** 2).sum(dim=1).mean().sqrt()), rel=1e-6)
+    rows = torch.randn(3, 8)
+    shifted = feature_vectors(rows, stats)
+    assert torch.allclose(shifted - mean, stats.spread * rows / rows.norm(dim=1, keepdim=True), atol=1e-6)
+    assert (shifted - mean).norm(dim=1).allclose(torch.full((3,), stats.spread))
+
+
+@NEEDS_SAE_LENS
+def test_nla_cosine_is_the_ar_reconstruction_against_the_decoder_row(toy):
+    sae = make_sae(128, 32, f"blocks.{toy.av.meta.layer}.hook_resid_post")
+    stats = nl.residual_stats(toy.base, TOY_TEXTS, toy.av.meta.layer, skip_first=8)
+    out = nl.verbalize_sae_features(nl.NLA(toy.av, toy.ar), sae, [1, 5, 9], offset=stats, max_new_tokens=48,
+                                    progress=False)
+    assert out.offset and all(e is not None for e in out.explanations)
+    rebuilt = toy.ar.reconstruct(out.explanations) - stats.mean
+    expected = torch.nn.functional.cosine_similarity(rebuilt, sae.W_dec.detach()[[1, 5, 9]], dim=1)
+    assert torch.allclose(out.cosines, expected, atol=1e-5)
+    assert torch.allclose(out.reconstructions, rebuilt + stats.mean, atol=1e-5)
+
+
+@NEEDS_SAE_LENS
+def test_failed_parses_get_no_cosine(av_karvonen, ar_nanonla):
+    sae = make_sae(D_MODEL, 16, f"blocks.{LAYER}.hook_resid_post")
+    out = nl.verbalize_sae_features(nl.NLA(av_karvonen, ar_nanonla), sae, [0, 1], max_new_tokens=3, progress=False)
+    assert out.explanations == [None, None]  # three tokens of a random AV: no closing tag
+    assert out.cosines.isnan().all() and out.reconstructions.isnan().all()
+    assert [r["cosine"] for r in out.records()] == [None, None]
+
+
+@NEEDS_SAE_LENS
+def test_feature_verbalizations_print_short_and_leave_as_table_or_file(av_karvonen, tmp_path):
+    sae = make_sae(D_MODEL, 16, f"blocks.{LAYER}.hook_resid_post")
+    out = nl.verbalize_sae_features(av_karvonen, sae, [2, 4], max_new_tokens=4, progress=False)
+    assert repr(out).startswith("FeatureVerbalizations(2 features of blocks.") and len(repr(out)) < 200
+    frame = out.to_pandas()
+    assert list(frame["feature"]) == [2, 4] and list(frame["text"]) == [v.text for v in out.verbalizations]
+    import pyarrow.parquet as pq
+
+    assert pq.read_table(out.save(tmp_path / "f.parquet")).to_pylist() == out.records()
+    assert json.loads(out.save(tmp_path / "f.json").read_text()) == out.records()
+    page = out.save(tmp_path / "f.html").read_text()
+    assert "<table>" in page and "<script" not in page and "http" not in page
+    with pytest.raises(nl.InputError, match=".parquet, .json or .html"):
+        out.save(tmp_path / "f.txt")
+
+
+@NEEDS_SAE_LENS
+def test_feature_card_shows_the_strongest_contexts_next_to_the_explanation(toy, tmp_path):
+    layer = toy.av.meta.layer
+    sae = make_sae(128, 32, f"blocks.{layer}.hook_resid_post")
+    card = nl.feature_card(sae, toy.base, TOY_TEXTS, 9, toy.av, k=5, before=3, after=1, skip_first=8,
+                           max_new_tokens=48, progress=False)
+    # Independent reference: every position's activation, from a plain run_with_cache of each text.
+    everything = []
+    for t, text in enumerate(TOY_TEXTS):
+        ids = toy.base.tokenizer(text)["input_ids"]
+        _, cache = toy.base.run_with_cache(torch.tensor([ids]), names_filter=f"blocks.{layer}.hook_resid_post")
+        acts = sae.encode(cache[f"blocks.{layer}.hook_resid_post"][0])[:, 9]
+        everything += [(float(a), t, p) for p, a in enumerate(acts.tolist()) if p >= 8]
+    top = sorted((e for e in everything if e[0] > 0), reverse=True)[:5]  # a card lists where the feature fires
+    assert len(top) == 5
+    assert [(c.text, c.position) for c in card.contexts] == [(t, p) for _, t, p in top]
+    assert [c.activation for c in card.contexts] == pytest.approx([a for a, _, _ in top], abs=1e-5)
+    assert card.n_positions == len(everything) and card.n_active == sum(a > 0 for a, _, _ in everything)
+    first = card.contexts[0]
+    assert first.activations[first.center] == pytest.approx(first.activation) and len(first.tokens) <= 5
+    assert card.explanation is not None and card.explanation.startswith("The token ")
+    assert repr(card).startswith("FeatureCard(feature 9 of blocks.3.hook_resid_post")
+    page = card.save(tmp_path / "card.html").read_text()
+    assert html.escape(card.explanation) in page and "<script" not in page and "http" not in page
+    assert list(card.to_pandas()["position"]) == [c.position for c in card.contexts]
+
+
+@NEEDS_SAE_LENS
+def test_capture_on_hooked_sae_transformer_records_what_block_k_passes_on(toy):
+    layer = toy.av.meta.layer
+    model = nl.hooked_sae_transformer(toy.base)
+    assert next(model.parameters()).data_ptr() == next(toy.base.parameters()).data_ptr()  # no copy
+    sae = make_sae(128, 64, f"blocks.{layer}.hook_resid_post")
+    tokens = torch.tensor([toy.av.tokenizer.encode(TOY_TEXTS[0])])
+    with nl.capture(model, layer, positions=-1) as clean:
+        model(tokens)
+    resid = toy.activations(tokens[0].tolist())[-1]
+    assert torch.equal(clean.vectors[0], resid)
+    model.add_sae(sae)  # no error term: the SAE's reconstruction replaces the residual
+    try:
+        with nl.capture(model, layer, positions=-1) as reconstructed:
+            model(tokens)
+        model.add_sae(sae, use_error_term=True)  # reconstruction + error = the original residual
+        with nl.capture(model, layer, positions=-1) as with_error:
+            model(tokens)
+    finally:
+        model.reset_saes()
+    with torch.no_grad():
+        assert torch.allclose(reconstructed.vectors[0], sae(resid[None])[0], atol=1e-5)
+    assert not torch.allclose(reconstructed.vectors[0], resid, atol=1e-2)
+    assert torch.allclose(with_error.vectors[0], resid, atol=1e-4)
+    assert no_hooks_left(model)
+
+
+@NEEDS_SAE_LENS
+def test_toy_sae_features_are_named_by_the_av_well_above_control():
+    """The README's numbers: a real sae-lens training run on the toy base, then the AV on every token feature."""
+    from nla_lens.toy.demo import TOY_DIR
+    from nla_lens.toy.sae_experiment import SCORES_FILE, run_sae_experiment
+
+    result = run_sae_experiment()
+    assert result.n_token_features >= 50
+    assert result.agreement >= 0.3 and result.agreement >= 2 * result.control
+    assert result.agreement_offset >= 2 * result.control
+    assert result.cosine >= result.control_cosine + 0.3  # the AR rebuilds the feature's row, not just any row
+    # The numbers stored beside the checkpoints (and quoted in the README) are the ones this checkpoint gives;
+    # after retraining the toy, re-run `python -m nla_lens.toy.sae_experiment --write`.
+    recorded = json.loads((TOY_DIR / SCORES_FILE).read_text())
+    assert result.agreement == pytest.approx(recorded["agreement"], abs=0.05)
+    assert result.agreement_offset == pytest.approx(recorded["agreement_offset"], abs=0.05)
+
+
+@NEEDS_SAE_LENS
+def test_readme_sae_snippet_runs_on_the_toy(toy):
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    block = readme.split("## SAE features through the NLA")[1].split("```python\n")[1].split("```")[0]
+    K = toy.av.meta.layer
+    namespace = {"nl": nl, "nla": nl.NLA(toy.av, toy.ar), "sae": make_sae(128, 1024, f"blocks.{K}.hook_resid_post"),
+                 "base": toy.base, "texts": TOY_TEXTS, "K": K,
+                 "tokens": torch.tensor([toy.av.tokenizer.encode(TOY_TEXTS[0])])}
+    exec(compile(block, "README.md", "exec"), namespace)
+    assert len(namespace["feats"]) == 3 and namespace["shifted"].offset
+    assert namespace["card"].feature == 12 and namespace["cap"].vectors.shape == (1, 128)
+    assert no_hooks_left(namespace["sae_model"])

@@ -1,0 +1,268 @@
+"""Steer with words: the hook adds exactly the documented vector at exactly the given sites, composes,
+never leaks, and bad input gets typed errors. Tiny random NLA (API and maths) plus the toy (the AV path)."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+from base_batches import load_base, no_hooks_left, padded
+from conftest import LAYER
+from safetensors.torch import load_file
+
+import nla_lens as nl
+from nla_lens.injection import unit
+from nla_lens.testing import TINY_LABELS
+
+NAME = f"blocks.{LAYER}.hook_resid_post"
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    with torch.no_grad():
+        yield
+
+
+@pytest.fixture(scope="module")
+def base(tiny_paths):
+    return load_base(tiny_paths["av_karvonen"])
+
+
+@pytest.fixture(scope="module")
+def nla(av_karvonen, ar_nanonla):
+    return nl.NLA(av_karvonen, ar_nanonla)
+
+
+def steer(nla, base, tokens, positions, mask=None, **kwargs):
+    """steer_with_words on given explanations (the tiny AV only babbles): one site per row, swapped words."""
+    kwargs.setdefault("explanations", TINY_LABELS[:len(tokens)])
+    kwargs.setdefault("edit", lambda text: text.replace("the", "a") if "the" in text else text + " the end")
+    return nl.steer_with_words(nla, base, tokens, positions, attention_mask=mask, **kwargs)
+
+
+def hand_written(sites, directions, alpha, mode):
+    """The documented steering, written out: h + alpha ||h|| d/||d|| (add) or h + alpha (||h|| d/||d|| - h)."""
+    def hook(resid, hook):
+        resid = resid.clone()
+        for (row, col), d in zip(sites, directions, strict=True):
+            h = resid[row, col].float()
+            target = h.norm() * d / d.norm()
+            resid[row, col] = (h + alpha * target if mode == "add" else h + alpha * (target - h)).to(resid.dtype)
+        return resid
+    return hook
+
+
+def resid_and_logits(base, tokens, mask, fwd_hooks):
+    kept = {}
+    hooks = [*fwd_hooks, (NAME, lambda resid, hook: kept.setdefault("resid", resid.detach().clone()))]
+    logits = base.run_with_hooks(tokens, attention_mask=mask, fwd_hooks=hooks)
+    return kept["resid"], logits
+
+
+@pytest.mark.parametrize("mode", ["add", "replace"])
+def test_hook_adds_exactly_the_documented_vector_at_exactly_the_sites(base, nla, mode):
+    tokens, mask = padded(base, "left")
+    positions = torch.tensor([-1, -2, -1, -3])  # the last, second-last, ... real token of each row
+    result = steer(nla, base, tokens, positions, mask, alpha=0.7, mode=mode, compare=False)
+    width = tokens.shape[1]
+    real_last = width - 1
+    sites = [(0, real_last), (1, real_last - 1), (2, real_last), (3, real_last - 2)]
+    assert list(zip(result.rows.tolist(), result.positions.tolist(), strict=True)) == sites
+    directions = result.delta if mode == "add" else result.target
+
+    clean, _ = resid_and_logits(base, tokens, mask, [])
+    steered, logits = resid_and_logits(base, tokens, mask, result.fwd_hooks())
+    reference, reference_logits = resid_and_logits(base, tokens, mask, [(NAME, hand_written(sites, directions, 0.7,
+                                                                                             mode))])
+    moved = steered - clean
+    at = torch.zeros(tokens.shape, dtype=torch.bool)
+    for row, col in sites:
+        at[row, col] = True
+        h = clean[row, col]
+        expected = 0.7 * (h.norm() * unit(directions[row]) - (h if mode == "replace" else 0))
+        assert torch.allclose(moved[row, col], expected, atol=1e-5 * float(h.norm()), rtol=0)
+    assert torch.equal(moved[~at], torch.zeros_like(moved[~at]))  # nothing else moves
+    # the same maths in another order: equal to float32 rounding of one multiply-add
+    assert torch.allclose(steered, reference, rtol=0, atol=1e-6 * float(steered.abs().max()))
+    assert torch.allclose(logits, reference_logits, rtol=0, atol=1e-5 * float(logits.abs().max()))
+    assert no_hooks_left(base)
+
+
+def test_delta_and_target_are_means_of_unit_reconstructions(base, nla):
+    tokens, mask = padded(base, "left")
+    samples = [TINY_LABELS[:2], TINY_LABELS[2:5], TINY_LABELS[5:6], TINY_LABELS[6:8]]
+    edit = lambda text: text + " the sea"  # noqa: E731
+    result = steer(nla, base, tokens, -1, mask, explanations=samples, edit=edit, compare=False)
+    for i, texts in enumerate(samples):
+        before = unit(nla.ar.reconstruct(texts))
+        after = unit(nla.ar.reconstruct([edit(t) for t in texts]))
+        assert torch.allclose(result.delta[i], (after - before).mean(0), atol=1e-6)
+        assert torch.allclose(result.target[i], after.mean(0), atol=1e-6)
+        assert result.explanations[i] == texts and result.edited[i] == [edit(t) for t in texts]
+
+
+def test_explicit_edited_text_and_one_edit_per_site(base, nla):
+    tokens, mask = padded(base, "left")
+    one = steer(nla, base, tokens[:1], -1, mask[:1], explanations=["the cat sat on the mat"],
+                edit="a dog ran in the park", compare=False)
+    assert one.edited == [["a dog ran in the park"]]
+    before, after = unit(nla.ar.reconstruct(["the cat sat on the mat", "a dog ran in the park"]))
+    expected = (after - before)[None]
+    assert torch.allclose(one.delta, expected, atol=1e-6)
+    per_site = steer(nla, base, tokens, -1, mask, edit=["the sea", str.upper, "names of places", "a question"],
+                     compare=False)
+    assert [e[0] for e in per_site.edited] == ["the sea", TINY_LABELS[1].upper(), "names of places", "a question"]
+
+
+def test_composes_with_other_hooks_in_one_run(base, nla):
+    tokens, mask = padded(base, "left")
+    result = steer(nla, base, tokens, -1, mask, alpha=1.5, compare=False)
+    sites = list(zip(result.rows.tolist(), result.positions.tolist(), strict=True))
+    push = torch.randn(base.cfg.d_model, generator=torch.Generator().manual_seed(5))
+    earlier = ("blocks.0.hook_resid_post", lambda resid, hook: resid + push)
+    later = ("blocks.3.hook_resid_pre", lambda resid, hook: resid * 0.5)
+    ours = base.run_with_hooks(tokens, attention_mask=mask, fwd_hooks=[earlier, *result.fwd_hooks(), later])
+    reference = base.run_with_hooks(tokens, attention_mask=mask, fwd_hooks=[
+        earlier, (NAME, hand_written(sites, result.delta, 1.5, "add")), later])
+    assert torch.allclose(ours, reference, rtol=0, atol=1e-5 * float(ours.abs().max()))
+    alone = base.run_with_hooks(tokens, attention_mask=mask, fwd_hooks=result.fwd_hooks())
+    assert (ours - alone).abs().max() > 1e-2  # the other hooks really acted in the same run
+    # alpha can be overridden per call: a sweep reuses one result
+    swept = base.run_with_hooks(tokens, attention_mask=mask, fwd_hooks=result.fwd_hooks(alpha=0.25))
+    reference = base.run_with_hooks(tokens, attention_mask=mask, fwd_hooks=[
+        (NAME, hand_written(sites, result.delta, 0.25, "add"))])
+    assert torch.allclose(swept, reference, rtol=0, atol=1e-5 * float(swept.abs().max()))
+    assert no_hooks_left(base)
+
+
+def test_generation_under_the_hook_steers_the_prefill_only(base, nla):
+    tokens = torch.tensor([base.tokenizer.encode("The cat sat on the mat.", add_special_tokens=False)])
+    result = steer(nla, base, tokens, -1, alpha=2.0, compare=True, continue_tokens=3)
+    first = int(result.steered_logprobs[0].argmax())
+    with base.hooks(fwd_hooks=result.fwd_hooks()):  # KV-cached decode steps are one token wide: left alone
+        generated = base.generate(tokens, max_new_tokens=3, do_sample=False, verbose=False)
+    assert int(generated[0, tokens.shape[1]]) == first
+    steered_text = result.continuations[0][1]
+    assert base.tokenizer.decode(generated[0, tokens.shape[1]:].tolist()) == steered_text
+    assert no_hooks_left(base)
+
+
+def test_hooks_never_stay_attached_after_an_exception(base, nla):
+    tokens, mask = padded(base, "left")
+    result = steer(nla, base, tokens, -1, mask, compare=False)
+
+    def boom(resid, hook):
+        raise RuntimeError("user hook failed")
+
+    with pytest.raises(RuntimeError, match="user hook failed"):
+        base.run_with_hooks(tokens, attention_mask=mask, fwd_hooks=[*result.fwd_hooks(), ("blocks.3.hook_resid_pre",
+                                                                                          boom)])
+    assert no_hooks_left(base)
+    with pytest.raises(RuntimeError, match="user hook failed"), base.hooks(fwd_hooks=result.fwd_hooks()):
+        base.run_with_hooks(tokens, attention_mask=mask, fwd_hooks=[("blocks.3.hook_resid_pre", boom)])
+    assert no_hooks_left(base)
+    with pytest.raises(nl.InputError, match="built for tokens of shape"):
+        base.run_with_hooks(tokens[:2], fwd_hooks=result.fwd_hooks())
+    assert no_hooks_left(base)
+
+
+def test_bad_input_gets_typed_errors_that_say_what_to_do(base, nla):
+    tokens, mask = padded(base, "left")
+    with pytest.raises(nl.InputError, match="outside row"):
+        steer(nla, base, tokens, [tokens.shape[1] + 3], mask)
+    with pytest.raises(nl.InputError, match="padding"):
+        steer(nla, base, tokens, [0], mask)  # row 1 is left-padded at column 0
+    with pytest.raises(nl.InputError, match="unchanged.*Delta = 0"):
+        steer(nla, base, tokens, -1, mask, edit=lambda text: text)
+    with pytest.raises(nl.InputError, match="unchanged"):
+        steer(nla, base, tokens[:1], -1, mask[:1], explanations=["the sea"], edit="the sea")
+    with pytest.raises(nl.PairMismatchError, match=f"reconstructs layer-{LAYER}.*pass layer={LAYER}"):
+        steer(nla, base, tokens, -1, mask, layer=LAYER - 1)
+    with pytest.raises(nl.InputError, match="one entry per steered site"):
+        steer(nla, base, tokens, -1, mask, explanations=TINY_LABELS[:3])
+    with pytest.raises(nl.InputError, match="mode"):
+        steer(nla, base, tokens, -1, mask, mode="patch")
+    with pytest.raises(nl.InputError, match="same"):
+        steer(nla, base, tokens, [-1, -1], mask, explanations=[[t] for t in TINY_LABELS[:8]])
+    assert no_hooks_left(base)
+
+
+def test_result_prints_short_and_leaves_as_a_table(base, nla, tmp_path):
+    tokens, mask = padded(base, "left")
+    result = steer(nla, base, tokens, -1, mask, continue_tokens=2)
+    text = repr(result)
+    assert text.startswith("WordSteering(4 site(s) at " + NAME) and len(text) < 300 and "tensor" not in text
+    frame = result.to_pandas()
+    assert list(frame["position"]) == [tokens.shape[1] - 1] * 4 and {"clean_next", "steered_next", "kl",
+                                                                     "steered_continuation"} <= set(frame.columns)
+    assert (frame["kl"] > 0).all()  # the steering moved every site's next-token distribution
+    page = result._repr_html_()
+    assert "<table" in page and "<script" not in page
+    for suffix in (".csv", ".json", ".parquet", ".html"):
+        assert result.save(tmp_path / f"out{suffix}").stat().st_size > 0
+    assert json.loads((tmp_path / "out.json").read_text())["rows"][0]["explanation"] == TINY_LABELS[0]
+    assert pd.read_parquet(tmp_path / "out.parquet").shape == frame.shape
+    vectors = load_file(str(result.save(tmp_path / "out.safetensors")))
+    assert torch.equal(vectors["delta"], result.delta) and torch.equal(vectors["positions"], result.positions)
+    with pytest.raises(nl.InputError, match="writes"):
+        result.save(tmp_path / "out.txt")
+
+
+def test_describe_difference_verbalizes_a_minus_b(nla):
+    g = torch.Generator().manual_seed(2)
+    a, b = torch.randn(3, nla.av.meta.d_model, generator=g), torch.randn(nla.av.meta.d_model, generator=g)
+    said = nl.describe_difference(nla, a, b, max_new_tokens=6)
+    assert torch.equal(said.difference, a - b)
+    assert [v.text for v in said.verbalizations] == [v.text for v in nla.av.verbalize(a - b, max_new_tokens=6,
+                                                                                      progress=False)]
+    assert said.to_pandas().shape[0] == 3 and "tensor" not in repr(said) and "<table" in said._repr_html_()
+    with pytest.raises(nl.VectorError, match="equal at rows \\[1\\]"):
+        nl.describe_difference(nla.av, torch.stack([a[0], b, a[2]]), b)
+
+
+def test_toy_verbalizes_samples_edits_and_steers():
+    """The AV path on the bundled toy: sampled explanations parse, the edit applies, Z' gains probability."""
+    from nla_lens.toy.demo import TOY_DIR
+    from nla_lens.toy.evaluate import ToyNLA
+
+    toy = ToyNLA.load(TOY_DIR)
+    tokenizer = toy.av.tokenizer
+    tokens = torch.tensor([tokenizer.encode("Romeo: I will not hear you, for I am", add_special_tokens=False)])
+    target = tokenizer.encode(" the", add_special_tokens=False)
+    assert len(target) == 1
+
+    def edit(text):
+        head, found, _ = text.rpartition("predicting ")
+        return head + found + '" the".' if found else text
+
+    result = nl.steer_with_words(nl.NLA(toy.av, toy.ar), toy.base, tokens, -1, edit=edit, samples=3, alpha=1.0,
+                                 max_new_tokens=48, continue_tokens=4)
+    assert len(result.explanations[0]) == 3 and all(e.startswith("The token") for e in result.explanations[0])
+    assert all(e.endswith('predicting " the".') for e in result.edited[0])
+    gain = result.steered_logprobs[0, target[0]] - result.clean_logprobs[0, target[0]]
+    assert gain > 0.5
+    assert len(result.continuations) == 1 and no_hooks_left(toy.base)
+
+
+def test_verbalizes_the_sites_in_the_order_given_with_samples(base, nla, monkeypatch):
+    """The AV path: the residual at each site, in `positions` order, once per sample (sampled, seeded)."""
+    tokens, mask = padded(base, "left")
+    seen = {}
+
+    def fake_verbalize(vectors, **kwargs):
+        seen["vectors"], seen["kwargs"] = vectors, kwargs
+        return [nl.Verbalization(f"<explanation>{TINY_LABELS[i % 8]}</explanation>", TINY_LABELS[i % 8], [])
+                for i in range(len(vectors))]
+
+    monkeypatch.setattr(nla.av, "verbalize", fake_verbalize)
+    width = tokens.shape[1]
+    result = nl.steer_with_words(nla, base, tokens[:1], [width - 1, width - 4], attention_mask=mask[:1],
+                                 edit=lambda text: text + " the end", samples=2, seed=7, compare=False)
+    clean, _ = resid_and_logits(base, tokens[:1], mask[:1], [])
+    expected = clean[0, [width - 1, width - 1, width - 4, width - 4]]
+    assert torch.allclose(seen["vectors"], expected, atol=1e-6)
+    assert seen["kwargs"]["temperature"] == 1.0 and seen["kwargs"]["seed"] == 7
+    assert result.explanations == [TINY_LABELS[0:2], TINY_LABELS[2:4]] and result.positions.tolist() == [
+        width - 1, width - 4]

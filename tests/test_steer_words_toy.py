@@ -1,0 +1,45 @@
+"""The measured steer-with-words experiment on the bundled toy NLA (100 held-out sites, README table)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from nla_lens.toy.steer_words_experiment import run_experiment
+
+
+@pytest.fixture(scope="module")
+def measured():
+    return {choice: run_experiment(n_sites=100, choice=choice) for choice in ("random", "plausible")}
+
+
+def test_edited_words_steer_the_next_token_and_a_random_direction_does_not(measured):
+    random = {row.alpha: row for row in measured["random"].rows}
+    assert measured["random"].n_sites == 100 and sorted(random) == [0.25, 0.5, 1.0, 2.0]
+    assert max(row.argmax_hit for row in random.values()) >= 0.25
+    assert all(row.control_argmax_hit <= 0.05 for row in random.values())
+    assert random[1.0].delta_logp >= 1.0 and abs(random[1.0].control_delta_logp) <= 0.25 * random[1.0].delta_logp
+    plausible = {row.alpha: row for row in measured["plausible"].rows}
+    assert plausible[0.5].argmax_hit >= 0.35 and plausible[0.5].control_argmax_hit <= 0.05
+
+
+@pytest.mark.xfail(strict=True, reason="issue #16's bar (>= 50% at some alpha <= 2 with the random control <= 5%) "
+                                       "is not met by the bundled toy: README, 'Steer with words'")
+def test_issue_target_on_the_bundled_toy(measured):
+    assert any(result.meets_target() for result in measured.values())
+
+
+def test_readme_quotes_the_measured_table(measured):
+    """Each README row within one site in 100 of what this checkpoint gives here (argmax ties may flip)."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("## Steer with words")[1].split("\n## ")[0]
+    for choice, result in measured.items():
+        table = section.split(f"<!-- {choice} -->")[1]
+        for row in result.rows:
+            quoted = re.search(rf"^\| {row.alpha:g} \| (\d+)% \| ([+-]\d\.\d\d) \| (\d+)% \|", table, re.MULTILINE)
+            assert quoted, f"no alpha={row.alpha:g} row in the README's {choice} table"
+            assert abs(int(quoted.group(1)) - 100 * row.argmax_hit) <= 1.01
+            assert abs(float(quoted.group(2)) - row.delta_logp) <= 0.02
+            assert abs(int(quoted.group(3)) - 100 * row.control_argmax_hit) <= 1.01

@@ -1,0 +1,141 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+# ---
+
+# %% [markdown]
+# # Steer with words
+#
+# The paper's poetry and reward case studies run the NLA backwards: read the AV's explanation of
+# one token, edit the text ("rabbit" -> "mouse"), and steer the base model with the difference of
+# the AR's reconstructions, `Delta = unit(AR(edited)) - unit(AR(original))`, added at layer K as
+# `h + alpha * ||h|| * Delta / ||Delta||`. `nl.steer_with_words` does it in one call and hands the
+# steering back as an ordinary TransformerLens hook.
+#
+# This runs on the bundled toy NLA (a small Shakespeare LM whose explanations read
+# `The token "X", after "Y", predicting "Z".`), so it takes seconds on a CPU; the real Qwen3-8B
+# cell below is skipped unless `NLA_REAL_CHECKPOINTS=1`.
+
+# %%
+import os
+
+import torch
+
+import nla_lens as nl
+from nla_lens.toy.demo import TOY_DIR
+from nla_lens.toy.evaluate import ToyNLA
+
+# %% [markdown]
+# ## The toy NLA and its base model
+
+# %%
+toy = ToyNLA.load(TOY_DIR)
+nla, base = nl.NLA(toy.av, toy.ar), toy.base
+PROMPT = "King: Come hither, my good lord, and tell"
+NEW_WORD = " the"  # the toy edit: make the explanation predict this token instead
+
+
+def edit(explanation: str) -> str:
+    """Rewrite what the explanation says the model predicts next."""
+    head, found, _ = explanation.rpartition("predicting ")
+    return f'{head}{found}"{NEW_WORD}".' if found else explanation
+
+
+MAX_NEW_TOKENS = 48
+ALPHA = 1.0
+
+# %% [markdown]
+# ## Real checkpoints: the released Qwen3-8B NLA (layer 24)
+# Needs a GPU, `Qwen/Qwen3-8B` in the local HF cache and the AV and AR checkpoint folders:
+# `NLA_REAL_CHECKPOINTS=1 NLA_AV=/path/to/av NLA_AR=/path/to/ar`. The edit is the paper's
+# "Planning in Poetry" one: at the end of the first line, swap the planned rhyme.
+
+# %%
+if os.environ.get("NLA_REAL_CHECKPOINTS"):
+    from nla_lens import backends, loading
+
+    av = nl.ActivationVerbalizer.from_pretrained(os.environ["NLA_AV"], device="cuda", dtype=torch.bfloat16)
+    ar = nl.ActivationReconstructor.from_pretrained(os.environ["NLA_AR"], device="cuda", dtype=torch.bfloat16)
+    nla = nl.NLA(av, ar)
+    base_folder = loading.resolve_checkpoint("Qwen/Qwen3-8B")
+    base = backends.load_model(base_folder, loading.load_tokenizer(base_folder), dtype=torch.bfloat16, device="cuda")
+    PROMPT = "A rhyming couplet:\nHe saw a carrot and had to grab it,\n"
+    NEW_WORD = " mouse"
+
+    def edit(explanation: str) -> str:
+        return explanation.replace("rabbit", "mouse")
+
+    MAX_NEW_TOKENS = 150
+
+# %% [markdown]
+# ## One call: verbalize, edit, reconstruct, steer
+# `positions=-1` is the last token of the prompt. With `samples=3` the AV samples three explanations
+# and Delta is their mean (the paper used 5). The result holds the explanations before and after
+# the edit, Delta, next-token distributions without and with the hook, and greedy continuations.
+
+# %%
+tokens = torch.tensor([base.tokenizer.encode(PROMPT, add_special_tokens=False)])
+result = nl.steer_with_words(nla, base, tokens, -1, edit=edit, alpha=ALPHA, samples=3, max_new_tokens=MAX_NEW_TOKENS,
+                             continue_tokens=6)
+print(result)
+for before, after in zip(result.explanations[0], result.edited[0], strict=True):
+    print(f"  {before!r}\n    -> {after!r}")
+print(result.next_tokens(k=5)[0])
+print("continuations (clean, steered):", result.continuations[0])
+
+# %% [markdown]
+# ## The steering is one more TransformerLens hook
+# It composes with your own hooks in one `run_with_hooks`, and stays installed around `generate`
+# (KV-cached decode steps are left alone; the prompt was steered at prefill). `fwd_hooks(alpha=...)`
+# sweeps the strength without recomputing Delta.
+
+# %%
+target = base.tokenizer.encode(NEW_WORD, add_special_tokens=False)[0]
+for alpha in (0.25, 0.5, 1.0, 2.0):
+    logits = base.run_with_hooks(tokens, fwd_hooks=result.fwd_hooks(alpha=alpha))
+    print(f"alpha {alpha:<4}: p({NEW_WORD!r}) = {logits[0, -1].softmax(-1)[target]:.3f}")
+with base.hooks(fwd_hooks=result.fwd_hooks()):
+    generated = base.generate(tokens, max_new_tokens=6, do_sample=False, verbose=False)
+print(repr(base.tokenizer.decode(generated[0, tokens.shape[1]:].tolist())))
+
+# %% [markdown]
+# ## What changed, in words: `describe_difference`
+# Capture layer K with and without the steering and let the AV read the difference (Neuronpedia's
+# "compare"); it works the same for a patched vs a clean run, or two steering vectors.
+
+# %%
+K = result.layer
+with nl.capture(base, K, positions=-1) as clean:
+    base(tokens)
+with nl.capture(base, K, positions=-1) as steered:
+    base.run_with_hooks(tokens, fwd_hooks=result.fwd_hooks())
+difference = nl.describe_difference(nla, steered.vectors, clean.vectors, max_new_tokens=MAX_NEW_TOKENS)
+print(difference.explanations)
+
+# %% [markdown]
+# ## The measured version on held-out text
+# `nla_lens.toy.steer_words_experiment` repeats this at many held-out positions, with the edit
+# Z -> Z' of the predicted token and a random direction of the same norm as the control (the
+# README's table; `python -m nla_lens.toy.steer_words_experiment`). A small run:
+
+# %%
+if not os.environ.get("NLA_REAL_CHECKPOINTS"):
+    from nla_lens.toy.steer_words_experiment import run_experiment
+
+    measured = run_experiment(n_sites=40)
+    print(measured.to_markdown())
+
+# %% [markdown]
+# ## Check
+# The new word became the base model's most likely next token at the steered position, the
+# edited explanations name it, and the hook left the model when each run ended.
+
+# %%
+assert int(result.steered_logprobs[0].argmax()) == target != int(result.clean_logprobs[0].argmax())
+assert all(NEW_WORD.strip() in text for text in result.edited[0])
+assert all(not hp.fwd_hooks for hp in base.hook_dict.values())
+assert len(difference.verbalizations) == 1
+print("ok")
