@@ -301,14 +301,14 @@ def _run_explain(args: argparse.Namespace) -> None:
 
     texts = _explain_texts(args)  # every input checked before any model is loaded
     device = _explain_device(args.device)
-    _, av_meta = nla_checkpoint(args.av, "av")
-    nla_checkpoint(args.ar, "ar")
-    if args.base is not None:
-        base_for(args.base, av_meta, av_meta.layer)
     if args.output is not None:
         check_save_path(args.output)
     if args.max_new_tokens < 1 or args.batch_size < 1:
         raise InputError("--max-new-tokens and --batch-size must be at least 1")
+    _, av_meta = nla_checkpoint(args.av, "av")
+    nla_checkpoint(args.ar, "ar")
+    if args.base is not None:
+        base_for(args.base, av_meta, av_meta.layer)
     dtype = _DTYPES[args.dtype]
     nla = NLA.from_pretrained(args.av, args.ar, device=device, dtype=dtype)
     base = load_base(nla if args.base is None else args.base, device=device, dtype=dtype)

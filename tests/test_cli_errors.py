@@ -236,3 +236,11 @@ def test_dtype_names_reach_every_loader(tiny_paths):
     base = backends.load_model(tiny_paths["av_karvonen"], loading.load_tokenizer(tiny_paths["av_karvonen"]),
                                dtype="float16", device="cpu")
     assert base.W_E.dtype == torch.float16
+
+
+def test_explain_checks_the_roles_of_its_folders_first(tiny_paths, no_model_loads, capsys):
+    av, ar = tiny_paths["av_karvonen"], tiny_paths["ar_nanonla"]
+    _fails(["explain", "--av", ar, "--ar", ar, "--text", "the cat"], capsys, "--av", "pass it as --ar")
+    _fails(["explain", "--av", av, "--ar", av, "--text", "the cat"], capsys, "--ar", "not an AR")
+    _fails(["explain", "--av", av, "--ar", ar, "--base", ar, "--text", "the cat"], capsys, "--base",
+           "is an AR checkpoint")
