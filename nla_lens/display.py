@@ -1,4 +1,4 @@
-"""HTML views of results: one explained-text view for any model, and a plain table for the rest.
+"""HTML views of results: one explained-text view for any model, a feature card, and a plain table for the rest.
 
 Everything here returns self-contained HTML: inline CSS scoped under ``.nla-view``, no scripts, no
 external resources, so a page works offline and a notebook cell does not restyle the notebook.
@@ -10,6 +10,10 @@ FVE runs by rank from pale yellow (the lowest seen) to blue (the highest seen), 
 quantiles on the legend; negative FVE (worse than predicting the mean vector) is red, darker the more
 negative, so it never passes for a low positive score. Without a baseline the tokens are coloured by
 MSE instead (lower is better), and the legend says so.
+
+The feature card (:func:`feature_card_html`) shows an SAE feature's strongest contexts, each token
+shaded by the feature's activation there (white at 0 to orange at the card's top activation), under
+the NLA's explanation of the feature.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import Any, Literal
 
 _SEQUENTIAL = ((255, 255, 204), (161, 218, 180), (65, 182, 196), (44, 127, 184), (34, 84, 160))  # YlGnBu
 _NEGATIVE = ((254, 224, 210), (222, 45, 38))  # light to dark red
+_ACTIVATION = ((255, 255, 255), (253, 141, 60))  # white to orange
 _CONTEXT = "#e8e8e8"
 _MAX_TABLE_ROWS = 200
 
@@ -44,11 +49,14 @@ _STYLE = """
   box-shadow: inset -1px 0 rgba(255,255,255,0.9); }
 .nla-view .nla-tok sub { font: 9px sans-serif; color: inherit; opacity: 0.7; }
 .nla-view .nla-failed { outline: 2px dashed #b00; outline-offset: -2px; }
+.nla-view .nla-peak { outline: 2px solid #b00; outline-offset: -2px; }
+.nla-view .nla-said { background: #f4f4f4; border-left: 4px solid #888; padding: 0.4em 0.6em; margin: 0.4em 0; }
+.nla-view td.nla-context { font: 15px/1.9 Georgia, serif; }
 .nla-view table { border-collapse: collapse; font-size: 0.9em; }
 .nla-view th, .nla-view td { text-align: left; padding: 0.15em 0.6em; border-bottom: 1px solid #eee;
   vertical-align: top; }
 .nla-view td.num { text-align: right; font-variant-numeric: tabular-nums; }
-.nla-view td.nla-unparsed { color: #a00; font-style: italic; }
+.nla-view .nla-unparsed { color: #a00; font-style: italic; }
 """
 
 
@@ -195,6 +203,33 @@ def result_html(name: str, summary: str, records: Sequence[dict[str, Any]], colu
     return (f"<div class='nla-view'><style>{_STYLE}</style><div class='nla-head'><b>{html.escape(name)}</b></div>"
             f"<div class='nla-meta'>{html.escape(summary)}</div>"
             f"<table><tr>{head}</tr>{''.join(body)}</table>{more}</div>")
+
+
+def feature_card_html(title: str, hook_name: str, summary: str, explanation: str | None, raw_text: str,
+                      windows: Sequence[tuple[Sequence[str], Sequence[float], int]]) -> str:
+    """An SAE feature's card: the NLA's explanation, then one row per context window (tokens, their
+    activations, the index of the token the window was picked for), strongest first."""
+    top = max((acts[center] for _, acts, center in windows), default=0.0) or 1.0
+    said = (html.escape(explanation) if explanation is not None else
+            f"<span class='nla-unparsed'>(no &lt;explanation&gt; tags) {html.escape(raw_text)}</span>")
+    rows = []
+    for tokens, activations, center in windows:
+        spans = []
+        for i, (token, activation) in enumerate(zip(tokens, activations, strict=True)):
+            background = _rgb(_ramp(_ACTIVATION, activation / top))
+            peak = " nla-peak" if i == center else ""
+            spans.append(f"<span class='nla-tok{peak}' style='background:{background};color:{_ink(background)}' "
+                         f"title='{activation:.3f}'>{html.escape(token.replace(chr(10), chr(0x21b5)))}</span>")
+        rows.append(f"<tr><td class='num'>{_num(activations[center])}</td>"
+                    f"<td class='nla-context'>{''.join(spans)}</td></tr>")
+    stops = ", ".join(_rgb(c) for c in _ACTIVATION)
+    legend = (f"<div class='nla-legend'><span><span class='nla-swatch' style='background: linear-gradient(to right, "
+              f"{stops})'></span>activation 0 to {top:.2f}</span><span><span class='nla-swatch nla-peak'></span>"
+              "the context's peak token</span></div>")
+    return (f"<div class='nla-view'><style>{_STYLE}</style>"
+            f"<div class='nla-head'><b>{html.escape(title)}</b> · <code>{html.escape(hook_name)}</code></div>"
+            f"<div class='nla-said'>NLA: {said}</div><div class='nla-meta'>{html.escape(summary)}</div>{legend}"
+            f"<table><tr><th>activation</th><th>context</th></tr>{''.join(rows)}</table></div>")
 
 
 def format_cell(value: Any, width: int | None = None) -> str:

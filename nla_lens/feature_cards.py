@@ -1,26 +1,26 @@
 """Feature cards: where an SAE feature fires in the user's texts, next to what the NLA says it is.
 
 The contexts are the check on the explanation: a feature whose top activations all sit on one
-token should be explained as that token. The card is one self-contained HTML view (no scripts,
-no network) that a notebook shows inline; `to_pandas()` gives one row per context.
+token should be explained as that token. A card is a result like the others (`nla_lens.results`):
+one row per context in `to_pandas()` and `save()`, and in a notebook the feature-card view of
+:mod:`nla_lens.display` (the contexts' tokens shaded by activation, under the explanation).
 """
 
 from __future__ import annotations
 
-import html
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from nla_lens import display
 from nla_lens.errors import InputError
 from nla_lens.nla import NLA
+from nla_lens.results import TabularResult
 from nla_lens.sae import (
     ResidualStats,
     check_sae_reads_layer,
-    save_records,
     text_residuals,
     verbalize_sae_features,
 )
@@ -48,8 +48,10 @@ class FeatureContext:
         return self.tokens[self.center]
 
 
-@dataclass(frozen=True)
-class FeatureCard:
+@dataclass(frozen=True, repr=False)
+class FeatureCard(TabularResult):
+    """What `feature_card` returns: one row per context, and a view of them under the explanation."""
+
     feature: int
     hook_name: str
     verbalization: Verbalization
@@ -57,6 +59,8 @@ class FeatureCard:
     contexts: list[FeatureContext]  # strongest first
     n_positions: int  # positions scanned
     n_active: int  # positions where the feature is > 0
+
+    display_columns = ("text", "position", "token", "activation", "context")
 
     @property
     def explanation(self) -> str | None:
@@ -66,50 +70,22 @@ class FeatureCard:
         """The tokens the top contexts sit on, most frequent first."""
         return Counter(c.token for c in self.contexts).most_common()
 
-    def __repr__(self) -> str:
-        token, count = self.top_tokens()[0] if self.contexts else ("-", 0)
-        return (f"FeatureCard(feature {self.feature} of {self.hook_name}: {self.explanation!r}; "
-                f"top {len(self.contexts)} contexts, {count} on {token!r}; active at "
-                f"{self.n_active}/{self.n_positions} positions)")
-
-    def records(self) -> list[dict[str, Any]]:
+    def to_records(self) -> list[dict[str, Any]]:
         return [{"feature": self.feature, "text": c.text, "position": c.position, "token": c.token,
-                 "activation": c.activation, "context": "".join(c.tokens), "explanation": self.explanation}
-                for c in self.contexts]
+                 "activation": c.activation, "context": "".join(c.tokens), "explanation": self.explanation,
+                 "cosine": self.cosine} for c in self.contexts]
 
-    def to_pandas(self) -> Any:
-        import pandas as pd
-
-        return pd.DataFrame(self.records(), columns=["feature", "text", "position", "token", "activation",
-                                                     "context", "explanation"])
+    def summary(self) -> str:
+        token, count = self.top_tokens()[0] if self.contexts else ("-", 0)
+        said = display.format_cell(self.explanation, 100) if self.explanation is not None else "(failed to parse)"
+        cosine = "" if self.cosine is None else f"; AR cosine to the decoder row {self.cosine:.3f}"
+        return (f"feature {self.feature} of {self.hook_name}: {said}; top {len(self.contexts)} contexts, {count} "
+                f"on {token!r}; active at {self.n_active}/{self.n_positions} positions{cosine}")
 
     def _repr_html_(self) -> str:
-        top = max((c.activation for c in self.contexts), default=0.0) or 1.0
-        explanation = (html.escape(self.explanation) if self.explanation is not None
-                       else "<i>failed to parse:</i> " + html.escape(self.verbalization.text))
-        cosine = "" if self.cosine is None else f" &middot; AR cosine to the decoder row {self.cosine:.3f}"
-        rows = "".join(
-            f"<tr><td style='text-align:right;padding-right:1em'>{c.activation:.2f}</td><td style='text-align:left'>"
-            + "".join(_token_span(t, a / top, i == c.center) for i, (t, a) in
-                      enumerate(zip(c.tokens, c.activations, strict=True)))
-            + "</td></tr>" for c in self.contexts)
-        return (f"<div style='font-family:sans-serif;max-width:60em'>"
-                f"<h3 style='margin:0.3em 0'>Feature {self.feature} <small>({html.escape(self.hook_name)})</small></h3>"
-                f"<p style='background:#f4f4f4;padding:0.5em;border-left:4px solid #888'>NLA: {explanation}</p>"
-                f"<p style='color:#555;font-size:0.9em'>active at {self.n_active} of {self.n_positions} "
-                f"positions{cosine}; top {len(self.contexts)} contexts, the strongest token outlined</p>"
-                f"<table style='font-family:monospace;border-collapse:collapse'>{rows}</table></div>")
-
-    def save(self, path: str | Path) -> Path:
-        """Write the card: `.html` (the view above), `.parquet` or `.json` (the contexts), by the suffix."""
-        return save_records(self.records(), Path(path), self._repr_html_)
-
-
-def _token_span(token: str, strength: float, center: bool) -> str:
-    alpha = min(max(strength, 0.0), 1.0)
-    outline = "outline:2px solid #c00;" if center else ""
-    shown = html.escape(token.replace("\n", "\u21b5"))
-    return f"<span style='background:rgba(255,140,0,{alpha:.2f});{outline}white-space:pre'>{shown}</span>"
+        windows = [(c.tokens, c.activations, c.center) for c in self.contexts]
+        return display.feature_card_html(f"Feature {self.feature}", self.hook_name, self.summary(), self.explanation,
+                                         self.verbalization.text, windows)
 
 
 def feature_card(

@@ -78,8 +78,8 @@ class TabularResult:
         return display.result_html(type(self).__name__, self.summary(), records, self._shown_columns(records))
 
     def _shown_columns(self, records: list[dict[str, Any]]) -> list[str]:
-        if self.display_columns is not None:
-            return list(self.display_columns)
+        if self.display_columns is not None:  # those the rows have: optional columns may be absent
+            return [c for c in self.display_columns if not records or c in records[0]]
         return list(records[0]) if records else []
 
 
@@ -88,6 +88,11 @@ def check_save_path(path: str | Path) -> Path:
     path = Path(path)
     if path.suffix not in SAVE_SUFFIXES:
         raise InputError(f"{path}: save to a .parquet or .jsonl file (the rows) or an .html file (the view)")
+    return check_file_target(path)
+
+
+def check_file_target(path: Path) -> Path:
+    """A file may be written at `path`: it is not a folder and its folder exists."""
     if path.is_dir():
         raise InputError(f"{path} is a folder; give a file name such as {path / 'result.parquet'}")
     if not path.parent.is_dir():

@@ -18,12 +18,9 @@ the original residual (reconstruction + error) when the SAE was added with ``use
 
 from __future__ import annotations
 
-import html
-import json
-from collections.abc import Callable
+import math
 from dataclasses import dataclass
 from importlib import metadata
-from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +33,7 @@ from nla_lens.capture import resid_post
 from nla_lens.errors import BackendError, InputError, SAEMismatchError
 from nla_lens.injection import check_vectors
 from nla_lens.nla import NLA
+from nla_lens.results import TabularResult
 from nla_lens.verbalizer import ActivationVerbalizer, Verbalization
 
 if TYPE_CHECKING:
@@ -143,8 +141,8 @@ def residual_stats(base: TLModel, texts: list[str], layer: int, *, skip_first: i
     return ResidualStats.from_vectors(vectors)
 
 
-@dataclass(frozen=True)
-class FeatureVerbalizations:
+@dataclass(frozen=True, repr=False)
+class FeatureVerbalizations(TabularResult):
     """The AV's explanations of SAE features; with an AR, how well each explanation rebuilds the feature."""
 
     features: list[int]
@@ -155,6 +153,8 @@ class FeatureVerbalizations:
     cosines: Float[Tensor, " n"] | None  # cos(AR reconstruction - offset mean, decoder row); NaN on failed parses
     reconstructions: Float[Tensor, "n d_model"] | None  # the AR's vectors; NaN rows where the parse failed
 
+    display_columns = ("feature", "explanation", "parsed", "cosine")
+
     @property
     def explanations(self) -> list[str | None]:
         return [v.explanation for v in self.verbalizations]
@@ -162,54 +162,23 @@ class FeatureVerbalizations:
     def __len__(self) -> int:
         return len(self.features)
 
-    def __repr__(self) -> str:
-        failed = sum(e is None for e in self.explanations)
-        cosine = "" if self.cosines is None else f", mean AR cosine {float(self.cosines.nanmean()):.3f}"
-        return (f"FeatureVerbalizations({len(self)} features of {self.hook_name}, "
-                f"offset={'mean' if self.offset else 'none'}, {failed} failed parses{cosine})")
-
-    def records(self) -> list[dict[str, Any]]:
+    def to_records(self) -> list[dict[str, Any]]:
         cosines = [None] * len(self) if self.cosines is None else self.cosines.tolist()
-        return [{"feature": f, "explanation": v.explanation, "text": v.text,
-                 "cosine": None if c is None or c != c else c}
+        return [{"feature": f, "explanation": v.explanation, "parsed": v.explanation is not None, "text": v.text,
+                 "cosine": None if c is None or math.isnan(c) else c, "hook_name": self.hook_name,
+                 "offset": self.offset}
                 for f, v, c in zip(self.features, self.verbalizations, cosines, strict=True)]
 
-    def to_pandas(self) -> Any:
-        import pandas as pd
-
-        return pd.DataFrame(self.records(), columns=["feature", "explanation", "text", "cosine"])
-
-    def _repr_html_(self) -> str:
-        head = "<tr><th>feature</th><th>explanation</th>" + ("" if self.cosines is None else "<th>AR cosine</th>")
-        rows = []
-        for r in self.records():
-            explanation = html.escape(r["explanation"]) if r["explanation"] is not None else (
-                f"<i>failed to parse:</i> {html.escape(r['text'])}")
-            cosine = "" if self.cosines is None else (
-                "<td>-</td>" if r["cosine"] is None else f"<td>{r['cosine']:.3f}</td>")
-            rows.append(f"<tr><td>{r['feature']}</td><td style='text-align:left'>{explanation}</td>{cosine}</tr>")
-        return (f"<div><p>{html.escape(repr(self))}</p><table>{head}</tr>" + "".join(rows) + "</table></div>")
-
-    def save(self, path: str | Path) -> Path:
-        """Write the table: `.parquet`, `.json` (records) or `.html`, by the suffix."""
-        return save_records(self.records(), Path(path), self._repr_html_)
-
-
-def save_records(records: list[dict[str, Any]], path: Path, to_html: Callable[[], str]) -> Path:
-    """One table to `path`: parquet, JSON records, or an HTML page around `to_html()`."""
-    if path.suffix == ".parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        pq.write_table(pa.Table.from_pylist(records), path)
-    elif path.suffix == ".json":
-        path.write_text(json.dumps(records, indent=1, ensure_ascii=False), encoding="utf-8")
-    elif path.suffix == ".html":
-        path.write_text("<!DOCTYPE html>\n<html><head><meta charset='utf-8'></head><body>"
-                        f"{to_html()}</body></html>\n", encoding="utf-8")
-    else:
-        raise InputError(f"save() writes .parquet, .json or .html; got {path.name!r}")
-    return path
+    def summary(self) -> str:
+        failed = sum(e is None for e in self.explanations)
+        if self.cosines is None:
+            cosine = "no AR cosine (AV only)"
+        elif self.cosines.isnan().all():
+            cosine = "no AR cosine (no explanation parsed)"
+        else:
+            cosine = f"mean AR cosine to the decoder row {float(self.cosines.nanmean()):.3f}"
+        return (f"{len(self)} features of {self.hook_name}, offset={'mean' if self.offset else 'none'}, "
+                f"{failed} failed parses, {cosine}")
 
 
 def decoder_rows(sae: SAE, features: list[int]) -> Float[Tensor, "n d_in"]:

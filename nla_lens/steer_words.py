@@ -25,10 +25,8 @@ reconstruct); the core never calls it.
 
 from __future__ import annotations
 
-import html
-import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -43,17 +41,18 @@ from nla_lens.capture import PositionSpec, _real_tokens, resid_post, resolve_pos
 from nla_lens.errors import InputError, PairMismatchError, VectorError
 from nla_lens.injection import HookFn, check_vectors, unit
 from nla_lens.nla import NLA
+from nla_lens.results import TabularResult, check_file_target
+from nla_lens.vector_files import write_atomic
 from nla_lens.verbalizer import ActivationVerbalizer, Verbalization
 
 if TYPE_CHECKING:
-    import pandas as pd
-
     from nla_lens.backends import TLModel
 
 Mode = Literal["add", "replace"]
 EditFn = Callable[[str], str]
 # One edit for every site (a function of the explanation, or the edited text itself), or one per site.
 Edit = EditFn | str | Sequence[EditFn | str]
+_TABLE_TOP_K = 3  # next tokens per site in the table; next_tokens(k) gives more
 
 
 def site_steering_hook(directions: Float[Tensor, "n d_model"], rows: Int[Tensor, " n"], cols: Int[Tensor, " n"],
@@ -90,8 +89,8 @@ def site_steering_hook(directions: Float[Tensor, "n d_model"], rows: Int[Tensor,
     return hook
 
 
-@dataclass(frozen=True, eq=False)
-class WordSteering:
+@dataclass(frozen=True, eq=False, repr=False)
+class WordSteering(TabularResult):
     """What `steer_with_words` built: the explanations before and after the edit, Delta, the hook, comparisons.
 
     Per steered site i (row `rows[i]`, column `positions[i]`): `explanations[i]` and `edited[i]` hold
@@ -113,10 +112,12 @@ class WordSteering:
     edited: list[list[str]]
     delta: Float[Tensor, "n d_model"]
     target: Float[Tensor, "n d_model"]
-    clean_logprobs: Float[Tensor, "n d_vocab"] | None = field(default=None, repr=False)
-    steered_logprobs: Float[Tensor, "n d_vocab"] | None = field(default=None, repr=False)
-    tokenizer: Any = field(default=None, repr=False)  # the base model's, to name tokens in the tables
+    clean_logprobs: Float[Tensor, "n d_vocab"] | None = None
+    steered_logprobs: Float[Tensor, "n d_vocab"] | None = None
+    tokenizer: Any = None  # the base model's, to name tokens in the tables
     continuations: list[tuple[str, str]] | None = None  # (clean, steered) per row
+
+    display_columns = ("batch", "position", "token", "explanation", "edited", "delta_norm", "steered_next", "kl")
 
     def fwd_hooks(self, alpha: float | None = None) -> list[tuple[str, HookFn]]:
         """`[(blocks.K.hook_resid_post, hook)]` for `run_with_hooks` or `model.hooks(...)`; `alpha` overrides."""
@@ -141,45 +142,42 @@ class WordSteering:
         names = [_decode(self.tokenizer, int(i)) if self.tokenizer else str(int(i)) for i in ids]
         return [(name, round(float(v.exp()), 4)) for name, v in zip(names, values, strict=True)]
 
-    def to_pandas(self, k: int = 3) -> pd.DataFrame:
-        """One row per steered site: where, the first explanation and its edit, Delta's size, next tokens."""
-        import pandas as pd
-
-        tops = self.next_tokens(k) if self.clean_logprobs is not None else [{}] * len(self.rows)
+    def to_records(self) -> list[dict[str, Any]]:
+        """One row per steered site: where, the first explanation and its edit (every sample in the
+        `*_samples` columns), Delta's size, the top next tokens without / with steering, the continuations."""
+        tops = self.next_tokens(_TABLE_TOP_K) if self.clean_logprobs is not None else [{}] * len(self.rows)
         records = []
         for i in range(len(self.rows)):
             row = int(self.rows[i])
             record = {"batch": row, "position": int(self.positions[i]), "token": self.tokens_at[i],
                       "explanation": self.explanations[i][0], "edited": self.edited[i][0],
-                      "samples": len(self.explanations[i]), "delta_norm": float(self.delta[i].norm())}
+                      "samples": len(self.explanations[i]), "explanation_samples": self.explanations[i],
+                      "edited_samples": self.edited[i], "delta_norm": float(self.delta[i].norm()),
+                      "hook_name": self.hook_name, "mode": self.mode, "alpha": self.alpha}
             if tops[i]:
                 record.update({"clean_next": _tops_text(tops[i]["clean_top"]),
                                "steered_next": _tops_text(tops[i]["steered_top"]), "kl": tops[i]["kl"]})
             if self.continuations is not None:
                 record["clean_continuation"], record["steered_continuation"] = self.continuations[row]
             records.append(record)
-        return pd.DataFrame.from_records(records)
+        return records
 
-    def _summary(self) -> str:
+    def summary(self) -> str:
         return (f"{len(self.rows)} site(s) at {self.hook_name}, mode={self.mode}, alpha={self.alpha:g}, "
                 f"{max(len(e) for e in self.explanations)} sample(s) per site")
 
-    def __repr__(self) -> str:
-        first = f"; site 0: {self.explanations[0][0]!r} -> {self.edited[0][0]!r}"
-        return f"WordSteering({self._summary()}{_cut(first, 160)})"
-
-    def _repr_html_(self) -> str:
-        return _html_table("Steer with words", self._summary(), self.to_pandas())
-
-    def save(self, path: str | Path) -> Path:
-        """The table by suffix (.csv, .json, .parquet, .html); `.safetensors` stores delta and target."""
+    def save_vectors(self, path: str | Path) -> Path:
+        """Delta and T (with the sites and settings) to `.safetensors`, to steer again without the AV and AR;
+        `save` writes the table."""
         path = Path(path)
-        if path.suffix == ".safetensors":
-            save_file({"delta": self.delta.contiguous(), "target": self.target.contiguous(),
-                       "rows": self.rows.contiguous(), "positions": self.positions.contiguous()}, str(path),
-                      metadata={"hook_name": self.hook_name, "alpha": str(self.alpha), "mode": self.mode})
-            return path
-        return _save_table(self.to_pandas(), path, "Steer with words", self._summary())
+        if path.suffix != ".safetensors":
+            raise InputError(f"{path}: save_vectors writes a .safetensors file; save() writes the table")
+        check_file_target(path)
+        tensors = {"delta": self.delta.contiguous(), "target": self.target.contiguous(),
+                   "rows": self.rows.contiguous(), "positions": self.positions.contiguous()}
+        metadata = {"hook_name": self.hook_name, "alpha": str(self.alpha), "mode": self.mode}
+        write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+        return path
 
 
 def steer_with_words(
@@ -244,36 +242,29 @@ def steer_with_words(
                    continuations=continuations)
 
 
-@dataclass(frozen=True, eq=False)
-class Difference:
+@dataclass(frozen=True, eq=False, repr=False)
+class Difference(TabularResult):
     """`describe_difference`: the AV's reading of ``a - b`` per row, next to how far apart a and b are."""
 
     difference: Float[Tensor, "n d_model"]
     cosine: Float[Tensor, " n"]  # cos(a, b)
     verbalizations: list[Verbalization]
 
+    display_columns = ("index", "explanation", "parsed", "cos_a_b", "norm_a_minus_b")
+
     @property
     def explanations(self) -> list[str | None]:
         return [v.explanation for v in self.verbalizations]
 
-    def to_pandas(self) -> pd.DataFrame:
-        import pandas as pd
+    def to_records(self) -> list[dict[str, Any]]:
+        norms = self.difference.norm(dim=-1).tolist()
+        return [{"index": i, "explanation": v.explanation, "parsed": v.explanation is not None, "text": v.text,
+                 "cos_a_b": cos, "norm_a_minus_b": norm}
+                for i, (v, cos, norm) in enumerate(zip(self.verbalizations, self.cosine.tolist(), norms, strict=True))]
 
-        return pd.DataFrame({"explanation": self.explanations, "text": [v.text for v in self.verbalizations],
-                             "cos_a_b": self.cosine.tolist(), "norm_a_minus_b": self.difference.norm(dim=-1).tolist()})
-
-    def _summary(self) -> str:
-        return f"{len(self.verbalizations)} difference(s) a - b verbalized"
-
-    def __repr__(self) -> str:
-        return f"Difference({self._summary()}{_cut(f'; row 0: {self.explanations[0]!r}', 120)})"
-
-    def _repr_html_(self) -> str:
-        return _html_table("Describe a difference", self._summary(), self.to_pandas())
-
-    def save(self, path: str | Path) -> Path:
-        """The table by suffix: .csv, .json, .parquet or .html."""
-        return _save_table(self.to_pandas(), Path(path), "Describe a difference", self._summary())
+    def summary(self) -> str:
+        failed = sum(e is None for e in self.explanations)
+        return f"{len(self.verbalizations)} difference(s) a - b verbalized, {failed} failed to parse"
 
 
 def describe_difference(nla_or_av: NLA | ActivationVerbalizer, a: Float[Tensor, "n d_model"],
@@ -439,29 +430,3 @@ def _decode(tokenizer: Any, token_id: int) -> str:
 
 def _tops_text(tops: list[tuple[str, float]]) -> str:
     return ", ".join(f"{token!r} {p:.3f}" for token, p in tops)
-
-
-def _cut(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
-def _html_table(title: str, summary: str, frame: pd.DataFrame) -> str:
-    """A self-contained table (no scripts, no network): title, one summary line, the rows."""
-    return (f"<div><strong>{html.escape(title)}</strong><p>{html.escape(summary)}</p>"
-            f"{frame.to_html(index=False, escape=True, border=0)}</div>")
-
-
-def _save_table(frame: pd.DataFrame, path: Path, title: str, summary: str) -> Path:
-    writers = {
-        ".csv": lambda: frame.to_csv(path, index=False),
-        ".parquet": lambda: frame.to_parquet(path, index=False),
-        ".json": lambda: path.write_text(json.dumps({"summary": summary, "rows": frame.to_dict("records")},
-                                                    indent=1, ensure_ascii=False), encoding="utf-8"),
-        ".html": lambda: path.write_text(f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
-                                         f"</title></head><body>{_html_table(title, summary, frame)}</body></html>",
-                                         encoding="utf-8"),
-    }
-    if path.suffix not in writers:
-        raise InputError(f"save() writes {', '.join(writers)} (tables); got {path.name!r}")
-    writers[path.suffix]()
-    return path

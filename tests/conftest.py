@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,8 @@ from nla_lens.testing import make_tiny_nla
 
 D_MODEL = 64
 LAYER = 2
+TL4 = backends.transformer_lens_major() >= 4
+HAS_SAE_LENS = not TL4 and importlib.util.find_spec("sae_lens") is not None
 # nla_lens.training drives HookedTransformer (start_at_layer, TL parameter names, the HF exporter).
 NEEDS_TL3 = pytest.mark.skipif(backends.default_backend() == "bridge",
                                reason="training needs the TL 3.x backend: pip install 'nla_lens[tl3]'")
@@ -101,3 +104,12 @@ def bos_paths(tmp_path_factory) -> dict[str, Path]:
     from nla_lens.testing_families import make_tiny_bos_nlas
 
     return make_tiny_bos_nlas(tmp_path_factory.mktemp("tiny_bos"), layer=LAYER, d_model=D_MODEL)
+
+
+def make_sae(d_in: int, d_sae: int, hook_name: str, seed: int = 0):
+    """A sae-lens StandardSAE with seeded random weights, reading `hook_name` (needs the `sae` extra)."""
+    from sae_lens import StandardSAE, StandardSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    torch.manual_seed(seed)
+    return StandardSAE(StandardSAEConfig(d_in=d_in, d_sae=d_sae, metadata=SAEMetadata(hook_name=hook_name))).eval()

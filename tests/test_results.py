@@ -9,12 +9,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from base_batches import load_base
+from conftest import D_MODEL, HAS_SAE_LENS, LAYER, make_sae
 
 import nla_lens as nl
 from nla_lens import display
+from nla_lens.testing import TINY_LABELS
 
 FAST = {"max_new_tokens": 4}
-LAYER = 2
 
 
 @pytest.fixture(scope="module")
@@ -26,9 +27,9 @@ def base(tiny_paths):
 def results(base, av_karvonen, ar_nanonla) -> dict[str, nl.TabularResult]:
     """One of each result type, built on the tiny NLA (its explanations are noise; the plumbing is not)."""
     nla = nl.NLA(av_karvonen, ar_nanonla)
-    vectors = torch.randn(3, 64, generator=torch.Generator().manual_seed(0))
+    vectors = torch.randn(3, D_MODEL, generator=torch.Generator().manual_seed(0))
     tokens = base.to_tokens(["The cat sat on the mat.", "A dog sat on the mat."])
-    steer = torch.randn(64, generator=torch.Generator().manual_seed(1))
+    steer = torch.randn(D_MODEL, generator=torch.Generator().manual_seed(1))
     return {
         "verbalizations": av_karvonen.verbalize(vectors, **FAST),
         "round_trip": nla.round_trip(vectors, baseline=0.8, **FAST),
@@ -38,10 +39,22 @@ def results(base, av_karvonen, ar_nanonla) -> dict[str, nl.TabularResult]:
                                       baseline=0.8, **FAST),
         "direction": nl.verbalize_direction(av_karvonen, vectors, **FAST),
         "explanation": nla.explain(base, ["The cat sat.", "A dog"], baseline=0.8, **FAST),
+        "word_steering": nl.steer_with_words(nla, base, tokens, -1, explanations=TINY_LABELS[:2],
+                                             edit=lambda text: text + " the end", samples=1, continue_tokens=2),
+        "difference": nl.describe_difference(nla, vectors, vectors.flip(0) + 1, **FAST),
+        **(sae_results(base, nla) if HAS_SAE_LENS else {}),
     }
 
 
-KINDS = ["verbalizations", "round_trip", "steering", "patching", "direction", "explanation"]
+def sae_results(base, nla) -> dict[str, nl.TabularResult]:
+    sae = make_sae(D_MODEL, 16, f"blocks.{LAYER}.hook_resid_post")
+    texts = ["The cat sat on the mat.", "A dog sat on the mat, and the cat ran."]
+    return {"feature_verbalizations": nl.verbalize_sae_features(nla, sae, [3, 0, 7], progress=False, **FAST),
+            "feature_card": nl.feature_card(sae, base, texts, 5, nla, k=4, progress=False, **FAST)}
+
+
+KINDS = ["verbalizations", "round_trip", "steering", "patching", "direction", "explanation", "word_steering",
+         "difference"] + (["feature_verbalizations", "feature_card"] if HAS_SAE_LENS else [])
 
 
 @pytest.mark.parametrize("kind", KINDS)

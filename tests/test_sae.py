@@ -4,21 +4,19 @@ capture on a HookedSAETransformer, and the toy experiment (a real sae-lens train
 from __future__ import annotations
 
 import html
-import importlib.util
 import json
 
 import pytest
 import torch
 from base_batches import no_hooks_left
-from conftest import D_MODEL, LAYER
+from conftest import D_MODEL, HAS_SAE_LENS, LAYER, TL4, make_sae
 
 import nla_lens as nl
 from nla_lens import backends
 from nla_lens.errors import BackendError
 
-TL4 = backends.transformer_lens_major() >= 4
 NEEDS_SAE_LENS = pytest.mark.skipif(
-    TL4 or importlib.util.find_spec("sae_lens") is None,
+    not HAS_SAE_LENS,
     reason="sae-lens 6.x requires transformer-lens < 4: the TL 4.x leg has no sae-lens (CI installs the `sae` "
            "extra on the TL 3.x leg only)" if TL4 else "sae-lens not installed: pip install 'nla_lens[sae]'")
 
@@ -38,14 +36,6 @@ def test_require_sae_lens_names_the_transformer_lens_conflict(monkeypatch):
     monkeypatch.setattr(backends, "transformer_lens_major", lambda: 4)
     with pytest.raises(BackendError, match=r"requires transformer-lens < 4.*pip install 'nla_lens\[tl3,sae\]'"):
         sae.require_sae_lens()
-
-
-def make_sae(d_in: int, d_sae: int, hook_name: str, seed: int = 0):
-    from sae_lens import StandardSAE, StandardSAEConfig
-    from sae_lens.saes.sae import SAEMetadata
-
-    torch.manual_seed(seed)
-    return StandardSAE(StandardSAEConfig(d_in=d_in, d_sae=d_sae, metadata=SAEMetadata(hook_name=hook_name))).eval()
 
 
 @pytest.fixture(scope="module")
@@ -131,24 +121,19 @@ def test_failed_parses_get_no_cosine(av_karvonen, ar_nanonla):
     out = nl.verbalize_sae_features(nl.NLA(av_karvonen, ar_nanonla), sae, [0, 1], max_new_tokens=3, progress=False)
     assert out.explanations == [None, None]  # three tokens of a random AV: no closing tag
     assert out.cosines.isnan().all() and out.reconstructions.isnan().all()
-    assert [r["cosine"] for r in out.records()] == [None, None]
+    assert [r["cosine"] for r in out.to_records()] == [None, None]
 
 
 @NEEDS_SAE_LENS
-def test_feature_verbalizations_print_short_and_leave_as_table_or_file(av_karvonen, tmp_path):
-    sae = make_sae(D_MODEL, 16, f"blocks.{LAYER}.hook_resid_post")
-    out = nl.verbalize_sae_features(av_karvonen, sae, [2, 4], max_new_tokens=4, progress=False)
-    assert repr(out).startswith("FeatureVerbalizations(2 features of blocks.") and len(repr(out)) < 200
-    frame = out.to_pandas()
-    assert list(frame["feature"]) == [2, 4] and list(frame["text"]) == [v.text for v in out.verbalizations]
-    import pyarrow.parquet as pq
-
-    assert pq.read_table(out.save(tmp_path / "f.parquet")).to_pylist() == out.records()
-    assert json.loads(out.save(tmp_path / "f.json").read_text()) == out.records()
-    page = out.save(tmp_path / "f.html").read_text()
-    assert "<table>" in page and "<script" not in page and "http" not in page
-    with pytest.raises(nl.InputError, match=".parquet, .json or .html"):
-        out.save(tmp_path / "f.txt")
+def test_feature_verbalizations_rows_carry_the_features_and_cosines(toy):
+    sae = make_sae(128, 32, f"blocks.{toy.av.meta.layer}.hook_resid_post")
+    out = nl.verbalize_sae_features(nl.NLA(toy.av, toy.ar), sae, [4, 2], max_new_tokens=48, progress=False)
+    records = out.to_records()
+    assert [r["feature"] for r in records] == [4, 2] and [r["text"] for r in records] == [v.text for v in
+                                                                                         out.verbalizations]
+    assert [r["cosine"] for r in records] == pytest.approx(out.cosines.tolist())
+    assert repr(out).startswith("FeatureVerbalizations: 2 features of blocks.3.hook_resid_post, offset=none")
+    assert f"mean AR cosine to the decoder row {float(out.cosines.mean()):.3f}" in repr(out)
 
 
 @NEEDS_SAE_LENS
@@ -172,9 +157,10 @@ def test_feature_card_shows_the_strongest_contexts_next_to_the_explanation(toy, 
     first = card.contexts[0]
     assert first.activations[first.center] == pytest.approx(first.activation) and len(first.tokens) <= 5
     assert card.explanation is not None and card.explanation.startswith("The token ")
-    assert repr(card).startswith("FeatureCard(feature 9 of blocks.3.hook_resid_post")
+    assert repr(card).startswith("FeatureCard: feature 9 of blocks.3.hook_resid_post")
     page = card.save(tmp_path / "card.html").read_text()
     assert html.escape(card.explanation) in page and "<script" not in page and "http" not in page
+    assert page.count("nla-tok nla-peak") == len(card.contexts)  # each context's peak token is outlined
     assert list(card.to_pandas()["position"]) == [c.position for c in card.contexts]
 
 
@@ -216,6 +202,7 @@ def test_toy_sae_features_are_named_by_the_av_well_above_control():
     assert result.agreement >= 0.3 and result.agreement >= 2 * result.control
     assert result.agreement_offset >= 2 * result.control
     assert result.cosine >= result.control_cosine + 0.3  # the AR rebuilds the feature's row, not just any row
+    assert len(result.to_pandas()) == result.n_token_features and repr(result).startswith("SAEExperimentResult: ")
     # The numbers stored beside the checkpoints (and quoted in the README) are the ones this checkpoint gives;
     # after retraining the toy, re-run `python -m nla_lens.toy.sae_experiment --write`.
     recorded = json.loads((TOY_DIR / SCORES_FILE).read_text())

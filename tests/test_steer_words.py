@@ -3,9 +3,6 @@ never leaks, and bad input gets typed errors. Tiny random NLA (API and maths) pl
 
 from __future__ import annotations
 
-import json
-
-import pandas as pd
 import pytest
 import torch
 from base_batches import load_base, no_hooks_left, padded
@@ -189,25 +186,34 @@ def test_bad_input_gets_typed_errors_that_say_what_to_do(base, nla):
     assert no_hooks_left(base)
 
 
-def test_result_prints_short_and_leaves_as_a_table(base, nla, tmp_path):
+def test_result_rows_carry_sites_samples_and_comparisons(base, nla):
     tokens, mask = padded(base, "left")
-    result = steer(nla, base, tokens, -1, mask, continue_tokens=2)
-    text = repr(result)
-    assert text.startswith("WordSteering(4 site(s) at " + NAME) and len(text) < 300 and "tensor" not in text
+    samples = [TINY_LABELS[:2], TINY_LABELS[2:3], TINY_LABELS[3:4], TINY_LABELS[4:6]]
+    result = steer(nla, base, tokens, -1, mask, explanations=samples, continue_tokens=2)
+    assert repr(result).startswith(f"WordSteering: 4 site(s) at {NAME}, mode=add, alpha=1, 2 sample(s) per site")
     frame = result.to_pandas()
-    assert list(frame["position"]) == [tokens.shape[1] - 1] * 4 and {"clean_next", "steered_next", "kl",
-                                                                     "steered_continuation"} <= set(frame.columns)
+    assert list(frame["position"]) == [tokens.shape[1] - 1] * 4 and list(frame["samples"]) == [2, 1, 1, 2]
+    assert [list(s) for s in frame["explanation_samples"]] == samples
+    assert list(frame["explanation"]) == [s[0] for s in samples]
+    assert list(frame["delta_norm"]) == pytest.approx(result.delta.norm(dim=-1).tolist())
+    assert list(frame["kl"]) == pytest.approx([t["kl"] for t in result.next_tokens()])
     assert (frame["kl"] > 0).all()  # the steering moved every site's next-token distribution
-    page = result._repr_html_()
-    assert "<table" in page and "<script" not in page
-    for suffix in (".csv", ".json", ".parquet", ".html"):
-        assert result.save(tmp_path / f"out{suffix}").stat().st_size > 0
-    assert json.loads((tmp_path / "out.json").read_text())["rows"][0]["explanation"] == TINY_LABELS[0]
-    assert pd.read_parquet(tmp_path / "out.parquet").shape == frame.shape
-    vectors = load_file(str(result.save(tmp_path / "out.safetensors")))
-    assert torch.equal(vectors["delta"], result.delta) and torch.equal(vectors["positions"], result.positions)
-    with pytest.raises(nl.InputError, match="writes"):
-        result.save(tmp_path / "out.txt")
+    assert list(frame["steered_continuation"]) == [c[1] for c in result.continuations]
+    bare = steer(nla, base, tokens, -1, mask, compare=False, continue_tokens=0)
+    assert not {"kl", "steered_next", "clean_continuation"} & set(bare.to_pandas().columns)
+    assert "kl" not in repr(bare).splitlines()[1]  # the table shows only the columns the rows have
+
+
+def test_delta_saves_to_safetensors_beside_the_table(base, nla, tmp_path):
+    tokens, mask = padded(base, "left")
+    result = steer(nla, base, tokens, -1, mask, compare=False, continue_tokens=0)
+    vectors = load_file(str(result.save_vectors(tmp_path / "delta.safetensors")))
+    assert torch.equal(vectors["delta"], result.delta) and torch.equal(vectors["target"], result.target)
+    assert torch.equal(vectors["rows"], result.rows) and torch.equal(vectors["positions"], result.positions)
+    with pytest.raises(nl.InputError, match="save_vectors writes a .safetensors"):
+        result.save_vectors(tmp_path / "delta.parquet")
+    with pytest.raises(nl.InputError, match="does not exist"):
+        result.save_vectors(tmp_path / "no" / "delta.safetensors")
 
 
 def test_describe_difference_verbalizes_a_minus_b(nla):
@@ -217,7 +223,8 @@ def test_describe_difference_verbalizes_a_minus_b(nla):
     assert torch.equal(said.difference, a - b)
     assert [v.text for v in said.verbalizations] == [v.text for v in nla.av.verbalize(a - b, max_new_tokens=6,
                                                                                       progress=False)]
-    assert said.to_pandas().shape[0] == 3 and "tensor" not in repr(said) and "<table" in said._repr_html_()
+    assert [r["cos_a_b"] for r in said.to_records()] == pytest.approx(torch.cosine_similarity(a, b[None]).tolist())
+    assert [r["norm_a_minus_b"] for r in said.to_records()] == pytest.approx((a - b).norm(dim=-1).tolist())
     with pytest.raises(nl.VectorError, match="equal at rows \\[1\\]"):
         nl.describe_difference(nla.av, torch.stack([a[0], b, a[2]]), b)
 

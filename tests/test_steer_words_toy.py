@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 from nla_lens.toy.steer_words_experiment import run_experiment
@@ -43,3 +44,11 @@ def test_readme_quotes_the_measured_table(measured):
             assert abs(int(quoted.group(1)) - 100 * row.argmax_hit) <= 1.01
             assert abs(float(quoted.group(2)) - row.delta_logp) <= 0.02
             assert abs(int(quoted.group(3)) - 100 * row.control_argmax_hit) <= 1.01
+
+
+def test_the_measurement_is_a_table_like_every_result(measured, tmp_path):
+    result = measured["random"]
+    assert repr(result).startswith("SteerWordsExperiment: 100 held-out sites, random Z', mode=add")
+    records = result.to_records()
+    assert [r["alpha"] for r in records] == [row.alpha for row in result.rows] and records[0]["n_sites"] == 100
+    assert pq.read_table(result.save(tmp_path / "steer.parquet")).to_pylist() == records

@@ -20,9 +20,9 @@ import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Float, Int
@@ -30,6 +30,7 @@ from torch import Tensor
 
 from nla_lens.capture import resid_post
 from nla_lens.nla import NLA
+from nla_lens.results import TabularResult
 from nla_lens.sae import ResidualStats, require_sae_lens, verbalize_sae_features
 from nla_lens.toy.demo import TOY_DIR
 from nla_lens.toy.evaluate import HELDOUT_FILE, MIN_CONTEXT, ToyNLA
@@ -75,8 +76,9 @@ class FeatureRow:
     named_control: bool
 
 
-@dataclass(frozen=True)
-class SAEExperimentResult:
+@dataclass(frozen=True, repr=False)
+class SAEExperimentResult(TabularResult):
+    """The scores of the run, and one row per token feature: its token T and whether each readout names it."""
     n_positions: int
     n_live: int
     n_token_features: int
@@ -90,7 +92,12 @@ class SAEExperimentResult:
     sae_l0: float  # mean number of active features per position
     train_seconds: float
     config: SAEExperimentConfig
-    rows: list[FeatureRow] = field(repr=False)
+    rows: list[FeatureRow]
+
+    display_columns = ("feature", "token", "purity", "named", "named_offset", "explanation")
+
+    def to_records(self) -> list[dict[str, Any]]:
+        return [asdict(r) for r in self.rows]
 
     def summary(self) -> str:
         return (f"{self.n_token_features} of {self.n_live} live features fire >= {self.config.purity:.0%} on one "

@@ -26,9 +26,9 @@ import argparse
 import json
 import re
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from jaxtyping import Int
@@ -37,6 +37,7 @@ from torch import Tensor
 from nla_lens import backends
 from nla_lens.errors import InputError
 from nla_lens.nla import NLA
+from nla_lens.results import TabularResult
 from nla_lens.steer_words import Mode, WordSteering, steer_with_words
 from nla_lens.toy.demo import TOY_DIR
 from nla_lens.toy.evaluate import HELDOUT_FILE, MIN_CONTEXT, ToyNLA
@@ -57,14 +58,17 @@ class AlphaRow:
     control_delta_logp: float
 
 
-@dataclass(frozen=True)
-class SteerWordsExperiment:
+@dataclass(frozen=True, repr=False)
+class SteerWordsExperiment(TabularResult):
+    """Per alpha, how often steering with the edited explanation makes Z' the argmax, and the control."""
     n_sites: int
     samples: int
     choice: str
     mode: str
     av_names_argmax: float  # fraction of sites where the explanation's Z is the base model's argmax
     rows: list[AlphaRow]
+
+    display_columns = ("alpha", "argmax_hit", "delta_logp", "control_argmax_hit", "control_delta_logp")
 
     def meets_target(self, hit: float = 0.5, control: float = 0.05, max_alpha: float = 2.0) -> bool:
         """Issue #16's bar: at some alpha <= 2, Z' is the argmax at >= 50% of sites, the control at <= 5%."""
@@ -78,24 +82,16 @@ class SteerWordsExperiment:
                   f"| {r.control_delta_logp:+.2f} |" for r in self.rows]
         return "\n".join(lines)
 
-    def to_pandas(self):
-        import pandas as pd
+    def to_records(self) -> list[dict[str, Any]]:
+        settings = {"n_sites": self.n_sites, "samples": self.samples, "choice": self.choice, "mode": self.mode,
+                    "av_names_argmax": self.av_names_argmax}
+        return [{**asdict(r), **settings} for r in self.rows]
 
-        return pd.DataFrame([r.__dict__ for r in self.rows])
-
-    def __repr__(self) -> str:
+    def summary(self) -> str:
         best = max(self.rows, key=lambda r: r.argmax_hit)
-        return (f"SteerWordsExperiment({self.n_sites} sites, {self.choice} Z', {self.mode}, samples={self.samples}, "
-                f"best alpha={best.alpha:g}: {best.argmax_hit:.0%} vs random {best.control_argmax_hit:.0%})")
-
-    def _repr_html_(self) -> str:
-        return self.to_pandas().to_html(index=False, border=0)
-
-    def save(self, path: str | Path) -> Path:
-        """JSON with the table and the settings."""
-        path = Path(path)
-        path.write_text(json.dumps({**self.__dict__, "rows": [r.__dict__ for r in self.rows]}, indent=1))
-        return path
+        return (f"{self.n_sites} held-out sites, {self.choice} Z', mode={self.mode}, {self.samples} explanation "
+                f"sample(s) per site; the AV's Z is the base model's argmax at {self.av_names_argmax:.0%} of them; "
+                f"best alpha={best.alpha:g}: Z' argmax {best.argmax_hit:.0%} vs random {best.control_argmax_hit:.0%}")
 
 
 def run_experiment(folder: Path = TOY_DIR, n_sites: int = 100, alphas: tuple[float, ...] = ALPHAS,
@@ -215,10 +211,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     result = run_experiment(args.checkpoint, args.positions, samples=args.samples, choice=args.choice, mode=args.mode,
                             seed=args.seed)
-    print(f"{result.n_sites} held-out sites, {result.choice} Z', mode={result.mode}, {result.samples} explanation "
-          "sample(s) per site; "
-          f"the AV's Z is the "
-          f"base model's argmax at {result.av_names_argmax:.0%} of them")
+    print(result.summary())
     print(result.to_markdown())
     print("target met" if result.meets_target() else "target NOT met")
 
