@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 
 def load_base(source: NLA | ActivationVerbalizer | ActivationReconstructor | NLAMeta | str | Path, *,
-              device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+              device: str | torch.device = "cpu", dtype: torch.dtype | str = torch.float32,
               backend: str | None = None) -> TLModel:
     """Load the base model: `source` is a folder (or cached hub id), or an NLA / AV / AR / NLAMeta whose
     sidecar names it (`base_model`). Checks d_model and depth against the NLA before reading weights."""

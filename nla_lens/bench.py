@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from nla_lens import backends
+from nla_lens.checks import resolve_device
 
 AV_TEMPLATE = ("Here is an activation vector: <c>{injection_char}</c>. Say in one sentence what the "
                "model was thinking about, inside explanation tags.")
@@ -95,6 +96,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> None:
+    resolve_device(args.device)  # before minutes of writing checkpoints
     if args.threads:
         torch.set_num_threads(args.threads)
     run(QUICK if args.quick else FULL, device=args.device)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 
 from nla_lens import __version__
@@ -58,12 +59,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one subcommand. Bad input exits 2 with the typed error's message, a failed file operation
+    (permissions, a full disk) exits 1 with the OS's message; library warnings print as one line each."""
     args = build_parser().parse_args(argv)
-    try:
-        args.run(args)
-    except NLAError as exc:
-        print(f"nla-lens {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 2
+    prefix = f"nla-lens {args.command}"
+
+    def show_warning(message: Warning | str, *_: object, **__: object) -> None:
+        print(f"{prefix}: warning: {message}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show_warning
+        try:
+            args.run(args)
+        except NLAError as exc:
+            print(f"{prefix}: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return 2
+        except OSError as exc:
+            print(f"{prefix}: {exc}", file=sys.stderr)
+            return 1
     return 0
 
 

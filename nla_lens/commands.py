@@ -11,16 +11,18 @@ from typing import Any
 import pyarrow as pa
 import torch
 from jaxtyping import Float
-from safetensors.torch import save_file
 from torch import Tensor
 
 from nla_lens import shard_store, sharded
+from nla_lens.checks import check_at_least_one, check_input_file, check_output_path, resolve_device
+from nla_lens.cli_checks import base_for, nla_checkpoint
 from nla_lens.distributed import World
 from nla_lens.errors import InputError, PromptTooLongError
 from nla_lens.sharded import Sampling
-from nla_lens.vector_files import VectorTable, read_input, write_table
+from nla_lens.vector_files import OUTPUT_SUFFIXES, VectorTable, read_input, write_table, write_vectors
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_VECTOR_SUFFIXES = (".safetensors", ".pt")  # what `reconstruct --output` writes
 
 
 def capture_text(base: str, layer: int, text: str, device: str, dtype: torch.dtype) -> Float[Tensor, "pos d_model"]:
@@ -29,6 +31,8 @@ def capture_text(base: str, layer: int, text: str, device: str, dtype: torch.dty
     from nla_lens.capture import resid_post
     from nla_lens.sidecar import text_ids
 
+    if not text.strip():
+        raise InputError("--text is empty; give the text whose positions to explain")
     folder = loading.resolve_checkpoint(base)
     tokenizer = loading.load_tokenizer(folder)
     model = backends.load_model(folder, tokenizer, dtype=dtype, device=device)
@@ -122,25 +126,32 @@ def _job_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _run_verbalize(args: argparse.Namespace) -> None:
+    sampling = _sampling(args)
+    resolve_device(args.device)
+    _, meta = nla_checkpoint(args.av, "av")
+    if args.output is not None:
+        check_output_path(args.output, OUTPUT_SUFFIXES, "--output")
     if args.input is not None and args.output is not None:
         _report(sharded.verbalize_file(args.av, args.input, args.output, **_job_kwargs(args)))
         return
     if World.from_env().is_distributed:
         raise InputError("under torchrun, give --input FILE and --output FILE: only file jobs are sharded")
-    from nla_lens.verbalizer import ActivationVerbalizer
-
-    av = ActivationVerbalizer.from_pretrained(args.av, device=args.device, dtype=_DTYPES[args.dtype])
     if args.text is not None:
+        if not args.text.strip():
+            raise InputError("--text is empty; give the text whose positions to explain")
         if args.base is None:
             raise InputError("--text needs --base, the model whose activations the AV explains")
         if args.shards is not None or args.column is not None:
             raise InputError("--shards and --column apply to --input files; --text is explained in one process")
-        layer = av.meta.layer if args.layer is None else args.layer
-        table = VectorTable(capture_text(args.base, layer, args.text, args.device, _DTYPES[args.dtype]),
+        layer = meta.layer if args.layer is None else args.layer
+        base = base_for(args.base, meta, layer)
+        table = VectorTable(capture_text(str(base), layer, args.text, args.device, _DTYPES[args.dtype]),
                             pa.table({}))
     else:
         table = read_input(args.input, args.column)
-    sampling = _sampling(args)
+    from nla_lens.verbalizer import ActivationVerbalizer
+
+    av = ActivationVerbalizer.from_pretrained(args.av, device=args.device, dtype=_DTYPES[args.dtype])
     out = av.verbalize(table.vectors, max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
                        top_p=sampling.top_p, seed=sampling.seed, batch_size=sampling.batch_size, progress=True)
     if args.output:
@@ -152,6 +163,11 @@ def _run_verbalize(args: argparse.Namespace) -> None:
 
 
 def _run_round_trip(args: argparse.Namespace) -> None:
+    _sampling(args)
+    resolve_device(args.device)
+    nla_checkpoint(args.av, "av")
+    nla_checkpoint(args.ar, "ar")
+    check_output_path(args.output, OUTPUT_SUFFIXES, "--output")
     result = sharded.round_trip_file(args.av, args.ar, args.input, args.output, baseline=args.baseline,
                                      reconstruct_batch_size=args.reconstruct_batch_size, **_job_kwargs(args))
     _report(result)
@@ -183,7 +199,8 @@ def add_reconstruct(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--ar", required=True, help="the AR checkpoint folder (or a hub id in the local HF cache)")
     parser.add_argument("explanations", nargs="*", help="explanation strings")
     parser.add_argument("--input", type=Path, help="a text file with one explanation per line")
-    parser.add_argument("--output", type=Path, help="write the vectors here as .safetensors (tensor 'vectors')")
+    parser.add_argument("--output", type=Path,
+                        help="write the vectors here: .safetensors (tensor 'vectors') or .pt (one tensor)")
     parser.add_argument("--batch-size", type=int, default=64, help="explanations per AR batch")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
     parser.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="model dtype")
@@ -193,15 +210,24 @@ def add_reconstruct(subparsers: argparse._SubParsersAction) -> None:
 def _run_reconstruct(args: argparse.Namespace) -> None:
     from nla_lens.reconstructor import ActivationReconstructor
 
+    resolve_device(args.device)
+    check_at_least_one(batch_size=args.batch_size)
+    nla_checkpoint(args.ar, "ar")
+    if args.output:
+        check_output_path(args.output, _VECTOR_SUFFIXES, "--output")
     texts = list(args.explanations)
     if args.input:
+        check_input_file(args.input, "--input")
         texts += [line for line in args.input.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not texts:
+        raise InputError("no explanations: give them as arguments, or --input FILE with one per line")
     ar = ActivationReconstructor.from_pretrained(args.ar, device=args.device, dtype=_DTYPES[args.dtype])
     vectors = ar.reconstruct(texts, batch_size=args.batch_size)
     for i, v in enumerate(vectors):
         print(f"{i}\tnorm {float(v.norm()):.3f}\t{[round(x, 3) for x in v[:4].tolist()]} ...")
     if args.output:
-        save_file({"vectors": vectors.contiguous().cpu()}, args.output)
+        write_vectors(vectors, args.output)
+        print(f"wrote {len(vectors)} vectors to {args.output}")
 
 
 def add_explain(subparsers: argparse._SubParsersAction) -> None:
@@ -279,6 +305,10 @@ def _run_explain(args: argparse.Namespace) -> None:
         check_save_path(args.output)
     if args.max_new_tokens < 1 or args.batch_size < 1:
         raise InputError("--max-new-tokens and --batch-size must be at least 1")
+    _, av_meta = nla_checkpoint(args.av, "av")
+    nla_checkpoint(args.ar, "ar")
+    if args.base is not None:
+        base_for(args.base, av_meta, av_meta.layer)
     dtype = _DTYPES[args.dtype]
     nla = NLA.from_pretrained(args.av, args.ar, device=device, dtype=dtype)
     base = load_base(nla if args.base is None else args.base, device=device, dtype=dtype)

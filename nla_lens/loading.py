@@ -19,7 +19,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Literal
 
 import torch
 from torch import Tensor, nn
@@ -27,6 +27,7 @@ from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
 from nla_lens.backends import gemma3
 from nla_lens.errors import CheckpointError
+from nla_lens.sidecar import NLAMeta
 
 try:
     from transformer_lens import HookedTransformer, HookedTransformerConfig
@@ -57,8 +58,16 @@ def resolve_checkpoint(path_or_id: str | Path) -> Path:
     except Exception as exc:  # noqa: BLE001 - any failure means "not available offline"
         raise CheckpointError(
             f"{path_or_id!r} is neither a local folder nor a hub id in the local HF cache. "
-            f"Download it first (huggingface-cli download {path_or_id}) or pass the folder path."
+            f"Download it first (hf download {path_or_id}) or pass the folder path."
         ) from exc
+
+
+def checkpoint_role(folder: Path, meta: NLAMeta) -> Literal["av", "ar"] | None:
+    """The sidecar's role, else "ar" where the folder holds an AR readout (`value_head.safetensors`);
+    None where neither tells (nanoNLA's `nla_dataset` sidecars record no role)."""
+    if meta.role is not None:
+        return meta.role
+    return "ar" if (folder / VALUE_HEAD_FILE).is_file() else None
 
 
 def load_tokenizer(folder: Path, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:

@@ -14,6 +14,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from nla_lens import loading, metrics
+from nla_lens.checks import check_at_least_one
 from nla_lens.errors import InputError, PairMismatchError
 from nla_lens.injection import check_vectors
 from nla_lens.parsing import injection_warning
@@ -138,7 +139,7 @@ class NLA:
 
     @classmethod
     def from_pretrained(cls, av_path: str | Path, ar_path: str | Path, *, device: str | torch.device = "cpu",
-                        dtype: torch.dtype = torch.float32, backend: str | None = None,
+                        dtype: torch.dtype | str = torch.float32, backend: str | None = None,
                         **av_kwargs: Any) -> NLA:
         """Load an AV and its AR (folders or cached hub ids), checking that they pair before reading weights.
 
@@ -180,6 +181,7 @@ class NLA:
         32 of them; otherwise `fve` is None and `warnings` says how to get one (the released Qwen3-8B
         L24 pair: about 0.56).
         """
+        check_at_least_one(reconstruct_batch_size=reconstruct_batch_size)
         vectors = check_vectors(vectors, self.av.meta.d_model).float()
         resolved = resolve_baseline(vectors, self.mse_scale, baseline, self.ar.meta)  # before the expensive part
         with warnings.catch_warnings():

@@ -12,8 +12,9 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from nla_lens import backends, loading
+from nla_lens.checks import check_at_least_one, check_explanations, resolve_device, resolve_dtype
 from nla_lens.distributed import inference
-from nla_lens.errors import InputError, PromptTooLongError, SidecarError
+from nla_lens.errors import PromptTooLongError, SidecarError
 from nla_lens.sidecar import NLAMeta, ar_prompt_ids, check_tokenizer, load_meta
 
 if TYPE_CHECKING:
@@ -46,18 +47,21 @@ class ActivationReconstructor:
         path_or_id: str | Path,
         *,
         device: str | torch.device = "cpu",
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | str = torch.float32,
         trust_remote_code: bool = False,
         backend: str | None = None,
     ) -> ActivationReconstructor:
         """Load an AR folder (truncated HF backbone + `value_head.safetensors`); reads K+1 blocks.
 
         `backend` ("hooked" / "bridge") overrides the one the installed TransformerLens implies.
+        `dtype` may be a name ("bfloat16").
         """
+        device, dtype = resolve_device(device), resolve_dtype(dtype)
         folder = loading.resolve_checkpoint(path_or_id)
         meta = load_meta(folder)
-        if meta.role == "av":
-            raise SidecarError(f"{folder} is an AV checkpoint; load it with ActivationVerbalizer")
+        if loading.checkpoint_role(folder, meta) == "av":
+            raise SidecarError(f"{folder} is an AV checkpoint, not an AR: load it with "
+                               "ActivationVerbalizer.from_pretrained")
         if meta.ar_template is None:
             raise SidecarError(f"{folder}/nla_meta.yaml has no AR (critic) prompt template")
         tokenizer = loading.load_tokenizer(folder, trust_remote_code=trust_remote_code)
@@ -75,8 +79,7 @@ class ActivationReconstructor:
     def prompt_tokens(self, explanations: list[str]) -> tuple[Int[Tensor, "n pos"], Int[Tensor, "n pos"]]:
         """Left-padded AR prompts and their attention mask, tokenized as the paper's critic does
         (with special tokens: BOS first on Gemma / Llama, nothing added on Qwen)."""
-        if isinstance(explanations, str) or not explanations:
-            raise InputError("pass a non-empty list of explanation strings")
+        check_explanations(explanations)
         ids = [ar_prompt_ids(self.meta, self.tokenizer, e) for e in explanations]
         n_ctx = self.model.cfg.n_ctx
         too_long = [(i, len(row)) for i, row in enumerate(ids) if len(row) > n_ctx]
@@ -95,6 +98,7 @@ class ActivationReconstructor:
     def reconstruct(self, explanations: list[str], batch_size: int = 64,
                     progress: bool = False) -> Float[Tensor, "n d_model"]:
         """The readout at the last token of each AR prompt, as float32 vectors."""
+        check_at_least_one(batch_size=batch_size)
         tokens, mask = self.prompt_tokens(explanations)
         self.fallback_reason = backends.ar_fallback_reason(self.model)
         out = []

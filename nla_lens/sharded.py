@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from nla_lens import loading, metrics, shard_store
+from nla_lens.checks import check_at_least_one, check_sampling
 from nla_lens.distributed import World, barrier, device_for, process_group
 from nla_lens.injection import check_vectors
 from nla_lens.nla import NLA, check_pair, resolve_baseline
@@ -40,6 +41,9 @@ class Sampling:
     top_p: float = 1.0
     seed: int = 0
     batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        check_sampling(self.temperature, self.top_p, self.max_new_tokens, self.batch_size)
 
     def facts(self) -> dict[str, Any]:
         """The settings a finished shard depends on (greedy rows depend on neither seed nor batching)."""
@@ -97,6 +101,7 @@ def verbalize_file(
     Output rows: index (the input row), the input's scalar columns, explanation (None if untagged), text.
     """
     input_path, output = Path(input_path), Path(output)
+    check_output(output)
     av_folder = loading.resolve_checkpoint(av)
     av_meta = load_meta(av_folder)
     table = _read(input_path, column, av_meta)
@@ -127,6 +132,8 @@ def round_trip_file(
     paper's over all input vectors (at least 32 of them), as `NLA.round_trip` picks it.
     """
     input_path, output = Path(input_path), Path(output)
+    check_output(output)
+    check_at_least_one(reconstruct_batch_size=reconstruct_batch_size)
     av_folder, ar_folder = loading.resolve_checkpoint(av), loading.resolve_checkpoint(ar)
     av_meta, ar_meta = load_meta(av_folder), load_meta(ar_folder)
     check_pair(av_meta, ar_meta)

@@ -13,15 +13,17 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from jaxtyping import Float
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from nla_lens.checks import check_input_file, check_output_path
 from nla_lens.errors import InputError
 
 # Column names the jobs write; an input column of the same name would be overwritten.
@@ -38,17 +40,30 @@ class VectorTable:
 
 def read_vectors(path: Path) -> Float[Tensor, "n d_model"]:
     """Vectors from .safetensors (a tensor named `vectors`, or the only one) or .pt (weights_only load)."""
+    if path.suffix not in (".safetensors", ".pt"):
+        raise InputError(f"{path}: expected a .safetensors, .pt or .parquet file of [n, d_model] vectors")
+    check_input_file(path, "vector file")
     if path.suffix == ".safetensors":
-        tensors = load_file(str(path))
+        tensors = _readable(path, lambda: load_file(str(path)))
         if "vectors" not in tensors and len(tensors) != 1:
             raise InputError(f"{path} holds {sorted(tensors)}; name the [n, d_model] tensor 'vectors'")
         return tensors.get("vectors", next(iter(tensors.values())))
-    if path.suffix == ".pt":
-        loaded = torch.load(path, weights_only=True)  # tensors only: no pickled code is run
-        if not isinstance(loaded, Tensor):
-            raise InputError(f"{path} must hold a single tensor, got {type(loaded).__name__}")
-        return loaded
-    raise InputError(f"{path}: expected a .safetensors, .pt or .parquet file of [n, d_model] vectors")
+    loaded = _readable(path, lambda: torch.load(path, weights_only=True))  # tensors only: no pickled code runs
+    if not isinstance(loaded, Tensor):
+        raise InputError(f"{path} must hold a single tensor, got {type(loaded).__name__}")
+    return loaded
+
+
+def _readable(path: Path, read: Callable[[], Any]) -> Any:
+    """`read()`, with a corrupt or mislabelled file reported as such rather than as the reader's traceback."""
+    try:
+        return read()
+    except Exception as exc:  # noqa: BLE001 - safetensors, pickle and arrow each raise their own types
+        # torch's own text suggests weights_only=False, which would run pickled code: never pass that on.
+        detail = "" if path.suffix == ".pt" else f" ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0]})"
+        raise InputError(f"{path} cannot be read as a {path.suffix} file of vectors{detail}; is it corrupt or of "
+                         "another format? Write vectors with safetensors.torch.save_file({'vectors': v}, path)"
+                         ) from exc
 
 
 def read_input(path: Path, column: str | None = None) -> VectorTable:
@@ -57,7 +72,8 @@ def read_input(path: Path, column: str | None = None) -> VectorTable:
         if column is not None:
             raise InputError(f"--column only applies to parquet inputs, not {path.name}")
         return VectorTable(read_vectors(path), pa.table({}))
-    table = pq.read_table(path)
+    check_input_file(path, "vector file")
+    table = _readable(path, lambda: pq.read_table(path))
     name = _vector_column(table.schema, column, path)
     carried = [f.name for f in table.schema if f.name != name and not pa.types.is_nested(f.type)]
     clash = sorted(set(carried) & set(RESULT_COLUMNS))
@@ -105,8 +121,7 @@ OUTPUT_SUFFIXES = (".parquet", ".jsonl")
 
 def check_output(path: Path) -> None:
     """Checked before a job starts, so a typo does not surface only after hours of work."""
-    if path.suffix not in OUTPUT_SUFFIXES:
-        raise InputError(f"{path}: the output must end in .parquet or .jsonl")
+    check_output_path(path, OUTPUT_SUFFIXES)
 
 
 def write_table(table: pa.Table, path: Path) -> None:
@@ -118,6 +133,18 @@ def write_table(table: pa.Table, path: Path) -> None:
         write_atomic(path, lambda tmp: tmp.write_text(
             "".join(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in table.to_pylist()),
             encoding="utf-8"))
+
+
+def write_vectors(vectors: Float[Tensor, "n d_model"], path: Path) -> None:
+    """Write vectors as .safetensors (tensor `vectors`) or .pt (the tensor alone), atomically; both read back
+    with `read_vectors`."""
+    vectors = vectors.detach().contiguous().cpu()
+    if path.suffix == ".safetensors":
+        write_atomic(path, lambda tmp: save_file({"vectors": vectors}, str(tmp)))
+    elif path.suffix == ".pt":
+        write_atomic(path, lambda tmp: torch.save(vectors, tmp))
+    else:
+        raise InputError(f"{path}: vectors are written as .safetensors or .pt")
 
 
 def write_atomic(path: Path, write: Callable[[Path], object]) -> None:

@@ -14,8 +14,9 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from nla_lens import backends, loading
+from nla_lens.checks import check_sampling, resolve_device, resolve_dtype
 from nla_lens.distributed import inference
-from nla_lens.errors import InjectionError, InputError, SidecarError
+from nla_lens.errors import InjectionError, SidecarError
 from nla_lens.injection import Injection, check_vectors
 from nla_lens.markers import find_marker_sites
 from nla_lens.parsing import injection_warning, parse_explanation
@@ -95,7 +96,7 @@ class ActivationVerbalizer:
         path_or_id: str | Path,
         *,
         device: str | torch.device = "cpu",
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | str = torch.float32,
         injection: InjectionSpec | str | None = None,
         hook_point: str | None = None,
         trust_remote_code: bool = False,
@@ -105,12 +106,15 @@ class ActivationVerbalizer:
 
         `injection` ("karvonen" / "embedding" / an InjectionSpec) and `hook_point` override what the
         sidecar implies; by default the checkpoint is served exactly as it was trained. `backend`
-        ("hooked" / "bridge") overrides the one the installed TransformerLens implies.
+        ("hooked" / "bridge") overrides the one the installed TransformerLens implies. `dtype` may
+        be a name ("bfloat16").
         """
+        device, dtype = resolve_device(device), resolve_dtype(dtype)
         folder = loading.resolve_checkpoint(path_or_id)
         meta = load_meta(folder)
-        if meta.role == "ar":
-            raise SidecarError(f"{folder} is an AR checkpoint; load it with ActivationReconstructor")
+        if loading.checkpoint_role(folder, meta) == "ar":
+            raise SidecarError(f"{folder} is an AR checkpoint, not an AV: load it with "
+                               "ActivationReconstructor.from_pretrained")
         spec = _injection_spec(meta, injection, hook_point)
         tokenizer = loading.load_tokenizer(folder, trust_remote_code=trust_remote_code)
         check_tokenizer(meta, tokenizer)
@@ -152,11 +156,8 @@ class ActivationVerbalizer:
     ) -> Verbalizations:
         """Explain each vector. Temperature 0 is greedy; a seed makes sampling reproducible.
         `progress` shows a bar over batches (off by default; the CLI turns it on)."""
+        check_sampling(temperature, top_p, max_new_tokens, batch_size)
         vectors = check_vectors(vectors, self.meta.d_model)
-        if temperature < 0 or not 0 < top_p <= 1 or max_new_tokens < 1 or batch_size < 1:
-            raise InputError(
-                "need temperature >= 0, 0 < top_p <= 1, max_new_tokens >= 1 and batch_size >= 1"
-            )
         generator = None
         if seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(seed)

@@ -76,4 +76,7 @@ def test_experiments_doc_snippets_run_on_the_tiny_nla(tiny_paths, av_karvonen, a
         exec(compile(block, "README.md", "exec"), namespace)
     assert namespace["cap"].vectors.shape == (2, av_karvonen.meta.d_model)
     assert [r.run for r in namespace["study"].rows] == ["clean", "corrupted", "patched"]
+    study = namespace["study"]  # the patched column holds different tokens, so the patch changes the run
+    assert namespace["clean"][0, namespace["differs"]] != namespace["corrupted"][0, namespace["differs"]]
+    assert (study.patched_vectors - study.corrupted_vectors).abs().max() > 1e-3
     assert no_hooks_left(base) and no_hooks_left(av_karvonen.model)

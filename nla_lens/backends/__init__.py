@@ -31,6 +31,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
+from nla_lens.checks import resolve_device, resolve_dtype
 from nla_lens.errors import BackendError
 
 if TYPE_CHECKING:
@@ -80,10 +81,12 @@ def resolve(backend: str | None = None) -> ModuleType:
 
 
 def load_model(folder: Path, tokenizer: PreTrainedTokenizerBase, *, backend: str | None = None,
-               dtype: torch.dtype, device: str | torch.device, n_layers: int | None = None,
+               dtype: torch.dtype | str, device: str | torch.device, n_layers: int | None = None,
                trust_remote_code: bool = False) -> TLModel:
     """A TL model of the HF folder, unprocessed; with `n_layers`, only the first blocks and
-    neither final norm nor unembed, so `model(tokens)` returns the residual after the last block."""
+    neither final norm nor unembed, so `model(tokens)` returns the residual after the last block.
+    `dtype` may be a name ("bfloat16")."""
+    dtype, device = resolve_dtype(dtype), resolve_device(device)
     module = resolve(backend)
     with _no_hf_progress_bars():  # library calls stay quiet; transformers shows one bar per from_pretrained
         return module.load_model(folder, tokenizer, dtype=dtype, device=device, n_layers=n_layers,

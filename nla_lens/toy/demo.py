@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from nla_lens.checks import check_at_least_one, check_output_path
 from nla_lens.explain import Explanation, explain_tokens
 from nla_lens.toy.evaluate import HELDOUT_FILE, MAX_TOKENS, MIN_CONTEXT, ToyNLA
 
@@ -37,6 +38,7 @@ class DemoResult:
 def run_demo(folder: Path = TOY_DIR, n_sentences: int = 3, max_new_tokens: int = 48,
              progress: bool = False) -> DemoResult:
     """Round-trip every position past the toy's minimum context in a few held-out speeches."""
+    check_at_least_one(n_sentences=n_sentences, max_new_tokens=max_new_tokens)
     toy = ToyNLA.load(folder)
     tokenizer = toy.av.tokenizer
     docs = json.loads((folder / HELDOUT_FILE).read_text())[:n_sentences]
@@ -84,6 +86,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> None:
+    if args.html:
+        check_output_path(args.html, (".html",), "--html")
     result = run_demo(args.checkpoint, args.sentences, args.max_new_tokens, progress=True)
     print_demo(result)
     if args.html:

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from nla_lens import backends, loading, metrics
 from nla_lens.capture import resid_post
+from nla_lens.errors import CheckpointError
 from nla_lens.nla import NLA
 from nla_lens.reconstructor import ActivationReconstructor
 from nla_lens.toy.corpus import Play
@@ -44,6 +45,11 @@ class ToyNLA:
 
     @classmethod
     def load(cls, folder: Path, device: str = "cpu") -> ToyNLA:
+        missing = [name for name in ("base", "av", "ar", HELDOUT_FILE) if not (Path(folder) / name).exists()]
+        if missing:
+            raise CheckpointError(f"{folder} is not a toy NLA folder: it lacks {missing}. Pass a folder with base/, "
+                                  "av/, ar/ and heldout.json (as nla_lens.toy.train writes), or leave it out to use "
+                                  "the bundled one")
         tokenizer = loading.load_tokenizer(folder / "base")
         base = backends.load_model(folder / "base", tokenizer, dtype=torch.float32, device=device)
         return cls(base, ActivationVerbalizer.from_pretrained(folder / "av", device=device),

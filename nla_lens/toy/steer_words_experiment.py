@@ -12,8 +12,10 @@ tokens, never Z and never the base model's own argmax there, so every hit is a c
   edit the explanation could have said. The toy AR was trained only on explanations consistent with
   their context and reads an implausible Z' weakly (README, "Steer with words").
 
+Run it:
+
     python -m nla_lens.toy.steer_words_experiment [--checkpoint DIR] [--positions 100] [--samples 1]
-                                                 [--choice random|plausible] [--mode add|replace]
+        [--choice random|plausible] [--mode add|replace]
 
 Re-run it whenever the bundled toy is retrained; the README table is its output.
 """

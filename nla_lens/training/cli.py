@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+from nla_lens.checks import resolve_device
 from nla_lens.distributed import World
+from nla_lens.errors import ConfigError
 from nla_lens.training import pipeline
 from nla_lens.training.config import ARRunConfig, AVRunConfig, ExtractRunConfig, load_config
 
@@ -20,11 +23,23 @@ def _command(subparsers: argparse._SubParsersAction, name: str, config_cls: type
 
     def main(args: argparse.Namespace) -> None:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
-        summary = run(load_config(config_cls, args.config))
+        config = load_config(config_cls, args.config)
+        check_inputs(config, args.config)
+        summary = run(config)
         if World.from_env().is_main:  # under torchrun, one summary for the job
             print(summary)
 
     parser.set_defaults(run=main)
+
+
+def check_inputs(config: Any, path: str) -> None:
+    """The config's input files and folders exist and its device can run, before any model loads."""
+    resolve_device(getattr(config, "device", "cpu"))
+    for name in ("corpus", "activations", "explanations"):
+        value = getattr(config, name, None)
+        if value is not None and not Path(value).exists():
+            hint = " (nla-lens extract writes it)" if name == "activations" else ""
+            raise ConfigError(f"{path}: {name} {value} does not exist{hint}; check the path")
 
 
 def add_extract(subparsers: argparse._SubParsersAction) -> None:

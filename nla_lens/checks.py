@@ -1,0 +1,109 @@
+"""Argument checks that run before any weight is read, shared by the library and the `nla-lens` command.
+
+Each raises `InputError` naming the value that is wrong and what to pass instead, so a typo costs
+nothing rather than surfacing as a traceback after minutes of loading or decoding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from nla_lens.errors import InputError
+
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+_GPU_WORDS = ("gpu", "nvidia", "cuda0", "gpu0")
+
+
+def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """A torch dtype from a dtype or its name: "bfloat16", "bf16", "float32", "torch.float16", ..."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str) and dtype.lower().removeprefix("torch.") in DTYPES:
+        return DTYPES[dtype.lower().removeprefix("torch.")]
+    raise InputError(f"dtype {dtype!r} is not one nla_lens loads; pass a torch dtype or one of "
+                     "'float32', 'bfloat16', 'float16'")
+
+
+def resolve_device(device: torch.device | str) -> torch.device:
+    """A torch device that this torch build can use; 'cuda' without an index stays index-free."""
+    if isinstance(device, torch.device):
+        parsed = device
+    else:
+        try:
+            parsed = torch.device(device)
+        except (RuntimeError, TypeError) as exc:
+            hint = " (torch calls NVIDIA GPUs 'cuda')" if str(device).lower() in _GPU_WORDS else ""
+            raise InputError(f"device {device!r} is not a torch device{hint}: use 'cpu', 'cuda' (or 'cuda:N' "
+                             "for GPU N) or 'mps'") from exc
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "has no CUDA support" if torch.version.cuda is None else "sees no GPU"
+            raise InputError(f"device {str(parsed)!r}: this torch ({torch.__version__}) {build}; use 'cpu', or "
+                             "install a CUDA build of torch on a machine with an NVIDIA GPU")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise InputError(f"device {str(parsed)!r}: only {torch.cuda.device_count()} GPU(s) visible "
+                             f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+    if parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise InputError("device 'mps' is not available in this torch build or machine; use 'cpu'")
+    return parsed
+
+
+def check_at_least_one(**values: int) -> None:
+    """Each named count must be an int >= 1, e.g. `check_at_least_one(batch_size=batch_size)`."""
+    wrong = [f"{name}={value!r}" for name, value in values.items()
+             if isinstance(value, bool) or not isinstance(value, int) or value < 1]
+    if wrong:
+        raise InputError(f"{', '.join(wrong)}: must be a whole number >= 1")
+
+
+def check_sampling(temperature: float, top_p: float, max_new_tokens: int, batch_size: int) -> None:
+    """The decoding settings of `verbalize`; the message names every value that is out of range."""
+    wrong = []
+    if not temperature >= 0:
+        wrong.append(f"temperature={temperature!r} must be >= 0 (0 is greedy)")
+    if not 0 < top_p <= 1:
+        wrong.append(f"top_p={top_p!r} must be in (0, 1] (1 keeps every token)")
+    for name, value in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            wrong.append(f"{name}={value!r} must be a whole number >= 1")
+    if wrong:
+        raise InputError("; ".join(wrong))
+
+
+def check_explanations(explanations: Sequence[str]) -> None:
+    """A non-empty list of strings, as the AR reads them."""
+    if isinstance(explanations, str) or not isinstance(explanations, Sequence) or not explanations:
+        raise InputError("pass a non-empty list of explanation strings (a single string goes in a list: [text])")
+    wrong = [(i, item) for i, item in enumerate(explanations) if not isinstance(item, str)]
+    if wrong:
+        i, item = wrong[0]
+        hint = (" A failed parse has explanation None: drop those rows, or let NLA.round_trip score them as "
+                "misses." if item is None else "")
+        raise InputError(f"explanation {i} is {item!r} ({type(item).__name__}), not a string ({len(wrong)} such "
+                         f"items).{hint}")
+
+
+def check_input_file(path: Path, what: str = "input") -> None:
+    """An existing regular file."""
+    if not path.exists():
+        raise InputError(f"{what} {path} does not exist; check the path")
+    if not path.is_file():
+        raise InputError(f"{what} {path} is not a file")
+
+
+def check_output_path(path: Path, suffixes: Sequence[str] | None = None, what: str = "output") -> None:
+    """A file nla_lens may write: its folder exists, it is not a folder, and its suffix is one it writes."""
+    if path.is_dir():
+        example = path / ("out" + (suffixes[0] if suffixes else ""))
+        raise InputError(f"{what} {path} is a folder; give a file path, e.g. {example}")
+    if suffixes is not None and path.suffix not in suffixes:
+        raise InputError(f"{what} {path}: the file name must end in {' or '.join(suffixes)}")
+    if not path.parent.is_dir():
+        raise InputError(f"{what} {path}: the folder {path.parent} does not exist; create it first")

@@ -1,0 +1,66 @@
+"""Checks of `nla-lens` arguments that read only small files (sidecars, configs), run before any model
+is loaded. Their messages name the command-line flag to change; the library's own checks
+(`nla_lens.checks`) name the Python argument.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Literal
+
+from nla_lens import loading
+from nla_lens.errors import InputError, PairMismatchError, SidecarError
+from nla_lens.sidecar import NLAMeta, load_meta
+
+_ROLE_NAMES = {"av": "AV (activation verbalizer)", "ar": "AR (activation reconstructor)"}
+_FLAGS = {"av": "--av", "ar": "--ar"}
+
+
+def nla_checkpoint(path_or_id: str | Path, role: Literal["av", "ar"]) -> tuple[Path, NLAMeta]:
+    """The folder and sidecar passed as `--av` or `--ar`, checked to be a checkpoint of that role."""
+    flag = _FLAGS[role]
+    folder = loading.resolve_checkpoint(path_or_id)
+    if not (folder / "nla_meta.yaml").is_file():
+        raise SidecarError(f"{flag} {path_or_id}: no nla_meta.yaml there, so it is not an NLA checkpoint (a base "
+                           f"model folder?). Pass the {_ROLE_NAMES[role]} folder, with the sidecar released with it")
+    meta = load_meta(folder)
+    found = loading.checkpoint_role(folder, meta)
+    if found is not None and found != role:
+        other = "ar" if role == "av" else "av"
+        raise InputError(f"{flag} {path_or_id} is an {_ROLE_NAMES[found]} checkpoint: pass it as {_FLAGS[other]}, "
+                         f"and give {flag} the {_ROLE_NAMES[role]} trained with it")
+    if role == "ar" and not (folder / loading.VALUE_HEAD_FILE).is_file():
+        raise InputError(f"--ar {path_or_id} has no {loading.VALUE_HEAD_FILE}, the readout every AR checkpoint "
+                         "carries, so it is not an AR (an AV folder?). Give --ar the AR trained with your AV")
+    return folder, meta
+
+
+def base_for(path_or_id: str | Path, av_meta: NLAMeta, layer: int) -> Path:
+    """The `--base` folder for capturing layer `layer`, checked against the AV before either is loaded.
+
+    An AR can never serve (it is truncated); an AV folder or a layer other than the sidecar's runs,
+    with a warning, since explaining them is possible but off the distribution the AV was trained on.
+    """
+    folder = loading.resolve_checkpoint(path_or_id)
+    if (folder / "nla_meta.yaml").is_file():
+        role = loading.checkpoint_role(folder, load_meta(folder))
+        named = f" (the sidecar names {av_meta.base_model!r})" if av_meta.base_model else ""
+        if role == "ar":
+            raise InputError(f"--base {path_or_id} is an AR checkpoint, which holds only the first K+1 blocks. "
+                             f"Pass the base model the NLA reads{named}")
+        warnings.warn(f"--base {path_or_id} is an AV checkpoint, a fine-tuned copy of the base model: its "
+                      f"activations are not the base model's. Pass the base model the NLA reads{named}",
+                      stacklevel=2)
+    config = loading.load_hf_config(folder).get_text_config()  # multimodal wrappers keep it in text_config
+    if config.hidden_size != av_meta.d_model:
+        raise PairMismatchError(f"--base {path_or_id} has d_model {config.hidden_size}, the AV reads vectors of "
+                                f"{av_meta.d_model}: pass the base model this NLA was trained on")
+    if not 0 <= layer < config.num_hidden_layers:
+        raise InputError(f"--layer {layer} is outside the base model's {config.num_hidden_layers} blocks "
+                         f"(0 to {config.num_hidden_layers - 1}); the AV reads layer {av_meta.layer}")
+    if layer != av_meta.layer:
+        warnings.warn(f"--layer {layer} differs from layer {av_meta.layer}, the one this AV was trained to read "
+                      f"(its sidecar): explanations of other layers are off-distribution. Leave --layer out to "
+                      f"use {av_meta.layer}", stacklevel=2)
+    return folder

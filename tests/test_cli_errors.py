@@ -1,0 +1,246 @@
+"""Wrong input on the command line and in the API: a typed error that says what to do, before any model loads.
+
+Each CLI case runs `main` with the loaders replaced by a tripwire, so a check that ran after the
+expensive work fails the test; the command must exit 2 with the message and no traceback.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import nla_lens as nl
+from nla_lens import backends, loading
+from nla_lens.cli import main
+from nla_lens.toy import demo
+
+
+@pytest.fixture()
+def no_model_loads(monkeypatch):
+    """Any model load (AV, AR, base, the toy) fails the test: the checks must come first."""
+    def tripwire(*args, **kwargs):
+        raise AssertionError("a model was loaded before the bad input was reported")
+
+    for owner, name in [(nl.ActivationVerbalizer, "from_pretrained"), (nl.ActivationReconstructor, "from_pretrained"),
+                        (backends, "load_model"), (demo, "run_demo")]:
+        monkeypatch.setattr(owner, name, tripwire)
+
+
+def _fails(argv: list[str], capsys, *expected: str) -> str:
+    assert main([str(a) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.startswith(f"nla-lens {argv[0]}: ")
+    for text in expected:
+        assert text in err, err
+    return err
+
+
+@pytest.fixture()
+def vector_file(tmp_path) -> Path:
+    path = tmp_path / "v.safetensors"
+    save_file({"vectors": torch.randn(3, 64)}, path)
+    return path
+
+
+def test_empty_text(tiny_paths, no_model_loads, capsys):
+    av = tiny_paths["av_karvonen"]
+    _fails(["verbalize", "--av", av, "--base", av, "--text", ""], capsys, "InputError", "--text is empty")
+
+
+def test_missing_input_file(tiny_paths, tmp_path, no_model_loads, capsys):
+    _fails(["verbalize", "--av", tiny_paths["av_karvonen"], "--input", tmp_path / "nope.safetensors"], capsys,
+           "InputError", "nope.safetensors does not exist")
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt", ".parquet"])
+def test_corrupt_input_file(tiny_paths, tmp_path, no_model_loads, capsys, suffix):
+    path = tmp_path / f"corrupt{suffix}"
+    path.write_bytes(b"not a tensor file" * 8)
+    err = _fails(["verbalize", "--av", tiny_paths["av_karvonen"], "--input", path], capsys, "InputError",
+                 f"cannot be read as a {suffix} file", "save_file")
+    assert "weights_only=False" not in err  # torch's advice would run pickled code
+
+
+@pytest.mark.parametrize("device, expected", [
+    pytest.param("cuda", "has no CUDA support",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this torch has CUDA")),
+    ("gpu", "torch calls NVIDIA GPUs 'cuda'"),
+    ("cuda:x", "is not a torch device"),
+])
+def test_device_that_cannot_run(tiny_paths, vector_file, no_model_loads, capsys, device, expected):
+    _fails(["verbalize", "--av", tiny_paths["av_karvonen"], "--input", vector_file, "--device", device], capsys,
+           "InputError", expected)
+    _fails(["reconstruct", "--ar", tiny_paths["ar_nanonla"], "a cat", "--device", device], capsys, expected)
+
+
+def test_sampling_settings_name_each_wrong_value(tiny_paths, vector_file, no_model_loads, capsys):
+    err = _fails(["verbalize", "--av", tiny_paths["av_karvonen"], "--input", vector_file, "--temperature", "-1",
+                  "--top-p", "0"], capsys, "temperature=-1.0 must be >= 0", "top_p=0.0 must be in (0, 1]")
+    assert "max_new_tokens" not in err and "batch_size" not in err
+    _fails(["round-trip", "--av", tiny_paths["av_karvonen"], "--ar", tiny_paths["ar_nanonla"], "--input",
+            vector_file, "--output", vector_file.with_suffix(".parquet"), "--max-new-tokens", "0"], capsys,
+           "max_new_tokens=0 must be a whole number >= 1")
+
+
+def test_demo_wrong_checkpoint_folder(tmp_path, capsys, monkeypatch):
+    def tripwire(*args, **kwargs):
+        raise AssertionError("a model was loaded before the bad input was reported")
+
+    monkeypatch.setattr(backends, "load_model", tripwire)
+    _fails(["demo", "--checkpoint", tmp_path], capsys, "CheckpointError", "is not a toy NLA folder",
+           "base", "heldout.json")
+
+
+@pytest.mark.parametrize("sentences", ["0", "-1"])
+def test_demo_sentence_count(capsys, monkeypatch, sentences):
+    monkeypatch.setattr(backends, "load_model", lambda *a, **k: pytest.fail("loaded the toy"))
+    _fails(["demo", "--sentences", sentences], capsys, "InputError", f"n_sentences={sentences}")
+
+
+def test_demo_html_in_a_missing_folder(tmp_path, no_model_loads, capsys):
+    _fails(["demo", "--html", tmp_path / "no" / "such" / "p.html"], capsys, "InputError", "--html",
+           "does not exist; create it first")
+    _fails(["demo", "--html", tmp_path], capsys, "is a folder")
+
+
+def test_round_trip_output_that_is_a_folder(tiny_paths, vector_file, tmp_path, no_model_loads, capsys):
+    folder = tmp_path / "scores.parquet"
+    folder.mkdir()
+    _fails(["round-trip", "--av", tiny_paths["av_karvonen"], "--ar", tiny_paths["ar_nanonla"], "--input",
+            vector_file, "--output", folder], capsys, "InputError", "is a folder")
+    _fails(["round-trip", "--av", tiny_paths["av_karvonen"], "--ar", tiny_paths["ar_nanonla"], "--input",
+            vector_file, "--output", tmp_path / "absent" / "s.parquet"], capsys, "does not exist; create it first")
+    assert not (tmp_path / "absent").exists()  # no folder made on the way to the error
+
+
+def test_verbalize_output_checked_before_the_run(tiny_paths, vector_file, tmp_path, no_model_loads, capsys):
+    av = tiny_paths["av_karvonen"]
+    _fails(["verbalize", "--av", av, "--input", vector_file, "--output", tmp_path / "out.csv"], capsys,
+           "must end in .parquet or .jsonl")
+    _fails(["verbalize", "--av", av, "--base", av, "--text", "the cat", "--output", tmp_path], capsys, "is a folder")
+
+
+def test_reconstruct_output_and_input_checked_first(tiny_paths, tmp_path, no_model_loads, capsys):
+    ar = tiny_paths["ar_nanonla"]
+    _fails(["reconstruct", "--ar", ar, "a cat", "--output", tmp_path / "v.npy"], capsys,
+           "must end in .safetensors or .pt")
+    _fails(["reconstruct", "--ar", ar, "--input", tmp_path / "nope.txt"], capsys, "nope.txt does not exist")
+    _fails(["reconstruct", "--ar", ar], capsys, "no explanations: give them as arguments, or --input FILE")
+    _fails(["reconstruct", "--ar", ar, "a cat", "--batch-size", "0"], capsys, "batch_size=0")
+
+
+def test_reconstruct_writes_pt_as_a_tensor_file(tiny_paths, ar_nanonla, tmp_path):
+    for name in ("v.pt", "v.safetensors"):
+        assert main(["reconstruct", "--ar", str(tiny_paths["ar_nanonla"]), "a cat", "--output",
+                     str(tmp_path / name)]) == 0
+    expected = ar_nanonla.reconstruct(["a cat"])
+    assert torch.equal(torch.load(tmp_path / "v.pt", weights_only=True), expected)
+    assert torch.equal(load_file(str(tmp_path / "v.safetensors"))["vectors"], expected)
+
+
+def test_checkpoints_given_to_the_wrong_flag(tiny_paths, vector_file, tmp_path, no_model_loads, capsys):
+    av, ar = tiny_paths["av_karvonen"], tiny_paths["ar_nanonla"]  # the nanoNLA AR's sidecar records no role
+    err = _fails(["verbalize", "--av", ar, "--input", vector_file], capsys, "InputError", "is an AR",
+                 "pass it as --ar")
+    assert "ActivationReconstructor" not in err  # a CLI user is told the flag, not the class
+    _fails(["round-trip", "--av", av, "--ar", tiny_paths["av_embedding"], "--input", vector_file, "--output",
+            tmp_path / "s.parquet"], capsys, "--ar", "is an AV", "pass it as --av")
+    _fails(["reconstruct", "--ar", av, "a cat"], capsys, "has no value_head.safetensors", "not an AR")
+    _fails(["verbalize", "--av", av, "--base", ar, "--text", "the cat"], capsys, "--base", "is an AR checkpoint")
+    _fails(["verbalize", "--av", av, "--base", av, "--text", "the cat", "--layer", "9"], capsys,
+           "--layer 9 is outside the base model's 4 blocks")
+
+
+def test_av_as_base_and_another_layer_warn(tiny_paths, capsys):
+    av = str(tiny_paths["av_karvonen"])
+    assert main(["verbalize", "--av", av, "--base", av, "--text", "the cat", "--layer", "1",
+                 "--max-new-tokens", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "nla-lens verbalize: warning: --base" in err and "is an AV checkpoint" in err
+    assert "warning: --layer 1 differs from layer 2, the one this AV was trained to read" in err
+
+
+# --- the same checks from Python ---
+
+@pytest.mark.parametrize("bad, expected", [
+    ([None], "explanation 0 is None (NoneType), not a string (1 such items). A failed parse"),
+    ([123], "explanation 0 is 123 (int)"),
+    (["ok", None, None], "explanation 1 is None (NoneType), not a string (2 such items)"),
+])
+def test_reconstruct_names_the_item_that_is_not_a_string(ar_nanonla, bad, expected):
+    with pytest.raises(nl.InputError, match=r"not a string") as info:
+        ar_nanonla.reconstruct(bad)
+    assert expected in str(info.value)
+
+
+def test_verbalize_names_the_wrong_setting(av_karvonen, vectors):
+    with pytest.raises(nl.InputError) as info:
+        av_karvonen.verbalize(vectors, temperature=0.5, top_p=1.5, progress=False)
+    assert str(info.value) == "top_p=1.5 must be in (0, 1] (1 keeps every token)"
+
+
+def test_from_pretrained_takes_dtype_names(tiny_paths):
+    av = nl.ActivationVerbalizer.from_pretrained(tiny_paths["av_karvonen"], dtype="bfloat16")
+    ar = nl.ActivationReconstructor.from_pretrained(tiny_paths["ar_nanonla"], dtype="bf16")
+    assert av.model.W_E.dtype == ar.model.W_E.dtype == ar.readout.weight.dtype == torch.bfloat16
+    with pytest.raises(nl.InputError, match="'float8' is not one nla_lens loads"):
+        nl.ActivationVerbalizer.from_pretrained(tiny_paths["av_karvonen"], dtype="float8")
+
+
+def test_from_pretrained_rejects_a_device_before_loading(tiny_paths, monkeypatch):
+    monkeypatch.setattr(backends, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    with pytest.raises(nl.InputError, match="torch calls NVIDIA GPUs 'cuda'"):
+        nl.ActivationVerbalizer.from_pretrained(tiny_paths["av_karvonen"], device="gpu")
+
+
+def test_loading_an_ar_folder_as_an_av_says_so(tiny_paths):
+    with pytest.raises(nl.SidecarError, match="is an AR checkpoint, not an AV"):
+        nl.ActivationVerbalizer.from_pretrained(tiny_paths["ar_nanonla"])  # was: missing ln_final weights
+
+
+def test_missing_checkpoint_points_at_the_hf_command(tmp_path):
+    with pytest.raises(nl.CheckpointError, match=r"\(hf download no-such/model\)") as info:
+        loading.resolve_checkpoint("no-such/model")
+    assert "huggingface-cli" not in str(info.value)
+
+
+def test_round_trip_checks_the_reconstruct_batch_before_verbalizing(av_karvonen, ar_nanonla, vectors, monkeypatch):
+    monkeypatch.setattr(av_karvonen, "verbalize", lambda *a, **k: pytest.fail("verbalized first"))
+    with pytest.raises(nl.InputError, match="reconstruct_batch_size=0"):
+        nl.NLA(av_karvonen, ar_nanonla).round_trip(vectors, reconstruct_batch_size=0)
+
+
+@pytest.mark.parametrize("command, config, expected", [
+    ("extract", {"corpus": "no/corpus.jsonl", "out_dir": "acts", "extract": {"layer": 1}}, "corpus no/corpus.jsonl"),
+    ("train-av", {"activations": "no/acts", "explanations": "e.jsonl", "out_dir": "av"}, "nla-lens extract writes"),
+    ("train-ar", {"activations": ".", "explanations": "no/e.jsonl", "out_dir": "ar"}, "explanations no/e.jsonl"),
+    ("train-ar", {"activations": ".", "explanations": ".", "out_dir": "ar", "device": "gpu"}, "NVIDIA GPUs 'cuda'"),
+])
+def test_training_configs_are_checked_before_loading(tmp_path, no_model_loads, monkeypatch, capsys, command,
+                                                     config, expected):
+    import yaml
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({"base_model": "base", **config}), encoding="utf-8")
+    _fails([command, "c.yaml"], capsys, expected)
+
+
+def test_bench_device_is_checked_first(capsys):
+    _fails(["bench", "--device", "gpu"], capsys, "InputError", "NVIDIA GPUs 'cuda'")
+
+
+def test_dtype_names_reach_every_loader(tiny_paths):
+    base = backends.load_model(tiny_paths["av_karvonen"], loading.load_tokenizer(tiny_paths["av_karvonen"]),
+                               dtype="float16", device="cpu")
+    assert base.W_E.dtype == torch.float16
+
+
+def test_explain_checks_the_roles_of_its_folders_first(tiny_paths, no_model_loads, capsys):
+    av, ar = tiny_paths["av_karvonen"], tiny_paths["ar_nanonla"]
+    _fails(["explain", "--av", ar, "--ar", ar, "--text", "the cat"], capsys, "--av", "pass it as --ar")
+    _fails(["explain", "--av", av, "--ar", av, "--text", "the cat"], capsys, "--ar", "not an AR")
+    _fails(["explain", "--av", av, "--ar", ar, "--base", ar, "--text", "the cat"], capsys, "--base",
+           "is an AR checkpoint")

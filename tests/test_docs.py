@@ -1,0 +1,98 @@
+"""The API reference site: it builds with warnings as errors and documents every public name.
+
+The build needs the `docs` extra (`pip install -e ".[docs]"`); CI installs it in the TL 3.x leg.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+import re
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import pytest
+
+import nla_lens
+from nla_lens.cli import build_parser
+from nla_lens.errors import BackendError
+
+ROOT = Path(__file__).parents[1]
+
+
+def _public_modules() -> list[str]:
+    """Every module under nla_lens/ whose dotted name has no `_`-prefixed part."""
+    names = set()
+    for path in (ROOT / "nla_lens").rglob("*.py"):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        parts = parts[:-1] if parts[-1] == "__init__" else parts
+        if not any(p.startswith("_") for p in parts):
+            names.add(".".join(parts))
+    return sorted(names)
+
+
+def _public_names(module_name: str) -> list[str]:
+    """`__all__` where a module has one, else the classes and functions it defines without a leading `_`.
+    Nothing for a module whose optional dependency is missing here (nla_lens.sae without sae-lens);
+    CI builds the docs where it is installed."""
+    try:
+        module = importlib.import_module(module_name)
+    except BackendError:
+        return []
+    if hasattr(module, "__all__"):
+        return list(module.__all__)
+    return [name for name, obj in vars(module).items() if not name.startswith("_")
+            and (inspect.isclass(obj) or inspect.isfunction(obj)) and obj.__module__ == module_name]
+
+
+def _inventory(site: Path) -> set[str]:
+    """Object names in the site's Sphinx-format inventory (objects.inv: 4 header lines, then zlib)."""
+    raw = (site / "objects.inv").read_bytes()
+    body = raw.split(b"\n", 4)[4]
+    return {line.split(" ", 1)[0] for line in zlib.decompress(body).decode().splitlines()}
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory) -> Path:
+    for plugin in ("mkdocs", "mkdocstrings_handlers.python", "mkdocs_gen_files", "material"):
+        pytest.importorskip(plugin, reason='the docs extra is not installed: pip install -e ".[docs]"')
+    out = tmp_path_factory.mktemp("site")
+    env = {**os.environ, "NO_MKDOCS_2_WARNING": "1", "DISABLE_MKDOCS_2_WARNING": "true"}
+    run = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(out)], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-4000:]
+    return out
+
+
+def test_every_public_name_is_documented(site):
+    documented = _inventory(site)
+    expected = {f"nla_lens.{name}" for name in nla_lens.__all__}
+    for module in _public_modules():
+        expected |= {module} | {f"{module}.{name}" for name in _public_names(module)}
+    missing = sorted(expected - documented)
+    assert not missing, f"public names missing from the API reference: {missing}"
+    assert len(expected) > len(nla_lens.__all__) + 100  # the walk found the modules' names too
+
+
+def test_every_subcommand_is_on_the_command_line_page(site):
+    page = (site / "reference" / "cli" / "index.html").read_text(encoding="utf-8")
+    parser = build_parser()
+    commands = next(a for a in parser._actions if a.dest == "command").choices
+    assert len(commands) >= 9
+    for name, sub in commands.items():
+        assert f"nla-lens {name}" in page
+        for action in sub._actions:
+            for flag in action.option_strings:
+                assert flag in page, f"nla-lens {name} {flag} is not on the command line page"
+
+
+def test_cited_docs_pages_exist():
+    """Every docs/*.md path that the README, pyproject.toml or mkdocs.yml names is a file."""
+    cited = set()
+    for source in ("README.md", "pyproject.toml", "mkdocs.yml"):
+        cited |= set(re.findall(r"docs/[\w./-]+\.md", (ROOT / source).read_text(encoding="utf-8")))
+    assert "docs/backends.md" in cited
+    assert [path for path in sorted(cited) if not (ROOT / path).is_file()] == []

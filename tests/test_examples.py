@@ -1,0 +1,35 @@
+"""The example configs in examples/ run as shipped: extract, label, train-av, train-ar on the toy base."""
+
+from __future__ import annotations
+
+import runpy
+import sys
+from pathlib import Path
+
+from conftest import NEEDS_TL3
+
+import nla_lens as nl
+from nla_lens.cli import main
+
+pytestmark = NEEDS_TL3
+ROOT = Path(__file__).parents[1]
+
+
+def test_example_configs_extract_and_train_an_nla_that_loads(tmp_path, monkeypatch, capsys):
+    # The configs name paths relative to the repository root; mirror it so outputs land in tmp_path/runs.
+    for name in ("examples", "nla_lens"):
+        (tmp_path / name).symlink_to(ROOT / name)
+    monkeypatch.chdir(tmp_path)
+    assert main(["extract", "examples/extract.yaml"]) == 0
+    monkeypatch.setattr(sys, "argv", ["label.py", "runs/activations", "runs/explanations.jsonl"])
+    runpy.run_path("examples/label.py", run_name="__main__")
+    assert main(["train-av", "examples/train-av.yaml"]) == 0
+    assert main(["train-ar", "examples/train-ar.yaml"]) == 0
+    out = capsys.readouterr().out
+    assert "explanations written to" in out and "eval loss" in out and "held-out FVE" in out
+
+    av = nl.ActivationVerbalizer.from_pretrained(tmp_path / "runs/av/model")
+    ar = nl.ActivationReconstructor.from_pretrained(tmp_path / "runs/ar/model")
+    assert (av.meta.layer, ar.meta.layer, ar.model.cfg.n_layers) == (3, 3, 4)
+    assert av.injection_spec == nl.InjectionSpec("karvonen", "blocks.1.hook_resid_post")
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["activations", "ar", "av", "explanations.jsonl"]
