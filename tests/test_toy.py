@@ -42,6 +42,35 @@ def test_corpus_keeps_speeches_and_drops_markup_and_stage_directions():
                                    "Second Witch: When the hurlyburly's done,")
 
 
+MIXED_CASE_PLAY = """### SCENE I. On a ship at sea.
+
+**ANTONIO**
+Where is the master, boatswain?
+
+**Boatswain**
+Do you not hear him? You mar our labour: keep your
+cabins: you do assist the storm.
+
+*Exeunt.*
+
+### SCENE II. The island.
+
+orphan words before any speaker
+
+**Miranda**
+If by your art, my dearest father,
+"""
+
+
+def test_corpus_reads_mixed_case_speakers_and_star_stage_directions():
+    # The Tempest's "**Boatswain**" once fell into the previous speech as text ("Antonio: Boatswain Do you ...").
+    assert corpus._clean(MIXED_CASE_PLAY).splitlines() == [
+        "Antonio: Where is the master, boatswain?",
+        "Boatswain: Do you not hear him? You mar our labour: keep your cabins: you do assist the storm.",
+        "Miranda: If by your art, my dearest father,",
+    ]
+
+
 def test_labeler_quotes_the_final_token_context_and_prediction():
     tok = PreTrainedTokenizerFast.from_pretrained(TOY_DIR / "base")
     ids = tok.encode("Romeo: wherefore art thou", add_special_tokens=False)
