@@ -99,11 +99,15 @@ def hf_state_dict(model: HookedTransformer, *, qkv_bias: bool,
     return out
 
 
-def freeze_weights_hf_lacks(model: HookedTransformer, hf_config: Any) -> list[str]:
-    """Freeze (at zero) the TL parameters the HF architecture has no weight for; return their names."""
+def freeze_weights_hf_lacks(model: HookedTransformer, hf_config: Any | None = None) -> list[str]:
+    """Freeze (at zero) the TL parameters the HF architecture has no weight for; return their names.
+
+    Without `hf_config`, the architecture TL recorded (`cfg.original_architecture`) decides."""
+    qkv_bias = (has_qkv_bias(hf_config) if hf_config is not None
+                else model.cfg.original_architecture == "Qwen2ForCausalLM")
     frozen = []
     for name, param in model.named_parameters():
-        if _hf_target(name, param.detach(), model.cfg, has_qkv_bias(hf_config)) is None:
+        if _hf_target(name, param.detach(), model.cfg, qkv_bias) is None:
             param.requires_grad_(False)
             frozen.append(name)
     return frozen
@@ -170,10 +174,11 @@ def _export_backbone(model: HookedTransformer, folder: Path, base_model: str | P
 
 
 def export_av(av: ActivationVerbalizer, folder: str | Path, base_model: str | Path, *,
-              dtype: torch.dtype = torch.float32) -> Path:
+              dtype: torch.dtype = torch.float32, stage: str | None = None) -> Path:
     """Write the AV as an HF folder + tokenizer + generation_config + `nla_meta.yaml` (role av).
 
-    Under `torchrun` every rank calls this (to gather FSDP shards) and rank 0 writes.
+    `stage` ("sft", "rl") replaces the sidecar's record of the training stage. Under `torchrun`
+    every rank calls this (to gather FSDP shards) and rank 0 writes.
     """
     folder = Path(folder)
     if not _export_backbone(av.model, folder, base_model, n_layers=None, untie=True, dtype=dtype):
@@ -182,15 +187,17 @@ def export_av(av: ActivationVerbalizer, folder: str | Path, base_model: str | Pa
     GenerationConfig(eos_token_id=av.eos_token_ids, pad_token_id=av.tokenizer.pad_token_id).save_pretrained(folder)
     av.tokenizer.save_pretrained(folder)
     spec = av.injection_spec  # what the AV was trained with, even where its sidecar left it implicit
-    dump_meta({**av.meta.raw, "injection": {"method": spec.method, "hook_point": spec.hook_point}}, folder)
+    dump_meta({**_staged(av.meta.raw, stage), "injection": {"method": spec.method, "hook_point": spec.hook_point}},
+              folder)
     return folder
 
 
 def export_ar(ar: ActivationReconstructor, folder: str | Path, base_model: str | Path, *,
-              dtype: torch.dtype = torch.float32) -> Path:
+              dtype: torch.dtype = torch.float32, stage: str | None = None) -> Path:
     """Write the AR as a truncated HF folder (K+1 layers, no norm / lm_head) + `value_head.safetensors`.
 
-    Under `torchrun` every rank calls this (to gather FSDP shards) and rank 0 writes.
+    `stage` ("sft", "rl") replaces the sidecar's record of the training stage. Under `torchrun`
+    every rank calls this (to gather FSDP shards) and rank 0 writes.
     """
     folder = Path(folder)
     readout = gathered_on_main([("weight", ar.readout.weight)])
@@ -198,5 +205,9 @@ def export_ar(ar: ActivationReconstructor, folder: str | Path, base_model: str |
         return folder
     save_file({name: weight.to(dtype) for name, weight in readout.items()}, folder / loading.VALUE_HEAD_FILE)
     ar.tokenizer.save_pretrained(folder)
-    dump_meta(ar.meta.raw, folder)
+    dump_meta(_staged(ar.meta.raw, stage), folder)
     return folder
+
+
+def _staged(raw: dict[str, Any], stage: str | None) -> dict[str, Any]:
+    return raw if stage is None else {**raw, "stage": stage}
