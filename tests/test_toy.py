@@ -11,6 +11,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import NEEDS_TL3
 from transformers import PreTrainedTokenizerFast
 
@@ -149,7 +150,10 @@ def test_training_script_runs_every_stage_in_quick_mode(tmp_path, monkeypatch):
     monkeypatch.setattr(train.toy_base, "train_tokenizer",
                         lambda texts, size, _real=train.toy_base.train_tokenizer: _real(texts, 400))
     summary = train.train_toy(tmp_path / "out", train.ToyConfig.quick(), tmp_path / "work")
-    for name in ("base", "av", "ar"):
+    for name in ("base", "av", "ar", "rl/av", "rl/ar"):
         assert (tmp_path / "out" / name / "model.safetensors").is_file()
+    assert yaml.safe_load((tmp_path / "out" / "rl" / "av" / "nla_meta.yaml").read_text())["stage"] == "rl"
+    assert len(summary["rl"]["curve"]) == 2 and summary["rl"]["heldout"]["n"] > 0
+    assert summary["best_pair"] in ("sft", "rl")
     assert summary["heldout"]["n"] > 0 and set(summary["base"]) >= {"heldout_perplexity", "unigram_perplexity"}
     assert json.loads((tmp_path / "out" / "scores.json").read_text())["rows"]["train"] > 0
