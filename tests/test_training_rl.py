@@ -240,7 +240,7 @@ def _params(av, ar) -> dict[str, torch.Tensor]:
             "readout": ar.readout.weight.detach().clone()}
 
 
-def test_resume_gives_the_uninterrupted_run(sft_pair, tmp_path):
+def test_resume_and_extension_give_the_uninterrupted_run(sft_pair, tmp_path):
     train = _train_vectors(sft_pair)
     av, ar, reference = _load(sft_pair)
     before = _params(av, ar)
@@ -248,9 +248,14 @@ def test_resume_gives_the_uninterrupted_run(sft_pair, tmp_path):
     after = _params(av, ar)
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("av."))
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("ar."))
+    # A 2-step run, resumed and extended to 4 steps (the learning rates are constant, so `steps` may
+    # grow on resume), repeats the 4-step run.
+    av2, ar2, reference2 = _load(sft_pair)
+    rl.train_rl(av2, ar2, reference2, train, train[:0], dataclasses.replace(RL, steps=2), out_dir=tmp_path / "short",
+                progress=False)
     av2, ar2, reference2 = _load(sft_pair)
     resumed = rl.train_rl(av2, ar2, reference2, train, train[:0], RL, out_dir=tmp_path / "resumed",
-                          resume=tmp_path / "whole" / "checkpoints" / "step-000002", progress=False)
+                          resume=tmp_path / "short" / "checkpoints" / "step-000002", progress=False)
     final = _params(av2, ar2)
     assert all(torch.equal(after[k], final[k]) for k in after)
     untimed = [[{k: v for k, v in row.items() if "seconds" not in k} for row in run.history]

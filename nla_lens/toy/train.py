@@ -134,12 +134,13 @@ def train_toy(out: Path, cfg: ToyConfig, work: Path) -> dict:
 CURVE_KEYS = ("step", "reward", "fve", "kl", "length", "parse_failure_rate", "truncation_rate", "cjk_rate", "ar_mse")
 
 
-def train_toy_rl(out: Path, cfg: ToyConfig, work: Path) -> dict:
+def train_toy_rl(out: Path, cfg: ToyConfig, work: Path, resume: Path | None = None) -> dict:
     """RL from the exported SFT pair in `out`, export to `out/rl`, score both pairs on the held-out
     positions and record the better one in `scores.json`.
 
     The RL vectors come from the bundled (bf16) base, the model the demo and the scores read, at
-    the extraction settings of SFT, in a seeded sample of the training plays' speeches.
+    the extraction settings of SFT, in a seeded sample of the training plays' speeches. `resume`:
+    a checkpoint of an earlier run of this stage (in `work/rl_run`) to continue, or to extend.
     """
     started = time.perf_counter()
     summary = json.loads((out / SCORES_FILE).read_text())
@@ -156,7 +157,8 @@ def train_toy_rl(out: Path, cfg: ToyConfig, work: Path) -> dict:
     train, evaluation = split_by_document(label_activations(activations, lambda record: ""), 0.1, cfg.seed)
     av, reference = (ActivationVerbalizer.from_pretrained(out / "av", backend="hooked") for _ in range(2))
     ar = ActivationReconstructor.from_pretrained(out / "ar", backend="hooked")
-    result = train_rl(av, ar, reference, train.vectors, evaluation.vectors, cfg.rl, out_dir=work / "rl_run")
+    result = train_rl(av, ar, reference, train.vectors, evaluation.vectors, cfg.rl, out_dir=work / "rl_run",
+                      resume=resume)
     rl_dir = pair_folder(out, "rl")
     shutil.rmtree(rl_dir, ignore_errors=True)
     export_av(av, rl_dir / "av", out / "av", dtype=torch.bfloat16, stage="rl")
@@ -208,13 +210,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--quick", action="store_true", help="a few steps of every stage (smoke test)")
     parser.add_argument("--rl-only", action="store_true", help="only the RL stage, from the SFT pair in --out")
+    parser.add_argument("--rl-resume", type=Path, default=None, help="with --rl-only: continue from this checkpoint")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
     cfg = ToyConfig.quick() if args.quick else ToyConfig()
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
-        summary = train_toy_rl(args.out, cfg, work) if args.rl_only else train_toy(args.out, cfg, work)
+        summary = (train_toy_rl(args.out, cfg, work, args.rl_resume) if args.rl_only
+                   else train_toy(args.out, cfg, work))
     print(json.dumps({"sft": summary["heldout"], "rl": summary["rl"]["heldout"], "best_pair": summary["best_pair"]},
                      indent=1, default=str))
 

@@ -386,7 +386,9 @@ def train_rl(
     result = loop.TrainResult(steps=config.steps)
     if resume is not None:
         folder = loop.latest_checkpoint(out_dir) if resume == "latest" else Path(resume)
-        result = loop.load_checkpoint(folder, trainer.params, trainer.optimizer, config)
+        # The learning rates are constant, so a run may also be extended: `steps` is resumable.
+        result = loop.load_checkpoint(folder, trainer.params, trainer.optimizer, config, resumable={"steps"})
+        result.steps = config.steps
         logger.info("resumed from %s at step %d", folder, len(result.history))
     eval_vectors = eval_vectors[:config.eval_vectors]
 
