@@ -17,7 +17,7 @@ from transformers import PreTrainedTokenizerFast
 
 from nla_lens.toy import corpus, labeler
 from nla_lens.toy.demo import TOY_DIR, run_demo
-from nla_lens.toy.evaluate import evaluate_toy
+from nla_lens.toy.evaluate import PAIRS, ToyScores, best_pair, evaluate_toy
 
 PLAY = """# A Play
 
@@ -81,8 +81,14 @@ def test_labeler_quotes_the_final_token_context_and_prediction():
     assert not labeler.names_token(text, tok, ids[-2]) and not labeler.names_token(None, tok, ids[-1])
 
 
-def test_bundled_toy_nla_meets_its_held_out_targets():
-    scores = evaluate_toy(TOY_DIR)
+@pytest.fixture(scope="module")
+def heldout_scores() -> dict[str, ToyScores]:
+    """Both bundled pairs on the same 256 held-out positions (the scorer `scores.json` records)."""
+    return {pair: evaluate_toy(TOY_DIR, pair=pair) for pair in PAIRS}
+
+
+def test_bundled_toy_nla_meets_its_held_out_targets(heldout_scores):
+    scores = heldout_scores["sft"]
     recorded = json.loads((TOY_DIR / "scores.json").read_text())["heldout"]
     assert scores.n == 256
     assert scores.fve >= 0.8
@@ -92,12 +98,24 @@ def test_bundled_toy_nla_meets_its_held_out_targets():
     assert scores.fve == pytest.approx(recorded["fve"], abs=1e-2)
 
 
+def test_bundled_rl_pair_beats_the_sft_pair_by_what_the_readme_says(heldout_scores):
+    sft, rl = heldout_scores["sft"], heldout_scores["rl"]
+    recorded = json.loads((TOY_DIR / "scores.json").read_text())
+    assert rl.fve == pytest.approx(recorded["rl"]["heldout"]["fve"], abs=1e-2)
+    # Measured: FVE 0.825 -> 0.831 (+0.006, short of the issue's +0.03 target), naming 83.6% -> 84.4%.
+    assert rl.fve > sft.fve and best_pair(TOY_DIR) == recorded["best_pair"] == "rl"
+    assert rl.names_final_token >= sft.names_final_token
+    assert rl.failed_parses <= 0.02 * rl.n and rl.shuffled_fve <= 0.0
+    assert max(row["kl"] for row in recorded["rl"]["curve"]) < 1
+
+
 def test_demo_command_runs_offline(tmp_path):
     page = tmp_path / "demo.html"
     env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
     out = subprocess.run([sys.executable, "-m", "nla_lens.cli", "demo", "--sentences", "1", "--html", str(page)],
                          capture_output=True, text=True, env=env, timeout=300, check=True).stdout
     assert "mean round-trip FVE" in out and "The token" in out
+    assert out.startswith(f"NLA: the {best_pair(TOY_DIR).upper()} pair")  # it says which pair explains
     html = page.read_text()
     assert html.startswith("<!DOCTYPE html>") and "<script" not in html and "http" not in html
 
