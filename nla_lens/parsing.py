@@ -15,6 +15,12 @@ def parse_explanation(text: str) -> str | None:
     return match.group(1).strip() if match else None
 
 
+def cjk_fraction(text: str) -> float:
+    """The share of visible characters that are CJK (what RL logs: a drifting AV turns to CJK)."""
+    visible = [c for c in text if not c.isspace()]
+    return len(_CJK.findall(text)) / len(visible) if visible else 0.0
+
+
 def looks_like_failed_injection(text: str, marker_char: str, cjk_fraction: float = 0.3) -> bool:
     """What users of the reference code watch for: the marker echoed, or output dominated by CJK.
 

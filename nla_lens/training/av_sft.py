@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from jaxtyping import Int
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from nla_lens import backends, loading
@@ -57,13 +57,14 @@ def init_av(
     return ActivationVerbalizer(model, tokenizer, meta, spec, [tokenizer.eos_token_id])
 
 
-def av_loss(av: ActivationVerbalizer, rows: AVRows, index: Int[Tensor, " batch"], *,
-            reduction: str = "mean") -> Tensor:
-    """Cross-entropy on the response tokens (explanation + EOS) only, injection hook installed."""
-    prompt = rows.prompt.tolist()
-    tokens, mask = pad([prompt + rows.responses[i] for i in index.tolist()], 0, side="right")
+def response_logits(av: ActivationVerbalizer, prompt: list[int], responses: list[list[int]],
+                    vectors: Float[Tensor, "n d_model"]) -> tuple[Float[Tensor, "tokens vocab"],
+                                                                  Int[Tensor, " tokens"]]:
+    """Logits that predict each response token (prompt + response teacher-forced, injection hook
+    installed) and those tokens, concatenated over the rows in order: what SFT and RL score."""
+    tokens, mask = pad([prompt + response for response in responses], 0, side="right")
     tokens, mask = tokens.to(av.device), mask.to(av.device)
-    injection = av.injection(rows.vectors[index].to(av.device), tokens)
+    injection = av.injection(vectors.to(av.device), tokens)
     with av.model.hooks(fwd_hooks=injection.fwd_hooks()):
         resid = av.model(tokens, attention_mask=mask, stop_at_layer=av.model.cfg.n_layers)
     # Position t predicts token t+1: score positions whose next token is a response token.
@@ -73,7 +74,15 @@ def av_loss(av: ActivationVerbalizer, rows: AVRows, index: Int[Tensor, " batch"]
     # block on): the logits of prompt and pad positions are never needed.
     logits = av.model(resid[:, :-1][scored][None], start_at_layer=av.model.cfg.n_layers)[0]
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 up, float64 kept
-    return F.cross_entropy(logits, tokens[:, 1:][scored], reduction=reduction)
+    return logits, tokens[:, 1:][scored]
+
+
+def av_loss(av: ActivationVerbalizer, rows: AVRows, index: Int[Tensor, " batch"], *,
+            reduction: str = "mean") -> Tensor:
+    """Cross-entropy on the response tokens (explanation + EOS) only, injection hook installed."""
+    logits, targets = response_logits(av, rows.prompt.tolist(), [rows.responses[i] for i in index.tolist()],
+                                      rows.vectors[index])
+    return F.cross_entropy(logits, targets, reduction=reduction)
 
 
 def evaluate_av(av: ActivationVerbalizer, rows: AVRows, *, batch_size: int, n_samples: int,

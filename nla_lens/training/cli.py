@@ -1,4 +1,4 @@
-"""`nla-lens extract`, `train-av` and `train-ar`: each reads one YAML config and calls the pipeline."""
+"""`nla-lens extract`, `train-av`, `train-ar` and `train-rl`: each reads one YAML config and calls the pipeline."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from nla_lens.checks import resolve_device
 from nla_lens.distributed import World
 from nla_lens.errors import ConfigError
 from nla_lens.training import pipeline
-from nla_lens.training.config import ARRunConfig, AVRunConfig, ExtractRunConfig, load_config
+from nla_lens.training.config import ARRunConfig, AVRunConfig, ExtractRunConfig, RLRunConfig, load_config
 
 
 def _command(subparsers: argparse._SubParsersAction, name: str, config_cls: type, run: Callable[[Any], str], *,
@@ -66,6 +66,15 @@ def add_train_ar(subparsers: argparse._SubParsersAction) -> None:
                          "a truncated HF folder + value_head.safetensors under out_dir/model.")
 
 
+def add_train_rl(subparsers: argparse._SubParsersAction) -> None:
+    _command(subparsers, "train-rl", RLRunConfig, _train_rl,
+             help="GRPO on an SFT'd AV with the AR as reward (the AR trained alongside), then export both",
+             description="Start from an SFT AV and AR; each step sample G explanations per training vector, "
+                         "reward each with -MSE of the AR's reconstruction, update the AV with the PPO-clipped "
+                         "group-relative objective plus k3 KL to the frozen SFT AV, and the AR with one MSE "
+                         "step on the same explanations. Exports out_dir/av and out_dir/ar (sidecars: stage rl).")
+
+
 def _extract(config: ExtractRunConfig) -> str:
     return f"activations written to {pipeline.run_extract(config)}"
 
@@ -81,3 +90,14 @@ def _train_ar(config: ARRunConfig) -> str:
     first, last = run.train.evals[0], run.train.evals[-1]
     return (f"held-out FVE {first['fve']:.3f} -> {last['fve']:.3f} (baseline: {last['baseline_source']}); "
             f"AR exported to {run.model_dir}")
+
+
+def _train_rl(config: RLRunConfig) -> str:
+    run = pipeline.run_train_rl(config)
+    history = run.train.history
+    first, last = history[0], history[-1]
+    line = (f"reward {first['reward']:.4f} -> {last['reward']:.4f}, rollout FVE {first['fve']:.3f} -> "
+            f"{last['fve']:.3f}, KL {last['kl']:.4f}")
+    if run.train.evals:
+        line += f"; held-out FVE {run.train.evals[0]['eval_fve']:.3f} -> {run.train.evals[-1]['eval_fve']:.3f}"
+    return f"{line}; AV exported to {run.av_dir}, AR to {run.ar_dir}"

@@ -1,4 +1,4 @@
-"""Typed configs for extraction and SFT, read from YAML (`yaml.safe_load`, unknown keys rejected)."""
+"""Typed configs for extraction, SFT and RL, read from YAML (`yaml.safe_load`, unknown keys rejected)."""
 
 from __future__ import annotations
 
@@ -112,6 +112,72 @@ class AVRunConfig(SFTRunConfig):
 @dataclass
 class ARRunConfig(SFTRunConfig):
     pass
+
+
+@dataclass
+class RLConfig:
+    """GRPO on the AV with the AR as reward, the AR trained alongside (the paper's and nanoNLA's recipe).
+
+    Each step: `prompts_per_step` vectors x `group_size` samples; reward -MSE at `mse_scale`, a
+    miss (failed parse, truncated at `max_new_tokens`, non-finite MSE) scores -2.0 at sqrt(d);
+    advantages normalised per group; PPO-clipped surrogate + `kl_coef` x k3 KL to the frozen SFT
+    AV; then one AR MSE step on the same explanations (misses dropped). Learning rates are constant.
+    """
+
+    steps: int = 100
+    prompts_per_step: int = 16  # B: vectors per step (under torchrun, split over the ranks)
+    group_size: int = 8  # G: samples per vector
+    temperature: float = 1.0
+    top_p: float = 1.0  # sampling only: log-probs always come from the raw (pre top-p) distribution
+    max_new_tokens: int = 150
+    clip_eps: float = 0.2
+    kl_coef: float = 0.01  # 0 drops the reference model
+    lr: float = 1e-5
+    ar_lr: float = 5e-5
+    train_ar: bool = True  # False: the AR is a frozen reward model
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 1.0
+    micro_batch: int = 64  # samples per forward in the AV and AR updates (memory only, not the result)
+    seed: int = 0
+    eval_every: int = 0  # 0: greedy held-out round trip at the start and the end only
+    eval_vectors: int = 64  # held-out vectors in that round trip (0: no evaluation)
+    save_every: int = 0
+    keep_checkpoints: int = 2
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)  # type: ignore[assignment]
+        if self.steps < 1 or self.prompts_per_step < 1 or self.max_new_tokens < 1 or self.micro_batch < 1:
+            raise ConfigError("need steps, prompts_per_step, max_new_tokens and micro_batch >= 1")
+        if self.group_size < 2:
+            raise ConfigError(f"group_size must be >= 2: advantages are relative to the group (got {self.group_size})")
+        if self.temperature <= 0 or not 0 < self.top_p <= 1:
+            raise ConfigError("RL samples: need temperature > 0 and 0 < top_p <= 1")
+        if self.lr <= 0 or self.ar_lr <= 0 or self.grad_clip <= 0 or self.clip_eps <= 0 or self.kl_coef < 0:
+            raise ConfigError("need lr, ar_lr, grad_clip, clip_eps > 0 and kl_coef >= 0")
+        if self.eval_every < 0 or self.eval_vectors < 0 or self.save_every < 0 or self.keep_checkpoints < 1:
+            raise ConfigError("need eval_every, eval_vectors, save_every >= 0 and keep_checkpoints >= 1")
+
+
+@dataclass
+class RLRunConfig:
+    """`nla-lens train-rl`: an SFT AV and AR, the extraction + explanations they were trained on.
+
+    The split is SFT's (same `eval_fraction` and `split_seed` give the same documents), so RL trains
+    on SFT's training vectors and evaluates on its held-out ones; the explanations are not used.
+    """
+
+    av: str  # SFT AV folder: the policy's start and the frozen KL reference
+    ar: str  # SFT AR folder: the reward model (trained on unless rl.train_ar is false)
+    activations: str
+    explanations: str
+    out_dir: str  # checkpoints/, av/ and ar/ (exported, sidecars say stage: rl) go here
+    eval_fraction: float = 0.1
+    split_seed: int = 0
+    device: str = "cpu"
+    dtype: str = "float32"
+    resume: str | None = None
+    export_dtype: str = "float32"
+    rl: RLConfig = field(default_factory=RLConfig)
 
 
 Config = TypeVar("Config")

@@ -104,11 +104,15 @@ def hf_state_dict(model: HookedTransformer, *, qkv_bias: bool,
     return out
 
 
-def freeze_weights_hf_lacks(model: HookedTransformer, hf_config: Any) -> list[str]:
-    """Freeze (at zero) the TL parameters the HF architecture has no weight for; return their names."""
+def freeze_weights_hf_lacks(model: HookedTransformer, hf_config: Any | None = None) -> list[str]:
+    """Freeze (at zero) the TL parameters the HF architecture has no weight for; return their names.
+
+    Without `hf_config`, the architecture TL recorded (`cfg.original_architecture`) decides."""
+    qkv_bias = (has_qkv_bias(hf_config) if hf_config is not None
+                else model.cfg.original_architecture == "Qwen2ForCausalLM")
     frozen = []
     for name, param in model.named_parameters():
-        if _hf_target(name, param.detach(), model.cfg, has_qkv_bias(hf_config)) is None:
+        if _hf_target(name, param.detach(), model.cfg, qkv_bias) is None:
             param.requires_grad_(False)
             frozen.append(name)
     return frozen
@@ -177,10 +181,11 @@ def _export_backbone(model: HookedTransformer, folder: Path, base_model: str | P
 
 
 def export_av(av: ActivationVerbalizer, folder: str | Path, base_model: str | Path, *,
-              dtype: torch.dtype = torch.float32) -> Path:
+              dtype: torch.dtype = torch.float32, stage: str | None = None) -> Path:
     """Write the AV as an HF folder + tokenizer + generation_config + `nla_meta.yaml` (role av).
 
-    Under `torchrun` every rank calls this (to gather FSDP shards) and rank 0 writes.
+    `stage` ("sft", "rl") replaces the sidecar's record of the training stage. Under `torchrun`
+    every rank calls this (to gather FSDP shards) and rank 0 writes.
     """
     folder = Path(folder)
     if not _export_backbone(av.model, folder, base_model, n_layers=None, untie=True, dtype=dtype):
@@ -189,17 +194,19 @@ def export_av(av: ActivationVerbalizer, folder: str | Path, base_model: str | Pa
     GenerationConfig(eos_token_id=av.eos_token_ids, pad_token_id=av.tokenizer.pad_token_id).save_pretrained(folder)
     av.tokenizer.save_pretrained(folder)
     spec = av.injection_spec  # what the AV was trained with, even where its sidecar left it implicit
-    dump_meta({**av.meta.raw, "injection": {"method": spec.method, "hook_point": spec.hook_point}}, folder)
+    dump_meta({**_staged(av.meta.raw, stage), "injection": {"method": spec.method, "hook_point": spec.hook_point}},
+              folder)
     return folder
 
 
 def export_ar(ar: ActivationReconstructor, folder: str | Path, base_model: str | Path, *,
-              dtype: torch.dtype = torch.float32, heldout: Tensor | None = None) -> Path:
+              dtype: torch.dtype = torch.float32, heldout: Tensor | None = None, stage: str | None = None) -> Path:
     """Write the AR as a truncated HF folder (K+1 layers, no norm / lm_head) + `value_head.safetensors`.
 
     `heldout` (the held-out layer-K vectors, e.g. the eval split) puts their paper baseline and count
     in the sidecar (`fve_baseline: {value, n}`), the baseline `NLA.round_trip` then uses by default.
-    Under `torchrun` every rank calls this (to gather FSDP shards) and rank 0 writes.
+    `stage` ("sft", "rl") replaces the sidecar's record of the training stage. Under `torchrun` every
+    rank calls this (to gather FSDP shards) and rank 0 writes.
     """
     folder = Path(folder)
     readout = gathered_on_main([("weight", ar.readout.weight)])
@@ -207,7 +214,7 @@ def export_ar(ar: ActivationReconstructor, folder: str | Path, base_model: str |
         return folder
     save_file({name: weight.to(dtype) for name, weight in readout.items()}, folder / loading.VALUE_HEAD_FILE)
     ar.tokenizer.save_pretrained(folder)
-    dump_meta({**ar.meta.raw, **_baseline_block(heldout, ar.meta.mse_scale)}, folder)
+    dump_meta({**_staged(ar.meta.raw, stage), **_baseline_block(heldout, ar.meta.mse_scale)}, folder)
     return folder
 
 
@@ -215,3 +222,7 @@ def _baseline_block(heldout: Tensor | None, mse_scale: float) -> dict[str, Any]:
     if heldout is None or heldout.shape[0] < 2:
         return {}
     return {"fve_baseline": {"value": metrics.paper_baseline(heldout.float(), mse_scale), "n": int(heldout.shape[0])}}
+
+
+def _staged(raw: dict[str, Any], stage: str | None) -> dict[str, Any]:
+    return raw if stage is None else {**raw, "stage": stage}

@@ -255,8 +255,9 @@ def save_checkpoint(out_dir: Path, step: int, params: dict[str, nn.Parameter], o
 
 
 def load_checkpoint(folder: Path, params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer,
-                    config: TrainConfig) -> TrainResult:
-    """Restore weights and optimizer state from `folder`; the config must match the saved one.
+                    config: TrainConfig, resumable: frozenset[str] | set[str] = frozenset()) -> TrainResult:
+    """Restore weights and optimizer state from `folder`; the config must match the saved one, except
+    for settings that leave the trajectory alone (`_RESUMABLE_CHANGES`, plus `resumable`).
 
     The saved tensors are whole, so the run may resume on another number of ranks.
     """
@@ -266,7 +267,7 @@ def load_checkpoint(folder: Path, params: dict[str, nn.Parameter], optimizer: to
     state = json.loads(state_path.read_text(encoding="utf-8"))
     saved = state["config"]
     changed = sorted(k for k, v in asdict(config).items()
-                     if k not in _RESUMABLE_CHANGES and json.loads(json.dumps(v)) != saved.get(k))
+                     if k not in _RESUMABLE_CHANGES | resumable and json.loads(json.dumps(v)) != saved.get(k))
     if changed:
         raise ConfigError(f"resuming from {folder} with other settings for {changed}; an exact resume "
                           "needs the config the run started with")

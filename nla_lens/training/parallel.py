@@ -116,3 +116,12 @@ def all_reduce_sum(value: float, device: torch.device) -> float:
     total = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(total)
     return float(total)
+
+
+def all_reduce_sums(values: list[float], device: torch.device) -> list[float]:
+    """Element-wise sums of per-rank numbers over the ranks, in one collective."""
+    if not current_world().is_distributed:
+        return list(values)
+    total = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return total.tolist()

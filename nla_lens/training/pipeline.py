@@ -1,4 +1,4 @@
-"""Config-driven runs (what `nla-lens extract / train-av / train-ar` call): load, train, export."""
+"""Config-driven runs (what `nla-lens extract / train-av / train-ar / train-rl` call): load, train, export."""
 
 from __future__ import annotations
 
@@ -12,14 +12,17 @@ import torch
 from nla_lens import backends, loading
 from nla_lens.distributed import World, device_for, process_group
 from nla_lens.errors import ConfigError, InputError
+from nla_lens.reconstructor import ActivationReconstructor
 from nla_lens.sidecar import NLAMeta
 from nla_lens.training.ar_sft import init_ar, train_ar
 from nla_lens.training.av_sft import init_av, train_av
-from nla_lens.training.config import ARRunConfig, AVRunConfig, ExtractRunConfig, SFTRunConfig
+from nla_lens.training.config import ARRunConfig, AVRunConfig, ExtractRunConfig, RLRunConfig, SFTRunConfig
 from nla_lens.training.dataset import LabelledActivations, label_activations, split_by_document
 from nla_lens.training.export import export_ar, export_av
 from nla_lens.training.extraction import Document, extract_activations, load_activations
 from nla_lens.training.loop import TrainResult
+from nla_lens.training.rl import train_rl
+from nla_lens.verbalizer import ActivationVerbalizer
 
 MODEL_DIR = "model"
 RESULT_FILE = "train_result.json"
@@ -64,14 +67,14 @@ def run_extract(config: ExtractRunConfig, *, progress: bool = True) -> Path:
                                base_model=config.base_model, progress=progress)
 
 
-def _split(config: SFTRunConfig) -> tuple[NLAMeta, LabelledActivations, LabelledActivations]:
+def _split(config: SFTRunConfig | RLRunConfig) -> tuple[NLAMeta, LabelledActivations, LabelledActivations]:
     """The same (activations, explanations, eval_fraction, split_seed) give the AV and AR one split."""
     activations = load_activations(config.activations)
     data = label_activations(activations, config.explanations)
     return (activations.meta, *split_by_document(data, config.eval_fraction, config.split_seed))
 
 
-def _save_result(config: SFTRunConfig, model_dir: Path, result: TrainResult, world: World) -> RunResult:
+def _save_result(config: SFTRunConfig | RLRunConfig, model_dir: Path, result: TrainResult, world: World) -> RunResult:
     if world.is_main:
         summary = {"model_dir": model_dir, "config": asdict(config), "world_size": world.world_size,
                    **asdict(result)}
@@ -126,3 +129,44 @@ def _train_and_export_ar(config: ARRunConfig, meta: NLAMeta, train: LabelledActi
                       progress=progress)
     return result, export_ar(ar, Path(config.out_dir) / MODEL_DIR, config.base_model, dtype=_dtype(config.export_dtype),
                              heldout=evaluation.vectors)
+
+
+@dataclass(frozen=True)
+class RLRunResult:
+    """Where an RL run exported its AV and AR, and what training did."""
+
+    av_dir: Path
+    ar_dir: Path
+    train: TrainResult
+
+
+def run_train_rl(config: RLRunConfig, *, progress: bool = True) -> RLRunResult:
+    """An SFT AV + AR -> GRPO on the AV, the AR trained alongside -> `out_dir/av` and `out_dir/ar`.
+
+    Under `torchrun` every rank runs this (each samples whole groups, DDP averages the gradients),
+    and rank 0 writes.
+    """
+    _, train, evaluation = _split(config)
+    with process_group(config.device) as world:
+        result, av_dir, ar_dir = _train_and_export_rl(config, train, evaluation, device_for(world, config.device),
+                                                      progress)
+        _save_result(config, Path(config.out_dir) / "av", result, world)
+        return RLRunResult(av_dir, ar_dir, result)
+
+
+def _train_and_export_rl(config: RLRunConfig, train: LabelledActivations, evaluation: LabelledActivations,
+                         device: torch.device, progress: bool) -> tuple[TrainResult, Path, Path]:
+    backends.require_hooked("training")
+    dtype = _dtype(config.dtype)
+    av = ActivationVerbalizer.from_pretrained(config.av, device=device, dtype=dtype, backend="hooked")
+    ar = ActivationReconstructor.from_pretrained(config.ar, device=device, dtype=dtype, backend="hooked")
+    reference = None
+    if config.rl.kl_coef > 0:
+        reference = ActivationVerbalizer.from_pretrained(config.av, device=device, dtype=dtype, backend="hooked")
+    result = train_rl(av, ar, reference, train.vectors, evaluation.vectors, config.rl, out_dir=config.out_dir,
+                      resume=config.resume, progress=progress)
+    out, export_dtype = Path(config.out_dir), _dtype(config.export_dtype)
+    av_dir = export_av(av, out / "av", config.av, dtype=export_dtype, stage="rl")
+    ar_dir = export_ar(ar, out / "ar", config.ar, dtype=export_dtype, heldout=evaluation.vectors,
+                       stage="rl")
+    return result, av_dir, ar_dir

@@ -1,0 +1,417 @@
+"""NLA RL: GRPO on the AV with the AR's reconstruction as the reward, the AR trained alongside.
+
+One step, as the paper (kitft `configs/rl.sh`, `nla/reward.py`) and nanoNLA run it:
+1. B vectors, G samples each through the AV's KV-cached decoder (injection on the prefill), with
+   the log-prob of every sampled token under the raw logits / temperature: the "old" log-probs.
+   Top-p only narrows what is sampled; it never enters a ratio (nanoNLA's documented pitfall).
+2. Rewards from the AR as it is now: -MSE at `mse_scale`, misses at the orthogonal score
+   (`grpo.rewards`); advantages per group. Both updates below use these rewards.
+3. The AV's loss (`grpo.grpo_loss_sum`) on one teacher-forced forward per micro-batch, the
+   injection installed as in SFT, plus k3 KL to the frozen SFT AV run on the same tokens.
+4. One AR MSE step on the same explanations, misses dropped (kitft trains the critic only on
+   completed samples); then one Adam step for both, each side's non-finite gradient skipped.
+
+The trajectory is a pure function of (weights, config, step): the vectors of a step and each
+group's sampling seed depend on the step and the group's global index only, so resuming from a
+checkpoint repeats an uninterrupted run, and under `torchrun` (each rank holds whole groups)
+the world size changes float summation order only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from nla_lens import backends, metrics
+from nla_lens.distributed import inference
+from nla_lens.errors import ConfigError
+from nla_lens.nla import NLA
+from nla_lens.parsing import cjk_fraction, parse_explanation
+from nla_lens.reconstructor import ActivationReconstructor
+from nla_lens.training import grpo, loop, parallel
+from nla_lens.training.ar_sft import ar_loss
+from nla_lens.training.av_sft import response_logits
+from nla_lens.training.config import RLConfig
+from nla_lens.training.dataset import ARRows
+from nla_lens.training.export import freeze_weights_hf_lacks
+from nla_lens.verbalizer import ActivationVerbalizer, _sample
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Rollout:
+    """This rank's groups of one step, sampled and scored: sample i belongs to group i // G."""
+
+    vectors: Float[Tensor, "n d_model"]  # each sample's target vector
+    responses: list[list[int]]  # generated ids, up to and including the first stop id
+    old_logp: Float[Tensor, " tokens"]  # sampling-time log-probs, responses concatenated
+    texts: list[str]
+    explanations: list[str | None]
+    truncated: Bool[Tensor, " n"]  # no stop id within max_new_tokens
+    mse: Float[Tensor, " n"]  # NaN where the sample was not scored
+    rewards: Float[Tensor, " n"]
+    advantages: Float[Tensor, " n"]
+
+    def __len__(self) -> int:
+        return len(self.responses)
+
+    @property
+    def offsets(self) -> list[int]:
+        """Where each sample's tokens start in the concatenated log-prob tensors (and the total)."""
+        return [0, *torch.tensor([len(r) for r in self.responses]).cumsum(0).tolist()]
+
+    @property
+    def hits(self) -> Bool[Tensor, " n"]:
+        """Samples the AR scored: the ones its own update trains on."""
+        return torch.isfinite(self.mse) & ~self.truncated
+
+
+def step_vectors(step: int, n_rows: int, prompts_per_step: int, seed: int) -> Int[Tensor, " batch"]:
+    """Indices of the vectors of step `step`: consecutive slices of a seeded permutation per epoch."""
+    per_epoch = n_rows // prompts_per_step
+    if per_epoch < 1:
+        raise ConfigError(f"prompts_per_step={prompts_per_step} is more than the {n_rows} training vectors")
+    epoch, k = divmod(step, per_epoch)
+    return loop._epoch_order(n_rows, seed, epoch)[k * prompts_per_step:(k + 1) * prompts_per_step]
+
+
+def group_seed(seed: int, step: int, group: int) -> int:
+    """The sampling seed of one group: fixed by (seed, step, global group index), whatever rank runs it."""
+    digest = hashlib.blake2b(f"{seed}/{step}/{group}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def token_logprobs(logits: Float[Tensor, "n vocab"], ids: Int[Tensor, " n"],
+                   temperature: float) -> Float[Tensor, " n"]:
+    """log softmax(logits / T) at `ids`: the sampling distribution before any top-p cut."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return (logits / temperature).log_softmax(dim=-1).gather(-1, ids[:, None])[:, 0]
+
+
+def sample_groups(av: ActivationVerbalizer, vectors: Float[Tensor, "groups d_model"], seeds: list[int], *,
+                  group_size: int, max_new_tokens: int, temperature: float,
+                  top_p: float) -> tuple[list[list[int]], Float[Tensor, " tokens"], Bool[Tensor, " n"]]:
+    """G samples per vector through the AV's decoder (the one `verbalize` uses: KV-cached, fast
+    path where it computes what TL does), each group drawn from its own seeded generator.
+
+    Returns the responses (cut after the first stop id), their tokens' log-probs concatenated, and
+    which responses hit `max_new_tokens` without a stop id.
+    """
+    rows = vectors.to(av.device).repeat_interleave(group_size, dim=0)
+    n = rows.shape[0]
+    with inference(av.model):
+        tokens = av.prompt_tokens(n)
+        injection = av.injection(rows, tokens)
+        decoder = backends.decoder(av.model, n, tokens.shape[1] + max_new_tokens, injection.fwd_hooks())
+        logits = decoder.prefill(tokens, injection.fwd_hooks())
+        generators = [torch.Generator(device=av.device).manual_seed(s) for s in seeds]
+        stop = torch.tensor(av.eos_token_ids, device=av.device)
+        finished = torch.zeros(n, dtype=torch.bool, device=av.device)
+        ids = torch.empty(n, max_new_tokens, dtype=torch.long, device=av.device)
+        logp = torch.empty(n, max_new_tokens, dtype=torch.float64, device=av.device)
+        for t in range(max_new_tokens):
+            next_ids = torch.cat([_sample(group, temperature, top_p, generator)
+                                  for group, generator in zip(logits.split(group_size), generators, strict=True)])
+            ids[:, t] = next_ids
+            logp[:, t] = token_logprobs(logits, next_ids, temperature)
+            finished |= torch.isin(next_ids, stop)
+            if t == max_new_tokens - 1 or bool(finished.all()):
+                break
+            logits = decoder.step(next_ids)
+        is_stop = torch.isin(ids[:, :t + 1], stop)
+        lengths = torch.where(is_stop.any(dim=1), is_stop.int().argmax(dim=1) + 1, t + 1)
+        responses = [row[:length] for row, length in zip(ids.tolist(), lengths.tolist(), strict=True)]
+        kept = torch.arange(t + 1, device=av.device)[None] < lengths[:, None]
+        return responses, logp[:, :t + 1][kept].clone(), ~is_stop.any(dim=1).cpu()
+
+
+def score(ar: ActivationReconstructor, vectors: Float[Tensor, "n d_model"], texts: list[str],
+          truncated: Bool[Tensor, " n"]) -> tuple[list[str | None], Float[Tensor, " n"], Float[Tensor, " n"]]:
+    """Explanations, their MSE (NaN where not scored) and rewards; truncated samples are not scored."""
+    explanations = [parse_explanation(text) for text in texts]
+    parsed = torch.tensor([e is not None for e in explanations], dtype=torch.bool)
+    wanted = (parsed & ~truncated).nonzero().flatten().tolist()
+    mse = torch.full((len(texts),), float("nan"), dtype=torch.float64)
+    if wanted:
+        predicted = ar.reconstruct([explanations[i] for i in wanted])
+        targets = vectors[wanted].to(predicted.device)
+        mse[wanted] = metrics.mse_per_item(predicted, targets, ar.meta.mse_scale).cpu().double()
+    miss = -metrics.miss_mse(ar.meta.d_model, ar.meta.mse_scale)
+    return explanations, mse, grpo.rewards(mse, parsed, truncated, miss)
+
+
+def rollout(av: ActivationVerbalizer, ar: ActivationReconstructor, vectors: Float[Tensor, "groups d_model"],
+            seeds: list[int], config: RLConfig) -> Rollout:
+    """Sample G explanations per vector and score them with the AR as it is now."""
+    responses, old_logp, truncated = sample_groups(
+        av, vectors, seeds, group_size=config.group_size, max_new_tokens=config.max_new_tokens,
+        temperature=config.temperature, top_p=config.top_p)
+    targets = vectors.repeat_interleave(config.group_size, dim=0)
+    texts = [av.tokenizer.decode(r, skip_special_tokens=True) for r in responses]
+    explanations, mse, rewards = score(ar, targets, texts, truncated)
+    advantages = grpo.group_advantages(rewards.view(-1, config.group_size)).flatten()
+    return Rollout(targets, responses, old_logp, texts, explanations, truncated, mse, rewards, advantages)
+
+
+def policy_logprobs(av: ActivationVerbalizer, rollout: Rollout, samples: range,
+                    temperature: float) -> Float[Tensor, " tokens"]:
+    """Teacher-forced log-probs of the sampled tokens of `samples` (the injection installed)."""
+    prompt = av.prompt_tokens(1)[0].tolist()
+    logits, targets = response_logits(av, prompt, rollout.responses[samples.start:samples.stop],
+                                      rollout.vectors[samples.start:samples.stop])
+    return token_logprobs(logits, targets, temperature)
+
+
+def reference_logprobs(reference: ActivationVerbalizer, rollout: Rollout, config: RLConfig) -> Float[Tensor, " tokens"]:
+    """The frozen SFT AV's log-probs of every sampled token, micro-batch by micro-batch."""
+    with inference(reference.model):
+        return torch.cat([policy_logprobs(reference, rollout, chunk, config.temperature)
+                          for chunk in _chunks(len(rollout), config.micro_batch)])
+
+
+def policy_loss_sum(av: ActivationVerbalizer, rollout: Rollout, ref_logp: Tensor | None, samples: range,
+                    config: RLConfig) -> tuple[Tensor, dict[str, Tensor]]:
+    """Summed GRPO losses of `samples` (contiguous) and their per-sample diagnostics."""
+    offsets = rollout.offsets
+    tokens = slice(offsets[samples.start], offsets[samples.stop])
+    logp = policy_logprobs(av, rollout, samples, config.temperature)
+    lengths = torch.tensor([len(r) for r in rollout.responses[samples.start:samples.stop]], device=logp.device)
+    sample = torch.repeat_interleave(torch.arange(len(samples), device=logp.device), lengths)
+    old = rollout.old_logp[tokens].to(logp)
+    ref = None if ref_logp is None else ref_logp[tokens].to(logp)
+    advantages = rollout.advantages[samples.start:samples.stop].to(logp)
+    return grpo.grpo_loss_sum(logp, old, ref, advantages, sample, clip_eps=config.clip_eps,
+                              kl_coef=config.kl_coef)
+
+
+def _chunks(n: int, size: int) -> list[range]:
+    return [range(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+def trainable_parameters(av: ActivationVerbalizer, ar: ActivationReconstructor,
+                         train_ar: bool) -> tuple[dict[str, nn.Parameter], dict[str, nn.Parameter]]:
+    """The AV's and the AR's parameters to train, named for checkpoints; a frozen AR gets none."""
+    policy = {f"av.{name}": p for name, p in av.model.named_parameters() if p.requires_grad}
+    reconstructor: dict[str, nn.Parameter] = {}
+    for prefix, module in (("ar.model", ar.model), ("ar.readout", ar.readout)):
+        for name, p in module.named_parameters():
+            if not train_ar:
+                p.requires_grad_(False)
+            elif p.requires_grad:
+                reconstructor[f"{prefix}.{name}"] = p
+    return policy, reconstructor
+
+
+class _Trainer:
+    """One RL run's state: the models, their DDP wrappers, the optimizer and the current rollout."""
+
+    def __init__(self, av: ActivationVerbalizer, ar: ActivationReconstructor,
+                 reference: ActivationVerbalizer | None, train_vectors: Float[Tensor, "n d_model"],
+                 config: RLConfig) -> None:
+        if reference is None and config.kl_coef > 0:
+            raise ConfigError(f"kl_coef={config.kl_coef} needs the frozen SFT AV as reference; pass it, "
+                              "or set kl_coef: 0")
+        self.av, self.ar, self.reference, self.config = av, ar, reference, config
+        self.world = parallel.current_world()
+        if config.prompts_per_step % self.world.world_size:
+            raise ConfigError(f"prompts_per_step={config.prompts_per_step} must be a multiple of the "
+                              f"{self.world.world_size} ranks: each rank samples whole groups")
+        self.train_vectors = train_vectors.float()
+        self.baseline = metrics.paper_baseline(self.train_vectors, ar.meta.mse_scale)
+        self.policy_params, self.ar_params = trainable_parameters(av, ar, config.train_ar)
+        self.params = {**self.policy_params, **self.ar_params}
+        groups = [{"params": list(self.policy_params.values()), "lr": config.lr}]
+        if self.ar_params:
+            groups.append({"params": list(self.ar_params.values()), "lr": config.ar_lr})
+        self.optimizer = torch.optim.Adam(groups, betas=config.betas)
+        self.device = av.device
+        self.current: Rollout | None = None
+        self.ref_logp: Tensor | None = None
+        self.ar_rows: ARRows | None = None
+        self.diagnostics: list[dict[str, Tensor]] = []
+        self.policy = parallel.wrap(parallel.LossModule({"model": av.model}, self._policy_loss), "ddp", self.device)
+        self.reconstructor = (parallel.wrap(parallel.LossModule({"model": ar.model, "readout": ar.readout},
+                                                                self._ar_loss), "ddp", self.device)
+                              if config.train_ar else None)
+
+    def _policy_loss(self, index: Tensor) -> Tensor:
+        samples = range(int(index[0]), int(index[-1]) + 1)
+        loss, diagnostics = policy_loss_sum(self.av, self.current, self.ref_logp, samples, self.config)
+        self.diagnostics.append(diagnostics)
+        return loss
+
+    def _ar_loss(self, index: Tensor) -> Tensor:
+        return ar_loss(self.ar, self.ar_rows, index, reduction="sum")
+
+    def step(self, step: int) -> dict[str, float]:
+        config, world = self.config, self.world
+        started = time.perf_counter()
+        indices = step_vectors(step, len(self.train_vectors), config.prompts_per_step, config.seed)
+        per_rank = config.prompts_per_step // world.world_size
+        mine = indices[world.rank * per_rank:(world.rank + 1) * per_rank]
+        seeds = [group_seed(config.seed, step, world.rank * per_rank + j) for j in range(per_rank)]
+        current = rollout(self.av, self.ar, self.train_vectors[mine], seeds, config)
+        self.current, self.diagnostics = current, []
+        self.ref_logp = (reference_logprobs(self.reference, current, config)
+                         if self.reference is not None and config.kl_coef > 0 else None)
+        sampled = time.perf_counter()
+
+        n_global = config.prompts_per_step * config.group_size
+        loss_total = self._backward(self.policy, _chunks(len(current), config.micro_batch), n_global)
+        av_grad_norm, av_skipped = self._clip_or_skip(self.policy_params)
+        ar_total, ar_grad_norm, ar_skipped = 0.0, float("nan"), 0.0
+        if self.reconstructor is not None:
+            ar_total, ar_grad_norm, ar_skipped = self._ar_update(current)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+        kl = torch.cat([d["kl"] for d in self.diagnostics]).sum()
+        clipped = torch.cat([d["clipped"] for d in self.diagnostics]).sum()
+        lengths = [len(r) for r in current.responses]
+        sums = parallel.all_reduce_sums([
+            len(current), float(current.rewards.sum()), float(kl), float(clipped), float(sum(lengths)),
+            sum(e is None for e in current.explanations), float(current.truncated.sum()),
+            sum(cjk_fraction(t) for t in current.texts), float(current.hits.sum()),
+            loss_total / world.world_size, ar_total / world.world_size,
+        ], self.device)
+        n, reward, kl, clipped, length, failed, truncated, cjk, hits, loss, ar_mse = sums
+        if self.reconstructor is None or hits == 0:
+            ar_mse = float("nan")
+        return {"step": step + 1, "loss": loss, "reward": reward / n, "fve": 1 + (reward / n) / self.baseline,
+                "kl": kl / n, "clip_frac": clipped / n, "length": length / n, "parse_failure_rate": failed / n,
+                "truncation_rate": truncated / n, "cjk_rate": cjk / n, "scored": hits / n,
+                "av_grad_norm": av_grad_norm, "av_skipped": av_skipped, "ar_mse": ar_mse,
+                "ar_grad_norm": ar_grad_norm, "ar_skipped": ar_skipped,
+                "sample_seconds": sampled - started, "seconds": time.perf_counter() - started}
+
+    def _backward(self, module: nn.Module, chunks: list[range | None], n_global: float) -> float:
+        """Backward of each chunk's summed loss / (the step's global count / world size): DDP averages
+        the ranks' gradients. A None chunk joins the all-reduce with a zero loss. Returns this rank's
+        total, which summed over ranks and divided by the world size is the global mean loss."""
+        divisor = n_global / self.world.world_size
+        total = 0.0
+        for k, chunk in enumerate(chunks):
+            index = torch.arange(chunk.start, chunk.stop) if chunk is not None else torch.zeros(1, dtype=torch.long)
+            last = k == len(chunks) - 1
+            no_sync = module.no_sync() if hasattr(module, "no_sync") and not last else contextlib.nullcontext()
+            with no_sync:
+                loss = module(index, divisor)
+                if chunk is None:
+                    loss = loss * 0.0
+                loss.backward()
+            total += float(loss.detach())
+        return total
+
+    def _clip_or_skip(self, params: dict[str, nn.Parameter]) -> tuple[float, float]:
+        """Clip to `grad_clip`; a non-finite norm drops these gradients, so Adam skips them this step."""
+        norm = float(torch.nn.utils.clip_grad_norm_(list(params.values()), self.config.grad_clip))
+        if math.isfinite(norm):
+            return norm, 0.0
+        for p in params.values():
+            p.grad = None
+        logger.warning("non-finite gradient norm; skipping this update of %d parameters", len(params))
+        return norm, 1.0
+
+    def _ar_update(self, current: Rollout) -> tuple[float, float, float]:
+        """One MSE step on the scored explanations; ranks with fewer of them join with zero losses.
+        Returns this rank's loss total (as `_backward`), the gradient norm and whether it was skipped."""
+        hits = current.hits.nonzero().flatten().tolist()
+        counts = parallel.all_reduce_sums([float(len(hits) if r == self.world.rank else 0)
+                                           for r in range(self.world.world_size)], self.device)
+        n_global = sum(counts)
+        if n_global == 0:
+            return 0.0, float("nan"), 0.0
+        texts = [current.explanations[i] for i in hits] or [""]  # a placeholder row for a zero loss
+        vectors = current.vectors[hits] if hits else current.vectors[:1]
+        prompts = [self.ar.tokenizer.encode(self.ar.meta.ar_prompt(t), add_special_tokens=False) for t in texts]
+        self.ar_rows = ARRows(prompts, vectors.float(), texts, [""] * len(texts))
+        n_chunks = math.ceil(max(counts) / self.config.micro_batch)
+        chunks: list[range | None] = list(_chunks(len(hits), self.config.micro_batch))
+        chunks += [None] * (n_chunks - len(chunks))
+        total = self._backward(self.reconstructor, chunks, n_global)
+        norm, skipped = self._clip_or_skip(self.ar_params)
+        return total, norm, skipped
+
+
+def evaluate_rl(av: ActivationVerbalizer, ar: ActivationReconstructor, vectors: Float[Tensor, "n d_model"],
+                max_new_tokens: int) -> dict[str, Any]:
+    """Greedy round trip of held-out vectors (failed parses count as misses), as the NLA is served."""
+    if not len(vectors):
+        return {}
+    result = NLA(av, ar).round_trip(vectors, max_new_tokens=max_new_tokens, progress=False)
+    lengths = [len(v.tokens) for v in result.verbalizations]
+    return {"eval_fve": result.fve, "eval_baseline": result.baseline,
+            "eval_parse_failures": result.n_failed_parses, "eval_length": sum(lengths) / len(lengths)}
+
+
+def train_rl(
+    av: ActivationVerbalizer,
+    ar: ActivationReconstructor,
+    reference: ActivationVerbalizer | None,
+    train_vectors: Float[Tensor, "n d_model"],
+    eval_vectors: Float[Tensor, "m d_model"],
+    config: RLConfig,
+    *,
+    out_dir: str | Path | None = None,
+    resume: str | Path | None = None,
+    progress: bool = True,
+) -> loop.TrainResult:
+    """Run `config.steps` RL steps, updating `av` (and `ar` unless `train_ar` is false) in place.
+
+    `reference` is the frozen SFT AV of the KL term (None with `kl_coef: 0`). `history` holds the
+    per-step log (reward, fve, kl, length, parse-failure / truncation / CJK rates, ...), `evals`
+    the greedy held-out round trips. Checkpoints and `resume` work as in SFT (`loop`).
+    """
+    backends.require_hooked("RL training", av.model)
+    backends.require_hooked("RL training", ar.model)
+    for model in (av.model, ar.model):
+        freeze_weights_hf_lacks(model)  # TL-only biases stay zero, so the export can drop them
+    if reference is not None:
+        for p in reference.model.parameters():
+            p.requires_grad_(False)
+    started = time.perf_counter()
+    trainer = _Trainer(av, ar, reference, train_vectors, config)
+    result = loop.TrainResult(steps=config.steps)
+    if resume is not None:
+        folder = loop.latest_checkpoint(out_dir) if resume == "latest" else Path(resume)
+        # The learning rates are constant, so a run may also be extended: `steps` is resumable.
+        result = loop.load_checkpoint(folder, trainer.params, trainer.optimizer, config, resumable={"steps"})
+        result.steps = config.steps
+        logger.info("resumed from %s at step %d", folder, len(result.history))
+    eval_vectors = eval_vectors[:config.eval_vectors]
+
+    def run_eval(step: int) -> None:
+        if config.eval_vectors:
+            result.evals.append({"step": step, **evaluate_rl(av, ar, eval_vectors, config.max_new_tokens)})
+            if trainer.world.is_main:
+                logger.info("rl step %d: %s", step, result.evals[-1])
+
+    start = len(result.history)
+    if start == 0:
+        run_eval(0)
+    bar = tqdm(range(start, config.steps), desc="rl", unit="step", initial=start, total=config.steps,
+               disable=not progress or not trainer.world.is_main)
+    for step in bar:
+        record = trainer.step(step)
+        result.history.append(record)
+        bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{record['kl']:.3f}")
+        done = step + 1
+        if done == config.steps or (config.eval_every and done % config.eval_every == 0):
+            run_eval(done)
+        if out_dir is not None and (done == config.steps or (config.save_every and done % config.save_every == 0)):
+            result.checkpoint = loop.save_checkpoint(Path(out_dir), done, trainer.params, trainer.optimizer,
+                                                     config, result)
+    result.seconds += time.perf_counter() - started
+    return result

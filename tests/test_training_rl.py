@@ -1,0 +1,314 @@
+"""NLA RL (GRPO on the AV, the AR trained alongside): the objective's pieces against hand-computed
+values, rewards of misses, the gradient against plain HF + torch, resume, and 2-rank DDP."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import LAYER, NEEDS_TL3
+from launch import torchrun_cli
+from safetensors.torch import load_file
+
+import hf_reference as ref
+import nla_lens as nl
+from nla_lens import loading, testing
+from nla_lens.cli import main
+from nla_lens.training import grpo, rl
+from nla_lens.training.config import RLConfig
+from nla_lens.training.export import _hf_target
+
+pytestmark = NEEDS_TL3
+RL = RLConfig(steps=4, prompts_per_step=4, group_size=4, max_new_tokens=24, lr=3e-4, ar_lr=3e-4, micro_batch=6,
+              eval_vectors=8, save_every=2, keep_checkpoints=4)
+
+
+# --- the objective on fixed tensors ---------------------------------------------------------------
+
+def test_group_advantages_normalise_within_each_group():
+    rewards = torch.tensor([[0.0, -1.0, -2.0, -1.0], [-0.5, -0.5, -0.5, -0.5]])
+    std = math.sqrt(2 / 3)  # Bessel-corrected std of (0, -1, -2, -1)
+    expected = torch.tensor([[1 / (std + 1e-6), 0.0, -1 / (std + 1e-6), 0.0], [0.0, 0.0, 0.0, 0.0]])
+    assert torch.allclose(grpo.group_advantages(rewards), expected, atol=1e-12)
+
+
+def test_k3_kl_is_exp_d_minus_d_minus_one():
+    logp, ref_logp = torch.tensor([-1.0, -2.0, -0.3]), torch.tensor([-1.5, -1.0, -0.3])
+    expected = torch.tensor([math.exp(-0.5) + 0.5 - 1, math.exp(1.0) - 1 - 1, 0.0])
+    assert torch.allclose(grpo.k3_kl(logp, ref_logp), expected, atol=1e-6)
+
+
+def test_clipped_surrogate_takes_the_pessimistic_side():
+    ratios = torch.tensor([1.5, 0.5, 1.1, 0.5, 1.5])
+    advantages = torch.tensor([1.0, 1.0, -1.0, -1.0, -2.0])
+    old = torch.tensor([-1.0, -2.0, -0.5, -0.7, -3.0])
+    # ratio 1.5, A=1 -> clip 1.2; 0.5, A=1 -> 0.5 (unclipped is lower); 1.1, A=-1 -> -1.1;
+    # 0.5, A=-1 -> clip 0.8 * -1 = -0.8; 1.5, A=-2 -> -3.0 (unclipped is lower).
+    expected = torch.tensor([1.2, 0.5, -1.1, -0.8, -3.0])
+    got = grpo.clipped_surrogate(old + ratios.log(), old, advantages, clip_eps=0.2)
+    assert torch.allclose(got, expected, atol=1e-6)
+
+
+def test_grpo_loss_is_a_per_token_mean_within_each_sample_then_a_sum():
+    logp = torch.tensor([-1.0, -2.0, -0.5])
+    old = torch.tensor([-1.0, -2.0 - math.log(1.5), -0.5])  # ratios 1, 1.5, 1
+    ref_logp = torch.tensor([-1.0, -2.0, -1.5])
+    advantages, sample = torch.tensor([2.0, -1.0]), torch.tensor([0, 0, 1])
+    loss, diagnostics = grpo.grpo_loss_sum(logp, old, ref_logp, advantages, sample, clip_eps=0.2, kl_coef=0.1)
+    kl = math.exp(-1.0) + 1.0 - 1  # token 3: d = -1
+    sample_0 = -(2.0 + 1.2 * 2.0) / 2  # tokens 1-2: ratio 1 and 1.5 (clipped to 1.2) times A = 2
+    sample_1 = -(-1.0 - 0.1 * kl)
+    assert float(loss) == pytest.approx(sample_0 + sample_1, abs=1e-6)
+    assert diagnostics["kl"].tolist() == pytest.approx([0.0, kl], abs=1e-6)
+    assert diagnostics["clipped"].tolist() == pytest.approx([0.5, 0.0])
+
+
+def test_misses_score_as_orthogonal_guesses():
+    mse = torch.tensor([0.3, 0.4, 0.5, float("nan"), 0.6], dtype=torch.float64)
+    parsed = torch.tensor([True, False, True, True, True])
+    truncated = torch.tensor([False, False, True, False, False])
+    got = grpo.rewards(mse, parsed, truncated, miss_reward=-2.0)
+    assert got.tolist() == pytest.approx([-0.3, -2.0, -2.0, -2.0, -0.6])
+
+
+def test_truncated_and_unparsed_samples_get_the_miss_reward_from_the_ar(ar_nanonla):
+    vectors = torch.randn(3, ar_nanonla.meta.d_model, generator=torch.Generator().manual_seed(0))
+    texts = ["<explanation>\na cat\n</explanation>", "no tags at all", "<explanation>\na cat\n</explanation>"]
+    explanations, mse, rewards = rl.score(ar_nanonla, vectors, texts, torch.tensor([False, False, True]))
+    assert explanations == ["a cat", None, "a cat"]
+    assert math.isfinite(float(mse[0])) and math.isnan(float(mse[1])) and math.isnan(float(mse[2]))
+    assert float(rewards[0]) == pytest.approx(-float(mse[0]))
+    assert rewards[1:].tolist() == [-2.0, -2.0]  # mse_scale = sqrt(d): an orthogonal guess scores -2
+
+
+# --- a small SFT pair to run RL from ----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def sft_pair(tmp_path_factory, base_folder, extract_config) -> Path:
+    """Extraction + explanations + an SFT AV that mostly writes parseable labels + an SFT AR."""
+    from nla_lens.training import (
+        TrainConfig,
+        export_ar,
+        export_av,
+        extract_activations,
+        init_ar,
+        init_av,
+        label_activations,
+        load_activations,
+        save_explanations,
+        split_by_document,
+        train_ar,
+        train_av,
+    )
+
+    root = tmp_path_factory.mktemp("rl")
+    tokenizer = loading.load_tokenizer(base_folder)
+    base = loading.load_hooked_transformer(base_folder, tokenizer, dtype=torch.float32, device="cpu")
+    acts = extract_activations(base, tokenizer, testing.tiny_corpus(24, words_per_doc=10), root / "acts",
+                               extract_config, base_model="tiny", progress=False)
+    activations = load_activations(acts)
+    data = label_activations(activations, lambda r: f"the token {r.token.strip()}")
+    save_explanations(data, root / "explanations.jsonl")
+    train, held_out = split_by_document(data, 0.25, 0)
+    av = init_av(base_folder, activations.meta)
+    train_av(av, train, held_out, TrainConfig(steps=60, batch_size=16, lr=2e-3, warmup_steps=5), n_samples=0,
+             progress=False)
+    export_av(av, root / "av", base_folder)
+    ar = init_ar(base_folder, activations.meta)
+    train_ar(ar, train, held_out, TrainConfig(steps=30, batch_size=16, lr=2e-3, warmup_steps=3), progress=False)
+    export_ar(ar, root / "ar", base_folder)
+    return root
+
+
+def _load(root: Path, dtype: torch.dtype = torch.float32):
+    av = nl.ActivationVerbalizer.from_pretrained(root / "av", dtype=dtype, backend="hooked")
+    ar = nl.ActivationReconstructor.from_pretrained(root / "ar", dtype=dtype, backend="hooked")
+    return av, ar, nl.ActivationVerbalizer.from_pretrained(root / "av", dtype=dtype, backend="hooked")
+
+
+def _train_vectors(root: Path) -> torch.Tensor:
+    from nla_lens.training import label_activations, load_activations, split_by_document
+
+    data = label_activations(load_activations(root / "acts"), root / "explanations.jsonl")
+    return split_by_document(data, 0.25, 0)[0].vectors
+
+
+def test_sampling_log_probs_are_the_policys_raw_log_probs_even_under_top_p(sft_pair):
+    av, _, _ = _load(sft_pair)
+    vectors = _train_vectors(sft_pair)[:3]
+    responses, old_logp, truncated = rl.sample_groups(av, vectors, [1, 2, 3], group_size=4, max_new_tokens=12,
+                                                      temperature=1.0, top_p=0.5)
+    assert len(responses) == 12 and truncated.shape == (12,)
+    stop = set(av.eos_token_ids)
+    for response, cut in zip(responses, truncated.tolist(), strict=True):
+        assert cut == (response[-1] not in stop) and (cut or len(response) <= 12)
+        assert not any(t in stop for t in response[:-1])
+    batch = rl.Rollout(vectors.repeat_interleave(4, 0), responses, old_logp, [], [], truncated, *[None] * 3)
+    with torch.no_grad():
+        teacher_forced = rl.policy_logprobs(av, batch, range(12), temperature=1.0)
+    # The decoder's log-probs are log softmax of the raw logits: no renormalisation over the top-p set.
+    assert torch.allclose(old_logp.float(), teacher_forced, atol=1e-4)
+
+
+def test_rl_step_gradient_equals_plain_hf_and_torch(sft_pair):
+    """Our loss (batched, padded, micro-batched) vs one HF forward per sample with a plain layer-1
+    hook and the GRPO formula written out: the same gradient, in float64."""
+    av, ar, _ = _load(sft_pair, torch.float64)
+    config = dataclasses.replace(RL, kl_coef=0.05)
+    vectors = _train_vectors(sft_pair)[:2].double()
+    batch = rl.rollout(av, ar, vectors, [5, 6], config)
+    generator = torch.Generator().manual_seed(0)
+    n_tokens = batch.old_logp.numel()
+    # Make every term matter: old log-probs off by up to +-0.4 (some ratios clip), a reference that
+    # differs from the policy, advantages of both signs.
+    batch.old_logp = batch.old_logp + 0.8 * (torch.rand(n_tokens, generator=generator, dtype=torch.float64) - 0.5)
+    ref_logp = batch.old_logp + (torch.rand(n_tokens, generator=generator, dtype=torch.float64) - 0.5)
+    batch.advantages = torch.randn(len(batch), generator=generator, dtype=torch.float64)
+
+    av.model.zero_grad()
+    total = 0.0
+    for chunk in [range(0, 3), range(3, 8)]:
+        loss, _ = rl.policy_loss_sum(av, batch, ref_logp, chunk, config)
+        (loss / len(batch)).backward()
+        total += float(loss.detach()) / len(batch)
+
+    hf, _ = ref.load_hf(sft_pair / "av")
+    hf = hf.double()
+    meta = ref.sidecar(sft_pair / "av")
+    prompt = ref.av_prompt(av.tokenizer, meta)
+    offsets = batch.offsets
+    losses = []
+    for i, response in enumerate(batch.responses):
+        ids = torch.tensor([prompt + response])
+        with _karvonen_hook_with_grad(hf, ref.marker_sites(ids, meta["tokens"]), batch.vectors[i:i + 1]):
+            logits = hf(ids).logits[0, len(prompt) - 1:-1]
+        logp = torch.log_softmax(logits, -1).gather(-1, torch.tensor(response)[:, None])[:, 0]
+        old, reference = batch.old_logp[offsets[i]:offsets[i + 1]], ref_logp[offsets[i]:offsets[i + 1]]
+        ratio = torch.exp(logp - old)
+        advantage = batch.advantages[i]
+        surrogate = torch.minimum(ratio * advantage, torch.clamp(ratio, 0.8, 1.2) * advantage)
+        d = reference - logp
+        losses.append((-(surrogate - 0.05 * (torch.exp(d) - d - 1))).mean())
+    expected = torch.stack(losses).mean()
+    expected.backward()
+    # float64 both sides; HF builds its rotary tables in float32, which leaves ~1e-9 relative.
+    assert total == pytest.approx(float(expected.detach()), rel=1e-7)
+
+    hf_params = dict(hf.named_parameters())
+    compared = 0
+    for name, param in av.model.named_parameters():
+        if param.grad is None:
+            continue
+        target = _hf_target(name, param.grad, av.model.cfg, qkv_bias=False)
+        if target is None:
+            continue
+        hf_name, grad = target
+        assert torch.allclose(grad, hf_params[hf_name].grad, atol=1e-8, rtol=1e-5), name
+        compared += 1
+    assert compared == len([p for p in hf.parameters() if p.requires_grad])
+
+
+@contextlib.contextmanager
+def _karvonen_hook_with_grad(model, sites, vectors):
+    """hf_reference.karvonen_hook without its in-place edit (which autograd refuses): h + ||h|| v/||v||
+    at the marker on the output of decoder layer 1, prefill only."""
+    def hook(_module, _inputs, output):
+        h = output[0] if isinstance(output, tuple) else output
+        if h.shape[1] < 2:
+            return output
+        added = torch.zeros_like(h)
+        for i, (b, p) in enumerate(sites):
+            added[b, p] = h[b, p].norm() * vectors[i].to(h.dtype) / vectors[i].norm()
+        return (h + added, *output[1:]) if isinstance(output, tuple) else h + added
+
+    handle = model.model.layers[1].register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _params(av, ar) -> dict[str, torch.Tensor]:
+    return {**{f"av.{k}": v.detach().clone() for k, v in av.model.named_parameters()},
+            **{f"ar.{k}": v.detach().clone() for k, v in ar.model.named_parameters()},
+            "readout": ar.readout.weight.detach().clone()}
+
+
+def test_resume_and_extension_give_the_uninterrupted_run(sft_pair, tmp_path):
+    train = _train_vectors(sft_pair)
+    av, ar, reference = _load(sft_pair)
+    before = _params(av, ar)
+    whole = rl.train_rl(av, ar, reference, train, train[:0], RL, out_dir=tmp_path / "whole", progress=False)
+    after = _params(av, ar)
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("av."))
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("ar."))
+    # A 2-step run, resumed and extended to 4 steps (the learning rates are constant, so `steps` may
+    # grow on resume), repeats the 4-step run.
+    av2, ar2, reference2 = _load(sft_pair)
+    rl.train_rl(av2, ar2, reference2, train, train[:0], dataclasses.replace(RL, steps=2), out_dir=tmp_path / "short",
+                progress=False)
+    av2, ar2, reference2 = _load(sft_pair)
+    resumed = rl.train_rl(av2, ar2, reference2, train, train[:0], RL, out_dir=tmp_path / "resumed",
+                          resume=tmp_path / "short" / "checkpoints" / "step-000002", progress=False)
+    final = _params(av2, ar2)
+    assert all(torch.equal(after[k], final[k]) for k in after)
+    untimed = [[{k: v for k, v in row.items() if "seconds" not in k} for row in run.history]
+               for run in (whole, resumed)]
+    assert untimed[0] == untimed[1]
+    row = whole.history[-1]
+    assert {"reward", "fve", "kl", "length", "parse_failure_rate", "truncation_rate", "cjk_rate"} <= set(row)
+    assert 0 <= row["parse_failure_rate"] <= 1 and row["kl"] >= 0
+
+
+def test_train_ar_false_leaves_the_reward_model_untouched(sft_pair):
+    av, ar, reference = _load(sft_pair)
+    before = _params(av, ar)
+    config = dataclasses.replace(RL, steps=2, train_ar=False, kl_coef=0.0, eval_vectors=0)
+    result = rl.train_rl(av, ar, None, _train_vectors(sft_pair), torch.empty(0, 64), config, progress=False)
+    after = _params(av, ar)
+    assert all(torch.equal(before[k], after[k]) for k in before if not k.startswith("av."))
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("av."))
+    assert math.isnan(result.history[-1]["ar_mse"]) and result.history[-1]["kl"] == 0.0
+
+
+def test_kl_needs_a_reference(sft_pair):
+    av, ar, _ = _load(sft_pair)
+    with pytest.raises(nl.ConfigError, match="kl_coef"):
+        rl.train_rl(av, ar, None, _train_vectors(sft_pair), torch.empty(0, 64), RL, progress=False)
+
+
+# --- the CLI, one process and torchrun ---------------------------------------------------------------
+
+def _rl_yaml(root: Path, name: str, **rl_overrides) -> str:
+    config = {"av": str(root / "av"), "ar": str(root / "ar"), "activations": str(root / "acts"),
+              "explanations": str(root / "explanations.jsonl"), "eval_fraction": 0.25, "dtype": "float64",
+              "out_dir": str(root / name), "rl": {**dataclasses.asdict(RL), "betas": list(RL.betas),
+                                                   **rl_overrides}}
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return str(path)
+
+
+def test_two_rank_ddp_rl_gives_the_one_process_weights(sft_pair, capsys):
+    assert main(["train-rl", _rl_yaml(sft_pair, "rl_1")]) == 0
+    assert "held-out FVE" in capsys.readouterr().out
+    torchrun_cli("train-rl", _rl_yaml(sft_pair, "rl_2"))
+    one, two = (load_file(sft_pair / name / "checkpoints" / "step-000004" / "params.safetensors")
+                for name in ("rl_1", "rl_2"))
+    assert one.keys() == two.keys() and next(iter(one.values())).dtype == torch.float64
+    assert max(float((one[k] - two[k]).abs().max()) for k in one) <= 1e-9
+    histories = [json.loads((sft_pair / name / "train_result.json").read_text())["history"]
+                 for name in ("rl_1", "rl_2")]
+    for key in ("reward", "kl", "length", "ar_mse", "loss"):
+        assert [h[key] for h in histories[0]] == pytest.approx([h[key] for h in histories[1]], abs=1e-9), key
+    assert json.loads((sft_pair / "rl_2" / "train_result.json").read_text())["world_size"] == 2
+    # The exported pair loads with no flags and says it is the RL stage.
+    av = nl.ActivationVerbalizer.from_pretrained(sft_pair / "rl_2" / "av")
+    ar = nl.ActivationReconstructor.from_pretrained(sft_pair / "rl_2" / "ar")
+    assert av.meta.raw["stage"] == ar.meta.raw["stage"] == "rl" and ar.meta.layer == LAYER
