@@ -18,9 +18,9 @@ from pathlib import Path
 from trove_classifiers import classifiers as known_classifiers
 
 LICENSE_FILES = {"LICENSE", "NOTICE"}
-SDIST_TOP_FILES = {"pyproject.toml", "README.md", "CHANGELOG.md", "MANIFEST.in"} | LICENSE_FILES
+SDIST_TOP_FILES = {"pyproject.toml", "README.md", "CHANGELOG.md", "MANIFEST.in", "mkdocs.yml"} | LICENSE_FILES
 DEBRIS_DIRS = {"__pycache__", ".pytest_cache", ".ruff_cache", ".git", "build", "dist", ".whl"}
-EXTRAS = {"tl3", "tl4", "test"}
+EXTRAS = {"tl3", "tl4", "test", "sae", "docs"}
 
 
 def committed(*folders: str) -> set[str]:
@@ -45,7 +45,7 @@ def check_sdist(sdist: Path, version: str) -> None:
     root = f"nla_lens-{version}/"
     with tarfile.open(sdist) as archive:
         files = {m.name.removeprefix(root) for m in archive.getmembers() if m.isfile()}
-    missing = (committed("nla_lens", "tests", "tutorials") | SDIST_TOP_FILES) - files
+    missing = (committed("nla_lens", "tests", "tutorials", "examples", "docs") | SDIST_TOP_FILES) - files
     expect(not missing, f"{sdist.name} lacks committed files", missing)
     expect(not debris(files), f"{sdist.name} holds dev-tree debris", debris(files))
     print(f"sdist ok: {sdist.name}, {len(files)} files, {sdist.stat().st_size / 2**20:.1f} MiB")
