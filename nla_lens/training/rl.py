@@ -347,10 +347,15 @@ class _Trainer:
 
 def evaluate_rl(av: ActivationVerbalizer, ar: ActivationReconstructor, vectors: Float[Tensor, "n d_model"],
                 max_new_tokens: int) -> dict[str, Any]:
-    """Greedy round trip of held-out vectors (failed parses count as misses), as the NLA is served."""
-    if not len(vectors):
+    """Greedy round trip of held-out vectors (failed parses count as misses), as the NLA is served.
+
+    FVE against the paper baseline of these vectors, as the SFT stages report it (the rollout FVE uses
+    the training vectors' baseline in the same way): never the sidecar's, which RL may not have.
+    """
+    if len(vectors) < 2:
         return {}
-    result = NLA(av, ar).round_trip(vectors, max_new_tokens=max_new_tokens, progress=False)
+    baseline = metrics.paper_baseline(vectors, ar.meta.mse_scale)
+    result = NLA(av, ar).round_trip(vectors, baseline=baseline, max_new_tokens=max_new_tokens, progress=False)
     lengths = [len(v.tokens) for v in result.verbalizations]
     return {"eval_fve": result.fve, "eval_baseline": result.baseline,
             "eval_parse_failures": result.n_failed_parses, "eval_length": sum(lengths) / len(lengths)}
