@@ -34,10 +34,11 @@ def check_installed(clone: Path) -> Path:
 
 
 def check_demo(demo_output: str) -> None:
-    found = re.search(r"mean round-trip FVE (\S+) over (\d+) tokens .*; (\d+) explanations failed to parse",
+    # Explanation.summary(): "122 tokens of 3 texts at layer 3, mean MSE 0.103, FVE 0.876 (baseline ...), 0 failed parses"
+    found = re.search(r"(\d+) tokens of \d+ texts? at layer \d+, mean MSE \S+, FVE (\S+) \(.*\), (\d+) failed parses",
                       demo_output)
     assert found, "nla-lens demo printed no summary line"
-    fve, n_tokens, failed = float(found[1]), int(found[2]), int(found[3])
+    n_tokens, fve, failed = int(found[1]), float(found[2]), int(found[3])
     assert fve >= DEMO_MIN_FVE and n_tokens > 0 and failed == 0, found[0]
     print(f"demo ok: FVE {fve:.3f} over {n_tokens} tokens, {failed} failed parses")
 
