@@ -103,15 +103,15 @@ def _dataset_sidecar(tokens: dict, d_model: int, layer: int) -> dict:
     }
 
 
-def _model_sidecar(tokens: dict, d_model: int, layer: int, role: str,
-                   injection_scale: float | None) -> dict:
+def paper_sidecar(tokens: dict, d_model: int, layer: int, role: str, injection_scale: float | None,
+                  av_template: str = AV_TEMPLATE) -> dict:
     """The paper's dialect (after its release scrubber: role av/ar, top-level layer index)."""
     return {
         "kind": "nla_model", "schema_version": 2, "role": role, "stage": "rl",
         "d_model": d_model, "extraction_layer_index": layer,
         "extraction": {"injection_scale": injection_scale, "mse_scale": math.sqrt(d_model)},
         "tokens": tokens if role == "ar" else {**tokens, "critic_suffix_ids": None},
-        "prompt_templates": {"av": AV_TEMPLATE, "ar": AR_TEMPLATE},
+        "prompt_templates": {"av": av_template, "ar": AR_TEMPLATE},
         "critic": {"extraction_layer_index": layer},
     }
 
@@ -181,11 +181,11 @@ def make_tiny_nla(root: str | Path, *, n_layers: int = 4, layer: int = 2, d_mode
         "av_karvonen": save_av(model, tokenizer, root / "av_karvonen",
                                _dataset_sidecar(tokens, d_model, layer)),
         "av_embedding": save_av(model, tokenizer, root / "av_embedding",
-                                _model_sidecar(tokens, d_model, layer, "av", injection_scale)),
+                                paper_sidecar(tokens, d_model, layer, "av", injection_scale)),
         "ar_nanonla": save_ar(model, tokenizer, root / "ar_nanonla",
                               _dataset_sidecar(tokens, d_model, layer), layer, readout=readout),
         "ar_paper": save_ar(model, tokenizer, root / "ar_paper",
-                            _model_sidecar(tokens, d_model, layer, "ar", None), layer,
+                            paper_sidecar(tokens, d_model, layer, "ar", None), layer,
                             readout=readout, shards=3, placeholders=True),
     }
 

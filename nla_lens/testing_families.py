@@ -11,7 +11,6 @@ unembedding. The multimodal layout wraps it with a tiny SigLIP tower.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
@@ -31,6 +30,7 @@ from transformers import (
 
 from nla_lens.sidecar import dump_meta
 from nla_lens.testing import AR_TEMPLATE
+from nla_lens.testing import paper_sidecar as _paper_sidecar
 
 GEMMA_MARKER = "㈜"  # U+321C, the paper's Gemma-3 marker
 LLAMA_MARKER = "㎡"  # the paper's Llama-3.3 marker: '㈎' is three tokens in Llama-3's tokenizer
@@ -155,18 +155,6 @@ def build_llama(tokenizer: PreTrainedTokenizerFast, *, n_layers: int = 4, d_mode
     return model
 
 
-def paper_sidecar(tokens: dict, d_model: int, layer: int, role: str, injection_scale: float | None) -> dict:
-    """The paper's `nla_model` dialect, as its release scrubber writes it."""
-    return {
-        "kind": "nla_model", "schema_version": 2, "role": role, "stage": "rl",
-        "d_model": d_model, "extraction_layer_index": layer,
-        "extraction": {"injection_scale": injection_scale, "mse_scale": math.sqrt(d_model)},
-        "tokens": tokens if role == "ar" else {**tokens, "critic_suffix_ids": None},
-        "prompt_templates": {"av": AV_TEMPLATE, "ar": AR_TEMPLATE},
-        "critic": {"extraction_layer_index": layer},
-    }
-
-
 def save_folder(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, folder: Path, sidecar: dict,
                 max_shard_size: str = "5GB") -> Path:
     folder.mkdir(parents=True, exist_ok=True)
@@ -193,6 +181,11 @@ def save_truncated_ar(model: Gemma3ForCausalLM | LlamaForCausalLM, tokenizer: Pr
     tokenizer.save_pretrained(folder)
     dump_meta(sidecar, folder)
     return folder
+
+
+def paper_sidecar(tokens: dict, d_model: int, layer: int, role: str, injection_scale: float | None) -> dict:
+    """The paper's `nla_model` dialect with this module's AV prompt (the `<concept>` template)."""
+    return _paper_sidecar(tokens, d_model, layer, role, injection_scale, av_template=AV_TEMPLATE)
 
 
 def make_tiny_bos_nlas(root: str | Path, *, layer: int = 2, d_model: int = 64,

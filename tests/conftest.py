@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from base_batches import load_base
 
 import nla_lens as nl
 from nla_lens import backends
@@ -113,3 +114,15 @@ def make_sae(d_in: int, d_sae: int, hook_name: str, seed: int = 0):
 
     torch.manual_seed(seed)
     return StandardSAE(StandardSAEConfig(d_in=d_in, d_sae=d_sae, metadata=SAEMetadata(hook_name=hook_name))).eval()
+
+
+@pytest.fixture(scope="module")
+def base(tiny_paths):
+    """The tiny base model the tiny NLA reads, without weight processing; one per test module, so a
+    hook a module leaves on it cannot reach another module."""
+    return load_base(tiny_paths["av_karvonen"])
+
+
+@pytest.fixture(scope="module")
+def nla(av_karvonen, ar_nanonla) -> nl.NLA:
+    return nl.NLA(av_karvonen, ar_nanonla)

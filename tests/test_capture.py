@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from base_batches import PROMPTS, load_base, no_hooks_left, padded
+from base_batches import PROMPTS, no_hooks_left, padded
 from conftest import LAYER
 
 import nla_lens as nl
@@ -12,11 +12,6 @@ from nla_lens.capture import resid_post
 
 NAME = f"blocks.{LAYER}.hook_resid_post"
 
-
-
-@pytest.fixture(scope="module")
-def base(tiny_paths):
-    return load_base(tiny_paths["av_karvonen"])
 
 
 STEER = torch.randn(64, generator=torch.Generator().manual_seed(3))

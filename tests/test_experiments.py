@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 import torch
-from base_batches import load_base, no_hooks_left, padded
+from base_batches import no_hooks_left, padded
 from conftest import D_MODEL, LAYER
 
 import nla_lens as nl
@@ -15,16 +15,6 @@ from nla_lens.experiments import word_diff
 NAME = f"blocks.{LAYER}.hook_resid_post"
 FAST = {"max_new_tokens": 4, "progress": False}
 
-
-
-@pytest.fixture(scope="module")
-def base(tiny_paths):
-    return load_base(tiny_paths["av_karvonen"])
-
-
-@pytest.fixture(scope="module")
-def nla(av_karvonen, ar_nanonla):
-    return nl.NLA(av_karvonen, ar_nanonla)
 
 
 @pytest.fixture()

@@ -22,16 +22,6 @@ TEXTS = ["The cat sat on the mat.", "A dog ran"]
 
 
 @pytest.fixture(scope="module")
-def base(tiny_paths):
-    return load_base(tiny_paths["av_karvonen"])
-
-
-@pytest.fixture(scope="module")
-def nla(av_karvonen, ar_nanonla):
-    return nl.NLA(av_karvonen, ar_nanonla)
-
-
-@pytest.fixture(scope="module")
 def toy():
     return nl.toy.load()
 

@@ -8,7 +8,6 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
-from base_batches import load_base
 from conftest import D_MODEL, HAS_SAE_LENS, LAYER, make_sae
 
 import nla_lens as nl
@@ -16,11 +15,6 @@ from nla_lens import display
 from nla_lens.testing import TINY_LABELS
 
 FAST = {"max_new_tokens": 4}
-
-
-@pytest.fixture(scope="module")
-def base(tiny_paths):
-    return load_base(tiny_paths["av_karvonen"])
 
 
 @pytest.fixture(scope="module")

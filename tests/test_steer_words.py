@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from base_batches import load_base, no_hooks_left, padded
+from base_batches import no_hooks_left, padded
 from conftest import LAYER
 from safetensors.torch import load_file
 
@@ -20,16 +20,6 @@ NAME = f"blocks.{LAYER}.hook_resid_post"
 def _no_grad():
     with torch.no_grad():
         yield
-
-
-@pytest.fixture(scope="module")
-def base(tiny_paths):
-    return load_base(tiny_paths["av_karvonen"])
-
-
-@pytest.fixture(scope="module")
-def nla(av_karvonen, ar_nanonla):
-    return nl.NLA(av_karvonen, ar_nanonla)
 
 
 def steer(nla, base, tokens, positions, mask=None, **kwargs):
