@@ -8,10 +8,10 @@ fwd_hooks)` then `step(ids)`, each returning the logits at the last position onl
   hook fires on every step. It serves any model and any hooks.
 * `FastDecoder` computes what TL's Qwen / Llama blocks compute, on the same parameters, without
   TL's per-step overheads: TL caches keys before the rotary embedding and so re-rotates the whole
-  cache in every layer at every step, repeats the K/V heads of grouped-query attention over the
-  whole cache, and rebuilds masks per layer. Here keys are cached rotated in a buffer allocated
-  once, q/k/v run as one matmul (the loader lays them out for that), and norms and
-  attention use torch's fused kernels, which round as HF's RMSNorm and SDPA do.
+  cache in every layer at every step, and rebuilds masks per layer. Here keys are cached rotated
+  in a buffer allocated once and q/k/v run as one matmul (the loader lays them out for that).
+  Norms and attention keep TL's op order, so in fp32 a prefill's (and the AR's) activations are
+  TL's to the bit; decode steps attend with SDPA, for speed (see `_attend`).
 
 `FastBlocks` (the block stack behind `FastDecoder`) also serves `reconstruct`. Both fast paths
 honour the hooks attached to the model (and the injection, installed for the prefill): at each
@@ -152,7 +152,7 @@ class _Layer:
         self.qk_norm = None  # q and k are normalised as one [n_heads + n_kv, d_head] block
         if attn.q_norm is not None:
             self.qk_norm = torch.cat([attn.q_norm.w.expand(self.n_heads, -1), attn.k_norm.w.expand(self.n_kv, -1)])
-        self.scale = 1.0 / attn.attn_scale
+        self.attn_scale = attn.attn_scale
         self.cos, self.sin = attn.rotary_cos, attn.rotary_sin
         self.ln1, self.ln2, self.eps = block.ln1.w, block.ln2.w, block.ln1.eps
         self.w_gate, self.w_in = mlp.W_gate.T, mlp.W_in.T
@@ -277,16 +277,42 @@ class FastBlocks:
         queries = qk[:, :n_heads, -1:] if last_query else qk[:, :n_heads]
         if last_query and mask is not None:
             mask = mask[:, :, -1:]
-        # Query head j reads kv head j // (n_heads / n_kv), as TL's repeat_interleave does.
-        z = F.scaled_dot_product_attention(queries, keys[:, :, :end], values[:, :, :end], attn_mask=mask,
-                                           is_causal=mask is None and queries.shape[2] > 1, scale=layer.scale,
-                                           enable_gqa=True)
+        if queries.shape[2] == 1 and mask is None:  # a decode step: see `_attend` for why SDPA here
+            # Query head j reads kv head j // (n_heads / n_kv), as after TL's repeat_interleave.
+            z = F.scaled_dot_product_attention(queries, keys[:, :, :end], values[:, :, :end],
+                                               scale=1.0 / layer.attn_scale, enable_gqa=True)
+        else:
+            z = _attend(queries, keys[:, :, :end], values[:, :, :end], mask, start, layer.attn_scale)
         if pad_queries is not None:
             z = z.masked_fill(pad_queries[:, :, -z.shape[2]:], 0.0)
         z = z.transpose(1, 2)  # [batch, pos, heads, d_head]: TL's hook_z
         if hook.z is not None:
             z = hook.z(z)
         return F.linear(z.reshape(batch, z.shape[1], -1), layer.w_o, layer.b_o)
+
+
+def _attend(queries: Float[Tensor, "batch heads pos d_head"], keys: Float[Tensor, "batch kv_heads kv_pos d_head"],
+            values: Float[Tensor, "batch kv_heads kv_pos d_head"], mask: Tensor | None, start: int,
+            attn_scale: float) -> Float[Tensor, "batch heads pos d_head"]:
+    """TL's attention in TL's op order (q @ k^T / attn_scale, masked to -inf, softmax, pattern @ v), so
+    fp32 z matches TL's to the bit; SDPA scales q first and fuses the softmax (other roundings).
+
+    Query head j reads kv head j // (heads / kv_heads), as after TL's repeat_interleave: matmul
+    broadcasts each kv head over its query heads, so each head's product has TL's shape and layout
+    (one taller product per kv head rounds differently). That broadcast copies the cache per head,
+    as TL does: cheap for a prefill or an AR forward, but at decode steps it made verbalize 16%
+    slower at batch 16 on CPU (a per-head cache kept in TL's layout, 14%), so decode steps run
+    SDPA and differ from TL's in the last bits.
+    """
+    batch, n_heads, n_pos, d_head = queries.shape
+    grouped = queries.view(batch, keys.shape[1], -1, n_pos, d_head)
+    scores = (grouped @ keys[:, :, None].transpose(-1, -2) / attn_scale).view(batch, n_heads, n_pos, -1)
+    if mask is None and n_pos > 1:  # causal over the cache positions [0, start + pos)
+        mask = torch.ones(n_pos, scores.shape[-1], dtype=torch.bool, device=scores.device).tril(start)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    pattern = scores.softmax(dim=-1).view(batch, keys.shape[1], -1, n_pos, scores.shape[-1])
+    return (pattern @ values[:, :, None]).view(batch, n_heads, n_pos, d_head)
 
 
 def _hooked_qkv(hook: BlockHooks, qkv: Float[Tensor, "batch pos qkv_heads d_head"], n_heads: int,
@@ -373,9 +399,7 @@ class FastDecoder:
 
 
 def _rms(x: Tensor, w: Tensor, eps: float) -> Tensor:
-    """RMSNorm with HF's rounding (TL's differs in the last bit), statistics in fp32 at least."""
-    if x.dtype in (torch.float32, torch.float64):
-        if w.shape == x.shape[-1:]:
-            return F.rms_norm(x, x.shape[-1:], w, eps)
-        return F.rms_norm(x, x.shape[-1:], eps=eps) * w
-    return F.rms_norm(x.float(), x.shape[-1:], eps=eps).to(x.dtype) * w
+    """TL's `RMSNorm` op for op (x / sqrt(mean(x^2) + eps), then * w; statistics in fp32 at least), so
+    fp32 activations match TL's to the bit (torch's fused `rms_norm` multiplies by rsqrt: another rounding)."""
+    wide = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    return (wide / (wide.pow(2).mean(-1, keepdim=True) + eps).sqrt()).to(x.dtype) * w

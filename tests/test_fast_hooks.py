@@ -26,9 +26,11 @@ MAX_NEW = 12
 # Layer 1 and the last layer (whose hooks stop the fast path from computing the last position only).
 AV_POINTS = ["hook_embed"] + [f"blocks.{i}.{p}" for i in (1, 3) for p in COVERED_BLOCK_POINTS]
 AR_POINTS = ["hook_embed"] + [f"blocks.{i}.{p}" for i in (0, 2) for p in COVERED_BLOCK_POINTS]
-# fp32: the fast path rounds as HF's fused RMSNorm / SDPA do, TL's own ops differ in the last bits
-# (measured up to 2.8e-6 of the activation's largest entry); fp64 shows the arithmetic is the same.
-TOLERANCE = {torch.float32: 5e-6, torch.float64: 1e-6}
+# A prefill and an AR forward keep TL's op order: what they record is TL's tensor (max abs diff 0.0
+# in fp32 and fp64 where this was written). Decode steps attend with SDPA, for speed, so in fp32
+# they differ from TL's in the last bits: measured up to 2.1e-6 of the activation's largest entry.
+EXACT = 1e-6
+DECODE_FP32_RELATIVE = 3e-6
 UNCOVERED = "blocks.0.attn.hook_pattern"
 
 
@@ -52,12 +54,13 @@ def _recorder(log):
     return record
 
 
-def _assert_same_records(fast, tl, tolerance, relative_to_scale):
+def _assert_same_records(fast, tl, relative=None):
+    """Each record within EXACT, or within `relative` times the TL activation's largest entry."""
     assert len(fast) == len(tl) > 0
     for (name, layer, a), (tl_name, tl_layer, b) in zip(fast, tl, strict=True):
         assert (name, layer, a.shape, a.dtype) == (tl_name, tl_layer, b.shape, b.dtype)
-        scale = float(b.abs().max()) if relative_to_scale else 1.0
-        assert float((a - b).abs().max()) <= tolerance * scale, name
+        bound = EXACT if relative is None else relative * float(b.abs().max())
+        assert float((a - b).abs().max()) <= bound, name
 
 
 def _decode_recording(av, vectors, point, decoder_kind):
@@ -85,7 +88,8 @@ def test_recording_hook_sees_tl_activation_on_prefill_and_decode_steps(av_karvon
     fast = _decode_recording(av, vectors, point, "fast")
     tl = _decode_recording(av, vectors, point, "tl")
     assert len(fast) == 1 + STEPS and fast[0][2].shape[1] > 1 and fast[1][2].shape[1] == 1
-    _assert_same_records(fast, tl, TOLERANCE[dtype], relative_to_scale=dtype == torch.float32)
+    _assert_same_records(fast[:1], tl[:1])
+    _assert_same_records(fast[1:], tl[1:], DECODE_FP32_RELATIVE if dtype == torch.float32 else None)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
@@ -101,7 +105,7 @@ def test_recording_hook_sees_tl_activation_in_the_ar_pads_included(ar_paper, ar6
             last_residual(ar.model, tokens, mask)
         with ar.model.hooks(fwd_hooks=[(point, _recorder(tl))]):
             ar.model(tokens, attention_mask=mask)
-    _assert_same_records(fast, tl, TOLERANCE[dtype], relative_to_scale=dtype == torch.float32)
+    _assert_same_records(fast, tl)
 
 
 def test_block_hooks_hold_one_field_per_covered_point():
