@@ -283,16 +283,6 @@ def _explain_texts(args: argparse.Namespace) -> list[str]:
     return texts
 
 
-def _explain_device(name: str) -> torch.device:
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise InputError(f"--device {name!r} is not a torch device; use cpu, cuda or cuda:N") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"--device {name}: this torch build sees no CUDA GPU; use --device cpu")
-    return device
-
-
 def _run_explain(args: argparse.Namespace) -> None:
     from nla_lens.base_model import load_base
     from nla_lens.display import format_cell
@@ -300,11 +290,10 @@ def _run_explain(args: argparse.Namespace) -> None:
     from nla_lens.results import check_save_path
 
     texts = _explain_texts(args)  # every input checked before any model is loaded
-    device = _explain_device(args.device)
+    device = resolve_device(args.device)
     if args.output is not None:
         check_save_path(args.output)
-    if args.max_new_tokens < 1 or args.batch_size < 1:
-        raise InputError("--max-new-tokens and --batch-size must be at least 1")
+    check_at_least_one(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     _, av_meta = nla_checkpoint(args.av, "av")
     nla_checkpoint(args.ar, "ar")
     if args.base is not None:
