@@ -375,6 +375,40 @@ def _check_complete(model: HookedTransformer, written: set[str], folder: Path) -
         raise CheckpointError(f"{folder} lacks weights for {missing[:6]} ({len(missing)} in all)")
 
 
+def _empty_hooked_transformer(cfg: HookedTransformerConfig, tokenizer: PreTrainedTokenizerBase,
+                              device: str | torch.device) -> HookedTransformer:
+    """A `HookedTransformer` whose parameters are allocated but never touched, for streaming into.
+
+    Built on the meta device, so TL's per-layer temporaries never take host memory, then given
+    real storage. Its buffers (rotary tables, masks) are computed once per distinct block (a
+    Gemma-3 model has one local and one global kind) and shared by the layers alike: TL replaces a
+    buffer when it grows one, never edits it in place. This is what keeps load memory at the
+    weights' size (see `nla-lens bench`).
+    """
+    with torch.device("meta"), warnings.catch_warnings():
+        # TL 3.9 urges TransformerBridge + enable_compatibility_mode(), whose weight processing would change
+        # the activations the NLA reads: nla_lens serves both backends unprocessed, so the advice does not apply.
+        warnings.filterwarnings("ignore", message="HookedTransformer is deprecated", category=DeprecationWarning)
+        model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False, default_padding_side="left")
+    model.to_empty(device=device)
+    reference_buffers: dict[tuple[type, str | None], dict[str, Tensor]] = {}
+    restored: set[str] = set()
+    for index, block in enumerate(model.blocks):
+        kind = (type(block), getattr(block.attn, "attn_type", None))
+        if kind not in reference_buffers:
+            with torch.device(device):
+                reference_buffers[kind] = dict(type(block)(cfg, index).named_buffers())
+        for name, buffer in reference_buffers[kind].items():
+            module_name, attr = f"blocks.{index}.{name}".rsplit(".", 1)
+            model.get_submodule(module_name).register_buffer(attr, buffer)
+            restored.add(f"blocks.{index}.{name}")
+    unrestored = sorted(name for name, _ in model.named_buffers() if name not in restored)
+    if unrestored:
+        raise RuntimeError(f"nla_lens does not know how to initialise TransformerLens buffers {unrestored[:4]}: "
+                           "this TransformerLens version is newer than nla_lens supports")
+    return model
+
+
 def load_hooked_transformer(
     folder: Path,
     tokenizer: PreTrainedTokenizerBase,
@@ -396,11 +430,7 @@ def load_hooked_transformer(
     hf_config = gemma3.text_config(hf_config)
     if n_layers is not None and n_layers > hf_config.num_hidden_layers:
         raise CheckpointError(f"{folder} has {hf_config.num_hidden_layers} layers, {n_layers} requested")
-    with torch.device(device), warnings.catch_warnings():
-        # TL 3.9 urges TransformerBridge + enable_compatibility_mode(), whose weight processing would change
-        # the activations the NLA reads: nla_lens serves both backends unprocessed, so the advice does not apply.
-        warnings.filterwarnings("ignore", message="HookedTransformer is deprecated", category=DeprecationWarning)
-        model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False, default_padding_side="left")
+    model = _empty_hooked_transformer(cfg, tokenizer, device)
     truncated = n_layers is not None
     if truncated:
         # The AR reads the raw residual: drop the final norm and unembed before touching weights,

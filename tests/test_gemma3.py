@@ -139,6 +139,23 @@ def test_gemma3_hooked_config_follows_the_checkpoint(gemma_avs):
     assert cfg.default_prepend_bos  # model.to_tokens(text) puts BOS first, as the training code did
 
 
+@pytest.mark.skipif(backends.default_backend() != "hooked", reason="the HookedTransformer's buffers")
+def test_gemma3_shared_buffers_equal_the_ones_tl_builds_per_layer(gemma_avs):
+    """The loader computes rotary tables once per kind of layer; each layer's must equal what TL's own
+    construction gives that layer (local and global layers have different rotary bases)."""
+    from transformer_lens import HookedTransformer
+
+    model = gemma_avs["gemma_av"].model
+    own = HookedTransformer(model.cfg, move_to_device=False)
+    for index, (block, tl_block) in enumerate(zip(model.blocks, own.blocks, strict=True)):
+        ours, theirs = dict(block.named_buffers()), dict(tl_block.named_buffers())
+        assert ours.keys() == theirs.keys()
+        for name, buffer in theirs.items():
+            assert torch.equal(ours[name], buffer), f"blocks.{index}.{name}"
+    local, global_ = model.blocks[0].attn, model.blocks[2].attn
+    assert not torch.equal(local.rotary_sin, global_.rotary_sin)
+
+
 @pytest.mark.parametrize("which", ["gemma_ar", "llama_ar"])
 def test_bos_family_ar_matches_the_paper_critic(bos_paths, which):
     ar = nl.ActivationReconstructor.from_pretrained(bos_paths[which])
