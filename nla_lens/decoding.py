@@ -10,8 +10,8 @@ fwd_hooks)` then `step(ids)`, each returning the logits at the last position onl
   TL's per-step overheads: TL caches keys before the rotary embedding and so re-rotates the whole
   cache in every layer at every step, and rebuilds masks per layer. Here keys are cached rotated
   in a buffer allocated once and q/k/v run as one matmul (the loader lays them out for that).
-  Norms and attention keep TL's op order, so in fp32 a prefill's (and the AR's) activations are
-  TL's to the bit; decode steps attend with SDPA, for speed (see `_attend`).
+  Norms and attention keep TL's op order, so in fp32 the activations of a prefill, of every decode
+  step and of the AR are TL's to the bit (see `_attend` and `_attend_step`).
 
 `FastBlocks` (the block stack behind `FastDecoder`) also serves `reconstruct`. Both fast paths
 honour the hooks attached to the model (and the injection, installed for the prefill): at each
@@ -265,7 +265,7 @@ class FastBlocks:
         qkv = _linear(h, layer.qkv, layer.b_qkv).view(batch, n_pos, n_heads + 2 * n_kv, layer.d_head)
         if hook.q is not None or hook.k is not None or hook.v is not None:
             qkv = _hooked_qkv(hook, qkv, n_heads, n_kv)
-        # [batch, heads, pos, d_head] throughout: SDPA's layout, where the rotary broadcast is cheap.
+        # [batch, heads, pos, d_head] throughout: the layout where the rotary broadcast is cheap.
         qkv = qkv.transpose(1, 2)
         qk = qkv[:, :n_heads + n_kv]
         if layer.qk_norm is not None:
@@ -277,10 +277,8 @@ class FastBlocks:
         queries = qk[:, :n_heads, -1:] if last_query else qk[:, :n_heads]
         if last_query and mask is not None:
             mask = mask[:, :, -1:]
-        if queries.shape[2] == 1 and mask is None:  # a decode step: see `_attend` for why SDPA here
-            # Query head j reads kv head j // (n_heads / n_kv), as after TL's repeat_interleave.
-            z = F.scaled_dot_product_attention(queries, keys[:, :, :end], values[:, :, :end],
-                                               scale=1.0 / layer.attn_scale, enable_gqa=True)
+        if queries.shape[2] == 1 and mask is None:
+            z = _attend_step(queries, keys[:, :, :end], values[:, :, :end], layer.attn_scale)
         else:
             z = _attend(queries, keys[:, :, :end], values[:, :, :end], mask, start, layer.attn_scale)
         if pad_queries is not None:
@@ -300,9 +298,7 @@ def _attend(queries: Float[Tensor, "batch heads pos d_head"], keys: Float[Tensor
     Query head j reads kv head j // (heads / kv_heads), as after TL's repeat_interleave: matmul
     broadcasts each kv head over its query heads, so each head's product has TL's shape and layout
     (one taller product per kv head rounds differently). That broadcast copies the cache per head,
-    as TL does: cheap for a prefill or an AR forward, but at decode steps it made verbalize 16%
-    slower at batch 16 on CPU (a per-head cache kept in TL's layout, 14%), so decode steps run
-    SDPA and differ from TL's in the last bits.
+    as TL does: cheap for a prefill or an AR forward; decode steps use `_attend_step` instead.
     """
     batch, n_heads, n_pos, d_head = queries.shape
     grouped = queries.view(batch, keys.shape[1], -1, n_pos, d_head)
@@ -313,6 +309,26 @@ def _attend(queries: Float[Tensor, "batch heads pos d_head"], keys: Float[Tensor
         scores = scores.masked_fill(~mask, float("-inf"))
     pattern = scores.softmax(dim=-1).view(batch, keys.shape[1], -1, n_pos, scores.shape[-1])
     return (pattern @ values[:, :, None]).view(batch, n_heads, n_pos, d_head)
+
+
+def _attend_step(queries: Float[Tensor, "batch heads 1 d_head"], keys: Float[Tensor, "batch kv_heads kv_pos d_head"],
+                 values: Float[Tensor, "batch kv_heads kv_pos d_head"],
+                 attn_scale: float) -> Float[Tensor, "batch heads 1 d_head"]:
+    """A decode step's attention in TL's op order without copying the cache per query head.
+
+    One batched product per position within a kv group (query heads j, j + group, ... share kv
+    head j // group), each a one-row product per head as in TL, so fp32 z is TL's to the bit while
+    the cache is read in place (`_attend`'s broadcast, like TL's repeat_interleave, copies it).
+    """
+    batch, n_heads, _, d_head = queries.shape
+    n_kv = keys.shape[1]
+    grouped = queries.view(batch, n_kv, n_heads // n_kv, 1, d_head)
+    z = torch.empty_like(grouped)
+    keys_t = keys.transpose(-1, -2)
+    for j in range(grouped.shape[2]):
+        scores = grouped[:, :, j] @ keys_t / attn_scale
+        z[:, :, j] = scores.softmax(dim=-1) @ values
+    return z.view(batch, n_heads, 1, d_head)
 
 
 def _hooked_qkv(hook: BlockHooks, qkv: Float[Tensor, "batch pos qkv_heads d_head"], n_heads: int,
