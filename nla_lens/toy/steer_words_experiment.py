@@ -4,8 +4,12 @@ At held-out positions whose explanation parses as ``The token "X", after "Y", pr
 edit writes a different frequent token Z' for Z, and `nl.steer_with_words` steers the base model's
 layer-K residual at that position along the AR's Delta. Per alpha: how often the base model's
 argmax next token becomes Z', and the mean change of log p(Z'); the control adds a random direction
-of the same norm (alpha * ||h||) at the same sites. Z' comes from the most frequent predicted
-tokens, never Z and never the base model's own argmax there, so every hit is a change:
+of the same norm (alpha * ||h||) at the same sites, and a reference shows what the same push can do
+along a direction read off the base model itself: the mean unit residual of held-out positions where
+the base predicts Z' minus that where it predicts its argmax at the site (the "oracle"; it needs no
+NLA, so it separates what the intervention can do from what the AR's Delta gets of it). Z' comes
+from the most frequent predicted tokens, never Z and never the base model's own argmax there, so
+every hit is a change:
 
 * ``choice="random"`` (the issue's experiment): Z' drawn uniformly (seeded) from those tokens;
 * ``choice="plausible"``: the one the base model already finds most likely at the site, i.e. an
@@ -31,11 +35,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from jaxtyping import Int
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from nla_lens import backends
 from nla_lens.errors import InputError
+from nla_lens.injection import unit
 from nla_lens.nla import NLA
 from nla_lens.results import TabularResult
 from nla_lens.steer_words import Mode, WordSteering, steer_with_words
@@ -56,6 +61,8 @@ class AlphaRow:
     delta_logp: float  # mean change of log p(Z') at the site, in nats
     control_argmax_hit: float  # the same with a random direction of the same norm
     control_delta_logp: float
+    oracle_argmax_hit: float  # the same along the base model's own Z' - argmax direction (module docstring)
+    oracle_delta_logp: float
 
 
 @dataclass(frozen=True, repr=False)
@@ -68,7 +75,9 @@ class SteerWordsExperiment(TabularResult):
     av_names_argmax: float  # fraction of sites where the explanation's Z is the base model's argmax
     rows: list[AlphaRow]
 
-    display_columns = ("alpha", "argmax_hit", "delta_logp", "control_argmax_hit", "control_delta_logp")
+    oracle_cosine: float  # mean cosine between the words' Delta and the oracle direction, per site
+    display_columns = ("alpha", "argmax_hit", "delta_logp", "control_argmax_hit", "control_delta_logp",
+                       "oracle_argmax_hit")
 
     def meets_target(self, hit: float = 0.5, control: float = 0.05, max_alpha: float = 2.0) -> bool:
         """Issue #16's bar: at some alpha <= 2, Z' is the argmax at >= 50% of sites, the control at <= 5%."""
@@ -77,21 +86,22 @@ class SteerWordsExperiment(TabularResult):
 
     def to_markdown(self) -> str:
         lines = ["| alpha | Z' argmax (words) | mean Δ log p(Z') (words) | Z' argmax (random) "
-                 "| mean Δ log p(Z') (random) |", "|---|---|---|---|---|"]
+                 "| mean Δ log p(Z') (random) | Z' argmax (oracle) |", "|---|---|---|---|---|---|"]
         lines += [f"| {r.alpha:g} | {r.argmax_hit:.0%} | {r.delta_logp:+.2f} | {r.control_argmax_hit:.0%} "
-                  f"| {r.control_delta_logp:+.2f} |" for r in self.rows]
+                  f"| {r.control_delta_logp:+.2f} | {r.oracle_argmax_hit:.0%} |" for r in self.rows]
         return "\n".join(lines)
 
     def to_records(self) -> list[dict[str, Any]]:
         settings = {"n_sites": self.n_sites, "samples": self.samples, "choice": self.choice, "mode": self.mode,
-                    "av_names_argmax": self.av_names_argmax}
+                    "av_names_argmax": self.av_names_argmax, "oracle_cosine": self.oracle_cosine}
         return [{**asdict(r), **settings} for r in self.rows]
 
     def summary(self) -> str:
         best = max(self.rows, key=lambda r: r.argmax_hit)
         return (f"{self.n_sites} held-out sites, {self.choice} Z', mode={self.mode}, {self.samples} explanation "
                 f"sample(s) per site; the AV's Z is the base model's argmax at {self.av_names_argmax:.0%} of them; "
-                f"best alpha={best.alpha:g}: Z' argmax {best.argmax_hit:.0%} vs random {best.control_argmax_hit:.0%}")
+                f"best alpha={best.alpha:g}: Z' argmax {best.argmax_hit:.0%} vs random {best.control_argmax_hit:.0%} "
+                f"(oracle direction {best.oracle_argmax_hit:.0%}; cosine of Delta with it {self.oracle_cosine:.2f})")
 
 
 def run_experiment(folder: Path = TOY_DIR, n_sites: int = 100, alphas: tuple[float, ...] = ALPHAS,
@@ -116,13 +126,17 @@ def run_experiment(folder: Path = TOY_DIR, n_sites: int = 100, alphas: tuple[flo
                                 max_new_tokens=48, batch_size=64, compare=False, continue_tokens=0)
     noise = torch.randn(steering.delta.shape, generator=torch.Generator().manual_seed(seed))
     control = replace(steering, delta=noise, target=noise)
+    oracle_directions = _oracle_directions(toy, folder, clean.argmax(-1), targets)
+    oracle = replace(steering, delta=oracle_directions, target=oracle_directions)
     rows = []
     with torch.no_grad():
         for alpha in alphas:
             words = _effect(toy.base, tokens, positions, steering, alpha, clean, targets)
             random = _effect(toy.base, tokens, positions, control, alpha, clean, targets)
-            rows.append(AlphaRow(alpha, *words, *random))
-    return SteerWordsExperiment(len(keep), samples, choice, mode, sum(named) / len(named), rows)
+            reference = _effect(toy.base, tokens, positions, oracle, alpha, clean, targets)
+            rows.append(AlphaRow(alpha, *words, *random, *reference))
+    cosine = float(torch.nn.functional.cosine_similarity(steering.delta, oracle_directions, dim=-1).mean())
+    return SteerWordsExperiment(len(keep), samples, choice, mode, sum(named) / len(named), rows, cosine)
 
 
 def _candidate_sites(toy: ToyNLA, folder: Path, stride: int, per_doc: int,
@@ -149,6 +163,30 @@ def _site_vectors(toy: ToyNLA, tokens: Tensor, positions: Tensor) -> Tensor:
     toy.base.run_with_hooks(tokens, stop_at_layer=k + 1, fwd_hooks=[
         (f"blocks.{k}.hook_resid_post", lambda resid, hook: kept.append(resid[torch.arange(len(tokens)), positions]))])
     return kept[0].float()
+
+
+@torch.no_grad()
+def _oracle_directions(toy: ToyNLA, folder: Path, argmax: Int[Tensor, " n"],
+                       targets: Int[Tensor, " n"]) -> Float[Tensor, "n d_model"]:
+    """Per site: mean unit layer-K residual of held-out positions the base predicts Z' minus that of
+    positions it predicts its argmax at the site (positions past MIN_CONTEXT, first 64 tokens)."""
+    k = toy.av.meta.layer
+    sums: dict[int, Tensor] = {}
+    counts: Counter[int] = Counter()
+    kept: list[Tensor] = []
+    keep = (f"blocks.{k}.hook_resid_post", lambda resid, hook: kept.append(resid[0, MIN_CONTEXT:]))
+    for doc in json.loads((folder / HELDOUT_FILE).read_text()):
+        ids = toy.av.tokenizer.encode(doc["text"], add_special_tokens=False)[:64]
+        if len(ids) <= MIN_CONTEXT:
+            continue
+        kept.clear()
+        logits = toy.base.run_with_hooks(torch.tensor([ids]), fwd_hooks=[keep])
+        residuals = unit(kept[0].float())
+        for predicted, residual in zip(logits[0, MIN_CONTEXT:].argmax(-1).tolist(), residuals, strict=True):
+            sums[predicted] = sums.get(predicted, 0) + residual
+            counts[predicted] += 1
+    means = {token: total / counts[token] for token, total in sums.items()}
+    return torch.stack([means[int(z)] - means[int(a)] for z, a in zip(targets, argmax, strict=True)])
 
 
 def _site_logprobs(base, tokens: Tensor, positions: Tensor, fwd_hooks: list) -> Tensor:
