@@ -53,7 +53,7 @@ class ToyConfig:
     av: TrainConfig = field(default_factory=lambda: TrainConfig(
         steps=2400, batch_size=32, lr=2e-3, warmup_steps=50, weight_decay=0.01))
     ar: TrainConfig = field(default_factory=lambda: TrainConfig(
-        steps=500, batch_size=32, lr=1e-3, warmup_steps=40, weight_decay=0.01))
+        steps=1500, batch_size=32, lr=1e-3, warmup_steps=40, weight_decay=0.01))
     rl: RLConfig = field(default_factory=lambda: RLConfig(
         steps=40, prompts_per_step=16, group_size=8, max_new_tokens=48, lr=2e-5, ar_lr=1e-4, eval_every=10,
         eval_vectors=64, save_every=10, keep_checkpoints=6))
