@@ -11,10 +11,11 @@ NLA, so it separates what the intervention can do from what the AR's Delta gets 
 from the most frequent predicted tokens, never Z and never the base model's own argmax there, so
 every hit is a change:
 
-* ``choice="random"`` (the issue's experiment): Z' drawn uniformly (seeded) from those tokens;
+* ``choice="random"``: Z' drawn uniformly (seeded) from those tokens;
 * ``choice="plausible"``: the one the base model already finds most likely at the site, i.e. an
-  edit the explanation could have said. The toy AR was trained only on explanations consistent with
-  their context and reads an implausible Z' weakly (README, "Steer with words").
+  edit the explanation could have said (as the paper's rabbit -> mouse). The toy AR was trained only
+  on explanations consistent with their context and reads an implausible Z' weakly (README, "Steer
+  with words"); the issue's bar is met with these edits, not with uniform ones.
 
 Run it:
 
