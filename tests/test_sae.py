@@ -108,11 +108,12 @@ def test_nla_cosine_is_the_ar_reconstruction_against_the_decoder_row(toy):
     stats = nl.residual_stats(toy.base, TOY_TEXTS, toy.av.meta.layer, skip_first=8)
     out = nl.verbalize_sae_features(nl.NLA(toy.av, toy.ar), sae, [1, 5, 9], offset=stats, max_new_tokens=48,
                                     progress=False)
-    assert out.offset and all(e is not None for e in out.explanations)
-    rebuilt = toy.ar.reconstruct(out.explanations) - stats.mean
-    expected = torch.nn.functional.cosine_similarity(rebuilt, sae.W_dec.detach()[[1, 5, 9]], dim=1)
-    assert torch.allclose(out.cosines, expected, atol=1e-5)
-    assert torch.allclose(out.reconstructions, rebuilt + stats.mean, atol=1e-5)
+    parsed = [i for i, e in enumerate(out.explanations) if e is not None]  # a random row may not parse
+    assert out.offset and len(parsed) >= 2
+    rebuilt = toy.ar.reconstruct([out.explanations[i] for i in parsed]) - stats.mean
+    expected = torch.nn.functional.cosine_similarity(rebuilt, sae.W_dec.detach()[[1, 5, 9]][parsed], dim=1)
+    assert torch.allclose(out.cosines[parsed], expected, atol=1e-5)
+    assert torch.allclose(out.reconstructions[parsed], rebuilt + stats.mean, atol=1e-5)
 
 
 @NEEDS_SAE_LENS
