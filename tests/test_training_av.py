@@ -82,6 +82,26 @@ def test_the_injection_hook_fires_in_every_training_and_eval_forward(base_folder
     assert set(calls) == {"blocks.1.hook_resid_post"}
 
 
+def test_training_runs_on_deterministic_kernels_and_restores_the_setting(base_folder, dataset_meta, label_split,
+                                                                           monkeypatch):
+    """Two CPU threads made reruns differ (see loop.deterministic_algorithms); every step must run with
+    torch's deterministic kernels, and the caller's setting comes back afterwards."""
+    seen = []
+    original = Injection.hook
+
+    def recording(self, activation, hook):
+        seen.append(torch.are_deterministic_algorithms_enabled())
+        return original(self, activation, hook)
+
+    monkeypatch.setattr(Injection, "hook", recording)
+    train, held_out = label_split
+    assert not torch.are_deterministic_algorithms_enabled()
+    train_av(init_av(base_folder, dataset_meta), train, held_out, TrainConfig(steps=2, batch_size=8), n_samples=0,
+             progress=False)
+    assert seen and all(seen)
+    assert not torch.are_deterministic_algorithms_enabled()
+
+
 def test_resume_from_a_mid_run_checkpoint_gives_the_uninterrupted_weights(base_folder, dataset_meta, label_split,
                                                                           tmp_path):
     train, held_out = label_split

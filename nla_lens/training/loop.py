@@ -21,7 +21,7 @@ import re
 import shutil
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -139,6 +139,7 @@ def train(
     params = select_trainable(modules, config.trainable_blocks)
     device = next(iter(params.values())).device
     with contextlib.ExitStack() as stack:
+        stack.enter_context(deterministic_algorithms())
         if config.activation_checkpointing:
             stack.enter_context(activation_checkpointing(modules["model"]))
         if config.data_parallel == "fsdp" and world.is_distributed:
@@ -159,6 +160,23 @@ def train(
                    out_dir=out_dir, desc=desc, progress=progress)
     result.seconds += time.perf_counter() - started
     return result
+
+
+@contextlib.contextmanager
+def deterministic_algorithms() -> Iterator[None]:
+    """torch's deterministic kernels for a training run, then the caller's setting back.
+
+    Without them a seeded AV SFT run on two CPU threads gave other weights on every rerun (measured:
+    20 steps of the toy AV, two runs, two hashes; identical with this on, and on one thread).
+    `warn_only`: an op with no deterministic kernel (some CUDA ones) warns instead of failing.
+    """
+    enabled = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
 
 
 def _run_steps(modules: dict[str, nn.Module], step_loss: nn.Module, params: dict[str, nn.Parameter],

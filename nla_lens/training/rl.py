@@ -404,19 +404,21 @@ def train_rl(
                 logger.info("rl step %d: %s", step, result.evals[-1])
 
     start = len(result.history)
-    if start == 0:
-        run_eval(0)
-    bar = tqdm(range(start, config.steps), desc="rl", unit="step", initial=start, total=config.steps,
-               disable=not progress or not trainer.world.is_main)
-    for step in bar:
-        record = trainer.step(step)
-        result.history.append(record)
-        bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{record['kl']:.3f}")
-        done = step + 1
-        if done == config.steps or (config.eval_every and done % config.eval_every == 0):
-            run_eval(done)
-        if out_dir is not None and (done == config.steps or (config.save_every and done % config.save_every == 0)):
-            result.checkpoint = loop.save_checkpoint(Path(out_dir), done, trainer.params, trainer.optimizer,
-                                                     config, result)
+    with loop.deterministic_algorithms():
+        if start == 0:
+            run_eval(0)
+        bar = tqdm(range(start, config.steps), desc="rl", unit="step", initial=start, total=config.steps,
+                   disable=not progress or not trainer.world.is_main)
+        for step in bar:
+            record = trainer.step(step)
+            result.history.append(record)
+            bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{record['kl']:.3f}")
+            done = step + 1
+            if done == config.steps or (config.eval_every and done % config.eval_every == 0):
+                run_eval(done)
+            if out_dir is not None and (done == config.steps or
+                                        (config.save_every and done % config.save_every == 0)):
+                result.checkpoint = loop.save_checkpoint(Path(out_dir), done, trainer.params, trainer.optimizer,
+                                                         config, result)
     result.seconds += time.perf_counter() - started
     return result
