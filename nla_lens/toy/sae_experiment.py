@@ -29,6 +29,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from nla_lens.capture import resid_post
+from nla_lens.errors import InputError, NLAError
 from nla_lens.nla import NLA
 from nla_lens.results import TabularResult
 from nla_lens.sae import ResidualStats, require_sae_lens, verbalize_sae_features
@@ -54,6 +55,11 @@ class SAEExperimentConfig:
     top_k: int = 20  # a feature is live if it fires on at least this many positions; its top_k decide T
     purity: float = 0.8  # share of the top_k activations that must sit on T
     max_new_tokens: int = 48
+
+    def __post_init__(self) -> None:
+        if self.training_tokens < self.train_batch_size_tokens:
+            raise InputError(f"training_tokens must be >= train_batch_size_tokens ({self.train_batch_size_tokens}): "
+                             f"with {self.training_tokens} the SAE takes no training step and every number is noise")
 
 
 @dataclass(frozen=True)
@@ -233,8 +239,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--write", action="store_true",
                         help=f"store the numbers as {SCORES_FILE} beside the checkpoints (re-run after retraining)")
     args = parser.parse_args(argv)
-    result = run_sae_experiment(args.checkpoint, SAEExperimentConfig(seed=args.seed,
-                                                                     training_tokens=args.training_tokens))
+    try:
+        result = run_sae_experiment(args.checkpoint, SAEExperimentConfig(seed=args.seed,
+                                                                         training_tokens=args.training_tokens))
+    except NLAError as error:
+        parser.exit(2, f"error: {error}\n")
     if args.rows:
         for r in result.rows:
             print(f"{r.feature:>5} {r.token!r:<12} named={r.named!s:<5} offset={r.named_offset!s:<5} {r.explanation}")

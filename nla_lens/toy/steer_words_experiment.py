@@ -40,13 +40,13 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from nla_lens import backends
-from nla_lens.errors import InputError
+from nla_lens.errors import InputError, NLAError
 from nla_lens.injection import unit
 from nla_lens.nla import NLA
 from nla_lens.results import TabularResult
 from nla_lens.steer_words import Mode, WordSteering, steer_with_words
 from nla_lens.toy.demo import TOY_DIR
-from nla_lens.toy.evaluate import HELDOUT_FILE, MIN_CONTEXT, ToyNLA
+from nla_lens.toy.evaluate import HELDOUT_FILE, MAX_TOKENS, MIN_CONTEXT, ToyNLA
 from nla_lens.toy.labeler import quote
 
 ALPHAS = (0.25, 0.5, 1.0, 2.0)
@@ -74,9 +74,9 @@ class SteerWordsExperiment(TabularResult):
     choice: str
     mode: str
     av_names_argmax: float  # fraction of sites where the explanation's Z is the base model's argmax
+    oracle_cosine: float  # mean cosine between the words' Delta and the oracle direction, per site
     rows: list[AlphaRow]
 
-    oracle_cosine: float  # mean cosine between the words' Delta and the oracle direction, per site
     display_columns = ("alpha", "argmax_hit", "delta_logp", "control_argmax_hit", "control_delta_logp",
                        "oracle_argmax_hit")
 
@@ -111,6 +111,8 @@ def run_experiment(folder: Path = TOY_DIR, n_sites: int = 100, alphas: tuple[flo
     """The measurement behind the README table; `samples > 1` averages Delta over sampled explanations."""
     if choice not in ("random", "plausible"):
         raise InputError(f"choice must be 'random' or 'plausible', got {choice!r}")
+    if n_sites < 1:
+        raise InputError(f"n_sites must be >= 1 (the experiment steers at that many held-out sites), got {n_sites}")
     toy = ToyNLA.load(folder)
     nla = NLA(toy.av, toy.ar)
     tokens, positions = _candidate_sites(toy, folder, stride, per_doc, limit=n_sites + n_sites // 4)
@@ -137,7 +139,8 @@ def run_experiment(folder: Path = TOY_DIR, n_sites: int = 100, alphas: tuple[flo
             reference = _effect(toy.base, tokens, positions, oracle, alpha, clean, targets)
             rows.append(AlphaRow(alpha, *words, *random, *reference))
     cosine = float(torch.nn.functional.cosine_similarity(steering.delta, oracle_directions, dim=-1).mean())
-    return SteerWordsExperiment(len(keep), samples, choice, mode, sum(named) / len(named), rows, cosine)
+    return SteerWordsExperiment(len(keep), samples, choice, mode, av_names_argmax=sum(named) / len(named),
+                                oracle_cosine=cosine, rows=rows)
 
 
 def _candidate_sites(toy: ToyNLA, folder: Path, stride: int, per_doc: int,
@@ -170,14 +173,14 @@ def _site_vectors(toy: ToyNLA, tokens: Tensor, positions: Tensor) -> Tensor:
 def _oracle_directions(toy: ToyNLA, folder: Path, argmax: Int[Tensor, " n"],
                        targets: Int[Tensor, " n"]) -> Float[Tensor, "n d_model"]:
     """Per site: mean unit layer-K residual of held-out positions the base predicts Z' minus that of
-    positions it predicts its argmax at the site (positions past MIN_CONTEXT, first 64 tokens)."""
+    positions it predicts its argmax at the site (positions past MIN_CONTEXT, first MAX_TOKENS)."""
     k = toy.av.meta.layer
     sums: dict[int, Tensor] = {}
     counts: Counter[int] = Counter()
     kept: list[Tensor] = []
     keep = (f"blocks.{k}.hook_resid_post", lambda resid, hook: kept.append(resid[0, MIN_CONTEXT:]))
     for doc in json.loads((folder / HELDOUT_FILE).read_text()):
-        ids = toy.av.tokenizer.encode(doc["text"], add_special_tokens=False)[:64]
+        ids = toy.av.tokenizer.encode(doc["text"], add_special_tokens=False)[:MAX_TOKENS]
         if len(ids) <= MIN_CONTEXT:
             continue
         kept.clear()
@@ -248,8 +251,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mode", choices=["add", "replace"], default="add")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    result = run_experiment(args.checkpoint, args.positions, samples=args.samples, choice=args.choice, mode=args.mode,
-                            seed=args.seed)
+    try:
+        result = run_experiment(args.checkpoint, args.positions, samples=args.samples, choice=args.choice,
+                                mode=args.mode, seed=args.seed)
+    except NLAError as error:
+        parser.exit(2, f"error: {error}\n")
     print(result.summary())
     print(result.to_markdown())
     print("target met" if result.meets_target() else "target NOT met")
