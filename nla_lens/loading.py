@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
-from nla_lens.backends import gemma3
+from nla_lens.backends import gemma3, hf_names
 from nla_lens.errors import CheckpointError
 from nla_lens.sidecar import NLAMeta
 
@@ -230,12 +230,7 @@ def _weight_files(folder: Path) -> list[Path]:
 _SIMPLE_NAMES = {
     "input_layernorm.weight": "ln1.w",
     "post_attention_layernorm.weight": "ln2.w",
-    "self_attn.q_norm.weight": "attn.q_norm.w",
-    "self_attn.k_norm.weight": "attn.k_norm.w",
-    "self_attn.o_proj.weight": "attn.W_O",
-    "mlp.up_proj.weight": "mlp.W_in",
-    "mlp.gate_proj.weight": "mlp.W_gate",
-    "mlp.down_proj.weight": "mlp.W_out",
+    **hf_names.ATTENTION_AND_MLP,
 }
 
 

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from nla_lens.backends import hf_names
 from nla_lens.errors import CheckpointError
 
 ARCHITECTURES = ("Gemma3ForCausalLM", "Gemma3ForConditionalGeneration")
@@ -38,12 +39,7 @@ BLOCK_NAMES = {
     "post_attention_layernorm.weight": "ln1_post.w",
     "pre_feedforward_layernorm.weight": "ln2.w",
     "post_feedforward_layernorm.weight": "ln2_post.w",
-    "self_attn.q_norm.weight": "attn.q_norm.w",
-    "self_attn.k_norm.weight": "attn.k_norm.w",
-    "self_attn.o_proj.weight": "attn.W_O",
-    "mlp.up_proj.weight": "mlp.W_in",
-    "mlp.gate_proj.weight": "mlp.W_gate",
-    "mlp.down_proj.weight": "mlp.W_out",
+    **hf_names.ATTENTION_AND_MLP,
 }
 # The multimodal wrapper's text weights: `language_model.model.*` as transformers writes them (and
 # Google's releases hold), `model.language_model.*` as transformers 5 names them in memory.
