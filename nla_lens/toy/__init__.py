@@ -19,11 +19,14 @@ TOY_DIR = Path(__file__).parent / "checkpoints"
 BASE_MODEL = "nla-lens-toy-shakespeare"  # the `base_model` its sidecars name; `nl.load_base` knows it
 
 
-def load(device: str | torch.device = "cpu") -> ToyNLA:
-    """The bundled checkpoints, loaded: `.base` (a TL model, no weight processing), `.av`, `.ar`, `.nla`."""
+def load(device: str | torch.device = "cpu", pair: str = "sft") -> ToyNLA:
+    """The bundled checkpoints, loaded: `.base` (a TL model, no weight processing), `.av`, `.ar`, `.nla`.
+
+    `pair`: "sft" (the pair the tutorials and toy experiments measure) or "rl" (trained on from it by RL).
+    """
     from nla_lens.toy.evaluate import ToyNLA
 
-    return ToyNLA.load(TOY_DIR, device=str(device))
+    return ToyNLA.load(TOY_DIR, device=str(device), pair=pair)
 
 
 def heldout_texts(n: int | None = None) -> list[str]:
