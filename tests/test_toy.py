@@ -161,6 +161,16 @@ def _fake_wheel(folder: Path) -> None:
 
 
 @NEEDS_TL3
+def test_rl_only_on_a_folder_without_an_sft_pair_is_a_clear_error(tmp_path, capsys):
+    from nla_lens.toy import train
+
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--rl-only", "--out", str(tmp_path / "empty")])
+    assert exit_info.value.code == 2
+    assert "holds no SFT pair to start RL from" in capsys.readouterr().err
+
+
+@NEEDS_TL3
 def test_training_script_runs_every_stage_in_quick_mode(tmp_path, monkeypatch):
     from nla_lens.toy import train
 

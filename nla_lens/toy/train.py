@@ -24,6 +24,7 @@ import torch
 from transformers import GenerationConfig
 
 from nla_lens import backends, loading
+from nla_lens.errors import CheckpointError, NLAError
 from nla_lens.reconstructor import ActivationReconstructor
 from nla_lens.toy import base as toy_base
 from nla_lens.toy.corpus import Play, fetch_wheel, read_plays
@@ -143,6 +144,10 @@ def train_toy_rl(out: Path, cfg: ToyConfig, work: Path, resume: Path | None = No
     the extraction settings of SFT, in a seeded sample of the training plays' speeches. `resume`:
     a checkpoint of an earlier run of this stage (in `work/rl_run`) to continue, or to extend.
     """
+    missing = [name for name in ("base", "av", "ar", SCORES_FILE) if not (out / name).exists()]
+    if missing:
+        raise CheckpointError(f"{out} holds no SFT pair to start RL from: it lacks {missing}. Pass the --out "
+                              "folder of a full `python -m nla_lens.toy.train` run, or run it without --rl-only")
     started = time.perf_counter()
     summary = json.loads((out / SCORES_FILE).read_text())
     plays = read_plays(fetch_wheel(work / "wheel"))
@@ -219,8 +224,11 @@ def main(argv: list[str] | None = None) -> None:
     cfg = ToyConfig.quick() if args.quick else ToyConfig()
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
-        summary = (train_toy_rl(args.out, cfg, work, args.rl_resume) if args.rl_only
-                   else train_toy(args.out, cfg, work))
+        try:
+            summary = (train_toy_rl(args.out, cfg, work, args.rl_resume) if args.rl_only
+                       else train_toy(args.out, cfg, work))
+        except NLAError as error:
+            parser.exit(2, f"error: {error}\n")
     print(json.dumps({"sft": summary["heldout"], "rl": summary["rl"]["heldout"], "best_pair": summary["best_pair"]},
                      indent=1, default=str))
 
