@@ -168,6 +168,13 @@ def test_rl_only_on_a_folder_without_an_sft_pair_is_a_clear_error(tmp_path, caps
         train.main(["--rl-only", "--out", str(tmp_path / "empty")])
     assert exit_info.value.code == 2
     assert "holds no SFT pair to start RL from" in capsys.readouterr().err
+    # heldout.json is read only when the run is scored, at its end: it is checked before the run too.
+    for name in ("base", "av", "ar"):
+        (tmp_path / "sft" / name).mkdir(parents=True)
+    (tmp_path / "sft" / "scores.json").write_text("{}")
+    with pytest.raises(SystemExit):
+        train.main(["--rl-only", "--out", str(tmp_path / "sft")])
+    assert "it lacks ['heldout.json']" in capsys.readouterr().err
 
 
 @NEEDS_TL3

@@ -21,6 +21,7 @@ from nla_lens.verbalizer import ActivationVerbalizer
 
 HELDOUT_FILE = "heldout.json"
 SCORES_FILE = "scores.json"
+TOY_PARTS = ("base", "av", "ar", HELDOUT_FILE)  # what `ToyNLA.load` reads: the base, the SFT pair, the positions
 PAIRS = ("sft", "rl")  # the SFT pair sits in av/ and ar/, the RL pair in rl/av and rl/ar
 MIN_CONTEXT = 8  # the toy AV was trained on positions past this much context
 MAX_TOKENS = 64
@@ -34,6 +35,13 @@ class ToyScores:
     names_final_token: float  # fraction of explanations whose first snippet names the true token
     shuffled_fve: float  # explanations paired with the wrong vectors
     failed_parses: int
+
+
+def require_parts(folder: Path, parts: tuple[str, ...], what: str, fix: str) -> None:
+    """A `CheckpointError` naming the `parts` a toy checkpoint folder lacks, before any of it is read."""
+    missing = [name for name in parts if not (Path(folder) / name).exists()]
+    if missing:
+        raise CheckpointError(f"{folder} {what}: it lacks {missing}. {fix}")
 
 
 def pair_folder(folder: Path, pair: str) -> Path:
@@ -62,11 +70,8 @@ class ToyNLA:
     @classmethod
     def load(cls, folder: Path, device: str = "cpu", pair: str = "sft") -> ToyNLA:
         """`pair`: "sft" (av/, ar/) or "rl" (rl/av, rl/ar); `best_pair(folder)` names the better one."""
-        missing = [name for name in ("base", "av", "ar", HELDOUT_FILE) if not (Path(folder) / name).exists()]
-        if missing:
-            raise CheckpointError(f"{folder} is not a toy NLA folder: it lacks {missing}. Pass a folder with base/, "
-                                  "av/, ar/ and heldout.json (as nla_lens.toy.train writes), or leave it out to use "
-                                  "the bundled one")
+        require_parts(folder, TOY_PARTS, "is not a toy NLA folder", "Pass a folder with base/, av/, ar/ and "
+                      "heldout.json (as nla_lens.toy.train writes), or leave it out to use the bundled one")
         tokenizer = loading.load_tokenizer(folder / "base")
         base = backends.load_model(folder / "base", tokenizer, dtype=torch.float32, device=device)
         pair_dir = pair_folder(folder, pair)

