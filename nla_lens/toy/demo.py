@@ -9,9 +9,8 @@ from pathlib import Path
 
 from nla_lens.checks import check_at_least_one, check_output_path
 from nla_lens.explain import Explanation, explain_tokens
+from nla_lens.toy import TOY_DIR
 from nla_lens.toy.evaluate import HELDOUT_FILE, MAX_TOKENS, MIN_CONTEXT, PAIRS, SCORES_FILE, ToyNLA, best_pair
-
-TOY_DIR = Path(__file__).parent / "checkpoints"
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from transformers import GenerationConfig
 from nla_lens import backends, loading
 from nla_lens.errors import NLAError
 from nla_lens.reconstructor import ActivationReconstructor
+from nla_lens.toy import BASE_MODEL, TOY_DIR
 from nla_lens.toy import base as toy_base
 from nla_lens.toy.corpus import Play, fetch_wheel, read_plays
 from nla_lens.toy.evaluate import (
@@ -45,7 +46,6 @@ from nla_lens.training.export import export_ar, export_av
 from nla_lens.training.extraction import Document, extract_activations, load_activations
 from nla_lens.verbalizer import ActivationVerbalizer
 
-TOY_DIR = Path(__file__).parent / "checkpoints"
 HELDOUT_PLAYS = ("macbeth", "the-tempest")
 AV_TEMPLATE = "Explain <concept>{injection_char}</concept>"
 AR_TEMPLATE = "Summary of the following text: <text>{explanation}</text> <summary>"
@@ -108,7 +108,7 @@ def train_toy(out: Path, cfg: ToyConfig, work: Path) -> dict:
                                               device="cpu")
     documents = [d for d in speeches(train_plays) if len(d.text) > 40]
     activations_dir = extract_activations(tl_base, tokenizer, documents, work / "activations", cfg.extract,
-                                          base_model="nla-lens-toy-shakespeare")
+                                          base_model=BASE_MODEL)
     activations = load_activations(activations_dir)
     labeler = _labeler(tl_base, tokenizer, documents, activations.records, cfg.extract.max_tokens)
     train, evaluation = split_by_document(label_activations(activations, labeler), cfg.eval_fraction, cfg.seed)
@@ -167,7 +167,7 @@ def train_toy_rl(out: Path, cfg: ToyConfig, work: Path, resume: Path | None = No
     shutil.rmtree(work / "rl_activations", ignore_errors=True)
     activations = load_activations(extract_activations(
         tl_base, tokenizer, documents, work / "rl_activations", cfg.extract,
-        base_model="nla-lens-toy-shakespeare"))
+        base_model=BASE_MODEL))
     train, evaluation = split_by_document(label_activations(activations, lambda record: ""), 0.1, cfg.seed)
     av, reference = (ActivationVerbalizer.from_pretrained(out / "av", backend="hooked") for _ in range(2))
     ar = ActivationReconstructor.from_pretrained(out / "ar", backend="hooked")
