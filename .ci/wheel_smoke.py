@@ -34,7 +34,7 @@ def check_installed(clone: Path) -> Path:
 
 
 def check_demo(demo_output: str) -> None:
-    # Explanation.summary(): "122 tokens of 3 texts at layer 3, mean MSE 0.103, FVE 0.876 (baseline ...), 0 failed parses"
+    # Explanation.summary(): "122 tokens of 3 texts at layer 3, mean MSE 0.103, FVE 0.876 (...), 0 failed parses"
     found = re.search(r"(\d+) tokens of \d+ texts? at layer \d+, mean MSE \S+, FVE (\S+) \(.*\), (\d+) failed parses",
                       demo_output)
     assert found, "nla-lens demo printed no summary line"

@@ -132,11 +132,15 @@ def _load(root: Path, dtype: torch.dtype = torch.float32):
     return av, ar, nl.ActivationVerbalizer.from_pretrained(root / "av", dtype=dtype, backend="hooked")
 
 
-def _train_vectors(root: Path) -> torch.Tensor:
+def _train_split(root: Path):
     from nla_lens.training import label_activations, load_activations, split_by_document
 
     data = label_activations(load_activations(root / "acts"), root / "explanations.jsonl")
-    return split_by_document(data, 0.25, 0)[0].vectors
+    return split_by_document(data, 0.25, 0)[0]
+
+
+def _train_vectors(root: Path) -> torch.Tensor:
+    return _train_split(root).vectors
 
 
 def test_sampling_log_probs_are_the_policys_raw_log_probs_even_under_top_p(sft_pair):
@@ -214,6 +218,52 @@ def test_rl_step_gradient_equals_plain_hf_and_torch(sft_pair):
     assert compared == len([p for p in hf.parameters() if p.requires_grad])
 
 
+def test_sft_term_adds_the_plain_cross_entropy_gradient(sft_pair):
+    """`sft_coef` x mean token cross-entropy of the step's labelled rows vs one HF forward per row
+    (plain layer-1 hook, the target text tokenized here): the same gradient, in float64."""
+    av, ar, _ = _load(sft_pair, torch.float64)
+    data = _train_split(sft_pair)
+    config = dataclasses.replace(RL, kl_coef=0.0, sft_coef=0.7, sft_batch=5, micro_batch=2)
+    trainer = rl._Trainer(av, ar, None, data.vectors, config, rl._sft_rows(av, data, config))
+    av.model.zero_grad()
+    total = trainer._sft_backward(step=3)
+
+    rows = rl.step_vectors(3, len(data), 5, config.seed).tolist()
+    hf, _ = ref.load_hf(sft_pair / "av")
+    hf = hf.double()
+    meta = ref.sidecar(sft_pair / "av")
+    prompt = ref.av_prompt(av.tokenizer, meta)
+    summed, n_tokens = torch.zeros((), dtype=torch.float64), 0
+    for i in rows:
+        target = av.tokenizer.encode(f"<explanation>\n{data.explanations[i]}\n</explanation>",
+                                     add_special_tokens=False) + [av.tokenizer.eos_token_id]
+        ids = torch.tensor([prompt + target])
+        with _karvonen_hook_with_grad(hf, ref.marker_sites(ids, meta["tokens"]), data.vectors[i:i + 1].double()):
+            logits = hf(ids).logits[0, len(prompt) - 1:-1]
+        summed = summed + torch.nn.functional.cross_entropy(logits, torch.tensor(target), reduction="sum")
+        n_tokens += len(target)
+    expected = 0.7 * summed / n_tokens
+    expected.backward()
+    assert total == pytest.approx(float(expected.detach()), rel=1e-7)
+    hf_params = dict(hf.named_parameters())
+    compared = 0
+    for name, param in av.model.named_parameters():
+        target = _hf_target(name, param.grad, av.model.cfg, qkv_bias=False) if param.grad is not None else None
+        if target is not None:
+            assert torch.allclose(target[1], hf_params[target[0]].grad, atol=1e-8, rtol=1e-5), name
+            compared += 1
+    assert compared == len([p for p in hf.parameters() if p.requires_grad])
+
+
+def test_sft_term_needs_labelled_rows_and_a_valid_config(sft_pair):
+    av, ar, reference = _load(sft_pair)
+    with pytest.raises(nl.ConfigError, match="sft_data"):
+        rl.train_rl(av, ar, reference, _train_vectors(sft_pair), torch.empty(0, 64),
+                    dataclasses.replace(RL, sft_coef=0.5), progress=False)
+    with pytest.raises(nl.ConfigError, match="sft_coef >= 0"):
+        dataclasses.replace(RL, sft_coef=-1.0)
+
+
 @contextlib.contextmanager
 def _karvonen_hook_with_grad(model, sites, vectors):
     """hf_reference.karvonen_hook without its in-place edit (which autograd refuses): h + ||h|| v/||v||
@@ -241,21 +291,24 @@ def _params(av, ar) -> dict[str, torch.Tensor]:
 
 
 def test_resume_and_extension_give_the_uninterrupted_run(sft_pair, tmp_path):
-    train = _train_vectors(sft_pair)
+    """With the `sft_coef` term on: its rows, like the vectors, are a function of the step."""
+    data = _train_split(sft_pair)
+    train, config = data.vectors, dataclasses.replace(RL, sft_coef=0.5, sft_batch=5)
     av, ar, reference = _load(sft_pair)
     before = _params(av, ar)
-    whole = rl.train_rl(av, ar, reference, train, train[:0], RL, out_dir=tmp_path / "whole", progress=False)
+    whole = rl.train_rl(av, ar, reference, train, train[:0], config, out_dir=tmp_path / "whole", sft_data=data,
+                        progress=False)
     after = _params(av, ar)
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("av."))
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("ar."))
     # A 2-step run, resumed and extended to 4 steps (the learning rates are constant, so `steps` may
     # grow on resume), repeats the 4-step run.
     av2, ar2, reference2 = _load(sft_pair)
-    rl.train_rl(av2, ar2, reference2, train, train[:0], dataclasses.replace(RL, steps=2), out_dir=tmp_path / "short",
-                progress=False)
+    rl.train_rl(av2, ar2, reference2, train, train[:0], dataclasses.replace(config, steps=2),
+                out_dir=tmp_path / "short", sft_data=data, progress=False)
     av2, ar2, reference2 = _load(sft_pair)
-    resumed = rl.train_rl(av2, ar2, reference2, train, train[:0], RL, out_dir=tmp_path / "resumed",
-                          resume=tmp_path / "short" / "checkpoints" / "step-000002", progress=False)
+    resumed = rl.train_rl(av2, ar2, reference2, train, train[:0], config, out_dir=tmp_path / "resumed",
+                          resume=tmp_path / "short" / "checkpoints" / "step-000002", sft_data=data, progress=False)
     final = _params(av2, ar2)
     assert all(torch.equal(after[k], final[k]) for k in after)
     untimed = [[{k: v for k, v in row.items() if "seconds" not in k} for row in run.history]
@@ -263,7 +316,7 @@ def test_resume_and_extension_give_the_uninterrupted_run(sft_pair, tmp_path):
     assert untimed[0] == untimed[1]
     row = whole.history[-1]
     assert {"reward", "fve", "kl", "length", "parse_failure_rate", "truncation_rate", "cjk_rate"} <= set(row)
-    assert 0 <= row["parse_failure_rate"] <= 1 and row["kl"] >= 0
+    assert 0 <= row["parse_failure_rate"] <= 1 and row["kl"] >= 0 and row["sft_loss"] > 0
 
 
 def test_train_ar_false_leaves_the_reward_model_untouched(sft_pair):
@@ -296,16 +349,17 @@ def _rl_yaml(root: Path, name: str, **rl_overrides) -> str:
 
 
 def test_two_rank_ddp_rl_gives_the_one_process_weights(sft_pair, capsys):
-    assert main(["train-rl", _rl_yaml(sft_pair, "rl_1")]) == 0
+    """The `sft_coef` term on, its 7 rows split 4 / 3 over the ranks."""
+    assert main(["train-rl", _rl_yaml(sft_pair, "rl_1", sft_coef=0.5, sft_batch=7)]) == 0
     assert "held-out FVE" in capsys.readouterr().out
-    torchrun_cli("train-rl", _rl_yaml(sft_pair, "rl_2"))
+    torchrun_cli("train-rl", _rl_yaml(sft_pair, "rl_2", sft_coef=0.5, sft_batch=7))
     one, two = (load_file(sft_pair / name / "checkpoints" / "step-000004" / "params.safetensors")
                 for name in ("rl_1", "rl_2"))
     assert one.keys() == two.keys() and next(iter(one.values())).dtype == torch.float64
     assert max(float((one[k] - two[k]).abs().max()) for k in one) <= 1e-9
     histories = [json.loads((sft_pair / name / "train_result.json").read_text())["history"]
                  for name in ("rl_1", "rl_2")]
-    for key in ("reward", "kl", "length", "ar_mse", "loss"):
+    for key in ("reward", "kl", "length", "ar_mse", "loss", "sft_loss"):
         assert [h[key] for h in histories[0]] == pytest.approx([h[key] for h in histories[1]], abs=1e-9), key
     assert json.loads((sft_pair / "rl_2" / "train_result.json").read_text())["world_size"] == 2
     # The exported pair loads with no flags and says it is the RL stage.

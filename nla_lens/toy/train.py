@@ -77,7 +77,8 @@ class ToyConfig:
         """A few steps on two plays: exercises every stage in about a minute, scores meaningless."""
         return cls(base=toy_base.BaseConfig(steps=3, batch_size=4), max_train_plays=2,
                    av=TrainConfig(steps=3, batch_size=8), ar=TrainConfig(steps=3, batch_size=8), eval_fraction=0.1,
-                   rl=RLConfig(steps=2, prompts_per_step=2, group_size=2, max_new_tokens=8, eval_vectors=4))
+                   rl=RLConfig(steps=2, prompts_per_step=2, group_size=2, max_new_tokens=8, eval_vectors=4,
+                               sft_coef=1.0, sft_batch=4))
 
 
 def speeches(plays: list[Play]) -> list[Document]:
@@ -168,11 +169,14 @@ def train_toy_rl(out: Path, cfg: ToyConfig, work: Path, resume: Path | None = No
     activations = load_activations(extract_activations(
         tl_base, tokenizer, documents, work / "rl_activations", cfg.extract,
         base_model=BASE_MODEL))
-    train, evaluation = split_by_document(label_activations(activations, lambda record: ""), 0.1, cfg.seed)
+    # Labels only feed the `sft_coef` term (labelled as in SFT); the vectors do not depend on them.
+    labeler = (_labeler(tl_base, tokenizer, documents, activations.records, cfg.extract.max_tokens)
+               if cfg.rl.sft_coef > 0 else lambda record: "")
+    train, evaluation = split_by_document(label_activations(activations, labeler), 0.1, cfg.seed)
     av, reference = (ActivationVerbalizer.from_pretrained(out / "av", backend="hooked") for _ in range(2))
     ar = ActivationReconstructor.from_pretrained(out / "ar", backend="hooked")
     result = train_rl(av, ar, reference, train.vectors, evaluation.vectors, cfg.rl, out_dir=work / "rl_run",
-                      resume=resume)
+                      resume=resume, sft_data=train)
     rl_dir = pair_folder(out, "rl")
     shutil.rmtree(rl_dir, ignore_errors=True)
     export_av(av, rl_dir / "av", out / "av", dtype=torch.bfloat16, stage="rl")

@@ -122,6 +122,10 @@ class RLConfig:
     miss (failed parse, truncated at `max_new_tokens`, non-finite MSE) scores -2.0 at sqrt(d);
     advantages normalised per group; PPO-clipped surrogate + `kl_coef` x k3 KL to the frozen SFT
     AV; then one AR MSE step on the same explanations (misses dropped). Learning rates are constant.
+
+    `sft_coef` > 0 goes beyond that recipe: it adds `sft_coef` x the SFT loss (mean token
+    cross-entropy) of `sft_batch` supervised rows per step to the AV's loss, anchoring the AV to its
+    labels where the reward does not look (InstructGPT's "PPO-ptx"). 0, the default, is the recipe.
     """
 
     steps: int = 100
@@ -135,6 +139,8 @@ class RLConfig:
     lr: float = 1e-5
     ar_lr: float = 5e-5
     train_ar: bool = True  # False: the AR is a frozen reward model
+    sft_coef: float = 0.0  # > 0: add this x the SFT loss of `sft_batch` labelled rows per step (not the recipe)
+    sft_batch: int = 32
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = 1.0
     micro_batch: int = 64  # samples per forward in the AV and AR updates (memory only, not the result)
@@ -154,6 +160,8 @@ class RLConfig:
             raise ConfigError("RL samples: need temperature > 0 and 0 < top_p <= 1")
         if self.lr <= 0 or self.ar_lr <= 0 or self.grad_clip <= 0 or self.clip_eps <= 0 or self.kl_coef < 0:
             raise ConfigError("need lr, ar_lr, grad_clip, clip_eps > 0 and kl_coef >= 0")
+        if self.sft_coef < 0 or self.sft_batch < 1:
+            raise ConfigError(f"need sft_coef >= 0 and sft_batch >= 1 (got {self.sft_coef}, {self.sft_batch})")
         if self.eval_every < 0 or self.eval_vectors < 0 or self.save_every < 0 or self.keep_checkpoints < 1:
             raise ConfigError("need eval_every, eval_vectors, save_every >= 0 and keep_checkpoints >= 1")
 
@@ -163,7 +171,8 @@ class RLRunConfig:
     """`nla-lens train-rl`: an SFT AV and AR, the extraction + explanations they were trained on.
 
     The split is SFT's (same `eval_fraction` and `split_seed` give the same documents), so RL trains
-    on SFT's training vectors and evaluates on its held-out ones; the explanations are not used.
+    on SFT's training vectors and evaluates on its held-out ones; only `rl.sft_coef` > 0 reads the
+    explanations (its SFT rows).
     """
 
     av: str  # SFT AV folder: the policy's start and the frozen KL reference

@@ -164,7 +164,7 @@ def _train_and_export_rl(config: RLRunConfig, train: LabelledActivations, evalua
     if config.rl.kl_coef > 0:
         reference = ActivationVerbalizer.from_pretrained(config.av, device=device, dtype=dtype, backend="hooked")
     result = train_rl(av, ar, reference, train.vectors, evaluation.vectors, config.rl, out_dir=config.out_dir,
-                      resume=config.resume, progress=progress)
+                      resume=config.resume, sft_data=train, progress=progress)
     out, export_dtype = Path(config.out_dir), _dtype(config.export_dtype)
     av_dir = export_av(av, out / "av", config.av, dtype=export_dtype, stage="rl")
     ar_dir = export_ar(ar, out / "ar", config.ar, dtype=export_dtype, heldout=evaluation.vectors,

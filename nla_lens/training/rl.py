@@ -10,6 +10,8 @@ One step, as the paper (kitft `configs/rl.sh`, `nla/reward.py`) and nanoNLA run 
    injection installed as in SFT, plus k3 KL to the frozen SFT AV run on the same tokens.
 4. One AR MSE step on the same explanations, misses dropped (kitft trains the critic only on
    completed samples); then one Adam step for both, each side's non-finite gradient skipped.
+With `sft_coef` > 0 (beyond the recipe) step 3 also adds `sft_coef` x the SFT loss of a few labelled
+rows, so the AV keeps its supervised answers where the reward is indifferent to them.
 
 The trajectory is a pure function of (weights, config, step): the vectors of a step and each
 group's sampling seed depend on the step and the group's global index only, so resuming from a
@@ -41,9 +43,9 @@ from nla_lens.parsing import cjk_fraction, parse_explanation
 from nla_lens.reconstructor import ActivationReconstructor
 from nla_lens.training import grpo, loop, parallel
 from nla_lens.training.ar_sft import ar_loss
-from nla_lens.training.av_sft import response_logits
+from nla_lens.training.av_sft import av_loss, response_logits
 from nla_lens.training.config import RLConfig
-from nla_lens.training.dataset import ARRows
+from nla_lens.training.dataset import ARRows, AVRows, LabelledActivations, av_rows, check_fits
 from nla_lens.training.export import freeze_weights_hf_lacks
 from nla_lens.verbalizer import ActivationVerbalizer, _sample
 
@@ -219,10 +221,12 @@ class _Trainer:
 
     def __init__(self, av: ActivationVerbalizer, ar: ActivationReconstructor,
                  reference: ActivationVerbalizer | None, train_vectors: Float[Tensor, "n d_model"],
-                 config: RLConfig) -> None:
+                 config: RLConfig, sft_rows: AVRows | None) -> None:
         if reference is None and config.kl_coef > 0:
             raise ConfigError(f"kl_coef={config.kl_coef} needs the frozen SFT AV as reference; pass it, "
                               "or set kl_coef: 0")
+        if sft_rows is not None and len(sft_rows) < config.sft_batch:
+            raise ConfigError(f"sft_batch={config.sft_batch} is more than the {len(sft_rows)} labelled rows")
         self.av, self.ar, self.reference, self.config = av, ar, reference, config
         self.world = parallel.current_world()
         if config.prompts_per_step % self.world.world_size:
@@ -240,17 +244,25 @@ class _Trainer:
         self.current: Rollout | None = None
         self.ref_logp: Tensor | None = None
         self.ar_rows: ARRows | None = None
+        self.sft_rows = sft_rows
+        self.sft_share: Int[Tensor, " rows"] | None = None
         self.diagnostics: list[dict[str, Tensor]] = []
-        self.policy = parallel.wrap(parallel.LossModule({"model": av.model}, self._policy_loss), "ddp", self.device)
+        # One DDP module for both AV losses (DDP wants one module per parameter set): the phase picks.
+        self.policy_phase = self._grpo_loss
+        self.policy = parallel.wrap(parallel.LossModule({"model": av.model}, lambda index: self.policy_phase(index)),
+                                    "ddp", self.device)
         self.reconstructor = (parallel.wrap(parallel.LossModule({"model": ar.model, "readout": ar.readout},
                                                                 self._ar_loss), "ddp", self.device)
                               if config.train_ar else None)
 
-    def _policy_loss(self, index: Tensor) -> Tensor:
+    def _grpo_loss(self, index: Tensor) -> Tensor:
         samples = range(int(index[0]), int(index[-1]) + 1)
         loss, diagnostics = policy_loss_sum(self.av, self.current, self.ref_logp, samples, self.config)
         self.diagnostics.append(diagnostics)
         return loss
+
+    def _sft_loss(self, index: Tensor) -> Tensor:
+        return self.config.sft_coef * av_loss(self.av, self.sft_rows, self.sft_share[index], reduction="sum")
 
     def _ar_loss(self, index: Tensor) -> Tensor:
         return ar_loss(self.ar, self.ar_rows, index, reduction="sum")
@@ -269,7 +281,9 @@ class _Trainer:
         sampled = time.perf_counter()
 
         n_global = config.prompts_per_step * config.group_size
+        self.policy_phase = self._grpo_loss
         loss_total = self._backward(self.policy, _chunks(len(current), config.micro_batch), n_global)
+        sft_total = self._sft_backward(step) if self.sft_rows is not None else float("nan")
         av_grad_norm, av_skipped = self._clip_or_skip(self.policy_params)
         ar_total, ar_grad_norm, ar_skipped = 0.0, float("nan"), 0.0
         if self.reconstructor is not None:
@@ -284,16 +298,16 @@ class _Trainer:
             len(current), float(current.rewards.sum()), float(kl), float(clipped), float(sum(lengths)),
             sum(e is None for e in current.explanations), float(current.truncated.sum()),
             sum(cjk_fraction(t) for t in current.texts), float(current.hits.sum()),
-            loss_total / world.world_size, ar_total / world.world_size,
+            loss_total / world.world_size, ar_total / world.world_size, sft_total / world.world_size,
         ], self.device)
-        n, reward, kl, clipped, length, failed, truncated, cjk, hits, loss, ar_mse = sums
+        n, reward, kl, clipped, length, failed, truncated, cjk, hits, loss, ar_mse, sft_total = sums
         if self.reconstructor is None or hits == 0:
             ar_mse = float("nan")
         return {"step": step + 1, "loss": loss, "reward": reward / n, "fve": 1 + (reward / n) / self.baseline,
                 "kl": kl / n, "clip_frac": clipped / n, "length": length / n, "parse_failure_rate": failed / n,
                 "truncation_rate": truncated / n, "cjk_rate": cjk / n, "scored": hits / n,
                 "av_grad_norm": av_grad_norm, "av_skipped": av_skipped, "ar_mse": ar_mse,
-                "ar_grad_norm": ar_grad_norm, "ar_skipped": ar_skipped,
+                "ar_grad_norm": ar_grad_norm, "ar_skipped": ar_skipped, "sft_loss": sft_total / (config.sft_coef or 1),
                 "sample_seconds": sampled - started, "seconds": time.perf_counter() - started}
 
     def _backward(self, module: nn.Module, chunks: list[range | None], n_global: float) -> float:
@@ -313,6 +327,19 @@ class _Trainer:
                 loss.backward()
             total += float(loss.detach())
         return total
+
+    def _sft_backward(self, step: int) -> float:
+        """`sft_coef` x the mean token cross-entropy of this step's `sft_batch` labelled rows, into the
+        AV's gradients after the GRPO loss's; each rank takes a share of the rows (chunk counts padded
+        to match, as in `_ar_update`). Returns this rank's loss total, as `_backward`."""
+        rows, config = self.sft_rows, self.config
+        index = step_vectors(step, len(rows), config.sft_batch, config.seed)
+        n_tokens = sum(len(rows.responses[i]) for i in index.tolist())
+        share, counts = parallel.rank_share(index, self.world)
+        self.sft_share, self.policy_phase = share, self._sft_loss
+        n_chunks = math.ceil(max(len(s) for s in index.tensor_split(self.world.world_size)) / config.micro_batch)
+        chunks: list[range | None] = list(_chunks(len(share), config.micro_batch)) if counts else []
+        return self._backward(self.policy, chunks + [None] * (n_chunks - len(chunks)), n_tokens)
 
     def _clip_or_skip(self, params: dict[str, nn.Parameter]) -> tuple[float, float]:
         """Clip to `grad_clip`; a non-finite norm drops these gradients, so Adam skips them this step."""
@@ -345,6 +372,17 @@ class _Trainer:
         return total, norm, skipped
 
 
+def _sft_rows(av: ActivationVerbalizer, data: LabelledActivations | None, config: RLConfig) -> AVRows | None:
+    if config.sft_coef == 0:
+        return None
+    if data is None:
+        raise ConfigError(f"sft_coef={config.sft_coef} adds the SFT loss of labelled rows: pass sft_data "
+                          "(the SFT training split), or set sft_coef: 0")
+    rows = av_rows(data, av.meta, av.tokenizer, av.tokenizer.eos_token_id)
+    check_fits(av.model.cfg.n_ctx, rows)
+    return rows
+
+
 def evaluate_rl(av: ActivationVerbalizer, ar: ActivationReconstructor, vectors: Float[Tensor, "n d_model"],
                 max_new_tokens: int) -> dict[str, Any]:
     """Greedy round trip of held-out vectors (failed parses count as misses), as the NLA is served.
@@ -371,11 +409,13 @@ def train_rl(
     *,
     out_dir: str | Path | None = None,
     resume: str | Path | None = None,
+    sft_data: LabelledActivations | None = None,
     progress: bool = True,
 ) -> loop.TrainResult:
     """Run `config.steps` RL steps, updating `av` (and `ar` unless `train_ar` is false) in place.
 
-    `reference` is the frozen SFT AV of the KL term (None with `kl_coef: 0`). `history` holds the
+    `reference` is the frozen SFT AV of the KL term (None with `kl_coef: 0`); `sft_data`, the
+    labelled rows of the `sft_coef` term (SFT's training split; unused when it is 0). `history` holds the
     per-step log (reward, fve, kl, length, parse-failure / truncation / CJK rates, ...), `evals`
     the greedy held-out round trips. Checkpoints and `resume` work as in SFT (`loop`).
     """
@@ -387,7 +427,7 @@ def train_rl(
         for p in reference.model.parameters():
             p.requires_grad_(False)
     started = time.perf_counter()
-    trainer = _Trainer(av, ar, reference, train_vectors, config)
+    trainer = _Trainer(av, ar, reference, train_vectors, config, _sft_rows(av, sft_data, config))
     result = loop.TrainResult(steps=config.steps)
     if resume is not None:
         folder = loop.latest_checkpoint(out_dir) if resume == "latest" else Path(resume)
