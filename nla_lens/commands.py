@@ -10,8 +10,6 @@ from typing import Any
 
 import pyarrow as pa
 import torch
-from jaxtyping import Float
-from torch import Tensor
 
 from nla_lens import shard_store, sharded
 from nla_lens.checks import check_at_least_one, check_input_file, check_output_path, resolve_device
@@ -25,8 +23,9 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 _VECTOR_SUFFIXES = (".safetensors", ".pt")  # what `reconstruct --output` writes
 
 
-def capture_text(base: str, layer: int, text: str, device: str, dtype: torch.dtype) -> Float[Tensor, "pos d_model"]:
-    """`blocks.{layer}.hook_resid_post` of the base model at every position of `text`."""
+def capture_text(base: str, layer: int, text: str, device: str, dtype: torch.dtype) -> VectorTable:
+    """`blocks.{layer}.hook_resid_post` of the base model at every position of `text`, with each
+    position's token (a `token` column), so an explanation can be read against what it explains."""
     from nla_lens import backends, loading
     from nla_lens.capture import resid_post
     from nla_lens.sidecar import text_ids
@@ -43,7 +42,8 @@ def capture_text(base: str, layer: int, text: str, device: str, dtype: torch.dty
         raise PromptTooLongError(f"--text is {ids.shape[1]} tokens, over the base model's context of "
                                  f"{model.cfg.n_ctx}; pass a shorter text")
     with torch.inference_mode():
-        return resid_post(model, ids, layer)[0].float()
+        vectors = resid_post(model, ids, layer)[0].float()
+    return VectorTable(vectors, pa.table({"token": [tokenizer.decode([i]) for i in ids[0].tolist()]}))
 
 
 def add_verbalize(subparsers: argparse._SubParsersAction) -> None:
@@ -145,8 +145,7 @@ def _run_verbalize(args: argparse.Namespace) -> None:
             raise InputError("--shards and --column apply to --input files; --text is explained in one process")
         layer = meta.layer if args.layer is None else args.layer
         base = base_for(args.base, meta, layer)
-        table = VectorTable(capture_text(str(base), layer, args.text, args.device, _DTYPES[args.dtype]),
-                            pa.table({}))
+        table = capture_text(str(base), layer, args.text, args.device, _DTYPES[args.dtype])
     else:
         table = read_input(args.input, args.column)
     from nla_lens.verbalizer import ActivationVerbalizer
@@ -158,8 +157,11 @@ def _run_verbalize(args: argparse.Namespace) -> None:
         write_table(sharded.output_rows(table, range(len(out)), out), args.output)
         print(f"wrote {len(out)} rows to {args.output}")
         return
+    tokens = table.columns.column("token").to_pylist() if "token" in table.columns.column_names else None
     for i, v in enumerate(out):
-        print(f"{i}\t{v.explanation if v.explanation is not None else '(no <explanation> tags) ' + v.text!r}")
+        token = f"{tokens[i]!r}\t" if tokens is not None else ""
+        explanation = v.explanation if v.explanation is not None else "(no <explanation> tags) " + repr(v.text)
+        print(f"{i}\t{token}{explanation}")
 
 
 def _run_round_trip(args: argparse.Namespace) -> None:

@@ -44,7 +44,7 @@ def test_to_tokens_of_a_loaded_model_follows_the_rule(bos_paths, av_karvonen):
 
 def test_cli_text_capture_reads_the_bos_first_tokens(bos_paths):
     folder = bos_paths["gemma_av"]
-    captured = commands.capture_text(str(folder), LAYER, TEXT, "cpu", torch.float32)
+    captured = commands.capture_text(str(folder), LAYER, TEXT, "cpu", torch.float32).vectors
     ids = text_ids(AutoTokenizer.from_pretrained(folder), TEXT)
     expected = _hf_resid(folder, ids)
     assert captured.shape == expected.shape
@@ -83,6 +83,7 @@ def test_extraction_on_a_bos_base_stores_the_activations_of_bos_first_text(bos_p
 
 
 def test_a_multimodal_gemma_base_captures_as_its_text_model(bos_paths):
-    text = commands.capture_text(str(bos_paths["gemma_av"]), LAYER, TEXT, "cpu", torch.float32)
-    wrapped = commands.capture_text(str(bos_paths["gemma_av_multimodal"]), LAYER, TEXT, "cpu", torch.float32)
+    text = commands.capture_text(str(bos_paths["gemma_av"]), LAYER, TEXT, "cpu", torch.float32).vectors
+    wrapped = commands.capture_text(str(bos_paths["gemma_av_multimodal"]), LAYER, TEXT, "cpu",
+                                     torch.float32).vectors
     assert torch.equal(text, wrapped)

@@ -30,8 +30,12 @@ def test_verbalize_from_a_vector_file_matches_the_library(av_karvonen, tiny_path
 def test_verbalize_text_captures_every_position_of_the_base(tiny_paths, capsys):
     folder = str(tiny_paths["av_karvonen"])
     assert main(["verbalize", "--av", folder, "--base", folder, "--text", "the cat sat", "--max-new-tokens", "3"]) == 0
-    n_tokens = len(AutoTokenizer.from_pretrained(folder).encode("the cat sat"))
-    assert len(capsys.readouterr().out.strip().splitlines()) == n_tokens
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    ids = tokenizer.encode("the cat sat")
+    lines = capsys.readouterr().out.strip().splitlines()
+    # One line per position: index, the token it explains, the explanation.
+    expected = [[str(i), repr(tokenizer.decode([t]))] for i, t in enumerate(ids)]
+    assert [line.split("\t")[:2] for line in lines] == expected
 
 
 def test_reconstruct_writes_the_ar_vectors(ar_nanonla, tiny_paths, tmp_path):
