@@ -1,4 +1,4 @@
-"""The example configs in examples/ run as shipped: extract, label, train-av, train-ar on the toy base."""
+"""The example configs in examples/ run as shipped: extract, label, train-av, train-ar, train-rl on the toy base."""
 
 from __future__ import annotations
 
@@ -32,4 +32,9 @@ def test_example_configs_extract_and_train_an_nla_that_loads(tmp_path, monkeypat
     ar = nl.ActivationReconstructor.from_pretrained(tmp_path / "runs/ar/model")
     assert (av.meta.layer, ar.meta.layer, ar.model.cfg.n_layers) == (3, 3, 4)
     assert av.injection_spec == nl.InjectionSpec("karvonen", "blocks.1.hook_resid_post")
-    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["activations", "ar", "av", "explanations.jsonl"]
+    assert main(["train-rl", "examples/train-rl.yaml"]) == 0
+    assert "held-out FVE" in capsys.readouterr().out
+    rl_av = nl.ActivationVerbalizer.from_pretrained(tmp_path / "runs/rl/av")
+    assert rl_av.meta.raw["stage"] == "rl" and rl_av.injection_spec == av.injection_spec
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["activations", "ar", "av", "explanations.jsonl",
+                                                                     "rl"]
