@@ -202,6 +202,13 @@ def _chunks(n: int, size: int) -> list[range]:
     return [range(start, min(start + size, n)) for start in range(0, n, size)]
 
 
+def _padded_chunks(n: int, most: int, size: int) -> list[range | None]:
+    """This rank's micro-batches of its `n` rows, padded with None to the count of the rank with the
+    `most` rows: every rank then runs as many backwards, so DDP's all-reduces pair up."""
+    chunks: list[range | None] = list(_chunks(n, size))
+    return chunks + [None] * (math.ceil(most / size) - len(chunks))
+
+
 def trainable_parameters(av: ActivationVerbalizer, ar: ActivationReconstructor,
                          train_ar: bool) -> tuple[dict[str, nn.Parameter], dict[str, nn.Parameter]]:
     """The AV's and the AR's parameters to train, named for checkpoints; a frozen AR gets none."""
@@ -330,16 +337,16 @@ class _Trainer:
 
     def _sft_backward(self, step: int) -> float:
         """`sft_coef` x the mean token cross-entropy of this step's `sft_batch` labelled rows, into the
-        AV's gradients after the GRPO loss's; each rank takes a share of the rows (chunk counts padded
-        to match, as in `_ar_update`). Returns this rank's loss total, as `_backward`."""
+        AV's gradients after the GRPO loss's; each rank takes a share of the rows (`_padded_chunks`).
+        Returns this rank's loss total, as `_backward`."""
         rows, config = self.sft_rows, self.config
         index = step_vectors(step, len(rows), config.sft_batch, config.seed)
         n_tokens = sum(len(rows.responses[i]) for i in index.tolist())
         share, counts = parallel.rank_share(index, self.world)
         self.sft_share, self.policy_phase = share, self._sft_loss
-        n_chunks = math.ceil(max(len(s) for s in index.tensor_split(self.world.world_size)) / config.micro_batch)
-        chunks: list[range | None] = list(_chunks(len(share), config.micro_batch)) if counts else []
-        return self._backward(self.policy, chunks + [None] * (n_chunks - len(chunks)), n_tokens)
+        most = max(len(rank_rows) for rank_rows in index.tensor_split(self.world.world_size))
+        chunks = _padded_chunks(len(share) if counts else 0, most, config.micro_batch)
+        return self._backward(self.policy, chunks, n_tokens)
 
     def _clip_or_skip(self, params: dict[str, nn.Parameter]) -> tuple[float, float]:
         """Clip to `grad_clip`; a non-finite norm drops these gradients, so Adam skips them this step."""
@@ -364,9 +371,7 @@ class _Trainer:
         vectors = current.vectors[hits] if hits else current.vectors[:1]
         prompts = [self.ar.tokenizer.encode(self.ar.meta.ar_prompt(t), add_special_tokens=False) for t in texts]
         self.ar_rows = ARRows(prompts, vectors.float(), texts, [""] * len(texts))
-        n_chunks = math.ceil(max(counts) / self.config.micro_batch)
-        chunks: list[range | None] = list(_chunks(len(hits), self.config.micro_batch))
-        chunks += [None] * (n_chunks - len(chunks))
+        chunks = _padded_chunks(len(hits), int(max(counts)), self.config.micro_batch)
         total = self._backward(self.reconstructor, chunks, n_global)
         norm, skipped = self._clip_or_skip(self.ar_params)
         return total, norm, skipped
