@@ -6,6 +6,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 from conftest import LAYER, NEEDS_TL3
 
@@ -64,3 +65,17 @@ def test_cli_rejects_an_unknown_config_key(tmp_path, capsys):
     assert main(["train-ar", config]) == 2
     err = capsys.readouterr().err
     assert "ConfigError" in err and "'trian'" in err
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ({"steps": "many"}, "train.steps: expected an integer, got 'many'"),
+    ({"steps": 4.5}, "train.steps: expected an integer, got 4.5"),
+    ({"lr": "1e-5"}, "train.lr: expected a number, got '1e-5' (YAML reads 1e-5 as text: write 1.0e-5)"),
+    ({"lr": "fast"}, "train.lr: expected a number, got 'fast'\n"),
+    ({"lr": True}, "train.lr: expected a number, got True"),
+])
+def test_cli_names_a_config_value_of_the_wrong_kind(tmp_path, capsys, value, message):
+    config = _write(tmp_path / "bad.yaml", {"base_model": "x", "activations": "y", "explanations": "z",
+                                            "out_dir": "o", "train": value})
+    assert main(["train-ar", config]) == 2
+    assert message in capsys.readouterr().err

@@ -213,11 +213,46 @@ def from_dict(cls: type[Config], data: Any, *, where: str = "config") -> Config:
     values = {}
     for name, value in data.items():
         nested = _dataclass_in(hints[name])
-        values[name] = from_dict(nested, value, where=f"{where}.{name}") if nested and value is not None else value
+        if nested and value is not None:
+            value = from_dict(nested, value, where=f"{where}.{name}")
+        else:
+            _check_scalar(value, hints[name], f"{where}.{name}")
+        values[name] = value
     try:
         return cls(**values)
     except TypeError as exc:
         raise ConfigError(f"{where}: {exc}") from exc
+
+
+_SCALARS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def _check_scalar(value: Any, hint: Any, where: str) -> None:
+    """A YAML value of the wrong kind for an int / float / bool / str field (optional ones too) is
+    named here, not left to fail inside a comparison in the dataclass's own checks."""
+    kinds = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    if value is None and type(None) in kinds:
+        return
+    wanted = [kind for kind in kinds if kind in _SCALARS]
+    if len(wanted) != 1:
+        return  # not a plain scalar field (tuples, dicts, unions of scalars): the dataclass checks it
+    kind = wanted[0]
+    accepted = (int, float) if kind is float else (kind,)
+    if isinstance(value, accepted) and (kind is bool or not isinstance(value, bool)):
+        return
+    note = " (YAML reads 1e-5 as text: write 1.0e-5)" if kind is float and _number_text(value) else ""
+    raise ConfigError(f"{where}: expected {_SCALARS[kind]}, got {value!r}{note}")
+
+
+def _number_text(value: Any) -> bool:
+    """A string Python reads as a number (YAML 1.1 needs a dot in `1.0e-5`, so `1e-5` stays text)."""
+    if not isinstance(value, str):
+        return False
+    try:
+        float(value)
+    except ValueError:
+        return False
+    return True
 
 
 def _dataclass_in(hint: Any) -> type | None:
