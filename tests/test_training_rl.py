@@ -204,6 +204,11 @@ def test_rl_step_gradient_equals_plain_hf_and_torch(sft_pair):
     # float64 both sides; HF builds its rotary tables in float32, which leaves ~1e-9 relative.
     assert total == pytest.approx(float(expected.detach()), rel=1e-7)
 
+    _assert_same_gradients(av, hf)
+
+
+def _assert_same_gradients(av, hf) -> None:
+    """Every HF parameter's gradient equals the TL one mapped to its name (float64 both sides)."""
     hf_params = dict(hf.named_parameters())
     compared = 0
     for name, param in av.model.named_parameters():
@@ -245,14 +250,7 @@ def test_sft_term_adds_the_plain_cross_entropy_gradient(sft_pair):
     expected = 0.7 * summed / n_tokens
     expected.backward()
     assert total == pytest.approx(float(expected.detach()), rel=1e-7)
-    hf_params = dict(hf.named_parameters())
-    compared = 0
-    for name, param in av.model.named_parameters():
-        target = _hf_target(name, param.grad, av.model.cfg, qkv_bias=False) if param.grad is not None else None
-        if target is not None:
-            assert torch.allclose(target[1], hf_params[target[0]].grad, atol=1e-8, rtol=1e-5), name
-            compared += 1
-    assert compared == len([p for p in hf.parameters() if p.requires_grad])
+    _assert_same_gradients(av, hf)
 
 
 def test_sft_term_needs_labelled_rows_and_a_valid_config(sft_pair):
