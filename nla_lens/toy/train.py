@@ -31,6 +31,7 @@ from nla_lens.toy import base as toy_base
 from nla_lens.toy.corpus import Play, fetch_wheel, read_plays
 from nla_lens.toy.evaluate import (
     HELDOUT_FILE,
+    HELDOUT_PLAYS,
     SCORES_FILE,
     TOY_PARTS,
     evaluate_toy,
@@ -46,7 +47,6 @@ from nla_lens.training.export import export_ar, export_av
 from nla_lens.training.extraction import Document, extract_activations, load_activations
 from nla_lens.verbalizer import ActivationVerbalizer
 
-HELDOUT_PLAYS = ("macbeth", "the-tempest")
 AV_TEMPLATE = "Explain <concept>{injection_char}</concept>"
 AR_TEMPLATE = "Summary of the following text: <text>{explanation}</text> <summary>"
 log = logging.getLogger("nla_lens.toy")
