@@ -8,6 +8,7 @@ a reader (or a resumed job) never sees a half-written file.
 from __future__ import annotations
 
 import json
+import math
 import os
 import uuid
 from collections.abc import Callable
@@ -131,8 +132,23 @@ def write_table(table: pa.Table, path: Path) -> None:
         write_atomic(path, lambda tmp: pq.write_table(table, tmp))
     else:
         write_atomic(path, lambda tmp: tmp.write_text(
-            "".join(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in table.to_pylist()),
-            encoding="utf-8"))
+            "".join(json_text(row) + "\n" for row in table.to_pylist()), encoding="utf-8"))
+
+
+def json_text(value: Any, indent: int | None = None) -> str:
+    """Strict JSON: a NaN or infinite float (a metric not computed, a failed parse's MSE) becomes null,
+    since jq, JavaScript and most JSON readers outside Python reject Python's `NaN` literal."""
+    return json.dumps(_finite_or_null(value), ensure_ascii=False, default=str, indent=indent, allow_nan=False)
+
+
+def _finite_or_null(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite_or_null(item) for item in value]
+    return value
 
 
 def write_vectors(vectors: Float[Tensor, "n d_model"], path: Path) -> None:

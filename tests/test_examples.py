@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import runpy
 import sys
 from pathlib import Path
@@ -34,7 +35,14 @@ def test_example_configs_extract_and_train_an_nla_that_loads(tmp_path, monkeypat
     assert av.injection_spec == nl.InjectionSpec("karvonen", "blocks.1.hook_resid_post")
     assert main(["train-rl", "examples/train-rl.yaml"]) == 0
     assert "held-out FVE" in capsys.readouterr().out
+    # Strict JSON for readers outside Python: the SFT term is off, so its per-step loss is null, not NaN.
+    result = json.loads((tmp_path / "runs/rl/train_result.json").read_text(), parse_constant=_not_json)
+    assert [step["sft_loss"] for step in result["history"]] == [None] * 4
     rl_av = nl.ActivationVerbalizer.from_pretrained(tmp_path / "runs/rl/av")
     assert rl_av.meta.raw["stage"] == "rl" and rl_av.injection_spec == av.injection_spec
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["activations", "ar", "av", "explanations.jsonl",
                                                                      "rl"]
+
+
+def _not_json(constant: str) -> None:
+    raise AssertionError(f"{constant} is Python's extension, not JSON")

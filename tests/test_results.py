@@ -70,6 +70,17 @@ def test_records_pandas_parquet_and_jsonl_agree(results, kind, tmp_path):
     assert [json.loads(line) for line in lines] == json.loads(json.dumps(records))
 
 
+def test_jsonl_writes_a_missing_number_as_null_not_nan(tmp_path):
+    import pyarrow as pa
+
+    from nla_lens.vector_files import write_table
+
+    write_table(pa.table({"explanation": ["a", None], "mse": [0.5, float("nan")], "fve": [float("inf"), 0.2]}),
+                tmp_path / "out.jsonl")
+    assert (tmp_path / "out.jsonl").read_text(encoding="utf-8").splitlines() == [
+        '{"explanation": "a", "mse": 0.5, "fve": null}', '{"explanation": null, "mse": null, "fve": 0.2}']
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_html_is_self_contained_and_shows_every_shown_column(results, kind, tmp_path):
     result = results[kind]

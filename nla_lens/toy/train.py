@@ -45,6 +45,7 @@ from nla_lens.training.ar_sft import init_ar, train_ar
 from nla_lens.training.av_sft import init_av, train_av
 from nla_lens.training.export import export_ar, export_av
 from nla_lens.training.extraction import Document, extract_activations, load_activations
+from nla_lens.vector_files import json_text
 from nla_lens.verbalizer import ActivationVerbalizer
 
 AV_TEMPLATE = "Explain <concept>{injection_char}</concept>"
@@ -138,7 +139,7 @@ def train_toy(out: Path, cfg: ToyConfig, work: Path) -> dict:
         "config": asdict(cfg),
         "minutes": (time.perf_counter() - started) / 60,
     }
-    (out / SCORES_FILE).write_text(json.dumps(summary, indent=1, default=str))
+    (out / SCORES_FILE).write_text(json_text(summary, indent=1))
     return train_toy_rl(out, cfg, work)
 
 
@@ -187,7 +188,7 @@ def train_toy_rl(out: Path, cfg: ToyConfig, work: Path, resume: Path | None = No
                      "curve": [{k: row[k] for k in CURVE_KEYS} for row in result.history],
                      "config": asdict(cfg.rl), "minutes": (time.perf_counter() - started) / 60}
     summary["best_pair"] = "rl" if scores.fve > summary["heldout"]["fve"] else "sft"
-    (out / SCORES_FILE).write_text(json.dumps(summary, indent=1, default=str))
+    (out / SCORES_FILE).write_text(json_text(summary, indent=1))
     return summary
 
 

@@ -22,6 +22,7 @@ from nla_lens.training.export import export_ar, export_av
 from nla_lens.training.extraction import Document, extract_activations, load_activations
 from nla_lens.training.loop import TrainResult
 from nla_lens.training.rl import train_rl
+from nla_lens.vector_files import json_text
 from nla_lens.verbalizer import ActivationVerbalizer
 
 MODEL_DIR = "model"
@@ -78,8 +79,7 @@ def _save_result(config: SFTRunConfig | RLRunConfig, model_dir: Path, result: Tr
     if world.is_main:
         summary = {"model_dir": model_dir, "config": asdict(config), "world_size": world.world_size,
                    **asdict(result)}
-        (Path(config.out_dir) / RESULT_FILE).write_text(json.dumps(summary, indent=1, default=str),
-                                                        encoding="utf-8")
+        (Path(config.out_dir) / RESULT_FILE).write_text(json_text(summary, indent=1), encoding="utf-8")
     return RunResult(model_dir, result)
 
 
