@@ -194,6 +194,9 @@ def test_evaluate_command_scores_the_slices_the_readme_quotes(tmp_path, heldout_
     with pytest.raises(SystemExit) as exit_info:
         evaluate.main(["--folder", str(tmp_path / "nope")])
     assert exit_info.value.code == 2 and "is not a toy NLA folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(["--output", str(tmp_path / "no" / "slices.json")])
+    assert exit_info.value.code == 2 and "does not exist" in capsys.readouterr().err
 
 
 @NEEDS_TL3

