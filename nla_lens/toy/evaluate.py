@@ -191,7 +191,8 @@ def shuffled_fve(reconstructions: Float[Tensor, "n d_model"], vectors: Float[Ten
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m nla_lens.toy.evaluate", description=__doc__.splitlines()[0])
     parser.add_argument("--folder", type=Path, default=TOY_DIR, help="a toy checkpoint folder (default: the bundled)")
-    parser.add_argument("--pair", nargs="+", choices=PAIRS, default=list(PAIRS))
+    parser.add_argument("--pair", nargs="+", choices=PAIRS, default=list(PAIRS),
+                        help="the pairs to score (default: both)")
     parser.add_argument("--slice", nargs="+", choices=SLICES, default=list(SLICES), dest="slices",
                         help=f"scored: the first {SCORED_POSITIONS} positions of heldout.json (scores.json's); "
                              "second: the rest of it; PLAY-rest: the long speeches of a held-out play past the "
