@@ -8,7 +8,6 @@ finished by rerunning the same call; `shards=[...]` redoes chosen shards, e.g. i
 from __future__ import annotations
 
 import hashlib
-import json
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -28,7 +27,7 @@ from nla_lens.nla import NLA, check_pair, resolve_baseline
 from nla_lens.parsing import injection_warning
 from nla_lens.reconstructor import ActivationReconstructor
 from nla_lens.sidecar import NLAMeta, load_meta
-from nla_lens.vector_files import VectorTable, check_output, read_input, write_atomic, write_table
+from nla_lens.vector_files import VectorTable, check_output, json_text, read_input, write_atomic, write_table
 from nla_lens.verbalizer import ActivationVerbalizer, Verbalization
 
 
@@ -165,7 +164,7 @@ def round_trip_file(
     fve = None if resolved.value is None else metrics.fve(mse, resolved.value)
     summary = RoundTripSummary(len(mse), float(mse.mean()), fve, resolved.value, resolved.source,
                                result.table.column("explanation").null_count, ar_meta.mse_scale)
-    write_atomic(summary_path(output), lambda tmp: tmp.write_text(json.dumps(asdict(summary), indent=2) + "\n",
+    write_atomic(summary_path(output), lambda tmp: tmp.write_text(json_text(asdict(summary), indent=2) + "\n",
                                                                   encoding="utf-8"))
     return replace(result, summary=summary, warnings=result.warnings + [w for w in [resolved.warning] if w])
 
