@@ -206,22 +206,27 @@ def result_html(name: str, summary: str, records: Sequence[dict[str, Any]], colu
 
 
 def feature_card_html(title: str, hook_name: str, summary: str, explanation: str | None, raw_text: str,
-                      windows: Sequence[tuple[Sequence[str], Sequence[float], int]]) -> str:
+                      windows: Sequence[tuple[Sequence[str], Sequence[float], int]],
+                      said_here: Sequence[str | None] | None = None) -> str:
     """An SAE feature's card: the NLA's explanation, then one row per context window (tokens, their
-    activations, the index of the token the window was picked for), strongest first."""
+    activations, the index of the token the window was picked for), strongest first; with `said_here`,
+    a column of what the NLA says of the residual at each window's peak."""
     top = max((acts[center] for _, acts, center in windows), default=0.0) or 1.0
     said = (html.escape(explanation) if explanation is not None else
             f"<span class='nla-unparsed'>(no &lt;explanation&gt; tags) {html.escape(raw_text)}</span>")
     rows = []
-    for tokens, activations, center in windows:
+    for row, (tokens, activations, center) in enumerate(windows):
         spans = []
         for i, (token, activation) in enumerate(zip(tokens, activations, strict=True)):
             background = _rgb(_ramp(_ACTIVATION, activation / top))
             peak = " nla-peak" if i == center else ""
             spans.append(f"<span class='nla-tok{peak}' style='background:{background};color:{_ink(background)}' "
                          f"title='{activation:.3f}'>{html.escape(token.replace(chr(10), chr(0x21b5)))}</span>")
+        here = "" if said_here is None else (
+            f"<td>{html.escape(said_here[row])}</td>" if said_here[row] is not None else
+            "<td><span class='nla-unparsed'>(no &lt;explanation&gt; tags)</span></td>")
         rows.append(f"<tr><td class='num'>{_num(activations[center])}</td>"
-                    f"<td class='nla-context'>{''.join(spans)}</td></tr>")
+                    f"<td class='nla-context'>{''.join(spans)}</td>{here}</tr>")
     stops = ", ".join(_rgb(c) for c in _ACTIVATION)
     legend = (f"<div class='nla-legend'><span><span class='nla-swatch' style='background: linear-gradient(to right, "
               f"{stops})'></span>activation 0 to {top:.2f}</span><span><span class='nla-swatch nla-peak'></span>"
@@ -229,7 +234,8 @@ def feature_card_html(title: str, hook_name: str, summary: str, explanation: str
     return (f"<div class='nla-view'><style>{_STYLE}</style>"
             f"<div class='nla-head'><b>{html.escape(title)}</b> · <code>{html.escape(hook_name)}</code></div>"
             f"<div class='nla-said'>NLA: {said}</div><div class='nla-meta'>{html.escape(summary)}</div>{legend}"
-            f"<table><tr><th>activation</th><th>context</th></tr>{''.join(rows)}</table></div>")
+            f"<table><tr><th>activation</th><th>context</th>{'' if said_here is None else '<th>NLA at the peak</th>'}"
+            f"</tr>{''.join(rows)}</table></div>")
 
 
 def format_cell(value: Any, width: int | None = None) -> str:

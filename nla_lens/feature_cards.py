@@ -9,7 +9,7 @@ one row per context in `to_pandas()` and `save()`, and in a notebook the feature
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -42,6 +42,7 @@ class FeatureContext:
     tokens: list[str]  # the window, decoded one token at a time
     activations: list[float]  # the feature's activation at each token of the window
     center: int  # index of `position` inside the window
+    explanation: str | None = None  # the AV's explanation of the base residual here (`explain_contexts=True`)
 
     @property
     def token(self) -> str:
@@ -59,6 +60,7 @@ class FeatureCard(TabularResult):
     contexts: list[FeatureContext]  # strongest first
     n_positions: int  # positions scanned
     n_active: int  # positions where the feature is > 0
+    explained_contexts: bool = False  # each context carries the AV's explanation of its own residual
 
     display_columns = ("text", "position", "token", "activation", "context")
 
@@ -72,8 +74,8 @@ class FeatureCard(TabularResult):
 
     def to_records(self) -> list[dict[str, Any]]:
         return [{"feature": self.feature, "text": c.text, "position": c.position, "token": c.token,
-                 "activation": c.activation, "context": "".join(c.tokens), "explanation": self.explanation,
-                 "cosine": self.cosine} for c in self.contexts]
+                 "activation": c.activation, "context": "".join(c.tokens), "context_explanation": c.explanation,
+                 "explanation": self.explanation, "cosine": self.cosine} for c in self.contexts]
 
     def summary(self) -> str:
         token, count = self.top_tokens()[0] if self.contexts else ("-", 0)
@@ -84,8 +86,9 @@ class FeatureCard(TabularResult):
 
     def _repr_html_(self) -> str:
         windows = [(c.tokens, c.activations, c.center) for c in self.contexts]
+        said_here = [c.explanation for c in self.contexts] if self.explained_contexts else None
         return display.feature_card_html(f"Feature {self.feature}", self.hook_name, self.summary(), self.explanation,
-                                         self.verbalization.text, windows)
+                                         self.verbalization.text, windows, said_here)
 
 
 def feature_card(
@@ -100,6 +103,7 @@ def feature_card(
     after: int = 2,
     skip_first: int = 0,
     offset: ResidualStats | None = None,
+    explain_contexts: bool = False,
     allow_other_hook: bool = False,
     **verbalize_kwargs: Any,
 ) -> FeatureCard:
@@ -108,6 +112,9 @@ def feature_card(
 
     The base model runs each text to layer K, `sae.encode` reads `blocks.K.hook_resid_post`; the
     first `skip_first` positions of each text are left out (e.g. a BOS that every feature ignores).
+    `explain_contexts=True` also verbalizes the base residual at each context's peak (`k` more AV
+    generations): what the NLA says where the feature fires, beside what it says of the decoder row
+    (on the bundled toy the former names the feature's token far more often: README, "SAE features").
     `offset` and `verbalize_kwargs` are as in :func:`~nla_lens.sae.verbalize_sae_features`.
     """
     av = nla.av if isinstance(nla, NLA) else nla
@@ -141,6 +148,19 @@ def feature_card(
             text, position, float(acts[position]),
             [base.tokenizer.decode([t], clean_up_tokenization_spaces=False) for t in ids[lo:hi]],
             torch.nan_to_num(acts[lo:hi], nan=0.0).tolist(), position - lo))
+    if explain_contexts and contexts:
+        contexts = _explain_contexts(av, base, texts, contexts, verbalize_kwargs)
     cosine = None if readout.cosines is None or readout.cosines[0].isnan() else float(readout.cosines[0])
     return FeatureCard(feature, readout.hook_name, readout.verbalizations[0], cosine, contexts,
-                       int(scanned.sum()), n_active)
+                       int(scanned.sum()), n_active, explain_contexts)
+
+
+def _explain_contexts(av: ActivationVerbalizer, base: TLModel, texts: list[str], contexts: list[FeatureContext],
+                      verbalize_kwargs: dict[str, Any]) -> list[FeatureContext]:
+    """Each context with the AV's explanation of the base residual at its peak. The (at most k) texts
+    involved run once more rather than every text's residuals being kept through the scan."""
+    chosen = sorted({c.text for c in contexts})
+    residuals = dict(zip(chosen, (resid for _, resid in text_residuals(base, [texts[i] for i in chosen],
+                                                                        av.meta.layer)), strict=True))
+    said = av.verbalize(torch.stack([residuals[c.text][c.position] for c in contexts]), **verbalize_kwargs)
+    return [replace(c, explanation=v.explanation) for c, v in zip(contexts, said, strict=True)]

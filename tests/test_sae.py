@@ -163,6 +163,28 @@ def test_feature_card_shows_the_strongest_contexts_next_to_the_explanation(toy, 
     assert html.escape(card.explanation) in page and "<script" not in page and "http" not in page
     assert page.count("nla-tok nla-peak") == len(card.contexts)  # each context's peak token is outlined
     assert list(card.to_pandas()["position"]) == [c.position for c in card.contexts]
+    assert "NLA at the peak" not in page and set(card.to_pandas()["context_explanation"]) == {None}
+
+
+@NEEDS_SAE_LENS
+def test_feature_card_explains_the_residual_at_each_context(toy, tmp_path):
+    layer = toy.av.meta.layer
+    sae = make_sae(128, 32, f"blocks.{layer}.hook_resid_post")
+    card = nl.feature_card(sae, toy.base, TOY_TEXTS, 9, toy.av, k=4, skip_first=8, explain_contexts=True,
+                           max_new_tokens=48, progress=False)
+    # Independent reference: the residuals at the card's positions from a plain run_with_cache, verbalized.
+    hook = f"blocks.{layer}.hook_resid_post"
+    residuals = []
+    for c in card.contexts:
+        _, cache = toy.base.run_with_cache(torch.tensor([toy.base.tokenizer(TOY_TEXTS[c.text])["input_ids"]]),
+                                           names_filter=hook)
+        residuals.append(cache[hook][0, c.position])
+    expected = [v.explanation for v in toy.av.verbalize(torch.stack(residuals), max_new_tokens=48)]
+    assert len(card.contexts) == 4 and [c.explanation for c in card.contexts] == expected
+    assert all(e is not None and e.startswith("The token ") for e in expected)
+    assert list(card.to_pandas()["context_explanation"]) == expected
+    page = card.save(tmp_path / "card.html").read_text()
+    assert "NLA at the peak" in page and all(html.escape(e) in page for e in expected)
 
 
 @NEEDS_SAE_LENS
@@ -209,6 +231,9 @@ def test_toy_sae_features_are_named_by_the_av_well_above_control():
     recorded = json.loads((TOY_DIR / SCORES_FILE).read_text())
     assert result.agreement == pytest.approx(recorded["agreement"], abs=0.05)
     assert result.agreement_offset == pytest.approx(recorded["agreement_offset"], abs=0.05)
+    assert result.agreement_top_context == pytest.approx(recorded["agreement_top_context"], abs=0.05)
+    # Where the feature fires most, the real residual is named far more often than the decoder row is.
+    assert result.agreement_top_context >= result.agreement + 0.2
 
 
 @NEEDS_SAE_LENS

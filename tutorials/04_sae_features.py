@@ -100,13 +100,17 @@ display_table = bare.to_pandas()  # in a notebook, `bare` itself shows as a tabl
 # %% [markdown]
 # ## A feature card: the evidence next to the explanation
 # In a notebook the card shows as HTML (the strongest token of each context outlined);
-# `card.save("card.html")` writes a self-contained page.
+# `card.save("card.html")` writes a self-contained page. `explain_contexts=True` also asks the AV
+# about the real residual at each context's peak: on the toy those explanations name the feature's
+# token far more often than the decoder row's does (README, "SAE features").
 
 # %%
-card = nl.feature_card(sae, base, texts, features[0], nla, k=8, skip_first=SKIP_FIRST,
+card = nl.feature_card(sae, base, texts, features[0], nla, k=8, skip_first=SKIP_FIRST, explain_contexts=True,
                        max_new_tokens=MAX_NEW_TOKENS, progress=False)
 print(card)
 print("top tokens:", card.top_tokens())
+for context in card.contexts[:3]:
+    print(f"{context.activation:6.2f} {context.token!r:<10} the AV there: {context.explanation}")
 html_view = card._repr_html_()  # what a notebook shows for `card`
 
 # %% [markdown]

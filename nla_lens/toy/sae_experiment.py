@@ -5,7 +5,9 @@ sae-lens's own training runner (offline: an in-memory dataset of the bundled hel
 wandb, seeded), then, for every live feature whose top activations fall mostly on one token T,
 asks the toy AV to explain the feature's decoder row and checks whether the explanation names T
 (the toy's explanations start `The token "T"`). It reports that agreement with and without the
-mean-residual offset, and a control that pairs each explanation with another feature's T.
+mean-residual offset, for the base residual at the feature's strongest activation (what
+`feature_card(..., explain_contexts=True)` explains first), and a control that pairs each
+explanation with another feature's T.
 
 Re-run it whenever the bundled toy is retrained (`--write` stores the numbers beside the
 checkpoints, where the test compares them with a fresh run); the README quotes them.
@@ -76,8 +78,10 @@ class FeatureRow:
     purity: float
     explanation: str | None
     explanation_offset: str | None
+    explanation_top_context: str | None  # of the base residual at the feature's strongest activation
     named: bool
     named_offset: bool
+    named_top_context: bool
     control_token: str
     named_control: bool
 
@@ -90,6 +94,7 @@ class SAEExperimentResult(TabularResult):
     n_token_features: int
     agreement: float  # explanation of the bare decoder row names T
     agreement_offset: float  # explanation of mean + spread * unit row names T
+    agreement_top_context: float  # explanation of the residual where the feature fires most names T
     control: float  # explanation of the bare row names another feature's T
     cosine: float  # mean cos(AR reconstruction of the bare row's explanation, the row)
     cosine_offset: float  # the same with the mean offset (the mean subtracted from the reconstruction)
@@ -100,7 +105,7 @@ class SAEExperimentResult(TabularResult):
     config: SAEExperimentConfig
     rows: list[FeatureRow]
 
-    display_columns = ("feature", "token", "purity", "named", "named_offset", "explanation")
+    display_columns = ("feature", "token", "purity", "named", "named_offset", "named_top_context", "explanation")
 
     def to_records(self) -> list[dict[str, Any]]:
         return [asdict(r) for r in self.rows]
@@ -108,7 +113,8 @@ class SAEExperimentResult(TabularResult):
     def summary(self) -> str:
         return (f"{self.n_token_features} of {self.n_live} live features fire >= {self.config.purity:.0%} on one "
                 f"token in their top {self.config.top_k}; the AV names that token for {self.agreement:.1%} of them "
-                f"(bare decoder rows), {self.agreement_offset:.1%} with the mean offset; control (another "
+                f"(bare decoder rows), {self.agreement_offset:.1%} with the mean offset, "
+                f"{self.agreement_top_context:.1%} for the residual where it fires most; control (another "
                 f"feature's token) {self.control:.1%}. Mean AR cosine to the decoder row {self.cosine:.3f} "
                 f"({self.cosine_offset:.3f} with the offset; {self.control_cosine:.3f} to the control's row). "
                 f"SAE: d_sae {self.config.d_sae}, L0 {self.sae_l0:.1f}, "
@@ -213,17 +219,23 @@ def run_sae_experiment(folder: Path = TOY_DIR, cfg: SAEExperimentConfig | None =
     kwargs = {"max_new_tokens": cfg.max_new_tokens, "batch_size": 128, "progress": False}
     bare = verbalize_sae_features(nla, sae, features, **kwargs)
     shifted = verbalize_sae_features(nla, sae, features, offset=ResidualStats.from_vectors(resid), **kwargs)
+    strongest = resid[acts[:, features].argmax(dim=0)]  # [n_features, d_model]
+    top_context = nla.av.verbalize(strongest, **kwargs)
     other_rows = sae.W_dec.detach()[[features[j] for j in pairs]].float()
     control_cosines = torch.nn.functional.cosine_similarity(bare.reconstructions, other_rows, dim=1)
     table = []
-    for f, e, e_offset, control in zip(found, bare.explanations, shifted.explanations, controls, strict=True):
+    for f, e, e_offset, top, control in zip(found, bare.explanations, shifted.explanations, top_context, controls,
+                                            strict=True):
         table.append(FeatureRow(
-            f.feature, tokenizer.decode([f.token]), f.purity, e, e_offset, names_token(e, tokenizer, f.token),
-            names_token(e_offset, tokenizer, f.token), tokenizer.decode([control]), names_token(e, tokenizer, control)))
+            f.feature, tokenizer.decode([f.token]), f.purity, e, e_offset, top.explanation,
+            names_token(e, tokenizer, f.token), names_token(e_offset, tokenizer, f.token),
+            names_token(top.explanation, tokenizer, f.token), tokenizer.decode([control]),
+            names_token(e, tokenizer, control)))
     n = len(table)
     return SAEExperimentResult(
         n_positions=len(tokens), n_live=n_live, n_token_features=n,
         agreement=sum(r.named for r in table) / n, agreement_offset=sum(r.named_offset for r in table) / n,
+        agreement_top_context=sum(r.named_top_context for r in table) / n,
         control=sum(r.named_control for r in table) / n, cosine=float(bare.cosines.nanmean()),
         cosine_offset=float(shifted.cosines.nanmean()), control_cosine=float(control_cosines.nanmean()),
         sae_fvu=sae_fvu,
@@ -246,7 +258,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.exit(2, f"error: {error}\n")
     if args.rows:
         for r in result.rows:
-            print(f"{r.feature:>5} {r.token!r:<12} named={r.named!s:<5} offset={r.named_offset!s:<5} {r.explanation}")
+            print(f"{r.feature:>5} {r.token!r:<12} named={r.named!s:<5} offset={r.named_offset!s:<5} "
+                  f"top_context={r.named_top_context!s:<5} {r.explanation}")
     print(result.summary())
     if args.write:
         scores = {k: v for k, v in asdict(result).items() if k not in ("rows", "train_seconds")}
