@@ -342,10 +342,11 @@ class _Trainer:
         rows, config = self.sft_rows, self.config
         index = step_vectors(step, len(rows), config.sft_batch, config.seed)
         n_tokens = sum(len(rows.responses[i]) for i in index.tolist())
-        share, counts = parallel.rank_share(index, self.world)
+        share, has_rows = parallel.rank_share(index, self.world)
         self.sft_share, self.policy_phase = share, self._sft_loss
-        most = max(len(rank_rows) for rank_rows in index.tensor_split(self.world.world_size))
-        chunks = _padded_chunks(len(share) if counts else 0, most, config.micro_batch)
+        # rank_share's tensor_split gives the first ranks the larger shares: ceil(rows / ranks) at most.
+        most = math.ceil(len(index) / self.world.world_size)
+        chunks = _padded_chunks(len(share) if has_rows else 0, most, config.micro_batch)
         return self._backward(self.policy, chunks, n_tokens)
 
     def _clip_or_skip(self, params: dict[str, nn.Parameter]) -> tuple[float, float]:
