@@ -152,7 +152,7 @@ class Capture:
         self.positions = positions
         self.calls = calls
         self.tokens = tokens
-        self._real = _real_tokens(model, attention_mask, tokens)
+        self._real = real_tokens(model, attention_mask, tokens)
         if self._real is not None:
             resolve_positions(positions, self._real)  # fail before the user's run, not inside it
         self.rows: list[CapturedRow] = []
@@ -221,7 +221,7 @@ class Capture:
         seen_tokens, seen_mask = (t if t is not None and tuple(t.shape) == (batch, width) else None
                                   for t in self._seen)
         if real is None and self._real is None and (seen_tokens is not None or seen_mask is not None):
-            real = _real_tokens(self.model, seen_mask, seen_tokens)  # inferred from this call's own input
+            real = real_tokens(self.model, seen_mask, seen_tokens)  # inferred from this call's own input
         if real is None:
             real = torch.ones(batch, width, dtype=torch.bool, device=output.device)
         rows, cols = resolve_positions(self.positions, real.to(output.device))
@@ -269,8 +269,14 @@ def resid_post(model: TLModel, tokens: Int[Tensor, "batch pos"], layer: int, *,
     return kept[0]
 
 
-def _real_tokens(model: TLModel, attention_mask: Tensor | None,
-                 tokens: Tensor | None) -> Bool[Tensor, "batch pos"] | None:
+def real_tokens(model: TLModel, attention_mask: Tensor | None,
+                tokens: Tensor | None) -> Bool[Tensor, "batch pos"] | None:
+    """Which columns hold real tokens: the mask if given, else inferred from pads in `tokens`; None
+    when nothing marks padding (every column is real)."""
+    for name, value in (("tokens", tokens), ("attention_mask", attention_mask)):
+        if value is not None and not isinstance(value, Tensor):
+            raise InputError(f"{name} must be a [batch, pos] tensor (e.g. model.to_tokens(text)), "
+                             f"got {type(value).__name__}")
     if tokens is not None and attention_mask is not None and tokens.shape != attention_mask.shape:
         raise InputError(
             f"tokens {list(tokens.shape)} and attention_mask {list(attention_mask.shape)} must have the same shape"

@@ -55,12 +55,12 @@ def resolve_device(device: torch.device | str) -> torch.device:
     return parsed
 
 
-def check_at_least_one(**values: int) -> None:
-    """Each named count must be an int >= 1, e.g. `check_at_least_one(batch_size=batch_size)`."""
+def check_counts(minimum: int, /, **values: int) -> None:
+    """Each named count must be an int >= `minimum`, e.g. `check_counts(1, batch_size=batch_size)`."""
     wrong = [f"{name}={value!r}" for name, value in values.items()
-             if isinstance(value, bool) or not isinstance(value, int) or value < 1]
+             if isinstance(value, bool) or not isinstance(value, int) or value < minimum]
     if wrong:
-        raise InputError(f"{', '.join(wrong)}: must be a whole number >= 1")
+        raise InputError(f"{', '.join(wrong)}: must be a whole number >= {minimum}")
 
 
 def check_sampling(temperature: float, top_p: float, max_new_tokens: int, batch_size: int) -> None:

@@ -12,7 +12,7 @@ import pyarrow as pa
 import torch
 
 from nla_lens import shard_store, sharded
-from nla_lens.checks import check_at_least_one, check_input_file, check_output_path, resolve_device
+from nla_lens.checks import check_counts, check_input_file, check_output_path, resolve_device
 from nla_lens.cli_checks import base_for, nla_checkpoint
 from nla_lens.distributed import World
 from nla_lens.errors import InputError, PromptTooLongError
@@ -213,7 +213,7 @@ def _run_reconstruct(args: argparse.Namespace) -> None:
     from nla_lens.reconstructor import ActivationReconstructor
 
     resolve_device(args.device)
-    check_at_least_one(batch_size=args.batch_size)
+    check_counts(1, batch_size=args.batch_size)
     nla_checkpoint(args.ar, "ar")
     if args.output:
         check_output_path(args.output, _VECTOR_SUFFIXES, "--output")
@@ -247,7 +247,8 @@ def add_explain(subparsers: argparse._SubParsersAction) -> None:
     source.add_argument("--file", type=Path, help="a UTF-8 text file: each non-empty line is one text")
     parser.add_argument("--positions", type=_positions_arg,
                         help="which tokens: comma-separated positions (negative from the end) such as 3,-1, or a "
-                             "slice such as 8: (default: every token)")
+                             "slice such as 8: (default: every token); a value that starts with '-' goes after "
+                             "'=', as in --positions=-2,-1 or --positions=-4:")
     parser.add_argument("--baseline", type=float, help="FVE baseline (default: the AR sidecar's held-out one)")
     parser.add_argument("--output", type=Path, help="also write the rows to .parquet / .jsonl, or the view to .html")
     parser.add_argument("--max-new-tokens", type=int, default=150, help="longest explanation (default 150)")
@@ -295,7 +296,7 @@ def _run_explain(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
     if args.output is not None:
         check_save_path(args.output)
-    check_at_least_one(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    check_counts(1, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     _, av_meta = nla_checkpoint(args.av, "av")
     nla_checkpoint(args.ar, "ar")
     if args.base is not None:

@@ -21,7 +21,7 @@ from transformer_lens.hook_points import HookPoint
 from transformer_lens.utilities import get_act_name
 
 from nla_lens import backends
-from nla_lens.capture import Capture, PositionSpec, capture, resolve_positions
+from nla_lens.capture import Capture, PositionSpec, capture, real_tokens, resolve_positions
 from nla_lens.errors import InputError
 from nla_lens.injection import HookFn, check_vectors
 from nla_lens.nla import NLA, RoundTrip, baseline_phrase
@@ -168,6 +168,7 @@ def steer_then_verbalize(
     both runs, and verbalize both (round-trip them too when given an NLA).
 
     Steering at layer K itself moves the captured vector by exactly `scale * steering_vector`.
+    Without `attention_mask`, `steer_positions` skip padding by the rule the capture uses.
     `baseline` is passed to the round trip: give a held-out set's for per-row FVEs that mean much.
     """
     av = _verbalizer(nla_or_av)
@@ -177,7 +178,9 @@ def steer_then_verbalize(
     if vector.shape[0] != 1:
         raise InputError(f"steering_vector must be one [d_model] vector, got shape {list(steering_vector.shape)}")
     _check_reaches(base_model, steer_layer, layer, "steer_layer")
-    hook = (f"blocks.{steer_layer}.hook_resid_post", steering_hook(vector[0], scale, steer_positions, attention_mask))
+    real = real_tokens(base_model, attention_mask, tokens)
+    hook = (f"blocks.{steer_layer}.hook_resid_post",
+            steering_hook(vector[0], scale, steer_positions, None if real is None else real.long()))
     with torch.no_grad():
         clean = _capture_run(base_model, layer, positions, tokens, attention_mask, [])
         steered = _capture_run(base_model, layer, positions, tokens, attention_mask, [hook])
@@ -213,13 +216,16 @@ def patching_study(
     Follows `transformer_lens.patching` (`get_act_patch_resid_pre` and friends): the activation is
     `utils.get_act_name(activation_name, patch_layer)` (default `blocks.{L}.hook_resid_pre`), taken
     from `run_with_cache` on the clean tokens, and written into the corrupted run at column
-    `patch_position` of every row; clean and corrupted tokens have the same shape. The clean,
+    `patch_position` of every row (for `pattern` / `attn_scores`, `[batch, head, query, key]`: the
+    query row `patch_position` of every head); clean and corrupted tokens have the same shape. The clean,
     corrupted and patched residuals at layer K (`capture_position`, default the last column) are
     verbalized (and round-tripped, with an NLA) in one batch.
     """
     av = _verbalizer(nla_or_av)
     layer = av.meta.layer if capture_layer is None else capture_layer
     _check_base(base_model, av)
+    real_tokens(base_model, None, clean_tokens)
+    real_tokens(base_model, None, corrupted_tokens)
     if clean_tokens.shape != corrupted_tokens.shape or clean_tokens.ndim != 2:
         raise InputError(
             f"clean {list(clean_tokens.shape)} and corrupted {list(corrupted_tokens.shape)} tokens must be "
@@ -237,7 +243,7 @@ def patching_study(
         with capture(base_model, layer, capture_position, tokens=clean_tokens) as clean:
             _, cache = base_model.run_with_cache(clean_tokens, names_filter=hook_name, stop_at_layer=layer + 1,
                                                  attention_mask=clean_mask)
-        patch = (hook_name, _patch_hook(cache[hook_name], patch_position % width))
+        patch = (hook_name, _patch_hook(cache[hook_name], patch_position % width, _position_axis(hook_name)))
         corrupted = _capture_run(base_model, layer, capture_position, corrupted_tokens, None, [])
         patched = _capture_run(base_model, layer, capture_position, corrupted_tokens, None, [patch])
     runs: tuple[tuple[Literal["clean", "corrupted", "patched"], Capture], ...] = (
@@ -255,7 +261,7 @@ def patching_study(
 
 
 def verbalize_direction(
-    av: ActivationVerbalizer,
+    nla_or_av: NLA | ActivationVerbalizer,
     direction: Float[Tensor, "n d_model"],
     scale_like: Float[Tensor, "m d_model"] | None = None,
     **verbalize_kwargs: Any,
@@ -269,6 +275,7 @@ def verbalize_direction(
     norm of the reference activations `scale_like` (e.g. real layer-K residuals), so that they can
     be stored, compared or round-tripped next to real activations.
     """
+    av = _verbalizer(nla_or_av)
     vectors = check_vectors(direction, av.meta.d_model).float()
     if scale_like is not None:
         reference = check_vectors(scale_like, av.meta.d_model).float()
@@ -294,12 +301,19 @@ def _readout(verbalization: Verbalization) -> str:
     return verbalization.text if verbalization.explanation is None else verbalization.explanation
 
 
-def _patch_hook(clean_activation: Tensor, position: int) -> HookFn:
-    """TL's `layer_pos_patch_setter`: the clean activation at `position` of every row."""
+def _position_axis(hook_name: str) -> int:
+    """The token axis of a hook's activation: 2 (the query) in `[batch, head, query, key]` attention
+    patterns and scores, 1 everywhere else."""
+    return 2 if hook_name.endswith(("hook_pattern", "hook_attn_scores")) else 1
+
+
+def _patch_hook(clean_activation: Tensor, position: int, axis: int = 1) -> HookFn:
+    """TL's `layer_pos_patch_setter`: the clean activation at `position` (along `axis`) of every row."""
+    index = (slice(None),) * axis + (position,)
 
     def hook(activation: Tensor, hook: HookPoint) -> Tensor:
         activation = activation.clone()
-        activation[:, position] = clean_activation[:, position].to(activation.device)
+        activation[index] = clean_activation[index].to(activation.device)
         return activation
 
     return hook

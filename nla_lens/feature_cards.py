@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from nla_lens import display
+from nla_lens.checks import check_counts
 from nla_lens.errors import InputError
 from nla_lens.nla import NLA
 from nla_lens.results import TabularResult
@@ -121,8 +122,8 @@ def feature_card(
     if not isinstance(av, ActivationVerbalizer):
         raise InputError(f"nla must be an NLA or an ActivationVerbalizer, got {type(nla).__name__}")
     check_sae_reads_layer(sae, av.meta.layer, av.meta.d_model, allow_other_hook=allow_other_hook)
-    if k < 1:
-        raise InputError(f"k must be at least 1, got {k}")
+    check_counts(1, k=k)
+    check_counts(0, before=before, after=after, skip_first=skip_first)
     readout = verbalize_sae_features(nla, sae, [feature], offset=offset, allow_other_hook=allow_other_hook,
                                      **verbalize_kwargs)
     per_text = []

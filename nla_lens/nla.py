@@ -14,7 +14,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from nla_lens import loading, metrics
-from nla_lens.checks import check_at_least_one
+from nla_lens.checks import check_counts
 from nla_lens.errors import InputError, PairMismatchError
 from nla_lens.injection import check_vectors
 from nla_lens.parsing import injection_warning
@@ -181,7 +181,7 @@ class NLA:
         32 of them; otherwise `fve` is None and `warnings` says how to get one (the released Qwen3-8B
         L24 pair: about 0.56).
         """
-        check_at_least_one(reconstruct_batch_size=reconstruct_batch_size)
+        check_counts(1, reconstruct_batch_size=reconstruct_batch_size)
         vectors = check_vectors(vectors, self.av.meta.d_model).float()
         resolved = resolve_baseline(vectors, self.mse_scale, baseline, self.ar.meta)  # before the expensive part
         with warnings.catch_warnings():

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from nla_lens import backends, loading
-from nla_lens.checks import check_at_least_one, check_explanations, resolve_device, resolve_dtype
+from nla_lens.checks import check_counts, check_explanations, resolve_device, resolve_dtype
 from nla_lens.distributed import inference
 from nla_lens.errors import PromptTooLongError, SidecarError
 from nla_lens.sidecar import NLAMeta, ar_prompt_ids, check_tokenizer, load_meta
@@ -98,7 +98,7 @@ class ActivationReconstructor:
     def reconstruct(self, explanations: list[str], batch_size: int = 64,
                     progress: bool = False) -> Float[Tensor, "n d_model"]:
         """The readout at the last token of each AR prompt, as float32 vectors."""
-        check_at_least_one(batch_size=batch_size)
+        check_counts(1, batch_size=batch_size)
         tokens, mask = self.prompt_tokens(explanations)
         self.fallback_reason = backends.ar_fallback_reason(self.model)
         out = []

@@ -19,6 +19,7 @@ the original residual (reconstruction + error) when the SAE was added with ``use
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import metadata
 from types import ModuleType
@@ -30,6 +31,7 @@ from torch import Tensor
 
 from nla_lens import backends
 from nla_lens.capture import resid_post
+from nla_lens.checks import check_counts
 from nla_lens.errors import BackendError, InputError, SAEMismatchError
 from nla_lens.injection import check_vectors
 from nla_lens.nla import NLA
@@ -134,6 +136,7 @@ def text_residuals(base: TLModel, texts: list[str], layer: int, *,
 def residual_stats(base: TLModel, texts: list[str], layer: int, *, skip_first: int = 0,
                    max_tokens: int | None = None) -> ResidualStats:
     """:class:`ResidualStats` of layer `layer` over every position of `texts` past the first `skip_first`."""
+    check_counts(0, skip_first=skip_first)
     rows = [resid[skip_first:] for _, resid in text_residuals(base, texts, layer, max_tokens=max_tokens)]
     vectors = torch.cat(rows)
     if len(vectors) == 0:
@@ -181,12 +184,20 @@ class FeatureVerbalizations(TabularResult):
                 f"{failed} failed parses, {cosine}")
 
 
-def decoder_rows(sae: SAE, features: list[int]) -> Float[Tensor, "n d_in"]:
-    """`sae.W_dec[features]` as float32, after checking the ids."""
+def _feature_ids(features: list[int] | Tensor) -> list[int]:
+    """`features` as a list (a tensor's values, any iterable's items); a bare id is refused, not guessed."""
     if isinstance(features, Tensor):
         features = features.tolist()
-    if isinstance(features, int) or not features:
-        raise InputError("features must be a non-empty list of feature ids")
+    ids = list(features) if isinstance(features, Iterable) and not isinstance(features, str) else []
+    if not ids:
+        raise InputError(f"features must be a non-empty list of feature ids, got {features!r} "
+                         "(for one feature write [f])")
+    return ids
+
+
+def decoder_rows(sae: SAE, features: list[int]) -> Float[Tensor, "n d_in"]:
+    """`sae.W_dec[features]` as float32, after checking the ids."""
+    features = _feature_ids(features)
     d_sae = sae.cfg.d_sae
     bad = [f for f in features if isinstance(f, bool) or not isinstance(f, int) or not 0 <= f < d_sae]
     if bad:
@@ -230,7 +241,7 @@ def verbalize_sae_features(
     if not isinstance(av, ActivationVerbalizer):
         raise InputError(f"av_or_nla must be an ActivationVerbalizer or an NLA, got {type(av_or_nla).__name__}")
     hook_name = check_sae_reads_layer(sae, av.meta.layer, av.meta.d_model, allow_other_hook=allow_other_hook)
-    features = features.tolist() if isinstance(features, Tensor) else list(features)
+    features = _feature_ids(features)
     rows = decoder_rows(sae, features)
     vectors = check_vectors(feature_vectors(rows, offset), av.meta.d_model)
     verbalizations = av.verbalize(vectors, **verbalize_kwargs)

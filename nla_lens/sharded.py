@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from nla_lens import loading, metrics, shard_store
-from nla_lens.checks import check_at_least_one, check_sampling
+from nla_lens.checks import check_counts, check_sampling
 from nla_lens.distributed import World, barrier, device_for, process_group
 from nla_lens.injection import check_vectors
 from nla_lens.nla import NLA, check_pair, resolve_baseline
@@ -132,7 +132,7 @@ def round_trip_file(
     """
     input_path, output = Path(input_path), Path(output)
     check_output(output)
-    check_at_least_one(reconstruct_batch_size=reconstruct_batch_size)
+    check_counts(1, reconstruct_batch_size=reconstruct_batch_size)
     av_folder, ar_folder = loading.resolve_checkpoint(av), loading.resolve_checkpoint(ar)
     av_meta, ar_meta = load_meta(av_folder), load_meta(ar_folder)
     check_pair(av_meta, ar_meta)

@@ -37,7 +37,7 @@ from torch import Tensor
 from transformer_lens.hook_points import HookPoint
 
 from nla_lens import backends
-from nla_lens.capture import PositionSpec, _real_tokens, resid_post, resolve_positions
+from nla_lens.capture import PositionSpec, real_tokens, resid_post, resolve_positions
 from nla_lens.errors import InputError, PairMismatchError, VectorError
 from nla_lens.injection import HookFn, check_vectors, unit
 from nla_lens.nla import NLA
@@ -213,7 +213,7 @@ def steer_with_words(
     """
     _check_inputs(nla, base, tokens, layer, alpha, mode, samples, continue_tokens)
     k = nla.ar.meta.layer
-    real = _real_tokens(base, attention_mask, tokens)
+    real = real_tokens(base, attention_mask, tokens)
     if real is None:
         real = torch.ones(tokens.shape, dtype=torch.bool)
     rows, cols = resolve_positions(positions, real.to(tokens.device))

@@ -113,6 +113,42 @@ def test_patching_study_equals_hand_written_tl_patching(base, nla, layer, positi
     assert no_hooks_left(base)
 
 
+def test_patching_an_attention_pattern_patches_the_query_row_of_every_head(base, av_karvonen):
+    """`[batch, head, query, key]`: patch_position is the query row, as TL's pattern patchers read it."""
+    clean_tokens, corrupted_tokens = equal_length_pair(base)
+    pattern = "blocks.1.attn.hook_pattern"
+    study = nl.patching_study(base, av_karvonen, clean_tokens, corrupted_tokens, patch_layer=1, patch_position=-2,
+                              activation_name="pattern", **FAST)
+    _, clean_cache = base.run_with_cache(clean_tokens, names_filter=pattern)
+    query = clean_tokens.shape[1] - 2
+
+    def patch(corrupted, hook):
+        corrupted = corrupted.clone()
+        corrupted[:, :, query, :] = clean_cache[pattern][:, :, query, :]
+        return corrupted
+
+    with base.hooks(fwd_hooks=[(pattern, patch)]):
+        _, patched = base.run_with_cache(corrupted_tokens, names_filter=NAME)
+    assert study.hook_name == pattern
+    assert torch.equal(study.patched_vectors, patched[NAME][:, -1])
+    assert (study.patched_vectors - study.corrupted_vectors).abs().max() > 1e-4
+    with pytest.raises(nl.InputError, match="patch_position must be"):  # a query row, not one of 4 heads
+        nl.patching_study(base, av_karvonen, clean_tokens, corrupted_tokens, patch_layer=1,
+                          patch_position=clean_tokens.shape[1], activation_name="pattern")
+    assert no_hooks_left(base)
+
+
+def test_steer_positions_skip_right_padding_without_a_mask(base, nla, steer):
+    """Without a mask the steering hook reads padding as the capture does: -1 is each row's last real token."""
+    tokens, mask = padded(base, "right")
+    kwargs = {"steering_vector": steer, "scale": 3.0, "steer_layer": LAYER, "steer_positions": -1, **FAST}
+    implicit = nl.steer_then_verbalize(base, nla, tokens, baseline=0.5, **kwargs)
+    explicit = nl.steer_then_verbalize(base, nla, tokens, attention_mask=mask, baseline=0.5, **kwargs)
+    assert (implicit.steered_vectors - implicit.clean_vectors - 3.0 * steer).abs().max() < 1e-5
+    assert [(r.batch, r.position) for r in implicit.rows] == [(b, int(m.sum()) - 1) for b, m in enumerate(mask)]
+    assert torch.equal(implicit.steered_vectors, explicit.steered_vectors)
+
+
 def test_patching_study_table_has_a_row_per_run_and_site_with_fve(base, nla):
     clean_tokens, corrupted_tokens = equal_length_pair(base)
     study = nl.patching_study(base, nla, clean_tokens, corrupted_tokens, patch_layer=1, patch_position=1,
@@ -161,6 +197,11 @@ def test_injection_only_sees_the_direction_so_verbalize_direction_is_scale_free(
     assert plain.explanations == [v.explanation for v in plain.verbalizations]
 
 
+def test_verbalize_direction_takes_an_nla_as_the_other_helpers_do(nla, steer):
+    through_nla = nl.verbalize_direction(nla, steer, **FAST)
+    assert through_nla.verbalizations == nla.av.verbalize(steer[None], **FAST)
+
+
 def test_word_diff_reports_added_and_removed_words():
     assert word_diff("the cat sat on the mat", "the dog sat on a red mat") == (["dog", "a", "red"], ["cat", "the"])
     assert word_diff("same words", "same words") == ([], [])
@@ -193,4 +234,8 @@ def test_experiment_arguments_are_checked_with_typed_errors(base, nla, av_karvon
         nl.patching_study(base, base, clean_tokens, corrupted_tokens, patch_layer=0, patch_position=0)
     with pytest.raises(nl.VectorError, match="zero"):
         nl.verbalize_direction(av_karvonen, torch.zeros(D_MODEL))
+    with pytest.raises(nl.InputError, match=r"tokens must be a \[batch, pos\] tensor.*to_tokens.*got str"):
+        nl.steer_then_verbalize(base, nla, "The cat", steering_vector=steer, scale=1.0, steer_layer=0)
+    with pytest.raises(nl.InputError, match=r"tokens must be a \[batch, pos\] tensor"):
+        nl.patching_study(base, nla, "The cat", "The dog", patch_layer=0, patch_position=0)
     assert no_hooks_left(base)

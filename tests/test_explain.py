@@ -139,6 +139,16 @@ def test_explain_command_prints_rows_and_writes_them(tmp_path, capsys):
     assert [r["text_index"] for r in rows] == [0, 1] and all(r["fve"] is not None for r in rows)
 
 
+@pytest.mark.parametrize("value, positions", [("-1", [-1]), ("=-2,-1", [-2, -1]), ("=-4:", slice(-4, None)),
+                                             ("=3,-1", [3, -1]), ("=8:", slice(8, None))])
+def test_explain_positions_take_the_forms_the_help_shows(value, positions):
+    from nla_lens.cli import build_parser
+
+    flag = ["--positions" + value] if value.startswith("=") else ["--positions", value]
+    args = build_parser().parse_args(["explain", "--av", "a", "--ar", "b", "--text", "x", *flag])
+    assert args.positions == positions
+
+
 @pytest.mark.parametrize("args, message", [
     (["--text", ""], "nothing to explain"),
     (["--file", "/no/such/file.txt"], "does not exist"),

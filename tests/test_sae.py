@@ -66,6 +66,26 @@ def test_sae_of_another_hook_or_width_is_refused_with_a_typed_error(av_karvonen)
 
 
 @NEEDS_SAE_LENS
+@pytest.mark.parametrize("features", [5, "5", [], None], ids=["bare_int", "str", "empty", "none"])
+def test_features_that_are_not_a_list_of_ids_are_refused(av_karvonen, features):
+    sae = make_sae(D_MODEL, 8, f"blocks.{LAYER}.hook_resid_post")
+    with pytest.raises(nl.InputError, match=r"non-empty list of feature ids.*for one feature write \[f\]"):
+        nl.verbalize_sae_features(av_karvonen, sae, features, progress=False)
+
+
+@NEEDS_SAE_LENS
+@pytest.mark.parametrize("bad", [{"skip_first": -1}, {"before": -1}, {"after": -2}, {"before": 1.5}, {"k": 0}])
+def test_feature_card_window_and_skip_must_be_whole_numbers(toy, bad):
+    sae = make_sae(128, 32, f"blocks.{toy.av.meta.layer}.hook_resid_post")
+    name, value = next(iter(bad.items()))
+    with pytest.raises(nl.InputError, match=rf"{name}={value!r}: must be a whole number >= {int(name == 'k')}"):
+        nl.feature_card(sae, toy.base, TOY_TEXTS, 9, toy.av, **bad)
+    if name == "skip_first":
+        with pytest.raises(nl.InputError, match="skip_first=-1: must be a whole number >= 0"):
+            nl.residual_stats(toy.base, TOY_TEXTS, toy.av.meta.layer, skip_first=-1)
+
+
+@NEEDS_SAE_LENS
 def test_next_blocks_resid_pre_is_the_same_residual(av_karvonen):
     from nla_lens.sae import check_sae_reads_layer
 

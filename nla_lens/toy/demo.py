@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from nla_lens.checks import check_at_least_one, check_output_path
+from nla_lens.checks import check_counts, check_output_path
 from nla_lens.explain import Explanation, explain_tokens
 from nla_lens.toy import TOY_DIR
 from nla_lens.toy.evaluate import HELDOUT_FILE, MAX_TOKENS, MIN_CONTEXT, PAIRS, SCORES_FILE, ToyNLA, best_pair
@@ -39,7 +39,7 @@ def run_demo(folder: Path = TOY_DIR, n_sentences: int = 3, max_new_tokens: int =
              progress: bool = False, pair: str | None = None) -> DemoResult:
     """Round-trip every position past the toy's minimum context in a few held-out speeches, with
     `pair` ("sft" / "rl"; default: the one with the better held-out FVE in `scores.json`)."""
-    check_at_least_one(n_sentences=n_sentences, max_new_tokens=max_new_tokens)
+    check_counts(1, n_sentences=n_sentences, max_new_tokens=max_new_tokens)
     pair = pair or best_pair(folder)
     toy = ToyNLA.load(folder, pair=pair)
     tokenizer = toy.av.tokenizer
