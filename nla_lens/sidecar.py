@@ -123,7 +123,7 @@ def _parse_model_dialect(data: dict[str, Any], source: str) -> NLAMeta:
     extraction = _section(data, "extraction", source, required=False)
     critic = _section(data, "critic", source, required=False)
     ar = _section(data, "ar", source, required=False)
-    d_model = _int(data.get("d_model", extraction.get("d_model")), "d_model", source)
+    d_model = _int(data.get("d_model", extraction.get("d_model")), "d_model", source, minimum=1)
     ar_blocks = _first_present(ar.get("num_hidden_layers"), critic.get("num_hidden_layers"))  # K + 1
     layer = _first_present(
         data.get("extraction_layer_index"),
@@ -142,7 +142,7 @@ def _parse_model_dialect(data: dict[str, Any], source: str) -> NLAMeta:
 def _parse_dataset_dialect(data: dict[str, Any], source: str) -> NLAMeta:
     _expect_schema(data, 1, source)
     extraction = _section(data, "extraction", source)
-    d_model = _int(extraction.get("d_model"), "extraction.d_model", source)
+    d_model = _int(extraction.get("d_model"), "extraction.d_model", source, minimum=1)
     injection_scale = _scale(extraction.get("injection_scale"), d_model, "injection_scale", source)
     # nanoNLA trains with the Karvonen add at the output of decoder layer 1.
     injection = _explicit_injection(data, source) or InjectionSpec.of("karvonen")
@@ -156,8 +156,14 @@ def _build(data: dict[str, Any], source: str, *, role: Literal["av", "ar"] | Non
     tokens = _section(data, "tokens", source)
     templates = _section(data, "prompt_templates", source)
     suffix = tokens.get("critic_suffix_ids")
+    if suffix is not None and (not isinstance(suffix, list) or not suffix):
+        raise SidecarError(f"{source}: tokens.critic_suffix_ids must be a non-empty list of token ids (or null), "
+                           f"got {suffix!r}")
     av_template = templates.get("av", templates.get("actor"))
     ar_template = templates.get("ar", templates.get("critic"))
+    for name, template in (("AV", av_template), ("AR", ar_template)):
+        if template is not None and not isinstance(template, str):
+            raise SidecarError(f"{source}: the {name} prompt template must be a string, got {template!r}")
     if av_template is not None and "{injection_char}" not in av_template:
         raise SidecarError(f"{source}: the AV template has no '{{injection_char}}' placeholder")
     if ar_template is not None and "{explanation}" not in ar_template:
@@ -171,7 +177,7 @@ def _build(data: dict[str, Any], source: str, *, role: Literal["av", "ar"] | Non
         schema_version=data["schema_version"],
         role=role,
         d_model=d_model,
-        layer=_int(layer, "the extraction layer index", source),
+        layer=_int(layer, "the extraction layer index", source, minimum=0),
         injection_char=injection_char,
         injection_token_id=_int(tokens.get("injection_token_id"), "tokens.injection_token_id", source),
         injection_left_neighbor_id=_int(
@@ -200,7 +206,7 @@ def _recorded_baseline(data: dict[str, Any], source: str) -> tuple[float | None,
         return None, None
     value = block.get("value") if isinstance(block, dict) else None
     n = block.get("n") if isinstance(block, dict) else None
-    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf
             or isinstance(n, bool) or not isinstance(n, int) or n < 2):
         raise SidecarError(f"{source}: fve_baseline must be a mapping {{value: a positive number, n: an integer "
                            f">= 2}}, got {block!r}; fix it or delete the block")
@@ -237,9 +243,11 @@ def _first_present(*values: Any) -> Any:
     return next((v for v in values if v is not None), None)
 
 
-def _int(value: Any, name: str, source: str) -> int:
+def _int(value: Any, name: str, source: str, minimum: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise SidecarError(f"{source}: {name} must be an integer, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise SidecarError(f"{source}: {name} must be >= {minimum}, got {value}")
     return value
 
 
@@ -249,9 +257,9 @@ def _scale(value: Any, d_model: int, name: str, source: str) -> float | None:
         return None
     if value == "sqrt_d_model":
         return math.sqrt(d_model)
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf:
         return float(value)
-    raise SidecarError(f"{source}: {name} must be a positive number or 'sqrt_d_model', got {value!r}")
+    raise SidecarError(f"{source}: {name} must be a positive finite number or 'sqrt_d_model', got {value!r}")
 
 
 def av_prompt_ids(meta: NLAMeta, tokenizer: Any) -> list[int]:
@@ -289,8 +297,9 @@ def tokenization_record(tokenizer: Any) -> dict[str, Any]:
             "bos_token_id": bos if bos is not None and first == [bos] else None}
 
 
-def check_tokenizer(meta: NLAMeta, tokenizer: Any) -> None:
-    """Check the sidecar's token facts against the live tokenizer; raise on any drift."""
+def check_tokenizer(meta: NLAMeta, tokenizer: Any, role: Literal["av", "ar"] | None = None) -> None:
+    """Check the sidecar's token facts against the live tokenizer; raise on any drift. Loading an AR
+    (`role="ar"`) skips the AV's chat prompt, which an AR's tokenizer need not be able to build."""
     marker_ids = tokenizer.encode(meta.injection_char, add_special_tokens=False)
     if len(marker_ids) != 1:
         raise TokenizerDriftError(
@@ -305,7 +314,7 @@ def check_tokenizer(meta: NLAMeta, tokenizer: Any) -> None:
             f"[{meta.injection_token_id}]: the tokenizer is not the one this NLA was trained with. "
             "Load the tokenizer saved with the checkpoint."
         )
-    if meta.av_template is not None:
+    if meta.av_template is not None and role != "ar":
         import torch
 
         ids = torch.tensor([av_prompt_ids(meta, tokenizer)])
@@ -323,7 +332,8 @@ def check_tokenizer(meta: NLAMeta, tokenizer: Any) -> None:
         if live != recorded["bos_token_id"]:
             raise TokenizerDriftError(
                 f"the sidecar records BOS {recorded['bos_token_id']} first in base text and AR prompts, this "
-                f"tokenizer puts {live}: it is not the tokenizer the NLA was trained with. Load the checkpoint's"
+                f"tokenizer puts {live}: it is not the tokenizer the NLA was trained with. Load the "
+                "checkpoint's tokenizer."
             )
     if meta.critic_suffix_ids is not None and meta.ar_template is not None:
         ids = tokenizer.encode(meta.ar_prompt("a"), add_special_tokens=False)

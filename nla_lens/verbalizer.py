@@ -117,7 +117,7 @@ class ActivationVerbalizer:
                                "ActivationReconstructor.from_pretrained")
         spec = _injection_spec(meta, injection, hook_point)
         tokenizer = loading.load_tokenizer(folder, trust_remote_code=trust_remote_code)
-        check_tokenizer(meta, tokenizer)
+        check_tokenizer(meta, tokenizer, role="av")
         model = backends.load_model(folder, tokenizer, backend=backend, dtype=dtype, device=device,
                                     trust_remote_code=trust_remote_code)
         return cls(model, tokenizer, meta, spec, loading.eos_token_ids(folder, tokenizer))

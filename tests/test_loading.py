@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -59,6 +60,29 @@ def test_ar_loads_from_a_full_depth_folder_reading_only_kept_blocks(tiny_paths, 
     reference = nl.ActivationReconstructor.from_pretrained(tiny_paths["ar_nanonla"])
     texts = ["a cat", "the sea"]
     assert torch.equal(ar.reconstruct(texts), reference.reconstruct(texts))
+
+
+def test_ar_with_fewer_blocks_than_its_sidecar_reads_is_refused(tiny_paths, tmp_path):
+    folder = shutil.copytree(tiny_paths["ar_nanonla"], tmp_path / "ar")
+    meta = yaml.safe_load((folder / "nla_meta.yaml").read_text())
+    blocks = json.loads((folder / "config.json").read_text())["num_hidden_layers"]
+    meta["extraction"]["layer_index"] = blocks
+    (folder / "nla_meta.yaml").write_text(yaml.safe_dump(meta, allow_unicode=True))
+    with pytest.raises(nl.CheckpointError, match=rf"needs K\+1={blocks + 1} blocks.*num_hidden_layers={blocks}"):
+        nl.ActivationReconstructor.from_pretrained(folder)
+
+
+def test_ar_loads_without_a_chat_template(tiny_paths, tmp_path):
+    """The AR never builds the AV's chat prompt, so its tokenizer need not carry the template."""
+    folder = shutil.copytree(tiny_paths["ar_nanonla"], tmp_path / "ar")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    (folder / "chat_template.jinja").unlink()
+    ar = nl.ActivationReconstructor.from_pretrained(folder)
+    reference = nl.ActivationReconstructor.from_pretrained(tiny_paths["ar_nanonla"])
+    assert not ar.tokenizer.chat_template
+    assert torch.equal(ar.reconstruct(["a cat"]), reference.reconstruct(["a cat"]))
 
 
 def test_pickle_only_checkpoint_is_refused(tiny_paths, tmp_path):

@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 import nla_lens as nl
+from nla_lens import loading
 from nla_lens.sidecar import InjectionSpec, check_tokenizer, load_meta, parse_meta
 from nla_lens.testing import AR_TEMPLATE, AV_TEMPLATE, build_tokenizer, token_facts
 
@@ -105,8 +106,16 @@ def test_injection_scale_resolution():
     (lambda d: d.pop("tokens"), "section 'tokens'"),
     (lambda d: d["tokens"].update(injection_token_id="x"), "injection_token_id must be an integer"),
     (lambda d: d.update(d_model=None), "d_model must be an integer"),
-    (lambda d: d["extraction"].update(mse_scale="big"), "mse_scale must be a positive number"),
-    (lambda d: d["extraction"].update(injection_scale=-1), "injection_scale must be a positive number"),
+    (lambda d: d["extraction"].update(mse_scale="big"), "mse_scale must be a positive finite number"),
+    (lambda d: d["extraction"].update(mse_scale=float("inf")), "mse_scale must be a positive finite number"),
+    (lambda d: d["extraction"].update(injection_scale=-1), "injection_scale must be a positive finite number"),
+    (lambda d: d["extraction"].update(injection_scale=float("inf")), "injection_scale must be a positive finite"),
+    (lambda d: d.update(fve_baseline={"value": float("inf"), "n": 10}), "fve_baseline must be a mapping"),
+    (lambda d: d.update(d_model=0), "d_model must be >= 1, got 0"),
+    (lambda d: d.update(extraction_layer_index=-1), "layer index must be >= 0, got -1"),
+    (lambda d: d["tokens"].update(critic_suffix_ids=5), "critic_suffix_ids must be a non-empty list"),
+    (lambda d: d["tokens"].update(critic_suffix_ids=[]), "critic_suffix_ids must be a non-empty list"),
+    (lambda d: d["prompt_templates"].update(ar=7), "AR prompt template must be a string, got 7"),
     (lambda d: d["prompt_templates"].update(av="no placeholder"), "injection_char"),
     (lambda d: d["prompt_templates"].update(ar="no placeholder"), "explanation"),
     (lambda d: d.update(injection={"method": "telepathy"}), "unknown injection method"),
@@ -187,3 +196,10 @@ def test_sidecar_d_model_must_match_the_model(tiny_paths, tmp_path):
 
 def test_sqrt_d_model_scale_matches_sqrt():
     assert parse_meta(dataset_dialect(mse_scale="sqrt_d_model")).mse_scale == math.sqrt(4096)
+
+
+def test_a_recorded_bos_the_tokenizer_does_not_put_first_names_the_fix(tiny_paths):
+    meta = load_meta(tiny_paths["ar_nanonla"])
+    drifted = parse_meta({**meta.raw, "tokenization": {"bos_token_id": 7}})
+    with pytest.raises(nl.TokenizerDriftError, match=r"records BOS 7 first.*Load the checkpoint's tokenizer\.$"):
+        check_tokenizer(drifted, loading.load_tokenizer(tiny_paths["ar_nanonla"]), role="ar")

@@ -31,7 +31,7 @@ def init_ar(base_model: str | Path, dataset: NLAMeta, *, device: str | torch.dev
     folder = loading.resolve_checkpoint(base_model)
     tokenizer = loading.load_tokenizer(folder)
     meta = parse_meta(model_sidecar(dataset, "ar"), source="AR sidecar")
-    check_tokenizer(meta, tokenizer)
+    check_tokenizer(meta, tokenizer, role="ar")
     model = loading.load_hooked_transformer(folder, tokenizer, dtype=dtype, device=device, n_layers=meta.layer + 1)
     freeze_weights_hf_lacks(model, loading.load_hf_config(folder))
     readout = nn.Linear(meta.d_model, meta.d_model, bias=False, device=device, dtype=dtype)
