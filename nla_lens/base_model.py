@@ -33,7 +33,7 @@ def load_base(source: NLA | ActivationVerbalizer | ActivationReconstructor | NLA
     meta = _meta_of(source)
     folder = _base_folder(source, meta)
     _warn_if_nla_checkpoint(folder)
-    config = loading.load_hf_config(folder)
+    config = loading.load_hf_config(folder).get_text_config()  # a Gemma-3 wrapper keeps the sizes in text_config
     if meta is not None:
         d_model, n_layers = getattr(config, "hidden_size", None), getattr(config, "num_hidden_layers", None)
         if d_model is not None and d_model != meta.d_model:

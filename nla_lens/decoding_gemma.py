@@ -26,6 +26,7 @@ from transformer_lens import HookedTransformer
 from transformer_lens.components import Embed, GatedMLP, GroupedQueryAttention, RMSNorm, Unembed
 
 from nla_lens.backends import gemma3
+from nla_lens.fast_hooks import torch_hook_reason
 from nla_lens.injection import HookFn
 
 _HOOKABLE = re.compile(r"^(hook_embed|blocks\.\d+\.hook_resid_post)$")
@@ -104,7 +105,10 @@ class GemmaDecoder:
             return None
         if not all(_HOOKABLE.match(name) for name, _ in fwd_hooks):
             return None
-        if any(hp._forward_hooks or hp._forward_pre_hooks for hp in model.hook_dict.values()):
+        if any(hp._forward_hooks or hp._forward_pre_hooks or hp._backward_hooks or hp._backward_pre_hooks
+               for hp in model.hook_dict.values()):
+            return None
+        if torch_hook_reason(model) is not None:  # e.g. nl.capture on a block: only TL's forward calls it
             return None
         if cfg.attn_scores_soft_cap > 0 or cfg.use_attn_result or cfg.use_split_qkv_input or cfg.use_attn_in:
             return None

@@ -68,7 +68,7 @@ class HookPlan:
     def of(cls, model: nn.Module, extra: Iterable[str] = ()) -> HookPlan:
         """The plan for `model`'s hooks as attached now, plus hooks about to go on the points in `extra`."""
         n_layers = model.cfg.n_layers
-        reason = _torch_hook_reason(model)
+        reason = torch_hook_reason(model)
         hooked = set(extra)
         for name, point in model.hook_dict.items():
             if point._backward_hooks or point._backward_pre_hooks:
@@ -92,7 +92,7 @@ class HookPlan:
         return cls(embed, blocks, reason)
 
 
-def _torch_hook_reason(model: nn.Module) -> str | None:
+def torch_hook_reason(model: nn.Module) -> str | None:
     """A torch hook on a module the fast path never calls (anything but a `HookPoint`)."""
     for name, module in model.named_modules():
         if isinstance(module, HookPoint):

@@ -60,8 +60,15 @@ def unit(vectors: Float[Tensor, "n d_model"]) -> Float[Tensor, "n d_model"]:
 def karvonen_add(
     resid: Float[Tensor, "n d_model"], vectors: Float[Tensor, "n d_model"]
 ) -> Float[Tensor, "n d_model"]:
-    """``h + ||h|| * v / ||v||``, in the residual's dtype (as the reference forward hook does)."""
-    vectors = vectors.to(resid.dtype)
+    """``h + ||h|| * v / ||v||``, in the residual's dtype (as the reference forward hook does).
+
+    `v` is first scaled by a power of two to a norm in [0.5, 1): exact in binary floating point, so
+    the bits match the reference's cast-then-normalise, but a norm past fp16's range (or entries
+    below it) no longer makes ``v / ||v||`` zero or NaN.
+    """
+    wide = vectors if vectors.dtype in (torch.float32, torch.float64) else vectors.float()
+    _, exponent = torch.frexp(wide.double().norm(dim=-1, keepdim=True))
+    vectors = torch.ldexp(wide, -exponent.to(wide.dtype)).to(resid.dtype)
     return resid + resid.norm(dim=-1, keepdim=True) * unit(vectors)
 
 
@@ -95,6 +102,12 @@ class Injection:
         return [(self.spec.hook_point, self.hook)]
 
     def hook(self, activation: Float[Tensor, "batch pos d_model"], hook: HookPoint) -> Tensor | None:
+        if activation.ndim != 3 or activation.shape[-1] != self.vectors.shape[-1]:
+            raise InjectionError(
+                f"{self.spec.hook_point} carries activations of shape {list(activation.shape)}, not [batch, pos, "
+                f"{self.vectors.shape[-1]}]: inject at a residual-stream or embedding hook point (e.g. "
+                "blocks.1.hook_resid_post or hook_embed)"
+            )
         batch, pos = activation.shape[:2]
         if pos == 1 and self.token_shape[1] > 1:
             return None  # a KV-cached decode step: the prompt was injected at prefill

@@ -16,7 +16,7 @@ from transformers import PreTrainedTokenizerBase
 from nla_lens import backends, loading
 from nla_lens.checks import check_sampling, resolve_device, resolve_dtype
 from nla_lens.distributed import inference
-from nla_lens.errors import InjectionError, SidecarError
+from nla_lens.errors import InjectionError, PromptTooLongError, SidecarError
 from nla_lens.injection import Injection, check_vectors
 from nla_lens.markers import find_marker_sites
 from nla_lens.parsing import injection_warning, parse_explanation
@@ -157,6 +157,7 @@ class ActivationVerbalizer:
         """Explain each vector. Temperature 0 is greedy; a seed makes sampling reproducible.
         `progress` shows a bar over batches (off by default; the CLI turns it on)."""
         check_sampling(temperature, top_p, max_new_tokens, batch_size)
+        self._check_fits(max_new_tokens)
         vectors = check_vectors(vectors, self.meta.d_model)
         generator = None
         if seed is not None:
@@ -173,6 +174,15 @@ class ActivationVerbalizer:
         if warning:
             warnings.warn(warning, stacklevel=2)
         return results
+
+    def _check_fits(self, max_new_tokens: int) -> None:
+        """The last sampled token is never fed back, so the model sees prompt + max_new_tokens - 1 positions."""
+        prompt, n_ctx = self._prompt.shape[-1], self.model.cfg.n_ctx
+        if prompt + max_new_tokens - 1 > n_ctx:
+            raise PromptTooLongError(
+                f"max_new_tokens={max_new_tokens} after the {prompt}-token AV prompt runs past n_ctx={n_ctx}; "
+                f"use max_new_tokens <= {n_ctx - prompt + 1}"
+            )
 
     def _generate(self, vectors: Float[Tensor, "n d_model"], max_new_tokens: int, temperature: float,
                   top_p: float, generator: torch.Generator | None) -> list[list[int]]:
@@ -217,7 +227,7 @@ def _injection_spec(meta: NLAMeta, injection: InjectionSpec | str | None,
                     hook_point: str | None) -> InjectionSpec:
     """User override > explicit sidecar block > the dialect rule (resolved by the sidecar parser)."""
     if isinstance(injection, InjectionSpec):
-        return injection
+        return injection if hook_point is None else InjectionSpec(injection.method, hook_point)
     if isinstance(injection, str):
         return InjectionSpec.of(injection, hook_point)
     if meta.injection is None:

@@ -7,6 +7,7 @@ the paper's critic (BOS first, final norm removed, value head at the last token)
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import struct
@@ -195,6 +196,38 @@ def test_gemma3_fast_decoder_equals_tl_forward_past_the_window(gemma_avs, gemma_
         assert isinstance(backends.decoder(av.model, 1, 64, hooks), decoding.HookedDecoder)
     assert isinstance(backends.decoder(av.model, 1, 64, [("blocks.0.hook_mlp_out", hooks[0][1])]),
                       decoding.HookedDecoder)
+
+
+def test_gemma3_torch_hooks_and_capture_see_every_decode_step(gemma_avs, gemma_vectors):
+    """The Gemma decoder never calls TL's block modules, so a plain torch hook sends decoding to TL's forward."""
+    av = gemma_avs["gemma_av"]
+    widths = []
+    handle = av.model.blocks[1].register_forward_hook(lambda module, args, output: widths.append(output.shape[1]))
+    try:
+        out = av.verbalize(gemma_vectors[:1], max_new_tokens=4)
+    finally:
+        handle.remove()
+    assert av.fallback_reason is not None and "torch hook on module blocks.1" in av.fallback_reason
+    assert widths == [av.prompt_tokens(1).shape[1]] + [1] * (len(out[0].tokens) - 1)
+    with nl.capture(av.model, 1, calls="all") as captured:
+        av.verbalize(gemma_vectors[:1], max_new_tokens=4)
+    assert len(captured.vectors) == len(widths)
+
+
+def test_load_base_checks_a_multimodal_wrapper_against_the_nla(gemma_avs, bos_paths, tmp_path):
+    """A Gemma-3 wrapper keeps d_model and depth in text_config; they are checked before weights load."""
+    folder = shutil.copytree(bos_paths["gemma_av_multimodal"], tmp_path / "base")
+    (folder / "nla_meta.yaml").unlink()  # a base model folder has no sidecar
+    meta = gemma_avs["gemma_av_multimodal"].meta
+    text = json.loads((folder / "config.json").read_text())["text_config"]
+    wider = dataclasses.replace(meta, d_model=2 * meta.d_model, base_model=str(folder))
+    with pytest.raises(nl.InputError, match=f"d_model={text['hidden_size']} but the NLA reads {2 * meta.d_model}"):
+        nl.load_base(wider)
+    deeper = dataclasses.replace(meta, layer=text["num_hidden_layers"], base_model=str(folder))
+    with pytest.raises(nl.InputError, match=f"has {text['num_hidden_layers']} layers"):
+        nl.load_base(deeper)
+    base = nl.load_base(dataclasses.replace(meta, base_model=str(folder)))
+    assert base.cfg.d_model == meta.d_model
 
 
 # The text_config of Google's released Gemma-3-12B-IT / 27B-IT config.json (the multimodal wrapper).

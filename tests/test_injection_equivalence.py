@@ -121,3 +121,27 @@ def test_injection_refuses_tokens_it_was_not_built_for(av_karvonen, vectors):
     with pytest.raises(nl.InjectionError, match="built for tokens of shape"):
         av_karvonen.model.run_with_hooks(other, fwd_hooks=inj.fwd_hooks())
     assert _no_hooks_left(av_karvonen.model)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_karvonen_add_matches_the_reference_bits_and_survives_extreme_norms(dtype):
+    """The reference casts v to the residual's dtype, then normalises; a power-of-two prescale keeps
+    its bits while a norm past fp16's range (or entries below it) still gives v's direction."""
+    from nla_lens.injection import karvonen_add
+
+    g = torch.Generator().manual_seed(0)
+    resid = (3 * torch.randn(5, 64, generator=g)).to(dtype)
+    v = 7.3 * torch.randn(5, 64, generator=g)
+    cast = v.to(dtype)
+    reference = resid + resid.norm(dim=-1, keepdim=True) * (cast / cast.norm(dim=-1, keepdim=True))
+    assert torch.equal(karvonen_add(resid, v), reference)
+    for scale in (2.0**20, 2.0**-40):  # ||v|| ~ 6e7 overflows fp16; entries ~ 7e-12 vanish in it
+        assert torch.equal(karvonen_add(resid, v * scale), reference)
+
+
+def test_an_injection_at_a_hook_point_that_is_not_the_residual_is_refused(tiny_paths, vectors):
+    for hook_point in ("blocks.1.mlp.hook_post", "blocks.1.attn.hook_z", "blocks.1.attn.hook_pattern"):
+        av = nl.ActivationVerbalizer.from_pretrained(tiny_paths["av_karvonen"], hook_point=hook_point)
+        with pytest.raises(nl.InjectionError, match=f"{hook_point} carries activations of shape.*residual-stream"):
+            av.verbalize(vectors, max_new_tokens=2, progress=False)
+        assert _no_hooks_left(av.model)

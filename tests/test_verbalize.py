@@ -7,6 +7,7 @@ import torch
 
 import hf_reference as ref
 import nla_lens as nl
+from nla_lens.sidecar import InjectionSpec
 
 MAX_NEW = 12
 
@@ -133,3 +134,18 @@ def test_bad_generation_settings_raise_input_error(av_karvonen, vectors):
     for kwargs in ({"temperature": -1.0}, {"top_p": 0.0}, {"max_new_tokens": 0}, {"batch_size": 0}):
         with pytest.raises(nl.InputError):
             av_karvonen.verbalize(vectors, progress=False, **kwargs)
+
+
+def test_max_new_tokens_past_the_context_is_refused_up_front(av_karvonen, vectors, monkeypatch):
+    """An AV that never stops uses prompt + max_new_tokens - 1 positions (the last token is not fed back)."""
+    monkeypatch.setattr(av_karvonen, "eos_token_ids", [av_karvonen.model.cfg.d_vocab + 1])  # never sampled
+    longest = av_karvonen.model.cfg.n_ctx - av_karvonen.prompt_tokens(1).shape[1] + 1
+    assert len(av_karvonen.verbalize(vectors[:1], max_new_tokens=longest)[0].tokens) == longest
+    with pytest.raises(nl.PromptTooLongError, match=rf"max_new_tokens={longest + 1} .* <= {longest}"):
+        av_karvonen.verbalize(vectors[:1], max_new_tokens=longest + 1)
+
+
+def test_a_hook_point_given_beside_an_injection_spec_is_honoured(tiny_paths):
+    av = nl.ActivationVerbalizer.from_pretrained(tiny_paths["av_karvonen"], injection=InjectionSpec.of("karvonen"),
+                                                 hook_point="blocks.3.hook_resid_post")
+    assert av.injection_spec == InjectionSpec("karvonen", "blocks.3.hook_resid_post")
