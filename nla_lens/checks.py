@@ -6,6 +6,7 @@ nothing rather than surfacing as a traceback after minutes of loading or decodin
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -61,6 +62,14 @@ def check_counts(minimum: int, /, **values: int) -> None:
              if isinstance(value, bool) or not isinstance(value, int) or value < minimum]
     if wrong:
         raise InputError(f"{', '.join(wrong)}: must be a whole number >= {minimum}")
+
+
+def check_finite(**values: float) -> None:
+    """Each named value must be a finite real number (not a bool, NaN or inf), e.g. a steering scale."""
+    wrong = [f"{name}={value!r}" for name, value in values.items()
+             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)]
+    if wrong:
+        raise InputError(f"{', '.join(wrong)}: must be a finite number")
 
 
 def check_sampling(temperature: float, top_p: float, max_new_tokens: int, batch_size: int) -> None:

@@ -22,6 +22,7 @@ from transformer_lens.utilities import get_act_name
 
 from nla_lens import backends
 from nla_lens.capture import Capture, PositionSpec, capture, real_tokens, resolve_positions
+from nla_lens.checks import check_finite
 from nla_lens.errors import InputError
 from nla_lens.injection import HookFn, check_vectors
 from nla_lens.nla import NLA, RoundTrip, baseline_phrase
@@ -178,6 +179,7 @@ def steer_then_verbalize(
     if vector.shape[0] != 1:
         raise InputError(f"steering_vector must be one [d_model] vector, got shape {list(steering_vector.shape)}")
     _check_reaches(base_model, steer_layer, layer, "steer_layer")
+    check_finite(scale=scale)
     real = real_tokens(base_model, attention_mask, tokens)
     hook = (f"blocks.{steer_layer}.hook_resid_post",
             steering_hook(vector[0], scale, steer_positions, None if real is None else real.long()))

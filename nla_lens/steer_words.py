@@ -38,6 +38,7 @@ from transformer_lens.hook_points import HookPoint
 
 from nla_lens import backends
 from nla_lens.capture import PositionSpec, real_tokens, resid_post, resolve_positions
+from nla_lens.checks import check_finite
 from nla_lens.errors import InputError, PairMismatchError, VectorError
 from nla_lens.injection import HookFn, check_vectors, unit
 from nla_lens.nla import NLA
@@ -122,6 +123,8 @@ class WordSteering(TabularResult):
     def fwd_hooks(self, alpha: float | None = None) -> list[tuple[str, HookFn]]:
         """`[(blocks.K.hook_resid_post, hook)]` for `run_with_hooks` or `model.hooks(...)`; `alpha` overrides."""
         directions = self.delta if self.mode == "add" else self.target
+        if alpha is not None:
+            check_finite(alpha=alpha)
         scale = self.alpha if alpha is None else float(alpha)
         return [(self.hook_name, site_steering_hook(directions, self.rows, self.positions, self.token_shape,
                                                     scale, self.mode))]
@@ -305,8 +308,7 @@ def _check_inputs(nla: NLA, base: TLModel, tokens: Tensor, layer: int | None, al
         raise InputError("tokens must be a [batch, pos] integer tensor, e.g. base.to_tokens(prompts)")
     if mode not in ("add", "replace"):
         raise InputError(f"mode must be 'add' or 'replace', got {mode!r}")
-    if not isinstance(alpha, int | float) or not torch.isfinite(torch.tensor(float(alpha))):
-        raise InputError(f"alpha must be a finite number, got {alpha!r}")
+    check_finite(alpha=alpha)
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise InputError(f"samples must be an int >= 1, got {samples!r}")
     if isinstance(continue_tokens, bool) or not isinstance(continue_tokens, int) or continue_tokens < 0:

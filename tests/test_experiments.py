@@ -234,6 +234,8 @@ def test_experiment_arguments_are_checked_with_typed_errors(base, nla, av_karvon
         nl.patching_study(base, base, clean_tokens, corrupted_tokens, patch_layer=0, patch_position=0)
     with pytest.raises(nl.VectorError, match="zero"):
         nl.verbalize_direction(av_karvonen, torch.zeros(D_MODEL))
+    with pytest.raises(nl.InputError, match="scale=nan: must be a finite number"):
+        nl.steer_then_verbalize(base, nla, tokens, steering_vector=steer, scale=float("nan"), steer_layer=0)
     with pytest.raises(nl.InputError, match=r"tokens must be a \[batch, pos\] tensor.*to_tokens.*got str"):
         nl.steer_then_verbalize(base, nla, "The cat", steering_vector=steer, scale=1.0, steer_layer=0)
     with pytest.raises(nl.InputError, match=r"tokens must be a \[batch, pos\] tensor"):

@@ -173,6 +173,11 @@ def test_bad_input_gets_typed_errors_that_say_what_to_do(base, nla):
         steer(nla, base, tokens, -1, mask, mode="patch")
     with pytest.raises(nl.InputError, match="same"):
         steer(nla, base, tokens, [-1, -1], mask, explanations=[[t] for t in TINY_LABELS[:8]])
+    with pytest.raises(nl.InputError, match="alpha=nan: must be a finite number"):
+        steer(nla, base, tokens, -1, mask, alpha=float("nan"))
+    result = steer(nla, base, tokens, -1, mask, compare=False, continue_tokens=0)
+    with pytest.raises(nl.InputError, match="alpha=inf: must be a finite number"):
+        result.fwd_hooks(alpha=float("inf"))
     assert no_hooks_left(base)
 
 
