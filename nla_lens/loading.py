@@ -100,6 +100,10 @@ def eos_token_ids(folder: Path, tokenizer: PreTrainedTokenizerBase) -> list[int]
     ids: Any = json.loads(gen.read_text()).get("eos_token_id") if gen.is_file() else None
     if ids is None:
         ids = tokenizer.eos_token_id
+    if ids is None or ids == []:
+        raise CheckpointError(f"{folder} names no EOS token (generation_config.json eos_token_id, or the "
+                              "tokenizer's eos_token), so the AV could never stop: load the tokenizer and "
+                              "generation_config.json saved with the checkpoint")
     return sorted({ids} if isinstance(ids, int) else set(ids))
 
 
@@ -173,14 +177,34 @@ class _TensorInfo:
 def _safetensors_entries(path: Path) -> Iterator[tuple[str, _TensorInfo, BinaryIO]]:
     """(name, info, file positioned at its data) for each tensor of one file, in file order."""
     with open(path, "rb") as f:
-        (header_len,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(header_len))
-        header.pop("__metadata__", None)
-        start = 8 + header_len
+        header = _safetensors_header(f, path)
+        start = f.tell()
         for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            if info["dtype"] not in _SAFETENSORS_DTYPES:
+                raise CheckpointError(f"{path}: tensor {name} is stored as {info['dtype']}, which nla_lens does not "
+                                      f"read ({', '.join(_SAFETENSORS_DTYPES)}); save the weights as bf16 or fp32")
             begin, end = info["data_offsets"]
             f.seek(start + begin)
             yield name, _TensorInfo(_SAFETENSORS_DTYPES[info["dtype"]], tuple(info["shape"]), end - begin), f
+
+
+def _safetensors_header(f: BinaryIO, path: Path) -> dict[str, Any]:
+    """The tensor entries of a safetensors header (metadata dropped); `f` is left at the data."""
+    size = path.stat().st_size
+    try:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        if header_len > size - 8:
+            raise ValueError(f"a {header_len}-byte header in a {size}-byte file")
+        header = json.loads(f.read(header_len))
+        header.pop("__metadata__", None)
+        for info in header.values():
+            begin, end = info["data_offsets"]
+            if not (isinstance(info["dtype"], str) and isinstance(info["shape"], list) and 0 <= begin <= end):
+                raise ValueError(f"a malformed entry {info!r}")
+    except (struct.error, ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({exc}): it is truncated or corrupt; "
+                              "download it again") from exc
+    return header
 
 
 def _read_exactly(f: BinaryIO, out: memoryview, path: Path) -> None:
@@ -217,7 +241,16 @@ def _read_into(f: BinaryIO, info: _TensorInfo, target: Tensor, path: Path, buffe
 def _weight_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        return [folder / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise CheckpointError(f"{index} is not a weight index with a weight_map ({exc}); download it "
+                                  "again") from exc
+        missing = [name for name in shards if not (folder / name).is_file()]
+        if missing:
+            raise CheckpointError(f"{folder}: {len(missing)} of the {len(shards)} weight shards its index lists are "
+                                  f"missing ({', '.join(missing[:3])}): the download is incomplete; download again")
+        return [folder / name for name in shards]
     single = folder / "model.safetensors"
     if single.is_file():
         return [single]

@@ -113,6 +113,52 @@ def test_missing_weights_are_reported(tiny_paths, tmp_path):
         nl.ActivationVerbalizer.from_pretrained(folder)
 
 
+def _rewrite_header(path, edit) -> None:
+    """Rewrite a safetensors file's JSON header through `edit(header)`, keeping its data bytes."""
+    raw = path.read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + size])
+    edit(header)
+    text = json.dumps(header).encode()
+    path.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + size:])
+
+
+@pytest.mark.skipif(backends.default_backend() != "hooked", reason="nla_lens's own reader (the bridge loads via HF)")
+@pytest.mark.parametrize("damage, message", [
+    (lambda path: path.write_bytes(b"\x05"), "not a readable safetensors file"),
+    (lambda path: path.write_bytes(path.read_bytes()[:8] + b"{not json"), "not a readable safetensors file"),
+    (lambda path: path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2]), "ends early"),
+    (lambda path: _rewrite_header(path, lambda h: h["model.embed_tokens.weight"].update(dtype="F8_E4M3")),
+     "stored as F8_E4M3, which nla_lens does not read"),
+], ids=["short", "header_not_json", "truncated", "fp8"])
+def test_damaged_weight_files_are_checkpoint_errors(tiny_paths, tmp_path, damage, message):
+    folder = shutil.copytree(tiny_paths["av_karvonen"], tmp_path / "av")
+    damage(folder / "model.safetensors")
+    with pytest.raises(nl.CheckpointError, match=message):
+        nl.ActivationVerbalizer.from_pretrained(folder)
+
+
+def test_a_shard_missing_from_an_index_is_named(tiny_paths, tmp_path):
+    folder = shutil.copytree(tiny_paths["av_karvonen"], tmp_path / "av")
+    names = list(load_file(str(folder / "model.safetensors")))
+    (folder / "model.safetensors").rename(folder / "model-00001-of-00002.safetensors")
+    weight_map = {name: "model-00001-of-00002.safetensors" for name in names}
+    weight_map[names[-1]] = "model-00002-of-00002.safetensors"
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(nl.CheckpointError, match=r"1 of the 2 weight shards .* missing \(model-00002-of-00002"):
+        nl.ActivationVerbalizer.from_pretrained(folder)
+
+
+def test_an_av_with_no_eos_anywhere_is_refused(tiny_paths, tmp_path):
+    folder = shutil.copytree(tiny_paths["av_karvonen"], tmp_path / "av")
+    (folder / "generation_config.json").unlink()
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config.pop("eos_token")
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(nl.CheckpointError, match="names no EOS token"):
+        nl.ActivationVerbalizer.from_pretrained(folder)
+
+
 def test_loading_the_wrong_role_is_a_typed_error(tiny_paths):
     with pytest.raises(nl.SidecarError, match="AR checkpoint"):
         nl.ActivationVerbalizer.from_pretrained(tiny_paths["ar_paper"])
