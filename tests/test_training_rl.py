@@ -20,6 +20,7 @@ import hf_reference as ref
 import nla_lens as nl
 from nla_lens import loading, testing
 from nla_lens.cli import main
+from nla_lens.sidecar import ar_prompt_ids
 from nla_lens.training import grpo, rl
 from nla_lens.training.config import RLConfig
 from nla_lens.training.export import _hf_target
@@ -332,6 +333,23 @@ def test_kl_needs_a_reference(sft_pair):
     av, ar, _ = _load(sft_pair)
     with pytest.raises(nl.ConfigError, match="kl_coef"):
         rl.train_rl(av, ar, None, _train_vectors(sft_pair), torch.empty(0, 64), RL, progress=False)
+
+
+def test_ar_update_trains_on_the_bos_first_prompts_reconstruct_serves(bos_paths):
+    """The rewards come from `reconstruct`, which puts BOS first on Llama: the AR update must too."""
+    av = nl.ActivationVerbalizer.from_pretrained(bos_paths["gemma_av"], backend="hooked")
+    ar = nl.ActivationReconstructor.from_pretrained(bos_paths["llama_ar"], backend="hooked")
+    d_model = ar.meta.d_model
+    config = RLConfig(prompts_per_step=2, group_size=2, kl_coef=0.0)
+    trainer = rl._Trainer(av, ar, None, torch.randn(4, d_model), config, None)
+    explanations = ["a cat sat", "the dog"]
+    scored = rl.Rollout(torch.randn(2, d_model), [[1], [1]], torch.zeros(2), explanations, explanations,
+                        torch.zeros(2, dtype=torch.bool), torch.zeros(2, dtype=torch.float64), torch.zeros(2),
+                        torch.zeros(2))
+    trainer._ar_update(scored)
+    served = [ar_prompt_ids(ar.meta, ar.tokenizer, e) for e in explanations]
+    assert trainer.ar_rows.prompts == served
+    assert all(prompt[0] == ar.tokenizer.bos_token_id for prompt in trainer.ar_rows.prompts)
 
 
 # --- the CLI, one process and torchrun ---------------------------------------------------------------

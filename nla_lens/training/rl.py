@@ -41,6 +41,7 @@ from nla_lens.errors import ConfigError
 from nla_lens.nla import NLA
 from nla_lens.parsing import cjk_fraction, parse_explanation
 from nla_lens.reconstructor import ActivationReconstructor
+from nla_lens.sidecar import ar_prompt_ids
 from nla_lens.training import grpo, loop, parallel
 from nla_lens.training.ar_sft import ar_loss
 from nla_lens.training.av_sft import av_loss, response_logits
@@ -370,7 +371,7 @@ class _Trainer:
             return 0.0, float("nan"), 0.0
         texts = [current.explanations[i] for i in hits] or [""]  # a placeholder row for a zero loss
         vectors = current.vectors[hits] if hits else current.vectors[:1]
-        prompts = [self.ar.tokenizer.encode(self.ar.meta.ar_prompt(t), add_special_tokens=False) for t in texts]
+        prompts = [ar_prompt_ids(self.ar.meta, self.ar.tokenizer, t) for t in texts]  # as `reconstruct` serves them
         self.ar_rows = ARRows(prompts, vectors.float(), texts, [""] * len(texts))
         chunks = _padded_chunks(len(hits), int(max(counts)), self.config.micro_batch)
         total = self._backward(self.reconstructor, chunks, n_global)
