@@ -22,8 +22,9 @@ from nla_lens import loading, testing
 from nla_lens.cli import main
 from nla_lens.sidecar import ar_prompt_ids
 from nla_lens.training import grpo, rl
-from nla_lens.training.config import RLConfig
+from nla_lens.training.config import RLConfig, RLRunConfig
 from nla_lens.training.export import _hf_target
+from nla_lens.training.pipeline import run_train_rl
 
 pytestmark = NEEDS_TL3
 RL = RLConfig(steps=4, prompts_per_step=4, group_size=4, max_new_tokens=24, lr=3e-4, ar_lr=3e-4, micro_batch=6,
@@ -350,6 +351,41 @@ def test_ar_update_trains_on_the_bos_first_prompts_reconstruct_serves(bos_paths)
     served = [ar_prompt_ids(ar.meta, ar.tokenizer, e) for e in explanations]
     assert trainer.ar_rows.prompts == served
     assert all(prompt[0] == ar.tokenizer.bos_token_id for prompt in trainer.ar_rows.prompts)
+
+
+@pytest.fixture(scope="module")
+def layer1_extraction(tmp_path_factory, base_folder, extract_config) -> Path:
+    """An extraction (and labels) of layer 1, where the tiny NLA pairs read layer 2."""
+    from nla_lens.training import extract_activations, label_activations, load_activations, save_explanations
+
+    root = tmp_path_factory.mktemp("layer1")
+    tokenizer = loading.load_tokenizer(base_folder)
+    base = loading.load_hooked_transformer(base_folder, tokenizer, dtype=torch.float32, device="cpu")
+    acts = extract_activations(base, tokenizer, testing.tiny_corpus(8, words_per_doc=10), root / "acts",
+                               dataclasses.replace(extract_config, layer=1), base_model="tiny", progress=False)
+    save_explanations(label_activations(load_activations(acts), lambda r: "a token"), root / "explanations.jsonl")
+    return root
+
+
+def _layer1_run(root: Path, av: Path, ar: Path) -> RLRunConfig:
+    return RLRunConfig(av=str(av), ar=str(ar), activations=str(root / "acts"),
+                       explanations=str(root / "explanations.jsonl"), out_dir=str(root / "rl"),
+                       eval_fraction=0.25,
+                       rl=RLConfig(steps=1, prompts_per_step=2, group_size=2, kl_coef=0.0, eval_vectors=0))
+
+
+def test_train_rl_refuses_activations_of_another_layer_than_the_pair(layer1_extraction, tiny_paths):
+    config = _layer1_run(layer1_extraction, tiny_paths["av_karvonen"], tiny_paths["ar_nanonla"])
+    with pytest.raises(nl.ConfigError, match="hold layer 1, but the AV .* trained on layer 2"):
+        run_train_rl(config, progress=False)
+    assert not (layer1_extraction / "rl").exists()  # refused before any training
+
+
+def test_train_rl_refuses_an_av_and_ar_of_different_layers(layer1_extraction, tiny_paths, tmp_path):
+    layer1_av = testing.make_tiny_nla(tmp_path, layer=1)["av_karvonen"]
+    config = _layer1_run(layer1_extraction, layer1_av, tiny_paths["ar_nanonla"])
+    with pytest.raises(nl.PairMismatchError, match="layer"):
+        run_train_rl(config, progress=False)
 
 
 # --- the CLI, one process and torchrun ---------------------------------------------------------------

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from nla_lens import backends, metrics
 from nla_lens.distributed import inference
 from nla_lens.errors import ConfigError
-from nla_lens.nla import NLA
+from nla_lens.nla import NLA, check_pair
 from nla_lens.parsing import cjk_fraction, parse_explanation
 from nla_lens.reconstructor import ActivationReconstructor
 from nla_lens.sidecar import ar_prompt_ids
@@ -428,6 +428,7 @@ def train_rl(
     """
     backends.require_hooked("RL training", av.model)
     backends.require_hooked("RL training", ar.model)
+    check_pair(av.meta, ar.meta)
     for model in (av.model, ar.model):
         freeze_weights_hf_lacks(model)  # TL-only biases stay zero, so the export can drop them
     if reference is not None:
