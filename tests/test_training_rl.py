@@ -89,6 +89,35 @@ def test_truncated_and_unparsed_samples_get_the_miss_reward_from_the_ar(ar_nanon
     assert rewards[1:].tolist() == [-2.0, -2.0]  # mse_scale = sqrt(d): an orthogonal guess scores -2
 
 
+def test_a_response_echoing_the_marker_is_scored_with_the_prompts_injection_site(av_karvonen, tiny_paths):
+    """A sample may echo the marker between its neighbours: it is text, not a second site. The loss
+    equals one HF forward per sample with the plain layer-1 hook at the prompt's site only."""
+    meta, eos = av_karvonen.meta, av_karvonen.tokenizer.eos_token_id
+    echo = [meta.injection_left_neighbor_id, meta.injection_token_id, meta.injection_right_neighbor_id, eos]
+    responses = [echo, [eos]]
+    vectors = torch.randn(2, meta.d_model, generator=torch.Generator().manual_seed(0))
+    old_logp, advantages = -torch.rand(5, generator=torch.Generator().manual_seed(1)), torch.tensor([1.0, -1.0])
+    batch = rl.Rollout(vectors, responses, old_logp, ["", ""], [None, None], torch.zeros(2, dtype=torch.bool),
+                       torch.full((2,), math.nan, dtype=torch.float64), torch.zeros(2), advantages)
+    config = RLConfig(kl_coef=0.0)
+    with torch.no_grad():
+        loss, _ = rl.policy_loss_sum(av_karvonen, batch, None, range(2), config)
+
+    hf, _ = ref.load_hf(tiny_paths["av_karvonen"])
+    sidecar = ref.sidecar(tiny_paths["av_karvonen"])
+    prompt = ref.av_prompt(av_karvonen.tokenizer, sidecar)
+    sites = ref.marker_sites(torch.tensor([prompt]), sidecar["tokens"])
+    logp = []
+    for i, response in enumerate(responses):
+        ids = torch.tensor([prompt + response])
+        with torch.no_grad(), ref.karvonen_hook(hf, sites, vectors[i:i + 1]):
+            logits = hf(ids).logits[0, len(prompt) - 1:-1]
+        logp.append(torch.log_softmax(logits, -1).gather(-1, torch.tensor(response)[:, None])[:, 0])
+    expected, _ = grpo.grpo_loss_sum(torch.cat(logp), old_logp, None, advantages, torch.tensor([0, 0, 0, 0, 1]),
+                                     clip_eps=config.clip_eps, kl_coef=0.0)
+    assert float(loss) == pytest.approx(float(expected), rel=1e-4, abs=1e-5)
+
+
 # --- a small SFT pair to run RL from ----------------------------------------------------------------
 
 @pytest.fixture(scope="module")
