@@ -382,6 +382,16 @@ def test_ar_update_trains_on_the_bos_first_prompts_reconstruct_serves(bos_paths)
     assert all(prompt[0] == ar.tokenizer.bos_token_id for prompt in trainer.ar_rows.prompts)
 
 
+@pytest.mark.parametrize(("eval_vectors", "held_out"), [(1, 8), (8, 1)])
+def test_fewer_than_two_held_out_vectors_record_no_evaluation(sft_pair, eval_vectors, held_out):
+    """FVE needs a spread: `eval_vectors: 1` (documented "no evaluation"), or a one-vector split, runs none."""
+    av, ar, _ = _load(sft_pair)
+    train = _train_vectors(sft_pair)
+    config = dataclasses.replace(RL, steps=1, kl_coef=0.0, eval_vectors=eval_vectors)
+    result = rl.train_rl(av, ar, None, train, train[:held_out], config, progress=False)
+    assert result.evals == [] and len(result.history) == 1
+
+
 @pytest.fixture(scope="module")
 def layer1_extraction(tmp_path_factory, base_folder, extract_config) -> Path:
     """An extraction (and labels) of layer 1, where the tiny NLA pairs read layer 2."""
@@ -427,6 +437,11 @@ def _rl_yaml(root: Path, name: str, **rl_overrides) -> str:
     path = root / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
     return str(path)
+
+
+def test_cli_summary_says_when_a_run_had_no_held_out_evaluation(sft_pair, capsys):
+    assert main(["train-rl", _rl_yaml(sft_pair, "rl_eval1", steps=1, save_every=0, eval_vectors=1)]) == 0
+    assert "no held-out evaluation" in capsys.readouterr().out
 
 
 def test_two_rank_ddp_rl_gives_the_one_process_weights(sft_pair, capsys):

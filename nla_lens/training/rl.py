@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from nla_lens import backends, metrics
 from nla_lens.distributed import inference
-from nla_lens.errors import ConfigError
+from nla_lens.errors import ConfigError, InputError
 from nla_lens.nla import NLA, check_pair
 from nla_lens.parsing import cjk_fraction, parse_explanation
 from nla_lens.reconstructor import ActivationReconstructor
@@ -398,7 +398,8 @@ def evaluate_rl(av: ActivationVerbalizer, ar: ActivationReconstructor, vectors: 
     the training vectors' baseline in the same way): never the sidecar's, which RL may not have.
     """
     if len(vectors) < 2:
-        return {}
+        raise InputError(f"the held-out round trip needs >= 2 vectors (FVE needs a spread), got {len(vectors)}; "
+                         "evaluate on more held-out vectors")
     baseline = metrics.paper_baseline(vectors, ar.meta.mse_scale)
     result = NLA(av, ar).round_trip(vectors, baseline=baseline, max_new_tokens=max_new_tokens, progress=False)
     lengths = [len(v.tokens) for v in result.verbalizations]
@@ -444,9 +445,11 @@ def train_rl(
         result.steps = config.steps
         logger.info("resumed from %s at step %d", folder, len(result.history))
     eval_vectors = eval_vectors[:config.eval_vectors]
+    if config.eval_vectors >= 2 and len(eval_vectors) < 2:
+        logger.warning("%d held-out vector(s): no held-out evaluation (FVE needs >= 2)", len(eval_vectors))
 
     def run_eval(step: int) -> None:
-        if config.eval_vectors:
+        if len(eval_vectors) >= 2:
             result.evals.append({"step": step, **evaluate_rl(av, ar, eval_vectors, config.max_new_tokens)})
             if trainer.world.is_main:
                 logger.info("rl step %d: %s", step, result.evals[-1])
