@@ -96,6 +96,13 @@ def test_extraction_resumes_by_skipping_written_shards(tmp_path, base_tl, corpus
                             progress=False)
 
 
+def test_max_tokens_over_the_base_models_context_is_refused(tmp_path, base_tl, corpus, extract_config):
+    model, tokenizer = base_tl
+    config = dataclasses.replace(extract_config, max_tokens=model.cfg.n_ctx + 1)
+    with pytest.raises(nl.ConfigError, match=f"n_ctx={model.cfg.n_ctx}; set max_tokens <= {model.cfg.n_ctx}"):
+        extract_activations(model, tokenizer, corpus, tmp_path, config, progress=False)
+
+
 def test_duplicate_document_ids_are_rejected(tmp_path, base_tl, extract_config):
     model, tokenizer = base_tl
     docs = [Document("a", "the cat sat on the mat " * 3), Document("a", "a dog ran in the park " * 3)]

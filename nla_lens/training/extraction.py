@@ -154,6 +154,9 @@ def extract_activations(
         raise ConfigError(f"layer {config.layer} is outside the model's {model.cfg.n_layers} blocks")
     if config.positions_per_doc < 1 or config.min_context < 0 or config.max_tokens <= config.min_context:
         raise ConfigError("need positions_per_doc >= 1, min_context >= 0 and max_tokens > min_context")
+    if config.max_tokens > model.cfg.n_ctx:
+        raise ConfigError(f"max_tokens={config.max_tokens} is over the base model's context n_ctx={model.cfg.n_ctx}; "
+                          f"set max_tokens <= {model.cfg.n_ctx}")
     out = Path(out_dir)
     (out / SHARD_DIR).mkdir(parents=True, exist_ok=True)
     sidecar = dataset_sidecar(tokenizer, config, base_model=base_model or model.cfg.model_name,
