@@ -79,3 +79,27 @@ def test_cli_names_a_config_value_of_the_wrong_kind(tmp_path, capsys, value, mes
                                             "out_dir": "o", "train": value})
     assert main(["train-ar", config]) == 2
     assert message in capsys.readouterr().err
+
+
+_REQUIRED = {"extract": {"base_model": "x", "corpus": "y", "out_dir": "o"},
+             "train-ar": {"base_model": "x", "activations": "y", "explanations": "z", "out_dir": "o"},
+             "train-rl": {"av": "a", "ar": "r", "activations": "y", "explanations": "z", "out_dir": "o"}}
+
+
+@pytest.mark.parametrize(("command", "section", "value", "message"), [
+    ("extract", "extract", {"layer": 1, "batch_size": 0}, "need batch_size >= 1 and docs_per_shard >= 1"),
+    ("extract", "extract", {"layer": 1, "docs_per_shard": -1}, "need batch_size >= 1 and docs_per_shard >= 1"),
+    ("train-ar", "train", {"weight_decay": -50.0}, "weight_decay must be >= 0"),
+    ("train-ar", "train", {"betas": [0.9, 1.5]}, "betas must be two numbers in [0, 1)"),
+    ("train-rl", "rl", {"betas": [0.9]}, "betas must be two numbers in [0, 1)"),
+    ("train-rl", "rl", {"betas": [0.9, "0.99"]}, "betas must be two numbers in [0, 1)"),
+    ("train-rl", "rl", {"betas": 0.9}, "betas must be two numbers in [0, 1)"),
+    ("train-rl", "rl", {"clip_eps": 1.5}, "clip_eps must be in (0, 1)"),
+    ("train-rl", "rl", {"clip_eps": 0.0}, "clip_eps must be in (0, 1)"),
+])
+def test_cli_refuses_an_out_of_range_setting_before_anything_loads(tmp_path, capsys, command, section, value,
+                                                                   message):
+    config = _write(tmp_path / "bad.yaml", {**_REQUIRED[command], section: value})
+    assert main([command, config]) == 2
+    err = capsys.readouterr().err
+    assert "ConfigError" in err and message in err

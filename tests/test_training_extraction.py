@@ -7,12 +7,14 @@ import dataclasses
 import pytest
 import torch
 from conftest import D_MODEL, LAYER, NEEDS_TL3
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 import nla_lens as nl
 from nla_lens import loading, testing
 from nla_lens.sidecar import check_tokenizer
 from nla_lens.training import Document, extract_activations, load_activations
-from nla_lens.training.extraction import sample_positions, shard_path, token_facts
+from nla_lens.training.extraction import DOCUMENTS_KEY, sample_positions, shard_path, token_facts
 
 pytestmark = NEEDS_TL3
 
@@ -94,6 +96,42 @@ def test_extraction_resumes_by_skipping_written_shards(tmp_path, base_tl, corpus
     with pytest.raises(nl.ConfigError, match="other settings"):
         extract_activations(model, tokenizer, corpus, tmp_path, dataclasses.replace(extract_config, layer=1),
                             progress=False)
+
+
+def _changed(corpus: list[Document], change: str) -> list[Document]:
+    """`corpus` with document 6 (in shard 1 of 3) edited or renamed, or cut to its first shard."""
+    doc = corpus[6]
+    edited = {"text": Document(doc.id, doc.text + " the sea"), "id": Document("renamed", doc.text)}
+    return corpus[:5] if change == "shorter" else [*corpus[:6], edited[change], *corpus[7:]]
+
+
+@pytest.mark.parametrize("change", ["text", "id", "shorter"])
+def test_resuming_with_another_corpus_is_refused(tmp_path, base_tl, corpus, extract_config, change):
+    model, tokenizer = base_tl
+    extract_activations(model, tokenizer, corpus, tmp_path, extract_config, progress=False)
+    with pytest.raises(nl.ConfigError, match="use a new out_dir"):
+        extract_activations(model, tokenizer, _changed(corpus, change), tmp_path, extract_config, progress=False)
+
+
+def test_shards_written_without_a_documents_record_are_checked_by_their_rows_doc_ids(tmp_path, base_tl, corpus,
+                                                                                    extract_config):
+    model, tokenizer = base_tl
+    extract_activations(model, tokenizer, corpus, tmp_path, extract_config, progress=False)
+    for path in (tmp_path / "shards").glob("*.safetensors"):  # as nla_lens wrote them before the record
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata()
+        tensors = {k: v for k, v in load_file(path).items() if k != DOCUMENTS_KEY}
+        save_file(tensors, path, metadata=metadata)
+    extract_activations(model, tokenizer, corpus, tmp_path, extract_config, progress=False)
+    with pytest.raises(nl.ConfigError, match="other documents"):
+        extract_activations(model, tokenizer, _changed(corpus, "id"), tmp_path, extract_config, progress=False)
+
+
+def test_max_tokens_over_the_base_models_context_is_refused(tmp_path, base_tl, corpus, extract_config):
+    model, tokenizer = base_tl
+    config = dataclasses.replace(extract_config, max_tokens=model.cfg.n_ctx + 1)
+    with pytest.raises(nl.ConfigError, match=f"n_ctx={model.cfg.n_ctx}; set max_tokens <= {model.cfg.n_ctx}"):
+        extract_activations(model, tokenizer, corpus, tmp_path, config, progress=False)
 
 
 def test_duplicate_document_ids_are_rejected(tmp_path, base_tl, extract_config):

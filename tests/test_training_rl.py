@@ -20,9 +20,11 @@ import hf_reference as ref
 import nla_lens as nl
 from nla_lens import loading, testing
 from nla_lens.cli import main
+from nla_lens.sidecar import ar_prompt_ids
 from nla_lens.training import grpo, rl
-from nla_lens.training.config import RLConfig
+from nla_lens.training.config import RLConfig, RLRunConfig
 from nla_lens.training.export import _hf_target
+from nla_lens.training.pipeline import run_train_rl
 
 pytestmark = NEEDS_TL3
 RL = RLConfig(steps=4, prompts_per_step=4, group_size=4, max_new_tokens=24, lr=3e-4, ar_lr=3e-4, micro_batch=6,
@@ -85,6 +87,35 @@ def test_truncated_and_unparsed_samples_get_the_miss_reward_from_the_ar(ar_nanon
     assert math.isfinite(float(mse[0])) and math.isnan(float(mse[1])) and math.isnan(float(mse[2]))
     assert float(rewards[0]) == pytest.approx(-float(mse[0]))
     assert rewards[1:].tolist() == [-2.0, -2.0]  # mse_scale = sqrt(d): an orthogonal guess scores -2
+
+
+def test_a_response_echoing_the_marker_is_scored_with_the_prompts_injection_site(av_karvonen, tiny_paths):
+    """A sample may echo the marker between its neighbours: it is text, not a second site. The loss
+    equals one HF forward per sample with the plain layer-1 hook at the prompt's site only."""
+    meta, eos = av_karvonen.meta, av_karvonen.tokenizer.eos_token_id
+    echo = [meta.injection_left_neighbor_id, meta.injection_token_id, meta.injection_right_neighbor_id, eos]
+    responses = [echo, [eos]]
+    vectors = torch.randn(2, meta.d_model, generator=torch.Generator().manual_seed(0))
+    old_logp, advantages = -torch.rand(5, generator=torch.Generator().manual_seed(1)), torch.tensor([1.0, -1.0])
+    batch = rl.Rollout(vectors, responses, old_logp, ["", ""], [None, None], torch.zeros(2, dtype=torch.bool),
+                       torch.full((2,), math.nan, dtype=torch.float64), torch.zeros(2), advantages)
+    config = RLConfig(kl_coef=0.0)
+    with torch.no_grad():
+        loss, _ = rl.policy_loss_sum(av_karvonen, batch, None, range(2), config)
+
+    hf, _ = ref.load_hf(tiny_paths["av_karvonen"])
+    sidecar = ref.sidecar(tiny_paths["av_karvonen"])
+    prompt = ref.av_prompt(av_karvonen.tokenizer, sidecar)
+    sites = ref.marker_sites(torch.tensor([prompt]), sidecar["tokens"])
+    logp = []
+    for i, response in enumerate(responses):
+        ids = torch.tensor([prompt + response])
+        with torch.no_grad(), ref.karvonen_hook(hf, sites, vectors[i:i + 1]):
+            logits = hf(ids).logits[0, len(prompt) - 1:-1]
+        logp.append(torch.log_softmax(logits, -1).gather(-1, torch.tensor(response)[:, None])[:, 0])
+    expected, _ = grpo.grpo_loss_sum(torch.cat(logp), old_logp, None, advantages, torch.tensor([0, 0, 0, 0, 1]),
+                                     clip_eps=config.clip_eps, kl_coef=0.0)
+    assert float(loss) == pytest.approx(float(expected), rel=1e-4, abs=1e-5)
 
 
 # --- a small SFT pair to run RL from ----------------------------------------------------------------
@@ -334,6 +365,76 @@ def test_kl_needs_a_reference(sft_pair):
         rl.train_rl(av, ar, None, _train_vectors(sft_pair), torch.empty(0, 64), RL, progress=False)
 
 
+def test_ar_update_trains_on_the_bos_first_prompts_reconstruct_serves(bos_paths):
+    """The rewards come from `reconstruct`, which puts BOS first on Llama: the AR update must too."""
+    av = nl.ActivationVerbalizer.from_pretrained(bos_paths["gemma_av"], backend="hooked")
+    ar = nl.ActivationReconstructor.from_pretrained(bos_paths["llama_ar"], backend="hooked")
+    d_model = ar.meta.d_model
+    config = RLConfig(prompts_per_step=2, group_size=2, kl_coef=0.0)
+    trainer = rl._Trainer(av, ar, None, torch.randn(4, d_model), config, None)
+    explanations = ["a cat sat", "the dog"]
+    scored = rl.Rollout(torch.randn(2, d_model), [[1], [1]], torch.zeros(2), explanations, explanations,
+                        torch.zeros(2, dtype=torch.bool), torch.zeros(2, dtype=torch.float64), torch.zeros(2),
+                        torch.zeros(2))
+    trainer._ar_update(scored)
+    served = [ar_prompt_ids(ar.meta, ar.tokenizer, e) for e in explanations]
+    assert trainer.ar_rows.prompts == served
+    assert all(prompt[0] == ar.tokenizer.bos_token_id for prompt in trainer.ar_rows.prompts)
+
+
+def test_samples_longer_than_the_avs_context_are_refused_before_training(sft_pair):
+    av, ar, _ = _load(sft_pair)
+    prompt, n_ctx = av.prompt_tokens(1).shape[1], av.model.cfg.n_ctx
+    config = dataclasses.replace(RL, kl_coef=0.0, max_new_tokens=n_ctx - prompt + 1)
+    with pytest.raises(nl.ConfigError, match=f"over the AV's n_ctx={n_ctx}; set max_new_tokens <= {n_ctx - prompt}"):
+        rl.train_rl(av, ar, None, _train_vectors(sft_pair), torch.empty(0, 64), config, progress=False)
+
+
+@pytest.mark.parametrize(("eval_vectors", "held_out"), [(1, 8), (8, 1)])
+def test_fewer_than_two_held_out_vectors_record_no_evaluation(sft_pair, eval_vectors, held_out):
+    """FVE needs a spread: `eval_vectors: 1` (documented "no evaluation"), or a one-vector split, runs none."""
+    av, ar, _ = _load(sft_pair)
+    train = _train_vectors(sft_pair)
+    config = dataclasses.replace(RL, steps=1, kl_coef=0.0, eval_vectors=eval_vectors)
+    result = rl.train_rl(av, ar, None, train, train[:held_out], config, progress=False)
+    assert result.evals == [] and len(result.history) == 1
+
+
+@pytest.fixture(scope="module")
+def layer1_extraction(tmp_path_factory, base_folder, extract_config) -> Path:
+    """An extraction (and labels) of layer 1, where the tiny NLA pairs read layer 2."""
+    from nla_lens.training import extract_activations, label_activations, load_activations, save_explanations
+
+    root = tmp_path_factory.mktemp("layer1")
+    tokenizer = loading.load_tokenizer(base_folder)
+    base = loading.load_hooked_transformer(base_folder, tokenizer, dtype=torch.float32, device="cpu")
+    acts = extract_activations(base, tokenizer, testing.tiny_corpus(8, words_per_doc=10), root / "acts",
+                               dataclasses.replace(extract_config, layer=1), base_model="tiny", progress=False)
+    save_explanations(label_activations(load_activations(acts), lambda r: "a token"), root / "explanations.jsonl")
+    return root
+
+
+def _layer1_run(root: Path, av: Path, ar: Path) -> RLRunConfig:
+    return RLRunConfig(av=str(av), ar=str(ar), activations=str(root / "acts"),
+                       explanations=str(root / "explanations.jsonl"), out_dir=str(root / "rl"),
+                       eval_fraction=0.25,
+                       rl=RLConfig(steps=1, prompts_per_step=2, group_size=2, kl_coef=0.0, eval_vectors=0))
+
+
+def test_train_rl_refuses_activations_of_another_layer_than_the_pair(layer1_extraction, tiny_paths):
+    config = _layer1_run(layer1_extraction, tiny_paths["av_karvonen"], tiny_paths["ar_nanonla"])
+    with pytest.raises(nl.ConfigError, match="hold layer 1, but the AV .* trained on layer 2"):
+        run_train_rl(config, progress=False)
+    assert not (layer1_extraction / "rl").exists()  # refused before any training
+
+
+def test_train_rl_refuses_an_av_and_ar_of_different_layers(layer1_extraction, tiny_paths, tmp_path):
+    layer1_av = testing.make_tiny_nla(tmp_path, layer=1)["av_karvonen"]
+    config = _layer1_run(layer1_extraction, layer1_av, tiny_paths["ar_nanonla"])
+    with pytest.raises(nl.PairMismatchError, match="layer"):
+        run_train_rl(config, progress=False)
+
+
 # --- the CLI, one process and torchrun ---------------------------------------------------------------
 
 def _rl_yaml(root: Path, name: str, **rl_overrides) -> str:
@@ -344,6 +445,11 @@ def _rl_yaml(root: Path, name: str, **rl_overrides) -> str:
     path = root / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
     return str(path)
+
+
+def test_cli_summary_says_when_a_run_had_no_held_out_evaluation(sft_pair, capsys):
+    assert main(["train-rl", _rl_yaml(sft_pair, "rl_eval1", steps=1, save_every=0, eval_vectors=1)]) == 0
+    assert "no held-out evaluation" in capsys.readouterr().out
 
 
 def test_two_rank_ddp_rl_gives_the_one_process_weights(sft_pair, capsys):

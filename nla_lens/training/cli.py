@@ -100,4 +100,6 @@ def _train_rl(config: RLRunConfig) -> str:
             f"{last['fve']:.3f}, KL {last['kl']:.4f}")
     if run.train.evals:
         line += f"; held-out FVE {run.train.evals[0]['eval_fve']:.3f} -> {run.train.evals[-1]['eval_fve']:.3f}"
+    else:
+        line += "; no held-out evaluation (it needs rl.eval_vectors >= 2 and as many held-out vectors)"
     return f"{line}; AV exported to {run.av_dir}, AR to {run.ar_dir}"

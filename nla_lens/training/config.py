@@ -36,6 +36,21 @@ class ExtractConfig:
     av_template: str = DEFAULT_AV_TEMPLATE
     ar_template: str = DEFAULT_AR_TEMPLATE
 
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.docs_per_shard < 1:
+            raise ConfigError(f"extract: need batch_size >= 1 and docs_per_shard >= 1 (got {self.batch_size}, "
+                              f"{self.docs_per_shard})")
+
+
+def _adam_betas(betas: Any) -> tuple[float, float]:
+    """Adam's (beta1, beta2), checked here rather than by torch once the model has loaded."""
+    numbers = isinstance(betas, (list, tuple)) and len(betas) == 2 and all(
+        isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)
+    if not numbers:
+        raise ConfigError(f"betas must be two numbers in [0, 1) (Adam's beta1, beta2), got {betas!r}; "
+                          "the default is [0.9, 0.999]")
+    return (float(betas[0]), float(betas[1]))
+
 
 @dataclass
 class TrainConfig:
@@ -60,9 +75,11 @@ class TrainConfig:
     activation_checkpointing: bool = False  # recompute each block in backward (hooks replayed)
 
     def __post_init__(self) -> None:
-        self.betas = tuple(self.betas)  # type: ignore[assignment]
+        self.betas = _adam_betas(self.betas)
         if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1 or self.lr <= 0:
             raise ConfigError("need steps >= 1, batch_size >= 1, grad_accum >= 1 and lr > 0")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay must be >= 0 (0: none), got {self.weight_decay}")
         if not 0 <= self.min_lr_ratio <= 1 or self.warmup_steps < 0 or self.grad_clip <= 0:
             raise ConfigError("need 0 <= min_lr_ratio <= 1, warmup_steps >= 0 and grad_clip > 0")
         if self.data_parallel not in ("ddp", "fsdp"):
@@ -151,15 +168,18 @@ class RLConfig:
     keep_checkpoints: int = 2
 
     def __post_init__(self) -> None:
-        self.betas = tuple(self.betas)  # type: ignore[assignment]
+        self.betas = _adam_betas(self.betas)
         if self.steps < 1 or self.prompts_per_step < 1 or self.max_new_tokens < 1 or self.micro_batch < 1:
             raise ConfigError("need steps, prompts_per_step, max_new_tokens and micro_batch >= 1")
         if self.group_size < 2:
             raise ConfigError(f"group_size must be >= 2: advantages are relative to the group (got {self.group_size})")
         if self.temperature <= 0 or not 0 < self.top_p <= 1:
             raise ConfigError("RL samples: need temperature > 0 and 0 < top_p <= 1")
-        if self.lr <= 0 or self.ar_lr <= 0 or self.grad_clip <= 0 or self.clip_eps <= 0 or self.kl_coef < 0:
-            raise ConfigError("need lr, ar_lr, grad_clip, clip_eps > 0 and kl_coef >= 0")
+        if self.lr <= 0 or self.ar_lr <= 0 or self.grad_clip <= 0 or self.kl_coef < 0:
+            raise ConfigError("need lr, ar_lr, grad_clip > 0 and kl_coef >= 0")
+        if not 0 < self.clip_eps < 1:
+            raise ConfigError(f"clip_eps must be in (0, 1): the ratio is clipped to [1 - clip_eps, 1 + clip_eps] "
+                              f"(the recipe: 0.2), got {self.clip_eps}")
         if self.sft_coef < 0 or self.sft_batch < 1:
             raise ConfigError(f"need sft_coef >= 0 and sft_batch >= 1 (got {self.sft_coef}, {self.sft_batch})")
         if self.eval_every < 0 or self.eval_vectors < 0 or self.save_every < 0 or self.keep_checkpoints < 1:

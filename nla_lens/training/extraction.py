@@ -3,11 +3,13 @@
 A folder holds `nla_meta.yaml` (``kind: nla_dataset``, ``schema_version: 1``) and
 ``shards/acts-00000.safetensors``, ... Each shard is one file: `vectors` [n, d_model] float32 and
 `positions` / `token_ids` [n], with the per-row provenance (doc id, position, token, prefix) as JSON
-in the safetensors metadata, so a shard is written (and counted as done) atomically.
+in the safetensors metadata, so a shard is written (and counted as done) atomically; its
+`documents_digest` [16] uint8 lets a resumed run check the shard holds the corpus's documents.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
@@ -46,6 +48,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 SHARD_DIR = "shards"
+DOCUMENTS_KEY = "documents_digest"  # the shard tensor `documents_digest` of the documents it holds
 
 
 @dataclass(frozen=True)
@@ -146,14 +149,18 @@ def extract_activations(
 ) -> Path:
     """Write `blocks.{layer}.hook_resid_post` at sampled positions of each document to `out_dir`.
 
-    Resumable: shards already on disk are skipped (their documents are not even tokenized), and
-    the sidecar must match the one on disk. Plain strings get their corpus index as doc id.
+    Resumable: shards already on disk are skipped (their documents are not even tokenized) once
+    their recorded documents are this corpus's, and the sidecar must match the one on disk. Plain
+    strings get their corpus index as doc id.
     """
     backends.require_hooked("training", model)
     if not 0 <= config.layer < model.cfg.n_layers:
         raise ConfigError(f"layer {config.layer} is outside the model's {model.cfg.n_layers} blocks")
     if config.positions_per_doc < 1 or config.min_context < 0 or config.max_tokens <= config.min_context:
         raise ConfigError("need positions_per_doc >= 1, min_context >= 0 and max_tokens > min_context")
+    if config.max_tokens > model.cfg.n_ctx:
+        raise ConfigError(f"max_tokens={config.max_tokens} is over the base model's context n_ctx={model.cfg.n_ctx}; "
+                          f"set max_tokens <= {model.cfg.n_ctx}")
     out = Path(out_dir)
     (out / SHARD_DIR).mkdir(parents=True, exist_ok=True)
     sidecar = dataset_sidecar(tokenizer, config, base_model=base_model or model.cfg.model_name,
@@ -161,13 +168,52 @@ def extract_activations(
     _write_or_check_sidecar(out, sidecar)
     total = len(documents) if hasattr(documents, "__len__") else None  # type: ignore[arg-type]
     bar = tqdm(total=total, desc="extract", unit="doc", disable=not progress)
+    n_shards = 0
     for index, chunk in enumerate(_chunks(_as_documents(documents), config.docs_per_shard)):
         path = shard_path(out, index)
-        if not path.is_file():
+        if path.is_file():
+            _check_written_shard(path, chunk)
+        else:
             _write_shard(model, tokenizer, chunk, path, config)
         bar.update(len(chunk))
+        n_shards = index + 1
     bar.close()
+    _check_no_extra_shards(out, n_shards)
     return out
+
+
+def documents_digest(docs: list[Document]) -> Tensor:
+    """A digest of a shard's document ids and texts, in order, as uint8: what resuming checks a written
+    shard by. A tensor, not metadata: safetensors writes metadata keys in hash order, and a second key
+    would make a rewritten shard differ byte for byte."""
+    digest = hashlib.blake2b(digest_size=16)
+    for doc in docs:
+        digest.update(json.dumps([doc.id, doc.text], ensure_ascii=False).encode())
+    return torch.frombuffer(bytearray(digest.digest()), dtype=torch.uint8)
+
+
+def _check_written_shard(path: Path, docs: list[Document]) -> None:
+    """A shard on disk is skipped only if this corpus would have written it from the same documents."""
+    with safe_open(str(path), framework="pt") as f:
+        if DOCUMENTS_KEY in f.keys():
+            same = torch.equal(f.get_tensor(DOCUMENTS_KEY), documents_digest(docs))
+        else:
+            # Written before shards recorded their documents: the ids of its rows are all there is to check.
+            same = {r["doc_id"] for r in json.loads(f.metadata()["records"])} <= {doc.id for doc in docs}
+    if not same:
+        raise ConfigError(
+            f"{path} was written from other documents than this corpus puts in it ({docs[0].id!r} .. "
+            f"{docs[-1].id!r}); resume with the same corpus, or use a new out_dir (or delete {path.parent.parent})"
+        )
+
+
+def _check_no_extra_shards(out: Path, n_shards: int) -> None:
+    extra = sorted(p for p in (out / SHARD_DIR).glob("acts-*.safetensors") if int(p.stem.split("-")[1]) >= n_shards)
+    if extra:
+        raise ConfigError(
+            f"{out} holds {len(extra)} shard(s) past the {n_shards} this corpus makes ({extra[0].name} ...), "
+            "written from a longer corpus; use a new out_dir (or delete this one) and extract again"
+        )
 
 
 def _write_or_check_sidecar(out: Path, sidecar: dict[str, Any]) -> None:
@@ -234,6 +280,7 @@ def _write_shard(model: HookedTransformer, tokenizer: PreTrainedTokenizerBase, d
         else torch.zeros(0, model.cfg.d_model),
         "positions": torch.tensor([r.position for r in records], dtype=torch.int64),
         "token_ids": torch.tensor([r.token_id for r in records], dtype=torch.int64),
+        DOCUMENTS_KEY: documents_digest(docs),
     }
     metadata = {"records": json.dumps([{"doc_id": r.doc_id, "token": r.token, "prefix": r.prefix}
                                        for r in records], ensure_ascii=False)}

@@ -12,8 +12,9 @@ import torch
 from nla_lens import backends, loading
 from nla_lens.distributed import World, device_for, process_group
 from nla_lens.errors import ConfigError, InputError
+from nla_lens.nla import check_pair
 from nla_lens.reconstructor import ActivationReconstructor
-from nla_lens.sidecar import NLAMeta
+from nla_lens.sidecar import NLAMeta, load_meta
 from nla_lens.training.ar_sft import init_ar, train_ar
 from nla_lens.training.av_sft import init_av, train_av
 from nla_lens.training.config import ARRunConfig, AVRunConfig, ExtractRunConfig, RLRunConfig, SFTRunConfig
@@ -146,12 +147,27 @@ def run_train_rl(config: RLRunConfig, *, progress: bool = True) -> RLRunResult:
     Under `torchrun` every rank runs this (each samples whole groups, DDP averages the gradients),
     and rank 0 writes.
     """
-    _, train, evaluation = _split(config)
+    activations, train, evaluation = _split(config)
+    check_rl_layers(config, activations)
     with process_group(config.device) as world:
         result, av_dir, ar_dir = _train_and_export_rl(config, train, evaluation, device_for(world, config.device),
                                                       progress)
         _save_result(config, Path(config.out_dir) / "av", result, world)
         return RLRunResult(av_dir, ar_dir, result)
+
+
+def check_rl_layers(config: RLRunConfig, activations: NLAMeta) -> None:
+    """The AV, the AR and the activations read one layer of one d_model (checked from the sidecars,
+    before any weights load): RL on another layer's vectors would export sidecars claiming the AV's."""
+    av, ar = (load_meta(loading.resolve_checkpoint(path)) for path in (config.av, config.ar))
+    check_pair(av, ar)
+    for name in ("layer", "d_model"):
+        if getattr(activations, name) != getattr(av, name):
+            raise ConfigError(
+                f"activations {config.activations} hold {name} {getattr(activations, name)}, but the AV "
+                f"{config.av} and AR {config.ar} were trained on {name} {getattr(av, name)}; point activations "
+                "at the extraction the SFT pair was trained on (or extract that layer with nla-lens extract)"
+            )
 
 
 def _train_and_export_rl(config: RLRunConfig, train: LabelledActivations, evaluation: LabelledActivations,

@@ -37,10 +37,11 @@ from tqdm.auto import tqdm
 
 from nla_lens import backends, metrics
 from nla_lens.distributed import inference
-from nla_lens.errors import ConfigError
-from nla_lens.nla import NLA
+from nla_lens.errors import ConfigError, InputError
+from nla_lens.nla import NLA, check_pair
 from nla_lens.parsing import cjk_fraction, parse_explanation
 from nla_lens.reconstructor import ActivationReconstructor
+from nla_lens.sidecar import ar_prompt_ids
 from nla_lens.training import grpo, loop, parallel
 from nla_lens.training.ar_sft import ar_loss
 from nla_lens.training.av_sft import av_loss, response_logits
@@ -370,7 +371,7 @@ class _Trainer:
             return 0.0, float("nan"), 0.0
         texts = [current.explanations[i] for i in hits] or [""]  # a placeholder row for a zero loss
         vectors = current.vectors[hits] if hits else current.vectors[:1]
-        prompts = [self.ar.tokenizer.encode(self.ar.meta.ar_prompt(t), add_special_tokens=False) for t in texts]
+        prompts = [ar_prompt_ids(self.ar.meta, self.ar.tokenizer, t) for t in texts]  # as `reconstruct` serves them
         self.ar_rows = ARRows(prompts, vectors.float(), texts, [""] * len(texts))
         chunks = _padded_chunks(len(hits), int(max(counts)), self.config.micro_batch)
         total = self._backward(self.reconstructor, chunks, n_global)
@@ -389,6 +390,16 @@ def _sft_rows(av: ActivationVerbalizer, data: LabelledActivations | None, config
     return rows
 
 
+def check_samples_fit(av: ActivationVerbalizer, max_new_tokens: int) -> None:
+    """The AV prompt plus `max_new_tokens` sampled tokens fit the AV's context: the teacher-forced
+    forward of a full-length sample runs all of them (else an IndexError mid-run)."""
+    prompt, n_ctx = av.prompt_tokens(1).shape[1], av.model.cfg.n_ctx
+    if prompt + max_new_tokens > n_ctx:
+        raise ConfigError(f"rl.max_new_tokens={max_new_tokens} after the {prompt}-token AV prompt needs "
+                          f"{prompt + max_new_tokens} positions, over the AV's n_ctx={n_ctx}; set "
+                          f"max_new_tokens <= {n_ctx - prompt}")
+
+
 def evaluate_rl(av: ActivationVerbalizer, ar: ActivationReconstructor, vectors: Float[Tensor, "n d_model"],
                 max_new_tokens: int) -> dict[str, Any]:
     """Greedy round trip of held-out vectors (failed parses count as misses), as the NLA is served.
@@ -397,7 +408,8 @@ def evaluate_rl(av: ActivationVerbalizer, ar: ActivationReconstructor, vectors: 
     the training vectors' baseline in the same way): never the sidecar's, which RL may not have.
     """
     if len(vectors) < 2:
-        return {}
+        raise InputError(f"the held-out round trip needs >= 2 vectors (FVE needs a spread), got {len(vectors)}; "
+                         "evaluate on more held-out vectors")
     baseline = metrics.paper_baseline(vectors, ar.meta.mse_scale)
     result = NLA(av, ar).round_trip(vectors, baseline=baseline, max_new_tokens=max_new_tokens, progress=False)
     lengths = [len(v.tokens) for v in result.verbalizations]
@@ -427,6 +439,8 @@ def train_rl(
     """
     backends.require_hooked("RL training", av.model)
     backends.require_hooked("RL training", ar.model)
+    check_pair(av.meta, ar.meta)
+    check_samples_fit(av, config.max_new_tokens)
     for model in (av.model, ar.model):
         freeze_weights_hf_lacks(model)  # TL-only biases stay zero, so the export can drop them
     if reference is not None:
@@ -442,9 +456,11 @@ def train_rl(
         result.steps = config.steps
         logger.info("resumed from %s at step %d", folder, len(result.history))
     eval_vectors = eval_vectors[:config.eval_vectors]
+    if config.eval_vectors >= 2 and len(eval_vectors) < 2:
+        logger.warning("%d held-out vector(s): no held-out evaluation (FVE needs >= 2)", len(eval_vectors))
 
     def run_eval(step: int) -> None:
-        if config.eval_vectors:
+        if len(eval_vectors) >= 2:
             result.evals.append({"step": step, **evaluate_rl(av, ar, eval_vectors, config.max_new_tokens)})
             if trainer.world.is_main:
                 logger.info("rl step %d: %s", step, result.evals[-1])
