@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import time
 
 import pytest
 import torch
@@ -23,9 +22,8 @@ CONFIG = TrainConfig(steps=100, batch_size=16, lr=1e-3, warmup_steps=10)
 @pytest.fixture(scope="module")
 def trained(base_folder, dataset_meta, label_split, tmp_path_factory):
     ar = init_ar(base_folder, dataset_meta)
-    started = time.perf_counter()
     result = train_ar(ar, *label_split, CONFIG, out_dir=tmp_path_factory.mktemp("ar_run"), progress=False)
-    return ar, result, time.perf_counter() - started
+    return ar, result
 
 
 def test_ar_starts_from_the_first_k_plus_1_blocks_and_an_identity_readout(base_folder, dataset_meta):
@@ -37,17 +35,16 @@ def test_ar_starts_from_the_first_k_plus_1_blocks_and_an_identity_readout(base_f
 
 
 def test_ar_sft_explains_half_the_variance_of_held_out_vectors(trained):
-    _, result, seconds = trained
+    _, result = trained
     first, last = result.evals[0], result.evals[-1]
     # Measured: FVE -11.0 -> 0.95 in 100 steps, ~3 s on one CPU thread.
     assert last["fve"] >= 0.5, f"held-out FVE {first['fve']:.3f} -> {last['fve']:.3f}"
     assert last["baseline_source"] == "paper (held-out targets)"
     assert last["eval_mse"] < first["eval_mse"]
-    assert seconds < 60
 
 
 def test_training_loss_is_the_served_reconstruction_error(trained, label_split):
-    ar, _, _ = trained
+    ar, _ = trained
     held_out = label_split[1]
     rows = ar_rows(held_out, ar.meta, ar.tokenizer)
     with torch.no_grad():
@@ -57,7 +54,7 @@ def test_training_loss_is_the_served_reconstruction_error(trained, label_split):
 
 
 def test_exported_ar_reloads_with_no_flags_and_identical_vectors(trained, base_folder, label_split, tmp_path):
-    ar, result, _ = trained
+    ar, result = trained
     folder = export_ar(ar, tmp_path / "ar", base_folder, heldout=label_split[1].vectors)
     reloaded = nl.ActivationReconstructor.from_pretrained(folder)
     # The sidecar records the held-out split's paper baseline, the one AR training reported FVE against.

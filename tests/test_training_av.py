@@ -4,7 +4,6 @@ and an export that `ActivationVerbalizer.from_pretrained` reads back with no fla
 from __future__ import annotations
 
 import dataclasses
-import time
 
 import pytest
 import torch
@@ -25,20 +24,18 @@ CONFIG = TrainConfig(steps=100, batch_size=16, lr=1e-3, warmup_steps=10)
 def trained(base_folder, dataset_meta, label_split, tmp_path_factory):
     av = init_av(base_folder, dataset_meta)
     train, held_out = label_split
-    started = time.perf_counter()
     result = train_av(av, train, held_out, CONFIG, out_dir=tmp_path_factory.mktemp("av_run"), n_samples=8,
                       sample_max_new_tokens=16, progress=False)
-    return av, result, time.perf_counter() - started
+    return av, result
 
 
 def test_av_sft_halves_the_held_out_response_loss(trained):
-    _, result, seconds = trained
+    _, result = trained
     first, last = result.evals[0], result.evals[-1]
     drop = 1 - last["eval_loss"] / first["eval_loss"]
     # Measured: 7.13 -> 0.03 (a 99.6% drop) in 100 steps, ~4 s on one CPU thread.
     assert drop >= 0.5, f"held-out loss {first['eval_loss']:.3f} -> {last['eval_loss']:.3f} ({drop:.1%})"
     assert 1 - result.history[-1]["loss"] / result.history[0]["loss"] >= 0.5
-    assert seconds < 60
     # The vector, not just the format, is read: greedy samples reproduce held-out labels.
     assert last["sample_exact_match"] >= 0.5, last["samples"]
 
@@ -136,7 +133,7 @@ def test_trainable_blocks_leave_every_other_weight_untouched(base_folder, datase
 
 
 def test_exported_av_reloads_with_no_flags_and_identical_logits(trained, base_folder, tmp_path):
-    av, _, _ = trained
+    av, _ = trained
     folder = export_av(av, tmp_path / "av", base_folder)
     reloaded = nl.ActivationVerbalizer.from_pretrained(folder)
     assert reloaded.injection_spec == av.injection_spec == nl.InjectionSpec("karvonen", "blocks.1.hook_resid_post")

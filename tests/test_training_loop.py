@@ -38,3 +38,31 @@ def test_config_rejects_settings_that_cannot_train():
         TrainConfig(steps=0)
     with pytest.raises(nl.ConfigError):
         TrainConfig(min_lr_ratio=2.0)
+
+
+def test_a_step_with_a_non_finite_gradient_is_skipped_not_applied():
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    from nla_lens.training.loop import train
+
+    model = HookedTransformer(HookedTransformerConfig(n_layers=1, d_model=8, n_ctx=4, d_head=4, d_vocab=5,
+                                                      act_fn="relu", seed=0))
+    calls, snapshots = [], []
+
+    def loss_sum(rows):
+        calls.append(len(rows))
+        factor = float("nan") if len(calls) == 2 else 1.0  # the second step's gradient is NaN
+        return factor * (model.W_E ** 2).sum() * len(rows)
+
+    def evaluate():
+        snapshots.append(model.W_E.detach().clone())
+        return {}
+
+    config = TrainConfig(steps=3, batch_size=2, lr=1e-2, warmup_steps=0, eval_every=1, seed=0)
+    result = train(modules={"model": model}, n_rows=4, loss_sum=loss_sum, units=len, evaluate=evaluate,
+                   config=config, progress=False)
+    assert [math.isfinite(h["grad_norm"]) for h in result.history] == [True, False, True]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    before, after_first, after_nan, after_third = snapshots
+    assert not torch.equal(after_first, before) and torch.equal(after_nan, after_first)
+    assert not torch.equal(after_third, after_nan)

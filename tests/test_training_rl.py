@@ -382,11 +382,16 @@ def test_ar_update_trains_on_the_bos_first_prompts_reconstruct_serves(bos_paths)
     assert all(prompt[0] == ar.tokenizer.bos_token_id for prompt in trainer.ar_rows.prompts)
 
 
-def test_samples_longer_than_the_avs_context_are_refused_before_training(sft_pair):
+def test_samples_longer_than_either_models_context_are_refused_before_training(sft_pair, monkeypatch):
     av, ar, _ = _load(sft_pair)
     prompt, n_ctx = av.prompt_tokens(1).shape[1], av.model.cfg.n_ctx
     config = dataclasses.replace(RL, kl_coef=0.0, max_new_tokens=n_ctx - prompt + 1)
     with pytest.raises(nl.ConfigError, match=f"over the AV's n_ctx={n_ctx}; set max_new_tokens <= {n_ctx - prompt}"):
+        rl.train_rl(av, ar, None, _train_vectors(sft_pair), torch.empty(0, 64), config, progress=False)
+    ar_prompt = ar.prompt_tokens([""])[0].shape[1]
+    monkeypatch.setattr(ar.model.cfg, "n_ctx", ar_prompt + 10)  # an AR that reads shorter texts than the AV writes
+    config = dataclasses.replace(RL, kl_coef=0.0, max_new_tokens=11)
+    with pytest.raises(nl.ConfigError, match=f"over the AR's n_ctx={ar_prompt + 10}; set max_new_tokens <= 10"):
         rl.train_rl(av, ar, None, _train_vectors(sft_pair), torch.empty(0, 64), config, progress=False)
 
 

@@ -226,7 +226,10 @@ def _run_steps(modules: dict[str, nn.Module], step_loss: nn.Module, params: dict
             local_total += float(loss.detach())
         total = parallel.all_reduce_sum(local_total, device) / world.world_size  # one collective per step
         grad_norm = float(parallel.whole(torch.nn.utils.clip_grad_norm_(list(params.values()), config.grad_clip)))
-        optimizer.step()
+        if math.isfinite(grad_norm):
+            optimizer.step()
+        elif world.is_main:  # one NaN or inf would spread through every weight through the clip and Adam
+            logger.warning("%s step %d: non-finite gradient norm; the update is skipped", desc, step + 1)
         optimizer.zero_grad(set_to_none=True)
         result.history.append({"step": step + 1, "loss": total, "lr": lr, "grad_norm": grad_norm})
         bar.set_postfix(loss=f"{total:.4f}")

@@ -390,14 +390,15 @@ def _sft_rows(av: ActivationVerbalizer, data: LabelledActivations | None, config
     return rows
 
 
-def check_samples_fit(av: ActivationVerbalizer, max_new_tokens: int) -> None:
-    """The AV prompt plus `max_new_tokens` sampled tokens fit the AV's context: the teacher-forced
-    forward of a full-length sample runs all of them (else an IndexError mid-run)."""
-    prompt, n_ctx = av.prompt_tokens(1).shape[1], av.model.cfg.n_ctx
-    if prompt + max_new_tokens > n_ctx:
-        raise ConfigError(f"rl.max_new_tokens={max_new_tokens} after the {prompt}-token AV prompt needs "
-                          f"{prompt + max_new_tokens} positions, over the AV's n_ctx={n_ctx}; set "
-                          f"max_new_tokens <= {n_ctx - prompt}")
+def check_samples_fit(av: ActivationVerbalizer, ar: ActivationReconstructor, max_new_tokens: int) -> None:
+    """A full-length sample fits both models: the AV's teacher-forced forward runs prompt + sample,
+    and the AR reads the sample's explanation in its template (else an error mid-run)."""
+    for name, prompt, n_ctx in (("AV", av.prompt_tokens(1).shape[1], av.model.cfg.n_ctx),
+                                ("AR", len(ar_prompt_ids(ar.meta, ar.tokenizer, "")), ar.model.cfg.n_ctx)):
+        if prompt + max_new_tokens > n_ctx:
+            raise ConfigError(f"rl.max_new_tokens={max_new_tokens} after the {prompt}-token {name} prompt needs "
+                              f"{prompt + max_new_tokens} positions, over the {name}'s n_ctx={n_ctx}; set "
+                              f"max_new_tokens <= {n_ctx - prompt}")
 
 
 def evaluate_rl(av: ActivationVerbalizer, ar: ActivationReconstructor, vectors: Float[Tensor, "n d_model"],
@@ -440,7 +441,7 @@ def train_rl(
     backends.require_hooked("RL training", av.model)
     backends.require_hooked("RL training", ar.model)
     check_pair(av.meta, ar.meta)
-    check_samples_fit(av, config.max_new_tokens)
+    check_samples_fit(av, ar, config.max_new_tokens)
     for model in (av.model, ar.model):
         freeze_weights_hf_lacks(model)  # TL-only biases stay zero, so the export can drop them
     if reference is not None:
