@@ -45,6 +45,22 @@ def load_base(source: NLA | ActivationVerbalizer | ActivationReconstructor | NLA
     return backends.load_model(folder, loading.load_tokenizer(folder), backend=backend, dtype=dtype, device=device)
 
 
+def check_base_model(base: TLModel, av: ActivationVerbalizer, layer: int | None = None) -> None:
+    """`base` can be the model the NLA reads: a TransformerLens model of the NLA's d_model (with a block
+    `layer`, if given). The AV's own model runs too, but it is fine-tuned: a warning, as for an AV folder."""
+    backends.backend_of(base)
+    if base.cfg.d_model != av.meta.d_model:
+        raise InputError(f"the base model has d_model={base.cfg.d_model} but this NLA reads {av.meta.d_model}-d "
+                         "vectors; pass the base model the NLA was trained on (nl.load_base(nla) loads the one "
+                         "its sidecar names)")
+    if layer is not None and base.cfg.n_layers <= layer:
+        raise InputError(f"the base model has {base.cfg.n_layers} blocks, but this NLA reads layer {layer}; "
+                         "pass the base model the NLA was trained on")
+    if base is av.model:
+        warnings.warn("the base model given is the AV's own model, a fine-tuned copy: its activations are not the "
+                      "ones the NLA was trained to read. Pass the base model (nl.load_base(nla))", stacklevel=3)
+
+
 def _meta_of(source: object) -> NLAMeta | None:
     if isinstance(source, NLA):
         return source.av.meta

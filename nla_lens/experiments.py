@@ -21,6 +21,7 @@ from transformer_lens.hook_points import HookPoint
 from transformer_lens.utilities import get_act_name
 
 from nla_lens import backends
+from nla_lens.base_model import check_base_model
 from nla_lens.capture import Capture, PositionSpec, capture, real_tokens, resolve_positions
 from nla_lens.checks import check_finite
 from nla_lens.errors import InputError
@@ -174,7 +175,7 @@ def steer_then_verbalize(
     """
     av = _verbalizer(nla_or_av)
     layer = av.meta.layer if capture_layer is None else capture_layer
-    _check_base(base_model, av)
+    check_base_model(base_model, av)
     vector = check_vectors(steering_vector, base_model.cfg.d_model)
     if vector.shape[0] != 1:
         raise InputError(f"steering_vector must be one [d_model] vector, got shape {list(steering_vector.shape)}")
@@ -225,7 +226,7 @@ def patching_study(
     """
     av = _verbalizer(nla_or_av)
     layer = av.meta.layer if capture_layer is None else capture_layer
-    _check_base(base_model, av)
+    check_base_model(base_model, av)
     real_tokens(base_model, None, clean_tokens)
     real_tokens(base_model, None, corrupted_tokens)
     if clean_tokens.shape != corrupted_tokens.shape or clean_tokens.ndim != 2:
@@ -346,14 +347,6 @@ def _verbalizer(nla_or_av: NLA | ActivationVerbalizer) -> ActivationVerbalizer:
     if isinstance(nla_or_av, ActivationVerbalizer):
         return nla_or_av
     raise InputError(f"expected an NLA or an ActivationVerbalizer, got {type(nla_or_av).__name__}")
-
-
-def _check_base(base_model: TLModel, av: ActivationVerbalizer) -> None:
-    if base_model.cfg.d_model != av.meta.d_model:
-        raise InputError(
-            f"the base model has d_model={base_model.cfg.d_model} but this NLA reads {av.meta.d_model}-d "
-            "vectors; pass the base model the NLA was trained on"
-        )
 
 
 def _check_reaches(base_model: TLModel, layer: int, capture_layer: int, name: str) -> None:

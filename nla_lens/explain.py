@@ -17,7 +17,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from nla_lens import display
+from nla_lens import backends, display
+from nla_lens.base_model import check_base_model
 from nla_lens.capture import capture
 from nla_lens.errors import InputError, PromptTooLongError
 from nla_lens.nla import RoundTrip, baseline_phrase
@@ -111,6 +112,7 @@ def explain(nla: NLA, base: TLModel, text_or_texts: str | Sequence[str], *, posi
     text. `baseline` is the FVE baseline (default: the AR sidecar's, see `NLA.round_trip`);
     `verbalize_kwargs` go to `verbalize` (e.g. `max_new_tokens`, `batch_size`).
     """
+    backends.backend_of(base)  # the text is tokenized with its tokenizer before explain_tokens checks it
     texts = [text_or_texts] if isinstance(text_or_texts, str) else list(text_or_texts)
     if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
         raise InputError("pass a non-empty text, or a non-empty list of non-empty texts, to explain")
@@ -134,7 +136,7 @@ def explain_tokens(nla: NLA, base: TLModel, token_rows: Sequence[Sequence[int]],
     """`explain` for texts already tokenized (`token_rows`); `skip[i]` leading tokens of row i are left
     out when `positions` is None (a BOS the tokenizer added)."""
     layer = nla.layer
-    _check_base(base, nla, layer)
+    check_base_model(base, nla.av, layer)
     if not token_rows or not all(len(row) for row in token_rows):
         raise InputError("every text to explain needs at least one token")
     too_long = [len(row) for row in token_rows if len(row) > base.cfg.n_ctx]
@@ -186,11 +188,3 @@ def select_positions(positions: ExplainPositions, length: int, skip: int = 0) ->
     return sorted({p % length for p in chosen})
 
 
-def _check_base(base: TLModel, nla: NLA, layer: int) -> None:
-    if base.cfg.d_model != nla.av.meta.d_model:
-        raise InputError(f"the base model has d_model={base.cfg.d_model} but this NLA reads "
-                         f"{nla.av.meta.d_model}-d vectors; pass the base model the NLA was trained on "
-                         "(nl.load_base(nla) loads the one its sidecar names)")
-    if base.cfg.n_layers <= layer:
-        raise InputError(f"the base model has {base.cfg.n_layers} blocks, but this NLA reads layer {layer}; "
-                         "pass the base model the NLA was trained on")

@@ -38,6 +38,14 @@ def check_pair(av_meta: NLAMeta, ar_meta: NLAMeta) -> None:
             )
 
 
+def _warn_if_stages_differ(av_meta: NLAMeta, ar_meta: NLAMeta) -> None:
+    """An SFT AV with an RL AR runs, but scores a pair that was never trained together."""
+    stages = av_meta.raw.get("stage"), ar_meta.raw.get("stage")
+    if None not in stages and stages[0] != stages[1]:
+        warnings.warn(f"the AV is from training stage {stages[0]!r} and the AR from {stages[1]!r}: they were not "
+                      "trained together; load both from one stage", stacklevel=3)
+
+
 MIN_BASELINE_VECTORS = 32  # fewer vectors than this give a paper baseline too noisy to divide by
 
 
@@ -133,7 +141,13 @@ class NLA:
     """The AV/AR pair; checks at construction that they share d_model and layer."""
 
     def __init__(self, av: ActivationVerbalizer, ar: ActivationReconstructor) -> None:
+        if isinstance(av, ActivationReconstructor) and isinstance(ar, ActivationVerbalizer):
+            raise PairMismatchError("NLA(av, ar) was given the AR first and the AV second: swap them")
+        if not isinstance(av, ActivationVerbalizer) or not isinstance(ar, ActivationReconstructor):
+            raise InputError(f"NLA(av, ar) takes an ActivationVerbalizer and an ActivationReconstructor, got "
+                             f"{type(av).__name__} and {type(ar).__name__}")
         check_pair(av.meta, ar.meta)
+        _warn_if_stages_differ(av.meta, ar.meta)
         self.av = av
         self.ar = ar
 

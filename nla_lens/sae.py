@@ -74,6 +74,8 @@ def check_sae_reads_layer(sae: SAE, layer: int, d_model: int, *, allow_other_hoo
     A width mismatch cannot be overridden (the vectors would not fit); a different hook point can,
     with `allow_other_hook=True`, for users who know the two activations live in one space.
     """
+    if not hasattr(sae, "W_dec") or not hasattr(getattr(sae, "cfg", None), "d_sae"):
+        raise InputError(f"expected a sae-lens SAE, got {type(sae).__name__}; check the order of the arguments")
     hook_name = sae.cfg.metadata.hook_name
     if sae.cfg.d_in != d_model:
         raise SAEMismatchError(
@@ -121,6 +123,9 @@ def text_residuals(base: TLModel, texts: list[str], layer: int, *,
     """
     if isinstance(texts, str) or not texts:
         raise InputError("texts must be a non-empty list of strings")
+    backends.backend_of(base)
+    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < base.cfg.n_layers:
+        raise InputError(f"layer must be an int in 0..{base.cfg.n_layers - 1} (the base model's blocks), got {layer!r}")
     limit = max_tokens or base.cfg.n_ctx
     out = []
     with torch.inference_mode():
@@ -213,6 +218,9 @@ def feature_vectors(rows: Float[Tensor, "n d_model"], offset: ResidualStats | No
     """What the AV reads for each decoder row: the row, or `mean + spread * row / ||row||`."""
     if offset is None:
         return rows
+    if not isinstance(offset, ResidualStats):
+        raise InputError(f"offset must be a ResidualStats (nl.residual_stats(base, texts, layer)), got "
+                         f"{type(offset).__name__}")
     unit = rows / rows.norm(dim=1, keepdim=True)
     return offset.mean.to(rows.device).float() + offset.spread * unit
 

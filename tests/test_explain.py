@@ -78,6 +78,32 @@ def test_explain_refuses_empty_texts_with_a_typed_error(base, nla):
             nla.explain(base, bad)
 
 
+def test_arguments_in_the_wrong_order_or_of_the_wrong_kind_are_named(base, nla):
+    with pytest.raises(nl.PairMismatchError, match="AR first and the AV second: swap them"):
+        nl.NLA(nla.ar, nla.av)
+    with pytest.raises(nl.InputError, match="got HookedTransformer and ActivationReconstructor|got TransformerBridge"):
+        nl.NLA(base, nla.ar)
+    with pytest.raises(nl.BackendError, match="got str; check the order of the arguments"):
+        nla.explain("the cat", base)
+
+
+def test_explaining_with_the_avs_own_model_as_base_warns(nla):
+    with pytest.warns(UserWarning, match="the AV's own model, a fine-tuned copy"):
+        nla.explain(nla.av.model, "the cat", positions=-1, max_new_tokens=2)
+
+
+def test_an_av_and_ar_from_different_training_stages_warn(toy):
+    from nla_lens.toy.demo import TOY_DIR
+    from nla_lens.toy.evaluate import ToyNLA
+
+    rl = ToyNLA.load(TOY_DIR, pair="rl")
+    with pytest.warns(UserWarning, match="stage 'sft' and the AR from 'rl'"):
+        nl.NLA(toy.av, rl.ar)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        nl.NLA(rl.av, rl.ar)
+
+
 def test_nla_from_pretrained_checks_the_pair_before_loading(tiny_paths, tmp_path):
     nla = nl.NLA.from_pretrained(tiny_paths["av_karvonen"], tiny_paths["ar_nanonla"])
     assert nla.layer == nla.ar.meta.layer and nla.av.injection_spec.method == "karvonen"

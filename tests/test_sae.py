@@ -86,6 +86,17 @@ def test_feature_card_window_and_skip_must_be_whole_numbers(toy, bad):
 
 
 @NEEDS_SAE_LENS
+def test_sae_helpers_name_arguments_of_the_wrong_kind_or_order(toy):
+    sae = make_sae(128, 32, f"blocks.{toy.av.meta.layer}.hook_resid_post")
+    with pytest.raises(nl.InputError, match=r"layer must be an int in 0\.\.\d+ \(the base model's blocks\), got 99"):
+        nl.residual_stats(toy.base, TOY_TEXTS, 99)
+    with pytest.raises(nl.InputError, match="offset must be a ResidualStats.*got Tensor"):
+        nl.verbalize_sae_features(toy.av, sae, [1], offset=torch.randn(128))
+    with pytest.raises(nl.InputError, match="expected a sae-lens SAE, got HookedTransformer"):
+        nl.feature_card(toy.base, sae, TOY_TEXTS, 12, toy.av)
+
+
+@NEEDS_SAE_LENS
 def test_next_blocks_resid_pre_is_the_same_residual(av_karvonen):
     from nla_lens.sae import check_sae_reads_layer
 

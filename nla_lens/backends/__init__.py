@@ -114,8 +114,8 @@ def backend_of(model: TLModel) -> str:
     if "TransformerBridge" in names:
         return "bridge"
     raise BackendError(
-        f"{type(model).__name__} is neither a HookedTransformer nor a TransformerBridge; "
-        "nla_lens drives one of those two"
+        f"expected a TransformerLens model (HookedTransformer or TransformerBridge), got {type(model).__name__}; "
+        "check the order of the arguments"
     )
 
 
