@@ -24,7 +24,7 @@ from nla_lens import backends
 from nla_lens.base_model import check_base_model
 from nla_lens.capture import Capture, PositionSpec, capture, real_tokens, resolve_positions
 from nla_lens.checks import check_finite
-from nla_lens.errors import InputError
+from nla_lens.errors import InputError, VectorError
 from nla_lens.injection import HookFn, check_vectors
 from nla_lens.nla import NLA, RoundTrip, baseline_phrase
 from nla_lens.results import TabularResult
@@ -176,9 +176,12 @@ def steer_then_verbalize(
     av = _verbalizer(nla_or_av)
     layer = av.meta.layer if capture_layer is None else capture_layer
     check_base_model(base_model, av)
-    vector = check_vectors(steering_vector, base_model.cfg.d_model)
-    if vector.shape[0] != 1:
-        raise InputError(f"steering_vector must be one [d_model] vector, got shape {list(steering_vector.shape)}")
+    d_model = base_model.cfg.d_model
+    if isinstance(steering_vector, Tensor) and (steering_vector.shape[-1:] != (d_model,) or steering_vector.ndim > 2
+                                                or steering_vector.numel() != d_model):
+        raise VectorError(f"steering_vector must be one [d_model] = [{d_model}] vector (it is added to the base "
+                          f"model's residual stream), got shape {list(steering_vector.shape)}")
+    vector = check_vectors(steering_vector, d_model)
     _check_reaches(base_model, steer_layer, layer, "steer_layer")
     check_finite(scale=scale)
     real = real_tokens(base_model, attention_mask, tokens)

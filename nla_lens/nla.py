@@ -39,7 +39,10 @@ def check_pair(av_meta: NLAMeta, ar_meta: NLAMeta) -> None:
 
 
 def _warn_if_stages_differ(av_meta: NLAMeta, ar_meta: NLAMeta) -> None:
-    """An SFT AV with an RL AR runs, but scores a pair that was never trained together."""
+    """An SFT AV with an RL AR runs, but scores a pair that was never trained together. Only the model
+    dialect's `stage` names the training stage (the dataset dialect's names its data, e.g. 'ar_sft')."""
+    if av_meta.kind != "nla_model" or ar_meta.kind != "nla_model":
+        return
     stages = av_meta.raw.get("stage"), ar_meta.raw.get("stage")
     if None not in stages and stages[0] != stages[1]:
         warnings.warn(f"the AV is from training stage {stages[0]!r} and the AR from {stages[1]!r}: they were not "
@@ -165,6 +168,9 @@ class NLA:
             ar_path, device=device, dtype=dtype, backend=backend,
             trust_remote_code=av_kwargs.get("trust_remote_code", False))
         return cls(av, ar)
+
+    def __repr__(self) -> str:
+        return f"NLA(\n  av={self.av!r},\n  ar={self.ar!r})"
 
     @property
     def mse_scale(self) -> float:

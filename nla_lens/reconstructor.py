@@ -83,6 +83,11 @@ class ActivationReconstructor:
     def device(self) -> torch.device:
         return self.model.W_E.device
 
+    def __repr__(self) -> str:
+        return (f"ActivationReconstructor(layer={self.meta.layer}, d_model={self.meta.d_model}, "
+                f"mse_scale={self.meta.mse_scale:.4g}, stage={self.meta.raw.get('stage')!r}, "
+                f"base_model={self.meta.base_model!r}, {self.device}, {self.model.W_E.dtype})")
+
     def prompt_tokens(self, explanations: list[str]) -> tuple[Int[Tensor, "n pos"], Int[Tensor, "n pos"]]:
         """Left-padded AR prompts and their attention mask, tokenized as the paper's critic does
         (with special tokens: BOS first on Gemma / Llama, nothing added on Qwen)."""

@@ -106,6 +106,10 @@ class ResidualStats:
     spread: float
     n: int
 
+    def __repr__(self) -> str:
+        return (f"ResidualStats(n={self.n}, d_model={self.mean.shape[-1]}, spread={self.spread:.4g}, "
+                f"mean norm={float(self.mean.norm()):.4g})")
+
     @classmethod
     def from_vectors(cls, vectors: Float[Tensor, "n d_model"]) -> ResidualStats:
         vectors = vectors.float()

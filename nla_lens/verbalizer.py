@@ -127,6 +127,12 @@ class ActivationVerbalizer:
     def device(self) -> torch.device:
         return self.model.W_E.device
 
+    def __repr__(self) -> str:
+        spec = self.injection_spec
+        return (f"ActivationVerbalizer(layer={self.meta.layer}, d_model={self.meta.d_model}, injection={spec.method} "
+                f"at {spec.hook_point}, stage={self.meta.raw.get('stage')!r}, base_model={self.meta.base_model!r}, "
+                f"{self.device}, {self.model.W_E.dtype})")
+
     def prompt_tokens(self, n: int) -> Int[Tensor, "n pos"]:
         """`n` copies of the canonical AV prompt, each holding one marker site."""
         return self._prompt.to(self.device).expand(n, -1).clone()

@@ -214,7 +214,8 @@ def test_experiment_arguments_are_checked_with_typed_errors(base, nla, av_karvon
         nl.steer_then_verbalize(base, nla, tokens, steering_vector=steer, scale=1.0, steer_layer=LAYER + 1)
     with pytest.raises(nl.InputError, match="steer_layer must be an int"):
         nl.steer_then_verbalize(base, nla, tokens, steering_vector=steer, scale=1.0, steer_layer=-1)
-    with pytest.raises(nl.VectorError, match="must have shape"):
+    one_vector = rf"steering_vector must be one \[d_model\] = \[{D_MODEL}\] vector .* got shape \[10\]"
+    with pytest.raises(nl.VectorError, match=one_vector):
         nl.steer_then_verbalize(base, nla, tokens, steering_vector=steer[:10], scale=1.0, steer_layer=0)
     with pytest.raises(nl.InputError, match="outside row"):
         nl.steer_then_verbalize(base, nla, tokens, attention_mask=mask, steering_vector=steer, scale=1.0,

@@ -116,3 +116,12 @@ def test_too_few_or_parallel_vectors_give_no_fve_and_a_warning(av_karvonen, ar_n
     assert nla.round_trip(vectors[:1], baseline=0.56).baseline == 0.56
     with pytest.raises(nl.InputError, match="positive"):
         nla.round_trip(vectors[:1], baseline=0.0)
+
+
+def test_models_print_as_one_line_of_facts_not_a_module_tree(av_karvonen, ar_nanonla):
+    nla = nl.NLA(av_karvonen, ar_nanonla)
+    text = repr(nla)
+    assert text.startswith("NLA(\n  av=ActivationVerbalizer(layer=") and len(text.splitlines()) == 3
+    assert f"injection=karvonen at {av_karvonen.injection_spec.hook_point}" in text
+    assert f"ActivationReconstructor(layer={ar_nanonla.meta.layer}, d_model={ar_nanonla.meta.d_model}" in text
+    assert "HookedTransformer(" not in text and "tensor(" not in text

@@ -71,7 +71,7 @@ def best_pair(folder: Path) -> str:
     return best if (pair_folder(folder, best) / "av").is_dir() else "sft"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class ToyNLA:
     """The bundled checkpoints, loaded: the base LM (a TL model of the default backend), the AV and the AR
     (`.nla` pairs them)."""
@@ -79,6 +79,11 @@ class ToyNLA:
     base: object
     av: ActivationVerbalizer
     ar: ActivationReconstructor
+
+    def __repr__(self) -> str:
+        cfg = self.base.cfg  # type: ignore[attr-defined]
+        return (f"ToyNLA(base={type(self.base).__name__} with {cfg.n_layers} blocks, d_model {cfg.d_model},\n"
+                f"  av={self.av!r},\n  ar={self.ar!r})")
 
     @classmethod
     def load(cls, folder: Path, device: str = "cpu", pair: str = "sft") -> ToyNLA:
