@@ -31,10 +31,13 @@ def _run_inspect(args: argparse.Namespace) -> None:
 
     folder = loading.resolve_checkpoint(args.checkpoint)
     meta = load_meta(folder)
-    for name in ("kind", "schema_version", "role", "d_model", "layer", "injection", "injection_scale",
+    print(f"{'role':28s} {loading.checkpoint_role(folder, meta)!r}")  # the folder's, where the sidecar has none
+    for name in ("kind", "schema_version", "d_model", "layer", "injection", "injection_scale",
                  "mse_scale", "injection_char", "injection_token_id", "injection_left_neighbor_id",
-                 "injection_right_neighbor_id", "critic_suffix_ids", "base_model"):
+                 "injection_right_neighbor_id", "critic_suffix_ids", "base_model", "fve_baseline", "fve_baseline_n"):
         print(f"{name:28s} {getattr(meta, name)!r}")
+    for name in ("stage", "tokenization"):  # what nla_lens's exporter records (absent from released sidecars)
+        print(f"{name:28s} {meta.raw.get(name)!r}")
     check_tokenizer(meta, loading.load_tokenizer(folder))
     print("tokenizer check               ok")
 

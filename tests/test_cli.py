@@ -44,6 +44,15 @@ def test_reconstruct_writes_the_ar_vectors(ar_nanonla, tiny_paths, tmp_path):
     assert torch.equal(load_file(str(out))["vectors"], ar_nanonla.reconstruct(["a cat", "the sea"]))
 
 
+def test_inspect_prints_the_role_stage_and_recorded_baseline(capsys):
+    from nla_lens.toy.demo import TOY_DIR
+
+    assert main(["inspect", str(TOY_DIR / "rl" / "ar")]) == 0
+    lines = dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines() if " " in line)
+    assert lines["role"] == "'ar'" and lines["stage"] == "'rl'" and lines["fve_baseline_n"] == "1943"
+    assert "'bos_token_id': None" in lines["tokenization"]
+
+
 def test_errors_exit_2_with_the_typed_reason(tiny_paths, tmp_path, capsys):
     assert main(["inspect", str(tiny_paths["ar_paper"])]) == 0
     assert main(["inspect", str(tmp_path)]) == 2
