@@ -19,7 +19,7 @@ from nla_lens.training.ar_sft import init_ar, train_ar
 from nla_lens.training.av_sft import init_av, train_av
 from nla_lens.training.config import ARRunConfig, AVRunConfig, ExtractRunConfig, RLRunConfig, SFTRunConfig
 from nla_lens.training.dataset import LabelledActivations, label_activations, split_by_document
-from nla_lens.training.export import export_ar, export_av
+from nla_lens.training.export import check_export_folder, export_ar, export_av
 from nla_lens.training.extraction import Document, extract_activations, load_activations
 from nla_lens.training.loop import TrainResult
 from nla_lens.training.rl import train_rl
@@ -98,6 +98,7 @@ def run_train_av(config: AVRunConfig, *, progress: bool = True) -> RunResult:
 
     Under `torchrun` every rank runs this: data-parallel SFT (`config.train.data_parallel`), rank 0 writes.
     """
+    check_export_folder(Path(config.out_dir) / MODEL_DIR, "av")  # before training, not after it
     return _run_sft(config, _train_and_export_av, progress)
 
 
@@ -118,6 +119,7 @@ def run_train_ar(config: ARRunConfig, *, progress: bool = True) -> RunResult:
 
     Under `torchrun` every rank runs this: data-parallel SFT (`config.train.data_parallel`), rank 0 writes.
     """
+    check_export_folder(Path(config.out_dir) / MODEL_DIR, "ar")  # before training, not after it
     return _run_sft(config, _train_and_export_ar, progress)
 
 
@@ -147,6 +149,8 @@ def run_train_rl(config: RLRunConfig, *, progress: bool = True) -> RLRunResult:
     Under `torchrun` every rank runs this (each samples whole groups, DDP averages the gradients),
     and rank 0 writes.
     """
+    for role in ("av", "ar"):  # before training, not after it
+        check_export_folder(Path(config.out_dir) / role, role)
     activations, train, evaluation = _split(config)
     check_rl_layers(config, activations)
     with process_group(config.device) as world:
