@@ -119,6 +119,23 @@ def test_export_refuses_a_folder_of_the_other_role_and_rewrites_its_own(tmp_path
     assert nl.ActivationReconstructor.from_pretrained(again).meta.role == "ar"
 
 
+def test_exports_record_a_local_base_model_by_its_absolute_path(tmp_path, base_folder, extract_config,
+                                                              dataset_meta, monkeypatch):
+    monkeypatch.chdir(base_folder.parent)  # the configs name the base relatively, as the example YAMLs do
+    common, _ = _training_inputs(tmp_path, base_folder.name, extract_config)
+    assert main(["train-av", _write(tmp_path / "av.yaml", {**common, "out_dir": str(tmp_path / "av"),
+                                                           "n_samples": 1, "sample_max_new_tokens": 4})]) == 0
+    assert main(["train-ar", _write(tmp_path / "ar.yaml", {**common, "out_dir": str(tmp_path / "ar")})]) == 0
+    for role in ("av", "ar"):
+        assert load_meta(tmp_path / role / "model").base_model == str(base_folder.resolve())
+    monkeypatch.chdir(tmp_path)  # elsewhere, the exported pair still finds its base
+    nla = nl.NLA.from_pretrained(tmp_path / "av" / "model", tmp_path / "ar" / "model")
+    assert nl.load_base(nla).cfg.d_model == nla.av.meta.d_model
+    # A name that is no local folder (a hub id) is recorded as written.
+    ar = init_ar(base_folder, dataset_meta)
+    assert load_meta(export_ar(ar, tmp_path / "hub", base_folder)).base_model == dataset_meta.base_model == "tiny"
+
+
 def test_cli_rejects_an_unknown_config_key(tmp_path, capsys):
     config = _write(tmp_path / "bad.yaml", {"base_model": "x", "activations": "y", "explanations": "z",
                                             "out_dir": "o", "trian": {"steps": 1}})

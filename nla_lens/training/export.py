@@ -211,8 +211,8 @@ def export_av(av: ActivationVerbalizer, folder: str | Path, base_model: str | Pa
     GenerationConfig(eos_token_id=av.eos_token_ids, pad_token_id=av.tokenizer.pad_token_id).save_pretrained(folder)
     av.tokenizer.save_pretrained(folder)
     spec = av.injection_spec  # what the AV was trained with, even where its sidecar left it implicit
-    dump_meta({**_staged(av.meta.raw, stage), "injection": {"method": spec.method, "hook_point": spec.hook_point}},
-              folder)
+    dump_meta({**_exported_sidecar(av.meta, stage), "injection": {"method": spec.method,
+                                                                   "hook_point": spec.hook_point}}, folder)
     return folder
 
 
@@ -232,7 +232,7 @@ def export_ar(ar: ActivationReconstructor, folder: str | Path, base_model: str |
         return folder
     save_file({name: weight.to(dtype) for name, weight in readout.items()}, folder / loading.VALUE_HEAD_FILE)
     ar.tokenizer.save_pretrained(folder)
-    dump_meta({**_staged(ar.meta.raw, stage), **_baseline_block(heldout, ar.meta.mse_scale)}, folder)
+    dump_meta({**_exported_sidecar(ar.meta, stage), **_baseline_block(heldout, ar.meta.mse_scale)}, folder)
     return folder
 
 
@@ -242,5 +242,15 @@ def _baseline_block(heldout: Tensor | None, mse_scale: float) -> dict[str, Any]:
     return {"fve_baseline": {"value": metrics.paper_baseline(heldout.float(), mse_scale), "n": int(heldout.shape[0])}}
 
 
-def _staged(raw: dict[str, Any], stage: str | None) -> dict[str, Any]:
-    return raw if stage is None else {**raw, "stage": stage}
+def _exported_sidecar(meta: NLAMeta, stage: str | None) -> dict[str, Any]:
+    """The sidecar to write: `stage` replaces the recorded one, and a base model named by a local folder
+    is recorded by its absolute path, so the export finds its base from any working directory (a hub id
+    stays a hub id)."""
+    raw = meta.raw if stage is None else {**meta.raw, "stage": stage}
+    if meta.base_model is None or not Path(meta.base_model).expanduser().is_dir():
+        return raw
+    absolute = str(Path(meta.base_model).expanduser().resolve())
+    extraction = raw.get("extraction")
+    if isinstance(extraction, dict) and "base_model" in extraction:
+        return {**raw, "extraction": {**extraction, "base_model": absolute}}
+    return {**raw, "base_model": absolute}
