@@ -8,8 +8,10 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from conftest import LAYER, NEEDS_TL3
+from safetensors.torch import load_file
 
 import nla_lens as nl
 from nla_lens import testing
@@ -134,6 +136,27 @@ def test_exports_record_a_local_base_model_by_its_absolute_path(tmp_path, base_f
     # A name that is no local folder (a hub id) is recorded as written.
     ar = init_ar(base_folder, dataset_meta)
     assert load_meta(export_ar(ar, tmp_path / "hub", base_folder)).base_model == dataset_meta.base_model == "tiny"
+
+
+def test_cli_trains_and_exports_with_dtype_names_the_library_takes(tmp_path, base_folder, extract_config):
+    common, _ = _training_inputs(tmp_path, str(base_folder), extract_config)
+    config = {**common, "out_dir": str(tmp_path / "ar"), "dtype": "fp32", "export_dtype": "bf16"}
+    assert main(["train-ar", _write(tmp_path / "ar.yaml", config)]) == 0
+    weights = load_file(str(tmp_path / "ar" / "model" / "model.safetensors"))
+    assert {w.dtype for w in weights.values()} == {torch.bfloat16}
+
+
+@pytest.mark.parametrize(("command", "key", "value"), [
+    ("extract", "dtype", "bf17"), ("train-ar", "dtype", "float8"), ("train-ar", "export_dtype", "int8"),
+    ("train-rl", "export_dtype", "half-float"),
+])
+def test_cli_refuses_a_dtype_name_before_anything_loads(tmp_path, capsys, command, key, value):
+    config = {**_REQUIRED[command], key: value, **({"extract": {"layer": 1}} if command == "extract" else {})}
+    assert main([command, _write(tmp_path / "bad.yaml", config)]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"nla-lens {command}: ConfigError: {key}: {value!r} is not a dtype nla_lens trains in; use one of "
+                   "float32/fp32/float, bfloat16/bf16, float16/fp16/half (or another torch floating-point dtype, "
+                   "such as float64)\n")
 
 
 def test_cli_rejects_an_unknown_config_key(tmp_path, capsys):
