@@ -24,6 +24,8 @@ from nla_lens.verbalizer import ActivationVerbalizer
 if TYPE_CHECKING:
     from nla_lens.backends import TLModel
 
+_PASS_BASE = "pass the base model's folder: --base path/to/base (nla-lens explain) or nl.load_base('path/to/base')"
+
 
 def load_base(source: NLA | ActivationVerbalizer | ActivationReconstructor | NLAMeta | str | Path, *,
               device: str | torch.device = "cpu", dtype: torch.dtype | str = torch.float32,
@@ -78,16 +80,18 @@ def _base_folder(source: object, meta: NLAMeta | None) -> Path:
         return loading.resolve_checkpoint(source)  # type: ignore[arg-type]
     name = meta.base_model
     if name is None:
-        raise CheckpointError("the sidecar does not name its base model (no base_model entry); pass the base "
-                              "model's folder: nl.load_base('path/to/base')")
+        raise CheckpointError(f"the sidecar does not name its base model (no base_model entry); {_PASS_BASE}")
     if name == toy.BASE_MODEL:
         return toy.TOY_DIR / "base"
     try:
         return loading.resolve_checkpoint(name)
     except CheckpointError as exc:
+        if loading.looks_like_path(name):
+            moved = "" if Path(name).expanduser().is_absolute() else " (a relative one resolves only from there)"
+            raise CheckpointError(f"the sidecar names base model {loading.missing_folder(name)}. An export records "
+                                  f"the base model's path where it was trained{moved}; {_PASS_BASE}") from exc
         raise CheckpointError(f"the sidecar names base model {name!r}, which is neither a local folder nor in "
-                              f"the local HF cache. Download it (hf download {name}) or pass its folder: "
-                              "nl.load_base('path/to/base')") from exc
+                              f"the local HF cache. Download it (hf download {name}), or {_PASS_BASE}") from exc
 
 
 def _warn_if_nla_checkpoint(folder: Path) -> None:

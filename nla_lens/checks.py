@@ -28,8 +28,15 @@ def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
         return dtype
     if isinstance(dtype, str) and dtype.lower().removeprefix("torch.") in DTYPES:
         return DTYPES[dtype.lower().removeprefix("torch.")]
-    raise InputError(f"dtype {dtype!r} is not one nla_lens loads; pass a torch dtype or one of "
-                     "'float32', 'bfloat16', 'float16'")
+    raise InputError(f"dtype {dtype!r} is not one nla_lens loads; pass a torch dtype or one of {dtype_names()}")
+
+
+def dtype_names() -> str:
+    """The names `resolve_dtype` takes, grouped by dtype for help texts and errors: 'float32/fp32/float, ...'."""
+    groups: dict[torch.dtype, list[str]] = {}
+    for name, dtype in DTYPES.items():
+        groups.setdefault(dtype, []).append(name)
+    return ", ".join("/".join(names) for names in groups.values())
 
 
 def resolve_device(device: torch.device | str) -> torch.device:

@@ -12,14 +12,20 @@ import pyarrow as pa
 import torch
 
 from nla_lens import shard_store, sharded
-from nla_lens.checks import check_counts, check_input_file, check_output_path, resolve_device
+from nla_lens.checks import (
+    check_counts,
+    check_input_file,
+    check_output_path,
+    dtype_names,
+    resolve_device,
+    resolve_dtype,
+)
 from nla_lens.cli_checks import base_for, nla_checkpoint
 from nla_lens.distributed import World
 from nla_lens.errors import InputError, PromptTooLongError
 from nla_lens.sharded import Sampling
 from nla_lens.vector_files import OUTPUT_SUFFIXES, VectorTable, read_input, write_table, write_vectors
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _VECTOR_SUFFIXES = (".safetensors", ".pt")  # what `reconstruct --output` writes
 
 
@@ -106,7 +112,20 @@ def _add_job_flags(parser: argparse.ArgumentParser) -> None:
                         help="seed for sampling at temperature > 0; each shard derives its own from it (default 0)")
     parser.add_argument("--batch-size", type=int, default=32, help="vectors per AV batch")
     parser.add_argument("--device", default="cpu", help="torch device; cuda under torchrun means cuda:LOCAL_RANK")
-    parser.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="model dtype")
+    _add_dtype_flag(parser)
+
+
+def _add_dtype_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dtype", type=_dtype_arg, default="float32", metavar="DTYPE",
+                        help=f"model dtype: {dtype_names()} (default float32)")
+
+
+def _dtype_arg(value: str) -> torch.dtype:
+    """Every name the library takes (`checks.DTYPES`), so `--dtype bf16` works as `dtype="bf16"` does."""
+    try:
+        return resolve_dtype(value)
+    except InputError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def _shard_ids(value: str) -> list[int]:
@@ -122,7 +141,7 @@ def _sampling(args: argparse.Namespace) -> Sampling:
 
 def _job_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return {"sampling": _sampling(args), "column": args.column, "shard_size": args.shard_size,
-            "shards": args.shards, "device": args.device, "dtype": _DTYPES[args.dtype], "progress": True}
+            "shards": args.shards, "device": args.device, "dtype": args.dtype, "progress": True}
 
 
 def _run_verbalize(args: argparse.Namespace) -> None:
@@ -145,12 +164,12 @@ def _run_verbalize(args: argparse.Namespace) -> None:
             raise InputError("--shards and --column apply to --input files; --text is explained in one process")
         layer = meta.layer if args.layer is None else args.layer
         base = base_for(args.base, meta, layer)
-        table = capture_text(str(base), layer, args.text, args.device, _DTYPES[args.dtype])
+        table = capture_text(str(base), layer, args.text, args.device, args.dtype)
     else:
         table = read_input(args.input, args.column)
     from nla_lens.verbalizer import ActivationVerbalizer
 
-    av = ActivationVerbalizer.from_pretrained(args.av, device=args.device, dtype=_DTYPES[args.dtype])
+    av = ActivationVerbalizer.from_pretrained(args.av, device=args.device, dtype=args.dtype)
     out = av.verbalize(table.vectors, max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
                        top_p=sampling.top_p, seed=sampling.seed, batch_size=sampling.batch_size, progress=True)
     if args.output:
@@ -205,7 +224,7 @@ def add_reconstruct(subparsers: argparse._SubParsersAction) -> None:
                         help="write the vectors here: .safetensors (tensor 'vectors') or .pt (one tensor)")
     parser.add_argument("--batch-size", type=int, default=64, help="explanations per AR batch")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
-    parser.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="model dtype")
+    _add_dtype_flag(parser)
     parser.set_defaults(run=_run_reconstruct)
 
 
@@ -223,7 +242,7 @@ def _run_reconstruct(args: argparse.Namespace) -> None:
         texts += [line for line in args.input.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not texts:
         raise InputError("no explanations: give them as arguments, or --input FILE with one per line")
-    ar = ActivationReconstructor.from_pretrained(args.ar, device=args.device, dtype=_DTYPES[args.dtype])
+    ar = ActivationReconstructor.from_pretrained(args.ar, device=args.device, dtype=args.dtype)
     vectors = ar.reconstruct(texts, batch_size=args.batch_size)
     for i, v in enumerate(vectors):
         print(f"{i}\tnorm {float(v.norm()):.3f}\t{[round(x, 3) for x in v[:4].tolist()]} ...")
@@ -254,7 +273,7 @@ def add_explain(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=150, help="longest explanation (default 150)")
     parser.add_argument("--batch-size", type=int, default=32, help="vectors per AV batch")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
-    parser.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="model dtype")
+    _add_dtype_flag(parser)
     parser.set_defaults(run=_run_explain)
 
 
@@ -301,9 +320,8 @@ def _run_explain(args: argparse.Namespace) -> None:
     nla_checkpoint(args.ar, "ar")
     if args.base is not None:
         base_for(args.base, av_meta, av_meta.layer)
-    dtype = _DTYPES[args.dtype]
-    nla = NLA.from_pretrained(args.av, args.ar, device=device, dtype=dtype)
-    base = load_base(nla if args.base is None else args.base, device=device, dtype=dtype)
+    nla = NLA.from_pretrained(args.av, args.ar, device=device, dtype=args.dtype)
+    base = load_base(nla if args.base is None else args.base, device=device, dtype=args.dtype)
     explanation = nla.explain(base, texts, positions=args.positions, baseline=args.baseline,
                               max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, progress=True)
     for i, text in enumerate(explanation.texts):

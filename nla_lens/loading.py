@@ -12,6 +12,7 @@ than copies of every weight. No fold_ln, no centering, no value-bias folding: ac
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
 import struct
@@ -41,6 +42,7 @@ _SAFETENSORS_DTYPES = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
     "U8": torch.uint8, "BOOL": torch.bool,
 }
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name, as the hub spells repo ids
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _READ_CHUNK = 1 << 28  # bytes per read() call; Linux caps a single read near 2 GiB
 _CAST_CHUNK = 1 << 24  # bytes of the host buffer used when a tensor is cast or sent to a device
@@ -51,6 +53,8 @@ def resolve_checkpoint(path_or_id: str | Path) -> Path:
     path = Path(path_or_id).expanduser()
     if path.is_dir():
         return path
+    if looks_like_path(path_or_id):
+        raise CheckpointError(f"{missing_folder(path_or_id)}; {_path_fix(path_or_id)}")
     try:
         from huggingface_hub import snapshot_download
 
@@ -60,6 +64,34 @@ def resolve_checkpoint(path_or_id: str | Path) -> Path:
             f"{path_or_id!r} is neither a local folder nor a hub id in the local HF cache. "
             f"Download it first (hf download {path_or_id}) or pass the folder path."
         ) from exc
+
+
+def looks_like_path(path_or_id: str | Path) -> bool:
+    """Whether a name that is not a folder here was meant as one, not as a hub id (`owner/name`): a
+    Path, a file, a name starting with '/', '.' or '~', one with more than one '/' or a character hub ids
+    lack, or one whose first part is a local folder (`runs/av` where `runs/` exists)."""
+    name = str(path_or_id)
+    if isinstance(path_or_id, Path) or name.startswith(("/", ".", "~")) or Path(name).exists():
+        return True
+    if "/" not in name and "\\" not in name:
+        return False  # a bare name such as `gpt2` may be either
+    return _HUB_ID.fullmatch(name) is None or Path(name.split("/")[0]).is_dir()
+
+
+def missing_folder(path_or_id: str | Path) -> str:
+    """What is wrong with a path that names no folder: nothing there, or a file."""
+    path = Path(path_or_id).expanduser()
+    if path.exists():
+        return f"{str(path_or_id)!r} is a file, not a checkpoint folder"
+    return f"{str(path_or_id)!r}: no such folder" + ("" if path.is_absolute() else f" (relative to {Path.cwd()})")
+
+
+def _path_fix(path_or_id: str | Path) -> str:
+    """The folder beside a missing one whose name is closest, where that looks like a typo of it."""
+    path = Path(path_or_id).expanduser()
+    siblings = [p.name for p in path.parent.iterdir() if p.is_dir()] if path.parent.is_dir() else []
+    close = difflib.get_close_matches(path.name, siblings, n=1)
+    return f"did you mean {path.parent / close[0]}?" if close else "check the path"
 
 
 def checkpoint_role(folder: Path, meta: NLAMeta) -> Literal["av", "ar"] | None:

@@ -9,7 +9,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 
-from nla_lens.cli import main
+import nla_lens as nl
+from nla_lens.checks import DTYPES
+from nla_lens.cli import build_parser, main
 
 
 def test_verbalize_from_a_vector_file_matches_the_library(av_karvonen, tiny_paths, vectors, tmp_path, capsys):
@@ -73,3 +75,28 @@ def test_every_subcommand_explains_its_flags(capsys):
         with pytest.raises(SystemExit):
             main([command, "--help"])
         assert "--" in capsys.readouterr().out or command == "inspect"
+
+
+_REQUIRED_FLAGS = {"verbalize": ["--av", "a", "--text", "t"],
+                   "round-trip": ["--av", "a", "--ar", "r", "--input", "v.pt", "--output", "o.jsonl"],
+                   "reconstruct": ["--ar", "r"], "explain": ["--av", "a", "--ar", "r", "--text", "t"]}
+
+
+@pytest.mark.parametrize("command", sorted(_REQUIRED_FLAGS))
+def test_every_dtype_flag_takes_every_dtype_name_the_library_takes(command):
+    parser = build_parser()
+    for name, dtype in DTYPES.items():
+        assert parser.parse_args([command, *_REQUIRED_FLAGS[command], "--dtype", name]).dtype == dtype, name
+
+
+def test_dtype_bf16_loads_in_bfloat16_and_a_bad_name_lists_the_good_ones(tiny_paths, tmp_path, capsys):
+    ar, out = str(tiny_paths["ar_nanonla"]), tmp_path / "r.safetensors"
+    assert main(["reconstruct", "--ar", ar, "--dtype", "bf16", "a cat", "--output", str(out)]) == 0
+    expected = nl.ActivationReconstructor.from_pretrained(ar, dtype=torch.bfloat16).reconstruct(["a cat"])
+    assert torch.equal(load_file(str(out))["vectors"], expected)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        main(["reconstruct", "--ar", ar, "--dtype", "bf17", "a cat"])
+    assert info.value.code == 2
+    assert ("argument --dtype: dtype 'bf17' is not one nla_lens loads; pass a torch dtype or one of "
+            "float32/fp32/float, bfloat16/bf16, float16/fp16/half") in capsys.readouterr().err

@@ -207,6 +207,14 @@ def test_missing_checkpoint_points_at_the_hf_command(tmp_path):
     assert "huggingface-cli" not in str(info.value)
 
 
+def test_a_typo_in_a_checkpoint_path_is_no_such_folder(no_model_loads, monkeypatch, capsys):
+    monkeypatch.chdir(nl.toy.TOY_DIR.parents[2])
+    err = _fails(["explain", "--av", "nla_lens/toy/checkpoints/avv", "--ar", "nla_lens/toy/checkpoints/ar",
+                  "--text", "the cat"], capsys, "CheckpointError: 'nla_lens/toy/checkpoints/avv': no such folder",
+                 "did you mean nla_lens/toy/checkpoints/av?")
+    assert "hf download" not in err
+
+
 def test_round_trip_checks_the_reconstruct_batch_before_verbalizing(av_karvonen, ar_nanonla, vectors, monkeypatch):
     monkeypatch.setattr(av_karvonen, "verbalize", lambda *a, **k: pytest.fail("verbalized first"))
     with pytest.raises(nl.InputError, match="reconstruct_batch_size=0"):

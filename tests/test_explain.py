@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import warnings
 
@@ -121,6 +122,20 @@ def test_load_base_warns_when_given_an_nla_checkpoint_and_names_a_missing_base(t
         nl.load_base(tiny_paths["av_karvonen"])
     with pytest.raises(nl.CheckpointError, match="hf download"):
         nl.load_base(nla.av.meta)  # the tiny sidecar names a hub id that is not in the cache
+
+
+@pytest.mark.parametrize(("base_model", "expected"), [
+    ("runs/sft/base", "the sidecar names base model 'runs/sft/base': no such folder (relative to "),
+    ("/gone/base", "the sidecar names base model '/gone/base': no such folder. An export records"),
+    ("nobody/no-such-base", "Download it (hf download nobody/no-such-base), or pass"),
+])
+def test_load_base_of_a_missing_base_says_what_is_missing_and_both_ways_to_pass_one(nla, base_model, expected):
+    with pytest.raises(nl.CheckpointError) as info:
+        nl.load_base(dataclasses.replace(nla.av.meta, base_model=base_model))
+    message = str(info.value)
+    assert expected in message
+    assert "--base path/to/base (nla-lens explain) or nl.load_base('path/to/base')" in message
+    assert ("hf download" in message) == (base_model == "nobody/no-such-base")
 
 
 def test_no_tl_deprecation_nag_and_no_progress_bars_from_library_calls(tiny_paths, av_karvonen, capfd):

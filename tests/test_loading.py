@@ -172,6 +172,29 @@ def test_unknown_path_or_uncached_hub_id(tmp_path, monkeypatch):
         loading.resolve_checkpoint("nobody/no-such-nla")
 
 
+@pytest.mark.parametrize("name", ["/no/such/nla", "./av", "~/av", "runs/avv", "runs/sft/av"])
+def test_a_missing_path_is_no_such_folder_not_a_hub_download(tmp_path, monkeypatch, name):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "runs").mkdir()  # so `runs/avv` names a folder in it, not the hub repo `avv` of user `runs`
+    with pytest.raises(nl.CheckpointError, match="no such folder") as info:
+        loading.resolve_checkpoint(name)
+    assert "hf download" not in str(info.value)
+
+
+def test_a_missing_folder_names_the_folder_its_name_is_a_typo_of(monkeypatch):
+    root = nl.toy.TOY_DIR.parents[2]  # where `nla_lens/toy/checkpoints/av` is a relative path
+    monkeypatch.chdir(root)
+    with pytest.raises(nl.CheckpointError) as info:
+        nl.ActivationVerbalizer.from_pretrained("nla_lens/toy/checkpoints/avv")
+    assert str(info.value) == (f"'nla_lens/toy/checkpoints/avv': no such folder (relative to {root}); "
+                               "did you mean nla_lens/toy/checkpoints/av?")
+    with pytest.raises(nl.CheckpointError, match="^'/nope': no such folder; check the path$"):
+        nl.ActivationReconstructor.from_pretrained("/nope")
+    with pytest.raises(nl.CheckpointError, match="is a file, not a checkpoint folder"):
+        loading.resolve_checkpoint(nl.toy.TOY_DIR / "av" / "config.json")
+
+
 def test_user_override_of_the_injection_method(tiny_paths):
     av = nl.ActivationVerbalizer.from_pretrained(tiny_paths["av_embedding"], injection="karvonen")
     assert av.injection_spec == nl.InjectionSpec("karvonen", "blocks.1.hook_resid_post")

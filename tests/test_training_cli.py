@@ -4,16 +4,27 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from conftest import LAYER, NEEDS_TL3
+from safetensors.torch import load_file
 
 import nla_lens as nl
 from nla_lens import testing
 from nla_lens.cli import main
-from nla_lens.training import label_activations, load_activations, save_explanations
+from nla_lens.sidecar import load_meta
+from nla_lens.training import (
+    LabelledActivations,
+    export_ar,
+    init_ar,
+    label_activations,
+    load_activations,
+    save_explanations,
+)
 
 pytestmark = NEEDS_TL3
 
@@ -23,20 +34,29 @@ def _write(path, data) -> str:
     return str(path)
 
 
-def test_cli_extracts_trains_and_exports_an_nla_that_loads_with_no_flags(tmp_path, base_folder, extract_config,
-                                                                           capsys):
+def _training_inputs(tmp_path: Path, base_model: str, extract_config) -> tuple[dict, LabelledActivations]:
+    """Extract the tiny corpus with `nla-lens extract` and label it: the fields train-av and train-ar share."""
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"id": d.id, "text": d.text}) + "\n"
                               for d in testing.tiny_corpus(12, words_per_doc=10)))
     acts = tmp_path / "acts"
     assert main(["extract", _write(tmp_path / "extract.yaml", {
-        "base_model": str(base_folder), "corpus": str(corpus), "out_dir": str(acts),
+        "base_model": base_model, "corpus": str(corpus), "out_dir": str(acts),
         "extract": dataclasses.asdict(extract_config)})]) == 0
     data = label_activations(load_activations(acts), lambda r: f"the token {r.token.strip()}")
     explanations = save_explanations(data, tmp_path / "explanations.jsonl")
-
-    common = {"base_model": str(base_folder), "activations": str(acts), "explanations": str(explanations),
+    common = {"base_model": base_model, "activations": str(acts), "explanations": str(explanations),
               "eval_fraction": 0.25, "train": {"steps": 3, "batch_size": 8, "lr": 1e-3, "warmup_steps": 1}}
+    return common, data
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_cli_extracts_trains_and_exports_an_nla_that_loads_with_no_flags(tmp_path, base_folder, extract_config,
+                                                                           capsys):
+    common, data = _training_inputs(tmp_path, str(base_folder), extract_config)
     av_config = _write(tmp_path / "av.yaml", {**common, "out_dir": str(tmp_path / "av"), "n_samples": 2,
                                               "sample_max_new_tokens": 8})
     assert main(["train-av", av_config]) == 0
@@ -57,6 +77,86 @@ def test_cli_extracts_trains_and_exports_an_nla_that_loads_with_no_flags(tmp_pat
     resumed = yaml.safe_load(Path(av_config).read_text()) | {"resume": "latest"}
     assert main(["train-av", _write(tmp_path / "av_resume.yaml", resumed)]) == 0
     assert len(json.loads((tmp_path / "av" / "train_result.json").read_text())["history"]) == 3
+
+
+def test_train_av_given_the_ars_config_refuses_its_export_folder_and_leaves_it_untouched(
+        tmp_path, base_folder, extract_config, capsys):
+    common, _ = _training_inputs(tmp_path, str(base_folder), extract_config)
+    ar_config = _write(tmp_path / "ar.yaml", {**common, "out_dir": str(tmp_path / "ar")})
+    assert main(["train-ar", ar_config]) == 0
+    before = _files(tmp_path / "ar")
+    capsys.readouterr()
+
+    assert main(["train-av", ar_config]) == 2  # the AR's YAML given to train-av: the files sit side by side
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("nla-lens train-av: ConfigError: ")
+    assert f"{tmp_path / 'ar' / 'model'} already holds an NLA AR (its nla_meta.yaml says role: ar)" in err
+    assert "Point out_dir at another folder" in err and "run it with nla-lens train-ar" in err
+    assert _files(tmp_path / "ar") == before  # no checkpoint, result or weight written: refused before training
+
+    assert main(["train-ar", ar_config]) == 0  # re-running the AR's own command re-exports it
+    assert load_meta(tmp_path / "ar" / "model").role == "ar"
+
+
+def test_train_rl_refuses_an_out_dir_whose_av_folder_holds_an_ar(tmp_path, tiny_paths, capsys, monkeypatch):
+    monkeypatch.setattr(nl.ActivationVerbalizer, "from_pretrained", lambda *a, **k: pytest.fail("loaded the AV"))
+    shutil.copytree(tiny_paths["ar_paper"], tmp_path / "rl" / "av")
+    config = _write(tmp_path / "rl.yaml", {"av": str(tiny_paths["av_karvonen"]), "ar": str(tiny_paths["ar_paper"]),
+                                           "activations": str(tmp_path), "explanations": str(tmp_path),
+                                           "out_dir": str(tmp_path / "rl")})
+    assert main(["train-rl", config]) == 2
+    assert f"ConfigError: {tmp_path / 'rl' / 'av'} already holds an NLA AR" in capsys.readouterr().err
+
+
+def test_export_refuses_a_folder_of_the_other_role_and_rewrites_its_own(tmp_path, tiny_paths, base_folder,
+                                                                       dataset_meta):
+    av_folder = shutil.copytree(tiny_paths["av_embedding"], tmp_path / "av")  # a paper AV: role av
+    before = _files(av_folder)
+    ar = init_ar(base_folder, dataset_meta)
+    with pytest.raises(nl.ConfigError, match="already holds an NLA AV"):
+        export_ar(ar, av_folder, base_folder)
+    assert _files(av_folder) == before
+    export_ar(ar, tmp_path / "ar", base_folder)
+    again = export_ar(ar, tmp_path / "ar", base_folder)  # the same role into its own folder: a re-export
+    assert nl.ActivationReconstructor.from_pretrained(again).meta.role == "ar"
+
+
+def test_exports_record_a_local_base_model_by_its_absolute_path(tmp_path, base_folder, extract_config,
+                                                              dataset_meta, monkeypatch):
+    monkeypatch.chdir(base_folder.parent)  # the configs name the base relatively, as the example YAMLs do
+    common, _ = _training_inputs(tmp_path, base_folder.name, extract_config)
+    assert main(["train-av", _write(tmp_path / "av.yaml", {**common, "out_dir": str(tmp_path / "av"),
+                                                           "n_samples": 1, "sample_max_new_tokens": 4})]) == 0
+    assert main(["train-ar", _write(tmp_path / "ar.yaml", {**common, "out_dir": str(tmp_path / "ar")})]) == 0
+    for role in ("av", "ar"):
+        assert load_meta(tmp_path / role / "model").base_model == str(base_folder.resolve())
+    monkeypatch.chdir(tmp_path)  # elsewhere, the exported pair still finds its base
+    nla = nl.NLA.from_pretrained(tmp_path / "av" / "model", tmp_path / "ar" / "model")
+    assert nl.load_base(nla).cfg.d_model == nla.av.meta.d_model
+    # A name that is no local folder (a hub id) is recorded as written.
+    ar = init_ar(base_folder, dataset_meta)
+    assert load_meta(export_ar(ar, tmp_path / "hub", base_folder)).base_model == dataset_meta.base_model == "tiny"
+
+
+def test_cli_trains_and_exports_with_dtype_names_the_library_takes(tmp_path, base_folder, extract_config):
+    common, _ = _training_inputs(tmp_path, str(base_folder), extract_config)
+    config = {**common, "out_dir": str(tmp_path / "ar"), "dtype": "fp32", "export_dtype": "bf16"}
+    assert main(["train-ar", _write(tmp_path / "ar.yaml", config)]) == 0
+    weights = load_file(str(tmp_path / "ar" / "model" / "model.safetensors"))
+    assert {w.dtype for w in weights.values()} == {torch.bfloat16}
+
+
+@pytest.mark.parametrize(("command", "key", "value"), [
+    ("extract", "dtype", "bf17"), ("train-ar", "dtype", "float8"), ("train-ar", "export_dtype", "int8"),
+    ("train-rl", "export_dtype", "half-float"),
+])
+def test_cli_refuses_a_dtype_name_before_anything_loads(tmp_path, capsys, command, key, value):
+    config = {**_REQUIRED[command], key: value, **({"extract": {"layer": 1}} if command == "extract" else {})}
+    assert main([command, _write(tmp_path / "bad.yaml", config)]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"nla-lens {command}: ConfigError: {key}: {value!r} is not a dtype nla_lens trains in; use one of "
+                   "float32/fp32/float, bfloat16/bf16, float16/fp16/half (or another torch floating-point dtype, "
+                   "such as float64)\n")
 
 
 def test_cli_rejects_an_unknown_config_key(tmp_path, capsys):

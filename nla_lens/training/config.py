@@ -9,9 +9,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import torch
 import yaml
 
-from nla_lens.errors import ConfigError
+from nla_lens.checks import dtype_names, resolve_dtype
+from nla_lens.errors import ConfigError, InputError
 
 # The paper's critic prompt; the AV prompt puts the marker between '>' and '</' as nanoNLA's does.
 DEFAULT_AR_TEMPLATE = "Summary of the following text: <text>{explanation}</text> <summary>"
@@ -50,6 +52,25 @@ def _adam_betas(betas: Any) -> tuple[float, float]:
         raise ConfigError(f"betas must be two numbers in [0, 1) (Adam's beta1, beta2), got {betas!r}; "
                           "the default is [0.9, 0.999]")
     return (float(betas[0]), float(betas[1]))
+
+
+def config_dtype(name: str, field_name: str = "dtype") -> torch.dtype:
+    """A config's dtype: any name the library takes ("bf16", "float16", ...: `checks.DTYPES`), or another
+    torch floating-point dtype ("float64", which the exact-equality tests train in)."""
+    try:
+        return resolve_dtype(name)
+    except InputError:
+        dtype = getattr(torch, str(name), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ConfigError(f"{field_name}: {name!r} is not a dtype nla_lens trains in; use one of {dtype_names()} "
+                          "(or another torch floating-point dtype, such as float64)")
+    return dtype
+
+
+def _check_dtypes(config: object, *names: str) -> None:
+    """Checked as the config is built, before any model loads (the export dtype is read only after training)."""
+    for name in names:
+        config_dtype(getattr(config, name), name)
 
 
 @dataclass
@@ -97,7 +118,10 @@ class ExtractRunConfig:
     out_dir: str
     extract: ExtractConfig
     device: str = "cpu"
-    dtype: str = "float32"
+    dtype: str = "float32"  # a name checks.DTYPES holds ("bf16", ...) or a torch floating-point dtype
+
+    def __post_init__(self) -> None:
+        _check_dtypes(self, "dtype")
 
 
 @dataclass
@@ -115,6 +139,9 @@ class SFTRunConfig:
     resume: str | None = None  # "latest" or a checkpoint folder
     export_dtype: str = "float32"
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        _check_dtypes(self, "dtype", "export_dtype")
 
 
 @dataclass
@@ -207,6 +234,9 @@ class RLRunConfig:
     resume: str | None = None
     export_dtype: str = "float32"
     rl: RLConfig = field(default_factory=RLConfig)
+
+    def __post_init__(self) -> None:
+        _check_dtypes(self, "dtype", "export_dtype")
 
 
 Config = TypeVar("Config")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import einops
 import torch
@@ -20,9 +20,9 @@ from transformers import GenerationConfig
 
 from nla_lens import backends, loading, metrics
 from nla_lens.backends import gemma3
-from nla_lens.errors import CheckpointError
+from nla_lens.errors import CheckpointError, ConfigError
 from nla_lens.reconstructor import ActivationReconstructor
-from nla_lens.sidecar import InjectionSpec, NLAMeta, dump_meta
+from nla_lens.sidecar import SIDECAR_NAME, InjectionSpec, NLAMeta, dump_meta, load_meta
 from nla_lens.training.parallel import current_world, gathered_on_main, whole
 from nla_lens.verbalizer import ActivationVerbalizer
 
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 _BLOCK = re.compile(r"^blocks\.(\d+)\.(.+)$")
+_ROLE_NAMES = {"av": "AV", "ar": "AR"}
 _SAME = {"ln1.w": "input_layernorm.weight", "ln2.w": "post_attention_layernorm.weight",
          "attn.q_norm.w": "self_attn.q_norm.weight", "attn.k_norm.w": "self_attn.k_norm.weight"}
 
@@ -163,6 +164,21 @@ def _hf_config(base_model: str | Path, *, n_layers: int | None, untie: bool, dty
     return config
 
 
+def check_export_folder(folder: str | Path, role: Literal["av", "ar"]) -> None:
+    """Refuse a folder that holds an NLA export of the other role: writing there would replace it and
+    leave its files mixed with the new ones (an AV over an AR keeps the AR's value head)."""
+    folder = Path(folder)
+    if not (folder / SIDECAR_NAME).is_file():
+        return
+    found = loading.checkpoint_role(folder, load_meta(folder))
+    if found is not None and found != role:
+        raise ConfigError(
+            f"{folder} already holds an NLA {_ROLE_NAMES[found]} (its {SIDECAR_NAME} says role: {found}), so an "
+            f"{_ROLE_NAMES[role]} cannot be exported there without destroying it. Point out_dir at another "
+            f"folder, or, if this config is the {_ROLE_NAMES[found]}'s, run it with nla-lens train-{found}"
+        )
+
+
 def _export_backbone(model: HookedTransformer, folder: Path, base_model: str | Path, *, n_layers: int | None,
                      untie: bool, dtype: torch.dtype) -> bool:
     """Gather the weights (every rank), then on rank 0 write `config.json` + `model.safetensors`.
@@ -184,18 +200,19 @@ def export_av(av: ActivationVerbalizer, folder: str | Path, base_model: str | Pa
               dtype: torch.dtype = torch.float32, stage: str | None = None) -> Path:
     """Write the AV as an HF folder + tokenizer + generation_config + `nla_meta.yaml` (role av).
 
-    `stage` ("sft", "rl") replaces the sidecar's record of the training stage. Under `torchrun`
-    every rank calls this (to gather FSDP shards) and rank 0 writes.
+    `stage` ("sft", "rl") replaces the sidecar's record of the training stage. A folder holding an AR
+    is refused. Under `torchrun` every rank calls this (to gather FSDP shards) and rank 0 writes.
     """
     folder = Path(folder)
+    check_export_folder(folder, "av")
     if not _export_backbone(av.model, folder, base_model, n_layers=None, untie=True, dtype=dtype):
         return folder
     # `verbalize` stops on these ids (loading.eos_token_ids reads this file first).
     GenerationConfig(eos_token_id=av.eos_token_ids, pad_token_id=av.tokenizer.pad_token_id).save_pretrained(folder)
     av.tokenizer.save_pretrained(folder)
     spec = av.injection_spec  # what the AV was trained with, even where its sidecar left it implicit
-    dump_meta({**_staged(av.meta.raw, stage), "injection": {"method": spec.method, "hook_point": spec.hook_point}},
-              folder)
+    dump_meta({**_exported_sidecar(av.meta, stage), "injection": {"method": spec.method,
+                                                                   "hook_point": spec.hook_point}}, folder)
     return folder
 
 
@@ -205,16 +222,17 @@ def export_ar(ar: ActivationReconstructor, folder: str | Path, base_model: str |
 
     `heldout` (the held-out layer-K vectors, e.g. the eval split) puts their paper baseline and count
     in the sidecar (`fve_baseline: {value, n}`), the baseline `NLA.round_trip` then uses by default.
-    `stage` ("sft", "rl") replaces the sidecar's record of the training stage. Under `torchrun` every
-    rank calls this (to gather FSDP shards) and rank 0 writes.
+    `stage` ("sft", "rl") replaces the sidecar's record of the training stage. A folder holding an AV is
+    refused. Under `torchrun` every rank calls this (to gather FSDP shards) and rank 0 writes.
     """
     folder = Path(folder)
+    check_export_folder(folder, "ar")
     readout = gathered_on_main([("weight", ar.readout.weight)])
     if not _export_backbone(ar.model, folder, base_model, n_layers=ar.meta.layer + 1, untie=False, dtype=dtype):
         return folder
     save_file({name: weight.to(dtype) for name, weight in readout.items()}, folder / loading.VALUE_HEAD_FILE)
     ar.tokenizer.save_pretrained(folder)
-    dump_meta({**_staged(ar.meta.raw, stage), **_baseline_block(heldout, ar.meta.mse_scale)}, folder)
+    dump_meta({**_exported_sidecar(ar.meta, stage), **_baseline_block(heldout, ar.meta.mse_scale)}, folder)
     return folder
 
 
@@ -224,5 +242,15 @@ def _baseline_block(heldout: Tensor | None, mse_scale: float) -> dict[str, Any]:
     return {"fve_baseline": {"value": metrics.paper_baseline(heldout.float(), mse_scale), "n": int(heldout.shape[0])}}
 
 
-def _staged(raw: dict[str, Any], stage: str | None) -> dict[str, Any]:
-    return raw if stage is None else {**raw, "stage": stage}
+def _exported_sidecar(meta: NLAMeta, stage: str | None) -> dict[str, Any]:
+    """The sidecar to write: `stage` replaces the recorded one, and a base model named by a local folder
+    is recorded by its absolute path, so the export finds its base from any working directory (a hub id
+    stays a hub id)."""
+    raw = meta.raw if stage is None else {**meta.raw, "stage": stage}
+    if meta.base_model is None or not Path(meta.base_model).expanduser().is_dir():
+        return raw
+    absolute = str(Path(meta.base_model).expanduser().resolve())
+    extraction = raw.get("extraction")
+    if isinstance(extraction, dict) and "base_model" in extraction:
+        return {**raw, "extraction": {**extraction, "base_model": absolute}}
+    return {**raw, "base_model": absolute}

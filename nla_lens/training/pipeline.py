@@ -17,9 +17,16 @@ from nla_lens.reconstructor import ActivationReconstructor
 from nla_lens.sidecar import NLAMeta, load_meta
 from nla_lens.training.ar_sft import init_ar, train_ar
 from nla_lens.training.av_sft import init_av, train_av
-from nla_lens.training.config import ARRunConfig, AVRunConfig, ExtractRunConfig, RLRunConfig, SFTRunConfig
+from nla_lens.training.config import (
+    ARRunConfig,
+    AVRunConfig,
+    ExtractRunConfig,
+    RLRunConfig,
+    SFTRunConfig,
+    config_dtype,
+)
 from nla_lens.training.dataset import LabelledActivations, label_activations, split_by_document
-from nla_lens.training.export import export_ar, export_av
+from nla_lens.training.export import check_export_folder, export_ar, export_av
 from nla_lens.training.extraction import Document, extract_activations, load_activations
 from nla_lens.training.loop import TrainResult
 from nla_lens.training.rl import train_rl
@@ -53,18 +60,11 @@ def read_corpus(path: str | Path) -> list[Document]:
     return docs
 
 
-def _dtype(name: str) -> torch.dtype:
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ConfigError(f"{name!r} is not a torch floating-point dtype (float32, bfloat16, float16)")
-    return dtype
-
-
 def run_extract(config: ExtractRunConfig, *, progress: bool = True) -> Path:
     backends.require_hooked("training")
     folder = loading.resolve_checkpoint(config.base_model)
     tokenizer = loading.load_tokenizer(folder)
-    model = loading.load_hooked_transformer(folder, tokenizer, dtype=_dtype(config.dtype), device=config.device)
+    model = loading.load_hooked_transformer(folder, tokenizer, dtype=config_dtype(config.dtype), device=config.device)
     return extract_activations(model, tokenizer, read_corpus(config.corpus), config.out_dir, config.extract,
                                base_model=config.base_model, progress=progress)
 
@@ -98,6 +98,7 @@ def run_train_av(config: AVRunConfig, *, progress: bool = True) -> RunResult:
 
     Under `torchrun` every rank runs this: data-parallel SFT (`config.train.data_parallel`), rank 0 writes.
     """
+    check_export_folder(Path(config.out_dir) / MODEL_DIR, "av")  # before training, not after it
     return _run_sft(config, _train_and_export_av, progress)
 
 
@@ -106,11 +107,12 @@ def _train_and_export_av(config: AVRunConfig, meta: NLAMeta, train: LabelledActi
                          progress: bool) -> tuple[TrainResult, Path]:
     # The model lives in this frame only, so it is gone before the process group is destroyed.
     av = init_av(config.base_model, meta, injection=config.injection, hook_point=config.hook_point,
-                 injection_scale=config.injection_scale, device=device, dtype=_dtype(config.dtype))
+                 injection_scale=config.injection_scale, device=device, dtype=config_dtype(config.dtype))
     result = train_av(av, train, evaluation, config.train, out_dir=config.out_dir, resume=config.resume,
                       n_samples=config.n_samples, sample_max_new_tokens=config.sample_max_new_tokens,
                       progress=progress)
-    return result, export_av(av, Path(config.out_dir) / MODEL_DIR, config.base_model, dtype=_dtype(config.export_dtype))
+    return result, export_av(av, Path(config.out_dir) / MODEL_DIR, config.base_model,
+                             dtype=config_dtype(config.export_dtype))
 
 
 def run_train_ar(config: ARRunConfig, *, progress: bool = True) -> RunResult:
@@ -118,6 +120,7 @@ def run_train_ar(config: ARRunConfig, *, progress: bool = True) -> RunResult:
 
     Under `torchrun` every rank runs this: data-parallel SFT (`config.train.data_parallel`), rank 0 writes.
     """
+    check_export_folder(Path(config.out_dir) / MODEL_DIR, "ar")  # before training, not after it
     return _run_sft(config, _train_and_export_ar, progress)
 
 
@@ -125,11 +128,11 @@ def _train_and_export_ar(config: ARRunConfig, meta: NLAMeta, train: LabelledActi
                          evaluation: LabelledActivations, device: torch.device,
                          progress: bool) -> tuple[TrainResult, Path]:
     # The model lives in this frame only, so it is gone before the process group is destroyed.
-    ar = init_ar(config.base_model, meta, device=device, dtype=_dtype(config.dtype))
+    ar = init_ar(config.base_model, meta, device=device, dtype=config_dtype(config.dtype))
     result = train_ar(ar, train, evaluation, config.train, out_dir=config.out_dir, resume=config.resume,
                       progress=progress)
-    return result, export_ar(ar, Path(config.out_dir) / MODEL_DIR, config.base_model, dtype=_dtype(config.export_dtype),
-                             heldout=evaluation.vectors)
+    return result, export_ar(ar, Path(config.out_dir) / MODEL_DIR, config.base_model,
+                             dtype=config_dtype(config.export_dtype), heldout=evaluation.vectors)
 
 
 @dataclass(frozen=True)
@@ -147,6 +150,8 @@ def run_train_rl(config: RLRunConfig, *, progress: bool = True) -> RLRunResult:
     Under `torchrun` every rank runs this (each samples whole groups, DDP averages the gradients),
     and rank 0 writes.
     """
+    for role in ("av", "ar"):  # before training, not after it
+        check_export_folder(Path(config.out_dir) / role, role)
     activations, train, evaluation = _split(config)
     check_rl_layers(config, activations)
     with process_group(config.device) as world:
@@ -173,7 +178,7 @@ def check_rl_layers(config: RLRunConfig, activations: NLAMeta) -> None:
 def _train_and_export_rl(config: RLRunConfig, train: LabelledActivations, evaluation: LabelledActivations,
                          device: torch.device, progress: bool) -> tuple[TrainResult, Path, Path]:
     backends.require_hooked("training")
-    dtype = _dtype(config.dtype)
+    dtype = config_dtype(config.dtype)
     av = ActivationVerbalizer.from_pretrained(config.av, device=device, dtype=dtype, backend="hooked")
     ar = ActivationReconstructor.from_pretrained(config.ar, device=device, dtype=dtype, backend="hooked")
     reference = None
@@ -181,7 +186,7 @@ def _train_and_export_rl(config: RLRunConfig, train: LabelledActivations, evalua
         reference = ActivationVerbalizer.from_pretrained(config.av, device=device, dtype=dtype, backend="hooked")
     result = train_rl(av, ar, reference, train.vectors, evaluation.vectors, config.rl, out_dir=config.out_dir,
                       resume=config.resume, sft_data=train, progress=progress)
-    out, export_dtype = Path(config.out_dir), _dtype(config.export_dtype)
+    out, export_dtype = Path(config.out_dir), config_dtype(config.export_dtype)
     av_dir = export_av(av, out / "av", config.av, dtype=export_dtype, stage="rl")
     ar_dir = export_ar(ar, out / "ar", config.ar, dtype=export_dtype, heldout=evaluation.vectors,
                        stage="rl")
