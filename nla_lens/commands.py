@@ -148,6 +148,9 @@ def _run_verbalize(args: argparse.Namespace) -> None:
     sampling = _sampling(args)
     resolve_device(args.device)
     _, meta = nla_checkpoint(args.av, "av")
+    if args.text is None and (args.base is not None or args.layer is not None):
+        raise InputError("--base and --layer apply to --text (the activations to capture); an --input file "
+                         "already holds its vectors: leave them out")
     if args.output is not None:
         check_output_path(args.output, OUTPUT_SUFFIXES, "--output")
     if args.input is not None and args.output is not None:
@@ -306,6 +309,7 @@ def _explain_texts(args: argparse.Namespace) -> list[str]:
 
 
 def _run_explain(args: argparse.Namespace) -> None:
+    from nla_lens import backends, loading
     from nla_lens.base_model import load_base
     from nla_lens.display import format_cell
     from nla_lens.nla import NLA
@@ -318,10 +322,12 @@ def _run_explain(args: argparse.Namespace) -> None:
     check_counts(1, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     _, av_meta = nla_checkpoint(args.av, "av")
     nla_checkpoint(args.ar, "ar")
-    if args.base is not None:
-        base_for(args.base, av_meta, av_meta.layer)
+    base_folder = None if args.base is None else base_for(args.base, av_meta, av_meta.layer)  # checked, warned once
     nla = NLA.from_pretrained(args.av, args.ar, device=device, dtype=args.dtype)
-    base = load_base(nla if args.base is None else args.base, device=device, dtype=args.dtype)
+    if base_folder is None:
+        base = load_base(nla, device=device, dtype=args.dtype)
+    else:
+        base = backends.load_model(base_folder, loading.load_tokenizer(base_folder), dtype=args.dtype, device=device)
     explanation = nla.explain(base, texts, positions=args.positions, baseline=args.baseline,
                               max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, progress=True)
     for i, text in enumerate(explanation.texts):

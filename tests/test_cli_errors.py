@@ -163,6 +163,21 @@ def test_av_as_base_and_another_layer_warn(tiny_paths, capsys):
     assert "warning: --layer 1 differs from layer 2, the one this AV was trained to read" in err
 
 
+def test_explain_with_an_av_as_base_warns_once(tiny_paths, capsys):
+    av, ar = str(tiny_paths["av_karvonen"]), str(tiny_paths["ar_nanonla"])
+    assert main(["explain", "--av", av, "--ar", ar, "--base", av, "--text", "the cat", "--positions", "-1",
+                 "--max-new-tokens", "2"]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning:" in line]
+    assert len([w for w in warnings if "checkpoint" in w]) == 1 and "--base" in warnings[0]
+
+
+def test_base_and_layer_are_refused_beside_an_input_file(tiny_paths, vector_file, no_model_loads, capsys):
+    av = tiny_paths["av_karvonen"]
+    for extra in (["--layer", "2"], ["--base", av]):
+        _fails(["verbalize", "--av", av, "--input", vector_file, *extra], capsys, "InputError",
+               "--base and --layer apply to --text")
+
+
 # --- the same checks from Python ---
 
 @pytest.mark.parametrize("bad, expected", [
