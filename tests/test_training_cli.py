@@ -152,11 +152,18 @@ def test_cli_trains_and_exports_with_dtype_names_the_library_takes(tmp_path, bas
 ])
 def test_cli_refuses_a_dtype_name_before_anything_loads(tmp_path, capsys, command, key, value):
     config = {**_REQUIRED[command], key: value, **({"extract": {"layer": 1}} if command == "extract" else {})}
-    assert main([command, _write(tmp_path / "bad.yaml", config)]) == 2
+    path = _write(tmp_path / "bad.yaml", config)
+    assert main([command, path]) == 2
     err = capsys.readouterr().err
-    assert err == (f"nla-lens {command}: ConfigError: {key}: {value!r} is not a dtype nla_lens trains in; use one of "
-                   "float32/fp32/float, bfloat16/bf16, float16/fp16/half (or another torch floating-point dtype, "
-                   "such as float64)\n")
+    assert err == (f"nla-lens {command}: ConfigError: {path}: {key}: {value!r} is not a dtype nla_lens trains in; "
+                   "use one of float32/fp32/float, bfloat16/bf16, float16/fp16/half (or another torch floating-point "
+                   "dtype, such as float64)\n")
+
+
+def test_a_file_that_is_not_yaml_is_named_in_one_line(capsys):
+    assert main(["extract", "examples/corpus.jsonl"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "examples/corpus.jsonl is not a YAML config (" in err and "at line 2" in err
 
 
 def test_cli_rejects_an_unknown_config_key(tmp_path, capsys):

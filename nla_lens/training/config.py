@@ -246,32 +246,42 @@ def load_config(cls: type[Config], path: str | Path) -> Config:
     """Read a YAML file into the dataclass `cls`, nested sections included."""
     try:
         data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as exc:
+    except OSError as exc:
         raise ConfigError(f"cannot read config {path}: {exc}") from exc
-    return from_dict(cls, data, where=str(path))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path} is not a YAML config ({getattr(exc, 'problem', None) or 'unreadable'}{at}); "
+                          "pass the run's .yaml file, as in examples/") from exc
+    try:
+        return from_dict(cls, data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
 
 
-def from_dict(cls: type[Config], data: Any, *, where: str = "config") -> Config:
-    """Build dataclass `cls` from a mapping; unknown keys and missing required keys are errors."""
+def from_dict(cls: type[Config], data: Any, *, where: str = "") -> Config:
+    """Build dataclass `cls` from a mapping; unknown keys and missing required keys are errors. `where`
+    names the section in messages ("rl"; empty at the top level)."""
+    at = f"{where}: " if where else ""
     if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping for {cls.__name__}, got {type(data).__name__}")
+        raise ConfigError(f"{at}expected a mapping for {cls.__name__}, got {type(data).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown} for {cls.__name__}; known: {sorted(fields)}")
+        raise ConfigError(f"{at}unknown key(s) {unknown} for {cls.__name__}; known: {sorted(fields)}")
     hints = typing.get_type_hints(cls)
     values = {}
     for name, value in data.items():
         nested = _dataclass_in(hints[name])
         if nested and value is not None:
-            value = from_dict(nested, value, where=f"{where}.{name}")
+            value = from_dict(nested, value, where=f"{where}.{name}" if where else name)
         else:
-            _check_scalar(value, hints[name], f"{where}.{name}")
+            _check_scalar(value, hints[name], f"{where}.{name}" if where else name)
         values[name] = value
     try:
         return cls(**values)
     except TypeError as exc:
-        raise ConfigError(f"{where}: {exc}") from exc
+        raise ConfigError(f"{at}{exc}") from exc
 
 
 _SCALARS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
