@@ -100,6 +100,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> None:
+    check_counts(1, **{"--sentences": args.sentences, "--max-new-tokens": args.max_new_tokens})  # the flags' names
     if args.html:
         check_output_path(args.html, (".html",), "--html")
     result = run_demo(args.checkpoint, args.sentences, args.max_new_tokens, progress=True, pair=args.pair)
