@@ -97,7 +97,8 @@ def test_demo_wrong_checkpoint_folder(tmp_path, capsys, monkeypatch):
 @pytest.mark.parametrize("sentences", ["0", "-1"])
 def test_demo_sentence_count(capsys, monkeypatch, sentences):
     monkeypatch.setattr(backends, "load_model", lambda *a, **k: pytest.fail("loaded the toy"))
-    _fails(["demo", "--sentences", sentences], capsys, "InputError", f"--sentences={sentences}: must be a whole number >= 1")
+    _fails(["demo", "--sentences", sentences], capsys, "InputError",
+           f"--sentences={sentences}: must be a whole number >= 1")
 
 
 def test_demo_html_in_a_missing_folder(tmp_path, no_model_loads, capsys):
