@@ -198,6 +198,7 @@ def test_gemma3_fast_decoder_equals_tl_forward_past_the_window(gemma_avs, gemma_
                       decoding.HookedDecoder)
 
 
+@pytest.mark.skipif(backends.default_backend() != "hooked", reason="the HookedTransformer fast decoder")
 def test_gemma3_torch_hooks_and_capture_see_every_decode_step(gemma_avs, gemma_vectors):
     """The Gemma decoder never calls TL's block modules, so a plain torch hook sends decoding to TL's forward."""
     av = gemma_avs["gemma_av"]

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from conftest import NEEDS_TL3
 
 import nla_lens as nl
 from nla_lens.training import TrainConfig
@@ -40,6 +41,7 @@ def test_config_rejects_settings_that_cannot_train():
         TrainConfig(min_lr_ratio=2.0)
 
 
+@NEEDS_TL3
 def test_a_step_with_a_non_finite_gradient_is_skipped_not_applied():
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
