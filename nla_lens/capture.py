@@ -46,7 +46,7 @@ class CapturedRow:
     """Where one captured vector came from: batch row, column, its token and which forward pass."""
 
     batch: int
-    position: int
+    position: int  # column of that call's input: a KV-cached decode step has one column, so 0
     token: str | None  # None when `capture` was not given the tokens
     call: int  # 0 for the first forward pass inside the context
 
