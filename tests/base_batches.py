@@ -42,3 +42,17 @@ def no_hooks_left(model: TLModel) -> bool:
     """No TL hook on any hook point and no torch forward hook on any block."""
     return (all(not hp.fwd_hooks and not hp.bwd_hooks for hp in model.hook_dict.values())
             and all(not block._forward_hooks for block in model.blocks))
+
+
+def distinct_readouts(av, monkeypatch) -> None:
+    """Make `av.verbalize` return a parsed explanation per vector that differs with the vector, so every
+    row's round-trip MSE differs: the tiny AV's few tokens never close the tag, and all-miss rows (MSE 2.0
+    each) would let a row mix-up pass unseen."""
+    from nla_lens.parsing import parse_explanation
+    from nla_lens.verbalizer import Verbalization
+
+    def verbalize(vectors, **_):
+        texts = [f"<explanation>the sea {float(v.double().sum()):.4f}</explanation>" for v in vectors]
+        return [Verbalization(t, parse_explanation(t), []) for t in texts]
+
+    monkeypatch.setattr(av, "verbalize", verbalize)

@@ -6,10 +6,11 @@ import dataclasses
 
 import pytest
 import torch
-from base_batches import no_hooks_left, padded
+from base_batches import distinct_readouts, no_hooks_left, padded
 from conftest import D_MODEL, LAYER
 
 import nla_lens as nl
+from nla_lens import metrics
 from nla_lens.experiments import word_diff
 
 NAME = f"blocks.{LAYER}.hook_resid_post"
@@ -30,7 +31,13 @@ def equal_length_pair(base) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.tensor([clean, clean[::-1]]), torch.tensor([corrupted, corrupted[::-1]])
 
 
-def test_steering_at_the_captured_layer_moves_it_by_exactly_scale_times_vector(base, nla, steer):
+def _independent_mse(nla, explanation, vector) -> float:
+    """One row's round-trip MSE, from the AR alone."""
+    return float(metrics.mse_per_item(nla.ar.reconstruct([explanation]), vector[None], nla.ar.meta.mse_scale)[0])
+
+
+def test_steering_at_the_captured_layer_moves_it_by_exactly_scale_times_vector(base, nla, steer, monkeypatch):
+    distinct_readouts(nla.av, monkeypatch)
     tokens, mask = padded(base, "left")
     result = nl.steer_then_verbalize(base, nla, tokens, attention_mask=mask, steering_vector=steer, scale=3.0,
                                      steer_layer=LAYER, baseline=0.5, **FAST)
@@ -41,10 +48,14 @@ def test_steering_at_the_captured_layer_moves_it_by_exactly_scale_times_vector(b
     assert rt is not None and rt.baseline == 0.5 and len(rt.verbalizations) == 2 * len(tokens)
     for i, row in enumerate(result.rows):
         assert row.clean == rt.verbalizations[i] and row.steered == rt.verbalizations[len(tokens) + i]
-        assert row.fve_clean == pytest.approx(1 - float(rt.mse[i]) / 0.5, abs=1e-6)
-        assert row.fve_steered == pytest.approx(1 - float(rt.mse[len(tokens) + i]) / 0.5, abs=1e-6)
+        clean_mse = _independent_mse(nla, row.clean.explanation, result.clean_vectors[i])
+        steered_mse = _independent_mse(nla, row.steered.explanation, result.steered_vectors[i])
+        assert row.fve_clean == pytest.approx(1 - clean_mse / 0.5, abs=1e-5)
+        assert row.fve_steered == pytest.approx(1 - steered_mse / 0.5, abs=1e-5)
         assert row.cosine == pytest.approx(float(torch.cosine_similarity(
             result.clean_vectors[i], result.steered_vectors[i], dim=0)), abs=1e-6)
+    fves = [r.fve_clean for r in result.rows] + [r.fve_steered for r in result.rows]
+    assert len({round(f, 6) for f in fves}) == len(fves)  # every row scored apart: a mix-up would show
     assert no_hooks_left(base)
 
 
@@ -149,7 +160,8 @@ def test_steer_positions_skip_right_padding_without_a_mask(base, nla, steer):
     assert torch.equal(implicit.steered_vectors, explicit.steered_vectors)
 
 
-def test_patching_study_table_has_a_row_per_run_and_site_with_fve(base, nla):
+def test_patching_study_table_has_a_row_per_run_and_site_with_fve(base, nla, monkeypatch):
+    distinct_readouts(nla.av, monkeypatch)
     clean_tokens, corrupted_tokens = equal_length_pair(base)
     study = nl.patching_study(base, nla, clean_tokens, corrupted_tokens, patch_layer=1, patch_position=1,
                               capture_position=[-1, 0], baseline=0.8, **FAST)
@@ -158,9 +170,12 @@ def test_patching_study_table_has_a_row_per_run_and_site_with_fve(base, nla):
     assert [r.run for r in study.rows] == ["clean"] * 4 + ["corrupted"] * 4 + ["patched"] * 4
     width = clean_tokens.shape[1]
     assert [(r.batch, r.position) for r in study.rows[:4]] == [(0, width - 1), (0, 0), (1, width - 1), (1, 0)]
+    vectors = torch.cat([study.clean_vectors, study.corrupted_vectors, study.patched_vectors])
     for i, row in enumerate(study.rows):
         assert row.verbalization == rt.verbalizations[i]
-        assert row.fve == pytest.approx(1 - float(rt.mse[i]) / rt.baseline, abs=1e-6)
+        mse = _independent_mse(nla, row.verbalization.explanation, vectors[i])
+        assert row.fve == pytest.approx(1 - mse / rt.baseline, abs=1e-5)
+    assert len({round(r.fve, 6) for r in study.rows[:4]}) == 4
     assert all(r.cosine_to_clean == pytest.approx(1.0, abs=1e-6) for r in study.rows[:4])
     # Column 0 comes before the patched column 1, so the patch cannot reach it.
     assert torch.equal(study.patched_vectors[1::2], study.corrupted_vectors[1::2])

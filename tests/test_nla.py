@@ -88,10 +88,21 @@ def test_round_trip_with_a_given_baseline_and_a_failed_injection_warning(av_karv
     assert len(rt.warnings) == 1 and "injection probably failed" in rt.warnings[0]
 
 
-def test_round_trip_end_to_end_on_the_tiny_pair(av_karvonen, ar_paper, vectors):
-    rt = nl.NLA(av_karvonen, ar_paper).round_trip(vectors, max_new_tokens=6, progress=False)
-    assert len(rt.verbalizations) == 4 and rt.mse.shape == (4,)
-    assert rt.n_failed_parses == sum(v.explanation is None for v in rt.verbalizations)
+def test_round_trip_end_to_end_on_the_toy_pair():
+    """The real AV generates and parses, the real AR rebuilds: every row's score from the AR alone."""
+    toy = nl.toy.load()
+    ids = toy.base.tokenizer.encode("Romeo: wherefore art thou Romeo? Deny thy father and refuse thy name.",
+                                    add_special_tokens=False)
+    vectors = toy.activations(ids)[8:13]
+    rt = toy.nla.round_trip(vectors, baseline=0.78, max_new_tokens=48)
+    assert [v.text for v in rt.verbalizations] == [v.text for v in toy.av.verbalize(vectors, max_new_tokens=48)]
+    parsed = [i for i, e in enumerate(rt.explanations) if e is not None]
+    assert len(parsed) >= 4 and rt.n_failed_parses == len(vectors) - len(parsed)
+    rebuilt = toy.ar.reconstruct([rt.explanations[i] for i in parsed])
+    assert torch.allclose(rt.reconstructions[parsed], rebuilt, atol=1e-6)
+    mse = metrics.mse_per_item(rebuilt, vectors[parsed], toy.ar.meta.mse_scale)
+    assert torch.allclose(rt.mse[parsed], mse, atol=1e-6) and len(set(mse.tolist())) == len(parsed)
+    assert torch.allclose(rt.fves, 1 - rt.mse / 0.78, atol=1e-6)
 
 
 def test_pair_mismatch_is_refused(av_karvonen, tiny_paths, tmp_path):
