@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import html
 import json
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -265,12 +267,15 @@ def test_toy_sae_features_are_named_by_the_av_well_above_control():
     assert result.agreement_top_context == pytest.approx(recorded["agreement_top_context"], abs=0.05)
     # Where the feature fires most, the real residual is named far more often than the decoder row is.
     assert result.agreement_top_context >= result.agreement + 0.2
+    # The README's table, read from the README (not only from the file the experiment rewrites).
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    for label, value in (("bare decoder row", result.agreement), ("mean residual + spread", result.agreement_offset)):
+        quoted = re.search(rf"^\| {re.escape(label)}[^|]*\| \**([\d.]+)%", readme, re.MULTILINE)
+        assert quoted is not None and value == pytest.approx(float(quoted.group(1)) / 100, abs=0.05), label
 
 
 @NEEDS_SAE_LENS
 def test_readme_sae_snippet_runs_on_the_toy(toy):
-    from pathlib import Path
-
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     block = readme.split("## SAE features through the NLA")[1].split("```python\n")[1].split("```")[0]
     K = toy.av.meta.layer

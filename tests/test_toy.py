@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import zipfile
@@ -101,27 +102,38 @@ def test_bundled_toy_nla_meets_its_held_out_targets(heldout_scores):
     assert scores.fve >= 0.8
     assert scores.names_final_token >= 0.7
     assert scores.shuffled_fve <= 0.0
-    # The numbers the README quotes are the ones this checkpoint gives (other BLAS kernels: rounding only).
+    # The numbers scores.json records, which the demo prints, are the ones this checkpoint gives (other BLAS
+    # kernels: rounding only); the README's table is checked against fresh scores below.
     assert scores.fve == pytest.approx(recorded["fve"], abs=1e-2)
     assert scores.names_final_token == pytest.approx(recorded["names_final_token"], abs=0.02)
 
 
+def _readme_pair_rows() -> dict[str, tuple[float, float]]:
+    """(FVE, named) of the README's SFT / RL table rows, read from the README itself."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    rows = {}
+    for pair, label in (("sft", "SFT (`av/`, `ar/`)"), ("rl", "RL (`rl/av`, `rl/ar`)")):
+        row = re.search(rf"^\| {re.escape(label)} \| \**([\d.]+)\**[^|]*\| \**([\d.]+)%", readme, re.MULTILINE)
+        assert row is not None, f"README has no table row for the {pair} pair"
+        rows[pair] = (float(row.group(1)), float(row.group(2)) / 100)
+    return rows
+
+
 def test_bundled_rl_pair_is_what_the_readme_says(heldout_scores):
     sft, rl = heldout_scores["sft"], heldout_scores["rl"]
-    recorded = json.loads((TOY_DIR / "scores.json").read_text())
-    assert rl.fve == pytest.approx(recorded["rl"]["heldout"]["fve"], abs=1e-2)
-    assert best_pair(TOY_DIR) == recorded["best_pair"] == ("rl" if recorded["rl"]["heldout"]["fve"] >
-                                                           recorded["heldout"]["fve"] else "sft")
+    readme = _readme_pair_rows()
+    for pair, scores in heldout_scores.items():  # the README's table is what these checkpoints give here
+        assert scores.fve == pytest.approx(readme[pair][0], abs=1e-2)
+        assert scores.names_final_token == pytest.approx(readme[pair][1], abs=0.02)
+    assert best_pair(TOY_DIR) == ("rl" if rl.fve > sft.fve else "sft")  # the demo's choice, from fresh scores
     assert rl.failed_parses <= 0.02 * rl.n and rl.shuffled_fve <= 0.0
-    assert max(row["kl"] for row in recorded["rl"]["curve"]) < 1
     assert rl.names_final_token >= sft.names_final_token - 0.02
-    assert rl.fve > sft.fve  # the demo's choice holds on this machine too
 
 
 def test_issue_rl_target_on_the_bundled_toy(heldout_scores):
-    """Issue #15: RL raises the held-out round trip by >= 0.03 over SFT (recorded: 0.854 -> 0.889)."""
+    """Issue #15: RL raises the held-out round trip by >= 0.03 over SFT (recorded: 0.854 -> 0.889). Its run
+    time and KL are the training run's record (scores.json, the README's curve), not re-measured here."""
     assert heldout_scores["rl"].fve - heldout_scores["sft"].fve >= 0.03
-    assert json.loads((TOY_DIR / "scores.json").read_text())["rl"]["minutes"] <= 30
 
 
 def test_toy_load_picks_the_pair_and_refuses_an_unknown_one():
