@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
@@ -70,11 +71,26 @@ def test_errors_exit_2_with_the_typed_reason(tiny_paths, tmp_path, capsys):
     assert "apply to --input" in capsys.readouterr().err
 
 
-def test_every_subcommand_explains_its_flags(capsys):
-    for command in ["demo", "verbalize", "round-trip", "reconstruct", "inspect", "extract", "train-av", "train-ar"]:
+def test_every_subcommand_describes_itself_and_explains_each_flag_in_its_help(capsys):
+    subcommands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert {"demo", "verbalize", "round-trip", "reconstruct", "inspect", "extract", "train-av", "train-ar"} <= set(
+        subcommands)
+
+    def words(text: str) -> str:  # argparse rewraps text to the terminal width
+        return " ".join(text.split())
+
+    for command, subparser in subcommands.items():
         with pytest.raises(SystemExit):
             main([command, "--help"])
-        assert "--" in capsys.readouterr().out or command == "inspect"
+        out = words(capsys.readouterr().out)
+        assert subparser.description and subparser.description.strip(), command
+        assert words(subparser.description) in out, command
+        for action in subparser._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            assert action.help and action.help.strip() and action.help != argparse.SUPPRESS, (command, action.dest)
+            assert words(action.help) in out, (command, action.dest)
+            assert all(flag in out for flag in action.option_strings), (command, action.dest)
 
 
 _REQUIRED_FLAGS = {"verbalize": ["--av", "a", "--text", "t"],
