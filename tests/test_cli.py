@@ -30,7 +30,7 @@ def test_verbalize_from_a_vector_file_matches_the_library(av_karvonen, tiny_path
     assert len(capsys.readouterr().out.strip().splitlines()) == len(vectors)
 
 
-def test_verbalize_text_captures_every_position_of_the_base(tiny_paths, capsys):
+def test_verbalize_text_explains_the_avs_layer_at_every_position_of_the_base(av_karvonen, base, tiny_paths, capsys):
     folder = str(tiny_paths["av_karvonen"])
     assert main(["verbalize", "--av", folder, "--base", folder, "--text", "the cat sat", "--max-new-tokens", "3"]) == 0
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -39,6 +39,16 @@ def test_verbalize_text_captures_every_position_of_the_base(tiny_paths, capsys):
     # One line per position: index, the token it explains, the explanation.
     expected = [[str(i), repr(tokenizer.decode([t]))] for i, t in enumerate(ids)]
     assert [line.split("\t")[:2] for line in lines] == expected
+    # The explanations are of the AV's own layer (no --layer given), captured here with a plain TL forward.
+    hook = f"blocks.{av_karvonen.meta.layer}.hook_resid_post"
+    with torch.inference_mode():
+        _, cache = base.run_with_cache(torch.tensor([ids]), names_filter=hook)
+    assert av_karvonen.meta.layer != 0  # so that the default layer is told apart from layer 0
+    # Greedy and deterministic: the tiny AV's babble is the same string for the same vector, compared exactly.
+    explained = av_karvonen.verbalize(cache[hook][0].float(), max_new_tokens=3, progress=False)
+    shown = [v.explanation if v.explanation is not None else "(no <explanation> tags) " + repr(v.text)
+             for v in explained]
+    assert [line.split("\t", 2)[2] for line in lines] == shown
 
 
 def test_reconstruct_writes_the_ar_vectors(ar_nanonla, tiny_paths, tmp_path):
