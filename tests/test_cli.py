@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
@@ -29,7 +30,7 @@ def test_verbalize_from_a_vector_file_matches_the_library(av_karvonen, tiny_path
     assert len(capsys.readouterr().out.strip().splitlines()) == len(vectors)
 
 
-def test_verbalize_text_captures_every_position_of_the_base(tiny_paths, capsys):
+def test_verbalize_text_explains_the_avs_layer_at_every_position_of_the_base(av_karvonen, base, tiny_paths, capsys):
     folder = str(tiny_paths["av_karvonen"])
     assert main(["verbalize", "--av", folder, "--base", folder, "--text", "the cat sat", "--max-new-tokens", "3"]) == 0
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -38,6 +39,16 @@ def test_verbalize_text_captures_every_position_of_the_base(tiny_paths, capsys):
     # One line per position: index, the token it explains, the explanation.
     expected = [[str(i), repr(tokenizer.decode([t]))] for i, t in enumerate(ids)]
     assert [line.split("\t")[:2] for line in lines] == expected
+    # The explanations are of the AV's own layer (no --layer given), captured here with a plain TL forward.
+    hook = f"blocks.{av_karvonen.meta.layer}.hook_resid_post"
+    with torch.inference_mode():
+        _, cache = base.run_with_cache(torch.tensor([ids]), names_filter=hook)
+    assert av_karvonen.meta.layer != 0  # so that the default layer is told apart from layer 0
+    # Greedy and deterministic: the tiny AV's babble is the same string for the same vector, compared exactly.
+    explained = av_karvonen.verbalize(cache[hook][0].float(), max_new_tokens=3, progress=False)
+    shown = [v.explanation if v.explanation is not None else "(no <explanation> tags) " + repr(v.text)
+             for v in explained]
+    assert [line.split("\t", 2)[2] for line in lines] == shown
 
 
 def test_reconstruct_writes_the_ar_vectors(ar_nanonla, tiny_paths, tmp_path):
@@ -70,11 +81,26 @@ def test_errors_exit_2_with_the_typed_reason(tiny_paths, tmp_path, capsys):
     assert "apply to --input" in capsys.readouterr().err
 
 
-def test_every_subcommand_explains_its_flags(capsys):
-    for command in ["demo", "verbalize", "round-trip", "reconstruct", "inspect", "extract", "train-av", "train-ar"]:
+def test_every_subcommand_describes_itself_and_explains_each_flag_in_its_help(capsys):
+    subcommands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert {"demo", "verbalize", "round-trip", "reconstruct", "inspect", "extract", "train-av", "train-ar"} <= set(
+        subcommands)
+
+    def words(text: str) -> str:  # argparse rewraps text to the terminal width
+        return " ".join(text.split())
+
+    for command, subparser in subcommands.items():
         with pytest.raises(SystemExit):
             main([command, "--help"])
-        assert "--" in capsys.readouterr().out or command == "inspect"
+        out = words(capsys.readouterr().out)
+        assert subparser.description and subparser.description.strip(), command
+        assert words(subparser.description) in out, command
+        for action in subparser._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            assert action.help and action.help.strip() and action.help != argparse.SUPPRESS, (command, action.dest)
+            assert words(action.help) in out, (command, action.dest)
+            assert all(flag in out for flag in action.option_strings), (command, action.dest)
 
 
 _REQUIRED_FLAGS = {"verbalize": ["--av", "a", "--text", "t"],

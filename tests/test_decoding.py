@@ -26,11 +26,12 @@ def _run_both(av, vectors, atol):
     with torch.inference_mode():
         ours = fast.prefill(tokens, av.injection(vectors, tokens).fwd_hooks())
         theirs = hooked.prefill(tokens, av.injection(vectors, tokens).fwd_hooks())
-        assert (ours - theirs).abs().max() <= atol
-        for _ in range(STEPS):
-            ids = theirs.argmax(dim=-1)
-            ours, theirs = fast.step(ids), hooked.step(ids)
-            assert (ours - theirs).abs().max() <= atol
+        for step in range(STEPS + 1):
+            if step:
+                ids = theirs.argmax(dim=-1)
+                ours, theirs = fast.step(ids), hooked.step(ids)
+            assert (ours - theirs).abs().max() <= atol, step
+            assert torch.equal(ours.argmax(dim=-1), theirs.argmax(dim=-1)), step  # the same greedy tokens
 
 
 def test_loaded_weights_sit_in_hf_layout_so_tl_rearranges_are_views(av_karvonen):
@@ -51,7 +52,9 @@ def test_fast_decoder_matches_tl_forward_with_kv_cache(av_karvonen, vectors):
 
 def test_fast_decoder_matches_in_bf16_and_after_a_dtype_move(tiny_paths, vectors):
     av = nl.ActivationVerbalizer.from_pretrained(tiny_paths["av_karvonen"], dtype=torch.bfloat16)
-    _run_both(av, vectors, atol=0.25)  # bf16 logits of size 4 have an ulp of 1/32; rounding orders differ
+    # Measured: equal to the bit. The top logits here are 4-8 in size, where one bf16 ulp is 1/32; half an ulp of
+    # slack (1/64) admits a different rounding of the smaller logits but no one-ulp move of the large ones.
+    _run_both(av, vectors, atol=1 / 64)
     av.model.to(torch.float64)  # each parameter gets its own storage: q/k/v run as three matmuls
     _run_both(av, vectors.double(), atol=1e-10)
 

@@ -33,10 +33,23 @@ def test_n_ctx_comes_from_the_hf_config(av_karvonen, ar_nanonla):
     assert av_karvonen.model.cfg.n_ctx == 256 == ar_nanonla.model.cfg.n_ctx
 
 
-def test_bf16_load_casts_on_the_fly(tiny_paths):
+def test_bf16_load_casts_on_the_fly_to_the_hf_weights_rounded_to_bf16(tiny_paths):
     av = nl.ActivationVerbalizer.from_pretrained(tiny_paths["av_karvonen"], dtype=torch.bfloat16)
     assert av.model.W_E.dtype == torch.bfloat16
     assert av.model.blocks[0].attn.W_Q.dtype == torch.bfloat16
+    hf, _ = ref.load_hf(tiny_paths["av_karvonen"])
+    cfg, block, layer = av.model.cfg, av.model.blocks[1], hf.model.layers[1]
+
+    def bf16(w: torch.Tensor) -> torch.Tensor:
+        return w.to(torch.bfloat16)
+
+    # Exact: a cast rounds each fp32 value to its nearest bf16 one, whatever chunk it is read in.
+    assert torch.equal(av.model.W_E, bf16(hf.model.embed_tokens.weight))
+    hf_q = layer.self_attn.q_proj.weight.reshape(cfg.n_heads, cfg.d_head, cfg.d_model).transpose(1, 2)
+    assert torch.equal(block.attn.W_Q, bf16(hf_q))  # TL's [head, d_model, d_head]
+    assert torch.equal(block.mlp.W_in, bf16(layer.mlp.up_proj.weight.T))  # TL's [d_model, d_mlp]
+    assert torch.equal(block.mlp.W_out, bf16(layer.mlp.down_proj.weight.T))
+    assert torch.equal(block.ln1.w, bf16(layer.input_layernorm.weight))
 
 
 def test_ar_keeps_k_plus_1_blocks_and_no_final_norm_or_unembed(ar_paper):

@@ -19,21 +19,32 @@ def av_and_rows(base_folder, dataset_meta, label_split):
     return av, av_rows(label_split[0], av.meta, av.tokenizer, av.tokenizer.eos_token_id)
 
 
-def _gradients(av, rows) -> dict[str, torch.Tensor]:
-    """Gradients of the AV loss; backward runs after `av_loss` has removed its injection hook."""
+def _gradients(av, rows, block_runs: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """Gradients of the AV loss; backward runs after `av_loss` has removed its injection hook.
+
+    `block_runs` records each run of block 1 (its first hook point): in the forward, or in a recompute."""
     av.model.zero_grad(set_to_none=True)
     steer = torch.linspace(-1, 1, av.meta.d_model)
-    with av.model.hooks(fwd_hooks=[("blocks.2.hook_resid_mid", lambda x, hook: x + steer)]):
+    runs = block_runs if block_runs is not None else []
+    loss_done = False
+    hooks = [("blocks.2.hook_resid_mid", lambda x, hook: x + steer),
+             ("blocks.1.hook_resid_pre", lambda x, hook: runs.append("backward" if loss_done else "forward"))]
+    with av.model.hooks(fwd_hooks=hooks):
         loss = av_loss(av, rows, torch.tensor([0, 3, 7]))
+    loss_done = True
     loss.backward()
     return {name: p.grad.clone() for name, p in av.model.named_parameters() if p.grad is not None}
 
 
 def test_checkpointed_blocks_give_the_same_gradients_as_plain_ones(av_and_rows):
     av, rows = av_and_rows
-    plain = _gradients(av, rows)
+    plain_runs, checkpointed_runs = [], []
+    plain = _gradients(av, rows, plain_runs)
     with activation_checkpointing(av.model):
-        checkpointed = _gradients(av, rows)
+        checkpointed = _gradients(av, rows, checkpointed_runs)
+    # Checkpointing really happened: block 1 ran once more, in backward, with the forward's hooks put back.
+    assert plain_runs == ["forward"]
+    assert checkpointed_runs == ["forward", "backward"]
     assert plain.keys() == checkpointed.keys()
     assert all(torch.equal(plain[name], checkpointed[name]) for name in plain)
     assert all("forward" not in vars(block) for block in av.model.blocks)  # the class forward is back
