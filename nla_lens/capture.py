@@ -140,11 +140,7 @@ class Capture:
     def __init__(self, model: TLModel, layer: int, positions: PositionSpec = -1, *,
                  attention_mask: Int[Tensor, "batch pos"] | None = None,
                  tokens: Int[Tensor, "batch pos"] | None = None, calls: Calls = "first") -> None:
-        n_layers = model.cfg.n_layers
-        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n_layers:
-            raise InputError(
-                f"layer must be an int in 0..{n_layers - 1} (this model has {n_layers} blocks); got {layer!r}"
-            )
+        check_block(model, layer)
         if calls not in ("first", "all"):
             raise InputError(f"calls must be 'first' or 'all', got {calls!r}")
         self.model = model
@@ -269,21 +265,33 @@ def resid_post(model: TLModel, tokens: Int[Tensor, "batch pos"], layer: int, *,
     return kept[0]
 
 
+def check_block(model: TLModel, layer: int, name: str = "layer") -> None:
+    """`layer` indexes one of the model's blocks."""
+    n_layers = model.cfg.n_layers
+    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n_layers:
+        raise InputError(f"{name} must be an int in 0..{n_layers - 1} (the model's {n_layers} blocks), got {layer!r}")
+
+
+def check_token_tensor(value: object, name: str = "tokens") -> None:
+    """`value` is a `[batch, pos]` tensor, as a run's tokens and attention mask are."""
+    if not isinstance(value, Tensor):
+        raise InputError(f"{name} must be a [batch, pos] tensor (e.g. model.to_tokens(text)), "
+                         f"got {type(value).__name__}")
+    if value.ndim != 2:
+        raise InputError(f"{name} must be [batch, pos], got shape {list(value.shape)}")
+
+
 def real_tokens(model: TLModel, attention_mask: Tensor | None,
                 tokens: Tensor | None) -> Bool[Tensor, "batch pos"] | None:
     """Which columns hold real tokens: the mask if given, else inferred from pads in `tokens`; None
     when nothing marks padding (every column is real)."""
     for name, value in (("tokens", tokens), ("attention_mask", attention_mask)):
-        if value is not None and not isinstance(value, Tensor):
-            raise InputError(f"{name} must be a [batch, pos] tensor (e.g. model.to_tokens(text)), "
-                             f"got {type(value).__name__}")
+        if value is not None:
+            check_token_tensor(value, name)
     if tokens is not None and attention_mask is not None and tokens.shape != attention_mask.shape:
         raise InputError(
             f"tokens {list(tokens.shape)} and attention_mask {list(attention_mask.shape)} must have the same shape"
         )
-    for name, value in (("tokens", tokens), ("attention_mask", attention_mask)):
-        if value is not None and value.ndim != 2:
-            raise InputError(f"{name} must be [batch, pos], got shape {list(value.shape)}")
     if attention_mask is not None:
         return attention_mask.bool()
     if tokens is None or model.tokenizer is None or model.tokenizer.pad_token_id is None:

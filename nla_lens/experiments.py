@@ -22,7 +22,15 @@ from transformer_lens.utilities import get_act_name
 
 from nla_lens import backends
 from nla_lens.base_model import check_base_model
-from nla_lens.capture import Capture, PositionSpec, capture, real_tokens, resolve_positions
+from nla_lens.capture import (
+    Capture,
+    PositionSpec,
+    capture,
+    check_block,
+    check_token_tensor,
+    real_tokens,
+    resolve_positions,
+)
 from nla_lens.checks import check_finite
 from nla_lens.errors import InputError, VectorError
 from nla_lens.injection import HookFn, check_vectors
@@ -177,8 +185,7 @@ def steer_then_verbalize(
     layer = av.meta.layer if capture_layer is None else capture_layer
     check_base_model(base_model, av)
     d_model = base_model.cfg.d_model
-    if isinstance(steering_vector, Tensor) and (steering_vector.shape[-1:] != (d_model,) or steering_vector.ndim > 2
-                                                or steering_vector.numel() != d_model):
+    if isinstance(steering_vector, Tensor) and tuple(steering_vector.shape) not in ((d_model,), (1, d_model)):
         raise VectorError(f"steering_vector must be one [d_model] = [{d_model}] vector (it is added to the base "
                           f"model's residual stream), got shape {list(steering_vector.shape)}")
     vector = check_vectors(steering_vector, d_model)
@@ -230,8 +237,8 @@ def patching_study(
     av = _verbalizer(nla_or_av)
     layer = av.meta.layer if capture_layer is None else capture_layer
     check_base_model(base_model, av)
-    real_tokens(base_model, None, clean_tokens)
-    real_tokens(base_model, None, corrupted_tokens)
+    check_token_tensor(clean_tokens, "clean_tokens")
+    check_token_tensor(corrupted_tokens, "corrupted_tokens")
     if clean_tokens.shape != corrupted_tokens.shape or clean_tokens.ndim != 2:
         raise InputError(
             f"clean {list(clean_tokens.shape)} and corrupted {list(corrupted_tokens.shape)} tokens must be "
@@ -354,9 +361,7 @@ def _verbalizer(nla_or_av: NLA | ActivationVerbalizer) -> ActivationVerbalizer:
 
 def _check_reaches(base_model: TLModel, layer: int, capture_layer: int, name: str) -> None:
     """An intervention at block `layer` must run before the capture at `capture_layer`."""
-    n_layers = base_model.cfg.n_layers
-    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n_layers:
-        raise InputError(f"{name} must be an int in 0..{n_layers - 1}; got {layer!r}")
+    check_block(base_model, layer, name)
     if layer > capture_layer:
         raise InputError(
             f"{name}={layer} comes after the captured layer {capture_layer}, so it cannot change what is "

@@ -30,7 +30,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from nla_lens import backends
-from nla_lens.capture import resid_post
+from nla_lens.capture import check_block, resid_post
 from nla_lens.checks import check_counts
 from nla_lens.errors import BackendError, InputError, SAEMismatchError
 from nla_lens.injection import check_vectors
@@ -128,8 +128,7 @@ def text_residuals(base: TLModel, texts: list[str], layer: int, *,
     if isinstance(texts, str) or not texts:
         raise InputError("texts must be a non-empty list of strings")
     backends.backend_of(base)
-    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < base.cfg.n_layers:
-        raise InputError(f"layer must be an int in 0..{base.cfg.n_layers - 1} (the base model's blocks), got {layer!r}")
+    check_block(base, layer)
     limit = max_tokens or base.cfg.n_ctx
     out = []
     with torch.inference_mode():

@@ -90,7 +90,7 @@ def test_feature_card_window_and_skip_must_be_whole_numbers(toy, bad):
 @NEEDS_SAE_LENS
 def test_sae_helpers_name_arguments_of_the_wrong_kind_or_order(toy):
     sae = make_sae(128, 32, f"blocks.{toy.av.meta.layer}.hook_resid_post")
-    with pytest.raises(nl.InputError, match=r"layer must be an int in 0\.\.\d+ \(the base model's blocks\), got 99"):
+    with pytest.raises(nl.InputError, match=r"layer must be an int in 0\.\.\d+ \(the model's \d+ blocks\), got 99"):
         nl.residual_stats(toy.base, TOY_TEXTS, 99)
     with pytest.raises(nl.InputError, match="offset must be a ResidualStats.*got Tensor"):
         nl.verbalize_sae_features(toy.av, sae, [1], offset=torch.randn(128))
