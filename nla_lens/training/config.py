@@ -273,10 +273,11 @@ def from_dict(cls: type[Config], data: Any, *, where: str = "") -> Config:
     values = {}
     for name, value in data.items():
         nested = _dataclass_in(hints[name])
+        child = f"{where}.{name}" if where else name
         if nested and value is not None:
-            value = from_dict(nested, value, where=f"{where}.{name}" if where else name)
+            value = from_dict(nested, value, where=child)
         else:
-            _check_scalar(value, hints[name], f"{where}.{name}" if where else name)
+            _check_scalar(value, hints[name], child)
         values[name] = value
     try:
         return cls(**values)
