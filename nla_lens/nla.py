@@ -49,6 +49,17 @@ def _warn_if_stages_differ(av_meta: NLAMeta, ar_meta: NLAMeta) -> None:
                       "trained together; load both from one stage", stacklevel=3)
 
 
+def _warn_if_bases_differ(av_meta: NLAMeta, ar_meta: NLAMeta) -> None:
+    """Two bases of one width and depth pass `check_pair`; the sidecars' recorded base names tell them
+    apart. Compared by last path part, so a hub id and a local copy of it ("Qwen/Qwen3-8B",
+    "/models/qwen3-8b") agree; a warning, not an error, since a renamed folder is not a different model."""
+    names = [None if meta.base_model is None else Path(str(meta.base_model)).name.lower()
+             for meta in (av_meta, ar_meta)]
+    if None not in names and names[0] != names[1]:
+        warnings.warn(f"the AV was trained from base {av_meta.base_model!r} and the AR from {ar_meta.base_model!r}: "
+                      "an NLA's AV and AR are copies of one base; load the AR trained with this AV", stacklevel=3)
+
+
 MIN_BASELINE_VECTORS = 32  # fewer vectors than this give a paper baseline too noisy to divide by
 
 
@@ -151,6 +162,7 @@ class NLA:
                              f"{type(av).__name__} and {type(ar).__name__}")
         check_pair(av.meta, ar.meta)
         _warn_if_stages_differ(av.meta, ar.meta)
+        _warn_if_bases_differ(av.meta, ar.meta)
         self.av = av
         self.ar = ar
 

@@ -111,6 +111,24 @@ def test_an_av_and_ar_from_different_training_stages_warn(toy):
         nl.NLA(rl.av, rl.ar)
 
 
+def test_an_av_and_ar_recorded_from_different_bases_warn(tiny_paths, tmp_path):
+    """Same width and layer, so `check_pair` passes; the recorded base names differ. A hub id and a local
+    folder of the same model (last path part, any case) do not warn."""
+    av = nl.ActivationVerbalizer.from_pretrained(tiny_paths["av_karvonen"])
+    assert av.meta.base_model == "tiny-qwen3"
+    for recorded, warns in (("org/Other-Model", True), ("/models/TINY-QWEN3", False)):
+        folder = shutil.copytree(tiny_paths["ar_nanonla"], tmp_path / recorded.replace("/", "_"))
+        meta = yaml.safe_load((folder / "nla_meta.yaml").read_text())
+        meta["extraction"]["base_model"] = recorded
+        (folder / "nla_meta.yaml").write_text(yaml.safe_dump(meta, allow_unicode=True))
+        ar = nl.ActivationReconstructor.from_pretrained(folder)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            nl.NLA(av, ar)
+        messages = [str(w.message) for w in caught]
+        assert any("trained from base 'tiny-qwen3' and the AR from 'org/Other-Model'" in m for m in messages) == warns
+
+
 def test_nla_from_pretrained_checks_the_pair_before_loading(tiny_paths, tmp_path):
     nla = nl.NLA.from_pretrained(tiny_paths["av_karvonen"], tiny_paths["ar_nanonla"])
     assert nla.layer == nla.ar.meta.layer and nla.av.injection_spec.method == "karvonen"
