@@ -8,9 +8,14 @@ the rescaled targets from their mean (per dim, like the MSE).
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
-from jaxtyping import Float
+from jaxtyping import Bool, Float
 from torch import Tensor
+
+from nla_lens.errors import InputError
 
 
 def rescale(vectors: Float[Tensor, "n d_model"], mse_scale: float) -> Float[Tensor, "n d_model"]:
@@ -41,3 +46,52 @@ def fve(mse: Float[Tensor, " n"] | float, baseline: float) -> float:
     """Fraction of variance explained: 1 - mean MSE / baseline."""
     mean = float(torch.as_tensor(mse).float().mean())
     return 1.0 - mean / baseline
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """mean(b) - mean(a) over the same items, with a percentile-bootstrap interval that resamples
+    items (both scores of an item together): how far a difference between two NLAs on one set of
+    vectors is from the noise of which vectors were drawn."""
+
+    difference: float
+    low: float
+    high: float
+    level: float
+    n: int
+
+    def __str__(self) -> str:
+        return f"{self.difference:+.3f} [{self.low:+.3f}, {self.high:+.3f}]"
+
+
+def paired_difference(a: Float[Tensor, " n"], b: Float[Tensor, " n"], *, level: float = 0.95,
+                      resamples: int = 10_000, seed: int = 0) -> PairedDifference:
+    """`b - a` per item (e.g. per-item FVE at one baseline, or 0/1 naming), its mean and a seeded
+    `level` bootstrap interval. The baseline stays fixed: the interval is over items, given the set."""
+    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+    if a.ndim != 1 or a.shape != b.shape or len(a) < 2:
+        raise InputError(f"need two per-item score vectors of one length >= 2, got shapes {list(a.shape)} and "
+                         f"{list(b.shape)}")
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        raise InputError("per-item scores must be finite (score a failed parse as a miss, not NaN)")
+    if not 0 < level < 1 or resamples < 1:
+        raise InputError(f"need 0 < level < 1 and resamples >= 1, got {level} and {resamples}")
+    diff = b - a
+    rows = torch.randint(len(diff), (resamples, len(diff)), generator=torch.Generator().manual_seed(seed))
+    means = diff[rows].mean(dim=1)
+    tail = (1 - level) / 2
+    low, high = torch.quantile(means, torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
+    return PairedDifference(float(diff.mean()), low, high, level, len(diff))
+
+
+def mcnemar_exact(a: Bool[Tensor, " n"], b: Bool[Tensor, " n"]) -> tuple[int, int, float]:
+    """(items only `b` gets right, items only `a` gets right, two-sided exact McNemar p-value): whether
+    two classifiers of the same items differ beyond chance, from the items where they disagree."""
+    a, b = torch.as_tensor(a), torch.as_tensor(b)
+    if a.dtype != torch.bool or b.dtype != torch.bool or a.shape != b.shape or a.ndim != 1:
+        raise InputError(f"need two boolean vectors of one length, got {a.dtype} {list(a.shape)} and "
+                         f"{b.dtype} {list(b.shape)}")
+    gained, lost = int((b & ~a).sum()), int((a & ~b).sum())
+    discordant = gained + lost
+    tail = sum(math.comb(discordant, k) for k in range(min(gained, lost) + 1)) / 2**discordant
+    return gained, lost, min(1.0, 2 * tail)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
-from nla_lens import metrics
+from nla_lens import InputError, metrics
 
 
 def test_mse_is_two_one_minus_cos_at_sqrt_d_scale():
@@ -42,3 +43,45 @@ def test_a_miss_scores_as_an_orthogonal_guess():
     assert metrics.miss_mse(4096, 64.0) == 2.0
     a, b = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 5.0]])
     assert abs(float(metrics.mse_per_item(a, b, 3.0)[0]) - metrics.miss_mse(2, 3.0)) < 1e-6
+
+
+def test_paired_difference_mean_and_a_collapsed_interval():
+    a = torch.tensor([0.5, 0.25, 1.0, 0.0])
+    result = metrics.paired_difference(a, a + 0.125)
+    assert (result.difference, result.low, result.high, result.n) == (0.125, 0.125, 0.125, 4)
+    assert str(result) == "+0.125 [+0.125, +0.125]"
+
+
+def test_paired_difference_interval_matches_the_normal_approximation():
+    """400 differences ~ N(0.1, 1): the 95% bootstrap interval is mean +- 1.96 s / sqrt(n) to a few %."""
+    a = torch.randn(400, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    diff = torch.randn(400, generator=torch.Generator().manual_seed(2), dtype=torch.float64) + 0.1
+    result = metrics.paired_difference(a, a + diff)
+    half = 1.96 * float(diff.std()) / math.sqrt(400)
+    assert math.isclose(result.difference, float(diff.mean()), abs_tol=1e-12)
+    assert math.isclose(result.high - result.difference, half, rel_tol=0.08)
+    assert math.isclose(result.difference - result.low, half, rel_tol=0.08)
+    assert metrics.paired_difference(a, a + diff) == result  # seeded
+    assert metrics.paired_difference(a, a + diff, seed=1) != result
+
+
+def test_paired_difference_refuses_what_it_cannot_pair():
+    with pytest.raises(InputError, match="one length"):
+        metrics.paired_difference(torch.zeros(3), torch.zeros(4))
+    with pytest.raises(InputError, match="finite"):
+        metrics.paired_difference(torch.zeros(3), torch.tensor([0.0, float("nan"), 1.0]))
+    with pytest.raises(InputError, match="level"):
+        metrics.paired_difference(torch.zeros(3), torch.ones(3), level=95)
+
+
+def test_mcnemar_exact_by_hand():
+    """Two-sided exact p = 2 P(Binomial(gained + lost, 1/2) <= min(gained, lost)), capped at 1."""
+    def pair(gained: int, lost: int, agree: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+        a = torch.tensor([False] * gained + [True] * lost + [True] * agree)
+        return a, torch.tensor([True] * gained + [False] * lost + [True] * agree)
+
+    assert metrics.mcnemar_exact(*pair(2, 8)) == (2, 8, 2 * (1 + 10 + 45) / 1024)
+    assert metrics.mcnemar_exact(*pair(0, 5)) == (0, 5, 2 / 32)
+    assert metrics.mcnemar_exact(*pair(5, 0)) == (5, 0, 2 / 32)
+    assert metrics.mcnemar_exact(*pair(1, 0)) == (1, 0, 1.0)
+    assert metrics.mcnemar_exact(*pair(0, 0)) == (0, 0, 1.0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import subprocess
 import sys
@@ -190,7 +191,20 @@ def test_evaluate_command_scores_the_slices_the_readme_quotes(tmp_path, heldout_
     evaluate.main(["--slice", "scored", "second", "macbeth-rest", "--wheel-cache", str(tmp_path / "wheel"),
                    "--threads", str(torch.get_num_threads()), "--output", str(tmp_path / "slices.json")])
     rows = {(row["slice"], row["pair"]): row for row in json.loads((tmp_path / "slices.json").read_text())}
-    assert len(rows) == 6
+    assert len(rows) == 9  # three slices x (sft, rl, rl-sft)
+    for name in ("scored", "second"):
+        sft, rl, change = (rows[name, pair] for pair in (*PAIRS, "rl-sft"))
+        # The differences are the pairs' own scores subtracted; the flips account for the naming change.
+        assert change["fve_gain"] == pytest.approx(rl["fve"] - sft["fve"], abs=1e-6)
+        assert change["named_gained"] - change["named_lost"] == round((rl["names_final_token"]
+                                                                       - sft["names_final_token"]) * sft["n"])
+        assert change["named_change"] == pytest.approx(rl["names_final_token"] - sft["names_final_token"])
+        for key in ("fve_gain", "named_change"):
+            assert change[f"{key}_low"] < change[key] < change[f"{key}_high"]
+    # The README quotes the scored slice's comparison (8 positions only RL names, 10 only SFT).
+    scored = rows["scored", "rl-sft"]
+    assert (scored["named_gained"], scored["named_lost"]) == (8, 10)
+    assert scored["named_mcnemar_p"] == pytest.approx(2 * sum(math.comb(18, k) for k in range(9)) / 2**18)
     for pair in PAIRS:
         # "scored" is scores.json's scorer: the same positions and numbers as evaluate_toy.
         scored, row = heldout_scores[pair], rows["scored", pair]

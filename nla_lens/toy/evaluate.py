@@ -1,7 +1,8 @@
 """Held-out scores of the bundled toy NLA: round-trip FVE, final-token naming, shuffled control.
 
 `python -m nla_lens.toy.evaluate` scores both pairs on the scored positions and on the held-out slices
-the README quotes beside them (`--help` lists them).
+the README quotes beside them (`--help` lists them); with both pairs it adds RL minus SFT per slice, with
+95% bootstrap intervals over positions and an exact McNemar test of the naming change.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from nla_lens import backends, loading, metrics
@@ -169,17 +170,53 @@ def evaluate_toy(folder: Path, limit: int = SCORED_POSITIONS, pair: str = "sft")
 
 def score_positions(toy: ToyNLA, vectors: Float[Tensor, "n d_model"], tokens: Int[Tensor, " n"]) -> ToyScores:
     """Greedy round trip of `vectors` with the toy's pair; naming checks each explanation against `tokens`."""
+    return score_items(toy, vectors, tokens).scores
+
+
+@dataclass(frozen=True)
+class ItemScores:
+    """A pair's `ToyScores` on a slice and the per-position scores behind them, which `compare_pairs` pairs up."""
+
+    scores: ToyScores
+    fves: Float[Tensor, " n"]  # 1 - mse_i / the slice's baseline: their mean is `scores.fve`
+    named: Bool[Tensor, " n"]
+
+
+def score_items(toy: ToyNLA, vectors: Float[Tensor, "n d_model"], tokens: Int[Tensor, " n"]) -> ItemScores:
+    """`score_positions`, keeping each position's FVE and naming."""
     # The paper baseline of these held-out vectors, not the sidecar's (of the training run's eval split).
     baseline = metrics.paper_baseline(vectors, toy.ar.meta.mse_scale)
     round_trip = toy.nla.round_trip(vectors, baseline=baseline, max_new_tokens=48, batch_size=64)
-    named = [names_token(v.explanation, toy.av.tokenizer, int(t))
-             for v, t in zip(round_trip.verbalizations, tokens, strict=True)]
-    return ToyScores(
+    named = torch.tensor([names_token(v.explanation, toy.av.tokenizer, int(t))
+                          for v, t in zip(round_trip.verbalizations, tokens, strict=True)])
+    scores = ToyScores(
         n=len(vectors), fve=round_trip.fve, baseline=round_trip.baseline,
-        names_final_token=sum(named) / len(named), shuffled_fve=shuffled_fve(round_trip.reconstructions, vectors,
-                                                                              toy.ar.meta.mse_scale,
-                                                                              round_trip.baseline),
+        names_final_token=float(named.float().mean()),
+        shuffled_fve=shuffled_fve(round_trip.reconstructions, vectors, toy.ar.meta.mse_scale, round_trip.baseline),
         failed_parses=round_trip.n_failed_parses)
+    return ItemScores(scores, round_trip.fves, named)
+
+
+def compare_pairs(sft: ItemScores, rl: ItemScores) -> dict[str, float | int]:
+    """RL minus SFT on the same positions: FVE and naming differences with 95% bootstrap intervals over
+    positions, and the exact McNemar test of naming (positions only RL names vs only SFT names)."""
+    fve = metrics.paired_difference(sft.fves, rl.fves)
+    named = metrics.paired_difference(sft.named.double(), rl.named.double())
+    gained, lost, p_value = metrics.mcnemar_exact(sft.named, rl.named)
+    return {"fve_gain": fve.difference, "fve_gain_low": fve.low, "fve_gain_high": fve.high,
+            "named_change": named.difference, "named_change_low": named.low, "named_change_high": named.high,
+            "named_gained": gained, "named_lost": lost, "named_mcnemar_p": p_value}
+
+
+def change_line(name: str, change: dict[str, float | int]) -> str:
+    """One printed row of `compare_pairs`: the differences, their intervals, and the naming flips."""
+    def points(key: str) -> str:
+        return f"{100 * change[key]:+.1f}"
+
+    return (f"{name:<17} rl-sft  FVE {change['fve_gain']:+.3f} [{change['fve_gain_low']:+.3f}, "
+            f"{change['fve_gain_high']:+.3f}]  named {points('named_change')} pt [{points('named_change_low')}, "
+            f"{points('named_change_high')}] (RL only {change['named_gained']}, SFT only {change['named_lost']}, "
+            f"exact McNemar p {change['named_mcnemar_p']:.2g})")
 
 
 def shuffled_fve(reconstructions: Float[Tensor, "n d_model"], vectors: Float[Tensor, "n d_model"],
@@ -218,12 +255,17 @@ def main(argv: list[str] | None = None) -> None:
                 # Vectors come from the base, which both pairs share.
                 vectors, tokens = slice_positions(next(iter(toys.values())), args.folder, name,
                                                   args.wheel_cache or Path(tmp))
-                for pair, toy in toys.items():
-                    scores = score_positions(toy, vectors, tokens)
+                items = {pair: score_items(toy, vectors, tokens) for pair, toy in toys.items()}
+                for pair, item in items.items():
+                    scores = item.scores
                     results.append({"slice": name, "pair": pair, **asdict(scores)})
                     print(f"{name:<17} {pair:<3} n={scores.n:<4} FVE {scores.fve:.3f}  named "
                           f"{scores.names_final_token:.1%} ({round(scores.names_final_token * scores.n)})  "
                           f"failed parses {scores.failed_parses}  shuffled FVE {scores.shuffled_fve:.3f}", flush=True)
+                if len(items) == len(PAIRS):
+                    change = compare_pairs(items["sft"], items["rl"])
+                    results.append({"slice": name, "pair": "rl-sft", **change})
+                    print(change_line(name, change), flush=True)
         except NLAError as error:
             parser.exit(2, f"error: {error}\n")
     if args.output:
