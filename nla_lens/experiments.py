@@ -11,6 +11,7 @@ dataclasses that print short, show as tables in a notebook, and have `to_pandas(
 from __future__ import annotations
 
 import difflib
+import string
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -298,8 +299,11 @@ def verbalize_direction(
 
 
 def word_diff(before: str, after: str) -> tuple[list[str], list[str]]:
-    """(added, removed): the words `after` gains and loses relative to `before` (difflib on words)."""
-    a, b = before.split(), after.split()
+    """(added, removed): the words `after` gains and loses relative to `before` (difflib on words).
+
+    Words are compared without the punctuation around them ("mat." is "mat", '"be",' is "be"), so a
+    moved comma is no change; a word that is only punctuation (a quoted '","') stays as it is."""
+    a, b = _words(before), _words(after)
     added: list[str] = []
     removed: list[str] = []
     for op, i1, i2, j1, j2 in difflib.SequenceMatcher(a=a, b=b, autojunk=False).get_opcodes():
@@ -307,6 +311,13 @@ def word_diff(before: str, after: str) -> tuple[list[str], list[str]]:
             removed += a[i1:i2]
             added += b[j1:j2]
     return added, removed
+
+
+def _words(text: str) -> list[str]:
+    return [word.strip(_PUNCTUATION) or word for word in text.split()]
+
+
+_PUNCTUATION = string.punctuation + "\u201c\u201d\u2018\u2019"  # ASCII and curly quotes
 
 
 def _readout(verbalization: Verbalization) -> str:

@@ -220,6 +220,10 @@ def test_verbalize_direction_takes_an_nla_as_the_other_helpers_do(nla, steer):
 def test_word_diff_reports_added_and_removed_words():
     assert word_diff("the cat sat on the mat", "the dog sat on a red mat") == (["dog", "a", "red"], ["cat", "the"])
     assert word_diff("same words", "same words") == ([], [])
+    # Punctuation around a word is not part of it; a word of punctuation only is kept whole.
+    assert word_diff('The token " be", after "he".', 'The token " am", after "he"') == (["am"], ["be"])
+    assert word_diff('The token "s"', 'The token ","') == (['","'], ["s"])
+    assert word_diff("\u201cFear\u201d, he said", "Fear he said!") == ([], [])
 
 
 def test_experiment_arguments_are_checked_with_typed_errors(base, nla, av_karvonen, steer):
