@@ -84,8 +84,9 @@ class TabularResult:
 
 
 def check_save_path(path: str | Path) -> Path:
-    """Checked before writing: a known suffix, an existing folder, not a folder itself."""
-    path = Path(path)
+    """Checked before writing: a known suffix, an existing folder, not a folder itself. `~` is expanded, as
+    checkpoint paths are."""
+    path = Path(path).expanduser()
     if path.suffix not in SAVE_SUFFIXES:
         raise InputError(f"{path}: save to a .parquet or .jsonl file (the rows) or an .html file (the view)")
     return check_file_target(path)

@@ -114,6 +114,13 @@ def test_save_refuses_unknown_suffixes_folders_and_missing_folders_before_writin
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dir.parquet"]
 
 
+def test_save_expands_a_home_folder_as_loading_does(results, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert results["round_trip"].save("~/out.parquet") == tmp_path / "out.parquet"
+    assert results["word_steering"].save_vectors("~/delta.safetensors") == tmp_path / "delta.safetensors"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["delta.safetensors", "out.parquet"]
+
+
 def test_colour_scale_spreads_by_rank_and_keeps_negative_fve_red():
     cells = [display.TokenCell("a", 0, True, "x", None, fve) for fve in (0.90, 0.92, 0.95, -0.5, -2.0)]
     scale = display.ColourScale.from_cells(cells)
