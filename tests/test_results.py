@@ -121,6 +121,17 @@ def test_save_expands_a_home_folder_as_loading_does(results, tmp_path, monkeypat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["delta.safetensors", "out.parquet"]
 
 
+def test_repr_shows_carriage_returns_and_tabs_as_escapes():
+    cells = [display.format_cell(text) for text in ("a\r\nb", "c\td", "e\rf")]
+    assert cells == ["a\\r\\nb", "c\\td", "e\\rf"]  # a bare \r would make a terminal overwrite the row
+
+
+def test_explained_view_marks_a_newline_token_visibly():
+    cells = [display.TokenCell("a", 0, True, "x", None, 0.5), display.TokenCell("\n", 1, True, "y", None, 0.9)]
+    html = display.explained_text_html([cells], title="t", layer=1)
+    assert "\n" not in html.split("</style>")[1] and html.count("\u21b5") == 2  # in the line and in its row
+
+
 def test_colour_scale_spreads_by_rank_and_keeps_negative_fve_red():
     cells = [display.TokenCell("a", 0, True, "x", None, fve) for fve in (0.90, 0.92, 0.95, -0.5, -2.0)]
     scale = display.ColourScale.from_cells(cells)
