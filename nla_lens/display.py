@@ -236,7 +236,7 @@ def feature_card_html(title: str, hook_name: str, summary: str, explanation: str
     stops = ", ".join(_rgb(c) for c in _ACTIVATION)
     legend = (f"<div class='nla-legend'><span><span class='nla-swatch' style='background: linear-gradient(to right, "
               f"{stops})'></span>activation 0 to {top:.2f}</span><span><span class='nla-swatch nla-peak'></span>"
-              "the context's peak token</span></div>")
+              "the context's peak token</span></div>") if windows else ""
     return (f"<div class='nla-view'><style>{_STYLE}</style>"
             f"<div class='nla-head'><b>{html.escape(title)}</b> · <code>{html.escape(hook_name)}</code></div>"
             f"<div class='nla-said'>NLA: {said}</div><div class='nla-meta'>{html.escape(summary)}</div>{legend}"

@@ -37,6 +37,8 @@ class TabularResult:
 
     #: Columns shown by ``repr`` and ``_repr_html_`` (all columns when None), in this order.
     display_columns: ClassVar[tuple[str, ...] | None] = None
+    #: Every column of the rows, in order, for a result that can have none (its DataFrame and files keep them).
+    columns: ClassVar[tuple[str, ...] | None] = None
 
     def to_records(self) -> list[dict[str, Any]]:
         """One flat dict per row: what ``to_pandas`` and ``save`` write."""
@@ -51,7 +53,7 @@ class TabularResult:
         import pandas as pd
 
         records = self.to_records()
-        return pd.DataFrame.from_records(records, columns=list(records[0]) if records else None)
+        return pd.DataFrame.from_records(records, columns=list(records[0] if records else self.columns or ()))
 
     def save(self, path: str | Path) -> Path:
         """Write the rows to ``.parquet`` or ``.jsonl``, or the notebook view to a self-contained ``.html`` page."""
@@ -60,7 +62,7 @@ class TabularResult:
             page = display.page(type(self).__name__, self._repr_html_())
             write_atomic(path, lambda tmp: tmp.write_text(page, encoding="utf-8"))
         else:
-            write_table(records_table(self.to_records()), path)
+            write_table(records_table(self.to_records(), self.columns), path)
         return path
 
     def __repr__(self) -> str:
@@ -101,9 +103,9 @@ def check_file_target(path: Path) -> Path:
     return path
 
 
-def records_table(records: list[dict[str, Any]]) -> pa.Table:
-    """Records as an arrow table; an empty result becomes an empty table."""
-    return pa.Table.from_pylist(records) if records else pa.table({})
+def records_table(records: list[dict[str, Any]], columns: Sequence[str] | None = None) -> pa.Table:
+    """Records as an arrow table; an empty result becomes an empty table of `columns`."""
+    return pa.Table.from_pylist(records) if records else pa.table({c: pa.nulls(0) for c in columns or ()})
 
 
 def text_table(records: Sequence[dict[str, Any]], columns: Sequence[str]) -> list[str]:

@@ -63,6 +63,7 @@ def test_records_pandas_parquet_and_jsonl_agree(results, kind, tmp_path):
     result = results[kind]
     records = result.to_records()
     assert records and all(isinstance(r, dict) and r.keys() == records[0].keys() for r in records)
+    assert result.columns is None or list(result.columns) == list(records[0])  # what an empty one keeps
     frame = result.to_pandas()
     assert isinstance(frame, pd.DataFrame) and list(frame.columns) == list(records[0]) and len(frame) == len(records)
     assert pq.read_table(result.save(tmp_path / "out.parquet")).to_pylist() == records
