@@ -30,6 +30,7 @@ _NEGATIVE = ((254, 224, 210), (222, 45, 38))  # light to dark red
 _ACTIVATION = ((255, 255, 255), (253, 141, 60))  # white to orange
 _CONTEXT = "#e8e8e8"
 _MAX_TABLE_ROWS = 200
+_ESCAPES = str.maketrans({"\n": "\\n", "\r": "\\r", "\t": "\\t"})  # a bare \r would overwrite a printed row
 
 _STYLE = """
 .nla-view { font: 14px/1.45 system-ui, sans-serif; color: #222; max-width: 72em; }
@@ -166,11 +167,11 @@ def _text_block(cells: Sequence[TokenCell], scale: ColourScale) -> str:
         tip = f"{scale.metric} {_num(value)}: {said}" if cell.explained else "context token (not explained)"
         failed = " nla-failed" if cell.explained and cell.explanation is None else ""
         spans.append(f"<span class='nla-tok{failed}' style='background:{background};color:{_ink(background)}' "
-                     f"title='{html.escape(tip, quote=True)}'>{html.escape(cell.token)}"
+                     f"title='{html.escape(tip, quote=True)}'>{_shown_token(cell.token)}"
                      f"<sub>{cell.position}</sub></span>")
         if cell.explained:
             chip = (f"<span class='nla-tok{failed}' style='background:{background};color:{_ink(background)}'>"
-                    f"{html.escape(cell.token)}</span>")
+                    f"{_shown_token(cell.token)}</span>")
             explanation = (f"<td>{html.escape(cell.explanation)}</td>" if cell.explanation is not None else
                            f"<td class='nla-unparsed'>{html.escape(said)}</td>")
             rows.append(f"<tr><td class='num'>{cell.position}</td><td>{chip}</td><td class='num'>{_num(cell.fve)}"
@@ -178,6 +179,11 @@ def _text_block(cells: Sequence[TokenCell], scale: ColourScale) -> str:
     table = ("<table><tr><th>pos</th><th>token</th><th>FVE</th><th>MSE</th><th>explanation</th></tr>"
              + "".join(rows) + "</table>") if rows else ""
     return f"<div class='nla-text'><div class='nla-tokens'>{'<wbr>'.join(spans)}</div>{table}</div>"
+
+
+def _shown_token(token: str) -> str:
+    """A token as escaped HTML, a newline drawn as ↵: a bare one would leave its chip blank."""
+    return html.escape(token.replace("\n", "\u21b5"))
 
 
 def _said(cell: TokenCell) -> str:
@@ -221,7 +227,7 @@ def feature_card_html(title: str, hook_name: str, summary: str, explanation: str
             background = _rgb(_ramp(_ACTIVATION, activation / top))
             peak = " nla-peak" if i == center else ""
             spans.append(f"<span class='nla-tok{peak}' style='background:{background};color:{_ink(background)}' "
-                         f"title='{activation:.3f}'>{html.escape(token.replace(chr(10), chr(0x21b5)))}</span>")
+                         f"title='{activation:.3f}'>{_shown_token(token)}</span>")
         here = "" if said_here is None else (
             f"<td>{html.escape(said_here[row])}</td>" if said_here[row] is not None else
             "<td><span class='nla-unparsed'>(no &lt;explanation&gt; tags)</span></td>")
@@ -230,7 +236,7 @@ def feature_card_html(title: str, hook_name: str, summary: str, explanation: str
     stops = ", ".join(_rgb(c) for c in _ACTIVATION)
     legend = (f"<div class='nla-legend'><span><span class='nla-swatch' style='background: linear-gradient(to right, "
               f"{stops})'></span>activation 0 to {top:.2f}</span><span><span class='nla-swatch nla-peak'></span>"
-              "the context's peak token</span></div>")
+              "the context's peak token</span></div>") if windows else ""
     return (f"<div class='nla-view'><style>{_STYLE}</style>"
             f"<div class='nla-head'><b>{html.escape(title)}</b> · <code>{html.escape(hook_name)}</code></div>"
             f"<div class='nla-said'>NLA: {said}</div><div class='nla-meta'>{html.escape(summary)}</div>{legend}"
@@ -239,7 +245,7 @@ def feature_card_html(title: str, hook_name: str, summary: str, explanation: str
 
 
 def format_cell(value: Any, width: int | None = None) -> str:
-    """A cell as text: floats to 3 decimals, lists joined, long strings cut to `width`."""
+    """A cell as text: floats to 3 decimals, lists joined, newlines / tabs escaped, long strings cut to `width`."""
     if value is None:
         text = ""
     elif isinstance(value, float):
@@ -247,7 +253,7 @@ def format_cell(value: Any, width: int | None = None) -> str:
     elif isinstance(value, (list, tuple)):
         text = " ".join(map(str, value))
     elif isinstance(value, str):
-        text = value.replace("\n", "\\n")
+        text = value.translate(_ESCAPES)
     else:
         text = str(value)
     if width is not None and len(text) > width:

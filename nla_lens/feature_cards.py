@@ -64,6 +64,8 @@ class FeatureCard(TabularResult):
     explained_contexts: bool = False  # each context carries the AV's explanation of its own residual
 
     display_columns = ("text", "position", "token", "activation", "context")
+    columns = ("feature", "text", "position", "token", "activation", "context", "context_explanation", "explanation",
+               "cosine")  # a feature that never fires in the texts has no contexts
 
     @property
     def explanation(self) -> str | None:
@@ -79,9 +81,12 @@ class FeatureCard(TabularResult):
                  "explanation": self.explanation, "cosine": self.cosine} for c in self.contexts]
 
     def summary(self) -> str:
-        token, count = self.top_tokens()[0] if self.contexts else ("-", 0)
         said = display.format_cell(self.explanation, 100) if self.explanation is not None else "(failed to parse)"
         cosine = "" if self.cosine is None else f"; AR cosine to the decoder row {self.cosine:.3f}"
+        if not self.contexts:
+            return (f"feature {self.feature} of {self.hook_name}: {said}; no contexts: not active at any of the "
+                    f"{self.n_positions} positions{cosine}")
+        token, count = self.top_tokens()[0]
         return (f"feature {self.feature} of {self.hook_name}: {said}; top {len(self.contexts)} contexts, {count} "
                 f"on {token!r}; active at {self.n_active}/{self.n_positions} positions{cosine}")
 

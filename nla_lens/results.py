@@ -8,7 +8,8 @@ A result type mixes in :class:`TabularResult` and writes two methods:
 It then has ``to_pandas()``, ``save(path)`` (``.parquet``, ``.jsonl``, or ``.html`` for the notebook
 view as a standalone page), a short ``__repr__`` (the summary and the first rows, never a tensor) and
 ``_repr_html_`` (the summary and an HTML table, from :mod:`nla_lens.display`). A result with a richer
-view (tokens coloured by FVE) overrides ``_repr_html_``. Tensors stay attributes. Dataclass results
+view (tokens coloured by FVE) overrides ``_repr_html_``; one that can hold no rows names its ``columns``, which
+its empty DataFrame and files keep. Tensors stay attributes. Dataclass results
 are declared with ``repr=False`` so that the mixin's ``__repr__`` is the one Python uses.
 """
 
@@ -37,6 +38,8 @@ class TabularResult:
 
     #: Columns shown by ``repr`` and ``_repr_html_`` (all columns when None), in this order.
     display_columns: ClassVar[tuple[str, ...] | None] = None
+    #: Every column of the rows, in order, for a result that can have none (its DataFrame and files keep them).
+    columns: ClassVar[tuple[str, ...] | None] = None
 
     def to_records(self) -> list[dict[str, Any]]:
         """One flat dict per row: what ``to_pandas`` and ``save`` write."""
@@ -51,7 +54,7 @@ class TabularResult:
         import pandas as pd
 
         records = self.to_records()
-        return pd.DataFrame.from_records(records, columns=list(records[0]) if records else None)
+        return pd.DataFrame.from_records(records, columns=list(records[0] if records else self.columns or ()))
 
     def save(self, path: str | Path) -> Path:
         """Write the rows to ``.parquet`` or ``.jsonl``, or the notebook view to a self-contained ``.html`` page."""
@@ -60,7 +63,7 @@ class TabularResult:
             page = display.page(type(self).__name__, self._repr_html_())
             write_atomic(path, lambda tmp: tmp.write_text(page, encoding="utf-8"))
         else:
-            write_table(records_table(self.to_records()), path)
+            write_table(records_table(self.to_records(), self.columns), path)
         return path
 
     def __repr__(self) -> str:
@@ -84,8 +87,9 @@ class TabularResult:
 
 
 def check_save_path(path: str | Path) -> Path:
-    """Checked before writing: a known suffix, an existing folder, not a folder itself."""
-    path = Path(path)
+    """Checked before writing: a known suffix, an existing folder, not a folder itself. `~` is expanded, as
+    checkpoint paths are."""
+    path = Path(path).expanduser()
     if path.suffix not in SAVE_SUFFIXES:
         raise InputError(f"{path}: save to a .parquet or .jsonl file (the rows) or an .html file (the view)")
     return check_file_target(path)
@@ -100,9 +104,9 @@ def check_file_target(path: Path) -> Path:
     return path
 
 
-def records_table(records: list[dict[str, Any]]) -> pa.Table:
-    """Records as an arrow table; an empty result becomes an empty table."""
-    return pa.Table.from_pylist(records) if records else pa.table({})
+def records_table(records: list[dict[str, Any]], columns: Sequence[str] | None = None) -> pa.Table:
+    """Records as an arrow table; an empty result becomes an empty table of `columns`."""
+    return pa.Table.from_pylist(records) if records else pa.table({c: pa.nulls(0) for c in columns or ()})
 
 
 def text_table(records: Sequence[dict[str, Any]], columns: Sequence[str]) -> list[str]:

@@ -172,7 +172,7 @@ class WordSteering(TabularResult):
     def save_vectors(self, path: str | Path) -> Path:
         """Delta and T (with the sites and settings) to `.safetensors`, to steer again without the AV and AR;
         `save` writes the table."""
-        path = Path(path)
+        path = Path(path).expanduser()
         if path.suffix != ".safetensors":
             raise InputError(f"{path}: save_vectors writes a .safetensors file; save() writes the table")
         check_file_target(path)

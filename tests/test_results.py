@@ -63,6 +63,7 @@ def test_records_pandas_parquet_and_jsonl_agree(results, kind, tmp_path):
     result = results[kind]
     records = result.to_records()
     assert records and all(isinstance(r, dict) and r.keys() == records[0].keys() for r in records)
+    assert result.columns is None or list(result.columns) == list(records[0])  # what an empty one keeps
     frame = result.to_pandas()
     assert isinstance(frame, pd.DataFrame) and list(frame.columns) == list(records[0]) and len(frame) == len(records)
     assert pq.read_table(result.save(tmp_path / "out.parquet")).to_pylist() == records
@@ -112,6 +113,24 @@ def test_save_refuses_unknown_suffixes_folders_and_missing_folders_before_writin
     with pytest.raises(nl.InputError, match="does not exist"):
         rt.save(tmp_path / "no" / "such" / "out.parquet")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dir.parquet"]
+
+
+def test_save_expands_a_home_folder_as_loading_does(results, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert results["round_trip"].save("~/out.parquet") == tmp_path / "out.parquet"
+    assert results["word_steering"].save_vectors("~/delta.safetensors") == tmp_path / "delta.safetensors"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["delta.safetensors", "out.parquet"]
+
+
+def test_repr_shows_carriage_returns_and_tabs_as_escapes():
+    cells = [display.format_cell(text) for text in ("a\r\nb", "c\td", "e\rf")]
+    assert cells == ["a\\r\\nb", "c\\td", "e\\rf"]  # a bare \r would make a terminal overwrite the row
+
+
+def test_explained_view_marks_a_newline_token_visibly():
+    cells = [display.TokenCell("a", 0, True, "x", None, 0.5), display.TokenCell("\n", 1, True, "y", None, 0.9)]
+    html = display.explained_text_html([cells], title="t", layer=1)
+    assert "\n" not in html.split("</style>")[1] and html.count("\u21b5") == 2  # in the line and in its row
 
 
 def test_colour_scale_spreads_by_rank_and_keeps_negative_fve_red():

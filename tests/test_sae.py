@@ -8,6 +8,7 @@ import json
 import re
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 from base_batches import no_hooks_left
@@ -218,6 +219,22 @@ def test_feature_card_explains_the_residual_at_each_context(toy, tmp_path):
     assert list(card.to_pandas()["context_explanation"]) == expected
     page = card.save(tmp_path / "card.html").read_text()
     assert "NLA at the peak" in page and all(html.escape(e) in page for e in expected)
+
+
+@NEEDS_SAE_LENS
+def test_feature_card_of_a_feature_that_never_fires_says_so_and_keeps_its_columns(toy, tmp_path):
+    sae = make_sae(128, 32, f"blocks.{toy.av.meta.layer}.hook_resid_post")
+    with torch.no_grad():
+        sae.b_enc[9] = -1e6  # feature 9 is 0 everywhere
+    card = nl.feature_card(sae, toy.base, TOY_TEXTS, 9, toy.av, k=3, max_new_tokens=48, progress=False)
+    assert card.contexts == [] and card.n_active == 0
+    assert f"not active at any of the {card.n_positions} positions" in repr(card) and "'-'" not in repr(card)
+    columns = ["feature", "text", "position", "token", "activation", "context", "context_explanation",
+               "explanation", "cosine"]
+    assert list(card.to_pandas().columns) == columns and card.to_pandas().empty
+    assert pq.read_table(card.save(tmp_path / "card.parquet")).column_names == columns
+    page = card.save(tmp_path / "card.html").read_text()
+    assert "activation 0 to" not in page and "nla-peak" not in page.split("</style>")[1]
 
 
 @NEEDS_SAE_LENS
