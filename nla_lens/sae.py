@@ -22,6 +22,7 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import metadata
+from numbers import Integral
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
@@ -32,7 +33,7 @@ from torch import Tensor
 from nla_lens import backends
 from nla_lens.capture import check_block, resid_post
 from nla_lens.checks import check_counts
-from nla_lens.errors import BackendError, InputError, SAEMismatchError
+from nla_lens.errors import BackendError, InputError, SAEMismatchError, VectorError
 from nla_lens.injection import check_vectors
 from nla_lens.nla import NLA
 from nla_lens.results import TabularResult
@@ -105,17 +106,26 @@ class ResidualStats:
     mean: Float[Tensor, " d_model"]
     spread: float
     n: int
+    layer: int | None = None  # the block the residuals came from, checked against the NLA's K; None: unknown
 
     def __repr__(self) -> str:
-        return (f"ResidualStats(n={self.n}, d_model={self.mean.shape[-1]}, spread={self.spread:.4g}, "
-                f"mean norm={float(self.mean.norm()):.4g})")
+        return (f"ResidualStats(n={self.n}, layer={self.layer}, d_model={self.mean.shape[-1]}, "
+                f"spread={self.spread:.4g}, mean norm={float(self.mean.norm()):.4g})")
 
     @classmethod
-    def from_vectors(cls, vectors: Float[Tensor, "n d_model"]) -> ResidualStats:
+    def from_vectors(cls, vectors: Float[Tensor, "n d_model"], layer: int | None = None) -> ResidualStats:
+        if not isinstance(vectors, Tensor) or vectors.ndim != 2:
+            raise VectorError(f"vectors must be a [n, d_model] tensor of residuals, got "
+                              f"{list(vectors.shape) if isinstance(vectors, Tensor) else type(vectors).__name__}")
+        if len(vectors) == 0:
+            raise VectorError("no vectors given: the mean and spread need at least one residual")
+        if not torch.isfinite(vectors).all():
+            raise VectorError("vectors hold NaN or Inf, which would make the mean and spread NaN; check how they "
+                              "were computed")
         vectors = vectors.float()
         mean = vectors.mean(dim=0)
         spread = float((vectors - mean).pow(2).sum(dim=1).mean().sqrt())
-        return cls(mean, spread, len(vectors))
+        return cls(mean, spread, len(vectors), layer)
 
 
 def text_residuals(base: TLModel, texts: list[str], layer: int, *,
@@ -129,6 +139,8 @@ def text_residuals(base: TLModel, texts: list[str], layer: int, *,
         raise InputError("texts must be a non-empty list of strings")
     backends.backend_of(base)
     check_block(base, layer)
+    if max_tokens is not None:
+        check_counts(1, max_tokens=max_tokens)
     limit = max_tokens or base.cfg.n_ctx
     out = []
     with torch.inference_mode():
@@ -149,7 +161,7 @@ def residual_stats(base: TLModel, texts: list[str], layer: int, *, skip_first: i
     vectors = torch.cat(rows)
     if len(vectors) == 0:
         raise InputError(f"no positions left after skip_first={skip_first}; use longer texts")
-    return ResidualStats.from_vectors(vectors)
+    return ResidualStats.from_vectors(vectors, layer)
 
 
 @dataclass(frozen=True, repr=False)
@@ -193,14 +205,17 @@ class FeatureVerbalizations(TabularResult):
 
 
 def _feature_ids(features: list[int] | Tensor) -> list[int]:
-    """`features` as a list (a tensor's values, any iterable's items); a bare id is refused, not guessed."""
+    """`features` as a list (a tensor's values, any iterable's items); a bare id is refused, not guessed.
+
+    Integer ids of any kind (numpy's, from an argsort) become Python ints; bools stay, to be refused.
+    """
     if isinstance(features, Tensor):
         features = features.tolist()
     ids = list(features) if isinstance(features, Iterable) and not isinstance(features, str) else []
     if not ids:
         raise InputError(f"features must be a non-empty list of feature ids, got {features!r} "
                          "(for one feature write [f])")
-    return ids
+    return [int(f) if isinstance(f, Integral) and not isinstance(f, bool) else f for f in ids]
 
 
 def decoder_rows(sae: SAE, features: list[int]) -> Float[Tensor, "n d_in"]:
@@ -224,6 +239,9 @@ def feature_vectors(rows: Float[Tensor, "n d_model"], offset: ResidualStats | No
     if not isinstance(offset, ResidualStats):
         raise InputError(f"offset must be a ResidualStats (nl.residual_stats(base, texts, layer)), got "
                          f"{type(offset).__name__}")
+    if offset.mean.shape != rows.shape[1:]:
+        raise VectorError(f"the offset mean has shape {list(offset.mean.shape)} but the NLA verbalizes "
+                          f"d_model={rows.shape[1]} residuals; take the stats from this NLA's base model")
     unit = rows / rows.norm(dim=1, keepdim=True)
     return offset.mean.to(rows.device).float() + offset.spread * unit
 
@@ -252,6 +270,11 @@ def verbalize_sae_features(
     if not isinstance(av, ActivationVerbalizer):
         raise InputError(f"av_or_nla must be an ActivationVerbalizer or an NLA, got {type(av_or_nla).__name__}")
     hook_name = check_sae_reads_layer(sae, av.meta.layer, av.meta.d_model, allow_other_hook=allow_other_hook)
+    if isinstance(offset, ResidualStats) and offset.layer not in (None, av.meta.layer):
+        raise InputError(
+            f"the offset was measured at layer {offset.layer} but the NLA verbalizes layer K={av.meta.layer}; "
+            f"take it there: nl.residual_stats(base, texts, {av.meta.layer})"
+        )
     features = _feature_ids(features)
     rows = decoder_rows(sae, features)
     vectors = check_vectors(feature_vectors(rows, offset), av.meta.d_model)

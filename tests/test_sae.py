@@ -136,6 +136,36 @@ def test_mean_offset_adds_the_unit_row_scaled_to_the_residual_spread():
 
 
 @NEEDS_SAE_LENS
+def test_offset_from_another_layer_or_width_or_bad_vectors_is_refused(toy):
+    from nla_lens.sae import ResidualStats
+
+    sae = make_sae(128, 32, f"blocks.{toy.av.meta.layer}.hook_resid_post")
+    layer_0 = nl.residual_stats(toy.base, TOY_TEXTS, 0)
+    assert layer_0.layer == 0 and "layer=0" in repr(layer_0)
+    with pytest.raises(nl.InputError, match=r"layer 0 .*layer K=3.*residual_stats\(base, texts, 3\)"):
+        nl.verbalize_sae_features(toy.av, sae, [1], offset=layer_0)
+    with pytest.raises(nl.VectorError, match=r"offset mean has shape \[64\].*d_model=128"):
+        nl.verbalize_sae_features(toy.av, sae, [1], offset=ResidualStats(torch.randn(64), 1.0, 5))
+    for bad in (torch.randn(128), torch.randn(0, 128), torch.full((2, 128), float("nan"))):
+        with pytest.raises(nl.VectorError, match=r"\[n, d_model\]|no vectors|NaN"):
+            ResidualStats.from_vectors(bad)
+    with pytest.raises(nl.InputError, match="max_tokens=0: must be a whole number >= 1"):
+        nl.residual_stats(toy.base, TOY_TEXTS, toy.av.meta.layer, max_tokens=0)
+
+
+@NEEDS_SAE_LENS
+def test_numpy_feature_ids_are_ids(av_karvonen):
+    import numpy as np
+
+    sae = make_sae(D_MODEL, 8, f"blocks.{LAYER}.hook_resid_post")
+    out = nl.verbalize_sae_features(av_karvonen, sae, np.array([3, 1]), max_new_tokens=2, progress=False)
+    assert out.features == [3, 1] and all(type(f) is int for f in out.features)
+    assert torch.equal(out.vectors, sae.W_dec.detach()[[3, 1]])
+    with pytest.raises(nl.InputError, match=r"\[True\] are not ints"):
+        nl.verbalize_sae_features(av_karvonen, sae, [True], progress=False)
+
+
+@NEEDS_SAE_LENS
 def test_nla_cosine_is_the_ar_reconstruction_against_the_decoder_row(toy):
     sae = make_sae(128, 32, f"blocks.{toy.av.meta.layer}.hook_resid_post")
     stats = nl.residual_stats(toy.base, TOY_TEXTS, toy.av.meta.layer, skip_first=8)

@@ -218,7 +218,8 @@ def run_sae_experiment(folder: Path = TOY_DIR, cfg: SAEExperimentConfig | None =
     nla = NLA(toy.av, toy.ar)
     kwargs = {"max_new_tokens": cfg.max_new_tokens, "batch_size": 128, "progress": False}
     bare = verbalize_sae_features(nla, sae, features, **kwargs)
-    shifted = verbalize_sae_features(nla, sae, features, offset=ResidualStats.from_vectors(resid), **kwargs)
+    shifted = verbalize_sae_features(nla, sae, features, offset=ResidualStats.from_vectors(resid, toy.av.meta.layer),
+                                     **kwargs)
     strongest = resid[acts[:, features].argmax(dim=0)]  # [n_features, d_model]
     top_context = nla.av.verbalize(strongest, **kwargs)
     other_rows = sae.W_dec.detach()[[features[j] for j in pairs]].float()
