@@ -173,7 +173,8 @@ class FeatureVerbalizations(TabularResult):
     vectors: Float[Tensor, "n d_model"]  # what the AV was given
     hook_name: str
     offset: bool  # True: mean residual + spread * unit decoder row; False: the decoder row
-    cosines: Float[Tensor, " n"] | None  # cos(AR reconstruction - offset mean, decoder row); NaN on failed parses
+    # cos(reconstruction rescaled to the AV input's norm - offset mean, decoder row); NaN on failed parses
+    cosines: Float[Tensor, " n"] | None
     reconstructions: Float[Tensor, "n d_model"] | None  # the AR's vectors; NaN rows where the parse failed
 
     display_columns = ("feature", "explanation", "parsed", "cosine")
@@ -263,7 +264,8 @@ def verbalize_sae_features(
     `mean + spread * W_dec[f] / ||W_dec[f]||` instead of the bare row: decoder rows lack the mean
     that real residuals carry. On the bundled toy the bare rows read better (README, "SAE features").
     With an NLA, the AR rebuilds each explanation and `cosines` holds cos(reconstruction - offset mean,
-    W_dec[f]) (NaN where the explanation failed to parse). `verbalize_kwargs` go to `av.verbalize`.
+    W_dec[f]), the reconstruction first rescaled to the norm of the vector the AV read (the AR's output
+    norm carries no meaning); NaN where the explanation failed to parse. `verbalize_kwargs` go to `av.verbalize`.
     """
     nla = av_or_nla if isinstance(av_or_nla, NLA) else None
     av = av_or_nla.av if nla is not None else av_or_nla
@@ -287,7 +289,13 @@ def verbalize_sae_features(
     if parsed:
         rebuilt = nla.ar.reconstruct([verbalizations[i].explanation for i in parsed]).to(vectors.device)
         reconstructions[parsed] = rebuilt
-    centred = reconstructions - (0 if offset is None else offset.mean.to(vectors.device).float())
+    if offset is not None:
+        # The AR was trained on rescaled targets, so its output norm means nothing: give each reconstruction
+        # the norm of the vector the AV read before the mean comes off.
+        scaled = reconstructions * (vectors.norm(dim=1, keepdim=True) / reconstructions.norm(dim=1, keepdim=True))
+        centred = scaled - offset.mean.to(vectors.device).float()
+    else:
+        centred = reconstructions
     cosines = torch.nn.functional.cosine_similarity(centred, rows, dim=1)
     return FeatureVerbalizations(features, verbalizations, vectors, hook_name, offset is not None, cosines,
                                  reconstructions)

@@ -136,6 +136,28 @@ def test_mean_offset_adds_the_unit_row_scaled_to_the_residual_spread():
 
 
 @NEEDS_SAE_LENS
+def test_offset_cosine_does_not_depend_on_the_ar_output_norm(nla, monkeypatch):
+    """The AR was trained on rescaled targets, so its output norm means nothing: an AR that rebuilds what
+    the AV was given exactly up to scale scores cosine 1 with the mean offset, whatever the scale."""
+    from nla_lens.sae import ResidualStats
+
+    sae = make_sae(D_MODEL, 16, f"blocks.{LAYER}.hook_resid_post")
+    stats = ResidualStats(torch.randn(D_MODEL, generator=torch.Generator().manual_seed(1)) * 4, 3.0, 100, LAYER)
+    given = {}
+
+    def fake_verbalize(vectors, **kwargs):
+        given["vectors"] = vectors
+        return [nl.Verbalization(f"<explanation>{i}</explanation>", str(i), []) for i in range(len(vectors))]
+
+    monkeypatch.setattr(nla.av, "verbalize", fake_verbalize)
+    for scale in (0.1, 1.0, 7.0):
+        monkeypatch.setattr(nla.ar, "reconstruct", lambda texts, s=scale: s * given["vectors"][[int(t) for t in texts]])
+        out = nl.verbalize_sae_features(nla, sae, [2, 5, 9], offset=stats)
+        assert torch.allclose(out.cosines, torch.ones(3), atol=1e-5), scale
+        assert torch.allclose(out.reconstructions, scale * given["vectors"])  # the AR's own output, unscaled
+
+
+@NEEDS_SAE_LENS
 def test_offset_from_another_layer_or_width_or_bad_vectors_is_refused(toy):
     from nla_lens.sae import ResidualStats
 
@@ -173,10 +195,12 @@ def test_nla_cosine_is_the_ar_reconstruction_against_the_decoder_row(toy):
                                     progress=False)
     parsed = [i for i, e in enumerate(out.explanations) if e is not None]  # a random row may not parse
     assert out.offset and len(parsed) >= 2
-    rebuilt = toy.ar.reconstruct([out.explanations[i] for i in parsed]) - stats.mean
-    expected = torch.nn.functional.cosine_similarity(rebuilt, sae.W_dec.detach()[[1, 5, 9]][parsed], dim=1)
+    rebuilt = toy.ar.reconstruct([out.explanations[i] for i in parsed])
+    at_input_norm = rebuilt * out.vectors[parsed].norm(dim=1, keepdim=True) / rebuilt.norm(dim=1, keepdim=True)
+    rows = sae.W_dec.detach()[[1, 5, 9]][parsed]
+    expected = torch.nn.functional.cosine_similarity(at_input_norm - stats.mean, rows, dim=1)
     assert torch.allclose(out.cosines[parsed], expected, atol=1e-5)
-    assert torch.allclose(out.reconstructions[parsed], rebuilt + stats.mean, atol=1e-5)
+    assert torch.allclose(out.reconstructions[parsed], rebuilt, atol=1e-5)
 
 
 @NEEDS_SAE_LENS

@@ -97,7 +97,7 @@ class SAEExperimentResult(TabularResult):
     agreement_top_context: float  # explanation of the residual where the feature fires most names T
     control: float  # explanation of the bare row names another feature's T
     cosine: float  # mean cos(AR reconstruction of the bare row's explanation, the row)
-    cosine_offset: float  # the same with the mean offset (the mean subtracted from the reconstruction)
+    cosine_offset: float  # the same with the mean offset (reconstruction at the input's norm, minus the mean)
     control_cosine: float  # mean cos(AR reconstruction, the control feature's row)
     sae_fvu: float  # fraction of variance the SAE leaves unexplained on these positions
     sae_l0: float  # mean number of active features per position
