@@ -83,6 +83,11 @@ def check_sae_reads_layer(sae: SAE, layer: int, d_model: int, *, allow_other_hoo
             f"the SAE reads {sae.cfg.d_in}-dim activations ({hook_name}) but the NLA verbalizes "
             f"d_model={d_model} residuals; use an SAE trained on this NLA's base model"
         )
+    if tuple(sae.W_dec.shape) != (sae.cfg.d_sae, sae.cfg.d_in):
+        raise InputError(
+            f"sae.W_dec has shape {list(sae.W_dec.shape)} but a sae-lens decoder is [d_sae, d_in] = "
+            f"{[sae.cfg.d_sae, sae.cfg.d_in]}, one row per feature; if yours stores features as columns, transpose it"
+        )
     if sae.cfg.metadata.hook_head_index is not None:
         raise SAEMismatchError(f"the SAE reads one attention head of {hook_name}, not the residual stream")
     if hook_name not in resid_hook_names(layer) and not allow_other_hook:

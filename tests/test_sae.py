@@ -99,6 +99,18 @@ def test_sae_helpers_name_arguments_of_the_wrong_kind_or_order(toy):
 
 
 @NEEDS_SAE_LENS
+def test_a_decoder_stored_as_columns_is_refused_not_read_as_rows(av_karvonen):
+    """sae-lens decoders are [d_sae, d_in], one row per feature; a [d_in, d_sae] one (a hand-built SAE)
+    gave a misleading width error for some ids and an IndexError for others."""
+    for d_sae in (8, 2 * D_MODEL):
+        sae = make_sae(D_MODEL, d_sae, f"blocks.{LAYER}.hook_resid_post")
+        sae.W_dec = torch.nn.Parameter(sae.W_dec.detach().T.contiguous())
+        for feature in (1, d_sae - 1):
+            with pytest.raises(nl.InputError, match=rf"W_dec has shape \[{D_MODEL}, {d_sae}\].*\[{d_sae}, {D_MODEL}\]"):
+                nl.verbalize_sae_features(av_karvonen, sae, [feature], max_new_tokens=2, progress=False)
+
+
+@NEEDS_SAE_LENS
 def test_next_blocks_resid_pre_is_the_same_residual(av_karvonen):
     from nla_lens.sae import check_sae_reads_layer
 
