@@ -22,6 +22,7 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import metadata
+from numbers import Integral
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
@@ -32,7 +33,7 @@ from torch import Tensor
 from nla_lens import backends
 from nla_lens.capture import check_block, resid_post
 from nla_lens.checks import check_counts
-from nla_lens.errors import BackendError, InputError, SAEMismatchError
+from nla_lens.errors import BackendError, InputError, SAEMismatchError, VectorError
 from nla_lens.injection import check_vectors
 from nla_lens.nla import NLA
 from nla_lens.results import TabularResult
@@ -82,6 +83,11 @@ def check_sae_reads_layer(sae: SAE, layer: int, d_model: int, *, allow_other_hoo
             f"the SAE reads {sae.cfg.d_in}-dim activations ({hook_name}) but the NLA verbalizes "
             f"d_model={d_model} residuals; use an SAE trained on this NLA's base model"
         )
+    if tuple(sae.W_dec.shape) != (sae.cfg.d_sae, sae.cfg.d_in):
+        raise InputError(
+            f"sae.W_dec has shape {list(sae.W_dec.shape)} but a sae-lens decoder is [d_sae, d_in] = "
+            f"{[sae.cfg.d_sae, sae.cfg.d_in]}, one row per feature; if yours stores features as columns, transpose it"
+        )
     if sae.cfg.metadata.hook_head_index is not None:
         raise SAEMismatchError(f"the SAE reads one attention head of {hook_name}, not the residual stream")
     if hook_name not in resid_hook_names(layer) and not allow_other_hook:
@@ -105,17 +111,26 @@ class ResidualStats:
     mean: Float[Tensor, " d_model"]
     spread: float
     n: int
+    layer: int | None = None  # the block the residuals came from, checked against the NLA's K; None: unknown
 
     def __repr__(self) -> str:
-        return (f"ResidualStats(n={self.n}, d_model={self.mean.shape[-1]}, spread={self.spread:.4g}, "
-                f"mean norm={float(self.mean.norm()):.4g})")
+        return (f"ResidualStats(n={self.n}, layer={self.layer}, d_model={self.mean.shape[-1]}, "
+                f"spread={self.spread:.4g}, mean norm={float(self.mean.norm()):.4g})")
 
     @classmethod
-    def from_vectors(cls, vectors: Float[Tensor, "n d_model"]) -> ResidualStats:
+    def from_vectors(cls, vectors: Float[Tensor, "n d_model"], layer: int | None = None) -> ResidualStats:
+        if not isinstance(vectors, Tensor) or vectors.ndim != 2:
+            raise VectorError(f"vectors must be a [n, d_model] tensor of residuals, got "
+                              f"{list(vectors.shape) if isinstance(vectors, Tensor) else type(vectors).__name__}")
+        if len(vectors) == 0:
+            raise VectorError("no vectors given: the mean and spread need at least one residual")
+        if not torch.isfinite(vectors).all():
+            raise VectorError("vectors hold NaN or Inf, which would make the mean and spread NaN; check how they "
+                              "were computed")
         vectors = vectors.float()
         mean = vectors.mean(dim=0)
         spread = float((vectors - mean).pow(2).sum(dim=1).mean().sqrt())
-        return cls(mean, spread, len(vectors))
+        return cls(mean, spread, len(vectors), layer)
 
 
 def text_residuals(base: TLModel, texts: list[str], layer: int, *,
@@ -129,6 +144,8 @@ def text_residuals(base: TLModel, texts: list[str], layer: int, *,
         raise InputError("texts must be a non-empty list of strings")
     backends.backend_of(base)
     check_block(base, layer)
+    if max_tokens is not None:
+        check_counts(1, max_tokens=max_tokens)
     limit = max_tokens or base.cfg.n_ctx
     out = []
     with torch.inference_mode():
@@ -149,7 +166,7 @@ def residual_stats(base: TLModel, texts: list[str], layer: int, *, skip_first: i
     vectors = torch.cat(rows)
     if len(vectors) == 0:
         raise InputError(f"no positions left after skip_first={skip_first}; use longer texts")
-    return ResidualStats.from_vectors(vectors)
+    return ResidualStats.from_vectors(vectors, layer)
 
 
 @dataclass(frozen=True, repr=False)
@@ -161,7 +178,8 @@ class FeatureVerbalizations(TabularResult):
     vectors: Float[Tensor, "n d_model"]  # what the AV was given
     hook_name: str
     offset: bool  # True: mean residual + spread * unit decoder row; False: the decoder row
-    cosines: Float[Tensor, " n"] | None  # cos(AR reconstruction - offset mean, decoder row); NaN on failed parses
+    # cos(reconstruction rescaled to the AV input's norm - offset mean, decoder row); NaN on failed parses
+    cosines: Float[Tensor, " n"] | None
     reconstructions: Float[Tensor, "n d_model"] | None  # the AR's vectors; NaN rows where the parse failed
 
     display_columns = ("feature", "explanation", "parsed", "cosine")
@@ -193,14 +211,17 @@ class FeatureVerbalizations(TabularResult):
 
 
 def _feature_ids(features: list[int] | Tensor) -> list[int]:
-    """`features` as a list (a tensor's values, any iterable's items); a bare id is refused, not guessed."""
+    """`features` as a list (a tensor's values, any iterable's items); a bare id is refused, not guessed.
+
+    Integer ids of any kind (numpy's, from an argsort) become Python ints; bools stay, to be refused.
+    """
     if isinstance(features, Tensor):
         features = features.tolist()
     ids = list(features) if isinstance(features, Iterable) and not isinstance(features, str) else []
     if not ids:
         raise InputError(f"features must be a non-empty list of feature ids, got {features!r} "
                          "(for one feature write [f])")
-    return ids
+    return [int(f) if isinstance(f, Integral) and not isinstance(f, bool) else f for f in ids]
 
 
 def decoder_rows(sae: SAE, features: list[int]) -> Float[Tensor, "n d_in"]:
@@ -224,6 +245,9 @@ def feature_vectors(rows: Float[Tensor, "n d_model"], offset: ResidualStats | No
     if not isinstance(offset, ResidualStats):
         raise InputError(f"offset must be a ResidualStats (nl.residual_stats(base, texts, layer)), got "
                          f"{type(offset).__name__}")
+    if offset.mean.shape != rows.shape[1:]:
+        raise VectorError(f"the offset mean has shape {list(offset.mean.shape)} but the NLA verbalizes "
+                          f"d_model={rows.shape[1]} residuals; take the stats from this NLA's base model")
     unit = rows / rows.norm(dim=1, keepdim=True)
     return offset.mean.to(rows.device).float() + offset.spread * unit
 
@@ -245,13 +269,19 @@ def verbalize_sae_features(
     `mean + spread * W_dec[f] / ||W_dec[f]||` instead of the bare row: decoder rows lack the mean
     that real residuals carry. On the bundled toy the bare rows read better (README, "SAE features").
     With an NLA, the AR rebuilds each explanation and `cosines` holds cos(reconstruction - offset mean,
-    W_dec[f]) (NaN where the explanation failed to parse). `verbalize_kwargs` go to `av.verbalize`.
+    W_dec[f]), the reconstruction first rescaled to the norm of the vector the AV read (the AR's output
+    norm carries no meaning); NaN where the explanation failed to parse. `verbalize_kwargs` go to `av.verbalize`.
     """
     nla = av_or_nla if isinstance(av_or_nla, NLA) else None
     av = av_or_nla.av if nla is not None else av_or_nla
     if not isinstance(av, ActivationVerbalizer):
         raise InputError(f"av_or_nla must be an ActivationVerbalizer or an NLA, got {type(av_or_nla).__name__}")
     hook_name = check_sae_reads_layer(sae, av.meta.layer, av.meta.d_model, allow_other_hook=allow_other_hook)
+    if isinstance(offset, ResidualStats) and offset.layer not in (None, av.meta.layer):
+        raise InputError(
+            f"the offset was measured at layer {offset.layer} but the NLA verbalizes layer K={av.meta.layer}; "
+            f"take it there: nl.residual_stats(base, texts, {av.meta.layer})"
+        )
     features = _feature_ids(features)
     rows = decoder_rows(sae, features)
     vectors = check_vectors(feature_vectors(rows, offset), av.meta.d_model)
@@ -264,7 +294,13 @@ def verbalize_sae_features(
     if parsed:
         rebuilt = nla.ar.reconstruct([verbalizations[i].explanation for i in parsed]).to(vectors.device)
         reconstructions[parsed] = rebuilt
-    centred = reconstructions - (0 if offset is None else offset.mean.to(vectors.device).float())
+    if offset is not None:
+        # The AR was trained on rescaled targets, so its output norm means nothing: give each reconstruction
+        # the norm of the vector the AV read before the mean comes off.
+        scaled = reconstructions * (vectors.norm(dim=1, keepdim=True) / reconstructions.norm(dim=1, keepdim=True))
+        centred = scaled - offset.mean.to(vectors.device).float()
+    else:
+        centred = reconstructions
     cosines = torch.nn.functional.cosine_similarity(centred, rows, dim=1)
     return FeatureVerbalizations(features, verbalizations, vectors, hook_name, offset is not None, cosines,
                                  reconstructions)

@@ -25,6 +25,7 @@ reconstruct); the core never calls it.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -170,15 +171,16 @@ class WordSteering(TabularResult):
                 f"{max(len(e) for e in self.explanations)} sample(s) per site")
 
     def save_vectors(self, path: str | Path) -> Path:
-        """Delta and T (with the sites and settings) to `.safetensors`, to steer again without the AV and AR;
-        `save` writes the table."""
+        """Delta and T (with the sites and settings, the token shape the hook is bound to among them) to
+        `.safetensors`, to steer again without the AV and AR; `save` writes the table."""
         path = Path(path).expanduser()
         if path.suffix != ".safetensors":
             raise InputError(f"{path}: save_vectors writes a .safetensors file; save() writes the table")
         check_file_target(path)
         tensors = {"delta": self.delta.contiguous(), "target": self.target.contiguous(),
                    "rows": self.rows.contiguous(), "positions": self.positions.contiguous()}
-        metadata = {"hook_name": self.hook_name, "alpha": str(self.alpha), "mode": self.mode}
+        metadata = {"hook_name": self.hook_name, "layer": str(self.layer), "alpha": str(self.alpha), "mode": self.mode,
+                    "token_shape": json.dumps(list(self.token_shape))}
         write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
         return path
 
@@ -292,6 +294,7 @@ def _check_inputs(nla: NLA, base: TLModel, tokens: Tensor, layer: int | None, al
                   samples: int, continue_tokens: int) -> None:
     if not isinstance(nla, NLA):
         raise InputError(f"steer_with_words needs an NLA (AV + AR), got {type(nla).__name__}")
+    backends.backend_of(base)
     k = nla.ar.meta.layer
     if layer is not None and layer != k:
         raise PairMismatchError(

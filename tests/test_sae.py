@@ -100,6 +100,18 @@ def test_sae_helpers_name_arguments_of_the_wrong_kind_or_order(toy):
 
 
 @NEEDS_SAE_LENS
+def test_a_decoder_stored_as_columns_is_refused_not_read_as_rows(av_karvonen):
+    """sae-lens decoders are [d_sae, d_in], one row per feature; a [d_in, d_sae] one (a hand-built SAE)
+    gave a misleading width error for some ids and an IndexError for others."""
+    for d_sae in (8, 2 * D_MODEL):
+        sae = make_sae(D_MODEL, d_sae, f"blocks.{LAYER}.hook_resid_post")
+        sae.W_dec = torch.nn.Parameter(sae.W_dec.detach().T.contiguous())
+        for feature in (1, d_sae - 1):
+            with pytest.raises(nl.InputError, match=rf"W_dec has shape \[{D_MODEL}, {d_sae}\].*\[{d_sae}, {D_MODEL}\]"):
+                nl.verbalize_sae_features(av_karvonen, sae, [feature], max_new_tokens=2, progress=False)
+
+
+@NEEDS_SAE_LENS
 def test_next_blocks_resid_pre_is_the_same_residual(av_karvonen):
     from nla_lens.sae import check_sae_reads_layer
 
@@ -137,6 +149,58 @@ def test_mean_offset_adds_the_unit_row_scaled_to_the_residual_spread():
 
 
 @NEEDS_SAE_LENS
+def test_offset_cosine_does_not_depend_on_the_ar_output_norm(nla, monkeypatch):
+    """The AR was trained on rescaled targets, so its output norm means nothing: an AR that rebuilds what
+    the AV was given exactly up to scale scores cosine 1 with the mean offset, whatever the scale."""
+    from nla_lens.sae import ResidualStats
+
+    sae = make_sae(D_MODEL, 16, f"blocks.{LAYER}.hook_resid_post")
+    stats = ResidualStats(torch.randn(D_MODEL, generator=torch.Generator().manual_seed(1)) * 4, 3.0, 100, LAYER)
+    given = {}
+
+    def fake_verbalize(vectors, **kwargs):
+        given["vectors"] = vectors
+        return [nl.Verbalization(f"<explanation>{i}</explanation>", str(i), []) for i in range(len(vectors))]
+
+    monkeypatch.setattr(nla.av, "verbalize", fake_verbalize)
+    for scale in (0.1, 1.0, 7.0):
+        monkeypatch.setattr(nla.ar, "reconstruct", lambda texts, s=scale: s * given["vectors"][[int(t) for t in texts]])
+        out = nl.verbalize_sae_features(nla, sae, [2, 5, 9], offset=stats)
+        assert torch.allclose(out.cosines, torch.ones(3), atol=1e-5), scale
+        assert torch.allclose(out.reconstructions, scale * given["vectors"])  # the AR's own output, unscaled
+
+
+@NEEDS_SAE_LENS
+def test_offset_from_another_layer_or_width_or_bad_vectors_is_refused(toy):
+    from nla_lens.sae import ResidualStats
+
+    sae = make_sae(128, 32, f"blocks.{toy.av.meta.layer}.hook_resid_post")
+    layer_0 = nl.residual_stats(toy.base, TOY_TEXTS, 0)
+    assert layer_0.layer == 0 and "layer=0" in repr(layer_0)
+    with pytest.raises(nl.InputError, match=r"layer 0 .*layer K=3.*residual_stats\(base, texts, 3\)"):
+        nl.verbalize_sae_features(toy.av, sae, [1], offset=layer_0)
+    with pytest.raises(nl.VectorError, match=r"offset mean has shape \[64\].*d_model=128"):
+        nl.verbalize_sae_features(toy.av, sae, [1], offset=ResidualStats(torch.randn(64), 1.0, 5))
+    for bad in (torch.randn(128), torch.randn(0, 128), torch.full((2, 128), float("nan"))):
+        with pytest.raises(nl.VectorError, match=r"\[n, d_model\]|no vectors|NaN"):
+            ResidualStats.from_vectors(bad)
+    with pytest.raises(nl.InputError, match="max_tokens=0: must be a whole number >= 1"):
+        nl.residual_stats(toy.base, TOY_TEXTS, toy.av.meta.layer, max_tokens=0)
+
+
+@NEEDS_SAE_LENS
+def test_numpy_feature_ids_are_ids(av_karvonen):
+    import numpy as np
+
+    sae = make_sae(D_MODEL, 8, f"blocks.{LAYER}.hook_resid_post")
+    out = nl.verbalize_sae_features(av_karvonen, sae, np.array([3, 1]), max_new_tokens=2, progress=False)
+    assert out.features == [3, 1] and all(type(f) is int for f in out.features)
+    assert torch.equal(out.vectors, sae.W_dec.detach()[[3, 1]])
+    with pytest.raises(nl.InputError, match=r"\[True\] are not ints"):
+        nl.verbalize_sae_features(av_karvonen, sae, [True], progress=False)
+
+
+@NEEDS_SAE_LENS
 def test_nla_cosine_is_the_ar_reconstruction_against_the_decoder_row(toy):
     sae = make_sae(128, 32, f"blocks.{toy.av.meta.layer}.hook_resid_post")
     stats = nl.residual_stats(toy.base, TOY_TEXTS, toy.av.meta.layer, skip_first=8)
@@ -144,10 +208,12 @@ def test_nla_cosine_is_the_ar_reconstruction_against_the_decoder_row(toy):
                                     progress=False)
     parsed = [i for i, e in enumerate(out.explanations) if e is not None]  # a random row may not parse
     assert out.offset and len(parsed) >= 2
-    rebuilt = toy.ar.reconstruct([out.explanations[i] for i in parsed]) - stats.mean
-    expected = torch.nn.functional.cosine_similarity(rebuilt, sae.W_dec.detach()[[1, 5, 9]][parsed], dim=1)
+    rebuilt = toy.ar.reconstruct([out.explanations[i] for i in parsed])
+    at_input_norm = rebuilt * out.vectors[parsed].norm(dim=1, keepdim=True) / rebuilt.norm(dim=1, keepdim=True)
+    rows = sae.W_dec.detach()[[1, 5, 9]][parsed]
+    expected = torch.nn.functional.cosine_similarity(at_input_norm - stats.mean, rows, dim=1)
     assert torch.allclose(out.cosines[parsed], expected, atol=1e-5)
-    assert torch.allclose(out.reconstructions[parsed], rebuilt + stats.mean, atol=1e-5)
+    assert torch.allclose(out.reconstructions[parsed], rebuilt, atol=1e-5)
 
 
 @NEEDS_SAE_LENS

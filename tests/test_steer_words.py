@@ -3,10 +3,13 @@ never leaks, and bad input gets typed errors. Tiny random NLA (API and maths) pl
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from base_batches import no_hooks_left, padded
 from conftest import LAYER
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 import nla_lens as nl
@@ -181,6 +184,12 @@ def test_bad_input_gets_typed_errors_that_say_what_to_do(base, nla):
     assert no_hooks_left(base)
 
 
+def test_a_base_that_is_not_a_transformer_lens_model_gets_a_typed_error(base, nla):
+    tokens, mask = padded(base, "left")
+    with pytest.raises(nl.BackendError, match="expected a TransformerLens model.*check the order of the arguments"):
+        steer(nla, base.tokenizer, tokens, -1, mask)  # e.g. an HF model, or the tokenizer, passed as the base
+
+
 def test_result_rows_carry_sites_samples_and_comparisons(base, nla):
     tokens, mask = padded(base, "left")
     samples = [TINY_LABELS[:2], TINY_LABELS[2:3], TINY_LABELS[3:4], TINY_LABELS[4:6]]
@@ -204,6 +213,9 @@ def test_delta_saves_to_safetensors_beside_the_table(base, nla, tmp_path):
     result = steer(nla, base, tokens, -1, mask, compare=False, continue_tokens=0)
     vectors = load_file(str(result.save_vectors(tmp_path / "delta.safetensors")))
     assert torch.equal(vectors["delta"], result.delta) and torch.equal(vectors["target"], result.target)
+    with safe_open(str(tmp_path / "delta.safetensors"), "pt") as saved:  # what the hook is bound to, too
+        assert saved.metadata() == {"hook_name": NAME, "layer": str(LAYER), "alpha": "1.0", "mode": "add",
+                                    "token_shape": json.dumps(list(tokens.shape))}
     assert torch.equal(vectors["rows"], result.rows) and torch.equal(vectors["positions"], result.positions)
     with pytest.raises(nl.InputError, match="save_vectors writes a .safetensors"):
         result.save_vectors(tmp_path / "delta.parquet")

@@ -97,7 +97,7 @@ class SAEExperimentResult(TabularResult):
     agreement_top_context: float  # explanation of the residual where the feature fires most names T
     control: float  # explanation of the bare row names another feature's T
     cosine: float  # mean cos(AR reconstruction of the bare row's explanation, the row)
-    cosine_offset: float  # the same with the mean offset (the mean subtracted from the reconstruction)
+    cosine_offset: float  # the same with the mean offset (reconstruction at the input's norm, minus the mean)
     control_cosine: float  # mean cos(AR reconstruction, the control feature's row)
     sae_fvu: float  # fraction of variance the SAE leaves unexplained on these positions
     sae_l0: float  # mean number of active features per position
@@ -218,7 +218,8 @@ def run_sae_experiment(folder: Path = TOY_DIR, cfg: SAEExperimentConfig | None =
     nla = NLA(toy.av, toy.ar)
     kwargs = {"max_new_tokens": cfg.max_new_tokens, "batch_size": 128, "progress": False}
     bare = verbalize_sae_features(nla, sae, features, **kwargs)
-    shifted = verbalize_sae_features(nla, sae, features, offset=ResidualStats.from_vectors(resid), **kwargs)
+    shifted = verbalize_sae_features(nla, sae, features, offset=ResidualStats.from_vectors(resid, toy.av.meta.layer),
+                                     **kwargs)
     strongest = resid[acts[:, features].argmax(dim=0)]  # [n_features, d_model]
     top_context = nla.av.verbalize(strongest, **kwargs)
     other_rows = sae.W_dec.detach()[[features[j] for j in pairs]].float()
