@@ -272,8 +272,8 @@ def _measure_load(loader: str, folder: str, dtype_name: str, device: str) -> dic
     gc.collect()
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM: only the load below counts
     base = _status_bytes("VmRSS")
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
+    if device.startswith("cuda"):  # the device the model goes to: torch's default is the current one, cuda:0
+        torch.cuda.reset_peak_memory_stats(device)
     with torch.inference_mode():
         if loader == "nla_av":
             av = nl.ActivationVerbalizer.from_pretrained(folder, dtype=dtype, device=device)
@@ -296,7 +296,7 @@ def _measure_load(loader: str, folder: str, dtype_name: str, device: str) -> dic
     result = {"weights": sum(p.numel() * p.element_size() for p in params),
               "growth": _status_bytes("VmHWM") - base}
     if device.startswith("cuda"):
-        result["device_peak"] = torch.cuda.max_memory_allocated()
+        result["device_peak"] = torch.cuda.max_memory_allocated(device)
     return result
 
 
@@ -462,12 +462,12 @@ def _interleaved(first: Callable[[], Any], second: Callable[[], Any], reps: int,
     for rep in range(reps):
         order = (0, 1) if rep % 2 == 0 else (1, 0)
         for i in order:
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
+            if device.startswith("cuda"):  # the timed device's queue, not the current device's (cuda:0)
+                torch.cuda.synchronize(device)
             start = time.perf_counter()
             (first, second)[i]()
             if device.startswith("cuda"):
-                torch.cuda.synchronize()
+                torch.cuda.synchronize(device)
             times[i].append(time.perf_counter() - start)
     return statistics.median(times[0]), statistics.median(times[1])
 

@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from nla_lens import loading, metrics, shard_store
-from nla_lens.checks import check_counts, check_sampling
+from nla_lens.checks import check_counts, check_sampling, resolve_dtype
 from nla_lens.distributed import World, barrier, device_for, process_group
 from nla_lens.injection import check_vectors
 from nla_lens.nla import NLA, check_pair, resolve_baseline
@@ -93,7 +93,7 @@ def shard_seed(seed: int, shard: int) -> int:
 def verbalize_file(
     av: str | Path, input_path: str | Path, output: str | Path, *, sampling: Sampling = Sampling(),
     column: str | None = None, shard_size: int = 256, shards: Sequence[int] | None = None, device: str = "cpu",
-    dtype: torch.dtype = torch.float32, progress: bool = False,
+    dtype: torch.dtype | str = torch.float32, progress: bool = False,
 ) -> JobResult:
     """Explain every vector of `input_path` into `output` (.parquet or .jsonl).
 
@@ -105,7 +105,7 @@ def verbalize_file(
     av_meta = load_meta(av_folder)
     table = _read(input_path, column, av_meta)
     manifest = {"job": "verbalize", **_input_facts(input_path, table), "shard_size": shard_size,
-                "av": str(av_folder), "dtype": _dtype_name(dtype), **sampling.facts()}
+                **_checkpoint_facts("av", av_folder), "dtype": _dtype_name(dtype), **sampling.facts()}
     with process_group(device) as world:
         @cache
         def load() -> ActivationVerbalizer:
@@ -122,7 +122,7 @@ def round_trip_file(
     av: str | Path, ar: str | Path, input_path: str | Path, output: str | Path, *, sampling: Sampling = Sampling(),
     baseline: float | None = None, reconstruct_batch_size: int = 64, column: str | None = None,
     shard_size: int = 256, shards: Sequence[int] | None = None, device: str = "cpu",
-    dtype: torch.dtype = torch.float32, progress: bool = False,
+    dtype: torch.dtype | str = torch.float32, progress: bool = False,
 ) -> JobResult:
     """Verbalize, reconstruct and score every vector of `input_path`; rows as `verbalize_file` plus `mse`.
 
@@ -140,8 +140,9 @@ def round_trip_file(
     resolved = resolve_baseline(table.vectors, ar_meta.mse_scale, baseline, ar_meta)  # before any verbalization
     if resolved.warning:
         warnings.warn(resolved.warning, stacklevel=2)
-    manifest = {"job": "round-trip", **_input_facts(input_path, table), "shard_size": shard_size, "av": str(av_folder),
-                "ar": str(ar_folder), "baseline": resolved.value if resolved.source == "given" else None,
+    manifest = {"job": "round-trip", **_input_facts(input_path, table), "shard_size": shard_size,
+                **_checkpoint_facts("av", av_folder), **_checkpoint_facts("ar", ar_folder),
+                "baseline": resolved.value if resolved.source == "given" else None,
                 "dtype": _dtype_name(dtype), **sampling.facts()}
     with process_group(device) as world:
         @cache
@@ -178,15 +179,48 @@ def _read(input_path: Path, column: str | None, av_meta: NLAMeta) -> VectorTable
     return VectorTable(check_vectors(table.vectors, av_meta.d_model).float(), table.columns)
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
+def _dtype_name(dtype: torch.dtype | str) -> str:
+    """One name per dtype ("bf16" and torch.bfloat16 alike), so a resume does not depend on the spelling."""
+    return str(resolve_dtype(dtype)).removeprefix("torch.")
 
 
 def _input_facts(input_path: Path, table: VectorTable) -> dict[str, Any]:
-    """Which input the shards were computed from: its path and size, and a hash of the vectors themselves."""
+    """Which input the shards were computed from: its path and size, and hashes of the vectors and of the
+    columns carried into the output rows (an edited id column changes the output as an edited vector does)."""
     digest = hashlib.sha256(table.vectors.contiguous().numpy()).hexdigest()
     return {"input": str(input_path.resolve()), "input_bytes": input_path.stat().st_size,
-            "n_rows": table.vectors.shape[0], "vectors_sha256": digest}
+            "n_rows": table.vectors.shape[0], "vectors_sha256": digest, "columns_sha256": _table_sha256(table.columns)}
+
+
+def _table_sha256(table: pa.Table) -> str:
+    """A hash of a table's schema and values, whatever its chunking."""
+    table = table.combine_chunks().replace_schema_metadata(None)
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return hashlib.sha256(sink.getvalue()).hexdigest()
+
+
+_SAMPLES, _SAMPLE_BYTES = 64, 4096
+
+
+def _checkpoint_facts(role: str, folder: Path) -> dict[str, str]:
+    """A checkpoint's folder and a fingerprint of its contents that costs the same at any size: each file's
+    name and length, small files whole, and 64 blocks of 4 KiB spread over each large one. A checkpoint
+    exported again into the same folder differs in nearly every block of its trained weights; a copy of it
+    at the same path on another node does not differ at all."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
+        size = path.stat().st_size
+        digest.update(f"{path.name}\0{size}\0".encode())
+        with path.open("rb") as f:
+            if size <= _SAMPLES * _SAMPLE_BYTES:
+                digest.update(f.read())
+                continue
+            for i in range(_SAMPLES):
+                f.seek(i * (size - _SAMPLE_BYTES) // (_SAMPLES - 1))
+                digest.update(f.read(_SAMPLE_BYTES))
+    return {role: str(folder), f"{role}_fingerprint": digest.hexdigest()}
 
 
 def output_rows(table: VectorTable, rows: range, verbalizations: list[Verbalization], **extra: pa.Array) -> pa.Table:

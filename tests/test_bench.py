@@ -10,6 +10,8 @@ import re
 import torch
 from conftest import NEEDS_TL3
 
+import nla_lens as nl
+from nla_lens import bench
 from nla_lens.cli import main
 
 pytestmark = NEEDS_TL3  # the bench measures the streaming HookedTransformer loader and decoder
@@ -41,3 +43,18 @@ def test_quick_bench_prints_every_ratio(capsys):
                              out), (layout, dtype, out)
     assert re.findall(rf"Gemma verbalize, batch .* -> {ratio} \(rows with the same tokens as HF: (\d+)/(\d+)\)",
                       out) == [("1", "1"), ("4", "4")], out
+
+
+def test_gpu_timings_and_peaks_are_taken_on_the_benched_device(monkeypatch, tiny_paths):
+    """`--device cuda:1`: torch's default device for synchronize and the peak counters is the current
+    one (cuda:0), which would time kernels still queued on cuda:1 as free and report cuda:0's peak."""
+    seen = []
+    for name in ("synchronize", "reset_peak_memory_stats", "max_memory_allocated"):
+        monkeypatch.setattr(torch.cuda, name, lambda device=None, name=name: seen.append((name, device)) or 0)
+    bench._interleaved(lambda: None, lambda: None, 2, "cuda:1")
+    load = nl.ActivationVerbalizer.from_pretrained.__func__  # the model itself is loaded on the CPU here
+    monkeypatch.setattr(nl.ActivationVerbalizer, "from_pretrained",
+                        classmethod(lambda cls, folder, **kw: load(cls, folder, **{**kw, "device": "cpu"})))
+    bench._measure_load("nla_av", str(tiny_paths["av_karvonen"]), "float32", "cuda:1")
+    assert {name for name, _ in seen} == {"synchronize", "reset_peak_memory_stats", "max_memory_allocated"}
+    assert all(device == "cuda:1" for _, device in seen), seen

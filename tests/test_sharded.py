@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pyarrow as pa
@@ -140,6 +141,41 @@ def test_a_rerun_with_other_settings_names_them(tiny_paths, input_file, tmp_path
                                progress=False)
     with pytest.raises(nl.ConfigError, match="shard_size"):
         sharded.verbalize_file(av, input_file, out, sampling=GREEDY, shard_size=4, progress=False)
+
+
+def test_an_input_whose_carried_columns_changed_is_not_resumed(tiny_paths, rows, tmp_path):
+    """Same vectors, same file size, other ids: resuming would merge old ids with new ones."""
+    av, out = tiny_paths["av_karvonen"], tmp_path / "out.parquet"
+    path = write_parquet(tmp_path / "in.parquet", rows, doc_id=[f"doc{i}" for i in range(N_ROWS)])
+    sharded.verbalize_file(av, path, out, sampling=GREEDY, shard_size=SHARD_SIZE, shards=[0], progress=False)
+    size = path.stat().st_size
+    write_parquet(path, rows, doc_id=[f"DOC{i}" for i in range(N_ROWS)])
+    assert path.stat().st_size == size
+    with pytest.raises(nl.ConfigError, match="columns_sha256"):
+        sharded.verbalize_file(av, path, out, sampling=GREEDY, shard_size=SHARD_SIZE, progress=False)
+
+
+def test_a_checkpoint_exported_again_into_the_same_folder_is_not_resumed(tiny_paths, input_file, tmp_path):
+    av, out = tmp_path / "av", tmp_path / "out.parquet"
+    shutil.copytree(tiny_paths["av_karvonen"], av)
+    sharded.verbalize_file(av, input_file, out, sampling=GREEDY, shard_size=SHARD_SIZE, shards=[0], progress=False)
+    shutil.rmtree(av)
+    shutil.copytree(tiny_paths["av_embedding"], av)  # another AV of the same shape, same folder name
+    with pytest.raises(nl.ConfigError, match="av_fingerprint"):
+        sharded.verbalize_file(av, input_file, out, sampling=GREEDY, shard_size=SHARD_SIZE, progress=False)
+    shutil.rmtree(av)
+    shutil.copytree(tiny_paths["av_karvonen"], av, copy_function=shutil.copyfile)  # the same files, new times
+    result = sharded.verbalize_file(av, input_file, out, sampling=GREEDY, shard_size=SHARD_SIZE, progress=False)
+    assert result.computed == [1, 2, 3]
+
+
+def test_a_dtype_resumes_whatever_its_spelling(tiny_paths, input_file, tmp_path):
+    av, out = tiny_paths["av_karvonen"], tmp_path / "out.parquet"
+    sharded.verbalize_file(av, input_file, out, sampling=GREEDY, shard_size=SHARD_SIZE, shards=[0], dtype="bf16",
+                           progress=False)
+    result = sharded.verbalize_file(av, input_file, out, sampling=GREEDY, shard_size=SHARD_SIZE,
+                                    dtype=torch.bfloat16, progress=False)
+    assert result.computed == [1, 2, 3] and result.table.num_rows == N_ROWS
 
 
 def test_sampled_rows_do_not_depend_on_which_process_ran_the_shard(tiny_paths, input_file, tmp_path):
