@@ -60,7 +60,7 @@ class Explanation(TabularResult):
     round_trip: RoundTrip
     model_name: str | None = None
 
-    display_columns = ("text_index", "position", "token", "explanation", "fve", "mse")
+    display_columns = ("text_index", "position", "token", "explanation", "parsed", "fve", "mse")
 
     @property
     def hook_name(self) -> str:

@@ -117,7 +117,7 @@ class RoundTrip(TabularResult):
     fves: Float[Tensor, " n"] | None = None  # per-item FVE, 1 - mse_i / baseline
     baseline_n: int | None = None  # vectors behind a sidecar or paper baseline
 
-    display_columns = ("index", "explanation", "mse", "fve")
+    display_columns = ("index", "explanation", "parsed", "mse", "fve")
 
     @property
     def explanations(self) -> list[str | None]:

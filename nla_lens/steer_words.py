@@ -422,7 +422,8 @@ def _continuations(base: TLModel, tokens: Tensor, real: Tensor, result: WordStee
             grown = ids
             for _ in range(n_new):
                 logits = base.run_with_hooks(grown, fwd_hooks=fwd_hooks)
-                grown = torch.cat([grown, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+                # TL moves the tokens to the model's device; the logits come back there, not to `grown`'s.
+                grown = torch.cat([grown, logits[:, -1].argmax(-1, keepdim=True).to(grown.device)], dim=1)
             pair.append(base.tokenizer.decode(grown[0, ids.shape[1]:].tolist()))
         out.append((pair[0], pair[1]))
     return out

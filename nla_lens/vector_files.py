@@ -164,7 +164,11 @@ def write_vectors(vectors: Float[Tensor, "n d_model"], path: Path) -> None:
 
 
 def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
-    """`write(tmp)` to a private temporary name beside `path`, then rename: readers never see half a file."""
+    """`write(tmp)` to a private temporary name beside `path`, then rename: readers never see half a file,
+    and a write that fails leaves nothing behind (a large shard's half would only fill the disk)."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

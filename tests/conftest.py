@@ -19,7 +19,7 @@ TL4 = backends.transformer_lens_major() >= 4
 HAS_SAE_LENS = not TL4 and importlib.util.find_spec("sae_lens") is not None
 # nla_lens.training drives HookedTransformer (start_at_layer, TL parameter names, the HF exporter).
 NEEDS_TL3 = pytest.mark.skipif(backends.default_backend() == "bridge",
-                               reason="training needs the TL 3.x backend: pip install 'nla_lens[tl3]'")
+                               reason="needs the TL 3.x backend (HookedTransformer): pip install 'nla_lens[tl3]'")
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -154,3 +154,18 @@ def test_without_fve_the_view_colours_by_mse_and_says_so():
     html = display.explained_text_html([cells], title="t", layer=None)
     assert "no FVE without a baseline" in html and "(no &lt;explanation&gt; tags) raw" in html
     assert "nla-failed" in html and "context token (not explained)" in html
+
+
+def test_a_write_that_fails_leaves_no_temporary_file(tmp_path):
+    from nla_lens.vector_files import write_atomic
+
+    def half_then_fail(tmp):
+        tmp.write_bytes(b"half a shard")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_atomic(tmp_path / "shard.parquet", half_then_fail)
+    assert list(tmp_path.iterdir()) == []
+    write_atomic(tmp_path / "shard.parquet", lambda tmp: tmp.write_bytes(b"whole"))
+    assert [p.name for p in tmp_path.iterdir()] == ["shard.parquet"]
+    assert (tmp_path / "shard.parquet").read_bytes() == b"whole"

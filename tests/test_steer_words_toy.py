@@ -8,6 +8,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+import nla_lens as nl
 from nla_lens.toy.steer_words_experiment import run_experiment
 
 
@@ -53,3 +54,11 @@ def test_the_measurement_is_a_table_like_every_result(measured, tmp_path):
     records = result.to_records()
     assert [r["alpha"] for r in records] == [row.alpha for row in result.rows] and records[0]["n_sites"] == 100
     assert pq.read_table(result.save(tmp_path / "steer.parquet")).to_pylist() == records
+
+
+@pytest.mark.parametrize(("arguments", "message"), [({"frequent": 2}, "frequent must be >= 3"),
+                                                     ({"n_sites": 0}, "n_sites must be >= 1"),
+                                                     ({"choice": "best"}, "choice must be")])
+def test_arguments_that_leave_no_experiment_are_refused_before_the_toy_loads(arguments, message, tmp_path):
+    with pytest.raises(nl.InputError, match=message):
+        run_experiment(tmp_path / "not-loaded", **arguments)  # a missing folder would be a CheckpointError

@@ -113,6 +113,9 @@ def run_experiment(folder: Path = TOY_DIR, n_sites: int = 100, alphas: tuple[flo
         raise InputError(f"choice must be 'random' or 'plausible', got {choice!r}")
     if n_sites < 1:
         raise InputError(f"n_sites must be >= 1 (the experiment steers at that many held-out sites), got {n_sites}")
+    if frequent < 3:  # Z' excludes Z and the base's argmax: fewer than 3 candidates can leave none
+        raise InputError(f"frequent must be >= 3 (Z' is drawn from that many frequent tokens, never Z and never "
+                         f"the base model's argmax), got {frequent}")
     toy = ToyNLA.load(folder)
     nla = NLA(toy.av, toy.ar)
     tokens, positions = _candidate_sites(toy, folder, stride, per_doc, limit=n_sites + n_sites // 4)
