@@ -150,6 +150,26 @@ def test_toy_load_picks_the_pair_and_refuses_an_unknown_one():
         nl.toy.load(pair="best")
 
 
+def test_readme_scores_snippet_compares_the_two_pairs(capsys):
+    """README's "Scores" block, on 64 scored positions: the interval it prints is the FVE gain's."""
+    import torch
+
+    import nla_lens as nl
+    from nla_lens.toy.evaluate import ToyNLA, heldout_positions
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    block = readme.split("\n## Scores\n")[1].split("\n## ")[0].split("```python\n")[1].split("```")[0]
+    sft, rl = ToyNLA.load(TOY_DIR, pair="sft"), ToyNLA.load(TOY_DIR, pair="rl")
+    vectors, _ = heldout_positions(sft, TOY_DIR, limit=64)
+    namespace = {"nl": nl, "nla_sft": sft.nla, "nla_rl": rl.nla, "vectors": vectors}
+    exec(compile(block, "README.md", "exec"), namespace)
+    a, b = namespace["a"], namespace["b"]
+    gain = nl.metrics.paired_difference(a.fves, b.fves)
+    assert gain.difference == pytest.approx(b.fve - a.fve) and gain.low < gain.difference < gain.high
+    assert capsys.readouterr().out.strip() == str(gain)
+    assert torch.equal(a.mse, sft.nla.round_trip(vectors, baseline=0.78).mse)
+
+
 def test_demo_command_runs_offline(tmp_path):
     page = tmp_path / "demo.html"
     env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
