@@ -151,14 +151,17 @@ def hooked_config(hf_config: Any, *, n_layers: int | None, dtype: torch.dtype,
         )
     rope = getattr(hf_config, "rope_parameters", None) or {}
     scaling = getattr(hf_config, "rope_scaling", None) or rope
-    if arch not in gemma3.ARCHITECTURES and scaling.get("rope_type", "default") != "default":
-        raise CheckpointError(f"rope scaling {scaling.get('rope_type')!r} is not supported yet")
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if arch not in gemma3.ARCHITECTURES and rope_type not in ("default", "llama3"):
+        raise CheckpointError(f"rope scaling {rope_type!r} is not supported yet (nla_lens serves default and "
+                              "llama3 rotary embeddings, and Gemma-3's)")
     d_head = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
     n_kv = hf_config.num_key_value_heads
     family = gemma3.hooked_config_fields(hf_config) if arch in gemma3.ARCHITECTURES else {
         "act_fn": hf_config.hidden_act,
         "rotary_base": float(rope.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))),
         "use_qk_norm": arch == "Qwen3ForCausalLM",
+        **(_llama3_rope_fields(scaling, hf_config.max_position_embeddings) if rope_type == "llama3" else {}),
     }
     return HookedTransformerConfig(
         model_name=str(getattr(hf_config, "_name_or_path", "") or arch),
@@ -184,6 +187,18 @@ def hooked_config(hf_config: Any, *, n_layers: int | None, dtype: torch.dtype,
         device=str(device),
         **family,
     )
+
+
+def _llama3_rope_fields(scaling: dict[str, Any], max_positions: int) -> dict[str, Any]:
+    """Llama-3.1 / 3.3's `rope_type: llama3` (Llama-3.3-70B's NLA pair) as TL models it: NTK-by-parts
+    frequencies, the formula of HF's `_compute_llama3_parameters`, read as TL 3.9's own loader reads them."""
+    return {
+        "use_NTK_by_parts_rope": True,
+        "NTK_original_ctx_len": scaling.get("original_max_position_embeddings", max_positions),
+        "NTK_by_parts_low_freq_factor": scaling.get("low_freq_factor", 1.0),
+        "NTK_by_parts_high_freq_factor": scaling.get("high_freq_factor", 4.0),
+        "NTK_by_parts_factor": scaling.get("factor", 1.0),
+    }
 
 
 def read_safetensors(path: Path) -> Iterator[tuple[str, Tensor]]:

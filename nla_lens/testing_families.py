@@ -1,8 +1,10 @@
-"""Tiny random Gemma-3 and Llama NLA checkpoints: the families whose tokenizers put a BOS first.
+"""Tiny random Gemma-3, Llama and Qwen2 NLA checkpoints: the released families beside nanoNLA's Qwen3.
 
 Like `nla_lens.testing`, everything is built locally and saved as real HF folders with sidecars in
-the paper's dialect. The tokenizers add a BOS with their special tokens and their chat templates
-start with it, as Gemma-3's and Llama-3's do. The Gemma-3 model exercises what TransformerLens
+the paper's dialect. The Gemma and Llama tokenizers add a BOS with their special tokens and their chat
+templates start with it, as Gemma-3's and Llama-3's do; the Qwen2 model (Qwen2.5's architecture: q/k/v
+biases, GQA) uses the BOS-less Qwen tokenizer of `nla_lens.testing`. The Llama model has Llama-3.3's
+`llama3` rotary scaling. The Gemma-3 model exercises what TransformerLens
 models for it: local layers with a sliding window shorter than the AV prompt, local and global
 rotary bases with linear scaling on the global layers, q/k norms, pre- and post-norms,
 `query_pre_attn_scalar` != head_dim (as in Gemma-3-27B), the sqrt(d) embedding scale and a tied
@@ -25,9 +27,12 @@ from transformers import (
     LlamaForCausalLM,
     PreTrainedModel,
     PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
     SiglipVisionConfig,
 )
 
+from nla_lens import testing
 from nla_lens.sidecar import dump_meta
 from nla_lens.testing import AR_TEMPLATE
 from nla_lens.testing import paper_sidecar as _paper_sidecar
@@ -37,6 +42,10 @@ LLAMA_MARKER = "㎡"  # the paper's Llama-3.3 marker: '㈎' is three tokens in L
 # Long enough that the AV prompt outgrows the sliding window (SLIDING_WINDOW tokens) several times.
 AV_TEMPLATE = "Here is the vector:\n\n<concept>{injection_char}</concept>\n\nPlease provide an explanation."
 SLIDING_WINDOW = 6
+# Llama-3.3-70B's rope block, its original context shrunk from 8192 to 32 so that the NTK-by-parts
+# rescaling turns every frequency but the highest by tens of radians within the AV prompt.
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500_000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
 GEMMA_SPECIALS = ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>",
                   "<start_of_image>", "<end_of_image>", "<image_soft_token>"]
 GEMMA_CHAT = ("{{ bos_token }}{% for m in messages %}<start_of_turn>user\n{{ m['content'] }}<end_of_turn>\n"
@@ -148,10 +157,28 @@ def build_llama(tokenizer: PreTrainedTokenizerFast, *, n_layers: int = 4, d_mode
         vocab_size=len(tokenizer), hidden_size=d_model, intermediate_size=2 * d_model, num_hidden_layers=n_layers,
         num_attention_heads=4, num_key_value_heads=2, head_dim=d_model // 4, max_position_embeddings=256,
         rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, rope_parameters=dict(LLAMA3_ROPE),
     )
     model = LlamaForCausalLM(config).float().eval()
     _randomize(model, norm_offset=1.0)
+    return model
+
+
+def build_qwen2(tokenizer: PreTrainedTokenizerFast, *, n_layers: int = 4, d_model: int = 64,
+                seed: int = 0) -> Qwen2ForCausalLM:
+    """Qwen2.5's architecture: GQA with q/k/v biases (non-zero here), no q/k norms, no BOS."""
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=d_model, intermediate_size=2 * d_model, num_hidden_layers=n_layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6,
+        tie_word_embeddings=False, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    model = Qwen2ForCausalLM(config).float().eval()
+    _randomize(model, norm_offset=1.0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("_proj.bias"):
+                param.normal_(0.0, 0.3)
     return model
 
 
@@ -195,7 +222,9 @@ def make_tiny_bos_nlas(root: str | Path, *, layer: int = 2, d_model: int = 64,
     * ``gemma_av``: text-only Gemma-3 AV (embedding replacement after the sqrt(d) scale);
     * ``gemma_av_multimodal``: the same weights in the multimodal wrapper with a tiny vision tower;
     * ``gemma_ar``: the Gemma-3 AR (K+1 blocks + value head);
-    * ``llama_ar``: a Llama AR whose tokenizer puts `<|begin_of_text|>` first.
+    * ``llama_av``: a Llama AV (embedding replacement) whose chat template starts with `<|begin_of_text|>`;
+    * ``llama_ar``: the Llama AR, whose tokenizer puts `<|begin_of_text|>` first;
+    * ``qwen2_av`` / ``qwen2_ar``: a Qwen2 AV (embedding replacement) and AR, no BOS anywhere.
     """
     root = Path(root)
     gemma_tok = gemma_tokenizer()
@@ -203,7 +232,11 @@ def make_tiny_bos_nlas(root: str | Path, *, layer: int = 2, d_model: int = 64,
     text = build_gemma3(gemma_tok, d_model=d_model, seed=seed)
     wrapper = build_gemma3(gemma_tok, d_model=d_model, seed=seed, multimodal=True)
     llama_tok = llama_tokenizer()
+    llama_tokens = token_facts(llama_tok, LLAMA_MARKER)
     llama = build_llama(llama_tok, d_model=d_model, seed=seed)
+    qwen_tok = testing.build_tokenizer()
+    qwen_tokens = testing.token_facts(qwen_tok)
+    qwen2 = build_qwen2(qwen_tok, d_model=d_model, seed=seed)
     generator = torch.Generator().manual_seed(seed + 1)
     readout = torch.eye(d_model) + 0.05 * torch.randn(d_model, d_model, generator=generator)
     av_sidecar = paper_sidecar(gemma_tokens, d_model, layer, "av", injection_scale)
@@ -212,7 +245,12 @@ def make_tiny_bos_nlas(root: str | Path, *, layer: int = 2, d_model: int = 64,
         "gemma_av_multimodal": save_folder(wrapper, gemma_tok, root / "gemma_av_multimodal", av_sidecar),
         "gemma_ar": save_truncated_ar(text, gemma_tok, root / "gemma_ar",
                                       paper_sidecar(gemma_tokens, d_model, layer, "ar", None), layer, readout),
+        "llama_av": save_folder(llama, llama_tok, root / "llama_av",
+                                paper_sidecar(llama_tokens, d_model, layer, "av", injection_scale)),
         "llama_ar": save_truncated_ar(llama, llama_tok, root / "llama_ar",
-                                      paper_sidecar(token_facts(llama_tok, LLAMA_MARKER), d_model, layer, "ar",
-                                                    None), layer, readout),
+                                      paper_sidecar(llama_tokens, d_model, layer, "ar", None), layer, readout),
+        "qwen2_av": save_folder(qwen2, qwen_tok, root / "qwen2_av",
+                                _paper_sidecar(qwen_tokens, d_model, layer, "av", 150.0)),
+        "qwen2_ar": save_truncated_ar(qwen2, qwen_tok, root / "qwen2_ar",
+                                      _paper_sidecar(qwen_tokens, d_model, layer, "ar", None), layer, readout),
     }

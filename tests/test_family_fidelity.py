@@ -1,0 +1,290 @@
+"""Each released family end to end against plain HF with plain torch hooks (`hf_reference.py`), fp32 and bf16.
+
+Beside `test_gemma3.py` (Gemma-3) and `test_injection_equivalence.py` (Qwen3): the Llama AV (BOS first,
+Llama-3.3's `llama3` rotary scaling), the Qwen2 pair (Qwen2.5's architecture: GQA with q/k/v biases, no
+BOS), and every family in bf16. In bf16 HF and TransformerLens round differently (SDPA or eager
+attention, norm op order), so the bound there is HF's own bf16 error: nla_lens in bf16 must sit as near
+the fp32 reference as HF in bf16 does (measured: 1.0-1.3x), while the injection moves the logits 8-40x
+further. The embedding, Gemma's sqrt(d) scale and the replaced marker row included, is HF's to the bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+
+import pytest
+import torch
+from conftest import LAYER
+from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma3ForConditionalGeneration
+
+import hf_reference as ref
+import nla_lens as nl
+from nla_lens import backends
+from nla_lens.sidecar import text_ids
+from nla_lens.testing_families import (
+    GEMMA_MARKER,
+    build_gemma3,
+    gemma_tokenizer,
+    paper_sidecar,
+    save_folder,
+    token_facts,
+)
+
+ATOL = 1e-5
+MAX_NEW = 10
+BF16_NOISE_RATIO = 1.5  # nla_lens's bf16 error over HF's own (both against HF fp32); measured 1.0-1.3
+EXPLANATIONS = ["the cat sat on the mat", "a dog ran in the park and the weather", "the sea"]
+TEXT = "The cat sat on the mat. A dog ran in the park."
+# (fixture, key) of every AV family: nanoNLA's Qwen3 (Karvonen) and the paper's (embedding replacement).
+AVS = {"qwen3": ("tiny_paths", "av_karvonen"), "qwen2": ("bos_paths", "qwen2_av"),
+       "llama": ("bos_paths", "llama_av"), "gemma": ("bos_paths", "gemma_av"),
+       "gemma_multimodal": ("bos_paths", "gemma_av_multimodal")}
+ARS = {"qwen3": ("tiny_paths", "ar_nanonla"), "qwen2": ("bos_paths", "qwen2_ar"),
+       "llama": ("bos_paths", "llama_ar"), "gemma": ("bos_paths", "gemma_ar")}
+
+
+def _folder(request, where):
+    fixture, key = where
+    return request.getfixturevalue(fixture)[key]
+
+
+def _hf(folder, dtype=torch.float32):
+    model_class = Gemma3ForConditionalGeneration if "multimodal" in folder.name else AutoModelForCausalLM
+    return model_class.from_pretrained(folder, dtype=dtype).eval()
+
+
+def _reference_injection(hf, folder, tokens, vectors):
+    """The training code's injection on the HF model, read from the raw sidecar: Karvonen on decoder layer 1
+    (nanoNLA's dataset dialect), else the marker's embedding replaced with the sidecar's injection_scale."""
+    meta = ref.sidecar(folder)
+    sites = ref.marker_sites(tokens, meta["tokens"])
+    if meta["kind"] == "nla_dataset":
+        return ref.karvonen_hook(hf, sites, vectors, layer_module=ref.text_causal_lm(hf).model.layers[1])
+    return ref.embedding_hook(hf, sites, vectors, meta["extraction"]["injection_scale"])
+
+
+@pytest.fixture()
+def family_vectors() -> torch.Tensor:
+    return 5.0 * torch.randn(3, 64, generator=torch.Generator().manual_seed(7))
+
+
+# --- fp32: the families no other module compares with HF ---
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_av_prompt_is_the_chat_template_with_bos_only_where_the_family_has_one(request, family):
+    folder = _folder(request, AVS[family])
+    av = nl.ActivationVerbalizer.from_pretrained(folder)
+    tokenizer, meta = AutoTokenizer.from_pretrained(folder), ref.sidecar(folder)
+    expected = ref.av_prompt(tokenizer, meta)
+    assert av.prompt_tokens(1)[0].tolist() == expected
+    if family == "llama":
+        assert expected[0] == tokenizer.bos_token_id and expected.count(tokenizer.bos_token_id) == 1
+    else:
+        assert tokenizer.bos_token_id is None
+    assert len(ref.marker_sites(torch.tensor([expected]), meta["tokens"])) == 1
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_av_logits_and_greedy_tokens_match_hf_embedding_replacement(request, family, family_vectors):
+    folder = _folder(request, AVS[family])
+    av = nl.ActivationVerbalizer.from_pretrained(folder)
+    tokens = av.prompt_tokens(len(family_vectors))
+    logits = av.model.run_with_hooks(tokens, fwd_hooks=av.injection(family_vectors, tokens).fwd_hooks())
+    ours = [v.tokens for v in av.verbalize(family_vectors, max_new_tokens=MAX_NEW)]
+
+    hf = _hf(folder)
+    with torch.no_grad():
+        plain = hf(tokens).logits
+        with _reference_injection(hf, folder, tokens, family_vectors):
+            expected = hf(tokens).logits
+            generated = hf.generate(tokens, attention_mask=torch.ones_like(tokens), max_new_tokens=MAX_NEW,
+                                    do_sample=False, eos_token_id=av.eos_token_ids,
+                                    pad_token_id=av.tokenizer.pad_token_id)[:, tokens.shape[1]:]
+    eos = set(av.eos_token_ids)
+    theirs = [row[:next((i + 1 for i, t in enumerate(row) if t in eos), len(row))] for row in generated.tolist()]
+    assert (logits - expected).abs().max() < ATOL
+    assert ours == theirs
+    assert (expected - plain).abs().max() > 0.1 and len({tuple(row) for row in ours}) > 1  # the vectors count
+
+
+def test_llama3_rope_scaling_is_served_as_hf_computes_it(bos_paths):
+    """Llama-3.1 / 3.3 checkpoints say `rope_type: llama3`; the tiny Llama's shrunk original context makes it bite."""
+    folder = bos_paths["llama_av"]
+    assert json.loads((folder / "config.json").read_text())["rope_parameters"]["rope_type"] == "llama3"
+    av = nl.ActivationVerbalizer.from_pretrained(folder)
+    tokens = av.prompt_tokens(1)
+    hf = _hf(folder)
+    unscaled = AutoModelForCausalLM.from_config(hf.config.__class__(**{
+        **hf.config.to_dict(), "rope_parameters": {"rope_type": "default", "rope_theta": 500_000.0}})).eval()
+    unscaled.load_state_dict(hf.state_dict())
+    with torch.no_grad():
+        expected, without = hf(tokens).logits, unscaled(tokens).logits
+    assert (av.model(tokens) - expected).abs().max() < ATOL
+    assert (expected - without).abs().max() > 0.1
+
+
+@pytest.mark.skipif(backends.default_backend() != "hooked", reason="compares with TransformerLens 3.9's configs")
+def test_llama33_config_json_gives_transformer_lens_own_rope(tmp_path):
+    """The config.json of meta-llama/Llama-3.3-70B-Instruct (the released Llama NLA's base) loads with the
+    NTK-by-parts rotary fields TransformerLens hard-codes for that model."""
+    from transformer_lens import loading_from_pretrained
+
+    from nla_lens import loading
+
+    (tmp_path / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 8192, "intermediate_size": 28672,
+        "num_attention_heads": 64, "num_key_value_heads": 8, "num_hidden_layers": 80, "head_dim": 128,
+        "hidden_act": "silu", "max_position_embeddings": 131072, "rms_norm_eps": 1e-05, "vocab_size": 128256,
+        "rope_theta": 500000.0, "tie_word_embeddings": False,
+        "rope_scaling": {"factor": 8.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                         "original_max_position_embeddings": 8192, "rope_type": "llama3"}}))
+    ours = loading.hooked_config(loading.load_hf_config(tmp_path), n_layers=None, dtype=torch.float32, device="cpu")
+    theirs = loading_from_pretrained.convert_hf_model_config("meta-llama/Llama-3.3-70B-Instruct")
+    for key, value in theirs.items():
+        if key not in ("n_ctx", "original_architecture", "tokenizer_name", "quantization_method"):
+            assert getattr(ours, key) == value, key
+
+
+def test_qwen2_ar_matches_the_paper_critic_and_reads_no_bos(bos_paths):
+    ar = nl.ActivationReconstructor.from_pretrained(bos_paths["qwen2_ar"])
+    tokens, mask = ar.prompt_tokens(EXPLANATIONS)
+    tokenizer = AutoTokenizer.from_pretrained(bos_paths["qwen2_ar"])
+    template = ref.sidecar(bos_paths["qwen2_ar"])["prompt_templates"]["ar"]
+    assert [row[m.bool()].tolist() for row, m in zip(tokens, mask, strict=True)] == [
+        tokenizer(template.replace("{explanation}", e))["input_ids"] for e in EXPLANATIONS]
+    assert tokenizer.bos_token_id is None
+    assert (ar.reconstruct(EXPLANATIONS, batch_size=2) - ref.ar_reconstruct(bos_paths["qwen2_ar"], EXPLANATIONS)
+            ).abs().max() < ATOL
+    # Teeth: Qwen2's q/k/v biases are part of what the AR computes.
+    assert (ref.ar_reconstruct(bos_paths["qwen2_ar"], EXPLANATIONS, hooks=_zero_qkv_biases)
+            - ref.ar_reconstruct(bos_paths["qwen2_ar"], EXPLANATIONS)).abs().max() > 0.1
+
+
+@contextlib.contextmanager
+def _zero_qkv_biases(model):
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("_proj.bias"):
+                param.zero_()
+    yield
+
+
+# --- bf16: every family ---
+
+def _mean_abs(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.float() - b.float()).abs().mean().item()
+
+
+@pytest.mark.parametrize("family", sorted(AVS))
+def test_bf16_av_logits_sit_as_near_fp32_as_hf_bf16(request, family, family_vectors):
+    folder = _folder(request, AVS[family])
+    av = nl.ActivationVerbalizer.from_pretrained(folder, dtype=torch.bfloat16)
+    tokens = av.prompt_tokens(len(family_vectors))
+    hooks = av.injection(family_vectors, tokens).fwd_hooks()
+    ours = av.model.run_with_hooks(tokens, fwd_hooks=hooks)
+    with torch.inference_mode():  # what verbalize samples its first token from: the fast decoder's prefill
+        prefill = backends.decoder(av.model, len(tokens), tokens.shape[1] + 1, hooks).prefill(tokens, hooks)
+
+    expected = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        hf = _hf(folder, dtype)
+        with torch.no_grad(), _reference_injection(hf, folder, tokens, family_vectors):
+            expected[dtype] = hf(tokens).logits.float()
+    with torch.no_grad():
+        plain = hf(tokens).logits
+    truth, noise = expected[torch.float32], _mean_abs(expected[torch.bfloat16], expected[torch.float32])
+    assert _mean_abs(ours, truth) < BF16_NOISE_RATIO * noise
+    last_noise = _mean_abs(expected[torch.bfloat16][:, -1], truth[:, -1])
+    assert _mean_abs(prefill, truth[:, -1]) < BF16_NOISE_RATIO * last_noise
+    # Teeth: without the injection the logits would miss the bound several times over.
+    assert _mean_abs(plain, truth) > 3 * BF16_NOISE_RATIO * noise
+
+
+@pytest.fixture(scope="module")
+def gemma_d48(tmp_path_factory):
+    """A Gemma-3 AV with d_model = 48: sqrt(48) is not a bf16 number (62.0 for Gemma-3-12B's 3840 neither), so
+    whether the embedding is scaled by the scale rounded to bf16, as HF's scaled embedding does, shows."""
+    tokenizer = gemma_tokenizer()
+    model = build_gemma3(tokenizer, d_model=48, seed=5)
+    sidecar = paper_sidecar(token_facts(tokenizer, GEMMA_MARKER), 48, LAYER, "av", 80000.0)
+    return save_folder(model, tokenizer, tmp_path_factory.mktemp("gemma_d48") / "av", sidecar)
+
+
+@pytest.mark.parametrize("which", ["gemma_d48", "llama", "qwen2"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_injected_embedding_is_hf_embedding_to_the_bit(request, which, dtype):
+    """hook_embed equals HF's `embed_tokens` output (Gemma: after its sqrt(d) scale, rounded to the model's
+    dtype as HF rounds it) to the bit, the marker row overwritten by v * injection_scale / ||v||. That row
+    is bf16's to the bit; in fp32 the order of the division and the product may move its last bit."""
+    folder = request.getfixturevalue(which) if which == "gemma_d48" else _folder(request, AVS[which])
+    av = nl.ActivationVerbalizer.from_pretrained(folder, dtype=dtype)
+    vectors = 5.0 * torch.randn(2, av.meta.d_model, generator=torch.Generator().manual_seed(3))
+    tokens = av.prompt_tokens(2)
+    seen = []
+    av.model.run_with_hooks(tokens, fwd_hooks=[*av.injection(vectors, tokens).fwd_hooks(),
+                                               ("hook_embed", lambda x, hook: seen.append(x.detach().clone()))])
+    hf = _hf(folder, dtype)
+    meta = ref.sidecar(folder)
+    sites = ref.marker_sites(tokens, meta["tokens"])
+    with torch.no_grad():
+        expected = ref.replaced_embeddings(hf, tokens, sites, vectors, meta["extraction"]["injection_scale"])
+    marker = torch.zeros(tokens.shape, dtype=torch.bool)
+    marker[tuple(torch.tensor(sites).T)] = True
+    assert seen[0].dtype == expected.dtype == dtype
+    assert torch.equal(seen[0][~marker], expected[~marker])
+    if dtype == torch.bfloat16:
+        assert torch.equal(seen[0][marker], expected[marker])
+    else:
+        torch.testing.assert_close(seen[0][marker], expected[marker], rtol=2e-7, atol=0.0)
+
+
+@pytest.mark.parametrize("family", sorted(ARS))
+def test_bf16_ar_sits_as_near_fp32_as_hf_bf16(request, family):
+    folder = _folder(request, ARS[family])
+    ours = nl.ActivationReconstructor.from_pretrained(folder, dtype=torch.bfloat16).reconstruct(EXPLANATIONS)
+    expected = {dtype: _reference_ar(folder, dtype) for dtype in (torch.float32, torch.bfloat16)}
+    noise = _mean_abs(expected[torch.bfloat16], expected[torch.float32])
+    assert _mean_abs(ours, expected[torch.float32]) < BF16_NOISE_RATIO * noise
+    # Teeth: another explanation lands far further away than bf16 rounds.
+    assert _mean_abs(expected[torch.float32][0], expected[torch.float32][1]) > 10 * noise
+
+
+def _reference_ar(folder, dtype):
+    """The paper's critic (hf_reference.ar_reconstruct) in `dtype`: BOS first where the tokenizer adds one."""
+    from safetensors.torch import load_file
+
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, ignore_mismatched_sizes=True).eval()
+    hf.model.norm = torch.nn.Identity()
+    tokenizer, meta = AutoTokenizer.from_pretrained(folder), ref.sidecar(folder)
+    template = meta["prompt_templates"].get("ar", meta["prompt_templates"].get("critic"))
+    head = load_file(str(folder / "value_head.safetensors"))["weight"].to(dtype)
+    with torch.no_grad():
+        return torch.stack([(hf.model(torch.tensor([tokenizer(template.replace("{explanation}", e))["input_ids"]])
+                                      ).last_hidden_state[0, -1] @ head.T).float() for e in EXPLANATIONS])
+
+
+@pytest.mark.parametrize("family", ["qwen3", "qwen2", "llama", "gemma", "gemma_multimodal"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_capture_on_load_base_is_hf_hidden_states_k_plus_1(request, family, dtype):
+    """`nl.capture` on `nl.load_base` reads HF's `hidden_states[K + 1]` of the BOS-first text (the AV folder
+    stands in for the base: same architecture)."""
+    folder = _folder(request, AVS[family])
+    with pytest.warns(UserWarning, match="not the base model"):
+        base = nl.load_base(folder, dtype=dtype)
+    tokens = base.to_tokens(TEXT)
+    ids = AutoTokenizer.from_pretrained(folder)(TEXT)["input_ids"]
+    assert tokens[0].tolist() == ids == text_ids(base.tokenizer, TEXT)
+    with nl.capture(base, LAYER, positions=torch.ones_like(tokens, dtype=torch.bool)) as captured:
+        base(tokens)
+    expected = {}
+    for reference_dtype in {torch.float32, dtype}:
+        hf = ref.text_causal_lm(_hf(folder, reference_dtype))
+        with torch.no_grad():
+            expected[reference_dtype] = hf.model(torch.tensor([ids]), output_hidden_states=True
+                                                 ).hidden_states[LAYER + 1][0].float()
+    if dtype == torch.float32:
+        assert (captured.vectors - expected[dtype]).abs().max() < ATOL
+    else:
+        noise = _mean_abs(expected[dtype], expected[torch.float32])
+        assert _mean_abs(captured.vectors, expected[torch.float32]) < BF16_NOISE_RATIO * noise
