@@ -77,6 +77,17 @@ def test_every_public_name_is_documented(site):
     assert len(expected) > len(nla_lens.__all__) + 100  # the walk found the modules' names too
 
 
+def test_every_name_of_the_api_index_has_a_docstring_of_its_own():
+    """The index's summary column is each name's first docstring paragraph; a dataclass without a docstring
+    gets the one `dataclasses` writes, its signature ("SteeringResult(rows: 'list[SteeringRow]', ...")."""
+    undocumented = []
+    for name in nla_lens.__all__:
+        doc = getattr(nla_lens, name).__doc__
+        if not doc or doc.startswith(f"{name}("):
+            undocumented.append(name)
+    assert undocumented == []
+
+
 def test_every_subcommand_is_on_the_command_line_page(site):
     page = (site / "reference" / "cli" / "index.html").read_text(encoding="utf-8")
     parser = build_parser()
