@@ -118,7 +118,8 @@ def explain(nla: NLA, base: TLModel, text_or_texts: str | Sequence[str], *, posi
         raise InputError("pass a non-empty text, or a non-empty list of non-empty texts, to explain")
     tokenizer = base.tokenizer
     if tokenizer is None:
-        raise InputError("the base model has no tokenizer; load it with nl.load_base(...) or pass tokenizer=")
+        raise InputError("the base model has no tokenizer; load it with nl.load_base(...), or set base.tokenizer to "
+                         "its tokenizer")
     rows, skip = [], []
     for text in texts:
         ids = tokenizer.encode(text, add_special_tokens=True)  # BOS first where the tokenizer has one
