@@ -1,11 +1,11 @@
 """Experiments read out through an NLA: steer or patch the base model, then verbalize; verbalize any direction.
 
 Each helper is a few plain TransformerLens runs of the base model (hooks are ordinary
-`(activation, hook)` functions), a :func:`~nla_lens.capture.capture` at the NLA's layer K, and one
+`(activation, hook)` functions), a [`capture`][nla_lens.capture.capture] at the NLA's layer K, and one
 batched verbalization (with an NLA: one round trip) of everything captured. Base runs stop after
 block K (`stop_at_layer`), since nothing later reaches the captured residual. Results are
 dataclasses that print short, show as tables in a notebook, and have `to_pandas()` / `save()`
-(:mod:`nla_lens.results`).
+([`nla_lens.results`][nla_lens.results]).
 """
 
 from __future__ import annotations

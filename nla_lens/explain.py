@@ -3,8 +3,9 @@
 `explain` tokenizes each text as the NLA's training data was (with special tokens: BOS first where the
 tokenizer has one), runs the base model once per text (no padding, so no mask to get wrong) under the
 hooks the caller has installed plus `fwd_hooks`, captures `blocks.K.hook_resid_post` at the chosen
-positions, and round-trips every captured vector in one batch. The result is an :class:`Explanation`:
-one row per explained token, a notebook view with the tokens coloured by FVE, `to_pandas()` and `save()`.
+positions, and round-trips every captured vector in one batch. The result is an
+[`Explanation`][nla_lens.explain.Explanation]: one row per explained token, a notebook view with the
+tokens coloured by FVE, `to_pandas()` and `save()`.
 """
 
 from __future__ import annotations
