@@ -245,7 +245,7 @@ def capture(model: TLModel, layer: int, positions: PositionSpec = -1, *,
     >>> cap.vectors, cap.rows    # [n, d_model] float32, provenance of each row
 
     Pass `tokens` for token strings in `cap.rows` and for padding-aware negative positions, and the
-    `attention_mask` you run with (it wins over the pad tokens). See :class:`Capture` for what is
+    `attention_mask` you run with (it wins over the pad tokens). See [`Capture`][nla_lens.capture.Capture] for what is
     recorded when the model runs several times inside the block.
     """
     return Capture(model, layer, positions, attention_mask=attention_mask, tokens=tokens, calls=calls)

@@ -3,17 +3,17 @@
 Everything here returns self-contained HTML: inline CSS scoped under ``.nla-view``, no scripts, no
 external resources, so a page works offline and a notebook cell does not restyle the notebook.
 
-The explained-text view (:func:`explained_text_html`) shows each text as a line of tokens coloured by
-round-trip FVE, with every explained token's explanation in rows under the text (readable without
-hovering; hovering a token shows it too). The colour scale spreads the observed range: non-negative
-FVE runs by rank from pale yellow (the lowest seen) to blue (the highest seen), with the observed
-quantiles on the legend; negative FVE (worse than predicting the mean vector) is red, darker the more
-negative, so it never passes for a low positive score. Without a baseline the tokens are coloured by
-MSE instead (lower is better), and the legend says so.
+The explained-text view ([`explained_text_html`][nla_lens.display.explained_text_html]) shows each text
+as a line of tokens coloured by round-trip FVE, with every explained token's explanation in rows under
+the text (readable without hovering; hovering a token shows it too). The colour scale spreads the
+observed range: non-negative FVE runs by rank from pale yellow (the lowest seen) to blue (the highest
+seen), with the observed quantiles on the legend; negative FVE (worse than predicting the mean vector)
+is red, darker the more negative, so it never passes for a low positive score. Without a baseline the
+tokens are coloured by MSE instead (lower is better), and the legend says so.
 
-The feature card (:func:`feature_card_html`) shows an SAE feature's strongest contexts, each token
-shaded by the feature's activation there (white at 0 to orange at the card's top activation), under
-the NLA's explanation of the feature.
+The feature card ([`feature_card_html`][nla_lens.display.feature_card_html]) shows an SAE feature's
+strongest contexts, each token shaded by the feature's activation there (white at 0 to orange at the
+card's top activation), under the NLA's explanation of the feature.
 """
 
 from __future__ import annotations

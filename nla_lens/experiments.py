@@ -1,11 +1,11 @@
 """Experiments read out through an NLA: steer or patch the base model, then verbalize; verbalize any direction.
 
 Each helper is a few plain TransformerLens runs of the base model (hooks are ordinary
-`(activation, hook)` functions), a :func:`~nla_lens.capture.capture` at the NLA's layer K, and one
+`(activation, hook)` functions), a [`capture`][nla_lens.capture.capture] at the NLA's layer K, and one
 batched verbalization (with an NLA: one round trip) of everything captured. Base runs stop after
 block K (`stop_at_layer`), since nothing later reaches the captured residual. Results are
 dataclasses that print short, show as tables in a notebook, and have `to_pandas()` / `save()`
-(:mod:`nla_lens.results`).
+([`nla_lens.results`][nla_lens.results]).
 """
 
 from __future__ import annotations
@@ -61,6 +61,8 @@ class SteeringRow:
 
 @dataclass(frozen=True, repr=False)
 class SteeringResult(TabularResult):
+    """What `steer_then_verbalize` returns: one row per captured site, read out without and with steering."""
+
     rows: list[SteeringRow]
     clean_vectors: Float[Tensor, "n d_model"]
     steered_vectors: Float[Tensor, "n d_model"]
@@ -77,7 +79,8 @@ class SteeringResult(TabularResult):
 
     def summary(self) -> str:
         changed = sum(_readout(r.clean) != _readout(r.steered) for r in self.rows)
-        return f"{len(self.rows)} sites, {changed} readouts changed by steering; " + _scores(self.round_trip)
+        return (f"{len(self.rows)} sites, {changed} readouts changed by steering; "
+                + _scores(self.round_trip, ("clean", "steered")))
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,8 @@ class PatchingRow:
 
 @dataclass(frozen=True, repr=False)
 class PatchingStudy(TabularResult):
+    """What `patching_study` returns: the clean, corrupted and patched runs' captured sites, read out."""
+
     rows: list[PatchingRow]  # clean rows, then corrupted, then patched
     hook_name: str
     clean_vectors: Float[Tensor, "n d_model"]
@@ -111,11 +116,13 @@ class PatchingStudy(TabularResult):
 
     def summary(self) -> str:
         return f"patched {self.hook_name}; {len(self.rows)} rows (clean, corrupted, patched); " + _scores(
-            self.round_trip)
+            self.round_trip, ("clean", "corrupted", "patched"))
 
 
 @dataclass(frozen=True, repr=False)
 class DirectionVerbalization(TabularResult):
+    """What `verbalize_direction` returns: each direction's explanation and the vector as verbalized."""
+
     vectors: Float[Tensor, "n d_model"]  # the directions as verbalized (rescaled if asked)
     verbalizations: list[Verbalization]
 
@@ -135,10 +142,17 @@ class DirectionVerbalization(TabularResult):
         return f"{len(self.verbalizations)} directions verbalized, {failed} failed to parse"
 
 
-def _scores(round_trip: RoundTrip | None) -> str:
+def _scores(round_trip: RoundTrip | None, runs: tuple[str, ...]) -> str:
+    """The FVE of each run over its own rows (the round trip holds the runs one after another): one FVE
+    pooled over clean and steered rows would hide the very difference the study measures."""
     if round_trip is None:
         return "no round trip (AV only)"
-    return baseline_phrase(round_trip.fve, round_trip.baseline, round_trip.baseline_source, round_trip.baseline_n)
+    if round_trip.fves is None or round_trip.baseline is None:
+        return baseline_phrase(None, None, round_trip.baseline_source, None)
+    per_run = round_trip.fves.reshape(len(runs), -1).mean(dim=1).tolist()
+    n = "" if round_trip.baseline_n is None else f", n={round_trip.baseline_n}"
+    return (f"FVE {', '.join(f'{run} {fve:.3f}' for run, fve in zip(runs, per_run, strict=True))} "
+            f"(baseline {round_trip.baseline:.3f}, {round_trip.baseline_source}{n})")
 
 
 def steering_hook(vector: Float[Tensor, " d_model"], scale: float, positions: PositionSpec | None = None,

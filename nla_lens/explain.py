@@ -3,8 +3,9 @@
 `explain` tokenizes each text as the NLA's training data was (with special tokens: BOS first where the
 tokenizer has one), runs the base model once per text (no padding, so no mask to get wrong) under the
 hooks the caller has installed plus `fwd_hooks`, captures `blocks.K.hook_resid_post` at the chosen
-positions, and round-trips every captured vector in one batch. The result is an :class:`Explanation`:
-one row per explained token, a notebook view with the tokens coloured by FVE, `to_pandas()` and `save()`.
+positions, and round-trips every captured vector in one batch. The result is an
+[`Explanation`][nla_lens.explain.Explanation]: one row per explained token, a notebook view with the
+tokens coloured by FVE, `to_pandas()` and `save()`.
 """
 
 from __future__ import annotations
@@ -118,7 +119,8 @@ def explain(nla: NLA, base: TLModel, text_or_texts: str | Sequence[str], *, posi
         raise InputError("pass a non-empty text, or a non-empty list of non-empty texts, to explain")
     tokenizer = base.tokenizer
     if tokenizer is None:
-        raise InputError("the base model has no tokenizer; load it with nl.load_base(...) or pass tokenizer=")
+        raise InputError("the base model has no tokenizer; load it with nl.load_base(...), or set base.tokenizer to "
+                         "its tokenizer")
     rows, skip = [], []
     for text in texts:
         ids = tokenizer.encode(text, add_special_tokens=True)  # BOS first where the tokenizer has one

@@ -3,7 +3,7 @@
 The contexts are the check on the explanation: a feature whose top activations all sit on one
 token should be explained as that token. A card is a result like the others (`nla_lens.results`):
 one row per context in `to_pandas()` and `save()`, and in a notebook the feature-card view of
-:mod:`nla_lens.display` (the contexts' tokens shaded by activation, under the explanation).
+[`nla_lens.display`][nla_lens.display] (the contexts' tokens shaded by activation, under the explanation).
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ def feature_card(
     `explain_contexts=True` also verbalizes the base residual at each context's peak (`k` more AV
     generations): what the NLA says where the feature fires, beside what it says of the decoder row
     (on the bundled toy the former names the feature's token far more often: README, "SAE features").
-    `offset` and `verbalize_kwargs` are as in :func:`~nla_lens.sae.verbalize_sae_features`.
+    `offset` and `verbalize_kwargs` are as in [`verbalize_sae_features`][nla_lens.sae.verbalize_sae_features].
     """
     av = nla.av if isinstance(nla, NLA) else nla
     if not isinstance(av, ActivationVerbalizer):

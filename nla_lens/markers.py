@@ -24,7 +24,7 @@ def find_marker_sites(
     """Return (batch index, position) of every valid marker site, in row-major order.
 
     Left padding is fine: pad ids never equal the marker's neighbours. With `expected`, the number
-    of sites must match (one per injected vector), else :class:`MarkerError`.
+    of sites must match (one per injected vector), else [`MarkerError`][nla_lens.errors.MarkerError].
     """
     if tokens.ndim != 2:
         raise MarkerError(f"tokens must be [batch, pos], got shape {tuple(tokens.shape)}")

@@ -198,7 +198,7 @@ class NLA:
                 **verbalize_kwargs: Any) -> Explanation:
         """Explain every token (or `positions`) of one or more texts: one row per token with its explanation,
         round-trip MSE and FVE. Runs `base` under any hooks you have installed, plus `fwd_hooks`.
-        See :func:`nla_lens.explain.explain`."""
+        See [`nla_lens.explain.explain`][nla_lens.explain.explain]."""
         from nla_lens.explain import explain
 
         return explain(self, base, text_or_texts, positions=positions, baseline=baseline, fwd_hooks=fwd_hooks,

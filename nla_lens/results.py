@@ -1,13 +1,13 @@
 """Results that print short, show as a table in a notebook, and leave as a DataFrame or a file.
 
-A result type mixes in :class:`TabularResult` and writes two methods:
+A result type mixes in [`TabularResult`][nla_lens.results.TabularResult] and writes two methods:
 
 * ``to_records()``: one flat ``dict`` per row (str / int / float / bool / None, or a list of str);
 * ``summary()``: one line that says what the result holds (counts, FVE, the baseline used).
 
 It then has ``to_pandas()``, ``save(path)`` (``.parquet``, ``.jsonl``, or ``.html`` for the notebook
 view as a standalone page), a short ``__repr__`` (the summary and the first rows, never a tensor) and
-``_repr_html_`` (the summary and an HTML table, from :mod:`nla_lens.display`). A result with a richer
+``_repr_html_`` (the summary and an HTML table, from [`nla_lens.display`][nla_lens.display]). A result with a richer
 view (tokens coloured by FVE) overrides ``_repr_html_``; one that can hold no rows names its ``columns``, which
 its empty DataFrame and files keep. Tensors stay attributes. Dataclass results
 are declared with ``repr=False`` so that the mixin's ``__repr__`` is the one Python uses.

@@ -3,11 +3,11 @@
 An SAE trained on ``blocks.K.hook_resid_post`` writes each feature ``f`` into the residual along
 its decoder row ``sae.W_dec[f]`` (``[d_sae, d_in]``). The AV reads exactly that residual, so a
 decoder row can be verbalized like any activation; with an AR the explanation is rebuilt into a
-vector and compared with the row (cosine). :mod:`nla_lens.feature_cards` puts the explanation next
+vector and compared with the row (cosine). [`nla_lens.feature_cards`][nla_lens.feature_cards] puts the explanation next
 to the contexts the feature fires on, which is how to check it.
 
 Needs the ``sae`` extra (``pip install 'nla_lens[sae]'``): sae-lens 6.x, which requires
-transformer-lens < 4, so this module raises :class:`~nla_lens.errors.BackendError` on import under
+transformer-lens < 4, so this module raises [`BackendError`][nla_lens.errors.BackendError] on import under
 TransformerLens 4.x. The SAE itself is only read through ``W_dec``, ``encode``, ``cfg.d_in`` and
 ``cfg.metadata.hook_name``.
 
@@ -104,8 +104,9 @@ class ResidualStats:
     """Mean of layer-K residuals and their spread, the RMS L2 distance from that mean.
 
     Decoder rows lack the mean component that every real residual carries; `offset=stats` in
-    :func:`verbalize_sae_features` verbalizes ``mean + spread * W_dec[f] / ||W_dec[f]||``, a vector
-    of the size of a real residual's deviation from the mean.
+    [`verbalize_sae_features`][nla_lens.sae.verbalize_sae_features] verbalizes
+    ``mean + spread * W_dec[f] / ||W_dec[f]||``, a vector of the size of a real residual's deviation
+    from the mean.
     """
 
     mean: Float[Tensor, " d_model"]
@@ -160,7 +161,8 @@ def text_residuals(base: TLModel, texts: list[str], layer: int, *,
 
 def residual_stats(base: TLModel, texts: list[str], layer: int, *, skip_first: int = 0,
                    max_tokens: int | None = None) -> ResidualStats:
-    """:class:`ResidualStats` of layer `layer` over every position of `texts` past the first `skip_first`."""
+    """[`ResidualStats`][nla_lens.sae.ResidualStats] of layer `layer` over every position of `texts` past
+    the first `skip_first`."""
     check_counts(0, skip_first=skip_first)
     rows = [resid[skip_first:] for _, resid in text_residuals(base, texts, layer, max_tokens=max_tokens)]
     vectors = torch.cat(rows)
@@ -265,9 +267,10 @@ def verbalize_sae_features(
 
     The SAE must read the residual the NLA verbalizes (`blocks.K.hook_resid_post`, width d_model):
     a `SAEMismatchError` otherwise; `allow_other_hook=True` accepts another hook point of that width.
-    `offset` (a :class:`ResidualStats`, e.g. from :func:`residual_stats`) verbalizes
-    `mean + spread * W_dec[f] / ||W_dec[f]||` instead of the bare row: decoder rows lack the mean
-    that real residuals carry. On the bundled toy the bare rows read better (README, "SAE features").
+    `offset` (a [`ResidualStats`][nla_lens.sae.ResidualStats], e.g. from
+    [`residual_stats`][nla_lens.sae.residual_stats]) verbalizes `mean + spread * W_dec[f] / ||W_dec[f]||`
+    instead of the bare row: decoder rows lack the mean that real residuals carry. On the bundled toy the
+    bare rows read better (README, "SAE features").
     With an NLA, the AR rebuilds each explanation and `cosines` holds cos(reconstruction - offset mean,
     W_dec[f]), the reconstruction first rescaled to the norm of the vector the AV read (the AR's output
     norm carries no meaning); NaN where the explanation failed to parse. `verbalize_kwargs` go to `av.verbalize`.

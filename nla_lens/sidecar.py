@@ -3,8 +3,10 @@
 * ``kind: nla_model``, ``schema_version: 2`` (the paper's checkpoints, and what nla_lens writes);
 * ``kind: nla_dataset``, ``schema_version: 1`` (the dataset sidecar nanoNLA copies into checkpoints).
 
-Neither dialect records how the vector was injected, so :func:`resolve_injection` applies the rule
-of DESIGN.md section 1; sidecars written by nla_lens carry an explicit ``injection:`` block.
+Neither dialect records how the vector was injected, so [`parse_meta`][nla_lens.sidecar.parse_meta] applies
+the rule of the README's "How the vector gets in": a ``nla_dataset`` sidecar (nanoNLA) means the Karvonen
+add at ``blocks.1.hook_resid_post``, an AV's ``nla_model`` sidecar with an ``injection_scale`` means
+embedding replacement at ``hook_embed``; sidecars written by nla_lens carry an explicit ``injection:`` block.
 Everything here is pure: tokenizer checks take the tokenizer as an argument.
 """
 
@@ -100,7 +102,7 @@ def load_meta(folder: str | Path) -> NLAMeta:
 
 
 def parse_meta(data: Any, *, source: str = "sidecar") -> NLAMeta:
-    """Parse a sidecar mapping of either dialect into an :class:`NLAMeta`."""
+    """Parse a sidecar mapping of either dialect into an [`NLAMeta`][nla_lens.sidecar.NLAMeta]."""
     if not isinstance(data, dict):
         raise SidecarError(f"{source}: expected a YAML mapping at the top level, got {type(data).__name__}")
     kind = data.get("kind")

@@ -276,6 +276,9 @@ def describe_difference(nla_or_av: NLA | ActivationVerbalizer, a: Float[Tensor, 
                         b: Float[Tensor, "n d_model"], **verbalize_kwargs: Any) -> Difference:
     """Verbalize ``a - b`` (Neuronpedia's "compare"): a steered vs a clean residual, a patched vs a clean one,
     or two steering vectors. `b` may be one vector for all rows of `a`. Only the direction reaches the AV."""
+    if not isinstance(nla_or_av, (NLA, ActivationVerbalizer)):
+        raise InputError(f"describe_difference reads a - b with an NLA or an ActivationVerbalizer, got "
+                         f"{type(nla_or_av).__name__}")
     av = nla_or_av.av if isinstance(nla_or_av, NLA) else nla_or_av
     d = av.meta.d_model
     a, b = check_vectors(a, d).float(), check_vectors(b, d).float()

@@ -5,6 +5,7 @@ The build needs the `docs` extra (`pip install -e ".[docs]"`); CI installs it in
 
 from __future__ import annotations
 
+import ast
 import importlib
 import inspect
 import os
@@ -75,6 +76,35 @@ def test_every_public_name_is_documented(site):
     missing = sorted(expected - documented)
     assert not missing, f"public names missing from the API reference: {missing}"
     assert len(expected) > len(nla_lens.__all__) + 100  # the walk found the modules' names too
+
+
+def test_every_name_of_the_api_index_has_a_docstring_of_its_own():
+    """The index's summary column is each name's first docstring paragraph; a dataclass without a docstring
+    gets the one `dataclasses` writes, its signature ("SteeringResult(rows: 'list[SteeringRow]', ...")."""
+    undocumented = []
+    for name in nla_lens.__all__:
+        doc = getattr(nla_lens, name).__doc__
+        if not doc or doc.startswith(f"{name}("):
+            undocumented.append(name)
+    assert undocumented == []
+
+
+def test_docstrings_behind_the_api_index_link_as_mkdocstrings_does_not_as_sphinx():
+    """mkdocstrings prints a Sphinx role as it stands (":class:NLAMeta" on the page); a link is written
+    [`NLAMeta`][nla_lens.sidecar.NLAMeta] and the strict build fails if it leads nowhere. Checked in every
+    module the API index links a name of `import nla_lens as nl` into, the lazily imported SAE names' too."""
+    modules = {obj.__name__ if inspect.ismodule(obj) else obj.__module__
+               for obj in (getattr(nla_lens, name) for name in nla_lens.__all__)}
+    modules |= set(nla_lens._SAE_NAMES.values())
+    found = []
+    for module in sorted(modules):
+        path = ROOT / module.replace(".", "/")
+        path = path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                found += [f"{module}: {role}" for role in re.findall(r":(?:class|func|mod|meth|attr|exc):`[^`]*`",
+                                                                      ast.get_docstring(node) or "")]
+    assert len(modules) >= 12 and found == []
 
 
 def test_every_subcommand_is_on_the_command_line_page(site):

@@ -59,6 +59,25 @@ def test_steering_at_the_captured_layer_moves_it_by_exactly_scale_times_vector(b
     assert no_hooks_left(base)
 
 
+def test_summaries_give_each_runs_fve_not_one_pooled_over_the_runs(base, nla, steer, monkeypatch):
+    """A steering (patching) study's one-line summary scores each run apart: one FVE over clean and steered
+    rows together (what it printed before) hides the difference the study is about."""
+    distinct_readouts(nla.av, monkeypatch)
+    tokens, mask = padded(base, "left")
+    result = nl.steer_then_verbalize(base, nla, tokens, attention_mask=mask, steering_vector=steer, scale=3.0,
+                                     steer_layer=LAYER, baseline=0.5, **FAST)
+    clean = sum(r.fve_clean for r in result.rows) / len(result.rows)
+    steered = sum(r.fve_steered for r in result.rows) / len(result.rows)
+    assert abs(clean - steered) > 1e-3
+    assert f"FVE clean {clean:.3f}, steered {steered:.3f} (baseline 0.500, given)" in result.summary()
+    clean_tokens, corrupted_tokens = equal_length_pair(base)
+    study = nl.patching_study(base, nla, clean_tokens, corrupted_tokens, patch_layer=0, patch_position=1,
+                              baseline=0.5, **FAST)
+    per_run = [sum(r.fve for r in study.rows if r.run == run) / len(clean_tokens)
+               for run in ("clean", "corrupted", "patched")]
+    assert "FVE clean {:.3f}, corrupted {:.3f}, patched {:.3f} (baseline".format(*per_run) in study.summary()
+
+
 def test_a_left_padded_batch_without_a_mask_runs_as_with_its_mask(base, av_karvonen, steer):
     """HookedTransformer masks leading pads of a token tensor itself; on the bridge the helpers do it."""
     tokens, mask = padded(base, "left")

@@ -94,6 +94,14 @@ def test_arguments_in_the_wrong_order_or_of_the_wrong_kind_are_named(base, nla):
         nla.explain("the cat", base)
 
 
+def test_a_base_without_a_tokenizer_is_told_a_fix_that_exists(base, nla, monkeypatch):
+    """explain has no tokenizer= argument (it went on to verbalize as a TypeError); the message says what works."""
+    monkeypatch.setattr(base, "tokenizer", None)
+    with pytest.raises(nl.InputError, match="no tokenizer") as raised:
+        nla.explain(base, "the cat")
+    assert "tokenizer=" not in str(raised.value) and "base.tokenizer" in str(raised.value)
+
+
 def test_explaining_with_the_avs_own_model_as_base_warns(nla):
     with pytest.warns(UserWarning, match="the AV's own model, a fine-tuned copy"):
         nla.explain(nla.av.model, "the cat", positions=-1, max_new_tokens=2)

@@ -234,6 +234,8 @@ def test_describe_difference_verbalizes_a_minus_b(nla):
     assert [r["norm_a_minus_b"] for r in said.to_records()] == pytest.approx((a - b).norm(dim=-1).tolist())
     with pytest.raises(nl.VectorError, match="equal at rows \\[1\\]"):
         nl.describe_difference(nla.av, torch.stack([a[0], b, a[2]]), b)
+    with pytest.raises(nl.InputError, match="an NLA or an ActivationVerbalizer, got ActivationReconstructor"):
+        nl.describe_difference(nla.ar, a, b)  # was an AttributeError: an AR has no verbalize
 
 
 def test_toy_verbalizes_samples_edits_and_steers():

@@ -40,7 +40,8 @@ texts = [" ".join(line.split()) for line in [
 ]]
 SKIP_FIRST = 8  # the toy AV was trained on positions past 8 tokens of context
 MAX_NEW_TOKENS = 48
-# A short sae-lens run (offline, in-memory dataset of the bundled held-out speeches, seeded, no wandb).
+# A short sae-lens run (offline, in-memory dataset of the bundled held-out speeches, seeded, no wandb): 29 steps
+# of 1,024 tokens. sae-lens's "Training SAE" bar moves once per 100 steps, so it stays at 0% here; the run is done.
 sae = train_toy_sae(toy, token_rows(toy, TOY_DIR, 128), SAEExperimentConfig(training_tokens=30_000))
 
 # %% [markdown]
@@ -95,7 +96,7 @@ shifted = nl.verbalize_sae_features(nla, sae, features, offset=stats, max_new_to
 print(bare)
 for f, e, e_offset, cos in zip(features, bare.explanations, shifted.explanations, bare.cosines.tolist(), strict=True):
     print(f"{f:>4}  cos {cos:+.2f}  {e}\n      offset: {e_offset}")
-display_table = bare.to_pandas()  # in a notebook, `bare` itself shows as a table
+bare  # noqa: B018 - the notebook shows it as a table
 
 # %% [markdown]
 # ## A feature card: the evidence next to the explanation
@@ -111,7 +112,7 @@ print(card)
 print("top tokens:", card.top_tokens())
 for context in card.contexts[:3]:
     print(f"{context.activation:6.2f} {context.token!r:<10} the AV there: {context.explanation}")
-html_view = card._repr_html_()  # what a notebook shows for `card`
+card  # noqa: B018 - the notebook shows it as HTML
 
 # %% [markdown]
 # ## `nl.capture` on a `HookedSAETransformer`
