@@ -125,7 +125,7 @@ def split_by_document(data: LabelledActivations, eval_fraction: float,
 
 
 def check_document_disjoint(train: LabelledActivations, evaluation: LabelledActivations) -> None:
-    """Raise :class:`SplitLeakError` when a document has rows on both sides."""
+    """Raise `SplitLeakError` when a document has rows on both sides."""
     shared = sorted(set(train.doc_ids) & set(evaluation.doc_ids))
     if shared:
         raise SplitLeakError(
