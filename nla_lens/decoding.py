@@ -10,8 +10,10 @@ fwd_hooks)` then `step(ids)`, each returning the logits at the last position onl
   TL's per-step overheads: TL caches keys before the rotary embedding and so re-rotates the whole
   cache in every layer at every step, and rebuilds masks per layer. Here keys are cached rotated
   in a buffer allocated once and q/k/v run as one matmul (the loader lays them out for that).
-  Norms and attention keep TL's op order, so in fp32 the activations of a prefill, of every decode
-  step and of the AR are TL's to the bit (see `_attend` and `_attend_step`).
+  Norms and attention keep TL's op order and operand layouts, so the activations and logits of a
+  prefill, of every decode step and of the AR are TL's to the bit (measured on the CPU in fp32, bf16
+  and fp16, one row or several; Llama decode steps in fp32 batches of several rows still differ from
+  TL's by about one ulp). See `_attend` and `_attend_step`.
 
 `FastBlocks` (the block stack behind `FastDecoder`) also serves `reconstruct`. Both fast paths
 honour the hooks attached to the model (and the injection, installed for the prefill): at each
@@ -84,7 +86,7 @@ def last_residual(model: HookedTransformer, tokens: Int[Tensor, "batch pos"],
     # Under hooks, pad positions also hold what TL computes there: a fully masked row, z = 0.
     pad_queries = (attention_mask == 0)[:, None, :, None] if hooks.any_hooked else None
     return blocks.run(tokens, positions, mask, keys, torch.empty_like(keys), start=0, shared_cache=True,
-                      last_only=hooks.blocks[-1] is NO_BLOCK_HOOKS, hooks=hooks, pad_queries=pad_queries)[:, -1]
+                      hooks=hooks, pad_queries=pad_queries)[:, -1]
 
 
 def ar_fallback_reason(model: HookedTransformer) -> str | None:
@@ -186,8 +188,11 @@ def _rows(*weights: Tensor) -> tuple[Tensor, ...]:
 
 
 def _linear(x: Tensor, weights: tuple[Tensor, ...], bias: Tensor | None = None) -> Tensor:
-    out = F.linear(x, weights[0]) if len(weights) == 1 else torch.cat([F.linear(x, w) for w in weights], dim=-1)
-    return out if bias is None else out + bias
+    """The bias goes into `F.linear`, as in TL's `simple_attn_linear`: in bf16 / fp16 a fused add rounds once."""
+    if len(weights) == 1:
+        return F.linear(x, weights[0], bias)
+    biases = (None,) * len(weights) if bias is None else bias.split([w.shape[0] for w in weights])
+    return torch.cat([F.linear(x, w, b) for w, b in zip(weights, biases, strict=True)], dim=-1)
 
 
 class FastBlocks:
@@ -223,15 +228,15 @@ class FastBlocks:
         return cls(model, [_Layer(block) for block in model.blocks])
 
     def run(self, ids: Int[Tensor, "batch pos"], positions: Int[Tensor, "batch pos"], mask: Tensor | None,
-            keys: Tensor, values: Tensor, *, start: int, shared_cache: bool = False, last_only: bool = False,
-            hooks: HookPlan | None = None,
+            keys: Tensor, values: Tensor, *, start: int, shared_cache: bool = False, hooks: HookPlan | None = None,
             pad_queries: Bool[Tensor, "batch 1 pos 1"] | None = None) -> Float[Tensor, "batch pos d_model"]:
         """Blocks over `ids` at cache positions [start, start + pos); keys / values are
         `[layers, batch, n_kv, max_len, d_head]` (one layer reused by all when `shared_cache`).
 
         `mask` (True = attend) of `[batch, 1, pos, start + pos]`, or None for plain causal
-        attention (start = 0) or for one new token attending to the whole cache. With `last_only`
-        the last block computes (and returns) the last position only: nothing reads the others.
+        attention (start = 0) or for one new token attending to the whole cache. Every block computes
+        every position, as TL does, though only the last one's residual is read: a last block run on the
+        last position alone multiplies other shapes, which round differently (the output would not be TL's).
         `hooks` names the hooked points to call; `pad_queries` (True = pad) zeroes those rows of z.
         """
         x = self.model.embed.W_E[ids]
@@ -241,16 +246,15 @@ class FastBlocks:
         end = start + ids.shape[1]
         for i, (layer, hook) in enumerate(zip(self.layers, block_hooks, strict=True)):
             cache = 0 if shared_cache else i
-            last = last_only and i == len(self.layers) - 1
             if i == 0 or not self.shared_rotary:  # TL keeps one identical table per layer
                 cos, sin = layer.cos[positions][:, None], layer.sin[positions][:, None]
             if hook.resid_pre is not None:
                 x = hook.resid_pre(x)
             attn_out = self._attention(layer, hook, _rms(x, layer.ln1, layer.eps), cos, sin, mask,
-                                       keys[cache], values[cache], start, end, last, pad_queries)
+                                       keys[cache], values[cache], start, end, pad_queries)
             if hook.attn_out is not None:
                 attn_out = hook.attn_out(attn_out)
-            x = (x[:, -1:] if last else x) + attn_out
+            x = x + attn_out
             if hook.resid_mid is not None:
                 x = hook.resid_mid(x)
             x = x + _mlp(layer, hook, _rms(x, layer.ln2, layer.eps))
@@ -260,7 +264,7 @@ class FastBlocks:
 
     def _attention(self, layer: _Layer, hook: BlockHooks, h: Float[Tensor, "batch pos d_model"], cos: Tensor,
                    sin: Tensor, mask: Tensor | None, keys: Tensor, values: Tensor, start: int, end: int,
-                   last_query: bool, pad_queries: Tensor | None) -> Float[Tensor, "batch pos d_model"]:
+                   pad_queries: Tensor | None) -> Float[Tensor, "batch pos d_model"]:
         batch, n_pos, n_heads, n_kv = h.shape[0], h.shape[1], layer.n_heads, layer.n_kv
         qkv = _linear(h, layer.qkv, layer.b_qkv).view(batch, n_pos, n_heads + 2 * n_kv, layer.d_head)
         if hook.q is not None or hook.k is not None or hook.v is not None:
@@ -274,15 +278,13 @@ class FastBlocks:
         qk = qk * cos + torch.cat([-qk[..., half:], qk[..., :half]], dim=-1) * sin
         keys[:, :, start:end] = qk[:, n_heads:]
         values[:, :, start:end] = qkv[:, n_heads + n_kv:]
-        queries = qk[:, :n_heads, -1:] if last_query else qk[:, :n_heads]
-        if last_query and mask is not None:
-            mask = mask[:, :, -1:]
+        queries = qk[:, :n_heads]
         if queries.shape[2] == 1 and mask is None:
             z = _attend_step(queries, keys[:, :, :end], values[:, :, :end], layer.attn_scale)
         else:
             z = _attend(queries, keys[:, :, :end], values[:, :, :end], mask, start, layer.attn_scale)
         if pad_queries is not None:
-            z = z.masked_fill(pad_queries[:, :, -z.shape[2]:], 0.0)
+            z = z.masked_fill(pad_queries, 0.0)
         z = z.transpose(1, 2)  # [batch, pos, heads, d_head]: TL's hook_z
         if hook.z is not None:
             z = hook.z(z)
@@ -295,20 +297,22 @@ def _attend(queries: Float[Tensor, "batch heads pos d_head"], keys: Float[Tensor
     """TL's attention in TL's op order (q @ k^T / attn_scale, masked to -inf, softmax, pattern @ v), so
     fp32 z matches TL's to the bit; SDPA scales q first and fuses the softmax (other roundings).
 
-    Query head j reads kv head j // (heads / kv_heads), as after TL's repeat_interleave: matmul
-    broadcasts each kv head over its query heads, so each head's product has TL's shape and layout
-    (one taller product per kv head rounds differently). That broadcast copies the cache per head,
-    as TL does: cheap for a prefill or an AR forward; decode steps use `_attend_step` instead.
+    Each product gets the operands TL's gets, in TL's memory layout: q as a `[batch, pos, heads, d_head]`
+    tensor read head-first, k and v repeated per query head (TL's repeat_interleave) in the same layout.
+    torch's CPU matmul takes another kernel, which rounds differently, by layout: with a batch of one it
+    multiplies these views in place where a larger batch copies them. Cheap for a prefill or an AR
+    forward; decode steps use `_attend_step`, which reads the cache in place.
     """
-    batch, n_heads, n_pos, d_head = queries.shape
-    grouped = queries.view(batch, keys.shape[1], -1, n_pos, d_head)
-    scores = (grouped @ keys[:, :, None].transpose(-1, -2) / attn_scale).view(batch, n_heads, n_pos, -1)
+    n_pos, group = queries.shape[2], queries.shape[1] // keys.shape[1]
+    q = queries.transpose(1, 2).contiguous().transpose(1, 2)
+    k = keys.transpose(1, 2).repeat_interleave(group, dim=2).permute(0, 2, 3, 1)
+    v = values.transpose(1, 2).repeat_interleave(group, dim=2).transpose(1, 2)
+    scores = q @ k / attn_scale
     if mask is None and n_pos > 1:  # causal over the cache positions [0, start + pos)
         mask = torch.ones(n_pos, scores.shape[-1], dtype=torch.bool, device=scores.device).tril(start)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    pattern = scores.softmax(dim=-1).view(batch, keys.shape[1], -1, n_pos, scores.shape[-1])
-    return (pattern @ values[:, :, None]).view(batch, n_heads, n_pos, d_head)
+    return scores.softmax(dim=-1) @ v
 
 
 def _attend_step(queries: Float[Tensor, "batch heads 1 d_head"], keys: Float[Tensor, "batch kv_heads kv_pos d_head"],
@@ -397,8 +401,7 @@ class FastDecoder:
             if hooks.fallback_reason is not None:
                 raise BackendError(f"this decoder was built for other prefill hooks ({hooks.fallback_reason}); "
                                    "pass the prefill's fwd_hooks to decoder_for")
-            resid = self.blocks.run(tokens, positions, None, self.keys, self.values, start=0, hooks=hooks,
-                                    last_only=hooks.blocks[-1] is NO_BLOCK_HOOKS)
+            resid = self.blocks.run(tokens, positions, None, self.keys, self.values, start=0, hooks=hooks)
         self.pos = tokens.shape[1]
         return self._logits(resid[:, -1:])[:, -1]
 
