@@ -161,8 +161,10 @@ class ActivationVerbalizer:
         seed: int | None = None,
         progress: bool = False,
     ) -> Verbalizations:
-        """Explain each vector. Temperature 0 is greedy; a seed makes sampling reproducible.
-        `progress` shows a bar over batches (off by default; the CLI turns it on)."""
+        """Explain each vector. Temperature 0 is greedy; a seed makes sampling reproducible for the same
+        vectors, `batch_size` and device (a batch's rows draw from one generator in turn, so a row sampled
+        alone or in another batch gets other draws). `progress` shows a bar over batches (off by default;
+        the CLI turns it on)."""
         check_sampling(temperature, top_p, max_new_tokens, batch_size)
         self._check_fits(max_new_tokens)
         vectors = check_vectors(vectors, self.meta.d_model)
@@ -197,7 +199,9 @@ class ActivationVerbalizer:
         n = vectors.shape[0]
         tokens = self.prompt_tokens(n)
         injection = self.injection(vectors, tokens)
-        decoder = backends.decoder(self.model, n, tokens.shape[1] + max_new_tokens, injection.fwd_hooks())
+        # The last token is never fed back: the cache holds prompt + max_new_tokens - 1 positions, so the
+        # longest generation `_check_fits` allows still fits the fast decoders' rotary tables (n_ctx).
+        decoder = backends.decoder(self.model, n, tokens.shape[1] + max_new_tokens - 1, injection.fwd_hooks())
         self.fallback_reason = decoder.fallback_reason
         logits = decoder.prefill(tokens, injection.fwd_hooks())
         eos = torch.tensor(self.eos_token_ids, device=self.device, dtype=torch.long)
