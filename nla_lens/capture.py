@@ -173,6 +173,9 @@ class Capture:
         return torch.cat(self._chunks)
 
     def __enter__(self) -> Capture:
+        if self._handle is not None:
+            raise InputError("this capture is already recording; nest a new nl.capture(...) instead of "
+                             "entering the same one twice")
         self.rows, self.n_calls, self._chunks = [], 0, []
         self._seen = (None, None)
         # The block's output is blocks.{layer}.hook_resid_post after all of its hooks (see above).

@@ -8,7 +8,11 @@ Two methods, both plain TransformerLens hooks `(activation, hook) -> activation`
   ``v * injection_scale / ||v||`` at ``hook_embed``.
 
 The hooks know the token shape they were built for and do nothing on single-token decode steps,
-so they can stay installed around a KV-cached generation.
+so they can stay installed around a KV-cached generation. A longer run of the same batch is those
+tokens followed by more (generation without a KV cache, a teacher-forced explanation): the marker
+sites are the same columns, and the vectors go in there again, as the reference hook does on every
+forward longer than one token. Both methods are differentiable in `vectors` (only through
+``v / ||v||``), so a `vectors` tensor that requires grad gets gradients from a forward under the hooks.
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ def check_vectors(vectors: Tensor, d_model: int) -> Float[Tensor, "n d_model"]:
     if not torch.isfinite(vectors).all():
         bad = (~torch.isfinite(vectors)).any(dim=1).nonzero().flatten().tolist()
         raise VectorError(f"vectors at rows {bad[:8]} hold NaN or Inf; check how they were computed")
-    zero = (vectors.norm(dim=1) == 0).nonzero().flatten().tolist()
+    zero = (vectors == 0).all(dim=1).nonzero().flatten().tolist()  # not the norm: it underflows for tiny entries
     if zero:
         raise VectorError(f"vectors at rows {zero[:8]} are zero; a zero vector has no direction to inject")
     return vectors
@@ -57,26 +61,29 @@ def unit(vectors: Float[Tensor, "n d_model"]) -> Float[Tensor, "n d_model"]:
     return vectors / vectors.norm(dim=-1, keepdim=True)
 
 
+def prescaled(vectors: Float[Tensor, "n d_model"]) -> Float[Tensor, "n d_model"]:
+    """`vectors` in fp32 (fp64 kept) times the power of two that brings each row's largest entry into [0.5, 1).
+
+    Exact in binary floating point, so the bits of ``v / ||v||`` match the reference's, but a norm
+    whose square leaves the float range (or the residual's dtype) can no longer make it zero or NaN.
+    """
+    wide = vectors if vectors.dtype in (torch.float32, torch.float64) else vectors.float()
+    _, exponent = torch.frexp(wide.abs().amax(dim=-1, keepdim=True))
+    return torch.ldexp(wide, -exponent.to(wide.dtype))
+
+
 def karvonen_add(
     resid: Float[Tensor, "n d_model"], vectors: Float[Tensor, "n d_model"]
 ) -> Float[Tensor, "n d_model"]:
-    """``h + ||h|| * v / ||v||``, in the residual's dtype (as the reference forward hook does).
-
-    `v` is first scaled by a power of two to a norm in [0.5, 1): exact in binary floating point, so
-    the bits match the reference's cast-then-normalise, but a norm past fp16's range (or entries
-    below it) no longer makes ``v / ||v||`` zero or NaN.
-    """
-    wide = vectors if vectors.dtype in (torch.float32, torch.float64) else vectors.float()
-    _, exponent = torch.frexp(wide.double().norm(dim=-1, keepdim=True))
-    vectors = torch.ldexp(wide, -exponent.to(wide.dtype)).to(resid.dtype)
-    return resid + resid.norm(dim=-1, keepdim=True) * unit(vectors)
+    """``h + ||h|| * v / ||v||``, in the residual's dtype (as the reference forward hook does)."""
+    return resid + resid.norm(dim=-1, keepdim=True) * unit(prescaled(vectors).to(resid.dtype))
 
 
 def embedding_replacement(
     vectors: Float[Tensor, "n d_model"], injection_scale: float
 ) -> Float[Tensor, "n d_model"]:
     """``v * injection_scale / ||v||``, the norm taken in fp32 as the paper's training code does."""
-    vectors = vectors.float()
+    vectors = prescaled(vectors).float()
     return vectors / (vectors.norm(dim=-1, keepdim=True) / injection_scale)
 
 
@@ -111,11 +118,11 @@ class Injection:
         batch, pos = activation.shape[:2]
         if pos == 1 and self.token_shape[1] > 1:
             return None  # a KV-cached decode step: the prompt was injected at prefill
-        if (batch, pos) != self.token_shape:
+        if batch != self.token_shape[0] or pos < self.token_shape[1]:
             raise InjectionError(
                 f"{self.spec.hook_point}: activation has [batch, pos] = {[batch, pos]}, but this injection "
-                f"was built for tokens of shape {list(self.token_shape)}. Build it with "
-                "av.injection(vectors, tokens) for the tokens you run."
+                f"was built for tokens of shape {list(self.token_shape)} (a run may extend them). Build it "
+                "with av.injection(vectors, tokens) for the tokens you run."
             )
         rows = self.rows.to(activation.device)
         positions = self.positions.to(activation.device)

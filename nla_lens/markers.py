@@ -26,6 +26,9 @@ def find_marker_sites(
     Left padding is fine: pad ids never equal the marker's neighbours. With `expected`, the number
     of sites must match (one per injected vector), else [`MarkerError`][nla_lens.errors.MarkerError].
     """
+    if not isinstance(tokens, Tensor) or tokens.is_floating_point() or tokens.is_complex():
+        raise MarkerError(f"tokens must be an integer tensor of token ids (e.g. av.prompt_tokens(n)), got "
+                          f"{getattr(tokens, 'dtype', type(tokens).__name__)}")
     if tokens.ndim != 2:
         raise MarkerError(f"tokens must be [batch, pos], got shape {tuple(tokens.shape)}")
     is_marker = tokens[:, 1:-1] == marker_id

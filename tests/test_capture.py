@@ -211,3 +211,16 @@ def test_mask_of_another_shape_and_an_empty_capture_are_input_errors(base):
     with pytest.raises(nl.InputError, match="nothing was captured"):
         cap.vectors  # noqa: B018
     assert no_hooks_left(base)
+
+
+def test_reentering_a_capture_that_is_recording_is_refused_and_leaks_no_hook(base):
+    """A second `with cap:` inside the first would replace the handles, leaving a hook on the block forever."""
+    tokens, mask = padded(base, "left")
+    cap = nl.capture(base, LAYER, -1, attention_mask=mask)
+    with pytest.raises(nl.InputError, match="already recording"):
+        with cap, cap:
+            base(tokens, attention_mask=mask)
+    assert no_hooks_left(base) and not base._forward_pre_hooks
+    with cap:  # one after the other is fine, and starts afresh
+        base(tokens, attention_mask=mask)
+    assert cap.n_calls == 1 and len(cap.rows) == 4

@@ -145,3 +145,57 @@ def test_an_injection_at_a_hook_point_that_is_not_the_residual_is_refused(tiny_p
         with pytest.raises(nl.InjectionError, match=f"{hook_point} carries activations of shape.*residual-stream"):
             av.verbalize(vectors, max_new_tokens=2, progress=False)
         assert _no_hooks_left(av.model)
+
+
+@pytest.mark.parametrize("which", ["av_karvonen", "av_embedding"])
+@pytest.mark.parametrize("scaled", [lambda v: v * 2.0**100, lambda v: v * 2.0**-110,
+                                    lambda v: v.double() * 2.0**600, lambda v: v.double() * 2.0**-600],
+                         ids=["fp32_norm_overflows", "fp32_norm_underflows", "fp64_norm_overflows",
+                              "fp64_norm_underflows"])
+def test_a_vector_of_extreme_norm_injects_its_direction(request, which, scaled, vectors):
+    """Only v's direction reaches the AV: a power-of-two rescale must give the same logits bit for bit,
+    even where squaring the entries leaves the float range (a norm of inf or 0 made the marker zero or NaN)."""
+    av = request.getfixturevalue(which)
+    tokens = av.prompt_tokens(len(vectors))
+    expected = av.model.run_with_hooks(tokens, fwd_hooks=av.injection(vectors, tokens).fwd_hooks())
+    logits = av.model.run_with_hooks(tokens, fwd_hooks=av.injection(scaled(vectors), tokens).fwd_hooks())
+    assert torch.equal(logits, expected)
+
+
+@pytest.mark.parametrize("which", ["av_karvonen", "av_embedding"])
+def test_a_run_that_extends_the_prompt_is_injected_at_the_same_sites(request, which, vectors):
+    """Generation without a KV cache, or a teacher-forced explanation, runs the prompt followed by more
+    tokens: the marker sites are the same columns, as the reference hook injects on every such forward."""
+    av = request.getfixturevalue(which)
+    tokens = av.prompt_tokens(len(vectors))
+    longer = torch.cat([tokens, torch.tensor([[40, 41, 42]] * len(vectors))], dim=1)
+    expected = av.model.run_with_hooks(longer, fwd_hooks=av.injection(vectors, longer).fwd_hooks())
+    logits = av.model.run_with_hooks(longer, fwd_hooks=av.injection(vectors, tokens).fwd_hooks())
+    assert torch.equal(logits, expected)
+    with pytest.raises(nl.InjectionError, match="built for tokens of shape"):  # shorter than the prompt
+        av.model.run_with_hooks(tokens[:, :-2], fwd_hooks=av.injection(vectors, tokens).fwd_hooks())
+    assert _no_hooks_left(av.model)
+
+
+@pytest.mark.parametrize("which", ["av_karvonen", "av_embedding"])
+def test_gradients_reach_the_injected_vectors_along_their_sphere(request, which, vectors):
+    """The injection keeps the autograd graph (optimising v against the AV needs it); v enters only
+    through v/||v||, so its gradient has no component along v."""
+    av = request.getfixturevalue(which)
+    v = vectors.clone().requires_grad_()
+    tokens = av.prompt_tokens(len(v))
+    av.model.run_with_hooks(tokens, fwd_hooks=av.injection(v, tokens).fwd_hooks())[:, -1].logsumexp(-1).sum().backward()
+    assert v.grad is not None and (v.grad.norm(dim=-1) > 1e-3).all()
+    radial = (v.grad * v).sum(-1) / v.norm(dim=-1)
+    assert (radial.abs() < 1e-4 * v.grad.norm(dim=-1)).all()
+
+
+def test_embedding_replacement_at_block_0_resid_pre_equals_hook_embed(av_embedding, tiny_paths, vectors):
+    """The README's way around TL 3.x's `generate`, which skips `hook_embed`: block 0's input is the
+    embedding itself (no position embedding is added), so the same replacement there gives the same run."""
+    at_block_0 = nl.ActivationVerbalizer.from_pretrained(tiny_paths["av_embedding"],
+                                                         hook_point="blocks.0.hook_resid_pre")
+    tokens = av_embedding.prompt_tokens(len(vectors))
+    expected = av_embedding.model.run_with_hooks(tokens, fwd_hooks=av_embedding.injection(vectors, tokens).fwd_hooks())
+    logits = at_block_0.model.run_with_hooks(tokens, fwd_hooks=at_block_0.injection(vectors, tokens).fwd_hooks())
+    assert torch.equal(logits, expected)

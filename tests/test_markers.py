@@ -45,3 +45,10 @@ def test_av_injection_checks_vector_count_against_sites(av_karvonen):
     no_marker = torch.full_like(tokens, av_karvonen.tokenizer.pad_token_id)
     with pytest.raises(nl.MarkerError, match="found 0"):
         av_karvonen.injection(torch.randn(3, 64), no_marker)
+
+
+@pytest.mark.parametrize("tokens", [[[L, M, R]], torch.tensor([[L, M, R]], dtype=torch.float32)],
+                         ids=["list", "float_tensor"])
+def test_tokens_that_are_not_an_integer_tensor_raise_marker_error(tokens):
+    with pytest.raises(nl.MarkerError, match="integer"):
+        find_marker_sites(tokens, M, L, R, expected=1)

@@ -14,8 +14,9 @@ from nla_lens.sidecar import InjectionSpec
 MAX_NEW = 12
 
 
-def hf_generate(folder, vectors, *, steer=None):
-    """HF greedy generate with the training-time injection hook (and an optional layer-2 steering hook)."""
+def hf_generate(folder, vectors, *, steer=None, steer_layer=2, steer_first=False):
+    """HF greedy generate with the training-time injection hook (and an optional steering hook on the
+    output of decoder layer `steer_layer`, run before the injection's hook if `steer_first`)."""
     hf, tok = ref.load_hf(folder)
     meta = ref.sidecar(folder)
     ids = torch.tensor([ref.av_prompt(tok, meta)] * len(vectors))
@@ -24,9 +25,10 @@ def hf_generate(folder, vectors, *, steer=None):
         inject = ref.karvonen_hook(hf, sites, vectors)
     else:
         inject = ref.embedding_hook(hf, sites, vectors, meta["extraction"]["injection_scale"])
-    steering = ref.layer_output_hook(hf, 2, steer) if steer else ref.layer_output_hook(hf, 2, lambda h: h)
+    steering = ref.layer_output_hook(hf, steer_layer, steer or (lambda h: h))
+    first, second = (steering, inject) if steer_first else (inject, steering)  # torch hooks run in that order
     eos = hf.generation_config.eos_token_id
-    with torch.no_grad(), inject, steering:
+    with torch.no_grad(), first, second:
         out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_NEW, do_sample=False,
                           eos_token_id=eos, pad_token_id=tok.pad_token_id)
     eos_ids = {eos} if isinstance(eos, int) else set(eos)
@@ -154,3 +156,16 @@ def test_a_hook_point_given_beside_an_injection_spec_is_honoured(tiny_paths):
     av = nl.ActivationVerbalizer.from_pretrained(tiny_paths["av_karvonen"], injection=InjectionSpec.of("karvonen"),
                                                  hook_point="blocks.3.hook_resid_post")
     assert av.injection_spec == InjectionSpec("karvonen", "blocks.3.hook_resid_post")
+
+
+def test_a_user_hook_at_the_injection_site_runs_before_the_injection(av_karvonen, tiny_paths, vectors):
+    """TL runs a point's hooks in the order they were added and `verbalize` adds the injection last, so
+    steering at the injection site changes the ||h|| that the Karvonen add scales by."""
+    assert av_karvonen.injection_spec.hook_point == "blocks.1.hook_resid_post"
+    steer = 3.0 * torch.randn(av_karvonen.meta.d_model, generator=torch.Generator().manual_seed(1))
+    with av_karvonen.model.hooks(fwd_hooks=[("blocks.1.hook_resid_post", lambda r, hook: r + steer)]):
+        out = av_karvonen.verbalize(vectors, max_new_tokens=MAX_NEW, progress=False)
+    kwargs = dict(steer=lambda h: h + steer, steer_layer=1)
+    steered_first = hf_generate(tiny_paths["av_karvonen"], vectors, steer_first=True, **kwargs)
+    assert [o.tokens for o in out] == steered_first
+    assert steered_first != hf_generate(tiny_paths["av_karvonen"], vectors, steer_first=False, **kwargs)
