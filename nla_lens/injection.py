@@ -8,7 +8,8 @@ Two methods, both plain TransformerLens hooks `(activation, hook) -> activation`
   ``v * injection_scale / ||v||`` at ``hook_embed``.
 
 The hooks know the token shape they were built for and do nothing on single-token decode steps,
-so they can stay installed around a KV-cached generation. A longer run of the same batch is those
+so they can stay installed around a KV-cached generation (TL 3.x's `generate` skips `hook_embed`:
+see `Injection.fwd_hooks`). A longer run of the same batch is those
 tokens followed by more (generation without a KV cache, a teacher-forced explanation): the marker
 sites are the same columns, and the vectors go in there again, as the reference hook does on every
 forward longer than one token. Both methods are differentiable in `vectors` (only through
@@ -87,6 +88,9 @@ def embedding_replacement(
     return vectors / (vectors.norm(dim=-1, keepdim=True) / injection_scale)
 
 
+BLOCK_0_INPUT = "blocks.0.hook_resid_pre"
+
+
 @dataclass(frozen=True)
 class Injection:
     """Vectors bound to the marker sites of one token batch; `fwd_hooks()` composes with any hooks."""
@@ -97,6 +101,8 @@ class Injection:
     positions: Int[Tensor, " n"]
     token_shape: tuple[int, int]
     injection_scale: float | None = None
+    # Block 0's input is hook_embed's output (a rotary model adds no position embedding between them).
+    embed_is_block_input: bool = False
 
     def __post_init__(self) -> None:
         if self.spec.method == "embedding" and self.injection_scale is None:
@@ -106,6 +112,17 @@ class Injection:
             )
 
     def fwd_hooks(self) -> list[tuple[str, HookFn]]:
+        """The hooks to compose with yours. An embedding replacement at `hook_embed` is also written at
+        `blocks.0.hook_resid_pre`, the same tensor here: TransformerLens 3.x's `generate` embeds the tokens
+        outside its forward, so `hook_embed` never fires there. The replacement is idempotent, so where
+        both fire the second write changes nothing."""
+        if self.spec.method == "embedding" and self.spec.hook_point == "hook_embed" and self.embed_is_block_input:
+            return [*self.site_hooks(), (BLOCK_0_INPUT, self.hook)]
+        return self.site_hooks()
+
+    def site_hooks(self) -> list[tuple[str, HookFn]]:
+        """The one hook at the injection's point: what nla_lens's own decoders install (their forwards
+        always pass through `hook_embed`)."""
         return [(self.spec.hook_point, self.hook)]
 
     def hook(self, activation: Float[Tensor, "batch pos d_model"], hook: HookPoint) -> Tensor | None:

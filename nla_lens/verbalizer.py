@@ -17,7 +17,7 @@ from nla_lens import backends, loading
 from nla_lens.checks import check_sampling, resolve_device, resolve_dtype
 from nla_lens.distributed import inference
 from nla_lens.errors import InjectionError, PromptTooLongError, SidecarError
-from nla_lens.injection import Injection, check_vectors
+from nla_lens.injection import BLOCK_0_INPUT, Injection, check_vectors
 from nla_lens.markers import find_marker_sites
 from nla_lens.parsing import injection_warning, parse_explanation
 from nla_lens.results import TabularResult
@@ -147,8 +147,10 @@ class ActivationVerbalizer:
             tokens, self.meta.injection_token_id, self.meta.injection_left_neighbor_id,
             self.meta.injection_right_neighbor_id, expected=vectors.shape[0],
         )
+        rotary = getattr(self.model.cfg, "positional_embedding_type", None) == "rotary"
         return Injection(self.injection_spec, vectors.to(self.device), rows, positions,
-                         (tokens.shape[0], tokens.shape[1]), self.meta.injection_scale)
+                         (tokens.shape[0], tokens.shape[1]), self.meta.injection_scale,
+                         embed_is_block_input=rotary and BLOCK_0_INPUT in self.model.hook_dict)
 
     def verbalize(
         self,
@@ -201,9 +203,9 @@ class ActivationVerbalizer:
         injection = self.injection(vectors, tokens)
         # The last token is never fed back: the cache holds prompt + max_new_tokens - 1 positions, so the
         # longest generation `_check_fits` allows still fits the fast decoders' rotary tables (n_ctx).
-        decoder = backends.decoder(self.model, n, tokens.shape[1] + max_new_tokens - 1, injection.fwd_hooks())
+        decoder = backends.decoder(self.model, n, tokens.shape[1] + max_new_tokens - 1, injection.site_hooks())
         self.fallback_reason = decoder.fallback_reason
-        logits = decoder.prefill(tokens, injection.fwd_hooks())
+        logits = decoder.prefill(tokens, injection.site_hooks())
         eos = torch.tensor(self.eos_token_ids, device=self.device, dtype=torch.long)
         finished = torch.zeros(n, dtype=torch.bool, device=self.device)
         generated = torch.empty(n, max_new_tokens, dtype=torch.long, device=self.device)

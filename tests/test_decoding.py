@@ -24,8 +24,8 @@ def _run_both(av, vectors, atol):
     assert isinstance(fast, FastDecoder), fast.fallback_reason
     hooked = HookedDecoder(av.model, len(vectors), "the reference")
     with torch.inference_mode():
-        ours = fast.prefill(tokens, av.injection(vectors, tokens).fwd_hooks())
-        theirs = hooked.prefill(tokens, av.injection(vectors, tokens).fwd_hooks())
+        ours = fast.prefill(tokens, av.injection(vectors, tokens).site_hooks())
+        theirs = hooked.prefill(tokens, av.injection(vectors, tokens).site_hooks())
         for step in range(STEPS + 1):
             if step:
                 ids = theirs.argmax(dim=-1)

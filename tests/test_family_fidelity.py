@@ -181,7 +181,7 @@ def test_bf16_av_logits_sit_as_near_fp32_as_hf_bf16(request, family, family_vect
     folder = _folder(request, AVS[family])
     av = nl.ActivationVerbalizer.from_pretrained(folder, dtype=torch.bfloat16)
     tokens = av.prompt_tokens(len(family_vectors))
-    hooks = av.injection(family_vectors, tokens).fwd_hooks()
+    hooks = av.injection(family_vectors, tokens).site_hooks()
     ours = av.model.run_with_hooks(tokens, fwd_hooks=hooks)
     with torch.inference_mode():  # what verbalize samples its first token from: the fast decoder's prefill
         prefill = backends.decoder(av.model, len(tokens), tokens.shape[1] + 1, hooks).prefill(tokens, hooks)

@@ -64,7 +64,7 @@ def _decode_recording(av, vectors, point, decoder_kind):
     """Prefill (with the injection) and STEPS fixed decode steps, recording `point` throughout."""
     log = []
     tokens = av.prompt_tokens(len(vectors))
-    injection = av.injection(vectors, tokens).fwd_hooks()
+    injection = av.injection(vectors, tokens).site_hooks()
     with torch.inference_mode(), av.model.hooks(fwd_hooks=[(point, _recorder(log))]):
         if decoder_kind == "fast":
             decoder = decoder_for(av.model, len(vectors), tokens.shape[1] + STEPS, injection)

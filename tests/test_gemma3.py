@@ -180,7 +180,7 @@ def test_gemma3_fast_decoder_equals_tl_forward_past_the_window(gemma_avs, gemma_
 
     av = gemma_avs["gemma_av"]
     tokens = av.prompt_tokens(len(gemma_vectors))
-    hooks = av.injection(gemma_vectors, tokens).fwd_hooks()
+    hooks = av.injection(gemma_vectors, tokens).site_hooks()
     fast = backends.decoder(av.model, len(tokens), tokens.shape[1] + MAX_NEW, hooks)
     assert isinstance(fast, GemmaDecoder)
     slow = decoding.HookedDecoder(av.model, len(tokens), "the reference: TL's own forward")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import NEEDS_TL3
 
 import hf_reference as ref
 import nla_lens as nl
@@ -199,3 +200,40 @@ def test_embedding_replacement_at_block_0_resid_pre_equals_hook_embed(av_embeddi
     expected = av_embedding.model.run_with_hooks(tokens, fwd_hooks=av_embedding.injection(vectors, tokens).fwd_hooks())
     logits = at_block_0.model.run_with_hooks(tokens, fwd_hooks=at_block_0.injection(vectors, tokens).fwd_hooks())
     assert torch.equal(logits, expected)
+
+
+@NEEDS_TL3
+@pytest.mark.parametrize("kv_cache", [True, False])
+@pytest.mark.parametrize("method", ["karvonen", "embedding"])
+def test_the_injection_installed_around_tl_generate_gives_verbalize_tokens(method, kv_cache, request, vectors):
+    """README: `model.hooks(fwd_hooks=inj.fwd_hooks())` around TL's `generate`. TL 3.x's generate embeds
+    outside its forward (`hook_embed` never fires), so the embedding replacement is also written at block
+    0's input; without that second write every row ran without its vector and came out alike."""
+    av = request.getfixturevalue(f"av_{method}")
+    tokens = av.prompt_tokens(len(vectors))
+    injection = av.injection(vectors, tokens)
+    with av.model.hooks(fwd_hooks=injection.fwd_hooks()):
+        out = av.model.generate(tokens, max_new_tokens=6, do_sample=False, use_past_kv_cache=kv_cache,
+                                stop_at_eos=False, verbose=False)
+    said = av.verbalize(vectors, max_new_tokens=6)
+    generated = out[:, tokens.shape[1]:].tolist()
+    assert [row[:len(v.tokens)] for row, v in zip(generated, said, strict=True)] == [v.tokens for v in said]
+    assert len({tuple(row) for row in out[:, tokens.shape[1]:].tolist()}) > 1  # the vectors reached the rows
+    # Where hook_embed does fire (an ordinary forward), the second write changes nothing.
+    with_both = av.model.run_with_hooks(tokens, fwd_hooks=injection.fwd_hooks())
+    assert torch.equal(with_both, av.model.run_with_hooks(tokens, fwd_hooks=injection.site_hooks()))
+
+
+@NEEDS_TL3
+@pytest.mark.parametrize("family", ["gemma_av", "llama_av", "qwen2_av"])
+def test_a_released_family_av_under_tl_generate_gives_verbalize_tokens(family, bos_paths):
+    """The paper's AVs (embedding replacement; Gemma's after its sqrt(d) scale, which `hook_embed`
+    already holds, so block 0's input is the same tensor) under TL 3.x's `generate`."""
+    av = nl.ActivationVerbalizer.from_pretrained(bos_paths[family])
+    vectors = torch.randn(3, av.meta.d_model, generator=torch.Generator().manual_seed(7))
+    tokens = av.prompt_tokens(len(vectors))
+    with av.model.hooks(fwd_hooks=av.injection(vectors, tokens).fwd_hooks()):
+        out = av.model.generate(tokens, max_new_tokens=5, do_sample=False, stop_at_eos=False, verbose=False)
+    said = av.verbalize(vectors, max_new_tokens=5)
+    generated = out[:, tokens.shape[1]:].tolist()
+    assert [row[:len(v.tokens)] for row, v in zip(generated, said, strict=True)] == [v.tokens for v in said]

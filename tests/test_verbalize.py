@@ -147,7 +147,8 @@ def test_max_new_tokens_past_the_context_is_refused_up_front(av_karvonen, vector
     with warnings.catch_warnings():  # a random AV babbling that long may echo the marker: not this test's point
         warnings.simplefilter("ignore", UserWarning)
         assert len(av_karvonen.verbalize(vectors[:1], max_new_tokens=longest)[0].tokens) == longest
-    assert av_karvonen.fallback_reason is None  # the cache never holds the last token: it fits the rotary tables
+    if nl.backends.default_backend() == "hooked":  # the cache never holds the last token: it fits the rotary tables
+        assert av_karvonen.fallback_reason is None
     with pytest.raises(nl.PromptTooLongError, match=rf"max_new_tokens={longest + 1} .* <= {longest}"):
         av_karvonen.verbalize(vectors[:1], max_new_tokens=longest + 1)
 

@@ -117,8 +117,8 @@ def sample_groups(av: ActivationVerbalizer, vectors: Float[Tensor, "groups d_mod
     with inference(av.model):
         tokens = av.prompt_tokens(n)
         injection = av.injection(rows, tokens)
-        decoder = backends.decoder(av.model, n, tokens.shape[1] + max_new_tokens, injection.fwd_hooks())
-        logits = decoder.prefill(tokens, injection.fwd_hooks())
+        decoder = backends.decoder(av.model, n, tokens.shape[1] + max_new_tokens, injection.site_hooks())
+        logits = decoder.prefill(tokens, injection.site_hooks())
         generators = [torch.Generator(device=av.device).manual_seed(s) for s in seeds]
         stop = torch.tensor(av.eos_token_ids, device=av.device)
         finished = torch.zeros(n, dtype=torch.bool, device=av.device)
