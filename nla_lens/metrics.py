@@ -68,6 +68,9 @@ def paired_difference(a: Float[Tensor, " n"], b: Float[Tensor, " n"], *, level: 
                       resamples: int = 10_000, seed: int = 0) -> PairedDifference:
     """`b - a` per item (e.g. per-item FVE at one baseline, or 0/1 naming), its mean and a seeded
     `level` bootstrap interval. The baseline stays fixed: the interval is over items, given the set."""
+    if a is None or b is None:
+        raise InputError("per-item scores are None: a round trip without a baseline has no per-item FVE "
+                         "(RoundTrip.fves); pass the same baseline= to both round trips")
     a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
     if a.ndim != 1 or a.shape != b.shape or len(a) < 2:
         raise InputError(f"need two per-item score vectors of one length >= 2, got shapes {list(a.shape)} and "

@@ -70,6 +70,8 @@ def test_paired_difference_refuses_what_it_cannot_pair():
         metrics.paired_difference(torch.zeros(3), torch.zeros(4))
     with pytest.raises(InputError, match="finite"):
         metrics.paired_difference(torch.zeros(3), torch.tensor([0.0, float("nan"), 1.0]))
+    with pytest.raises(InputError, match="pass the same baseline= to both"):
+        metrics.paired_difference(None, torch.ones(3))  # RoundTrip.fves without a baseline
     with pytest.raises(InputError, match="level"):
         metrics.paired_difference(torch.zeros(3), torch.ones(3), level=95)
 
