@@ -7,7 +7,6 @@ training and eval forward, so the model is trained exactly as `verbalize` serves
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
 from pathlib import Path
 
@@ -65,10 +64,9 @@ def response_logits(av: ActivationVerbalizer, prompt: list[int], responses: list
     installed) and those tokens, concatenated over the rows in order: what SFT and RL score."""
     tokens, mask = pad([prompt + response for response in responses], 0, side="right")
     tokens, mask = tokens.to(av.device), mask.to(av.device)
-    # Sites from the prompt columns only (a sampled response may echo the marker and its neighbours),
-    # bound to the whole sequence the forward runs.
-    injection = dataclasses.replace(av.injection(vectors.to(av.device), tokens[:, :len(prompt)]),
-                                    token_shape=(tokens.shape[0], tokens.shape[1]))
+    # Sites from the prompt columns only (a sampled response may echo the marker and its neighbours); the
+    # forward runs the whole sequence, which the hook injects at those same sites.
+    injection = av.injection(vectors.to(av.device), tokens[:, :len(prompt)])
     with av.model.hooks(fwd_hooks=injection.fwd_hooks()):
         resid = av.model(tokens, attention_mask=mask, stop_at_layer=av.model.cfg.n_layers)
     # Position t predicts token t+1: score positions whose next token is a response token.
