@@ -147,12 +147,9 @@ def _scores(round_trip: RoundTrip | None, runs: tuple[str, ...]) -> str:
     pooled over clean and steered rows would hide the very difference the study measures."""
     if round_trip is None:
         return "no round trip (AV only)"
-    if round_trip.fves is None or round_trip.baseline is None:
-        return baseline_phrase(None, None, round_trip.baseline_source, None)
-    per_run = round_trip.fves.reshape(len(runs), -1).mean(dim=1).tolist()
-    n = "" if round_trip.baseline_n is None else f", n={round_trip.baseline_n}"
-    return (f"FVE {', '.join(f'{run} {fve:.3f}' for run, fve in zip(runs, per_run, strict=True))} "
-            f"(baseline {round_trip.baseline:.3f}, {round_trip.baseline_source}{n})")
+    per_run = None if round_trip.fves is None else dict(
+        zip(runs, round_trip.fves.reshape(len(runs), -1).mean(dim=1).tolist(), strict=True))
+    return baseline_phrase(per_run, round_trip.baseline, round_trip.baseline_source, round_trip.baseline_n)
 
 
 def steering_hook(vector: Float[Tensor, " d_model"], scale: float, positions: PositionSpec | None = None,

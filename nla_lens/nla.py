@@ -135,11 +135,14 @@ class RoundTrip(TabularResult):
                 f"{self.n_failed_parses} failed parses")
 
 
-def baseline_phrase(fve: float | None, baseline: float | None, source: str, n: int | None) -> str:
-    """"FVE 0.812 (baseline 0.801, sidecar (held-out), n=1982)", or why there is no FVE."""
+def baseline_phrase(fve: float | dict[str, float] | None, baseline: float | None, source: str,
+                    n: int | None) -> str:
+    """"FVE 0.812 (baseline 0.801, sidecar (held-out), n=1982)", or why there is no FVE. `fve` may name
+    several runs scored at one baseline: "FVE clean 0.734, steered 0.477 (baseline ...)"."""
     if fve is None or baseline is None:
         return "no FVE (no baseline: pass baseline=)"
-    return f"FVE {fve:.3f} (baseline {baseline:.3f}, {source}{'' if n is None else f', n={n}'})"
+    scores = f"{fve:.3f}" if isinstance(fve, float) else ", ".join(f"{run} {value:.3f}" for run, value in fve.items())
+    return f"FVE {scores} (baseline {baseline:.3f}, {source}{'' if n is None else f', n={n}'})"
 
 
 def warn_at_caller(message: str) -> None:
