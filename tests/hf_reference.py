@@ -14,9 +14,9 @@ import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 
-def load_hf(folder: Path):
+def load_hf(folder: Path, dtype: torch.dtype = torch.float32):
     # ignore_mismatched_sizes: a paper AR may carry an eye(d) lm_head placeholder, unused here.
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, ignore_mismatched_sizes=True).eval()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, ignore_mismatched_sizes=True).eval()
     return model, AutoTokenizer.from_pretrained(folder)
 
 
@@ -153,24 +153,25 @@ def av_prompt(tokenizer, meta: dict) -> list[int]:
 
 
 def ar_reconstruct(folder: Path, texts: list[str], special_tokens: bool = True,
-                   hooks=contextlib.nullcontext) -> torch.Tensor:
+                   hooks=contextlib.nullcontext, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The paper's NLACritic: truncated backbone, final norm -> Identity, value head at the last token,
-    the prompt tokenized WITH special tokens (BOS first for Gemma / Llama, nothing for Qwen).
+    the prompt tokenized WITH special tokens (BOS first for Gemma / Llama, nothing for Qwen); run in
+    `dtype`, returned in float32.
 
     `hooks(model)`: a context manager installing torch hooks on the HF model for the forwards.
     """
     from safetensors.torch import load_file
 
-    model, tokenizer = load_hf(folder)
+    model, tokenizer = load_hf(folder, dtype)
     model.model.norm = torch.nn.Identity()
     meta = sidecar(folder)
     templates = meta["prompt_templates"]
     template = templates.get("ar", templates.get("critic"))
-    head = load_file(str(Path(folder) / "value_head.safetensors"))["weight"]
+    head = load_file(str(Path(folder) / "value_head.safetensors"))["weight"].to(dtype)
     out = []
     with torch.no_grad(), hooks(model):
         for text in texts:  # one at a time: no padding in the reference
             ids = tokenizer(template.replace("{explanation}", text), add_special_tokens=special_tokens)["input_ids"]
             hidden = model.model(torch.tensor([ids])).last_hidden_state[0, -1]
-            out.append(hidden @ head.T)
+            out.append((hidden @ head.T).float())
     return torch.stack(out)

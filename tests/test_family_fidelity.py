@@ -243,25 +243,12 @@ def test_injected_embedding_is_hf_embedding_to_the_bit(request, which, dtype):
 def test_bf16_ar_sits_as_near_fp32_as_hf_bf16(request, family):
     folder = _folder(request, ARS[family])
     ours = nl.ActivationReconstructor.from_pretrained(folder, dtype=torch.bfloat16).reconstruct(EXPLANATIONS)
-    expected = {dtype: _reference_ar(folder, dtype) for dtype in (torch.float32, torch.bfloat16)}
+    expected = {dtype: ref.ar_reconstruct(folder, EXPLANATIONS, dtype=dtype)
+                for dtype in (torch.float32, torch.bfloat16)}
     noise = _mean_abs(expected[torch.bfloat16], expected[torch.float32])
     assert _mean_abs(ours, expected[torch.float32]) < BF16_NOISE_RATIO * noise
     # Teeth: another explanation lands far further away than bf16 rounds.
     assert _mean_abs(expected[torch.float32][0], expected[torch.float32][1]) > 10 * noise
-
-
-def _reference_ar(folder, dtype):
-    """The paper's critic (hf_reference.ar_reconstruct) in `dtype`: BOS first where the tokenizer adds one."""
-    from safetensors.torch import load_file
-
-    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, ignore_mismatched_sizes=True).eval()
-    hf.model.norm = torch.nn.Identity()
-    tokenizer, meta = AutoTokenizer.from_pretrained(folder), ref.sidecar(folder)
-    template = meta["prompt_templates"].get("ar", meta["prompt_templates"].get("critic"))
-    head = load_file(str(folder / "value_head.safetensors"))["weight"].to(dtype)
-    with torch.no_grad():
-        return torch.stack([(hf.model(torch.tensor([tokenizer(template.replace("{explanation}", e))["input_ids"]])
-                                      ).last_hidden_state[0, -1] @ head.T).float() for e in EXPLANATIONS])
 
 
 @pytest.mark.parametrize("family", ["qwen3", "qwen2", "llama", "gemma", "gemma_multimodal"])
