@@ -210,16 +210,12 @@ def test_the_injection_installed_around_tl_generate_gives_verbalize_tokens(metho
     outside its forward (`hook_embed` never fires), so the embedding replacement is also written at block
     0's input; without that second write every row ran without its vector and came out alike."""
     av = request.getfixturevalue(f"av_{method}")
+    generated = _generate_under_injection(av, vectors, 6, kv_cache)
+    _assert_verbalize_gives(av, vectors, 6, generated)
+    assert len({tuple(row) for row in generated}) > 1  # the vectors reached the rows
+    # Where hook_embed does fire (an ordinary forward), the second write changes nothing.
     tokens = av.prompt_tokens(len(vectors))
     injection = av.injection(vectors, tokens)
-    with av.model.hooks(fwd_hooks=injection.fwd_hooks()):
-        out = av.model.generate(tokens, max_new_tokens=6, do_sample=False, use_past_kv_cache=kv_cache,
-                                stop_at_eos=False, verbose=False)
-    said = av.verbalize(vectors, max_new_tokens=6)
-    generated = out[:, tokens.shape[1]:].tolist()
-    assert [row[:len(v.tokens)] for row, v in zip(generated, said, strict=True)] == [v.tokens for v in said]
-    assert len({tuple(row) for row in out[:, tokens.shape[1]:].tolist()}) > 1  # the vectors reached the rows
-    # Where hook_embed does fire (an ordinary forward), the second write changes nothing.
     with_both = av.model.run_with_hooks(tokens, fwd_hooks=injection.fwd_hooks())
     assert torch.equal(with_both, av.model.run_with_hooks(tokens, fwd_hooks=injection.site_hooks()))
 
@@ -231,9 +227,19 @@ def test_a_released_family_av_under_tl_generate_gives_verbalize_tokens(family, b
     already holds, so block 0's input is the same tensor) under TL 3.x's `generate`."""
     av = nl.ActivationVerbalizer.from_pretrained(bos_paths[family])
     vectors = torch.randn(3, av.meta.d_model, generator=torch.Generator().manual_seed(7))
+    _assert_verbalize_gives(av, vectors, 5, _generate_under_injection(av, vectors, 5))
+
+
+def _generate_under_injection(av, vectors, max_new_tokens: int, kv_cache: bool = True) -> list[list[int]]:
+    """TL's own greedy `generate` with the injection installed around it: each row's new tokens."""
     tokens = av.prompt_tokens(len(vectors))
     with av.model.hooks(fwd_hooks=av.injection(vectors, tokens).fwd_hooks()):
-        out = av.model.generate(tokens, max_new_tokens=5, do_sample=False, stop_at_eos=False, verbose=False)
-    said = av.verbalize(vectors, max_new_tokens=5)
-    generated = out[:, tokens.shape[1]:].tolist()
+        out = av.model.generate(tokens, max_new_tokens=max_new_tokens, do_sample=False, use_past_kv_cache=kv_cache,
+                                stop_at_eos=False, verbose=False)
+    return out[:, tokens.shape[1]:].tolist()
+
+
+def _assert_verbalize_gives(av, vectors, max_new_tokens: int, generated: list[list[int]]) -> None:
+    """`verbalize`'s tokens are each generated row's, up to where verbalize stopped (its EOS)."""
+    said = av.verbalize(vectors, max_new_tokens=max_new_tokens)
     assert [row[:len(v.tokens)] for row, v in zip(generated, said, strict=True)] == [v.tokens for v in said]
