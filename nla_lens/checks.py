@@ -82,8 +82,8 @@ def check_finite(**values: float) -> None:
 def check_sampling(temperature: float, top_p: float, max_new_tokens: int, batch_size: int) -> None:
     """The decoding settings of `verbalize`; the message names every value that is out of range."""
     wrong = []
-    if not temperature >= 0:
-        wrong.append(f"temperature={temperature!r} must be >= 0 (0 is greedy)")
+    if not 0 <= temperature < math.inf:
+        wrong.append(f"temperature={temperature!r} must be a finite number >= 0 (0 is greedy)")
     if not 0 < top_p <= 1:
         wrong.append(f"top_p={top_p!r} must be in (0, 1] (1 keeps every token)")
     for name, value in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):

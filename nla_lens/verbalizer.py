@@ -226,7 +226,10 @@ def _sample(logits: Float[Tensor, "n vocab"], temperature: float, top_p: float,
             generator: torch.Generator | None) -> Int[Tensor, " n"]:
     if temperature == 0:
         return logits.argmax(dim=-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    scaled = logits.float() / temperature
+    if not bool(scaled.isfinite().all()):  # a tiny temperature overflows: the same distribution, shifted first
+        scaled = (logits.float() - logits.float().amax(dim=-1, keepdim=True)) / temperature
+    probs = torch.softmax(scaled, dim=-1)
     if top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         # Keep the smallest prefix whose mass reaches top_p (the top token always survives).

@@ -78,7 +78,8 @@ def test_device_that_cannot_run(tiny_paths, vector_file, no_model_loads, capsys,
 
 def test_sampling_settings_name_each_wrong_value(tiny_paths, vector_file, no_model_loads, capsys):
     err = _fails(["verbalize", "--av", tiny_paths["av_karvonen"], "--input", vector_file, "--temperature", "-1",
-                  "--top-p", "0"], capsys, "temperature=-1.0 must be >= 0", "top_p=0.0 must be in (0, 1]")
+                  "--top-p", "0"], capsys, "temperature=-1.0 must be a finite number >= 0",
+                 "top_p=0.0 must be in (0, 1]")
     assert "max_new_tokens" not in err and "batch_size" not in err
     _fails(["round-trip", "--av", tiny_paths["av_karvonen"], "--ar", tiny_paths["ar_nanonla"], "--input",
             vector_file, "--output", vector_file.with_suffix(".parquet"), "--max-new-tokens", "0"], capsys,

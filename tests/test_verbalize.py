@@ -94,6 +94,8 @@ def test_seeded_sampling_is_reproducible_and_temperature_zero_is_greedy(av_karvo
     assert first != greedy
     # top_p this small keeps only the most likely token: sampling collapses to greedy.
     assert av_karvonen.verbalize(vectors, seed=5, top_p=1e-9, **{**kwargs, "temperature": 0.7}) == greedy
+    # So does a temperature so small that logits / temperature overflows float32 (it gave NaN probabilities).
+    assert av_karvonen.verbalize(vectors, seed=5, **{**kwargs, "temperature": 1e-38}) == greedy
 
 
 def test_explanations_are_parsed_from_tags():
@@ -135,7 +137,8 @@ def test_bad_vectors_raise_vector_error(av_karvonen, bad, match):
 
 
 def test_bad_generation_settings_raise_input_error(av_karvonen, vectors):
-    for kwargs in ({"temperature": -1.0}, {"top_p": 0.0}, {"max_new_tokens": 0}, {"batch_size": 0}):
+    for kwargs in ({"temperature": -1.0}, {"temperature": float("inf")}, {"temperature": float("nan")},
+                   {"top_p": 0.0}, {"max_new_tokens": 0}, {"batch_size": 0}):
         with pytest.raises(nl.InputError):
             av_karvonen.verbalize(vectors, progress=False, **kwargs)
 
