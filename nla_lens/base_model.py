@@ -18,7 +18,7 @@ from nla_lens import backends, loading, toy
 from nla_lens.errors import CheckpointError, InputError
 from nla_lens.nla import NLA
 from nla_lens.reconstructor import ActivationReconstructor
-from nla_lens.sidecar import SIDECAR_NAME, NLAMeta, load_meta
+from nla_lens.sidecar import NLAMeta
 from nla_lens.verbalizer import ActivationVerbalizer
 
 if TYPE_CHECKING:
@@ -34,7 +34,7 @@ def load_base(source: NLA | ActivationVerbalizer | ActivationReconstructor | NLA
     sidecar names it (`base_model`). Checks d_model and depth against the NLA before reading weights."""
     meta = _meta_of(source)
     folder = _base_folder(source, meta)
-    _warn_if_nla_checkpoint(folder)
+    loading.check_base_folder(folder, str(folder), None if meta is None else meta.base_model)
     config = loading.load_hf_config(folder).get_text_config()  # a Gemma-3 wrapper keeps the sizes in text_config
     if meta is not None:
         d_model, n_layers = getattr(config, "hidden_size", None), getattr(config, "num_hidden_layers", None)
@@ -92,13 +92,3 @@ def _base_folder(source: object, meta: NLAMeta | None) -> Path:
                                   f"the base model's path where it was trained{moved}; {_PASS_BASE}") from exc
         raise CheckpointError(f"the sidecar names base model {name!r}, which is neither a local folder nor in "
                               f"the local HF cache. Download it (hf download {name}), or {_PASS_BASE}") from exc
-
-
-def _warn_if_nla_checkpoint(folder: Path) -> None:
-    """An AV folder loads as a language model too, but its fine-tuned weights are not the base's."""
-    if not (folder / SIDECAR_NAME).is_file():
-        return
-    role = load_meta(folder).role
-    warnings.warn(f"{folder} is an NLA {'' if role is None else role.upper() + ' '}checkpoint (it has "
-                  f"{SIDECAR_NAME}), not the base model: its activations are not the ones the NLA was trained "
-                  "to read. Pass the base model's folder.", stacklevel=3)

@@ -43,15 +43,7 @@ def base_for(path_or_id: str | Path, av_meta: NLAMeta, layer: int) -> Path:
     with a warning, since explaining them is possible but off the distribution the AV was trained on.
     """
     folder = loading.resolve_checkpoint(path_or_id)
-    if (folder / "nla_meta.yaml").is_file():
-        role = loading.checkpoint_role(folder, load_meta(folder))
-        named = f" (the sidecar names {av_meta.base_model!r})" if av_meta.base_model else ""
-        if role == "ar":
-            raise InputError(f"--base {path_or_id} is an AR checkpoint, which holds only the first K+1 blocks. "
-                             f"Pass the base model the NLA reads{named}")
-        warnings.warn(f"--base {path_or_id} is an AV checkpoint, a fine-tuned copy of the base model: its "
-                      f"activations are not the base model's. Pass the base model the NLA reads{named}",
-                      stacklevel=2)
+    loading.check_base_folder(folder, f"--base {path_or_id}", av_meta.base_model)
     config = loading.load_hf_config(folder).get_text_config()  # multimodal wrappers keep it in text_config
     if config.hidden_size != av_meta.d_model:
         raise PairMismatchError(f"--base {path_or_id} has d_model {config.hidden_size}, the AV reads vectors of "

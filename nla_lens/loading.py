@@ -27,8 +27,8 @@ from torch import Tensor, nn
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
 from nla_lens.backends import gemma3, hf_names
-from nla_lens.errors import CheckpointError
-from nla_lens.sidecar import NLAMeta
+from nla_lens.errors import CheckpointError, InputError
+from nla_lens.sidecar import NLAMeta, load_meta
 
 try:
     from transformer_lens import HookedTransformer, HookedTransformerConfig
@@ -100,6 +100,20 @@ def checkpoint_role(folder: Path, meta: NLAMeta) -> Literal["av", "ar"] | None:
     if meta.role is not None:
         return meta.role
     return "ar" if (folder / VALUE_HEAD_FILE).is_file() else None
+
+
+def check_base_folder(folder: Path, label: str, base_model: str | None = None) -> None:
+    """A folder given as the base model. An AR can never serve (it holds only the first K+1 blocks);
+    an AV loads, with a warning, since its fine-tuned activations are not the ones the NLA reads.
+    `label` names the folder as the caller's user passed it; `base_model` is the sidecar's name for it."""
+    if not (folder / "nla_meta.yaml").is_file():
+        return
+    named = f" (the sidecar names {base_model!r})" if base_model else ""
+    if checkpoint_role(folder, load_meta(folder)) == "ar":
+        raise InputError(f"{label} is an AR checkpoint, which holds only the first K+1 blocks of the base model. "
+                         f"Pass the base model the NLA reads{named}")
+    warnings.warn(f"{label} is an AV checkpoint, a fine-tuned copy of the base model: its activations are not the "
+                  f"base model's. Pass the base model the NLA reads{named}", stacklevel=3)
 
 
 def load_tokenizer(folder: Path, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:

@@ -149,9 +149,11 @@ def test_nla_from_pretrained_checks_the_pair_before_loading(tiny_paths, tmp_path
         nl.NLA.from_pretrained(tiny_paths["av_karvonen"], folder)
 
 
-def test_load_base_warns_when_given_an_nla_checkpoint_and_names_a_missing_base(tiny_paths, nla):
-    with pytest.warns(UserWarning, match="is an NLA checkpoint"):
+def test_load_base_warns_on_an_av_refuses_an_ar_and_names_a_missing_base(tiny_paths, nla):
+    with pytest.warns(UserWarning, match="is an AV checkpoint, a fine-tuned copy"):
         nl.load_base(tiny_paths["av_karvonen"])
+    with pytest.raises(nl.InputError, match="is an AR checkpoint, which holds only the first K\\+1 blocks"):
+        nl.load_base(tiny_paths["ar_nanonla"])  # it used to fail later, on missing ln_final / unembed weights
     with pytest.raises(nl.CheckpointError, match="hf download"):
         nl.load_base(nla.av.meta)  # the tiny sidecar names a hub id that is not in the cache
 
