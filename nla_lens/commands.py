@@ -86,7 +86,8 @@ def add_round_trip(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--input", "--vectors", dest="input", type=Path, required=True, help=_INPUT_HELP)
     parser.add_argument("--output", type=Path, required=True, help="the per-row .parquet or .jsonl file")
     parser.add_argument("--baseline", type=float,
-                        help="FVE baseline (default: the paper baseline of all input vectors)")
+                        help="FVE baseline (default: the AR sidecar's held-out one, else the paper baseline of "
+                             "all input vectors when there are >= 32; otherwise no FVE)")
     parser.add_argument("--reconstruct-batch-size", type=int, default=64, help="explanations per AR batch")
     _add_job_flags(parser)
     parser.set_defaults(run=_run_round_trip)

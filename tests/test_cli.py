@@ -126,3 +126,11 @@ def test_dtype_bf16_loads_in_bfloat16_and_a_bad_name_lists_the_good_ones(tiny_pa
     assert info.value.code == 2
     assert ("argument --dtype: dtype 'bf17' is not one nla_lens loads; pass a torch dtype or one of "
             "float32/fp32/float, bfloat16/bf16, float16/fp16/half") in capsys.readouterr().err
+
+
+def test_round_trip_help_names_the_baseline_the_job_uses():
+    """`round-trip` without --baseline takes the AR sidecar's held-out baseline first, as `round_trip_file` does."""
+    subcommands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    baseline = next(a for a in subcommands["round-trip"]._actions if a.dest == "baseline")
+    assert "AR sidecar's held-out" in baseline.help
+    assert ">= 32" in baseline.help
