@@ -243,7 +243,7 @@ def patching_study(
     from `run_with_cache` on the clean tokens, and written into the corrupted run at column
     `patch_position` of every row (for `pattern` / `attn_scores`, `[batch, head, query, key]`: the
     query row `patch_position` of every head); clean and corrupted tokens have the same shape. The clean,
-    corrupted and patched residuals at layer K (`capture_position`, default the last column) are
+    corrupted and patched residuals at layer K (`capture_position`, default -1: each row's last real token) are
     verbalized (and round-tripped, with an NLA) in one batch.
     """
     av = _verbalizer(nla_or_av)
