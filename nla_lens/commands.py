@@ -260,7 +260,8 @@ def add_explain(subparsers: argparse._SubParsersAction) -> None:
         "explain", help="explain every token of a text with an AV/AR pair (explanation, MSE, FVE per token)",
         description="Run each text through the base model, capture layer K (the NLA's) at every token (or "
                     "--positions), explain each vector with the AV, rebuild it from the words with the AR, and "
-                    "print one row per token: position, token, FVE, MSE, explanation. FVE uses --baseline, else "
+                    "print one row per token: position, token, FVE, MSE, explanation (a BOS the tokenizer adds is "
+                    "not explained). FVE uses --baseline, else "
                     "the AR sidecar's held-out baseline, else that of the captured vectors when there are >= 32.")
     parser.add_argument("--av", required=True, help="the AV checkpoint folder (or a hub id in the local HF cache)")
     parser.add_argument("--ar", required=True, help="the AR trained with this AV")
@@ -270,8 +271,8 @@ def add_explain(subparsers: argparse._SubParsersAction) -> None:
     source.add_argument("--file", type=Path, help="a UTF-8 text file: each non-empty line is one text")
     parser.add_argument("--positions", type=_positions_arg,
                         help="which tokens: comma-separated positions (negative from the end) such as 3,-1, or a "
-                             "slice such as 8: (default: every token); a value that starts with '-' goes after "
-                             "'=', as in --positions=-2,-1 or --positions=-4:")
+                             "slice such as 8: (default: every token but an added BOS); a value that starts with "
+                             "'-' goes after '=', as in --positions=-2,-1 or --positions=-4:")
     parser.add_argument("--baseline", type=float, help="FVE baseline (default: the AR sidecar's held-out one)")
     parser.add_argument("--output", type=Path, help="also write the rows to .parquet / .jsonl, or the view to .html")
     parser.add_argument("--max-new-tokens", type=int, default=150, help="longest explanation (default 150)")
