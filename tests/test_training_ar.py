@@ -83,3 +83,8 @@ def test_ar_resume_from_a_mid_run_checkpoint_gives_the_uninterrupted_weights(bas
     with pytest.raises(nl.ConfigError, match="batch_size"):
         train_ar(init_ar(base_folder, dataset_meta), *label_split, dataclasses.replace(config, batch_size=4),
                  out_dir=tmp_path / "whole", resume="latest", progress=False)
+    # So is resuming on other rows (another explanations file or split) under the same config.
+    train, held_out = label_split
+    with pytest.raises(nl.ConfigError, match="other data than the run started with"):
+        train_ar(init_ar(base_folder, dataset_meta), train.select(range(len(train) - 1)), held_out, config,
+                 out_dir=tmp_path / "whole", resume="latest", progress=False)

@@ -19,7 +19,14 @@ from nla_lens.reconstructor import ActivationReconstructor
 from nla_lens.sidecar import NLAMeta, check_tokenizer, parse_meta
 from nla_lens.training import loop
 from nla_lens.training.config import TrainConfig
-from nla_lens.training.dataset import ARRows, LabelledActivations, ar_rows, check_document_disjoint, check_fits
+from nla_lens.training.dataset import (
+    ARRows,
+    LabelledActivations,
+    ar_rows,
+    check_document_disjoint,
+    check_fits,
+    data_fingerprint,
+)
 from nla_lens.training.export import freeze_weights_hf_lacks, model_sidecar
 from nla_lens.training.padding import pad
 
@@ -81,4 +88,5 @@ def train_ar(
         units=len,
         evaluate=lambda: evaluate_ar(ar, eval_rows, batch_size=config.batch_size),
         config=config, out_dir=out_dir, resume=resume, desc="ar sft", progress=progress,
+        data=data_fingerprint(train, evaluation),
     )
