@@ -15,6 +15,7 @@ from jaxtyping import Int
 from torch import Tensor, nn
 
 from nla_lens import backends, loading, metrics
+from nla_lens.errors import InputError
 from nla_lens.reconstructor import ActivationReconstructor
 from nla_lens.sidecar import NLAMeta, check_tokenizer, parse_meta
 from nla_lens.training import loop
@@ -80,6 +81,9 @@ def train_ar(
     """Fine-tune `ar.model` and `ar.readout` in place on `train`; `evaluation` must hold other documents."""
     backends.require_hooked("training", ar.model)
     check_document_disjoint(train, evaluation)
+    if len(evaluation) < 2:  # else the FVE of the first evaluation divides by a zero baseline
+        raise InputError(f"the held-out split has {len(evaluation)} vector(s), and the AR's held-out FVE needs >= 2 "
+                         "(a spread); raise eval_fraction or extract more positions per document")
     rows, eval_rows = (ar_rows(data, ar.meta, ar.tokenizer) for data in (train, evaluation))
     check_fits(ar.model.cfg.n_ctx, rows, eval_rows)
     return loop.train(
