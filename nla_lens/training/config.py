@@ -42,6 +42,11 @@ class ExtractConfig:
         if self.batch_size < 1 or self.docs_per_shard < 1:
             raise ConfigError(f"extract: need batch_size >= 1 and docs_per_shard >= 1 (got {self.batch_size}, "
                               f"{self.docs_per_shard})")
+        # The model's own limits (layer < n_layers, max_tokens <= n_ctx) are checked once it has loaded.
+        if self.layer < 0 or self.positions_per_doc < 1 or self.min_context < 0 or self.max_tokens <= self.min_context:
+            raise ConfigError(f"extract: need layer >= 0, positions_per_doc >= 1, min_context >= 0 and max_tokens > "
+                              f"min_context (got {self.layer}, {self.positions_per_doc}, {self.min_context}, "
+                              f"{self.max_tokens})")
 
 
 def _adam_betas(betas: Any) -> tuple[float, float]:
