@@ -83,3 +83,15 @@ def test_ar_resume_from_a_mid_run_checkpoint_gives_the_uninterrupted_weights(bas
     with pytest.raises(nl.ConfigError, match="batch_size"):
         train_ar(init_ar(base_folder, dataset_meta), *label_split, dataclasses.replace(config, batch_size=4),
                  out_dir=tmp_path / "whole", resume="latest", progress=False)
+    # So is resuming on other rows (another explanations file or split) under the same config.
+    train, held_out = label_split
+    with pytest.raises(nl.ConfigError, match="other data than the run started with"):
+        train_ar(init_ar(base_folder, dataset_meta), train.select(range(len(train) - 1)), held_out, config,
+                 out_dir=tmp_path / "whole", resume="latest", progress=False)
+
+
+def test_a_held_out_split_of_one_vector_is_refused_before_training(base_folder, dataset_meta, label_split):
+    # The FVE of the first evaluation would divide by the zero spread of one vector (a ZeroDivisionError).
+    train, held_out = label_split
+    with pytest.raises(nl.InputError, match="held-out split has 1 vector"):
+        train_ar(init_ar(base_folder, dataset_meta), train, held_out.select([0]), TrainConfig(steps=1), progress=False)

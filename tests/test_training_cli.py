@@ -190,12 +190,16 @@ def test_cli_names_a_config_value_of_the_wrong_kind(tmp_path, capsys, value, mes
 
 _REQUIRED = {"extract": {"base_model": "x", "corpus": "y", "out_dir": "o"},
              "train-ar": {"base_model": "x", "activations": "y", "explanations": "z", "out_dir": "o"},
+             "train-av": {"base_model": "x", "activations": "y", "explanations": "z", "out_dir": "o"},
              "train-rl": {"av": "a", "ar": "r", "activations": "y", "explanations": "z", "out_dir": "o"}}
 
 
 @pytest.mark.parametrize(("command", "section", "value", "message"), [
     ("extract", "extract", {"layer": 1, "batch_size": 0}, "need batch_size >= 1 and docs_per_shard >= 1"),
     ("extract", "extract", {"layer": 1, "docs_per_shard": -1}, "need batch_size >= 1 and docs_per_shard >= 1"),
+    ("extract", "extract", {"layer": 1, "positions_per_doc": 0}, "need layer >= 0, positions_per_doc >= 1"),
+    ("extract", "extract", {"layer": 1, "min_context": 40, "max_tokens": 32}, "max_tokens > min_context"),
+    ("extract", "extract", {"layer": -1}, "need layer >= 0"),
     ("train-ar", "train", {"weight_decay": -50.0}, "weight_decay must be >= 0"),
     ("train-ar", "train", {"betas": [0.9, 1.5]}, "betas must be two numbers in [0, 1)"),
     ("train-rl", "rl", {"betas": [0.9]}, "betas must be two numbers in [0, 1)"),
@@ -203,6 +207,14 @@ _REQUIRED = {"extract": {"base_model": "x", "corpus": "y", "out_dir": "o"},
     ("train-rl", "rl", {"betas": 0.9}, "betas must be two numbers in [0, 1)"),
     ("train-rl", "rl", {"clip_eps": 1.5}, "clip_eps must be in (0, 1)"),
     ("train-rl", "rl", {"clip_eps": 0.0}, "clip_eps must be in (0, 1)"),
+    ("train-ar", "train", {"trainable_blocks": 3}, "trainable_blocks must be a list of block indices"),
+    ("train-ar", "train", {"trainable_blocks": ["2"]}, "trainable_blocks must be a list of block indices"),
+    ("train-av", "n_samples", -1, "need n_samples >= 0"),
+    ("train-av", "sample_max_new_tokens", 0, "sample_max_new_tokens >= 1"),
+    # A section whose keys are all commented out is YAML null, not the defaults.
+    ("train-ar", "train", None, "train: expected a mapping for TrainConfig, got an empty section"),
+    ("train-rl", "rl", None, "rl: expected a mapping for RLConfig, got an empty section"),
+    ("extract", "extract", None, "extract: expected a mapping for ExtractConfig, got an empty section"),
 ])
 def test_cli_refuses_an_out_of_range_setting_before_anything_loads(tmp_path, capsys, command, section, value,
                                                                    message):

@@ -340,6 +340,10 @@ def test_resume_and_extension_give_the_uninterrupted_run(sft_pair, tmp_path):
                           resume=tmp_path / "short" / "checkpoints" / "step-000002", sft_data=data, progress=False)
     final = _params(av2, ar2)
     assert all(torch.equal(after[k], final[k]) for k in after)
+    # Resuming on other training vectors under the same config is refused, not continued.
+    with pytest.raises(nl.ConfigError, match="other data than the run started with"):
+        rl.train_rl(*_load(sft_pair), train[1:], train[:0], config, out_dir=tmp_path / "short", resume="latest",
+                    sft_data=data, progress=False)
     untimed = [[{k: v for k, v in row.items() if "seconds" not in k} for row in run.history]
                for run in (whole, resumed)]
     assert untimed[0] == untimed[1]

@@ -15,11 +15,19 @@ from jaxtyping import Int
 from torch import Tensor, nn
 
 from nla_lens import backends, loading, metrics
+from nla_lens.errors import InputError
 from nla_lens.reconstructor import ActivationReconstructor
 from nla_lens.sidecar import NLAMeta, check_tokenizer, parse_meta
 from nla_lens.training import loop
 from nla_lens.training.config import TrainConfig
-from nla_lens.training.dataset import ARRows, LabelledActivations, ar_rows, check_document_disjoint, check_fits
+from nla_lens.training.dataset import (
+    ARRows,
+    LabelledActivations,
+    ar_rows,
+    check_document_disjoint,
+    check_fits,
+    data_fingerprint,
+)
 from nla_lens.training.export import freeze_weights_hf_lacks, model_sidecar
 from nla_lens.training.padding import pad
 
@@ -73,6 +81,9 @@ def train_ar(
     """Fine-tune `ar.model` and `ar.readout` in place on `train`; `evaluation` must hold other documents."""
     backends.require_hooked("training", ar.model)
     check_document_disjoint(train, evaluation)
+    if len(evaluation) < 2:  # else the FVE of the first evaluation divides by a zero baseline
+        raise InputError(f"the held-out split has {len(evaluation)} vector(s), and the AR's held-out FVE needs >= 2 "
+                         "(a spread); raise eval_fraction or extract more positions per document")
     rows, eval_rows = (ar_rows(data, ar.meta, ar.tokenizer) for data in (train, evaluation))
     check_fits(ar.model.cfg.n_ctx, rows, eval_rows)
     return loop.train(
@@ -81,4 +92,5 @@ def train_ar(
         units=len,
         evaluate=lambda: evaluate_ar(ar, eval_rows, batch_size=config.batch_size),
         config=config, out_dir=out_dir, resume=resume, desc="ar sft", progress=progress,
+        data=data_fingerprint(train, evaluation),
     )

@@ -21,7 +21,14 @@ from nla_lens.errors import ConfigError
 from nla_lens.sidecar import InjectionSpec, NLAMeta, check_tokenizer, parse_meta
 from nla_lens.training import loop
 from nla_lens.training.config import TrainConfig
-from nla_lens.training.dataset import AVRows, LabelledActivations, av_rows, check_document_disjoint, check_fits
+from nla_lens.training.dataset import (
+    AVRows,
+    LabelledActivations,
+    av_rows,
+    check_document_disjoint,
+    check_fits,
+    data_fingerprint,
+)
 from nla_lens.training.export import freeze_weights_hf_lacks, model_sidecar
 from nla_lens.training.padding import pad
 from nla_lens.verbalizer import ActivationVerbalizer, _injection_spec
@@ -132,4 +139,5 @@ def train_av(
         evaluate=lambda: evaluate_av(av, eval_rows, batch_size=config.batch_size, n_samples=n_samples,
                                      max_new_tokens=sample_max_new_tokens),
         config=config, out_dir=out_dir, resume=resume, desc="av sft", progress=progress,
+        data=data_fingerprint(train, evaluation),
     )

@@ -42,6 +42,11 @@ class ExtractConfig:
         if self.batch_size < 1 or self.docs_per_shard < 1:
             raise ConfigError(f"extract: need batch_size >= 1 and docs_per_shard >= 1 (got {self.batch_size}, "
                               f"{self.docs_per_shard})")
+        # The model's own limits (layer < n_layers, max_tokens <= n_ctx) are checked once it has loaded.
+        if self.layer < 0 or self.positions_per_doc < 1 or self.min_context < 0 or self.max_tokens <= self.min_context:
+            raise ConfigError(f"extract: need layer >= 0, positions_per_doc >= 1, min_context >= 0 and max_tokens > "
+                              f"min_context (got {self.layer}, {self.positions_per_doc}, {self.min_context}, "
+                              f"{self.max_tokens})")
 
 
 def _adam_betas(betas: Any) -> tuple[float, float]:
@@ -73,6 +78,17 @@ def _check_dtypes(config: object, *names: str) -> None:
         config_dtype(getattr(config, name), name)
 
 
+def _block_indices(blocks: Any) -> list[int] | None:
+    """`trainable_blocks`: a list of block indices or None, checked here rather than once the model has loaded
+    (the range is checked against the model's blocks then)."""
+    if blocks is None:
+        return None
+    if not isinstance(blocks, (list, tuple)) or not all(isinstance(b, int) and not isinstance(b, bool) for b in blocks):
+        raise ConfigError(f"trainable_blocks must be a list of block indices, e.g. [2, 3] (null: every block), "
+                          f"got {blocks!r}")
+    return list(blocks)
+
+
 @dataclass
 class TrainConfig:
     """The SFT loop's settings, shared by the AV and AR trainers."""
@@ -97,6 +113,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.betas = _adam_betas(self.betas)
+        self.trainable_blocks = _block_indices(self.trainable_blocks)
         if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1 or self.lr <= 0:
             raise ConfigError("need steps >= 1, batch_size >= 1, grad_accum >= 1 and lr > 0")
         if self.weight_decay < 0:
@@ -151,6 +168,12 @@ class AVRunConfig(SFTRunConfig):
     injection_scale: float | None = None  # embedding replacement only
     n_samples: int = 4
     sample_max_new_tokens: int = 64
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.n_samples < 0 or self.sample_max_new_tokens < 1:
+            raise ConfigError(f"need n_samples >= 0 (0: no sample verbalizations) and sample_max_new_tokens >= 1 "
+                              f"(got {self.n_samples}, {self.sample_max_new_tokens})")
 
 
 @dataclass
@@ -263,6 +286,9 @@ def from_dict(cls: type[Config], data: Any, *, where: str = "") -> Config:
     """Build dataclass `cls` from a mapping; unknown keys and missing required keys are errors. `where`
     names the section in messages ("rl"; empty at the top level)."""
     at = f"{where}: " if where else ""
+    if data is None and where:
+        raise ConfigError(f"{at}expected a mapping for {cls.__name__}, got an empty section (YAML reads a key with "
+                          "nothing under it as null); give its keys, or leave it out where it has defaults")
     if not isinstance(data, dict):
         raise ConfigError(f"{at}expected a mapping for {cls.__name__}, got {type(data).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
@@ -274,7 +300,7 @@ def from_dict(cls: type[Config], data: Any, *, where: str = "") -> Config:
     for name, value in data.items():
         nested = _dataclass_in(hints[name])
         child = f"{where}.{name}" if where else name
-        if nested and value is not None:
+        if nested and (value is not None or hints[name] is nested):  # a section that is not optional
             value = from_dict(nested, value, where=child)
         else:
             _check_scalar(value, hints[name], child)

@@ -6,6 +6,7 @@ let nanoNLA's held-out FVE climb from about 20% to about 38% through the leak al
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
@@ -95,6 +96,22 @@ def _read_explanations(path: Path) -> dict[tuple[str, int], str]:
                 raise InputError(f"{path}:{line_no}: a second explanation for doc_id {key[0]!r} position {key[1]}")
             out[key] = text
     return out
+
+
+def data_fingerprint(*parts: LabelledActivations | Tensor) -> str:
+    """A digest of the rows a run trains and evaluates on (vectors by shape and float32 bytes; documents,
+    positions and explanations), kept in its checkpoints: resuming on other data is refused, not continued."""
+    digest = hashlib.blake2b(digest_size=16)
+    for part in parts:
+        tensors, lists = ((part.vectors,), (part.doc_ids, part.positions, part.explanations)) if isinstance(
+            part, LabelledActivations) else ((part,), ())
+        for tensor in tensors:
+            values = tensor.detach().to("cpu", torch.float32).contiguous()
+            digest.update(f"{tuple(values.shape)}".encode())
+            digest.update(values.numpy())
+        for values in lists:
+            digest.update(json.dumps(values).encode())
+    return digest.hexdigest()
 
 
 def save_explanations(data: LabelledActivations, path: str | Path) -> Path:

@@ -156,8 +156,6 @@ def extract_activations(
     backends.require_hooked("training", model)
     if not 0 <= config.layer < model.cfg.n_layers:
         raise ConfigError(f"layer {config.layer} is outside the model's {model.cfg.n_layers} blocks")
-    if config.positions_per_doc < 1 or config.min_context < 0 or config.max_tokens <= config.min_context:
-        raise ConfigError("need positions_per_doc >= 1, min_context >= 0 and max_tokens > min_context")
     if config.max_tokens > model.cfg.n_ctx:
         raise ConfigError(f"max_tokens={config.max_tokens} is over the base model's context n_ctx={model.cfg.n_ctx}; "
                           f"set max_tokens <= {model.cfg.n_ctx}")

@@ -125,6 +125,7 @@ def train(
     resume: str | Path | None = None,
     desc: str = "train",
     progress: bool = True,
+    data: str | None = None,
 ) -> TrainResult:
     """Run `config.steps` optimizer steps; a micro-batch's loss is `loss_sum(rows) / units(rows)`.
 
@@ -132,7 +133,8 @@ def train(
     units: a micro-batch split across ranks is still normalised by its global count.
     `modules["model"]` is the TransformerLens model. `evaluate()` runs (on every rank) at the start,
     every `eval_every` steps and at the end; checkpoints go to `out_dir/checkpoints/step-NNNNNN`.
-    `resume` is a checkpoint folder or "latest" (the newest under `out_dir`).
+    `resume` is a checkpoint folder or "latest" (the newest under `out_dir`). `data` (`dataset.data_fingerprint`
+    of the rows) is kept in each checkpoint and must match on resume.
     """
     started = time.perf_counter()
     world = parallel.current_world()
@@ -154,10 +156,10 @@ def train(
         result = TrainResult(steps=config.steps)
         if resume is not None:
             folder = latest_checkpoint(out_dir) if resume == "latest" else Path(resume)
-            result = load_checkpoint(folder, params, optimizer, config)
+            result = load_checkpoint(folder, params, optimizer, config, data=data)
             logger.info("resumed from %s at step %d", folder, len(result.history))
         _run_steps(modules, step_loss, params, optimizer, n_rows, units, evaluate, config, result, world,
-                   out_dir=out_dir, desc=desc, progress=progress)
+                   out_dir=out_dir, desc=desc, progress=progress, data=data)
     result.seconds += time.perf_counter() - started
     return result
 
@@ -182,7 +184,7 @@ def deterministic_algorithms() -> Iterator[None]:
 def _run_steps(modules: dict[str, nn.Module], step_loss: nn.Module, params: dict[str, nn.Parameter],
                optimizer: torch.optim.Optimizer, n_rows: int, units: Callable[[Tensor], int],
                evaluate: Callable[[], dict[str, Any]], config: TrainConfig, result: TrainResult,
-               world: World, *, out_dir: str | Path | None, desc: str, progress: bool) -> None:
+               world: World, *, out_dir: str | Path | None, desc: str, progress: bool, data: str | None) -> None:
     start = len(result.history)
     device = next(iter(params.values())).device
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if config.bf16 and device.type == "cuda"
@@ -237,14 +239,15 @@ def _run_steps(modules: dict[str, nn.Module], step_loss: nn.Module, params: dict
         if done == config.steps or (config.eval_every and done % config.eval_every == 0):
             run_eval(done)
         if out_dir is not None and (done == config.steps or (config.save_every and done % config.save_every == 0)):
-            result.checkpoint = save_checkpoint(Path(out_dir), done, params, optimizer, config, result)
+            result.checkpoint = save_checkpoint(Path(out_dir), done, params, optimizer, config, result, data=data)
     for module in modules.values():
         module.eval()
 
 
 def save_checkpoint(out_dir: Path, step: int, params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer,
-                    config: TrainConfig, result: TrainResult) -> Path:
-    """Write `checkpoints/step-NNNNNN` atomically and keep the newest `keep_checkpoints` of them.
+                    config: TrainConfig, result: TrainResult, *, data: str | None = None) -> Path:
+    """Write `checkpoints/step-NNNNNN` atomically and keep the newest `keep_checkpoints` of them; `data`
+    is the run's `dataset.data_fingerprint`.
 
     Tensors are saved whole (FSDP shards are gathered; every rank must call this), rank 0 writes.
     """
@@ -265,7 +268,7 @@ def save_checkpoint(out_dir: Path, step: int, params: dict[str, nn.Parameter], o
     trainer_state = {
         "step": step, "param_names": list(params), "param_groups": state["param_groups"],
         "optimizer_scalars": scalars, "config": asdict(config),
-        "history": result.history, "evals": result.evals, "seconds": result.seconds,
+        "history": result.history, "evals": result.evals, "seconds": result.seconds, "data": data,
     }
     (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1), encoding="utf-8")
     shutil.rmtree(folder, ignore_errors=True)
@@ -276,9 +279,11 @@ def save_checkpoint(out_dir: Path, step: int, params: dict[str, nn.Parameter], o
 
 
 def load_checkpoint(folder: Path, params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer,
-                    config: TrainConfig, resumable: frozenset[str] | set[str] = frozenset()) -> TrainResult:
+                    config: TrainConfig, resumable: frozenset[str] | set[str] = frozenset(), *,
+                    data: str | None = None) -> TrainResult:
     """Restore weights and optimizer state from `folder`; the config must match the saved one, except
-    for settings that leave the trajectory alone (`_RESUMABLE_CHANGES`, plus `resumable`).
+    for settings that leave the trajectory alone (`_RESUMABLE_CHANGES`, plus `resumable`), and so must
+    the `data` fingerprint where both the checkpoint and the caller have one.
 
     The saved tensors are whole, so the run may resume on another number of ranks.
     """
@@ -292,6 +297,9 @@ def load_checkpoint(folder: Path, params: dict[str, nn.Parameter], optimizer: to
     if changed:
         raise ConfigError(f"resuming from {folder} with other settings for {changed}; an exact resume "
                           "needs the config the run started with")
+    if data is not None and state.get("data") not in (None, data):
+        raise ConfigError(f"resuming from {folder} on other data than the run started with (another activations "
+                          "or explanations file, eval_fraction or split_seed); an exact resume needs the same rows")
     if state["param_names"] != list(params):
         raise CheckpointError(f"{folder} holds other trainable parameters than this model; resume with "
                               "the same base model and trainable_blocks")

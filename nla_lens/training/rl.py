@@ -46,7 +46,7 @@ from nla_lens.training import grpo, loop, parallel
 from nla_lens.training.ar_sft import ar_loss
 from nla_lens.training.av_sft import av_loss, response_logits
 from nla_lens.training.config import RLConfig
-from nla_lens.training.dataset import ARRows, AVRows, LabelledActivations, av_rows, check_fits
+from nla_lens.training.dataset import ARRows, AVRows, LabelledActivations, av_rows, check_fits, data_fingerprint
 from nla_lens.training.export import freeze_weights_hf_lacks
 from nla_lens.verbalizer import ActivationVerbalizer, _sample
 
@@ -449,14 +449,16 @@ def train_rl(
             p.requires_grad_(False)
     started = time.perf_counter()
     trainer = _Trainer(av, ar, reference, train_vectors, config, _sft_rows(av, sft_data, config))
+    eval_vectors = eval_vectors[:config.eval_vectors]
+    data = data_fingerprint(train_vectors, eval_vectors, *([sft_data] if trainer.sft_rows is not None else []))
     result = loop.TrainResult(steps=config.steps)
     if resume is not None:
         folder = loop.latest_checkpoint(out_dir) if resume == "latest" else Path(resume)
         # The learning rates are constant, so a run may also be extended: `steps` is resumable.
-        result = loop.load_checkpoint(folder, trainer.params, trainer.optimizer, config, resumable={"steps"})
+        result = loop.load_checkpoint(folder, trainer.params, trainer.optimizer, config, resumable={"steps"},
+                                      data=data)
         result.steps = config.steps
         logger.info("resumed from %s at step %d", folder, len(result.history))
-    eval_vectors = eval_vectors[:config.eval_vectors]
     if config.eval_vectors >= 2 and len(eval_vectors) < 2:
         logger.warning("%d held-out vector(s): no held-out evaluation (FVE needs >= 2)", len(eval_vectors))
 
@@ -482,6 +484,6 @@ def train_rl(
             if out_dir is not None and (done == config.steps or
                                         (config.save_every and done % config.save_every == 0)):
                 result.checkpoint = loop.save_checkpoint(Path(out_dir), done, trainer.params, trainer.optimizer,
-                                                         config, result)
+                                                         config, result, data=data)
     result.seconds += time.perf_counter() - started
     return result
