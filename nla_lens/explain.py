@@ -10,7 +10,7 @@ tokens coloured by FVE, `to_pandas()` and `save()`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -114,7 +114,10 @@ def explain(nla: NLA, base: TLModel, text_or_texts: str | Sequence[str], *, posi
     `verbalize_kwargs` go to `verbalize` (e.g. `max_new_tokens`, `batch_size`).
     """
     backends.backend_of(base)  # the text is tokenized with its tokenizer before explain_tokens checks it
-    texts = [text_or_texts] if isinstance(text_or_texts, str) else list(text_or_texts)
+    if isinstance(text_or_texts, str):
+        texts = [text_or_texts]
+    else:  # None or a number is no list of texts: the InputError below, not a TypeError from list()
+        texts = list(text_or_texts) if isinstance(text_or_texts, Iterable) else []
     if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
         raise InputError("pass a non-empty text, or a non-empty list of non-empty texts, to explain")
     tokenizer = base.tokenizer

@@ -80,7 +80,7 @@ def test_positions_select_the_same_tokens_in_every_text():
 
 
 def test_explain_refuses_empty_texts_with_a_typed_error(base, nla):
-    for bad in ("", "   ", [], ["fine", ""]):
+    for bad in ("", "   ", [], ["fine", ""], None, 3):
         with pytest.raises(nl.InputError, match="non-empty"):
             nla.explain(base, bad)
 
