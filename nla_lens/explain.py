@@ -141,7 +141,7 @@ def explain_tokens(nla: NLA, base: TLModel, token_rows: Sequence[Sequence[int]],
     """`explain` for texts already tokenized (`token_rows`); `skip[i]` leading tokens of row i are left
     out when `positions` is None (a BOS the tokenizer added)."""
     layer = nla.layer
-    check_base_model(base, nla.av, layer)
+    check_base_model(base, nla, layer)
     if not token_rows or not all(len(row) for row in token_rows):
         raise InputError("every text to explain needs at least one token")
     too_long = [len(row) for row in token_rows if len(row) > base.cfg.n_ctx]

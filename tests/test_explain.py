@@ -107,6 +107,19 @@ def test_explaining_with_the_avs_own_model_as_base_warns(nla):
         nla.explain(nla.av.model, "the cat", positions=-1, max_new_tokens=2)
 
 
+def test_the_ars_own_model_as_base_is_refused(nla):
+    """Its first K+1 blocks run and gave plausible FVEs from fine-tuned activations; refused as an AR folder is."""
+    tokens = nla.av.model.to_tokens("the cat")
+    calls = (lambda: nla.explain(nla.ar.model, "the cat", positions=-1, **FAST),
+             lambda: nl.steer_then_verbalize(nla.ar.model, nla, tokens, steering_vector=torch.ones(nla.av.meta.d_model),
+                                             scale=1.0, steer_layer=0, **FAST),
+             lambda: nl.patching_study(nla.ar.model, nla, tokens, tokens, patch_layer=0, patch_position=0, **FAST),
+             lambda: nl.steer_with_words(nla, nla.ar.model, tokens, positions=-1, edit="a dog"))
+    for call in calls:
+        with pytest.raises(nl.InputError, match="the AR's own model"):
+            call()
+
+
 def test_an_av_and_ar_from_different_training_stages_warn(toy):
     from nla_lens.toy.demo import TOY_DIR
     from nla_lens.toy.evaluate import ToyNLA
