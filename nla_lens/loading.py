@@ -116,8 +116,21 @@ def check_base_folder(folder: Path, label: str, base_model: str | None = None) -
                   f"base model's. Pass the base model the NLA reads{named}", stacklevel=3)
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
 def load_tokenizer(folder: Path, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    # Without its files AutoTokenizer builds an empty tokenizer from config.json alone, and a broken
+    # tokenizer.json raises transformers' ValueError: both name the folder here instead.
+    restore = "copy the tokenizer files saved with the checkpoint (tokenizer.json, tokenizer_config.json) into it"
+    if not any((Path(folder) / name).is_file() for name in _TOKENIZER_FILES):
+        raise CheckpointError(f"{folder} holds no tokenizer ({' / '.join(_TOKENIZER_FILES)}); {restore}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise CheckpointError(f"the tokenizer in {folder} cannot be loaded ({type(exc).__name__}: {reason}); "
+                              f"{restore}") from exc
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -6,6 +6,7 @@ expensive work fails the test; the command must exit 2 with the message and no t
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -216,6 +217,24 @@ def test_from_pretrained_rejects_a_device_before_loading(tiny_paths, monkeypatch
 def test_loading_an_ar_folder_as_an_av_says_so(tiny_paths):
     with pytest.raises(nl.SidecarError, match="is an AR checkpoint, not an AV"):
         nl.ActivationVerbalizer.from_pretrained(tiny_paths["ar_nanonla"])  # was: missing ln_final weights
+
+
+@pytest.mark.parametrize("broken", ["missing", "corrupt", "gone"])
+def test_a_checkpoint_without_a_readable_tokenizer_is_a_checkpoint_error(tiny_paths, tmp_path, capsys, broken):
+    """Was transformers' ValueError traceback (missing or corrupt tokenizer.json), or, with no tokenizer
+    files at all, an empty tokenizer from config.json whose marker then 'drifted'."""
+    folder = tmp_path / "av"
+    shutil.copytree(tiny_paths["av_karvonen"], folder)
+    if broken == "corrupt":
+        (folder / "tokenizer.json").write_text("{garbage")
+    else:
+        (folder / "tokenizer.json").unlink()
+    if broken == "gone":
+        for name in ("tokenizer_config.json", "vocab.json", "tokenizer.model"):
+            (folder / name).unlink(missing_ok=True)
+    with pytest.raises(nl.CheckpointError, match="copy the tokenizer files saved with the checkpoint"):
+        nl.ActivationVerbalizer.from_pretrained(folder)
+    _fails(["inspect", folder], capsys, "CheckpointError", str(folder))
 
 
 def test_missing_checkpoint_points_at_the_hf_command(tmp_path):
