@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
 from nla_lens.backends import gemma3, hf_names
-from nla_lens.errors import CheckpointError, InputError
+from nla_lens.errors import CheckpointError, InputError, SidecarError
 from nla_lens.sidecar import NLAMeta, load_meta
 
 try:
@@ -141,6 +141,23 @@ def load_hf_config(folder: Path, *, trust_remote_code: bool = False) -> Any:
     if not (folder / "config.json").is_file():
         raise CheckpointError(f"{folder} has no config.json; point at an HF checkpoint folder")
     return AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+
+
+def check_config(folder: Path, meta: NLAMeta, *, trust_remote_code: bool = False) -> None:
+    """The sidecar fits the model config.json describes (d_model, at least K+1 blocks), before any weight
+    is read: a sidecar copied into another checkpoint's folder is reported here, not after the load."""
+    config = load_hf_config(folder, trust_remote_code=trust_remote_code).get_text_config()
+    d_model, blocks = getattr(config, "hidden_size", None), getattr(config, "num_hidden_layers", None)
+    if d_model is not None and d_model != meta.d_model:
+        raise SidecarError(f"{folder}: the sidecar says d_model={meta.d_model} but config.json has hidden_size="
+                           f"{d_model}: the sidecar belongs to another checkpoint. Copy the nla_meta.yaml released "
+                           "with this checkpoint into the folder")
+    if blocks is not None and blocks <= meta.layer:  # more is fine: an AR folder of full depth, blocks past K unread
+        raise CheckpointError(
+            f"{folder}: the sidecar reads layer K={meta.layer}, which needs K+1={meta.layer + 1} blocks, but "
+            f"config.json has num_hidden_layers={blocks}: the sidecar and weights are from different checkpoints; "
+            "fix the sidecar's layer or use the folder the checkpoint was exported to"
+        )
 
 
 def prepends_bos(tokenizer: PreTrainedTokenizerBase) -> bool:

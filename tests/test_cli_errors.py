@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 
 import nla_lens as nl
@@ -217,6 +218,33 @@ def test_from_pretrained_rejects_a_device_before_loading(tiny_paths, monkeypatch
 def test_loading_an_ar_folder_as_an_av_says_so(tiny_paths):
     with pytest.raises(nl.SidecarError, match="is an AR checkpoint, not an AV"):
         nl.ActivationVerbalizer.from_pretrained(tiny_paths["ar_nanonla"])  # was: missing ln_final weights
+
+
+
+
+@pytest.mark.parametrize(("role", "entry", "expected"), [
+    ("av_karvonen", ("d_model", 256), "SidecarError: {folder}: the sidecar says d_model=256 but config.json has "
+                                      "hidden_size="),
+    ("ar_nanonla", ("d_model", 256), "the sidecar belongs to another checkpoint"),
+    ("av_karvonen", ("layer_index", 99), "CheckpointError: {folder}: the sidecar reads layer K=99, which needs "
+                                         "K+1=100"),
+])
+def test_a_sidecar_that_contradicts_config_json_is_refused_before_loading(tiny_paths, tmp_path, monkeypatch, capsys,
+                                                                          role, entry, expected):
+    """A sidecar copied into another checkpoint's folder: `inspect` said ok, and from_pretrained read every
+    weight before the AV's d_model check failed."""
+    folder = shutil.copytree(tiny_paths[role], tmp_path / role)
+    meta = yaml.safe_load((folder / "nla_meta.yaml").read_text())
+    key, value = entry
+    meta["extraction"][key] = value  # the nanoNLA dialect of the tiny checkpoints
+    (folder / "nla_meta.yaml").write_text(yaml.safe_dump(meta, allow_unicode=True))
+    expected = expected.format(folder=folder)
+    loader = nl.ActivationVerbalizer if role.startswith("av") else nl.ActivationReconstructor
+    monkeypatch.setattr(backends, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    with pytest.raises(nl.NLAError) as raised:
+        loader.from_pretrained(folder)
+    assert expected.split(": ", 1)[-1] in str(raised.value)
+    _fails(["inspect", folder], capsys, expected)
 
 
 @pytest.mark.parametrize("broken", ["missing", "corrupt", "gone"])
