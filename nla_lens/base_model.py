@@ -47,10 +47,16 @@ def load_base(source: NLA | ActivationVerbalizer | ActivationReconstructor | NLA
     return backends.load_model(folder, loading.load_tokenizer(folder), backend=backend, dtype=dtype, device=device)
 
 
-def check_base_model(base: TLModel, av: ActivationVerbalizer, layer: int | None = None) -> None:
+def check_base_model(base: TLModel, nla_or_av: NLA | ActivationVerbalizer, layer: int | None = None) -> None:
     """`base` can be the model the NLA reads: a TransformerLens model of the NLA's d_model (with a block
-    `layer`, if given). The AV's own model runs too, but it is fine-tuned: a warning, as for an AV folder."""
+    `layer`, if given). The AV's own model runs too, but it is fine-tuned: a warning, as for an AV folder.
+    The AR's model is refused, as an AR folder is: its first K+1 blocks run, fine-tuned, and look plausible."""
+    av = nla_or_av.av if isinstance(nla_or_av, NLA) else nla_or_av
     backends.backend_of(base)
+    if isinstance(nla_or_av, NLA) and base is nla_or_av.ar.model:
+        raise InputError("the base model given is the AR's own model (a fine-tuned copy of the base's first K+1 "
+                         "blocks): its activations are not the ones the NLA was trained to read. Pass the base "
+                         "model (nl.load_base(nla))")
     if base.cfg.d_model != av.meta.d_model:
         raise InputError(f"the base model has d_model={base.cfg.d_model} but this NLA reads {av.meta.d_model}-d "
                          "vectors; pass the base model the NLA was trained on (nl.load_base(nla) loads the one "

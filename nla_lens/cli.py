@@ -39,7 +39,9 @@ def _run_inspect(args: argparse.Namespace) -> None:
     for name in ("stage", "tokenization"):  # what nla_lens's exporter records (absent from released sidecars)
         print(f"{name:28s} {meta.raw.get(name)!r}")
     check_tokenizer(meta, loading.load_tokenizer(folder))
-    print("tokenizer check               ok")
+    print(f"{'tokenizer check':28s} ok")
+    loading.check_config(folder, meta)
+    print(f"{'config.json check':28s} ok")
 
 
 def _registrars() -> list[Callable[[argparse._SubParsersAction], None]]:

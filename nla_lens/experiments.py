@@ -195,7 +195,7 @@ def steer_then_verbalize(
     """
     av = _verbalizer(nla_or_av)
     layer = av.meta.layer if capture_layer is None else capture_layer
-    check_base_model(base_model, av)
+    check_base_model(base_model, nla_or_av)
     d_model = base_model.cfg.d_model
     if isinstance(steering_vector, Tensor) and tuple(steering_vector.shape) not in ((d_model,), (1, d_model)):
         raise VectorError(f"steering_vector must be one [d_model] = [{d_model}] vector (it is added to the base "
@@ -248,7 +248,7 @@ def patching_study(
     """
     av = _verbalizer(nla_or_av)
     layer = av.meta.layer if capture_layer is None else capture_layer
-    check_base_model(base_model, av)
+    check_base_model(base_model, nla_or_av)
     check_token_tensor(clean_tokens, "clean_tokens")
     check_token_tensor(corrupted_tokens, "corrupted_tokens")
     if clean_tokens.shape != corrupted_tokens.shape or clean_tokens.ndim != 2:

@@ -10,7 +10,7 @@ tokens coloured by FVE, `to_pandas()` and `save()`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -114,7 +114,10 @@ def explain(nla: NLA, base: TLModel, text_or_texts: str | Sequence[str], *, posi
     `verbalize_kwargs` go to `verbalize` (e.g. `max_new_tokens`, `batch_size`).
     """
     backends.backend_of(base)  # the text is tokenized with its tokenizer before explain_tokens checks it
-    texts = [text_or_texts] if isinstance(text_or_texts, str) else list(text_or_texts)
+    if isinstance(text_or_texts, str):
+        texts = [text_or_texts]
+    else:  # None or a number is no list of texts: the InputError below, not a TypeError from list()
+        texts = list(text_or_texts) if isinstance(text_or_texts, Iterable) else []
     if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
         raise InputError("pass a non-empty text, or a non-empty list of non-empty texts, to explain")
     tokenizer = base.tokenizer
@@ -138,7 +141,7 @@ def explain_tokens(nla: NLA, base: TLModel, token_rows: Sequence[Sequence[int]],
     """`explain` for texts already tokenized (`token_rows`); `skip[i]` leading tokens of row i are left
     out when `positions` is None (a BOS the tokenizer added)."""
     layer = nla.layer
-    check_base_model(base, nla.av, layer)
+    check_base_model(base, nla, layer)
     if not token_rows or not all(len(row) for row in token_rows):
         raise InputError("every text to explain needs at least one token")
     too_long = [len(row) for row in token_rows if len(row) > base.cfg.n_ctx]

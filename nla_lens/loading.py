@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
 from nla_lens.backends import gemma3, hf_names
-from nla_lens.errors import CheckpointError, InputError
+from nla_lens.errors import CheckpointError, InputError, SidecarError
 from nla_lens.sidecar import NLAMeta, load_meta
 
 try:
@@ -116,8 +116,21 @@ def check_base_folder(folder: Path, label: str, base_model: str | None = None) -
                   f"base model's. Pass the base model the NLA reads{named}", stacklevel=3)
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
 def load_tokenizer(folder: Path, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    # Without its files AutoTokenizer builds an empty tokenizer from config.json alone, and a broken
+    # tokenizer.json raises transformers' ValueError: both name the folder here instead.
+    restore = "copy the tokenizer files saved with the checkpoint (tokenizer.json, tokenizer_config.json) into it"
+    if not any((Path(folder) / name).is_file() for name in _TOKENIZER_FILES):
+        raise CheckpointError(f"{folder} holds no tokenizer ({' / '.join(_TOKENIZER_FILES)}); {restore}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise CheckpointError(f"the tokenizer in {folder} cannot be loaded ({type(exc).__name__}: {reason}); "
+                              f"{restore}") from exc
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -128,6 +141,23 @@ def load_hf_config(folder: Path, *, trust_remote_code: bool = False) -> Any:
     if not (folder / "config.json").is_file():
         raise CheckpointError(f"{folder} has no config.json; point at an HF checkpoint folder")
     return AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+
+
+def check_config(folder: Path, meta: NLAMeta, *, trust_remote_code: bool = False) -> None:
+    """The sidecar fits the model config.json describes (d_model, at least K+1 blocks), before any weight
+    is read: a sidecar copied into another checkpoint's folder is reported here, not after the load."""
+    config = load_hf_config(folder, trust_remote_code=trust_remote_code).get_text_config()
+    d_model, blocks = getattr(config, "hidden_size", None), getattr(config, "num_hidden_layers", None)
+    if d_model is not None and d_model != meta.d_model:
+        raise SidecarError(f"{folder}: the sidecar says d_model={meta.d_model} but config.json has hidden_size="
+                           f"{d_model}: the sidecar belongs to another checkpoint. Copy the nla_meta.yaml released "
+                           "with this checkpoint into the folder")
+    if blocks is not None and blocks <= meta.layer:  # more is fine: an AR folder of full depth, blocks past K unread
+        raise CheckpointError(
+            f"{folder}: the sidecar reads layer K={meta.layer}, which needs K+1={meta.layer + 1} blocks, but "
+            f"config.json has num_hidden_layers={blocks}: the sidecar and weights are from different checkpoints; "
+            "fix the sidecar's layer or use the folder the checkpoint was exported to"
+        )
 
 
 def prepends_bos(tokenizer: PreTrainedTokenizerBase) -> bool:

@@ -14,7 +14,7 @@ from transformers import PreTrainedTokenizerBase
 from nla_lens import backends, loading
 from nla_lens.checks import check_counts, check_explanations, resolve_device, resolve_dtype
 from nla_lens.distributed import inference
-from nla_lens.errors import CheckpointError, PromptTooLongError, SidecarError
+from nla_lens.errors import PromptTooLongError, SidecarError
 from nla_lens.sidecar import NLAMeta, ar_prompt_ids, check_tokenizer, load_meta
 
 if TYPE_CHECKING:
@@ -67,13 +67,7 @@ class ActivationReconstructor:
         tokenizer = loading.load_tokenizer(folder, trust_remote_code=trust_remote_code)
         tokenizer.padding_side = "left"  # the last real token is then always at position -1
         check_tokenizer(meta, tokenizer, role="ar")
-        blocks = getattr(loading.load_hf_config(folder).get_text_config(), "num_hidden_layers", None)
-        if blocks is not None and blocks <= meta.layer:  # more is fine: a full-depth folder, blocks past K unread
-            raise CheckpointError(
-                f"{folder}: the sidecar reads layer K={meta.layer}, so the AR needs K+1={meta.layer + 1} blocks, "
-                f"but config.json has num_hidden_layers={blocks}: the sidecar and weights are from different "
-                "checkpoints; fix the sidecar's layer or use the folder the AR was exported to"
-            )
+        loading.check_config(folder, meta, trust_remote_code=trust_remote_code)
         model = backends.load_model(folder, tokenizer, backend=backend, dtype=dtype, device=device,
                                     n_layers=meta.layer + 1, trust_remote_code=trust_remote_code)
         readout = loading.load_readout(folder, meta.d_model, dtype=dtype, device=device)

@@ -38,6 +38,7 @@ from torch import Tensor
 from transformer_lens.hook_points import HookPoint
 
 from nla_lens import backends
+from nla_lens.base_model import check_base_model
 from nla_lens.capture import PositionSpec, real_tokens, resid_post, resolve_positions
 from nla_lens.checks import check_finite
 from nla_lens.errors import InputError, PairMismatchError, VectorError
@@ -310,6 +311,7 @@ def _check_inputs(nla: NLA, base: TLModel, tokens: Tensor, layer: int | None, al
             f"the base model (d_model={base.cfg.d_model}, {base.cfg.n_layers} blocks) cannot be the one this "
             f"NLA reads (d_model={nla.ar.meta.d_model}, layer {k}); pass the base model the NLA was trained on"
         )
+    check_base_model(base, nla)
     if not isinstance(tokens, Tensor) or tokens.ndim != 2 or tokens.is_floating_point():
         raise InputError("tokens must be a [batch, pos] integer tensor, e.g. base.to_tokens(prompts)")
     if mode not in ("add", "replace"):

@@ -118,6 +118,7 @@ class ActivationVerbalizer:
         spec = _injection_spec(meta, injection, hook_point)
         tokenizer = loading.load_tokenizer(folder, trust_remote_code=trust_remote_code)
         check_tokenizer(meta, tokenizer, role="av")
+        loading.check_config(folder, meta, trust_remote_code=trust_remote_code)
         eos = loading.eos_token_ids(folder, tokenizer)  # before TransformerLens gives the tokenizer a stand-in EOS
         model = backends.load_model(folder, tokenizer, backend=backend, dtype=dtype, device=device,
                                     trust_remote_code=trust_remote_code)

@@ -6,10 +6,12 @@ expensive work fails the test; the command must exit 2 with the message and no t
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 
 import nla_lens as nl
@@ -216,6 +218,51 @@ def test_from_pretrained_rejects_a_device_before_loading(tiny_paths, monkeypatch
 def test_loading_an_ar_folder_as_an_av_says_so(tiny_paths):
     with pytest.raises(nl.SidecarError, match="is an AR checkpoint, not an AV"):
         nl.ActivationVerbalizer.from_pretrained(tiny_paths["ar_nanonla"])  # was: missing ln_final weights
+
+
+
+
+@pytest.mark.parametrize(("role", "entry", "expected"), [
+    ("av_karvonen", ("d_model", 256), "SidecarError: {folder}: the sidecar says d_model=256 but config.json has "
+                                      "hidden_size="),
+    ("ar_nanonla", ("d_model", 256), "the sidecar belongs to another checkpoint"),
+    ("av_karvonen", ("layer_index", 99), "CheckpointError: {folder}: the sidecar reads layer K=99, which needs "
+                                         "K+1=100"),
+])
+def test_a_sidecar_that_contradicts_config_json_is_refused_before_loading(tiny_paths, tmp_path, monkeypatch, capsys,
+                                                                          role, entry, expected):
+    """A sidecar copied into another checkpoint's folder: `inspect` said ok, and from_pretrained read every
+    weight before the AV's d_model check failed."""
+    folder = shutil.copytree(tiny_paths[role], tmp_path / role)
+    meta = yaml.safe_load((folder / "nla_meta.yaml").read_text())
+    key, value = entry
+    meta["extraction"][key] = value  # the nanoNLA dialect of the tiny checkpoints
+    (folder / "nla_meta.yaml").write_text(yaml.safe_dump(meta, allow_unicode=True))
+    expected = expected.format(folder=folder)
+    loader = nl.ActivationVerbalizer if role.startswith("av") else nl.ActivationReconstructor
+    monkeypatch.setattr(backends, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    with pytest.raises(nl.NLAError) as raised:
+        loader.from_pretrained(folder)
+    assert expected.split(": ", 1)[-1] in str(raised.value)
+    _fails(["inspect", folder], capsys, expected)
+
+
+@pytest.mark.parametrize("broken", ["missing", "corrupt", "gone"])
+def test_a_checkpoint_without_a_readable_tokenizer_is_a_checkpoint_error(tiny_paths, tmp_path, capsys, broken):
+    """Was transformers' ValueError traceback (missing or corrupt tokenizer.json), or, with no tokenizer
+    files at all, an empty tokenizer from config.json whose marker then 'drifted'."""
+    folder = tmp_path / "av"
+    shutil.copytree(tiny_paths["av_karvonen"], folder)
+    if broken == "corrupt":
+        (folder / "tokenizer.json").write_text("{garbage")
+    else:
+        (folder / "tokenizer.json").unlink()
+    if broken == "gone":
+        for name in ("tokenizer_config.json", "vocab.json", "tokenizer.model"):
+            (folder / name).unlink(missing_ok=True)
+    with pytest.raises(nl.CheckpointError, match="copy the tokenizer files saved with the checkpoint"):
+        nl.ActivationVerbalizer.from_pretrained(folder)
+    _fails(["inspect", folder], capsys, "CheckpointError", str(folder))
 
 
 def test_missing_checkpoint_points_at_the_hf_command(tmp_path):

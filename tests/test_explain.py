@@ -80,7 +80,7 @@ def test_positions_select_the_same_tokens_in_every_text():
 
 
 def test_explain_refuses_empty_texts_with_a_typed_error(base, nla):
-    for bad in ("", "   ", [], ["fine", ""]):
+    for bad in ("", "   ", [], ["fine", ""], None, 3):
         with pytest.raises(nl.InputError, match="non-empty"):
             nla.explain(base, bad)
 
@@ -105,6 +105,19 @@ def test_a_base_without_a_tokenizer_is_told_a_fix_that_exists(base, nla, monkeyp
 def test_explaining_with_the_avs_own_model_as_base_warns(nla):
     with pytest.warns(UserWarning, match="the AV's own model, a fine-tuned copy"):
         nla.explain(nla.av.model, "the cat", positions=-1, max_new_tokens=2)
+
+
+def test_the_ars_own_model_as_base_is_refused(nla):
+    """Its first K+1 blocks run and gave plausible FVEs from fine-tuned activations; refused as an AR folder is."""
+    tokens = nla.av.model.to_tokens("the cat")
+    calls = (lambda: nla.explain(nla.ar.model, "the cat", positions=-1, **FAST),
+             lambda: nl.steer_then_verbalize(nla.ar.model, nla, tokens, steering_vector=torch.ones(nla.av.meta.d_model),
+                                             scale=1.0, steer_layer=0, **FAST),
+             lambda: nl.patching_study(nla.ar.model, nla, tokens, tokens, patch_layer=0, patch_position=0, **FAST),
+             lambda: nl.steer_with_words(nla, nla.ar.model, tokens, positions=-1, edit="a dog"))
+    for call in calls:
+        with pytest.raises(nl.InputError, match="the AR's own model"):
+            call()
 
 
 def test_an_av_and_ar_from_different_training_stages_warn(toy):
