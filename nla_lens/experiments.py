@@ -139,7 +139,8 @@ class DirectionVerbalization(TabularResult):
 
     def summary(self) -> str:
         failed = sum(v.explanation is None for v in self.verbalizations)
-        return f"{len(self.verbalizations)} directions verbalized, {failed} failed to parse"
+        n = len(self.verbalizations)
+        return f"{n} direction{'' if n == 1 else 's'} verbalized, {failed} failed to parse"
 
 
 def _scores(round_trip: RoundTrip | None, runs: tuple[str, ...]) -> str:

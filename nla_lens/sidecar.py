@@ -90,9 +90,11 @@ def load_meta(folder: str | Path) -> NLAMeta:
     """Read and parse `nla_meta.yaml` from a checkpoint folder (`yaml.safe_load`, no code)."""
     path = Path(folder) / SIDECAR_NAME
     if not path.is_file():
+        model = " It holds a model (config.json): a base model is not an NLA checkpoint." if (
+            Path(folder) / "config.json").is_file() else ""
         raise SidecarError(
-            f"no {SIDECAR_NAME} in {folder}: an NLA checkpoint needs its sidecar. Copy the "
-            f"{SIDECAR_NAME} released with the checkpoint into that folder."
+            f"no {SIDECAR_NAME} in {folder}: an NLA checkpoint needs its sidecar.{model} Pass an AV or AR folder, "
+            f"or copy the {SIDECAR_NAME} released with the checkpoint into that folder."
         )
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))

@@ -234,6 +234,7 @@ def test_injection_only_sees_the_direction_so_verbalize_direction_is_scale_free(
 def test_verbalize_direction_takes_an_nla_as_the_other_helpers_do(nla, steer):
     through_nla = nl.verbalize_direction(nla, steer, **FAST)
     assert through_nla.verbalizations == nla.av.verbalize(steer[None], **FAST)
+    assert through_nla.summary().startswith("1 direction verbalized, ")
 
 
 def test_word_diff_reports_added_and_removed_words():

@@ -128,8 +128,13 @@ def test_malformed_sidecars_raise_sidecar_error(mutate, match):
 
 
 def test_missing_and_unparseable_sidecar_files(tmp_path):
-    with pytest.raises(nl.SidecarError, match="no nla_meta.yaml"):
+    with pytest.raises(nl.SidecarError, match="no nla_meta.yaml") as info:
         load_meta(tmp_path)
+    assert "base model" not in str(info.value)
+    (tmp_path / "config.json").write_text("{}")  # a model folder without a sidecar: say it may be the base
+    with pytest.raises(nl.SidecarError, match="It holds a model \\(config.json\\): a base model is not an NLA"):
+        load_meta(tmp_path)
+    (tmp_path / "config.json").unlink()
     (tmp_path / "nla_meta.yaml").write_text("kind: [unclosed\n")
     with pytest.raises(nl.SidecarError, match="not valid YAML"):
         load_meta(tmp_path)
