@@ -84,6 +84,11 @@ def _meta_of(source: object) -> NLAMeta | None:
 def _base_folder(source: object, meta: NLAMeta | None) -> Path:
     if meta is None:
         return loading.resolve_checkpoint(source)  # type: ignore[arg-type]
+    return sidecar_base_folder(meta)
+
+
+def sidecar_base_folder(meta: NLAMeta) -> Path:
+    """The folder of the base model the sidecar names (`base_model`: a path, a cached hub id, or the toy's)."""
     name = meta.base_model
     if name is None:
         raise CheckpointError(f"the sidecar does not name its base model (no base_model entry); {_PASS_BASE}")

@@ -64,7 +64,7 @@ def add_verbalize(subparsers: argparse._SubParsersAction) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--input", "--vectors", dest="input", type=Path, help=_INPUT_HELP)
     source.add_argument("--text", help="text to run through --base; each of its positions is explained")
-    parser.add_argument("--base", help="base model folder for --text (the model the AV reads)")
+    parser.add_argument("--base", help="base model folder for --text (default: the sidecar's base_model)")
     parser.add_argument("--layer", type=int, help="layer K for --text (default: the AV's sidecar layer)")
     parser.add_argument("--output", type=Path,
                         help="write the rows (index, the input's columns, explanation, text) to this .parquet or "
@@ -162,12 +162,12 @@ def _run_verbalize(args: argparse.Namespace) -> None:
     if args.text is not None:
         if not args.text.strip():
             raise InputError("--text is empty; give the text whose positions to explain")
-        if args.base is None:
-            raise InputError("--text needs --base, the model whose activations the AV explains")
         if args.shards is not None or args.column is not None:
             raise InputError("--shards and --column apply to --input files; --text is explained in one process")
         layer = meta.layer if args.layer is None else args.layer
-        base = base_for(args.base, meta, layer)
+        from nla_lens.base_model import sidecar_base_folder
+
+        base = base_for(sidecar_base_folder(meta) if args.base is None else args.base, meta, layer)
         table = capture_text(str(base), layer, args.text, args.device, args.dtype)
     else:
         table = read_input(args.input, args.column)

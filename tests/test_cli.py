@@ -66,6 +66,15 @@ def test_inspect_prints_the_role_stage_and_recorded_baseline(capsys):
     assert "'bos_token_id': None" in lines["tokenization"]
 
 
+def test_verbalize_text_reads_the_base_model_the_sidecar_names(capsys):
+    from nla_lens import toy
+
+    assert main(["verbalize", "--av", str(toy.TOY_DIR / "av"), "--text", "Good morrow", "--max-new-tokens", "4"]) == 0
+    tokenizer = AutoTokenizer.from_pretrained(toy.TOY_DIR / "base")
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == len(tokenizer.encode("Good morrow"))  # one per position of the toy base's tokens
+
+
 def test_errors_exit_2_with_the_typed_reason(tiny_paths, tmp_path, capsys):
     assert main(["inspect", str(tiny_paths["ar_paper"])]) == 0
     assert main(["inspect", str(tmp_path)]) == 2
@@ -73,8 +82,8 @@ def test_errors_exit_2_with_the_typed_reason(tiny_paths, tmp_path, capsys):
     save_file({"a": torch.zeros(2, 64), "b": torch.zeros(2, 64)}, tmp_path / "two.safetensors")
     av = str(tiny_paths["av_karvonen"])
     assert main(["verbalize", "--av", av, "--vectors", str(tmp_path / "two.safetensors")]) == 2
-    assert main(["verbalize", "--av", av, "--text", "hi"]) == 2
-    assert "needs --base" in capsys.readouterr().err
+    assert main(["verbalize", "--av", av, "--text", "hi"]) == 2  # --base defaults to the sidecar's, not cached
+    assert "hf download" in capsys.readouterr().err
     assert main(["verbalize", "--av", av, "--base", av, "--text", "the cat sat " * 200]) == 2
     assert "PromptTooLongError" in capsys.readouterr().err  # not an IndexError from the rotary table
     assert main(["verbalize", "--av", av, "--base", av, "--text", "hi", "--shards", "0"]) == 2
