@@ -63,7 +63,7 @@ def add_verbalize(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--av", required=True, help="the AV checkpoint folder (or a hub id in the local HF cache)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--input", "--vectors", dest="input", type=Path, help=_INPUT_HELP)
-    source.add_argument("--text", help="text to run through --base; each of its positions is explained")
+    source.add_argument("--text", help="text to run through the base model; each of its positions is explained")
     parser.add_argument("--base", help="base model folder for --text (default: the sidecar's base_model)")
     parser.add_argument("--layer", type=int, help="layer K for --text (default: the AV's sidecar layer)")
     parser.add_argument("--output", type=Path,
