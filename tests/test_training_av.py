@@ -164,3 +164,10 @@ def test_an_embedding_replacement_av_exports_its_method_and_scale(base_folder, d
     reloaded = nl.ActivationVerbalizer.from_pretrained(export_av(av, tmp_path / "av", base_folder))
     assert reloaded.injection_spec == nl.InjectionSpec("embedding", "hook_embed")
     assert reloaded.meta.injection_scale == 5.0
+
+
+def test_an_empty_held_out_split_is_refused_before_training(base_folder, dataset_meta, label_split):
+    # The first evaluation's mean loss would divide by zero held-out tokens.
+    train, held_out = label_split
+    with pytest.raises(nl.InputError, match="held-out split is empty"):
+        train_av(init_av(base_folder, dataset_meta), train, held_out.select([]), TrainConfig(steps=1), progress=False)

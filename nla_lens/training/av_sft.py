@@ -17,7 +17,7 @@ from torch import Tensor
 
 from nla_lens import backends, loading
 from nla_lens.distributed import inference
-from nla_lens.errors import ConfigError
+from nla_lens.errors import ConfigError, InputError
 from nla_lens.sidecar import InjectionSpec, NLAMeta, check_tokenizer, parse_meta
 from nla_lens.training import loop
 from nla_lens.training.config import TrainConfig
@@ -127,6 +127,9 @@ def train_av(
     """Fine-tune `av.model` in place on `train`; `evaluation` must hold other documents."""
     backends.require_hooked("training", av.model)
     check_document_disjoint(train, evaluation)
+    if len(evaluation) == 0:  # else the first evaluation's mean loss divides by zero tokens
+        raise InputError("the held-out split is empty, and AV SFT reports a held-out loss; raise eval_fraction "
+                         "or pass held-out rows")
     eos = av.tokenizer.eos_token_id
     if eos not in av.eos_token_ids:
         raise ConfigError(f"the tokenizer's EOS id {eos} is not among the AV's stop ids {av.eos_token_ids}")
