@@ -24,6 +24,7 @@ from nla_lens.sidecar import NLAMeta, ar_prompt_ids, av_prompt_ids
 from nla_lens.training.extraction import ActivationDataset, ActivationRecord
 
 logger = logging.getLogger(__name__)
+_FINGERPRINT_CHUNK = 1 << 24  # values hashed per float32 copy (64 MiB)
 Labeler = Callable[[ActivationRecord], "str | None"]
 
 
@@ -106,9 +107,9 @@ def data_fingerprint(*parts: LabelledActivations | Tensor) -> str:
         tensors, lists = ((part.vectors,), (part.doc_ids, part.positions, part.explanations)) if isinstance(
             part, LabelledActivations) else ((part,), ())
         for tensor in tensors:
-            values = tensor.detach().to("cpu", torch.float32).contiguous()
-            digest.update(f"{tuple(values.shape)}".encode())
-            digest.update(values.numpy())
+            digest.update(f"{tuple(tensor.shape)}".encode())
+            for chunk in tensor.detach().flatten().split(_FINGERPRINT_CHUNK):  # float32 copies, a chunk at a time
+                digest.update(chunk.to("cpu", torch.float32).contiguous().numpy())
         for values in lists:
             digest.update(json.dumps(values).encode())
     return digest.hexdigest()
