@@ -88,6 +88,12 @@ def test_ar_resume_from_a_mid_run_checkpoint_gives_the_uninterrupted_weights(bas
     with pytest.raises(nl.ConfigError, match="other data than the run started with"):
         train_ar(init_ar(base_folder, dataset_meta), train.select(range(len(train) - 1)), held_out, config,
                  out_dir=tmp_path / "whole", resume="latest", progress=False)
+    # And from other starting weights (another base folder or dtype): a block not trained still differs.
+    other = init_ar(base_folder, dataset_meta)
+    with torch.no_grad():
+        other.model.blocks[0].attn.W_O.mul_(1.01)
+    with pytest.raises(nl.ConfigError, match="other starting weights"):
+        train_ar(other, *label_split, config, out_dir=tmp_path / "whole", resume="latest", progress=False)
 
 
 def test_a_held_out_split_of_one_vector_is_refused_before_training(base_folder, dataset_meta, label_split):

@@ -344,6 +344,13 @@ def test_resume_and_extension_give_the_uninterrupted_run(sft_pair, tmp_path):
     with pytest.raises(nl.ConfigError, match="other data than the run started with"):
         rl.train_rl(*_load(sft_pair), train[1:], train[:0], config, out_dir=tmp_path / "short", resume="latest",
                     sft_data=data, progress=False)
+    # So is resuming with another KL reference (the `av:` folder the run started from).
+    av3, ar3, reference3 = _load(sft_pair)
+    with torch.no_grad():
+        reference3.model.blocks[0].mlp.W_out.mul_(1.01)
+    with pytest.raises(nl.ConfigError, match="other starting weights"):
+        rl.train_rl(av3, ar3, reference3, train, train[:0], config, out_dir=tmp_path / "short", resume="latest",
+                    sft_data=data, progress=False)
     untimed = [[{k: v for k, v in row.items() if "seconds" not in k} for row in run.history]
                for run in (whole, resumed)]
     assert untimed[0] == untimed[1]

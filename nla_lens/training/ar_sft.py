@@ -92,5 +92,5 @@ def train_ar(
         units=len,
         evaluate=lambda: evaluate_ar(ar, eval_rows, batch_size=config.batch_size),
         config=config, out_dir=out_dir, resume=resume, desc="ar sft", progress=progress,
-        data=data_fingerprint(train, evaluation),
+        data=data_fingerprint(ar.model, ar.readout, train, evaluation),
     )

@@ -142,5 +142,5 @@ def train_av(
         evaluate=lambda: evaluate_av(av, eval_rows, batch_size=config.batch_size, n_samples=n_samples,
                                      max_new_tokens=sample_max_new_tokens),
         config=config, out_dir=out_dir, resume=resume, desc="av sft", progress=progress,
-        data=data_fingerprint(train, evaluation),
+        data=data_fingerprint(av.model, train, evaluation),
     )

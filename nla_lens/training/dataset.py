@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 from jaxtyping import Float, Int
-from torch import Tensor
+from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from nla_lens.errors import InputError, PromptTooLongError, SplitLeakError
@@ -25,6 +25,7 @@ from nla_lens.training.extraction import ActivationDataset, ActivationRecord
 
 logger = logging.getLogger(__name__)
 _FINGERPRINT_CHUNK = 1 << 24  # values hashed per float32 copy (64 MiB)
+_WEIGHT_STRIDE = 997  # every 997th value of each parameter: another checkpoint differs there too
 Labeler = Callable[[ActivationRecord], "str | None"]
 
 
@@ -99,11 +100,17 @@ def _read_explanations(path: Path) -> dict[tuple[str, int], str]:
     return out
 
 
-def data_fingerprint(*parts: LabelledActivations | Tensor) -> str:
+def data_fingerprint(*parts: LabelledActivations | Tensor | nn.Module) -> str:
     """A digest of the rows a run trains and evaluates on (vectors by shape and float32 bytes; documents,
-    positions and explanations), kept in its checkpoints: resuming on other data is refused, not continued."""
+    positions and explanations) and of the weights it starts from (every parameter's name, shape and a
+    strided sample), kept in its checkpoints: resuming on other data or another start is refused."""
     digest = hashlib.blake2b(digest_size=16)
     for part in parts:
+        if isinstance(part, nn.Module):
+            for name, param in part.named_parameters():
+                digest.update(f"{name}{tuple(param.shape)}".encode())
+                digest.update(param.detach().flatten()[::_WEIGHT_STRIDE].to("cpu", torch.float32).contiguous().numpy())
+            continue
         tensors, lists = ((part.vectors,), (part.doc_ids, part.positions, part.explanations)) if isinstance(
             part, LabelledActivations) else ((part,), ())
         for tensor in tensors:

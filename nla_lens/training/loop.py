@@ -299,7 +299,9 @@ def load_checkpoint(folder: Path, params: dict[str, nn.Parameter], optimizer: to
                           "needs the config the run started with")
     if data is not None and state.get("data") not in (None, data):
         raise ConfigError(f"resuming from {folder} on other data than the run started with (another activations "
-                          "or explanations file, eval_fraction or split_seed); an exact resume needs the same rows")
+                          "or explanations file, eval_fraction or split_seed), or from other starting weights "
+                          "(another av / ar / base_model folder or dtype); an exact resume needs the same rows and "
+                          "the same start")
     if state["param_names"] != list(params):
         raise CheckpointError(f"{folder} holds other trainable parameters than this model; resume with "
                               "the same base model and trainable_blocks")

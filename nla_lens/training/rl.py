@@ -450,7 +450,8 @@ def train_rl(
     started = time.perf_counter()
     trainer = _Trainer(av, ar, reference, train_vectors, config, _sft_rows(av, sft_data, config))
     eval_vectors = eval_vectors[:config.eval_vectors]
-    data = data_fingerprint(train_vectors, eval_vectors, *([sft_data] if trainer.sft_rows is not None else []))
+    data = data_fingerprint(av.model, ar.model, ar.readout, *([] if reference is None else [reference.model]),
+                            train_vectors, eval_vectors, *([sft_data] if trainer.sft_rows is not None else []))
     result = loop.TrainResult(steps=config.steps)
     if resume is not None:
         folder = loop.latest_checkpoint(out_dir) if resume == "latest" else Path(resume)
