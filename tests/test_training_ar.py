@@ -94,6 +94,10 @@ def test_ar_resume_from_a_mid_run_checkpoint_gives_the_uninterrupted_weights(bas
         other.model.blocks[0].attn.W_O.mul_(1.01)
     with pytest.raises(nl.ConfigError, match="other starting weights"):
         train_ar(other, *label_split, config, out_dir=tmp_path / "whole", resume="latest", progress=False)
+    # Resuming from an earlier checkpoint into a folder with later ones warns: `resume: latest` would pick those.
+    with pytest.warns(UserWarning, match=r"later checkpoints of another run \(step-000004\)"):
+        train_ar(init_ar(base_folder, dataset_meta), *label_split, config, out_dir=tmp_path / "whole",
+                 resume=tmp_path / "whole" / "checkpoints" / "step-000002", progress=False)
 
 
 def test_a_held_out_split_of_one_vector_is_refused_before_training(base_folder, dataset_meta, label_split):

@@ -155,7 +155,7 @@ def train(
         optimizer = make_optimizer(params, config)
         result = TrainResult(steps=config.steps)
         if resume is not None:
-            folder = latest_checkpoint(out_dir) if resume == "latest" else Path(resume)
+            folder = resume_folder(resume, out_dir)
             result = load_checkpoint(folder, params, optimizer, config, data=data)
             logger.info("resumed from %s at step %d", folder, len(result.history))
         _run_steps(modules, step_loss, params, optimizer, n_rows, units, evaluate, config, result, world,
@@ -326,7 +326,25 @@ def load_checkpoint(folder: Path, params: dict[str, nn.Parameter], optimizer: to
 
 def _checkpoints(root: Path) -> list[Path]:
     found = [p for p in root.glob("step-*") if _STEP_DIR.match(p.name) and (p / "trainer_state.json").is_file()]
-    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))  # type: ignore[union-attr]
+    return sorted(found, key=_step)
+
+
+def resume_folder(resume: str | Path, out_dir: str | Path | None) -> Path:
+    """The checkpoint `resume` names ("latest": the newest under `out_dir`). Checkpoints in `out_dir` past
+    it are an abandoned run's: a warning, since `resume: latest` picks them until this run overwrites them."""
+    folder = latest_checkpoint(out_dir) if resume == "latest" else Path(resume)
+    match = _STEP_DIR.match(folder.name)
+    if out_dir is not None and match:
+        later = [p.name for p in _checkpoints(Path(out_dir) / CHECKPOINT_DIR) if _step(p) > int(match.group(1))]
+        if later:
+            warnings.warn(f"resuming from {folder} into {out_dir}, which holds later checkpoints of another run "
+                          f"({', '.join(later)}): until this run overwrites them, resume: latest picks them. Move "
+                          "them away, or resume into a new out_dir", stacklevel=3)
+    return folder
+
+
+def _step(folder: Path) -> int:
+    return int(_STEP_DIR.match(folder.name).group(1))  # type: ignore[union-attr]
 
 
 def latest_checkpoint(out_dir: str | Path | None) -> Path:

@@ -454,7 +454,7 @@ def train_rl(
                             train_vectors, eval_vectors, *([sft_data] if trainer.sft_rows is not None else []))
     result = loop.TrainResult(steps=config.steps)
     if resume is not None:
-        folder = loop.latest_checkpoint(out_dir) if resume == "latest" else Path(resume)
+        folder = loop.resume_folder(resume, out_dir)
         # The learning rates are constant, so a run may also be extended: `steps` is resumable.
         result = loop.load_checkpoint(folder, trainer.params, trainer.optimizer, config, resumable={"steps"},
                                       data=data)
