@@ -180,8 +180,7 @@ class Capture:
         self._seen = (None, None)
         # The block's output is blocks.{layer}.hook_resid_post after all of its hooks (see above).
         self._handle = self.model.blocks[self.layer].register_forward_hook(self._record)
-        self._input_handle = backends.input_module(self.model).register_forward_pre_hook(self._see_input,
-                                                                                         with_kwargs=True)
+        self._input_handle = watch_inputs(self.model, self._see_input)
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -236,6 +235,46 @@ class Capture:
             return None
         # As TL's to_str_tokens decodes each token.
         return self.model.tokenizer.decode([int(tokens[row, col])], clean_up_tokenization_spaces=False)
+
+
+class _ForwardWatch:
+    """Calls `see(module, args, kwargs)` before each `model.forward`, until `remove()`.
+
+    HookedTransformer's `run_with_hooks` calls `self.forward(...)` directly, so a torch pre-hook on the
+    module (which fires on `model(...)` only) misses those runs' tokens and mask. Wrapping the bound
+    `forward` on the instance sees both paths; `remove()` restores it, or leaves a pass-through where a
+    later wrapper (a nested capture still recording) sits on top of this one.
+    """
+
+    def __init__(self, model: nn.Module, see: Any) -> None:
+        self.model = model
+        self.active = True
+        self.previous = model.__dict__.get("forward")  # None: the class's own forward
+        inner = model.forward
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            if self.active:
+                see(model, args, kwargs)
+            return inner(*args, **kwargs)
+
+        self.wrapper = forward
+        model.forward = forward
+
+    def remove(self) -> None:
+        self.active = False
+        if self.model.__dict__.get("forward") is self.wrapper:
+            if self.previous is None:
+                del self.model.forward
+            else:
+                self.model.forward = self.previous
+
+
+def watch_inputs(model: TLModel, see: Any) -> Any:
+    """A handle with `remove()` that calls `see(module, args, kwargs)` with each run's input: on the bridge
+    a pre-hook on the HF model it wraps, on HookedTransformer around its `forward` (see `_ForwardWatch`)."""
+    if backends.backend_of(model) == "bridge":
+        return backends.input_module(model).register_forward_pre_hook(see, with_kwargs=True)
+    return _ForwardWatch(model, see)
 
 
 def capture(model: TLModel, layer: int, positions: PositionSpec = -1, *,

@@ -92,6 +92,27 @@ def test_capture_reads_tokens_and_mask_from_the_run_when_not_given_them(base, si
     assert no_hooks_left(base)
 
 
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_capture_reads_tokens_and_mask_from_run_with_hooks_when_not_given_them(base, side):
+    """HookedTransformer's run_with_hooks calls `forward` directly, past a torch pre-hook on the model: the
+    right-padded row's last real token was missed and the pad column after it recorded."""
+    tokens, mask = padded(base, side)
+    last = [int(row.nonzero().max()) for row in mask]
+    _, cache = base.run_with_cache(tokens, attention_mask=mask, names_filter=NAME)
+    with nl.capture(base, LAYER, positions=-1) as outer, nl.capture(base, LAYER, positions=-1) as inner:
+        base.run_with_hooks(tokens, attention_mask=mask)
+    for cap in (outer, inner):
+        assert [(r.batch, r.position) for r in cap.rows] == list(enumerate(last))
+        assert [r.token for r in cap.rows] == [base.to_single_str_token(int(tokens[b, p])) for b, p in enumerate(last)]
+        assert torch.equal(cap.vectors, cache[NAME][torch.arange(len(last)), torch.tensor(last)])
+    with nl.capture(base, LAYER, positions=-1) as from_strings:
+        base.run_with_hooks(PROMPTS, padding_side=side, stop_at_layer=LAYER + 1)
+    strings = base.to_tokens(PROMPTS, padding_side=side)
+    real = strings != base.tokenizer.pad_token_id
+    assert [r.position for r in from_strings.rows] == [int(row.nonzero().max()) for row in real]
+    assert no_hooks_left(base) and "forward" not in vars(base)  # the wrapper is gone, the class's forward back
+
+
 @pytest.mark.parametrize("case", range(5), ids=["int", "list", "per_row_tensor", "bool_mask", "all_real_tokens"])
 def test_positions_variants_select_the_right_sites(base, case):
     tokens, mask = padded(base, "left")
