@@ -261,6 +261,7 @@ def patching_study(
     hook_name = get_act_name(activation_name, patch_layer)
     if hook_name not in base_model.hook_dict:
         raise InputError(f"{hook_name!r} is not a hook point of this model; use e.g. 'resid_pre' or 'attn_out'")
+    backends.check_patchable(base_model, hook_name)
     width = clean_tokens.shape[1]
     if isinstance(patch_position, bool) or not isinstance(patch_position, int) or not -width <= patch_position < width:
         raise InputError(f"patch_position must be an int column in -{width}..{width - 1}, got {patch_position!r}")
