@@ -261,6 +261,7 @@ def patching_study(
     hook_name = get_act_name(activation_name, patch_layer)
     if hook_name not in base_model.hook_dict:
         raise InputError(f"{hook_name!r} is not a hook point of this model; use e.g. 'resid_pre' or 'attn_out'")
+    backends.check_patchable(base_model, hook_name)
     width = clean_tokens.shape[1]
     if isinstance(patch_position, bool) or not isinstance(patch_position, int) or not -width <= patch_position < width:
         raise InputError(f"patch_position must be an int column in -{width}..{width - 1}, got {patch_position!r}")
@@ -269,6 +270,10 @@ def patching_study(
         with capture(base_model, layer, capture_position, tokens=clean_tokens) as clean:
             _, cache = base_model.run_with_cache(clean_tokens, names_filter=hook_name, stop_at_layer=layer + 1,
                                                  attention_mask=clean_mask)
+        if hook_name not in cache:
+            raise InputError(f"{hook_name} did not fire in the clean run: TransformerLens computes it only when asked "
+                             "(hook_result: base_model.set_use_attn_result(True)); turn that on or patch another "
+                             "activation_name")
         patch = (hook_name, _patch_hook(cache[hook_name], patch_position % width, _position_axis(hook_name)))
         corrupted = _capture_run(base_model, layer, capture_position, corrupted_tokens, None, [])
         patched = _capture_run(base_model, layer, capture_position, corrupted_tokens, None, [patch])

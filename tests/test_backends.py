@@ -154,3 +154,24 @@ def test_both_backends_agree_on_one_install(tiny_paths, vectors):
     texts = ["a cat", "The cat sat on the mat."]
     ars = [nl.ActivationReconstructor.from_pretrained(tiny_paths["ar_paper"], backend=b) for b in backends.BACKENDS]
     assert (ars[0].reconstruct(texts) - ars[1].reconstruct(texts)).abs().max() < 2 * ATOL
+
+
+def test_a_resid_mid_patch_reaches_the_residual_stream_or_is_refused(base, av_karvonen):
+    """HookedTransformer's resid_mid is the residual the MLP output is added to; the bridge's is the MLP
+    norm's input (ln2.hook_in), so a write there skips the residual add and patching_study refuses it."""
+    tokens = base.to_tokens(["The cat sat on the mat.", "The dog sat on the mat."])
+    shift = torch.ones(base.cfg.d_model)
+    post = []
+    for name in ("blocks.1.hook_resid_mid", "blocks.1.hook_attn_out"):  # resid_mid = resid_pre + attn_out
+        with torch.no_grad():
+            base.run_with_hooks(tokens, stop_at_layer=2, fwd_hooks=[
+                (name, lambda x, hook: x + shift), ("blocks.1.hook_resid_post", lambda x, hook: post.append(x))])
+    reaches = bool((post[0] - post[1]).abs().max() < ATOL)
+    assert reaches == (backends.backend_of(base) == "hooked")
+    patch = dict(patch_layer=1, patch_position=2, activation_name="resid_mid", max_new_tokens=2)
+    if reaches:
+        study = nl.patching_study(base, av_karvonen, tokens, tokens.flip(0), **patch)
+        assert study.hook_name == "blocks.1.hook_resid_mid"
+    else:
+        with pytest.raises(nl.BackendError, match=r"ln2.hook_in.*Patch 'resid_pre', 'attn_out' or 'resid_post'"):
+            nl.patching_study(base, av_karvonen, tokens, tokens.flip(0), **patch)

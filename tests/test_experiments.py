@@ -168,6 +168,16 @@ def test_patching_an_attention_pattern_patches_the_query_row_of_every_head(base,
     assert no_hooks_left(base)
 
 
+def test_patching_an_activation_tl_computes_only_on_request_says_how_to_turn_it_on(base, av_karvonen):
+    """hook_result is a hook point of every block but fires only after set_use_attn_result(True); it was a KeyError."""
+    clean_tokens, corrupted_tokens = equal_length_pair(base)
+    assert not base.cfg.use_attn_result
+    with pytest.raises(nl.InputError, match=r"blocks.1.attn.hook_result did not fire .*set_use_attn_result\(True\)"):
+        nl.patching_study(base, av_karvonen, clean_tokens, corrupted_tokens, patch_layer=1, patch_position=1,
+                          activation_name="result", **FAST)
+    assert no_hooks_left(base)
+
+
 def test_steer_positions_skip_right_padding_without_a_mask(base, nla, steer):
     """Without a mask the steering hook reads padding as the capture does: -1 is each row's last real token."""
     tokens, mask = padded(base, "right")

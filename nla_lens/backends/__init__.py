@@ -12,8 +12,8 @@ nla_lens uses only what both models offer: hook names, `run_with_hooks`, `hooks(
 forward runs against a KV cache (`decoder`), the AR's last residual (`last_residual`, and why it runs
 TL's own forward where it does: `ar_fallback_reason`), the
 attention mask HookedTransformer derives for a padded token tensor and the bridge does not
-(`implicit_attention_mask`), and the guard of the HookedTransformer-only training code
-(`require_hooked`).
+(`implicit_attention_mask`), the hook where a write reaches less on the bridge (`check_patchable`), and
+the guard of the HookedTransformer-only training code (`require_hooked`).
 """
 
 from __future__ import annotations
@@ -153,6 +153,20 @@ def implicit_attention_mask(model: TLModel, tokens: Int[Tensor, "batch pos"]) ->
     from transformer_lens.utilities import get_attention_mask
 
     return get_attention_mask(tokenizer, tokens, model.cfg.default_prepend_bos).to(tokens.device)
+
+
+def check_patchable(model: TLModel, hook_name: str) -> None:
+    """Raise `BackendError` where a value written at `hook_name` reaches less of `model` than of a
+    HookedTransformer. TransformerLens 4.3's bridge aliases `blocks.L.hook_resid_mid` to `ln2.hook_in`,
+    the MLP norm's input: a write there feeds the MLP, but the residual add after it reads the unwritten
+    tensor (measured: +d at resid_mid moves resid_post by d on hooked, by 0 plus the MLP's change on the bridge)."""
+    if backend_of(model) == "bridge" and hook_name.endswith(".hook_resid_mid"):
+        raise BackendError(
+            f"on the bridge backend {hook_name} is the MLP norm's input (TransformerBridge's alias of ln2.hook_in): "
+            "a patch written there reaches the MLP but not the residual stream around it, unlike "
+            "HookedTransformer's resid_mid. Patch 'resid_pre', 'attn_out' or 'resid_post' instead, or use the "
+            "hooked backend: pip install 'nla_lens[tl3]' (transformer-lens 3.9)"
+        )
 
 
 def require_hooked(feature: str, model: TLModel | None = None) -> None:
