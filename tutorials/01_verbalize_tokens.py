@@ -86,13 +86,16 @@ print(f"wrote {page.name} ({page.stat().st_size} bytes) and {rows.name}")
 # like (with your own hooks, `run_with_cache`, `generate`). It reads the tokens and the attention
 # mask from the run itself, so `positions=-1` is each prompt's last real token even in a left-padded
 # batch. `stop_at_layer=K + 1` skips the blocks after K: nothing there reaches the captured residual.
+# HookedTransformer masks left pads by itself; TransformerLens 4's bridge does not, so the run gets
+# the mask `implicit_attention_mask` derives there (None on HookedTransformer: nothing to add).
 
 # %%
 K = nla.layer
 prompts = ["Romeo: I do love thee, and I will", "Juliet: O Romeo", "Prospero: Come hither, my good lord"]
 batch = base.to_tokens(prompts, prepend_bos=False)  # left-padded
+mask = nl.backends.implicit_attention_mask(base, batch)
 with nl.capture(base, K, positions=-1) as last:
-    base(batch, stop_at_layer=K + 1)
+    base(batch, attention_mask=mask, stop_at_layer=K + 1)
 rt = nla.round_trip(last.vectors, max_new_tokens=MAX_NEW_TOKENS)
 print(rt)
 for row, said in zip(last.rows, rt.verbalizations, strict=True):
@@ -110,6 +113,10 @@ assert len(table) == tokens.shape[1] and table["fve"].notna().all()
 fves = torch.tensor([r.fve for r in explained.rows])
 assert abs(float(fves.mean()) - explained.round_trip.fve) < 1e-5
 assert [row.position for row in last.rows] == [batch.shape[1] - 1] * len(prompts)  # left padding: last column
+for i, prompt in enumerate(prompts):  # a padded row's vector is its prompt's own, run alone
+    _, alone = base.run_with_cache(base.to_tokens(prompt, prepend_bos=False), names_filter=explained.hook_name)
+    own = alone[explained.hook_name][0, -1].float()
+    assert (last.vectors[i] - own).norm() <= (5e-2 if REAL else 1e-3) * own.norm()
 if not REAL:
     assert explained.round_trip.baseline_source == "sidecar (held-out)" and explained.round_trip.fve > 0.5
 print("ok")
