@@ -178,6 +178,18 @@ def test_patching_an_activation_tl_computes_only_on_request_says_how_to_turn_it_
     assert no_hooks_left(base)
 
 
+def test_steer_positions_on_padding_are_refused_before_either_run(base, nla, steer, monkeypatch):
+    tokens, _ = padded(base, "left")
+
+    def no_run(*args: object) -> None:
+        raise AssertionError("a run started before steer_positions were checked")
+
+    monkeypatch.setattr(nl.experiments, "_capture_run", no_run)
+    with pytest.raises(nl.InputError, match="padding"):
+        nl.steer_then_verbalize(base, nla, tokens, steering_vector=steer, scale=1.0, steer_layer=LAYER,
+                                steer_positions=0, **FAST)  # column 0 is padding in the shorter rows
+
+
 def test_steer_positions_skip_right_padding_without_a_mask(base, nla, steer):
     """Without a mask the steering hook reads padding as the capture does: -1 is each row's last real token."""
     tokens, mask = padded(base, "right")
