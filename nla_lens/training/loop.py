@@ -333,9 +333,8 @@ def resume_folder(resume: str | Path, out_dir: str | Path | None) -> Path:
     """The checkpoint `resume` names ("latest": the newest under `out_dir`). Checkpoints in `out_dir` past
     it are an abandoned run's: a warning, since `resume: latest` picks them until this run overwrites them."""
     folder = latest_checkpoint(out_dir) if resume == "latest" else Path(resume)
-    match = _STEP_DIR.match(folder.name)
-    if out_dir is not None and match:
-        later = [p.name for p in _checkpoints(Path(out_dir) / CHECKPOINT_DIR) if _step(p) > int(match.group(1))]
+    if out_dir is not None and _STEP_DIR.match(folder.name):
+        later = [p.name for p in _checkpoints(Path(out_dir) / CHECKPOINT_DIR) if _step(p) > _step(folder)]
         if later:
             warnings.warn(f"resuming from {folder} into {out_dir}, which holds later checkpoints of another run "
                           f"({', '.join(later)}): until this run overwrites them, resume: latest picks them. Move "
