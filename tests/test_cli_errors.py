@@ -220,8 +220,6 @@ def test_loading_an_ar_folder_as_an_av_says_so(tiny_paths):
         nl.ActivationVerbalizer.from_pretrained(tiny_paths["ar_nanonla"])  # was: missing ln_final weights
 
 
-
-
 @pytest.mark.parametrize(("role", "entry", "expected"), [
     ("av_karvonen", ("d_model", 256), "SidecarError: {folder}: the sidecar says d_model=256 but config.json has "
                                       "hidden_size="),
