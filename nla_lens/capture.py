@@ -243,7 +243,9 @@ class _ForwardWatch:
     HookedTransformer's `run_with_hooks` calls `self.forward(...)` directly, so a torch pre-hook on the
     module (which fires on `model(...)` only) misses those runs' tokens and mask. Wrapping the bound
     `forward` on the instance sees both paths; `remove()` restores it, or leaves a pass-through where a
-    later wrapper (a nested capture still recording) sits on top of this one.
+    later wrapper (a nested capture still recording) sits on top of this one. That wrapper's `remove()`
+    then restores past every pass-through below it, so no wrapper outlives the captures (a leftover one
+    made `copy.deepcopy(model)` run the original's forward and `torch.save(model)` fail).
     """
 
     def __init__(self, model: nn.Module, see: Any) -> None:
@@ -257,16 +259,20 @@ class _ForwardWatch:
                 see(model, args, kwargs)
             return inner(*args, **kwargs)
 
+        forward.watch = self  # type: ignore[attr-defined]
         self.wrapper = forward
         model.forward = forward
 
     def remove(self) -> None:
         self.active = False
         if self.model.__dict__.get("forward") is self.wrapper:
-            if self.previous is None:
+            previous = self.previous
+            while isinstance(getattr(previous, "watch", None), _ForwardWatch) and not previous.watch.active:
+                previous = previous.watch.previous  # a capture closed before this one
+            if previous is None:
                 del self.model.forward
             else:
-                self.model.forward = self.previous
+                self.model.forward = previous
 
 
 def watch_inputs(model: TLModel, see: Any) -> Any:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from base_batches import PROMPTS, no_hooks_left, padded
@@ -245,3 +247,22 @@ def test_reentering_a_capture_that_is_recording_is_refused_and_leaks_no_hook(bas
     with cap:  # one after the other is fine, and starts afresh
         base(tokens, attention_mask=mask)
     assert cap.n_calls == 1 and len(cap.rows) == 4
+
+
+def test_captures_closed_out_of_order_leave_the_models_own_forward(base):
+    """Two captures closed in the order they opened (not nested) left the first one's pass-through on the
+    instance forever: `copy.deepcopy(base)` then ran the original model (an ablation on the copy did
+    nothing) and `torch.save(base)` could not pickle it."""
+    tokens, mask = padded(base, "right")
+    first, second = nl.capture(base, 1), nl.capture(base, LAYER)
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)
+    base(tokens, attention_mask=mask)
+    second.__exit__(None, None, None)
+    assert "forward" not in base.__dict__ and no_hooks_left(base)
+    assert second.rows[1].position == 2  # the second still read the mask while the first was gone
+    twin = copy.deepcopy(base)
+    with torch.no_grad():
+        twin.blocks[0].attn.W_O.zero_()
+        assert not torch.equal(twin(tokens), base(tokens))
