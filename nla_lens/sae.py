@@ -18,6 +18,7 @@ the original residual (reconstruction + error) when the SAE was added with ``use
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -312,14 +313,15 @@ def verbalize_sae_features(
 def hooked_sae_transformer(model: HookedTransformer) -> HookedSAETransformer:
     """The same model as a sae-lens `HookedSAETransformer` (shares the weights: no copy), for `add_sae`.
 
-    Built from `model.cfg` on the meta device, then given `model`'s own tensors, so a model that
-    nla_lens loaded without weight processing stays unprocessed.
+    Built from a copy of `model.cfg` on the meta device, then given `model`'s own tensors, so a model that
+    nla_lens loaded without weight processing stays unprocessed. The settings are its own: a shared
+    `cfg` let `set_use_attn_result` (and the other `set_use_*`) on one model switch the other too.
     """
     from sae_lens import HookedSAETransformer
 
     backends.require_hooked("hooked_sae_transformer", model)
     with torch.device("meta"):
-        out = HookedSAETransformer(model.cfg, tokenizer=model.tokenizer, move_to_device=False,
+        out = HookedSAETransformer(copy.deepcopy(model.cfg), tokenizer=model.tokenizer, move_to_device=False,
                                    default_padding_side=model.tokenizer.padding_side)
     out.load_state_dict(model.state_dict(keep_vars=True), strict=True, assign=True)
     return out.eval()

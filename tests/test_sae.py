@@ -369,3 +369,18 @@ def test_readme_sae_snippet_runs_on_the_toy(toy):
     assert len(namespace["feats"]) == 3 and namespace["shifted"].offset
     assert namespace["card"].feature == 12 and namespace["cap"].vectors.shape == (1, 128)
     assert no_hooks_left(namespace["sae_model"])
+
+
+@NEEDS_SAE_LENS
+def test_hooked_sae_transformer_shares_the_weights_but_not_the_settings(base):
+    """The two models held one `cfg`: `set_use_attn_result(True)` on the SAE model turned it on in the
+    user's base too, whose every later run then computed (and `run_with_cache` kept) per-head results."""
+    model = nl.hooked_sae_transformer(base)
+    assert model.W_E.data_ptr() == base.W_E.data_ptr()  # still no copy of the weights
+    model.set_use_attn_result(True)
+    try:
+        assert not base.cfg.use_attn_result
+        _, cache = base.run_with_cache(torch.tensor([[5, 6, 7]]))
+        assert not any(name.endswith("hook_result") for name in cache)
+    finally:
+        model.set_use_attn_result(False)  # the old shared cfg must not outlive this test
