@@ -155,7 +155,10 @@ def _scores(round_trip: RoundTrip | None, runs: tuple[str, ...]) -> str:
 
 def steering_hook(vector: Float[Tensor, " d_model"], scale: float, positions: PositionSpec | None = None,
                   attention_mask: Int[Tensor, "batch pos"] | None = None) -> HookFn:
-    """A TL hook adding `scale * vector` to the residual at `positions` (all positions when None)."""
+    """A TL hook adding `scale * vector` to the residual at `positions` (all positions when None).
+
+    Each site is steered once, however many position entries name it ([2, -1] in a row whose last real
+    token is column 2): adding once per entry would steer that row by a multiple of `scale`."""
 
     def hook(resid: Float[Tensor, "batch pos d_model"], hook: HookPoint) -> Tensor:
         delta = (scale * vector).to(resid.device, resid.dtype)
@@ -166,7 +169,7 @@ def steering_hook(vector: Float[Tensor, " d_model"], scale: float, positions: Po
         if attention_mask is not None and tuple(attention_mask.shape) == (batch, width):
             real = attention_mask.to(resid.device).bool()
         rows, cols = resolve_positions(positions, real)
-        return resid.index_put((rows, cols), delta.expand(len(rows), -1), accumulate=True)
+        return resid.index_put((rows, cols), resid[rows, cols] + delta)
 
     return hook
 

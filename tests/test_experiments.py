@@ -201,6 +201,16 @@ def test_steer_positions_skip_right_padding_without_a_mask(base, nla, steer):
     assert torch.equal(implicit.steered_vectors, explicit.steered_vectors)
 
 
+def test_a_site_two_steer_positions_name_is_steered_once(base, av_karvonen, steer):
+    """[2, -1] names column 2 twice in the 3-token row: it moved by 2 * scale * vector there (index_put accumulated)."""
+    tokens, mask = padded(base, "right")
+    assert int(mask[1].sum()) == 3
+    result = nl.steer_then_verbalize(base, av_karvonen, tokens, attention_mask=mask, steering_vector=steer,
+                                     scale=1.5, steer_layer=LAYER, positions=[2], steer_positions=[2, -1], **FAST)
+    assert (result.steered_vectors - result.clean_vectors - 1.5 * steer).abs().max() < 1e-5
+    assert no_hooks_left(base)
+
+
 def test_patching_study_table_has_a_row_per_run_and_site_with_fve(base, nla, monkeypatch):
     distinct_readouts(nla.av, monkeypatch)
     clean_tokens, corrupted_tokens = equal_length_pair(base)
