@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import string
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -174,6 +175,23 @@ def steering_hook(vector: Float[Tensor, " d_model"], scale: float, positions: Po
     return hook
 
 
+def _warn_patch_on_padding(base_model: TLModel, clean_tokens: Int[Tensor, "batch pos"],
+                           corrupted_tokens: Int[Tensor, "batch pos"], column: int) -> None:
+    """Warn where the patch column is padding in a row (TL's column rule, kept for sweeps): padding in the
+    corrupted row leaves its patched vector silently the corrupted one; in the clean row, a pad's
+    activation is written into a real token."""
+    padded = set()
+    for tokens in (clean_tokens, corrupted_tokens):
+        real = real_tokens(base_model, None, tokens)
+        if real is not None:
+            padded |= set((~real[:, column]).nonzero().flatten().tolist())
+    if padded:
+        warnings.warn(f"patch_position {column} is padding in rows {sorted(padded)} of the clean or corrupted "
+                      "tokens: there the patch either cannot reach the row's real tokens (its patched vector is "
+                      "the corrupted one) or writes a pad's activation into one. Patch a column that is a real "
+                      "token in every row (e.g. left-pad the prompts and patch -1)", stacklevel=3)
+
+
 def steer_then_verbalize(
     base_model: TLModel,
     nla_or_av: NLA | ActivationVerbalizer,
@@ -249,9 +267,10 @@ def patching_study(
     `utils.get_act_name(activation_name, patch_layer)` (default `blocks.{L}.hook_resid_pre`), taken
     from `run_with_cache` on the clean tokens, and written into the corrupted run at column
     `patch_position` of every row (for `pattern` / `attn_scores`, `[batch, head, query, key]`: the
-    query row `patch_position` of every head); clean and corrupted tokens have the same shape. The clean,
-    corrupted and patched residuals at layer K (`capture_position`, default -1: each row's last real token) are
-    verbalized (and round-tripped, with an NLA) in one batch.
+    query row `patch_position` of every head; a column that is padding in some row warns); clean and
+    corrupted tokens have the same shape. The clean, corrupted and patched residuals at layer K
+    (`capture_position`, default -1: each row's last real token) are verbalized (and round-tripped, with
+    an NLA) in one batch.
     """
     av = _verbalizer(nla_or_av)
     layer = av.meta.layer if capture_layer is None else capture_layer
@@ -271,6 +290,7 @@ def patching_study(
     width = clean_tokens.shape[1]
     if isinstance(patch_position, bool) or not isinstance(patch_position, int) or not -width <= patch_position < width:
         raise InputError(f"patch_position must be an int column in -{width}..{width - 1}, got {patch_position!r}")
+    _warn_patch_on_padding(base_model, clean_tokens, corrupted_tokens, patch_position % width)
     with torch.no_grad():
         clean_mask = backends.implicit_attention_mask(base_model, clean_tokens)
         with capture(base_model, layer, capture_position, tokens=clean_tokens) as clean:

@@ -233,6 +233,30 @@ def test_patching_study_table_has_a_row_per_run_and_site_with_fve(base, nla, mon
     assert set(dataclasses.asdict(study.rows[0])) >= {"run", "batch", "position", "token", "fve"}
 
 
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_a_patch_column_on_padding_warns_naming_the_rows_it_cannot_reach(base, av_karvonen, side):
+    """Right-padded, -1 is a pad column in every row but the longest: where the corrupted row pads it, the
+    patched vector was the corrupted one, with no sign of it."""
+    clean_tokens, mask = padded(base, side)
+    corrupted_tokens = clean_tokens.flip(0)
+    pad_column = -1 if side == "right" else 0
+    padded_rows = sorted({*(~mask[:, pad_column].bool()).nonzero().flatten().tolist(),
+                          *(~mask.flip(0)[:, pad_column].bool()).nonzero().flatten().tolist()})
+    assert padded_rows
+    with pytest.warns(UserWarning, match=rf"padding in rows \[{', '.join(map(str, padded_rows))}\]"):
+        study = nl.patching_study(base, av_karvonen, clean_tokens, corrupted_tokens, patch_layer=0,
+                                  patch_position=pad_column, **FAST)
+    for row in (~corrupted_tokens.ne(base.tokenizer.pad_token_id)[:, pad_column]).nonzero().flatten().tolist():
+        assert torch.equal(study.patched_vectors[row], study.corrupted_vectors[row])
+    assert no_hooks_left(base)
+
+
+def test_a_patch_column_real_in_every_row_does_not_warn(base, av_karvonen, recwarn):
+    clean_tokens, corrupted_tokens = equal_length_pair(base)
+    nl.patching_study(base, av_karvonen, clean_tokens, corrupted_tokens, patch_layer=0, patch_position=-1, **FAST)
+    assert not [w for w in recwarn if "padding" in str(w.message)]
+
+
 def test_patching_the_captured_site_itself_restores_the_clean_vector(base, av_karvonen):
     clean_tokens, corrupted_tokens = equal_length_pair(base)
     study = nl.patching_study(base, av_karvonen, clean_tokens, corrupted_tokens, patch_layer=LAYER,
