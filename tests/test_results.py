@@ -127,6 +127,18 @@ def test_repr_shows_carriage_returns_and_tabs_as_escapes():
     assert cells == ["a\\r\\nb", "c\\td", "e\\rf"]  # a bare \r would make a terminal overwrite the row
 
 
+def test_repr_and_views_show_every_control_character_as_an_escape():
+    said = "a\x0cb\x1b[2Jc\u2028d"
+    assert display.format_cell(said) == "a\\x0cb\\x1b[2Jc\\u2028d" and display.format_cell(["x\x0b", "y"]) == "x\\x0b y"
+    tokens = ["\r\n", "\x0c", "\x1b", "\t"]
+    cells = [display.TokenCell(t, p, True, "x", None, 0.5 + p / 10) for p, t in enumerate(tokens)]
+    html = display.explained_text_html([cells], title="t", layer=1).split("</style>")[1]
+    assert not {"\r", "\x0c", "\x1b"} & set(html)  # HTML reads a \r as a line break; the others draw nothing
+    assert "\\r\u21b5<sub>0</sub>" in html and "\\x0c<sub>1</sub>" in html and "\t<sub>3</sub>" in html
+    card = display.feature_card_html("f", "h", "s", "e", "", [(["\r", "a"], [1.0, 0.5], 0)])
+    assert "\r" not in card.split("</style>")[1]
+
+
 def test_explained_view_marks_a_newline_token_visibly():
     cells = [display.TokenCell("a", 0, True, "x", None, 0.5), display.TokenCell("\n", 1, True, "y", None, 0.9)]
     html = display.explained_text_html([cells], title="t", layer=1)
