@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pandas as pd
@@ -101,6 +102,13 @@ def test_the_rows_carry_the_numbers_of_the_result(results):
     assert [r["fve_steered"] for r in steering.to_records()] == [r.fve_steered for r in steering.rows]
     assert [r["run"] for r in results["patching"].to_records()] == ["clean"] * 2 + ["corrupted"] * 2 + ["patched"] * 2
     assert isinstance(results["verbalizations"], list)  # still a plain list to compare and index
+
+
+@pytest.mark.parametrize("kind", [kind for kind in KINDS if kind not in ("verbalizations", "feature_card")])
+def test_results_holding_tensors_compare_by_identity_instead_of_raising(results, kind):
+    result = results[kind]
+    twin = copy.deepcopy(result)  # equal rows and equal tensors: a generated == compared the tensors and raised
+    assert result == result and result != twin and len({result, twin}) == 2
 
 
 def test_save_refuses_unknown_suffixes_folders_and_missing_folders_before_writing(results, tmp_path):
