@@ -21,6 +21,7 @@ from __future__ import annotations
 import bisect
 import html
 import math
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -30,7 +31,7 @@ _NEGATIVE = ((254, 224, 210), (222, 45, 38))  # light to dark red
 _ACTIVATION = ((255, 255, 255), (253, 141, 60))  # white to orange
 _CONTEXT = "#e8e8e8"
 _MAX_TABLE_ROWS = 200
-_ESCAPES = str.maketrans({"\n": "\\n", "\r": "\\r", "\t": "\\t"})  # a bare \r would overwrite a printed row
+_UNSEEN = ("Cc", "Zl", "Zp")  # control characters, line and paragraph separators: written as escapes
 
 _STYLE = """
 .nla-view { font: 14px/1.45 system-ui, sans-serif; color: #222; max-width: 72em; }
@@ -182,8 +183,9 @@ def _text_block(cells: Sequence[TokenCell], scale: ColourScale) -> str:
 
 
 def _shown_token(token: str) -> str:
-    """A token as escaped HTML, a newline drawn as ↵: a bare one would leave its chip blank."""
-    return html.escape(token.replace("\n", "\u21b5"))
+    """A token as escaped HTML, a newline drawn as ↵ and other control characters as escapes (\\r, \\x0c):
+    bare, they leave the chip blank, and HTML reads a \\r as a line break."""
+    return html.escape(_visible(token.replace("\n", "\u21b5"), keep="\t"))
 
 
 def _said(cell: TokenCell) -> str:
@@ -245,20 +247,30 @@ def feature_card_html(title: str, hook_name: str, summary: str, explanation: str
 
 
 def format_cell(value: Any, width: int | None = None) -> str:
-    """A cell as text: floats to 3 decimals, lists joined, newlines / tabs escaped, long strings cut to `width`."""
+    """A cell as text: floats to 3 decimals, lists joined, control characters escaped, long strings cut to `width`."""
     if value is None:
         text = ""
     elif isinstance(value, float):
         text = "nan" if math.isnan(value) else f"{value:.3f}"
     elif isinstance(value, (list, tuple)):
-        text = " ".join(map(str, value))
+        text = _visible(" ".join(map(str, value)))
     elif isinstance(value, str):
-        text = value.translate(_ESCAPES)
+        text = _visible(value)
     else:
         text = str(value)
     if width is not None and len(text) > width:
         text = text[:width - 1] + "…"
     return text
+
+
+def _visible(text: str, keep: str = "") -> str:
+    """`text` with each control character (and line / paragraph separator) but those in `keep` written as its
+    escape (\\n, \\r, \\x1b, \\u2028): bare, a \\r overwrites a printed row, an ESC starts a terminal command and
+    a form feed or \\u2028 splits a row in two."""
+    if text.isprintable():
+        return text
+    return "".join(c.encode("unicode_escape").decode("ascii") if c not in keep and unicodedata.category(c) in _UNSEEN
+                   else c for c in text)
 
 
 def page(title: str, body: str) -> str:

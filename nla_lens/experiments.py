@@ -60,7 +60,7 @@ class SteeringRow:
     fve_steered: float | None
 
 
-@dataclass(frozen=True, repr=False)
+@dataclass(frozen=True, eq=False, repr=False)
 class SteeringResult(TabularResult):
     """What `steer_then_verbalize` returns: one row per captured site, read out without and with steering."""
 
@@ -97,7 +97,7 @@ class PatchingRow:
     cosine_to_clean: float  # captured vector vs the clean run's at the same site
 
 
-@dataclass(frozen=True, repr=False)
+@dataclass(frozen=True, eq=False, repr=False)
 class PatchingStudy(TabularResult):
     """What `patching_study` returns: the clean, corrupted and patched runs' captured sites, read out."""
 
@@ -120,7 +120,7 @@ class PatchingStudy(TabularResult):
             self.round_trip, ("clean", "corrupted", "patched"))
 
 
-@dataclass(frozen=True, repr=False)
+@dataclass(frozen=True, eq=False, repr=False)
 class DirectionVerbalization(TabularResult):
     """What `verbalize_direction` returns: each direction's explanation and the vector as verbalized."""
 

@@ -49,7 +49,7 @@ class ExplainedToken:
         return self.verbalization.explanation
 
 
-@dataclass(frozen=True, repr=False)
+@dataclass(frozen=True, eq=False, repr=False)
 class Explanation(TabularResult):
     """What `NLA.explain` returns: one row per explained token of one or more texts."""
 

@@ -97,7 +97,7 @@ def resolve_baseline(vectors: Float[Tensor, "n d_model"], mse_scale: float, give
         "Qwen3-8B L24 pair), or score more vectors at once."))
 
 
-@dataclass(frozen=True, repr=False)
+@dataclass(frozen=True, eq=False, repr=False)
 class RoundTrip(TabularResult):
     """Scores of one round trip. A failed parse scores as a miss (an orthogonal guess).
 

@@ -10,7 +10,8 @@ view as a standalone page), a short ``__repr__`` (the summary and the first rows
 ``_repr_html_`` (the summary and an HTML table, from [`nla_lens.display`][nla_lens.display]). A result with a richer
 view (tokens coloured by FVE) overrides ``_repr_html_``; one that can hold no rows names its ``columns``, which
 its empty DataFrame and files keep. Tensors stay attributes. Dataclass results
-are declared with ``repr=False`` so that the mixin's ``__repr__`` is the one Python uses.
+are declared with ``repr=False`` so that the mixin's ``__repr__`` is the one Python uses, and those holding
+tensors with ``eq=False``: a generated ``==`` compares the tensors and raises.
 """
 
 from __future__ import annotations

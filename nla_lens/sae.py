@@ -172,7 +172,7 @@ def residual_stats(base: TLModel, texts: list[str], layer: int, *, skip_first: i
     return ResidualStats.from_vectors(vectors, layer)
 
 
-@dataclass(frozen=True, repr=False)
+@dataclass(frozen=True, eq=False, repr=False)
 class FeatureVerbalizations(TabularResult):
     """The AV's explanations of SAE features; with an AR, how well each explanation rebuilds the feature."""
 

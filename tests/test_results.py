@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pandas as pd
@@ -103,6 +104,13 @@ def test_the_rows_carry_the_numbers_of_the_result(results):
     assert isinstance(results["verbalizations"], list)  # still a plain list to compare and index
 
 
+@pytest.mark.parametrize("kind", [kind for kind in KINDS if kind not in ("verbalizations", "feature_card")])
+def test_results_holding_tensors_compare_by_identity_instead_of_raising(results, kind):
+    result = results[kind]
+    twin = copy.deepcopy(result)  # equal rows and equal tensors: a generated == compared the tensors and raised
+    assert result == result and result != twin and len({result, twin}) == 2
+
+
 def test_save_refuses_unknown_suffixes_folders_and_missing_folders_before_writing(results, tmp_path):
     rt = results["round_trip"]
     with pytest.raises(nl.InputError, match=r"\.parquet or \.jsonl"):
@@ -125,6 +133,18 @@ def test_save_expands_a_home_folder_as_loading_does(results, tmp_path, monkeypat
 def test_repr_shows_carriage_returns_and_tabs_as_escapes():
     cells = [display.format_cell(text) for text in ("a\r\nb", "c\td", "e\rf")]
     assert cells == ["a\\r\\nb", "c\\td", "e\\rf"]  # a bare \r would make a terminal overwrite the row
+
+
+def test_repr_and_views_show_every_control_character_as_an_escape():
+    said = "a\x0cb\x1b[2Jc\u2028d"
+    assert display.format_cell(said) == "a\\x0cb\\x1b[2Jc\\u2028d" and display.format_cell(["x\x0b", "y"]) == "x\\x0b y"
+    tokens = ["\r\n", "\x0c", "\x1b", "\t"]
+    cells = [display.TokenCell(t, p, True, "x", None, 0.5 + p / 10) for p, t in enumerate(tokens)]
+    html = display.explained_text_html([cells], title="t", layer=1).split("</style>")[1]
+    assert not {"\r", "\x0c", "\x1b"} & set(html)  # HTML reads a \r as a line break; the others draw nothing
+    assert "\\r\u21b5<sub>0</sub>" in html and "\\x0c<sub>1</sub>" in html and "\t<sub>3</sub>" in html
+    card = display.feature_card_html("f", "h", "s", "e", "", [(["\r", "a"], [1.0, 0.5], 0)])
+    assert "\r" not in card.split("</style>")[1]
 
 
 def test_explained_view_marks_a_newline_token_visibly():
