@@ -16,11 +16,16 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from nla_lens.errors import InputError
+from nla_lens.injection import prescaled
 
 
 def rescale(vectors: Float[Tensor, "n d_model"], mse_scale: float) -> Float[Tensor, "n d_model"]:
-    """Each row rescaled to L2 norm `mse_scale` (computed in fp32, or float64 for float64 input)."""
-    vectors = vectors.to(torch.promote_types(vectors.dtype, torch.float32))
+    """Each row rescaled to L2 norm `mse_scale` (computed in fp32, or float64 for float64 input).
+
+    Each row is first brought to a largest entry in [0.5, 1) by a power of two (exact, as for the
+    injection): else a norm whose square leaves fp32 makes a huge row 0 and a tiny one inf or NaN,
+    while the AV, which reads only the direction, explains them as usual."""
+    vectors = prescaled(vectors)
     return vectors * (mse_scale / vectors.norm(dim=-1, keepdim=True))
 
 

@@ -39,6 +39,21 @@ def test_paper_baseline_and_fve_by_hand():
     assert metrics.fve(torch.zeros(3), 0.5) == 1.0
 
 
+@pytest.mark.parametrize("power", [70, -70, -140], ids=["norm_overflows", "norm_underflows", "subnormal"])
+def test_scores_depend_on_direction_only_at_any_norm(power):
+    """A row scaled by 2**power scores as the row itself (the AV explains it the same): squaring entries
+    past fp32's range made the norm inf or 0, so the MSE was 1.0 or inf and the baseline 0 or NaN."""
+    g = torch.Generator().manual_seed(0)
+    target, pred = torch.randn(40, 16, generator=g), torch.randn(40, 16, generator=g)
+    scale = math.sqrt(16)
+    tiny_ok = power > -126  # subnormal entries keep fewer bits: compare with those very values, scaled back
+    scaled = target * 2.0**power
+    same = target if tiny_ok else scaled.double().mul(2.0**-power).float()
+    assert torch.equal(metrics.mse_per_item(pred, scaled, scale), metrics.mse_per_item(pred, same, scale))
+    assert torch.equal(metrics.mse_per_item(scaled, pred, scale), metrics.mse_per_item(same, pred, scale))
+    assert metrics.paper_baseline(scaled, scale) == metrics.paper_baseline(same, scale)
+
+
 def test_a_miss_scores_as_an_orthogonal_guess():
     assert metrics.miss_mse(4096, 64.0) == 2.0
     a, b = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 5.0]])
