@@ -80,6 +80,27 @@ def test_paired_difference_interval_matches_the_normal_approximation():
     assert metrics.paired_difference(a, a + diff, seed=1) != result
 
 
+def test_paired_difference_draws_in_bounded_blocks_with_the_same_numbers(monkeypatch):
+    """Memory stays bounded at any n (all resamples at once took 16 GB for 100k items), and the blocks
+    are the one-shot draws in order: the interval is the one resampling everything at once gives."""
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.rand(5000, generator=g, dtype=torch.float64), torch.rand(5000, generator=g, dtype=torch.float64)
+    rows = torch.randint(5000, (10_000, 5000), generator=torch.Generator().manual_seed(0))
+    one_shot = torch.quantile((b - a)[rows].mean(dim=1), torch.tensor([0.025, 0.975], dtype=torch.float64))
+    del rows
+    drawn = []
+    randint = torch.randint
+
+    def recording(high, size, **kwargs):
+        drawn.append(math.prod(size))
+        return randint(high, size, **kwargs)
+
+    monkeypatch.setattr(torch, "randint", recording)
+    result = metrics.paired_difference(a, b)
+    assert max(drawn) <= 2**22 and sum(drawn) == 10_000 * 5000
+    assert (result.low, result.high) == tuple(one_shot.tolist())
+
+
 def test_paired_difference_refuses_what_it_cannot_pair():
     with pytest.raises(InputError, match="one length"):
         metrics.paired_difference(torch.zeros(3), torch.zeros(4))
