@@ -67,10 +67,13 @@ def prescaled(vectors: Float[Tensor, "n d_model"]) -> Float[Tensor, "n d_model"]
 
     Exact in binary floating point, so the bits of ``v / ||v||`` match the reference's, but a norm
     whose square leaves the float range (or the residual's dtype) can no longer make it zero or NaN.
+    Applied in two halves: `torch.ldexp` multiplies by ``2**e``, which is inf for a row of subnormals
+    (largest entry below 2**-126 in fp32).
     """
     wide = vectors if vectors.dtype in (torch.float32, torch.float64) else vectors.float()
     _, exponent = torch.frexp(wide.abs().amax(dim=-1, keepdim=True))
-    return torch.ldexp(wide, -exponent.to(wide.dtype))
+    half = -exponent.to(wide.dtype) / 2
+    return torch.ldexp(torch.ldexp(wide, half.floor()), half.ceil())
 
 
 def karvonen_add(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 import sys
 import warnings
 from collections.abc import Sequence
@@ -78,8 +80,12 @@ def resolve_baseline(vectors: Float[Tensor, "n d_model"], mse_scale: float, give
     """The caller's baseline, else the one recorded in the sidecar at export, else the paper baseline of
     `vectors` if there are at least `MIN_BASELINE_VECTORS` of them, else none (FVE None, with a warning)."""
     if given is not None:
-        if isinstance(given, bool) or not isinstance(given, (int, float)) or not given > 0:
-            raise InputError(f"baseline must be a positive number (a held-out set's paper baseline), got {given!r}")
+        if isinstance(given, Tensor) and given.numel() == 1:  # e.g. a baseline computed in torch
+            given = given.item()
+        # numbers.Real takes numpy scalars too; inf would make every FVE 1.0
+        if isinstance(given, bool) or not isinstance(given, numbers.Real) or not 0 < given < math.inf:
+            raise InputError(f"baseline must be a positive finite number (a held-out set's paper baseline), "
+                             f"got {given!r}")
         return Baseline(float(given), "given")
     if recorded is not None and recorded.fve_baseline is not None:
         return Baseline(recorded.fve_baseline, "sidecar (held-out)", recorded.fve_baseline_n)

@@ -164,6 +164,23 @@ def test_a_vector_of_extreme_norm_injects_its_direction(request, which, scaled, 
 
 
 @pytest.mark.parametrize("which", ["av_karvonen", "av_embedding"])
+@pytest.mark.parametrize(("dtype", "power"), [(torch.float32, -140), (torch.float64, -1050)],
+                         ids=["fp32_subnormal", "fp64_subnormal"])
+def test_a_vector_of_subnormal_entries_injects_its_direction(request, which, dtype, power, vectors):
+    """Entries below the smallest normal number keep fewer bits, but their direction still reaches the AV:
+    the same run as those very values scaled back into the normal range (ldexp by 2**140 made them inf)."""
+    av = request.getfixturevalue(which)
+    tokens = av.prompt_tokens(len(vectors))
+    tiny = vectors.to(dtype) * 2.0**power
+    assert (tiny.abs().amax(dim=-1) < torch.finfo(dtype).tiny).all()
+    normal = (tiny.double() * 2.0**(-power // 2) * 2.0**(-power // 2)).to(dtype)  # exact: the same significands
+    expected = av.model.run_with_hooks(tokens, fwd_hooks=av.injection(normal, tokens).fwd_hooks())
+    logits = av.model.run_with_hooks(tokens, fwd_hooks=av.injection(tiny, tokens).fwd_hooks())
+    assert torch.isfinite(logits).all()
+    assert torch.equal(logits, expected)
+
+
+@pytest.mark.parametrize("which", ["av_karvonen", "av_embedding"])
 def test_a_run_that_extends_the_prompt_is_injected_at_the_same_sites(request, which, vectors):
     """Generation without a KV cache, or a teacher-forced explanation, runs the prompt followed by more
     tokens: the marker sites are the same columns, as the reference hook injects on every such forward."""

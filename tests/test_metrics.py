@@ -39,6 +39,21 @@ def test_paper_baseline_and_fve_by_hand():
     assert metrics.fve(torch.zeros(3), 0.5) == 1.0
 
 
+@pytest.mark.parametrize("power", [70, -70, -140], ids=["norm_overflows", "norm_underflows", "subnormal"])
+def test_scores_depend_on_direction_only_at_any_norm(power):
+    """A row scaled by 2**power scores as the row itself (the AV explains it the same): squaring entries
+    past fp32's range made the norm inf or 0, so the MSE was 1.0 or inf and the baseline 0 or NaN."""
+    g = torch.Generator().manual_seed(0)
+    target, pred = torch.randn(40, 16, generator=g), torch.randn(40, 16, generator=g)
+    scale = math.sqrt(16)
+    tiny_ok = power > -126  # subnormal entries keep fewer bits: compare with those very values, scaled back
+    scaled = target * 2.0**power
+    same = target if tiny_ok else scaled.double().mul(2.0**-power).float()
+    assert torch.equal(metrics.mse_per_item(pred, scaled, scale), metrics.mse_per_item(pred, same, scale))
+    assert torch.equal(metrics.mse_per_item(scaled, pred, scale), metrics.mse_per_item(same, pred, scale))
+    assert metrics.paper_baseline(scaled, scale) == metrics.paper_baseline(same, scale)
+
+
 def test_a_miss_scores_as_an_orthogonal_guess():
     assert metrics.miss_mse(4096, 64.0) == 2.0
     a, b = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 5.0]])
@@ -63,6 +78,27 @@ def test_paired_difference_interval_matches_the_normal_approximation():
     assert math.isclose(result.difference - result.low, half, rel_tol=0.08)
     assert metrics.paired_difference(a, a + diff) == result  # seeded
     assert metrics.paired_difference(a, a + diff, seed=1) != result
+
+
+def test_paired_difference_draws_in_bounded_blocks_with_the_same_numbers(monkeypatch):
+    """Memory stays bounded at any n (all resamples at once took 16 GB for 100k items), and the blocks
+    are the one-shot draws in order: the interval is the one resampling everything at once gives."""
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.rand(5000, generator=g, dtype=torch.float64), torch.rand(5000, generator=g, dtype=torch.float64)
+    rows = torch.randint(5000, (10_000, 5000), generator=torch.Generator().manual_seed(0))
+    one_shot = torch.quantile((b - a)[rows].mean(dim=1), torch.tensor([0.025, 0.975], dtype=torch.float64))
+    del rows
+    drawn = []
+    randint = torch.randint
+
+    def recording(high, size, **kwargs):
+        drawn.append(math.prod(size))
+        return randint(high, size, **kwargs)
+
+    monkeypatch.setattr(torch, "randint", recording)
+    result = metrics.paired_difference(a, b)
+    assert max(drawn) <= 2**22 and sum(drawn) == 10_000 * 5000
+    assert (result.low, result.high) == tuple(one_shot.tolist())
 
 
 def test_paired_difference_refuses_what_it_cannot_pair():

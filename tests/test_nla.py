@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import math
 import shutil
 
+import numpy as np
 import pytest
 import torch
 import yaml
 
 import nla_lens as nl
 from nla_lens import metrics
+from nla_lens.nla import resolve_baseline
 from nla_lens.verbalizer import Verbalization
 
 
@@ -70,6 +73,17 @@ def test_the_sidecar_baseline_wins_over_the_vectors_and_the_caller_over_both(av_
     assert "baseline 0.700, sidecar (held-out), n=500" in repr(rt)
     given = nla.round_trip(vectors, baseline=0.5)
     assert (given.baseline, given.baseline_source) == (0.5, "given")
+
+
+def test_a_given_baseline_may_be_any_real_scalar_but_must_be_positive_and_finite():
+    """numpy and torch scalars (a baseline computed with either) are numbers; inf made every FVE 1.0."""
+    vectors = torch.randn(4, 8)
+    for given in (np.float32(0.5), np.float64(0.5), torch.tensor(0.5), 0.5):
+        resolved = resolve_baseline(vectors, 8**0.5, given)
+        assert (resolved.value, resolved.source) == (0.5, "given") and type(resolved.value) is float
+    for given in (math.inf, math.nan, 0.0, -0.5, True, "0.5", torch.tensor([0.5, 0.6])):
+        with pytest.raises(nl.InputError, match="baseline must be a positive finite number"):
+            resolve_baseline(vectors, 8**0.5, given)
 
 
 def test_a_malformed_sidecar_baseline_is_refused(tiny_paths, tmp_path):
