@@ -406,6 +406,15 @@ def test_samples_longer_than_either_models_context_are_refused_before_training(s
         rl.train_rl(av, ar, None, _train_vectors(sft_pair), torch.empty(0, 64), config, progress=False)
 
 
+def test_training_vectors_without_a_spread_are_an_input_error(sft_pair):
+    """Copies of one vector have a paper baseline of 0: the first step's FVE divided by it (ZeroDivisionError)."""
+    av, ar, _ = _load(sft_pair)
+    same = _train_vectors(sft_pair)[:1].repeat(4, 1)
+    config = dataclasses.replace(RL, steps=1, kl_coef=0.0, eval_vectors=0)
+    with pytest.raises(nl.InputError, match="all point one way"):
+        rl.train_rl(av, ar, None, same, same, config, progress=False)
+
+
 @pytest.mark.parametrize(("eval_vectors", "held_out"), [(1, 8), (8, 1)])
 def test_fewer_than_two_held_out_vectors_record_no_evaluation(sft_pair, eval_vectors, held_out):
     """FVE needs a spread: `eval_vectors: 1` (documented "no evaluation"), or a one-vector split, runs none."""

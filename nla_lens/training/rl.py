@@ -242,6 +242,9 @@ class _Trainer:
                               f"{self.world.world_size} ranks: each rank samples whole groups")
         self.train_vectors = train_vectors.float()
         self.baseline = metrics.paper_baseline(self.train_vectors, ar.meta.mse_scale)
+        if not self.baseline > 0:  # the step's FVE divides by it
+            raise InputError(f"the {len(train_vectors)} training vectors all point one way (their paper baseline is "
+                             f"{self.baseline}): RL's FVE needs a spread; pass vectors from different positions")
         self.policy_params, self.ar_params = trainable_parameters(av, ar, config.train_ar)
         self.params = {**self.policy_params, **self.ar_params}
         groups = [{"params": list(self.policy_params.values()), "lr": config.lr}]
