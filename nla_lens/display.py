@@ -226,10 +226,12 @@ def feature_card_html(title: str, hook_name: str, summary: str, explanation: str
     for row, (tokens, activations, center) in enumerate(windows):
         spans = []
         for i, (token, activation) in enumerate(zip(tokens, activations, strict=True)):
-            background = _rgb(_ramp(_ACTIVATION, activation / top))
+            scanned = not math.isnan(activation)  # NaN: a token the card's skip_first left out
+            background = _rgb(_ramp(_ACTIVATION, activation / top if scanned else 0.0))
             peak = " nla-peak" if i == center else ""
             spans.append(f"<span class='nla-tok{peak}' style='background:{background};color:{_ink(background)}' "
-                         f"title='{activation:.3f}'>{_shown_token(token)}</span>")
+                         f"title='{f'{activation:.3f}' if scanned else 'not scanned (skip_first)'}'>"
+                         f"{_shown_token(token)}</span>")
         here = "" if said_here is None else (
             f"<td>{html.escape(said_here[row])}</td>" if said_here[row] is not None else
             "<td><span class='nla-unparsed'>(no &lt;explanation&gt; tags)</span></td>")

@@ -41,7 +41,7 @@ class FeatureContext:
     position: int  # token position of the activation in that text
     activation: float
     tokens: list[str]  # the window, decoded one token at a time
-    activations: list[float]  # the feature's activation at each token of the window
+    activations: list[float]  # the feature's activation at each token of the window (NaN: left out by skip_first)
     center: int  # index of `position` inside the window
     explanation: str | None = None  # the AV's explanation of the base residual here (`explain_contexts=True`)
 
@@ -153,7 +153,7 @@ def feature_card(
         contexts.append(FeatureContext(
             text, position, float(acts[position]),
             [base.tokenizer.decode([t], clean_up_tokenization_spaces=False) for t in ids[lo:hi]],
-            torch.nan_to_num(acts[lo:hi], nan=0.0).tolist(), position - lo))
+            acts[lo:hi].tolist(), position - lo))
     if explain_contexts and contexts:
         contexts = _explain_contexts(av, base, texts, contexts, verbalize_kwargs)
     cosine = None if readout.cosines is None or readout.cosines[0].isnan() else float(readout.cosines[0])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 import re
 from pathlib import Path
 
@@ -264,6 +265,25 @@ def test_feature_card_shows_the_strongest_contexts_next_to_the_explanation(toy, 
     assert page.count("nla-tok nla-peak") == len(card.contexts)  # each context's peak token is outlined
     assert list(card.to_pandas()["position"]) == [c.position for c in card.contexts]
     assert "NLA at the peak" not in page and set(card.to_pandas()["context_explanation"]) == {None}
+
+
+@NEEDS_SAE_LENS
+def test_a_card_window_marks_tokens_skip_first_left_out_instead_of_showing_zero(toy, tmp_path):
+    """The window's tokens before `skip_first` were stored and shown as activation 0.000: never computed."""
+    layer = toy.av.meta.layer
+    sae = make_sae(128, 32, f"blocks.{layer}.hook_resid_post")
+    card = nl.feature_card(sae, toy.base, TOY_TEXTS, 9, toy.av, k=3, before=12, after=0, skip_first=8,
+                           max_new_tokens=8, progress=False)
+    windows = [(c, range(c.position - c.center, c.position - c.center + len(c.tokens))) for c in card.contexts]
+    assert any(spans[0] < 8 for _, spans in windows)
+    for context, spans in windows:
+        ids = toy.base.tokenizer(TOY_TEXTS[context.text])["input_ids"]
+        _, cache = toy.base.run_with_cache(torch.tensor([ids]), names_filter=f"blocks.{layer}.hook_resid_post")
+        acts = sae.encode(cache[f"blocks.{layer}.hook_resid_post"][0])[:, 9]
+        for shown, position in zip(context.activations, spans, strict=True):
+            assert math.isnan(shown) if position < 8 else shown == pytest.approx(float(acts[position]), abs=1e-5)
+    page = card.save(tmp_path / "card.html").read_text()
+    assert "not scanned (skip_first)" in page and "title='nan'" not in page
 
 
 @NEEDS_SAE_LENS
