@@ -19,6 +19,7 @@ from nla_lens.cli import main
 from nla_lens.sharded import Sampling
 from nla_lens.toy.demo import TOY_DIR
 from nla_lens.toy.evaluate import HELDOUT_FILE, MIN_CONTEXT, ToyNLA
+from nla_lens.vector_files import read_vectors
 
 N_ROWS, SHARD_SIZE = 10, 3  # shards of 3, 3, 3, 1: uneven, and each of 2 ranks gets two
 GREEDY = Sampling(max_new_tokens=8)
@@ -202,6 +203,19 @@ def test_the_vector_column_is_found_or_must_be_named(tiny_paths, rows, tmp_path)
     pq.write_table(pa.table({"vector": [[1.0] * 64, [1.0] * 63]}), tmp_path / "ragged.parquet")
     with pytest.raises(nl.InputError, match=r"lengths \[63, 64\]"):
         sharded.verbalize_file(av, tmp_path / "ragged.parquet", tmp_path / "o.parquet", progress=False)
+
+
+def test_a_pt_file_saved_from_a_gpu_or_with_grad_is_read_as_its_values(tiny_paths, rows, tmp_path, monkeypatch):
+    """torch.save of captured activations records their device and grad; the job needs CPU values."""
+    torch.save(rows.clone().requires_grad_(True) * 1.0, tmp_path / "grad.pt")
+    monkeypatch.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")  # as saved on a GPU
+    torch.save(rows, tmp_path / "gpu.pt")
+    monkeypatch.undo()
+    for name in ("grad", "gpu"):
+        assert torch.equal(read_vectors(tmp_path / f"{name}.pt"), rows)
+        result = sharded.verbalize_file(tiny_paths["av_karvonen"], tmp_path / f"{name}.pt",
+                                        tmp_path / f"{name}.parquet", sampling=GREEDY, progress=False)
+        assert result.table.num_rows == N_ROWS
 
 
 @pytest.mark.parametrize(("vectors", "error", "match"), [
