@@ -205,6 +205,17 @@ def test_the_vector_column_is_found_or_must_be_named(tiny_paths, rows, tmp_path)
         sharded.verbalize_file(av, tmp_path / "ragged.parquet", tmp_path / "o.parquet", progress=False)
 
 
+def test_an_output_on_the_input_file_is_refused_before_it_replaces_the_vectors(tiny_paths, input_file, capsys):
+    before = input_file.read_bytes()
+    with pytest.raises(nl.InputError, match="is the input file"):
+        sharded.verbalize_file(tiny_paths["av_karvonen"], input_file, input_file.parent / "." / input_file.name,
+                               sampling=GREEDY, progress=False)
+    assert main(["round-trip", "--av", str(tiny_paths["av_karvonen"]), "--ar", str(tiny_paths["ar_nanonla"]),
+                 "--input", str(input_file), "--output", str(input_file), "--baseline", "0.5"]) == 2
+    assert "is the input file" in capsys.readouterr().err
+    assert input_file.read_bytes() == before and not shard_store.shard_folder(input_file).exists()
+
+
 def test_a_pt_file_saved_from_a_gpu_or_with_grad_is_read_as_its_values(tiny_paths, rows, tmp_path, monkeypatch):
     """torch.save of captured activations records their device and grad; the job needs CPU values."""
     torch.save(rows.clone().requires_grad_(True) * 1.0, tmp_path / "grad.pt")
