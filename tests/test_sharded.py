@@ -121,6 +121,19 @@ def test_a_killed_run_resumes_with_only_the_missing_shards(tiny_paths, input_fil
     assert pq.read_table(out).equals(reference)
 
 
+def test_a_damaged_shard_file_is_named_and_recomputed_once_deleted(tiny_paths, input_file, tmp_path):
+    av, out = tiny_paths["av_karvonen"], tmp_path / "out.parquet"
+    reference = sharded.verbalize_file(av, input_file, out, sampling=GREEDY, shard_size=SHARD_SIZE,
+                                       progress=False).table
+    damaged = shard_store.shard_path(shard_store.shard_folder(out), 1)
+    damaged.write_bytes(damaged.read_bytes()[:100])  # renamed into place, its data never reached the disk
+    with pytest.raises(nl.ConfigError, match=r"shard-00001\.parquet cannot be read.*Delete it and rerun"):
+        sharded.verbalize_file(av, input_file, out, sampling=GREEDY, shard_size=SHARD_SIZE, progress=False)
+    damaged.unlink()
+    result = sharded.verbalize_file(av, input_file, out, sampling=GREEDY, shard_size=SHARD_SIZE, progress=False)
+    assert result.computed == [1] and result.table.equals(reference)
+
+
 def test_listed_shards_run_alone_and_the_merge_waits_for_all(tiny_paths, input_file, tmp_path, capsys):
     av, out = tiny_paths["av_karvonen"], tmp_path / "out.jsonl"
     assert main(verbalize_args(av, input_file, out, "--shards", "1,3")) == 0
