@@ -229,7 +229,7 @@ def _checkpoint_facts(role: str, folder: Path) -> dict[str, str]:
             for i in range(_SAMPLES):
                 f.seek(i * (size - _SAMPLE_BYTES) // (_SAMPLES - 1))
                 digest.update(f.read(_SAMPLE_BYTES))
-    return {role: str(folder), f"{role}_fingerprint": digest.hexdigest()}
+    return {role: str(folder.resolve()), f"{role}_fingerprint": digest.hexdigest()}  # resolved, as the input is
 
 
 def output_rows(table: VectorTable, rows: range, verbalizations: list[Verbalization], **extra: pa.Array) -> pa.Table:

@@ -192,6 +192,15 @@ def test_a_dtype_resumes_whatever_its_spelling(tiny_paths, input_file, tmp_path)
     assert result.computed == [1, 2, 3] and result.table.num_rows == N_ROWS
 
 
+def test_a_checkpoint_resumes_whatever_its_path_spelling(tiny_paths, input_file, tmp_path, monkeypatch):
+    av, out = tiny_paths["av_karvonen"], tmp_path / "out.parquet"
+    sharded.verbalize_file(av.resolve(), input_file, out, sampling=GREEDY, shard_size=SHARD_SIZE, shards=[0],
+                           progress=False)
+    monkeypatch.chdir(av.parent)
+    result = sharded.verbalize_file(av.name, input_file, out, sampling=GREEDY, shard_size=SHARD_SIZE, progress=False)
+    assert result.computed == [1, 2, 3] and result.table.num_rows == N_ROWS
+
+
 def test_sampled_rows_do_not_depend_on_which_process_ran_the_shard(tiny_paths, input_file, tmp_path):
     av, sampling = tiny_paths["av_karvonen"], Sampling(max_new_tokens=8, temperature=1.0, seed=3)
     whole = sharded.verbalize_file(av, input_file, tmp_path / "a.parquet", sampling=sampling,
