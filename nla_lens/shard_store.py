@@ -83,4 +83,15 @@ def missing_shards(folder: Path, n_shards: int) -> list[int]:
 
 def merge(folder: Path, n_shards: int) -> pa.Table:
     """Every shard in shard order, which is input row order."""
-    return pa.concat_tables([pq.read_table(shard_path(folder, i)) for i in range(n_shards)])
+    return pa.concat_tables([_read_shard(shard_path(folder, i)) for i in range(n_shards)])
+
+
+def _read_shard(path: Path) -> pa.Table:
+    """A shard file; one cut short after its rename (a node that crashed before the data reached the disk,
+    an interrupted copy of the folder) is named, with the fix, instead of arrow's traceback."""
+    try:
+        return pq.read_table(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise ConfigError(f"{path} cannot be read ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}): "
+                          "it is damaged or cut short. Delete it and rerun the same command to compute that shard "
+                          "again") from exc

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from nla_lens import loading, metrics, shard_store
 from nla_lens.checks import check_counts, check_sampling, resolve_dtype
 from nla_lens.distributed import World, barrier, device_for, process_group
+from nla_lens.errors import InputError
 from nla_lens.injection import check_vectors
 from nla_lens.nla import NLA, check_pair, resolve_baseline
 from nla_lens.parsing import injection_warning
@@ -100,7 +101,7 @@ def verbalize_file(
     Output rows: index (the input row), the input's scalar columns, explanation (None if untagged), text.
     """
     input_path, output = Path(input_path), Path(output)
-    check_output(output)
+    _check_paths(input_path, output)
     av_folder = loading.resolve_checkpoint(av)
     av_meta = load_meta(av_folder)
     table = _read(input_path, column, av_meta)
@@ -131,7 +132,7 @@ def round_trip_file(
     paper's over all input vectors (at least 32 of them), as `NLA.round_trip` picks it.
     """
     input_path, output = Path(input_path), Path(output)
-    check_output(output)
+    _check_paths(input_path, output)
     check_counts(1, reconstruct_batch_size=reconstruct_batch_size)
     av_folder, ar_folder = loading.resolve_checkpoint(av), loading.resolve_checkpoint(ar)
     av_meta, ar_meta = load_meta(av_folder), load_meta(ar_folder)
@@ -172,6 +173,14 @@ def round_trip_file(
 
 def summary_path(output: Path) -> Path:
     return output.with_name(output.stem + ".summary.json")
+
+
+def _check_paths(input_path: Path, output: Path) -> None:
+    """An output on the input file would replace the vectors with rows that do not hold them."""
+    check_output(output)
+    if output.resolve() == input_path.resolve():
+        raise InputError(f"--output {output} is the input file: the rows written there would replace its vectors; "
+                         "pick another --output")
 
 
 def _read(input_path: Path, column: str | None, av_meta: NLAMeta) -> VectorTable:
@@ -220,7 +229,7 @@ def _checkpoint_facts(role: str, folder: Path) -> dict[str, str]:
             for i in range(_SAMPLES):
                 f.seek(i * (size - _SAMPLE_BYTES) // (_SAMPLES - 1))
                 digest.update(f.read(_SAMPLE_BYTES))
-    return {role: str(folder), f"{role}_fingerprint": digest.hexdigest()}
+    return {role: str(folder.resolve()), f"{role}_fingerprint": digest.hexdigest()}  # resolved, as the input is
 
 
 def output_rows(table: VectorTable, rows: range, verbalizations: list[Verbalization], **extra: pa.Array) -> pa.Table:

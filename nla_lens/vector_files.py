@@ -49,10 +49,12 @@ def read_vectors(path: Path) -> Float[Tensor, "n d_model"]:
         if "vectors" not in tensors and len(tensors) != 1:
             raise InputError(f"{path} holds {sorted(tensors)}; name the [n, d_model] tensor 'vectors'")
         return tensors.get("vectors", next(iter(tensors.values())))
-    loaded = _readable(path, lambda: torch.load(path, weights_only=True))  # tensors only: no pickled code runs
+    # tensors only: no pickled code runs. On the CPU: a tensor saved from a GPU (or one that required grad)
+    # is read as its values, as a CPU-only machine can and as the job's input hash needs.
+    loaded = _readable(path, lambda: torch.load(path, weights_only=True, map_location="cpu"))
     if not isinstance(loaded, Tensor):
         raise InputError(f"{path} must hold a single tensor, got {type(loaded).__name__}")
-    return loaded
+    return loaded.detach()
 
 
 def _readable(path: Path, read: Callable[[], Any]) -> Any:

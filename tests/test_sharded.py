@@ -19,6 +19,7 @@ from nla_lens.cli import main
 from nla_lens.sharded import Sampling
 from nla_lens.toy.demo import TOY_DIR
 from nla_lens.toy.evaluate import HELDOUT_FILE, MIN_CONTEXT, ToyNLA
+from nla_lens.vector_files import read_vectors
 
 N_ROWS, SHARD_SIZE = 10, 3  # shards of 3, 3, 3, 1: uneven, and each of 2 ranks gets two
 GREEDY = Sampling(max_new_tokens=8)
@@ -120,6 +121,19 @@ def test_a_killed_run_resumes_with_only_the_missing_shards(tiny_paths, input_fil
     assert pq.read_table(out).equals(reference)
 
 
+def test_a_damaged_shard_file_is_named_and_recomputed_once_deleted(tiny_paths, input_file, tmp_path):
+    av, out = tiny_paths["av_karvonen"], tmp_path / "out.parquet"
+    reference = sharded.verbalize_file(av, input_file, out, sampling=GREEDY, shard_size=SHARD_SIZE,
+                                       progress=False).table
+    damaged = shard_store.shard_path(shard_store.shard_folder(out), 1)
+    damaged.write_bytes(damaged.read_bytes()[:100])  # renamed into place, its data never reached the disk
+    with pytest.raises(nl.ConfigError, match=r"shard-00001\.parquet cannot be read.*Delete it and rerun"):
+        sharded.verbalize_file(av, input_file, out, sampling=GREEDY, shard_size=SHARD_SIZE, progress=False)
+    damaged.unlink()
+    result = sharded.verbalize_file(av, input_file, out, sampling=GREEDY, shard_size=SHARD_SIZE, progress=False)
+    assert result.computed == [1] and result.table.equals(reference)
+
+
 def test_listed_shards_run_alone_and_the_merge_waits_for_all(tiny_paths, input_file, tmp_path, capsys):
     av, out = tiny_paths["av_karvonen"], tmp_path / "out.jsonl"
     assert main(verbalize_args(av, input_file, out, "--shards", "1,3")) == 0
@@ -178,6 +192,15 @@ def test_a_dtype_resumes_whatever_its_spelling(tiny_paths, input_file, tmp_path)
     assert result.computed == [1, 2, 3] and result.table.num_rows == N_ROWS
 
 
+def test_a_checkpoint_resumes_whatever_its_path_spelling(tiny_paths, input_file, tmp_path, monkeypatch):
+    av, out = tiny_paths["av_karvonen"], tmp_path / "out.parquet"
+    sharded.verbalize_file(av.resolve(), input_file, out, sampling=GREEDY, shard_size=SHARD_SIZE, shards=[0],
+                           progress=False)
+    monkeypatch.chdir(av.parent)
+    result = sharded.verbalize_file(av.name, input_file, out, sampling=GREEDY, shard_size=SHARD_SIZE, progress=False)
+    assert result.computed == [1, 2, 3] and result.table.num_rows == N_ROWS
+
+
 def test_sampled_rows_do_not_depend_on_which_process_ran_the_shard(tiny_paths, input_file, tmp_path):
     av, sampling = tiny_paths["av_karvonen"], Sampling(max_new_tokens=8, temperature=1.0, seed=3)
     whole = sharded.verbalize_file(av, input_file, tmp_path / "a.parquet", sampling=sampling,
@@ -202,6 +225,30 @@ def test_the_vector_column_is_found_or_must_be_named(tiny_paths, rows, tmp_path)
     pq.write_table(pa.table({"vector": [[1.0] * 64, [1.0] * 63]}), tmp_path / "ragged.parquet")
     with pytest.raises(nl.InputError, match=r"lengths \[63, 64\]"):
         sharded.verbalize_file(av, tmp_path / "ragged.parquet", tmp_path / "o.parquet", progress=False)
+
+
+def test_an_output_on_the_input_file_is_refused_before_it_replaces_the_vectors(tiny_paths, input_file, capsys):
+    before = input_file.read_bytes()
+    with pytest.raises(nl.InputError, match="is the input file"):
+        sharded.verbalize_file(tiny_paths["av_karvonen"], input_file, input_file.parent / "." / input_file.name,
+                               sampling=GREEDY, progress=False)
+    assert main(["round-trip", "--av", str(tiny_paths["av_karvonen"]), "--ar", str(tiny_paths["ar_nanonla"]),
+                 "--input", str(input_file), "--output", str(input_file), "--baseline", "0.5"]) == 2
+    assert "is the input file" in capsys.readouterr().err
+    assert input_file.read_bytes() == before and not shard_store.shard_folder(input_file).exists()
+
+
+def test_a_pt_file_saved_from_a_gpu_or_with_grad_is_read_as_its_values(tiny_paths, rows, tmp_path, monkeypatch):
+    """torch.save of captured activations records their device and grad; the job needs CPU values."""
+    torch.save(rows.clone().requires_grad_(True) * 1.0, tmp_path / "grad.pt")
+    monkeypatch.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")  # as saved on a GPU
+    torch.save(rows, tmp_path / "gpu.pt")
+    monkeypatch.undo()
+    for name in ("grad", "gpu"):
+        assert torch.equal(read_vectors(tmp_path / f"{name}.pt"), rows)
+        result = sharded.verbalize_file(tiny_paths["av_karvonen"], tmp_path / f"{name}.pt",
+                                        tmp_path / f"{name}.parquet", sampling=GREEDY, progress=False)
+        assert result.table.num_rows == N_ROWS
 
 
 @pytest.mark.parametrize(("vectors", "error", "match"), [
