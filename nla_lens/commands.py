@@ -170,6 +170,9 @@ def _run_verbalize(args: argparse.Namespace) -> None:
         base = base_for(sidecar_base_folder(meta) if args.base is None else args.base, meta, layer)
         table = capture_text(str(base), layer, args.text, args.device, args.dtype)
     else:
+        if args.shards is not None:
+            raise InputError("--shards picks shards of a file job: give --output FILE too (without it the rows "
+                             "are printed, all in one process)")
         table = read_input(args.input, args.column)
     from nla_lens.verbalizer import ActivationVerbalizer
 

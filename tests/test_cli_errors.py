@@ -182,6 +182,12 @@ def test_base_and_layer_are_refused_beside_an_input_file(tiny_paths, vector_file
                "--base and --layer apply to --text")
 
 
+def test_shards_without_an_output_file_are_refused(tiny_paths, vector_file, no_model_loads, capsys):
+    """Without --output the rows are printed from one process: --shards was silently ignored."""
+    _fails(["verbalize", "--av", tiny_paths["av_karvonen"], "--input", vector_file, "--shards", "0"], capsys,
+           "InputError", "give --output FILE too")
+
+
 # --- the same checks from Python ---
 
 @pytest.mark.parametrize("bad, expected", [
