@@ -229,7 +229,9 @@ def _sample(logits: Float[Tensor, "n vocab"], temperature: float, top_p: float,
         return logits.argmax(dim=-1)
     scaled = logits.float() / temperature
     if not bool(scaled.isfinite().all()):  # a tiny temperature overflows: the same distribution, shifted first
-        scaled = (logits.float() - logits.float().amax(dim=-1, keepdim=True)) / temperature
+        # in fp64: a temperature below fp32's smallest number (1.4e-45) is 0 there, and 0 / 0 is NaN
+        wide = logits.double()
+        scaled = ((wide - wide.amax(dim=-1, keepdim=True)) / temperature).float()
     probs = torch.softmax(scaled, dim=-1)
     if top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)

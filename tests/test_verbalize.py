@@ -96,6 +96,8 @@ def test_seeded_sampling_is_reproducible_and_temperature_zero_is_greedy(av_karvo
     assert av_karvonen.verbalize(vectors, seed=5, top_p=1e-9, **{**kwargs, "temperature": 0.7}) == greedy
     # So does a temperature so small that logits / temperature overflows float32 (it gave NaN probabilities).
     assert av_karvonen.verbalize(vectors, seed=5, **{**kwargs, "temperature": 1e-38}) == greedy
+    # And one below float32's smallest number, which is 0 there (0 / 0: NaN, a RuntimeError in multinomial).
+    assert av_karvonen.verbalize(vectors, seed=5, **{**kwargs, "temperature": 1e-46}) == greedy
 
 
 def test_explanations_are_parsed_from_tags():
