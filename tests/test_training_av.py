@@ -99,6 +99,23 @@ def test_training_runs_on_deterministic_kernels_and_restores_the_setting(base_fo
     assert not torch.are_deterministic_algorithms_enabled()
 
 
+def test_gradient_accumulation_equals_one_batch_of_the_same_rows(base_folder, dataset_meta, label_split):
+    """4 micro-batches of 4 rows take the step of one 16-row batch: the AV's loss is a mean over the step's
+    response tokens, not a mean of per-micro-batch means (rows with short responses weighed more)."""
+    train, held_out = label_split
+    runs = []
+    for batch_size, grad_accum in ((16, 1), (4, 4)):  # step s visits rows 16s .. 16s+15 of one seeded order
+        av = init_av(base_folder, dataset_meta, dtype=torch.float64)
+        config = TrainConfig(steps=2, batch_size=batch_size, grad_accum=grad_accum, lr=1e-3, warmup_steps=1)
+        runs.append((av, train_av(av, train, held_out, config, n_samples=0, progress=False)))
+    (one, whole), (accumulated, parts) = runs
+    for a, b in zip(whole.history, parts.history, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-12)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-10)
+    for (name, a), (_, b) in zip(one.model.named_parameters(), accumulated.model.named_parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10, msg=name)
+
+
 def test_resume_from_a_mid_run_checkpoint_gives_the_uninterrupted_weights(base_folder, dataset_meta, label_split,
                                                                           tmp_path):
     train, held_out = label_split

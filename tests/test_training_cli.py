@@ -222,3 +222,19 @@ def test_cli_refuses_an_out_of_range_setting_before_anything_loads(tmp_path, cap
     assert main([command, config]) == 2
     err = capsys.readouterr().err
     assert "ConfigError" in err and message in err
+
+
+@pytest.mark.parametrize("text", [None, 5, ["a", "b"]])
+def test_a_corpus_line_whose_text_is_not_a_string_is_named_before_extraction(tmp_path, capsys, base_folder,
+                                                                             extract_config, text):
+    """It was a raw tokenizer ValueError from inside the extraction, once the shards before it were written."""
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text(json.dumps({"text": "the cat sat on the mat"}) + "\n" + json.dumps({"text": text}) + "\n")
+    acts = tmp_path / "acts"
+    assert main(["extract", _write(tmp_path / "extract.yaml", {
+        "base_model": str(base_folder), "corpus": str(corpus), "out_dir": str(acts),
+        "extract": dataclasses.asdict(extract_config)})]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert f"InputError: {corpus}:2: 'text' must be a string, got {text!r}" in err
+    assert not acts.exists()

@@ -91,6 +91,14 @@ def test_document_overlap_between_train_and_eval_is_rejected(base_folder, datase
         train_ar(init_ar(base_folder, dataset_meta), row_train, row_eval, config, progress=False)
 
 
+def test_an_empty_training_split_is_refused_before_training(base_folder, dataset_meta, label_split):
+    """It was a raw IndexError (AV: the tokenizer on no explanations) or ValueError (AR: max of no rows)."""
+    train, held_out = label_split
+    for trainer, init in ((train_av, init_av), (train_ar, init_ar)):
+        with pytest.raises(nl.InputError, match="the training split is empty"):
+            trainer(init(base_folder, dataset_meta), train.select([]), held_out, TrainConfig(steps=1), progress=False)
+
+
 def test_av_rows_are_the_canonical_prompt_then_tagged_explanation_and_eos(base_folder, dataset_meta):
     tokenizer = loading.load_tokenizer(base_folder)
     data = testing.label_determined_vectors(3)

@@ -77,3 +77,21 @@ def test_export_refuses_a_nonzero_bias_the_hf_model_cannot_hold(hf_folder):
         model.blocks[0].attn.b_O.add_(1.0)
     with pytest.raises(nl.CheckpointError, match="blocks.0.attn.b_O is not zero"):
         hf_state_dict(model, qkv_bias=has_qkv_bias(hf.config))
+
+
+def test_a_gemma3_base_is_refused_before_training_with_the_reason(bos_paths):
+    """init_av / init_ar (and train_rl, which freezes the same way) said only "no HF counterpart known for
+    'blocks.0.ln1_post.w'"; the exporter, which has no inverse of TL's Gemma weights, is why."""
+    from nla_lens.testing_families import AV_TEMPLATE, GEMMA_MARKER
+    from nla_lens.training import ExtractConfig, init_ar, init_av
+    from nla_lens.training.extraction import dataset_sidecar
+
+    folder = bos_paths["gemma_av"]
+    config = ExtractConfig(layer=2, injection_char=GEMMA_MARKER, av_template=AV_TEMPLATE,
+                           ar_template=testing.AR_TEMPLATE)
+    meta = nl.parse_meta(dataset_sidecar(loading.load_tokenizer(folder), config, base_model=str(folder), d_model=64))
+    for init in (init_av, init_ar):
+        with pytest.raises(nl.CheckpointError, match="training and exporting a Gemma-3 NLA is not supported yet"):
+            init(folder, meta)
+    with pytest.raises(nl.CheckpointError, match="Gemma-3 NLA is not supported yet"):
+        hf_state_dict(_load(folder), qkv_bias=False)

@@ -81,6 +81,8 @@ def train_ar(
     """Fine-tune `ar.model` and `ar.readout` in place on `train`; `evaluation` must hold other documents."""
     backends.require_hooked("training", ar.model)
     check_document_disjoint(train, evaluation)
+    if len(train) == 0:  # else a raw ValueError from the row-length check
+        raise InputError("the training split is empty; pass labelled rows to train on")
     if len(evaluation) < 2:  # else the FVE of the first evaluation divides by a zero baseline
         raise InputError(f"the held-out split has {len(evaluation)} vector(s), and the AR's held-out FVE needs >= 2 "
                          "(a spread); raise eval_fraction or extract more positions per document")

@@ -127,6 +127,8 @@ def train_av(
     """Fine-tune `av.model` in place on `train`; `evaluation` must hold other documents."""
     backends.require_hooked("training", av.model)
     check_document_disjoint(train, evaluation)
+    if len(train) == 0:  # else the tokenizer raises a raw IndexError on no explanations
+        raise InputError("the training split is empty; pass labelled rows to train on")
     if len(evaluation) == 0:  # else the first evaluation's mean loss divides by zero tokens
         raise InputError("the held-out split is empty, and AV SFT reports a held-out loss; raise eval_fraction "
                          "or pass held-out rows")

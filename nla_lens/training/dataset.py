@@ -191,7 +191,8 @@ def av_rows(data: LabelledActivations, meta: NLAMeta, tokenizer: PreTrainedToken
 
 @dataclass(frozen=True)
 class ARRows:
-    """AR SFT rows: the critic prompt (`meta.ar_prompt`, no special tokens) and its target vector."""
+    """AR SFT rows: the critic prompt (`meta.ar_prompt`, with special tokens: BOS first on Gemma / Llama, as
+    `reconstruct` reads it) and its target vector."""
 
     prompts: list[list[int]]
     vectors: Float[Tensor, "n d_model"]

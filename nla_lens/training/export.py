@@ -83,10 +83,7 @@ def hf_state_dict(model: HookedTransformer, *, qkv_bias: bool,
     rank 0 keeps them (the dict is empty on the others).
     """
     backends.require_hooked("export", model)
-    if model.cfg.original_architecture in gemma3.ARCHITECTURES:
-        # TL stores Gemma's norms as 1 + w and W_E pre-scaled by sqrt(d); no inverse is written yet.
-        raise CheckpointError("exporting a Gemma-3 NLA is not supported yet: nla_lens serves Gemma-3 "
-                              "checkpoints and extracts Gemma-3 activations, but trains Qwen / Llama bases only")
+    check_trainable(model)
     keep = current_world().is_main
     out = {}
     for name, param in model.named_parameters():
@@ -105,10 +102,20 @@ def hf_state_dict(model: HookedTransformer, *, qkv_bias: bool,
     return out
 
 
+def check_trainable(model: HookedTransformer) -> None:
+    """Refuse a Gemma-3 model before training (and export): the exporter has no way back to its HF weights."""
+    if model.cfg.original_architecture in gemma3.ARCHITECTURES:
+        # TL stores Gemma's norms as 1 + w and W_E pre-scaled by sqrt(d); no inverse is written yet.
+        raise CheckpointError("training and exporting a Gemma-3 NLA is not supported yet: nla_lens serves Gemma-3 "
+                              "checkpoints and extracts Gemma-3 activations, but trains Qwen / Llama bases only")
+
+
 def freeze_weights_hf_lacks(model: HookedTransformer, hf_config: Any | None = None) -> list[str]:
     """Freeze (at zero) the TL parameters the HF architecture has no weight for; return their names.
 
-    Without `hf_config`, the architecture TL recorded (`cfg.original_architecture`) decides."""
+    Without `hf_config`, the architecture TL recorded (`cfg.original_architecture`) decides. A Gemma-3
+    model is refused (`check_trainable`)."""
+    check_trainable(model)
     qkv_bias = (has_qkv_bias(hf_config) if hf_config is not None
                 else model.cfg.original_architecture == "Qwen2ForCausalLM")
     frozen = []

@@ -127,10 +127,12 @@ def train(
     progress: bool = True,
     data: str | None = None,
 ) -> TrainResult:
-    """Run `config.steps` optimizer steps; a micro-batch's loss is `loss_sum(rows) / units(rows)`.
+    """Run `config.steps` optimizer steps; a step's loss is `loss_sum(rows) / units(rows)` over the rows of
+    all its micro-batches.
 
     `loss_sum` sums the per-unit losses of some rows (tokens, vectors) and `units` counts those
-    units: a micro-batch split across ranks is still normalised by its global count.
+    units: each micro-batch (split across ranks or not) is normalised by the step's global count, so
+    `grad_accum` micro-batches of `batch_size` rows give the gradient of one batch of all those rows.
     `modules["model"]` is the TransformerLens model. `evaluate()` runs (on every rank) at the start,
     every `eval_every` steps and at the end; checkpoints go to `out_dir/checkpoints/step-NNNNNN`.
     `resume` is a checkpoint folder or "latest" (the newest under `out_dir`). `data` (`dataset.data_fingerprint`
@@ -214,14 +216,16 @@ def _run_steps(modules: dict[str, nn.Module], step_loss: nn.Module, params: dict
             group["lr"] = lr
         local_total = 0.0
         batches = micro_batches(step, n_rows, config)
+        # Every micro-batch is normalised by the step's count (all micro-batches, all ranks), so accumulation
+        # equals one big batch; the ranks' gradients are averaged, hence the world size.
+        divisor = sum(units(index) for index in batches) / world.world_size
         for k, index in enumerate(batches):
             share, counts = parallel.rank_share(index, world)
-            divisor = units(index) / world.world_size  # the ranks' gradients are averaged
             last = k == len(batches) - 1
             no_sync = step_loss.no_sync() if hasattr(step_loss, "no_sync") and not last else contextlib.nullcontext()
             with no_sync:
                 with autocast:
-                    loss = step_loss(share, divisor) / config.grad_accum
+                    loss = step_loss(share, divisor)
                 if not counts:
                     loss = loss * 0.0
                 loss.backward()

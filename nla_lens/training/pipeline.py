@@ -57,6 +57,9 @@ def read_corpus(path: str | Path) -> list[Document]:
                 docs.append(Document(str(row.get("id", index)), row["text"]))
             except (ValueError, KeyError, AttributeError) as exc:
                 raise InputError(f"{path}:{index + 1}: expected a JSON object with a 'text' key ({exc})") from exc
+            if not isinstance(docs[-1].text, str):  # else the tokenizer fails mid-extraction, shards later
+                raise InputError(f"{path}:{index + 1}: 'text' must be a string, got {docs[-1].text!r}; drop the "
+                                 "line or give it the document's text")
     return docs
 
 
