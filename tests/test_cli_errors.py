@@ -314,3 +314,22 @@ def test_explain_checks_the_roles_of_its_folders_first(tiny_paths, no_model_load
     _fails(["explain", "--av", av, "--ar", av, "--text", "the cat"], capsys, "--ar", "not an AR")
     _fails(["explain", "--av", av, "--ar", ar, "--base", ar, "--text", "the cat"], capsys, "--base",
            "is an AR checkpoint")
+
+
+def test_text_files_that_are_not_utf8_are_input_errors(tiny_paths, tmp_path, no_model_loads, monkeypatch, capsys):
+    """A UTF-16 file (what Windows PowerShell's `>` writes) was a UnicodeDecodeError traceback in every reader
+    but `explain --file`."""
+    from nla_lens.training import label_activations
+    from nla_lens.training.pipeline import read_corpus
+
+    utf16 = tmp_path / "utf16.txt"
+    utf16.write_text('{"id": "a", "text": "a cat"}\n', encoding="utf-16")
+    _fails(["reconstruct", "--ar", tiny_paths["ar_nanonla"], "--input", utf16], capsys, "InputError",
+           "is not UTF-8 text")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c.yaml").write_text("base_model: base\ncorpus: c.jsonl\n", encoding="utf-16")
+    _fails(["extract", "c.yaml"], capsys, "ConfigError", "c.yaml is not UTF-8 text")
+    with pytest.raises(nl.InputError, match="corpus .* is not UTF-8 text"):
+        read_corpus(utf16)
+    with pytest.raises(nl.InputError, match="explanations .* is not UTF-8 text"):
+        label_activations(None, utf16)  # the file is read before any row is looked at
