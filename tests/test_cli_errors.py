@@ -145,6 +145,16 @@ def test_reconstruct_writes_pt_as_a_tensor_file(tiny_paths, ar_nanonla, tmp_path
     assert torch.equal(load_file(str(tmp_path / "v.safetensors"))["vectors"], expected)
 
 
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc, a folder no file can be created in")
+@pytest.mark.parametrize("name", ["v.pt", "v.safetensors"])
+def test_reconstruct_output_that_cannot_be_written_exits_1(tiny_paths, capsys, name):
+    """torch.save and save_file raised RuntimeError / SafetensorError (a traceback) where the CLI promises the
+    OS's message and exit 1 (a full disk, a folder one may not write)."""
+    assert main(["reconstruct", "--ar", str(tiny_paths["ar_nanonla"]), "a cat", "--output", f"/proc/{name}"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.startswith("nla-lens reconstruct: ") and "No such file" in err
+
 def test_checkpoints_given_to_the_wrong_flag(tiny_paths, vector_file, tmp_path, no_model_loads, capsys):
     av, ar = tiny_paths["av_karvonen"], tiny_paths["ar_nanonla"]  # the nanoNLA AR's sidecar records no role
     err = _fails(["verbalize", "--av", ar, "--input", vector_file], capsys, "InputError", "is an AR",
