@@ -246,7 +246,11 @@ def _run_reconstruct(args: argparse.Namespace) -> None:
     texts = list(args.explanations)
     if args.input:
         check_input_file(args.input, "--input")
-        texts += [line for line in args.input.read_text(encoding="utf-8").splitlines() if line.strip()]
+        try:
+            texts += [line for line in args.input.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except UnicodeDecodeError as exc:
+            raise InputError(f"--input {args.input} is not UTF-8 text ({exc}); pass a plain text file, one "
+                             "explanation a line") from exc
     if not texts:
         raise InputError("no explanations: give them as arguments, or --input FILE with one per line")
     ar = ActivationReconstructor.from_pretrained(args.ar, device=args.device, dtype=args.dtype)

@@ -7,6 +7,7 @@ a reader (or a resumed job) never sees a half-written file.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -21,7 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from jaxtyping import Float
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import Tensor
 
 from nla_lens.checks import check_input_file, check_output_path
@@ -158,11 +159,16 @@ def write_vectors(vectors: Float[Tensor, "n d_model"], path: Path) -> None:
     with `read_vectors`."""
     vectors = vectors.detach().contiguous().cpu()
     if path.suffix == ".safetensors":
-        write_atomic(path, lambda tmp: save_file({"vectors": vectors}, str(tmp)))
+        data = save({"vectors": vectors})
     elif path.suffix == ".pt":
-        write_atomic(path, lambda tmp: torch.save(vectors, tmp))
+        buffer = io.BytesIO()
+        torch.save(vectors, buffer)
+        data = buffer.getvalue()
     else:
         raise InputError(f"{path}: vectors are written as .safetensors or .pt")
+    # Serialised in memory and written by Python: a full disk or a folder one may not write is an OSError
+    # (the CLI's exit 1), where save_file and torch.save to a path raise their own exception types.
+    write_atomic(path, lambda tmp: tmp.write_bytes(data))
 
 
 def write_atomic(path: Path, write: Callable[[Path], object]) -> None:

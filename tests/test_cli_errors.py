@@ -145,6 +145,16 @@ def test_reconstruct_writes_pt_as_a_tensor_file(tiny_paths, ar_nanonla, tmp_path
     assert torch.equal(load_file(str(tmp_path / "v.safetensors"))["vectors"], expected)
 
 
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc, a folder no file can be created in")
+@pytest.mark.parametrize("name", ["v.pt", "v.safetensors"])
+def test_reconstruct_output_that_cannot_be_written_exits_1(tiny_paths, capsys, name):
+    """torch.save and save_file raised RuntimeError / SafetensorError (a traceback) where the CLI promises the
+    OS's message and exit 1 (a full disk, a folder one may not write)."""
+    assert main(["reconstruct", "--ar", str(tiny_paths["ar_nanonla"]), "a cat", "--output", f"/proc/{name}"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.startswith("nla-lens reconstruct: ") and "No such file" in err
+
 def test_checkpoints_given_to_the_wrong_flag(tiny_paths, vector_file, tmp_path, no_model_loads, capsys):
     av, ar = tiny_paths["av_karvonen"], tiny_paths["ar_nanonla"]  # the nanoNLA AR's sidecar records no role
     err = _fails(["verbalize", "--av", ar, "--input", vector_file], capsys, "InputError", "is an AR",
@@ -320,3 +330,22 @@ def test_explain_checks_the_roles_of_its_folders_first(tiny_paths, no_model_load
     _fails(["explain", "--av", av, "--ar", av, "--text", "the cat"], capsys, "--ar", "not an AR")
     _fails(["explain", "--av", av, "--ar", ar, "--base", ar, "--text", "the cat"], capsys, "--base",
            "is an AR checkpoint")
+
+
+def test_text_files_that_are_not_utf8_are_input_errors(tiny_paths, tmp_path, no_model_loads, monkeypatch, capsys):
+    """A UTF-16 file (what Windows PowerShell's `>` writes) was a UnicodeDecodeError traceback in every reader
+    but `explain --file`."""
+    from nla_lens.training import label_activations
+    from nla_lens.training.pipeline import read_corpus
+
+    utf16 = tmp_path / "utf16.txt"
+    utf16.write_text('{"id": "a", "text": "a cat"}\n', encoding="utf-16")
+    _fails(["reconstruct", "--ar", tiny_paths["ar_nanonla"], "--input", utf16], capsys, "InputError",
+           "is not UTF-8 text")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c.yaml").write_text("base_model: base\ncorpus: c.jsonl\n", encoding="utf-16")
+    _fails(["extract", "c.yaml"], capsys, "ConfigError", "c.yaml is not UTF-8 text")
+    with pytest.raises(nl.InputError, match="corpus .* is not UTF-8 text"):
+        read_corpus(utf16)
+    with pytest.raises(nl.InputError, match="explanations .* is not UTF-8 text"):
+        label_activations(None, utf16)  # the file is read before any row is looked at

@@ -122,3 +122,13 @@ def test_cited_docs_pages_exist():
         cited |= set(re.findall(r"docs/[\w./-]+\.md", (ROOT / source).read_text(encoding="utf-8")))
     assert "docs/backends.md" in cited
     assert [path for path in sorted(cited) if not (ROOT / path).is_file()] == []
+
+
+def test_readme_extras_table_lists_every_extra():
+    """The README's install table named four of pyproject's five extras (not `docs`, which its API reference
+    section then asks for)."""
+    import tomllib
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["optional-dependencies"]
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert [name for name in extras if f"\n| `{name}` | " not in readme] == []

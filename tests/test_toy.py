@@ -249,6 +249,17 @@ def test_evaluate_command_scores_the_slices_the_readme_quotes(tmp_path, heldout_
     assert exit_info.value.code == 2 and "does not exist" in capsys.readouterr().err
 
 
+
+@pytest.mark.parametrize("script", ["evaluate", "train"])
+def test_toy_scripts_refuse_threads_below_one(script, capsys):
+    """`--threads 0` was torch.set_num_threads's RuntimeError traceback; argparse's usage error now, before any
+    work (train's default --out is the bundled folder)."""
+    from nla_lens.toy import evaluate, train
+
+    with pytest.raises(SystemExit) as exit_info:
+        {"evaluate": evaluate, "train": train}[script].main(["--threads", "0"])
+    assert exit_info.value.code == 2 and "--threads 0: must be a whole number >= 1" in capsys.readouterr().err
+
 @NEEDS_TL3
 def test_rl_only_on_a_folder_without_an_sft_pair_is_a_clear_error(tmp_path, capsys):
     from nla_lens.toy import train

@@ -160,3 +160,10 @@ def test_default_templates_give_the_released_qwen3_token_facts():
                         DEFAULT_AR_TEMPLATE)
     assert facts == {"injection_char": "㈎", "injection_token_id": 149705, "injection_left_neighbor_id": 29,
                      "injection_right_neighbor_id": 522, "critic_suffix_ids": [1318, 29, 366, 1708, 29]}
+
+
+def test_activations_folder_without_a_sidecar_names_the_extraction(tmp_path):
+    """`activations:` at a folder with no sidecar said "Pass an AV or AR folder" (load_meta's message)."""
+    with pytest.raises(nl.SidecarError, match="is not an extraction folder.*nla-lens extract") as error:
+        load_activations(tmp_path)  # a folder, but no extraction
+    assert "AV or AR" not in str(error.value)

@@ -246,6 +246,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.output and not args.output.parent.is_dir():
         parser.error(f"--output {args.output}: the folder {args.output.parent} does not exist")
+    if args.threads < 1:  # torch.set_num_threads raises a bare RuntimeError
+        parser.error(f"--threads {args.threads}: must be a whole number >= 1")
     torch.set_num_threads(args.threads)
     results = []
     with tempfile.TemporaryDirectory() as tmp:

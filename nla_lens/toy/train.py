@@ -232,6 +232,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rl-only", action="store_true", help="only the RL stage, from the SFT pair in --out")
     parser.add_argument("--rl-resume", type=Path, default=None, help="with --rl-only: continue from this checkpoint")
     args = parser.parse_args(argv)
+    if args.threads < 1:  # torch.set_num_threads raises a bare RuntimeError
+        parser.error(f"--threads {args.threads}: must be a whole number >= 1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
     cfg = ToyConfig.quick() if args.quick else ToyConfig()

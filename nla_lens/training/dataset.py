@@ -81,22 +81,26 @@ def label_activations(dataset: ActivationDataset, explanations: str | Path | Lab
 
 def _read_explanations(path: Path) -> dict[tuple[str, int], str]:
     out: dict[tuple[str, int], str] = {}
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                key = (str(row["doc_id"]), int(row["position"]))
-                text = row["explanation"]
-            except (ValueError, KeyError, TypeError) as exc:
-                raise InputError(f"{path}:{line_no}: expected a JSON object with doc_id, position and "
-                                 f"explanation ({exc})") from exc
-            if not isinstance(text, str):
-                raise InputError(f"{path}:{line_no}: explanation must be a string")
-            if key in out:
-                raise InputError(f"{path}:{line_no}: a second explanation for doc_id {key[0]!r} position {key[1]}")
-            out[key] = text
+    try:
+        with path.open(encoding="utf-8") as f:
+            for line_no, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                    key = (str(row["doc_id"]), int(row["position"]))
+                    text = row["explanation"]
+                except (ValueError, KeyError, TypeError) as exc:
+                    raise InputError(f"{path}:{line_no}: expected a JSON object with doc_id, position and "
+                                     f"explanation ({exc})") from exc
+                if not isinstance(text, str):
+                    raise InputError(f"{path}:{line_no}: explanation must be a string")
+                if key in out:
+                    raise InputError(f"{path}:{line_no}: a second explanation for doc_id {key[0]!r} "
+                                     f"position {key[1]}")
+                out[key] = text
+    except UnicodeDecodeError as exc:  # raised while reading a line, outside the per-line check
+        raise InputError(f"explanations {path} is not UTF-8 text ({exc}); write it as UTF-8 JSONL") from exc
     return out
 
 

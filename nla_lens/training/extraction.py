@@ -288,6 +288,9 @@ def _write_shard(model: HookedTransformer, tokenizer: PreTrainedTokenizerBase, d
 def load_activations(folder: str | Path) -> ActivationDataset:
     """Read an extraction folder (sidecar + every shard) into memory."""
     folder = Path(folder)
+    if not (folder / SIDECAR_NAME).is_file():  # load_meta's own message asks for an AV or AR folder
+        raise SidecarError(f"{folder} is not an extraction folder: it has no {SIDECAR_NAME}. Point `activations` "
+                           "at the out_dir that nla-lens extract (extract_activations) wrote")
     meta = load_meta(folder)
     if meta.kind != "nla_dataset":
         raise SidecarError(f"{folder} holds a {meta.kind} sidecar; point at an extraction folder")
