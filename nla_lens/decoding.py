@@ -12,8 +12,7 @@ fwd_hooks)` then `step(ids)`, each returning the logits at the last position onl
   in a buffer allocated once and q/k/v run as one matmul (the loader lays them out for that).
   Norms and attention keep TL's op order and operand layouts, so the activations and logits of a
   prefill, of every decode step and of the AR are TL's to the bit (measured on the CPU in fp32, bf16
-  and fp16, one row or several; Llama decode steps in fp32 batches of several rows still differ from
-  TL's by about one ulp). See `_attend` and `_attend_step`.
+  and fp16, one row or several). See `_attend`, `_attend_step` and `_kv_cache`.
 
 `FastBlocks` (the block stack behind `FastDecoder`) also serves `reconstruct`. Both fast paths
 honour the hooks attached to the model (and the injection, installed for the prefill): at each
@@ -321,18 +320,37 @@ def _attend_step(queries: Float[Tensor, "batch heads 1 d_head"], keys: Float[Ten
     """A decode step's attention in TL's op order without copying the cache per query head.
 
     One batched product per position within a kv group (query heads j, j + group, ... share kv
-    head j // group), each a one-row product per head as in TL, so fp32 z is TL's to the bit while
-    the cache is read in place (`_attend`'s broadcast, like TL's repeat_interleave, copies it).
+    head j // group), each a one-row product per head as in TL, so z is TL's to the bit while the
+    cache is read in place (`_attend`'s broadcast, like TL's repeat_interleave, copies it). The
+    products write into `[batch, heads, ...]` buffers, where TL's land: torch's CPU kernel for a
+    pos-major key matrix rounds by where its output starts. `keys` come from `_kv_cache`, which lays
+    them out as TL's product reads them.
     """
     batch, n_heads, _, d_head = queries.shape
-    n_kv = keys.shape[1]
-    grouped = queries.view(batch, n_kv, n_heads // n_kv, 1, d_head)
-    z = torch.empty_like(grouped)
+    n_kv, n_keys = keys.shape[1], keys.shape[2]
+    group = n_heads // n_kv
+    grouped = queries.view(batch, n_kv, group, 1, d_head)
     keys_t = keys.transpose(-1, -2)
-    for j in range(grouped.shape[2]):
-        scores = grouped[:, :, j] @ keys_t / attn_scale
-        z[:, :, j] = scores.softmax(dim=-1) @ values
+    scores = queries.new_empty(batch, n_kv, group, 1, n_keys)
+    for j in range(group):
+        torch.matmul(grouped[:, :, j], keys_t, out=scores[:, :, j])
+    scores = scores.view(batch, n_heads, 1, n_keys) / attn_scale
+    pattern = scores.softmax(dim=-1).view(batch, n_kv, group, 1, n_keys)
+    z = torch.empty_like(grouped)
+    for j in range(group):
+        torch.matmul(pattern[:, :, j], values, out=z[:, :, j])
     return z.view(batch, n_heads, 1, d_head)
+
+
+def _kv_cache(n_layers: int, batch: int, n_kv: int, max_len: int, d_head: int, dtype: torch.dtype,
+              device: torch.device) -> tuple[Tensor, Tensor]:
+    """Empty keys and values, each `[layers, batch, n_kv, max_len, d_head]`, the keys laid out as TL's
+    decode step multiplies them: its `q @ k^T` reads one row's keys in place (d_head contiguous) but
+    copies a larger batch's (pos contiguous), and torch's CPU kernels round the two differently."""
+    values = torch.empty(n_layers, batch, n_kv, max_len, d_head, dtype=dtype, device=device)
+    if batch == 1:
+        return torch.empty_like(values), values
+    return torch.empty(n_layers, batch, n_kv, d_head, max_len, dtype=dtype, device=device).transpose(-1, -2), values
 
 
 def _hooked_qkv(hook: BlockHooks, qkv: Float[Tensor, "batch pos qkv_heads d_head"], n_heads: int,
@@ -377,9 +395,8 @@ class FastDecoder:
     def __init__(self, blocks: FastBlocks, batch: int, max_len: int, step_hooks: HookPlan) -> None:
         self.blocks = blocks
         self.model = model = blocks.model
-        shape = (len(blocks.layers), batch, blocks.n_kv, max_len, blocks.d_head)
-        self.keys = torch.empty(shape, dtype=model.cfg.dtype, device=model.W_E.device)
-        self.values = torch.empty_like(self.keys)
+        self.keys, self.values = _kv_cache(len(blocks.layers), batch, blocks.n_kv, max_len, blocks.d_head,
+                                           model.cfg.dtype, model.W_E.device)
         self.step_hooks = step_hooks
         self.pos = 0
 
