@@ -156,7 +156,7 @@ class _Layer:
         self.attn_scale = attn.attn_scale
         self.cos, self.sin = attn.rotary_cos, attn.rotary_sin
         self.ln1, self.ln2, self.eps = block.ln1.w, block.ln2.w, block.ln1.eps
-        self.w_gate, self.w_in = mlp.W_gate.T, mlp.W_in.T
+        self.w_gate, self.w_in, self.act = mlp.W_gate.T, mlp.W_in.T, mlp.act_fn  # TL's own (Gemma: tanh GELU)
         self.b_in = mlp.b_in if bool(mlp.b_in.any()) else None  # TL adds it after the gating
         self.w_out, self.b_out = mlp.W_out.T, mlp.b_out
 
@@ -249,8 +249,8 @@ class FastBlocks:
                 cos, sin = layer.cos[positions][:, None], layer.sin[positions][:, None]
             if hook.resid_pre is not None:
                 x = hook.resid_pre(x)
-            attn_out = self._attention(layer, hook, _rms(x, layer.ln1, layer.eps), cos, sin, mask,
-                                       keys[cache], values[cache], start, end, pad_queries)
+            attn_out = _attention(layer, hook, _rms(x, layer.ln1, layer.eps), cos, sin, mask,
+                                  keys[cache], values[cache], start, end, pad_queries)
             if hook.attn_out is not None:
                 attn_out = hook.attn_out(attn_out)
             x = x + attn_out
@@ -261,33 +261,39 @@ class FastBlocks:
                 x = hook.resid_post(x)
         return x
 
-    def _attention(self, layer: _Layer, hook: BlockHooks, h: Float[Tensor, "batch pos d_model"], cos: Tensor,
-                   sin: Tensor, mask: Tensor | None, keys: Tensor, values: Tensor, start: int, end: int,
-                   pad_queries: Tensor | None) -> Float[Tensor, "batch pos d_model"]:
-        batch, n_pos, n_heads, n_kv = h.shape[0], h.shape[1], layer.n_heads, layer.n_kv
-        qkv = _linear(h, layer.qkv, layer.b_qkv).view(batch, n_pos, n_heads + 2 * n_kv, layer.d_head)
-        if hook.q is not None or hook.k is not None or hook.v is not None:
-            qkv = _hooked_qkv(hook, qkv, n_heads, n_kv)
-        # [batch, heads, pos, d_head] throughout: the layout where the rotary broadcast is cheap.
-        qkv = qkv.transpose(1, 2)
-        qk = qkv[:, :n_heads + n_kv]
-        if layer.qk_norm is not None:
-            qk = _rms(qk, layer.qk_norm[:, None], layer.eps)
-        half = layer.d_head // 2  # TL's (GPT-NeoX style) rotary embedding
-        qk = qk * cos + torch.cat([-qk[..., half:], qk[..., :half]], dim=-1) * sin
-        keys[:, :, start:end] = qk[:, n_heads:]
-        values[:, :, start:end] = qkv[:, n_heads + n_kv:]
-        queries = qk[:, :n_heads]
-        if queries.shape[2] == 1 and mask is None:
-            z = _attend_step(queries, keys[:, :, :end], values[:, :, :end], layer.attn_scale)
-        else:
-            z = _attend(queries, keys[:, :, :end], values[:, :, :end], mask, start, layer.attn_scale)
-        if pad_queries is not None:
-            z = z.masked_fill(pad_queries, 0.0)
-        z = z.transpose(1, 2)  # [batch, pos, heads, d_head]: TL's hook_z
-        if hook.z is not None:
-            z = hook.z(z)
-        return F.linear(z.reshape(batch, z.shape[1], -1), layer.w_o, layer.b_o)
+
+def _attention(layer: _Layer, hook: BlockHooks, h: Float[Tensor, "batch pos d_model"], cos: Tensor, sin: Tensor,
+               mask: Tensor | None, keys: Tensor, values: Tensor, start: int, end: int,
+               pad_queries: Tensor | None) -> Float[Tensor, "batch pos d_model"]:
+    """TL's attention of one block over cache positions [start, end), writing the new keys and values.
+
+    `mask` as in `FastBlocks.run`; a decode step (one query, start > 0) may also have one, e.g. a
+    sliding window, which `_attend_step` applies.
+    """
+    batch, n_pos, n_heads, n_kv = h.shape[0], h.shape[1], layer.n_heads, layer.n_kv
+    qkv = _linear(h, layer.qkv, layer.b_qkv).view(batch, n_pos, n_heads + 2 * n_kv, layer.d_head)
+    if hook.q is not None or hook.k is not None or hook.v is not None:
+        qkv = _hooked_qkv(hook, qkv, n_heads, n_kv)
+    # [batch, heads, pos, d_head] throughout: the layout where the rotary broadcast is cheap.
+    qkv = qkv.transpose(1, 2)
+    qk = qkv[:, :n_heads + n_kv]
+    if layer.qk_norm is not None:
+        qk = _rms(qk, layer.qk_norm[:, None], layer.eps)
+    half = layer.d_head // 2  # TL's (GPT-NeoX style) rotary embedding
+    qk = qk * cos + torch.cat([-qk[..., half:], qk[..., :half]], dim=-1) * sin
+    keys[:, :, start:end] = qk[:, n_heads:]
+    values[:, :, start:end] = qkv[:, n_heads + n_kv:]
+    queries = qk[:, :n_heads]
+    if queries.shape[2] == 1 and (mask is None or start > 0):
+        z = _attend_step(queries, keys[:, :, :end], values[:, :, :end], layer.attn_scale, mask)
+    else:
+        z = _attend(queries, keys[:, :, :end], values[:, :, :end], mask, start, layer.attn_scale)
+    if pad_queries is not None:
+        z = z.masked_fill(pad_queries, 0.0)
+    z = z.transpose(1, 2)  # [batch, pos, heads, d_head]: TL's hook_z
+    if hook.z is not None:
+        z = hook.z(z)
+    return F.linear(z.reshape(batch, z.shape[1], -1), layer.w_o, layer.b_o)
 
 
 def _attend(queries: Float[Tensor, "batch heads pos d_head"], keys: Float[Tensor, "batch kv_heads kv_pos d_head"],
@@ -315,8 +321,8 @@ def _attend(queries: Float[Tensor, "batch heads pos d_head"], keys: Float[Tensor
 
 
 def _attend_step(queries: Float[Tensor, "batch heads 1 d_head"], keys: Float[Tensor, "batch kv_heads kv_pos d_head"],
-                 values: Float[Tensor, "batch kv_heads kv_pos d_head"],
-                 attn_scale: float) -> Float[Tensor, "batch heads 1 d_head"]:
+                 values: Float[Tensor, "batch kv_heads kv_pos d_head"], attn_scale: float,
+                 mask: Tensor | None = None) -> Float[Tensor, "batch heads 1 d_head"]:
     """A decode step's attention in TL's op order without copying the cache per query head.
 
     One batched product per position within a kv group (query heads j, j + group, ... share kv
@@ -324,7 +330,8 @@ def _attend_step(queries: Float[Tensor, "batch heads 1 d_head"], keys: Float[Ten
     cache is read in place (`_attend`'s broadcast, like TL's repeat_interleave, copies it). The
     products write into `[batch, heads, ...]` buffers, where TL's land: torch's CPU kernel for a
     pos-major key matrix rounds by where its output starts. `keys` come from `_kv_cache`, which lays
-    them out as TL's product reads them.
+    them out as TL's product reads them. `mask` (True = attend, broadcast over `[batch, heads, 1,
+    kv_pos]`) masks scores to -inf as TL does: keys outside a sliding window stay in the product.
     """
     batch, n_heads, _, d_head = queries.shape
     n_kv, n_keys = keys.shape[1], keys.shape[2]
@@ -335,6 +342,8 @@ def _attend_step(queries: Float[Tensor, "batch heads 1 d_head"], keys: Float[Ten
     for j in range(group):
         torch.matmul(grouped[:, :, j], keys_t, out=scores[:, :, j])
     scores = scores.view(batch, n_heads, 1, n_keys) / attn_scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
     pattern = scores.softmax(dim=-1).view(batch, n_kv, group, 1, n_keys)
     z = torch.empty_like(grouped)
     for j in range(group):
@@ -374,7 +383,7 @@ def _mlp(layer: _Layer, hook: BlockHooks, h: Float[Tensor, "batch pos d_model"])
     pre_linear = F.linear(h, layer.w_in)
     if hook.pre_linear is not None:
         pre_linear = hook.pre_linear(pre_linear)
-    post = F.silu(pre) * pre_linear
+    post = layer.act(pre) * pre_linear
     if layer.b_in is not None:
         post = post + layer.b_in
     if hook.post is not None:
