@@ -12,8 +12,7 @@ fwd_hooks)` then `step(ids)`, each returning the logits at the last position onl
   in a buffer allocated once and q/k/v run as one matmul (the loader lays them out for that).
   Norms and attention keep TL's op order and operand layouts, so the activations and logits of a
   prefill, of every decode step and of the AR are TL's to the bit (measured on the CPU in fp32, bf16
-  and fp16, one row or several; Llama decode steps in fp32 batches of several rows still differ from
-  TL's by about one ulp). See `_attend` and `_attend_step`.
+  and fp16, one row or several). See `_attend`, `_attend_step` and `_kv_cache`.
 
 `FastBlocks` (the block stack behind `FastDecoder`) also serves `reconstruct`. Both fast paths
 honour the hooks attached to the model (and the injection, installed for the prefill): at each
@@ -157,7 +156,7 @@ class _Layer:
         self.attn_scale = attn.attn_scale
         self.cos, self.sin = attn.rotary_cos, attn.rotary_sin
         self.ln1, self.ln2, self.eps = block.ln1.w, block.ln2.w, block.ln1.eps
-        self.w_gate, self.w_in = mlp.W_gate.T, mlp.W_in.T
+        self.w_gate, self.w_in, self.act = mlp.W_gate.T, mlp.W_in.T, mlp.act_fn  # TL's own (Gemma: tanh GELU)
         self.b_in = mlp.b_in if bool(mlp.b_in.any()) else None  # TL adds it after the gating
         self.w_out, self.b_out = mlp.W_out.T, mlp.b_out
 
@@ -250,8 +249,8 @@ class FastBlocks:
                 cos, sin = layer.cos[positions][:, None], layer.sin[positions][:, None]
             if hook.resid_pre is not None:
                 x = hook.resid_pre(x)
-            attn_out = self._attention(layer, hook, _rms(x, layer.ln1, layer.eps), cos, sin, mask,
-                                       keys[cache], values[cache], start, end, pad_queries)
+            attn_out = _attention(layer, hook, _rms(x, layer.ln1, layer.eps), cos, sin, mask,
+                                  keys[cache], values[cache], start, end, pad_queries)
             if hook.attn_out is not None:
                 attn_out = hook.attn_out(attn_out)
             x = x + attn_out
@@ -262,33 +261,39 @@ class FastBlocks:
                 x = hook.resid_post(x)
         return x
 
-    def _attention(self, layer: _Layer, hook: BlockHooks, h: Float[Tensor, "batch pos d_model"], cos: Tensor,
-                   sin: Tensor, mask: Tensor | None, keys: Tensor, values: Tensor, start: int, end: int,
-                   pad_queries: Tensor | None) -> Float[Tensor, "batch pos d_model"]:
-        batch, n_pos, n_heads, n_kv = h.shape[0], h.shape[1], layer.n_heads, layer.n_kv
-        qkv = _linear(h, layer.qkv, layer.b_qkv).view(batch, n_pos, n_heads + 2 * n_kv, layer.d_head)
-        if hook.q is not None or hook.k is not None or hook.v is not None:
-            qkv = _hooked_qkv(hook, qkv, n_heads, n_kv)
-        # [batch, heads, pos, d_head] throughout: the layout where the rotary broadcast is cheap.
-        qkv = qkv.transpose(1, 2)
-        qk = qkv[:, :n_heads + n_kv]
-        if layer.qk_norm is not None:
-            qk = _rms(qk, layer.qk_norm[:, None], layer.eps)
-        half = layer.d_head // 2  # TL's (GPT-NeoX style) rotary embedding
-        qk = qk * cos + torch.cat([-qk[..., half:], qk[..., :half]], dim=-1) * sin
-        keys[:, :, start:end] = qk[:, n_heads:]
-        values[:, :, start:end] = qkv[:, n_heads + n_kv:]
-        queries = qk[:, :n_heads]
-        if queries.shape[2] == 1 and mask is None:
-            z = _attend_step(queries, keys[:, :, :end], values[:, :, :end], layer.attn_scale)
-        else:
-            z = _attend(queries, keys[:, :, :end], values[:, :, :end], mask, start, layer.attn_scale)
-        if pad_queries is not None:
-            z = z.masked_fill(pad_queries, 0.0)
-        z = z.transpose(1, 2)  # [batch, pos, heads, d_head]: TL's hook_z
-        if hook.z is not None:
-            z = hook.z(z)
-        return F.linear(z.reshape(batch, z.shape[1], -1), layer.w_o, layer.b_o)
+
+def _attention(layer: _Layer, hook: BlockHooks, h: Float[Tensor, "batch pos d_model"], cos: Tensor, sin: Tensor,
+               mask: Tensor | None, keys: Tensor, values: Tensor, start: int, end: int,
+               pad_queries: Tensor | None) -> Float[Tensor, "batch pos d_model"]:
+    """TL's attention of one block over cache positions [start, end), writing the new keys and values.
+
+    `mask` as in `FastBlocks.run`; a decode step (one query, start > 0) may also have one, e.g. a
+    sliding window, which `_attend_step` applies.
+    """
+    batch, n_pos, n_heads, n_kv = h.shape[0], h.shape[1], layer.n_heads, layer.n_kv
+    qkv = _linear(h, layer.qkv, layer.b_qkv).view(batch, n_pos, n_heads + 2 * n_kv, layer.d_head)
+    if hook.q is not None or hook.k is not None or hook.v is not None:
+        qkv = _hooked_qkv(hook, qkv, n_heads, n_kv)
+    # [batch, heads, pos, d_head] throughout: the layout where the rotary broadcast is cheap.
+    qkv = qkv.transpose(1, 2)
+    qk = qkv[:, :n_heads + n_kv]
+    if layer.qk_norm is not None:
+        qk = _rms(qk, layer.qk_norm[:, None], layer.eps)
+    half = layer.d_head // 2  # TL's (GPT-NeoX style) rotary embedding
+    qk = qk * cos + torch.cat([-qk[..., half:], qk[..., :half]], dim=-1) * sin
+    keys[:, :, start:end] = qk[:, n_heads:]
+    values[:, :, start:end] = qkv[:, n_heads + n_kv:]
+    queries = qk[:, :n_heads]
+    if queries.shape[2] == 1 and (mask is None or start > 0):
+        z = _attend_step(queries, keys[:, :, :end], values[:, :, :end], layer.attn_scale, mask)
+    else:
+        z = _attend(queries, keys[:, :, :end], values[:, :, :end], mask, start, layer.attn_scale)
+    if pad_queries is not None:
+        z = z.masked_fill(pad_queries, 0.0)
+    z = z.transpose(1, 2)  # [batch, pos, heads, d_head]: TL's hook_z
+    if hook.z is not None:
+        z = hook.z(z)
+    return F.linear(z.reshape(batch, z.shape[1], -1), layer.w_o, layer.b_o)
 
 
 def _attend(queries: Float[Tensor, "batch heads pos d_head"], keys: Float[Tensor, "batch kv_heads kv_pos d_head"],
@@ -316,23 +321,45 @@ def _attend(queries: Float[Tensor, "batch heads pos d_head"], keys: Float[Tensor
 
 
 def _attend_step(queries: Float[Tensor, "batch heads 1 d_head"], keys: Float[Tensor, "batch kv_heads kv_pos d_head"],
-                 values: Float[Tensor, "batch kv_heads kv_pos d_head"],
-                 attn_scale: float) -> Float[Tensor, "batch heads 1 d_head"]:
+                 values: Float[Tensor, "batch kv_heads kv_pos d_head"], attn_scale: float,
+                 mask: Tensor | None = None) -> Float[Tensor, "batch heads 1 d_head"]:
     """A decode step's attention in TL's op order without copying the cache per query head.
 
     One batched product per position within a kv group (query heads j, j + group, ... share kv
-    head j // group), each a one-row product per head as in TL, so fp32 z is TL's to the bit while
-    the cache is read in place (`_attend`'s broadcast, like TL's repeat_interleave, copies it).
+    head j // group), each a one-row product per head as in TL, so z is TL's to the bit while the
+    cache is read in place (`_attend`'s broadcast, like TL's repeat_interleave, copies it). The
+    products write into `[batch, heads, ...]` buffers, where TL's land: torch's CPU kernel for a
+    pos-major key matrix rounds by where its output starts. `keys` come from `_kv_cache`, which lays
+    them out as TL's product reads them. `mask` (True = attend, broadcast over `[batch, heads, 1,
+    kv_pos]`) masks scores to -inf as TL does: keys outside a sliding window stay in the product.
     """
     batch, n_heads, _, d_head = queries.shape
-    n_kv = keys.shape[1]
-    grouped = queries.view(batch, n_kv, n_heads // n_kv, 1, d_head)
-    z = torch.empty_like(grouped)
+    n_kv, n_keys = keys.shape[1], keys.shape[2]
+    group = n_heads // n_kv
+    grouped = queries.view(batch, n_kv, group, 1, d_head)
     keys_t = keys.transpose(-1, -2)
-    for j in range(grouped.shape[2]):
-        scores = grouped[:, :, j] @ keys_t / attn_scale
-        z[:, :, j] = scores.softmax(dim=-1) @ values
+    scores = queries.new_empty(batch, n_kv, group, 1, n_keys)
+    for j in range(group):
+        torch.matmul(grouped[:, :, j], keys_t, out=scores[:, :, j])
+    scores = scores.view(batch, n_heads, 1, n_keys) / attn_scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    pattern = scores.softmax(dim=-1).view(batch, n_kv, group, 1, n_keys)
+    z = torch.empty_like(grouped)
+    for j in range(group):
+        torch.matmul(pattern[:, :, j], values, out=z[:, :, j])
     return z.view(batch, n_heads, 1, d_head)
+
+
+def _kv_cache(n_layers: int, batch: int, n_kv: int, max_len: int, d_head: int, dtype: torch.dtype,
+              device: torch.device) -> tuple[Tensor, Tensor]:
+    """Empty keys and values, each `[layers, batch, n_kv, max_len, d_head]`, the keys laid out as TL's
+    decode step multiplies them: its `q @ k^T` reads one row's keys in place (d_head contiguous) but
+    copies a larger batch's (pos contiguous), and torch's CPU kernels round the two differently."""
+    values = torch.empty(n_layers, batch, n_kv, max_len, d_head, dtype=dtype, device=device)
+    if batch == 1:
+        return torch.empty_like(values), values
+    return torch.empty(n_layers, batch, n_kv, d_head, max_len, dtype=dtype, device=device).transpose(-1, -2), values
 
 
 def _hooked_qkv(hook: BlockHooks, qkv: Float[Tensor, "batch pos qkv_heads d_head"], n_heads: int,
@@ -356,7 +383,7 @@ def _mlp(layer: _Layer, hook: BlockHooks, h: Float[Tensor, "batch pos d_model"])
     pre_linear = F.linear(h, layer.w_in)
     if hook.pre_linear is not None:
         pre_linear = hook.pre_linear(pre_linear)
-    post = F.silu(pre) * pre_linear
+    post = layer.act(pre) * pre_linear
     if layer.b_in is not None:
         post = post + layer.b_in
     if hook.post is not None:
@@ -377,9 +404,8 @@ class FastDecoder:
     def __init__(self, blocks: FastBlocks, batch: int, max_len: int, step_hooks: HookPlan) -> None:
         self.blocks = blocks
         self.model = model = blocks.model
-        shape = (len(blocks.layers), batch, blocks.n_kv, max_len, blocks.d_head)
-        self.keys = torch.empty(shape, dtype=model.cfg.dtype, device=model.W_E.device)
-        self.values = torch.empty_like(self.keys)
+        self.keys, self.values = _kv_cache(len(blocks.layers), batch, blocks.n_kv, max_len, blocks.d_head,
+                                           model.cfg.dtype, model.W_E.device)
         self.step_hooks = step_hooks
         self.pos = 0
 

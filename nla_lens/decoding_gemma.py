@@ -6,14 +6,17 @@ attention and MLP, q/k norms, rotary embeddings with one table per layer (local 
 keys beyond the sliding window masked on local layers, `gelu_pytorch_tanh` gating. What it saves is
 TL's per-step overhead: TL caches keys before the rotary embedding and re-rotates the whole cache in
 every layer at every step, repeats the K/V heads over the whole cache and rebuilds masks per layer;
-here rotated keys live in a buffer allocated once and attention runs in torch's fused kernel.
+here rotated keys live in a buffer allocated once.
 
-Unlike `decoding.FastDecoder` it runs only when no hook is attached to the model: any hook sends the
-call to TL's forward. The injection, passed explicitly, is applied at `hook_embed` or
-`blocks.{i}.hook_resid_post` exactly where TL would apply it. It is not TL's to the bit: the fused
-attention and norm round otherwise (measured on the tiny Gemma-3: logits within 1.5e-6 of TL's in
-fp32, about one ulp, up to 0.035, in bf16), so in bf16 attaching a hook, even a no-op one, can flip
-a greedy token where two logits nearly tie.
+The arithmetic is `decoding.FastBlocks`'s, shared with it (`_rms`, `_attention` with `_attend`,
+`_attend_step` and `_kv_cache`, `_mlp`, TL's own final norm and unembed): TL's op order and
+operand layouts, keys outside a local layer's window masked to -inf as TL masks them, not cut off.
+So the logits of a prefill and of every decode step are TL's to the bit (measured on the CPU in
+fp32 and bf16, one row or several, prompts and generations past the window), and attaching a hook,
+which sends decoding to TL's forward, changes no token. Unlike `decoding.FastDecoder` it runs only
+when no hook is attached to the model: any hook sends the call to TL's forward. The injection,
+passed explicitly, is applied at `hook_embed` or `blocks.{i}.hook_resid_post` exactly where TL
+would apply it.
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ from __future__ import annotations
 import re
 
 import torch
-import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 from torch.distributed.tensor import DTensor
@@ -29,49 +31,20 @@ from transformer_lens import HookedTransformer
 from transformer_lens.components import Embed, GatedMLP, GroupedQueryAttention, RMSNorm, Unembed
 
 from nla_lens.backends import gemma3
-from nla_lens.fast_hooks import torch_hook_reason
+from nla_lens.decoding import _attention, _kv_cache, _last_logits, _Layer, _mlp, _rms
+from nla_lens.fast_hooks import NO_BLOCK_HOOKS, torch_hook_reason
 from nla_lens.injection import HookFn
 
 _HOOKABLE = re.compile(r"^(hook_embed|blocks\.\d+\.hook_resid_post)$")
 
 
-def _rms(x: Tensor, w: Tensor, eps: float) -> Tensor:
-    """TL's RMSNorm: statistics in fp32 at least, the weight applied in the model's dtype."""
-    if x.dtype in (torch.float32, torch.float64):
-        return F.rms_norm(x, x.shape[-1:], eps=eps) * w
-    return F.rms_norm(x.float(), x.shape[-1:], eps=eps).to(x.dtype) * w
+class _GemmaLayer(_Layer):
+    """`decoding._Layer` plus Gemma-3's norms after attention and MLP and the layer's attention type."""
 
-
-def _linear_rows(weight: Float[Tensor, "n d_model d_head"]) -> Tensor:
-    """A TL `[n, d_model, d_head]` attention weight as HF's `[n * d_head, d_model]` (a free view here)."""
-    return weight.permute(0, 2, 1).reshape(-1, weight.shape[1])
-
-
-def _stacked(*weights: Tensor) -> tuple[Tensor, ...]:
-    """`weights` as one `[sum of rows, in]` view where they are consecutive rows of one storage (the
-    loader lays q/k/v out so), else as given: never a copy of the weights."""
-    first, offset = weights[0], weights[0].storage_offset()
-    for w in weights:
-        if (not w.is_contiguous() or w.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
-                or w.storage_offset() != offset):
-            return weights
-        offset += w.numel()
-    return (first.as_strided((sum(w.shape[0] for w in weights), first.shape[1]), (first.shape[1], 1)),)
-
-
-class _GemmaLayer:
     def __init__(self, block: torch.nn.Module) -> None:
-        attn, mlp = block.attn, block.mlp
-        self.n_heads, self.n_kv, self.d_head = attn.W_Q.shape[0], attn._W_K.shape[0], attn.W_Q.shape[2]
-        self.qkv = _stacked(_linear_rows(attn.W_Q), _linear_rows(attn._W_K), _linear_rows(attn._W_V))
-        self.w_o = attn.W_O.permute(2, 0, 1).reshape(attn.W_O.shape[2], -1)
-        self.q_norm, self.k_norm = attn.q_norm.w, attn.k_norm.w
-        self.scale = 1.0 / attn.attn_scale
-        self.local = attn.attn_type == "local"
-        self.cos, self.sin = attn.rotary_cos, attn.rotary_sin
-        self.ln1, self.ln1_post, self.ln2, self.ln2_post = block.ln1.w, block.ln1_post.w, block.ln2.w, block.ln2_post.w
-        self.eps = block.ln1.eps
-        self.w_gate, self.w_in, self.w_out = mlp.W_gate.T, mlp.W_in.T, mlp.W_out.T
+        super().__init__(block)
+        self.ln1_post, self.ln2_post = block.ln1_post.w, block.ln2_post.w
+        self.local = block.attn.attn_type == "local"
 
     @staticmethod
     def eligible(block: torch.nn.Module) -> bool:
@@ -79,9 +52,7 @@ class _GemmaLayer:
         norms = (block.ln1, getattr(block, "ln1_post", None), block.ln2, getattr(block, "ln2_post", None),
                  attn.q_norm, attn.k_norm)
         return (type(attn) is GroupedQueryAttention and type(block.mlp) is GatedMLP
-                and all(type(norm) is RMSNorm for norm in norms)
-                and not any(bool(b.any()) for b in (attn.b_Q, attn._b_K, attn._b_V, attn.b_O, block.mlp.b_in,
-                                                     block.mlp.b_out)))
+                and all(type(norm) is RMSNorm for norm in norms) and _Layer.in_hf_layout(block))
 
 
 class GemmaDecoder:
@@ -94,9 +65,8 @@ class GemmaDecoder:
         self.layers = [_GemmaLayer(block) for block in model.blocks]
         self.window = model.cfg.window_size
         first = self.layers[0]
-        shape = (len(self.layers), batch, first.n_kv, max_len, first.d_head)
-        self.keys = torch.empty(shape, dtype=model.cfg.dtype, device=model.W_E.device)
-        self.values = torch.empty_like(self.keys)
+        self.keys, self.values = _kv_cache(len(self.layers), batch, first.n_kv, max_len, first.d_head,
+                                           model.cfg.dtype, model.W_E.device)
         self.pos = 0
 
     @classmethod
@@ -132,27 +102,27 @@ class GemmaDecoder:
         local = (query[None, :] <= query[:, None]) & (query[None, :] > query[:, None] - self.window)
         resid = self._run(tokens, 0, local, dict(fwd_hooks))
         self.pos = tokens.shape[1]
-        return self._logits(resid[:, -1:])[:, -1]
+        return _last_logits(self.model, resid)
 
     def step(self, ids: Int[Tensor, " batch"]) -> Float[Tensor, "batch vocab"]:
         local = (torch.arange(self.pos + 1, device=ids.device) > self.pos - self.window)[None, :]
         resid = self._run(ids[:, None], self.pos, local, {})
         self.pos += 1
-        return self._logits(resid)[:, -1]
+        return _last_logits(self.model, resid)
 
     def _run(self, ids: Int[Tensor, "batch pos"], start: int, local_mask: Tensor,
              hooks: dict[str, HookFn]) -> Float[Tensor, "batch pos d_model"]:
         """Blocks over `ids` at cache positions [start, start + pos); global layers attend causally,
         local ones through `local_mask` (True = attend), which also holds the causal part."""
         x = self._hooked(hooks, "hook_embed", self.model.embed.W_E[ids])
-        positions = torch.arange(start, start + ids.shape[1], device=ids.device)
+        positions = torch.arange(start, start + ids.shape[1], device=ids.device).expand_as(ids)
+        end = start + ids.shape[1]
         for i, layer in enumerate(self.layers):
-            mask = local_mask if layer.local else None
-            attn = self._attention(layer, _rms(x, layer.ln1, layer.eps), positions, mask, i, start)
+            cos, sin = layer.cos[positions][:, None], layer.sin[positions][:, None]
+            attn = _attention(layer, NO_BLOCK_HOOKS, _rms(x, layer.ln1, layer.eps), cos, sin,
+                              local_mask if layer.local else None, self.keys[i], self.values[i], start, end, None)
             x = x + _rms(attn, layer.ln1_post, layer.eps)
-            h = _rms(x, layer.ln2, layer.eps)
-            mlp = F.linear(F.gelu(F.linear(h, layer.w_gate), approximate="tanh") * F.linear(h, layer.w_in),
-                           layer.w_out)
+            mlp = _mlp(layer, NO_BLOCK_HOOKS, _rms(x, layer.ln2, layer.eps))
             x = self._hooked(hooks, f"blocks.{i}.hook_resid_post", x + _rms(mlp, layer.ln2_post, layer.eps))
         return x
 
@@ -161,30 +131,3 @@ class GemmaDecoder:
             return activation
         out = hooks[name](activation, self.model.hook_dict[name])
         return activation if out is None else out
-
-    def _attention(self, layer: _GemmaLayer, h: Tensor, positions: Tensor, mask: Tensor | None, i: int,
-                   start: int) -> Tensor:
-        batch, n_pos = h.shape[:2]
-        end = start + n_pos
-        n_heads, n_kv, d_head = layer.n_heads, layer.n_kv, layer.d_head
-        qkv = F.linear(h, layer.qkv[0]) if len(layer.qkv) == 1 else torch.cat([F.linear(h, w) for w in layer.qkv], -1)
-        qkv = qkv.view(batch, n_pos, n_heads + 2 * n_kv, d_head)
-        q = _rms(qkv[:, :, :n_heads], layer.q_norm, layer.eps).transpose(1, 2)
-        k = _rms(qkv[:, :, n_heads:n_heads + n_kv], layer.k_norm, layer.eps).transpose(1, 2)
-        v = qkv[:, :, n_heads + n_kv:].transpose(1, 2)
-        cos, sin = layer.cos[positions], layer.sin[positions]  # TL's (GPT-NeoX style) rotary embedding
-        half = d_head // 2
-        q = q * cos + torch.cat([-q[..., half:], q[..., :half]], dim=-1) * sin
-        k = k * cos + torch.cat([-k[..., half:], k[..., :half]], dim=-1) * sin
-        self.keys[i, :, :, start:end] = k
-        self.values[i, :, :, start:end] = v
-        # Query head j reads kv head j // (n_heads / n_kv), as TL's repeat_interleave does.
-        z = F.scaled_dot_product_attention(q, self.keys[i, :, :, :end], self.values[i, :, :, :end], attn_mask=mask,
-                                           is_causal=mask is None and n_pos > 1, scale=layer.scale, enable_gqa=True)
-        return F.linear(z.transpose(1, 2).reshape(batch, n_pos, -1), layer.w_o)
-
-    def _logits(self, resid: Float[Tensor, "batch 1 d_model"]) -> Float[Tensor, "batch 1 vocab"]:
-        model = self.model
-        logits = F.linear(_rms(resid, model.ln_final.w, model.ln_final.eps), model.W_U.T, model.unembed.b_U)
-        cap = model.cfg.output_logits_soft_cap
-        return cap * torch.tanh(logits / cap) if cap > 0 else logits

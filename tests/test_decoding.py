@@ -18,15 +18,15 @@ from nla_lens.decoding import FastDecoder, HookedDecoder, decoder_for, last_resi
 STEPS = 10
 
 
-def _run_both(av, vectors, atol):
+def _run_both(av, vectors, atol, steps=STEPS):
     tokens = av.prompt_tokens(len(vectors))
-    fast = decoder_for(av.model, len(vectors), tokens.shape[1] + STEPS, [])
+    fast = decoder_for(av.model, len(vectors), tokens.shape[1] + steps, [])
     assert isinstance(fast, FastDecoder), fast.fallback_reason
     hooked = HookedDecoder(av.model, len(vectors), "the reference")
     with torch.inference_mode():
         ours = fast.prefill(tokens, av.injection(vectors, tokens).site_hooks())
         theirs = hooked.prefill(tokens, av.injection(vectors, tokens).site_hooks())
-        for step in range(STEPS + 1):
+        for step in range(steps + 1):
             if step:
                 ids = theirs.argmax(dim=-1)
                 ours, theirs = fast.step(ids), hooked.step(ids)
@@ -52,6 +52,16 @@ def test_fast_decoder_logits_are_tl_bits_with_kv_cache(av_karvonen, vectors, n):
     in place, another kernel) and for several; the last block computes every position, as TL does."""
     rows = torch.cat([vectors, -vectors])[:n]
     _run_both(av_karvonen, rows, atol=0.0)
+
+
+@pytest.mark.parametrize("family", ["llama_av", "qwen2_av"])
+def test_fast_decoder_steps_of_a_batch_are_tl_bits_over_a_long_cache(bos_paths, family):
+    """Several fp32 rows decoded past 25 cached keys (Llama's prompt alone is 41 tokens), where torch's CPU
+    matmul leaves its small-product kernel: TL's step multiplies a pos-major copy of a batch's keys, whose
+    rounding depends on where each output row starts. Read d_head-major in place, logits moved by up to 7e-7."""
+    av = nl.ActivationVerbalizer.from_pretrained(bos_paths[family])
+    vectors = 5.0 * torch.randn(3, av.model.cfg.d_model, generator=torch.Generator().manual_seed(7))
+    _run_both(av, vectors, atol=0.0, steps=20)
 
 
 def test_fast_decoder_matches_in_bf16_and_after_a_dtype_move(tiny_paths, vectors):
