@@ -238,18 +238,22 @@ def test_feature_verbalizations_rows_carry_the_features_and_cosines(toy):
     assert f"mean AR cosine to the decoder row {float(out.cosines.mean()):.3f}" in repr(out)
 
 
+def _reference_activations(toy, sae, text: str, feature: int) -> torch.Tensor:
+    """Independent reference: `feature`'s activation at every position of `text`, from a plain run_with_cache."""
+    name = f"blocks.{toy.av.meta.layer}.hook_resid_post"
+    _, cache = toy.base.run_with_cache(torch.tensor([toy.base.tokenizer(text)["input_ids"]]), names_filter=name)
+    return sae.encode(cache[name][0])[:, feature]
+
+
 @NEEDS_SAE_LENS
 def test_feature_card_shows_the_strongest_contexts_next_to_the_explanation(toy, tmp_path):
     layer = toy.av.meta.layer
     sae = make_sae(128, 32, f"blocks.{layer}.hook_resid_post")
     card = nl.feature_card(sae, toy.base, TOY_TEXTS, 9, toy.av, k=5, before=3, after=1, skip_first=8,
                            max_new_tokens=48, progress=False)
-    # Independent reference: every position's activation, from a plain run_with_cache of each text.
     everything = []
     for t, text in enumerate(TOY_TEXTS):
-        ids = toy.base.tokenizer(text)["input_ids"]
-        _, cache = toy.base.run_with_cache(torch.tensor([ids]), names_filter=f"blocks.{layer}.hook_resid_post")
-        acts = sae.encode(cache[f"blocks.{layer}.hook_resid_post"][0])[:, 9]
+        acts = _reference_activations(toy, sae, text, 9)
         everything += [(float(a), t, p) for p, a in enumerate(acts.tolist()) if p >= 8]
     top = sorted((e for e in everything if e[0] > 0), reverse=True)[:5]  # a card lists where the feature fires
     assert len(top) == 5
@@ -277,9 +281,7 @@ def test_a_card_window_marks_tokens_skip_first_left_out_instead_of_showing_zero(
     windows = [(c, range(c.position - c.center, c.position - c.center + len(c.tokens))) for c in card.contexts]
     assert any(spans[0] < 8 for _, spans in windows)
     for context, spans in windows:
-        ids = toy.base.tokenizer(TOY_TEXTS[context.text])["input_ids"]
-        _, cache = toy.base.run_with_cache(torch.tensor([ids]), names_filter=f"blocks.{layer}.hook_resid_post")
-        acts = sae.encode(cache[f"blocks.{layer}.hook_resid_post"][0])[:, 9]
+        acts = _reference_activations(toy, sae, TOY_TEXTS[context.text], 9)
         for shown, position in zip(context.activations, spans, strict=True):
             assert math.isnan(shown) if position < 8 else shown == pytest.approx(float(acts[position]), abs=1e-5)
     page = card.save(tmp_path / "card.html").read_text()
