@@ -274,8 +274,7 @@ def test_feature_card_shows_the_strongest_contexts_next_to_the_explanation(toy, 
 @NEEDS_SAE_LENS
 def test_a_card_window_marks_tokens_skip_first_left_out_instead_of_showing_zero(toy, tmp_path):
     """The window's tokens before `skip_first` were stored and shown as activation 0.000: never computed."""
-    layer = toy.av.meta.layer
-    sae = make_sae(128, 32, f"blocks.{layer}.hook_resid_post")
+    sae = make_sae(128, 32, f"blocks.{toy.av.meta.layer}.hook_resid_post")
     card = nl.feature_card(sae, toy.base, TOY_TEXTS, 9, toy.av, k=3, before=12, after=0, skip_first=8,
                            max_new_tokens=8, progress=False)
     windows = [(c, range(c.position - c.center, c.position - c.center + len(c.tokens))) for c in card.contexts]
