@@ -42,7 +42,7 @@ class InjectionSpec:
 
     @classmethod
     def of(cls, method: str, hook_point: str | None = None) -> InjectionSpec:
-        if method not in DEFAULT_HOOK_POINT:
+        if not isinstance(method, str) or method not in DEFAULT_HOOK_POINT:
             raise SidecarError(
                 f"unknown injection method {method!r}; use one of {sorted(DEFAULT_HOOK_POINT)}"
             )
@@ -121,7 +121,7 @@ def parse_meta(data: Any, *, source: str = "sidecar") -> NLAMeta:
 def _parse_model_dialect(data: dict[str, Any], source: str) -> NLAMeta:
     _expect_schema(data, 2, source)
     role_name = data.get("role")
-    if role_name not in _ROLES:
+    if not isinstance(role_name, str) or role_name not in _ROLES:
         raise SidecarError(f"{source}: role must be one of {sorted(_ROLES)}, got {role_name!r}")
     role = _ROLES[role_name]
     extraction = _section(data, "extraction", source, required=False)

@@ -119,6 +119,8 @@ def test_injection_scale_resolution():
     (lambda d: d["prompt_templates"].update(av="no placeholder"), "injection_char"),
     (lambda d: d["prompt_templates"].update(ar="no placeholder"), "explanation"),
     (lambda d: d.update(injection={"method": "telepathy"}), "unknown injection method"),
+    (lambda d: d.update(role=["av"]), "role must be one of"),  # a YAML list, not a TypeError
+    (lambda d: d.update(injection={"method": ["karvonen"]}), "unknown injection method"),
 ])
 def test_malformed_sidecars_raise_sidecar_error(mutate, match):
     data = copy.deepcopy(model_dialect())
