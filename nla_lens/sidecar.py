@@ -98,6 +98,9 @@ def load_meta(folder: str | Path) -> NLAMeta:
         )
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:  # e.g. re-saved as UTF-16 or Latin-1 by an editor
+        raise SidecarError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8 or "
+                           "restore the released file") from exc
     except yaml.YAMLError as exc:
         raise SidecarError(f"{path} is not valid YAML ({exc}); restore the released file") from exc
     return parse_meta(data, source=str(path))

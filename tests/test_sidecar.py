@@ -140,6 +140,9 @@ def test_missing_and_unparseable_sidecar_files(tmp_path):
     (tmp_path / "nla_meta.yaml").write_text("kind: [unclosed\n")
     with pytest.raises(nl.SidecarError, match="not valid YAML"):
         load_meta(tmp_path)
+    (tmp_path / "nla_meta.yaml").write_bytes("kind: nla_model\n".encode("utf-16"))
+    with pytest.raises(nl.SidecarError, match="not UTF-8 text.*save it as UTF-8"):
+        load_meta(tmp_path)
     (tmp_path / "nla_meta.yaml").write_text("- a list\n")
     with pytest.raises(nl.SidecarError, match="mapping"):
         load_meta(tmp_path)
