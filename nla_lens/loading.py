@@ -173,14 +173,23 @@ def prepends_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
 def eos_token_ids(folder: Path, tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """EOS ids as HF `generate` uses them: generation_config.json first, then the tokenizer."""
     gen = folder / "generation_config.json"
-    ids: Any = json.loads(gen.read_text()).get("eos_token_id") if gen.is_file() else None
+    restore = "load the tokenizer and generation_config.json saved with the checkpoint"
+    ids: Any = None
+    if gen.is_file():
+        try:
+            config = json.loads(gen.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"{gen} is not valid JSON ({exc}); {restore}") from exc
+        ids = config.get("eos_token_id") if isinstance(config, dict) else None
     if ids is None:
         ids = tokenizer.eos_token_id
     if ids is None or ids == []:
         raise CheckpointError(f"{folder} names no EOS token (generation_config.json eos_token_id, or the "
-                              "tokenizer's eos_token), so the AV could never stop: load the tokenizer and "
-                              "generation_config.json saved with the checkpoint")
-    return sorted({ids} if isinstance(ids, int) else set(ids))
+                              f"tokenizer's eos_token), so the AV could never stop: {restore}")
+    ids = [ids] if not isinstance(ids, list) else ids
+    if any(isinstance(i, bool) or not isinstance(i, int) for i in ids):
+        raise CheckpointError(f"{gen}: eos_token_id must be a token id or a list of token ids, got {ids!r}; {restore}")
+    return sorted(set(ids))
 
 
 def hooked_config(hf_config: Any, *, n_layers: int | None, dtype: torch.dtype,

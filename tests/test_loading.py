@@ -172,6 +172,17 @@ def test_an_av_with_no_eos_anywhere_is_refused(tiny_paths, tmp_path):
         nl.ActivationVerbalizer.from_pretrained(folder)
 
 
+@pytest.mark.parametrize("text, match", [
+    ("{not json", "generation_config.json is not valid JSON"),
+    ('{"eos_token_id": "</s>"}', "eos_token_id must be a token id or a list of token ids, got \\['</s>'\\]"),
+])
+def test_a_broken_generation_config_is_a_checkpoint_error(tiny_paths, tmp_path, text, match):
+    folder = shutil.copytree(tiny_paths["av_karvonen"], tmp_path / "av")
+    (folder / "generation_config.json").write_text(text)
+    with pytest.raises(nl.CheckpointError, match=match):
+        loading.eos_token_ids(folder, loading.load_tokenizer(folder))
+
+
 def test_loading_the_wrong_role_is_a_typed_error(tiny_paths):
     with pytest.raises(nl.SidecarError, match="AR checkpoint"):
         nl.ActivationVerbalizer.from_pretrained(tiny_paths["ar_paper"])
