@@ -176,6 +176,10 @@ def _build(data: dict[str, Any], source: str, *, role: Literal["av", "ar"] | Non
     if ar_template is not None and "{explanation}" not in ar_template:
         raise SidecarError(f"{source}: the AR template has no '{{explanation}}' placeholder")
     fve_baseline, fve_baseline_n = _recorded_baseline(data, source)
+    base_model = extraction.get("base_model", data.get("base_model"))
+    if base_model is not None and (not isinstance(base_model, str) or not base_model):
+        raise SidecarError(f"{source}: base_model must be the base model's hub id or folder path as a string (or "
+                           f"absent), got {base_model!r}; quote it in the YAML or delete the entry")
     injection_char = tokens.get("injection_char")
     if not isinstance(injection_char, str) or len(injection_char) == 0:
         raise SidecarError(f"{source}: tokens.injection_char must be a non-empty string")
@@ -199,7 +203,7 @@ def _build(data: dict[str, Any], source: str, *, role: Literal["av", "ar"] | Non
         mse_scale=_scale(extraction.get("mse_scale"), d_model, "mse_scale", source) or math.sqrt(d_model),
         injection_scale=injection_scale,
         injection=injection,
-        base_model=extraction.get("base_model", data.get("base_model")),
+        base_model=base_model,
         fve_baseline=fve_baseline,
         fve_baseline_n=fve_baseline_n,
         raw=data,
@@ -226,7 +230,11 @@ def _explicit_injection(data: dict[str, Any], source: str) -> InjectionSpec | No
         return None
     if not isinstance(block, dict) or "method" not in block:
         raise SidecarError(f"{source}: 'injection' must be a mapping with a 'method' key")
-    return InjectionSpec.of(block["method"], block.get("hook_point"))
+    hook_point = block.get("hook_point")
+    if hook_point is not None and not isinstance(hook_point, str):
+        raise SidecarError(f"{source}: injection.hook_point must be a TransformerLens hook name such as "
+                           f"'blocks.1.hook_resid_post' (or absent for the method's default), got {hook_point!r}")
+    return InjectionSpec.of(block["method"], hook_point)
 
 
 def _expect_schema(data: dict[str, Any], version: int, source: str) -> None:

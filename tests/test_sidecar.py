@@ -121,6 +121,9 @@ def test_injection_scale_resolution():
     (lambda d: d.update(injection={"method": "telepathy"}), "unknown injection method"),
     (lambda d: d.update(role=["av"]), "role must be one of"),  # a YAML list, not a TypeError
     (lambda d: d.update(injection={"method": ["karvonen"]}), "unknown injection method"),
+    (lambda d: d.update(injection={"method": "karvonen", "hook_point": 1}), "injection.hook_point must be a"),
+    (lambda d: d.update(base_model=7), "base_model must be the base model's hub id or folder path"),
+    (lambda d: d.update(base_model=["Qwen/Qwen3-8B"]), "base_model must be"),
 ])
 def test_malformed_sidecars_raise_sidecar_error(mutate, match):
     data = copy.deepcopy(model_dialect())
