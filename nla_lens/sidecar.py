@@ -173,6 +173,11 @@ def _build(data: dict[str, Any], source: str, *, role: Literal["av", "ar"] | Non
             raise SidecarError(f"{source}: the {name} prompt template must be a string, got {template!r}")
     if av_template is not None and "{injection_char}" not in av_template:
         raise SidecarError(f"{source}: the AV template has no '{{injection_char}}' placeholder")
+    if av_template is not None and av_template.count("{injection_char}") > 1:
+        # Not tokenizer drift: the AV injects one vector per prompt, at one marker.
+        raise SidecarError(f"{source}: the AV template holds the '{{injection_char}}' placeholder "
+                           f"{av_template.count('{injection_char}')} times; the AV prompt takes one vector at one "
+                           "marker, so the template must hold it exactly once. Restore the released template")
     if ar_template is not None and "{explanation}" not in ar_template:
         raise SidecarError(f"{source}: the AR template has no '{{explanation}}' placeholder")
     fve_baseline, fve_baseline_n = _recorded_baseline(data, source)

@@ -178,9 +178,17 @@ def test_tokenizer_drift_is_detected(tokenizer, field, match):
 def test_duplicated_marker_in_the_av_template_is_drift(tokenizer):
     data = dataset_dialect()
     data["tokens"] = token_facts(tokenizer)
-    data["prompt_templates"]["actor"] = AV_TEMPLATE + " and " + AV_TEMPLATE
+    marker = data["tokens"]["injection_char"]
+    data["prompt_templates"]["actor"] = AV_TEMPLATE + " and " + AV_TEMPLATE.replace("{injection_char}", marker)
     with pytest.raises(nl.TokenizerDriftError, match="found 2"):
         check_tokenizer(parse_meta(data), tokenizer)
+
+
+def test_a_twice_placed_marker_placeholder_is_a_sidecar_error_not_drift():
+    data = dataset_dialect()
+    data["prompt_templates"]["actor"] = AV_TEMPLATE + " and " + AV_TEMPLATE
+    with pytest.raises(nl.SidecarError, match="placeholder 2 times.*exactly once"):
+        parse_meta(data)
 
 
 def test_tokenizer_without_chat_template_is_a_typed_error(tiny_paths, tmp_path):
