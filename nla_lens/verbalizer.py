@@ -116,6 +116,12 @@ class ActivationVerbalizer:
             raise SidecarError(f"{folder} is an AR checkpoint, not an AV: load it with "
                                "ActivationReconstructor.from_pretrained")
         spec = _injection_spec(meta, injection, hook_point)
+        if spec.method == "embedding" and meta.injection_scale is None:  # every injection would fail: say so now
+            raise InjectionError(
+                f"embedding replacement needs an injection_scale, and {folder}/nla_meta.yaml has none "
+                "(extraction.injection_scale). Pass injection='karvonen' if this checkpoint was trained with the "
+                "additive injection, or add the injection_scale it was trained with to the sidecar"
+            )
         tokenizer = loading.load_tokenizer(folder, trust_remote_code=trust_remote_code)
         check_tokenizer(meta, tokenizer, role="av")
         loading.check_config(folder, meta, trust_remote_code=trust_remote_code)
@@ -252,7 +258,8 @@ def _injection_spec(meta: NLAMeta, injection: InjectionSpec | str | None,
     if meta.injection is None:
         raise SidecarError(
             "the sidecar does not say how vectors were injected (no injection block, no "
-            "injection_scale); pass injection='karvonen' or injection='embedding'"
+            "injection_scale); pass injection='karvonen', or add the extraction.injection_scale the AV was "
+            "trained with to the sidecar for embedding replacement"
         )
     if hook_point is not None:
         return InjectionSpec(meta.injection.method, hook_point)

@@ -226,10 +226,11 @@ def test_user_override_of_the_injection_method(tiny_paths):
         nl.ActivationVerbalizer.from_pretrained(tiny_paths["av_karvonen"], hook_point="blocks.99.hook_resid_post")
 
 
-def test_embedding_injection_without_a_scale_is_refused(tiny_paths, tmp_path):
+def test_embedding_injection_without_a_scale_is_refused(tiny_paths, tmp_path, monkeypatch):
     folder = shutil.copytree(tiny_paths["av_karvonen"], tmp_path / "av")
-    av = nl.ActivationVerbalizer.from_pretrained(folder, injection="embedding")
-    with pytest.raises(nl.InjectionError, match="needs an injection_scale"):
-        av.injection(torch.randn(1, 64))
+    # Refused before the weights: the loaded AV could never inject.
+    monkeypatch.setattr(backends, "load_model", lambda *a, **k: pytest.fail("weights read"))
+    with pytest.raises(nl.InjectionError, match="needs an injection_scale.*injection='karvonen'"):
+        nl.ActivationVerbalizer.from_pretrained(folder, injection="embedding")
     meta = yaml.safe_load((folder / "nla_meta.yaml").read_text())
     assert "injection_scale" not in meta["extraction"]
