@@ -180,6 +180,11 @@ def _build(data: dict[str, Any], source: str, *, role: Literal["av", "ar"] | Non
                            "marker, so the template must hold it exactly once. Restore the released template")
     if ar_template is not None and "{explanation}" not in ar_template:
         raise SidecarError(f"{source}: the AR template has no '{{explanation}}' placeholder")
+    if layer is None:
+        keys = ("extraction.layer_index" if data["kind"] == "nla_dataset" else "extraction_layer_index (or "
+                "critic.extraction_layer_index, extraction.layer_index, ar.num_hidden_layers = K + 1)")
+        raise SidecarError(f"{source}: no extraction layer; the sidecar needs {keys}, the layer K the NLA reads. "
+                           "Restore the released nla_meta.yaml")
     fve_baseline, fve_baseline_n = _recorded_baseline(data, source)
     base_model = extraction.get("base_model", data.get("base_model"))
     if base_model is not None and (not isinstance(base_model, str) or not base_model):

@@ -123,6 +123,7 @@ def test_injection_scale_resolution():
     (lambda d: d.update(injection={"method": ["karvonen"]}), "unknown injection method"),
     (lambda d: d.update(injection={"method": "karvonen", "hook_point": 1}), "injection.hook_point must be a"),
     (lambda d: d.update(base_model=7), "base_model must be the base model's hub id or folder path"),
+    (lambda d: d.pop("extraction_layer_index"), "no extraction layer; the sidecar needs extraction_layer_index"),
     (lambda d: d.update(base_model=["Qwen/Qwen3-8B"]), "base_model must be"),
 ])
 def test_malformed_sidecars_raise_sidecar_error(mutate, match):
@@ -213,6 +214,13 @@ def test_sidecar_d_model_must_match_the_model(tiny_paths, tmp_path):
     (folder / "nla_meta.yaml").write_text(yaml.safe_dump(meta, allow_unicode=True))
     with pytest.raises(nl.SidecarError, match="d_model=128"):
         nl.ActivationVerbalizer.from_pretrained(folder)
+
+
+def test_a_dataset_sidecar_without_its_layer_names_the_key():
+    data = dataset_dialect()
+    del data["extraction"]["layer_index"]
+    with pytest.raises(nl.SidecarError, match="no extraction layer; the sidecar needs extraction.layer_index"):
+        parse_meta(data)
 
 
 def test_sqrt_d_model_scale_matches_sqrt():
