@@ -115,6 +115,9 @@ class ActivationVerbalizer:
         if loading.checkpoint_role(folder, meta) == "ar":
             raise SidecarError(f"{folder} is an AR checkpoint, not an AV: load it with "
                                "ActivationReconstructor.from_pretrained")
+        if meta.av_template is None:  # the AV's prompt is built from it: refuse before reading weights
+            raise SidecarError(f"{folder}/nla_meta.yaml has no AV (actor) prompt template (prompt_templates.av or "
+                               ".actor); restore the sidecar released with this AV")
         spec = _injection_spec(meta, injection, hook_point)
         if spec.method == "embedding" and meta.injection_scale is None:  # every injection would fail: say so now
             raise InjectionError(

@@ -183,6 +183,16 @@ def test_a_broken_generation_config_is_a_checkpoint_error(tiny_paths, tmp_path, 
         loading.eos_token_ids(folder, loading.load_tokenizer(folder))
 
 
+def test_an_av_sidecar_without_its_prompt_template_is_refused_before_the_weights(tiny_paths, tmp_path, monkeypatch):
+    folder = shutil.copytree(tiny_paths["av_karvonen"], tmp_path / "av")
+    meta = yaml.safe_load((folder / "nla_meta.yaml").read_text())
+    del meta["prompt_templates"]["actor"]
+    (folder / "nla_meta.yaml").write_text(yaml.safe_dump(meta, allow_unicode=True))
+    monkeypatch.setattr(backends, "load_model", lambda *a, **k: pytest.fail("weights read"))
+    with pytest.raises(nl.SidecarError, match="no AV \\(actor\\) prompt template"):
+        nl.ActivationVerbalizer.from_pretrained(folder)
+
+
 def test_loading_the_wrong_role_is_a_typed_error(tiny_paths):
     with pytest.raises(nl.SidecarError, match="AR checkpoint"):
         nl.ActivationVerbalizer.from_pretrained(tiny_paths["ar_paper"])
