@@ -140,7 +140,13 @@ def load_tokenizer(folder: Path, *, trust_remote_code: bool = False) -> PreTrain
 def load_hf_config(folder: Path, *, trust_remote_code: bool = False) -> Any:
     if not (folder / "config.json").is_file():
         raise CheckpointError(f"{folder} has no config.json; point at an HF checkpoint folder")
-    return AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    try:
+        return AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:  # not JSON, no or an unknown model_type: transformers' untyped errors
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{folder}/config.json cannot be read as a model config ({reason}); restore the "
+                              "config.json saved with the checkpoint (nla_lens loads "
+                              f"{', '.join(SUPPORTED_ARCHITECTURES)})") from exc
 
 
 def check_config(folder: Path, meta: NLAMeta, *, trust_remote_code: bool = False) -> None:

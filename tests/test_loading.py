@@ -193,6 +193,18 @@ def test_an_av_sidecar_without_its_prompt_template_is_refused_before_the_weights
         nl.ActivationVerbalizer.from_pretrained(folder)
 
 
+@pytest.mark.parametrize("text, match", [
+    ("{not json", "not a valid JSON file"),
+    ('{"model_type": "wibble"}', "model type `wibble`"),
+    ("[1]", "model_type"),
+])
+def test_an_unreadable_config_json_is_a_checkpoint_error(tiny_paths, tmp_path, text, match):
+    folder = shutil.copytree(tiny_paths["av_karvonen"], tmp_path / "base")
+    (folder / "config.json").write_text(text)
+    with pytest.raises(nl.CheckpointError, match=f"config.json cannot be read as a model config .*{match}"):
+        loading.load_hf_config(folder)
+
+
 def test_loading_the_wrong_role_is_a_typed_error(tiny_paths):
     with pytest.raises(nl.SidecarError, match="AR checkpoint"):
         nl.ActivationVerbalizer.from_pretrained(tiny_paths["ar_paper"])
