@@ -31,14 +31,15 @@ def _run_inspect(args: argparse.Namespace) -> None:
 
     folder = loading.resolve_checkpoint(args.checkpoint)
     meta = load_meta(folder)
-    print(f"{'role':28s} {loading.checkpoint_role(folder, meta)!r}")  # the folder's, where the sidecar has none
+    role = loading.checkpoint_role(folder, meta)  # the folder's, where the sidecar has none
+    print(f"{'role':28s} {role!r}")
     for name in ("kind", "schema_version", "d_model", "layer", "injection", "injection_scale",
                  "mse_scale", "injection_char", "injection_token_id", "injection_left_neighbor_id",
                  "injection_right_neighbor_id", "critic_suffix_ids", "base_model", "fve_baseline", "fve_baseline_n"):
         print(f"{name:28s} {getattr(meta, name)!r}")
     for name in ("stage", "tokenization"):  # what nla_lens's exporter records (absent from released sidecars)
         print(f"{name:28s} {meta.raw.get(name)!r}")
-    check_tokenizer(meta, loading.load_tokenizer(folder))
+    check_tokenizer(meta, loading.load_tokenizer(folder), role=role)  # as from_pretrained checks this role
     print(f"{'tokenizer check':28s} ok")
     loading.check_config(folder, meta)
     print(f"{'config.json check':28s} ok")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 
 import pytest
 import torch
@@ -64,6 +65,18 @@ def test_inspect_prints_the_role_stage_and_recorded_baseline(capsys):
     lines = dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines() if " " in line)
     assert lines["role"] == "'ar'" and lines["stage"] == "'rl'" and lines["fve_baseline_n"] == "1943"
     assert "'bos_token_id': None" in lines["tokenization"]
+
+
+def test_inspect_of_an_ar_does_not_build_the_av_chat_prompt(tiny_paths, tmp_path):
+    """An AR's tokenizer need not carry a chat template (the AR loads without one): inspect checks what
+    ActivationReconstructor.from_pretrained checks, not the AV's chat prompt."""
+    folder = shutil.copytree(tiny_paths["ar_paper"], tmp_path / "ar")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    for extra in folder.glob("chat_template*"):
+        extra.unlink()
+    assert main(["inspect", str(folder)]) == 0
 
 
 def test_verbalize_text_reads_the_base_model_the_sidecar_names(capsys):
