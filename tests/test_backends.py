@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 import hf_reference as ref
 import nla_lens as nl
-from nla_lens import backends
+from nla_lens import backends, loading
 
 ATOL = 1e-5
 MAX_NEW = 12
@@ -61,6 +61,15 @@ def test_the_model_built_is_the_chosen_backends(av_karvonen, ar_paper):
     assert backends.backend_of(ar_paper.model) == backends.default_backend()
     with pytest.raises(nl.BackendError, match=r"\(HookedTransformer or TransformerBridge\), got Linear"):
         backends.backend_of(torch.nn.Linear(2, 2))
+
+
+def test_load_model_takes_a_folder_as_a_string(av_karvonen, tiny_paths):
+    """As `loading.load_tokenizer` does: a str folder raised TypeError ('str' / 'str') on both backends."""
+    folder = str(tiny_paths["av_karvonen"])
+    model = backends.load_model(folder, loading.load_tokenizer(folder), dtype="float32", device="cpu")
+    tokens = av_karvonen.prompt_tokens(1)
+    assert backends.backend_of(model) == backends.default_backend()
+    assert torch.equal(model(tokens), av_karvonen.model(tokens))
 
 
 def test_hook_names_carry_the_hf_tensors(av_karvonen, tiny_paths, vectors):
