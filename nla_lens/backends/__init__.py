@@ -163,7 +163,7 @@ def check_patchable(model: TLModel, hook_name: str) -> None:
     if backend_of(model) == "bridge" and hook_name.endswith(".hook_resid_mid"):
         raise BackendError(
             f"on the bridge backend {hook_name} is the MLP norm's input (TransformerBridge's alias of ln2.hook_in): "
-            "a patch written there reaches the MLP but not the residual stream around it, unlike "
+            "a patch or injection written there reaches the MLP but not the residual stream around it, unlike "
             "HookedTransformer's resid_mid. Patch 'resid_pre', 'attn_out' or 'resid_post' instead, or use the "
             "hooked backend: pip install 'nla_lens[tl3]' (transformer-lens 3.9)"
         )
