@@ -82,6 +82,7 @@ class ActivationVerbalizer:
                 f"hook point {injection_spec.hook_point!r} does not exist in this model; pick one of "
                 "model.hook_dict, e.g. 'blocks.1.hook_resid_post' or 'hook_embed'"
             )
+        backends.check_patchable(model, injection_spec.hook_point)  # the bridge's resid_mid takes no writes
         self.model = model
         self.tokenizer = tokenizer
         self.meta = meta

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 import hf_reference as ref
 import nla_lens as nl
-from nla_lens import backends
+from nla_lens import backends, loading
 
 ATOL = 1e-5
 MAX_NEW = 12
@@ -61,6 +61,15 @@ def test_the_model_built_is_the_chosen_backends(av_karvonen, ar_paper):
     assert backends.backend_of(ar_paper.model) == backends.default_backend()
     with pytest.raises(nl.BackendError, match=r"\(HookedTransformer or TransformerBridge\), got Linear"):
         backends.backend_of(torch.nn.Linear(2, 2))
+
+
+def test_load_model_takes_a_folder_as_a_string(av_karvonen, tiny_paths):
+    """As `loading.load_tokenizer` does: a str folder raised TypeError ('str' / 'str') on both backends."""
+    folder = str(tiny_paths["av_karvonen"])
+    model = backends.load_model(folder, loading.load_tokenizer(folder), dtype="float32", device="cpu")
+    tokens = av_karvonen.prompt_tokens(1)
+    assert backends.backend_of(model) == backends.default_backend()
+    assert torch.equal(model(tokens), av_karvonen.model(tokens))
 
 
 def test_hook_names_carry_the_hf_tensors(av_karvonen, tiny_paths, vectors):
@@ -175,3 +184,15 @@ def test_a_resid_mid_patch_reaches_the_residual_stream_or_is_refused(base, av_ka
     else:
         with pytest.raises(nl.BackendError, match=r"ln2.hook_in.*Patch 'resid_pre', 'attn_out' or 'resid_post'"):
             nl.patching_study(base, av_karvonen, tokens, tokens.flip(0), **patch)
+
+
+def test_an_injection_at_resid_mid_reaches_the_residual_stream_or_is_refused(tiny_paths):
+    """The injection is a write too: at the bridge's resid_mid it moved the MLP's input only, so the AV read a
+    different vector than on HookedTransformer (the toy's explanation changed) without a word."""
+    load = dict(injection="karvonen", hook_point="blocks.1.hook_resid_mid")
+    if backends.default_backend() == "hooked":
+        av = nl.ActivationVerbalizer.from_pretrained(tiny_paths["av_karvonen"], **load)
+        assert av.injection_spec.hook_point == "blocks.1.hook_resid_mid"
+    else:
+        with pytest.raises(nl.BackendError, match=r"ln2.hook_in.*patch or injection written there"):
+            nl.ActivationVerbalizer.from_pretrained(tiny_paths["av_karvonen"], **load)

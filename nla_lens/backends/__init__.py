@@ -80,13 +80,13 @@ def resolve(backend: str | None = None) -> ModuleType:
     return import_module(f"nla_lens.backends.{name}")
 
 
-def load_model(folder: Path, tokenizer: PreTrainedTokenizerBase, *, backend: str | None = None,
+def load_model(folder: str | Path, tokenizer: PreTrainedTokenizerBase, *, backend: str | None = None,
                dtype: torch.dtype | str, device: str | torch.device, n_layers: int | None = None,
                trust_remote_code: bool = False) -> TLModel:
     """A TL model of the HF folder, unprocessed; with `n_layers`, only the first blocks and
     neither final norm nor unembed, so `model(tokens)` returns the residual after the last block.
-    `dtype` may be a name ("bfloat16")."""
-    dtype, device = resolve_dtype(dtype), resolve_device(device)
+    `dtype` may be a name ("bfloat16"), `folder` a string (as `loading.load_tokenizer` takes it)."""
+    folder, dtype, device = Path(folder), resolve_dtype(dtype), resolve_device(device)
     module = resolve(backend)
     with _no_hf_progress_bars():  # library calls stay quiet; transformers shows one bar per from_pretrained
         return module.load_model(folder, tokenizer, dtype=dtype, device=device, n_layers=n_layers,
@@ -163,7 +163,7 @@ def check_patchable(model: TLModel, hook_name: str) -> None:
     if backend_of(model) == "bridge" and hook_name.endswith(".hook_resid_mid"):
         raise BackendError(
             f"on the bridge backend {hook_name} is the MLP norm's input (TransformerBridge's alias of ln2.hook_in): "
-            "a patch written there reaches the MLP but not the residual stream around it, unlike "
+            "a patch or injection written there reaches the MLP but not the residual stream around it, unlike "
             "HookedTransformer's resid_mid. Patch 'resid_pre', 'attn_out' or 'resid_post' instead, or use the "
             "hooked backend: pip install 'nla_lens[tl3]' (transformer-lens 3.9)"
         )
