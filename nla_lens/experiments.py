@@ -247,6 +247,12 @@ def steer_then_verbalize(
     return SteeringResult(rows, clean.vectors, steered.vectors, round_trip)
 
 
+# Hook points TransformerLens fires only after a `set_use_*` switch, and the switch.
+_ON_REQUEST = {"hook_result": "set_use_attn_result", "hook_q_input": "set_use_split_qkv_input",
+               "hook_k_input": "set_use_split_qkv_input", "hook_v_input": "set_use_split_qkv_input",
+               "hook_attn_in": "set_use_attn_in", "hook_mlp_in": "set_use_hook_mlp_in"}
+
+
 def patching_study(
     base_model: TLModel,
     nla_or_av: NLA | ActivationVerbalizer,
@@ -297,9 +303,9 @@ def patching_study(
             _, cache = base_model.run_with_cache(clean_tokens, names_filter=hook_name, stop_at_layer=layer + 1,
                                                  attention_mask=clean_mask)
         if hook_name not in cache:
+            setter = next((s for suffix, s in _ON_REQUEST.items() if hook_name.endswith(suffix)), "set_use_attn_result")
             raise InputError(f"{hook_name} did not fire in the clean run: TransformerLens computes it only when asked "
-                             "(hook_result: base_model.set_use_attn_result(True)); turn that on or patch another "
-                             "activation_name")
+                             f"(base_model.{setter}(True)); turn that on or patch another activation_name")
         patch = (hook_name, _patch_hook(cache[hook_name], patch_position % width, _position_axis(hook_name)))
         corrupted = _capture_run(base_model, layer, capture_position, corrupted_tokens, None, [])
         patched = _capture_run(base_model, layer, capture_position, corrupted_tokens, None, [patch])

@@ -168,13 +168,16 @@ def test_patching_an_attention_pattern_patches_the_query_row_of_every_head(base,
     assert no_hooks_left(base)
 
 
-def test_patching_an_activation_tl_computes_only_on_request_says_how_to_turn_it_on(base, av_karvonen):
-    """hook_result is a hook point of every block but fires only after set_use_attn_result(True); it was a KeyError."""
+@pytest.mark.parametrize(("name", "setter"), [("result", "set_use_attn_result"), ("mlp_in", "set_use_hook_mlp_in"),
+                                              ("q_input", "set_use_split_qkv_input")])
+def test_patching_an_activation_tl_computes_only_on_request_says_how_to_turn_it_on(base, av_karvonen, name, setter):
+    """hook_result and friends are hook points of every block but fire only after their set_use_* switch: it
+    was a KeyError, then an error naming set_use_attn_result for all of them."""
     clean_tokens, corrupted_tokens = equal_length_pair(base)
-    assert not base.cfg.use_attn_result
-    with pytest.raises(nl.InputError, match=r"blocks.1.attn.hook_result did not fire .*set_use_attn_result\(True\)"):
+    assert not (base.cfg.use_attn_result or base.cfg.use_hook_mlp_in or base.cfg.use_split_qkv_input)
+    with pytest.raises(nl.InputError, match=rf"blocks.1.*hook_{name} did not fire .*{setter}\(True\)"):
         nl.patching_study(base, av_karvonen, clean_tokens, corrupted_tokens, patch_layer=1, patch_position=1,
-                          activation_name="result", **FAST)
+                          activation_name=name, **FAST)
     assert no_hooks_left(base)
 
 
