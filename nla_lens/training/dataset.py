@@ -10,7 +10,7 @@ import hashlib
 import json
 import logging
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,28 +79,33 @@ def label_activations(dataset: ActivationDataset, explanations: str | Path | Lab
                                [dataset.records[i].position for i in keep], [texts[i] for i in keep])
 
 
+def jsonl_lines(path: str | Path, what: str) -> Iterator[tuple[int, str]]:
+    """The non-blank lines of a UTF-8 JSONL file, numbered from 1; a file in another encoding is an
+    `InputError` (its decode error is raised while reading a line, outside each caller's per-line check)."""
+    try:
+        with Path(path).open(encoding="utf-8") as f:
+            for line_no, line in enumerate(f, 1):
+                if line.strip():
+                    yield line_no, line
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{what} {path} is not UTF-8 text ({exc}); write it as UTF-8 JSONL") from exc
+
+
 def _read_explanations(path: Path) -> dict[tuple[str, int], str]:
     out: dict[tuple[str, int], str] = {}
-    try:
-        with path.open(encoding="utf-8") as f:
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                    key = (str(row["doc_id"]), int(row["position"]))
-                    text = row["explanation"]
-                except (ValueError, KeyError, TypeError) as exc:
-                    raise InputError(f"{path}:{line_no}: expected a JSON object with doc_id, position and "
-                                     f"explanation ({exc})") from exc
-                if not isinstance(text, str):
-                    raise InputError(f"{path}:{line_no}: explanation must be a string")
-                if key in out:
-                    raise InputError(f"{path}:{line_no}: a second explanation for doc_id {key[0]!r} "
-                                     f"position {key[1]}")
-                out[key] = text
-    except UnicodeDecodeError as exc:  # raised while reading a line, outside the per-line check
-        raise InputError(f"explanations {path} is not UTF-8 text ({exc}); write it as UTF-8 JSONL") from exc
+    for line_no, line in jsonl_lines(path, "explanations"):
+        try:
+            row = json.loads(line)
+            key = (str(row["doc_id"]), int(row["position"]))
+            text = row["explanation"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise InputError(f"{path}:{line_no}: expected a JSON object with doc_id, position and "
+                             f"explanation ({exc})") from exc
+        if not isinstance(text, str):
+            raise InputError(f"{path}:{line_no}: explanation must be a string")
+        if key in out:
+            raise InputError(f"{path}:{line_no}: a second explanation for doc_id {key[0]!r} position {key[1]}")
+        out[key] = text
     return out
 
 

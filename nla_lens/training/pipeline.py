@@ -25,7 +25,7 @@ from nla_lens.training.config import (
     SFTRunConfig,
     config_dtype,
 )
-from nla_lens.training.dataset import LabelledActivations, label_activations, split_by_document
+from nla_lens.training.dataset import LabelledActivations, jsonl_lines, label_activations, split_by_document
 from nla_lens.training.export import check_export_folder, export_ar, export_av
 from nla_lens.training.extraction import Document, extract_activations, load_activations
 from nla_lens.training.loop import TrainResult
@@ -48,21 +48,15 @@ class RunResult:
 def read_corpus(path: str | Path) -> list[Document]:
     """A JSONL corpus: ``{"text": ...}`` per line, with an optional ``"id"`` (default: the line index)."""
     docs = []
-    try:
-        with Path(path).open(encoding="utf-8") as f:
-            for index, line in enumerate(f):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                    docs.append(Document(str(row.get("id", index)), row["text"]))
-                except (ValueError, KeyError, AttributeError) as exc:
-                    raise InputError(f"{path}:{index + 1}: expected a JSON object with a 'text' key ({exc})") from exc
-                if not isinstance(docs[-1].text, str):  # else the tokenizer fails mid-extraction, shards later
-                    raise InputError(f"{path}:{index + 1}: 'text' must be a string, got {docs[-1].text!r}; drop "
-                                     "the line or give it the document's text")
-    except UnicodeDecodeError as exc:  # raised while reading a line, outside the per-line check
-        raise InputError(f"corpus {path} is not UTF-8 text ({exc}); write it as UTF-8 JSONL") from exc
+    for line_no, line in jsonl_lines(path, "corpus"):
+        try:
+            row = json.loads(line)
+            docs.append(Document(str(row.get("id", line_no - 1)), row["text"]))
+        except (ValueError, KeyError, AttributeError) as exc:
+            raise InputError(f"{path}:{line_no}: expected a JSON object with a 'text' key ({exc})") from exc
+        if not isinstance(docs[-1].text, str):  # else the tokenizer fails mid-extraction, shards later
+            raise InputError(f"{path}:{line_no}: 'text' must be a string, got {docs[-1].text!r}; drop the line "
+                             "or give it the document's text")
     return docs
 
 
