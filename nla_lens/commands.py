@@ -190,6 +190,15 @@ def _run_verbalize(args: argparse.Namespace) -> None:
         print(f"{i}\t{token}{explanation}")
 
 
+def _text_lines(path: Path, flag: str, item: str) -> list[str]:
+    """The non-blank lines of a UTF-8 text file given as `flag`, one `item` each."""
+    try:
+        return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{flag} {path} is not UTF-8 text ({exc}); pass a plain text file, one {item} a "
+                         "line") from exc
+
+
 def _run_round_trip(args: argparse.Namespace) -> None:
     _sampling(args)
     resolve_device(args.device)
@@ -246,11 +255,7 @@ def _run_reconstruct(args: argparse.Namespace) -> None:
     texts = list(args.explanations)
     if args.input:
         check_input_file(args.input, "--input")
-        try:
-            texts += [line for line in args.input.read_text(encoding="utf-8").splitlines() if line.strip()]
-        except UnicodeDecodeError as exc:
-            raise InputError(f"--input {args.input} is not UTF-8 text ({exc}); pass a plain text file, one "
-                             "explanation a line") from exc
+        texts += _text_lines(args.input, "--input", "explanation")
     if not texts:
         raise InputError("no explanations: give them as arguments, or --input FILE with one per line")
     ar = ActivationReconstructor.from_pretrained(args.ar, device=args.device, dtype=args.dtype)
@@ -308,10 +313,7 @@ def _explain_texts(args: argparse.Namespace) -> list[str]:
     else:
         if not args.file.is_file():
             raise InputError(f"--file {args.file} does not exist (or is not a file); pass a text file, one text a line")
-        try:
-            texts = [line for line in args.file.read_text(encoding="utf-8").splitlines() if line.strip()]
-        except UnicodeDecodeError as exc:
-            raise InputError(f"--file {args.file} is not UTF-8 text ({exc}); pass a plain text file") from exc
+        texts = _text_lines(args.file, "--file", "text")
     if not texts or not all(t.strip() for t in texts):
         raise InputError("nothing to explain: give a non-empty --text, or a --file with at least one non-empty line")
     return texts
