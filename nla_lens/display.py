@@ -228,10 +228,10 @@ def feature_card_html(title: str, hook_name: str, summary: str, explanation: str
         for i, (token, activation) in enumerate(zip(tokens, activations, strict=True)):
             scanned = not math.isnan(activation)  # NaN: a token the card's skip_first left out
             background = _rgb(_ramp(_ACTIVATION, activation / top if scanned else 0.0))
+            tip = f"{activation:.3f}" if scanned else "not scanned (skip_first)"
             peak = " nla-peak" if i == center else ""
             spans.append(f"<span class='nla-tok{peak}' style='background:{background};color:{_ink(background)}' "
-                         f"title='{f'{activation:.3f}' if scanned else 'not scanned (skip_first)'}'>"
-                         f"{_shown_token(token)}</span>")
+                         f"title='{tip}'>{_shown_token(token)}</span>")
         here = "" if said_here is None else (
             f"<td>{html.escape(said_here[row])}</td>" if said_here[row] is not None else
             "<td><span class='nla-unparsed'>(no &lt;explanation&gt; tags)</span></td>")
