@@ -6,8 +6,10 @@ label (the token and the text just before it), enough to watch the AV and AR lea
 
 from __future__ import annotations
 
+import argparse
 import sys
 
+from nla_lens.errors import NLAError
 from nla_lens.training import label_activations, load_activations, save_explanations
 from nla_lens.training.extraction import ActivationRecord
 
@@ -22,4 +24,11 @@ def main(activations: str, out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    parser = argparse.ArgumentParser(description="Label an extraction with stand-in explanations.")
+    parser.add_argument("activations", help="the out_dir nla-lens extract wrote")
+    parser.add_argument("out", help="the explanations file to write (.jsonl)")
+    args = parser.parse_args()
+    try:
+        main(args.activations, args.out)
+    except NLAError as exc:  # a wrong path or file: the message says what to fix, no traceback
+        sys.exit(f"{type(exc).__name__}: {exc}")

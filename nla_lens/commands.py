@@ -301,7 +301,7 @@ def _positions_arg(value: str) -> list[int] | slice:
             if len(parts) > 3:
                 raise ValueError(value)
             return slice(*parts)
-        return [int(p) for p in value.split(",") if p.strip()]
+        return [int(p) for p in value.split(",")]  # int('') fails: '1,,2' and '3,' are typos, not positions
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"expected positions such as 3,5,-1 or a slice such as 8: or 2:10, "
                                          f"got {value!r}") from exc

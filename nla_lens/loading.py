@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
 from nla_lens.backends import gemma3, hf_names
-from nla_lens.errors import CheckpointError, InputError, SidecarError
+from nla_lens.errors import CheckpointError, InjectionError, InputError, SidecarError
 from nla_lens.sidecar import NLAMeta, load_meta
 
 try:
@@ -509,6 +509,42 @@ def _check_complete(model: HookedTransformer, written: set[str], folder: Path) -
         raise CheckpointError(f"{folder} lacks weights for {missing[:6]} ({len(missing)} in all)")
 
 
+def _meta_hooked_transformer(cfg: HookedTransformerConfig,
+                             tokenizer: PreTrainedTokenizerBase | None) -> HookedTransformer:
+    """A `HookedTransformer` on the meta device: its modules and hook names, no storage."""
+    with torch.device("meta"), warnings.catch_warnings():
+        # TL 3.9 urges TransformerBridge + enable_compatibility_mode(), whose weight processing would change
+        # the activations the NLA reads: nla_lens serves both backends unprocessed, so the advice does not apply.
+        warnings.filterwarnings("ignore", message="HookedTransformer is deprecated", category=DeprecationWarning)
+        if tokenizer is None:
+            return HookedTransformer(cfg, move_to_device=False)
+        return HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False, default_padding_side="left")
+
+
+def check_hook_point(folder: Path, hook_point: str, *, backend: str, trust_remote_code: bool = False) -> None:
+    """Refuse a hook point the model will not have before any weight is read (a typo in a sidecar or an
+    argument cost a full load): a block index past config.json's layers on either backend, and on the
+    hooked backend any name a one-block `HookedTransformer` of this config lacks. The bridge's own
+    names are checked once it is built."""
+    hf_config = load_hf_config(folder, trust_remote_code=trust_remote_code)
+    n_layers = gemma3.text_config(hf_config).num_hidden_layers
+    block = re.fullmatch(r"blocks\.(0|[1-9]\d*)\.(.+)", hook_point)
+    if block and int(block[1]) >= n_layers:
+        raise InjectionError(f"hook point {hook_point!r} names block {block[1]}, but {folder}/config.json has "
+                             f"{n_layers} blocks (0-{n_layers - 1}); fix the injection hook_point")
+    if backend != "hooked":
+        return
+    one_block = _meta_hooked_transformer(hooked_config(hf_config, n_layers=1, dtype=torch.float32, device="meta"),
+                                         tokenizer=None)
+    name = f"blocks.0.{block[2]}" if block else hook_point
+    if name not in one_block.hook_dict:
+        close = [n.replace("blocks.0.", f"blocks.{block[1] if block else '<N>'}.", 1)
+                 for n in difflib.get_close_matches(name, one_block.hook_dict, n=1)]
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise InjectionError(f"hook point {hook_point!r} does not exist in this model; {hint}pick one of "
+                             "model.hook_dict, e.g. 'blocks.1.hook_resid_post' or 'hook_embed'")
+
+
 def _empty_hooked_transformer(cfg: HookedTransformerConfig, tokenizer: PreTrainedTokenizerBase,
                               device: str | torch.device) -> HookedTransformer:
     """A `HookedTransformer` whose parameters are allocated but never touched, for streaming into.
@@ -519,11 +555,7 @@ def _empty_hooked_transformer(cfg: HookedTransformerConfig, tokenizer: PreTraine
     buffer when it grows one, never edits it in place. This is what keeps load memory at the
     weights' size (see `nla-lens bench`).
     """
-    with torch.device("meta"), warnings.catch_warnings():
-        # TL 3.9 urges TransformerBridge + enable_compatibility_mode(), whose weight processing would change
-        # the activations the NLA reads: nla_lens serves both backends unprocessed, so the advice does not apply.
-        warnings.filterwarnings("ignore", message="HookedTransformer is deprecated", category=DeprecationWarning)
-        model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False, default_padding_side="left")
+    model = _meta_hooked_transformer(cfg, tokenizer)
     model.to_empty(device=device)
     reference_buffers: dict[tuple[type, str | None], dict[str, Tensor]] = {}
     restored: set[str] = set()

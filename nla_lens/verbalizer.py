@@ -129,6 +129,8 @@ class ActivationVerbalizer:
         tokenizer = loading.load_tokenizer(folder, trust_remote_code=trust_remote_code)
         check_tokenizer(meta, tokenizer, role="av")
         loading.check_config(folder, meta, trust_remote_code=trust_remote_code)
+        loading.check_hook_point(folder, spec.hook_point, backend=backends.resolve_name(backend),
+                                 trust_remote_code=trust_remote_code)
         eos = loading.eos_token_ids(folder, tokenizer)  # before TransformerLens gives the tokenizer a stand-in EOS
         model = backends.load_model(folder, tokenizer, backend=backend, dtype=dtype, device=device,
                                     trust_remote_code=trust_remote_code)

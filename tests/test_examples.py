@@ -7,6 +7,7 @@ import runpy
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import NEEDS_TL3
 
 import nla_lens as nl
@@ -46,3 +47,15 @@ def test_example_configs_extract_and_train_an_nla_that_loads(tmp_path, monkeypat
 
 def _not_json(constant: str) -> None:
     raise AssertionError(f"{constant} is Python's extension, not JSON")
+
+
+def test_label_example_says_what_is_wrong_without_a_traceback(tmp_path, monkeypatch, capsys):
+    """Run without arguments it raised a TypeError; with a wrong folder, a SidecarError traceback."""
+    monkeypatch.setattr(sys, "argv", ["label.py"])
+    with pytest.raises(SystemExit) as usage:
+        runpy.run_path(str(ROOT / "examples/label.py"), run_name="__main__")
+    assert usage.value.code == 2 and "required: activations, out" in capsys.readouterr().err
+    monkeypatch.setattr(sys, "argv", ["label.py", str(tmp_path / "missing"), str(tmp_path / "out.jsonl")])
+    with pytest.raises(SystemExit) as wrong:
+        runpy.run_path(str(ROOT / "examples/label.py"), run_name="__main__")
+    assert str(wrong.value.code).startswith("SidecarError: ") and "is not an extraction folder" in str(wrong.value.code)

@@ -237,6 +237,16 @@ def test_explain_positions_take_the_forms_the_help_shows(value, positions):
     assert args.positions == positions
 
 
+@pytest.mark.parametrize("value", ["=1,,2", "=3,", "=", "=,-1"])
+def test_explain_positions_refuse_empty_entries(value, capsys):
+    """'1,,2' was read as [1, 2] and '=' as no positions at all: a typo now stops at the parser."""
+    from nla_lens.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["explain", "--av", "a", "--ar", "b", "--text", "x", "--positions" + value])
+    assert "expected positions such as 3,5,-1" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("args, message", [
     (["--text", ""], "nothing to explain"),
     (["--file", "/no/such/file.txt"], "does not exist"),

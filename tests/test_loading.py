@@ -244,8 +244,34 @@ def test_a_missing_folder_names_the_folder_its_name_is_a_typo_of(monkeypatch):
 def test_user_override_of_the_injection_method(tiny_paths):
     av = nl.ActivationVerbalizer.from_pretrained(tiny_paths["av_embedding"], injection="karvonen")
     assert av.injection_spec == nl.InjectionSpec("karvonen", "blocks.1.hook_resid_post")
-    with pytest.raises(nl.InjectionError, match="does not exist"):
+
+
+def test_a_hook_point_past_the_blocks_is_refused_before_the_weights(tiny_paths, monkeypatch):
+    monkeypatch.setattr(backends, "load_model", lambda *a, **k: pytest.fail("weights read"))
+    with pytest.raises(nl.InjectionError, match=r"names block 99, but .*config.json has 4 blocks \(0-3\)"):
         nl.ActivationVerbalizer.from_pretrained(tiny_paths["av_karvonen"], hook_point="blocks.99.hook_resid_post")
+
+
+@pytest.mark.skipif(backends.default_backend() != "hooked", reason="the bridge's own hook names are checked once built")
+@pytest.mark.parametrize("hook_point, hint", [
+    ("blocks.1.hook_resid_pots", "did you mean 'blocks.1.hook_resid_post'? "),
+    ("hook_embd", "did you mean 'hook_embed'? "),
+    ("blocks.01.hook_resid_post", "did you mean 'blocks.<N>.hook_resid_post'? "),
+    ("hook_resid_post", "did you mean 'blocks.<N>.hook_resid_post'? "),
+    ("nonsense", ""),
+])
+def test_a_misspelt_hook_point_is_refused_before_the_weights(tiny_paths, tmp_path, monkeypatch, hook_point, hint):
+    """A typo in the sidecar's or the caller's hook point was reported only after the whole model loaded."""
+    folder = shutil.copytree(tiny_paths["av_karvonen"], tmp_path / "av")
+    meta = yaml.safe_load((folder / "nla_meta.yaml").read_text())
+    meta["injection"] = {"method": "karvonen", "hook_point": hook_point}
+    (folder / "nla_meta.yaml").write_text(yaml.safe_dump(meta, allow_unicode=True))
+    monkeypatch.setattr(backends, "load_model", lambda *a, **k: pytest.fail("weights read"))
+    expected = f"hook point '{hook_point}' does not exist in this model; {hint}pick one of model.hook_dict"
+    for load in (dict(path_or_id=folder), dict(path_or_id=tiny_paths["av_karvonen"], hook_point=hook_point)):
+        with pytest.raises(nl.InjectionError) as info:
+            nl.ActivationVerbalizer.from_pretrained(**load)
+        assert str(info.value).startswith(expected)
 
 
 def test_embedding_injection_without_a_scale_is_refused(tiny_paths, tmp_path, monkeypatch):

@@ -39,6 +39,13 @@ def test_paper_baseline_and_fve_by_hand():
     assert metrics.fve(torch.zeros(3), 0.5) == 1.0
 
 
+@pytest.mark.parametrize("baseline", [0.0, -0.5, float("nan"), float("inf")])
+def test_fve_refuses_a_baseline_it_cannot_divide_by(baseline):
+    """Direct callers got ZeroDivisionError at 0 and a silent NaN / -0.0 FVE otherwise."""
+    with pytest.raises(InputError, match="baseline must be a finite number > 0"):
+        metrics.fve(torch.tensor([0.1, 0.2]), baseline)
+
+
 @pytest.mark.parametrize("power", [70, -70, -140], ids=["norm_overflows", "norm_underflows", "subnormal"])
 def test_scores_depend_on_direction_only_at_any_norm(power):
     """A row scaled by 2**power scores as the row itself (the AV explains it the same): squaring entries

@@ -70,6 +70,11 @@ def default_backend() -> str:
 
 def resolve(backend: str | None = None) -> ModuleType:
     """The backend module for `backend` (default: `default_backend()`), checked against the install."""
+    return import_module(f"nla_lens.backends.{resolve_name(backend)}")
+
+
+def resolve_name(backend: str | None = None) -> str:
+    """The name of the backend `resolve` picks ("hooked" / "bridge")."""
     name = default_backend() if backend is None else _check_name(backend, "backend")
     if name == "hooked" and transformer_lens_major() >= 4:
         raise BackendError(
@@ -77,7 +82,7 @@ def resolve(backend: str | None = None) -> ModuleType:
             f"{metadata.version('transformer-lens')} no longer has (removed in 4.0). Use "
             "backend='bridge', or install the 3.x flavour: pip install 'transformer-lens==3.9.0'"
         )
-    return import_module(f"nla_lens.backends.{name}")
+    return name
 
 
 def load_model(folder: str | Path, tokenizer: PreTrainedTokenizerBase, *, backend: str | None = None,
