@@ -22,7 +22,7 @@ from torch import Tensor
 from transformer_lens.hook_points import HookPoint
 from transformer_lens.utilities import get_act_name
 
-from nla_lens import backends
+from nla_lens import backends, metrics
 from nla_lens.base_model import check_base_model
 from nla_lens.capture import (
     Capture,
@@ -342,8 +342,9 @@ def verbalize_direction(
     vectors = check_vectors(direction, av.meta.d_model).float()
     if scale_like is not None:
         reference = check_vectors(scale_like, av.meta.d_model).float()
-        target = reference.norm(dim=-1).mean().to(vectors.device)
-        vectors = vectors * (target / vectors.norm(dim=-1, keepdim=True))
+        # metrics.rescale: a direction whose squared norm leaves fp32 (entries ~1e-25 or ~1e25) keeps its
+        # direction instead of becoming NaN or zero, as the AV, which reads only the direction, keeps it.
+        vectors = metrics.rescale(vectors, float(reference.norm(dim=-1).mean()))
     return DirectionVerbalization(vectors, av.verbalize(vectors, **verbalize_kwargs))
 
 

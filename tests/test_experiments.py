@@ -290,6 +290,19 @@ def test_injection_only_sees_the_direction_so_verbalize_direction_is_scale_free(
     assert plain.explanations == [v.explanation for v in plain.verbalizations]
 
 
+@pytest.mark.parametrize("size", [1e-25, 1e25])
+def test_scale_like_rescales_a_direction_whose_squared_norm_leaves_fp32(av_karvonen, size):
+    """The AV reads such a direction as usual; rescaling it by its plain norm (which underflows to 0 or
+    overflows to inf) made it NaN or zero, and verbalize refused it."""
+    direction = torch.randn(2, D_MODEL, generator=torch.Generator().manual_seed(5))
+    reference = torch.randn(8, D_MODEL, generator=torch.Generator().manual_seed(6)) * 7.0
+    plain = nl.verbalize_direction(av_karvonen, direction, **FAST)
+    rescaled = nl.verbalize_direction(av_karvonen, size * direction, scale_like=reference, **FAST)
+    assert rescaled.verbalizations == plain.verbalizations
+    assert torch.allclose(rescaled.vectors.norm(dim=-1), reference.norm(dim=-1).mean().expand(2), rtol=1e-6)
+    assert torch.allclose(torch.cosine_similarity(rescaled.vectors, direction, dim=-1), torch.ones(2), atol=1e-6)
+
+
 def test_verbalize_direction_takes_an_nla_as_the_other_helpers_do(nla, steer):
     through_nla = nl.verbalize_direction(nla, steer, **FAST)
     assert through_nla.verbalizations == nla.av.verbalize(steer[None], **FAST)
