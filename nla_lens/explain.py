@@ -155,8 +155,11 @@ def explain_tokens(nla: NLA, base: TLModel, token_rows: Sequence[Sequence[int]],
     with torch.no_grad():
         for t, (row, cols) in enumerate(zip(token_rows, columns, strict=True)):
             tokens = torch.tensor([list(row)], device=device)
-            with capture(base, layer, positions=cols) as cap:
-                base.run_with_hooks(tokens, fwd_hooks=list(fwd_hooks), stop_at_layer=layer + 1)
+            # One unpadded text: every token is real, a pad-id one too (Qwen's pad is <|endoftext|>, which ends
+            # documents); without the mask, capture and HookedTransformer took it for padding.
+            mask = torch.ones_like(tokens)
+            with capture(base, layer, positions=cols, attention_mask=mask) as cap:
+                base.run_with_hooks(tokens, attention_mask=mask, fwd_hooks=list(fwd_hooks), stop_at_layer=layer + 1)
             vectors.append(cap.vectors)
             sites += [(t, p) for p in cols]
     captured = torch.cat(vectors)

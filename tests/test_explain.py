@@ -53,6 +53,26 @@ def test_explain_has_a_row_per_token_scored_as_a_round_trip_of_the_captured_vect
     assert ex.texts == TEXTS and no_hooks_left(base)
 
 
+@pytest.mark.parametrize("where", ["end", "start"])
+def test_a_pad_id_token_in_a_text_is_explained_as_a_real_token(base, nla, tiny_paths, where, monkeypatch):
+    """Qwen's pad token is <|endoftext|>, which ends documents: explain runs one unpadded text, so such a token
+    is real (as in plain HF). It was taken for padding: an InputError for every text holding it at either end."""
+    from hf_reference import load_hf
+
+    distinct_readouts(nla.av, monkeypatch)
+    pad = base.tokenizer.pad_token
+    text = TEXTS[0] + pad if where == "end" else pad + TEXTS[0]
+    ex = nla.explain(base, text, baseline=0.8, **FAST)
+    ids = base.tokenizer.encode(text, add_special_tokens=True)
+    assert base.tokenizer.pad_token_id in (ids[0], ids[-1])
+    assert [r.position for r in ex.rows] == list(range(len(ids)))
+    hf, _ = load_hf(tiny_paths["av_karvonen"])
+    with torch.no_grad():
+        expected = hf(torch.tensor([ids]), output_hidden_states=True).hidden_states[nla.layer + 1][0]
+    assert torch.allclose(ex.vectors, expected, rtol=0, atol=1e-4)
+    assert no_hooks_left(base)
+
+
 def test_explain_runs_under_the_users_hooks(base, nla):
     name = f"blocks.{nla.layer}.hook_resid_post"
     push = torch.randn(64, generator=torch.Generator().manual_seed(3))
