@@ -48,7 +48,8 @@ def capture_text(base: str, layer: int, text: str, device: str, dtype: torch.dty
         raise PromptTooLongError(f"--text is {ids.shape[1]} tokens, over the base model's context of "
                                  f"{model.cfg.n_ctx}; pass a shorter text")
     with torch.inference_mode():
-        vectors = resid_post(model, ids, layer)[0].float()
+        # All ones: HookedTransformer would mask a leading pad-id token (Qwen's <|endoftext|>) of this one text.
+        vectors = resid_post(model, ids, layer, attention_mask=torch.ones_like(ids))[0].float()
     return VectorTable(vectors, pa.table({"token": [tokenizer.decode([i]) for i in ids[0].tolist()]}))
 
 

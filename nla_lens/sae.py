@@ -156,7 +156,8 @@ def text_residuals(base: TLModel, texts: list[str], layer: int, *,
             if not ids:
                 raise InputError(f"text {text!r} has no tokens")
             tokens = torch.tensor([ids], device=base.cfg.device)
-            out.append((ids, resid_post(base, tokens, layer)[0].float()))
+            # All ones: HookedTransformer would mask a leading pad-id token (Qwen's <|endoftext|>) of one text.
+            out.append((ids, resid_post(base, tokens, layer, attention_mask=torch.ones_like(tokens))[0].float()))
     return out
 
 

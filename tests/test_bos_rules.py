@@ -87,3 +87,27 @@ def test_a_multimodal_gemma_base_captures_as_its_text_model(bos_paths):
     wrapped = commands.capture_text(str(bos_paths["gemma_av_multimodal"]), LAYER, TEXT, "cpu",
                                      torch.float32).vectors
     assert torch.equal(text, wrapped)
+
+
+def test_cli_text_capture_reads_a_leading_pad_id_token_as_a_real_one(tiny_paths):
+    """Qwen's pad token is <|endoftext|>, which starts documents too: HookedTransformer masked it as left
+    padding when it led the one unpadded text, and every residual after it moved."""
+    folder = tiny_paths["av_karvonen"]
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    text = tokenizer.pad_token + TEXT
+    ids = text_ids(tokenizer, text)
+    assert ids[0] == tokenizer.pad_token_id
+    captured = commands.capture_text(str(folder), LAYER, text, "cpu", torch.float32).vectors
+    assert (captured - _hf_resid(folder, ids)).abs().max() < ATOL
+
+
+@NEEDS_TL3
+def test_sae_text_residuals_read_a_leading_pad_id_token_as_a_real_one(tiny_paths):
+    from nla_lens.sae import text_residuals
+
+    folder = tiny_paths["av_karvonen"]
+    base = nl.load_base(folder)
+    text = base.tokenizer.pad_token + TEXT
+    ids, resid = text_residuals(base, [text], LAYER)[0]
+    assert ids[0] == base.tokenizer.pad_token_id
+    assert (resid - _hf_resid(folder, ids)).abs().max() < ATOL
