@@ -412,7 +412,8 @@ def _site_logprobs(base: TLModel, tokens: Tensor, run_mask: Tensor | None, rows:
 def _continuations(base: TLModel, tokens: Tensor, real: Tensor, result: WordSteering,
                    n_new: int) -> list[tuple[str, str]]:
     """Greedy continuations of each row's real tokens, without and with the steering (no padding, no KV cache:
-    the steering hook sees the prompt columns in every forward pass)."""
+    the steering hook sees the prompt columns in every forward pass). Run with an all-ones mask: every token
+    kept is real, a pad-id one too (Qwen's <|endoftext|>), which HookedTransformer would mask when it leads."""
     out = []
     for row in range(tokens.shape[0]):
         keep = real[row].nonzero().flatten().to(tokens.device)
@@ -426,7 +427,7 @@ def _continuations(base: TLModel, tokens: Tensor, real: Tensor, result: WordStee
         for fwd_hooks in ([], [(result.hook_name, hook)]):
             grown = ids
             for _ in range(n_new):
-                logits = base.run_with_hooks(grown, fwd_hooks=fwd_hooks)
+                logits = base.run_with_hooks(grown, attention_mask=torch.ones_like(grown), fwd_hooks=fwd_hooks)
                 # TL moves the tokens to the model's device; the logits come back there, not to `grown`'s.
                 grown = torch.cat([grown, logits[:, -1].argmax(-1, keepdim=True).to(grown.device)], dim=1)
             pair.append(base.tokenizer.decode(grown[0, ids.shape[1]:].tolist()))

@@ -208,6 +208,26 @@ def test_result_rows_carry_sites_samples_and_comparisons(base, nla):
     assert "kl" not in repr(bare).splitlines()[1]  # the table shows only the columns the rows have
 
 
+def test_continuations_keep_a_leading_pad_id_token_marked_real(base, nla, tiny_paths):
+    """Qwen's pad token is <|endoftext|>, which starts documents too: a row that leads with it, marked real by
+    the mask, was continued without a mask, and HookedTransformer masked it as left padding."""
+    from hf_reference import load_hf
+
+    pad = base.tokenizer.pad_token_id
+    tokens = torch.tensor([[pad, *base.tokenizer.encode("The cat sat on the mat.", add_special_tokens=False)]])
+    mask = torch.ones_like(tokens)
+    result = steer(nla, base, tokens, -1, mask, continue_tokens=4)
+    hf, _ = load_hf(tiny_paths["av_karvonen"])
+    grown = tokens
+    for _ in range(4):  # plain HF greedy decoding, every token attended
+        logits = hf(grown, attention_mask=torch.ones_like(grown)).logits
+        grown = torch.cat([grown, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    clean, steered = result.continuations[0]
+    assert clean == base.tokenizer.decode(grown[0, tokens.shape[1]:].tolist())
+    # The continuations read the row as the next-token comparison does.
+    assert steered.startswith(base.tokenizer.decode([int(result.steered_logprobs[0].argmax())]))
+
+
 def test_delta_saves_to_safetensors_beside_the_table(base, nla, tmp_path):
     tokens, mask = padded(base, "left")
     result = steer(nla, base, tokens, -1, mask, compare=False, continue_tokens=0)
