@@ -176,13 +176,14 @@ def steering_hook(vector: Float[Tensor, " d_model"], scale: float, positions: Po
 
 
 def _warn_patch_on_padding(base_model: TLModel, clean_tokens: Int[Tensor, "batch pos"],
-                           corrupted_tokens: Int[Tensor, "batch pos"], column: int) -> None:
+                           corrupted_tokens: Int[Tensor, "batch pos"], attention_mask: Int[Tensor, "batch pos"] | None,
+                           column: int) -> None:
     """Warn where the patch column is padding in a row (TL's column rule, kept for sweeps): padding in the
     corrupted row leaves its patched vector silently the corrupted one; in the clean row, a pad's
     activation is written into a real token."""
     padded = set()
     for tokens in (clean_tokens, corrupted_tokens):
-        real = real_tokens(base_model, None, tokens)
+        real = real_tokens(base_model, attention_mask, tokens)
         if real is not None:
             padded |= set((~real[:, column]).nonzero().flatten().tolist())
     if padded:
@@ -264,6 +265,7 @@ def patching_study(
     activation_name: str = "resid_pre",
     capture_layer: int | None = None,
     capture_position: PositionSpec = -1,
+    attention_mask: Int[Tensor, "batch pos"] | None = None,
     baseline: float | None = None,
     **verbalize_kwargs: Any,
 ) -> PatchingStudy:
@@ -277,6 +279,11 @@ def patching_study(
     corrupted tokens have the same shape. The clean, corrupted and patched residuals at layer K
     (`capture_position`, default -1: each row's last real token) are verbalized (and round-tripped, with
     an NLA) in one batch.
+
+    `attention_mask` marks the real tokens of both runs (they share a shape, and patching compares them
+    column by column). Without it, padding is read from the pad tokens at either end of each, as the capture
+    does; pass one (all ones for unpadded prompts) to keep a pad-id token at either end as a real token
+    (Qwen's pad is `<|endoftext|>`, which ends documents).
     """
     av = _verbalizer(nla_or_av)
     layer = av.meta.layer if capture_layer is None else capture_layer
@@ -296,10 +303,11 @@ def patching_study(
     width = clean_tokens.shape[1]
     if isinstance(patch_position, bool) or not isinstance(patch_position, int) or not -width <= patch_position < width:
         raise InputError(f"patch_position must be an int column in -{width}..{width - 1}, got {patch_position!r}")
-    _warn_patch_on_padding(base_model, clean_tokens, corrupted_tokens, patch_position % width)
+    _warn_patch_on_padding(base_model, clean_tokens, corrupted_tokens, attention_mask, patch_position % width)
     with torch.no_grad():
-        clean_mask = backends.implicit_attention_mask(base_model, clean_tokens)
-        with capture(base_model, layer, capture_position, tokens=clean_tokens) as clean:
+        clean_mask = (backends.implicit_attention_mask(base_model, clean_tokens) if attention_mask is None
+                      else attention_mask)
+        with capture(base_model, layer, capture_position, attention_mask=attention_mask, tokens=clean_tokens) as clean:
             _, cache = base_model.run_with_cache(clean_tokens, names_filter=hook_name, stop_at_layer=layer + 1,
                                                  attention_mask=clean_mask)
         if hook_name not in cache:
@@ -307,8 +315,8 @@ def patching_study(
             raise InputError(f"{hook_name} did not fire in the clean run: TransformerLens computes it only when asked "
                              f"(base_model.{setter}(True)); turn that on or patch another activation_name")
         patch = (hook_name, _patch_hook(cache[hook_name], patch_position % width, _position_axis(hook_name)))
-        corrupted = _capture_run(base_model, layer, capture_position, corrupted_tokens, None, [])
-        patched = _capture_run(base_model, layer, capture_position, corrupted_tokens, None, [patch])
+        corrupted = _capture_run(base_model, layer, capture_position, corrupted_tokens, attention_mask, [])
+        patched = _capture_run(base_model, layer, capture_position, corrupted_tokens, attention_mask, [patch])
     runs: tuple[tuple[Literal["clean", "corrupted", "patched"], Capture], ...] = (
         ("clean", clean), ("corrupted", corrupted), ("patched", patched))
     vectors = torch.cat([cap.vectors for _, cap in runs])

@@ -143,6 +143,61 @@ def test_patching_study_equals_hand_written_tl_patching(base, nla, layer, positi
     assert no_hooks_left(base)
 
 
+def hf_patching(folder, clean_tokens, corrupted_tokens, position):
+    """Plain HF: decoder layer 0's output (TL's blocks.1.hook_resid_pre) at `position` copied from the clean
+    run into the corrupted one, every token attended; hidden states of layer K at the last column."""
+    from hf_reference import load_hf
+
+    hf, _ = load_hf(folder)
+    layer0 = hf.model.layers[0]
+
+    def run(tokens):
+        return hf(tokens, attention_mask=torch.ones_like(tokens), output_hidden_states=True).hidden_states
+
+    def hidden(out):
+        return out[0] if isinstance(out, tuple) else out
+
+    kept = {}
+
+    def keep(module, inputs, out):
+        kept["clean"] = hidden(out).clone()
+
+    def patch(module, inputs, out):
+        h = hidden(out).clone()
+        h[:, position] = kept["clean"][:, position]
+        return (h, *out[1:]) if isinstance(out, tuple) else h
+
+    handle = layer0.register_forward_hook(keep)
+    clean = run(clean_tokens)[LAYER + 1][:, -1]
+    handle.remove()
+
+    corrupted = run(corrupted_tokens)[LAYER + 1][:, -1]
+    handle = layer0.register_forward_hook(patch)
+    patched = run(corrupted_tokens)[LAYER + 1][:, -1]
+    handle.remove()
+    return clean, corrupted, patched
+
+
+@pytest.mark.parametrize("where", ["end", "start"])
+def test_patching_study_reads_pad_id_tokens_the_attention_mask_marks_real(base, av_karvonen, tiny_paths, where):
+    """Qwen's pad token is <|endoftext|>, which ends documents: with no attention_mask argument, a prompt ending
+    in it was read one column early (-1 skipped it as padding) and a leading one was masked on both backends."""
+    clean_tokens, corrupted_tokens = equal_length_pair(base)
+    pad = torch.full((len(clean_tokens), 1), base.tokenizer.pad_token_id)
+    clean_tokens, corrupted_tokens = ((torch.cat([t, pad], 1) if where == "end" else torch.cat([pad, t], 1))
+                                      for t in (clean_tokens, corrupted_tokens))
+    position = 2 if where == "start" else 1
+    study = nl.patching_study(base, av_karvonen, clean_tokens, corrupted_tokens, patch_layer=1,
+                              patch_position=position, attention_mask=torch.ones_like(clean_tokens), **FAST)
+    assert [r.position for r in study.rows] == [clean_tokens.shape[1] - 1] * 3 * len(clean_tokens)
+    with torch.no_grad():
+        expected = hf_patching(tiny_paths["av_karvonen"], clean_tokens, corrupted_tokens, position)
+    for got, want in zip((study.clean_vectors, study.corrupted_vectors, study.patched_vectors), expected, strict=True):
+        assert torch.allclose(got, want, rtol=0, atol=1e-4)
+    assert (study.patched_vectors - study.corrupted_vectors).abs().max() > 1e-2
+    assert no_hooks_left(base)
+
+
 def test_patching_an_attention_pattern_patches_the_query_row_of_every_head(base, av_karvonen):
     """`[batch, head, query, key]`: patch_position is the query row, as TL's pattern patchers read it."""
     clean_tokens, corrupted_tokens = equal_length_pair(base)
