@@ -11,11 +11,13 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from conftest import NEEDS_TL3
 from transformers import PreTrainedTokenizerFast
 
-from nla_lens.toy import corpus, labeler
+from hf_reference import load_hf
+from nla_lens.toy import corpus, labeler, load
 from nla_lens.toy.demo import TOY_DIR, run_demo
 from nla_lens.toy.evaluate import (
     HELDOUT_SPEECHES_PER_PLAY,
@@ -135,6 +137,19 @@ def test_issue_rl_target_on_the_bundled_toy(heldout_scores):
     """Issue #15: RL raises the held-out round trip by >= 0.03 over SFT (recorded: 0.854 -> 0.889). Its run
     time and KL are the training run's record (scores.json, the README's curve), not re-measured here."""
     assert heldout_scores["rl"].fve - heldout_scores["sft"].fve >= 0.03
+
+
+def test_toy_activations_read_a_leading_pad_id_token_as_a_real_one():
+    """The toy's pad token is <|endoftext|>, as Qwen's: HookedTransformer masked it as left padding when it led
+    the one unpadded text (0.78 max abs vs HF at layer K), and every residual after it moved."""
+    toy = load()
+    tokenizer = toy.av.tokenizer
+    ids = [tokenizer.pad_token_id, *tokenizer.encode("To be, or not to be, that is the question.",
+                                                      add_special_tokens=False)]
+    hf, _ = load_hf(TOY_DIR / "base")
+    with torch.no_grad():
+        expected = hf(torch.tensor([ids]), output_hidden_states=True).hidden_states[toy.av.meta.layer + 1][0]
+        assert (toy.activations(ids) - expected).abs().max() < 1e-4
 
 
 def test_toy_load_picks_the_pair_and_refuses_an_unknown_one():

@@ -104,7 +104,9 @@ class ToyNLA:
     @torch.inference_mode()
     def activations(self, ids: list[int]) -> Float[Tensor, "pos d_model"]:
         """`blocks.K.hook_resid_post` at every position of one tokenized text."""
-        return resid_post(self.base, torch.tensor([ids]), self.av.meta.layer)[0].float()
+        tokens = torch.tensor([ids])
+        # All ones: HookedTransformer would mask a leading pad-id token (the toy's <|endoftext|>) of this one text.
+        return resid_post(self.base, tokens, self.av.meta.layer, attention_mask=torch.ones_like(tokens))[0].float()
 
 
 def long_speeches(play: Play) -> list[str]:
