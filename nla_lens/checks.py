@@ -6,8 +6,9 @@ nothing rather than surfacing as a traceback after minutes of loading or decodin
 
 from __future__ import annotations
 
+import difflib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -123,3 +124,15 @@ def check_output_path(path: Path, suffixes: Sequence[str] | None = None, what: s
         raise InputError(f"{what} {path}: the file name must end in {' or '.join(suffixes)}")
     if not path.parent.is_dir():
         raise InputError(f"{what} {path}: the folder {path.parent} does not exist; create it first")
+
+
+def check_keywords(given: Iterable[str], accepted: Iterable[str], where: str, passed_to: str) -> None:
+    """Refuse a keyword that `where` would pass on to `passed_to`, which does not take it, before the work
+    that comes first: a typo in `**kwargs` otherwise surfaces as a TypeError only after it."""
+    accepted = sorted(accepted)
+    unknown = sorted(set(given) - set(accepted))
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], accepted, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise InputError(f"{where} got the keyword(s) {unknown}, which neither it nor {passed_to} takes; "
+                         f"{hint}{passed_to} takes {accepted}")

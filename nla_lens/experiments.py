@@ -36,7 +36,7 @@ from nla_lens.capture import (
 from nla_lens.checks import check_finite
 from nla_lens.errors import InputError, VectorError
 from nla_lens.injection import HookFn, check_vectors
-from nla_lens.nla import NLA, RoundTrip, baseline_phrase
+from nla_lens.nla import NLA, RoundTrip, baseline_phrase, check_read_keywords
 from nla_lens.results import TabularResult
 from nla_lens.verbalizer import ActivationVerbalizer, Verbalization
 
@@ -217,6 +217,7 @@ def steer_then_verbalize(
     `baseline` is passed to the round trip: give a held-out set's for per-row FVEs that mean much.
     """
     av = _verbalizer(nla_or_av)
+    check_read_keywords(nla_or_av, verbalize_kwargs, "steer_then_verbalize")
     layer = av.meta.layer if capture_layer is None else capture_layer
     check_base_model(base_model, nla_or_av)
     d_model = base_model.cfg.d_model
@@ -286,6 +287,7 @@ def patching_study(
     (Qwen's pad is `<|endoftext|>`, which ends documents).
     """
     av = _verbalizer(nla_or_av)
+    check_read_keywords(nla_or_av, verbalize_kwargs, "patching_study")
     layer = av.meta.layer if capture_layer is None else capture_layer
     check_base_model(base_model, nla_or_av)
     check_token_tensor(clean_tokens, "clean_tokens")

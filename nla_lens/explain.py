@@ -22,7 +22,7 @@ from nla_lens import backends, display
 from nla_lens.base_model import check_base_model
 from nla_lens.capture import capture
 from nla_lens.errors import InputError, PromptTooLongError
-from nla_lens.nla import RoundTrip, baseline_phrase
+from nla_lens.nla import RoundTrip, baseline_phrase, check_read_keywords
 from nla_lens.results import TabularResult
 from nla_lens.verbalizer import Verbalization
 
@@ -142,6 +142,7 @@ def explain_tokens(nla: NLA, base: TLModel, token_rows: Sequence[Sequence[int]],
     out when `positions` is None (a BOS the tokenizer added)."""
     layer = nla.layer
     check_base_model(base, nla, layer)
+    check_read_keywords(nla, verbalize_kwargs, "explain")
     if not token_rows or not all(len(row) for row in token_rows):
         raise InputError("every text to explain needs at least one token")
     too_long = [len(row) for row in token_rows if len(row) > base.cfg.n_ctx]

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -16,7 +17,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from nla_lens import loading, metrics
-from nla_lens.checks import check_counts
+from nla_lens.checks import check_counts, check_keywords
 from nla_lens.errors import InputError, PairMismatchError
 from nla_lens.injection import check_vectors
 from nla_lens.parsing import injection_warning
@@ -60,6 +61,18 @@ def _warn_if_bases_differ(av_meta: NLAMeta, ar_meta: NLAMeta) -> None:
     if None not in names and names[0] != names[1]:
         warnings.warn(f"the AV was trained from base {av_meta.base_model!r} and the AR from {ar_meta.base_model!r}: "
                       "an NLA's AV and AR are copies of one base; load the AR trained with this AV", stacklevel=3)
+
+
+def check_read_keywords(nla_or_av: NLA | ActivationVerbalizer, keywords: Iterable[str], where: str) -> None:
+    """Refuse a keyword the closing `verbalize` (or, with an NLA, `round_trip`) call would reject, before the
+    base-model runs an experiment makes first."""
+    accepted = set(inspect.signature(ActivationVerbalizer.verbalize).parameters) - {"self", "vectors"}
+    passed_to = "verbalize"
+    if isinstance(nla_or_av, NLA):
+        own = {"self", "vectors", "baseline", "verbalize_kwargs"}  # the experiment binds its own baseline
+        accepted |= set(inspect.signature(NLA.round_trip).parameters) - own
+        passed_to = "round_trip"
+    check_keywords(keywords, accepted, where, passed_to)
 
 
 MIN_BASELINE_VECTORS = 32  # fewer vectors than this give a paper baseline too noisy to divide by

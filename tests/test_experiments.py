@@ -248,6 +248,29 @@ def test_steer_positions_on_padding_are_refused_before_either_run(base, nla, ste
                                 steer_positions=0, **FAST)  # column 0 is padding in the shorter rows
 
 
+@pytest.mark.parametrize("use_nla", [True, False], ids=["nla", "av"])
+def test_a_keyword_verbalize_does_not_take_is_refused_before_any_base_run(base, nla, steer, monkeypatch, use_nla):
+    """A typo in **verbalize_kwargs was a TypeError from verbalize, after every base-model run."""
+    reader = nla if use_nla else nla.av
+    clean, corrupted = equal_length_pair(base)
+    monkeypatch.setattr(type(base), "run_with_hooks", lambda *a, **k: pytest.fail("a base run started"))
+    monkeypatch.setattr(type(base), "run_with_cache", lambda *a, **k: pytest.fail("a base run started"))
+    passed_to = "round_trip" if use_nla else "verbalize"
+    with pytest.raises(nl.InputError, match=rf"\['max_new_token'\], which neither it nor {passed_to} takes; "
+                                            "did you mean 'max_new_tokens'"):
+        nl.steer_then_verbalize(base, reader, clean, steering_vector=steer, scale=1.0, steer_layer=LAYER,
+                                max_new_token=4)
+    with pytest.raises(nl.InputError, match=r"patching_study got the keyword\(s\) \['clean_mask'\]"):
+        nl.patching_study(base, reader, clean, corrupted, patch_layer=0, patch_position=-1, clean_mask=None)
+    if use_nla:  # explain reads with an NLA only
+        with pytest.raises(nl.InputError, match=r"explain got the keyword\(s\) \['batchsize'\].*'batch_size'"):
+            nla.explain(base, "The cat sat", batchsize=2)
+    else:  # reconstruct_batch_size is the round trip's: an AV alone does not take it
+        with pytest.raises(nl.InputError, match=r"\['reconstruct_batch_size'\], which neither it nor verbalize"):
+            nl.steer_then_verbalize(base, reader, clean, steering_vector=steer, scale=1.0, steer_layer=LAYER,
+                                    reconstruct_batch_size=4)
+
+
 def test_steer_positions_skip_right_padding_without_a_mask(base, nla, steer):
     """Without a mask the steering hook reads padding as the capture does: -1 is each row's last real token."""
     tokens, mask = padded(base, "right")
