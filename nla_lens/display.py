@@ -32,6 +32,9 @@ _ACTIVATION = ((255, 255, 255), (253, 141, 60))  # white to orange
 _CONTEXT = "#e8e8e8"
 _MAX_TABLE_ROWS = 200
 _UNSEEN = ("Cc", "Zl", "Zp")  # control characters, line and paragraph separators: written as escapes
+# A table's text column and the record key saying whether it parsed: a failed parse holds the raw completion (or None)
+_PARSE_FLAGS = {"explanation": "parsed", "clean": "clean_parsed", "steered": "steered_parsed"}
+_UNPARSED = "(no <explanation> tags) "
 
 _STYLE = """
 .nla-view { font: 14px/1.45 system-ui, sans-serif; color: #222; max-width: 72em; }
@@ -191,7 +194,7 @@ def _shown_token(token: str) -> str:
 def _said(cell: TokenCell) -> str:
     if cell.explanation is not None:
         return cell.explanation
-    return "(no <explanation> tags) " + (cell.raw_text or "")
+    return _UNPARSED + (cell.raw_text or "")
 
 
 def result_html(name: str, summary: str, records: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
@@ -204,13 +207,28 @@ def result_html(name: str, summary: str, records: Sequence[dict[str, Any]], colu
         for column in columns:
             value = record.get(column)
             numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
-            cells.append(f"<td{' class=num' if numeric else ''}>{html.escape(format_cell(value, 300))}</td>")
+            failed = unparsed_cell(record, column)
+            if failed is not None:
+                cells.append(f"<td class='nla-unparsed'>{html.escape(format_cell(failed, 300))}</td>")
+            else:
+                cells.append(f"<td{' class=num' if numeric else ''}>{html.escape(format_cell(value, 300))}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
     more = (f"<div class='nla-meta'>first {len(shown)} of {len(records)} rows; .to_pandas() has them all</div>"
             if len(records) > len(shown) else "")
     return (f"<div class='nla-view'><style>{_STYLE}</style><div class='nla-head'><b>{html.escape(name)}</b></div>"
             f"<div class='nla-meta'>{html.escape(summary)}</div>"
             f"<table><tr>{head}</tr>{''.join(body)}</table>{more}</div>")
+
+
+def unparsed_cell(record: dict[str, Any], column: str) -> str | None:
+    """The cell of a text `column` whose explanation failed to parse, marked as the explained view marks it,
+    with the raw completion; None when it parsed. Unmarked, the raw text reads as an explanation, or the
+    cell is blank."""
+    flag = _PARSE_FLAGS.get(column)
+    if flag is None or record.get(flag) is not False:
+        return None
+    value = record.get(column)
+    return _UNPARSED + (value if value is not None else record.get("text") or "")
 
 
 def feature_card_html(title: str, hook_name: str, summary: str, explanation: str | None, raw_text: str,

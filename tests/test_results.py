@@ -189,3 +189,14 @@ def test_a_write_that_fails_leaves_no_temporary_file(tmp_path):
     write_atomic(tmp_path / "shard.parquet", lambda tmp: tmp.write_bytes(b"whole"))
     assert [p.name for p in tmp_path.iterdir()] == ["shard.parquet"]
     assert (tmp_path / "shard.parquet").read_bytes() == b"whole"
+
+
+def test_a_failed_parse_is_marked_in_the_repr_and_table_not_shown_as_an_explanation():
+    from nla_lens.experiments import DirectionVerbalization
+    from nla_lens.verbalizer import Verbalization, Verbalizations
+
+    failed = Verbalization("The token <b> and no closing tag", None, [1, 2])
+    for result in (Verbalizations([failed]), DirectionVerbalization(torch.ones(1, 4), [failed])):
+        assert "(no <explanation> tags) The token <b>" in repr(result)  # was blank, or the raw text unmarked
+        assert ("<td class='nla-unparsed'>(no &lt;explanation&gt; tags) The token &lt;b&gt; and no closing tag</td>"
+                in result._repr_html_())
