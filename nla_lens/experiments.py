@@ -71,6 +71,7 @@ class SteeringResult(TabularResult):
 
     display_columns = ("batch", "position", "token", "clean", "steered", "added", "removed", "cosine",
                        "fve_clean", "fve_steered")
+    float_columns = ("cosine", "fve_clean", "fve_steered")
 
     def to_records(self) -> list[dict[str, Any]]:
         return [{"batch": r.batch, "position": r.position, "token": r.token, "clean": _readout(r.clean),
@@ -109,6 +110,7 @@ class PatchingStudy(TabularResult):
     round_trip: RoundTrip | None  # over clean, corrupted, patched vectors; None without an AR
 
     display_columns = ("run", "batch", "position", "token", "explanation", "cosine_to_clean", "fve")
+    float_columns = ("cosine_to_clean", "fve")
 
     def to_records(self) -> list[dict[str, Any]]:
         return [{"run": r.run, "batch": r.batch, "position": r.position, "token": r.token,
@@ -128,6 +130,7 @@ class DirectionVerbalization(TabularResult):
     verbalizations: list[Verbalization]
 
     display_columns = ("index", "explanation", "norm")
+    float_columns = ("norm",)
 
     @property
     def explanations(self) -> list[str | None]:

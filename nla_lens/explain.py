@@ -62,6 +62,7 @@ class Explanation(TabularResult):
     model_name: str | None = None
 
     display_columns = ("text_index", "position", "token", "explanation", "parsed", "fve", "mse")
+    float_columns = ("mse", "fve", "baseline")
 
     @property
     def hook_name(self) -> str:

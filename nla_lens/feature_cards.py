@@ -66,6 +66,7 @@ class FeatureCard(TabularResult):
     display_columns = ("text", "position", "token", "activation", "context")
     columns = ("feature", "text", "position", "token", "activation", "context", "context_explanation", "explanation",
                "cosine")  # a feature that never fires in the texts has no contexts
+    float_columns = ("activation", "cosine")
 
     @property
     def explanation(self) -> str | None:

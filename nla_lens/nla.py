@@ -137,6 +137,7 @@ class RoundTrip(TabularResult):
     baseline_n: int | None = None  # vectors behind a sidecar or paper baseline
 
     display_columns = ("index", "explanation", "parsed", "mse", "fve")
+    float_columns = ("mse", "fve")
 
     @property
     def explanations(self) -> list[str | None]:

@@ -41,6 +41,8 @@ class TabularResult:
     display_columns: ClassVar[tuple[str, ...] | None] = None
     #: Every column of the rows, in order, for a result that can have none (its DataFrame and files keep them).
     columns: ClassVar[tuple[str, ...] | None] = None
+    #: Float columns: float64 in the DataFrame and the files even when every row holds None (no baseline, no AR).
+    float_columns: ClassVar[tuple[str, ...]] = ()
 
     def to_records(self) -> list[dict[str, Any]]:
         """One flat dict per row: what ``to_pandas`` and ``save`` write."""
@@ -55,7 +57,8 @@ class TabularResult:
         import pandas as pd
 
         records = self.to_records()
-        return pd.DataFrame.from_records(records, columns=list(records[0] if records else self.columns or ()))
+        frame = pd.DataFrame.from_records(records, columns=list(records[0] if records else self.columns or ()))
+        return frame.astype(dict.fromkeys([c for c in self.float_columns if c in frame.columns], "float64"))
 
     def save(self, path: str | Path) -> Path:
         """Write the rows to ``.parquet`` or ``.jsonl``, or the notebook view to a self-contained ``.html`` page."""
@@ -64,7 +67,7 @@ class TabularResult:
             page = display.page(type(self).__name__, self._repr_html_())
             write_atomic(path, lambda tmp: tmp.write_text(page, encoding="utf-8"))
         else:
-            write_table(records_table(self.to_records(), self.columns), path)
+            write_table(records_table(self.to_records(), self.columns, self.float_columns), path)
         return path
 
     def __repr__(self) -> str:
@@ -105,9 +108,17 @@ def check_file_target(path: Path) -> Path:
     return path
 
 
-def records_table(records: list[dict[str, Any]], columns: Sequence[str] | None = None) -> pa.Table:
-    """Records as an arrow table; an empty result becomes an empty table of `columns`."""
-    return pa.Table.from_pylist(records) if records else pa.table({c: pa.nulls(0) for c in columns or ()})
+def records_table(records: list[dict[str, Any]], columns: Sequence[str] | None = None,
+                  float_columns: Sequence[str] = ()) -> pa.Table:
+    """Records as an arrow table; an empty result becomes an empty table of `columns`. `float_columns` that
+    hold only None are written as float64, not arrow's null type, which readers take for no number at all
+    (and which will not concatenate with a shard that has scores)."""
+    table = pa.Table.from_pylist(records) if records else pa.table({c: pa.nulls(0) for c in columns or ()})
+    for name in float_columns:
+        i = table.schema.get_field_index(name)
+        if i >= 0 and pa.types.is_null(table.schema.field(i).type):
+            table = table.set_column(i, name, table.column(i).cast(pa.float64()))
+    return table
 
 
 def text_table(records: Sequence[dict[str, Any]], columns: Sequence[str]) -> list[str]:

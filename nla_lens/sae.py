@@ -187,6 +187,7 @@ class FeatureVerbalizations(TabularResult):
     reconstructions: Float[Tensor, "n d_model"] | None  # the AR's vectors; NaN rows where the parse failed
 
     display_columns = ("feature", "explanation", "parsed", "cosine")
+    float_columns = ("cosine",)
 
     @property
     def explanations(self) -> list[str | None]:

@@ -121,6 +121,7 @@ class WordSteering(TabularResult):
     continuations: list[tuple[str, str]] | None = None  # (clean, steered) per row
 
     display_columns = ("batch", "position", "token", "explanation", "edited", "delta_norm", "steered_next", "kl")
+    float_columns = ("delta_norm", "alpha", "kl")
 
     def fwd_hooks(self, alpha: float | None = None) -> list[tuple[str, HookFn]]:
         """`[(blocks.K.hook_resid_post, hook)]` for `run_with_hooks` or `model.hooks(...)`; `alpha` overrides."""
@@ -257,6 +258,7 @@ class Difference(TabularResult):
     verbalizations: list[Verbalization]
 
     display_columns = ("index", "explanation", "parsed", "cos_a_b", "norm_a_minus_b")
+    float_columns = ("cos_a_b", "norm_a_minus_b")
 
     @property
     def explanations(self) -> list[str | None]:

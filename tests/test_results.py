@@ -200,3 +200,16 @@ def test_a_failed_parse_is_marked_in_the_repr_and_table_not_shown_as_an_explanat
         assert "(no <explanation> tags) The token <b>" in repr(result)  # was blank, or the raw text unmarked
         assert ("<td class='nla-unparsed'>(no &lt;explanation&gt; tags) The token &lt;b&gt; and no closing tag</td>"
                 in result._repr_html_())
+
+
+def test_scores_missing_from_every_row_stay_float_columns(tmp_path):
+    from nla_lens.nla import RoundTrip
+    from nla_lens.verbalizer import Verbalization
+
+    said = [Verbalization("<explanation>\na\n</explanation>", "a", [1]), Verbalization("b", None, [2])]
+    rt = RoundTrip(said, torch.zeros(2, 4), torch.tensor([0.5, 2.0]), 1.25, None, None, "none", 1)  # no baseline
+    frame = rt.to_pandas()
+    assert frame["fve"].dtype == "float64" and frame["fve"].isna().all()  # was object: .mean() and plots fail
+    assert pq.read_table(rt.save(tmp_path / "rt.parquet")).schema.field("fve").type == "double"  # was null
+    assert pd.read_parquet(tmp_path / "rt.parquet")["fve"].dtype == "float64"
+    assert [r["fve"] for r in pq.read_table(tmp_path / "rt.parquet").to_pylist()] == [None, None]
