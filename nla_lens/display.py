@@ -186,9 +186,17 @@ def _text_block(cells: Sequence[TokenCell], scale: ColourScale) -> str:
 
 
 def _shown_token(token: str) -> str:
-    """A token as escaped HTML, a newline drawn as ↵ and other control characters as escapes (\\r, \\x0c):
-    bare, they leave the chip blank, and HTML reads a \\r as a line break."""
-    return html.escape(_visible(token.replace("\n", "\u21b5"), keep="\t"))
+    """A token as escaped HTML (see `visible_token`)."""
+    return html.escape(visible_token(token))
+
+
+def visible_token(token: str) -> str:
+    """A token as text that shows every character: a newline drawn as ↵, the spaces of an all-whitespace token
+    as ␣, other control characters as escapes (\\r, \\x0c). Bare, they leave a chip or a cell blank (a lone
+    space is a sliver, invisible outside a chip), and HTML reads a \\r as a line break."""
+    if token.strip() == "":
+        token = token.replace(" ", "\u2423")
+    return _visible(token.replace("\n", "\u21b5"), keep="\t")
 
 
 def _said(cell: TokenCell) -> str:
@@ -208,7 +216,10 @@ def result_html(name: str, summary: str, records: Sequence[dict[str, Any]], colu
             value = record.get(column)
             numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
             failed = unparsed_cell(record, column)
-            if failed is not None:
+            if column == "token" and isinstance(value, str):  # a chip, as in the views: its spaces show
+                chip = f"<span class='nla-tok' style='background:{_CONTEXT}'>{_shown_token(value)}</span>"
+                cells.append(f"<td>{chip}</td>")
+            elif failed is not None:
                 cells.append(f"<td class='nla-unparsed'>{html.escape(format_cell(failed, 300))}</td>")
             else:
                 cells.append(f"<td{' class=num' if numeric else ''}>{html.escape(format_cell(value, 300))}</td>")

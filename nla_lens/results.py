@@ -121,10 +121,17 @@ def records_table(records: list[dict[str, Any]], columns: Sequence[str] | None =
     return table
 
 
+def _shown(record: dict[str, Any], column: str) -> Any:
+    """A cell's value as a repr shows it: a token with its whitespace visible, a failed parse marked."""
+    value = record.get(column)
+    if column == "token" and isinstance(value, str):
+        return display.visible_token(value)
+    return display.unparsed_cell(record, column) or value
+
+
 def text_table(records: Sequence[dict[str, Any]], columns: Sequence[str]) -> list[str]:
     """Rows as aligned plain-text lines (a header, then one line per record), for reprs."""
-    cells = [[display.format_cell(display.unparsed_cell(r, c) or r.get(c), _REPR_CELL) for c in columns]
-             for r in records]
+    cells = [[display.format_cell(_shown(r, c), _REPR_CELL) for c in columns] for r in records]
     widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
     numeric = [all(isinstance(r.get(c), (int, float)) and not isinstance(r.get(c), bool) for r in records
                    if r.get(c) is not None) for c in columns]

@@ -213,3 +213,16 @@ def test_scores_missing_from_every_row_stay_float_columns(tmp_path):
     assert pq.read_table(rt.save(tmp_path / "rt.parquet")).schema.field("fve").type == "double"  # was null
     assert pd.read_parquet(tmp_path / "rt.parquet")["fve"].dtype == "float64"
     assert [r["fve"] for r in pq.read_table(tmp_path / "rt.parquet").to_pylist()] == [None, None]
+
+
+def test_whitespace_tokens_stay_visible_in_tables_reprs_and_cards():
+    from nla_lens.results import text_table
+
+    records = [{"token": " ", "n": 1}, {"token": " king", "n": 2}, {"token": "\n", "n": 3}]
+    table = display.result_html("R", "s", records, ["token", "n"]).split("</style>")[1]
+    chip = "<td><span class='nla-tok' style='background:#e8e8e8'>{}</span></td>"
+    for shown in ("\u2423", " king", "\u21b5"):  # a chip keeps a leading space that a bare cell collapses
+        assert chip.format(shown) in table
+    assert [line.split()[0] for line in text_table(records, ["token", "n"])[1:]] == ["\u2423", "king", "\u21b5"]
+    card = display.feature_card_html("f", "h", "s", "e", "", [(["a", " "], [0.5, 1.0], 1)])
+    assert "nla-peak' style='background:#fd8d3c;color:#111' title='1.000'>\u2423</span>" in card  # was an empty box
