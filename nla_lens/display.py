@@ -50,7 +50,7 @@ _STYLE = """
   border: 1px solid #999; margin-right: 0.3em; }
 .nla-view .nla-text { margin: 0 0 1.4em; border-top: 1px solid #ddd; padding-top: 0.5em; }
 .nla-view .nla-tokens { font: 16px/2.2 Georgia, serif; margin: 0.2em 0 0.5em; }
-.nla-view .nla-tok { white-space: pre-wrap; padding: 0.12em 0.05em; border-radius: 2px;
+.nla-view .nla-tok { white-space: pre-wrap; overflow-wrap: anywhere; padding: 0.12em 0.05em; border-radius: 2px;
   box-shadow: inset -1px 0 rgba(255,255,255,0.9); }
 .nla-view .nla-tok sub { font: 9px sans-serif; color: inherit; opacity: 0.7; }
 .nla-view .nla-failed { outline: 2px dashed #b00; outline-offset: -2px; }
@@ -59,8 +59,9 @@ _STYLE = """
 .nla-view td.nla-context { font: 15px/1.9 Georgia, serif; }
 .nla-view table { border-collapse: collapse; font-size: 0.9em; }
 .nla-view th, .nla-view td { text-align: left; padding: 0.15em 0.6em; border-bottom: 1px solid #eee;
-  vertical-align: top; }
-.nla-view td.num { text-align: right; font-variant-numeric: tabular-nums; }
+  overflow-wrap: anywhere; vertical-align: top; }
+.nla-view th { white-space: nowrap; }
+.nla-view td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
 .nla-view .nla-unparsed { color: #a00; font-style: italic; }
 """
 
@@ -206,7 +207,8 @@ def _said(cell: TokenCell) -> str:
 
 
 def result_html(name: str, summary: str, records: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
-    """A result as its summary line and an HTML table of `columns` (the first rows of a long result)."""
+    """A result as its summary line and an HTML table of `columns` (the first rows of a long result); long
+    cells wrap inside the page and are shown whole."""
     shown = records[:_MAX_TABLE_ROWS]
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
     body = []
@@ -220,9 +222,9 @@ def result_html(name: str, summary: str, records: Sequence[dict[str, Any]], colu
                 chip = f"<span class='nla-tok' style='background:{_CONTEXT}'>{_shown_token(value)}</span>"
                 cells.append(f"<td>{chip}</td>")
             elif failed is not None:
-                cells.append(f"<td class='nla-unparsed'>{html.escape(format_cell(failed, 300))}</td>")
+                cells.append(f"<td class='nla-unparsed'>{html.escape(format_cell(failed))}</td>")
             else:
-                cells.append(f"<td{' class=num' if numeric else ''}>{html.escape(format_cell(value, 300))}</td>")
+                cells.append(f"<td{' class=num' if numeric else ''}>{html.escape(format_cell(value))}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
     more = (f"<div class='nla-meta'>first {len(shown)} of {len(records)} rows; .to_pandas() has them all</div>"
             if len(records) > len(shown) else "")

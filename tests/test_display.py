@@ -90,3 +90,18 @@ def test_explained_text_view_renders_its_colours_in_headless_chromium(tmp_path):
         assert counts[_hex(scale.colour(value))] > 100, name
     assert counts[_hex("#e8e8e8")] > 100, "context tokens"
     assert _hex(scale.colour(-1.5)) == (222, 45, 38)
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian chromium not installed")
+def test_long_explanations_and_tokens_wrap_inside_the_page_and_are_shown_whole(tmp_path):
+    said = "w" * 2000  # a degenerate AV output: one unbroken word
+    table = display.result_html("Verbalizations", "1 row", [{"index": 0, "explanation": said, "fve": 0.5}],
+                                ["index", "explanation", "fve"])
+    view = display.explained_text_html([[display.TokenCell("y" * 300, 0, True, said, None, 0.5)]], title="t", layer=1)
+    assert said in table and said in view  # whole, not cut at 300 characters
+    for name, body in (("table", table), ("view", view)):
+        page = tmp_path / f"{name}.html"
+        page.write_text(display.page(name, body), encoding="utf-8")
+        width, height, pixels = _pixels(_screenshot(page, tmp_path / f"{name}.png", tmp_path / "profile"))
+        right_edge = [pixels[y * width + x] for y in range(height) for x in range(width - 20, width)]
+        assert all(min(p) > 200 for p in right_edge), f"the {name} runs off the page"  # body margin: blank
