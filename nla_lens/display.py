@@ -35,6 +35,9 @@ _UNSEEN = ("Cc", "Zl", "Zp")  # control characters, line and paragraph separator
 # A table's text column and the record key saying whether it parsed: a failed parse holds the raw completion (or None)
 _PARSE_FLAGS = {"explanation": "parsed", "clean": "clean_parsed", "steered": "steered_parsed"}
 _UNPARSED = "(no <explanation> tags) "
+# Units a table's header names after the column (the record keys stay bare)
+_UNITS = {"kl": "nats", "delta_logp": "nats", "control_delta_logp": "nats", "clean_next": "token p",
+          "steered_next": "token p"}
 
 _STYLE = """
 .nla-view { font: 14px/1.45 system-ui, sans-serif; color: #222; max-width: 72em; }
@@ -210,7 +213,7 @@ def result_html(name: str, summary: str, records: Sequence[dict[str, Any]], colu
     """A result as its summary line and an HTML table of `columns` (the first rows of a long result); long
     cells wrap inside the page and are shown whole."""
     shown = records[:_MAX_TABLE_ROWS]
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    head = "".join(f"<th>{html.escape(header(c))}</th>" for c in columns)
     body = []
     for record in shown:
         cells = []
@@ -231,6 +234,11 @@ def result_html(name: str, summary: str, records: Sequence[dict[str, Any]], colu
     return (f"<div class='nla-view'><style>{_STYLE}</style><div class='nla-head'><b>{html.escape(name)}</b></div>"
             f"<div class='nla-meta'>{html.escape(summary)}</div>"
             f"<table><tr>{head}</tr>{''.join(body)}</table>{more}</div>")
+
+
+def header(column: str) -> str:
+    """A table's header for `column`: its name, with its unit where it has one ("kl (nats)")."""
+    return f"{column} ({_UNITS[column]})" if column in _UNITS else column
 
 
 def unparsed_cell(record: dict[str, Any], column: str) -> str | None:

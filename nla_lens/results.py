@@ -132,7 +132,8 @@ def _shown(record: dict[str, Any], column: str) -> Any:
 def text_table(records: Sequence[dict[str, Any]], columns: Sequence[str]) -> list[str]:
     """Rows as aligned plain-text lines (a header, then one line per record), for reprs."""
     cells = [[display.format_cell(_shown(r, c), _REPR_CELL) for c in columns] for r in records]
-    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+    headers = [display.header(c) for c in columns]
+    widths = [max([len(h)] + [len(row[i]) for row in cells]) for i, h in enumerate(headers)]
     numeric = [all(isinstance(r.get(c), (int, float)) and not isinstance(r.get(c), bool) for r in records
                    if r.get(c) is not None) for c in columns]
 
@@ -140,4 +141,4 @@ def text_table(records: Sequence[dict[str, Any]], columns: Sequence[str]) -> lis
         return "  " + "  ".join(v.rjust(w) if num else v.ljust(w)
                                 for v, w, num in zip(values, widths, numeric, strict=True)).rstrip()
 
-    return [line(columns)] + [line(row) for row in cells]
+    return [line(headers)] + [line(row) for row in cells]

@@ -226,3 +226,9 @@ def test_whitespace_tokens_stay_visible_in_tables_reprs_and_cards():
     assert [line.split()[0] for line in text_table(records, ["token", "n"])[1:]] == ["\u2423", "king", "\u21b5"]
     card = display.feature_card_html("f", "h", "s", "e", "", [(["a", " "], [0.5, 1.0], 1)])
     assert "nla-peak' style='background:#fd8d3c;color:#111' title='1.000'>\u2423</span>" in card  # was an empty box
+
+
+def test_table_headers_name_the_units_of_their_columns(results):
+    steering = results["word_steering"]
+    assert "kl (nats)" in repr(steering).splitlines()[1] and "steered_next (token p)" in repr(steering)
+    assert "<th>kl (nats)</th>" in steering._repr_html_() and "kl" in steering.to_pandas().columns  # keys stay bare
