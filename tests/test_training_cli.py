@@ -174,6 +174,19 @@ def test_cli_rejects_an_unknown_config_key(tmp_path, capsys):
     assert "ConfigError" in err and "'trian'" in err
 
 
+def test_cli_names_missing_config_keys_as_keys(tmp_path, capsys):
+    """A config without its required keys said "ExtractRunConfig.__init__() missing 3 required positional
+    arguments": the YAML has no arguments, positional or not."""
+    config = _write(tmp_path / "bad.yaml", {"base_model": "x"})
+    assert main(["extract", config]) == 2
+    err = capsys.readouterr().err
+    assert "missing key(s) ['corpus', 'out_dir', 'extract'] for ExtractRunConfig; add them" in err
+    assert "positional" not in err
+    config = _write(tmp_path / "bad_section.yaml", {**_REQUIRED["extract"], "extract": {"seed": 1}})
+    assert main(["extract", config]) == 2
+    assert "extract: missing key(s) ['layer'] for ExtractConfig" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(("value", "message"), [
     ({"steps": "many"}, "train.steps: expected an integer, got 'many'"),
     ({"steps": 4.5}, "train.steps: expected an integer, got 4.5"),
