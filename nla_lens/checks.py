@@ -82,15 +82,20 @@ def check_finite(**values: float) -> None:
 def check_sampling(temperature: float, top_p: float, max_new_tokens: int, batch_size: int) -> None:
     """The decoding settings of `verbalize`; the message names every value that is out of range."""
     wrong = []
-    if not 0 <= temperature < math.inf:
+    if not _is_real(temperature) or not 0 <= temperature < math.inf:
         wrong.append(f"temperature={temperature!r} must be a finite number >= 0 (0 is greedy)")
-    if not 0 < top_p <= 1:
+    if not _is_real(top_p) or not 0 < top_p <= 1:
         wrong.append(f"top_p={top_p!r} must be in (0, 1] (1 keeps every token)")
     for name, value in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             wrong.append(f"{name}={value!r} must be a whole number >= 1")
     if wrong:
         raise InputError("; ".join(wrong))
+
+
+def _is_real(value: object) -> bool:
+    """An int or float, not a bool: a string ("0.5") would fail in the range comparison with a bare TypeError."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def check_explanations(explanations: Sequence[str]) -> None:

@@ -217,6 +217,15 @@ def test_verbalize_names_the_wrong_setting(av_karvonen, vectors):
     assert str(info.value) == "top_p=1.5 must be in (0, 1] (1 keeps every token)"
 
 
+def test_verbalize_names_a_setting_that_is_not_a_number(av_karvonen, vectors):
+    """temperature="0.5" (a value read from a config or argv as text) failed in the range comparison with
+    TypeError "'<=' not supported between instances of 'int' and 'str'"."""
+    with pytest.raises(nl.InputError) as info:
+        av_karvonen.verbalize(vectors, temperature="0.5", top_p=True, progress=False)
+    assert str(info.value) == ("temperature='0.5' must be a finite number >= 0 (0 is greedy); "
+                               "top_p=True must be in (0, 1] (1 keeps every token)")
+
+
 def test_from_pretrained_takes_dtype_names(tiny_paths):
     av = nl.ActivationVerbalizer.from_pretrained(tiny_paths["av_karvonen"], dtype="bfloat16")
     ar = nl.ActivationReconstructor.from_pretrained(tiny_paths["ar_nanonla"], dtype="bf16")
