@@ -127,4 +127,11 @@ def check_output_path(path: Path, suffixes: Sequence[str] | None = None, what: s
     if suffixes is not None and path.suffix not in suffixes:
         raise InputError(f"{what} {path}: the file name must end in {' or '.join(suffixes)}")
     if not path.parent.is_dir():
-        raise InputError(f"{what} {path}: the folder {path.parent} does not exist; create it first")
+        raise InputError(f"{what} {path}: {no_folder(path.parent)}")
+
+
+def no_folder(folder: Path) -> str:
+    """Why `folder` cannot hold an output file: it does not exist, or it is a file."""
+    if folder.exists():
+        return f"{folder} is a file, not a folder; give a path inside a folder"
+    return f"the folder {folder} does not exist; create it first"

@@ -110,6 +110,22 @@ def test_demo_html_in_a_missing_folder(tmp_path, no_model_loads, capsys):
     _fails(["demo", "--html", tmp_path], capsys, "is a folder")
 
 
+def test_an_output_under_a_file_says_the_file_is_not_a_folder(tiny_paths, vector_file, tmp_path, no_model_loads,
+                                                              capsys):
+    """`--output notes.txt/x.parquet` said "the folder notes.txt does not exist" of a file that exists."""
+    (tmp_path / "notes.txt").write_text("x")
+    notes = tmp_path / "notes.txt"
+    _fails(["verbalize", "--av", tiny_paths["av_karvonen"], "--input", vector_file, "--output", notes / "x.parquet"],
+           capsys, "InputError", f"{notes} is a file, not a folder")
+
+    class Rows(nl.TabularResult):
+        def to_records(self):
+            return [{"a": 1}]
+
+    with pytest.raises(nl.InputError, match="is a file, not a folder"):
+        Rows().save(tmp_path / "notes.txt" / "rows.jsonl")
+
+
 def test_round_trip_output_that_is_a_folder(tiny_paths, vector_file, tmp_path, no_model_loads, capsys):
     folder = tmp_path / "scores.parquet"
     folder.mkdir()
