@@ -47,6 +47,13 @@ def vector_file(tmp_path) -> Path:
     return path
 
 
+def test_the_no_fve_warning_names_the_cli_flag(tiny_paths, vector_file, tmp_path, capsys):
+    """The command printed the library's "Pass baseline=": a command-line user passes --baseline."""
+    assert main(["round-trip", "--av", str(tiny_paths["av_karvonen"]), "--ar", str(tiny_paths["ar_nanonla"]),
+                 "--input", str(vector_file), "--output", str(tmp_path / "s.parquet"), "--max-new-tokens", "4"]) == 0
+    assert "no FVE" in (err := capsys.readouterr().err) and "Pass baseline= (--baseline to nla-lens;" in err
+
+
 def test_empty_text(tiny_paths, no_model_loads, capsys):
     av = tiny_paths["av_karvonen"]
     _fails(["verbalize", "--av", av, "--base", av, "--text", ""], capsys, "InputError", "--text is empty")
