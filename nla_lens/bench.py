@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from nla_lens import backends
-from nla_lens.checks import resolve_device
+from nla_lens.checks import check_counts, resolve_device
 
 AV_TEMPLATE = ("Here is an activation vector: <c>{injection_char}</c>. Say in one sentence what the "
                "model was thinking about, inside explanation tags.")
@@ -97,7 +97,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def _run(args: argparse.Namespace) -> None:
     resolve_device(args.device)  # before minutes of writing checkpoints
-    if args.threads:
+    if args.threads is not None:  # 0 was ignored and -1 reached torch.set_num_threads's bare RuntimeError
+        check_counts(1, threads=args.threads)
         torch.set_num_threads(args.threads)
     run(QUICK if args.quick else FULL, device=args.device)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import numbers
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -83,15 +84,21 @@ def check_finite(**values: float) -> None:
 def check_sampling(temperature: float, top_p: float, max_new_tokens: int, batch_size: int) -> None:
     """The decoding settings of `verbalize`; the message names every value that is out of range."""
     wrong = []
-    if not 0 <= temperature < math.inf:
+    if not _is_real(temperature) or not 0 <= temperature < math.inf:
         wrong.append(f"temperature={temperature!r} must be a finite number >= 0 (0 is greedy)")
-    if not 0 < top_p <= 1:
+    if not _is_real(top_p) or not 0 < top_p <= 1:
         wrong.append(f"top_p={top_p!r} must be in (0, 1] (1 keeps every token)")
     for name, value in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             wrong.append(f"{name}={value!r} must be a whole number >= 1")
     if wrong:
         raise InputError("; ".join(wrong))
+
+
+def _is_real(value: object) -> bool:
+    """A real number (numpy's too), not a bool: a string ("0.5") would fail in the range comparison with a bare
+    TypeError."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def check_explanations(explanations: Sequence[str]) -> None:
@@ -123,7 +130,7 @@ def check_output_path(path: Path, suffixes: Sequence[str] | None = None, what: s
     if suffixes is not None and path.suffix not in suffixes:
         raise InputError(f"{what} {path}: the file name must end in {' or '.join(suffixes)}")
     if not path.parent.is_dir():
-        raise InputError(f"{what} {path}: the folder {path.parent} does not exist; create it first")
+        raise InputError(f"{what} {path}: {no_folder(path.parent)}")
 
 
 def check_keywords(given: Iterable[str], accepted: Iterable[str], where: str, passed_to: str) -> None:
@@ -136,3 +143,10 @@ def check_keywords(given: Iterable[str], accepted: Iterable[str], where: str, pa
         hint = f"did you mean {close[0]!r}? " if close else ""
         raise InputError(f"{where} got the keyword(s) {unknown}, which neither it nor {passed_to} takes; "
                          f"{hint}{passed_to} takes {accepted}")
+
+
+def no_folder(folder: Path) -> str:
+    """Why `folder` cannot hold an output file: it does not exist, or it is a file."""
+    if folder.exists():
+        return f"{folder} is a file, not a folder; give a path inside a folder"
+    return f"the folder {folder} does not exist; create it first"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 import re
 import struct
 import warnings
@@ -50,6 +51,9 @@ _CAST_CHUNK = 1 << 24  # bytes of the host buffer used when a tensor is cast or 
 
 def resolve_checkpoint(path_or_id: str | Path) -> Path:
     """A local folder, or a hub id already in the local HF cache (never downloads)."""
+    if not isinstance(path_or_id, str | os.PathLike):  # a loaded model would fail in Path() with a bare TypeError
+        raise InputError(f"expected a checkpoint folder or a hub id, got {type(path_or_id).__name__}: pass the "
+                         "path the model was loaded from (this call loads the checkpoint itself)")
     path = Path(path_or_id).expanduser()
     if path.is_dir():
         return path

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import pyarrow as pa
 
 from nla_lens import display
+from nla_lens.checks import no_folder
 from nla_lens.errors import InputError
 from nla_lens.vector_files import write_atomic, write_table
 
@@ -104,7 +105,7 @@ def check_file_target(path: Path) -> Path:
     if path.is_dir():
         raise InputError(f"{path} is a folder; give a file name such as {path / 'result.parquet'}")
     if not path.parent.is_dir():
-        raise InputError(f"the folder {path.parent} does not exist; create it first or save elsewhere")
+        raise InputError(f"{no_folder(path.parent)} or save elsewhere")
     return path
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 
+import pytest
 import torch
 from conftest import NEEDS_TL3
 
@@ -58,3 +59,12 @@ def test_gpu_timings_and_peaks_are_taken_on_the_benched_device(monkeypatch, tiny
     bench._measure_load("nla_av", str(tiny_paths["av_karvonen"]), "float32", "cuda:1")
     assert {name for name, _ in seen} == {"synchronize", "reset_peak_memory_stats", "max_memory_allocated"}
     assert all(device == "cuda:1" for _, device in seen), seen
+
+
+def test_a_thread_count_below_one_is_refused_before_the_run(monkeypatch, capsys):
+    """`--threads 0` was ignored (the run went on with torch's count) and `--threads -1` ended in
+    torch.set_num_threads's traceback."""
+    monkeypatch.setattr(bench, "run", lambda *a, **k: pytest.fail("the bench ran"))
+    for threads in ("0", "-1"):
+        assert main(["bench", "--threads", threads]) == 2
+        assert f"InputError: threads={threads}: must be a whole number >= 1" in capsys.readouterr().err

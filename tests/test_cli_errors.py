@@ -47,6 +47,13 @@ def vector_file(tmp_path) -> Path:
     return path
 
 
+def test_the_no_fve_warning_names_the_cli_flag(tiny_paths, vector_file, tmp_path, capsys):
+    """The command printed the library's "Pass baseline=": a command-line user passes --baseline."""
+    assert main(["round-trip", "--av", str(tiny_paths["av_karvonen"]), "--ar", str(tiny_paths["ar_nanonla"]),
+                 "--input", str(vector_file), "--output", str(tmp_path / "s.parquet"), "--max-new-tokens", "4"]) == 0
+    assert "no FVE" in (err := capsys.readouterr().err) and "Pass baseline= (--baseline to nla-lens;" in err
+
+
 def test_empty_text(tiny_paths, no_model_loads, capsys):
     av = tiny_paths["av_karvonen"]
     _fails(["verbalize", "--av", av, "--base", av, "--text", ""], capsys, "InputError", "--text is empty")
@@ -108,6 +115,22 @@ def test_demo_html_in_a_missing_folder(tmp_path, no_model_loads, capsys):
     _fails(["demo", "--html", tmp_path / "no" / "such" / "p.html"], capsys, "InputError", "--html",
            "does not exist; create it first")
     _fails(["demo", "--html", tmp_path], capsys, "is a folder")
+
+
+def test_an_output_under_a_file_says_the_file_is_not_a_folder(tiny_paths, vector_file, tmp_path, no_model_loads,
+                                                              capsys):
+    """`--output notes.txt/x.parquet` said "the folder notes.txt does not exist" of a file that exists."""
+    (tmp_path / "notes.txt").write_text("x")
+    notes = tmp_path / "notes.txt"
+    _fails(["verbalize", "--av", tiny_paths["av_karvonen"], "--input", vector_file, "--output", notes / "x.parquet"],
+           capsys, "InputError", f"{notes} is a file, not a folder")
+
+    class Rows(nl.TabularResult):
+        def to_records(self):
+            return [{"a": 1}]
+
+    with pytest.raises(nl.InputError, match="is a file, not a folder"):
+        Rows().save(tmp_path / "notes.txt" / "rows.jsonl")
 
 
 def test_round_trip_output_that_is_a_folder(tiny_paths, vector_file, tmp_path, no_model_loads, capsys):
@@ -215,6 +238,15 @@ def test_verbalize_names_the_wrong_setting(av_karvonen, vectors):
     with pytest.raises(nl.InputError) as info:
         av_karvonen.verbalize(vectors, temperature=0.5, top_p=1.5, progress=False)
     assert str(info.value) == "top_p=1.5 must be in (0, 1] (1 keeps every token)"
+
+
+def test_verbalize_names_a_setting_that_is_not_a_number(av_karvonen, vectors):
+    """temperature="0.5" (a value read from a config or argv as text) failed in the range comparison with
+    TypeError "'<=' not supported between instances of 'int' and 'str'"."""
+    with pytest.raises(nl.InputError) as info:
+        av_karvonen.verbalize(vectors, temperature="0.5", top_p=True, progress=False)
+    assert str(info.value) == ("temperature='0.5' must be a finite number >= 0 (0 is greedy); "
+                               "top_p=True must be in (0, 1] (1 keeps every token)")
 
 
 def test_from_pretrained_takes_dtype_names(tiny_paths):

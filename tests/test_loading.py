@@ -212,6 +212,18 @@ def test_loading_the_wrong_role_is_a_typed_error(tiny_paths):
         nl.ActivationReconstructor.from_pretrained(tiny_paths["av_embedding"])
 
 
+def test_a_loaded_model_where_a_folder_goes_is_a_typed_error(av_karvonen, ar_nanonla, tmp_path):
+    """The README's `verbalize_file(av, ...)` takes the AV's folder; handed the loaded `av`, it (and
+    `from_pretrained`) raised Path()'s TypeError "expected str, bytes or os.PathLike object"."""
+    from nla_lens.sharded import verbalize_file
+
+    for call in (lambda: verbalize_file(av_karvonen, tmp_path / "v.pt", tmp_path / "out.parquet"),
+                 lambda: nl.ActivationVerbalizer.from_pretrained(av_karvonen),
+                 lambda: nl.NLA.from_pretrained(av_karvonen, ar_nanonla)):
+        with pytest.raises(nl.InputError, match="got ActivationVerbalizer: pass the path the model was loaded from"):
+            call()
+
+
 def test_unknown_path_or_uncached_hub_id(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(nl.CheckpointError, match="neither a local folder"):

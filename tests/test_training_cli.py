@@ -174,6 +174,35 @@ def test_cli_rejects_an_unknown_config_key(tmp_path, capsys):
     assert "ConfigError" in err and "'trian'" in err
 
 
+def test_a_missing_relative_input_names_the_folder_it_is_read_from(tmp_path, monkeypatch, capsys):
+    """examples/extract.yaml run from outside the repository said only "corpus examples/corpus.jsonl does not
+    exist", while the file sits beside the YAML: relative paths are read from the current folder."""
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    config = _write(tmp_path / "extract.yaml", {**_REQUIRED["extract"], "corpus": "examples/corpus.jsonl",
+                                                "extract": {"layer": 1}})
+    assert main(["extract", config]) == 2
+    assert (f"corpus examples/corpus.jsonl does not exist (relative to the current folder {tmp_path / 'elsewhere'}); "
+            "check the path") in capsys.readouterr().err
+    absolute = _write(tmp_path / "abs.yaml", {**_REQUIRED["train-ar"], "activations": str(tmp_path / "acts")})
+    assert main(["train-ar", absolute]) == 2
+    err = capsys.readouterr().err
+    assert f"activations {tmp_path / 'acts'} does not exist (nla-lens extract writes it); check the path" in err
+
+
+def test_cli_names_missing_config_keys_as_keys(tmp_path, capsys):
+    """A config without its required keys said "ExtractRunConfig.__init__() missing 3 required positional
+    arguments": the YAML has no arguments, positional or not."""
+    config = _write(tmp_path / "bad.yaml", {"base_model": "x"})
+    assert main(["extract", config]) == 2
+    err = capsys.readouterr().err
+    assert "missing key(s) ['corpus', 'out_dir', 'extract'] for ExtractRunConfig; add them" in err
+    assert "positional" not in err
+    config = _write(tmp_path / "bad_section.yaml", {**_REQUIRED["extract"], "extract": {"seed": 1}})
+    assert main(["extract", config]) == 2
+    assert "extract: missing key(s) ['layer'] for ExtractConfig" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(("value", "message"), [
     ({"steps": "many"}, "train.steps: expected an integer, got 'many'"),
     ({"steps": 4.5}, "train.steps: expected an integer, got 4.5"),

@@ -39,7 +39,9 @@ def check_inputs(config: Any, path: str) -> None:
         value = getattr(config, name, None)
         if value is not None and not Path(value).exists():
             hint = " (nla-lens extract writes it)" if name == "activations" else ""
-            raise ConfigError(f"{path}: {name} {value} does not exist{hint}; check the path")
+            # A relative path is read from where the command runs, which is easy to mistake for the YAML's folder.
+            where = "" if Path(value).is_absolute() else f" (relative to the current folder {Path.cwd()})"
+            raise ConfigError(f"{path}: {name} {value} does not exist{where}{hint}; check the path")
 
 
 def add_extract(subparsers: argparse._SubParsersAction) -> None:

@@ -297,6 +297,10 @@ def from_dict(cls: type[Config], data: Any, *, where: str = "") -> Config:
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ConfigError(f"{at}unknown key(s) {unknown} for {cls.__name__}; known: {sorted(fields)}")
+    missing = [name for name, f in fields.items() if name not in data and _required(f)]
+    if missing:  # named as keys: the dataclass's own TypeError speaks of positional arguments
+        raise ConfigError(f"{at}missing key(s) {missing} for {cls.__name__}; add them (examples/ has a config "
+                          "for each command)")
     hints = typing.get_type_hints(cls)
     values = {}
     for name, value in data.items():
@@ -311,6 +315,11 @@ def from_dict(cls: type[Config], data: Any, *, where: str = "") -> Config:
         return cls(**values)
     except TypeError as exc:
         raise ConfigError(f"{at}{exc}") from exc
+
+
+def _required(field: dataclasses.Field) -> bool:
+    """A field the YAML must give: it has no default."""
+    return field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
 
 
 _SCALARS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
