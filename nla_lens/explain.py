@@ -175,6 +175,12 @@ def explain_tokens(nla: NLA, base: TLModel, token_rows: Sequence[Sequence[int]],
     return Explanation(explained, texts, strings, layer, captured, round_trip, getattr(base.cfg, "model_name", None))
 
 
+def _slice_text(positions: slice) -> str:
+    """A slice as it is written (`3:`, `2:10`, `::2`), not `slice(3, None, None)`."""
+    parts = ["" if v is None else str(v) for v in (positions.start, positions.stop, positions.step)]
+    return ":".join(parts if positions.step is not None else parts[:2])
+
+
 def select_positions(positions: ExplainPositions, length: int, skip: int = 0) -> list[int]:
     """The columns of a `length`-token text that `positions` names (see `explain`), sorted, no repeats."""
     if positions is None:
@@ -194,7 +200,9 @@ def select_positions(positions: ExplainPositions, length: int, skip: int = 0) ->
         raise InputError(f"position {outside[0]} is outside a text of {length} tokens (0..{length - 1}, or "
                          f"-{length}..-1 from the end)")
     if not chosen:
-        raise InputError(f"positions {positions!r} select no token of a text of {length} tokens")
+        shown = _slice_text(positions) if isinstance(positions, slice) else repr(positions)
+        raise InputError(f"positions {shown} select no token of a text of {length} tokens (0..{length - 1}); "
+                         "pick positions inside every text, e.g. -1 for each one's last token")
     return sorted({p % length for p in chosen})
 
 

@@ -54,7 +54,9 @@ def read_vectors(path: Path) -> Float[Tensor, "n d_model"]:
     # is read as its values, as a CPU-only machine can and as the job's input hash needs.
     loaded = _readable(path, lambda: torch.load(path, weights_only=True, map_location="cpu"))
     if not isinstance(loaded, Tensor):
-        raise InputError(f"{path} must hold a single tensor, got {type(loaded).__name__}")
+        held = f"a dict of {sorted(map(str, loaded))}" if isinstance(loaded, dict) else type(loaded).__name__
+        raise InputError(f"{path} must hold a single [n, d_model] tensor, got {held}; save the bare tensor "
+                         "(torch.save(vectors, path)) or a .safetensors file with a 'vectors' entry")
     return loaded.detach()
 
 

@@ -93,8 +93,10 @@ def test_positions_select_the_same_tokens_in_every_text():
     assert select_positions(slice(2, None), 5) == [2, 3, 4]
     with pytest.raises(nl.InputError, match="outside a text of 5 tokens"):
         select_positions([7], 5)
-    with pytest.raises(nl.InputError, match="select no token"):
-        select_positions(slice(9, None), 5)
+    with pytest.raises(nl.InputError, match=r"^positions 9: select no token of a text of 5 tokens \(0..4\); pick"):
+        select_positions(slice(9, None), 5)  # written as the CLI's --positions takes it, not slice(9, None, None)
+    with pytest.raises(nl.InputError, match=r"^positions 1:1:2 select no token"):
+        select_positions(slice(1, 1, 2), 5)
     with pytest.raises(nl.InputError, match="positions must be"):
         select_positions("last", 5)
 

@@ -251,6 +251,13 @@ def test_a_pt_file_saved_from_a_gpu_or_with_grad_is_read_as_its_values(tiny_path
         assert result.table.num_rows == N_ROWS
 
 
+def test_a_pt_file_of_a_dict_says_how_to_save_the_vectors(rows, tmp_path):
+    torch.save({"vectors": rows, "layer": torch.tensor(3)}, tmp_path / "dict.pt")
+    with pytest.raises(nl.InputError, match=r"got a dict of \['layer', 'vectors'\]; save the bare tensor "
+                                            r"\(torch.save\(vectors, path\)\)"):
+        read_vectors(tmp_path / "dict.pt")
+
+
 @pytest.mark.parametrize(("vectors", "error", "match"), [
     (torch.randn(3, 32), nl.VectorError, r"shape \[n, 64\]"),
     (torch.tensor([[float("nan")] * 64, [1.0] * 64]), nl.VectorError, "NaN"),
