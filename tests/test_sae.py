@@ -242,7 +242,7 @@ def _reference_activations(toy, sae, text: str, feature: int) -> torch.Tensor:
     """Independent reference: `feature`'s activation at every position of `text`, from a plain run_with_cache."""
     name = f"blocks.{toy.av.meta.layer}.hook_resid_post"
     _, cache = toy.base.run_with_cache(torch.tensor([toy.base.tokenizer(text)["input_ids"]]), names_filter=name)
-    return sae.encode(cache[name][0])[:, feature]
+    return sae.encode(cache[name][0])[:, feature].detach()  # values only: the SAE's weights require grad
 
 
 @NEEDS_SAE_LENS
