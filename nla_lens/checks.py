@@ -96,8 +96,10 @@ def check_sampling(temperature: float, top_p: float, max_new_tokens: int, batch_
 
 
 def _is_real(value: object) -> bool:
-    """A real number (numpy's too), not a bool: a string ("0.5") would fail in the range comparison with a bare
-    TypeError."""
+    """A real number (numpy's, or a one-element tensor such as a step of torch.linspace), not a bool: a string
+    ("0.5") would fail in the range comparison with a bare TypeError."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 

@@ -249,6 +249,17 @@ def test_verbalize_names_a_setting_that_is_not_a_number(av_karvonen, vectors):
                                "top_p=True must be in (0, 1] (1 keeps every token)")
 
 
+
+def test_verbalize_takes_settings_held_in_one_element_tensors(av_karvonen, vectors):
+    """A sweep over torch.linspace hands verbalize 0-dim tensors: they decode as their floats (the non-number
+    check refused them as "must be a finite number"); a tensor of several values is still refused."""
+    settings = dict(max_new_tokens=6, seed=1, progress=False)
+    as_floats = av_karvonen.verbalize(vectors, temperature=0.7, top_p=0.9, **settings)
+    as_tensors = av_karvonen.verbalize(vectors, temperature=torch.tensor(0.7), top_p=torch.tensor([0.9]), **settings)
+    assert [v.text for v in as_tensors] == [v.text for v in as_floats]
+    with pytest.raises(nl.InputError, match=r"^temperature=tensor\(\[0\.5000, 0\.7000\]\) must be a finite number"):
+        av_karvonen.verbalize(vectors, temperature=torch.tensor([0.5, 0.7]), progress=False)
+
 def test_from_pretrained_takes_dtype_names(tiny_paths):
     av = nl.ActivationVerbalizer.from_pretrained(tiny_paths["av_karvonen"], dtype="bfloat16")
     ar = nl.ActivationReconstructor.from_pretrained(tiny_paths["ar_nanonla"], dtype="bf16")
