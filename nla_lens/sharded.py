@@ -46,10 +46,11 @@ class Sampling:
         check_sampling(self.temperature, self.top_p, self.max_new_tokens, self.batch_size)
 
     def facts(self) -> dict[str, Any]:
-        """The settings a finished shard depends on (greedy rows depend on neither seed nor batching)."""
-        facts: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature}
+        """The settings a finished shard depends on (greedy rows depend on neither seed nor batching), as the
+        manifest's JSON holds them: a numpy float32 or tensor setting as its float."""
+        facts: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "temperature": float(self.temperature)}
         if self.temperature > 0:
-            facts |= {"top_p": self.top_p, "seed": self.seed, "batch_size": self.batch_size}
+            facts |= {"top_p": float(self.top_p), "seed": self.seed, "batch_size": self.batch_size}
         return facts
 
     def verbalize(self, av: ActivationVerbalizer, vectors: torch.Tensor, shard: int) -> list[Verbalization]:

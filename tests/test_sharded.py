@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -212,6 +213,20 @@ def test_sampled_rows_do_not_depend_on_which_process_ran_the_shard(tiny_paths, i
     assert whole.column("text").to_pylist() != sharded.verbalize_file(
         av, input_file, tmp_path / "c.parquet", sampling=GREEDY, shard_size=SHARD_SIZE,
         progress=False).table.column("text").to_pylist()
+
+
+def test_sampling_settings_as_numpy_or_tensor_numbers_reach_the_manifest_as_floats(tiny_paths, input_file, tmp_path):
+    """Sampling accepts any real number, but a numpy float32 (or tensor) temperature reached the job manifest
+    as is: json.dumps raised "Object of type float32 is not JSON serializable"."""
+    av = tiny_paths["av_karvonen"]
+    plain = sharded.verbalize_file(av, input_file, tmp_path / "a.parquet", progress=False,
+                                   sampling=Sampling(max_new_tokens=8, temperature=1.0, top_p=0.5, seed=3))
+    typed = sharded.verbalize_file(av, input_file, tmp_path / "b.parquet", progress=False,
+                                   sampling=Sampling(max_new_tokens=8, temperature=np.float32(1.0),
+                                                     top_p=torch.tensor(0.5), seed=3))
+    assert typed.table.equals(plain.table)
+    manifest = json.loads((shard_store.shard_folder(tmp_path / "b.parquet") / shard_store.MANIFEST).read_text())
+    assert (manifest["temperature"], manifest["top_p"]) == (1.0, 0.5)
 
 
 def test_the_vector_column_is_found_or_must_be_named(tiny_paths, rows, tmp_path):
