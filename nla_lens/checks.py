@@ -81,9 +81,12 @@ def check_finite(**values: float) -> None:
         raise InputError(f"{', '.join(wrong)}: must be a finite number")
 
 
-def check_sampling(temperature: float, top_p: float, max_new_tokens: int, batch_size: int) -> None:
+def check_sampling(temperature: float, top_p: float, max_new_tokens: int, batch_size: int,
+                   seed: int | None = None) -> None:
     """The decoding settings of `verbalize`; the message names every value that is out of range."""
     wrong = []
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+        wrong.append(f"seed={seed!r} must be a whole number (or None for an unseeded draw)")
     if not _is_real(temperature) or not 0 <= temperature < math.inf:
         wrong.append(f"temperature={temperature!r} must be a finite number >= 0 (0 is greedy)")
     if not _is_real(top_p) or not 0 < top_p <= 1:

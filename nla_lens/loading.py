@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
+from nla_lens import backends
 from nla_lens.backends import gemma3, hf_names
 from nla_lens.errors import CheckpointError, InjectionError, InputError, SidecarError
 from nla_lens.sidecar import NLAMeta, load_meta
@@ -529,7 +530,7 @@ def check_hook_point(folder: Path, hook_point: str, *, backend: str, trust_remot
     """Refuse a hook point the model will not have before any weight is read (a typo in a sidecar or an
     argument cost a full load): a block index past config.json's layers on either backend, and on the
     hooked backend any name a one-block `HookedTransformer` of this config lacks. The bridge's own
-    names are checked once it is built."""
+    names are checked once it is built; its resid_mid, which takes no writes, here."""
     hf_config = load_hf_config(folder, trust_remote_code=trust_remote_code)
     n_layers = gemma3.text_config(hf_config).num_hidden_layers
     block = re.fullmatch(r"blocks\.(0|[1-9]\d*)\.(.+)", hook_point)
@@ -537,6 +538,7 @@ def check_hook_point(folder: Path, hook_point: str, *, backend: str, trust_remot
         raise InjectionError(f"hook point {hook_point!r} names block {block[1]}, but {folder}/config.json has "
                              f"{n_layers} blocks (0-{n_layers - 1}); fix the injection hook_point")
     if backend != "hooked":
+        backends.check_patchable_on(backend, hook_point)
         return
     one_block = _meta_hooked_transformer(hooked_config(hf_config, n_layers=1, dtype=torch.float32, device="meta"),
                                          tokenizer=None)

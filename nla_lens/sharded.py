@@ -43,14 +43,14 @@ class Sampling:
     batch_size: int = 32
 
     def __post_init__(self) -> None:
-        check_sampling(self.temperature, self.top_p, self.max_new_tokens, self.batch_size)
+        check_sampling(self.temperature, self.top_p, self.max_new_tokens, self.batch_size, self.seed)
 
     def facts(self) -> dict[str, Any]:
         """The settings a finished shard depends on (greedy rows depend on neither seed nor batching), as the
-        manifest's JSON holds them: a numpy float32 or tensor setting as its float."""
+        manifest's JSON holds them: a numpy float32 or tensor setting as its float, a numpy seed as its int."""
         facts: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "temperature": float(self.temperature)}
         if self.temperature > 0:
-            facts |= {"top_p": float(self.top_p), "seed": self.seed, "batch_size": self.batch_size}
+            facts |= {"top_p": float(self.top_p), "seed": int(self.seed), "batch_size": self.batch_size}
         return facts
 
     def verbalize(self, av: ActivationVerbalizer, vectors: torch.Tensor, shard: int) -> list[Verbalization]:

@@ -180,7 +180,7 @@ class ActivationVerbalizer:
         vectors, `batch_size` and device (a batch's rows draw from one generator in turn, so a row sampled
         alone or in another batch gets other draws). `progress` shows a bar over batches (off by default;
         the CLI turns it on)."""
-        check_sampling(temperature, top_p, max_new_tokens, batch_size)
+        check_sampling(temperature, top_p, max_new_tokens, batch_size, seed)
         self._check_fits(max_new_tokens)
         vectors = check_vectors(vectors, self.meta.d_model)
         generator = None

@@ -186,13 +186,15 @@ def test_a_resid_mid_patch_reaches_the_residual_stream_or_is_refused(base, av_ka
             nl.patching_study(base, av_karvonen, tokens, tokens.flip(0), **patch)
 
 
-def test_an_injection_at_resid_mid_reaches_the_residual_stream_or_is_refused(tiny_paths):
+def test_an_injection_at_resid_mid_reaches_the_residual_stream_or_is_refused(tiny_paths, monkeypatch):
     """The injection is a write too: at the bridge's resid_mid it moved the MLP's input only, so the AV read a
-    different vector than on HookedTransformer (the toy's explanation changed) without a word."""
+    different vector than on HookedTransformer (the toy's explanation changed) without a word. The bridge
+    refuses it before reading any weight."""
     load = dict(injection="karvonen", hook_point="blocks.1.hook_resid_mid")
     if backends.default_backend() == "hooked":
         av = nl.ActivationVerbalizer.from_pretrained(tiny_paths["av_karvonen"], **load)
         assert av.injection_spec.hook_point == "blocks.1.hook_resid_mid"
     else:
+        monkeypatch.setattr(backends, "load_model", lambda *a, **k: pytest.fail("weights read"))
         with pytest.raises(nl.BackendError, match=r"ln2.hook_in.*patch or injection written there"):
             nl.ActivationVerbalizer.from_pretrained(tiny_paths["av_karvonen"], **load)

@@ -223,10 +223,16 @@ def test_sampling_settings_as_numpy_or_tensor_numbers_reach_the_manifest_as_floa
                                    sampling=Sampling(max_new_tokens=8, temperature=1.0, top_p=0.5, seed=3))
     typed = sharded.verbalize_file(av, input_file, tmp_path / "b.parquet", progress=False,
                                    sampling=Sampling(max_new_tokens=8, temperature=np.float32(1.0),
-                                                     top_p=torch.tensor(0.5), seed=3))
+                                                     top_p=torch.tensor(0.5), seed=np.int64(3)))
     assert typed.table.equals(plain.table)
     manifest = json.loads((shard_store.shard_folder(tmp_path / "b.parquet") / shard_store.MANIFEST).read_text())
-    assert (manifest["temperature"], manifest["top_p"]) == (1.0, 0.5)
+    assert (manifest["temperature"], manifest["top_p"], manifest["seed"]) == (1.0, 0.5, 3)
+
+
+@pytest.mark.parametrize("seed", [1.5, "3", True])
+def test_a_seed_that_is_not_a_whole_number_is_refused(seed):
+    with pytest.raises(nl.InputError, match=rf"seed={seed!r} must be a whole number"):
+        Sampling(temperature=1.0, seed=seed)
 
 
 def test_the_vector_column_is_found_or_must_be_named(tiny_paths, rows, tmp_path):

@@ -165,7 +165,12 @@ def check_patchable(model: TLModel, hook_name: str) -> None:
     HookedTransformer. TransformerLens 4.3's bridge aliases `blocks.L.hook_resid_mid` to `ln2.hook_in`,
     the MLP norm's input: a write there feeds the MLP, but the residual add after it reads the unwritten
     tensor (measured: +d at resid_mid moves resid_post by d on hooked, by 0 plus the MLP's change on the bridge)."""
-    if backend_of(model) == "bridge" and hook_name.endswith(".hook_resid_mid"):
+    check_patchable_on(backend_of(model), hook_name)
+
+
+def check_patchable_on(backend: str, hook_name: str) -> None:
+    """`check_patchable` by the backend's name, before a model exists (the AV loader asks before its weights)."""
+    if backend == "bridge" and hook_name.endswith(".hook_resid_mid"):
         raise BackendError(
             f"on the bridge backend {hook_name} is the MLP norm's input (TransformerBridge's alias of ln2.hook_in): "
             "a patch or injection written there reaches the MLP but not the residual stream around it, unlike "
