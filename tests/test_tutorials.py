@@ -44,6 +44,20 @@ def test_the_tutorials_are_the_listed_ones_each_with_its_current_notebook():
         assert "# %%" not in code and markdown.startswith("# ") and all(c.get("outputs", []) == [] for c in cells)
 
 
+def test_real_cells_load_the_base_their_nla_names_and_base_text_keeps_its_bos():
+    """Pointing a tutorial at other checkpoints changes paths only: the base is the one the sidecar names
+    (a hard-coded Qwen3-8B would meet a Gemma NLA), and base text is tokenized as in training, BOS first
+    where the tokenizer has one (dropping it costs the Gemma pair FVE 0.77 -> 0.31). Only a single word's
+    id (`encode(word, add_special_tokens=False)[0]`) is read without special tokens."""
+    for script in TUTORIALS:
+        source = script.read_text(encoding="utf-8")
+        real = source.split('if os.environ.get("NLA_REAL_CHECKPOINTS"):')[1].split("# %%")[0]
+        assert "nl.load_base(nla" in real, script.name
+        dropped = [line.strip() for line in source.splitlines() if "prepend_bos=False" in line or
+                   ("add_special_tokens=False" in line and ")[0]" not in line)]
+        assert dropped == [], script.name
+
+
 @pytest.mark.parametrize("tutorial", [pytest.param(t, marks=NEEDS_SAE_LENS) if "sae" in t.stem else t
                                       for t in TUTORIALS], ids=lambda t: t.stem)
 def test_tutorial_notebook_runs_and_its_last_cell_asserts(tutorial, tmp_path, monkeypatch, capsys):
