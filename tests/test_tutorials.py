@@ -74,6 +74,29 @@ def test_tutorial_notebook_runs_and_its_last_cell_asserts(tutorial, tmp_path, mo
     assert list(tmp_path.iterdir()) == []  # wrote its files in a temp dir, not in the cwd
 
 
+def test_tutorial_01_real_cell_runs_on_a_pair_whose_tokenizer_puts_a_bos_first(bos_paths, monkeypatch, tmp_path,
+                                                                              capsys):
+    """01 pointed at a Gemma or Llama pair: a tiny Llama pair stands in for the released checkpoints (on the
+    CPU, its AV folder as the base), and the check cell holds: `explain` leaves out the BOS that the text's
+    tokens and `run_with_cache` keep."""
+    monkeypatch.setenv("NLA_REAL_CHECKPOINTS", "1")
+    monkeypatch.setenv("NLA_AV", str(bos_paths["llama_av"]))
+    monkeypatch.setenv("NLA_AR", str(bos_paths["llama_ar"]))
+    from_pretrained = nl.NLA.from_pretrained
+    monkeypatch.setattr(nl.NLA, "from_pretrained", lambda av, ar, **device_and_dtype: from_pretrained(av, ar))
+    monkeypatch.setattr(nl, "load_base", lambda nla, **device_and_dtype: load_base(bos_paths["llama_av"]))
+    monkeypatch.chdir(tmp_path)
+    script = FOLDER / "01_verbalize_tokens.py"
+    cells = [c for c in json.loads(script.with_suffix(".ipynb").read_text(encoding="utf-8"))["cells"]
+             if c["cell_type"] == "code"]
+    namespace = {"__name__": "__main__"}
+    with pytest.warns(UserWarning, match="no FVE"):  # no baseline in the sidecar: the 3-prompt round trip says so
+        for i, cell in enumerate(cells):
+            exec(compile("".join(cell["source"]), f"{script.stem}.ipynb[{i}]", "exec"), namespace)
+    assert namespace["REAL"] and namespace["base"].cfg.default_prepend_bos
+    assert capsys.readouterr().out.rstrip().endswith("ok")
+
+
 def test_experiments_doc_snippets_run_on_the_tiny_nla(tiny_paths, av_karvonen, ar_nanonla, monkeypatch):
     """README's "Use it in your experiments": every python block but the first (real checkpoints)."""
     # The doc's 150-token default explanations, cut short: the tiny AV only babbles.

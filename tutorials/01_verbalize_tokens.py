@@ -105,11 +105,12 @@ for row, said in zip(last.rows, rt.verbalizations, strict=True):
 # ## Check: the explained vectors are exactly what `run_with_cache` stores, and the scores add up
 
 # %%
-tokens = torch.tensor([base.tokenizer.encode(TEXT)], device=explained.vectors.device)
+tokens = base.to_tokens(TEXT)  # BOS first where the tokenizer has one; explain leaves that one out
+bos = int(base.cfg.default_prepend_bos)
 _, cache = base.run_with_cache(tokens, names_filter=explained.hook_name)
-assert torch.equal(explained.vectors, cache[explained.hook_name][0].float())
-assert [r.token for r in explained.rows] == [base.tokenizer.decode([t]) for t in tokens[0].tolist()]
-assert len(table) == tokens.shape[1] and table["fve"].notna().all()
+assert torch.equal(explained.vectors, cache[explained.hook_name][0, bos:].float().to(explained.vectors.device))
+assert [r.token for r in explained.rows] == [base.tokenizer.decode([t]) for t in tokens[0, bos:].tolist()]
+assert len(table) == tokens.shape[1] - bos and table["fve"].notna().all()
 fves = torch.tensor([r.fve for r in explained.rows])
 assert abs(float(fves.mean()) - explained.round_trip.fve) < 1e-5
 assert [row.position for row in last.rows] == [batch.shape[1] - 1] * len(prompts)  # left padding: last column
