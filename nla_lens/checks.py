@@ -150,6 +150,27 @@ def check_keywords(given: Iterable[str], accepted: Iterable[str], where: str, pa
                          f"{hint}{passed_to} takes {accepted}")
 
 
+def check_fwd_hooks(fwd_hooks: Sequence, hook_names: Iterable[str], where: str) -> list:
+    """`fwd_hooks` as TL's `run_with_hooks` takes them: a list of (hook name or name filter, hook fn) pairs,
+    each name a hook point of the model. TL answers a typo with a bare KeyError, a lone pair with a ValueError."""
+    if not isinstance(fwd_hooks, (list, tuple)) or not all(_is_hook_pair(pair) for pair in fwd_hooks):
+        raise InputError(f"{where}: fwd_hooks must be a list of (hook_name, hook_fn) pairs, as TL's run_with_hooks "
+                         f"takes them: fwd_hooks=[(name, fn)]; got {fwd_hooks!r}")
+    names = list(hook_names)
+    for name, _ in fwd_hooks:
+        if isinstance(name, str) and name not in names:
+            close = difflib.get_close_matches(name, names, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise InputError(f"{where}: fwd_hooks names {name!r}, which is not a hook point of this model; {hint}"
+                             "pick one of base.hook_dict, e.g. 'blocks.1.hook_resid_post'")
+    return list(fwd_hooks)
+
+
+def _is_hook_pair(pair: object) -> bool:
+    return (isinstance(pair, (tuple, list)) and len(pair) == 2 and callable(pair[1])
+            and (isinstance(pair[0], str) or callable(pair[0])))
+
+
 def no_folder(folder: Path) -> str:
     """Why `folder` cannot hold an output file: it does not exist, or it is a file."""
     if folder.exists():

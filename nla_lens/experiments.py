@@ -303,7 +303,9 @@ def patching_study(
     _check_reaches(base_model, patch_layer, layer, "patch_layer")
     hook_name = get_act_name(activation_name, patch_layer)
     if hook_name not in base_model.hook_dict:
-        raise InputError(f"{hook_name!r} is not a hook point of this model; use e.g. 'resid_pre' or 'attn_out'")
+        raise InputError(f"activation_name={activation_name!r} at patch_layer={patch_layer} names {hook_name!r}, which "
+                         "is not a hook point of this model; pass the short name transformer_lens.utils.get_act_name "
+                         "takes (e.g. 'resid_pre', 'attn_out', 'mlp_out', 'z') and the block as patch_layer")
     backends.check_patchable(base_model, hook_name)
     width = clean_tokens.shape[1]
     if isinstance(patch_position, bool) or not isinstance(patch_position, int) or not -width <= patch_position < width:

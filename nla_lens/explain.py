@@ -21,6 +21,7 @@ from torch import Tensor
 from nla_lens import backends, display
 from nla_lens.base_model import check_base_model
 from nla_lens.capture import capture
+from nla_lens.checks import check_fwd_hooks
 from nla_lens.errors import InputError, PromptTooLongError
 from nla_lens.nla import RoundTrip, baseline_phrase, check_read_keywords
 from nla_lens.results import TabularResult
@@ -144,6 +145,7 @@ def explain_tokens(nla: NLA, base: TLModel, token_rows: Sequence[Sequence[int]],
     layer = nla.layer
     check_base_model(base, nla, layer)
     check_read_keywords(nla, verbalize_kwargs, "explain")
+    fwd_hooks = check_fwd_hooks(fwd_hooks, base.hook_dict, "explain")
     if not token_rows or not all(len(row) for row in token_rows):
         raise InputError("every text to explain needs at least one token")
     too_long = [len(row) for row in token_rows if len(row) > base.cfg.n_ctx]
@@ -161,7 +163,7 @@ def explain_tokens(nla: NLA, base: TLModel, token_rows: Sequence[Sequence[int]],
             # documents); without the mask, capture and HookedTransformer took it for padding.
             mask = torch.ones_like(tokens)
             with capture(base, layer, positions=cols, attention_mask=mask) as cap:
-                base.run_with_hooks(tokens, attention_mask=mask, fwd_hooks=list(fwd_hooks), stop_at_layer=layer + 1)
+                base.run_with_hooks(tokens, attention_mask=mask, fwd_hooks=fwd_hooks, stop_at_layer=layer + 1)
             vectors.append(cap.vectors)
             sites += [(t, p) for p in cols]
     captured = torch.cat(vectors)

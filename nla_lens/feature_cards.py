@@ -22,6 +22,7 @@ from nla_lens.results import TabularResult
 from nla_lens.sae import (
     ResidualStats,
     check_sae_reads_layer,
+    decoder_rows,
     text_residuals,
     verbalize_sae_features,
 )
@@ -130,8 +131,7 @@ def feature_card(
     check_sae_reads_layer(sae, av.meta.layer, av.meta.d_model, allow_other_hook=allow_other_hook)
     check_counts(1, k=k)
     check_counts(0, before=before, after=after, skip_first=skip_first)
-    readout = verbalize_sae_features(nla, sae, [feature], offset=offset, allow_other_hook=allow_other_hook,
-                                     **verbalize_kwargs)
+    decoder_rows(sae, [feature])  # checks the id before the scan indexes with it
     per_text = []
     with torch.inference_mode():
         for ids, resid in text_residuals(base, texts, av.meta.layer):
@@ -140,6 +140,11 @@ def feature_card(
             per_text.append((ids, acts))
     flat = torch.cat([acts for _, acts in per_text])
     scanned = ~flat.isnan()
+    if not scanned.any():  # as residual_stats refuses it: an empty card would look like a dead feature
+        raise InputError(f"no positions left after skip_first={skip_first}: the longest text has "
+                         f"{max(len(ids) for ids, _ in per_text)} tokens; use longer texts or a smaller skip_first")
+    readout = verbalize_sae_features(nla, sae, [feature], offset=offset, allow_other_hook=allow_other_hook,
+                                     **verbalize_kwargs)
     n_active = int((flat[scanned] > 0).sum())
     order = torch.nan_to_num(flat, nan=-float("inf")).argsort(descending=True)[:min(k, n_active)].tolist()
     starts = [0]

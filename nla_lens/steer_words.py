@@ -40,7 +40,7 @@ from transformer_lens.hook_points import HookPoint
 from nla_lens import backends
 from nla_lens.base_model import check_base_model
 from nla_lens.capture import PositionSpec, real_tokens, resid_post, resolve_positions
-from nla_lens.checks import check_finite
+from nla_lens.checks import check_counts, check_finite
 from nla_lens.errors import InputError, PairMismatchError, VectorError
 from nla_lens.injection import HookFn, check_vectors, unit
 from nla_lens.nla import NLA
@@ -136,6 +136,8 @@ class WordSteering(TabularResult):
         """Per site: the top-k next tokens without and with steering, and KL(clean || steered) in nats."""
         if self.clean_logprobs is None or self.steered_logprobs is None:
             raise InputError("this result holds no next-token comparison; call steer_with_words(..., compare=True)")
+        check_counts(1, k=k)
+        k = min(k, self.clean_logprobs.shape[-1])  # topk past the vocabulary raises a bare RuntimeError
         kl = (self.clean_logprobs.exp() * (self.clean_logprobs - self.steered_logprobs)).sum(-1)
         out = []
         for i in range(len(self.rows)):

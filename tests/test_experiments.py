@@ -416,6 +416,10 @@ def test_experiment_arguments_are_checked_with_typed_errors(base, nla, av_karvon
     with pytest.raises(nl.InputError, match="not a hook point"):
         nl.patching_study(base, nla, clean_tokens, corrupted_tokens, patch_layer=0, patch_position=0,
                           activation_name="no_such_activation")
+    with pytest.raises(nl.InputError, match=r"activation_name='blocks.0.hook_attn_out' at patch_layer=0 names "
+                                            r"'blocks.0.hook_blocks.0.hook_attn_out'.*short name.*'attn_out'"):
+        nl.patching_study(base, nla, clean_tokens, corrupted_tokens, patch_layer=0, patch_position=0,
+                          activation_name="blocks.0.hook_attn_out")  # the full hook name, where TL's short one goes
     with pytest.warns(UserWarning, match="no FVE"):  # two vectors: no baseline, so no FVE rather than noise
         result = nl.steer_then_verbalize(base, nla, tokens[:1], steering_vector=steer, scale=0.0, steer_layer=0,
                                          **FAST)

@@ -86,6 +86,17 @@ def test_explain_runs_under_the_users_hooks(base, nla):
     assert no_hooks_left(base)
 
 
+def test_a_hook_name_typo_or_a_lone_pair_in_fwd_hooks_is_a_typed_error_naming_the_fix(base, nla):
+    """TL answers both with a bare KeyError / ValueError; explain says which name it meant and the form."""
+    typo = f"blocks.{nla.layer}.hook_resid_pst"
+    with pytest.raises(nl.InputError, match=rf"'{typo}', which is not a hook point.*did you mean "
+                                            rf"'blocks.{nla.layer}.hook_resid_post'"):
+        nla.explain(base, TEXTS[0], fwd_hooks=[(typo, lambda resid, hook: resid)], **FAST)
+    with pytest.raises(nl.InputError, match=r"list of \(hook_name, hook_fn\) pairs.*fwd_hooks=\[\(name, fn\)\]"):
+        nla.explain(base, TEXTS[0], fwd_hooks=("blocks.0.hook_resid_post", lambda resid, hook: resid), **FAST)
+    assert no_hooks_left(base)
+
+
 def test_positions_select_the_same_tokens_in_every_text():
     assert select_positions(None, 5) == [0, 1, 2, 3, 4]
     assert select_positions(None, 5, skip=1) == [1, 2, 3, 4]  # a BOS the tokenizer added

@@ -90,6 +90,18 @@ def test_feature_card_window_and_skip_must_be_whole_numbers(toy, bad):
 
 
 @NEEDS_SAE_LENS
+def test_a_card_with_no_position_left_after_skip_first_is_refused_as_residual_stats_is(toy, monkeypatch):
+    """It came back empty ("active at 0/0 positions"), like a dead feature, after an AV generation."""
+    sae = make_sae(128, 32, f"blocks.{toy.av.meta.layer}.hook_resid_post")
+    monkeypatch.setattr(toy.av, "verbalize", lambda *a, **k: pytest.fail("verbalized before the scan was checked"))
+    with pytest.raises(nl.InputError, match=r"no positions left after skip_first=100: the longest text has \d+ "
+                                            r"tokens; use longer texts or a smaller skip_first"):
+        nl.feature_card(sae, toy.base, TOY_TEXTS, 9, toy.av, skip_first=100)
+    with pytest.raises(nl.InputError, match=r"feature ids \[32\] are not ints in 0..31"):
+        nl.feature_card(sae, toy.base, TOY_TEXTS, 32, toy.av)
+
+
+@NEEDS_SAE_LENS
 def test_sae_helpers_name_arguments_of_the_wrong_kind_or_order(toy):
     sae = make_sae(128, 32, f"blocks.{toy.av.meta.layer}.hook_resid_post")
     with pytest.raises(nl.InputError, match=r"layer must be an int in 0\.\.\d+ \(the model's \d+ blocks\), got 99"):

@@ -202,6 +202,11 @@ def test_result_rows_carry_sites_samples_and_comparisons(base, nla):
     assert list(frame["delta_norm"]) == pytest.approx(result.delta.norm(dim=-1).tolist())
     assert list(frame["kl"]) == pytest.approx([t["kl"] for t in result.next_tokens()])
     assert (frame["kl"] > 0).all()  # the steering moved every site's next-token distribution
+    vocab = result.clean_logprobs.shape[-1]
+    assert len(result.next_tokens(k=vocab + 5)[0]["clean_top"]) == vocab  # the whole vocabulary, not a RuntimeError
+    for k in (0, -1, 2.5):
+        with pytest.raises(nl.InputError, match=rf"k={k!r}: must be a whole number >= 1"):
+            result.next_tokens(k=k)
     assert list(frame["steered_continuation"]) == [c[1] for c in result.continuations]
     bare = steer(nla, base, tokens, -1, mask, compare=False, continue_tokens=0)
     assert not {"kl", "steered_next", "clean_continuation"} & set(bare.to_pandas().columns)

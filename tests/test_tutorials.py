@@ -44,6 +44,20 @@ def test_the_tutorials_are_the_listed_ones_each_with_its_current_notebook():
         assert "# %%" not in code and markdown.startswith("# ") and all(c.get("outputs", []) == [] for c in cells)
 
 
+def test_real_cells_load_the_base_their_nla_names_and_base_text_keeps_its_bos():
+    """Pointing a tutorial at other checkpoints changes paths only: the base is the one the sidecar names
+    (a hard-coded Qwen3-8B would meet a Gemma NLA), and base text is tokenized as in training, BOS first
+    where the tokenizer has one (dropping it costs the Gemma pair FVE 0.77 -> 0.31). Only a single word's
+    id (`encode(word, add_special_tokens=False)[0]`) is read without special tokens."""
+    for script in TUTORIALS:
+        source = script.read_text(encoding="utf-8")
+        real = source.split('if os.environ.get("NLA_REAL_CHECKPOINTS"):')[1].split("# %%")[0]
+        assert "nl.load_base(nla" in real, script.name
+        dropped = [line.strip() for line in source.splitlines() if "prepend_bos=False" in line or
+                   ("add_special_tokens=False" in line and ")[0]" not in line)]
+        assert dropped == [], script.name
+
+
 @pytest.mark.parametrize("tutorial", [pytest.param(t, marks=NEEDS_SAE_LENS) if "sae" in t.stem else t
                                       for t in TUTORIALS], ids=lambda t: t.stem)
 def test_tutorial_notebook_runs_and_its_last_cell_asserts(tutorial, tmp_path, monkeypatch, capsys):
@@ -58,6 +72,29 @@ def test_tutorial_notebook_runs_and_its_last_cell_asserts(tutorial, tmp_path, mo
         exec(compile("".join(cell["source"]), f"{tutorial.stem}.ipynb[{i}]", "exec"), namespace)
     assert capsys.readouterr().out.rstrip().endswith("ok")
     assert list(tmp_path.iterdir()) == []  # wrote its files in a temp dir, not in the cwd
+
+
+def test_tutorial_01_real_cell_runs_on_a_pair_whose_tokenizer_puts_a_bos_first(bos_paths, monkeypatch, tmp_path,
+                                                                              capsys):
+    """01 pointed at a Gemma or Llama pair: a tiny Llama pair stands in for the released checkpoints (on the
+    CPU, its AV folder as the base), and the check cell holds: `explain` leaves out the BOS that the text's
+    tokens and `run_with_cache` keep."""
+    monkeypatch.setenv("NLA_REAL_CHECKPOINTS", "1")
+    monkeypatch.setenv("NLA_AV", str(bos_paths["llama_av"]))
+    monkeypatch.setenv("NLA_AR", str(bos_paths["llama_ar"]))
+    from_pretrained = nl.NLA.from_pretrained
+    monkeypatch.setattr(nl.NLA, "from_pretrained", lambda av, ar, **device_and_dtype: from_pretrained(av, ar))
+    monkeypatch.setattr(nl, "load_base", lambda nla, **device_and_dtype: load_base(bos_paths["llama_av"]))
+    monkeypatch.chdir(tmp_path)
+    script = FOLDER / "01_verbalize_tokens.py"
+    cells = [c for c in json.loads(script.with_suffix(".ipynb").read_text(encoding="utf-8"))["cells"]
+             if c["cell_type"] == "code"]
+    namespace = {"__name__": "__main__"}
+    with pytest.warns(UserWarning, match="no FVE"):  # no baseline in the sidecar: the 3-prompt round trip says so
+        for i, cell in enumerate(cells):
+            exec(compile("".join(cell["source"]), f"{script.stem}.ipynb[{i}]", "exec"), namespace)
+    assert namespace["REAL"] and namespace["base"].cfg.default_prepend_bos
+    assert capsys.readouterr().out.rstrip().endswith("ok")
 
 
 def test_experiments_doc_snippets_run_on_the_tiny_nla(tiny_paths, av_karvonen, ar_nanonla, monkeypatch):

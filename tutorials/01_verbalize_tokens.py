@@ -92,7 +92,7 @@ print(f"wrote {page.name} ({page.stat().st_size} bytes) and {rows.name}")
 # %%
 K = nla.layer
 prompts = ["Romeo: I do love thee, and I will", "Juliet: O Romeo", "Prospero: Come hither, my good lord"]
-batch = base.to_tokens(prompts, prepend_bos=False)  # left-padded
+batch = base.to_tokens(prompts)  # left-padded; BOS first where the tokenizer has one (Gemma, Llama), as in training
 mask = nl.backends.implicit_attention_mask(base, batch)
 with nl.capture(base, K, positions=-1) as last:
     base(batch, attention_mask=mask, stop_at_layer=K + 1)
@@ -105,16 +105,17 @@ for row, said in zip(last.rows, rt.verbalizations, strict=True):
 # ## Check: the explained vectors are exactly what `run_with_cache` stores, and the scores add up
 
 # %%
-tokens = torch.tensor([base.tokenizer.encode(TEXT)], device=explained.vectors.device)
+tokens = base.to_tokens(TEXT)  # BOS first where the tokenizer has one; explain leaves that one out
+bos = int(base.cfg.default_prepend_bos)
 _, cache = base.run_with_cache(tokens, names_filter=explained.hook_name)
-assert torch.equal(explained.vectors, cache[explained.hook_name][0].float())
-assert [r.token for r in explained.rows] == [base.tokenizer.decode([t]) for t in tokens[0].tolist()]
-assert len(table) == tokens.shape[1] and table["fve"].notna().all()
+assert torch.equal(explained.vectors, cache[explained.hook_name][0, bos:].float().to(explained.vectors.device))
+assert [r.token for r in explained.rows] == [base.tokenizer.decode([t]) for t in tokens[0, bos:].tolist()]
+assert len(table) == tokens.shape[1] - bos and table["fve"].notna().all()
 fves = torch.tensor([r.fve for r in explained.rows])
 assert abs(float(fves.mean()) - explained.round_trip.fve) < 1e-5
 assert [row.position for row in last.rows] == [batch.shape[1] - 1] * len(prompts)  # left padding: last column
 for i, prompt in enumerate(prompts):  # a padded row's vector is its prompt's own, run alone
-    _, alone = base.run_with_cache(base.to_tokens(prompt, prepend_bos=False), names_filter=explained.hook_name)
+    _, alone = base.run_with_cache(base.to_tokens(prompt), names_filter=explained.hook_name)
     own = alone[explained.hook_name][0, -1].float()
     assert (last.vectors[i] - own).norm() <= (5e-2 if REAL else 1e-3) * own.norm()
 if not REAL:

@@ -60,7 +60,7 @@ if os.environ.get("NLA_REAL_CHECKPOINTS"):
 
 # %%
 K = nla.layer
-pair = base.to_tokens([TOWARDS, AWAY], prepend_bos=False)
+pair = base.to_tokens([TOWARDS, AWAY])
 with nl.capture(base, STEER_LAYER, positions=-1) as contrast:
     base(pair, stop_at_layer=STEER_LAYER + 1)
 steering_vector = contrast.vectors[0] - contrast.vectors[1]
@@ -72,7 +72,7 @@ print(f"steering vector at layer {STEER_LAYER}: norm {steering_vector.norm():.2f
 # matter; `scale_like` rescales the returned vector to the norm of real layer-K activations.
 
 # %%
-tokens = base.to_tokens(PROMPTS, prepend_bos=False)  # left-padded
+tokens = base.to_tokens(PROMPTS)  # left-padded
 with nl.capture(base, K, positions=-1) as reference:
     base(tokens, stop_at_layer=K + 1)
 direction = nl.verbalize_direction(nla.av, steering_vector, scale_like=reference.vectors,

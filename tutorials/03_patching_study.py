@@ -34,6 +34,7 @@ toy = nl.toy.load()
 base, nla = toy.base, toy.nla
 MAX_NEW_TOKENS = 48
 CLEAN, CORRUPTED = "Macbeth: My lord, the king is dead, and I", "Macbeth: My lord, the queen is dead, and I"
+REAL = False
 
 # %% [markdown]
 # ## Real checkpoints: the released Qwen3-8B NLA (layer 24)
@@ -47,6 +48,7 @@ if os.environ.get("NLA_REAL_CHECKPOINTS"):
     MAX_NEW_TOKENS = 150
     CLEAN = "When Mary and John went to the store, John gave a drink to"
     CORRUPTED = "When Mary and John went to the store, Mary gave a drink to"
+    REAL = True
 
 # %% [markdown]
 # ## Prompts of one length that differ in one token
@@ -67,6 +69,9 @@ print(f"the prompts differ at column {differ}: "
 # `attn_out` / `mlp_out` of layer L is what block L writes into the residual stream
 # (`get_act_name`). The captured site is the differing token itself; `cosine_to_clean` says how far
 # the patched residual moved towards the clean one, and the explanation says which token the AV reads.
+# On the toy, block 0 answers the question: patching either its attention or its MLP output brings the
+# residual back to the clean one (cosine 0.999) and the AV reads " king"; from block 1 on it still reads
+# " queen".
 
 # %%
 studies = {}
@@ -96,6 +101,7 @@ first  # noqa: B018 - the notebook shows it as a table
 # * Patching the embedding-level residual (`resid_pre` of layer 0) at the only differing token
 #   turns the corrupted run into the clean run: every later value is computed from the same inputs.
 # * Patching `resid_post` of layer K at the captured position copies the captured vector itself.
+# * On the toy, only block 0's patches make the AV read the clean token, as said above.
 
 # %%
 embedding = nl.patching_study(base, nla, clean_tokens, corrupted_tokens, patch_layer=0, patch_position=differ,
@@ -107,4 +113,8 @@ assert at_capture.hook_name == f"blocks.{K}.hook_resid_post"
 assert torch.equal(at_capture.patched_vectors, at_capture.clean_vectors)
 assert not torch.equal(at_capture.corrupted_vectors, at_capture.clean_vectors)
 assert [r.run for r in first.rows] == ["clean", "corrupted", "patched"]
+if not REAL:  # the toy's answer, as the prose above reads it
+    reads_clean = [s.rows[2].verbalization.explanation == first.rows[0].verbalization.explanation
+                   for s in studies.values()]
+    assert reads_clean == [True, False, False, False] * 2
 print("ok")

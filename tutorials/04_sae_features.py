@@ -25,12 +25,10 @@ import torch
 
 import nla_lens as nl
 from nla_lens.sae import text_residuals
-from nla_lens.toy.demo import TOY_DIR
-from nla_lens.toy.evaluate import ToyNLA
 from nla_lens.toy.sae_experiment import SAEExperimentConfig, token_rows, train_toy_sae
 
-toy = ToyNLA.load(TOY_DIR)
-base, nla = toy.base, nl.NLA(toy.av, toy.ar)
+toy = nl.toy.load()
+base, nla = toy.base, toy.nla
 K = nla.av.meta.layer
 texts = [" ".join(line.split()) for line in [
     "Macbeth: So foul and fair a day I have not seen. Is this a dagger which I see before me?",
@@ -42,7 +40,7 @@ SKIP_FIRST = 8  # the toy AV was trained on positions past 8 tokens of context
 MAX_NEW_TOKENS = 48
 # A short sae-lens run (offline, in-memory dataset of the bundled held-out speeches, seeded, no wandb): 29 steps
 # of 1,024 tokens. sae-lens's "Training SAE" bar moves once per 100 steps, so it stays at 0% here; the run is done.
-sae = train_toy_sae(toy, token_rows(toy, TOY_DIR, 128), SAEExperimentConfig(training_tokens=30_000))
+sae = train_toy_sae(toy, token_rows(toy, nl.toy.TOY_DIR, 128), SAEExperimentConfig(training_tokens=30_000))
 
 # %% [markdown]
 # ## Real checkpoints
@@ -53,14 +51,9 @@ sae = train_toy_sae(toy, token_rows(toy, TOY_DIR, 128), SAEExperimentConfig(trai
 if os.environ.get("NLA_REAL_CHECKPOINTS"):
     from sae_lens import SAE
 
-    from nla_lens import backends, loading
-
-    av = nl.ActivationVerbalizer.from_pretrained(os.environ["NLA_AV"], device="cuda", dtype=torch.bfloat16)
-    nla = nl.NLA(av, nl.ActivationReconstructor.from_pretrained(os.environ["NLA_AR"], device="cuda",
-                                                                dtype=torch.bfloat16))
+    nla = nl.NLA.from_pretrained(os.environ["NLA_AV"], os.environ["NLA_AR"], device="cuda", dtype=torch.bfloat16)
+    base = nl.load_base(nla, device="cuda", dtype=torch.bfloat16)
     K = nla.av.meta.layer
-    base_folder = loading.resolve_checkpoint("Qwen/Qwen3-8B")
-    base = backends.load_model(base_folder, loading.load_tokenizer(base_folder), dtype=torch.bfloat16, device="cuda")
     sae = SAE.load_from_disk(os.environ["NLA_SAE"], device="cuda")
     SKIP_FIRST, MAX_NEW_TOKENS = 1, 150
 
@@ -122,7 +115,7 @@ card  # noqa: B018 - the notebook shows it as HTML
 
 # %%
 sae_model = nl.hooked_sae_transformer(base)
-tokens = sae_model.to_tokens(texts[0], prepend_bos=False)
+tokens = sae_model.to_tokens(texts[0])
 sae_model.add_sae(sae)
 try:
     with nl.capture(sae_model, K, positions=-1) as cap:

@@ -25,15 +25,13 @@ import os
 import torch
 
 import nla_lens as nl
-from nla_lens.toy.demo import TOY_DIR
-from nla_lens.toy.evaluate import ToyNLA
 
 # %% [markdown]
 # ## The toy NLA and its base model
 
 # %%
-toy = ToyNLA.load(TOY_DIR)
-nla, base = nl.NLA(toy.av, toy.ar), toy.base
+toy = nl.toy.load()
+nla, base = toy.nla, toy.base
 PROMPT = "King: Come hither, my good lord, and tell"
 NEW_WORD = " the"  # the toy edit: make the explanation predict this token instead
 
@@ -44,31 +42,30 @@ def edit(explanation: str) -> str:
     return f'{head}{found}"{NEW_WORD}".' if found else explanation
 
 
-MAX_NEW_TOKENS = 48
+MAX_NEW_TOKENS, CONTINUE_TOKENS = 48, 6
 ALPHA = 1.0
+REAL = False
 
 # %% [markdown]
 # ## Real checkpoints: the released Qwen3-8B NLA (layer 24)
 # Needs a GPU, `Qwen/Qwen3-8B` in the local HF cache and the AV and AR checkpoint folders:
 # `NLA_REAL_CHECKPOINTS=1 NLA_AV=/path/to/av NLA_AR=/path/to/ar`. The edit is the paper's
-# "Planning in Poetry" one: at the end of the first line, swap the planned rhyme.
+# "Planning in Poetry" one: at the end of the first line, swap the planned rhyme. The new rhyme is due
+# at the end of the second line, not at the next token, so read it in the steered continuation (the
+# next-token numbers below are about the toy's edit).
 
 # %%
 if os.environ.get("NLA_REAL_CHECKPOINTS"):
-    from nla_lens import backends, loading
-
-    av = nl.ActivationVerbalizer.from_pretrained(os.environ["NLA_AV"], device="cuda", dtype=torch.bfloat16)
-    ar = nl.ActivationReconstructor.from_pretrained(os.environ["NLA_AR"], device="cuda", dtype=torch.bfloat16)
-    nla = nl.NLA(av, ar)
-    base_folder = loading.resolve_checkpoint("Qwen/Qwen3-8B")
-    base = backends.load_model(base_folder, loading.load_tokenizer(base_folder), dtype=torch.bfloat16, device="cuda")
+    nla = nl.NLA.from_pretrained(os.environ["NLA_AV"], os.environ["NLA_AR"], device="cuda", dtype=torch.bfloat16)
+    base = nl.load_base(nla, device="cuda", dtype=torch.bfloat16)
     PROMPT = "A rhyming couplet:\nHe saw a carrot and had to grab it,\n"
     NEW_WORD = " mouse"
 
     def edit(explanation: str) -> str:
         return explanation.replace("rabbit", "mouse")
 
-    MAX_NEW_TOKENS = 150
+    MAX_NEW_TOKENS, CONTINUE_TOKENS = 150, 16
+    REAL = True
 
 # %% [markdown]
 # ## One call: verbalize, edit, reconstruct, steer
@@ -77,9 +74,9 @@ if os.environ.get("NLA_REAL_CHECKPOINTS"):
 # the edit, Delta, next-token distributions without and with the hook, and greedy continuations.
 
 # %%
-tokens = torch.tensor([base.tokenizer.encode(PROMPT, add_special_tokens=False)])
+tokens = base.to_tokens(PROMPT)  # BOS first where the tokenizer has one, as in training
 result = nl.steer_with_words(nla, base, tokens, -1, edit=edit, alpha=ALPHA, samples=3, max_new_tokens=MAX_NEW_TOKENS,
-                             continue_tokens=6)
+                             continue_tokens=CONTINUE_TOKENS)
 print(result)
 for before, after in zip(result.explanations[0], result.edited[0], strict=True):
     print(f"  {before!r}\n    -> {after!r}")
@@ -98,7 +95,7 @@ for alpha in (0.25, 0.5, 1.0, 2.0):
     logits = base.run_with_hooks(tokens, fwd_hooks=result.fwd_hooks(alpha=alpha))
     print(f"alpha {alpha:<4}: p({NEW_WORD!r}) = {logits[0, -1].softmax(-1)[target]:.3f}")
 with base.hooks(fwd_hooks=result.fwd_hooks()):
-    generated = base.generate(tokens, max_new_tokens=6, do_sample=False, verbose=False)
+    generated = base.generate(tokens, max_new_tokens=CONTINUE_TOKENS, do_sample=False, verbose=False)
 print(repr(base.tokenizer.decode(generated[0, tokens.shape[1]:].tolist())))
 
 # %% [markdown]
@@ -122,7 +119,7 @@ print(difference.explanations)
 # README's table; `python -m nla_lens.toy.steer_words_experiment`). A small run:
 
 # %%
-if not os.environ.get("NLA_REAL_CHECKPOINTS"):
+if not REAL:
     from nla_lens.toy.steer_words_experiment import run_experiment
 
     measured = run_experiment(n_sites=40)
@@ -130,12 +127,13 @@ if not os.environ.get("NLA_REAL_CHECKPOINTS"):
 
 # %% [markdown]
 # ## Check
-# The new word became the base model's most likely next token at the steered position, the
-# edited explanations name it, and the hook left the model when each run ended.
+# The hook left the model when each run ended. On the toy, the new word also became the base model's
+# most likely next token at the steered position, and the edited explanations name it.
 
 # %%
-assert int(result.steered_logprobs[0].argmax()) == target != int(result.clean_logprobs[0].argmax())
-assert all(NEW_WORD.strip() in text for text in result.edited[0])
 assert all(not hp.fwd_hooks for hp in base.hook_dict.values())
 assert len(difference.verbalizations) == 1
+if not REAL:
+    assert int(result.steered_logprobs[0].argmax()) == target != int(result.clean_logprobs[0].argmax())
+    assert all(NEW_WORD.strip() in text for text in result.edited[0])
 print("ok")
