@@ -113,7 +113,7 @@ def resolve_baseline(vectors: Float[Tensor, "n d_model"], mse_scale: float, give
     return Baseline(None, "none", warning=(
         f"no FVE: the AR's sidecar records no held-out baseline and {problem}. Pass baseline= "
         "(--baseline to nla-lens; metrics.paper_baseline of a few hundred held-out layer-K vectors; about 0.56 "
-        "for the released Qwen3-8B L24 pair), or score more vectors at once."))
+        "for Qwen3-8B layer-24 vectors), or score more vectors at once."))
 
 
 @dataclass(frozen=True, eq=False, repr=False)
@@ -233,8 +233,8 @@ class NLA:
 
         The FVE baseline is `baseline` if given, else the one the AR's sidecar records (nla_lens's
         exporter writes the held-out one), else the paper baseline of `vectors` when there are at least
-        32 of them; otherwise `fve` is None and `warnings` says how to get one (the released Qwen3-8B
-        L24 pair: about 0.56).
+        32 of them; otherwise `fve` is None and `warnings` says how to get one (for Qwen3-8B
+        layer-24 vectors: about 0.56).
         """
         check_counts(1, reconstruct_batch_size=reconstruct_batch_size)
         vectors = check_vectors(vectors, self.av.meta.d_model).float()

@@ -16,7 +16,7 @@
 #
 # This runs on the toy NLA bundled with nla_lens: a small Shakespeare LM (6 layers, d_model 128) read
 # at layer 3, whose AV was trained to say which token it sees, the token before it, and what the
-# base model predicts next. It loads in seconds on a CPU. The real Qwen3-8B cell below is skipped
+# base model predicts next. It loads in seconds on a CPU. The real-checkpoint cell below is skipped
 # unless `NLA_REAL_CHECKPOINTS=1`.
 
 # %%
@@ -41,9 +41,11 @@ MAX_NEW_TOKENS = 48
 REAL = False
 
 # %% [markdown]
-# ## Real checkpoints: the released Qwen3-8B NLA (layer 24)
-# Needs a GPU, `Qwen/Qwen3-8B` in the local HF cache (`hf download Qwen/Qwen3-8B`) and the AV and AR
-# folders: `NLA_REAL_CHECKPOINTS=1 NLA_AV=/path/to/av NLA_AR=/path/to/ar`. `nl.load_base(nla)` loads
+# ## Real checkpoints: a released NLA pair
+# Needs a GPU, the base model the sidecar names in the local HF cache (e.g. `hf download
+# Qwen/Qwen2.5-7B-Instruct` for `kitft/nla-qwen2.5-7b-L20-av` / `-ar`) and the AV and AR folders:
+# `NLA_REAL_CHECKPOINTS=1 NLA_AV=/path/to/av NLA_AR=/path/to/ar`. The nanoNLA Qwen3-8B release is an AV
+# only: pair it with an AR you trained (`nla-lens train-ar`). `nl.load_base(nla)` loads
 # the base model the sidecar names, without TransformerLens's weight processing (centering, folded
 # norms), which would change the residual stream the NLA was trained on.
 

@@ -15,7 +15,7 @@
 # asks the AV about the steering vector itself.
 #
 # This runs on the toy NLA bundled with nla_lens (a small Shakespeare LM read at layer 3, whose AV
-# names the token it sees, the one before it and the predicted next one). The real Qwen3-8B cell is
+# names the token it sees, the one before it and the predicted next one). The real-checkpoint cell is
 # skipped unless `NLA_REAL_CHECKPOINTS=1`.
 
 # %%
@@ -39,9 +39,11 @@ PROMPTS = ["Juliet: I do hate", "Romeo: I hate", "Nurse: I hate"]
 REAL = False
 
 # %% [markdown]
-# ## Real checkpoints: the released Qwen3-8B NLA (layer 24)
-# Needs a GPU, `Qwen/Qwen3-8B` in the local HF cache and the AV and AR folders:
-# `NLA_REAL_CHECKPOINTS=1 NLA_AV=/path/to/av NLA_AR=/path/to/ar`.
+# ## Real checkpoints: a released NLA pair
+# Needs a GPU, the base model the sidecar names in the local HF cache (e.g. `hf download
+# Qwen/Qwen2.5-7B-Instruct` for `kitft/nla-qwen2.5-7b-L20-av` / `-ar`) and the AV and AR folders:
+# `NLA_REAL_CHECKPOINTS=1 NLA_AV=/path/to/av NLA_AR=/path/to/ar`. The nanoNLA Qwen3-8B release is an AV
+# only: pair it with an AR you trained (`nla-lens train-ar`).
 
 # %%
 if os.environ.get("NLA_REAL_CHECKPOINTS"):

@@ -17,7 +17,7 @@
 # The question here: which block's output carries the identity of a token to layer K? On the toy
 # NLA bundled with nla_lens (a small Shakespeare LM read at layer 3, whose AV names the token it
 # sees), patch one component at the token that differs and ask the AV which token it now reads.
-# The real Qwen3-8B cell is skipped unless `NLA_REAL_CHECKPOINTS=1`.
+# The real-checkpoint cell is skipped unless `NLA_REAL_CHECKPOINTS=1`.
 
 # %%
 import os
@@ -37,9 +37,11 @@ CLEAN, CORRUPTED = "Macbeth: My lord, the king is dead, and I", "Macbeth: My lor
 REAL = False
 
 # %% [markdown]
-# ## Real checkpoints: the released Qwen3-8B NLA (layer 24)
-# Needs a GPU, `Qwen/Qwen3-8B` in the local HF cache and the AV and AR folders:
-# `NLA_REAL_CHECKPOINTS=1 NLA_AV=/path/to/av NLA_AR=/path/to/ar`.
+# ## Real checkpoints: a released NLA pair
+# Needs a GPU, the base model the sidecar names in the local HF cache (e.g. `hf download
+# Qwen/Qwen2.5-7B-Instruct` for `kitft/nla-qwen2.5-7b-L20-av` / `-ar`) and the AV and AR folders:
+# `NLA_REAL_CHECKPOINTS=1 NLA_AV=/path/to/av NLA_AR=/path/to/ar`. The nanoNLA Qwen3-8B release is an AV
+# only: pair it with an AR you trained (`nla-lens train-ar`).
 
 # %%
 if os.environ.get("NLA_REAL_CHECKPOINTS"):
