@@ -196,11 +196,17 @@ def _shown_token(token: str) -> str:
 
 def visible_token(token: str) -> str:
     """A token as text that shows every character: a newline drawn as ↵, the spaces of an all-whitespace token
-    as ␣, other control characters as escapes (\\r, \\x0c). Bare, they leave a chip or a cell blank (a lone
-    space is a sliver, invisible outside a chip), and HTML reads a \\r as a line break."""
+    as ␣ (other spaces of one, such as a no-break or ideographic space, as their escapes: \\xa0, \\u3000), other
+    control characters as escapes (\\r, \\x0c). Bare, they leave a chip or a cell blank (a lone space is a
+    sliver, invisible outside a chip), and HTML reads a \\r as a line break."""
     if token.strip() == "":
-        token = token.replace(" ", "\u2423")
+        token = "".join("\u2423" if c == " " else _escaped(c) if unicodedata.category(c) == "Zs" else c
+                        for c in token)
     return _visible(token.replace("\n", "\u21b5"), keep="\t")
+
+
+def _escaped(char: str) -> str:
+    return char.encode("unicode_escape").decode("ascii")
 
 
 def _said(cell: TokenCell) -> str:
@@ -310,8 +316,7 @@ def _visible(text: str, keep: str = "") -> str:
     a form feed or \\u2028 splits a row in two."""
     if text.isprintable():
         return text
-    return "".join(c.encode("unicode_escape").decode("ascii") if c not in keep and unicodedata.category(c) in _UNSEEN
-                   else c for c in text)
+    return "".join(_escaped(c) if c not in keep and unicodedata.category(c) in _UNSEEN else c for c in text)
 
 
 def page(title: str, body: str) -> str:

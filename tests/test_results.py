@@ -228,6 +228,12 @@ def test_whitespace_tokens_stay_visible_in_tables_reprs_and_cards():
     assert "nla-peak' style='background:#fd8d3c;color:#111' title='1.000'>\u2423</span>" in card  # was an empty box
 
 
+def test_an_all_space_token_of_other_spaces_shows_each_as_its_escape():
+    """A no-break or ideographic space token left a chip blank: only ASCII spaces became ␣."""
+    assert display.visible_token("\xa0") == "\\xa0" and display.visible_token(" \u3000") == "\u2423\\u3000"
+    assert display.visible_token("a\xa0b") == "a\xa0b"  # inside a word the space shows as one
+
+
 def test_table_headers_name_the_units_of_their_columns(results):
     steering = results["word_steering"]
     assert "kl (nats)" in repr(steering).splitlines()[1] and "steered_next (token p)" in repr(steering)
