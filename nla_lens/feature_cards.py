@@ -146,7 +146,8 @@ def feature_card(
     readout = verbalize_sae_features(nla, sae, [feature], offset=offset, allow_other_hook=allow_other_hook,
                                      **verbalize_kwargs)
     n_active = int((flat[scanned] > 0).sum())
-    order = torch.nan_to_num(flat, nan=-float("inf")).argsort(descending=True)[:min(k, n_active)].tolist()
+    # Stable: exact ties (a text repeated, a shared prefix) keep text-then-position order, the same on every run.
+    order = torch.nan_to_num(flat, nan=-float("inf")).argsort(descending=True, stable=True)[:min(k, n_active)].tolist()
     starts = [0]
     for ids, _ in per_text:
         starts.append(starts[-1] + len(ids))

@@ -284,6 +284,18 @@ def test_feature_card_shows_the_strongest_contexts_next_to_the_explanation(toy, 
 
 
 @NEEDS_SAE_LENS
+def test_tied_activations_are_listed_in_text_then_position_order(toy):
+    """Identical texts give exactly tied activations; an unstable sort listed them in an arbitrary order."""
+    sae = make_sae(128, 32, f"blocks.{toy.av.meta.layer}.hook_resid_post")
+    texts = [TOY_TEXTS[2]] * 4
+    card = nl.feature_card(sae, toy.base, texts, 9, toy.av, k=12, max_new_tokens=2, progress=False)
+    acts = _reference_activations(toy, sae, texts[0], 9)
+    fired = sorted((p for p in range(len(acts)) if acts[p] > 0), key=lambda p: -float(acts[p]))
+    assert len(fired) >= 3
+    assert [(c.text, c.position) for c in card.contexts] == [(t, p) for p in fired for t in range(4)][:12]
+
+
+@NEEDS_SAE_LENS
 def test_a_card_window_marks_tokens_skip_first_left_out_instead_of_showing_zero(toy, tmp_path):
     """The window's tokens before `skip_first` were stored and shown as activation 0.000: never computed."""
     sae = make_sae(128, 32, f"blocks.{toy.av.meta.layer}.hook_resid_post")
