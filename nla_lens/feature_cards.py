@@ -23,6 +23,7 @@ from nla_lens.sae import (
     ResidualStats,
     check_sae_reads_layer,
     decoder_rows,
+    feature_id,
     text_residuals,
     verbalize_sae_features,
 )
@@ -131,6 +132,7 @@ def feature_card(
     check_sae_reads_layer(sae, av.meta.layer, av.meta.d_model, allow_other_hook=allow_other_hook)
     check_counts(1, k=k)
     check_counts(0, before=before, after=after, skip_first=skip_first)
+    feature = feature_id(feature)
     decoder_rows(sae, [feature])  # checks the id before the scan indexes with it
     per_text = []
     with torch.inference_mode():

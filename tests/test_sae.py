@@ -214,6 +214,22 @@ def test_numpy_feature_ids_are_ids(av_karvonen):
 
 
 @NEEDS_SAE_LENS
+def test_ids_taken_from_a_tensor_one_by_one_are_ids(toy):
+    """`for f in acts.topk(3).indices` yields 0-d tensors: they were refused as 'not ints'."""
+    sae = make_sae(128, 32, f"blocks.{toy.av.meta.layer}.hook_resid_post")
+    picked = torch.tensor([7, 2])
+    out = nl.verbalize_sae_features(toy.av, sae, list(picked), max_new_tokens=2, progress=False)
+    assert out.features == [7, 2] and torch.equal(out.vectors, sae.W_dec.detach()[[7, 2]])
+    card = nl.feature_card(sae, toy.base, TOY_TEXTS, picked[0], toy.av, k=2, max_new_tokens=2, progress=False)
+    assert type(card.feature) is int and card.feature == 7
+    every = [a for text in TOY_TEXTS for a in _reference_activations(toy, sae, text, 7).tolist()]
+    assert [c.activation for c in card.contexts] == pytest.approx(sorted(every, reverse=True)[:2], abs=1e-5)
+    for bad in (torch.tensor(True), torch.tensor(3.0), torch.tensor([3])):
+        with pytest.raises(nl.InputError, match="are not ints"):
+            nl.feature_card(sae, toy.base, TOY_TEXTS, bad, toy.av, max_new_tokens=2, progress=False)
+
+
+@NEEDS_SAE_LENS
 def test_nla_cosine_is_the_ar_reconstruction_against_the_decoder_row(toy):
     sae = make_sae(128, 32, f"blocks.{toy.av.meta.layer}.hook_resid_post")
     stats = nl.residual_stats(toy.base, TOY_TEXTS, toy.av.meta.layer, skip_first=8)
