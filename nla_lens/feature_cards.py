@@ -137,7 +137,9 @@ def feature_card(
     per_text = []
     with torch.inference_mode():
         for ids, resid in text_residuals(base, texts, av.meta.layer):
-            acts = sae.encode(resid.to(sae.W_dec.device, sae.W_dec.dtype))[:, feature].float().cpu()
+            acts = sae.encode(resid.to(sae.W_dec.device, sae.W_dec.dtype))
+            # TopK training SAEs with use_sparse_activations encode to a sparse COO tensor.
+            acts = (acts.to_dense() if acts.is_sparse else acts)[:, feature].float().cpu()
             acts[:skip_first] = float("nan")
             per_text.append((ids, acts))
     flat = torch.cat([acts for _, acts in per_text])

@@ -312,6 +312,30 @@ def test_tied_activations_are_listed_in_text_then_position_order(toy):
 
 
 @NEEDS_SAE_LENS
+def test_a_card_reads_an_sae_that_encodes_to_sparse_tensors(toy):
+    """A TopK training SAE with use_sparse_activations encodes to a sparse COO tensor: a bare TypeError before."""
+    from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    torch.manual_seed(0)
+    sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=128, d_sae=16, k=4, use_sparse_activations=True,
+                                                metadata=SAEMetadata(hook_name="blocks.3.hook_resid_post")))
+    feature = 0
+    every = []
+    for t, text in enumerate(TOY_TEXTS):
+        name = "blocks.3.hook_resid_post"
+        _, cache = toy.base.run_with_cache(torch.tensor([toy.base.tokenizer(text)["input_ids"]]), names_filter=name)
+        acts = sae.encode(cache[name][0]).detach().to_dense()[:, feature]
+        every += [(float(a), t, p) for p, a in enumerate(acts.tolist()) if p >= 1 and a > 0]
+    top = sorted(every, key=lambda e: (-e[0], e[1], e[2]))[:3]
+    card = nl.feature_card(sae, toy.base, TOY_TEXTS, feature, toy.av, k=3, skip_first=1, max_new_tokens=2,
+                           progress=False)
+    assert len(top) == 3 and card.n_active == len(every)
+    assert [(c.text, c.position) for c in card.contexts] == [(t, p) for _, t, p in top]
+    assert [c.activation for c in card.contexts] == pytest.approx([a for a, _, _ in top], abs=1e-5)
+
+
+@NEEDS_SAE_LENS
 def test_a_card_window_marks_tokens_skip_first_left_out_instead_of_showing_zero(toy, tmp_path):
     """The window's tokens before `skip_first` were stored and shown as activation 0.000: never computed."""
     sae = make_sae(128, 32, f"blocks.{toy.av.meta.layer}.hook_resid_post")
