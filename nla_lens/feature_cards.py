@@ -23,6 +23,7 @@ from nla_lens.sae import (
     ResidualStats,
     check_sae_reads_layer,
     decoder_rows,
+    feature_id,
     text_residuals,
     verbalize_sae_features,
 )
@@ -131,11 +132,14 @@ def feature_card(
     check_sae_reads_layer(sae, av.meta.layer, av.meta.d_model, allow_other_hook=allow_other_hook)
     check_counts(1, k=k)
     check_counts(0, before=before, after=after, skip_first=skip_first)
+    feature = feature_id(feature)
     decoder_rows(sae, [feature])  # checks the id before the scan indexes with it
     per_text = []
     with torch.inference_mode():
         for ids, resid in text_residuals(base, texts, av.meta.layer):
-            acts = sae.encode(resid.to(sae.W_dec.device, sae.W_dec.dtype))[:, feature].float().cpu()
+            acts = sae.encode(resid.to(sae.W_dec.device, sae.W_dec.dtype))
+            # TopK training SAEs with use_sparse_activations encode to a sparse COO tensor.
+            acts = (acts.to_dense() if acts.is_sparse else acts)[:, feature].float().cpu()
             acts[:skip_first] = float("nan")
             per_text.append((ids, acts))
     flat = torch.cat([acts for _, acts in per_text])
@@ -146,7 +150,8 @@ def feature_card(
     readout = verbalize_sae_features(nla, sae, [feature], offset=offset, allow_other_hook=allow_other_hook,
                                      **verbalize_kwargs)
     n_active = int((flat[scanned] > 0).sum())
-    order = torch.nan_to_num(flat, nan=-float("inf")).argsort(descending=True)[:min(k, n_active)].tolist()
+    # Stable: exact ties (a text repeated, a shared prefix) keep text-then-position order, the same on every run.
+    order = torch.nan_to_num(flat, nan=-float("inf")).argsort(descending=True, stable=True)[:min(k, n_active)].tolist()
     starts = [0]
     for ids, _ in per_text:
         starts.append(starts[-1] + len(ids))

@@ -215,23 +215,29 @@ class FeatureVerbalizations(TabularResult):
                 f"{failed} failed parses, {cosine}")
 
 
-def _feature_ids(features: list[int] | Tensor) -> list[int]:
-    """`features` as a list (a tensor's values, any iterable's items); a bare id is refused, not guessed.
+def feature_id(feature: Any) -> Any:
+    """An integer id of any kind (numpy's, a 0-d tensor from iterating `topk().indices`) as a Python int;
+    anything else (bools, floats, a 1-element tensor) as it came, to be refused by the range check."""
+    if isinstance(feature, Tensor) and feature.ndim == 0:
+        feature = feature.item()
+    return int(feature) if isinstance(feature, Integral) and not isinstance(feature, bool) else feature
 
-    Integer ids of any kind (numpy's, from an argsort) become Python ints; bools stay, to be refused.
-    """
+
+def feature_ids(features: list[int] | Tensor) -> list[int]:
+    """`features` as a list of [`feature_id`][nla_lens.sae.feature_id]s (a tensor's values, any iterable's
+    items); a bare id is refused, not guessed."""
     if isinstance(features, Tensor):
         features = features.tolist()
     ids = list(features) if isinstance(features, Iterable) and not isinstance(features, str) else []
     if not ids:
         raise InputError(f"features must be a non-empty list of feature ids, got {features!r} "
                          "(for one feature write [f])")
-    return [int(f) if isinstance(f, Integral) and not isinstance(f, bool) else f for f in ids]
+    return [feature_id(f) for f in ids]
 
 
 def decoder_rows(sae: SAE, features: list[int]) -> Float[Tensor, "n d_in"]:
     """`sae.W_dec[features]` as float32, after checking the ids."""
-    features = _feature_ids(features)
+    features = feature_ids(features)
     d_sae = sae.cfg.d_sae
     bad = [f for f in features if isinstance(f, bool) or not isinstance(f, int) or not 0 <= f < d_sae]
     if bad:
@@ -288,7 +294,7 @@ def verbalize_sae_features(
             f"the offset was measured at layer {offset.layer} but the NLA verbalizes layer K={av.meta.layer}; "
             f"take it there: nl.residual_stats(base, texts, {av.meta.layer})"
         )
-    features = _feature_ids(features)
+    features = feature_ids(features)
     rows = decoder_rows(sae, features)
     vectors = check_vectors(feature_vectors(rows, offset), av.meta.d_model)
     verbalizations = av.verbalize(vectors, **verbalize_kwargs)

@@ -214,6 +214,22 @@ def test_numpy_feature_ids_are_ids(av_karvonen):
 
 
 @NEEDS_SAE_LENS
+def test_ids_taken_from_a_tensor_one_by_one_are_ids(toy):
+    """`for f in acts.topk(3).indices` yields 0-d tensors: they were refused as 'not ints'."""
+    sae = make_sae(128, 32, f"blocks.{toy.av.meta.layer}.hook_resid_post")
+    picked = torch.tensor([7, 2])
+    out = nl.verbalize_sae_features(toy.av, sae, list(picked), max_new_tokens=2, progress=False)
+    assert out.features == [7, 2] and torch.equal(out.vectors, sae.W_dec.detach()[[7, 2]])
+    card = nl.feature_card(sae, toy.base, TOY_TEXTS, picked[0], toy.av, k=2, max_new_tokens=2, progress=False)
+    assert type(card.feature) is int and card.feature == 7
+    every = [a for text in TOY_TEXTS for a in _reference_activations(toy, sae, text, 7).tolist()]
+    assert [c.activation for c in card.contexts] == pytest.approx(sorted(every, reverse=True)[:2], abs=1e-5)
+    for bad in (torch.tensor(True), torch.tensor(3.0), torch.tensor([3])):
+        with pytest.raises(nl.InputError, match="are not ints"):
+            nl.feature_card(sae, toy.base, TOY_TEXTS, bad, toy.av, max_new_tokens=2, progress=False)
+
+
+@NEEDS_SAE_LENS
 def test_nla_cosine_is_the_ar_reconstruction_against_the_decoder_row(toy):
     sae = make_sae(128, 32, f"blocks.{toy.av.meta.layer}.hook_resid_post")
     stats = nl.residual_stats(toy.base, TOY_TEXTS, toy.av.meta.layer, skip_first=8)
@@ -281,6 +297,42 @@ def test_feature_card_shows_the_strongest_contexts_next_to_the_explanation(toy, 
     assert page.count("nla-tok nla-peak") == len(card.contexts)  # each context's peak token is outlined
     assert list(card.to_pandas()["position"]) == [c.position for c in card.contexts]
     assert "NLA at the peak" not in page and set(card.to_pandas()["context_explanation"]) == {None}
+
+
+@NEEDS_SAE_LENS
+def test_tied_activations_are_listed_in_text_then_position_order(toy):
+    """Identical texts give exactly tied activations; an unstable sort listed them in an arbitrary order."""
+    sae = make_sae(128, 32, f"blocks.{toy.av.meta.layer}.hook_resid_post")
+    texts = [TOY_TEXTS[2]] * 4
+    card = nl.feature_card(sae, toy.base, texts, 9, toy.av, k=12, max_new_tokens=2, progress=False)
+    acts = _reference_activations(toy, sae, texts[0], 9)
+    fired = sorted((p for p in range(len(acts)) if acts[p] > 0), key=lambda p: -float(acts[p]))
+    assert len(fired) >= 3
+    assert [(c.text, c.position) for c in card.contexts] == [(t, p) for p in fired for t in range(4)][:12]
+
+
+@NEEDS_SAE_LENS
+def test_a_card_reads_an_sae_that_encodes_to_sparse_tensors(toy):
+    """A TopK training SAE with use_sparse_activations encodes to a sparse COO tensor: a bare TypeError before."""
+    from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    torch.manual_seed(0)
+    sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=128, d_sae=16, k=4, use_sparse_activations=True,
+                                                metadata=SAEMetadata(hook_name="blocks.3.hook_resid_post")))
+    feature = 0
+    every = []
+    for t, text in enumerate(TOY_TEXTS):
+        name = "blocks.3.hook_resid_post"
+        _, cache = toy.base.run_with_cache(torch.tensor([toy.base.tokenizer(text)["input_ids"]]), names_filter=name)
+        acts = sae.encode(cache[name][0]).detach().to_dense()[:, feature]
+        every += [(float(a), t, p) for p, a in enumerate(acts.tolist()) if p >= 1 and a > 0]
+    top = sorted(every, key=lambda e: (-e[0], e[1], e[2]))[:3]
+    card = nl.feature_card(sae, toy.base, TOY_TEXTS, feature, toy.av, k=3, skip_first=1, max_new_tokens=2,
+                           progress=False)
+    assert len(top) == 3 and card.n_active == len(every)
+    assert [(c.text, c.position) for c in card.contexts] == [(t, p) for _, t, p in top]
+    assert [c.activation for c in card.contexts] == pytest.approx([a for a, _, _ in top], abs=1e-5)
 
 
 @NEEDS_SAE_LENS
