@@ -59,7 +59,9 @@ class FeatureCard(TabularResult):
     feature: int
     hook_name: str
     verbalization: Verbalization
-    cosine: float | None  # cos(AR reconstruction, decoder row); None without an AR or on a failed parse
+    # verbalize_sae_features's cosine: cos(AR reconstruction, decoder row), the offset's mean taken off the
+    # reconstruction when there is one; None without an AR or on a failed parse
+    cosine: float | None
     contexts: list[FeatureContext]  # strongest first
     n_positions: int  # positions scanned
     n_active: int  # positions where the feature is > 0
