@@ -98,6 +98,23 @@ def test_train_av_given_the_ars_config_refuses_its_export_folder_and_leaves_it_u
     assert load_meta(tmp_path / "ar" / "model").role == "ar"
 
 
+def test_a_fresh_run_into_an_out_dir_with_a_longer_runs_checkpoints_is_refused_before_training(
+        tmp_path, base_folder, extract_config, capsys):
+    """A shorter fresh run there pruned its own checkpoint (train_result.json named a deleted folder) and left the
+    other run's as the one `resume: latest` picks."""
+    common, _ = _training_inputs(tmp_path, str(base_folder), extract_config)
+    assert main(["train-ar", _write(tmp_path / "ar.yaml", {**common, "out_dir": str(tmp_path / "ar")})]) == 0
+    before = _files(tmp_path / "ar")
+    capsys.readouterr()
+    shorter = {**common, "out_dir": str(tmp_path / "ar"), "train": {**common["train"], "steps": 2,
+                                                                    "keep_checkpoints": 1}}
+    assert main(["train-ar", _write(tmp_path / "shorter.yaml", shorter)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("nla-lens train-ar: ConfigError: ") and "past this run's 2 steps (step-000003)" in err
+    assert "set resume: latest" in err
+    assert _files(tmp_path / "ar") == before  # refused before training: nothing written
+
+
 def test_train_rl_refuses_an_out_dir_whose_av_folder_holds_an_ar(tmp_path, tiny_paths, capsys, monkeypatch):
     monkeypatch.setattr(nl.ActivationVerbalizer, "from_pretrained", lambda *a, **k: pytest.fail("loaded the AV"))
     shutil.copytree(tiny_paths["ar_paper"], tmp_path / "rl" / "av")

@@ -138,6 +138,7 @@ def train(
     `resume` is a checkpoint folder or "latest" (the newest under `out_dir`). `data` (`dataset.data_fingerprint`
     of the rows) is kept in each checkpoint and must match on resume.
     """
+    check_fresh_out_dir(out_dir, config.steps, resume)
     started = time.perf_counter()
     world = parallel.current_world()
     params = select_trainable(modules, config.trainable_blocks)
@@ -344,6 +345,18 @@ def resume_folder(resume: str | Path, out_dir: str | Path | None) -> Path:
                           f"({', '.join(later)}): until this run overwrites them, resume: latest picks them. Move "
                           "them away, or resume into a new out_dir", stacklevel=3)
     return folder
+
+
+def check_fresh_out_dir(out_dir: str | Path | None, steps: int, resume: str | Path | None) -> None:
+    """Refuse a fresh run into an `out_dir` holding checkpoints past its last step: another run's newest would
+    outlive this run's, so `resume: latest` would pick it and `keep_checkpoints` would prune this run's own."""
+    if resume is not None or out_dir is None:
+        return
+    later = [p.name for p in _checkpoints(Path(out_dir) / CHECKPOINT_DIR) if _step(p) > steps]
+    if later:
+        raise ConfigError(f"{out_dir} holds checkpoints of another run past this run's {steps} steps "
+                          f"({', '.join(later)}); point out_dir at a new folder, remove "
+                          f"{Path(out_dir) / CHECKPOINT_DIR}, or set resume: latest to continue that run")
 
 
 def _step(folder: Path) -> int:

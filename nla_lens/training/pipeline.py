@@ -28,7 +28,7 @@ from nla_lens.training.config import (
 from nla_lens.training.dataset import LabelledActivations, jsonl_lines, label_activations, split_by_document
 from nla_lens.training.export import check_export_folder, export_ar, export_av
 from nla_lens.training.extraction import Document, extract_activations, load_activations
-from nla_lens.training.loop import TrainResult
+from nla_lens.training.loop import TrainResult, check_fresh_out_dir
 from nla_lens.training.rl import train_rl
 from nla_lens.vector_files import json_text
 from nla_lens.verbalizer import ActivationVerbalizer
@@ -99,6 +99,7 @@ def run_train_av(config: AVRunConfig, *, progress: bool = True) -> RunResult:
     Under `torchrun` every rank runs this: data-parallel SFT (`config.train.data_parallel`), rank 0 writes.
     """
     check_export_folder(Path(config.out_dir) / MODEL_DIR, "av")  # before training, not after it
+    check_fresh_out_dir(config.out_dir, config.train.steps, config.resume)
     return _run_sft(config, _train_and_export_av, progress)
 
 
@@ -121,6 +122,7 @@ def run_train_ar(config: ARRunConfig, *, progress: bool = True) -> RunResult:
     Under `torchrun` every rank runs this: data-parallel SFT (`config.train.data_parallel`), rank 0 writes.
     """
     check_export_folder(Path(config.out_dir) / MODEL_DIR, "ar")  # before training, not after it
+    check_fresh_out_dir(config.out_dir, config.train.steps, config.resume)
     return _run_sft(config, _train_and_export_ar, progress)
 
 
@@ -152,6 +154,7 @@ def run_train_rl(config: RLRunConfig, *, progress: bool = True) -> RLRunResult:
     """
     for role in ("av", "ar"):  # before training, not after it
         check_export_folder(Path(config.out_dir) / role, role)
+    check_fresh_out_dir(config.out_dir, config.rl.steps, config.resume)
     activations, train, evaluation = _split(config)
     check_rl_layers(config, activations)
     with process_group(config.device) as world:

@@ -444,6 +444,7 @@ def train_rl(
     backends.require_hooked("RL training", av.model)
     backends.require_hooked("RL training", ar.model)
     check_pair(av.meta, ar.meta)
+    loop.check_fresh_out_dir(out_dir, config.steps, resume)
     check_samples_fit(av, ar, config.max_new_tokens)
     for model in (av.model, ar.model):
         freeze_weights_hf_lacks(model)  # TL-only biases stay zero, so the export can drop them
