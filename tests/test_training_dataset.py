@@ -122,3 +122,20 @@ def test_ar_rows_are_the_critic_prompt_without_special_tokens(base_folder, datas
         assert prompt == tokenizer.encode(dataset_meta.ar_prompt(explanation), add_special_tokens=False)
         assert prompt[-len(suffix):] == suffix
     assert torch.equal(rows.vectors, data.vectors)
+
+
+# The AV reads the injected vector, not layer K of its own stack: only its width must match.
+@pytest.mark.parametrize(("init", "shape", "message"), [
+    (init_ar, {"n_layers": 2}, r"has 2 layers, but the AR needs its first 3 \(the activations are layer 2's\)"),
+    (init_ar, {"d_model": 32}, r"has d_model=32, but the activations are 64-d vectors of layer 2"),
+    (init_av, {"d_model": 32}, r"has d_model=32, but the activations are 64-d vectors of layer 2"),
+])
+def test_a_base_model_that_cannot_hold_the_extractions_vectors_is_refused_before_its_weights_load(
+        tmp_path, dataset_meta, monkeypatch, init, shape, message):
+    """A narrower base failed only after its weights had loaded, blaming a sidecar; a shallower one gave the AR a
+    CheckpointError that said nothing of the fix."""
+    base = testing.save_base_model(tmp_path / "other", **{"d_model": 64, **shape})
+    monkeypatch.setattr(loading, "load_hooked_transformer", lambda *a, **k: pytest.fail("read the weights"))
+    with pytest.raises(nl.ConfigError, match=message) as refused:
+        init(base, dataset_meta)
+    assert "set base_model to the model the activations were extracted from (tiny)" in str(refused.value)

@@ -24,6 +24,7 @@ from nla_lens.training.dataset import (
     ARRows,
     LabelledActivations,
     ar_rows,
+    check_base_fits,
     check_document_disjoint,
     check_fits,
     data_fingerprint,
@@ -37,6 +38,7 @@ def init_ar(base_model: str | Path, dataset: NLAMeta, *, device: str | torch.dev
     """An untrained AR: the base's first K+1 blocks (no final norm, no unembed), readout = identity."""
     backends.require_hooked("training")
     folder = loading.resolve_checkpoint(base_model)
+    check_base_fits(loading.load_hf_config(folder), dataset, base_model, role="ar")
     tokenizer = loading.load_tokenizer(folder)
     meta = parse_meta(model_sidecar(dataset, "ar"), source="AR sidecar")
     check_tokenizer(meta, tokenizer, role="ar")

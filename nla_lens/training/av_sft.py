@@ -25,6 +25,7 @@ from nla_lens.training.dataset import (
     AVRows,
     LabelledActivations,
     av_rows,
+    check_base_fits,
     check_document_disjoint,
     check_fits,
     data_fingerprint,
@@ -55,6 +56,7 @@ def init_av(
         raise ConfigError("injection_scale is needed by embedding replacement and used by nothing else; "
                           f"got {injection_scale!r} with injection {spec.method!r}")
     folder = loading.resolve_checkpoint(base_model)
+    check_base_fits(loading.load_hf_config(folder), dataset, base_model, role="av")
     tokenizer = loading.load_tokenizer(folder)
     meta = parse_meta(model_sidecar(dataset, "av", injection=spec, injection_scale=injection_scale),
                       source="AV sidecar")

@@ -13,13 +13,14 @@ import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from nla_lens.errors import InputError, PromptTooLongError, SplitLeakError
+from nla_lens.errors import ConfigError, InputError, PromptTooLongError, SplitLeakError
 from nla_lens.sidecar import NLAMeta, ar_prompt_ids, av_prompt_ids
 from nla_lens.training.extraction import ActivationDataset, ActivationRecord
 
@@ -226,3 +227,17 @@ def check_fits(n_ctx: int, *rows: AVRows | ARRows) -> None:
     longest = max(r.max_length for r in rows)
     if longest > n_ctx:
         raise PromptTooLongError(f"a training row has {longest} tokens, over n_ctx={n_ctx}; shorten the explanations")
+
+
+def check_base_fits(hf_config: Any, dataset: NLAMeta, base_model: str | Path, *, role: str) -> None:
+    """Refuse a `base_model` whose width (or, for the AR, depth) cannot hold the extraction's vectors, read from
+    its config.json before any weight loads: else the AV / AR fails only once the weights are in, blaming a sidecar."""
+    config = hf_config.get_text_config()  # a Gemma-3 wrapper keeps the sizes in text_config
+    fix = f"set base_model to the model the activations were extracted from ({dataset.base_model})"
+    d_model, n_layers = getattr(config, "hidden_size", None), getattr(config, "num_hidden_layers", None)
+    if d_model is not None and d_model != dataset.d_model:
+        raise ConfigError(f"base_model {base_model} has d_model={d_model}, but the activations are "
+                          f"{dataset.d_model}-d vectors of layer {dataset.layer}; {fix}")
+    if role == "ar" and n_layers is not None and n_layers <= dataset.layer:
+        raise ConfigError(f"base_model {base_model} has {n_layers} layers, but the AR needs its first "
+                          f"{dataset.layer + 1} (the activations are layer {dataset.layer}'s); {fix}")
