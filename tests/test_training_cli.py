@@ -115,6 +115,22 @@ def test_a_fresh_run_into_an_out_dir_with_a_longer_runs_checkpoints_is_refused_b
     assert _files(tmp_path / "ar") == before  # refused before training: nothing written
 
 
+@pytest.mark.parametrize(("field", "message"), [
+    ("explanations", "InputError: explanations {path} is a folder; point it at the JSONL file itself"),
+    ("out_dir", "ConfigError: {config}: out_dir {path} is a file; point out_dir at a folder"),
+])
+def test_an_explanations_folder_or_an_out_dir_file_is_named_before_training(tmp_path, base_folder, extract_config,
+                                                                          capsys, field, message):
+    """A folder as explanations raised a bare IsADirectoryError; a file as out_dir failed only after training."""
+    common, _ = _training_inputs(tmp_path, str(base_folder), extract_config)
+    wrong = {"explanations": tmp_path / "acts", "out_dir": tmp_path / "explanations.jsonl"}[field]
+    config = _write(tmp_path / "ar.yaml", {**common, "out_dir": str(tmp_path / "ar"), field: str(wrong)})
+    capsys.readouterr()
+    assert main(["train-ar", config]) == 2
+    assert message.format(path=wrong, config=config) in capsys.readouterr().err
+    assert not (tmp_path / "ar").exists()
+
+
 def test_train_rl_refuses_an_out_dir_whose_av_folder_holds_an_ar(tmp_path, tiny_paths, capsys, monkeypatch):
     monkeypatch.setattr(nl.ActivationVerbalizer, "from_pretrained", lambda *a, **k: pytest.fail("loaded the AV"))
     shutil.copytree(tiny_paths["ar_paper"], tmp_path / "rl" / "av")

@@ -33,7 +33,8 @@ def _command(subparsers: argparse._SubParsersAction, name: str, config_cls: type
 
 
 def check_inputs(config: Any, path: str) -> None:
-    """The config's input files and folders exist and its device can run, before any model loads."""
+    """The config's input files and folders exist, its out_dir is not a file and its device can run, before any
+    model loads."""
     resolve_device(getattr(config, "device", "cpu"))
     for name in ("corpus", "activations", "explanations"):
         value = getattr(config, name, None)
@@ -42,6 +43,9 @@ def check_inputs(config: Any, path: str) -> None:
             # A relative path is read from where the command runs, which is easy to mistake for the YAML's folder.
             where = "" if Path(value).is_absolute() else f" (relative to the current folder {Path.cwd()})"
             raise ConfigError(f"{path}: {name} {value} does not exist{where}{hint}; check the path")
+    out_dir = getattr(config, "out_dir", None)
+    if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():  # else it fails once trained
+        raise ConfigError(f"{path}: out_dir {out_dir} is a file; point out_dir at a folder (it is created if missing)")
 
 
 def add_extract(subparsers: argparse._SubParsersAction) -> None:

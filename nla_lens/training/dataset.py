@@ -83,6 +83,8 @@ def label_activations(dataset: ActivationDataset, explanations: str | Path | Lab
 def jsonl_lines(path: str | Path, what: str) -> Iterator[tuple[int, str]]:
     """The non-blank lines of a UTF-8 JSONL file, numbered from 1; a file in another encoding is an
     `InputError` (its decode error is raised while reading a line, outside each caller's per-line check)."""
+    if Path(path).is_dir():  # else a bare IsADirectoryError that names neither the field nor the fix
+        raise InputError(f"{what} {path} is a folder; point it at the JSONL file itself")
     try:
         with Path(path).open(encoding="utf-8") as f:
             for line_no, line in enumerate(f, 1):
