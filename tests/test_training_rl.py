@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import warnings
 from pathlib import Path
 
 import pytest
@@ -458,6 +459,37 @@ def test_train_rl_refuses_an_av_and_ar_of_different_layers(layer1_extraction, ti
     config = _layer1_run(layer1_extraction, layer1_av, tiny_paths["ar_nanonla"])
     with pytest.raises(nl.PairMismatchError, match="layer"):
         run_train_rl(config, progress=False)
+
+
+def test_train_rl_warns_when_its_held_out_split_is_not_the_one_the_ar_was_exported_with(sft_pair, base_folder,
+                                                                                       tmp_path, monkeypatch):
+    """An RL YAML without the SFT runs' eval_fraction (its default is 0.1) silently trained on SFT's held-out
+    vectors and reported a held-out FVE on vectors SFT had trained on."""
+    from nla_lens.training import export_ar, label_activations, load_activations, pipeline, split_by_document
+
+    data = label_activations(load_activations(sft_pair / "acts"), sft_pair / "explanations.jsonl")
+    ar = nl.ActivationReconstructor.from_pretrained(sft_pair / "ar", backend="hooked")
+    export_ar(ar, tmp_path / "ar", base_folder, heldout=split_by_document(data, 0.25, 0)[1].vectors)
+
+    class Trained(Exception):
+        pass
+
+    def refuse_training(*args, **kwargs):
+        raise Trained
+
+    monkeypatch.setattr(pipeline, "_train_and_export_rl", refuse_training)
+    for fraction, warns in ((0.25, False), (0.5, True)):
+        config = RLRunConfig(av=str(sft_pair / "av"), ar=str(tmp_path / "ar"), activations=str(sft_pair / "acts"),
+                             explanations=str(sft_pair / "explanations.jsonl"), out_dir=str(tmp_path / "rl"),
+                             eval_fraction=fraction)
+        with contextlib.ExitStack() as stack:
+            caught = stack.enter_context(warnings.catch_warnings(record=True))
+            warnings.simplefilter("always")
+            stack.enter_context(pytest.raises(Trained))
+            run_train_rl(config, progress=False)
+        said = [str(w.message) for w in caught if "is not the one the AR" in str(w.message)]
+        assert bool(said) == warns, fraction
+    assert "RL would train on vectors SFT held out" in said[0] and "eval_fraction and split_seed" in said[0]
 
 
 # --- the CLI, one process and torchrun ---------------------------------------------------------------

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import math
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from nla_lens import backends, loading
+from nla_lens import backends, loading, metrics
 from nla_lens.distributed import World, device_for, process_group
 from nla_lens.errors import ConfigError, InputError
 from nla_lens.nla import check_pair
@@ -157,6 +159,7 @@ def run_train_rl(config: RLRunConfig, *, progress: bool = True) -> RLRunResult:
     check_fresh_out_dir(config.out_dir, config.rl.steps, config.resume)
     activations, train, evaluation = _split(config)
     check_rl_layers(config, activations)
+    check_rl_split(config, evaluation)
     with process_group(config.device) as world:
         result, av_dir, ar_dir = _train_and_export_rl(config, train, evaluation, device_for(world, config.device),
                                                       progress)
@@ -176,6 +179,21 @@ def check_rl_layers(config: RLRunConfig, activations: NLAMeta) -> None:
                 f"{config.av} and AR {config.ar} were trained on {name} {getattr(av, name)}; point activations "
                 "at the extraction the SFT pair was trained on (or extract that layer with nla-lens extract)"
             )
+
+
+def check_rl_split(config: RLRunConfig, evaluation: LabelledActivations) -> None:
+    """Warn when the held-out split is not the one the AR was exported with (its sidecar's `fve_baseline`
+    records that split's count and baseline): RL would train on vectors SFT held out and report an FVE on
+    vectors SFT trained on. A warning, not an error: RL on another extraction is a run one may mean."""
+    ar = load_meta(loading.resolve_checkpoint(config.ar))
+    if ar.fve_baseline is None:  # released ARs record no split
+        return
+    baseline = metrics.paper_baseline(evaluation.vectors.float(), ar.mse_scale)
+    if ar.fve_baseline_n != len(evaluation) or not math.isclose(baseline, ar.fve_baseline, rel_tol=1e-4):
+        warnings.warn(f"the held-out split ({len(evaluation)} vectors, baseline {baseline:.6g}) is not the one the AR "
+                      f"{config.ar} was exported with ({ar.fve_baseline_n} vectors, baseline {ar.fve_baseline:.6g}): "
+                      "RL would train on vectors SFT held out. Give train-rl the SFT runs' activations, explanations, "
+                      "eval_fraction and split_seed", stacklevel=2)
 
 
 def _train_and_export_rl(config: RLRunConfig, train: LabelledActivations, evaluation: LabelledActivations,
