@@ -12,7 +12,7 @@ import warnings
 from collections.abc import Callable, Sequence
 
 from nla_lens import __version__
-from nla_lens.errors import NLAError
+from nla_lens.errors import InputError, NLAError
 
 
 def _add_inspect(subparsers: argparse._SubParsersAction) -> None:
@@ -28,9 +28,14 @@ def _add_inspect(subparsers: argparse._SubParsersAction) -> None:
 def _run_inspect(args: argparse.Namespace) -> None:
     from nla_lens import loading
     from nla_lens.sidecar import check_tokenizer, load_meta
+    from nla_lens.training.extraction import SHARD_DIR
 
     folder = loading.resolve_checkpoint(args.checkpoint)
     meta = load_meta(folder)
+    if (folder / SHARD_DIR).is_dir() and not (folder / "config.json").is_file():  # else: "copy tokenizer files in"
+        raise InputError(f"{folder} is an extraction (nla-lens extract wrote it: vectors in {SHARD_DIR}/), not a "
+                         "checkpoint; inspect reads AV / AR folders. Read the vectors with "
+                         "nla_lens.training.load_activations")
     role = loading.checkpoint_role(folder, meta)  # the folder's, where the sidecar has none
     print(f"{'role':28s} {role!r}")
     for name in ("kind", "schema_version", "d_model", "layer", "injection", "injection_scale",

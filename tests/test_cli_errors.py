@@ -392,3 +392,12 @@ def test_text_files_that_are_not_utf8_are_input_errors(tiny_paths, tmp_path, no_
         read_corpus(utf16)
     with pytest.raises(nl.InputError, match="explanations .* is not UTF-8 text"):
         label_activations(None, utf16)  # the file is read before any row is looked at
+
+
+def test_inspect_of_an_extraction_folder_says_it_is_one(dataset_meta, tmp_path, capsys):
+    """It printed the sidecar, then asked for tokenizer files to be copied into the folder."""
+    folder = tmp_path / "activations"
+    (folder / "shards").mkdir(parents=True)
+    (folder / "nla_meta.yaml").write_text(yaml.safe_dump(dataset_meta.raw, allow_unicode=True), encoding="utf-8")
+    _fails(["inspect", folder], capsys, "InputError", "is an extraction (nla-lens extract wrote it",
+           "nla_lens.training.load_activations")
