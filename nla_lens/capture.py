@@ -313,6 +313,12 @@ def resid_post(model: TLModel, tokens: Int[Tensor, "batch pos"], layer: int, *,
     return kept[0]
 
 
+def text_resid_post(model: TLModel, tokens: Int[Tensor, "1 pos"], layer: int) -> Float[Tensor, "pos d_model"]:
+    """`resid_post` of one unpadded text, every token of it real: HookedTransformer would take a leading
+    pad-id token for left padding, and Qwen's pad token is `<|endoftext|>`, which ends documents."""
+    return resid_post(model, tokens, layer, attention_mask=torch.ones_like(tokens))[0]
+
+
 def check_block(model: TLModel, layer: int, name: str = "layer") -> None:
     """`layer` indexes one of the model's blocks."""
     n_layers = model.cfg.n_layers

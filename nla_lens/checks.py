@@ -144,10 +144,14 @@ def check_keywords(given: Iterable[str], accepted: Iterable[str], where: str, pa
     accepted = sorted(accepted)
     unknown = sorted(set(given) - set(accepted))
     if unknown:
-        close = difflib.get_close_matches(unknown[0], accepted, n=1)
-        hint = f"did you mean {close[0]!r}? " if close else ""
         raise InputError(f"{where} got the keyword(s) {unknown}, which neither it nor {passed_to} takes; "
-                         f"{hint}{passed_to} takes {accepted}")
+                         f"{did_you_mean(unknown[0], accepted)}{passed_to} takes {accepted}")
+
+
+def did_you_mean(name: str, choices: Iterable[str]) -> str:
+    """"did you mean 'x'? " for the choice closest to a mistyped `name`, or "" when none is close."""
+    close = difflib.get_close_matches(name, list(choices), n=1)
+    return f"did you mean {close[0]!r}? " if close else ""
 
 
 def check_fwd_hooks(fwd_hooks: Sequence, hook_names: Iterable[str], where: str) -> list:
@@ -159,10 +163,8 @@ def check_fwd_hooks(fwd_hooks: Sequence, hook_names: Iterable[str], where: str) 
     names = list(hook_names)
     for name, _ in fwd_hooks:
         if isinstance(name, str) and name not in names:
-            close = difflib.get_close_matches(name, names, n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
-            raise InputError(f"{where}: fwd_hooks names {name!r}, which is not a hook point of this model; {hint}"
-                             "pick one of base.hook_dict, e.g. 'blocks.1.hook_resid_post'")
+            raise InputError(f"{where}: fwd_hooks names {name!r}, which is not a hook point of this model; "
+                             f"{did_you_mean(name, names)}pick one of base.hook_dict, e.g. 'blocks.1.hook_resid_post'")
     return list(fwd_hooks)
 
 

@@ -33,7 +33,7 @@ def capture_text(base: str, layer: int, text: str, device: str, dtype: torch.dty
     """`blocks.{layer}.hook_resid_post` of the base model at every position of `text`, with each
     position's token (a `token` column), so an explanation can be read against what it explains."""
     from nla_lens import backends, loading
-    from nla_lens.capture import resid_post
+    from nla_lens.capture import text_resid_post
     from nla_lens.sidecar import text_ids
 
     if not text.strip():
@@ -48,8 +48,7 @@ def capture_text(base: str, layer: int, text: str, device: str, dtype: torch.dty
         raise PromptTooLongError(f"--text is {ids.shape[1]} tokens, over the base model's context of "
                                  f"{model.cfg.n_ctx}; pass a shorter text")
     with torch.inference_mode():
-        # All ones: HookedTransformer would mask a leading pad-id token (Qwen's <|endoftext|>) of this one text.
-        vectors = resid_post(model, ids, layer, attention_mask=torch.ones_like(ids))[0].float()
+        vectors = text_resid_post(model, ids, layer).float()
     return VectorTable(vectors, pa.table({"token": [tokenizer.decode([i]) for i in ids[0].tolist()]}))
 
 

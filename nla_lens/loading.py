@@ -29,6 +29,7 @@ from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
 from nla_lens import backends
 from nla_lens.backends import gemma3, hf_names
+from nla_lens.checks import did_you_mean
 from nla_lens.errors import CheckpointError, InjectionError, InputError, SidecarError
 from nla_lens.sidecar import NLAMeta, load_meta
 
@@ -544,11 +545,11 @@ def check_hook_point(folder: Path, hook_point: str, *, backend: str, trust_remot
                                          tokenizer=None)
     name = f"blocks.0.{block[2]}" if block else hook_point
     if name not in one_block.hook_dict:
-        close = [n.replace("blocks.0.", f"blocks.{block[1] if block else '<N>'}.", 1)
-                 for n in difflib.get_close_matches(name, one_block.hook_dict, n=1)]
-        hint = f"did you mean {close[0]!r}? " if close else ""
-        raise InjectionError(f"hook point {hook_point!r} does not exist in this model; {hint}pick one of "
-                             "model.hook_dict, e.g. 'blocks.1.hook_resid_post' or 'hook_embed'")
+        # Suggested in the block asked for (or as blocks.<N>. where none was): the model has its own copy of each
+        in_block = [n.replace("blocks.0.", f"blocks.{block[1] if block else '<N>'}.", 1) for n in one_block.hook_dict]
+        raise InjectionError(f"hook point {hook_point!r} does not exist in this model; "
+                             f"{did_you_mean(hook_point, in_block)}pick one of model.hook_dict, e.g. "
+                             "'blocks.1.hook_resid_post' or 'hook_embed'")
 
 
 def _empty_hooked_transformer(cfg: HookedTransformerConfig, tokenizer: PreTrainedTokenizerBase,

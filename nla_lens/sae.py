@@ -32,7 +32,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from nla_lens import backends
-from nla_lens.capture import check_block, resid_post
+from nla_lens.capture import check_block, text_resid_post
 from nla_lens.checks import check_counts
 from nla_lens.errors import BackendError, InputError, SAEMismatchError, VectorError
 from nla_lens.injection import check_vectors
@@ -156,8 +156,7 @@ def text_residuals(base: TLModel, texts: list[str], layer: int, *,
             if not ids:
                 raise InputError(f"text {text!r} has no tokens")
             tokens = torch.tensor([ids], device=base.cfg.device)
-            # All ones: HookedTransformer would mask a leading pad-id token (Qwen's <|endoftext|>) of one text.
-            out.append((ids, resid_post(base, tokens, layer, attention_mask=torch.ones_like(tokens))[0].float()))
+            out.append((ids, text_resid_post(base, tokens, layer).float()))
     return out
 
 

@@ -18,7 +18,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from nla_lens import backends, loading, metrics
-from nla_lens.capture import resid_post
+from nla_lens.capture import text_resid_post
 from nla_lens.errors import CheckpointError, InputError, NLAError
 from nla_lens.nla import NLA
 from nla_lens.reconstructor import ActivationReconstructor
@@ -104,9 +104,7 @@ class ToyNLA:
     @torch.inference_mode()
     def activations(self, ids: list[int]) -> Float[Tensor, "pos d_model"]:
         """`blocks.K.hook_resid_post` at every position of one tokenized text."""
-        tokens = torch.tensor([ids])
-        # All ones: HookedTransformer would mask a leading pad-id token (the toy's <|endoftext|>) of this one text.
-        return resid_post(self.base, tokens, self.av.meta.layer, attention_mask=torch.ones_like(tokens))[0].float()
+        return text_resid_post(self.base, torch.tensor([ids]), self.av.meta.layer).float()
 
 
 def long_speeches(play: Play) -> list[str]:
