@@ -141,6 +141,22 @@ def test_train_rl_refuses_an_out_dir_whose_av_folder_holds_an_ar(tmp_path, tiny_
     assert f"ConfigError: {tmp_path / 'rl' / 'av'} already holds an NLA AR" in capsys.readouterr().err
 
 
+def test_train_rl_into_the_sft_avs_out_dir_is_refused_before_training(tmp_path, tiny_paths, capsys, monkeypatch):
+    """RL pointed at the SFT AV's out_dir overwrote its train_result.json and mixed checkpoints with it."""
+    monkeypatch.setattr(nl.ActivationVerbalizer, "from_pretrained", lambda *a, **k: pytest.fail("loaded the AV"))
+    record = tmp_path / "av" / "train_result.json"
+    record.parent.mkdir()
+    record.write_text(json.dumps({"config": {"injection": "karvonen", "train": {"steps": 3}}}))
+    before = record.read_text()
+    config = _write(tmp_path / "rl.yaml", {"av": str(tiny_paths["av_karvonen"]), "ar": str(tiny_paths["ar_paper"]),
+                                           "activations": str(tmp_path), "explanations": str(tmp_path),
+                                           "out_dir": str(tmp_path / "av")})
+    assert main(["train-rl", config]) == 2
+    err = capsys.readouterr().err
+    assert f"ConfigError: {tmp_path / 'av'} holds a train-av run ({record}); train-rl would overwrite" in err
+    assert "run it with nla-lens train-av" in err and record.read_text() == before
+
+
 def test_export_refuses_a_folder_of_the_other_role_and_rewrites_its_own(tmp_path, tiny_paths, base_folder,
                                                                        dataset_meta):
     av_folder = shutil.copytree(tiny_paths["av_embedding"], tmp_path / "av")  # a paper AV: role av

@@ -78,6 +78,25 @@ def _split(config: SFTRunConfig | RLRunConfig) -> tuple[NLAMeta, LabelledActivat
     return (activations.meta, *split_by_document(data, config.eval_fraction, config.split_seed))
 
 
+def _run_command(config: dict) -> str:
+    """Which command wrote a `train_result.json`, told by its recorded config's keys."""
+    return "train-rl" if "rl" in config else "train-av" if "injection" in config else "train-ar"
+
+
+def check_result_file(out_dir: str | Path, command: str) -> None:
+    """Refuse an `out_dir` that holds another command's run (its `train_result.json`): this run would overwrite
+    that record and mix its checkpoints with the other run's (RL pointed at the SFT AV's out_dir)."""
+    path = Path(out_dir) / RESULT_FILE
+    try:
+        found = _run_command(json.loads(path.read_text(encoding="utf-8")).get("config", {}))
+    except (OSError, ValueError, AttributeError):  # no record (a new folder), or not one of ours: nothing to keep
+        return
+    if found != command:
+        raise ConfigError(f"{out_dir} holds a {found} run ({path}); {command} would overwrite its record and mix "
+                          "checkpoints with it. Point out_dir at a new folder, or, if this config is that run's, "
+                          f"run it with nla-lens {found}")
+
+
 def _save_result(config: SFTRunConfig | RLRunConfig, model_dir: Path, result: TrainResult, world: World) -> RunResult:
     if world.is_main:
         summary = {"model_dir": model_dir, "config": asdict(config), "world_size": world.world_size,
@@ -101,6 +120,7 @@ def run_train_av(config: AVRunConfig, *, progress: bool = True) -> RunResult:
     Under `torchrun` every rank runs this: data-parallel SFT (`config.train.data_parallel`), rank 0 writes.
     """
     check_export_folder(Path(config.out_dir) / MODEL_DIR, "av")  # before training, not after it
+    check_result_file(config.out_dir, "train-av")
     check_fresh_out_dir(config.out_dir, config.train.steps, config.resume)
     return _run_sft(config, _train_and_export_av, progress)
 
@@ -124,6 +144,7 @@ def run_train_ar(config: ARRunConfig, *, progress: bool = True) -> RunResult:
     Under `torchrun` every rank runs this: data-parallel SFT (`config.train.data_parallel`), rank 0 writes.
     """
     check_export_folder(Path(config.out_dir) / MODEL_DIR, "ar")  # before training, not after it
+    check_result_file(config.out_dir, "train-ar")
     check_fresh_out_dir(config.out_dir, config.train.steps, config.resume)
     return _run_sft(config, _train_and_export_ar, progress)
 
@@ -156,6 +177,7 @@ def run_train_rl(config: RLRunConfig, *, progress: bool = True) -> RLRunResult:
     """
     for role in ("av", "ar"):  # before training, not after it
         check_export_folder(Path(config.out_dir) / role, role)
+    check_result_file(config.out_dir, "train-rl")
     check_fresh_out_dir(config.out_dir, config.rl.steps, config.resume)
     activations, train, evaluation = _split(config)
     check_rl_layers(config, activations)
