@@ -139,6 +139,17 @@ def test_issue_rl_target_on_the_bundled_toy(heldout_scores):
     assert heldout_scores["rl"].fve - heldout_scores["sft"].fve >= 0.03
 
 
+def test_naming_fraction_is_the_exact_count_over_n(monkeypatch):
+    """The fraction was a float32 mean: 283 of 400 printed as 70.7%, the README's count says 70.75%."""
+    from nla_lens.toy import evaluate
+
+    toy = load()
+    vectors, tokens = evaluate.heldout_positions(toy, TOY_DIR, limit=10)
+    calls = iter(range(10))
+    monkeypatch.setattr(evaluate, "names_token", lambda *args: next(calls) == 0)  # the first of ten named
+    assert evaluate.score_items(toy, vectors, tokens).scores.names_final_token == 0.1
+
+
 def test_toy_activations_read_a_leading_pad_id_token_as_a_real_one():
     """The toy's pad token is <|endoftext|>, as Qwen's: HookedTransformer masked it as left padding when it led
     the one unpadded text (0.78 max abs vs HF at layer K), and every residual after it moved."""
