@@ -335,6 +335,17 @@ def check_token_tensor(value: object, name: str = "tokens") -> None:
         raise InputError(f"{name} must be [batch, pos], got shape {list(value.shape)}")
 
 
+def check_mask_values(attention_mask: Tensor) -> None:
+    """A mask holds 0/1 integers or booleans, as HF's: TransformerLens indexes with a float mask (IndexError)
+    and takes positions from its cumulative sum, so a mask of 2s or -1s runs silently with wrong positions."""
+    if attention_mask.is_floating_point() or attention_mask.is_complex():
+        raise InputError(f"attention_mask must hold 0/1 integers or booleans, got dtype {attention_mask.dtype}; "
+                         "pass mask.long() (1 for real tokens, 0 for padding)")
+    if not torch.isin(attention_mask.long(), torch.tensor([0, 1], device=attention_mask.device)).all():
+        raise InputError(f"attention_mask must hold only 0 and 1, got values {attention_mask.unique().tolist()[:8]}; "
+                         "pass (mask != 0).long() (1 for real tokens, 0 for padding)")
+
+
 def real_tokens(model: TLModel, attention_mask: Tensor | None,
                 tokens: Tensor | None) -> Bool[Tensor, "batch pos"] | None:
     """Which columns hold real tokens: the mask if given, else inferred from pads in `tokens`; None
@@ -342,6 +353,8 @@ def real_tokens(model: TLModel, attention_mask: Tensor | None,
     for name, value in (("tokens", tokens), ("attention_mask", attention_mask)):
         if value is not None:
             check_token_tensor(value, name)
+    if attention_mask is not None:
+        check_mask_values(attention_mask)
     if tokens is not None and attention_mask is not None and tokens.shape != attention_mask.shape:
         raise InputError(
             f"tokens {list(tokens.shape)} and attention_mask {list(attention_mask.shape)} must have the same shape"

@@ -236,6 +236,21 @@ def test_mask_of_another_shape_and_an_empty_capture_are_input_errors(base):
     assert no_hooks_left(base)
 
 
+@pytest.mark.parametrize(("wrong", "message"), [
+    (lambda mask: mask.float(), "got dtype torch.float32; pass mask.long()"),
+    (lambda mask: mask * 2, r"must hold only 0 and 1, got values \[0, 2\]"),
+    (lambda mask: mask * 2 - 1, r"must hold only 0 and 1, got values \[-1, 1\]"),
+])
+def test_a_mask_that_is_not_0_1_is_refused(base, wrong, message):
+    """A float mask raised TL's bare IndexError; a mask of 2s or -1s ran with positions from its cumsum."""
+    tokens, mask = padded(base, "left")
+    with pytest.raises(nl.InputError, match=message):
+        nl.capture(base, LAYER, -1, attention_mask=wrong(mask.long()), tokens=tokens)
+    with nl.capture(base, LAYER, -1, attention_mask=mask.bool(), tokens=tokens) as cap:
+        base(tokens, attention_mask=mask)
+    assert len(cap.vectors) == len(tokens)
+
+
 def test_reentering_a_capture_that_is_recording_is_refused_and_leaks_no_hook(base):
     """A second `with cap:` inside the first would replace the handles, leaving a hook on the block forever."""
     tokens, mask = padded(base, "left")
