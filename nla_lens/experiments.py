@@ -276,7 +276,8 @@ def patching_study(
     """Patch one activation from the clean run into the corrupted run, then read all three runs out at layer K.
 
     Follows `transformer_lens.patching` (`get_act_patch_resid_pre` and friends): the activation is
-    `utils.get_act_name(activation_name, patch_layer)` (default `blocks.{L}.hook_resid_pre`), taken
+    `utils.get_act_name(activation_name, patch_layer)` (default `blocks.{L}.hook_resid_pre`; `"embed"` with
+    `patch_layer=0` is `hook_embed`, the token embedding before block 0), taken
     from `run_with_cache` on the clean tokens, and written into the corrupted run at column
     `patch_position` of every row (for `pattern` / `attn_scores`, `[batch, head, query, key]`: the
     query row `patch_position` of every head; a column that is padding in some row warns); clean and
@@ -301,11 +302,12 @@ def patching_study(
             "[batch, pos] of one shape, as in transformer_lens.patching; pick prompts of equal token length"
         )
     _check_reaches(base_model, patch_layer, layer, "patch_layer")
-    hook_name = get_act_name(activation_name, patch_layer)
+    hook_name = _patch_hook_name(activation_name, patch_layer)
     if hook_name not in base_model.hook_dict:
         raise InputError(f"activation_name={activation_name!r} at patch_layer={patch_layer} names {hook_name!r}, which "
                          "is not a hook point of this model; pass the short name transformer_lens.utils.get_act_name "
-                         "takes (e.g. 'resid_pre', 'attn_out', 'mlp_out', 'z') and the block as patch_layer")
+                         "takes (e.g. 'resid_pre', 'attn_out', 'mlp_out', 'z', 'embed') and the block as "
+                         "patch_layer")
     backends.check_patchable(base_model, hook_name)
     width = clean_tokens.shape[1]
     if isinstance(patch_position, bool) or not isinstance(patch_position, int) or not -width <= patch_position < width:
@@ -336,6 +338,20 @@ def patching_study(
             rows.append(PatchingRow(run, site.batch, site.position, site.token,
                                     verbalizations[k * n + i], fves[k * n + i], cosines[i]))
     return PatchingStudy(rows, hook_name, clean.vectors, corrupted.vectors, patched.vectors, round_trip)
+
+
+_BEFORE_BLOCKS = ("embed", "pos_embed")  # hook_embed / hook_pos_embed: model-level, before block 0
+
+
+def _patch_hook_name(activation_name: str, patch_layer: int) -> str:
+    """`get_act_name(activation_name, patch_layer)`, except for the embeddings, which TL names without a block
+    (its `get_act_name("embed", 0)` says `blocks.0.hook_embed`, which no model has)."""
+    if activation_name not in _BEFORE_BLOCKS:
+        return get_act_name(activation_name, patch_layer)
+    if patch_layer != 0:
+        raise InputError(f"activation_name={activation_name!r} is the embedding before block 0, so patch_layer must "
+                         f"be 0, got {patch_layer}")
+    return f"hook_{activation_name}"
 
 
 def verbalize_direction(

@@ -143,6 +143,22 @@ def test_patching_study_equals_hand_written_tl_patching(base, nla, layer, positi
     assert no_hooks_left(base)
 
 
+def test_patching_the_embedding_of_the_one_differing_token_gives_the_clean_run(base, av_karvonen):
+    """activation_name="embed" was refused: TL's get_act_name("embed", 0) says blocks.0.hook_embed. The tiny base
+    has no positional embedding, so the corrupted run with the clean token's embedding is the clean run."""
+    clean_tokens, corrupted_tokens = (t[:1] for t in equal_length_pair(base))
+    column = int((clean_tokens[0] != corrupted_tokens[0]).nonzero()[0])
+    study = nl.patching_study(base, av_karvonen, clean_tokens, corrupted_tokens, patch_layer=0,
+                              patch_position=column, activation_name="embed", **FAST)
+    assert study.hook_name == "hook_embed"
+    assert torch.equal(study.patched_vectors, study.clean_vectors)
+    assert (study.corrupted_vectors - study.clean_vectors).abs().max() > 1e-2
+    with pytest.raises(nl.InputError, match="embedding before block 0, so patch_layer must be 0, got 1"):
+        nl.patching_study(base, av_karvonen, clean_tokens, corrupted_tokens, patch_layer=1, patch_position=column,
+                          activation_name="embed")
+    assert no_hooks_left(base)
+
+
 def hf_patching(folder, clean_tokens, corrupted_tokens, position):
     """Plain HF: decoder layer 0's output (TL's blocks.1.hook_resid_pre) at `position` copied from the clean
     run into the corrupted one, every token attended; hidden states of layer K at the last column."""
