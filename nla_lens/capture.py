@@ -22,6 +22,7 @@ from each model call (the token tensor or strings it runs, its ``attention_mask=
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -301,15 +302,26 @@ def capture(model: TLModel, layer: int, positions: PositionSpec = -1, *,
 
 def resid_post(model: TLModel, tokens: Int[Tensor, "batch pos"], layer: int, *,
                attention_mask: Int[Tensor, "batch pos"] | None = None) -> Float[Tensor, "batch pos d_model"]:
-    """`blocks.{layer}.hook_resid_post` of one run of `tokens` that runs no block after `layer`.
+    """`blocks.{layer}.hook_resid_post` of one run of `tokens` that runs no block after `layer`."""
+    return activation_at(model, tokens, f"blocks.{layer}.hook_resid_post", attention_mask=attention_mask)
 
-    Read from the hook rather than from what `stop_at_layer=layer + 1` returns: for the last block
-    HookedTransformer returns the residual but the bridge, which stops only in front of an existing
-    block, runs on and returns logits.
+
+def activation_at(model: TLModel, tokens: Int[Tensor, "batch pos"], hook_name: str, *,
+                  attention_mask: Int[Tensor, "batch pos"] | None = None) -> Tensor:
+    """`hook_name`'s activation in one run of `tokens` that runs no block after the hook's own.
+
+    Read from the hook rather than from what `stop_at_layer` returns: for the last block HookedTransformer
+    returns the residual but the bridge, which stops only in front of an existing block, runs on and
+    returns logits.
     """
+    block = re.match(r"blocks\.(\d+)\.", hook_name)
+    stop = None if block is None else int(block[1]) + 1
     kept: list[Tensor] = []
-    model.run_with_hooks(tokens, attention_mask=attention_mask, stop_at_layer=layer + 1,
-                         fwd_hooks=[(f"blocks.{layer}.hook_resid_post", lambda resid, hook: kept.append(resid))])
+    model.run_with_hooks(tokens, attention_mask=attention_mask, stop_at_layer=stop,
+                         fwd_hooks=[(hook_name, lambda activation, hook: kept.append(activation))])
+    if not kept:
+        raise InputError(f"{hook_name} did not fire in a forward pass of this model: TransformerLens computes some "
+                         "hook points only after their set_use_* switch")
     return kept[0]
 
 

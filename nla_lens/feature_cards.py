@@ -24,6 +24,7 @@ from nla_lens.sae import (
     check_sae_reads_layer,
     decoder_rows,
     feature_id,
+    resid_hook_names,
     text_residuals,
     verbalize_sae_features,
 )
@@ -121,8 +122,9 @@ def feature_card(
     """The `k` strongest activations of `feature` in `texts` (each with `before` / `after` tokens of
     context) next to the NLA's explanation of the feature's decoder row.
 
-    The base model runs each text to layer K, `sae.encode` reads `blocks.K.hook_resid_post`; the
-    first `skip_first` positions of each text are left out (e.g. a BOS that every feature ignores).
+    The base model runs each text to layer K, `sae.encode` reads `blocks.K.hook_resid_post` (an SAE of
+    another hook, let in by `allow_other_hook=True`, reads its own hook point); the first `skip_first`
+    positions of each text are left out (e.g. a BOS that every feature ignores).
     `explain_contexts=True` also verbalizes the base residual at each context's peak (`k` more AV
     generations): what the NLA says where the feature fires, beside what it says of the decoder row
     (on the bundled toy the former names the feature's token far more often: README, "SAE features").
@@ -131,14 +133,16 @@ def feature_card(
     av = nla.av if isinstance(nla, NLA) else nla
     if not isinstance(av, ActivationVerbalizer):
         raise InputError(f"nla must be an NLA or an ActivationVerbalizer, got {type(nla).__name__}")
-    check_sae_reads_layer(sae, av.meta.layer, av.meta.d_model, allow_other_hook=allow_other_hook)
+    hook_name = check_sae_reads_layer(sae, av.meta.layer, av.meta.d_model, allow_other_hook=allow_other_hook)
     check_counts(1, k=k)
     check_counts(0, before=before, after=after, skip_first=skip_first)
     feature = feature_id(feature)
     decoder_rows(sae, [feature])  # checks the id before the scan indexes with it
     per_text = []
     with torch.inference_mode():
-        for ids, resid in text_residuals(base, texts, av.meta.layer):
+        # The SAE encodes what it was trained on: another hook's activations when allow_other_hook let it in.
+        scanned_hook = None if hook_name in resid_hook_names(av.meta.layer) else hook_name
+        for ids, resid in text_residuals(base, texts, av.meta.layer, hook_name=scanned_hook):
             acts = sae.encode(resid.to(sae.W_dec.device, sae.W_dec.dtype))
             # TopK training SAEs with use_sparse_activations encode to a sparse COO tensor.
             acts = (acts.to_dense() if acts.is_sparse else acts)[:, feature].float().cpu()

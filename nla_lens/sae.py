@@ -28,11 +28,11 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from nla_lens import backends
-from nla_lens.capture import check_block, text_resid_post
+from nla_lens.capture import activation_at, check_block, text_resid_post
 from nla_lens.checks import check_counts
 from nla_lens.errors import BackendError, InputError, SAEMismatchError, VectorError
 from nla_lens.injection import check_vectors
@@ -135,12 +135,13 @@ class ResidualStats:
         return cls(mean, spread, len(vectors), layer)
 
 
-def text_residuals(base: TLModel, texts: list[str], layer: int, *,
-                   max_tokens: int | None = None) -> list[tuple[list[int], Float[Tensor, "pos d_model"]]]:
+def text_residuals(base: TLModel, texts: list[str], layer: int, *, max_tokens: int | None = None,
+                   hook_name: str | None = None) -> list[tuple[list[int], Float[Tensor, "pos d_model"]]]:
     """(token ids, `blocks.{layer}.hook_resid_post` at every position) of each text, one run per text.
 
     Texts are tokenized with special tokens (a BOS first where the tokenizer has one), as the NLA
     training code extracted its activations; `max_tokens` cuts each text (default: the context).
+    `hook_name` reads that `[pos, d]` hook point instead (an SAE of another hook, read where it fires).
     """
     if isinstance(texts, str) or not texts:
         raise InputError("texts must be a non-empty list of strings")
@@ -156,8 +157,21 @@ def text_residuals(base: TLModel, texts: list[str], layer: int, *,
             if not ids:
                 raise InputError(f"text {text!r} has no tokens")
             tokens = torch.tensor([ids], device=base.cfg.device)
-            out.append((ids, text_resid_post(base, tokens, layer).float()))
+            out.append((ids, (text_resid_post(base, tokens, layer) if hook_name is None
+                              else _text_activation(base, tokens, hook_name)).float()))
     return out
+
+
+def _text_activation(base: TLModel, tokens: Int[Tensor, "1 pos"], hook_name: str) -> Float[Tensor, "pos d"]:
+    """`hook_name` at every token of one unpadded text (all real, as `text_resid_post`)."""
+    if hook_name not in base.hook_dict:
+        raise SAEMismatchError(f"the SAE reads {hook_name!r}, which this base model has no hook point for; use an "
+                               "SAE of this model")
+    activation = activation_at(base, tokens, hook_name, attention_mask=torch.ones_like(tokens))[0]
+    if activation.ndim != 2:
+        raise SAEMismatchError(f"the SAE reads {hook_name!r}, whose activation is {list(activation.shape)} per text, "
+                               "not [pos, d]; per-head hook points are not supported here")
+    return activation
 
 
 def residual_stats(base: TLModel, texts: list[str], layer: int, *, skip_first: int = 0,

@@ -266,9 +266,10 @@ def test_feature_verbalizations_rows_carry_the_features_and_cosines(toy):
     assert f"mean AR cosine to the decoder row {float(out.cosines.mean()):.3f}" in repr(out)
 
 
-def _reference_activations(toy, sae, text: str, feature: int) -> torch.Tensor:
-    """Independent reference: `feature`'s activation at every position of `text`, from a plain run_with_cache."""
-    name = f"blocks.{toy.av.meta.layer}.hook_resid_post"
+def _reference_activations(toy, sae, text: str, feature: int, name: str | None = None) -> torch.Tensor:
+    """Independent reference: `feature`'s activation at every position of `text`, from a plain run_with_cache
+    of `name` (default: layer K's residual)."""
+    name = name or f"blocks.{toy.av.meta.layer}.hook_resid_post"
     _, cache = toy.base.run_with_cache(torch.tensor([toy.base.tokenizer(text)["input_ids"]]), names_filter=name)
     return sae.encode(cache[name][0])[:, feature].detach()  # values only: the SAE's weights require grad
 
@@ -297,6 +298,26 @@ def test_feature_card_shows_the_strongest_contexts_next_to_the_explanation(toy, 
     assert page.count("nla-tok nla-peak") == len(card.contexts)  # each context's peak token is outlined
     assert list(card.to_pandas()["position"]) == [c.position for c in card.contexts]
     assert "NLA at the peak" not in page and set(card.to_pandas()["context_explanation"]) == {None}
+
+
+@NEEDS_SAE_LENS
+@pytest.mark.parametrize("hook", ["blocks.1.hook_resid_post", "blocks.3.hook_resid_mid", "hook_embed"])
+def test_a_card_of_an_sae_of_another_hook_scans_that_hook(toy, hook):
+    """allow_other_hook let the SAE in, but the scan encoded layer K's residual: contexts of activations the
+    SAE never sees. Its own hook point's are the ones a researcher looks for."""
+    sae = make_sae(128, 32, hook)
+    card = nl.feature_card(sae, toy.base, TOY_TEXTS, 9, toy.av, k=4, allow_other_hook=True, max_new_tokens=2,
+                           progress=False)
+    every = [(float(a), t, p) for t, text in enumerate(TOY_TEXTS)
+             for p, a in enumerate(_reference_activations(toy, sae, text, 9, hook).tolist()) if a > 0]
+    top = sorted(every, key=lambda e: (-e[0], e[1], e[2]))[:4]
+    assert len(top) == 4 and card.hook_name == hook and card.n_active == len(every)
+    assert [(c.text, c.position) for c in card.contexts] == [(t, p) for _, t, p in top]
+    assert [c.activation for c in card.contexts] == pytest.approx([a for a, _, _ in top], abs=1e-5)
+    with pytest.raises(nl.SAEMismatchError, match="no hook point for"):
+        nl.feature_card(make_sae(128, 32, "blocks.3.hook_nowhere"), toy.base, TOY_TEXTS, 9, toy.av,
+                        allow_other_hook=True, max_new_tokens=2, progress=False)
+    assert no_hooks_left(toy.base)
 
 
 @NEEDS_SAE_LENS
