@@ -127,6 +127,22 @@ def test_shards_written_without_a_documents_record_are_checked_by_their_rows_doc
         extract_activations(model, tokenizer, _changed(corpus, "id"), tmp_path, extract_config, progress=False)
 
 
+def test_a_damaged_shard_is_named_with_the_fix_on_load_and_on_resume(tmp_path, base_tl, corpus, extract_config):
+    """A shard cut short after its rename (a crash before its data reached the disk, an interrupted copy) was
+    safetensors' bare 'incomplete metadata' error, which names no file, from load_activations and from resuming."""
+    model, tokenizer = base_tl
+    whole = load_activations(extract_activations(model, tokenizer, corpus, tmp_path, extract_config, progress=False))
+    damaged = shard_path(tmp_path, 1)
+    damaged.write_bytes(damaged.read_bytes()[:-10])
+    for run in (lambda: load_activations(tmp_path),
+                lambda: extract_activations(model, tokenizer, corpus, tmp_path, extract_config, progress=False)):
+        with pytest.raises(nl.ConfigError, match=r"acts-00001\.safetensors cannot be read.*Delete it and rerun"):
+            run()
+    damaged.unlink()
+    again = load_activations(extract_activations(model, tokenizer, corpus, tmp_path, extract_config, progress=False))
+    assert torch.equal(again.vectors, whole.vectors) and again.records == whole.records
+
+
 def test_max_tokens_over_the_base_models_context_is_refused(tmp_path, base_tl, corpus, extract_config):
     model, tokenizer = base_tl
     config = dataclasses.replace(extract_config, max_tokens=model.cfg.n_ctx + 1)

@@ -9,6 +9,7 @@ in the safetensors metadata, so a shard is written (and counted as done) atomica
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -21,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import yaml
 from jaxtyping import Float
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -192,7 +193,7 @@ def documents_digest(docs: list[Document]) -> Tensor:
 
 def _check_written_shard(path: Path, docs: list[Document]) -> None:
     """A shard on disk is skipped only if this corpus would have written it from the same documents."""
-    with safe_open(str(path), framework="pt") as f:
+    with _open_shard(path) as f:
         if DOCUMENTS_KEY in f.keys():
             same = torch.equal(f.get_tensor(DOCUMENTS_KEY), documents_digest(docs))
         else:
@@ -206,7 +207,7 @@ def _check_written_shard(path: Path, docs: list[Document]) -> None:
 
 
 def _check_no_extra_shards(out: Path, n_shards: int) -> None:
-    extra = sorted(p for p in (out / SHARD_DIR).glob("acts-*.safetensors") if int(p.stem.split("-")[1]) >= n_shards)
+    extra = sorted(p for p in (out / SHARD_DIR).glob("acts-*.safetensors") if _shard_index(p) >= n_shards)
     if extra:
         raise ConfigError(
             f"{out} holds {len(extra)} shard(s) past the {n_shards} this corpus makes ({extra[0].name} ...), "
@@ -299,10 +300,27 @@ def load_activations(folder: str | Path) -> ActivationDataset:
         raise InputError(f"{folder}/{SHARD_DIR} holds no shards; run the extraction first")
     vectors, records = [], []
     for path in shards:
-        with safe_open(str(path), framework="pt") as f:
+        with _open_shard(path) as f:
             provenance = json.loads(f.metadata()["records"])
             positions, token_ids = f.get_tensor("positions").tolist(), f.get_tensor("token_ids").tolist()
             vectors.append(f.get_tensor("vectors"))
         records += [ActivationRecord(r["doc_id"], p, t, r["token"], r["prefix"])
                     for r, p, t in zip(provenance, positions, token_ids, strict=True)]
     return ActivationDataset(meta, torch.cat(vectors), records)
+
+
+def _shard_index(path: Path) -> int:
+    return int(path.stem.split("-")[1])
+
+
+@contextlib.contextmanager
+def _open_shard(path: Path) -> Iterator[Any]:
+    """A shard's reader; a file cut short after its rename (a crash before its data reached the disk, an
+    interrupted copy of the folder) is named, with the fix, instead of safetensors' bare header error."""
+    try:
+        reader = safe_open(str(path), framework="pt")
+    except SafetensorError as exc:
+        raise ConfigError(f"{path} cannot be read ({exc}): it is damaged or cut short. Delete it and rerun the "
+                          "extraction with the same config and corpus to write that shard again") from exc
+    with reader as f:
+        yield f
