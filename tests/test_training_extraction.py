@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 import nla_lens as nl
 from nla_lens import loading, testing
 from nla_lens.sidecar import check_tokenizer
-from nla_lens.training import Document, extract_activations, load_activations
+from nla_lens.training import Document, extract_activations, extraction, load_activations
 from nla_lens.training.extraction import DOCUMENTS_KEY, sample_positions, shard_path, token_facts
 
 pytestmark = NEEDS_TL3
@@ -141,6 +141,39 @@ def test_a_damaged_shard_is_named_with_the_fix_on_load_and_on_resume(tmp_path, b
     damaged.unlink()
     again = load_activations(extract_activations(model, tokenizer, corpus, tmp_path, extract_config, progress=False))
     assert torch.equal(again.vectors, whole.vectors) and again.records == whole.records
+
+
+def test_an_extraction_killed_midway_is_refused_until_resumed(tmp_path, base_tl, corpus, extract_config, monkeypatch):
+    """load_activations read the shards a killed run had written as if they were the whole corpus."""
+    model, tokenizer = base_tl
+    whole = load_activations(extract_activations(model, tokenizer, corpus, tmp_path / "whole", extract_config,
+                                                 progress=False))
+    write = extraction._write_shard
+
+    def write_then_die(*args, **kwargs):
+        write(*args, **kwargs)
+        if args[3] == shard_path(tmp_path / "out", 1):
+            raise KeyboardInterrupt("killed after the second shard")
+
+    monkeypatch.setattr(extraction, "_write_shard", write_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        extract_activations(model, tokenizer, corpus, tmp_path / "out", extract_config, progress=False)
+    with pytest.raises(nl.ConfigError, match=r"did not finish.*rerun it with the same config"):
+        load_activations(tmp_path / "out")
+    with pytest.raises(nl.ConfigError, match="use a new out_dir"):  # a refused resume writes nothing
+        extract_activations(model, tokenizer, corpus[:5], tmp_path / "whole", extract_config, progress=False)
+    assert len(load_activations(tmp_path / "whole")) == len(whole)
+    resumed = load_activations(extract_activations(model, tokenizer, corpus, tmp_path / "out", extract_config,
+                                                   progress=False))
+    assert torch.equal(resumed.vectors, whole.vectors) and resumed.records == whole.records
+
+
+def test_a_shard_missing_before_the_last_is_refused_not_skipped(tmp_path, base_tl, corpus, extract_config):
+    model, tokenizer = base_tl
+    extract_activations(model, tokenizer, corpus, tmp_path, extract_config, progress=False)
+    shard_path(tmp_path, 1).unlink()
+    with pytest.raises(nl.ConfigError, match=r"lacks 1 shard\(s\) before its last one \(acts-00001\.safetensors\)"):
+        load_activations(tmp_path)
 
 
 def test_max_tokens_over_the_base_models_context_is_refused(tmp_path, base_tl, corpus, extract_config):

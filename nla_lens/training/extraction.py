@@ -5,6 +5,8 @@ A folder holds `nla_meta.yaml` (``kind: nla_dataset``, ``schema_version: 1``) an
 `positions` / `token_ids` [n], with the per-row provenance (doc id, position, token, prefix) as JSON
 in the safetensors metadata, so a shard is written (and counted as done) atomically; its
 `documents_digest` [16] uint8 lets a resumed run check the shard holds the corpus's documents.
+While shards are being written the folder also holds `extraction.in_progress`, so a run killed midway
+is not read as a finished, smaller dataset.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 SHARD_DIR = "shards"
+IN_PROGRESS = "extraction.in_progress"  # present while shards are being written: load_activations refuses the folder
 DOCUMENTS_KEY = "documents_digest"  # the shard tensor `documents_digest` of the documents it holds
 
 
@@ -173,11 +176,13 @@ def extract_activations(
         if path.is_file():
             _check_written_shard(path, chunk)
         else:
+            (out / IN_PROGRESS).touch()  # only once writing: a refused resume leaves a finished folder loadable
             _write_shard(model, tokenizer, chunk, path, config)
         bar.update(len(chunk))
         n_shards = index + 1
     bar.close()
     _check_no_extra_shards(out, n_shards)
+    (out / IN_PROGRESS).unlink(missing_ok=True)
     return out
 
 
@@ -295,9 +300,14 @@ def load_activations(folder: str | Path) -> ActivationDataset:
     meta = load_meta(folder)
     if meta.kind != "nla_dataset":
         raise SidecarError(f"{folder} holds a {meta.kind} sidecar; point at an extraction folder")
+    if (folder / IN_PROGRESS).exists():
+        raise ConfigError(f"the extraction in {folder} did not finish (killed, failed, or still running): rerun it "
+                          f"with the same config and corpus to finish it, or delete {folder / IN_PROGRESS} to use the "
+                          "shards written so far")
     shards = sorted((folder / SHARD_DIR).glob("acts-*.safetensors"))
     if not shards:
         raise InputError(f"{folder}/{SHARD_DIR} holds no shards; run the extraction first")
+    _check_no_gaps(folder, shards)
     vectors, records = [], []
     for path in shards:
         with _open_shard(path) as f:
@@ -307,6 +317,16 @@ def load_activations(folder: str | Path) -> ActivationDataset:
         records += [ActivationRecord(r["doc_id"], p, t, r["token"], r["prefix"])
                     for r, p, t in zip(provenance, positions, token_ids, strict=True)]
     return ActivationDataset(meta, torch.cat(vectors), records)
+
+
+def _check_no_gaps(folder: Path, shards: list[Path]) -> None:
+    """Every shard up to the last one on disk: a deleted or lost shard would silently drop its documents' rows."""
+    present = {_shard_index(p) for p in shards}
+    missing = [i for i in range(max(present)) if i not in present]
+    if missing:
+        names = ", ".join(shard_path(folder, i).name for i in missing[:4]) + (" ..." if len(missing) > 4 else "")
+        raise ConfigError(f"{folder / SHARD_DIR} lacks {len(missing)} shard(s) before its last one ({names}); rerun "
+                          "the extraction with the same config and corpus to write them")
 
 
 def _shard_index(path: Path) -> int:
