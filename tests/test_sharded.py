@@ -147,6 +147,20 @@ def test_listed_shards_run_alone_and_the_merge_waits_for_all(tiny_paths, input_f
     assert "shards [4] do not exist" in capsys.readouterr().err
 
 
+def test_the_outputs_record_the_job_that_produced_them(tiny_paths, input_file, tmp_path):
+    """The README says to delete the shards folder once done, and its manifest was the only record of the input,
+    checkpoints and settings behind an output: the parquet rows and summary.json said nothing of them."""
+    av, ar, out = tiny_paths["av_karvonen"], tiny_paths["ar_nanonla"], tmp_path / "out.parquet"
+    sharded.round_trip_file(av, ar, input_file, out, sampling=GREEDY, baseline=0.5, shard_size=SHARD_SIZE,
+                            progress=False)
+    manifest = json.loads((shard_store.shard_folder(out) / shard_store.MANIFEST).read_text())
+    shutil.rmtree(shard_store.shard_folder(out))
+    job = json.loads(pq.read_schema(out).metadata[b"nla_lens_job"])
+    assert job == {"nla_lens_version": nl.__version__, **manifest}
+    assert job["job"] == "round-trip" and job["av"] == str(av.resolve()) and job["input"] == str(input_file.resolve())
+    assert json.loads(sharded.summary_path(out).read_text())["job"] == job
+
+
 def test_a_rerun_with_other_settings_names_them(tiny_paths, input_file, tmp_path):
     av, out = tiny_paths["av_karvonen"], tmp_path / "out.parquet"
     sharded.verbalize_file(av, input_file, out, sampling=GREEDY, shard_size=SHARD_SIZE, shards=[0],
