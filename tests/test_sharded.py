@@ -135,6 +135,15 @@ def test_a_damaged_shard_file_is_named_and_recomputed_once_deleted(tiny_paths, i
     assert result.computed == [1] and result.table.equals(reference)
 
 
+def test_a_damaged_manifest_is_named_with_the_fix(tiny_paths, input_file, tmp_path):
+    """A manifest renamed into place before its data reached the disk was json's bare JSONDecodeError."""
+    av, out = tiny_paths["av_karvonen"], tmp_path / "out.parquet"
+    sharded.verbalize_file(av, input_file, out, sampling=GREEDY, shard_size=SHARD_SIZE, shards=[0], progress=False)
+    (shard_store.shard_folder(out) / shard_store.MANIFEST).write_bytes(b"")
+    with pytest.raises(nl.ConfigError, match=r"manifest\.json cannot be read.*Delete .*out\.parquet\.shards and rerun"):
+        sharded.verbalize_file(av, input_file, out, sampling=GREEDY, shard_size=SHARD_SIZE, progress=False)
+
+
 def test_listed_shards_run_alone_and_the_merge_waits_for_all(tiny_paths, input_file, tmp_path, capsys):
     av, out = tiny_paths["av_karvonen"], tmp_path / "out.jsonl"
     assert main(verbalize_args(av, input_file, out, "--shards", "1,3")) == 0
