@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -166,6 +167,24 @@ def test_an_extraction_killed_midway_is_refused_until_resumed(tmp_path, base_tl,
     resumed = load_activations(extract_activations(model, tokenizer, corpus, tmp_path / "out", extract_config,
                                                    progress=False))
     assert torch.equal(resumed.vectors, whole.vectors) and resumed.records == whole.records
+
+
+def test_a_sidecar_write_cut_short_does_not_block_the_rerun(tmp_path, base_tl, corpus, extract_config, monkeypatch):
+    """The sidecar was written in place: half of it (a full disk, a kill) made the rerun refuse the folder as
+    "an extraction with other settings"."""
+    model, tokenizer = base_tl
+    write_text = Path.write_text
+
+    def half_then_fail(self, text, *args, **kwargs):
+        write_text(self, text[:len(text) // 2], *args, **kwargs)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", half_then_fail)
+    with pytest.raises(OSError, match="No space left"):
+        extract_activations(model, tokenizer, corpus, tmp_path, extract_config, progress=False)
+    monkeypatch.undo()
+    assert len(load_activations(extract_activations(model, tokenizer, corpus, tmp_path, extract_config,
+                                                    progress=False))) > 0
 
 
 def test_a_shard_missing_before_the_last_is_refused_not_skipped(tmp_path, base_tl, corpus, extract_config):

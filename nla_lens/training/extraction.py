@@ -229,7 +229,9 @@ def _write_or_check_sidecar(out: Path, sidecar: dict[str, Any]) -> None:
                 "tokenizer or templates); resume with the same config or use a new out_dir"
             )
         return
-    path.write_text(yaml.safe_dump(sidecar, allow_unicode=True, sort_keys=False), encoding="utf-8")
+    text = yaml.safe_dump(sidecar, allow_unicode=True, sort_keys=False)
+    # Atomically: a sidecar cut short (a full disk, a kill) made every resume "an extraction with other settings".
+    write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def _as_documents(documents: Iterable[Document | str]) -> Iterator[Document]:
