@@ -269,6 +269,9 @@ def test_the_vector_column_is_found_or_must_be_named(tiny_paths, rows, tmp_path)
     pq.write_table(pa.table({"vector": [[1.0] * 64, [1.0] * 63]}), tmp_path / "ragged.parquet")
     with pytest.raises(nl.InputError, match=r"lengths \[63, 64\]"):
         sharded.verbalize_file(av, tmp_path / "ragged.parquet", tmp_path / "o.parquet", progress=False)
+    pq.write_table(pa.table({"vector": pa.array([], pa.list_(pa.float32()))}), tmp_path / "empty.parquet")
+    with pytest.raises(nl.InputError, match="'vector' has no rows"):  # was "shape [n, 64], got (0, 0)"
+        sharded.verbalize_file(av, tmp_path / "empty.parquet", tmp_path / "o.parquet", progress=False)
 
 
 def test_an_output_on_the_input_file_is_refused_before_it_replaces_the_vectors(tiny_paths, input_file, capsys):
