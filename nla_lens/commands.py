@@ -192,11 +192,29 @@ def _run_verbalize(args: argparse.Namespace) -> None:
 
 def _text_lines(path: Path, flag: str, item: str) -> list[str]:
     """The non-blank lines of a UTF-8 text file given as `flag`, one `item` each."""
+    return [line for line in _lines(path, flag, item) if line.strip()]
+
+
+def _lines(path: Path, flag: str, item: str) -> list[str]:
     try:
-        return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as exc:
         raise InputError(f"{flag} {path} is not UTF-8 text ({exc}); pass a plain text file, one {item} a "
                          "line") from exc
+
+
+def _explanation_lines(path: Path) -> list[str]:
+    """Line i's explanation is vector i of the output, which holds no ids: a blank line before the last
+    explanation is refused, since skipping it would move every later vector onto the line above its own."""
+    lines = _lines(path, "--input", "explanation")
+    while lines and not lines[-1].strip():
+        lines.pop()
+    blank = [i + 1 for i, line in enumerate(lines) if not line.strip()]
+    if blank:
+        raise InputError(f"--input {path}: line(s) {blank[:8]} are blank; vector i of the output is line i's "
+                         "explanation, so give one explanation on every line (remove the blank lines, or put a "
+                         "placeholder where an explanation is missing)")
+    return lines
 
 
 def _run_round_trip(args: argparse.Namespace) -> None:
@@ -235,7 +253,8 @@ def add_reconstruct(subparsers: argparse._SubParsersAction) -> None:
         description="Map explanations back to vectors with an activation reconstructor.")
     parser.add_argument("--ar", required=True, help="the AR checkpoint folder (or a hub id in the local HF cache)")
     parser.add_argument("explanations", nargs="*", help="explanation strings")
-    parser.add_argument("--input", type=Path, help="a text file with one explanation per line")
+    parser.add_argument("--input", type=Path,
+                        help="a text file with one explanation per line (vector i is line i's; no blank lines)")
     parser.add_argument("--output", type=Path,
                         help="write the vectors here: .safetensors (tensor 'vectors') or .pt (one tensor)")
     parser.add_argument("--batch-size", type=int, default=64, help="explanations per AR batch")
@@ -255,7 +274,7 @@ def _run_reconstruct(args: argparse.Namespace) -> None:
     texts = list(args.explanations)
     if args.input:
         check_input_file(args.input, "--input")
-        texts += _text_lines(args.input, "--input", "explanation")
+        texts += _explanation_lines(args.input)
     if not texts:
         raise InputError("no explanations: give them as arguments, or --input FILE with one per line")
     ar = ActivationReconstructor.from_pretrained(args.ar, device=args.device, dtype=args.dtype)

@@ -53,7 +53,12 @@ def check_manifest(folder: Path, manifest: dict[str, Any]) -> None:
     path = folder / MANIFEST
     if not path.exists():
         return
-    recorded = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        recorded = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as exc:  # cut short after its rename, as a shard can be (see _read_shard)
+        raise ConfigError(f"{path} cannot be read ({type(exc).__name__}: {exc}): it is damaged or cut short, so the "
+                          f"shards beside it cannot be checked against this run. Delete {folder} and rerun to start "
+                          "over") from exc
     differing = sorted(k for k in recorded.keys() | manifest.keys() if recorded.get(k) != manifest.get(k))
     if differing:
         changes = ", ".join(f"{k}: {recorded.get(k)!r} -> {manifest.get(k)!r}" for k in differing)

@@ -19,7 +19,7 @@ import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
 
-from nla_lens import loading, metrics, shard_store
+from nla_lens import __version__, loading, metrics, shard_store
 from nla_lens.checks import check_counts, check_sampling, resolve_dtype
 from nla_lens.distributed import World, barrier, device_for, process_group
 from nla_lens.errors import InputError
@@ -167,9 +167,18 @@ def round_trip_file(
     fve = None if resolved.value is None else metrics.fve(mse, resolved.value)
     summary = RoundTripSummary(len(mse), float(mse.mean()), fve, resolved.value, resolved.source,
                                result.table.column("explanation").null_count, ar_meta.mse_scale)
-    write_atomic(summary_path(output), lambda tmp: tmp.write_text(json_text(asdict(summary), indent=2) + "\n",
-                                                                  encoding="utf-8"))
+    record = {**asdict(summary), "job": job_record(manifest)}
+    write_atomic(summary_path(output), lambda tmp: tmp.write_text(json_text(record, indent=2) + "\n", encoding="utf-8"))
     return replace(result, summary=summary, warnings=result.warnings + [w for w in [resolved.warning] if w])
+
+
+JOB_KEY = "nla_lens_job"  # the parquet output's schema metadata key for `job_record`
+
+
+def job_record(manifest: dict[str, Any]) -> dict[str, Any]:
+    """What produced an output (the shard manifest and the nla_lens version), kept in the parquet output and
+    the summary: the shards folder that also holds the manifest is meant to be deleted once the job is done."""
+    return {"nla_lens_version": __version__, **manifest}
 
 
 def summary_path(output: Path) -> Path:
@@ -262,7 +271,7 @@ def _run(table: VectorTable, output: Path, manifest: dict[str, Any], compute: Ca
     missing = shard_store.missing_shards(folder, len(ranges))
     if missing:
         return JobResult(output, len(ranges), todo, missing)
-    merged = shard_store.merge(folder, len(ranges))
+    merged = shard_store.merge(folder, len(ranges)).replace_schema_metadata({JOB_KEY: json_text(job_record(manifest))})
     write_table(merged, output)
     return JobResult(output, len(ranges), todo, [], merged)
 

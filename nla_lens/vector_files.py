@@ -111,6 +111,8 @@ def _vector_column(schema: pa.Schema, column: str | None, path: Path) -> str:
 
 def _to_tensor(values: pa.ChunkedArray, name: str, path: Path) -> Float[Tensor, "n d_model"]:
     values = values.combine_chunks()
+    if len(values) == 0:  # else its width reads as 0: "shape [n, d_model], got (0, 0)" hides that it is empty
+        raise InputError(f"{path}: column {name!r} has no rows; there is nothing to explain")
     if values.null_count:
         raise InputError(f"{path}: column {name!r} has {values.null_count} null rows; drop or fill them")
     lengths = sorted(pc.unique(pc.list_value_length(values)).to_pylist())

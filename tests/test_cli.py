@@ -56,6 +56,10 @@ def test_reconstruct_writes_the_ar_vectors(ar_nanonla, tiny_paths, tmp_path):
     out = tmp_path / "r.safetensors"
     assert main(["reconstruct", "--ar", str(tiny_paths["ar_nanonla"]), "a cat", "the sea", "--output", str(out)]) == 0
     assert torch.equal(load_file(str(out))["vectors"], ar_nanonla.reconstruct(["a cat", "the sea"]))
+    (tmp_path / "explanations.txt").write_text("a cat\nthe sea\n\n", encoding="utf-8")  # a trailing blank line
+    assert main(["reconstruct", "--ar", str(tiny_paths["ar_nanonla"]), "--input", str(tmp_path / "explanations.txt"),
+                 "--output", str(out)]) == 0
+    assert torch.equal(load_file(str(out))["vectors"], ar_nanonla.reconstruct(["a cat", "the sea"]))
 
 
 def test_inspect_prints_the_role_stage_and_recorded_baseline(capsys):

@@ -159,6 +159,14 @@ def test_reconstruct_output_and_input_checked_first(tiny_paths, tmp_path, no_mod
     _fails(["reconstruct", "--ar", ar, "a cat", "--batch-size", "0"], capsys, "batch_size=0")
 
 
+def test_reconstruct_refuses_a_blank_line_that_would_shift_the_vectors(tiny_paths, tmp_path, no_model_loads, capsys):
+    """Blank lines were skipped, so vector i of --output was no longer line i's explanation."""
+    explanations = tmp_path / "explanations.txt"
+    explanations.write_text("a cat\n\nthe sea\n   \na dog\n\n", encoding="utf-8")  # trailing blanks shift nothing
+    _fails(["reconstruct", "--ar", tiny_paths["ar_nanonla"], "--input", explanations, "--output",
+            tmp_path / "v.safetensors"], capsys, "line(s) [2, 4] are blank", "one explanation on every line")
+
+
 def test_reconstruct_writes_pt_as_a_tensor_file(tiny_paths, ar_nanonla, tmp_path):
     for name in ("v.pt", "v.safetensors"):
         assert main(["reconstruct", "--ar", str(tiny_paths["ar_nanonla"]), "a cat", "--output",

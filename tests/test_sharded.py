@@ -135,6 +135,15 @@ def test_a_damaged_shard_file_is_named_and_recomputed_once_deleted(tiny_paths, i
     assert result.computed == [1] and result.table.equals(reference)
 
 
+def test_a_damaged_manifest_is_named_with_the_fix(tiny_paths, input_file, tmp_path):
+    """A manifest renamed into place before its data reached the disk was json's bare JSONDecodeError."""
+    av, out = tiny_paths["av_karvonen"], tmp_path / "out.parquet"
+    sharded.verbalize_file(av, input_file, out, sampling=GREEDY, shard_size=SHARD_SIZE, shards=[0], progress=False)
+    (shard_store.shard_folder(out) / shard_store.MANIFEST).write_bytes(b"")
+    with pytest.raises(nl.ConfigError, match=r"manifest\.json cannot be read.*Delete .*out\.parquet\.shards and rerun"):
+        sharded.verbalize_file(av, input_file, out, sampling=GREEDY, shard_size=SHARD_SIZE, progress=False)
+
+
 def test_listed_shards_run_alone_and_the_merge_waits_for_all(tiny_paths, input_file, tmp_path, capsys):
     av, out = tiny_paths["av_karvonen"], tmp_path / "out.jsonl"
     assert main(verbalize_args(av, input_file, out, "--shards", "1,3")) == 0
@@ -145,6 +154,20 @@ def test_listed_shards_run_alone_and_the_merge_waits_for_all(tiny_paths, input_f
     assert [row["index"] for row in lines] == list(range(N_ROWS))
     assert main(verbalize_args(av, input_file, out, "--shards", "4")) == 2
     assert "shards [4] do not exist" in capsys.readouterr().err
+
+
+def test_the_outputs_record_the_job_that_produced_them(tiny_paths, input_file, tmp_path):
+    """The README says to delete the shards folder once done, and its manifest was the only record of the input,
+    checkpoints and settings behind an output: the parquet rows and summary.json said nothing of them."""
+    av, ar, out = tiny_paths["av_karvonen"], tiny_paths["ar_nanonla"], tmp_path / "out.parquet"
+    sharded.round_trip_file(av, ar, input_file, out, sampling=GREEDY, baseline=0.5, shard_size=SHARD_SIZE,
+                            progress=False)
+    manifest = json.loads((shard_store.shard_folder(out) / shard_store.MANIFEST).read_text())
+    shutil.rmtree(shard_store.shard_folder(out))
+    job = json.loads(pq.read_schema(out).metadata[b"nla_lens_job"])
+    assert job == {"nla_lens_version": nl.__version__, **manifest}
+    assert job["job"] == "round-trip" and job["av"] == str(av.resolve()) and job["input"] == str(input_file.resolve())
+    assert json.loads(sharded.summary_path(out).read_text())["job"] == job
 
 
 def test_a_rerun_with_other_settings_names_them(tiny_paths, input_file, tmp_path):
@@ -246,6 +269,9 @@ def test_the_vector_column_is_found_or_must_be_named(tiny_paths, rows, tmp_path)
     pq.write_table(pa.table({"vector": [[1.0] * 64, [1.0] * 63]}), tmp_path / "ragged.parquet")
     with pytest.raises(nl.InputError, match=r"lengths \[63, 64\]"):
         sharded.verbalize_file(av, tmp_path / "ragged.parquet", tmp_path / "o.parquet", progress=False)
+    pq.write_table(pa.table({"vector": pa.array([], pa.list_(pa.float32()))}), tmp_path / "empty.parquet")
+    with pytest.raises(nl.InputError, match="'vector' has no rows"):  # was "shape [n, 64], got (0, 0)"
+        sharded.verbalize_file(av, tmp_path / "empty.parquet", tmp_path / "o.parquet", progress=False)
 
 
 def test_an_output_on_the_input_file_is_refused_before_it_replaces_the_vectors(tiny_paths, input_file, capsys):

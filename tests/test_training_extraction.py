@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from safetensors.torch import load_file, save_file
 import nla_lens as nl
 from nla_lens import loading, testing
 from nla_lens.sidecar import check_tokenizer
-from nla_lens.training import Document, extract_activations, load_activations
+from nla_lens.training import Document, extract_activations, extraction, load_activations
 from nla_lens.training.extraction import DOCUMENTS_KEY, sample_positions, shard_path, token_facts
 
 pytestmark = NEEDS_TL3
@@ -125,6 +126,73 @@ def test_shards_written_without_a_documents_record_are_checked_by_their_rows_doc
     extract_activations(model, tokenizer, corpus, tmp_path, extract_config, progress=False)
     with pytest.raises(nl.ConfigError, match="other documents"):
         extract_activations(model, tokenizer, _changed(corpus, "id"), tmp_path, extract_config, progress=False)
+
+
+def test_a_damaged_shard_is_named_with_the_fix_on_load_and_on_resume(tmp_path, base_tl, corpus, extract_config):
+    """A shard cut short after its rename (a crash before its data reached the disk, an interrupted copy) was
+    safetensors' bare 'incomplete metadata' error, which names no file, from load_activations and from resuming."""
+    model, tokenizer = base_tl
+    whole = load_activations(extract_activations(model, tokenizer, corpus, tmp_path, extract_config, progress=False))
+    damaged = shard_path(tmp_path, 1)
+    damaged.write_bytes(damaged.read_bytes()[:-10])
+    for run in (lambda: load_activations(tmp_path),
+                lambda: extract_activations(model, tokenizer, corpus, tmp_path, extract_config, progress=False)):
+        with pytest.raises(nl.ConfigError, match=r"acts-00001\.safetensors cannot be read.*Delete it and rerun"):
+            run()
+    damaged.unlink()
+    again = load_activations(extract_activations(model, tokenizer, corpus, tmp_path, extract_config, progress=False))
+    assert torch.equal(again.vectors, whole.vectors) and again.records == whole.records
+
+
+def test_an_extraction_killed_midway_is_refused_until_resumed(tmp_path, base_tl, corpus, extract_config, monkeypatch):
+    """load_activations read the shards a killed run had written as if they were the whole corpus."""
+    model, tokenizer = base_tl
+    whole = load_activations(extract_activations(model, tokenizer, corpus, tmp_path / "whole", extract_config,
+                                                 progress=False))
+    write = extraction._write_shard
+
+    def write_then_die(*args, **kwargs):
+        write(*args, **kwargs)
+        if args[3] == shard_path(tmp_path / "out", 1):
+            raise KeyboardInterrupt("killed after the second shard")
+
+    monkeypatch.setattr(extraction, "_write_shard", write_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        extract_activations(model, tokenizer, corpus, tmp_path / "out", extract_config, progress=False)
+    with pytest.raises(nl.ConfigError, match=r"did not finish.*rerun it with the same config"):
+        load_activations(tmp_path / "out")
+    with pytest.raises(nl.ConfigError, match="use a new out_dir"):  # a refused resume writes nothing
+        extract_activations(model, tokenizer, corpus[:5], tmp_path / "whole", extract_config, progress=False)
+    assert len(load_activations(tmp_path / "whole")) == len(whole)
+    resumed = load_activations(extract_activations(model, tokenizer, corpus, tmp_path / "out", extract_config,
+                                                   progress=False))
+    assert torch.equal(resumed.vectors, whole.vectors) and resumed.records == whole.records
+
+
+def test_a_sidecar_write_cut_short_does_not_block_the_rerun(tmp_path, base_tl, corpus, extract_config, monkeypatch):
+    """The sidecar was written in place: half of it (a full disk, a kill) made the rerun refuse the folder as
+    "an extraction with other settings"."""
+    model, tokenizer = base_tl
+    write_text = Path.write_text
+
+    def half_then_fail(self, text, *args, **kwargs):
+        write_text(self, text[:len(text) // 2], *args, **kwargs)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", half_then_fail)
+    with pytest.raises(OSError, match="No space left"):
+        extract_activations(model, tokenizer, corpus, tmp_path, extract_config, progress=False)
+    monkeypatch.undo()
+    assert len(load_activations(extract_activations(model, tokenizer, corpus, tmp_path, extract_config,
+                                                    progress=False))) > 0
+
+
+def test_a_shard_missing_before_the_last_is_refused_not_skipped(tmp_path, base_tl, corpus, extract_config):
+    model, tokenizer = base_tl
+    extract_activations(model, tokenizer, corpus, tmp_path, extract_config, progress=False)
+    shard_path(tmp_path, 1).unlink()
+    with pytest.raises(nl.ConfigError, match=r"lacks 1 shard\(s\) before its last one \(acts-00001\.safetensors\)"):
+        load_activations(tmp_path)
 
 
 def test_max_tokens_over_the_base_models_context_is_refused(tmp_path, base_tl, corpus, extract_config):

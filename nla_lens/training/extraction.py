@@ -5,10 +5,13 @@ A folder holds `nla_meta.yaml` (``kind: nla_dataset``, ``schema_version: 1``) an
 `positions` / `token_ids` [n], with the per-row provenance (doc id, position, token, prefix) as JSON
 in the safetensors metadata, so a shard is written (and counted as done) atomically; its
 `documents_digest` [16] uint8 lets a resumed run check the shard holds the corpus's documents.
+While shards are being written the folder also holds `extraction.in_progress`, so a run killed midway
+is not read as a finished, smaller dataset.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -21,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import yaml
 from jaxtyping import Float
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -48,6 +51,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 SHARD_DIR = "shards"
+IN_PROGRESS = "extraction.in_progress"  # present while shards are being written: load_activations refuses the folder
 DOCUMENTS_KEY = "documents_digest"  # the shard tensor `documents_digest` of the documents it holds
 
 
@@ -172,11 +176,13 @@ def extract_activations(
         if path.is_file():
             _check_written_shard(path, chunk)
         else:
+            (out / IN_PROGRESS).touch()  # only once writing: a refused resume leaves a finished folder loadable
             _write_shard(model, tokenizer, chunk, path, config)
         bar.update(len(chunk))
         n_shards = index + 1
     bar.close()
     _check_no_extra_shards(out, n_shards)
+    (out / IN_PROGRESS).unlink(missing_ok=True)
     return out
 
 
@@ -192,7 +198,7 @@ def documents_digest(docs: list[Document]) -> Tensor:
 
 def _check_written_shard(path: Path, docs: list[Document]) -> None:
     """A shard on disk is skipped only if this corpus would have written it from the same documents."""
-    with safe_open(str(path), framework="pt") as f:
+    with _open_shard(path) as f:
         if DOCUMENTS_KEY in f.keys():
             same = torch.equal(f.get_tensor(DOCUMENTS_KEY), documents_digest(docs))
         else:
@@ -206,7 +212,7 @@ def _check_written_shard(path: Path, docs: list[Document]) -> None:
 
 
 def _check_no_extra_shards(out: Path, n_shards: int) -> None:
-    extra = sorted(p for p in (out / SHARD_DIR).glob("acts-*.safetensors") if int(p.stem.split("-")[1]) >= n_shards)
+    extra = sorted(p for p in (out / SHARD_DIR).glob("acts-*.safetensors") if _shard_index(p) >= n_shards)
     if extra:
         raise ConfigError(
             f"{out} holds {len(extra)} shard(s) past the {n_shards} this corpus makes ({extra[0].name} ...), "
@@ -223,7 +229,9 @@ def _write_or_check_sidecar(out: Path, sidecar: dict[str, Any]) -> None:
                 "tokenizer or templates); resume with the same config or use a new out_dir"
             )
         return
-    path.write_text(yaml.safe_dump(sidecar, allow_unicode=True, sort_keys=False), encoding="utf-8")
+    text = yaml.safe_dump(sidecar, allow_unicode=True, sort_keys=False)
+    # Atomically: a sidecar cut short (a full disk, a kill) made every resume "an extraction with other settings".
+    write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def _as_documents(documents: Iterable[Document | str]) -> Iterator[Document]:
@@ -294,15 +302,47 @@ def load_activations(folder: str | Path) -> ActivationDataset:
     meta = load_meta(folder)
     if meta.kind != "nla_dataset":
         raise SidecarError(f"{folder} holds a {meta.kind} sidecar; point at an extraction folder")
+    if (folder / IN_PROGRESS).exists():
+        raise ConfigError(f"the extraction in {folder} did not finish (killed, failed, or still running): rerun it "
+                          f"with the same config and corpus to finish it, or delete {folder / IN_PROGRESS} to use the "
+                          "shards written so far")
     shards = sorted((folder / SHARD_DIR).glob("acts-*.safetensors"))
     if not shards:
         raise InputError(f"{folder}/{SHARD_DIR} holds no shards; run the extraction first")
+    _check_no_gaps(folder, shards)
     vectors, records = [], []
     for path in shards:
-        with safe_open(str(path), framework="pt") as f:
+        with _open_shard(path) as f:
             provenance = json.loads(f.metadata()["records"])
             positions, token_ids = f.get_tensor("positions").tolist(), f.get_tensor("token_ids").tolist()
             vectors.append(f.get_tensor("vectors"))
         records += [ActivationRecord(r["doc_id"], p, t, r["token"], r["prefix"])
                     for r, p, t in zip(provenance, positions, token_ids, strict=True)]
     return ActivationDataset(meta, torch.cat(vectors), records)
+
+
+def _check_no_gaps(folder: Path, shards: list[Path]) -> None:
+    """Every shard up to the last one on disk: a deleted or lost shard would silently drop its documents' rows."""
+    present = {_shard_index(p) for p in shards}
+    missing = [i for i in range(max(present)) if i not in present]
+    if missing:
+        names = ", ".join(shard_path(folder, i).name for i in missing[:4]) + (" ..." if len(missing) > 4 else "")
+        raise ConfigError(f"{folder / SHARD_DIR} lacks {len(missing)} shard(s) before its last one ({names}); rerun "
+                          "the extraction with the same config and corpus to write them")
+
+
+def _shard_index(path: Path) -> int:
+    return int(path.stem.split("-")[1])
+
+
+@contextlib.contextmanager
+def _open_shard(path: Path) -> Iterator[Any]:
+    """A shard's reader; a file cut short after its rename (a crash before its data reached the disk, an
+    interrupted copy of the folder) is named, with the fix, instead of safetensors' bare header error."""
+    try:
+        reader = safe_open(str(path), framework="pt")
+    except SafetensorError as exc:
+        raise ConfigError(f"{path} cannot be read ({exc}): it is damaged or cut short. Delete it and rerun the "
+                          "extraction with the same config and corpus to write that shard again") from exc
+    with reader as f:
+        yield f
