@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
@@ -131,6 +132,8 @@ def load_tokenizer(folder: Path, *, trust_remote_code: bool = False) -> PreTrain
     restore = "copy the tokenizer files saved with the checkpoint (tokenizer.json, tokenizer_config.json) into it"
     if not any((Path(folder) / name).is_file() for name in _TOKENIZER_FILES):
         raise CheckpointError(f"{folder} holds no tokenizer ({' / '.join(_TOKENIZER_FILES)}); {restore}")
+    if (Path(folder) / "config.json").is_file():  # AutoTokenizer reads it too: name a broken one as config.json
+        load_hf_config(Path(folder), trust_remote_code=trust_remote_code)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
@@ -148,8 +151,11 @@ def load_hf_config(folder: Path, *, trust_remote_code: bool = False) -> Any:
         raise CheckpointError(f"{folder} has no config.json; point at an HF checkpoint folder")
     try:
         return AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:  # not JSON, no or an unknown model_type: transformers' untyped errors
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    except (OSError, ValueError, TypeError, StrictDataclassError) as exc:
+        # Not JSON, not a mapping, no or an unknown model_type, a field of the wrong type ("hidden_size": "64")
+        # or out of step with another (num_hidden_layers vs layer_types): transformers' untyped errors.
+        lines = [line.strip() for line in str(exc).strip().splitlines()]
+        reason = " ".join(lines[:2] if lines and lines[0].endswith(":") else lines[:1]) or type(exc).__name__
         raise CheckpointError(f"{folder}/config.json cannot be read as a model config ({reason}); restore the "
                               "config.json saved with the checkpoint (nla_lens loads "
                               f"{', '.join(SUPPORTED_ARCHITECTURES)})") from exc

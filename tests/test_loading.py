@@ -205,6 +205,22 @@ def test_an_unreadable_config_json_is_a_checkpoint_error(tiny_paths, tmp_path, t
         loading.load_hf_config(folder)
 
 
+@pytest.mark.parametrize("edit, match", [
+    (lambda config: [config], "Should have a `model_type` key"),
+    (lambda config: {**config, "hidden_size": "64"}, "field 'hidden_size': TypeError: .*expected int, got str"),
+    (lambda config: {**config, "num_hidden_layers": 3}, "num_hidden_layers.*\\(3\\) must be equal to the number of"),
+], ids=["list", "string_hidden_size", "layers_vs_layer_types"])
+def test_a_config_json_with_wrong_fields_is_named_by_every_loader(tiny_paths, tmp_path, edit, match):
+    """transformers' strict config fields raise huggingface_hub's StrictDataclass errors (not ValueError), and
+    AutoTokenizer reads config.json first: both surfaced bare, or blamed the tokenizer files."""
+    folder = shutil.copytree(tiny_paths["av_karvonen"], tmp_path / "av")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(edit(config)))
+    for load in (nl.ActivationVerbalizer.from_pretrained, loading.load_tokenizer):
+        with pytest.raises(nl.CheckpointError, match=f"av/config.json cannot be read as a model config .*{match}"):
+            load(folder)
+
+
 def test_loading_the_wrong_role_is_a_typed_error(tiny_paths):
     with pytest.raises(nl.SidecarError, match="AR checkpoint"):
         nl.ActivationVerbalizer.from_pretrained(tiny_paths["ar_paper"])
