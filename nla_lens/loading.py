@@ -325,6 +325,36 @@ def _safetensors_header(f: BinaryIO, path: Path) -> dict[str, Any]:
     return header
 
 
+def check_weight_files(folder: Path, *, wrapped: bool = False) -> list[Path]:
+    """The weight files of `folder`, each header read (no tensor data), so a truncated or corrupt file, or
+    weights stored as integers, are refused before any weight is read, on both backends (HF's loader raises
+    a bare SafetensorError on the first and casts the second to float without a word). `wrapped`: a
+    multimodal wrapper's folder, whose vision tensors are never read and so not checked."""
+    files = _weight_files(folder)
+    for file in files:
+        with open(file, "rb") as f:
+            header = _safetensors_header(f, file)
+            data_start = f.tell()
+        size = file.stat().st_size
+        for name, info in header.items():
+            if wrapped and gemma3.text_tensor_name(name) is None:
+                continue
+            end = data_start + info["data_offsets"][1]
+            if end > size:
+                raise CheckpointError(f"{file} ends early (tensor {name} needs byte {end}, the file has {size}): the "
+                                      "file is truncated or corrupt; download it again")
+            if name.endswith((".weight", ".bias")) and not info["dtype"].startswith(("F", "BF")):
+                raise _integer_weight_error(name, info["dtype"], file)
+    return files
+
+
+def _integer_weight_error(name: str, dtype: str, path: Path) -> CheckpointError:
+    """Weights and biases are floats; an integer or bool one is a quantized (int8, GPTQ) or damaged checkpoint."""
+    return CheckpointError(f"{path}: tensor {name} is stored as {dtype}, but model weights are floating point: a "
+                           "quantized or damaged checkpoint. nla_lens reads unquantized bf16 / fp16 / fp32 weights; "
+                           "load the unquantized release, or download the file again")
+
+
 def _read_exactly(f: BinaryIO, out: memoryview, path: Path) -> None:
     done = 0
     while done < len(out):
@@ -604,6 +634,7 @@ def load_hooked_transformer(
     """
     hf_config = load_hf_config(folder, trust_remote_code=trust_remote_code)
     wrapped = gemma3.is_wrapper(hf_config)
+    check_weight_files(folder, wrapped=wrapped)
     cfg = hooked_config(hf_config, n_layers=n_layers, dtype=dtype, device=device)
     cfg.default_prepend_bos = prepends_bos(tokenizer)
     hf_config = gemma3.text_config(hf_config)
@@ -641,6 +672,8 @@ def load_readout(folder: Path, d_model: int, *, dtype: torch.dtype, device: str 
         )
     tensors = dict(read_safetensors(path))
     weight = tensors.get("weight")
+    if weight is not None and not weight.is_floating_point():
+        raise _integer_weight_error("weight", str(weight.dtype).removeprefix("torch."), path)
     if weight is None or tuple(weight.shape) != (d_model, d_model):
         found = {k: tuple(v.shape) for k, v in tensors.items()}
         raise CheckpointError(f"{path} must hold `weight` of shape [{d_model}, {d_model}], found {found}")

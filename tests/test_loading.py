@@ -151,6 +151,36 @@ def test_damaged_weight_files_are_checkpoint_errors(tiny_paths, tmp_path, damage
         nl.ActivationVerbalizer.from_pretrained(folder)
 
 
+def _retype_first_matrix(path, dtype) -> None:
+    tensors = load_file(str(path))
+    name = next(n for n, t in sorted(tensors.items()) if t.ndim == 2)
+    tensors[name] = torch.ones_like(tensors[name], dtype=dtype)
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda path: path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2]), "ends early"),
+    (lambda path: path.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 9\n"),
+     "not a readable safetensors file"),
+    (lambda path: _retype_first_matrix(path, torch.int32), "stored as I32, but model weights are floating point"),
+    (lambda path: _retype_first_matrix(path, torch.bool), "stored as BOOL, but model weights are floating point"),
+], ids=["truncated", "lfs_pointer", "int32", "bool"])
+def test_a_damaged_or_integer_shard_is_a_checkpoint_error_on_every_backend(tiny_paths, tmp_path, damage, message):
+    """The bridge's HF loader raised a bare SafetensorError on a damaged shard, and both backends cast integer
+    weights (a quantized or damaged file) to float without a word."""
+    folder = shutil.copytree(tiny_paths["ar_paper"], tmp_path / "ar")
+    damage(folder / "model-00002-of-00003.safetensors")
+    with pytest.raises(nl.CheckpointError, match=f"ar/model-00002-of-00003.safetensors.*{message}"):
+        nl.ActivationReconstructor.from_pretrained(folder)
+
+
+def test_an_integer_readout_is_a_checkpoint_error(tiny_paths, tmp_path):
+    folder = shutil.copytree(tiny_paths["ar_nanonla"], tmp_path / "ar")
+    save_file({"weight": torch.ones(64, 64, dtype=torch.int64)}, folder / "value_head.safetensors")
+    with pytest.raises(nl.CheckpointError, match="value_head.safetensors: tensor weight is stored as int64"):
+        nl.ActivationReconstructor.from_pretrained(folder)
+
+
 def test_a_shard_missing_from_an_index_is_named(tiny_paths, tmp_path):
     folder = shutil.copytree(tiny_paths["av_karvonen"], tmp_path / "av")
     names = list(load_file(str(folder / "model.safetensors")))
