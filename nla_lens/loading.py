@@ -325,11 +325,12 @@ def _safetensors_header(f: BinaryIO, path: Path) -> dict[str, Any]:
     return header
 
 
-def check_weight_files(folder: Path, *, wrapped: bool = False) -> list[Path]:
+def check_weight_files(folder: Path, *, wrapped: bool = False, n_blocks: int | None = None) -> list[Path]:
     """The weight files of `folder`, each header read (no tensor data), so a truncated or corrupt file, or
     weights stored as integers, are refused before any weight is read, on both backends (HF's loader raises
     a bare SafetensorError on the first and casts the second to float without a word). `wrapped`: a
-    multimodal wrapper's folder, whose vision tensors are never read and so not checked."""
+    multimodal wrapper's folder, whose vision tensors are never read and so not checked. `n_blocks`: the
+    blocks config.json gives a full model; weights of a block past them would be dropped without a word."""
     files = _weight_files(folder)
     for file in files:
         with open(file, "rb") as f:
@@ -337,8 +338,15 @@ def check_weight_files(folder: Path, *, wrapped: bool = False) -> list[Path]:
             data_start = f.tell()
         size = file.stat().st_size
         for name, info in header.items():
-            if wrapped and gemma3.text_tensor_name(name) is None:
+            text_name = gemma3.text_tensor_name(name) if wrapped else name
+            if text_name is None:
                 continue
+            block = _LAYER.match(text_name)
+            if n_blocks is not None and block is not None and int(block[1]) >= n_blocks:
+                raise CheckpointError(
+                    f"{file} holds {name}, a block past the {n_blocks} of {folder}/config.json (num_hidden_layers): "
+                    "config.json is another checkpoint's (an AR's K+1 blocks?) and the model would lose blocks. "
+                    "Restore the config.json saved with these weights")
             end = data_start + info["data_offsets"][1]
             if end > size:
                 raise CheckpointError(f"{file} ends early (tensor {name} needs byte {end}, the file has {size}): the "
@@ -634,7 +642,8 @@ def load_hooked_transformer(
     """
     hf_config = load_hf_config(folder, trust_remote_code=trust_remote_code)
     wrapped = gemma3.is_wrapper(hf_config)
-    check_weight_files(folder, wrapped=wrapped)
+    check_weight_files(folder, wrapped=wrapped,
+                       n_blocks=None if n_layers is not None else gemma3.text_config(hf_config).num_hidden_layers)
     cfg = hooked_config(hf_config, n_layers=n_layers, dtype=dtype, device=device)
     cfg.default_prepend_bos = prepends_bos(tokenizer)
     hf_config = gemma3.text_config(hf_config)

@@ -85,6 +85,14 @@ def test_ar_with_fewer_blocks_than_its_sidecar_reads_is_refused(tiny_paths, tmp_
         nl.ActivationReconstructor.from_pretrained(folder)
 
 
+def test_an_av_whose_config_json_has_fewer_blocks_than_its_weights_is_refused(tiny_paths, tmp_path):
+    """The AR's K+1-block config.json copied into an AV folder: the AV loaded with its last block silently dropped."""
+    folder = shutil.copytree(tiny_paths["av_karvonen"], tmp_path / "av")
+    shutil.copy(tiny_paths["ar_nanonla"] / "config.json", folder / "config.json")
+    with pytest.raises(nl.CheckpointError, match=r"holds model\.layers\.3\..*a block past the 3 of .*av/config\.json"):
+        nl.ActivationVerbalizer.from_pretrained(folder)
+
+
 def test_ar_loads_without_a_chat_template(tiny_paths, tmp_path):
     """The AR never builds the AV's chat prompt, so its tokenizer need not carry the template."""
     folder = shutil.copytree(tiny_paths["ar_nanonla"], tmp_path / "ar")
