@@ -671,6 +671,17 @@ def load_hooked_transformer(
     return model.eval()
 
 
+def check_checkpoint_files(folder: Path, meta: NLAMeta, role: Literal["av", "ar"] | None, *,
+                           trust_remote_code: bool = False) -> None:
+    """What loading `role` would refuse in the weight files, without reading the model's weights (`nla-lens
+    inspect`): the files' headers, and an AR's readout (one [d, d] matrix)."""
+    hf_config = load_hf_config(folder, trust_remote_code=trust_remote_code)
+    full_depth = None if role == "ar" else gemma3.text_config(hf_config).num_hidden_layers
+    check_weight_files(folder, wrapped=gemma3.is_wrapper(hf_config), n_blocks=full_depth)
+    if role == "ar":
+        load_readout(folder, meta.d_model, dtype=torch.float32, device="cpu")
+
+
 def load_readout(folder: Path, d_model: int, *, dtype: torch.dtype, device: str | torch.device) -> nn.Linear:
     """The AR's `Linear(d, d, bias=False)` readout from `value_head.safetensors` (`weight` [d, d])."""
     path = folder / VALUE_HEAD_FILE

@@ -299,6 +299,15 @@ def _scale(value: Any, d_model: int, name: str, source: str) -> float | None:
     raise SidecarError(f"{source}: {name} must be a positive finite number or 'sqrt_d_model', got {value!r}")
 
 
+def check_role_template(meta: NLAMeta, role: Literal["av", "ar"] | None, folder: str | Path) -> None:
+    """The prompt template the role's prompts are built from (AV: av / actor, AR: ar / critic) is there."""
+    names = {"av": ("av_template", "AV (actor)", "av or .actor"), "ar": ("ar_template", "AR (critic)", "ar or .critic")}
+    if role is not None and getattr(meta, names[role][0]) is None:
+        _, label, keys = names[role]
+        raise SidecarError(f"{folder}/{SIDECAR_NAME} has no {label} prompt template (prompt_templates.{keys}); restore "
+                           f"the sidecar released with this {role.upper()}")
+
+
 def av_prompt_ids(meta: NLAMeta, tokenizer: Any) -> list[int]:
     """Token ids of the canonical AV prompt: one user message, chat template, generation prompt."""
     if not getattr(tokenizer, "chat_template", None):
