@@ -45,9 +45,10 @@ def _run_inspect(args: argparse.Namespace) -> None:
     for name in ("stage", "tokenization"):  # what nla_lens's exporter records (absent from released sidecars)
         print(f"{name:28s} {meta.raw.get(name)!r}")
     check_role_template(meta, role, folder)
-    check_tokenizer(meta, loading.load_tokenizer(folder), role=role)  # as from_pretrained checks this role
+    tokenizer = loading.load_tokenizer(folder)
+    check_tokenizer(meta, tokenizer, role=role)  # as from_pretrained checks this role
     print(f"{'tokenizer check':28s} ok")
-    loading.check_config(folder, meta)
+    loading.check_config(folder, meta, tokenizer)
     print(f"{'config.json check':28s} ok")
     loading.check_checkpoint_files(folder, meta, role)
     print(f"{'weight files check':28s} ok (headers and AR readout; the model's weights are not read)")

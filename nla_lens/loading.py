@@ -161,10 +161,18 @@ def load_hf_config(folder: Path, *, trust_remote_code: bool = False) -> Any:
                               f"{', '.join(SUPPORTED_ARCHITECTURES)})") from exc
 
 
-def check_config(folder: Path, meta: NLAMeta, *, trust_remote_code: bool = False) -> None:
+def check_config(folder: Path, meta: NLAMeta, tokenizer: PreTrainedTokenizerBase | None = None, *,
+                 trust_remote_code: bool = False) -> None:
     """The sidecar fits the model config.json describes (d_model, at least K+1 blocks), before any weight
-    is read: a sidecar copied into another checkpoint's folder is reported here, not after the load."""
+    is read: a sidecar copied into another checkpoint's folder is reported here, not after the load. So does
+    `tokenizer`: one with more tokens than the embedding has rows is another model's (an id past them fails
+    mid-run, on a GPU as a device-side assert)."""
     config = load_hf_config(folder, trust_remote_code=trust_remote_code).get_text_config()
+    vocab_size = getattr(config, "vocab_size", None)
+    if tokenizer is not None and vocab_size is not None and len(tokenizer) > vocab_size:
+        raise CheckpointError(f"{folder}: the tokenizer has {len(tokenizer)} tokens, but config.json's vocab_size is "
+                              f"{vocab_size}: the tokenizer files are another model's; copy the tokenizer files saved "
+                              "with the checkpoint (tokenizer.json, tokenizer_config.json) into the folder")
     d_model, blocks = getattr(config, "hidden_size", None), getattr(config, "num_hidden_layers", None)
     if d_model is not None and d_model != meta.d_model:
         raise SidecarError(f"{folder}: the sidecar says d_model={meta.d_model} but config.json has hidden_size="

@@ -66,7 +66,7 @@ class ActivationReconstructor:
         tokenizer = loading.load_tokenizer(folder, trust_remote_code=trust_remote_code)
         tokenizer.padding_side = "left"  # the last real token is then always at position -1
         check_tokenizer(meta, tokenizer, role="ar")
-        loading.check_config(folder, meta, trust_remote_code=trust_remote_code)
+        loading.check_config(folder, meta, tokenizer, trust_remote_code=trust_remote_code)
         model = backends.load_model(folder, tokenizer, backend=backend, dtype=dtype, device=device,
                                     n_layers=meta.layer + 1, trust_remote_code=trust_remote_code)
         readout = loading.load_readout(folder, meta.d_model, dtype=dtype, device=device)

@@ -126,7 +126,7 @@ class ActivationVerbalizer:
             )
         tokenizer = loading.load_tokenizer(folder, trust_remote_code=trust_remote_code)
         check_tokenizer(meta, tokenizer, role="av")
-        loading.check_config(folder, meta, trust_remote_code=trust_remote_code)
+        loading.check_config(folder, meta, tokenizer, trust_remote_code=trust_remote_code)
         loading.check_hook_point(folder, spec.hook_point, backend=backends.resolve_name(backend),
                                  trust_remote_code=trust_remote_code)
         eos = loading.eos_token_ids(folder, tokenizer)  # before TransformerLens gives the tokenizer a stand-in EOS

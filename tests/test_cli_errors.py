@@ -315,7 +315,17 @@ def _truncate_weights(folder: Path, tiny_paths) -> None:
     (folder / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes()[:5000])
 
 
+def _grow_tokenizer(folder: Path, tiny_paths) -> None:
+    """Another model's tokenizer that still encodes the marker and its neighbours as the sidecar says."""
+    tokenizer = loading.load_tokenizer(folder)
+    tokenizer.add_tokens([f"<extra_{i}>" for i in range(40)])
+    tokenizer.save_pretrained(folder)
+
+
 @pytest.mark.parametrize(("role", "damage", "expected"), [
+    ("av_karvonen", _grow_tokenizer, "CheckpointError: {folder}: the tokenizer has 420 tokens, but config.json's "
+                                     "vocab_size is 380"),
+    ("ar_nanonla", _grow_tokenizer, "the tokenizer files are another model's"),
     ("av_embedding", _drop_template, "SidecarError: {folder}/nla_meta.yaml has no AV (actor) prompt template"),
     ("ar_paper", _drop_template, "SidecarError: {folder}/nla_meta.yaml has no AR (critic) prompt template"),
     ("av_karvonen", lambda f, _: (f / "model.safetensors").rename(f / "pytorch_model.bin"),
@@ -324,10 +334,12 @@ def _truncate_weights(folder: Path, tiny_paths) -> None:
     ("av_karvonen", lambda f, paths: shutil.copy(paths["ar_nanonla"] / "config.json", f / "config.json"),
      "a block past the 3 of"),
     ("ar_paper", lambda f, _: (f / "value_head.safetensors").unlink(), "has no value_head.safetensors"),
-], ids=["av_template", "ar_template", "pickle", "truncated", "ar_config_in_av", "no_readout"])
+], ids=["av_tokenizer", "ar_tokenizer", "av_template", "ar_template", "pickle", "truncated", "ar_config_in_av",
+         "no_readout"])
 def test_inspect_refuses_what_from_pretrained_refuses_before_the_weights(tiny_paths, tmp_path, monkeypatch, capsys,
                                                                          role, damage, expected):
-    """`nla-lens inspect` said ok on folders that from_pretrained refuses from the sidecar or the files' headers."""
+    """Each damage is refused before the weights, by from_pretrained and `nla-lens inspect` alike; inspect said ok
+    on all of them, and from_pretrained loaded another model's (larger) tokenizer."""
     folder = shutil.copytree(tiny_paths[role], tmp_path / role)
     damage(folder, tiny_paths)
     expected = expected.format(folder=folder)
