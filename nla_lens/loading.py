@@ -694,10 +694,13 @@ def load_readout(folder: Path, d_model: int, *, dtype: torch.dtype, device: str 
     """The AR's `Linear(d, d, bias=False)` readout from `value_head.safetensors` (`weight` [d, d])."""
     path = folder / VALUE_HEAD_FILE
     if not path.is_file():
-        raise CheckpointError(
-            f"{folder} has no {VALUE_HEAD_FILE}: an AR checkpoint carries its readout there "
-            "(a `weight` of shape [d_model, d_model])"
-        )
+        pickled = sorted(p.name for p in folder.glob("value_head.*") if p.suffix in (".bin", ".pt", ".pth"))
+        convert = "" if not pickled else (
+            f". It holds {pickled[0]}, a pickle, which nla_lens never loads (unpickling can run code): convert it "
+            "where you trust it, safetensors.torch.save_file({'weight': <its [d_model, d_model] tensor>.contiguous()}, "
+            f"'{VALUE_HEAD_FILE}')")
+        raise CheckpointError(f"{folder} has no {VALUE_HEAD_FILE}: an AR checkpoint carries its readout there (a "
+                              f"`weight` of shape [d_model, d_model]){convert}")
     tensors = dict(read_safetensors(path))
     weight = tensors.get("weight")
     if weight is not None and not weight.is_floating_point():

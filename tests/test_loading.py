@@ -123,6 +123,15 @@ def test_missing_or_malformed_value_head(tiny_paths, tmp_path):
         nl.ActivationReconstructor.from_pretrained(folder)
 
 
+def test_a_pickled_readout_is_refused_with_how_to_convert_it(tiny_paths, tmp_path, monkeypatch):
+    folder = shutil.copytree(tiny_paths["ar_nanonla"], tmp_path / "ar")
+    (folder / "value_head.safetensors").rename(folder / "value_head.pt")  # the bytes do not matter: never read
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("unpickled"))
+    with pytest.raises(nl.CheckpointError, match=r"no value_head.safetensors.*It holds value_head.pt, a pickle, which "
+                                                 r"nla_lens never loads.*safetensors.torch.save_file"):
+        nl.ActivationReconstructor.from_pretrained(folder)
+
+
 def test_missing_weights_are_reported(tiny_paths, tmp_path):
     folder = shutil.copytree(tiny_paths["av_karvonen"], tmp_path / "av")
     weights = load_file(str(folder / "model.safetensors"))
