@@ -67,9 +67,10 @@ class ActivationReconstructor:
         tokenizer.padding_side = "left"  # the last real token is then always at position -1
         check_tokenizer(meta, tokenizer, role="ar")
         loading.check_config(folder, meta, tokenizer, trust_remote_code=trust_remote_code)
+        # The readout first: one [d, d] matrix, so a missing or damaged one is reported before the backbone is read.
+        readout = loading.load_readout(folder, meta.d_model, dtype=dtype, device=device)
         model = backends.load_model(folder, tokenizer, backend=backend, dtype=dtype, device=device,
                                     n_layers=meta.layer + 1, trust_remote_code=trust_remote_code)
-        readout = loading.load_readout(folder, meta.d_model, dtype=dtype, device=device)
         return cls(model, readout, tokenizer, meta)
 
     @property

@@ -123,6 +123,16 @@ def test_missing_or_malformed_value_head(tiny_paths, tmp_path):
         nl.ActivationReconstructor.from_pretrained(folder)
 
 
+@pytest.mark.parametrize("damage", [lambda path: path.unlink(), lambda path: path.write_bytes(b"\x00" * 7)],
+                         ids=["missing", "corrupt"])
+def test_a_missing_or_damaged_readout_is_refused_before_the_backbone_is_read(tiny_paths, tmp_path, monkeypatch, damage):
+    folder = shutil.copytree(tiny_paths["ar_paper"], tmp_path / "ar")
+    damage(folder / "value_head.safetensors")
+    monkeypatch.setattr(backends, "load_model", lambda *a, **k: pytest.fail("read the backbone first"))
+    with pytest.raises(nl.CheckpointError, match="value_head.safetensors"):
+        nl.ActivationReconstructor.from_pretrained(folder)
+
+
 def test_a_pickled_readout_is_refused_with_how_to_convert_it(tiny_paths, tmp_path, monkeypatch):
     folder = shutil.copytree(tiny_paths["ar_nanonla"], tmp_path / "ar")
     (folder / "value_head.safetensors").rename(folder / "value_head.pt")  # the bytes do not matter: never read
