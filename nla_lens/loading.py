@@ -103,10 +103,16 @@ def _path_fix(path_or_id: str | Path) -> str:
 
 def checkpoint_role(folder: Path, meta: NLAMeta) -> Literal["av", "ar"] | None:
     """The sidecar's role, else "ar" where the folder holds an AR readout (`value_head.safetensors`);
-    None where neither tells (nanoNLA's `nla_dataset` sidecars record no role)."""
+    None where neither tells (nanoNLA's `nla_dataset` sidecars record no role). An AV sidecar beside an AR
+    readout is refused: an AV's sidecar copied into an AR folder, which loaded as an AV until a weight misfit."""
+    has_readout = (folder / VALUE_HEAD_FILE).is_file()
+    if meta.role == "av" and has_readout:
+        raise SidecarError(f"{folder}/nla_meta.yaml says role 'av', but the folder holds an AR readout "
+                           f"({VALUE_HEAD_FILE}): the sidecar is another checkpoint's. Restore the nla_meta.yaml "
+                           "released with this AR")
     if meta.role is not None:
         return meta.role
-    return "ar" if (folder / VALUE_HEAD_FILE).is_file() else None
+    return "ar" if has_readout else None
 
 
 def check_base_folder(folder: Path, label: str, base_model: str | None = None) -> None:

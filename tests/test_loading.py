@@ -278,6 +278,16 @@ def test_a_config_json_with_wrong_fields_is_named_by_every_loader(tiny_paths, tm
             load(folder)
 
 
+def test_an_av_sidecar_in_an_ar_folder_is_refused_before_the_weights(tiny_paths, tmp_path, monkeypatch):
+    """It loaded the AR's K+1 blocks as an AV until the placeholder lm_head.weight misfit the unembed."""
+    folder = shutil.copytree(tiny_paths["ar_paper"], tmp_path / "ar")
+    shutil.copy(tiny_paths["av_embedding"] / "nla_meta.yaml", folder / "nla_meta.yaml")
+    monkeypatch.setattr(backends, "load_model", lambda *a, **k: pytest.fail("weights read"))
+    for load in (nl.ActivationVerbalizer.from_pretrained, nl.ActivationReconstructor.from_pretrained):
+        with pytest.raises(nl.SidecarError, match=r"says role 'av', but the folder holds an AR readout"):
+            load(folder)
+
+
 def test_loading_the_wrong_role_is_a_typed_error(tiny_paths):
     with pytest.raises(nl.SidecarError, match="AR checkpoint"):
         nl.ActivationVerbalizer.from_pretrained(tiny_paths["ar_paper"])
