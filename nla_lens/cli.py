@@ -27,7 +27,7 @@ def _add_inspect(subparsers: argparse._SubParsersAction) -> None:
 
 def _run_inspect(args: argparse.Namespace) -> None:
     from nla_lens import loading
-    from nla_lens.sidecar import check_tokenizer, load_meta
+    from nla_lens.sidecar import check_role_template, check_tokenizer, load_meta
     from nla_lens.training.extraction import SHARD_DIR
 
     folder = loading.resolve_checkpoint(args.checkpoint)
@@ -44,10 +44,14 @@ def _run_inspect(args: argparse.Namespace) -> None:
         print(f"{name:28s} {getattr(meta, name)!r}")
     for name in ("stage", "tokenization"):  # what nla_lens's exporter records (absent from released sidecars)
         print(f"{name:28s} {meta.raw.get(name)!r}")
-    check_tokenizer(meta, loading.load_tokenizer(folder), role=role)  # as from_pretrained checks this role
+    check_role_template(meta, role, folder)
+    tokenizer = loading.load_tokenizer(folder)
+    check_tokenizer(meta, tokenizer, role=role)  # as from_pretrained checks this role
     print(f"{'tokenizer check':28s} ok")
-    loading.check_config(folder, meta)
+    loading.check_config(folder, meta, tokenizer)
     print(f"{'config.json check':28s} ok")
+    loading.check_checkpoint_files(folder, meta, role)
+    print(f"{'weight files check':28s} ok (headers and AR readout; the model's weights are not read)")
 
 
 def _registrars() -> list[Callable[[argparse._SubParsersAction], None]]:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
@@ -102,10 +103,16 @@ def _path_fix(path_or_id: str | Path) -> str:
 
 def checkpoint_role(folder: Path, meta: NLAMeta) -> Literal["av", "ar"] | None:
     """The sidecar's role, else "ar" where the folder holds an AR readout (`value_head.safetensors`);
-    None where neither tells (nanoNLA's `nla_dataset` sidecars record no role)."""
+    None where neither tells (nanoNLA's `nla_dataset` sidecars record no role). An AV sidecar beside an AR
+    readout is refused: an AV's sidecar copied into an AR folder, which loaded as an AV until a weight misfit."""
+    has_readout = (folder / VALUE_HEAD_FILE).is_file()
+    if meta.role == "av" and has_readout:
+        raise SidecarError(f"{folder}/nla_meta.yaml says role 'av', but the folder holds an AR readout "
+                           f"({VALUE_HEAD_FILE}): the sidecar is another checkpoint's. Restore the nla_meta.yaml "
+                           "released with this AR")
     if meta.role is not None:
         return meta.role
-    return "ar" if (folder / VALUE_HEAD_FILE).is_file() else None
+    return "ar" if has_readout else None
 
 
 def check_base_folder(folder: Path, label: str, base_model: str | None = None) -> None:
@@ -131,6 +138,8 @@ def load_tokenizer(folder: Path, *, trust_remote_code: bool = False) -> PreTrain
     restore = "copy the tokenizer files saved with the checkpoint (tokenizer.json, tokenizer_config.json) into it"
     if not any((Path(folder) / name).is_file() for name in _TOKENIZER_FILES):
         raise CheckpointError(f"{folder} holds no tokenizer ({' / '.join(_TOKENIZER_FILES)}); {restore}")
+    if (Path(folder) / "config.json").is_file():  # AutoTokenizer reads it too: name a broken one as config.json
+        load_hf_config(Path(folder), trust_remote_code=trust_remote_code)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
@@ -148,17 +157,28 @@ def load_hf_config(folder: Path, *, trust_remote_code: bool = False) -> Any:
         raise CheckpointError(f"{folder} has no config.json; point at an HF checkpoint folder")
     try:
         return AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:  # not JSON, no or an unknown model_type: transformers' untyped errors
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    except (OSError, ValueError, TypeError, StrictDataclassError) as exc:
+        # Not JSON, not a mapping, no or an unknown model_type, a field of the wrong type ("hidden_size": "64")
+        # or out of step with another (num_hidden_layers vs layer_types): transformers' untyped errors.
+        lines = [line.strip() for line in str(exc).strip().splitlines()]
+        reason = " ".join(lines[:2] if lines and lines[0].endswith(":") else lines[:1]) or type(exc).__name__
         raise CheckpointError(f"{folder}/config.json cannot be read as a model config ({reason}); restore the "
                               "config.json saved with the checkpoint (nla_lens loads "
                               f"{', '.join(SUPPORTED_ARCHITECTURES)})") from exc
 
 
-def check_config(folder: Path, meta: NLAMeta, *, trust_remote_code: bool = False) -> None:
+def check_config(folder: Path, meta: NLAMeta, tokenizer: PreTrainedTokenizerBase | None = None, *,
+                 trust_remote_code: bool = False) -> None:
     """The sidecar fits the model config.json describes (d_model, at least K+1 blocks), before any weight
-    is read: a sidecar copied into another checkpoint's folder is reported here, not after the load."""
+    is read: a sidecar copied into another checkpoint's folder is reported here, not after the load. So does
+    `tokenizer`: one with more tokens than the embedding has rows is another model's (an id past them fails
+    mid-run, on a GPU as a device-side assert)."""
     config = load_hf_config(folder, trust_remote_code=trust_remote_code).get_text_config()
+    vocab_size = getattr(config, "vocab_size", None)
+    if tokenizer is not None and vocab_size is not None and len(tokenizer) > vocab_size:
+        raise CheckpointError(f"{folder}: the tokenizer has {len(tokenizer)} tokens, but config.json's vocab_size is "
+                              f"{vocab_size}: the tokenizer files are another model's; copy the tokenizer files saved "
+                              "with the checkpoint (tokenizer.json, tokenizer_config.json) into the folder")
     d_model, blocks = getattr(config, "hidden_size", None), getattr(config, "num_hidden_layers", None)
     if d_model is not None and d_model != meta.d_model:
         raise SidecarError(f"{folder}: the sidecar says d_model={meta.d_model} but config.json has hidden_size="
@@ -317,6 +337,44 @@ def _safetensors_header(f: BinaryIO, path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} is not a readable safetensors file ({exc}): it is truncated or corrupt; "
                               "download it again") from exc
     return header
+
+
+def check_weight_files(folder: Path, *, wrapped: bool = False, n_blocks: int | None = None) -> list[Path]:
+    """The weight files of `folder`, each header read (no tensor data), so a truncated or corrupt file, or
+    weights stored as integers, are refused before any weight is read, on both backends (HF's loader raises
+    a bare SafetensorError on the first and casts the second to float without a word). `wrapped`: a
+    multimodal wrapper's folder, whose vision tensors are never read and so not checked. `n_blocks`: the
+    blocks config.json gives a full model; weights of a block past them would be dropped without a word."""
+    files = _weight_files(folder)
+    for file in files:
+        with open(file, "rb") as f:
+            header = _safetensors_header(f, file)
+            data_start = f.tell()
+        size = file.stat().st_size
+        for name, info in header.items():
+            text_name = gemma3.text_tensor_name(name) if wrapped else name
+            if text_name is None:
+                continue
+            block = _LAYER.match(text_name)
+            if n_blocks is not None and block is not None and int(block[1]) >= n_blocks:
+                raise CheckpointError(
+                    f"{file} holds {name}, a block past the {n_blocks} of {folder}/config.json (num_hidden_layers): "
+                    "config.json is another checkpoint's (an AR's K+1 blocks?) and the model would lose blocks. "
+                    "Restore the config.json saved with these weights")
+            end = data_start + info["data_offsets"][1]
+            if end > size:
+                raise CheckpointError(f"{file} ends early (tensor {name} needs byte {end}, the file has {size}): the "
+                                      "file is truncated or corrupt; download it again")
+            if name.endswith((".weight", ".bias")) and not info["dtype"].startswith(("F", "BF")):
+                raise _integer_weight_error(name, info["dtype"], file)
+    return files
+
+
+def _integer_weight_error(name: str, dtype: str, path: Path) -> CheckpointError:
+    """Weights and biases are floats; an integer or bool one is a quantized (int8, GPTQ) or damaged checkpoint."""
+    return CheckpointError(f"{path}: tensor {name} is stored as {dtype}, but model weights are floating point: a "
+                           "quantized or damaged checkpoint. nla_lens reads unquantized bf16 / fp16 / fp32 weights; "
+                           "load the unquantized release, or download the file again")
 
 
 def _read_exactly(f: BinaryIO, out: memoryview, path: Path) -> None:
@@ -598,6 +656,8 @@ def load_hooked_transformer(
     """
     hf_config = load_hf_config(folder, trust_remote_code=trust_remote_code)
     wrapped = gemma3.is_wrapper(hf_config)
+    check_weight_files(folder, wrapped=wrapped,
+                       n_blocks=None if n_layers is not None else gemma3.text_config(hf_config).num_hidden_layers)
     cfg = hooked_config(hf_config, n_layers=n_layers, dtype=dtype, device=device)
     cfg.default_prepend_bos = prepends_bos(tokenizer)
     hf_config = gemma3.text_config(hf_config)
@@ -625,16 +685,32 @@ def load_hooked_transformer(
     return model.eval()
 
 
+def check_checkpoint_files(folder: Path, meta: NLAMeta, role: Literal["av", "ar"] | None, *,
+                           trust_remote_code: bool = False) -> None:
+    """What loading `role` would refuse in the weight files, without reading the model's weights (`nla-lens
+    inspect`): the files' headers, and an AR's readout (one [d, d] matrix)."""
+    hf_config = load_hf_config(folder, trust_remote_code=trust_remote_code)
+    full_depth = None if role == "ar" else gemma3.text_config(hf_config).num_hidden_layers
+    check_weight_files(folder, wrapped=gemma3.is_wrapper(hf_config), n_blocks=full_depth)
+    if role == "ar":
+        load_readout(folder, meta.d_model, dtype=torch.float32, device="cpu")
+
+
 def load_readout(folder: Path, d_model: int, *, dtype: torch.dtype, device: str | torch.device) -> nn.Linear:
     """The AR's `Linear(d, d, bias=False)` readout from `value_head.safetensors` (`weight` [d, d])."""
     path = folder / VALUE_HEAD_FILE
     if not path.is_file():
-        raise CheckpointError(
-            f"{folder} has no {VALUE_HEAD_FILE}: an AR checkpoint carries its readout there "
-            "(a `weight` of shape [d_model, d_model])"
-        )
+        pickled = sorted(p.name for p in folder.glob("value_head.*") if p.suffix in (".bin", ".pt", ".pth"))
+        convert = "" if not pickled else (
+            f". It holds {pickled[0]}, a pickle, which nla_lens never loads (unpickling can run code): convert it "
+            "where you trust it, safetensors.torch.save_file({'weight': <its [d_model, d_model] tensor>.contiguous()}, "
+            f"'{VALUE_HEAD_FILE}')")
+        raise CheckpointError(f"{folder} has no {VALUE_HEAD_FILE}: an AR checkpoint carries its readout there (a "
+                              f"`weight` of shape [d_model, d_model]){convert}")
     tensors = dict(read_safetensors(path))
     weight = tensors.get("weight")
+    if weight is not None and not weight.is_floating_point():
+        raise _integer_weight_error("weight", str(weight.dtype).removeprefix("torch."), path)
     if weight is None or tuple(weight.shape) != (d_model, d_model):
         found = {k: tuple(v.shape) for k, v in tensors.items()}
         raise CheckpointError(f"{path} must hold `weight` of shape [{d_model}, {d_model}], found {found}")

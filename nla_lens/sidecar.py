@@ -103,13 +103,17 @@ def load_meta(folder: str | Path) -> NLAMeta:
                            "restore the released file") from exc
     except yaml.YAMLError as exc:
         raise SidecarError(f"{path} is not valid YAML ({exc}); restore the released file") from exc
+    if data is None:  # an interrupted download or copy
+        raise SidecarError(f"{path} is empty (or holds only comments); restore the {SIDECAR_NAME} released with the "
+                           "checkpoint")
     return parse_meta(data, source=str(path))
 
 
 def parse_meta(data: Any, *, source: str = "sidecar") -> NLAMeta:
     """Parse a sidecar mapping of either dialect into an [`NLAMeta`][nla_lens.sidecar.NLAMeta]."""
     if not isinstance(data, dict):
-        raise SidecarError(f"{source}: expected a YAML mapping at the top level, got {type(data).__name__}")
+        raise SidecarError(f"{source}: expected a YAML mapping at the top level, got {type(data).__name__}; restore "
+                           "the sidecar released with the checkpoint")
     kind = data.get("kind")
     if kind == "nla_model":
         return _parse_model_dialect(data, source)
@@ -131,19 +135,31 @@ def _parse_model_dialect(data: dict[str, Any], source: str) -> NLAMeta:
     critic = _section(data, "critic", source, required=False)
     ar = _section(data, "ar", source, required=False)
     d_model = _int(data.get("d_model", extraction.get("d_model")), "d_model", source, minimum=1)
-    ar_blocks = _first_present(ar.get("num_hidden_layers"), critic.get("num_hidden_layers"))  # K + 1
-    layer = _first_present(
-        data.get("extraction_layer_index"),
-        critic.get("extraction_layer_index"),
-        extraction.get("layer_index"),
-        None if ar_blocks is None else _int(ar_blocks, "ar.num_hidden_layers", source) - 1,
-    )
+    layer = _layer_of_model_dialect(data, extraction, critic, ar, source)
     injection_scale = _scale(extraction.get("injection_scale"), d_model, "injection_scale", source)
     injection = _explicit_injection(data, source)
     if injection is None and role == "av" and injection_scale is not None:
         injection = InjectionSpec.of("embedding")
     return _build(data, source, role=role, d_model=d_model, layer=layer,
                   extraction=extraction, injection_scale=injection_scale, injection=injection)
+
+
+def _layer_of_model_dialect(data: dict[str, Any], extraction: dict[str, Any], critic: dict[str, Any],
+                            ar: dict[str, Any], source: str) -> int | None:
+    """Layer K from whichever keys the sidecar has; keys that disagree are refused, since any one of them
+    picked would serve the checkpoint at a layer it may not have been trained on."""
+    found = {name: _int(value, name, source) - offset for name, value, offset in (
+        ("extraction_layer_index", data.get("extraction_layer_index"), 0),
+        ("critic.extraction_layer_index", critic.get("extraction_layer_index"), 0),
+        ("extraction.layer_index", extraction.get("layer_index"), 0),
+        ("ar.num_hidden_layers", ar.get("num_hidden_layers"), 1),  # K + 1
+        ("critic.num_hidden_layers", critic.get("num_hidden_layers"), 1),
+    ) if value is not None}
+    if len(set(found.values())) > 1:
+        told = ", ".join(f"{name} -> K={k}" for name, k in found.items())
+        raise SidecarError(f"{source}: the keys giving the extraction layer disagree ({told}); restore the released "
+                           "nla_meta.yaml, or make them name the one layer K the NLA was trained on")
+    return next(iter(found.values()), None)
 
 
 def _parse_dataset_dialect(data: dict[str, Any], source: str) -> NLAMeta:
@@ -195,7 +211,7 @@ def _build(data: dict[str, Any], source: str, *, role: Literal["av", "ar"] | Non
         raise SidecarError(f"{source}: tokens.injection_char must be a non-empty string")
     return NLAMeta(
         kind=data["kind"],
-        schema_version=data["schema_version"],
+        schema_version=int(data["schema_version"]),  # 2.0 reads as 2
         role=role,
         d_model=d_model,
         layer=_int(layer, "the extraction layer index", source, minimum=0),
@@ -248,7 +264,7 @@ def _explicit_injection(data: dict[str, Any], source: str) -> InjectionSpec | No
 
 
 def _expect_schema(data: dict[str, Any], version: int, source: str) -> None:
-    if data.get("schema_version") != version:
+    if isinstance(data.get("schema_version"), bool) or data.get("schema_version") != version:  # `true` == 1
         raise SidecarError(
             f"{source}: kind {data.get('kind')!r} is read at schema_version {version}, "
             f"found {data.get('schema_version')!r}; upgrade nla_lens or fix the sidecar"
@@ -262,10 +278,6 @@ def _section(data: dict[str, Any], key: str, source: str, required: bool = True)
     if not isinstance(value, dict):
         raise SidecarError(f"{source}: missing or malformed section '{key}' (expected a mapping)")
     return value
-
-
-def _first_present(*values: Any) -> Any:
-    return next((v for v in values if v is not None), None)
 
 
 def _int(value: Any, name: str, source: str, minimum: int | None = None) -> int:
@@ -285,6 +297,15 @@ def _scale(value: Any, d_model: int, name: str, source: str) -> float | None:
     if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf:
         return float(value)
     raise SidecarError(f"{source}: {name} must be a positive finite number or 'sqrt_d_model', got {value!r}")
+
+
+def check_role_template(meta: NLAMeta, role: Literal["av", "ar"] | None, folder: str | Path) -> None:
+    """The prompt template the role's prompts are built from (AV: av / actor, AR: ar / critic) is there."""
+    names = {"av": ("av_template", "AV (actor)", "av or .actor"), "ar": ("ar_template", "AR (critic)", "ar or .critic")}
+    if role is not None and getattr(meta, names[role][0]) is None:
+        _, label, keys = names[role]
+        raise SidecarError(f"{folder}/{SIDECAR_NAME} has no {label} prompt template (prompt_templates.{keys}); restore "
+                           f"the sidecar released with this {role.upper()}")
 
 
 def av_prompt_ids(meta: NLAMeta, tokenizer: Any) -> list[int]:

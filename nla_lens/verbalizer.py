@@ -21,7 +21,7 @@ from nla_lens.injection import BLOCK_0_INPUT, Injection, check_vectors
 from nla_lens.markers import find_marker_sites
 from nla_lens.parsing import injection_warning, parse_explanation
 from nla_lens.results import TabularResult
-from nla_lens.sidecar import InjectionSpec, NLAMeta, av_prompt_ids, check_tokenizer, load_meta
+from nla_lens.sidecar import InjectionSpec, NLAMeta, av_prompt_ids, check_role_template, check_tokenizer, load_meta
 
 if TYPE_CHECKING:
     from nla_lens.backends import TLModel
@@ -116,9 +116,7 @@ class ActivationVerbalizer:
         if loading.checkpoint_role(folder, meta) == "ar":
             raise SidecarError(f"{folder} is an AR checkpoint, not an AV: load it with "
                                "ActivationReconstructor.from_pretrained")
-        if meta.av_template is None:  # the AV's prompt is built from it: refuse before reading weights
-            raise SidecarError(f"{folder}/nla_meta.yaml has no AV (actor) prompt template (prompt_templates.av or "
-                               ".actor); restore the sidecar released with this AV")
+        check_role_template(meta, "av", folder)  # the AV's prompt is built from it: refuse before reading weights
         spec = _injection_spec(meta, injection, hook_point)
         if spec.method == "embedding" and meta.injection_scale is None:  # every injection would fail: say so now
             raise InjectionError(
@@ -128,7 +126,7 @@ class ActivationVerbalizer:
             )
         tokenizer = loading.load_tokenizer(folder, trust_remote_code=trust_remote_code)
         check_tokenizer(meta, tokenizer, role="av")
-        loading.check_config(folder, meta, trust_remote_code=trust_remote_code)
+        loading.check_config(folder, meta, tokenizer, trust_remote_code=trust_remote_code)
         loading.check_hook_point(folder, spec.hook_point, backend=backends.resolve_name(backend),
                                  trust_remote_code=trust_remote_code)
         eos = loading.eos_token_ids(folder, tokenizer)  # before TransformerLens gives the tokenizer a stand-in EOS

@@ -6,6 +6,7 @@ expensive work fails the test; the command must exit 2 with the message and no t
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -309,6 +310,50 @@ def test_a_sidecar_that_contradicts_config_json_is_refused_before_loading(tiny_p
     with pytest.raises(nl.NLAError) as raised:
         loader.from_pretrained(folder)
     assert expected.split(": ", 1)[-1] in str(raised.value)
+    _fails(["inspect", folder], capsys, expected)
+
+
+def _drop_template(folder: Path, tiny_paths) -> None:
+    meta = yaml.safe_load((folder / "nla_meta.yaml").read_text())
+    meta["prompt_templates"].pop(meta["role"])  # the paper dialect's av / ar
+    (folder / "nla_meta.yaml").write_text(yaml.safe_dump(meta, allow_unicode=True))
+
+
+def _truncate_weights(folder: Path, tiny_paths) -> None:
+    (folder / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes()[:5000])
+
+
+def _grow_tokenizer(folder: Path, tiny_paths) -> None:
+    """Another model's tokenizer that still encodes the marker and its neighbours as the sidecar says."""
+    tokenizer = loading.load_tokenizer(folder)
+    tokenizer.add_tokens([f"<extra_{i}>" for i in range(40)])
+    tokenizer.save_pretrained(folder)
+
+
+@pytest.mark.parametrize(("role", "damage", "expected"), [
+    ("av_karvonen", _grow_tokenizer, "CheckpointError: {folder}: the tokenizer has 420 tokens, but config.json's "
+                                     "vocab_size is 380"),
+    ("ar_nanonla", _grow_tokenizer, "the tokenizer files are another model's"),
+    ("av_embedding", _drop_template, "SidecarError: {folder}/nla_meta.yaml has no AV (actor) prompt template"),
+    ("ar_paper", _drop_template, "SidecarError: {folder}/nla_meta.yaml has no AR (critic) prompt template"),
+    ("av_karvonen", lambda f, _: (f / "model.safetensors").rename(f / "pytorch_model.bin"),
+     "safetensors only, never pickle"),
+    ("av_karvonen", _truncate_weights, "model.safetensors ends early"),
+    ("av_karvonen", lambda f, paths: shutil.copy(paths["ar_nanonla"] / "config.json", f / "config.json"),
+     "a block past the 3 of"),
+    ("ar_paper", lambda f, _: (f / "value_head.safetensors").unlink(), "has no value_head.safetensors"),
+], ids=["av_tokenizer", "ar_tokenizer", "av_template", "ar_template", "pickle", "truncated", "ar_config_in_av",
+         "no_readout"])
+def test_inspect_refuses_what_from_pretrained_refuses_before_the_weights(tiny_paths, tmp_path, monkeypatch, capsys,
+                                                                         role, damage, expected):
+    """Each damage is refused before the weights, by from_pretrained and `nla-lens inspect` alike; inspect said ok
+    on all of them, and from_pretrained loaded another model's (larger) tokenizer."""
+    folder = shutil.copytree(tiny_paths[role], tmp_path / role)
+    damage(folder, tiny_paths)
+    expected = expected.format(folder=folder)
+    loader = nl.ActivationVerbalizer if role.startswith("av") else nl.ActivationReconstructor
+    with pytest.raises(nl.NLAError, match=re.escape(expected.split(": ", 1)[-1])):
+        loader.from_pretrained(folder)
     _fails(["inspect", folder], capsys, expected)
 
 

@@ -85,6 +85,14 @@ def test_ar_with_fewer_blocks_than_its_sidecar_reads_is_refused(tiny_paths, tmp_
         nl.ActivationReconstructor.from_pretrained(folder)
 
 
+def test_an_av_whose_config_json_has_fewer_blocks_than_its_weights_is_refused(tiny_paths, tmp_path):
+    """The AR's K+1-block config.json copied into an AV folder: the AV loaded with its last block silently dropped."""
+    folder = shutil.copytree(tiny_paths["av_karvonen"], tmp_path / "av")
+    shutil.copy(tiny_paths["ar_nanonla"] / "config.json", folder / "config.json")
+    with pytest.raises(nl.CheckpointError, match=r"holds model\.layers\.3\..*a block past the 3 of .*av/config\.json"):
+        nl.ActivationVerbalizer.from_pretrained(folder)
+
+
 def test_ar_loads_without_a_chat_template(tiny_paths, tmp_path):
     """The AR never builds the AV's chat prompt, so its tokenizer need not carry the template."""
     folder = shutil.copytree(tiny_paths["ar_nanonla"], tmp_path / "ar")
@@ -112,6 +120,25 @@ def test_missing_or_malformed_value_head(tiny_paths, tmp_path):
         nl.ActivationReconstructor.from_pretrained(folder)
     save_file({"weight": torch.zeros(64, 32)}, folder / "value_head.safetensors")
     with pytest.raises(nl.CheckpointError, match=r"shape \[64, 64\]"):
+        nl.ActivationReconstructor.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("damage", [lambda path: path.unlink(), lambda path: path.write_bytes(b"\x00" * 7)],
+                         ids=["missing", "corrupt"])
+def test_a_missing_or_damaged_readout_is_refused_before_the_backbone_is_read(tiny_paths, tmp_path, monkeypatch, damage):
+    folder = shutil.copytree(tiny_paths["ar_paper"], tmp_path / "ar")
+    damage(folder / "value_head.safetensors")
+    monkeypatch.setattr(backends, "load_model", lambda *a, **k: pytest.fail("read the backbone first"))
+    with pytest.raises(nl.CheckpointError, match="value_head.safetensors"):
+        nl.ActivationReconstructor.from_pretrained(folder)
+
+
+def test_a_pickled_readout_is_refused_with_how_to_convert_it(tiny_paths, tmp_path, monkeypatch):
+    folder = shutil.copytree(tiny_paths["ar_nanonla"], tmp_path / "ar")
+    (folder / "value_head.safetensors").rename(folder / "value_head.pt")  # the bytes do not matter: never read
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("unpickled"))
+    with pytest.raises(nl.CheckpointError, match=r"no value_head.safetensors.*It holds value_head.pt, a pickle, which "
+                                                 r"nla_lens never loads.*safetensors.torch.save_file"):
         nl.ActivationReconstructor.from_pretrained(folder)
 
 
@@ -149,6 +176,36 @@ def test_damaged_weight_files_are_checkpoint_errors(tiny_paths, tmp_path, damage
     damage(folder / "model.safetensors")
     with pytest.raises(nl.CheckpointError, match=message):
         nl.ActivationVerbalizer.from_pretrained(folder)
+
+
+def _retype_first_matrix(path, dtype) -> None:
+    tensors = load_file(str(path))
+    name = next(n for n, t in sorted(tensors.items()) if t.ndim == 2)
+    tensors[name] = torch.ones_like(tensors[name], dtype=dtype)
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda path: path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2]), "ends early"),
+    (lambda path: path.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 9\n"),
+     "not a readable safetensors file"),
+    (lambda path: _retype_first_matrix(path, torch.int32), "stored as I32, but model weights are floating point"),
+    (lambda path: _retype_first_matrix(path, torch.bool), "stored as BOOL, but model weights are floating point"),
+], ids=["truncated", "lfs_pointer", "int32", "bool"])
+def test_a_damaged_or_integer_shard_is_a_checkpoint_error_on_every_backend(tiny_paths, tmp_path, damage, message):
+    """The bridge's HF loader raised a bare SafetensorError on a damaged shard, and both backends cast integer
+    weights (a quantized or damaged file) to float without a word."""
+    folder = shutil.copytree(tiny_paths["ar_paper"], tmp_path / "ar")
+    damage(folder / "model-00002-of-00003.safetensors")
+    with pytest.raises(nl.CheckpointError, match=f"ar/model-00002-of-00003.safetensors.*{message}"):
+        nl.ActivationReconstructor.from_pretrained(folder)
+
+
+def test_an_integer_readout_is_a_checkpoint_error(tiny_paths, tmp_path):
+    folder = shutil.copytree(tiny_paths["ar_nanonla"], tmp_path / "ar")
+    save_file({"weight": torch.ones(64, 64, dtype=torch.int64)}, folder / "value_head.safetensors")
+    with pytest.raises(nl.CheckpointError, match="value_head.safetensors: tensor weight is stored as int64"):
+        nl.ActivationReconstructor.from_pretrained(folder)
 
 
 def test_a_shard_missing_from_an_index_is_named(tiny_paths, tmp_path):
@@ -203,6 +260,32 @@ def test_an_unreadable_config_json_is_a_checkpoint_error(tiny_paths, tmp_path, t
     (folder / "config.json").write_text(text)
     with pytest.raises(nl.CheckpointError, match=f"config.json cannot be read as a model config .*{match}"):
         loading.load_hf_config(folder)
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda config: [config], "Should have a `model_type` key"),
+    (lambda config: {**config, "hidden_size": "64"}, "field 'hidden_size': TypeError: .*expected int, got str"),
+    (lambda config: {**config, "num_hidden_layers": 3}, "num_hidden_layers.*\\(3\\) must be equal to the number of"),
+], ids=["list", "string_hidden_size", "layers_vs_layer_types"])
+def test_a_config_json_with_wrong_fields_is_named_by_every_loader(tiny_paths, tmp_path, edit, match):
+    """transformers' strict config fields raise huggingface_hub's StrictDataclass errors (not ValueError), and
+    AutoTokenizer reads config.json first: both surfaced bare, or blamed the tokenizer files."""
+    folder = shutil.copytree(tiny_paths["av_karvonen"], tmp_path / "av")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(edit(config)))
+    for load in (nl.ActivationVerbalizer.from_pretrained, loading.load_tokenizer):
+        with pytest.raises(nl.CheckpointError, match=f"av/config.json cannot be read as a model config .*{match}"):
+            load(folder)
+
+
+def test_an_av_sidecar_in_an_ar_folder_is_refused_before_the_weights(tiny_paths, tmp_path, monkeypatch):
+    """It loaded the AR's K+1 blocks as an AV until the placeholder lm_head.weight misfit the unembed."""
+    folder = shutil.copytree(tiny_paths["ar_paper"], tmp_path / "ar")
+    shutil.copy(tiny_paths["av_embedding"] / "nla_meta.yaml", folder / "nla_meta.yaml")
+    monkeypatch.setattr(backends, "load_model", lambda *a, **k: pytest.fail("weights read"))
+    for load in (nl.ActivationVerbalizer.from_pretrained, nl.ActivationReconstructor.from_pretrained):
+        with pytest.raises(nl.SidecarError, match=r"says role 'av', but the folder holds an AR readout"):
+            load(folder)
 
 
 def test_loading_the_wrong_role_is_a_typed_error(tiny_paths):

@@ -133,6 +133,34 @@ def test_malformed_sidecars_raise_sidecar_error(mutate, match):
         parse_meta(data)
 
 
+@pytest.mark.parametrize("keys", [
+    {"critic": {"extraction_layer_index": 23}},
+    {"ar": {"num_hidden_layers": 24}},
+    {"extraction": {"injection_scale": 150.0, "layer_index": 20}},
+], ids=["critic_index", "ar_blocks", "extraction_index"])
+def test_layer_keys_that_disagree_are_refused_not_one_picked(keys):
+    """extraction_layer_index 24 beside a key giving another K: the top-level key silently won, so a damaged
+    sidecar served the AR truncated at a layer it was not trained on."""
+    with pytest.raises(nl.SidecarError, match=r"extraction layer disagree \(extraction_layer_index -> K=24, .*restore"):
+        parse_meta(model_dialect(**keys))
+    agreeing = parse_meta(model_dialect(critic={"extraction_layer_index": 24}, ar={"num_hidden_layers": 25}))
+    assert agreeing.layer == 24
+
+
+def test_schema_version_true_is_not_schema_1_and_2_0_reads_as_2():
+    with pytest.raises(nl.SidecarError, match="schema_version 1, found True"):
+        parse_meta({**dataset_dialect(), "schema_version": True})
+    assert parse_meta(model_dialect(schema_version=2.0)).schema_version == 2
+    assert type(parse_meta(model_dialect(schema_version=2.0)).schema_version) is int
+
+
+@pytest.mark.parametrize("text", ["", "# emptied\n"])
+def test_an_empty_sidecar_says_so_and_how_to_fix_it(tmp_path, text):
+    (tmp_path / "nla_meta.yaml").write_text(text)
+    with pytest.raises(nl.SidecarError, match=r"nla_meta.yaml is empty \(or holds only comments\); restore the"):
+        load_meta(tmp_path)
+
+
 def test_missing_and_unparseable_sidecar_files(tmp_path):
     with pytest.raises(nl.SidecarError, match="no nla_meta.yaml") as info:
         load_meta(tmp_path)

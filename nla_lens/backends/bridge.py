@@ -46,9 +46,10 @@ def load_model(folder: Path, tokenizer: PreTrainedTokenizerBase, *, dtype: torch
         raise CheckpointError(
             f"architecture {arch!r} is not supported yet; nla_lens loads {loading.SUPPORTED_ARCHITECTURES}"
         )
-    loading._weight_files(folder)  # refuses pickle-only folders before HF would fall back to them
     truncated = n_layers is not None
     n_blocks = gemma3.text_config(hf_config).num_hidden_layers
+    # Pickle-only, truncated or integer weights, blocks past config.json's: refused before HF reads them.
+    loading.check_weight_files(folder, wrapped=gemma3.is_wrapper(hf_config), n_blocks=None if truncated else n_blocks)
     if truncated and n_layers > n_blocks:
         raise CheckpointError(f"{folder} has {n_blocks} layers, {n_layers} requested")
     if gemma3.is_wrapper(hf_config):
