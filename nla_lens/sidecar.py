@@ -86,8 +86,27 @@ class NLAMeta:
         return self.ar_template.replace("{explanation}", explanation)
 
 
+def safe_load_unique(text: str) -> Any:
+    """`yaml.safe_load` (no code runs) that refuses a key given twice in one mapping, where PyYAML keeps the
+    last silently: a hand-edited sidecar with two `extraction_layer_index:` lines, a config with two `steps:`."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} is given twice",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_meta(folder: str | Path) -> NLAMeta:
-    """Read and parse `nla_meta.yaml` from a checkpoint folder (`yaml.safe_load`, no code)."""
+    """Read and parse `nla_meta.yaml` from a checkpoint folder (`safe_load_unique`, no code)."""
     path = Path(folder) / SIDECAR_NAME
     if not path.is_file():
         model = " It holds a model (config.json): a base model is not an NLA checkpoint." if (
@@ -97,7 +116,7 @@ def load_meta(folder: str | Path) -> NLAMeta:
             f"or copy the {SIDECAR_NAME} released with the checkpoint into that folder."
         )
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = safe_load_unique(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as exc:  # e.g. re-saved as UTF-16 or Latin-1 by an editor
         raise SidecarError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8 or "
                            "restore the released file") from exc
@@ -182,8 +201,8 @@ def _build(data: dict[str, Any], source: str, *, role: Literal["av", "ar"] | Non
     if suffix is not None and (not isinstance(suffix, list) or not suffix):
         raise SidecarError(f"{source}: tokens.critic_suffix_ids must be a non-empty list of token ids (or null), "
                            f"got {suffix!r}")
-    av_template = templates.get("av", templates.get("actor"))
-    ar_template = templates.get("ar", templates.get("critic"))
+    av_template = _template(templates, "av", "actor", source)
+    ar_template = _template(templates, "ar", "critic", source)
     for name, template in (("AV", av_template), ("AR", ar_template)):
         if template is not None and not isinstance(template, str):
             raise SidecarError(f"{source}: the {name} prompt template must be a string, got {template!r}")
@@ -236,6 +255,16 @@ def _build(data: dict[str, Any], source: str, *, role: Literal["av", "ar"] | Non
     )
 
 
+def _template(templates: dict[str, Any], name: str, old_name: str, source: str) -> Any:
+    """A role's prompt template under either dialect's key; both keys with different texts leave no way to
+    tell which one the checkpoint was trained on."""
+    if name in templates and old_name in templates and templates[name] != templates[old_name]:
+        raise SidecarError(f"{source}: prompt_templates.{name} and prompt_templates.{old_name} are two spellings of "
+                           f"one template but hold different texts; keep the one the checkpoint was trained with "
+                           "(restore the released file)")
+    return templates.get(name, templates.get(old_name))
+
+
 def _recorded_baseline(data: dict[str, Any], source: str) -> tuple[float | None, int | None]:
     """`fve_baseline: {value, n}`, which sidecars nla_lens exports carry (absent from the released ones)."""
     block = data.get("fve_baseline")
@@ -257,7 +286,7 @@ def _explicit_injection(data: dict[str, Any], source: str) -> InjectionSpec | No
     if not isinstance(block, dict) or "method" not in block:
         raise SidecarError(f"{source}: 'injection' must be a mapping with a 'method' key")
     hook_point = block.get("hook_point")
-    if hook_point is not None and not isinstance(hook_point, str):
+    if hook_point is not None and (not isinstance(hook_point, str) or not hook_point.strip()):
         raise SidecarError(f"{source}: injection.hook_point must be a TransformerLens hook name such as "
                            f"'blocks.1.hook_resid_post' (or absent for the method's default), got {hook_point!r}")
     return InjectionSpec.of(block["method"], hook_point)

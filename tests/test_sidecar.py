@@ -122,6 +122,9 @@ def test_injection_scale_resolution():
     (lambda d: d.update(role=["av"]), "role must be one of"),  # a YAML list, not a TypeError
     (lambda d: d.update(injection={"method": ["karvonen"]}), "unknown injection method"),
     (lambda d: d.update(injection={"method": "karvonen", "hook_point": 1}), "injection.hook_point must be a"),
+    (lambda d: d.update(injection={"method": "karvonen", "hook_point": " "}), "injection.hook_point must be a"),
+    (lambda d: d["prompt_templates"].update(actor=AV_TEMPLATE + " "), "av and prompt_templates.actor are two"),
+    (lambda d: d["prompt_templates"].update(critic="x {explanation}"), "ar and prompt_templates.critic are two"),
     (lambda d: d.update(base_model=7), "base_model must be the base model's hub id or folder path"),
     (lambda d: d.pop("extraction_layer_index"), "no extraction layer; the sidecar needs extraction_layer_index"),
     (lambda d: d.update(base_model=["Qwen/Qwen3-8B"]), "base_model must be"),
@@ -159,6 +162,16 @@ def test_an_empty_sidecar_says_so_and_how_to_fix_it(tmp_path, text):
     (tmp_path / "nla_meta.yaml").write_text(text)
     with pytest.raises(nl.SidecarError, match=r"nla_meta.yaml is empty \(or holds only comments\); restore the"):
         load_meta(tmp_path)
+
+
+def test_a_key_given_twice_is_refused_not_the_last_one_kept(tmp_path):
+    """PyYAML keeps the last of two equal keys: a hand-edited sidecar with two layer lines loaded silently."""
+    text = yaml.safe_dump(model_dialect())
+    (tmp_path / "nla_meta.yaml").write_text(text + "extraction_layer_index: 20\n")
+    with pytest.raises(nl.SidecarError, match="not valid YAML.*the key 'extraction_layer_index' is given twice"):
+        load_meta(tmp_path)
+    (tmp_path / "nla_meta.yaml").write_text(text)
+    assert load_meta(tmp_path).layer == 24
 
 
 def test_missing_and_unparseable_sidecar_files(tmp_path):

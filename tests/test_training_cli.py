@@ -215,6 +215,15 @@ def test_a_file_that_is_not_yaml_is_named_in_one_line(capsys):
     assert err.count("\n") == 1 and "examples/corpus.jsonl is not a YAML config (" in err and "at line 2" in err
 
 
+def test_a_config_key_given_twice_is_refused_not_the_last_one_kept(tmp_path, capsys):
+    """PyYAML keeps the last of two equal keys: a copied config with a second `steps:` trained silently."""
+    path = tmp_path / "ar.yaml"
+    path.write_text("base_model: x\nactivations: y\nexplanations: z\nout_dir: o\ntrain:\n  steps: 10\n  steps: 2\n")
+    assert main(["train-ar", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the key 'steps' is given twice at line 7" in err
+
+
 def test_cli_rejects_an_unknown_config_key(tmp_path, capsys):
     config = _write(tmp_path / "bad.yaml", {"base_model": "x", "activations": "y", "explanations": "z",
                                             "out_dir": "o", "trian": {"steps": 1}})

@@ -1,4 +1,4 @@
-"""Typed configs for extraction, SFT and RL, read from YAML (`yaml.safe_load`, unknown keys rejected)."""
+"""Typed configs for extraction, SFT and RL, read from YAML (`safe_load_unique`, unknown and repeated keys rejected)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import yaml
 
 from nla_lens.checks import dtype_names, resolve_dtype
 from nla_lens.errors import ConfigError, InputError
+from nla_lens.sidecar import safe_load_unique
 
 # The paper's critic prompt; the AV prompt puts the marker between '>' and '</' as nanoNLA's does.
 DEFAULT_AR_TEMPLATE = "Summary of the following text: <text>{explanation}</text> <summary>"
@@ -268,7 +269,7 @@ Config = TypeVar("Config")
 def load_config(cls: type[Config], path: str | Path) -> Config:
     """Read a YAML file into the dataclass `cls`, nested sections included."""
     try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        data = safe_load_unique(Path(path).read_text(encoding="utf-8"))
     except OSError as exc:
         raise ConfigError(f"cannot read config {path}: {exc}") from exc
     except UnicodeDecodeError as exc:
