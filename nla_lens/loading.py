@@ -451,6 +451,8 @@ def _tl_name(name: str, cfg: HookedTransformerConfig) -> str | None:
     layer, rest = int(match.group(1)), match.group(2)
     if layer >= cfg.n_layers:
         return None
+    if rest == "self_attn.rotary_emb.inv_freq":  # a buffer older transformers saved; RoPE comes from config.json
+        return None
     prefix = f"blocks.{layer}."
     simple_names = gemma3.BLOCK_NAMES if cfg.original_architecture in gemma3.ARCHITECTURES else _SIMPLE_NAMES
     if rest in simple_names:

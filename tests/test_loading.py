@@ -153,6 +153,21 @@ def test_missing_weights_are_reported(tiny_paths, tmp_path):
         nl.ActivationVerbalizer.from_pretrained(folder)
 
 
+def test_rotary_inv_freq_buffers_older_transformers_saved_are_skipped(tiny_paths, tmp_path, av_karvonen):
+    """Checkpoints saved by older transformers hold each layer's rotary_emb.inv_freq: the hooked loader refused
+    them as an unexpected tensor, where HF skips them. RoPE comes from config.json either way."""
+    folder = shutil.copytree(tiny_paths["av_karvonen"], tmp_path / "av")
+    weights = load_file(str(folder / "model.safetensors"))
+    n_layers = av_karvonen.model.cfg.n_layers
+    weights.update({f"model.layers.{i}.self_attn.rotary_emb.inv_freq": torch.full((4,), 123.0)
+                    for i in range(n_layers)})
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    loaded = nl.ActivationVerbalizer.from_pretrained(folder)
+    tokens = loaded.prompt_tokens(2)
+    with torch.no_grad():
+        assert torch.equal(loaded.model(tokens), av_karvonen.model(tokens))
+
+
 def _rewrite_header(path, edit) -> None:
     """Rewrite a safetensors file's JSON header through `edit(header)`, keeping its data bytes."""
     raw = path.read_bytes()
