@@ -215,22 +215,7 @@ def _run_steps(modules: dict[str, nn.Module], step_loss: nn.Module, params: dict
         lr = lr_at(step, config)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        local_total = 0.0
-        batches = micro_batches(step, n_rows, config)
-        # Every micro-batch is normalised by the step's count (all micro-batches, all ranks), so accumulation
-        # equals one big batch; the ranks' gradients are averaged, hence the world size.
-        divisor = sum(units(index) for index in batches) / world.world_size
-        for k, index in enumerate(batches):
-            share, counts = parallel.rank_share(index, world)
-            last = k == len(batches) - 1
-            no_sync = step_loss.no_sync() if hasattr(step_loss, "no_sync") and not last else contextlib.nullcontext()
-            with no_sync:
-                with autocast:
-                    loss = step_loss(share, divisor)
-                if not counts:
-                    loss = loss * 0.0
-                loss.backward()
-            local_total += float(loss.detach())
+        local_total = _accumulate_gradients(step_loss, micro_batches(step, n_rows, config), units, world, autocast)
         total = parallel.all_reduce_sum(local_total, device) / world.world_size  # one collective per step
         grad_norm = float(parallel.whole(torch.nn.utils.clip_grad_norm_(list(params.values()), config.grad_clip)))
         if math.isfinite(grad_norm):
@@ -247,6 +232,29 @@ def _run_steps(modules: dict[str, nn.Module], step_loss: nn.Module, params: dict
             result.checkpoint = save_checkpoint(Path(out_dir), done, params, optimizer, config, result, data=data)
     for module in modules.values():
         module.eval()
+
+
+def _accumulate_gradients(step_loss: nn.Module, batches: list[Int[Tensor, " batch"]], units: Callable[[Tensor], int],
+                          world: World, autocast: contextlib.AbstractContextManager) -> float:
+    """Backward through one optimizer step's micro-batches; this rank's summed loss.
+
+    Every micro-batch is normalised by the step's count (all micro-batches, all ranks), so accumulation
+    equals one big batch; the ranks' gradients are averaged, hence the world size. DDP syncs on the last one.
+    """
+    divisor = sum(units(index) for index in batches) / world.world_size
+    local_total = 0.0
+    for k, index in enumerate(batches):
+        share, counts = parallel.rank_share(index, world)
+        last = k == len(batches) - 1
+        no_sync = step_loss.no_sync() if hasattr(step_loss, "no_sync") and not last else contextlib.nullcontext()
+        with no_sync:
+            with autocast:
+                loss = step_loss(share, divisor)
+            if not counts:
+                loss = loss * 0.0
+            loss.backward()
+        local_total += float(loss.detach())
+    return local_total
 
 
 def save_checkpoint(out_dir: Path, step: int, params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer,
