@@ -226,12 +226,17 @@ def _run_steps(modules: dict[str, nn.Module], step_loss: nn.Module, params: dict
         result.history.append({"step": step + 1, "loss": total, "lr": lr, "grad_norm": grad_norm})
         bar.set_postfix(loss=f"{total:.4f}")
         done = step + 1
-        if done == config.steps or (config.eval_every and done % config.eval_every == 0):
+        if is_due(done, config.steps, config.eval_every):
             run_eval(done)
-        if out_dir is not None and (done == config.steps or (config.save_every and done % config.save_every == 0)):
+        if out_dir is not None and is_due(done, config.steps, config.save_every):
             result.checkpoint = save_checkpoint(Path(out_dir), done, params, optimizer, config, result, data=data)
     for module in modules.values():
         module.eval()
+
+
+def is_due(done: int, steps: int, every: int) -> bool:
+    """Evaluate or save after `done` steps: every `every` steps (0: never) and after the last one."""
+    return done == steps or (every > 0 and done % every == 0)
 
 
 def _accumulate_gradients(step_loss: nn.Module, batches: list[Int[Tensor, " batch"]], units: Callable[[Tensor], int],
