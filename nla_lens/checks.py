@@ -127,12 +127,11 @@ def check_input_file(path: Path, what: str = "input") -> None:
         raise InputError(f"{what} {path} is not a file")
 
 
-def check_output_path(path: Path, suffixes: Sequence[str] | None = None, what: str = "output") -> None:
+def check_output_path(path: Path, suffixes: Sequence[str], what: str = "output") -> None:
     """A file nla_lens may write: its folder exists, it is not a folder, and its suffix is one it writes."""
     if path.is_dir():
-        example = path / ("out" + (suffixes[0] if suffixes else ""))
-        raise InputError(f"{what} {path} is a folder; give a file path, e.g. {example}")
-    if suffixes is not None and path.suffix not in suffixes:
+        raise InputError(f"{what} {path} is a folder; give a file path, e.g. {path / ('out' + suffixes[0])}")
+    if path.suffix not in suffixes:
         raise InputError(f"{what} {path}: the file name must end in {' or '.join(suffixes)}")
     if not path.parent.is_dir():
         raise InputError(f"{what} {path}: {no_folder(path.parent)}")

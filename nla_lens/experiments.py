@@ -302,13 +302,7 @@ def patching_study(
             "[batch, pos] of one shape, as in transformer_lens.patching; pick prompts of equal token length"
         )
     _check_reaches(base_model, patch_layer, layer, "patch_layer")
-    hook_name = _patch_hook_name(activation_name, patch_layer)
-    if hook_name not in base_model.hook_dict:
-        raise InputError(f"activation_name={activation_name!r} at patch_layer={patch_layer} names {hook_name!r}, which "
-                         "is not a hook point of this model; pass the short name transformer_lens.utils.get_act_name "
-                         "takes (e.g. 'resid_pre', 'attn_out', 'mlp_out', 'z', 'embed') and the block as "
-                         "patch_layer")
-    backends.check_patchable(base_model, hook_name)
+    hook_name = _patch_hook_name(base_model, activation_name, patch_layer)
     width = clean_tokens.shape[1]
     if isinstance(patch_position, bool) or not isinstance(patch_position, int) or not -width <= patch_position < width:
         raise InputError(f"patch_position must be an int column in -{width}..{width - 1}, got {patch_position!r}")
@@ -343,15 +337,24 @@ def patching_study(
 _BEFORE_BLOCKS = ("embed", "pos_embed")  # hook_embed / hook_pos_embed: model-level, before block 0
 
 
-def _patch_hook_name(activation_name: str, patch_layer: int) -> str:
-    """`get_act_name(activation_name, patch_layer)`, except for the embeddings, which TL names without a block
-    (its `get_act_name("embed", 0)` says `blocks.0.hook_embed`, which no model has)."""
+def _patch_hook_name(base_model: TLModel, activation_name: str, patch_layer: int) -> str:
+    """`get_act_name(activation_name, patch_layer)`, checked to be a hook point of `base_model` that takes writes,
+    except for the embeddings, which TL names without a block (its `get_act_name("embed", 0)` says
+    `blocks.0.hook_embed`, which no model has)."""
     if activation_name not in _BEFORE_BLOCKS:
-        return get_act_name(activation_name, patch_layer)
-    if patch_layer != 0:
+        hook_name = get_act_name(activation_name, patch_layer)
+    elif patch_layer != 0:
         raise InputError(f"activation_name={activation_name!r} is the embedding before block 0, so patch_layer must "
                          f"be 0, got {patch_layer}")
-    return f"hook_{activation_name}"
+    else:
+        hook_name = f"hook_{activation_name}"
+    if hook_name not in base_model.hook_dict:
+        raise InputError(f"activation_name={activation_name!r} at patch_layer={patch_layer} names {hook_name!r}, which "
+                         "is not a hook point of this model; pass the short name transformer_lens.utils.get_act_name "
+                         "takes (e.g. 'resid_pre', 'attn_out', 'mlp_out', 'z', 'embed') and the block as "
+                         "patch_layer")
+    backends.check_patchable(base_model, hook_name)
+    return hook_name
 
 
 def verbalize_direction(

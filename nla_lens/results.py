@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import pyarrow as pa
 
 from nla_lens import display
-from nla_lens.checks import no_folder
+from nla_lens.checks import check_output_path
 from nla_lens.errors import InputError
 from nla_lens.vector_files import write_atomic, write_table
 
@@ -97,15 +97,7 @@ def check_save_path(path: str | Path) -> Path:
     path = Path(path).expanduser()
     if path.suffix not in SAVE_SUFFIXES:
         raise InputError(f"{path}: save to a .parquet or .jsonl file (the rows) or an .html file (the view)")
-    return check_file_target(path)
-
-
-def check_file_target(path: Path) -> Path:
-    """A file may be written at `path`: it is not a folder and its folder exists."""
-    if path.is_dir():
-        raise InputError(f"{path} is a folder; give a file name such as {path / 'result.parquet'}")
-    if not path.parent.is_dir():
-        raise InputError(f"{no_folder(path.parent)} or save elsewhere")
+    check_output_path(path, SAVE_SUFFIXES)
     return path
 
 

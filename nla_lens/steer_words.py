@@ -40,11 +40,11 @@ from transformer_lens.hook_points import HookPoint
 from nla_lens import backends
 from nla_lens.base_model import check_base_model
 from nla_lens.capture import PositionSpec, real_tokens, resid_post, resolve_positions
-from nla_lens.checks import check_counts, check_finite
+from nla_lens.checks import check_counts, check_finite, check_output_path
 from nla_lens.errors import InputError, PairMismatchError, VectorError
 from nla_lens.injection import HookFn, check_vectors, unit
 from nla_lens.nla import NLA
-from nla_lens.results import TabularResult, check_file_target
+from nla_lens.results import TabularResult
 from nla_lens.vector_files import write_atomic
 from nla_lens.verbalizer import ActivationVerbalizer, Verbalization
 
@@ -180,7 +180,7 @@ class WordSteering(TabularResult):
         path = Path(path).expanduser()
         if path.suffix != ".safetensors":
             raise InputError(f"{path}: save_vectors writes a .safetensors file; save() writes the table")
-        check_file_target(path)
+        check_output_path(path, (".safetensors",))
         tensors = {"delta": self.delta.contiguous(), "target": self.target.contiguous(),
                    "rows": self.rows.contiguous(), "positions": self.positions.contiguous()}
         metadata = {"hook_name": self.hook_name, "layer": str(self.layer), "alpha": str(self.alpha), "mode": self.mode,

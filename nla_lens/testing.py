@@ -52,16 +52,16 @@ def build_tokenizer(folder: Path | None = None, vocab_size: int = 384) -> PreTra
     return tokenizer
 
 
-def token_facts(tokenizer: PreTrainedTokenizerFast, av_template: str = AV_TEMPLATE) -> dict:
+def token_facts(tokenizer: PreTrainedTokenizerFast, av_template: str = AV_TEMPLATE, marker: str = MARKER) -> dict:
     """The sidecar's `tokens:` block, derived from the tokenizer as the training code derives it."""
     prompt = tokenizer.apply_chat_template(
-        [{"role": "user", "content": av_template.replace("{injection_char}", MARKER)}],
+        [{"role": "user", "content": av_template.replace("{injection_char}", marker)}],
         add_generation_prompt=True, tokenize=True, return_dict=False)
-    marker_id = tokenizer.convert_tokens_to_ids(MARKER)
+    marker_id = tokenizer.convert_tokens_to_ids(marker)
     at = prompt.index(marker_id)
     suffix = AR_TEMPLATE.split("{explanation}")[1]
     return {
-        "injection_char": MARKER,
+        "injection_char": marker,
         "injection_token_id": marker_id,
         "injection_left_neighbor_id": prompt[at - 1],
         "injection_right_neighbor_id": prompt[at + 1],

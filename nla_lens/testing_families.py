@@ -88,17 +88,8 @@ def llama_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def token_facts(tokenizer: PreTrainedTokenizerFast, marker: str) -> dict:
-    """The sidecar's `tokens:` block, read off the chat-templated AV prompt."""
-    prompt = tokenizer.apply_chat_template(
-        [{"role": "user", "content": AV_TEMPLATE.replace("{injection_char}", marker)}],
-        add_generation_prompt=True, tokenize=True, return_dict=False)
-    marker_id = tokenizer.convert_tokens_to_ids(marker)
-    at = prompt.index(marker_id)
-    return {
-        "injection_char": marker, "injection_token_id": marker_id,
-        "injection_left_neighbor_id": prompt[at - 1], "injection_right_neighbor_id": prompt[at + 1],
-        "critic_suffix_ids": tokenizer.encode(AR_TEMPLATE.split("{explanation}")[1], add_special_tokens=False)[1:],
-    }
+    """`nla_lens.testing.token_facts` for these families' AV template and `marker`."""
+    return testing.token_facts(tokenizer, AV_TEMPLATE, marker)
 
 
 def gemma3_text_config(tokenizer: PreTrainedTokenizerFast, *, n_layers: int = 4, d_model: int = 64,

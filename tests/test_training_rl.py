@@ -246,7 +246,7 @@ def _assert_same_gradients(av, hf) -> None:
     for name, param in av.model.named_parameters():
         if param.grad is None:
             continue
-        target = _hf_target(name, param.grad, av.model.cfg, qkv_bias=False)
+        target = _hf_target(name, param.grad, qkv_bias=False)
         if target is None:
             continue
         hf_name, grad = target

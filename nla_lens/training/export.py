@@ -27,7 +27,7 @@ from nla_lens.training.parallel import current_world, gathered_on_main, whole
 from nla_lens.verbalizer import ActivationVerbalizer
 
 if TYPE_CHECKING:
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from transformer_lens import HookedTransformer
 
 _BLOCK = re.compile(r"^blocks\.(\d+)\.(.+)$")
 _ROLE_NAMES = {"av": "AV", "ar": "AR"}
@@ -41,7 +41,7 @@ def has_qkv_bias(hf_config: Any) -> bool:
     return (hf_config.architectures or [None])[0] == "Qwen2ForCausalLM"
 
 
-def _hf_target(name: str, tensor: Tensor, cfg: HookedTransformerConfig, qkv_bias: bool) -> tuple[str, Tensor] | None:
+def _hf_target(name: str, tensor: Tensor, qkv_bias: bool) -> tuple[str, Tensor] | None:
     """HF name and value for one TL parameter; None for a TL-only bias (which must be zero)."""
     if name == "embed.W_E":
         return "model.embed_tokens.weight", tensor
@@ -88,7 +88,7 @@ def hf_state_dict(model: HookedTransformer, *, qkv_bias: bool,
     out = {}
     for name, param in model.named_parameters():
         weight = whole(param.detach())
-        target = _hf_target(name, weight, model.cfg, qkv_bias)
+        target = _hf_target(name, weight, qkv_bias)
         if target is None:
             if bool(weight.any()):
                 raise CheckpointError(
@@ -120,7 +120,7 @@ def freeze_weights_hf_lacks(model: HookedTransformer, hf_config: Any | None = No
                 else model.cfg.original_architecture == "Qwen2ForCausalLM")
     frozen = []
     for name, param in model.named_parameters():
-        if _hf_target(name, param.detach(), model.cfg, qkv_bias) is None:
+        if _hf_target(name, param.detach(), qkv_bias) is None:
             param.requires_grad_(False)
             frozen.append(name)
     return frozen

@@ -215,22 +215,7 @@ def _run_steps(modules: dict[str, nn.Module], step_loss: nn.Module, params: dict
         lr = lr_at(step, config)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        local_total = 0.0
-        batches = micro_batches(step, n_rows, config)
-        # Every micro-batch is normalised by the step's count (all micro-batches, all ranks), so accumulation
-        # equals one big batch; the ranks' gradients are averaged, hence the world size.
-        divisor = sum(units(index) for index in batches) / world.world_size
-        for k, index in enumerate(batches):
-            share, counts = parallel.rank_share(index, world)
-            last = k == len(batches) - 1
-            no_sync = step_loss.no_sync() if hasattr(step_loss, "no_sync") and not last else contextlib.nullcontext()
-            with no_sync:
-                with autocast:
-                    loss = step_loss(share, divisor)
-                if not counts:
-                    loss = loss * 0.0
-                loss.backward()
-            local_total += float(loss.detach())
+        local_total = _accumulate_gradients(step_loss, micro_batches(step, n_rows, config), units, world, autocast)
         total = parallel.all_reduce_sum(local_total, device) / world.world_size  # one collective per step
         grad_norm = float(parallel.whole(torch.nn.utils.clip_grad_norm_(list(params.values()), config.grad_clip)))
         if math.isfinite(grad_norm):
@@ -241,12 +226,40 @@ def _run_steps(modules: dict[str, nn.Module], step_loss: nn.Module, params: dict
         result.history.append({"step": step + 1, "loss": total, "lr": lr, "grad_norm": grad_norm})
         bar.set_postfix(loss=f"{total:.4f}")
         done = step + 1
-        if done == config.steps or (config.eval_every and done % config.eval_every == 0):
+        if is_due(done, config.steps, config.eval_every):
             run_eval(done)
-        if out_dir is not None and (done == config.steps or (config.save_every and done % config.save_every == 0)):
+        if out_dir is not None and is_due(done, config.steps, config.save_every):
             result.checkpoint = save_checkpoint(Path(out_dir), done, params, optimizer, config, result, data=data)
     for module in modules.values():
         module.eval()
+
+
+def is_due(done: int, steps: int, every: int) -> bool:
+    """Evaluate or save after `done` steps: every `every` steps (0: never) and after the last one."""
+    return done == steps or (every > 0 and done % every == 0)
+
+
+def _accumulate_gradients(step_loss: nn.Module, batches: list[Int[Tensor, " batch"]], units: Callable[[Tensor], int],
+                          world: World, autocast: contextlib.AbstractContextManager) -> float:
+    """Backward through one optimizer step's micro-batches; this rank's summed loss.
+
+    Every micro-batch is normalised by the step's count (all micro-batches, all ranks), so accumulation
+    equals one big batch; the ranks' gradients are averaged, hence the world size. DDP syncs on the last one.
+    """
+    divisor = sum(units(index) for index in batches) / world.world_size
+    local_total = 0.0
+    for k, index in enumerate(batches):
+        share, counts = parallel.rank_share(index, world)
+        last = k == len(batches) - 1
+        no_sync = step_loss.no_sync() if hasattr(step_loss, "no_sync") and not last else contextlib.nullcontext()
+        with no_sync:
+            with autocast:
+                loss = step_loss(share, divisor)
+            if not counts:
+                loss = loss * 0.0
+            loss.backward()
+        local_total += float(loss.detach())
+    return local_total
 
 
 def save_checkpoint(out_dir: Path, step: int, params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer,

@@ -484,10 +484,9 @@ def train_rl(
             result.history.append(record)
             bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{record['kl']:.3f}")
             done = step + 1
-            if done == config.steps or (config.eval_every and done % config.eval_every == 0):
+            if loop.is_due(done, config.steps, config.eval_every):
                 run_eval(done)
-            if out_dir is not None and (done == config.steps or
-                                        (config.save_every and done % config.save_every == 0)):
+            if out_dir is not None and loop.is_due(done, config.steps, config.save_every):
                 result.checkpoint = loop.save_checkpoint(Path(out_dir), done, trainer.params, trainer.optimizer,
                                                          config, result, data=data)
     result.seconds += time.perf_counter() - started
