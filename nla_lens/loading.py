@@ -152,6 +152,14 @@ def load_tokenizer(folder: Path, *, trust_remote_code: bool = False) -> PreTrain
     return tokenizer
 
 
+def truncate_config(config: Any, n_layers: int) -> None:
+    """Cut an HF (text) config to its first `n_layers` blocks, in place: the AR backbone's shape. Gemma-3 and
+    newer Qwen configs list a per-block `layer_types` that must shrink with it."""
+    config.num_hidden_layers = n_layers
+    if getattr(config, "layer_types", None) is not None:
+        config.layer_types = config.layer_types[:n_layers]
+
+
 def load_hf_config(folder: Path, *, trust_remote_code: bool = False) -> Any:
     if not (folder / "config.json").is_file():
         raise CheckpointError(f"{folder} has no config.json; point at an HF checkpoint folder")

@@ -6,7 +6,6 @@ elsewhere in a prompt from being mistaken for the injection site.
 
 from __future__ import annotations
 
-import torch
 from jaxtyping import Int
 from torch import Tensor
 
@@ -44,16 +43,3 @@ def find_marker_sites(
         )
     return rows, positions
 
-
-def one_site_per_row(tokens: Int[Tensor, "batch pos"], marker_id: int, left_id: int,
-                     right_id: int) -> Int[Tensor, " batch"]:
-    """Position of the single marker site of each row; raise unless every row has exactly one."""
-    rows, positions = find_marker_sites(tokens, marker_id, left_id, right_id)
-    counts = torch.bincount(rows, minlength=tokens.shape[0])
-    bad = (counts != 1).nonzero(as_tuple=True)[0].tolist()
-    if bad:
-        raise MarkerError(
-            f"rows {bad[:8]} hold {counts[bad[:8]].tolist()} marker sites; each AV prompt needs "
-            "exactly one. Build prompts with av.prompt_tokens(n)."
-        )
-    return positions

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import nla_lens as nl
-from nla_lens.markers import find_marker_sites, one_site_per_row
+from nla_lens.markers import find_marker_sites
 
 M, L, R, PAD = 9, 5, 6, 0
 
@@ -19,7 +19,6 @@ def test_sites_in_a_left_padded_batch():
     ])
     rows, positions = find_marker_sites(tokens, M, L, R, expected=3)
     assert rows.tolist() == [0, 1, 2] and positions.tolist() == [4, 4, 2]
-    assert one_site_per_row(tokens, M, L, R).tolist() == [4, 4, 2]
 
 
 def test_a_bare_marker_without_its_neighbours_is_not_a_site():
@@ -32,8 +31,6 @@ def test_count_mismatch_and_duplicates_raise_marker_error():
     tokens = torch.tensor([[L, M, R, L, M, R], [1, 2, 3, 4, 5, 6]])
     with pytest.raises(nl.MarkerError, match="found 2 neighbour-anchored"):
         find_marker_sites(tokens, M, L, R, expected=1)
-    with pytest.raises(nl.MarkerError, match=r"rows \[0, 1\] hold \[2, 0\]"):
-        one_site_per_row(tokens, M, L, R)
     with pytest.raises(nl.MarkerError, match=r"\[batch, pos\]"):
         find_marker_sites(tokens[0], M, L, R)
 

@@ -74,9 +74,7 @@ def _load_hf_model(folder: Path, hf_config, *, dtype: torch.dtype, device: str |
                    n_layers: int | None, trust_remote_code: bool) -> nn.Module:
     """HF's own loader, with the config cut to `n_layers` blocks for an AR; missing weights refused."""
     if n_layers is not None:
-        hf_config.num_hidden_layers = n_layers
-        if getattr(hf_config, "layer_types", None) is not None:
-            hf_config.layer_types = hf_config.layer_types[:n_layers]
+        loading.truncate_config(hf_config, n_layers)
     hf_model, report = AutoModelForCausalLM.from_pretrained(
         folder, config=hf_config, dtype=dtype, device_map=torch.device(device), attn_implementation="eager",
         use_safetensors=True, ignore_mismatched_sizes=True, output_loading_info=True,

@@ -134,8 +134,7 @@ def load_text_model(folder: Path, hf_config: Any, *, dtype: torch.dtype, device:
 
     text = text_config(hf_config)
     if n_layers is not None:
-        text.num_hidden_layers = n_layers
-        text.layer_types = text.layer_types[:n_layers]
+        loading.truncate_config(text, n_layers)
     with torch.device(device), no_init_weights():
         model = Gemma3ForCausalLM._from_config(text, dtype=dtype, attn_implementation="eager")
     params = dict(model.named_parameters())

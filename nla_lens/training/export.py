@@ -162,9 +162,7 @@ def model_sidecar(dataset: NLAMeta, role: str, *, injection: InjectionSpec | Non
 def _hf_config(base_model: str | Path, *, n_layers: int | None, untie: bool, dtype: torch.dtype) -> Any:
     config = loading.load_hf_config(loading.resolve_checkpoint(base_model))
     if n_layers is not None:
-        config.num_hidden_layers = n_layers
-        if getattr(config, "layer_types", None) is not None:
-            config.layer_types = config.layer_types[:n_layers]
+        loading.truncate_config(config, n_layers)
     if untie:  # the AV's embedding and unembedding were trained apart
         config.tie_word_embeddings = False
     config.dtype = str(dtype).removeprefix("torch.")
