@@ -18,6 +18,7 @@ the guard of the HookedTransformer-only training code (`require_hooked`).
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -134,6 +135,12 @@ def input_module(model: TLModel) -> torch.nn.Module:
 def decoder(model: TLModel, batch_size: int, max_len: int, fwd_hooks: list) -> Decoder:
     """The backend's decoder for `batch_size` rows of at most `max_len` tokens."""
     return import_module(f"nla_lens.backends.{backend_of(model)}").decoder(model, batch_size, max_len, fwd_hooks)
+
+
+def hooks(model: TLModel, fwd_hooks: list) -> contextlib.AbstractContextManager:
+    """`model.hooks(fwd_hooks=...)` that removes exactly the hooks it added, on every exit path, and no
+    hook the caller left (see `hooked.hooks`)."""
+    return import_module(f"nla_lens.backends.{backend_of(model)}").hooks(model, fwd_hooks)
 
 
 def last_residual(model: TLModel, tokens: Int[Tensor, "batch pos"],

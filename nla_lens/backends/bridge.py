@@ -19,6 +19,7 @@ Choices made here, each because the bridge's default would change what nla_lens 
 
 from __future__ import annotations
 
+import contextlib
 from importlib import metadata
 from pathlib import Path
 
@@ -143,11 +144,16 @@ class _Decoder:
         self.step_mask = torch.ones(batch_size, 1, dtype=torch.long, device=device)
 
     def prefill(self, tokens: Int[Tensor, "batch pos"], fwd_hooks: list) -> Float[Tensor, "batch d_vocab"]:
-        with self.model.hooks(fwd_hooks=fwd_hooks):
+        with hooks(self.model, fwd_hooks):
             return self.forward(tokens, torch.ones_like(tokens))[:, -1]
 
     def step(self, ids: Int[Tensor, " batch"]) -> Float[Tensor, "batch d_vocab"]:
         return self.forward(ids[:, None], self.step_mask)[:, -1]
+
+
+def hooks(model: TransformerBridge, fwd_hooks: list) -> contextlib.AbstractContextManager:
+    """TL 4's bridge removes on exit exactly the hooks its `hooks()` added."""
+    return model.hooks(fwd_hooks=fwd_hooks)
 
 
 def decoder(model: TransformerBridge, batch_size: int, max_len: int, fwd_hooks: list) -> _Decoder:
