@@ -10,7 +10,8 @@ The default follows the installed TransformerLens major version (3 -> hooked, 4 
 nla_lens uses only what both models offer: hook names, `run_with_hooks`, `hooks()`, `to_tokens`,
 `cfg`. The differences live here: how a checkpoint folder becomes a model (`load_model`), how a
 forward runs against a KV cache (`decoder`), the AR's last residual (`last_residual`, and why it runs
-TL's own forward where it does: `ar_fallback_reason`), the
+TL's own forward where it does: `ar_fallback_reason`), hook contexts that remove only their own hooks
+(`hooks`, `run_with_hooks`, `cached_activation`: TL 3.x's remove every hook at their context level), the
 attention mask HookedTransformer derives for a padded token tensor and the bridge does not
 (`implicit_attention_mask`), the hook where a write reaches less on the bridge (`check_patchable`), and
 the guard of the HookedTransformer-only training code (`require_hooked`).
@@ -25,7 +26,7 @@ from contextlib import contextmanager
 from importlib import import_module, metadata
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from jaxtyping import Float, Int
@@ -141,6 +142,19 @@ def hooks(model: TLModel, fwd_hooks: list) -> contextlib.AbstractContextManager:
     """`model.hooks(fwd_hooks=...)` that removes exactly the hooks it added, on every exit path, and no
     hook the caller left (see `hooked.hooks`)."""
     return import_module(f"nla_lens.backends.{backend_of(model)}").hooks(model, fwd_hooks)
+
+
+def run_with_hooks(model: TLModel, *args: Any, fwd_hooks: list, **kwargs: Any) -> Any:
+    """`model.run_with_hooks(*args, fwd_hooks=fwd_hooks, **kwargs)` that leaves the caller's hooks in place (see
+    `hooked.hooks`)."""
+    return import_module(f"nla_lens.backends.{backend_of(model)}").run_with_hooks(model, *args, fwd_hooks=fwd_hooks,
+                                                                                   **kwargs)
+
+
+def cached_activation(model: TLModel, hook_name: str, *args: Any, **kwargs: Any) -> Tensor | None:
+    """`model.run_with_cache(*args, names_filter=hook_name, **kwargs)`'s activation at `hook_name` (None: it did
+    not fire), leaving the caller's hooks in place (see `hooked.hooks`)."""
+    return import_module(f"nla_lens.backends.{backend_of(model)}").cached_activation(model, hook_name, *args, **kwargs)
 
 
 def last_residual(model: TLModel, tokens: Int[Tensor, "batch pos"],

@@ -6,8 +6,10 @@ import itertools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import Tensor
 from transformer_lens import HookedTransformer
 from transformers import PreTrainedTokenizerBase
 
@@ -33,6 +35,20 @@ def decoder(model: HookedTransformer, batch: int, max_len: int, fwd_hooks: list)
 
 last_residual = decoding.last_residual
 ar_fallback_reason = decoding.ar_fallback_reason
+
+
+def run_with_hooks(model: HookedTransformer, *args: Any, fwd_hooks: list, **kwargs: Any) -> Any:
+    """TL's `run_with_hooks` (`forward` under the hooks) with `hooks` in place of TL's `hooks()`."""
+    with hooks(model, fwd_hooks):
+        return model.forward(*args, **kwargs)
+
+
+def cached_activation(model: HookedTransformer, hook_name: str, *args: Any, **kwargs: Any) -> Tensor | None:
+    """TL's `run_with_cache(names_filter=hook_name)` (the activation detached, from `model(...)`) under `hooks`."""
+    cache: dict[str, Tensor] = {}
+    with hooks(model, [(hook_name, lambda activation, hook: cache.setdefault(hook_name, activation.detach()))]):
+        model(*args, **kwargs)
+    return cache.get(hook_name)
 
 
 @contextmanager
