@@ -317,8 +317,8 @@ def activation_at(model: TLModel, tokens: Int[Tensor, "batch pos"], hook_name: s
     block = re.match(r"blocks\.(\d+)\.", hook_name)
     stop = None if block is None else int(block[1]) + 1
     kept: list[Tensor] = []
-    model.run_with_hooks(tokens, attention_mask=attention_mask, stop_at_layer=stop,
-                         fwd_hooks=[(hook_name, lambda activation, hook: kept.append(activation))])
+    backends.run_with_hooks(model, tokens, attention_mask=attention_mask, stop_at_layer=stop,
+                            fwd_hooks=[(hook_name, lambda activation, hook: kept.append(activation))])
     if not kept:
         raise InputError(f"{hook_name} did not fire in a forward pass of this model: TransformerLens computes some "
                          "hook points only after their set_use_* switch")

@@ -35,6 +35,7 @@ from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 from transformer_lens.components import Embed, GatedMLP, GroupedQueryAttention, RMSNorm, Unembed
 from transformer_lens.components.attention import Attention
 
+from nla_lens import backends
 from nla_lens.errors import BackendError
 from nla_lens.fast_hooks import NO_BLOCK_HOOKS, BlockHooks, HookPlan
 from nla_lens.injection import HookFn
@@ -123,7 +124,7 @@ class HookedDecoder:
         self.step_mask = torch.ones(batch, 1, dtype=torch.long, device=model.W_E.device)
 
     def prefill(self, tokens: Int[Tensor, "batch pos"], fwd_hooks: list[tuple[str, HookFn]]) -> Tensor:
-        with self.model.hooks(fwd_hooks=fwd_hooks):
+        with backends.hooks(self.model, fwd_hooks):
             resid = self.model(tokens, attention_mask=torch.ones_like(tokens), past_kv_cache=self.cache,
                                stop_at_layer=self.model.cfg.n_layers)
             return _last_logits(self.model, resid)
@@ -422,7 +423,7 @@ class FastDecoder:
 
     def prefill(self, tokens: Int[Tensor, "batch pos"], fwd_hooks: list[tuple[str, HookFn]]) -> Tensor:
         positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
-        with self.model.hooks(fwd_hooks=fwd_hooks):
+        with backends.hooks(self.model, fwd_hooks):
             hooks = HookPlan.of(self.model)
             if hooks.fallback_reason is not None:
                 raise BackendError(f"this decoder was built for other prefill hooks ({hooks.fallback_reason}); "

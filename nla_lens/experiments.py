@@ -311,13 +311,13 @@ def patching_study(
         clean_mask = (backends.implicit_attention_mask(base_model, clean_tokens) if attention_mask is None
                       else attention_mask)
         with capture(base_model, layer, capture_position, attention_mask=attention_mask, tokens=clean_tokens) as clean:
-            _, cache = base_model.run_with_cache(clean_tokens, names_filter=hook_name, stop_at_layer=layer + 1,
-                                                 attention_mask=clean_mask)
-        if hook_name not in cache:
+            cached = backends.cached_activation(base_model, hook_name, clean_tokens, stop_at_layer=layer + 1,
+                                                attention_mask=clean_mask)
+        if cached is None:
             setter = next((s for suffix, s in _ON_REQUEST.items() if hook_name.endswith(suffix)), "set_use_attn_result")
             raise InputError(f"{hook_name} did not fire in the clean run: TransformerLens computes it only when asked "
                              f"(base_model.{setter}(True)); turn that on or patch another activation_name")
-        patch = (hook_name, _patch_hook(cache[hook_name], patch_position % width, _position_axis(hook_name)))
+        patch = (hook_name, _patch_hook(cached, patch_position % width, _position_axis(hook_name)))
         corrupted = _capture_run(base_model, layer, capture_position, corrupted_tokens, attention_mask, [])
         patched = _capture_run(base_model, layer, capture_position, corrupted_tokens, attention_mask, [patch])
     runs: tuple[tuple[Literal["clean", "corrupted", "patched"], Capture], ...] = (
@@ -432,7 +432,7 @@ def _capture_run(model: TLModel, layer: int, positions: PositionSpec, tokens: Te
     # Without a mask, the bridge attends to pads where HookedTransformer masks leading ones: run both alike.
     run_mask = backends.implicit_attention_mask(model, tokens) if attention_mask is None else attention_mask
     with capture(model, layer, positions, attention_mask=attention_mask, tokens=tokens) as cap:
-        model.run_with_hooks(tokens, attention_mask=run_mask, stop_at_layer=layer + 1, fwd_hooks=fwd_hooks)
+        backends.run_with_hooks(model, tokens, attention_mask=run_mask, stop_at_layer=layer + 1, fwd_hooks=fwd_hooks)
     return cap
 
 

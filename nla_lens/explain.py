@@ -163,7 +163,7 @@ def explain_tokens(nla: NLA, base: TLModel, token_rows: Sequence[Sequence[int]],
             # documents); without the mask, capture and HookedTransformer took it for padding.
             mask = torch.ones_like(tokens)
             with capture(base, layer, positions=cols, attention_mask=mask) as cap:
-                base.run_with_hooks(tokens, attention_mask=mask, fwd_hooks=fwd_hooks, stop_at_layer=layer + 1)
+                backends.run_with_hooks(base, tokens, attention_mask=mask, fwd_hooks=fwd_hooks, stop_at_layer=layer + 1)
             vectors.append(cap.vectors)
             sites += [(t, p) for p in cols]
     captured = torch.cat(vectors)

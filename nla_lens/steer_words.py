@@ -409,7 +409,7 @@ def _delta(nla: NLA, texts: list[list[str]], edited: list[list[str]],
 
 def _site_logprobs(base: TLModel, tokens: Tensor, run_mask: Tensor | None, rows: Tensor, cols: Tensor,
                    fwd_hooks: list) -> Float[Tensor, "n d_vocab"]:
-    logits = base.run_with_hooks(tokens, attention_mask=run_mask, fwd_hooks=fwd_hooks)
+    logits = backends.run_with_hooks(base, tokens, attention_mask=run_mask, fwd_hooks=fwd_hooks)
     return logits[rows.to(logits.device), cols.to(logits.device)].float().log_softmax(-1).cpu()
 
 
@@ -431,7 +431,8 @@ def _continuations(base: TLModel, tokens: Tensor, real: Tensor, result: WordStee
         for fwd_hooks in ([], [(result.hook_name, hook)]):
             grown = ids
             for _ in range(n_new):
-                logits = base.run_with_hooks(grown, attention_mask=torch.ones_like(grown), fwd_hooks=fwd_hooks)
+                logits = backends.run_with_hooks(base, grown, attention_mask=torch.ones_like(grown),
+                                                  fwd_hooks=fwd_hooks)
                 # TL moves the tokens to the model's device; the logits come back there, not to `grown`'s.
                 grown = torch.cat([grown, logits[:, -1].argmax(-1, keepdim=True).to(grown.device)], dim=1)
             pair.append(base.tokenizer.decode(grown[0, ids.shape[1]:].tolist()))

@@ -11,6 +11,7 @@ from conftest import D_MODEL, LAYER
 
 import nla_lens as nl
 from nla_lens import metrics
+from nla_lens.capture import resid_post
 from nla_lens.experiments import word_diff
 
 NAME = f"blocks.{LAYER}.hook_resid_post"
@@ -450,4 +451,40 @@ def test_experiment_arguments_are_checked_with_typed_errors(base, nla, av_karvon
         nl.steer_then_verbalize(base, nla, "The cat", steering_vector=steer, scale=1.0, steer_layer=0)
     with pytest.raises(nl.InputError, match=r"tokens must be a \[batch, pos\] tensor"):
         nl.patching_study(base, nla, "The cat", "The dog", patch_layer=0, patch_position=0)
+    assert no_hooks_left(base)
+
+
+def _base_runs(base, nla, tokens, mask):
+    """Every helper that runs the base model, each called once (the AV's readout stubbed where it is not needed)."""
+    clean, corrupted = equal_length_pair(base)
+    vector = torch.ones(D_MODEL)
+    return {
+        "explain": lambda: nla.explain(base, "the cat sat", positions=-1, **FAST),
+        "steer_then_verbalize": lambda: nl.steer_then_verbalize(base, nla, tokens, attention_mask=mask, scale=1.0,
+                                                                steering_vector=vector, steer_layer=1, **FAST),
+        "patching_study": lambda: nl.patching_study(base, nla, clean, corrupted, patch_layer=1, patch_position=1,
+                                                    attention_mask=torch.ones_like(clean), **FAST),
+        "steer_with_words": lambda: nl.steer_with_words(nla, base, tokens, -1, attention_mask=mask, edit="the sea",
+                                                        explanations=["a cat"] * len(tokens), continue_tokens=1),
+        "resid_post": lambda: resid_post(base, tokens, LAYER, attention_mask=mask),
+    }
+
+
+@pytest.mark.parametrize("helper", ["explain", "steer_then_verbalize", "patching_study", "steer_with_words",
+                                    "resid_post"])
+def test_a_hook_left_by_run_with_hooks_stays_on_the_base_and_runs(base, nla, helper, monkeypatch):
+    """`run_with_hooks(..., reset_hooks_end=False)` (TL's way to keep backward hooks) leaves a hook at context
+    level 1, and TL 3.x's `run_with_hooks` / `run_with_cache` remove every level-1 hook on exit: the helpers'
+    base runs took the user's hook away."""
+    distinct_readouts(nla.av, monkeypatch)
+    tokens, mask = padded(base, "left")
+    calls = []
+    base.run_with_hooks(tokens[:1], fwd_hooks=[("blocks.0.hook_resid_post", lambda resid, hook: calls.append(1))],
+                        reset_hooks_end=False)
+    try:
+        calls.clear()
+        _base_runs(base, nla, tokens, mask)[helper]()
+        assert calls and len(base.hook_dict["blocks.0.hook_resid_post"].fwd_hooks) == 1
+    finally:
+        base.reset_hooks()
     assert no_hooks_left(base)

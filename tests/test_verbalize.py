@@ -83,6 +83,27 @@ def test_steering_only_in_decode_steps_changes_later_tokens(av_karvonen, vectors
     assert [o.tokens for o in steered] != [o.tokens for o in plain]
 
 
+@pytest.mark.parametrize("uncovered", [False, True])  # True: a hook the fast decoder can't honour, TL's forward
+def test_a_hook_left_by_run_with_hooks_steers_every_step_and_stays(av_karvonen, vectors, uncovered):
+    """`run_with_hooks(..., reset_hooks_end=False)` (TL's way to keep backward hooks) leaves hooks at context
+    level 1, which TL 3.x's `hooks()` removes on exit with its own: the prefill's injection context took them
+    away, so the decode steps ran unsteered and the user's hooks were gone."""
+    model = av_karvonen.model
+    steer = 4.0 * torch.randn(av_karvonen.meta.d_model, generator=torch.Generator().manual_seed(13))
+    fwd_hooks = [("blocks.2.hook_resid_post", lambda resid, hook: resid + steer)]
+    if uncovered:
+        fwd_hooks.append(("blocks.0.attn.hook_pattern", lambda pattern, hook: None))
+    with model.hooks(fwd_hooks=fwd_hooks):
+        expected = av_karvonen.verbalize(vectors, max_new_tokens=MAX_NEW, progress=False)
+    try:
+        model.run_with_hooks(av_karvonen.prompt_tokens(1), fwd_hooks=fwd_hooks, reset_hooks_end=False)
+        assert av_karvonen.verbalize(vectors, max_new_tokens=MAX_NEW, progress=False) == expected
+        assert [len(model.hook_dict[name].fwd_hooks) for name, _ in fwd_hooks] == [1] * len(fwd_hooks)
+    finally:
+        model.reset_hooks()
+    assert expected != av_karvonen.verbalize(vectors, max_new_tokens=MAX_NEW, progress=False)
+
+
 def test_seeded_sampling_is_reproducible_and_temperature_zero_is_greedy(av_karvonen, vectors):
     kwargs = dict(max_new_tokens=MAX_NEW, temperature=1.0, progress=False)
     first = av_karvonen.verbalize(vectors, seed=3, **kwargs)

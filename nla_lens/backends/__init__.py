@@ -10,7 +10,8 @@ The default follows the installed TransformerLens major version (3 -> hooked, 4 
 nla_lens uses only what both models offer: hook names, `run_with_hooks`, `hooks()`, `to_tokens`,
 `cfg`. The differences live here: how a checkpoint folder becomes a model (`load_model`), how a
 forward runs against a KV cache (`decoder`), the AR's last residual (`last_residual`, and why it runs
-TL's own forward where it does: `ar_fallback_reason`), the
+TL's own forward where it does: `ar_fallback_reason`), hook contexts that remove only their own hooks
+(`hooks`, `run_with_hooks`, `cached_activation`: TL 3.x's remove every hook at their context level), the
 attention mask HookedTransformer derives for a padded token tensor and the bridge does not
 (`implicit_attention_mask`), the hook where a write reaches less on the bridge (`check_patchable`), and
 the guard of the HookedTransformer-only training code (`require_hooked`).
@@ -18,13 +19,14 @@ the guard of the HookedTransformer-only training code (`require_hooked`).
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import import_module, metadata
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from jaxtyping import Float, Int
@@ -134,6 +136,25 @@ def input_module(model: TLModel) -> torch.nn.Module:
 def decoder(model: TLModel, batch_size: int, max_len: int, fwd_hooks: list) -> Decoder:
     """The backend's decoder for `batch_size` rows of at most `max_len` tokens."""
     return import_module(f"nla_lens.backends.{backend_of(model)}").decoder(model, batch_size, max_len, fwd_hooks)
+
+
+def hooks(model: TLModel, fwd_hooks: list) -> contextlib.AbstractContextManager:
+    """`model.hooks(fwd_hooks=...)` that removes exactly the hooks it added, on every exit path, and no
+    hook the caller left (see `hooked.hooks`)."""
+    return import_module(f"nla_lens.backends.{backend_of(model)}").hooks(model, fwd_hooks)
+
+
+def run_with_hooks(model: TLModel, *args: Any, fwd_hooks: list, **kwargs: Any) -> Any:
+    """`model.run_with_hooks(*args, fwd_hooks=fwd_hooks, **kwargs)` that leaves the caller's hooks in place (see
+    `hooked.hooks`)."""
+    return import_module(f"nla_lens.backends.{backend_of(model)}").run_with_hooks(model, *args, fwd_hooks=fwd_hooks,
+                                                                                   **kwargs)
+
+
+def cached_activation(model: TLModel, hook_name: str, *args: Any, **kwargs: Any) -> Tensor | None:
+    """`model.run_with_cache(*args, names_filter=hook_name, **kwargs)`'s activation at `hook_name` (None: it did
+    not fire), leaving the caller's hooks in place (see `hooked.hooks`)."""
+    return import_module(f"nla_lens.backends.{backend_of(model)}").cached_activation(model, hook_name, *args, **kwargs)
 
 
 def last_residual(model: TLModel, tokens: Int[Tensor, "batch pos"],

@@ -19,8 +19,10 @@ Choices made here, each because the bridge's default would change what nla_lens 
 
 from __future__ import annotations
 
+import contextlib
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import torch
 from jaxtyping import Float, Int
@@ -141,11 +143,26 @@ class _Decoder:
         self.step_mask = torch.ones(batch_size, 1, dtype=torch.long, device=device)
 
     def prefill(self, tokens: Int[Tensor, "batch pos"], fwd_hooks: list) -> Float[Tensor, "batch d_vocab"]:
-        with self.model.hooks(fwd_hooks=fwd_hooks):
+        with hooks(self.model, fwd_hooks):
             return self.forward(tokens, torch.ones_like(tokens))[:, -1]
 
     def step(self, ids: Int[Tensor, " batch"]) -> Float[Tensor, "batch d_vocab"]:
         return self.forward(ids[:, None], self.step_mask)[:, -1]
+
+
+def hooks(model: TransformerBridge, fwd_hooks: list) -> contextlib.AbstractContextManager:
+    """TL 4's bridge removes on exit exactly the hooks its `hooks()` added."""
+    return model.hooks(fwd_hooks=fwd_hooks)
+
+
+def run_with_hooks(model: TransformerBridge, *args: Any, fwd_hooks: list, **kwargs: Any) -> Any:
+    """TL 4's bridge removes on exit exactly the hooks its `run_with_hooks` added."""
+    return model.run_with_hooks(*args, fwd_hooks=fwd_hooks, **kwargs)
+
+
+def cached_activation(model: TransformerBridge, hook_name: str, *args: Any, **kwargs: Any) -> Tensor | None:
+    cache = model.run_with_cache(*args, names_filter=hook_name, **kwargs)[1]
+    return cache[hook_name] if hook_name in cache else None
 
 
 def decoder(model: TransformerBridge, batch_size: int, max_len: int, fwd_hooks: list) -> _Decoder:

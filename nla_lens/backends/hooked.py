@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import Tensor
 from transformer_lens import HookedTransformer
 from transformers import PreTrainedTokenizerBase
 
 from nla_lens import backends, decoding, decoding_gemma, loading
+
+# Context levels TL never gives out (its own count up from 1), one per `hooks` call.
+_OWN_LEVELS = itertools.count(-1, -1)
 
 
 def load_model(folder: Path, tokenizer: PreTrainedTokenizerBase, *, dtype: torch.dtype,
@@ -27,3 +35,35 @@ def decoder(model: HookedTransformer, batch: int, max_len: int, fwd_hooks: list)
 
 last_residual = decoding.last_residual
 ar_fallback_reason = decoding.ar_fallback_reason
+
+
+def run_with_hooks(model: HookedTransformer, *args: Any, fwd_hooks: list, **kwargs: Any) -> Any:
+    """TL's `run_with_hooks` (`forward` under the hooks) with `hooks` in place of TL's `hooks()`."""
+    with hooks(model, fwd_hooks):
+        return model.forward(*args, **kwargs)
+
+
+def cached_activation(model: HookedTransformer, hook_name: str, *args: Any, **kwargs: Any) -> Tensor | None:
+    """TL's `run_with_cache(names_filter=hook_name)` (the activation detached, from `model(...)`) under `hooks`."""
+    cache: dict[str, Tensor] = {}
+    with hooks(model, [(hook_name, lambda activation, hook: cache.setdefault(hook_name, activation.detach()))]):
+        model(*args, **kwargs)
+    return cache.get(hook_name)
+
+
+@contextmanager
+def hooks(model: HookedTransformer, fwd_hooks: list) -> Iterator[HookedTransformer]:
+    """`model.hooks(fwd_hooks=...)` under a level of its own. TL's `hooks()` removes on exit every hook at its
+    context level, and hooks that `run_with_hooks(..., reset_hooks_end=False)` left (TL's way to keep
+    backward hooks) sit at level 1: they went with the prefill's injection, so decode steps ran without them."""
+    level = next(_OWN_LEVELS)
+    try:
+        for name, fn in fwd_hooks:  # a name or a filter on names, as TL's hooks() takes them
+            points = [model.mod_dict[name]] if isinstance(name, str) else [
+                point for point_name, point in model.hook_dict.items() if name(point_name)]
+            for point in points:
+                point.add_hook(fn, dir="fwd", level=level)
+        yield model
+    finally:
+        for point in model.hook_dict.values():
+            point.remove_hooks("fwd", level=level)
