@@ -103,6 +103,18 @@ def test_docstrings_link_as_mkdocstrings_does_not_as_sphinx():
     assert len(paths) >= 40 and found == []
 
 
+def test_field_comments_are_on_the_reference_pages(site):
+    """A dataclass field is documented by its trailing comment (`reconstructions: ...  # NaN rows where ...`);
+    griffe reads docstrings only, so the result types' pages showed every field bare until
+    docs/griffe_field_comments.py gave each one-line field its comment."""
+    source = (ROOT / "nla_lens" / "nla.py").read_text(encoding="utf-8").splitlines()
+    line = next(text for text in source if text.strip().startswith("reconstructions: "))
+    comment = line.split("#", 1)[1].strip()
+    page = (site / "reference" / "nla_lens.nla" / "index.html").read_text(encoding="utf-8")
+    field = page[page.index('id="nla_lens.nla.RoundTrip.reconstructions"'):]
+    assert len(comment) > 10 and comment in field[:field.index('id="nla_lens.nla.RoundTrip.mse"')]
+
+
 def test_every_subcommand_is_on_the_command_line_page(site):
     page = (site / "reference" / "cli" / "index.html").read_text(encoding="utf-8")
     parser = build_parser()
