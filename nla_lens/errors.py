@@ -22,11 +22,12 @@ class VectorError(NLAError):
 
 
 class CheckpointError(NLAError):
-    """A checkpoint folder lacks a file or holds weights of an unexpected shape."""
+    """A checkpoint folder lacks a file, or its files are damaged or disagree (weights, config.json, tokenizer)."""
 
 
 class PairMismatchError(NLAError):
-    """An AV and an AR that were not trained as one NLA (different d_model or layer)."""
+    """An AV and an AR that were not trained as one NLA (different d_model or layer), or a base model or layer
+    that the NLA does not read."""
 
 
 class PromptTooLongError(NLAError):
@@ -38,7 +39,8 @@ class ChatTemplateError(NLAError):
 
 
 class InjectionError(NLAError):
-    """An injection hook saw an activation it cannot have been built for."""
+    """An injection cannot be set up or applied: a hook point the AV lacks, embedding replacement without an
+    injection_scale, or a hook run on activations it was not built for."""
 
 
 class InputError(NLAError):

@@ -126,9 +126,9 @@ class RoundTrip(TabularResult):
 
     verbalizations: list[Verbalization]
     reconstructions: Float[Tensor, "n d_model"]  # NaN rows where the explanation failed to parse
-    mse: Float[Tensor, " n"]
+    mse: Float[Tensor, " n"]  # per row, of the vectors rescaled to mse_scale; a failed parse scores metrics.miss_mse
     mean_mse: float
-    fve: float | None
+    fve: float | None  # 1 - mean_mse / baseline
     baseline: float | None
     baseline_source: str  # "given", "sidecar (held-out)", "paper (these vectors)" or "none"
     n_failed_parses: int

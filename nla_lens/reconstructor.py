@@ -103,7 +103,10 @@ class ActivationReconstructor:
 
     def reconstruct(self, explanations: list[str], batch_size: int = 64,
                     progress: bool = False) -> Float[Tensor, "n d_model"]:
-        """The readout at the last token of each AR prompt, as float32 vectors."""
+        """The readout at the last token of each AR prompt: `[n, d_model]` float32 on the AR's device, one row
+        per explanation. Only the direction means anything: the AR was trained against targets rescaled to
+        `meta.mse_scale` (`metrics.rescale` before comparing with a residual's norm). Raises `InputError`
+        (not a non-empty list of strings) and `PromptTooLongError` (an AR prompt past `n_ctx`)."""
         check_counts(1, batch_size=batch_size)
         tokens, mask = self.prompt_tokens(explanations)
         self.fallback_reason = backends.ar_fallback_reason(self.model)

@@ -36,9 +36,9 @@ _STOP_CHECK_EVERY_DEFAULT = 8
 class Verbalization:
     """One AV output: the raw completion, the parsed explanation (None if untagged), the ids."""
 
-    text: str
+    text: str  # the completion, decoded without special tokens (no EOS)
     explanation: str | None
-    tokens: list[int]
+    tokens: list[int]  # the generated ids, up to and including the first EOS
 
     def __repr__(self) -> str:
         said = repr(self.explanation) if self.explanation is not None else f"None, text={self.text!r}"
@@ -174,10 +174,16 @@ class ActivationVerbalizer:
         seed: int | None = None,
         progress: bool = False,
     ) -> Verbalizations:
-        """Explain each vector. Temperature 0 is greedy; a seed makes sampling reproducible for the same
-        vectors, `batch_size` and device (a batch's rows draw from one generator in turn, so a row sampled
-        alone or in another batch gets other draws). `progress` shows a bar over batches (off by default;
-        the CLI turns it on)."""
+        """Explain each vector: one `Verbalization` per row of `vectors`, in order.
+
+        `vectors` is `[n, d_model]` (or one `[d_model]` vector) of any float dtype and device: base-model
+        residuals at `blocks.K.hook_resid_post` (K = `meta.layer`), or any direction, since only the direction
+        reaches the AV. `max_new_tokens` caps each completion, EOS included. Temperature 0 is greedy; a seed
+        makes sampling reproducible for the same vectors, `batch_size` and device (a batch's rows draw from one
+        generator in turn, so a row sampled alone or in another batch gets other draws). `progress` shows a bar
+        over batches (off by default; the CLI turns it on). Raises `VectorError` (wrong shape, NaN / Inf, a zero
+        row), `PromptTooLongError` (the AV prompt plus `max_new_tokens` past `n_ctx`) and `InputError` (a
+        sampling setting out of range)."""
         check_sampling(temperature, top_p, max_new_tokens, batch_size, seed)
         self._check_fits(max_new_tokens)
         vectors = check_vectors(vectors, self.meta.d_model)
