@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ from transformers import PreTrainedTokenizerBase
 from nla_lens import backends, loading
 from nla_lens.checks import check_sampling, resolve_device, resolve_dtype
 from nla_lens.distributed import inference
-from nla_lens.errors import InjectionError, PromptTooLongError, SidecarError
+from nla_lens.errors import InjectionError, InputError, PromptTooLongError, SidecarError
 from nla_lens.injection import BLOCK_0_INPUT, Injection, check_vectors
 from nla_lens.markers import find_marker_sites
 from nla_lens.parsing import injection_warning, parse_explanation
@@ -146,7 +147,9 @@ class ActivationVerbalizer:
 
     def prompt_tokens(self, n: int) -> Int[Tensor, "n pos"]:
         """`n` copies of the canonical AV prompt, each holding one marker site."""
-        return self._prompt.to(self.device).expand(n, -1).clone()
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:  # expand(-1) gave one copy
+            raise InputError(f"n={n!r}: prompt_tokens(n) needs a whole number >= 1 of prompts")
+        return self._prompt.to(self.device).expand(int(n), -1).clone()
 
     def injection(self, vectors: Float[Tensor, "n d_model"],
                   tokens: Int[Tensor, "n pos"] | None = None) -> Injection:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -196,3 +197,11 @@ def test_a_user_hook_at_the_injection_site_runs_before_the_injection(av_karvonen
     steered_first = hf_generate(tiny_paths["av_karvonen"], vectors, steer_first=True, **kwargs)
     assert [o.tokens for o in out] == steered_first
     assert steered_first != hf_generate(tiny_paths["av_karvonen"], vectors, steer_first=False, **kwargs)
+
+
+@pytest.mark.parametrize("n", [-1, 0, 2.0, True])
+def test_prompt_tokens_refuses_a_count_that_is_not_a_whole_number_above_zero(av_karvonen, n):
+    """`n` copies: n=-1 gave one copy (expand(-1) keeps the size), 0 an empty batch, 2.0 a bare TypeError."""
+    with pytest.raises(nl.InputError, match="n="):
+        av_karvonen.prompt_tokens(n)
+    assert av_karvonen.prompt_tokens(3).shape[0] == av_karvonen.prompt_tokens(np.int64(3)).shape[0] == 3
