@@ -100,9 +100,9 @@ class Injection:
 
     spec: InjectionSpec
     vectors: Float[Tensor, "n d_model"]
-    rows: Int[Tensor, " n"]
-    positions: Int[Tensor, " n"]
-    token_shape: tuple[int, int]
+    rows: Int[Tensor, " n"]  # batch row of each vector's marker site
+    positions: Int[Tensor, " n"]  # its column
+    token_shape: tuple[int, int]  # [batch, pos] of the tokens it was built for
     injection_scale: float | None = None
     # Block 0's input is hook_embed's output (a rotary model adds no position embedding between them).
     embed_is_block_input: bool = False

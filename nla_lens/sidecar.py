@@ -53,11 +53,11 @@ class InjectionSpec:
 class NLAMeta:
     """The facts of one NLA checkpoint, read from its sidecar (never hard-coded)."""
 
-    kind: str
+    kind: str  # the dialect: "nla_model" or "nla_dataset"
     schema_version: int
-    role: Literal["av", "ar"] | None
+    role: Literal["av", "ar"] | None  # None in an nla_dataset sidecar: the folder's files tell
     d_model: int
-    layer: int
+    layer: int  # K: the NLA reads blocks.K.hook_resid_post of the base model
     injection_char: str
     injection_token_id: int
     injection_left_neighbor_id: int
@@ -65,10 +65,10 @@ class NLAMeta:
     critic_suffix_ids: tuple[int, ...] | None
     av_template: str | None
     ar_template: str | None
-    mse_scale: float
-    injection_scale: float | None
-    injection: InjectionSpec | None
-    base_model: str | None = None
+    mse_scale: float  # the L2 norm both vectors are rescaled to for MSE / FVE; sqrt(d_model) unless the sidecar says
+    injection_scale: float | None  # the norm embedding replacement writes; None where the sidecar has none
+    injection: InjectionSpec | None  # the sidecar's injection block, else its dialect's rule; None if neither says
+    base_model: str | None = None  # the base model's hub id or folder, as the sidecar names it
     fve_baseline: float | None = None  # paper baseline of held-out vectors, as recorded at export
     fve_baseline_n: int | None = None  # how many vectors it was measured on
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)

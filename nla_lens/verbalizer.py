@@ -153,7 +153,9 @@ class ActivationVerbalizer:
 
     def injection(self, vectors: Float[Tensor, "n d_model"],
                   tokens: Int[Tensor, "n pos"] | None = None) -> Injection:
-        """Bind `vectors` to the marker sites of `tokens` (default: the canonical prompts)."""
+        """Bind `vectors` to the marker sites of `tokens` (default: the canonical prompts): vector i goes to the
+        i-th neighbour-anchored site in row-major order. A site count other than the number of vectors is a
+        `MarkerError`."""
         vectors = check_vectors(vectors, self.meta.d_model)
         if tokens is None:
             tokens = self.prompt_tokens(vectors.shape[0])
