@@ -88,7 +88,7 @@ def add_round_trip(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--baseline", type=float,
                         help="FVE baseline (default: the AR sidecar's held-out one, else the paper baseline of "
                              "all input vectors when there are >= 32; otherwise no FVE)")
-    parser.add_argument("--reconstruct-batch-size", type=int, default=64, help="explanations per AR batch")
+    parser.add_argument("--reconstruct-batch-size", type=int, default=64, help="explanations per AR batch (default 64)")
     _add_job_flags(parser)
     parser.set_defaults(run=_run_round_trip)
 
@@ -108,11 +108,13 @@ def _add_job_flags(parser: argparse.ArgumentParser) -> None:
                              "process); the output is merged once every shard exists")
     parser.add_argument("--max-new-tokens", type=int, default=150, help="longest explanation (default 150)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass at temperature > 0")
+    parser.add_argument("--top-p", type=float, default=1.0,
+                        help="nucleus sampling mass at temperature > 0 (default 1.0: off)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed for sampling at temperature > 0; each shard derives its own from it (default 0)")
-    parser.add_argument("--batch-size", type=int, default=32, help="vectors per AV batch")
-    parser.add_argument("--device", default="cpu", help="torch device; cuda under torchrun means cuda:LOCAL_RANK")
+    parser.add_argument("--batch-size", type=int, default=32, help="vectors per AV batch (default 32)")
+    parser.add_argument("--device", default="cpu",
+                        help="torch device; cuda under torchrun means cuda:LOCAL_RANK (default cpu)")
     _add_dtype_flag(parser)
 
 
@@ -257,8 +259,8 @@ def add_reconstruct(subparsers: argparse._SubParsersAction) -> None:
                         help="a text file with one explanation per line (vector i is line i's; no blank lines)")
     parser.add_argument("--output", type=Path,
                         help="write the vectors here: .safetensors (tensor 'vectors') or .pt (one tensor)")
-    parser.add_argument("--batch-size", type=int, default=64, help="explanations per AR batch")
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
+    parser.add_argument("--batch-size", type=int, default=64, help="explanations per AR batch (default 64)")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default cpu)")
     _add_dtype_flag(parser)
     parser.set_defaults(run=_run_reconstruct)
 
@@ -307,8 +309,8 @@ def add_explain(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--baseline", type=float, help="FVE baseline (default: the AR sidecar's held-out one)")
     parser.add_argument("--output", type=Path, help="also write the rows to .parquet / .jsonl, or the view to .html")
     parser.add_argument("--max-new-tokens", type=int, default=150, help="longest explanation (default 150)")
-    parser.add_argument("--batch-size", type=int, default=32, help="vectors per AV batch")
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
+    parser.add_argument("--batch-size", type=int, default=32, help="vectors per AV batch (default 32)")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default cpu)")
     _add_dtype_flag(parser)
     parser.set_defaults(run=_run_explain)
 

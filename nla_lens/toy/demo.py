@@ -90,8 +90,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     "FVE, then the mean FVE and the baseline it used.")
     parser.add_argument("--checkpoint", type=Path, default=TOY_DIR,
                         help="a folder with base/, av/, ar/ and heldout.json (default: the bundled toy NLA)")
-    parser.add_argument("--sentences", type=int, default=3, help="how many held-out speeches to explain")
-    parser.add_argument("--max-new-tokens", type=int, default=48, help="longest explanation the AV may write")
+    parser.add_argument("--sentences", type=int, default=3, help="how many held-out speeches to explain (default 3)")
+    parser.add_argument("--max-new-tokens", type=int, default=48,
+                        help="longest explanation the AV may write (default 48)")
     parser.add_argument("--pair", choices=PAIRS, default=None,
                         help="which bundled AV/AR pair to use (default: the better one on held-out FVE)")
     parser.add_argument("--html", type=Path, default=None,
