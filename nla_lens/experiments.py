@@ -57,7 +57,7 @@ class SteeringRow:
     removed: list[str]  # words of the clean readout that the steered one lacks
     cosine: float  # between the clean and the steered captured vectors
     fve_clean: float | None  # per-row FVE of the round trip; None without an AR
-    fve_steered: float | None
+    fve_steered: float | None  # the same for the steered vector
 
 
 @dataclass(frozen=True, eq=False, repr=False)

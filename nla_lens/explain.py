@@ -38,11 +38,11 @@ ExplainPositions = int | Sequence[int] | slice | None
 class ExplainedToken:
     """One explained token: where it is, what the AV said, and how well the AR rebuilt its vector."""
 
-    text_index: int
-    position: int
+    text_index: int  # index into the explained texts
+    position: int  # column in that text's tokens, a tokenizer-added BOS being column 0
     token: str
     verbalization: Verbalization
-    mse: float
+    mse: float  # round-trip MSE of this token's vector (see NLA.round_trip)
     fve: float | None  # None when there is no trustworthy baseline
 
     @property
