@@ -209,6 +209,7 @@ class NLA:
 
     @property
     def mse_scale(self) -> float:
+        """The norm both vectors are rescaled to before MSE / FVE (the AR sidecar's)."""
         return self.ar.meta.mse_scale
 
     @property

@@ -42,6 +42,8 @@ class InjectionSpec:
 
     @classmethod
     def of(cls, method: str, hook_point: str | None = None) -> InjectionSpec:
+        """`method` "karvonen" or "embedding"; `hook_point` defaults to the method's site in training
+        (`DEFAULT_HOOK_POINT`: `blocks.1.hook_resid_post`, `hook_embed`). An unknown method is a `SidecarError`."""
         if not isinstance(method, str) or method not in DEFAULT_HOOK_POINT:
             raise SidecarError(
                 f"unknown injection method {method!r}; use one of {sorted(DEFAULT_HOOK_POINT)}"
