@@ -48,7 +48,7 @@ class CapturedRow:
 
     batch: int
     position: int  # column of that call's input: a KV-cached decode step has one column, so 0
-    token: str | None  # None when `capture` was not given the tokens
+    token: str | None  # None when the tokens are unknown: neither given to `capture` nor in the model call
     call: int  # 0 for the first forward pass inside the context
 
 
@@ -293,9 +293,11 @@ def capture(model: TLModel, layer: int, positions: PositionSpec = -1, *,
     ...     base_model.run_with_hooks(tokens, attention_mask=mask, fwd_hooks=[(name, steer)])
     >>> cap.vectors, cap.rows    # [n, d_model] float32, provenance of each row
 
-    Pass `tokens` for token strings in `cap.rows` and for padding-aware negative positions, and the
-    `attention_mask` you run with (it wins over the pad tokens). See [`Capture`][nla_lens.capture.Capture] for what is
-    recorded when the model runs several times inside the block.
+    `tokens` (token strings in `cap.rows`, padding-aware negative positions) and `attention_mask` (it wins
+    over the pad tokens) are read from each model call when not given; pass them to check `positions` before
+    the run, or where the call does not hold them (a forward from embeddings, blocks called directly).
+    See [`Capture`][nla_lens.capture.Capture] for what is recorded when the model runs several times inside
+    the block.
     """
     return Capture(model, layer, positions, attention_mask=attention_mask, tokens=tokens, calls=calls)
 
