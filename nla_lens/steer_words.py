@@ -310,12 +310,7 @@ def _check_inputs(nla: NLA, base: TLModel, tokens: Tensor, layer: int | None, al
             f"something there; steering at layer {layer} needs an NLA trained on layer {layer}. Drop layer= "
             f"or pass layer={k}"
         )
-    if base.cfg.d_model != nla.ar.meta.d_model or base.cfg.n_layers <= k:
-        raise PairMismatchError(
-            f"the base model (d_model={base.cfg.d_model}, {base.cfg.n_layers} blocks) cannot be the one this "
-            f"NLA reads (d_model={nla.ar.meta.d_model}, layer {k}); pass the base model the NLA was trained on"
-        )
-    check_base_model(base, nla)
+    check_base_model(base, nla, layer=k)
     if not isinstance(tokens, Tensor) or tokens.ndim != 2 or tokens.is_floating_point():
         raise InputError("tokens must be a [batch, pos] integer tensor, e.g. base.to_tokens(prompts)")
     if mode not in ("add", "replace"):

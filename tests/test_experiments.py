@@ -488,3 +488,22 @@ def test_a_hook_left_by_run_with_hooks_stays_on_the_base_and_runs(base, nla, hel
     finally:
         base.reset_hooks()
     assert no_hooks_left(base)
+
+
+@pytest.mark.parametrize("run", ["steer_then_verbalize", "patching_study", "explain", "steer_with_words"])
+def test_a_base_model_of_another_width_is_refused_before_it_runs(nla, run, monkeypatch):
+    """Every experiment names the mismatch with one message (steer_with_words had its own, as a
+    PairMismatchError); none runs the wrong base first."""
+    other = nl.toy.load().base  # d_model 128, the tiny NLA reads 64
+    monkeypatch.setattr(other, "run_with_hooks", lambda *a, **k: pytest.fail("ran the base"))
+    monkeypatch.setattr(other, "forward", lambda *a, **k: pytest.fail("ran the base"))
+    tokens = other.to_tokens(["The cat sat on the mat."])
+    calls = {
+        "steer_then_verbalize": lambda: nl.steer_then_verbalize(other, nla, tokens, steering_vector=torch.ones(64),
+                                                                scale=1.0, steer_layer=0),
+        "patching_study": lambda: nl.patching_study(other, nla, tokens, tokens, patch_layer=0, patch_position=0),
+        "explain": lambda: nla.explain(other, "The cat sat on the mat."),
+        "steer_with_words": lambda: nl.steer_with_words(nla, other, tokens, -1, edit="a dog"),
+    }
+    with pytest.raises(nl.InputError, match=f"the base model has d_model=128 but this NLA reads {D_MODEL}-d vectors"):
+        calls[run]()
