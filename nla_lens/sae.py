@@ -146,6 +146,9 @@ def text_residuals(base: TLModel, texts: list[str], layer: int, *, max_tokens: i
     if isinstance(texts, str) or not texts:
         raise InputError("texts must be a non-empty list of strings")
     backends.backend_of(base)
+    if base.tokenizer is None:
+        raise InputError("the base model has no tokenizer to tokenize the texts with; load it with "
+                         "nl.load_base(...), or set base.tokenizer to its tokenizer")
     check_block(base, layer)
     if max_tokens is not None:
         check_counts(1, max_tokens=max_tokens)
@@ -341,8 +344,10 @@ def hooked_sae_transformer(model: HookedTransformer) -> HookedSAETransformer:
     from sae_lens import HookedSAETransformer
 
     backends.require_hooked("hooked_sae_transformer", model)
+    tokenizer = model.tokenizer
+    side = tokenizer.padding_side if tokenizer is not None else "right"  # TL's default; unread without a tokenizer
     with torch.device("meta"):
-        out = HookedSAETransformer(copy.deepcopy(model.cfg), tokenizer=model.tokenizer, move_to_device=False,
-                                   default_padding_side=model.tokenizer.padding_side)
+        out = HookedSAETransformer(copy.deepcopy(model.cfg), tokenizer=tokenizer, move_to_device=False,
+                                   default_padding_side=side)
     out.load_state_dict(model.state_dict(keep_vars=True), strict=True, assign=True)
     return out.eval()

@@ -147,7 +147,7 @@ class WordSteering(TabularResult):
 
     def _top(self, logprobs: Tensor, k: int) -> list[tuple[str, float]]:
         values, ids = logprobs.topk(k)
-        names = [_decode(self.tokenizer, int(i)) if self.tokenizer else str(int(i)) for i in ids]
+        names = [_decode(self.tokenizer, int(i)) for i in ids]
         return [(name, round(float(v.exp()), 4)) for name, v in zip(names, values, strict=True)]
 
     def to_records(self) -> list[dict[str, Any]]:
@@ -320,6 +320,9 @@ def _check_inputs(nla: NLA, base: TLModel, tokens: Tensor, layer: int | None, al
         raise InputError(f"samples must be an int >= 1, got {samples!r}")
     if isinstance(continue_tokens, bool) or not isinstance(continue_tokens, int) or continue_tokens < 0:
         raise InputError(f"continue_tokens must be an int >= 0, got {continue_tokens!r}")
+    if continue_tokens and base.tokenizer is None:  # checked before the AV and AR run, not after
+        raise InputError(f"continue_tokens={continue_tokens} decodes the continuations with the base model's "
+                         "tokenizer, and this model has none: pass continue_tokens=0, or set base.tokenizer")
 
 
 def _verbalize_sites(av: ActivationVerbalizer, base: TLModel, tokens: Tensor, rows: Tensor, cols: Tensor,
@@ -436,7 +439,9 @@ def _continuations(base: TLModel, tokens: Tensor, real: Tensor, result: WordStee
 
 
 def _decode(tokenizer: Any, token_id: int) -> str:
-    """One token as TL's to_str_tokens shows it."""
+    """One token as TL's to_str_tokens shows it; its id where the base model has no tokenizer."""
+    if tokenizer is None:
+        return str(token_id)
     return tokenizer.decode([token_id], clean_up_tokenization_spaces=False)
 
 

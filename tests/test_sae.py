@@ -113,6 +113,19 @@ def test_sae_helpers_name_arguments_of_the_wrong_kind_or_order(toy):
 
 
 @NEEDS_SAE_LENS
+def test_a_base_without_a_tokenizer_gets_a_typed_error_before_any_scan(toy, monkeypatch):
+    sae = make_sae(128, 32, f"blocks.{toy.av.meta.layer}.hook_resid_post")
+    monkeypatch.setattr(toy.base, "tokenizer", None)  # e.g. a HookedTransformer built from a bare config
+    for scan in (lambda: nl.residual_stats(toy.base, TOY_TEXTS, toy.av.meta.layer),
+                 lambda: nl.feature_card(sae, toy.base, TOY_TEXTS, 9, toy.av)):
+        with pytest.raises(nl.InputError, match="the base model has no tokenizer.*set base.tokenizer"):
+            scan()
+    model = nl.hooked_sae_transformer(toy.base)  # needs no tokenizer: it runs token ids
+    tokens = torch.tensor([[5, 6, 7]])
+    assert model.tokenizer is None and torch.equal(model(tokens), toy.base(tokens))
+
+
+@NEEDS_SAE_LENS
 def test_a_decoder_stored_as_columns_is_refused_not_read_as_rows(av_karvonen):
     """sae-lens decoders are [d_sae, d_in], one row per feature; a [d_in, d_sae] one (a hand-built SAE)
     gave a misleading width error for some ids and an IndexError for others."""

@@ -190,6 +190,16 @@ def test_a_base_that_is_not_a_transformer_lens_model_gets_a_typed_error(base, nl
         steer(nla, base.tokenizer, tokens, -1, mask)  # e.g. an HF model, or the tokenizer, passed as the base
 
 
+def test_a_base_without_a_tokenizer_names_tokens_by_id(base, nla, monkeypatch):
+    tokens, mask = padded(base, "left")
+    monkeypatch.setattr(base, "tokenizer", None)  # e.g. a HookedTransformer built from a bare config
+    with pytest.raises(nl.InputError, match="continue_tokens=2 decodes the continuations.*has none"):
+        steer(nla, base, tokens, -1, mask, continue_tokens=2)
+    result = steer(nla, base, tokens, -1, mask, continue_tokens=0)
+    assert list(result.to_pandas()["token"]) == [str(int(t)) for t in tokens[:, -1]]
+    assert result.next_tokens(k=1)[0]["clean_top"][0][0] == str(int(result.clean_logprobs[0].argmax()))
+
+
 def test_result_rows_carry_sites_samples_and_comparisons(base, nla):
     tokens, mask = padded(base, "left")
     samples = [TINY_LABELS[:2], TINY_LABELS[2:3], TINY_LABELS[3:4], TINY_LABELS[4:6]]
