@@ -4,6 +4,8 @@ and an export that `ActivationVerbalizer.from_pretrained` reads back with no fla
 from __future__ import annotations
 
 import dataclasses
+import json
+import shutil
 
 import pytest
 import torch
@@ -12,6 +14,7 @@ from conftest import NEEDS_TL3
 
 import hf_reference as ref
 import nla_lens as nl
+from nla_lens import loading
 from nla_lens.injection import Injection
 from nla_lens.training import TrainConfig, av_loss, av_rows, export_av, init_av, train_av
 
@@ -188,3 +191,14 @@ def test_an_empty_held_out_split_is_refused_before_training(base_folder, dataset
     train, held_out = label_split
     with pytest.raises(nl.InputError, match="held-out split is empty"):
         train_av(init_av(base_folder, dataset_meta), train, held_out.select([]), TrainConfig(steps=1), progress=False)
+
+
+def test_a_base_tokenizer_without_eos_is_refused_before_the_weights(base_folder, dataset_meta, tmp_path, monkeypatch):
+    """Every AV training row ends with the EOS the AV learns to stop on: a tokenizer without one built an AV
+    whose stop ids were [None]."""
+    folder = shutil.copytree(base_folder, tmp_path / "base")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "eos_token": None}))
+    monkeypatch.setattr(loading, "load_hooked_transformer", lambda *a, **k: pytest.fail("read the weights"))
+    with pytest.raises(nl.ConfigError, match=r"tokenizer \(.*\) has no EOS token"):
+        init_av(folder, dataset_meta)

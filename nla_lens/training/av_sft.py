@@ -56,13 +56,17 @@ def init_av(
         raise ConfigError("injection_scale is needed by embedding replacement and used by nothing else; "
                           f"got {injection_scale!r} with injection {spec.method!r}")
     folder = loading.resolve_checkpoint(base_model)
-    check_base_fits(loading.load_hf_config(folder), dataset, base_model, role="av")
+    hf_config = loading.load_hf_config(folder)
+    check_base_fits(hf_config, dataset, base_model, role="av")
     tokenizer = loading.load_tokenizer(folder)
+    if tokenizer.eos_token_id is None:  # every explanation the AV learns ends with it: how it learns to stop
+        raise ConfigError(f"the base model's tokenizer ({folder}) has no EOS token, which ends every AV training row "
+                          "so that the AV learns to stop; use the base model's own tokenizer files")
     meta = parse_meta(model_sidecar(dataset, "av", injection=spec, injection_scale=injection_scale),
                       source="AV sidecar")
     check_tokenizer(meta, tokenizer)
     model = loading.load_hooked_transformer(folder, tokenizer, dtype=dtype, device=device)
-    freeze_weights_hf_lacks(model, loading.load_hf_config(folder))
+    freeze_weights_hf_lacks(model, hf_config)
     return ActivationVerbalizer(model, tokenizer, meta, spec, [tokenizer.eos_token_id])
 
 
