@@ -13,6 +13,7 @@ Everything here is pure: tokenizer checks take the tokenizer as an argument.
 from __future__ import annotations
 
 import math
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -95,16 +96,32 @@ def safe_load_unique(text: str) -> Any:
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
+    """Checks each mapping's own keys before its merge keys (`<<: *anchor`) are expanded: a key that overrides a
+    merged one is how YAML changes a default, not a key given twice."""
 
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._checked: set[yaml.Node] = set()  # a merged mapping is flattened again when read on its own
+
+    def flatten_mapping(self, node: yaml.MappingNode) -> None:
+        if node not in self._checked:
+            self._checked.add(node)
+            self._check_own_keys(node)
+        super().flatten_mapping(node)
+
+    def _check_own_keys(self, node: yaml.MappingNode) -> None:
         seen = set()
         for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
+            key = None if key_node.tag == _MERGE_TAG else self.construct_object(key_node)
+            if key_node.tag == _MERGE_TAG or not isinstance(key, Hashable):  # SafeLoader names an unhashable key
+                continue
             if key in seen:
                 raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} is given twice",
                                                         key_node.start_mark)
             seen.add(key)
-        return super().construct_mapping(node, deep=deep)
+
+
+_MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
 def load_meta(folder: str | Path) -> NLAMeta:

@@ -174,6 +174,25 @@ def test_a_key_given_twice_is_refused_not_the_last_one_kept(tmp_path):
     assert load_meta(tmp_path).layer == 24
 
 
+def test_yaml_merge_keys_load_and_may_override_a_merged_key(tmp_path):
+    """The repeated-key check ran before merge keys were expanded: any `<<: *anchor` was a SidecarError / ConfigError
+    ('could not determine a constructor'), and an unhashable key a bare TypeError."""
+    data = model_dialect()
+    tokens = {**data.pop("tokens"), "injection_token_id": 7}
+    merged = yaml.safe_dump({"token_defaults": tokens}, allow_unicode=True).replace("token_defaults:",
+                                                                                    "token_defaults: &tokens")
+    text = yaml.safe_dump(data, allow_unicode=True) + merged + "tokens:\n  <<: *tokens\n  injection_token_id: 149705\n"
+    (tmp_path / "nla_meta.yaml").write_text(text, encoding="utf-8")
+    meta = load_meta(tmp_path)
+    assert (meta.injection_token_id, meta.injection_right_neighbor_id) == (149705, 522)
+    (tmp_path / "nla_meta.yaml").write_text(text + "  injection_token_id: 1\n", encoding="utf-8")
+    with pytest.raises(nl.SidecarError, match="the key 'injection_token_id' is given twice"):
+        load_meta(tmp_path)
+    (tmp_path / "nla_meta.yaml").write_text(text + "? [1, 2]\n: 3\n", encoding="utf-8")
+    with pytest.raises(nl.SidecarError, match="(?s)not valid YAML.*found unhashable key"):
+        load_meta(tmp_path)
+
+
 def test_missing_and_unparseable_sidecar_files(tmp_path):
     with pytest.raises(nl.SidecarError, match="no nla_meta.yaml") as info:
         load_meta(tmp_path)
