@@ -94,6 +94,11 @@ def safe_load_unique(text: str) -> Any:
     return yaml.load(text, Loader=_UniqueKeyLoader)
 
 
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A key given twice in one YAML mapping (`safe_load_unique`): a YAML error, told apart so that a config's
+    message can say to delete one of the two instead of calling the whole file unreadable."""
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
@@ -101,8 +106,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
-                raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} is given twice",
-                                                        key_node.start_mark)
+                raise DuplicateKeyError(None, None, f"the key {key!r} is given twice", key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
 
