@@ -17,10 +17,12 @@ from nla_lens.errors import InputError, NLAError
 
 def _add_inspect(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "inspect", help="print a checkpoint's sidecar and check it against its tokenizer",
+        "inspect", help="print a checkpoint's sidecar and check the folder as from_pretrained does",
         description="Read nla_meta.yaml from an NLA checkpoint folder, print the facts nla_lens will use "
                     "(dialect, role, layer, injection, scales, marker ids) and validate them against the "
-                    "folder's tokenizer. Exits non-zero with the reason when anything is off.")
+                    "folder's tokenizer, config.json and weight-file headers (an AR's readout too), as "
+                    "from_pretrained does before reading weights. Exits nonzero with the reason when anything "
+                    "is off.")
     parser.add_argument("checkpoint", help="an AV or AR checkpoint folder (or a hub id in the local HF cache)")
     parser.set_defaults(run=_run_inspect)
 

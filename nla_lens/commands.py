@@ -96,7 +96,9 @@ def add_round_trip(subparsers: argparse._SubParsersAction) -> None:
 _INPUT_HELP = (".safetensors (tensor 'vectors', or the only one), .pt or .parquet file of [n, d_model] vectors; "
                "a parquet file's other scalar columns (ids, positions, ...) are copied to the output rows")
 _SHARDING_NOTE = ("Shards are --shard-size consecutive rows, written to <output>.shards/ as they finish; the "
-                  "folder is kept after the merge (delete it when done; a rerun then recomputes everything).")
+                  "folder is kept after the merge (delete it when done; a rerun then recomputes everything). Its "
+                  "manifest.json, what produced the output, is also kept in a .parquet output's schema metadata "
+                  "(nla_lens_job) and in a round trip's summary (job).")
 
 
 def _add_job_flags(parser: argparse.ArgumentParser) -> None:

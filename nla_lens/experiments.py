@@ -277,7 +277,7 @@ def patching_study(
 
     Follows `transformer_lens.patching` (`get_act_patch_resid_pre` and friends): the activation is
     `utils.get_act_name(activation_name, patch_layer)` (default `blocks.{L}.hook_resid_pre`; `"embed"` with
-    `patch_layer=0` is `hook_embed`, the token embedding before block 0), taken
+    `patch_layer=0` is `hook_embed`, the token embedding before block 0, `"pos_embed"` `hook_pos_embed`), taken
     from `run_with_cache` on the clean tokens, and written into the corrupted run at column
     `patch_position` of every row (for `pattern` / `attn_scores`, `[batch, head, query, key]`: the
     query row `patch_position` of every head; a column that is padding in some row warns); clean and

@@ -95,6 +95,11 @@ def safe_load_unique(text: str) -> Any:
     return yaml.load(text, Loader=_UniqueKeyLoader)
 
 
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A key given twice in one YAML mapping (`safe_load_unique`): a YAML error, told apart so that a config's
+    message can say to delete one of the two instead of calling the whole file unreadable."""
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
     """Checks each mapping's own keys before its merge keys (`<<: *anchor`) are expanded: a key that overrides a
     merged one is how YAML changes a default, not a key given twice."""
@@ -116,8 +121,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             if key_node.tag == _MERGE_TAG or not isinstance(key, Hashable):  # SafeLoader names an unhashable key
                 continue
             if key in seen:
-                raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} is given twice",
-                                                        key_node.start_mark)
+                raise DuplicateKeyError(None, None, f"the key {key!r} is given twice", key_node.start_mark)
             seen.add(key)
 
 

@@ -222,6 +222,7 @@ def test_a_config_key_given_twice_is_refused_not_the_last_one_kept(tmp_path, cap
     assert main(["train-ar", str(path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "the key 'steps' is given twice at line 7" in err
+    assert "delete one of the two" in err and "not a YAML config" not in err  # it was 'pass the run's .yaml file'
 
 
 def test_cli_rejects_an_unknown_config_key(tmp_path, capsys):

@@ -14,7 +14,7 @@ import yaml
 
 from nla_lens.checks import dtype_names, resolve_dtype
 from nla_lens.errors import ConfigError, InputError
-from nla_lens.sidecar import safe_load_unique
+from nla_lens.sidecar import DuplicateKeyError, safe_load_unique
 
 # The paper's critic prompt; the AV prompt puts the marker between '>' and '</' as nanoNLA's does.
 DEFAULT_AR_TEMPLATE = "Summary of the following text: <text>{explanation}</text> <summary>"
@@ -277,6 +277,9 @@ def load_config(cls: type[Config], path: str | Path) -> Config:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark is not None else ""
+        if isinstance(exc, DuplicateKeyError):
+            raise ConfigError(f"{path}: {exc.problem}{at}; delete one of the two (YAML would keep the last "
+                              "silently)") from exc
         raise ConfigError(f"{path} is not a YAML config ({getattr(exc, 'problem', None) or 'unreadable'}{at}); "
                           "pass the run's .yaml file, as in examples/") from exc
     try:

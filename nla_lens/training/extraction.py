@@ -294,7 +294,11 @@ def _write_shard(model: HookedTransformer, tokenizer: PreTrainedTokenizerBase, d
 
 
 def load_activations(folder: str | Path) -> ActivationDataset:
-    """Read an extraction folder (sidecar + every shard) into memory."""
+    """Read an extraction folder (sidecar + every shard) into memory.
+
+    A folder still holding `extraction.in_progress` (a run killed, failed or still writing) or lacking a shard
+    before its last is a `ConfigError`: rerun the same extraction (config and corpus) to finish it.
+    """
     folder = Path(folder)
     if not (folder / SIDECAR_NAME).is_file():  # load_meta's own message asks for an AV or AR folder
         raise SidecarError(f"{folder} is not an extraction folder: it has no {SIDECAR_NAME}. Point `activations` "
