@@ -23,8 +23,10 @@ from nla_lens.base_model import check_base_model
 from nla_lens.capture import capture
 from nla_lens.checks import check_fwd_hooks
 from nla_lens.errors import InputError, PromptTooLongError
+from nla_lens.loading import prepends_bos
 from nla_lens.nla import RoundTrip, baseline_phrase, check_read_keywords
 from nla_lens.results import TabularResult
+from nla_lens.sidecar import text_ids
 from nla_lens.verbalizer import Verbalization
 
 if TYPE_CHECKING:
@@ -109,7 +111,7 @@ class Explanation(TabularResult):
 def explain(nla: NLA, base: TLModel, text_or_texts: str | Sequence[str], *, positions: ExplainPositions = None,
             baseline: float | None = None, fwd_hooks: Sequence[tuple[str, Any]] = (),
             **verbalize_kwargs: Any) -> Explanation:
-    """Explain `positions` (default: every token but a tokenizer-added BOS) of each text with `nla`.
+    """Explain `positions` (default: every token but the BOS the tokenizer puts first) of each text with `nla`.
 
     `positions` is an int, a list of ints (negative counts from the end) or a slice, applied to every
     text. `baseline` is the FVE baseline (default: the AR sidecar's, see `NLA.round_trip`);
@@ -128,10 +130,11 @@ def explain(nla: NLA, base: TLModel, text_or_texts: str | Sequence[str], *, posi
                          "its tokenizer")
     rows, skip = [], []
     for text in texts:
-        ids = tokenizer.encode(text, add_special_tokens=True)  # BOS first where the tokenizer has one
+        ids = text_ids(tokenizer, text)  # BOS first where the tokenizer has one, never two
         plain = tokenizer.encode(text, add_special_tokens=False)
         rows.append(ids)
-        skip.append(len(ids) - len(plain) if ids[len(ids) - len(plain):] == plain else 0)
+        added = len(ids) - len(plain) if ids[len(ids) - len(plain):] == plain else 0
+        skip.append(added or int(prepends_bos(tokenizer) and ids[:1] == [tokenizer.bos_token_id]))
     return explain_tokens(nla, base, rows, positions=positions, skip=skip, texts=texts, baseline=baseline,
                           fwd_hooks=fwd_hooks, **verbalize_kwargs)
 

@@ -38,6 +38,7 @@ from nla_lens.errors import BackendError, InputError, SAEMismatchError, VectorEr
 from nla_lens.injection import check_vectors
 from nla_lens.nla import NLA
 from nla_lens.results import TabularResult
+from nla_lens.sidecar import text_ids
 from nla_lens.verbalizer import ActivationVerbalizer, Verbalization
 
 if TYPE_CHECKING:
@@ -156,7 +157,7 @@ def text_residuals(base: TLModel, texts: list[str], layer: int, *, max_tokens: i
     out = []
     with torch.inference_mode():
         for text in texts:
-            ids = base.tokenizer(text, add_special_tokens=True)["input_ids"][:limit]
+            ids = text_ids(base.tokenizer, text)[:limit]
             if not ids:
                 raise InputError(f"text {text!r} has no tokens")
             tokens = torch.tensor([ids], device=base.cfg.device)

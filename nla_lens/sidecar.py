@@ -376,8 +376,13 @@ def av_prompt_ids(meta: NLAMeta, tokenizer: Any) -> list[int]:
 def text_ids(tokenizer: Any, text: str) -> list[int]:
     """Base-model text as the training code tokenized it to extract activations (kitft
     `nla/datagen/extractors.py`): with the tokenizer's special tokens, so BOS first where the
-    tokenizer has one (Gemma, Llama) and nothing added for Qwen."""
-    return list(tokenizer.encode(text, add_special_tokens=True))
+    tokenizer has one (Gemma, Llama) and nothing added for Qwen. A text that already starts with that BOS
+    (e.g. copied from `to_str_tokens` or a chat-formatted prompt) keeps its one BOS: a second one is no
+    token the base model was trained to read there, and moves every residual after it."""
+    ids = list(tokenizer.encode(text, add_special_tokens=True))
+    bos = tokenizer.bos_token_id
+    plain = list(tokenizer.encode(text, add_special_tokens=False))
+    return plain if bos is not None and ids == [bos, *plain] and plain[:1] == [bos] else ids
 
 
 def ar_prompt_ids(meta: NLAMeta, tokenizer: Any, explanation: str) -> list[int]:

@@ -113,3 +113,27 @@ def test_sae_text_residuals_read_a_leading_pad_id_token_as_a_real_one(tiny_paths
     ids, resid = text_residuals(base, [text], LAYER)[0]
     assert ids[0] == base.tokenizer.pad_token_id
     assert (resid - _hf_resid(folder, ids)).abs().max() < ATOL
+
+
+@pytest.mark.parametrize("family", ["gemma", "llama"])
+def test_text_that_starts_with_its_bos_keeps_one_bos(bos_paths, tiny_paths, family):
+    """A text copied with its BOS (`to_str_tokens`, a chat-formatted prompt) got a second one in front."""
+    tokenizer = AutoTokenizer.from_pretrained(bos_paths[f"{family}_av"])
+    assert text_ids(tokenizer, tokenizer.bos_token + TEXT) == text_ids(tokenizer, TEXT)
+    qwen = AutoTokenizer.from_pretrained(tiny_paths["av_karvonen"])
+    assert text_ids(qwen, qwen.pad_token + TEXT)[0] == qwen.pad_token_id  # no BOS rule: the text as written
+
+
+def test_explain_and_cli_capture_of_bos_first_text_read_one_bos(bos_paths):
+    av, ar = bos_paths["gemma_av"], bos_paths["gemma_ar"]
+    nla = nl.NLA.from_pretrained(av, ar)
+    with pytest.warns(UserWarning, match="not the base model"):  # a tiny AV stands in for the base here
+        base = nl.load_base(av)
+    bos = base.tokenizer.bos_token
+    expected = _hf_resid(av, text_ids(base.tokenizer, TEXT))  # BOS at column 0, once
+    explained = nla.explain(base, bos + TEXT, baseline=1.0, max_new_tokens=2)
+    assert [row.position for row in explained.rows] == list(range(1, len(expected)))  # the BOS is not explained
+    assert explained.tokens[0].count(bos) == 1
+    assert (explained.vectors - expected[1:]).abs().max() < ATOL
+    captured = commands.capture_text(str(av), LAYER, bos + TEXT, "cpu", torch.float32).vectors
+    assert captured.shape == expected.shape and (captured - expected).abs().max() < ATOL
