@@ -137,3 +137,13 @@ def test_explain_and_cli_capture_of_bos_first_text_read_one_bos(bos_paths):
     assert (explained.vectors - expected[1:]).abs().max() < ATOL
     captured = commands.capture_text(str(av), LAYER, bos + TEXT, "cpu", torch.float32).vectors
     assert captured.shape == expected.shape and (captured - expected).abs().max() < ATOL
+
+
+def test_to_tokens_of_bos_first_text_doubles_it_unless_prepend_bos_is_false(bos_paths):
+    """What the README says of TransformerLens's own `to_tokens` on text that already holds its BOS."""
+    av = nl.ActivationVerbalizer.from_pretrained(bos_paths["gemma_av"])
+    text = av.tokenizer.bos_token + TEXT
+    bos = av.tokenizer.bos_token_id
+    assert av.model.to_tokens(text)[0, :2].tolist() == [bos, bos]
+    assert av.model.to_tokens(text, prepend_bos=False)[0].tolist() == text_ids(av.tokenizer, text)
+    assert text_ids(av.tokenizer, text).count(bos) == 1
