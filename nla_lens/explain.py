@@ -128,13 +128,9 @@ def explain(nla: NLA, base: TLModel, text_or_texts: str | Sequence[str], *, posi
     if tokenizer is None:
         raise InputError("the base model has no tokenizer; load it with nl.load_base(...), or set base.tokenizer to "
                          "its tokenizer")
-    rows, skip = [], []
-    for text in texts:
-        ids = text_ids(tokenizer, text)  # BOS first where the tokenizer has one, never two
-        plain = tokenizer.encode(text, add_special_tokens=False)
-        rows.append(ids)
-        added = len(ids) - len(plain) if ids[len(ids) - len(plain):] == plain else 0
-        skip.append(added or int(prepends_bos(tokenizer) and ids[:1] == [tokenizer.bos_token_id]))
+    rows = [text_ids(tokenizer, text) for text in texts]  # BOS first where the tokenizer has one, never two
+    bos_first = prepends_bos(tokenizer)
+    skip = [int(bos_first and ids[:1] == [tokenizer.bos_token_id]) for ids in rows]  # that BOS is not explained
     return explain_tokens(nla, base, rows, positions=positions, skip=skip, texts=texts, baseline=baseline,
                           fwd_hooks=fwd_hooks, **verbalize_kwargs)
 

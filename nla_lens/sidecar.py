@@ -381,8 +381,7 @@ def text_ids(tokenizer: Any, text: str) -> list[int]:
     token the base model was trained to read there, and moves every residual after it."""
     ids = list(tokenizer.encode(text, add_special_tokens=True))
     bos = tokenizer.bos_token_id
-    plain = list(tokenizer.encode(text, add_special_tokens=False))
-    return plain if bos is not None and ids == [bos, *plain] and plain[:1] == [bos] else ids
+    return ids[1:] if bos is not None and ids[:2] == [bos, bos] else ids
 
 
 def ar_prompt_ids(meta: NLAMeta, tokenizer: Any, explanation: str) -> list[int]:
