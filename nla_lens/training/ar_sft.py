@@ -38,12 +38,13 @@ def init_ar(base_model: str | Path, dataset: NLAMeta, *, device: str | torch.dev
     """An untrained AR: the base's first K+1 blocks (no final norm, no unembed), readout = identity."""
     backends.require_hooked("training")
     folder = loading.resolve_checkpoint(base_model)
-    check_base_fits(loading.load_hf_config(folder), dataset, base_model, role="ar")
+    hf_config = loading.load_hf_config(folder)
+    check_base_fits(hf_config, dataset, base_model, role="ar")
     tokenizer = loading.load_tokenizer(folder)
     meta = parse_meta(model_sidecar(dataset, "ar"), source="AR sidecar")
     check_tokenizer(meta, tokenizer, role="ar")
     model = loading.load_hooked_transformer(folder, tokenizer, dtype=dtype, device=device, n_layers=meta.layer + 1)
-    freeze_weights_hf_lacks(model, loading.load_hf_config(folder))
+    freeze_weights_hf_lacks(model, hf_config)
     readout = nn.Linear(meta.d_model, meta.d_model, bias=False, device=device, dtype=dtype)
     with torch.no_grad():
         readout.weight.copy_(torch.eye(meta.d_model))
