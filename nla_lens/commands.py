@@ -177,6 +177,7 @@ def _run_verbalize(args: argparse.Namespace) -> None:
         if args.shards is not None:
             raise InputError("--shards picks shards of a file job: give --output FILE too (without it the rows "
                              "are printed, all in one process)")
+        sharded.check_extraction_input(args.input, meta)
         table = read_input(args.input, args.column)
     from nla_lens.verbalizer import ActivationVerbalizer
 

@@ -27,7 +27,7 @@ from nla_lens.injection import check_vectors
 from nla_lens.nla import NLA, check_pair, resolve_baseline
 from nla_lens.parsing import injection_warning
 from nla_lens.reconstructor import ActivationReconstructor
-from nla_lens.sidecar import NLAMeta, load_meta
+from nla_lens.sidecar import SIDECAR_NAME, NLAMeta, load_meta
 from nla_lens.vector_files import VectorTable, check_output, json_text, read_input, write_atomic, write_table
 from nla_lens.verbalizer import ActivationVerbalizer, Verbalization
 
@@ -193,7 +193,40 @@ def _check_paths(input_path: Path, output: Path) -> None:
                          "pick another --output")
 
 
+def _extraction_meta(folder: Path) -> NLAMeta | None:
+    """The sidecar `nla-lens extract` wrote in `folder`, if that is what the folder holds."""
+    if not (folder / SIDECAR_NAME).is_file():
+        return None
+    meta = load_meta(folder)
+    return meta if meta.kind == "nla_dataset" and "extraction" in meta.raw else None
+
+
+def check_extraction_input(input_path: Path, av_meta: NLAMeta) -> None:
+    """A shard of an `nla-lens extract` folder (`<out>/shards/acts-*.safetensors`) holds one base's layer-K
+    vectors and the folder's sidecar says which: an AV of another layer but the same width would explain
+    them without an error, and say nothing true."""
+    if input_path.is_dir() and _extraction_meta(input_path) is not None:
+        raise InputError(f"{input_path} is an extraction folder, not a vector file: pass one of its shards "
+                         f"({input_path / 'shards'}/acts-*.safetensors), or load it in Python with "
+                         "nla_lens.training.load_activations")
+    if input_path.suffix != ".safetensors":
+        return
+    source, folder = next(((m, f) for f in input_path.resolve().parents[:2] if (m := _extraction_meta(f))),
+                          (None, None))
+    if source is None:
+        return
+    if source.layer != av_meta.layer:
+        raise InputError(f"{input_path} holds layer-{source.layer} vectors ({folder / SIDECAR_NAME} says so), but the "
+                         f"AV explains layer {av_meta.layer}: extract at layer {av_meta.layer}, or use an AV of layer "
+                         f"{source.layer}")
+    names = [None if m.base_model is None else Path(m.base_model).name.lower() for m in (source, av_meta)]
+    if None not in names and names[0] != names[1]:
+        warnings.warn(f"{input_path} was extracted from base {source.base_model!r} and the AV trained from "
+                      f"{av_meta.base_model!r}: an AV explains its own base's activations", stacklevel=3)
+
+
 def _read(input_path: Path, column: str | None, av_meta: NLAMeta) -> VectorTable:
+    check_extraction_input(input_path, av_meta)
     table = read_input(input_path, column)
     return VectorTable(check_vectors(table.vectors, av_meta.d_model).float(), table.columns)
 

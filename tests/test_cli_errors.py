@@ -454,3 +454,33 @@ def test_inspect_of_an_extraction_folder_says_it_is_one(dataset_meta, tmp_path, 
     (folder / "nla_meta.yaml").write_text(yaml.safe_dump(dataset_meta.raw, allow_unicode=True), encoding="utf-8")
     _fails(["inspect", folder], capsys, "InputError", "is an extraction (nla-lens extract wrote it",
            "nla_lens.training.load_activations")
+
+
+def _extraction(folder: Path, raw: dict, layer: int) -> Path:
+    """An `nla-lens extract` folder as it lies on disk: the dataset sidecar and one shard of vectors."""
+    raw = {**raw, "extraction": {**raw["extraction"], "layer_index": layer}}
+    (folder / "shards").mkdir(parents=True)
+    (folder / "nla_meta.yaml").write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
+    save_file({"vectors": torch.randn(3, 64), "positions": torch.arange(3)}, folder / "shards" / "acts-00000.safetensors")
+    return folder
+
+
+def test_an_extraction_shard_of_another_layer_is_refused(dataset_meta, tiny_paths, tmp_path, no_model_loads, capsys):
+    """A layer-1 shard given to a layer-2 AV of the same width was explained without a word."""
+    shard = _extraction(tmp_path / "acts", dataset_meta.raw, layer=1) / "shards" / "acts-00000.safetensors"
+    for job in (["--output", tmp_path / "out.parquet"], []):  # the sharded file job and the printed one
+        _fails(["verbalize", "--av", tiny_paths["av_karvonen"], "--input", shard, *job], capsys, "InputError",
+               "holds layer-1 vectors", "the AV explains layer 2")
+    _fails(["round-trip", "--av", tiny_paths["av_karvonen"], "--ar", tiny_paths["ar_nanonla"], "--input", shard,
+            "--output", tmp_path / "rt.parquet"], capsys, "InputError", "holds layer-1 vectors")
+    _fails(["verbalize", "--av", tiny_paths["av_karvonen"], "--input", tmp_path / "acts"], capsys, "InputError",
+           "is an extraction folder, not a vector file", "acts-*.safetensors")
+
+
+def test_an_extraction_shard_of_the_avs_layer_is_explained(dataset_meta, tiny_paths, tmp_path, capsys):
+    shard = _extraction(tmp_path / "acts", dataset_meta.raw, layer=2) / "shards" / "acts-00000.safetensors"
+    assert dataset_meta.base_model == "tiny"  # the tiny AV's sidecar names another base: the mix is warned of
+    assert main(["verbalize", "--av", str(tiny_paths["av_karvonen"]), "--input", str(shard),
+                 "--max-new-tokens", "2"]) == 0
+    out, err = capsys.readouterr()
+    assert len(out.splitlines()) == 3 and "was extracted from base 'tiny' and the AV trained from 'tiny-qwen3'" in err
