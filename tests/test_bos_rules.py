@@ -147,3 +147,12 @@ def test_to_tokens_of_bos_first_text_doubles_it_unless_prepend_bos_is_false(bos_
     assert av.model.to_tokens(text)[0, :2].tolist() == [bos, bos]
     assert av.model.to_tokens(text, prepend_bos=False)[0].tolist() == text_ids(av.tokenizer, text)
     assert text_ids(av.tokenizer, text).count(bos) == 1
+
+
+def test_str_tokens_of_a_gemma_text_through_its_tokens(bos_paths):
+    """The README's way past TL 3.9's `to_str_tokens(text)` on a Gemma tokenizer (a TypeError there): one
+    string per token of `to_tokens(text)`, its BOS first."""
+    av = nl.ActivationVerbalizer.from_pretrained(bos_paths["gemma_av"])
+    tokens = av.model.to_tokens(TEXT)
+    assert av.model.to_str_tokens(tokens) == [av.tokenizer.decode([t]) for t in text_ids(av.tokenizer, TEXT)]
+    assert av.model.to_str_tokens(tokens)[0] == av.tokenizer.bos_token
