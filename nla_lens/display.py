@@ -121,7 +121,7 @@ class ColourScale:
         """Where `value` falls among the observed values, 0 (lowest) to 1 (highest)."""
         n = len(self.observed)
         if n < 2 or self.observed[0] == self.observed[-1]:
-            return 1.0
+            return 0.5  # nothing to spread: the middle, as ties are ranked, in FVE and MSE alike
         below = bisect.bisect_left(self.observed, value)
         same = bisect.bisect_right(self.observed, value) - below
         return min(max((below + (same - 1) / 2) / (n - 1), 0.0), 1.0)

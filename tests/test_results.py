@@ -238,3 +238,16 @@ def test_table_headers_name_the_units_of_their_columns(results):
     steering = results["word_steering"]
     assert "kl (nats)" in repr(steering).splitlines()[1] and "steered_next (token p)" in repr(steering)
     assert "<th>kl (nats)</th>" in steering._repr_html_() and "kl" in steering.to_pandas().columns  # keys stay bare
+
+
+def test_a_lone_or_constant_score_takes_the_same_colour_in_fve_and_mse():
+    """A scale with nothing to spread drew a lone FVE in the best colour and a lone MSE in the worst one: one
+    result's single token changed from blue to pale yellow when no baseline was given."""
+    middle = "#41b6c4"  # the middle of the sequential ramp: no rank to show
+    for fve, mse in ((0.7,), (0.3,)), ((0.7, 0.7), (0.3, 0.3)):
+        pairs = enumerate(zip(fve, mse, strict=True))
+        with_fve = [display.TokenCell("a", p, True, "x", None, f, m) for p, (f, m) in pairs]
+        without = [display.TokenCell("a", p, True, "x", None, None, m) for p, m in enumerate(mse)]
+        for cells in (with_fve, without):
+            scale = display.ColourScale.from_cells(cells)
+            assert [scale.colour(scale.value(c)) for c in cells] == [middle] * len(cells)
