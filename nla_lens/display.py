@@ -264,7 +264,8 @@ def feature_card_html(title: str, hook_name: str, summary: str, explanation: str
     """An SAE feature's card: the NLA's explanation, then one row per context window (tokens, their
     activations, the index of the token the window was picked for), strongest first; with `said_here`,
     a column of what the NLA says of the residual at each window's peak."""
-    top = max((acts[center] for _, acts, center in windows), default=0.0) or 1.0
+    # The largest finite positive peak: an infinite (overflowed) or NaN one would make every shade NaN.
+    top = max((a for _, acts, center in windows if math.isfinite(a := acts[center]) and a > 0), default=1.0)
     said = (html.escape(explanation) if explanation is not None else
             f"<span class='nla-unparsed'>(no &lt;explanation&gt; tags) {html.escape(raw_text)}</span>")
     rows = []

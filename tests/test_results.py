@@ -251,3 +251,19 @@ def test_a_lone_or_constant_score_takes_the_same_colour_in_fve_and_mse():
         for cells in (with_fve, without):
             scale = display.ColourScale.from_cells(cells)
             assert [scale.colour(scale.value(c)) for c in cells] == [middle] * len(cells)
+
+
+def _body(page: str) -> str:
+    return page.split("</style>", 1)[1]
+
+
+def test_a_feature_card_with_a_non_finite_peak_activation_draws():
+    """An infinite activation (a float16 SAE that overflowed) or a NaN at a peak raised a ValueError from the
+    colour ramp."""
+    for peaks in ([float("inf"), 2.0], [float("nan"), 2.0], [float("inf")]):
+        windows = [(["a", "b"], [peak, 1.0], 0) for peak in peaks]
+        card = _body(display.feature_card_html("f", "h", "s", "e", "", windows))
+        assert card.count("nla-peak") == len(peaks) + 1  # every window drawn, plus the legend's swatch
+    card = display.feature_card_html("f", "h", "s", "e", "", [(["a", "b"], [float("inf"), 1.0], 0),
+                                                              (["c"], [2.0], 0)])
+    assert "activation 0 to 2.00" in card and "title='inf'" in card
