@@ -123,6 +123,15 @@ def test_save_refuses_unknown_suffixes_folders_and_missing_folders_before_writin
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dir.parquet"]
 
 
+@pytest.mark.parametrize("path", [None, 3, b"out.parquet"])
+def test_save_refuses_a_path_that_is_no_path_with_an_input_error(results, path):
+    """save(None), save(3) and save(b"...") were bare TypeErrors from pathlib."""
+    with pytest.raises(nl.InputError, match="file path"):
+        results["round_trip"].save(path)
+    with pytest.raises(nl.InputError, match="file path"):
+        results["word_steering"].save_vectors(path)
+
+
 def test_save_expands_a_home_folder_as_loading_does(results, tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     assert results["round_trip"].save("~/out.parquet") == tmp_path / "out.parquet"
