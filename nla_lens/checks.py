@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import math
 import numbers
+import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -125,6 +126,14 @@ def check_input_file(path: Path, what: str = "input") -> None:
         raise InputError(f"{what} {path} does not exist; check the path")
     if not path.is_file():
         raise InputError(f"{what} {path} is not a file")
+
+
+def file_path(path: str | os.PathLike, what: str) -> Path:
+    """`path` as a Path with `~` expanded; anything else (None, bytes, a number) is an InputError, not pathlib's
+    bare TypeError."""
+    if not isinstance(path, str | os.PathLike):
+        raise InputError(f"{what} takes a file path (a str or pathlib.Path), got {type(path).__name__}")
+    return Path(path).expanduser()
 
 
 def check_output_path(path: Path, suffixes: Sequence[str], what: str = "output") -> None:

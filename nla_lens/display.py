@@ -2,6 +2,8 @@
 
 Everything here returns self-contained HTML: inline CSS scoped under ``.nla-view``, no scripts, no
 external resources, so a page works offline and a notebook cell does not restyle the notebook.
+Tokens, explanations and raw AV outputs are HTML-escaped, their control and format characters shown as
+escapes (`\\x00`, `\\u202e`): what a model writes is shown, never interpreted.
 
 The explained-text view ([`explained_text_html`][nla_lens.display.explained_text_html]) shows each text
 as a line of tokens coloured by round-trip FVE, with every explained token's explanation in rows under
@@ -31,7 +33,9 @@ _NEGATIVE = ((254, 224, 210), (222, 45, 38))  # light to dark red
 _ACTIVATION = ((255, 255, 255), (253, 141, 60))  # white to orange
 _CONTEXT = "#e8e8e8"
 _MAX_TABLE_ROWS = 200
-_UNSEEN = ("Cc", "Zl", "Zp")  # control characters, line and paragraph separators: written as escapes
+# Written as escapes: control characters, line and paragraph separators, and format characters (bidi controls,
+# which reorder the text drawn after them; zero-width spaces and marks, which draw nothing)
+_UNSEEN = ("Cc", "Zl", "Zp", "Cf")
 # A table's text column and the record key saying whether it parsed: a failed parse holds the raw completion (or None)
 _PARSE_FLAGS = {"explanation": "parsed", "clean": "clean_parsed", "steered": "steered_parsed"}
 _UNPARSED = "(no <explanation> tags) "
@@ -121,7 +125,7 @@ class ColourScale:
         """Where `value` falls among the observed values, 0 (lowest) to 1 (highest)."""
         n = len(self.observed)
         if n < 2 or self.observed[0] == self.observed[-1]:
-            return 1.0
+            return 0.5  # nothing to spread: the middle, as ties are ranked, in FVE and MSE alike
         below = bisect.bisect_left(self.observed, value)
         same = bisect.bisect_right(self.observed, value) - below
         return min(max((below + (same - 1) / 2) / (n - 1), 0.0), 1.0)
@@ -161,7 +165,7 @@ def explained_text_html(texts: Sequence[Sequence[TokenCell]], *, title: str, lay
         where = f" · layer {layer} (<code>{html.escape(hook_name or f'blocks.{layer}.hook_resid_post')}</code>)"
     blocks = [_text_block(cells, scale) for cells in texts]
     return (f"<div class='nla-view'><style>{_STYLE}</style>"
-            f"<div class='nla-head'><b>{html.escape(title)}</b>{where}</div>"
+            f"<div class='nla-head'><b>{html.escape(_visible(title))}</b>{where}</div>"
             + (f"<div class='nla-meta'>{html.escape(summary)}</div>" if summary else "")
             + scale.legend_html() + "".join(blocks) + "</div>")
 
@@ -180,7 +184,7 @@ def _text_block(cells: Sequence[TokenCell], scale: ColourScale) -> str:
         if cell.explained:
             chip = (f"<span class='nla-tok{failed}' style='background:{background};color:{_ink(background)}'>"
                     f"{_shown_token(cell.token)}</span>")
-            explanation = (f"<td>{html.escape(cell.explanation)}</td>" if cell.explanation is not None else
+            explanation = (f"<td>{html.escape(_visible(cell.explanation))}</td>" if cell.explanation is not None else
                            f"<td class='nla-unparsed'>{html.escape(said)}</td>")
             rows.append(f"<tr><td class='num'>{cell.position}</td><td>{chip}</td><td class='num'>{_num(cell.fve)}"
                         f"</td><td class='num'>{_num(cell.mse)}</td>{explanation}</tr>")
@@ -197,8 +201,9 @@ def _shown_token(token: str) -> str:
 def visible_token(token: str) -> str:
     """A token as text that shows every character: a newline drawn as ↵, the spaces of an all-whitespace token
     as ␣ (other spaces of one, such as a no-break or ideographic space, as their escapes: \\xa0, \\u3000), other
-    control characters as escapes (\\r, \\x0c). Bare, they leave a chip or a cell blank (a lone space is a
-    sliver, invisible outside a chip), and HTML reads a \\r as a line break."""
+    control and format characters as escapes (\\r, \\x0c, \\u200f). Bare, they leave a chip or a cell blank (a lone
+    space is a sliver, invisible outside a chip), HTML reads a \\r as a line break, and a right-to-left
+    override reverses the tokens drawn after it."""
     if token.strip() == "":
         token = "".join("\u2423" if c == " " else _escaped(c) if unicodedata.category(c) == "Zs" else c
                         for c in token)
@@ -210,9 +215,8 @@ def _escaped(char: str) -> str:
 
 
 def _said(cell: TokenCell) -> str:
-    if cell.explanation is not None:
-        return cell.explanation
-    return _UNPARSED + (cell.raw_text or "")
+    """What the AV said of `cell`, its control characters escaped as in the tables."""
+    return _visible(cell.explanation if cell.explanation is not None else _UNPARSED + (cell.raw_text or ""))
 
 
 def result_html(name: str, summary: str, records: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
@@ -264,9 +268,10 @@ def feature_card_html(title: str, hook_name: str, summary: str, explanation: str
     """An SAE feature's card: the NLA's explanation, then one row per context window (tokens, their
     activations, the index of the token the window was picked for), strongest first; with `said_here`,
     a column of what the NLA says of the residual at each window's peak."""
-    top = max((acts[center] for _, acts, center in windows), default=0.0) or 1.0
-    said = (html.escape(explanation) if explanation is not None else
-            f"<span class='nla-unparsed'>(no &lt;explanation&gt; tags) {html.escape(raw_text)}</span>")
+    # The largest finite positive peak: an infinite (overflowed) or NaN one would make every shade NaN.
+    top = max((a for _, acts, center in windows if math.isfinite(a := acts[center]) and a > 0), default=1.0)
+    said = (html.escape(_visible(explanation)) if explanation is not None else
+            f"<span class='nla-unparsed'>(no &lt;explanation&gt; tags) {html.escape(_visible(raw_text))}</span>")
     rows = []
     for row, (tokens, activations, center) in enumerate(windows):
         spans = []
@@ -278,7 +283,7 @@ def feature_card_html(title: str, hook_name: str, summary: str, explanation: str
             spans.append(f"<span class='nla-tok{peak}' style='background:{background};color:{_ink(background)}' "
                          f"title='{tip}'>{_shown_token(token)}</span>")
         here = "" if said_here is None else (
-            f"<td>{html.escape(said_here[row])}</td>" if said_here[row] is not None else
+            f"<td>{html.escape(_visible(said_here[row]))}</td>" if said_here[row] is not None else
             "<td><span class='nla-unparsed'>(no &lt;explanation&gt; tags)</span></td>")
         rows.append(f"<tr><td class='num'>{_num(activations[center])}</td>"
                     f"<td class='nla-context'>{''.join(spans)}</td>{here}</tr>")
@@ -311,9 +316,9 @@ def format_cell(value: Any, width: int | None = None) -> str:
 
 
 def _visible(text: str, keep: str = "") -> str:
-    """`text` with each control character (and line / paragraph separator) but those in `keep` written as its
-    escape (\\n, \\r, \\x1b, \\u2028): bare, a \\r overwrites a printed row, an ESC starts a terminal command and
-    a form feed or \\u2028 splits a row in two."""
+    """`text` with each control or format character (and line / paragraph separator) but those in `keep` written
+    as its escape (\\n, \\r, \\x1b, \\u2028, \\u202e): bare, a \\r overwrites a printed row, an ESC starts a terminal
+    command, a form feed or \\u2028 splits a row in two, and a bidi control reorders the text after it."""
     if text.isprintable():
         return text
     return "".join(_escaped(c) if c not in keep and unicodedata.category(c) in _UNSEEN else c for c in text)

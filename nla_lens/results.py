@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import pyarrow as pa
 
 from nla_lens import display
-from nla_lens.checks import check_output_path
+from nla_lens.checks import check_output_path, file_path
 from nla_lens.errors import InputError
 from nla_lens.vector_files import write_atomic, write_table
 
@@ -94,7 +94,7 @@ class TabularResult:
 def check_save_path(path: str | Path) -> Path:
     """Checked before writing: a known suffix, an existing folder, not a folder itself. `~` is expanded, as
     checkpoint paths are."""
-    path = Path(path).expanduser()
+    path = file_path(path, "save")
     if path.suffix not in SAVE_SUFFIXES:
         raise InputError(f"{path}: save to a .parquet or .jsonl file (the rows) or an .html file (the view)")
     check_output_path(path, SAVE_SUFFIXES)

@@ -24,7 +24,7 @@ from nla_lens.checks import check_counts, check_sampling, resolve_dtype
 from nla_lens.distributed import World, barrier, device_for, process_group
 from nla_lens.errors import InputError
 from nla_lens.injection import check_vectors
-from nla_lens.nla import NLA, check_pair, resolve_baseline
+from nla_lens.nla import NLA, baseline_phrase, check_pair, resolve_baseline
 from nla_lens.parsing import injection_warning
 from nla_lens.reconstructor import ActivationReconstructor
 from nla_lens.sidecar import SIDECAR_NAME, NLAMeta, load_meta
@@ -74,7 +74,7 @@ class RoundTripSummary:
     mse_scale: float
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class JobResult:
     """What this process did. `table` (rank 0 only) is the merged output, once no shard is missing."""
 
@@ -85,6 +85,25 @@ class JobResult:
     table: pa.Table | None = None
     summary: RoundTripSummary | None = None
     warnings: list[str] = field(default_factory=list)
+
+    def __repr__(self) -> str:
+        """One line, as every result prints: the merged table and the shard ids stay attributes."""
+        done = f"{len(self.computed)} of {self.n_shards} shards computed here"
+        if self.missing:
+            shown = ", ".join(map(str, self.missing[:8])) + (", ..." if len(self.missing) > 8 else "")
+            text = (f"{len(self.missing)} of {self.n_shards} shards not finished ({shown}), nothing merged into "
+                    f"{self.output}; {done}")
+        elif self.table is None:
+            text = f"{done}; rank 0 merges them into {self.output}"
+        else:
+            text = f"wrote {self.table.num_rows} rows to {self.output} ({done})"
+        if self.summary is not None:
+            s = self.summary
+            text += (f"; mean MSE {s.mean_mse:.3f}, {baseline_phrase(s.fve, s.baseline, s.baseline_source, None)}, "
+                     f"{s.n_failed_parses} failed parses")
+        if self.warnings:
+            text += f"; {len(self.warnings)} warning{'s' if len(self.warnings) != 1 else ''} (.warnings)"
+        return f"JobResult: {text}"
 
 
 def shard_seed(seed: int, shard: int) -> int:

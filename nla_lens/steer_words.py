@@ -40,7 +40,7 @@ from transformer_lens.hook_points import HookPoint
 from nla_lens import backends
 from nla_lens.base_model import check_base_model
 from nla_lens.capture import PositionSpec, real_tokens, resid_post, resolve_positions
-from nla_lens.checks import check_counts, check_finite, check_output_path
+from nla_lens.checks import check_counts, check_finite, check_output_path, file_path
 from nla_lens.errors import InputError, PairMismatchError, VectorError
 from nla_lens.injection import HookFn, check_vectors, unit
 from nla_lens.nla import NLA
@@ -177,7 +177,7 @@ class WordSteering(TabularResult):
     def save_vectors(self, path: str | Path) -> Path:
         """Delta and T (with the sites and settings, the token shape the hook is bound to among them) to
         `.safetensors`, to steer again without the AV and AR; `save` writes the table."""
-        path = Path(path).expanduser()
+        path = file_path(path, "save_vectors")
         if path.suffix != ".safetensors":
             raise InputError(f"{path}: save_vectors writes a .safetensors file; save() writes the table")
         check_output_path(path, (".safetensors",))

@@ -123,6 +123,15 @@ def test_save_refuses_unknown_suffixes_folders_and_missing_folders_before_writin
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dir.parquet"]
 
 
+@pytest.mark.parametrize("path", [None, 3, b"out.parquet"])
+def test_save_refuses_a_path_that_is_no_path_with_an_input_error(results, path):
+    """save(None), save(3) and save(b"...") were bare TypeErrors from pathlib."""
+    with pytest.raises(nl.InputError, match="file path"):
+        results["round_trip"].save(path)
+    with pytest.raises(nl.InputError, match="file path"):
+        results["word_steering"].save_vectors(path)
+
+
 def test_save_expands_a_home_folder_as_loading_does(results, tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     assert results["round_trip"].save("~/out.parquet") == tmp_path / "out.parquet"
@@ -238,3 +247,79 @@ def test_table_headers_name_the_units_of_their_columns(results):
     steering = results["word_steering"]
     assert "kl (nats)" in repr(steering).splitlines()[1] and "steered_next (token p)" in repr(steering)
     assert "<th>kl (nats)</th>" in steering._repr_html_() and "kl" in steering.to_pandas().columns  # keys stay bare
+
+
+def test_a_lone_or_constant_score_takes_the_same_colour_in_fve_and_mse():
+    """A scale with nothing to spread drew a lone FVE in the best colour and a lone MSE in the worst one: one
+    result's single token changed from blue to pale yellow when no baseline was given."""
+    middle = "#41b6c4"  # the middle of the sequential ramp: no rank to show
+    for fve, mse in ((0.7,), (0.3,)), ((0.7, 0.7), (0.3, 0.3)):
+        pairs = enumerate(zip(fve, mse, strict=True))
+        with_fve = [display.TokenCell("a", p, True, "x", None, f, m) for p, (f, m) in pairs]
+        without = [display.TokenCell("a", p, True, "x", None, None, m) for p, m in enumerate(mse)]
+        for cells in (with_fve, without):
+            scale = display.ColourScale.from_cells(cells)
+            assert [scale.colour(scale.value(c)) for c in cells] == [middle] * len(cells)
+
+
+def _body(page: str) -> str:
+    return page.split("</style>", 1)[1]
+
+
+def test_a_feature_card_with_a_non_finite_peak_activation_draws():
+    """An infinite activation (a float16 SAE that overflowed) or a NaN at a peak raised a ValueError from the
+    colour ramp."""
+    for peaks in ([float("inf"), 2.0], [float("nan"), 2.0], [float("inf")]):
+        windows = [(["a", "b"], [peak, 1.0], 0) for peak in peaks]
+        card = _body(display.feature_card_html("f", "h", "s", "e", "", windows))
+        assert card.count("nla-peak") == len(peaks) + 1  # every window drawn, plus the legend's swatch
+    card = display.feature_card_html("f", "h", "s", "e", "", [(["a", "b"], [float("inf"), 1.0], 0),
+                                                              (["c"], [2.0], 0)])
+    assert "activation 0 to 2.00" in card and "title='inf'" in card
+
+
+def test_views_show_control_characters_of_explanations_and_raw_outputs_as_escapes():
+    """The explained-text view and the feature card wrote explanations bare: a NUL (an HTML parse error), an ESC
+    and a CR reached the page, where the tables beside them show escapes."""
+    said, raw = "a\x00b\rc\x1bd\ne", "no tags\x00\r\x1b"
+    cells = [display.TokenCell("x", 0, True, said, None, 0.5), display.TokenCell("y", 1, True, None, raw, 0.4)]
+    view = _body(display.explained_text_html([cells], title="t", layer=1))
+    card = _body(display.feature_card_html("f", "h", "s", said, "", [(["a"], [1.0], 0)], said_here=[said]))
+    failed_card = _body(display.feature_card_html("f", "h", "s", None, raw, [(["a"], [1.0], 0)]))
+    for page in (view, card, failed_card):
+        assert not {"\x00", "\r", "\x1b", "\n"} & set(page)
+    assert "<td>a\\x00b\\rc\\x1bd\\ne</td>" in view and "no tags\\x00\\r\\x1b" in view
+    assert card.count("a\\x00b\\rc\\x1bd\\ne") == 2 and "no tags\\x00\\r\\x1b" in failed_card
+
+
+def test_bidi_and_other_invisible_format_characters_show_as_escapes():
+    """A right-to-left override in a token reversed every token drawn after it in the line (and the rest of a
+    repr row); a token of a right-to-left mark or a zero-width space drew an empty chip."""
+    for char in ("\u202e", "\u2067", "\u200f", "\u200b", "\ufeff"):
+        escape = char.encode("unicode_escape").decode()
+        assert display.visible_token(char) == escape and display.format_cell(f"a{char}b") == f"a{escape}b"
+    cells = [display.TokenCell(t, p, True, f"said {t}", None, 0.5) for p, t in enumerate(["\u202e", "ab", "\u200f"])]
+    view = display.explained_text_html([cells], title="t", layer=1)
+    table = display.result_html("R", "s", [{"token": "\u202e", "explanation": "x\u202ey"}], ["token", "explanation"])
+    for page in (view, table):
+        assert not {"\u202e", "\u200f"} & set(page)
+    assert "\\u202e<sub>0</sub>" in view and "\\u200f<sub>2</sub>" in view and "x\\u202ey" in table
+
+
+def test_a_real_explanation_escapes_model_text_in_its_view_and_repr(results):
+    """What an AV writes reaches the page only as text: markup, entities, quotes, NUL and bidi controls."""
+    import dataclasses
+
+    from nla_lens.verbalizer import Verbalization
+
+    said = "<script>alert(1)</script></td>&amp;\"'\x00\u202e"
+    explanation = results["explanation"]
+    rows = [dataclasses.replace(r, token="</td>\u202e", verbalization=Verbalization(said, said, [1]))
+            for r in explanation.rows]
+    tokens = [["</td>\u202e"] * len(t) for t in explanation.tokens]
+    poisoned = dataclasses.replace(explanation, rows=rows, tokens=tokens, model_name=said)  # a config's string
+    page = _body(poisoned._repr_html_())
+    assert "<script" not in page and "</td>\u202e" not in page and not {"\x00", "\u202e"} & set(page)
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;&lt;/td&gt;&amp;amp;&quot;&#x27;\\x00\\u202e" in page
+    assert not {"\x00", "\u202e"} & set(repr(poisoned))
+    assert poisoned.to_pandas()["explanation"].tolist() == [said] * len(rows)  # the data keeps every character

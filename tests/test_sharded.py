@@ -333,3 +333,17 @@ def test_round_trip_of_too_few_vectors_has_no_fve_and_refuses_a_bad_output(tiny_
     assert any("pass baseline=" in w.lower() for w in result.warnings)
     with pytest.raises(nl.InputError, match=r"\.parquet or \.jsonl"):
         sharded.round_trip_file(av, ar, one, tmp_path / "o.csv", baseline=0.5, progress=False)
+
+
+def test_a_job_result_prints_short_with_its_outcome_not_its_table():
+    """The generated repr printed the merged table's arrow preview (ten long AV completions per column) and
+    every shard id: thousands of characters for an ordinary job."""
+    table = pa.table({"index": list(range(1000)), "explanation": ["w" * 500] * 1000, "text": ["t" * 500] * 1000})
+    summary = sharded.RoundTripSummary(1000, 0.41, 0.47, 0.78, "sidecar (held-out)", 3, 8.0)
+    done = sharded.JobResult(Path("out.parquet"), 2000, list(range(2000)), [], table, summary, ["a warning"])
+    text = repr(done)
+    assert text == ("JobResult: wrote 1000 rows to out.parquet (2000 of 2000 shards computed here); mean MSE 0.410, "
+                    "FVE 0.470 (baseline 0.780, sidecar (held-out)), 3 failed parses; 1 warning (.warnings)")
+    unfinished = repr(sharded.JobResult(Path("out.parquet"), 2000, [0], list(range(1, 2000))))
+    assert unfinished.startswith("JobResult: 1999 of 2000 shards not finished (1, 2, 3, 4, 5, 6, 7, 8, ...)")
+    assert len(unfinished) < 300 and "nothing merged into out.parquet" in unfinished
