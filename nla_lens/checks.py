@@ -28,6 +28,9 @@ _GPU_WORDS = ("gpu", "nvidia", "cuda0", "gpu0")
 def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
     """A torch dtype from a dtype or its name: "bfloat16", "bf16", "float32", "torch.float16", ..."""
     if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point:  # an integer model fails deep in torch ("Only Tensors of floating point ...")
+            raise InputError(f"dtype {dtype} is not a floating-point dtype, so no model can be loaded in it; pass "
+                             f"one of {dtype_names()}")
         return dtype
     if isinstance(dtype, str) and dtype.lower().removeprefix("torch.") in DTYPES:
         return DTYPES[dtype.lower().removeprefix("torch.")]
@@ -114,8 +117,12 @@ def check_explanations(explanations: Sequence[str]) -> None:
     wrong = [(i, item) for i, item in enumerate(explanations) if not isinstance(item, str)]
     if wrong:
         i, item = wrong[0]
-        hint = (" A failed parse has explanation None: drop those rows, or let NLA.round_trip score them as "
-                "misses." if item is None else "")
+        hint = ""
+        if item is None:
+            hint = " A failed parse has explanation None: drop those rows, or let NLA.round_trip score them as misses."
+        elif hasattr(item, "explanation"):  # verbalize's output handed on whole
+            hint = (" Pass the strings: [v.explanation for v in verbalizations if v.explanation is not None], or "
+                    "score the vectors with NLA.round_trip.")
         raise InputError(f"explanation {i} is {item!r} ({type(item).__name__}), not a string ({len(wrong)} such "
                          f"items).{hint}")
 

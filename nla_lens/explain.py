@@ -24,14 +24,13 @@ from nla_lens.capture import capture
 from nla_lens.checks import check_fwd_hooks
 from nla_lens.errors import InputError, PromptTooLongError
 from nla_lens.loading import prepends_bos
-from nla_lens.nla import RoundTrip, baseline_phrase, check_read_keywords
+from nla_lens.nla import NLA, RoundTrip, baseline_phrase, check_read_keywords
 from nla_lens.results import TabularResult
 from nla_lens.sidecar import text_ids
 from nla_lens.verbalizer import Verbalization
 
 if TYPE_CHECKING:
     from nla_lens.backends import TLModel
-    from nla_lens.nla import NLA
 
 ExplainPositions = int | Sequence[int] | slice | None
 
@@ -141,6 +140,9 @@ def explain_tokens(nla: NLA, base: TLModel, token_rows: Sequence[Sequence[int]],
                    fwd_hooks: Sequence[tuple[str, Any]] = (), **verbalize_kwargs: Any) -> Explanation:
     """`explain` for texts already tokenized (`token_rows`); `skip[i]` leading tokens of row i are left
     out when `positions` is None (a BOS the tokenizer added)."""
+    if not isinstance(nla, NLA):  # an AV alone has no AR to score with: an AttributeError further down
+        raise InputError(f"explain needs an NLA (AV and AR: nl.NLA(av, ar)), got {type(nla).__name__}; with an AV "
+                         "alone, capture the vectors with nl.capture and call av.verbalize")
     layer = nla.layer
     check_base_model(base, nla, layer)
     check_read_keywords(nla, verbalize_kwargs, "explain")

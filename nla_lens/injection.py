@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from jaxtyping import Float, Int
@@ -35,7 +36,7 @@ HookFn = Callable[[Tensor, HookPoint], Tensor | None]
 def check_vectors(vectors: Tensor, d_model: int) -> Float[Tensor, "n d_model"]:
     """Validate activation vectors; a single `[d_model]` vector becomes a batch of one."""
     if not isinstance(vectors, Tensor):
-        raise VectorError(f"vectors must be a torch.Tensor, got {type(vectors).__name__}")
+        raise VectorError(f"vectors must be a torch.Tensor, got {type(vectors).__name__}{_tensor_hint(vectors)}")
     if vectors.ndim == 1:
         vectors = vectors[None]
     if vectors.ndim != 2 or vectors.shape[1] != d_model:
@@ -56,6 +57,19 @@ def check_vectors(vectors: Tensor, d_model: int) -> Float[Tensor, "n d_model"]:
     if zero:
         raise VectorError(f"vectors at rows {zero[:8]} are zero; a zero vector has no direction to inject")
     return vectors
+
+
+def _tensor_hint(value: object) -> str:
+    """How to turn what a newcomer passed (an array, a list, a file name, a loaded file) into the tensor."""
+    if isinstance(value, (str, Path)):
+        return ": load the file first, e.g. safetensors.torch.load_file(path)['vectors']"
+    if isinstance(value, dict):
+        return f" (a loaded file?): pass one of its tensors, e.g. loaded[{next(iter(value), 'vectors')!r}]"
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, Tensor) for v in value):
+        return ": stack the rows with torch.stack(vectors)"
+    if hasattr(value, "__array__") or isinstance(value, (list, tuple)):
+        return ": convert it with torch.as_tensor(vectors, dtype=torch.float32)"
+    return ""
 
 
 def unit(vectors: Float[Tensor, "n d_model"]) -> Float[Tensor, "n d_model"]:

@@ -43,7 +43,9 @@ class VectorTable:
 def read_vectors(path: Path) -> Float[Tensor, "n d_model"]:
     """Vectors from .safetensors (a tensor named `vectors`, or the only one) or .pt (weights_only load)."""
     if path.suffix not in (".safetensors", ".pt"):
-        raise InputError(f"{path}: expected a .safetensors, .pt or .parquet file of [n, d_model] vectors")
+        hint = ("; convert it once: torch.save(torch.from_numpy(numpy.load(path)).float(), 'vectors.pt')"
+                if path.suffix == ".npy" else "")  # NumPy's own format, the one a newcomer most often has
+        raise InputError(f"{path}: expected a .safetensors, .pt or .parquet file of [n, d_model] vectors{hint}")
     check_input_file(path, "vector file")
     if path.suffix == ".safetensors":
         tensors = _readable(path, lambda: load_file(str(path)))

@@ -243,6 +243,13 @@ def test_reconstruct_names_the_item_that_is_not_a_string(ar_nanonla, bad, expect
     assert expected in str(info.value)
 
 
+def test_reconstruct_given_verbalize_output_says_to_pass_the_strings(ar_nanonla):
+    out = [nl.Verbalization("<explanation>\nthe cat\n</explanation>", "the cat", [1, 2])]
+    with pytest.raises(nl.InputError, match=r"\(Verbalization\), not a string") as info:
+        ar_nanonla.reconstruct(out)
+    assert "[v.explanation for v in verbalizations if v.explanation is not None]" in str(info.value)
+
+
 def test_verbalize_names_the_wrong_setting(av_karvonen, vectors):
     with pytest.raises(nl.InputError) as info:
         av_karvonen.verbalize(vectors, temperature=0.5, top_p=1.5, progress=False)
@@ -275,6 +282,15 @@ def test_from_pretrained_takes_dtype_names(tiny_paths):
     assert av.model.W_E.dtype == ar.model.W_E.dtype == ar.readout.weight.dtype == torch.bfloat16
     with pytest.raises(nl.InputError, match="'float8' is not one nla_lens loads"):
         nl.ActivationVerbalizer.from_pretrained(tiny_paths["av_karvonen"], dtype="float8")
+
+
+def test_an_integer_dtype_is_refused_before_loading(tiny_paths, monkeypatch):
+    """torch.int8 reached the model build: RuntimeError "Only Tensors of floating point ... can require gradients"."""
+    monkeypatch.setattr(backends, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    for load, folder in [(nl.ActivationVerbalizer.from_pretrained, "av_karvonen"),
+                         (nl.ActivationReconstructor.from_pretrained, "ar_nanonla")]:
+        with pytest.raises(nl.InputError, match=r"dtype torch\.int8 is not a floating-point dtype.*bfloat16/bf16"):
+            load(tiny_paths[folder], dtype=torch.int8)
 
 
 def test_from_pretrained_rejects_a_device_before_loading(tiny_paths, monkeypatch):
@@ -418,6 +434,22 @@ def test_dtype_names_reach_every_loader(tiny_paths):
     base = backends.load_model(tiny_paths["av_karvonen"], loading.load_tokenizer(tiny_paths["av_karvonen"]),
                                dtype="float16", device="cpu")
     assert base.W_E.dtype == torch.float16
+
+
+def test_load_model_without_a_tokenizer_says_how_to_load_one(tiny_paths):
+    """None (a forgotten tokenizer) or the folder again was an AttributeError on 'bos_token_id'."""
+    folder = tiny_paths["av_karvonen"]
+    for bad, kind in [(None, "NoneType"), (str(folder), "str")]:
+        with pytest.raises(nl.InputError, match=rf"tokenizer must be a loaded tokenizer, got {kind}; pass "
+                                                r"loading\.load_tokenizer\(folder\)"):
+            backends.load_model(folder, bad, dtype="float32", device="cpu")
+
+
+def test_a_numpy_input_file_is_told_how_to_convert_it(tiny_paths, tmp_path, no_model_loads, capsys):
+    path = tmp_path / "vectors.npy"
+    path.write_bytes(b"\x93NUMPY")
+    _fails(["verbalize", "--av", tiny_paths["av_karvonen"], "--input", path], capsys, "InputError",
+           "expected a .safetensors, .pt or .parquet file", "torch.from_numpy(numpy.load(path)).float()")
 
 
 def test_explain_checks_the_roles_of_its_folders_first(tiny_paths, no_model_loads, capsys):

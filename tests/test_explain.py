@@ -127,6 +127,17 @@ def test_arguments_in_the_wrong_order_or_of_the_wrong_kind_are_named(base, nla):
         nla.explain("the cat", base)
 
 
+def test_explain_given_an_av_or_a_base_folder_says_what_to_pass(base, nla, tiny_paths):
+    """nl.explain(av, ...) was an AttributeError ('ActivationVerbalizer' object has no attribute 'layer');
+    a base folder got only "check the order of the arguments"."""
+    with pytest.raises(nl.InputError, match=r"explain needs an NLA \(AV and AR: nl\.NLA\(av, ar\)\), got "
+                                            "ActivationVerbalizer"):
+        nl.explain(nla.av, base, "the cat")
+    with pytest.raises(nl.BackendError, match=r"got str; check the order of the arguments, and load a model folder "
+                                              r"first: nl\.load_base\(path\)"):
+        nla.explain(str(tiny_paths["av_karvonen"]), "the cat")
+
+
 def test_a_base_without_a_tokenizer_is_told_a_fix_that_exists(base, nla, monkeypatch):
     """explain has no tokenizer= argument (it went on to verbalize as a TypeError); the message says what works."""
     monkeypatch.setattr(base, "tokenizer", None)

@@ -160,6 +160,22 @@ def test_bad_vectors_raise_vector_error(av_karvonen, bad, match):
         av_karvonen.verbalize(bad, max_new_tokens=2, progress=False)
 
 
+@pytest.mark.parametrize(
+    ("bad", "fix"),
+    [
+        (np.ones((2, 64), dtype=np.float32), "torch.as_tensor(vectors, dtype=torch.float32)"),
+        ([torch.randn(64), torch.randn(64)], "torch.stack(vectors)"),
+        ("vectors.safetensors", "safetensors.torch.load_file(path)['vectors']"),
+        ({"vectors": torch.randn(2, 64)}, "loaded['vectors']"),
+    ],
+)
+def test_a_non_tensor_is_told_how_to_become_one(av_karvonen, bad, fix):
+    """A NumPy array, a list of rows, a file name or a loaded safetensors dict got only "must be a torch.Tensor"."""
+    with pytest.raises(nl.VectorError, match="must be a torch.Tensor") as raised:
+        av_karvonen.verbalize(bad, max_new_tokens=2, progress=False)
+    assert fix in str(raised.value)
+
+
 def test_bad_generation_settings_raise_input_error(av_karvonen, vectors):
     for kwargs in ({"temperature": -1.0}, {"temperature": float("inf")}, {"temperature": float("nan")},
                    {"top_p": 0.0}, {"max_new_tokens": 0}, {"batch_size": 0}):

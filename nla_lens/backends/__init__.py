@@ -34,7 +34,7 @@ from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
 from nla_lens.checks import resolve_device, resolve_dtype
-from nla_lens.errors import BackendError
+from nla_lens.errors import BackendError, InputError
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
@@ -94,6 +94,9 @@ def load_model(folder: str | Path, tokenizer: PreTrainedTokenizerBase, *, backen
     neither final norm nor unembed, so `model(tokens)` returns the residual after the last block.
     `dtype` may be a name ("bfloat16"), `folder` a string (as `loading.load_tokenizer` takes it)."""
     folder, dtype, device = Path(folder), resolve_dtype(dtype), resolve_device(device)
+    if not isinstance(tokenizer, PreTrainedTokenizerBase):  # None or the folder again: an AttributeError deep inside
+        raise InputError(f"tokenizer must be a loaded tokenizer, got {type(tokenizer).__name__}; pass "
+                         "loading.load_tokenizer(folder)")
     module = resolve(backend)
     with _no_hf_progress_bars():  # library calls stay quiet; transformers shows one bar per from_pretrained
         return module.load_model(folder, tokenizer, dtype=dtype, device=device, n_layers=n_layers,
@@ -120,9 +123,11 @@ def backend_of(model: TLModel) -> str:
         return "hooked"
     if "TransformerBridge" in names:
         return "bridge"
+    hint = "check the order of the arguments"
+    if isinstance(model, (str, os.PathLike)):  # a folder where the loaded model goes
+        hint += ", and load a model folder first: nl.load_base(path)"
     raise BackendError(
-        f"expected a TransformerLens model (HookedTransformer or TransformerBridge), got {type(model).__name__}; "
-        "check the order of the arguments"
+        f"expected a TransformerLens model (HookedTransformer or TransformerBridge), got {type(model).__name__}; {hint}"
     )
 
 
