@@ -314,10 +314,13 @@ def activation_at(model: TLModel, tokens: Int[Tensor, "batch pos"], hook_name: s
 
     Read from the hook rather than from what `stop_at_layer` returns: for the last block HookedTransformer
     returns the residual but the bridge, which stops only in front of an existing block, runs on and
-    returns logits.
+    returns logits. Without `attention_mask`, leading pads are masked on both backends, as HookedTransformer
+    does itself (the bridge would attend to them).
     """
     block = re.match(r"blocks\.(\d+)\.", hook_name)
     stop = None if block is None else int(block[1]) + 1
+    if attention_mask is None:
+        attention_mask = backends.implicit_attention_mask(model, tokens)
     kept: list[Tensor] = []
     backends.run_with_hooks(model, tokens, attention_mask=attention_mask, stop_at_layer=stop,
                             fwd_hooks=[(hook_name, lambda activation, hook: kept.append(activation))])

@@ -59,8 +59,9 @@ _TABLE_TOP_K = 3  # next tokens per site in the table; next_tokens(k) gives more
 
 
 def site_steering_hook(directions: Float[Tensor, "n d_model"], rows: Int[Tensor, " n"], cols: Int[Tensor, " n"],
-                       token_shape: tuple[int, int], alpha: float, mode: Mode) -> HookFn:
-    """A TL hook for `blocks.K.hook_resid_post` that steers residual `(rows[i], cols[i])` along `directions[i]`.
+                       token_shape: tuple[int, int], alpha: float, mode: Mode, hook_name: str) -> HookFn:
+    """A TL hook for `hook_name` (`blocks.K.hook_resid_post`) that steers residual `(rows[i], cols[i])` along
+    `directions[i]`. Errors name `hook_name`, not `hook.name`: the bridge reports its own (`blocks.K.hook_out`).
 
     add: ``h + alpha * ||h|| * d / ||d||``; replace: ``h + alpha * (||h|| * d / ||d|| - h)``; ``||h||`` is
     the residual as it reaches the hook (after any hook added before this one). Computed in float32 and
@@ -78,7 +79,7 @@ def site_steering_hook(directions: Float[Tensor, "n d_model"], rows: Int[Tensor,
             return None
         if n != batch or pos < width:
             raise InputError(
-                f"{hook.name}: this steering was built for tokens of shape {[batch, width]} but the run has "
+                f"{hook_name}: this steering was built for tokens of shape {[batch, width]} but the run has "
                 f"[batch, pos] = {[n, pos]}; run the tokens you passed to steer_with_words (generate may "
                 "append tokens), or call steer_with_words again for these"
             )
@@ -130,7 +131,7 @@ class WordSteering(TabularResult):
             check_finite(alpha=alpha)
         scale = self.alpha if alpha is None else float(alpha)
         return [(self.hook_name, site_steering_hook(directions, self.rows, self.positions, self.token_shape,
-                                                    scale, self.mode))]
+                                                    scale, self.mode, self.hook_name))]
 
     def next_tokens(self, k: int = 5) -> list[dict[str, Any]]:
         """Per site: the top-k next tokens without and with steering, and KL(clean || steered) in nats."""
@@ -424,7 +425,7 @@ def _continuations(base: TLModel, tokens: Tensor, real: Tensor, result: WordStee
         shifted = torch.searchsorted(keep.cpu(), result.positions[mine])  # columns within the unpadded row
         directions = (result.delta if result.mode == "add" else result.target)[mine]
         hook = site_steering_hook(directions, torch.zeros_like(shifted), shifted, (1, ids.shape[1]),
-                                  result.alpha, result.mode)
+                                  result.alpha, result.mode, result.hook_name)
         pair = []
         for fwd_hooks in ([], [(result.hook_name, hook)]):
             grown = ids

@@ -10,6 +10,7 @@ import shutil
 
 import pytest
 import torch
+from base_batches import no_hooks_left
 from safetensors.torch import load_file, save_file
 
 import hf_reference as ref
@@ -147,6 +148,7 @@ def test_a_kv_cache_that_stays_empty_is_an_error_not_wrong_text(av_karvonen, vec
     monkeypatch.setattr(AttentionBridge, "_update_kv_cache", lambda self, k, v, **kwargs: (k, v))
     with pytest.raises(nl.BackendError, match="KV cache holds 0 positions"):
         av_karvonen.verbalize(vectors, max_new_tokens=MAX_NEW, progress=False)
+    assert no_hooks_left(av_karvonen.model)  # the failing prefill took its injection hook with it
 
 
 @pytest.mark.skipif(backends.transformer_lens_major() >= 4, reason="both backends exist on 3.x only")

@@ -173,6 +173,15 @@ def test_resid_post_is_the_hooked_residual_at_every_layer_the_last_included(base
     assert torch.equal(resid_post(base, tokens, layer, attention_mask=mask), cache[name])
 
 
+def test_resid_post_of_left_padded_tokens_without_a_mask_masks_the_pads_on_both_backends(base):
+    """HookedTransformer masks a left-padded tensor's leading pads itself; the bridge attended to them, so
+    resid_post's real positions moved by up to 8.2 on the bridge (tiny model) without a word."""
+    tokens, mask = padded(base, "left")
+    real = mask.bool()
+    unmasked = resid_post(base, tokens, LAYER)
+    assert (unmasked - resid_post(base, tokens, LAYER, attention_mask=mask))[real].abs().max() < 1e-6
+
+
 def test_hooks_removed_after_an_exception_inside_the_context(base):
     tokens, mask = padded(base, "left")
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import NEEDS_TL3
 
 import hf_reference as ref
 import nla_lens as nl
@@ -219,13 +218,13 @@ def test_embedding_replacement_at_block_0_resid_pre_equals_hook_embed(av_embeddi
     assert torch.equal(logits, expected)
 
 
-@NEEDS_TL3
 @pytest.mark.parametrize("kv_cache", [True, False])
 @pytest.mark.parametrize("method", ["karvonen", "embedding"])
 def test_the_injection_installed_around_tl_generate_gives_verbalize_tokens(method, kv_cache, request, vectors):
     """README: `model.hooks(fwd_hooks=inj.fwd_hooks())` around TL's `generate`. TL 3.x's generate embeds
     outside its forward (`hook_embed` never fires), so the embedding replacement is also written at block
-    0's input; without that second write every row ran without its vector and came out alike."""
+    0's input; without that second write every row ran without its vector and came out alike. The README
+    claims this on both backends, so it runs on the bridge (TL 4.3's `generate`) too."""
     av = request.getfixturevalue(f"av_{method}")
     generated = _generate_under_injection(av, vectors, 6, kv_cache)
     _assert_verbalize_gives(av, vectors, 6, generated)
@@ -237,7 +236,6 @@ def test_the_injection_installed_around_tl_generate_gives_verbalize_tokens(metho
     assert torch.equal(with_both, av.model.run_with_hooks(tokens, fwd_hooks=injection.site_hooks()))
 
 
-@NEEDS_TL3
 @pytest.mark.parametrize("family", ["gemma_av", "llama_av", "qwen2_av"])
 def test_a_released_family_av_under_tl_generate_gives_verbalize_tokens(family, bos_paths):
     """The paper's AVs (embedding replacement; Gemma's after its sqrt(d) scale, which `hook_embed`

@@ -30,6 +30,21 @@ def test_reconstruct_matches_hf_truncated_model_and_readout(request, tiny_paths,
     assert (ar.reconstruct(TEXTS, batch_size=2) - expected).abs().max() < 1e-5
 
 
+def test_reconstruct_under_a_head_ablation_matches_hf_on_every_backend(ar_paper, tiny_paths):
+    """README: `ar.reconstruct` runs under the AR model's hooks (here `attn.hook_z`, HF: o_proj's input)."""
+    d_head = ar_paper.model.cfg.d_head
+
+    def zero_head(z, hook):
+        z[:, :, 2] = 0.0
+
+    with ar_paper.model.hooks(fwd_hooks=[("blocks.0.attn.hook_z", zero_head)]):
+        got = ar_paper.reconstruct(TEXTS, batch_size=2)
+    expected = ref.ar_reconstruct(tiny_paths["ar_paper"], TEXTS,
+                                  hooks=lambda hf: ref.head_ablation_hook(hf, 0, 2, d_head))
+    assert (got - expected).abs().max() < 1e-5
+    assert (got - ar_paper.reconstruct(TEXTS)).abs().max() > 1e-2  # the ablation matters
+
+
 def test_ar_readout_of_last_token_residual_matches_reference(ar_paper, tiny_paths):
     tokens, mask = ar_paper.prompt_tokens(TEXTS[:1])
     resid = ar_paper.model(tokens, attention_mask=mask)

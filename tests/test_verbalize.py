@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import numpy as np
@@ -15,9 +16,10 @@ from nla_lens.sidecar import InjectionSpec
 MAX_NEW = 12
 
 
-def hf_generate(folder, vectors, *, steer=None, steer_layer=2, steer_first=False):
+def hf_generate(folder, vectors, *, steer=None, steer_layer=2, steer_first=False, edit=None):
     """HF greedy generate with the training-time injection hook (and an optional steering hook on the
-    output of decoder layer `steer_layer`, run before the injection's hook if `steer_first`)."""
+    output of decoder layer `steer_layer`, run before the injection's hook if `steer_first`; `edit(hf)`:
+    one more torch-hook context)."""
     hf, tok = ref.load_hf(folder)
     meta = ref.sidecar(folder)
     ids = torch.tensor([ref.av_prompt(tok, meta)] * len(vectors))
@@ -29,7 +31,7 @@ def hf_generate(folder, vectors, *, steer=None, steer_layer=2, steer_first=False
     steering = ref.layer_output_hook(hf, steer_layer, steer or (lambda h: h))
     first, second = (steering, inject) if steer_first else (inject, steering)  # torch hooks run in that order
     eos = hf.generation_config.eos_token_id
-    with torch.no_grad(), first, second:
+    with torch.no_grad(), first, second, edit(hf) if edit else contextlib.nullcontext():
         out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_NEW, do_sample=False,
                           eos_token_id=eos, pad_token_id=tok.pad_token_id)
     eos_ids = {eos} if isinstance(eos, int) else set(eos)
@@ -68,6 +70,27 @@ def test_user_steering_hook_is_honoured_in_prefill_and_decode(av_karvonen, tiny_
     plain = av_karvonen.verbalize(vectors, max_new_tokens=MAX_NEW, progress=False)
     assert [o.tokens for o in steered] == expected
     assert [o.tokens for o in steered] != [o.tokens for o in plain]
+
+
+@pytest.mark.parametrize("edit", ["ablate_head_z", "scale_mlp_post"])
+def test_head_ablation_and_mlp_edits_are_honoured_on_every_backend(av_karvonen, tiny_paths, vectors, edit):
+    """README's `verbalize` under `model.hooks(...)` at `attn.hook_z` / `mlp.hook_post`: HF `generate` with the
+    equivalent torch hook gives the same tokens (test_fast_hooks pins the hooked fast path; this runs on both)."""
+    d_head, d_mlp = av_karvonen.model.cfg.d_head, av_karvonen.model.cfg.d_mlp
+    scale = 1.0 + torch.rand(d_mlp, generator=torch.Generator().manual_seed(3))
+
+    def zero_head(z, hook):
+        z[:, :, 2] = 0.0
+
+    tl_hook, hf_edit = {
+        "ablate_head_z": (("blocks.1.attn.hook_z", zero_head), lambda hf: ref.head_ablation_hook(hf, 1, 2, d_head)),
+        "scale_mlp_post": (("blocks.2.mlp.hook_post", lambda a, hook: a * scale),
+                           lambda hf: ref.mlp_post_hook(hf, 2, lambda a: a * scale)),
+    }[edit]
+    with av_karvonen.model.hooks(fwd_hooks=[tl_hook]):
+        edited = [o.tokens for o in av_karvonen.verbalize(vectors, max_new_tokens=MAX_NEW, progress=False)]
+    assert edited == hf_generate(tiny_paths["av_karvonen"], vectors, edit=hf_edit)
+    assert edited != [o.tokens for o in av_karvonen.verbalize(vectors, max_new_tokens=MAX_NEW, progress=False)]
 
 
 def test_steering_only_in_decode_steps_changes_later_tokens(av_karvonen, vectors):
