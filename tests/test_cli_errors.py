@@ -493,7 +493,8 @@ def _extraction(folder: Path, raw: dict, layer: int) -> Path:
     raw = {**raw, "extraction": {**raw["extraction"], "layer_index": layer}}
     (folder / "shards").mkdir(parents=True)
     (folder / "nla_meta.yaml").write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
-    save_file({"vectors": torch.randn(3, 64), "positions": torch.arange(3)}, folder / "shards" / "acts-00000.safetensors")
+    shard = folder / "shards" / "acts-00000.safetensors"
+    save_file({"vectors": torch.randn(3, 64), "positions": torch.arange(3)}, shard)
     return folder
 
 
