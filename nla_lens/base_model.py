@@ -16,7 +16,7 @@ import torch
 
 from nla_lens import backends, loading, toy
 from nla_lens.errors import CheckpointError, InputError
-from nla_lens.nla import NLA
+from nla_lens.nla import NLA, splits_text_alike
 from nla_lens.reconstructor import ActivationReconstructor
 from nla_lens.sidecar import NLAMeta
 from nla_lens.verbalizer import ActivationVerbalizer
@@ -64,6 +64,11 @@ def check_base_model(base: TLModel, nla_or_av: NLA | ActivationVerbalizer, layer
     if layer is not None and base.cfg.n_layers <= layer:
         raise InputError(f"the base model has {base.cfg.n_layers} blocks, but this NLA reads layer {layer}; "
                          "pass the base model the NLA was trained on")
+    if base.tokenizer is not None and not splits_text_alike(base.tokenizer, av.tokenizer):
+        raise InputError(f"the base model's tokenizer splits text differently from the NLA's (vocabularies of "
+                         f"{len(base.tokenizer)} and {len(av.tokenizer)} tokens): it is another base, whose "
+                         "activations the NLA was not trained to read. Pass the base model the NLA was trained on "
+                         "(nl.load_base(nla) loads the one its sidecar names)")
     if base is av.model:
         warnings.warn("the base model given is the AV's own model, a fine-tuned copy: its activations are not the "
                       "ones the NLA was trained to read. Pass the base model (nl.load_base(nla))", stacklevel=3)

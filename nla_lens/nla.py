@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from jaxtyping import Float
 from torch import Tensor
+from transformers import PreTrainedTokenizerBase
 
 from nla_lens import loading, metrics
 from nla_lens.checks import check_counts, check_keywords
@@ -39,6 +40,28 @@ def check_pair(av_meta: NLAMeta, ar_meta: NLAMeta) -> None:
                 f"AV and AR disagree on {name} ({getattr(av_meta, name)} vs "
                 f"{getattr(ar_meta, name)}): load the AR trained with this AV"
             )
+
+
+# Explanation-like text with words, digits, punctuation, casing and spacing: any two tokenizers of
+# different bases split it differently, while an added special token (a new marker) leaves it alone.
+_SPLIT_PROBE = "The speaker, ANTONIO, asks whether 3 sailors can't hear him:  'Boatswain!' (twice)."
+
+
+def splits_text_alike(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase) -> bool:
+    """Whether two tokenizers give one probe text the same ids: those of one base do; a mixed pair or a
+    base of another family (same width and depth) does not, and would run without an error on ids that
+    mean other words."""
+    return bool(a(_SPLIT_PROBE, add_special_tokens=False).input_ids
+                == b(_SPLIT_PROBE, add_special_tokens=False).input_ids)
+
+
+def _check_tokenizers_pair(av: ActivationVerbalizer, ar: ActivationReconstructor) -> None:
+    """The AR reads the text the AV writes: from another base's tokenizer its ids would be other words."""
+    if not splits_text_alike(av.tokenizer, ar.tokenizer):
+        raise PairMismatchError(
+            f"the AV's and the AR's tokenizers split text differently (the AV's vocabulary has "
+            f"{len(av.tokenizer)} tokens, the AR's {len(ar.tokenizer)}): they are copies of different bases; "
+            "load the AR trained with this AV")
 
 
 def _warn_if_stages_differ(av_meta: NLAMeta, ar_meta: NLAMeta) -> None:
@@ -184,6 +207,7 @@ class NLA:
             raise InputError(f"NLA(av, ar) takes an ActivationVerbalizer and an ActivationReconstructor, got "
                              f"{type(av).__name__} and {type(ar).__name__}")
         check_pair(av.meta, ar.meta)
+        _check_tokenizers_pair(av, ar)
         _warn_if_stages_differ(av.meta, ar.meta)
         _warn_if_bases_differ(av.meta, ar.meta)
         self.av = av

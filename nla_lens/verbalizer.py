@@ -22,7 +22,15 @@ from nla_lens.injection import BLOCK_0_INPUT, Injection, check_vectors
 from nla_lens.markers import find_marker_sites
 from nla_lens.parsing import injection_warning, parse_explanation
 from nla_lens.results import TabularResult
-from nla_lens.sidecar import InjectionSpec, NLAMeta, av_prompt_ids, check_role_template, check_tokenizer, load_meta
+from nla_lens.sidecar import (
+    DEFAULT_HOOK_POINT,
+    InjectionSpec,
+    NLAMeta,
+    av_prompt_ids,
+    check_role_template,
+    check_tokenizer,
+    load_meta,
+)
 
 if TYPE_CHECKING:
     from nla_lens.backends import TLModel
@@ -269,7 +277,13 @@ def _injection_spec(meta: NLAMeta, injection: InjectionSpec | str | None,
     if isinstance(injection, InjectionSpec):
         return injection if hook_point is None else InjectionSpec(injection.method, hook_point)
     if isinstance(injection, str):
+        if injection not in DEFAULT_HOOK_POINT:  # the user's argument, not the sidecar's: an InputError
+            raise InputError(f"injection={injection!r} is no injection method; pass one of "
+                             f"{sorted(DEFAULT_HOOK_POINT)}, an InjectionSpec, or None for the sidecar's")
         return InjectionSpec.of(injection, hook_point)
+    if injection is not None:
+        raise InputError(f"injection must be a method name ({sorted(DEFAULT_HOOK_POINT)}), an InjectionSpec, or None "
+                         f"for the sidecar's; got {type(injection).__name__}")
     if meta.injection is None:
         raise SidecarError(
             "the sidecar does not say how vectors were injected (no injection block, no "

@@ -507,3 +507,25 @@ def test_a_base_model_of_another_width_is_refused_before_it_runs(nla, run, monke
     }
     with pytest.raises(nl.InputError, match=f"the base model has d_model=128 but this NLA reads {D_MODEL}-d vectors"):
         calls[run]()
+
+
+@pytest.mark.parametrize("run", ["steer_then_verbalize", "patching_study", "explain", "steer_with_words"])
+def test_a_base_model_of_another_family_and_the_same_shape_is_refused_before_it_runs(nla, bos_paths, run,
+                                                                                     monkeypatch):
+    """A Gemma base of the tiny NLA's width and depth passed every check, and its activations were explained
+    as if they were the Qwen base's."""
+    with pytest.warns(UserWarning, match="is an AV checkpoint"):  # a stand-in base: the Gemma AV's weights
+        other = nl.load_base(bos_paths["gemma_av"])
+    assert (other.cfg.d_model, other.cfg.n_layers) == (D_MODEL, nla.av.model.cfg.n_layers)
+    monkeypatch.setattr(other, "run_with_hooks", lambda *a, **k: pytest.fail("ran the base"))
+    monkeypatch.setattr(other, "forward", lambda *a, **k: pytest.fail("ran the base"))
+    tokens = other.to_tokens(["The cat sat on the mat."])
+    calls = {
+        "steer_then_verbalize": lambda: nl.steer_then_verbalize(other, nla, tokens, steering_vector=torch.ones(64),
+                                                                scale=1.0, steer_layer=0),
+        "patching_study": lambda: nl.patching_study(other, nla, tokens, tokens, patch_layer=0, patch_position=0),
+        "explain": lambda: nla.explain(other, "The cat sat on the mat."),
+        "steer_with_words": lambda: nl.steer_with_words(nla, other, tokens, -1, edit="a dog"),
+    }
+    with pytest.raises(nl.InputError, match="the base model's tokenizer splits text differently from the NLA's"):
+        calls[run]()

@@ -356,6 +356,17 @@ def test_user_override_of_the_injection_method(tiny_paths):
     assert av.injection_spec == nl.InjectionSpec("karvonen", "blocks.1.hook_resid_post")
 
 
+@pytest.mark.parametrize("injection, match", [
+    ("telepathy", r"^injection='telepathy' is no injection method; pass one of \['embedding', 'karvonen'\]"),
+    (1, "^injection must be a method name .*got int$"),  # it was ignored: the sidecar's method ran
+])
+def test_a_bad_injection_argument_is_an_input_error_before_the_weights(tiny_paths, monkeypatch, injection, match):
+    """The caller's typo was a SidecarError, which sent them to a sidecar that is fine."""
+    monkeypatch.setattr(backends, "load_model", lambda *a, **k: pytest.fail("weights read"))
+    with pytest.raises(nl.InputError, match=match):
+        nl.ActivationVerbalizer.from_pretrained(tiny_paths["av_karvonen"], injection=injection)
+
+
 def test_a_hook_point_past_the_blocks_is_refused_before_the_weights(tiny_paths, monkeypatch):
     monkeypatch.setattr(backends, "load_model", lambda *a, **k: pytest.fail("weights read"))
     with pytest.raises(nl.InjectionError, match=r"names block 99, but .*config.json has 4 blocks \(0-3\)"):

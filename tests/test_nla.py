@@ -132,6 +132,15 @@ def test_pair_mismatch_is_refused(av_karvonen, tiny_paths, tmp_path):
         nl.NLA(av_karvonen, other)
 
 
+def test_an_ar_of_another_family_and_the_same_shape_is_refused(av_karvonen, bos_paths):
+    """A Gemma AR of the Qwen AV's width and layer passed `check_pair` (no base names to warn on) and read
+    the AV's text through another vocabulary."""
+    gemma_ar = nl.ActivationReconstructor.from_pretrained(bos_paths["gemma_ar"])
+    assert (gemma_ar.meta.d_model, gemma_ar.meta.layer) == (av_karvonen.meta.d_model, av_karvonen.meta.layer)
+    with pytest.raises(nl.PairMismatchError, match="the AV's and the AR's tokenizers split text differently"):
+        nl.NLA(av_karvonen, gemma_ar)
+
+
 def test_too_few_or_parallel_vectors_give_no_fve_and_a_warning(av_karvonen, ar_nanonla, vectors, monkeypatch):
     _fake_verbalize(av_karvonen, monkeypatch)
     nla = nl.NLA(av_karvonen, ar_nanonla)
