@@ -13,6 +13,7 @@ import torch
 
 from nla_lens import shard_store, sharded
 from nla_lens.checks import (
+    DTYPES,
     check_counts,
     check_input_file,
     check_output_path,
@@ -127,10 +128,9 @@ def _add_dtype_flag(parser: argparse.ArgumentParser) -> None:
 
 def _dtype_arg(value: str) -> torch.dtype:
     """Every name the library takes (`checks.DTYPES`), so `--dtype bf16` works as `dtype="bf16"` does."""
-    try:
-        return resolve_dtype(value)
-    except InputError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from exc
+    if value.lower().removeprefix("torch.") not in DTYPES:  # the library's message offers torch dtypes: no flag value
+        raise argparse.ArgumentTypeError(f"{value!r} is not a dtype nla_lens loads; pass one of {dtype_names()}")
+    return resolve_dtype(value)
 
 
 def _shard_ids(value: str) -> list[int]:

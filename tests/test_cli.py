@@ -150,7 +150,7 @@ def test_dtype_bf16_loads_in_bfloat16_and_a_bad_name_lists_the_good_ones(tiny_pa
     with pytest.raises(SystemExit) as info:
         main(["reconstruct", "--ar", ar, "--dtype", "bf17", "a cat"])
     assert info.value.code == 2
-    assert ("argument --dtype: dtype 'bf17' is not one nla_lens loads; pass a torch dtype or one of "
+    assert ("argument --dtype: 'bf17' is not a dtype nla_lens loads; pass one of "
             "float32/fp32/float, bfloat16/bf16, float16/fp16/half") in capsys.readouterr().err
 
 
