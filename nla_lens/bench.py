@@ -109,6 +109,9 @@ def run(plan: Plan, *, device: str = "cpu", out: Callable[[str], None] = print) 
     load = " ".join(f"{x:.1f}" for x in os.getloadavg())
     out(f"nla-lens bench: device {device}, torch {torch.__version__}, {torch.get_num_threads()} torch threads, "
         f"{os.cpu_count()} CPUs, load average {load} (speed ratios need an otherwise idle machine)")
+    if plan == QUICK:
+        out("--quick: tiny models, one repetition; a smoke run whose ratios measure per-call overhead, "
+            "not the targets (run without --quick for those)")
     root = Path(tempfile.mkdtemp(prefix="nla_lens_bench_"))
     try:
         memory = write_checkpoints(root / "memory", plan.memory, plan.ar_layer)

@@ -48,7 +48,7 @@ class GemmaShape:
                                                       + 2 * self.d_head)
 
     def describe(self) -> str:
-        return (f"{self.n_params() / 1e6:.0f}M params (d_model {self.d_model}, {self.n_layers} layers, 5 local : 1 "
+        return (f"{self.n_params() / 1e6:.1f}M params (d_model {self.d_model}, {self.n_layers} layers, 5 local : 1 "
                 f"global, window {self.sliding_window}, {self.n_heads}/{self.n_kv_heads} heads of {self.d_head}, "
                 f"d_mlp {self.d_mlp}, vocab {self.vocab}, tied embeddings "
                 f"{self.vocab * self.d_model / self.n_params():.1%} of the weights)")

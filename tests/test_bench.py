@@ -25,6 +25,8 @@ def test_quick_bench_prints_every_ratio(capsys):
     finally:
         torch.set_num_threads(threads)
     out = capsys.readouterr().out
+    assert "--quick: tiny models, one repetition; a smoke run whose ratios measure per-call overhead" in out
+    assert not re.search(r"\b0M params", out), out  # the tiny Gemma read "0M params"
     ratio = r"\d+\.\d+x"
     for loader in ("AV nla_lens", "AV HF from_pretrained", "AV TL from HF model", "AR nla_lens"):
         for dtype in ("bf16", "fp32"):
