@@ -193,3 +193,16 @@ def test_a_warning_during_a_progress_bar_prints_on_a_line_of_its_own(tiny_paths,
     # It was printed after the half-drawn bar, on its line: "verbalize:   0%| | 0/2 [...]nla-lens verbalize: ..."
     assert "nla-lens verbalize: warning: a warning mid-bar" in lines, lines
     assert warnings.showwarning is shown_before  # the CLI's printer is gone once the command returns
+
+
+def test_explain_prints_whitespace_tokens_visibly_as_the_views_do(tiny_paths, capsys):
+    from nla_lens.display import visible_token
+
+    av, ar = str(tiny_paths["av_karvonen"]), str(tiny_paths["ar_nanonla"])
+    assert main(["explain", "--av", av, "--ar", ar, "--base", av, "--text", "the  cat\n\tsat",
+                 "--max-new-tokens", "2"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line[:6].strip().isdigit()]
+    tokens = {int(line[:6]): line[8:22].rstrip() for line in rows}  # "  {pos:>4}  {token:<14} ..."
+    # The tiny tokenizer: t, he, " ", " cat", "\n", "\t", s, at. A lone space printed blank.
+    assert tokens == {0: "t", 1: "he", 2: "\u2423", 3: " cat", 4: "\u21b5", 5: "\\t", 6: "s", 7: "at"}
+    assert tokens[2] == visible_token(" ")  # the explained view's chip and the reprs draw it so
