@@ -11,6 +11,8 @@ import sys
 import warnings
 from collections.abc import Callable, Sequence
 
+from tqdm import tqdm
+
 from nla_lens import __version__
 from nla_lens.errors import InputError, NLAError
 
@@ -77,12 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one subcommand. Bad input exits 2 with the typed error's message, a failed file operation
-    (permissions, a full disk) exits 1 with the OS's message; library warnings print as one line each."""
+    (permissions, a full disk) exits 1 with the OS's message; library warnings print as one line each, on a line
+    of their own above any progress bar."""
     args = build_parser().parse_args(argv)
     prefix = f"nla-lens {args.command}"
 
     def show_warning(message: Warning | str, *_: object, **__: object) -> None:
-        print(f"{prefix}: warning: {message}", file=sys.stderr)
+        # tqdm.write clears the bars drawn on stderr, writes the line and redraws them; a print landed mid-bar.
+        tqdm.write(f"{prefix}: warning: {message}", file=sys.stderr)
 
     with warnings.catch_warnings():
         warnings.showwarning = show_warning

@@ -346,7 +346,7 @@ def _explain_texts(args: argparse.Namespace) -> list[str]:
 def _run_explain(args: argparse.Namespace) -> None:
     from nla_lens import backends, loading
     from nla_lens.base_model import load_base
-    from nla_lens.display import format_cell
+    from nla_lens.display import format_cell, visible_token
     from nla_lens.nla import NLA
     from nla_lens.results import check_save_path
 
@@ -372,7 +372,8 @@ def _run_explain(args: argparse.Namespace) -> None:
             said = row.explanation
             if said is None:
                 said = "(no <explanation> tags) " + row.verbalization.text
-            print(f"  {row.position:>4}  {format_cell(row.token, 14):<14} {format_cell(row.fve):>6} "
+            token = format_cell(visible_token(row.token), 14)  # a lone space as ␣, a newline as ↵: as the views
+            print(f"  {row.position:>4}  {token:<14} {format_cell(row.fve):>6} "
                   f"{format_cell(row.mse):>6}  {format_cell(said)}")
     print("\n" + explanation.summary())
     for warning in explanation.round_trip.warnings:

@@ -6,7 +6,7 @@ import numbers
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, SupportsIndex, overload
 
 import torch
 from jaxtyping import Float, Int
@@ -55,7 +55,7 @@ class Verbalization:
 
 
 class Verbalizations(TabularResult, list):
-    """What `verbalize` returns: a plain list of `Verbalization`s that also prints short, shows as a
+    """What `verbalize` returns: a list of `Verbalization`s (a slice is one too) that also prints short, shows as a
     table in a notebook, and has `to_pandas()` / `save()` (one row per vector)."""
 
     def to_records(self) -> list[dict[str, Any]]:
@@ -67,6 +67,17 @@ class Verbalizations(TabularResult, list):
         return f"{len(self)} verbalizations, {failed} failed to parse"
 
     display_columns = ("index", "explanation", "parsed")
+
+    @overload
+    def __getitem__(self, index: SupportsIndex) -> Verbalization: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Verbalizations: ...
+
+    def __getitem__(self, index: SupportsIndex | slice) -> Verbalization | Verbalizations:
+        """A slice stays a `Verbalizations` (list's own is a plain list), keeping the repr, `to_pandas()`, `save()`."""
+        got = super().__getitem__(index)
+        return Verbalizations(got) if isinstance(index, slice) else got
 
 
 class ActivationVerbalizer:

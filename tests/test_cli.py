@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import warnings
 
 import pytest
 import torch
@@ -160,3 +161,48 @@ def test_round_trip_help_names_the_baseline_the_job_uses():
     baseline = next(a for a in subcommands["round-trip"]._actions if a.dest == "baseline")
     assert "AR sidecar's held-out" in baseline.help
     assert ">= 32" in baseline.help
+
+
+def _screen(text: str) -> list[str]:
+    """Lines as a terminal draws them: a carriage return goes back to column 0 and overwrites."""
+    lines = []
+    for line in text.split("\n"):
+        shown = ""
+        for part in line.split("\r"):
+            shown = part + shown[len(part):]
+        lines.append(shown.rstrip())
+    return lines
+
+
+def test_a_warning_during_a_progress_bar_prints_on_a_line_of_its_own(tiny_paths, vectors, tmp_path, capsys,
+                                                                      monkeypatch):
+    generate = nl.ActivationVerbalizer._generate
+
+    def warn_then_generate(self, *args, **kwargs):  # as a torch or transformers warning in a forward would
+        warnings.warn("a warning mid-bar", UserWarning, stacklevel=1)
+        return generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(nl.ActivationVerbalizer, "_generate", warn_then_generate)
+    save_file({"vectors": vectors}, tmp_path / "v.safetensors")
+    shown_before = warnings.showwarning
+    assert main(["verbalize", "--av", str(tiny_paths["av_karvonen"]), "--input", str(tmp_path / "v.safetensors"),
+                 "--max-new-tokens", "2", "--batch-size", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "verbalize:" in err and "batch" in err  # the bar was drawn
+    lines = _screen(err)
+    # It was printed after the half-drawn bar, on its line: "verbalize:   0%| | 0/2 [...]nla-lens verbalize: ..."
+    assert "nla-lens verbalize: warning: a warning mid-bar" in lines, lines
+    assert warnings.showwarning is shown_before  # the CLI's printer is gone once the command returns
+
+
+def test_explain_prints_whitespace_tokens_visibly_as_the_views_do(tiny_paths, capsys):
+    from nla_lens.display import visible_token
+
+    av, ar = str(tiny_paths["av_karvonen"]), str(tiny_paths["ar_nanonla"])
+    assert main(["explain", "--av", av, "--ar", ar, "--base", av, "--text", "the  cat\n\tsat",
+                 "--max-new-tokens", "2"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line[:6].strip().isdigit()]
+    tokens = {int(line[:6]): line[8:22].rstrip() for line in rows}  # "  {pos:>4}  {token:<14} ..."
+    # The tiny tokenizer: t, he, " ", " cat", "\n", "\t", s, at. A lone space printed blank.
+    assert tokens == {0: "t", 1: "he", 2: "\u2423", 3: " cat", 4: "\u21b5", 5: "\\t", 6: "s", 7: "at"}
+    assert tokens[2] == visible_token(" ")  # the explained view's chip and the reprs draw it so

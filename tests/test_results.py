@@ -323,3 +323,19 @@ def test_a_real_explanation_escapes_model_text_in_its_view_and_repr(results):
     assert "&lt;script&gt;alert(1)&lt;/script&gt;&lt;/td&gt;&amp;amp;&quot;&#x27;\\x00\\u202e" in page
     assert not {"\x00", "\u202e"} & set(repr(poisoned))
     assert poisoned.to_pandas()["explanation"].tolist() == [said] * len(rows)  # the data keeps every character
+
+
+def test_a_slice_of_verbalizations_is_verbalizations_with_those_rows(tmp_path):
+    from nla_lens.verbalizer import Verbalization, Verbalizations
+
+    out = Verbalizations([Verbalization(f"<explanation>\n{w}\n</explanation>", w, [i]) for i, w in
+                          enumerate(["a", "b", "c"])] + [Verbalization("d untagged", None, [3, 4])])
+    head, tail = out[:2], out[-2::1]
+    assert type(head) is Verbalizations and type(tail) is Verbalizations  # was a plain list: no summary, no save
+    assert repr(head).startswith("Verbalizations: 2 verbalizations, 0 failed to parse")
+    assert tail.summary() == "2 verbalizations, 1 failed to parse"
+    assert [(r["explanation"], r["n_tokens"]) for r in tail.to_records()] == [("c", 1), (None, 2)]
+    assert tail.to_pandas()["text"].tolist() == ["<explanation>\nc\n</explanation>", "d untagged"]
+    assert pq.read_table(head.save(tmp_path / "head.parquet"))["text"].to_pylist() == [v.text for v in out[:2]]
+    assert out[1] is list.__getitem__(out, 1) and out[-1].explanation is None  # an index still gives one row
+    assert type(out[::-1]) is Verbalizations and [v.tokens for v in out[::-1]][0] == [3, 4]
