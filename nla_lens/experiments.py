@@ -16,6 +16,7 @@ import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+import pyarrow as pa
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
@@ -71,7 +72,10 @@ class SteeringResult(TabularResult):
 
     display_columns = ("batch", "position", "token", "clean", "steered", "added", "removed", "cosine",
                        "fve_clean", "fve_steered")
-    float_columns = ("cosine", "fve_clean", "fve_steered")
+    schema = pa.schema({"batch": pa.int64(), "position": pa.int64(), "token": pa.string(), "clean": pa.string(),
+                        "clean_parsed": pa.bool_(), "steered": pa.string(), "steered_parsed": pa.bool_(),
+                        "added": pa.list_(pa.string()), "removed": pa.list_(pa.string()), "cosine": pa.float64(),
+                        "fve_clean": pa.float64(), "fve_steered": pa.float64()})
 
     def to_records(self) -> list[dict[str, Any]]:
         return [{"batch": r.batch, "position": r.position, "token": r.token, "clean": _readout(r.clean),
@@ -110,7 +114,9 @@ class PatchingStudy(TabularResult):
     round_trip: RoundTrip | None  # over clean, corrupted, patched vectors; None without an AR
 
     display_columns = ("run", "batch", "position", "token", "explanation", "cosine_to_clean", "fve")
-    float_columns = ("cosine_to_clean", "fve")
+    schema = pa.schema({"run": pa.string(), "batch": pa.int64(), "position": pa.int64(), "token": pa.string(),
+                        "explanation": pa.string(), "parsed": pa.bool_(), "cosine_to_clean": pa.float64(),
+                        "fve": pa.float64()})
 
     def to_records(self) -> list[dict[str, Any]]:
         return [{"run": r.run, "batch": r.batch, "position": r.position, "token": r.token,
@@ -130,7 +136,7 @@ class DirectionVerbalization(TabularResult):
     verbalizations: list[Verbalization]
 
     display_columns = ("index", "explanation", "norm")
-    float_columns = ("norm",)
+    schema = pa.schema({"index": pa.int64(), "explanation": pa.string(), "parsed": pa.bool_(), "norm": pa.float64()})
 
     @property
     def explanations(self) -> list[str | None]:

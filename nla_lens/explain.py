@@ -14,6 +14,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import pyarrow as pa
 import torch
 from jaxtyping import Float
 from torch import Tensor
@@ -64,7 +65,10 @@ class Explanation(TabularResult):
     model_name: str | None = None
 
     display_columns = ("text_index", "position", "token", "explanation", "parsed", "fve", "mse")
-    float_columns = ("mse", "fve", "baseline")
+    schema = pa.schema({"text_index": pa.int64(), "position": pa.int64(), "token": pa.string(),
+                        "explanation": pa.string(), "parsed": pa.bool_(), "text": pa.string(), "mse": pa.float64(),
+                        "fve": pa.float64(), "baseline": pa.float64(), "baseline_source": pa.string(),
+                        "layer": pa.int64()})
 
     @property
     def hook_name(self) -> str:

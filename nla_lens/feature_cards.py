@@ -12,6 +12,7 @@ from collections import Counter
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
+import pyarrow as pa
 import torch
 
 from nla_lens import display
@@ -69,9 +70,9 @@ class FeatureCard(TabularResult):
     explained_contexts: bool = False  # each context carries the AV's explanation of its own residual
 
     display_columns = ("text", "position", "token", "activation", "context")
-    columns = ("feature", "text", "position", "token", "activation", "context", "context_explanation", "explanation",
-               "cosine")  # a feature that never fires in the texts has no contexts
-    float_columns = ("activation", "cosine")
+    schema = pa.schema({"feature": pa.int64(), "text": pa.int64(), "position": pa.int64(), "token": pa.string(),
+                        "activation": pa.float64(), "context": pa.string(), "context_explanation": pa.string(),
+                        "explanation": pa.string(), "cosine": pa.float64()})
 
     @property
     def explanation(self) -> str | None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import pyarrow as pa
 import torch
 from jaxtyping import Float
 from torch import Tensor
@@ -160,7 +161,8 @@ class RoundTrip(TabularResult):
     baseline_n: int | None = None  # vectors behind a sidecar or paper baseline
 
     display_columns = ("index", "explanation", "parsed", "mse", "fve")
-    float_columns = ("mse", "fve")
+    schema = pa.schema({"index": pa.int64(), "explanation": pa.string(), "parsed": pa.bool_(), "text": pa.string(),
+                        "mse": pa.float64(), "fve": pa.float64()})
 
     @property
     def explanations(self) -> list[str | None]:

@@ -1,15 +1,17 @@
 """Results that print short, show as a table in a notebook, and leave as a DataFrame or a file.
 
-A result type mixes in [`TabularResult`][nla_lens.results.TabularResult] and writes two methods:
+A result type mixes in [`TabularResult`][nla_lens.results.TabularResult], writes two methods and declares its
+columns:
 
 * ``to_records()``: one flat ``dict`` per row (str / int / float / bool / None, or a list of str);
-* ``summary()``: one line that says what the result holds (counts, FVE, the baseline used).
+* ``summary()``: one line that says what the result holds (counts, FVE, the baseline used);
+* ``schema``: every column of the rows and its arrow type, so that an empty result, or a column that is None in
+  every row (no baseline, every parse failed), keeps the columns and types of any other run's table.
 
 It then has ``to_pandas()``, ``save(path)`` (``.parquet``, ``.jsonl``, or ``.html`` for the notebook
 view as a standalone page), a short ``__repr__`` (the summary and the first rows, never a tensor) and
 ``_repr_html_`` (the summary and an HTML table, from [`nla_lens.display`][nla_lens.display]). A result with a richer
-view (tokens coloured by FVE) overrides ``_repr_html_``; one that can hold no rows names its ``columns``, which
-its empty DataFrame and files keep. Tensors stay attributes. Dataclass results
+view (tokens coloured by FVE) overrides ``_repr_html_``. Tensors stay attributes. Dataclass results
 are declared with ``repr=False`` so that the mixin's ``__repr__`` is the one Python uses, and those holding
 tensors with ``eq=False``: a generated ``==`` compares the tensors and raises.
 """
@@ -40,10 +42,9 @@ class TabularResult:
 
     #: Columns shown by ``repr`` and ``_repr_html_`` (all columns when None), in this order.
     display_columns: ClassVar[tuple[str, ...] | None] = None
-    #: Every column of the rows, in order, for a result that can have none (its DataFrame and files keep them).
-    columns: ClassVar[tuple[str, ...] | None] = None
-    #: Float columns: float64 in the DataFrame and the files even when every row holds None (no baseline, no AR).
-    float_columns: ClassVar[tuple[str, ...]] = ()
+    #: Every column the rows can have, in order, with its arrow type (None: inferred from the rows). The files keep
+    #: these types, and an empty result these columns, where rows alone would give no column or arrow's null type.
+    schema: ClassVar[pa.Schema | None] = None
 
     def to_records(self) -> list[dict[str, Any]]:
         """One flat dict per row: what ``to_pandas`` and ``save`` write."""
@@ -58,8 +59,11 @@ class TabularResult:
         import pandas as pd
 
         records = self.to_records()
-        frame = pd.DataFrame.from_records(records, columns=list(records[0] if records else self.columns or ()))
-        return frame.astype(dict.fromkeys([c for c in self.float_columns if c in frame.columns], "float64"))
+        if not records:  # the schema's columns, with their dtypes
+            return records_table(records, self.schema).to_pandas()
+        frame = pd.DataFrame.from_records(records)
+        floats = [f.name for f in self.schema or () if pa.types.is_floating(f.type) and f.name in frame.columns]
+        return frame.astype(dict.fromkeys(floats, "float64"))  # a score None in every row: float, not object
 
     def save(self, path: str | Path) -> Path:
         """Write the rows to ``.parquet`` or ``.jsonl``, or the notebook view to a self-contained ``.html`` page."""
@@ -68,7 +72,7 @@ class TabularResult:
             page = display.page(type(self).__name__, self._repr_html_())
             write_atomic(path, lambda tmp: tmp.write_text(page, encoding="utf-8"))
         else:
-            write_table(records_table(self.to_records(), self.columns, self.float_columns), path)
+            write_table(records_table(self.to_records(), self.schema), path)
         return path
 
     def __repr__(self) -> str:
@@ -101,17 +105,13 @@ def check_save_path(path: str | Path) -> Path:
     return path
 
 
-def records_table(records: list[dict[str, Any]], columns: Sequence[str] | None = None,
-                  float_columns: Sequence[str] = ()) -> pa.Table:
-    """Records as an arrow table; an empty result becomes an empty table of `columns`. `float_columns` that
-    hold only None are written as float64, not arrow's null type, which readers take for no number at all
-    (and which will not concatenate with a shard that has scores)."""
-    table = pa.Table.from_pylist(records) if records else pa.table({c: pa.nulls(0) for c in columns or ()})
-    for name in float_columns:
-        i = table.schema.get_field_index(name)
-        if i >= 0 and pa.types.is_null(table.schema.field(i).type):
-            table = table.set_column(i, name, table.column(i).cast(pa.float64()))
-    return table
+def records_table(records: list[dict[str, Any]], schema: pa.Schema | None = None) -> pa.Table:
+    """Records as an arrow table with `schema`'s types for the columns the records have (every column of it when
+    there are no records). Inferred types give an empty result no columns and a column that is None in every row
+    arrow's null type, which readers take for no value at all and which will not concatenate with another run's."""
+    if schema is not None and records:
+        schema = pa.schema([schema.field(name) for name in records[0]])
+    return pa.Table.from_pylist(records, schema=schema)
 
 
 def _shown(record: dict[str, Any], column: str) -> Any:

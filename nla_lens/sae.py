@@ -27,6 +27,7 @@ from numbers import Integral
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
+import pyarrow as pa
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
@@ -204,7 +205,8 @@ class FeatureVerbalizations(TabularResult):
     reconstructions: Float[Tensor, "n d_model"] | None  # the AR's vectors; NaN rows where the parse failed
 
     display_columns = ("feature", "explanation", "parsed", "cosine")
-    float_columns = ("cosine",)
+    schema = pa.schema({"feature": pa.int64(), "explanation": pa.string(), "parsed": pa.bool_(), "text": pa.string(),
+                        "cosine": pa.float64(), "hook_name": pa.string(), "offset": pa.bool_()})
 
     @property
     def explanations(self) -> list[str | None]:

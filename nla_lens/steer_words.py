@@ -31,6 +31,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+import pyarrow as pa
 import torch
 from jaxtyping import Float, Int
 from safetensors.torch import save_file
@@ -122,7 +123,13 @@ class WordSteering(TabularResult):
     continuations: list[tuple[str, str]] | None = None  # (clean, steered) per row
 
     display_columns = ("batch", "position", "token", "explanation", "edited", "delta_norm", "steered_next", "kl")
-    float_columns = ("delta_norm", "alpha", "kl")
+    # clean_next .. kl only with compare=True, the continuations only with continue_tokens > 0
+    schema = pa.schema({"batch": pa.int64(), "position": pa.int64(), "token": pa.string(), "explanation": pa.string(),
+                        "edited": pa.string(), "samples": pa.int64(), "explanation_samples": pa.list_(pa.string()),
+                        "edited_samples": pa.list_(pa.string()), "delta_norm": pa.float64(), "hook_name": pa.string(),
+                        "mode": pa.string(), "alpha": pa.float64(), "clean_next": pa.string(),
+                        "steered_next": pa.string(), "kl": pa.float64(), "clean_continuation": pa.string(),
+                        "steered_continuation": pa.string()})
 
     def fwd_hooks(self, alpha: float | None = None) -> list[tuple[str, HookFn]]:
         """`[(blocks.K.hook_resid_post, hook)]` for `run_with_hooks` or `model.hooks(...)`; `alpha` overrides."""
@@ -261,7 +268,8 @@ class Difference(TabularResult):
     verbalizations: list[Verbalization]
 
     display_columns = ("index", "explanation", "parsed", "cos_a_b", "norm_a_minus_b")
-    float_columns = ("cos_a_b", "norm_a_minus_b")
+    schema = pa.schema({"index": pa.int64(), "explanation": pa.string(), "parsed": pa.bool_(), "text": pa.string(),
+                        "cos_a_b": pa.float64(), "norm_a_minus_b": pa.float64()})
 
     @property
     def explanations(self) -> list[str | None]:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, SupportsIndex, overload
 
+import pyarrow as pa
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
@@ -67,6 +68,8 @@ class Verbalizations(TabularResult, list):
         return f"{len(self)} verbalizations, {failed} failed to parse"
 
     display_columns = ("index", "explanation", "parsed")
+    schema = pa.schema({"index": pa.int64(), "explanation": pa.string(), "parsed": pa.bool_(), "text": pa.string(),
+                        "n_tokens": pa.int64()})
 
     @overload
     def __getitem__(self, index: SupportsIndex) -> Verbalization: ...

@@ -6,6 +6,7 @@ import copy
 import json
 
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -64,7 +65,7 @@ def test_records_pandas_parquet_and_jsonl_agree(results, kind, tmp_path):
     result = results[kind]
     records = result.to_records()
     assert records and all(isinstance(r, dict) and r.keys() == records[0].keys() for r in records)
-    assert result.columns is None or list(result.columns) == list(records[0])  # what an empty one keeps
+    assert list(result.schema.names) == list(records[0])  # what an empty one keeps
     frame = result.to_pandas()
     assert isinstance(frame, pd.DataFrame) and list(frame.columns) == list(records[0]) and len(frame) == len(records)
     assert pq.read_table(result.save(tmp_path / "out.parquet")).to_pylist() == records
@@ -72,9 +73,89 @@ def test_records_pandas_parquet_and_jsonl_agree(results, kind, tmp_path):
     assert [json.loads(line) for line in lines] == json.loads(json.dumps(records))
 
 
-def test_jsonl_writes_a_missing_number_as_null_not_nan(tmp_path):
-    import pyarrow as pa
+def toy_experiment_results() -> dict[str, nl.TabularResult]:
+    """The toy experiments' results, built directly (running the experiments takes minutes)."""
+    from nla_lens.toy.sae_experiment import FeatureRow, SAEExperimentConfig, SAEExperimentResult
+    from nla_lens.toy.steer_words_experiment import AlphaRow, SteerWordsExperiment
 
+    feature = FeatureRow(3, " the", 0.9, None, "The token", None, False, True, False, " a", False)
+    return {"sae_experiment": SAEExperimentResult(500, 40, 1, 0.0, 1.0, 0.0, 0.0, 0.1, 0.2, 0.0, 0.3, 9.5, 12.0,
+                                                  SAEExperimentConfig(), [feature]),
+            "steer_words_experiment": SteerWordsExperiment(10, 1, "random", "add", 0.5, 0.4,
+                                                           [AlphaRow(1.0, 0.6, 1.2, 0.0, 0.01, 0.9, 2.0)])}
+
+
+def emptied(kind: str, result: nl.TabularResult) -> nl.TabularResult:
+    """`result` with its rows taken away and everything else kept (the only route to an empty one for most
+    types: their calls refuse inputs that select nothing)."""
+    import dataclasses
+
+    from nla_lens.verbalizer import Verbalizations
+
+    replace = dataclasses.replace
+    if kind == "verbalizations":
+        return Verbalizations()
+    if kind in ("steering", "patching", "explanation", "sae_experiment", "steer_words_experiment"):
+        return replace(result, rows=[])
+    if kind == "round_trip":
+        return replace(result, verbalizations=[], mse=result.mse[:0], fves=result.fves[:0])
+    if kind == "direction":
+        return replace(result, vectors=result.vectors[:0], verbalizations=[])
+    if kind == "difference":
+        return replace(result, difference=result.difference[:0], cosine=result.cosine[:0], verbalizations=[])
+    if kind == "word_steering":
+        return replace(result, rows=result.rows[:0], positions=result.positions[:0], tokens_at=[], explanations=[],
+                       edited=[])
+    assert kind == "feature_verbalizations"
+    return replace(result, features=[], verbalizations=[], vectors=result.vectors[:0], cosines=result.cosines[:0],
+                   reconstructions=result.reconstructions[:0])
+
+
+@pytest.fixture(scope="module")
+def empty_results(results, base, nla) -> dict[str, tuple[nl.TabularResult, nl.TabularResult]]:
+    """(non-empty, empty) per result type; a feature card is empty by the public call (a feature that never
+    fires), the others by taking their rows away."""
+    pairs = {kind: (results[kind], emptied(kind, results[kind])) for kind in KINDS if kind != "feature_card"}
+    pairs |= {kind: (result, emptied(kind, result)) for kind, result in toy_experiment_results().items()}
+    if HAS_SAE_LENS:
+        sae = make_sae(D_MODEL, 16, f"blocks.{LAYER}.hook_resid_post")
+        with torch.no_grad():
+            sae.b_enc[9] = -1e6  # feature 9 is 0 everywhere
+        silent = nl.feature_card(sae, base, ["The cat sat on the mat."], 9, nla, k=3, progress=False, **FAST)
+        pairs["feature_card"] = (results["feature_card"], silent)
+    return pairs
+
+
+EMPTY_KINDS = KINDS + ["sae_experiment", "steer_words_experiment"]
+
+
+@pytest.mark.parametrize("kind", EMPTY_KINDS)
+def test_an_empty_result_keeps_the_columns_and_types_of_a_full_one(empty_results, kind, tmp_path):
+    """An empty result had no columns at all (a feature card: arrow's null type for all but its floats), and a
+    column that was None in every row (every parse failed) was null-typed: runs would not concatenate."""
+    full, empty = empty_results[kind]
+    assert full.to_records() and empty.to_records() == []
+    full_schema = pq.read_schema(full.save(tmp_path / "full.parquet"))
+    empty_schema = pq.read_schema(empty.save(tmp_path / "empty.parquet"))
+    assert empty_schema.remove_metadata() == full_schema.remove_metadata()
+    assert not [f.name for f in full_schema if pa.types.is_null(f.type)]
+    full_frame, empty_frame = full.to_pandas(), empty.to_pandas()
+    assert list(empty_frame.columns) == list(full_frame.columns) and empty_frame.empty
+    numeric = {c: str(t) for c, t in full_frame.dtypes.items() if t.kind in "biuf"}
+    assert {c: str(empty_frame.dtypes[c]) for c in numeric} == numeric
+    assert empty.save(tmp_path / "empty.jsonl").read_text(encoding="utf-8") == ""
+
+
+@pytest.mark.parametrize("kind", [kind for kind in EMPTY_KINDS if kind not in ("word_steering",
+                                                                                "steer_words_experiment")])
+def test_an_empty_result_prints_and_shows(empty_results, kind, tmp_path):
+    """(steer_with_words and the steer-words experiment refuse to return no rows.)"""
+    empty = empty_results[kind][1]
+    assert repr(empty).startswith(type(empty).__name__ + ": ")
+    assert empty.save(tmp_path / "empty.html").read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
+
+
+def test_jsonl_writes_a_missing_number_as_null_not_nan(tmp_path):
     from nla_lens.vector_files import write_table
 
     write_table(pa.table({"explanation": ["a", None], "mse": [0.5, float("nan")], "fve": [float("inf"), 0.2]}),

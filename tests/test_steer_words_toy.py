@@ -58,6 +58,7 @@ def test_the_measurement_is_a_table_like_every_result(measured, tmp_path):
 
 @pytest.mark.parametrize(("arguments", "message"), [({"frequent": 2}, "frequent must be >= 3"),
                                                      ({"n_sites": 0}, "n_sites must be >= 1"),
+                                                     ({"alphas": ()}, "alphas must name at least one"),
                                                      ({"choice": "best"}, "choice must be")])
 def test_arguments_that_leave_no_experiment_are_refused_before_the_toy_loads(arguments, message, tmp_path):
     with pytest.raises(nl.InputError, match=message):

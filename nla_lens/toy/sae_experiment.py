@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import pyarrow as pa
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
@@ -106,6 +107,10 @@ class SAEExperimentResult(TabularResult):
     rows: list[FeatureRow]
 
     display_columns = ("feature", "token", "purity", "named", "named_offset", "named_top_context", "explanation")
+    schema = pa.schema({"feature": pa.int64(), "token": pa.string(), "purity": pa.float64(), "explanation": pa.string(),
+                        "explanation_offset": pa.string(), "explanation_top_context": pa.string(),
+                        "named": pa.bool_(), "named_offset": pa.bool_(), "named_top_context": pa.bool_(),
+                        "control_token": pa.string(), "named_control": pa.bool_()})
 
     def to_records(self) -> list[dict[str, Any]]:
         return [asdict(r) for r in self.rows]

@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
+import pyarrow as pa
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
@@ -79,6 +80,11 @@ class SteerWordsExperiment(TabularResult):
 
     display_columns = ("alpha", "argmax_hit", "delta_logp", "control_argmax_hit", "control_delta_logp",
                        "oracle_argmax_hit")
+    schema = pa.schema({"alpha": pa.float64(), "argmax_hit": pa.float64(), "delta_logp": pa.float64(),
+                        "control_argmax_hit": pa.float64(), "control_delta_logp": pa.float64(),
+                        "oracle_argmax_hit": pa.float64(), "oracle_delta_logp": pa.float64(), "n_sites": pa.int64(),
+                        "samples": pa.int64(), "choice": pa.string(), "mode": pa.string(),
+                        "av_names_argmax": pa.float64(), "oracle_cosine": pa.float64()})
 
     def meets_target(self, hit: float = 0.5, control: float = 0.05, max_alpha: float = 2.0) -> bool:
         """Issue #16's bar: at some alpha <= 2, Z' is the argmax at >= 50% of sites, the control at <= 5%."""
@@ -113,6 +119,8 @@ def run_experiment(folder: Path = TOY_DIR, n_sites: int = 100, alphas: tuple[flo
         raise InputError(f"choice must be 'random' or 'plausible', got {choice!r}")
     if n_sites < 1:
         raise InputError(f"n_sites must be >= 1 (the experiment steers at that many held-out sites), got {n_sites}")
+    if not alphas:  # a table of no rows, after minutes of verbalizing
+        raise InputError("alphas must name at least one steering strength, e.g. (0.5, 1.0)")
     if frequent < 3:  # Z' excludes Z and the base's argmax: fewer than 3 candidates can leave none
         raise InputError(f"frequent must be >= 3 (Z' is drawn from that many frequent tokens, never Z and never "
                          f"the base model's argmax), got {frequent}")
