@@ -72,6 +72,9 @@ def resolve_positions(
                 f"{[batch, width]}; got {list(positions.shape)}"
             )
         rows, cols = positions.to(real.device).nonzero(as_tuple=True)
+        if rows.numel() == 0:  # else the experiments' later "no vectors given" names no mask
+            raise InputError("the boolean positions mask selects no token (every entry is False); set True at the "
+                             "real tokens to read")
     else:
         wanted = _per_row(positions, batch).to(real.device)
         last = last_real_positions(real)[:, None]

@@ -265,6 +265,18 @@ def test_steer_positions_on_padding_are_refused_before_either_run(base, nla, ste
                                 steer_positions=0, **FAST)  # column 0 is padding in the shorter rows
 
 
+def test_an_all_false_positions_mask_is_named_not_reported_as_no_vectors(base, nla, steer):
+    """It said "no vectors given: pass at least one [d_model] vector", which sent the user to the wrong argument."""
+    tokens, mask = padded(base, "left")
+    nothing = torch.zeros(tokens.shape, dtype=torch.bool)
+    message = r"the boolean positions mask selects no token \(every entry is False\)"
+    with pytest.raises(nl.InputError, match=message):
+        nl.steer_then_verbalize(base, nla, tokens, attention_mask=mask, steering_vector=steer, scale=1.0,
+                                steer_layer=LAYER, positions=nothing, **FAST)
+    with pytest.raises(nl.InputError, match=message):
+        nl.steer_with_words(nla, base, tokens, nothing, edit="a dog", attention_mask=mask)
+
+
 @pytest.mark.parametrize("use_nla", [True, False], ids=["nla", "av"])
 def test_a_keyword_verbalize_does_not_take_is_refused_before_any_base_run(base, nla, steer, monkeypatch, use_nla):
     """A typo in **verbalize_kwargs was a TypeError from verbalize, after every base-model run."""

@@ -450,6 +450,19 @@ def test_capture_on_hooked_sae_transformer_records_what_block_k_passes_on(toy):
 
 
 @NEEDS_SAE_LENS
+def test_an_sae_with_no_token_feature_is_a_typed_error_the_command_prints(monkeypatch, capsys):
+    """It was a bare RuntimeError: `python -m nla_lens.toy.sae_experiment` showed a traceback."""
+    from nla_lens.toy import sae_experiment
+
+    monkeypatch.setattr(sae_experiment, "token_features", lambda *a, **k: (0, []))
+    with pytest.raises(SystemExit) as info:
+        sae_experiment.main(["--training-tokens", "1024"])
+    assert info.value.code == 2
+    assert ("error: no live feature fires >= 80% on one token after 1024 training tokens: train the SAE longer "
+            "(--training-tokens, default 100000)") in capsys.readouterr().err
+
+
+@NEEDS_SAE_LENS
 def test_toy_sae_features_are_named_by_the_av_well_above_control():
     """The README's numbers: a real sae-lens training run on the toy base, then the AV on every token feature."""
     from nla_lens.toy.demo import TOY_DIR

@@ -215,7 +215,9 @@ def run_sae_experiment(folder: Path = TOY_DIR, cfg: SAEExperimentConfig | None =
     tokens = rows[:, MIN_CONTEXT:].flatten()
     n_live, found = token_features(acts, tokens, cfg.top_k, cfg.purity)
     if not found:
-        raise RuntimeError(f"no live feature fires >= {cfg.purity:.0%} on one token; train the SAE longer")
+        raise InputError(f"no live feature fires >= {cfg.purity:.0%} on one token after {cfg.training_tokens} "
+                         "training tokens: train the SAE longer (--training-tokens, default "
+                         f"{SAEExperimentConfig.training_tokens})")
     features = [f.feature for f in found]
     targets = [f.token for f in found]
     pairs = control_pairs(targets)
