@@ -49,8 +49,9 @@ def load_base(source: NLA | ActivationVerbalizer | ActivationReconstructor | NLA
 
 def check_base_model(base: TLModel, nla_or_av: NLA | ActivationVerbalizer, layer: int | None = None) -> None:
     """`base` can be the model the NLA reads: a TransformerLens model of the NLA's d_model (with a block
-    `layer`, if given). The AV's own model runs too, but it is fine-tuned: a warning, as for an AV folder.
-    The AR's model is refused, as an AR folder is: its first K+1 blocks run, fine-tuned, and look plausible."""
+    `layer`, if given) whose tokenizer, if it has one, splits text as the AV's does. The AV's own model runs
+    too, but it is fine-tuned: a warning, as for an AV folder. The AR's model is refused, as an AR folder is:
+    its first K+1 blocks run, fine-tuned, and look plausible."""
     av = nla_or_av.av if isinstance(nla_or_av, NLA) else nla_or_av
     backends.backend_of(base)
     if isinstance(nla_or_av, NLA) and base is nla_or_av.ar.model:

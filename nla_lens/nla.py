@@ -43,8 +43,10 @@ def check_pair(av_meta: NLAMeta, ar_meta: NLAMeta) -> None:
             )
 
 
-# Explanation-like text with words, digits, punctuation, casing and spacing: any two tokenizers of
-# different bases split it differently, while an added special token (a new marker) leaves it alone.
+# Explanation-like text with words, digits, punctuation, casing and spacing: tokenizers of different families
+# (Qwen, Gemma, Llama) split it differently, while an added special token (a new marker) leaves it alone.
+# Bases that share one tokenizer (Llama 3.1 and 3.3) split it alike; for an AV and an AR, the sidecars' base
+# names tell those apart (`_warn_if_bases_differ`).
 _SPLIT_PROBE = "The speaker, ANTONIO, asks whether 3 sailors can't hear him:  'Boatswain!' (twice)."
 
 
@@ -200,7 +202,8 @@ def warn_at_caller(message: str) -> None:
 
 
 class NLA:
-    """The AV/AR pair; checks at construction that they share d_model and layer."""
+    """The AV/AR pair; checks at construction that they share d_model and layer, and that their tokenizers split
+    text alike (the AR reads what the AV writes)."""
 
     def __init__(self, av: ActivationVerbalizer, ar: ActivationReconstructor) -> None:
         if isinstance(av, ActivationReconstructor) and isinstance(ar, ActivationVerbalizer):
