@@ -16,7 +16,7 @@ import torch
 
 from nla_lens import backends, loading, toy
 from nla_lens.errors import CheckpointError, InputError
-from nla_lens.nla import NLA, splits_text_alike
+from nla_lens.nla import NLA, shares_vocabulary
 from nla_lens.reconstructor import ActivationReconstructor
 from nla_lens.sidecar import NLAMeta
 from nla_lens.verbalizer import ActivationVerbalizer
@@ -49,7 +49,7 @@ def load_base(source: NLA | ActivationVerbalizer | ActivationReconstructor | NLA
 
 def check_base_model(base: TLModel, nla_or_av: NLA | ActivationVerbalizer, layer: int | None = None) -> None:
     """`base` can be the model the NLA reads: a TransformerLens model of the NLA's d_model (with a block
-    `layer`, if given) whose tokenizer, if it has one, splits text as the AV's does. The AV's own model runs
+    `layer`, if given) whose tokenizer, if it has one, has the AV's vocabulary. The AV's own model runs
     too, but it is fine-tuned: a warning, as for an AV folder. The AR's model is refused, as an AR folder is:
     its first K+1 blocks run, fine-tuned, and look plausible."""
     av = nla_or_av.av if isinstance(nla_or_av, NLA) else nla_or_av
@@ -65,9 +65,9 @@ def check_base_model(base: TLModel, nla_or_av: NLA | ActivationVerbalizer, layer
     if layer is not None and base.cfg.n_layers <= layer:
         raise InputError(f"the base model has {base.cfg.n_layers} blocks, but this NLA reads layer {layer}; "
                          "pass the base model the NLA was trained on")
-    if base.tokenizer is not None and not splits_text_alike(base.tokenizer, av.tokenizer):
-        raise InputError(f"the base model's tokenizer splits text differently from the NLA's (vocabularies of "
-                         f"{len(base.tokenizer)} and {len(av.tokenizer)} tokens): it is another base, whose "
+    if base.tokenizer is not None and not shares_vocabulary(base.tokenizer, av.tokenizer):
+        raise InputError(f"the base model's tokenizer has another vocabulary than the NLA's "
+                         f"({len(base.tokenizer)} and {len(av.tokenizer)} tokens): it is another base, whose "
                          "activations the NLA was not trained to read. Pass the base model the NLA was trained on "
                          "(nl.load_base(nla) loads the one its sidecar names)")
     if base is av.model:

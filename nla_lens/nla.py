@@ -43,28 +43,31 @@ def check_pair(av_meta: NLAMeta, ar_meta: NLAMeta) -> None:
             )
 
 
-# Explanation-like text with words, digits, punctuation, casing and spacing: tokenizers of different families
-# (Qwen, Gemma, Llama) split it differently, while an added special token (a new marker) leaves it alone.
-# Bases that share one tokenizer (Llama 3.1 and 3.3) split it alike; for an AV and an AR, the sidecars' base
-# names tell those apart (`_warn_if_bases_differ`).
-_SPLIT_PROBE = "The speaker, ANTONIO, asks whether 3 sailors can't hear him:  'Boatswain!' (twice)."
+# Explanation-like text: words, digits, punctuation, casing. Its token strings map to the same ids in two
+# tokenizers of one base, whatever their options (add_prefix_space, an added marker token); tokenizers of
+# different families (Qwen, Gemma, Llama) map them to other ids or none. Bases that share one tokenizer (Llama
+# 3.1 and 3.3) agree; for an AV and an AR the sidecars' base names tell those apart (`_warn_if_bases_differ`).
+_VOCAB_PROBE = "The speaker, ANTONIO, asks whether 3 sailors can't hear him: 'Boatswain!' (twice)."
 
 
-def splits_text_alike(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase) -> bool:
-    """Whether two tokenizers give one probe text the same ids: those of one base do; a mixed pair or a
-    base of another family (same width and depth) does not, and would run without an error on ids that
-    mean other words."""
-    return bool(a(_SPLIT_PROBE, add_special_tokens=False).input_ids
-                == b(_SPLIT_PROBE, add_special_tokens=False).input_ids)
+def shares_vocabulary(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase) -> bool:
+    """Whether each tokenizer's pieces of a probe text have the same ids in the other: copies of one base
+    do; a mixed pair or a base of another family (same width and depth) does not, and would run without an
+    error on ids that mean other words. Compares vocabularies, not splitting options."""
+    for x, y in ((a, b), (b, a)):
+        pieces = x.tokenize(_VOCAB_PROBE)
+        if x.convert_tokens_to_ids(pieces) != y.convert_tokens_to_ids(pieces):
+            return False
+    return True
 
 
-def _check_tokenizers_pair(av: ActivationVerbalizer, ar: ActivationReconstructor) -> None:
+def check_vocabularies(av_tokenizer: PreTrainedTokenizerBase, ar_tokenizer: PreTrainedTokenizerBase) -> None:
     """The AR reads the text the AV writes: from another base's tokenizer its ids would be other words."""
-    if not splits_text_alike(av.tokenizer, ar.tokenizer):
+    if not shares_vocabulary(av_tokenizer, ar_tokenizer):
         raise PairMismatchError(
-            f"the AV's and the AR's tokenizers split text differently (the AV's vocabulary has "
-            f"{len(av.tokenizer)} tokens, the AR's {len(ar.tokenizer)}): they are copies of different bases; "
-            "load the AR trained with this AV")
+            f"the AV's and the AR's tokenizers have different vocabularies (the AV's has {len(av_tokenizer)} "
+            f"tokens, the AR's {len(ar_tokenizer)}): they are copies of different bases; load the AR trained "
+            "with this AV")
 
 
 def _warn_if_stages_differ(av_meta: NLAMeta, ar_meta: NLAMeta) -> None:
@@ -202,8 +205,8 @@ def warn_at_caller(message: str) -> None:
 
 
 class NLA:
-    """The AV/AR pair; checks at construction that they share d_model and layer, and that their tokenizers split
-    text alike (the AR reads what the AV writes)."""
+    """The AV/AR pair; checks at construction that they share d_model and layer, and that their tokenizers share
+    a vocabulary (the AR reads what the AV writes)."""
 
     def __init__(self, av: ActivationVerbalizer, ar: ActivationReconstructor) -> None:
         if isinstance(av, ActivationReconstructor) and isinstance(ar, ActivationVerbalizer):
@@ -212,7 +215,7 @@ class NLA:
             raise InputError(f"NLA(av, ar) takes an ActivationVerbalizer and an ActivationReconstructor, got "
                              f"{type(av).__name__} and {type(ar).__name__}")
         check_pair(av.meta, ar.meta)
-        _check_tokenizers_pair(av, ar)
+        check_vocabularies(av.tokenizer, ar.tokenizer)
         _warn_if_stages_differ(av.meta, ar.meta)
         _warn_if_bases_differ(av.meta, ar.meta)
         self.av = av
@@ -226,7 +229,11 @@ class NLA:
 
         `av_kwargs` (`injection`, `hook_point`, `trust_remote_code`) go to `ActivationVerbalizer.from_pretrained`.
         """
-        check_pair(load_meta(loading.resolve_checkpoint(av_path)), load_meta(loading.resolve_checkpoint(ar_path)))
+        av_folder, ar_folder = loading.resolve_checkpoint(av_path), loading.resolve_checkpoint(ar_path)
+        check_pair(load_meta(av_folder), load_meta(ar_folder))
+        trust = av_kwargs.get("trust_remote_code", False)
+        check_vocabularies(loading.load_tokenizer(av_folder, trust_remote_code=trust),
+                           loading.load_tokenizer(ar_folder, trust_remote_code=trust))
         av = ActivationVerbalizer.from_pretrained(av_path, device=device, dtype=dtype, backend=backend, **av_kwargs)
         ar = ActivationReconstructor.from_pretrained(
             ar_path, device=device, dtype=dtype, backend=backend,

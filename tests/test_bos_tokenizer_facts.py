@@ -103,3 +103,17 @@ def test_a_recorded_bos_that_the_tokenizer_does_not_put_first_is_drift():
     with pytest.raises(nl.TokenizerDriftError, match=r"records BOS None first.*Load the checkpoint's tokenizer\.$"):
         check_tokenizer(drifted, tok)
     check_tokenizer(nl.parse_meta({**meta.raw, "tokenization": tokenization_record(tok)}), tok)
+
+
+def test_the_real_gemma_and_llama_vocabularies_are_told_apart_and_each_matches_itself_reloaded():
+    """The pair / base check (`shares_vocabulary`) on real tokenizers: a copy reloaded with TL's options
+    (add_bos_token, add_prefix_space) is the same vocabulary; the other family is not."""
+    from transformers import AutoTokenizer
+
+    from nla_lens.nla import shares_vocabulary
+
+    gemma, llama = _tokenizer(GEMMA), _tokenizer(LLAMA)
+    assert not shares_vocabulary(gemma, llama)
+    for tokenizer in (gemma, llama):
+        for option in ({"add_bos_token": True}, {"add_prefix_space": True}):
+            assert shares_vocabulary(tokenizer, AutoTokenizer.from_pretrained(tokenizer.name_or_path, **option))

@@ -11,8 +11,9 @@ import torch
 import yaml
 
 import nla_lens as nl
-from nla_lens import metrics
+from nla_lens import backends, metrics
 from nla_lens.nla import resolve_baseline
+from nla_lens.testing import build_tokenizer
 from nla_lens.verbalizer import Verbalization
 
 
@@ -137,8 +138,29 @@ def test_an_ar_of_another_family_and_the_same_shape_is_refused(av_karvonen, bos_
     the AV's text through another vocabulary."""
     gemma_ar = nl.ActivationReconstructor.from_pretrained(bos_paths["gemma_ar"])
     assert (gemma_ar.meta.d_model, gemma_ar.meta.layer) == (av_karvonen.meta.d_model, av_karvonen.meta.layer)
-    with pytest.raises(nl.PairMismatchError, match="the AV's and the AR's tokenizers split text differently"):
+    with pytest.raises(nl.PairMismatchError, match="the AV's and the AR's tokenizers have different vocabularies"):
         nl.NLA(av_karvonen, gemma_ar)
+
+
+def test_nla_from_pretrained_refuses_another_family_before_reading_weights(tiny_paths, bos_paths, monkeypatch):
+    monkeypatch.setattr(backends, "load_model", lambda *a, **k: pytest.fail("weights read"))
+    with pytest.raises(nl.PairMismatchError, match="the AV's and the AR's tokenizers have different vocabularies"):
+        nl.NLA.from_pretrained(tiny_paths["av_karvonen"], bos_paths["gemma_ar"])
+
+
+def test_one_vocabulary_under_other_options_is_shared_and_another_familys_is_not():
+    """Copies of one base agree whatever their splitting options or added tokens (a wrong refusal would have
+    no way round it); tokenizers of other families do not."""
+    from nla_lens.nla import shares_vocabulary
+    from nla_lens.testing_families import gemma_tokenizer, llama_tokenizer
+
+    qwen = build_tokenizer()
+    with_marker = build_tokenizer()
+    with_marker.add_special_tokens({"additional_special_tokens": ["<new_marker>"]})
+    with_marker.add_tokens(["<explanation>"])
+    assert shares_vocabulary(qwen, qwen) and shares_vocabulary(qwen, with_marker)
+    gemma, llama = gemma_tokenizer(), llama_tokenizer()
+    assert not shares_vocabulary(qwen, gemma) and not shares_vocabulary(gemma, llama)
 
 
 def test_too_few_or_parallel_vectors_give_no_fve_and_a_warning(av_karvonen, ar_nanonla, vectors, monkeypatch):

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 import hf_reference as ref
 import nla_lens as nl
-from nla_lens import loading, testing
+from nla_lens import backends, loading, testing
 from nla_lens.cli import main
 from nla_lens.sidecar import ar_prompt_ids
 from nla_lens.training import grpo, rl
@@ -458,6 +458,14 @@ def test_train_rl_refuses_an_av_and_ar_of_different_layers(layer1_extraction, ti
     layer1_av = testing.make_tiny_nla(tmp_path, layer=1)["av_karvonen"]
     config = _layer1_run(layer1_extraction, layer1_av, tiny_paths["ar_nanonla"])
     with pytest.raises(nl.PairMismatchError, match="layer"):
+        run_train_rl(config, progress=False)
+
+
+def test_train_rl_refuses_an_ar_of_another_family_before_any_weight(layer1_extraction, tiny_paths, bos_paths,
+                                                                     monkeypatch):
+    monkeypatch.setattr(backends, "load_model", lambda *a, **k: pytest.fail("weights read"))
+    config = _layer1_run(layer1_extraction, tiny_paths["av_karvonen"], bos_paths["gemma_ar"])
+    with pytest.raises(nl.PairMismatchError, match="the AV's and the AR's tokenizers have different vocabularies"):
         run_train_rl(config, progress=False)
 
 

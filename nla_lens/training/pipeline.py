@@ -14,7 +14,7 @@ import torch
 from nla_lens import backends, loading, metrics
 from nla_lens.distributed import World, device_for, process_group
 from nla_lens.errors import ConfigError, InputError
-from nla_lens.nla import check_pair
+from nla_lens.nla import check_pair, check_vocabularies
 from nla_lens.reconstructor import ActivationReconstructor
 from nla_lens.sidecar import NLAMeta, load_meta
 from nla_lens.training.ar_sft import init_ar, train_ar
@@ -190,10 +190,13 @@ def run_train_rl(config: RLRunConfig, *, progress: bool = True) -> RLRunResult:
 
 
 def check_rl_layers(config: RLRunConfig, activations: NLAMeta) -> None:
-    """The AV, the AR and the activations read one layer of one d_model (checked from the sidecars,
-    before any weights load): RL on another layer's vectors would export sidecars claiming the AV's."""
-    av, ar = (load_meta(loading.resolve_checkpoint(path)) for path in (config.av, config.ar))
+    """The AV, the AR and the activations read one layer of one d_model, and the AV and AR share a vocabulary
+    (checked from the sidecars and tokenizers, before any weights load): RL on another layer's vectors would
+    export sidecars claiming the AV's."""
+    folders = [loading.resolve_checkpoint(path) for path in (config.av, config.ar)]
+    av, ar = (load_meta(folder) for folder in folders)
     check_pair(av, ar)
+    check_vocabularies(*(loading.load_tokenizer(folder) for folder in folders))
     for name in ("layer", "d_model"):
         if getattr(activations, name) != getattr(av, name):
             raise ConfigError(

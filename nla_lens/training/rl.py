@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from nla_lens import backends, metrics
 from nla_lens.distributed import inference
 from nla_lens.errors import ConfigError, InputError
-from nla_lens.nla import NLA, check_pair
+from nla_lens.nla import NLA, check_pair, check_vocabularies
 from nla_lens.parsing import cjk_fraction, parse_explanation
 from nla_lens.reconstructor import ActivationReconstructor
 from nla_lens.sidecar import ar_prompt_ids
@@ -444,6 +444,7 @@ def train_rl(
     backends.require_hooked("RL training", av.model)
     backends.require_hooked("RL training", ar.model)
     check_pair(av.meta, ar.meta)
+    check_vocabularies(av.tokenizer, ar.tokenizer)
     loop.check_fresh_out_dir(out_dir, config.steps, resume)
     check_samples_fit(av, ar, config.max_new_tokens)
     for model in (av.model, ar.model):
