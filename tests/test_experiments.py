@@ -502,33 +502,23 @@ def test_a_hook_left_by_run_with_hooks_stays_on_the_base_and_runs(base, nla, hel
     assert no_hooks_left(base)
 
 
-@pytest.mark.parametrize("run", ["steer_then_verbalize", "patching_study", "explain", "steer_with_words"])
-def test_a_base_model_of_another_width_is_refused_before_it_runs(nla, run, monkeypatch):
-    """Every experiment names the mismatch with one message (steer_with_words had its own, as a
-    PairMismatchError); none runs the wrong base first."""
-    other = nl.toy.load().base  # d_model 128, the tiny NLA reads 64
-    monkeypatch.setattr(other, "run_with_hooks", lambda *a, **k: pytest.fail("ran the base"))
-    monkeypatch.setattr(other, "forward", lambda *a, **k: pytest.fail("ran the base"))
-    tokens = other.to_tokens(["The cat sat on the mat."])
-    calls = {
-        "steer_then_verbalize": lambda: nl.steer_then_verbalize(other, nla, tokens, steering_vector=torch.ones(64),
-                                                                scale=1.0, steer_layer=0),
-        "patching_study": lambda: nl.patching_study(other, nla, tokens, tokens, patch_layer=0, patch_position=0),
-        "explain": lambda: nla.explain(other, "The cat sat on the mat."),
-        "steer_with_words": lambda: nl.steer_with_words(nla, other, tokens, -1, edit="a dog"),
-    }
-    with pytest.raises(nl.InputError, match=f"the base model has d_model=128 but this NLA reads {D_MODEL}-d vectors"):
-        calls[run]()
-
-
-@pytest.mark.parametrize("run", ["steer_then_verbalize", "patching_study", "explain", "steer_with_words"])
-def test_a_base_model_of_another_family_and_the_same_shape_is_refused_before_it_runs(nla, bos_paths, run,
-                                                                                     monkeypatch):
-    """A Gemma base of the tiny NLA's width and depth passed every check, and its activations were explained
-    as if they were the Qwen base's."""
+def _gemma_stand_in_base(bos_paths):
     with pytest.warns(UserWarning, match="is an AV checkpoint"):  # a stand-in base: the Gemma AV's weights
-        other = nl.load_base(bos_paths["gemma_av"])
-    assert (other.cfg.d_model, other.cfg.n_layers) == (D_MODEL, nla.av.model.cfg.n_layers)
+        return nl.load_base(bos_paths["gemma_av"])
+
+
+@pytest.mark.parametrize("run", ["steer_then_verbalize", "patching_study", "explain", "steer_with_words"])
+@pytest.mark.parametrize(("other_base", "message"), [
+    # Every experiment names a width mismatch with one message (steer_with_words had its own, as a
+    # PairMismatchError).
+    (lambda paths: nl.toy.load().base, f"the base model has d_model=128 but this NLA reads {D_MODEL}-d vectors"),
+    # A Gemma base of the tiny NLA's width and depth passed every check, and its activations were explained
+    # as if they were the Qwen base's.
+    (_gemma_stand_in_base, "the base model's tokenizer has another vocabulary than the NLA's"),
+], ids=["another-width", "another-family"])
+def test_a_base_model_the_nla_cannot_read_is_refused_before_it_runs(nla, bos_paths, run, other_base, message,
+                                                                    monkeypatch):
+    other = other_base(bos_paths)
     monkeypatch.setattr(other, "run_with_hooks", lambda *a, **k: pytest.fail("ran the base"))
     monkeypatch.setattr(other, "forward", lambda *a, **k: pytest.fail("ran the base"))
     tokens = other.to_tokens(["The cat sat on the mat."])
@@ -539,5 +529,5 @@ def test_a_base_model_of_another_family_and_the_same_shape_is_refused_before_it_
         "explain": lambda: nla.explain(other, "The cat sat on the mat."),
         "steer_with_words": lambda: nl.steer_with_words(nla, other, tokens, -1, edit="a dog"),
     }
-    with pytest.raises(nl.InputError, match="the base model's tokenizer has another vocabulary than the NLA's"):
+    with pytest.raises(nl.InputError, match=message):
         calls[run]()
