@@ -74,15 +74,20 @@ def test_records_pandas_parquet_and_jsonl_agree(results, kind, tmp_path):
 
 
 def toy_experiment_results() -> dict[str, nl.TabularResult]:
-    """The toy experiments' results, built directly (running the experiments takes minutes)."""
-    from nla_lens.toy.sae_experiment import FeatureRow, SAEExperimentConfig, SAEExperimentResult
+    """The toy experiments' results, built directly (running the experiments takes minutes); the SAE one
+    where sae-lens is installed (its module needs it)."""
     from nla_lens.toy.steer_words_experiment import AlphaRow, SteerWordsExperiment
 
-    feature = FeatureRow(3, " the", 0.9, None, "The token", None, False, True, False, " a", False)
-    return {"sae_experiment": SAEExperimentResult(500, 40, 1, 0.0, 1.0, 0.0, 0.0, 0.1, 0.2, 0.0, 0.3, 9.5, 12.0,
-                                                  SAEExperimentConfig(), [feature]),
-            "steer_words_experiment": SteerWordsExperiment(10, 1, "random", "add", 0.5, 0.4,
-                                                           [AlphaRow(1.0, 0.6, 1.2, 0.0, 0.01, 0.9, 2.0)])}
+    results: dict[str, nl.TabularResult] = {
+        "steer_words_experiment": SteerWordsExperiment(10, 1, "random", "add", 0.5, 0.4,
+                                                       [AlphaRow(1.0, 0.6, 1.2, 0.0, 0.01, 0.9, 2.0)])}
+    if HAS_SAE_LENS:
+        from nla_lens.toy.sae_experiment import FeatureRow, SAEExperimentConfig, SAEExperimentResult
+
+        feature = FeatureRow(3, " the", 0.9, None, "The token", None, False, True, False, " a", False)
+        results["sae_experiment"] = SAEExperimentResult(500, 40, 1, 0.0, 1.0, 0.0, 0.0, 0.1, 0.2, 0.0, 0.3, 9.5,
+                                                        12.0, SAEExperimentConfig(), [feature])
+    return results
 
 
 def emptied(kind: str, result: nl.TabularResult) -> nl.TabularResult:
@@ -126,7 +131,7 @@ def empty_results(results, base, nla) -> dict[str, tuple[nl.TabularResult, nl.Ta
     return pairs
 
 
-EMPTY_KINDS = KINDS + ["sae_experiment", "steer_words_experiment"]
+EMPTY_KINDS = KINDS + ["steer_words_experiment"] + (["sae_experiment"] if HAS_SAE_LENS else [])
 
 
 @pytest.mark.parametrize("kind", EMPTY_KINDS)
