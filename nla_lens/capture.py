@@ -61,20 +61,21 @@ def last_real_positions(real: Bool[Tensor, "batch pos"]) -> Int[Tensor, " batch"
 
 
 def resolve_positions(
-    positions: PositionSpec, real: Bool[Tensor, "batch pos"]
+    positions: PositionSpec, real: Bool[Tensor, "batch pos"], *, name: str = "positions", use: str = "read"
 ) -> tuple[Int[Tensor, " n"], Int[Tensor, " n"]]:
-    """(row, column) of every selected token, row-major; raise on columns outside the row or on padding."""
+    """(row, column) of every selected token, row-major; raise on columns outside the row or on padding. A mask's
+    errors name the argument (`name`) and what its tokens are for (`use`)."""
     batch, width = real.shape
     if isinstance(positions, Tensor) and positions.dtype == torch.bool:
         if positions.shape != real.shape:
             raise InputError(
-                f"a boolean positions mask must have the [batch, pos] shape of the run, "
+                f"a boolean {name} mask must have the [batch, pos] shape of the run, "
                 f"{[batch, width]}; got {list(positions.shape)}"
             )
         rows, cols = positions.to(real.device).nonzero(as_tuple=True)
         if rows.numel() == 0:  # else the experiments' later "no vectors given" names no mask
-            raise InputError("the boolean positions mask selects no token (every entry is False); set True at the "
-                             "real tokens to read")
+            raise InputError(f"the boolean {name} mask selects no token (every entry is False); set True at "
+                             f"the real tokens to {use}")
     else:
         wanted = _per_row(positions, batch).to(real.device)
         last = last_real_positions(real)[:, None]

@@ -239,7 +239,7 @@ def steer_then_verbalize(
     real = real_tokens(base_model, attention_mask, tokens)
     if steer_positions is not None:  # a site outside a row or on its padding is refused before either run
         resolve_positions(steer_positions, torch.ones(tokens.shape[:2], dtype=torch.bool) if real is None
-                          else real.bool())
+                          else real.bool(), name="steer_positions", use="steer")
     hook = (f"blocks.{steer_layer}.hook_resid_post",
             steering_hook(vector[0], scale, steer_positions, None if real is None else real.long()))
     with torch.no_grad():

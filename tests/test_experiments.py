@@ -277,6 +277,20 @@ def test_an_all_false_positions_mask_is_named_not_reported_as_no_vectors(base, n
         nl.steer_with_words(nla, base, tokens, nothing, edit="a dog", attention_mask=mask)
 
 
+def test_an_all_false_steer_positions_mask_is_named_steer_positions(base, nla, steer):
+    """It said "the boolean positions mask ... set True at the real tokens to read": `positions`, the captured
+    tokens, which the user had not given, and nothing about steering."""
+    tokens, mask = padded(base, "left")
+    nothing = torch.zeros(tokens.shape, dtype=torch.bool)
+    with pytest.raises(nl.InputError, match=r"the boolean steer_positions mask selects no token \(every entry is "
+                                            r"False\); set True at the real tokens to steer"):
+        nl.steer_then_verbalize(base, nla, tokens, attention_mask=mask, steering_vector=steer, scale=1.0,
+                                steer_layer=LAYER, steer_positions=nothing, **FAST)
+    with pytest.raises(nl.InputError, match=r"a boolean steer_positions mask must have the \[batch, pos\] shape"):
+        nl.steer_then_verbalize(base, nla, tokens, attention_mask=mask, steering_vector=steer, scale=1.0,
+                                steer_layer=LAYER, steer_positions=nothing[:1], **FAST)
+
+
 @pytest.mark.parametrize("use_nla", [True, False], ids=["nla", "av"])
 def test_a_keyword_verbalize_does_not_take_is_refused_before_any_base_run(base, nla, steer, monkeypatch, use_nla):
     """A typo in **verbalize_kwargs was a TypeError from verbalize, after every base-model run."""
