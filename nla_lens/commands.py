@@ -13,7 +13,6 @@ import torch
 
 from nla_lens import shard_store, sharded
 from nla_lens.checks import (
-    DTYPES,
     check_counts,
     check_input_file,
     check_output_path,
@@ -128,9 +127,11 @@ def _add_dtype_flag(parser: argparse.ArgumentParser) -> None:
 
 def _dtype_arg(value: str) -> torch.dtype:
     """Every name the library takes (`checks.DTYPES`), so `--dtype bf16` works as `dtype="bf16"` does."""
-    if value.lower().removeprefix("torch.") not in DTYPES:  # the library's message offers torch dtypes: no flag value
-        raise argparse.ArgumentTypeError(f"{value!r} is not a dtype nla_lens loads; pass one of {dtype_names()}")
-    return resolve_dtype(value)
+    try:
+        return resolve_dtype(value)
+    except InputError:  # its message offers torch dtypes, which no flag value is
+        message = f"{value!r} is not a dtype nla_lens loads; pass one of {dtype_names()}"
+        raise argparse.ArgumentTypeError(message) from None
 
 
 def _shard_ids(value: str) -> list[int]:
