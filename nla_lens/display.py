@@ -276,9 +276,10 @@ def feature_card_html(title: str, hook_name: str, summary: str, explanation: str
     for row, (tokens, activations, center) in enumerate(windows):
         spans = []
         for i, (token, activation) in enumerate(zip(tokens, activations, strict=True)):
-            scanned = not math.isnan(activation)  # NaN: a token the card's skip_first left out
-            background = _rgb(_ramp(_ACTIVATION, activation / top if scanned else 0.0))
-            tip = f"{activation:.3f}" if scanned else "not scanned (skip_first)"
+            known = not math.isnan(activation)
+            background = _rgb(_ramp(_ACTIVATION, activation / top if known else 0.0))
+            # NaN off the peak: a token the card's skip_first left out; the peak was scanned, its value is NaN
+            tip = f"{activation:.3f}" if known or i == center else "not scanned (skip_first)"
             peak = " nla-peak" if i == center else ""
             spans.append(f"<span class='nla-tok{peak}' style='background:{background};color:{_ink(background)}' "
                          f"title='{tip}'>{_shown_token(token)}</span>")

@@ -364,6 +364,14 @@ def test_a_feature_card_with_a_non_finite_peak_activation_draws():
     assert "activation 0 to 2.00" in card and "title='inf'" in card
 
 
+def test_a_nan_peak_activation_is_labelled_nan_not_left_out_by_skip_first():
+    """The peak's tooltip said "not scanned (skip_first)": the peak is where the scan found the feature, so it was
+    scanned, and its value is NaN. A NaN beside it is still a token skip_first left out."""
+    card = _body(display.feature_card_html("f", "h", "s", "e", "", [(["a", "b"], [float("nan"), 1.0], 0),
+                                                                    (["c", "d"], [float("nan"), 2.0], 1)]))
+    assert card.count("title='nan'") == 1 and card.count("not scanned (skip_first)") == 1
+
+
 def test_views_show_control_characters_of_explanations_and_raw_outputs_as_escapes():
     """The explained-text view and the feature card wrote explanations bare: a NUL (an HTML parse error), an ESC
     and a CR reached the page, where the tables beside them show escapes."""
