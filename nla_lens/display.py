@@ -140,11 +140,15 @@ class ColourScale:
         if self.metric == "MSE":
             labels = labels[::-1]
         stops = ", ".join(_rgb(_ramp(_SEQUENTIAL, i / 8)) for i in range(9))
-        ticks = "".join(f"<span>{v:.2f}</span>" for v in labels)
+        # Each label once: a lone value (or a few) fills the quantiles with repeats; a single one sits mid-bar,
+        # where the scale draws it
+        shown = list(dict.fromkeys(f"{v:.2f}" for v in labels))
+        ticks = "".join(f"<span>{label}</span>" for label in shown)
+        centred = " style='justify-content: center'" if len(shown) == 1 else ""
         note = ("lower MSE is better; no FVE without a baseline" if self.metric == "MSE" else
                 "colours spread by rank over the observed values")
         parts = [f"<span><b>{self.metric}</b> <span class='nla-scale'><span class='nla-bar' style='background: "
-                 f"linear-gradient(to right, {stops})'></span><span class='nla-ticks'>{ticks}</span></span> "
+                 f"linear-gradient(to right, {stops})'></span><span class='nla-ticks'{centred}>{ticks}</span></span> "
                  f"<span class='nla-note'>({note})</span></span>"]
         if self.most_negative is not None:
             light, dark = _rgb(_NEGATIVE[0]), _rgb(_NEGATIVE[1])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import pandas as pd
 import pyarrow as pa
@@ -350,6 +351,21 @@ def test_a_lone_or_constant_score_takes_the_same_colour_in_fve_and_mse():
 
 def _body(page: str) -> str:
     return page.split("</style>", 1)[1]
+
+
+def test_a_legend_shows_each_tick_label_once():
+    """One token's view labelled the bar 0.70 0.70 0.70 0.70 0.70 (the five quantiles of one value); a lone label
+    sits mid-bar, where the scale draws a lone value."""
+    def ticks(fves: tuple[float, ...]) -> tuple[str, list[str]]:
+        cells = [display.TokenCell("a", p, True, "x", None, f, 0.3) for p, f in enumerate(fves)]
+        legend = display.ColourScale.from_cells(cells).legend_html()
+        style, spans = re.search(r"class='nla-ticks'([^>]*)>((?:<span>[^<]*</span>)*)</span>", legend).groups()
+        return style, re.findall(r"<span>([^<]*)</span>", spans)
+
+    for fves in ((0.7,), (0.7, 0.7, 0.7)):
+        assert ticks(fves) == (" style='justify-content: center'", ["0.70"])
+    assert ticks((0.2, 0.9)) == ("", ["0.20", "0.90"])
+    assert ticks((0.1, 0.2, 0.3, 0.4, 0.5)) == ("", ["0.10", "0.20", "0.30", "0.40", "0.50"])
 
 
 def test_a_feature_card_with_a_non_finite_peak_activation_draws():
