@@ -189,11 +189,15 @@ def _run_verbalize(args: argparse.Namespace) -> None:
         write_table(sharded.output_rows(table, range(len(out)), out), args.output)
         print(f"wrote {len(out)} rows to {args.output}")
         return
+    from nla_lens.display import format_cell, visible_token
+
     tokens = table.columns.column("token").to_pylist() if "token" in table.columns.column_names else None
+    # As `explain` prints them: tokens as the views draw them (a lone space ␣, a newline ↵), and control characters
+    # escaped, so that each row stays on one line
     for i, v in enumerate(out):
-        token = f"{tokens[i]!r}\t" if tokens is not None else ""
-        explanation = v.explanation if v.explanation is not None else "(no <explanation> tags) " + repr(v.text)
-        print(f"{i}\t{token}{explanation}")
+        token = f"{format_cell(visible_token(tokens[i]))}\t" if tokens is not None else ""
+        explanation = v.explanation if v.explanation is not None else "(no <explanation> tags) " + v.text
+        print(f"{i}\t{token}{format_cell(explanation)}")
 
 
 def _text_lines(path: Path, flag: str, item: str) -> list[str]:

@@ -33,13 +33,15 @@ def test_verbalize_from_a_vector_file_matches_the_library(av_karvonen, tiny_path
 
 
 def test_verbalize_text_explains_the_avs_layer_at_every_position_of_the_base(av_karvonen, base, tiny_paths, capsys):
+    from nla_lens.display import format_cell, visible_token
+
     folder = str(tiny_paths["av_karvonen"])
     assert main(["verbalize", "--av", folder, "--base", folder, "--text", "the cat sat", "--max-new-tokens", "3"]) == 0
     tokenizer = AutoTokenizer.from_pretrained(folder)
     ids = tokenizer.encode("the cat sat")
     lines = capsys.readouterr().out.strip().splitlines()
     # One line per position: index, the token it explains, the explanation.
-    expected = [[str(i), repr(tokenizer.decode([t]))] for i, t in enumerate(ids)]
+    expected = [[str(i), visible_token(tokenizer.decode([t]))] for i, t in enumerate(ids)]
     assert [line.split("\t")[:2] for line in lines] == expected
     # The explanations are of the AV's own layer (no --layer given), captured here with a plain TL forward.
     hook = f"blocks.{av_karvonen.meta.layer}.hook_resid_post"
@@ -48,9 +50,27 @@ def test_verbalize_text_explains_the_avs_layer_at_every_position_of_the_base(av_
     assert av_karvonen.meta.layer != 0  # so that the default layer is told apart from layer 0
     # Greedy and deterministic: the tiny AV's babble is the same string for the same vector, compared exactly.
     explained = av_karvonen.verbalize(cache[hook][0].float(), max_new_tokens=3, progress=False)
-    shown = [v.explanation if v.explanation is not None else "(no <explanation> tags) " + repr(v.text)
+    shown = [format_cell(v.explanation if v.explanation is not None else "(no <explanation> tags) " + v.text)
              for v in explained]
     assert [line.split("\t", 2)[2] for line in lines] == shown
+
+
+def test_verbalize_text_prints_tokens_and_explanations_as_explain_does(tiny_paths, capsys, monkeypatch):
+    """Tokens were printed as Python reprs (`' '`, `'\\n'`) where `explain` and the views draw ␣ and ↵, and an
+    explanation holding a newline split its row in two."""
+    from nla_lens.verbalizer import ActivationVerbalizer, Verbalization, Verbalizations
+
+    said = [Verbalization("<explanation>\ntwo\nlines\n</explanation>", "two\nlines", [1]),
+            Verbalization("raw\rtext", None, [2])]
+    monkeypatch.setattr(ActivationVerbalizer, "verbalize",
+                        lambda self, vectors, **kw: Verbalizations(said[i % 2] for i in range(len(vectors))))
+    folder = str(tiny_paths["av_karvonen"])
+    assert main(["verbalize", "--av", folder, "--base", folder, "--text", "the  cat\n\tsat"]) == 0
+    rows = [line.split("\t") for line in capsys.readouterr().out.strip().splitlines()]
+    # The tiny tokenizer: t, he, " ", " cat", "\n", "\t", s, at (as in the explain test)
+    assert [row[1] for row in rows] == ["t", "he", "\u2423", " cat", "\u21b5", "\\t", "s", "at"]
+    assert [row[2] for row in rows[:2]] == ["two\\nlines", "(no <explanation> tags) raw\\rtext"]
+    assert [len(row) for row in rows] == [3] * 8
 
 
 def test_reconstruct_writes_the_ar_vectors(ar_nanonla, tiny_paths, tmp_path):
