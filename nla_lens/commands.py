@@ -371,7 +371,7 @@ def _run_explain(args: argparse.Namespace) -> None:
     explanation = nla.explain(base, texts, positions=args.positions, baseline=args.baseline,
                               max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, progress=True)
     for i, text in enumerate(explanation.texts):
-        print(f"\n[{i}] {text}")
+        print(f"\n[{i}] {format_cell(text)}")  # a newline in the text escaped, as the views' titles do
         print(f"  {'pos':>4}  {'token':<14} {'FVE':>6} {'MSE':>6}  explanation")
         for row in (r for r in explanation.rows if r.text_index == i):
             said = row.explanation

@@ -226,3 +226,14 @@ def test_explain_prints_whitespace_tokens_visibly_as_the_views_do(tiny_paths, ca
     # The tiny tokenizer: t, he, " ", " cat", "\n", "\t", s, at. A lone space printed blank.
     assert tokens == {0: "t", 1: "he", 2: "\u2423", 3: " cat", 4: "\u21b5", 5: "\\t", 6: "s", 7: "at"}
     assert tokens[2] == visible_token(" ")  # the explained view's chip and the reprs draw it so
+
+
+def test_explain_keeps_a_texts_header_on_one_line(tiny_paths, capsys):
+    """A newline in --text split the "[i] text" header: its second half sat above the column titles."""
+    av, ar = str(tiny_paths["av_karvonen"]), str(tiny_paths["ar_nanonla"])
+    assert main(["explain", "--av", av, "--ar", ar, "--base", av, "--text", "the cat\nsat", "--text", "a\tdog",
+                 "--max-new-tokens", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    headers = [i for i, line in enumerate(lines) if line.startswith("[")]
+    assert [lines[i] for i in headers] == ["[0] the cat\\nsat", "[1] a\\tdog"]
+    assert all(lines[i + 1].split() == ["pos", "token", "FVE", "MSE", "explanation"] for i in headers)
