@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numbers
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, SupportsIndex, overload
 
@@ -49,6 +49,9 @@ class Verbalization:
     text: str  # the completion, decoded without special tokens (no EOS)
     explanation: str | None
     tokens: list[int]  # the generated ids, up to and including the first EOS
+    # The row of `verbalize`'s vectors it explains, kept through slices and concatenation (None: built by hand).
+    # Not compared: the same completion of another row (or another call) is an equal output.
+    index: int | None = field(default=None, compare=False)
 
     def __repr__(self) -> str:
         said = repr(self.explanation) if self.explanation is not None else f"None, text={self.text!r}"
@@ -56,12 +59,15 @@ class Verbalization:
 
 
 class Verbalizations(TabularResult, list):
-    """What `verbalize` returns: a list of `Verbalization`s (a slice is one too) that also prints short, shows as a
-    table in a notebook, and has `to_pandas()` / `save()` (one row per vector)."""
+    """What `verbalize` returns: a list of `Verbalization`s (a slice, `+`, `*` and `copy()` are one too) that also
+    prints short, shows as a table in a notebook, and has `to_pandas()` / `save()` (one row per vector). A row's
+    `index` is the row of the vectors it explains (its position here for rows built by hand), so `out[10:]` starts
+    at 10."""
 
     def to_records(self) -> list[dict[str, Any]]:
-        return [{"index": i, "explanation": v.explanation, "parsed": v.explanation is not None, "text": v.text,
-                 "n_tokens": len(v.tokens)} for i, v in enumerate(self)]
+        return [{"index": i if v.index is None else v.index, "explanation": v.explanation,
+                 "parsed": v.explanation is not None, "text": v.text, "n_tokens": len(v.tokens)}
+                for i, v in enumerate(self)]
 
     def summary(self) -> str:
         failed = sum(v.explanation is None for v in self)
@@ -81,6 +87,17 @@ class Verbalizations(TabularResult, list):
         """A slice stays a `Verbalizations` (list's own is a plain list), keeping the repr, `to_pandas()`, `save()`."""
         got = super().__getitem__(index)
         return Verbalizations(got) if isinstance(index, slice) else got
+
+    def __add__(self, other: list[Verbalization]) -> Verbalizations:  # type: ignore[override]
+        return Verbalizations(super().__add__(other))
+
+    def __mul__(self, times: SupportsIndex) -> Verbalizations:
+        return Verbalizations(super().__mul__(times))
+
+    __rmul__ = __mul__
+
+    def copy(self) -> Verbalizations:
+        return Verbalizations(self)
 
 
 class ActivationVerbalizer:
@@ -224,7 +241,7 @@ class ActivationVerbalizer:
                 for ids in self._generate(vectors[start:start + batch_size], max_new_tokens, temperature, top_p,
                                           generator):
                     text = self.tokenizer.decode(ids, skip_special_tokens=True)
-                    results.append(Verbalization(text, parse_explanation(text), ids))
+                    results.append(Verbalization(text, parse_explanation(text), ids, len(results)))
         warning = injection_warning([r.text for r in results], self.meta.injection_char)
         if warning:
             warnings.warn(warning, stacklevel=2)

@@ -449,3 +449,24 @@ def test_a_slice_of_verbalizations_is_verbalizations_with_those_rows(tmp_path):
     assert pq.read_table(head.save(tmp_path / "head.parquet"))["text"].to_pylist() == [v.text for v in out[:2]]
     assert out[1] is list.__getitem__(out, 1) and out[-1].explanation is None  # an index still gives one row
     assert type(out[::-1]) is Verbalizations and [v.tokens for v in out[::-1]][0] == [3, 4]
+
+
+def test_verbalizations_stay_verbalizations_under_add_mul_and_copy_and_rows_keep_their_input_index(av_karvonen,
+                                                                                                     vectors):
+    """`+`, `*` and `.copy()` gave plain lists (no summary, no save), and a slice renumbered `index` from 0: `out[2:]`
+    said its first row explained vector 0."""
+    from nla_lens.verbalizer import Verbalization, Verbalizations
+
+    out = av_karvonen.verbalize(vectors, max_new_tokens=2, progress=False)
+    assert [v.index for v in out] == [0, 1, 2, 3]
+    assert [r["index"] for r in out[2:].to_records()] == [2, 3]
+    assert out[::-2].to_pandas()["index"].tolist() == [3, 1]
+    joined = out[3:] + out[:1]
+    assert type(joined) is Verbalizations and [r["index"] for r in joined.to_records()] == [3, 0]
+    for made in (out * 2, 2 * out, out.copy()):
+        assert type(made) is Verbalizations and made.summary().startswith(f"{len(made)} verbalizations")
+    assert [r["index"] for r in (out[1:2] * 2).to_records()] == [1, 1]
+    assert out.copy() == out and out.copy() is not out
+    assert out[1] == Verbalization(out[1].text, out[1].explanation, out[1].tokens)  # index is not compared
+    by_hand = Verbalizations([Verbalization("a", None, [1]), Verbalization("b", None, [2])])
+    assert [r["index"] for r in by_hand[1:].to_records()] == [0]  # rows built by hand: their position
