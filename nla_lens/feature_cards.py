@@ -16,6 +16,7 @@ import pyarrow as pa
 import torch
 
 from nla_lens import display
+from nla_lens.base_model import check_base_model
 from nla_lens.checks import check_counts
 from nla_lens.errors import InputError
 from nla_lens.nla import NLA
@@ -135,6 +136,9 @@ def feature_card(
     if not isinstance(av, ActivationVerbalizer):
         raise InputError(f"nla must be an NLA or an ActivationVerbalizer, got {type(nla).__name__}")
     hook_name = check_sae_reads_layer(sae, av.meta.layer, av.meta.d_model, allow_other_hook=allow_other_hook)
+    # Another base of the NLA's width and depth scans without error, and its contexts would sit beside an explanation
+    # of this base's feature.
+    check_base_model(base, nla, av.meta.layer)
     check_counts(1, k=k)
     check_counts(0, before=before, after=after, skip_first=skip_first)
     feature = feature_id(feature)
