@@ -262,6 +262,10 @@ def decoder_rows(sae: SAE, features: list[int]) -> Float[Tensor, "n d_in"]:
     if bad:
         raise InputError(f"feature ids {bad[:8]} are not ints in 0..{d_sae - 1} (this SAE has d_sae={d_sae})")
     rows = sae.W_dec.detach()[features].float()
+    broken = [f for f, finite in zip(features, rows.isfinite().all(dim=1).tolist(), strict=True) if not finite]
+    if broken:  # check_vectors would name the rows of the batch and ask how they were computed
+        raise VectorError(f"features {broken[:8]} have NaN or Inf in their decoder rows (sae.W_dec): the SAE's "
+                          "weights are broken (a diverged training run, a float16 overflow); reload or retrain it")
     zero = [f for f, norm in zip(features, rows.norm(dim=1).tolist(), strict=True) if norm == 0]
     if zero:
         raise InputError(f"features {zero[:8]} have all-zero decoder rows: there is no direction to verbalize")

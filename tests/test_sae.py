@@ -138,6 +138,24 @@ def test_a_decoder_stored_as_columns_is_refused_not_read_as_rows(av_karvonen):
 
 
 @NEEDS_SAE_LENS
+def test_a_non_finite_decoder_row_is_named_by_its_feature_before_any_scan(av_karvonen, base, monkeypatch):
+    """It was refused as "vectors at rows [0] hold NaN or Inf; check how they were computed" (the row in the
+    batch, not the feature), and a feature card first scanned every text."""
+    sae = make_sae(D_MODEL, 8, f"blocks.{LAYER}.hook_resid_post")
+    with torch.no_grad():
+        sae.W_dec[3] = float("nan")
+        sae.W_dec[5, 0] = float("inf")
+    monkeypatch.setattr(av_karvonen, "verbalize", lambda *a, **k: pytest.fail("verbalized a broken row"))
+    for run in ("run_with_hooks", "forward"):
+        monkeypatch.setattr(base, run, lambda *a, **k: pytest.fail("scanned before checking the row"))
+    message = r"features \[3, 5\] have NaN or Inf in their decoder rows \(sae.W_dec\).*reload or retrain it"
+    with pytest.raises(nl.VectorError, match=message):
+        nl.verbalize_sae_features(av_karvonen, sae, [1, 3, 5], progress=False)
+    with pytest.raises(nl.VectorError, match=message.replace("3, 5", "3")):
+        nl.feature_card(sae, base, ["The cat sat on the mat."], 3, av_karvonen, progress=False)
+
+
+@NEEDS_SAE_LENS
 def test_next_blocks_resid_pre_is_the_same_residual(av_karvonen):
     from nla_lens.sae import check_sae_reads_layer
 
