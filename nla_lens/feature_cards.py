@@ -14,11 +14,13 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import torch
+from jaxtyping import Float
+from torch import Tensor
 
 from nla_lens import display
 from nla_lens.base_model import check_base_model
 from nla_lens.checks import check_counts
-from nla_lens.errors import InputError
+from nla_lens.errors import InputError, VectorError
 from nla_lens.nla import NLA
 from nla_lens.results import TabularResult
 from nla_lens.sae import (
@@ -151,6 +153,8 @@ def feature_card(
             acts = sae.encode(resid.to(sae.W_dec.device, sae.W_dec.dtype))
             # TopK training SAEs with use_sparse_activations encode to a sparse COO tensor.
             acts = (acts.to_dense() if acts.is_sparse else acts)[:, feature].float().cpu()
+            if acts[skip_first:].isnan().any():  # NaN below marks what skip_first left out: the card would drop these
+                raise VectorError(_nan_activations(sae, feature, len(per_text), resid))
             acts[:skip_first] = float("nan")
             per_text.append((ids, acts))
     flat = torch.cat([acts for _, acts in per_text])
@@ -181,6 +185,20 @@ def feature_card(
     cosine = None if readout.cosines is None or readout.cosines[0].isnan() else float(readout.cosines[0])
     return FeatureCard(feature, readout.hook_name, readout.verbalizations[0], cosine, contexts,
                        int(scanned.sum()), n_active, explain_contexts)
+
+
+def _nan_activations(sae: SAE, feature: int, text: int, resid: Float[Tensor, "pos d"]) -> str:
+    """What made `sae.encode` give NaN for `feature` on text `text`, and what to do about it."""
+    said = f"sae.encode gives NaN for feature {feature} on texts[{text}]: "
+    broken = [name for name, tensor in sae.state_dict().items() if tensor.is_floating_point()
+              and not tensor.isfinite().all()]
+    if broken:
+        return said + f"NaN or Inf in the SAE's {', '.join(broken)}; reload or retrain the SAE"
+    if not resid.isfinite().all():
+        return said + "the base model's activations there hold NaN or Inf; check the base model and its dtype"
+    fix = ("load the SAE in float32 (sae.to(torch.float32))" if sae.W_dec.dtype in (torch.float16, torch.bfloat16)
+           else "check sae.encode on these activations")
+    return said + f"its weights and these activations are finite, so its encoder overflowed in {sae.W_dec.dtype}; {fix}"
 
 
 def _explain_contexts(av: ActivationVerbalizer, base: TLModel, texts: list[str], contexts: list[FeatureContext],

@@ -156,6 +156,37 @@ def test_a_non_finite_decoder_row_is_named_by_its_feature_before_any_scan(av_kar
 
 
 @NEEDS_SAE_LENS
+def test_a_card_refuses_nan_activations_naming_the_broken_sae_weights(av_karvonen, base, monkeypatch):
+    """NaN marks the positions skip_first leaves out, so NaN from sae.encode dropped those positions without a word
+    (all of them: "no positions left after skip_first=0", which blamed the texts)."""
+    texts = ["The cat sat on the mat.", "A dog ran."]
+    sae = make_sae(D_MODEL, 8, f"blocks.{LAYER}.hook_resid_post")
+    with torch.no_grad():
+        sae.b_enc[3] = float("nan")
+    with pytest.raises(nl.VectorError, match=r"sae.encode gives NaN for feature 3 on texts\[0\]: NaN or Inf in the "
+                                             r"SAE's b_enc; reload or retrain the SAE"):
+        nl.feature_card(sae, base, texts, 3, av_karvonen, max_new_tokens=2, progress=False)
+    sae = make_sae(D_MODEL, 8, f"blocks.{LAYER}.hook_resid_post")
+    encode = sae.encode
+
+    def nan_at(position: int, text: str):  # NaN at one position of one text, the SAE's weights finite
+        def patched(resid):
+            acts = encode(resid)
+            if len(resid) == len(base.tokenizer(text)["input_ids"]):
+                acts[position] = float("nan")
+            return acts
+        return patched
+
+    monkeypatch.setattr(sae, "encode", nan_at(2, texts[1]))
+    with pytest.raises(nl.VectorError, match=r"feature 3 on texts\[1\]: its weights and these activations are "
+                                             r"finite, so its encoder overflowed in torch.float32; check sae.encode"):
+        nl.feature_card(sae, base, texts, 3, av_karvonen, max_new_tokens=2, progress=False)
+    monkeypatch.setattr(sae, "encode", nan_at(0, texts[1]))  # left out by skip_first: not scanned, not refused
+    card = nl.feature_card(sae, base, texts, 3, av_karvonen, skip_first=1, max_new_tokens=2, progress=False)
+    assert card.n_positions == sum(len(base.tokenizer(t)["input_ids"]) - 1 for t in texts)
+
+
+@NEEDS_SAE_LENS
 def test_next_blocks_resid_pre_is_the_same_residual(av_karvonen):
     from nla_lens.sae import check_sae_reads_layer
 
