@@ -9,6 +9,7 @@ one row per context in `to_pandas()` and `save()`, and in a notebook the feature
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +27,7 @@ from nla_lens.results import TabularResult
 from nla_lens.sae import (
     ResidualStats,
     check_sae_reads_layer,
+    check_texts,
     decoder_rows,
     feature_id,
     resid_hook_names,
@@ -110,7 +112,7 @@ class FeatureCard(TabularResult):
 def feature_card(
     sae: SAE,
     base: TLModel,
-    texts: list[str],
+    texts: Iterable[str],
     feature: int,
     nla: ActivationVerbalizer | NLA,
     *,
@@ -141,6 +143,7 @@ def feature_card(
     # Another base of the NLA's width and depth scans without error, and its contexts would sit beside an explanation
     # of this base's feature.
     check_base_model(base, nla, av.meta.layer)
+    texts = check_texts(texts)  # a list: the contexts are explained by index
     check_counts(1, k=k)
     check_counts(0, before=before, after=after, skip_first=skip_first)
     feature = feature_id(feature)

@@ -137,7 +137,21 @@ class ResidualStats:
         return cls(mean, spread, len(vectors), layer)
 
 
-def text_residuals(base: TLModel, texts: list[str], layer: int, *, max_tokens: int | None = None,
+def check_texts(texts: Iterable[str]) -> list[str]:
+    """`texts` as a list of strings; any iterable of them passes (a pandas Series, a generator), as in `explain`."""
+    items = list(texts) if isinstance(texts, Iterable) and not isinstance(texts, str) else []
+    if not items:
+        raise InputError(f"texts must be a non-empty list of strings, got {type(texts).__name__} {texts!r:.60} "
+                         "(one text goes in a list: [text])")
+    wrong = [(i, text) for i, text in enumerate(items) if not isinstance(text, str)]
+    if wrong:
+        i, text = wrong[0]
+        raise InputError(f"texts[{i}] is {text!r:.60} ({type(text).__name__}), not a string ({len(wrong)} such "
+                         "items); pass the texts themselves")
+    return items
+
+
+def text_residuals(base: TLModel, texts: Iterable[str], layer: int, *, max_tokens: int | None = None,
                    hook_name: str | None = None) -> list[tuple[list[int], Float[Tensor, "pos d_model"]]]:
     """(token ids, `blocks.{layer}.hook_resid_post` at every position) of each text, one run per text.
 
@@ -145,8 +159,7 @@ def text_residuals(base: TLModel, texts: list[str], layer: int, *, max_tokens: i
     training code extracted its activations; `max_tokens` cuts each text (default: the context).
     `hook_name` reads that `[pos, d]` hook point instead (an SAE of another hook, read where it fires).
     """
-    if isinstance(texts, str) or not texts:
-        raise InputError("texts must be a non-empty list of strings")
+    texts = check_texts(texts)
     backends.backend_of(base)
     if base.tokenizer is None:
         raise InputError("the base model has no tokenizer to tokenize the texts with; load it with "
@@ -179,7 +192,7 @@ def _text_activation(base: TLModel, tokens: Int[Tensor, "1 pos"], hook_name: str
     return activation
 
 
-def residual_stats(base: TLModel, texts: list[str], layer: int, *, skip_first: int = 0,
+def residual_stats(base: TLModel, texts: Iterable[str], layer: int, *, skip_first: int = 0,
                    max_tokens: int | None = None) -> ResidualStats:
     """[`ResidualStats`][nla_lens.sae.ResidualStats] of layer `layer` over every position of `texts` past
     the first `skip_first`."""

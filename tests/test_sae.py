@@ -9,6 +9,8 @@ import math
 import re
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -184,6 +186,27 @@ def test_a_card_refuses_nan_activations_naming_the_broken_sae_weights(av_karvone
     monkeypatch.setattr(sae, "encode", nan_at(0, texts[1]))  # left out by skip_first: not scanned, not refused
     card = nl.feature_card(sae, base, texts, 3, av_karvonen, skip_first=1, max_new_tokens=2, progress=False)
     assert card.n_positions == sum(len(base.tokenizer(t)["input_ids"]) - 1 for t in texts)
+
+
+@NEEDS_SAE_LENS
+def test_texts_are_any_iterable_of_strings_and_anything_else_among_them_is_named(av_karvonen, base):
+    """A pandas Series or numpy array of texts was a bare ValueError ("truth value ... is ambiguous"), a generator
+    broke explain_contexts with a TypeError, and a None among the texts reached the tokenizer (a bare ValueError)."""
+    texts = ["The cat sat on the mat.", "A dog ran."]
+    reference = nl.residual_stats(base, texts, LAYER)
+    for given in (pd.Series(texts), np.array(texts), iter(texts)):
+        assert torch.equal(nl.residual_stats(base, given, LAYER).mean, reference.mean)
+    sae = make_sae(D_MODEL, 8, f"blocks.{LAYER}.hook_resid_post")
+    fast = {"k": 2, "explain_contexts": True, "max_new_tokens": 2, "progress": False}
+    card = nl.feature_card(sae, base, iter(texts), 3, av_karvonen, **fast)
+    assert len(card.contexts) == 2 and card.contexts == nl.feature_card(sae, base, texts, 3, av_karvonen,
+                                                                          **fast).contexts
+    for scan in (lambda bad: nl.residual_stats(base, bad, LAYER),
+                 lambda bad: nl.feature_card(sae, base, bad, 3, av_karvonen, progress=False)):
+        with pytest.raises(nl.InputError, match=r"texts\[2\] is None \(NoneType\), not a string \(1 such items\)"):
+            scan([*texts, None])
+        with pytest.raises(nl.InputError, match=r"non-empty list of strings, got Series .*one text goes in a list"):
+            scan(pd.Series([], dtype=str))
 
 
 @NEEDS_SAE_LENS
