@@ -9,20 +9,25 @@ one row per context in `to_pandas()` and `save()`, and in a notebook the feature
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import torch
+from jaxtyping import Float
+from torch import Tensor
 
 from nla_lens import display
+from nla_lens.base_model import check_base_model
 from nla_lens.checks import check_counts
-from nla_lens.errors import InputError
+from nla_lens.errors import InputError, VectorError
 from nla_lens.nla import NLA
 from nla_lens.results import TabularResult
 from nla_lens.sae import (
     ResidualStats,
     check_sae_reads_layer,
+    check_texts,
     decoder_rows,
     feature_id,
     resid_hook_names,
@@ -107,7 +112,7 @@ class FeatureCard(TabularResult):
 def feature_card(
     sae: SAE,
     base: TLModel,
-    texts: list[str],
+    texts: Iterable[str],
     feature: int,
     nla: ActivationVerbalizer | NLA,
     *,
@@ -135,6 +140,10 @@ def feature_card(
     if not isinstance(av, ActivationVerbalizer):
         raise InputError(f"nla must be an NLA or an ActivationVerbalizer, got {type(nla).__name__}")
     hook_name = check_sae_reads_layer(sae, av.meta.layer, av.meta.d_model, allow_other_hook=allow_other_hook)
+    # Another base of the NLA's width and depth scans without error, and its contexts would sit beside an explanation
+    # of this base's feature.
+    check_base_model(base, nla, av.meta.layer)
+    texts = check_texts(texts)  # a list: the contexts are explained by index
     check_counts(1, k=k)
     check_counts(0, before=before, after=after, skip_first=skip_first)
     feature = feature_id(feature)
@@ -147,6 +156,8 @@ def feature_card(
             acts = sae.encode(resid.to(sae.W_dec.device, sae.W_dec.dtype))
             # TopK training SAEs with use_sparse_activations encode to a sparse COO tensor.
             acts = (acts.to_dense() if acts.is_sparse else acts)[:, feature].float().cpu()
+            if acts[skip_first:].isnan().any():  # NaN below marks what skip_first left out: the card would drop these
+                raise VectorError(_nan_activations(sae, feature, len(per_text), resid))
             acts[:skip_first] = float("nan")
             per_text.append((ids, acts))
     flat = torch.cat([acts for _, acts in per_text])
@@ -177,6 +188,20 @@ def feature_card(
     cosine = None if readout.cosines is None or readout.cosines[0].isnan() else float(readout.cosines[0])
     return FeatureCard(feature, readout.hook_name, readout.verbalizations[0], cosine, contexts,
                        int(scanned.sum()), n_active, explain_contexts)
+
+
+def _nan_activations(sae: SAE, feature: int, text: int, resid: Float[Tensor, "pos d"]) -> str:
+    """What made `sae.encode` give NaN for `feature` on text `text`, and what to do about it."""
+    said = f"sae.encode gives NaN for feature {feature} on texts[{text}]: "
+    broken = [name for name, tensor in sae.state_dict().items() if tensor.is_floating_point()
+              and not tensor.isfinite().all()]
+    if broken:
+        return said + f"NaN or Inf in the SAE's {', '.join(broken)}; reload or retrain the SAE"
+    if not resid.isfinite().all():
+        return said + "the base model's activations there hold NaN or Inf; check the base model and its dtype"
+    fix = ("load the SAE in float32 (sae.to(torch.float32))" if sae.W_dec.dtype in (torch.float16, torch.bfloat16)
+           else "check sae.encode on these activations")
+    return said + f"its weights and these activations are finite, so its encoder overflowed in {sae.W_dec.dtype}; {fix}"
 
 
 def _explain_contexts(av: ActivationVerbalizer, base: TLModel, texts: list[str], contexts: list[FeatureContext],

@@ -137,7 +137,21 @@ class ResidualStats:
         return cls(mean, spread, len(vectors), layer)
 
 
-def text_residuals(base: TLModel, texts: list[str], layer: int, *, max_tokens: int | None = None,
+def check_texts(texts: Iterable[str]) -> list[str]:
+    """`texts` as a list of strings; any iterable of them passes (a pandas Series, a generator), as in `explain`."""
+    items = list(texts) if isinstance(texts, Iterable) and not isinstance(texts, str) else []
+    if not items:
+        raise InputError(f"texts must be a non-empty list of strings, got {type(texts).__name__} {texts!r:.60} "
+                         "(one text goes in a list: [text])")
+    wrong = [(i, text) for i, text in enumerate(items) if not isinstance(text, str)]
+    if wrong:
+        i, text = wrong[0]
+        raise InputError(f"texts[{i}] is {text!r:.60} ({type(text).__name__}), not a string ({len(wrong)} such "
+                         "items); pass the texts themselves")
+    return items
+
+
+def text_residuals(base: TLModel, texts: Iterable[str], layer: int, *, max_tokens: int | None = None,
                    hook_name: str | None = None) -> list[tuple[list[int], Float[Tensor, "pos d_model"]]]:
     """(token ids, `blocks.{layer}.hook_resid_post` at every position) of each text, one run per text.
 
@@ -145,8 +159,7 @@ def text_residuals(base: TLModel, texts: list[str], layer: int, *, max_tokens: i
     training code extracted its activations; `max_tokens` cuts each text (default: the context).
     `hook_name` reads that `[pos, d]` hook point instead (an SAE of another hook, read where it fires).
     """
-    if isinstance(texts, str) or not texts:
-        raise InputError("texts must be a non-empty list of strings")
+    texts = check_texts(texts)
     backends.backend_of(base)
     if base.tokenizer is None:
         raise InputError("the base model has no tokenizer to tokenize the texts with; load it with "
@@ -179,7 +192,7 @@ def _text_activation(base: TLModel, tokens: Int[Tensor, "1 pos"], hook_name: str
     return activation
 
 
-def residual_stats(base: TLModel, texts: list[str], layer: int, *, skip_first: int = 0,
+def residual_stats(base: TLModel, texts: Iterable[str], layer: int, *, skip_first: int = 0,
                    max_tokens: int | None = None) -> ResidualStats:
     """[`ResidualStats`][nla_lens.sae.ResidualStats] of layer `layer` over every position of `texts` past
     the first `skip_first`."""
@@ -262,6 +275,10 @@ def decoder_rows(sae: SAE, features: list[int]) -> Float[Tensor, "n d_in"]:
     if bad:
         raise InputError(f"feature ids {bad[:8]} are not ints in 0..{d_sae - 1} (this SAE has d_sae={d_sae})")
     rows = sae.W_dec.detach()[features].float()
+    broken = [f for f, finite in zip(features, rows.isfinite().all(dim=1).tolist(), strict=True) if not finite]
+    if broken:  # check_vectors would name the rows of the batch and ask how they were computed
+        raise VectorError(f"features {broken[:8]} have NaN or Inf in their decoder rows (sae.W_dec): the SAE's "
+                          "weights are broken (a diverged training run, a float16 overflow); reload or retrain it")
     zero = [f for f, norm in zip(features, rows.norm(dim=1).tolist(), strict=True) if norm == 0]
     if zero:
         raise InputError(f"features {zero[:8]} have all-zero decoder rows: there is no direction to verbalize")

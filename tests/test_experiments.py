@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 from base_batches import distinct_readouts, no_hooks_left, padded
-from conftest import D_MODEL, LAYER
+from conftest import D_MODEL, HAS_SAE_LENS, LAYER, make_sae
 
 import nla_lens as nl
 from nla_lens import metrics
@@ -521,7 +521,8 @@ def _gemma_stand_in_base(bos_paths):
         return nl.load_base(bos_paths["gemma_av"])
 
 
-@pytest.mark.parametrize("run", ["steer_then_verbalize", "patching_study", "explain", "steer_with_words"])
+@pytest.mark.parametrize("run", ["steer_then_verbalize", "patching_study", "explain", "steer_with_words", pytest.param(
+    "feature_card", marks=pytest.mark.skipif(not HAS_SAE_LENS, reason="feature cards need sae-lens (TL 3.x)"))])
 @pytest.mark.parametrize(("other_base", "message"), [
     # Every experiment names a width mismatch with one message (steer_with_words had its own, as a
     # PairMismatchError).
@@ -542,6 +543,8 @@ def test_a_base_model_the_nla_cannot_read_is_refused_before_it_runs(nla, bos_pat
         "patching_study": lambda: nl.patching_study(other, nla, tokens, tokens, patch_layer=0, patch_position=0),
         "explain": lambda: nla.explain(other, "The cat sat on the mat."),
         "steer_with_words": lambda: nl.steer_with_words(nla, other, tokens, -1, edit="a dog"),
+        # The card scanned the other base and set its contexts beside the explanation of this base's feature.
+        "feature_card": lambda: nl.feature_card(make_sae(D_MODEL, 8, NAME), other, ["The cat sat on the mat."], 0, nla),
     }
     with pytest.raises(nl.InputError, match=message):
         calls[run]()

@@ -9,6 +9,8 @@ import math
 import re
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -135,6 +137,76 @@ def test_a_decoder_stored_as_columns_is_refused_not_read_as_rows(av_karvonen):
         for feature in (1, d_sae - 1):
             with pytest.raises(nl.InputError, match=rf"W_dec has shape \[{D_MODEL}, {d_sae}\].*\[{d_sae}, {D_MODEL}\]"):
                 nl.verbalize_sae_features(av_karvonen, sae, [feature], max_new_tokens=2, progress=False)
+
+
+@NEEDS_SAE_LENS
+def test_a_non_finite_decoder_row_is_named_by_its_feature_before_any_scan(av_karvonen, base, monkeypatch):
+    """It was refused as "vectors at rows [0] hold NaN or Inf; check how they were computed" (the row in the
+    batch, not the feature), and a feature card first scanned every text."""
+    sae = make_sae(D_MODEL, 8, f"blocks.{LAYER}.hook_resid_post")
+    with torch.no_grad():
+        sae.W_dec[3] = float("nan")
+        sae.W_dec[5, 0] = float("inf")
+    monkeypatch.setattr(av_karvonen, "verbalize", lambda *a, **k: pytest.fail("verbalized a broken row"))
+    for run in ("run_with_hooks", "forward"):
+        monkeypatch.setattr(base, run, lambda *a, **k: pytest.fail("scanned before checking the row"))
+    message = r"features \[3, 5\] have NaN or Inf in their decoder rows \(sae.W_dec\).*reload or retrain it"
+    with pytest.raises(nl.VectorError, match=message):
+        nl.verbalize_sae_features(av_karvonen, sae, [1, 3, 5], progress=False)
+    with pytest.raises(nl.VectorError, match=message.replace("3, 5", "3")):
+        nl.feature_card(sae, base, ["The cat sat on the mat."], 3, av_karvonen, progress=False)
+
+
+@NEEDS_SAE_LENS
+def test_a_card_refuses_nan_activations_naming_the_broken_sae_weights(av_karvonen, base, monkeypatch):
+    """NaN marks the positions skip_first leaves out, so NaN from sae.encode dropped those positions without a word
+    (all of them: "no positions left after skip_first=0", which blamed the texts)."""
+    texts = ["The cat sat on the mat.", "A dog ran."]
+    sae = make_sae(D_MODEL, 8, f"blocks.{LAYER}.hook_resid_post")
+    with torch.no_grad():
+        sae.b_enc[3] = float("nan")
+    with pytest.raises(nl.VectorError, match=r"sae.encode gives NaN for feature 3 on texts\[0\]: NaN or Inf in the "
+                                             r"SAE's b_enc; reload or retrain the SAE"):
+        nl.feature_card(sae, base, texts, 3, av_karvonen, max_new_tokens=2, progress=False)
+    sae = make_sae(D_MODEL, 8, f"blocks.{LAYER}.hook_resid_post")
+    encode = sae.encode
+
+    def nan_at(position: int, text: str):  # NaN at one position of one text, the SAE's weights finite
+        def patched(resid):
+            acts = encode(resid)
+            if len(resid) == len(base.tokenizer(text)["input_ids"]):
+                acts[position] = float("nan")
+            return acts
+        return patched
+
+    monkeypatch.setattr(sae, "encode", nan_at(2, texts[1]))
+    with pytest.raises(nl.VectorError, match=r"feature 3 on texts\[1\]: its weights and these activations are "
+                                             r"finite, so its encoder overflowed in torch.float32; check sae.encode"):
+        nl.feature_card(sae, base, texts, 3, av_karvonen, max_new_tokens=2, progress=False)
+    monkeypatch.setattr(sae, "encode", nan_at(0, texts[1]))  # left out by skip_first: not scanned, not refused
+    card = nl.feature_card(sae, base, texts, 3, av_karvonen, skip_first=1, max_new_tokens=2, progress=False)
+    assert card.n_positions == sum(len(base.tokenizer(t)["input_ids"]) - 1 for t in texts)
+
+
+@NEEDS_SAE_LENS
+def test_texts_are_any_iterable_of_strings_and_anything_else_among_them_is_named(av_karvonen, base):
+    """A pandas Series or numpy array of texts was a bare ValueError ("truth value ... is ambiguous"), a generator
+    broke explain_contexts with a TypeError, and a None among the texts reached the tokenizer (a bare ValueError)."""
+    texts = ["The cat sat on the mat.", "A dog ran."]
+    reference = nl.residual_stats(base, texts, LAYER)
+    for given in (pd.Series(texts), np.array(texts), iter(texts)):
+        assert torch.equal(nl.residual_stats(base, given, LAYER).mean, reference.mean)
+    sae = make_sae(D_MODEL, 8, f"blocks.{LAYER}.hook_resid_post")
+    fast = {"k": 2, "explain_contexts": True, "max_new_tokens": 2, "progress": False}
+    card = nl.feature_card(sae, base, iter(texts), 3, av_karvonen, **fast)
+    assert len(card.contexts) == 2 and card.contexts == nl.feature_card(sae, base, texts, 3, av_karvonen,
+                                                                          **fast).contexts
+    for scan in (lambda bad: nl.residual_stats(base, bad, LAYER),
+                 lambda bad: nl.feature_card(sae, base, bad, 3, av_karvonen, progress=False)):
+        with pytest.raises(nl.InputError, match=r"texts\[2\] is None \(NoneType\), not a string \(1 such items\)"):
+            scan([*texts, None])
+        with pytest.raises(nl.InputError, match=r"non-empty list of strings, got Series .*one text goes in a list"):
+            scan(pd.Series([], dtype=str))
 
 
 @NEEDS_SAE_LENS
