@@ -307,6 +307,8 @@ _REQUIRED = {"extract": {"base_model": "x", "corpus": "y", "out_dir": "o"},
     ("train-rl", "rl", {"top_p": 0.0}, "rl: need top_p in (0, 1] (got 0.0)"),
     ("train-rl", "rl", {"group_size": 1}, "rl: group_size must be >= 2"),
     ("train-rl", "rl", {"eval_vectors": -1}, "rl: need eval_vectors >= 0 (got -1)"),
+    ("train-av", "eval_fraction", 1.5, "need eval_fraction in (0, 1): the share of documents held out (got 1.5)"),
+    ("train-rl", "eval_fraction", 0.0, "need eval_fraction in (0, 1): the share of documents held out (got 0.0)"),
     ("train-av", "n_samples", -1, "need n_samples >= 0"),
     ("train-av", "sample_max_new_tokens", 0, "sample_max_new_tokens >= 1"),
     # A section whose keys are all commented out is YAML null, not the defaults.

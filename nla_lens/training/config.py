@@ -103,6 +103,7 @@ def _check_ranges(config: object, **rules: tuple[Callable[[Any], bool], str]) ->
 _AT_LEAST_1 = (lambda v: v >= 1, ">= 1")
 _POSITIVE = (lambda v: v > 0, "> 0")
 _NON_NEGATIVE = (lambda v: v >= 0, ">= 0")
+_FRACTION = (lambda v: 0 < v < 1, "in (0, 1): the share of documents held out")  # else found once data is read
 
 
 @dataclass
@@ -173,6 +174,7 @@ class SFTRunConfig:
 
     def __post_init__(self) -> None:
         _check_dtypes(self, "dtype", "export_dtype")
+        _check_ranges(self, eval_fraction=_FRACTION)
 
 
 @dataclass
@@ -272,6 +274,7 @@ class RLRunConfig:
 
     def __post_init__(self) -> None:
         _check_dtypes(self, "dtype", "export_dtype")
+        _check_ranges(self, eval_fraction=_FRACTION)
 
 
 Config = TypeVar("Config")
