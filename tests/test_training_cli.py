@@ -324,6 +324,22 @@ def test_cli_refuses_an_out_of_range_setting_before_anything_loads(tmp_path, cap
     assert "ConfigError" in err and message in err
 
 
+def test_extract_refuses_a_layer_the_base_model_lacks_before_its_weights_load(tmp_path, capsys, base_folder,
+                                                                             extract_config, monkeypatch):
+    """It was refused only once the whole base model had loaded (minutes for an 8B model)."""
+    from nla_lens import loading
+
+    monkeypatch.setattr(loading, "load_hooked_transformer", lambda *a, **k: pytest.fail("weights read"))
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text(json.dumps({"text": "the cat sat on the mat"}) + "\n")
+    assert main(["extract", _write(tmp_path / "extract.yaml", {
+        "base_model": str(base_folder), "corpus": str(corpus), "out_dir": str(tmp_path / "acts"),
+        "extract": {**dataclasses.asdict(extract_config), "layer": 4}})]) == 2
+    assert (f"ConfigError: extract.layer 4 is outside base_model {base_folder}'s 4 blocks; set it to a block index "
+            "in 0..3") in capsys.readouterr().err
+    assert not (tmp_path / "acts").exists()
+
+
 @pytest.mark.parametrize("text", [None, 5, ["a", "b"]])
 def test_a_corpus_line_whose_text_is_not_a_string_is_named_before_extraction(tmp_path, capsys, base_folder,
                                                                              extract_config, text):

@@ -65,6 +65,10 @@ def read_corpus(path: str | Path) -> list[Document]:
 def run_extract(config: ExtractRunConfig, *, progress: bool = True) -> Path:
     backends.require_hooked("training")
     folder = loading.resolve_checkpoint(config.base_model)
+    n_layers = getattr(loading.load_hf_config(folder).get_text_config(), "num_hidden_layers", None)
+    if n_layers is not None and config.extract.layer >= n_layers:  # from config.json: before the weights load
+        raise ConfigError(f"extract.layer {config.extract.layer} is outside base_model {config.base_model}'s "
+                          f"{n_layers} blocks; set it to a block index in 0..{n_layers - 1}")
     tokenizer = loading.load_tokenizer(folder)
     model = loading.load_hooked_transformer(folder, tokenizer, dtype=config_dtype(config.dtype), device=config.device)
     return extract_activations(model, tokenizer, read_corpus(config.corpus), config.out_dir, config.extract,
