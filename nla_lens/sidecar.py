@@ -134,9 +134,13 @@ def load_meta(folder: str | Path) -> NLAMeta:
     if not path.is_file():
         model = " It holds a model (config.json): a base model is not an NLA checkpoint." if (
             Path(folder) / "config.json").is_file() else ""
+        # A training run's out_dir (train-av / train-ar export to model/, train-rl to av/ and ar/): name its exports.
+        exports = [str(Path(folder) / sub) for sub in ("model", "av", "ar")
+                   if (Path(folder) / sub / SIDECAR_NAME).is_file()]
+        run = f" It is a training run's out_dir; its export: {' or '.join(exports)}." if exports else ""
         raise SidecarError(
-            f"no {SIDECAR_NAME} in {folder}: an NLA checkpoint needs its sidecar.{model} Pass an AV or AR folder, "
-            f"or copy the {SIDECAR_NAME} released with the checkpoint into that folder."
+            f"no {SIDECAR_NAME} in {folder}: an NLA checkpoint needs its sidecar.{model}{run} Pass an AV or AR "
+            f"folder, or copy the {SIDECAR_NAME} released with the checkpoint into that folder."
         )
     try:
         data = safe_load_unique(path.read_text(encoding="utf-8"))

@@ -201,6 +201,11 @@ def test_missing_and_unparseable_sidecar_files(tmp_path):
     with pytest.raises(nl.SidecarError, match="It holds a model \\(config.json\\): a base model is not an NLA"):
         load_meta(tmp_path)
     (tmp_path / "config.json").unlink()
+    for export in ("model", "av", "ar"):  # a training run's out_dir given for the checkpoint (train-rl's av: / ar:)
+        (tmp_path / export).mkdir()
+        (tmp_path / export / "nla_meta.yaml").write_text("kind: nla_model\n")
+    with pytest.raises(nl.SidecarError, match="It is a training run's out_dir; its export: .*model or .*av or .*ar\\."):
+        load_meta(tmp_path)
     (tmp_path / "nla_meta.yaml").write_text("kind: [unclosed\n")
     with pytest.raises(nl.SidecarError, match="not valid YAML"):
         load_meta(tmp_path)

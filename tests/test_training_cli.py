@@ -297,6 +297,18 @@ _REQUIRED = {"extract": {"base_model": "x", "corpus": "y", "out_dir": "o"},
     ("train-rl", "rl", {"clip_eps": 0.0}, "clip_eps must be in (0, 1)"),
     ("train-ar", "train", {"trainable_blocks": 3}, "trainable_blocks must be a list of block indices"),
     ("train-ar", "train", {"trainable_blocks": ["2"]}, "trainable_blocks must be a list of block indices"),
+    # Each out-of-range field is named with its section and the value given, not a list of rules to check.
+    ("train-av", "train", {"lr": -1e-3}, "train: need lr > 0 (got -0.001)"),
+    ("train-ar", "train", {"batch_size": 0, "grad_accum": 0}, "train: need batch_size >= 1 (got 0); grad_accum >= 1"),
+    ("train-ar", "train", {"min_lr_ratio": 2.0}, "train: need min_lr_ratio in [0, 1] (got 2.0)"),
+    ("train-ar", "train", {"keep_checkpoints": 0}, "train: need keep_checkpoints >= 1 (got 0)"),
+    ("train-rl", "rl", {"max_new_tokens": 0}, "rl: need max_new_tokens >= 1 (got 0)"),
+    ("train-rl", "rl", {"kl_coef": -0.1}, "rl: need kl_coef >= 0 (got -0.1)"),
+    ("train-rl", "rl", {"top_p": 0.0}, "rl: need top_p in (0, 1] (got 0.0)"),
+    ("train-rl", "rl", {"group_size": 1}, "rl: group_size must be >= 2"),
+    ("train-rl", "rl", {"eval_vectors": -1}, "rl: need eval_vectors >= 0 (got -1)"),
+    ("train-av", "eval_fraction", 1.5, "need eval_fraction in (0, 1): the share of documents held out (got 1.5)"),
+    ("train-rl", "eval_fraction", 0.0, "need eval_fraction in (0, 1): the share of documents held out (got 0.0)"),
     ("train-av", "n_samples", -1, "need n_samples >= 0"),
     ("train-av", "sample_max_new_tokens", 0, "sample_max_new_tokens >= 1"),
     # A section whose keys are all commented out is YAML null, not the defaults.
@@ -310,6 +322,22 @@ def test_cli_refuses_an_out_of_range_setting_before_anything_loads(tmp_path, cap
     assert main([command, config]) == 2
     err = capsys.readouterr().err
     assert "ConfigError" in err and message in err
+
+
+def test_extract_refuses_a_layer_the_base_model_lacks_before_its_weights_load(tmp_path, capsys, base_folder,
+                                                                             extract_config, monkeypatch):
+    """It was refused only once the whole base model had loaded (minutes for an 8B model)."""
+    from nla_lens import loading
+
+    monkeypatch.setattr(loading, "load_hooked_transformer", lambda *a, **k: pytest.fail("weights read"))
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text(json.dumps({"text": "the cat sat on the mat"}) + "\n")
+    assert main(["extract", _write(tmp_path / "extract.yaml", {
+        "base_model": str(base_folder), "corpus": str(corpus), "out_dir": str(tmp_path / "acts"),
+        "extract": {**dataclasses.asdict(extract_config), "layer": 4}})]) == 2
+    assert (f"ConfigError: extract.layer 4 is outside base_model {base_folder}'s 4 blocks; set it to a block index "
+            "in 0..3") in capsys.readouterr().err
+    assert not (tmp_path / "acts").exists()
 
 
 @pytest.mark.parametrize("text", [None, 5, ["a", "b"]])

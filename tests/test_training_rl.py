@@ -469,6 +469,21 @@ def test_train_rl_refuses_an_ar_of_another_family_before_any_weight(layer1_extra
         run_train_rl(config, progress=False)
 
 
+@pytest.mark.parametrize(("av", "ar", "message"), [
+    ("av_karvonen", "av_karvonen", "ar: .* is an AV checkpoint, not an AR; point ar at the SFT AR"),  # no role
+    ("av_karvonen", "av_embedding", "ar: .* is an AV checkpoint, not an AR; point ar at the SFT AR"),
+    ("ar_nanonla", "ar_nanonla", "av: .* is an AR checkpoint, not an AV; point av at the SFT AV"),
+])
+def test_train_rl_refuses_a_checkpoint_of_the_other_role_before_any_weight(layer1_extraction, tiny_paths,
+                                                                          monkeypatch, av, ar, message):
+    """An AV given as `ar` was refused by the AR's loader only once the AV's weights (and the reference's) had
+    loaded, in words for `from_pretrained` users ("load it with ActivationVerbalizer.from_pretrained")."""
+    monkeypatch.setattr(backends, "load_model", lambda *a, **k: pytest.fail("weights read"))
+    config = _layer1_run(layer1_extraction, tiny_paths[av], tiny_paths[ar])
+    with pytest.raises(nl.ConfigError, match=message):
+        run_train_rl(config, progress=False)
+
+
 def test_train_rl_warns_when_its_held_out_split_is_not_the_one_the_ar_was_exported_with(sft_pair, base_folder,
                                                                                        tmp_path, monkeypatch):
     """An RL YAML without the SFT runs' eval_fraction (its default is 0.1) silently trained on SFT's held-out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -90,6 +91,21 @@ def _block_indices(blocks: Any) -> list[int] | None:
     return list(blocks)
 
 
+def _check_ranges(config: object, **rules: tuple[Callable[[Any], bool], str]) -> None:
+    """Name each field out of its range with the value given, so a combined rule does not leave the user to
+    guess which of its fields was wrong."""
+    bad = [f"{name} {need} (got {getattr(config, name)!r})" for name, (ok, need) in rules.items()
+           if not ok(getattr(config, name))]
+    if bad:
+        raise ConfigError(f"need {'; '.join(bad)}")
+
+
+_AT_LEAST_1 = (lambda v: v >= 1, ">= 1")
+_POSITIVE = (lambda v: v > 0, "> 0")
+_NON_NEGATIVE = (lambda v: v >= 0, ">= 0")
+_FRACTION = (lambda v: 0 < v < 1, "in (0, 1): the share of documents held out")  # else found once data is read
+
+
 @dataclass
 class TrainConfig:
     """The SFT loop's settings, shared by the AV and AR trainers."""
@@ -115,16 +131,14 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self.betas = _adam_betas(self.betas)
         self.trainable_blocks = _block_indices(self.trainable_blocks)
-        if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1 or self.lr <= 0:
-            raise ConfigError("need steps >= 1, batch_size >= 1, grad_accum >= 1 and lr > 0")
+        _check_ranges(self, steps=_AT_LEAST_1, batch_size=_AT_LEAST_1, grad_accum=_AT_LEAST_1, lr=_POSITIVE)
         if self.weight_decay < 0:
             raise ConfigError(f"weight_decay must be >= 0 (0: none), got {self.weight_decay}")
-        if not 0 <= self.min_lr_ratio <= 1 or self.warmup_steps < 0 or self.grad_clip <= 0:
-            raise ConfigError("need 0 <= min_lr_ratio <= 1, warmup_steps >= 0 and grad_clip > 0")
+        _check_ranges(self, min_lr_ratio=(lambda v: 0 <= v <= 1, "in [0, 1]"), warmup_steps=_NON_NEGATIVE,
+                      grad_clip=_POSITIVE)
         if self.data_parallel not in ("ddp", "fsdp"):
             raise ConfigError(f"data_parallel must be 'ddp' or 'fsdp', got {self.data_parallel!r}")
-        if self.eval_every < 0 or self.save_every < 0 or self.keep_checkpoints < 1:
-            raise ConfigError("need eval_every >= 0, save_every >= 0 and keep_checkpoints >= 1")
+        _check_ranges(self, eval_every=_NON_NEGATIVE, save_every=_NON_NEGATIVE, keep_checkpoints=_AT_LEAST_1)
 
 
 @dataclass
@@ -160,6 +174,7 @@ class SFTRunConfig:
 
     def __post_init__(self) -> None:
         _check_dtypes(self, "dtype", "export_dtype")
+        _check_ranges(self, eval_fraction=_FRACTION)
 
 
 @dataclass
@@ -220,21 +235,19 @@ class RLConfig:
 
     def __post_init__(self) -> None:
         self.betas = _adam_betas(self.betas)
-        if self.steps < 1 or self.prompts_per_step < 1 or self.max_new_tokens < 1 or self.micro_batch < 1:
-            raise ConfigError("need steps, prompts_per_step, max_new_tokens and micro_batch >= 1")
+        _check_ranges(self, steps=_AT_LEAST_1, prompts_per_step=_AT_LEAST_1, max_new_tokens=_AT_LEAST_1,
+                      micro_batch=_AT_LEAST_1)
         if self.group_size < 2:
             raise ConfigError(f"group_size must be >= 2: advantages are relative to the group (got {self.group_size})")
-        if self.temperature <= 0 or not 0 < self.top_p <= 1:
-            raise ConfigError("RL samples: need temperature > 0 and 0 < top_p <= 1")
-        if self.lr <= 0 or self.ar_lr <= 0 or self.grad_clip <= 0 or self.kl_coef < 0:
-            raise ConfigError("need lr, ar_lr, grad_clip > 0 and kl_coef >= 0")
+        _check_ranges(self, temperature=_POSITIVE, top_p=(lambda v: 0 < v <= 1, "in (0, 1]"), lr=_POSITIVE,
+                      ar_lr=_POSITIVE, grad_clip=_POSITIVE, kl_coef=_NON_NEGATIVE)
         if not 0 < self.clip_eps < 1:
             raise ConfigError(f"clip_eps must be in (0, 1): the ratio is clipped to [1 - clip_eps, 1 + clip_eps] "
                               f"(the recipe: 0.2), got {self.clip_eps}")
         if self.sft_coef < 0 or self.sft_batch < 1:
             raise ConfigError(f"need sft_coef >= 0 and sft_batch >= 1 (got {self.sft_coef}, {self.sft_batch})")
-        if self.eval_every < 0 or self.eval_vectors < 0 or self.save_every < 0 or self.keep_checkpoints < 1:
-            raise ConfigError("need eval_every, eval_vectors, save_every >= 0 and keep_checkpoints >= 1")
+        _check_ranges(self, eval_every=_NON_NEGATIVE, eval_vectors=_NON_NEGATIVE, save_every=_NON_NEGATIVE,
+                      keep_checkpoints=_AT_LEAST_1)
 
 
 @dataclass
@@ -261,6 +274,7 @@ class RLRunConfig:
 
     def __post_init__(self) -> None:
         _check_dtypes(self, "dtype", "export_dtype")
+        _check_ranges(self, eval_fraction=_FRACTION)
 
 
 Config = TypeVar("Config")
@@ -317,7 +331,7 @@ def from_dict(cls: type[Config], data: Any, *, where: str = "") -> Config:
         values[name] = value
     try:
         return cls(**values)
-    except TypeError as exc:
+    except (TypeError, ConfigError) as exc:  # a section's own range checks: name the section too
         raise ConfigError(f"{at}{exc}") from exc
 
 

@@ -65,6 +65,10 @@ def read_corpus(path: str | Path) -> list[Document]:
 def run_extract(config: ExtractRunConfig, *, progress: bool = True) -> Path:
     backends.require_hooked("training")
     folder = loading.resolve_checkpoint(config.base_model)
+    n_layers = getattr(loading.load_hf_config(folder).get_text_config(), "num_hidden_layers", None)
+    if n_layers is not None and config.extract.layer >= n_layers:  # from config.json: before the weights load
+        raise ConfigError(f"extract.layer {config.extract.layer} is outside base_model {config.base_model}'s "
+                          f"{n_layers} blocks; set it to a block index in 0..{n_layers - 1}")
     tokenizer = loading.load_tokenizer(folder)
     model = loading.load_hooked_transformer(folder, tokenizer, dtype=config_dtype(config.dtype), device=config.device)
     return extract_activations(model, tokenizer, read_corpus(config.corpus), config.out_dir, config.extract,
@@ -190,11 +194,19 @@ def run_train_rl(config: RLRunConfig, *, progress: bool = True) -> RLRunResult:
 
 
 def check_rl_layers(config: RLRunConfig, activations: NLAMeta) -> None:
-    """The AV, the AR and the activations read one layer of one d_model, and the AV and AR share a vocabulary
+    """`av` holds an AV and `ar` an AR, the AV, the AR and the activations read one layer of one d_model, and the
+    AV and AR share a vocabulary
     (checked from the sidecars and tokenizers, before any weights load): RL on another layer's vectors would
     export sidecars claiming the AV's."""
     folders = [loading.resolve_checkpoint(path) for path in (config.av, config.ar)]
     av, ar = (load_meta(folder) for folder in folders)
+    for key, folder, meta in zip(("av", "ar"), folders, (av, ar), strict=True):
+        # None: a sidecar without a role and no AR readout beside it, so an AV. Checked here, else the AV's
+        # weights load before the AR's loader refuses an AV.
+        role = loading.checkpoint_role(folder, meta) or "av"
+        if role != key:
+            raise ConfigError(f"{key}: {getattr(config, key)} is an {role.upper()} checkpoint, not an {key.upper()}; "
+                              f"point {key} at the SFT {key.upper()} (nla-lens train-{key}'s out_dir/model)")
     check_pair(av, ar)
     check_vocabularies(*(loading.load_tokenizer(folder) for folder in folders))
     for name in ("layer", "d_model"):
