@@ -228,7 +228,7 @@ def steer_then_verbalize(
     av = _verbalizer(nla_or_av)
     check_read_keywords(nla_or_av, verbalize_kwargs, "steer_then_verbalize")
     layer = av.meta.layer if capture_layer is None else capture_layer
-    check_base_model(base_model, nla_or_av)
+    check_base_model(base_model, nla_or_av, av.meta.layer)
     d_model = base_model.cfg.d_model
     if isinstance(steering_vector, Tensor) and tuple(steering_vector.shape) not in ((d_model,), (1, d_model)):
         raise VectorError(f"steering_vector must be one [d_model] = [{d_model}] vector (it is added to the base "
@@ -299,7 +299,7 @@ def patching_study(
     av = _verbalizer(nla_or_av)
     check_read_keywords(nla_or_av, verbalize_kwargs, "patching_study")
     layer = av.meta.layer if capture_layer is None else capture_layer
-    check_base_model(base_model, nla_or_av)
+    check_base_model(base_model, nla_or_av, av.meta.layer)
     check_token_tensor(clean_tokens, "clean_tokens")
     check_token_tensor(corrupted_tokens, "corrupted_tokens")
     if clean_tokens.shape != corrupted_tokens.shape or clean_tokens.ndim != 2:

@@ -163,8 +163,9 @@ def feature_card(
     flat = torch.cat([acts for _, acts in per_text])
     scanned = ~flat.isnan()
     if not scanned.any():  # as residual_stats refuses it: an empty card would look like a dead feature
-        raise InputError(f"no positions left after skip_first={skip_first}: the longest text has "
-                         f"{max(len(ids) for ids, _ in per_text)} tokens; use longer texts or a smaller skip_first")
+        longest = max(len(ids) for ids, _ in per_text)
+        raise InputError(f"no positions left after skip_first={skip_first}: the longest text has {longest} "
+                         f"token{'' if longest == 1 else 's'}; use longer texts or a smaller skip_first")
     readout = verbalize_sae_features(nla, sae, [feature], offset=offset, allow_other_hook=allow_other_hook,
                                      **verbalize_kwargs)
     n_active = int((flat[scanned] > 0).sum())

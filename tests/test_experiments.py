@@ -13,6 +13,7 @@ import nla_lens as nl
 from nla_lens import metrics
 from nla_lens.capture import resid_post
 from nla_lens.experiments import word_diff
+from nla_lens.testing import save_base_model
 
 NAME = f"blocks.{LAYER}.hook_resid_post"
 FAST = {"max_new_tokens": 4, "progress": False}
@@ -530,7 +531,11 @@ def _gemma_stand_in_base(bos_paths):
     # A Gemma base of the tiny NLA's width and depth passed every check, and its activations were explained
     # as if they were the Qwen base's.
     (_gemma_stand_in_base, "the base model's tokenizer has another vocabulary than the NLA's"),
-], ids=["another-width", "another-family"])
+    # A base of the NLA's width and tokenizer that stops before layer K: the experiments said only "layer
+    # must be an int in 0..1", not that the base is the wrong one.
+    (lambda paths: nl.load_base(save_base_model(paths["gemma_av"].parent / "two_block_base", n_layers=2)),
+     f"the base model has 2 blocks, but this NLA reads layer {LAYER}"),
+], ids=["another-width", "another-family", "too-few-blocks"])
 def test_a_base_model_the_nla_cannot_read_is_refused_before_it_runs(nla, bos_paths, run, other_base, message,
                                                                     monkeypatch):
     other = other_base(bos_paths)
