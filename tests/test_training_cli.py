@@ -23,6 +23,7 @@ from nla_lens.training import (
     init_ar,
     label_activations,
     load_activations,
+    pipeline,
     save_explanations,
 )
 
@@ -309,6 +310,8 @@ _REQUIRED = {"extract": {"base_model": "x", "corpus": "y", "out_dir": "o"},
     ("train-rl", "rl", {"eval_vectors": -1}, "rl: need eval_vectors >= 0 (got -1)"),
     ("train-av", "eval_fraction", 1.5, "need eval_fraction in (0, 1): the share of documents held out (got 1.5)"),
     ("train-rl", "eval_fraction", 0.0, "need eval_fraction in (0, 1): the share of documents held out (got 0.0)"),
+    ("train-av", "injection", "karvonnen", "injection: 'karvonnen' is no injection method; set one of ['embedding', "
+     "'karvonen']"),
     ("train-av", "n_samples", -1, "need n_samples >= 0"),
     ("train-av", "sample_max_new_tokens", 0, "sample_max_new_tokens >= 1"),
     # A section whose keys are all commented out is YAML null, not the defaults.
@@ -354,3 +357,17 @@ def test_a_corpus_line_whose_text_is_not_a_string_is_named_before_extraction(tmp
     assert err.count("\n") == 1
     assert f"InputError: {corpus}:2: 'text' must be a string, got {text!r}" in err
     assert not acts.exists()
+
+
+def test_a_missing_base_model_is_named_by_its_key_before_the_activations_are_read(tmp_path, capsys, monkeypatch):
+    """It was a CheckpointError without the key or the YAML, once the (possibly large) activations had loaded."""
+    monkeypatch.setattr(pipeline, "load_activations", lambda *a, **k: pytest.fail("activations read"))
+    (tmp_path / "acts").mkdir()
+    (tmp_path / "explanations.jsonl").write_text("")
+    config = _write(tmp_path / "av.yaml", {**_REQUIRED["train-av"], "base_model": str(tmp_path / "no_base"),
+                                           "activations": str(tmp_path / "acts"),
+                                           "explanations": str(tmp_path / "explanations.jsonl")})
+    assert main(["train-av", config]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"nla-lens train-av: ConfigError: {config}: base_model: ")
+    assert str(tmp_path / "no_base") in err

@@ -8,9 +8,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from nla_lens import loading
 from nla_lens.checks import resolve_device
 from nla_lens.distributed import World
-from nla_lens.errors import ConfigError
+from nla_lens.errors import CheckpointError, ConfigError
 from nla_lens.training import pipeline
 from nla_lens.training.config import ARRunConfig, AVRunConfig, ExtractRunConfig, RLRunConfig, load_config
 
@@ -43,6 +44,11 @@ def check_inputs(config: Any, path: str) -> None:
             # A relative path is read from where the command runs, which is easy to mistake for the YAML's folder.
             where = "" if Path(value).is_absolute() else f" (relative to the current folder {Path.cwd()})"
             raise ConfigError(f"{path}: {name} {value} does not exist{where}{hint}; check the path")
+    if getattr(config, "base_model", None) is not None:  # else found once the activations are read, unnamed
+        try:
+            loading.resolve_checkpoint(config.base_model)
+        except CheckpointError as exc:
+            raise ConfigError(f"{path}: base_model: {exc}") from exc
     out_dir = getattr(config, "out_dir", None)
     if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():  # else it fails once trained
         raise ConfigError(f"{path}: out_dir {out_dir} is a file; point out_dir at a folder (it is created if missing)")

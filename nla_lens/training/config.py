@@ -15,7 +15,7 @@ import yaml
 
 from nla_lens.checks import dtype_names, resolve_dtype
 from nla_lens.errors import ConfigError, InputError
-from nla_lens.sidecar import DuplicateKeyError, safe_load_unique
+from nla_lens.sidecar import DEFAULT_HOOK_POINT, DuplicateKeyError, safe_load_unique
 
 # The paper's critic prompt; the AV prompt puts the marker between '>' and '</' as nanoNLA's does.
 DEFAULT_AR_TEMPLATE = "Summary of the following text: <text>{explanation}</text> <summary>"
@@ -187,6 +187,9 @@ class AVRunConfig(SFTRunConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.injection not in DEFAULT_HOOK_POINT:  # else an InputError without the file, once the data is read
+            raise ConfigError(f"injection: {self.injection!r} is no injection method; set one of "
+                              f"{sorted(DEFAULT_HOOK_POINT)}")
         if self.n_samples < 0 or self.sample_max_new_tokens < 1:
             raise ConfigError(f"need n_samples >= 0 (0: no sample verbalizations) and sample_max_new_tokens >= 1 "
                               f"(got {self.n_samples}, {self.sample_max_new_tokens})")
