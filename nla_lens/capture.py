@@ -63,8 +63,8 @@ def last_real_positions(real: Bool[Tensor, "batch pos"]) -> Int[Tensor, " batch"
 def resolve_positions(
     positions: PositionSpec, real: Bool[Tensor, "batch pos"], *, name: str = "positions", use: str = "read"
 ) -> tuple[Int[Tensor, " n"], Int[Tensor, " n"]]:
-    """(row, column) of every selected token, row-major; raise on columns outside the row or on padding. A mask's
-    errors name the argument (`name`) and what its tokens are for (`use`)."""
+    """(row, column) of every selected token, row-major; raise on columns outside the row or on padding. The
+    errors name the argument (`name`) and, for a mask that selects nothing, what its tokens are for (`use`)."""
     batch, width = real.shape
     if isinstance(positions, Tensor) and positions.dtype == torch.bool:
         if positions.shape != real.shape:
@@ -84,7 +84,7 @@ def resolve_positions(
         if outside.any():
             row, k = (int(i) for i in outside.nonzero()[0])
             raise InputError(
-                f"position {int(wanted[row, k])} is outside row {row} (columns 0..{width - 1}, last real "
+                f"{name}: position {int(wanted[row, k])} is outside row {row} (columns 0..{width - 1}, last real "
                 f"token at {int(last[row])}); pick positions inside the sequence"
             )
         rows = torch.arange(batch, device=real.device)[:, None].expand_as(cols).flatten()
@@ -93,7 +93,7 @@ def resolve_positions(
     if padding.any():
         i = int(padding.nonzero()[0])
         raise InputError(
-            f"position {int(cols[i])} of row {int(rows[i])} is padding; use negative positions "
+            f"{name}: position {int(cols[i])} of row {int(rows[i])} is padding; use negative positions "
             "(counted back from each row's last real token) or a boolean mask of real tokens"
         )
     return rows, cols

@@ -261,7 +261,8 @@ def test_steer_positions_on_padding_are_refused_before_either_run(base, nla, ste
         raise AssertionError("a run started before steer_positions were checked")
 
     monkeypatch.setattr(nl.experiments, "_capture_run", no_run)
-    with pytest.raises(nl.InputError, match="padding"):
+    # The message named no argument ("position 0 of row 1 is padding"): the user had given two kinds of positions
+    with pytest.raises(nl.InputError, match=r"steer_positions: position 0 of row \d is padding"):
         nl.steer_then_verbalize(base, nla, tokens, steering_vector=steer, scale=1.0, steer_layer=LAYER,
                                 steer_positions=0, **FAST)  # column 0 is padding in the shorter rows
 
