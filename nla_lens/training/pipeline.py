@@ -194,10 +194,9 @@ def run_train_rl(config: RLRunConfig, *, progress: bool = True) -> RLRunResult:
 
 
 def check_rl_layers(config: RLRunConfig, activations: NLAMeta) -> None:
-    """`av` holds an AV and `ar` an AR, the AV, the AR and the activations read one layer of one d_model, and the
-    AV and AR share a vocabulary
-    (checked from the sidecars and tokenizers, before any weights load): RL on another layer's vectors would
-    export sidecars claiming the AV's."""
+    """`av` holds an AV and `ar` an AR; the two and the activations read one layer of one d_model; the AV and AR
+    share a vocabulary. Checked from the sidecars and tokenizers, before any weights load: RL on another layer's
+    vectors would export sidecars claiming the AV's."""
     folders = [loading.resolve_checkpoint(path) for path in (config.av, config.ar)]
     av, ar = (load_meta(folder) for folder in folders)
     for key, folder, meta in zip(("av", "ar"), folders, (av, ar), strict=True):
