@@ -13,7 +13,7 @@ from __future__ import annotations
 import difflib
 import string
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 import pyarrow as pa
@@ -47,7 +47,8 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class SteeringRow:
-    """One captured site, read out without and with steering."""
+    """One captured site, read out without and with steering; both readouts' `index` is the site's row i of
+    `clean_vectors` / `steered_vectors`."""
 
     batch: int
     position: int
@@ -91,7 +92,8 @@ class SteeringResult(TabularResult):
 
 @dataclass(frozen=True)
 class PatchingRow:
-    """One captured site of one run (clean, corrupted or patched), read out."""
+    """One captured site of one run (clean, corrupted or patched), read out; the readout's `index` is the site's
+    row in that run's vectors."""
 
     run: Literal["clean", "corrupted", "patched"]
     batch: int
@@ -251,7 +253,8 @@ def steer_then_verbalize(
     cosines = torch.cosine_similarity(clean.vectors, steered.vectors, dim=-1).tolist()
     rows = []
     for i, site in enumerate(clean.rows):
-        before, after = verbalizations[i], verbalizations[n + i]
+        # One AV batch held clean then steered rows: a steered readout is given its own row i, not n + i.
+        before, after = verbalizations[i], replace(verbalizations[n + i], index=i)
         added, removed = word_diff(_readout(before), _readout(after))
         rows.append(SteeringRow(site.batch, site.position, site.token, before, after, added, removed,
                                 cosines[i], fves[i], fves[n + i]))
@@ -335,8 +338,9 @@ def patching_study(
     for k, (run, cap) in enumerate(runs):
         cosines = torch.cosine_similarity(cap.vectors, clean.vectors, dim=-1).tolist()
         for i, site in enumerate(cap.rows):
+            # One AV batch held the three runs: a readout is given its row i in its own run, not k * n + i.
             rows.append(PatchingRow(run, site.batch, site.position, site.token,
-                                    verbalizations[k * n + i], fves[k * n + i], cosines[i]))
+                                    replace(verbalizations[k * n + i], index=i), fves[k * n + i], cosines[i]))
     return PatchingStudy(rows, hook_name, clean.vectors, corrupted.vectors, patched.vectors, round_trip)
 
 

@@ -115,6 +115,29 @@ def test_steer_then_verbalize_equals_hand_written_runs(base, av_karvonen, steer)
         assert (row.added, row.removed) == word_diff(row.clean.text, row.steered.text)  # nothing parses
 
 
+def test_each_readout_is_indexed_by_its_own_row_though_the_runs_share_one_av_batch(base, av_karvonen, steer,
+                                                                                     monkeypatch):
+    """Clean and steered (clean, corrupted and patched) vectors are verbalized in one batch, so a steered readout's
+    `index` was its row in that batch (n + i) instead of its own row i of `steered_vectors`."""
+    batches = []
+    verbalize = av_karvonen.verbalize
+    monkeypatch.setattr(av_karvonen, "verbalize", lambda vectors, **kw: batches.append(len(vectors)) or verbalize(
+        vectors, **kw))
+    tokens, mask = padded(base, "left")
+    result = nl.steer_then_verbalize(base, av_karvonen, tokens, attention_mask=mask, steering_vector=steer,
+                                     scale=2.0, steer_layer=0, positions=[-1, -2], **FAST)
+    n = len(result.rows)
+    assert n == 2 * len(tokens) and batches == [2 * n]  # still one AV batch
+    assert [r.clean.index for r in result.rows] == [r.steered.index for r in result.rows] == list(range(n))
+    batches.clear()
+    clean_tokens, corrupted_tokens = equal_length_pair(base)
+    study = nl.patching_study(base, av_karvonen, clean_tokens, corrupted_tokens, patch_layer=1, patch_position=1,
+                              capture_position=[-1, 0], **FAST)
+    assert batches == [len(study.rows)] == [12]
+    for run in ("clean", "corrupted", "patched"):
+        assert [r.verbalization.index for r in study.rows if r.run == run] == [0, 1, 2, 3]
+
+
 def hand_written_patching(base, clean_tokens, corrupted_tokens, layer, position):
     """transformer_lens.patching's resid_pre patch, written out: clean cache -> hook -> corrupted run."""
     patch_name = f"blocks.{layer}.hook_resid_pre"
