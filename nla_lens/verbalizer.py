@@ -59,10 +59,10 @@ class Verbalization:
 
 
 class Verbalizations(TabularResult, list):
-    """What `verbalize` returns: a list of `Verbalization`s (a slice, `+`, `*` and `copy()` are one too) that also
-    prints short, shows as a table in a notebook, and has `to_pandas()` / `save()` (one row per vector). A row's
-    `index` is the row of the vectors it explains (its position here for rows built by hand), so `out[10:]` starts
-    at 10."""
+    """What `verbalize` returns: a list of `Verbalization`s (a slice, `+` on either side, `*` and `copy()` are one too)
+    that also prints short, shows as a table in a notebook, and has `to_pandas()` / `save()` (one row per vector). A
+    row's `index` is the row of the vectors it explains (its position here for rows built by hand), so `out[10:]`
+    starts at 10."""
 
     def to_records(self) -> list[dict[str, Any]]:
         return [{"index": i if v.index is None else v.index, "explanation": v.explanation,
@@ -90,6 +90,12 @@ class Verbalizations(TabularResult, list):
 
     def __add__(self, other: list[Verbalization]) -> Verbalizations:  # type: ignore[override]
         return Verbalizations(super().__add__(other))
+
+    def __radd__(self, other: list[Verbalization]) -> Verbalizations:
+        """`[v0] + out` is one too: Python asks a list subclass's `__radd__` before list's own `+` (a plain list)."""
+        if not isinstance(other, list):
+            return NotImplemented
+        return Verbalizations([*other, *self])
 
     def __mul__(self, times: SupportsIndex) -> Verbalizations:
         return Verbalizations(super().__mul__(times))

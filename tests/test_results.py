@@ -470,3 +470,19 @@ def test_verbalizations_stay_verbalizations_under_add_mul_and_copy_and_rows_keep
     assert out[1] == Verbalization(out[1].text, out[1].explanation, out[1].tokens)  # index is not compared
     by_hand = Verbalizations([Verbalization("a", None, [1]), Verbalization("b", None, [2])])
     assert [r["index"] for r in by_hand[1:].to_records()] == [0]  # rows built by hand: their position
+
+
+def test_a_plain_list_plus_verbalizations_is_verbalizations():
+    """`[v0] + out` stayed a plain list (no summary, no save): Python tries a list subclass's `__radd__` before
+    list's own `+` only where the subclass defines one."""
+    from nla_lens.verbalizer import Verbalization, Verbalizations
+
+    first, second, third = (Verbalization(w, None, [i], i) for i, w in enumerate("abc"))
+    out = Verbalizations([second, third])
+    joined = [first] + out
+    assert type(joined) is Verbalizations and joined == [first, second, third]
+    assert [r["index"] for r in joined.to_records()] == [0, 1, 2]
+    assert type([] + out) is Verbalizations and type(out + [first]) is Verbalizations
+    assert out == [second, third]  # neither operand changes
+    with pytest.raises(TypeError, match="can only concatenate tuple"):  # a tuple is no list: Python's own error
+        (first,) + out
