@@ -124,7 +124,7 @@ def check_explanations(explanations: Sequence[str]) -> None:
             hint = (" Pass the strings: [v.explanation for v in verbalizations if v.explanation is not None], or "
                     "score the vectors with NLA.round_trip.")
         raise InputError(f"explanation {i} is {item!r} ({type(item).__name__}), not a string ({len(wrong)} such "
-                         f"items).{hint}")
+                         f"item{'' if len(wrong) == 1 else 's'}).{hint}")
 
 
 def check_input_file(path: Path, what: str = "input") -> None:

@@ -147,7 +147,7 @@ def check_texts(texts: Iterable[str]) -> list[str]:
     if wrong:
         i, text = wrong[0]
         raise InputError(f"texts[{i}] is {text!r:.60} ({type(text).__name__}), not a string ({len(wrong)} such "
-                         "items); pass the texts themselves")
+                         f"item{'' if len(wrong) == 1 else 's'}); pass the texts themselves")
     return items
 
 

@@ -233,7 +233,7 @@ def test_shards_without_an_output_file_are_refused(tiny_paths, vector_file, no_m
 # --- the same checks from Python ---
 
 @pytest.mark.parametrize("bad, expected", [
-    ([None], "explanation 0 is None (NoneType), not a string (1 such items). A failed parse"),
+    ([None], "explanation 0 is None (NoneType), not a string (1 such item). A failed parse"),
     ([123], "explanation 0 is 123 (int)"),
     (["ok", None, None], "explanation 1 is None (NoneType), not a string (2 such items)"),
 ])

@@ -203,8 +203,10 @@ def test_texts_are_any_iterable_of_strings_and_anything_else_among_them_is_named
                                                                           **fast).contexts
     for scan in (lambda bad: nl.residual_stats(base, bad, LAYER),
                  lambda bad: nl.feature_card(sae, base, bad, 3, av_karvonen, progress=False)):
-        with pytest.raises(nl.InputError, match=r"texts\[2\] is None \(NoneType\), not a string \(1 such items\)"):
+        with pytest.raises(nl.InputError, match=r"texts\[2\] is None \(NoneType\), not a string \(1 such item\);"):
             scan([*texts, None])
+        with pytest.raises(nl.InputError, match=r"texts\[2\] is None \(NoneType\), not a string \(2 such items\);"):
+            scan([*texts, None, 3])
         with pytest.raises(nl.InputError, match=r"non-empty list of strings, got Series .*one text goes in a list"):
             scan(pd.Series([], dtype=str))
 
