@@ -30,10 +30,12 @@ _VECTOR_SUFFIXES = (".safetensors", ".pt")  # what `reconstruct --output` writes
 
 
 def capture_text(base: str, layer: int, text: str, device: str, dtype: torch.dtype) -> VectorTable:
-    """`blocks.{layer}.hook_resid_post` of the base model at every position of `text`, with each
-    position's token (a `token` column), so an explanation can be read against what it explains."""
+    """`blocks.{layer}.hook_resid_post` of the base model at the positions of `text` that `explain` explains
+    by default (every one but a BOS the tokenizer puts first), with each one's `position` and `token` columns,
+    so an explanation can be read against what it explains."""
     from nla_lens import backends, loading
     from nla_lens.capture import text_resid_post
+    from nla_lens.explain import bos_skip, select_positions
     from nla_lens.sidecar import text_ids
 
     if not text.strip():
@@ -43,27 +45,31 @@ def capture_text(base: str, layer: int, text: str, device: str, dtype: torch.dty
     model = backends.load_model(folder, tokenizer, dtype=dtype, device=device)
     if not 0 <= layer < model.cfg.n_layers:
         raise InputError(f"--layer {layer} is outside the base model's {model.cfg.n_layers} blocks")
-    ids = torch.tensor([text_ids(tokenizer, text)], device=device)  # BOS first where the base has one
-    if ids.shape[1] > model.cfg.n_ctx:
-        raise PromptTooLongError(f"--text is {ids.shape[1]} tokens, over the base model's context of "
+    row = text_ids(tokenizer, text)  # BOS first where the base has one
+    if len(row) > model.cfg.n_ctx:
+        raise PromptTooLongError(f"--text is {len(row)} tokens, over the base model's context of "
                                  f"{model.cfg.n_ctx}; pass a shorter text")
     with torch.inference_mode():
-        vectors = text_resid_post(model, ids, layer).float()
-    return VectorTable(vectors, pa.table({"token": [tokenizer.decode([i]) for i in ids[0].tolist()]}))
+        vectors = text_resid_post(model, torch.tensor([row], device=device), layer).float()
+    positions = select_positions(None, len(row), bos_skip(tokenizer, row))
+    return VectorTable(vectors[positions], pa.table({"position": pa.array(positions, pa.int64()),
+                                                     "token": [tokenizer.decode([row[p]]) for p in positions]}))
 
 
 def add_verbalize(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "verbalize", help="explain activation vectors with an AV",
         description="Explain vectors with an activation verbalizer. Take them from a file (--input) or capture "
-                    "them from a base model (--base, --layer, --text: every position of the text). With --input "
-                    "and --output the job is sharded: run it as one process or under torchrun "
-                    "(torchrun --nproc-per-node N -m nla_lens.cli verbalize ...), and rerun the same command to "
-                    "resume. " + _SHARDING_NOTE)
+                    "them from a base model (--base, --layer, --text: every position of the text but a BOS the "
+                    "tokenizer puts first, which explain leaves out too: its residual is an attention sink whose "
+                    "explanation is noise). With --input and --output the job is sharded: run it as one process "
+                    "or under torchrun (torchrun --nproc-per-node N -m nla_lens.cli verbalize ...), and rerun the "
+                    "same command to resume. " + _SHARDING_NOTE)
     parser.add_argument("--av", required=True, help="the AV checkpoint folder (or a hub id in the local HF cache)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--input", "--vectors", dest="input", type=Path, help=_INPUT_HELP)
-    source.add_argument("--text", help="text to run through the base model; each of its positions is explained")
+    source.add_argument("--text", help="text to run through the base model; each of its positions is explained, "
+                                       "but a BOS the tokenizer puts first (as in explain)")
     parser.add_argument("--base", help="base model folder for --text (default: the sidecar's base_model)")
     parser.add_argument("--layer", type=int, help="layer K for --text (default: the AV's sidecar layer)")
     parser.add_argument("--output", type=Path,
@@ -174,6 +180,8 @@ def _run_verbalize(args: argparse.Namespace) -> None:
 
         base = base_for(sidecar_base_folder(meta) if args.base is None else args.base, meta, layer)
         table = capture_text(str(base), layer, args.text, args.device, args.dtype)
+        if table.columns.column("position")[0].as_py() > 0:
+            print("position 0, the BOS the tokenizer puts first, is not explained (as in explain)", file=sys.stderr)
     else:
         if args.shards is not None:
             raise InputError("--shards picks shards of a file job: give --output FILE too (without it the rows "
@@ -192,12 +200,14 @@ def _run_verbalize(args: argparse.Namespace) -> None:
     from nla_lens.display import format_cell, visible_token
 
     tokens = table.columns.column("token").to_pylist() if "token" in table.columns.column_names else None
+    # A --text row is its token's position in the text; an --input row, the input row.
+    rows = table.columns.column("position").to_pylist() if args.text is not None else range(len(out))
     # As `explain` prints them: tokens as the views draw them (a lone space ␣, a newline ↵), and control characters
     # escaped, so that each row stays on one line
-    for i, v in enumerate(out):
+    for i, (row, v) in enumerate(zip(rows, out, strict=True)):
         token = f"{format_cell(visible_token(tokens[i]))}\t" if tokens is not None else ""
         explanation = v.explanation if v.explanation is not None else "(no <explanation> tags) " + v.text
-        print(f"{i}\t{token}{format_cell(explanation)}")
+        print(f"{row}\t{token}{format_cell(explanation)}")
 
 
 def _text_lines(path: Path, flag: str, item: str) -> list[str]:

@@ -132,10 +132,15 @@ def explain(nla: NLA, base: TLModel, text_or_texts: str | Sequence[str], *, posi
         raise InputError("the base model has no tokenizer; load it with nl.load_base(...), or set base.tokenizer to "
                          "its tokenizer")
     rows = [text_ids(tokenizer, text) for text in texts]  # BOS first where the tokenizer has one, never two
-    bos_first = prepends_bos(tokenizer)
-    skip = [int(bos_first and ids[:1] == [tokenizer.bos_token_id]) for ids in rows]  # that BOS is not explained
+    skip = [bos_skip(tokenizer, ids) for ids in rows]
     return explain_tokens(nla, base, rows, positions=positions, skip=skip, texts=texts, baseline=baseline,
                           fwd_hooks=fwd_hooks, **verbalize_kwargs)
+
+
+def bos_skip(tokenizer: Any, ids: Sequence[int]) -> int:
+    """How many leading tokens of `ids` are left out by default: the BOS the tokenizer puts first (1), else 0.
+    A BOS residual is an attention sink with a huge norm, so its explanation is noise."""
+    return int(prepends_bos(tokenizer) and list(ids[:1]) == [tokenizer.bos_token_id])
 
 
 def explain_tokens(nla: NLA, base: TLModel, token_rows: Sequence[Sequence[int]], *,

@@ -45,11 +45,12 @@ def test_to_tokens_of_a_loaded_model_follows_the_rule(bos_paths, av_karvonen):
 
 def test_cli_text_capture_reads_the_bos_first_tokens(bos_paths):
     folder = bos_paths["gemma_av"]
-    captured = commands.capture_text(str(folder), LAYER, TEXT, "cpu", torch.float32).vectors
+    table = commands.capture_text(str(folder), LAYER, TEXT, "cpu", torch.float32)
     ids = text_ids(AutoTokenizer.from_pretrained(folder), TEXT)
-    expected = _hf_resid(folder, ids)
-    assert captured.shape == expected.shape
-    assert (captured - expected).abs().max() < ATOL
+    expected = _hf_resid(folder, ids)[1:]  # read after the BOS; the BOS itself is not explained, as in explain
+    assert table.columns.column("position").to_pylist() == list(range(1, len(ids)))
+    assert table.vectors.shape == expected.shape
+    assert (table.vectors - expected).abs().max() < ATOL
 
 
 def test_training_ar_rows_and_sidecars_record_the_rule(bos_paths, tiny_paths):
@@ -136,7 +137,7 @@ def test_explain_and_cli_capture_of_bos_first_text_read_one_bos(bos_paths):
     assert explained.tokens[0].count(bos) == 1
     assert (explained.vectors - expected[1:]).abs().max() < ATOL
     captured = commands.capture_text(str(av), LAYER, bos + TEXT, "cpu", torch.float32).vectors
-    assert captured.shape == expected.shape and (captured - expected).abs().max() < ATOL
+    assert captured.shape == explained.vectors.shape and (captured - expected[1:]).abs().max() < ATOL
 
 
 def test_to_tokens_of_bos_first_text_doubles_it_unless_prepend_bos_is_false(bos_paths):

@@ -73,6 +73,33 @@ def test_verbalize_text_prints_tokens_and_explanations_as_explain_does(tiny_path
     assert [len(row) for row in rows] == [3] * 8
 
 
+@pytest.mark.parametrize("family", ["gemma", "llama"])
+def test_verbalize_text_leaves_out_the_bos_the_tokenizer_puts_first_as_explain_does(bos_paths, family, tmp_path,
+                                                                                    capsys):
+    """`verbalize --text` explained the BOS row too, which `explain` leaves out (a BOS residual is an attention
+    sink with a huge norm: its explanation is noise)."""
+    from nla_lens.display import visible_token
+    from nla_lens.explain import select_positions
+    from nla_lens.sidecar import text_ids
+
+    folder = str(bos_paths[f"{family}_av"])
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    ids = text_ids(tokenizer, "the cat sat")
+    assert ids[0] == tokenizer.bos_token_id
+    explained = select_positions(None, len(ids), skip=1)  # explain's default for a BOS-first text
+    assert explained == list(range(1, len(ids)))
+    assert main(["verbalize", "--av", folder, "--base", folder, "--text", "the cat sat", "--max-new-tokens", "2"]) == 0
+    printed = capsys.readouterr()
+    rows = [line.split("\t")[:2] for line in printed.out.strip().splitlines()]
+    assert rows == [[str(p), visible_token(tokenizer.decode([ids[p]]))] for p in explained]
+    assert "position 0, the BOS the tokenizer puts first, is not explained (as in explain)" in printed.err
+    out = tmp_path / "out.jsonl"
+    assert main(["verbalize", "--av", folder, "--base", folder, "--text", "the cat sat", "--max-new-tokens", "2",
+                 "--output", str(out)]) == 0
+    written = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["index"], r["position"]) for r in written] == list(enumerate(explained))
+
+
 def test_reconstruct_writes_the_ar_vectors(ar_nanonla, tiny_paths, tmp_path):
     out = tmp_path / "r.safetensors"
     assert main(["reconstruct", "--ar", str(tiny_paths["ar_nanonla"]), "a cat", "the sea", "--output", str(out)]) == 0
