@@ -175,6 +175,20 @@ def test_the_outputs_record_the_job_that_produced_them(tiny_paths, input_file, t
     assert namespace["job"] == job
 
 
+def test_the_readme_imports_sampling_from_where_it_lives_with_the_clis_defaults():
+    """The README used `Sampling(...)` without saying where to import it from."""
+    from nla_lens.cli import build_parser
+    from nla_lens.commands import _sampling
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    snippet = next(b.split("```")[0] for b in readme.split("```python\n")[1:] if "Sampling(" in b.split("```")[0])
+    namespace: dict = {}
+    exec(snippet.split("\nresult = ")[0], namespace)  # the import and the settings, not the job
+    cli = _sampling(build_parser().parse_args(["verbalize", "--av", "av", "--input", "v.pt"]))
+    assert namespace["sampling"] == Sampling() == cli  # "the CLI's defaults"
+    assert namespace["verbalize_file"] is sharded.verbalize_file and namespace["Sampling"] is Sampling
+
+
 def test_a_rerun_with_other_settings_names_them(tiny_paths, input_file, tmp_path):
     av, out = tiny_paths["av_karvonen"], tmp_path / "out.parquet"
     sharded.verbalize_file(av, input_file, out, sampling=GREEDY, shard_size=SHARD_SIZE, shards=[0],
