@@ -14,18 +14,22 @@ from conftest import LAYER, NEEDS_TL3
 from safetensors.torch import load_file
 
 import nla_lens as nl
-from nla_lens import testing
+from nla_lens import loading, testing
 from nla_lens.cli import main
-from nla_lens.sidecar import load_meta
+from nla_lens.sidecar import dump_meta, load_meta
 from nla_lens.training import (
+    ARRunConfig,
+    AVRunConfig,
     LabelledActivations,
     export_ar,
     init_ar,
     label_activations,
     load_activations,
+    load_config,
     pipeline,
     save_explanations,
 )
+from nla_lens.training.cli import check_inputs
 
 pytestmark = NEEDS_TL3
 
@@ -330,8 +334,6 @@ def test_cli_refuses_an_out_of_range_setting_before_anything_loads(tmp_path, cap
 def test_extract_refuses_a_layer_the_base_model_lacks_before_its_weights_load(tmp_path, capsys, base_folder,
                                                                              extract_config, monkeypatch):
     """It was refused only once the whole base model had loaded (minutes for an 8B model)."""
-    from nla_lens import loading
-
     monkeypatch.setattr(loading, "load_hooked_transformer", lambda *a, **k: pytest.fail("weights read"))
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text(json.dumps({"text": "the cat sat on the mat"}) + "\n")
@@ -371,3 +373,67 @@ def test_a_missing_base_model_is_named_by_its_key_before_the_activations_are_rea
     err = capsys.readouterr().err
     assert err.startswith(f"nla-lens train-av: ConfigError: {config}: base_model: ")
     assert str(tmp_path / "no_base") in err
+
+
+def _fake_extraction(tmp_path: Path, dataset_meta) -> dict:
+    """Inputs that exist, with the extraction's sidecar (the AR's depth) and no shards: nothing may read them."""
+    acts = tmp_path / "acts"
+    acts.mkdir()
+    dump_meta(dataset_meta.raw, acts)
+    (tmp_path / "explanations.jsonl").write_text("")
+    return {"activations": str(acts), "explanations": str(tmp_path / "explanations.jsonl"),
+            "out_dir": str(tmp_path / "out")}
+
+
+@pytest.mark.parametrize(("command", "setting", "message"), [
+    ("train-av", {"hook_point": "blocks.99.hook_resid_post"},
+     "hook_point: hook point 'blocks.99.hook_resid_post' names block 99, but {base}/config.json has 4 blocks (0-3)"),
+    ("train-av", {"hook_point": "blocks.1.hook_resid_psot"},
+     "hook_point: hook point 'blocks.1.hook_resid_psot' does not exist in this model; did you mean "
+     "'blocks.1.hook_resid_post'? pick one of model.hook_dict, e.g. 'blocks.1.hook_resid_post' or 'hook_embed'"),
+    ("train-av", {"injection": "embedding", "injection_scale": 50.0, "hook_point": "embed"},
+     "hook_point: hook point 'embed' does not exist in this model"),
+    ("train-av", {"train": {"trainable_blocks": [2, 4]}},
+     "train.trainable_blocks: [2, 4] names block(s) [4], but the AV trains all 4 blocks of base_model {base}; use "
+     "indices in 0..3 (null: every block)"),
+    ("train-ar", {"train": {"trainable_blocks": [-1, 2, 3]}},
+     f"train.trainable_blocks: [-1, 2, 3] names block(s) [-1, 3], but the AR trains the first {LAYER + 1} blocks of "
+     f"base_model {{base}} (the activations are layer {LAYER}'s); use indices in 0..{LAYER} (null: every block)"),
+])
+def test_a_hook_point_or_trainable_block_the_base_lacks_is_refused_from_its_config_json(
+        tmp_path, capsys, monkeypatch, base_folder, dataset_meta, command, setting, message):
+    """Both were refused only once the activations and the base model's weights had loaded (minutes for an 8B)."""
+    monkeypatch.setattr(pipeline, "load_activations", lambda *a, **k: pytest.fail("activations read"))
+    monkeypatch.setattr(loading, "load_hooked_transformer", lambda *a, **k: pytest.fail("weights read"))
+    config = _write(tmp_path / "run.yaml", {"base_model": str(base_folder), **_fake_extraction(tmp_path, dataset_meta),
+                                            **setting})
+    assert main([command, config]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"nla-lens {command}: ConfigError: {config}: ")
+    assert message.format(base=base_folder) in err
+
+
+def test_an_injection_site_a_one_block_base_lacks_names_the_injection_key(tmp_path, capsys, monkeypatch,
+                                                                          dataset_meta):
+    """With hook_point unset the method's default site (karvonen: blocks.1.hook_resid_post) is checked, and named."""
+    monkeypatch.setattr(pipeline, "load_activations", lambda *a, **k: pytest.fail("activations read"))
+    monkeypatch.setattr(loading, "load_hooked_transformer", lambda *a, **k: pytest.fail("weights read"))
+    base = testing.save_base_model(tmp_path / "one_block", n_layers=1)
+    config = _write(tmp_path / "av.yaml", {"base_model": str(base), **_fake_extraction(tmp_path, dataset_meta)})
+    assert main(["train-av", config]) == 2
+    assert (f"ConfigError: {config}: injection (hook_point unset: karvonen's default): hook point "
+            f"'blocks.1.hook_resid_post' names block 1, but {base}/config.json has 1 blocks (0-0)"
+            ) in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("command", "setting"), [
+    ("train-av", {"hook_point": "blocks.3.hook_resid_post", "train": {"trainable_blocks": [0, 3]}}),
+    ("train-av", {"injection": "embedding", "injection_scale": 50.0}),
+    ("train-ar", {"train": {"trainable_blocks": [0, LAYER]}}),
+])
+def test_hook_points_and_trainable_blocks_at_the_edge_of_the_base_pass_the_early_checks(
+        tmp_path, base_folder, dataset_meta, command, setting):
+    config_cls = {"train-av": AVRunConfig, "train-ar": ARRunConfig}[command]
+    path = _write(tmp_path / "run.yaml", {"base_model": str(base_folder), **_fake_extraction(tmp_path, dataset_meta),
+                                          **setting})
+    check_inputs(load_config(config_cls, path), path)
