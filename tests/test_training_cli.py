@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,9 @@ from safetensors.torch import load_file
 
 import nla_lens as nl
 from nla_lens import loading, testing
+from nla_lens.base_model import sidecar_base_folder
 from nla_lens.cli import main
+from nla_lens.sharded import check_extraction_input
 from nla_lens.sidecar import dump_meta, load_meta
 from nla_lens.training import (
     ARRunConfig,
@@ -190,6 +193,26 @@ def test_exports_record_a_local_base_model_by_its_absolute_path(tmp_path, base_f
     # A name that is no local folder (a hub id) is recorded as written.
     ar = init_ar(base_folder, dataset_meta)
     assert load_meta(export_ar(ar, tmp_path / "hub", base_folder)).base_model == dataset_meta.base_model == "tiny"
+
+
+def test_an_extraction_records_a_local_base_model_by_its_absolute_path(tmp_path, base_folder, extract_config,
+                                                                     monkeypatch):
+    """A relative base_model was recorded as written: read from another folder, the extraction's sidecar named no
+    folder, and so did the sidecar of every model trained on it (the exporters copy the extraction's)."""
+    monkeypatch.chdir(base_folder.parent)
+    common, _ = _training_inputs(tmp_path, base_folder.name, extract_config)
+    acts = Path(common["activations"])
+    assert load_meta(acts).base_model == str(base_folder.resolve())
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # train from another folder, naming the base absolutely
+    config = {**common, "base_model": str(base_folder), "out_dir": str(tmp_path / "av"), "n_samples": 0}
+    assert main(["train-av", _write(tmp_path / "av.yaml", config)]) == 0
+    av_meta = load_meta(tmp_path / "av" / "model")
+    assert av_meta.base_model == str(base_folder.resolve())
+    assert sidecar_base_folder(av_meta) == base_folder.resolve()  # what nl.load_base and verbalize --text read
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a shard of the extraction and the AV name one base: no mix warned of
+        check_extraction_input(next((acts / "shards").iterdir()), av_meta)
 
 
 def test_cli_trains_and_exports_with_dtype_names_the_library_takes(tmp_path, base_folder, extract_config):
