@@ -73,6 +73,13 @@ def resolve_checkpoint(path_or_id: str | Path) -> Path:
         ) from exc
 
 
+def recorded_path(path_or_id: str | Path) -> str:
+    """How a sidecar records a checkpoint (`base_model`): a local folder by its absolute path, so the record
+    finds it from any working folder; anything else (a hub id) as written."""
+    path = Path(path_or_id).expanduser()
+    return str(path.resolve()) if path.is_dir() else str(path_or_id)
+
+
 def looks_like_path(path_or_id: str | Path) -> bool:
     """Whether a name that is not a folder here was meant as one, not as a hub id (`owner/name`): a
     Path, a file, a name starting with '/', '.' or '~', one with more than one '/' or a character hub ids

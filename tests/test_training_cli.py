@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -14,18 +15,24 @@ from conftest import LAYER, NEEDS_TL3
 from safetensors.torch import load_file
 
 import nla_lens as nl
-from nla_lens import testing
+from nla_lens import loading, testing
+from nla_lens.base_model import sidecar_base_folder
 from nla_lens.cli import main
-from nla_lens.sidecar import load_meta
+from nla_lens.sharded import check_extraction_input
+from nla_lens.sidecar import dump_meta, load_meta
 from nla_lens.training import (
+    ARRunConfig,
+    AVRunConfig,
     LabelledActivations,
     export_ar,
     init_ar,
     label_activations,
     load_activations,
+    load_config,
     pipeline,
     save_explanations,
 )
+from nla_lens.training.cli import check_inputs
 
 pytestmark = NEEDS_TL3
 
@@ -188,6 +195,26 @@ def test_exports_record_a_local_base_model_by_its_absolute_path(tmp_path, base_f
     assert load_meta(export_ar(ar, tmp_path / "hub", base_folder)).base_model == dataset_meta.base_model == "tiny"
 
 
+def test_an_extraction_records_a_local_base_model_by_its_absolute_path(tmp_path, base_folder, extract_config,
+                                                                     monkeypatch):
+    """A relative base_model was recorded as written: read from another folder, the extraction's sidecar named no
+    folder, and so did the sidecar of every model trained on it (the exporters copy the extraction's)."""
+    monkeypatch.chdir(base_folder.parent)
+    common, _ = _training_inputs(tmp_path, base_folder.name, extract_config)
+    acts = Path(common["activations"])
+    assert load_meta(acts).base_model == str(base_folder.resolve())
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # train from another folder, naming the base absolutely
+    config = {**common, "base_model": str(base_folder), "out_dir": str(tmp_path / "av"), "n_samples": 0}
+    assert main(["train-av", _write(tmp_path / "av.yaml", config)]) == 0
+    av_meta = load_meta(tmp_path / "av" / "model")
+    assert av_meta.base_model == str(base_folder.resolve())
+    assert sidecar_base_folder(av_meta) == base_folder.resolve()  # what nl.load_base and verbalize --text read
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a shard of the extraction and the AV name one base: no mix warned of
+        check_extraction_input(next((acts / "shards").iterdir()), av_meta)
+
+
 def test_cli_trains_and_exports_with_dtype_names_the_library_takes(tmp_path, base_folder, extract_config):
     common, _ = _training_inputs(tmp_path, str(base_folder), extract_config)
     config = {**common, "out_dir": str(tmp_path / "ar"), "dtype": "fp32", "export_dtype": "bf16"}
@@ -330,8 +357,6 @@ def test_cli_refuses_an_out_of_range_setting_before_anything_loads(tmp_path, cap
 def test_extract_refuses_a_layer_the_base_model_lacks_before_its_weights_load(tmp_path, capsys, base_folder,
                                                                              extract_config, monkeypatch):
     """It was refused only once the whole base model had loaded (minutes for an 8B model)."""
-    from nla_lens import loading
-
     monkeypatch.setattr(loading, "load_hooked_transformer", lambda *a, **k: pytest.fail("weights read"))
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text(json.dumps({"text": "the cat sat on the mat"}) + "\n")
@@ -371,3 +396,67 @@ def test_a_missing_base_model_is_named_by_its_key_before_the_activations_are_rea
     err = capsys.readouterr().err
     assert err.startswith(f"nla-lens train-av: ConfigError: {config}: base_model: ")
     assert str(tmp_path / "no_base") in err
+
+
+def _fake_extraction(tmp_path: Path, dataset_meta) -> dict:
+    """Inputs that exist, with the extraction's sidecar (the AR's depth) and no shards: nothing may read them."""
+    acts = tmp_path / "acts"
+    acts.mkdir()
+    dump_meta(dataset_meta.raw, acts)
+    (tmp_path / "explanations.jsonl").write_text("")
+    return {"activations": str(acts), "explanations": str(tmp_path / "explanations.jsonl"),
+            "out_dir": str(tmp_path / "out")}
+
+
+@pytest.mark.parametrize(("command", "setting", "message"), [
+    ("train-av", {"hook_point": "blocks.99.hook_resid_post"},
+     "hook_point: hook point 'blocks.99.hook_resid_post' names block 99, but {base}/config.json has 4 blocks (0-3)"),
+    ("train-av", {"hook_point": "blocks.1.hook_resid_psot"},
+     "hook_point: hook point 'blocks.1.hook_resid_psot' does not exist in this model; did you mean "
+     "'blocks.1.hook_resid_post'? pick one of model.hook_dict, e.g. 'blocks.1.hook_resid_post' or 'hook_embed'"),
+    ("train-av", {"injection": "embedding", "injection_scale": 50.0, "hook_point": "embed"},
+     "hook_point: hook point 'embed' does not exist in this model"),
+    ("train-av", {"train": {"trainable_blocks": [2, 4]}},
+     "train.trainable_blocks: [2, 4] names block(s) [4], but the AV trains all 4 blocks of base_model {base}; use "
+     "indices in 0..3 (null: every block)"),
+    ("train-ar", {"train": {"trainable_blocks": [-1, 2, 3]}},
+     f"train.trainable_blocks: [-1, 2, 3] names block(s) [-1, 3], but the AR trains the first {LAYER + 1} blocks of "
+     f"base_model {{base}} (the activations are layer {LAYER}'s); use indices in 0..{LAYER} (null: every block)"),
+])
+def test_a_hook_point_or_trainable_block_the_base_lacks_is_refused_from_its_config_json(
+        tmp_path, capsys, monkeypatch, base_folder, dataset_meta, command, setting, message):
+    """Both were refused only once the activations and the base model's weights had loaded (minutes for an 8B)."""
+    monkeypatch.setattr(pipeline, "load_activations", lambda *a, **k: pytest.fail("activations read"))
+    monkeypatch.setattr(loading, "load_hooked_transformer", lambda *a, **k: pytest.fail("weights read"))
+    config = _write(tmp_path / "run.yaml", {"base_model": str(base_folder), **_fake_extraction(tmp_path, dataset_meta),
+                                            **setting})
+    assert main([command, config]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"nla-lens {command}: ConfigError: {config}: ")
+    assert message.format(base=base_folder) in err
+
+
+def test_an_injection_site_a_one_block_base_lacks_names_the_injection_key(tmp_path, capsys, monkeypatch,
+                                                                          dataset_meta):
+    """With hook_point unset the method's default site (karvonen: blocks.1.hook_resid_post) is checked, and named."""
+    monkeypatch.setattr(pipeline, "load_activations", lambda *a, **k: pytest.fail("activations read"))
+    monkeypatch.setattr(loading, "load_hooked_transformer", lambda *a, **k: pytest.fail("weights read"))
+    base = testing.save_base_model(tmp_path / "one_block", n_layers=1)
+    config = _write(tmp_path / "av.yaml", {"base_model": str(base), **_fake_extraction(tmp_path, dataset_meta)})
+    assert main(["train-av", config]) == 2
+    assert (f"ConfigError: {config}: injection (hook_point unset: karvonen's default): hook point "
+            f"'blocks.1.hook_resid_post' names block 1, but {base}/config.json has 1 blocks (0-0)"
+            ) in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("command", "setting"), [
+    ("train-av", {"hook_point": "blocks.3.hook_resid_post", "train": {"trainable_blocks": [0, 3]}}),
+    ("train-av", {"injection": "embedding", "injection_scale": 50.0}),
+    ("train-ar", {"train": {"trainable_blocks": [0, LAYER]}}),
+])
+def test_hook_points_and_trainable_blocks_at_the_edge_of_the_base_pass_the_early_checks(
+        tmp_path, base_folder, dataset_meta, command, setting):
+    config_cls = {"train-av": AVRunConfig, "train-ar": ARRunConfig}[command]
+    path = _write(tmp_path / "run.yaml", {"base_model": str(base_folder), **_fake_extraction(tmp_path, dataset_meta),
+                                          **setting})
+    check_inputs(load_config(config_cls, path), path)

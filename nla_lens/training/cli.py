@@ -8,12 +8,21 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from nla_lens import loading
+from nla_lens import backends, loading
 from nla_lens.checks import resolve_device
 from nla_lens.distributed import World
-from nla_lens.errors import CheckpointError, ConfigError
+from nla_lens.errors import BackendError, CheckpointError, ConfigError, InjectionError
+from nla_lens.sidecar import SIDECAR_NAME, InjectionSpec, load_meta
 from nla_lens.training import pipeline
-from nla_lens.training.config import ARRunConfig, AVRunConfig, ExtractRunConfig, RLRunConfig, load_config
+from nla_lens.training.config import (
+    ARRunConfig,
+    AVRunConfig,
+    ExtractRunConfig,
+    RLRunConfig,
+    SFTRunConfig,
+    load_config,
+)
+from nla_lens.training.loop import blocks_outside
 
 
 def _command(subparsers: argparse._SubParsersAction, name: str, config_cls: type, run: Callable[[Any], str], *,
@@ -34,8 +43,8 @@ def _command(subparsers: argparse._SubParsersAction, name: str, config_cls: type
 
 
 def check_inputs(config: Any, path: str) -> None:
-    """The config's input files and folders exist, its out_dir is not a file and its device can run, before any
-    model loads."""
+    """The config's input files and folders exist, its out_dir is not a file, its device can run and what the
+    base model bounds fits it, before any model loads."""
     resolve_device(getattr(config, "device", "cpu"))
     for name in ("corpus", "activations", "explanations"):
         value = getattr(config, name, None)
@@ -44,14 +53,47 @@ def check_inputs(config: Any, path: str) -> None:
             # A relative path is read from where the command runs, which is easy to mistake for the YAML's folder.
             where = "" if Path(value).is_absolute() else f" (relative to the current folder {Path.cwd()})"
             raise ConfigError(f"{path}: {name} {value} does not exist{where}{hint}; check the path")
+    folder = None
     if getattr(config, "base_model", None) is not None:  # else found once the activations are read, unnamed
         try:
-            loading.resolve_checkpoint(config.base_model)
+            folder = loading.resolve_checkpoint(config.base_model)
         except CheckpointError as exc:
             raise ConfigError(f"{path}: base_model: {exc}") from exc
     out_dir = getattr(config, "out_dir", None)
     if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():  # else it fails once trained
         raise ConfigError(f"{path}: out_dir {out_dir} is a file; point out_dir at a folder (it is created if missing)")
+    if folder is not None and isinstance(config, SFTRunConfig):
+        check_base_bounds(config, folder, path)
+
+
+def check_base_bounds(config: SFTRunConfig, folder: Path, path: str) -> None:
+    """train-av's injection hook point and `train.trainable_blocks` fit the base model, read from its config.json
+    by the rules the trainers apply once the weights are in (those refused them only after a full load)."""
+    try:
+        n_layers = loading.load_hf_config(folder).get_text_config().num_hidden_layers
+    except CheckpointError as exc:
+        raise ConfigError(f"{path}: base_model: {exc}") from exc
+    if isinstance(config, AVRunConfig):
+        hook_point = InjectionSpec.of(config.injection, config.hook_point).hook_point  # as init_av resolves it
+        key = "hook_point" if config.hook_point else f"injection (hook_point unset: {config.injection}'s default)"
+        backend = backends.resolve_name()
+        try:
+            loading.check_hook_point(folder, hook_point, backend=backend)
+        except (InjectionError, BackendError) as exc:
+            raise ConfigError(f"{path}: {key}: {exc}") from exc
+        trained = f"the AV trains all {n_layers} blocks of base_model {config.base_model}"
+    else:
+        # The AR is the first K+1 blocks, K from the extraction's sidecar (a small file, not the shards).
+        dataset = load_meta(config.activations) if (Path(config.activations) / SIDECAR_NAME).is_file() else None
+        if dataset is None or dataset.kind != "nla_dataset":  # not an extraction: reading the activations says so
+            return
+        n_layers = dataset.layer + 1
+        trained = (f"the AR trains the first {n_layers} blocks of base_model {config.base_model} (the activations "
+                   f"are layer {dataset.layer}'s)")
+    outside = blocks_outside(config.train.trainable_blocks, n_layers)
+    if outside:
+        raise ConfigError(f"{path}: train.trainable_blocks: {config.train.trainable_blocks} names block(s) {outside}, "
+                          f"but {trained}; use indices in 0..{n_layers - 1} (null: every block)")
 
 
 def add_extract(subparsers: argparse._SubParsersAction) -> None:

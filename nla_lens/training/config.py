@@ -82,7 +82,7 @@ def _check_dtypes(config: object, *names: str) -> None:
 
 def _block_indices(blocks: Any) -> list[int] | None:
     """`trainable_blocks`: a list of block indices or None, checked here rather than once the model has loaded
-    (the range is checked against the model's blocks then)."""
+    (the range: by `nla-lens` from the base's config.json, else against the model's blocks once it has loaded)."""
     if blocks is None:
         return None
     if not isinstance(blocks, (list, tuple)) or not all(isinstance(b, int) and not isinstance(b, bool) for b in blocks):

@@ -252,9 +252,9 @@ def _exported_sidecar(meta: NLAMeta, stage: str | None) -> dict[str, Any]:
     is recorded by its absolute path, so the export finds its base from any working directory (a hub id
     stays a hub id)."""
     raw = meta.raw if stage is None else {**meta.raw, "stage": stage}
-    if meta.base_model is None or not Path(meta.base_model).expanduser().is_dir():
+    absolute = None if meta.base_model is None else loading.recorded_path(meta.base_model)
+    if absolute is None or absolute == meta.base_model:
         return raw
-    absolute = str(Path(meta.base_model).expanduser().resolve())
     extraction = raw.get("extraction")
     if isinstance(extraction, dict) and "base_model" in extraction:
         return {**raw, "extraction": {**extraction, "base_model": absolute}}

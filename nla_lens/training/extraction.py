@@ -30,7 +30,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from nla_lens import backends
+from nla_lens import backends, loading
 from nla_lens.errors import ConfigError, InputError, SidecarError, TokenizerDriftError
 from nla_lens.sidecar import (
     SIDECAR_NAME,
@@ -118,7 +118,9 @@ def _draft_meta(tokens: dict[str, Any], av_template: str, ar_template: str) -> N
 
 def dataset_sidecar(tokenizer: PreTrainedTokenizerBase, config: ExtractConfig, *, base_model: str,
                     d_model: int) -> dict[str, Any]:
-    """The `nla_dataset` sidecar of an extraction (the key layout nanoNLA copies into checkpoints)."""
+    """The `nla_dataset` sidecar of an extraction (the key layout nanoNLA copies into checkpoints). A local
+    `base_model` folder is recorded by its absolute path: a relative one named nothing once read from elsewhere."""
+    base_model = loading.recorded_path(base_model)
     settings = {k: v for k, v in asdict(config).items()
                 if k not in ("layer", "batch_size", "injection_char", "av_template", "ar_template")}
     return {

@@ -81,6 +81,12 @@ def micro_batches(step: int, n_rows: int, config: TrainConfig) -> list[Int[Tenso
     return out
 
 
+def blocks_outside(trainable_blocks: list[int] | None, n_layers: int) -> list[int]:
+    """The `trainable_blocks` entries that index no block of an `n_layers`-block model: the one rule both
+    `select_trainable` and the CLI's check from config.json (before the weights load) apply."""
+    return [b for b in trainable_blocks or () if not 0 <= b < n_layers]
+
+
 def select_trainable(modules: dict[str, nn.Module], trainable_blocks: list[int] | None) -> dict[str, nn.Parameter]:
     """Parameters to train, named `<module>.<param>`; frozen ones get `requires_grad=False`.
 
@@ -88,7 +94,7 @@ def select_trainable(modules: dict[str, nn.Module], trainable_blocks: list[int] 
     modules, e.g. the AR readout, always train). Parameters already frozen stay frozen.
     """
     n_layers = modules["model"].cfg.n_layers
-    if trainable_blocks is not None and not all(0 <= b < n_layers for b in trainable_blocks):
+    if blocks_outside(trainable_blocks, n_layers):
         raise ConfigError(f"trainable_blocks {trainable_blocks} must index the model's {n_layers} blocks")
     params = {}
     for module_name, module in modules.items():
