@@ -7,13 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import D_MODEL, LAYER, NEEDS_TL3
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import nla_lens as nl
 from nla_lens import loading, testing
-from nla_lens.sidecar import check_tokenizer
+from nla_lens.sidecar import SIDECAR_NAME, check_tokenizer
 from nla_lens.training import Document, extract_activations, extraction, load_activations
 from nla_lens.training.extraction import DOCUMENTS_KEY, sample_positions, shard_path, token_facts
 
@@ -235,3 +236,22 @@ def test_activations_folder_without_a_sidecar_names_the_extraction(tmp_path):
     with pytest.raises(nl.SidecarError, match="is not an extraction folder.*nla-lens extract") as error:
         load_activations(tmp_path)  # a folder, but no extraction
     assert "AV or AR" not in str(error.value)
+
+
+def test_an_extraction_recorded_with_a_relative_base_model_resumes(tmp_path, base_tl, base_folder, corpus,
+                                                                   extract_config, monkeypatch):
+    """Earlier versions recorded a relative base_model as written; now it is recorded absolute, so resuming such a
+    folder with the same config was refused as "an extraction with other settings"."""
+    model, tokenizer = base_tl
+    monkeypatch.chdir(base_folder.parent)
+    out = tmp_path / "acts"
+    extract_activations(model, tokenizer, corpus, out, extract_config, base_model=base_folder.name, progress=False)
+    sidecar = yaml.safe_load((out / SIDECAR_NAME).read_text(encoding="utf-8"))
+    assert sidecar["extraction"]["base_model"] == str(base_folder.resolve())
+    sidecar["extraction"]["base_model"] = base_folder.name  # as an earlier version wrote it
+    (out / SIDECAR_NAME).write_text(yaml.safe_dump(sidecar, sort_keys=False), encoding="utf-8")
+    shard_path(out, 1).unlink()
+    extract_activations(model, tokenizer, corpus, out, extract_config, base_model=base_folder.name, progress=False)
+    assert len(load_activations(out)) > 0
+    with pytest.raises(nl.ConfigError, match="other settings"):  # another base is still another extraction
+        extract_activations(model, tokenizer, corpus, out, extract_config, base_model=str(tmp_path), progress=False)

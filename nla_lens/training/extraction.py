@@ -225,7 +225,7 @@ def _check_no_extra_shards(out: Path, n_shards: int) -> None:
 def _write_or_check_sidecar(out: Path, sidecar: dict[str, Any]) -> None:
     path = out / SIDECAR_NAME
     if path.is_file():
-        if yaml.safe_load(path.read_text(encoding="utf-8")) != sidecar:
+        if _as_recorded_now(yaml.safe_load(path.read_text(encoding="utf-8"))) != sidecar:
             raise ConfigError(
                 f"{out} holds an extraction with other settings (base model, layer, positions, "
                 "tokenizer or templates); resume with the same config or use a new out_dir"
@@ -234,6 +234,15 @@ def _write_or_check_sidecar(out: Path, sidecar: dict[str, Any]) -> None:
     text = yaml.safe_dump(sidecar, allow_unicode=True, sort_keys=False)
     # Atomically: a sidecar cut short (a full disk, a kill) made every resume "an extraction with other settings".
     write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def _as_recorded_now(written: Any) -> Any:
+    """A sidecar as this version records it: earlier ones kept a local `base_model` as written (relative), which
+    resuming from the same folder with the same config names too."""
+    extraction = written.get("extraction") if isinstance(written, dict) else None
+    if isinstance(extraction, dict) and isinstance(extraction.get("base_model"), str):
+        extraction["base_model"] = loading.recorded_path(extraction["base_model"])
+    return written
 
 
 def _as_documents(documents: Iterable[Document | str]) -> Iterator[Document]:
