@@ -202,3 +202,14 @@ def test_a_base_tokenizer_without_eos_is_refused_before_the_weights(base_folder,
     monkeypatch.setattr(loading, "load_hooked_transformer", lambda *a, **k: pytest.fail("read the weights"))
     with pytest.raises(nl.ConfigError, match=r"tokenizer \(.*\) has no EOS token"):
         init_av(folder, dataset_meta)
+
+
+@pytest.mark.parametrize("hook_point", ["blocks.99.hook_resid_post", "blocks.1.hook_resid_pots"])
+def test_init_av_refuses_a_hook_point_the_base_lacks_before_its_weights_load(base_folder, dataset_meta, monkeypatch,
+                                                                            hook_point):
+    def no_weights(*args, **kwargs):
+        raise AssertionError("the weights were read")
+
+    monkeypatch.setattr(loading, "load_hooked_transformer", no_weights)
+    with pytest.raises(nl.InjectionError, match=f"hook point '{hook_point}'"):
+        init_av(base_folder, dataset_meta, hook_point=hook_point)

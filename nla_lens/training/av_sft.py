@@ -65,6 +65,7 @@ def init_av(
     meta = parse_meta(model_sidecar(dataset, "av", injection=spec, injection_scale=injection_scale),
                       source="AV sidecar")
     check_tokenizer(meta, tokenizer)
+    loading.check_hook_point(folder, spec.hook_point, backend="hooked")  # a typo here cost a full load
     model = loading.load_hooked_transformer(folder, tokenizer, dtype=dtype, device=device)
     freeze_weights_hf_lacks(model, hf_config)
     return ActivationVerbalizer(model, tokenizer, meta, spec, [tokenizer.eos_token_id])
