@@ -255,3 +255,26 @@ def test_an_extraction_recorded_with_a_relative_base_model_resumes(tmp_path, bas
     assert len(load_activations(out)) > 0
     with pytest.raises(nl.ConfigError, match="other settings"):  # another base is still another extraction
         extract_activations(model, tokenizer, corpus, out, extract_config, base_model=str(tmp_path), progress=False)
+
+
+@pytest.mark.parametrize("absolute", [False, True])
+def test_an_extraction_an_earlier_version_recorded_through_a_linked_base_folder_resumes(
+        tmp_path, base_tl, base_folder, corpus, extract_config, monkeypatch, absolute):
+    """The dataset_id was taken from the recorded (resolved) folder, the link's target, where earlier versions
+    named the folder as given, the link: such an unfinished extraction was refused as "other settings"."""
+    model, tokenizer = base_tl
+    link = tmp_path / "base-link"
+    link.symlink_to(base_folder, target_is_directory=True)
+    monkeypatch.chdir(tmp_path)
+    given = str(link) if absolute else link.name
+    out = tmp_path / "acts"
+    extract_activations(model, tokenizer, corpus, out, extract_config, base_model=given, progress=False)
+    sidecar = yaml.safe_load((out / SIDECAR_NAME).read_text(encoding="utf-8"))
+    assert sidecar["extraction"]["base_model"] == str(base_folder.resolve())
+    # as an earlier version wrote it: the folder as given, and the dataset named after it
+    sidecar["extraction"]["base_model"] = given
+    sidecar["dataset_id"] = f"base-link-L{extract_config.layer}"
+    (out / SIDECAR_NAME).write_text(yaml.safe_dump(sidecar, sort_keys=False), encoding="utf-8")
+    shard_path(out, 1).unlink()
+    extract_activations(model, tokenizer, corpus, out, extract_config, base_model=given, progress=False)
+    assert len(load_activations(out)) > 0

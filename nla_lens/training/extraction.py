@@ -119,8 +119,8 @@ def _draft_meta(tokens: dict[str, Any], av_template: str, ar_template: str) -> N
 def dataset_sidecar(tokenizer: PreTrainedTokenizerBase, config: ExtractConfig, *, base_model: str,
                     d_model: int) -> dict[str, Any]:
     """The `nla_dataset` sidecar of an extraction (the key layout nanoNLA copies into checkpoints). A local
-    `base_model` folder is recorded by its absolute path: a relative one named nothing once read from elsewhere."""
-    base_model = loading.recorded_path(base_model)
+    `base_model` folder is recorded by its absolute path: a relative one named nothing once read from elsewhere.
+    The dataset is named after the folder as given (a link's name, not its target's), as earlier versions did."""
     settings = {k: v for k, v in asdict(config).items()
                 if k not in ("layer", "batch_size", "injection_char", "av_template", "ar_template")}
     return {
@@ -128,8 +128,9 @@ def dataset_sidecar(tokenizer: PreTrainedTokenizerBase, config: ExtractConfig, *
         "stage": "activations",
         "kind": "nla_dataset",
         "schema_version": 1,
-        "extraction": {"base_model": base_model, "d_model": d_model, "layer_index": config.layer,
-                       "hook_point": f"blocks.{config.layer}.hook_resid_post", "norm": "none", **settings},
+        "extraction": {"base_model": loading.recorded_path(base_model), "d_model": d_model,
+                       "layer_index": config.layer, "hook_point": f"blocks.{config.layer}.hook_resid_post",
+                       "norm": "none", **settings},
         "tokens": token_facts(tokenizer, config.injection_char, config.av_template, config.ar_template),
         "prompt_templates": {"actor": config.av_template, "critic": config.ar_template},
         "tokenization": tokenization_record(tokenizer),
