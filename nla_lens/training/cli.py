@@ -11,7 +11,7 @@ from typing import Any
 from nla_lens import backends, loading
 from nla_lens.checks import resolve_device
 from nla_lens.distributed import World
-from nla_lens.errors import BackendError, CheckpointError, ConfigError, InjectionError
+from nla_lens.errors import CheckpointError, ConfigError, InjectionError
 from nla_lens.sidecar import SIDECAR_NAME, InjectionSpec, load_meta
 from nla_lens.training import pipeline
 from nla_lens.training.config import (
@@ -69,6 +69,7 @@ def check_inputs(config: Any, path: str) -> None:
 def check_base_bounds(config: SFTRunConfig, folder: Path, path: str) -> None:
     """train-av's injection hook point and `train.trainable_blocks` fit the base model, read from its config.json
     by the rules the trainers apply once the weights are in (those refused them only after a full load)."""
+    backends.require_hooked("training")  # else the hook point is judged by the bridge's rules, not training's
     try:
         n_layers = loading.load_hf_config(folder).get_text_config().num_hidden_layers
     except CheckpointError as exc:
@@ -76,10 +77,9 @@ def check_base_bounds(config: SFTRunConfig, folder: Path, path: str) -> None:
     if isinstance(config, AVRunConfig):
         hook_point = InjectionSpec.of(config.injection, config.hook_point).hook_point  # as init_av resolves it
         key = "hook_point" if config.hook_point else f"injection (hook_point unset: {config.injection}'s default)"
-        backend = backends.resolve_name()
         try:
-            loading.check_hook_point(folder, hook_point, backend=backend)
-        except (InjectionError, BackendError) as exc:
+            loading.check_hook_point(folder, hook_point, backend="hooked")
+        except InjectionError as exc:
             raise ConfigError(f"{path}: {key}: {exc}") from exc
         trained = f"the AV trains all {n_layers} blocks of base_model {config.base_model}"
     else:
