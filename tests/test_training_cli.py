@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import warnings
 from pathlib import Path
@@ -472,3 +473,20 @@ def test_hook_points_and_trainable_blocks_at_the_edge_of_the_base_pass_the_early
     path = _write(tmp_path / "run.yaml", {"base_model": str(base_folder), **_fake_extraction(tmp_path, dataset_meta),
                                           **setting})
     check_inputs(load_config(config_cls, path), path)
+
+
+def test_training_on_another_local_base_than_the_extraction_names_warns(tmp_path, base_folder, extract_config,
+                                                                         capsys):
+    """A base of the extraction's width and depth trained on another model's activations without a word (the
+    extraction's base_model was recorded as written, often relative, so it could not be compared)."""
+    common, _ = _training_inputs(tmp_path, str(base_folder), extract_config)
+    other = testing.save_base_model(tmp_path / "other_base", seed=1)
+    config = {**common, "base_model": str(other), "out_dir": str(tmp_path / "ar"), "train": {"steps": 1}}
+    capsys.readouterr()
+    assert main(["train-ar", _write(tmp_path / "ar.yaml", config)]) == 0
+    assert (f"nla-lens train-ar: warning: the activations were extracted from base model {base_folder.resolve()}, "
+            f"but base_model is {other.resolve()}: the AR would learn another model's activations; set base_model to "
+            f"{base_folder.resolve()}, or ignore this if the two folders hold one model") in capsys.readouterr().err
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same folder, named relatively from its parent: no warning
+        init_ar(os.path.relpath(base_folder), load_meta(common["activations"]))

@@ -39,7 +39,7 @@ def init_ar(base_model: str | Path, dataset: NLAMeta, *, device: str | torch.dev
     backends.require_hooked("training")
     folder = loading.resolve_checkpoint(base_model)
     hf_config = loading.load_hf_config(folder)
-    check_base_fits(hf_config, dataset, base_model, role="ar")
+    check_base_fits(hf_config, dataset, base_model, folder=folder, role="ar")
     tokenizer = loading.load_tokenizer(folder)
     meta = parse_meta(model_sidecar(dataset, "ar"), source="AR sidecar")
     check_tokenizer(meta, tokenizer, role="ar")

@@ -57,7 +57,7 @@ def init_av(
                           f"got {injection_scale!r} with injection {spec.method!r}")
     folder = loading.resolve_checkpoint(base_model)
     hf_config = loading.load_hf_config(folder)
-    check_base_fits(hf_config, dataset, base_model, role="av")
+    check_base_fits(hf_config, dataset, base_model, folder=folder, role="av")
     tokenizer = loading.load_tokenizer(folder)
     if tokenizer.eos_token_id is None:  # every explanation the AV learns ends with it: how it learns to stop
         raise ConfigError(f"the base model's tokenizer ({folder}) has no EOS token, which ends every AV training row "

@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import random
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -231,9 +232,10 @@ def check_fits(n_ctx: int, *rows: AVRows | ARRows) -> None:
         raise PromptTooLongError(f"a training row has {longest} tokens, over n_ctx={n_ctx}; shorten the explanations")
 
 
-def check_base_fits(hf_config: Any, dataset: NLAMeta, base_model: str | Path, *, role: str) -> None:
+def check_base_fits(hf_config: Any, dataset: NLAMeta, base_model: str | Path, *, folder: Path, role: str) -> None:
     """Refuse a `base_model` whose width (or, for the AR, depth) cannot hold the extraction's vectors, read from
-    its config.json before any weight loads: else the AV / AR fails only once the weights are in, blaming a sidecar."""
+    its config.json before any weight loads: else the AV / AR fails only once the weights are in, blaming a sidecar.
+    Warn when the extraction names another local folder (`folder` is where `base_model` resolved to)."""
     config = hf_config.get_text_config()  # a Gemma-3 wrapper keeps the sizes in text_config
     fix = f"set base_model to the model the activations were extracted from ({dataset.base_model})"
     d_model, n_layers = getattr(config, "hidden_size", None), getattr(config, "num_hidden_layers", None)
@@ -243,3 +245,10 @@ def check_base_fits(hf_config: Any, dataset: NLAMeta, base_model: str | Path, *,
     if role == "ar" and n_layers is not None and n_layers <= dataset.layer:
         raise ConfigError(f"base_model {base_model} has {n_layers} layers, but the AR needs its first "
                           f"{dataset.layer + 1} (the activations are layer {dataset.layer}'s); {fix}")
+    # Recorded absolute since extraction sidecars resolve local folders; a hub id or a folder not on this machine
+    # (extracted elsewhere) cannot be compared.
+    recorded = Path(str(dataset.base_model)) if dataset.base_model is not None else None
+    if recorded is not None and recorded.is_absolute() and recorded.is_dir() and recorded.resolve() != folder.resolve():
+        warnings.warn(f"the activations were extracted from base model {recorded}, but base_model is {folder}: the "
+                      f"{role.upper()} would learn another model's activations; set base_model to {recorded}, or "
+                      "ignore this if the two folders hold one model", stacklevel=3)
