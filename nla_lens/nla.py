@@ -132,7 +132,7 @@ def resolve_baseline(vectors: Float[Tensor, "n d_model"], mse_scale: float, give
     if recorded is not None and recorded.fve_baseline is not None:
         return Baseline(recorded.fve_baseline, "sidecar (held-out)", recorded.fve_baseline_n)
     n = vectors.shape[0]
-    problem = f"{n} vectors are too few for one (need >= {MIN_BASELINE_VECTORS})"
+    problem = f"{n} vector{' is' if n == 1 else 's are'} too few for one (need >= {MIN_BASELINE_VECTORS})"
     if n >= MIN_BASELINE_VECTORS:
         value = metrics.paper_baseline(vectors, mse_scale)
         # Rescaled rows have mean square mse_scale^2 / d per dim; a spread far below that is rounding noise.

@@ -87,6 +87,12 @@ def test_a_given_baseline_may_be_any_real_scalar_but_must_be_positive_and_finite
             resolve_baseline(vectors, 8**0.5, given)
 
 
+def test_too_few_vectors_for_a_baseline_are_counted_in_words():
+    """One vector (explain(..., positions=-1)) read "1 vectors are too few"."""
+    assert "and 1 vector is too few for one (need >= 32)" in resolve_baseline(torch.randn(1, 8), 8**0.5).warning
+    assert "and 4 vectors are too few for one (need >= 32)" in resolve_baseline(torch.randn(4, 8), 8**0.5).warning
+
+
 def test_a_malformed_sidecar_baseline_is_refused(tiny_paths, tmp_path):
     folder = shutil.copytree(tiny_paths["ar_nanonla"], tmp_path / "ar")
     meta = yaml.safe_load((folder / "nla_meta.yaml").read_text())
