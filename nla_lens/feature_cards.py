@@ -27,10 +27,12 @@ from nla_lens.results import TabularResult
 from nla_lens.sae import (
     ResidualStats,
     check_sae_reads_layer,
+    check_skip_first,
     check_texts,
     decoder_rows,
     feature_id,
     resid_hook_names,
+    skipped,
     text_residuals,
     verbalize_sae_features,
 )
@@ -119,7 +121,7 @@ def feature_card(
     k: int = 10,
     before: int = 8,
     after: int = 2,
-    skip_first: int = 0,
+    skip_first: int | None = None,
     offset: ResidualStats | None = None,
     explain_contexts: bool = False,
     allow_other_hook: bool = False,
@@ -130,7 +132,8 @@ def feature_card(
 
     The base model runs each text to layer K, `sae.encode` reads `blocks.K.hook_resid_post` (an SAE of
     another hook, let in by `allow_other_hook=True`, reads its own hook point); the first `skip_first`
-    positions of each text are left out (e.g. a BOS that every feature ignores).
+    positions of each text are left out (default: the BOS the tokenizer puts first, as `explain` leaves it out;
+    none on Qwen).
     `explain_contexts=True` also verbalizes the base residual at each context's peak (`k` more AV
     generations): what the NLA says where the feature fires, beside what it says of the decoder row
     (on the bundled toy the former names the feature's token far more often: README, "SAE features").
@@ -145,7 +148,8 @@ def feature_card(
     check_base_model(base, nla, av.meta.layer)
     texts = check_texts(texts)  # a list: the contexts are explained by index
     check_counts(1, k=k)
-    check_counts(0, before=before, after=after, skip_first=skip_first)
+    check_counts(0, before=before, after=after)
+    check_skip_first(skip_first)
     feature = feature_id(feature)
     decoder_rows(sae, [feature])  # checks the id before the scan indexes with it
     per_text = []
@@ -156,15 +160,17 @@ def feature_card(
             acts = sae.encode(resid.to(sae.W_dec.device, sae.W_dec.dtype))
             # TopK training SAEs with use_sparse_activations encode to a sparse COO tensor.
             acts = (acts.to_dense() if acts.is_sparse else acts)[:, feature].float().cpu()
-            if acts[skip_first:].isnan().any():  # NaN below marks what skip_first left out: the card would drop these
+            skip = skipped(base.tokenizer, ids, skip_first)
+            if acts[skip:].isnan().any():  # NaN below marks what skip_first left out: the card would drop these
                 raise VectorError(_nan_activations(sae, feature, len(per_text), resid))
-            acts[:skip_first] = float("nan")
+            acts[:skip] = float("nan")
             per_text.append((ids, acts))
     flat = torch.cat([acts for _, acts in per_text])
     scanned = ~flat.isnan()
     if not scanned.any():  # as residual_stats refuses it: an empty card would look like a dead feature
         longest = max(len(ids) for ids, _ in per_text)
-        raise InputError(f"no positions left after skip_first={skip_first}: the longest text has {longest} "
+        bos = " (the BOS)" if skip_first is None else ""
+        raise InputError(f"no positions left after skip_first={skip_first}{bos}: the longest text has {longest} "
                          f"token{'' if longest == 1 else 's'}; use longer texts or a smaller skip_first")
     readout = verbalize_sae_features(nla, sae, [feature], offset=offset, allow_other_hook=allow_other_hook,
                                      **verbalize_kwargs)

@@ -36,6 +36,7 @@ from nla_lens import backends
 from nla_lens.capture import activation_at, check_block, text_resid_post
 from nla_lens.checks import check_counts
 from nla_lens.errors import BackendError, InputError, SAEMismatchError, VectorError
+from nla_lens.explain import bos_skip
 from nla_lens.injection import check_vectors
 from nla_lens.nla import NLA
 from nla_lens.results import TabularResult
@@ -192,15 +193,29 @@ def _text_activation(base: TLModel, tokens: Int[Tensor, "1 pos"], hook_name: str
     return activation
 
 
-def residual_stats(base: TLModel, texts: Iterable[str], layer: int, *, skip_first: int = 0,
+def check_skip_first(skip_first: int | None) -> None:
+    """`skip_first` is None (leave out the BOS) or a whole number."""
+    if skip_first is not None:
+        check_counts(0, skip_first=skip_first)
+
+
+def skipped(tokenizer: Any, ids: list[int], skip_first: int | None) -> int:
+    """How many leading positions of a text a scan leaves out: `skip_first`, or by default (None) the BOS
+    the tokenizer puts first, as `explain` does (an attention sink with a huge norm on Gemma / Llama)."""
+    return bos_skip(tokenizer, ids) if skip_first is None else skip_first
+
+
+def residual_stats(base: TLModel, texts: Iterable[str], layer: int, *, skip_first: int | None = None,
                    max_tokens: int | None = None) -> ResidualStats:
     """[`ResidualStats`][nla_lens.sae.ResidualStats] of layer `layer` over every position of `texts` past
-    the first `skip_first`."""
-    check_counts(0, skip_first=skip_first)
-    rows = [resid[skip_first:] for _, resid in text_residuals(base, texts, layer, max_tokens=max_tokens)]
+    the first `skip_first` (default: past the BOS the tokenizer puts first, none on Qwen)."""
+    check_skip_first(skip_first)
+    rows = [resid[skipped(base.tokenizer, ids, skip_first):]
+            for ids, resid in text_residuals(base, texts, layer, max_tokens=max_tokens)]
     vectors = torch.cat(rows)
     if len(vectors) == 0:
-        raise InputError(f"no positions left after skip_first={skip_first}; use longer texts")
+        bos = " (the BOS)" if skip_first is None else ""
+        raise InputError(f"no positions left after skip_first={skip_first}{bos}; use longer texts")
     return ResidualStats.from_vectors(vectors, layer)
 
 

@@ -212,6 +212,37 @@ def test_texts_are_any_iterable_of_strings_and_anything_else_among_them_is_named
 
 
 @NEEDS_SAE_LENS
+def test_sae_scans_leave_out_the_bos_by_default_as_explain_does(bos_paths, av_karvonen, base):
+    """On a Gemma / Llama tokenizer the BOS (an attention sink with a huge norm) went into residual_stats' mean and
+    spread, and into a feature card's contexts, while `explain` leaves it out by default."""
+    from base_batches import load_base
+
+    from nla_lens.explain import bos_skip
+    from nla_lens.sae import ResidualStats, text_residuals
+
+    texts = ["The cat sat on the mat.", "A dog ran far away from home."]
+    gemma_av = nl.ActivationVerbalizer.from_pretrained(bos_paths["gemma_av"])
+    gemma = load_base(bos_paths["gemma_av"])
+    for model, av, bos in ((gemma, gemma_av, 1), (base, av_karvonen, 0)):  # the tiny Qwen base puts no BOS first
+        encoded = text_residuals(model, texts, LAYER)
+        assert [bos_skip(model.tokenizer, ids) for ids, _ in encoded] == [bos] * len(texts)
+        stats = nl.residual_stats(model, texts, LAYER)
+        expected = ResidualStats.from_vectors(torch.cat([resid[bos:] for _, resid in encoded]), LAYER)
+        assert stats.n == expected.n and torch.allclose(stats.mean, expected.mean)
+        assert stats.spread == pytest.approx(expected.spread)
+        sae = make_sae(D_MODEL, 8, f"blocks.{LAYER}.hook_resid_post")
+        with torch.no_grad():  # feature 3 fires at position 0, hardest of all if that position is scanned
+            sae.b_dec.zero_()
+            sae.b_enc.zero_()
+            sae.W_enc[:, 3] = 100 * encoded[0][1][0] / encoded[0][1][0].norm() ** 2
+        card = nl.feature_card(sae, model, texts, 3, av, k=50, max_new_tokens=2, progress=False)
+        assert card.n_positions == sum(len(ids) - bos for ids, _ in encoded)
+        assert (min(c.position for c in card.contexts) > 0) == bool(bos)
+        assert nl.feature_card(sae, model, texts, 3, av, k=50, skip_first=0, max_new_tokens=2,
+                               progress=False).contexts[0].position == 0
+
+
+@NEEDS_SAE_LENS
 def test_next_blocks_resid_pre_is_the_same_residual(av_karvonen):
     from nla_lens.sae import check_sae_reads_layer
 
