@@ -310,6 +310,10 @@ def feature_vectors(rows: Float[Tensor, "n d_model"], offset: ResidualStats | No
     if offset.mean.shape != rows.shape[1:]:
         raise VectorError(f"the offset mean has shape {list(offset.mean.shape)} but the NLA verbalizes "
                           f"d_model={rows.shape[1]} residuals; take the stats from this NLA's base model")
+    if not (math.isfinite(offset.spread) and offset.spread > 0):  # 0: one residual, or all of them alike
+        raise VectorError(f"the offset's spread is {offset.spread} (n={offset.n}): every feature would be verbalized "
+                          "as the mean residual, its decoder row scaled away; take the stats over many positions, "
+                          "nl.residual_stats(base, texts, layer)")
     unit = rows / rows.norm(dim=1, keepdim=True)
     return offset.mean.to(rows.device).float() + offset.spread * unit
 

@@ -302,7 +302,7 @@ def test_offset_cosine_does_not_depend_on_the_ar_output_norm(nla, monkeypatch):
 
 
 @NEEDS_SAE_LENS
-def test_offset_from_another_layer_or_width_or_bad_vectors_is_refused(toy):
+def test_offset_from_another_layer_or_width_or_bad_vectors_is_refused(toy, monkeypatch):
     from nla_lens.sae import ResidualStats
 
     sae = make_sae(128, 32, f"blocks.{toy.av.meta.layer}.hook_resid_post")
@@ -312,6 +312,13 @@ def test_offset_from_another_layer_or_width_or_bad_vectors_is_refused(toy):
         nl.verbalize_sae_features(toy.av, sae, [1], offset=layer_0)
     with pytest.raises(nl.VectorError, match=r"offset mean has shape \[64\].*d_model=128"):
         nl.verbalize_sae_features(toy.av, sae, [1], offset=ResidualStats(torch.randn(64), 1.0, 5))
+    # A spread of 0 (one residual) verbalized the mean alone, the same vector for every feature.
+    monkeypatch.setattr(toy.av, "verbalize", lambda *a, **k: pytest.fail("verbalized the mean for every feature"))
+    for spread, n in ((0.0, 1), (-2.0, 5), (float("nan"), 5)):
+        with pytest.raises(nl.VectorError, match=rf"offset's spread is {spread} \(n={n}\).*as the mean residual"):
+            nl.verbalize_sae_features(toy.av, sae, [1, 2], offset=ResidualStats(torch.randn(128), spread, n))
+    with pytest.raises(nl.VectorError, match=r"spread is 0.0 \(n=1\)"):
+        nl.verbalize_sae_features(toy.av, sae, [1], offset=ResidualStats.from_vectors(torch.randn(1, 128)))
     for bad in (torch.randn(128), torch.randn(0, 128), torch.full((2, 128), float("nan"))):
         with pytest.raises(nl.VectorError, match=r"\[n, d_model\]|no vectors|NaN"):
             ResidualStats.from_vectors(bad)
