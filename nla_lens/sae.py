@@ -37,7 +37,7 @@ from nla_lens.capture import activation_at, check_block, text_resid_post
 from nla_lens.checks import check_counts
 from nla_lens.errors import BackendError, InputError, SAEMismatchError, VectorError
 from nla_lens.explain import bos_skip
-from nla_lens.injection import check_vectors
+from nla_lens.injection import check_vectors, prescaled, unit
 from nla_lens.nla import NLA
 from nla_lens.results import TabularResult
 from nla_lens.sidecar import text_ids
@@ -294,7 +294,8 @@ def decoder_rows(sae: SAE, features: list[int]) -> Float[Tensor, "n d_in"]:
     if broken:  # check_vectors would name the rows of the batch and ask how they were computed
         raise VectorError(f"features {broken[:8]} have NaN or Inf in their decoder rows (sae.W_dec): the SAE's "
                           "weights are broken (a diverged training run, a float16 overflow); reload or retrain it")
-    zero = [f for f, norm in zip(features, rows.norm(dim=1).tolist(), strict=True) if norm == 0]
+    # Not the norm: it underflows to 0 for entries near 1e-23, a direction the AV injection still reads.
+    zero = [f for f, empty in zip(features, (rows == 0).all(dim=1).tolist(), strict=True) if empty]
     if zero:
         raise InputError(f"features {zero[:8]} have all-zero decoder rows: there is no direction to verbalize")
     return rows
@@ -314,8 +315,8 @@ def feature_vectors(rows: Float[Tensor, "n d_model"], offset: ResidualStats | No
         raise VectorError(f"the offset's spread is {offset.spread} (n={offset.n}): every feature would be verbalized "
                           "as the mean residual, its decoder row scaled away; take the stats over many positions, "
                           "nl.residual_stats(base, texts, layer)")
-    unit = rows / rows.norm(dim=1, keepdim=True)
-    return offset.mean.to(rows.device).float() + offset.spread * unit
+    # prescaled: the same bits as rows / ||rows|| where that norm is representable, a unit row where it is not
+    return offset.mean.to(rows.device).float() + offset.spread * unit(prescaled(rows))
 
 
 def verbalize_sae_features(
@@ -368,7 +369,8 @@ def verbalize_sae_features(
         centred = scaled - offset.mean.to(vectors.device).float()
     else:
         centred = reconstructions
-    cosines = torch.nn.functional.cosine_similarity(centred, rows, dim=1)
+    # The row prescaled: cosine_similarity clamps the norm product at 1e-8, which a tiny row's norm falls under.
+    cosines = torch.nn.functional.cosine_similarity(centred, prescaled(rows), dim=1)
     return FeatureVerbalizations(features, verbalizations, vectors, hook_name, offset is not None, cosines,
                                  reconstructions)
 

@@ -302,6 +302,37 @@ def test_offset_cosine_does_not_depend_on_the_ar_output_norm(nla, monkeypatch):
 
 
 @NEEDS_SAE_LENS
+def test_a_tiny_decoder_row_is_a_direction_like_any_other(nla, monkeypatch):
+    """Only a row's direction is read. A row of entries near 1e-10 scored a cosine near 0 (torch's cosine_similarity
+    clamps the norm product at 1e-8); one near 1e-23, whose norm underflows in fp32, was refused as all-zero, and
+    its offset vector was NaN."""
+    from nla_lens.sae import ResidualStats
+
+    sae = make_sae(D_MODEL, 16, f"blocks.{LAYER}.hook_resid_post")
+    features = [2, 5, 9]
+    directions = sae.W_dec.detach()[features].clone()
+    with torch.no_grad():
+        for f, size in ((5, 1e-10), (9, 1e-23)):
+            sae.W_dec[f] *= size / sae.W_dec[f].abs().max()
+    generator = torch.Generator().manual_seed(2)
+    stats = ResidualStats(torch.randn(D_MODEL, generator=generator) * 4, 3.0, 100, LAYER)
+    rebuilt = torch.randn(3, D_MODEL, generator=generator) * 5  # what the stand-in AR returns for each explanation
+    monkeypatch.setattr(nla.av, "verbalize", lambda vectors, **kwargs: [
+        nl.Verbalization(f"<explanation>{i}</explanation>", str(i), []) for i in range(len(vectors))])
+    monkeypatch.setattr(nla.ar, "reconstruct", lambda texts: rebuilt[[int(t) for t in texts]])
+    bare = nl.verbalize_sae_features(nla, sae, features)
+    assert torch.equal(bare.vectors, sae.W_dec.detach()[features])
+    expected = torch.nn.functional.cosine_similarity(rebuilt, directions, dim=1)
+    assert torch.allclose(bare.cosines, expected, atol=1e-5)
+    shifted = nl.verbalize_sae_features(nla, sae, features, offset=stats)
+    assert torch.allclose(shifted.vectors, stats.mean + 3.0 * directions / directions.norm(dim=1, keepdim=True),
+                          atol=1e-5)
+    at_input_norm = rebuilt * shifted.vectors.norm(dim=1, keepdim=True) / rebuilt.norm(dim=1, keepdim=True)
+    expected = torch.nn.functional.cosine_similarity(at_input_norm - stats.mean, directions, dim=1)
+    assert torch.allclose(shifted.cosines, expected, atol=1e-5)
+
+
+@NEEDS_SAE_LENS
 def test_offset_from_another_layer_or_width_or_bad_vectors_is_refused(toy, monkeypatch):
     from nla_lens.sae import ResidualStats
 
