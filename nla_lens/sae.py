@@ -103,7 +103,7 @@ def check_sae_reads_layer(sae: SAE, layer: int, d_model: int, *, allow_other_hoo
     return hook_name or resid_hook_names(layer)[0]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # == on the tensor field would raise; identity, as the result classes
 class ResidualStats:
     """Mean of layer-K residuals and their spread, the RMS L2 distance from that mean.
 

@@ -280,6 +280,15 @@ def test_mean_offset_adds_the_unit_row_scaled_to_the_residual_spread():
 
 
 @NEEDS_SAE_LENS
+def test_residual_stats_compare_by_identity_instead_of_raising():
+    """`==` on the dataclass's tensor field raised 'Boolean value of Tensor ... is ambiguous'."""
+    from nla_lens.sae import ResidualStats
+
+    stats = ResidualStats.from_vectors(torch.randn(10, 8))
+    assert stats == stats and stats != ResidualStats.from_vectors(torch.randn(10, 8))
+    assert stats in [stats] and len({stats}) == 1
+
+@NEEDS_SAE_LENS
 def test_offset_cosine_does_not_depend_on_the_ar_output_norm(nla, monkeypatch):
     """The AR was trained on rescaled targets, so its output norm means nothing: an AR that rebuilds what
     the AV was given exactly up to scale scores cosine 1 with the mean offset, whatever the scale."""
