@@ -14,6 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import nla_lens as nl
+from hf_reference import ar_reconstruct, layer_output_hook, load_hf
 from nla_lens.injection import unit
 from nla_lens.testing import TINY_LABELS
 
@@ -79,6 +80,99 @@ def test_hook_adds_exactly_the_documented_vector_at_exactly_the_sites(base, nla,
     assert torch.allclose(steered, reference, rtol=0, atol=1e-6 * float(steered.abs().max()))
     assert torch.allclose(logits, reference_logits, rtol=0, atol=1e-5 * float(logits.abs().max()))
     assert no_hooks_left(base)
+
+
+def fake_verbalize(said: dict):
+    """An AV stand-in (the tiny AVs only babble) that records the vectors it is given and reads vector i as
+    TINY_LABELS[i % 8], so two samples per site give two different explanations."""
+    def verbalize(vectors, **kwargs):
+        said["vectors"] = vectors
+        return [nl.Verbalization(f"<explanation>{TINY_LABELS[i % 8]}</explanation>", TINY_LABELS[i % 8], [])
+                for i in range(len(vectors))]
+    return verbalize
+
+
+@pytest.mark.parametrize(("family", "mode", "alpha"), [("qwen", "add", 0.7), ("qwen", "replace", -0.5),
+                                                       ("gemma", "add", 1.5), ("llama", "replace", 0.6)])
+def test_the_whole_method_matches_plain_hf_and_the_ar_reference(family, mode, alpha, request, monkeypatch):
+    """Independent of nla_lens: the site residuals are HF's hidden_states[K+1] at the sites, Delta and T are
+    means of the unit outputs of the plain-HF AR reference, and the steered next-token log-probs are those of
+    the HF model under a plain forward hook on decoder layer K that writes the documented formula. Left-padded
+    batches; Gemma and Llama put a BOS first."""
+    if family == "qwen":
+        paths = request.getfixturevalue("tiny_paths")
+        av_folder, ar_folder = paths["av_karvonen"], paths["ar_nanonla"]
+        nla, base = request.getfixturevalue("nla"), request.getfixturevalue("base")
+        tokens, mask = padded(base, "left")
+        positions = torch.tensor([-1, -2, -1, -3])
+    else:
+        paths = request.getfixturevalue("bos_paths")
+        av_folder, ar_folder = paths[f"{family}_av"], paths[f"{family}_ar"]
+        nla = nl.NLA.from_pretrained(av_folder, ar_folder)
+        with pytest.warns(UserWarning, match="not the base model"):  # a tiny AV stands in for the base here
+            base = nl.load_base(av_folder)
+        batch = base.tokenizer(["The cat sat on the mat.", "A dog ran"], padding=True, return_tensors="pt")
+        tokens, mask = batch["input_ids"], batch["attention_mask"]
+        assert tokens[0, 0] == base.tokenizer.bos_token_id and mask[1, 0] == 0  # BOS first, row 1 left-padded
+        positions = torch.tensor([-1, -3])
+    said = {}
+    monkeypatch.setattr(nla.av, "verbalize", fake_verbalize(said))
+    edit = lambda text: text + " the sea"  # noqa: E731
+    result = nl.steer_with_words(nla, base, tokens, positions, attention_mask=mask, edit=edit, samples=2,
+                                 alpha=alpha, mode=mode, continue_tokens=0)
+    sites = list(zip(result.rows.tolist(), result.positions.tolist(), strict=True))
+    assert [(row, col) for row, col in sites] == [(row, tokens.shape[1] + int(p)) for row, p in enumerate(positions)]
+
+    hf, _ = load_hf(av_folder)
+    clean = hf(tokens, attention_mask=mask, output_hidden_states=True)
+    resid = clean.hidden_states[LAYER + 1][result.rows, result.positions]
+    assert torch.allclose(said["vectors"], resid.repeat_interleave(2, dim=0), rtol=0, atol=1e-4)
+    texts = [TINY_LABELS[i % 8] for i in range(2 * len(sites))]
+    reference = unit(ar_reconstruct(ar_folder, texts + [edit(t) for t in texts]))
+    before, after = reference[:len(texts)].view(len(sites), 2, -1), reference[len(texts):].view(len(sites), 2, -1)
+    assert torch.allclose(result.delta, (after - before).mean(1), rtol=0, atol=1e-5)
+    assert torch.allclose(result.target, after.mean(1), rtol=0, atol=1e-5)
+
+    direction = unit((after - before).mean(1) if mode == "add" else after.mean(1))
+
+    def documented(h):  # h + alpha ||h|| d (add), h + alpha (||h|| d - h) (replace), at the sites only
+        h = h.clone()
+        for (row, col), d in zip(sites, direction, strict=True):
+            x = h[row, col]
+            h[row, col] = x + alpha * (x.norm() * d - (x if mode == "replace" else 0))
+        return h
+
+    with layer_output_hook(hf, LAYER, documented):
+        steered = hf(tokens, attention_mask=mask).logits
+    at = (result.rows, result.positions)
+    assert torch.allclose(result.clean_logprobs, clean.logits[at].log_softmax(-1), rtol=0, atol=1e-4)
+    assert torch.allclose(result.steered_logprobs, steered[at].log_softmax(-1), rtol=0, atol=1e-4)
+    assert (result.steered_logprobs - result.clean_logprobs).abs().max() > 0.1  # the steering did move them
+
+
+@pytest.mark.parametrize("mode", ["add", "replace"])
+def test_alpha_zero_is_no_steering_bit_for_bit(base, nla, mode):
+    tokens, mask = padded(base, "left")
+    result = steer(nla, base, tokens, -1, mask, alpha=0.0, mode=mode, continue_tokens=3)
+    assert torch.equal(result.steered_logprobs, result.clean_logprobs)
+    assert [t["kl"] for t in result.next_tokens()] == [0.0] * len(tokens)
+    assert all(clean == steered for clean, steered in result.continuations)
+    plain = base(tokens, attention_mask=mask)
+    assert torch.equal(base.run_with_hooks(tokens, attention_mask=mask, fwd_hooks=result.fwd_hooks()), plain)
+    moved = steer(nla, base, tokens, -1, mask, mode=mode, compare=False, continue_tokens=0)
+    assert torch.equal(base.run_with_hooks(tokens, attention_mask=mask, fwd_hooks=moved.fwd_hooks(alpha=0)), plain)
+
+
+def test_a_padded_batch_steers_each_row_as_it_would_alone(base, nla):
+    tokens, mask = padded(base, "left")
+    batch = steer(nla, base, tokens, -1, mask, alpha=1.5, continue_tokens=3)
+    for row in range(len(tokens)):
+        alone = steer(nla, base, tokens[row][mask[row].bool()][None], -1, None, alpha=1.5, continue_tokens=3,
+                      explanations=TINY_LABELS[row:row + 1])
+        assert torch.allclose(alone.delta[0], batch.delta[row], rtol=0, atol=1e-5)
+        assert torch.allclose(alone.clean_logprobs[0], batch.clean_logprobs[row], rtol=0, atol=1e-4)
+        assert torch.allclose(alone.steered_logprobs[0], batch.steered_logprobs[row], rtol=0, atol=1e-4)
+        assert alone.continuations[0] == batch.continuations[row]
 
 
 def test_delta_and_target_are_means_of_unit_reconstructions(base, nla):
