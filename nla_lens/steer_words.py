@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import pyarrow as pa
 import torch
 from jaxtyping import Float, Int
+from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 from transformer_lens.hook_points import HookPoint
@@ -41,7 +42,7 @@ from transformer_lens.hook_points import HookPoint
 from nla_lens import backends
 from nla_lens.base_model import check_base_model
 from nla_lens.capture import PositionSpec, real_tokens, resid_post, resolve_positions
-from nla_lens.checks import check_counts, check_finite, check_output_path, file_path
+from nla_lens.checks import check_counts, check_finite, check_input_file, check_output_path, file_path
 from nla_lens.errors import InputError, PairMismatchError, VectorError
 from nla_lens.injection import HookFn, check_vectors, unit
 from nla_lens.nla import NLA
@@ -57,6 +58,9 @@ EditFn = Callable[[str], str]
 # One edit for every site (a function of the explanation, or the edited text itself), or one per site.
 Edit = EditFn | str | Sequence[EditFn | str]
 _TABLE_TOP_K = 3  # next tokens per site in the table; next_tokens(k) gives more
+# What save_vectors writes, and fwd_hooks_from needs: tensors, and settings as safetensors' text metadata.
+_SAVED_TENSORS = ("delta", "target", "rows", "positions")
+_SAVED_SETTINGS = ("hook_name", "layer", "alpha", "mode", "token_shape")
 
 
 def site_steering_hook(directions: Float[Tensor, "n d_model"], rows: Int[Tensor, " n"], cols: Int[Tensor, " n"],
@@ -133,12 +137,20 @@ class WordSteering(TabularResult):
 
     def fwd_hooks(self, alpha: float | None = None) -> list[tuple[str, HookFn]]:
         """`[(blocks.K.hook_resid_post, hook)]` for `run_with_hooks` or `model.hooks(...)`; `alpha` overrides."""
-        directions = self.delta if self.mode == "add" else self.target
-        if alpha is not None:
-            check_finite(alpha=alpha)
-        scale = self.alpha if alpha is None else float(alpha)
-        return [(self.hook_name, site_steering_hook(directions, self.rows, self.positions, self.token_shape,
-                                                    scale, self.mode, self.hook_name))]
+        return _fwd_hooks(self.hook_name, self.mode, self.delta, self.target, self.rows, self.positions,
+                          self.token_shape, self.alpha, alpha)
+
+    @classmethod
+    def fwd_hooks_from(cls, path: str | Path, alpha: float | None = None) -> list[tuple[str, HookFn]]:
+        """The `fwd_hooks(alpha)` of the result that `save_vectors` wrote `path`: steer again without the AV
+        and the AR. Tensors and text only are read (safetensors runs no code); a file of another kind is refused."""
+        path = file_path(path, "fwd_hooks_from")
+        if path.suffix != ".safetensors":
+            raise InputError(f"{path}: fwd_hooks_from reads the .safetensors file save_vectors wrote")
+        check_input_file(path, "steering file")
+        saved = _read_saved(path)
+        return _fwd_hooks(saved["hook_name"], saved["mode"], saved["delta"], saved["target"], saved["rows"],
+                          saved["positions"], saved["token_shape"], saved["alpha"], alpha)
 
     def next_tokens(self, k: int = 5) -> list[dict[str, Any]]:
         """Per site: the top-k next tokens without and with steering, and KL(clean || steered) in nats."""
@@ -184,7 +196,7 @@ class WordSteering(TabularResult):
 
     def save_vectors(self, path: str | Path) -> Path:
         """Delta and T (with the sites and settings, the token shape the hook is bound to among them) to
-        `.safetensors`, to steer again without the AV and AR; `save` writes the table."""
+        `.safetensors`, to steer again without the AV and AR (`fwd_hooks_from`); `save` writes the table."""
         path = file_path(path, "save_vectors")
         if path.suffix != ".safetensors":
             raise InputError(f"{path}: save_vectors writes a .safetensors file; save() writes the table")
@@ -445,6 +457,46 @@ def _continuations(base: TLModel, tokens: Tensor, real: Tensor, result: WordStee
             pair.append(base.tokenizer.decode(grown[0, ids.shape[1]:].tolist()))
         out.append((pair[0], pair[1]))
     return out
+
+
+def _fwd_hooks(hook_name: str, mode: Mode, delta: Float[Tensor, "n d_model"], target: Float[Tensor, "n d_model"],
+               rows: Int[Tensor, " n"], positions: Int[Tensor, " n"], token_shape: tuple[int, int], alpha: float,
+               override: float | None) -> list[tuple[str, HookFn]]:
+    """The steering hook of a live result or of its saved vectors; `override` replaces `alpha`."""
+    if override is not None:
+        check_finite(alpha=override)
+    scale = alpha if override is None else float(override)
+    directions = delta if mode == "add" else target
+    return [(hook_name, site_steering_hook(directions, rows, positions, token_shape, scale, mode, hook_name))]
+
+
+def _read_saved(path: Path) -> dict[str, Any]:
+    """The tensors and settings `save_vectors` wrote, checked to fit together: anything else is refused."""
+    not_ours = f"{path} is not a file WordSteering.save_vectors wrote"
+    try:
+        with safe_open(str(path), "pt") as file:
+            saved: dict[str, Any] = {**(file.metadata() or {}), **{name: file.get_tensor(name) for name in file.keys()}}
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types on a damaged file
+        raise InputError(f"{not_ours}: it cannot be read as .safetensors ({type(exc).__name__}); is it corrupt "
+                         "or of another format?") from exc
+    missing = [name for name in (*_SAVED_TENSORS, *_SAVED_SETTINGS) if name not in saved]
+    if missing:
+        raise InputError(f"{not_ours}: it lacks {missing}; write it with result.save_vectors(path)")
+    if saved["mode"] not in ("add", "replace"):
+        raise InputError(f"{path}: mode {saved['mode']!r} is neither 'add' nor 'replace'; the steering hook "
+                         "knows only those: write the file with result.save_vectors(path)")
+    try:
+        saved["alpha"], saved["token_shape"] = float(saved["alpha"]), tuple(json.loads(saved["token_shape"]))
+    except (ValueError, TypeError) as exc:
+        raise InputError(f"{not_ours}: its alpha or token_shape does not parse ({exc})") from exc
+    delta, rows = saved["delta"], saved["rows"]
+    fits = (delta.ndim == 2 and saved["target"].shape == delta.shape and rows.shape == saved["positions"].shape
+            == delta.shape[:1] and not rows.is_floating_point() and not saved["positions"].is_floating_point()
+            and len(saved["token_shape"]) == 2 and all(type(n) is int for n in saved["token_shape"]))
+    if not fits:
+        raise InputError(f"{not_ours}: its delta {list(delta.shape)}, target {list(saved['target'].shape)}, rows, "
+                         f"positions and token_shape {saved['token_shape']} do not fit together")
+    return saved
 
 
 def _decode(tokenizer: Any, token_id: int) -> str:

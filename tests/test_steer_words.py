@@ -11,7 +11,7 @@ import torch
 from base_batches import no_hooks_left, padded
 from conftest import LAYER
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import nla_lens as nl
 from hf_reference import ar_reconstruct, layer_output_hook, load_hf
@@ -413,3 +413,50 @@ def test_verbalizes_the_sites_in_the_order_given_with_samples(base, nla, monkeyp
     assert seen["kwargs"]["temperature"] == 1.0 and seen["kwargs"]["seed"] == 7
     assert result.explanations == [TINY_LABELS[0:2], TINY_LABELS[2:4]] and result.positions.tolist() == [
         width - 1, width - 4]
+
+
+@pytest.mark.parametrize("mode", ["add", "replace"])
+def test_saved_vectors_steer_again_exactly_as_the_live_hooks(base, nla, tmp_path, mode):
+    """save_vectors then fwd_hooks_from: the same logits as the live result's hooks, bit for bit, alpha sweeps too."""
+    tokens, mask = padded(base, "left")
+    result = steer(nla, base, tokens, torch.tensor([-1, -2, -1, -3]), mask, alpha=0.7, mode=mode, compare=False,
+                   continue_tokens=0)
+    path = result.save_vectors(tmp_path / "delta.safetensors")
+    for alpha in (None, 2.0, 0):
+        live = base.run_with_hooks(tokens, attention_mask=mask, fwd_hooks=result.fwd_hooks(alpha=alpha))
+        loaded = nl.WordSteering.fwd_hooks_from(str(path), alpha=alpha)
+        assert [name for name, _ in loaded] == [NAME]
+        assert torch.equal(base.run_with_hooks(tokens, attention_mask=mask, fwd_hooks=loaded), live)
+    assert (live - base(tokens, attention_mask=mask)).abs().max() == 0  # alpha 0: no steering, as live
+    with pytest.raises(nl.InputError, match="alpha=nan: must be a finite number"):
+        nl.WordSteering.fwd_hooks_from(path, alpha=float("nan"))
+    with pytest.raises(nl.InputError, match="this steering was built for tokens of shape"):  # bound as the live one
+        base.run_with_hooks(tokens[:2], fwd_hooks=nl.WordSteering.fwd_hooks_from(path))
+    assert no_hooks_left(base)
+
+
+def test_loading_saved_vectors_refuses_what_save_vectors_did_not_write(base, nla, tmp_path):
+    tokens, mask = padded(base, "left")
+    path = steer(nla, base, tokens, -1, mask, compare=False, continue_tokens=0).save_vectors(tmp_path / "d.safetensors")
+    with pytest.raises(nl.InputError, match="does not exist"):
+        nl.WordSteering.fwd_hooks_from(tmp_path / "missing.safetensors")
+    with pytest.raises(nl.InputError, match="reads the .safetensors file save_vectors wrote"):
+        nl.WordSteering.fwd_hooks_from(tmp_path / "steer.parquet")
+    other = tmp_path / "vectors.safetensors"  # a vector file of the CLI's kind
+    save_file({"vectors": torch.randn(4, base.cfg.d_model)}, str(other))
+    with pytest.raises(nl.InputError, match=r"not a file WordSteering.save_vectors wrote: it lacks \['delta'"):
+        nl.WordSteering.fwd_hooks_from(other)
+    other.write_bytes(b"not safetensors at all")
+    with pytest.raises(nl.InputError, match="not a file WordSteering.save_vectors wrote: it cannot be read"):
+        nl.WordSteering.fwd_hooks_from(other)
+    with safe_open(str(path), "pt") as saved:
+        tensors, metadata = load_file(str(path)), saved.metadata()
+    save_file(tensors, str(other), metadata={**metadata, "mode": "patch"})
+    with pytest.raises(nl.InputError, match="mode 'patch' is neither 'add' nor 'replace'"):
+        nl.WordSteering.fwd_hooks_from(other)
+    save_file({**tensors, "rows": tensors["rows"][:2]}, str(other), metadata=metadata)
+    with pytest.raises(nl.InputError, match="do not fit together"):
+        nl.WordSteering.fwd_hooks_from(other)
+    save_file(tensors, str(other), metadata={**metadata, "token_shape": "4"})
+    with pytest.raises(nl.InputError, match="token_shape does not parse"):
+        nl.WordSteering.fwd_hooks_from(other)
