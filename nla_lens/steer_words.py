@@ -172,7 +172,9 @@ class WordSteering(TabularResult):
 
     def to_records(self) -> list[dict[str, Any]]:
         """One row per steered site: where, the first explanation and its edit (every sample in the
-        `*_samples` columns), Delta's size, the top next tokens without / with steering, the continuations."""
+        `*_samples` columns), Delta's size `delta_norm` (how far the edit moved the reconstruction: add mode steers
+        along Delta, replace mode towards T, so an unchanged edit there is 0 and still steers), the top next tokens
+        without / with steering, the continuations."""
         tops = self.next_tokens(_TABLE_TOP_K) if self.clean_logprobs is not None else [{}] * len(self.rows)
         records = []
         for i in range(len(self.rows)):
@@ -257,7 +259,7 @@ def steer_with_words(
         else:
             texts = _given_explanations(explanations, len(sites))
         edited = _apply_edits(edit, texts)
-        delta, target = _delta(nla, texts, edited, sites)
+        delta, target = _delta(nla, texts, edited, sites, mode)
         named = [_decode(base.tokenizer, int(tokens[r, c])) for r, c in sites]
         result = WordSteering(f"blocks.{k}.hook_resid_post", k, float(alpha), mode, rows.cpu(), cols.cpu(), named,
                               (tokens.shape[0], tokens.shape[1]), texts, edited, delta, target)
@@ -399,11 +401,12 @@ def _apply_edits(edit: Edit, texts: list[list[str]]) -> list[list[str]]:
     return edited
 
 
-def _delta(nla: NLA, texts: list[list[str]], edited: list[list[str]],
-           sites: list[tuple[int, int]]) -> tuple[Float[Tensor, "n d_model"], Float[Tensor, "n d_model"]]:
-    """Delta and T per site, one AR batch for all originals and edits; an edit that changes nothing raises."""
+def _delta(nla: NLA, texts: list[list[str]], edited: list[list[str]], sites: list[tuple[int, int]],
+           mode: Mode) -> tuple[Float[Tensor, "n d_model"], Float[Tensor, "n d_model"]]:
+    """Delta and T per site, one AR batch for all originals and edits. In add mode an edit that changes nothing
+    raises (Delta = 0); replace mode steers with T, so there it patches in the original's own reconstruction."""
     for i, (before, after) in enumerate(zip(texts, edited, strict=True)):
-        if before == after:
+        if before == after and mode == "add":
             raise InputError(
                 f"the edit leaves the explanation of site {i} (row {sites[i][0]}, column {sites[i][1]}) unchanged "
                 f"({before[0]!r}), so Delta = 0 and there is nothing to steer with; edit words that occur in it"
@@ -417,11 +420,16 @@ def _delta(nla: NLA, texts: list[list[str]], edited: list[list[str]],
     counts = torch.bincount(site, minlength=len(texts)).float()[:, None]
     delta = torch.zeros(len(texts), before.shape[1]).index_add_(0, site, after - before) / counts
     target = torch.zeros(len(texts), before.shape[1]).index_add_(0, site, after) / counts
-    flat = (delta.norm(dim=-1) == 0).nonzero().flatten().tolist()
-    if flat:
+    flat = ((delta if mode == "add" else target).norm(dim=-1) == 0).nonzero().flatten().tolist()
+    if flat and mode == "add":
         raise InputError(
             f"the AR reconstructs the edited and original explanations of site {flat[0]} identically, so Delta = 0; "
             "make an edit the AR can read (change content words, not only whitespace)"
+        )
+    if flat:
+        raise InputError(
+            f"the AR's unit reconstructions of the edited explanations of site {flat[0]} cancel out, so T = 0 and "
+            "replace mode has no direction to patch in; drop the samples that disagree, or use mode='add'"
         )
     return delta, target
 

@@ -460,3 +460,40 @@ def test_loading_saved_vectors_refuses_what_save_vectors_did_not_write(base, nla
     save_file(tensors, str(other), metadata={**metadata, "token_shape": "4"})
     with pytest.raises(nl.InputError, match="token_shape does not parse"):
         nl.WordSteering.fwd_hooks_from(other)
+
+
+def test_replace_mode_patches_in_an_unchanged_explanations_own_reconstruction(base, nla):
+    """The control of "patch with words": an edit that changes nothing makes T the original explanations' mean unit
+    reconstruction, and replace mode steers with T; Delta = 0, which the table says. Add mode, which steers along
+    Delta, still refuses it."""
+    tokens, mask = padded(base, "left")
+    samples = [TINY_LABELS[:2], TINY_LABELS[2:3], TINY_LABELS[3:4], TINY_LABELS[4:6]]
+    result = steer(nla, base, tokens, -1, mask, explanations=samples, edit=lambda text: text, mode="replace",
+                   continue_tokens=0)
+    for i, texts in enumerate(samples):
+        assert torch.allclose(result.target[i], unit(nla.ar.reconstruct(texts)).mean(0), rtol=0, atol=1e-6)
+    assert torch.equal(result.delta, torch.zeros_like(result.delta))
+    sites = list(zip(result.rows.tolist(), result.positions.tolist(), strict=True))
+    _, logits = resid_and_logits(base, tokens, mask, result.fwd_hooks())
+    _, reference = resid_and_logits(base, tokens, mask, [(NAME, hand_written(sites, result.target, 1.0, "replace"))])
+    assert torch.allclose(logits, reference, rtol=0, atol=1e-5 * float(logits.abs().max()))
+    frame = result.to_pandas()
+    assert list(frame["delta_norm"]) == [0.0] * 4 and set(frame["mode"]) == {"replace"}
+    assert (frame["kl"] > 0).all()  # it steered all the same
+    with pytest.raises(nl.InputError, match="unchanged.*Delta = 0 and there is nothing to steer with"):
+        steer(nla, base, tokens, -1, mask, explanations=samples, edit=lambda text: text, mode="add")
+
+
+def test_replace_mode_refuses_edited_reconstructions_that_cancel_out(base, nla, monkeypatch):
+    """T = 0 (two samples' unit reconstructions exactly opposite) has no direction: replace mode refuses it, and
+    add mode, which steers along Delta, does not."""
+    tokens, mask = padded(base, "left")
+    v = torch.randn(nla.ar.meta.d_model, generator=torch.Generator().manual_seed(3))
+    originals = torch.randn(2, nla.ar.meta.d_model, generator=torch.Generator().manual_seed(4))
+    monkeypatch.setattr(nla.ar, "reconstruct", lambda texts, **kwargs: torch.cat([originals, torch.stack([v, -v])]))
+    one_site = {"explanations": [TINY_LABELS[:2]], "edit": lambda text: text + " the sea", "compare": False,
+                "continue_tokens": 0}
+    with pytest.raises(nl.InputError, match="site 0 cancel out, so T = 0"):
+        steer(nla, base, tokens[:1], -1, mask[:1], mode="replace", **one_site)
+    added = steer(nla, base, tokens[:1], -1, mask[:1], mode="add", **one_site)
+    assert torch.equal(added.target, torch.zeros_like(added.target)) and added.delta.norm() > 0
