@@ -42,7 +42,7 @@ from transformer_lens.hook_points import HookPoint
 from nla_lens import backends
 from nla_lens.base_model import check_base_model
 from nla_lens.capture import PositionSpec, real_tokens, resid_post, resolve_positions
-from nla_lens.checks import check_counts, check_finite, check_input_file, check_output_path, file_path
+from nla_lens.checks import check_counts, check_finite, check_input_file, check_output_path, check_sampling, file_path
 from nla_lens.errors import InputError, PairMismatchError, VectorError
 from nla_lens.injection import HookFn, check_vectors, unit
 from nla_lens.nla import NLA
@@ -220,9 +220,9 @@ def steer_with_words(
     edit: Edit,
     alpha: float = 1.0,
     mode: Mode = "add",
-    samples: int = 1,
-    temperature: float = 1.0,
-    seed: int = 0,
+    samples: int | None = None,
+    temperature: float | None = None,
+    seed: int | None = None,
     explanations: Sequence[str | Sequence[str]] | None = None,
     attention_mask: Int[Tensor, "batch pos"] | None = None,
     layer: int | None = None,
@@ -237,12 +237,14 @@ def steer_with_words(
     `positions` is any `nl.capture` position spec (ints, negative = from each row's last real token,
     a [batch] tensor, a [batch, pos] mask). `edit` is a function of the explanation text, the edited
     text itself, or a sequence with one of those per site. `samples > 1` samples that many
-    explanations per site at `temperature` (seeded) and averages Delta over them; `samples = 1` is the
-    greedy explanation. `explanations` (one string, or one list of samples, per site) skips the AV.
+    explanations per site at `temperature` (default 1.0) with `seed` (default 0) and averages Delta over
+    them; `samples = 1` (the default) is the greedy explanation, which takes neither. `explanations` (one
+    string, or one list of samples, per site) skips the AV, so it takes none of the three.
     `compare` stores next-token log-probs at the sites without and with steering; `continue_tokens`
     (0 for none) greedy tokens continue each row without and with it. `layer`, if given, must be K.
     """
-    _check_inputs(nla, base, tokens, layer, alpha, mode, samples, continue_tokens)
+    _check_inputs(nla, base, tokens, layer, alpha, mode, continue_tokens)
+    samples, sampling = _sampling(explanations, samples, temperature, seed, max_new_tokens, batch_size)
     k = nla.ar.meta.layer
     real = real_tokens(base, attention_mask, tokens)
     if real is None:
@@ -254,7 +256,7 @@ def steer_with_words(
     run_mask = attention_mask if attention_mask is not None else backends.implicit_attention_mask(base, tokens)
     with torch.no_grad():
         if explanations is None:
-            texts = _verbalize_sites(nla.av, base, tokens, rows, cols, run_mask, k, samples, temperature, seed,
+            texts = _verbalize_sites(nla.av, base, tokens, rows, cols, run_mask, k, samples, sampling,
                                      max_new_tokens, batch_size)
         else:
             texts = _given_explanations(explanations, len(sites))
@@ -322,7 +324,7 @@ def describe_difference(nla_or_av: NLA | ActivationVerbalizer, a: Float[Tensor, 
 
 
 def _check_inputs(nla: NLA, base: TLModel, tokens: Tensor, layer: int | None, alpha: float, mode: str,
-                  samples: int, continue_tokens: int) -> None:
+                  continue_tokens: int) -> None:
     if not isinstance(nla, NLA):
         raise InputError(f"steer_with_words needs an NLA (AV + AR), got {type(nla).__name__}")
     backends.backend_of(base)
@@ -339,8 +341,6 @@ def _check_inputs(nla: NLA, base: TLModel, tokens: Tensor, layer: int | None, al
     if mode not in ("add", "replace"):
         raise InputError(f"mode must be 'add' or 'replace', got {mode!r}")
     check_finite(alpha=alpha)
-    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
-        raise InputError(f"samples must be an int >= 1, got {samples!r}")
     if isinstance(continue_tokens, bool) or not isinstance(continue_tokens, int) or continue_tokens < 0:
         raise InputError(f"continue_tokens must be an int >= 0, got {continue_tokens!r}")
     if continue_tokens and base.tokenizer is None:  # checked before the AV and AR run, not after
@@ -348,14 +348,41 @@ def _check_inputs(nla: NLA, base: TLModel, tokens: Tensor, layer: int | None, al
                          "tokenizer, and this model has none: pass continue_tokens=0, or set base.tokenizer")
 
 
+def _sampling(explanations: object, samples: int | None, temperature: float | None, seed: int | None,
+              max_new_tokens: int, batch_size: int) -> tuple[int, dict[str, Any]]:
+    """Samples per site and the AV's decoding settings, checked before the base model runs; a setting that
+    would not apply (the AV does not run, or samples=1 is greedy) is refused rather than ignored."""
+    given = {name: value for name, value in (("samples", samples), ("temperature", temperature), ("seed", seed))
+             if value is not None}
+    if explanations is not None:
+        if given:
+            settings = ", ".join(f"{name}={value!r}" for name, value in given.items())
+            raise InputError(f"{settings}: samples, temperature and seed set how the AV samples explanations, and "
+                             "explanations= skips the AV; drop them, or drop explanations= to let the AV read the "
+                             "sites (pass several explanations per site as a list to average Delta over them)")
+        return 1, {}
+    samples = 1 if samples is None else samples
+    check_counts(1, samples=samples)
+    if samples == 1:
+        unused = {name: value for name, value in given.items() if name != "samples"}
+        if unused:
+            settings = ", ".join(f"{name}={value!r}" for name, value in unused.items())
+            raise InputError(f"{settings}: samples=1 reads the greedy explanation, which takes no temperature or "
+                             "seed; pass samples > 1 (e.g. samples=5) to sample, or drop them")
+        check_sampling(0.0, 1.0, max_new_tokens, batch_size)
+        return 1, {"temperature": 0.0}
+    sampling = {"temperature": 1.0 if temperature is None else temperature, "seed": 0 if seed is None else seed}
+    check_sampling(sampling["temperature"], 1.0, max_new_tokens, batch_size, sampling["seed"])
+    return samples, sampling
+
+
 def _verbalize_sites(av: ActivationVerbalizer, base: TLModel, tokens: Tensor, rows: Tensor, cols: Tensor,
-                     run_mask: Tensor | None, k: int, samples: int, temperature: float, seed: int,
+                     run_mask: Tensor | None, k: int, samples: int, sampling: dict[str, Any],
                      max_new_tokens: int, batch_size: int) -> list[list[str]]:
     """`samples` parsed explanations per site (greedy for one); a site with none raises."""
     resid = resid_post(base, tokens, k, attention_mask=run_mask)
     vectors = resid[rows.to(resid.device), cols.to(resid.device)].float()
     vectors = vectors.repeat_interleave(samples, dim=0)
-    sampling = {"temperature": temperature, "seed": seed} if samples > 1 else {"temperature": 0.0}
     said = av.verbalize(vectors, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=False, **sampling)
     texts = [[v.explanation for v in said[i * samples:(i + 1) * samples] if v.explanation is not None]
              for i in range(len(rows))]

@@ -37,7 +37,7 @@ def results(base, av_karvonen, ar_nanonla) -> dict[str, nl.TabularResult]:
         "direction": nl.verbalize_direction(av_karvonen, vectors, **FAST),
         "explanation": nla.explain(base, ["The cat sat.", "A dog"], baseline=0.8, **FAST),
         "word_steering": nl.steer_with_words(nla, base, tokens, -1, explanations=TINY_LABELS[:2],
-                                             edit=lambda text: text + " the end", samples=1, continue_tokens=2),
+                                             edit=lambda text: text + " the end", continue_tokens=2),
         "difference": nl.describe_difference(nla, vectors, vectors.flip(0) + 1, **FAST),
         **(sae_results(base, nla) if HAS_SAE_LENS else {}),
     }

@@ -497,3 +497,41 @@ def test_replace_mode_refuses_edited_reconstructions_that_cancel_out(base, nla, 
         steer(nla, base, tokens[:1], -1, mask[:1], mode="replace", **one_site)
     added = steer(nla, base, tokens[:1], -1, mask[:1], mode="add", **one_site)
     assert torch.equal(added.target, torch.zeros_like(added.target)) and added.delta.norm() > 0
+
+
+def test_sampling_settings_that_would_not_apply_are_refused_before_the_av_runs(base, nla, monkeypatch):
+    """samples / temperature / seed with explanations= (the AV does not run), and temperature / seed with samples=1
+    (greedy), were ignored without a word: samples=5 reported "1 sample(s) per site", temperature=-3 passed."""
+    tokens, mask = padded(base, "left")
+    seen = {}
+
+    def fake_verbalize(vectors, **kwargs):
+        seen["kwargs"] = kwargs
+        return [nl.Verbalization(f"<explanation>{TINY_LABELS[i % 8]}</explanation>", TINY_LABELS[i % 8], [])
+                for i in range(len(vectors))]
+
+    monkeypatch.setattr(nla.av, "verbalize", fake_verbalize)
+    for given in ({"samples": 5}, {"samples": 1}, {"temperature": 0.7}, {"seed": 3}):
+        name, value = next(iter(given.items()))
+        with pytest.raises(nl.InputError, match=rf"^{name}={value!r}: samples, temperature and seed set how the AV "
+                                                r"samples explanations, and explanations= skips the AV"):
+            steer(nla, base, tokens, -1, mask, **given)
+    av_path = {"explanations": None, "compare": False, "continue_tokens": 0}
+    for given in ({"temperature": -3}, {"temperature": 0.5, "seed": 1}, {"samples": 1, "seed": 0}):
+        with pytest.raises(nl.InputError, match="samples=1 reads the greedy explanation, which takes no temperature"):
+            steer(nla, base, tokens, -1, mask, **av_path, **given)
+    with pytest.raises(nl.InputError, match=r"temperature=-3 must be a finite number >= 0"):
+        steer(nla, base, tokens, -1, mask, **av_path, samples=2, temperature=-3)
+    with pytest.raises(nl.InputError, match=r"seed=1.5 must be a whole number"):
+        steer(nla, base, tokens, -1, mask, **av_path, samples=2, seed=1.5)
+    with pytest.raises(nl.InputError, match=r"samples=0: must be a whole number >= 1"):
+        steer(nla, base, tokens, -1, mask, **av_path, samples=0)
+    assert not seen  # every refusal came before the AV ran
+    # what applies still works as before: greedy by default, sampled at temperature 1 and seed 0 unless told
+    assert repr(steer(nla, base, tokens, -1, mask, **av_path)).startswith("WordSteering: 4 site(s)")
+    assert seen["kwargs"]["temperature"] == 0.0 and "seed" not in seen["kwargs"]
+    sampled = steer(nla, base, tokens, -1, mask, **av_path, samples=2)
+    assert seen["kwargs"]["temperature"] == 1.0 and seen["kwargs"]["seed"] == 0
+    assert "2 sample(s) per site" in repr(sampled)
+    steer(nla, base, tokens, -1, mask, **av_path, samples=2, temperature=0.5, seed=9)
+    assert seen["kwargs"]["temperature"] == 0.5 and seen["kwargs"]["seed"] == 9

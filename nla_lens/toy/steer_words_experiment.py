@@ -135,8 +135,9 @@ def run_experiment(folder: Path = TOY_DIR, n_sites: int = 100, alphas: tuple[flo
     if len(keep) < n_sites:
         raise InputError(f"only {len(keep)} held-out sites have a parsable explanation; lower n_sites or stride")
     tokens, positions, clean = tokens[keep], positions[keep], clean[keep]
-    steering = steer_with_words(nla, toy.base, tokens, positions, edit=edits, mode=mode, samples=samples, seed=seed,
-                                explanations=None if samples > 1 else [said[i] for i in keep],
+    # One sample: the greedy explanations read above; more: the AV samples them (seeded) inside the call.
+    sampling = {"samples": samples, "seed": seed} if samples > 1 else {"explanations": [said[i] for i in keep]}
+    steering = steer_with_words(nla, toy.base, tokens, positions, edit=edits, mode=mode, **sampling,
                                 max_new_tokens=48, batch_size=64, compare=False, continue_tokens=0)
     noise = torch.randn(steering.delta.shape, generator=torch.Generator().manual_seed(seed))
     control = replace(steering, delta=noise, target=noise)
