@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 import nla_lens as nl
-from nla_lens.toy.steer_words_experiment import run_experiment
+from nla_lens.toy.demo import TOY_DIR
+from nla_lens.toy.evaluate import HELDOUT_FILE, MIN_CONTEXT, ToyNLA
+from nla_lens.toy.labeler import quote
+from nla_lens.toy.steer_words_experiment import _oracle_directions, run_experiment
 
 
 @pytest.fixture(scope="module")
@@ -63,3 +68,20 @@ def test_the_measurement_is_a_table_like_every_result(measured, tmp_path):
 def test_arguments_that_leave_no_experiment_are_refused_before_the_toy_loads(arguments, message, tmp_path):
     with pytest.raises(nl.InputError, match=message):
         run_experiment(tmp_path / "not-loaded", **arguments)  # a missing folder would be a CheckpointError
+
+
+def test_an_oracle_token_the_base_never_predicts_is_named(tmp_path):
+    """The oracle direction towards Z' is a mean over held-out positions where the base predicts Z': a Z' it never
+    predicts there was a bare KeyError (the token id); it is an InputError naming the token."""
+    toy = ToyNLA.load(TOY_DIR)
+    text = json.loads((TOY_DIR / HELDOUT_FILE).read_text())[0]["text"]
+    (tmp_path / HELDOUT_FILE).write_text(json.dumps([{"id": "one", "text": text}]))  # one text: a fast scan
+    ids = toy.av.tokenizer.encode(text, add_special_tokens=False)[:64]
+    with torch.no_grad():
+        predicted = toy.base(torch.tensor([ids]))[0, MIN_CONTEXT:].argmax(-1).unique().tolist()
+    never = next(t for t in range(len(toy.av.tokenizer)) if t not in predicted and toy.av.tokenizer.decode([t]).strip())
+    ok = _oracle_directions(toy, tmp_path, torch.tensor(predicted[:1]), torch.tensor(predicted[1:2]))
+    assert ok.shape == (1, toy.base.cfg.d_model)
+    name = quote(toy.av.tokenizer.decode([never]))
+    with pytest.raises(nl.InputError, match=rf"never predicts {re.escape(name)} \(id {never}\) at the held-out"):
+        _oracle_directions(toy, tmp_path, torch.tensor(predicted[:1]), torch.tensor([never]))

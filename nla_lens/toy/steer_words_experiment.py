@@ -202,6 +202,14 @@ def _oracle_directions(toy: ToyNLA, folder: Path, argmax: Int[Tensor, " n"],
             sums[predicted] = sums.get(predicted, 0) + residual
             counts[predicted] += 1
     means = {token: total / counts[token] for token, total in sums.items()}
+    missing = sorted({int(t) for t in (*targets, *argmax)} - set(means))
+    if missing:  # a direction needs the mean residual of positions where the base predicts the token
+        names = ", ".join(f"{quote(toy.av.tokenizer.decode([t]))} (id {t})" for t in missing)
+        raise InputError(
+            f"the base model never predicts {names} at the held-out positions the oracle reads (past column "
+            f"{MIN_CONTEXT}, the first {MAX_TOKENS} tokens of each text in {folder / HELDOUT_FILE}), so it has no "
+            "oracle direction towards it; draw Z' from fewer frequent tokens (frequent=) or with another seed"
+        )
     return torch.stack([means[int(z)] - means[int(a)] for z, a in zip(targets, argmax, strict=True)])
 
 
