@@ -145,6 +145,17 @@ def test_seeded_sampling_is_reproducible_and_temperature_zero_is_greedy(av_karvo
     assert av_karvonen.verbalize(vectors, seed=5, **{**kwargs, "temperature": 1e-46}) == greedy
 
 
+def test_a_numpy_seed_samples_as_its_int_and_a_seed_past_64_bits_is_an_input_error(av_karvonen, vectors):
+    """check_sampling took a NumPy integer seed, then torch's manual_seed raised a bare TypeError; a seed past
+    64 bits got torch's bare ValueError ('Overflow when unpacking long long')."""
+    kwargs = dict(max_new_tokens=MAX_NEW, temperature=1.0, progress=False)
+    as_int = av_karvonen.verbalize(vectors, seed=3, **kwargs)
+    assert av_karvonen.verbalize(vectors, seed=np.int64(3), **kwargs) == as_int
+    for seed in (2**64, -2**63 - 1):
+        with pytest.raises(nl.InputError, match=rf"seed={seed} is outside the 64-bit range"):
+            av_karvonen.verbalize(vectors, seed=seed, **kwargs)
+
+
 def test_explanations_are_parsed_from_tags():
     from nla_lens.parsing import parse_explanation
 
