@@ -128,6 +128,20 @@ def test_a_hook_left_by_run_with_hooks_steers_every_step_and_stays(av_karvonen, 
     assert expected != av_karvonen.verbalize(vectors, max_new_tokens=MAX_NEW, progress=False)
 
 
+def test_hooks_on_the_final_norm_and_unembed_see_every_prompt_position(av_karvonen, vectors):
+    """As under TL's forward (and the bridge's): the hooked backend's prefill ran the final norm and the unembed on
+    the last position only, so such a hook saw `[n, 1, ...]` there and a position-indexed one failed or hit the
+    wrong position."""
+    points = ("ln_final.hook_normalized", "unembed.hook_out")
+    widths: dict[str, list[int]] = {point: [] for point in points}
+    hooks = [(point, lambda x, hook, point=point: widths[point].append(x.shape[1])) for point in points]
+    with av_karvonen.model.hooks(fwd_hooks=hooks):
+        out = av_karvonen.verbalize(vectors, max_new_tokens=MAX_NEW, progress=False)
+    prompt, forwards = av_karvonen.prompt_tokens(1).shape[1], max(len(o.tokens) for o in out)
+    assert widths == {point: [prompt] + [1] * (forwards - 1) for point in points}
+    assert out == av_karvonen.verbalize(vectors, max_new_tokens=MAX_NEW, progress=False)
+
+
 def test_seeded_sampling_is_reproducible_and_temperature_zero_is_greedy(av_karvonen, vectors):
     kwargs = dict(max_new_tokens=MAX_NEW, temperature=1.0, progress=False)
     first = av_karvonen.verbalize(vectors, seed=3, **kwargs)
