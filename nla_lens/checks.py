@@ -91,6 +91,8 @@ def check_sampling(temperature: float, top_p: float, max_new_tokens: int, batch_
     wrong = []
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
         wrong.append(f"seed={seed!r} must be a whole number (or None for an unseeded draw)")
+    elif seed is not None and not -2**63 <= seed < 2**64:  # torch's generator takes a 64-bit seed
+        wrong.append(f"seed={seed!r} is outside the 64-bit range a torch generator takes: pick one in [-2**63, 2**64)")
     if not _is_real(temperature) or not 0 <= temperature < math.inf:
         wrong.append(f"temperature={temperature!r} must be a finite number >= 0 (0 is greedy)")
     if not _is_real(top_p) or not 0 < top_p <= 1:

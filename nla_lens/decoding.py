@@ -2,7 +2,8 @@
 
 `verbalize` decodes through one of two decoders sharing one interface (`prefill(tokens,
 fwd_hooks)` then `step(ids)`, each returning the logits at the last position only, as HF
-`generate` computes them, so a prefill never holds a `[batch, pos, d_vocab]` tensor):
+`generate` computes them, so a prefill never holds a `[batch, pos, d_vocab]` tensor; a hook on the
+final norm or the unembed still sees every prompt position, as under TL's forward):
 
 * `HookedDecoder` runs every step through `HookedTransformer.forward` with TL's KV cache, so every
   hook fires on every step. It serves any model and any hooks.
@@ -125,12 +126,21 @@ class HookedDecoder:
 
     def prefill(self, tokens: Int[Tensor, "batch pos"], fwd_hooks: list[tuple[str, HookFn]]) -> Tensor:
         with backends.hooks(self.model, fwd_hooks):
+            if _head_hooked(self.model):  # TL's forward shows such hooks every position, so the prefill does too
+                return self.model(tokens, attention_mask=torch.ones_like(tokens), past_kv_cache=self.cache)[:, -1]
             resid = self.model(tokens, attention_mask=torch.ones_like(tokens), past_kv_cache=self.cache,
                                stop_at_layer=self.model.cfg.n_layers)
             return _last_logits(self.model, resid)
 
     def step(self, ids: Int[Tensor, " batch"]) -> Float[Tensor, "batch vocab"]:
         return self.model(ids[:, None], attention_mask=self.step_mask, past_kv_cache=self.cache)[:, -1]
+
+
+def _head_hooked(model: HookedTransformer) -> bool:
+    """A hook (a TL hook point's or a torch hook) on the final norm or the unembed, which `_last_logits` runs on
+    the last position only."""
+    return any(module._forward_hooks or module._forward_pre_hooks
+               for head in (model.ln_final, model.unembed) for module in head.modules())
 
 
 class _Layer:

@@ -423,14 +423,29 @@ def _read_into(f: BinaryIO, info: _TensorInfo, target: Tensor, path: Path, buffe
         flat[first:first + count].copy_(torch.frombuffer(view, dtype=info.dtype))
 
 
+def weight_index(folder: Path) -> dict[str, Any] | None:
+    """`folder`'s `model.safetensors.index.json` (None: there is none), its weight_map checked to name a weight
+    file for each tensor: a damaged one got a bare TypeError here, or an IndexError inside transformers."""
+    path = folder / "model.safetensors.index.json"
+    if not path.is_file():
+        return None
+    try:
+        index = json.loads(path.read_text())
+        files = list(index["weight_map"].values())
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"{path} is not a weight index with a weight_map ({exc}); download it again") from exc
+    wrong = [file for file in files if not isinstance(file, str) or not file]
+    if not files or wrong:
+        found = "no tensor" if not files else f"{wrong[0]!r} as a file"
+        raise CheckpointError(f"{path} names {found}: its weight_map must give each tensor the name of the "
+                              "safetensors file that holds it. The index is damaged; download it again")
+    return index
+
+
 def _weight_files(folder: Path) -> list[Path]:
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise CheckpointError(f"{index} is not a weight index with a weight_map ({exc}); download it "
-                                  "again") from exc
+    index = weight_index(folder)
+    if index is not None:
+        shards = sorted(set(index["weight_map"].values()))
         missing = [name for name in shards if not (folder / name).is_file()]
         if missing:
             raise CheckpointError(f"{folder}: {len(missing)} of the {len(shards)} weight shards its index lists are "

@@ -239,7 +239,7 @@ class ActivationVerbalizer:
         vectors = check_vectors(vectors, self.meta.d_model)
         generator = None
         if seed is not None:
-            generator = torch.Generator(device=self.device).manual_seed(seed)
+            generator = torch.Generator(device=self.device).manual_seed(int(seed))  # numpy's too
         results = Verbalizations()
         starts = range(0, vectors.shape[0], batch_size)
         with inference(self.model):

@@ -115,6 +115,25 @@ def test_hooks_never_leak_after_an_exception(av_karvonen, vectors):
     assert _no_hooks_left(av_karvonen.model)
 
 
+@pytest.mark.parametrize("at_call", [1, 3], ids=["prefill", "decode_step"])
+def test_a_keyboard_interrupt_mid_generation_leaves_no_hook_and_no_state(av_karvonen, vectors, at_call):
+    """Ctrl-C inside a user hook, in the prefill (the injection installed) or a decode step: the user's context and
+    `verbalize`'s own remove every hook, and the next call decodes as if nothing had happened."""
+    plain = av_karvonen.verbalize(vectors, max_new_tokens=4, progress=False)
+    calls = []
+
+    def interrupt(resid, hook):
+        calls.append(resid.shape[1])
+        if len(calls) == at_call:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt), av_karvonen.model.hooks(fwd_hooks=[("blocks.2.hook_resid_post", interrupt)]):
+        av_karvonen.verbalize(vectors, max_new_tokens=4, progress=False)
+    assert calls[-1] == (av_karvonen.prompt_tokens(1).shape[1] if at_call == 1 else 1)
+    assert _no_hooks_left(av_karvonen.model)
+    assert av_karvonen.verbalize(vectors, max_new_tokens=4, progress=False) == plain
+
+
 def test_injection_refuses_tokens_it_was_not_built_for(av_karvonen, vectors):
     inj = av_karvonen.injection(vectors)
     other = av_karvonen.prompt_tokens(len(vectors) + 1)

@@ -234,6 +234,31 @@ def test_a_shard_missing_from_an_index_is_named(tiny_paths, tmp_path):
         nl.ActivationVerbalizer.from_pretrained(folder)
 
 
+@pytest.mark.parametrize(("weight_map", "match"), [({"model.embed_tokens.weight": 1}, "names 1 as a file"),
+                                                   ({}, "names no tensor")])
+def test_a_damaged_weight_index_is_a_checkpoint_error(tiny_paths, tmp_path, weight_map, match):
+    """A weight_map with a number for a file got a bare TypeError; an empty one, an IndexError in transformers."""
+    folder = shutil.copytree(tiny_paths["av_karvonen"], tmp_path / "av")
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    with pytest.raises(nl.CheckpointError, match=f"index.json {match}: .* download it again"):
+        nl.ActivationVerbalizer.from_pretrained(folder)
+
+
+def test_an_index_without_metadata_loads_or_says_what_to_add(av_karvonen, tiny_paths, tmp_path):
+    """transformers' loader, the bridge's, reads the index's "metadata" (a bare KeyError without it); the hooked
+    backend reads the weight_map alone."""
+    folder = shutil.copytree(tiny_paths["av_karvonen"], tmp_path / "av")
+    names = list(load_file(str(folder / "model.safetensors")))
+    (folder / "model.safetensors").rename(folder / "model-00001-of-00001.safetensors")
+    index = {"weight_map": dict.fromkeys(names, "model-00001-of-00001.safetensors")}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    if backends.default_backend() == "bridge":
+        with pytest.raises(nl.CheckpointError, match='no "metadata" object.* add "metadata": {} to it'):
+            nl.ActivationVerbalizer.from_pretrained(folder)
+        (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, **index}))
+    assert torch.equal(nl.ActivationVerbalizer.from_pretrained(folder).model.W_E, av_karvonen.model.W_E)
+
+
 def test_an_av_with_no_eos_anywhere_is_refused(tiny_paths, tmp_path):
     folder = shutil.copytree(tiny_paths["av_karvonen"], tmp_path / "av")
     (folder / "generation_config.json").unlink()

@@ -62,6 +62,44 @@ def test_batched_verbalize_equals_one_at_a_time(av_karvonen, vectors):
     assert batched == single == uneven
 
 
+@pytest.mark.parametrize("family", ["llama_av", "gemma_av"])
+def test_a_batch_of_16_gives_each_row_its_greedy_tokens_alone_with_a_bos(bos_paths, family):
+    """The families whose AV prompt starts with a BOS (Gemma through its own fast decoder): every row of a batch of
+    16, decoded to the cap, gets the tokens it gets alone."""
+    av = nl.ActivationVerbalizer.from_pretrained(bos_paths[family])
+    av.eos_token_ids = []  # no row stops early: every step of every row is compared
+    vectors = 5.0 * torch.randn(16, av.meta.d_model, generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():  # a random AV may echo the marker: not this test's point
+        warnings.simplefilter("ignore", UserWarning)
+        batched = av.verbalize(vectors, max_new_tokens=MAX_NEW, batch_size=16, progress=False)
+        alone = [av.verbalize(v, max_new_tokens=MAX_NEW, batch_size=1, progress=False)[0] for v in vectors]
+    assert batched == alone
+    assert len({tuple(o.tokens) for o in batched}) > 8  # the vectors steer the rows apart
+
+
+@pytest.mark.parametrize("uncovered", [False, True])  # True: a hook the fast decoder can't honour, TL's forward
+def test_cached_decoding_equals_full_forwards_under_a_steering_hook(av_karvonen, vectors, uncovered):
+    """Every step's logits equal those of one uncached forward over the prompt and the tokens before it, with the
+    injection and a user's steering hook at a later layer (fp32; measured within 6e-6, the bound is 1e-4)."""
+    model = av_karvonen.model
+    steer = 4.0 * torch.randn(av_karvonen.meta.d_model, generator=torch.Generator().manual_seed(11))
+    user_hooks = [("blocks.2.hook_resid_post", lambda resid, hook: resid + steer)]
+    if uncovered:
+        user_hooks.append(("blocks.0.attn.hook_pattern", lambda pattern, hook: None))
+    tokens = av_karvonen.prompt_tokens(len(vectors))
+    with model.hooks(fwd_hooks=user_hooks), torch.inference_mode():
+        site_hooks = av_karvonen.injection(vectors, tokens).site_hooks()
+        decoder = nl.backends.decoder(model, len(vectors), tokens.shape[1] + MAX_NEW, site_hooks)
+        cached = [decoder.prefill(tokens, site_hooks)]
+        for _ in range(MAX_NEW - 1):
+            cached.append(decoder.step(cached[-1].argmax(dim=-1)))
+        cached = torch.stack(cached, dim=1)
+        full = torch.cat([tokens, cached[:, :-1].argmax(dim=-1)], dim=1)
+        uncached = nl.backends.run_with_hooks(model, full, fwd_hooks=av_karvonen.injection(vectors, full).fwd_hooks())
+    assert (cached - uncached[:, tokens.shape[1] - 1:]).abs().max() < 1e-4
+    assert (decoder.fallback_reason is not None) == (uncovered or nl.backends.default_backend() == "bridge")
+
+
 def test_user_steering_hook_is_honoured_in_prefill_and_decode(av_karvonen, tiny_paths, vectors):
     steer = 4.0 * torch.randn(av_karvonen.meta.d_model, generator=torch.Generator().manual_seed(11))
     with av_karvonen.model.hooks(fwd_hooks=[("blocks.2.hook_resid_post", lambda r, hook: r + steer)]):
@@ -128,6 +166,20 @@ def test_a_hook_left_by_run_with_hooks_steers_every_step_and_stays(av_karvonen, 
     assert expected != av_karvonen.verbalize(vectors, max_new_tokens=MAX_NEW, progress=False)
 
 
+def test_hooks_on_the_final_norm_and_unembed_see_every_prompt_position(av_karvonen, vectors):
+    """As under TL's forward (and the bridge's): the hooked backend's prefill ran the final norm and the unembed on
+    the last position only, so such a hook saw `[n, 1, ...]` there and a position-indexed one failed or hit the
+    wrong position."""
+    points = ("ln_final.hook_normalized", "unembed.hook_out")
+    widths: dict[str, list[int]] = {point: [] for point in points}
+    hooks = [(point, lambda x, hook, point=point: widths[point].append(x.shape[1])) for point in points]
+    with av_karvonen.model.hooks(fwd_hooks=hooks):
+        out = av_karvonen.verbalize(vectors, max_new_tokens=MAX_NEW, progress=False)
+    prompt, forwards = av_karvonen.prompt_tokens(1).shape[1], max(len(o.tokens) for o in out)
+    assert widths == {point: [prompt] + [1] * (forwards - 1) for point in points}
+    assert out == av_karvonen.verbalize(vectors, max_new_tokens=MAX_NEW, progress=False)
+
+
 def test_seeded_sampling_is_reproducible_and_temperature_zero_is_greedy(av_karvonen, vectors):
     kwargs = dict(max_new_tokens=MAX_NEW, temperature=1.0, progress=False)
     first = av_karvonen.verbalize(vectors, seed=3, **kwargs)
@@ -143,6 +195,17 @@ def test_seeded_sampling_is_reproducible_and_temperature_zero_is_greedy(av_karvo
     assert av_karvonen.verbalize(vectors, seed=5, **{**kwargs, "temperature": 1e-38}) == greedy
     # And one below float32's smallest number, which is 0 there (0 / 0: NaN, a RuntimeError in multinomial).
     assert av_karvonen.verbalize(vectors, seed=5, **{**kwargs, "temperature": 1e-46}) == greedy
+
+
+def test_a_numpy_seed_samples_as_its_int_and_a_seed_past_64_bits_is_an_input_error(av_karvonen, vectors):
+    """check_sampling took a NumPy integer seed, then torch's manual_seed raised a bare TypeError; a seed past
+    64 bits got torch's bare ValueError ('Overflow when unpacking long long')."""
+    kwargs = dict(max_new_tokens=MAX_NEW, temperature=1.0, progress=False)
+    as_int = av_karvonen.verbalize(vectors, seed=3, **kwargs)
+    assert av_karvonen.verbalize(vectors, seed=np.int64(3), **kwargs) == as_int
+    for seed in (2**64, -2**63 - 1):
+        with pytest.raises(nl.InputError, match=rf"seed={seed} is outside the 64-bit range"):
+            av_karvonen.verbalize(vectors, seed=seed, **kwargs)
 
 
 def test_explanations_are_parsed_from_tags():

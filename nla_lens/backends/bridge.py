@@ -75,6 +75,12 @@ def load_model(folder: Path, tokenizer: PreTrainedTokenizerBase, *, dtype: torch
 def _load_hf_model(folder: Path, hf_config, *, dtype: torch.dtype, device: str | torch.device,
                    n_layers: int | None, trust_remote_code: bool) -> nn.Module:
     """HF's own loader, with the config cut to `n_layers` blocks for an AR; missing weights refused."""
+    index = loading.weight_index(folder)
+    if index is not None and not isinstance(index.get("metadata"), dict):  # transformers reads index["metadata"]
+        raise CheckpointError(
+            f"{folder}/model.safetensors.index.json has no \"metadata\" object, which transformers' loader (this "
+            "backend's) needs: add \"metadata\": {} to it, or write the folder again with save_pretrained"
+        )
     if n_layers is not None:
         loading.truncate_config(hf_config, n_layers)
     hf_model, report = AutoModelForCausalLM.from_pretrained(
