@@ -108,6 +108,7 @@ class ActivationReconstructor:
         `meta.mse_scale` (`metrics.rescale` before comparing with a residual's norm). Raises `InputError`
         (not a non-empty list of strings) and `PromptTooLongError` (an AR prompt past `n_ctx`)."""
         check_counts(1, batch_size=batch_size)
+        backends.check_dtype_current(self.model, "AR")
         tokens, mask = self.prompt_tokens(explanations)
         self.fallback_reason = backends.ar_fallback_reason(self.model)
         out = []
@@ -117,5 +118,6 @@ class ActivationReconstructor:
                 rows = slice(start, start + batch_size)
                 width = int(mask[rows].sum(dim=1).max())  # drop columns that are padding in every row
                 resid = backends.last_residual(self.model, tokens[rows, -width:], mask[rows, -width:])
-                out.append(self.readout(resid).float())
+                # in the readout's dtype: a model cast after loading (`ar.model.to(...)`) leaves the readout as loaded
+                out.append(self.readout(resid.to(self.readout.weight.dtype)).float())
         return torch.cat(out)

@@ -236,6 +236,7 @@ class ActivationVerbalizer:
         sampling setting out of range)."""
         check_sampling(temperature, top_p, max_new_tokens, batch_size, seed)
         self._check_fits(max_new_tokens)
+        backends.check_dtype_current(self.model, "AV")
         vectors = check_vectors(vectors, self.meta.d_model)
         generator = None
         if seed is not None:

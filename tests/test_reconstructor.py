@@ -70,3 +70,22 @@ def test_empty_explanations_are_an_input_error(ar_nanonla):
         ar_nanonla.reconstruct([])
     with pytest.raises(nl.InputError):
         ar_nanonla.reconstruct("a bare string, not a list")
+
+
+def test_a_model_cast_after_loading_is_refused_or_read_in_the_readouts_dtype(tiny_paths):
+    """`.half()` left a HookedTransformer's cfg.dtype stale and reconstruct failed deep in torch; `.to(dtype)`
+    (which updates cfg.dtype) then failed at the float32 readout. Now the first is a typed error saying what to
+    do, the second runs with the residual cast to the readout's dtype."""
+    ar = nl.ActivationReconstructor.from_pretrained(tiny_paths["ar_nanonla"])
+    texts = ["the sea is calm", "a storm"]
+    reference = ar.reconstruct(texts)
+    if nl.backends.backend_of(ar.model) == "hooked":
+        ar.model.half()
+        with pytest.raises(nl.InputError, match=r"AR model's weights are float16 but its cfg.dtype is float32.*"
+                                                r"model.to\(torch.float16\)"):
+            ar.reconstruct(texts)
+        ar.model.float()
+    ar.model.to(torch.bfloat16)
+    cast = ar.reconstruct(texts)
+    assert cast.dtype == torch.float32 and ar.readout.weight.dtype == torch.float32
+    assert torch.allclose(cast, reference, rtol=0.05, atol=0.05 * float(reference.abs().max()))

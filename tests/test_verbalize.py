@@ -307,3 +307,18 @@ def test_prompt_tokens_refuses_a_count_that_is_not_a_whole_number_above_zero(av_
     with pytest.raises(nl.InputError, match="n="):
         av_karvonen.prompt_tokens(n)
     assert av_karvonen.prompt_tokens(3).shape[0] == av_karvonen.prompt_tokens(np.int64(3)).shape[0] == 3
+
+
+def test_a_half_cast_that_left_cfg_dtype_stale_is_a_typed_error_naming_the_fix(tiny_paths, vectors):
+    """`.half()` changes a HookedTransformer's weights but not its cfg.dtype, in which the KV caches are made:
+    verbalize failed with torch's bare "expected scalar type Float but found Half"."""
+    av = nl.ActivationVerbalizer.from_pretrained(tiny_paths["av_karvonen"])
+    if nl.backends.backend_of(av.model) != "hooked":
+        pytest.skip("the bridge decodes in the weights' dtype: .half() runs there")
+    av.model.half()
+    with pytest.raises(nl.InputError, match=r"AV model's weights are float16 but its cfg.dtype is float32.*"
+                                            r"model.to\(torch.float16\)"):
+        av.verbalize(vectors, max_new_tokens=4)
+    assert not av.model.hook_dict["blocks.1.hook_resid_post"].fwd_hooks
+    av.model.to(torch.float16)  # the fix the message gives
+    assert len(av.verbalize(vectors, max_new_tokens=4)) == len(vectors)

@@ -138,6 +138,20 @@ def input_module(model: TLModel) -> torch.nn.Module:
     return model.original_model if backend_of(model) == "bridge" else model
 
 
+def check_dtype_current(model: TLModel, role: str) -> None:
+    """`InputError` when a HookedTransformer's weights are no longer `cfg.dtype`: TL allocates its KV cache
+    (and nla_lens its fast decoders' caches) in `cfg.dtype`, which `.half()` / `.bfloat16()` leave stale, so the
+    run would fail deep in torch ("expected scalar type Float but found Half"). The bridge runs either way."""
+    weights = model.W_E.dtype if backend_of(model) == "hooked" else model.cfg.dtype
+    if weights != model.cfg.dtype:
+        name = str(weights).removeprefix("torch.")
+        raise InputError(
+            f"the {role} model's weights are {name} but its cfg.dtype is {str(model.cfg.dtype).removeprefix('torch.')}"
+            f": .half() / .bfloat16() change the weights without telling TransformerLens; use "
+            f"model.to(torch.{name}) (it updates cfg.dtype), or load with dtype=torch.{name}"
+        )
+
+
 def decoder(model: TLModel, batch_size: int, max_len: int, fwd_hooks: list) -> Decoder:
     """The backend's decoder for `batch_size` rows of at most `max_len` tokens."""
     return import_module(f"nla_lens.backends.{backend_of(model)}").decoder(model, batch_size, max_len, fwd_hooks)
