@@ -602,7 +602,14 @@ def _zero_absent_biases(model: HookedTransformer, written: set[str]) -> None:
 def _check_complete(model: HookedTransformer, written: set[str], folder: Path) -> None:
     missing = [n for n, _ in model.named_parameters() if n not in written]
     if missing:
-        raise CheckpointError(f"{folder} lacks weights for {missing[:6]} ({len(missing)} in all)")
+        raise missing_weights(folder, missing)
+
+
+def missing_weights(folder: Path, missing: list[str]) -> CheckpointError:
+    """The error for a checkpoint whose weight files lack tensors the model needs, with what to do about it."""
+    return CheckpointError(f"{folder} lacks weights for {missing[:6]} ({len(missing)} in all): its weight files are "
+                           "incomplete (an interrupted download, a shard left out) or belong to another model than "
+                           "config.json describes; download the checkpoint again")
 
 
 def _meta_hooked_transformer(cfg: HookedTransformerConfig,

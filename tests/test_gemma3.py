@@ -15,6 +15,7 @@ import struct
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, Gemma3ForConditionalGeneration
 
 import hf_reference as ref
@@ -296,3 +297,14 @@ def test_gemma3_config_from_config_json_equals_transformer_lens_own(name, tmp_pa
     assert ours.attn_scale == pytest.approx(_RELEASED[name]["query_pre_attn_scalar"] ** 0.5)
     tl_scale = theirs.get("attn_scale", theirs["d_head"] ** 0.5)  # TL's default: sqrt(d_head)
     assert (tl_scale == pytest.approx(ours.attn_scale)) == name.endswith("12b-it")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_gemma3_missing_text_weights_say_to_download_again(bos_paths, tmp_path, layout):
+    folder = shutil.copytree(bos_paths[layout], tmp_path / "av")
+    weights = load_file(str(folder / "model.safetensors"))
+    gone = next(name for name in weights if "layers.1.mlp.up_proj" in name)
+    del weights[gone]
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(nl.CheckpointError, match=r"lacks weights for .*1 in all.*download the checkpoint again"):
+        nl.ActivationVerbalizer.from_pretrained(folder)

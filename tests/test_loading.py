@@ -149,7 +149,7 @@ def test_missing_weights_are_reported(tiny_paths, tmp_path):
     save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
     # Each backend names the weight as its model does: TL's parameter, or the HF checkpoint key.
     name = {"hooked": "blocks.2.mlp.W_in", "bridge": "model.layers.2.mlp.up_proj.weight"}
-    with pytest.raises(nl.CheckpointError, match=name[backends.default_backend()]):
+    with pytest.raises(nl.CheckpointError, match=name[backends.default_backend()] + r".*download the checkpoint again"):
         nl.ActivationVerbalizer.from_pretrained(folder)
 
 

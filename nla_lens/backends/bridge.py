@@ -104,7 +104,7 @@ def _check_report(report: dict, folder: Path, *, ignored: frozenset[str]) -> Non
         )
     missing = sorted(set(report["missing_keys"]) - ignored)
     if missing:
-        raise CheckpointError(f"{folder} lacks weights for {missing[:6]} ({len(missing)} in all)")
+        raise loading.missing_weights(folder, missing)
 
 
 class _CachedForward:

@@ -157,7 +157,7 @@ def load_text_model(folder: Path, hf_config: Any, *, dtype: torch.dtype, device:
     ignored = {"model.norm.weight", "lm_head.weight"} if n_layers is not None else set()
     missing = sorted(set(params) - written - ignored)
     if missing:
-        raise CheckpointError(f"{folder} lacks weights for {missing[:6]} ({len(missing)} in all)")
+        raise loading.missing_weights(folder, missing)
     return model.eval()
 
 
