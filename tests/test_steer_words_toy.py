@@ -64,7 +64,8 @@ def test_the_measurement_is_a_table_like_every_result(measured, tmp_path):
 @pytest.mark.parametrize(("arguments", "message"), [({"frequent": 2}, "frequent must be >= 3"),
                                                      ({"n_sites": 0}, "n_sites must be >= 1"),
                                                      ({"alphas": ()}, "alphas must name at least one"),
-                                                     ({"choice": "best"}, "choice must be")])
+                                                     ({"choice": "best"}, "choice must be"),
+                                                     ({"samples": 0}, r"samples=0: must be a whole number >= 1")])
 def test_arguments_that_leave_no_experiment_are_refused_before_the_toy_loads(arguments, message, tmp_path):
     with pytest.raises(nl.InputError, match=message):
         run_experiment(tmp_path / "not-loaded", **arguments)  # a missing folder would be a CheckpointError

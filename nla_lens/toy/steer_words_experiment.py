@@ -41,6 +41,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from nla_lens import backends
+from nla_lens.checks import check_counts
 from nla_lens.errors import InputError, NLAError
 from nla_lens.injection import unit
 from nla_lens.nla import NLA
@@ -121,6 +122,7 @@ def run_experiment(folder: Path = TOY_DIR, n_sites: int = 100, alphas: tuple[flo
         raise InputError(f"n_sites must be >= 1 (the experiment steers at that many held-out sites), got {n_sites}")
     if not alphas:  # a table of no rows, after minutes of verbalizing
         raise InputError("alphas must name at least one steering strength, e.g. (0.5, 1.0)")
+    check_counts(1, samples=samples)  # here: below, samples < 1 would run the greedy branch as one sample
     if frequent < 3:  # Z' excludes Z and the base's argmax: fewer than 3 candidates can leave none
         raise InputError(f"frequent must be >= 3 (Z' is drawn from that many frequent tokens, never Z and never "
                          f"the base model's argmax), got {frequent}")
