@@ -169,9 +169,10 @@ def feature_card(
     scanned = ~flat.isnan()
     if not scanned.any():  # as residual_stats refuses it: an empty card would look like a dead feature
         longest = max(len(ids) for ids, _ in per_text)
-        bos = " (the BOS)" if skip_first is None else ""
+        bos, fix = ((" (the BOS)", "skip_first=0 to scan the BOS") if skip_first is None
+                    else ("", "a smaller skip_first"))
         raise InputError(f"no positions left after skip_first={skip_first}{bos}: the longest text has {longest} "
-                         f"token{'' if longest == 1 else 's'}; use longer texts or a smaller skip_first")
+                         f"token{'' if longest == 1 else 's'}; use longer texts or {fix}")
     readout = verbalize_sae_features(nla, sae, [feature], offset=offset, allow_other_hook=allow_other_hook,
                                      **verbalize_kwargs)
     n_active = int((flat[scanned] > 0).sum())

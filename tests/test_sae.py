@@ -240,6 +240,12 @@ def test_sae_scans_leave_out_the_bos_by_default_as_explain_does(bos_paths, av_ka
         assert (min(c.position for c in card.contexts) > 0) == bool(bos)
         assert nl.feature_card(sae, model, texts, 3, av, k=50, skip_first=0, max_new_tokens=2,
                                progress=False).contexts[0].position == 0
+    # A text that is only a BOS leaves nothing: the card says how to scan the BOS after all
+    with pytest.raises(nl.InputError, match=r"skip_first=None \(the BOS\); use longer texts$"):
+        nl.residual_stats(gemma, [""], LAYER)
+    with pytest.raises(nl.InputError, match=r"skip_first=None \(the BOS\): the longest text has 1 token; use longer "
+                                            r"texts or skip_first=0 to scan the BOS$"):
+        nl.feature_card(sae, gemma, [""], 3, gemma_av, k=1, max_new_tokens=2, progress=False)
 
 
 @NEEDS_SAE_LENS
