@@ -89,3 +89,27 @@ def test_a_model_cast_after_loading_is_refused_or_read_in_the_readouts_dtype(tin
     cast = ar.reconstruct(texts)
     assert cast.dtype == torch.float32 and ar.readout.weight.dtype == torch.float32
     assert torch.allclose(cast, reference, rtol=0.05, atol=0.05 * float(reference.abs().max()))
+
+
+def test_a_readout_without_float_weights_gets_the_residual_as_it_is(tiny_paths):
+    """The cast to the readout's dtype is for float readouts only: a quantized readout (int8 weights, its own
+    float forward) got the residual cast to int8, every value truncated."""
+
+    class Int8Readout(torch.nn.Module):
+        def __init__(self, linear):
+            super().__init__()
+            self.scale = float(linear.weight.detach().abs().max()) / 127
+            self.register_buffer("weight", (linear.weight.detach() / self.scale).round().to(torch.int8))
+            self.seen = []
+
+        def forward(self, resid):
+            self.seen.append(resid.dtype)
+            return resid @ (self.weight.to(resid.dtype) * self.scale).T
+
+    ar = nl.ActivationReconstructor.from_pretrained(tiny_paths["ar_nanonla"])
+    texts = ["the sea is calm", "a storm"]
+    reference = ar.reconstruct(texts)
+    ar.readout = Int8Readout(ar.readout)
+    quantized = ar.reconstruct(texts)
+    assert ar.readout.seen == [torch.float32]
+    assert torch.nn.functional.cosine_similarity(quantized, reference).min() > 0.99
