@@ -26,6 +26,7 @@ reconstruct); the core never calls it.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -525,6 +526,9 @@ def _read_saved(path: Path) -> dict[str, Any]:
     except (ValueError, TypeError) as exc:
         raise InputError(f"{not_ours}: its alpha or token_shape does not parse ({exc})") from exc
     delta, rows = saved["delta"], saved["rows"]
+    if not (math.isfinite(saved["alpha"]) and delta.isfinite().all() and saved["target"].isfinite().all()):
+        raise InputError(f"{path} holds NaN or Inf in its alpha, delta or target, which the hook would write into "
+                         "the residual; write it again with result.save_vectors(path)")
     fits = (delta.ndim == 2 and saved["target"].shape == delta.shape and rows.shape == saved["positions"].shape
             == delta.shape[:1] and not rows.is_floating_point() and not saved["positions"].is_floating_point()
             and len(saved["token_shape"]) == 2 and all(type(n) is int for n in saved["token_shape"]))

@@ -460,6 +460,11 @@ def test_loading_saved_vectors_refuses_what_save_vectors_did_not_write(base, nla
     save_file(tensors, str(other), metadata={**metadata, "token_shape": "4"})
     with pytest.raises(nl.InputError, match="token_shape does not parse"):
         nl.WordSteering.fwd_hooks_from(other)
+    infinite = {**tensors, "delta": tensors["delta"] * torch.inf}
+    for broken_tensors, broken_metadata in ((tensors, {**metadata, "alpha": "nan"}), (infinite, metadata)):
+        save_file(broken_tensors, str(other), metadata=broken_metadata)
+        with pytest.raises(nl.InputError, match="holds NaN or Inf"):  # the hook would write NaN into the residual
+            nl.WordSteering.fwd_hooks_from(other)
 
 
 def test_replace_mode_patches_in_an_unchanged_explanations_own_reconstruction(base, nla):
