@@ -15,6 +15,16 @@ def parse_explanation(text: str) -> str | None:
     return match.group(1).strip() if match else None
 
 
+def unclosed_note(texts: list[str]) -> str:
+    """" (k opened <explanation> and never closed it: ...)" for a summary's failed parses, or "": such a completion
+    most likely ran out of `max_new_tokens`, which a count of failures alone does not say."""
+    unclosed = sum("<explanation>" in text and parse_explanation(text) is None for text in texts)
+    if not unclosed:
+        return ""
+    return (f" ({unclosed} opened <explanation> and never closed it: cut at max_new_tokens? "
+            f"verbalize with a larger one)")
+
+
 def cjk_fraction(text: str) -> float:
     """The share of visible characters that are CJK (what RL logs: a drifting AV turns to CJK)."""
     visible = [c for c in text if not c.isspace()]

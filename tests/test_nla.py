@@ -102,6 +102,21 @@ def test_a_malformed_sidecar_baseline_is_refused(tiny_paths, tmp_path):
         nl.ActivationReconstructor.from_pretrained(folder)
 
 
+def test_summaries_say_when_a_failed_parse_opened_the_tag_and_never_closed_it(av_karvonen, ar_nanonla, vectors,
+                                                                           monkeypatch):
+    """A completion cut at max_new_tokens opens <explanation> and never closes it; the summaries counted it as a
+    failed parse only, which does not tell the user to raise max_new_tokens. Untagged text is not such a row."""
+    texts = ["<explanation>\nthe cat\n</explanation>", "<explanation>\nthe sea and the", "no tags here",
+             "<explanation>the sun</explanation>"]
+    fake = nl.Verbalizations([Verbalization(t, nl.verbalizer.parse_explanation(t), []) for t in texts])
+    assert fake.summary() == ("4 verbalizations, 2 failed to parse (1 opened <explanation> and never closed it: cut "
+                              "at max_new_tokens? verbalize with a larger one)")
+    assert fake[2:].summary() == "2 verbalizations, 1 failed to parse"
+    monkeypatch.setattr(av_karvonen, "verbalize", lambda v, **kw: fake)
+    rt = nl.NLA(av_karvonen, ar_nanonla).round_trip(vectors)
+    assert rt.summary().endswith("2 failed parses (1 opened <explanation> and never closed it: cut at "
+                                 "max_new_tokens? verbalize with a larger one)")
+
 def test_round_trip_with_a_given_baseline_and_a_failed_injection_warning(av_karvonen, ar_nanonla, vectors,
                                                                          monkeypatch):
     fake = [Verbalization("中文中文中文中文", None, [])] * len(vectors)
