@@ -26,6 +26,7 @@ from nla_lens.checks import check_fwd_hooks
 from nla_lens.errors import InputError, PromptTooLongError
 from nla_lens.loading import prepends_bos
 from nla_lens.nla import NLA, RoundTrip, baseline_phrase, check_read_keywords
+from nla_lens.parsing import unclosed_note
 from nla_lens.results import TabularResult
 from nla_lens.sidecar import text_ids
 from nla_lens.verbalizer import Verbalization
@@ -90,7 +91,7 @@ class Explanation(TabularResult):
         texts = f"{len(self.texts)} text{'s' if len(self.texts) != 1 else ''}"
         return (f"{len(self.rows)} tokens of {texts} at layer {self.layer}, mean MSE {rt.mean_mse:.3f}, "
                 f"{baseline_phrase(rt.fve, rt.baseline, rt.baseline_source, rt.baseline_n)}, "
-                f"{rt.n_failed_parses} failed parses")
+                f"{rt.n_failed_parses} failed parses{unclosed_note([v.text for v in rt.verbalizations])}")
 
     def cells(self) -> list[list[display.TokenCell]]:
         """Every token of every text as the view draws it (context tokens unexplained)."""

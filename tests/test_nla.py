@@ -12,6 +12,7 @@ import yaml
 
 import nla_lens as nl
 from nla_lens import backends, metrics
+from nla_lens.explain import Explanation
 from nla_lens.nla import resolve_baseline
 from nla_lens.testing import build_tokenizer
 from nla_lens.verbalizer import Verbalization
@@ -114,8 +115,12 @@ def test_summaries_say_when_a_failed_parse_opened_the_tag_and_never_closed_it(av
     assert fake[2:].summary() == "2 verbalizations, 1 failed to parse"
     monkeypatch.setattr(av_karvonen, "verbalize", lambda v, **kw: fake)
     rt = nl.NLA(av_karvonen, ar_nanonla).round_trip(vectors)
-    assert rt.summary().endswith("2 failed parses (1 opened <explanation> and never closed it: cut at "
-                                 "max_new_tokens? verbalize with a larger one)")
+    note = ("2 failed parses (1 opened <explanation> and never closed it: cut at max_new_tokens? verbalize with a "
+            "larger one)")
+    assert rt.summary().endswith(note)
+    explained = Explanation(rows=[], texts=["abcd"], tokens=[["abcd"]], layer=av_karvonen.meta.layer,
+                            vectors=vectors, round_trip=rt)  # nl.explain's result: its summary reads the round trip
+    assert explained.summary().endswith(note)
 
 def test_round_trip_with_a_given_baseline_and_a_failed_injection_warning(av_karvonen, ar_nanonla, vectors,
                                                                          monkeypatch):
