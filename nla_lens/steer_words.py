@@ -204,8 +204,7 @@ class WordSteering(TabularResult):
         if path.suffix != ".safetensors":
             raise InputError(f"{path}: save_vectors writes a .safetensors file; save() writes the table")
         check_output_path(path, (".safetensors",))
-        tensors = {"delta": self.delta.contiguous(), "target": self.target.contiguous(),
-                   "rows": self.rows.contiguous(), "positions": self.positions.contiguous()}
+        tensors = {name: getattr(self, name).contiguous() for name in _SAVED_TENSORS}  # what fwd_hooks_from reads
         metadata = {"hook_name": self.hook_name, "layer": str(self.layer), "alpha": str(self.alpha), "mode": self.mode,
                     "token_shape": json.dumps(list(self.token_shape))}
         write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
