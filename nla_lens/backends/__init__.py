@@ -142,9 +142,10 @@ def check_dtype_current(model: TLModel, role: str) -> None:
     """`InputError` when a HookedTransformer's weights are no longer `cfg.dtype`: TL allocates its KV cache
     (and nla_lens its fast decoders' caches) in `cfg.dtype`, which `.half()` / `.bfloat16()` leave stale, so the
     run would fail deep in torch ("expected scalar type Float but found Half"). The bridge runs either way."""
-    weights = model.W_E.dtype if backend_of(model) == "hooked" else model.cfg.dtype
-    if weights != model.cfg.dtype:
-        name = str(weights).removeprefix("torch.")
+    if backend_of(model) != "hooked":
+        return
+    if model.W_E.dtype != model.cfg.dtype:
+        name = str(model.W_E.dtype).removeprefix("torch.")
         raise InputError(
             f"the {role} model's weights are {name} but its cfg.dtype is {str(model.cfg.dtype).removeprefix('torch.')}"
             f": .half() / .bfloat16() change the weights without telling TransformerLens; use "
