@@ -86,7 +86,7 @@ def fake_verbalize(said: dict):
     """An AV stand-in (the tiny AVs only babble) that records the vectors it is given and reads vector i as
     TINY_LABELS[i % 8], so two samples per site give two different explanations."""
     def verbalize(vectors, **kwargs):
-        said["vectors"] = vectors
+        said["vectors"], said["kwargs"] = vectors, kwargs
         return [nl.Verbalization(f"<explanation>{TINY_LABELS[i % 8]}</explanation>", TINY_LABELS[i % 8], [])
                 for i in range(len(vectors))]
     return verbalize
@@ -398,12 +398,7 @@ def test_verbalizes_the_sites_in_the_order_given_with_samples(base, nla, monkeyp
     tokens, mask = padded(base, "left")
     seen = {}
 
-    def fake_verbalize(vectors, **kwargs):
-        seen["vectors"], seen["kwargs"] = vectors, kwargs
-        return [nl.Verbalization(f"<explanation>{TINY_LABELS[i % 8]}</explanation>", TINY_LABELS[i % 8], [])
-                for i in range(len(vectors))]
-
-    monkeypatch.setattr(nla.av, "verbalize", fake_verbalize)
+    monkeypatch.setattr(nla.av, "verbalize", fake_verbalize(seen))
     width = tokens.shape[1]
     result = nl.steer_with_words(nla, base, tokens[:1], [width - 1, width - 4], attention_mask=mask[:1],
                                  edit=lambda text: text + " the end", samples=2, seed=7, compare=False)
@@ -510,12 +505,7 @@ def test_sampling_settings_that_would_not_apply_are_refused_before_the_av_runs(b
     tokens, mask = padded(base, "left")
     seen = {}
 
-    def fake_verbalize(vectors, **kwargs):
-        seen["kwargs"] = kwargs
-        return [nl.Verbalization(f"<explanation>{TINY_LABELS[i % 8]}</explanation>", TINY_LABELS[i % 8], [])
-                for i in range(len(vectors))]
-
-    monkeypatch.setattr(nla.av, "verbalize", fake_verbalize)
+    monkeypatch.setattr(nla.av, "verbalize", fake_verbalize(seen))
     for given in ({"samples": 5}, {"samples": 1}, {"temperature": 0.7}, {"seed": 3}):
         name, value = next(iter(given.items()))
         with pytest.raises(nl.InputError, match=rf"^{name}={value!r}: samples, temperature and seed set how the AV "
