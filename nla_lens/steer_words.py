@@ -239,7 +239,8 @@ def steer_with_words(
     text itself, or a sequence with one of those per site. `samples > 1` samples that many
     explanations per site at `temperature` (default 1.0) with `seed` (default 0) and averages Delta over
     them; `samples = 1` (the default) is the greedy explanation, which takes neither. `explanations` (one
-    string, or one list of samples, per site) skips the AV, so it takes none of the three.
+    string, or one list of samples, per site) skips the AV, so it takes none of the three. `batch_size`
+    bounds both the AV's batches and the AR's (which reads every original and edited explanation).
     `compare` stores next-token log-probs at the sites without and with steering; `continue_tokens`
     (0 for none) greedy tokens continue each row without and with it. `layer`, if given, must be K.
     """
@@ -261,7 +262,7 @@ def steer_with_words(
         else:
             texts = _given_explanations(explanations, len(sites))
         edited = _apply_edits(edit, texts)
-        delta, target = _delta(nla, texts, edited, sites, mode)
+        delta, target = _delta(nla, texts, edited, sites, mode, batch_size)
         named = [_decode(base.tokenizer, int(tokens[r, c])) for r, c in sites]
         result = WordSteering(f"blocks.{k}.hook_resid_post", k, float(alpha), mode, rows.cpu(), cols.cpu(), named,
                               (tokens.shape[0], tokens.shape[1]), texts, edited, delta, target)
@@ -429,9 +430,10 @@ def _apply_edits(edit: Edit, texts: list[list[str]]) -> list[list[str]]:
 
 
 def _delta(nla: NLA, texts: list[list[str]], edited: list[list[str]], sites: list[tuple[int, int]],
-           mode: Mode) -> tuple[Float[Tensor, "n d_model"], Float[Tensor, "n d_model"]]:
-    """Delta and T per site, one AR batch for all originals and edits. In add mode an edit that changes nothing
-    raises (Delta = 0); replace mode steers with T, so there it patches in the original's own reconstruction."""
+           mode: Mode, batch_size: int) -> tuple[Float[Tensor, "n d_model"], Float[Tensor, "n d_model"]]:
+    """Delta and T per site, the AR reading originals and edits `batch_size` at a time. In add mode an edit that
+    changes nothing raises (Delta = 0); replace mode steers with T, so there it patches in the original's own
+    reconstruction."""
     for i, (before, after) in enumerate(zip(texts, edited, strict=True)):
         if before == after and mode == "add":
             raise InputError(
@@ -440,7 +442,7 @@ def _delta(nla: NLA, texts: list[list[str]], edited: list[list[str]], sites: lis
             )
     flat_before = [t for site in texts for t in site]
     flat_after = [t for site in edited for t in site]
-    reconstructed = unit(nla.ar.reconstruct(flat_before + flat_after).float().cpu())
+    reconstructed = unit(nla.ar.reconstruct(flat_before + flat_after, batch_size=batch_size).float().cpu())
     n = len(flat_before)
     before, after = reconstructed[:n], reconstructed[n:]
     site = torch.tensor([i for i, samples in enumerate(texts) for _ in samples])

@@ -530,3 +530,24 @@ def test_sampling_settings_that_would_not_apply_are_refused_before_the_av_runs(b
     assert "2 sample(s) per site" in repr(sampled)
     steer(nla, base, tokens, -1, mask, **av_path, samples=2, temperature=0.5, seed=9)
     assert seen["kwargs"]["temperature"] == 0.5 and seen["kwargs"]["seed"] == 9
+
+
+def test_batch_size_bounds_the_ar_batches_too(base, nla):
+    """The AR reconstructed every original and edited explanation in one batch, whatever batch_size said (on a big
+    model, all of them at once); it runs them batch_size at a time, with the same Delta and T."""
+    tokens, mask = padded(base, "left")
+    samples = [TINY_LABELS[:2], TINY_LABELS[2:5], TINY_LABELS[5:6], TINY_LABELS[6:8]]  # 8 originals, 8 edits
+    widths = []
+
+    def record(resid, hook):
+        widths.append(resid.shape[0])
+
+    one_batch = steer(nla, base, tokens, -1, mask, explanations=samples, compare=False, continue_tokens=0)
+    with nla.ar.model.hooks(fwd_hooks=[("blocks.0.hook_resid_pre", record)]):
+        batched = steer(nla, base, tokens, -1, mask, explanations=samples, batch_size=3, compare=False,
+                        continue_tokens=0)
+    assert widths == [3, 3, 3, 3, 3, 1]
+    assert torch.allclose(batched.delta, one_batch.delta, rtol=0, atol=1e-6)
+    assert torch.allclose(batched.target, one_batch.target, rtol=0, atol=1e-6)
+    with pytest.raises(nl.InputError, match=r"batch_size=0: must be a whole number >= 1"):  # was ignored
+        steer(nla, base, tokens, -1, mask, explanations=samples, batch_size=0)
