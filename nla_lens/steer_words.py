@@ -62,6 +62,7 @@ _TABLE_TOP_K = 3  # next tokens per site in the table; next_tokens(k) gives more
 # What save_vectors writes, and fwd_hooks_from needs: tensors, and settings as safetensors' text metadata.
 _SAVED_TENSORS = ("delta", "target", "rows", "positions")
 _SAVED_SETTINGS = ("hook_name", "layer", "alpha", "mode", "token_shape")
+_MAX_NEW_TOKENS = 150  # the AV's default, as verbalize's
 
 
 def site_steering_hook(directions: Float[Tensor, "n d_model"], rows: Int[Tensor, " n"], cols: Int[Tensor, " n"],
@@ -228,7 +229,7 @@ def steer_with_words(
     layer: int | None = None,
     compare: bool = True,
     continue_tokens: int = 8,
-    max_new_tokens: int = 150,
+    max_new_tokens: int | None = None,
     batch_size: int = 32,
 ) -> WordSteering:
     """Verbalize the base model's residual at `positions` (or take `explanations`), apply `edit`, build
@@ -239,8 +240,9 @@ def steer_with_words(
     text itself, or a sequence with one of those per site. `samples > 1` samples that many
     explanations per site at `temperature` (default 1.0) with `seed` (default 0) and averages Delta over
     them; `samples = 1` (the default) is the greedy explanation, which takes neither. `explanations` (one
-    string, or one list of samples, per site) skips the AV, so it takes none of the three. `batch_size`
-    bounds both the AV's batches and the AR's (which reads every original and edited explanation).
+    string, or one list of samples, per site) skips the AV, so it takes none of the three, nor
+    `max_new_tokens` (how long the AV writes, default 150). `batch_size` bounds both the AV's batches
+    and the AR's (which reads every original and edited explanation).
     `compare` stores next-token log-probs at the sites without and with steering; `continue_tokens`
     (0 for none) greedy tokens continue each row without and with it. `layer`, if given, must be K.
     """
@@ -257,8 +259,7 @@ def steer_with_words(
     run_mask = attention_mask if attention_mask is not None else backends.implicit_attention_mask(base, tokens)
     with torch.no_grad():
         if explanations is None:
-            texts = _verbalize_sites(nla.av, base, tokens, rows, cols, run_mask, k, samples, sampling,
-                                     max_new_tokens, batch_size)
+            texts = _verbalize_sites(nla.av, base, tokens, rows, cols, run_mask, k, samples, sampling, batch_size)
         else:
             texts = _given_explanations(explanations, len(sites))
         edited = _apply_edits(edit, texts)
@@ -350,9 +351,9 @@ def _check_inputs(nla: NLA, base: TLModel, tokens: Tensor, layer: int | None, al
 
 
 def _sampling(explanations: object, samples: int | None, temperature: float | None, seed: int | None,
-              max_new_tokens: int, batch_size: int) -> tuple[int, dict[str, Any]]:
-    """Samples per site and the AV's decoding settings, checked before the base model runs; a setting that
-    would not apply (the AV does not run, or samples=1 is greedy) is refused rather than ignored."""
+              max_new_tokens: int | None, batch_size: int) -> tuple[int, dict[str, Any]]:
+    """Samples per site and the AV's decoding settings (max_new_tokens among them), checked before the base model
+    runs; a setting that would not apply (the AV does not run, or samples=1 is greedy) is refused, not ignored."""
     given = {name: value for name, value in (("samples", samples), ("temperature", temperature), ("seed", seed))
              if value is not None}
     if explanations is not None:
@@ -361,7 +362,11 @@ def _sampling(explanations: object, samples: int | None, temperature: float | No
             raise InputError(f"{settings}: samples, temperature and seed set how the AV samples explanations, and "
                              "explanations= skips the AV; drop them, or drop explanations= to let the AV read the "
                              "sites (pass several explanations per site as a list to average Delta over them)")
+        if max_new_tokens is not None:
+            raise InputError(f"max_new_tokens={max_new_tokens!r}: it sets how long the AV writes, and explanations= "
+                             "skips the AV; drop it, or drop explanations= to let the AV read the sites")
         return 1, {}
+    max_new_tokens = _MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens
     samples = 1 if samples is None else samples
     check_counts(1, samples=samples)
     if samples == 1:
@@ -371,20 +376,21 @@ def _sampling(explanations: object, samples: int | None, temperature: float | No
             raise InputError(f"{settings}: samples=1 reads the greedy explanation, which takes no temperature or "
                              "seed; pass samples > 1 (e.g. samples=5) to sample, or drop them")
         check_sampling(0.0, 1.0, max_new_tokens, batch_size)
-        return 1, {"temperature": 0.0}
-    sampling = {"temperature": 1.0 if temperature is None else temperature, "seed": 0 if seed is None else seed}
+        return 1, {"temperature": 0.0, "max_new_tokens": max_new_tokens}
+    sampling = {"temperature": 1.0 if temperature is None else temperature, "seed": 0 if seed is None else seed,
+                "max_new_tokens": max_new_tokens}
     check_sampling(sampling["temperature"], 1.0, max_new_tokens, batch_size, sampling["seed"])
     return samples, sampling
 
 
 def _verbalize_sites(av: ActivationVerbalizer, base: TLModel, tokens: Tensor, rows: Tensor, cols: Tensor,
                      run_mask: Tensor | None, k: int, samples: int, sampling: dict[str, Any],
-                     max_new_tokens: int, batch_size: int) -> list[list[str]]:
+                     batch_size: int) -> list[list[str]]:
     """`samples` parsed explanations per site (greedy for one); a site with none raises."""
     resid = resid_post(base, tokens, k, attention_mask=run_mask)
     vectors = resid[rows.to(resid.device), cols.to(resid.device)].float()
     vectors = vectors.repeat_interleave(samples, dim=0)
-    said = av.verbalize(vectors, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=False, **sampling)
+    said = av.verbalize(vectors, batch_size=batch_size, progress=False, **sampling)
     texts = [[v.explanation for v in said[i * samples:(i + 1) * samples] if v.explanation is not None]
              for i in range(len(rows))]
     failed = [i for i, t in enumerate(texts) if not t]
@@ -392,7 +398,7 @@ def _verbalize_sites(av: ActivationVerbalizer, base: TLModel, tokens: Tensor, ro
         i = failed[0]
         raise InputError(
             f"the AV wrote no parsable explanation for site {i} (row {int(rows[i])}, column {int(cols[i])}); "
-            f"raise max_new_tokens (now {max_new_tokens}) or pass explanations= yourself"
+            f"raise max_new_tokens (now {sampling['max_new_tokens']}) or pass explanations= yourself"
         )
     return texts
 

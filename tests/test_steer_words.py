@@ -551,3 +551,21 @@ def test_batch_size_bounds_the_ar_batches_too(base, nla):
     assert torch.allclose(batched.target, one_batch.target, rtol=0, atol=1e-6)
     with pytest.raises(nl.InputError, match=r"batch_size=0: must be a whole number >= 1"):  # was ignored
         steer(nla, base, tokens, -1, mask, explanations=samples, batch_size=0)
+
+
+def test_max_new_tokens_with_given_explanations_is_refused(base, nla, monkeypatch):
+    """max_new_tokens sets how long the AV writes, and explanations= skips the AV: it was ignored without a word."""
+    tokens, mask = padded(base, "left")
+    seen = {}
+    monkeypatch.setattr(nla.av, "verbalize", fake_verbalize(seen))
+    with pytest.raises(nl.InputError, match=r"^max_new_tokens=20: it sets how long the AV writes, and explanations= "
+                                            "skips the AV"):
+        steer(nla, base, tokens, -1, mask, max_new_tokens=20)
+    av_path = {"explanations": None, "compare": False, "continue_tokens": 0}
+    with pytest.raises(nl.InputError, match=r"max_new_tokens=0 must be a whole number >= 1"):
+        steer(nla, base, tokens, -1, mask, **av_path, max_new_tokens=0)
+    assert not seen  # refused before the AV ran
+    steer(nla, base, tokens, -1, mask, **av_path)
+    assert seen["kwargs"]["max_new_tokens"] == 150  # the default, as verbalize's
+    steer(nla, base, tokens, -1, mask, **av_path, samples=2, max_new_tokens=20)
+    assert seen["kwargs"]["max_new_tokens"] == 20

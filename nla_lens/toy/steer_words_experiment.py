@@ -138,9 +138,10 @@ def run_experiment(folder: Path = TOY_DIR, n_sites: int = 100, alphas: tuple[flo
         raise InputError(f"only {len(keep)} held-out sites have a parsable explanation; lower n_sites or stride")
     tokens, positions, clean = tokens[keep], positions[keep], clean[keep]
     # One sample: the greedy explanations read above; more: the AV samples them (seeded) inside the call.
-    sampling = {"samples": samples, "seed": seed} if samples > 1 else {"explanations": [said[i] for i in keep]}
-    steering = steer_with_words(nla, toy.base, tokens, positions, edit=edits, mode=mode, **sampling,
-                                max_new_tokens=48, batch_size=64, compare=False, continue_tokens=0)
+    sampling = ({"samples": samples, "seed": seed, "max_new_tokens": 48} if samples > 1
+                else {"explanations": [said[i] for i in keep]})
+    steering = steer_with_words(nla, toy.base, tokens, positions, edit=edits, mode=mode, **sampling, batch_size=64,
+                                compare=False, continue_tokens=0)
     noise = torch.randn(steering.delta.shape, generator=torch.Generator().manual_seed(seed))
     control = replace(steering, delta=noise, target=noise)
     oracle_directions = _oracle_directions(toy, folder, clean.argmax(-1), targets)
