@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -239,10 +240,10 @@ def steer_with_words(
     a [batch] tensor, a [batch, pos] mask). `edit` is a function of the explanation text, the edited
     text itself, or a sequence with one of those per site. `samples > 1` samples that many
     explanations per site at `temperature` (default 1.0) with `seed` (default 0) and averages Delta over
-    them; `samples = 1` (the default) is the greedy explanation, which takes neither. `explanations` (one
-    string, or one list of samples, per site) skips the AV, so it takes none of the three, nor
-    `max_new_tokens` (how long the AV writes, default 150). `batch_size` bounds both the AV's batches
-    and the AR's (which reads every original and edited explanation).
+    them; `samples = 1` (the default) is the greedy explanation, which takes no seed and no temperature
+    but 0. `explanations` (one string, or one list of samples, per site) skips the AV, so it takes none
+    of the three, nor `max_new_tokens` (how long the AV writes, default 150). `batch_size` bounds both
+    the AV's batches and the AR's (which reads every original and edited explanation).
     `compare` stores next-token log-probs at the sites without and with steering; `continue_tokens`
     (0 for none) greedy tokens continue each row without and with it. `layer`, if given, must be K.
     """
@@ -370,11 +371,14 @@ def _sampling(explanations: object, samples: int | None, temperature: float | No
     samples = 1 if samples is None else samples
     check_counts(1, samples=samples)
     if samples == 1:
-        unused = {name: value for name, value in given.items() if name != "samples"}
+        # temperature 0 (int, float or NumPy) says what samples=1 does; a seed has no effect on a greedy read
+        greedy = isinstance(temperature, numbers.Real) and not isinstance(temperature, bool) and temperature == 0
+        unused = {name: value for name, value in given.items()
+                  if name == "seed" or (name == "temperature" and not greedy)}
         if unused:
             settings = ", ".join(f"{name}={value!r}" for name, value in unused.items())
-            raise InputError(f"{settings}: samples=1 reads the greedy explanation, which takes no temperature or "
-                             "seed; pass samples > 1 (e.g. samples=5) to sample, or drop them")
+            raise InputError(f"{settings}: samples=1 reads the greedy explanation, which takes no seed and no "
+                             "temperature other than 0; pass samples > 1 (e.g. samples=5) to sample, or drop them")
         check_sampling(0.0, 1.0, max_new_tokens, batch_size)
         return 1, {"temperature": 0.0, "max_new_tokens": max_new_tokens}
     sampling = {"temperature": 1.0 if temperature is None else temperature, "seed": 0 if seed is None else seed,

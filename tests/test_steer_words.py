@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 
+import numpy as np
 import pytest
 import torch
 from base_batches import no_hooks_left, padded
@@ -513,7 +514,7 @@ def test_sampling_settings_that_would_not_apply_are_refused_before_the_av_runs(b
             steer(nla, base, tokens, -1, mask, **given)
     av_path = {"explanations": None, "compare": False, "continue_tokens": 0}
     for given in ({"temperature": -3}, {"temperature": 0.5, "seed": 1}, {"samples": 1, "seed": 0}):
-        with pytest.raises(nl.InputError, match="samples=1 reads the greedy explanation, which takes no temperature"):
+        with pytest.raises(nl.InputError, match="samples=1 reads the greedy explanation"):
             steer(nla, base, tokens, -1, mask, **av_path, **given)
     with pytest.raises(nl.InputError, match=r"temperature=-3 must be a finite number >= 0"):
         steer(nla, base, tokens, -1, mask, **av_path, samples=2, temperature=-3)
@@ -569,3 +570,27 @@ def test_max_new_tokens_with_given_explanations_is_refused(base, nla, monkeypatc
     assert seen["kwargs"]["max_new_tokens"] == 150  # the default, as verbalize's
     steer(nla, base, tokens, -1, mask, **av_path, samples=2, max_new_tokens=20)
     assert seen["kwargs"]["max_new_tokens"] == 20
+
+
+@pytest.mark.parametrize("zero", [0, 0.0, np.float64(0.0), np.float32(0.0)])
+def test_samples_one_at_temperature_zero_is_the_greedy_read(base, nla, monkeypatch, zero):
+    """samples=1 is the greedy explanation, i.e. temperature 0: saying so was refused as a temperature it ignores.
+    Any other temperature, and a seed (no effect on a greedy read), are still refused with samples=1."""
+    tokens, mask = padded(base, "left")
+    seen = {}
+    monkeypatch.setattr(nla.av, "verbalize", fake_verbalize(seen))
+    av_path = {"explanations": None, "compare": False, "continue_tokens": 0}
+    plain = steer(nla, base, tokens, -1, mask, **av_path)
+    for samples in (1, None):
+        seen.clear()
+        said = steer(nla, base, tokens, -1, mask, **av_path, samples=samples, temperature=zero)
+        assert seen["kwargs"]["temperature"] == 0.0 and type(seen["kwargs"]["temperature"]) is float
+        assert "seed" not in seen["kwargs"] and torch.equal(said.delta, plain.delta)
+    seen.clear()
+    with pytest.raises(nl.InputError, match=r"^seed=3: samples=1 reads the greedy explanation, which takes no seed"):
+        steer(nla, base, tokens, -1, mask, **av_path, samples=1, temperature=zero, seed=3)
+    for temperature in (0.5, 1e-9, -0.5, False):
+        with pytest.raises(nl.InputError, match=rf"^temperature={temperature!r}: samples=1 reads the greedy "
+                                                "explanation, which takes no seed and no temperature other than 0"):
+            steer(nla, base, tokens, -1, mask, **av_path, samples=1, temperature=temperature)
+    assert not seen  # refused before the AV ran
