@@ -266,7 +266,7 @@ def steer_with_words(
         edited = _apply_edits(edit, texts)
         delta, target = _delta(nla, texts, edited, sites, mode, batch_size)
         named = [_decode(base.tokenizer, int(tokens[r, c])) for r, c in sites]
-        result = WordSteering(f"blocks.{k}.hook_resid_post", k, float(alpha), mode, rows.cpu(), cols.cpu(), named,
+        result = WordSteering(_resid_hook(k), k, float(alpha), mode, rows.cpu(), cols.cpu(), named,
                               (tokens.shape[0], tokens.shape[1]), texts, edited, delta, target)
         clean = steered = continuations = None
         if compare:
@@ -533,9 +533,17 @@ def _read_saved(path: Path) -> dict[str, Any]:
         raise InputError(f"{path}: mode {saved['mode']!r} is neither 'add' nor 'replace'; the steering hook "
                          "knows only those: write the file with result.save_vectors(path)")
     try:
+        if not saved["layer"].isdigit():
+            raise ValueError(f"layer {saved['layer']!r} is not a whole number >= 0")
+        saved["layer"] = int(saved["layer"])
         saved["alpha"], saved["token_shape"] = float(saved["alpha"]), tuple(json.loads(saved["token_shape"]))
     except (ValueError, TypeError) as exc:
-        raise InputError(f"{not_ours}: its alpha or token_shape does not parse ({exc})") from exc
+        raise InputError(f"{not_ours}: its layer, alpha or token_shape does not parse ({exc})") from exc
+    resid = _resid_hook(saved["layer"])
+    if saved["hook_name"] != resid:  # the hook goes where hook_name says: Delta means something only at layer K
+        raise InputError(f"{path}: its hook_name {saved['hook_name']!r} is not layer {saved['layer']}'s residual "
+                         f"hook {resid!r}, and save_vectors writes the two together: the file was edited or "
+                         "damaged; write it again with result.save_vectors(path)")
     delta, rows = saved["delta"], saved["rows"]
     if not (math.isfinite(saved["alpha"]) and delta.isfinite().all() and saved["target"].isfinite().all()):
         raise InputError(f"{path} holds NaN or Inf in its alpha, delta or target, which the hook would write into "
@@ -547,6 +555,11 @@ def _read_saved(path: Path) -> dict[str, Any]:
         raise InputError(f"{not_ours}: its delta {list(delta.shape)}, target {list(saved['target'].shape)}, rows, "
                          f"positions and token_shape {saved['token_shape']} do not fit together")
     return saved
+
+
+def _resid_hook(layer: int) -> str:
+    """Where the steering acts: the residual stream after block `layer`, the one the AR of layer `layer` reads."""
+    return f"blocks.{layer}.hook_resid_post"
 
 
 def _decode(tokenizer: Any, token_id: int) -> str:

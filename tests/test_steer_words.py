@@ -594,3 +594,25 @@ def test_samples_one_at_temperature_zero_is_the_greedy_read(base, nla, monkeypat
                                                 "explanation, which takes no seed and no temperature other than 0"):
             steer(nla, base, tokens, -1, mask, **av_path, samples=1, temperature=temperature)
     assert not seen  # refused before the AV ran
+
+
+def test_a_saved_file_whose_hook_name_is_not_its_layers_residual_is_refused(base, nla, tmp_path):
+    """save_vectors records layer K and blocks.K.hook_resid_post; a file where they disagree was edited or damaged
+    (the hook went to whatever hook_name said: another layer, or another hook point, Delta meaning nothing there)."""
+    tokens, mask = padded(base, "left")
+    path = steer(nla, base, tokens, -1, mask, compare=False, continue_tokens=0).save_vectors(tmp_path / "d.safetensors")
+    with safe_open(str(path), "pt") as saved:
+        tensors, metadata = load_file(str(path)), saved.metadata()
+    other = tmp_path / "edited.safetensors"
+    for edited in ({"hook_name": f"blocks.{LAYER - 1}.hook_resid_post"}, {"layer": str(LAYER - 1)},
+                   {"hook_name": f"blocks.{LAYER}.hook_resid_pre"}):
+        save_file(tensors, str(other), metadata={**metadata, **edited})
+        layer = edited.get("layer", LAYER)
+        expected = f"blocks.{layer}.hook_resid_post"
+        with pytest.raises(nl.InputError, match=rf"hook_name '{re.escape((metadata | edited)['hook_name'])}' is not "
+                                                rf"layer {layer}'s residual hook '{re.escape(expected)}'"):
+            nl.WordSteering.fwd_hooks_from(other)
+    for layer in ("one", "-1"):
+        save_file(tensors, str(other), metadata={**metadata, "layer": layer})
+        with pytest.raises(nl.InputError, match="layer, alpha or token_shape does not parse"):
+            nl.WordSteering.fwd_hooks_from(other)
