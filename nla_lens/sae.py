@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from importlib import metadata
 from numbers import Integral
@@ -129,13 +129,50 @@ class ResidualStats:
                               f"{list(vectors.shape) if isinstance(vectors, Tensor) else type(vectors).__name__}")
         if len(vectors) == 0:
             raise VectorError("no vectors given: the mean and spread need at least one residual")
-        if not torch.isfinite(vectors).all():
+        moments = RunningMoments()
+        moments.add(vectors)
+        return moments.stats(layer)
+
+
+class RunningMoments:
+    """Count, mean and sum of squared L2 distances from the mean of the residuals added so far.
+
+    Each block's moments (float32, as the residuals) merge into the running ones in float64 by the
+    parallel update of Chan, Golub & LeVeque (1979), so a scan over many texts keeps O(d_model), not
+    every position.
+    """
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.mean: Float[Tensor, " d_model"] | None = None  # float64, on the CPU (MPS has no float64)
+        self.squares = 0.0  # sum over positions of ||x - mean||^2
+        self.device: torch.device | None = None
+
+    def add(self, block: Float[Tensor, "pos d_model"]) -> None:
+        """Merge one block of residuals in (an empty one changes nothing); NaN or Inf is refused."""
+        if not torch.isfinite(block).all():
             raise VectorError("vectors hold NaN or Inf, which would make the mean and spread NaN; check how they "
                               "were computed")
-        vectors = vectors.float()
-        mean = vectors.mean(dim=0)
-        spread = float((vectors - mean).pow(2).sum(dim=1).mean().sqrt())
-        return cls(mean, spread, len(vectors), layer)
+        if len(block) == 0:
+            return
+        block = block.float()
+        block_mean = block.mean(dim=0)
+        block_squares = float((block - block_mean).pow(2).sum())
+        block_mean = block_mean.cpu().double()
+        n = self.n + len(block)
+        if self.mean is None:
+            self.mean, self.squares, self.device = block_mean, block_squares, block.device
+        else:
+            delta = block_mean - self.mean
+            self.mean = self.mean + delta * (len(block) / n)
+            self.squares += block_squares + float(delta.pow(2).sum()) * self.n * len(block) / n
+        self.n = n
+
+    def stats(self, layer: int | None) -> ResidualStats:
+        """The mean (float32, on the device of the first block) and the RMS distance from it."""
+        if self.mean is None:
+            raise VectorError("no residuals were added: the mean and spread need at least one")
+        return ResidualStats(self.mean.float().to(self.device), math.sqrt(self.squares / self.n), self.n, layer)
 
 
 def check_texts(texts: Iterable[str]) -> list[str]:
@@ -160,6 +197,13 @@ def text_residuals(base: TLModel, texts: Iterable[str], layer: int, *, max_token
     training code extracted its activations; `max_tokens` cuts each text (default: the context).
     `hook_name` reads that `[pos, d]` hook point instead (an SAE of another hook, read where it fires).
     """
+    return list(each_text_residuals(base, texts, layer, max_tokens=max_tokens, hook_name=hook_name))
+
+
+def each_text_residuals(base: TLModel, texts: Iterable[str], layer: int, *, max_tokens: int | None = None,
+                        hook_name: str | None = None) -> Iterator[tuple[list[int], Float[Tensor, "pos d_model"]]]:
+    """[`text_residuals`][nla_lens.sae.text_residuals] one text at a time, for scans that keep less than
+    every position."""
     texts = check_texts(texts)
     backends.backend_of(base)
     if base.tokenizer is None:
@@ -169,16 +213,15 @@ def text_residuals(base: TLModel, texts: Iterable[str], layer: int, *, max_token
     if max_tokens is not None:
         check_counts(1, max_tokens=max_tokens)
     limit = max_tokens or base.cfg.n_ctx
-    out = []
-    with torch.inference_mode():
-        for text in texts:
-            ids = text_ids(base.tokenizer, text)[:limit]
-            if not ids:
-                raise InputError(f"text {text!r} has no tokens")
-            tokens = torch.tensor([ids], device=base.cfg.device)
-            out.append((ids, (text_resid_post(base, tokens, layer) if hook_name is None
-                              else _text_activation(base, tokens, hook_name)).float()))
-    return out
+    for text in texts:
+        ids = text_ids(base.tokenizer, text)[:limit]
+        if not ids:
+            raise InputError(f"text {text!r} has no tokens")
+        tokens = torch.tensor([ids], device=base.cfg.device)
+        with torch.inference_mode():  # entered per text: a generator suspended inside it would leak it to the caller
+            resid = (text_resid_post(base, tokens, layer) if hook_name is None
+                     else _text_activation(base, tokens, hook_name)).float()
+        yield ids, resid
 
 
 def _text_activation(base: TLModel, tokens: Int[Tensor, "1 pos"], hook_name: str) -> Float[Tensor, "pos d"]:
@@ -208,15 +251,19 @@ def skipped(tokenizer: Any, ids: list[int], skip_first: int | None) -> int:
 def residual_stats(base: TLModel, texts: Iterable[str], layer: int, *, skip_first: int | None = None,
                    max_tokens: int | None = None) -> ResidualStats:
     """[`ResidualStats`][nla_lens.sae.ResidualStats] of layer `layer` over every position of `texts` past
-    the first `skip_first` (default: past the BOS the tokenizer puts first, none on Qwen)."""
+    the first `skip_first` (default: past the BOS the tokenizer puts first, none on Qwen).
+
+    Streams: each text's residuals merge into a running mean and spread, so memory is O(d_model) plus
+    one text's residuals, however many texts there are.
+    """
     check_skip_first(skip_first)
-    rows = [resid[skipped(base.tokenizer, ids, skip_first):]
-            for ids, resid in text_residuals(base, texts, layer, max_tokens=max_tokens)]
-    vectors = torch.cat(rows)
-    if len(vectors) == 0:
+    moments = RunningMoments()
+    for ids, resid in each_text_residuals(base, texts, layer, max_tokens=max_tokens):
+        moments.add(resid[skipped(base.tokenizer, ids, skip_first):])
+    if moments.n == 0:
         bos = " (the BOS)" if skip_first is None else ""
         raise InputError(f"no positions left after skip_first={skip_first}{bos}; use longer texts")
-    return ResidualStats.from_vectors(vectors, layer)
+    return moments.stats(layer)
 
 
 @dataclass(frozen=True, eq=False, repr=False)
