@@ -30,6 +30,7 @@ from nla_lens.sae import (
     check_skip_first,
     check_texts,
     decoder_rows,
+    each_text_residuals,
     feature_id,
     resid_hook_names,
     skipped,
@@ -156,7 +157,8 @@ def feature_card(
     with torch.inference_mode():
         # The SAE encodes what it was trained on: another hook's activations when allow_other_hook let it in.
         scanned_hook = None if hook_name in resid_hook_names(av.meta.layer) else hook_name
-        for ids, resid in text_residuals(base, texts, av.meta.layer, hook_name=scanned_hook):
+        # One text's residuals at a time: the card keeps only the feature's activations of each.
+        for ids, resid in each_text_residuals(base, texts, av.meta.layer, hook_name=scanned_hook):
             acts = sae.encode(resid.to(sae.W_dec.device, sae.W_dec.dtype))
             # TopK training SAEs with use_sparse_activations encode to a sparse COO tensor.
             acts = (acts.to_dense() if acts.is_sparse else acts)[:, feature].float().cpu()

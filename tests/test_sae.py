@@ -541,6 +541,31 @@ def test_feature_card_shows_the_strongest_contexts_next_to_the_explanation(toy, 
 
 
 @NEEDS_SAE_LENS
+def test_feature_card_scan_holds_one_texts_residuals_at_a_time(toy, monkeypatch):
+    """The scan read every text's residuals into a list before encoding any; it keeps one [pos] row of
+    the feature's activations per text, so one text's residuals at a time is all it needs."""
+    from nla_lens import sae as sae_module
+
+    layer = toy.av.meta.layer
+    sae = make_sae(128, 32, f"blocks.{layer}.hook_resid_post")
+    reference = nl.feature_card(sae, toy.base, TOY_TEXTS, 9, toy.av, k=3, max_new_tokens=8, progress=False)
+    computed, held = [], []  # weak references to each text's residuals; how many earlier ones live at each run
+    read = sae_module.text_resid_post
+
+    def spy(model, tokens, layer):
+        held.append(sum(ref() is not None for ref in computed))
+        resid = read(model, tokens, layer)
+        computed.append(weakref.ref(resid))
+        return resid
+
+    monkeypatch.setattr(sae_module, "text_resid_post", spy)
+    card = nl.feature_card(sae, toy.base, TOY_TEXTS, 9, toy.av, k=3, max_new_tokens=8, progress=False)
+    assert len(held) == len(TOY_TEXTS) and max(held) <= 1  # at most the previous text's, still bound to the loop
+    assert [(c.text, c.position, c.activation) for c in card.contexts] == [
+        (c.text, c.position, c.activation) for c in reference.contexts]
+
+
+@NEEDS_SAE_LENS
 @pytest.mark.parametrize("hook", ["blocks.1.hook_resid_post", "blocks.3.hook_resid_mid", "hook_embed"])
 def test_a_card_of_an_sae_of_another_hook_scans_that_hook(toy, hook):
     """allow_other_hook let the SAE in, but the scan encoded layer K's residual: contexts of activations the
