@@ -200,6 +200,40 @@ def test_a_rerun_with_other_settings_names_them(tiny_paths, input_file, tmp_path
         sharded.verbalize_file(av, input_file, out, sampling=GREEDY, shard_size=4, progress=False)
 
 
+@pytest.mark.parametrize(("device", "kind"), [("cpu", "cpu"), ("cuda", "cuda"), ("cuda:1", "cuda"), ("mps", "mps")])
+def test_the_manifest_records_the_device_type_and_off_the_cpu_a_greedy_jobs_batch_size(device, kind):
+    """Greedy rows were proven batch-invariant bit for bit on the CPU only: on a GPU in bf16 a resume with
+    another batch size or on another device type could merge rows that differ."""
+    facts = Sampling(max_new_tokens=8, batch_size=5).facts(torch.device(device))
+    assert facts["device"] == kind
+    assert facts.get("batch_size") == (None if kind == "cpu" else 5)
+    assert Sampling(temperature=1.0, batch_size=5).facts(torch.device(device))["batch_size"] == 5
+
+
+def test_a_manifest_of_an_older_version_resumes_on_the_cpu_and_is_refused_on_a_gpu(tiny_paths, input_file, tmp_path):
+    """Manifests written before the device was recorded lack the key: those jobs are read as CPU jobs."""
+    av, out = tiny_paths["av_karvonen"], tmp_path / "out.parquet"
+    sharded.verbalize_file(av, input_file, out, sampling=GREEDY, shard_size=SHARD_SIZE, shards=[0], progress=False)
+    folder = shard_store.shard_folder(out)
+    manifest = json.loads((folder / shard_store.MANIFEST).read_text())
+    assert manifest["device"] == "cpu" and "batch_size" not in manifest
+    del manifest["device"]
+    (folder / shard_store.MANIFEST).write_text(json.dumps(manifest))
+    on_gpu = {**manifest, **GREEDY.facts(torch.device("cuda"))}
+    with pytest.raises(nl.ConfigError, match=r"\(batch_size: not recorded -> 32, device: not recorded \(an older "
+                                             r"nla_lens; read as 'cpu'\) -> 'cuda'\)\. Pick another --output"):
+        shard_store.check_manifest(folder, on_gpu)
+    result = sharded.verbalize_file(av, input_file, out, sampling=GREEDY, shard_size=SHARD_SIZE, progress=False)
+    assert result.computed == [1, 2, 3] and result.table.num_rows == N_ROWS
+
+
+def test_a_greedy_job_resumed_on_the_cpu_names_the_gpu_settings_it_lacks(tmp_path):
+    recorded = {"job": "verbalize", **GREEDY.facts(torch.device("cuda:0"))}
+    shard_store.save_shard(tmp_path, 0, pa.table({"index": [0]}), recorded)
+    with pytest.raises(nl.ConfigError, match=r"\(batch_size: 32 -> not used, device: 'cuda' -> 'cpu'\)"):
+        shard_store.check_manifest(tmp_path, {"job": "verbalize", **GREEDY.facts(torch.device("cpu"))})
+
+
 def test_an_input_whose_carried_columns_changed_is_not_resumed(tiny_paths, rows, tmp_path):
     """Same vectors, same file size, other ids: resuming would merge old ids with new ones."""
     av, out = tiny_paths["av_karvonen"], tmp_path / "out.parquet"
