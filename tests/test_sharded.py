@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 import nla_lens as nl
 from nla_lens import shard_store, sharded
 from nla_lens.cli import main
+from nla_lens.distributed import World, device_for
 from nla_lens.sharded import Sampling
 from nla_lens.toy.demo import TOY_DIR
 from nla_lens.toy.evaluate import HELDOUT_FILE, MIN_CONTEXT, ToyNLA
@@ -90,6 +91,16 @@ def test_two_torchrun_ranks_score_the_round_trip_as_one_process_and_nla(toy_vect
     assert summary["fve"] == pytest.approx(reference.fve, abs=1e-6)
     assert torch.allclose(torch.tensor(two.column("mse").to_numpy()), reference.mse, atol=1e-6)
     assert two.column("explanation").to_pylist() == reference.explanations
+
+
+def test_an_explicit_gpu_index_under_torchrun_is_refused_and_cuda_means_each_ranks_own():
+    """`cuda:1` under torchrun put every rank on GPU 1."""
+    with pytest.raises(nl.ConfigError, match=r"'cuda:1' with 2 torchrun processes puts every rank on GPU 1: pass "
+                                             r"'cuda'.*cuda:LOCAL_RANK"):
+        device_for(World(rank=1, world_size=2, local_rank=1), "cuda:1")
+    assert device_for(World(rank=1, world_size=2, local_rank=1), "cuda") == torch.device("cuda:1")
+    assert device_for(World(), "cuda:1") == torch.device("cuda:1")
+    assert device_for(World(rank=1, world_size=2, local_rank=1), "cpu") == torch.device("cpu")
 
 
 def test_a_killed_run_resumes_with_only_the_missing_shards(tiny_paths, input_file, tmp_path, monkeypatch):
