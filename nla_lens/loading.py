@@ -20,7 +20,7 @@ import struct
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any, BinaryIO, Literal
 
 import torch
@@ -425,7 +425,8 @@ def _read_into(f: BinaryIO, info: _TensorInfo, target: Tensor, path: Path, buffe
 
 def weight_index(folder: Path) -> dict[str, Any] | None:
     """`folder`'s `model.safetensors.index.json` (None: there is none), its weight_map checked to name a weight
-    file for each tensor: a damaged one got a bare TypeError here, or an IndexError inside transformers."""
+    file in `folder` for each tensor: a damaged one got a bare TypeError here, or an IndexError inside
+    transformers, and `../x.safetensors` or an absolute path was read from outside the checkpoint."""
     path = folder / "model.safetensors.index.json"
     if not path.is_file():
         return None
@@ -439,6 +440,11 @@ def weight_index(folder: Path) -> dict[str, Any] | None:
         found = "no tensor" if not files else f"{wrong[0]!r} as a file"
         raise CheckpointError(f"{path} names {found}: its weight_map must give each tensor the name of the "
                               "safetensors file that holds it. The index is damaged; download it again")
+    outside = [file for file in files if PurePath(file).is_absolute() or ".." in PurePath(file).parts]
+    if outside:  # a checkpoint is read as untrusted input: it names files, never a path elsewhere on the machine
+        raise CheckpointError(f"{path} names {outside[0]!r}, a file outside {folder}: nla_lens reads a checkpoint's "
+                              "weights from its own folder only. Put the weight files in the folder and name them "
+                              "there (model-00001-of-00002.safetensors), or download the checkpoint again")
     return index
 
 
