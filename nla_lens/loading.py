@@ -30,7 +30,7 @@ from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
 from nla_lens import backends
 from nla_lens.backends import gemma3, hf_names
-from nla_lens.checks import did_you_mean
+from nla_lens.checks import blocks_phrase, did_you_mean
 from nla_lens.errors import CheckpointError, InjectionError, InputError, SidecarError
 from nla_lens.sidecar import NLAMeta, load_meta
 
@@ -201,7 +201,7 @@ def check_config(folder: Path, meta: NLAMeta, tokenizer: PreTrainedTokenizerBase
                            "with this checkpoint into the folder")
     if blocks is not None and blocks <= meta.layer:  # more is fine: an AR folder of full depth, blocks past K unread
         raise CheckpointError(
-            f"{folder}: the sidecar reads layer K={meta.layer}, which needs K+1={meta.layer + 1} blocks, but "
+            f"{folder}: the sidecar reads layer K={meta.layer}, which needs K+1={blocks_phrase(meta.layer + 1)}, but "
             f"config.json has num_hidden_layers={blocks}: the sidecar and weights are from different checkpoints; "
             "fix the sidecar's layer or use the folder the checkpoint was exported to"
         )
@@ -640,7 +640,7 @@ def check_hook_point(folder: Path, hook_point: str, *, backend: str, trust_remot
     block = re.fullmatch(r"blocks\.(0|[1-9]\d*)\.(.+)", hook_point)
     if block and int(block[1]) >= n_layers:
         raise InjectionError(f"hook point {hook_point!r} names block {block[1]}, but {folder}/config.json has "
-                             f"{n_layers} blocks (0-{n_layers - 1}); fix the injection hook_point")
+                             f"{blocks_phrase(n_layers)}; fix the injection hook_point")
     if backend != "hooked":
         backends.check_patchable_on(backend, hook_point)
         return
