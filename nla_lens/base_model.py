@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from nla_lens import backends, loading, toy
+from nla_lens.checks import blocks_phrase
 from nla_lens.errors import CheckpointError, InputError
 from nla_lens.nla import NLA, shares_vocabulary
 from nla_lens.reconstructor import ActivationReconstructor
@@ -63,7 +64,7 @@ def check_base_model(base: TLModel, nla_or_av: NLA | ActivationVerbalizer, layer
                          "vectors; pass the base model the NLA was trained on (nl.load_base(nla) loads the one "
                          "its sidecar names)")
     if layer is not None and base.cfg.n_layers <= layer:
-        raise InputError(f"the base model has {base.cfg.n_layers} blocks, but this NLA reads layer {layer}; "
+        raise InputError(f"the base model has {blocks_phrase(base.cfg.n_layers)}, but this NLA reads layer {layer}; "
                          "pass the base model the NLA was trained on")
     if base.tokenizer is not None and not shares_vocabulary(base.tokenizer, av.tokenizer):
         raise InputError(f"the base model's tokenizer has another vocabulary than the NLA's "

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from transformer_lens.utilities import get_attention_mask
 
 from nla_lens import backends
+from nla_lens.checks import blocks_phrase
 from nla_lens.errors import InputError
 
 if TYPE_CHECKING:
@@ -344,7 +345,7 @@ def check_block(model: TLModel, layer: int, name: str = "layer") -> None:
     """`layer` indexes one of the model's blocks."""
     n_layers = model.cfg.n_layers
     if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n_layers:
-        raise InputError(f"{name} must be an int in 0..{n_layers - 1} (the model's {n_layers} blocks), got {layer!r}")
+        raise InputError(f"{name} must be an int indexing the model's {blocks_phrase(n_layers)}, got {layer!r}")
 
 
 def check_token_tensor(value: object, name: str = "tokens") -> None:

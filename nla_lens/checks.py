@@ -45,6 +45,11 @@ def dtype_names() -> str:
     return ", ".join("/".join(names) for names in groups.values())
 
 
+def blocks_phrase(n_blocks: int) -> str:
+    """A model's blocks and their indices as messages name them: '4 blocks (0-3)', '1 block (0)'."""
+    return "1 block (0)" if n_blocks == 1 else f"{n_blocks} blocks (0-{n_blocks - 1})"
+
+
 def resolve_device(device: torch.device | str) -> torch.device:
     """A torch device that this torch build can use; 'cuda' without an index stays index-free."""
     if isinstance(device, torch.device):

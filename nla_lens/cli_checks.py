@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 from nla_lens import loading
+from nla_lens.checks import blocks_phrase
 from nla_lens.errors import InputError, PairMismatchError, SidecarError
 from nla_lens.sidecar import NLAMeta, load_meta
 
@@ -49,8 +50,8 @@ def base_for(path_or_id: str | Path, av_meta: NLAMeta, layer: int) -> Path:
         raise PairMismatchError(f"--base {path_or_id} has d_model {config.hidden_size}, the AV reads vectors of "
                                 f"{av_meta.d_model}: pass the base model this NLA was trained on")
     if not 0 <= layer < config.num_hidden_layers:
-        raise InputError(f"--layer {layer} is outside the base model's {config.num_hidden_layers} blocks "
-                         f"(0 to {config.num_hidden_layers - 1}); the AV reads layer {av_meta.layer}")
+        raise InputError(f"--layer {layer} is outside the base model's {blocks_phrase(config.num_hidden_layers)}; "
+                         f"the AV reads layer {av_meta.layer}")
     if layer != av_meta.layer:
         warnings.warn(f"--layer {layer} differs from layer {av_meta.layer}, the one this AV was trained to read "
                       f"(its sidecar): explanations of other layers are off-distribution. Leave --layer out to "

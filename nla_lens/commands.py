@@ -13,6 +13,7 @@ import torch
 
 from nla_lens import shard_store, sharded
 from nla_lens.checks import (
+    blocks_phrase,
     check_counts,
     check_input_file,
     check_output_path,
@@ -44,7 +45,7 @@ def capture_text(base: str, layer: int, text: str, device: str, dtype: torch.dty
     tokenizer = loading.load_tokenizer(folder)
     model = backends.load_model(folder, tokenizer, dtype=dtype, device=device)
     if not 0 <= layer < model.cfg.n_layers:
-        raise InputError(f"--layer {layer} is outside the base model's {model.cfg.n_layers} blocks")
+        raise InputError(f"--layer {layer} is outside the base model's {blocks_phrase(model.cfg.n_layers)}")
     row = text_ids(tokenizer, text)  # BOS first where the base has one
     if len(row) > model.cfg.n_ctx:
         raise PromptTooLongError(f"--text is {len(row)} tokens, over the base model's context of "
@@ -122,7 +123,8 @@ def _add_job_flags(parser: argparse.ArgumentParser) -> None:
                         help="seed for sampling at temperature > 0; each shard derives its own from it (default 0)")
     parser.add_argument("--batch-size", type=int, default=32, help="vectors per AV batch (default 32)")
     parser.add_argument("--device", default="cpu",
-                        help="torch device; cuda under torchrun means cuda:LOCAL_RANK (default cpu)")
+                        help="torch device; cuda under torchrun means cuda:LOCAL_RANK, and cuda:N is refused "
+                             "there (default cpu)")
     _add_dtype_flag(parser)
 
 

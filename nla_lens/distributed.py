@@ -52,10 +52,17 @@ class World:
 
 
 def device_for(world: World, device: str | torch.device) -> torch.device:
-    """`cuda` means this rank's own GPU (`cuda:LOCAL_RANK`); anything else is used as given."""
+    """`cuda` means this rank's own GPU (`cuda:LOCAL_RANK`); anything else is used as given. `cuda:N` is refused
+    with more than one process: every rank would load onto GPU N."""
     device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
+    if device.type != "cuda":
+        return device
+    if device.index is None:
         return torch.device("cuda", world.local_rank)
+    if world.is_distributed:
+        raise ConfigError(f"device {str(device)!r} with {world.world_size} torchrun processes puts every rank on GPU "
+                          f"{device.index}: pass 'cuda' (each rank then takes cuda:LOCAL_RANK, its own GPU), or run "
+                          f"one process to use {device}")
     return device
 
 

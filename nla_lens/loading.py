@@ -20,7 +20,7 @@ import struct
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any, BinaryIO, Literal
 
 import torch
@@ -30,7 +30,7 @@ from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
 from nla_lens import backends
 from nla_lens.backends import gemma3, hf_names
-from nla_lens.checks import did_you_mean
+from nla_lens.checks import blocks_phrase, did_you_mean
 from nla_lens.errors import CheckpointError, InjectionError, InputError, SidecarError
 from nla_lens.sidecar import NLAMeta, load_meta
 
@@ -201,7 +201,7 @@ def check_config(folder: Path, meta: NLAMeta, tokenizer: PreTrainedTokenizerBase
                            "with this checkpoint into the folder")
     if blocks is not None and blocks <= meta.layer:  # more is fine: an AR folder of full depth, blocks past K unread
         raise CheckpointError(
-            f"{folder}: the sidecar reads layer K={meta.layer}, which needs K+1={meta.layer + 1} blocks, but "
+            f"{folder}: the sidecar reads layer K={meta.layer}, which needs K+1={blocks_phrase(meta.layer + 1)}, but "
             f"config.json has num_hidden_layers={blocks}: the sidecar and weights are from different checkpoints; "
             "fix the sidecar's layer or use the folder the checkpoint was exported to"
         )
@@ -425,7 +425,8 @@ def _read_into(f: BinaryIO, info: _TensorInfo, target: Tensor, path: Path, buffe
 
 def weight_index(folder: Path) -> dict[str, Any] | None:
     """`folder`'s `model.safetensors.index.json` (None: there is none), its weight_map checked to name a weight
-    file for each tensor: a damaged one got a bare TypeError here, or an IndexError inside transformers."""
+    file in `folder` for each tensor: a damaged one got a bare TypeError here, or an IndexError inside
+    transformers, and `../x.safetensors` or an absolute path was read from outside the checkpoint."""
     path = folder / "model.safetensors.index.json"
     if not path.is_file():
         return None
@@ -439,6 +440,11 @@ def weight_index(folder: Path) -> dict[str, Any] | None:
         found = "no tensor" if not files else f"{wrong[0]!r} as a file"
         raise CheckpointError(f"{path} names {found}: its weight_map must give each tensor the name of the "
                               "safetensors file that holds it. The index is damaged; download it again")
+    outside = [file for file in files if PurePath(file).is_absolute() or ".." in PurePath(file).parts]
+    if outside:  # a checkpoint is read as untrusted input: it names files, never a path elsewhere on the machine
+        raise CheckpointError(f"{path} names {outside[0]!r}, a file outside {folder}: nla_lens reads a checkpoint's "
+                              "weights from its own folder only. Put the weight files in the folder and name them "
+                              "there (model-00001-of-00002.safetensors), or download the checkpoint again")
     return index
 
 
@@ -634,7 +640,7 @@ def check_hook_point(folder: Path, hook_point: str, *, backend: str, trust_remot
     block = re.fullmatch(r"blocks\.(0|[1-9]\d*)\.(.+)", hook_point)
     if block and int(block[1]) >= n_layers:
         raise InjectionError(f"hook point {hook_point!r} names block {block[1]}, but {folder}/config.json has "
-                             f"{n_layers} blocks (0-{n_layers - 1}); fix the injection hook_point")
+                             f"{blocks_phrase(n_layers)}; fix the injection hook_point")
     if backend != "hooked":
         backends.check_patchable_on(backend, hook_point)
         return

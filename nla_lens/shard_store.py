@@ -22,6 +22,9 @@ from nla_lens.errors import ConfigError, InputError
 from nla_lens.vector_files import write_atomic
 
 MANIFEST = "manifest.json"
+# Facts that older manifests lack, with the value they are read as. Those recorded neither the device nor a greedy
+# job's batch size: a CPU job's shards resume (greedy CPU rows ignore batching); a GPU job's are refused.
+_UNRECORDED = {"device": "cpu"}
 
 
 def shard_folder(output: Path) -> Path:
@@ -59,13 +62,24 @@ def check_manifest(folder: Path, manifest: dict[str, Any]) -> None:
         raise ConfigError(f"{path} cannot be read ({type(exc).__name__}: {exc}): it is damaged or cut short, so the "
                           f"shards beside it cannot be checked against this run. Delete {folder} and rerun to start "
                           "over") from exc
-    differing = sorted(k for k in recorded.keys() | manifest.keys() if recorded.get(k) != manifest.get(k))
+    read = _UNRECORDED | recorded
+    differing = sorted(k for k in read.keys() | manifest.keys() if read.get(k) != manifest.get(k))
     if differing:
-        changes = ", ".join(f"{k}: {recorded.get(k)!r} -> {manifest.get(k)!r}" for k in differing)
+        changes = ", ".join(f"{k}: {_recorded_value(recorded, k)} -> "
+                            f"{repr(manifest[k]) if k in manifest else 'not used'}" for k in differing)
         raise ConfigError(
             f"{folder} holds shards computed with other settings ({changes}). Pick another --output, "
             "or delete that folder to start over"
         )
+
+
+def _recorded_value(recorded: dict[str, Any], key: str) -> str:
+    """A manifest value as the mismatch message shows it, saying when an older manifest lacks it."""
+    if key in recorded:
+        return repr(recorded[key])
+    if key in _UNRECORDED:
+        return f"not recorded (an older nla_lens; read as {_UNRECORDED[key]!r})"
+    return "not recorded"
 
 
 def save_shard(folder: Path, index: int, table: pa.Table, manifest: dict[str, Any]) -> None:

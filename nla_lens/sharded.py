@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from nla_lens import __version__, loading, metrics, shard_store
-from nla_lens.checks import check_counts, check_sampling, resolve_dtype
+from nla_lens.checks import check_counts, check_sampling, resolve_device, resolve_dtype
 from nla_lens.distributed import World, barrier, device_for, process_group
 from nla_lens.errors import InputError
 from nla_lens.injection import check_vectors
@@ -45,12 +45,16 @@ class Sampling:
     def __post_init__(self) -> None:
         check_sampling(self.temperature, self.top_p, self.max_new_tokens, self.batch_size, self.seed)
 
-    def facts(self) -> dict[str, Any]:
-        """The settings a finished shard depends on (greedy rows depend on neither seed nor batching), as the
-        manifest's JSON holds them: a numpy float32 or tensor setting as its float, a numpy seed as its int."""
-        facts: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "temperature": float(self.temperature)}
+    def facts(self, device: torch.device) -> dict[str, Any]:
+        """The settings a finished shard depends on on `device`, as the manifest's JSON holds them: a numpy float32
+        or tensor setting as its float, a numpy seed as its int. Greedy rows depend on neither seed nor batching
+        on the CPU (bit for bit); a GPU's kernels may change with the batch size, in bf16 visibly."""
+        facts: dict[str, Any] = {"device": device.type, "max_new_tokens": self.max_new_tokens,
+                                 "temperature": float(self.temperature)}
         if self.temperature > 0:
-            facts |= {"top_p": float(self.top_p), "seed": int(self.seed), "batch_size": self.batch_size}
+            facts |= {"top_p": float(self.top_p), "seed": int(self.seed)}
+        if self.temperature > 0 or device.type != "cpu":
+            facts["batch_size"] = self.batch_size
         return facts
 
     def verbalize(self, av: ActivationVerbalizer, vectors: torch.Tensor, shard: int) -> list[Verbalization]:
@@ -122,11 +126,12 @@ def verbalize_file(
     """
     input_path, output = Path(input_path), Path(output)
     _check_paths(input_path, output)
+    job_device = resolve_device(device)
     av_folder = loading.resolve_checkpoint(av)
     av_meta = load_meta(av_folder)
     table = _read(input_path, column, av_meta)
     manifest = {"job": "verbalize", **_input_facts(input_path, table), "shard_size": shard_size,
-                **_checkpoint_facts("av", av_folder), "dtype": _dtype_name(dtype), **sampling.facts()}
+                **_checkpoint_facts("av", av_folder), "dtype": _dtype_name(dtype), **sampling.facts(job_device)}
     with process_group(device) as world:
         @cache
         def load() -> ActivationVerbalizer:
@@ -154,6 +159,7 @@ def round_trip_file(
     input_path, output = Path(input_path), Path(output)
     _check_paths(input_path, output)
     check_counts(1, reconstruct_batch_size=reconstruct_batch_size)
+    job_device = resolve_device(device)
     av_folder, ar_folder = loading.resolve_checkpoint(av), loading.resolve_checkpoint(ar)
     av_meta, ar_meta = load_meta(av_folder), load_meta(ar_folder)
     check_pair(av_meta, ar_meta)
@@ -164,7 +170,7 @@ def round_trip_file(
     manifest = {"job": "round-trip", **_input_facts(input_path, table), "shard_size": shard_size,
                 **_checkpoint_facts("av", av_folder), **_checkpoint_facts("ar", ar_folder),
                 "baseline": resolved.value if resolved.source == "given" else None,
-                "dtype": _dtype_name(dtype), **sampling.facts()}
+                "dtype": _dtype_name(dtype), **sampling.facts(job_device)}
     with process_group(device) as world:
         @cache
         def load() -> NLA:

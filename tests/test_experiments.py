@@ -558,7 +558,7 @@ def _gemma_stand_in_base(bos_paths):
     # A base of the NLA's width and tokenizer that stops before layer K: the experiments said only "layer
     # must be an int in 0..1", not that the base is the wrong one.
     (lambda paths: nl.load_base(save_base_model(paths["gemma_av"].parent / "two_block_base", n_layers=2)),
-     f"the base model has 2 blocks, but this NLA reads layer {LAYER}"),
+     rf"the base model has 2 blocks \(0-1\), but this NLA reads layer {LAYER}"),
 ], ids=["another-width", "another-family", "too-few-blocks"])
 def test_a_base_model_the_nla_cannot_read_is_refused_before_it_runs(nla, bos_paths, run, other_base, message,
                                                                     monkeypatch):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -241,6 +242,20 @@ def test_a_damaged_weight_index_is_a_checkpoint_error(tiny_paths, tmp_path, weig
     folder = shutil.copytree(tiny_paths["av_karvonen"], tmp_path / "av")
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     with pytest.raises(nl.CheckpointError, match=f"index.json {match}: .* download it again"):
+        nl.ActivationVerbalizer.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("outside", ["../elsewhere/model.safetensors", "absolute"])
+def test_a_weight_index_naming_a_file_outside_the_checkpoint_is_refused(tiny_paths, tmp_path, outside):
+    """An index could make a load read any safetensors file on the machine (`../x`, an absolute path)."""
+    folder = shutil.copytree(tiny_paths["av_karvonen"], tmp_path / "av")
+    (tmp_path / "elsewhere").mkdir()
+    target = (folder / "model.safetensors").rename(tmp_path / "elsewhere" / "model.safetensors")
+    name = str(target) if outside == "absolute" else outside
+    weight_map = dict.fromkeys(load_file(str(target)), name)
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    message = f"index.json names {re.escape(repr(name))}, a file outside {re.escape(str(folder))}: .* own folder"
+    with pytest.raises(nl.CheckpointError, match=message):
         nl.ActivationVerbalizer.from_pretrained(folder)
 
 

@@ -107,7 +107,7 @@ def test_a_card_with_no_position_left_after_skip_first_is_refused_as_residual_st
 @NEEDS_SAE_LENS
 def test_sae_helpers_name_arguments_of_the_wrong_kind_or_order(toy):
     sae = make_sae(128, 32, f"blocks.{toy.av.meta.layer}.hook_resid_post")
-    with pytest.raises(nl.InputError, match=r"layer must be an int in 0\.\.\d+ \(the model's \d+ blocks\), got 99"):
+    with pytest.raises(nl.InputError, match=r"layer must be an int indexing the model's \d+ blocks \(0-\d+\), got 99"):
         nl.residual_stats(toy.base, TOY_TEXTS, 99)
     with pytest.raises(nl.InputError, match="offset must be a ResidualStats.*got Tensor"):
         nl.verbalize_sae_features(toy.av, sae, [1], offset=torch.randn(128))

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 import nla_lens as nl
 from nla_lens import shard_store, sharded
 from nla_lens.cli import main
+from nla_lens.distributed import World, device_for
 from nla_lens.sharded import Sampling
 from nla_lens.toy.demo import TOY_DIR
 from nla_lens.toy.evaluate import HELDOUT_FILE, MIN_CONTEXT, ToyNLA
@@ -90,6 +91,16 @@ def test_two_torchrun_ranks_score_the_round_trip_as_one_process_and_nla(toy_vect
     assert summary["fve"] == pytest.approx(reference.fve, abs=1e-6)
     assert torch.allclose(torch.tensor(two.column("mse").to_numpy()), reference.mse, atol=1e-6)
     assert two.column("explanation").to_pylist() == reference.explanations
+
+
+def test_an_explicit_gpu_index_under_torchrun_is_refused_and_cuda_means_each_ranks_own():
+    """`cuda:1` under torchrun put every rank on GPU 1."""
+    with pytest.raises(nl.ConfigError, match=r"'cuda:1' with 2 torchrun processes puts every rank on GPU 1: pass "
+                                             r"'cuda'.*cuda:LOCAL_RANK"):
+        device_for(World(rank=1, world_size=2, local_rank=1), "cuda:1")
+    assert device_for(World(rank=1, world_size=2, local_rank=1), "cuda") == torch.device("cuda:1")
+    assert device_for(World(), "cuda:1") == torch.device("cuda:1")
+    assert device_for(World(rank=1, world_size=2, local_rank=1), "cpu") == torch.device("cpu")
 
 
 def test_a_killed_run_resumes_with_only_the_missing_shards(tiny_paths, input_file, tmp_path, monkeypatch):
@@ -198,6 +209,40 @@ def test_a_rerun_with_other_settings_names_them(tiny_paths, input_file, tmp_path
                                progress=False)
     with pytest.raises(nl.ConfigError, match="shard_size"):
         sharded.verbalize_file(av, input_file, out, sampling=GREEDY, shard_size=4, progress=False)
+
+
+@pytest.mark.parametrize(("device", "kind"), [("cpu", "cpu"), ("cuda", "cuda"), ("cuda:1", "cuda"), ("mps", "mps")])
+def test_the_manifest_records_the_device_type_and_off_the_cpu_a_greedy_jobs_batch_size(device, kind):
+    """Greedy rows were proven batch-invariant bit for bit on the CPU only: on a GPU in bf16 a resume with
+    another batch size or on another device type could merge rows that differ."""
+    facts = Sampling(max_new_tokens=8, batch_size=5).facts(torch.device(device))
+    assert facts["device"] == kind
+    assert facts.get("batch_size") == (None if kind == "cpu" else 5)
+    assert Sampling(temperature=1.0, batch_size=5).facts(torch.device(device))["batch_size"] == 5
+
+
+def test_a_manifest_of_an_older_version_resumes_on_the_cpu_and_is_refused_on_a_gpu(tiny_paths, input_file, tmp_path):
+    """Manifests written before the device was recorded lack the key: those jobs are read as CPU jobs."""
+    av, out = tiny_paths["av_karvonen"], tmp_path / "out.parquet"
+    sharded.verbalize_file(av, input_file, out, sampling=GREEDY, shard_size=SHARD_SIZE, shards=[0], progress=False)
+    folder = shard_store.shard_folder(out)
+    manifest = json.loads((folder / shard_store.MANIFEST).read_text())
+    assert manifest["device"] == "cpu" and "batch_size" not in manifest
+    del manifest["device"]
+    (folder / shard_store.MANIFEST).write_text(json.dumps(manifest))
+    on_gpu = {**manifest, **GREEDY.facts(torch.device("cuda"))}
+    with pytest.raises(nl.ConfigError, match=r"\(batch_size: not recorded -> 32, device: not recorded \(an older "
+                                             r"nla_lens; read as 'cpu'\) -> 'cuda'\)\. Pick another --output"):
+        shard_store.check_manifest(folder, on_gpu)
+    result = sharded.verbalize_file(av, input_file, out, sampling=GREEDY, shard_size=SHARD_SIZE, progress=False)
+    assert result.computed == [1, 2, 3] and result.table.num_rows == N_ROWS
+
+
+def test_a_greedy_job_resumed_on_the_cpu_names_the_gpu_settings_it_lacks(tmp_path):
+    recorded = {"job": "verbalize", **GREEDY.facts(torch.device("cuda:0"))}
+    shard_store.save_shard(tmp_path, 0, pa.table({"index": [0]}), recorded)
+    with pytest.raises(nl.ConfigError, match=r"\(batch_size: 32 -> not used, device: 'cuda' -> 'cpu'\)"):
+        shard_store.check_manifest(tmp_path, {"job": "verbalize", **GREEDY.facts(torch.device("cpu"))})
 
 
 def test_an_input_whose_carried_columns_changed_is_not_resumed(tiny_paths, rows, tmp_path):

@@ -364,8 +364,8 @@ def test_extract_refuses_a_layer_the_base_model_lacks_before_its_weights_load(tm
     assert main(["extract", _write(tmp_path / "extract.yaml", {
         "base_model": str(base_folder), "corpus": str(corpus), "out_dir": str(tmp_path / "acts"),
         "extract": {**dataclasses.asdict(extract_config), "layer": 4}})]) == 2
-    assert (f"ConfigError: extract.layer 4 is outside base_model {base_folder}'s 4 blocks; set it to a block index "
-            "in 0..3") in capsys.readouterr().err
+    assert (f"ConfigError: extract.layer 4 is outside base_model {base_folder}'s 4 blocks (0-3); set it to one of "
+            "those indices") in capsys.readouterr().err
     assert not (tmp_path / "acts").exists()
 
 
@@ -418,11 +418,12 @@ def _fake_extraction(tmp_path: Path, dataset_meta) -> dict:
     ("train-av", {"injection": "embedding", "injection_scale": 50.0, "hook_point": "embed"},
      "hook_point: hook point 'embed' does not exist in this model"),
     ("train-av", {"train": {"trainable_blocks": [2, 4]}},
-     "train.trainable_blocks: [2, 4] names block(s) [4], but the AV trains all 4 blocks of base_model {base}; use "
-     "indices in 0..3 (null: every block)"),
+     "train.trainable_blocks: [2, 4] names block(s) [4], but the AV trains the 4 blocks (0-3) of base_model {base}; "
+     "use indices among those (null: every block)"),
     ("train-ar", {"train": {"trainable_blocks": [-1, 2, 3]}},
-     f"train.trainable_blocks: [-1, 2, 3] names block(s) [-1, 3], but the AR trains the first {LAYER + 1} blocks of "
-     f"base_model {{base}} (the activations are layer {LAYER}'s); use indices in 0..{LAYER} (null: every block)"),
+     f"train.trainable_blocks: [-1, 2, 3] names block(s) [-1, 3], but the AR trains the first K+1 = {LAYER + 1} "
+     f"blocks (0-{LAYER}) of base_model {{base}} (the activations are layer K = {LAYER}'s); use indices among those "
+     "(null: every block)"),
 ])
 def test_a_hook_point_or_trainable_block_the_base_lacks_is_refused_from_its_config_json(
         tmp_path, capsys, monkeypatch, base_folder, dataset_meta, command, setting, message):
@@ -439,14 +440,21 @@ def test_a_hook_point_or_trainable_block_the_base_lacks_is_refused_from_its_conf
 
 def test_an_injection_site_a_one_block_base_lacks_names_the_injection_key(tmp_path, capsys, monkeypatch,
                                                                           dataset_meta):
-    """With hook_point unset the method's default site (karvonen: blocks.1.hook_resid_post) is checked, and named."""
+    """With hook_point unset the method's default site (karvonen: blocks.1.hook_resid_post) is checked, and named;
+    one block reads as one ("1 block (0)", was "1 blocks (0-0)")."""
     monkeypatch.setattr(pipeline, "load_activations", lambda *a, **k: pytest.fail("activations read"))
     monkeypatch.setattr(loading, "load_hooked_transformer", lambda *a, **k: pytest.fail("weights read"))
     base = testing.save_base_model(tmp_path / "one_block", n_layers=1)
-    config = _write(tmp_path / "av.yaml", {"base_model": str(base), **_fake_extraction(tmp_path, dataset_meta)})
+    extraction = _fake_extraction(tmp_path, dataset_meta)
+    config = _write(tmp_path / "av.yaml", {"base_model": str(base), **extraction})
     assert main(["train-av", config]) == 2
     assert (f"ConfigError: {config}: injection (hook_point unset: karvonen's default): hook point "
-            f"'blocks.1.hook_resid_post' names block 1, but {base}/config.json has 1 blocks (0-0)"
+            f"'blocks.1.hook_resid_post' names block 1, but {base}/config.json has 1 block (0); fix"
+            ) in capsys.readouterr().err
+    config = _write(tmp_path / "av.yaml", {"base_model": str(base), "hook_point": "blocks.0.hook_resid_post",
+                                           "train": {"trainable_blocks": [1]}, **extraction})
+    assert main(["train-av", config]) == 2
+    assert (f"names block(s) [1], but the AV trains the 1 block (0) of base_model {base}; use indices among those"
             ) in capsys.readouterr().err
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from nla_lens import backends, loading
-from nla_lens.checks import resolve_device
+from nla_lens.checks import blocks_phrase, resolve_device
 from nla_lens.distributed import World
 from nla_lens.errors import CheckpointError, ConfigError, InjectionError
 from nla_lens.sidecar import SIDECAR_NAME, InjectionSpec, load_meta
@@ -81,19 +81,19 @@ def check_base_bounds(config: SFTRunConfig, folder: Path, path: str) -> None:
             loading.check_hook_point(folder, hook_point, backend="hooked")
         except InjectionError as exc:
             raise ConfigError(f"{path}: {key}: {exc}") from exc
-        trained = f"the AV trains all {n_layers} blocks of base_model {config.base_model}"
+        trained = f"the AV trains the {blocks_phrase(n_layers)} of base_model {config.base_model}"
     else:
         # The AR is the first K+1 blocks, K from the extraction's sidecar (a small file, not the shards).
         dataset = load_meta(config.activations) if (Path(config.activations) / SIDECAR_NAME).is_file() else None
         if dataset is None or dataset.kind != "nla_dataset":  # not an extraction: reading the activations says so
             return
         n_layers = dataset.layer + 1
-        trained = (f"the AR trains the first {n_layers} blocks of base_model {config.base_model} (the activations "
-                   f"are layer {dataset.layer}'s)")
+        trained = (f"the AR trains the first K+1 = {blocks_phrase(n_layers)} of base_model {config.base_model} (the "
+                   f"activations are layer K = {dataset.layer}'s)")
     outside = blocks_outside(config.train.trainable_blocks, n_layers)
     if outside:
         raise ConfigError(f"{path}: train.trainable_blocks: {config.train.trainable_blocks} names block(s) {outside}, "
-                          f"but {trained}; use indices in 0..{n_layers - 1} (null: every block)")
+                          f"but {trained}; use indices among those (null: every block)")
 
 
 def add_extract(subparsers: argparse._SubParsersAction) -> None:

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from nla_lens import backends, loading
+from nla_lens.checks import blocks_phrase
 from nla_lens.errors import ConfigError, InputError, SidecarError, TokenizerDriftError
 from nla_lens.sidecar import (
     SIDECAR_NAME,
@@ -162,7 +163,7 @@ def extract_activations(
     """
     backends.require_hooked("training", model)
     if not 0 <= config.layer < model.cfg.n_layers:
-        raise ConfigError(f"layer {config.layer} is outside the model's {model.cfg.n_layers} blocks")
+        raise ConfigError(f"layer {config.layer} is outside the model's {blocks_phrase(model.cfg.n_layers)}")
     if config.max_tokens > model.cfg.n_ctx:
         raise ConfigError(f"max_tokens={config.max_tokens} is over the base model's context n_ctx={model.cfg.n_ctx}; "
                           f"set max_tokens <= {model.cfg.n_ctx}")

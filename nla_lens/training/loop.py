@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from nla_lens.checks import blocks_phrase
 from nla_lens.distributed import World
 from nla_lens.errors import CheckpointError, ConfigError
 from nla_lens.training import parallel
@@ -95,7 +96,7 @@ def select_trainable(modules: dict[str, nn.Module], trainable_blocks: list[int] 
     """
     n_layers = modules["model"].cfg.n_layers
     if blocks_outside(trainable_blocks, n_layers):
-        raise ConfigError(f"trainable_blocks {trainable_blocks} must index the model's {n_layers} blocks")
+        raise ConfigError(f"trainable_blocks {trainable_blocks} must index the model's {blocks_phrase(n_layers)}")
     params = {}
     for module_name, module in modules.items():
         for name, param in module.named_parameters():

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from nla_lens import backends, loading, metrics
+from nla_lens.checks import blocks_phrase
 from nla_lens.distributed import World, device_for, process_group
 from nla_lens.errors import ConfigError, InputError
 from nla_lens.nla import check_pair, check_vocabularies
@@ -68,7 +69,7 @@ def run_extract(config: ExtractRunConfig, *, progress: bool = True) -> Path:
     n_layers = getattr(loading.load_hf_config(folder).get_text_config(), "num_hidden_layers", None)
     if n_layers is not None and config.extract.layer >= n_layers:  # from config.json: before the weights load
         raise ConfigError(f"extract.layer {config.extract.layer} is outside base_model {config.base_model}'s "
-                          f"{n_layers} blocks; set it to a block index in 0..{n_layers - 1}")
+                          f"{blocks_phrase(n_layers)}; set it to one of those indices")
     tokenizer = loading.load_tokenizer(folder)
     model = loading.load_hooked_transformer(folder, tokenizer, dtype=config_dtype(config.dtype), device=config.device)
     return extract_activations(model, tokenizer, read_corpus(config.corpus), config.out_dir, config.extract,
