@@ -123,8 +123,8 @@ def _add_job_flags(parser: argparse.ArgumentParser) -> None:
                         help="seed for sampling at temperature > 0; each shard derives its own from it (default 0)")
     parser.add_argument("--batch-size", type=int, default=32, help="vectors per AV batch (default 32)")
     parser.add_argument("--device", default="cpu",
-                        help="torch device; cuda under torchrun means cuda:LOCAL_RANK, and cuda:N is refused "
-                             "there (default cpu)")
+                        help="torch device; cuda under torchrun means cuda:LOCAL_RANK (cuda:0 where each rank sees "
+                             "one GPU), and cuda:N is refused there (default cpu)")
     _add_dtype_flag(parser)
 
 

@@ -52,14 +52,16 @@ class World:
 
 
 def device_for(world: World, device: str | torch.device) -> torch.device:
-    """`cuda` means this rank's own GPU (`cuda:LOCAL_RANK`); anything else is used as given. `cuda:N` is refused
-    with more than one process: every rank would load onto GPU N."""
+    """`cuda` means this rank's own GPU: `cuda:LOCAL_RANK`, or `cuda:0` where the launcher shows each rank one
+    GPU (SLURM's `--gpus-per-task=1`). `cuda:N` is refused with more than one process where several GPUs are
+    visible: every rank would load onto GPU N."""
     device = torch.device(device)
     if device.type != "cuda":
         return device
+    visible = torch.cuda.device_count()
     if device.index is None:
-        return torch.device("cuda", world.local_rank)
-    if world.is_distributed:
+        return torch.device("cuda", 0 if visible == 1 else world.local_rank)
+    if world.is_distributed and visible > 1:
         raise ConfigError(f"device {str(device)!r} with {world.world_size} torchrun processes puts every rank on GPU "
                           f"{device.index}: pass 'cuda' (each rank then takes cuda:LOCAL_RANK, its own GPU), or run "
                           f"one process to use {device}")

@@ -93,14 +93,25 @@ def test_two_torchrun_ranks_score_the_round_trip_as_one_process_and_nla(toy_vect
     assert two.column("explanation").to_pylist() == reference.explanations
 
 
-def test_an_explicit_gpu_index_under_torchrun_is_refused_and_cuda_means_each_ranks_own():
-    """`cuda:1` under torchrun put every rank on GPU 1."""
+def test_an_explicit_gpu_index_under_torchrun_is_refused_and_cuda_means_each_ranks_own(monkeypatch):
+    """`cuda:1` under torchrun put every rank on GPU 1 (no GPU is needed: only the device count is read)."""
+    rank1 = World(rank=1, world_size=2, local_rank=1)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
     with pytest.raises(nl.ConfigError, match=r"'cuda:1' with 2 torchrun processes puts every rank on GPU 1: pass "
                                              r"'cuda'.*cuda:LOCAL_RANK"):
-        device_for(World(rank=1, world_size=2, local_rank=1), "cuda:1")
-    assert device_for(World(rank=1, world_size=2, local_rank=1), "cuda") == torch.device("cuda:1")
+        device_for(rank1, "cuda:1")
+    assert device_for(rank1, "cuda") == torch.device("cuda:1")
     assert device_for(World(), "cuda:1") == torch.device("cuda:1")
-    assert device_for(World(rank=1, world_size=2, local_rank=1), "cpu") == torch.device("cpu")
+    assert device_for(rank1, "cpu") == torch.device("cpu")
+
+
+def test_a_rank_shown_one_gpu_takes_it_whatever_its_local_rank(monkeypatch):
+    """A launcher that shows each rank only its own GPU (SLURM's --gpus-per-task=1) numbers it cuda:0 in
+    every rank: `cuda` must not ask for cuda:LOCAL_RANK there, and `cuda:0` is that rank's own GPU."""
+    rank3 = World(rank=3, world_size=4, local_rank=3)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert device_for(rank3, "cuda") == torch.device("cuda:0")
+    assert device_for(rank3, "cuda:0") == torch.device("cuda:0")
 
 
 def test_a_killed_run_resumes_with_only_the_missing_shards(tiny_paths, input_file, tmp_path, monkeypatch):
