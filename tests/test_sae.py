@@ -235,6 +235,21 @@ def test_residual_stats_merged_text_by_text_match_the_stats_of_all_positions_at_
         RunningMoments().stats(LAYER)
 
 
+def held_outputs(monkeypatch, owner: object, name: str) -> list[int]:
+    """Spy on `owner.name`: at each call, how many outputs of its earlier calls are still alive (weak references)."""
+    made, held = [], []
+    real = getattr(owner, name)
+
+    def spy(*args, **kwargs):
+        held.append(sum(ref() is not None for ref in made))
+        out = real(*args, **kwargs)
+        made.append(weakref.ref(out))
+        return out
+
+    monkeypatch.setattr(owner, name, spy)
+    return held
+
+
 @NEEDS_SAE_LENS
 def test_residual_stats_hold_one_texts_residuals_at_a_time(base, monkeypatch):
     """It concatenated the residual of every position before keeping a d_model mean and one number
@@ -243,16 +258,7 @@ def test_residual_stats_hold_one_texts_residuals_at_a_time(base, monkeypatch):
 
     texts = ["The cat sat on the mat.", "A dog ran.", "The cat sat", "A dog ran far away from home."]
     reference = nl.residual_stats(base, texts, LAYER)
-    computed, held = [], []  # weak references to each text's residuals; how many earlier ones live at each run
-    read = sae.text_resid_post
-
-    def spy(model, tokens, layer):
-        held.append(sum(ref() is not None for ref in computed))
-        resid = read(model, tokens, layer)
-        computed.append(weakref.ref(resid))
-        return resid
-
-    monkeypatch.setattr(sae, "text_resid_post", spy)
+    held = held_outputs(monkeypatch, sae, "text_resid_post")
     stats = nl.residual_stats(base, (text for text in texts), LAYER)
     assert len(held) == len(texts) and max(held) <= 1  # at most the previous text's, still bound to the loop
     assert torch.equal(stats.mean, reference.mean) and stats.spread == reference.spread and stats.n == reference.n
@@ -549,16 +555,7 @@ def test_feature_card_scan_holds_one_texts_residuals_at_a_time(toy, monkeypatch)
     layer = toy.av.meta.layer
     sae = make_sae(128, 32, f"blocks.{layer}.hook_resid_post")
     reference = nl.feature_card(sae, toy.base, TOY_TEXTS, 9, toy.av, k=3, max_new_tokens=8, progress=False)
-    computed, held = [], []  # weak references to each text's residuals; how many earlier ones live at each run
-    read = sae_module.text_resid_post
-
-    def spy(model, tokens, layer):
-        held.append(sum(ref() is not None for ref in computed))
-        resid = read(model, tokens, layer)
-        computed.append(weakref.ref(resid))
-        return resid
-
-    monkeypatch.setattr(sae_module, "text_resid_post", spy)
+    held = held_outputs(monkeypatch, sae_module, "text_resid_post")
     card = nl.feature_card(sae, toy.base, TOY_TEXTS, 9, toy.av, k=3, max_new_tokens=8, progress=False)
     assert len(held) == len(TOY_TEXTS) and max(held) <= 1  # at most the previous text's, still bound to the loop
     assert [(c.text, c.position, c.activation) for c in card.contexts] == [
