@@ -160,8 +160,9 @@ def feature_card(
         # One text's residuals at a time: the card keeps only the feature's activations of each.
         for ids, resid in each_text_residuals(base, texts, av.meta.layer, hook_name=scanned_hook):
             acts = sae.encode(resid.to(sae.W_dec.device, sae.W_dec.dtype))
-            # TopK training SAEs with use_sparse_activations encode to a sparse COO tensor.
-            acts = (acts.to_dense() if acts.is_sparse else acts)[:, feature].float().cpu()
+            # TopK training SAEs with use_sparse_activations encode to a sparse COO tensor. A copy, not a view of
+            # column `feature`: a view would keep this text's whole [pos, d_sae] encoding alive in per_text.
+            acts = (acts.to_dense() if acts.is_sparse else acts)[:, feature].to("cpu", torch.float32, copy=True)
             skip = skipped(base.tokenizer, ids, skip_first)
             if acts[skip:].isnan().any():  # NaN below marks what skip_first left out: the card would drop these
                 raise VectorError(_nan_activations(sae, feature, len(per_text), resid))

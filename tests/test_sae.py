@@ -7,7 +7,6 @@ import html
 import json
 import math
 import re
-import weakref
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,7 @@ import pytest
 import torch
 from base_batches import no_hooks_left
 from conftest import D_MODEL, HAS_SAE_LENS, LAYER, TL4, make_sae
+from torch.multiprocessing.reductions import StorageWeakRef
 
 import nla_lens as nl
 from nla_lens import backends
@@ -236,14 +236,15 @@ def test_residual_stats_merged_text_by_text_match_the_stats_of_all_positions_at_
 
 
 def held_outputs(monkeypatch, owner: object, name: str) -> list[int]:
-    """Spy on `owner.name`: at each call, how many outputs of its earlier calls are still alive (weak references)."""
+    """Spy on `owner.name`, which returns a tensor: at each call, how many earlier calls' outputs still hold their
+    memory. Their storage is watched, not the tensor: a view (of an inference tensor, without a `_base`) holds it."""
     made, held = [], []
     real = getattr(owner, name)
 
     def spy(*args, **kwargs):
-        held.append(sum(ref() is not None for ref in made))
+        held.append(sum(not ref.expired() for ref in made))
         out = real(*args, **kwargs)
-        made.append(weakref.ref(out))
+        made.append(StorageWeakRef(out.untyped_storage()))
         return out
 
     monkeypatch.setattr(owner, name, spy)
@@ -549,15 +550,19 @@ def test_feature_card_shows_the_strongest_contexts_next_to_the_explanation(toy, 
 @NEEDS_SAE_LENS
 def test_feature_card_scan_holds_one_texts_residuals_at_a_time(toy, monkeypatch):
     """The scan read every text's residuals into a list before encoding any; it keeps one [pos] row of
-    the feature's activations per text, so one text's residuals at a time is all it needs."""
+    the feature's activations per text, so one text's residuals at a time is all it needs, and of each text's
+    [pos, d_sae] encoding only that row (a view of it held the whole encoding)."""
     from nla_lens import sae as sae_module
 
     layer = toy.av.meta.layer
     sae = make_sae(128, 32, f"blocks.{layer}.hook_resid_post")
     reference = nl.feature_card(sae, toy.base, TOY_TEXTS, 9, toy.av, k=3, max_new_tokens=8, progress=False)
     held = held_outputs(monkeypatch, sae_module, "text_resid_post")
+    encoded = held_outputs(monkeypatch, sae, "encode")
     card = nl.feature_card(sae, toy.base, TOY_TEXTS, 9, toy.av, k=3, max_new_tokens=8, progress=False)
     assert len(held) == len(TOY_TEXTS) and max(held) <= 1  # at most the previous text's, still bound to the loop
+    # The [pos] row kept per text is a copy: a view of column `feature` held every text's [pos, d_sae] encoding.
+    assert encoded == [0] * len(TOY_TEXTS)
     assert [(c.text, c.position, c.activation) for c in card.contexts] == [
         (c.text, c.position, c.activation) for c in reference.contexts]
 
