@@ -20,7 +20,7 @@ import struct
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path, PurePath
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, BinaryIO, Literal
 
 import torch
@@ -440,12 +440,20 @@ def weight_index(folder: Path) -> dict[str, Any] | None:
         found = "no tensor" if not files else f"{wrong[0]!r} as a file"
         raise CheckpointError(f"{path} names {found}: its weight_map must give each tensor the name of the "
                               "safetensors file that holds it. The index is damaged; download it again")
-    outside = [file for file in files if PurePath(file).is_absolute() or ".." in PurePath(file).parts]
+    outside = [file for file in files if _leaves_folder(file)]
     if outside:  # a checkpoint is read as untrusted input: it names files, never a path elsewhere on the machine
         raise CheckpointError(f"{path} names {outside[0]!r}, a file outside {folder}: nla_lens reads a checkpoint's "
                               "weights from its own folder only. Put the weight files in the folder and name them "
                               "there (model-00001-of-00002.safetensors), or download the checkpoint again")
     return index
+
+
+def _leaves_folder(name: str) -> bool:
+    """A weight_map name that points outside its folder by POSIX or by Windows rules: a root or drive (`/x`, `\\x`,
+    `C:x`, `\\\\server\\share\\x`) or a `..` part. Checked by both on every OS: on Windows `\\x` is not
+    `is_absolute()` yet joins to the drive's root, and a checkpoint should load, or be refused, alike everywhere.
+    Lexical only: a weight file that is a symlink (the HF cache's snapshots link into blobs/) is read as usual."""
+    return any(path.anchor or ".." in path.parts for path in (PurePosixPath(name), PureWindowsPath(name)))
 
 
 def _weight_files(folder: Path) -> list[Path]:

@@ -245,9 +245,12 @@ def test_a_damaged_weight_index_is_a_checkpoint_error(tiny_paths, tmp_path, weig
         nl.ActivationVerbalizer.from_pretrained(folder)
 
 
-@pytest.mark.parametrize("outside", ["../elsewhere/model.safetensors", "absolute"])
+@pytest.mark.parametrize("outside", ["../elsewhere/model.safetensors", "absolute", "..\\elsewhere\\model.safetensors",
+                                     "\\elsewhere\\model.safetensors", "C:model.safetensors"])
 def test_a_weight_index_naming_a_file_outside_the_checkpoint_is_refused(tiny_paths, tmp_path, outside):
-    """An index could make a load read any safetensors file on the machine (`../x`, an absolute path)."""
+    """An index could make a load read any safetensors file on the machine (`../x`, an absolute path). Names that
+    leave the folder on Windows only (`..\\x`, `\\x` on the current drive, `C:x` in drive C's working directory;
+    there `\\x` is not `is_absolute()`) are refused on every OS, so a checkpoint loads alike everywhere."""
     folder = shutil.copytree(tiny_paths["av_karvonen"], tmp_path / "av")
     (tmp_path / "elsewhere").mkdir()
     target = (folder / "model.safetensors").rename(tmp_path / "elsewhere" / "model.safetensors")
