@@ -522,7 +522,10 @@ def _read_saved(path: Path) -> dict[str, Any]:
     not_ours = f"{path} is not a file WordSteering.save_vectors wrote"
     try:
         with safe_open(str(path), "pt") as file:
-            saved: dict[str, Any] = {**(file.metadata() or {}), **{name: file.get_tensor(name) for name in file.keys()}}
+            # Settings only from the text metadata and tensors only by their names: neither can stand in for the other.
+            metadata = file.metadata() or {}
+            saved: dict[str, Any] = {**{name: metadata[name] for name in _SAVED_SETTINGS if name in metadata},
+                                     **{name: file.get_tensor(name) for name in _SAVED_TENSORS if name in file.keys()}}
     except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types on a damaged file
         raise InputError(f"{not_ours}: it cannot be read as .safetensors ({type(exc).__name__}); is it corrupt "
                          "or of another format?") from exc

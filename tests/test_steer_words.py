@@ -616,3 +616,10 @@ def test_a_saved_file_whose_hook_name_is_not_its_layers_residual_is_refused(base
         save_file(tensors, str(other), metadata={**metadata, "layer": layer})
         with pytest.raises(nl.InputError, match="layer, alpha or token_shape does not parse"):
             nl.WordSteering.fwd_hooks_from(other)
+    # A tensor named like a setting is not the setting (it shadowed the metadata: AttributeError on .isdigit()).
+    save_file({**tensors, "layer": torch.tensor([LAYER])}, str(other), metadata=metadata)
+    assert len(nl.WordSteering.fwd_hooks_from(other)) == 1
+    without_layer = {k: v for k, v in metadata.items() if k != "layer"}
+    save_file({**tensors, "layer": torch.tensor([LAYER])}, str(other), metadata=without_layer)
+    with pytest.raises(nl.InputError, match=r"it lacks \['layer'\]"):
+        nl.WordSteering.fwd_hooks_from(other)
