@@ -32,6 +32,12 @@ from nla_lens.vector_files import VectorTable, check_output, json_text, read_inp
 from nla_lens.verbalizer import ActivationVerbalizer, Verbalization
 
 
+def batches_matter(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether greedy rows (and the AR's scores) may change with the batch size. They were proven identical at
+    every batch size on the CPU in float32 only; a GPU's kernels, or bf16 anywhere, may round otherwise."""
+    return not (device.type == "cpu" and dtype == torch.float32)
+
+
 @dataclass(frozen=True)
 class Sampling:
     """How the AV decodes. With temperature > 0 each shard samples from its own seeded generator."""
@@ -45,15 +51,15 @@ class Sampling:
     def __post_init__(self) -> None:
         check_sampling(self.temperature, self.top_p, self.max_new_tokens, self.batch_size, self.seed)
 
-    def facts(self, device: torch.device) -> dict[str, Any]:
-        """The settings a finished shard depends on on `device`, as the manifest's JSON holds them: a numpy float32
-        or tensor setting as its float, a numpy seed as its int. Greedy rows depend on neither seed nor batching
-        on the CPU (bit for bit); a GPU's kernels may change with the batch size, in bf16 visibly."""
+    def facts(self, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+        """The settings a finished shard depends on, as the manifest's JSON holds them: a numpy float32 or tensor
+        setting as its float, a numpy seed as its int. Greedy rows depend on the batch size only where
+        `batches_matter`."""
         facts: dict[str, Any] = {"device": device.type, "max_new_tokens": self.max_new_tokens,
                                  "temperature": float(self.temperature)}
         if self.temperature > 0:
             facts |= {"top_p": float(self.top_p), "seed": int(self.seed)}
-        if self.temperature > 0 or device.type != "cpu":
+        if self.temperature > 0 or batches_matter(device, dtype):
             facts["batch_size"] = self.batch_size
         return facts
 
@@ -126,12 +132,13 @@ def verbalize_file(
     """
     input_path, output = Path(input_path), Path(output)
     _check_paths(input_path, output)
-    job_device = resolve_device(device)
+    job_device, job_dtype = resolve_device(device), resolve_dtype(dtype)
     av_folder = loading.resolve_checkpoint(av)
     av_meta = load_meta(av_folder)
     table = _read(input_path, column, av_meta)
     manifest = {"job": "verbalize", **_input_facts(input_path, table), "shard_size": shard_size,
-                **_checkpoint_facts("av", av_folder), "dtype": _dtype_name(dtype), **sampling.facts(job_device)}
+                **_checkpoint_facts("av", av_folder), "dtype": _dtype_name(dtype),
+                **sampling.facts(job_device, job_dtype)}
     with process_group(device) as world:
         @cache
         def load() -> ActivationVerbalizer:
@@ -159,7 +166,7 @@ def round_trip_file(
     input_path, output = Path(input_path), Path(output)
     _check_paths(input_path, output)
     check_counts(1, reconstruct_batch_size=reconstruct_batch_size)
-    job_device = resolve_device(device)
+    job_device, job_dtype = resolve_device(device), resolve_dtype(dtype)
     av_folder, ar_folder = loading.resolve_checkpoint(av), loading.resolve_checkpoint(ar)
     av_meta, ar_meta = load_meta(av_folder), load_meta(ar_folder)
     check_pair(av_meta, ar_meta)
@@ -170,7 +177,9 @@ def round_trip_file(
     manifest = {"job": "round-trip", **_input_facts(input_path, table), "shard_size": shard_size,
                 **_checkpoint_facts("av", av_folder), **_checkpoint_facts("ar", ar_folder),
                 "baseline": resolved.value if resolved.source == "given" else None,
-                "dtype": _dtype_name(dtype), **sampling.facts(job_device)}
+                "dtype": _dtype_name(dtype), **sampling.facts(job_device, job_dtype)}
+    if batches_matter(job_device, job_dtype):  # the AR's scores too
+        manifest["reconstruct_batch_size"] = reconstruct_batch_size
     with process_group(device) as world:
         @cache
         def load() -> NLA:

@@ -223,13 +223,28 @@ def test_a_rerun_with_other_settings_names_them(tiny_paths, input_file, tmp_path
 
 
 @pytest.mark.parametrize(("device", "kind"), [("cpu", "cpu"), ("cuda", "cuda"), ("cuda:1", "cuda"), ("mps", "mps")])
-def test_the_manifest_records_the_device_type_and_off_the_cpu_a_greedy_jobs_batch_size(device, kind):
-    """Greedy rows were proven batch-invariant bit for bit on the CPU only: on a GPU in bf16 a resume with
-    another batch size or on another device type could merge rows that differ."""
-    facts = Sampling(max_new_tokens=8, batch_size=5).facts(torch.device(device))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_manifest_records_the_device_type_and_off_the_cpu_in_float32_a_greedy_jobs_batch_size(device, kind, dtype):
+    """Greedy rows were proven batch-invariant bit for bit on the CPU in float32 only: on a GPU, or in bf16, a resume
+    with another batch size or on another device type could merge rows that differ."""
+    facts = Sampling(max_new_tokens=8, batch_size=5).facts(torch.device(device), dtype)
     assert facts["device"] == kind
-    assert facts.get("batch_size") == (None if kind == "cpu" else 5)
-    assert Sampling(temperature=1.0, batch_size=5).facts(torch.device(device))["batch_size"] == 5
+    assert facts.get("batch_size") == (None if (kind, dtype) == ("cpu", torch.float32) else 5)
+    assert Sampling(temperature=1.0, batch_size=5).facts(torch.device(device), dtype)["batch_size"] == 5
+
+
+def test_a_round_trip_in_bf16_records_both_batch_sizes(tiny_paths, input_file, tmp_path):
+    """The AR's scores, like the AV's greedy rows, may change with the batch size outside CPU float32: a bf16 job
+    resumed with another reconstruct_batch_size would merge scores rounded differently."""
+    av, ar = tiny_paths["av_karvonen"], tiny_paths["ar_nanonla"]
+    manifests = {}
+    for dtype in ("float32", "bfloat16"):
+        out = tmp_path / f"{dtype}.parquet"
+        sharded.round_trip_file(av, ar, input_file, out, sampling=GREEDY, baseline=0.5, reconstruct_batch_size=7,
+                                shard_size=SHARD_SIZE, shards=[0], dtype=dtype, progress=False)
+        manifests[dtype] = json.loads((shard_store.shard_folder(out) / shard_store.MANIFEST).read_text())
+    assert "batch_size" not in manifests["float32"] and "reconstruct_batch_size" not in manifests["float32"]
+    assert manifests["bfloat16"]["batch_size"] == 32 and manifests["bfloat16"]["reconstruct_batch_size"] == 7
 
 
 def test_a_manifest_of_an_older_version_resumes_on_the_cpu_and_is_refused_on_a_gpu(tiny_paths, input_file, tmp_path):
@@ -241,7 +256,7 @@ def test_a_manifest_of_an_older_version_resumes_on_the_cpu_and_is_refused_on_a_g
     assert manifest["device"] == "cpu" and "batch_size" not in manifest
     del manifest["device"]
     (folder / shard_store.MANIFEST).write_text(json.dumps(manifest))
-    on_gpu = {**manifest, **GREEDY.facts(torch.device("cuda"))}
+    on_gpu = {**manifest, **GREEDY.facts(torch.device("cuda"), torch.bfloat16)}
     with pytest.raises(nl.ConfigError, match=r"\(batch_size: not recorded -> 32, device: not recorded \(an older "
                                              r"nla_lens; read as 'cpu'\) -> 'cuda'\)\. Pick another --output"):
         shard_store.check_manifest(folder, on_gpu)
@@ -250,10 +265,10 @@ def test_a_manifest_of_an_older_version_resumes_on_the_cpu_and_is_refused_on_a_g
 
 
 def test_a_greedy_job_resumed_on_the_cpu_names_the_gpu_settings_it_lacks(tmp_path):
-    recorded = {"job": "verbalize", **GREEDY.facts(torch.device("cuda:0"))}
+    recorded = {"job": "verbalize", **GREEDY.facts(torch.device("cuda:0"), torch.bfloat16)}
     shard_store.save_shard(tmp_path, 0, pa.table({"index": [0]}), recorded)
     with pytest.raises(nl.ConfigError, match=r"\(batch_size: 32 -> not used, device: 'cuda' -> 'cpu'\)"):
-        shard_store.check_manifest(tmp_path, {"job": "verbalize", **GREEDY.facts(torch.device("cpu"))})
+        shard_store.check_manifest(tmp_path, {"job": "verbalize", **GREEDY.facts(torch.device("cpu"), torch.float32)})
 
 
 def test_an_input_whose_carried_columns_changed_is_not_resumed(tiny_paths, rows, tmp_path):
