@@ -85,7 +85,9 @@ def _meta_of(source: object) -> NLAMeta | None:
         return source
     if isinstance(source, (str, Path)):
         return None
-    raise InputError(f"load_base takes a folder, a hub id, or an NLA / AV / AR; got {type(source).__name__}")
+    # The bundled toy (nl.toy.load()) is not an NLA but carries its base already.
+    toy = "; it carries its base model already: use its .base" if hasattr(source, "base") else ""
+    raise InputError(f"load_base takes a folder, a hub id, or an NLA / AV / AR; got {type(source).__name__}{toy}")
 
 
 def _base_folder(source: object, meta: NLAMeta | None) -> Path:

@@ -258,6 +258,14 @@ def test_load_base_finds_the_toy_base_from_its_sidecar(toy):
     assert torch.equal(base.W_E, toy.base.W_E) and base.cfg.n_layers == toy.base.cfg.n_layers
 
 
+def test_load_base_of_the_toy_itself_points_at_its_base(toy):
+    """`nl.load_base(nl.toy.load())` is a newcomer's first guess; the toy already holds its base."""
+    with pytest.raises(nl.InputError, match=r"got ToyNLA; it carries its base model already: use its \.base"):
+        nl.load_base(toy)
+    with pytest.raises(nl.InputError, match=r"got int$"):
+        nl.load_base(3)
+
+
 def test_explain_command_prints_rows_and_writes_them(tmp_path, capsys):
     toy_dir = nl.toy.TOY_DIR
     out = tmp_path / "rows.parquet"
