@@ -60,12 +60,12 @@ def _run_inspect(args: argparse.Namespace) -> None:
 
 def _registrars() -> list[Callable[[argparse._SubParsersAction], None]]:
     from nla_lens import bench
-    from nla_lens.commands import add_explain, add_reconstruct, add_round_trip, add_verbalize
+    from nla_lens.commands import add_explain, add_reconstruct, add_round_trip, add_steer_words, add_verbalize
     from nla_lens.toy.demo import add_parser as add_demo
     from nla_lens.training.cli import add_extract, add_train_ar, add_train_av, add_train_rl
 
-    return [add_demo, add_explain, add_verbalize, add_round_trip, add_reconstruct, _add_inspect, add_extract,
-            add_train_av, add_train_ar, add_train_rl, bench.add_parser]
+    return [add_demo, add_explain, add_steer_words, add_verbalize, add_round_trip, add_reconstruct, _add_inspect,
+            add_extract, add_train_av, add_train_ar, add_train_rl, bench.add_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,12 +1,13 @@
-"""`nla-lens verbalize`, `round-trip` and `reconstruct`: the library from the shell."""
+"""`nla-lens verbalize`, `round-trip`, `reconstruct`, `explain` and `steer-words`: the library from the shell."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import torch
@@ -15,6 +16,7 @@ from nla_lens import shard_store, sharded
 from nla_lens.checks import (
     blocks_phrase,
     check_counts,
+    check_finite,
     check_input_file,
     check_output_path,
     dtype_names,
@@ -26,6 +28,10 @@ from nla_lens.distributed import World
 from nla_lens.errors import InputError, PromptTooLongError
 from nla_lens.sharded import Sampling
 from nla_lens.vector_files import OUTPUT_SUFFIXES, VectorTable, read_input, write_table, write_vectors
+
+if TYPE_CHECKING:
+    from nla_lens.backends import TLModel
+    from nla_lens.nla import NLA
 
 _VECTOR_SUFFIXES = (".safetensors", ".pt")  # what `reconstruct --output` writes
 
@@ -360,11 +366,24 @@ def _explain_texts(args: argparse.Namespace) -> list[str]:
     return texts
 
 
-def _run_explain(args: argparse.Namespace) -> None:
+def _load_nla_and_base(args: argparse.Namespace, device: torch.device) -> tuple[NLA, TLModel]:
+    """The `--av` / `--ar` pair and the base model (`--base`, else the sidecar's base_model), each folder checked
+    for its role before anything loads."""
     from nla_lens import backends, loading
     from nla_lens.base_model import load_base
-    from nla_lens.display import format_cell, visible_token
     from nla_lens.nla import NLA
+
+    _, av_meta = nla_checkpoint(args.av, "av")
+    nla_checkpoint(args.ar, "ar")
+    base_folder = None if args.base is None else base_for(args.base, av_meta, av_meta.layer)  # checked, warned once
+    nla = NLA.from_pretrained(args.av, args.ar, device=device, dtype=args.dtype)
+    if base_folder is None:
+        return nla, load_base(nla, device=device, dtype=args.dtype)
+    return nla, backends.load_model(base_folder, loading.load_tokenizer(base_folder), dtype=args.dtype, device=device)
+
+
+def _run_explain(args: argparse.Namespace) -> None:
+    from nla_lens.display import format_cell, visible_token
     from nla_lens.results import check_save_path
 
     texts = _explain_texts(args)  # every input checked before any model is loaded
@@ -372,14 +391,7 @@ def _run_explain(args: argparse.Namespace) -> None:
     if args.output is not None:
         check_save_path(args.output)
     check_counts(1, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
-    _, av_meta = nla_checkpoint(args.av, "av")
-    nla_checkpoint(args.ar, "ar")
-    base_folder = None if args.base is None else base_for(args.base, av_meta, av_meta.layer)  # checked, warned once
-    nla = NLA.from_pretrained(args.av, args.ar, device=device, dtype=args.dtype)
-    if base_folder is None:
-        base = load_base(nla, device=device, dtype=args.dtype)
-    else:
-        base = backends.load_model(base_folder, loading.load_tokenizer(base_folder), dtype=args.dtype, device=device)
+    nla, base = _load_nla_and_base(args, device)
     explanation = nla.explain(base, texts, positions=args.positions, baseline=args.baseline,
                               max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, progress=True)
     for i, text in enumerate(explanation.texts):
@@ -397,3 +409,113 @@ def _run_explain(args: argparse.Namespace) -> None:
         print(f"warning: {warning}", file=sys.stderr)
     if args.output is not None:
         print(f"wrote {explanation.save(args.output)}")
+
+
+def add_steer_words(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "steer-words", help="steer the base model by editing the AV's explanation (nl.steer_with_words)",
+        description="Steer with words: the AV explains the base model's layer-K residual at --positions of each "
+                    "text, each explanation is edited (--replace OLD NEW, or --edit-to the whole edited text), "
+                    "and the AR's reconstructions of the edited and original explanations give the steering "
+                    "Delta, added at blocks.K.hook_resid_post (--mode add; --mode replace patches in the edited "
+                    "explanation's reconstruction). Prints one row per steered site (explanation, edit, Delta's "
+                    "norm, the top next tokens with steering, KL against without) and each text's greedy "
+                    "continuation without and with it. The texts are tokenized as explain does (BOS first where "
+                    "the tokenizer has one) and left-padded into one batch with its attention mask.")
+    parser.add_argument("--av", required=True, help="the AV checkpoint folder (or a hub id in the local HF cache)")
+    parser.add_argument("--ar", required=True, help="the AR trained with this AV")
+    parser.add_argument("--base", help="the base model folder (default: the sidecar's base_model)")
+    parser.add_argument("--text", action="append", required=True, help="a text to steer (repeat for several)")
+    parser.add_argument("--positions", type=_steer_positions_arg, default=[-1],
+                        help="which tokens of every text to steer: comma-separated positions, negative from each "
+                             "text's last token (default -1, the last token); a value that starts with '-' goes "
+                             "after '=', as in --positions=-2,-1")
+    edit = parser.add_mutually_exclusive_group(required=True)
+    edit.add_argument("--replace", nargs=2, action="append", metavar=("OLD", "NEW"),
+                      help="edit every explanation by replacing OLD with NEW (repeat for several, applied in order); "
+                           "an edit that leaves an explanation unchanged is refused in add mode")
+    edit.add_argument("--edit-to", help="the edited explanation itself, used for every steered site")
+    parser.add_argument("--mode", choices=("add", "replace"), default="add",
+                        help="add: h + alpha * ||h|| * Delta / ||Delta||; replace: patch in the edited "
+                             "explanation's reconstruction at h's norm (default add)")
+    parser.add_argument("--alpha", type=float, default=1.0,
+                        help="steering strength, a fraction of the residual's own norm (default 1.0)")
+    parser.add_argument("--samples", type=int,
+                        help="explanations sampled per site, Delta averaged over them (default 1: the greedy one)")
+    parser.add_argument("--temperature", type=float,
+                        help="sampling temperature with --samples > 1 (default 1.0)")
+    parser.add_argument("--seed", type=int, help="sampling seed with --samples > 1 (default 0)")
+    parser.add_argument("--max-new-tokens", type=int, help="longest explanation (default 150)")
+    parser.add_argument("--continue-tokens", type=int, default=8,
+                        help="greedy tokens to continue each text with, without and with steering; 0 for none "
+                             "(default 8)")
+    parser.add_argument("--batch-size", type=int, default=32,
+                        help="explanations per AV batch and per AR batch (default 32)")
+    parser.add_argument("--output", type=Path, help="also write the rows to .parquet / .jsonl, or the view to .html")
+    parser.add_argument("--save-vectors", type=Path,
+                        help="write Delta and T to this .safetensors file, to steer again without the AV and AR "
+                             "(nl.WordSteering.fwd_hooks_from)")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default cpu)")
+    _add_dtype_flag(parser)
+    parser.set_defaults(run=_run_steer_words)
+
+
+def _steer_positions_arg(value: str) -> list[int]:
+    try:
+        return [int(p) for p in value.split(",")]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected positions such as -1 or 3,-1, got {value!r}") from exc
+
+
+def _word_edit(args: argparse.Namespace) -> str | Callable[[str], str]:
+    """`--edit-to` as the edited text, or `--replace` as a function of the explanation."""
+    if args.edit_to is not None:
+        return args.edit_to
+    empty = [new for old, new in args.replace if not old]
+    if empty:  # str.replace("", new) writes new between every two characters
+        raise InputError(f"--replace '' {empty[0]!r}: OLD is empty; give the words of the explanation to replace")
+    pairs = list(args.replace)
+
+    def edit(explanation: str) -> str:
+        for old, new in pairs:
+            explanation = explanation.replace(old, new)
+        return explanation
+
+    return edit
+
+
+def _run_steer_words(args: argparse.Namespace) -> None:
+    from nla_lens.display import format_cell
+    from nla_lens.results import check_save_path
+    from nla_lens.sidecar import text_ids
+    from nla_lens.steer_words import _sampling, steer_with_words
+    from nla_lens.training.padding import pad
+
+    if not all(text.strip() for text in args.text):
+        raise InputError("--text is empty; give the texts whose tokens to steer")
+    edit = _word_edit(args)
+    device = resolve_device(args.device)
+    if args.output is not None:
+        check_save_path(args.output)
+    if args.save_vectors is not None:
+        check_output_path(args.save_vectors, (".safetensors",), "--save-vectors")
+    # The library's own checks of these settings, run before the models load; steer_with_words runs them again.
+    _sampling(None, args.samples, args.temperature, args.seed, args.max_new_tokens, args.batch_size)
+    check_finite(alpha=args.alpha)
+    check_counts(0, continue_tokens=args.continue_tokens)
+    nla, base = _load_nla_and_base(args, device)
+    # One left-padded batch with its mask: steer_with_words counts negative positions from each row's last real token.
+    tokens, mask = pad([text_ids(base.tokenizer, text) for text in args.text], base.tokenizer.pad_token_id, "left")
+    result = steer_with_words(nla, base, tokens.to(device), args.positions, edit=edit, alpha=args.alpha,
+                              mode=args.mode, samples=args.samples, temperature=args.temperature, seed=args.seed,
+                              attention_mask=mask.to(device), continue_tokens=args.continue_tokens,
+                              max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    for i, text in enumerate(args.text):
+        print(f"[{i}] {format_cell(text)}")
+    print(result)
+    for i, (clean, steered) in enumerate(result.continuations or []):
+        print(f"[{i}] clean:   {format_cell(clean)}\n[{i}] steered: {format_cell(steered)}")
+    if args.output is not None:
+        print(f"wrote {result.save(args.output)}")
+    if args.save_vectors is not None:
+        print(f"wrote {result.save_vectors(args.save_vectors)}")

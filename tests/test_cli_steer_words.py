@@ -1,0 +1,134 @@
+"""`nla-lens steer-words`: a thin layer over `nl.steer_with_words` on the bundled toy; wrong input exits 2."""
+
+from __future__ import annotations
+
+import math
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import nla_lens as nl
+from nla_lens import backends
+from nla_lens.cli import main
+
+AV, AR = str(nl.toy.TOY_DIR / "av"), str(nl.toy.TOY_DIR / "ar")
+TEXTS = ["Romeo: I will not hear you, for I am", "Thou art a villain"]  # 11 and 5 tokens: one row is padded
+
+
+@pytest.fixture(scope="module")
+def toy():
+    """The toy pair and its base as the command loads them: from the folders, the base from the AV's sidecar."""
+    nla = nl.NLA.from_pretrained(AV, AR)
+    return nla, nl.load_base(nla)
+
+
+@pytest.fixture()
+def no_model_loads(monkeypatch):
+    """Any model load fails the test: these checks must come first."""
+    def tripwire(*args, **kwargs):
+        raise AssertionError("a model was loaded before the bad input was reported")
+
+    for owner, name in [(nl.ActivationVerbalizer, "from_pretrained"), (nl.ActivationReconstructor, "from_pretrained"),
+                        (backends, "load_model")]:
+        monkeypatch.setattr(owner, name, tripwire)
+
+
+def _edit(pairs):
+    def edit(text):
+        for old, new in pairs:
+            text = text.replace(old, new)
+        return text
+    return edit
+
+
+@pytest.mark.parametrize("flags, kwargs", [
+    (["--replace", "predicting", "foretelling", "--replace", "token", "word", "--positions=-2,-1"],
+     {"edit": _edit([("predicting", "foretelling"), ("token", "word")]), "positions": [-2, -1]}),
+    (["--edit-to", 'The token " am", after "I", predicting " the".', "--mode", "replace", "--alpha", "0.5",
+      "--samples", "2", "--temperature", "0.7", "--seed", "3"],
+     {"edit": 'The token " am", after "I", predicting " the".', "positions": [-1], "mode": "replace", "alpha": 0.5,
+      "samples": 2, "temperature": 0.7, "seed": 3}),
+])
+def test_steer_words_command_writes_what_the_library_computes(toy, tmp_path, capsys, flags, kwargs):
+    """The table and Delta the command writes are those of steer_with_words on the texts left-padded by the base
+    tokenizer with their mask, and its saved vectors steer as the live hooks do, bit for bit."""
+    table, vectors = tmp_path / "steer.parquet", tmp_path / "delta.safetensors"
+    argv = ["steer-words", "--av", AV, "--ar", AR, *[a for t in TEXTS for a in ("--text", t)], *flags,
+            "--max-new-tokens", "48", "--continue-tokens", "3", "--output", str(table), "--save-vectors", str(vectors)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+
+    nla, base = toy
+    batch = base.tokenizer(TEXTS, padding=True, return_tensors="pt")
+    tokens, mask = batch["input_ids"], batch["attention_mask"]
+    assert mask[1, 0] == 0 and mask[0].all()  # left-padded: the last column is each text's last token
+    result = nl.steer_with_words(nla, base, tokens, attention_mask=mask, continue_tokens=3, max_new_tokens=48,
+                                 **kwargs)
+    n_sites = len(kwargs["positions"]) * len(TEXTS)
+    assert result.summary() in printed and printed.count("steered: ") == len(TEXTS)
+    assert f"wrote {table}" in printed and f"wrote {vectors}" in printed
+
+    rows, records = pq.read_table(table).to_pylist(), result.to_records()
+    assert len(rows) == len(records) == n_sites
+    for row, record in zip(rows, records, strict=True):
+        assert row.keys() == record.keys()
+        for name, value in record.items():
+            if isinstance(value, float):
+                assert math.isclose(row[name], value, rel_tol=1e-6, abs_tol=1e-9), name
+            else:
+                assert row[name] == value, name
+    assert {len(r["explanation_samples"]) for r in rows} == {kwargs.get("samples", 1)}
+
+    saved = load_file(str(vectors))
+    assert torch.equal(saved["delta"], result.delta) and torch.equal(saved["target"], result.target)
+    assert saved["positions"].tolist() == result.positions.tolist() and saved["rows"].tolist() == result.rows.tolist()
+    clean = base(tokens, attention_mask=mask)
+    live = base.run_with_hooks(tokens, attention_mask=mask, fwd_hooks=result.fwd_hooks())
+    loaded = base.run_with_hooks(tokens, attention_mask=mask, fwd_hooks=nl.WordSteering.fwd_hooks_from(vectors))
+    assert torch.equal(loaded, live) and (live - clean).abs().max() > 1e-2  # the same steering, and it steers
+
+
+def _usage_error(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_steer_words_takes_exactly_one_edit(no_model_loads, capsys):
+    base_argv = ["steer-words", "--av", AV, "--ar", AR, "--text", TEXTS[0]]
+    assert _usage_error(base_argv, capsys) == (
+        "nla-lens steer-words: error: one of the arguments --replace --edit-to is required")
+    assert _usage_error([*base_argv, "--replace", "a", "b", "--edit-to", "c"], capsys) == (
+        "nla-lens steer-words: error: argument --edit-to: not allowed with argument --replace")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--temperature", "0.7"], "InputError: temperature=0.7: samples=1 reads the greedy explanation, which takes "
+                               "no seed and no temperature other than 0"),
+    (["--seed", "1"], "InputError: seed=1: samples=1 reads the greedy explanation"),
+    (["--samples", "2", "--temperature", "-3"], "InputError: temperature=-3.0 must be a finite number >= 0"),
+    (["--samples", "0"], "InputError: samples=0: must be a whole number >= 1"),
+    (["--alpha", "nan"], "InputError: alpha=nan: must be a finite number"),
+    (["--continue-tokens", "-1"], "InputError: continue_tokens=-1: must be a whole number >= 0"),
+    (["--replace", "", "mouse"], "InputError: --replace '' 'mouse': OLD is empty"),
+    (["--replace", "a", "b", "--text", " "], "InputError: --text is empty"),
+    (["--save-vectors", "delta.pt"], "InputError: --save-vectors delta.pt: the file name must end in .safetensors"),
+    (["--output", "steer.csv"], r"InputError: steer.csv: save to a .parquet or .jsonl file"),
+])
+def test_steer_words_refuses_bad_settings_in_one_line_before_loading(no_model_loads, capsys, flags, message):
+    edit = [] if "--replace" in flags else ["--replace", "a", "b"]
+    assert main(["steer-words", "--av", AV, "--ar", AR, "--text", TEXTS[0], *edit, *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"nla-lens steer-words: {message}") and err.count("\n") == 1, err
+
+
+def test_steer_words_refuses_an_edit_that_changes_nothing(capsys):
+    """The library's check: a --replace whose OLD is in no explanation leaves Delta = 0 in add mode."""
+    assert main(["steer-words", "--av", AV, "--ar", AR, "--text", TEXTS[0], "--replace", "rabbit", "mouse",
+                 "--max-new-tokens", "48"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("nla-lens steer-words: InputError: the edit leaves the explanation of site 0 (row 0, column "
+                          "10) unchanged") and err.count("\n") == 1, err
