@@ -45,7 +45,7 @@ from nla_lens import backends
 from nla_lens.base_model import check_base_model
 from nla_lens.capture import PositionSpec, real_tokens, resid_post, resolve_positions
 from nla_lens.checks import check_counts, check_finite, check_input_file, check_output_path, check_sampling, file_path
-from nla_lens.errors import InputError, PairMismatchError, VectorError
+from nla_lens.errors import InputError, PairMismatchError, PromptTooLongError, VectorError
 from nla_lens.injection import HookFn, check_vectors, unit
 from nla_lens.nla import NLA
 from nla_lens.results import TabularResult
@@ -253,6 +253,7 @@ def steer_with_words(
     real = real_tokens(base, attention_mask, tokens)
     if real is None:
         real = torch.ones(tokens.shape, dtype=torch.bool)
+    _check_context(base, tokens, real, continue_tokens)
     rows, cols = resolve_positions(positions, real.to(tokens.device))
     sites = list(zip(rows.tolist(), cols.tolist(), strict=True))
     if len(set(sites)) != len(sites):
@@ -349,6 +350,21 @@ def _check_inputs(nla: NLA, base: TLModel, tokens: Tensor, layer: int | None, al
     if continue_tokens and base.tokenizer is None:  # checked before the AV and AR run, not after
         raise InputError(f"continue_tokens={continue_tokens} decodes the continuations with the base model's "
                          "tokenizer, and this model has none: pass continue_tokens=0, or set base.tokenizer")
+
+
+def _check_context(base: TLModel, tokens: Tensor, real: Tensor, continue_tokens: int) -> None:
+    """A run wider than the base model's context fails inside TransformerLens (an IndexError from the rotary
+    table); refused before the AV runs. A continuation's widest forward is its row's real tokens plus all
+    but the last new one."""
+    n_ctx = base.cfg.n_ctx
+    if tokens.shape[1] > n_ctx:
+        raise PromptTooLongError(f"tokens have {tokens.shape[1]} columns, over the base model's context of {n_ctx}; "
+                                 "pass shorter texts")
+    longest = int(real.sum(dim=1).max())
+    if continue_tokens and longest + continue_tokens - 1 > n_ctx:
+        raise PromptTooLongError(f"continue_tokens={continue_tokens} would grow a row of {longest} tokens past the "
+                                 f"base model's context of {n_ctx}; pass continue_tokens={n_ctx - longest + 1} or "
+                                 "fewer (0 for none)")
 
 
 def _sampling(explanations: object, samples: int | None, temperature: float | None, seed: int | None,

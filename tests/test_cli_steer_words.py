@@ -132,3 +132,12 @@ def test_steer_words_refuses_an_edit_that_changes_nothing(capsys):
     err = capsys.readouterr().err
     assert err.startswith("nla-lens steer-words: InputError: the edit leaves the explanation of site 0 (row 0, column "
                           "10) unchanged") and err.count("\n") == 1, err
+
+
+def test_steer_words_refuses_a_text_past_the_base_context_in_one_line(capsys):
+    """A --text longer than the base model's context printed TransformerLens's IndexError traceback."""
+    assert main(["steer-words", "--av", AV, "--ar", AR, "--text", "the king is dead " * 100, "--replace", "a", "b",
+                 "--continue-tokens", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("nla-lens steer-words: PromptTooLongError: tokens have ") and err.count("\n") == 1, err
+    assert "over the base model's context of 256; pass shorter texts" in err

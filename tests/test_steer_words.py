@@ -281,6 +281,21 @@ def test_bad_input_gets_typed_errors_that_say_what_to_do(base, nla):
     assert no_hooks_left(base)
 
 
+def test_runs_past_the_base_context_are_refused_before_they_start(base, nla):
+    """Tokens wider than n_ctx, or continuations that would grow past it, died inside TransformerLens with an
+    IndexError from the rotary table (`nla-lens steer-words` on a long --text printed a traceback)."""
+    n_ctx = base.cfg.n_ctx
+    word = base.tokenizer.encode(" sea", add_special_tokens=False)
+    with pytest.raises(nl.PromptTooLongError, match=f"{n_ctx + 1} columns, over the base model's context of {n_ctx}"):
+        steer(nla, base, torch.tensor([word * (n_ctx + 1)]), -1, continue_tokens=0)
+    full = torch.tensor([word * n_ctx])
+    grows = f"continue_tokens=2 would grow a row of {n_ctx} tokens past the base model's context of {n_ctx}; pass "
+    with pytest.raises(nl.PromptTooLongError, match=grows + "continue_tokens=1 or fewer"):
+        steer(nla, base, full, -1, compare=False, continue_tokens=2)
+    result = steer(nla, base, full, -1, compare=False, continue_tokens=1)  # its one forward is n_ctx wide
+    assert len(result.continuations) == 1 and no_hooks_left(base)
+
+
 def test_a_base_that_is_not_a_transformer_lens_model_gets_a_typed_error(base, nla):
     tokens, mask = padded(base, "left")
     with pytest.raises(nl.BackendError, match="expected a TransformerLens model.*check the order of the arguments"):
