@@ -141,3 +141,27 @@ def test_steer_words_refuses_a_text_past_the_base_context_in_one_line(capsys):
     err = capsys.readouterr().err
     assert err.startswith("nla-lens steer-words: PromptTooLongError: tokens have ") and err.count("\n") == 1, err
     assert "over the base model's context of 256; pass shorter texts" in err
+
+
+def test_steer_words_pads_texts_for_a_tokenizer_without_a_pad_token(tmp_path, capsys, monkeypatch):
+    """Llama 3's tokenizer has no pad token: the command padded with None (a TypeError in torch.full). The pads are
+    masked out, so the table is the one a tokenizer with a pad token gives."""
+    from nla_lens import commands
+
+    load = commands._load_nla_and_base
+    tables = {}
+    for has_pad in (True, False):
+        def loader(args, device, has_pad=has_pad):
+            nla, base = load(args, device)
+            if not has_pad:
+                base.tokenizer.pad_token = None  # this load's own tokenizer, dropped after the command
+                assert base.tokenizer.pad_token_id is None
+            return nla, base
+
+        monkeypatch.setattr(commands, "_load_nla_and_base", loader)
+        tables[has_pad] = tmp_path / f"pad-{has_pad}.parquet"
+        assert main(["steer-words", "--av", AV, "--ar", AR, *[a for t in TEXTS for a in ("--text", t)],
+                     "--replace", "predicting", "foretelling", "--max-new-tokens", "48", "--continue-tokens", "2",
+                     "--output", str(tables[has_pad])]) == 0
+    with_pad, without = pq.read_table(tables[True]).to_pylist(), pq.read_table(tables[False]).to_pylist()
+    assert len(with_pad) == len(TEXTS) and with_pad == without
