@@ -60,7 +60,8 @@ def _run_inspect(args: argparse.Namespace) -> None:
 
 def _registrars() -> list[Callable[[argparse._SubParsersAction], None]]:
     from nla_lens import bench
-    from nla_lens.commands import add_explain, add_reconstruct, add_round_trip, add_steer_words, add_verbalize
+    from nla_lens.commands import add_explain, add_reconstruct, add_round_trip, add_verbalize
+    from nla_lens.steer_words_cli import add_parser as add_steer_words
     from nla_lens.toy.demo import add_parser as add_demo
     from nla_lens.training.cli import add_extract, add_train_ar, add_train_av, add_train_rl
 
