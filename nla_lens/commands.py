@@ -320,9 +320,7 @@ def add_explain(subparsers: argparse._SubParsersAction) -> None:
                     "print one row per token: position, token, FVE, MSE, explanation (a BOS the tokenizer adds is "
                     "not explained). FVE uses --baseline, else "
                     "the AR sidecar's held-out baseline, else that of the captured vectors when there are >= 32.")
-    parser.add_argument("--av", required=True, help="the AV checkpoint folder (or a hub id in the local HF cache)")
-    parser.add_argument("--ar", required=True, help="the AR trained with this AV")
-    parser.add_argument("--base", help="the base model folder (default: the sidecar's base_model)")
+    add_nla_flags(parser)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--text", action="append", help="a text to explain (repeat for several)")
     source.add_argument("--file", type=Path, help="a UTF-8 text file: each non-empty line is one text")
@@ -362,6 +360,13 @@ def _explain_texts(args: argparse.Namespace) -> list[str]:
     if not texts or not all(t.strip() for t in texts):
         raise InputError("nothing to explain: give a non-empty --text, or a --file with at least one non-empty line")
     return texts
+
+
+def add_nla_flags(parser: argparse.ArgumentParser) -> None:
+    """`--av`, `--ar` and `--base`: what `load_nla_and_base` reads."""
+    parser.add_argument("--av", required=True, help="the AV checkpoint folder (or a hub id in the local HF cache)")
+    parser.add_argument("--ar", required=True, help="the AR trained with this AV")
+    parser.add_argument("--base", help="the base model folder (default: the sidecar's base_model)")
 
 
 def load_nla_and_base(args: argparse.Namespace, device: torch.device) -> tuple[NLA, TLModel]:

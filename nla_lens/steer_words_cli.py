@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from nla_lens.checks import check_counts, check_finite, check_output_path, resolve_device
-from nla_lens.commands import add_dtype_flag, load_nla_and_base
+from nla_lens.commands import add_dtype_flag, add_nla_flags, load_nla_and_base
 from nla_lens.errors import InputError
 
 
@@ -22,9 +22,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     "norm, the top next tokens with steering, KL against without) and each text's greedy "
                     "continuation without and with it. The texts are tokenized as explain does (BOS first where "
                     "the tokenizer has one) and left-padded into one batch with its attention mask.")
-    parser.add_argument("--av", required=True, help="the AV checkpoint folder (or a hub id in the local HF cache)")
-    parser.add_argument("--ar", required=True, help="the AR trained with this AV")
-    parser.add_argument("--base", help="the base model folder (default: the sidecar's base_model)")
+    add_nla_flags(parser)
     parser.add_argument("--text", action="append", required=True, help="a text to steer (repeat for several)")
     parser.add_argument("--positions", type=_steer_positions_arg, default=[-1],
                         help="which tokens of every text to steer: comma-separated positions, negative from each "
