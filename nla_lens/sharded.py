@@ -29,7 +29,7 @@ from nla_lens.parsing import injection_warning
 from nla_lens.reconstructor import ActivationReconstructor
 from nla_lens.sidecar import SIDECAR_NAME, NLAMeta, load_meta
 from nla_lens.vector_files import VectorTable, check_output, json_text, read_input, write_atomic, write_table
-from nla_lens.verbalizer import ActivationVerbalizer, Verbalization
+from nla_lens.verbalizer import MAX_NEW_TOKENS, ActivationVerbalizer, Verbalization
 
 
 def batches_matter(device: torch.device, dtype: torch.dtype) -> bool:
@@ -42,7 +42,7 @@ def batches_matter(device: torch.device, dtype: torch.dtype) -> bool:
 class Sampling:
     """How the AV decodes. With temperature > 0 each shard samples from its own seeded generator."""
 
-    max_new_tokens: int = 150
+    max_new_tokens: int = MAX_NEW_TOKENS
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0

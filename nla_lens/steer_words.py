@@ -50,7 +50,7 @@ from nla_lens.injection import HookFn, check_vectors, unit
 from nla_lens.nla import NLA
 from nla_lens.results import TabularResult
 from nla_lens.vector_files import write_atomic
-from nla_lens.verbalizer import ActivationVerbalizer, Verbalization
+from nla_lens.verbalizer import MAX_NEW_TOKENS, ActivationVerbalizer, Verbalization
 
 if TYPE_CHECKING:
     from nla_lens.backends import TLModel
@@ -63,7 +63,6 @@ _TABLE_TOP_K = 3  # next tokens per site in the table; next_tokens(k) gives more
 # What save_vectors writes, and fwd_hooks_from needs: tensors, and settings as safetensors' text metadata.
 _SAVED_TENSORS = ("delta", "target", "rows", "positions")
 _SAVED_SETTINGS = ("hook_name", "layer", "alpha", "mode", "token_shape")
-_MAX_NEW_TOKENS = 150  # the AV's default, as verbalize's
 
 
 def site_steering_hook(directions: Float[Tensor, "n d_model"], rows: Int[Tensor, " n"], cols: Int[Tensor, " n"],
@@ -383,7 +382,7 @@ def _sampling(explanations: object, samples: int | None, temperature: float | No
             raise InputError(f"max_new_tokens={max_new_tokens!r}: it sets how long the AV writes, and explanations= "
                              "skips the AV; drop it, or drop explanations= to let the AV read the sites")
         return 1, {}
-    max_new_tokens = _MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens
+    max_new_tokens = MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens
     samples = 1 if samples is None else samples
     check_counts(1, samples=samples)
     if samples == 1:

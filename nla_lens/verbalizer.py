@@ -36,6 +36,8 @@ from nla_lens.sidecar import (
 if TYPE_CHECKING:
     from nla_lens.backends import TLModel
 
+MAX_NEW_TOKENS = 150  # verbalize's default, shared by the callers that run it for you (steer words, sharded)
+
 # Decode steps between checks that every row has emitted EOS: reading the flag waits for the
 # accelerator, which then idles while the host queues the next step. Free on the CPU.
 _STOP_CHECK_EVERY = {"cpu": 1}
@@ -217,7 +219,7 @@ class ActivationVerbalizer:
         self,
         vectors: Float[Tensor, "n d_model"],
         *,
-        max_new_tokens: int = 150,
+        max_new_tokens: int = MAX_NEW_TOKENS,
         temperature: float = 0.0,
         top_p: float = 1.0,
         batch_size: int = 32,
