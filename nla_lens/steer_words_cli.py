@@ -103,9 +103,8 @@ def _run_steer_words(args: argparse.Namespace) -> None:
     check_counts(0, continue_tokens=args.continue_tokens)
     nla, base = load_nla_and_base(args, device)
     # One left-padded batch with its mask: steer_with_words counts negative positions from each row's last real token.
-    # The pads are masked out, so a tokenizer without a pad token (Llama 3's) pads with id 0.
-    pad_id = base.tokenizer.pad_token_id
-    tokens, mask = pad([text_ids(base.tokenizer, text) for text in args.text], 0 if pad_id is None else pad_id, "left")
+    # The pads are masked out, so their id is 0 as in every other pad() call (Llama 3's tokenizer has no pad token).
+    tokens, mask = pad([text_ids(base.tokenizer, text) for text in args.text], 0, "left")
     result = steer_with_words(nla, base, tokens.to(device), args.positions, edit=edit, alpha=args.alpha,
                               mode=args.mode, samples=args.samples, temperature=args.temperature, seed=args.seed,
                               attention_mask=mask.to(device), continue_tokens=args.continue_tokens,
