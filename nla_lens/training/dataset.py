@@ -145,16 +145,21 @@ def save_explanations(data: LabelledActivations, path: str | Path) -> Path:
     return path
 
 
-def split_by_document(data: LabelledActivations, eval_fraction: float,
-                      seed: int = 0) -> tuple[LabelledActivations, LabelledActivations]:
-    """(train, eval) with every document on one side only; the same seed gives the AV and AR one split."""
-    docs = sorted(set(data.doc_ids))
+def eval_documents(doc_ids: Sequence[str], eval_fraction: float, seed: int = 0) -> set[str]:
+    """The documents `split_by_document` puts on the eval side: a seeded `eval_fraction` of the distinct
+    ids (at least one, never all). Depends only on the set of ids, so it can be recomputed without the rows."""
+    docs = sorted(set(doc_ids))
     if not 0 < eval_fraction < 1 or len(docs) < 2:
         raise InputError(f"need 0 < eval_fraction < 1 and at least 2 documents (got {eval_fraction}, "
                          f"{len(docs)} document(s))")
     random.Random(seed).shuffle(docs)
-    n_eval = min(len(docs) - 1, max(1, round(eval_fraction * len(docs))))
-    held_out = set(docs[:n_eval])
+    return set(docs[:min(len(docs) - 1, max(1, round(eval_fraction * len(docs))))])
+
+
+def split_by_document(data: LabelledActivations, eval_fraction: float,
+                      seed: int = 0) -> tuple[LabelledActivations, LabelledActivations]:
+    """(train, eval) with every document on one side only; the same seed gives the AV and AR one split."""
+    held_out = eval_documents(data.doc_ids, eval_fraction, seed)
     is_eval = [d in held_out for d in data.doc_ids]
     train = data.select([i for i, e in enumerate(is_eval) if not e])
     evaluation = data.select([i for i, e in enumerate(is_eval) if e])
