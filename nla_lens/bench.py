@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from nla_lens import backends
+from nla_lens.capture import resid_post_name
 from nla_lens.checks import check_counts, resolve_device
 
 AV_TEMPLATE = ("Here is an activation vector: <c>{injection_char}</c>. Say in one sentence what the "
@@ -377,7 +378,7 @@ def _edits(cfg: Any, device: str) -> tuple[_Edit, ...]:
 
     return (
         _Edit(f"steering hook at blocks.{layer}.hook_resid_post",
-              [(f"blocks.{layer}.hook_resid_post", lambda resid, hook: resid + steer)],
+              [(resid_post_name(layer), lambda resid, hook: resid + steer)],
               lambda layers: _torch_hook(layers[layer], "forward", lambda _m, _i, out: _map_first(out, steer))),
         _Edit(f"head 0 ablated at blocks.{layer}.attn.hook_z", [(f"blocks.{layer}.attn.hook_z", zero_head)],
               lambda layers: _torch_hook(layers[layer].self_attn.o_proj, "forward_pre", hf_zero_head)),

@@ -166,7 +166,7 @@ class Capture:
 
     @property
     def hook_name(self) -> str:
-        return f"blocks.{self.layer}.hook_resid_post"
+        return resid_post_name(self.layer)
 
     @property
     def vectors(self) -> Float[Tensor, "n d_model"]:
@@ -310,7 +310,12 @@ def capture(model: TLModel, layer: int, positions: PositionSpec = -1, *,
 def resid_post(model: TLModel, tokens: Int[Tensor, "batch pos"], layer: int, *,
                attention_mask: Int[Tensor, "batch pos"] | None = None) -> Float[Tensor, "batch pos d_model"]:
     """`blocks.{layer}.hook_resid_post` of one run of `tokens` that runs no block after `layer`."""
-    return activation_at(model, tokens, f"blocks.{layer}.hook_resid_post", attention_mask=attention_mask)
+    return activation_at(model, tokens, resid_post_name(layer), attention_mask=attention_mask)
+
+
+def resid_post_name(layer: int) -> str:
+    """The TL hook of the residual stream after block `layer`: where NLA vectors are read and steered."""
+    return f"blocks.{layer}.hook_resid_post"
 
 
 def activation_at(model: TLModel, tokens: Int[Tensor, "batch pos"], hook_name: str, *,

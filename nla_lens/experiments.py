@@ -32,6 +32,7 @@ from nla_lens.capture import (
     check_block,
     check_token_tensor,
     real_tokens,
+    resid_post_name,
     resolve_positions,
 )
 from nla_lens.checks import check_finite
@@ -242,7 +243,7 @@ def steer_then_verbalize(
     if steer_positions is not None:  # a site outside a row or on its padding is refused before either run
         resolve_positions(steer_positions, torch.ones(tokens.shape[:2], dtype=torch.bool) if real is None
                           else real.bool(), name="steer_positions", use="steer")
-    hook = (f"blocks.{steer_layer}.hook_resid_post",
+    hook = (resid_post_name(steer_layer),
             steering_hook(vector[0], scale, steer_positions, None if real is None else real.long()))
     with torch.no_grad():
         clean = _capture_run(base_model, layer, positions, tokens, attention_mask, [])

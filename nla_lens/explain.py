@@ -21,7 +21,7 @@ from torch import Tensor
 
 from nla_lens import backends, display
 from nla_lens.base_model import check_base_model
-from nla_lens.capture import capture
+from nla_lens.capture import capture, resid_post_name
 from nla_lens.checks import check_fwd_hooks
 from nla_lens.errors import InputError, PromptTooLongError
 from nla_lens.loading import prepends_bos
@@ -73,7 +73,7 @@ class Explanation(TabularResult):
 
     @property
     def hook_name(self) -> str:
-        return f"blocks.{self.layer}.hook_resid_post"
+        return resid_post_name(self.layer)
 
     @property
     def explanations(self) -> list[str | None]:

@@ -33,7 +33,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from nla_lens import backends
-from nla_lens.capture import activation_at, check_block, text_resid_post
+from nla_lens.capture import activation_at, check_block, resid_post_name, text_resid_post
 from nla_lens.checks import check_counts
 from nla_lens.errors import BackendError, InputError, SAEMismatchError, VectorError
 from nla_lens.explain import bos_skip
@@ -70,7 +70,7 @@ require_sae_lens()
 
 def resid_hook_names(layer: int) -> tuple[str, str]:
     """The two TL names of the residual after block `layer` (the second is the next block's input)."""
-    return f"blocks.{layer}.hook_resid_post", f"blocks.{layer + 1}.hook_resid_pre"
+    return resid_post_name(layer), f"blocks.{layer + 1}.hook_resid_pre"
 
 
 def check_sae_reads_layer(sae: SAE, layer: int, d_model: int, *, allow_other_hook: bool = False) -> str:

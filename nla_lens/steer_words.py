@@ -43,7 +43,7 @@ from transformer_lens.hook_points import HookPoint
 
 from nla_lens import backends
 from nla_lens.base_model import check_base_model
-from nla_lens.capture import PositionSpec, real_tokens, resid_post, resolve_positions
+from nla_lens.capture import PositionSpec, real_tokens, resid_post, resid_post_name, resolve_positions
 from nla_lens.checks import check_counts, check_finite, check_input_file, check_output_path, check_sampling, file_path
 from nla_lens.errors import InputError, PairMismatchError, PromptTooLongError, VectorError
 from nla_lens.injection import HookFn, check_vectors, unit
@@ -266,7 +266,7 @@ def steer_with_words(
         edited = _apply_edits(edit, texts)
         delta, target = _delta(nla, texts, edited, sites, mode, batch_size)
         named = [_decode(base.tokenizer, int(tokens[r, c])) for r, c in sites]
-        result = WordSteering(_resid_hook(k), k, float(alpha), mode, rows.cpu(), cols.cpu(), named,
+        result = WordSteering(resid_post_name(k), k, float(alpha), mode, rows.cpu(), cols.cpu(), named,
                               (tokens.shape[0], tokens.shape[1]), texts, edited, delta, target)
         clean = steered = continuations = None
         if compare:
@@ -557,7 +557,7 @@ def _read_saved(path: Path) -> dict[str, Any]:
         saved["alpha"], saved["token_shape"] = float(saved["alpha"]), tuple(json.loads(saved["token_shape"]))
     except (ValueError, TypeError) as exc:
         raise InputError(f"{not_ours}: its layer, alpha or token_shape does not parse ({exc})") from exc
-    resid = _resid_hook(saved["layer"])
+    resid = resid_post_name(saved["layer"])
     if saved["hook_name"] != resid:  # the hook goes where hook_name says: Delta means something only at layer K
         raise InputError(f"{path}: its hook_name {saved['hook_name']!r} is not layer {saved['layer']}'s residual "
                          f"hook {resid!r}, and save_vectors writes the two together: the file was edited or "
@@ -573,11 +573,6 @@ def _read_saved(path: Path) -> dict[str, Any]:
         raise InputError(f"{not_ours}: its delta {list(delta.shape)}, target {list(saved['target'].shape)}, rows, "
                          f"positions and token_shape {saved['token_shape']} do not fit together")
     return saved
-
-
-def _resid_hook(layer: int) -> str:
-    """Where the steering acts: the residual stream after block `layer`, the one the AR of layer `layer` reads."""
-    return f"blocks.{layer}.hook_resid_post"
 
 
 def _decode(tokenizer: Any, token_id: int) -> str:

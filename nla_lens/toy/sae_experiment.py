@@ -31,7 +31,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from nla_lens.capture import resid_post
+from nla_lens.capture import resid_post, resid_post_name
 from nla_lens.errors import InputError, NLAError
 from nla_lens.nla import NLA
 from nla_lens.results import TabularResult
@@ -162,7 +162,7 @@ def train_toy_sae(toy: ToyNLA, rows: Int[Tensor, "rows context"], cfg: SAEExperi
         d_in=toy.av.meta.d_model, d_sae=cfg.d_sae, l1_coefficient=cfg.l1_coefficient,
         normalize_activations="none", dtype="float32", device="cpu")
     runner_cfg = sae_lens.LanguageModelSAERunnerConfig(
-        sae=sae_cfg, model_name="nla-lens-toy", hook_name=f"blocks.{layer}.hook_resid_post",
+        sae=sae_cfg, model_name="nla-lens-toy", hook_name=resid_post_name(layer),
         is_dataset_tokenized=True, streaming=False, context_size=rows.shape[1], prepend_bos=False,
         seqpos_slice=(MIN_CONTEXT, None), training_tokens=cfg.training_tokens,
         train_batch_size_tokens=cfg.train_batch_size_tokens, store_batch_size_prompts=16,

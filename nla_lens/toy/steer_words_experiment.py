@@ -41,6 +41,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from nla_lens import backends
+from nla_lens.capture import resid_post_name
 from nla_lens.checks import check_counts
 from nla_lens.errors import InputError, NLAError
 from nla_lens.injection import unit
@@ -180,7 +181,7 @@ def _site_vectors(toy: ToyNLA, tokens: Tensor, positions: Tensor) -> Tensor:
     k = toy.av.meta.layer
     kept: list[Tensor] = []
     toy.base.run_with_hooks(tokens, stop_at_layer=k + 1, fwd_hooks=[
-        (f"blocks.{k}.hook_resid_post", lambda resid, hook: kept.append(resid[torch.arange(len(tokens)), positions]))])
+        (resid_post_name(k), lambda resid, hook: kept.append(resid[torch.arange(len(tokens)), positions]))])
     return kept[0].float()
 
 
@@ -193,7 +194,7 @@ def _oracle_directions(toy: ToyNLA, folder: Path, argmax: Int[Tensor, " n"],
     sums: dict[int, Tensor] = {}
     counts: Counter[int] = Counter()
     kept: list[Tensor] = []
-    keep = (f"blocks.{k}.hook_resid_post", lambda resid, hook: kept.append(resid[0, MIN_CONTEXT:]))
+    keep = (resid_post_name(k), lambda resid, hook: kept.append(resid[0, MIN_CONTEXT:]))
     for doc in json.loads((folder / HELDOUT_FILE).read_text()):
         ids = toy.av.tokenizer.encode(doc["text"], add_special_tokens=False)[:MAX_TOKENS]
         if len(ids) <= MIN_CONTEXT:

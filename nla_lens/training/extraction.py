@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from nla_lens import backends, loading
+from nla_lens.capture import resid_post_name
 from nla_lens.checks import blocks_phrase
 from nla_lens.errors import ConfigError, InputError, SidecarError, TokenizerDriftError
 from nla_lens.sidecar import (
@@ -130,7 +131,7 @@ def dataset_sidecar(tokenizer: PreTrainedTokenizerBase, config: ExtractConfig, *
         "kind": "nla_dataset",
         "schema_version": 1,
         "extraction": {"base_model": loading.recorded_path(base_model), "d_model": d_model,
-                       "layer_index": config.layer, "hook_point": f"blocks.{config.layer}.hook_resid_post",
+                       "layer_index": config.layer, "hook_point": resid_post_name(config.layer),
                        "norm": "none", **settings},
         "tokens": token_facts(tokenizer, config.injection_char, config.av_template, config.ar_template),
         "prompt_templates": {"actor": config.av_template, "critic": config.ar_template},
