@@ -51,13 +51,15 @@ class Verbalization:
     text: str  # the completion, decoded without special tokens (no EOS)
     explanation: str | None
     tokens: list[int]  # the generated ids, up to and including the first EOS
+    # Cut at `max_new_tokens` before any EOS: the explanation may be unfinished, or untagged for that reason.
+    truncated: bool = field(default=False, compare=False)  # read off `tokens`, as `verbalize` ends rows
     # The row of `verbalize`'s vectors it explains, kept through slices and concatenation (None: built by hand).
     # Not compared: the same completion of another row (or another call) is an equal output.
     index: int | None = field(default=None, compare=False)
 
     def __repr__(self) -> str:
         said = repr(self.explanation) if self.explanation is not None else f"None, text={self.text!r}"
-        return f"Verbalization({said}, {len(self.tokens)} tokens)"
+        return f"Verbalization({said}, {len(self.tokens)} tokens{', truncated' if self.truncated else ''})"
 
 
 class Verbalizations(TabularResult, list):
@@ -68,7 +70,8 @@ class Verbalizations(TabularResult, list):
 
     def to_records(self) -> list[dict[str, Any]]:
         return [{"index": i if v.index is None else v.index, "explanation": v.explanation,
-                 "parsed": v.explanation is not None, "text": v.text, "n_tokens": len(v.tokens)}
+                 "parsed": v.explanation is not None, "text": v.text, "n_tokens": len(v.tokens),
+                 "truncated": v.truncated}
                 for i, v in enumerate(self)]
 
     def summary(self) -> str:
@@ -77,7 +80,7 @@ class Verbalizations(TabularResult, list):
 
     display_columns = ("index", "explanation", "parsed")
     schema = pa.schema({"index": pa.int64(), "explanation": pa.string(), "parsed": pa.bool_(), "text": pa.string(),
-                        "n_tokens": pa.int64()})
+                        "n_tokens": pa.int64(), "truncated": pa.bool_()})
 
     @overload
     def __getitem__(self, index: SupportsIndex) -> Verbalization: ...
@@ -244,13 +247,15 @@ class ActivationVerbalizer:
         if seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(int(seed))  # numpy's too
         results = Verbalizations()
+        eos = set(self.eos_token_ids)  # `_generate` ends a row at its first EOS, or at max_new_tokens
         starts = range(0, vectors.shape[0], batch_size)
         with inference(self.model):
             for start in tqdm(starts, desc="verbalize", disable=not progress, unit="batch"):
                 for ids in self._generate(vectors[start:start + batch_size], max_new_tokens, temperature, top_p,
                                           generator):
                     text = self.tokenizer.decode(ids, skip_special_tokens=True)
-                    results.append(Verbalization(text, parse_explanation(text), ids, len(results)))
+                    results.append(Verbalization(text, parse_explanation(text), ids, truncated=ids[-1] not in eos,
+                                                 index=len(results)))
         warning = injection_warning([r.text for r in results], self.meta.injection_char)
         if warning:
             warnings.warn(warning, stacklevel=2)

@@ -472,6 +472,23 @@ def test_verbalizations_stay_verbalizations_under_add_mul_and_copy_and_rows_keep
     assert [r["index"] for r in by_hand[1:].to_records()] == [0]  # rows built by hand: their position
 
 
+def test_each_verbalization_says_whether_max_new_tokens_cut_it(av_karvonen, vectors, monkeypatch):
+    """A row that ran out of `max_new_tokens` before an EOS was told apart only by a heuristic on its text (an
+    unclosed tag); `truncated` says it per row, in the table and the repr."""
+    monkeypatch.setattr(av_karvonen, "eos_token_ids", [])  # no row can stop: every one is cut at 3 tokens
+    cut = av_karvonen.verbalize(vectors, max_new_tokens=3, progress=False)
+    assert all(len(v.tokens) == 3 and v.truncated for v in cut) and "3 tokens, truncated)" in repr(cut[0])
+    monkeypatch.setattr(av_karvonen, "eos_token_ids", list(range(av_karvonen.model.cfg.d_vocab)))  # every id ends
+    ended = av_karvonen.verbalize(vectors, max_new_tokens=3, progress=False)
+    assert all(len(v.tokens) == 1 and not v.truncated for v in ended) and "truncated" not in repr(ended[0])
+    monkeypatch.setattr(av_karvonen, "eos_token_ids", [])
+    one = av_karvonen.verbalize(vectors[:1], max_new_tokens=1, progress=False)[0]
+    monkeypatch.setattr(av_karvonen, "eos_token_ids", [one.tokens[0]])  # an EOS as the last allowed token
+    assert not av_karvonen.verbalize(vectors[:1], max_new_tokens=1, progress=False)[0].truncated
+    assert cut.to_pandas()["truncated"].tolist() == [True] * len(vectors)
+    assert ended.to_pandas()["truncated"].tolist() == [False] * len(vectors)
+
+
 def test_a_plain_list_plus_verbalizations_is_verbalizations():
     """`[v0] + out` stayed a plain list (no summary, no save): Python tries a list subclass's `__radd__` before
     list's own `+` only where the subclass defines one."""
