@@ -157,6 +157,20 @@ def test_bundled_rl_pair_was_trained_with_the_toy_config():
     assert recorded == json.loads(json.dumps(asdict(ToyConfig().rl)))
 
 
+def test_a_corrupt_scores_json_is_a_checkpoint_error_not_a_json_traceback(tmp_path):
+    """The demo's pair choice and the validation slice read scores.json: a truncated or foreign file was a bare
+    JSONDecodeError / AttributeError."""
+    from nla_lens.toy.evaluate import read_scores
+
+    assert read_scores(tmp_path) == {} and best_pair(tmp_path) == "sft"  # no scores.json: the SFT pair
+    (tmp_path / "scores.json").write_text("{")
+    with pytest.raises(CheckpointError, match="is not valid JSON"):
+        best_pair(tmp_path)
+    (tmp_path / "scores.json").write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match="holds a list, not the JSON object"):
+        read_scores(tmp_path)
+
+
 def test_naming_fraction_is_the_exact_count_over_n(monkeypatch):
     """The fraction was a float32 mean: 283 of 400 printed as 70.7%, the README's count says 70.75%."""
     from nla_lens.toy import evaluate

@@ -10,7 +10,7 @@ from pathlib import Path
 from nla_lens.checks import check_counts, check_output_path
 from nla_lens.explain import Explanation, explain_tokens
 from nla_lens.toy import TOY_DIR
-from nla_lens.toy.evaluate import HELDOUT_FILE, MAX_TOKENS, MIN_CONTEXT, PAIRS, SCORES_FILE, ToyNLA, best_pair
+from nla_lens.toy.evaluate import HELDOUT_FILE, MAX_TOKENS, MIN_CONTEXT, PAIRS, ToyNLA, best_pair, read_scores
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ def run_demo(folder: Path = TOY_DIR, n_sentences: int = 3, max_new_tokens: int =
 
 def pair_line(folder: Path, pair: str) -> str:
     """Which pair explains, and the held-out FVE of each pair that the training script recorded."""
-    scores = json.loads((folder / SCORES_FILE).read_text()) if (folder / SCORES_FILE).is_file() else {}
+    scores = read_scores(folder)
     recorded = {"sft": scores.get("heldout", {}).get("fve"), "rl": scores.get("rl", {}).get("heldout", {}).get("fve")}
     measured = ", ".join(f"{name.upper()} {fve:.3f}" for name, fve in recorded.items() if fve is not None)
     names = {"sft": "SFT pair (supervised fine-tuning only)", "rl": "RL pair (GRPO after SFT)"}

