@@ -26,6 +26,7 @@ from nla_lens.distributed import World
 from nla_lens.errors import InputError, PromptTooLongError
 from nla_lens.sharded import Sampling
 from nla_lens.vector_files import OUTPUT_SUFFIXES, VectorTable, read_input, write_table, write_vectors
+from nla_lens.verbalizer import MAX_NEW_TOKENS
 
 if TYPE_CHECKING:
     from nla_lens.backends import TLModel
@@ -119,7 +120,8 @@ def _add_job_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shards", type=_shard_ids,
                         help="compute only these shard ids, e.g. 0,3 (to redo a failed rank's shards in one "
                              "process); the output is merged once every shard exists")
-    parser.add_argument("--max-new-tokens", type=int, default=150, help="longest explanation (default 150)")
+    parser.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS,
+                        help=f"longest explanation (default {MAX_NEW_TOKENS})")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
     parser.add_argument("--top-p", type=float, default=1.0,
                         help="nucleus sampling mass at temperature > 0 (default 1.0: off)")
@@ -330,7 +332,8 @@ def add_explain(subparsers: argparse._SubParsersAction) -> None:
                              "'-' goes after '=', as in --positions=-2,-1 or --positions=-4:")
     parser.add_argument("--baseline", type=float, help="FVE baseline (default: the AR sidecar's held-out one)")
     parser.add_argument("--output", type=Path, help="also write the rows to .parquet / .jsonl, or the view to .html")
-    parser.add_argument("--max-new-tokens", type=int, default=150, help="longest explanation (default 150)")
+    parser.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS,
+                        help=f"longest explanation (default {MAX_NEW_TOKENS})")
     parser.add_argument("--batch-size", type=int, default=32, help="vectors per AV batch (default 32)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default cpu)")
     add_dtype_flag(parser)

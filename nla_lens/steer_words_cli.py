@@ -9,6 +9,7 @@ from pathlib import Path
 from nla_lens.checks import check_counts, check_finite, check_output_path, resolve_device
 from nla_lens.commands import add_dtype_flag, add_nla_flags, load_nla_and_base
 from nla_lens.errors import InputError
+from nla_lens.verbalizer import MAX_NEW_TOKENS
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -43,7 +44,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--temperature", type=float,
                         help="sampling temperature with --samples > 1 (default 1.0)")
     parser.add_argument("--seed", type=int, help="sampling seed with --samples > 1 (default 0)")
-    parser.add_argument("--max-new-tokens", type=int, help="longest explanation (default 150)")
+    parser.add_argument("--max-new-tokens", type=int, help=f"longest explanation (default {MAX_NEW_TOKENS})")
     parser.add_argument("--continue-tokens", type=int, default=8,
                         help="greedy tokens to continue each text with, without and with steering; 0 for none "
                              "(default 8)")
