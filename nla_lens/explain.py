@@ -67,9 +67,9 @@ class Explanation(TabularResult):
 
     display_columns = ("text_index", "position", "token", "explanation", "parsed", "fve", "mse")
     schema = pa.schema({"text_index": pa.int64(), "position": pa.int64(), "token": pa.string(),
-                        "explanation": pa.string(), "parsed": pa.bool_(), "text": pa.string(), "mse": pa.float64(),
-                        "fve": pa.float64(), "baseline": pa.float64(), "baseline_source": pa.string(),
-                        "layer": pa.int64()})
+                        "explanation": pa.string(), "parsed": pa.bool_(), "text": pa.string(), "truncated": pa.bool_(),
+                        "mse": pa.float64(), "fve": pa.float64(), "baseline": pa.float64(),
+                        "baseline_source": pa.string(), "layer": pa.int64()})
 
     @property
     def hook_name(self) -> str:
@@ -82,7 +82,8 @@ class Explanation(TabularResult):
     def to_records(self) -> list[dict[str, Any]]:
         rt = self.round_trip
         return [{"text_index": r.text_index, "position": r.position, "token": r.token, "explanation": r.explanation,
-                 "parsed": r.explanation is not None, "text": r.verbalization.text, "mse": r.mse, "fve": r.fve,
+                 "parsed": r.explanation is not None, "text": r.verbalization.text,
+                 "truncated": r.verbalization.truncated, "mse": r.mse, "fve": r.fve,
                  "baseline": rt.baseline, "baseline_source": rt.baseline_source, "layer": self.layer}
                 for r in self.rows]
 

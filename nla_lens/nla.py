@@ -167,7 +167,7 @@ class RoundTrip(TabularResult):
 
     display_columns = ("index", "explanation", "parsed", "mse", "fve")
     schema = pa.schema({"index": pa.int64(), "explanation": pa.string(), "parsed": pa.bool_(), "text": pa.string(),
-                        "mse": pa.float64(), "fve": pa.float64()})
+                        "truncated": pa.bool_(), "mse": pa.float64(), "fve": pa.float64()})
 
     @property
     def explanations(self) -> list[str | None]:
@@ -176,7 +176,7 @@ class RoundTrip(TabularResult):
     def to_records(self) -> list[dict[str, Any]]:
         fves = [None] * len(self.mse) if self.fves is None else self.fves.tolist()
         return [{"index": i, "explanation": v.explanation, "parsed": v.explanation is not None, "text": v.text,
-                 "mse": mse, "fve": fve}
+                 "truncated": v.truncated, "mse": mse, "fve": fve}
                 for i, (v, mse, fve) in enumerate(zip(self.verbalizations, self.mse.tolist(), fves, strict=True))]
 
     def summary(self) -> str:

@@ -281,7 +281,8 @@ class FeatureVerbalizations(TabularResult):
 
     display_columns = ("feature", "explanation", "parsed", "cosine")
     schema = pa.schema({"feature": pa.int64(), "explanation": pa.string(), "parsed": pa.bool_(), "text": pa.string(),
-                        "cosine": pa.float64(), "hook_name": pa.string(), "offset": pa.bool_()})
+                        "truncated": pa.bool_(), "cosine": pa.float64(), "hook_name": pa.string(),
+                        "offset": pa.bool_()})
 
     @property
     def explanations(self) -> list[str | None]:
@@ -293,8 +294,8 @@ class FeatureVerbalizations(TabularResult):
     def to_records(self) -> list[dict[str, Any]]:
         cosines = [None] * len(self) if self.cosines is None else self.cosines.tolist()
         return [{"feature": f, "explanation": v.explanation, "parsed": v.explanation is not None, "text": v.text,
-                 "cosine": None if c is None or math.isnan(c) else c, "hook_name": self.hook_name,
-                 "offset": self.offset}
+                 "truncated": v.truncated, "cosine": None if c is None or math.isnan(c) else c,
+                 "hook_name": self.hook_name, "offset": self.offset}
                 for f, v, c in zip(self.features, self.verbalizations, cosines, strict=True)]
 
     def summary(self) -> str:

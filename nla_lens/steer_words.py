@@ -288,7 +288,7 @@ class Difference(TabularResult):
 
     display_columns = ("index", "explanation", "parsed", "cos_a_b", "norm_a_minus_b")
     schema = pa.schema({"index": pa.int64(), "explanation": pa.string(), "parsed": pa.bool_(), "text": pa.string(),
-                        "cos_a_b": pa.float64(), "norm_a_minus_b": pa.float64()})
+                        "truncated": pa.bool_(), "cos_a_b": pa.float64(), "norm_a_minus_b": pa.float64()})
 
     @property
     def explanations(self) -> list[str | None]:
@@ -297,7 +297,7 @@ class Difference(TabularResult):
     def to_records(self) -> list[dict[str, Any]]:
         norms = self.difference.norm(dim=-1).tolist()
         return [{"index": i, "explanation": v.explanation, "parsed": v.explanation is not None, "text": v.text,
-                 "cos_a_b": cos, "norm_a_minus_b": norm}
+                 "truncated": v.truncated, "cos_a_b": cos, "norm_a_minus_b": norm}
                 for i, (v, cos, norm) in enumerate(zip(self.verbalizations, self.cosine.tolist(), norms, strict=True))]
 
     def summary(self) -> str:

@@ -489,6 +489,19 @@ def test_each_verbalization_says_whether_max_new_tokens_cut_it(av_karvonen, vect
     assert ended.to_pandas()["truncated"].tolist() == [False] * len(vectors)
 
 
+@pytest.mark.parametrize("kind", ["round_trip", "explanation", "difference"]
+                         + (["feature_verbalizations"] if HAS_SAE_LENS else []))
+def test_tables_of_generated_text_say_which_rows_max_new_tokens_cut(results, kind, av_karvonen):
+    """Every table with a `text` column has `truncated` beside it (it was on `Verbalizations` only): a row that
+    ran out of `max_new_tokens` before an EOS, read off its tokens."""
+    result = results[kind]
+    rows = [r.verbalization for r in result.rows] if kind == "explanation" else result.verbalizations
+    eos = set(av_karvonen.eos_token_ids)
+    cut = [len(v.tokens) == FAST["max_new_tokens"] and v.tokens[-1] not in eos for v in rows]
+    assert any(cut)  # the tiny AV's noise rarely stops within 4 tokens: the column has something to say
+    assert result.to_pandas()["truncated"].tolist() == cut == [v.truncated for v in rows]
+
+
 def test_a_plain_list_plus_verbalizations_is_verbalizations():
     """`[v0] + out` stayed a plain list (no summary, no save): Python tries a list subclass's `__radd__` before
     list's own `+` only where the subclass defines one."""
