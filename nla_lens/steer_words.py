@@ -451,6 +451,10 @@ def _apply_edits(edit: Edit, texts: list[list[str]]) -> list[list[str]]:
             edited.append(new)
         else:
             raise InputError(f"each edit must be a str or a function str -> str, got {type(site_edit).__name__}")
+    for i, samples in enumerate(edited):
+        if any(not text.strip() for text in samples):
+            raise InputError(f"the edit of site {i} gives an empty explanation: the AR would read an empty "
+                             "<text></text> and steer towards that. Return the edited explanation's text")
     return edited
 
 

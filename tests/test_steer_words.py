@@ -265,6 +265,9 @@ def test_bad_input_gets_typed_errors_that_say_what_to_do(base, nla):
         steer(nla, base, tokens, -1, mask, edit=lambda text: text)
     with pytest.raises(nl.InputError, match="unchanged"):
         steer(nla, base, tokens[:1], -1, mask[:1], explanations=["the sea"], edit="the sea")
+    for empty in ("", " \n", lambda text: ""):  # a --edit "" or a regex that removed everything
+        with pytest.raises(nl.InputError, match="edit of site 0 gives an empty explanation"):
+            steer(nla, base, tokens[:1], -1, mask[:1], explanations=["the sea"], edit=empty)
     with pytest.raises(nl.PairMismatchError, match=f"reconstructs layer-{LAYER}.*pass layer={LAYER}"):
         steer(nla, base, tokens, -1, mask, layer=LAYER - 1)
     with pytest.raises(nl.InputError, match="one entry per steered site"):
