@@ -37,7 +37,7 @@ import torch
 
 from nla_lens import backends
 from nla_lens.capture import resid_post_name
-from nla_lens.checks import check_counts, resolve_device
+from nla_lens.checks import blocks_phrase, check_counts, resolve_device
 
 AV_TEMPLATE = ("Here is an activation vector: <c>{injection_char}</c>. Say in one sentence what the "
                "model was thinking about, inside explanation tags.")
@@ -187,7 +187,7 @@ _MEMORY_RUNS = (  # (label, loader, dtype)
 
 
 def _report_memory(paths: dict[str, Path], plan: Plan, device: str, out: Callable[[str], None]) -> None:
-    out(f"memory model: Qwen3-shaped, {plan.memory.describe()}, AR keeps {plan.ar_layer + 1} blocks; "
+    out(f"memory model: Qwen3-shaped, {plan.memory.describe()}, AR keeps {blocks_phrase(plan.ar_layer + 1)}; "
         f"bf16 sharded safetensors ({_folder_mb(paths['av']):.0f} MB AV, {_folder_mb(paths['ar']):.0f} MB AR)")
     out("  peak RSS over load + one forward / weight bytes (RSS before the load subtracted; fresh process each)")
     with _ForkServer() as server:

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from nla_lens import bench
+from nla_lens.checks import blocks_phrase
 
 
 @dataclass(frozen=True)
@@ -179,8 +180,8 @@ def text_weight_bytes(folder: Path, dtype: torch.dtype) -> int:
 
 
 def _report_memory(paths: dict[str, Path], plan: GemmaPlan, device: str, out: Callable[[str], None]) -> None:
-    out(f"memory model: Gemma-3-shaped, {plan.memory.describe()}, AR keeps {plan.memory.ar_layer + 1} blocks; bf16 "
-        f"sharded safetensors ({bench._folder_mb(paths['av']):.0f} MB text-only AV, "
+    out(f"memory model: Gemma-3-shaped, {plan.memory.describe()}, AR keeps {blocks_phrase(plan.memory.ar_layer + 1)}; "
+        f"bf16 sharded safetensors ({bench._folder_mb(paths['av']):.0f} MB text-only AV, "
         f"{bench._folder_mb(paths['av_multimodal']):.0f} MB multimodal AV with a SigLIP tower)")
     out("  peak RSS over load + one forward / bytes of the loaded parameters, and / the checkpoint's text weights")
     with bench._ForkServer() as server:

@@ -27,6 +27,7 @@ def test_quick_bench_prints_every_ratio(capsys):
     out = capsys.readouterr().out
     assert "--quick: tiny models, one repetition; a smoke run whose ratios measure per-call overhead" in out
     assert not re.search(r"\b0M params", out), out  # the tiny Gemma read "0M params"
+    assert len(re.findall(r"AR keeps (?:1 block \(0\)|\d+ blocks \(0-\d+\));", out)) == 2, out  # was "1 blocks"
     ratio = r"\d+\.\d+x"
     for loader in ("AV nla_lens", "AV HF from_pretrained", "AV TL from HF model", "AR nla_lens"):
         for dtype in ("bf16", "fp32"):
