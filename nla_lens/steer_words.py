@@ -247,7 +247,7 @@ def steer_with_words(
     (0 for none) greedy tokens continue each row without and with it. `layer`, if given, must be K.
     """
     _check_inputs(nla, base, tokens, layer, alpha, mode, continue_tokens)
-    samples, sampling = _sampling(explanations, samples, temperature, seed, max_new_tokens, batch_size)
+    samples, sampling = sampling_settings(explanations, samples, temperature, seed, max_new_tokens, batch_size)
     k = nla.ar.meta.layer
     real = real_tokens(base, attention_mask, tokens)
     if real is None:
@@ -366,8 +366,8 @@ def _check_context(base: TLModel, tokens: Tensor, real: Tensor, continue_tokens:
                                  "fewer (0 for none)")
 
 
-def _sampling(explanations: object, samples: int | None, temperature: float | None, seed: int | None,
-              max_new_tokens: int | None, batch_size: int) -> tuple[int, dict[str, Any]]:
+def sampling_settings(explanations: object, samples: int | None, temperature: float | None, seed: int | None,
+                      max_new_tokens: int | None, batch_size: int) -> tuple[int, dict[str, Any]]:
     """Samples per site and the AV's decoding settings (max_new_tokens among them), checked before the base model
     runs; a setting that would not apply (the AV does not run, or samples=1 is greedy) is refused, not ignored."""
     given = {name: value for name, value in (("samples", samples), ("temperature", temperature), ("seed", seed))

@@ -87,7 +87,7 @@ def _run_steer_words(args: argparse.Namespace) -> None:
     from nla_lens.display import format_cell
     from nla_lens.results import check_save_path
     from nla_lens.sidecar import text_ids
-    from nla_lens.steer_words import _sampling, steer_with_words
+    from nla_lens.steer_words import sampling_settings, steer_with_words
     from nla_lens.training.padding import pad
 
     if not all(text.strip() for text in args.text):
@@ -99,7 +99,7 @@ def _run_steer_words(args: argparse.Namespace) -> None:
     if args.save_vectors is not None:
         check_output_path(args.save_vectors, (".safetensors",), "--save-vectors")
     # The library's own checks of these settings, run before the models load; steer_with_words runs them again.
-    _sampling(None, args.samples, args.temperature, args.seed, args.max_new_tokens, args.batch_size)
+    sampling_settings(None, args.samples, args.temperature, args.seed, args.max_new_tokens, args.batch_size)
     check_finite(alpha=args.alpha)
     check_counts(0, continue_tokens=args.continue_tokens)
     nla, base = load_nla_and_base(args, device)
