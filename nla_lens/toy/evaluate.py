@@ -1,4 +1,5 @@
-"""Held-out scores of the bundled toy NLA: round-trip FVE, final-token naming, shuffled control.
+"""Held-out scores of the bundled toy NLA: round-trip FVE, final-token naming, shuffled control, and the AR's FVE
+on the true labels.
 
 `python -m nla_lens.toy.evaluate` scores both pairs on the scored positions and on the held-out slices
 the README quotes beside them (`--help` lists them); with both pairs it adds RL minus SFT per slice, with
@@ -355,7 +356,7 @@ def shuffled_fve(reconstructions: Float[Tensor, "n d_model"], vectors: Float[Ten
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m nla_lens.toy.evaluate", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m nla_lens.toy.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--folder", type=Path, default=TOY_DIR, help="a toy checkpoint folder (default: the bundled)")
     parser.add_argument("--pair", nargs="+", choices=PAIRS, default=list(PAIRS),
                         help="the pairs to score (default: both)")
