@@ -101,8 +101,9 @@ def missing_shards(folder: Path, n_shards: int) -> list[int]:
 
 
 def merge(folder: Path, n_shards: int) -> pa.Table:
-    """Every shard in shard order, which is input row order."""
-    return pa.concat_tables([_read_shard(shard_path(folder, i)) for i in range(n_shards)])
+    """Every shard in shard order, which is input row order. Shards an older nla_lens wrote lack the columns added
+    since (`truncated`): those rows hold nulls there, unknown rather than false."""
+    return pa.concat_tables([_read_shard(shard_path(folder, i)) for i in range(n_shards)], promote_options="default")
 
 
 def _read_shard(path: Path) -> pa.Table:

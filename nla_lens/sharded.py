@@ -128,7 +128,8 @@ def verbalize_file(
 ) -> JobResult:
     """Explain every vector of `input_path` into `output` (.parquet or .jsonl).
 
-    Output rows: index (the input row), the input's scalar columns, explanation (None if untagged), text.
+    Output rows: index (the input row), the input's scalar columns, explanation (None if untagged), text,
+    truncated (`max_new_tokens` cut the row before any EOS).
     """
     input_path, output = Path(input_path), Path(output)
     _check_paths(input_path, output)
@@ -317,6 +318,7 @@ def output_rows(table: VectorTable, rows: range, verbalizations: list[Verbalizat
         **{name: carried.column(name) for name in carried.column_names},
         "explanation": pa.array([v.explanation for v in verbalizations], pa.string()),
         "text": pa.array([v.text for v in verbalizations], pa.string()),
+        "truncated": pa.array([v.truncated for v in verbalizations], pa.bool_()),
         **extra,
     })
 

@@ -53,11 +53,12 @@ def test_two_torchrun_ranks_give_the_single_process_rows(av_karvonen, tiny_paths
     assert main(verbalize_args(tiny_paths["av_karvonen"], input_file, tmp_path / "one.parquet")) == 0
     two, one = pq.read_table(tmp_path / "two.parquet"), pq.read_table(tmp_path / "one.parquet")
     assert two.equals(one)
-    assert two.column_names == ["index", "doc_id", "position", "explanation", "text"]
+    assert two.column_names == ["index", "doc_id", "position", "explanation", "text", "truncated"]
     assert two.column("index").to_pylist() == list(range(N_ROWS))
     assert two.column("doc_id").to_pylist() == [f"doc{i // 4}" for i in range(N_ROWS)]
     expected = av_karvonen.verbalize(rows, max_new_tokens=8, progress=False)
     assert two.column("text").to_pylist() == [v.text for v in expected]
+    assert two.column("truncated").to_pylist() == [v.truncated for v in expected]
 
 
 @pytest.fixture(scope="module")
@@ -142,6 +143,23 @@ def test_a_killed_run_resumes_with_only_the_missing_shards(tiny_paths, input_fil
                                     progress=False)
     assert result.computed == [1, 2, 3] and calls == [3, 3, 1]
     assert pq.read_table(out).equals(reference)
+
+
+def test_shards_of_an_older_version_without_truncated_merge_with_nulls_there(tiny_paths, input_file, tmp_path):
+    """Shards written before the `truncated` column resume: their rows read null there (unknown, not false)."""
+    av, out = tiny_paths["av_karvonen"], tmp_path / "out.parquet"
+    reference = sharded.verbalize_file(av, input_file, out, sampling=GREEDY, shard_size=SHARD_SIZE,
+                                       progress=False).table
+    folder = shard_store.shard_folder(out)
+    older = shard_store.shard_path(folder, 0)
+    pq.write_table(pq.read_table(older).drop_columns(["truncated"]), older)
+    shard_store.shard_path(folder, 1).unlink()
+    out.unlink()
+    result = sharded.verbalize_file(av, input_file, out, sampling=GREEDY, shard_size=SHARD_SIZE, progress=False)
+    assert result.computed == [1] and result.table.column_names == reference.column_names
+    truncated = reference.column("truncated").to_pylist()
+    assert result.table.column("truncated").to_pylist() == [None] * SHARD_SIZE + truncated[SHARD_SIZE:]
+    assert result.table.drop_columns(["truncated"]).equals(reference.drop_columns(["truncated"]))
 
 
 def test_a_damaged_shard_file_is_named_and_recomputed_once_deleted(tiny_paths, input_file, tmp_path):
@@ -355,7 +373,7 @@ def test_the_vector_column_is_found_or_must_be_named(tiny_paths, rows, tmp_path)
         sharded.verbalize_file(av, path, tmp_path / "o.parquet", sampling=GREEDY, progress=False)
     table = sharded.verbalize_file(av, path, tmp_path / "o.parquet", sampling=GREEDY, column="vector",
                                    progress=False).table
-    assert table.column_names == ["index", "tag", "explanation", "text"]  # list columns are not carried
+    assert table.column_names == ["index", "tag", "explanation", "text", "truncated"]  # list columns are not carried
     pq.write_table(pa.table({"vector": [[1.0] * 64, [1.0] * 63]}), tmp_path / "ragged.parquet")
     with pytest.raises(nl.InputError, match=r"lengths \[63, 64\]"):
         sharded.verbalize_file(av, tmp_path / "ragged.parquet", tmp_path / "o.parquet", progress=False)
