@@ -454,7 +454,8 @@ def _apply_edits(edit: Edit, texts: list[list[str]]) -> list[list[str]]:
     for i, samples in enumerate(edited):
         if any(not text.strip() for text in samples):
             raise InputError(f"the edit of site {i} gives an empty explanation: the AR would read an empty "
-                             "<text></text> and steer towards that. Return the edited explanation's text")
+                             "<text></text> and steer towards that. Pass the edited explanation's text (or a "
+                             "function returning it)")
     return edited
 
 
