@@ -81,6 +81,7 @@ class RoundTripSummary:
     baseline: float | None
     baseline_source: str  # "given", "sidecar (held-out)", "paper (these vectors)" (all input vectors) or "none"
     n_failed_parses: int
+    n_truncated: int  # rows `max_new_tokens` cut before any EOS (rows of shards an older nla_lens wrote not counted)
     mse_scale: float
 
 
@@ -110,7 +111,7 @@ class JobResult:
         if self.summary is not None:
             s = self.summary
             text += (f"; mean MSE {s.mean_mse:.3f}, {baseline_phrase(s.fve, s.baseline, s.baseline_source, None)}, "
-                     f"{s.n_failed_parses} failed parses")
+                     f"{s.n_failed_parses} failed parses, {s.n_truncated} truncated")
         if self.warnings:
             text += f"; {len(self.warnings)} warning{'s' if len(self.warnings) != 1 else ''} (.warnings)"
         return f"JobResult: {text}"
@@ -201,7 +202,8 @@ def round_trip_file(
     mse = torch.tensor(result.table.column("mse").to_numpy())
     fve = None if resolved.value is None else metrics.fve(mse, resolved.value)
     summary = RoundTripSummary(len(mse), float(mse.mean()), fve, resolved.value, resolved.source,
-                               result.table.column("explanation").null_count, ar_meta.mse_scale)
+                               result.table.column("explanation").null_count,
+                               result.table.column("truncated").to_pylist().count(True), ar_meta.mse_scale)
     record = {**asdict(summary), "job": job_record(manifest)}
     write_atomic(summary_path(output), lambda tmp: tmp.write_text(json_text(record, indent=2) + "\n", encoding="utf-8"))
     return replace(result, summary=summary, warnings=result.warnings + [w for w in [resolved.warning] if w])

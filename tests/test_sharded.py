@@ -88,6 +88,7 @@ def test_two_torchrun_ranks_score_the_round_trip_as_one_process_and_nla(toy_vect
                                                   progress=False)
     assert reference.n_failed_parses < N_ROWS  # rows parse, so the AR's reconstructions are really scored
     assert summary["n_failed_parses"] == reference.n_failed_parses
+    assert summary["n_truncated"] == sum(v.truncated for v in reference.verbalizations)
     assert summary["baseline"] == pytest.approx(reference.baseline, abs=1e-9)
     assert summary["fve"] == pytest.approx(reference.fve, abs=1e-6)
     assert torch.allclose(torch.tensor(two.column("mse").to_numpy()), reference.mse, atol=1e-6)
@@ -160,6 +161,15 @@ def test_shards_of_an_older_version_without_truncated_merge_with_nulls_there(tin
     truncated = reference.column("truncated").to_pylist()
     assert result.table.column("truncated").to_pylist() == [None] * SHARD_SIZE + truncated[SHARD_SIZE:]
     assert result.table.drop_columns(["truncated"]).equals(reference.drop_columns(["truncated"]))
+
+
+def test_a_round_trip_summary_counts_the_rows_max_new_tokens_cut(tiny_paths, input_file, tmp_path):
+    out = tmp_path / "out.parquet"
+    result = sharded.round_trip_file(tiny_paths["av_karvonen"], tiny_paths["ar_nanonla"], input_file, out,
+                                     sampling=Sampling(max_new_tokens=3), baseline=0.8, shard_size=SHARD_SIZE)
+    cut = result.table.column("truncated").to_pylist()
+    assert result.summary.n_truncated == cut.count(True) > 0 and f"{cut.count(True)} truncated" in repr(result)
+    assert json.loads(sharded.summary_path(out).read_text())["n_truncated"] == cut.count(True)
 
 
 def test_a_damaged_shard_file_is_named_and_recomputed_once_deleted(tiny_paths, input_file, tmp_path):
@@ -442,11 +452,12 @@ def test_a_job_result_prints_short_with_its_outcome_not_its_table():
     """The generated repr printed the merged table's arrow preview (ten long AV completions per column) and
     every shard id: thousands of characters for an ordinary job."""
     table = pa.table({"index": list(range(1000)), "explanation": ["w" * 500] * 1000, "text": ["t" * 500] * 1000})
-    summary = sharded.RoundTripSummary(1000, 0.41, 0.47, 0.78, "sidecar (held-out)", 3, 8.0)
+    summary = sharded.RoundTripSummary(1000, 0.41, 0.47, 0.78, "sidecar (held-out)", 3, 2, 8.0)
     done = sharded.JobResult(Path("out.parquet"), 2000, list(range(2000)), [], table, summary, ["a warning"])
     text = repr(done)
     assert text == ("JobResult: wrote 1000 rows to out.parquet (2000 of 2000 shards computed here); mean MSE 0.410, "
-                    "FVE 0.470 (baseline 0.780, sidecar (held-out)), 3 failed parses; 1 warning (.warnings)")
+                    "FVE 0.470 (baseline 0.780, sidecar (held-out)), 3 failed parses, 2 truncated; "
+                    "1 warning (.warnings)")
     unfinished = repr(sharded.JobResult(Path("out.parquet"), 2000, [0], list(range(1, 2000))))
     assert unfinished.startswith("JobResult: 1999 of 2000 shards not finished (1, 2, 3, 4, 5, 6, 7, 8, ...)")
     assert len(unfinished) < 300 and "nothing merged into out.parquet" in unfinished
