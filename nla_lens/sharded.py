@@ -342,9 +342,18 @@ def _run(table: VectorTable, output: Path, manifest: dict[str, Any], compute: Ca
     missing = shard_store.missing_shards(folder, len(ranges))
     if missing:
         return JobResult(output, len(ranges), todo, missing)
-    merged = shard_store.merge(folder, len(ranges)).replace_schema_metadata({JOB_KEY: json_text(job_record(manifest))})
+    merged = _with_truncated(shard_store.merge(folder, len(ranges)))
+    merged = merged.replace_schema_metadata({JOB_KEY: json_text(job_record(manifest))})
     write_table(merged, output)
     return JobResult(output, len(ranges), todo, [], merged)
+
+
+def _with_truncated(merged: pa.Table) -> pa.Table:
+    """The merged rows with a `truncated` column after `text`, all null (unknown) where every shard was written by
+    an nla_lens from before the column; the merge already nulls it in the rows of such shards among newer ones."""
+    if "truncated" in merged.column_names:
+        return merged
+    return merged.add_column(merged.column_names.index("text") + 1, "truncated", pa.nulls(merged.num_rows, pa.bool_()))
 
 
 def _with_warnings(result: JobResult, av_meta: NLAMeta) -> JobResult:

@@ -172,6 +172,26 @@ def test_a_round_trip_summary_counts_the_rows_max_new_tokens_cut(tiny_paths, inp
     assert json.loads(sharded.summary_path(out).read_text())["n_truncated"] == cut.count(True)
 
 
+def test_a_round_trip_merged_only_from_shards_of_an_older_version_has_a_null_truncated_column(
+        tiny_paths, input_file, tmp_path):
+    """Every shard written before `truncated` existed: the merge has none of the column to promote, and the
+    round trip's summary read it (a KeyError); the column is now all null and counts no truncation."""
+    out = tmp_path / "out.parquet"
+
+    def run() -> sharded.JobResult:
+        return sharded.round_trip_file(tiny_paths["av_karvonen"], tiny_paths["ar_nanonla"], input_file, out,
+                                       sampling=GREEDY, baseline=0.8, shard_size=SHARD_SIZE)
+
+    reference = run().table
+    for shard in shard_store.shard_folder(out).glob("shard-*.parquet"):
+        pq.write_table(pq.read_table(shard).drop_columns(["truncated"]), shard)
+    out.unlink()
+    result = run()
+    assert result.computed == [] and result.table.column_names == reference.column_names
+    assert result.table.column("truncated").null_count == N_ROWS and result.summary.n_truncated == 0
+    assert result.table.drop_columns(["truncated"]).equals(reference.drop_columns(["truncated"]))
+
+
 def test_a_damaged_shard_file_is_named_and_recomputed_once_deleted(tiny_paths, input_file, tmp_path):
     av, out = tiny_paths["av_karvonen"], tmp_path / "out.parquet"
     reference = sharded.verbalize_file(av, input_file, out, sampling=GREEDY, shard_size=SHARD_SIZE,
