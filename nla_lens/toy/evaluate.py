@@ -21,7 +21,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from nla_lens import backends, loading, metrics
-from nla_lens.capture import text_resid_post
+from nla_lens.capture import resid_post_name, text_resid_post
 from nla_lens.errors import CheckpointError, InputError, NLAError
 from nla_lens.nla import NLA
 from nla_lens.reconstructor import ActivationReconstructor
@@ -129,12 +129,15 @@ class ToyNLA:
         return text_resid_post(self.base, torch.tensor([ids]), self.av.meta.layer).float()
 
     @torch.inference_mode()
-    def labels(self, ids: list[int], positions: list[int]) -> list[str]:
-        """The labeler's explanation of each position of one tokenized text, with the base's next-token
-        guess: the text the SFT AV was trained to write there."""
-        tokens = torch.tensor([ids])
-        predicted = self.base(tokens, attention_mask=torch.ones_like(tokens))[0].argmax(-1)  # type: ignore[operator]
-        return [describe_position(self.av.tokenizer, ids[:p + 1], int(predicted[p])) for p in positions]
+    def read(self, ids: list[int], positions: list[int]) -> tuple[Float[Tensor, "k d_model"], list[str]]:
+        """`activations` at `positions` of one tokenized text and the labeler's explanation of each (the text
+        the SFT AV was trained to write there, from the base's next-token guess), in one forward pass."""
+        tokens, kept = torch.tensor([ids]), []
+        logits = backends.run_with_hooks(self.base, tokens, attention_mask=torch.ones_like(tokens), fwd_hooks=[
+            (resid_post_name(self.av.meta.layer), lambda activation, hook: kept.append(activation))])
+        predicted = logits[0].argmax(-1)
+        labels = [describe_position(self.av.tokenizer, ids[:p + 1], int(predicted[p])) for p in positions]
+        return kept[0][0, positions].float(), labels
 
 
 def long_speeches(play: Play) -> list[str]:
@@ -237,9 +240,10 @@ def text_positions(toy: ToyNLA, texts: list[str], per_doc: int = 2, limit: int |
         ids = toy.av.tokenizer.encode(text, add_special_tokens=False)[:MAX_TOKENS]
         positions = list(range(MIN_CONTEXT, len(ids), 7))[:per_doc]
         if positions:
-            vectors.append(toy.activations(ids)[positions])
+            read_vectors, read_labels = toy.read(ids, positions)
+            vectors.append(read_vectors)
             tokens += [ids[p] for p in positions]
-            labels += toy.labels(ids, positions)
+            labels += read_labels
         if limit is not None and len(tokens) >= limit:
             break
     return Positions(torch.cat(vectors)[:limit], torch.tensor(tokens[:limit]), labels[:limit])
