@@ -188,21 +188,27 @@ _MEMORY_RUNS = (  # (label, loader, dtype)
 
 def _report_memory(paths: dict[str, Path], plan: Plan, device: str, out: Callable[[str], None]) -> None:
     out(f"memory model: Qwen3-shaped, {plan.memory.describe()}, AR keeps {blocks_phrase(plan.ar_layer + 1)}; "
-        f"bf16 sharded safetensors ({_folder_mb(paths['av']):.0f} MB AV, {_folder_mb(paths['ar']):.0f} MB AR)")
+        f"bf16 sharded safetensors ({size_text(folder_bytes(paths['av']))} AV, "
+        f"{size_text(folder_bytes(paths['ar']))} AR)")
     out("  peak RSS over load + one forward / weight bytes (RSS before the load subtracted; fresh process each)")
     with _ForkServer() as server:
         for label, loader, dtype in _MEMORY_RUNS:
             result = server.measure(loader, paths["ar"] if loader == "nla_ar" else paths["av"], dtype, device)
             name = f"{label} (bf16 file -> {'bf16' if dtype == 'bfloat16' else 'fp32'} model)"
             line = (f"  {name:58s} {result['growth'] / result['weights']:5.2f}x   (weights "
-                    f"{result['weights'] / 2**20:6.0f} MB, peak growth {result['growth'] / 2**20:6.0f} MB)")
+                    f"{size_text(result['weights']):>7s}, peak growth {size_text(result['growth']):>7s})")
             if "device_peak" in result:
                 line += f"   {device} peak / weights {result['device_peak'] / result['weights']:.2f}x"
             out(line)
 
 
-def _folder_mb(folder: Path) -> float:
-    return sum(f.stat().st_size for f in folder.glob("*.safetensors")) / 2**20
+def folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+
+
+def size_text(n_bytes: float) -> str:
+    """Whole MB, or KB below one MB: the quick plan's checkpoints would all read "0 MB"."""
+    return f"{n_bytes / 2**20:.0f} MB" if n_bytes >= 2**20 else f"{n_bytes / 2**10:.0f} KB"
 
 
 _RESULT = "nla-lens-bench-result "

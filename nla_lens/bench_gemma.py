@@ -181,8 +181,8 @@ def text_weight_bytes(folder: Path, dtype: torch.dtype) -> int:
 
 def _report_memory(paths: dict[str, Path], plan: GemmaPlan, device: str, out: Callable[[str], None]) -> None:
     out(f"memory model: Gemma-3-shaped, {plan.memory.describe()}, AR keeps {blocks_phrase(plan.memory.ar_layer + 1)}; "
-        f"bf16 sharded safetensors ({bench._folder_mb(paths['av']):.0f} MB text-only AV, "
-        f"{bench._folder_mb(paths['av_multimodal']):.0f} MB multimodal AV with a SigLIP tower)")
+        f"bf16 sharded safetensors ({bench.size_text(bench.folder_bytes(paths['av']))} text-only AV, "
+        f"{bench.size_text(bench.folder_bytes(paths['av_multimodal']))} multimodal AV with a SigLIP tower)")
     out("  peak RSS over load + one forward / bytes of the loaded parameters, and / the checkpoint's text weights")
     with bench._ForkServer() as server:
         for label, loader, folder, dtype in _MEMORY_RUNS:
@@ -190,8 +190,8 @@ def _report_memory(paths: dict[str, Path], plan: GemmaPlan, device: str, out: Ca
             text = text_weight_bytes(paths[folder], getattr(torch, dtype))
             name = f"{label} (bf16 file -> {'bf16' if dtype == 'bfloat16' else 'fp32'} model)"
             out(f"  {name:62s} {result['growth'] / result['weights']:5.2f}x loaded, "
-                f"{result['growth'] / text:5.2f}x text weights   (loaded {result['weights'] / 2**20:6.0f} MB, "
-                f"text weights {text / 2**20:6.0f} MB, peak growth {result['growth'] / 2**20:6.0f} MB)")
+                f"{result['growth'] / text:5.2f}x text weights   (loaded {bench.size_text(result['weights']):>7s}, "
+                f"text weights {bench.size_text(text):>7s}, peak growth {bench.size_text(result['growth']):>7s})")
 
 
 def _report_speed(paths: dict[str, Path], plan: GemmaPlan, device: str, out: Callable[[str], None]) -> None:

@@ -63,8 +63,9 @@ def device_for(world: World, device: str | torch.device) -> torch.device:
         return torch.device("cuda", 0 if visible == 1 else world.local_rank)
     if world.is_distributed and visible > 1:
         raise ConfigError(f"device {str(device)!r} with {world.world_size} torchrun processes puts every rank on GPU "
-                          f"{device.index}: pass 'cuda' (each rank then takes cuda:LOCAL_RANK, its own GPU), or run "
-                          f"one process to use {device}")
+                          f"{device.index}: set the device to 'cuda' (`--device cuda`, or `device: cuda` in the YAML "
+                          f"config; each rank then takes cuda:LOCAL_RANK, its own GPU), or run one process to use "
+                          f"{device}")
     return device
 
 

@@ -27,6 +27,7 @@ def test_quick_bench_prints_every_ratio(capsys):
     out = capsys.readouterr().out
     assert "--quick: tiny models, one repetition; a smoke run whose ratios measure per-call overhead" in out
     assert not re.search(r"\b0M params", out), out  # the tiny Gemma read "0M params"
+    assert not re.search(r"\b0 [KM]B\b", out), out  # the tiny checkpoints' sizes read "0 MB"
     assert len(re.findall(r"AR keeps (?:1 block \(0\)|\d+ blocks \(0-\d+\));", out)) == 2, out  # was "1 blocks"
     ratio = r"\d+\.\d+x"
     for loader in ("AV nla_lens", "AV HF from_pretrained", "AV TL from HF model", "AR nla_lens"):
@@ -47,6 +48,10 @@ def test_quick_bench_prints_every_ratio(capsys):
                              out), (layout, dtype, out)
     assert re.findall(rf"Gemma verbalize, batch .* -> {ratio} \(rows with the same tokens as HF: (\d+)/(\d+)\)",
                       out) == [("1", "1"), ("4", "4")], out
+
+
+def test_sizes_below_one_megabyte_are_given_in_kilobytes():
+    assert [bench.size_text(n) for n in (300_000, 2**20, 43.4 * 2**20)] == ["293 KB", "1 MB", "43 MB"]
 
 
 def test_gpu_timings_and_peaks_are_taken_on_the_benched_device(monkeypatch, tiny_paths):

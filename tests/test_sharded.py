@@ -99,8 +99,9 @@ def test_an_explicit_gpu_index_under_torchrun_is_refused_and_cuda_means_each_ran
     """`cuda:1` under torchrun put every rank on GPU 1 (no GPU is needed: only the device count is read)."""
     rank1 = World(rank=1, world_size=2, local_rank=1)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
-    with pytest.raises(nl.ConfigError, match=r"'cuda:1' with 2 torchrun processes puts every rank on GPU 1: pass "
-                                             r"'cuda'.*cuda:LOCAL_RANK"):
+    with pytest.raises(nl.ConfigError, match=r"'cuda:1' with 2 torchrun processes puts every rank on GPU 1: set the "
+                                             r"device to 'cuda' \(`--device cuda`, or `device: cuda` in the YAML "
+                                             r"config.*cuda:LOCAL_RANK"):
         device_for(rank1, "cuda:1")
     assert device_for(rank1, "cuda") == torch.device("cuda:1")
     assert device_for(World(), "cuda:1") == torch.device("cuda:1")
