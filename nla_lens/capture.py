@@ -146,6 +146,7 @@ class Capture:
     def __init__(self, model: TLModel, layer: int, positions: PositionSpec = -1, *,
                  attention_mask: Int[Tensor, "batch pos"] | None = None,
                  tokens: Int[Tensor, "batch pos"] | None = None, calls: Calls = "first") -> None:
+        backends.backend_of(model)  # an NLA or an AV here fell through to an AttributeError on .cfg
         check_block(model, layer)
         if calls not in ("first", "all"):
             raise InputError(f"calls must be 'first' or 'all', got {calls!r}")

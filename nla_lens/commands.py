@@ -74,8 +74,9 @@ def add_verbalize(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--av", required=True, help="the AV checkpoint folder (or a hub id in the local HF cache)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--input", "--vectors", dest="input", type=Path, help=_INPUT_HELP)
-    source.add_argument("--text", help="text to run through the base model; each of its positions is explained, "
-                                       "but a BOS the tokenizer puts first (as in explain)")
+    source.add_argument("--text", action="append",
+                        help="text to run through the base model; each of its positions is explained, but a BOS "
+                             "the tokenizer puts first (as in explain); one text (nla-lens explain takes several)")
     parser.add_argument("--base", help="base model folder for --text (default: the sidecar's base_model)")
     parser.add_argument("--layer", type=int, help="layer K for --text (default: the AV's sidecar layer)")
     parser.add_argument("--output", type=Path,
@@ -179,6 +180,10 @@ def _run_verbalize(args: argparse.Namespace) -> None:
     if World.from_env().is_distributed:
         raise InputError("under torchrun, give --input FILE and --output FILE: only file jobs are sharded")
     if args.text is not None:
+        if len(args.text) > 1:  # argparse kept only the last --text and explained it alone
+            raise InputError(f"--text was given {len(args.text)} times; verbalize explains one text: run it once per "
+                             "text, or give them all to nla-lens explain (--text repeated)")
+        args.text = args.text[0]
         if not args.text.strip():
             raise InputError("--text is empty; give the text whose positions to explain")
         if args.shards is not None or args.column is not None:
@@ -299,12 +304,17 @@ def _run_reconstruct(args: argparse.Namespace) -> None:
     nla_checkpoint(args.ar, "ar")
     if args.output:
         check_output_path(args.output, _VECTOR_SUFFIXES, "--output")
+    if args.input and args.explanations:  # vector i would not be line i's, as --input's help says
+        raise InputError("give the explanations as arguments or in --input FILE, not both")
     texts = list(args.explanations)
     if args.input:
         check_input_file(args.input, "--input")
-        texts += _explanation_lines(args.input)
+        texts = _explanation_lines(args.input)
     if not texts:
         raise InputError("no explanations: give them as arguments, or --input FILE with one per line")
+    blank = [i for i, text in enumerate(texts) if not text.strip()]
+    if blank:  # the AR would read an empty <text></text> and return a vector for it
+        raise InputError(f"explanation {blank[0]} is empty; give the explanation's text")
     ar = ActivationReconstructor.from_pretrained(args.ar, device=args.device, dtype=args.dtype)
     vectors = ar.reconstruct(texts, batch_size=args.batch_size)
     for i, v in enumerate(vectors):

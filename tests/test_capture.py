@@ -198,6 +198,13 @@ def test_hooks_removed_after_an_exception_inside_the_context(base):
     assert no_hooks_left(base)
 
 
+@pytest.mark.parametrize("model", [None, "path/to/base", torch.nn.Linear(2, 2)])
+def test_capture_of_something_other_than_a_tl_model_is_a_backend_error(model):
+    """An NLA, an AV or a folder here ended in AttributeError: 'NLA' object has no attribute 'cfg'."""
+    with pytest.raises(nl.BackendError, match="expected a TransformerLens model .* check the order of the arguments"):
+        nl.capture(model, 1)
+
+
 @pytest.mark.parametrize("layer", [4, -1, 1.0, "2", True])
 def test_bad_layer_is_an_input_error(base, layer):
     with pytest.raises(nl.InputError, match=r"layer must be an int indexing the model's 4 blocks \(0-3\)"):

@@ -60,6 +60,13 @@ def test_empty_text(tiny_paths, no_model_loads, capsys):
     _fails(["verbalize", "--av", av, "--base", av, "--text", ""], capsys, "InputError", "--text is empty")
 
 
+def test_verbalize_refuses_a_second_text(tiny_paths, no_model_loads, capsys):
+    """argparse kept the last --text: the first was dropped without a word."""
+    av = tiny_paths["av_karvonen"]
+    _fails(["verbalize", "--av", av, "--base", av, "--text", "a cat", "--text", "a dog"], capsys, "InputError",
+           "--text was given 2 times; verbalize explains one text", "nla-lens explain")
+
+
 def test_missing_input_file(tiny_paths, tmp_path, no_model_loads, capsys):
     _fails(["verbalize", "--av", tiny_paths["av_karvonen"], "--input", tmp_path / "nope.safetensors"], capsys,
            "InputError", "nope.safetensors does not exist")
@@ -158,6 +165,10 @@ def test_reconstruct_output_and_input_checked_first(tiny_paths, tmp_path, no_mod
     _fails(["reconstruct", "--ar", ar, "--input", tmp_path / "nope.txt"], capsys, "nope.txt does not exist")
     _fails(["reconstruct", "--ar", ar], capsys, "no explanations: give them as arguments, or --input FILE")
     _fails(["reconstruct", "--ar", ar, "a cat", "--batch-size", "0"], capsys, "batch_size=0")
+    # Arguments came first and the file's lines after them: vector i was no longer line i's.
+    (lines := tmp_path / "e.txt").write_text("the sea\n", encoding="utf-8")
+    _fails(["reconstruct", "--ar", ar, "a cat", "--input", lines], capsys, "as arguments or in --input FILE, not both")
+    _fails(["reconstruct", "--ar", ar, "a cat", "  "], capsys, "explanation 1 is empty")  # read as <text></text>
 
 
 def test_reconstruct_refuses_a_blank_line_that_would_shift_the_vectors(tiny_paths, tmp_path, no_model_loads, capsys):
