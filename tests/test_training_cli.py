@@ -140,6 +140,26 @@ def test_an_explanations_folder_or_an_out_dir_file_is_named_before_training(tmp_
     assert not (tmp_path / "ar").exists()
 
 
+@pytest.mark.parametrize("command", ["train-av", "train-ar", "train-rl"])
+@pytest.mark.parametrize("where", ["under_a_file", "proc"])
+def test_an_out_dir_that_cannot_be_written_is_refused_before_any_model_loads(tmp_path, tiny_paths, base_folder,
+                                                                             capsys, monkeypatch, command, where):
+    """An out_dir under a file or on /proc failed at the first checkpoint write, after the training."""
+    if where == "proc" and not Path("/proc/self").is_dir():
+        pytest.skip("needs Linux's /proc, a folder no file can be created in")
+    for role in (nl.ActivationVerbalizer, nl.ActivationReconstructor):
+        monkeypatch.setattr(role, "from_pretrained", lambda *a, **k: pytest.fail("loaded a model"))
+    (tmp_path / "notes.txt").write_text("a file")
+    out_dir = tmp_path / "notes.txt" / "run" if where == "under_a_file" else Path("/proc/nla_lens_run")
+    fields = ({"av": str(tiny_paths["av_karvonen"]), "ar": str(tiny_paths["ar_paper"])} if command == "train-rl"
+              else {"base_model": str(base_folder)})
+    config = _write(tmp_path / "c.yaml", {**fields, "activations": str(tmp_path), "explanations": str(tmp_path),
+                                          "out_dir": str(out_dir)})
+    assert main([command, config]) == 2
+    err = capsys.readouterr().err
+    assert f"ConfigError: out_dir '{out_dir}' cannot be written" in err and "set out_dir to a folder" in err, err
+
+
 def test_train_rl_refuses_an_out_dir_whose_av_folder_holds_an_ar(tmp_path, tiny_paths, capsys, monkeypatch):
     monkeypatch.setattr(nl.ActivationVerbalizer, "from_pretrained", lambda *a, **k: pytest.fail("loaded the AV"))
     shutil.copytree(tiny_paths["ar_paper"], tmp_path / "rl" / "av")

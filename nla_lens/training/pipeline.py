@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+import tempfile
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -88,6 +90,25 @@ def _run_command(config: dict) -> str:
     return "train-rl" if "rl" in config else "train-av" if "injection" in config else "train-ar"
 
 
+def check_writable_out_dir(out_dir: str | Path) -> None:
+    """Create `out_dir` and a file in it before any model loads, then remove what the probe made: an unwritable
+    one (under a file, on a read-only mount) failed at the first checkpoint, after the training it should keep."""
+    folder = Path(out_dir).absolute()
+    # Under torchrun every rank probes: removing the folder there could pull it from under another rank's probe.
+    first_new = (None if World.from_env().is_distributed
+                 else next((p for p in reversed([folder, *folder.parents]) if not p.exists()), None))
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"out_dir {str(out_dir)!r} cannot be written ({exc.strerror or exc}); set out_dir to a "
+                          "folder this process can create and write") from exc
+    finally:
+        if first_new is not None and first_new.is_dir():
+            shutil.rmtree(first_new)
+
+
 def check_result_file(out_dir: str | Path, command: str) -> None:
     """Refuse an `out_dir` that holds another command's run (its `train_result.json`): this run would overwrite
     that record and mix its checkpoints with the other run's (RL pointed at the SFT AV's out_dir)."""
@@ -125,6 +146,7 @@ def run_train_av(config: AVRunConfig, *, progress: bool = True) -> RunResult:
     Under `torchrun` every rank runs this: data-parallel SFT (`config.train.data_parallel`), rank 0 writes.
     """
     check_export_folder(Path(config.out_dir) / MODEL_DIR, "av")  # before training, not after it
+    check_writable_out_dir(config.out_dir)
     check_result_file(config.out_dir, "train-av")
     check_fresh_out_dir(config.out_dir, config.train.steps, config.resume)
     return _run_sft(config, _train_and_export_av, progress)
@@ -149,6 +171,7 @@ def run_train_ar(config: ARRunConfig, *, progress: bool = True) -> RunResult:
     Under `torchrun` every rank runs this: data-parallel SFT (`config.train.data_parallel`), rank 0 writes.
     """
     check_export_folder(Path(config.out_dir) / MODEL_DIR, "ar")  # before training, not after it
+    check_writable_out_dir(config.out_dir)
     check_result_file(config.out_dir, "train-ar")
     check_fresh_out_dir(config.out_dir, config.train.steps, config.resume)
     return _run_sft(config, _train_and_export_ar, progress)
@@ -182,6 +205,7 @@ def run_train_rl(config: RLRunConfig, *, progress: bool = True) -> RLRunResult:
     """
     for role in ("av", "ar"):  # before training, not after it
         check_export_folder(Path(config.out_dir) / role, role)
+    check_writable_out_dir(config.out_dir)
     check_result_file(config.out_dir, "train-rl")
     check_fresh_out_dir(config.out_dir, config.rl.steps, config.resume)
     activations, train, evaluation = _split(config)
