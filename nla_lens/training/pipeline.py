@@ -90,6 +90,13 @@ def _run_command(config: dict) -> str:
     return "train-rl" if "rl" in config else "train-av" if "injection" in config else "train-ar"
 
 
+def check_out_dir(out_dir: str | Path, command: str, steps: int, resume: str | Path | None) -> None:
+    """What each training command checks of its `out_dir` before any model loads."""
+    check_writable_out_dir(out_dir)
+    check_result_file(out_dir, command)
+    check_fresh_out_dir(out_dir, steps, resume)
+
+
 def check_writable_out_dir(out_dir: str | Path) -> None:
     """Create `out_dir` and a file in it before any model loads, then remove what the probe made: an unwritable
     one (under a file, on a read-only mount) failed at the first checkpoint, after the training it should keep."""
@@ -146,9 +153,7 @@ def run_train_av(config: AVRunConfig, *, progress: bool = True) -> RunResult:
     Under `torchrun` every rank runs this: data-parallel SFT (`config.train.data_parallel`), rank 0 writes.
     """
     check_export_folder(Path(config.out_dir) / MODEL_DIR, "av")  # before training, not after it
-    check_writable_out_dir(config.out_dir)
-    check_result_file(config.out_dir, "train-av")
-    check_fresh_out_dir(config.out_dir, config.train.steps, config.resume)
+    check_out_dir(config.out_dir, "train-av", config.train.steps, config.resume)
     return _run_sft(config, _train_and_export_av, progress)
 
 
@@ -171,9 +176,7 @@ def run_train_ar(config: ARRunConfig, *, progress: bool = True) -> RunResult:
     Under `torchrun` every rank runs this: data-parallel SFT (`config.train.data_parallel`), rank 0 writes.
     """
     check_export_folder(Path(config.out_dir) / MODEL_DIR, "ar")  # before training, not after it
-    check_writable_out_dir(config.out_dir)
-    check_result_file(config.out_dir, "train-ar")
-    check_fresh_out_dir(config.out_dir, config.train.steps, config.resume)
+    check_out_dir(config.out_dir, "train-ar", config.train.steps, config.resume)
     return _run_sft(config, _train_and_export_ar, progress)
 
 
@@ -205,9 +208,7 @@ def run_train_rl(config: RLRunConfig, *, progress: bool = True) -> RLRunResult:
     """
     for role in ("av", "ar"):  # before training, not after it
         check_export_folder(Path(config.out_dir) / role, role)
-    check_writable_out_dir(config.out_dir)
-    check_result_file(config.out_dir, "train-rl")
-    check_fresh_out_dir(config.out_dir, config.rl.steps, config.resume)
+    check_out_dir(config.out_dir, "train-rl", config.rl.steps, config.resume)
     activations, train, evaluation = _split(config)
     check_rl_layers(config, activations)
     check_rl_split(config, evaluation)
