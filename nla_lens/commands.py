@@ -80,8 +80,8 @@ def add_verbalize(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--base", help="base model folder for --text (default: the sidecar's base_model)")
     parser.add_argument("--layer", type=int, help="layer K for --text (default: the AV's sidecar layer)")
     parser.add_argument("--output", type=Path,
-                        help="write the rows (index, the input's columns, explanation, text) to this .parquet or "
-                             ".jsonl file instead of printing them")
+                        help="write the rows (index, the input's columns, explanation, text, truncated) to this "
+                             ".parquet or .jsonl file instead of printing them")
     _add_job_flags(parser)
     parser.set_defaults(run=_run_verbalize)
 
@@ -91,8 +91,8 @@ def add_round_trip(subparsers: argparse._SubParsersAction) -> None:
         "round-trip", help="verbalize, reconstruct and score vectors (MSE, FVE) with an AV/AR pair",
         description="Score an NLA on a vector file: each vector is explained by the AV, rebuilt from the "
                     "explanation by the AR and scored as NLA.round_trip does (a failed parse scores as a miss). "
-                    "Writes the rows (index, the input's columns, explanation, text, mse) to --output and the "
-                    "mean MSE, baseline and FVE over all rows to <output stem>.summary.json. Runs as one "
+                    "Writes the rows (index, the input's columns, explanation, text, truncated, mse) to --output "
+                    "and the mean MSE, baseline and FVE over all rows to <output stem>.summary.json. Runs as one "
                     "process or under torchrun; rerun the same command to resume. " + _SHARDING_NOTE)
     parser.add_argument("--av", required=True, help="the AV checkpoint folder (or a hub id in the local HF cache)")
     parser.add_argument("--ar", required=True, help="the AR trained with this AV")
@@ -114,10 +114,13 @@ _SHARDING_NOTE = ("Shards are --shard-size consecutive rows, written to <output>
                   "(nla_lens_job) and in a round trip's summary (job).")
 
 
+_SHARD_SIZE = 256
+
+
 def _add_job_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--column", help="the parquet column holding the vectors (default: the only list-of-floats "
                                          "column)")
-    parser.add_argument("--shard-size", type=int, default=256, help="input rows per shard (default 256)")
+    parser.add_argument("--shard-size", type=int, help=f"input rows per shard of a file job (default {_SHARD_SIZE})")
     parser.add_argument("--shards", type=_shard_ids,
                         help="compute only these shard ids, e.g. 0,3 (to redo a failed rank's shards in one "
                              "process); the output is merged once every shard exists")
@@ -151,9 +154,13 @@ def _dtype_arg(value: str) -> torch.dtype:
 
 def _shard_ids(value: str) -> list[int]:
     try:
-        return [int(part) for part in value.split(",") if part.strip()]
+        ids = [int(part) for part in value.split(",") if part.strip()]
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"expected comma-separated shard ids such as 0,3, got {value!r}") from exc
+    if not ids:  # an empty list would compute nothing and exit 0
+        raise argparse.ArgumentTypeError(f"expected at least one shard id, such as 0 or 0,3, got {value!r}; leave "
+                                         "--shards out to compute every unfinished shard")
+    return ids
 
 
 def _sampling(args: argparse.Namespace) -> Sampling:
@@ -161,7 +168,8 @@ def _sampling(args: argparse.Namespace) -> Sampling:
 
 
 def _job_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    return {"sampling": _sampling(args), "column": args.column, "shard_size": args.shard_size,
+    shard_size = _SHARD_SIZE if args.shard_size is None else args.shard_size
+    return {"sampling": _sampling(args), "column": args.column, "shard_size": shard_size,
             "shards": args.shards, "device": args.device, "dtype": args.dtype, "progress": True}
 
 
@@ -186,8 +194,9 @@ def _run_verbalize(args: argparse.Namespace) -> None:
         args.text = args.text[0]
         if not args.text.strip():
             raise InputError("--text is empty; give the text whose positions to explain")
-        if args.shards is not None or args.column is not None:
-            raise InputError("--shards and --column apply to --input files; --text is explained in one process")
+        if args.shards is not None or args.shard_size is not None or args.column is not None:
+            raise InputError("--shards, --shard-size and --column apply to --input files; --text is explained in "
+                             "one process")
         layer = meta.layer if args.layer is None else args.layer
         from nla_lens.base_model import sidecar_base_folder
 
@@ -196,9 +205,9 @@ def _run_verbalize(args: argparse.Namespace) -> None:
         if table.columns.column("position")[0].as_py() > 0:
             print("position 0, the BOS the tokenizer puts first, is not explained (as in explain)", file=sys.stderr)
     else:
-        if args.shards is not None:
-            raise InputError("--shards picks shards of a file job: give --output FILE too (without it the rows "
-                             "are printed, all in one process)")
+        if args.shards is not None or args.shard_size is not None:
+            raise InputError("--shards and --shard-size apply to a file job: give --output FILE too (without it "
+                             "the rows are printed, all in one process)")
         sharded.check_extraction_input(args.input, meta)
         table = read_input(args.input, args.column)
     from nla_lens.verbalizer import ActivationVerbalizer

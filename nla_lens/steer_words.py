@@ -399,6 +399,9 @@ def sampling_settings(explanations: object, samples: int | None, temperature: fl
     sampling = {"temperature": 1.0 if temperature is None else temperature, "seed": 0 if seed is None else seed,
                 "max_new_tokens": max_new_tokens}
     check_sampling(sampling["temperature"], 1.0, max_new_tokens, batch_size, sampling["seed"])
+    if sampling["temperature"] == 0:  # every sample would be the greedy explanation: Delta averaged over copies
+        raise InputError(f"samples={samples}, temperature={temperature!r}: at temperature 0 every sample is the same "
+                         "greedy explanation; pass samples=1 for it, or a temperature > 0 to sample")
     return samples, sampling
 
 

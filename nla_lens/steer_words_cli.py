@@ -6,6 +6,10 @@ import argparse
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+from jaxtyping import Bool
+from torch import Tensor
+
 from nla_lens.checks import check_counts, check_finite, check_output_path, resolve_device
 from nla_lens.commands import add_dtype_flag, add_nla_flags, load_nla_and_base
 from nla_lens.errors import InputError
@@ -26,9 +30,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_nla_flags(parser)
     parser.add_argument("--text", action="append", required=True, help="a text to steer (repeat for several)")
     parser.add_argument("--positions", type=_steer_positions_arg, default=[-1],
-                        help="which tokens of every text to steer: comma-separated positions, negative from each "
-                             "text's last token (default -1, the last token); a value that starts with '-' goes "
-                             "after '=', as in --positions=-2,-1")
+                        help="which tokens of every text to steer: comma-separated positions in each text's own "
+                             "tokens (0 is its first, the BOS where the tokenizer puts one), negative from its last "
+                             "token (default -1, the last token); a value that starts with '-' goes after '=', as "
+                             "in --positions=-2,-1. The rows' batch and position are the text's index and its "
+                             "column in the left-padded batch that --save-vectors steers")
     edit = parser.add_mutually_exclusive_group(required=True)
     edit.add_argument("--replace", nargs=2, action="append", metavar=("OLD", "NEW"),
                       help="edit every explanation by replacing OLD with NEW (repeat for several, applied in order); "
@@ -64,6 +70,23 @@ def _steer_positions_arg(value: str) -> list[int]:
         return [int(p) for p in value.split(",")]
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"expected positions such as -1 or 3,-1, got {value!r}") from exc
+
+
+def _site_mask(positions: list[int], lengths: list[int], width: int) -> Bool[Tensor, "batch pos"]:
+    """`--positions` counted in each text's own tokens, as a mask over the left-padded batch: passed as columns, a
+    positive position counted the padding, so it named a different token of each text of another length."""
+    mask = torch.zeros(len(lengths), width, dtype=torch.bool)
+    for row, length in enumerate(lengths):
+        own = [p if p >= 0 else length + p for p in positions]
+        outside = [p for p, q in zip(positions, own, strict=True) if not 0 <= q < length]
+        if outside:
+            raise InputError(f"--positions {outside[0]} is outside text {row}, which is {length} tokens "
+                             f"(0..{length - 1}, or -{length}..-1 from its last); pick positions inside every text")
+        if len(set(own)) < len(own):
+            raise InputError(f"--positions {','.join(map(str, positions))} name the same token of text {row} twice; "
+                             "steer each token once")
+        mask[row, [width - length + q for q in own]] = True
+    return mask
 
 
 def _word_edit(args: argparse.Namespace) -> str | Callable[[str], str]:
@@ -103,10 +126,12 @@ def _run_steer_words(args: argparse.Namespace) -> None:
     check_finite(alpha=args.alpha)
     check_counts(0, continue_tokens=args.continue_tokens)
     nla, base = load_nla_and_base(args, device)
-    # One left-padded batch with its mask: steer_with_words counts negative positions from each row's last real token.
-    # The pads are masked out, so their id is 0 as in every other pad() call (Llama 3's tokenizer has no pad token).
-    tokens, mask = pad([text_ids(base.tokenizer, text) for text in args.text], 0, "left")
-    result = steer_with_words(nla, base, tokens.to(device), args.positions, edit=edit, alpha=args.alpha,
+    # One left-padded batch with its mask. The pads are masked out, so their id is 0 as in every other pad() call
+    # (Llama 3's tokenizer has no pad token).
+    rows = [text_ids(base.tokenizer, text) for text in args.text]
+    tokens, mask = pad(rows, 0, "left")
+    sites = _site_mask(args.positions, [len(row) for row in rows], tokens.shape[1])
+    result = steer_with_words(nla, base, tokens.to(device), sites.to(device), edit=edit, alpha=args.alpha,
                               mode=args.mode, samples=args.samples, temperature=args.temperature, seed=args.seed,
                               attention_mask=mask.to(device), continue_tokens=args.continue_tokens,
                               max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)

@@ -237,8 +237,25 @@ def test_base_and_layer_are_refused_beside_an_input_file(tiny_paths, vector_file
 
 def test_shards_without_an_output_file_are_refused(tiny_paths, vector_file, no_model_loads, capsys):
     """Without --output the rows are printed from one process: --shards was silently ignored."""
-    _fails(["verbalize", "--av", tiny_paths["av_karvonen"], "--input", vector_file, "--shards", "0"], capsys,
-           "InputError", "give --output FILE too")
+    for flag in (["--shards", "0"], ["--shard-size", "8"]):
+        _fails(["verbalize", "--av", tiny_paths["av_karvonen"], "--input", vector_file, *flag], capsys,
+               "InputError", "give --output FILE too")
+
+
+def test_shard_flags_are_refused_beside_a_text(tiny_paths, no_model_loads, capsys):
+    """A --text is explained in one process: --shard-size was silently ignored there."""
+    av = tiny_paths["av_karvonen"]
+    _fails(["verbalize", "--av", av, "--text", "the cat", "--shard-size", "8"], capsys, "InputError",
+           "--shards, --shard-size and --column apply to --input files")
+
+
+def test_an_empty_shard_list_is_refused(tiny_paths, vector_file, tmp_path, no_model_loads, capsys):
+    """`--shards=""` computed no shard and exited 0."""
+    with pytest.raises(SystemExit) as info:
+        main(["verbalize", "--av", str(tiny_paths["av_karvonen"]), "--input", str(vector_file), "--output",
+              str(tmp_path / "o.parquet"), "--shards="])
+    assert info.value.code == 2
+    assert "argument --shards: expected at least one shard id" in capsys.readouterr().err
 
 
 # --- the same checks from Python ---

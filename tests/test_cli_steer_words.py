@@ -111,6 +111,8 @@ def test_steer_words_takes_exactly_one_edit(no_model_loads, capsys):
     (["--seed", "1"], "InputError: seed=1: samples=1 reads the greedy explanation"),
     (["--samples", "2", "--temperature", "-3"], "InputError: temperature=-3.0 must be a finite number >= 0"),
     (["--samples", "0"], "InputError: samples=0: must be a whole number >= 1"),
+    (["--samples", "2", "--temperature", "0"], "InputError: samples=2, temperature=0.0: at temperature 0 every "
+                                                "sample is the same greedy explanation"),
     (["--alpha", "nan"], "InputError: alpha=nan: must be a finite number"),
     (["--continue-tokens", "-1"], "InputError: continue_tokens=-1: must be a whole number >= 0"),
     (["--replace", "", "mouse"], "InputError: --replace '' 'mouse': OLD is empty"),
@@ -165,3 +167,26 @@ def test_steer_words_pads_texts_for_a_tokenizer_without_a_pad_token(tmp_path, ca
                      "--output", str(tables[has_pad])]) == 0
     with_pad, without = pq.read_table(tables[True]).to_pylist(), pq.read_table(tables[False]).to_pylist()
     assert len(with_pad) == len(TEXTS) and with_pad == without
+
+
+def test_positive_positions_count_each_texts_own_tokens(toy, tmp_path, capsys):
+    """--positions 1 steered column 1 of the left-padded batch: the second token of the longest text, and a pad
+    (refused) or another token of every shorter one. It is each text's own token 1, as the help says."""
+    _, base = toy
+    ids = [base.tokenizer(text)["input_ids"] for text in TEXTS]
+    width = max(len(row) for row in ids)
+    table = tmp_path / "steer.parquet"
+    assert main(["steer-words", "--av", AV, "--ar", AR, *[a for t in TEXTS for a in ("--text", t)],
+                 "--replace", "predicting", "foretelling", "--positions=1,-1", "--continue-tokens", "0",
+                 "--output", str(table)]) == 0
+    rows = pq.read_table(table).to_pylist()
+    expected = [(i, width - len(row) + p, base.tokenizer.decode([row[p]])) for i, row in enumerate(ids)
+                for p in (1, len(row) - 1)]
+    assert [(r["batch"], r["position"], r["token"]) for r in rows] == expected
+
+    short = len(ids[1])
+    for positions, message in ((f"{short}", f"--positions {short} is outside text 1, which is {short} tokens"),
+                               (f"0,-{short}", f"--positions 0,-{short} name the same token of text 1 twice")):
+        assert main(["steer-words", "--av", AV, "--ar", AR, *[a for t in TEXTS for a in ("--text", t)],
+                     "--replace", "a", "b", f"--positions={positions}"]) == 2
+        assert message in capsys.readouterr().err

@@ -540,6 +540,9 @@ def test_sampling_settings_that_would_not_apply_are_refused_before_the_av_runs(b
         steer(nla, base, tokens, -1, mask, **av_path, samples=2, seed=1.5)
     with pytest.raises(nl.InputError, match=r"samples=0: must be a whole number >= 1"):
         steer(nla, base, tokens, -1, mask, **av_path, samples=0)
+    for zero in (0, 0.0, torch.tensor(0.0)):  # samples > 1 would average Delta over copies of the greedy text
+        with pytest.raises(nl.InputError, match=r"^samples=3, temperature=.*: at temperature 0 every sample"):
+            steer(nla, base, tokens, -1, mask, **av_path, samples=3, temperature=zero)
     assert not seen  # every refusal came before the AV ran
     # what applies still works as before: greedy by default, sampled at temperature 1 and seed 0 unless told
     assert repr(steer(nla, base, tokens, -1, mask, **av_path)).startswith("WordSteering: 4 site(s)")

@@ -86,3 +86,14 @@ def test_an_oracle_token_the_base_never_predicts_is_named(tmp_path):
     name = quote(toy.av.tokenizer.decode([never]))
     with pytest.raises(nl.InputError, match=rf"never predicts {re.escape(name)} \(id {never}\) at the held-out"):
         _oracle_directions(toy, tmp_path, torch.tensor(predicted[:1]), torch.tensor([never]))
+
+
+def test_the_command_counts_sites_and_keeps_the_older_flag(capsys):
+    """`--positions` was a count of sites (steer-words' --positions names tokens): --sites, with the old spelling
+    still accepted; both reach run_experiment's check before the toy loads."""
+    from nla_lens.toy.steer_words_experiment import main
+
+    for flag in ("--sites", "--positions"):
+        with pytest.raises(SystemExit) as info:
+            main([flag, "0"])
+        assert info.value.code == 2 and "n_sites must be >= 1" in capsys.readouterr().err

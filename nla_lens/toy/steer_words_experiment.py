@@ -19,7 +19,7 @@ every hit is a change:
 
 Run it:
 
-    python -m nla_lens.toy.steer_words_experiment [--checkpoint DIR] [--positions 100] [--samples 1]
+    python -m nla_lens.toy.steer_words_experiment [--checkpoint DIR] [--sites 100] [--samples 1]
         [--choice random|plausible] [--mode add|replace]
 
 Re-run it whenever the bundled toy is retrained; the README table is its output.
@@ -268,15 +268,22 @@ def _effect(base, tokens: Tensor, positions: Tensor, steering: WordSteering, alp
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", type=Path, default=TOY_DIR)
-    parser.add_argument("--positions", type=int, default=100)
-    parser.add_argument("--samples", type=int, default=1)
-    parser.add_argument("--choice", choices=["random", "plausible"], default="random")
-    parser.add_argument("--mode", choices=["add", "replace"], default="add")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--checkpoint", type=Path, default=TOY_DIR,
+                        help="the toy folder holding base/, av/, ar/ and heldout.json (default: the bundled toy)")
+    parser.add_argument("--sites", "--positions", dest="sites", type=int, default=100,
+                        help="how many held-out sites to steer at (default 100; --positions is its older name)")
+    parser.add_argument("--samples", type=int, default=1,
+                        help="explanations sampled per site, Delta averaged over them (default 1: the greedy one)")
+    parser.add_argument("--choice", choices=["random", "plausible"], default="random",
+                        help="Z': a random frequent token, or the one the base model finds most likely at the site "
+                             "(default random)")
+    parser.add_argument("--mode", choices=["add", "replace"], default="add",
+                        help="steer along Delta (add) or towards the edited reconstruction T (replace; default add)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the random Z', the control direction and sampled explanations (default 0)")
     args = parser.parse_args(argv)
     try:
-        result = run_experiment(args.checkpoint, args.positions, samples=args.samples, choice=args.choice,
+        result = run_experiment(args.checkpoint, args.sites, samples=args.samples, choice=args.choice,
                                 mode=args.mode, seed=args.seed)
     except NLAError as error:
         parser.exit(2, f"error: {error}\n")
