@@ -8,6 +8,7 @@ finished by rerunning the same call; `shards=[...]` redoes chosen shards, e.g. i
 from __future__ import annotations
 
 import hashlib
+import json
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -167,6 +168,7 @@ def round_trip_file(
     """
     input_path, output = Path(input_path), Path(output)
     _check_paths(input_path, output)
+    _check_summary_is_ours(output)
     check_counts(1, reconstruct_batch_size=reconstruct_batch_size)
     job_device, job_dtype = resolve_device(device), resolve_dtype(dtype)
     av_folder, ar_folder = loading.resolve_checkpoint(av), loading.resolve_checkpoint(ar)
@@ -204,7 +206,7 @@ def round_trip_file(
     summary = RoundTripSummary(len(mse), float(mse.mean()), fve, resolved.value, resolved.source,
                                result.table.column("explanation").null_count,
                                result.table.column("truncated").to_pylist().count(True), ar_meta.mse_scale)
-    record = {**asdict(summary), "job": job_record(manifest)}
+    record = {**asdict(summary), "output": output.name, "job": job_record(manifest)}
     write_atomic(summary_path(output), lambda tmp: tmp.write_text(json_text(record, indent=2) + "\n", encoding="utf-8"))
     return replace(result, summary=summary, warnings=result.warnings + [w for w in [resolved.warning] if w])
 
@@ -220,6 +222,25 @@ def job_record(manifest: dict[str, Any]) -> dict[str, Any]:
 
 def summary_path(output: Path) -> Path:
     return output.with_name(output.stem + ".summary.json")
+
+
+def _check_summary_is_ours(output: Path) -> None:
+    """`scores.parquet` and `scores.jsonl` share `scores.summary.json`: the second job overwrote the first's summary.
+    A summary that names another output (one an older nla_lens wrote names none) is refused before the job runs."""
+    path = summary_path(output)
+    if not path.is_file():
+        return
+    rename = "give --output another name (the summary is <output stem>.summary.json)"
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:
+        record = None
+    if not isinstance(record, dict):
+        raise InputError(f"{path} is not a round-trip summary, and this round trip's summary would replace it; "
+                         f"move it, or {rename}")
+    if record.get("output", output.name) != output.name:
+        raise InputError(f"{path} holds the summary of {record['output']}, and this round trip's summary would "
+                         f"replace it; {rename}")
 
 
 def _check_paths(input_path: Path, output: Path) -> None:

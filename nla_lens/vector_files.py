@@ -12,6 +12,7 @@ import json
 import math
 import os
 import uuid
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,6 +85,10 @@ def read_input(path: Path, column: str | None = None) -> VectorTable:
     table = _readable(path, lambda: pq.read_table(path))
     name = _vector_column(table.schema, column, path)
     carried = [f.name for f in table.schema if f.name != name and not pa.types.is_nested(f.type)]
+    dropped = [f.name for f in table.schema if f.name != name and pa.types.is_nested(f.type)]
+    if dropped:
+        warnings.warn(f"{path}: columns {dropped} are lists or structs and are not copied to the output rows (only "
+                      "scalar columns are); keep what you need from them by the output's index column", stacklevel=2)
     clash = sorted(set(carried) & set(RESULT_COLUMNS))
     if clash:
         raise InputError(f"{path} has columns {clash}, which the output writes itself; rename them")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from pathlib import Path
@@ -80,8 +81,9 @@ def test_two_torchrun_ranks_score_the_round_trip_as_one_process_and_nla(toy_vect
                                      sampling=Sampling(max_new_tokens=40), shard_size=SHARD_SIZE, progress=False)
     two = pq.read_table(tmp_path / "two.parquet")
     assert two.equals(result.table)
-    summary = json.loads(sharded.summary_path(tmp_path / "two.parquet").read_text())
-    assert summary == json.loads(sharded.summary_path(tmp_path / "one.parquet").read_text())
+    summary, one = (json.loads(sharded.summary_path(tmp_path / name).read_text()) for name in ("two.parquet",
+                                                                                                "one.parquet"))
+    assert (summary.pop("output"), one.pop("output")) == ("two.parquet", "one.parquet") and summary == one
 
     toy = ToyNLA.load(TOY_DIR)
     reference = nl.NLA(toy.av, toy.ar).round_trip(load_file(toy_vectors)["vectors"], max_new_tokens=40,
@@ -171,6 +173,30 @@ def test_a_round_trip_summary_counts_the_rows_max_new_tokens_cut(tiny_paths, inp
     cut = result.table.column("truncated").to_pylist()
     assert result.summary.n_truncated == cut.count(True) > 0 and f"{cut.count(True)} truncated" in repr(result)
     assert json.loads(sharded.summary_path(out).read_text())["n_truncated"] == cut.count(True)
+
+
+def test_a_round_trip_does_not_replace_another_outputs_summary(tiny_paths, input_file, tmp_path, monkeypatch):
+    """out.parquet and out.jsonl share out.summary.json: the second round trip replaced the first one's summary.
+    It is refused before any model loads; a rerun of the same output, and an older summary naming none, go on."""
+    av, ar, out = tiny_paths["av_karvonen"], tiny_paths["ar_nanonla"], tmp_path / "out.parquet"
+    run = functools.partial(sharded.round_trip_file, av, ar, input_file, sampling=Sampling(max_new_tokens=3),
+                            baseline=0.8, shard_size=SHARD_SIZE)
+    run(out)
+    summary = sharded.summary_path(out)
+    written = summary.read_text()
+    assert json.loads(written)["output"] == "out.parquet" and run(out).summary is not None  # a rerun of the same
+    monkeypatch.setattr(nl.ActivationVerbalizer, "from_pretrained", lambda *a, **k: pytest.fail("a model loaded"))
+    with pytest.raises(nl.InputError, match=r"out.summary.json holds the summary of out.parquet, .*give --output "
+                                            r"another name"):
+        run(tmp_path / "out.jsonl")
+    assert summary.read_text() == written
+    summary.write_text("not json")
+    with pytest.raises(nl.InputError, match=r"out.summary.json is not a round-trip summary"):
+        run(tmp_path / "out.jsonl")
+    monkeypatch.undo()
+    summary.write_text(json.dumps({k: v for k, v in json.loads(written).items() if k != "output"}))  # an older one
+    assert run(tmp_path / "out.jsonl").summary is not None
+    assert json.loads(summary.read_text())["output"] == "out.jsonl"
 
 
 def test_a_round_trip_merged_only_from_shards_of_an_older_version_has_a_null_truncated_column(
@@ -402,8 +428,9 @@ def test_the_vector_column_is_found_or_must_be_named(tiny_paths, rows, tmp_path)
     path = write_parquet(tmp_path / "two.parquet", rows, other=rows.double().tolist(), tag=["x"] * N_ROWS)
     with pytest.raises(nl.InputError, match=r"several: \['other', 'vector'\].*--column"):
         sharded.verbalize_file(av, path, tmp_path / "o.parquet", sampling=GREEDY, progress=False)
-    table = sharded.verbalize_file(av, path, tmp_path / "o.parquet", sampling=GREEDY, column="vector",
-                                   progress=False).table
+    with pytest.warns(UserWarning, match=r"columns \['other'\] are lists or structs and are not copied"):
+        table = sharded.verbalize_file(av, path, tmp_path / "o.parquet", sampling=GREEDY, column="vector",
+                                       progress=False).table
     assert table.column_names == ["index", "tag", "explanation", "text", "truncated"]  # list columns are not carried
     pq.write_table(pa.table({"vector": [[1.0] * 64, [1.0] * 63]}), tmp_path / "ragged.parquet")
     with pytest.raises(nl.InputError, match=r"lengths \[63, 64\]"):
