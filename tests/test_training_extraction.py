@@ -153,9 +153,10 @@ def test_an_extraction_killed_midway_is_refused_until_resumed(tmp_path, base_tl,
     write = extraction._write_shard
 
     def write_then_die(*args, **kwargs):
-        write(*args, **kwargs)
+        row_docs = write(*args, **kwargs)
         if args[3] == shard_path(tmp_path / "out", 1):
             raise KeyboardInterrupt("killed after the second shard")
+        return row_docs
 
     monkeypatch.setattr(extraction, "_write_shard", write_then_die)
     with pytest.raises(KeyboardInterrupt):
@@ -188,12 +189,55 @@ def test_a_sidecar_write_cut_short_does_not_block_the_rerun(tmp_path, base_tl, c
                                                     progress=False))) > 0
 
 
-def test_a_shard_missing_before_the_last_is_refused_not_skipped(tmp_path, base_tl, corpus, extract_config):
+@pytest.mark.parametrize("lost", [1, 2])
+def test_a_missing_shard_the_last_included_is_named_until_the_rerun_writes_it(tmp_path, base_tl, corpus,
+                                                                             extract_config, lost):
+    """A folder missing its last shard loaded, silently, as a smaller dataset: only gaps below the last shard on
+    disk were seen."""
     model, tokenizer = base_tl
-    extract_activations(model, tokenizer, corpus, tmp_path, extract_config, progress=False)
+    whole = load_activations(extract_activations(model, tokenizer, corpus, tmp_path, extract_config, progress=False))
+    shard_path(tmp_path, lost).unlink()
+    with pytest.raises(nl.ConfigError, match=rf"lacks 1 shard\(s\) of the 3 the extraction wrote "
+                                             rf"\(acts-0000{lost}\.safetensors\); rerun the extraction"):
+        load_activations(tmp_path)
+    again = load_activations(extract_activations(model, tokenizer, corpus, tmp_path, extract_config, progress=False))
+    assert torch.equal(again.vectors, whole.vectors) and again.records == whole.records
+
+
+def test_a_shard_replaced_by_one_with_other_rows_is_refused(tmp_path, base_tl, corpus, extract_config):
+    model, tokenizer = base_tl
+    whole = load_activations(extract_activations(model, tokenizer, corpus, tmp_path / "a", extract_config,
+                                                 progress=False))
+    first = load_activations(extract_activations(model, tokenizer, corpus[:5], tmp_path / "b", extract_config,
+                                                 progress=False))
+    last_rows = sum(r.doc_id in {d.id for d in corpus[10:]} for r in whole.records)  # shard 2: documents 10 and 11
+    shard_path(tmp_path / "b", 0).replace(shard_path(tmp_path / "a", 2))
+    with pytest.raises(nl.ConfigError, match=rf"holds {len(whole) - last_rows + len(first)} rows, but the "
+                                             rf"extraction wrote {len(whole)}: shards were replaced"):
+        load_activations(tmp_path / "a")
+
+
+def test_a_damaged_completion_record_is_named_and_rewritten_by_the_rerun(tmp_path, base_tl, corpus, extract_config):
+    model, tokenizer = base_tl
+    whole = load_activations(extract_activations(model, tokenizer, corpus, tmp_path, extract_config, progress=False))
+    (tmp_path / extraction.COMPLETE).write_text('{"shards": 3')
+    with pytest.raises(nl.ConfigError, match=r"extraction\.complete\.json is damaged .*rerun the extraction"):
+        load_activations(tmp_path)
+    assert load_activations(extract_activations(model, tokenizer, corpus, tmp_path, extract_config,
+                                                progress=False)).records == whole.records
+
+
+def test_an_extraction_written_before_the_completion_record_is_checked_up_to_its_last_shard(
+        tmp_path, base_tl, corpus, extract_config):
+    model, tokenizer = base_tl
+    whole = load_activations(extract_activations(model, tokenizer, corpus, tmp_path, extract_config, progress=False))
+    (tmp_path / extraction.COMPLETE).unlink()  # as nla_lens wrote a finished extraction before the record
+    assert load_activations(tmp_path).records == whole.records
     shard_path(tmp_path, 1).unlink()
     with pytest.raises(nl.ConfigError, match=r"lacks 1 shard\(s\) before its last one \(acts-00001\.safetensors\)"):
         load_activations(tmp_path)
+    shard_path(tmp_path, 2).unlink()  # nothing on disk tells the last shards are gone: the rows before them load
+    assert load_activations(tmp_path).records == [r for r in whole.records if r.doc_id in {d.id for d in corpus[:5]}]
 
 
 def test_max_tokens_over_the_base_models_context_is_refused(tmp_path, base_tl, corpus, extract_config):
