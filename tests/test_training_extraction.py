@@ -240,6 +240,18 @@ def test_an_extraction_written_before_the_completion_record_is_checked_up_to_its
     assert load_activations(tmp_path).records == [r for r in whole.records if r.doc_id in {d.id for d in corpus[:5]}]
 
 
+@pytest.mark.parametrize(("texts", "dropped"), [([], 0), (["the sea", "a cat"], 2)])
+def test_a_corpus_that_gives_no_row_is_refused_with_its_counts(tmp_path, base_tl, extract_config, texts, dropped):
+    """An empty corpus, or one of documents all too short, finished with no rows, and training later said only
+    "run the extraction first"."""
+    model, tokenizer = base_tl
+    with pytest.raises(nl.InputError, match=rf"no activations: {len(texts)} document\(s\) read, {dropped} of them "
+                                            rf"dropped as too short \(a document needs more than min_context = 4 "
+                                            rf"tokens\); give more or longer documents or lower extract\.min_context"):
+        extract_activations(model, tokenizer, texts, tmp_path, extract_config, progress=False)
+    assert not (tmp_path / extraction.COMPLETE).exists()
+
+
 def test_max_tokens_over_the_base_models_context_is_refused(tmp_path, base_tl, corpus, extract_config):
     model, tokenizer = base_tl
     config = dataclasses.replace(extract_config, max_tokens=model.cfg.n_ctx + 1)

@@ -162,7 +162,8 @@ def extract_activations(
 
     Resumable: shards already on disk are skipped (their documents are not even tokenized) once
     their recorded documents are this corpus's, and the sidecar must match the one on disk. Plain
-    strings get their corpus index as doc id.
+    strings get their corpus index as doc id. A corpus that gives no row (empty, or every document at most
+    `min_context` tokens) is an `InputError`.
     """
     backends.require_hooked("training", model)
     if not 0 <= config.layer < model.cfg.n_layers:
@@ -177,7 +178,7 @@ def extract_activations(
     _write_or_check_sidecar(out, sidecar)
     total = len(documents) if hasattr(documents, "__len__") else None  # type: ignore[arg-type]
     bar = tqdm(total=total, desc="extract", unit="doc", disable=not progress)
-    n_shards = rows = 0
+    n_shards = n_docs = kept = rows = 0
     for index, chunk in enumerate(_chunks(_as_documents(documents), config.docs_per_shard)):
         path = shard_path(out, index)
         if path.is_file():
@@ -190,9 +191,15 @@ def extract_activations(
             (out / COMPLETE).unlink(missing_ok=True)
             row_docs = _write_shard(model, tokenizer, chunk, path, config)
         bar.update(len(chunk))
-        n_shards, rows = index + 1, rows + len(row_docs)
+        n_shards, n_docs = index + 1, n_docs + len(chunk)
+        kept, rows = kept + len(set(row_docs)), rows + len(row_docs)
     bar.close()
     _check_no_extra_shards(out, n_shards)
+    if not rows:  # else it is "finished", and training says only "run the extraction first"
+        raise InputError(f"the corpus gave no activations: {n_docs} document(s) read, {n_docs - kept} of them "
+                         f"dropped as too short (a document needs more than min_context = {config.min_context} "
+                         "tokens); give more or longer documents or lower extract.min_context, and extract into a "
+                         f"new out_dir (or delete {out})")
     text = json.dumps({"shards": n_shards, "rows": rows})
     write_atomic(out / COMPLETE, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     (out / IN_PROGRESS).unlink(missing_ok=True)
