@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 
 import pytest
@@ -238,6 +239,16 @@ def test_an_extraction_written_before_the_completion_record_is_checked_up_to_its
         load_activations(tmp_path)
     shard_path(tmp_path, 2).unlink()  # nothing on disk tells the last shards are gone: the rows before them load
     assert load_activations(tmp_path).records == [r for r in whole.records if r.doc_id in {d.id for d in corpus[:5]}]
+
+
+def test_the_documents_dropped_as_too_short_are_counted_in_the_log(tmp_path, base_tl, corpus, extract_config,
+                                                                   caplog):
+    model, tokenizer = base_tl
+    with caplog.at_level(logging.INFO, logger=extraction.__name__):
+        rows = len(load_activations(extract_activations(model, tokenizer, corpus, tmp_path, extract_config,
+                                                        progress=False)))
+    assert (f"{rows} activation rows from 12 documents; 1 document(s) dropped as too short (at most min_context = 4 "
+            "tokens)") in caplog.messages
 
 
 @pytest.mark.parametrize(("texts", "dropped"), [([], 0), (["the sea", "a cat"], 2)])
