@@ -101,6 +101,23 @@ def test_extraction_resumes_by_skipping_written_shards(tmp_path, base_tl, corpus
                             progress=False)
 
 
+def test_resuming_with_other_settings_names_each_one_with_both_values(tmp_path, base_tl, corpus, extract_config):
+    """The refusal said only "other settings (base model, layer, positions, tokenizer or templates)"."""
+    model, tokenizer = base_tl
+    extract_activations(model, tokenizer, corpus[:3], tmp_path, extract_config, progress=False)
+    with pytest.raises(nl.ConfigError, match=r"other settings \(extraction\.seed: 0 on disk, 1 requested\); resume "
+                                             r"with the same config"):
+        extract_activations(model, tokenizer, corpus[:3], tmp_path, dataclasses.replace(extract_config, seed=1),
+                            progress=False)
+    sidecar = yaml.safe_load((tmp_path / SIDECAR_NAME).read_text())
+    del sidecar["tokenization"]
+    sidecar["extraction"]["norm"] = None
+    (tmp_path / SIDECAR_NAME).write_text(yaml.safe_dump(sidecar))
+    with pytest.raises(nl.ConfigError, match=r"other settings \(extraction\.norm: None on disk, 'none' requested; "
+                                             r"tokenization: absent on disk, \{.*\} requested\)"):
+        extract_activations(model, tokenizer, corpus[:3], tmp_path, extract_config, progress=False)
+
+
 def _changed(corpus: list[Document], change: str) -> list[Document]:
     """`corpus` with document 6 (in shard 1 of 3) edited or renamed, or cut to its first shard."""
     doc = corpus[6]

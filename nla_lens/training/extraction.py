@@ -251,15 +251,31 @@ def _check_no_extra_shards(out: Path, n_shards: int) -> None:
 def _write_or_check_sidecar(out: Path, sidecar: dict[str, Any]) -> None:
     path = out / SIDECAR_NAME
     if path.is_file():
-        if _as_recorded_now(yaml.safe_load(path.read_text(encoding="utf-8"))) != sidecar:
-            raise ConfigError(
-                f"{out} holds an extraction with other settings (base model, layer, positions, "
-                "tokenizer or templates); resume with the same config or use a new out_dir"
-            )
+        differences = _differences(_as_recorded_now(yaml.safe_load(path.read_text(encoding="utf-8"))), sidecar)
+        if differences:
+            raise ConfigError(f"{out} holds an extraction with other settings ({'; '.join(differences)}); resume "
+                              "with the same config or use a new out_dir")
         return
     text = yaml.safe_dump(sidecar, allow_unicode=True, sort_keys=False)
     # Atomically: a sidecar cut short (a full disk, a kill) made every resume "an extraction with other settings".
     write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def _differences(on_disk: Any, requested: Any, key: str = "sidecar") -> list[str]:
+    """Each setting where two sidecars differ, by its dotted key, with both values."""
+    if not (isinstance(on_disk, dict) and isinstance(requested, dict)):
+        return [] if on_disk == requested else [f"{key}: {on_disk!r} on disk, {requested!r} requested"]
+    return [line for name in dict.fromkeys([*on_disk, *requested])
+            for line in _differences(on_disk.get(name, _ABSENT), requested.get(name, _ABSENT),
+                                     name if key == "sidecar" else f"{key}.{name}")]
+
+
+class _Absent:
+    def __repr__(self) -> str:
+        return "absent"
+
+
+_ABSENT = _Absent()  # a key one sidecar lacks, shown as such (None is a value a sidecar may hold)
 
 
 def _as_recorded_now(written: Any) -> Any:
