@@ -186,6 +186,38 @@ def test_train_rl_into_the_sft_avs_out_dir_is_refused_before_training(tmp_path, 
     assert "run it with nla-lens train-av" in err and record.read_text() == before
 
 
+@pytest.mark.parametrize(("recorded", "found"), [({"injection": "karvonen", "train": {}}, "train-av"),
+                                               ({"train": {}}, "train-ar"), ({"rl": {}}, "train-rl")])
+def test_extract_into_a_training_runs_out_dir_is_refused_before_the_model_loads(tmp_path, base_folder, capsys,
+                                                                                monkeypatch, recorded, found):
+    """nla-lens extract wrote its sidecar and shards among a training run's files."""
+    monkeypatch.setattr(loading, "load_hooked_transformer", lambda *a, **k: pytest.fail("loaded the model"))
+    record = tmp_path / "run" / "train_result.json"
+    record.parent.mkdir()
+    record.write_text(json.dumps({"config": recorded}))
+    assert main(["extract", _one_document_extraction(tmp_path, base_folder, record.parent)]) == 2
+    err = capsys.readouterr().err
+    assert f"ConfigError: {record.parent} holds a {found} run ({record}); extract would overwrite or mix" in err, err
+    assert "Point out_dir at a new folder" in err and os.listdir(record.parent) == ["train_result.json"]
+
+
+def test_extract_into_an_out_dir_that_cannot_be_written_is_refused_before_the_model_loads(tmp_path, base_folder,
+                                                                                          capsys, monkeypatch):
+    """An out_dir under a file failed with a bare error once the base model had loaded."""
+    monkeypatch.setattr(loading, "load_hooked_transformer", lambda *a, **k: pytest.fail("loaded the model"))
+    out_dir = tmp_path / "corpus.jsonl" / "acts"
+    assert main(["extract", _one_document_extraction(tmp_path, base_folder, out_dir)]) == 2
+    assert f"ConfigError: out_dir '{out_dir}' cannot be written" in capsys.readouterr().err
+
+
+def _one_document_extraction(tmp_path: Path, base_folder: Path, out_dir: Path) -> str:
+    """An extract config of a one-document corpus, `tmp_path/corpus.jsonl`, into `out_dir`."""
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text(json.dumps({"text": "the sea was calm"}) + "\n")
+    return _write(tmp_path / "extract.yaml", {"base_model": str(base_folder), "corpus": str(corpus),
+                                              "out_dir": str(out_dir), "extract": {"layer": LAYER}})
+
+
 def test_export_refuses_a_folder_of_the_other_role_and_rewrites_its_own(tmp_path, tiny_paths, base_folder,
                                                                        dataset_meta):
     av_folder = shutil.copytree(tiny_paths["av_embedding"], tmp_path / "av")  # a paper AV: role av

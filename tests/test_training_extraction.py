@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 
 import pytest
@@ -100,6 +101,23 @@ def test_extraction_resumes_by_skipping_written_shards(tmp_path, base_tl, corpus
                             progress=False)
 
 
+def test_resuming_with_other_settings_names_each_one_with_both_values(tmp_path, base_tl, corpus, extract_config):
+    """The refusal said only "other settings (base model, layer, positions, tokenizer or templates)"."""
+    model, tokenizer = base_tl
+    extract_activations(model, tokenizer, corpus[:3], tmp_path, extract_config, progress=False)
+    with pytest.raises(nl.ConfigError, match=r"other settings \(extraction\.seed: 0 on disk, 1 requested\); resume "
+                                             r"with the same config"):
+        extract_activations(model, tokenizer, corpus[:3], tmp_path, dataclasses.replace(extract_config, seed=1),
+                            progress=False)
+    sidecar = yaml.safe_load((tmp_path / SIDECAR_NAME).read_text())
+    del sidecar["tokenization"]
+    sidecar["extraction"]["norm"] = None
+    (tmp_path / SIDECAR_NAME).write_text(yaml.safe_dump(sidecar))
+    with pytest.raises(nl.ConfigError, match=r"other settings \(extraction\.norm: None on disk, 'none' requested; "
+                                             r"tokenization: absent on disk, \{.*\} requested\)"):
+        extract_activations(model, tokenizer, corpus[:3], tmp_path, extract_config, progress=False)
+
+
 def _changed(corpus: list[Document], change: str) -> list[Document]:
     """`corpus` with document 6 (in shard 1 of 3) edited or renamed, or cut to its first shard."""
     doc = corpus[6]
@@ -153,9 +171,10 @@ def test_an_extraction_killed_midway_is_refused_until_resumed(tmp_path, base_tl,
     write = extraction._write_shard
 
     def write_then_die(*args, **kwargs):
-        write(*args, **kwargs)
+        row_docs = write(*args, **kwargs)
         if args[3] == shard_path(tmp_path / "out", 1):
             raise KeyboardInterrupt("killed after the second shard")
+        return row_docs
 
     monkeypatch.setattr(extraction, "_write_shard", write_then_die)
     with pytest.raises(KeyboardInterrupt):
@@ -188,12 +207,77 @@ def test_a_sidecar_write_cut_short_does_not_block_the_rerun(tmp_path, base_tl, c
                                                     progress=False))) > 0
 
 
-def test_a_shard_missing_before_the_last_is_refused_not_skipped(tmp_path, base_tl, corpus, extract_config):
+@pytest.mark.parametrize("lost", [1, 2])
+def test_a_missing_shard_the_last_included_is_named_until_the_rerun_writes_it(tmp_path, base_tl, corpus,
+                                                                             extract_config, lost):
+    """A folder missing its last shard loaded, silently, as a smaller dataset: only gaps below the last shard on
+    disk were seen."""
     model, tokenizer = base_tl
-    extract_activations(model, tokenizer, corpus, tmp_path, extract_config, progress=False)
+    whole = load_activations(extract_activations(model, tokenizer, corpus, tmp_path, extract_config, progress=False))
+    shard_path(tmp_path, lost).unlink()
+    with pytest.raises(nl.ConfigError, match=rf"lacks 1 shard\(s\) of the 3 the extraction wrote "
+                                             rf"\(acts-0000{lost}\.safetensors\); rerun the extraction"):
+        load_activations(tmp_path)
+    again = load_activations(extract_activations(model, tokenizer, corpus, tmp_path, extract_config, progress=False))
+    assert torch.equal(again.vectors, whole.vectors) and again.records == whole.records
+
+
+def test_a_shard_replaced_by_one_with_other_rows_is_refused(tmp_path, base_tl, corpus, extract_config):
+    model, tokenizer = base_tl
+    whole = load_activations(extract_activations(model, tokenizer, corpus, tmp_path / "a", extract_config,
+                                                 progress=False))
+    first = load_activations(extract_activations(model, tokenizer, corpus[:5], tmp_path / "b", extract_config,
+                                                 progress=False))
+    last_rows = sum(r.doc_id in {d.id for d in corpus[10:]} for r in whole.records)  # shard 2: documents 10 and 11
+    shard_path(tmp_path / "b", 0).replace(shard_path(tmp_path / "a", 2))
+    with pytest.raises(nl.ConfigError, match=rf"holds {len(whole) - last_rows + len(first)} rows, but the "
+                                             rf"extraction wrote {len(whole)}: shards were replaced"):
+        load_activations(tmp_path / "a")
+
+
+def test_a_damaged_completion_record_is_named_and_rewritten_by_the_rerun(tmp_path, base_tl, corpus, extract_config):
+    model, tokenizer = base_tl
+    whole = load_activations(extract_activations(model, tokenizer, corpus, tmp_path, extract_config, progress=False))
+    (tmp_path / extraction.COMPLETE).write_text('{"shards": 3')
+    with pytest.raises(nl.ConfigError, match=r"extraction\.complete\.json is damaged .*rerun the extraction"):
+        load_activations(tmp_path)
+    assert load_activations(extract_activations(model, tokenizer, corpus, tmp_path, extract_config,
+                                                progress=False)).records == whole.records
+
+
+def test_an_extraction_written_before_the_completion_record_is_checked_up_to_its_last_shard(
+        tmp_path, base_tl, corpus, extract_config):
+    model, tokenizer = base_tl
+    whole = load_activations(extract_activations(model, tokenizer, corpus, tmp_path, extract_config, progress=False))
+    (tmp_path / extraction.COMPLETE).unlink()  # as nla_lens wrote a finished extraction before the record
+    assert load_activations(tmp_path).records == whole.records
     shard_path(tmp_path, 1).unlink()
     with pytest.raises(nl.ConfigError, match=r"lacks 1 shard\(s\) before its last one \(acts-00001\.safetensors\)"):
         load_activations(tmp_path)
+    shard_path(tmp_path, 2).unlink()  # nothing on disk tells the last shards are gone: the rows before them load
+    assert load_activations(tmp_path).records == [r for r in whole.records if r.doc_id in {d.id for d in corpus[:5]}]
+
+
+def test_the_documents_dropped_as_too_short_are_counted_in_the_log(tmp_path, base_tl, corpus, extract_config,
+                                                                   caplog):
+    model, tokenizer = base_tl
+    with caplog.at_level(logging.INFO, logger=extraction.__name__):
+        rows = len(load_activations(extract_activations(model, tokenizer, corpus, tmp_path, extract_config,
+                                                        progress=False)))
+    assert (f"{rows} activation rows from 12 documents; 1 document(s) dropped as too short (at most min_context = 4 "
+            "tokens)") in caplog.messages
+
+
+@pytest.mark.parametrize(("texts", "dropped"), [([], 0), (["the sea", "a cat"], 2)])
+def test_a_corpus_that_gives_no_row_is_refused_with_its_counts(tmp_path, base_tl, extract_config, texts, dropped):
+    """An empty corpus, or one of documents all too short, finished with no rows, and training later said only
+    "run the extraction first"."""
+    model, tokenizer = base_tl
+    with pytest.raises(nl.InputError, match=rf"no activations: {len(texts)} document\(s\) read, {dropped} of them "
+                                            rf"dropped as too short \(a document needs more than min_context = 4 "
+                                            rf"tokens\); give more or longer documents or lower extract\.min_context"):
+        extract_activations(model, tokenizer, texts, tmp_path, extract_config, progress=False)
+    assert not (tmp_path / extraction.COMPLETE).exists()
 
 
 def test_max_tokens_over_the_base_models_context_is_refused(tmp_path, base_tl, corpus, extract_config):

@@ -6,7 +6,8 @@ A folder holds `nla_meta.yaml` (``kind: nla_dataset``, ``schema_version: 1``) an
 in the safetensors metadata, so a shard is written (and counted as done) atomically; its
 `documents_digest` [16] uint8 lets a resumed run check the shard holds the corpus's documents.
 While shards are being written the folder also holds `extraction.in_progress`, so a run killed midway
-is not read as a finished, smaller dataset.
+is not read as a finished, smaller dataset; a finished run writes `extraction.complete.json` (its shard and row
+counts), so a shard lost afterwards, the last one included, is named on load.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 SHARD_DIR = "shards"
 IN_PROGRESS = "extraction.in_progress"  # present while shards are being written: load_activations refuses the folder
+COMPLETE = "extraction.complete.json"  # {"shards": n, "rows": n} of the finished run: what load_activations expects
 DOCUMENTS_KEY = "documents_digest"  # the shard tensor `documents_digest` of the documents it holds
 
 
@@ -160,7 +162,8 @@ def extract_activations(
 
     Resumable: shards already on disk are skipped (their documents are not even tokenized) once
     their recorded documents are this corpus's, and the sidecar must match the one on disk. Plain
-    strings get their corpus index as doc id.
+    strings get their corpus index as doc id. A corpus that gives no row (empty, or every document at most
+    `min_context` tokens) is an `InputError`.
     """
     backends.require_hooked("training", model)
     if not 0 <= config.layer < model.cfg.n_layers:
@@ -175,18 +178,32 @@ def extract_activations(
     _write_or_check_sidecar(out, sidecar)
     total = len(documents) if hasattr(documents, "__len__") else None  # type: ignore[arg-type]
     bar = tqdm(total=total, desc="extract", unit="doc", disable=not progress)
-    n_shards = 0
+    n_shards = n_docs = kept = rows = 0
     for index, chunk in enumerate(_chunks(_as_documents(documents), config.docs_per_shard)):
         path = shard_path(out, index)
         if path.is_file():
             _check_written_shard(path, chunk)
+            row_docs = _row_doc_ids(path)
         else:
-            (out / IN_PROGRESS).touch()  # only once writing: a refused resume leaves a finished folder loadable
-            _write_shard(model, tokenizer, chunk, path, config)
+            # Only once writing: a refused resume leaves a finished folder loadable. The old record goes, so
+            # shards kept after a kill (the in-progress marker deleted by hand) are not checked against it.
+            (out / IN_PROGRESS).touch()
+            (out / COMPLETE).unlink(missing_ok=True)
+            row_docs = _write_shard(model, tokenizer, chunk, path, config)
         bar.update(len(chunk))
-        n_shards = index + 1
+        n_shards, n_docs = index + 1, n_docs + len(chunk)
+        kept, rows = kept + len(set(row_docs)), rows + len(row_docs)
     bar.close()
     _check_no_extra_shards(out, n_shards)
+    if not rows:  # else it is "finished", and training says only "run the extraction first"
+        raise InputError(f"the corpus gave no activations: {n_docs} document(s) read, {n_docs - kept} of them "
+                         f"dropped as too short (a document needs more than min_context = {config.min_context} "
+                         "tokens); give more or longer documents or lower extract.min_context, and extract into a "
+                         f"new out_dir (or delete {out})")
+    logger.info("%d activation rows from %d documents; %d document(s) dropped as too short (at most min_context = "
+                "%d tokens)", rows, n_docs, n_docs - kept, config.min_context)
+    text = json.dumps({"shards": n_shards, "rows": rows})
+    write_atomic(out / COMPLETE, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     (out / IN_PROGRESS).unlink(missing_ok=True)
     return out
 
@@ -216,6 +233,12 @@ def _check_written_shard(path: Path, docs: list[Document]) -> None:
         )
 
 
+def _row_doc_ids(path: Path) -> list[str]:
+    """The document id of each row of a written shard."""
+    with _open_shard(path) as f:
+        return [r["doc_id"] for r in json.loads(f.metadata()["records"])]
+
+
 def _check_no_extra_shards(out: Path, n_shards: int) -> None:
     extra = sorted(p for p in (out / SHARD_DIR).glob("acts-*.safetensors") if _shard_index(p) >= n_shards)
     if extra:
@@ -228,15 +251,31 @@ def _check_no_extra_shards(out: Path, n_shards: int) -> None:
 def _write_or_check_sidecar(out: Path, sidecar: dict[str, Any]) -> None:
     path = out / SIDECAR_NAME
     if path.is_file():
-        if _as_recorded_now(yaml.safe_load(path.read_text(encoding="utf-8"))) != sidecar:
-            raise ConfigError(
-                f"{out} holds an extraction with other settings (base model, layer, positions, "
-                "tokenizer or templates); resume with the same config or use a new out_dir"
-            )
+        differences = _differences(_as_recorded_now(yaml.safe_load(path.read_text(encoding="utf-8"))), sidecar)
+        if differences:
+            raise ConfigError(f"{out} holds an extraction with other settings ({'; '.join(differences)}); resume "
+                              "with the same config or use a new out_dir")
         return
     text = yaml.safe_dump(sidecar, allow_unicode=True, sort_keys=False)
     # Atomically: a sidecar cut short (a full disk, a kill) made every resume "an extraction with other settings".
     write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def _differences(on_disk: Any, requested: Any, key: str = "sidecar") -> list[str]:
+    """Each setting where two sidecars differ, by its dotted key, with both values."""
+    if not (isinstance(on_disk, dict) and isinstance(requested, dict)):
+        return [] if on_disk == requested else [f"{key}: {on_disk!r} on disk, {requested!r} requested"]
+    return [line for name in dict.fromkeys([*on_disk, *requested])
+            for line in _differences(on_disk.get(name, _ABSENT), requested.get(name, _ABSENT),
+                                     name if key == "sidecar" else f"{key}.{name}")]
+
+
+class _Absent:
+    def __repr__(self) -> str:
+        return "absent"
+
+
+_ABSENT = _Absent()  # a key one sidecar lacks, shown as such (None is a value a sidecar may hold)
 
 
 def _as_recorded_now(written: Any) -> Any:
@@ -276,8 +315,9 @@ def shard_path(out: Path, index: int) -> Path:
 
 @torch.inference_mode()
 def _write_shard(model: HookedTransformer, tokenizer: PreTrainedTokenizerBase, docs: list[Document],
-                 path: Path, config: ExtractConfig) -> None:
-    """Run the chunk's documents in length-sorted batches and save one shard atomically."""
+                 path: Path, config: ExtractConfig) -> list[str]:
+    """Run the chunk's documents in length-sorted batches and save one shard atomically; the document id of each
+    row it holds."""
     ids = [text_ids(tokenizer, d.text)[:config.max_tokens] for d in docs]  # BOS first where the tokenizer has one
     picks = [sample_positions(len(row), doc.id, config) for row, doc in zip(ids, docs, strict=True)]
     vectors: list[Tensor | None] = [None] * len(docs)
@@ -305,13 +345,15 @@ def _write_shard(model: HookedTransformer, tokenizer: PreTrainedTokenizerBase, d
     metadata = {"records": json.dumps([{"doc_id": r.doc_id, "token": r.token, "prefix": r.prefix}
                                        for r in records], ensure_ascii=False)}
     write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    return [r.doc_id for r in records]
 
 
 def load_activations(folder: str | Path) -> ActivationDataset:
     """Read an extraction folder (sidecar + every shard) into memory.
 
-    A folder still holding `extraction.in_progress` (a run killed, failed or still writing) or lacking a shard
-    before its last is a `ConfigError`: rerun the same extraction (config and corpus) to finish it.
+    A folder still holding `extraction.in_progress` (a run killed, failed or still writing), lacking a shard the
+    finished run recorded (before the last one on disk, for folders written before that record), or holding other
+    rows than it recorded is a `ConfigError`: rerun the same extraction (config and corpus) to finish it.
     """
     folder = Path(folder)
     if not (folder / SIDECAR_NAME).is_file():  # load_meta's own message asks for an AV or AR folder
@@ -327,7 +369,8 @@ def load_activations(folder: str | Path) -> ActivationDataset:
     shards = sorted((folder / SHARD_DIR).glob("acts-*.safetensors"))
     if not shards:
         raise InputError(f"{folder}/{SHARD_DIR} holds no shards; run the extraction first")
-    _check_no_gaps(folder, shards)
+    complete = _completion_record(folder)
+    _check_no_gaps(folder, shards, complete)
     vectors, records = [], []
     for path in shards:
         with _open_shard(path) as f:
@@ -336,17 +379,39 @@ def load_activations(folder: str | Path) -> ActivationDataset:
             vectors.append(f.get_tensor("vectors"))
         records += [ActivationRecord(r["doc_id"], p, t, r["token"], r["prefix"])
                     for r, p, t in zip(provenance, positions, token_ids, strict=True)]
+    if complete is not None and len(records) != complete["rows"]:
+        raise ConfigError(f"{folder / SHARD_DIR} holds {len(records)} rows, but the extraction wrote "
+                          f"{complete['rows']}: shards were replaced since. Extract again into a new out_dir (or "
+                          "delete this one)")
     return ActivationDataset(meta, torch.cat(vectors), records)
 
 
-def _check_no_gaps(folder: Path, shards: list[Path]) -> None:
-    """Every shard up to the last one on disk: a deleted or lost shard would silently drop its documents' rows."""
+def _completion_record(folder: Path) -> dict[str, int] | None:
+    """What the finished extraction recorded (`COMPLETE`); None for a folder written before that record."""
+    path = folder / COMPLETE
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        return {"shards": int(record["shards"]), "rows": int(record["rows"])}
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ConfigError(f"{path} is damaged ({exc!r}); rerun the extraction with the same config and corpus to "
+                          "write it again") from exc
+
+
+def _check_no_gaps(folder: Path, shards: list[Path], complete: dict[str, int] | None) -> None:
+    """Every shard the finished run recorded (or, without that record, up to the last one on disk): a deleted or
+    lost shard would silently drop its documents' rows."""
     present = {_shard_index(p) for p in shards}
-    missing = [i for i in range(max(present)) if i not in present]
+    if complete is None:
+        expected, which = max(present), "before its last one"
+    else:
+        expected, which = complete["shards"], f"of the {complete['shards']} the extraction wrote"
+    missing = [i for i in range(expected) if i not in present]
     if missing:
         names = ", ".join(shard_path(folder, i).name for i in missing[:4]) + (" ..." if len(missing) > 4 else "")
-        raise ConfigError(f"{folder / SHARD_DIR} lacks {len(missing)} shard(s) before its last one ({names}); rerun "
-                          "the extraction with the same config and corpus to write them")
+        raise ConfigError(f"{folder / SHARD_DIR} lacks {len(missing)} shard(s) {which} ({names}); rerun the "
+                          "extraction with the same config and corpus to write them")
 
 
 def _shard_index(path: Path) -> int:

@@ -67,6 +67,8 @@ def read_corpus(path: str | Path) -> list[Document]:
 
 def run_extract(config: ExtractRunConfig, *, progress: bool = True) -> Path:
     backends.require_hooked("training")
+    check_writable_out_dir(config.out_dir)  # before the model loads, as the training commands check theirs
+    check_result_file(config.out_dir, "extract")
     folder = loading.resolve_checkpoint(config.base_model)
     n_layers = getattr(loading.load_hf_config(folder).get_text_config(), "num_hidden_layers", None)
     if n_layers is not None and config.extract.layer >= n_layers:  # from config.json: before the weights load
@@ -118,16 +120,17 @@ def check_writable_out_dir(out_dir: str | Path) -> None:
 
 def check_result_file(out_dir: str | Path, command: str) -> None:
     """Refuse an `out_dir` that holds another command's run (its `train_result.json`): this run would overwrite
-    that record and mix its checkpoints with the other run's (RL pointed at the SFT AV's out_dir)."""
+    that record and mix its checkpoints with the other run's (RL pointed at the SFT AV's out_dir), or, for
+    `extract`, write its shards among that run's files."""
     path = Path(out_dir) / RESULT_FILE
     try:
         found = _run_command(json.loads(path.read_text(encoding="utf-8")).get("config", {}))
     except (OSError, ValueError, AttributeError):  # no record (a new folder), or not one of ours: nothing to keep
         return
     if found != command:
-        raise ConfigError(f"{out_dir} holds a {found} run ({path}); {command} would overwrite its record and mix "
-                          "checkpoints with it. Point out_dir at a new folder, or, if this config is that run's, "
-                          f"run it with nla-lens {found}")
+        raise ConfigError(f"{out_dir} holds a {found} run ({path}); {command} would overwrite or mix with that "
+                          "run's files. Point out_dir at a new folder, or, if this config is that run's, run it "
+                          f"with nla-lens {found}")
 
 
 def _save_result(config: SFTRunConfig | RLRunConfig, model_dir: Path, result: TrainResult, world: World) -> RunResult:
