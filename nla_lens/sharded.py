@@ -223,8 +223,10 @@ def summary_path(output: Path) -> Path:
 
 
 def _check_paths(input_path: Path, output: Path) -> None:
-    """An output on the input file would replace the vectors with rows that do not hold them."""
+    """The output and its shards folder can be written, and the output is not the input file: there the rows
+    would replace the vectors."""
     check_output(output)
+    shard_store.check_folder(shard_store.shard_folder(output))
     if output.resolve() == input_path.resolve():
         raise InputError(f"--output {output} is the input file: the rows written there would replace its vectors; "
                          "pick another --output")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -482,3 +483,20 @@ def test_a_job_result_prints_short_with_its_outcome_not_its_table():
     unfinished = repr(sharded.JobResult(Path("out.parquet"), 2000, [0], list(range(1, 2000))))
     assert unfinished.startswith("JobResult: 1999 of 2000 shards not finished (1, 2, 3, 4, 5, 6, 7, 8, ...)")
     assert len(unfinished) < 300 and "nothing merged into out.parquet" in unfinished
+
+
+@pytest.mark.parametrize("where", ["a_file_of_its_name", "proc"])
+def test_a_shards_folder_that_cannot_be_made_is_refused_before_any_model_loads(tiny_paths, input_file, tmp_path,
+                                                                                monkeypatch, where):
+    """It ended at the first shard's write, after the model loaded, in a bare [Errno 17] or [Errno 2]."""
+    monkeypatch.setattr(nl.ActivationVerbalizer, "from_pretrained", lambda *a, **k: pytest.fail("a model loaded"))
+    if where == "proc":
+        if not Path("/proc/self").is_dir():
+            pytest.skip("needs Linux's /proc, a folder no file can be created in")
+        output, match = Path("/proc/o.parquet"), "output /proc/o.parquet: no file can be created in /proc"
+    else:
+        output = tmp_path / "o.parquet"
+        shard_store.shard_folder(output).write_text("notes")
+        match = f"{shard_store.shard_folder(output)} is a file, where the job keeps its shards in a folder"
+    with pytest.raises(nl.InputError, match=re.escape(match)):
+        sharded.verbalize_file(tiny_paths["av_karvonen"], input_file, output, sampling=GREEDY, progress=False)
