@@ -236,7 +236,7 @@ def steer_then_verbalize(
     if isinstance(steering_vector, Tensor) and tuple(steering_vector.shape) not in ((d_model,), (1, d_model)):
         raise VectorError(f"steering_vector must be one [d_model] = [{d_model}] vector (it is added to the base "
                           f"model's residual stream), got shape {list(steering_vector.shape)}")
-    vector = check_vectors(steering_vector, d_model)
+    vector = check_vectors(steering_vector, d_model, "steering_vector")
     _check_reaches(base_model, steer_layer, layer, "steer_layer")
     check_finite(scale=scale)
     real = real_tokens(base_model, attention_mask, tokens)
@@ -384,9 +384,9 @@ def verbalize_direction(
     be stored, compared or round-tripped next to real activations.
     """
     av = _verbalizer(nla_or_av)
-    vectors = check_vectors(direction, av.meta.d_model).float()
+    vectors = check_vectors(direction, av.meta.d_model, "direction").float()
     if scale_like is not None:
-        reference = check_vectors(scale_like, av.meta.d_model).float()
+        reference = check_vectors(scale_like, av.meta.d_model, "scale_like").float()
         # metrics.rescale: a direction whose squared norm leaves fp32 (entries ~1e-25 or ~1e25) keeps its
         # direction instead of becoming NaN or zero, as the AV, which reads only the direction, keeps it.
         vectors = metrics.rescale(vectors, float(reference.norm(dim=-1).mean()))

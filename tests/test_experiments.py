@@ -577,3 +577,17 @@ def test_a_base_model_the_nla_cannot_read_is_refused_before_it_runs(nla, bos_pat
     }
     with pytest.raises(nl.InputError, match=message):
         calls[run]()
+
+
+def test_vector_errors_name_the_argument_the_vectors_were_passed_as(base, nla, av_karvonen, steer):
+    """They said "vectors", which none of these arguments is called."""
+    tokens, _ = padded(base, "left")
+    with pytest.raises(nl.VectorError, match=r"^steering_vector at rows \[0\] hold NaN"):
+        nl.steer_then_verbalize(base, nla, tokens, steering_vector=torch.full_like(steer, float("nan")), scale=1.0,
+                                steer_layer=0)
+    with pytest.raises(nl.VectorError, match=r"^direction at rows \[0\] are zero"):
+        nl.verbalize_direction(av_karvonen, torch.zeros(D_MODEL))
+    with pytest.raises(nl.VectorError, match=rf"^scale_like must have shape \[n, {D_MODEL}\]"):
+        nl.verbalize_direction(av_karvonen, steer, scale_like=torch.ones(3, D_MODEL + 1))
+    with pytest.raises(nl.VectorError, match=r"^scale_like must be a torch.Tensor, got list"):
+        nl.verbalize_direction(av_karvonen, steer, scale_like=[1.0] * D_MODEL)
