@@ -11,6 +11,7 @@ dataclasses that print short, show as tables in a notebook, and have `to_pandas(
 from __future__ import annotations
 
 import difflib
+import re
 import string
 import warnings
 from dataclasses import dataclass, replace
@@ -352,6 +353,13 @@ def _patch_hook_name(base_model: TLModel, activation_name: str, patch_layer: int
     """`get_act_name(activation_name, patch_layer)`, checked to be a hook point of `base_model` that takes writes,
     except for the embeddings, which TL names without a block (its `get_act_name("embed", 0)` says
     `blocks.0.hook_embed`, which no model has)."""
+    if "." in activation_name or activation_name.startswith("hook_"):  # get_act_name would nest it in blocks.L.hook_
+        short = activation_name.rsplit(".", 1)[-1].removeprefix("hook_")
+        block = re.match(r"blocks\.(\d+)\.", activation_name)
+        layer = block[1] if block else "0" if short in _BEFORE_BLOCKS else "<block>"
+        raise InputError(f"activation_name={activation_name!r} is a full hook name; pass the short name "
+                         f"transformer_lens.utils.get_act_name takes and the block apart: "
+                         f"activation_name={short!r}, patch_layer={layer}")
     if activation_name not in _BEFORE_BLOCKS:
         hook_name = get_act_name(activation_name, patch_layer)
     elif patch_layer != 0:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -484,10 +485,14 @@ def test_experiment_arguments_are_checked_with_typed_errors(base, nla, av_karvon
     with pytest.raises(nl.InputError, match="not a hook point"):
         nl.patching_study(base, nla, clean_tokens, corrupted_tokens, patch_layer=0, patch_position=0,
                           activation_name="no_such_activation")
-    with pytest.raises(nl.InputError, match=r"activation_name='blocks.0.hook_attn_out' at patch_layer=0 names "
-                                            r"'blocks.0.hook_blocks.0.hook_attn_out'.*short name.*'attn_out'"):
-        nl.patching_study(base, nla, clean_tokens, corrupted_tokens, patch_layer=0, patch_position=0,
-                          activation_name="blocks.0.hook_attn_out")  # the full hook name, where TL's short one goes
+    # A full hook name, where TL's short one goes: the message named 'blocks.1.hook_blocks.1.hook_resid_pre'.
+    for full, short in [("blocks.1.hook_resid_pre", "activation_name='resid_pre', patch_layer=1"),
+                        ("blocks.0.attn.hook_z", "activation_name='z', patch_layer=0"),
+                        ("hook_embed", "activation_name='embed', patch_layer=0")]:
+        with pytest.raises(nl.InputError, match=re.escape(f"activation_name={full!r} is a full hook name; pass the "
+                                                          f"short name") + f".*{re.escape(short)}$"):
+            nl.patching_study(base, nla, clean_tokens, corrupted_tokens, patch_layer=1, patch_position=0,
+                              activation_name=full)
     with pytest.warns(UserWarning, match="no FVE"):  # two vectors: no baseline, so no FVE rather than noise
         result = nl.steer_then_verbalize(base, nla, tokens[:1], steering_vector=steer, scale=0.0, steer_layer=0,
                                          **FAST)
