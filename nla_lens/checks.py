@@ -151,12 +151,17 @@ def file_path(path: str | os.PathLike, what: str) -> Path:
     return Path(path).expanduser()
 
 
+def file_kind(path: Path) -> str:
+    """The suffix nla_lens reads and writes a file by, in lower case: `out.PARQUET` is a parquet file."""
+    return path.suffix.lower()
+
+
 def check_output_path(path: Path, suffixes: Sequence[str], what: str = "output") -> None:
     """A file nla_lens may write: its folder exists and takes files, it is not a folder, and its suffix is one it
     writes."""
     if path.is_dir():
         raise InputError(f"{what} {path} is a folder; give a file path, e.g. {path / ('out' + suffixes[0])}")
-    if path.suffix not in suffixes:
+    if file_kind(path) not in suffixes:
         raise InputError(f"{what} {path}: the file name must end in {' or '.join(suffixes)}")
     if not path.parent.is_dir():
         raise InputError(f"{what} {path}: {no_folder(path.parent)}")

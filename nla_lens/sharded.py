@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from nla_lens import __version__, loading, metrics, shard_store
-from nla_lens.checks import check_counts, check_sampling, resolve_device, resolve_dtype
+from nla_lens.checks import check_counts, check_sampling, file_kind, resolve_device, resolve_dtype
 from nla_lens.distributed import World, barrier, device_for, process_group
 from nla_lens.errors import InputError
 from nla_lens.injection import check_vectors
@@ -248,7 +248,7 @@ def check_extraction_input(input_path: Path, av_meta: NLAMeta) -> None:
         raise InputError(f"{input_path} is an extraction folder, not a vector file: pass one of its shards "
                          f"({input_path / 'shards'}/acts-*.safetensors), or load it in Python with "
                          "nla_lens.training.load_activations")
-    if input_path.suffix != ".safetensors":
+    if file_kind(input_path) != ".safetensors":
         return
     source, folder = next(((m, f) for f in input_path.resolve().parents[:2] if (m := _extraction_meta(f))),
                           (None, None))

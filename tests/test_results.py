@@ -538,3 +538,14 @@ def test_save_refuses_a_folder_it_cannot_write_naming_the_path_given(results, tm
             results["round_trip"].save(folder / name)
     with pytest.raises(nl.InputError, match="no file can be created"):
         results["word_steering"].save_vectors(folder / "delta.safetensors")
+
+
+def test_save_takes_a_suffix_in_any_case(results, tmp_path):
+    """`out.PARQUET` was refused: "the file name must end in .parquet or .jsonl or .html"."""
+    rt = results["round_trip"]
+    assert pq.read_table(rt.save(tmp_path / "out.PARQUET")).to_pylist() == pq.read_table(
+        rt.save(tmp_path / "out.parquet")).to_pylist()
+    assert len(rt.save(tmp_path / "out.Jsonl").read_text(encoding="utf-8").splitlines()) == len(rt.to_records())
+    assert rt.save(tmp_path / "view.HTML").read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
+    path = results["word_steering"].save_vectors(tmp_path / "delta.SAFETENSORS")
+    assert len(nl.WordSteering.fwd_hooks_from(path)) == 1

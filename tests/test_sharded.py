@@ -22,7 +22,7 @@ from nla_lens.distributed import World, device_for
 from nla_lens.sharded import Sampling
 from nla_lens.toy.demo import TOY_DIR
 from nla_lens.toy.evaluate import HELDOUT_FILE, MIN_CONTEXT, ToyNLA
-from nla_lens.vector_files import read_vectors
+from nla_lens.vector_files import read_input, read_vectors, write_vectors
 
 N_ROWS, SHARD_SIZE = 10, 3  # shards of 3, 3, 3, 1: uneven, and each of 2 ranks gets two
 GREEDY = Sampling(max_new_tokens=8)
@@ -500,3 +500,16 @@ def test_a_shards_folder_that_cannot_be_made_is_refused_before_any_model_loads(t
         match = f"{shard_store.shard_folder(output)} is a file, where the job keeps its shards in a folder"
     with pytest.raises(nl.InputError, match=re.escape(match)):
         sharded.verbalize_file(tiny_paths["av_karvonen"], input_file, output, sampling=GREEDY, progress=False)
+
+
+def test_vector_files_are_read_and_written_by_their_suffix_in_any_case(tiny_paths, rows, tmp_path):
+    """`v.PT`, `v.SAFETENSORS` and `in.PARQUET` were refused as files of no known kind."""
+    for name in ("v.PT", "v.SAFETENSORS"):
+        write_vectors(rows, tmp_path / name)
+        assert torch.equal(read_vectors(tmp_path / name), rows)
+    upper = write_parquet(tmp_path / "in.PARQUET", rows, doc_id=[str(i) for i in range(N_ROWS)])
+    table = read_input(upper)
+    assert torch.equal(table.vectors, rows) and table.columns.column_names == ["doc_id"]
+    result = sharded.verbalize_file(tiny_paths["av_karvonen"], tmp_path / "v.SAFETENSORS", tmp_path / "out.JSONL",
+                                    sampling=GREEDY, shard_size=N_ROWS, progress=False)
+    assert len((tmp_path / "out.JSONL").read_text(encoding="utf-8").splitlines()) == result.table.num_rows == N_ROWS
