@@ -10,6 +10,7 @@ import difflib
 import math
 import numbers
 import os
+import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -150,14 +151,32 @@ def file_path(path: str | os.PathLike, what: str) -> Path:
     return Path(path).expanduser()
 
 
+def file_kind(path: Path) -> str:
+    """The suffix nla_lens reads and writes a file by, in lower case: `out.PARQUET` is a parquet file."""
+    return path.suffix.lower()
+
+
 def check_output_path(path: Path, suffixes: Sequence[str], what: str = "output") -> None:
-    """A file nla_lens may write: its folder exists, it is not a folder, and its suffix is one it writes."""
+    """A file nla_lens may write: its folder exists and takes files, it is not a folder, and its suffix is one it
+    writes."""
     if path.is_dir():
         raise InputError(f"{what} {path} is a folder; give a file path, e.g. {path / ('out' + suffixes[0])}")
-    if path.suffix not in suffixes:
+    if file_kind(path) not in suffixes:
         raise InputError(f"{what} {path}: the file name must end in {' or '.join(suffixes)}")
     if not path.parent.is_dir():
         raise InputError(f"{what} {path}: {no_folder(path.parent)}")
+    check_writable(path.parent, f"{what} {path}")
+
+
+def check_writable(folder: Path, what: str) -> None:
+    """An existing `folder` takes new files, checked before the work whose result goes there: one the process may
+    not write failed only at the write, with a PermissionError naming the hidden temporary file."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise InputError(f"{what}: no file can be created in {folder} ({exc.strerror or exc}); pick a folder this "
+                         "process can write to") from exc
 
 
 def check_keywords(given: Iterable[str], accepted: Iterable[str], where: str, passed_to: str) -> None:

@@ -11,6 +11,7 @@ dataclasses that print short, show as tables in a notebook, and have `to_pandas(
 from __future__ import annotations
 
 import difflib
+import re
 import string
 import warnings
 from dataclasses import dataclass, replace
@@ -236,7 +237,7 @@ def steer_then_verbalize(
     if isinstance(steering_vector, Tensor) and tuple(steering_vector.shape) not in ((d_model,), (1, d_model)):
         raise VectorError(f"steering_vector must be one [d_model] = [{d_model}] vector (it is added to the base "
                           f"model's residual stream), got shape {list(steering_vector.shape)}")
-    vector = check_vectors(steering_vector, d_model)
+    vector = check_vectors(steering_vector, d_model, "steering_vector")
     _check_reaches(base_model, steer_layer, layer, "steer_layer")
     check_finite(scale=scale)
     real = real_tokens(base_model, attention_mask, tokens)
@@ -352,6 +353,13 @@ def _patch_hook_name(base_model: TLModel, activation_name: str, patch_layer: int
     """`get_act_name(activation_name, patch_layer)`, checked to be a hook point of `base_model` that takes writes,
     except for the embeddings, which TL names without a block (its `get_act_name("embed", 0)` says
     `blocks.0.hook_embed`, which no model has)."""
+    if "." in activation_name or activation_name.startswith("hook_"):  # get_act_name would nest it in blocks.L.hook_
+        short = activation_name.rsplit(".", 1)[-1].removeprefix("hook_")
+        block = re.match(r"blocks\.(\d+)\.", activation_name)
+        layer = block[1] if block else "0" if short in _BEFORE_BLOCKS else "<block>"
+        raise InputError(f"activation_name={activation_name!r} is a full hook name; pass the short name "
+                         f"transformer_lens.utils.get_act_name takes and the block apart: "
+                         f"activation_name={short!r}, patch_layer={layer}")
     if activation_name not in _BEFORE_BLOCKS:
         hook_name = get_act_name(activation_name, patch_layer)
     elif patch_layer != 0:
@@ -384,9 +392,9 @@ def verbalize_direction(
     be stored, compared or round-tripped next to real activations.
     """
     av = _verbalizer(nla_or_av)
-    vectors = check_vectors(direction, av.meta.d_model).float()
+    vectors = check_vectors(direction, av.meta.d_model, "direction").float()
     if scale_like is not None:
-        reference = check_vectors(scale_like, av.meta.d_model).float()
+        reference = check_vectors(scale_like, av.meta.d_model, "scale_like").float()
         # metrics.rescale: a direction whose squared norm leaves fp32 (entries ~1e-25 or ~1e25) keeps its
         # direction instead of becoming NaN or zero, as the AV, which reads only the direction, keeps it.
         vectors = metrics.rescale(vectors, float(reference.norm(dim=-1).mean()))

@@ -123,12 +123,7 @@ def explain(nla: NLA, base: TLModel, text_or_texts: str | Sequence[str], *, posi
     `verbalize_kwargs` go to `verbalize` (e.g. `max_new_tokens`, `batch_size`).
     """
     backends.backend_of(base)  # the text is tokenized with its tokenizer before explain_tokens checks it
-    if isinstance(text_or_texts, str):
-        texts = [text_or_texts]
-    else:  # None or a number is no list of texts: the InputError below, not a TypeError from list()
-        texts = list(text_or_texts) if isinstance(text_or_texts, Iterable) else []
-    if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
-        raise InputError("pass a non-empty text, or a non-empty list of non-empty texts, to explain")
+    texts = _texts(text_or_texts)
     tokenizer = base.tokenizer
     if tokenizer is None:
         raise InputError("the base model has no tokenizer; load it with nl.load_base(...), or set base.tokenizer to "
@@ -137,6 +132,25 @@ def explain(nla: NLA, base: TLModel, text_or_texts: str | Sequence[str], *, posi
     skip = [bos_skip(tokenizer, ids) for ids in rows]
     return explain_tokens(nla, base, rows, positions=positions, skip=skip, texts=texts, baseline=baseline,
                           fwd_hooks=fwd_hooks, **verbalize_kwargs)
+
+
+def _texts(text_or_texts: object) -> list[str]:
+    """`explain`'s texts as a list of non-blank strings; anything else is an InputError saying what was given."""
+    if isinstance(text_or_texts, str):
+        texts = [text_or_texts]
+    elif isinstance(text_or_texts, Iterable) and not isinstance(text_or_texts, Tensor):
+        texts = list(text_or_texts)
+    else:  # a tensor iterates as tensors, None or a number not at all: neither is a list of texts
+        hint = "; token ids go to nla_lens.explain.explain_tokens" if isinstance(text_or_texts, Tensor) else ""
+        raise InputError(f"explain takes a str or a list of str, got {type(text_or_texts).__name__}{hint}")
+    if not texts:
+        raise InputError("pass a non-empty text, or a non-empty list of non-empty texts, to explain")
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise InputError(f"explain takes a str or a list of str; text {i} is {type(text).__name__}")
+        if not text.strip():
+            raise InputError(f"text {i} is {text!r}: pass non-empty texts to explain")
+    return texts
 
 
 def bos_skip(tokenizer: Any, ids: Sequence[int]) -> int:
@@ -165,7 +179,10 @@ def explain_tokens(nla: NLA, base: TLModel, token_rows: Sequence[Sequence[int]],
         raise PromptTooLongError(f"a text is {too_long[0]} tokens, over the base model's context of "
                                  f"{base.cfg.n_ctx}; split it into shorter texts")
     skip = [0] * len(token_rows) if skip is None else list(skip)
-    columns = [select_positions(positions, len(row), s) for row, s in zip(token_rows, skip, strict=True)]
+    tokenizer = base.tokenizer
+    texts = [tokenizer.decode(list(row)) for row in token_rows] if texts is None else list(texts)
+    columns = [select_positions(positions, len(row), s, text=f"text {t} ({display.format_cell(text, 30)!r})")
+               for t, (row, s, text) in enumerate(zip(token_rows, skip, texts, strict=True))]
     device = base.W_E.device
     vectors, sites = [], []
     with torch.no_grad():
@@ -180,12 +197,10 @@ def explain_tokens(nla: NLA, base: TLModel, token_rows: Sequence[Sequence[int]],
             sites += [(t, p) for p in cols]
     captured = torch.cat(vectors)
     round_trip = nla.round_trip(captured, baseline=baseline, **verbalize_kwargs)
-    tokenizer = base.tokenizer
     strings = [[tokenizer.decode([i], clean_up_tokenization_spaces=False) for i in row] for row in token_rows]
     fves = [None] * len(sites) if round_trip.fves is None else round_trip.fves.tolist()
     explained = [ExplainedToken(t, p, strings[t][p], v, mse, fve) for (t, p), v, mse, fve in
                  zip(sites, round_trip.verbalizations, round_trip.mse.tolist(), fves, strict=True)]
-    texts = [tokenizer.decode(list(row)) for row in token_rows] if texts is None else list(texts)
     return Explanation(explained, texts, strings, layer, captured, round_trip, getattr(base.cfg, "model_name", None))
 
 
@@ -195,8 +210,9 @@ def _slice_text(positions: slice) -> str:
     return ":".join(parts if positions.step is not None else parts[:2])
 
 
-def select_positions(positions: ExplainPositions, length: int, skip: int = 0) -> list[int]:
-    """The columns of a `length`-token text that `positions` names (see `explain`), sorted, no repeats."""
+def select_positions(positions: ExplainPositions, length: int, skip: int = 0, text: str = "a text") -> list[int]:
+    """The columns of a `length`-token text that `positions` names (see `explain`), sorted, no repeats; the errors
+    name the text as `text` says ("text 2 ('The cat sat')")."""
     if positions is None:
         return list(range(min(skip, length - 1), length))
     if isinstance(positions, slice):
@@ -211,11 +227,11 @@ def select_positions(positions: ExplainPositions, length: int, skip: int = 0) ->
                          f"got {positions!r}")
     outside = [p for p in chosen if not -length <= p < length]
     if outside:
-        raise InputError(f"position {outside[0]} is outside a text of {length} tokens (0..{length - 1}, or "
+        raise InputError(f"position {outside[0]} is outside {text} of {length} tokens (0..{length - 1}, or "
                          f"-{length}..-1 from the end)")
     if not chosen:
         shown = _slice_text(positions) if isinstance(positions, slice) else repr(positions)
-        raise InputError(f"positions {shown} select no token of a text of {length} tokens (0..{length - 1}); "
+        raise InputError(f"positions {shown} select no token of {text} of {length} tokens (0..{length - 1}); "
                          "pick positions inside every text, e.g. -1 for each one's last token")
     return sorted({p % length for p in chosen})
 

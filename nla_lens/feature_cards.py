@@ -105,6 +105,10 @@ class FeatureCard(TabularResult):
         return (f"feature {self.feature} of {self.hook_name}: {said}; top {len(self.contexts)} contexts, {count} "
                 f"on {token!r}; active at {self.n_active}/{self.n_positions} positions{cosine}")
 
+    def _shown_columns(self, records: list[dict[str, Any]]) -> list[str]:
+        """With `explain_contexts=True`, the repr shows what the AV said at each context beside it."""
+        return super()._shown_columns(records) + (["context_explanation"] if self.explained_contexts else [])
+
     def _repr_html_(self) -> str:
         windows = [(c.tokens, c.activations, c.center) for c in self.contexts]
         said_here = [c.explanation for c in self.contexts] if self.explained_contexts else None

@@ -33,29 +33,30 @@ from nla_lens.sidecar import InjectionSpec
 HookFn = Callable[[Tensor, HookPoint], Tensor | None]
 
 
-def check_vectors(vectors: Tensor, d_model: int) -> Float[Tensor, "n d_model"]:
-    """Validate activation vectors; a single `[d_model]` vector becomes a batch of one."""
+def check_vectors(vectors: Tensor, d_model: int, name: str = "vectors") -> Float[Tensor, "n d_model"]:
+    """Validate activation vectors; a single `[d_model]` vector becomes a batch of one. `name` is the argument
+    the user passed them as, which the messages name."""
     if not isinstance(vectors, Tensor):
-        raise VectorError(f"vectors must be a torch.Tensor, got {type(vectors).__name__}{_tensor_hint(vectors)}")
+        raise VectorError(f"{name} must be a torch.Tensor, got {type(vectors).__name__}{_tensor_hint(vectors)}")
     if vectors.ndim == 1:
         vectors = vectors[None]
     if vectors.ndim != 2 or vectors.shape[1] != d_model:
         raise VectorError(
-            f"vectors must have shape [n, {d_model}] (d_model of this NLA), got "
+            f"{name} must have shape [n, {d_model}] (d_model of this NLA), got "
             f"{tuple(vectors.shape)}. Take them from blocks.K.hook_resid_post of the base model."
         )
     if vectors.device.type == "meta":
-        raise VectorError("vectors are on the meta device and hold no values; pass real tensors")
+        raise VectorError(f"{name}: on the meta device, which holds no values; pass real tensors")
     if vectors.shape[0] == 0:
-        raise VectorError("no vectors given: pass at least one [d_model] vector")
+        raise VectorError(f"no {name} given: pass at least one [d_model] vector")
     if not vectors.is_floating_point():
-        raise VectorError(f"vectors must be floating point, got {vectors.dtype}; call .float()")
+        raise VectorError(f"{name} must be floating point, got {vectors.dtype}; call .float()")
     if not torch.isfinite(vectors).all():
         bad = (~torch.isfinite(vectors)).any(dim=1).nonzero().flatten().tolist()
-        raise VectorError(f"vectors at rows {bad[:8]} hold NaN or Inf; check how they were computed")
+        raise VectorError(f"{name} at rows {bad[:8]} hold NaN or Inf; check how they were computed")
     zero = (vectors == 0).all(dim=1).nonzero().flatten().tolist()  # not the norm: it underflows for tiny entries
     if zero:
-        raise VectorError(f"vectors at rows {zero[:8]} are zero; a zero vector has no direction to inject")
+        raise VectorError(f"{name} at rows {zero[:8]} are zero; a zero vector has no direction to inject")
     return vectors
 
 

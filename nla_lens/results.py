@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import pyarrow as pa
 
 from nla_lens import display
-from nla_lens.checks import check_output_path, file_path
+from nla_lens.checks import check_output_path, file_kind, file_path
 from nla_lens.errors import InputError
 from nla_lens.vector_files import write_atomic, write_table
 
@@ -68,7 +68,7 @@ class TabularResult:
     def save(self, path: str | Path) -> Path:
         """Write the rows to ``.parquet`` or ``.jsonl``, or the notebook view to a self-contained ``.html`` page."""
         path = check_save_path(path)
-        if path.suffix == ".html":
+        if file_kind(path) == ".html":
             page = display.page(type(self).__name__, self._repr_html_())
             write_atomic(path, lambda tmp: tmp.write_text(page, encoding="utf-8"))
         else:
@@ -99,7 +99,7 @@ def check_save_path(path: str | Path) -> Path:
     """Checked before writing: a known suffix, an existing folder, not a folder itself. `~` is expanded, as
     checkpoint paths are."""
     path = file_path(path, "save")
-    if path.suffix not in SAVE_SUFFIXES:
+    if file_kind(path) not in SAVE_SUFFIXES:
         raise InputError(f"{path}: save to a .parquet or .jsonl file (the rows) or an .html file (the view)")
     check_output_path(path, SAVE_SUFFIXES)
     return path

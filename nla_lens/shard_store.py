@@ -17,6 +17,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from nla_lens.checks import check_writable
 from nla_lens.distributed import World
 from nla_lens.errors import ConfigError, InputError
 from nla_lens.vector_files import write_atomic
@@ -29,6 +30,16 @@ _UNRECORDED = {"device": "cpu"}
 
 def shard_folder(output: Path) -> Path:
     return output.with_name(output.name + ".shards")
+
+
+def check_folder(folder: Path) -> None:
+    """The shards folder can take shards, checked before any model loads: a file of its name, or a folder the job
+    may not write, failed only at the first shard's write, with a bare OSError."""
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"{folder} is a file, where the job keeps its shards in a folder of that name; move the file "
+                         "or pick another --output")
+    if folder.is_dir():
+        check_writable(folder, "shards folder")
 
 
 def shard_path(folder: Path, index: int) -> Path:

@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from nla_lens import __version__, loading, metrics, shard_store
-from nla_lens.checks import check_counts, check_sampling, resolve_device, resolve_dtype
+from nla_lens.checks import check_counts, check_sampling, file_kind, resolve_device, resolve_dtype
 from nla_lens.distributed import World, barrier, device_for, process_group
 from nla_lens.errors import InputError
 from nla_lens.injection import check_vectors
@@ -244,8 +244,10 @@ def _check_summary_is_ours(output: Path) -> None:
 
 
 def _check_paths(input_path: Path, output: Path) -> None:
-    """An output on the input file would replace the vectors with rows that do not hold them."""
+    """The output and its shards folder can be written, and the output is not the input file: there the rows
+    would replace the vectors."""
     check_output(output)
+    shard_store.check_folder(shard_store.shard_folder(output))
     if output.resolve() == input_path.resolve():
         raise InputError(f"--output {output} is the input file: the rows written there would replace its vectors; "
                          "pick another --output")
@@ -267,7 +269,7 @@ def check_extraction_input(input_path: Path, av_meta: NLAMeta) -> None:
         raise InputError(f"{input_path} is an extraction folder, not a vector file: pass one of its shards "
                          f"({input_path / 'shards'}/acts-*.safetensors), or load it in Python with "
                          "nla_lens.training.load_activations")
-    if input_path.suffix != ".safetensors":
+    if file_kind(input_path) != ".safetensors":
         return
     source, folder = next(((m, f) for f in input_path.resolve().parents[:2] if (m := _extraction_meta(f))),
                           (None, None))

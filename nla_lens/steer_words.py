@@ -44,7 +44,15 @@ from transformer_lens.hook_points import HookPoint
 from nla_lens import backends
 from nla_lens.base_model import check_base_model
 from nla_lens.capture import PositionSpec, real_tokens, resid_post, resid_post_name, resolve_positions
-from nla_lens.checks import check_counts, check_finite, check_input_file, check_output_path, check_sampling, file_path
+from nla_lens.checks import (
+    check_counts,
+    check_finite,
+    check_input_file,
+    check_output_path,
+    check_sampling,
+    file_kind,
+    file_path,
+)
 from nla_lens.errors import InputError, PairMismatchError, PromptTooLongError, VectorError
 from nla_lens.injection import HookFn, check_vectors, unit
 from nla_lens.nla import NLA
@@ -147,7 +155,7 @@ class WordSteering(TabularResult):
         """The `fwd_hooks(alpha)` of the result that `save_vectors` wrote `path`: steer again without the AV
         and the AR. Tensors and text only are read (safetensors runs no code); a file of another kind is refused."""
         path = file_path(path, "fwd_hooks_from")
-        if path.suffix != ".safetensors":
+        if file_kind(path) != ".safetensors":
             raise InputError(f"{path}: fwd_hooks_from reads the .safetensors file save_vectors wrote")
         check_input_file(path, "steering file")
         saved = _read_saved(path)
@@ -202,7 +210,7 @@ class WordSteering(TabularResult):
         """Delta and T (with the sites and settings, the token shape the hook is bound to among them) to
         `.safetensors`, to steer again without the AV and AR (`fwd_hooks_from`); `save` writes the table."""
         path = file_path(path, "save_vectors")
-        if path.suffix != ".safetensors":
+        if file_kind(path) != ".safetensors":
             raise InputError(f"{path}: save_vectors writes a .safetensors file; save() writes the table")
         check_output_path(path, (".safetensors",))
         tensors = {name: getattr(self, name).contiguous() for name in _SAVED_TENSORS}  # what fwd_hooks_from reads
@@ -314,7 +322,7 @@ def describe_difference(nla_or_av: NLA | ActivationVerbalizer, a: Float[Tensor, 
                          f"{type(nla_or_av).__name__}")
     av = nla_or_av.av if isinstance(nla_or_av, NLA) else nla_or_av
     d = av.meta.d_model
-    a, b = check_vectors(a, d).float(), check_vectors(b, d).float()
+    a, b = check_vectors(a, d, "a").float(), check_vectors(b, d, "b").float()
     if b.shape[0] not in (1, a.shape[0]):
         raise VectorError(f"b has {b.shape[0]} rows; pass one vector or one per row of a ({a.shape[0]})")
     b = b.to(a.device).expand_as(a)

@@ -26,7 +26,7 @@ from jaxtyping import Float
 from safetensors.torch import load_file, save
 from torch import Tensor
 
-from nla_lens.checks import check_input_file, check_output_path
+from nla_lens.checks import check_input_file, check_output_path, file_kind
 from nla_lens.errors import InputError
 
 # Column names the jobs write; an input column of the same name would be overwritten.
@@ -43,12 +43,12 @@ class VectorTable:
 
 def read_vectors(path: Path) -> Float[Tensor, "n d_model"]:
     """Vectors from .safetensors (a tensor named `vectors`, or the only one) or .pt (weights_only load)."""
-    if path.suffix not in (".safetensors", ".pt"):
+    if file_kind(path) not in (".safetensors", ".pt"):
         hint = ("; convert it once: torch.save(torch.from_numpy(numpy.load(path)).float(), 'vectors.pt')"
-                if path.suffix == ".npy" else "")  # NumPy's own format, the one a newcomer most often has
+                if file_kind(path) == ".npy" else "")  # NumPy's own format, the one a newcomer most often has
         raise InputError(f"{path}: expected a .safetensors, .pt or .parquet file of [n, d_model] vectors{hint}")
     check_input_file(path, "vector file")
-    if path.suffix == ".safetensors":
+    if file_kind(path) == ".safetensors":
         tensors = _readable(path, lambda: load_file(str(path)))
         if "vectors" not in tensors and len(tensors) != 1:
             raise InputError(f"{path} holds {sorted(tensors)}; name the [n, d_model] tensor 'vectors'")
@@ -69,7 +69,7 @@ def _readable(path: Path, read: Callable[[], Any]) -> Any:
         return read()
     except Exception as exc:  # noqa: BLE001 - safetensors, pickle and arrow each raise their own types
         # torch's own text suggests weights_only=False, which would run pickled code: never pass that on.
-        detail = "" if path.suffix == ".pt" else f" ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0]})"
+        detail = "" if file_kind(path) == ".pt" else f" ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0]})"
         raise InputError(f"{path} cannot be read as a {path.suffix} file of vectors{detail}; is it corrupt or of "
                          "another format? Write vectors with safetensors.torch.save_file({'vectors': v}, path)"
                          ) from exc
@@ -77,7 +77,7 @@ def _readable(path: Path, read: Callable[[], Any]) -> Any:
 
 def read_input(path: Path, column: str | None = None) -> VectorTable:
     """A vector file as a `VectorTable`; `column` names the vector column of a parquet file."""
-    if path.suffix != ".parquet":
+    if file_kind(path) != ".parquet":
         if column is not None:
             raise InputError(f"--column only applies to parquet inputs, not {path.name}")
         return VectorTable(read_vectors(path), pa.table({}))
@@ -142,7 +142,7 @@ def check_output(path: Path) -> None:
 def write_table(table: pa.Table, path: Path) -> None:
     """Write `table` as .parquet or .jsonl (one JSON object per row), atomically."""
     check_output(path)
-    if path.suffix == ".parquet":
+    if file_kind(path) == ".parquet":
         write_atomic(path, lambda tmp: pq.write_table(table, tmp))
     else:
         write_atomic(path, lambda tmp: tmp.write_text(
@@ -169,9 +169,9 @@ def write_vectors(vectors: Float[Tensor, "n d_model"], path: Path) -> None:
     """Write vectors as .safetensors (tensor `vectors`) or .pt (the tensor alone), atomically; both read back
     with `read_vectors`."""
     vectors = vectors.detach().contiguous().cpu()
-    if path.suffix == ".safetensors":
+    if file_kind(path) == ".safetensors":
         data = save({"vectors": vectors})
-    elif path.suffix == ".pt":
+    elif file_kind(path) == ".pt":
         buffer = io.BytesIO()
         torch.save(vectors, buffer)
         data = buffer.getvalue()

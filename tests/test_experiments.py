@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -484,10 +485,14 @@ def test_experiment_arguments_are_checked_with_typed_errors(base, nla, av_karvon
     with pytest.raises(nl.InputError, match="not a hook point"):
         nl.patching_study(base, nla, clean_tokens, corrupted_tokens, patch_layer=0, patch_position=0,
                           activation_name="no_such_activation")
-    with pytest.raises(nl.InputError, match=r"activation_name='blocks.0.hook_attn_out' at patch_layer=0 names "
-                                            r"'blocks.0.hook_blocks.0.hook_attn_out'.*short name.*'attn_out'"):
-        nl.patching_study(base, nla, clean_tokens, corrupted_tokens, patch_layer=0, patch_position=0,
-                          activation_name="blocks.0.hook_attn_out")  # the full hook name, where TL's short one goes
+    # A full hook name, where TL's short one goes: the message named 'blocks.1.hook_blocks.1.hook_resid_pre'.
+    for full, short in [("blocks.1.hook_resid_pre", "activation_name='resid_pre', patch_layer=1"),
+                        ("blocks.0.attn.hook_z", "activation_name='z', patch_layer=0"),
+                        ("hook_embed", "activation_name='embed', patch_layer=0")]:
+        with pytest.raises(nl.InputError, match=re.escape(f"activation_name={full!r} is a full hook name; pass the "
+                                                          f"short name") + f".*{re.escape(short)}$"):
+            nl.patching_study(base, nla, clean_tokens, corrupted_tokens, patch_layer=1, patch_position=0,
+                              activation_name=full)
     with pytest.warns(UserWarning, match="no FVE"):  # two vectors: no baseline, so no FVE rather than noise
         result = nl.steer_then_verbalize(base, nla, tokens[:1], steering_vector=steer, scale=0.0, steer_layer=0,
                                          **FAST)
@@ -577,3 +582,17 @@ def test_a_base_model_the_nla_cannot_read_is_refused_before_it_runs(nla, bos_pat
     }
     with pytest.raises(nl.InputError, match=message):
         calls[run]()
+
+
+def test_vector_errors_name_the_argument_the_vectors_were_passed_as(base, nla, av_karvonen, steer):
+    """They said "vectors", which none of these arguments is called."""
+    tokens, _ = padded(base, "left")
+    with pytest.raises(nl.VectorError, match=r"^steering_vector at rows \[0\] hold NaN"):
+        nl.steer_then_verbalize(base, nla, tokens, steering_vector=torch.full_like(steer, float("nan")), scale=1.0,
+                                steer_layer=0)
+    with pytest.raises(nl.VectorError, match=r"^direction at rows \[0\] are zero"):
+        nl.verbalize_direction(av_karvonen, torch.zeros(D_MODEL))
+    with pytest.raises(nl.VectorError, match=rf"^scale_like must have shape \[n, {D_MODEL}\]"):
+        nl.verbalize_direction(av_karvonen, steer, scale_like=torch.ones(3, D_MODEL + 1))
+    with pytest.raises(nl.VectorError, match=r"^scale_like must be a torch.Tensor, got list"):
+        nl.verbalize_direction(av_karvonen, steer, scale_like=[1.0] * D_MODEL)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import shutil
 import warnings
 
@@ -113,9 +114,29 @@ def test_positions_select_the_same_tokens_in_every_text():
 
 
 def test_explain_refuses_empty_texts_with_a_typed_error(base, nla):
-    for bad in ("", "   ", [], ["fine", ""], None, 3):
+    for bad in ("", "   ", [], ["fine", ""]):
         with pytest.raises(nl.InputError, match="non-empty"):
             nla.explain(base, bad)
+    with pytest.raises(nl.InputError, match=r"^text 1 is '  ': pass non-empty texts"):
+        nla.explain(base, ["fine", "  "])
+
+
+def test_explain_says_texts_are_str_and_what_it_got_instead(base, nla):
+    """It said "pass a non-empty text" for a number, None or a tensor of token ids."""
+    for bad, said in [(3, ", got int"), (None, ", got NoneType"), (["fine", 7], "; text 1 is int"),
+                      (torch.tensor([[1, 2]]), ", got Tensor; token ids go to nla_lens.explain.explain_tokens")]:
+        with pytest.raises(nl.InputError, match=re.escape(f"explain takes a str or a list of str{said}")):
+            nla.explain(base, bad)
+
+
+def test_a_position_outside_a_text_names_that_text(base, nla):
+    """It said "outside a text of 3 tokens" without saying which of the texts."""
+    long, short = "The cat sat on the mat and then it slept all day long", "A dog"
+    n = len(base.to_tokens(short)[0])
+    with pytest.raises(nl.InputError, match=re.escape(f"position 5 is outside text 1 ('A dog') of {n} tokens")):
+        nla.explain(base, [long, short], positions=5, **FAST)
+    with pytest.raises(nl.InputError, match=re.escape("select no token of text 0 ('The cat sat on the mat and th…')")):
+        nla.explain(base, [long, short], positions=slice(50, None), **FAST)
 
 
 def test_arguments_in_the_wrong_order_or_of_the_wrong_kind_are_named(base, nla):

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
+from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
@@ -516,3 +518,34 @@ def test_a_plain_list_plus_verbalizations_is_verbalizations():
     assert out == [second, third]  # neither operand changes
     with pytest.raises(TypeError, match="can only concatenate tuple"):  # a tuple is no list: Python's own error
         (first,) + out
+
+
+@pytest.mark.parametrize("where", ["read_only", "proc"])
+def test_save_refuses_a_folder_it_cannot_write_naming_the_path_given(results, tmp_path, where):
+    """A folder the process may not write failed at the write, with a PermissionError naming the temporary file."""
+    if where == "proc":
+        if not Path("/proc/self").is_dir():
+            pytest.skip("needs Linux's /proc, a folder no file can be created in")
+        folder = Path("/proc")
+    else:
+        folder = tmp_path / "read_only"
+        folder.mkdir(mode=0o500)
+        if os.access(folder, os.W_OK):
+            pytest.skip("this user (root) writes even a read-only folder")
+    for name in ("out.jsonl", "out.parquet", "out.html"):
+        with pytest.raises(nl.InputError, match=rf"output {folder / name}: no file can be created in {folder} "
+                                                r"\(.+\); pick a folder this process can write to"):
+            results["round_trip"].save(folder / name)
+    with pytest.raises(nl.InputError, match="no file can be created"):
+        results["word_steering"].save_vectors(folder / "delta.safetensors")
+
+
+def test_save_takes_a_suffix_in_any_case(results, tmp_path):
+    """`out.PARQUET` was refused: "the file name must end in .parquet or .jsonl or .html"."""
+    rt = results["round_trip"]
+    assert pq.read_table(rt.save(tmp_path / "out.PARQUET")).to_pylist() == pq.read_table(
+        rt.save(tmp_path / "out.parquet")).to_pylist()
+    assert len(rt.save(tmp_path / "out.Jsonl").read_text(encoding="utf-8").splitlines()) == len(rt.to_records())
+    assert rt.save(tmp_path / "view.HTML").read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
+    path = results["word_steering"].save_vectors(tmp_path / "delta.SAFETENSORS")
+    assert len(nl.WordSteering.fwd_hooks_from(path)) == 1

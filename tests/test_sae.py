@@ -7,6 +7,7 @@ import html
 import json
 import math
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -656,6 +657,9 @@ def test_feature_card_explains_the_residual_at_each_context(toy, tmp_path):
     assert len(card.contexts) == 4 and [c.explanation for c in card.contexts] == expected
     assert all(e is not None and e.startswith("The token ") for e in expected)
     assert list(card.to_pandas()["context_explanation"]) == expected
+    shown = repr(card).splitlines()  # the repr left the column out
+    assert shown[1].split()[-1] == "context_explanation" and expected[0][:40] in shown[2]
+    assert "context_explanation" not in repr(replace(card, explained_contexts=False))
     page = card.save(tmp_path / "card.html").read_text()
     assert "NLA at the peak" in page and all(html.escape(e) in page for e in expected)
 

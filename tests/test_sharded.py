@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from nla_lens.distributed import World, device_for
 from nla_lens.sharded import Sampling
 from nla_lens.toy.demo import TOY_DIR
 from nla_lens.toy.evaluate import HELDOUT_FILE, MIN_CONTEXT, ToyNLA
-from nla_lens.vector_files import read_vectors
+from nla_lens.vector_files import read_input, read_vectors, write_vectors
 
 N_ROWS, SHARD_SIZE = 10, 3  # shards of 3, 3, 3, 1: uneven, and each of 2 ranks gets two
 GREEDY = Sampling(max_new_tokens=8)
@@ -509,3 +510,33 @@ def test_a_job_result_prints_short_with_its_outcome_not_its_table():
     unfinished = repr(sharded.JobResult(Path("out.parquet"), 2000, [0], list(range(1, 2000))))
     assert unfinished.startswith("JobResult: 1999 of 2000 shards not finished (1, 2, 3, 4, 5, 6, 7, 8, ...)")
     assert len(unfinished) < 300 and "nothing merged into out.parquet" in unfinished
+
+
+@pytest.mark.parametrize("where", ["a_file_of_its_name", "proc"])
+def test_a_shards_folder_that_cannot_be_made_is_refused_before_any_model_loads(tiny_paths, input_file, tmp_path,
+                                                                                monkeypatch, where):
+    """It ended at the first shard's write, after the model loaded, in a bare [Errno 17] or [Errno 2]."""
+    monkeypatch.setattr(nl.ActivationVerbalizer, "from_pretrained", lambda *a, **k: pytest.fail("a model loaded"))
+    if where == "proc":
+        if not Path("/proc/self").is_dir():
+            pytest.skip("needs Linux's /proc, a folder no file can be created in")
+        output, match = Path("/proc/o.parquet"), "output /proc/o.parquet: no file can be created in /proc"
+    else:
+        output = tmp_path / "o.parquet"
+        shard_store.shard_folder(output).write_text("notes")
+        match = f"{shard_store.shard_folder(output)} is a file, where the job keeps its shards in a folder"
+    with pytest.raises(nl.InputError, match=re.escape(match)):
+        sharded.verbalize_file(tiny_paths["av_karvonen"], input_file, output, sampling=GREEDY, progress=False)
+
+
+def test_vector_files_are_read_and_written_by_their_suffix_in_any_case(tiny_paths, rows, tmp_path):
+    """`v.PT`, `v.SAFETENSORS` and `in.PARQUET` were refused as files of no known kind."""
+    for name in ("v.PT", "v.SAFETENSORS"):
+        write_vectors(rows, tmp_path / name)
+        assert torch.equal(read_vectors(tmp_path / name), rows)
+    upper = write_parquet(tmp_path / "in.PARQUET", rows, doc_id=[str(i) for i in range(N_ROWS)])
+    table = read_input(upper)
+    assert torch.equal(table.vectors, rows) and table.columns.column_names == ["doc_id"]
+    result = sharded.verbalize_file(tiny_paths["av_karvonen"], tmp_path / "v.SAFETENSORS", tmp_path / "out.JSONL",
+                                    sampling=GREEDY, shard_size=N_ROWS, progress=False)
+    assert len((tmp_path / "out.JSONL").read_text(encoding="utf-8").splitlines()) == result.table.num_rows == N_ROWS

@@ -386,6 +386,8 @@ def test_describe_difference_verbalizes_a_minus_b(nla):
         nl.describe_difference(nla.av, torch.stack([a[0], b, a[2]]), b)
     with pytest.raises(nl.InputError, match="an NLA or an ActivationVerbalizer, got ActivationReconstructor"):
         nl.describe_difference(nla.ar, a, b)  # was an AttributeError: an AR has no verbalize
+    with pytest.raises(nl.VectorError, match=r"^b must have shape"):  # it said "vectors"
+        nl.describe_difference(nla.av, a, b[:5])
 
 
 def test_toy_verbalizes_samples_edits_and_steers():
