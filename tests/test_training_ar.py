@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import pytest
 import torch
@@ -98,6 +99,12 @@ def test_ar_resume_from_a_mid_run_checkpoint_gives_the_uninterrupted_weights(bas
     with pytest.warns(UserWarning, match=r"later checkpoints of another run \(step-000004\)"):
         train_ar(init_ar(base_folder, dataset_meta), *label_split, config, out_dir=tmp_path / "whole",
                  resume=tmp_path / "whole" / "checkpoints" / "step-000002", progress=False)
+    # A resume folder that is gone (pruned) is said alone, without that warning about the later checkpoints.
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(nl.CheckpointError, match="does not exist"):
+        warnings.simplefilter("always")
+        train_ar(init_ar(base_folder, dataset_meta), *label_split, config, out_dir=tmp_path / "whole",
+                 resume=tmp_path / "whole" / "checkpoints" / "step-000001", progress=False)
+    assert caught == []
 
 
 def test_a_held_out_split_of_one_vector_is_refused_before_training(base_folder, dataset_meta, label_split):

@@ -360,6 +360,17 @@ def test_resume_and_extension_give_the_uninterrupted_run(sft_pair, tmp_path):
     assert 0 <= row["parse_failure_rate"] <= 1 and row["kl"] >= 0 and row["sft_loss"] > 0
 
 
+def test_resume_latest_starts_a_first_launch_at_step_0_and_a_rerun_without_it_is_refused(sft_pair, tmp_path):
+    """One config launches and relaunches a preemptible job: `resume: latest` with no checkpoint yet was a
+    CheckpointError. A rerun without `resume` started at step 0 over the checkpoints it found."""
+    train, config = _train_vectors(sft_pair), dataclasses.replace(RL, steps=1, kl_coef=0.0, eval_vectors=0)
+    result = rl.train_rl(*_load(sft_pair)[:2], None, train, train[:0], config, out_dir=tmp_path, resume="latest",
+                         progress=False)
+    assert len(result.history) == 1 and result.checkpoint == tmp_path / "checkpoints" / "step-000001"
+    with pytest.raises(nl.ConfigError, match=r"holds checkpoints up to step 1 \(step-000001\).*Set resume: latest"):
+        rl.train_rl(*_load(sft_pair)[:2], None, train, train[:0], config, out_dir=tmp_path, progress=False)
+
+
 def test_train_ar_false_leaves_the_reward_model_untouched(sft_pair):
     av, ar, reference = _load(sft_pair)
     before = _params(av, ar)

@@ -445,7 +445,7 @@ def train_rl(
     backends.require_hooked("RL training", ar.model)
     check_pair(av.meta, ar.meta)
     check_vocabularies(av.tokenizer, ar.tokenizer)
-    loop.check_fresh_out_dir(out_dir, config.steps, resume)
+    loop.check_resume(out_dir, resume)
     check_samples_fit(av, ar, config.max_new_tokens)
     for model in (av.model, ar.model):
         freeze_weights_hf_lacks(model)  # TL-only biases stay zero, so the export can drop them
@@ -458,8 +458,8 @@ def train_rl(
     data = data_fingerprint(av.model, ar.model, ar.readout, *([] if reference is None else [reference.model]),
                             train_vectors, eval_vectors, *([sft_data] if trainer.sft_rows is not None else []))
     result = loop.TrainResult(steps=config.steps)
-    if resume is not None:
-        folder = loop.resume_folder(resume, out_dir)
+    folder = loop.resume_folder(resume, out_dir)
+    if folder is not None:
         # The learning rates are constant, so a run may also be extended: `steps` is resumable.
         result = loop.load_checkpoint(folder, trainer.params, trainer.optimizer, config, resumable={"steps"},
                                       data=data)
