@@ -232,7 +232,8 @@ class RLConfig:
     micro_batch: int = 64  # samples per forward in the AV and AR updates (memory only, not the result)
     seed: int = 0
     eval_every: int = 0  # 0: greedy held-out round trip at the start and the end only
-    eval_vectors: int = 64  # held-out vectors in that round trip (0 or 1: no evaluation; FVE needs a spread)
+    # held-out vectors in that round trip (0 or 1: no evaluation); under 32, FVE uses the AR sidecar's baseline
+    eval_vectors: int = 64
     save_every: int = 0
     keep_checkpoints: int = 2
 

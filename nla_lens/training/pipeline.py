@@ -245,8 +245,9 @@ def check_rl_layers(config: RLRunConfig, activations: NLAMeta) -> None:
 
 def check_rl_split(config: RLRunConfig, evaluation: LabelledActivations) -> None:
     """Warn when the held-out split is not the one the AR was exported with (its sidecar's `fve_baseline`
-    records that split's count and baseline): RL would train on vectors SFT held out and report an FVE on
-    vectors SFT trained on. A warning, not an error: RL on another extraction is a run one may mean."""
+    records that split's count and baseline, for a split of at least 32 vectors): RL would train on vectors SFT
+    held out and report an FVE on vectors SFT trained on. A warning, not an error: RL on another extraction is a
+    run one may mean."""
     ar = load_meta(loading.resolve_checkpoint(config.ar))
     if ar.fve_baseline is None:  # released ARs record no split
         return
