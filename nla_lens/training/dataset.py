@@ -21,6 +21,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
+from nla_lens import loading
 from nla_lens.errors import ConfigError, InputError, PromptTooLongError, SplitLeakError
 from nla_lens.sidecar import NLAMeta, ar_prompt_ids, av_prompt_ids
 from nla_lens.training.extraction import ActivationDataset, ActivationRecord
@@ -271,7 +272,9 @@ def check_fits(n_ctx: int, *rows: AVRows | ARRows) -> None:
 def check_base_fits(hf_config: Any, dataset: NLAMeta, base_model: str | Path, *, folder: Path, role: str) -> None:
     """Refuse a `base_model` whose width (or, for the AR, depth) cannot hold the extraction's vectors, read from
     its config.json before any weight loads: else the AV / AR fails only once the weights are in, blaming a sidecar.
-    Warn when the extraction names another local folder (`folder` is where `base_model` resolved to)."""
+    Warn when the extraction names another local folder (`folder` is where `base_model` resolved to). An NLA AR
+    folder is refused by its sidecar: its missing final blocks read as "an incomplete download" once loading."""
+    loading.check_base_folder(folder, f"base_model {base_model}", dataset.base_model)
     config = hf_config.get_text_config()  # a Gemma-3 wrapper keeps the sizes in text_config
     fix = f"set base_model to the model the activations were extracted from ({dataset.base_model})"
     d_model, n_layers = getattr(config, "hidden_size", None), getattr(config, "num_hidden_layers", None)

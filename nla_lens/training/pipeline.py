@@ -68,6 +68,7 @@ def read_corpus(path: str | Path) -> list[Document]:
 def run_extract(config: ExtractRunConfig, *, progress: bool = True) -> Path:
     backends.require_hooked("training")
     folder = loading.resolve_checkpoint(config.base_model)
+    loading.check_base_folder(folder, f"base_model {config.base_model}")  # an AR: else "an incomplete download"
     n_layers = getattr(loading.load_hf_config(folder).get_text_config(), "num_hidden_layers", None)
     if n_layers is not None and config.extract.layer >= n_layers:  # from config.json: before the weights load
         raise ConfigError(f"extract.layer {config.extract.layer} is outside base_model {config.base_model}'s "
