@@ -258,9 +258,9 @@ class RLConfig:
 class RLRunConfig:
     """`nla-lens train-rl`: an SFT AV and AR, the extraction + explanations they were trained on.
 
-    The split is SFT's (same `eval_fraction` and `split_seed` give the same documents), so RL trains
-    on SFT's training vectors and evaluates on its held-out ones; only `rl.sft_coef` > 0 reads the
-    explanations (its SFT rows).
+    The split is SFT's (the same explanations, `eval_fraction` and `split_seed` give the same rows: rows
+    without an explanation are left out before the split), so RL trains on SFT's training vectors and
+    evaluates on its held-out ones; `rl.sft_coef` > 0 also trains on the explanations (its SFT term).
     """
 
     av: str  # SFT AV folder: the policy's start and the frozen KL reference
