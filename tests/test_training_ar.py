@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import pytest
 import torch
@@ -68,6 +69,16 @@ def test_exported_ar_reloads_with_no_flags_and_identical_vectors(trained, base_f
     assert (ref.ar_reconstruct(folder, texts) - before).abs().max() < 1e-5 * before.abs().max()
 
 
+def test_a_held_out_split_under_32_vectors_puts_no_baseline_in_the_sidecar(trained, base_folder, label_split,
+                                                                           tmp_path):
+    """Round trips use the sidecar's baseline whatever its n: a split of 12 vectors' noisy one set every later FVE
+    (README "Scores": a baseline of fewer than 32 vectors is not used)."""
+    ar, _ = trained
+    with pytest.warns(UserWarning, match="no fve_baseline: 12 held-out vectors are too few"):
+        folder = export_ar(ar, tmp_path / "ar", base_folder, heldout=label_split[1].vectors[:12])
+    assert nl.ActivationReconstructor.from_pretrained(folder).meta.fve_baseline is None
+
+
 def test_ar_resume_from_a_mid_run_checkpoint_gives_the_uninterrupted_weights(base_folder, dataset_meta,
                                                                              label_split, tmp_path):
     config = TrainConfig(steps=4, batch_size=8, lr=1e-3, warmup_steps=1, save_every=2, keep_checkpoints=2)
@@ -98,6 +109,12 @@ def test_ar_resume_from_a_mid_run_checkpoint_gives_the_uninterrupted_weights(bas
     with pytest.warns(UserWarning, match=r"later checkpoints of another run \(step-000004\)"):
         train_ar(init_ar(base_folder, dataset_meta), *label_split, config, out_dir=tmp_path / "whole",
                  resume=tmp_path / "whole" / "checkpoints" / "step-000002", progress=False)
+    # A resume folder that is gone (pruned) is said alone, without that warning about the later checkpoints.
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(nl.CheckpointError, match="does not exist"):
+        warnings.simplefilter("always")
+        train_ar(init_ar(base_folder, dataset_meta), *label_split, config, out_dir=tmp_path / "whole",
+                 resume=tmp_path / "whole" / "checkpoints" / "step-000001", progress=False)
+    assert caught == []
 
 
 def test_a_held_out_split_of_one_vector_is_refused_before_training(base_folder, dataset_meta, label_split):

@@ -213,3 +213,21 @@ def test_init_av_refuses_a_hook_point_the_base_lacks_before_its_weights_load(bas
     monkeypatch.setattr(loading, "load_hooked_transformer", no_weights)
     with pytest.raises(nl.InjectionError, match=f"hook point '{hook_point}'"):
         init_av(base_folder, dataset_meta, hook_point=hook_point)
+
+
+def test_an_ar_folder_as_base_model_is_named_before_its_weights_load(tiny_paths, dataset_meta, extract_config,
+                                                                     monkeypatch, tmp_path):
+    """Its missing final norm and unembedding were reported as an incomplete download ("download the checkpoint
+    again") by train-av and extract."""
+    from nla_lens.training import ExtractRunConfig, init_ar, pipeline
+
+    monkeypatch.setattr(loading, "load_hooked_transformer", lambda *a, **k: pytest.fail("read the weights"))
+    ar_folder = tiny_paths["ar_nanonla"]
+    message = f"base_model {ar_folder} is an AR checkpoint, which holds only the first K\\+1 blocks"
+    for init in (init_av, init_ar):
+        with pytest.raises(nl.InputError, match=message):
+            init(ar_folder, dataset_meta)
+    config = ExtractRunConfig(base_model=str(ar_folder), corpus=str(tmp_path / "corpus.jsonl"),
+                              out_dir=str(tmp_path / "acts"), extract=extract_config)
+    with pytest.raises(nl.InputError, match=message):
+        pipeline.run_extract(config, progress=False)

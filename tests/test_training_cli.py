@@ -103,7 +103,9 @@ def test_train_av_given_the_ars_config_refuses_its_export_folder_and_leaves_it_u
     assert "Point out_dir at another folder" in err and "run it with nla-lens train-ar" in err
     assert _files(tmp_path / "ar") == before  # no checkpoint, result or weight written: refused before training
 
-    assert main(["train-ar", ar_config]) == 0  # re-running the AR's own command re-exports it
+    # Re-running the AR's own command (resuming its finished run) re-exports it.
+    resumed = _write(tmp_path / "ar_resume.yaml", {**common, "out_dir": str(tmp_path / "ar"), "resume": "latest"})
+    assert main(["train-ar", resumed]) == 0
     assert load_meta(tmp_path / "ar" / "model").role == "ar"
 
 
@@ -119,9 +121,37 @@ def test_a_fresh_run_into_an_out_dir_with_a_longer_runs_checkpoints_is_refused_b
                                                                     "keep_checkpoints": 1}}
     assert main(["train-ar", _write(tmp_path / "shorter.yaml", shorter)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("nla-lens train-ar: ConfigError: ") and "past this run's 2 steps (step-000003)" in err
-    assert "set resume: latest" in err
+    assert err.startswith("nla-lens train-ar: ConfigError: ") and "checkpoints up to step 3 (step-000003)" in err
+    assert "Set resume: latest" in err
     assert _files(tmp_path / "ar") == before  # refused before training: nothing written
+
+
+def test_rerunning_an_interrupted_run_without_resume_is_refused_and_resume_latest_continues_it(
+        tmp_path, base_folder, extract_config, capsys, caplog):
+    """The rerun started at step 0 and overwrote the interrupted run's checkpoints (only checkpoints past its
+    last step were refused). `resume: latest` before any checkpoint was a CheckpointError: now the first launch
+    of a preemptible job's config starts at step 0."""
+    common, _ = _training_inputs(tmp_path, str(base_folder), extract_config)
+    config = {**common, "out_dir": str(tmp_path / "ar"), "resume": "latest",
+              "train": {**common["train"], "save_every": 1, "keep_checkpoints": 3}}
+    with caplog.at_level("INFO", logger="nla_lens.training.loop"):
+        assert main(["train-ar", _write(tmp_path / "ar.yaml", config)]) == 0
+    assert f"resume: latest found no checkpoint under {tmp_path / 'ar'}; starting at step 0" in caplog.text
+    # Interrupted after step 2: its last checkpoint, record and export never written.
+    shutil.rmtree(tmp_path / "ar" / "checkpoints" / "step-000003")
+    shutil.rmtree(tmp_path / "ar" / "model")
+    (tmp_path / "ar" / "train_result.json").unlink()
+    before = _files(tmp_path / "ar")
+    capsys.readouterr()
+    fresh = _write(tmp_path / "fresh.yaml", {k: v for k, v in config.items() if k != "resume"})
+    assert main(["train-ar", fresh]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("nla-lens train-ar: ConfigError: ")
+    assert "holds checkpoints up to step 2 (step-000001, step-000002)" in err and "Set resume: latest" in err
+    assert _files(tmp_path / "ar") == before  # refused before training: nothing overwritten
+    assert main(["train-ar", str(tmp_path / "ar.yaml")]) == 0
+    history = json.loads((tmp_path / "ar" / "train_result.json").read_text())["history"]
+    assert [row["step"] for row in history] == [1, 2, 3]
 
 
 @pytest.mark.parametrize(("field", "message"), [

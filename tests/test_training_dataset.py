@@ -68,6 +68,36 @@ def test_an_explanation_matching_no_row_is_rejected(acts, tmp_path):
         label_activations(acts, path)
 
 
+@pytest.mark.parametrize(("line", "message"), [
+    ('{"doc_id": "0", "position": 3', r"explanations.jsonl:2: not JSON \(Expecting ',' delimiter at character 31\)"),
+    ("[1, 2]", r"explanations.jsonl:2: expected a JSON object with doc_id, position and explanation, got \[1, 2\]$"),
+    ('{"doc_id": "0", "explanation": "x"}', "explanations.jsonl:2: the object lacks position; each line needs"),
+    ('{"doc_id": "0", "position": "x", "explanation": "x"}', 'position must be .* a whole number >= 0; got "x"'),
+    ('{"doc_id": "0", "position": 1.7, "explanation": "x"}', "position must be .* got 1.7$"),
+    ('{"doc_id": "0", "position": true, "explanation": "x"}', "position must be .* got true$"),
+    ('{"doc_id": "0", "position": 3, "explanation": null}', "explanation must be a string, got null$"),
+])
+def test_a_bad_explanations_line_is_named_with_what_is_wrong_in_words(acts, tmp_path, line, message):
+    """The errors ended in Python's text ("(list indices must be integers or slices, not str)", "('position')"),
+    and a position of 1.7 or true was read as 1: another row's explanation."""
+    path = tmp_path / "explanations.jsonl"
+    good = {"doc_id": acts.records[0].doc_id, "position": acts.records[0].position, "explanation": "x"}
+    path.write_text(json.dumps(good) + "\n" + line + "\n")
+    with pytest.raises(nl.InputError, match=message):
+        label_activations(acts, path)
+
+
+def test_whole_number_positions_written_as_floats_or_strings_still_match(acts, tmp_path):
+    record = acts.records[0]
+    path = tmp_path / "explanations.jsonl"
+    path.write_text(json.dumps({"doc_id": record.doc_id, "position": float(record.position), "explanation": "a"})
+                    + "\n" + json.dumps({"doc_id": acts.records[1].doc_id, "position": str(acts.records[1].position),
+                                         "explanation": "b"}) + "\n")
+    assert label_activations(acts, path).explanations == ["a", "b"]
+    with pytest.raises(nl.InputError, match="explanations .*missing.jsonl does not exist"):
+        label_activations(acts, tmp_path / "missing.jsonl")
+
+
 def test_split_is_document_disjoint_and_seeded():
     data = testing.label_determined_vectors(40)
     train, held_out = split_by_document(data, eval_fraction=0.25, seed=1)

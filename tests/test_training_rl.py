@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 import hf_reference as ref
 import nla_lens as nl
-from nla_lens import backends, loading, testing
+from nla_lens import backends, loading, metrics, testing
 from nla_lens.cli import main
 from nla_lens.sidecar import ar_prompt_ids
 from nla_lens.training import grpo, rl
@@ -360,6 +360,17 @@ def test_resume_and_extension_give_the_uninterrupted_run(sft_pair, tmp_path):
     assert 0 <= row["parse_failure_rate"] <= 1 and row["kl"] >= 0 and row["sft_loss"] > 0
 
 
+def test_resume_latest_starts_a_first_launch_at_step_0_and_a_rerun_without_it_is_refused(sft_pair, tmp_path):
+    """One config launches and relaunches a preemptible job: `resume: latest` with no checkpoint yet was a
+    CheckpointError. A rerun without `resume` started at step 0 over the checkpoints it found."""
+    train, config = _train_vectors(sft_pair), dataclasses.replace(RL, steps=1, kl_coef=0.0, eval_vectors=0)
+    result = rl.train_rl(*_load(sft_pair)[:2], None, train, train[:0], config, out_dir=tmp_path, resume="latest",
+                         progress=False)
+    assert len(result.history) == 1 and result.checkpoint == tmp_path / "checkpoints" / "step-000001"
+    with pytest.raises(nl.ConfigError, match=r"holds checkpoints up to step 1 \(step-000001\).*Set resume: latest"):
+        rl.train_rl(*_load(sft_pair)[:2], None, train, train[:0], config, out_dir=tmp_path, progress=False)
+
+
 def test_train_ar_false_leaves_the_reward_model_untouched(sft_pair):
     av, ar, reference = _load(sft_pair)
     before = _params(av, ar)
@@ -492,7 +503,7 @@ def test_train_rl_warns_when_its_held_out_split_is_not_the_one_the_ar_was_export
 
     data = label_activations(load_activations(sft_pair / "acts"), sft_pair / "explanations.jsonl")
     ar = nl.ActivationReconstructor.from_pretrained(sft_pair / "ar", backend="hooked")
-    export_ar(ar, tmp_path / "ar", base_folder, heldout=split_by_document(data, 0.25, 0)[1].vectors)
+    export_ar(ar, tmp_path / "ar", base_folder, heldout=split_by_document(data, 0.5, 0)[1].vectors)  # >= 32
 
     class Trained(Exception):
         pass
@@ -501,7 +512,7 @@ def test_train_rl_warns_when_its_held_out_split_is_not_the_one_the_ar_was_export
         raise Trained
 
     monkeypatch.setattr(pipeline, "_train_and_export_rl", refuse_training)
-    for fraction, warns in ((0.25, False), (0.5, True)):
+    for fraction, warns in ((0.5, False), (0.25, True)):
         config = RLRunConfig(av=str(sft_pair / "av"), ar=str(tmp_path / "ar"), activations=str(sft_pair / "acts"),
                              explanations=str(sft_pair / "explanations.jsonl"), out_dir=str(tmp_path / "rl"),
                              eval_fraction=fraction)
@@ -513,6 +524,28 @@ def test_train_rl_warns_when_its_held_out_split_is_not_the_one_the_ar_was_export
         said = [str(w.message) for w in caught if "is not the one the AR" in str(w.message)]
         assert bool(said) == warns, fraction
     assert "RL would train on vectors SFT held out" in said[0] and "eval_fraction and split_seed" in said[0]
+
+
+@pytest.mark.parametrize(("n_eval", "recorded", "logged"), [
+    (8, True, "against the baseline 0.7 (sidecar (held-out), n=500)"),
+    (8, False, "record no FVE: 8 held-out vectors give no trustworthy baseline"),
+    (32, True, "(paper (these vectors), n=32)"),
+])
+def test_held_out_fve_of_fewer_than_32_vectors_takes_the_ar_sidecars_baseline(sft_pair, caplog, n_eval, recorded,
+                                                                              logged):
+    """README "Scores": a baseline of fewer than 32 vectors is noise. The held-out FVE divided by 8 vectors'
+    own (the examples' eval_vectors: FVE -2.55 where the sidecar's baseline gave -1.53)."""
+    av, ar, _ = _load(sft_pair)
+    if recorded:
+        ar.meta = dataclasses.replace(ar.meta, fve_baseline=0.7, fve_baseline_n=500)
+    held_out = _train_vectors(sft_pair)[:n_eval]
+    config = dataclasses.replace(RL, steps=1, kl_coef=0.0, eval_vectors=n_eval)
+    with caplog.at_level("INFO", logger="nla_lens.training.rl"):
+        result = rl.train_rl(av, ar, None, _train_vectors(sft_pair), held_out, config, progress=False)
+    assert logged in caplog.text
+    expected = {(8, True): 0.7, (8, False): None, (32, True): metrics.paper_baseline(held_out, ar.meta.mse_scale)}
+    assert [e["eval_baseline"] for e in result.evals] == [expected[n_eval, recorded]] * 2
+    assert all((e["eval_fve"] is None) == (not recorded) for e in result.evals)
 
 
 # --- the CLI, one process and torchrun ---------------------------------------------------------------

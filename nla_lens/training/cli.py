@@ -152,8 +152,11 @@ def _train_rl(config: RLRunConfig) -> str:
     first, last = history[0], history[-1]
     line = (f"reward {first['reward']:.4f} -> {last['reward']:.4f}, rollout FVE {first['fve']:.3f} -> "
             f"{last['fve']:.3f}, KL {last['kl']:.4f}")
-    if run.train.evals:
-        line += f"; held-out FVE {run.train.evals[0]['eval_fve']:.3f} -> {run.train.evals[-1]['eval_fve']:.3f}"
+    fves = [evaluation["eval_fve"] for evaluation in run.train.evals]
+    if None in fves:
+        line += "; no held-out FVE (no trustworthy baseline: see the log)"
+    elif fves:
+        line += f"; held-out FVE {fves[0]:.3f} -> {fves[-1]:.3f}"
     else:
         line += "; no held-out evaluation (it needs rl.eval_vectors >= 2 and as many held-out vectors)"
     return f"{line}; AV exported to {run.av_dir}, AR to {run.ar_dir}"

@@ -232,7 +232,8 @@ class RLConfig:
     micro_batch: int = 64  # samples per forward in the AV and AR updates (memory only, not the result)
     seed: int = 0
     eval_every: int = 0  # 0: greedy held-out round trip at the start and the end only
-    eval_vectors: int = 64  # held-out vectors in that round trip (0 or 1: no evaluation; FVE needs a spread)
+    # held-out vectors in that round trip (0 or 1: no evaluation); under 32, FVE uses the AR sidecar's baseline
+    eval_vectors: int = 64
     save_every: int = 0
     keep_checkpoints: int = 2
 
@@ -257,9 +258,9 @@ class RLConfig:
 class RLRunConfig:
     """`nla-lens train-rl`: an SFT AV and AR, the extraction + explanations they were trained on.
 
-    The split is SFT's (same `eval_fraction` and `split_seed` give the same documents), so RL trains
-    on SFT's training vectors and evaluates on its held-out ones; only `rl.sft_coef` > 0 reads the
-    explanations (its SFT rows).
+    The split is SFT's (the same explanations, `eval_fraction` and `split_seed` give the same rows: rows
+    without an explanation are left out before the split), so RL trains on SFT's training vectors and
+    evaluates on its held-out ones; `rl.sft_coef` > 0 also trains on the explanations (its SFT term).
     """
 
     av: str  # SFT AV folder: the policy's start and the frozen KL reference

@@ -21,6 +21,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
+from nla_lens import loading
 from nla_lens.errors import ConfigError, InputError, PromptTooLongError, SplitLeakError
 from nla_lens.sidecar import NLAMeta, ar_prompt_ids, av_prompt_ids
 from nla_lens.training.extraction import ActivationDataset, ActivationRecord
@@ -91,6 +92,8 @@ def jsonl_lines(path: str | Path, what: str) -> Iterator[tuple[int, str]]:
             for line_no, line in enumerate(f, 1):
                 if line.strip():
                     yield line_no, line
+    except FileNotFoundError as exc:
+        raise InputError(f"{what} {path} does not exist; check the path") from exc
     except UnicodeDecodeError as exc:
         raise InputError(f"{what} {path} is not UTF-8 text ({exc}); write it as UTF-8 JSONL") from exc
 
@@ -98,19 +101,48 @@ def jsonl_lines(path: str | Path, what: str) -> Iterator[tuple[int, str]]:
 def _read_explanations(path: Path) -> dict[tuple[str, int], str]:
     out: dict[tuple[str, int], str] = {}
     for line_no, line in jsonl_lines(path, "explanations"):
-        try:
-            row = json.loads(line)
-            key = (str(row["doc_id"]), int(row["position"]))
-            text = row["explanation"]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise InputError(f"{path}:{line_no}: expected a JSON object with doc_id, position and "
-                             f"explanation ({exc})") from exc
-        if not isinstance(text, str):
-            raise InputError(f"{path}:{line_no}: explanation must be a string")
+        key, text = _explanation_line(f"{path}:{line_no}", line)
         if key in out:
             raise InputError(f"{path}:{line_no}: a second explanation for doc_id {key[0]!r} position {key[1]}")
         out[key] = text
     return out
+
+
+def _explanation_line(where: str, line: str) -> tuple[tuple[str, int], str]:
+    """One line's (doc_id, position) and explanation; what is wrong with it, in words (not Python's)."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{where}: not JSON ({exc.msg} at character {exc.pos + 1}); write one JSON object per "
+                         "line") from exc
+    if not isinstance(row, dict):
+        raise InputError(f"{where}: expected a JSON object with doc_id, position and explanation, got "
+                         f"{line.strip()[:60]}")
+    missing = [key for key in ("doc_id", "position", "explanation") if key not in row]
+    if missing:
+        raise InputError(f"{where}: the object lacks {', '.join(missing)}; each line needs doc_id, position and "
+                         "explanation")
+    position, text = _position(row["position"]), row["explanation"]
+    if position is None:
+        raise InputError(f"{where}: position must be the row's token index, a whole number >= 0; got "
+                         f"{json.dumps(row['position'])}")
+    if not isinstance(text, str):
+        raise InputError(f"{where}: explanation must be a string, got {json.dumps(text)}")
+    return (str(row["doc_id"]), position), text
+
+
+def _position(value: Any) -> int | None:
+    """A line's token index: a JSON integer, or a whole float or digit string as some writers give them. None
+    otherwise: `int()` read true and 1.7 as 1, another row's position."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if value >= 0 else None
+    if isinstance(value, float) and value.is_integer() and value >= 0:
+        return int(value)
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    return None
 
 
 def data_fingerprint(*parts: LabelledActivations | Tensor | nn.Module) -> str:
@@ -240,7 +272,9 @@ def check_fits(n_ctx: int, *rows: AVRows | ARRows) -> None:
 def check_base_fits(hf_config: Any, dataset: NLAMeta, base_model: str | Path, *, folder: Path, role: str) -> None:
     """Refuse a `base_model` whose width (or, for the AR, depth) cannot hold the extraction's vectors, read from
     its config.json before any weight loads: else the AV / AR fails only once the weights are in, blaming a sidecar.
-    Warn when the extraction names another local folder (`folder` is where `base_model` resolved to)."""
+    Warn when the extraction names another local folder (`folder` is where `base_model` resolved to). An NLA AR
+    folder is refused by its sidecar: its missing final blocks read as "an incomplete download" once loading."""
+    loading.check_base_folder(folder, f"base_model {base_model}", dataset.base_model)
     config = hf_config.get_text_config()  # a Gemma-3 wrapper keeps the sizes in text_config
     fix = f"set base_model to the model the activations were extracted from ({dataset.base_model})"
     d_model, n_layers = getattr(config, "hidden_size", None), getattr(config, "num_hidden_layers", None)

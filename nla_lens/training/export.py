@@ -21,6 +21,7 @@ from transformers import GenerationConfig
 from nla_lens import backends, loading, metrics
 from nla_lens.backends import gemma3
 from nla_lens.errors import CheckpointError, ConfigError
+from nla_lens.nla import MIN_BASELINE_VECTORS, warn_at_caller
 from nla_lens.reconstructor import ActivationReconstructor
 from nla_lens.sidecar import SIDECAR_NAME, InjectionSpec, NLAMeta, dump_meta, load_meta
 from nla_lens.training.parallel import current_world, gathered_on_main, whole
@@ -226,7 +227,8 @@ def export_ar(ar: ActivationReconstructor, folder: str | Path, base_model: str |
     """Write the AR as a truncated HF folder (K+1 layers, no norm / lm_head) + `value_head.safetensors`.
 
     `heldout` (the held-out layer-K vectors, e.g. the eval split) puts their paper baseline and count
-    in the sidecar (`fve_baseline: {value, n}`), the baseline `NLA.round_trip` then uses by default.
+    in the sidecar (`fve_baseline: {value, n}`), the baseline `NLA.round_trip` then uses by default; fewer
+    than `MIN_BASELINE_VECTORS` of them put none (a warning says so).
     `stage` ("sft", "rl") replaces the sidecar's record of the training stage. A folder holding an AV is
     refused. Under `torchrun` every rank calls this (to gather FSDP shards) and rank 0 writes.
     """
@@ -237,14 +239,24 @@ def export_ar(ar: ActivationReconstructor, folder: str | Path, base_model: str |
         return folder
     save_file({name: weight.to(dtype) for name, weight in readout.items()}, folder / loading.VALUE_HEAD_FILE)
     ar.tokenizer.save_pretrained(folder)
-    dump_meta({**_exported_sidecar(ar.meta, stage), **_baseline_block(heldout, ar.meta.mse_scale)}, folder)
+    dump_meta({**_exported_sidecar(ar.meta, stage), **_baseline_block(heldout, ar.meta)}, folder)
     return folder
 
 
-def _baseline_block(heldout: Tensor | None, mse_scale: float) -> dict[str, Any]:
-    if heldout is None or heldout.shape[0] < 2:
+def _baseline_block(heldout: Tensor | None, meta: NLAMeta) -> dict[str, Any]:
+    """Round trips use the sidecar's baseline whatever its `n`, so one of fewer than `MIN_BASELINE_VECTORS`
+    vectors (noise, README "Scores") is not written: it would set every later FVE."""
+    if heldout is None:
         return {}
-    return {"fve_baseline": {"value": metrics.paper_baseline(heldout.float(), mse_scale), "n": int(heldout.shape[0])}}
+    n = heldout.shape[0]
+    if n < MIN_BASELINE_VECTORS:
+        if meta.fve_baseline is None:
+            warn_at_caller(f"the exported AR's sidecar records no fve_baseline: {n} held-out vectors are too few "
+                           f"for a trustworthy one (need >= {MIN_BASELINE_VECTORS}), so its round trips need "
+                           f"baseline= or >= {MIN_BASELINE_VECTORS} vectors at once. Hold out more vectors "
+                           "(eval_fraction) to record one")
+        return {}
+    return {"fve_baseline": {"value": metrics.paper_baseline(heldout.float(), meta.mse_scale), "n": int(n)}}
 
 
 def _exported_sidecar(meta: NLAMeta, stage: str | None) -> dict[str, Any]:

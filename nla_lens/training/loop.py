@@ -142,10 +142,10 @@ def train(
     `grad_accum` micro-batches of `batch_size` rows give the gradient of one batch of all those rows.
     `modules["model"]` is the TransformerLens model. `evaluate()` runs (on every rank) at the start,
     every `eval_every` steps and at the end; checkpoints go to `out_dir/checkpoints/step-NNNNNN`.
-    `resume` is a checkpoint folder or "latest" (the newest under `out_dir`). `data` (`dataset.data_fingerprint`
-    of the rows) is kept in each checkpoint and must match on resume.
+    `resume` is a checkpoint folder or "latest" (the newest under `out_dir`; step 0 before the first).
+    `data` (`dataset.data_fingerprint` of the rows) is kept in each checkpoint and must match on resume.
     """
-    check_fresh_out_dir(out_dir, config.steps, resume)
+    check_resume(out_dir, resume)
     started = time.perf_counter()
     world = parallel.current_world()
     params = select_trainable(modules, config.trainable_blocks)
@@ -164,8 +164,8 @@ def train(
         step_loss = parallel.wrap(parallel.LossModule(modules, loss_sum), config.data_parallel, device)
         optimizer = make_optimizer(params, config)
         result = TrainResult(steps=config.steps)
-        if resume is not None:
-            folder = resume_folder(resume, out_dir)
+        folder = resume_folder(resume, out_dir)
+        if folder is not None:
             result = load_checkpoint(folder, params, optimizer, config, data=data)
             logger.info("resumed from %s at step %d", folder, len(result.history))
         _run_steps(modules, step_loss, params, optimizer, n_rows, units, evaluate, config, result, world,
@@ -354,10 +354,23 @@ def _checkpoints(root: Path) -> list[Path]:
     return sorted(found, key=_step)
 
 
-def resume_folder(resume: str | Path, out_dir: str | Path | None) -> Path:
-    """The checkpoint `resume` names ("latest": the newest under `out_dir`). Checkpoints in `out_dir` past
-    it are an abandoned run's: a warning, since `resume: latest` picks them until this run overwrites them."""
-    folder = latest_checkpoint(out_dir) if resume == "latest" else Path(resume)
+def resume_folder(resume: str | Path | None, out_dir: str | Path | None) -> Path | None:
+    """The checkpoint `resume` names ("latest": the newest under `out_dir`), or None to start at step 0: no
+    `resume`, or "latest" before the first checkpoint, so one config launches a preemptible job and relaunches it.
+    Checkpoints in `out_dir` past it are an abandoned run's: a warning, since `resume: latest` picks them until
+    this run overwrites them."""
+    if resume is None:
+        return None
+    if resume == "latest":
+        if out_dir is None:
+            raise ConfigError("resume: latest picks the newest checkpoint under out_dir; give out_dir too")
+        found = _checkpoints(Path(out_dir) / CHECKPOINT_DIR)
+        if not found:
+            logger.info("resume: latest found no checkpoint under %s; starting at step 0", out_dir)
+            return None
+        folder = found[-1]
+    else:
+        folder = Path(resume)
     if out_dir is not None and _STEP_DIR.match(folder.name):
         later = [p.name for p in _checkpoints(Path(out_dir) / CHECKPOINT_DIR) if _step(p) > _step(folder)]
         if later:
@@ -367,24 +380,22 @@ def resume_folder(resume: str | Path, out_dir: str | Path | None) -> Path:
     return folder
 
 
-def check_fresh_out_dir(out_dir: str | Path | None, steps: int, resume: str | Path | None) -> None:
-    """Refuse a fresh run into an `out_dir` holding checkpoints past its last step: another run's newest would
-    outlive this run's, so `resume: latest` would pick it and `keep_checkpoints` would prune this run's own."""
-    if resume is not None or out_dir is None:
-        return
-    later = [p.name for p in _checkpoints(Path(out_dir) / CHECKPOINT_DIR) if _step(p) > steps]
-    if later:
-        raise ConfigError(f"{out_dir} holds checkpoints of another run past this run's {steps} steps "
-                          f"({', '.join(later)}); point out_dir at a new folder, remove "
-                          f"{Path(out_dir) / CHECKPOINT_DIR}, or set resume: latest to continue that run")
+def check_resume(out_dir: str | Path | None, resume: str | Path | None) -> None:
+    """What `resume` needs, checked before any model loads. A checkpoint folder must be one. Without `resume`,
+    `out_dir` must hold no checkpoint: the run would start at step 0 over an interrupted run's checkpoints
+    (keep_checkpoints pruning them), or leave a longer run's newest for `resume: latest` to pick."""
+    if resume is None:
+        found = _checkpoints(Path(out_dir) / CHECKPOINT_DIR) if out_dir is not None else []
+        if found:
+            raise ConfigError(f"{out_dir} holds checkpoints up to step {_step(found[-1])} "
+                              f"({', '.join(p.name for p in found)}): a run without resume would start at step 0 "
+                              "over them. Set resume: latest to continue that run, or point out_dir at a new "
+                              f"folder (or remove {Path(out_dir) / CHECKPOINT_DIR})")
+    elif resume != "latest" and not (Path(resume) / "trainer_state.json").is_file():
+        what = "holds no trainer_state.json" if Path(resume).is_dir() else "does not exist"
+        raise CheckpointError(f"resume: {resume} {what}, so it is no training checkpoint; set resume to a "
+                              f"{CHECKPOINT_DIR}/step-NNNNNN folder of the run, or to latest")
 
 
 def _step(folder: Path) -> int:
     return int(_STEP_DIR.match(folder.name).group(1))  # type: ignore[union-attr]
-
-
-def latest_checkpoint(out_dir: str | Path | None) -> Path:
-    found = _checkpoints(Path(out_dir) / CHECKPOINT_DIR) if out_dir is not None else []
-    if not found:
-        raise CheckpointError(f"no checkpoint under {out_dir}/{CHECKPOINT_DIR} to resume from")
-    return found[-1]

@@ -33,7 +33,7 @@ from nla_lens.training.config import (
 from nla_lens.training.dataset import LabelledActivations, jsonl_lines, label_activations, split_by_document
 from nla_lens.training.export import check_export_folder, export_ar, export_av
 from nla_lens.training.extraction import Document, extract_activations, load_activations
-from nla_lens.training.loop import TrainResult, check_fresh_out_dir
+from nla_lens.training.loop import TrainResult, check_resume
 from nla_lens.training.rl import train_rl
 from nla_lens.vector_files import json_text
 from nla_lens.verbalizer import ActivationVerbalizer
@@ -70,6 +70,7 @@ def run_extract(config: ExtractRunConfig, *, progress: bool = True) -> Path:
     check_writable_out_dir(config.out_dir)  # before the model loads, as the training commands check theirs
     check_result_file(config.out_dir, "extract")
     folder = loading.resolve_checkpoint(config.base_model)
+    loading.check_base_folder(folder, f"base_model {config.base_model}")  # an AR: else "an incomplete download"
     n_layers = getattr(loading.load_hf_config(folder).get_text_config(), "num_hidden_layers", None)
     if n_layers is not None and config.extract.layer >= n_layers:  # from config.json: before the weights load
         raise ConfigError(f"extract.layer {config.extract.layer} is outside base_model {config.base_model}'s "
@@ -92,11 +93,11 @@ def _run_command(config: dict) -> str:
     return "train-rl" if "rl" in config else "train-av" if "injection" in config else "train-ar"
 
 
-def check_out_dir(out_dir: str | Path, command: str, steps: int, resume: str | Path | None) -> None:
-    """What each training command checks of its `out_dir` before any model loads."""
+def check_out_dir(out_dir: str | Path, command: str, resume: str | Path | None) -> None:
+    """What each training command checks of its `out_dir` (and `resume`) before any model loads."""
     check_writable_out_dir(out_dir)
     check_result_file(out_dir, command)
-    check_fresh_out_dir(out_dir, steps, resume)
+    check_resume(out_dir, resume)
 
 
 def check_writable_out_dir(out_dir: str | Path) -> None:
@@ -156,7 +157,7 @@ def run_train_av(config: AVRunConfig, *, progress: bool = True) -> RunResult:
     Under `torchrun` every rank runs this: data-parallel SFT (`config.train.data_parallel`), rank 0 writes.
     """
     check_export_folder(Path(config.out_dir) / MODEL_DIR, "av")  # before training, not after it
-    check_out_dir(config.out_dir, "train-av", config.train.steps, config.resume)
+    check_out_dir(config.out_dir, "train-av", config.resume)
     return _run_sft(config, _train_and_export_av, progress)
 
 
@@ -179,7 +180,7 @@ def run_train_ar(config: ARRunConfig, *, progress: bool = True) -> RunResult:
     Under `torchrun` every rank runs this: data-parallel SFT (`config.train.data_parallel`), rank 0 writes.
     """
     check_export_folder(Path(config.out_dir) / MODEL_DIR, "ar")  # before training, not after it
-    check_out_dir(config.out_dir, "train-ar", config.train.steps, config.resume)
+    check_out_dir(config.out_dir, "train-ar", config.resume)
     return _run_sft(config, _train_and_export_ar, progress)
 
 
@@ -211,7 +212,7 @@ def run_train_rl(config: RLRunConfig, *, progress: bool = True) -> RLRunResult:
     """
     for role in ("av", "ar"):  # before training, not after it
         check_export_folder(Path(config.out_dir) / role, role)
-    check_out_dir(config.out_dir, "train-rl", config.rl.steps, config.resume)
+    check_out_dir(config.out_dir, "train-rl", config.resume)
     activations, train, evaluation = _split(config)
     check_rl_layers(config, activations)
     check_rl_split(config, evaluation)
@@ -248,8 +249,9 @@ def check_rl_layers(config: RLRunConfig, activations: NLAMeta) -> None:
 
 def check_rl_split(config: RLRunConfig, evaluation: LabelledActivations) -> None:
     """Warn when the held-out split is not the one the AR was exported with (its sidecar's `fve_baseline`
-    records that split's count and baseline): RL would train on vectors SFT held out and report an FVE on
-    vectors SFT trained on. A warning, not an error: RL on another extraction is a run one may mean."""
+    records that split's count and baseline, for a split of at least 32 vectors): RL would train on vectors SFT
+    held out and report an FVE on vectors SFT trained on. A warning, not an error: RL on another extraction is a
+    run one may mean."""
     ar = load_meta(loading.resolve_checkpoint(config.ar))
     if ar.fve_baseline is None:  # released ARs record no split
         return

@@ -26,6 +26,7 @@ import hashlib
 import logging
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,7 @@ from tqdm.auto import tqdm
 from nla_lens import backends, metrics
 from nla_lens.distributed import inference
 from nla_lens.errors import ConfigError, InputError
-from nla_lens.nla import NLA, check_pair, check_vocabularies
+from nla_lens.nla import MIN_BASELINE_VECTORS, NLA, Baseline, check_pair, check_vocabularies, resolve_baseline
 from nla_lens.parsing import cjk_fraction, parse_explanation
 from nla_lens.reconstructor import ActivationReconstructor
 from nla_lens.sidecar import ar_prompt_ids
@@ -404,21 +405,40 @@ def check_samples_fit(av: ActivationVerbalizer, ar: ActivationReconstructor, max
                               f"max_new_tokens <= {n_ctx - prompt}")
 
 
-def evaluate_rl(av: ActivationVerbalizer, ar: ActivationReconstructor, vectors: Float[Tensor, "n d_model"],
-                max_new_tokens: int) -> dict[str, Any]:
-    """Greedy round trip of held-out vectors (failed parses count as misses), as the NLA is served.
+def heldout_baseline(ar: ActivationReconstructor, vectors: Float[Tensor, "n d_model"]) -> Baseline:
+    """The held-out FVE's baseline, by the rule of README "Scores": the paper baseline of these vectors when
+    there are at least `MIN_BASELINE_VECTORS` (as the SFT stages report it), else the one the AR's sidecar
+    recorded at export (SFT's held-out split), else none. Measured: 8 vectors' own baseline gave FVE -2.55
+    where the sidecar's (32 vectors) gave -1.53."""
+    recorded = None if len(vectors) >= MIN_BASELINE_VECTORS else ar.meta
+    return resolve_baseline(vectors, ar.meta.mse_scale, recorded=recorded)
 
-    FVE against the paper baseline of these vectors, as the SFT stages report it (the rollout FVE uses
-    the training vectors' baseline in the same way): never the sidecar's, which RL may not have.
-    """
+
+def evaluate_rl(av: ActivationVerbalizer, ar: ActivationReconstructor, vectors: Float[Tensor, "n d_model"],
+                max_new_tokens: int, baseline: Baseline) -> dict[str, Any]:
+    """Greedy round trip of held-out vectors (failed parses count as misses), as the NLA is served; FVE
+    against `baseline` (`heldout_baseline`), None without one."""
     if len(vectors) < 2:
         raise InputError(f"the held-out round trip needs >= 2 vectors (FVE needs a spread), got {len(vectors)}; "
                          "evaluate on more held-out vectors")
-    baseline = metrics.paper_baseline(vectors, ar.meta.mse_scale)
-    result = NLA(av, ar).round_trip(vectors, baseline=baseline, max_new_tokens=max_new_tokens, progress=False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="no FVE")  # train_rl logged it once
+        result = NLA(av, ar).round_trip(vectors, baseline=baseline.value, max_new_tokens=max_new_tokens,
+                                        progress=False)
     lengths = [len(v.tokens) for v in result.verbalizations]
-    return {"eval_fve": result.fve, "eval_baseline": result.baseline,
+    return {"eval_fve": None if baseline.value is None else result.fve, "eval_baseline": baseline.value,
             "eval_parse_failures": result.n_failed_parses, "eval_length": sum(lengths) / len(lengths)}
+
+
+def _log_heldout_baseline(baseline: Baseline, n_vectors: int) -> None:
+    if baseline.value is not None:
+        logger.info("rl held-out FVE against the baseline %.4g (%s, n=%s)", baseline.value, baseline.source,
+                    baseline.n)
+    else:
+        logger.warning("rl held-out round trips record no FVE: %d held-out vectors give no trustworthy baseline "
+                       "of their own (README \"Scores\": >= %d distinct vectors) and the AR's sidecar records "
+                       "none; set rl.eval_vectors and eval_fraction for >= %d held-out vectors",
+                       n_vectors, MIN_BASELINE_VECTORS, MIN_BASELINE_VECTORS)
 
 
 def train_rl(
@@ -445,7 +465,7 @@ def train_rl(
     backends.require_hooked("RL training", ar.model)
     check_pair(av.meta, ar.meta)
     check_vocabularies(av.tokenizer, ar.tokenizer)
-    loop.check_fresh_out_dir(out_dir, config.steps, resume)
+    loop.check_resume(out_dir, resume)
     check_samples_fit(av, ar, config.max_new_tokens)
     for model in (av.model, ar.model):
         freeze_weights_hf_lacks(model)  # TL-only biases stay zero, so the export can drop them
@@ -458,8 +478,8 @@ def train_rl(
     data = data_fingerprint(av.model, ar.model, ar.readout, *([] if reference is None else [reference.model]),
                             train_vectors, eval_vectors, *([sft_data] if trainer.sft_rows is not None else []))
     result = loop.TrainResult(steps=config.steps)
-    if resume is not None:
-        folder = loop.resume_folder(resume, out_dir)
+    folder = loop.resume_folder(resume, out_dir)
+    if folder is not None:
         # The learning rates are constant, so a run may also be extended: `steps` is resumable.
         result = loop.load_checkpoint(folder, trainer.params, trainer.optimizer, config, resumable={"steps"},
                                       data=data)
@@ -467,10 +487,14 @@ def train_rl(
         logger.info("resumed from %s at step %d", folder, len(result.history))
     if config.eval_vectors >= 2 and len(eval_vectors) < 2:
         logger.warning("%d held-out vector(s): no held-out evaluation (FVE needs >= 2)", len(eval_vectors))
+    baseline = heldout_baseline(ar, eval_vectors)
+    if len(eval_vectors) >= 2 and trainer.world.is_main:
+        _log_heldout_baseline(baseline, len(eval_vectors))
 
     def run_eval(step: int) -> None:
         if len(eval_vectors) >= 2:
-            result.evals.append({"step": step, **evaluate_rl(av, ar, eval_vectors, config.max_new_tokens)})
+            result.evals.append({"step": step, **evaluate_rl(av, ar, eval_vectors, config.max_new_tokens,
+                                                             baseline)})
             if trainer.world.is_main:
                 logger.info("rl step %d: %s", step, result.evals[-1])
 
