@@ -367,7 +367,9 @@ def decoder_rows(sae: SAE, features: list[int]) -> Float[Tensor, "n d_in"]:
     # Not the norm: it underflows to 0 for entries near 1e-23, a direction the AV injection still reads.
     zero = [f for f, empty in zip(features, (rows == 0).all(dim=1).tolist(), strict=True) if empty]
     if zero:
-        raise InputError(f"features {zero[:8]} have all-zero decoder rows: there is no direction to verbalize")
+        raise InputError(f"features {zero[:8]} have all-zero decoder rows (sae.W_dec): such a feature writes nothing "
+                         "into the residual, wherever it fires, so there is no direction to verbalize; leave it out "
+                         "(the features with a direction: sae.W_dec.any(dim=1).nonzero())")
     return rows
 
 

@@ -160,6 +160,26 @@ def test_a_non_finite_decoder_row_is_named_by_its_feature_before_any_scan(av_kar
 
 
 @NEEDS_SAE_LENS
+def test_a_zero_decoder_row_is_refused_by_name_with_how_to_pick_the_features_that_have_one(toy):
+    """A feature whose decoder row is all zero (a pruned or dead one) writes nothing into the residual even where it
+    fires: both entry points name it and say how to keep only the features with a direction."""
+    from nla_lens.sae import text_residuals
+
+    layer = toy.av.meta.layer
+    sae = make_sae(128, 32, f"blocks.{layer}.hook_resid_post")
+    with torch.no_grad():
+        sae.W_dec[[9, 12]] = 0
+        fires = sae.encode(text_residuals(toy.base, TOY_TEXTS[:1], layer)[0][1])[:, 9]
+    assert float(fires.max()) > 0
+    refusal = r"features \[{}\] have all-zero decoder rows.*writes nothing into the residual.*W_dec.any\(dim=1\)"
+    with pytest.raises(nl.InputError, match=refusal.format("9, 12")):
+        nl.verbalize_sae_features(toy.av, sae, [3, 9, 12], max_new_tokens=8, progress=False)
+    with pytest.raises(nl.InputError, match=refusal.format("9")):
+        nl.feature_card(sae, toy.base, TOY_TEXTS, 9, toy.av, k=2, max_new_tokens=8, progress=False)
+    assert 9 not in sae.W_dec.any(dim=1).nonzero().flatten().tolist()
+
+
+@NEEDS_SAE_LENS
 def test_a_card_refuses_nan_activations_naming_the_broken_sae_weights(av_karvonen, base, monkeypatch):
     """NaN marks the positions skip_first leaves out, so NaN from sae.encode dropped those positions without a word
     (all of them: "no positions left after skip_first=0", which blamed the texts)."""
