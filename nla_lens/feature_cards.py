@@ -25,6 +25,7 @@ from nla_lens.errors import InputError, VectorError
 from nla_lens.nla import NLA
 from nla_lens.results import TabularResult
 from nla_lens.sae import (
+    OFFSET_COLUMNS,
     ResidualStats,
     check_sae_reads_layer,
     check_skip_first,
@@ -32,6 +33,8 @@ from nla_lens.sae import (
     decoder_rows,
     each_text_residuals,
     feature_id,
+    offset_columns,
+    offset_summary,
     resid_hook_names,
     skipped,
     text_residuals,
@@ -76,11 +79,12 @@ class FeatureCard(TabularResult):
     n_positions: int  # positions scanned
     n_active: int  # positions where the feature is > 0
     explained_contexts: bool = False  # each context carries the AV's explanation of its own residual
+    offset_stats: ResidualStats | None = None  # the explanation is of mean + spread * unit row (`offset=`)
 
     display_columns = ("text", "position", "token", "activation", "context")
     schema = pa.schema({"feature": pa.int64(), "text": pa.int64(), "position": pa.int64(), "token": pa.string(),
                         "activation": pa.float64(), "context": pa.string(), "context_explanation": pa.string(),
-                        "explanation": pa.string(), "cosine": pa.float64()})
+                        "explanation": pa.string(), "cosine": pa.float64(), "offset": pa.bool_(), **OFFSET_COLUMNS})
 
     @property
     def explanation(self) -> str | None:
@@ -91,12 +95,15 @@ class FeatureCard(TabularResult):
         return Counter(c.token for c in self.contexts).most_common()
 
     def to_records(self) -> list[dict[str, Any]]:
+        offset = {"offset": self.offset_stats is not None, **offset_columns(self.offset_stats)}
         return [{"feature": self.feature, "text": c.text, "position": c.position, "token": c.token,
                  "activation": c.activation, "context": "".join(c.tokens), "context_explanation": c.explanation,
-                 "explanation": self.explanation, "cosine": self.cosine} for c in self.contexts]
+                 "explanation": self.explanation, "cosine": self.cosine, **offset} for c in self.contexts]
 
     def summary(self) -> str:
         said = display.format_cell(self.explanation, 100) if self.explanation is not None else "(failed to parse)"
+        if self.offset_stats is not None:
+            said += f" (of the row offset by the {offset_summary(self.offset_stats)})"
         cosine = "" if self.cosine is None else f"; AR cosine to the decoder row {self.cosine:.3f}"
         if not self.contexts:
             return (f"feature {self.feature} of {self.hook_name}: {said}; no contexts: not active at any of the "
@@ -202,7 +209,7 @@ def feature_card(
         contexts = _explain_contexts(av, base, texts, contexts, verbalize_kwargs)
     cosine = None if readout.cosines is None or readout.cosines[0].isnan() else float(readout.cosines[0])
     return FeatureCard(feature, readout.hook_name, readout.verbalizations[0], cosine, contexts,
-                       int(scanned.sum()), n_active, explain_contexts)
+                       int(scanned.sum()), n_active, explain_contexts, offset)
 
 
 def _nan_activations(sae: SAE, feature: int, text: int, resid: Float[Tensor, "pos d"]) -> str:

@@ -266,6 +266,25 @@ def residual_stats(base: TLModel, texts: Iterable[str], layer: int, *, skip_firs
     return moments.stats(layer)
 
 
+# A saved row's record of the offset (None without one): enough to say which mean and spread the AV's vectors were
+# built from, and to check stats recomputed from the same texts against them.
+OFFSET_COLUMNS = {"offset_n": pa.int64(), "offset_layer": pa.int64(), "offset_mean_norm": pa.float64(),
+                  "offset_spread": pa.float64()}
+
+
+def offset_columns(stats: ResidualStats | None) -> dict[str, Any]:
+    """The `OFFSET_COLUMNS` of one row: the stats' n, layer, mean norm and spread, or None in each."""
+    if stats is None:
+        return dict.fromkeys(OFFSET_COLUMNS)
+    return {"offset_n": stats.n, "offset_layer": stats.layer, "offset_mean_norm": float(stats.mean.norm()),
+            "offset_spread": stats.spread}
+
+
+def offset_summary(stats: ResidualStats) -> str:
+    """The offset in a repr, in the words of `OFFSET_COLUMNS`."""
+    return f"mean of {stats.n} residuals (norm {float(stats.mean.norm()):.4g}), spread {stats.spread:.4g}"
+
+
 @dataclass(frozen=True, eq=False, repr=False)
 class FeatureVerbalizations(TabularResult):
     """The AV's explanations of SAE features; with an AR, how well each explanation rebuilds the feature."""
@@ -278,11 +297,12 @@ class FeatureVerbalizations(TabularResult):
     # cos(reconstruction rescaled to the AV input's norm - offset mean, decoder row); NaN on failed parses
     cosines: Float[Tensor, " n"] | None
     reconstructions: Float[Tensor, "n d_model"] | None  # the AR's vectors; NaN rows where the parse failed
+    offset_stats: ResidualStats | None = None  # the stats of the offset; saved as its n, layer, mean norm, spread
 
     display_columns = ("feature", "explanation", "parsed", "cosine")
     schema = pa.schema({"feature": pa.int64(), "explanation": pa.string(), "parsed": pa.bool_(), "text": pa.string(),
                         "truncated": pa.bool_(), "cosine": pa.float64(), "hook_name": pa.string(),
-                        "offset": pa.bool_()})
+                        "offset": pa.bool_(), **OFFSET_COLUMNS})
 
     @property
     def explanations(self) -> list[str | None]:
@@ -293,9 +313,10 @@ class FeatureVerbalizations(TabularResult):
 
     def to_records(self) -> list[dict[str, Any]]:
         cosines = [None] * len(self) if self.cosines is None else self.cosines.tolist()
+        offset = offset_columns(self.offset_stats)
         return [{"feature": f, "explanation": v.explanation, "parsed": v.explanation is not None, "text": v.text,
                  "truncated": v.truncated, "cosine": None if c is None or math.isnan(c) else c,
-                 "hook_name": self.hook_name, "offset": self.offset}
+                 "hook_name": self.hook_name, "offset": self.offset, **offset}
                 for f, v, c in zip(self.features, self.verbalizations, cosines, strict=True)]
 
     def summary(self) -> str:
@@ -306,8 +327,9 @@ class FeatureVerbalizations(TabularResult):
             cosine = "no AR cosine (no explanation parsed)"
         else:
             cosine = f"mean AR cosine to the decoder row {float(self.cosines.nanmean()):.3f}"
-        return (f"{len(self)} features of {self.hook_name}, offset={'mean' if self.offset else 'none'}, "
-                f"{failed} failed parses, {cosine}")
+        offset = (offset_summary(self.offset_stats) if self.offset_stats is not None
+                  else "mean" if self.offset else "none")
+        return f"{len(self)} features of {self.hook_name}, offset={offset}, {failed} failed parses, {cosine}"
 
 
 def feature_id(feature: Any) -> Any:
@@ -345,7 +367,9 @@ def decoder_rows(sae: SAE, features: list[int]) -> Float[Tensor, "n d_in"]:
     # Not the norm: it underflows to 0 for entries near 1e-23, a direction the AV injection still reads.
     zero = [f for f, empty in zip(features, (rows == 0).all(dim=1).tolist(), strict=True) if empty]
     if zero:
-        raise InputError(f"features {zero[:8]} have all-zero decoder rows: there is no direction to verbalize")
+        raise InputError(f"features {zero[:8]} have all-zero decoder rows (sae.W_dec): such a feature writes nothing "
+                         "into the residual, wherever it fires, so there is no direction to verbalize; leave it out "
+                         "(the features with a direction: sae.W_dec.any(dim=1).nonzero())")
     return rows
 
 
@@ -403,7 +427,8 @@ def verbalize_sae_features(
     vectors = check_vectors(feature_vectors(rows, offset), av.meta.d_model)
     verbalizations = av.verbalize(vectors, **verbalize_kwargs)
     if nla is None:
-        return FeatureVerbalizations(features, verbalizations, vectors, hook_name, offset is not None, None, None)
+        return FeatureVerbalizations(features, verbalizations, vectors, hook_name, offset is not None, None, None,
+                                     offset)
     # Only the cosine is reported: a round trip's FVE needs a baseline over many real activations.
     reconstructions = torch.full_like(vectors, float("nan"))
     parsed = [i for i, v in enumerate(verbalizations) if v.explanation is not None]
@@ -420,7 +445,7 @@ def verbalize_sae_features(
     # The row prescaled: cosine_similarity clamps the norm product at 1e-8, which a tiny row's norm falls under.
     cosines = torch.nn.functional.cosine_similarity(centred, prescaled(rows), dim=1)
     return FeatureVerbalizations(features, verbalizations, vectors, hook_name, offset is not None, cosines,
-                                 reconstructions)
+                                 reconstructions, offset)
 
 
 def hooked_sae_transformer(model: HookedTransformer) -> HookedSAETransformer:

@@ -160,6 +160,26 @@ def test_a_non_finite_decoder_row_is_named_by_its_feature_before_any_scan(av_kar
 
 
 @NEEDS_SAE_LENS
+def test_a_zero_decoder_row_is_refused_by_name_with_how_to_pick_the_features_that_have_one(toy):
+    """A feature whose decoder row is all zero (a pruned or dead one) writes nothing into the residual even where it
+    fires: both entry points name it and say how to keep only the features with a direction."""
+    from nla_lens.sae import text_residuals
+
+    layer = toy.av.meta.layer
+    sae = make_sae(128, 32, f"blocks.{layer}.hook_resid_post")
+    with torch.no_grad():
+        sae.W_dec[[9, 12]] = 0
+        fires = sae.encode(text_residuals(toy.base, TOY_TEXTS[:1], layer)[0][1])[:, 9]
+    assert float(fires.max()) > 0
+    refusal = r"features \[{}\] have all-zero decoder rows.*writes nothing into the residual.*W_dec.any\(dim=1\)"
+    with pytest.raises(nl.InputError, match=refusal.format("9, 12")):
+        nl.verbalize_sae_features(toy.av, sae, [3, 9, 12], max_new_tokens=8, progress=False)
+    with pytest.raises(nl.InputError, match=refusal.format("9")):
+        nl.feature_card(sae, toy.base, TOY_TEXTS, 9, toy.av, k=2, max_new_tokens=8, progress=False)
+    assert 9 not in sae.W_dec.any(dim=1).nonzero().flatten().tolist()
+
+
+@NEEDS_SAE_LENS
 def test_a_card_refuses_nan_activations_naming_the_broken_sae_weights(av_karvonen, base, monkeypatch):
     """NaN marks the positions skip_first leaves out, so NaN from sae.encode dropped those positions without a word
     (all of them: "no positions left after skip_first=0", which blamed the texts)."""
@@ -514,6 +534,33 @@ def test_feature_verbalizations_rows_carry_the_features_and_cosines(toy):
     assert f"mean AR cosine to the decoder row {float(out.cosines.mean()):.3f}" in repr(out)
 
 
+@NEEDS_SAE_LENS
+def test_saved_sae_results_record_the_offset_stats_they_verbalized(toy, tmp_path):
+    """A saved result said offset=True and nothing of the mean and spread the AV's vectors were built from: its
+    rows now carry the stats' n, layer, mean norm and spread (None in each without an offset), in every format."""
+    layer = toy.av.meta.layer
+    sae = make_sae(128, 32, f"blocks.{layer}.hook_resid_post")
+    stats = nl.residual_stats(toy.base, TOY_TEXTS, layer, skip_first=8)
+    recorded = {"offset": True, "offset_n": stats.n, "offset_layer": layer,
+                "offset_mean_norm": pytest.approx(float(stats.mean.norm()), rel=1e-6),
+                "offset_spread": pytest.approx(stats.spread, rel=1e-6)}
+    shifted = nl.verbalize_sae_features(toy.av, sae, [4, 2], offset=stats, max_new_tokens=8, progress=False)
+    card = nl.feature_card(sae, toy.base, TOY_TEXTS, 9, toy.av, k=2, skip_first=8, offset=stats, max_new_tokens=8,
+                           progress=False)
+    assert shifted.offset_stats is stats and card.offset_stats is stats and len(card.contexts) == 2
+    assert f"offset=mean of {stats.n} residuals (norm {float(stats.mean.norm()):.4g}), spread" in repr(shifted)
+    assert f"(of the row offset by the mean of {stats.n} residuals" in repr(card)
+    for result, name in ((shifted, "features"), (card, "card")):
+        parquet = pd.read_parquet(result.save(tmp_path / f"{name}.parquet"))
+        jsonl = pd.read_json(result.save(tmp_path / f"{name}.jsonl"), lines=True)
+        for rows in (parquet, jsonl):
+            assert rows[list(recorded)].to_dict("records") == [recorded] * len(result.to_records())
+    bare = nl.verbalize_sae_features(toy.av, sae, [4], max_new_tokens=8, progress=False)
+    table = pq.read_table(bare.save(tmp_path / "bare.parquet"))
+    assert table.schema.field("offset_n").type == "int64" and table.schema.field("offset_spread").type == "double"
+    assert table.select(list(recorded)).to_pylist() == [dict.fromkeys(recorded) | {"offset": False}]
+
+
 def _reference_activations(toy, sae, text: str, feature: int, name: str | None = None) -> torch.Tensor:
     """Independent reference: `feature`'s activation at every position of `text`, from a plain run_with_cache
     of `name` (default: layer K's residual)."""
@@ -673,7 +720,7 @@ def test_feature_card_of_a_feature_that_never_fires_says_so_and_keeps_its_column
     assert card.contexts == [] and card.n_active == 0
     assert f"not active at any of the {card.n_positions} positions" in repr(card) and "'-'" not in repr(card)
     columns = ["feature", "text", "position", "token", "activation", "context", "context_explanation",
-               "explanation", "cosine"]
+               "explanation", "cosine", "offset", "offset_n", "offset_layer", "offset_mean_norm", "offset_spread"]
     assert list(card.to_pandas().columns) == columns and card.to_pandas().empty
     assert pq.read_table(card.save(tmp_path / "card.parquet")).column_names == columns
     page = card.save(tmp_path / "card.html").read_text()

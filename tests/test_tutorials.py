@@ -97,6 +97,42 @@ def test_tutorial_01_real_cell_runs_on_a_pair_whose_tokenizer_puts_a_bos_first(b
     assert capsys.readouterr().out.rstrip().endswith("ok")
 
 
+@NEEDS_SAE_LENS
+@pytest.mark.parametrize("family", ["qwen", "llama"])
+def test_tutorial_04_real_cell_scans_the_first_token_unless_it_is_a_bos(family, tiny_paths, bos_paths, monkeypatch,
+                                                                        tmp_path, capsys):
+    """04 pointed at real checkpoints left out the first position of every text (SKIP_FIRST = 1): on Qwen, which puts
+    no BOS first, a real token. It now leaves out what the library's scans do: the BOS where the tokenizer puts one
+    (the tiny Llama pair), nothing on the tiny Qwen pair; a random SAE of layer K stands in for NLA_SAE."""
+    from conftest import D_MODEL, LAYER, make_sae
+    from sae_lens import SAE
+
+    from nla_lens.sae import text_residuals
+
+    av, ar = ((tiny_paths["av_karvonen"], tiny_paths["ar_nanonla"]) if family == "qwen"
+              else (bos_paths["llama_av"], bos_paths["llama_ar"]))
+    for name, value in (("NLA_REAL_CHECKPOINTS", "1"), ("NLA_AV", str(av)), ("NLA_AR", str(ar)), ("NLA_SAE", "sae")):
+        monkeypatch.setenv(name, value)
+    from_pretrained = nl.NLA.from_pretrained
+    monkeypatch.setattr(nl.NLA, "from_pretrained", lambda av, ar, **device_and_dtype: from_pretrained(av, ar))
+    monkeypatch.setattr(nl, "load_base", lambda nla, **device_and_dtype: load_base(av))
+    monkeypatch.setattr(SAE, "load_from_disk", lambda path, device: make_sae(D_MODEL, 16,
+                                                                             f"blocks.{LAYER}.hook_resid_post"))
+    monkeypatch.chdir(tmp_path)
+    script = FOLDER / "04_sae_features.py"
+    cells = [c for c in json.loads(script.with_suffix(".ipynb").read_text(encoding="utf-8"))["cells"]
+             if c["cell_type"] == "code"]
+    namespace = {"__name__": "__main__"}
+    for i, cell in enumerate(cells):
+        exec(compile("".join(cell["source"]), f"{script.stem}.ipynb[{i}]", "exec"), namespace)
+    assert capsys.readouterr().out.rstrip().endswith("ok")
+    bos = 1 if family == "llama" else 0
+    tokens = [ids for ids, _ in text_residuals(namespace["base"], namespace["texts"], LAYER)]
+    assert [ids[0] == namespace["base"].tokenizer.bos_token_id for ids in tokens] == [bool(bos)] * len(tokens)
+    scanned = sum(len(ids) - bos for ids in tokens)
+    assert len(namespace["token_ids"]) == namespace["stats"].n == namespace["card"].n_positions == scanned
+
+
 def test_experiments_doc_snippets_run_on_the_tiny_nla(tiny_paths, av_karvonen, ar_nanonla, monkeypatch):
     """README's "Use it in your experiments": every python block but the first (real checkpoints)."""
     # The doc's 150-token default explanations, cut short: the tiny AV only babbles.

@@ -24,7 +24,7 @@ import os
 import torch
 
 import nla_lens as nl
-from nla_lens.sae import text_residuals
+from nla_lens.sae import skipped, text_residuals
 from nla_lens.toy.sae_experiment import SAEExperimentConfig, token_rows, train_toy_sae
 
 toy = nl.toy.load()
@@ -55,17 +55,23 @@ if os.environ.get("NLA_REAL_CHECKPOINTS"):
     base = nl.load_base(nla, device="cuda", dtype=torch.bfloat16)
     K = nla.av.meta.layer
     sae = SAE.load_from_disk(os.environ["NLA_SAE"], device="cuda")
-    SKIP_FIRST, MAX_NEW_TOKENS = 1, 150
+    # None: leave out the BOS where the tokenizer puts one first (Gemma, Llama), nothing on Qwen, as explain does
+    SKIP_FIRST, MAX_NEW_TOKENS = None, 150
 
 # %% [markdown]
 # ## Which features fire in these texts?
-# `sae.encode` of the layer-K residual at every position (past the first few). Strongest features
-# first, one per token they peak on, so that the six below are about different tokens.
+# `sae.encode` of the layer-K residual at every position past `skipped(...)`, the rule the scans of
+# `nl.feature_card` and `nl.residual_stats` use: the first `SKIP_FIRST` positions, or with `None` the BOS
+# where the tokenizer puts one first. Strongest features first, one per token they peak on, so that the
+# six below are about different tokens.
 
 # %%
-encoded = text_residuals(base, texts, K)
-residuals = torch.cat([resid[SKIP_FIRST:] for _, resid in encoded])
-token_ids = [t for ids, _ in encoded for t in ids[SKIP_FIRST:]]
+kept = []  # (token ids, residuals) of each text past its skipped positions
+for ids, resid in text_residuals(base, texts, K):
+    skip = skipped(base.tokenizer, ids, SKIP_FIRST)
+    kept.append((ids[skip:], resid[skip:]))
+residuals = torch.cat([resid for _, resid in kept])
+token_ids = [t for ids, _ in kept for t in ids]
 with torch.inference_mode():
     acts = sae.encode(residuals.to(sae.W_dec.device, sae.W_dec.dtype)).cpu()
 peak, where = acts.max(dim=0)
