@@ -97,15 +97,22 @@ def test_fsdp_with_activation_checkpointing_resumes_a_one_process_run_on_two_ran
     assert exported["model.layers.0.self_attn.q_proj.weight"].shape == (64, 64)  # gathered whole, not a shard
 
 
-@pytest.mark.parametrize("data_parallel", ["ddp", "fsdp"])
-def test_two_rank_ar_sft_gives_the_one_process_weights(workdir, base_folder, data_parallel):
+@pytest.fixture(scope="module")
+def ar_train_settings(workdir, base_folder) -> dict:
+    """The one-process AR run both data-parallel modes are compared with (trained once: a second run into its
+    out_dir would be refused over its checkpoints)."""
     # Every other micro-batch holds one row, so rank 1 has nothing of its own there (rank_share).
     data = label_activations(load_activations(workdir / "acts"), str(workdir / "explanations.jsonl"))
     n_train = len(split_by_document(data, 0.25, 0)[0])  # the pipeline's split: eval_fraction, split_seed 0
     train = {"batch_size": n_train - 1, "grad_clip": 1e6}  # no clipping: it would hide a mis-scaled gradient
     assert main(["train-ar", _config(workdir, base_folder, "ar_1", dtype="float64", train=train)]) == 0
+    return train
+
+
+@pytest.mark.parametrize("data_parallel", ["ddp", "fsdp"])
+def test_two_rank_ar_sft_gives_the_one_process_weights(workdir, base_folder, ar_train_settings, data_parallel):
     torchrun_cli("train-ar", _config(workdir, base_folder, f"ar_2_{data_parallel}", dtype="float64",
-                                     train={**train, "data_parallel": data_parallel}))
+                                     train={**ar_train_settings, "data_parallel": data_parallel}))
     one, two = _weights(workdir, "ar_1"), _weights(workdir, f"ar_2_{data_parallel}")
     assert "readout.weight" in one
     assert _max_diff(one, two) <= 1e-9
