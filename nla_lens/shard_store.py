@@ -26,6 +26,9 @@ MANIFEST = "manifest.json"
 # Facts that older manifests lack, with the value they are read as. Those recorded neither the device nor a greedy
 # job's batch size: a CPU job's shards resume (greedy CPU rows ignore batching); a GPU job's are refused.
 _UNRECORDED = {"device": "cpu"}
+# Facts older manifests recorded that no row depends on, ignored: a round trip's --baseline only rescales the FVE the
+# merge computes, so another one takes no recomputed shard.
+_NOT_ROW_FACTS = ("baseline",)
 
 
 def shard_folder(output: Path) -> Path:
@@ -73,6 +76,7 @@ def check_manifest(folder: Path, manifest: dict[str, Any]) -> None:
         raise ConfigError(f"{path} cannot be read ({type(exc).__name__}: {exc}): it is damaged or cut short, so the "
                           f"shards beside it cannot be checked against this run. Delete {folder} and rerun to start "
                           "over") from exc
+    recorded = {k: v for k, v in recorded.items() if k not in _NOT_ROW_FACTS}
     read = _UNRECORDED | recorded
     differing = sorted(k for k in read.keys() | manifest.keys() if read.get(k) != manifest.get(k))
     if differing:

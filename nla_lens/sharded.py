@@ -180,7 +180,6 @@ def round_trip_file(
         warnings.warn(resolved.warning, stacklevel=2)
     manifest = {"job": "round-trip", **_input_facts(input_path, table), "shard_size": shard_size,
                 **_checkpoint_facts("av", av_folder), **_checkpoint_facts("ar", ar_folder),
-                "baseline": resolved.value if resolved.source == "given" else None,
                 "dtype": _dtype_name(dtype), **sampling.facts(job_device, job_dtype)}
     if batches_matter(job_device, job_dtype):  # the AR's scores too
         manifest["reconstruct_batch_size"] = reconstruct_batch_size

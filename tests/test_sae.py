@@ -767,6 +767,65 @@ def test_an_sae_with_no_token_feature_is_a_typed_error_the_command_prints(monkey
             "(--training-tokens, default 100000)") in capsys.readouterr().err
 
 
+def sae_experiment_result():
+    """A small SAEExperimentResult, built directly (running the experiment takes minutes)."""
+    from nla_lens.toy.sae_experiment import FeatureRow, SAEExperimentConfig, SAEExperimentResult
+
+    rows = [FeatureRow(3, " the", 0.9, "The token \" the\"", None, "The token", True, False, False, " a", False),
+            FeatureRow(7, "\n", 0.85, None, "The token \"\n\"", None, False, True, False, " the", False)]
+    return SAEExperimentResult(500, 40, 2, 0.5, 0.5, 0.0, 0.0, 0.81, 0.72, 0.1, 0.3, 9.5, 12.0,
+                               SAEExperimentConfig(seed=3, training_tokens=4096), rows)
+
+
+@NEEDS_SAE_LENS
+def test_an_sae_experiment_result_saved_as_json_loads_back_with_its_headline_figures(tmp_path):
+    """A saved result held the rows only: the agreements, control, cosines and SAE figures it prints were lost."""
+    from nla_lens.toy.sae_experiment import SAEExperimentResult
+
+    result = sae_experiment_result()
+    path = result.save(tmp_path / "run.json")
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    assert saved["agreement"] == 0.5 and saved["cosine"] == 0.81 and saved["sae_l0"] == 9.5
+    assert saved["train_seconds"] == 12.0 and saved["config"]["training_tokens"] == 4096 and len(saved["rows"]) == 2
+    loaded = SAEExperimentResult.load(path)
+    assert loaded == result and loaded.summary() == result.summary()
+    assert pq.read_table(result.save(tmp_path / "rows.parquet")).num_rows == 2  # the other suffixes: as before
+    (tmp_path / "rows.json").write_text(json.dumps(result.to_records()))
+    with pytest.raises(nl.InputError, match="rows.json is no SAE experiment result that SAEExperimentResult.save "):
+        SAEExperimentResult.load(tmp_path / "rows.json")
+
+
+@NEEDS_SAE_LENS
+def test_the_sae_experiment_command_saves_to_output_and_writes_the_bundled_scores_only_when_asked(
+        monkeypatch, tmp_path, capsys):
+    """The only way to keep a run was --write, which overwrote the package's sae_scores.json."""
+    from nla_lens.toy import sae_experiment
+    from nla_lens.toy.demo import TOY_DIR
+
+    result = sae_experiment_result()
+    bundled = (TOY_DIR / sae_experiment.SCORES_FILE).read_bytes()
+    monkeypatch.setattr(sae_experiment, "run_sae_experiment", lambda *a, **k: result)
+    sae_experiment.main(["--output", str(tmp_path / "run.json")])
+    out = capsys.readouterr().out
+    assert result.summary() in out and f"wrote {tmp_path / 'run.json'}" in out
+    assert sae_experiment.SAEExperimentResult.load(tmp_path / "run.json") == result
+    assert (TOY_DIR / sae_experiment.SCORES_FILE).read_bytes() == bundled
+    sae_experiment.main(["--checkpoint", str(tmp_path), "--write"])
+    scores = json.loads((tmp_path / sae_experiment.SCORES_FILE).read_text())
+    assert scores == {k: v for k, v in json.loads((tmp_path / "run.json").read_text()).items() if k != "rows"}
+    # An output that cannot be written is refused before the run (minutes), not after it.
+    monkeypatch.setattr(sae_experiment, "run_sae_experiment", lambda *a, **k: pytest.fail("the experiment ran"))
+    for argv, error in ((["--output", str(tmp_path / "gone" / "run.json")], "the folder"),
+                        (["--output", str(tmp_path / "run.parquet")], "must end in .json"),
+                        (["--checkpoint", str(tmp_path / "gone"), "--write"], "--write")):
+        with pytest.raises(SystemExit) as info:
+            sae_experiment.main(argv)
+        assert info.value.code == 2 and error in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        sae_experiment.main(["--help"])
+    assert "maintainers' use" in " ".join(capsys.readouterr().out.split())
+
+
 @NEEDS_SAE_LENS
 def test_toy_sae_features_are_named_by_the_av_well_above_control():
     """The README's numbers: a real sae-lens training run on the toy base, then the AV on every token feature."""

@@ -540,3 +540,27 @@ def test_vector_files_are_read_and_written_by_their_suffix_in_any_case(tiny_path
     result = sharded.verbalize_file(tiny_paths["av_karvonen"], tmp_path / "v.SAFETENSORS", tmp_path / "out.JSONL",
                                     sampling=GREEDY, shard_size=N_ROWS, progress=False)
     assert len((tmp_path / "out.JSONL").read_text(encoding="utf-8").splitlines()) == result.table.num_rows == N_ROWS
+
+
+def test_a_round_trip_rerun_with_another_baseline_recomputes_no_shard(tiny_paths, input_file, tmp_path):
+    """The baseline was in the manifest: a rerun with another --baseline was refused as other settings, and after
+    deleting the folder every shard was recomputed, though it only rescales the summary's FVE."""
+    out = tmp_path / "out.parquet"
+
+    def run(baseline: float) -> sharded.JobResult:
+        return sharded.round_trip_file(tiny_paths["av_karvonen"], tiny_paths["ar_nanonla"], input_file, out,
+                                       sampling=GREEDY, baseline=baseline, shard_size=SHARD_SIZE, progress=False)
+
+    first = run(0.5)
+    second = run(0.8)
+    assert second.computed == [] and second.table.equals(first.table)
+    assert second.summary.baseline == 0.8 and second.summary.baseline_source == "given"
+    assert second.summary.fve == pytest.approx(1 - first.summary.mean_mse / 0.8, abs=1e-6)
+    assert json.loads(sharded.summary_path(out).read_text())["baseline"] == 0.8
+    # A manifest an older nla_lens wrote recorded the given baseline: its shards are reused too.
+    manifest = shard_store.shard_folder(out) / shard_store.MANIFEST
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "baseline": 0.5}))
+    assert run(0.8).computed == []
+    with pytest.raises(nl.ConfigError, match="shard_size"):  # settings the rows depend on are still checked
+        sharded.round_trip_file(tiny_paths["av_karvonen"], tiny_paths["ar_nanonla"], input_file, out,
+                                sampling=GREEDY, baseline=0.8, shard_size=4, progress=False)

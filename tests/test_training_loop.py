@@ -68,3 +68,32 @@ def test_a_step_with_a_non_finite_gradient_is_skipped_not_applied():
     before, after_first, after_nan, after_third = snapshots
     assert not torch.equal(after_first, before) and torch.equal(after_nan, after_first)
     assert not torch.equal(after_third, after_nan)
+
+
+@NEEDS_TL3
+def test_a_resume_with_other_steps_shows_both_values_and_says_a_run_cannot_be_extended(tmp_path):
+    """The refusal said only "other settings for ['steps']": neither value, nor that extending a run is impossible."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    from nla_lens.training.loop import train
+
+    model = HookedTransformer(HookedTransformerConfig(n_layers=1, d_model=8, n_ctx=4, d_head=4, d_vocab=5,
+                                                      act_fn="relu", seed=0))
+
+    def run(config: TrainConfig) -> None:
+        train(modules={"model": model}, n_rows=4, loss_sum=lambda rows: (model.W_E ** 2).sum() * len(rows),
+              units=len, evaluate=dict, config=config, out_dir=tmp_path, resume="latest", progress=False)
+
+    config = TrainConfig(steps=2, batch_size=2, warmup_steps=0)
+    run(config)
+    with pytest.raises(nl.ConfigError) as info:
+        run(TrainConfig(steps=4, batch_size=2, warmup_steps=0))
+    assert "other settings (steps: 2 in the checkpoint, 4 now); an exact resume needs the config" in str(info.value)
+    assert ("steps cannot change on a resume, so a run cannot be extended: the cosine schedule decays the learning "
+            "rate over all steps") in str(info.value)
+    assert "Finish this run with steps: 2, or train longer from step 0 in a new out_dir" in str(info.value)
+    with pytest.raises(nl.ConfigError) as info:
+        run(TrainConfig(steps=2, batch_size=2, warmup_steps=0, lr=2e-3, betas=(0.8, 0.95)))
+    assert str(info.value).endswith("with other settings (betas: [0.9, 0.999] in the checkpoint, [0.8, 0.95] now; "
+                                    "lr: 0.0001 in the checkpoint, 0.002 now); an exact resume needs the config the "
+                                    "run started with, so set them back.")

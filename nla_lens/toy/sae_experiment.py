@@ -9,8 +9,10 @@ mean-residual offset, for the base residual at the feature's strongest activatio
 `feature_card(..., explain_contexts=True)` explains first), and a control that pairs each
 explanation with another feature's T.
 
-Re-run it whenever the bundled toy is retrained (`--write` stores the numbers beside the
-checkpoints, where the test compares them with a fresh run); the README quotes them.
+`--output run.json` saves a run's result (the figures it prints, the config and every feature's
+row; `SAEExperimentResult.load` reads it back). Maintainers re-run it whenever the bundled toy is
+retrained, with `--write`, which overwrites the numbers stored beside the checkpoints (the test
+compares them with a fresh run; the README quotes them).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from nla_lens.capture import resid_post, resid_post_name
+from nla_lens.checks import check_input_file, check_output_path, file_kind, file_path
 from nla_lens.errors import InputError, NLAError
 from nla_lens.nla import NLA
 from nla_lens.results import TabularResult
@@ -39,6 +42,7 @@ from nla_lens.sae import ResidualStats, require_sae_lens, verbalize_sae_features
 from nla_lens.toy.demo import TOY_DIR
 from nla_lens.toy.evaluate import HELDOUT_FILE, MIN_CONTEXT, ToyNLA
 from nla_lens.toy.labeler import names_token
+from nla_lens.vector_files import json_text, write_atomic
 
 if TYPE_CHECKING:
     from sae_lens import SAE
@@ -115,6 +119,33 @@ class SAEExperimentResult(TabularResult):
     def to_records(self) -> list[dict[str, Any]]:
         return [asdict(r) for r in self.rows]
 
+    def headline(self) -> dict[str, Any]:
+        """The figures `summary()` prints, and the config: every field but the rows."""
+        return {k: v for k, v in asdict(self).items() if k != "rows"}
+
+    def save(self, path: str | Path) -> Path:
+        """`.json`: the whole result, the headline figures with the rows (`load` reads it back); `.parquet`,
+        `.jsonl` or `.html` as for every result: the rows alone, or the view."""
+        path = file_path(path, "save")
+        if file_kind(path) != ".json":
+            return super().save(path)
+        check_output_path(path, (".json",))
+        _write_json(path, asdict(self))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> SAEExperimentResult:
+        """A result `save` wrote as `.json`."""
+        path = file_path(path, "load")
+        check_input_file(path, "SAE experiment result")
+        try:
+            saved = json.loads(path.read_text(encoding="utf-8"))
+            return cls(**{**saved, "config": SAEExperimentConfig(**saved["config"]),
+                          "rows": [FeatureRow(**row) for row in saved["rows"]]})
+        except (ValueError, TypeError, KeyError) as exc:
+            raise InputError(f"{path} is no SAE experiment result that SAEExperimentResult.save wrote as .json "
+                             f"({type(exc).__name__}: {exc})") from exc
+
     def summary(self) -> str:
         return (f"{self.n_token_features} of {self.n_live} live features fire >= {self.config.purity:.0%} on one "
                 f"token in their top {self.config.top_k}; the AV names that token for {self.agreement:.1%} of them "
@@ -124,6 +155,10 @@ class SAEExperimentResult(TabularResult):
                 f"({self.cosine_offset:.3f} with the offset; {self.control_cosine:.3f} to the control's row). "
                 f"SAE: d_sae {self.config.d_sae}, L0 {self.sae_l0:.1f}, "
                 f"FVU {self.sae_fvu:.3f}, trained in {self.train_seconds:.0f} s")
+
+
+def _write_json(path: Path, value: Any) -> None:
+    write_atomic(path, lambda tmp: tmp.write_text(json_text(value, indent=1) + "\n", encoding="utf-8"))
 
 
 def token_rows(toy: ToyNLA, folder: Path, context_size: int) -> Int[Tensor, "rows context"]:
@@ -256,10 +291,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=SAEExperimentConfig.seed)
     parser.add_argument("--training-tokens", type=int, default=SAEExperimentConfig.training_tokens)
     parser.add_argument("--rows", action="store_true", help="also print every feature's token and explanations")
+    parser.add_argument("--output", type=Path,
+                        help="save the result as this .json file: the figures printed at the end, the config and "
+                             "every feature's row (SAEExperimentResult.load reads it back)")
     parser.add_argument("--write", action="store_true",
-                        help=f"store the numbers as {SCORES_FILE} beside the checkpoints (re-run after retraining)")
+                        help=f"maintainers' use, after retraining the toy: overwrite {SCORES_FILE} in the "
+                             "--checkpoint folder (in the package by default), the numbers the README quotes and "
+                             "tests/test_sae.py compares with; to keep a run's result, use --output")
     args = parser.parse_args(argv)
-    try:
+    scores = args.checkpoint / SCORES_FILE
+    try:  # the outputs are checked before the minutes of work whose result goes there
+        if args.output is not None:
+            check_output_path(file_path(args.output, "--output"), (".json",), "--output")
+        if args.write:
+            check_output_path(scores, (".json",), "--write")
         result = run_sae_experiment(args.checkpoint, SAEExperimentConfig(seed=args.seed,
                                                                          training_tokens=args.training_tokens))
     except NLAError as error:
@@ -269,10 +314,11 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{r.feature:>5} {r.token!r:<12} named={r.named!s:<5} offset={r.named_offset!s:<5} "
                   f"top_context={r.named_top_context!s:<5} {r.explanation}")
     print(result.summary())
+    if args.output is not None:
+        print(f"wrote {result.save(args.output)}")
     if args.write:
-        scores = {k: v for k, v in asdict(result).items() if k not in ("rows", "train_seconds")}
-        (args.checkpoint / SCORES_FILE).write_text(json.dumps(scores, indent=1) + "\n")
-        print(f"wrote {args.checkpoint / SCORES_FILE}")
+        _write_json(scores, result.headline())
+        print(f"wrote {scores}")
 
 
 if __name__ == "__main__":

@@ -44,6 +44,10 @@ CHECKPOINT_DIR = "checkpoints"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 # Settings that may change between a run and its resumption without changing the trajectory.
 _RESUMABLE_CHANGES = {"eval_every", "save_every", "keep_checkpoints", "data_parallel", "activation_checkpointing"}
+_STEPS_ARE_FIXED = (" steps cannot change on a resume, so a run cannot be extended: the cosine schedule decays the "
+                    "learning rate over all steps (lr_at), and a run of another length takes every step after warmup "
+                    "at another rate than these checkpoints did. Finish this run with steps: {steps}, or train longer "
+                    "from step 0 in a new out_dir")
 
 
 @dataclass
@@ -317,11 +321,13 @@ def load_checkpoint(folder: Path, params: dict[str, nn.Parameter], optimizer: to
         raise CheckpointError(f"{folder} is not a training checkpoint (no trainer_state.json)")
     state = json.loads(state_path.read_text(encoding="utf-8"))
     saved = state["config"]
-    changed = sorted(k for k, v in asdict(config).items()
-                     if k not in _RESUMABLE_CHANGES | resumable and json.loads(json.dumps(v)) != saved.get(k))
+    requested = json.loads(json.dumps(asdict(config)))  # tuples as the JSON lists the checkpoint holds
+    changed = sorted(k for k, v in requested.items() if k not in _RESUMABLE_CHANGES | resumable and v != saved.get(k))
     if changed:
-        raise ConfigError(f"resuming from {folder} with other settings for {changed}; an exact resume "
-                          "needs the config the run started with")
+        values = "; ".join(f"{k}: {saved.get(k)!r} in the checkpoint, {requested[k]!r} now" for k in changed)
+        raise ConfigError(f"resuming from {folder} with other settings ({values}); an exact resume needs the config "
+                          "the run started with, so set them back."
+                          + (_STEPS_ARE_FIXED.format(steps=saved["steps"]) if "steps" in changed else ""))
     if data is not None and state.get("data") not in (None, data):
         raise ConfigError(f"resuming from {folder} on other data than the run started with (another activations "
                           "or explanations file, eval_fraction or split_seed), or from other starting weights "
