@@ -264,3 +264,20 @@ def test_explain_keeps_a_texts_header_on_one_line(tiny_paths, capsys):
     headers = [i for i, line in enumerate(lines) if line.startswith("[")]
     assert [lines[i] for i in headers] == ["[0] the cat\\nsat", "[1] a\\tdog"]
     assert all(lines[i + 1].split() == ["pos", "token", "FVE", "MSE", "explanation"] for i in headers)
+
+
+@pytest.mark.parametrize("command, flags", [("explain", _REQUIRED_FLAGS["explain"]),
+                                            ("steer-words", ["--av", "a", "--ar", "r", "--text", "t", "--replace",
+                                                             "a", "b"])])
+def test_positions_help_says_which_negative_values_need_an_equals_sign(command, flags, capsys):
+    """The help said every value starting with '-' needs '='; argparse takes one negative number after a space, and
+    only a list (or slice) starting with '-' for a flag."""
+    parser = build_parser()
+    assert parser.parse_args([command, *flags, "--positions", "-2"]).positions == [-2]
+    assert parser.parse_args([command, *flags, "--positions=-2,-1"]).positions == [-2, -1]
+    with pytest.raises(SystemExit):
+        parser.parse_args([command, *flags, "--positions", "-2,-1"])
+    assert "--positions: expected one argument" in capsys.readouterr().err
+    subcommands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    help_text = next(a for a in subcommands[command]._actions if a.dest == "positions").help
+    assert "(--positions -2)" in help_text and "(--positions=-2,-1" in help_text
