@@ -279,9 +279,10 @@ def _report(result: sharded.JobResult) -> None:
     folder = shard_store.shard_folder(result.output)
     if result.missing:
         ids = ",".join(map(str, result.missing))
-        print(f"shards {result.missing} of {result.n_shards} are not finished (a rank failed, or --shards left them "
-              f"out): rerun the same command without --shards, or with --shards {ids}, to compute them and merge; "
-              f"the finished ones in {folder} are kept")
+        print(f"{result.n_shards - len(result.missing)} of {result.n_shards} shards done ({len(result.computed)} by "
+              f"this process), so {result.output} is not written yet: it is merged once all {result.n_shards} are. "
+              f"Rerun the same command with --shards {ids} (the missing ones: --shards left them out, or a rank "
+              f"failed), or without --shards, to finish; the finished shards in {folder} are kept")
     elif result.table is not None:
         print(f"wrote {result.table.num_rows} rows to {result.output} ({len(result.computed)} of {result.n_shards} "
               f"shards computed by this process; shards kept in {folder})")
