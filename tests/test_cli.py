@@ -15,6 +15,7 @@ from transformers import AutoTokenizer
 import nla_lens as nl
 from nla_lens.checks import DTYPES
 from nla_lens.cli import build_parser, main
+from nla_lens.sidecar import load_meta
 
 
 def test_verbalize_from_a_vector_file_matches_the_library(av_karvonen, tiny_paths, vectors, tmp_path, capsys):
@@ -281,3 +282,24 @@ def test_positions_help_says_which_negative_values_need_an_equals_sign(command, 
     subcommands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
     help_text = next(a for a in subcommands[command]._actions if a.dest == "positions").help
     assert "(--positions -2)" in help_text and "(--positions=-2,-1" in help_text
+
+
+def test_verbalize_and_round_trip_warn_of_rows_cut_by_max_new_tokens(tmp_path, capsys):
+    """Every row cut at --max-new-tokens was reported as plain success (round-trip's summary counted them, verbalize
+    said nothing); a file job's fix also needs a new --output, since its shards hold the cut rows."""
+    av, ar = str(nl.toy.TOY_DIR / "av"), str(nl.toy.TOY_DIR / "ar")
+    vectors = torch.randn(3, load_meta(av).d_model, generator=torch.Generator().manual_seed(0))
+    save_file({"vectors": vectors}, tmp_path / "v.safetensors")
+    source = ["--input", str(tmp_path / "v.safetensors")]
+    cut = "warning: 3 of 3 rows were cut at --max-new-tokens 1 before the AV ended them"
+    assert main(["verbalize", "--av", av, *source, "--max-new-tokens", "1"]) == 0
+    err = capsys.readouterr().err
+    assert cut in err and "larger --max-new-tokens" in err
+    for command in (["verbalize", "--av", av], ["round-trip", "--av", av, "--ar", ar]):
+        out = tmp_path / f"{command[0]}.jsonl"
+        assert main([*command, *source, "--output", str(out), "--max-new-tokens", "1"]) == 0
+        err = capsys.readouterr().err
+        assert cut in err and f"into a new --output (or delete {out}.shards" in err, command
+        assert all(json.loads(line)["truncated"] for line in out.read_text().splitlines())
+    assert main(["verbalize", "--av", av, *source]) == 0  # the toy AV ends its explanations well within 150 tokens
+    assert "were cut" not in capsys.readouterr().err
