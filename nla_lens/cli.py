@@ -78,10 +78,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_TRAINING_SECTIONS = {"train-av": "train", "train-ar": "train", "train-rl": "rl"}  # where each keeps save_every
+
+
+def _resume_hint(args: argparse.Namespace) -> str:
+    """How to continue an interrupted command, for those whose rerun picks up what the first run wrote."""
+    if args.command == "extract":
+        return ("; rerun the same command to continue: the shards already in out_dir are kept (checked against the "
+                "corpus) and skipped")
+    if args.command in _TRAINING_SECTIONS:
+        return (f"; to continue from the newest checkpoint in out_dir/checkpoints, set resume: latest in {args.config} "
+                f"and rerun the same command (checkpoints are written every {_TRAINING_SECTIONS[args.command]}."
+                "save_every steps; with 0 there is none before the end, and the rerun starts at step 0)")
+    if args.command in ("verbalize", "round-trip") and args.input is not None and args.output is not None:
+        from nla_lens.shard_store import shard_folder
+
+        return (f"; rerun the same command to continue: the finished shards in {shard_folder(args.output)} are kept "
+                "and only the others are computed")
+    return ""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one subcommand. Bad input exits 2 with the typed error's message, a failed file operation
-    (permissions, a full disk) exits 1 with the OS's message; library warnings print as one line each, on a line
-    of their own above any progress bar."""
+    (permissions, a full disk) exits 1 with the OS's message, Ctrl-C exits 130 (as shells report SIGINT) with how to
+    continue; library warnings print as one line each, on a line of their own above any progress bar."""
     args = build_parser().parse_args(argv)
     prefix = f"nla-lens {args.command}"
 
@@ -99,6 +119,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except OSError as exc:
             print(f"{prefix}: {exc}", file=sys.stderr)
             return 1
+        except KeyboardInterrupt:
+            tqdm.write(f"{prefix}: interrupted{_resume_hint(args)}", file=sys.stderr)  # below the bar it cut short
+            return 130
     return 0
 
 

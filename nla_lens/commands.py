@@ -183,7 +183,7 @@ def _run_verbalize(args: argparse.Namespace) -> None:
     if args.output is not None:
         check_output_path(args.output, OUTPUT_SUFFIXES, "--output")
     if args.input is not None and args.output is not None:
-        _report(sharded.verbalize_file(args.av, args.input, args.output, **_job_kwargs(args)))
+        _report(sharded.verbalize_file(args.av, args.input, args.output, **_job_kwargs(args)), args.max_new_tokens)
         return
     if World.from_env().is_distributed:
         raise InputError("under torchrun, give --input FILE and --output FILE: only file jobs are sharded")
@@ -215,6 +215,7 @@ def _run_verbalize(args: argparse.Namespace) -> None:
     av = ActivationVerbalizer.from_pretrained(args.av, device=args.device, dtype=args.dtype)
     out = av.verbalize(table.vectors, max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
                        top_p=sampling.top_p, seed=sampling.seed, batch_size=sampling.batch_size, progress=True)
+    _warn_truncated([v.truncated for v in out], sampling.max_new_tokens)
     if args.output:
         write_table(sharded.output_rows(table, range(len(out)), out), args.output)
         print(f"wrote {len(out)} rows to {args.output}")
@@ -267,26 +268,39 @@ def _run_round_trip(args: argparse.Namespace) -> None:
     check_output_path(args.output, OUTPUT_SUFFIXES, "--output")
     result = sharded.round_trip_file(args.av, args.ar, args.input, args.output, baseline=args.baseline,
                                      reconstruct_batch_size=args.reconstruct_batch_size, **_job_kwargs(args))
-    _report(result)
+    _report(result, args.max_new_tokens)
     if result.summary is not None:
         for name, value in asdict(result.summary).items():
             print(f"{name:16s} {value}")
         print(f"summary written to {sharded.summary_path(args.output)}")
 
 
-def _report(result: sharded.JobResult) -> None:
+def _report(result: sharded.JobResult, max_new_tokens: int) -> None:
     """One line per outcome, from rank 0 only (the other ranks' results carry no merge)."""
     folder = shard_store.shard_folder(result.output)
     if result.missing:
         ids = ",".join(map(str, result.missing))
-        print(f"shards {result.missing} of {result.n_shards} are not finished (a rank failed, or --shards left them "
-              f"out): rerun the same command without --shards, or with --shards {ids}, to compute them and merge; "
-              f"the finished ones in {folder} are kept")
+        print(f"{result.n_shards - len(result.missing)} of {result.n_shards} shards done ({len(result.computed)} by "
+              f"this process), so {result.output} is not written yet: it is merged once all {result.n_shards} are. "
+              f"Rerun the same command with --shards {ids} (the missing ones: --shards left them out, or a rank "
+              f"failed), or without --shards, to finish; the finished shards in {folder} are kept")
     elif result.table is not None:
         print(f"wrote {result.table.num_rows} rows to {result.output} ({len(result.computed)} of {result.n_shards} "
               f"shards computed by this process; shards kept in {folder})")
+        _warn_truncated(result.table.column("truncated").to_pylist(), max_new_tokens,
+                        f" into a new --output (or delete {folder}: its shards hold these rows)")
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
+
+
+def _warn_truncated(truncated: list[bool | None], max_new_tokens: int, rerun: str = "") -> None:
+    """Rows `max_new_tokens` cut before the AV's EOS hold a cut-short explanation, or none (no closing tag): a
+    command that printed only its success line hid them. None is a shard from before the column: unknown."""
+    n_truncated = truncated.count(True)
+    if n_truncated:
+        print(f"warning: {n_truncated} of {len(truncated)} rows were cut at --max-new-tokens {max_new_tokens} before "
+              f"the AV ended them, so their explanations are cut short or missing (no closing tag); rerun with a "
+              f"larger --max-new-tokens{rerun}", file=sys.stderr)
 
 
 def add_reconstruct(subparsers: argparse._SubParsersAction) -> None:
@@ -347,8 +361,9 @@ def add_explain(subparsers: argparse._SubParsersAction) -> None:
     source.add_argument("--file", type=Path, help="a UTF-8 text file: each non-empty line is one text")
     parser.add_argument("--positions", type=_positions_arg,
                         help="which tokens: comma-separated positions (negative from the end) such as 3,-1, or a "
-                             "slice such as 8: (default: every token but an added BOS); a value that starts with "
-                             "'-' goes after '=', as in --positions=-2,-1 or --positions=-4:")
+                             "slice such as 8: (default: every token but an added BOS). One negative position may "
+                             "follow a space (--positions -2); a list or slice that starts with '-' must follow '=' "
+                             "(--positions=-2,-1, --positions=-4:), else argparse takes it for a flag")
     parser.add_argument("--baseline", type=float, help="FVE baseline (default: the AR sidecar's held-out one)")
     parser.add_argument("--output", type=Path, help="also write the rows to .parquet / .jsonl, or the view to .html")
     parser.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS,

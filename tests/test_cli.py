@@ -15,6 +15,7 @@ from transformers import AutoTokenizer
 import nla_lens as nl
 from nla_lens.checks import DTYPES
 from nla_lens.cli import build_parser, main
+from nla_lens.sidecar import load_meta
 
 
 def test_verbalize_from_a_vector_file_matches_the_library(av_karvonen, tiny_paths, vectors, tmp_path, capsys):
@@ -264,3 +265,112 @@ def test_explain_keeps_a_texts_header_on_one_line(tiny_paths, capsys):
     headers = [i for i, line in enumerate(lines) if line.startswith("[")]
     assert [lines[i] for i in headers] == ["[0] the cat\\nsat", "[1] a\\tdog"]
     assert all(lines[i + 1].split() == ["pos", "token", "FVE", "MSE", "explanation"] for i in headers)
+
+
+@pytest.mark.parametrize("command, flags", [("explain", _REQUIRED_FLAGS["explain"]),
+                                            ("steer-words", ["--av", "a", "--ar", "r", "--text", "t", "--replace",
+                                                             "a", "b"])])
+def test_positions_help_says_which_negative_values_need_an_equals_sign(command, flags, capsys):
+    """The help said every value starting with '-' needs '='; argparse takes one negative number after a space, and
+    only a list (or slice) starting with '-' for a flag."""
+    parser = build_parser()
+    assert parser.parse_args([command, *flags, "--positions", "-2"]).positions == [-2]
+    assert parser.parse_args([command, *flags, "--positions=-2,-1"]).positions == [-2, -1]
+    with pytest.raises(SystemExit):
+        parser.parse_args([command, *flags, "--positions", "-2,-1"])
+    assert "--positions: expected one argument" in capsys.readouterr().err
+    subcommands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    help_text = next(a for a in subcommands[command]._actions if a.dest == "positions").help
+    assert "(--positions -2)" in help_text and "(--positions=-2,-1" in help_text
+
+
+def test_verbalize_and_round_trip_warn_of_rows_cut_by_max_new_tokens(tmp_path, capsys):
+    """Every row cut at --max-new-tokens was reported as plain success (round-trip's summary counted them, verbalize
+    said nothing); a file job's fix also needs a new --output, since its shards hold the cut rows."""
+    av, ar = str(nl.toy.TOY_DIR / "av"), str(nl.toy.TOY_DIR / "ar")
+    vectors = torch.randn(3, load_meta(av).d_model, generator=torch.Generator().manual_seed(0))
+    save_file({"vectors": vectors}, tmp_path / "v.safetensors")
+    source = ["--input", str(tmp_path / "v.safetensors")]
+    cut = "warning: 3 of 3 rows were cut at --max-new-tokens 1 before the AV ended them"
+    assert main(["verbalize", "--av", av, *source, "--max-new-tokens", "1"]) == 0
+    err = capsys.readouterr().err
+    assert cut in err and "larger --max-new-tokens" in err
+    for command in (["verbalize", "--av", av], ["round-trip", "--av", av, "--ar", ar]):
+        out = tmp_path / f"{command[0]}.jsonl"
+        assert main([*command, *source, "--output", str(out), "--max-new-tokens", "1"]) == 0
+        err = capsys.readouterr().err
+        assert cut in err and f"into a new --output (or delete {out}.shards" in err, command
+        assert all(json.loads(line)["truncated"] for line in out.read_text().splitlines())
+    assert main(["verbalize", "--av", av, *source]) == 0  # the toy AV ends its explanations well within 150 tokens
+    assert "were cut" not in capsys.readouterr().err
+
+
+def _interrupt(*_: object, **__: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _main_interrupted(argv: list[str]) -> int:
+    """`main` on a command whose work raises KeyboardInterrupt: one that escapes fails this test, not the session."""
+    try:
+        return main(argv)
+    except KeyboardInterrupt:
+        pytest.fail("KeyboardInterrupt escaped nla_lens.cli.main")
+
+
+def _training_config(tmp_path, command: str) -> str:
+    """A config that passes the command's checks before its pipeline runs (the inputs exist, the base resolves)."""
+    toy = nl.toy.TOY_DIR
+    (tmp_path / "acts").mkdir()
+    (tmp_path / "explanations.jsonl").write_text("")
+    (tmp_path / "corpus.jsonl").write_text("")
+    inputs = {"activations": str(tmp_path / "acts"), "explanations": str(tmp_path / "explanations.jsonl"),
+              "out_dir": str(tmp_path / "run")}
+    config = {"extract": {"base_model": str(toy / "base"), "corpus": str(tmp_path / "corpus.jsonl"),
+                          "out_dir": str(tmp_path / "run"), "extract": {"layer": 1}},
+              "train-av": {"base_model": str(toy / "base"), **inputs},
+              "train-ar": {"base_model": str(toy / "base"), **inputs},
+              "train-rl": {"av": str(toy / "av"), "ar": str(toy / "ar"), **inputs}}[command]
+    path = tmp_path / "run.yaml"
+    path.write_text(json.dumps(config))  # JSON is YAML
+    return str(path)
+
+
+@pytest.mark.parametrize("command, work, hint", [
+    ("extract", "run_extract", "; rerun the same command to continue: the shards already in out_dir are kept"),
+    ("train-av", "run_train_av", "; to continue from the newest checkpoint in out_dir/checkpoints, set resume: latest "
+                                 "in {config} and rerun the same command (checkpoints are written every train."),
+    ("train-ar", "run_train_ar", "set resume: latest in {config} and rerun the same command (checkpoints are written "
+                                 "every train.save_every steps; with 0 there is none before the end"),
+    ("train-rl", "run_train_rl", "set resume: latest in {config} and rerun the same command (checkpoints are written "
+                                 "every rl.save_every steps"),
+], ids=["extract", "train-av", "train-ar", "train-rl"])
+def test_ctrl_c_during_extract_or_training_exits_130_saying_how_to_continue(command, work, hint, tmp_path, capsys, monkeypatch):
+    """Ctrl-C printed a raw KeyboardInterrupt traceback and no word on what the run left to continue from."""
+    from nla_lens.training import pipeline
+
+    monkeypatch.setattr(pipeline, work, _interrupt)
+    config = _training_config(tmp_path, command)
+    assert _main_interrupted([command, config]) == 130
+    err = capsys.readouterr().err
+    assert err.startswith(f"nla-lens {command}: interrupted") and err.count("\n") == 1, err
+    assert hint.format(config=config) in err
+
+
+def test_ctrl_c_during_a_file_job_exits_130_saying_a_rerun_keeps_its_shards(tmp_path, capsys, monkeypatch):
+    from nla_lens import sharded
+
+    av, ar = str(nl.toy.TOY_DIR / "av"), str(nl.toy.TOY_DIR / "ar")
+    save_file({"vectors": torch.zeros(2, load_meta(av).d_model)}, tmp_path / "v.safetensors")
+    source = ["--input", str(tmp_path / "v.safetensors")]
+    monkeypatch.setattr(sharded, "verbalize_file", _interrupt)
+    monkeypatch.setattr(sharded, "round_trip_file", _interrupt)
+    for command in (["verbalize", "--av", av], ["round-trip", "--av", av, "--ar", ar]):
+        out = tmp_path / "out.jsonl"
+        assert _main_interrupted([*command, *source, "--output", str(out)]) == 130
+        assert capsys.readouterr().err == (f"nla-lens {command[0]}: interrupted; rerun the same command to continue: "
+                                           f"the finished shards in {out}.shards are kept and only the others are "
+                                           "computed\n")
+    # Printed rows are not kept anywhere: nothing to continue from.
+    monkeypatch.setattr(nl.ActivationVerbalizer, "verbalize", _interrupt)
+    assert _main_interrupted(["verbalize", "--av", av, *source]) == 130
+    assert capsys.readouterr().err == "nla-lens verbalize: interrupted\n"

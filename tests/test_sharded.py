@@ -245,7 +245,10 @@ def test_a_damaged_manifest_is_named_with_the_fix(tiny_paths, input_file, tmp_pa
 def test_listed_shards_run_alone_and_the_merge_waits_for_all(tiny_paths, input_file, tmp_path, capsys):
     av, out = tiny_paths["av_karvonen"], tmp_path / "out.jsonl"
     assert main(verbalize_args(av, input_file, out, "--shards", "1,3")) == 0
-    assert "shards [0, 2] of 4 are not finished" in capsys.readouterr().out and not out.exists()
+    # How far the job is, that the output is not there yet, and how to finish it.
+    said = capsys.readouterr().out
+    assert f"2 of 4 shards done (2 by this process), so {out} is not written yet" in said and not out.exists()
+    assert "Rerun the same command with --shards 0,2 (the missing ones" in said
     assert main(verbalize_args(av, input_file, out, "--shards", "0,2")) == 0
     assert f"wrote {N_ROWS} rows" in capsys.readouterr().out
     lines = [json.loads(line) for line in out.read_text().splitlines()]
