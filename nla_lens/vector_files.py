@@ -11,6 +11,7 @@ import io
 import json
 import math
 import os
+import stat
 import uuid
 import warnings
 from collections.abc import Callable
@@ -23,7 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from jaxtyping import Float
-from safetensors.torch import load_file, save
+from safetensors.torch import load_file, save, save_file
 from torch import Tensor
 
 from nla_lens.checks import check_input_file, check_output_path, file_kind
@@ -182,12 +183,22 @@ def write_vectors(vectors: Float[Tensor, "n d_model"], path: Path) -> None:
     write_atomic(path, lambda tmp: tmp.write_bytes(data))
 
 
+def save_tensors(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' `save_file`, through `write_atomic`: readable by the other users of a shared machine (it
+    creates its files 0600), and never half-written under `path`."""
+    write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
 def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
     """`write(tmp)` to a private temporary name beside `path`, then rename: readers never see half a file,
-    and a write that fails leaves nothing behind (a large shard's half would only fill the disk)."""
+    and a write that fails leaves nothing behind (a large shard's half would only fill the disk). The file
+    gets the mode `open()` gives (0666 less the umask) whatever mode `write` left it with."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
+        tmp.touch(exist_ok=False)
+        created_mode = stat.S_IMODE(tmp.stat().st_mode)
         write(tmp)
+        tmp.chmod(created_mode)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

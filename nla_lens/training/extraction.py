@@ -26,7 +26,6 @@ import torch
 import yaml
 from jaxtyping import Float
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
@@ -47,7 +46,7 @@ from nla_lens.sidecar import (
 )
 from nla_lens.training.config import ExtractConfig
 from nla_lens.training.padding import pad
-from nla_lens.vector_files import write_atomic
+from nla_lens.vector_files import save_tensors, write_atomic
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
@@ -344,7 +343,7 @@ def _write_shard(model: HookedTransformer, tokenizer: PreTrainedTokenizerBase, d
     }
     metadata = {"records": json.dumps([{"doc_id": r.doc_id, "token": r.token, "prefix": r.prefix}
                                        for r in records], ensure_ascii=False)}
-    write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    save_tensors(tensors, path, metadata)
     return [r.doc_id for r in records]
 
 

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from jaxtyping import Int
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -39,6 +39,7 @@ from nla_lens.errors import CheckpointError, ConfigError
 from nla_lens.training import parallel
 from nla_lens.training.config import TrainConfig
 from nla_lens.training.recompute import activation_checkpointing
+from nla_lens.vector_files import save_tensors
 
 logger = logging.getLogger(__name__)
 CHECKPOINT_DIR = "checkpoints"
@@ -289,8 +290,8 @@ def save_checkpoint(out_dir: Path, step: int, params: dict[str, nn.Parameter], o
     tmp = root / f".step-{step:06d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file(weights, tmp / "params.safetensors")
-    save_file(tensors, tmp / "optimizer.safetensors")
+    save_tensors(weights, tmp / "params.safetensors")
+    save_tensors(tensors, tmp / "optimizer.safetensors")
     trainer_state = {
         "step": step, "param_names": list(params), "param_groups": state["param_groups"],
         "optimizer_scalars": scalars, "config": asdict(config),
