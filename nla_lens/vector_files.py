@@ -43,25 +43,32 @@ class VectorTable:
 
 
 def read_vectors(path: Path) -> Float[Tensor, "n d_model"]:
-    """Vectors from .safetensors (a tensor named `vectors`, or the only one) or .pt (weights_only load)."""
+    """Vectors from .safetensors or .pt (weights_only load): a bare tensor (.pt), or of several tensors the one
+    named `vectors`, or the only one."""
     if file_kind(path) not in (".safetensors", ".pt"):
         hint = ("; convert it once: torch.save(torch.from_numpy(numpy.load(path)).float(), 'vectors.pt')"
                 if file_kind(path) == ".npy" else "")  # NumPy's own format, the one a newcomer most often has
         raise InputError(f"{path}: expected a .safetensors, .pt or .parquet file of [n, d_model] vectors{hint}")
     check_input_file(path, "vector file")
     if file_kind(path) == ".safetensors":
-        tensors = _readable(path, lambda: load_file(str(path)))
-        if "vectors" not in tensors and len(tensors) != 1:
-            raise InputError(f"{path} holds {sorted(tensors)}; name the [n, d_model] tensor 'vectors'")
-        return tensors.get("vectors", next(iter(tensors.values())))
+        return _named_vectors(_readable(path, lambda: load_file(str(path))), path)
     # tensors only: no pickled code runs. On the CPU: a tensor saved from a GPU (or one that required grad)
     # is read as its values, as a CPU-only machine can and as the job's input hash needs.
     loaded = _readable(path, lambda: torch.load(path, weights_only=True, map_location="cpu"))
+    if isinstance(loaded, dict):
+        loaded = _named_vectors(loaded, path)
     if not isinstance(loaded, Tensor):
-        held = f"a dict of {sorted(map(str, loaded))}" if isinstance(loaded, dict) else type(loaded).__name__
-        raise InputError(f"{path} must hold a single [n, d_model] tensor, got {held}; save the bare tensor "
-                         "(torch.save(vectors, path)) or a .safetensors file with a 'vectors' entry")
+        raise InputError(f"{path} must hold a [n, d_model] tensor, got {type(loaded).__name__}; save the bare "
+                         "tensor (torch.save(vectors, path)) or a dict with a 'vectors' entry")
     return loaded.detach()
+
+
+def _named_vectors(tensors: dict[str, Any], path: Path) -> Any:
+    """The entry named `vectors`, else the only one: one rule for a .safetensors file and a .pt dict."""
+    if "vectors" not in tensors and len(tensors) != 1:
+        raise InputError(f"{path} holds {sorted(map(str, tensors))}: which is the [n, d_model] vectors? Name that "
+                         "tensor 'vectors' ({'vectors': v, ...}), or save it alone")
+    return tensors.get("vectors", next(iter(tensors.values())))
 
 
 def _readable(path: Path, read: Callable[[], Any]) -> Any:
