@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from nla_lens import backends, loading, toy
+from nla_lens import backends, loading
 from nla_lens.checks import blocks_phrase
 from nla_lens.errors import CheckpointError, InputError
 from nla_lens.nla import NLA, shares_vocabulary
@@ -101,10 +101,8 @@ def sidecar_base_folder(meta: NLAMeta) -> Path:
     name = meta.base_model
     if name is None:
         raise CheckpointError(f"the sidecar does not name its base model (no base_model entry); {_PASS_BASE}")
-    if name == toy.BASE_MODEL:
-        return toy.TOY_DIR / "base"
     try:
-        return loading.resolve_checkpoint(name)
+        return loading.named_base_folder(name)
     except CheckpointError as exc:
         if loading.looks_like_path(name):
             moved = "" if Path(name).expanduser().is_absolute() else " (a relative one resolves only from there)"

@@ -106,7 +106,7 @@ def add_round_trip(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=_run_round_trip)
 
 
-_INPUT_HELP = (".safetensors (tensor 'vectors', or the only one), .pt or .parquet file of [n, d_model] vectors; "
+_INPUT_HELP = (".safetensors or .pt (tensor 'vectors', or the only one) or .parquet file of [n, d_model] vectors; "
                "a parquet file's other scalar columns (ids, positions, ...) are copied to the output rows")
 _SHARDING_NOTE = ("Shards are --shard-size consecutive rows, written to <output>.shards/ as they finish; the "
                   "folder is kept after the merge (delete it when done; a rerun then recomputes everything). Its "

@@ -28,7 +28,7 @@ from huggingface_hub.errors import StrictDataclassError
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
-from nla_lens import backends
+from nla_lens import backends, toy
 from nla_lens.backends import gemma3, hf_names
 from nla_lens.checks import blocks_phrase, did_you_mean
 from nla_lens.errors import CheckpointError, InjectionError, InputError, SidecarError
@@ -71,6 +71,12 @@ def resolve_checkpoint(path_or_id: str | Path) -> Path:
             f"{path_or_id!r} is neither a local folder nor a hub id in the local HF cache. "
             f"Download it first (hf download {path_or_id}) or pass the folder path."
         ) from exc
+
+
+def named_base_folder(base_model: str) -> Path:
+    """The folder a sidecar's `base_model` names: the toy's base by its name, else a local folder or a cached hub
+    id (`resolve_checkpoint`)."""
+    return toy.TOY_DIR / "base" if base_model == toy.BASE_MODEL else resolve_checkpoint(base_model)
 
 
 def recorded_path(path_or_id: str | Path) -> str:

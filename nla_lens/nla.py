@@ -20,7 +20,7 @@ from transformers import PreTrainedTokenizerBase
 
 from nla_lens import loading, metrics
 from nla_lens.checks import check_counts, check_keywords
-from nla_lens.errors import InputError, PairMismatchError
+from nla_lens.errors import CheckpointError, InputError, PairMismatchError
 from nla_lens.injection import check_vectors
 from nla_lens.parsing import injection_warning, unclosed_note
 from nla_lens.reconstructor import ActivationReconstructor
@@ -83,13 +83,23 @@ def _warn_if_stages_differ(av_meta: NLAMeta, ar_meta: NLAMeta) -> None:
 
 def _warn_if_bases_differ(av_meta: NLAMeta, ar_meta: NLAMeta) -> None:
     """Two bases of one width and depth pass `check_pair`; the sidecars' recorded base names tell them
-    apart. Compared by last path part, so a hub id and a local copy of it ("Qwen/Qwen3-8B",
-    "/models/qwen3-8b") agree; a warning, not an error, since a renamed folder is not a different model."""
-    names = [None if meta.base_model is None else Path(str(meta.base_model)).name.lower()
-             for meta in (av_meta, ar_meta)]
-    if None not in names and names[0] != names[1]:
-        warnings.warn(f"the AV was trained from base {av_meta.base_model!r} and the AR from {ar_meta.base_model!r}: "
-                      "an NLA's AV and AR are copies of one base; load the AR trained with this AV", stacklevel=3)
+    apart. A warning, not an error, since a renamed folder is not a different model."""
+    av_base, ar_base = av_meta.base_model, ar_meta.base_model
+    if av_base is not None and ar_base is not None and not _name_one_base(av_base, ar_base):
+        warnings.warn(f"the AV's sidecar names base model {av_base!r} and the AR's {ar_base!r}, which are not one "
+                      "folder here: an NLA's AV and AR are copies of one base. Load the AR trained with this AV, "
+                      "or ignore this if both name the same base", stacklevel=3)
+
+
+def _name_one_base(a: str, b: str) -> bool:
+    """Same last path part (a hub id and a local copy of it: "Qwen/Qwen3-8B", "/models/qwen3-8b"), or the same
+    folder here (the toy's base by its name and by its path, a folder and a link to it)."""
+    if Path(a).name.lower() == Path(b).name.lower():
+        return True
+    try:
+        return loading.named_base_folder(a).resolve() == loading.named_base_folder(b).resolve()
+    except CheckpointError:
+        return False
 
 
 def check_read_keywords(nla_or_av: NLA | ActivationVerbalizer, keywords: Iterable[str], where: str) -> None:

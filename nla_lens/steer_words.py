@@ -37,7 +37,6 @@ import pyarrow as pa
 import torch
 from jaxtyping import Float, Int
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 from transformer_lens.hook_points import HookPoint
 
@@ -57,7 +56,7 @@ from nla_lens.errors import InputError, PairMismatchError, PromptTooLongError, V
 from nla_lens.injection import HookFn, check_vectors, unit
 from nla_lens.nla import NLA
 from nla_lens.results import TabularResult
-from nla_lens.vector_files import write_atomic
+from nla_lens.vector_files import save_tensors
 from nla_lens.verbalizer import MAX_NEW_TOKENS, ActivationVerbalizer, Verbalization
 
 if TYPE_CHECKING:
@@ -216,7 +215,7 @@ class WordSteering(TabularResult):
         tensors = {name: getattr(self, name).contiguous() for name in _SAVED_TENSORS}  # what fwd_hooks_from reads
         metadata = {"hook_name": self.hook_name, "layer": str(self.layer), "alpha": str(self.alpha), "mode": self.mode,
                     "token_shape": json.dumps(list(self.token_shape))}
-        write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+        save_tensors(tensors, path, metadata)
         return path
 
 

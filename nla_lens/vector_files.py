@@ -11,6 +11,7 @@ import io
 import json
 import math
 import os
+import stat
 import uuid
 import warnings
 from collections.abc import Callable
@@ -23,7 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from jaxtyping import Float
-from safetensors.torch import load_file, save
+from safetensors.torch import load_file, save, save_file
 from torch import Tensor
 
 from nla_lens.checks import check_input_file, check_output_path, file_kind
@@ -42,25 +43,32 @@ class VectorTable:
 
 
 def read_vectors(path: Path) -> Float[Tensor, "n d_model"]:
-    """Vectors from .safetensors (a tensor named `vectors`, or the only one) or .pt (weights_only load)."""
+    """Vectors from .safetensors or .pt (weights_only load): a bare tensor (.pt), or of several tensors the one
+    named `vectors`, or the only one."""
     if file_kind(path) not in (".safetensors", ".pt"):
         hint = ("; convert it once: torch.save(torch.from_numpy(numpy.load(path)).float(), 'vectors.pt')"
                 if file_kind(path) == ".npy" else "")  # NumPy's own format, the one a newcomer most often has
         raise InputError(f"{path}: expected a .safetensors, .pt or .parquet file of [n, d_model] vectors{hint}")
     check_input_file(path, "vector file")
     if file_kind(path) == ".safetensors":
-        tensors = _readable(path, lambda: load_file(str(path)))
-        if "vectors" not in tensors and len(tensors) != 1:
-            raise InputError(f"{path} holds {sorted(tensors)}; name the [n, d_model] tensor 'vectors'")
-        return tensors.get("vectors", next(iter(tensors.values())))
+        return _named_vectors(_readable(path, lambda: load_file(str(path))), path)
     # tensors only: no pickled code runs. On the CPU: a tensor saved from a GPU (or one that required grad)
     # is read as its values, as a CPU-only machine can and as the job's input hash needs.
     loaded = _readable(path, lambda: torch.load(path, weights_only=True, map_location="cpu"))
+    if isinstance(loaded, dict):
+        loaded = _named_vectors(loaded, path)
     if not isinstance(loaded, Tensor):
-        held = f"a dict of {sorted(map(str, loaded))}" if isinstance(loaded, dict) else type(loaded).__name__
-        raise InputError(f"{path} must hold a single [n, d_model] tensor, got {held}; save the bare tensor "
-                         "(torch.save(vectors, path)) or a .safetensors file with a 'vectors' entry")
+        raise InputError(f"{path} must hold a [n, d_model] tensor, got {type(loaded).__name__}; save the bare "
+                         "tensor (torch.save(vectors, path)) or a dict with a 'vectors' entry")
     return loaded.detach()
+
+
+def _named_vectors(tensors: dict[str, Any], path: Path) -> Any:
+    """The entry named `vectors`, else the only one: one rule for a .safetensors file and a .pt dict."""
+    if "vectors" not in tensors and len(tensors) != 1:
+        raise InputError(f"{path} holds {sorted(map(str, tensors))}: which is the [n, d_model] vectors? Name that "
+                         "tensor 'vectors' ({'vectors': v, ...}), or save it alone")
+    return tensors.get("vectors", next(iter(tensors.values())))
 
 
 def _readable(path: Path, read: Callable[[], Any]) -> Any:
@@ -182,12 +190,22 @@ def write_vectors(vectors: Float[Tensor, "n d_model"], path: Path) -> None:
     write_atomic(path, lambda tmp: tmp.write_bytes(data))
 
 
+def save_tensors(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' `save_file`, through `write_atomic`: readable by the other users of a shared machine (it
+    creates its files 0600), and never half-written under `path`."""
+    write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
 def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
     """`write(tmp)` to a private temporary name beside `path`, then rename: readers never see half a file,
-    and a write that fails leaves nothing behind (a large shard's half would only fill the disk)."""
+    and a write that fails leaves nothing behind (a large shard's half would only fill the disk). The file
+    gets the mode `open()` gives (0666 less the umask) whatever mode `write` left it with."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
+        tmp.touch(exist_ok=False)
+        created_mode = stat.S_IMODE(tmp.stat().st_mode)
         write(tmp)
+        tmp.chmod(created_mode)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

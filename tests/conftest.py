@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,15 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture()
+def group_umask() -> int:
+    """umask 002 (group-writable files, common on shared clusters) for one test; the mode `open()` then gives a
+    file, 0664, is neither the usual 0644 nor safetensors' 0600, so a file with it shows the umask applied."""
+    previous = os.umask(0o002)
+    yield 0o664
+    os.umask(previous)
 
 
 @pytest.fixture(scope="session")

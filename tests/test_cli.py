@@ -344,7 +344,8 @@ def _training_config(tmp_path, command: str) -> str:
     ("train-rl", "run_train_rl", "set resume: latest in {config} and rerun the same command (checkpoints are written "
                                  "every rl.save_every steps"),
 ], ids=["extract", "train-av", "train-ar", "train-rl"])
-def test_ctrl_c_during_extract_or_training_exits_130_saying_how_to_continue(command, work, hint, tmp_path, capsys, monkeypatch):
+def test_ctrl_c_during_extract_or_training_exits_130_saying_how_to_continue(command, work, hint, tmp_path, capsys,
+                                                                           monkeypatch):
     """Ctrl-C printed a raw KeyboardInterrupt traceback and no word on what the run left to continue from."""
     from nla_lens.training import pipeline
 

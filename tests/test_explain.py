@@ -212,7 +212,25 @@ def test_an_av_and_ar_recorded_from_different_bases_warn(tiny_paths, tmp_path):
             warnings.simplefilter("always")
             nl.NLA(av, ar)
         messages = [str(w.message) for w in caught]
-        assert any("trained from base 'tiny-qwen3' and the AR from 'org/Other-Model'" in m for m in messages) == warns
+        assert any("names base model 'tiny-qwen3' and the AR's 'org/Other-Model'" in m for m in messages) == warns
+
+
+def test_the_toys_base_by_its_name_by_its_path_and_by_a_link_is_one_base(toy, tmp_path):
+    """The AV's sidecar names the toy's base by name; an AR trained from its folder records the path (the last
+    parts differ): both name one folder here, so no warning that the bases differ."""
+    from nla_lens.toy.demo import TOY_DIR
+
+    assert toy.av.meta.base_model == nl.toy.BASE_MODEL
+    (tmp_path / "link").symlink_to(TOY_DIR / "base")
+    for i, recorded in enumerate((str(TOY_DIR / "base"), str(tmp_path / "link"))):
+        folder = shutil.copytree(TOY_DIR / "ar", tmp_path / f"ar{i}")
+        meta = yaml.safe_load((folder / "nla_meta.yaml").read_text())
+        meta["extraction"]["base_model"] = recorded
+        (folder / "nla_meta.yaml").write_text(yaml.safe_dump(meta, allow_unicode=True))
+        ar = nl.ActivationReconstructor.from_pretrained(folder)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            nl.NLA(toy.av, ar)
 
 
 def test_nla_from_pretrained_checks_the_pair_before_loading(tiny_paths, tmp_path):

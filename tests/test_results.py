@@ -6,6 +6,7 @@ import copy
 import json
 import os
 import re
+import stat
 from pathlib import Path
 
 import pandas as pd
@@ -287,6 +288,20 @@ def test_a_write_that_fails_leaves_no_temporary_file(tmp_path):
     write_atomic(tmp_path / "shard.parquet", lambda tmp: tmp.write_bytes(b"whole"))
     assert [p.name for p in tmp_path.iterdir()] == ["shard.parquet"]
     assert (tmp_path / "shard.parquet").read_bytes() == b"whole"
+
+
+def test_written_tensor_vector_and_table_files_get_the_umask_mode_others_can_read(tmp_path, group_umask):
+    """safetensors creates its files 0600: exported weights and saved vectors were unreadable to the other users
+    of a shared machine."""
+    from nla_lens.vector_files import save_tensors, write_table, write_vectors
+
+    save_tensors({"weight": torch.ones(2, 2)}, tmp_path / "value_head.safetensors")
+    write_vectors(torch.ones(2, 4), tmp_path / "vectors.safetensors")
+    write_vectors(torch.ones(2, 4), tmp_path / "vectors.pt")
+    write_table(pa.table({"index": [0]}), tmp_path / "scores.parquet")
+    write_table(pa.table({"index": [0]}), tmp_path / "scores.jsonl")
+    modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in tmp_path.iterdir()}
+    assert modes == dict.fromkeys(modes, group_umask) and len(modes) == 5
 
 
 def test_a_failed_parse_is_marked_in_the_repr_and_table_not_shown_as_an_explanation():

@@ -468,11 +468,32 @@ def test_a_pt_file_saved_from_a_gpu_or_with_grad_is_read_as_its_values(tiny_path
         assert result.table.num_rows == N_ROWS
 
 
-def test_a_pt_file_of_a_dict_says_how_to_save_the_vectors(rows, tmp_path):
-    torch.save({"vectors": rows, "layer": torch.tensor(3)}, tmp_path / "dict.pt")
-    with pytest.raises(nl.InputError, match=r"got a dict of \['layer', 'vectors'\]; save the bare tensor "
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    if path.suffix == ".pt":
+        torch.save(tensors, path)
+    else:
+        save_file(tensors, path)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_a_vector_file_of_several_tensors_reads_the_one_named_vectors_or_the_only_one_in_either_format(
+        rows, tmp_path, suffix):
+    """One rule for both formats: a .pt dict was refused whatever it held, where .safetensors picked `vectors`."""
+    _save_tensors({"vectors": rows, "layer": torch.tensor(3)}, tmp_path / f"named{suffix}")
+    _save_tensors({"activations": rows}, tmp_path / f"only{suffix}")
+    assert torch.equal(read_vectors(tmp_path / f"named{suffix}"), rows)
+    assert torch.equal(read_vectors(tmp_path / f"only{suffix}"), rows)
+    _save_tensors({"resid": rows, "layer": torch.tensor(3)}, tmp_path / f"two{suffix}")
+    with pytest.raises(nl.InputError, match=r"holds \['layer', 'resid'\]: which is the \[n, d_model\] vectors\? "
+                                            r"Name that tensor 'vectors'"):
+        read_vectors(tmp_path / f"two{suffix}")
+
+
+def test_a_pt_file_of_a_list_says_how_to_save_the_vectors(rows, tmp_path):
+    torch.save([rows], tmp_path / "list.pt")
+    with pytest.raises(nl.InputError, match=r"must hold a \[n, d_model\] tensor, got list; save the bare tensor "
                                             r"\(torch.save\(vectors, path\)\)"):
-        read_vectors(tmp_path / "dict.pt")
+        read_vectors(tmp_path / "list.pt")
 
 
 @pytest.mark.parametrize(("vectors", "error", "match"), [

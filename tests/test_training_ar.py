@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import stat
 import warnings
 
 import pytest
@@ -54,9 +55,13 @@ def test_training_loss_is_the_served_reconstruction_error(trained, label_split):
     assert abs(loss - float(served.mean())) < 1e-6
 
 
-def test_exported_ar_reloads_with_no_flags_and_identical_vectors(trained, base_folder, label_split, tmp_path):
+def test_exported_ar_reloads_with_no_flags_and_identical_vectors(trained, base_folder, label_split, tmp_path,
+                                                                 group_umask):
     ar, result = trained
     folder = export_ar(ar, tmp_path / "ar", base_folder, heldout=label_split[1].vectors)
+    # Every file gets the umask's mode, so other users of a shared machine can load it (safetensors writes 0600).
+    modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in folder.iterdir()}
+    assert modes == dict.fromkeys(modes, group_umask)
     reloaded = nl.ActivationReconstructor.from_pretrained(folder)
     # The sidecar records the held-out split's paper baseline, the one AR training reported FVE against.
     assert reloaded.meta.fve_baseline == pytest.approx(result.evals[-1]["baseline"], rel=1e-6)

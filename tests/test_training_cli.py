@@ -231,6 +231,41 @@ def test_extract_into_a_training_runs_out_dir_is_refused_before_the_model_loads(
     assert "Point out_dir at a new folder" in err and os.listdir(record.parent) == ["train_result.json"]
 
 
+@pytest.mark.parametrize("holding", ["exported model", "run checkpoints", "other files"])
+def test_extract_into_a_folder_of_other_files_is_refused_before_the_model_loads(tmp_path, base_folder, tiny_paths,
+                                                                                capsys, monkeypatch, holding):
+    """An exported model's folder got an empty shards/ and a list of every sidecar setting that differed; a
+    training run's checkpoints/ or a folder of unrelated files got the shards mixed among their files."""
+    monkeypatch.setattr(loading, "load_hooked_transformer", lambda *a, **k: pytest.fail("loaded the model"))
+    out_dir = tmp_path / "out"
+    if holding == "exported model":
+        shutil.copytree(tiny_paths["av_embedding"], out_dir)
+        expected = "config.json"
+    elif holding == "run checkpoints":
+        out_dir = tmp_path / "run" / "checkpoints"
+        (out_dir / "step-000002").mkdir(parents=True)
+        (out_dir / "step-000002" / "trainer_state.json").write_text("{}")
+        expected = "step-000002"
+    else:
+        out_dir.mkdir()
+        (out_dir / "notes.txt").write_text("mine")
+        expected = "notes.txt"
+    before = _files(out_dir)
+    assert main(["extract", _one_document_extraction(tmp_path, base_folder, out_dir)]) == 2
+    err = capsys.readouterr().err
+    assert f"ConfigError: {out_dir} holds " in err and expected in err and "which no extraction writes" in err, err
+    assert _files(out_dir) == before and not (out_dir / "shards").exists()
+
+
+def test_extract_into_a_folder_of_only_hidden_files_extracts(tmp_path, base_folder):
+    """A killed write's temporary file (hidden) is no one's data: the folder counts as empty."""
+    out_dir = tmp_path / "acts"
+    out_dir.mkdir()
+    (out_dir / ".nla_meta.yaml.0123.tmp").write_text("half")
+    assert main(["extract", _one_document_extraction(tmp_path, base_folder, out_dir)]) == 0
+    assert len(load_activations(out_dir)) > 0
+
+
 def test_extract_into_an_out_dir_that_cannot_be_written_is_refused_before_the_model_loads(tmp_path, base_folder,
                                                                                           capsys, monkeypatch):
     """An out_dir under a file failed with a bare error once the base model had loaded."""

@@ -10,7 +10,7 @@ from conftest import NEEDS_TL3
 
 import nla_lens as nl
 from nla_lens.training import TrainConfig
-from nla_lens.training.loop import lr_at, micro_batches
+from nla_lens.training.loop import TrainResult, load_checkpoint, lr_at, make_optimizer, micro_batches, save_checkpoint
 
 
 def test_lr_warms_up_linearly_then_decays_by_cosine_to_the_floor():
@@ -97,3 +97,22 @@ def test_a_resume_with_other_steps_shows_both_values_and_says_a_run_cannot_be_ex
     assert str(info.value).endswith("with other settings (betas: [0.9, 0.999] in the checkpoint, [0.8, 0.95] now; "
                                     "lr: 0.0001 in the checkpoint, 0.002 now); an exact resume needs the config the "
                                     "run started with, so set them back.")
+
+
+@pytest.mark.parametrize("damaged", ["params.safetensors", "optimizer.safetensors", "trainer_state.json"])
+def test_a_truncated_training_checkpoint_is_a_checkpoint_error_naming_the_file(tmp_path, damaged):
+    layer = torch.nn.Linear(4, 4)
+    params = dict(layer.named_parameters())
+    config = TrainConfig(steps=2)
+    optimizer = make_optimizer(params, config)
+    layer(torch.ones(1, 4)).sum().backward()
+    optimizer.step()
+    folder = save_checkpoint(tmp_path, 1, params, optimizer, config, TrainResult(steps=2))
+    file = folder / damaged
+    file.write_bytes(file.read_bytes()[:file.stat().st_size // 2])  # a copy cut short
+    with torch.no_grad():
+        layer.weight.add_(1.0)  # now unlike the saved weight, so a restore before the error would show
+    moved = {name: param.detach().clone() for name, param in params.items()}
+    with pytest.raises(nl.CheckpointError, match=rf"{damaged} cannot be read .*damaged or incomplete.*earlier"):
+        load_checkpoint(folder, params, optimizer, config)
+    assert all(torch.equal(params[name], moved[name]) for name in params)  # nothing half-restored

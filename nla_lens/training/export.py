@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import einops
 import torch
-from safetensors.torch import save_file
 from torch import Tensor
 from transformers import GenerationConfig
 
@@ -25,6 +24,7 @@ from nla_lens.nla import MIN_BASELINE_VECTORS, warn_at_caller
 from nla_lens.reconstructor import ActivationReconstructor
 from nla_lens.sidecar import SIDECAR_NAME, InjectionSpec, NLAMeta, dump_meta, load_meta
 from nla_lens.training.parallel import current_world, gathered_on_main, whole
+from nla_lens.vector_files import save_tensors
 from nla_lens.verbalizer import ActivationVerbalizer
 
 if TYPE_CHECKING:
@@ -198,7 +198,7 @@ def _export_backbone(model: HookedTransformer, folder: Path, base_model: str | P
         return False
     folder.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(folder)
-    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    save_tensors(weights, folder / "model.safetensors", {"format": "pt"})
     return True
 
 
@@ -237,7 +237,7 @@ def export_ar(ar: ActivationReconstructor, folder: str | Path, base_model: str |
     readout = gathered_on_main([("weight", ar.readout.weight)])
     if not _export_backbone(ar.model, folder, base_model, n_layers=ar.meta.layer + 1, untie=False, dtype=dtype):
         return folder
-    save_file({name: weight.to(dtype) for name, weight in readout.items()}, folder / loading.VALUE_HEAD_FILE)
+    save_tensors({name: weight.to(dtype) for name, weight in readout.items()}, folder / loading.VALUE_HEAD_FILE)
     ar.tokenizer.save_pretrained(folder)
     dump_meta({**_exported_sidecar(ar.meta, stage), **_baseline_block(heldout, ar.meta)}, folder)
     return folder

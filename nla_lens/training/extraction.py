@@ -26,7 +26,6 @@ import torch
 import yaml
 from jaxtyping import Float
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
@@ -47,7 +46,7 @@ from nla_lens.sidecar import (
 )
 from nla_lens.training.config import ExtractConfig
 from nla_lens.training.padding import pad
-from nla_lens.vector_files import write_atomic
+from nla_lens.vector_files import save_tensors, write_atomic
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
@@ -172,10 +171,12 @@ def extract_activations(
         raise ConfigError(f"max_tokens={config.max_tokens} is over the base model's context n_ctx={model.cfg.n_ctx}; "
                           f"set max_tokens <= {model.cfg.n_ctx}")
     out = Path(out_dir)
-    (out / SHARD_DIR).mkdir(parents=True, exist_ok=True)
+    check_extraction_folder(out)
+    out.mkdir(parents=True, exist_ok=True)
     sidecar = dataset_sidecar(tokenizer, config, base_model=base_model or model.cfg.model_name,
                               d_model=model.cfg.d_model)
     _write_or_check_sidecar(out, sidecar)
+    (out / SHARD_DIR).mkdir(exist_ok=True)
     total = len(documents) if hasattr(documents, "__len__") else None  # type: ignore[arg-type]
     bar = tqdm(total=total, desc="extract", unit="doc", disable=not progress)
     n_shards = n_docs = kept = rows = 0
@@ -206,6 +207,20 @@ def extract_activations(
     write_atomic(out / COMPLETE, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     (out / IN_PROGRESS).unlink(missing_ok=True)
     return out
+
+
+def check_extraction_folder(out: Path) -> None:
+    """Refuse an `out_dir` holding files an extraction does not write (an exported model, a training run's
+    checkpoints, anything else), before anything is written there: the shards and sidecar would mix with them,
+    and deleting the folder, the way to redo an extraction, would take them along. Hidden files (a killed write's
+    temporary ones) do not count; an earlier extraction's own files are resumed."""
+    names = sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) if out.is_dir() else []
+    foreign = [name for name in names if name not in (SIDECAR_NAME, SHARD_DIR, IN_PROGRESS, COMPLETE)]
+    if foreign:
+        listed = ", ".join(foreign[:6]) + (" ..." if len(foreign) > 6 else "")
+        raise ConfigError(f"{out} holds {listed}, which no extraction writes (an exported model? a training run's "
+                          "checkpoints?): extract writes into a new or empty folder, or into an earlier extraction "
+                          "to resume it. Point out_dir at a new folder, or move those files out")
 
 
 def documents_digest(docs: list[Document]) -> Tensor:
@@ -344,7 +359,7 @@ def _write_shard(model: HookedTransformer, tokenizer: PreTrainedTokenizerBase, d
     }
     metadata = {"records": json.dumps([{"doc_id": r.doc_id, "token": r.token, "prefix": r.prefix}
                                        for r in records], ensure_ascii=False)}
-    write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    save_tensors(tensors, path, metadata)
     return [r.doc_id for r in records]
 
 

@@ -28,7 +28,8 @@ from typing import Any
 
 import torch
 from jaxtyping import Int
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -38,6 +39,7 @@ from nla_lens.errors import CheckpointError, ConfigError
 from nla_lens.training import parallel
 from nla_lens.training.config import TrainConfig
 from nla_lens.training.recompute import activation_checkpointing
+from nla_lens.vector_files import save_tensors
 
 logger = logging.getLogger(__name__)
 CHECKPOINT_DIR = "checkpoints"
@@ -292,8 +294,8 @@ def save_checkpoint(out_dir: Path, step: int, params: dict[str, nn.Parameter], o
     tmp = root / f".step-{step:06d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file(weights, tmp / "params.safetensors")
-    save_file(tensors, tmp / "optimizer.safetensors")
+    save_tensors(weights, tmp / "params.safetensors")
+    save_tensors(tensors, tmp / "optimizer.safetensors")
     trainer_state = {
         "step": step, "param_names": list(params), "param_groups": state["param_groups"],
         "optimizer_scalars": scalars, "config": asdict(config),
@@ -319,7 +321,7 @@ def load_checkpoint(folder: Path, params: dict[str, nn.Parameter], optimizer: to
     state_path = folder / "trainer_state.json"
     if not state_path.is_file():
         raise CheckpointError(f"{folder} is not a training checkpoint (no trainer_state.json)")
-    state = json.loads(state_path.read_text(encoding="utf-8"))
+    state = _read_saved(state_path, lambda path: json.loads(path.read_text(encoding="utf-8")))
     saved = state["config"]
     requested = json.loads(json.dumps(asdict(config)))  # tuples as the JSON lists the checkpoint holds
     changed = sorted(k for k, v in requested.items() if k not in _RESUMABLE_CHANGES | resumable and v != saved.get(k))
@@ -336,13 +338,14 @@ def load_checkpoint(folder: Path, params: dict[str, nn.Parameter], optimizer: to
     if state["param_names"] != list(params):
         raise CheckpointError(f"{folder} holds other trainable parameters than this model; resume with "
                               "the same base model and trainable_blocks")
-    weights = load_file(folder / "params.safetensors")
+    weights = _read_saved(folder / "params.safetensors", load_file)
+    saved_moments = _read_saved(folder / "optimizer.safetensors", load_file)  # both read before any weight changes
     with torch.no_grad():
         for name, param in params.items():
             param.copy_(parallel.like(weights[name], param))
     ordered = [p for group in optimizer.param_groups for p in group["params"]]
     moments: dict[int, dict[str, Any]] = {}
-    for key, value in load_file(folder / "optimizer.safetensors").items():
+    for key, value in saved_moments.items():
         index, name = key.split(".", 1)
         param = ordered[int(index)]
         moments.setdefault(int(index), {})[name] = parallel.like(value, param) if value.shape == param.shape else value
@@ -353,6 +356,18 @@ def load_checkpoint(folder: Path, params: dict[str, nn.Parameter], optimizer: to
     optimizer.load_state_dict({"state": moments, "param_groups": groups})
     return TrainResult(steps=config.steps, history=state["history"], evals=state["evals"],
                        checkpoint=folder, seconds=state["seconds"])
+
+
+def _read_saved(path: Path, read: Callable[[Path], Any]) -> Any:
+    """`read(path)` for one file of a training checkpoint; a damaged or missing file (a copy, a download or a
+    write cut short) is named with the way on, instead of safetensors' or json's bare error."""
+    try:
+        return read(path)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(
+            f"{path} cannot be read ({type(exc).__name__}: {exc}): this training checkpoint is damaged or "
+            f"incomplete. Resume from an earlier checkpoint of the run (delete {path.parent.name} and resume: latest "
+            "picks the one before it, if the run kept one), or start the run again") from exc
 
 
 def _checkpoints(root: Path) -> list[Path]:

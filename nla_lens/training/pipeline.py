@@ -32,7 +32,7 @@ from nla_lens.training.config import (
 )
 from nla_lens.training.dataset import LabelledActivations, jsonl_lines, label_activations, split_by_document
 from nla_lens.training.export import check_export_folder, export_ar, export_av
-from nla_lens.training.extraction import Document, extract_activations, load_activations
+from nla_lens.training.extraction import Document, check_extraction_folder, extract_activations, load_activations
 from nla_lens.training.loop import TrainResult, check_resume
 from nla_lens.training.rl import train_rl
 from nla_lens.vector_files import json_text
@@ -69,6 +69,7 @@ def run_extract(config: ExtractRunConfig, *, progress: bool = True) -> Path:
     backends.require_hooked("training")
     check_writable_out_dir(config.out_dir)  # before the model loads, as the training commands check theirs
     check_result_file(config.out_dir, "extract")
+    check_extraction_folder(Path(config.out_dir))
     folder = loading.resolve_checkpoint(config.base_model)
     loading.check_base_folder(folder, f"base_model {config.base_model}")  # an AR: else "an incomplete download"
     n_layers = getattr(loading.load_hf_config(folder).get_text_config(), "num_hidden_layers", None)
