@@ -102,8 +102,18 @@ def add_round_trip(subparsers: argparse._SubParsersAction) -> None:
                         help="FVE baseline (default: the AR sidecar's held-out one, else the paper baseline of "
                              "all input vectors when there are >= 32; otherwise no FVE)")
     parser.add_argument("--reconstruct-batch-size", type=int, default=64, help="explanations per AR batch (default 64)")
+    parser.add_argument("--text", action=_PointToExplain, help=argparse.SUPPRESS)
     _add_job_flags(parser)
     parser.set_defaults(run=_run_round_trip)
+
+
+class _PointToExplain(argparse.Action):
+    """`round-trip --text`, as `verbalize --text` works: refused at once with the command that does it, rather
+    than with argparse's list of the file job's missing flags."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> None:
+        parser.error("round-trip scores a file of vectors (--input, --output); the round trip of a text's tokens "
+                     "(explanation, MSE, FVE per token) is `nla-lens explain --av ... --ar ... --text \"...\"`")
 
 
 _INPUT_HELP = (".safetensors or .pt (tensor 'vectors', or the only one) or .parquet file of [n, d_model] vectors; "

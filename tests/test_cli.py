@@ -203,6 +203,17 @@ def test_dtype_bf16_loads_in_bfloat16_and_a_bad_name_lists_the_good_ones(tiny_pa
             "float32/fp32/float, bfloat16/bf16, float16/fp16/half") in capsys.readouterr().err
 
 
+def test_round_trip_with_a_text_points_to_explain(capsys):
+    """`round-trip --text` (as `verbalize --text` works) got argparse's "required: --input/--vectors, --output"."""
+    with pytest.raises(SystemExit) as info:
+        main(["round-trip", "--av", "av", "--ar", "ar", "--text", "Macbeth: the king is dead"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "round-trip scores a file of vectors (--input, --output)" in err
+    assert '`nla-lens explain --av ... --ar ... --text "..."`' in err
+    assert "the following arguments are required" not in err
+
+
 def test_round_trip_help_names_the_baseline_the_job_uses():
     """`round-trip` without --baseline takes the AR sidecar's held-out baseline first, as `round_trip_file` does."""
     subcommands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
