@@ -102,7 +102,8 @@ def add_round_trip(subparsers: argparse._SubParsersAction) -> None:
                         help="FVE baseline (default: the AR sidecar's held-out one, else the paper baseline of "
                              "all input vectors when there are >= 32; otherwise no FVE)")
     parser.add_argument("--reconstruct-batch-size", type=int, default=64, help="explanations per AR batch (default 64)")
-    parser.add_argument("--text", action=_PointToExplain, help=argparse.SUPPRESS)
+    parser.add_argument("--text", action=_PointToExplain,
+                        help="not taken here: the round trip of a text's tokens is `nla-lens explain --text`")
     _add_job_flags(parser)
     parser.set_defaults(run=_run_round_trip)
 
@@ -439,7 +440,7 @@ def _run_explain(args: argparse.Namespace) -> None:
     texts = _explain_texts(args)  # every input checked before any model is loaded
     device = resolve_device(args.device)
     if args.output is not None:
-        check_save_path(args.output)
+        check_save_path(args.output, "--output")
     check_counts(1, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     nla, base = load_nla_and_base(args, device)
     explanation = nla.explain(base, texts, positions=args.positions, baseline=args.baseline,
@@ -455,6 +456,7 @@ def _run_explain(args: argparse.Namespace) -> None:
             print(f"  {row.position:>4}  {token:<14} {format_cell(row.fve):>6} "
                   f"{format_cell(row.mse):>6}  {format_cell(said)}")
     print("\n" + explanation.summary())
+    _warn_truncated([row.verbalization.truncated for row in explanation.rows], args.max_new_tokens)
     for warning in explanation.round_trip.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     if args.output is not None:

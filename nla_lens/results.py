@@ -95,13 +95,13 @@ class TabularResult:
         return list(records[0]) if records else []
 
 
-def check_save_path(path: str | Path) -> Path:
+def check_save_path(path: str | Path, what: str = "output") -> Path:
     """Checked before writing: a known suffix, an existing folder, not a folder itself. `~` is expanded, as
-    checkpoint paths are."""
+    checkpoint paths are. `what` names the path in messages (a command's flag, e.g. "--output")."""
     path = file_path(path, "save")
     if file_kind(path) not in SAVE_SUFFIXES:
-        raise InputError(f"{path}: save to a .parquet or .jsonl file (the rows) or an .html file (the view)")
-    check_output_path(path, SAVE_SUFFIXES)
+        raise InputError(f"{what} {path}: save to a .parquet or .jsonl file (the rows) or an .html file (the view)")
+    check_output_path(path, SAVE_SUFFIXES, what)
     return path
 
 

@@ -119,7 +119,7 @@ def _run_steer_words(args: argparse.Namespace) -> None:
     edit = _word_edit(args)
     device = resolve_device(args.device)
     if args.output is not None:
-        check_save_path(args.output)
+        check_save_path(args.output, "--output")
     if args.save_vectors is not None:
         check_output_path(args.save_vectors, (".safetensors",), "--save-vectors")
     # The library's own checks of these settings, run before the models load; steer_with_words runs them again.

@@ -386,3 +386,13 @@ def test_ctrl_c_during_a_file_job_exits_130_saying_a_rerun_keeps_its_shards(tmp_
     monkeypatch.setattr(nl.ActivationVerbalizer, "verbalize", _interrupt)
     assert _main_interrupted(["verbalize", "--av", av, *source]) == 130
     assert capsys.readouterr().err == "nla-lens verbalize: interrupted\n"
+
+
+def test_explain_warns_of_rows_cut_by_max_new_tokens(capsys):
+    """explain's table had the truncated column, but the command printed a cut-short run as a plain success."""
+    av, ar = str(nl.toy.TOY_DIR / "av"), str(nl.toy.TOY_DIR / "ar")
+    text = "Macbeth: the king is dead"
+    assert main(["explain", "--av", av, "--ar", ar, "--text", text, "--positions=-2,-1", "--max-new-tokens", "1"]) == 0
+    assert "warning: 2 of 2 rows were cut at --max-new-tokens 1" in capsys.readouterr().err
+    assert main(["explain", "--av", av, "--ar", ar, "--text", text, "--positions=-2,-1"]) == 0
+    assert "were cut" not in capsys.readouterr().err

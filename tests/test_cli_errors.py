@@ -489,6 +489,15 @@ def test_explain_checks_the_roles_of_its_folders_first(tiny_paths, no_model_load
            "is an AR checkpoint")
 
 
+def test_explain_output_errors_name_the_flag(tiny_paths, tmp_path, no_model_loads, capsys):
+    """They said "output .../x.html" (the library's `save` wording), not the flag the user typed."""
+    av, ar = tiny_paths["av_karvonen"], tiny_paths["ar_nanonla"]
+    _fails(["explain", "--av", av, "--ar", ar, "--text", "the cat", "--output", tmp_path / "absent" / "x.html"],
+           capsys, f"InputError: --output {tmp_path / 'absent' / 'x.html'}: ", "does not exist; create it first")
+    _fails(["explain", "--av", av, "--ar", ar, "--text", "the cat", "--output", tmp_path / "x.csv"], capsys,
+           f"InputError: --output {tmp_path / 'x.csv'}: save to a .parquet or .jsonl file")
+
+
 def test_text_files_that_are_not_utf8_are_input_errors(tiny_paths, tmp_path, no_model_loads, monkeypatch, capsys):
     """A UTF-16 file (what Windows PowerShell's `>` writes) was a UnicodeDecodeError traceback in every reader
     but `explain --file`."""

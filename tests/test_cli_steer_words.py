@@ -118,7 +118,7 @@ def test_steer_words_takes_exactly_one_edit(no_model_loads, capsys):
     (["--replace", "", "mouse"], "InputError: --replace '' 'mouse': OLD is empty"),
     (["--replace", "a", "b", "--text", " "], "InputError: --text is empty"),
     (["--save-vectors", "delta.pt"], "InputError: --save-vectors delta.pt: the file name must end in .safetensors"),
-    (["--output", "steer.csv"], r"InputError: steer.csv: save to a .parquet or .jsonl file"),
+    (["--output", "steer.csv"], r"InputError: --output steer.csv: save to a .parquet or .jsonl file"),
 ])
 def test_steer_words_refuses_bad_settings_in_one_line_before_loading(no_model_loads, capsys, flags, message):
     edit = [] if "--replace" in flags else ["--replace", "a", "b"]
