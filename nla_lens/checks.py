@@ -46,6 +46,11 @@ def dtype_names() -> str:
     return ", ".join("/".join(names) for names in groups.values())
 
 
+def counted(n: int, noun: str) -> str:
+    """'1 row', '3 rows': a count as messages say it."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def blocks_phrase(n_blocks: int) -> str:
     """A model's blocks and their indices as messages name them: '4 blocks (0-3)', '1 block (0)'."""
     return "1 block (0)" if n_blocks == 1 else f"{n_blocks} blocks (0-{n_blocks - 1})"

@@ -87,14 +87,17 @@ def _resume_hint(args: argparse.Namespace) -> str:
         return ("; rerun the same command to continue: the shards already in out_dir are kept (checked against the "
                 "corpus) and skipped")
     if args.command in _TRAINING_SECTIONS:
-        return (f"; to continue from the newest checkpoint in out_dir/checkpoints, set resume: latest in {args.config} "
-                f"and rerun the same command (checkpoints are written every {_TRAINING_SECTIONS[args.command]}."
+        return (f"; to continue from the newest checkpoint in out_dir/checkpoints, rerun the same command with resume: "
+                f"latest in {args.config} (checkpoints are written every {_TRAINING_SECTIONS[args.command]}."
                 "save_every steps; with 0 there is none before the end, and the rerun starts at step 0)")
     if args.command in ("verbalize", "round-trip") and args.input is not None and args.output is not None:
-        from nla_lens.shard_store import shard_folder
+        from nla_lens.shard_store import holds_shards, shard_folder
 
-        return (f"; rerun the same command to continue: the finished shards in {shard_folder(args.output)} are kept "
-                "and only the others are computed")
+        folder = shard_folder(args.output)
+        if not holds_shards(folder):
+            return "; no shard was finished, so a rerun of the same command starts from the first"
+        return (f"; rerun the same command to continue: the finished shards in {folder} are kept and only the others "
+                "are computed")
     return ""
 
 

@@ -17,6 +17,7 @@ from nla_lens.checks import (
     check_counts,
     check_input_file,
     check_output_path,
+    counted,
     dtype_names,
     resolve_device,
     resolve_dtype,
@@ -229,7 +230,7 @@ def _run_verbalize(args: argparse.Namespace) -> None:
     _warn_truncated([v.truncated for v in out], sampling.max_new_tokens)
     if args.output:
         write_table(sharded.output_rows(table, range(len(out)), out), args.output)
-        print(f"wrote {len(out)} rows to {args.output}")
+        print(f"wrote {counted(len(out), 'row')} to {args.output}")
         return
     from nla_lens.display import format_cell, visible_token
 
@@ -296,8 +297,8 @@ def _report(result: sharded.JobResult, max_new_tokens: int) -> None:
               f"Rerun the same command with --shards {ids} (the missing ones: --shards left them out, or a rank "
               f"failed), or without --shards, to finish; the finished shards in {folder} are kept")
     elif result.table is not None:
-        print(f"wrote {result.table.num_rows} rows to {result.output} ({len(result.computed)} of {result.n_shards} "
-              f"shards computed by this process; shards kept in {folder})")
+        print(f"wrote {counted(result.table.num_rows, 'row')} to {result.output} ({len(result.computed)} of "
+              f"{result.n_shards} shards computed by this process; shards kept in {folder})")
         _warn_truncated(result.table.column("truncated").to_pylist(), max_new_tokens,
                         f" into a new --output (or delete {folder}: its shards hold these rows)")
     for warning in result.warnings:

@@ -22,7 +22,7 @@ from torch import Tensor
 from nla_lens import backends, display
 from nla_lens.base_model import check_base_model
 from nla_lens.capture import capture, resid_post_name
-from nla_lens.checks import check_fwd_hooks
+from nla_lens.checks import check_fwd_hooks, counted
 from nla_lens.errors import InputError, PromptTooLongError
 from nla_lens.loading import prepends_bos
 from nla_lens.nla import NLA, RoundTrip, baseline_phrase, check_read_keywords
@@ -89,8 +89,8 @@ class Explanation(TabularResult):
 
     def summary(self) -> str:
         rt = self.round_trip
-        texts = f"{len(self.texts)} text{'s' if len(self.texts) != 1 else ''}"
-        return (f"{len(self.rows)} tokens of {texts} at layer {self.layer}, mean MSE {rt.mean_mse:.3f}, "
+        return (f"{counted(len(self.rows), 'token')} of {counted(len(self.texts), 'text')} at layer {self.layer}, "
+                f"mean MSE {rt.mean_mse:.3f}, "
                 f"{baseline_phrase(rt.fve, rt.baseline, rt.baseline_source, rt.baseline_n)}, "
                 f"{rt.n_failed_parses} failed parses{unclosed_note([v.text for v in rt.verbalizations])}")
 

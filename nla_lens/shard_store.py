@@ -49,6 +49,11 @@ def shard_path(folder: Path, index: int) -> Path:
     return folder / f"shard-{index:05d}.parquet"
 
 
+def holds_shards(folder: Path) -> bool:
+    """Whether any shard was finished in `folder` (a missing folder holds none)."""
+    return any(folder.glob("shard-*.parquet"))
+
+
 def shard_rows(n_rows: int, shard_size: int) -> list[range]:
     """The input rows of each shard: consecutive chunks of `shard_size` (the last may be shorter)."""
     if shard_size < 1:

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 
 import nla_lens as nl
+from nla_lens import shard_store
 from nla_lens.checks import DTYPES
 from nla_lens.cli import build_parser, main
 from nla_lens.sidecar import load_meta
@@ -349,13 +350,13 @@ def _training_config(tmp_path, command: str) -> str:
 
 @pytest.mark.parametrize("command, work, hint", [
     ("extract", "run_extract", "; rerun the same command to continue: the shards already in out_dir are kept"),
-    pytest.param("train-av", "run_train_av", "; to continue from the newest checkpoint in out_dir/checkpoints, set "
-                 "resume: latest in {config} and rerun the same command (checkpoints are written every train.",
+    pytest.param("train-av", "run_train_av", "; to continue from the newest checkpoint in out_dir/checkpoints, rerun "
+                 "the same command with resume: latest in {config} (checkpoints are written every train.",
                  marks=NEEDS_TL3),  # SFT refuses the bridge before its work starts
-    pytest.param("train-ar", "run_train_ar", "set resume: latest in {config} and rerun the same command (checkpoints "
+    pytest.param("train-ar", "run_train_ar", "rerun the same command with resume: latest in {config} (checkpoints "
                  "are written every train.save_every steps; with 0 there is none before the end", marks=NEEDS_TL3),
-    ("train-rl", "run_train_rl", "set resume: latest in {config} and rerun the same command (checkpoints are written "
-                                 "every rl.save_every steps"),
+    ("train-rl", "run_train_rl", "rerun the same command with resume: latest in {config} (checkpoints are "
+                                 "written every rl.save_every steps"),
 ], ids=["extract", "train-av", "train-ar", "train-rl"])
 def test_ctrl_c_during_extract_or_training_exits_130_saying_how_to_continue(command, work, hint, tmp_path, capsys,
                                                                            monkeypatch):
@@ -378,8 +379,13 @@ def test_ctrl_c_during_a_file_job_exits_130_saying_a_rerun_keeps_its_shards(tmp_
     source = ["--input", str(tmp_path / "v.safetensors")]
     monkeypatch.setattr(sharded, "verbalize_file", _interrupt)
     monkeypatch.setattr(sharded, "round_trip_file", _interrupt)
+    out = tmp_path / "out.jsonl"
+    assert _main_interrupted(["verbalize", "--av", av, *source, "--output", str(out)]) == 130
+    assert capsys.readouterr().err == ("nla-lens verbalize: interrupted; no shard was finished, so a rerun of the same "
+                                       "command starts from the first\n")  # it named a shards folder not yet made
+    shard_store.shard_folder(out).mkdir()
+    (shard_store.shard_folder(out) / "shard-00000.parquet").touch()
     for command in (["verbalize", "--av", av], ["round-trip", "--av", av, "--ar", ar]):
-        out = tmp_path / "out.jsonl"
         assert _main_interrupted([*command, *source, "--output", str(out)]) == 130
         assert capsys.readouterr().err == (f"nla-lens {command[0]}: interrupted; rerun the same command to continue: "
                                            f"the finished shards in {out}.shards are kept and only the others are "

@@ -349,3 +349,9 @@ def test_explain_command_rejects_bad_input_before_loading_anything(args, message
     assert main(["explain", "--av", str(tmp_path / "missing"), "--ar", str(tmp_path / "missing"), *args]) == 2
     err = capsys.readouterr().err
     assert "InputError" in err and message.replace("\\", "") in err
+
+
+def test_the_summary_counts_in_words_one_token_of_one_text(toy):
+    """It said "1 tokens of 1 text"."""
+    explained = toy.nla.explain(toy.base, "Macbeth: the king is dead", positions=-1, max_new_tokens=48)
+    assert explained.summary().startswith("1 token of 1 text at layer 3, ")

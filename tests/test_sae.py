@@ -790,6 +790,8 @@ def test_an_sae_experiment_result_saved_as_json_loads_back_with_its_headline_fig
     loaded = SAEExperimentResult.load(path)
     assert loaded == result and loaded.summary() == result.summary()
     assert pq.read_table(result.save(tmp_path / "rows.parquet")).num_rows == 2  # the other suffixes: as before
+    with pytest.raises(nl.InputError, match="rows.parquet: only the .json file save wrote loads back"):
+        SAEExperimentResult.load(tmp_path / "rows.parquet")  # was a UnicodeDecodeError inside the message
     (tmp_path / "rows.json").write_text(json.dumps(result.to_records()))
     with pytest.raises(nl.InputError, match="rows.json is no SAE experiment result that SAEExperimentResult.save "):
         SAEExperimentResult.load(tmp_path / "rows.json")

@@ -56,6 +56,16 @@ def test_explanations_from_jsonl_equal_those_from_a_labeler(acts, tmp_path):
     assert torch.equal(from_jsonl.vectors, acts.vectors)
 
 
+def test_save_explanations_checks_its_path_first(acts, tmp_path):
+    """A missing folder was open()'s FileNotFoundError traceback (examples/label.py printed it whole)."""
+    data = label_activations(acts, label_by_token)
+    with pytest.raises(nl.InputError, match="does not exist; create it first"):
+        save_explanations(data, tmp_path / "absent" / "explanations.jsonl")
+    with pytest.raises(nl.InputError, match="the file name must end in .jsonl"):
+        save_explanations(data, tmp_path / "explanations.csv")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_rows_without_explanation_are_left_out(acts):
     data = label_activations(acts, lambda r: None if r.position % 2 else label_by_token(r))
     assert data.positions == [r.position for r in acts.records if r.position % 2 == 0]

@@ -137,6 +137,9 @@ class SAEExperimentResult(TabularResult):
     def load(cls, path: str | Path) -> SAEExperimentResult:
         """A result `save` wrote as `.json`."""
         path = file_path(path, "load")
+        if file_kind(path) != ".json":
+            raise InputError(f"{path}: only the .json file save wrote loads back (a .parquet or .jsonl holds the rows "
+                             "alone, without the figures and config a result needs)")
         check_input_file(path, "SAE experiment result")
         try:
             saved = json.loads(path.read_text(encoding="utf-8"))

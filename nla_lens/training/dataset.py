@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from nla_lens import loading
+from nla_lens.checks import check_output_path, file_path
 from nla_lens.errors import ConfigError, InputError, PromptTooLongError, SplitLeakError
 from nla_lens.sidecar import NLAMeta, ar_prompt_ids, av_prompt_ids
 from nla_lens.training.extraction import ActivationDataset, ActivationRecord
@@ -168,8 +169,10 @@ def data_fingerprint(*parts: LabelledActivations | Tensor | nn.Module) -> str:
 
 
 def save_explanations(data: LabelledActivations, path: str | Path) -> Path:
-    """Write `data`'s explanations as the JSONL that `label_activations` and the CLI read."""
-    path = Path(path)
+    """Write `data`'s explanations as the JSONL that `label_activations` and the CLI read. The path is checked
+    first, so a missing folder is an InputError that says so, not open()'s FileNotFoundError."""
+    path = file_path(path, "save_explanations")
+    check_output_path(path, (".jsonl",), "explanations file")
     with path.open("w", encoding="utf-8") as f:
         for doc_id, position, text in zip(data.doc_ids, data.positions, data.explanations, strict=True):
             f.write(json.dumps({"doc_id": doc_id, "position": position, "explanation": text},
