@@ -502,6 +502,22 @@ def test_a_corpus_line_whose_text_is_not_a_string_is_named_before_extraction(tmp
     assert not acts.exists()
 
 
+def test_a_repeated_document_id_is_named_by_its_lines_before_the_base_model_loads(tmp_path, capsys, base_folder,
+                                                                                  extract_config, monkeypatch):
+    """It was found inside the extraction, after the model loaded, leaving nla_meta.yaml and an empty shards/."""
+    monkeypatch.setattr(pipeline.loading, "load_hooked_transformer", lambda *a, **k: pytest.fail("model loaded"))
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"id": i, "text": "the cat sat on the mat"}) + "\n"
+                              for i in ("a", "b", "a")))
+    acts = tmp_path / "acts"
+    assert main(["extract", _write(tmp_path / "extract.yaml", {
+        "base_model": str(base_folder), "corpus": str(corpus), "out_dir": str(acts),
+        "extract": dataclasses.asdict(extract_config)})]) == 2
+    assert capsys.readouterr().err == (f"nla-lens extract: InputError: {corpus}:3: document id 'a' is line 1's too; "
+                                       "give every document its own id (splits are made by document)\n")
+    assert not acts.exists()
+
+
 def test_a_missing_base_model_is_named_by_its_key_before_the_activations_are_read(tmp_path, capsys, monkeypatch):
     """It was a CheckpointError without the key or the YAML, once the (possibly large) activations had loaded."""
     monkeypatch.setattr(pipeline, "load_activations", lambda *a, **k: pytest.fail("activations read"))

@@ -51,8 +51,10 @@ class RunResult:
 
 
 def read_corpus(path: str | Path) -> list[Document]:
-    """A JSONL corpus: ``{"text": ...}`` per line, with an optional ``"id"`` (default: the line index)."""
+    """A JSONL corpus: ``{"text": ...}`` per line, with an optional ``"id"`` (default: the line index). Read whole
+    and checked before the base model loads: a bad line found mid-extraction left a half-made out_dir."""
     docs = []
+    first_line: dict[str, int] = {}
     for line_no, line in jsonl_lines(path, "corpus"):
         try:
             row = json.loads(line)
@@ -62,6 +64,10 @@ def read_corpus(path: str | Path) -> list[Document]:
         if not isinstance(docs[-1].text, str):  # else the tokenizer fails mid-extraction, shards later
             raise InputError(f"{path}:{line_no}: 'text' must be a string, got {docs[-1].text!r}; drop the line "
                              "or give it the document's text")
+        if docs[-1].id in first_line:
+            raise InputError(f"{path}:{line_no}: document id {docs[-1].id!r} is line {first_line[docs[-1].id]}'s "
+                             "too; give every document its own id (splits are made by document)")
+        first_line[docs[-1].id] = line_no
     return docs
 
 
@@ -70,6 +76,7 @@ def run_extract(config: ExtractRunConfig, *, progress: bool = True) -> Path:
     check_writable_out_dir(config.out_dir)  # before the model loads, as the training commands check theirs
     check_result_file(config.out_dir, "extract")
     check_extraction_folder(Path(config.out_dir))
+    documents = read_corpus(config.corpus)
     folder = loading.resolve_checkpoint(config.base_model)
     loading.check_base_folder(folder, f"base_model {config.base_model}")  # an AR: else "an incomplete download"
     n_layers = getattr(loading.load_hf_config(folder).get_text_config(), "num_hidden_layers", None)
@@ -78,7 +85,7 @@ def run_extract(config: ExtractRunConfig, *, progress: bool = True) -> Path:
                           f"{blocks_phrase(n_layers)}; set it to one of those indices")
     tokenizer = loading.load_tokenizer(folder)
     model = loading.load_hooked_transformer(folder, tokenizer, dtype=config_dtype(config.dtype), device=config.device)
-    return extract_activations(model, tokenizer, read_corpus(config.corpus), config.out_dir, config.extract,
+    return extract_activations(model, tokenizer, documents, config.out_dir, config.extract,
                                base_model=config.base_model, progress=progress)
 
 
