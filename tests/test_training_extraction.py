@@ -294,6 +294,20 @@ def test_duplicate_document_ids_are_rejected(tmp_path, base_tl, extract_config):
         extract_activations(model, tokenizer, docs, tmp_path, extract_config, progress=False)
 
 
+def test_an_error_mid_extraction_closes_the_progress_bar(tmp_path, base_tl, corpus, extract_config, capsys):
+    """The bar stayed open while the error was handled, so `nla-lens extract` printed the error line (or Ctrl-C's)
+    onto the bar's line."""
+    model, tokenizer = base_tl
+    config = dataclasses.replace(extract_config, docs_per_shard=1)
+    docs = [*corpus[:2], corpus[0]]  # the repeated id is found at the third document, after two shards
+    try:
+        extract_activations(model, tokenizer, docs, tmp_path, config, progress=True)
+    except nl.InputError as error:  # read while the error is handled, as the CLI prints it
+        assert "occurs twice" in str(error)
+        bar = capsys.readouterr().err
+    assert "extract:" in bar and "2/3" in bar and bar.endswith("\n"), repr(bar)
+
+
 def test_a_marker_that_is_not_one_token_is_rejected(base_tl):
     _, tokenizer = base_tl
     with pytest.raises(nl.TokenizerDriftError, match="single token"):

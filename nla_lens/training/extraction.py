@@ -178,23 +178,23 @@ def extract_activations(
     _write_or_check_sidecar(out, sidecar)
     (out / SHARD_DIR).mkdir(exist_ok=True)
     total = len(documents) if hasattr(documents, "__len__") else None  # type: ignore[arg-type]
-    bar = tqdm(total=total, desc="extract", unit="doc", disable=not progress)
     n_shards = n_docs = kept = rows = 0
-    for index, chunk in enumerate(_chunks(_as_documents(documents), config.docs_per_shard)):
-        path = shard_path(out, index)
-        if path.is_file():
-            _check_written_shard(path, chunk)
-            row_docs = _row_doc_ids(path)
-        else:
-            # Only once writing: a refused resume leaves a finished folder loadable. The old record goes, so
-            # shards kept after a kill (the in-progress marker deleted by hand) are not checked against it.
-            (out / IN_PROGRESS).touch()
-            (out / COMPLETE).unlink(missing_ok=True)
-            row_docs = _write_shard(model, tokenizer, chunk, path, config)
-        bar.update(len(chunk))
-        n_shards, n_docs = index + 1, n_docs + len(chunk)
-        kept, rows = kept + len(set(row_docs)), rows + len(row_docs)
-    bar.close()
+    # A with block: a bar left open by an error or Ctrl-C took the message onto its line.
+    with tqdm(total=total, desc="extract", unit="doc", disable=not progress) as bar:
+        for index, chunk in enumerate(_chunks(_as_documents(documents), config.docs_per_shard)):
+            path = shard_path(out, index)
+            if path.is_file():
+                _check_written_shard(path, chunk)
+                row_docs = _row_doc_ids(path)
+            else:
+                # Only once writing: a refused resume leaves a finished folder loadable. The old record goes, so
+                # shards kept after a kill (the in-progress marker deleted by hand) are not checked against it.
+                (out / IN_PROGRESS).touch()
+                (out / COMPLETE).unlink(missing_ok=True)
+                row_docs = _write_shard(model, tokenizer, chunk, path, config)
+            bar.update(len(chunk))
+            n_shards, n_docs = index + 1, n_docs + len(chunk)
+            kept, rows = kept + len(set(row_docs)), rows + len(row_docs)
     _check_no_extra_shards(out, n_shards)
     if not rows:  # else it is "finished", and training says only "run the extraction first"
         raise InputError(f"the corpus gave no activations: {n_docs} document(s) read, {n_docs - kept} of them "
