@@ -79,7 +79,7 @@ def test_positions_are_seeded_by_document_and_past_min_context(extract_config):
                for i in range(5))
 
 
-def test_extraction_resumes_by_skipping_written_shards(tmp_path, base_tl, corpus, extract_config):
+def test_extraction_resumes_by_skipping_written_shards(tmp_path, base_tl, corpus, extract_config, caplog):
     model, tokenizer = base_tl
     extract_activations(model, tokenizer, corpus, tmp_path, extract_config, progress=False)
     shards = sorted((tmp_path / "shards").glob("*.safetensors"))
@@ -92,8 +92,10 @@ def test_extraction_resumes_by_skipping_written_shards(tmp_path, base_tl, corpus
         extract_activations(model, tokenizer, corpus, tmp_path, extract_config, progress=False)
         assert sum(forwarded) == 5  # only the missing shard's documents ran
         forwarded.clear()
-        extract_activations(model, tokenizer, corpus, tmp_path, extract_config, progress=False)
+        with caplog.at_level(logging.INFO, logger=extraction.__name__):
+            extract_activations(model, tokenizer, corpus, tmp_path, extract_config, progress=False)
         assert forwarded == []
+    assert "in 3 shards, 3 of them from an earlier run of this extraction" in caplog.messages[-1]  # said nothing
     assert [p.read_bytes() for p in shards] == original
 
     with pytest.raises(nl.ConfigError, match="other settings"):
@@ -264,8 +266,8 @@ def test_the_documents_dropped_as_too_short_are_counted_in_the_log(tmp_path, bas
     with caplog.at_level(logging.INFO, logger=extraction.__name__):
         rows = len(load_activations(extract_activations(model, tokenizer, corpus, tmp_path, extract_config,
                                                         progress=False)))
-    assert (f"{rows} activation rows from 12 documents; 1 document(s) dropped as too short (at most min_context = 4 "
-            "tokens)") in caplog.messages
+    assert (f"{rows} activation rows from 12 documents in 3 shards, 0 of them from an earlier run of this extraction; "
+            "1 document(s) dropped as too short (at most min_context = 4 tokens)") in caplog.messages
 
 
 @pytest.mark.parametrize(("texts", "dropped"), [([], 0), (["the sea", "a cat"], 2)])

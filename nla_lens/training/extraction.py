@@ -178,7 +178,7 @@ def extract_activations(
     _write_or_check_sidecar(out, sidecar)
     (out / SHARD_DIR).mkdir(exist_ok=True)
     total = len(documents) if hasattr(documents, "__len__") else None  # type: ignore[arg-type]
-    n_shards = n_docs = kept = rows = 0
+    n_shards = n_docs = kept = rows = reused = 0
     # A with block: a bar left open by an error or Ctrl-C took the message onto its line.
     with tqdm(total=total, desc="extract", unit="doc", disable=not progress) as bar:
         for index, chunk in enumerate(_chunks(_as_documents(documents), config.docs_per_shard)):
@@ -186,6 +186,7 @@ def extract_activations(
             if path.is_file():
                 _check_written_shard(path, chunk)
                 row_docs = _row_doc_ids(path)
+                reused += 1
             else:
                 # Only once writing: a refused resume leaves a finished folder loadable. The old record goes, so
                 # shards kept after a kill (the in-progress marker deleted by hand) are not checked against it.
@@ -201,8 +202,9 @@ def extract_activations(
                          f"dropped as too short (a document needs more than min_context = {config.min_context} "
                          "tokens); give more or longer documents or lower extract.min_context, and extract into a "
                          f"new out_dir (or delete {out})")
-    logger.info("%d activation rows from %d documents; %d document(s) dropped as too short (at most min_context = "
-                "%d tokens)", rows, n_docs, n_docs - kept, config.min_context)
+    logger.info("%d activation rows from %d documents in %d shards, %d of them from an earlier run of this extraction; "
+                "%d document(s) dropped as too short (at most min_context = %d tokens)", rows, n_docs, n_shards, reused,
+                n_docs - kept, config.min_context)
     text = json.dumps({"shards": n_shards, "rows": rows})
     write_atomic(out / COMPLETE, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     (out / IN_PROGRESS).unlink(missing_ok=True)
