@@ -136,8 +136,8 @@ def check_explanations(explanations: Sequence[str]) -> None:
         elif hasattr(item, "explanation"):  # verbalize's output handed on whole
             hint = (" Pass the strings: [v.explanation for v in verbalizations if v.explanation is not None], or "
                     "score the vectors with NLA.round_trip.")
-        raise InputError(f"explanation {i} is {item!r} ({type(item).__name__}), not a string ({len(wrong)} such "
-                         f"item{'' if len(wrong) == 1 else 's'}).{hint}")
+        raise InputError(f"explanation {i} is {item!r} ({type(item).__name__}), not a string "
+                         f"({counted(len(wrong), 'such item')}).{hint}")
 
 
 def check_input_file(path: Path, what: str = "input") -> None:

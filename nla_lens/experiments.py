@@ -36,7 +36,7 @@ from nla_lens.capture import (
     resid_post_name,
     resolve_positions,
 )
-from nla_lens.checks import check_finite
+from nla_lens.checks import check_finite, counted
 from nla_lens.errors import InputError, VectorError
 from nla_lens.injection import HookFn, check_vectors
 from nla_lens.nla import NLA, RoundTrip, baseline_phrase, check_read_keywords
@@ -154,7 +154,7 @@ class DirectionVerbalization(TabularResult):
     def summary(self) -> str:
         failed = sum(v.explanation is None for v in self.verbalizations)
         n = len(self.verbalizations)
-        return f"{n} direction{'' if n == 1 else 's'} verbalized, {failed} failed to parse"
+        return f"{counted(n, 'direction')} verbalized, {failed} failed to parse"
 
 
 def _scores(round_trip: RoundTrip | None, runs: tuple[str, ...]) -> str:

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from nla_lens import display
 from nla_lens.base_model import check_base_model
-from nla_lens.checks import check_counts
+from nla_lens.checks import check_counts, counted
 from nla_lens.errors import InputError, VectorError
 from nla_lens.nla import NLA
 from nla_lens.results import TabularResult
@@ -185,8 +185,8 @@ def feature_card(
         longest = max(len(ids) for ids, _ in per_text)
         bos, fix = ((" (the BOS)", "skip_first=0 to scan the BOS") if skip_first is None
                     else ("", "a smaller skip_first"))
-        raise InputError(f"no positions left after skip_first={skip_first}{bos}: the longest text has {longest} "
-                         f"token{'' if longest == 1 else 's'}; use longer texts or {fix}")
+        raise InputError(f"no positions left after skip_first={skip_first}{bos}: the longest text has "
+                         f"{counted(longest, 'token')}; use longer texts or {fix}")
     readout = verbalize_sae_features(nla, sae, [feature], offset=offset, allow_other_hook=allow_other_hook,
                                      **verbalize_kwargs)
     n_active = int((flat[scanned] > 0).sum())

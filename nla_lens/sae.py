@@ -34,7 +34,7 @@ from torch import Tensor
 
 from nla_lens import backends
 from nla_lens.capture import activation_at, check_block, resid_post_name, text_resid_post
-from nla_lens.checks import check_counts
+from nla_lens.checks import check_counts, counted
 from nla_lens.errors import BackendError, InputError, SAEMismatchError, VectorError
 from nla_lens.explain import bos_skip
 from nla_lens.injection import check_vectors, prescaled, unit
@@ -184,8 +184,8 @@ def check_texts(texts: Iterable[str]) -> list[str]:
     wrong = [(i, text) for i, text in enumerate(items) if not isinstance(text, str)]
     if wrong:
         i, text = wrong[0]
-        raise InputError(f"texts[{i}] is {text!r:.60} ({type(text).__name__}), not a string ({len(wrong)} such "
-                         f"item{'' if len(wrong) == 1 else 's'}); pass the texts themselves")
+        raise InputError(f"texts[{i}] is {text!r:.60} ({type(text).__name__}), not a string "
+                         f"({counted(len(wrong), 'such item')}); pass the texts themselves")
     return items
 
 

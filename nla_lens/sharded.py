@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from nla_lens import __version__, loading, metrics, shard_store
-from nla_lens.checks import check_counts, check_sampling, file_kind, resolve_device, resolve_dtype
+from nla_lens.checks import check_counts, check_sampling, counted, file_kind, resolve_device, resolve_dtype
 from nla_lens.distributed import World, barrier, device_for, process_group
 from nla_lens.errors import InputError
 from nla_lens.injection import check_vectors
@@ -114,7 +114,7 @@ class JobResult:
             text += (f"; mean MSE {s.mean_mse:.3f}, {baseline_phrase(s.fve, s.baseline, s.baseline_source, None)}, "
                      f"{s.n_failed_parses} failed parses, {s.n_truncated} truncated")
         if self.warnings:
-            text += f"; {len(self.warnings)} warning{'s' if len(self.warnings) != 1 else ''} (.warnings)"
+            text += f"; {counted(len(self.warnings), 'warning')} (.warnings)"
         return f"JobResult: {text}"
 
 
