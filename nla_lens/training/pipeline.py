@@ -76,13 +76,13 @@ def run_extract(config: ExtractRunConfig, *, progress: bool = True) -> Path:
     check_writable_out_dir(config.out_dir)  # before the model loads, as the training commands check theirs
     check_result_file(config.out_dir, "extract")
     check_extraction_folder(Path(config.out_dir))
-    documents = read_corpus(config.corpus)
     folder = loading.resolve_checkpoint(config.base_model)
     loading.check_base_folder(folder, f"base_model {config.base_model}")  # an AR: else "an incomplete download"
     n_layers = getattr(loading.load_hf_config(folder).get_text_config(), "num_hidden_layers", None)
     if n_layers is not None and config.extract.layer >= n_layers:  # from config.json: before the weights load
         raise ConfigError(f"extract.layer {config.extract.layer} is outside base_model {config.base_model}'s "
                           f"{blocks_phrase(n_layers)}; set it to one of those indices")
+    documents = read_corpus(config.corpus)
     tokenizer = loading.load_tokenizer(folder)
     model = loading.load_hooked_transformer(folder, tokenizer, dtype=config_dtype(config.dtype), device=config.device)
     return extract_activations(model, tokenizer, documents, config.out_dir, config.extract,
