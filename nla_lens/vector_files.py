@@ -7,6 +7,7 @@ a reader (or a resumed job) never sees a half-written file.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
@@ -199,13 +200,16 @@ def save_tensors(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str
 def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
     """`write(tmp)` to a private temporary name beside `path`, then rename: readers never see half a file,
     and a write that fails leaves nothing behind (a large shard's half would only fill the disk). The file
-    gets the mode `open()` gives (0666 less the umask) whatever mode `write` left it with."""
+    gets the mode `open()` gives (0666 less the umask) whatever mode `write` left it with, where the filesystem
+    keeps modes: one that refuses chmod (some FUSE and SMB mounts) keeps the written file as it is."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
         tmp.touch(exist_ok=False)
         created_mode = stat.S_IMODE(tmp.stat().st_mode)
         write(tmp)
-        tmp.chmod(created_mode)
+        if stat.S_IMODE(tmp.stat().st_mode) != created_mode:  # safetensors replaces the file with a 0600 one
+            with contextlib.suppress(OSError):  # the mode is a courtesy; failing here lost the finished write
+                tmp.chmod(created_mode)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -304,6 +304,25 @@ def test_written_tensor_vector_and_table_files_get_the_umask_mode_others_can_rea
     assert modes == dict.fromkeys(modes, group_umask) and len(modes) == 5
 
 
+def test_a_filesystem_that_refuses_chmod_still_gets_the_written_files(tmp_path, monkeypatch):
+    """write_atomic chmod-ed every file it wrote: on a mount that refuses chmod (some FUSE and SMB ones) every shard,
+    checkpoint and table write failed once finished, and the finished file was deleted."""
+    from nla_lens.vector_files import read_vectors, save_tensors, write_table
+
+    calls = []
+
+    def refuse(path, mode, *args, **kwargs):
+        calls.append(path.name)
+        raise PermissionError(1, "Operation not permitted", str(path))
+
+    monkeypatch.setattr(Path, "chmod", refuse)
+    write_table(pa.table({"index": [0]}), tmp_path / "scores.parquet")
+    assert calls == []  # a writer that keeps the created file's mode needs no chmod
+    save_tensors({"vectors": torch.ones(2, 4)}, tmp_path / "vectors.safetensors")
+    assert len(calls) == 1 and torch.equal(read_vectors(tmp_path / "vectors.safetensors"), torch.ones(2, 4))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scores.parquet", "vectors.safetensors"]
+
+
 def test_a_failed_parse_is_marked_in_the_repr_and_table_not_shown_as_an_explanation():
     from nla_lens.experiments import DirectionVerbalization
     from nla_lens.verbalizer import Verbalization, Verbalizations

@@ -120,8 +120,9 @@ class SAEExperimentResult(TabularResult):
         return [asdict(r) for r in self.rows]
 
     def headline(self) -> dict[str, Any]:
-        """The figures `summary()` prints, and the config: every field but the rows."""
-        return {k: v for k, v in asdict(self).items() if k != "rows"}
+        """The figures the checkpoint gives, and the config: every field but the rows and the training time, which
+        is the machine's (what `--write` stores in the package: a rerun on the same checkpoint leaves it unchanged)."""
+        return {k: v for k, v in asdict(self).items() if k not in ("rows", "train_seconds")}
 
     def save(self, path: str | Path) -> Path:
         """`.json`: the whole result, the headline figures with the rows (`load` reads it back); `.parquet`,
