@@ -29,7 +29,7 @@ from nla_lens.nla import NLA, baseline_phrase, check_pair, resolve_baseline
 from nla_lens.parsing import injection_warning
 from nla_lens.reconstructor import ActivationReconstructor
 from nla_lens.sidecar import SIDECAR_NAME, NLAMeta, load_meta
-from nla_lens.vector_files import VectorTable, check_output, json_text, read_input, write_atomic, write_table
+from nla_lens.vector_files import VectorTable, check_output, json_text, read_input, write_json, write_table
 from nla_lens.verbalizer import MAX_NEW_TOKENS, ActivationVerbalizer, Verbalization
 
 
@@ -206,7 +206,7 @@ def round_trip_file(
                                result.table.column("explanation").null_count,
                                result.table.column("truncated").to_pylist().count(True), ar_meta.mse_scale)
     record = {**asdict(summary), "output": output.name, "job": job_record(manifest)}
-    write_atomic(summary_path(output), lambda tmp: tmp.write_text(json_text(record, indent=2) + "\n", encoding="utf-8"))
+    write_json(summary_path(output), record, indent=2)
     return replace(result, summary=summary, warnings=result.warnings + [w for w in [resolved.warning] if w])
 
 

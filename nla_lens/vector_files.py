@@ -158,6 +158,11 @@ def write_table(table: pa.Table, path: Path) -> None:
             "".join(json_text(row) + "\n" for row in table.to_pylist()), encoding="utf-8"))
 
 
+def write_json(path: Path, value: Any, indent: int) -> None:
+    """`value` as strict JSON (`json_text`) with a final newline, written atomically (`write_atomic`)."""
+    write_atomic(path, lambda tmp: tmp.write_text(json_text(value, indent=indent) + "\n", encoding="utf-8"))
+
+
 def json_text(value: Any, indent: int | None = None) -> str:
     """Strict JSON: a NaN or infinite float (a metric not computed, a failed parse's MSE) becomes null,
     since jq, JavaScript and most JSON readers outside Python reject Python's `NaN` literal."""

@@ -42,7 +42,7 @@ from nla_lens.sae import ResidualStats, require_sae_lens, verbalize_sae_features
 from nla_lens.toy.demo import TOY_DIR
 from nla_lens.toy.evaluate import HELDOUT_FILE, MIN_CONTEXT, ToyNLA
 from nla_lens.toy.labeler import names_token
-from nla_lens.vector_files import json_text, write_atomic
+from nla_lens.vector_files import write_json
 
 if TYPE_CHECKING:
     from sae_lens import SAE
@@ -131,7 +131,7 @@ class SAEExperimentResult(TabularResult):
         if file_kind(path) != ".json":
             return super().save(path)
         check_output_path(path, (".json",))
-        _write_json(path, asdict(self))
+        write_json(path, asdict(self), indent=1)
         return path
 
     @classmethod
@@ -159,10 +159,6 @@ class SAEExperimentResult(TabularResult):
                 f"({self.cosine_offset:.3f} with the offset; {self.control_cosine:.3f} to the control's row). "
                 f"SAE: d_sae {self.config.d_sae}, L0 {self.sae_l0:.1f}, "
                 f"FVU {self.sae_fvu:.3f}, trained in {self.train_seconds:.0f} s")
-
-
-def _write_json(path: Path, value: Any) -> None:
-    write_atomic(path, lambda tmp: tmp.write_text(json_text(value, indent=1) + "\n", encoding="utf-8"))
 
 
 def token_rows(toy: ToyNLA, folder: Path, context_size: int) -> Int[Tensor, "rows context"]:
@@ -321,7 +317,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.output is not None:
         print(f"wrote {result.save(args.output)}")
     if args.write:
-        _write_json(scores, result.headline())
+        write_json(scores, result.headline(), indent=1)
         print(f"wrote {scores}")
 
 
