@@ -7,6 +7,7 @@ function taking the subparsers object; this module only assembles them.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -14,7 +15,8 @@ from collections.abc import Callable, Sequence
 from tqdm import tqdm
 
 from nla_lens import __version__
-from nla_lens.errors import InputError, NLAError
+from nla_lens.distributed import World
+from nla_lens.errors import ConfigError, InputError, NLAError
 
 
 def _add_inspect(subparsers: argparse._SubParsersAction) -> None:
@@ -75,7 +77,45 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True)
     for register in _registrars():
         register(subparsers)
+    for subparser in subparsers.choices.values():
+        subparser.set_defaults(flags={action.dest: action.option_strings[0] for action in subparser._actions
+                                      if action.option_strings[:1] and action.option_strings[0].startswith("--")})
     return parser
+
+
+def _in_flags(message: str, flags: dict[str, str]) -> str:
+    """A library message as the shell user types it: `max_new_tokens=0` (the Python keyword the library names) as
+    `--max-new-tokens 0` (a bare `baseline=` as `--baseline`), for the keywords that are flags of this subcommand;
+    others (YAML keys, Python-only arguments) are left as they are."""
+    for dest, flag in flags.items():
+        keyword = rf"(?<![\w.-]){re.escape(dest)}="
+        message = re.sub(keyword + r"(?=[^\s),;])", f"{flag} ", message)
+        message = re.sub(keyword, flag, message)
+    return message
+
+
+# A list or slice of positions starting with '-' (-2,-1 or -4:): argparse reads a value that starts with '-' as a
+# flag unless it is one number, so `--positions -2,-1` would be "expected one argument".
+_NEGATIVE_SPEC = re.compile(r"-\d[\d,:-]*")
+
+
+def _negative_specs_joined(argv: Sequence[str]) -> list[str]:
+    """`--positions -2,-1` as `--positions=-2,-1`, which argparse reads."""
+    joined: list[str] = []
+    for arg in argv:
+        if joined and joined[-1] == "--positions" and isinstance(arg, str) and _NEGATIVE_SPEC.fullmatch(arg):
+            joined[-1] = f"--positions={arg}"
+        else:
+            joined.append(arg)
+    return joined
+
+
+def _is_main_process() -> bool:
+    """False on every torchrun rank but 0, so that a Ctrl-C, which reaches every rank, is reported once."""
+    try:
+        return World.from_env().is_main
+    except ConfigError:  # a malformed RANK: report it rather than hide it
+        return True
 
 
 _TRAINING_SECTIONS = {"train-av": "train", "train-ar": "train", "train-rl": "rl"}  # where each keeps save_every
@@ -104,26 +144,28 @@ def _resume_hint(args: argparse.Namespace) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one subcommand. Bad input exits 2 with the typed error's message, a failed file operation
     (permissions, a full disk) exits 1 with the OS's message, Ctrl-C exits 130 (as shells report SIGINT) with how to
-    continue; library warnings print as one line each, on a line of their own above any progress bar."""
-    args = build_parser().parse_args(argv)
+    continue; library warnings print as one line each, on a line of their own above any progress bar. Messages name
+    the subcommand's flags where the library names the Python keywords they set."""
+    args = build_parser().parse_args(_negative_specs_joined(sys.argv[1:] if argv is None else argv))
     prefix = f"nla-lens {args.command}"
 
     def show_warning(message: Warning | str, *_: object, **__: object) -> None:
         # tqdm.write clears the bars drawn on stderr, writes the line and redraws them; a print landed mid-bar.
-        tqdm.write(f"{prefix}: warning: {message}", file=sys.stderr)
+        tqdm.write(f"{prefix}: warning: {_in_flags(str(message), args.flags)}", file=sys.stderr)
 
     with warnings.catch_warnings():
         warnings.showwarning = show_warning
         try:
             args.run(args)
         except NLAError as exc:
-            print(f"{prefix}: {type(exc).__name__}: {exc}", file=sys.stderr)
+            print(f"{prefix}: {type(exc).__name__}: {_in_flags(str(exc), args.flags)}", file=sys.stderr)
             return 2
         except OSError as exc:
             print(f"{prefix}: {exc}", file=sys.stderr)
             return 1
         except KeyboardInterrupt:
-            tqdm.write(f"{prefix}: interrupted{_resume_hint(args)}", file=sys.stderr)  # below the bar it cut short
+            if _is_main_process():
+                tqdm.write(f"{prefix}: interrupted{_resume_hint(args)}", file=sys.stderr)  # below the bar it cut short
             return 130
     return 0
 

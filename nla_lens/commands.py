@@ -372,10 +372,8 @@ def add_explain(subparsers: argparse._SubParsersAction) -> None:
     source.add_argument("--text", action="append", help="a text to explain (repeat for several)")
     source.add_argument("--file", type=Path, help="a UTF-8 text file: each non-empty line is one text")
     parser.add_argument("--positions", type=_positions_arg,
-                        help="which tokens: comma-separated positions (negative from the end) such as 3,-1, or a "
-                             "slice such as 8: (default: every token but an added BOS). One negative position may "
-                             "follow a space (--positions -2); a list or slice that starts with '-' must follow '=' "
-                             "(--positions=-2,-1, --positions=-4:), else argparse takes it for a flag")
+                        help="which tokens: comma-separated positions (negative from the end) such as 3,-1 or "
+                             "-2,-1, or a slice such as 8: or -4: (default: every token but an added BOS)")
     parser.add_argument("--baseline", type=float, help="FVE baseline (default: the AR sidecar's held-out one)")
     parser.add_argument("--output", type=Path, help="also write the rows to .parquet / .jsonl, or the view to .html")
     parser.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS,

@@ -151,8 +151,8 @@ def resolve_baseline(vectors: Float[Tensor, "n d_model"], mse_scale: float, give
         problem = f"these {n} vectors all point the same way (their paper baseline is {value:.2g})"
     return Baseline(None, "none", warning=(
         f"no FVE: the AR's sidecar records no held-out baseline and {problem}. Pass baseline= "
-        "(--baseline to nla-lens; metrics.paper_baseline of a few hundred held-out layer-K vectors; about 0.56 "
-        "for Qwen3-8B layer-24 vectors), or score more vectors at once."))
+        "(metrics.paper_baseline of a few hundred held-out layer-K vectors; about 0.56 for Qwen3-8B layer-24 "
+        "vectors), or score more vectors at once."))
 
 
 @dataclass(frozen=True, eq=False, repr=False)

@@ -32,10 +32,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--positions", type=_steer_positions_arg, default=[-1],
                         help="which tokens of every text to steer: comma-separated positions in each text's own "
                              "tokens (0 is its first, the BOS where the tokenizer puts one), negative from its last "
-                             "token (default -1, the last token). One negative position may follow a space "
-                             "(--positions -2); a list that starts with '-' must follow '=' (--positions=-2,-1), "
-                             "else argparse takes it for a flag. The rows' batch and position are the text's index "
-                             "and its column in the left-padded batch that --save-vectors steers")
+                             "token (default -1, the last token), such as 3 or -2,-1. The rows' batch and position "
+                             "are the text's index and its column in the left-padded batch that --save-vectors "
+                             "steers")
     edit = parser.add_mutually_exclusive_group(required=True)
     edit.add_argument("--replace", nargs=2, action="append", metavar=("OLD", "NEW"),
                       help="edit every explanation by replacing OLD with NEW (repeat for several, applied in order); "

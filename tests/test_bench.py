@@ -75,4 +75,4 @@ def test_a_thread_count_below_one_is_refused_before_the_run(monkeypatch, capsys)
     monkeypatch.setattr(bench, "run", lambda *a, **k: pytest.fail("the bench ran"))
     for threads in ("0", "-1"):
         assert main(["bench", "--threads", threads]) == 2
-        assert f"InputError: threads={threads}: must be a whole number >= 1" in capsys.readouterr().err
+        assert f"InputError: --threads {threads}: must be a whole number >= 1" in capsys.readouterr().err

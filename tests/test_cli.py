@@ -280,21 +280,25 @@ def test_explain_keeps_a_texts_header_on_one_line(tiny_paths, capsys):
     assert all(lines[i + 1].split() == ["pos", "token", "FVE", "MSE", "explanation"] for i in headers)
 
 
-@pytest.mark.parametrize("command, flags", [("explain", _REQUIRED_FLAGS["explain"]),
-                                            ("steer-words", ["--av", "a", "--ar", "r", "--text", "t", "--replace",
-                                                             "a", "b"])])
-def test_positions_help_says_which_negative_values_need_an_equals_sign(command, flags, capsys):
-    """The help said every value starting with '-' needs '='; argparse takes one negative number after a space, and
-    only a list (or slice) starting with '-' for a flag."""
-    parser = build_parser()
-    assert parser.parse_args([command, *flags, "--positions", "-2"]).positions == [-2]
-    assert parser.parse_args([command, *flags, "--positions=-2,-1"]).positions == [-2, -1]
-    with pytest.raises(SystemExit):
-        parser.parse_args([command, *flags, "--positions", "-2,-1"])
-    assert "--positions: expected one argument" in capsys.readouterr().err
-    subcommands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
-    help_text = next(a for a in subcommands[command]._actions if a.dest == "positions").help
-    assert "(--positions -2)" in help_text and "(--positions=-2,-1" in help_text
+_STEER_FLAGS = ["--av", "a", "--ar", "r", "--text", "t", "--replace", "a", "b"]
+
+
+@pytest.mark.parametrize("command, flags, value, expected", [
+    ("explain", _REQUIRED_FLAGS["explain"], "-2,-1", [-2, -1]),
+    ("explain", _REQUIRED_FLAGS["explain"], "-4:", slice(-4, None)),
+    ("explain", _REQUIRED_FLAGS["explain"], "-4:-1", slice(-4, -1)),
+    ("explain", _REQUIRED_FLAGS["explain"], "-2", [-2]),
+    ("steer-words", _STEER_FLAGS, "-2,-1", [-2, -1]),
+    ("steer-words", _STEER_FLAGS, "3,-1", [3, -1]),
+])
+def test_positions_takes_a_negative_list_or_slice_after_a_space(command, flags, value, expected):
+    """`--positions -2,-1` was argparse's bare "expected one argument" (a value starting with '-' that is not one
+    number reads as a flag); the help asked for `--positions=-2,-1`."""
+    from nla_lens.cli import _negative_specs_joined
+
+    args = build_parser().parse_args(_negative_specs_joined([command, *flags, "--positions", value]))
+    assert args.positions == expected
+    assert _negative_specs_joined(["--text", "-2,-1", "--positions", "x"]) == ["--text", "-2,-1", "--positions", "x"]
 
 
 def test_verbalize_and_round_trip_warn_of_rows_cut_by_max_new_tokens(tmp_path, capsys):
@@ -396,11 +400,27 @@ def test_ctrl_c_during_a_file_job_exits_130_saying_a_rerun_keeps_its_shards(tmp_
     assert capsys.readouterr().err == "nla-lens verbalize: interrupted\n"
 
 
+def test_ctrl_c_under_torchrun_is_reported_by_rank_0_only(tmp_path, capsys, monkeypatch):
+    """Ctrl-C reaches every rank: each printed the same line."""
+    from nla_lens import sharded
+
+    av = str(nl.toy.TOY_DIR / "av")
+    save_file({"vectors": torch.zeros(2, load_meta(av).d_model)}, tmp_path / "v.safetensors")
+    monkeypatch.setattr(sharded, "verbalize_file", _interrupt)
+    argv = ["verbalize", "--av", av, "--input", str(tmp_path / "v.safetensors"), "--output", str(tmp_path / "o.jsonl")]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, lines in (("1", 0), ("0", 1)):
+        monkeypatch.setenv("RANK", rank)
+        assert _main_interrupted(argv) == 130
+        assert capsys.readouterr().err.count("nla-lens verbalize: interrupted") == lines
+
+
 def test_explain_warns_of_rows_cut_by_max_new_tokens(capsys):
     """explain's table had the truncated column, but the command printed a cut-short run as a plain success."""
     av, ar = str(nl.toy.TOY_DIR / "av"), str(nl.toy.TOY_DIR / "ar")
     text = "Macbeth: the king is dead"
-    assert main(["explain", "--av", av, "--ar", ar, "--text", text, "--positions=-2,-1", "--max-new-tokens", "1"]) == 0
+    argv = ["explain", "--av", av, "--ar", ar, "--text", text, "--positions", "-2,-1"]
+    assert main([*argv, "--max-new-tokens", "1"]) == 0
     assert "warning: 2 of 2 rows were cut at --max-new-tokens 1" in capsys.readouterr().err
     assert main(["explain", "--av", av, "--ar", ar, "--text", text, "--positions=-2,-1"]) == 0
     assert "were cut" not in capsys.readouterr().err

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 import nla_lens as nl
 from nla_lens import backends, loading
-from nla_lens.cli import main
+from nla_lens.cli import build_parser, main
 from nla_lens.toy import demo
 from nla_lens.vector_files import write_vectors
 
@@ -53,7 +53,7 @@ def test_the_no_fve_warning_names_the_cli_flag(tiny_paths, vector_file, tmp_path
     """The command printed the library's "Pass baseline=": a command-line user passes --baseline."""
     assert main(["round-trip", "--av", str(tiny_paths["av_karvonen"]), "--ar", str(tiny_paths["ar_nanonla"]),
                  "--input", str(vector_file), "--output", str(tmp_path / "s.parquet"), "--max-new-tokens", "4"]) == 0
-    assert "no FVE" in (err := capsys.readouterr().err) and "Pass baseline= (--baseline to nla-lens;" in err
+    assert "no FVE" in (err := capsys.readouterr().err) and "Pass --baseline (metrics.paper_baseline" in err
 
 
 def test_empty_text(tiny_paths, no_model_loads, capsys):
@@ -94,14 +94,28 @@ def test_device_that_cannot_run(tiny_paths, vector_file, no_model_loads, capsys,
     _fails(["reconstruct", "--ar", tiny_paths["ar_nanonla"], "a cat", "--device", device], capsys, expected)
 
 
-def test_sampling_settings_name_each_wrong_value(tiny_paths, vector_file, no_model_loads, capsys):
+def test_sampling_settings_name_each_wrong_value_by_its_flag(tiny_paths, vector_file, no_model_loads, capsys):
+    """The library names the Python keywords (`top_p=0.0`); the shell user typed flags (`--top-p 0`)."""
     err = _fails(["verbalize", "--av", tiny_paths["av_karvonen"], "--input", vector_file, "--temperature", "-1",
-                  "--top-p", "0"], capsys, "temperature=-1.0 must be a finite number >= 0",
-                 "top_p=0.0 must be in (0, 1]")
-    assert "max_new_tokens" not in err and "batch_size" not in err
+                  "--top-p", "0"], capsys, "--temperature -1.0 must be a finite number >= 0",
+                 "--top-p 0.0 must be in (0, 1]")
+    assert "max_new_tokens" not in err and "batch_size" not in err and "top_p=" not in err
     _fails(["round-trip", "--av", tiny_paths["av_karvonen"], "--ar", tiny_paths["ar_nanonla"], "--input",
             vector_file, "--output", vector_file.with_suffix(".parquet"), "--max-new-tokens", "0"], capsys,
-           "max_new_tokens=0 must be a whole number >= 1")
+           "--max-new-tokens 0 must be a whole number >= 1")
+
+
+def test_messages_name_only_this_commands_flags():
+    """A keyword that is no flag of the subcommand (a Python-only argument, a sidecar fact) keeps its name."""
+    from nla_lens.cli import _in_flags
+
+    flags = build_parser().parse_args(["steer-words", "--av", "a", "--ar", "r", "--text", "t", "--edit-to", "e"]).flags
+    message = "samples=5, temperature=0.0: pass samples=1; explanations= and n_ctx=64 and rl.samples=2 stay"
+    assert _in_flags(message, flags) == ("--samples 5, --temperature 0.0: pass --samples 1; explanations= and n_ctx=64 "
+                                         "and rl.samples=2 stay")
+    explain_flags = build_parser().parse_args(["explain", "--av", "a", "--ar", "r", "--text", "t"]).flags
+    assert _in_flags("no baseline: pass baseline= (or 32 vectors), baseline=)", explain_flags) == (
+        "no baseline: pass --baseline (or 32 vectors), --baseline)")
 
 
 def test_demo_wrong_checkpoint_folder(tmp_path, capsys, monkeypatch):
@@ -165,7 +179,7 @@ def test_reconstruct_output_and_input_checked_first(tiny_paths, tmp_path, no_mod
            "must end in .safetensors or .pt")
     _fails(["reconstruct", "--ar", ar, "--input", tmp_path / "nope.txt"], capsys, "nope.txt does not exist")
     _fails(["reconstruct", "--ar", ar], capsys, "no explanations: give them as arguments, or --input FILE")
-    _fails(["reconstruct", "--ar", ar, "a cat", "--batch-size", "0"], capsys, "batch_size=0")
+    _fails(["reconstruct", "--ar", ar, "a cat", "--batch-size", "0"], capsys, "--batch-size 0")
     # Arguments came first and the file's lines after them: vector i was no longer line i's.
     (lines := tmp_path / "e.txt").write_text("the sea\n", encoding="utf-8")
     _fails(["reconstruct", "--ar", ar, "a cat", "--input", lines], capsys, "as arguments or in --input FILE, not both")

@@ -44,7 +44,7 @@ def _edit(pairs):
 
 
 @pytest.mark.parametrize("flags, kwargs", [
-    (["--replace", "predicting", "foretelling", "--replace", "token", "word", "--positions=-2,-1"],
+    (["--replace", "predicting", "foretelling", "--replace", "token", "word", "--positions", "-2,-1"],
      {"edit": _edit([("predicting", "foretelling"), ("token", "word")]), "positions": [-2, -1]}),
     (["--edit-to", 'The token " am", after "I", predicting " the".', "--mode", "replace", "--alpha", "0.5",
       "--samples", "2", "--temperature", "0.7", "--seed", "3"],
@@ -106,15 +106,15 @@ def test_steer_words_takes_exactly_one_edit(no_model_loads, capsys):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--temperature", "0.7"], "InputError: temperature=0.7: samples=1 reads the greedy explanation, which takes "
+    (["--temperature", "0.7"], "InputError: --temperature 0.7: --samples 1 reads the greedy explanation, which takes "
                                "no seed and no temperature other than 0"),
-    (["--seed", "1"], "InputError: seed=1: samples=1 reads the greedy explanation"),
-    (["--samples", "2", "--temperature", "-3"], "InputError: temperature=-3.0 must be a finite number >= 0"),
-    (["--samples", "0"], "InputError: samples=0: must be a whole number >= 1"),
-    (["--samples", "2", "--temperature", "0"], "InputError: samples=2, temperature=0.0: at temperature 0 every "
+    (["--seed", "1"], "InputError: --seed 1: --samples 1 reads the greedy explanation"),
+    (["--samples", "2", "--temperature", "-3"], "InputError: --temperature -3.0 must be a finite number >= 0"),
+    (["--samples", "0"], "InputError: --samples 0: must be a whole number >= 1"),
+    (["--samples", "2", "--temperature", "0"], "InputError: --samples 2, --temperature 0.0: at temperature 0 every "
                                                 "sample is the same greedy explanation"),
-    (["--alpha", "nan"], "InputError: alpha=nan: must be a finite number"),
-    (["--continue-tokens", "-1"], "InputError: continue_tokens=-1: must be a whole number >= 0"),
+    (["--alpha", "nan"], "InputError: --alpha nan: must be a finite number"),
+    (["--continue-tokens", "-1"], "InputError: --continue-tokens -1: must be a whole number >= 0"),
     (["--replace", "", "mouse"], "InputError: --replace '' 'mouse': OLD is empty"),
     (["--replace", "a", "b", "--text", " "], "InputError: --text is empty"),
     (["--save-vectors", "delta.pt"], "InputError: --save-vectors delta.pt: the file name must end in .safetensors"),
