@@ -122,8 +122,25 @@ def test_ar_resume_from_a_mid_run_checkpoint_gives_the_uninterrupted_weights(bas
     assert caught == []
 
 
-def test_a_held_out_split_of_one_vector_is_refused_before_training(base_folder, dataset_meta, label_split):
-    # The FVE of the first evaluation would divide by the zero spread of one vector (a ZeroDivisionError).
+def test_a_held_out_split_too_small_for_a_baseline_scores_mse_without_fve(base_folder, dataset_meta, label_split):
+    """An FVE against the paper baseline of a few held-out vectors was reported as if trustworthy (README "Scores":
+    >= 32 vectors); one vector's zero spread was a ZeroDivisionError, so it was refused."""
     train, held_out = label_split
-    with pytest.raises(nl.InputError, match="held-out split has 1 vector"):
-        train_ar(init_ar(base_folder, dataset_meta), train, held_out.select([0]), TrainConfig(steps=1), progress=False)
+    few = held_out.select(range(31))
+    with pytest.warns(UserWarning, match="no FVE: a baseline from 31 held-out vectors is not trustworthy"):
+        result = train_ar(init_ar(base_folder, dataset_meta), train, few, TrainConfig(steps=1), progress=False)
+    assert [e["fve"] for e in result.evals] == [None, None] and all(e["eval_mse"] > 0 for e in result.evals)
+    with pytest.raises(nl.InputError, match="held-out split is empty"):
+        train_ar(init_ar(base_folder, dataset_meta), train, held_out.select([]), TrainConfig(steps=1), progress=False)
+
+
+def test_the_held_out_fve_uses_the_paper_baseline_of_32_or_more_vectors(base_folder, dataset_meta, label_split):
+    train, held_out = label_split
+    enough = held_out.select(range(32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "no FVE" warning
+        result = train_ar(init_ar(base_folder, dataset_meta), train, enough, TrainConfig(steps=1), progress=False)
+    baseline = metrics.paper_baseline(enough.vectors.float(), dataset_meta.mse_scale)
+    expected = 1 - result.evals[-1]["eval_mse"] / baseline
+    assert result.evals[-1]["fve"] == pytest.approx(expected, rel=1e-5)
+    assert result.evals[-1]["baseline_source"] == "paper (held-out targets)"

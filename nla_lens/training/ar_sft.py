@@ -1,13 +1,14 @@
 """AR SFT: the base's first K+1 blocks plus an identity-initialised readout learn explanation -> vector.
 
 The loss is the paper's MSE on vectors rescaled to `mse_scale`; the held-out score is FVE against
-the paper baseline of the held-out targets. Training batches are built like
-`ActivationReconstructor.prompt_tokens` (left padding, readout at the last token), and evaluation
+the paper baseline of the held-out targets (from at least `MIN_BASELINE_VECTORS` of them). Training
+batches are built like `ActivationReconstructor.prompt_tokens` (left padding, readout at the last token), and evaluation
 calls `reconstruct` itself, so the AR is scored exactly as it will be served.
 """
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -15,7 +16,9 @@ from jaxtyping import Int
 from torch import Tensor, nn
 
 from nla_lens import backends, loading, metrics
+from nla_lens.checks import counted
 from nla_lens.errors import InputError
+from nla_lens.nla import MIN_BASELINE_VECTORS, resolve_baseline
 from nla_lens.reconstructor import ActivationReconstructor
 from nla_lens.sidecar import NLAMeta, check_tokenizer, parse_meta
 from nla_lens.training import loop
@@ -62,13 +65,14 @@ def ar_loss(ar: ActivationReconstructor, rows: ARRows, index: Int[Tensor, " batc
 
 
 def evaluate_ar(ar: ActivationReconstructor, rows: ARRows, *, batch_size: int) -> dict:
-    """Held-out MSE and FVE, with the paper baseline of the held-out targets."""
+    """Held-out MSE, and FVE against the paper baseline of the held-out targets; no FVE (None) from fewer than
+    `MIN_BASELINE_VECTORS` of them, whose baseline is too noisy to divide by (README "Scores")."""
     predicted = ar.reconstruct(rows.explanations, batch_size=batch_size)
     targets = rows.vectors.to(predicted.device)
     mse = metrics.mse_per_item(predicted, targets, ar.meta.mse_scale)
-    baseline = metrics.paper_baseline(targets, ar.meta.mse_scale)
-    return {"eval_mse": float(mse.mean()), "fve": metrics.fve(mse, baseline), "baseline": baseline,
-            "baseline_source": "paper (held-out targets)"}
+    baseline = resolve_baseline(targets, ar.meta.mse_scale).value
+    return {"eval_mse": float(mse.mean()), "fve": None if baseline is None else metrics.fve(mse, baseline),
+            "baseline": baseline, "baseline_source": "none" if baseline is None else "paper (held-out targets)"}
 
 
 def train_ar(
@@ -86,9 +90,14 @@ def train_ar(
     check_document_disjoint(train, evaluation)
     if len(train) == 0:  # else a raw ValueError from the row-length check
         raise InputError("the training split is empty; pass labelled rows to train on")
-    if len(evaluation) < 2:  # else the FVE of the first evaluation divides by a zero baseline
-        raise InputError(f"the held-out split has {len(evaluation)} vector(s), and the AR's held-out FVE needs >= 2 "
-                         "(a spread); raise eval_fraction or extract more positions per document")
+    if len(evaluation) == 0:
+        raise InputError("the held-out split is empty, so the AR cannot be scored; raise eval_fraction or extract "
+                         "more documents")
+    if len(evaluation) < MIN_BASELINE_VECTORS:
+        warnings.warn(f"AR SFT reports the held-out MSE but no FVE: a baseline from "
+                      f"{counted(len(evaluation), 'held-out vector')} is not trustworthy (need >= "
+                      f"{MIN_BASELINE_VECTORS}); raise eval_fraction or extract more documents for an FVE",
+                      stacklevel=2)
     rows, eval_rows = (ar_rows(data, ar.meta, ar.tokenizer) for data in (train, evaluation))
     check_fits(ar.model.cfg.n_ctx, rows, eval_rows)
     return loop.train(

@@ -142,8 +142,11 @@ def _train_av(config: AVRunConfig) -> str:
 def _train_ar(config: ARRunConfig) -> str:
     run = pipeline.run_train_ar(config)
     first, last = run.train.evals[0], run.train.evals[-1]
-    return (f"held-out FVE {first['fve']:.3f} -> {last['fve']:.3f} (baseline: {last['baseline_source']}); "
-            f"AR exported to {run.model_dir}")
+    if last["fve"] is None:
+        score = f"held-out MSE {first['eval_mse']:.4f} -> {last['eval_mse']:.4f} (no FVE: too few held-out vectors)"
+    else:
+        score = f"held-out FVE {first['fve']:.3f} -> {last['fve']:.3f} (baseline: {last['baseline_source']})"
+    return f"{score}; AR exported to {run.model_dir}"
 
 
 def _train_rl(config: RLRunConfig) -> str:
