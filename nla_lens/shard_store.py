@@ -29,6 +29,9 @@ _UNRECORDED = {"device": "cpu"}
 # Facts older manifests recorded that no row depends on, ignored: a round trip's --baseline only rescales the FVE the
 # merge computes, so another one takes no recomputed shard.
 _NOT_ROW_FACTS = ("baseline",)
+# Facts that say where a file was found, not what it holds: the manifest records that file's size and content hashes
+# beside them, so the same bytes found at another path (a moved or renamed input) resume, and the job says so.
+_LOCATION_FACTS = ("input",)
 
 
 def shard_folder(output: Path) -> Path:
@@ -70,11 +73,12 @@ def assigned_shards(n_shards: int, world: World, only: Sequence[int] | None = No
     return ids[world.rank::world.world_size]
 
 
-def check_manifest(folder: Path, manifest: dict[str, Any]) -> None:
-    """Refuse to resume from shards that were computed with other settings."""
+def check_manifest(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Refuse to resume from shards that were computed with other settings. Returns the location facts recorded with
+    another value, by their recorded value, where nothing else differs: the same file, found at another path."""
     path = folder / MANIFEST
     if not path.exists():
-        return
+        return {}
     try:
         recorded = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, OSError) as exc:  # cut short after its rename, as a shard can be (see _read_shard)
@@ -84,13 +88,15 @@ def check_manifest(folder: Path, manifest: dict[str, Any]) -> None:
     recorded = {k: v for k, v in recorded.items() if k not in _NOT_ROW_FACTS}
     read = _UNRECORDED | recorded
     differing = sorted(k for k in read.keys() | manifest.keys() if read.get(k) != manifest.get(k))
-    if differing:
+    relocated = {k: recorded[k] for k in differing if k in _LOCATION_FACTS and k in recorded}
+    if len(relocated) < len(differing):
         changes = ", ".join(f"{k}: {_recorded_value(recorded, k)} -> "
                             f"{repr(manifest[k]) if k in manifest else 'not used'}" for k in differing)
         raise ConfigError(
             f"{folder} holds shards computed with other settings ({changes}). Pick another --output, "
             "or delete that folder to start over"
         )
+    return relocated
 
 
 def _recorded_value(recorded: dict[str, Any], key: str) -> str:

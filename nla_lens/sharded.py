@@ -297,7 +297,8 @@ def _dtype_name(dtype: torch.dtype | str) -> str:
 
 def _input_facts(input_path: Path, table: VectorTable) -> dict[str, Any]:
     """Which input the shards were computed from: its path and size, and hashes of the vectors and of the
-    columns carried into the output rows (an edited id column changes the output as an edited vector does)."""
+    columns carried into the output rows (an edited id column changes the output as an edited vector does).
+    The rows depend on the hashed content only: the same file moved resumes (see `shard_store.check_manifest`)."""
     digest = hashlib.sha256(table.vectors.contiguous().numpy()).hexdigest()
     return {"input": str(input_path.resolve()), "input_bytes": input_path.stat().st_size,
             "n_rows": table.vectors.shape[0], "vectors_sha256": digest, "columns_sha256": _table_sha256(table.columns)}
@@ -352,7 +353,11 @@ def _run(table: VectorTable, output: Path, manifest: dict[str, Any], compute: Ca
     """Compute this rank's unfinished shards, wait for every rank, and merge on rank 0 if nothing is missing."""
     check_output(output)
     folder = shard_store.shard_folder(output)
-    shard_store.check_manifest(folder, manifest)
+    relocated = shard_store.check_manifest(folder, manifest)
+    if "input" in relocated and world.is_main:
+        warnings.warn(f"input found at {manifest['input']}, not at {relocated['input']} where "
+                      f"{folder / shard_store.MANIFEST} recorded it; its vectors and columns hash the same, so the "
+                      f"shards are reused, and the output's job record names {manifest['input']}", stacklevel=3)
     ranges = shard_store.shard_rows(table.vectors.shape[0], shard_size)
     todo = [i for i in shard_store.assigned_shards(len(ranges), world, shards)
             if not shard_store.shard_path(folder, i).exists()]

@@ -362,6 +362,77 @@ def test_an_input_whose_carried_columns_changed_is_not_resumed(tiny_paths, rows,
         sharded.verbalize_file(av, path, out, sampling=GREEDY, shard_size=SHARD_SIZE, progress=False)
 
 
+def _written(path: Path) -> tuple[int, int]:
+    """A file's inode and modification time: a shard written again (renamed into place) changes both."""
+    stat = path.stat()
+    return stat.st_ino, stat.st_mtime_ns
+
+
+def test_a_moved_input_resumes_its_shards_and_the_output_names_where_it_is_now(tiny_paths, input_file, tmp_path):
+    """Rows depend on the input's bytes, not its path: a renamed input was refused as other settings
+    (input: ... -> ...), so every shard was computed again."""
+    av, out = tiny_paths["av_karvonen"], tmp_path / "out.parquet"
+    reference = sharded.verbalize_file(av, input_file, tmp_path / "ref.parquet", sampling=GREEDY,
+                                       shard_size=SHARD_SIZE, progress=False).table
+    sharded.verbalize_file(av, input_file, out, sampling=GREEDY, shard_size=SHARD_SIZE, shards=[0], progress=False)
+    manifest = shard_store.shard_folder(out) / shard_store.MANIFEST
+    older = {k: v for k, v in json.loads(manifest.read_text()).items() if k != "device"}  # as an older nla_lens wrote
+    manifest.write_text(json.dumps(older))
+    first_shard = shard_store.shard_path(shard_store.shard_folder(out), 0)
+    first_write = _written(first_shard)
+    recorded = str(input_file.resolve())
+    (tmp_path / "elsewhere").mkdir()
+    moved = input_file.rename(tmp_path / "elsewhere" / "renamed.parquet")
+    with pytest.warns(UserWarning, match=rf"input found at {re.escape(str(moved.resolve()))}, not at "
+                                         rf"{re.escape(recorded)} where .*manifest\.json recorded it; .*the shards "
+                                         rf"are reused, and the output's job record names "
+                                         rf"{re.escape(str(moved.resolve()))}"):
+        result = sharded.verbalize_file(av, moved, out, sampling=GREEDY, shard_size=SHARD_SIZE, progress=False)
+    assert result.computed == [1, 2, 3] and _written(first_shard) == first_write
+    assert result.table.equals(reference)
+    assert json.loads(pq.read_schema(out).metadata[b"nla_lens_job"])["input"] == str(moved.resolve())
+
+
+def test_a_round_trip_resumed_from_a_renamed_input_warns_in_one_line_and_its_summary_names_the_new_path(
+        tiny_paths, input_file, tmp_path, capsys):
+    av, ar, out = tiny_paths["av_karvonen"], tiny_paths["ar_nanonla"], tmp_path / "scores.parquet"
+
+    def round_trip(path: Path, output: Path, *extra: str) -> list[str]:
+        return ["round-trip", "--ar", str(ar), *verbalize_args(av, path, output, "--baseline", "0.5", *extra)[1:]]
+
+    assert main(round_trip(input_file, tmp_path / "ref.parquet")) == 0
+    assert main(round_trip(input_file, out, "--shards", "0")) == 0
+    first_shard = shard_store.shard_path(shard_store.shard_folder(out), 0)
+    first_write = _written(first_shard)
+    renamed = input_file.rename(input_file.with_name("renamed.parquet"))
+    capsys.readouterr()
+    assert main(round_trip(renamed, out)) == 0
+    said = capsys.readouterr()
+    assert "3 of 4 shards computed by this process" in said.out and _written(first_shard) == first_write
+    warned = [line for line in said.err.splitlines() if "input found at" in line]
+    assert len(warned) == 1 and warned[0].startswith("nla-lens round-trip: warning: input found at ")
+    assert warned[0].endswith(f"the output's job record names {renamed.resolve()}")
+    assert pq.read_table(out).equals(pq.read_table(tmp_path / "ref.parquet"))
+    assert json.loads(sharded.summary_path(out).read_text())["job"]["input"] == str(renamed.resolve())
+
+
+def test_an_input_with_other_bytes_is_refused_under_a_new_name_as_under_its_own(tiny_paths, input_file, rows,
+                                                                                 tmp_path):
+    av, out = tiny_paths["av_karvonen"], tmp_path / "out.parquet"
+    sharded.verbalize_file(av, input_file, out, sampling=GREEDY, shard_size=SHARD_SIZE, shards=[0], progress=False)
+    first_shard = shard_store.shard_path(shard_store.shard_folder(out), 0)
+    first_write = _written(first_shard)
+    columns = {"doc_id": [f"doc{i // 4}" for i in range(N_ROWS)], "position": list(range(N_ROWS))}
+    other = write_parquet(tmp_path / "other.parquet", rows.flip(0), **columns)  # same size, rows in another order
+    assert other.stat().st_size == input_file.stat().st_size
+    with pytest.raises(nl.ConfigError, match=r"input: .*in\.parquet' -> .*other\.parquet', .*vectors_sha256"):
+        sharded.verbalize_file(av, other, out, sampling=GREEDY, shard_size=SHARD_SIZE, progress=False)
+    other.replace(input_file)
+    with pytest.raises(nl.ConfigError, match=r"\(vectors_sha256: '[0-9a-f]+' -> '[0-9a-f]+'\)"):
+        sharded.verbalize_file(av, input_file, out, sampling=GREEDY, shard_size=SHARD_SIZE, progress=False)
+    assert _written(first_shard) == first_write
+
+
 def test_a_checkpoint_exported_again_into_the_same_folder_is_not_resumed(tiny_paths, input_file, tmp_path):
     av, out = tmp_path / "av", tmp_path / "out.parquet"
     shutil.copytree(tiny_paths["av_karvonen"], av)
