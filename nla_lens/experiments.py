@@ -231,7 +231,7 @@ def steer_then_verbalize(
     """
     av = _verbalizer(nla_or_av)
     check_read_keywords(nla_or_av, verbalize_kwargs, "steer_then_verbalize")
-    layer = av.meta.layer if capture_layer is None else capture_layer
+    layer = _capture_layer(av, capture_layer)
     check_base_model(base_model, nla_or_av, av.meta.layer)
     d_model = base_model.cfg.d_model
     if isinstance(steering_vector, Tensor) and tuple(steering_vector.shape) not in ((d_model,), (1, d_model)):
@@ -303,7 +303,7 @@ def patching_study(
     """
     av = _verbalizer(nla_or_av)
     check_read_keywords(nla_or_av, verbalize_kwargs, "patching_study")
-    layer = av.meta.layer if capture_layer is None else capture_layer
+    layer = _capture_layer(av, capture_layer)
     check_base_model(base_model, nla_or_av, av.meta.layer)
     check_token_tensor(clean_tokens, "clean_tokens")
     check_token_tensor(corrupted_tokens, "corrupted_tokens")
@@ -463,6 +463,18 @@ def _read(nla_or_av: NLA | ActivationVerbalizer, vectors: Float[Tensor, "n d_mod
     round_trip = nla_or_av.round_trip(vectors, baseline=baseline, **verbalize_kwargs)
     fves: list[float | None] = [None] * len(vectors) if round_trip.fves is None else round_trip.fves.tolist()
     return round_trip.verbalizations, fves, round_trip
+
+
+def _capture_layer(av: ActivationVerbalizer, capture_layer: int | None) -> int:
+    """The layer to read out: the NLA's, or `capture_layer` with a warning (as `nla-lens --layer` warns), since the
+    AV was trained on its own layer's vectors and the AR's baseline is that layer's."""
+    if capture_layer is None or capture_layer == av.meta.layer:
+        return av.meta.layer
+    warnings.warn(f"capture_layer={capture_layer} differs from layer {av.meta.layer}, the one this NLA was trained to "
+                  "read (its sidecar): explanations of other layers are off-distribution, and FVEs against the AR "
+                  f"sidecar's baseline are that layer's. Leave capture_layer out to read layer {av.meta.layer}",
+                  stacklevel=3)
+    return capture_layer
 
 
 def _verbalizer(nla_or_av: NLA | ActivationVerbalizer) -> ActivationVerbalizer:
