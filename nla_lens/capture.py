@@ -301,7 +301,9 @@ def capture(model: TLModel, layer: int, positions: PositionSpec = -1, *,
 
     `positions`: an int column or a list of them (every row), a negative int `-k` (each row's k-th last real
     token, whatever the padding), a `[batch]` integer tensor (one position per row) or a `[batch, pos]` boolean
-    mask (every True entry). `tokens` (token strings in `cap.rows`, padding-aware negative positions) and `attention_mask` (it wins
+    mask (every True entry).
+
+    `tokens` (token strings in `cap.rows`, padding-aware negative positions) and `attention_mask` (it wins
     over the pad tokens) are read from each model call when not given; pass them to check `positions` before
     the run, or where the call does not hold them (a forward from embeddings, blocks called directly).
     See [`Capture`][nla_lens.capture.Capture] for what is recorded when the model runs several times inside
