@@ -299,6 +299,10 @@ def capture(model: TLModel, layer: int, positions: PositionSpec = -1, *,
     ...     base_model.run_with_hooks(tokens, attention_mask=mask, fwd_hooks=[(name, steer)])
     >>> cap.vectors, cap.rows    # [n, d_model] float32, provenance of each row
 
+    `positions`: an int column or a list of them (every row), a negative int `-k` (each row's k-th last real
+    token, whatever the padding), a `[batch]` integer tensor (one position per row) or a `[batch, pos]` boolean
+    mask (every True entry).
+
     `tokens` (token strings in `cap.rows`, padding-aware negative positions) and `attention_mask` (it wins
     over the pad tokens) are read from each model call when not given; pass them to check `positions` before
     the run, or where the call does not hold them (a forward from embeddings, blocks called directly).

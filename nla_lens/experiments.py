@@ -72,23 +72,29 @@ class SteeringResult(TabularResult):
     clean_vectors: Float[Tensor, "n d_model"]
     steered_vectors: Float[Tensor, "n d_model"]
     round_trip: RoundTrip | None  # over clean then steered vectors; None without an AR
+    layer: int  # the layer read out (blocks.{layer}.hook_resid_post)
+    steer_layer: int  # scale * steering_vector was added at blocks.{steer_layer}.hook_resid_post
+    scale: float
 
     display_columns = ("batch", "position", "token", "clean", "steered", "added", "removed", "cosine",
                        "fve_clean", "fve_steered")
     schema = pa.schema({"batch": pa.int64(), "position": pa.int64(), "token": pa.string(), "clean": pa.string(),
                         "clean_parsed": pa.bool_(), "steered": pa.string(), "steered_parsed": pa.bool_(),
                         "added": pa.list_(pa.string()), "removed": pa.list_(pa.string()), "cosine": pa.float64(),
-                        "fve_clean": pa.float64(), "fve_steered": pa.float64()})
+                        "fve_clean": pa.float64(), "fve_steered": pa.float64(), "layer": pa.int64(),
+                        "steer_layer": pa.int64(), "scale": pa.float64()})
 
     def to_records(self) -> list[dict[str, Any]]:
         return [{"batch": r.batch, "position": r.position, "token": r.token, "clean": _readout(r.clean),
                  "clean_parsed": r.clean.explanation is not None, "steered": _readout(r.steered),
                  "steered_parsed": r.steered.explanation is not None, "added": r.added, "removed": r.removed,
-                 "cosine": r.cosine, "fve_clean": r.fve_clean, "fve_steered": r.fve_steered} for r in self.rows]
+                 "cosine": r.cosine, "fve_clean": r.fve_clean, "fve_steered": r.fve_steered, "layer": self.layer,
+                 "steer_layer": self.steer_layer, "scale": self.scale} for r in self.rows]
 
     def summary(self) -> str:
         changed = sum(_readout(r.clean) != _readout(r.steered) for r in self.rows)
-        return (f"{len(self.rows)} sites, {changed} readouts changed by steering; "
+        return (f"steered at layer {self.steer_layer} (scale {self.scale:g}), read out at layer {self.layer}: "
+                f"{len(self.rows)} sites, {changed} readouts changed by steering; "
                 + _scores(self.round_trip, ("clean", "steered")))
 
 
@@ -99,7 +105,7 @@ class PatchingRow:
 
     run: Literal["clean", "corrupted", "patched"]
     batch: int
-    position: int
+    position: int  # the column read out (capture_position), not the patched one
     token: str | None
     verbalization: Verbalization
     fve: float | None  # per-row FVE of the round trip; None without an AR
@@ -111,25 +117,30 @@ class PatchingStudy(TabularResult):
     """What `patching_study` returns: the clean, corrupted and patched runs' captured sites, read out."""
 
     rows: list[PatchingRow]  # clean rows, then corrupted, then patched
-    hook_name: str
+    hook_name: str  # the patched activation
     clean_vectors: Float[Tensor, "n d_model"]
     corrupted_vectors: Float[Tensor, "n d_model"]
     patched_vectors: Float[Tensor, "n d_model"]
     round_trip: RoundTrip | None  # over clean, corrupted, patched vectors; None without an AR
+    patch_position: int  # the patched column (query row of an attention pattern), >= 0
+    layer: int  # the layer read out (blocks.{layer}.hook_resid_post)
 
     display_columns = ("run", "batch", "position", "token", "explanation", "cosine_to_clean", "fve")
     schema = pa.schema({"run": pa.string(), "batch": pa.int64(), "position": pa.int64(), "token": pa.string(),
                         "explanation": pa.string(), "parsed": pa.bool_(), "cosine_to_clean": pa.float64(),
-                        "fve": pa.float64()})
+                        "fve": pa.float64(), "patched": pa.string(), "patch_position": pa.int64(),
+                        "layer": pa.int64()})
 
     def to_records(self) -> list[dict[str, Any]]:
         return [{"run": r.run, "batch": r.batch, "position": r.position, "token": r.token,
                  "explanation": _readout(r.verbalization), "parsed": r.verbalization.explanation is not None,
-                 "cosine_to_clean": r.cosine_to_clean, "fve": r.fve} for r in self.rows]
+                 "cosine_to_clean": r.cosine_to_clean, "fve": r.fve, "patched": self.hook_name,
+                 "patch_position": self.patch_position, "layer": self.layer} for r in self.rows]
 
     def summary(self) -> str:
-        return f"patched {self.hook_name}; {len(self.rows)} rows (clean, corrupted, patched); " + _scores(
-            self.round_trip, ("clean", "corrupted", "patched"))
+        return (f"patched {self.hook_name} at column {self.patch_position}, read out at layer {self.layer}; "
+                f"{len(self.rows)} rows (clean, corrupted, patched); "
+                + _scores(self.round_trip, ("clean", "corrupted", "patched")))
 
 
 @dataclass(frozen=True, eq=False, repr=False)
@@ -231,7 +242,7 @@ def steer_then_verbalize(
     """
     av = _verbalizer(nla_or_av)
     check_read_keywords(nla_or_av, verbalize_kwargs, "steer_then_verbalize")
-    layer = av.meta.layer if capture_layer is None else capture_layer
+    layer = _capture_layer(av, capture_layer)
     check_base_model(base_model, nla_or_av, av.meta.layer)
     d_model = base_model.cfg.d_model
     if isinstance(steering_vector, Tensor) and tuple(steering_vector.shape) not in ((d_model,), (1, d_model)):
@@ -260,7 +271,7 @@ def steer_then_verbalize(
         added, removed = word_diff(_readout(before), _readout(after))
         rows.append(SteeringRow(site.batch, site.position, site.token, before, after, added, removed,
                                 cosines[i], fves[i], fves[n + i]))
-    return SteeringResult(rows, clean.vectors, steered.vectors, round_trip)
+    return SteeringResult(rows, clean.vectors, steered.vectors, round_trip, layer, steer_layer, float(scale))
 
 
 # Hook points TransformerLens fires only after a `set_use_*` switch, and the switch.
@@ -303,7 +314,7 @@ def patching_study(
     """
     av = _verbalizer(nla_or_av)
     check_read_keywords(nla_or_av, verbalize_kwargs, "patching_study")
-    layer = av.meta.layer if capture_layer is None else capture_layer
+    layer = _capture_layer(av, capture_layer)
     check_base_model(base_model, nla_or_av, av.meta.layer)
     check_token_tensor(clean_tokens, "clean_tokens")
     check_token_tensor(corrupted_tokens, "corrupted_tokens")
@@ -343,7 +354,8 @@ def patching_study(
             # One AV batch held the three runs: a readout is given its row i in its own run, not k * n + i.
             rows.append(PatchingRow(run, site.batch, site.position, site.token,
                                     replace(verbalizations[k * n + i], index=i), fves[k * n + i], cosines[i]))
-    return PatchingStudy(rows, hook_name, clean.vectors, corrupted.vectors, patched.vectors, round_trip)
+    return PatchingStudy(rows, hook_name, clean.vectors, corrupted.vectors, patched.vectors, round_trip,
+                         patch_position % width, layer)
 
 
 _BEFORE_BLOCKS = ("embed", "pos_embed")  # hook_embed / hook_pos_embed: model-level, before block 0
@@ -463,6 +475,18 @@ def _read(nla_or_av: NLA | ActivationVerbalizer, vectors: Float[Tensor, "n d_mod
     round_trip = nla_or_av.round_trip(vectors, baseline=baseline, **verbalize_kwargs)
     fves: list[float | None] = [None] * len(vectors) if round_trip.fves is None else round_trip.fves.tolist()
     return round_trip.verbalizations, fves, round_trip
+
+
+def _capture_layer(av: ActivationVerbalizer, capture_layer: int | None) -> int:
+    """The layer to read out: the NLA's, or `capture_layer` with a warning (as `nla-lens --layer` warns), since the
+    AV was trained on its own layer's vectors and the AR's baseline is that layer's."""
+    if capture_layer is None or capture_layer == av.meta.layer:
+        return av.meta.layer
+    warnings.warn(f"capture_layer={capture_layer} differs from layer {av.meta.layer}, the one this NLA was trained to "
+                  "read (its sidecar): explanations of other layers are off-distribution, and FVEs against the AR "
+                  f"sidecar's baseline are that layer's. Leave capture_layer out to read layer {av.meta.layer}",
+                  stacklevel=3)
+    return capture_layer
 
 
 def _verbalizer(nla_or_av: NLA | ActivationVerbalizer) -> ActivationVerbalizer:

@@ -23,7 +23,7 @@ from nla_lens import backends, display
 from nla_lens.base_model import check_base_model
 from nla_lens.capture import capture, resid_post_name
 from nla_lens.checks import check_fwd_hooks, counted
-from nla_lens.errors import InputError, PromptTooLongError
+from nla_lens.errors import InputError, PromptTooLongError, VectorError
 from nla_lens.loading import prepends_bos
 from nla_lens.nla import NLA, RoundTrip, baseline_phrase, check_read_keywords
 from nla_lens.parsing import unclosed_note
@@ -119,8 +119,10 @@ def explain(nla: NLA, base: TLModel, text_or_texts: str | Sequence[str], *, posi
     """Explain `positions` (default: every token but the BOS the tokenizer puts first) of each text with `nla`.
 
     `positions` is an int, a list of ints (negative counts from the end) or a slice, applied to every
-    text. `baseline` is the FVE baseline (default: the AR sidecar's, see `NLA.round_trip`);
-    `verbalize_kwargs` go to `verbalize` (e.g. `max_new_tokens`, `batch_size`).
+    text; each text's rows come in token order, a position named twice once (`[5, 1]` gives rows 1, 5).
+    `baseline` is the FVE baseline (default: the AR sidecar's, see `NLA.round_trip`);
+    `verbalize_kwargs` go to `verbalize` (e.g. `max_new_tokens`, `batch_size`). Texts already tokenized go
+    to `explain_tokens` (`from nla_lens.explain import explain_tokens`).
     """
     backends.backend_of(base)  # the text is tokenized with its tokenizer before explain_tokens checks it
     texts = _texts(text_or_texts)
@@ -141,7 +143,8 @@ def _texts(text_or_texts: object) -> list[str]:
     elif isinstance(text_or_texts, Iterable) and not isinstance(text_or_texts, Tensor):
         texts = list(text_or_texts)
     else:  # a tensor iterates as tensors, None or a number not at all: neither is a list of texts
-        hint = "; token ids go to nla_lens.explain.explain_tokens" if isinstance(text_or_texts, Tensor) else ""
+        hint = ("; token ids go to explain_tokens (from nla_lens.explain import explain_tokens)"
+                if isinstance(text_or_texts, Tensor) else "")
         raise InputError(f"explain takes a str or a list of str, got {type(text_or_texts).__name__}{hint}")
     if not texts:
         raise InputError("pass a non-empty text, or a non-empty list of non-empty texts, to explain")
@@ -196,12 +199,26 @@ def explain_tokens(nla: NLA, base: TLModel, token_rows: Sequence[Sequence[int]],
             vectors.append(cap.vectors)
             sites += [(t, p) for p in cols]
     captured = torch.cat(vectors)
-    round_trip = nla.round_trip(captured, baseline=baseline, **verbalize_kwargs)
     strings = [[tokenizer.decode([i], clean_up_tokenization_spaces=False) for i in row] for row in token_rows]
+    _check_directions(captured, sites, strings, layer)
+    round_trip = nla.round_trip(captured, baseline=baseline, **verbalize_kwargs)
     fves = [None] * len(sites) if round_trip.fves is None else round_trip.fves.tolist()
     explained = [ExplainedToken(t, p, strings[t][p], v, mse, fve) for (t, p), v, mse, fve in
                  zip(sites, round_trip.verbalizations, round_trip.mse.tolist(), fves, strict=True)]
     return Explanation(explained, texts, strings, layer, captured, round_trip, getattr(base.cfg, "model_name", None))
+
+
+def _check_directions(vectors: Float[Tensor, "n d_model"], sites: Sequence[tuple[int, int]],
+                      strings: Sequence[Sequence[str]], layer: int) -> None:
+    """Refuse residuals the AV cannot be given (zero: no direction; non-finite), naming each by its text,
+    position and token; `verbalize` would name rows of the concatenation of every text's positions."""
+    bad = (vectors == 0).all(dim=-1) | ~torch.isfinite(vectors).all(dim=-1)
+    where = [f"text {t} position {p} ({strings[t][p]!r})" for (t, p), b in zip(sites, bad.tolist(), strict=True) if b]
+    if where:
+        shown = ", ".join(where[:5]) + (f" and {len(where) - 5} more" if len(where) > 5 else "")
+        raise VectorError(f"the layer-{layer} residual at {shown} is zero or not finite, so it has no direction to "
+                          "inject (a hook of yours that zeroes it, or a token whose embedding is zero). Leave those "
+                          "positions out with positions=, or explain a run that leaves them their values")
 
 
 def _slice_text(positions: slice) -> str:

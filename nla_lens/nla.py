@@ -268,7 +268,10 @@ class NLA:
                 **verbalize_kwargs: Any) -> Explanation:
         """Explain every token (or `positions`) of one or more texts: one row per token with its explanation,
         round-trip MSE and FVE. Runs `base` under any hooks you have installed, plus `fwd_hooks`.
-        See [`nla_lens.explain.explain`][nla_lens.explain.explain]."""
+
+        `positions`: an int, a list of ints (negative from each text's end) or a slice, for every text; each
+        text's rows come in token order. `baseline`: the FVE baseline (default: the AR sidecar's). Other
+        keywords go to `verbalize` (`max_new_tokens`, `batch_size`, ...). This is `nla_lens.explain.explain`."""
         from nla_lens.explain import explain
 
         return explain(self, base, text_or_texts, positions=positions, baseline=baseline, fwd_hooks=fwd_hooks,

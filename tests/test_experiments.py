@@ -169,6 +169,23 @@ def test_patching_study_equals_hand_written_tl_patching(base, nla, layer, positi
     assert no_hooks_left(base)
 
 
+def test_reading_out_another_layer_than_the_nlas_warns_as_the_cli_does(base, nla, steer, recwarn):
+    """capture_layer=1 ran the layer-2 NLA on layer-1 vectors, scored against the layer-2 baseline, silently."""
+    clean_tokens, corrupted_tokens = equal_length_pair(base)
+    runs = {"steer_then_verbalize": lambda **kw: nl.steer_then_verbalize(
+                base, nla, clean_tokens, steering_vector=steer, scale=1.0, steer_layer=0, baseline=0.5, **FAST, **kw),
+            "patching_study": lambda **kw: nl.patching_study(
+                base, nla, clean_tokens, corrupted_tokens, patch_layer=0, patch_position=1, baseline=0.5, **FAST, **kw)}
+    for name, run in runs.items():
+        with pytest.warns(UserWarning, match=f"^capture_layer=1 differs from layer {LAYER}, the one this NLA") as seen:
+            run(capture_layer=1)
+        assert seen[0].filename == __file__, name  # the warning points at the caller's line
+        recwarn.clear()
+        run(capture_layer=LAYER)
+        run()
+        assert not [w for w in recwarn if "capture_layer" in str(w.message)], name
+
+
 def test_patching_the_embedding_of_the_one_differing_token_gives_the_clean_run(base, av_karvonen):
     """activation_name="embed" was refused: TL's get_act_name("embed", 0) says blocks.0.hook_embed. The tiny base
     has no positional embedding, so the corrupted run with the clean token's embedding is the clean run."""

@@ -87,6 +87,22 @@ def test_explain_runs_under_the_users_hooks(base, nla):
     assert no_hooks_left(base)
 
 
+def test_a_zeroed_residual_is_named_by_its_text_position_and_token(base, nla):
+    """A hook zeroing layer K at one column failed the call naming "rows [2, 6]" of the concatenated captures."""
+    def ablate(resid, hook):
+        resid[:, 2] = 0
+        return resid
+
+    name = f"blocks.{nla.layer}.hook_resid_post"
+    tokens = [[base.tokenizer.decode([i]) for i in base.tokenizer.encode(text)] for text in TEXTS]
+    with pytest.raises(nl.VectorError, match=re.escape(f"the layer-{nla.layer} residual at text 0 position 2 "
+                                                       f"({tokens[0][2]!r}), text 1 position 2 ({tokens[1][2]!r}) "
+                                                       "is zero or not finite")):
+        nla.explain(base, TEXTS, fwd_hooks=[(name, ablate)], baseline=0.8, **FAST)
+    assert no_hooks_left(base)
+    assert len(nla.explain(base, TEXTS, positions=[0, 1], fwd_hooks=[(name, ablate)], baseline=0.8, **FAST).rows) == 4
+
+
 def test_a_hook_name_typo_or_a_lone_pair_in_fwd_hooks_is_a_typed_error_naming_the_fix(base, nla):
     """TL answers both with a bare KeyError / ValueError; explain says which name it meant and the form."""
     typo = f"blocks.{nla.layer}.hook_resid_pst"
@@ -124,7 +140,8 @@ def test_explain_refuses_empty_texts_with_a_typed_error(base, nla):
 def test_explain_says_texts_are_str_and_what_it_got_instead(base, nla):
     """It said "pass a non-empty text" for a number, None or a tensor of token ids."""
     for bad, said in [(3, ", got int"), (None, ", got NoneType"), (["fine", 7], "; text 1 is int"),
-                      (torch.tensor([[1, 2]]), ", got Tensor; token ids go to nla_lens.explain.explain_tokens")]:
+                      (torch.tensor([[1, 2]]),
+                       ", got Tensor; token ids go to explain_tokens (from nla_lens.explain import explain_tokens)")]:
         with pytest.raises(nl.InputError, match=re.escape(f"explain takes a str or a list of str{said}")):
             nla.explain(base, bad)
 

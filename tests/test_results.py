@@ -194,6 +194,18 @@ def test_the_rows_carry_the_numbers_of_the_result(results):
     assert isinstance(results["verbalizations"], list)  # still a plain list to compare and index
 
 
+def test_a_saved_steering_or_patching_table_records_the_experiment(results, tmp_path):
+    """A saved table said neither where it steered (layer, scale) nor what it patched (hook, column), and the
+    result objects held neither: the file could not be read back as an experiment."""
+    steering = pd.read_parquet(results["steering"].save(tmp_path / "steer.parquet"))
+    assert steering[["layer", "steer_layer", "scale"]].drop_duplicates().values.tolist() == [[LAYER, 1, 4.0]]
+    assert f"steered at layer 1 (scale 4), read out at layer {LAYER}" in results["steering"].summary()
+    patching = pd.read_parquet(results["patching"].save(tmp_path / "patch.parquet"))
+    assert patching[["patched", "patch_position", "layer"]].drop_duplicates().values.tolist() == [
+        ["blocks.1.hook_resid_pre", 1, LAYER]]
+    assert f"patched blocks.1.hook_resid_pre at column 1, read out at layer {LAYER}" in results["patching"].summary()
+
+
 @pytest.mark.parametrize("kind", [kind for kind in KINDS if kind not in ("verbalizations", "feature_card")])
 def test_results_holding_tensors_compare_by_identity_instead_of_raising(results, kind):
     result = results[kind]
