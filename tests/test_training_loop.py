@@ -101,16 +101,16 @@ def test_a_resume_with_other_steps_shows_both_values_and_says_a_run_cannot_be_ex
                                     "run started with, so set them back.")
 
 
-def _checkpoint_of_a_moved_layer(tmp_path):
-    """A one-step checkpoint of a Linear, then the Linear moved off it (a restore before an error would show),
-    with its parameters, optimizer and config."""
+def _checkpoint_of_a_moved_layer(tmp_path, step: int = 1):
+    """A checkpoint at `step` of a 2-step run of a Linear, then the Linear moved off it (a restore before an error
+    would show), with its parameters, optimizer and config."""
     layer = torch.nn.Linear(4, 4)
     params = dict(layer.named_parameters())
     config = TrainConfig(steps=2)
     optimizer = make_optimizer(params, config)
     layer(torch.ones(1, 4)).sum().backward()
     optimizer.step()
-    folder = save_checkpoint(tmp_path, 1, params, optimizer, config, TrainResult(steps=2))
+    folder = save_checkpoint(tmp_path, step, params, optimizer, config, TrainResult(steps=2))
     with torch.no_grad():
         layer.weight.add_(1.0)
     return folder, params, optimizer, config
@@ -154,3 +154,17 @@ def test_a_trainer_state_of_another_shape_is_a_checkpoint_error_before_any_weigh
                                                  "is damaged or incomplete. Resume from an earlier checkpoint"):
         load_checkpoint(folder, params, optimizer, config)
     assert all(torch.equal(params[name], moved[name]) for name in params)
+
+
+@pytest.mark.parametrize("command", ["train-av", "train-ar", "train-rl"])
+def test_a_finished_runs_out_dir_is_refused_as_finished_and_only_rl_is_told_more_steps_extend_it(tmp_path, command):
+    """"Set resume: latest to continue that run" was said of a finished run too; SFT cannot extend one (its cosine
+    schedule spans `steps`), RL can."""
+    from nla_lens.training.pipeline import check_out_dir
+
+    _checkpoint_of_a_moved_layer(tmp_path, step=2)
+    with pytest.raises(nl.ConfigError, match=r"holds a finished run: its checkpoints reach its last step, 2 "
+                                             r"\(step-000002\)\. A run without resume") as info:
+        check_out_dir(tmp_path, command, None)
+    assert str(info.value).endswith(", unless you raise steps: then it extends the run") == (command == "train-rl")
+    check_out_dir(tmp_path, command, "latest")

@@ -442,12 +442,16 @@ def resume_folder(resume: str | Path | None, out_dir: str | Path | None) -> Path
     return folder
 
 
-def check_resume(out_dir: str | Path | None, resume: str | Path | None) -> None:
+def check_resume(out_dir: str | Path | None, resume: str | Path | None,
+                 resumable: frozenset[str] | set[str] = frozenset()) -> None:
     """What `resume` needs, checked before any model loads. A checkpoint folder must be one. Without `resume`,
     `out_dir` must hold no checkpoint: the run would start at step 0 over an interrupted run's checkpoints
-    (keep_checkpoints pruning them), or leave a longer run's newest for `resume: latest` to pick."""
+    (keep_checkpoints pruning them), or leave a longer run's newest for `resume: latest` to pick. `resumable`: the
+    settings `load_checkpoint` lets a resume change (RL's `steps`)."""
     if resume is None:
         found = checkpoints(out_dir) if out_dir is not None else []
+        if found and is_last_step(found[-1]):
+            raise ConfigError(_finished_run(Path(out_dir), found[-1], extendable="steps" in resumable))
         if found:
             raise ConfigError(f"{out_dir} holds checkpoints up to step {_step(found[-1])} "
                               f"({', '.join(p.name for p in found)}): a run without resume would start at step 0 "
@@ -457,6 +461,28 @@ def check_resume(out_dir: str | Path | None, resume: str | Path | None) -> None:
         what = "holds no trainer_state.json" if Path(resume).is_dir() else "does not exist"
         raise CheckpointError(f"resume: {resume} {what}, so it is no training checkpoint; set resume to a "
                               f"{CHECKPOINT_DIR}/step-NNNNNN folder of the run, or to latest")
+
+
+def is_last_step(folder: Path) -> bool:
+    """Whether checkpoint `folder` holds its run's last step, i.e. that run's training finished. A checkpoint whose
+    state cannot be read says no: resuming from it reports the damage."""
+    try:
+        return _step(folder) == _trainer_state(folder / "trainer_state.json")["config"].get("steps")
+    except CheckpointError:
+        return False
+
+
+def _finished_run(out_dir: Path, last: Path, *, extendable: bool) -> str:
+    """The refusal of a rerun without `resume` over a finished run, where "continue that run" misleads: measured on
+    train-av / train-ar / train-rl, `resume: latest` runs no step, exports the same weights again and rewrites
+    train_result.json."""
+    outputs = sorted(p.name for p in out_dir.iterdir() if p.name != CHECKPOINT_DIR and not p.name.startswith("."))
+    beside = f", and beside them: {', '.join(outputs)}" if outputs else ""
+    return (f"{out_dir} holds a finished run: its checkpoints reach its last step, {_step(last)} ({last.name})"
+            f"{beside}. A run without resume would start at step 0 over it. To train again, point out_dir at a new "
+            f"folder (or remove {out_dir / CHECKPOINT_DIR}). resume: latest (resume=\"latest\" from Python) runs no "
+            "further step: it restores the finished weights, which the nla-lens commands export again"
+            + (", unless you raise steps: then it extends the run" if extendable else ""))
 
 
 def _step(folder: Path) -> int:

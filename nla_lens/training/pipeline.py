@@ -20,6 +20,7 @@ from nla_lens.errors import ConfigError, InputError
 from nla_lens.nla import check_pair, check_vocabularies
 from nla_lens.reconstructor import ActivationReconstructor
 from nla_lens.sidecar import NLAMeta, load_meta
+from nla_lens.training import rl
 from nla_lens.training.ar_sft import init_ar, train_ar
 from nla_lens.training.av_sft import init_av, train_av
 from nla_lens.training.config import (
@@ -105,7 +106,7 @@ def check_out_dir(out_dir: str | Path, command: str, resume: str | Path | None) 
     """What each training command checks of its `out_dir` (and `resume`) before any model loads."""
     check_writable_out_dir(out_dir)
     check_result_file(out_dir, command)
-    check_resume(out_dir, resume)
+    check_resume(out_dir, resume, rl.RESUMABLE if command == "train-rl" else frozenset())
 
 
 def check_writable_out_dir(out_dir: str | Path) -> None:
