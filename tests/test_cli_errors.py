@@ -6,6 +6,7 @@ expensive work fails the test; the command must exit 2 with the message and no t
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -529,6 +530,30 @@ def test_text_files_that_are_not_utf8_are_input_errors(tiny_paths, tmp_path, no_
         read_corpus(utf16)
     with pytest.raises(nl.InputError, match="explanations .* is not UTF-8 text"):
         label_activations(None, utf16)  # the file is read before any row is looked at
+
+
+_DEFAULT_ID = (" (line {line} has no 'id', so its id is its line index counted from 0, and ids compare as text: 1 "
+               "and \"1\" are one id)")
+
+
+@pytest.mark.parametrize(("lines", "repeated", "default_on"), [
+    ([{}, {}, {"id": 1}], "3: document id '1' is line 2's too", 2),  # line 2's id is its index, 1
+    ([{"id": "1"}, {}], "2: document id '1' is line 1's too", 2),
+    ([{"id": "2"}, None, {}], "3: document id '2' is line 1's too", 3),  # the blank line 2 counts
+    ([{"id": "a"}, {"id": "a"}], "2: document id 'a' is line 1's too", None),
+])
+def test_a_repeated_document_id_says_when_one_line_took_its_line_index_as_id(tmp_path, lines, repeated, default_on):
+    """A corpus mixing lines with and without ids collided (id 1, and no id on line 2) with no word of where the
+    line without one got its id."""
+    from nla_lens.training.pipeline import read_corpus
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join("\n" if row is None else json.dumps({**row, "text": "a cat"}) + "\n" for row in lines))
+    default = "" if default_on is None else _DEFAULT_ID.format(line=default_on)
+    with pytest.raises(nl.InputError) as info:
+        read_corpus(corpus)
+    assert str(info.value) == (f"{corpus}:{repeated}{default}; give every document its own id (splits are made by "
+                               "document)")
 
 
 def test_inspect_of_an_extraction_folder_says_it_is_one(dataset_meta, tmp_path, capsys):

@@ -367,10 +367,18 @@ def test_rl_only_on_a_folder_without_an_sft_pair_is_a_clear_error(tmp_path, caps
 
 
 @NEEDS_TL3
-def test_rl_only_refuses_an_earlier_runs_checkpoints_in_the_toys_words(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize(("finished", "said"), [
+    (False, "holds checkpoints of an earlier RL run (up to step-000040): pass --rl-resume {step} to continue it"),
+    (True, "holds a finished RL run (up to step-000040): pass --rl-resume {step} to export and score it again (no "
+           "further step runs)"),
+])
+def test_rl_only_refuses_an_earlier_runs_checkpoints_in_the_toys_words(tmp_path, capsys, monkeypatch, finished,
+                                                                        said):
     """train_rl refuses a rerun over checkpoints and says "set resume: latest", a YAML key the toy script has no
-    way to set: the toy says --rl-resume, before it downloads the corpus."""
+    way to set: the toy says --rl-resume, before it downloads the corpus. Of a finished run it said "continue it"."""
     from nla_lens.toy import train
+    from nla_lens.training import TrainConfig, TrainResult
+    from nla_lens.training.loop import make_optimizer, save_checkpoint
 
     monkeypatch.setattr(train, "fetch_wheel", lambda *a: pytest.fail("the run started"))
     out, work = tmp_path / "sft", tmp_path / "work"
@@ -379,13 +387,17 @@ def test_rl_only_refuses_an_earlier_runs_checkpoints_in_the_toys_words(tmp_path,
     for name in ("scores.json", "heldout.json"):
         (out / name).write_text("{}")
     step = work / "rl_run" / "checkpoints" / "step-000040"
-    step.mkdir(parents=True)
-    (step / "trainer_state.json").write_text("{}")  # what makes a folder a checkpoint
+    if finished:  # a real checkpoint of a run's last step
+        params = dict(torch.nn.Linear(2, 2).named_parameters())
+        config = TrainConfig(steps=40)
+        save_checkpoint(work / "rl_run", 40, params, make_optimizer(params, config), config, TrainResult(steps=40))
+    else:
+        step.mkdir(parents=True)
+        (step / "trainer_state.json").write_text("{}")  # what makes a folder a checkpoint
     with pytest.raises(SystemExit) as exit_info:
         train.main(["--rl-only", "--out", str(out), "--work", str(work)])
     assert exit_info.value.code == 2
-    assert f"holds checkpoints of an earlier RL run (up to step-000040): pass --rl-resume {step}" in (
-        capsys.readouterr().err)
+    assert said.format(step=step) in capsys.readouterr().err
 
 
 @NEEDS_TL3

@@ -121,9 +121,36 @@ def test_a_fresh_run_into_an_out_dir_with_a_longer_runs_checkpoints_is_refused_b
                                                                     "keep_checkpoints": 1}}
     assert main(["train-ar", _write(tmp_path / "shorter.yaml", shorter)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("nla-lens train-ar: ConfigError: ") and "checkpoints up to step 3 (step-000003)" in err
-    assert "Set resume: latest" in err
+    assert err.startswith("nla-lens train-ar: ConfigError: ")
+    assert "holds a finished run: its checkpoints reach its last step, 3 (step-000003)" in err
+    assert "To train again, point out_dir at a new folder" in err
     assert _files(tmp_path / "ar") == before  # refused before training: nothing written
+
+
+def test_rerunning_a_finished_run_without_resume_says_it_finished_and_that_resume_latest_only_exports_it_again(
+        tmp_path, base_folder, extract_config, capsys):
+    """The refusal said "Set resume: latest to continue that run" of a run that had finished: resume: latest runs no
+    further step there, it exports the same weights again."""
+    common, _ = _training_inputs(tmp_path, str(base_folder), extract_config)
+    out = tmp_path / "ar"
+    config = {**common, "out_dir": str(out)}
+    assert main(["train-ar", _write(tmp_path / "ar.yaml", config)]) == 0
+    before = _files(out)
+    capsys.readouterr()
+    assert main(["train-ar", str(tmp_path / "ar.yaml")]) == 2
+    assert capsys.readouterr().err == (
+        f"nla-lens train-ar: ConfigError: {out} holds a finished run: its checkpoints reach its last step, 3 "
+        "(step-000003), and beside them: model, train_result.json. A run without resume would start at step 0 over "
+        f"it. To train again, point out_dir at a new folder (or remove {out / 'checkpoints'}). resume: latest "
+        "(resume=\"latest\" from Python) runs no further step: it restores the finished weights, which the nla-lens "
+        "commands export again\n")
+    assert _files(out) == before  # refused before training: nothing written
+
+    assert main(["train-ar", _write(tmp_path / "ar_resume.yaml", {**config, "resume": "latest"})]) == 0
+    history = json.loads((out / "train_result.json").read_text())["history"]
+    assert [row["step"] for row in history] == [1, 2, 3]
+    exported = {name: data for name, data in _files(out).items() if name.startswith("model/")}
+    assert exported == {name: data for name, data in before.items() if name.startswith("model/")}
 
 
 def test_rerunning_an_interrupted_run_without_resume_is_refused_and_resume_latest_continues_it(

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+import re
 
 import pytest
 import torch
@@ -99,20 +101,70 @@ def test_a_resume_with_other_steps_shows_both_values_and_says_a_run_cannot_be_ex
                                     "run started with, so set them back.")
 
 
-@pytest.mark.parametrize("damaged", ["params.safetensors", "optimizer.safetensors", "trainer_state.json"])
-def test_a_truncated_training_checkpoint_is_a_checkpoint_error_naming_the_file(tmp_path, damaged):
+def _checkpoint_of_a_moved_layer(tmp_path, step: int = 1):
+    """A checkpoint at `step` of a 2-step run of a Linear, then the Linear moved off it (a restore before an error
+    would show), with its parameters, optimizer and config."""
     layer = torch.nn.Linear(4, 4)
     params = dict(layer.named_parameters())
     config = TrainConfig(steps=2)
     optimizer = make_optimizer(params, config)
     layer(torch.ones(1, 4)).sum().backward()
     optimizer.step()
-    folder = save_checkpoint(tmp_path, 1, params, optimizer, config, TrainResult(steps=2))
+    folder = save_checkpoint(tmp_path, step, params, optimizer, config, TrainResult(steps=2))
+    with torch.no_grad():
+        layer.weight.add_(1.0)
+    return folder, params, optimizer, config
+
+
+@pytest.mark.parametrize("damaged", ["params.safetensors", "optimizer.safetensors", "trainer_state.json"])
+def test_a_truncated_training_checkpoint_is_a_checkpoint_error_naming_the_file(tmp_path, damaged):
+    folder, params, optimizer, config = _checkpoint_of_a_moved_layer(tmp_path)
     file = folder / damaged
     file.write_bytes(file.read_bytes()[:file.stat().st_size // 2])  # a copy cut short
-    with torch.no_grad():
-        layer.weight.add_(1.0)  # now unlike the saved weight, so a restore before the error would show
     moved = {name: param.detach().clone() for name, param in params.items()}
     with pytest.raises(nl.CheckpointError, match=rf"{damaged} cannot be read .*damaged or incomplete.*earlier"):
         load_checkpoint(folder, params, optimizer, config)
     assert all(torch.equal(params[name], moved[name]) for name in params)  # nothing half-restored
+
+
+_KEYS = ("step", "config", "param_names", "param_groups", "optimizer_scalars", "history", "evals", "seconds")
+
+
+@pytest.mark.parametrize(("edit", "problem"), [
+    (lambda state: [state], "holds an array, not a JSON object"),
+    *[(lambda state, key=key: {k: v for k, v in state.items() if k != key}, rf"\({key} is missing\)")
+      for key in _KEYS],
+    (lambda state: {**state, "seconds": "12", "history": {}},
+     r"\(history is an object, not an array; seconds is a string, not a number\)"),
+    (lambda state: {**state, "step": True}, r"\(step is a boolean, not an integer\)"),
+    (lambda state: {**state, "param_groups": [*state["param_groups"][:1], None]},
+     r"\(param_groups\[1\] is not an object with a betas array\)"),
+    (lambda state: {**state, "optimizer_scalars": {"step": 1.0}},
+     r"\(optimizer_scalars key 'step' is not <index>.<name>\)"),
+])
+def test_a_trainer_state_of_another_shape_is_a_checkpoint_error_before_any_weight_is_restored(tmp_path, edit,
+                                                                                            problem):
+    """Valid JSON of another shape (a list, a key missing, a key of another type) ended in a bare KeyError,
+    TypeError or AttributeError, some after the weights were restored."""
+    folder, params, optimizer, config = _checkpoint_of_a_moved_layer(tmp_path)
+    path = folder / "trainer_state.json"
+    path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+    moved = {name: param.detach().clone() for name, param in params.items()}
+    with pytest.raises(nl.CheckpointError, match=rf"^{re.escape(str(path))} .*{problem}: this training checkpoint "
+                                                 "is damaged or incomplete. Resume from an earlier checkpoint"):
+        load_checkpoint(folder, params, optimizer, config)
+    assert all(torch.equal(params[name], moved[name]) for name in params)
+
+
+@pytest.mark.parametrize("command", ["train-av", "train-ar", "train-rl"])
+def test_a_finished_runs_out_dir_is_refused_as_finished_and_only_rl_is_told_more_steps_extend_it(tmp_path, command):
+    """"Set resume: latest to continue that run" was said of a finished run too; SFT cannot extend one (its cosine
+    schedule spans `steps`), RL can."""
+    from nla_lens.training.pipeline import check_out_dir
+
+    _checkpoint_of_a_moved_layer(tmp_path, step=2)
+    with pytest.raises(nl.ConfigError, match=r"holds a finished run: its checkpoints reach its last step, 2 "
+                                             r"\(step-000002\)\. A run without resume") as info:
+        check_out_dir(tmp_path, command, None)
+    assert str(info.value).endswith(", unless you raise steps: then it extends the run") == (command == "train-rl")
+    check_out_dir(tmp_path, command, "latest")

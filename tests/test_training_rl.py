@@ -362,12 +362,15 @@ def test_resume_and_extension_give_the_uninterrupted_run(sft_pair, tmp_path):
 
 def test_resume_latest_starts_a_first_launch_at_step_0_and_a_rerun_without_it_is_refused(sft_pair, tmp_path):
     """One config launches and relaunches a preemptible job: `resume: latest` with no checkpoint yet was a
-    CheckpointError. A rerun without `resume` started at step 0 over the checkpoints it found."""
+    CheckpointError. A rerun without `resume` started at step 0 over the checkpoints it found; over a finished run,
+    the refusal says so, and that RL's resume extends it with more steps (SFT's cannot)."""
     train, config = _train_vectors(sft_pair), dataclasses.replace(RL, steps=1, kl_coef=0.0, eval_vectors=0)
     result = rl.train_rl(*_load(sft_pair)[:2], None, train, train[:0], config, out_dir=tmp_path, resume="latest",
                          progress=False)
     assert len(result.history) == 1 and result.checkpoint == tmp_path / "checkpoints" / "step-000001"
-    with pytest.raises(nl.ConfigError, match=r"holds checkpoints up to step 1 \(step-000001\).*Set resume: latest"):
+    with pytest.raises(nl.ConfigError, match=r"holds a finished run: its checkpoints reach its last step, 1 "
+                                             r"\(step-000001\)\. A run without resume .* runs no further step: .*, "
+                                             "unless you raise steps: then it extends the run$"):
         rl.train_rl(*_load(sft_pair)[:2], None, train, train[:0], config, out_dir=tmp_path, progress=False)
 
 

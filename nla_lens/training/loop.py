@@ -321,7 +321,7 @@ def load_checkpoint(folder: Path, params: dict[str, nn.Parameter], optimizer: to
     state_path = folder / "trainer_state.json"
     if not state_path.is_file():
         raise CheckpointError(f"{folder} is not a training checkpoint (no trainer_state.json)")
-    state = _read_saved(state_path, lambda path: json.loads(path.read_text(encoding="utf-8")))
+    state = _trainer_state(state_path)
     saved = state["config"]
     requested = json.loads(json.dumps(asdict(config)))  # tuples as the JSON lists the checkpoint holds
     changed = sorted(k for k, v in requested.items() if k not in _RESUMABLE_CHANGES | resumable and v != saved.get(k))
@@ -364,10 +364,46 @@ def _read_saved(path: Path, read: Callable[[Path], Any]) -> Any:
     try:
         return read(path)
     except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(
-            f"{path} cannot be read ({type(exc).__name__}: {exc}): this training checkpoint is damaged or "
-            f"incomplete. Resume from an earlier checkpoint of the run (delete {path.parent.name} and resume: latest "
-            "picks the one before it, if the run kept one), or start the run again") from exc
+        raise _damaged(path, f"cannot be read ({type(exc).__name__}: {exc})") from exc
+
+
+def _damaged(path: Path, problem: str) -> CheckpointError:
+    return CheckpointError(
+        f"{path} {problem}: this training checkpoint is damaged or incomplete. Resume from an earlier checkpoint of "
+        f"the run (delete {path.parent.name} and resume: latest picks the one before it, if the run kept one), or "
+        "start the run again")
+
+
+# The JSON type of each key of trainer_state.json that load_checkpoint reads (`data` may be null or absent).
+_TRAINER_STATE_TYPES = {"step": "an integer", "config": "an object", "param_names": "an array",
+                        "param_groups": "an array", "optimizer_scalars": "an object", "history": "an array",
+                        "evals": "an array", "seconds": "a number"}
+
+
+def _trainer_state(path: Path) -> dict[str, Any]:
+    """`trainer_state.json`, checked to have the shape `save_checkpoint` writes before any weight is restored:
+    valid JSON of another shape (edited by hand, cut to a list) ended in a bare KeyError or TypeError."""
+    state = _read_saved(path, lambda path: json.loads(path.read_text(encoding="utf-8")))
+    if not isinstance(state, dict):
+        raise _damaged(path, f"holds {_json_type(state)}, not a JSON object")
+    problems = [f"{key} is missing" if key not in state else f"{key} is {_json_type(state[key])}, not {kind}"
+                for key, kind in _TRAINER_STATE_TYPES.items()  # an integer is a number too
+                if key not in state or _json_type(state[key]) not in (kind, kind.replace("a number", "an integer"))]
+    if not problems:
+        problems = [f"param_groups[{k}] is not an object with a betas array" for k, group in
+                    enumerate(state["param_groups"]) if not isinstance(group, dict) or
+                    not isinstance(group.get("betas"), list)]
+        problems += [f"optimizer_scalars key {key!r} is not <index>.<name>" for key in state["optimizer_scalars"]
+                     if not re.fullmatch(r"\d+\..+", key)]
+    if problems:
+        raise _damaged(path, f"is not a training checkpoint's state ({'; '.join(problems)})")
+    return state
+
+
+def _json_type(value: Any) -> str:
+    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "an array",
+             dict: "an object"}
+    return names.get(type(value), "null")
 
 
 def _checkpoints(root: Path) -> list[Path]:
@@ -406,12 +442,16 @@ def resume_folder(resume: str | Path | None, out_dir: str | Path | None) -> Path
     return folder
 
 
-def check_resume(out_dir: str | Path | None, resume: str | Path | None) -> None:
+def check_resume(out_dir: str | Path | None, resume: str | Path | None,
+                 resumable: frozenset[str] | set[str] = frozenset()) -> None:
     """What `resume` needs, checked before any model loads. A checkpoint folder must be one. Without `resume`,
     `out_dir` must hold no checkpoint: the run would start at step 0 over an interrupted run's checkpoints
-    (keep_checkpoints pruning them), or leave a longer run's newest for `resume: latest` to pick."""
+    (keep_checkpoints pruning them), or leave a longer run's newest for `resume: latest` to pick. `resumable`: the
+    settings `load_checkpoint` lets a resume change (RL's `steps`)."""
     if resume is None:
         found = checkpoints(out_dir) if out_dir is not None else []
+        if found and is_last_step(found[-1]):
+            raise ConfigError(_finished_run(Path(out_dir), found[-1], extendable="steps" in resumable))
         if found:
             raise ConfigError(f"{out_dir} holds checkpoints up to step {_step(found[-1])} "
                               f"({', '.join(p.name for p in found)}): a run without resume would start at step 0 "
@@ -421,6 +461,28 @@ def check_resume(out_dir: str | Path | None, resume: str | Path | None) -> None:
         what = "holds no trainer_state.json" if Path(resume).is_dir() else "does not exist"
         raise CheckpointError(f"resume: {resume} {what}, so it is no training checkpoint; set resume to a "
                               f"{CHECKPOINT_DIR}/step-NNNNNN folder of the run, or to latest")
+
+
+def is_last_step(folder: Path) -> bool:
+    """Whether checkpoint `folder` holds its run's last step, i.e. that run's training finished. A checkpoint whose
+    state cannot be read says no: resuming from it reports the damage."""
+    try:
+        return _step(folder) == _trainer_state(folder / "trainer_state.json")["config"].get("steps")
+    except CheckpointError:
+        return False
+
+
+def _finished_run(out_dir: Path, last: Path, *, extendable: bool) -> str:
+    """The refusal of a rerun without `resume` over a finished run, where "continue that run" misleads: measured on
+    train-av / train-ar / train-rl, `resume: latest` runs no step, exports the same weights again and rewrites
+    train_result.json."""
+    outputs = sorted(p.name for p in out_dir.iterdir() if p.name != CHECKPOINT_DIR and not p.name.startswith("."))
+    beside = f", and beside them: {', '.join(outputs)}" if outputs else ""
+    return (f"{out_dir} holds a finished run: its checkpoints reach its last step, {_step(last)} ({last.name})"
+            f"{beside}. A run without resume would start at step 0 over it. To train again, point out_dir at a new "
+            f"folder (or remove {out_dir / CHECKPOINT_DIR}). resume: latest (resume=\"latest\" from Python) runs no "
+            "further step: it restores the finished weights, which the nla-lens commands export again"
+            + (", unless you raise steps: then it extends the run" if extendable else ""))
 
 
 def _step(folder: Path) -> int:

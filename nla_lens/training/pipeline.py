@@ -20,6 +20,7 @@ from nla_lens.errors import ConfigError, InputError
 from nla_lens.nla import check_pair, check_vocabularies
 from nla_lens.reconstructor import ActivationReconstructor
 from nla_lens.sidecar import NLAMeta, load_meta
+from nla_lens.training import rl
 from nla_lens.training.ar_sft import init_ar, train_ar
 from nla_lens.training.av_sft import init_av, train_av
 from nla_lens.training.config import (
@@ -51,10 +52,12 @@ class RunResult:
 
 
 def read_corpus(path: str | Path) -> list[Document]:
-    """A JSONL corpus: ``{"text": ...}`` per line, with an optional ``"id"`` (default: the line index). Read whole
-    and checked before the base model loads: a bad line found mid-extraction left a half-made out_dir."""
+    """A JSONL corpus: ``{"text": ...}`` per line, with an optional ``"id"`` (default: the line index counted from 0,
+    blank lines included; ids are compared as text). Read whole and checked before the base model loads: a bad line
+    found mid-extraction left a half-made out_dir."""
     docs = []
     first_line: dict[str, int] = {}
+    without_id: set[int] = set()
     for line_no, line in jsonl_lines(path, "corpus"):
         try:
             row = json.loads(line)
@@ -64,9 +67,15 @@ def read_corpus(path: str | Path) -> list[Document]:
         if not isinstance(docs[-1].text, str):  # else the tokenizer fails mid-extraction, shards later
             raise InputError(f"{path}:{line_no}: 'text' must be a string, got {docs[-1].text!r}; drop the line "
                              "or give it the document's text")
+        if "id" not in row:
+            without_id.add(line_no)
         if docs[-1].id in first_line:
-            raise InputError(f"{path}:{line_no}: document id {docs[-1].id!r} is line {first_line[docs[-1].id]}'s "
-                             "too; give every document its own id (splits are made by document)")
+            first = first_line[docs[-1].id]
+            # A line without an id takes its index, which an id given elsewhere can repeat (line 2 none, line 3 1).
+            default = next((f" (line {n} has no 'id', so its id is its line index counted from 0, and ids compare as "
+                            "text: 1 and \"1\" are one id)" for n in (first, line_no) if n in without_id), "")
+            raise InputError(f"{path}:{line_no}: document id {docs[-1].id!r} is line {first}'s too{default}; give "
+                             "every document its own id (splits are made by document)")
         first_line[docs[-1].id] = line_no
     return docs
 
@@ -105,7 +114,7 @@ def check_out_dir(out_dir: str | Path, command: str, resume: str | Path | None) 
     """What each training command checks of its `out_dir` (and `resume`) before any model loads."""
     check_writable_out_dir(out_dir)
     check_result_file(out_dir, command)
-    check_resume(out_dir, resume)
+    check_resume(out_dir, resume, rl.RESUMABLE if command == "train-rl" else frozenset())
 
 
 def check_writable_out_dir(out_dir: str | Path) -> None:

@@ -52,6 +52,8 @@ from nla_lens.training.export import freeze_weights_hf_lacks
 from nla_lens.verbalizer import ActivationVerbalizer, _sample
 
 logger = logging.getLogger(__name__)
+# The learning rates are constant, so a run may also be extended: `steps` may change on a resume.
+RESUMABLE = frozenset({"steps"})
 
 
 @dataclass
@@ -465,7 +467,7 @@ def train_rl(
     backends.require_hooked("RL training", ar.model)
     check_pair(av.meta, ar.meta)
     check_vocabularies(av.tokenizer, ar.tokenizer)
-    loop.check_resume(out_dir, resume)
+    loop.check_resume(out_dir, resume, RESUMABLE)
     check_samples_fit(av, ar, config.max_new_tokens)
     for model in (av.model, ar.model):
         freeze_weights_hf_lacks(model)  # TL-only biases stay zero, so the export can drop them
@@ -480,8 +482,7 @@ def train_rl(
     result = loop.TrainResult(steps=config.steps)
     folder = loop.resume_folder(resume, out_dir)
     if folder is not None:
-        # The learning rates are constant, so a run may also be extended: `steps` is resumable.
-        result = loop.load_checkpoint(folder, trainer.params, trainer.optimizer, config, resumable={"steps"},
+        result = loop.load_checkpoint(folder, trainer.params, trainer.optimizer, config, resumable=RESUMABLE,
                                       data=data)
         result.steps = config.steps
         logger.info("resumed from %s at step %d", folder, len(result.history))
