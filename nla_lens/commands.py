@@ -232,7 +232,7 @@ def _run_verbalize(args: argparse.Namespace) -> None:
         write_table(sharded.output_rows(table, range(len(out)), out), args.output)
         print(f"wrote {counted(len(out), 'row')} to {args.output}")
         return
-    from nla_lens.display import format_cell, visible_token
+    from nla_lens.display import format_cell, unparsed_text, visible_token
 
     tokens = table.columns.column("token").to_pylist() if "token" in table.columns.column_names else None
     # A --text row is its token's position in the text; an --input row, the input row.
@@ -241,7 +241,7 @@ def _run_verbalize(args: argparse.Namespace) -> None:
     # escaped, so that each row stays on one line
     for i, (row, v) in enumerate(zip(rows, out, strict=True)):
         token = f"{format_cell(visible_token(tokens[i]))}\t" if tokens is not None else ""
-        explanation = v.explanation if v.explanation is not None else "(no <explanation> tags) " + v.text
+        explanation = v.explanation if v.explanation is not None else unparsed_text(v.text, v.truncated)
         print(f"{row}\t{token}{format_cell(explanation)}")
 
 
@@ -433,7 +433,7 @@ def load_nla_and_base(args: argparse.Namespace, device: torch.device) -> tuple[N
 
 
 def _run_explain(args: argparse.Namespace) -> None:
-    from nla_lens.display import format_cell, visible_token
+    from nla_lens.display import format_cell, unparsed_text, visible_token
     from nla_lens.results import check_save_path
 
     texts = _explain_texts(args)  # every input checked before any model is loaded
@@ -450,7 +450,7 @@ def _run_explain(args: argparse.Namespace) -> None:
         for row in (r for r in explanation.rows if r.text_index == i):
             said = row.explanation
             if said is None:
-                said = "(no <explanation> tags) " + row.verbalization.text
+                said = unparsed_text(row.verbalization.text, row.verbalization.truncated)
             token = format_cell(visible_token(row.token), 14)  # a lone space as ␣, a newline as ↵: as the views
             print(f"  {row.position:>4}  {token:<14} {format_cell(row.fve):>6} "
                   f"{format_cell(row.mse):>6}  {format_cell(said)}")

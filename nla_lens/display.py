@@ -23,9 +23,11 @@ from __future__ import annotations
 import bisect
 import html
 import math
+import re
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import PureWindowsPath
 from typing import Any, Literal
 
 _SEQUENTIAL = ((255, 255, 204), (161, 218, 180), (65, 182, 196), (44, 127, 184), (34, 84, 160))  # YlGnBu
@@ -33,12 +35,14 @@ _NEGATIVE = ((254, 224, 210), (222, 45, 38))  # light to dark red
 _ACTIVATION = ((255, 255, 255), (253, 141, 60))  # white to orange
 _CONTEXT = "#e8e8e8"
 _MAX_TABLE_ROWS = 200
+_HUB_ID = re.compile(r"\w[\w.-]*/[\w.-]+")  # owner/name, as the HF hub spells a repository
 # Written as escapes: control characters, line and paragraph separators, and format characters (bidi controls,
 # which reorder the text drawn after them; zero-width spaces and marks, which draw nothing)
 _UNSEEN = ("Cc", "Zl", "Zp", "Cf")
 # A table's text column and the record key saying whether it parsed: a failed parse holds the raw completion (or None)
 _PARSE_FLAGS = {"explanation": "parsed", "clean": "clean_parsed", "steered": "steered_parsed"}
 _UNPARSED = "(no <explanation> tags) "
+_CUT = "(cut at max_new_tokens before </explanation>) "  # a failed parse whose completion was truncated
 # Units a table's header names after the column (the record keys stay bare)
 _UNITS = {"kl": "nats", "delta_logp": "nats", "control_delta_logp": "nats", "clean_next": "token p",
           "steered_next": "token p"}
@@ -70,6 +74,7 @@ _STYLE = """
 .nla-view th { white-space: nowrap; }
 .nla-view td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
 .nla-view .nla-unparsed { color: #a00; font-style: italic; }
+.nla-view .nla-empty { font-style: italic; padding: 0.4em 0.6em; border: 1px dashed #bbb; display: inline-block; }
 """
 
 
@@ -84,6 +89,7 @@ class TokenCell:
     raw_text: str | None = None  # the AV's raw completion, shown when the parse failed
     fve: float | None = None
     mse: float | None = None
+    truncated: bool = False  # max_new_tokens cut the AV's completion: why a parse failed
 
 
 @dataclass(frozen=True)
@@ -147,9 +153,11 @@ class ColourScale:
         centred = " style='justify-content: center'" if len(shown) == 1 else ""
         note = ("lower MSE is better; no FVE without a baseline" if self.metric == "MSE" else
                 "colours spread by rank over the observed values")
-        parts = [f"<span><b>{self.metric}</b> <span class='nla-scale'><span class='nla-bar' style='background: "
-                 f"linear-gradient(to right, {stops})'></span><span class='nla-ticks'{centred}>{ticks}</span></span> "
-                 f"<span class='nla-note'>({note})</span></span>"]
+        bar = (f"<span class='nla-scale'><span class='nla-bar' style='background: linear-gradient(to right, {stops})'>"
+               f"</span><span class='nla-ticks'{centred}>{ticks}</span></span> ")
+        if not self.observed:  # a bar with no value on it (every FVE negative, as failed parses score): no bar
+            bar, note = "", "no token scored 0 or above" if self.metric == "FVE" else "no token scored"
+        parts = [f"<span><b>{self.metric}</b> {bar}<span class='nla-note'>({note})</span></span>"]
         if self.most_negative is not None:
             light, dark = _rgb(_NEGATIVE[0]), _rgb(_NEGATIVE[1])
             parts.append(f"<span><span class='nla-swatch' style='background: linear-gradient(to right, {light}, "
@@ -172,6 +180,15 @@ def explained_text_html(texts: Sequence[Sequence[TokenCell]], *, title: str, lay
             f"<div class='nla-head'><b>{html.escape(_visible(title))}</b>{where}</div>"
             + (f"<div class='nla-meta'>{html.escape(summary)}</div>" if summary else "")
             + scale.legend_html() + "".join(blocks) + "</div>")
+
+
+def model_label(name: str) -> str:
+    """A model's name as a view's title shows it: a hub id (`Qwen/Qwen3-8B`) or a bare name as it is, a local path
+    by its folder's name. A model loaded from a folder is named by its path (HF's `_name_or_path`), which would put
+    the user's filesystem into every shared page."""
+    if _HUB_ID.fullmatch(name) or not any(sep in name for sep in "/\\"):
+        return name
+    return PureWindowsPath(name).name or name  # splits at / and \ alike; a bare root has no name
 
 
 def _text_block(cells: Sequence[TokenCell], scale: ColourScale) -> str:
@@ -220,7 +237,14 @@ def _escaped(char: str) -> str:
 
 def _said(cell: TokenCell) -> str:
     """What the AV said of `cell`, its control characters escaped as in the tables."""
-    return _visible(cell.explanation if cell.explanation is not None else _UNPARSED + (cell.raw_text or ""))
+    return _visible(cell.explanation if cell.explanation is not None else
+                    unparsed_text(cell.raw_text or "", cell.truncated))
+
+
+def unparsed_text(raw_text: str, truncated: bool) -> str:
+    """A failed parse as every view and table shows it: why it failed, then the raw completion. A completion cut
+    at max_new_tokens ran out of tokens before it could close its tag; "no tags" read as an AV that never wrote one."""
+    return (_CUT if truncated else _UNPARSED) + raw_text
 
 
 def result_html(name: str, summary: str, records: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
@@ -263,19 +287,24 @@ def unparsed_cell(record: dict[str, Any], column: str) -> str | None:
     if flag is None or record.get(flag) is not False:
         return None
     value = record.get(column)
-    return _UNPARSED + (value if value is not None else record.get("text") or "")
+    # Only the explanation column has a truncated flag beside it (the steering tables' clean / steered have none)
+    truncated = column == "explanation" and record.get("truncated") is True
+    return unparsed_text(value if value is not None else record.get("text") or "", truncated)
 
 
 def feature_card_html(title: str, hook_name: str, summary: str, explanation: str | None, raw_text: str,
                       windows: Sequence[tuple[Sequence[str], Sequence[float], int]],
-                      said_here: Sequence[str | None] | None = None) -> str:
+                      said_here: Sequence[str | None] | None = None, *, truncated: bool = False,
+                      n_positions: int | None = None) -> str:
     """An SAE feature's card: the NLA's explanation, then one row per context window (tokens, their
     activations, the index of the token the window was picked for), strongest first; with `said_here`,
-    a column of what the NLA says of the residual at each window's peak."""
+    a column of what the NLA says of the residual at each window's peak. `truncated`: the explanation's
+    completion was cut at max_new_tokens; `n_positions`: how many were scanned, which a card without windows
+    names in place of the table."""
     # The largest finite positive peak: an infinite (overflowed) or NaN one would make every shade NaN.
     top = max((a for _, acts, center in windows if math.isfinite(a := acts[center]) and a > 0), default=1.0)
     said = (html.escape(_visible(explanation)) if explanation is not None else
-            f"<span class='nla-unparsed'>(no &lt;explanation&gt; tags) {html.escape(_visible(raw_text))}</span>")
+            f"<span class='nla-unparsed'>{html.escape(_visible(unparsed_text(raw_text, truncated)))}</span>")
     rows = []
     for row, (tokens, activations, center) in enumerate(windows):
         spans = []
@@ -299,8 +328,18 @@ def feature_card_html(title: str, hook_name: str, summary: str, explanation: str
     return (f"<div class='nla-view'><style>{_STYLE}</style>"
             f"<div class='nla-head'><b>{html.escape(title)}</b> · <code>{html.escape(hook_name)}</code></div>"
             f"<div class='nla-said'>NLA: {said}</div><div class='nla-meta'>{html.escape(summary)}</div>{legend}"
-            f"<table><tr><th>activation</th><th>context</th>{'' if said_here is None else '<th>NLA at the peak</th>'}"
-            f"</tr>{''.join(rows)}</table></div>")
+            + (_contexts_table(rows, said_here is not None) if windows else _no_contexts(n_positions)) + "</div>")
+
+
+def _contexts_table(rows: Sequence[str], said_here: bool) -> str:
+    return (f"<table><tr><th>activation</th><th>context</th>{'<th>NLA at the peak</th>' if said_here else ''}</tr>"
+            f"{''.join(rows)}</table>")
+
+
+def _no_contexts(n_positions: int | None) -> str:
+    """A card's line in place of its table when the feature never fired: a table of headers alone reads as broken."""
+    where = "any position scanned" if n_positions is None else f"any of the {n_positions} positions scanned"
+    return f"<div class='nla-empty'>no contexts: the feature is not active (above 0) at {where}</div>"
 
 
 def format_cell(value: Any, width: int | None = None) -> str:

@@ -57,8 +57,10 @@ class SteeringRow:
     token: str | None
     clean: Verbalization
     steered: Verbalization
-    added: list[str]  # words of the steered readout that the clean one lacks (difflib)
-    removed: list[str]  # words of the clean readout that the steered one lacks
+    # Words of the steered readout that the clean one lacks, in order (difflib); words as `word_diff` reads them,
+    # without the quotes and punctuation around them ('"love",' is "love", a lone '"' no word)
+    added: list[str]
+    removed: list[str]  # words of the clean readout that the steered one lacks, read the same way
     cosine: float  # between the clean and the steered captured vectors
     fve_clean: float | None  # per-row FVE of the round trip; None without an AR
     fve_steered: float | None  # the same for the steered vector
@@ -416,8 +418,9 @@ def verbalize_direction(
 def word_diff(before: str, after: str) -> tuple[list[str], list[str]]:
     """(added, removed): the words `after` gains and loses relative to `before` (difflib on words).
 
-    Words are compared without the punctuation around them ("mat." is "mat", '"be",' is "be"), so a
-    moved comma is no change; a word that is only punctuation (a quoted '","') stays as it is."""
+    Words are compared without the quotes and punctuation around them ("mat." is "mat", '"be",' is "be"), so a
+    moved comma is no change; a word of punctuation only is what its quotes hold (the quoted token '",".' is ",",
+    which the toy's explanations name), and a lone quote or a bare comma is no word."""
     a, b = _words(before), _words(after)
     added: list[str] = []
     removed: list[str] = []
@@ -429,10 +432,21 @@ def word_diff(before: str, after: str) -> tuple[list[str], list[str]]:
 
 
 def _words(text: str) -> list[str]:
-    return [word.strip(_PUNCTUATION) or word for word in text.split()]
+    return [word for word in map(_word, text.split()) if word]
+
+
+def _word(chunk: str) -> str:
+    """A whitespace-split chunk as a word: the chunk without the punctuation around it; for a chunk of punctuation
+    only, what its quotes hold; else "" (a lone quote, a bare comma)."""
+    stripped = chunk.strip(_PUNCTUATION)
+    if stripped:
+        return stripped
+    quoted = _QUOTED.fullmatch(chunk)
+    return quoted.group(1) if quoted else ""
 
 
 _PUNCTUATION = string.punctuation + "\u201c\u201d\u2018\u2019"  # ASCII and curly quotes
+_QUOTED = re.compile("[\"'\u201c\u2018](.+?)[\"'\u201d\u2019][.,;:!?]*")  # '",".': a quoted token, then punctuation
 
 
 def _readout(verbalization: Verbalization) -> str:

@@ -103,12 +103,13 @@ class Explanation(TabularResult):
             for p, token in enumerate(tokens):
                 row = by_site.get((t, p))
                 cells.append(display.TokenCell(token, p) if row is None else display.TokenCell(
-                    token, p, True, row.explanation, row.verbalization.text, row.fve, row.mse))
+                    token, p, True, row.explanation, row.verbalization.text, row.fve, row.mse,
+                    row.verbalization.truncated))
             out.append(cells)
         return out
 
     def _repr_html_(self) -> str:
-        title = "Explained text" + (f" · {self.model_name}" if self.model_name else "")
+        title = "Explained text" + (f" · {display.model_label(self.model_name)}" if self.model_name else "")
         return display.explained_text_html(self.cells(), title=title, layer=self.layer, summary=self.summary(),
                                            hook_name=self.hook_name)
 

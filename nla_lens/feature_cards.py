@@ -120,7 +120,8 @@ class FeatureCard(TabularResult):
         windows = [(c.tokens, c.activations, c.center) for c in self.contexts]
         said_here = [c.explanation for c in self.contexts] if self.explained_contexts else None
         return display.feature_card_html(f"Feature {self.feature}", self.hook_name, self.summary(), self.explanation,
-                                         self.verbalization.text, windows, said_here)
+                                         self.verbalization.text, windows, said_here,
+                                         truncated=self.verbalization.truncated, n_positions=self.n_positions)
 
 
 def feature_card(

@@ -135,7 +135,8 @@ class WordSteering(TabularResult):
     tokenizer: Any = None  # the base model's, to name tokens in the tables
     continuations: list[tuple[str, str]] | None = None  # (clean, steered) per row
 
-    display_columns = ("batch", "position", "token", "explanation", "edited", "delta_norm", "steered_next", "kl")
+    display_columns = ("batch", "position", "token", "explanation", "edited", "delta_norm", "clean_next",
+                       "steered_next", "kl")  # both next-token lists: what the steering changed
     # clean_next .. kl only with compare=True, the continuations only with continue_tokens > 0
     schema = pa.schema({"batch": pa.int64(), "position": pa.int64(), "token": pa.string(), "explanation": pa.string(),
                         "edited": pa.string(), "samples": pa.int64(), "explanation_samples": pa.list_(pa.string()),

@@ -53,7 +53,8 @@ def test_verbalize_text_explains_the_avs_layer_at_every_position_of_the_base(av_
     assert av_karvonen.meta.layer != 0  # so that the default layer is told apart from layer 0
     # Greedy and deterministic: the tiny AV's babble is the same string for the same vector, compared exactly.
     explained = av_karvonen.verbalize(cache[hook][0].float(), max_new_tokens=3, progress=False)
-    shown = [format_cell(v.explanation if v.explanation is not None else "(no <explanation> tags) " + v.text)
+    failed = {True: "(cut at max_new_tokens before </explanation>) ", False: "(no <explanation> tags) "}
+    shown = [format_cell(v.explanation if v.explanation is not None else failed[v.truncated] + v.text)
              for v in explained]
     assert [line.split("\t", 2)[2] for line in lines] == shown
 
@@ -64,15 +65,16 @@ def test_verbalize_text_prints_tokens_and_explanations_as_explain_does(tiny_path
     from nla_lens.verbalizer import ActivationVerbalizer, Verbalization, Verbalizations
 
     said = [Verbalization("<explanation>\ntwo\nlines\n</explanation>", "two\nlines", [1]),
-            Verbalization("raw\rtext", None, [2])]
+            Verbalization("raw\rtext", None, [2]), Verbalization("<explanation>\ncut", None, [3], truncated=True)]
     monkeypatch.setattr(ActivationVerbalizer, "verbalize",
-                        lambda self, vectors, **kw: Verbalizations(said[i % 2] for i in range(len(vectors))))
+                        lambda self, vectors, **kw: Verbalizations(said[i % 3] for i in range(len(vectors))))
     folder = str(tiny_paths["av_karvonen"])
     assert main(["verbalize", "--av", folder, "--base", folder, "--text", "the  cat\n\tsat"]) == 0
     rows = [line.split("\t") for line in capsys.readouterr().out.strip().splitlines()]
     # The tiny tokenizer: t, he, " ", " cat", "\n", "\t", s, at (as in the explain test)
     assert [row[1] for row in rows] == ["t", "he", "\u2423", " cat", "\u21b5", "\\t", "s", "at"]
-    assert [row[2] for row in rows[:2]] == ["two\\nlines", "(no <explanation> tags) raw\\rtext"]
+    assert [row[2] for row in rows[:3]] == ["two\\nlines", "(no <explanation> tags) raw\\rtext",
+                                            "(cut at max_new_tokens before </explanation>) <explanation>\\ncut"]
     assert [len(row) for row in rows] == [3] * 8
 
 
@@ -421,6 +423,8 @@ def test_explain_warns_of_rows_cut_by_max_new_tokens(capsys):
     text = "Macbeth: the king is dead"
     argv = ["explain", "--av", av, "--ar", ar, "--text", text, "--positions", "-2,-1"]
     assert main([*argv, "--max-new-tokens", "1"]) == 0
-    assert "warning: 2 of 2 rows were cut at --max-new-tokens 1" in capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert "warning: 2 of 2 rows were cut at --max-new-tokens 1" in err
+    assert out.count("(cut at max_new_tokens before </explanation>) <explanation>") == 2  # each row says why
     assert main(["explain", "--av", av, "--ar", ar, "--text", text, "--positions=-2,-1"]) == 0
     assert "were cut" not in capsys.readouterr().err

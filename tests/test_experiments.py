@@ -476,10 +476,18 @@ def test_verbalize_direction_takes_an_nla_as_the_other_helpers_do(nla, steer):
 def test_word_diff_reports_added_and_removed_words():
     assert word_diff("the cat sat on the mat", "the dog sat on a red mat") == (["dog", "a", "red"], ["cat", "the"])
     assert word_diff("same words", "same words") == ([], [])
-    # Punctuation around a word is not part of it; a word of punctuation only is kept whole.
+    # Quotes and punctuation around a word are not part of it; a word of punctuation only is what its quotes hold.
     assert word_diff('The token " be", after "he".', 'The token " am", after "he"') == (["am"], ["be"])
-    assert word_diff('The token "s"', 'The token ","') == (['","'], ["s"])
+    assert word_diff('The token "s"', 'The token ","') == ([","], ["s"])
     assert word_diff("\u201cFear\u201d, he said", "Fear he said!") == ([], [])
+
+
+def test_word_diff_leaves_no_quotes_or_punctuation_attached_and_no_empty_words():
+    """Steering rows listed '",".' and a lone '"' (the opening quote of '" heard"') as words."""
+    clean = 'The token " heard", after "I", predicting " you".'
+    steered = 'The token "love", after "will", predicting ",".'
+    assert word_diff(clean, steered) == (["love", "will", ","], ["heard", "I", "you"])
+    assert word_diff('"\'", a , b -- "', "a b") == ([], ["'"])  # a bare comma, dash or lone quote is no word
 
 
 def test_experiment_arguments_are_checked_with_typed_errors(base, nla, av_karvonen, steer):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import html
 import json
 import os
 import re
@@ -285,6 +286,80 @@ def test_without_fve_the_view_colours_by_mse_and_says_so():
     html = display.explained_text_html([cells], title="t", layer=None)
     assert "no FVE without a baseline" in html and "(no &lt;explanation&gt; tags) raw" in html
     assert "nla-failed" in html and "context token (not explained)" in html
+
+
+def test_a_parse_cut_at_max_new_tokens_says_so_where_a_missing_tag_said_no_tags(results, tmp_path):
+    """A row whose completion ran out of max_new_tokens inside its <explanation> read "(no <explanation> tags)", as
+    if the AV had never opened one; its own truncated flag says what happened."""
+    import dataclasses
+
+    from nla_lens.verbalizer import Verbalization
+
+    explanation = results["explanation"]
+    said = [Verbalization("<explanation>\nThe token", None, [1, 2], truncated=True),
+            Verbalization("no tags at all", None, [3], truncated=False)]
+    rows = [dataclasses.replace(r, verbalization=said[i % 2]) for i, r in enumerate(explanation.rows)]
+    cut = dataclasses.replace(explanation, rows=rows)
+    view = _body(cut.save(tmp_path / "cut.html").read_text(encoding="utf-8"))
+    assert view.count("(cut at max_new_tokens before &lt;/explanation&gt;) &lt;explanation&gt;\\nThe token") == (
+        2 * len(rows[::2]))  # the row, and the token's tooltip
+    assert view.count("(no &lt;explanation&gt; tags) no tags at all") == 2 * len(rows[1::2])
+    assert "(cut at max_new_tokens before </explanation>) <explanation>" in repr(cut)
+    card = display.feature_card_html("f", "h", "s", None, "<explanation>\nThe", [(["a"], [1.0], 0)], truncated=True)
+    assert "NLA: <span class='nla-unparsed'>(cut at max_new_tokens before &lt;/explanation&gt;)" in card
+
+
+def test_a_legend_with_no_fve_at_or_above_0_draws_no_empty_bar():
+    """Every row failed (each scores as a miss, FVE < 0): the legend drew the FVE gradient with no tick labels,
+    a scale of nothing; it now says no token scored 0 or above, beside the red swatch that holds them."""
+    cells = [display.TokenCell("a", p, True, None, "<explanation>\nx", -1.56, 2.0) for p in range(3)]
+    legend = display.ColourScale.from_cells(cells).legend_html()
+    assert "nla-bar" not in legend and "nla-ticks" not in legend
+    assert "<b>FVE</b> <span class='nla-note'>(no token scored 0 or above)</span>" in legend
+    assert "FVE below 0, down to -1.56" in legend
+    with_one = display.ColourScale.from_cells([*cells, display.TokenCell("b", 3, True, "y", None, 0.4, 0.5)])
+    assert "nla-bar" in with_one.legend_html() and "0.40" in with_one.legend_html()
+
+
+def test_the_explained_view_names_a_model_loaded_from_a_folder_by_the_folder_not_its_path(results):
+    """The title was "Explained text · /home/me/models/base": the model's path (HF's _name_or_path) in every saved
+    page that is shared."""
+    explanation = results["explanation"]
+    folder = Path(explanation.model_name)
+    assert folder.is_absolute()  # the tiny base is loaded from a folder, as a user's local model is
+    view = explanation._repr_html_()
+    assert f"<b>Explained text · {folder.name}</b>" in view and str(folder.parent) not in view
+    assert display.model_label("Qwen/Qwen3-8B") == "Qwen/Qwen3-8B" and display.model_label("gpt2") == "gpt2"
+    for path in ("/srv/models/qwen3-8b/", "~/models/qwen3-8b", "./qwen3-8b", "C:\\models\\qwen3-8b"):
+        assert display.model_label(path) == "qwen3-8b"
+
+
+def test_the_word_steering_view_shows_the_clean_next_tokens_beside_the_steered_ones(results):
+    """The view showed only the steered next tokens: what the steering changed could not be read off it."""
+    steering = results["word_steering"]
+    view = _body(steering._repr_html_())
+    headers = re.findall(r"<th>([^<]*)</th>", view)
+    assert headers.index("clean_next (token p)") + 1 == headers.index("steered_next (token p)")
+    for record in steering.to_records():
+        assert f"<td>{html.escape(record['clean_next'])}</td>" in view
+        assert f"<td>{html.escape(record['steered_next'])}</td>" in view
+    assert "clean_next (token p)" in repr(steering).splitlines()[1]
+
+
+def test_a_feature_card_with_no_contexts_says_so_in_place_of_an_empty_table():
+    """A feature never active in the texts drew a table of headers alone."""
+    card = _body(display.feature_card_html("f", "h", "s", "e", "", [], n_positions=38))
+    assert "<table" not in card and "<th>" not in card
+    assert "not active (above 0) at any of the 38 positions scanned" in card
+    assert "<table" in display.feature_card_html("f", "h", "s", "e", "", [(["a"], [1.0], 0)], n_positions=38)
+
+
+@pytest.mark.skipif(not HAS_SAE_LENS, reason="needs sae-lens")
+def test_a_silent_features_card_names_the_positions_it_scanned(empty_results):
+    silent = empty_results["feature_card"][1]
+    assert silent.n_active == 0 and silent.n_positions > 0
+    card = _body(silent._repr_html_())
+    assert "<table" not in card and f"at any of the {silent.n_positions} positions scanned" in card
 
 
 def test_a_write_that_fails_leaves_no_temporary_file(tmp_path):
