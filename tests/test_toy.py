@@ -390,7 +390,8 @@ def test_rl_only_refuses_an_earlier_runs_checkpoints_in_the_toys_words(tmp_path,
     if finished:  # a real checkpoint of a run's last step
         params = dict(torch.nn.Linear(2, 2).named_parameters())
         config = TrainConfig(steps=40)
-        save_checkpoint(work / "rl_run", 40, params, make_optimizer(params, config), config, TrainResult(steps=40))
+        save_checkpoint(work / "rl_run", 40, params, make_optimizer(params, config), config, TrainResult(steps=40),
+                        seconds=0.0)
     else:
         step.mkdir(parents=True)
         (step / "trainer_state.json").write_text("{}")  # what makes a folder a checkpoint

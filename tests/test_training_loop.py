@@ -73,6 +73,32 @@ def test_a_step_with_a_non_finite_gradient_is_skipped_not_applied():
 
 
 @NEEDS_TL3
+def test_each_checkpoint_records_the_runs_time_up_to_it_and_a_resume_adds_to_it(tmp_path, monkeypatch):
+    """Every checkpoint recorded the seconds of earlier resumed stretches only (0.0 in a run never resumed), so a
+    resumed run's train_result lost the time of the stretch that wrote its checkpoint."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    from nla_lens.training import loop
+
+    model = HookedTransformer(HookedTransformerConfig(n_layers=1, d_model=8, n_ctx=4, d_head=4, d_vocab=5,
+                                                      act_fn="relu", seed=0))
+    clock = iter(range(0, 1000, 10))  # every reading of the clock is 10 s after the one before
+    monkeypatch.setattr(loop.time, "perf_counter", lambda: float(next(clock)))
+
+    def run(steps: int) -> TrainResult:
+        config = TrainConfig(steps=steps, batch_size=2, warmup_steps=0, save_every=1)
+        return loop.train(modules={"model": model}, n_rows=4, units=len, evaluate=dict, config=config,
+                          loss_sum=lambda rows: (model.W_E ** 2).sum() * len(rows), out_dir=tmp_path,
+                          resume="latest", progress=False)
+
+    run(2)
+    saved = [json.loads((f / "trainer_state.json").read_text())["seconds"] for f in loop.checkpoints(tmp_path)]
+    assert saved == [10.0, 20.0]  # the train() clock starts at 0; each save reads it once, 10 s later
+    resumed = run(2)  # a finished run: resume restores step 2 and runs no step
+    assert resumed.seconds == 20.0 + 10.0  # the checkpoint's 20 s and this stretch's start-to-end 10 s
+
+
+@NEEDS_TL3
 def test_a_resume_with_other_steps_shows_both_values_and_says_a_run_cannot_be_extended(tmp_path):
     """The refusal said only "other settings for ['steps']": neither value, nor that extending a run is impossible."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig
@@ -110,7 +136,7 @@ def _checkpoint_of_a_moved_layer(tmp_path, step: int = 1):
     optimizer = make_optimizer(params, config)
     layer(torch.ones(1, 4)).sum().backward()
     optimizer.step()
-    folder = save_checkpoint(tmp_path, step, params, optimizer, config, TrainResult(steps=2))
+    folder = save_checkpoint(tmp_path, step, params, optimizer, config, TrainResult(steps=2), seconds=0.0)
     with torch.no_grad():
         layer.weight.add_(1.0)
     return folder, params, optimizer, config

@@ -341,6 +341,9 @@ def test_resume_and_extension_give_the_uninterrupted_run(sft_pair, tmp_path):
                           resume=tmp_path / "short" / "checkpoints" / "step-000002", sft_data=data, progress=False)
     final = _params(av2, ar2)
     assert all(torch.equal(after[k], final[k]) for k in after)
+    # The checkpoint records the time up to it (it recorded 0.0), so the resumed run's total counts both stretches.
+    short = json.loads((tmp_path / "short" / "checkpoints" / "step-000002" / "trainer_state.json").read_text())
+    assert 0 < short["seconds"] < resumed.seconds
     # Resuming on other training vectors under the same config is refused, not continued.
     with pytest.raises(nl.ConfigError, match="other data than the run started with"):
         rl.train_rl(*_load(sft_pair), train[1:], train[:0], config, out_dir=tmp_path / "short", resume="latest",

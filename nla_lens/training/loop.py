@@ -175,7 +175,7 @@ def train(
             result = load_checkpoint(folder, params, optimizer, config, data=data)
             logger.info("resumed from %s at step %d", folder, len(result.history))
         _run_steps(modules, step_loss, params, optimizer, n_rows, units, evaluate, config, result, world,
-                   out_dir=out_dir, desc=desc, progress=progress, data=data)
+                   out_dir=out_dir, desc=desc, progress=progress, data=data, started=started)
     result.seconds += time.perf_counter() - started
     return result
 
@@ -200,7 +200,8 @@ def deterministic_algorithms() -> Iterator[None]:
 def _run_steps(modules: dict[str, nn.Module], step_loss: nn.Module, params: dict[str, nn.Parameter],
                optimizer: torch.optim.Optimizer, n_rows: int, units: Callable[[Tensor], int],
                evaluate: Callable[[], dict[str, Any]], config: TrainConfig, result: TrainResult,
-               world: World, *, out_dir: str | Path | None, desc: str, progress: bool, data: str | None) -> None:
+               world: World, *, out_dir: str | Path | None, desc: str, progress: bool, data: str | None,
+               started: float) -> None:
     start = len(result.history)
     device = next(iter(params.values())).device
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if config.bf16 and device.type == "cuda"
@@ -242,7 +243,8 @@ def _run_steps(modules: dict[str, nn.Module], step_loss: nn.Module, params: dict
         if is_due(done, config.steps, config.eval_every):
             run_eval(done)
         if out_dir is not None and is_due(done, config.steps, config.save_every):
-            result.checkpoint = save_checkpoint(Path(out_dir), done, params, optimizer, config, result, data=data)
+            result.checkpoint = save_checkpoint(Path(out_dir), done, params, optimizer, config, result, data=data,
+                                                seconds=result.seconds + time.perf_counter() - started)
     for module in modules.values():
         module.eval()
 
@@ -276,9 +278,10 @@ def _accumulate_gradients(step_loss: nn.Module, batches: list[Int[Tensor, " batc
 
 
 def save_checkpoint(out_dir: Path, step: int, params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer,
-                    config: TrainConfig, result: TrainResult, *, data: str | None = None) -> Path:
+                    config: TrainConfig, result: TrainResult, *, data: str | None = None, seconds: float) -> Path:
     """Write `checkpoints/step-NNNNNN` atomically and keep the newest `keep_checkpoints` of them; `data`
-    is the run's `dataset.data_fingerprint`.
+    is the run's `dataset.data_fingerprint`, `seconds` the run's time up to this step (earlier stretches of a
+    resumed run included): `result.seconds` counts only the stretches before this process's.
 
     Tensors are saved whole (FSDP shards are gathered; every rank must call this), rank 0 writes.
     """
@@ -299,7 +302,7 @@ def save_checkpoint(out_dir: Path, step: int, params: dict[str, nn.Parameter], o
     trainer_state = {
         "step": step, "param_names": list(params), "param_groups": state["param_groups"],
         "optimizer_scalars": scalars, "config": asdict(config),
-        "history": result.history, "evals": result.evals, "seconds": result.seconds, "data": data,
+        "history": result.history, "evals": result.evals, "seconds": seconds, "data": data,
     }
     (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1), encoding="utf-8")
     shutil.rmtree(folder, ignore_errors=True)

@@ -514,6 +514,7 @@ def train_rl(
                 run_eval(done)
             if out_dir is not None and loop.is_due(done, config.steps, config.save_every):
                 result.checkpoint = loop.save_checkpoint(Path(out_dir), done, trainer.params, trainer.optimizer,
-                                                         config, result, data=data)
+                                                         config, result, data=data,
+                                                         seconds=result.seconds + time.perf_counter() - started)
     result.seconds += time.perf_counter() - started
     return result
