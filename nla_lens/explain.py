@@ -24,6 +24,7 @@ from nla_lens.base_model import check_base_model
 from nla_lens.capture import capture, resid_post_name
 from nla_lens.checks import check_fwd_hooks, counted
 from nla_lens.errors import InputError, PromptTooLongError, VectorError
+from nla_lens.injection import directionless_rows
 from nla_lens.loading import prepends_bos
 from nla_lens.nla import NLA, RoundTrip, baseline_phrase, check_read_keywords
 from nla_lens.parsing import unclosed_note
@@ -213,8 +214,8 @@ def _check_directions(vectors: Float[Tensor, "n d_model"], sites: Sequence[tuple
                       strings: Sequence[Sequence[str]], layer: int) -> None:
     """Refuse residuals the AV cannot be given (zero: no direction; non-finite), naming each by its text,
     position and token; `verbalize` would name rows of the concatenation of every text's positions."""
-    bad = (vectors == 0).all(dim=-1) | ~torch.isfinite(vectors).all(dim=-1)
-    where = [f"text {t} position {p} ({strings[t][p]!r})" for (t, p), b in zip(sites, bad.tolist(), strict=True) if b]
+    non_finite, zero = directionless_rows(vectors)
+    where = [f"text {t} position {p} ({strings[t][p]!r})" for t, p in (sites[i] for i in sorted({*non_finite, *zero}))]
     if where:
         shown = ", ".join(where[:5]) + (f" and {len(where) - 5} more" if len(where) > 5 else "")
         raise VectorError(f"the layer-{layer} residual at {shown} is zero or not finite, so it has no direction to "

@@ -51,13 +51,19 @@ def check_vectors(vectors: Tensor, d_model: int, name: str = "vectors") -> Float
         raise VectorError(f"no {name} given: pass at least one [d_model] vector")
     if not vectors.is_floating_point():
         raise VectorError(f"{name} must be floating point, got {vectors.dtype}; call .float()")
-    if not torch.isfinite(vectors).all():
-        bad = (~torch.isfinite(vectors)).any(dim=1).nonzero().flatten().tolist()
-        raise VectorError(f"{name} at rows {bad[:8]} hold NaN or Inf; check how they were computed")
-    zero = (vectors == 0).all(dim=1).nonzero().flatten().tolist()  # not the norm: it underflows for tiny entries
+    non_finite, zero = directionless_rows(vectors)
+    if non_finite:
+        raise VectorError(f"{name} at rows {non_finite[:8]} hold NaN or Inf; check how they were computed")
     if zero:
         raise VectorError(f"{name} at rows {zero[:8]} are zero; a zero vector has no direction to inject")
     return vectors
+
+
+def directionless_rows(vectors: Float[Tensor, "n d_model"]) -> tuple[list[int], list[int]]:
+    """(rows holding NaN or Inf, rows that are exactly zero): the rows no injection can scale to a direction."""
+    non_finite = (~torch.isfinite(vectors)).any(dim=1)
+    zero = (vectors == 0).all(dim=1)  # not the norm: it underflows for tiny entries
+    return non_finite.nonzero().flatten().tolist(), zero.nonzero().flatten().tolist()
 
 
 def _tensor_hint(value: object) -> str:
