@@ -8,6 +8,8 @@ columns:
 * ``schema``: every column of the rows and its arrow type, so that an empty result, or a column that is None in
   every row (no baseline, every parse failed), keeps the columns and types of any other run's table.
 
+Its fields are described once, in an ``Attributes:`` section of its docstring: what ``help()`` shows.
+
 It then has ``to_pandas()``, ``save(path)`` (``.parquet``, ``.jsonl``, or ``.html`` for the notebook
 view as a standalone page), a short ``__repr__`` (the summary and the first rows, never a tensor) and
 ``_repr_html_`` (the summary and an HTML table, from [`nla_lens.display`][nla_lens.display]). A result with a richer
