@@ -219,7 +219,7 @@ class WordSteering(TabularResult):
 
     def summary(self) -> str:
         return (f"{len(self.rows)} site(s) at {self.hook_name}, mode={self.mode}, alpha={self.alpha:g}, "
-                f"{max(len(e) for e in self.explanations)} sample(s) per site")
+                f"{max((len(e) for e in self.explanations), default=0)} sample(s) per site")
 
     def save_vectors(self, path: str | Path) -> Path:
         """Delta and T (with the sites and settings, the token shape the hook is bound to among them) to

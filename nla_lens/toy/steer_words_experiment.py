@@ -129,11 +129,14 @@ class SteerWordsExperiment(TabularResult):
         return [{**asdict(r), **settings} for r in self.rows]
 
     def summary(self) -> str:
+        said = (f"{self.n_sites} held-out sites, {self.choice} Z', mode={self.mode}, {self.samples} explanation "
+                f"sample(s) per site; the AV's Z is the base model's argmax at {self.av_names_argmax:.0%} of them; ")
+        if not self.rows:  # `save` records the summary of any result, one with no alpha too
+            return said + "no alpha run"
         best = max(self.rows, key=lambda r: r.argmax_hit)
-        return (f"{self.n_sites} held-out sites, {self.choice} Z', mode={self.mode}, {self.samples} explanation "
-                f"sample(s) per site; the AV's Z is the base model's argmax at {self.av_names_argmax:.0%} of them; "
-                f"best alpha={best.alpha:g}: Z' argmax {best.argmax_hit:.0%} vs random {best.control_argmax_hit:.0%} "
-                f"(oracle direction {best.oracle_argmax_hit:.0%}; cosine of Delta with it {self.oracle_cosine:.2f})")
+        return said + (f"best alpha={best.alpha:g}: Z' argmax {best.argmax_hit:.0%} vs random "
+                       f"{best.control_argmax_hit:.0%} (oracle direction {best.oracle_argmax_hit:.0%}; cosine of Delta "
+                       f"with it {self.oracle_cosine:.2f})")
 
 
 def run_experiment(folder: Path = TOY_DIR, n_sites: int = 100, alphas: tuple[float, ...] = ALPHAS,
