@@ -108,15 +108,18 @@ def test_sampling_settings_name_each_wrong_value_by_its_flag(tiny_paths, vector_
 
 def test_messages_name_only_this_commands_flags():
     """A keyword that is no flag of the subcommand (a Python-only argument, a sidecar fact) keeps its name."""
-    from nla_lens.cli import _in_flags
+    from nla_lens.cli import in_flags
 
     flags = build_parser().parse_args(["steer-words", "--av", "a", "--ar", "r", "--text", "t", "--edit-to", "e"]).flags
     message = "samples=5, temperature=0.0: pass samples=1; explanations= and n_ctx=64 and rl.samples=2 stay"
-    assert _in_flags(message, flags) == ("--samples 5, --temperature 0.0: pass --samples 1; explanations= and n_ctx=64 "
+    assert in_flags(message, flags) == ("--samples 5, --temperature 0.0: pass --samples 1; explanations= and n_ctx=64 "
                                          "and rl.samples=2 stay")
     explain_flags = build_parser().parse_args(["explain", "--av", "a", "--ar", "r", "--text", "t"]).flags
-    assert _in_flags("no baseline: pass baseline= (or 32 vectors), baseline=)", explain_flags) == (
+    assert in_flags("no baseline: pass baseline= (or 32 vectors), baseline=)", explain_flags) == (
         "no baseline: pass --baseline (or 32 vectors), --baseline)")
+    bound = "pass samples > 1 (e.g. samples=5), temperature >= 0.5 or rl.samples > 1; samples are text"
+    assert in_flags(bound, flags) == ("pass --samples > 1 (e.g. --samples 5), --temperature >= 0.5 or rl.samples > 1; "
+                                      "samples are text")
 
 
 def test_demo_wrong_checkpoint_folder(tmp_path, capsys, monkeypatch):
