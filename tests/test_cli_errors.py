@@ -559,6 +559,34 @@ def test_a_repeated_document_id_says_when_one_line_took_its_line_index_as_id(tmp
                                "document)")
 
 
+def test_a_null_document_id_is_the_line_index_as_a_missing_one_is(tmp_path):
+    """`{"id": null}` was the document id "None": every such line one document, whatever its text."""
+    from nla_lens.training.pipeline import read_corpus
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({**row, "text": "a cat"}) + "\n" for row in [{"id": None}, {}, {"id": None}]))
+    assert [doc.id for doc in read_corpus(corpus)] == ["0", "1", "2"]
+    corpus.write_text("".join(json.dumps({**row, "text": "a cat"}) + "\n" for row in [{"id": None}, {"id": 0}]))
+    with pytest.raises(nl.InputError, match=re.escape("document id '0' is line 1's too (line 1 has 'id': null, so "
+                                                      "its id is its line index counted from 0")):
+        read_corpus(corpus)
+
+
+@pytest.mark.parametrize(("first", "second"), [(1, "1"), ("1", 1), (True, "True")],
+                         ids=["number-then-string", "string-then-number", "bool-then-string"])
+def test_two_given_ids_that_are_one_as_text_say_that_ids_compare_as_text(tmp_path, first, second):
+    """Ids 1 and "1" collided with no word of why two different ids were one."""
+    from nla_lens.training.pipeline import read_corpus
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"id": i, "text": "a cat"}) + "\n" for i in (first, "x", second)))
+    with pytest.raises(nl.InputError) as info:
+        read_corpus(corpus)
+    assert str(info.value) == (f"{corpus}:3: document id {str(first)!r} is line 1's too (ids compare as text: line "
+                               f"1's {json.dumps(first)} and line 3's {json.dumps(second)} are one id); give every "
+                               "document its own id (splits are made by document)")
+
+
 def test_inspect_of_an_extraction_folder_says_it_is_one(dataset_meta, tmp_path, capsys):
     """It printed the sidecar, then asked for tokenizer files to be copied into the folder."""
     folder = tmp_path / "activations"
