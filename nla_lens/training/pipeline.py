@@ -125,7 +125,10 @@ def check_out_dir(out_dir: str | Path, command: str, resume: str | Path | None) 
     """What each training command checks of its `out_dir` (and `resume`) before any model loads."""
     check_writable_out_dir(out_dir)
     check_result_file(out_dir, command)
-    check_resume(out_dir, resume, rl.RESUMABLE if command == "train-rl" else frozenset())
+    if command == "train-rl":
+        check_resume(out_dir, resume, rl.RESUMABLE, written=("av", "ar", RESULT_FILE))  # its exports and record
+    else:
+        check_resume(out_dir, resume, written=(MODEL_DIR, RESULT_FILE))
 
 
 def check_writable_out_dir(out_dir: str | Path) -> None:
