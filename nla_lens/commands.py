@@ -450,12 +450,12 @@ def _run_explain(args: argparse.Namespace) -> None:
         print(f"\n[{i}] {format_cell(text)}")  # a newline in the text escaped, as the views' titles do
         print(f"  {'pos':>4}  {'token':<14} {'FVE':>6} {'MSE':>6}  explanation")
         for row in (r for r in explanation.rows if r.text_index == i):
-            said = row.explanation
-            if said is None:
+            said, fve, mse = row.explanation, format_cell(row.fve), format_cell(row.mse)
+            if said is None:  # scored as a miss (an orthogonal guess), not a reconstruction that bad: as the views
                 said = unparsed_text(row.verbalization.text, row.verbalization.truncated)
+                fve, mse = ("miss" if row.fve is not None else fve), "miss"
             token = format_cell(visible_token(row.token), 14)  # a lone space as ␣, a newline as ↵: as the views
-            print(f"  {row.position:>4}  {token:<14} {format_cell(row.fve):>6} "
-                  f"{format_cell(row.mse):>6}  {format_cell(said)}")
+            print(f"  {row.position:>4}  {token:<14} {fve:>6} {mse:>6}  {format_cell(said)}")
     print("\n" + in_flags(explanation.summary(), args.flags))
     _warn_truncated([row.verbalization.truncated for row in explanation.rows], args.max_new_tokens)
     for warning in explanation.round_trip.warnings:

@@ -438,5 +438,8 @@ def test_explain_warns_of_rows_cut_by_max_new_tokens(capsys):
     out, err = capsys.readouterr()
     assert "nla-lens explain: warning: 2 of 2 rows were cut at --max-new-tokens 1" in err
     assert out.count("(cut at max_new_tokens before </explanation>) <explanation>") == 2  # each row says why
+    # Their FVE and MSE are the miss they were scored as, not a reconstruction's (they printed as plain numbers)
+    rows = [line.split() for line in out.splitlines() if "(cut at max_new_tokens" in line]
+    assert [row[2:4] for row in rows] == [["miss", "miss"]] * 2
     assert main(["explain", "--av", av, "--ar", ar, "--text", text, "--positions=-2,-1"]) == 0
     assert "were cut" not in capsys.readouterr().err
