@@ -64,6 +64,10 @@ def read_corpus(path: str | Path) -> list[Document]:
             docs.append(Document(str(line_no - 1 if given is None else given), row["text"]))
         except (ValueError, KeyError, AttributeError) as exc:
             raise InputError(f"{path}:{line_no}: expected a JSON object with a 'text' key ({exc})") from exc
+        if given is not None and (isinstance(given, bool) or not isinstance(given, (str, int))):
+            raise InputError(f"{path}:{line_no}: 'id' must be a string or an integer, got {json.dumps(given)}; ids "
+                             "are compared as text, where 1.0, true or a list would stand for a string the corpus "
+                             "never wrote (\"1.0\", \"True\", \"[1]\")")
         if not isinstance(docs[-1].text, str):  # else the tokenizer fails mid-extraction, shards later
             raise InputError(f"{path}:{line_no}: 'text' must be a string, got {docs[-1].text!r}; drop the line "
                              "or give it the document's text")
