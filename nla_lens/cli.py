@@ -83,14 +83,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _in_flags(message: str, flags: dict[str, str]) -> str:
+def in_flags(message: str, flags: dict[str, str]) -> str:
     """A library message as the shell user types it: `max_new_tokens=0` (the Python keyword the library names) as
-    `--max-new-tokens 0` (a bare `baseline=` as `--baseline`), for the keywords that are flags of this subcommand;
-    others (YAML keys, Python-only arguments) are left as they are."""
+    `--max-new-tokens 0` (a bare `baseline=` as `--baseline`, a bound `samples > 1` as `--samples > 1`), for the
+    keywords that are flags of this subcommand; others (YAML keys, Python-only arguments) are left as they are."""
     for dest, flag in flags.items():
-        keyword = rf"(?<![\w.-]){re.escape(dest)}="
-        message = re.sub(keyword + r"(?=[^\s),;])", f"{flag} ", message)
-        message = re.sub(keyword, flag, message)
+        name = rf"(?<![\w.-]){re.escape(dest)}"
+        message = re.sub(name + r"=(?=[^\s),;])", f"{flag} ", message)
+        message = re.sub(name + "=", flag, message)
+        message = re.sub(name + r"(?= [<>]=? -?\d)", flag, message)
     return message
 
 
@@ -149,16 +150,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(_negative_specs_joined(sys.argv[1:] if argv is None else argv))
     prefix = f"nla-lens {args.command}"
 
+    shown: set[str] = set()
+
     def show_warning(message: Warning | str, *_: object, **__: object) -> None:
-        # tqdm.write clears the bars drawn on stderr, writes the line and redraws them; a print landed mid-bar.
-        tqdm.write(f"{prefix}: warning: {_in_flags(str(message), args.flags)}", file=sys.stderr)
+        # A result's warnings repeat some the library already warned of (the round trip's "no FVE"): one line each.
+        line = f"{prefix}: warning: {in_flags(str(message), args.flags)}"
+        if line not in shown:
+            shown.add(line)
+            # tqdm.write clears the bars drawn on stderr, writes the line and redraws them; a print landed mid-bar.
+            tqdm.write(line, file=sys.stderr)
 
     with warnings.catch_warnings():
         warnings.showwarning = show_warning
         try:
             args.run(args)
         except NLAError as exc:
-            print(f"{prefix}: {type(exc).__name__}: {_in_flags(str(exc), args.flags)}", file=sys.stderr)
+            print(f"{prefix}: {type(exc).__name__}: {in_flags(str(exc), args.flags)}", file=sys.stderr)
             return 2
         except OSError as exc:
             print(f"{prefix}: {exc}", file=sys.stderr)

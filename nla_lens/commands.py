@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,6 +23,7 @@ from nla_lens.checks import (
     resolve_device,
     resolve_dtype,
 )
+from nla_lens.cli import in_flags
 from nla_lens.cli_checks import base_for, nla_checkpoint
 from nla_lens.distributed import World
 from nla_lens.errors import InputError, PromptTooLongError
@@ -302,7 +304,7 @@ def _report(result: sharded.JobResult, max_new_tokens: int) -> None:
         _warn_truncated(result.table.column("truncated").to_pylist(), max_new_tokens,
                         f" into a new --output (or delete {folder}: its shards hold these rows)")
     for warning in result.warnings:
-        print(f"warning: {warning}", file=sys.stderr)
+        warnings.warn(warning, stacklevel=1)  # printed by `cli.main` as every warning is, once
 
 
 def _warn_truncated(truncated: list[bool | None], max_new_tokens: int, rerun: str = "") -> None:
@@ -310,9 +312,9 @@ def _warn_truncated(truncated: list[bool | None], max_new_tokens: int, rerun: st
     command that printed only its success line hid them. None is a shard from before the column: unknown."""
     n_truncated = truncated.count(True)
     if n_truncated:
-        print(f"warning: {n_truncated} of {len(truncated)} rows were cut at --max-new-tokens {max_new_tokens} before "
-              f"the AV ended them, so their explanations are cut short or missing (no closing tag); rerun with a "
-              f"larger --max-new-tokens{rerun}", file=sys.stderr)
+        warnings.warn(f"{n_truncated} of {len(truncated)} rows were cut at --max-new-tokens {max_new_tokens} before "
+                      f"the AV ended them, so their explanations are cut short or missing (no closing tag); rerun "
+                      f"with a larger --max-new-tokens{rerun}", stacklevel=1)
 
 
 def add_reconstruct(subparsers: argparse._SubParsersAction) -> None:
@@ -448,15 +450,15 @@ def _run_explain(args: argparse.Namespace) -> None:
         print(f"\n[{i}] {format_cell(text)}")  # a newline in the text escaped, as the views' titles do
         print(f"  {'pos':>4}  {'token':<14} {'FVE':>6} {'MSE':>6}  explanation")
         for row in (r for r in explanation.rows if r.text_index == i):
-            said = row.explanation
-            if said is None:
+            said, fve, mse = row.explanation, format_cell(row.fve), format_cell(row.mse)
+            if said is None:  # scored as a miss (an orthogonal guess), not a reconstruction that bad: as the views
                 said = unparsed_text(row.verbalization.text, row.verbalization.truncated)
+                fve, mse = ("miss" if row.fve is not None else fve), "miss"
             token = format_cell(visible_token(row.token), 14)  # a lone space as ␣, a newline as ↵: as the views
-            print(f"  {row.position:>4}  {token:<14} {format_cell(row.fve):>6} "
-                  f"{format_cell(row.mse):>6}  {format_cell(said)}")
-    print("\n" + explanation.summary())
+            print(f"  {row.position:>4}  {token:<14} {fve:>6} {mse:>6}  {format_cell(said)}")
+    print("\n" + in_flags(explanation.summary(), args.flags))
     _warn_truncated([row.verbalization.truncated for row in explanation.rows], args.max_new_tokens)
     for warning in explanation.round_trip.warnings:
-        print(f"warning: {warning}", file=sys.stderr)
+        warnings.warn(warning, stacklevel=1)
     if args.output is not None:
         print(f"wrote {explanation.save(args.output)}")

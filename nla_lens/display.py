@@ -10,8 +10,10 @@ as a line of tokens coloured by round-trip FVE, with every explained token's exp
 the text (readable without hovering; hovering a token shows it too). The colour scale spreads the
 observed range: non-negative FVE runs by rank from pale yellow (the lowest seen) to blue (the highest
 seen), with the observed quantiles on the legend; negative FVE (worse than predicting the mean vector)
-is red, darker the more negative, so it never passes for a low positive score. Without a baseline the
-tokens are coloured by MSE instead (lower is better), and the legend says so.
+is red, darker the more negative, so it never passes for a low positive score. A failed parse scores as a miss (an
+orthogonal guess): its token stays off the scale, blank in a dashed outline, and its scores read `miss (-1.50)`, as
+they do in every table. Without a baseline the tokens are coloured by MSE instead (lower is better), and the legend
+says so.
 
 The feature card ([`feature_card_html`][nla_lens.display.feature_card_html]) shows an SAE feature's
 strongest contexts, each token shaded by the feature's activation there (white at 0 to orange at the
@@ -27,13 +29,14 @@ import re
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import PureWindowsPath
+from pathlib import Path, PureWindowsPath
 from typing import Any, Literal
 
 _SEQUENTIAL = ((255, 255, 204), (161, 218, 180), (65, 182, 196), (44, 127, 184), (34, 84, 160))  # YlGnBu
 _NEGATIVE = ((254, 224, 210), (222, 45, 38))  # light to dark red
 _ACTIVATION = ((255, 255, 255), (253, 141, 60))  # white to orange
 _CONTEXT = "#e8e8e8"
+_FAILED = "#ffffff"  # a failed parse's token: blank inside its dashed outline, off the colour scale
 _MAX_TABLE_ROWS = 200
 _HUB_ID = re.compile(r"\w[\w.-]*/[\w.-]+")  # owner/name, as the HF hub spells a repository
 # Written as escapes: control characters, line and paragraph separators, and format characters (bidi controls,
@@ -41,6 +44,9 @@ _HUB_ID = re.compile(r"\w[\w.-]*/[\w.-]+")  # owner/name, as the HF hub spells a
 _UNSEEN = ("Cc", "Zl", "Zp", "Cf")
 # A table's text column and the record key saying whether it parsed: a failed parse holds the raw completion (or None)
 _PARSE_FLAGS = {"explanation": "parsed", "clean": "clean_parsed", "steered": "steered_parsed"}
+# A table's score column and the record key saying whether its row parsed: a failed parse scores as a miss
+# (metrics.miss_mse, an orthogonal guess), a number that unmarked reads as a reconstruction that bad
+_SCORE_FLAGS = {"mse": "parsed", "fve": "parsed", "fve_clean": "clean_parsed", "fve_steered": "steered_parsed"}
 _UNPARSED = "(no <explanation> tags) "
 _CUT = "(cut at max_new_tokens before </explanation>) "  # a failed parse whose completion was truncated
 # Units a table's header names after the column (the record keys stay bare)
@@ -93,6 +99,16 @@ class TokenCell:
 
 
 @dataclass(frozen=True)
+class Readout:
+    """What the AV said of one vector, as a card shows it: the explanation, or (None) the failed parse's raw
+    completion and whether max_new_tokens cut it."""
+
+    explanation: str | None
+    raw_text: str = ""
+    truncated: bool = False
+
+
+@dataclass(frozen=True)
 class ColourScale:
     """Maps a token's score to a background colour by its rank among the scores seen.
 
@@ -107,13 +123,15 @@ class ColourScale:
 
     @classmethod
     def from_cells(cls, cells: Sequence[TokenCell]) -> ColourScale:
-        """FVE when every explained token has one, else MSE."""
+        """FVE when every explained token has one, else MSE. A failed parse's score (the miss) stays off the scale:
+        it would set the darkest red, paling every real negative FVE."""
         explained = [c for c in cells if c.explained]
-        fves = [c.fve for c in explained]
-        if explained and all(f is not None and math.isfinite(f) for f in fves):
+        parsed = [c for c in explained if c.explanation is not None]
+        if explained and all(c.fve is not None and math.isfinite(c.fve) for c in explained):
+            fves = [c.fve for c in parsed]
             negative = [f for f in fves if f < 0]
             return cls("FVE", tuple(sorted(f for f in fves if f >= 0)), min(negative) if negative else None)
-        mses = [c.mse for c in explained if c.mse is not None and math.isfinite(c.mse)]
+        mses = [c.mse for c in parsed if c.mse is not None and math.isfinite(c.mse)]
         return cls("MSE", tuple(sorted(mses)), None)
 
     def value(self, cell: TokenCell) -> float | None:
@@ -155,8 +173,8 @@ class ColourScale:
                 "colours spread by rank over the observed values")
         bar = (f"<span class='nla-scale'><span class='nla-bar' style='background: linear-gradient(to right, {stops})'>"
                f"</span><span class='nla-ticks'{centred}>{ticks}</span></span> ")
-        if not self.observed:  # a bar with no value on it (every FVE negative, as failed parses score): no bar
-            bar, note = "", "no token scored 0 or above" if self.metric == "FVE" else "no token scored"
+        if not self.observed:  # a bar with no value on it (every FVE negative, or every parse failed): no bar
+            bar, note = "", "no token scored 0 or above" if self.most_negative is not None else "no token scored"
         parts = [f"<span><b>{self.metric}</b> {bar}<span class='nla-note'>({note})</span></span>"]
         if self.most_negative is not None:
             light, dark = _rgb(_NEGATIVE[0]), _rgb(_NEGATIVE[1])
@@ -164,7 +182,8 @@ class ColourScale:
                          f"{dark})'></span>FVE below 0, down to {self.most_negative:.2f}: worse than the mean "
                          "vector</span>")
         parts.append(f"<span><span class='nla-swatch' style='background:{_CONTEXT}'></span>not explained</span>")
-        parts.append("<span><span class='nla-swatch nla-failed'></span>explanation failed to parse</span>")
+        parts.append(f"<span><span class='nla-swatch nla-failed' style='background:{_FAILED}'></span>explanation "
+                     "failed to parse (its score is the miss, off the scale)</span>")
         return "<div class='nla-legend'>" + "".join(parts) + "</div>"
 
 
@@ -185,8 +204,9 @@ def explained_text_html(texts: Sequence[Sequence[TokenCell]], *, title: str, lay
 def model_label(name: str) -> str:
     """A model's name as a view's title shows it: a hub id (`Qwen/Qwen3-8B`) or a bare name as it is, a local path
     by its folder's name. A model loaded from a folder is named by its path (HF's `_name_or_path`), which would put
-    the user's filesystem into every shared page."""
-    if _HUB_ID.fullmatch(name) or not any(sep in name for sep in "/\\"):
+    the user's filesystem into every shared page. A relative path of one slash (`models/qwen3-8b`) is spelled as a
+    hub id; it is a folder when it exists, as `from_pretrained` reads it."""
+    if not any(sep in name for sep in "/\\") or (_HUB_ID.fullmatch(name) and not Path(name).exists()):
         return name
     return PureWindowsPath(name).name or name  # splits at / and \ alike; a bare root has no name
 
@@ -194,24 +214,38 @@ def model_label(name: str) -> str:
 def _text_block(cells: Sequence[TokenCell], scale: ColourScale) -> str:
     spans, rows = [], []
     for cell in cells:
+        failed = cell.explained and cell.explanation is None
         value = scale.value(cell) if cell.explained else None
-        background = scale.colour(value) if cell.explained else _CONTEXT
+        background = _FAILED if failed else scale.colour(value) if cell.explained else _CONTEXT
         said = _said(cell)
-        tip = f"{scale.metric} {_num(value)}: {said}" if cell.explained else "context token (not explained)"
-        failed = " nla-failed" if cell.explained and cell.explanation is None else ""
-        spans.append(f"<span class='nla-tok{failed}' style='background:{background};color:{_ink(background)}' "
+        score = _missed(_num(value)) if failed and value is not None else _num(value)
+        tip = f"{scale.metric} {score}: {said}" if cell.explained else "context token (not explained)"
+        outline = " nla-failed" if failed else ""
+        spans.append(f"<span class='nla-tok{outline}' style='background:{background};color:{_ink(background)}' "
                      f"title='{html.escape(tip, quote=True)}'>{_shown_token(cell.token)}"
                      f"<sub>{cell.position}</sub></span>")
         if cell.explained:
-            chip = (f"<span class='nla-tok{failed}' style='background:{background};color:{_ink(background)}'>"
+            chip = (f"<span class='nla-tok{outline}' style='background:{background};color:{_ink(background)}'>"
                     f"{_shown_token(cell.token)}</span>")
             explanation = (f"<td>{html.escape(_visible(cell.explanation))}</td>" if cell.explanation is not None else
                            f"<td class='nla-unparsed'>{html.escape(said)}</td>")
-            rows.append(f"<tr><td class='num'>{cell.position}</td><td>{chip}</td><td class='num'>{_num(cell.fve)}"
-                        f"</td><td class='num'>{_num(cell.mse)}</td>{explanation}</tr>")
+            rows.append(f"<tr><td class='num'>{cell.position}</td><td>{chip}</td>{_score_cell(cell.fve, failed)}"
+                        f"{_score_cell(cell.mse, failed)}{explanation}</tr>")
     table = ("<table><tr><th>pos</th><th>token</th><th>FVE</th><th>MSE</th><th>explanation</th></tr>"
              + "".join(rows) + "</table>") if rows else ""
     return f"<div class='nla-text'><div class='nla-tokens'>{'<wbr>'.join(spans)}</div>{table}</div>"
+
+
+def _score_cell(value: float | None, failed: bool) -> str:
+    """A score's cell in a view's row: a failed parse's marked as the miss it is, styled as its explanation."""
+    if failed and value is not None:
+        return f"<td class='num nla-unparsed'>{_missed(_num(value))}</td>"
+    return f"<td class='num'>{_num(value)}</td>"
+
+
+def _missed(score: str) -> str:
+    """A failed parse's score as views and tables show it: the miss it was scored as, not a reconstruction's."""
+    return f"miss ({score})"
 
 
 def _shown_token(token: str) -> str:
@@ -263,7 +297,8 @@ def result_html(name: str, summary: str, records: Sequence[dict[str, Any]], colu
                 chip = f"<span class='nla-tok' style='background:{_CONTEXT}'>{_shown_token(value)}</span>"
                 cells.append(f"<td>{chip}</td>")
             elif failed is not None:
-                cells.append(f"<td class='nla-unparsed'>{html.escape(format_cell(failed))}</td>")
+                cells.append(f"<td class='{'num ' if numeric else ''}nla-unparsed'>{html.escape(format_cell(failed))}"
+                             "</td>")
             else:
                 cells.append(f"<td{' class=num' if numeric else ''}>{html.escape(format_cell(value))}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
@@ -280,9 +315,14 @@ def header(column: str) -> str:
 
 
 def unparsed_cell(record: dict[str, Any], column: str) -> str | None:
-    """The cell of a text `column` whose explanation failed to parse, marked as the explained view marks it,
-    with the raw completion; None when it parsed. Unmarked, the raw text reads as an explanation, or the
-    cell is blank."""
+    """The cell of `column` in a row whose explanation failed to parse, marked as the explained view marks it: a
+    text column with the raw completion, a score column as the miss ("miss (2.000)"); None when it parsed (or
+    the score is None). Unmarked, the raw text reads as an explanation (or the cell is blank) and the miss as a
+    reconstruction that bad."""
+    score_flag = _SCORE_FLAGS.get(column)
+    if score_flag is not None:
+        score = record.get(column)
+        return _missed(format_cell(score)) if record.get(score_flag) is False and score is not None else None
     flag = _PARSE_FLAGS.get(column)
     if flag is None or record.get(flag) is not False:
         return None
@@ -294,7 +334,7 @@ def unparsed_cell(record: dict[str, Any], column: str) -> str | None:
 
 def feature_card_html(title: str, hook_name: str, summary: str, explanation: str | None, raw_text: str,
                       windows: Sequence[tuple[Sequence[str], Sequence[float], int]],
-                      said_here: Sequence[str | None] | None = None, *, truncated: bool = False,
+                      said_here: Sequence[Readout] | None = None, *, truncated: bool = False,
                       n_positions: int | None = None) -> str:
     """An SAE feature's card: the NLA's explanation, then one row per context window (tokens, their
     activations, the index of the token the window was picked for), strongest first; with `said_here`,
@@ -303,8 +343,7 @@ def feature_card_html(title: str, hook_name: str, summary: str, explanation: str
     names in place of the table."""
     # The largest finite positive peak: an infinite (overflowed) or NaN one would make every shade NaN.
     top = max((a for _, acts, center in windows if math.isfinite(a := acts[center]) and a > 0), default=1.0)
-    said = (html.escape(_visible(explanation)) if explanation is not None else
-            f"<span class='nla-unparsed'>{html.escape(_visible(unparsed_text(raw_text, truncated)))}</span>")
+    said = _readout_html(Readout(explanation, raw_text, truncated))
     rows = []
     for row, (tokens, activations, center) in enumerate(windows):
         spans = []
@@ -316,9 +355,7 @@ def feature_card_html(title: str, hook_name: str, summary: str, explanation: str
             peak = " nla-peak" if i == center else ""
             spans.append(f"<span class='nla-tok{peak}' style='background:{background};color:{_ink(background)}' "
                          f"title='{tip}'>{_shown_token(token)}</span>")
-        here = "" if said_here is None else (
-            f"<td>{html.escape(_visible(said_here[row]))}</td>" if said_here[row] is not None else
-            "<td><span class='nla-unparsed'>(no &lt;explanation&gt; tags)</span></td>")
+        here = "" if said_here is None else f"<td>{_readout_html(said_here[row])}</td>"
         rows.append(f"<tr><td class='num'>{_num(activations[center])}</td>"
                     f"<td class='nla-context'>{''.join(spans)}</td>{here}</tr>")
     stops = ", ".join(_rgb(c) for c in _ACTIVATION)
@@ -329,6 +366,14 @@ def feature_card_html(title: str, hook_name: str, summary: str, explanation: str
             f"<div class='nla-head'><b>{html.escape(title)}</b> · <code>{html.escape(hook_name)}</code></div>"
             f"<div class='nla-said'>NLA: {said}</div><div class='nla-meta'>{html.escape(summary)}</div>{legend}"
             + (_contexts_table(rows, said_here is not None) if windows else _no_contexts(n_positions)) + "</div>")
+
+
+def _readout_html(readout: Readout) -> str:
+    """A card's explanation, or its failed parse marked as every view marks one (see `unparsed_text`)."""
+    if readout.explanation is not None:
+        return html.escape(_visible(readout.explanation))
+    failed = unparsed_text(readout.raw_text, readout.truncated)
+    return f"<span class='nla-unparsed'>{html.escape(_visible(failed))}</span>"
 
 
 def _contexts_table(rows: Sequence[str], said_here: bool) -> str:

@@ -60,6 +60,8 @@ class FeatureContext:
         activations: the feature's activation at each token of the window (NaN: left out by skip_first).
         center: index of `position` inside the window.
         explanation: the AV's explanation of the base residual here (`explain_contexts=True`), else None.
+        explanation_text: the AV's raw completion there, which the card shows when it failed to parse.
+        explanation_truncated: max_new_tokens cut that completion: why its parse failed.
     """
 
     text: int
@@ -69,6 +71,8 @@ class FeatureContext:
     activations: list[float]
     center: int
     explanation: str | None = None
+    explanation_text: str = ""
+    explanation_truncated: bool = False
 
     @property
     def token(self) -> str:
@@ -139,7 +143,8 @@ class FeatureCard(TabularResult):
 
     def _repr_html_(self) -> str:
         windows = [(c.tokens, c.activations, c.center) for c in self.contexts]
-        said_here = [c.explanation for c in self.contexts] if self.explained_contexts else None
+        said_here = ([display.Readout(c.explanation, c.explanation_text, c.explanation_truncated)
+                      for c in self.contexts] if self.explained_contexts else None)
         return display.feature_card_html(f"Feature {self.feature}", self.hook_name, self.summary(), self.explanation,
                                          self.verbalization.text, windows, said_here,
                                          truncated=self.verbalization.truncated, n_positions=self.n_positions)
@@ -256,4 +261,5 @@ def _explain_contexts(av: ActivationVerbalizer, base: TLModel, texts: list[str],
     residuals = dict(zip(chosen, (resid for _, resid in text_residuals(base, [texts[i] for i in chosen],
                                                                         av.meta.layer)), strict=True))
     said = av.verbalize(torch.stack([residuals[c.text][c.position] for c in contexts]), **verbalize_kwargs)
-    return [replace(c, explanation=v.explanation) for c, v in zip(contexts, said, strict=True)]
+    return [replace(c, explanation=v.explanation, explanation_text=v.text, explanation_truncated=v.truncated)
+            for c, v in zip(contexts, said, strict=True)]

@@ -29,9 +29,10 @@ _UNRECORDED = {"device": "cpu"}
 # Facts older manifests recorded that no row depends on, ignored: a round trip's --baseline only rescales the FVE the
 # merge computes, so another one takes no recomputed shard.
 _NOT_ROW_FACTS = ("baseline",)
-# Facts that say where a file was found, not what it holds: the manifest records that file's size and content hashes
-# beside them, so the same bytes found at another path (a moved or renamed input) resume, and the job says so.
-_LOCATION_FACTS = ("input",)
+# Facts that say where a file or folder was found, not what it holds: the manifest records the input's size and content
+# hashes and each checkpoint's fingerprint beside them, so the same bytes found at another path (a moved or renamed
+# input or checkpoint) resume, and the job says so.
+_LOCATION_FACTS = ("input", "av", "ar")
 
 
 def shard_folder(output: Path) -> Path:
@@ -97,6 +98,15 @@ def check_manifest(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
             "or delete that folder to start over"
         )
     return relocated
+
+
+def record_locations(folder: Path, manifest: dict[str, Any], relocated: dict[str, Any]) -> None:
+    """Write this run's paths for the `relocated` location facts into the folder's manifest, once `check_manifest`
+    has found the same contents there: a rerun from the new place then resumes without warning again."""
+    path = folder / MANIFEST
+    recorded = json.loads(path.read_text(encoding="utf-8")) | {k: manifest[k] for k in relocated}
+    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(recorded, indent=2, sort_keys=True) + "\n",
+                                                  encoding="utf-8"))
 
 
 def _recorded_value(recorded: dict[str, Any], key: str) -> str:

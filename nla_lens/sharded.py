@@ -320,7 +320,7 @@ def _checkpoint_facts(role: str, folder: Path) -> dict[str, str]:
     """A checkpoint's folder and a fingerprint of its contents that costs the same at any size: each file's
     name and length, small files whole, and 64 blocks of 4 KiB spread over each large one. A checkpoint
     exported again into the same folder differs in nearly every block of its trained weights; a copy of it
-    at the same path on another node does not differ at all."""
+    at the same path on another node does not differ at all, and one moved elsewhere resumes as a moved input does."""
     digest = hashlib.sha256()
     for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
         size = path.stat().st_size
@@ -354,10 +354,9 @@ def _run(table: VectorTable, output: Path, manifest: dict[str, Any], compute: Ca
     check_output(output)
     folder = shard_store.shard_folder(output)
     relocated = shard_store.check_manifest(folder, manifest)
-    if "input" in relocated and world.is_main:
-        warnings.warn(f"input found at {manifest['input']}, not at {relocated['input']} where "
-                      f"{folder / shard_store.MANIFEST} recorded it; its vectors and columns hash the same, so the "
-                      f"shards are reused, and the output's job record names {manifest['input']}", stacklevel=3)
+    if relocated and world.is_main:
+        _warn_relocated(folder, manifest, relocated)
+        shard_store.record_locations(folder, manifest, relocated)  # the next rerun from there says nothing
     ranges = shard_store.shard_rows(table.vectors.shape[0], shard_size)
     todo = [i for i in shard_store.assigned_shards(len(ranges), world, shards)
             if not shard_store.shard_path(folder, i).exists()]
@@ -373,6 +372,19 @@ def _run(table: VectorTable, output: Path, manifest: dict[str, Any], compute: Ca
     merged = merged.replace_schema_metadata({JOB_KEY: json_text(job_record(manifest))})
     write_table(merged, output)
     return JobResult(output, len(ranges), todo, [], merged)
+
+
+_LOCATED = {"input": ("input", "same vectors and columns"), "av": ("AV", "same fingerprint of its files"),
+            "ar": ("AR", "same fingerprint of its files")}  # each location fact's name, and what showed it the same
+
+
+def _warn_relocated(folder: Path, manifest: dict[str, Any], relocated: dict[str, Any]) -> None:
+    """One warning for every input or checkpoint found where the manifest did not record it, with the same
+    contents."""
+    moves = "; ".join(f"{_LOCATED[k][0]} found at {manifest[k]}, not at {old} where {folder / shard_store.MANIFEST} "
+                      f"recorded it ({_LOCATED[k][1]})" for k, old in relocated.items())
+    warnings.warn(f"{moves}: the shards are reused, and from now on the manifest and the output's job record name "
+                  f"{' and '.join(manifest[k] for k in relocated)}", stacklevel=4)
 
 
 def _with_truncated(merged: pa.Table) -> pa.Table:

@@ -150,8 +150,9 @@ class WordSteering(TabularResult):
     tokenizer: Any = None
     continuations: list[tuple[str, str]] | None = None
 
+    # Each pair side by side, clean then steered: what the steering changed
     display_columns = ("batch", "position", "token", "explanation", "edited", "delta_norm", "clean_next",
-                       "steered_next", "kl")  # both next-token lists: what the steering changed
+                       "steered_next", "kl", "clean_continuation", "steered_continuation")
     # clean_next .. kl only with compare=True, the continuations only with continue_tokens > 0
     schema = pa.schema({"batch": pa.int64(), "position": pa.int64(), "token": pa.string(), "explanation": pa.string(),
                         "edited": pa.string(), "samples": pa.int64(), "explanation_samples": pa.list_(pa.string()),

@@ -282,6 +282,18 @@ def test_explain_keeps_a_texts_header_on_one_line(tiny_paths, capsys):
     assert all(lines[i + 1].split() == ["pos", "token", "FVE", "MSE", "explanation"] for i in headers)
 
 
+def test_explain_says_each_warning_once_as_the_cli_does_and_its_summary_names_the_flag(tiny_paths, capsys):
+    """The summary on stdout said "pass baseline=" (the Python keyword), and the round trip's warnings were printed
+    again after the library had warned of them, without the command's prefix: "no FVE" twice, once as baseline=."""
+    av, ar = str(tiny_paths["av_karvonen"]), str(tiny_paths["ar_nanonla"])
+    assert main(["explain", "--av", av, "--ar", ar, "--base", av, "--text", "the cat", "--max-new-tokens", "2"]) == 0
+    out, err = capsys.readouterr()
+    assert "no FVE (no baseline: pass --baseline)" in out and "baseline=" not in out
+    warned = [line for line in err.splitlines() if "warning: " in line]
+    assert warned and all(line.startswith("nla-lens explain: warning: ") for line in warned), warned
+    assert sum("no FVE" in line for line in warned) == 1 and "baseline=" not in err
+
+
 _STEER_FLAGS = ["--av", "a", "--ar", "r", "--text", "t", "--replace", "a", "b"]
 
 
@@ -313,12 +325,12 @@ def test_verbalize_and_round_trip_warn_of_rows_cut_by_max_new_tokens(tmp_path, c
     cut = "warning: 3 of 3 rows were cut at --max-new-tokens 1 before the AV ended them"
     assert main(["verbalize", "--av", av, *source, "--max-new-tokens", "1"]) == 0
     err = capsys.readouterr().err
-    assert cut in err and "larger --max-new-tokens" in err
+    assert f"nla-lens verbalize: {cut}" in err and "larger --max-new-tokens" in err
     for command in (["verbalize", "--av", av], ["round-trip", "--av", av, "--ar", ar]):
         out = tmp_path / f"{command[0]}.jsonl"
         assert main([*command, *source, "--output", str(out), "--max-new-tokens", "1"]) == 0
         err = capsys.readouterr().err
-        assert cut in err and f"into a new --output (or delete {out}.shards" in err, command
+        assert f"nla-lens {command[0]}: {cut}" in err and f"into a new --output (or delete {out}.shards" in err
         assert all(json.loads(line)["truncated"] for line in out.read_text().splitlines())
     assert main(["verbalize", "--av", av, *source]) == 0  # the toy AV ends its explanations well within 150 tokens
     assert "were cut" not in capsys.readouterr().err
@@ -424,7 +436,10 @@ def test_explain_warns_of_rows_cut_by_max_new_tokens(capsys):
     argv = ["explain", "--av", av, "--ar", ar, "--text", text, "--positions", "-2,-1"]
     assert main([*argv, "--max-new-tokens", "1"]) == 0
     out, err = capsys.readouterr()
-    assert "warning: 2 of 2 rows were cut at --max-new-tokens 1" in err
+    assert "nla-lens explain: warning: 2 of 2 rows were cut at --max-new-tokens 1" in err
     assert out.count("(cut at max_new_tokens before </explanation>) <explanation>") == 2  # each row says why
+    # Their FVE and MSE are the miss they were scored as, not a reconstruction's (they printed as plain numbers)
+    rows = [line.split() for line in out.splitlines() if "(cut at max_new_tokens" in line]
+    assert [row[2:4] for row in rows] == [["miss", "miss"]] * 2
     assert main(["explain", "--av", av, "--ar", ar, "--text", text, "--positions=-2,-1"]) == 0
     assert "were cut" not in capsys.readouterr().err

@@ -108,15 +108,18 @@ def test_sampling_settings_name_each_wrong_value_by_its_flag(tiny_paths, vector_
 
 def test_messages_name_only_this_commands_flags():
     """A keyword that is no flag of the subcommand (a Python-only argument, a sidecar fact) keeps its name."""
-    from nla_lens.cli import _in_flags
+    from nla_lens.cli import in_flags
 
     flags = build_parser().parse_args(["steer-words", "--av", "a", "--ar", "r", "--text", "t", "--edit-to", "e"]).flags
     message = "samples=5, temperature=0.0: pass samples=1; explanations= and n_ctx=64 and rl.samples=2 stay"
-    assert _in_flags(message, flags) == ("--samples 5, --temperature 0.0: pass --samples 1; explanations= and n_ctx=64 "
+    assert in_flags(message, flags) == ("--samples 5, --temperature 0.0: pass --samples 1; explanations= and n_ctx=64 "
                                          "and rl.samples=2 stay")
     explain_flags = build_parser().parse_args(["explain", "--av", "a", "--ar", "r", "--text", "t"]).flags
-    assert _in_flags("no baseline: pass baseline= (or 32 vectors), baseline=)", explain_flags) == (
+    assert in_flags("no baseline: pass baseline= (or 32 vectors), baseline=)", explain_flags) == (
         "no baseline: pass --baseline (or 32 vectors), --baseline)")
+    bound = "pass samples > 1 (e.g. samples=5), temperature >= 0.5 or rl.samples > 1; samples are text"
+    assert in_flags(bound, flags) == ("pass --samples > 1 (e.g. --samples 5), --temperature >= 0.5 or rl.samples > 1; "
+                                      "samples are text")
 
 
 def test_demo_wrong_checkpoint_folder(tmp_path, capsys, monkeypatch):
@@ -554,6 +557,45 @@ def test_a_repeated_document_id_says_when_one_line_took_its_line_index_as_id(tmp
         read_corpus(corpus)
     assert str(info.value) == (f"{corpus}:{repeated}{default}; give every document its own id (splits are made by "
                                "document)")
+
+
+def test_a_null_document_id_is_the_line_index_as_a_missing_one_is(tmp_path):
+    """`{"id": null}` was the document id "None": every such line one document, whatever its text."""
+    from nla_lens.training.pipeline import read_corpus
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({**row, "text": "a cat"}) + "\n" for row in [{"id": None}, {}, {"id": None}]))
+    assert [doc.id for doc in read_corpus(corpus)] == ["0", "1", "2"]
+    corpus.write_text("".join(json.dumps({**row, "text": "a cat"}) + "\n" for row in [{"id": None}, {"id": 0}]))
+    with pytest.raises(nl.InputError, match=re.escape("document id '0' is line 1's too (line 1 has 'id': null, so "
+                                                      "its id is its line index counted from 0")):
+        read_corpus(corpus)
+
+
+@pytest.mark.parametrize(("first", "second"), [(1, "1"), ("1", 1)], ids=["number-then-string", "string-then-number"])
+def test_two_given_ids_that_are_one_as_text_say_that_ids_compare_as_text(tmp_path, first, second):
+    """Ids 1 and "1" collided with no word of why two different ids were one."""
+    from nla_lens.training.pipeline import read_corpus
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"id": i, "text": "a cat"}) + "\n" for i in (first, "x", second)))
+    with pytest.raises(nl.InputError) as info:
+        read_corpus(corpus)
+    assert str(info.value) == (f"{corpus}:3: document id {str(first)!r} is line 1's too (ids compare as text: line "
+                               f"1's {json.dumps(first)} and line 3's {json.dumps(second)} are one id); give every "
+                               "document its own id (splits are made by document)")
+
+
+@pytest.mark.parametrize("given", [1.0, True, [1], {"n": 1}], ids=["float", "bool", "list", "object"])
+def test_an_id_that_is_neither_a_string_nor_an_integer_is_refused_with_its_line(tmp_path, given):
+    """1.0, true or [1] became the ids "1.0", "True", "[1]": strings the corpus never wrote."""
+    from nla_lens.training.pipeline import read_corpus
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"id": i, "text": "a cat"}) + "\n" for i in ("a", given)))
+    with pytest.raises(nl.InputError, match=re.escape(f"{corpus}:2: 'id' must be a string or an integer, got "
+                                                      f"{json.dumps(given)}")):
+        read_corpus(corpus)
 
 
 def test_inspect_of_an_extraction_folder_says_it_is_one(dataset_meta, tmp_path, capsys):

@@ -13,13 +13,13 @@ import pytest
 
 from nla_lens import display
 
-FVES = [None, None, 0.95, 0.91, 0.62, 0.88, -0.4, -1.5, 0.97, 0.90]
+FVES = [None, None, 0.95, 0.91, 0.62, 0.88, -0.4, -1.5, 0.97, -1.6]  # the last one a failed parse: a miss
 WORDS = ["Romeo", ":", " where", "fore", " art", " thou", " Romeo", "?", " Deny", " thy"]
 
 
 def _cells() -> list[display.TokenCell]:
     return [display.TokenCell(w, p) if fve is None else display.TokenCell(
-        w, p, True, None if p == 7 else f'The token "{w}", after something.', "garbled" if p == 7 else None, fve,
+        w, p, True, None if p == 9 else f'The token "{w}", after something.', "garbled" if p == 9 else None, fve,
         0.83 * (1 - fve)) for p, (w, fve) in enumerate(zip(WORDS, FVES, strict=True))]
 
 

@@ -339,8 +339,9 @@ def test_colour_scale_spreads_by_rank_and_keeps_negative_fve_red():
 
 
 def test_without_fve_the_view_colours_by_mse_and_says_so():
-    cells = [display.TokenCell("a", 0), display.TokenCell("b", 1, True, None, "raw", None, 0.4),
-             display.TokenCell("c", 2, True, "said", None, None, 0.1)]
+    cells = [display.TokenCell("a", 0), display.TokenCell("b", 1, True, None, "raw", None, 2.0),
+             display.TokenCell("c", 2, True, "said", None, None, 0.1),
+             display.TokenCell("d", 3, True, "it", None, None, 0.4)]
     scale = display.ColourScale.from_cells(cells)
     assert scale.metric == "MSE" and scale.colour(0.1) == "#2254a0" and scale.colour(0.4) == "#ffffcc"
     html = display.explained_text_html([cells], title="t", layer=None)
@@ -370,13 +371,17 @@ def test_a_parse_cut_at_max_new_tokens_says_so_where_a_missing_tag_said_no_tags(
 
 
 def test_a_legend_with_no_fve_at_or_above_0_draws_no_empty_bar():
-    """Every row failed (each scores as a miss, FVE < 0): the legend drew the FVE gradient with no tick labels,
-    a scale of nothing; it now says no token scored 0 or above, beside the red swatch that holds them."""
-    cells = [display.TokenCell("a", p, True, None, "<explanation>\nx", -1.56, 2.0) for p in range(3)]
+    """Every FVE below 0: the legend drew the FVE gradient with no tick labels, a scale of nothing; it now says no
+    token scored 0 or above, beside the red swatch that holds them. Every parse failed: no token scored."""
+    cells = [display.TokenCell("a", p, True, "x", None, -1.56 + p / 10, 2.0) for p in range(3)]
     legend = display.ColourScale.from_cells(cells).legend_html()
     assert "nla-bar" not in legend and "nla-ticks" not in legend
     assert "<b>FVE</b> <span class='nla-note'>(no token scored 0 or above)</span>" in legend
     assert "FVE below 0, down to -1.56" in legend
+    failed = [display.TokenCell("a", p, True, None, "<explanation>\nx", -1.56, 2.0) for p in range(3)]
+    legend = display.ColourScale.from_cells(failed).legend_html()
+    assert "nla-bar" not in legend and "<span class='nla-note'>(no token scored)</span>" in legend
+    assert "below 0" not in legend
     with_one = display.ColourScale.from_cells([*cells, display.TokenCell("b", 3, True, "y", None, 0.4, 0.5)])
     assert "nla-bar" in with_one.legend_html() and "0.40" in with_one.legend_html()
 
@@ -394,6 +399,15 @@ def test_the_explained_view_names_a_model_loaded_from_a_folder_by_the_folder_not
         assert display.model_label(path) == "qwen3-8b"
 
 
+def test_a_relative_folder_of_one_slash_is_named_by_its_folder_not_taken_for_a_hub_id(tmp_path, monkeypatch):
+    """`models/qwen3-8b`, a folder loaded by its relative path, is spelled as the hub's owner/name and was shown
+    whole in the title."""
+    (tmp_path / "models" / "qwen3-8b").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert display.model_label("models/qwen3-8b") == "qwen3-8b"
+    assert display.model_label("Qwen/Qwen3-8B") == "Qwen/Qwen3-8B"  # no such folder here: a hub id
+
+
 def test_the_word_steering_view_shows_the_clean_next_tokens_beside_the_steered_ones(results):
     """The view showed only the steered next tokens: what the steering changed could not be read off it."""
     steering = results["word_steering"]
@@ -404,6 +418,25 @@ def test_the_word_steering_view_shows_the_clean_next_tokens_beside_the_steered_o
         assert f"<td>{html.escape(record['clean_next'])}</td>" in view
         assert f"<td>{html.escape(record['steered_next'])}</td>" in view
     assert "clean_next (token p)" in repr(steering).splitlines()[1]
+
+
+def test_the_word_steering_view_shows_each_rows_clean_and_steered_continuations_side_by_side(results):
+    """The continuations were left to to_pandas(): the view did not show what the steering did to the text."""
+    import dataclasses
+
+    steering = results["word_steering"]
+    view = _body(steering._repr_html_())
+    headers = re.findall(r"<th>([^<]*)</th>", view)
+    assert headers.index("clean_continuation") + 1 == headers.index("steered_continuation")
+    for record in steering.to_records():
+        clean, steered = (html.escape(display.format_cell(record[column]))
+                          for column in ("clean_continuation", "steered_continuation"))
+        assert f"<td>{clean}</td><td>{steered}</td>" in view
+    rows = steering.token_shape[0]
+    long = dataclasses.replace(steering, continuations=[("x" * 200, "y" * 200)] * rows)
+    printed = repr(long).splitlines()
+    assert printed[1].split()[-2:] == ["clean_continuation", "steered_continuation"]
+    assert all(line.endswith("x" * 59 + "\u2026  " + "y" * 59 + "\u2026") for line in printed[2:])  # cut as other cells
 
 
 def test_a_feature_card_with_no_contexts_says_so_in_place_of_an_empty_table():
@@ -468,6 +501,84 @@ def test_a_filesystem_that_refuses_chmod_still_gets_the_written_files(tmp_path, 
     save_tensors({"vectors": torch.ones(2, 4)}, tmp_path / "vectors.safetensors")
     assert len(calls) == 1 and torch.equal(read_vectors(tmp_path / "vectors.safetensors"), torch.ones(2, 4))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["scores.parquet", "vectors.safetensors"]
+
+
+# Each result's per-row scores and the record key saying whether that row's explanation parsed
+SCORES = {"round_trip": {"mse": "parsed", "fve": "parsed"}, "explanation": {"mse": "parsed", "fve": "parsed"},
+          "patching": {"fve": "parsed"}, "steering": {"fve_clean": "clean_parsed", "fve_steered": "steered_parsed"}}
+
+
+@pytest.mark.parametrize("kind", SCORES)
+def test_a_failed_parses_score_shows_as_the_miss_in_the_repr_and_table(results, kind, tmp_path):
+    """A failed parse scores as a miss (an orthogonal guess): its row showed FVE -1.500 / MSE 2.000 as if the AR
+    had rebuilt the vector that badly. The files keep the numbers; the parsed columns say which rows failed."""
+    result = results[kind]
+    records = result.to_records()
+    view, printed = _body(result._repr_html_()), repr(result)
+    failed = [(r, column) for r in records for column, flag in SCORES[kind].items() if r[flag] is False]
+    assert failed  # the tiny NLA's 4-token completions never close their tag
+    decimals = 2 if kind == "explanation" else 3  # the explained view's rows, as its legend, show two
+    for record, column in failed:
+        assert f"<td class='num nla-unparsed'>miss ({record[column]:.{decimals}f})</td>" in view
+    assert f"miss ({failed[0][0][failed[0][1]]:.3f})" in printed
+    assert pq.read_table(result.save(tmp_path / "out.parquet")).to_pylist() == records  # numbers, as they were
+
+
+def test_a_parsed_rows_score_stays_a_plain_number_beside_a_failed_ones_miss():
+    from nla_lens.nla import RoundTrip
+    from nla_lens.results import text_table
+    from nla_lens.verbalizer import Verbalization
+
+    said = [Verbalization("<explanation>\na\n</explanation>", "a", [1]), Verbalization("b", None, [2])]
+    rt = RoundTrip(said, torch.zeros(2, 4), torch.tensor([0.5, 2.0]), 1.25, -0.5625, 0.8, "given", 1,
+                   fves=torch.tensor([0.375, -1.5]))
+    parsed_row, failed_row = text_table(rt.to_records(), ["index", "mse", "fve"])[1:]
+    assert parsed_row.split() == ["0", "0.500", "0.375"] and failed_row.split() == ["1", "miss", "(2.000)", "miss",
+                                                                                    "(-1.500)"]
+    view = _body(rt._repr_html_())
+    assert "<td class=num>0.500</td><td class=num>0.375</td>" in view
+    assert "<td class='num nla-unparsed'>miss (2.000)</td><td class='num nla-unparsed'>miss (-1.500)</td>" in view
+    assert rt.to_pandas()["mse"].tolist() == [0.5, 2.0]
+
+
+def test_the_explained_view_marks_a_failed_parses_score_as_the_miss_and_leaves_it_off_the_colour_scale():
+    """A failed parse's token was coloured by its miss (the darkest red, paling every real negative FVE), and its
+    row and tooltip read FVE -1.56 / MSE 2.00 as a reconstruction's."""
+    cells = [display.TokenCell("a", 0, True, "x", None, 0.9, 0.1),
+             display.TokenCell("b", 1, True, "y", None, -0.4, 0.6),
+             display.TokenCell("c", 2, True, None, "raw", -1.56, 2.0)]
+    scale = display.ColourScale.from_cells(cells)
+    assert scale.most_negative == -0.4 and scale.colour(-0.4) == "#de2d26"  # the darkest red: the worst real score
+    view = _body(display.explained_text_html([cells], title="t", layer=1))
+    assert "<td class='num'>-0.40</td><td class='num'>0.60</td>" in view
+    assert "<td class='num nla-unparsed'>miss (-1.56)</td><td class='num nla-unparsed'>miss (2.00)</td>" in view
+    assert ("<span class='nla-tok nla-failed' style='background:#ffffff;color:#111' title='FVE miss (-1.56): "
+            "(no &lt;explanation&gt; tags) raw'>c") in view
+    assert "down to -0.40" in view and "down to -1.56" not in view
+
+
+def test_a_feature_cards_nla_at_the_peak_says_why_a_parse_failed_as_the_cards_explanation_does():
+    """The "NLA at the peak" column said "(no <explanation> tags)" of every failed parse, a completion cut at
+    max_new_tokens too, without the completion."""
+    said_here = [display.Readout(None, "<explanation>\nThe", truncated=True), display.Readout(None, "never tagged"),
+                 display.Readout("said")]
+    card = _body(display.feature_card_html("f", "h", "s", "e", "", [(["a"], [1.0], 0)] * 3, said_here))
+    assert re.findall(r"<td>(.*?)</td></tr>", card) == [
+        "<span class='nla-unparsed'>(cut at max_new_tokens before &lt;/explanation&gt;) &lt;explanation&gt;\\nThe"
+        "</span>", "<span class='nla-unparsed'>(no &lt;explanation&gt; tags) never tagged</span>", "said"]
+
+
+@pytest.mark.skipif(not HAS_SAE_LENS, reason="needs sae-lens")
+def test_a_feature_cards_contexts_carry_what_the_av_wrote_at_their_peaks_to_the_view(base, nla):
+    sae = make_sae(D_MODEL, 16, f"blocks.{LAYER}.hook_resid_post")
+    card = nl.feature_card(sae, base, ["The cat sat on the mat."], 5, nla, k=2, explain_contexts=True,
+                           progress=False, **FAST)
+    assert card.contexts and all(c.explanation is None for c in card.contexts)  # 4 tokens never close the tag
+    assert any(c.explanation_truncated for c in card.contexts)
+    view = _body(card._repr_html_())
+    for context in card.contexts:
+        said = display.unparsed_text(context.explanation_text, context.explanation_truncated)
+        assert f"<td><span class='nla-unparsed'>{html.escape(display.format_cell(said))}</span></td>" in view
 
 
 def test_a_failed_parse_is_marked_in_the_repr_and_table_not_shown_as_an_explanation():
@@ -577,7 +688,8 @@ def test_views_show_control_characters_of_explanations_and_raw_outputs_as_escape
     said, raw = "a\x00b\rc\x1bd\ne", "no tags\x00\r\x1b"
     cells = [display.TokenCell("x", 0, True, said, None, 0.5), display.TokenCell("y", 1, True, None, raw, 0.4)]
     view = _body(display.explained_text_html([cells], title="t", layer=1))
-    card = _body(display.feature_card_html("f", "h", "s", said, "", [(["a"], [1.0], 0)], said_here=[said]))
+    card = _body(display.feature_card_html("f", "h", "s", said, "", [(["a"], [1.0], 0)],
+                                           said_here=[display.Readout(said)]))
     failed_card = _body(display.feature_card_html("f", "h", "s", None, raw, [(["a"], [1.0], 0)]))
     for page in (view, card, failed_card):
         assert not {"\x00", "\r", "\x1b", "\n"} & set(page)

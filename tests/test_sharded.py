@@ -6,6 +6,7 @@ import functools
 import json
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -384,13 +385,14 @@ def test_a_moved_input_resumes_its_shards_and_the_output_names_where_it_is_now(t
     (tmp_path / "elsewhere").mkdir()
     moved = input_file.rename(tmp_path / "elsewhere" / "renamed.parquet")
     with pytest.warns(UserWarning, match=rf"input found at {re.escape(str(moved.resolve()))}, not at "
-                                         rf"{re.escape(recorded)} where .*manifest\.json recorded it; .*the shards "
-                                         rf"are reused, and the output's job record names "
-                                         rf"{re.escape(str(moved.resolve()))}"):
+                                         rf"{re.escape(recorded)} where .*manifest\.json recorded it \(same vectors "
+                                         rf"and columns\): the shards are reused, and from now on the manifest and "
+                                         rf"the output's job record name {re.escape(str(moved.resolve()))}$"):
         result = sharded.verbalize_file(av, moved, out, sampling=GREEDY, shard_size=SHARD_SIZE, progress=False)
     assert result.computed == [1, 2, 3] and _written(first_shard) == first_write
     assert result.table.equals(reference)
     assert json.loads(pq.read_schema(out).metadata[b"nla_lens_job"])["input"] == str(moved.resolve())
+    assert json.loads(manifest.read_text()) == older | {"input": str(moved.resolve())}  # only the path changed
 
 
 def test_a_round_trip_resumed_from_a_renamed_input_warns_in_one_line_and_its_summary_names_the_new_path(
@@ -411,9 +413,54 @@ def test_a_round_trip_resumed_from_a_renamed_input_warns_in_one_line_and_its_sum
     assert "3 of 4 shards computed by this process" in said.out and _written(first_shard) == first_write
     warned = [line for line in said.err.splitlines() if "input found at" in line]
     assert len(warned) == 1 and warned[0].startswith("nla-lens round-trip: warning: input found at ")
-    assert warned[0].endswith(f"the output's job record names {renamed.resolve()}")
+    assert warned[0].endswith(f"the output's job record name {renamed.resolve()}")
     assert pq.read_table(out).equals(pq.read_table(tmp_path / "ref.parquet"))
     assert json.loads(sharded.summary_path(out).read_text())["job"]["input"] == str(renamed.resolve())
+
+
+def test_a_moved_input_warns_once_the_rerun_from_its_new_place_resumes_silently(tiny_paths, input_file, tmp_path):
+    """The manifest kept the first path, so every later rerun from the new one warned again that the input moved."""
+    av, out = tiny_paths["av_karvonen"], tmp_path / "out.parquet"
+    sharded.verbalize_file(av, input_file, out, sampling=GREEDY, shard_size=SHARD_SIZE, shards=[0], progress=False)
+    moved = input_file.rename(tmp_path / "renamed.parquet")
+    with pytest.warns(UserWarning, match="input found at"):
+        sharded.verbalize_file(av, moved, out, sampling=GREEDY, shard_size=SHARD_SIZE, shards=[1], progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = sharded.verbalize_file(av, moved, out, sampling=GREEDY, shard_size=SHARD_SIZE, progress=False)
+    assert result.computed == [2, 3] and result.table.num_rows == N_ROWS
+
+
+@pytest.mark.parametrize("role", ["av", "ar"])
+def test_a_moved_checkpoint_with_the_same_files_resumes_with_one_warning(tiny_paths, input_file, tmp_path, role):
+    """A checkpoint folder moved or renamed, its files unchanged (same fingerprint), was refused as other settings
+    (av: ... -> ...), so every shard was computed again; a moved input resumed."""
+    folders = {"av": tmp_path / "av", "ar": tmp_path / "ar"}
+    shutil.copytree(tiny_paths["av_karvonen"], folders["av"])
+    shutil.copytree(tiny_paths["ar_nanonla"], folders["ar"])
+    out = tmp_path / "out.parquet"
+
+    def round_trip(shards: list[int] | None = None) -> sharded.JobResult:
+        return sharded.round_trip_file(folders["av"], folders["ar"], input_file, out, sampling=GREEDY, baseline=0.5,
+                                       shard_size=SHARD_SIZE, shards=shards, progress=False)
+
+    round_trip([0])
+    first_write = _written(shard_store.shard_path(shard_store.shard_folder(out), 0))
+    recorded = str(folders[role].resolve())
+    folders[role] = folders[role].rename(tmp_path / f"moved_{role}")
+    with pytest.warns(UserWarning) as caught:
+        result = round_trip()
+    moved = [str(w.message) for w in caught if "found at" in str(w.message)]
+    assert moved == [f"{role.upper()} found at {folders[role].resolve()}, not at {recorded} where "
+                     f"{shard_store.shard_folder(out) / shard_store.MANIFEST} recorded it (same fingerprint of its "
+                     "files): the shards are reused, and from now on the manifest and the output's job record name "
+                     f"{folders[role].resolve()}"]
+    assert result.computed == [1, 2, 3] and _written(shard_store.shard_path(shard_store.shard_folder(out), 0)) == (
+        first_write)
+    assert json.loads(pq.read_schema(out).metadata[b"nla_lens_job"])[role] == str(folders[role].resolve())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert round_trip().computed == []  # the manifest names the new folder: no second warning
 
 
 def test_an_input_with_other_bytes_is_refused_under_a_new_name_as_under_its_own(tiny_paths, input_file, rows,

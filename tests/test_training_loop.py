@@ -194,3 +194,20 @@ def test_a_finished_runs_out_dir_is_refused_as_finished_and_only_rl_is_told_more
         check_out_dir(tmp_path, command, None)
     assert str(info.value).endswith(", unless you raise steps: then it extends the run") == (command == "train-rl")
     check_out_dir(tmp_path, command, "latest")
+
+
+@pytest.mark.parametrize(("command", "exports"), [("train-av", ["model"]), ("train-rl", ["ar", "av"])])
+def test_a_finished_runs_refusal_names_what_the_run_wrote_not_the_users_files_beside_it(tmp_path, command, exports):
+    """It listed everything in out_dir (the user's notes and data too) as what lay beside the run's checkpoints."""
+    from nla_lens.training.pipeline import RESULT_FILE, check_out_dir
+
+    _checkpoint_of_a_moved_layer(tmp_path, step=2)
+    for name in exports:
+        (tmp_path / name).mkdir()
+    (tmp_path / RESULT_FILE).write_text("")  # no record check_result_file reads: only its name matters here
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "corpus").mkdir()
+    with pytest.raises(nl.ConfigError) as info:
+        check_out_dir(tmp_path, command, None)
+    assert f"(step-000002), and beside them: {', '.join([*exports, RESULT_FILE])}. A run without" in str(info.value)
+    assert "notes.txt" not in str(info.value) and "corpus" not in str(info.value)

@@ -21,7 +21,7 @@ import re
 import shutil
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -446,15 +446,16 @@ def resume_folder(resume: str | Path | None, out_dir: str | Path | None) -> Path
 
 
 def check_resume(out_dir: str | Path | None, resume: str | Path | None,
-                 resumable: frozenset[str] | set[str] = frozenset()) -> None:
+                 resumable: frozenset[str] | set[str] = frozenset(), written: Collection[str] = ()) -> None:
     """What `resume` needs, checked before any model loads. A checkpoint folder must be one. Without `resume`,
     `out_dir` must hold no checkpoint: the run would start at step 0 over an interrupted run's checkpoints
     (keep_checkpoints pruning them), or leave a longer run's newest for `resume: latest` to pick. `resumable`: the
-    settings `load_checkpoint` lets a resume change (RL's `steps`)."""
+    settings `load_checkpoint` lets a resume change (RL's `steps`); `written`: the names the caller's run writes in
+    `out_dir` beside the checkpoints (its export, its record), which a finished run's refusal names where found."""
     if resume is None:
         found = checkpoints(out_dir) if out_dir is not None else []
         if found and is_last_step(found[-1]):
-            raise ConfigError(_finished_run(Path(out_dir), found[-1], extendable="steps" in resumable))
+            raise ConfigError(_finished_run(Path(out_dir), found[-1], written, extendable="steps" in resumable))
         if found:
             raise ConfigError(f"{out_dir} holds checkpoints up to step {_step(found[-1])} "
                               f"({', '.join(p.name for p in found)}): a run without resume would start at step 0 "
@@ -475,11 +476,11 @@ def is_last_step(folder: Path) -> bool:
         return False
 
 
-def _finished_run(out_dir: Path, last: Path, *, extendable: bool) -> str:
+def _finished_run(out_dir: Path, last: Path, written: Collection[str], *, extendable: bool) -> str:
     """The refusal of a rerun without `resume` over a finished run, where "continue that run" misleads: measured on
     train-av / train-ar / train-rl, `resume: latest` runs no step, exports the same weights again and rewrites
-    train_result.json."""
-    outputs = sorted(p.name for p in out_dir.iterdir() if p.name != CHECKPOINT_DIR and not p.name.startswith("."))
+    train_result.json. Of the rest of `out_dir` it names only what the run wrote: other files there are the user's."""
+    outputs = sorted(name for name in written if (out_dir / name).exists())
     beside = f", and beside them: {', '.join(outputs)}" if outputs else ""
     return (f"{out_dir} holds a finished run: its checkpoints reach its last step, {_step(last)} ({last.name})"
             f"{beside}. A run without resume would start at step 0 over it. To train again, point out_dir at a new "

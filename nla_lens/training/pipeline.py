@@ -52,32 +52,47 @@ class RunResult:
 
 
 def read_corpus(path: str | Path) -> list[Document]:
-    """A JSONL corpus: ``{"text": ...}`` per line, with an optional ``"id"`` (default: the line index counted from 0,
-    blank lines included; ids are compared as text). Read whole and checked before the base model loads: a bad line
-    found mid-extraction left a half-made out_dir."""
+    """A JSONL corpus: ``{"text": ...}`` per line, with an optional ``"id"`` (default, and for ``"id": null``: the line
+    index counted from 0, blank lines included; ids are compared as text). Read whole and checked before the base
+    model loads: a bad line found mid-extraction left a half-made out_dir."""
     docs = []
-    first_line: dict[str, int] = {}
-    without_id: set[int] = set()
+    first_line: dict[str, tuple[int, str | None]] = {}  # each id's first line, and its id as JSON there (None: absent)
     for line_no, line in jsonl_lines(path, "corpus"):
         try:
             row = json.loads(line)
-            docs.append(Document(str(row.get("id", line_no - 1)), row["text"]))
+            given = row.get("id")
+            docs.append(Document(str(line_no - 1 if given is None else given), row["text"]))
         except (ValueError, KeyError, AttributeError) as exc:
             raise InputError(f"{path}:{line_no}: expected a JSON object with a 'text' key ({exc})") from exc
+        if given is not None and (isinstance(given, bool) or not isinstance(given, (str, int))):
+            raise InputError(f"{path}:{line_no}: 'id' must be a string or an integer, got {json.dumps(given)}; ids "
+                             "are compared as text, where 1.0, true or a list would stand for a string the corpus "
+                             "never wrote (\"1.0\", \"True\", \"[1]\")")
         if not isinstance(docs[-1].text, str):  # else the tokenizer fails mid-extraction, shards later
             raise InputError(f"{path}:{line_no}: 'text' must be a string, got {docs[-1].text!r}; drop the line "
                              "or give it the document's text")
-        if "id" not in row:
-            without_id.add(line_no)
+        written = json.dumps(given, ensure_ascii=False) if "id" in row else None
         if docs[-1].id in first_line:
             first = first_line[docs[-1].id]
-            # A line without an id takes its index, which an id given elsewhere can repeat (line 2 none, line 3 1).
-            default = next((f" (line {n} has no 'id', so its id is its line index counted from 0, and ids compare as "
-                            "text: 1 and \"1\" are one id)" for n in (first, line_no) if n in without_id), "")
-            raise InputError(f"{path}:{line_no}: document id {docs[-1].id!r} is line {first}'s too{default}; give "
-                             "every document its own id (splits are made by document)")
-        first_line[docs[-1].id] = line_no
+            raise InputError(f"{path}:{line_no}: document id {docs[-1].id!r} is line {first[0]}'s too"
+                             f"{_id_note(first, (line_no, written))}; give every document its own id (splits are "
+                             "made by document)")
+        first_line[docs[-1].id] = (line_no, written)
     return docs
+
+
+def _id_note(first: tuple[int, str | None], second: tuple[int, str | None]) -> str:
+    """Why two lines' ids, each given as its line number and its id as JSON (None: absent), are one where the lines
+    do not show it: a line without an id takes its index, which an id given elsewhere can repeat (line 2 none,
+    line 3 1), and ids compare as text (1 and "1")."""
+    for line_no, written in (first, second):
+        if written in (None, "null"):
+            has = "no 'id'" if written is None else "'id': null"
+            return (f" (line {line_no} has {has}, so its id is its line index counted from 0, and ids compare as "
+                    "text: 1 and \"1\" are one id)")
+    if first[1] != second[1]:
+        return f" (ids compare as text: line {first[0]}'s {first[1]} and line {second[0]}'s {second[1]} are one id)"
+    return ""
 
 
 def run_extract(config: ExtractRunConfig, *, progress: bool = True) -> Path:
@@ -114,7 +129,10 @@ def check_out_dir(out_dir: str | Path, command: str, resume: str | Path | None) 
     """What each training command checks of its `out_dir` (and `resume`) before any model loads."""
     check_writable_out_dir(out_dir)
     check_result_file(out_dir, command)
-    check_resume(out_dir, resume, rl.RESUMABLE if command == "train-rl" else frozenset())
+    if command == "train-rl":
+        check_resume(out_dir, resume, rl.RESUMABLE, written=("av", "ar", RESULT_FILE))  # its exports and record
+    else:
+        check_resume(out_dir, resume, written=(MODEL_DIR, RESULT_FILE))
 
 
 def check_writable_out_dir(out_dir: str | Path) -> None:
