@@ -35,7 +35,7 @@ from nla_lens.explain import ExplainedToken, Explanation, explain
 from nla_lens.injection import Injection
 from nla_lens.nla import NLA, RoundTrip
 from nla_lens.reconstructor import ActivationReconstructor
-from nla_lens.results import TabularResult
+from nla_lens.results import TabularResult, read_result
 from nla_lens.sidecar import InjectionSpec, NLAMeta, load_meta, parse_meta
 from nla_lens.steer_words import Difference, WordSteering, describe_difference, steer_with_words
 from nla_lens.verbalizer import ActivationVerbalizer, Verbalization, Verbalizations
@@ -83,6 +83,7 @@ __all__ = [
     "load_meta",
     "parse_meta",
     "patching_study",
+    "read_result",
     "steer_then_verbalize",
     "steer_with_words",
     "toy",

@@ -45,12 +45,20 @@ Calls = Literal["first", "all"]
 
 @dataclass(frozen=True)
 class CapturedRow:
-    """Where one captured vector came from: batch row, column, its token and which forward pass."""
+    """Where one captured vector came from: batch row, column, its token and which forward pass.
+
+    Attributes:
+        batch: the row of that call's input.
+        position: column of that call's input: a KV-cached decode step has one column, so 0.
+        token: the token there, decoded; None when the tokens are unknown: neither given to `capture` nor in the
+            model call.
+        call: which forward pass inside the context, 0 for the first.
+    """
 
     batch: int
-    position: int  # column of that call's input: a KV-cached decode step has one column, so 0
-    token: str | None  # None when the tokens are unknown: neither given to `capture` nor in the model call
-    call: int  # 0 for the first forward pass inside the context
+    position: int
+    token: str | None
+    call: int
 
 
 def last_real_positions(real: Bool[Tensor, "batch pos"]) -> Int[Tensor, " batch"]:
@@ -141,6 +149,15 @@ class Capture:
     (`row.call` tells them apart); positions are resolved against each pass's own shape and the
     mask / tokens apply to passes of their shape only, so with a KV-cached `generate` and
     `positions=-1` you get the prompt's last token followed by each generated token.
+
+    Attributes:
+        model: the TL model recorded.
+        layer: the block whose output is recorded.
+        positions: which columns of each row are recorded (an int, ints, a [batch] tensor or a boolean mask).
+        calls: "first" (record the first forward pass only) or "all".
+        tokens: the tokens given, to name each row's token and tell padding; None when not given.
+        rows: where each recorded vector came from, in the order of `vectors`.
+        n_calls: forward passes seen inside the context, recorded or not.
     """
 
     def __init__(self, model: TLModel, layer: int, positions: PositionSpec = -1, *,

@@ -50,32 +50,54 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class SteeringRow:
     """One captured site, read out without and with steering; both readouts' `index` is the site's row i of
-    `clean_vectors` / `steered_vectors`."""
+    `clean_vectors` / `steered_vectors`.
+
+    Attributes:
+        batch: the row of the base model's tokens.
+        position: the column captured in that row.
+        token: the token at that column; None when the tokens are unknown.
+        clean: the AV's readout of the site's vector without steering.
+        steered: the AV's readout of the site's vector with steering.
+        added: words of the steered readout that the clean one lacks, in order (difflib); words as `word_diff`
+            reads them, without the quotes and punctuation around them ('"love",' is "love", a lone '"' no word).
+        removed: words of the clean readout that the steered one lacks, read the same way.
+        cosine: between the clean and the steered captured vectors.
+        fve_clean: per-row FVE of the round trip; None without an AR.
+        fve_steered: the same for the steered vector.
+    """
 
     batch: int
     position: int
     token: str | None
     clean: Verbalization
     steered: Verbalization
-    # Words of the steered readout that the clean one lacks, in order (difflib); words as `word_diff` reads them,
-    # without the quotes and punctuation around them ('"love",' is "love", a lone '"' no word)
     added: list[str]
-    removed: list[str]  # words of the clean readout that the steered one lacks, read the same way
-    cosine: float  # between the clean and the steered captured vectors
-    fve_clean: float | None  # per-row FVE of the round trip; None without an AR
-    fve_steered: float | None  # the same for the steered vector
+    removed: list[str]
+    cosine: float
+    fve_clean: float | None
+    fve_steered: float | None
 
 
 @dataclass(frozen=True, eq=False, repr=False)
 class SteeringResult(TabularResult):
-    """What `steer_then_verbalize` returns: one row per captured site, read out without and with steering."""
+    """What `steer_then_verbalize` returns: one row per captured site, read out without and with steering.
+
+    Attributes:
+        rows: one per captured site, in the order of the capture (row-major).
+        clean_vectors: the captured layer-`layer` residuals of the run without steering, one per row.
+        steered_vectors: the same sites' residuals in the run with steering.
+        round_trip: over clean then steered vectors; None without an AR.
+        layer: the layer read out (blocks.{layer}.hook_resid_post).
+        steer_layer: scale * steering_vector was added at blocks.{steer_layer}.hook_resid_post.
+        scale: the multiple of the steering vector added.
+    """
 
     rows: list[SteeringRow]
     clean_vectors: Float[Tensor, "n d_model"]
     steered_vectors: Float[Tensor, "n d_model"]
-    round_trip: RoundTrip | None  # over clean then steered vectors; None without an AR
-    layer: int  # the layer read out (blocks.{layer}.hook_resid_post)
-    steer_layer: int  # scale * steering_vector was added at blocks.{steer_layer}.hook_resid_post
+    round_trip: RoundTrip | None
+    layer: int
+    steer_layer: int
     scale: float
 
     display_columns = ("batch", "position", "token", "clean", "steered", "added", "removed", "cosine",
@@ -103,29 +125,50 @@ class SteeringResult(TabularResult):
 @dataclass(frozen=True)
 class PatchingRow:
     """One captured site of one run (clean, corrupted or patched), read out; the readout's `index` is the site's
-    row in that run's vectors."""
+    row in that run's vectors.
+
+    Attributes:
+        run: which run the site is from: "clean", "corrupted" or "patched".
+        batch: the row of that run's tokens.
+        position: the column read out (capture_position), not the patched one.
+        token: the token at that column in that run; None when the tokens are unknown.
+        verbalization: the AV's readout of the site's vector.
+        fve: per-row FVE of the round trip; None without an AR.
+        cosine_to_clean: captured vector vs the clean run's at the same site.
+    """
 
     run: Literal["clean", "corrupted", "patched"]
     batch: int
-    position: int  # the column read out (capture_position), not the patched one
+    position: int
     token: str | None
     verbalization: Verbalization
-    fve: float | None  # per-row FVE of the round trip; None without an AR
-    cosine_to_clean: float  # captured vector vs the clean run's at the same site
+    fve: float | None
+    cosine_to_clean: float
 
 
 @dataclass(frozen=True, eq=False, repr=False)
 class PatchingStudy(TabularResult):
-    """What `patching_study` returns: the clean, corrupted and patched runs' captured sites, read out."""
+    """What `patching_study` returns: the clean, corrupted and patched runs' captured sites, read out.
 
-    rows: list[PatchingRow]  # clean rows, then corrupted, then patched
-    hook_name: str  # the patched activation
+    Attributes:
+        rows: clean rows, then corrupted, then patched.
+        hook_name: the patched activation.
+        clean_vectors: the captured layer-`layer` residuals of the clean run, one per site.
+        corrupted_vectors: the same sites' residuals in the corrupted run.
+        patched_vectors: the same sites' residuals in the corrupted run with the clean activation patched in.
+        round_trip: over clean, corrupted, patched vectors; None without an AR.
+        patch_position: the patched column (query row of an attention pattern), >= 0.
+        layer: the layer read out (blocks.{layer}.hook_resid_post).
+    """
+
+    rows: list[PatchingRow]
+    hook_name: str
     clean_vectors: Float[Tensor, "n d_model"]
     corrupted_vectors: Float[Tensor, "n d_model"]
     patched_vectors: Float[Tensor, "n d_model"]
-    round_trip: RoundTrip | None  # over clean, corrupted, patched vectors; None without an AR
-    patch_position: int  # the patched column (query row of an attention pattern), >= 0
-    layer: int  # the layer read out (blocks.{layer}.hook_resid_post)
+    round_trip: RoundTrip | None
+    patch_position: int
+    layer: int
 
     display_columns = ("run", "batch", "position", "token", "explanation", "cosine_to_clean", "fve")
     schema = pa.schema({"run": pa.string(), "batch": pa.int64(), "position": pa.int64(), "token": pa.string(),
@@ -147,9 +190,14 @@ class PatchingStudy(TabularResult):
 
 @dataclass(frozen=True, eq=False, repr=False)
 class DirectionVerbalization(TabularResult):
-    """What `verbalize_direction` returns: each direction's explanation and the vector as verbalized."""
+    """What `verbalize_direction` returns: each direction's explanation and the vector as verbalized.
 
-    vectors: Float[Tensor, "n d_model"]  # the directions as verbalized (rescaled if asked)
+    Attributes:
+        vectors: the directions as verbalized (rescaled to `scale_like`'s mean norm if given).
+        verbalizations: the AV's output for each direction, in order.
+    """
+
+    vectors: Float[Tensor, "n d_model"]
     verbalizations: list[Verbalization]
 
     display_columns = ("index", "explanation", "norm")

@@ -40,14 +40,23 @@ ExplainPositions = int | Sequence[int] | slice | None
 
 @dataclass(frozen=True)
 class ExplainedToken:
-    """One explained token: where it is, what the AV said, and how well the AR rebuilt its vector."""
+    """One explained token: where it is, what the AV said, and how well the AR rebuilt its vector.
 
-    text_index: int  # index into the explained texts
-    position: int  # column in that text's tokens, a tokenizer-added BOS being column 0
+    Attributes:
+        text_index: index into the explained texts.
+        position: column in that text's tokens, a tokenizer-added BOS being column 0.
+        token: the token there, decoded on its own.
+        verbalization: the AV's output for the token's layer-K residual.
+        mse: round-trip MSE of this token's vector (see NLA.round_trip).
+        fve: the token's own FVE, 1 - mse / baseline; None when there is no trustworthy baseline.
+    """
+
+    text_index: int
+    position: int
     token: str
     verbalization: Verbalization
-    mse: float  # round-trip MSE of this token's vector (see NLA.round_trip)
-    fve: float | None  # None when there is no trustworthy baseline
+    mse: float
+    fve: float | None
 
     @property
     def explanation(self) -> str | None:
@@ -56,13 +65,23 @@ class ExplainedToken:
 
 @dataclass(frozen=True, eq=False, repr=False)
 class Explanation(TabularResult):
-    """What `NLA.explain` returns: one row per explained token of one or more texts."""
+    """What `NLA.explain` returns: one row per explained token of one or more texts.
+
+    Attributes:
+        rows: one per explained token, text by text, in token order.
+        texts: the explained texts.
+        tokens: every token of each text, explained or not (what the view draws).
+        layer: the base model's layer read (blocks.{layer}.hook_resid_post), the NLA's K.
+        vectors: the captured residuals, one per row.
+        round_trip: the round trip of `vectors`: the scores behind each row's mse and fve, and the baseline.
+        model_name: the base model's `cfg.model_name`, named in the view's title; None when it has none.
+    """
 
     rows: list[ExplainedToken]
     texts: list[str]
-    tokens: list[list[str]]  # every token of each text, explained or not (what the view draws)
+    tokens: list[list[str]]
     layer: int
-    vectors: Float[Tensor, "n d_model"]  # the captured residuals, one per row
+    vectors: Float[Tensor, "n d_model"]
     round_trip: RoundTrip
     model_name: str | None = None
 

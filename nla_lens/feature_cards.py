@@ -50,17 +50,29 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class FeatureContext:
-    """One top activation: the text it came from and a window of tokens around it."""
+    """One top activation: the text it came from and a window of tokens around it.
 
-    text: int  # index into the texts given
-    position: int  # token position of the activation in that text
+    Attributes:
+        text: index into the texts given.
+        position: token position of the activation in that text.
+        activation: the feature's activation there.
+        tokens: the window, decoded one token at a time.
+        activations: the feature's activation at each token of the window (NaN: left out by skip_first).
+        center: index of `position` inside the window.
+        explanation: the AV's explanation of the base residual here (`explain_contexts=True`), else None.
+        explanation_text: the AV's raw completion there, which the card shows when it failed to parse.
+        explanation_truncated: max_new_tokens cut that completion: why its parse failed.
+    """
+
+    text: int
+    position: int
     activation: float
-    tokens: list[str]  # the window, decoded one token at a time
-    activations: list[float]  # the feature's activation at each token of the window (NaN: left out by skip_first)
-    center: int  # index of `position` inside the window
-    explanation: str | None = None  # the AV's explanation of the base residual here (`explain_contexts=True`)
-    explanation_text: str = ""  # the AV's raw completion there, which the card shows when it failed to parse
-    explanation_truncated: bool = False  # max_new_tokens cut that completion: why its parse failed
+    tokens: list[str]
+    activations: list[float]
+    center: int
+    explanation: str | None = None
+    explanation_text: str = ""
+    explanation_truncated: bool = False
 
     @property
     def token(self) -> str:
@@ -69,19 +81,30 @@ class FeatureContext:
 
 @dataclass(frozen=True, repr=False)
 class FeatureCard(TabularResult):
-    """What `feature_card` returns: one row per context, and a view of them under the explanation."""
+    """What `feature_card` returns: one row per context, and a view of them under the explanation.
+
+    Attributes:
+        feature: the SAE feature's index.
+        hook_name: the SAE's hook point, where the feature is read.
+        verbalization: the AV's output for the feature's decoder direction.
+        cosine: verbalize_sae_features's cosine: cos(AR reconstruction, decoder row), the offset's mean taken off
+            the reconstruction when there is one; None without an AR or on a failed parse.
+        contexts: the top activations, strongest first.
+        n_positions: positions scanned.
+        n_active: positions where the feature is > 0.
+        explained_contexts: each context carries the AV's explanation of its own residual.
+        offset_stats: the explanation is of mean + spread * unit row (`offset=`); None: of the bare row.
+    """
 
     feature: int
     hook_name: str
     verbalization: Verbalization
-    # verbalize_sae_features's cosine: cos(AR reconstruction, decoder row), the offset's mean taken off the
-    # reconstruction when there is one; None without an AR or on a failed parse
     cosine: float | None
-    contexts: list[FeatureContext]  # strongest first
-    n_positions: int  # positions scanned
-    n_active: int  # positions where the feature is > 0
-    explained_contexts: bool = False  # each context carries the AV's explanation of its own residual
-    offset_stats: ResidualStats | None = None  # the explanation is of mean + spread * unit row (`offset=`)
+    contexts: list[FeatureContext]
+    n_positions: int
+    n_active: int
+    explained_contexts: bool = False
+    offset_stats: ResidualStats | None = None
 
     display_columns = ("text", "position", "token", "activation", "context")
     schema = pa.schema({"feature": pa.int64(), "text": pa.int64(), "position": pa.int64(), "token": pa.string(),

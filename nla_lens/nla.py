@@ -119,11 +119,18 @@ MIN_BASELINE_VECTORS = 32  # fewer vectors than this give a paper baseline too n
 
 @dataclass(frozen=True)
 class Baseline:
-    """The FVE denominator a round trip used, where it came from, and how many vectors it rests on."""
+    """The FVE denominator a round trip used, where it came from, and how many vectors it rests on.
 
-    value: float | None  # None: no trustworthy baseline, so no FVE
-    source: str  # "given", "sidecar (held-out)", "paper (these vectors)" or "none"
-    n: int | None = None  # vectors behind a sidecar or paper baseline
+    Attributes:
+        value: the baseline; None when no baseline can be trusted, so no FVE.
+        source: "given", "sidecar (held-out)", "paper (these vectors)" or "none".
+        n: how many vectors a sidecar or paper baseline rests on (None for a given one).
+        warning: why there is no baseline and how to get one; None when there is one.
+    """
+
+    value: float | None
+    source: str
+    n: int | None = None
     warning: str | None = None
 
 
@@ -161,19 +168,33 @@ class RoundTrip(TabularResult):
 
     `fve` and `fves` are None when no baseline could be trusted (see `resolve_baseline`); `warnings`
     then says how to get one.
+
+    Attributes:
+        verbalizations: the AV's output for each vector, in the order of the vectors.
+        reconstructions: the AR's vector for each explanation; NaN rows where the explanation failed to parse.
+        mse: per row, of the vectors rescaled to mse_scale; a failed parse scores `metrics.miss_mse`.
+        mean_mse: the mean of `mse`.
+        fve: 1 - mean_mse / baseline; None without a trustworthy baseline.
+        baseline: the FVE denominator; None when there is none.
+        baseline_source: "given", "sidecar (held-out)", "paper (these vectors)" or "none".
+        n_failed_parses: rows whose completion had no parseable explanation.
+        warnings: what to check before trusting the scores: outputs that look like a failed injection, no
+            baseline (and how to get one).
+        fves: per-row FVE, 1 - mse_i / baseline; None without a baseline.
+        baseline_n: how many vectors a sidecar or paper baseline rests on.
     """
 
     verbalizations: list[Verbalization]
-    reconstructions: Float[Tensor, "n d_model"]  # NaN rows where the explanation failed to parse
-    mse: Float[Tensor, " n"]  # per row, of the vectors rescaled to mse_scale; a failed parse scores metrics.miss_mse
+    reconstructions: Float[Tensor, "n d_model"]
+    mse: Float[Tensor, " n"]
     mean_mse: float
-    fve: float | None  # 1 - mean_mse / baseline
+    fve: float | None
     baseline: float | None
-    baseline_source: str  # "given", "sidecar (held-out)", "paper (these vectors)" or "none"
+    baseline_source: str
     n_failed_parses: int
     warnings: list[str] = field(default_factory=list)
-    fves: Float[Tensor, " n"] | None = None  # per-item FVE, 1 - mse_i / baseline
-    baseline_n: int | None = None  # vectors behind a sidecar or paper baseline
+    fves: Float[Tensor, " n"] | None = None
+    baseline_n: int | None = None
 
     display_columns = ("index", "explanation", "parsed", "mse", "fve")
     schema = pa.schema({"index": pa.int64(), "explanation": pa.string(), "parsed": pa.bool_(), "text": pa.string(),

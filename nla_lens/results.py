@@ -8,31 +8,37 @@ columns:
 * ``schema``: every column of the rows and its arrow type, so that an empty result, or a column that is None in
   every row (no baseline, every parse failed), keeps the columns and types of any other run's table.
 
+Its fields are described once, in an ``Attributes:`` section of its docstring: what ``help()`` shows.
+
 It then has ``to_pandas()``, ``save(path)`` (``.parquet``, ``.jsonl``, or ``.html`` for the notebook
-view as a standalone page), a short ``__repr__`` (the summary and the first rows, never a tensor) and
-``_repr_html_`` (the summary and an HTML table, from [`nla_lens.display`][nla_lens.display]). A result with a richer
-view (tokens coloured by FVE) overrides ``_repr_html_``. Tensors stay attributes. Dataclass results
+view as a standalone page; [`read_result`][nla_lens.results.read_result] reads the rows back, and from a
+``.parquet`` file the result type and summary), a short ``__repr__`` (the summary and the first rows, never a
+tensor) and ``_repr_html_`` (the summary and an HTML table, from [`nla_lens.display`][nla_lens.display]). A result
+with a richer view (tokens coloured by FVE) overrides ``_repr_html_``. Tensors stay attributes. Dataclass results
 are declared with ``repr=False`` so that the mixin's ``__repr__`` is the one Python uses, and those holding
 tensors with ``eq=False``: a generated ``==`` compares the tensors and raises.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
-from nla_lens import display
-from nla_lens.checks import check_output_path, file_kind, file_path
+from nla_lens import __version__, display
+from nla_lens.checks import check_input_file, check_output_path, file_kind, file_path
 from nla_lens.errors import InputError
-from nla_lens.vector_files import write_atomic, write_table
+from nla_lens.vector_files import OUTPUT_SUFFIXES, json_text, write_atomic, write_table
 
 if TYPE_CHECKING:
     import pandas as pd
 
 SAVE_SUFFIXES = (".parquet", ".jsonl", ".html")
+RESULT_KEY = "nla_lens_result"  # a saved .parquet file's schema metadata key: the result type, summary, version
 _REPR_ROWS = 5
 _REPR_CELL = 60
 
@@ -55,24 +61,26 @@ class TabularResult:
         return f"{len(self.to_records())} rows"
 
     def to_pandas(self) -> pd.DataFrame:
-        """The rows as a `pandas.DataFrame` (one column per record key)."""
-        import pandas as pd
-
-        records = self.to_records()
-        if not records:  # the schema's columns, with their dtypes
-            return records_table(records, self.schema).to_pandas()
-        frame = pd.DataFrame.from_records(records)
-        floats = [f.name for f in self.schema or () if pa.types.is_floating(f.type) and f.name in frame.columns]
-        return frame.astype(dict.fromkeys(floats, "float64"))  # a score None in every row: float, not object
+        """The rows as a `pandas.DataFrame` (one column per record key); `read_result` reads the same frame back
+        from a saved file."""
+        return records_frame(self.to_records(), self.schema)
 
     def save(self, path: str | Path) -> Path:
-        """Write the rows to ``.parquet`` or ``.jsonl``, or the notebook view to a self-contained ``.html`` page."""
+        """Write the rows to ``.parquet`` or ``.jsonl``, or the notebook view to a self-contained ``.html`` page.
+
+        A ``.parquet`` file also keeps the result type, the summary line (FVE, baseline, failed parses) and the
+        nla_lens version in its schema metadata, which `read_result` gives back; a ``.jsonl`` file, one JSON
+        object per line, holds the rows alone."""
         path = check_save_path(path)
         if file_kind(path) == ".html":
             page = display.page(type(self).__name__, self._repr_html_())
             write_atomic(path, lambda tmp: tmp.write_text(page, encoding="utf-8"))
-        else:
-            write_table(records_table(self.to_records(), self.schema), path)
+            return path
+        table = records_table(self.to_records(), self.schema)
+        if file_kind(path) == ".parquet":
+            record = {"result_type": type(self).__name__, "summary": self.summary(), "nla_lens_version": __version__}
+            table = table.replace_schema_metadata({RESULT_KEY: json_text(record)})
+        write_table(table, path)
         return path
 
     def __repr__(self) -> str:
@@ -103,6 +111,86 @@ def check_save_path(path: str | Path, what: str = "output") -> Path:
         raise InputError(f"{what} {path}: save to a .parquet or .jsonl file (the rows) or an .html file (the view)")
     check_output_path(path, SAVE_SUFFIXES, what)
     return path
+
+
+def read_result(path: str | Path) -> pd.DataFrame:
+    """The rows of a result that `save` (or an `nla-lens` file job) wrote to ``.parquet`` or ``.jsonl``: the frame
+    ``to_pandas()`` gave (from ``.jsonl``, with types read off the values: a column None in every row is object).
+
+    From a ``.parquet`` file, ``df.attrs`` holds what the rows alone cannot say: ``result_type`` (e.g.
+    ``"RoundTrip"``), ``summary`` (its summary line: FVE, which baseline, failed parses) and ``nla_lens_version``;
+    ``job`` for a file job's output (the record of what produced it). A ``.jsonl`` file holds the rows alone, as
+    does a table nla_lens did not write, so ``attrs`` stays empty."""
+    path = file_path(path, "read_result")
+    kind = file_kind(path)
+    if kind == ".html":
+        raise InputError(f"{path} is a result's HTML view, which holds no table to read back; read_result reads the "
+                         ".parquet or .jsonl file that save() wrote (save to .parquet to keep the summary too)")
+    if kind not in OUTPUT_SUFFIXES:
+        raise InputError(f"{path}: read_result reads the .parquet or .jsonl file a result's save() or an nla-lens "
+                         f"job wrote, not a {path.suffix or 'suffixless'} file")
+    check_input_file(path, "result file")
+    if kind == ".jsonl":
+        return _read_jsonl(path)
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # noqa: BLE001 - arrow raises several types for a file that is not parquet
+        raise InputError(f"{path} is not a parquet file ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}); "
+                         "read_result reads the tables a result's save() or an nla-lens job wrote") from exc
+    metadata = table.schema.metadata or {}
+    frame = records_frame(table.to_pylist(), table.schema)
+    frame.attrs.update(_saved_record(metadata, RESULT_KEY.encode(), path))
+    from nla_lens.sharded import JOB_KEY  # here: sharded imports the result types, which import this module
+
+    if JOB_KEY.encode() in metadata:
+        frame.attrs["job"] = _saved_record(metadata, JOB_KEY.encode(), path)
+    return frame
+
+
+def _saved_record(metadata: dict[bytes, bytes], key: bytes, path: Path) -> dict[str, Any]:
+    """The JSON object nla_lens wrote under `key` of a parquet file's schema metadata; {} when there is none."""
+    if key not in metadata:
+        return {}
+    try:
+        record = json.loads(metadata[key])
+    except ValueError as exc:
+        raise InputError(f"{path}: its schema metadata {key.decode()!r} is not JSON ({exc}); the file was not written "
+                         "by nla_lens, or was damaged") from exc
+    if not isinstance(record, dict):
+        raise InputError(f"{path}: its schema metadata {key.decode()!r} holds a {type(record).__name__}, not the "
+                         "JSON object nla_lens writes")
+    return record
+
+
+def _read_jsonl(path: Path) -> pd.DataFrame:
+    """A .jsonl result's rows (one JSON object per line), as `to_pandas` builds its frame from records."""
+    records = []
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as exc:
+                raise InputError(f"{path}: line {number} is not JSON ({exc}); read_result reads the .jsonl file a "
+                                 "result's save() wrote, one JSON object per line") from exc
+            if not isinstance(row, dict):
+                raise InputError(f"{path}: line {number} holds a {type(row).__name__}, not a row (a JSON object); "
+                                 "read_result reads the .jsonl file a result's save() wrote")
+            records.append(row)
+    return records_frame(records)
+
+
+def records_frame(records: list[dict[str, Any]], schema: pa.Schema | None = None) -> pd.DataFrame:
+    """Records as a DataFrame, one column per key, with `schema`'s columns and dtypes when there are no records and
+    its float columns float64 (a score None in every row: float, not object)."""
+    import pandas as pd
+
+    if not records:
+        return records_table(records, schema).to_pandas()
+    frame = pd.DataFrame.from_records(records)
+    floats = [f.name for f in schema or () if pa.types.is_floating(f.type) and f.name in frame.columns]
+    return frame.astype(dict.fromkeys(floats, "float64"))
 
 
 def records_table(records: list[dict[str, Any]], schema: pa.Schema | None = None) -> pa.Table:

@@ -111,12 +111,18 @@ class ResidualStats:
     [`verbalize_sae_features`][nla_lens.sae.verbalize_sae_features] verbalizes
     ``mean + spread * W_dec[f] / ||W_dec[f]||``, a vector of the size of a real residual's deviation
     from the mean.
+
+    Attributes:
+        mean: the mean residual.
+        spread: the RMS L2 distance of the residuals from `mean`.
+        n: how many residuals the stats rest on.
+        layer: the block the residuals came from, checked against the NLA's K; None: unknown.
     """
 
     mean: Float[Tensor, " d_model"]
     spread: float
     n: int
-    layer: int | None = None  # the block the residuals came from, checked against the NLA's K; None: unknown
+    layer: int | None = None
 
     def __repr__(self) -> str:
         return (f"ResidualStats(n={self.n}, layer={self.layer}, d_model={self.mean.shape[-1]}, "
@@ -287,17 +293,28 @@ def offset_summary(stats: ResidualStats) -> str:
 
 @dataclass(frozen=True, eq=False, repr=False)
 class FeatureVerbalizations(TabularResult):
-    """The AV's explanations of SAE features; with an AR, how well each explanation rebuilds the feature."""
+    """The AV's explanations of SAE features; with an AR, how well each explanation rebuilds the feature.
+
+    Attributes:
+        features: the SAE feature indices, one per row.
+        verbalizations: the AV's output for each feature.
+        vectors: what the AV was given.
+        hook_name: the SAE's hook point.
+        offset: True: mean residual + spread * unit decoder row; False: the decoder row.
+        cosines: cos(reconstruction rescaled to the AV input's norm - offset mean, decoder row); NaN on failed
+            parses; None without an AR.
+        reconstructions: the AR's vectors; NaN rows where the parse failed; None without an AR.
+        offset_stats: the stats of the offset; saved as its n, layer, mean norm, spread.
+    """
 
     features: list[int]
     verbalizations: list[Verbalization]
-    vectors: Float[Tensor, "n d_model"]  # what the AV was given
+    vectors: Float[Tensor, "n d_model"]
     hook_name: str
-    offset: bool  # True: mean residual + spread * unit decoder row; False: the decoder row
-    # cos(reconstruction rescaled to the AV input's norm - offset mean, decoder row); NaN on failed parses
+    offset: bool
     cosines: Float[Tensor, " n"] | None
-    reconstructions: Float[Tensor, "n d_model"] | None  # the AR's vectors; NaN rows where the parse failed
-    offset_stats: ResidualStats | None = None  # the stats of the offset; saved as its n, layer, mean norm, spread
+    reconstructions: Float[Tensor, "n d_model"] | None
+    offset_stats: ResidualStats | None = None
 
     display_columns = ("feature", "explanation", "parsed", "cosine")
     schema = pa.schema({"feature": pa.int64(), "explanation": pa.string(), "parsed": pa.bool_(), "text": pa.string(),

@@ -111,11 +111,26 @@ def site_steering_hook(directions: Float[Tensor, "n d_model"], rows: Int[Tensor,
 class WordSteering(TabularResult):
     """What `steer_with_words` built: the explanations before and after the edit, Delta, the hook, comparisons.
 
-    Per steered site i (row `rows[i]`, column `positions[i]`): `explanations[i]` and `edited[i]` hold
-    one entry per sample (failed parses dropped), `delta[i]` is the mean of unit(AR(edited)) -
-    unit(AR(original)) and `target[i]` the mean of unit(AR(edited)). `clean_logprobs` /
-    `steered_logprobs` are the base model's next-token log-probs at the site without and with the
-    hook; `continuations` the greedy continuations of each row's real tokens (None if not asked for).
+    Attributes:
+        hook_name: where the hook steers: blocks.{layer}.hook_resid_post.
+        layer: the NLA's layer K, at which the sites were read and are steered.
+        alpha: the steering strength, a fraction of the residual's own norm (module docstring).
+        mode: "add" (h + alpha ||h|| Delta / ||Delta||) or "replace" (towards ||h|| T / ||T||).
+        rows: the batch row of each steered site i.
+        positions: the column of each steered site i.
+        tokens_at: the token at each steered site.
+        token_shape: the [batch, pos] shape of the tokens the hook was built for (it steers no other).
+        explanations: per site, the explanations of its residual: the AV's, one per sample (failed parses
+            dropped), or those passed as `explanations=`.
+        edited: per site, those explanations after the edit.
+        delta: per site, the mean of unit(AR(edited)) - unit(AR(original)): Delta, what "add" steers along.
+        target: per site, the mean of unit(AR(edited)): T, what "replace" steers towards.
+        clean_logprobs: the base model's next-token log-probs at each site without the hook (`compare=True`);
+            else None.
+        steered_logprobs: the same with the hook installed.
+        tokenizer: the base model's, to name tokens in the tables.
+        continuations: (clean, steered) greedy continuations of each row's real tokens (`continue_tokens > 0`);
+            else None.
     """
 
     hook_name: str
@@ -124,7 +139,7 @@ class WordSteering(TabularResult):
     mode: Mode
     rows: Int[Tensor, " n"]
     positions: Int[Tensor, " n"]
-    tokens_at: list[str]  # the token at each steered site
+    tokens_at: list[str]
     token_shape: tuple[int, int]
     explanations: list[list[str]]
     edited: list[list[str]]
@@ -132,8 +147,8 @@ class WordSteering(TabularResult):
     target: Float[Tensor, "n d_model"]
     clean_logprobs: Float[Tensor, "n d_vocab"] | None = None
     steered_logprobs: Float[Tensor, "n d_vocab"] | None = None
-    tokenizer: Any = None  # the base model's, to name tokens in the tables
-    continuations: list[tuple[str, str]] | None = None  # (clean, steered) per row
+    tokenizer: Any = None
+    continuations: list[tuple[str, str]] | None = None
 
     # Each pair side by side, clean then steered: what the steering changed
     display_columns = ("batch", "position", "token", "explanation", "edited", "delta_norm", "clean_next",
@@ -205,7 +220,7 @@ class WordSteering(TabularResult):
 
     def summary(self) -> str:
         return (f"{len(self.rows)} site(s) at {self.hook_name}, mode={self.mode}, alpha={self.alpha:g}, "
-                f"{max(len(e) for e in self.explanations)} sample(s) per site")
+                f"{max((len(e) for e in self.explanations), default=0)} sample(s) per site")
 
     def save_vectors(self, path: str | Path) -> Path:
         """Delta and T (with the sites and settings, the token shape the hook is bound to among them) to
@@ -289,10 +304,16 @@ def steer_with_words(
 
 @dataclass(frozen=True, eq=False, repr=False)
 class Difference(TabularResult):
-    """`describe_difference`: the AV's reading of ``a - b`` per row, next to how far apart a and b are."""
+    """`describe_difference`: the AV's reading of ``a - b`` per row, next to how far apart a and b are.
+
+    Attributes:
+        difference: a - b per row, what the AV read.
+        cosine: cos(a, b) per row.
+        verbalizations: the AV's output for each row of `difference`.
+    """
 
     difference: Float[Tensor, "n d_model"]
-    cosine: Float[Tensor, " n"]  # cos(a, b)
+    cosine: Float[Tensor, " n"]
     verbalizations: list[Verbalization]
 
     display_columns = ("index", "explanation", "parsed", "cos_a_b", "norm_a_minus_b")

@@ -46,15 +46,22 @@ _STOP_CHECK_EVERY_DEFAULT = 8
 
 @dataclass(frozen=True)
 class Verbalization:
-    """One AV output: the raw completion, the parsed explanation (None if untagged), the ids."""
+    """One AV output: the raw completion, the parsed explanation (None if untagged), the ids.
 
-    text: str  # the completion, decoded without special tokens (no EOS)
+    Attributes:
+        text: the completion, decoded without special tokens (no EOS).
+        explanation: the text between the explanation tags, stripped; None when the completion has no such pair.
+        tokens: the generated ids, up to and including the first EOS.
+        truncated: cut at `max_new_tokens` before any EOS: the explanation may be unfinished, or untagged for
+            that reason. Read off `tokens`, as `verbalize` ends rows.
+        index: the row of `verbalize`'s vectors it explains, kept through slices and concatenation (None: built
+            by hand). Not compared: the same completion of another row (or another call) is an equal output.
+    """
+
+    text: str
     explanation: str | None
-    tokens: list[int]  # the generated ids, up to and including the first EOS
-    # Cut at `max_new_tokens` before any EOS: the explanation may be unfinished, or untagged for that reason.
-    truncated: bool = field(default=False, compare=False)  # read off `tokens`, as `verbalize` ends rows
-    # The row of `verbalize`'s vectors it explains, kept through slices and concatenation (None: built by hand).
-    # Not compared: the same completion of another row (or another call) is an equal output.
+    tokens: list[int]
+    truncated: bool = field(default=False, compare=False)
     index: int | None = field(default=None, compare=False)
 
     def __repr__(self) -> str:

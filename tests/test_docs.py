@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
+import html
 import importlib
 import inspect
 import os
@@ -104,16 +106,88 @@ def test_docstrings_link_as_mkdocstrings_does_not_as_sphinx():
     assert len(paths) >= 40 and found == []
 
 
-def test_field_comments_are_on_the_reference_pages(site):
-    """A dataclass field is documented by its trailing comment (`reconstructions: ...  # NaN rows where ...`);
-    griffe reads docstrings only, so the result types' pages showed every field bare until
-    docs/griffe_field_comments.py gave each one-line field its comment."""
-    source = (ROOT / "nla_lens" / "nla.py").read_text(encoding="utf-8").splitlines()
-    line = next(text for text in source if text.strip().startswith("reconstructions: "))
-    comment = line.split("#", 1)[1].strip()
-    page = (site / "reference" / "nla_lens.nla" / "index.html").read_text(encoding="utf-8")
+def _attributes_section(cls: type) -> dict[str, str]:
+    """The entries of a class docstring's Google-style `Attributes:` section, name -> description."""
+    lines = inspect.cleandoc(cls.__doc__ or "").splitlines()
+    if "Attributes:" not in lines:
+        return {}
+    entries: dict[str, str] = {}
+    for line in lines[lines.index("Attributes:") + 1:]:
+        if line and not line[0].isspace():
+            break
+        entry = re.match(r"    (\w+): (.*)", line)
+        if entry:
+            entries[entry[1]] = entry[2].strip()
+    return entries
+
+
+def _result_types() -> list[type]:
+    """Every dataclass result type (a `TabularResult` of any public module) and the row types they hold."""
+    from nla_lens.capture import CapturedRow
+    from nla_lens.experiments import PatchingRow, SteeringRow
+    from nla_lens.explain import ExplainedToken
+    from nla_lens.nla import Baseline
+    from nla_lens.results import TabularResult
+    from nla_lens.toy.steer_words_experiment import AlphaRow
+    from nla_lens.verbalizer import Verbalization
+
+    rows: list[type] = [Baseline, CapturedRow, ExplainedToken, PatchingRow, SteeringRow, Verbalization, AlphaRow]
+    try:
+        from nla_lens.feature_cards import FeatureContext
+        from nla_lens.sae import ResidualStats
+        from nla_lens.toy.sae_experiment import FeatureRow
+        rows += [FeatureContext, ResidualStats, FeatureRow]
+    except BackendError:  # sae-lens is not installed here (TransformerLens 4)
+        pass
+    for module in _public_modules():  # imported, so that their result types are subclasses below
+        try:
+            importlib.import_module(module)
+        except (BackendError, ImportError):  # a backend this TransformerLens lacks: nothing of it is a result type
+            pass
+    found, todo = set(), [TabularResult]
+    while todo:
+        subclasses = set(todo.pop().__subclasses__()) - found
+        found |= subclasses
+        todo += subclasses
+    tables = {cls for cls in found if cls.__module__.startswith("nla_lens.") and dataclasses.is_dataclass(cls)}
+    return sorted(tables | set(rows), key=lambda cls: cls.__qualname__)
+
+
+def test_every_field_of_a_result_type_is_described_in_its_docstring():
+    """`help(SteeringResult)` and a notebook's `?` show the class docstring: each field's meaning is written once,
+    in its `Attributes:` section (the fields carried trailing comments, which only the API site showed). A new
+    field without an entry, or an entry for a field that is gone, fails here."""
+    types = _result_types()
+    assert {"RoundTrip", "SteeringResult", "PatchingStudy", "Explanation", "WordSteering", "Verbalization"} <= {
+        cls.__name__ for cls in types}
+    wrong = {}
+    for cls in types:
+        fields = [f.name for f in dataclasses.fields(cls)]
+        described = _attributes_section(cls)
+        if list(described) != fields or not all(described.values()):
+            wrong[cls.__qualname__] = (fields, list(described))
+    assert wrong == {}
+
+
+def test_field_docs_are_on_the_reference_pages_once(site):
+    """A result type's `Attributes:` entry shows under its field's own heading, and nowhere else on the page
+    (docs/griffe_field_docs.py moves it there from the class docstring, which mkdocstrings would render as a
+    table above the fields listed again, bare); a field of another dataclass still shows its trailing comment."""
+    from nla_lens.nla import RoundTrip
+
+    described = _attributes_section(RoundTrip)["reconstructions"]
+    page = html.unescape((site / "reference" / "nla_lens.nla" / "index.html").read_text(encoding="utf-8"))
     field = page[page.index('id="nla_lens.nla.RoundTrip.reconstructions"'):]
-    assert len(comment) > 10 and comment in field[:field.index('id="nla_lens.nla.RoundTrip.mse"')]
+    assert len(described) > 10 and described in field[:field.index('id="nla_lens.nla.RoundTrip.mse"')]
+    assert page.count(described) == 1
+
+    source = (ROOT / "nla_lens" / "toy" / "sae_experiment.py").read_text(encoding="utf-8").splitlines()
+    line = next(text for text in source if text.strip().startswith("context_size: "))
+    comment = line.split("#", 1)[1].strip()
+    page = (site / "reference" / "nla_lens.toy.sae_experiment" / "index.html").read_text(encoding="utf-8")
+    config = 'id="nla_lens.toy.sae_experiment.SAEExperimentConfig.'
+    field = page[page.index(f'{config}context_size"'):]
+    assert len(comment) > 10 and comment in field[:field.index(config, 1)]
 
 
 def test_every_subcommand_is_on_the_command_line_page(site):

@@ -242,6 +242,66 @@ def test_save_expands_a_home_folder_as_loading_does(results, tmp_path, monkeypat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["delta.safetensors", "out.parquet"]
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_read_result_gives_back_the_rows_and_from_parquet_the_summary(results, kind, tmp_path):
+    """A saved table lost the summary line (FVE, which baseline and its n, failed parses): read back later, its rows
+    could not be trusted or compared. A .parquet file keeps it with the result type; .jsonl holds the rows alone."""
+    result = results[kind]
+    frame = nl.read_result(result.save(tmp_path / "out.parquet"))
+    pd.testing.assert_frame_equal(frame, result.to_pandas())
+    assert frame.attrs == {"result_type": type(result).__name__, "summary": result.summary(),
+                           "nla_lens_version": nl.__version__}
+    rows = nl.read_result(result.save(tmp_path / "out.jsonl"))  # no types: a column None in every row is object
+    cells = rows.astype(object).where(rows.notna(), None).to_dict("records")
+    assert cells == json.loads(json.dumps(result.to_records())) and rows.attrs == {}
+
+
+@pytest.mark.parametrize("kind", EMPTY_KINDS)
+def test_read_result_of_an_empty_result_keeps_its_columns_and_types(empty_results, kind, tmp_path):
+    empty = empty_results[kind][1]
+    frame = nl.read_result(empty.save(tmp_path / "empty.parquet"))
+    pd.testing.assert_frame_equal(frame, empty.to_pandas())
+    assert frame.empty and frame.attrs["summary"] == empty.summary()
+
+
+def test_read_result_reads_a_file_jobs_output_with_the_record_of_the_job(tiny_paths, tmp_path):
+    from nla_lens import sharded
+
+    vectors = torch.randn(3, D_MODEL, generator=torch.Generator().manual_seed(2))
+    pq.write_table(pa.table({"vector": pa.array(vectors.tolist(), pa.list_(pa.float32()))}), tmp_path / "in.parquet")
+    out = sharded.verbalize_file(tiny_paths["av_karvonen"], tmp_path / "in.parquet", tmp_path / "out.parquet",
+                                 sampling=sharded.Sampling(max_new_tokens=4), shard_size=2).output
+    frame = nl.read_result(out)
+    assert frame.astype(object).where(frame.notna(), None).to_dict("records") == pq.read_table(out).to_pylist()
+    job = json.loads(pq.read_schema(out).metadata[sharded.JOB_KEY.encode()])
+    assert frame.attrs == {"job": job} and job["job"] == "verbalize"
+
+
+def test_read_result_says_why_it_cannot_read_a_file(results, tmp_path):
+    rt = results["round_trip"]
+    with pytest.raises(nl.InputError, match="does not exist"):
+        nl.read_result(tmp_path / "missing.parquet")
+    with pytest.raises(nl.InputError, match="HTML view, which holds no table"):
+        nl.read_result(rt.save(tmp_path / "view.html"))
+    with pytest.raises(nl.InputError, match=r"reads the \.parquet or \.jsonl file .* not a \.csv file"):
+        nl.read_result(tmp_path / "out.csv")
+    with pytest.raises(nl.InputError, match="file path"):
+        nl.read_result(None)
+    (tmp_path / "text.parquet").write_text("index,explanation\n0,a\n", encoding="utf-8")
+    with pytest.raises(nl.InputError, match="text.parquet is not a parquet file"):
+        nl.read_result(tmp_path / "text.parquet")
+    (tmp_path / "text.jsonl").write_text("index,explanation\n", encoding="utf-8")
+    with pytest.raises(nl.InputError, match="line 1 is not JSON"):
+        nl.read_result(tmp_path / "text.jsonl")
+    (tmp_path / "list.jsonl").write_text('{"index": 0}\n[1, 2]\n', encoding="utf-8")
+    with pytest.raises(nl.InputError, match="line 2 holds a list, not a row"):
+        nl.read_result(tmp_path / "list.jsonl")
+    damaged = pq.read_table(rt.save(tmp_path / "rt.parquet")).replace_schema_metadata({"nla_lens_result": "{"})
+    pq.write_table(damaged, tmp_path / "damaged.parquet")
+    with pytest.raises(nl.InputError, match="'nla_lens_result' is not JSON"):
+        nl.read_result(tmp_path / "damaged.parquet")
+
+
 def test_repr_shows_carriage_returns_and_tabs_as_escapes():
     cells = [display.format_cell(text) for text in ("a\r\nb", "c\td", "e\rf")]
     assert cells == ["a\\r\\nb", "c\\td", "e\\rf"]  # a bare \r would make a terminal overwrite the row

@@ -78,12 +78,28 @@ class TokenFeature:
 
 @dataclass(frozen=True)
 class FeatureRow:
+    """One token feature: its token T and what each readout of it said.
+
+    Attributes:
+        feature: the SAE feature's index.
+        token: T, the token its top activations sit on, decoded.
+        purity: the share of its top_k activations on T.
+        explanation: the AV's explanation of the bare decoder row; None on a failed parse.
+        explanation_offset: of mean + spread * unit row.
+        explanation_top_context: of the base residual at the feature's strongest activation.
+        named: `explanation` names T.
+        named_offset: `explanation_offset` names T.
+        named_top_context: `explanation_top_context` names T.
+        control_token: another token feature's T, the control.
+        named_control: `explanation` names the control token.
+    """
+
     feature: int
     token: str
     purity: float
     explanation: str | None
     explanation_offset: str | None
-    explanation_top_context: str | None  # of the base residual at the feature's strongest activation
+    explanation_top_context: str | None
     named: bool
     named_offset: bool
     named_top_context: bool
@@ -93,19 +109,38 @@ class FeatureRow:
 
 @dataclass(frozen=True, repr=False)
 class SAEExperimentResult(TabularResult):
-    """The scores of the run, and one row per token feature: its token T and whether each readout names it."""
+    """The scores of the run, and one row per token feature: its token T and whether each readout names it.
+
+    Attributes:
+        n_positions: the held-out positions the features' activations were read on.
+        n_live: features that fire on at least `config.top_k` positions.
+        n_token_features: live features whose top activations sit mostly on one token T (>= `config.purity`).
+        agreement: share of the token features whose explanation of the bare decoder row names T.
+        agreement_offset: the same for the explanation of mean + spread * unit row.
+        agreement_top_context: the same for the explanation of the residual where the feature fires most.
+        control: share whose explanation of the bare row names another feature's T.
+        cosine: mean cos(AR reconstruction of the bare row's explanation, the row).
+        cosine_offset: the same with the mean offset (reconstruction at the input's norm, minus the mean).
+        control_cosine: mean cos(AR reconstruction, the control feature's row).
+        sae_fvu: fraction of variance the SAE leaves unexplained on these positions.
+        sae_l0: mean number of active features per position.
+        train_seconds: the SAE's training time on this machine.
+        config: the run's settings.
+        rows: one per token feature.
+    """
+
     n_positions: int
     n_live: int
     n_token_features: int
-    agreement: float  # explanation of the bare decoder row names T
-    agreement_offset: float  # explanation of mean + spread * unit row names T
-    agreement_top_context: float  # explanation of the residual where the feature fires most names T
-    control: float  # explanation of the bare row names another feature's T
-    cosine: float  # mean cos(AR reconstruction of the bare row's explanation, the row)
-    cosine_offset: float  # the same with the mean offset (reconstruction at the input's norm, minus the mean)
-    control_cosine: float  # mean cos(AR reconstruction, the control feature's row)
-    sae_fvu: float  # fraction of variance the SAE leaves unexplained on these positions
-    sae_l0: float  # mean number of active features per position
+    agreement: float
+    agreement_offset: float
+    agreement_top_context: float
+    control: float
+    cosine: float
+    cosine_offset: float
+    control_cosine: float
+    sae_fvu: float
+    sae_l0: float
     train_seconds: float
     config: SAEExperimentConfig
     rows: list[FeatureRow]

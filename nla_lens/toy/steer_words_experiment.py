@@ -60,24 +60,47 @@ EXPLANATION = re.compile(r'^The token (".*?"), (?:after (".*?"), )?predicting ("
 
 @dataclass(frozen=True)
 class AlphaRow:
+    """One steering strength: what steering with the words, the random control and the oracle direction did.
+
+    Attributes:
+        alpha: the steering strength, a fraction of the residual's norm.
+        argmax_hit: fraction of sites where Z' became the argmax next token.
+        delta_logp: mean change of log p(Z') at the site, in nats.
+        control_argmax_hit: `argmax_hit` with a random direction of the same norm.
+        control_delta_logp: `delta_logp` with that random direction.
+        oracle_argmax_hit: `argmax_hit` along the base model's own Z' - argmax direction (module docstring).
+        oracle_delta_logp: `delta_logp` along that direction.
+    """
+
     alpha: float
-    argmax_hit: float  # fraction of sites where Z' became the argmax next token
-    delta_logp: float  # mean change of log p(Z') at the site, in nats
-    control_argmax_hit: float  # the same with a random direction of the same norm
+    argmax_hit: float
+    delta_logp: float
+    control_argmax_hit: float
     control_delta_logp: float
-    oracle_argmax_hit: float  # the same along the base model's own Z' - argmax direction (module docstring)
+    oracle_argmax_hit: float
     oracle_delta_logp: float
 
 
 @dataclass(frozen=True, repr=False)
 class SteerWordsExperiment(TabularResult):
-    """Per alpha, how often steering with the edited explanation makes Z' the argmax, and the control."""
+    """Per alpha, how often steering with the edited explanation makes Z' the argmax, and the control.
+
+    Attributes:
+        n_sites: held-out sites steered.
+        samples: explanations per site that Delta averages over (1: the greedy one).
+        choice: how Z' was chosen: "random" or "plausible" (module docstring).
+        mode: the steering mode, "add" or "replace".
+        av_names_argmax: fraction of sites where the explanation's Z is the base model's argmax.
+        oracle_cosine: mean cosine between the words' Delta and the oracle direction, per site.
+        rows: one per alpha.
+    """
+
     n_sites: int
     samples: int
     choice: str
     mode: str
-    av_names_argmax: float  # fraction of sites where the explanation's Z is the base model's argmax
-    oracle_cosine: float  # mean cosine between the words' Delta and the oracle direction, per site
+    av_names_argmax: float
+    oracle_cosine: float
     rows: list[AlphaRow]
 
     display_columns = ("alpha", "argmax_hit", "delta_logp", "control_argmax_hit", "control_delta_logp",
@@ -106,11 +129,14 @@ class SteerWordsExperiment(TabularResult):
         return [{**asdict(r), **settings} for r in self.rows]
 
     def summary(self) -> str:
+        said = (f"{self.n_sites} held-out sites, {self.choice} Z', mode={self.mode}, {self.samples} explanation "
+                f"sample(s) per site; the AV's Z is the base model's argmax at {self.av_names_argmax:.0%} of them; ")
+        if not self.rows:  # `save` records the summary of any result, one with no alpha too
+            return said + "no alpha run"
         best = max(self.rows, key=lambda r: r.argmax_hit)
-        return (f"{self.n_sites} held-out sites, {self.choice} Z', mode={self.mode}, {self.samples} explanation "
-                f"sample(s) per site; the AV's Z is the base model's argmax at {self.av_names_argmax:.0%} of them; "
-                f"best alpha={best.alpha:g}: Z' argmax {best.argmax_hit:.0%} vs random {best.control_argmax_hit:.0%} "
-                f"(oracle direction {best.oracle_argmax_hit:.0%}; cosine of Delta with it {self.oracle_cosine:.2f})")
+        return said + (f"best alpha={best.alpha:g}: Z' argmax {best.argmax_hit:.0%} vs random "
+                       f"{best.control_argmax_hit:.0%} (oracle direction {best.oracle_argmax_hit:.0%}; cosine of Delta "
+                       f"with it {self.oracle_cosine:.2f})")
 
 
 def run_experiment(folder: Path = TOY_DIR, n_sites: int = 100, alphas: tuple[float, ...] = ALPHAS,
