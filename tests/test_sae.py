@@ -822,8 +822,18 @@ def test_an_sae_experiment_result_saved_as_json_loads_back_with_its_headline_fig
     loaded = SAEExperimentResult.load(path)
     assert loaded == result and loaded.summary() == result.summary()
     assert pq.read_table(result.save(tmp_path / "rows.parquet")).num_rows == 2  # the other suffixes: as before
-    with pytest.raises(nl.InputError, match="rows.parquet: only the .json file save wrote loads back"):
+    with pytest.raises(nl.InputError, match="rows.parquet: only the .json file save wrote loads back") as refused:
         SAEExperimentResult.load(tmp_path / "rows.parquet")  # was a UnicodeDecodeError inside the message
+    # It said a .parquet holds "the rows alone"; it also keeps the result type and summary, which read_result gives.
+    pointed = re.search(r"nl\.read_result\('([^']+)'\) reads this file's rows as a DataFrame, with the result type "
+                        r"and summary line in df\.attrs", str(refused.value))
+    assert pointed is not None and "rows alone" not in str(refused.value)
+    table = nl.read_result(pointed.group(1))
+    assert table.equals(result.to_pandas()) and table.attrs["summary"] == result.summary()
+    assert table.attrs["result_type"] == "SAEExperimentResult"
+    result.save(tmp_path / "rows.jsonl")
+    with pytest.raises(nl.InputError, match=r"read_result\('.*rows\.jsonl'\) reads this file's rows as a DataFrame$"):
+        SAEExperimentResult.load(tmp_path / "rows.jsonl")
     (tmp_path / "rows.json").write_text(json.dumps(result.to_records()))
     with pytest.raises(nl.InputError, match="rows.json is no SAE experiment result that SAEExperimentResult.save "):
         SAEExperimentResult.load(tmp_path / "rows.json")
