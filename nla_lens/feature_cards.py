@@ -190,11 +190,14 @@ def feature_card(
     `explain_contexts=True` also verbalizes the base residual at each context's peak (`k` more AV
     generations): what the NLA says where the feature fires, beside what it says of the decoder row
     (on the bundled toy the former names the feature's token far more often: README, "SAE features").
-    `offset` and `verbalize_kwargs` are as in [`verbalize_sae_features`][nla_lens.sae.verbalize_sae_features].
+    `offset` and `verbalize_kwargs` are as in [`verbalize_sae_features`][nla_lens.sae.verbalize_sae_features],
+    which also refuses a feature whose decoder row is all zero or not finite: here before the scan.
     """
     av = nla.av if isinstance(nla, NLA) else nla
     if not isinstance(av, ActivationVerbalizer):
-        raise InputError(f"nla must be an NLA or an ActivationVerbalizer, got {type(nla).__name__}")
+        raise InputError(f"nla must be an NLA or an ActivationVerbalizer, got {type(nla).__name__}: call "
+                         "nl.feature_card(sae, base, texts, feature, nla), the SAE first and the NLA fifth "
+                         "(nl.verbalize_sae_features takes the NLA first)")
     hook_name = check_sae_reads_layer(sae, av.meta.layer, av.meta.d_model, allow_other_hook=allow_other_hook)
     # Another base of the NLA's width and depth scans without error, and its contexts would sit beside an explanation
     # of this base's feature.

@@ -114,6 +114,14 @@ def test_sae_helpers_name_arguments_of_the_wrong_kind_or_order(toy):
         nl.verbalize_sae_features(toy.av, sae, [1], offset=torch.randn(128))
     with pytest.raises(nl.InputError, match="expected a sae-lens SAE, got HookedTransformer"):
         nl.feature_card(toy.base, sae, TOY_TEXTS, 12, toy.av)
+    # The two take the NLA in different places; each call in the other's order says how to call it (it said only
+    # "nla must be an NLA or an ActivationVerbalizer, got int").
+    with pytest.raises(nl.InputError, match=r"got int: call nl.feature_card\(sae, base, texts, feature, nla\), the "
+                                            "SAE first and the NLA fifth"):
+        nl.feature_card(toy.av, sae, toy.base, TOY_TEXTS, 12)
+    with pytest.raises(nl.InputError, match=r"got StandardSAE: call nl.verbalize_sae_features\(nla, sae, features\), "
+                                            "the NLA first"):
+        nl.verbalize_sae_features(sae, toy.av, [12])
 
 
 @NEEDS_SAE_LENS
