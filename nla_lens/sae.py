@@ -429,10 +429,10 @@ def verbalize_sae_features(
     W_dec[f]), the reconstruction first rescaled to the norm of the vector the AV read (the AR's output
     norm carries no meaning); NaN where the explanation failed to parse. `verbalize_kwargs` go to `av.verbalize`.
 
-    A feature without a direction to verbalize fails the whole call before any generation, its id named with every
-    other such one in `features` (a per-row blank would pass for an explanation that failed): an all-zero decoder
-    row (it writes nothing into the residual) is an `InputError`, NaN or Inf in a row (broken SAE weights) a
-    `VectorError`. Keep the features that have a direction with `sae.W_dec.any(dim=1)`.
+    A feature with no direction to verbalize fails the whole call before any generation, and the error names every
+    such feature in `features` (a blank row would read as an explanation that failed to parse): an all-zero
+    decoder row (it writes nothing into the residual) is an `InputError`, NaN or Inf in a row (broken SAE
+    weights) a `VectorError`. `sae.W_dec.any(dim=1)` picks the features that have a direction.
     """
     nla = av_or_nla if isinstance(av_or_nla, NLA) else None
     av = av_or_nla.av if nla is not None else av_or_nla
