@@ -43,7 +43,12 @@ _HUB_ID = re.compile(r"\w[\w.-]*/[\w.-]+")  # owner/name, as the HF hub spells a
 # which reorder the text drawn after them; zero-width spaces and marks, which draw nothing)
 _UNSEEN = ("Cc", "Zl", "Zp", "Cf")
 # A table's text column and the record key saying whether it parsed: a failed parse holds the raw completion (or None)
-_PARSE_FLAGS = {"explanation": "parsed", "clean": "clean_parsed", "steered": "steered_parsed"}
+_PARSE_FLAGS = {"explanation": "parsed", "clean": "clean_parsed", "steered": "steered_parsed",
+                "context_explanation": "context_explanation_parsed"}
+# A text column that is None on a failed parse, and the record keys of that parse's raw completion and truncated flag
+# (the steering tables' clean / steered hold the raw completion themselves, with no truncated flag beside them)
+_RAW_COLUMNS = {"explanation": ("text", "truncated"),
+                "context_explanation": ("context_explanation_text", "context_explanation_truncated")}
 # A table's score column and the record key saying whether its row parsed: a failed parse scores as a miss
 # (metrics.miss_mse, an orthogonal guess), a number that unmarked reads as a reconstruction that bad
 _SCORE_FLAGS = {"mse": "parsed", "fve": "parsed", "fve_clean": "clean_parsed", "fve_steered": "steered_parsed"}
@@ -327,9 +332,11 @@ def unparsed_cell(record: dict[str, Any], column: str) -> str | None:
     if flag is None or record.get(flag) is not False:
         return None
     value = record.get(column)
-    # Only the explanation column has a truncated flag beside it (the steering tables' clean / steered have none)
-    truncated = column == "explanation" and record.get("truncated") is True
-    return unparsed_text(value if value is not None else record.get("text") or "", truncated)
+    if column not in _RAW_COLUMNS:
+        return unparsed_text(value or "", truncated=False)
+    raw_key, truncated_key = _RAW_COLUMNS[column]
+    raw = value if value is not None else record.get(raw_key) or ""
+    return unparsed_text(raw, record.get(truncated_key) is True)
 
 
 def feature_card_html(title: str, hook_name: str, summary: str, explanation: str | None, raw_text: str,

@@ -107,9 +107,13 @@ class FeatureCard(TabularResult):
     offset_stats: ResidualStats | None = None
 
     display_columns = ("text", "position", "token", "activation", "context")
+    # The context_explanation_* columns are None without explain_contexts; with it, a failed parse's row has
+    # context_explanation None, context_explanation_parsed False and the raw completion in context_explanation_text.
     schema = pa.schema({"feature": pa.int64(), "text": pa.int64(), "position": pa.int64(), "token": pa.string(),
                         "activation": pa.float64(), "context": pa.string(), "context_explanation": pa.string(),
-                        "explanation": pa.string(), "cosine": pa.float64(), "offset": pa.bool_(), **OFFSET_COLUMNS})
+                        "context_explanation_parsed": pa.bool_(), "context_explanation_text": pa.string(),
+                        "context_explanation_truncated": pa.bool_(), "explanation": pa.string(),
+                        "cosine": pa.float64(), "offset": pa.bool_(), **OFFSET_COLUMNS})
 
     @property
     def explanation(self) -> str | None:
@@ -122,8 +126,18 @@ class FeatureCard(TabularResult):
     def to_records(self) -> list[dict[str, Any]]:
         offset = {"offset": self.offset_stats is not None, **offset_columns(self.offset_stats)}
         return [{"feature": self.feature, "text": c.text, "position": c.position, "token": c.token,
-                 "activation": c.activation, "context": "".join(c.tokens), "context_explanation": c.explanation,
+                 "activation": c.activation, "context": "".join(c.tokens), **self._said_at(c),
                  "explanation": self.explanation, "cosine": self.cosine, **offset} for c in self.contexts]
+
+    def _said_at(self, context: FeatureContext) -> dict[str, Any]:
+        """The context_explanation columns of one row: what the AV said at its peak, None in each when not asked."""
+        if not self.explained_contexts:
+            return dict.fromkeys(("context_explanation", "context_explanation_parsed", "context_explanation_text",
+                                  "context_explanation_truncated"))
+        return {"context_explanation": context.explanation,
+                "context_explanation_parsed": context.explanation is not None,
+                "context_explanation_text": context.explanation_text,
+                "context_explanation_truncated": context.explanation_truncated}
 
     def summary(self) -> str:
         said = display.format_cell(self.explanation, 100) if self.explanation is not None else "(failed to parse)"
@@ -176,11 +190,14 @@ def feature_card(
     `explain_contexts=True` also verbalizes the base residual at each context's peak (`k` more AV
     generations): what the NLA says where the feature fires, beside what it says of the decoder row
     (on the bundled toy the former names the feature's token far more often: README, "SAE features").
-    `offset` and `verbalize_kwargs` are as in [`verbalize_sae_features`][nla_lens.sae.verbalize_sae_features].
+    `offset` and `verbalize_kwargs` are as in [`verbalize_sae_features`][nla_lens.sae.verbalize_sae_features],
+    which also refuses a feature whose decoder row is all zero or not finite: here before the scan.
     """
     av = nla.av if isinstance(nla, NLA) else nla
     if not isinstance(av, ActivationVerbalizer):
-        raise InputError(f"nla must be an NLA or an ActivationVerbalizer, got {type(nla).__name__}")
+        raise InputError(f"nla must be an NLA or an ActivationVerbalizer, got {type(nla).__name__}: call "
+                         "nl.feature_card(sae, base, texts, feature, nla), the SAE first and the NLA fifth "
+                         "(nl.verbalize_sae_features takes the NLA first)")
     hook_name = check_sae_reads_layer(sae, av.meta.layer, av.meta.d_model, allow_other_hook=allow_other_hook)
     # Another base of the NLA's width and depth scans without error, and its contexts would sit beside an explanation
     # of this base's feature.

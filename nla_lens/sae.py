@@ -428,11 +428,18 @@ def verbalize_sae_features(
     With an NLA, the AR rebuilds each explanation and `cosines` holds cos(reconstruction - offset mean,
     W_dec[f]), the reconstruction first rescaled to the norm of the vector the AV read (the AR's output
     norm carries no meaning); NaN where the explanation failed to parse. `verbalize_kwargs` go to `av.verbalize`.
+
+    A feature with no direction to verbalize fails the whole call before any generation, and the error names every
+    such feature in `features` (a blank row would read as an explanation that failed to parse): an all-zero
+    decoder row (it writes nothing into the residual) is an `InputError`, NaN or Inf in a row (broken SAE
+    weights) a `VectorError`. `sae.W_dec.any(dim=1)` picks the features that have a direction.
     """
     nla = av_or_nla if isinstance(av_or_nla, NLA) else None
     av = av_or_nla.av if nla is not None else av_or_nla
     if not isinstance(av, ActivationVerbalizer):
-        raise InputError(f"av_or_nla must be an ActivationVerbalizer or an NLA, got {type(av_or_nla).__name__}")
+        raise InputError(f"av_or_nla must be an ActivationVerbalizer or an NLA, got {type(av_or_nla).__name__}: call "
+                         "nl.verbalize_sae_features(nla, sae, features), the NLA first (nl.feature_card takes it "
+                         "fifth: (sae, base, texts, feature, nla))")
     hook_name = check_sae_reads_layer(sae, av.meta.layer, av.meta.d_model, allow_other_hook=allow_other_hook)
     if isinstance(offset, ResidualStats) and offset.layer not in (None, av.meta.layer):
         raise InputError(

@@ -20,7 +20,7 @@ from conftest import D_MODEL, HAS_SAE_LENS, LAYER, TL4, make_sae
 from torch.multiprocessing.reductions import StorageWeakRef
 
 import nla_lens as nl
-from nla_lens import backends
+from nla_lens import backends, display
 from nla_lens.errors import BackendError
 
 NEEDS_SAE_LENS = pytest.mark.skipif(
@@ -114,6 +114,14 @@ def test_sae_helpers_name_arguments_of_the_wrong_kind_or_order(toy):
         nl.verbalize_sae_features(toy.av, sae, [1], offset=torch.randn(128))
     with pytest.raises(nl.InputError, match="expected a sae-lens SAE, got HookedTransformer"):
         nl.feature_card(toy.base, sae, TOY_TEXTS, 12, toy.av)
+    # The two take the NLA in different places; each call in the other's order says how to call it (it said only
+    # "nla must be an NLA or an ActivationVerbalizer, got int").
+    with pytest.raises(nl.InputError, match=r"got int: call nl.feature_card\(sae, base, texts, feature, nla\), the "
+                                            "SAE first and the NLA fifth"):
+        nl.feature_card(toy.av, sae, toy.base, TOY_TEXTS, 12)
+    with pytest.raises(nl.InputError, match=r"got StandardSAE: call nl.verbalize_sae_features\(nla, sae, features\), "
+                                            "the NLA first"):
+        nl.verbalize_sae_features(sae, toy.av, [12])
 
 
 @NEEDS_SAE_LENS
@@ -704,11 +712,42 @@ def test_feature_card_explains_the_residual_at_each_context(toy, tmp_path):
     assert len(card.contexts) == 4 and [c.explanation for c in card.contexts] == expected
     assert all(e is not None and e.startswith("The token ") for e in expected)
     assert list(card.to_pandas()["context_explanation"]) == expected
+    assert list(card.to_pandas()["context_explanation_parsed"]) == [True] * 4
     shown = repr(card).splitlines()  # the repr left the column out
     assert shown[1].split()[-1] == "context_explanation" and expected[0][:40] in shown[2]
     assert "context_explanation" not in repr(replace(card, explained_contexts=False))
     page = card.save(tmp_path / "card.html").read_text()
     assert "NLA at the peak" in page and all(html.escape(e) in page for e in expected)
+
+
+@NEEDS_SAE_LENS
+def test_a_context_whose_explanation_failed_to_parse_keeps_its_raw_text_and_is_marked(toy, tmp_path):
+    """A failed parse at a context's peak was a blank context_explanation cell: the rows held no parsed flag and no
+    raw completion (only the HTML card showed it)."""
+    layer = toy.av.meta.layer
+    sae = make_sae(128, 32, f"blocks.{layer}.hook_resid_post")
+    card = nl.feature_card(sae, toy.base, TOY_TEXTS, 9, toy.av, k=3, skip_first=8, explain_contexts=True,
+                           max_new_tokens=4, progress=False)  # too few tokens to close the tag
+    hook = f"blocks.{layer}.hook_resid_post"
+    residuals = []
+    for c in card.contexts:
+        _, cache = toy.base.run_with_cache(torch.tensor([toy.base.tokenizer(TOY_TEXTS[c.text])["input_ids"]]),
+                                           names_filter=hook)
+        residuals.append(cache[hook][0, c.position])
+    expected = toy.av.verbalize(torch.stack(residuals), max_new_tokens=4)
+    assert len(card.contexts) == 3 and all(v.explanation is None and v.truncated and v.text for v in expected)
+    said = [{"context_explanation": None, "context_explanation_parsed": False, "context_explanation_text": v.text,
+             "context_explanation_truncated": True} for v in expected]
+    for rows in (card.to_pandas(), nl.read_result(card.save(tmp_path / "card.parquet")),
+                 nl.read_result(card.save(tmp_path / "card.jsonl"))):
+        assert rows[list(said[0])].replace({np.nan: None}).to_dict("records") == said
+    shown = repr(card).splitlines()
+    marked = display.format_cell(display.unparsed_text(expected[0].text, truncated=True), 60)
+    assert shown[1].split()[-1] == "context_explanation" and shown[2].endswith(marked)
+    assert marked.startswith("(cut at max_new_tokens before </explanation>) ")
+    plain = nl.feature_card(sae, toy.base, TOY_TEXTS, 9, toy.av, k=3, skip_first=8, max_new_tokens=4,
+                            progress=False)
+    assert plain.to_pandas()[list(said[0])].isna().all().all()  # not asked: neither parsed nor failed
 
 
 @NEEDS_SAE_LENS
@@ -720,6 +759,7 @@ def test_feature_card_of_a_feature_that_never_fires_says_so_and_keeps_its_column
     assert card.contexts == [] and card.n_active == 0
     assert f"not active at any of the {card.n_positions} positions" in repr(card) and "'-'" not in repr(card)
     columns = ["feature", "text", "position", "token", "activation", "context", "context_explanation",
+               "context_explanation_parsed", "context_explanation_text", "context_explanation_truncated",
                "explanation", "cosine", "offset", "offset_n", "offset_layer", "offset_mean_norm", "offset_spread"]
     assert list(card.to_pandas().columns) == columns and card.to_pandas().empty
     assert pq.read_table(card.save(tmp_path / "card.parquet")).column_names == columns
@@ -790,8 +830,18 @@ def test_an_sae_experiment_result_saved_as_json_loads_back_with_its_headline_fig
     loaded = SAEExperimentResult.load(path)
     assert loaded == result and loaded.summary() == result.summary()
     assert pq.read_table(result.save(tmp_path / "rows.parquet")).num_rows == 2  # the other suffixes: as before
-    with pytest.raises(nl.InputError, match="rows.parquet: only the .json file save wrote loads back"):
+    with pytest.raises(nl.InputError, match="rows.parquet: only the .json file save wrote loads back") as refused:
         SAEExperimentResult.load(tmp_path / "rows.parquet")  # was a UnicodeDecodeError inside the message
+    # It said a .parquet holds "the rows alone"; it also keeps the result type and summary, which read_result gives.
+    pointed = re.search(r"nl\.read_result\('([^']+)'\) reads this file's rows as a DataFrame, with the result type "
+                        r"and summary line in df\.attrs", str(refused.value))
+    assert pointed is not None and "rows alone" not in str(refused.value)
+    table = nl.read_result(pointed.group(1))
+    assert table.equals(result.to_pandas()) and table.attrs["summary"] == result.summary()
+    assert table.attrs["result_type"] == "SAEExperimentResult"
+    result.save(tmp_path / "rows.jsonl")
+    with pytest.raises(nl.InputError, match=r"read_result\('.*rows\.jsonl'\) reads this file's rows as a DataFrame$"):
+        SAEExperimentResult.load(tmp_path / "rows.jsonl")
     (tmp_path / "rows.json").write_text(json.dumps(result.to_records()))
     with pytest.raises(nl.InputError, match="rows.json is no SAE experiment result that SAEExperimentResult.save "):
         SAEExperimentResult.load(tmp_path / "rows.json")

@@ -42,7 +42,7 @@ from nla_lens.sae import ResidualStats, require_sae_lens, verbalize_sae_features
 from nla_lens.toy.demo import TOY_DIR
 from nla_lens.toy.evaluate import HELDOUT_FILE, MIN_CONTEXT, ToyNLA
 from nla_lens.toy.labeler import names_token
-from nla_lens.vector_files import write_json
+from nla_lens.vector_files import OUTPUT_SUFFIXES, write_json
 
 if TYPE_CHECKING:
     from sae_lens import SAE
@@ -161,7 +161,8 @@ class SAEExperimentResult(TabularResult):
 
     def save(self, path: str | Path) -> Path:
         """`.json`: the whole result, the headline figures with the rows (`load` reads it back); `.parquet`,
-        `.jsonl` or `.html` as for every result: the rows alone, or the view."""
+        `.jsonl` or `.html` as for every result: the rows (a `.parquet` with the result type and summary line,
+        which `nl.read_result` reads back as a DataFrame), or the view."""
         path = file_path(path, "save")
         if file_kind(path) != ".json":
             return super().save(path)
@@ -173,9 +174,14 @@ class SAEExperimentResult(TabularResult):
     def load(cls, path: str | Path) -> SAEExperimentResult:
         """A result `save` wrote as `.json`."""
         path = file_path(path, "load")
-        if file_kind(path) != ".json":
-            raise InputError(f"{path}: only the .json file save wrote loads back (a .parquet or .jsonl holds the rows "
-                             "alone, without the figures and config a result needs)")
+        kind = file_kind(path)
+        if kind != ".json":
+            rows = ""
+            if kind in OUTPUT_SUFFIXES:  # a .parquet keeps the summary line as text, not the figures and config
+                rows = f"; nl.read_result({str(path)!r}) reads this file's rows as a DataFrame"
+                rows += ", with the result type and summary line in df.attrs" if kind == ".parquet" else ""
+            raise InputError(f"{path}: only the .json file save wrote loads back as a result (the figures and config "
+                             f"with the rows: result.save('run.json'), or the command's --output run.json){rows}")
         check_input_file(path, "SAE experiment result")
         try:
             saved = json.loads(path.read_text(encoding="utf-8"))
