@@ -72,7 +72,8 @@ explained  # noqa: B018 - the notebook shows it as HTML
 # ## A table to work with
 # `to_pandas()` has one row per token: position, token, explanation, parsed flag, MSE, FVE and the
 # baseline used. `save()` writes the rows (`.parquet`, `.jsonl`) or the view (`.html`, one
-# self-contained page).
+# self-contained page). `nl.read_result` reads a saved table back; a `.parquet` file also keeps the
+# summary line (FVE, which baseline, failed parses) in `attrs`, so the rows can be trusted later.
 
 # %%
 table = explained.to_pandas()
@@ -81,6 +82,8 @@ outdir = tempfile.TemporaryDirectory(prefix="nla_lens_tutorial_")
 page = explained.save(Path(outdir.name) / "explained.html")
 rows = explained.save(Path(outdir.name) / "explained.parquet")
 print(f"wrote {page.name} ({page.stat().st_size} bytes) and {rows.name}")
+saved = nl.read_result(rows)
+print(saved.attrs["summary"])
 
 # %% [markdown]
 # ## The pieces underneath: capture, then round-trip
@@ -113,6 +116,7 @@ _, cache = base.run_with_cache(tokens, names_filter=explained.hook_name)
 assert torch.equal(explained.vectors, cache[explained.hook_name][0, bos:].float().to(explained.vectors.device))
 assert [r.token for r in explained.rows] == [base.tokenizer.decode([t]) for t in tokens[0, bos:].tolist()]
 assert len(table) == tokens.shape[1] - bos and table["fve"].notna().all()
+assert saved.equals(table) and saved.attrs["summary"] == explained.summary()
 fves = torch.tensor([r.fve for r in explained.rows])
 assert abs(float(fves.mean()) - explained.round_trip.fve) < 1e-5
 assert [row.position for row in last.rows] == [batch.shape[1] - 1] * len(prompts)  # left padding: last column
