@@ -39,7 +39,8 @@ def test_round_trip_scores_parsed_rows_and_counts_failed_parses(av_karvonen, ar_
     assert len(rt.warnings) == 1 and "pass baseline=" in rt.warnings[0].lower()
     # The printed table marks the failed parse and shows its raw completion; a blank reads as an empty explanation.
     row = next(line for line in repr(rt).splitlines() if line.split()[0] == "1")
-    assert "(no <explanation> tags) no tags here" in row and row.split()[-2:] == ["False", "2.000"]
+    # Its MSE reads as the miss it was scored as, not a reconstruction that bad
+    assert "(no <explanation> tags) no tags here" in row and row.split()[-3:] == ["False", "miss", "(2.000)"]
 
 
 def _fake_verbalize(av, monkeypatch, text="<explanation>the cat</explanation>"):
