@@ -702,13 +702,7 @@ def test_feature_card_explains_the_residual_at_each_context(toy, tmp_path):
     card = nl.feature_card(sae, toy.base, TOY_TEXTS, 9, toy.av, k=4, skip_first=8, explain_contexts=True,
                            max_new_tokens=48, progress=False)
     # Independent reference: the residuals at the card's positions from a plain run_with_cache, verbalized.
-    hook = f"blocks.{layer}.hook_resid_post"
-    residuals = []
-    for c in card.contexts:
-        _, cache = toy.base.run_with_cache(torch.tensor([toy.base.tokenizer(TOY_TEXTS[c.text])["input_ids"]]),
-                                           names_filter=hook)
-        residuals.append(cache[hook][0, c.position])
-    expected = [v.explanation for v in toy.av.verbalize(torch.stack(residuals), max_new_tokens=48)]
+    expected = [v.explanation for v in toy.av.verbalize(_context_residuals(toy, card), max_new_tokens=48)]
     assert len(card.contexts) == 4 and [c.explanation for c in card.contexts] == expected
     assert all(e is not None and e.startswith("The token ") for e in expected)
     assert list(card.to_pandas()["context_explanation"]) == expected
@@ -720,6 +714,17 @@ def test_feature_card_explains_the_residual_at_each_context(toy, tmp_path):
     assert "NLA at the peak" in page and all(html.escape(e) in page for e in expected)
 
 
+def _context_residuals(toy, card) -> torch.Tensor:
+    """The residuals at a card's context positions, from a plain run_with_cache of each text alone."""
+    hook = f"blocks.{toy.av.meta.layer}.hook_resid_post"
+    residuals = []
+    for c in card.contexts:
+        _, cache = toy.base.run_with_cache(torch.tensor([toy.base.tokenizer(TOY_TEXTS[c.text])["input_ids"]]),
+                                           names_filter=hook)
+        residuals.append(cache[hook][0, c.position])
+    return torch.stack(residuals)
+
+
 @NEEDS_SAE_LENS
 def test_a_context_whose_explanation_failed_to_parse_keeps_its_raw_text_and_is_marked(toy, tmp_path):
     """A failed parse at a context's peak was a blank context_explanation cell: the rows held no parsed flag and no
@@ -728,13 +733,7 @@ def test_a_context_whose_explanation_failed_to_parse_keeps_its_raw_text_and_is_m
     sae = make_sae(128, 32, f"blocks.{layer}.hook_resid_post")
     card = nl.feature_card(sae, toy.base, TOY_TEXTS, 9, toy.av, k=3, skip_first=8, explain_contexts=True,
                            max_new_tokens=4, progress=False)  # too few tokens to close the tag
-    hook = f"blocks.{layer}.hook_resid_post"
-    residuals = []
-    for c in card.contexts:
-        _, cache = toy.base.run_with_cache(torch.tensor([toy.base.tokenizer(TOY_TEXTS[c.text])["input_ids"]]),
-                                           names_filter=hook)
-        residuals.append(cache[hook][0, c.position])
-    expected = toy.av.verbalize(torch.stack(residuals), max_new_tokens=4)
+    expected = toy.av.verbalize(_context_residuals(toy, card), max_new_tokens=4)
     assert len(card.contexts) == 3 and all(v.explanation is None and v.truncated and v.text for v in expected)
     said = [{"context_explanation": None, "context_explanation_parsed": False, "context_explanation_text": v.text,
              "context_explanation_truncated": True} for v in expected]
