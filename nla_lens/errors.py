@@ -26,8 +26,8 @@ class CheckpointError(NLAError):
 
 
 class PairMismatchError(NLAError):
-    """An AV and an AR that were not trained as one NLA (different d_model or layer), or a base model or layer
-    that the NLA does not read."""
+    """An AV and an AR that were not trained as one NLA (different d_model or layer) or that were passed AR first,
+    or a base model or layer that the NLA does not read."""
 
 
 class PromptTooLongError(NLAError):

@@ -755,17 +755,25 @@ def check_checkpoint_files(folder: Path, meta: NLAMeta, role: Literal["av", "ar"
         load_readout(folder, meta.d_model, dtype=torch.float32, device="cpu")
 
 
-def load_readout(folder: Path, d_model: int, *, dtype: torch.dtype, device: str | torch.device) -> nn.Linear:
-    """The AR's `Linear(d, d, bias=False)` readout from `value_head.safetensors` (`weight` [d, d])."""
+def readout_file(folder: Path) -> Path:
+    """The AR readout's file, `value_head.safetensors`; where it is missing, a CheckpointError saying what to do."""
     path = folder / VALUE_HEAD_FILE
     if not path.is_file():
         pickled = sorted(p.name for p in folder.glob("value_head.*") if p.suffix in (".bin", ".pt", ".pth"))
-        convert = "" if not pickled else (
+        # nanoNLA sidecars name no role: an AV folder given as an AR reaches this point.
+        convert = (f"; if it is an AV, load it with ActivationVerbalizer.from_pretrained, else copy in the "
+                   f"{VALUE_HEAD_FILE} released with the AR") if not pickled else (
             f". It holds {pickled[0]}, a pickle, which nla_lens never loads (unpickling can run code): convert it "
             "where you trust it, safetensors.torch.save_file({'weight': <its [d_model, d_model] tensor>.contiguous()}, "
             f"'{VALUE_HEAD_FILE}')")
         raise CheckpointError(f"{folder} has no {VALUE_HEAD_FILE}: an AR checkpoint carries its readout there (a "
                               f"`weight` of shape [d_model, d_model]){convert}")
+    return path
+
+
+def load_readout(folder: Path, d_model: int, *, dtype: torch.dtype, device: str | torch.device) -> nn.Linear:
+    """The AR's `Linear(d, d, bias=False)` readout from `value_head.safetensors` (`weight` [d, d])."""
+    path = readout_file(folder)
     tensors = dict(read_safetensors(path))
     weight = tensors.get("weight")
     if weight is not None and not weight.is_floating_point():

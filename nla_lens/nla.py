@@ -20,7 +20,7 @@ from transformers import PreTrainedTokenizerBase
 
 from nla_lens import loading, metrics
 from nla_lens.checks import check_counts, check_keywords
-from nla_lens.errors import CheckpointError, InputError, PairMismatchError
+from nla_lens.errors import CheckpointError, InputError, PairMismatchError, SidecarError
 from nla_lens.injection import check_vectors
 from nla_lens.parsing import injection_warning, unclosed_note
 from nla_lens.reconstructor import ActivationReconstructor
@@ -41,6 +41,23 @@ def check_pair(av_meta: NLAMeta, ar_meta: NLAMeta) -> None:
                 f"AV and AR disagree on {name} ({getattr(av_meta, name)} vs "
                 f"{getattr(ar_meta, name)}): load the AR trained with this AV"
             )
+
+
+def _check_roles(av_folder: Path, av_meta: NLAMeta, ar_folder: Path, ar_meta: NLAMeta) -> None:
+    """`NLA.from_pretrained(av_path, ar_path)` got the two the other way round, or two of one role: said in this
+    call's terms before any weight is read (each loader alone loaded the AV first, then said to call the other)."""
+    av_role, ar_role = loading.checkpoint_role(av_folder, av_meta), loading.checkpoint_role(ar_folder, ar_meta)
+    if av_role == "ar" and ar_role != "ar":
+        raise PairMismatchError(f"NLA.from_pretrained(av_path, ar_path) was given the AR first ({av_folder}) and the "
+                                f"AV second ({ar_folder}): swap them")
+    if av_role == "ar":
+        raise SidecarError(f"av_path {av_folder} is an AR checkpoint, not an AV, as is ar_path {ar_folder}: pass the "
+                           "AV trained with this AR as av_path")
+    if ar_role == "av":
+        raise SidecarError(f"ar_path {ar_folder} is an AV checkpoint, not an AR: pass the AR trained with this AV as "
+                           "ar_path")
+    if ar_role is None:  # no role in the sidecar (nanoNLA) and no readout: an AV, or an AR missing its readout
+        loading.readout_file(ar_folder)
 
 
 # Explanation-like text: words, digits, punctuation, casing. Its token strings map to the same ids in two
@@ -261,7 +278,9 @@ class NLA:
         `av_kwargs` (`injection`, `hook_point`, `trust_remote_code`) go to `ActivationVerbalizer.from_pretrained`.
         """
         av_folder, ar_folder = loading.resolve_checkpoint(av_path), loading.resolve_checkpoint(ar_path)
-        check_pair(load_meta(av_folder), load_meta(ar_folder))
+        av_meta, ar_meta = load_meta(av_folder), load_meta(ar_folder)
+        _check_roles(av_folder, av_meta, ar_folder, ar_meta)
+        check_pair(av_meta, ar_meta)
         trust = av_kwargs.get("trust_remote_code", False)
         check_vocabularies(loading.load_tokenizer(av_folder, trust_remote_code=trust),
                            loading.load_tokenizer(ar_folder, trust_remote_code=trust))

@@ -234,14 +234,16 @@ def _build(data: dict[str, Any], source: str, *, role: Literal["av", "ar"] | Non
         if template is not None and not isinstance(template, str):
             raise SidecarError(f"{source}: the {name} prompt template must be a string, got {template!r}")
     if av_template is not None and "{injection_char}" not in av_template:
-        raise SidecarError(f"{source}: the AV template has no '{{injection_char}}' placeholder")
+        raise SidecarError(f"{source}: the AV template has no '{{injection_char}}' placeholder, where the marker goes; "
+                           "restore the released template")
     if av_template is not None and av_template.count("{injection_char}") > 1:
         # Not tokenizer drift: the AV injects one vector per prompt, at one marker.
         raise SidecarError(f"{source}: the AV template holds the '{{injection_char}}' placeholder "
                            f"{av_template.count('{injection_char}')} times; the AV prompt takes one vector at one "
                            "marker, so the template must hold it exactly once. Restore the released template")
     if ar_template is not None and "{explanation}" not in ar_template:
-        raise SidecarError(f"{source}: the AR template has no '{{explanation}}' placeholder")
+        raise SidecarError(f"{source}: the AR template has no '{{explanation}}' placeholder, where the explanation "
+                           "goes; restore the released template")
     if layer is None:
         keys = ("extraction.layer_index" if data["kind"] == "nla_dataset" else "extraction_layer_index (or "
                 "critic.extraction_layer_index, extraction.layer_index, ar.num_hidden_layers = K + 1)")
@@ -404,7 +406,8 @@ def tokenization_record(tokenizer: Any) -> dict[str, Any]:
 
 
 def check_tokenizer(meta: NLAMeta, tokenizer: Any, role: Literal["av", "ar"] | None = None) -> None:
-    """Check the sidecar's token facts against the live tokenizer; raise on any drift. Loading an AR
+    """Check the sidecar's token facts against the live tokenizer; raise `TokenizerDriftError` on any drift (a
+    `SidecarError` where the AV template itself holds a second marker). Loading an AR
     (`role="ar"`) skips the AV's chat prompt, which an AR's tokenizer need not be able to build."""
     marker_ids = tokenizer.encode(meta.injection_char, add_special_tokens=False)
     if len(marker_ids) != 1:
@@ -423,14 +426,23 @@ def check_tokenizer(meta: NLAMeta, tokenizer: Any, role: Literal["av", "ar"] | N
     if meta.av_template is not None and role != "ar":
         import torch
 
-        ids = torch.tensor([av_prompt_ids(meta, tokenizer)])
+        ids = av_prompt_ids(meta, tokenizer)
         try:
-            find_marker_sites(ids, meta.injection_token_id, meta.injection_left_neighbor_id,
+            find_marker_sites(torch.tensor([ids]), meta.injection_token_id, meta.injection_left_neighbor_id,
                               meta.injection_right_neighbor_id, expected=1)
         except MarkerError as exc:
+            text = meta.av_template.replace("{injection_char}", "")
+            if meta.injection_token_id in tokenizer.encode(text, add_special_tokens=False):
+                # Two markers for one vector, whatever the tokenizer: the template's fault, not drift.
+                raise SidecarError(
+                    f"the AV template {meta.av_template!r} holds the marker {meta.injection_char!r} itself besides "
+                    "the '{injection_char}' placeholder, so its prompt would hold two markers for one vector; write "
+                    "the marker only as the placeholder (restore the released template)"
+                ) from exc
             raise TokenizerDriftError(
-                f"the canonical AV prompt does not hold exactly one neighbour-anchored marker "
-                f"({exc}); the tokenizer or chat template differs from training"
+                f"the canonical AV prompt {_marker_context(meta, tokenizer, ids)}: the tokenizer or its chat template "
+                "is not the one this NLA was trained with. Load the tokenizer saved with the checkpoint "
+                "(tokenizer.json, tokenizer_config.json, its chat template)"
             ) from exc
     recorded = meta.raw.get("tokenization")
     if isinstance(recorded, dict) and "bos_token_id" in recorded:
@@ -449,6 +461,18 @@ def check_tokenizer(meta: NLAMeta, tokenizer: Any, role: Literal["av", "ar"] | N
                 f"the AR prompt ends in ids {ids[-len(suffix):]}, the sidecar's critic_suffix_ids "
                 f"are {suffix}: the tokenizer differs from training. Load the checkpoint's tokenizer."
             )
+
+
+def _marker_context(meta: NLAMeta, tokenizer: Any, ids: list[int]) -> str:
+    """Where the AV prompt's marker sits, beside the neighbours the sidecar records: the ids that drifted."""
+    at = [i for i, token in enumerate(ids) if token == meta.injection_token_id]
+    if len(at) != 1:
+        return f"holds the marker id {meta.injection_token_id} {len(at)} times, where training put it once"
+    live = [ids[j] if 0 <= j < len(ids) else None for j in (at[0] - 1, at[0] + 1)]
+    shown = [f"{i} ({tokenizer.decode([i])!r})" if i is not None else "nothing" for i in live]
+    return (f"has the marker {meta.injection_token_id} between {shown[0]} and {shown[1]}, but the sidecar records "
+            f"{meta.injection_left_neighbor_id} and {meta.injection_right_neighbor_id} "
+            "(tokens.injection_left_neighbor_id, injection_right_neighbor_id)")
 
 
 def dump_meta(meta_dict: dict[str, Any], folder: str | Path) -> Path:

@@ -175,6 +175,30 @@ def test_nla_from_pretrained_refuses_another_family_before_reading_weights(tiny_
         nl.NLA.from_pretrained(tiny_paths["av_karvonen"], bos_paths["gemma_ar"])
 
 
+@pytest.mark.parametrize(("av", "ar", "error", "match"), [
+    ("ar_nanonla", "av_karvonen", nl.PairMismatchError, "given the AR first .* and the AV second .*: swap them"),
+    ("ar_paper", "av_embedding", nl.PairMismatchError, "given the AR first .* and the AV second .*: swap them"),
+    ("av_karvonen", "av_embedding", nl.SidecarError, "ar_path .*av_embedding is an AV checkpoint, not an AR: pass "
+                                                     "the AR trained with this AV as ar_path"),
+    ("ar_paper", "ar_nanonla", nl.SidecarError, "av_path .*ar_paper is an AR checkpoint, not an AV, as is ar_path"),
+    ("av_karvonen", "av_karvonen", nl.CheckpointError, "av_karvonen has no value_head.safetensors.*if it is an AV"),
+], ids=["swapped_nanonla", "swapped_paper", "two_avs", "two_ars", "two_nanonla_avs"])
+def test_nla_from_pretrained_names_swapped_or_same_role_folders_before_reading_weights(tiny_paths, monkeypatch, av,
+                                                                                        ar, error, match):
+    """Given the AR first, it loaded the AR's sidecar as an AV's and said to call ActivationReconstructor
+    .from_pretrained (NLA(ar, av) says to swap them); given two AVs, it read the first AV's weights first."""
+    monkeypatch.setattr(backends, "load_model", lambda *a, **k: pytest.fail("weights read"))
+    with pytest.raises(error, match=match):
+        nl.NLA.from_pretrained(tiny_paths[av], tiny_paths[ar])
+
+
+def test_an_av_folder_loaded_as_an_ar_says_to_load_it_as_an_av(tiny_paths):
+    """A nanoNLA sidecar names no role, so its AV folder got only "has no value_head.safetensors"."""
+    with pytest.raises(nl.CheckpointError, match="has no value_head.safetensors.*if it is an AV, load it with "
+                                                 "ActivationVerbalizer.from_pretrained"):
+        nl.ActivationReconstructor.from_pretrained(tiny_paths["av_karvonen"])
+
+
 def test_one_vocabulary_under_other_options_is_shared_and_another_familys_is_not():
     """Copies of one base agree whatever their splitting options or added tokens (a wrong refusal would have
     no way round it); tokenizers of other families do not."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 import shutil
 
 import pytest
@@ -116,8 +117,8 @@ def test_injection_scale_resolution():
     (lambda d: d["tokens"].update(critic_suffix_ids=5), "critic_suffix_ids must be a non-empty list"),
     (lambda d: d["tokens"].update(critic_suffix_ids=[]), "critic_suffix_ids must be a non-empty list"),
     (lambda d: d["prompt_templates"].update(ar=7), "AR prompt template must be a string, got 7"),
-    (lambda d: d["prompt_templates"].update(av="no placeholder"), "injection_char"),
-    (lambda d: d["prompt_templates"].update(ar="no placeholder"), "explanation"),
+    (lambda d: d["prompt_templates"].update(av="no placeholder"), "no '{injection_char}' placeholder.*restore the"),
+    (lambda d: d["prompt_templates"].update(ar="no placeholder"), "no '{explanation}' placeholder.*restore the"),
     (lambda d: d.update(injection={"method": "telepathy"}), "unknown injection method"),
     (lambda d: d.update(role=["av"]), "role must be one of"),  # a YAML list, not a TypeError
     (lambda d: d.update(injection={"method": ["karvonen"]}), "unknown injection method"),
@@ -228,8 +229,8 @@ def test_live_tokenizer_check_passes_for_matching_facts(tokenizer):
 
 @pytest.mark.parametrize("field, match", [
     ("injection_token_id", "encodes to"),
-    ("injection_left_neighbor_id", "neighbour-anchored"),
-    ("injection_right_neighbor_id", "neighbour-anchored"),
+    ("injection_left_neighbor_id", "but the sidecar records"),
+    ("injection_right_neighbor_id", "but the sidecar records"),
     ("critic_suffix_ids", "critic_suffix_ids"),
 ])
 def test_tokenizer_drift_is_detected(tokenizer, field, match):
@@ -241,13 +242,39 @@ def test_tokenizer_drift_is_detected(tokenizer, field, match):
         check_tokenizer(parse_meta(data), tokenizer)
 
 
-def test_duplicated_marker_in_the_av_template_is_drift(tokenizer):
+def test_the_marker_written_into_the_av_template_is_a_sidecar_error_not_drift(tokenizer):
+    """A template holding the marker char besides its placeholder was reported as tokenizer drift ('the tokenizer
+    or chat template differs from training'), though the tokenizer was the checkpoint's own."""
     data = dataset_dialect()
     data["tokens"] = token_facts(tokenizer)
     marker = data["tokens"]["injection_char"]
     data["prompt_templates"]["actor"] = AV_TEMPLATE + " and " + AV_TEMPLATE.replace("{injection_char}", marker)
-    with pytest.raises(nl.TokenizerDriftError, match="found 2"):
+    with pytest.raises(nl.SidecarError, match=f"holds the marker '{marker}' itself besides the '{{injection_char}}' "
+                                              "placeholder.*write the marker only as the placeholder"):
         check_tokenizer(parse_meta(data), tokenizer)
+
+
+def test_neighbour_drift_names_the_live_and_the_recorded_ids(tiny_paths, tmp_path):
+    """A tokenizer whose vocab moved the marker's left neighbour said "found 0 neighbour-anchored marker site(s)
+    ... but 1 vector(s) to inject. Build prompts with av.prompt_tokens(n)", advice for a call the user never made,
+    and named neither the id that moved nor the fix."""
+    import json
+
+    folder = shutil.copytree(tiny_paths["av_karvonen"], tmp_path / "av")
+    meta = load_meta(folder)
+    vocab_file = folder / "tokenizer.json"
+    data = json.loads(vocab_file.read_text(encoding="utf-8"))
+    vocab = data["model"]["vocab"]
+    left = next(token for token, i in vocab.items() if i == meta.injection_left_neighbor_id)
+    other = next(token for token, i in vocab.items() if i == meta.injection_left_neighbor_id + 1)
+    vocab[left], vocab[other] = vocab[other], vocab[left]  # an edited vocab: '>' now has another id
+    vocab_file.write_text(json.dumps(data), encoding="utf-8")
+    moved, right = meta.injection_left_neighbor_id + 1, meta.injection_right_neighbor_id
+    expected = (f"has the marker {meta.injection_token_id} between {moved} ('>') and {right} ('</'), but the sidecar "
+                f"records {meta.injection_left_neighbor_id} and {right}")
+    with pytest.raises(nl.TokenizerDriftError, match=re.escape(expected) + ".*Load the tokenizer saved with the "
+                                                                           "checkpoint"):
+        nl.ActivationVerbalizer.from_pretrained(folder)
 
 
 def test_a_twice_placed_marker_placeholder_is_a_sidecar_error_not_drift():
