@@ -409,6 +409,7 @@ def patching_study(
 
 
 _BEFORE_BLOCKS = ("embed", "pos_embed")  # hook_embed / hook_pos_embed: model-level, before block 0
+_ADDED_POSITIONS = ("standard", "shortformer")  # the positional_embedding_types that fire hook_pos_embed
 
 
 def _patch_hook_name(base_model: TLModel, activation_name: str, patch_layer: int) -> str:
@@ -429,6 +430,12 @@ def _patch_hook_name(base_model: TLModel, activation_name: str, patch_layer: int
                          f"be 0, got {patch_layer}")
     else:
         hook_name = f"hook_{activation_name}"
+    positions = base_model.cfg.positional_embedding_type
+    if activation_name == "pos_embed" and positions not in _ADDED_POSITIONS:
+        # A rotary model on the bridge still lists hook_pos_embed (its alias of the rotary module), which never fires.
+        raise InputError(f"activation_name='pos_embed': this model has no position embedding to patch (its positions "
+                         f"are {positions!r}, applied inside attention); patch activation_name='embed' or "
+                         "'resid_pre' at patch_layer=0 instead")
     if hook_name not in base_model.hook_dict:
         raise InputError(f"activation_name={activation_name!r} at patch_layer={patch_layer} names {hook_name!r}, which "
                          "is not a hook point of this model; pass the short name transformer_lens.utils.get_act_name "

@@ -15,9 +15,9 @@ if TYPE_CHECKING:
 PROMPTS = ["The cat sat on the mat.", "A dog ran", "the sea and the mat", "Words about the weather and the sea."]
 
 
-def load_base(folder: Path) -> TLModel:
+def load_base(folder: Path, dtype: torch.dtype = torch.float32) -> TLModel:
     """The tiny base model (the tiny AV folder holds a full copy of it), unprocessed, on the default backend."""
-    return backends.load_model(folder, loading.load_tokenizer(folder), dtype=torch.float32, device="cpu")
+    return backends.load_model(folder, loading.load_tokenizer(folder), dtype=dtype, device="cpu")
 
 
 def padded(base: TLModel, side: str, prompts: list[str] = PROMPTS) -> tuple[torch.Tensor, torch.Tensor]:

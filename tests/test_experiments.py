@@ -202,6 +202,19 @@ def test_patching_the_embedding_of_the_one_differing_token_gives_the_clean_run(b
     assert no_hooks_left(base)
 
 
+def test_patching_pos_embed_of_a_rotary_model_says_it_has_none_and_what_to_patch(base, av_karvonen):
+    """The bridge lists hook_pos_embed on the rotary tiny base (an alias of the rotary module, which never fires):
+    "pos_embed" was told to call set_use_attn_result(True), which changes nothing; on HookedTransformer it was
+    'not a hook point'. Both now say the model has no position embedding and name what to patch instead."""
+    assert base.cfg.positional_embedding_type == "rotary"
+    clean_tokens, corrupted_tokens = (t[:1] for t in equal_length_pair(base))
+    with pytest.raises(nl.InputError, match=r"no position embedding .*'rotary'.*activation_name='embed'") as refused:
+        nl.patching_study(base, av_karvonen, clean_tokens, corrupted_tokens, patch_layer=0, patch_position=1,
+                          activation_name="pos_embed", **FAST)
+    assert "set_use" not in str(refused.value)
+    assert no_hooks_left(base)
+
+
 def hf_patching(folder, clean_tokens, corrupted_tokens, position):
     """Plain HF: decoder layer 0's output (TL's blocks.1.hook_resid_pre) at `position` copied from the clean
     run into the corrupted one, every token attended; hidden states of layer K at the last column."""

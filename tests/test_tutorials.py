@@ -133,8 +133,11 @@ def test_tutorial_04_real_cell_scans_the_first_token_unless_it_is_a_bos(family, 
     assert len(namespace["token_ids"]) == namespace["stats"].n == namespace["card"].n_positions == scanned
 
 
-def test_experiments_doc_snippets_run_on_the_tiny_nla(tiny_paths, av_karvonen, ar_nanonla, monkeypatch):
-    """README's "Use it in your experiments": every python block but the first (real checkpoints)."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_experiments_doc_snippets_run_on_the_tiny_nla(tiny_paths, av_karvonen, ar_nanonla, monkeypatch, dtype):
+    """README's "Use it in your experiments": every python block but the first (real checkpoints), with the base in
+    float32 and in bfloat16, as the first block loads it. The steering vector was float32 whatever the model's
+    dtype: on the bridge its hook handed a bfloat16 model a float32 residual, which HF's next layer refused."""
     # The doc's 150-token default explanations, cut short: the tiny AV only babbles.
     monkeypatch.setattr(av_karvonen, "verbalize", functools.partial(av_karvonen.verbalize, max_new_tokens=8,
                                                                     progress=False))
@@ -142,7 +145,7 @@ def test_experiments_doc_snippets_run_on_the_tiny_nla(tiny_paths, av_karvonen, a
     doc = readme.split("## Use it in your experiments")[1].split("\n## ")[0]
     blocks = [block.split("```")[0] for block in doc.split("```python\n")[1:]]
     assert "from_pretrained" in blocks[0] and len(blocks) == 5
-    base = load_base(tiny_paths["av_karvonen"])
+    base = load_base(tiny_paths["av_karvonen"], dtype)
     namespace = {"torch": torch, "nl": nl, "av": av_karvonen, "nla": nl.NLA(av_karvonen, ar_nanonla),
                  "base": base, "K": av_karvonen.meta.layer}
     for block in blocks[1:]:
