@@ -456,6 +456,8 @@ class FastDecoder:
 
 def _rms(x: Tensor, w: Tensor, eps: float) -> Tensor:
     """TL's `RMSNorm` op for op (x / sqrt(mean(x^2) + eps), then * w; statistics in fp32 at least), so
-    fp32 activations match TL's to the bit (torch's fused `rms_norm` multiplies by rsqrt: another rounding)."""
+    fp32 activations match TL's to the bit (torch's fused `rms_norm` multiplies by rsqrt: another rounding). The
+    result is cast to the weights' dtype (TL's cfg.dtype), as TL's is: a hook that widened the residual (a float32
+    steering vector added to a bf16 one) leaves the matmuls after it in the model's dtype."""
     wide = x if x.dtype in (torch.float32, torch.float64) else x.float()
-    return (wide / (wide.pow(2).mean(-1, keepdim=True) + eps).sqrt()).to(x.dtype) * w
+    return (wide / (wide.pow(2).mean(-1, keepdim=True) + eps).sqrt()).to(w.dtype) * w

@@ -159,6 +159,21 @@ def test_editing_hook_gives_tl_and_hf_tokens(av_karvonen, tiny_paths, vectors, e
     assert fast != [o.tokens for o in av.verbalize(vectors, max_new_tokens=MAX_NEW, progress=False)]
 
 
+def test_a_float32_steer_of_a_bf16_residual_runs_on_as_under_tl_forward(tiny_paths, vectors):
+    """A float32 steering vector added to a bf16 residual returns a float32 residual. TL's forward runs on (its
+    RMSNorm casts its output to cfg.dtype); the fast decoder's norm kept the input's dtype and its next matmul
+    failed ("expected m1 and m2 to have the same dtype")."""
+    av = nl.ActivationVerbalizer.from_pretrained(tiny_paths["av_karvonen"], dtype=torch.bfloat16)
+    steer = _steer(av.meta.d_model)  # float32
+    with av.model.hooks(fwd_hooks=[("blocks.1.hook_resid_post", lambda r, hook: r + steer)]):
+        fast = [o.tokens for o in av.verbalize(vectors, max_new_tokens=MAX_NEW, progress=False)]
+        assert av.fallback_reason is None
+        with av.model.hooks(fwd_hooks=[(UNCOVERED, _no_op)]):
+            tl = [o.tokens for o in av.verbalize(vectors, max_new_tokens=MAX_NEW, progress=False)]
+            assert UNCOVERED in av.fallback_reason
+    assert fast == tl
+
+
 @pytest.mark.parametrize("edit", ["steer_resid_post", "ablate_head_z", "scale_mlp_post"])
 def test_editing_hook_in_the_ar_matches_tl_and_hf(ar_paper, tiny_paths, edit):
     ar = ar_paper
