@@ -16,7 +16,7 @@ import torch
 
 from nla_lens import backends, loading
 from nla_lens.checks import blocks_phrase
-from nla_lens.errors import CheckpointError, InputError
+from nla_lens.errors import CheckpointError, InputError, PairMismatchError
 from nla_lens.nla import NLA, shares_vocabulary
 from nla_lens.reconstructor import ActivationReconstructor
 from nla_lens.sidecar import NLAMeta
@@ -40,11 +40,11 @@ def load_base(source: NLA | ActivationVerbalizer | ActivationReconstructor | NLA
     if meta is not None:
         d_model, n_layers = getattr(config, "hidden_size", None), getattr(config, "num_hidden_layers", None)
         if d_model is not None and d_model != meta.d_model:
-            raise InputError(f"{folder} has d_model={d_model} but the NLA reads {meta.d_model}-d vectors: "
-                             "it is not the base model this NLA was trained on")
+            raise PairMismatchError(f"{folder} has d_model={d_model} but the NLA reads {meta.d_model}-d vectors: "
+                                    "it is not the base model this NLA was trained on")
         if n_layers is not None and n_layers <= meta.layer:
-            raise InputError(f"{folder} has {n_layers} layers but the NLA reads layer {meta.layer}: it is not "
-                             "the base model this NLA was trained on")
+            raise PairMismatchError(f"{folder} has {n_layers} layers but the NLA reads layer {meta.layer}: it is "
+                                    "not the base model this NLA was trained on")
     return backends.load_model(folder, loading.load_tokenizer(folder), backend=backend, dtype=dtype, device=device)
 
 
@@ -52,7 +52,8 @@ def check_base_model(base: TLModel, nla_or_av: NLA | ActivationVerbalizer, layer
     """`base` can be the model the NLA reads: a TransformerLens model of the NLA's d_model (with a block
     `layer`, if given) whose tokenizer, if it has one, has the AV's vocabulary. The AV's own model runs
     too, but it is fine-tuned: a warning, as for an AV folder. The AR's model is refused, as an AR folder is:
-    its first K+1 blocks run, fine-tuned, and look plausible."""
+    its first K+1 blocks run, fine-tuned, and look plausible. Another width, depth or vocabulary is a
+    `PairMismatchError`, as from `load_base` and `--base`: a base the NLA does not read."""
     av = nla_or_av.av if isinstance(nla_or_av, NLA) else nla_or_av
     backends.backend_of(base)
     if isinstance(nla_or_av, NLA) and base is nla_or_av.ar.model:
@@ -60,17 +61,17 @@ def check_base_model(base: TLModel, nla_or_av: NLA | ActivationVerbalizer, layer
                          "blocks): its activations are not the ones the NLA was trained to read. Pass the base "
                          "model (nl.load_base(nla))")
     if base.cfg.d_model != av.meta.d_model:
-        raise InputError(f"the base model has d_model={base.cfg.d_model} but this NLA reads {av.meta.d_model}-d "
-                         "vectors; pass the base model the NLA was trained on (nl.load_base(nla) loads the one "
-                         "its sidecar names)")
+        raise PairMismatchError(f"the base model has d_model={base.cfg.d_model} but this NLA reads "
+                                f"{av.meta.d_model}-d vectors; pass the base model the NLA was trained on "
+                                "(nl.load_base(nla) loads the one its sidecar names)")
     if layer is not None and base.cfg.n_layers <= layer:
-        raise InputError(f"the base model has {blocks_phrase(base.cfg.n_layers)}, but this NLA reads layer {layer}; "
-                         "pass the base model the NLA was trained on")
+        raise PairMismatchError(f"the base model has {blocks_phrase(base.cfg.n_layers)}, but this NLA reads layer "
+                                f"{layer}; pass the base model the NLA was trained on")
     if base.tokenizer is not None and not shares_vocabulary(base.tokenizer, av.tokenizer):
-        raise InputError(f"the base model's tokenizer has another vocabulary than the NLA's "
-                         f"({len(base.tokenizer)} and {len(av.tokenizer)} tokens): it is another base, whose "
-                         "activations the NLA was not trained to read. Pass the base model the NLA was trained on "
-                         "(nl.load_base(nla) loads the one its sidecar names)")
+        raise PairMismatchError(f"the base model's tokenizer has another vocabulary than the NLA's "
+                                f"({len(base.tokenizer)} and {len(av.tokenizer)} tokens): it is another base, whose "
+                                "activations the NLA was not trained to read. Pass the base model the NLA was "
+                                "trained on (nl.load_base(nla) loads the one its sidecar names)")
     if base is av.model:
         warnings.warn("the base model given is the AV's own model, a fine-tuned copy: its activations are not the "
                       "ones the NLA was trained to read. Pass the base model (nl.load_base(nla))", stacklevel=3)

@@ -33,7 +33,7 @@ def _add_inspect(subparsers: argparse._SubParsersAction) -> None:
 
 def _run_inspect(args: argparse.Namespace) -> None:
     from nla_lens import loading
-    from nla_lens.sidecar import check_role_template, check_tokenizer, load_meta
+    from nla_lens.sidecar import SIDECAR_NAME, check_role_template, check_tokenizer, load_meta
     from nla_lens.training.extraction import SHARD_DIR
 
     folder = loading.resolve_checkpoint(args.checkpoint)
@@ -52,7 +52,7 @@ def _run_inspect(args: argparse.Namespace) -> None:
         print(f"{name:28s} {meta.raw.get(name)!r}")
     check_role_template(meta, role, folder)
     tokenizer = loading.load_tokenizer(folder)
-    check_tokenizer(meta, tokenizer, role=role)  # as from_pretrained checks this role
+    check_tokenizer(meta, tokenizer, role=role, source=str(folder / SIDECAR_NAME))  # as from_pretrained checks it
     print(f"{'tokenizer check':28s} ok")
     loading.check_config(folder, meta, tokenizer)
     print(f"{'config.json check':28s} ok")

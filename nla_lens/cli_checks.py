@@ -1,5 +1,5 @@
-"""Checks of `nla-lens` arguments that read only small files (sidecars, configs), run before any model
-is loaded. Their messages name the command-line flag to change; the library's own checks
+"""Checks of `nla-lens` arguments that read only small files (sidecars, configs, tokenizers), run before any
+model is loaded. Their messages name the command-line flag to change; the library's own checks
 (`nla_lens.checks`) name the Python argument.
 """
 
@@ -12,6 +12,7 @@ from typing import Literal
 from nla_lens import loading
 from nla_lens.checks import blocks_phrase
 from nla_lens.errors import InputError, PairMismatchError, SidecarError
+from nla_lens.nla import shares_vocabulary
 from nla_lens.sidecar import NLAMeta, load_meta
 
 _ROLE_NAMES = {"av": "AV (activation verbalizer)", "ar": "AR (activation reconstructor)"}
@@ -37,18 +38,28 @@ def nla_checkpoint(path_or_id: str | Path, role: Literal["av", "ar"]) -> tuple[P
     return folder, meta
 
 
-def base_for(path_or_id: str | Path, av_meta: NLAMeta, layer: int) -> Path:
-    """The `--base` folder for capturing layer `layer`, checked against the AV before either is loaded.
+def base_for(path_or_id: str | Path, av_folder: Path, av_meta: NLAMeta, layer: int) -> Path:
+    """The `--base` folder for capturing layer `layer`, checked against the AV in `av_folder` before either
+    model is loaded.
 
-    An AR can never serve (it is truncated); an AV folder or a layer other than the sidecar's runs,
-    with a warning, since explaining them is possible but off the distribution the AV was trained on.
+    An AR can never serve (it is truncated), nor a base of another width or vocabulary; an AV folder or a
+    layer other than the sidecar's runs, with a warning, since explaining them is possible but off the
+    distribution the AV was trained on.
     """
     folder = loading.resolve_checkpoint(path_or_id)
     loading.check_base_folder(folder, f"--base {path_or_id}", av_meta.base_model)
+    # The library's own checks say nl.load_base(nla); a shell user gives --base or leaves it out.
+    pass_base = "give --base the base model this NLA was trained on" + (
+        f", or leave --base out to use the one its sidecar names ({av_meta.base_model})" if av_meta.base_model else "")
     config = loading.load_hf_config(folder).get_text_config()  # multimodal wrappers keep it in text_config
     if config.hidden_size != av_meta.d_model:
         raise PairMismatchError(f"--base {path_or_id} has d_model {config.hidden_size}, the AV reads vectors of "
-                                f"{av_meta.d_model}: pass the base model this NLA was trained on")
+                                f"{av_meta.d_model}: {pass_base}")
+    base_tokenizer, av_tokenizer = loading.load_tokenizer(folder), loading.load_tokenizer(av_folder)
+    if not shares_vocabulary(base_tokenizer, av_tokenizer):
+        raise PairMismatchError(f"--base {path_or_id} has a tokenizer of another vocabulary than the AV's "
+                                f"({len(base_tokenizer)} and {len(av_tokenizer)} tokens): it is another base, whose "
+                                f"activations the NLA was not trained to read; {pass_base}")
     if not 0 <= layer < config.num_hidden_layers:
         raise InputError(f"--layer {layer} is outside the base model's {blocks_phrase(config.num_hidden_layers)}; "
                          f"the AV reads layer {av_meta.layer}")

@@ -190,7 +190,7 @@ def _job_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 def _run_verbalize(args: argparse.Namespace) -> None:
     sampling = _sampling(args)
     resolve_device(args.device)
-    _, meta = nla_checkpoint(args.av, "av")
+    av_folder, meta = nla_checkpoint(args.av, "av")
     if args.text is None and (args.base is not None or args.layer is not None):
         raise InputError("--base and --layer apply to --text (the activations to capture); an --input file "
                          "already holds its vectors: leave them out")
@@ -214,7 +214,7 @@ def _run_verbalize(args: argparse.Namespace) -> None:
         layer = meta.layer if args.layer is None else args.layer
         from nla_lens.base_model import sidecar_base_folder
 
-        base = base_for(sidecar_base_folder(meta) if args.base is None else args.base, meta, layer)
+        base = base_for(sidecar_base_folder(meta) if args.base is None else args.base, av_folder, meta, layer)
         table = capture_text(str(base), layer, args.text, args.device, args.dtype)
         if table.columns.column("position")[0].as_py() > 0:
             print("position 0, the BOS the tokenizer puts first, is not explained (as in explain)", file=sys.stderr)
@@ -425,9 +425,9 @@ def load_nla_and_base(args: argparse.Namespace, device: torch.device) -> tuple[N
     from nla_lens.base_model import load_base
     from nla_lens.nla import NLA
 
-    _, av_meta = nla_checkpoint(args.av, "av")
+    av_folder, av_meta = nla_checkpoint(args.av, "av")
     nla_checkpoint(args.ar, "ar")
-    base_folder = None if args.base is None else base_for(args.base, av_meta, av_meta.layer)  # checked, warned once
+    base_folder = None if args.base is None else base_for(args.base, av_folder, av_meta, av_meta.layer)  # warned once
     nla = NLA.from_pretrained(args.av, args.ar, device=device, dtype=args.dtype)
     if base_folder is None:
         return nla, load_base(nla, device=device, dtype=args.dtype)

@@ -18,7 +18,7 @@ import os
 import re
 import struct
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, BinaryIO, Literal
@@ -601,10 +601,7 @@ def _stream_weights(folder: Path, targets: dict[str, Tensor], cfg: HookedTransfo
                 continue
             target = targets[tl_name]
             if tuple(target.shape) != info.shape:
-                raise CheckpointError(
-                    f"{name} has shape {info.shape}, which does not fit {tl_name} (HF shape "
-                    f"{tuple(target.shape)}): config.json and the weights disagree"
-                )
+                raise misshapen_weight(folder, name, info.shape, target.shape)
             _read_into(f, info, target, file, buffer)
             written.add(tl_name)
     return written
@@ -630,6 +627,14 @@ def missing_weights(folder: Path, missing: list[str]) -> CheckpointError:
     return CheckpointError(f"{folder} lacks weights for {missing[:6]} ({len(missing)} in all): its weight files are "
                            "incomplete (an interrupted download, a shard left out) or belong to another model than "
                            "config.json describes; download the checkpoint again")
+
+
+def misshapen_weight(folder: Path, name: str, found: Sequence[int], wanted: Sequence[int]) -> CheckpointError:
+    """The error for a checkpoint tensor whose shape is not the one its folder's config.json gives it: one of the
+    two was replaced (a config.json copied from another checkpoint, weights of another size)."""
+    return CheckpointError(f"{name} in {folder} has shape {tuple(found)}, but its config.json makes it "
+                           f"{tuple(wanted)}: config.json and the weights disagree, so one of them belongs to another "
+                           "model. Restore the config.json saved with these weights, or download the checkpoint again")
 
 
 def _meta_hooked_transformer(cfg: HookedTransformerConfig,

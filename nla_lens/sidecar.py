@@ -244,6 +244,11 @@ def _build(data: dict[str, Any], source: str, *, role: Literal["av", "ar"] | Non
     if ar_template is not None and "{explanation}" not in ar_template:
         raise SidecarError(f"{source}: the AR template has no '{{explanation}}' placeholder, where the explanation "
                            "goes; restore the released template")
+    if ar_template is not None and ar_template.count("{explanation}") > 1:
+        # ar_prompt would fill every copy, and the critic suffix is read after the first: neither is how ARs train.
+        raise SidecarError(f"{source}: the AR template holds the '{{explanation}}' placeholder "
+                           f"{ar_template.count('{explanation}')} times; the AR reads each explanation once, so the "
+                           "template must hold it exactly once. Restore the released template")
     if layer is None:
         keys = ("extraction.layer_index" if data["kind"] == "nla_dataset" else "extraction_layer_index (or "
                 "critic.extraction_layer_index, extraction.layer_index, ar.num_hidden_layers = K + 1)")
@@ -405,10 +410,12 @@ def tokenization_record(tokenizer: Any) -> dict[str, Any]:
             "bos_token_id": bos if bos is not None and first == [bos] else None}
 
 
-def check_tokenizer(meta: NLAMeta, tokenizer: Any, role: Literal["av", "ar"] | None = None) -> None:
+def check_tokenizer(meta: NLAMeta, tokenizer: Any, role: Literal["av", "ar"] | None = None, *,
+                    source: str = "sidecar") -> None:
     """Check the sidecar's token facts against the live tokenizer; raise `TokenizerDriftError` on any drift (a
-    `SidecarError` where the AV template itself holds a second marker). Loading an AR
-    (`role="ar"`) skips the AV's chat prompt, which an AR's tokenizer need not be able to build."""
+    `SidecarError` naming `source`, the sidecar's path where the caller knows it, where the AV template itself
+    holds a second marker). Loading an AR (`role="ar"`) skips the AV's chat prompt, which an AR's tokenizer need
+    not be able to build."""
     marker_ids = tokenizer.encode(meta.injection_char, add_special_tokens=False)
     if len(marker_ids) != 1:
         raise TokenizerDriftError(
@@ -435,9 +442,9 @@ def check_tokenizer(meta: NLAMeta, tokenizer: Any, role: Literal["av", "ar"] | N
             if meta.injection_token_id in tokenizer.encode(text, add_special_tokens=False):
                 # Two markers for one vector, whatever the tokenizer: the template's fault, not drift.
                 raise SidecarError(
-                    f"the AV template {meta.av_template!r} holds the marker {meta.injection_char!r} itself besides "
-                    "the '{injection_char}' placeholder, so its prompt would hold two markers for one vector; write "
-                    "the marker only as the placeholder (restore the released template)"
+                    f"{source}: the AV template {meta.av_template!r} holds the marker {meta.injection_char!r} itself "
+                    "besides the '{injection_char}' placeholder, so its prompt would hold two markers for one vector; "
+                    "write the marker only as the placeholder (restore the released template)"
                 ) from exc
             raise TokenizerDriftError(
                 f"the canonical AV prompt {_marker_context(meta, tokenizer, ids)}: the tokenizer or its chat template "

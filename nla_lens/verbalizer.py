@@ -25,6 +25,7 @@ from nla_lens.parsing import injection_warning, parse_explanation, unclosed_note
 from nla_lens.results import TabularResult
 from nla_lens.sidecar import (
     DEFAULT_HOOK_POINT,
+    SIDECAR_NAME,
     InjectionSpec,
     NLAMeta,
     av_prompt_ids,
@@ -183,7 +184,7 @@ class ActivationVerbalizer:
                 "additive injection, or add the injection_scale it was trained with to the sidecar"
             )
         tokenizer = loading.load_tokenizer(folder, trust_remote_code=trust_remote_code)
-        check_tokenizer(meta, tokenizer, role="av")
+        check_tokenizer(meta, tokenizer, role="av", source=str(folder / SIDECAR_NAME))
         loading.check_config(folder, meta, tokenizer, trust_remote_code=trust_remote_code)
         loading.check_hook_point(folder, spec.hook_point, backend=backends.resolve_name(backend),
                                  trust_remote_code=trust_remote_code)

@@ -6,6 +6,7 @@ expensive work fails the test; the command must exit 2 with the message and no t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -228,6 +229,32 @@ def test_checkpoints_given_to_the_wrong_flag(tiny_paths, vector_file, tmp_path, 
     _fails(["verbalize", "--av", av, "--base", ar, "--text", "the cat"], capsys, "--base", "is an AR checkpoint")
     _fails(["verbalize", "--av", av, "--base", av, "--text", "the cat", "--layer", "9"], capsys,
            "--layer 9 is outside the base model's 4 blocks")
+
+
+def test_a_base_of_another_width_is_a_pair_mismatch_from_the_cli_and_the_library(tiny_paths, no_model_loads,
+                                                                                 capsys):
+    """`--base` said PairMismatchError and `nl.load_base` InputError, for the same base of another width."""
+    av, ar, wider = tiny_paths["av_karvonen"], tiny_paths["ar_nanonla"], nl.toy.TOY_DIR / "base"
+    _fails(["explain", "--av", av, "--ar", ar, "--base", wider, "--text", "the cat"], capsys, "PairMismatchError",
+           f"--base {wider} has d_model 128")
+    meta = dataclasses.replace(nl.load_meta(av), base_model=str(wider))
+    with pytest.raises(nl.PairMismatchError, match="d_model=128 but the NLA reads 64-d vectors"):
+        nl.load_base(meta)
+
+
+def test_a_base_of_another_vocabulary_names_the_flag_before_any_model_loads(tiny_paths, bos_paths, tmp_path,
+                                                                           no_model_loads, capsys):
+    """`explain` loaded the NLA and the base, then said to call nl.load_base(nla), which a shell user cannot;
+    `verbalize --text` explained the other base's activations without a word."""
+    av, ar = tiny_paths["av_karvonen"], tiny_paths["ar_nanonla"]
+    base = shutil.copytree(bos_paths["gemma_av"], tmp_path / "gemma_base")  # the tiny NLA's width and depth
+    (base / "nla_meta.yaml").unlink()  # a base model folder has no sidecar
+    for command in (["explain", "--av", av, "--ar", ar], ["verbalize", "--av", av]):
+        err = _fails([*command, "--base", base, "--text", "the cat"], capsys, "PairMismatchError",
+                     f"--base {base} has a tokenizer of another vocabulary than the AV's",
+                     "give --base the base model this NLA was trained on, or leave --base out to use the one its "
+                     "sidecar names (tiny-qwen3)")
+        assert "nl.load_base" not in err
 
 
 def test_av_as_base_and_another_layer_warn(tiny_paths, capsys):

@@ -592,8 +592,8 @@ def _gemma_stand_in_base(bos_paths):
 @pytest.mark.parametrize("run", ["steer_then_verbalize", "patching_study", "explain", "steer_with_words", pytest.param(
     "feature_card", marks=pytest.mark.skipif(not HAS_SAE_LENS, reason="feature cards need sae-lens (TL 3.x)"))])
 @pytest.mark.parametrize(("other_base", "message"), [
-    # Every experiment names a width mismatch with one message (steer_with_words had its own, as a
-    # PairMismatchError).
+    # Every experiment names a width mismatch with one message (steer_with_words had its own), as a
+    # PairMismatchError: a base the NLA does not read, as `--base` and nl.load_base say (it was an InputError).
     (lambda paths: nl.toy.load().base, f"the base model has d_model=128 but this NLA reads {D_MODEL}-d vectors"),
     # A Gemma base of the tiny NLA's width and depth passed every check, and its activations were explained
     # as if they were the Qwen base's.
@@ -618,7 +618,7 @@ def test_a_base_model_the_nla_cannot_read_is_refused_before_it_runs(nla, bos_pat
         # The card scanned the other base and set its contexts beside the explanation of this base's feature.
         "feature_card": lambda: nl.feature_card(make_sae(D_MODEL, 8, NAME), other, ["The cat sat on the mat."], 0, nla),
     }
-    with pytest.raises(nl.InputError, match=message):
+    with pytest.raises(nl.PairMismatchError, match=message):
         calls[run]()
 
 

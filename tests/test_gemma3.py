@@ -254,10 +254,11 @@ def test_load_base_checks_a_multimodal_wrapper_against_the_nla(gemma_avs, bos_pa
     meta = gemma_avs["gemma_av_multimodal"].meta
     text = json.loads((folder / "config.json").read_text())["text_config"]
     wider = dataclasses.replace(meta, d_model=2 * meta.d_model, base_model=str(folder))
-    with pytest.raises(nl.InputError, match=f"d_model={text['hidden_size']} but the NLA reads {2 * meta.d_model}"):
+    with pytest.raises(nl.PairMismatchError,
+                       match=f"d_model={text['hidden_size']} but the NLA reads {2 * meta.d_model}"):
         nl.load_base(wider)
     deeper = dataclasses.replace(meta, layer=text["num_hidden_layers"], base_model=str(folder))
-    with pytest.raises(nl.InputError, match=f"has {text['num_hidden_layers']} layers"):
+    with pytest.raises(nl.PairMismatchError, match=f"has {text['num_hidden_layers']} layers"):
         nl.load_base(deeper)
     base = nl.load_base(dataclasses.replace(meta, base_model=str(folder)))
     assert base.cfg.d_model == meta.d_model

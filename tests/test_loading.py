@@ -94,6 +94,24 @@ def test_an_av_whose_config_json_has_fewer_blocks_than_its_weights_is_refused(ti
         nl.ActivationVerbalizer.from_pretrained(folder)
 
 
+@pytest.mark.parametrize("checkpoint", ["av_karvonen", "gemma_av_multimodal"])
+def test_weights_of_another_shape_than_config_json_name_the_folder_and_the_fix(tiny_paths, bos_paths, tmp_path,
+                                                                               checkpoint):
+    """It said only "config.json and the weights disagree": not which folder, nor what to restore. The Gemma-3
+    wrapper goes through its own streaming loader on the bridge backend."""
+    source = {**tiny_paths, **bos_paths}[checkpoint]
+    folder = shutil.copytree(source, tmp_path / "av")
+    config = json.loads((folder / "config.json").read_text())
+    sizes = config.get("text_config", config)  # a Gemma-3 wrapper keeps the sizes in text_config
+    sizes["intermediate_size"] += 8
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(nl.CheckpointError, match=rf"mlp.* in {re.escape(str(folder))} has shape .*, but its "
+                                                 r"config.json makes it .*config.json and the weights disagree.*"
+                                                 "Restore the config.json saved with these weights, or download the "
+                                                 "checkpoint again"):
+        nl.ActivationVerbalizer.from_pretrained(folder)
+
+
 def test_ar_loads_without_a_chat_template(tiny_paths, tmp_path):
     """The AR never builds the AV's chat prompt, so its tokenizer need not carry the template."""
     folder = shutil.copytree(tiny_paths["ar_nanonla"], tmp_path / "ar")

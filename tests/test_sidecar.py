@@ -254,6 +254,18 @@ def test_the_marker_written_into_the_av_template_is_a_sidecar_error_not_drift(to
         check_tokenizer(parse_meta(data), tokenizer)
 
 
+def test_the_marker_written_into_the_av_template_names_the_sidecar_file(tiny_paths, tmp_path):
+    """The error quoted the template but not the file that holds it."""
+    folder = shutil.copytree(tiny_paths["av_karvonen"], tmp_path / "av")
+    path = folder / "nla_meta.yaml"
+    meta = yaml.safe_load(path.read_text(encoding="utf-8"))
+    marker = meta["tokens"]["injection_char"]
+    meta["prompt_templates"]["actor"] += f" and <c>{marker}</c>"
+    path.write_text(yaml.safe_dump(meta, allow_unicode=True), encoding="utf-8")
+    with pytest.raises(nl.SidecarError, match=rf"^{re.escape(str(path))}: the AV template .* holds the marker"):
+        nl.ActivationVerbalizer.from_pretrained(folder)
+
+
 def test_neighbour_drift_names_the_live_and_the_recorded_ids(tiny_paths, tmp_path):
     """A tokenizer whose vocab moved the marker's left neighbour said "found 0 neighbour-anchored marker site(s)
     ... but 1 vector(s) to inject. Build prompts with av.prompt_tokens(n)", advice for a call the user never made,
@@ -282,6 +294,17 @@ def test_a_twice_placed_marker_placeholder_is_a_sidecar_error_not_drift():
     data["prompt_templates"]["actor"] = AV_TEMPLATE + " and " + AV_TEMPLATE
     with pytest.raises(nl.SidecarError, match="placeholder 2 times.*exactly once"):
         parse_meta(data)
+
+
+def test_a_twice_placed_explanation_placeholder_is_refused_naming_the_file(tmp_path):
+    """It loaded: the AR then read every explanation twice (`ar_prompt` fills each placeholder), a prompt it was
+    never trained on, and extraction took the critic suffix from between the two."""
+    data = dataset_dialect()
+    data["prompt_templates"]["critic"] = AR_TEMPLATE + " " + AR_TEMPLATE
+    (tmp_path / "nla_meta.yaml").write_text(yaml.safe_dump(data, allow_unicode=True), encoding="utf-8")
+    with pytest.raises(nl.SidecarError, match=rf"^{re.escape(str(tmp_path / 'nla_meta.yaml'))}: the AR template "
+                                              r"holds the '\{explanation\}' placeholder 2 times.*exactly once"):
+        load_meta(tmp_path)
 
 
 def test_tokenizer_without_chat_template_is_a_typed_error(tiny_paths, tmp_path):

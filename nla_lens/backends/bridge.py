@@ -97,11 +97,7 @@ def _check_report(report: dict, folder: Path, *, ignored: frozenset[str]) -> Non
     mismatched = [(name, tuple(found), tuple(wanted)) for name, found, wanted in report["mismatched_keys"]
                   if name not in ignored]
     if mismatched:
-        name, found, wanted = mismatched[0]
-        raise CheckpointError(
-            f"{name} has shape {found} in {folder}, which does not fit the model's {wanted}: "
-            "config.json and the weights disagree"
-        )
+        raise loading.misshapen_weight(folder, *mismatched[0])
     missing = sorted(set(report["missing_keys"]) - ignored)
     if missing:
         raise loading.missing_weights(folder, missing)

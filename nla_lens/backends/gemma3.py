@@ -147,8 +147,7 @@ def load_text_model(folder: Path, hf_config: Any, *, dtype: torch.dtype, device:
                 continue
             param = params[target]
             if tuple(param.shape) != info.shape:
-                raise CheckpointError(f"{name} has shape {info.shape}, the model wants {tuple(param.shape)}: "
-                                      "config.json and the weights disagree")
+                raise loading.misshapen_weight(folder, name, info.shape, param.shape)
             loading._read_into(f, info, param.data, file, buffer)
             written.add(target)
     if text.tie_word_embeddings:
