@@ -233,22 +233,19 @@ def _build(data: dict[str, Any], source: str, *, role: Literal["av", "ar"] | Non
     for name, template in (("AV", av_template), ("AR", ar_template)):
         if template is not None and not isinstance(template, str):
             raise SidecarError(f"{source}: the {name} prompt template must be a string, got {template!r}")
-    if av_template is not None and "{injection_char}" not in av_template:
-        raise SidecarError(f"{source}: the AV template has no '{{injection_char}}' placeholder, where the marker goes; "
-                           "restore the released template")
-    if av_template is not None and av_template.count("{injection_char}") > 1:
-        # Not tokenizer drift: the AV injects one vector per prompt, at one marker.
-        raise SidecarError(f"{source}: the AV template holds the '{{injection_char}}' placeholder "
-                           f"{av_template.count('{injection_char}')} times; the AV prompt takes one vector at one "
-                           "marker, so the template must hold it exactly once. Restore the released template")
-    if ar_template is not None and "{explanation}" not in ar_template:
-        raise SidecarError(f"{source}: the AR template has no '{{explanation}}' placeholder, where the explanation "
-                           "goes; restore the released template")
-    if ar_template is not None and ar_template.count("{explanation}") > 1:
-        # ar_prompt would fill every copy, and the critic suffix is read after the first: neither is how ARs train.
-        raise SidecarError(f"{source}: the AR template holds the '{{explanation}}' placeholder "
-                           f"{ar_template.count('{explanation}')} times; the AR reads each explanation once, so the "
-                           "template must hold it exactly once. Restore the released template")
+    # Each placeholder exactly once. Twice is not tokenizer drift: the AV injects one vector per prompt, at one
+    # marker; ar_prompt would fill every copy, and the critic suffix is read after the first (not how ARs train).
+    for name, template, placeholder, where, once in (
+            ("AV", av_template, "{injection_char}", "where the marker goes", "the AV prompt takes one vector at one "
+             "marker"),
+            ("AR", ar_template, "{explanation}", "where the explanation goes", "the AR reads each explanation once")):
+        count = 0 if template is None else template.count(placeholder)
+        if template is not None and count == 0:
+            raise SidecarError(f"{source}: the {name} template has no '{placeholder}' placeholder, {where}; restore "
+                               "the released template")
+        if count > 1:
+            raise SidecarError(f"{source}: the {name} template holds the '{placeholder}' placeholder {count} times; "
+                               f"{once}, so the template must hold it exactly once. Restore the released template")
     if layer is None:
         keys = ("extraction.layer_index" if data["kind"] == "nla_dataset" else "extraction_layer_index (or "
                 "critic.extraction_layer_index, extraction.layer_index, ar.num_hidden_layers = K + 1)")
