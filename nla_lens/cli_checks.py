@@ -38,26 +38,29 @@ def nla_checkpoint(path_or_id: str | Path, role: Literal["av", "ar"]) -> tuple[P
     return folder, meta
 
 
-def base_for(path_or_id: str | Path, av_folder: Path, av_meta: NLAMeta, layer: int) -> Path:
-    """The `--base` folder for capturing layer `layer`, checked against the AV in `av_folder` before either
-    model is loaded.
+def base_for(path_or_id: str | Path, av_folder: Path, av_meta: NLAMeta, layer: int, *,
+             from_sidecar: bool = False) -> Path:
+    """The `--base` folder (`from_sidecar`: the one the AV's sidecar names, --base left out) for capturing layer
+    `layer`, checked against the AV in `av_folder` before either model is loaded.
 
     An AR can never serve (it is truncated), nor a base of another width or vocabulary; an AV folder or a
     layer other than the sidecar's runs, with a warning, since explaining them is possible but off the
     distribution the AV was trained on.
     """
     folder = loading.resolve_checkpoint(path_or_id)
-    loading.check_base_folder(folder, f"--base {path_or_id}", av_meta.base_model)
+    base = f"the sidecar's base_model {path_or_id}" if from_sidecar else f"--base {path_or_id}"
+    loading.check_base_folder(folder, base, av_meta.base_model)
     # The library's own checks say nl.load_base(nla); a shell user gives --base or leaves it out.
     pass_base = "give --base the base model this NLA was trained on" + (
-        f", or leave --base out to use the one its sidecar names ({av_meta.base_model})" if av_meta.base_model else "")
+        f", or leave --base out to use the one its sidecar names ({av_meta.base_model})"
+        if av_meta.base_model and not from_sidecar else "")
     config = loading.load_hf_config(folder).get_text_config()  # multimodal wrappers keep it in text_config
     if config.hidden_size != av_meta.d_model:
-        raise PairMismatchError(f"--base {path_or_id} has d_model {config.hidden_size}, the AV reads vectors of "
+        raise PairMismatchError(f"{base} has d_model {config.hidden_size}, the AV reads vectors of "
                                 f"{av_meta.d_model}: {pass_base}")
     base_tokenizer, av_tokenizer = loading.load_tokenizer(folder), loading.load_tokenizer(av_folder)
     if not shares_vocabulary(base_tokenizer, av_tokenizer):
-        raise PairMismatchError(f"--base {path_or_id} has a tokenizer of another vocabulary than the AV's "
+        raise PairMismatchError(f"{base} has a tokenizer of another vocabulary than the AV's "
                                 f"({len(base_tokenizer)} and {len(av_tokenizer)} tokens): it is another base, whose "
                                 f"activations the NLA was not trained to read; {pass_base}")
     if not 0 <= layer < config.num_hidden_layers:

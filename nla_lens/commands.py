@@ -214,7 +214,8 @@ def _run_verbalize(args: argparse.Namespace) -> None:
         layer = meta.layer if args.layer is None else args.layer
         from nla_lens.base_model import sidecar_base_folder
 
-        base = base_for(sidecar_base_folder(meta) if args.base is None else args.base, av_folder, meta, layer)
+        base = base_for(sidecar_base_folder(meta) if args.base is None else args.base, av_folder, meta, layer,
+                        from_sidecar=args.base is None)
         table = capture_text(str(base), layer, args.text, args.device, args.dtype)
         if table.columns.column("position")[0].as_py() > 0:
             print("position 0, the BOS the tokenizer puts first, is not explained (as in explain)", file=sys.stderr)
