@@ -423,15 +423,14 @@ def load_nla_and_base(args: argparse.Namespace, device: torch.device) -> tuple[N
     """The `--av` / `--ar` pair and the base model (`--base`, else the sidecar's base_model), each folder checked
     for its role before anything loads."""
     from nla_lens import backends, loading
-    from nla_lens.base_model import load_base
+    from nla_lens.base_model import sidecar_base_folder
     from nla_lens.nla import NLA
 
     av_folder, av_meta = nla_checkpoint(args.av, "av")
     nla_checkpoint(args.ar, "ar")
-    base_folder = None if args.base is None else base_for(args.base, av_folder, av_meta, av_meta.layer)  # warned once
+    base_folder = base_for(sidecar_base_folder(av_meta) if args.base is None else args.base, av_folder, av_meta,
+                           av_meta.layer, from_sidecar=args.base is None)  # warned once
     nla = NLA.from_pretrained(args.av, args.ar, device=device, dtype=args.dtype)
-    if base_folder is None:
-        return nla, load_base(nla, device=device, dtype=args.dtype)
     return nla, backends.load_model(base_folder, loading.load_tokenizer(base_folder), dtype=args.dtype, device=device)
 
 

@@ -260,17 +260,18 @@ def test_a_base_of_another_vocabulary_names_the_flag_before_any_model_loads(tiny
 def test_a_sidecar_base_of_another_vocabulary_is_named_as_the_sidecars_not_as_base(tiny_paths, bos_paths, tmp_path,
                                                                                     no_model_loads, capsys):
     """With --base left out, verbalize --text named the sidecar's base_model `--base` and said to leave --base out,
-    which is what the user had done."""
+    which is what the user had done; explain loaded the NLA and the base first and said to call nl.load_base."""
     av = shutil.copytree(tiny_paths["av_karvonen"], tmp_path / "av")
     base = shutil.copytree(bos_paths["gemma_av"], tmp_path / "gemma_base")  # the tiny NLA's width and depth
     (base / "nla_meta.yaml").unlink()
     meta = yaml.safe_load((av / "nla_meta.yaml").read_text(encoding="utf-8"))
     meta["extraction"]["base_model"] = str(base)
     (av / "nla_meta.yaml").write_text(yaml.safe_dump(meta), encoding="utf-8")
-    err = _fails(["verbalize", "--av", av, "--text", "the cat"], capsys, "PairMismatchError",
-                 f"the sidecar's base_model {base} has a tokenizer of another vocabulary than the AV's",
-                 "give --base the base model this NLA was trained on")
-    assert "--base " + str(base) not in err and "leave --base out" not in err
+    for command in (["verbalize", "--av", av], ["explain", "--av", av, "--ar", tiny_paths["ar_nanonla"]]):
+        err = _fails([*command, "--text", "the cat"], capsys, "PairMismatchError",
+                     f"the sidecar's base_model {base} has a tokenizer of another vocabulary than the AV's",
+                     "give --base the base model this NLA was trained on")
+        assert "--base " + str(base) not in err and "leave --base out" not in err and "nl.load_base" not in err
 
 
 def test_av_as_base_and_another_layer_warn(tiny_paths, capsys):
