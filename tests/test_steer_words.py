@@ -223,6 +223,19 @@ def test_composes_with_other_hooks_in_one_run(base, nla):
     assert no_hooks_left(base)
 
 
+@pytest.mark.parametrize("as_given", [np.float32, torch.tensor], ids=["numpy_float32", "tensor_0d"])
+def test_alpha_from_a_numpy_or_torch_sweep_steers_as_its_float(base, nla, as_given):
+    """`for alpha in torch.linspace(0, 2, 5)` (or np.float32 values) was refused as "must be a finite number"."""
+    tokens, mask = padded(base, "left")
+    result = steer(nla, base, tokens, -1, mask, alpha=as_given(0.5), compare=False, continue_tokens=0)
+    assert type(result.alpha) is float and result.alpha == float(as_given(0.5))
+    as_float = base.run_with_hooks(tokens, attention_mask=mask, fwd_hooks=result.fwd_hooks(alpha=0.25))
+    swept = base.run_with_hooks(tokens, attention_mask=mask, fwd_hooks=result.fwd_hooks(alpha=as_given(0.25)))
+    assert torch.equal(swept, as_float)
+    with pytest.raises(nl.InputError, match=r"^alpha=\S*nan\)?: must be a finite number"):
+        result.fwd_hooks(alpha=as_given(float("nan")))
+
+
 def test_generation_under_the_hook_steers_the_prefill_only(base, nla):
     tokens = torch.tensor([base.tokenizer.encode("The cat sat on the mat.", add_special_tokens=False)])
     result = steer(nla, base, tokens, -1, alpha=2.0, compare=True, continue_tokens=3)
