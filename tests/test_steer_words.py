@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -187,6 +188,22 @@ def test_delta_and_target_are_means_of_unit_reconstructions(base, nla):
         assert torch.allclose(result.delta[i], (after - before).mean(0), atol=1e-6)
         assert torch.allclose(result.target[i], after.mean(0), atol=1e-6)
         assert result.explanations[i] == texts and result.edited[i] == [edit(t) for t in texts]
+
+
+@pytest.mark.parametrize("mode", ["add", "replace"])
+def test_an_edit_that_leaves_some_samples_unchanged_is_named_in_a_warning(base, nla, mode):
+    """With samples > 1 a str.replace edit often misses a sample that lacks the words: Delta was averaged over
+    fewer edits than asked, and replace mode's T mixed in the unedited reconstructions, without a word."""
+    tokens, mask = padded(base, "left")
+    swap = lambda text: text.replace("cat", "dog")  # noqa: E731
+    with pytest.warns(UserWarning, match=r"leaves 1 of the 2 explanations of site 0 \(row 0, column \d+\) unchanged, "
+                                         r"e\.g\. 'the sea is calm'"):
+        steer(nla, base, tokens[:1], -1, mask[:1], explanations=[["the cat sat", "the sea is calm"]], edit=swap,
+              mode=mode, compare=False, continue_tokens=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every sample edited: nothing to say
+        steer(nla, base, tokens[:1], -1, mask[:1], explanations=[["the cat sat", "a cat ran"]], edit=swap,
+              mode=mode, compare=False, continue_tokens=0)
 
 
 def test_explicit_edited_text_and_one_edit_per_site(base, nla):
