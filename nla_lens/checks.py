@@ -89,9 +89,10 @@ def check_counts(minimum: int, /, **values: int) -> None:
 
 
 def check_finite(**values: float) -> None:
-    """Each named value must be a finite real number (not a bool, NaN or inf), e.g. a steering scale."""
+    """Each named value must be a finite real number (not a bool, NaN or inf), e.g. a steering scale; NumPy's and
+    one-element tensors count, as in `check_sampling` (an alpha sweep over torch.linspace or np.float32 values)."""
     wrong = [f"{name}={value!r}" for name, value in values.items()
-             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)]
+             if not _is_real(value) or not math.isfinite(float(value))]
     if wrong:
         raise InputError(f"{', '.join(wrong)}: must be a finite number")
 

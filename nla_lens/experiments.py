@@ -306,7 +306,7 @@ def steer_then_verbalize(
         resolve_positions(steer_positions, torch.ones(tokens.shape[:2], dtype=torch.bool) if real is None
                           else real.bool(), name="steer_positions", use="steer")
     hook = (resid_post_name(steer_layer),
-            steering_hook(vector[0], scale, steer_positions, None if real is None else real.long()))
+            steering_hook(vector[0], float(scale), steer_positions, None if real is None else real.long()))
     with torch.no_grad():
         clean = _capture_run(base_model, layer, positions, tokens, attention_mask, [])
         steered = _capture_run(base_model, layer, positions, tokens, attention_mask, [hook])

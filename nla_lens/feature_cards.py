@@ -207,6 +207,9 @@ def feature_card(
     check_counts(0, before=before, after=after)
     check_skip_first(skip_first)
     feature = feature_id(feature)
+    if isinstance(feature, (Iterable, Tensor)) and not isinstance(feature, str):  # verbalize_sae_features takes lists
+        raise InputError(f"feature_card draws one feature's card, got features {feature!r:.60}: pass one id, or one "
+                         "card per feature: [nl.feature_card(sae, base, texts, f, nla) for f in features]")
     decoder_rows(sae, [feature])  # checks the id before the scan indexes with it
     per_text = []
     with torch.inference_mode():

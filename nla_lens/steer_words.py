@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import math
 import numbers
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -503,6 +504,15 @@ def _delta(nla: NLA, texts: list[list[str]], edited: list[list[str]], sites: lis
                 f"the edit leaves the explanation of site {i} (row {sites[i][0]}, column {sites[i][1]}) unchanged "
                 f"({before[0]!r}), so Delta = 0 and there is nothing to steer with; edit words that occur in it"
             )
+    for i, (before, after) in enumerate(zip(texts, edited, strict=True)):
+        same = [b for b, a in zip(before, after, strict=True) if b == a]
+        if same and len(same) < len(before):  # all unchanged is refused above (add) or the control (replace)
+            effect = ("Delta is their mean over all of them, so it follows the others alone" if mode == "add"
+                      else "T averages their own reconstructions in, pulling the patch towards what is there")
+            warnings.warn(f"the edit leaves {len(same)} of the {len(before)} explanations of site {i} (row "
+                          f"{sites[i][0]}, column {sites[i][1]}) unchanged, e.g. {same[0]!r}; {effect}. Edit words "
+                          "every sample holds (see result.explanations), or pass explanations= yourself",
+                          stacklevel=3)
     flat_before = [t for site in texts for t in site]
     flat_after = [t for site in edited for t in site]
     reconstructed = unit(nla.ar.reconstruct(flat_before + flat_after, batch_size=batch_size).float().cpu())

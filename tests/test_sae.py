@@ -125,6 +125,16 @@ def test_sae_helpers_name_arguments_of_the_wrong_kind_or_order(toy):
 
 
 @NEEDS_SAE_LENS
+@pytest.mark.parametrize("features", [[12], [12, 40], torch.tensor([12]), np.array([12])])
+def test_a_card_given_a_list_of_features_says_it_draws_one(toy, features):
+    """verbalize_sae_features takes a list, so a list is what the next call gets; it was "feature ids [[12]] are
+    not ints in 0..31", as if 12 were out of range."""
+    sae = make_sae(128, 32, f"blocks.{toy.av.meta.layer}.hook_resid_post")
+    with pytest.raises(nl.InputError, match=r"draws one feature's card.*for f in features\]$"):
+        nl.feature_card(sae, toy.base, TOY_TEXTS, features, toy.av)
+
+
+@NEEDS_SAE_LENS
 def test_a_base_without_a_tokenizer_gets_a_typed_error_before_any_scan(toy, monkeypatch):
     sae = make_sae(128, 32, f"blocks.{toy.av.meta.layer}.hook_resid_post")
     monkeypatch.setattr(toy.base, "tokenizer", None)  # e.g. a HookedTransformer built from a bare config
@@ -500,7 +510,7 @@ def test_ids_taken_from_a_tensor_one_by_one_are_ids(toy):
     assert type(card.feature) is int and card.feature == 7
     every = [a for text in TOY_TEXTS for a in _reference_activations(toy, sae, text, 7).tolist()]
     assert [c.activation for c in card.contexts] == pytest.approx(sorted(every, reverse=True)[:2], abs=1e-5)
-    for bad in (torch.tensor(True), torch.tensor(3.0), torch.tensor([3])):
+    for bad in (torch.tensor(True), torch.tensor(3.0)):
         with pytest.raises(nl.InputError, match="are not ints"):
             nl.feature_card(sae, toy.base, TOY_TEXTS, bad, toy.av, max_new_tokens=2, progress=False)
 

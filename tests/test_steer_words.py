@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -189,6 +190,22 @@ def test_delta_and_target_are_means_of_unit_reconstructions(base, nla):
         assert result.explanations[i] == texts and result.edited[i] == [edit(t) for t in texts]
 
 
+@pytest.mark.parametrize("mode", ["add", "replace"])
+def test_an_edit_that_leaves_some_samples_unchanged_is_named_in_a_warning(base, nla, mode):
+    """With samples > 1 a str.replace edit often misses a sample that lacks the words: Delta was averaged over
+    fewer edits than asked, and replace mode's T mixed in the unedited reconstructions, without a word."""
+    tokens, mask = padded(base, "left")
+    swap = lambda text: text.replace("cat", "dog")  # noqa: E731
+    with pytest.warns(UserWarning, match=r"leaves 1 of the 2 explanations of site 0 \(row 0, column \d+\) unchanged, "
+                                         r"e\.g\. 'the sea is calm'"):
+        steer(nla, base, tokens[:1], -1, mask[:1], explanations=[["the cat sat", "the sea is calm"]], edit=swap,
+              mode=mode, compare=False, continue_tokens=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every sample edited: nothing to say
+        steer(nla, base, tokens[:1], -1, mask[:1], explanations=[["the cat sat", "a cat ran"]], edit=swap,
+              mode=mode, compare=False, continue_tokens=0)
+
+
 def test_explicit_edited_text_and_one_edit_per_site(base, nla):
     tokens, mask = padded(base, "left")
     one = steer(nla, base, tokens[:1], -1, mask[:1], explanations=["the cat sat on the mat"],
@@ -221,6 +238,19 @@ def test_composes_with_other_hooks_in_one_run(base, nla):
         (NAME, hand_written(sites, result.delta, 0.25, "add"))])
     assert torch.allclose(swept, reference, rtol=0, atol=1e-5 * float(swept.abs().max()))
     assert no_hooks_left(base)
+
+
+@pytest.mark.parametrize("as_given", [np.float32, torch.tensor], ids=["numpy_float32", "tensor_0d"])
+def test_alpha_from_a_numpy_or_torch_sweep_steers_as_its_float(base, nla, as_given):
+    """`for alpha in torch.linspace(0, 2, 5)` (or np.float32 values) was refused as "must be a finite number"."""
+    tokens, mask = padded(base, "left")
+    result = steer(nla, base, tokens, -1, mask, alpha=as_given(0.5), compare=False, continue_tokens=0)
+    assert type(result.alpha) is float and result.alpha == float(as_given(0.5))
+    as_float = base.run_with_hooks(tokens, attention_mask=mask, fwd_hooks=result.fwd_hooks(alpha=0.25))
+    swept = base.run_with_hooks(tokens, attention_mask=mask, fwd_hooks=result.fwd_hooks(alpha=as_given(0.25)))
+    assert torch.equal(swept, as_float)
+    with pytest.raises(nl.InputError, match=r"^alpha=\S*nan\)?: must be a finite number"):
+        result.fwd_hooks(alpha=as_given(float("nan")))
 
 
 def test_generation_under_the_hook_steers_the_prefill_only(base, nla):
