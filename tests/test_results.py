@@ -302,6 +302,15 @@ def test_read_result_says_why_it_cannot_read_a_file(results, tmp_path):
         nl.read_result(tmp_path / "damaged.parquet")
 
 
+def test_read_result_of_saved_steering_vectors_says_fwd_hooks_from_reads_them(results, tmp_path):
+    """A .safetensors file was refused as "not a .safetensors file", without a word of what reads one."""
+    delta = results["word_steering"].save_vectors(tmp_path / "delta.safetensors")
+    with pytest.raises(nl.InputError, match=r"delta\.safetensors holds tensors, not a result's rows: "
+                                            r"nl\.WordSteering\.fwd_hooks_from\(path\) reads"):
+        nl.read_result(delta)
+    assert [name for name, _ in nl.WordSteering.fwd_hooks_from(delta)] == [results["word_steering"].hook_name]
+
+
 def test_repr_shows_carriage_returns_and_tabs_as_escapes():
     cells = [display.format_cell(text) for text in ("a\r\nb", "c\td", "e\rf")]
     assert cells == ["a\\r\\nb", "c\\td", "e\\rf"]  # a bare \r would make a terminal overwrite the row
