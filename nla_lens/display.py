@@ -42,13 +42,15 @@ _HUB_ID = re.compile(r"\w[\w.-]*/[\w.-]+")  # owner/name, as the HF hub spells a
 # Written as escapes: control characters, line and paragraph separators, and format characters (bidi controls,
 # which reorder the text drawn after them; zero-width spaces and marks, which draw nothing)
 _UNSEEN = ("Cc", "Zl", "Zp", "Cf")
-# A table's text column and the record key saying whether it parsed: a failed parse holds the raw completion (or None)
-_PARSE_FLAGS = {"explanation": "parsed", "clean": "clean_parsed", "steered": "steered_parsed",
-                "context_explanation": "context_explanation_parsed"}
-# A text column that is None on a failed parse, and the record keys of that parse's raw completion and truncated flag
-# (the steering tables' clean / steered hold the raw completion themselves, with no truncated flag beside them)
-_RAW_COLUMNS = {"explanation": ("text", "truncated"),
-                "context_explanation": ("context_explanation_text", "context_explanation_truncated")}
+# A table's text column and the record keys of its parse: the flag saying whether it parsed, the raw completion and
+# the truncated flag, where the column is None on a failed parse (the steering tables' clean / steered hold the raw
+# completion themselves, with no truncated flag: None). The first whose flag the row has: a feature card's rows name
+# their own explanation's keys after it, as they do a context's, since their `text` is the index of a context's text.
+_PARSE_KEYS = {"explanation": (("parsed", "text", "truncated"),
+                               ("explanation_parsed", "explanation_text", "explanation_truncated")),
+               "clean": (("clean_parsed", None, None),), "steered": (("steered_parsed", None, None),),
+               "context_explanation": (("context_explanation_parsed", "context_explanation_text",
+                                        "context_explanation_truncated"),)}
 # A table's score column and the record key saying whether its row parsed: a failed parse scores as a miss
 # (metrics.miss_mse, an orthogonal guess), a number that unmarked reads as a reconstruction that bad
 _SCORE_FLAGS = {"mse": "parsed", "fve": "parsed", "fve_clean": "clean_parsed", "fve_steered": "steered_parsed"}
@@ -328,13 +330,13 @@ def unparsed_cell(record: dict[str, Any], column: str) -> str | None:
     if score_flag is not None:
         score = record.get(column)
         return _missed(format_cell(score)) if record.get(score_flag) is False and score is not None else None
-    flag = _PARSE_FLAGS.get(column)
+    flag, raw_key, truncated_key = next((keys for keys in _PARSE_KEYS.get(column, ()) if keys[0] in record),
+                                        (None, None, None))
     if flag is None or record.get(flag) is not False:
         return None
     value = record.get(column)
-    if column not in _RAW_COLUMNS:
+    if raw_key is None:
         return unparsed_text(value or "", truncated=False)
-    raw_key, truncated_key = _RAW_COLUMNS[column]
     raw = value if value is not None else record.get(raw_key) or ""
     return unparsed_text(raw, record.get(truncated_key) is True)
 

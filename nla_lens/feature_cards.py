@@ -109,11 +109,14 @@ class FeatureCard(TabularResult):
     display_columns = ("text", "position", "token", "activation", "context")
     # The context_explanation_* columns are None without explain_contexts; with it, a failed parse's row has
     # context_explanation None, context_explanation_parsed False and the raw completion in context_explanation_text.
+    # The card's own explanation has the same three as explanation_*: `text` is the index of a context's text.
     schema = pa.schema({"feature": pa.int64(), "text": pa.int64(), "position": pa.int64(), "token": pa.string(),
                         "activation": pa.float64(), "context": pa.string(), "context_explanation": pa.string(),
                         "context_explanation_parsed": pa.bool_(), "context_explanation_text": pa.string(),
                         "context_explanation_truncated": pa.bool_(), "explanation": pa.string(),
-                        "cosine": pa.float64(), "offset": pa.bool_(), **OFFSET_COLUMNS})
+                        "explanation_parsed": pa.bool_(), "explanation_text": pa.string(),
+                        "explanation_truncated": pa.bool_(), "cosine": pa.float64(), "offset": pa.bool_(),
+                        **OFFSET_COLUMNS})
 
     @property
     def explanation(self) -> str | None:
@@ -125,9 +128,11 @@ class FeatureCard(TabularResult):
 
     def to_records(self) -> list[dict[str, Any]]:
         offset = {"offset": self.offset_stats is not None, **offset_columns(self.offset_stats)}
+        said = {"explanation": self.explanation, "explanation_parsed": self.explanation is not None,
+                "explanation_text": self.verbalization.text, "explanation_truncated": self.verbalization.truncated}
         return [{"feature": self.feature, "text": c.text, "position": c.position, "token": c.token,
-                 "activation": c.activation, "context": "".join(c.tokens), **self._said_at(c),
-                 "explanation": self.explanation, "cosine": self.cosine, **offset} for c in self.contexts]
+                 "activation": c.activation, "context": "".join(c.tokens), **self._said_at(c), **said,
+                 "cosine": self.cosine, **offset} for c in self.contexts]
 
     def _said_at(self, context: FeatureContext) -> dict[str, Any]:
         """The context_explanation columns of one row: what the AV said at its peak, None in each when not asked."""

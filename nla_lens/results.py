@@ -126,6 +126,9 @@ def read_result(path: str | Path) -> pd.DataFrame:
     if kind == ".html":
         raise InputError(f"{path} is a result's HTML view, which holds no table to read back; read_result reads the "
                          ".parquet or .jsonl file that save() wrote (save to .parquet to keep the summary too)")
+    if kind == ".safetensors":  # what WordSteering.save_vectors (and `nla-lens reconstruct --output`) writes
+        raise InputError(f"{path} holds tensors, not a result's rows: nl.WordSteering.fwd_hooks_from(path) reads the "
+                         "steering that save_vectors wrote; read_result reads the .parquet or .jsonl file save() wrote")
     if kind not in OUTPUT_SUFFIXES:
         raise InputError(f"{path}: read_result reads the .parquet or .jsonl file a result's save() or an nla-lens "
                          f"job wrote, not a {path.suffix or 'suffixless'} file")

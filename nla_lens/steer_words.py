@@ -271,7 +271,7 @@ def steer_with_words(
     `compare` stores next-token log-probs at the sites without and with steering; `continue_tokens`
     (0 for none) greedy tokens continue each row without and with it. `layer`, if given, must be K.
     """
-    _check_inputs(nla, base, tokens, layer, alpha, mode, continue_tokens)
+    _check_inputs(nla, base, tokens, layer, alpha, mode, compare, continue_tokens)
     samples, sampling = sampling_settings(explanations, samples, temperature, seed, max_new_tokens, batch_size)
     k = nla.ar.meta.layer
     real = real_tokens(base, attention_mask, tokens)
@@ -358,7 +358,7 @@ def describe_difference(nla_or_av: NLA | ActivationVerbalizer, a: Float[Tensor, 
 
 
 def _check_inputs(nla: NLA, base: TLModel, tokens: Tensor, layer: int | None, alpha: float, mode: str,
-                  continue_tokens: int) -> None:
+                  compare: bool, continue_tokens: int) -> None:
     if not isinstance(nla, NLA):
         raise InputError(f"steer_with_words needs an NLA (AV + AR), got {type(nla).__name__}")
     backends.backend_of(base)
@@ -375,6 +375,9 @@ def _check_inputs(nla: NLA, base: TLModel, tokens: Tensor, layer: int | None, al
     if mode not in ("add", "replace"):
         raise InputError(f"mode must be 'add' or 'replace', got {mode!r}")
     check_finite(alpha=alpha)
+    if not isinstance(compare, bool):  # compare="no" is truthy: it would run the comparison it meant to skip
+        raise InputError(f"compare must be True or False, got {compare!r}: compare=False skips the next-token "
+                         "comparison")
     if isinstance(continue_tokens, bool) or not isinstance(continue_tokens, int) or continue_tokens < 0:
         raise InputError(f"continue_tokens must be an int >= 0, got {continue_tokens!r}")
     if continue_tokens and base.tokenizer is None:  # checked before the AV and AR run, not after

@@ -302,6 +302,15 @@ def test_read_result_says_why_it_cannot_read_a_file(results, tmp_path):
         nl.read_result(tmp_path / "damaged.parquet")
 
 
+def test_read_result_of_saved_steering_vectors_says_fwd_hooks_from_reads_them(results, tmp_path):
+    """A .safetensors file was refused as "not a .safetensors file", without a word of what reads one."""
+    delta = results["word_steering"].save_vectors(tmp_path / "delta.safetensors")
+    with pytest.raises(nl.InputError, match=r"delta\.safetensors holds tensors, not a result's rows: "
+                                            r"nl\.WordSteering\.fwd_hooks_from\(path\) reads"):
+        nl.read_result(delta)
+    assert [name for name, _ in nl.WordSteering.fwd_hooks_from(delta)] == [results["word_steering"].hook_name]
+
+
 def test_repr_shows_carriage_returns_and_tabs_as_escapes():
     cells = [display.format_cell(text) for text in ("a\r\nb", "c\td", "e\rf")]
     assert cells == ["a\\r\\nb", "c\\td", "e\\rf"]  # a bare \r would make a terminal overwrite the row
@@ -579,6 +588,28 @@ def test_a_feature_cards_contexts_carry_what_the_av_wrote_at_their_peaks_to_the_
     for context in card.contexts:
         said = display.unparsed_text(context.explanation_text, context.explanation_truncated)
         assert f"<td><span class='nla-unparsed'>{html.escape(display.format_cell(said))}</span></td>" in view
+
+
+@pytest.mark.skipif(not HAS_SAE_LENS, reason="needs sae-lens")
+def test_a_feature_cards_own_failed_explanation_is_saved_as_failed_with_its_raw_text(results, tmp_path):
+    """A card's rows held its own explanation alone: None on a failed parse, which a table read back could not
+    tell from a card never asked, with no raw completion to look at (the summary alone said it failed)."""
+    card = results["feature_card"]
+    said = card.verbalization
+    assert card.contexts and said.explanation is None and said.truncated and said.text  # 4 tokens never close it
+    expected = {"explanation": None, "explanation_parsed": False, "explanation_text": said.text,
+                "explanation_truncated": True}
+    columns = list(expected)
+    for rows in (card.to_pandas(), nl.read_result(card.save(tmp_path / "card.parquet")),
+                 nl.read_result(card.save(tmp_path / "card.jsonl"))):
+        rows = rows[columns].astype(object).where(rows[columns].notna(), None)
+        assert rows.to_dict("records") == [expected] * len(card.contexts)
+    record = card.to_records()[0]
+    assert isinstance(record["text"], int)  # the index of the context's text, not the completion
+    marked = display.unparsed_cell(record, "explanation")
+    assert marked == display.unparsed_text(said.text, truncated=True)
+    assert ("<td class='nla-unparsed'>(cut at max_new_tokens before &lt;/explanation&gt;) "
+            in display.result_html("FeatureCard", "s", [record], ["explanation"]))
 
 
 def test_a_failed_parse_is_marked_in_the_repr_and_table_not_shown_as_an_explanation():

@@ -611,6 +611,8 @@ def test_feature_card_shows_the_strongest_contexts_next_to_the_explanation(toy, 
     assert page.count("nla-tok nla-peak") == len(card.contexts)  # each context's peak token is outlined
     assert list(card.to_pandas()["position"]) == [c.position for c in card.contexts]
     assert "NLA at the peak" not in page and set(card.to_pandas()["context_explanation"]) == {None}
+    said = card.to_pandas()[["explanation", "explanation_parsed", "explanation_text", "explanation_truncated"]]
+    assert set(map(tuple, said.to_numpy())) == {(card.explanation, True, card.verbalization.text, False)}
 
 
 @NEEDS_SAE_LENS
@@ -769,7 +771,8 @@ def test_feature_card_of_a_feature_that_never_fires_says_so_and_keeps_its_column
     assert f"not active at any of the {card.n_positions} positions" in repr(card) and "'-'" not in repr(card)
     columns = ["feature", "text", "position", "token", "activation", "context", "context_explanation",
                "context_explanation_parsed", "context_explanation_text", "context_explanation_truncated",
-               "explanation", "cosine", "offset", "offset_n", "offset_layer", "offset_mean_norm", "offset_spread"]
+               "explanation", "explanation_parsed", "explanation_text", "explanation_truncated", "cosine", "offset",
+               "offset_n", "offset_layer", "offset_mean_norm", "offset_spread"]
     assert list(card.to_pandas().columns) == columns and card.to_pandas().empty
     assert pq.read_table(card.save(tmp_path / "card.parquet")).column_names == columns
     page = card.save(tmp_path / "card.html").read_text()

@@ -314,6 +314,14 @@ def test_bad_input_gets_typed_errors_that_say_what_to_do(base, nla):
     assert no_hooks_left(base)
 
 
+@pytest.mark.parametrize("flag", ["no", 0, None])
+def test_compare_that_is_not_a_bool_is_refused(base, nla, flag):
+    """compare="no" is truthy: it ran the next-token comparison it meant to skip."""
+    tokens, mask = padded(base, "left")
+    with pytest.raises(nl.InputError, match=rf"^compare must be True or False, got {re.escape(repr(flag))}"):
+        steer(nla, base, tokens, -1, mask, compare=flag, continue_tokens=0)
+
+
 def test_runs_past_the_base_context_are_refused_before_they_start(base, nla):
     """Tokens wider than n_ctx, or continuations that would grow past it, died inside TransformerLens with an
     IndexError from the rotary table (`nla-lens steer-words` on a long --text printed a traceback)."""
