@@ -680,3 +680,21 @@ def test_an_extraction_shard_of_the_avs_layer_is_explained(dataset_meta, tiny_pa
                  "--max-new-tokens", "2"]) == 0
     out, err = capsys.readouterr()
     assert len(out.splitlines()) == 3 and "was extracted from base 'tiny' and the AV trained from 'tiny-qwen3'" in err
+
+
+@pytest.mark.parametrize(("line", "found"), [
+    ({"id": "a", "content": "a cat"}, "its keys are ['content', 'id']"),
+    (["a cat"], 'the line holds ["a cat"]'),
+], ids=["other-key", "not-an-object"])
+def test_a_corpus_line_without_text_names_what_it_holds_and_the_fix(tmp_path, line, found):
+    """A line keyed "content" was "expected a JSON object with a 'text' key ('text')": a KeyError's repr, with
+    neither the line's keys nor what to write."""
+    from nla_lens.training.pipeline import read_corpus
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text(json.dumps({"id": "first", "text": "a dog"}) + "\n" + json.dumps(line) + "\n")
+    with pytest.raises(nl.InputError) as info:
+        read_corpus(corpus)
+    assert str(info.value) == (f"{corpus}:2: expected a JSON object with a 'text' key, but {found}; write each line "
+                               "as {\"id\": ..., \"text\": ...} (rename the key that holds the document's text to "
+                               "'text')")
