@@ -698,3 +698,25 @@ def test_a_corpus_line_without_text_names_what_it_holds_and_the_fix(tmp_path, li
     assert str(info.value) == (f"{corpus}:2: expected a JSON object with a 'text' key, but {found}; write each line "
                                "as {\"id\": ..., \"text\": ...} (rename the key that holds the document's text to "
                                "'text')")
+
+
+@pytest.mark.parametrize(("command", "example", "meant"), [
+    ("train-rl", "train-av.yaml", "train-av"),
+    ("train-ar", "train-av.yaml", "train-av"),
+    ("extract", "train-ar.yaml", "train-ar"),
+    ("train-av", "extract.yaml", "extract"),
+])
+def test_a_config_written_for_another_training_command_names_that_command(capsys, command, example, meant):
+    """`nla-lens train-rl examples/train-av.yaml` listed the AV's keys as unknown, with no word that the file was
+    a sound config for another command."""
+    config = Path(__file__).parents[1] / "examples" / example
+    _fails([command, config], capsys, "ConfigError", "unknown key(s)",
+           f"{config} reads as a config for nla-lens {meant}: run nla-lens {meant} {config}, or give nla-lens "
+           f"{command} its own config")
+
+
+def test_a_config_that_fits_no_command_is_refused_without_naming_one(tmp_path, capsys):
+    config = tmp_path / "av.yaml"
+    config.write_text((Path(__file__).parents[1] / "examples" / "train-av.yaml").read_text() + "epochs: 3\n")
+    err = _fails(["train-av", config], capsys, "ConfigError", "unknown key(s) ['epochs']")
+    assert "reads as a config for" not in err
