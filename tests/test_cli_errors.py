@@ -720,3 +720,12 @@ def test_a_config_that_fits_no_command_is_refused_without_naming_one(tmp_path, c
     config.write_text((Path(__file__).parents[1] / "examples" / "train-av.yaml").read_text() + "epochs: 3\n")
     err = _fails(["train-av", config], capsys, "ConfigError", "unknown key(s) ['epochs']")
     assert "reads as a config for" not in err
+
+
+@pytest.mark.parametrize("text", ["", "# base_model: my/base\n"], ids=["empty", "only-comments"])
+def test_an_empty_config_says_it_is_empty(tmp_path, capsys, text):
+    """It said "expected a mapping for ExtractRunConfig, got NoneType"."""
+    config = tmp_path / "extract.yaml"
+    config.write_text(text, encoding="utf-8")
+    _fails(["extract", config], capsys, "ConfigError", f"config {config} is empty (or only comments); write the run's "
+           "keys in it (examples/ has a config for each command)")
