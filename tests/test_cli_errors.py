@@ -680,3 +680,52 @@ def test_an_extraction_shard_of_the_avs_layer_is_explained(dataset_meta, tiny_pa
                  "--max-new-tokens", "2"]) == 0
     out, err = capsys.readouterr()
     assert len(out.splitlines()) == 3 and "was extracted from base 'tiny' and the AV trained from 'tiny-qwen3'" in err
+
+
+@pytest.mark.parametrize(("line", "found"), [
+    ({"id": "a", "content": "a cat"}, "its keys are ['content', 'id']"),
+    (["a cat"], 'the line holds ["a cat"]'),
+], ids=["other-key", "not-an-object"])
+def test_a_corpus_line_without_text_names_what_it_holds_and_the_fix(tmp_path, line, found):
+    """A line keyed "content" was "expected a JSON object with a 'text' key ('text')": a KeyError's repr, with
+    neither the line's keys nor what to write."""
+    from nla_lens.training.pipeline import read_corpus
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text(json.dumps({"id": "first", "text": "a dog"}) + "\n" + json.dumps(line) + "\n")
+    with pytest.raises(nl.InputError) as info:
+        read_corpus(corpus)
+    assert str(info.value) == (f"{corpus}:2: expected a JSON object with a 'text' key, but {found}; write each line "
+                               "as {\"id\": ..., \"text\": ...} (rename the key that holds the document's text to "
+                               "'text')")
+
+
+@pytest.mark.parametrize(("command", "example", "meant"), [
+    ("train-rl", "train-av.yaml", "train-av"),
+    ("train-ar", "train-av.yaml", "train-av"),
+    ("extract", "train-ar.yaml", "train-ar"),
+    ("train-av", "extract.yaml", "extract"),
+])
+def test_a_config_written_for_another_training_command_names_that_command(capsys, command, example, meant):
+    """`nla-lens train-rl examples/train-av.yaml` listed the AV's keys as unknown, with no word that the file was
+    a sound config for another command."""
+    config = Path(__file__).parents[1] / "examples" / example
+    _fails([command, config], capsys, "ConfigError", "unknown key(s)",
+           f"{config} reads as a config for nla-lens {meant}: run nla-lens {meant} {config}, or give nla-lens "
+           f"{command} its own config")
+
+
+def test_a_config_that_fits_no_command_is_refused_without_naming_one(tmp_path, capsys):
+    config = tmp_path / "av.yaml"
+    config.write_text((Path(__file__).parents[1] / "examples" / "train-av.yaml").read_text() + "epochs: 3\n")
+    err = _fails(["train-av", config], capsys, "ConfigError", "unknown key(s) ['epochs']")
+    assert "reads as a config for" not in err
+
+
+@pytest.mark.parametrize("text", ["", "# base_model: my/base\n"], ids=["empty", "only-comments"])
+def test_an_empty_config_says_it_is_empty(tmp_path, capsys, text):
+    """It said "expected a mapping for ExtractRunConfig, got NoneType"."""
+    config = tmp_path / "extract.yaml"
+    config.write_text(text, encoding="utf-8")
+    _fails(["extract", config], capsys, "ConfigError", f"config {config} is empty (or only comments); write the run's "
+           "keys in it (examples/ has a config for each command)")

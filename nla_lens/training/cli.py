@@ -33,13 +33,37 @@ def _command(subparsers: argparse._SubParsersAction, name: str, config_cls: type
 
     def main(args: argparse.Namespace) -> None:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
-        config = load_config(config_cls, args.config)
+        config = load_config_for(name, config_cls, args.config)
         check_inputs(config, args.config)
         summary = run(config)
         if World.from_env().is_main:  # under torchrun, one summary for the job
             print(summary)
 
     parser.set_defaults(run=main)
+
+
+# Most specific first: an AR's keys are a subset of an AV's, so a train-ar config also reads as train-av's.
+_COMMAND_CONFIGS: dict[str, type] = {"extract": ExtractRunConfig, "train-ar": ARRunConfig, "train-av": AVRunConfig,
+                                     "train-rl": RLRunConfig}
+
+
+def load_config_for(command: str, config_cls: type, path: str) -> Any:
+    """`load_config`, whose refusal of a config written for another of these commands (`nla-lens train-rl
+    examples/train-av.yaml`) names that command: a list of unknown keys did not say the file was fine."""
+    try:
+        return load_config(config_cls, path)
+    except ConfigError as exc:
+        for other, other_cls in _COMMAND_CONFIGS.items():
+            if other == command:
+                continue
+            try:
+                load_config(other_cls, path)
+            except ConfigError:
+                continue
+            raise ConfigError(f"{exc}. {path} reads as a config for nla-lens {other}: run nla-lens {other} {path}, "
+                              f"or give nla-lens {command} its own config (examples/ has one for each command)"
+                              ) from exc
+        raise
 
 
 def check_inputs(config: Any, path: str) -> None:

@@ -300,6 +300,9 @@ def load_config(cls: type[Config], path: str | Path) -> Config:
                               "silently)") from exc
         raise ConfigError(f"{path} is not a YAML config ({getattr(exc, 'problem', None) or 'unreadable'}{at}); "
                           "pass the run's .yaml file, as in examples/") from exc
+    if data is None:  # else "expected a mapping, got NoneType", which does not say the file is empty
+        raise ConfigError(f"config {path} is empty (or only comments); write the run's keys in it (examples/ has a "
+                          "config for each command)")
     try:
         return from_dict(cls, data)
     except ConfigError as exc:

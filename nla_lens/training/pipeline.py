@@ -60,10 +60,15 @@ def read_corpus(path: str | Path) -> list[Document]:
     for line_no, line in jsonl_lines(path, "corpus"):
         try:
             row = json.loads(line)
-            given = row.get("id")
-            docs.append(Document(str(line_no - 1 if given is None else given), row["text"]))
-        except (ValueError, KeyError, AttributeError) as exc:
+        except ValueError as exc:
             raise InputError(f"{path}:{line_no}: expected a JSON object with a 'text' key ({exc})") from exc
+        if not isinstance(row, dict) or "text" not in row:  # a KeyError's repr named neither the keys nor the fix
+            found = f"its keys are {sorted(row)}" if isinstance(row, dict) else f"the line holds {line.strip()[:40]}"
+            raise InputError(f"{path}:{line_no}: expected a JSON object with a 'text' key, but {found}; write each "
+                             "line as {\"id\": ..., \"text\": ...} (rename the key that holds the document's text "
+                             "to 'text')")
+        given = row.get("id")
+        docs.append(Document(str(line_no - 1 if given is None else given), row["text"]))
         if given is not None and (isinstance(given, bool) or not isinstance(given, (str, int))):
             raise InputError(f"{path}:{line_no}: 'id' must be a string or an integer, got {json.dumps(given)}; ids "
                              "are compared as text, where 1.0, true or a list would stand for a string the corpus "
