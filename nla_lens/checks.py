@@ -11,7 +11,7 @@ import math
 import numbers
 import os
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -147,6 +147,22 @@ def check_input_file(path: Path, what: str = "input") -> None:
         raise InputError(f"{what} {path} does not exist; check the path")
     if not path.is_file():
         raise InputError(f"{what} {path} is not a file")
+
+
+def jsonl_lines(path: str | Path, what: str) -> Iterator[tuple[int, str]]:
+    """The non-blank lines of a UTF-8 JSONL file, numbered from 1; a file in another encoding is an
+    `InputError` (its decode error is raised while reading a line, outside each caller's per-line check)."""
+    if Path(path).is_dir():  # else a bare IsADirectoryError that names neither the field nor the fix
+        raise InputError(f"{what} {path} is a folder; point it at the JSONL file itself")
+    try:
+        with Path(path).open(encoding="utf-8") as f:
+            for line_no, line in enumerate(f, 1):
+                if line.strip():
+                    yield line_no, line
+    except FileNotFoundError as exc:
+        raise InputError(f"{what} {path} does not exist; check the path") from exc
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{what} {path} is not UTF-8 text ({exc}); write it as UTF-8 JSONL") from exc
 
 
 def file_path(path: str | os.PathLike, what: str) -> Path:

@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from nla_lens import __version__, display
-from nla_lens.checks import check_input_file, check_output_path, file_kind, file_path
+from nla_lens.checks import check_input_file, check_output_path, file_kind, file_path, jsonl_lines
 from nla_lens.errors import InputError
 from nla_lens.vector_files import OUTPUT_SUFFIXES, json_text, write_atomic, write_table
 
@@ -168,19 +168,16 @@ def _saved_record(metadata: dict[bytes, bytes], key: bytes, path: Path) -> dict[
 def _read_jsonl(path: Path) -> pd.DataFrame:
     """A .jsonl result's rows (one JSON object per line), as `to_pandas` builds its frame from records."""
     records = []
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as exc:
-                raise InputError(f"{path}: line {number} is not JSON ({exc}); read_result reads the .jsonl file a "
-                                 "result's save() wrote, one JSON object per line") from exc
-            if not isinstance(row, dict):
-                raise InputError(f"{path}: line {number} holds a {type(row).__name__}, not a row (a JSON object); "
-                                 "read_result reads the .jsonl file a result's save() wrote")
-            records.append(row)
+    for number, line in jsonl_lines(path, "result file"):
+        try:
+            row = json.loads(line)
+        except ValueError as exc:
+            raise InputError(f"{path}: line {number} is not JSON ({exc}); read_result reads the .jsonl file a "
+                             "result's save() wrote, one JSON object per line") from exc
+        if not isinstance(row, dict):
+            raise InputError(f"{path}: line {number} holds a {type(row).__name__}, not a row (a JSON object); "
+                             "read_result reads the .jsonl file a result's save() wrote")
+        records.append(row)
     return records_frame(records)
 
 

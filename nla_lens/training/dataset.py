@@ -11,7 +11,7 @@ import json
 import logging
 import random
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from nla_lens import loading
-from nla_lens.checks import check_output_path, file_path
+from nla_lens.checks import check_output_path, file_path, jsonl_lines
 from nla_lens.errors import ConfigError, InputError, PromptTooLongError, SplitLeakError
 from nla_lens.sidecar import NLAMeta, ar_prompt_ids, av_prompt_ids
 from nla_lens.training.extraction import ActivationDataset, ActivationRecord
@@ -81,22 +81,6 @@ def label_activations(dataset: ActivationDataset, explanations: str | Path | Lab
                     len(texts))
     return LabelledActivations(dataset.vectors[keep], [dataset.records[i].doc_id for i in keep],
                                [dataset.records[i].position for i in keep], [texts[i] for i in keep])
-
-
-def jsonl_lines(path: str | Path, what: str) -> Iterator[tuple[int, str]]:
-    """The non-blank lines of a UTF-8 JSONL file, numbered from 1; a file in another encoding is an
-    `InputError` (its decode error is raised while reading a line, outside each caller's per-line check)."""
-    if Path(path).is_dir():  # else a bare IsADirectoryError that names neither the field nor the fix
-        raise InputError(f"{what} {path} is a folder; point it at the JSONL file itself")
-    try:
-        with Path(path).open(encoding="utf-8") as f:
-            for line_no, line in enumerate(f, 1):
-                if line.strip():
-                    yield line_no, line
-    except FileNotFoundError as exc:
-        raise InputError(f"{what} {path} does not exist; check the path") from exc
-    except UnicodeDecodeError as exc:
-        raise InputError(f"{what} {path} is not UTF-8 text ({exc}); write it as UTF-8 JSONL") from exc
 
 
 def _read_explanations(path: Path) -> dict[tuple[str, int], str]:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from nla_lens import backends, loading, metrics
-from nla_lens.checks import blocks_phrase
+from nla_lens.checks import blocks_phrase, jsonl_lines
 from nla_lens.distributed import World, device_for, process_group
 from nla_lens.errors import ConfigError, InputError
 from nla_lens.nla import check_pair, check_vocabularies
@@ -31,7 +31,7 @@ from nla_lens.training.config import (
     SFTRunConfig,
     config_dtype,
 )
-from nla_lens.training.dataset import LabelledActivations, jsonl_lines, label_activations, split_by_document
+from nla_lens.training.dataset import LabelledActivations, label_activations, split_by_document
 from nla_lens.training.export import check_export_folder, export_ar, export_av
 from nla_lens.training.extraction import Document, check_extraction_folder, extract_activations, load_activations
 from nla_lens.training.loop import TrainResult, check_resume
