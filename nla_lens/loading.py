@@ -542,45 +542,45 @@ def _hf_layout(tl_name: str, shape: torch.Size) -> tuple[tuple[int, ...], Callab
 _FUSED = {"W_Q": ("qkv", 0), "W_K": ("qkv", 1), "_W_K": ("qkv", 1), "W_V": ("qkv", 2), "_W_V": ("qkv", 2)}
 
 
-def _hf_layout_targets(model: HookedTransformer) -> dict[str, Tensor]:
-    """Per TL parameter, a contiguous HF-shaped tensor sharing its memory, to stream bytes into.
+def _allocate_hf_layout(model: HookedTransformer, device: str | torch.device) -> dict[str, Tensor]:
+    """Give each meta parameter of `model` uninitialised storage on `device`; return, per TL name, a
+    contiguous HF-shaped tensor sharing that storage, to stream bytes into.
 
-    Parameters whose TL layout differs from HF's are replaced (before anything has touched their
-    uninitialised storage) by strided views of fresh HF-layout storage; q/k/v of each block are
-    consecutive rows of one storage (see `_FUSED`).
+    Parameters whose TL layout differs from HF's become strided views of HF-layout storage; q/k/v of
+    each block are consecutive rows of one storage (see `_FUSED`). Each parameter's storage is
+    allocated once, here: none is first given a TL-layout copy to be replaced (on a GPU that held
+    both, a peak of about 1.6x the weights; on the CPU untouched pages never showed).
     """
     targets: dict[str, Tensor] = {}
     groups: dict[str, list[tuple[int, str, nn.Parameter]]] = {}
-    for tl_name, param in list(model.named_parameters()):
+    for tl_name, param in list(model.named_parameters()):  # meta parameters: the list holds no storage
         module_name, leaf = tl_name.rsplit(".", 1)
         if leaf in _FUSED and module_name.startswith("blocks."):
             kind, rank = _FUSED[leaf]
             groups.setdefault(f"{module_name.rsplit('.', 1)[0]}.{kind}", []).append((rank, tl_name, param))
             continue
         hf_shape, view = _hf_layout(tl_name, param.shape)
-        if view is None:
-            targets[tl_name] = param.detach().view(hf_shape)
-            continue
-        targets[tl_name] = _replace_parameter(model, tl_name, param, torch.empty(hf_shape, dtype=param.dtype,
-                                                                                 device=param.device), view)
+        storage = torch.empty(hf_shape, dtype=param.dtype, device=device)
+        _replace_parameter(model, tl_name, param, storage, view or (lambda s, shape=param.shape: s.view(shape)))
+        targets[tl_name] = storage
     for members in groups.values():
         members.sort(key=lambda member: member[0])
         layouts = [_hf_layout(name, param.shape) for _, name, param in members]
         first = members[0][2]
         storage = torch.empty(sum(shape[0] for shape, _ in layouts), layouts[0][0][1], dtype=first.dtype,
-                              device=first.device)
+                              device=device)
         start = 0
         for (_, name, param), (shape, view) in zip(members, layouts, strict=True):
-            targets[name] = _replace_parameter(model, name, param, storage[start:start + shape[0]], view)
+            targets[name] = storage[start:start + shape[0]]
+            _replace_parameter(model, name, param, targets[name], view)
             start += shape[0]
     return targets
 
 
 def _replace_parameter(model: HookedTransformer, tl_name: str, param: nn.Parameter, storage: Tensor,
-                       view: Callable[[Tensor], Tensor]) -> Tensor:
+                       view: Callable[[Tensor], Tensor]) -> None:
     module_name, attr = tl_name.rsplit(".", 1)
     setattr(model.get_submodule(module_name), attr, nn.Parameter(view(storage), param.requires_grad))
-    return storage
 
 
 def _stream_weights(folder: Path, targets: dict[str, Tensor], cfg: HookedTransformerConfig, *,
@@ -674,18 +674,12 @@ def check_hook_point(folder: Path, hook_point: str, *, backend: str, trust_remot
                              "'blocks.1.hook_resid_post' or 'hook_embed'")
 
 
-def _empty_hooked_transformer(cfg: HookedTransformerConfig, tokenizer: PreTrainedTokenizerBase,
-                              device: str | torch.device) -> HookedTransformer:
-    """A `HookedTransformer` whose parameters are allocated but never touched, for streaming into.
-
-    Built on the meta device, so TL's per-layer temporaries never take host memory, then given
-    real storage. Its buffers (rotary tables, masks) are computed once per distinct block (a
-    Gemma-3 model has one local and one global kind) and shared by the layers alike: TL replaces a
-    buffer when it grows one, never edits it in place. This is what keeps load memory at the
-    weights' size (see `nla-lens bench`).
+def _share_block_buffers(model: HookedTransformer, cfg: HookedTransformerConfig, device: str | torch.device) -> None:
+    """Give the meta model's buffers (rotary tables, masks) real values on `device`, computed once per
+    distinct block (a Gemma-3 model has one local and one global kind) and shared by the layers alike:
+    TL replaces a buffer when it grows one, never edits it in place. Building the model on the meta
+    device keeps TL's per-layer temporaries out of memory; this keeps its buffers at one copy per kind.
     """
-    model = _meta_hooked_transformer(cfg, tokenizer)
-    model.to_empty(device=device)
     reference_buffers: dict[tuple[type, str | None], dict[str, Tensor]] = {}
     restored: set[str] = set()
     for index, block in enumerate(model.blocks):
@@ -701,7 +695,6 @@ def _empty_hooked_transformer(cfg: HookedTransformerConfig, tokenizer: PreTraine
     if unrestored:
         raise RuntimeError(f"nla_lens does not know how to initialise TransformerLens buffers {unrestored[:4]}: "
                            "this TransformerLens version is newer than nla_lens supports")
-    return model
 
 
 def load_hooked_transformer(
@@ -727,15 +720,14 @@ def load_hooked_transformer(
     hf_config = gemma3.text_config(hf_config)
     if n_layers is not None and n_layers > hf_config.num_hidden_layers:
         raise CheckpointError(f"{folder} has {hf_config.num_hidden_layers} layers, {n_layers} requested")
-    model = _empty_hooked_transformer(cfg, tokenizer, device)
+    model = _meta_hooked_transformer(cfg, tokenizer)
     truncated = n_layers is not None
-    if truncated:
-        # The AR reads the raw residual: drop the final norm and unembed before touching weights,
-        # so their uninitialised storage is freed without ever being written.
+    if truncated:  # the AR reads the raw residual: no final norm, no unembed, and no storage for them
         model.ln_final = nn.Identity()
         model.unembed = nn.Identity()
         model.setup()
-    targets = _hf_layout_targets(model)
+    _share_block_buffers(model, cfg, device)  # first: the block it builds is freed before the weights are allocated
+    targets = _allocate_hf_layout(model, device)
     skip = frozenset({"model.norm.weight", "lm_head.weight"}) if truncated else frozenset()
     written = _stream_weights(folder, targets, cfg, skip=skip, wrapped=wrapped)
     if not truncated and getattr(hf_config, "tie_word_embeddings", False) and "unembed.W_U" not in written:
