@@ -70,29 +70,36 @@ def decoder_for(model: HookedTransformer, batch: int, max_len: int,
     return HookedDecoder(model, batch, reason)
 
 
-def last_residual(model: HookedTransformer, tokens: Int[Tensor, "batch pos"],
-                  attention_mask: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch d_model"]:
-    """`model(tokens, attention_mask=...)[:, -1]` for an AR model (no final norm, no unembed)."""
-    batch, n_pos = tokens.shape
-    hooks = HookPlan.of(model)
-    blocks, reason = _ar_blocks(model, hooks)
-    if blocks is None or n_pos > blocks.max_len:
-        logger.debug("reconstruct runs TransformerLens's forward: %s", reason or _NO_FAST_PATH)
-        return model(tokens, attention_mask=attention_mask)[:, -1]
-    keys = torch.empty(1, batch, blocks.n_kv, n_pos, blocks.d_head, dtype=model.cfg.dtype, device=tokens.device)
-    positions = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)  # as TL's get_offset_position_ids
-    # Pad queries see themselves only, so no softmax row is empty (an empty row would be NaN).
-    eye = torch.eye(n_pos, dtype=torch.bool, device=tokens.device)
-    mask = (eye.logical_not().tril() & attention_mask.bool()[:, None, None, :]) | eye
-    # Under hooks, pad positions also hold what TL computes there: a fully masked row, z = 0.
-    pad_queries = (attention_mask == 0)[:, None, :, None] if hooks.any_hooked else None
-    return blocks.run(tokens, positions, mask, keys, torch.empty_like(keys), start=0, shared_cache=True,
-                      hooks=hooks, pad_queries=pad_queries)[:, -1]
+class ARForward:
+    """`model(tokens, attention_mask=...)[:, -1]` for an AR model (no final norm, no unembed), set up once
+    per `reconstruct` call: the attached hooks and the fast blocks are read here, not per batch (reading
+    them syncs a GPU several times per block).
 
+    `fallback_reason` says why the call runs TL's forward (None: the fast path serves it).
+    """
 
-def ar_fallback_reason(model: HookedTransformer) -> str | None:
-    """Why `last_residual` runs TL's forward on `model` with its hooks as attached now (None: it doesn't)."""
-    return _ar_blocks(model, HookPlan.of(model))[1]
+    def __init__(self, model: HookedTransformer) -> None:
+        self.model = model
+        self.hooks = HookPlan.of(model)
+        self.blocks, self.fallback_reason = _ar_blocks(model, self.hooks)
+
+    def __call__(self, tokens: Int[Tensor, "batch pos"],
+                 attention_mask: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch d_model"]:
+        batch, n_pos = tokens.shape
+        blocks = self.blocks
+        if blocks is None or n_pos > blocks.max_len:
+            logger.debug("reconstruct runs TransformerLens's forward: %s", self.fallback_reason or _NO_FAST_PATH)
+            return self.model(tokens, attention_mask=attention_mask)[:, -1]
+        keys = torch.empty(1, batch, blocks.n_kv, n_pos, blocks.d_head, dtype=self.model.cfg.dtype,
+                           device=tokens.device)
+        positions = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)  # as TL's get_offset_position_ids
+        # Pad queries see themselves only, so no softmax row is empty (an empty row would be NaN).
+        eye = torch.eye(n_pos, dtype=torch.bool, device=tokens.device)
+        mask = (eye.logical_not().tril() & attention_mask.bool()[:, None, None, :]) | eye
+        # Under hooks, pad positions also hold what TL computes there: a fully masked row, z = 0.
+        pad_queries = (attention_mask == 0)[:, None, :, None] if self.hooks.any_hooked else None
+        return blocks.run(tokens, positions, mask, keys, torch.empty_like(keys), start=0, shared_cache=True,
+                          hooks=self.hooks, pad_queries=pad_queries)[:, -1]
 
 
 def _ar_blocks(model: HookedTransformer, hooks: HookPlan) -> tuple[FastBlocks | None, str | None]:
@@ -100,6 +107,11 @@ def _ar_blocks(model: HookedTransformer, hooks: HookPlan) -> tuple[FastBlocks | 
         return None, hooks.fallback_reason
     blocks = FastBlocks.build(model) if _is_identity(model.ln_final) and _is_identity(model.unembed) else None
     return blocks, None if blocks is not None else _NO_FAST_PATH
+
+
+def _same(a: Tensor, b: Tensor) -> bool:
+    """Equal tables; the loader shares one tensor between layers, which needs no comparison (a GPU sync)."""
+    return a is b or torch.equal(a, b)
 
 
 def _is_identity(module: nn.Module) -> bool:
@@ -213,7 +225,7 @@ class FastBlocks:
         self.layers = layers
         self.n_kv, self.d_head = layers[0].n_kv, layers[0].d_head
         self.max_len = min(layer.cos.shape[0] for layer in layers)  # positions TL's rotary buffers cover
-        self.shared_rotary = all(torch.equal(layer.cos, layers[0].cos) and torch.equal(layer.sin, layers[0].sin)
+        self.shared_rotary = all(_same(layer.cos, layers[0].cos) and _same(layer.sin, layers[0].sin)
                                  for layer in layers)
 
     @classmethod

@@ -110,17 +110,19 @@ class ActivationReconstructor:
         check_counts(1, batch_size=batch_size)
         backends.check_dtype_current(self.model, "AR")
         tokens, mask = self.prompt_tokens(explanations)
-        self.fallback_reason = backends.ar_fallback_reason(self.model)
         # A model cast after loading (`ar.model.to(...)`) leaves the readout as loaded: feed it its own float dtype.
         # A readout without float weights (quantized, or a user's module) takes the residual as it is.
         weight = getattr(self.readout, "weight", None)
         readout_dtype = weight.dtype if isinstance(weight, Tensor) and weight.is_floating_point() else None
+        lengths = mask.sum(dim=1).tolist()  # read once: a read per batch would sync a GPU per batch
         out = []
         with inference(self.model, self.readout):
+            forward = backends.ar_forward(self.model)
+            self.fallback_reason = forward.fallback_reason
             for start in tqdm(range(0, len(explanations), batch_size), desc="reconstruct",
                               disable=not progress, unit="batch"):
                 rows = slice(start, start + batch_size)
-                width = int(mask[rows].sum(dim=1).max())  # drop columns that are padding in every row
-                resid = backends.last_residual(self.model, tokens[rows, -width:], mask[rows, -width:])
+                width = max(lengths[rows])  # drop columns that are padding in every row
+                resid = forward(tokens[rows, -width:], mask[rows, -width:])
                 out.append(self.readout(resid if readout_dtype is None else resid.to(readout_dtype)).float())
         return torch.cat(out)

@@ -18,7 +18,7 @@ from nla_lens import backends
 if backends.default_backend() != "hooked":  # before importing a HookedTransformer-only module
     pytest.skip("the fast paths serve the TL 3.x (HookedTransformer) backend", allow_module_level=True)
 
-from nla_lens.decoding import FastDecoder, HookedDecoder, decoder_for, last_residual  # noqa: E402
+from nla_lens.decoding import ARForward, FastDecoder, HookedDecoder, decoder_for  # noqa: E402
 from nla_lens.fast_hooks import COVERED_BLOCK_POINTS, BlockHooks, HookPlan  # noqa: E402
 
 STEPS = 4
@@ -97,8 +97,8 @@ def test_recording_hook_sees_tl_activation_in_the_ar_pads_included(ar_paper, ar6
     fast, tl = [], []
     with torch.inference_mode():
         with ar.model.hooks(fwd_hooks=[(point, _recorder(fast))]):
-            assert backends.ar_fallback_reason(ar.model) is None
-            last_residual(ar.model, tokens, mask)
+            assert backends.ar_forward(ar.model).fallback_reason is None
+            ARForward(ar.model)(tokens, mask)
         with ar.model.hooks(fwd_hooks=[(point, _recorder(tl))]):
             ar.model(tokens, attention_mask=mask)
     _assert_same_records(fast, tl)

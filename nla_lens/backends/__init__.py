@@ -9,8 +9,8 @@ The default follows the installed TransformerLens major version (3 -> hooked, 4 
 ``NLA_LENS_BACKEND`` or the loaders' ``backend=`` argument overrides it. Everything else in
 nla_lens uses only what both models offer: hook names, `run_with_hooks`, `hooks()`, `to_tokens`,
 `cfg`. The differences live here: how a checkpoint folder becomes a model (`load_model`), how a
-forward runs against a KV cache (`decoder`), the AR's last residual (`last_residual`, and why it runs
-TL's own forward where it does: `ar_fallback_reason`), hook contexts that remove only their own hooks
+forward runs against a KV cache (`decoder`), the AR's last residual (`ar_forward`, which says why it
+runs TL's own forward where it does), hook contexts that remove only their own hooks
 (`hooks`, `run_with_hooks`, `cached_activation`: TL 3.x's remove every hook at their context level), the
 attention mask HookedTransformer derives for a padded token tensor and the bridge does not
 (`implicit_attention_mask`), the hook where a write reaches less on the bridge (`check_patchable`), and
@@ -44,6 +44,16 @@ if TYPE_CHECKING:
 
 BACKENDS = ("hooked", "bridge")
 ENV_VAR = "NLA_LENS_BACKEND"
+
+
+class ARForward(Protocol):
+    """An AR model's residual after its last block, at the last position (left padding).
+    `fallback_reason`: why it runs TL's own forward rather than a fast path (None: it doesn't)."""
+
+    fallback_reason: str | None
+
+    def __call__(self, tokens: Int[Tensor, "batch pos"],
+                 attention_mask: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch d_model"]: ...
 
 
 class Decoder(Protocol):
@@ -177,16 +187,10 @@ def cached_activation(model: TLModel, hook_name: str, *args: Any, **kwargs: Any)
     return import_module(f"nla_lens.backends.{backend_of(model)}").cached_activation(model, hook_name, *args, **kwargs)
 
 
-def last_residual(model: TLModel, tokens: Int[Tensor, "batch pos"],
-                  attention_mask: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch d_model"]:
-    """An AR model's residual after its last block, at the last position (left padding)."""
-    module = import_module(f"nla_lens.backends.{backend_of(model)}")
-    return module.last_residual(model, tokens, attention_mask)
-
-
-def ar_fallback_reason(model: TLModel) -> str | None:
-    """Why `last_residual` runs TL's own forward on `model` as its hooks stand now (None: a fast path serves it)."""
-    return import_module(f"nla_lens.backends.{backend_of(model)}").ar_fallback_reason(model)
+def ar_forward(model: TLModel) -> ARForward:
+    """The AR model's forward to its last residual, for one `reconstruct` call with `model`'s hooks as they
+    stand now."""
+    return import_module(f"nla_lens.backends.{backend_of(model)}").ARForward(model)
 
 
 def implicit_attention_mask(model: TLModel, tokens: Int[Tensor, "batch pos"]) -> Int[Tensor, "batch pos"] | None:

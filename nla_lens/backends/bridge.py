@@ -171,10 +171,14 @@ def decoder(model: TransformerBridge, batch_size: int, max_len: int, fwd_hooks: 
     return _Decoder(model, batch_size)
 
 
-def last_residual(model: TransformerBridge, tokens: Int[Tensor, "batch pos"],
-                  attention_mask: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch d_model"]:
-    return model(tokens, attention_mask=attention_mask)[:, -1]
+class ARForward:
+    """The bridge's own forward to the AR's last residual (it has no fast path)."""
 
+    fallback_reason = _NO_FAST_PATH
 
-def ar_fallback_reason(model: TransformerBridge) -> str:
-    return _NO_FAST_PATH
+    def __init__(self, model: TransformerBridge) -> None:
+        self.model = model
+
+    def __call__(self, tokens: Int[Tensor, "batch pos"],
+                 attention_mask: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch d_model"]:
+        return self.model(tokens, attention_mask=attention_mask)[:, -1]

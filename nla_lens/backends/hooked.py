@@ -33,8 +33,7 @@ def decoder(model: HookedTransformer, batch: int, max_len: int, fwd_hooks: list)
     return gemma if gemma is not None else decoding.decoder_for(model, batch, max_len, fwd_hooks)
 
 
-last_residual = decoding.last_residual
-ar_fallback_reason = decoding.ar_fallback_reason
+ARForward = decoding.ARForward
 
 
 def run_with_hooks(model: HookedTransformer, *args: Any, fwd_hooks: list, **kwargs: Any) -> Any:
