@@ -75,6 +75,7 @@ class NLAMeta:
     fve_baseline: float | None = None  # paper baseline of held-out vectors, as recorded at export
     fve_baseline_n: int | None = None  # how many vectors it was measured on
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    source: str = field(default="sidecar", repr=False, compare=False)  # where it was read: its file, for messages
 
     def av_prompt(self) -> str:
         """The AV's user message with the marker char filled in."""
@@ -219,6 +220,25 @@ def _parse_dataset_dialect(data: dict[str, Any], source: str) -> NLAMeta:
                   extraction=extraction, injection_scale=injection_scale, injection=injection)
 
 
+_PLACEHOLDERS = {"AV": ("{injection_char}", "where the marker goes", "the AV prompt takes one vector at one marker"),
+                 "AR": ("{explanation}", "where the explanation goes", "the AR reads each explanation once")}
+
+
+def template_problem(name: Literal["AV", "AR"], template: str) -> str | None:
+    """What is wrong with a prompt template's placeholder, in words (None: it holds it exactly once), for the
+    sidecar and the extract config to name with their own source and fix. Twice is not tokenizer drift: the AV
+    injects one vector per prompt, at one marker; ar_prompt would fill every copy, and the critic suffix is read
+    after the first (not how ARs train)."""
+    placeholder, where, once = _PLACEHOLDERS[name]
+    count = template.count(placeholder)
+    if count == 0:
+        return f"the {name} template has no '{placeholder}' placeholder, {where}"
+    if count > 1:
+        return (f"the {name} template holds the '{placeholder}' placeholder {count} times; {once}, so the template "
+                "must hold it exactly once")
+    return None
+
+
 def _build(data: dict[str, Any], source: str, *, role: Literal["av", "ar"] | None, d_model: int,
            layer: Any, extraction: dict[str, Any], injection_scale: float | None,
            injection: InjectionSpec | None) -> NLAMeta:
@@ -233,19 +253,10 @@ def _build(data: dict[str, Any], source: str, *, role: Literal["av", "ar"] | Non
     for name, template in (("AV", av_template), ("AR", ar_template)):
         if template is not None and not isinstance(template, str):
             raise SidecarError(f"{source}: the {name} prompt template must be a string, got {template!r}")
-    # Each placeholder exactly once. Twice is not tokenizer drift: the AV injects one vector per prompt, at one
-    # marker; ar_prompt would fill every copy, and the critic suffix is read after the first (not how ARs train).
-    for name, template, placeholder, where, once in (
-            ("AV", av_template, "{injection_char}", "where the marker goes", "the AV prompt takes one vector at one "
-             "marker"),
-            ("AR", ar_template, "{explanation}", "where the explanation goes", "the AR reads each explanation once")):
-        count = 0 if template is None else template.count(placeholder)
-        if template is not None and count == 0:
-            raise SidecarError(f"{source}: the {name} template has no '{placeholder}' placeholder, {where}; restore "
-                               "the released template")
-        if count > 1:
-            raise SidecarError(f"{source}: the {name} template holds the '{placeholder}' placeholder {count} times; "
-                               f"{once}, so the template must hold it exactly once. Restore the released template")
+    for name, template in (("AV", av_template), ("AR", ar_template)):
+        problem = None if template is None else template_problem(name, template)
+        if problem is not None:
+            raise SidecarError(f"{source}: {problem}; restore the released template")
     if layer is None:
         keys = ("extraction.layer_index" if data["kind"] == "nla_dataset" else "extraction_layer_index (or "
                 "critic.extraction_layer_index, extraction.layer_index, ar.num_hidden_layers = K + 1)")
@@ -283,6 +294,7 @@ def _build(data: dict[str, Any], source: str, *, role: Literal["av", "ar"] | Non
         fve_baseline=fve_baseline,
         fve_baseline_n=fve_baseline_n,
         raw=data,
+        source=source,
     )
 
 
@@ -408,11 +420,12 @@ def tokenization_record(tokenizer: Any) -> dict[str, Any]:
 
 
 def check_tokenizer(meta: NLAMeta, tokenizer: Any, role: Literal["av", "ar"] | None = None, *,
-                    source: str = "sidecar") -> None:
+                    source: str | None = None) -> None:
     """Check the sidecar's token facts against the live tokenizer; raise `TokenizerDriftError` on any drift (a
-    `SidecarError` naming `source`, the sidecar's path where the caller knows it, where the AV template itself
+    `SidecarError` naming `source`, by default where `meta` was read from, where the AV template itself
     holds a second marker). Loading an AR (`role="ar"`) skips the AV's chat prompt, which an AR's tokenizer need
     not be able to build."""
+    source = source or meta.source
     marker_ids = tokenizer.encode(meta.injection_char, add_special_tokens=False)
     if len(marker_ids) != 1:
         raise TokenizerDriftError(

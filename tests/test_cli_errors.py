@@ -706,11 +706,19 @@ def test_a_corpus_line_without_text_names_what_it_holds_and_the_fix(tmp_path, li
     ("extract", "train-ar.yaml", "train-ar"),
     ("train-av", "extract.yaml", "extract"),
 ])
-def test_a_config_written_for_another_training_command_names_that_command(capsys, command, example, meant):
+@pytest.mark.parametrize("declared", [True, False], ids=["command-key", "keys-only"])
+def test_a_config_written_for_another_training_command_names_that_command(tmp_path, capsys, command, example, meant,
+                                                                          declared):
     """`nla-lens train-rl examples/train-av.yaml` listed the AV's keys as unknown, with no word that the file was
-    a sound config for another command."""
+    a sound config for another command. The shipped examples say which command they are for (`command:`); a
+    config written before that key is told by its keys."""
     config = Path(__file__).parents[1] / "examples" / example
-    _fails([command, config], capsys, "ConfigError", "unknown key(s)",
+    if not declared:
+        text = config.read_text(encoding="utf-8")
+        config = tmp_path / example
+        config.write_text("".join(line for line in text.splitlines(keepends=True) if not line.startswith("command:")))
+    problem = f"command: this config is for nla-lens {meant}, not {command}" if declared else "unknown key(s)"
+    _fails([command, config], capsys, "ConfigError", f"{config}: {problem}",
            f"{config} reads as a config for nla-lens {meant}: run nla-lens {meant} {config}, or give nla-lens "
            f"{command} its own config")
 

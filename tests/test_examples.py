@@ -59,3 +59,21 @@ def test_label_example_says_what_is_wrong_without_a_traceback(tmp_path, monkeypa
     with pytest.raises(SystemExit) as wrong:
         runpy.run_path(str(ROOT / "examples/label.py"), run_name="__main__")
     assert str(wrong.value.code).startswith("SidecarError: ") and "is not an extraction folder" in str(wrong.value.code)
+
+
+@pytest.mark.parametrize(("command", "example", "meant"), [
+    ("train-av", "train-ar.yaml", "train-ar"),  # an AR's keys are all an AV's: only its command: key tells
+    ("train-ar", "train-av.yaml", "train-av"),
+    ("extract", "train-rl.yaml", "train-rl"),
+])
+def test_an_example_config_given_to_another_command_names_its_own_before_anything_runs(
+        tmp_path, monkeypatch, capsys, command, example, meant):
+    """`nla-lens train-av examples/train-ar.yaml` trained an AV into runs/ar on a first run."""
+    for name in ("examples", "nla_lens"):
+        (tmp_path / name).symlink_to(ROOT / name)
+    monkeypatch.chdir(tmp_path)
+    config = f"examples/{example}"
+    assert main([command, config]) == 2
+    err = capsys.readouterr().err
+    assert f"{config}: command: this config is for nla-lens {meant}, not {command}" in err
+    assert f"run nla-lens {meant} {config}" in err and not (tmp_path / "runs").exists()

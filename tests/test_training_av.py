@@ -231,3 +231,25 @@ def test_an_ar_folder_as_base_model_is_named_before_its_weights_load(tiny_paths,
                               out_dir=str(tmp_path / "acts"), extract=extract_config)
     with pytest.raises(nl.InputError, match=message):
         pipeline.run_extract(config, progress=False)
+
+
+def test_an_extractions_av_template_holding_the_marker_names_the_extractions_sidecar(base_folder, extract_config,
+                                                                                    tmp_path, monkeypatch):
+    """It said "sidecar: the AV template ... (restore the released template)", naming no file: the template is the
+    extraction's, in its nla_meta.yaml."""
+    import yaml
+
+    from nla_lens.sidecar import load_meta
+    from nla_lens.training.extraction import dataset_sidecar
+
+    sidecar = dataset_sidecar(loading.load_tokenizer(base_folder), extract_config, base_model=str(base_folder),
+                              d_model=64)
+    sidecar["prompt_templates"]["actor"] += f" and <c>{sidecar['tokens']['injection_char']}</c>"
+    path = tmp_path / "acts" / "nla_meta.yaml"
+    path.parent.mkdir()
+    path.write_text(yaml.safe_dump(sidecar, allow_unicode=True), encoding="utf-8")
+    monkeypatch.setattr(loading, "load_hooked_transformer", lambda *a, **k: pytest.fail("read the weights"))
+    with pytest.raises(nl.SidecarError, match="holds the marker .* itself besides the '{injection_char}' "
+                                              "placeholder") as refused:
+        init_av(base_folder, load_meta(path.parent))
+    assert str(refused.value).startswith(f"the AV sidecar made from {path}: the AV template ")

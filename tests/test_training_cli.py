@@ -658,3 +658,75 @@ def test_training_on_another_local_base_than_the_extraction_names_warns(tmp_path
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the same folder, named relatively from its parent: no warning
         init_ar(os.path.relpath(base_folder), load_meta(common["activations"]))
+
+
+def test_training_on_another_layers_extraction_than_the_explanations_label_is_refused_before_training(
+        tmp_path, base_folder, extract_config, capsys):
+    """Labels of the layer-2 extraction trained an AR on the layer-1 extraction of the same corpus without a word:
+    every (doc_id, position) matched, and the explanations described other vectors."""
+    common, _ = _training_inputs(tmp_path, str(base_folder), extract_config)
+    other = tmp_path / "acts_layer1"
+    assert main(["extract", _write(tmp_path / "extract1.yaml", {
+        "base_model": str(base_folder), "corpus": str(tmp_path / "corpus.jsonl"), "out_dir": str(other),
+        "extract": dataclasses.asdict(extract_config) | {"layer": extract_config.layer - 1}})]) == 0
+    capsys.readouterr()
+    for command in ("train-ar", "train-av"):
+        out = tmp_path / command
+        config = _write(tmp_path / f"{command}.yaml", {**common, "activations": str(other), "out_dir": str(out)})
+        assert main([command, config]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"nla-lens {command}: ConfigError: explanations {common['explanations']} label the "
+                              f"extraction {Path(common['activations']).absolute()}, not activations {other} "
+                              f"(layer: {extract_config.layer} in the explanations, {extract_config.layer - 1} in "
+                              "the activations)")
+        assert not (out / "checkpoints").exists() and not (out / "model").exists()
+
+
+@pytest.mark.parametrize(("key", "template", "problem"), [
+    ("av_template", "Describe this activation.", "the AV template has no '{injection_char}' placeholder"),
+    ("av_template", "{injection_char} and {injection_char}", "the AV template holds the '{injection_char}' "
+                                                             "placeholder 2 times"),
+    ("ar_template", "Summary: <summary>", "the AR template has no '{explanation}' placeholder"),
+])
+def test_an_extract_template_without_its_placeholder_names_the_config_key_before_the_model_loads(
+        tmp_path, base_folder, capsys, monkeypatch, key, template, problem):
+    """It said "sidecar: the AV template has no ...; restore the released template" once the base had loaded, of a
+    template the config gave."""
+    monkeypatch.setattr(loading, "load_hooked_transformer", lambda *a, **k: pytest.fail("loaded the base model"))
+    (tmp_path / "corpus.jsonl").write_text(json.dumps({"text": "a b c"}) + "\n")
+    config = _write(tmp_path / "extract.yaml", {"base_model": str(base_folder),
+                                                "corpus": str(tmp_path / "corpus.jsonl"),
+                                                "out_dir": str(tmp_path / "acts"),
+                                                "extract": {"layer": 1, key: template}})
+    assert main(["extract", config]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"nla-lens extract: ConfigError: {config}: extract: {key}: {problem}")
+    assert "sidecar" not in err and not (tmp_path / "acts").exists()
+
+
+def test_a_config_that_names_its_command_is_refused_by_every_other_and_run_by_its_own(
+        tmp_path, base_folder, extract_config, capsys):
+    """`nla-lens train-av` given the AR's YAML trained an AV into the AR's out_dir on a first run: an AR's keys are
+    a subset of an AV's. The `command:` key the shipped examples carry tells them apart."""
+    common, _ = _training_inputs(tmp_path, str(base_folder), extract_config)
+    ar_config = _write(tmp_path / "ar.yaml", {"command": "train-ar", **common, "out_dir": str(tmp_path / "ar")})
+    capsys.readouterr()
+    assert main(["train-av", ar_config]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"nla-lens train-av: ConfigError: {ar_config}: command: this config is for nla-lens train-ar, not "
+                   f"train-av. {ar_config} reads as a config for nla-lens train-ar: run nla-lens train-ar {ar_config}, "
+                   "or give nla-lens train-av its own config (examples/ has one for each command)\n")
+    assert not (tmp_path / "ar").exists()
+    with pytest.raises(nl.ConfigError, match="^command: this config is for nla-lens train-ar, not train-av$"):
+        AVRunConfig(**yaml.safe_load(Path(ar_config).read_text()))  # from Python too
+    assert main(["train-ar", ar_config]) == 0
+    assert load_meta(tmp_path / "ar" / "model").role == "ar"
+
+
+def test_a_config_naming_no_known_command_is_refused(tmp_path, capsys):
+    config = _write(tmp_path / "ar.yaml", {"command": "train-critic", "base_model": "b", "activations": "a",
+                                           "explanations": "e.jsonl", "out_dir": "o"})
+    assert main(["train-ar", config]) == 2
+    assert (f"{config}: command: 'train-critic' is no nla-lens command with a config; set one of ['extract', "
+            "'train-ar', 'train-av', 'train-rl'] (the command this config is for), or leave it out"
+            ) in capsys.readouterr().err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -179,3 +180,85 @@ def test_a_base_model_that_cannot_hold_the_extractions_vectors_is_refused_before
     with pytest.raises(nl.ConfigError, match=message) as refused:
         init(base, dataset_meta)
     assert "set base_model to the model the activations were extracted from (tiny)" in str(refused.value)
+
+
+@pytest.fixture(scope="module")
+def other_layer_acts(tmp_path_factory, base_folder, extract_config):
+    """The `acts` corpus and positions at another layer: its (doc_id, position) keys are every one of `acts`'."""
+    tokenizer = loading.load_tokenizer(base_folder)
+    model = loading.load_hooked_transformer(base_folder, tokenizer, dtype=torch.float32, device="cpu")
+    folder = tmp_path_factory.mktemp("acts_other_layer")
+    config = dataclasses.replace(extract_config, layer=extract_config.layer - 1)
+    extract_activations(model, tokenizer, testing.tiny_corpus(8, words_per_doc=10), folder, config, progress=False)
+    return load_activations(folder)
+
+
+def test_explanations_saved_for_one_extraction_are_refused_on_another_layers(acts, other_layer_acts, tmp_path):
+    """Labels of a layer-2 extraction trained on the layer-1 vectors of the same rows without a word: every
+    (doc_id, position) matched."""
+    path = save_explanations(label_activations(acts, label_by_token), tmp_path / "explanations.jsonl")
+    with pytest.raises(nl.ConfigError) as refused:
+        label_activations(other_layer_acts, path)
+    message = str(refused.value)
+    labelled, other = acts.folder.absolute(), other_layer_acts.folder.absolute()
+    layer = acts.meta.layer
+    assert message.startswith(f"explanations {path} label the extraction {labelled}, not activations {other} "
+                              f"(layer: {layer} in the explanations, {layer - 1} in the activations)")
+    assert message.endswith(f"label {other} and train on those explanations, or point activations at {labelled}")
+
+
+def test_explanations_record_their_extractions_base_and_rows(acts, tmp_path):
+    path = save_explanations(label_activations(acts, label_by_token), tmp_path / "explanations.jsonl")
+    assert label_activations(acts, path).extraction == label_activations(acts, label_by_token).extraction
+    other_base = dataclasses.replace(acts, meta=dataclasses.replace(acts.meta, base_model="other/base"))
+    with pytest.raises(nl.ConfigError, match=f"base_model: {acts.meta.base_model!r} in the explanations, "
+                                             "'other/base' in the activations") as refused:
+        label_activations(other_base, path)
+    folder = acts.folder.absolute()  # one folder, extracted again since the labels were written
+    assert f"label the extraction {folder} held when they were written, not activations {folder} (" in str(
+        refused.value) and str(refused.value).endswith(f"To fix it, label {folder} again")
+    # One token changed: the same count and keys, other rows (an extraction of an edited corpus).
+    first = dataclasses.replace(acts.records[0], token_id=acts.records[0].token_id + 1)
+    edited = dataclasses.replace(acts, records=[first, *acts.records[1:]])
+    with pytest.raises(nl.ConfigError, match=rf"rows: {len(acts)} in both, but other documents, positions or tokens"):
+        label_activations(edited, path)
+
+
+def test_a_file_joining_two_extractions_explanations_or_a_damaged_record_is_named_by_its_line(
+        acts, other_layer_acts, tmp_path):
+    first = save_explanations(label_activations(acts, label_by_token), tmp_path / "a.jsonl").read_text()
+    second = save_explanations(label_activations(other_layer_acts, label_by_token), tmp_path / "b.jsonl").read_text()
+    joined = tmp_path / "joined.jsonl"
+    joined.write_text(first + second)
+    line = first.count("\n") + 1
+    with pytest.raises(nl.InputError, match=rf"joined.jsonl:{line}: records another extraction "
+                                            rf"\({other_layer_acts.folder.absolute()}\) than line 1 "
+                                            rf"\({acts.folder.absolute()}\): the file joins the explanations of two"):
+        label_activations(acts, joined)
+    joined.write_text(first + first)  # one extraction's explanations twice over: the same record, then repeats
+    with pytest.raises(nl.InputError, match="a second explanation for doc_id"):
+        label_activations(acts, joined)
+    damaged = tmp_path / "damaged.jsonl"
+    damaged.write_text(json.dumps({"extraction": {"layer": 2}}) + "\n" + first.split("\n", 1)[1])
+    with pytest.raises(nl.InputError, match=r"damaged.jsonl:1: a damaged record of the extraction labelled"):
+        label_activations(acts, damaged)
+
+
+def test_explanations_without_an_extraction_record_load_with_one_warning(acts, tmp_path):
+    """Files written before the record (or by other code) still train, with a word that nothing checks them."""
+    path = tmp_path / "explanations.jsonl"
+    path.write_text("".join(json.dumps({"doc_id": r.doc_id, "position": r.position, "explanation": "x"}) + "\n"
+                            for r in acts.records))
+    with pytest.warns(UserWarning, match=f"{path} does not record which extraction it labels") as warned:
+        data = label_activations(acts, path)
+    assert len(warned) == 1 and data.explanations == ["x"] * len(acts) and data.extraction is not None
+
+
+def test_explanations_of_one_document_say_the_split_needs_labelled_rows_of_two(acts):
+    one_document = label_activations(acts, lambda r: "x" if r.doc_id == acts.records[0].doc_id else None)
+    with pytest.raises(nl.InputError) as refused:
+        split_by_document(one_document, eval_fraction=0.25)
+    assert str(refused.value) == (
+        f"the split holds out whole documents, so it needs labelled rows of at least 2 documents, but all "
+        f"{len(one_document)} labelled rows are of document {acts.records[0].doc_id!r}; label rows of more "
+        "documents (the rows of a document without an explanation are left out)")

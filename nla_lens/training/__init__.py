@@ -28,6 +28,7 @@ from nla_lens.training.config import (
 from nla_lens.training.dataset import (
     ARRows,
     AVRows,
+    ExtractionIdentity,
     LabelledActivations,
     ar_rows,
     av_rows,
@@ -50,8 +51,8 @@ from nla_lens.training.rl import train_rl
 
 __all__ = [
     "ARRows", "ARRunConfig", "AVRows", "AVRunConfig", "ActivationDataset", "ActivationRecord", "Document",
-    "ExtractConfig", "ExtractRunConfig", "LabelledActivations", "RLConfig", "RLRunConfig", "RLRunResult", "RunResult",
-    "TrainConfig", "TrainResult",
+    "ExtractConfig", "ExtractRunConfig", "ExtractionIdentity", "LabelledActivations", "RLConfig", "RLRunConfig",
+    "RLRunResult", "RunResult", "TrainConfig", "TrainResult",
     "ar_loss", "ar_rows", "av_loss", "av_rows", "check_document_disjoint", "evaluate_ar", "evaluate_av",
     "export_ar", "export_av", "extract_activations", "freeze_weights_hf_lacks", "hf_state_dict", "init_ar",
     "init_av", "label_activations", "load_activations", "load_config", "model_sidecar", "run_extract",

@@ -44,7 +44,7 @@ def init_ar(base_model: str | Path, dataset: NLAMeta, *, device: str | torch.dev
     hf_config = loading.load_hf_config(folder)
     check_base_fits(hf_config, dataset, base_model, folder=folder, role="ar")
     tokenizer = loading.load_tokenizer(folder)
-    meta = parse_meta(model_sidecar(dataset, "ar"), source="AR sidecar")
+    meta = parse_meta(model_sidecar(dataset, "ar"), source=f"the AR sidecar made from {dataset.source}")
     check_tokenizer(meta, tokenizer, role="ar")
     model = loading.load_hooked_transformer(folder, tokenizer, dtype=dtype, device=device, n_layers=meta.layer + 1)
     freeze_weights_hf_lacks(model, hf_config)

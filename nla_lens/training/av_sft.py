@@ -62,8 +62,9 @@ def init_av(
     if tokenizer.eos_token_id is None:  # every explanation the AV learns ends with it: how it learns to stop
         raise ConfigError(f"the base model's tokenizer ({folder}) has no EOS token, which ends every AV training row "
                           "so that the AV learns to stop; use the base model's own tokenizer files")
+    # Its templates and token facts are the extraction's: errors name the file they came from.
     meta = parse_meta(model_sidecar(dataset, "av", injection=spec, injection_scale=injection_scale),
-                      source="AV sidecar")
+                      source=f"the AV sidecar made from {dataset.source}")
     check_tokenizer(meta, tokenizer)
     loading.check_hook_point(folder, spec.hook_point, backend="hooked")  # a typo here cost a full load
     model = loading.load_hooked_transformer(folder, tokenizer, dtype=dtype, device=device)

@@ -8,14 +8,14 @@ import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 import yaml
 
 from nla_lens.checks import dtype_names, resolve_dtype
 from nla_lens.errors import ConfigError, InputError
-from nla_lens.sidecar import DEFAULT_HOOK_POINT, DuplicateKeyError, safe_load_unique
+from nla_lens.sidecar import DEFAULT_HOOK_POINT, DuplicateKeyError, safe_load_unique, template_problem
 
 # The paper's critic prompt; the AV prompt puts the marker between '>' and '</' as nanoNLA's does.
 DEFAULT_AR_TEMPLATE = "Summary of the following text: <text>{explanation}</text> <summary>"
@@ -49,6 +49,16 @@ class ExtractConfig:
             raise ConfigError(f"extract: need layer >= 0, positions_per_doc >= 1, min_context >= 0 and max_tokens > "
                               f"min_context (got {self.layer}, {self.positions_per_doc}, {self.min_context}, "
                               f"{self.max_tokens})")
+        # Here, not once the base has loaded, where the sidecar's parser named no key and said to restore a file.
+        for key, name, default in (("av_template", "AV", DEFAULT_AV_TEMPLATE),
+                                   ("ar_template", "AR", DEFAULT_AR_TEMPLATE)):
+            template = getattr(self, key)
+            if not isinstance(template, str):
+                raise ConfigError(f"{key}: expected a string, got {template!r}; the default is {default!r}")
+            problem = template_problem(name, template)
+            if problem is not None:
+                raise ConfigError(f"{key}: {problem}; write it exactly once in {key}, as the default does "
+                                  f"({default!r})")
 
 
 def _adam_betas(betas: Any) -> tuple[float, float]:
@@ -141,18 +151,37 @@ class TrainConfig:
         _check_ranges(self, eval_every=_NON_NEGATIVE, save_every=_NON_NEGATIVE, keep_checkpoints=_AT_LEAST_1)
 
 
+COMMANDS = ("extract", "train-ar", "train-av", "train-rl")  # the nla-lens commands that read a config
+
+
+def check_command(command: Any, expected: str | None) -> None:
+    """A config's optional `command:`, the nla-lens command it was written for (the shipped examples carry it),
+    against the command reading it (`expected`; None: any). Without it `nla-lens train-av` took the AR's YAML for
+    its own, an AR's keys being a subset of an AV's, and trained an AV into the AR's out_dir."""
+    if command is None:
+        return
+    if command not in COMMANDS:
+        raise ConfigError(f"command: {command!r} is no nla-lens command with a config; set one of {list(COMMANDS)} "
+                          "(the command this config is for), or leave it out")
+    if expected is not None and command != expected:
+        raise ConfigError(f"command: this config is for nla-lens {command}, not {expected}")
+
+
 @dataclass
 class ExtractRunConfig:
     """`nla-lens extract`: a base HF folder, a JSONL corpus ({"id", "text"} per line), an out_dir."""
 
+    COMMAND: ClassVar[str] = "extract"
     base_model: str
     corpus: str
     out_dir: str
     extract: ExtractConfig
     device: str = "cpu"
     dtype: str = "float32"  # a name checks.DTYPES holds ("bf16", ...) or a torch floating-point dtype
+    command: str | None = None  # optional: "extract", refused by the other commands
 
     def __post_init__(self) -> None:
+        check_command(self.command, self.COMMAND)
         _check_dtypes(self, "dtype")
 
 
@@ -160,6 +189,7 @@ class ExtractRunConfig:
 class SFTRunConfig:
     """Fields both `nla-lens train-av` and `train-ar` read."""
 
+    COMMAND: ClassVar[str | None] = None
     base_model: str  # HF folder the AV / AR is initialised from (the base model itself)
     activations: str  # an extraction folder
     explanations: str  # JSONL: {"doc_id", "position", "explanation"} per line
@@ -171,14 +201,17 @@ class SFTRunConfig:
     resume: str | None = None  # "latest" or a checkpoint folder
     export_dtype: str = "float32"
     train: TrainConfig = field(default_factory=TrainConfig)
+    command: str | None = None  # optional: "train-av" or "train-ar", refused by the other commands
 
     def __post_init__(self) -> None:
+        check_command(self.command, self.COMMAND)
         _check_dtypes(self, "dtype", "export_dtype")
         _check_ranges(self, eval_fraction=_FRACTION)
 
 
 @dataclass
 class AVRunConfig(SFTRunConfig):
+    COMMAND: ClassVar[str | None] = "train-av"
     injection: str = "karvonen"
     hook_point: str | None = None
     injection_scale: float | None = None  # embedding replacement only
@@ -197,7 +230,7 @@ class AVRunConfig(SFTRunConfig):
 
 @dataclass
 class ARRunConfig(SFTRunConfig):
-    pass
+    COMMAND: ClassVar[str | None] = "train-ar"
 
 
 @dataclass
@@ -263,6 +296,7 @@ class RLRunConfig:
     evaluates on its held-out ones; `rl.sft_coef` > 0 also trains on the explanations (its SFT term).
     """
 
+    COMMAND: ClassVar[str] = "train-rl"
     av: str  # SFT AV folder: the policy's start and the frozen KL reference
     ar: str  # SFT AR folder: the reward model (trained on unless rl.train_ar is false)
     activations: str
@@ -275,8 +309,10 @@ class RLRunConfig:
     resume: str | None = None
     export_dtype: str = "float32"
     rl: RLConfig = field(default_factory=RLConfig)
+    command: str | None = None  # optional: "train-rl", refused by the other commands
 
     def __post_init__(self) -> None:
+        check_command(self.command, self.COMMAND)
         _check_dtypes(self, "dtype", "export_dtype")
         _check_ranges(self, eval_fraction=_FRACTION)
 
@@ -304,6 +340,8 @@ def load_config(cls: type[Config], path: str | Path) -> Config:
         raise ConfigError(f"config {path} is empty (or only comments); write the run's keys in it (examples/ has a "
                           "config for each command)")
     try:
+        if isinstance(data, dict):  # before the keys: another command's keys read as unknown ones
+            check_command(data.get("command"), getattr(cls, "COMMAND", None))
         return from_dict(cls, data)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from exc

@@ -12,7 +12,7 @@ import logging
 import random
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,38 @@ logger = logging.getLogger(__name__)
 _FINGERPRINT_CHUNK = 1 << 24  # values hashed per float32 copy (64 MiB)
 _WEIGHT_STRIDE = 997  # every 997th value of each parameter: another checkpoint differs there too
 Labeler = Callable[[ActivationRecord], "str | None"]
+RECORD_KEY = "extraction"  # the key of the line `save_explanations` writes first: the extraction it labels
+_IN_MEMORY = "(an extraction in memory)"  # an extraction's name in messages where it has no folder
+
+
+@dataclass(frozen=True)
+class ExtractionIdentity:
+    """What identifies the extraction a set of explanations labels, recorded by `save_explanations`: a label
+    file's (doc_id, position) keys match every extraction of the same corpus and seed, at any layer of any base.
+    Read from what `load_activations` has in memory (no shard is hashed again). `folder` is named in messages,
+    never compared: a moved extraction is the same one."""
+
+    folder: str | None  # absolute; None for an extraction built in memory
+    base_model: str | None
+    layer: int
+    rows: int
+    rows_digest: str  # of every row's doc id, position and token id, in order
+
+    @classmethod
+    def of(cls, dataset: ActivationDataset) -> ExtractionIdentity:
+        rows = json.dumps([[r.doc_id, r.position, r.token_id] for r in dataset.records]).encode()
+        folder = None if dataset.folder is None else str(Path(dataset.folder).absolute())
+        return cls(folder, dataset.meta.base_model, dataset.meta.layer, len(dataset),
+                   hashlib.blake2b(rows, digest_size=16).hexdigest())
+
+    def differences(self, other: ExtractionIdentity) -> list[str]:
+        """Where `other` (the activations) is another extraction than this one (the explanations'), with both
+        values; empty when they are one."""
+        found = [f"{name}: {getattr(self, name)!r} in the explanations, {getattr(other, name)!r} in the activations"
+                 for name in ("base_model", "layer", "rows") if getattr(self, name) != getattr(other, name)]
+        if not found and self.rows_digest != other.rows_digest:
+            found.append(f"rows: {self.rows} in both, but other documents, positions or tokens")
+        return found
 
 
 @dataclass(frozen=True)
@@ -41,6 +73,7 @@ class LabelledActivations:
     doc_ids: list[str]
     positions: list[int]
     explanations: list[str]
+    extraction: ExtractionIdentity | None = None  # the extraction labelled (None: rows built in memory)
 
     def __post_init__(self) -> None:
         n = self.vectors.shape[0]
@@ -53,19 +86,25 @@ class LabelledActivations:
     def select(self, index: Sequence[int]) -> LabelledActivations:
         index = list(index)
         return LabelledActivations(self.vectors[index], [self.doc_ids[i] for i in index],
-                                   [self.positions[i] for i in index], [self.explanations[i] for i in index])
+                                   [self.positions[i] for i in index], [self.explanations[i] for i in index],
+                                   self.extraction)
 
 
 def label_activations(dataset: ActivationDataset, explanations: str | Path | Labeler) -> LabelledActivations:
     """Pair rows with explanations from a JSONL file or a `labeler(record) -> str | None`.
 
-    JSONL lines are ``{"doc_id", "position", "explanation"}``. Rows left without an explanation are
-    dropped (and counted in the log); a JSONL line that matches no row is an error.
+    JSONL lines are ``{"doc_id", "position", "explanation"}``, after the record of the extraction labelled that
+    `save_explanations` writes first: explanations of another extraction (another layer or base, other rows) are a
+    `ConfigError`, and a file without the record (older, or written by other code) loads with a warning. Rows left
+    without an explanation are dropped (and counted in the log); a JSONL line that matches no row is an error.
     """
     if callable(explanations):
+        identity = ExtractionIdentity.of(dataset)
         texts = [explanations(record) for record in dataset.records]
     else:
-        by_key = _read_explanations(Path(explanations))
+        by_key, recorded = _read_explanations(Path(explanations))  # the file's own problems first
+        identity = ExtractionIdentity.of(dataset)
+        check_labelled_extraction(recorded, identity, explanations)
         texts = [by_key.pop((r.doc_id, r.position), None) for r in dataset.records]
         if by_key:
             doc_id, position = next(iter(by_key))
@@ -80,21 +119,68 @@ def label_activations(dataset: ActivationDataset, explanations: str | Path | Lab
         logger.info("%d of %d activation rows have no explanation and are left out", len(texts) - len(keep),
                     len(texts))
     return LabelledActivations(dataset.vectors[keep], [dataset.records[i].doc_id for i in keep],
-                               [dataset.records[i].position for i in keep], [texts[i] for i in keep])
+                               [dataset.records[i].position for i in keep], [texts[i] for i in keep], identity)
 
 
-def _read_explanations(path: Path) -> dict[tuple[str, int], str]:
+def check_labelled_extraction(recorded: ExtractionIdentity | None, activations: ExtractionIdentity,
+                              path: str | Path) -> None:
+    """Refuse explanations recorded for another extraction than `activations`: their keys match any extraction
+    of the same corpus and seed, so another layer's vectors trained on them without a word. A file without the
+    record is warned of (once per file and process, as Python shows a warning), not refused: files written before
+    the record, and by other code, must still load."""
+    here = activations.folder or _IN_MEMORY
+    if recorded is None:
+        warnings.warn(f"{path} does not record which extraction it labels (written before nla_lens recorded it, or "
+                      f"by other code), so nothing checks that its explanations describe the activations {here}; "
+                      f"once you know they do, save_explanations(label_activations(load_activations(...), {str(path)!r}"
+                      f"), {str(path)!r}) records it", stacklevel=3)
+        return
+    differences = recorded.differences(activations)
+    if not differences:
+        return
+    labelled = recorded.folder or _IN_MEMORY
+    if labelled == here:  # the folder was extracted again since
+        subject, fix = f"the extraction {labelled} held when they were written", f"label {here} again"
+    else:
+        subject = f"the extraction {labelled}"
+        fix = f"label {here} and train on those explanations, or point activations at {labelled}"
+    raise ConfigError(f"explanations {path} label {subject}, not activations {here} ({'; '.join(differences)}): "
+                      f"they describe other vectors. To fix it, {fix}")
+
+
+def _read_explanations(path: Path) -> tuple[dict[tuple[str, int], str], ExtractionIdentity | None]:
+    """The explanations by (doc_id, position), and the extraction the file records (None: no record)."""
     out: dict[tuple[str, int], str] = {}
+    recorded: tuple[int, ExtractionIdentity] | None = None  # the line that records it first, and what it records
     for line_no, line in jsonl_lines(path, "explanations"):
-        key, text = _explanation_line(f"{path}:{line_no}", line)
+        where = f"{path}:{line_no}"
+        row = _json_object(where, line)
+        if RECORD_KEY in row and "doc_id" not in row:
+            identity = _recorded_extraction(where, row[RECORD_KEY])
+            if recorded is not None and recorded[1].differences(identity):
+                raise InputError(f"{where}: records another extraction ({identity.folder}) than line {recorded[0]} "
+                                 f"({recorded[1].folder}): the file joins the explanations of two extractions; keep "
+                                 "those of the extraction you train on")
+            recorded = recorded or (line_no, identity)
+            continue
+        key, text = _explanation_line(where, row)
         if key in out:
-            raise InputError(f"{path}:{line_no}: a second explanation for doc_id {key[0]!r} position {key[1]}")
+            raise InputError(f"{where}: a second explanation for doc_id {key[0]!r} position {key[1]}")
         out[key] = text
-    return out
+    return out, None if recorded is None else recorded[1]
 
 
-def _explanation_line(where: str, line: str) -> tuple[tuple[str, int], str]:
-    """One line's (doc_id, position) and explanation; what is wrong with it, in words (not Python's)."""
+def _recorded_extraction(where: str, value: Any) -> ExtractionIdentity:
+    try:
+        return ExtractionIdentity(**value)
+    except TypeError as exc:  # not a mapping, or other keys
+        raise InputError(f"{where}: a damaged record of the extraction labelled ({json.dumps(value)[:80]}); write "
+                         "the file again with save_explanations, or delete the line (nothing then checks which "
+                         "extraction the explanations label)") from exc
+
+
+def _json_object(where: str, line: str) -> dict[str, Any]:
+    """One line as a JSON object; what is wrong with it, in words (not Python's)."""
     try:
         row = json.loads(line)
     except json.JSONDecodeError as exc:
@@ -103,6 +189,11 @@ def _explanation_line(where: str, line: str) -> tuple[tuple[str, int], str]:
     if not isinstance(row, dict):
         raise InputError(f"{where}: expected a JSON object with doc_id, position and explanation, got "
                          f"{line.strip()[:60]}")
+    return row
+
+
+def _explanation_line(where: str, row: dict[str, Any]) -> tuple[tuple[str, int], str]:
+    """One line's (doc_id, position) and explanation; what is wrong with it, in words (not Python's)."""
     missing = [key for key in ("doc_id", "position", "explanation") if key not in row]
     if missing:
         raise InputError(f"{where}: the object lacks {', '.join(missing)}; each line needs doc_id, position and "
@@ -153,11 +244,14 @@ def data_fingerprint(*parts: LabelledActivations | Tensor | nn.Module) -> str:
 
 
 def save_explanations(data: LabelledActivations, path: str | Path) -> Path:
-    """Write `data`'s explanations as the JSONL that `label_activations` and the CLI read. The path is checked
-    first, so a missing folder is an InputError that says so, not open()'s FileNotFoundError."""
+    """Write `data`'s explanations as the JSONL that `label_activations` and the CLI read, after a first line
+    recording the extraction they label (where `data` knows it), which training checks its activations against.
+    The path is checked first, so a missing folder is an InputError that says so, not open()'s FileNotFoundError."""
     path = file_path(path, "save_explanations")
     check_output_path(path, (".jsonl",), "explanations file")
     with path.open("w", encoding="utf-8") as f:
+        if data.extraction is not None:
+            f.write(json.dumps({RECORD_KEY: asdict(data.extraction)}, ensure_ascii=False) + "\n")
         for doc_id, position, text in zip(data.doc_ids, data.positions, data.explanations, strict=True):
             f.write(json.dumps({"doc_id": doc_id, "position": position, "explanation": text},
                                ensure_ascii=False) + "\n")
@@ -168,9 +262,14 @@ def eval_documents(doc_ids: Sequence[str], eval_fraction: float, seed: int = 0) 
     """The documents `split_by_document` puts on the eval side: a seeded `eval_fraction` of the distinct
     ids (at least one, never all). Depends only on the set of ids, so it can be recomputed without the rows."""
     docs = sorted(set(doc_ids))
-    if not 0 < eval_fraction < 1 or len(docs) < 2:
-        raise InputError(f"need 0 < eval_fraction < 1 and at least 2 documents (got {eval_fraction}, "
-                         f"{len(docs)} document(s))")
+    if not 0 < eval_fraction < 1:
+        raise InputError(f"eval_fraction must be in (0, 1), the share of documents held out; got {eval_fraction}")
+    if len(docs) < 2:
+        rows = (f"all {len(doc_ids)} labelled rows are of document {docs[0]!r}" if docs
+                else "there are no labelled rows")
+        raise InputError(f"the split holds out whole documents, so it needs labelled rows of at least 2 documents, "
+                         f"but {rows}; label rows of more documents (the rows of a document without an explanation "
+                         "are left out)")
     random.Random(seed).shuffle(docs)
     return set(docs[:min(len(docs) - 1, max(1, round(eval_fraction * len(docs))))])
 

@@ -82,6 +82,7 @@ class ActivationDataset:
     meta: NLAMeta
     vectors: Float[Tensor, "n d_model"]
     records: list[ActivationRecord]
+    folder: Path | None = None  # where `load_activations` read it (None: built in memory), named in messages
 
     def __len__(self) -> int:
         return len(self.records)
@@ -116,7 +117,8 @@ def token_facts(tokenizer: PreTrainedTokenizerBase, injection_char: str, av_temp
 def _draft_meta(tokens: dict[str, Any], av_template: str, ar_template: str) -> NLAMeta:
     return parse_meta({"kind": "nla_dataset", "schema_version": 1, "tokens": tokens,
                        "extraction": {"d_model": 1, "layer_index": 0},
-                       "prompt_templates": {"actor": av_template, "critic": ar_template}})
+                       "prompt_templates": {"actor": av_template, "critic": ar_template}},
+                      source="the extract config's injection_char, av_template and ar_template")
 
 
 def dataset_sidecar(tokenizer: PreTrainedTokenizerBase, config: ExtractConfig, *, base_model: str,
@@ -400,7 +402,7 @@ def load_activations(folder: str | Path) -> ActivationDataset:
         raise ConfigError(f"{folder / SHARD_DIR} holds {len(records)} rows, but the extraction wrote "
                           f"{complete['rows']}: shards were replaced since. Extract again into a new out_dir (or "
                           "delete this one)")
-    return ActivationDataset(meta, torch.cat(vectors), records)
+    return ActivationDataset(meta, torch.cat(vectors), records, folder)
 
 
 def _completion_record(folder: Path) -> dict[str, int] | None:
