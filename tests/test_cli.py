@@ -6,6 +6,8 @@ import argparse
 import json
 import shutil
 import warnings
+from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 
 import nla_lens as nl
-from nla_lens import shard_store
+from nla_lens import loading, shard_store
 from nla_lens.checks import DTYPES
 from nla_lens.cli import build_parser, main
 from nla_lens.sidecar import load_meta
@@ -143,6 +145,34 @@ def test_verbalize_text_reads_the_base_model_the_sidecar_names(capsys):
     tokenizer = AutoTokenizer.from_pretrained(toy.TOY_DIR / "base")
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == len(tokenizer.encode("Good morrow"))  # one per position of the toy base's tokens
+
+
+@pytest.fixture()
+def tokenizer_loads(monkeypatch) -> Counter:
+    """How many times each folder's tokenizer is loaded, by the folder's resolved path."""
+    loads: Counter = Counter()
+    load_tokenizer = loading.load_tokenizer
+
+    def counted(folder, **kwargs):
+        loads[Path(folder).resolve()] += 1
+        return load_tokenizer(folder, **kwargs)
+
+    monkeypatch.setattr(loading, "load_tokenizer", counted)
+    return loads
+
+
+def test_verbalize_text_and_explain_from_a_base_load_each_tokenizer_once(tiny_paths, tmp_path, tokenizer_loads):
+    """The base check loaded the AV's and the base's tokenizers, then the AV, the AR and the base (and explain's pair
+    check) loaded them again: 4 loads for verbalize and 7 for explain, about 1 s each on a Qwen-sized tokenizer."""
+    av, ar = tiny_paths["av_karvonen"].resolve(), tiny_paths["ar_nanonla"].resolve()
+    base = shutil.copytree(av, tmp_path / "base").resolve()  # the tiny base: the AV folder holds a full copy of it
+    (base / "nla_meta.yaml").unlink()
+    assert main(["verbalize", "--av", str(av), "--base", str(base), "--text", "the cat", "--max-new-tokens", "2"]) == 0
+    assert tokenizer_loads == {av: 1, base: 1}
+    tokenizer_loads.clear()
+    assert main(["explain", "--av", str(av), "--ar", str(ar), "--base", str(base), "--text", "the cat",
+                 "--positions", "-1", "--max-new-tokens", "2"]) == 0
+    assert tokenizer_loads == {av: 1, ar: 1, base: 1}
 
 
 def test_errors_exit_2_with_the_typed_reason(tiny_paths, tmp_path, capsys):
