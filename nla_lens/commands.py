@@ -84,8 +84,8 @@ def add_verbalize(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--base", help="base model folder for --text (default: the sidecar's base_model)")
     parser.add_argument("--layer", type=int, help="layer K for --text (default: the AV's sidecar layer)")
     parser.add_argument("--output", type=Path,
-                        help="write the rows (index, the input's columns, explanation, text, truncated) to this "
-                             ".parquet or .jsonl file instead of printing them")
+                        help="write the rows (index, the input's columns or --text's position and token, "
+                             "explanation, text, truncated) to this .parquet or .jsonl file instead of printing them")
     _add_job_flags(parser)
     parser.set_defaults(run=_run_verbalize)
 
@@ -145,7 +145,8 @@ def _add_job_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=1.0,
                         help="nucleus sampling mass at temperature > 0 (default 1.0: off)")
     parser.add_argument("--seed", type=int, default=0,
-                        help="seed for sampling at temperature > 0; each shard derives its own from it (default 0)")
+                        help="seed for sampling at temperature > 0 (default 0); each shard of a file job derives its "
+                             "own from it")
     parser.add_argument("--batch-size", type=int, default=32, help="vectors per AV batch (default 32)")
     parser.add_argument("--device", default="cpu",
                         help="torch device; cuda under torchrun means cuda:LOCAL_RANK (cuda:0 where each rank sees "
@@ -377,7 +378,9 @@ def add_explain(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--positions", type=_positions_arg,
                         help="which tokens: comma-separated positions (negative from the end) such as 3,-1 or "
                              "-2,-1, or a slice such as 8: or -4: (default: every token but an added BOS)")
-    parser.add_argument("--baseline", type=float, help="FVE baseline (default: the AR sidecar's held-out one)")
+    parser.add_argument("--baseline", type=float,
+                        help="FVE baseline (default: the AR sidecar's held-out one, else the paper baseline of the "
+                             "captured vectors when there are >= 32; otherwise no FVE)")
     parser.add_argument("--output", type=Path, help="also write the rows to .parquet / .jsonl, or the view to .html")
     parser.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS,
                         help=f"longest explanation (default {MAX_NEW_TOKENS})")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import warnings
 from collections import Counter
@@ -248,12 +249,36 @@ def test_round_trip_with_a_text_points_to_explain(capsys):
     assert "the following arguments are required" not in err
 
 
-def test_round_trip_help_names_the_baseline_the_job_uses():
-    """`round-trip` without --baseline takes the AR sidecar's held-out baseline first, as `round_trip_file` does."""
+@pytest.mark.parametrize("command", ["round-trip", "explain"])
+def test_baseline_help_names_the_baseline_the_command_uses(command):
+    """Without --baseline both take the AR sidecar's held-out baseline, else the paper baseline of the vectors when
+    there are >= 32 (`round_trip_file`, `nla.explain`); explain's help named only the sidecar's."""
     subcommands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
-    baseline = next(a for a in subcommands["round-trip"]._actions if a.dest == "baseline")
+    baseline = next(a for a in subcommands[command]._actions if a.dest == "baseline")
     assert "AR sidecar's held-out" in baseline.help
     assert ">= 32" in baseline.help
+
+
+def test_the_top_level_help_says_what_an_nla_is_and_where_to_start(capsys):
+    """`nla-lens --help` said "The `nla-lens` command: a thin layer over the library.": to a newcomer, neither what
+    an AV or an AR is, which the commands' own lines name, nor where to start."""
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "activation verbalizer (AV)" in out and "activation reconstructor (AR)" in out
+    assert "Start with nla-lens demo" in out and "nla-lens COMMAND --help" in out
+
+
+@pytest.mark.parametrize("command", ["extract", "train-av", "train-ar", "train-rl"])
+def test_a_training_configs_help_names_a_class_the_user_can_import(command):
+    """The config's help named `ExtractRunConfig`, which `nla_lens` does not export; `nla_lens.training` does."""
+    import nla_lens.training
+
+    subcommands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    config = next(a for a in subcommands[command]._actions if a.dest == "config")
+    named = re.search(r"the fields of ([\w.]+)", config.help).group(1)
+    module, _, name = named.rpartition(".")
+    assert module == "nla_lens.training" and isinstance(getattr(nla_lens.training, name), type)
 
 
 def _screen(text: str) -> list[str]:

@@ -272,7 +272,7 @@ def test_a_sidecar_base_of_another_vocabulary_is_named_as_the_sidecars_not_as_ba
         assert "--base " + str(base) not in err and "leave --base out" not in err and "nl.load_base" not in err
 
 
-def _av_naming_base(tiny_paths, folder: Path, base: Path) -> Path:
+def _av_naming_base(tiny_paths, folder: Path, base: Path | str) -> Path:
     """A copy of the tiny AV whose sidecar names `base` as its base model."""
     av = shutil.copytree(tiny_paths["av_karvonen"], folder)
     meta = yaml.safe_load((av / "nla_meta.yaml").read_text(encoding="utf-8"))
@@ -298,6 +298,14 @@ def test_a_base_without_the_avs_layer_is_a_pair_mismatch_named_as_the_user_gave_
                  "PairMismatchError", f"--base {shallow} has 2 blocks (0-1), and the AV reads layer 2",
                  "leave --base out to use the one its sidecar names")
     assert "--layer" not in err
+
+
+def test_a_sidecar_base_named_by_other_than_its_path_is_named_with_its_folder(tiny_paths, tmp_path, no_model_loads,
+                                                                              capsys):
+    """A sidecar's base_model that is a name (the toy's, a cached hub id) is shown with the folder it resolved to."""
+    av = _av_naming_base(tiny_paths, tmp_path / "av", nl.toy.BASE_MODEL)
+    _fails(["verbalize", "--av", av, "--text", "the cat"], capsys, "PairMismatchError",
+           f"the sidecar's base_model {nl.toy.BASE_MODEL} (found at {nl.toy.TOY_DIR / 'base'}) has d_model 128")
 
 
 def test_a_layer_outside_the_sidecars_base_names_that_base_and_the_fix(tiny_paths, tmp_path, no_model_loads, capsys):
