@@ -14,7 +14,6 @@ import torch
 
 from nla_lens import loading, shard_store, sharded
 from nla_lens.checks import (
-    blocks_phrase,
     check_counts,
     check_input_file,
     check_output_path,
@@ -42,9 +41,10 @@ _VECTOR_SUFFIXES = (".safetensors", ".pt")  # what `reconstruct --output` writes
 
 def capture_text(base: Path, tokenizer: PreTrainedTokenizerBase, layer: int, text: str, device: str,
                  dtype: torch.dtype) -> VectorTable:
-    """`blocks.{layer}.hook_resid_post` of the base model in folder `base` (with its loaded `tokenizer`) at the
-    positions of `text` that `explain` explains by default (every one but a BOS the tokenizer puts first), with each
-    one's `position` and `token` columns, so an explanation can be read against what it explains."""
+    """`blocks.{layer}.hook_resid_post` of the base model in folder `base` (with its loaded `tokenizer`; both, and
+    `layer`, checked by `cli_checks.base_for`) at the positions of `text` that `explain` explains by default (every
+    one but a BOS the tokenizer puts first), with each one's `position` and `token` columns, so an explanation can be
+    read against what it explains."""
     from nla_lens import backends
     from nla_lens.capture import text_resid_post
     from nla_lens.explain import bos_skip, select_positions
@@ -53,8 +53,6 @@ def capture_text(base: Path, tokenizer: PreTrainedTokenizerBase, layer: int, tex
     if not text.strip():
         raise InputError("--text is empty; give the text whose positions to explain")
     model = backends.load_model(base, tokenizer, dtype=dtype, device=device)
-    if not 0 <= layer < model.cfg.n_layers:
-        raise InputError(f"--layer {layer} is outside the base model's {blocks_phrase(model.cfg.n_layers)}")
     row = text_ids(tokenizer, text)  # BOS first where the base has one
     if len(row) > model.cfg.n_ctx:
         raise PromptTooLongError(f"--text is {len(row)} tokens, over the base model's context of "
