@@ -71,8 +71,14 @@ def _registrars() -> list[Callable[[argparse._SubParsersAction], None]]:
             add_extract, add_train_av, add_train_ar, add_train_rl, bench.add_parser]
 
 
+_DESCRIPTION = ("Natural Language Autoencoders (NLAs) on TransformerLens models. An NLA's activation verbalizer (AV) "
+                "explains a base model's residual at its layer K in words; its activation reconstructor (AR) rebuilds "
+                "the vector from those words, which scores the explanation (MSE, FVE). Start with nla-lens demo "
+                "(offline, on a bundled toy NLA); nla-lens COMMAND --help describes each command.")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nla-lens", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="nla-lens", description=_DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True)
     for register in _registrars():

@@ -9,6 +9,8 @@ import warnings
 from pathlib import Path
 from typing import Literal
 
+from transformers import PreTrainedTokenizerBase
+
 from nla_lens import loading
 from nla_lens.checks import blocks_phrase
 from nla_lens.errors import InputError, PairMismatchError, SidecarError
@@ -38,17 +40,22 @@ def nla_checkpoint(path_or_id: str | Path, role: Literal["av", "ar"]) -> tuple[P
     return folder, meta
 
 
-def base_for(path_or_id: str | Path, av_folder: Path, av_meta: NLAMeta, layer: int, *,
-             from_sidecar: bool = False) -> Path:
-    """The `--base` folder (`from_sidecar`: the one the AV's sidecar names, --base left out) for capturing layer
-    `layer`, checked against the AV in `av_folder` before either model is loaded.
+def base_for(path_or_id: str | Path | None, av_meta: NLAMeta, av_tokenizer: PreTrainedTokenizerBase,
+             layer: int | None = None) -> tuple[Path, PreTrainedTokenizerBase]:
+    """The folder and tokenizer of the base model to capture from, `--base` (None: the one the AV's sidecar names),
+    checked against the AV's sidecar and tokenizer before any model is loaded. `layer` is `--layer`, None where it
+    was left out (the AV's own layer).
 
-    An AR can never serve (it is truncated), nor a base of another width or vocabulary; an AV folder or a
-    layer other than the sidecar's runs, with a warning, since explaining them is possible but off the
-    distribution the AV was trained on.
+    An AR can never serve (it is truncated), nor a base of another width, depth or vocabulary: the NLA was not
+    trained to read it (PairMismatchError). A `--layer` outside the base is an InputError. An AV folder or a layer
+    other than the sidecar's runs, with a warning, since explaining them is possible but off the distribution the
+    AV was trained on.
     """
-    folder = loading.resolve_checkpoint(path_or_id)
-    base = f"the sidecar's base_model {path_or_id}" if from_sidecar else f"--base {path_or_id}"
+    from nla_lens.base_model import sidecar_base_folder
+
+    from_sidecar = path_or_id is None
+    folder = sidecar_base_folder(av_meta) if from_sidecar else loading.resolve_checkpoint(path_or_id)
+    base = _sidecar_base(av_meta, folder) if from_sidecar else f"--base {path_or_id}"
     loading.check_base_folder(folder, base, av_meta.base_model)
     # The library's own checks say nl.load_base(nla); a shell user gives --base or leaves it out.
     pass_base = "give --base the base model this NLA was trained on" + (
@@ -58,16 +65,27 @@ def base_for(path_or_id: str | Path, av_folder: Path, av_meta: NLAMeta, layer: i
     if config.hidden_size != av_meta.d_model:
         raise PairMismatchError(f"{base} has d_model {config.hidden_size}, the AV reads vectors of "
                                 f"{av_meta.d_model}: {pass_base}")
-    base_tokenizer, av_tokenizer = loading.load_tokenizer(folder), loading.load_tokenizer(av_folder)
+    n_blocks = config.num_hidden_layers
+    if n_blocks <= av_meta.layer:
+        raise PairMismatchError(f"{base} has {blocks_phrase(n_blocks)}, and the AV reads layer {av_meta.layer}: it "
+                                f"is another base, whose activations the NLA was not trained to read; {pass_base}")
+    base_tokenizer = loading.load_tokenizer(folder)
     if not shares_vocabulary(base_tokenizer, av_tokenizer):
         raise PairMismatchError(f"{base} has a tokenizer of another vocabulary than the AV's "
                                 f"({len(base_tokenizer)} and {len(av_tokenizer)} tokens): it is another base, whose "
                                 f"activations the NLA was not trained to read; {pass_base}")
-    if not 0 <= layer < config.num_hidden_layers:
-        raise InputError(f"--layer {layer} is outside the base model's {blocks_phrase(config.num_hidden_layers)}; "
-                         f"the AV reads layer {av_meta.layer}")
-    if layer != av_meta.layer:
+    if layer is not None and not 0 <= layer < n_blocks:
+        raise InputError(f"--layer {layer} is outside {base}, which has {blocks_phrase(n_blocks)}: pass one of "
+                         f"those, or leave --layer out for layer {av_meta.layer}, the one this AV reads")
+    if layer is not None and layer != av_meta.layer:
         warnings.warn(f"--layer {layer} differs from layer {av_meta.layer}, the one this AV was trained to read "
                       f"(its sidecar): explanations of other layers are off-distribution. Leave --layer out to "
                       f"use {av_meta.layer}", stacklevel=2)
-    return folder
+    return folder, base_tokenizer
+
+
+def _sidecar_base(av_meta: NLAMeta, folder: Path) -> str:
+    """The base model the AV's sidecar names, as messages name it: with the folder it was found in, where the name
+    is not that folder's path (a cached hub id, the toy's name)."""
+    name = f"the sidecar's base_model {av_meta.base_model}"
+    return name if str(folder) == av_meta.base_model else f"{name} (found at {folder})"

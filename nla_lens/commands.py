@@ -12,9 +12,8 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import torch
 
-from nla_lens import shard_store, sharded
+from nla_lens import loading, shard_store, sharded
 from nla_lens.checks import (
-    blocks_phrase,
     check_counts,
     check_input_file,
     check_output_path,
@@ -32,28 +31,28 @@ from nla_lens.vector_files import OUTPUT_SUFFIXES, VectorTable, read_input, writ
 from nla_lens.verbalizer import MAX_NEW_TOKENS
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
     from nla_lens.backends import TLModel
     from nla_lens.nla import NLA
 
 _VECTOR_SUFFIXES = (".safetensors", ".pt")  # what `reconstruct --output` writes
 
 
-def capture_text(base: str, layer: int, text: str, device: str, dtype: torch.dtype) -> VectorTable:
-    """`blocks.{layer}.hook_resid_post` of the base model at the positions of `text` that `explain` explains
-    by default (every one but a BOS the tokenizer puts first), with each one's `position` and `token` columns,
-    so an explanation can be read against what it explains."""
-    from nla_lens import backends, loading
+def capture_text(base: Path, tokenizer: PreTrainedTokenizerBase, layer: int, text: str, device: str,
+                 dtype: torch.dtype) -> VectorTable:
+    """`blocks.{layer}.hook_resid_post` of the base model in folder `base` (with its loaded `tokenizer`; both, and
+    `layer`, checked by `cli_checks.base_for`) at the positions of `text` that `explain` explains by default (every
+    one but a BOS the tokenizer puts first), with each one's `position` and `token` columns, so an explanation can be
+    read against what it explains."""
+    from nla_lens import backends
     from nla_lens.capture import text_resid_post
     from nla_lens.explain import bos_skip, select_positions
     from nla_lens.sidecar import text_ids
 
     if not text.strip():
         raise InputError("--text is empty; give the text whose positions to explain")
-    folder = loading.resolve_checkpoint(base)
-    tokenizer = loading.load_tokenizer(folder)
-    model = backends.load_model(folder, tokenizer, dtype=dtype, device=device)
-    if not 0 <= layer < model.cfg.n_layers:
-        raise InputError(f"--layer {layer} is outside the base model's {blocks_phrase(model.cfg.n_layers)}")
+    model = backends.load_model(base, tokenizer, dtype=dtype, device=device)
     row = text_ids(tokenizer, text)  # BOS first where the base has one
     if len(row) > model.cfg.n_ctx:
         raise PromptTooLongError(f"--text is {len(row)} tokens, over the base model's context of "
@@ -83,8 +82,8 @@ def add_verbalize(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--base", help="base model folder for --text (default: the sidecar's base_model)")
     parser.add_argument("--layer", type=int, help="layer K for --text (default: the AV's sidecar layer)")
     parser.add_argument("--output", type=Path,
-                        help="write the rows (index, the input's columns, explanation, text, truncated) to this "
-                             ".parquet or .jsonl file instead of printing them")
+                        help="write the rows (index, the input's columns or --text's position and token, "
+                             "explanation, text, truncated) to this .parquet or .jsonl file instead of printing them")
     _add_job_flags(parser)
     parser.set_defaults(run=_run_verbalize)
 
@@ -144,7 +143,8 @@ def _add_job_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=1.0,
                         help="nucleus sampling mass at temperature > 0 (default 1.0: off)")
     parser.add_argument("--seed", type=int, default=0,
-                        help="seed for sampling at temperature > 0; each shard derives its own from it (default 0)")
+                        help="seed for sampling at temperature > 0 (default 0); each shard of a file job derives its "
+                             "own from it")
     parser.add_argument("--batch-size", type=int, default=32, help="vectors per AV batch (default 32)")
     parser.add_argument("--device", default="cpu",
                         help="torch device; cuda under torchrun means cuda:LOCAL_RANK (cuda:0 where each rank sees "
@@ -211,12 +211,10 @@ def _run_verbalize(args: argparse.Namespace) -> None:
         if args.shards is not None or args.shard_size is not None or args.column is not None:
             raise InputError("--shards, --shard-size and --column apply to --input files; --text is explained in "
                              "one process")
+        av_tokenizer = loading.load_tokenizer(av_folder)  # to check the base against, then the AV's own
+        base, base_tokenizer = base_for(args.base, meta, av_tokenizer, args.layer)
         layer = meta.layer if args.layer is None else args.layer
-        from nla_lens.base_model import sidecar_base_folder
-
-        base = base_for(sidecar_base_folder(meta) if args.base is None else args.base, av_folder, meta, layer,
-                        from_sidecar=args.base is None)
-        table = capture_text(str(base), layer, args.text, args.device, args.dtype)
+        table = capture_text(base, base_tokenizer, layer, args.text, args.device, args.dtype)
         if table.columns.column("position")[0].as_py() > 0:
             print("position 0, the BOS the tokenizer puts first, is not explained (as in explain)", file=sys.stderr)
     else:
@@ -225,9 +223,10 @@ def _run_verbalize(args: argparse.Namespace) -> None:
                              "the rows are printed, all in one process)")
         sharded.check_extraction_input(args.input, meta)
         table = read_input(args.input, args.column)
+        av_tokenizer = None  # loaded with the AV
     from nla_lens.verbalizer import ActivationVerbalizer
 
-    av = ActivationVerbalizer.from_pretrained(args.av, device=args.device, dtype=args.dtype)
+    av = ActivationVerbalizer.from_pretrained(args.av, device=args.device, dtype=args.dtype, tokenizer=av_tokenizer)
     out = av.verbalize(table.vectors, max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
                        top_p=sampling.top_p, seed=sampling.seed, batch_size=sampling.batch_size, progress=True)
     _warn_truncated([v.truncated for v in out], sampling.max_new_tokens)
@@ -377,7 +376,9 @@ def add_explain(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--positions", type=_positions_arg,
                         help="which tokens: comma-separated positions (negative from the end) such as 3,-1 or "
                              "-2,-1, or a slice such as 8: or -4: (default: every token but an added BOS)")
-    parser.add_argument("--baseline", type=float, help="FVE baseline (default: the AR sidecar's held-out one)")
+    parser.add_argument("--baseline", type=float,
+                        help="FVE baseline (default: the AR sidecar's held-out one, else the paper baseline of the "
+                             "captured vectors when there are >= 32; otherwise no FVE)")
     parser.add_argument("--output", type=Path, help="also write the rows to .parquet / .jsonl, or the view to .html")
     parser.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS,
                         help=f"longest explanation (default {MAX_NEW_TOKENS})")
@@ -422,16 +423,15 @@ def add_nla_flags(parser: argparse.ArgumentParser) -> None:
 def load_nla_and_base(args: argparse.Namespace, device: torch.device) -> tuple[NLA, TLModel]:
     """The `--av` / `--ar` pair and the base model (`--base`, else the sidecar's base_model), each folder checked
     for its role before anything loads."""
-    from nla_lens import backends, loading
-    from nla_lens.base_model import sidecar_base_folder
+    from nla_lens import backends
     from nla_lens.nla import NLA
 
     av_folder, av_meta = nla_checkpoint(args.av, "av")
     nla_checkpoint(args.ar, "ar")
-    base_folder = base_for(sidecar_base_folder(av_meta) if args.base is None else args.base, av_folder, av_meta,
-                           av_meta.layer, from_sidecar=args.base is None)  # warned once
-    nla = NLA.from_pretrained(args.av, args.ar, device=device, dtype=args.dtype)
-    return nla, backends.load_model(base_folder, loading.load_tokenizer(base_folder), dtype=args.dtype, device=device)
+    av_tokenizer = loading.load_tokenizer(av_folder)  # to check the base against, then the AV's own
+    base_folder, base_tokenizer = base_for(args.base, av_meta, av_tokenizer)  # warned once
+    nla = NLA.from_pretrained(args.av, args.ar, device=device, dtype=args.dtype, tokenizer=av_tokenizer)
+    return nla, backends.load_model(base_folder, base_tokenizer, dtype=args.dtype, device=device)
 
 
 def _run_explain(args: argparse.Namespace) -> None:

@@ -275,19 +275,23 @@ class NLA:
                         **av_kwargs: Any) -> NLA:
         """Load an AV and its AR (folders or cached hub ids), checking that they pair before reading weights.
 
-        `av_kwargs` (`injection`, `hook_point`, `trust_remote_code`) go to `ActivationVerbalizer.from_pretrained`.
+        `av_kwargs` (`injection`, `hook_point`, `trust_remote_code`, `tokenizer`) go to
+        `ActivationVerbalizer.from_pretrained`. Each tokenizer is loaded once, for the pair's check and its model.
         """
         av_folder, ar_folder = loading.resolve_checkpoint(av_path), loading.resolve_checkpoint(ar_path)
         av_meta, ar_meta = load_meta(av_folder), load_meta(ar_folder)
         _check_roles(av_folder, av_meta, ar_folder, ar_meta)
         check_pair(av_meta, ar_meta)
         trust = av_kwargs.get("trust_remote_code", False)
-        check_vocabularies(loading.load_tokenizer(av_folder, trust_remote_code=trust),
-                           loading.load_tokenizer(ar_folder, trust_remote_code=trust))
-        av = ActivationVerbalizer.from_pretrained(av_path, device=device, dtype=dtype, backend=backend, **av_kwargs)
-        ar = ActivationReconstructor.from_pretrained(
-            ar_path, device=device, dtype=dtype, backend=backend,
-            trust_remote_code=av_kwargs.get("trust_remote_code", False))
+        av_tokenizer = av_kwargs.pop("tokenizer", None)
+        if av_tokenizer is None:
+            av_tokenizer = loading.load_tokenizer(av_folder, trust_remote_code=trust)
+        ar_tokenizer = loading.load_tokenizer(ar_folder, trust_remote_code=trust)
+        check_vocabularies(av_tokenizer, ar_tokenizer)
+        av = ActivationVerbalizer.from_pretrained(av_path, device=device, dtype=dtype, backend=backend,
+                                                  tokenizer=av_tokenizer, **av_kwargs)
+        ar = ActivationReconstructor.from_pretrained(ar_path, device=device, dtype=dtype, backend=backend,
+                                                     trust_remote_code=trust, tokenizer=ar_tokenizer)
         return cls(av, ar)
 
     def __repr__(self) -> str:

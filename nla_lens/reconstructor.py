@@ -50,11 +50,13 @@ class ActivationReconstructor:
         dtype: torch.dtype | str = torch.float32,
         trust_remote_code: bool = False,
         backend: str | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
     ) -> ActivationReconstructor:
         """Load an AR folder (truncated HF backbone + `value_head.safetensors`); reads K+1 blocks.
 
         `backend` ("hooked" / "bridge") overrides the one the installed TransformerLens implies.
-        `dtype` may be a name ("bfloat16").
+        `dtype` may be a name ("bfloat16"). `tokenizer`: the folder's tokenizer where the caller has loaded it
+        already (`loading.load_tokenizer`), checked as one loaded here is; it saves loading it again.
         """
         device, dtype = resolve_device(device), resolve_dtype(dtype)
         folder = loading.resolve_checkpoint(path_or_id)
@@ -63,7 +65,8 @@ class ActivationReconstructor:
             raise SidecarError(f"{folder} is an AV checkpoint, not an AR: load it with "
                                "ActivationVerbalizer.from_pretrained")
         check_role_template(meta, "ar", folder)
-        tokenizer = loading.load_tokenizer(folder, trust_remote_code=trust_remote_code)
+        if tokenizer is None:
+            tokenizer = loading.load_tokenizer(folder, trust_remote_code=trust_remote_code)
         tokenizer.padding_side = "left"  # the last real token is then always at position -1
         check_tokenizer(meta, tokenizer, role="ar")
         loading.check_config(folder, meta, tokenizer, trust_remote_code=trust_remote_code)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -29,10 +29,21 @@ _UNRECORDED = {"device": "cpu"}
 # Facts older manifests recorded that no row depends on, ignored: a round trip's --baseline only rescales the FVE the
 # merge computes, so another one takes no recomputed shard.
 _NOT_ROW_FACTS = ("baseline",)
+
+
+class LocationFact(NamedTuple):
+    """What the job's warning calls a moved input or checkpoint, and what showed its contents the same."""
+
+    name: str
+    shown_same_by: str
+
+
 # Facts that say where a file or folder was found, not what it holds: the manifest records the input's size and content
 # hashes and each checkpoint's fingerprint beside them, so the same bytes found at another path (a moved or renamed
 # input or checkpoint) resume, and the job says so.
-_LOCATION_FACTS = ("input", "av", "ar")
+LOCATION_FACTS = {"input": LocationFact("input", "same vectors and columns"),
+                  "av": LocationFact("AV", "same fingerprint of its files"),
+                  "ar": LocationFact("AR", "same fingerprint of its files")}
 
 
 def shard_folder(output: Path) -> Path:
@@ -74,22 +85,29 @@ def assigned_shards(n_shards: int, world: World, only: Sequence[int] | None = No
     return ids[world.rank::world.world_size]
 
 
-def check_manifest(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
-    """Refuse to resume from shards that were computed with other settings. Returns the location facts recorded with
-    another value, by their recorded value, where nothing else differs: the same file, found at another path."""
+def read_manifest(folder: Path) -> dict[str, Any] | None:
+    """The manifest saved with the folder's first shard, as written; None before any shard was saved."""
     path = folder / MANIFEST
     if not path.exists():
-        return {}
+        return None
     try:
-        recorded = json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, OSError) as exc:  # cut short after its rename, as a shard can be (see _read_shard)
         raise ConfigError(f"{path} cannot be read ({type(exc).__name__}: {exc}): it is damaged or cut short, so the "
                           f"shards beside it cannot be checked against this run. Delete {folder} and rerun to start "
                           "over") from exc
+
+
+def check_manifest(folder: Path, recorded: dict[str, Any] | None, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Refuse to resume from shards that were computed with other settings (`recorded`, the folder's
+    `read_manifest`). Returns the location facts recorded with another value, by their recorded value, where nothing
+    else differs: the same file, found at another path."""
+    if recorded is None:
+        return {}
     recorded = {k: v for k, v in recorded.items() if k not in _NOT_ROW_FACTS}
     read = _UNRECORDED | recorded
     differing = sorted(k for k in read.keys() | manifest.keys() if read.get(k) != manifest.get(k))
-    relocated = {k: recorded[k] for k in differing if k in _LOCATION_FACTS and k in recorded}
+    relocated = {k: recorded[k] for k in differing if k in LOCATION_FACTS and k in recorded}
     if len(relocated) < len(differing):
         changes = ", ".join(f"{k}: {_recorded_value(recorded, k)} -> "
                             f"{repr(manifest[k]) if k in manifest else 'not used'}" for k in differing)
@@ -100,13 +118,13 @@ def check_manifest(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     return relocated
 
 
-def record_locations(folder: Path, manifest: dict[str, Any], relocated: dict[str, Any]) -> None:
-    """Write this run's paths for the `relocated` location facts into the folder's manifest, once `check_manifest`
-    has found the same contents there: a rerun from the new place then resumes without warning again."""
-    path = folder / MANIFEST
-    recorded = json.loads(path.read_text(encoding="utf-8")) | {k: manifest[k] for k in relocated}
-    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(recorded, indent=2, sort_keys=True) + "\n",
-                                                  encoding="utf-8"))
+def record_locations(folder: Path, recorded: dict[str, Any], manifest: dict[str, Any],
+                     relocated: dict[str, Any]) -> None:
+    """Write this run's paths for the `relocated` location facts into the folder's manifest (`recorded`, as
+    `check_manifest` found the same contents there): a rerun from the new place then resumes without warning again."""
+    updated = recorded | {k: manifest[k] for k in relocated}
+    write_atomic(folder / MANIFEST, lambda tmp: tmp.write_text(json.dumps(updated, indent=2, sort_keys=True) + "\n",
+                                                               encoding="utf-8"))
 
 
 def _recorded_value(recorded: dict[str, Any], key: str) -> str:

@@ -353,10 +353,11 @@ def _run(table: VectorTable, output: Path, manifest: dict[str, Any], compute: Ca
     """Compute this rank's unfinished shards, wait for every rank, and merge on rank 0 if nothing is missing."""
     check_output(output)
     folder = shard_store.shard_folder(output)
-    relocated = shard_store.check_manifest(folder, manifest)
+    recorded = shard_store.read_manifest(folder)
+    relocated = shard_store.check_manifest(folder, recorded, manifest)
     if relocated and world.is_main:
         _warn_relocated(folder, manifest, relocated)
-        shard_store.record_locations(folder, manifest, relocated)  # the next rerun from there says nothing
+        shard_store.record_locations(folder, recorded, manifest, relocated)  # the next rerun from there says nothing
     ranges = shard_store.shard_rows(table.vectors.shape[0], shard_size)
     todo = [i for i in shard_store.assigned_shards(len(ranges), world, shards)
             if not shard_store.shard_path(folder, i).exists()]
@@ -374,15 +375,12 @@ def _run(table: VectorTable, output: Path, manifest: dict[str, Any], compute: Ca
     return JobResult(output, len(ranges), todo, [], merged)
 
 
-_LOCATED = {"input": ("input", "same vectors and columns"), "av": ("AV", "same fingerprint of its files"),
-            "ar": ("AR", "same fingerprint of its files")}  # each location fact's name, and what showed it the same
-
-
 def _warn_relocated(folder: Path, manifest: dict[str, Any], relocated: dict[str, Any]) -> None:
     """One warning for every input or checkpoint found where the manifest did not record it, with the same
     contents."""
-    moves = "; ".join(f"{_LOCATED[k][0]} found at {manifest[k]}, not at {old} where {folder / shard_store.MANIFEST} "
-                      f"recorded it ({_LOCATED[k][1]})" for k, old in relocated.items())
+    facts = shard_store.LOCATION_FACTS
+    moves = "; ".join(f"{facts[k].name} found at {manifest[k]}, not at {old} where {folder / shard_store.MANIFEST} "
+                      f"recorded it ({facts[k].shown_same_by})" for k, old in relocated.items())
     warnings.warn(f"{moves}: the shards are reused, and from now on the manifest and the output's job record name "
                   f"{' and '.join(manifest[k] for k in relocated)}", stacklevel=4)
 

@@ -161,13 +161,15 @@ class ActivationVerbalizer:
         hook_point: str | None = None,
         trust_remote_code: bool = False,
         backend: str | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
     ) -> ActivationVerbalizer:
         """Load an AV checkpoint folder (or a cached hub id) and validate it before reading weights.
 
         `injection` ("karvonen" / "embedding" / an InjectionSpec) and `hook_point` override what the
         sidecar implies; by default the checkpoint is served exactly as it was trained. `backend`
         ("hooked" / "bridge") overrides the one the installed TransformerLens implies. `dtype` may
-        be a name ("bfloat16").
+        be a name ("bfloat16"). `tokenizer`: the folder's tokenizer where the caller has loaded it already
+        (`loading.load_tokenizer`), checked as one loaded here is; it saves loading it again (about 1 s on Qwen's).
         """
         device, dtype = resolve_device(device), resolve_dtype(dtype)
         folder = loading.resolve_checkpoint(path_or_id)
@@ -183,7 +185,8 @@ class ActivationVerbalizer:
                 "(extraction.injection_scale). Pass injection='karvonen' if this checkpoint was trained with the "
                 "additive injection, or add the injection_scale it was trained with to the sidecar"
             )
-        tokenizer = loading.load_tokenizer(folder, trust_remote_code=trust_remote_code)
+        if tokenizer is None:
+            tokenizer = loading.load_tokenizer(folder, trust_remote_code=trust_remote_code)
         check_tokenizer(meta, tokenizer, role="av", source=str(folder / SIDECAR_NAME))
         loading.check_config(folder, meta, tokenizer, trust_remote_code=trust_remote_code)
         loading.check_hook_point(folder, spec.hook_point, backend=backends.resolve_name(backend),

@@ -8,6 +8,8 @@ first) and unchanged on the tiny Qwen3 one (no BOS).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import LAYER, NEEDS_TL3
@@ -17,6 +19,7 @@ import nla_lens as nl
 from nla_lens import commands, loading
 from nla_lens.sidecar import text_ids
 from nla_lens.testing_families import AV_TEMPLATE, GEMMA_MARKER
+from nla_lens.vector_files import VectorTable
 
 ATOL = 1e-5
 TEXT = "The cat sat on the mat. A dog ran in the park."
@@ -43,9 +46,14 @@ def test_to_tokens_of_a_loaded_model_follows_the_rule(bos_paths, av_karvonen):
     assert av_karvonen.model.to_tokens(TEXT)[0].tolist() == text_ids(av_karvonen.tokenizer, TEXT)
 
 
+def _capture(folder: Path, text: str) -> VectorTable:
+    """What `nla-lens verbalize --text` captures from the base model in `folder`, at the tiny NLA's layer."""
+    return commands.capture_text(folder, loading.load_tokenizer(folder), LAYER, text, "cpu", torch.float32)
+
+
 def test_cli_text_capture_reads_the_bos_first_tokens(bos_paths):
     folder = bos_paths["gemma_av"]
-    table = commands.capture_text(str(folder), LAYER, TEXT, "cpu", torch.float32)
+    table = _capture(folder, TEXT)
     ids = text_ids(AutoTokenizer.from_pretrained(folder), TEXT)
     expected = _hf_resid(folder, ids)[1:]  # read after the BOS; the BOS itself is not explained, as in explain
     assert table.columns.column("position").to_pylist() == list(range(1, len(ids)))
@@ -85,9 +93,8 @@ def test_extraction_on_a_bos_base_stores_the_activations_of_bos_first_text(bos_p
 
 
 def test_a_multimodal_gemma_base_captures_as_its_text_model(bos_paths):
-    text = commands.capture_text(str(bos_paths["gemma_av"]), LAYER, TEXT, "cpu", torch.float32).vectors
-    wrapped = commands.capture_text(str(bos_paths["gemma_av_multimodal"]), LAYER, TEXT, "cpu",
-                                     torch.float32).vectors
+    text = _capture(bos_paths["gemma_av"], TEXT).vectors
+    wrapped = _capture(bos_paths["gemma_av_multimodal"], TEXT).vectors
     assert torch.equal(text, wrapped)
 
 
@@ -99,7 +106,7 @@ def test_cli_text_capture_reads_a_leading_pad_id_token_as_a_real_one(tiny_paths)
     text = tokenizer.pad_token + TEXT
     ids = text_ids(tokenizer, text)
     assert ids[0] == tokenizer.pad_token_id
-    captured = commands.capture_text(str(folder), LAYER, text, "cpu", torch.float32).vectors
+    captured = _capture(folder, text).vectors
     assert (captured - _hf_resid(folder, ids)).abs().max() < ATOL
 
 
@@ -136,7 +143,7 @@ def test_explain_and_cli_capture_of_bos_first_text_read_one_bos(bos_paths):
     assert [row.position for row in explained.rows] == list(range(1, len(expected)))  # the BOS is not explained
     assert explained.tokens[0].count(bos) == 1
     assert (explained.vectors - expected[1:]).abs().max() < ATOL
-    captured = commands.capture_text(str(av), LAYER, bos + TEXT, "cpu", torch.float32).vectors
+    captured = _capture(av, bos + TEXT).vectors
     assert captured.shape == explained.vectors.shape and (captured - expected[1:]).abs().max() < ATOL
 
 

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import warnings
+from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 
 import nla_lens as nl
-from nla_lens import shard_store
+from nla_lens import loading, shard_store
 from nla_lens.checks import DTYPES
 from nla_lens.cli import build_parser, main
 from nla_lens.sidecar import load_meta
@@ -145,6 +148,34 @@ def test_verbalize_text_reads_the_base_model_the_sidecar_names(capsys):
     assert len(lines) == len(tokenizer.encode("Good morrow"))  # one per position of the toy base's tokens
 
 
+@pytest.fixture()
+def tokenizer_loads(monkeypatch) -> Counter:
+    """How many times each folder's tokenizer is loaded, by the folder's resolved path."""
+    loads: Counter = Counter()
+    load_tokenizer = loading.load_tokenizer
+
+    def counted(folder, **kwargs):
+        loads[Path(folder).resolve()] += 1
+        return load_tokenizer(folder, **kwargs)
+
+    monkeypatch.setattr(loading, "load_tokenizer", counted)
+    return loads
+
+
+def test_verbalize_text_and_explain_from_a_base_load_each_tokenizer_once(tiny_paths, tmp_path, tokenizer_loads):
+    """The base check loaded the AV's and the base's tokenizers, then the AV, the AR and the base (and explain's pair
+    check) loaded them again: 4 loads for verbalize and 7 for explain, about 1 s each on a Qwen-sized tokenizer."""
+    av, ar = tiny_paths["av_karvonen"].resolve(), tiny_paths["ar_nanonla"].resolve()
+    base = shutil.copytree(av, tmp_path / "base").resolve()  # the tiny base: the AV folder holds a full copy of it
+    (base / "nla_meta.yaml").unlink()
+    assert main(["verbalize", "--av", str(av), "--base", str(base), "--text", "the cat", "--max-new-tokens", "2"]) == 0
+    assert tokenizer_loads == {av: 1, base: 1}
+    tokenizer_loads.clear()
+    assert main(["explain", "--av", str(av), "--ar", str(ar), "--base", str(base), "--text", "the cat",
+                 "--positions", "-1", "--max-new-tokens", "2"]) == 0
+    assert tokenizer_loads == {av: 1, ar: 1, base: 1}
+
+
 def test_errors_exit_2_with_the_typed_reason(tiny_paths, tmp_path, capsys):
     assert main(["inspect", str(tiny_paths["ar_paper"])]) == 0
     assert main(["inspect", str(tmp_path)]) == 2
@@ -218,12 +249,36 @@ def test_round_trip_with_a_text_points_to_explain(capsys):
     assert "the following arguments are required" not in err
 
 
-def test_round_trip_help_names_the_baseline_the_job_uses():
-    """`round-trip` without --baseline takes the AR sidecar's held-out baseline first, as `round_trip_file` does."""
+@pytest.mark.parametrize("command", ["round-trip", "explain"])
+def test_baseline_help_names_the_baseline_the_command_uses(command):
+    """Without --baseline both take the AR sidecar's held-out baseline, else the paper baseline of the vectors when
+    there are >= 32 (`round_trip_file`, `nla.explain`); explain's help named only the sidecar's."""
     subcommands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
-    baseline = next(a for a in subcommands["round-trip"]._actions if a.dest == "baseline")
+    baseline = next(a for a in subcommands[command]._actions if a.dest == "baseline")
     assert "AR sidecar's held-out" in baseline.help
     assert ">= 32" in baseline.help
+
+
+def test_the_top_level_help_says_what_an_nla_is_and_where_to_start(capsys):
+    """`nla-lens --help` said "The `nla-lens` command: a thin layer over the library.": to a newcomer, neither what
+    an AV or an AR is, which the commands' own lines name, nor where to start."""
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "activation verbalizer (AV)" in out and "activation reconstructor (AR)" in out
+    assert "Start with nla-lens demo" in out and "nla-lens COMMAND --help" in out
+
+
+@pytest.mark.parametrize("command", ["extract", "train-av", "train-ar", "train-rl"])
+def test_a_training_configs_help_names_a_class_the_user_can_import(command):
+    """The config's help named `ExtractRunConfig`, which `nla_lens` does not export; `nla_lens.training` does."""
+    import nla_lens.training
+
+    subcommands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    config = next(a for a in subcommands[command]._actions if a.dest == "config")
+    named = re.search(r"the fields of ([\w.]+)", config.help).group(1)
+    module, _, name = named.rpartition(".")
+    assert module == "nla_lens.training" and isinstance(getattr(nla_lens.training, name), type)
 
 
 def _screen(text: str) -> list[str]:

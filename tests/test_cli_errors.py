@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 import nla_lens as nl
 from nla_lens import backends, loading
 from nla_lens.cli import build_parser, main
+from nla_lens.testing import save_base_model
 from nla_lens.toy import demo
 from nla_lens.vector_files import write_vectors
 
@@ -227,8 +228,8 @@ def test_checkpoints_given_to_the_wrong_flag(tiny_paths, vector_file, tmp_path, 
             tmp_path / "s.parquet"], capsys, "--ar", "is an AV", "pass it as --av")
     _fails(["reconstruct", "--ar", av, "a cat"], capsys, "has no value_head.safetensors", "not an AR")
     _fails(["verbalize", "--av", av, "--base", ar, "--text", "the cat"], capsys, "--base", "is an AR checkpoint")
-    _fails(["verbalize", "--av", av, "--base", av, "--text", "the cat", "--layer", "9"], capsys,
-           "--layer 9 is outside the base model's 4 blocks")
+    _fails(["verbalize", "--av", av, "--base", av, "--text", "the cat", "--layer", "9"], capsys, "InputError",
+           f"--layer 9 is outside --base {av}, which has 4 blocks (0-3)")
 
 
 def test_a_base_of_another_width_is_a_pair_mismatch_from_the_cli_and_the_library(tiny_paths, no_model_loads,
@@ -261,17 +262,60 @@ def test_a_sidecar_base_of_another_vocabulary_is_named_as_the_sidecars_not_as_ba
                                                                                     no_model_loads, capsys):
     """With --base left out, verbalize --text named the sidecar's base_model `--base` and said to leave --base out,
     which is what the user had done; explain loaded the NLA and the base first and said to call nl.load_base."""
-    av = shutil.copytree(tiny_paths["av_karvonen"], tmp_path / "av")
     base = shutil.copytree(bos_paths["gemma_av"], tmp_path / "gemma_base")  # the tiny NLA's width and depth
     (base / "nla_meta.yaml").unlink()
-    meta = yaml.safe_load((av / "nla_meta.yaml").read_text(encoding="utf-8"))
-    meta["extraction"]["base_model"] = str(base)
-    (av / "nla_meta.yaml").write_text(yaml.safe_dump(meta), encoding="utf-8")
+    av = _av_naming_base(tiny_paths, tmp_path / "av", base)
     for command in (["verbalize", "--av", av], ["explain", "--av", av, "--ar", tiny_paths["ar_nanonla"]]):
         err = _fails([*command, "--text", "the cat"], capsys, "PairMismatchError",
                      f"the sidecar's base_model {base} has a tokenizer of another vocabulary than the AV's",
                      "give --base the base model this NLA was trained on")
         assert "--base " + str(base) not in err and "leave --base out" not in err and "nl.load_base" not in err
+
+
+def _av_naming_base(tiny_paths, folder: Path, base: Path | str) -> Path:
+    """A copy of the tiny AV whose sidecar names `base` as its base model."""
+    av = shutil.copytree(tiny_paths["av_karvonen"], folder)
+    meta = yaml.safe_load((av / "nla_meta.yaml").read_text(encoding="utf-8"))
+    meta["extraction"]["base_model"] = str(base)
+    (av / "nla_meta.yaml").write_text(yaml.safe_dump(meta), encoding="utf-8")
+    return av
+
+
+def test_a_base_without_the_avs_layer_is_a_pair_mismatch_named_as_the_user_gave_it(tiny_paths, tmp_path,
+                                                                                   no_model_loads, capsys):
+    """A base shallower than the AV's layer K said `--layer 2 is outside the base model's 2 blocks` (an InputError)
+    where the user gave no --layer, and from explain, which has no --layer; with --base left out it did not say the
+    base was the sidecar's. It is another base than the NLA's, as one of another width is."""
+    shallow = save_base_model(tmp_path / "shallow", n_layers=2)  # the tiny NLA's width and vocabulary
+    av, ar = _av_naming_base(tiny_paths, tmp_path / "av", shallow), tiny_paths["ar_nanonla"]
+    capsys.readouterr()  # the base's save progress
+    for command in (["verbalize", "--av", av], ["explain", "--av", av, "--ar", ar]):
+        err = _fails([*command, "--text", "the cat"], capsys, "PairMismatchError",
+                     f"the sidecar's base_model {shallow} has 2 blocks (0-1), and the AV reads layer 2",
+                     "give --base the base model this NLA was trained on")
+        assert "--layer" not in err and "leave --base out" not in err
+    err = _fails(["verbalize", "--av", tiny_paths["av_karvonen"], "--base", shallow, "--text", "the cat"], capsys,
+                 "PairMismatchError", f"--base {shallow} has 2 blocks (0-1), and the AV reads layer 2",
+                 "leave --base out to use the one its sidecar names")
+    assert "--layer" not in err
+
+
+def test_a_sidecar_base_named_by_other_than_its_path_is_named_with_its_folder(tiny_paths, tmp_path, no_model_loads,
+                                                                              capsys):
+    """A sidecar's base_model that is a name (the toy's, a cached hub id) is shown with the folder it resolved to."""
+    av = _av_naming_base(tiny_paths, tmp_path / "av", nl.toy.BASE_MODEL)
+    _fails(["verbalize", "--av", av, "--text", "the cat"], capsys, "PairMismatchError",
+           f"the sidecar's base_model {nl.toy.BASE_MODEL} (found at {nl.toy.TOY_DIR / 'base'}) has d_model 128")
+
+
+def test_a_layer_outside_the_sidecars_base_names_that_base_and_the_fix(tiny_paths, tmp_path, no_model_loads, capsys):
+    """With --base left out, `--layer 9` was "outside the base model's 4 blocks", as if a base had been given."""
+    base = save_base_model(tmp_path / "base")  # 4 blocks, the tiny NLA's width and vocabulary
+    av = _av_naming_base(tiny_paths, tmp_path / "av", base)
+    capsys.readouterr()  # the base's save progress
+    _fails(["verbalize", "--av", av, "--text", "the cat", "--layer", "9"], capsys, "InputError",
+           f"--layer 9 is outside the sidecar's base_model {base}, which has 4 blocks (0-3): pass one of those, or "
+           "leave --layer out for layer 2, the one this AV reads")
 
 
 def test_av_as_base_and_another_layer_warn(tiny_paths, capsys):

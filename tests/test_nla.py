@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ import torch
 import yaml
 
 import nla_lens as nl
-from nla_lens import backends, metrics
+from nla_lens import backends, loading, metrics
 from nla_lens.explain import Explanation
 from nla_lens.nla import resolve_baseline
 from nla_lens.testing import build_tokenizer
@@ -173,6 +174,26 @@ def test_nla_from_pretrained_refuses_another_family_before_reading_weights(tiny_
     monkeypatch.setattr(backends, "load_model", lambda *a, **k: pytest.fail("weights read"))
     with pytest.raises(nl.PairMismatchError, match="the AV's and the AR's tokenizers have different vocabularies"):
         nl.NLA.from_pretrained(tiny_paths["av_karvonen"], bos_paths["gemma_ar"])
+
+
+def test_nla_from_pretrained_loads_each_tokenizer_once(tiny_paths, monkeypatch):
+    """The pair's vocabulary check loaded both tokenizers, and the AV and the AR loaded them again (about 1 s each
+    on a Qwen-sized one). An AV tokenizer given, as `nla-lens explain` loads it to check the base, is not loaded."""
+    av, ar = tiny_paths["av_karvonen"], tiny_paths["ar_nanonla"]
+    av_tokenizer = loading.load_tokenizer(av)
+    loads = []
+    load_tokenizer = loading.load_tokenizer
+
+    def counted(folder, **kwargs):
+        loads.append(Path(folder))
+        return load_tokenizer(folder, **kwargs)
+
+    monkeypatch.setattr(loading, "load_tokenizer", counted)
+    nl.NLA.from_pretrained(av, ar)
+    assert sorted(loads) == sorted([av, ar])
+    loads.clear()
+    assert nl.NLA.from_pretrained(av, ar, tokenizer=av_tokenizer).av.tokenizer is av_tokenizer
+    assert loads == [ar]
 
 
 @pytest.mark.parametrize(("av", "ar", "error", "match"), [

@@ -339,7 +339,7 @@ def test_a_manifest_of_an_older_version_resumes_on_the_cpu_and_is_refused_on_a_g
     on_gpu = {**manifest, **GREEDY.facts(torch.device("cuda"), torch.bfloat16)}
     with pytest.raises(nl.ConfigError, match=r"\(batch_size: not recorded -> 32, device: not recorded \(an older "
                                              r"nla_lens; read as 'cpu'\) -> 'cuda'\)\. Pick another --output"):
-        shard_store.check_manifest(folder, on_gpu)
+        shard_store.check_manifest(folder, shard_store.read_manifest(folder), on_gpu)
     result = sharded.verbalize_file(av, input_file, out, sampling=GREEDY, shard_size=SHARD_SIZE, progress=False)
     assert result.computed == [1, 2, 3] and result.table.num_rows == N_ROWS
 
@@ -348,7 +348,8 @@ def test_a_greedy_job_resumed_on_the_cpu_names_the_gpu_settings_it_lacks(tmp_pat
     recorded = {"job": "verbalize", **GREEDY.facts(torch.device("cuda:0"), torch.bfloat16)}
     shard_store.save_shard(tmp_path, 0, pa.table({"index": [0]}), recorded)
     with pytest.raises(nl.ConfigError, match=r"\(batch_size: 32 -> not used, device: 'cuda' -> 'cpu'\)"):
-        shard_store.check_manifest(tmp_path, {"job": "verbalize", **GREEDY.facts(torch.device("cpu"), torch.float32)})
+        shard_store.check_manifest(tmp_path, shard_store.read_manifest(tmp_path),
+                                   {"job": "verbalize", **GREEDY.facts(torch.device("cpu"), torch.float32)})
 
 
 def test_an_input_whose_carried_columns_changed_is_not_resumed(tiny_paths, rows, tmp_path):

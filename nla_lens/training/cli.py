@@ -28,8 +28,8 @@ from nla_lens.training.loop import blocks_outside
 def _command(subparsers: argparse._SubParsersAction, name: str, config_cls: type, run: Callable[[Any], str], *,
              help: str, description: str) -> None:
     parser = subparsers.add_parser(name, help=help, description=description)
-    parser.add_argument("config", help=f"a YAML file whose keys are the fields of {config_cls.__name__} "
-                                       "(nested sections included)")
+    parser.add_argument("config", help=f"a YAML file whose keys are the fields of nla_lens.training."
+                                       f"{config_cls.__name__} (nested sections included)")
 
     def main(args: argparse.Namespace) -> None:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -123,9 +123,9 @@ def check_base_bounds(config: SFTRunConfig, folder: Path, path: str) -> None:
 def add_extract(subparsers: argparse._SubParsersAction) -> None:
     _command(subparsers, "extract", ExtractRunConfig, _extract,
              help="take base-model activations at layer K from a JSONL corpus",
-             description="Run a base model over a JSONL corpus ({\"id\", \"text\"} per line) and store "
-                         "blocks.K.hook_resid_post at seeded positions, with provenance, in resumable "
-                         "safetensors shards plus an nla_dataset sidecar.")
+             description="Run a base model over a JSONL corpus ({\"id\": ..., \"text\": ...} per line; a line "
+                         "without an id takes its line index, from 0) and store blocks.K.hook_resid_post at seeded "
+                         "positions, with provenance, in resumable safetensors shards plus an nla_dataset sidecar.")
 
 
 def add_train_av(subparsers: argparse._SubParsersAction) -> None:
