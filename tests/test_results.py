@@ -122,21 +122,24 @@ def emptied(kind: str, result: nl.TabularResult) -> nl.TabularResult:
 
 
 @pytest.fixture(scope="module")
-def empty_results(results, base, nla) -> dict[str, tuple[nl.TabularResult, nl.TabularResult]]:
-    """(non-empty, empty) per result type; a feature card is empty by the public call (a feature that never
-    fires), the others by taking their rows away."""
+def empty_results(results) -> dict[str, tuple[nl.TabularResult, nl.TabularResult]]:
+    """(non-empty, empty) per result type, emptied by taking their rows away; not a feature card, which is never
+    empty: a feature that never fires gets one row of the card's own columns (`silent_card`)."""
     pairs = {kind: (results[kind], emptied(kind, results[kind])) for kind in KINDS if kind != "feature_card"}
-    pairs |= {kind: (result, emptied(kind, result)) for kind, result in toy_experiment_results().items()}
-    if HAS_SAE_LENS:
-        sae = make_sae(D_MODEL, 16, f"blocks.{LAYER}.hook_resid_post")
-        with torch.no_grad():
-            sae.b_enc[9] = -1e6  # feature 9 is 0 everywhere
-        silent = nl.feature_card(sae, base, ["The cat sat on the mat."], 9, nla, k=3, progress=False, **FAST)
-        pairs["feature_card"] = (results["feature_card"], silent)
-    return pairs
+    return pairs | {kind: (result, emptied(kind, result)) for kind, result in toy_experiment_results().items()}
 
 
-EMPTY_KINDS = KINDS + ["steer_words_experiment"] + (["sae_experiment"] if HAS_SAE_LENS else [])
+@pytest.fixture(scope="module")
+def silent_card(base, nla) -> nl.TabularResult:
+    """The card of a feature that never fires in its text."""
+    sae = make_sae(D_MODEL, 16, f"blocks.{LAYER}.hook_resid_post")
+    with torch.no_grad():
+        sae.b_enc[9] = -1e6  # feature 9 is 0 everywhere
+    return nl.feature_card(sae, base, ["The cat sat on the mat."], 9, nla, k=3, progress=False, **FAST)
+
+
+EMPTY_KINDS = ([kind for kind in KINDS if kind != "feature_card"] + ["steer_words_experiment"]
+               + (["sae_experiment"] if HAS_SAE_LENS else []))
 
 
 @pytest.mark.parametrize("kind", EMPTY_KINDS)
@@ -457,11 +460,24 @@ def test_a_feature_card_with_no_contexts_says_so_in_place_of_an_empty_table():
 
 
 @pytest.mark.skipif(not HAS_SAE_LENS, reason="needs sae-lens")
-def test_a_silent_features_card_names_the_positions_it_scanned(empty_results):
-    silent = empty_results["feature_card"][1]
+def test_a_silent_features_card_names_the_positions_it_scanned(silent_card):
+    silent = silent_card
     assert silent.n_active == 0 and silent.n_positions > 0
     card = _body(silent._repr_html_())
     assert "<table" not in card and f"at any of the {silent.n_positions} positions scanned" in card
+
+
+@pytest.mark.skipif(not HAS_SAE_LENS, reason="needs sae-lens")
+def test_a_silent_features_card_keeps_the_columns_and_types_of_a_full_one(results, silent_card, tmp_path):
+    """A card of a feature that never fires saved no row, so its explanation was in no .jsonl file or frame; its one
+    row now has None in the context columns and every column keeps a full card's type (the files concatenate)."""
+    full = pq.read_schema(results["feature_card"].save(tmp_path / "full.parquet"))
+    silent = pq.read_table(silent_card.save(tmp_path / "silent.parquet"))
+    assert silent.schema.remove_metadata() == full.remove_metadata() and silent.num_rows == 1
+    assert silent.to_pylist()[0]["explanation_text"] == silent_card.verbalization.text != ""
+    pd.testing.assert_frame_equal(nl.read_result(tmp_path / "silent.parquet"), silent_card.to_pandas())
+    assert repr(silent_card) == f"FeatureCard: {silent_card.summary()}"  # no table of empty context cells
+    assert silent_card.save(tmp_path / "silent.html").read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
 
 
 def test_a_write_that_fails_leaves_no_temporary_file(tmp_path):
@@ -610,6 +626,21 @@ def test_a_feature_cards_own_failed_explanation_is_saved_as_failed_with_its_raw_
     assert marked == display.unparsed_text(said.text, truncated=True)
     assert ("<td class='nla-unparsed'>(cut at max_new_tokens before &lt;/explanation&gt;) "
             in display.result_html("FeatureCard", "s", [record], ["explanation"]))
+
+
+@pytest.mark.skipif(not HAS_SAE_LENS, reason="needs sae-lens")
+def test_a_feature_cards_summary_says_why_its_explanation_failed_to_parse_as_its_columns_do(results):
+    """The summary line said "(failed to parse)" alone where the columns and the view said "cut at max_new_tokens"."""
+    import dataclasses
+
+    from nla_lens.verbalizer import Verbalization
+
+    cut = results["feature_card"]
+    assert cut.verbalization.truncated and cut.explanation is None
+    assert "(failed to parse: cut at max_new_tokens before </explanation>);" in cut.summary()
+    untagged = dataclasses.replace(cut, verbalization=Verbalization("no tags here", None, [1, 2]))
+    assert "(failed to parse: no <explanation> tags);" in untagged.summary()
+    assert html.escape("(failed to parse: cut at max_new_tokens before </explanation>)") in cut._repr_html_()
 
 
 def test_a_failed_parse_is_marked_in_the_repr_and_table_not_shown_as_an_explanation():
