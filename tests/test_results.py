@@ -19,6 +19,7 @@ from conftest import D_MODEL, HAS_SAE_LENS, LAYER, make_sae
 
 import nla_lens as nl
 from nla_lens import display
+from nla_lens.results import records_frame
 from nla_lens.testing import TINY_LABELS
 
 FAST = {"max_new_tokens": 4}
@@ -257,6 +258,43 @@ def test_read_result_gives_back_the_rows_and_from_parquet_the_summary(results, k
     rows = nl.read_result(result.save(tmp_path / "out.jsonl"))  # no types: a column None in every row is object
     cells = rows.astype(object).where(rows.notna(), None).to_dict("records")
     assert cells == json.loads(json.dumps(result.to_records())) and rows.attrs == {}
+
+
+@pytest.mark.parametrize("kind", sorted(toy_experiment_results()))
+def test_read_result_of_a_toy_experiments_result_gives_back_its_frame(kind, tmp_path):
+    result = toy_experiment_results()[kind]
+    pd.testing.assert_frame_equal(nl.read_result(result.save(tmp_path / "out.parquet")), result.to_pandas())
+
+
+def test_read_result_converts_each_column_as_the_rows_would_give_it(tmp_path):
+    """read_result built its frame from one dict per row (seconds for each million rows of a job's output); arrow
+    converts the columns now, and every type a job output can carry over from its input reads back as before."""
+    import datetime
+    import decimal
+
+    columns = {"int64": pa.array([1, None, 3]), "int32": pa.array([1, 2, 3], pa.int32()),
+               "int8_some_none": pa.array([1, None, -3], pa.int8()), "uint32": pa.array([1, 2, 2**32 - 1], pa.uint32()),
+               "uint64_past_int64": pa.array([1, 2, 2**63 + 5], pa.uint64()),
+               "uint64": pa.array([1, 2, 3], pa.uint64()), "int_all_none": pa.array([None] * 3, pa.int64()),
+               "float32": pa.array([0.1, None, 2.5], pa.float32()), "float16": pa.array([0.5, 1.5, None], pa.float16()),
+               "float_all_none": pa.array([None] * 3, pa.float32()),
+               "nan": pa.array([float("nan"), None, 1.0]), "bool": pa.array([True, False, True]),
+               "bool_some_none": pa.array([True, None, False]), "bool_all_none": pa.array([None] * 3, pa.bool_()),
+               "str_some_none": pa.array(["a", None, "c"]), "str_all_none": pa.array([None] * 3, pa.string()),
+               "large_str": pa.array(["a", "b", None], pa.large_string()), "null": pa.array([None] * 3),
+               "list_of_str": pa.array([["a"], [], None], pa.list_(pa.string())),
+               "date": pa.array([datetime.date(2026, 12, 1), None, datetime.date(2026, 12, 3)]),
+               "decimal": pa.array([decimal.Decimal("1.5")] * 3),
+               "dictionary": pa.array(["a", "b", "a"]).dictionary_encode(), "bytes": pa.array([b"x", None, b"z"])}
+    path = tmp_path / "carried.parquet"
+    pq.write_table(pa.table(columns), path)
+    table = pq.read_table(path)
+    rows = records_frame(table.to_pylist(), table.schema)  # what read_result gave, and to_pandas gives from records
+    frame = nl.read_result(path)
+    pd.testing.assert_frame_equal(frame, rows)
+    assert frame.map(type).equals(rows.map(type))  # a list stays a list, not a NumPy array
+    pd.DataFrame({"a": [1, 2]}, index=[7, 8]).to_parquet(path)  # a pandas-written index is a column of the rows
+    assert list(nl.read_result(path).columns) == ["a", "__index_level_0__"]
 
 
 @pytest.mark.parametrize("kind", EMPTY_KINDS)
