@@ -50,8 +50,8 @@ class CapturedRow:
     Attributes:
         batch: the row of that call's input.
         position: column of that call's input: a KV-cached decode step has one column, so 0.
-        token: the token there, decoded; None when the tokens are unknown: neither given to `capture` nor in the
-            model call.
+        token: the token there, decoded; None when the tokens are unknown: neither given to `capture` (for a call
+            of their shape) nor in the model call, nor embedded by HookedTransformer's `generate` for it.
         call: which forward pass inside the context, 0 for the first.
     """
 
@@ -180,7 +180,9 @@ class Capture:
         self._chunks: list[Tensor] = []
         self._handle: Any = None
         self._input_handle: Any = None
+        self._generate_handles: list[Any] = []
         self._seen: tuple[Tensor | None, Tensor | None] = (None, None)  # the last call's tokens and mask
+        self._generated: list[Tensor] | None = None  # ids HookedTransformer's generate embedded; None outside it
 
     @property
     def hook_name(self) -> str:
@@ -205,12 +207,19 @@ class Capture:
         # The block's output is blocks.{layer}.hook_resid_post after all of its hooks (see above).
         self._handle = self.model.blocks[self.layer].register_forward_hook(self._record)
         self._input_handle = watch_inputs(self.model, self._see_input)
+        if backends.backend_of(self.model) == "hooked":
+            self._generate_handles = [
+                _MethodWatch(self.model, "generate", self._start_generating, self._stop_generating),
+                self.model.embed.register_forward_pre_hook(self._see_embedded)]
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self._handle.remove()
         self._input_handle.remove()
+        for handle in self._generate_handles:
+            handle.remove()
         self._handle = self._input_handle = None
+        self._generate_handles = []
 
     def _see_input(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """Keep the tokens and mask of each model call, for when `capture` was not given them."""
@@ -223,6 +232,27 @@ class Capture:
         tokens = given if isinstance(given, Tensor) and given.ndim == 2 and not given.is_floating_point() else None
         mask = kwargs.get("attention_mask")
         self._seen = (tokens, mask if isinstance(mask, Tensor) and mask.ndim == 2 else None)
+
+    # HookedTransformer's generate (TL 3.9) embeds the prompt and each new token itself and runs forward on the
+    # embeddings, so no call holds the tokens: the ids it embeds inside one generate call name its passes' rows.
+    def _start_generating(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._generated = []
+
+    def _stop_generating(self) -> None:
+        self._generated = None
+
+    def _see_embedded(self, module: nn.Module, args: tuple) -> None:
+        ids = args[0] if args else None
+        if self._generated is not None and isinstance(ids, Tensor) and ids.ndim == 2 and not ids.is_floating_point():
+            self._generated.append(ids)
+
+    def _generated_ids(self, batch: int, width: int) -> Int[Tensor, "batch width"] | None:
+        """The ids of a pass of `generate` over `width` positions: the last `width` embedded so far (the prompt then
+        each new token, of which a KV-cached step runs the last); None outside generate."""
+        if not self._generated:
+            return None
+        ids = torch.cat(self._generated, dim=1)
+        return ids[:, -width:] if ids.shape[0] == batch and ids.shape[1] >= width else None
 
     def _record(self, module: nn.Module, args: tuple, output: Tensor | tuple) -> None:
         # A bridge block returns whatever its HF decoder layer returns: a tensor, or a tuple on older HF.
@@ -249,8 +279,8 @@ class Capture:
         rows, cols = resolve_positions(self.positions, real.to(output.device))
         self._chunks.append(output[rows, cols].detach().float())
         tokens = self.tokens if self.tokens is not None and tuple(self.tokens.shape) == (batch, width) else None
-        if tokens is None and self.tokens is None:
-            tokens = seen_tokens
+        if tokens is None:  # the call's own: a decode step of generate is not the shape of the tokens given
+            tokens = seen_tokens if seen_tokens is not None else self._generated_ids(batch, width)
         for b, p in zip(rows.tolist(), cols.tolist(), strict=True):
             self.rows.append(CapturedRow(b, p, self._token(tokens, b, p), call))
 
@@ -261,50 +291,58 @@ class Capture:
         return self.model.tokenizer.decode([int(tokens[row, col])], clean_up_tokenization_spaces=False)
 
 
-class _ForwardWatch:
-    """Calls `see(module, args, kwargs)` before each `model.forward`, until `remove()`.
+class _MethodWatch:
+    """Calls `see(module, args, kwargs)` before each call of the model's method `name` (and `done()` after it, if
+    given), until `remove()`.
 
     HookedTransformer's `run_with_hooks` calls `self.forward(...)` directly, so a torch pre-hook on the
     module (which fires on `model(...)` only) misses those runs' tokens and mask. Wrapping the bound
-    `forward` on the instance sees both paths; `remove()` restores it, or leaves a pass-through where a
+    method on the instance sees both paths; `remove()` restores it, or leaves a pass-through where a
     later wrapper (a nested capture still recording) sits on top of this one. That wrapper's `remove()`
     then restores past every pass-through below it, so no wrapper outlives the captures (a leftover one
-    made `copy.deepcopy(model)` run the original's forward and `torch.save(model)` fail).
+    made `copy.deepcopy(model)` run the original's forward and `torch.save(model)` fail). Around `generate`,
+    `see` and `done` bracket each call (see `Capture._start_generating`).
     """
 
-    def __init__(self, model: nn.Module, see: Any) -> None:
+    def __init__(self, model: nn.Module, name: str, see: Any, done: Any = None) -> None:
         self.model = model
+        self.name = name
         self.active = True
-        self.previous = model.__dict__.get("forward")  # None: the class's own forward
-        inner = model.forward
+        self.previous = model.__dict__.get(name)  # None: the class's own method
+        inner = getattr(model, name)
 
-        def forward(*args: Any, **kwargs: Any) -> Any:
-            if self.active:
-                see(model, args, kwargs)
-            return inner(*args, **kwargs)
+        def method(*args: Any, **kwargs: Any) -> Any:
+            if not self.active:
+                return inner(*args, **kwargs)
+            see(model, args, kwargs)
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                if done is not None:
+                    done()
 
-        forward.watch = self  # type: ignore[attr-defined]
-        self.wrapper = forward
-        model.forward = forward
+        method.watch = self  # type: ignore[attr-defined]
+        self.wrapper = method
+        setattr(model, name, method)
 
     def remove(self) -> None:
         self.active = False
-        if self.model.__dict__.get("forward") is self.wrapper:
+        if self.model.__dict__.get(self.name) is self.wrapper:
             previous = self.previous
-            while isinstance(getattr(previous, "watch", None), _ForwardWatch) and not previous.watch.active:
+            while isinstance(getattr(previous, "watch", None), _MethodWatch) and not previous.watch.active:
                 previous = previous.watch.previous  # a capture closed before this one
             if previous is None:
-                del self.model.forward
+                delattr(self.model, self.name)
             else:
-                self.model.forward = previous
+                setattr(self.model, self.name, previous)
 
 
 def watch_inputs(model: TLModel, see: Any) -> Any:
     """A handle with `remove()` that calls `see(module, args, kwargs)` with each run's input: on the bridge
-    a pre-hook on the HF model it wraps, on HookedTransformer around its `forward` (see `_ForwardWatch`)."""
+    a pre-hook on the HF model it wraps, on HookedTransformer around its `forward` (see `_MethodWatch`)."""
     if backends.backend_of(model) == "bridge":
         return backends.input_module(model).register_forward_pre_hook(see, with_kwargs=True)
-    return _ForwardWatch(model, see)
+    return _MethodWatch(model, "forward", see)
 
 
 def capture(model: TLModel, layer: int, positions: PositionSpec = -1, *,

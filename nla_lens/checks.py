@@ -14,6 +14,7 @@ import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from nla_lens.errors import InputError
@@ -116,12 +117,24 @@ def check_sampling(temperature: float, top_p: float, max_new_tokens: int, batch_
         raise InputError("; ".join(wrong))
 
 
+def is_bool(value: object) -> bool:
+    """True or False, NumPy's (an element of a mask) or a one-element bool tensor's too; not 0, 1 or "no", which an
+    `if` would take for one."""
+    return isinstance(_python_scalar(value), bool)
+
+
 def _is_real(value: object) -> bool:
     """A real number (numpy's, or a one-element tensor such as a step of torch.linspace), not a bool: a string
     ("0.5") would fail in the range comparison with a bare TypeError."""
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        value = value.item()
+    value = _python_scalar(value)
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _python_scalar(value: object) -> object:
+    """A NumPy scalar or a one-element tensor as the Python number or bool it holds; anything else as given."""
+    if isinstance(value, np.generic) or isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    return value
 
 
 def check_explanations(explanations: Sequence[str]) -> None:

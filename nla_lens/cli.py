@@ -159,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     shown: set[str] = set()
 
     def show_warning(message: Warning | str, *_: object, **__: object) -> None:
-        # A result's warnings repeat some the library already warned of (the round trip's "no FVE"): one line each.
+        # A file job's result repeats what it warned of before it started (the "no FVE"): one line each.
         line = f"{prefix}: warning: {in_flags(str(message), args.flags)}"
         if line not in shown:
             shown.add(line)

@@ -54,8 +54,6 @@ _PARSE_KEYS = {"explanation": (("parsed", "text", "truncated"),
 # A table's score column and the record key saying whether its row parsed: a failed parse scores as a miss
 # (metrics.miss_mse, an orthogonal guess), a number that unmarked reads as a reconstruction that bad
 _SCORE_FLAGS = {"mse": "parsed", "fve": "parsed", "fve_clean": "clean_parsed", "fve_steered": "steered_parsed"}
-_UNPARSED = "(no <explanation> tags) "
-_CUT = "(cut at max_new_tokens before </explanation>) "  # a failed parse whose completion was truncated
 # Units a table's header names after the column (the record keys stay bare)
 _UNITS = {"kl": "nats", "delta_logp": "nats", "control_delta_logp": "nats", "clean_next": "token p",
           "steered_next": "token p"}
@@ -283,9 +281,14 @@ def _said(cell: TokenCell) -> str:
 
 
 def unparsed_text(raw_text: str, truncated: bool) -> str:
-    """A failed parse as every view and table shows it: why it failed, then the raw completion. A completion cut
-    at max_new_tokens ran out of tokens before it could close its tag; "no tags" read as an AV that never wrote one."""
-    return (_CUT if truncated else _UNPARSED) + raw_text
+    """A failed parse as every view and table shows it: why it failed (`parse_failure`), then the raw completion."""
+    return f"({parse_failure(truncated)}) {raw_text}"
+
+
+def parse_failure(truncated: bool) -> str:
+    """Why an explanation failed to parse, in the words of every view. A completion cut at max_new_tokens ran out of
+    tokens before it could close its tag; "no tags" read as an AV that never wrote one."""
+    return "cut at max_new_tokens before </explanation>" if truncated else "no <explanation> tags"
 
 
 def result_html(name: str, summary: str, records: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:

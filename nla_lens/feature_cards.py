@@ -2,7 +2,8 @@
 
 The contexts are the check on the explanation: a feature whose top activations all sit on one
 token should be explained as that token. A card is a result like the others (`nla_lens.results`):
-one row per context in `to_pandas()` and `save()`, and in a notebook the feature-card view of
+one row per context in `to_pandas()` and `save()` (a feature that never fires: one row of the card's own
+columns, so its explanation is saved too), and in a notebook the feature-card view of
 [`nla_lens.display`][nla_lens.display] (the contexts' tokens shaded by activation, under the explanation).
 """
 
@@ -47,6 +48,10 @@ if TYPE_CHECKING:
 
     from nla_lens.backends import TLModel
 
+# A row's columns that describe its context; a silent card's one row has None in each.
+_CONTEXT_COLUMNS = ("text", "position", "token", "activation", "context", "context_explanation",
+                    "context_explanation_parsed", "context_explanation_text", "context_explanation_truncated")
+
 
 @dataclass(frozen=True)
 class FeatureContext:
@@ -81,7 +86,9 @@ class FeatureContext:
 
 @dataclass(frozen=True, repr=False)
 class FeatureCard(TabularResult):
-    """What `feature_card` returns: one row per context, and a view of them under the explanation.
+    """What `feature_card` returns: one row per context, and a view of them under the explanation. A feature that
+    never fires has one row all the same, of the card's own columns (the context columns None): a file of no rows
+    would keep its explanation nowhere.
 
     Attributes:
         feature: the SAE feature's index.
@@ -130,9 +137,10 @@ class FeatureCard(TabularResult):
         offset = {"offset": self.offset_stats is not None, **offset_columns(self.offset_stats)}
         said = {"explanation": self.explanation, "explanation_parsed": self.explanation is not None,
                 "explanation_text": self.verbalization.text, "explanation_truncated": self.verbalization.truncated}
-        return [{"feature": self.feature, "text": c.text, "position": c.position, "token": c.token,
-                 "activation": c.activation, "context": "".join(c.tokens), **self._said_at(c), **said,
-                 "cosine": self.cosine, **offset} for c in self.contexts]
+        contexts = [{"text": c.text, "position": c.position, "token": c.token, "activation": c.activation,
+                     "context": "".join(c.tokens), **self._said_at(c)} for c in self.contexts]
+        return [{"feature": self.feature, **context, **said, "cosine": self.cosine, **offset}
+                for context in contexts or [dict.fromkeys(_CONTEXT_COLUMNS)]]
 
     def _said_at(self, context: FeatureContext) -> dict[str, Any]:
         """The context_explanation columns of one row: what the AV said at its peak, None in each when not asked."""
@@ -145,7 +153,8 @@ class FeatureCard(TabularResult):
                 "context_explanation_truncated": context.explanation_truncated}
 
     def summary(self) -> str:
-        said = display.format_cell(self.explanation, 100) if self.explanation is not None else "(failed to parse)"
+        said = (display.format_cell(self.explanation, 100) if self.explanation is not None
+                else f"(failed to parse: {display.parse_failure(self.verbalization.truncated)})")
         if self.offset_stats is not None:
             said += f" (of the row offset by the {offset_summary(self.offset_stats)})"
         cosine = "" if self.cosine is None else f"; AR cosine to the decoder row {self.cosine:.3f}"
@@ -157,7 +166,10 @@ class FeatureCard(TabularResult):
                 f"on {token!r}; active at {self.n_active}/{self.n_positions} positions{cosine}")
 
     def _shown_columns(self, records: list[dict[str, Any]]) -> list[str]:
-        """With `explain_contexts=True`, the repr shows what the AV said at each context beside it."""
+        """With `explain_contexts=True`, the repr shows what the AV said at each context beside it. A silent card's
+        row has no context to show (its summary says so)."""
+        if not self.contexts:
+            return []
         return super()._shown_columns(records) + (["context_explanation"] if self.explained_contexts else [])
 
     def _repr_html_(self) -> str:

@@ -184,7 +184,8 @@ class RoundTrip(TabularResult):
     """Scores of one round trip. A failed parse scores as a miss (an orthogonal guess).
 
     `fve` and `fves` are None when no baseline could be trusted (see `resolve_baseline`); `warnings`
-    then says how to get one.
+    then says how to get one. The result is the record of its warnings: they are not also emitted with
+    `warnings.warn` (the `nla-lens` commands print them).
 
     Attributes:
         verbalizations: the AV's output for each vector, in the order of the vectors.
@@ -339,8 +340,6 @@ class NLA:
         reconstructions, mse = self.score(vectors, verbalizations, reconstruct_batch_size=reconstruct_batch_size)
         notes = [w for w in [injection_warning([v.text for v in verbalizations], self.av.meta.injection_char),
                              resolved.warning] if w]
-        if resolved.warning:
-            warn_at_caller(resolved.warning)
         n_failed = sum(v.explanation is None for v in verbalizations)
         value = resolved.value
         return RoundTrip(verbalizations, reconstructions, mse, float(mse.mean()),

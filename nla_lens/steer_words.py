@@ -52,6 +52,7 @@ from nla_lens.checks import (
     check_sampling,
     file_kind,
     file_path,
+    is_bool,
 )
 from nla_lens.errors import InputError, PairMismatchError, PromptTooLongError, VectorError
 from nla_lens.injection import HookFn, check_vectors, unit
@@ -375,7 +376,7 @@ def _check_inputs(nla: NLA, base: TLModel, tokens: Tensor, layer: int | None, al
     if mode not in ("add", "replace"):
         raise InputError(f"mode must be 'add' or 'replace', got {mode!r}")
     check_finite(alpha=alpha)
-    if not isinstance(compare, bool):  # compare="no" is truthy: it would run the comparison it meant to skip
+    if not is_bool(compare):  # compare="no" is truthy: it would run the comparison it meant to skip
         raise InputError(f"compare must be True or False, got {compare!r}: compare=False skips the next-token "
                          "comparison")
     if isinstance(continue_tokens, bool) or not isinstance(continue_tokens, int) or continue_tokens < 0:

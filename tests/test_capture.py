@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 from base_batches import PROMPTS, no_hooks_left, padded
-from conftest import LAYER
+from conftest import LAYER, TL4
 
 import nla_lens as nl
 from nla_lens.capture import resid_post
@@ -162,6 +162,30 @@ def test_generate_records_the_prefill_or_every_new_token(base):
     expected = cache[NAME][:, width - 1:].transpose(0, 1).reshape(-1, 64)  # call-major, like the rows
     assert torch.equal(prefill.vectors, every.vectors[:4])
     assert (every.vectors - expected).abs().max() < 1e-4  # KV cache vs full forward
+
+
+@pytest.mark.parametrize("kv_cache", [True, False], ids=["kv_cache", "no_cache"])
+@pytest.mark.parametrize("given", [False, True], ids=["tokens_from_the_run", "tokens_given"])
+def test_generate_names_the_token_of_every_row_prompt_and_generated(base, given, kv_cache):
+    """TL 3.9's generate runs forward on embeddings it made itself, so every row's token was None there; on either
+    backend, the rows of the decode steps were None when capture was given the prompt's tokens."""
+    tokens, _ = padded(base, "left")
+    with nl.capture(base, LAYER, -1, tokens=tokens if given else None, calls="all") as cap:
+        out = base.generate(tokens, use_past_kv_cache=kv_cache, **GENERATE)
+    fed = out[:, tokens.shape[1] - 1:-1]  # each pass's last token: the prompt's, then each new one fed back
+    assert [r.token for r in cap.rows] == [base.to_single_str_token(int(t)) for t in fed.T.flatten()]
+    assert "generate" not in base.__dict__ and not base.embed._forward_pre_hooks
+
+
+@pytest.mark.skipif(TL4, reason="HookedTransformer's forward from a residual (start_at_layer)")
+def test_a_forward_from_embeddings_after_generate_is_not_named_by_the_generated_tokens(base):
+    """The ids generate embeds name its own passes only: a later run from embeddings the user made holds no token."""
+    tokens, _ = padded(base, "left")
+    with nl.capture(base, LAYER, -1, calls="all") as cap:
+        base.generate(tokens, **GENERATE)
+        base(base.embed(tokens[:, -1:]), start_at_layer=0)
+    assert cap.n_calls == 4 and all(r.token is not None for r in cap.rows[:12])
+    assert [r.token for r in cap.rows[12:]] == [None] * 4
 
 
 @pytest.mark.parametrize("layer", range(4))

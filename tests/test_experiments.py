@@ -531,10 +531,9 @@ def test_experiment_arguments_are_checked_with_typed_errors(base, nla, av_karvon
                                                           f"short name") + f".*{re.escape(short)}$"):
             nl.patching_study(base, nla, clean_tokens, corrupted_tokens, patch_layer=1, patch_position=0,
                               activation_name=full)
-    with pytest.warns(UserWarning, match="no FVE"):  # two vectors: no baseline, so no FVE rather than noise
-        result = nl.steer_then_verbalize(base, nla, tokens[:1], steering_vector=steer, scale=0.0, steer_layer=0,
-                                         **FAST)
-    assert all(r.fve_clean is None and r.fve_steered is None for r in result.rows)
+    result = nl.steer_then_verbalize(base, nla, tokens[:1], steering_vector=steer, scale=0.0, steer_layer=0, **FAST)
+    assert all(r.fve_clean is None and r.fve_steered is None for r in result.rows)  # two vectors: no baseline
+    assert [w[:6] for w in result.round_trip.warnings] == ["no FVE"] and "no FVE" in result.summary()
     with pytest.raises(nl.InputError, match="expected an NLA or an ActivationVerbalizer"):
         nl.patching_study(base, base, clean_tokens, corrupted_tokens, patch_layer=0, patch_position=0)
     with pytest.raises(nl.VectorError, match="zero"):

@@ -19,6 +19,7 @@ from conftest import D_MODEL, HAS_SAE_LENS, LAYER, make_sae
 
 import nla_lens as nl
 from nla_lens import display
+from nla_lens.results import records_frame
 from nla_lens.testing import TINY_LABELS
 
 FAST = {"max_new_tokens": 4}
@@ -122,21 +123,24 @@ def emptied(kind: str, result: nl.TabularResult) -> nl.TabularResult:
 
 
 @pytest.fixture(scope="module")
-def empty_results(results, base, nla) -> dict[str, tuple[nl.TabularResult, nl.TabularResult]]:
-    """(non-empty, empty) per result type; a feature card is empty by the public call (a feature that never
-    fires), the others by taking their rows away."""
+def empty_results(results) -> dict[str, tuple[nl.TabularResult, nl.TabularResult]]:
+    """(non-empty, empty) per result type, emptied by taking their rows away; not a feature card, which is never
+    empty: a feature that never fires gets one row of the card's own columns (`silent_card`)."""
     pairs = {kind: (results[kind], emptied(kind, results[kind])) for kind in KINDS if kind != "feature_card"}
-    pairs |= {kind: (result, emptied(kind, result)) for kind, result in toy_experiment_results().items()}
-    if HAS_SAE_LENS:
-        sae = make_sae(D_MODEL, 16, f"blocks.{LAYER}.hook_resid_post")
-        with torch.no_grad():
-            sae.b_enc[9] = -1e6  # feature 9 is 0 everywhere
-        silent = nl.feature_card(sae, base, ["The cat sat on the mat."], 9, nla, k=3, progress=False, **FAST)
-        pairs["feature_card"] = (results["feature_card"], silent)
-    return pairs
+    return pairs | {kind: (result, emptied(kind, result)) for kind, result in toy_experiment_results().items()}
 
 
-EMPTY_KINDS = KINDS + ["steer_words_experiment"] + (["sae_experiment"] if HAS_SAE_LENS else [])
+@pytest.fixture(scope="module")
+def silent_card(base, nla) -> nl.TabularResult:
+    """The card of a feature that never fires in its text."""
+    sae = make_sae(D_MODEL, 16, f"blocks.{LAYER}.hook_resid_post")
+    with torch.no_grad():
+        sae.b_enc[9] = -1e6  # feature 9 is 0 everywhere
+    return nl.feature_card(sae, base, ["The cat sat on the mat."], 9, nla, k=3, progress=False, **FAST)
+
+
+EMPTY_KINDS = ([kind for kind in KINDS if kind != "feature_card"] + ["steer_words_experiment"]
+               + (["sae_experiment"] if HAS_SAE_LENS else []))
 
 
 @pytest.mark.parametrize("kind", EMPTY_KINDS)
@@ -254,6 +258,43 @@ def test_read_result_gives_back_the_rows_and_from_parquet_the_summary(results, k
     rows = nl.read_result(result.save(tmp_path / "out.jsonl"))  # no types: a column None in every row is object
     cells = rows.astype(object).where(rows.notna(), None).to_dict("records")
     assert cells == json.loads(json.dumps(result.to_records())) and rows.attrs == {}
+
+
+@pytest.mark.parametrize("kind", sorted(toy_experiment_results()))
+def test_read_result_of_a_toy_experiments_result_gives_back_its_frame(kind, tmp_path):
+    result = toy_experiment_results()[kind]
+    pd.testing.assert_frame_equal(nl.read_result(result.save(tmp_path / "out.parquet")), result.to_pandas())
+
+
+def test_read_result_converts_each_column_as_the_rows_would_give_it(tmp_path):
+    """read_result built its frame from one dict per row (seconds for each million rows of a job's output); arrow
+    converts the columns now, and every type a job output can carry over from its input reads back as before."""
+    import datetime
+    import decimal
+
+    columns = {"int64": pa.array([1, None, 3]), "int32": pa.array([1, 2, 3], pa.int32()),
+               "int8_some_none": pa.array([1, None, -3], pa.int8()), "uint32": pa.array([1, 2, 2**32 - 1], pa.uint32()),
+               "uint64_past_int64": pa.array([1, 2, 2**63 + 5], pa.uint64()),
+               "uint64": pa.array([1, 2, 3], pa.uint64()), "int_all_none": pa.array([None] * 3, pa.int64()),
+               "float32": pa.array([0.1, None, 2.5], pa.float32()), "float16": pa.array([0.5, 1.5, None], pa.float16()),
+               "float_all_none": pa.array([None] * 3, pa.float32()),
+               "nan": pa.array([float("nan"), None, 1.0]), "bool": pa.array([True, False, True]),
+               "bool_some_none": pa.array([True, None, False]), "bool_all_none": pa.array([None] * 3, pa.bool_()),
+               "str_some_none": pa.array(["a", None, "c"]), "str_all_none": pa.array([None] * 3, pa.string()),
+               "large_str": pa.array(["a", "b", None], pa.large_string()), "null": pa.array([None] * 3),
+               "list_of_str": pa.array([["a"], [], None], pa.list_(pa.string())),
+               "date": pa.array([datetime.date(2026, 12, 1), None, datetime.date(2026, 12, 3)]),
+               "decimal": pa.array([decimal.Decimal("1.5")] * 3),
+               "dictionary": pa.array(["a", "b", "a"]).dictionary_encode(), "bytes": pa.array([b"x", None, b"z"])}
+    path = tmp_path / "carried.parquet"
+    pq.write_table(pa.table(columns), path)
+    table = pq.read_table(path)
+    rows = records_frame(table.to_pylist(), table.schema)  # what read_result gave, and to_pandas gives from records
+    frame = nl.read_result(path)
+    pd.testing.assert_frame_equal(frame, rows)
+    assert frame.map(type).equals(rows.map(type))  # a list stays a list, not a NumPy array
+    pd.DataFrame({"a": [1, 2]}, index=[7, 8]).to_parquet(path)  # a pandas-written index is a column of the rows
+    assert list(nl.read_result(path).columns) == ["a", "__index_level_0__"]
 
 
 @pytest.mark.parametrize("kind", EMPTY_KINDS)
@@ -457,11 +498,24 @@ def test_a_feature_card_with_no_contexts_says_so_in_place_of_an_empty_table():
 
 
 @pytest.mark.skipif(not HAS_SAE_LENS, reason="needs sae-lens")
-def test_a_silent_features_card_names_the_positions_it_scanned(empty_results):
-    silent = empty_results["feature_card"][1]
+def test_a_silent_features_card_names_the_positions_it_scanned(silent_card):
+    silent = silent_card
     assert silent.n_active == 0 and silent.n_positions > 0
     card = _body(silent._repr_html_())
     assert "<table" not in card and f"at any of the {silent.n_positions} positions scanned" in card
+
+
+@pytest.mark.skipif(not HAS_SAE_LENS, reason="needs sae-lens")
+def test_a_silent_features_card_keeps_the_columns_and_types_of_a_full_one(results, silent_card, tmp_path):
+    """A card of a feature that never fires saved no row, so its explanation was in no .jsonl file or frame; its one
+    row now has None in the context columns and every column keeps a full card's type (the files concatenate)."""
+    full = pq.read_schema(results["feature_card"].save(tmp_path / "full.parquet"))
+    silent = pq.read_table(silent_card.save(tmp_path / "silent.parquet"))
+    assert silent.schema.remove_metadata() == full.remove_metadata() and silent.num_rows == 1
+    assert silent.to_pylist()[0]["explanation_text"] == silent_card.verbalization.text != ""
+    pd.testing.assert_frame_equal(nl.read_result(tmp_path / "silent.parquet"), silent_card.to_pandas())
+    assert repr(silent_card) == f"FeatureCard: {silent_card.summary()}"  # no table of empty context cells
+    assert silent_card.save(tmp_path / "silent.html").read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
 
 
 def test_a_write_that_fails_leaves_no_temporary_file(tmp_path):
@@ -610,6 +664,21 @@ def test_a_feature_cards_own_failed_explanation_is_saved_as_failed_with_its_raw_
     assert marked == display.unparsed_text(said.text, truncated=True)
     assert ("<td class='nla-unparsed'>(cut at max_new_tokens before &lt;/explanation&gt;) "
             in display.result_html("FeatureCard", "s", [record], ["explanation"]))
+
+
+@pytest.mark.skipif(not HAS_SAE_LENS, reason="needs sae-lens")
+def test_a_feature_cards_summary_says_why_its_explanation_failed_to_parse_as_its_columns_do(results):
+    """The summary line said "(failed to parse)" alone where the columns and the view said "cut at max_new_tokens"."""
+    import dataclasses
+
+    from nla_lens.verbalizer import Verbalization
+
+    cut = results["feature_card"]
+    assert cut.verbalization.truncated and cut.explanation is None
+    assert "(failed to parse: cut at max_new_tokens before </explanation>);" in cut.summary()
+    untagged = dataclasses.replace(cut, verbalization=Verbalization("no tags here", None, [1, 2]))
+    assert "(failed to parse: no <explanation> tags);" in untagged.summary()
+    assert html.escape("(failed to parse: cut at max_new_tokens before </explanation>)") in cut._repr_html_()
 
 
 def test_a_failed_parse_is_marked_in_the_repr_and_table_not_shown_as_an_explanation():

@@ -762,19 +762,28 @@ def test_a_context_whose_explanation_failed_to_parse_keeps_its_raw_text_and_is_m
 
 
 @NEEDS_SAE_LENS
-def test_feature_card_of_a_feature_that_never_fires_says_so_and_keeps_its_columns(toy, tmp_path):
+def test_feature_card_of_a_feature_that_never_fires_says_so_and_saves_its_explanation(toy, tmp_path):
+    """A silent card saved no row: its explanation reached a .parquet file's summary attrs only, and a .jsonl file or
+    to_pandas() held nothing of it."""
     sae = make_sae(128, 32, f"blocks.{toy.av.meta.layer}.hook_resid_post")
     with torch.no_grad():
         sae.b_enc[9] = -1e6  # feature 9 is 0 everywhere
     card = nl.feature_card(sae, toy.base, TOY_TEXTS, 9, toy.av, k=3, max_new_tokens=48, progress=False)
-    assert card.contexts == [] and card.n_active == 0
+    assert card.contexts == [] and card.n_active == 0 and card.explanation
+    assert repr(card) == f"FeatureCard: {card.summary()}"  # no table of empty context cells
     assert f"not active at any of the {card.n_positions} positions" in repr(card) and "'-'" not in repr(card)
-    columns = ["feature", "text", "position", "token", "activation", "context", "context_explanation",
-               "context_explanation_parsed", "context_explanation_text", "context_explanation_truncated",
-               "explanation", "explanation_parsed", "explanation_text", "explanation_truncated", "cosine", "offset",
-               "offset_n", "offset_layer", "offset_mean_norm", "offset_spread"]
-    assert list(card.to_pandas().columns) == columns and card.to_pandas().empty
-    assert pq.read_table(card.save(tmp_path / "card.parquet")).column_names == columns
+    context = ["text", "position", "token", "activation", "context", "context_explanation",
+               "context_explanation_parsed", "context_explanation_text", "context_explanation_truncated"]
+    own = {"feature": 9, "explanation": card.explanation, "explanation_parsed": True,
+           "explanation_text": card.verbalization.text, "explanation_truncated": False, "cosine": None,
+           "offset": False, "offset_n": None, "offset_layer": None, "offset_mean_norm": None, "offset_spread": None}
+    columns = ["feature", *context, "explanation", "explanation_parsed", "explanation_text", "explanation_truncated",
+               "cosine", "offset", "offset_n", "offset_layer", "offset_mean_norm", "offset_spread"]
+    for rows in (card.to_pandas(), nl.read_result(card.save(tmp_path / "card.parquet")),
+                 nl.read_result(card.save(tmp_path / "card.jsonl"))):
+        assert list(rows.columns) == columns
+        assert rows.astype(object).where(rows.notna(), None).to_dict("records") == [{**dict.fromkeys(context), **own}]
+    assert pq.read_table(tmp_path / "card.parquet").column_names == columns
     page = card.save(tmp_path / "card.html").read_text()
     assert "activation 0 to" not in page and "nla-peak" not in page.split("</style>")[1]
 

@@ -314,12 +314,23 @@ def test_bad_input_gets_typed_errors_that_say_what_to_do(base, nla):
     assert no_hooks_left(base)
 
 
-@pytest.mark.parametrize("flag", ["no", 0, None])
+@pytest.mark.parametrize("flag", ["no", 0, None, np.int64(1), torch.tensor(0)])
 def test_compare_that_is_not_a_bool_is_refused(base, nla, flag):
     """compare="no" is truthy: it ran the next-token comparison it meant to skip."""
     tokens, mask = padded(base, "left")
     with pytest.raises(nl.InputError, match=rf"^compare must be True or False, got {re.escape(repr(flag))}"):
         steer(nla, base, tokens, -1, mask, compare=flag, continue_tokens=0)
+
+
+@pytest.mark.parametrize("flag", [np.True_, np.False_, torch.tensor(True), torch.tensor([False])],
+                         ids=["numpy_true", "numpy_false", "tensor_true", "tensor_false"])
+def test_compare_as_a_numpy_or_torch_bool_runs_or_skips_the_comparison_as_that_bool(base, nla, flag):
+    """compare=np.True_ (an element of a NumPy mask) was refused as "must be True or False", though alpha takes
+    NumPy's and torch's numbers."""
+    tokens, mask = padded(base, "left")
+    result = steer(nla, base, tokens, -1, mask, compare=flag, continue_tokens=0)
+    compared = (result.clean_logprobs is not None, result.steered_logprobs is not None)
+    assert compared == (bool(flag), bool(flag))
 
 
 def test_runs_past_the_base_context_are_refused_before_they_start(base, nla):
