@@ -272,8 +272,11 @@ class Capture:
             real = None
         seen_tokens, seen_mask = (t if t is not None and tuple(t.shape) == (batch, width) else None
                                   for t in self._seen)
-        if real is None and self._real is None and (seen_tokens is not None or seen_mask is not None):
-            real = real_tokens(self.model, seen_mask, seen_tokens)  # inferred from this call's own input
+        # Inferred from this call's own input; never from the one token of a decode step, which may share the pad
+        # id (Qwen pads with its EOS, which generate feeds back once a row ends) and is never padding.
+        inferable = seen_mask is not None or (seen_tokens is not None and width > 1)
+        if real is None and self._real is None and inferable:
+            real = real_tokens(self.model, seen_mask, seen_tokens)
         if real is None:
             real = torch.ones(batch, width, dtype=torch.bool, device=output.device)
         rows, cols = resolve_positions(self.positions, real.to(output.device))

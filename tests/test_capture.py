@@ -177,6 +177,26 @@ def test_generate_names_the_token_of_every_row_prompt_and_generated(base, given,
     assert "generate" not in base.__dict__ and not base.embed._forward_pre_hooks
 
 
+def test_a_decode_step_whose_token_shares_the_pad_id_is_captured(base):
+    """A generated token equal to the pad id (Qwen pads with its EOS, which generate feeds back once a row
+    ends) is a decode step's one real token: on the bridge its row was taken for padding and the capture
+    raised "rows [0] have no real token"."""
+    tokens = base.to_tokens("the cat sat on", prepend_bos=False)
+    generated = base.generate(tokens, **GENERATE)[0, tokens.shape[1]:]
+    tokenizer = base.tokenizer
+    pad = tokenizer.pad_token_id
+    assert int(generated[0]) not in tokens[0].tolist()
+    tokenizer.pad_token_id = int(generated[0])
+    try:
+        with nl.capture(base, LAYER, -1, calls="all") as cap:
+            base.generate(tokens, **GENERATE)
+    finally:
+        tokenizer.pad_token_id = pad
+    assert cap.n_calls == 3
+    fed = torch.cat([tokens[0, -1:], generated[:-1]])
+    assert [r.token for r in cap.rows] == [base.to_single_str_token(int(t)) for t in fed]
+
+
 @pytest.mark.skipif(TL4, reason="HookedTransformer's forward from a residual (start_at_layer)")
 def test_a_forward_from_embeddings_after_generate_is_not_named_by_the_generated_tokens(base):
     """The ids generate embeds name its own passes only: a later run from embeddings the user made holds no token."""
