@@ -23,7 +23,7 @@ def _add_inspect(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "inspect", help="print a checkpoint's sidecar and check the folder as from_pretrained does",
         description="Read nla_meta.yaml from an NLA checkpoint folder, print the facts nla_lens will use "
-                    "(dialect, role, layer, injection, scales, marker ids) and validate them against the "
+                    "(kind, role, layer, injection, scales, marker ids) and validate them against the "
                     "folder's tokenizer, config.json and weight-file headers (an AR's readout too), as "
                     "from_pretrained does before reading weights. Exits nonzero with the reason when anything "
                     "is off.")

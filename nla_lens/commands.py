@@ -42,16 +42,14 @@ _VECTOR_SUFFIXES = (".safetensors", ".pt")  # what `reconstruct --output` writes
 def capture_text(base: Path, tokenizer: PreTrainedTokenizerBase, layer: int, text: str, device: str,
                  dtype: torch.dtype) -> VectorTable:
     """`blocks.{layer}.hook_resid_post` of the base model in folder `base` (with its loaded `tokenizer`; both, and
-    `layer`, checked by `cli_checks.base_for`) at the positions of `text` that `explain` explains by default (every
-    one but a BOS the tokenizer puts first), with each one's `position` and `token` columns, so an explanation can be
-    read against what it explains."""
+    `layer`, checked by `cli_checks.base_for`) at the positions of `text` (found non-empty by `_run_verbalize`) that
+    `explain` explains by default (every one but a BOS the tokenizer puts first), with each one's `position` and
+    `token` columns, so an explanation can be read against what it explains."""
     from nla_lens import backends
     from nla_lens.capture import text_resid_post
     from nla_lens.explain import bos_skip, select_positions
     from nla_lens.sidecar import text_ids
 
-    if not text.strip():
-        raise InputError("--text is empty; give the text whose positions to explain")
     model = backends.load_model(base, tokenizer, dtype=dtype, device=device)
     row = text_ids(tokenizer, text)  # BOS first where the base has one
     if len(row) > model.cfg.n_ctx:

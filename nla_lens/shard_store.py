@@ -55,7 +55,7 @@ def check_folder(folder: Path) -> None:
     may not write, failed only at the first shard's write, with a bare OSError."""
     if folder.exists() and not folder.is_dir():
         raise InputError(f"{folder} is a file, where the job keeps its shards in a folder of that name; move the file "
-                         "or pick another --output")
+                         "or pass another output=")
     if folder.is_dir():
         check_writable(folder, "shards folder")
 
@@ -70,9 +70,8 @@ def holds_shards(folder: Path) -> bool:
 
 
 def shard_rows(n_rows: int, shard_size: int) -> list[range]:
-    """The input rows of each shard: consecutive chunks of `shard_size` (the last may be shorter)."""
-    if shard_size < 1:
-        raise InputError(f"--shard-size must be at least 1, got {shard_size}")
+    """The input rows of each shard: consecutive chunks of `shard_size` (>= 1, checked by the jobs; the last chunk
+    may be shorter)."""
     return [range(start, min(start + shard_size, n_rows)) for start in range(0, n_rows, shard_size)]
 
 
@@ -112,7 +111,7 @@ def check_manifest(folder: Path, recorded: dict[str, Any] | None, manifest: dict
         changes = ", ".join(f"{k}: {_recorded_value(recorded, k)} -> "
                             f"{repr(manifest[k]) if k in manifest else 'not used'}" for k in differing)
         raise ConfigError(
-            f"{folder} holds shards computed with other settings ({changes}). Pick another --output, "
+            f"{folder} holds shards computed with other settings ({changes}). Pass another output=, "
             "or delete that folder to start over"
         )
     return relocated

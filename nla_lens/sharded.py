@@ -135,6 +135,7 @@ def verbalize_file(
     """
     input_path, output = Path(input_path), Path(output)
     _check_paths(input_path, output)
+    check_counts(1, shard_size=shard_size)
     job_device, job_dtype = resolve_device(device), resolve_dtype(dtype)
     av_folder = loading.resolve_checkpoint(av)
     av_meta = load_meta(av_folder)
@@ -169,7 +170,7 @@ def round_trip_file(
     input_path, output = Path(input_path), Path(output)
     _check_paths(input_path, output)
     _check_summary_is_ours(output)
-    check_counts(1, reconstruct_batch_size=reconstruct_batch_size)
+    check_counts(1, shard_size=shard_size, reconstruct_batch_size=reconstruct_batch_size)
     job_device, job_dtype = resolve_device(device), resolve_dtype(dtype)
     av_folder, ar_folder = loading.resolve_checkpoint(av), loading.resolve_checkpoint(ar)
     av_meta, ar_meta = load_meta(av_folder), load_meta(ar_folder)
@@ -229,7 +230,7 @@ def _check_summary_is_ours(output: Path) -> None:
     path = summary_path(output)
     if not path.is_file():
         return
-    rename = "give --output another name (the summary is <output stem>.summary.json)"
+    rename = "pass an output= of another stem (the summary is <output stem>.summary.json)"
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
     except ValueError:
@@ -248,8 +249,8 @@ def _check_paths(input_path: Path, output: Path) -> None:
     check_output(output)
     shard_store.check_folder(shard_store.shard_folder(output))
     if output.resolve() == input_path.resolve():
-        raise InputError(f"--output {output} is the input file: the rows written there would replace its vectors; "
-                         "pick another --output")
+        raise InputError(f"output={output} is the input file: the rows written there would replace its vectors; "
+                         "pass another output=")
 
 
 def _extraction_meta(folder: Path) -> NLAMeta | None:

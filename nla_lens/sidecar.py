@@ -420,25 +420,25 @@ def tokenization_record(tokenizer: Any) -> dict[str, Any]:
 
 
 def check_tokenizer(meta: NLAMeta, tokenizer: Any, role: Literal["av", "ar"] | None = None, *,
-                    source: str | None = None) -> None:
+                    source: str | None = None,
+                    tokenizer_of: Literal["checkpoint", "extraction"] = "checkpoint") -> None:
     """Check the sidecar's token facts against the live tokenizer; raise `TokenizerDriftError` on any drift (a
     `SidecarError` naming `source`, by default where `meta` was read from, where the AV template itself
     holds a second marker). Loading an AR (`role="ar"`) skips the AV's chat prompt, which an AR's tokenizer need
-    not be able to build."""
+    not be able to build. `tokenizer_of` says whose tokenizer the facts are, which decides the advice: a
+    checkpoint's own, or (SFT, `meta` drafted from an extraction) the one the extraction's base model used."""
     source = source or meta.source
+    fix = _drift_fix(meta, tokenizer_of)
     marker_ids = tokenizer.encode(meta.injection_char, add_special_tokens=False)
     if len(marker_ids) != 1:
         raise TokenizerDriftError(
             f"marker {meta.injection_char!r} is {len(marker_ids)} tokens {marker_ids} in this tokenizer, but "
-            "the injection marker must be exactly one token. The sidecar names a char of another tokenizer: "
-            "load the tokenizer saved with the checkpoint, or (training) pick an injection_char that this "
-            "tokenizer encodes as a single token"
+            f"the injection marker must be exactly one token: {fix}"
         )
     if marker_ids != [meta.injection_token_id]:
         raise TokenizerDriftError(
             f"marker {meta.injection_char!r} encodes to {marker_ids}, but the sidecar says "
-            f"[{meta.injection_token_id}]: the tokenizer is not the one this NLA was trained with. "
-            "Load the tokenizer saved with the checkpoint."
+            f"[{meta.injection_token_id}]: {fix}"
         )
     if meta.av_template is not None and role != "ar":
         import torch
@@ -457,9 +457,7 @@ def check_tokenizer(meta: NLAMeta, tokenizer: Any, role: Literal["av", "ar"] | N
                     "write the marker only as the placeholder (restore the released template)"
                 ) from exc
             raise TokenizerDriftError(
-                f"the canonical AV prompt {_marker_context(meta, tokenizer, ids)}: the tokenizer or its chat template "
-                "is not the one this NLA was trained with. Load the tokenizer saved with the checkpoint "
-                "(tokenizer.json, tokenizer_config.json, its chat template)"
+                f"the canonical AV prompt {_marker_context(meta, tokenizer, ids)}: {fix}"
             ) from exc
     recorded = meta.raw.get("tokenization")
     if isinstance(recorded, dict) and "bos_token_id" in recorded:
@@ -467,8 +465,7 @@ def check_tokenizer(meta: NLAMeta, tokenizer: Any, role: Literal["av", "ar"] | N
         if live != recorded["bos_token_id"]:
             raise TokenizerDriftError(
                 f"the sidecar records BOS {recorded['bos_token_id']} first in base text and AR prompts, this "
-                f"tokenizer puts {live}: it is not the tokenizer the NLA was trained with. Load the "
-                "checkpoint's tokenizer."
+                f"tokenizer puts {live}: {fix}"
             )
     if meta.critic_suffix_ids is not None and meta.ar_template is not None:
         ids = tokenizer.encode(meta.ar_prompt("a"), add_special_tokens=False)
@@ -476,8 +473,19 @@ def check_tokenizer(meta: NLAMeta, tokenizer: Any, role: Literal["av", "ar"] | N
         if ids[-len(suffix):] != suffix:
             raise TokenizerDriftError(
                 f"the AR prompt ends in ids {ids[-len(suffix):]}, the sidecar's critic_suffix_ids "
-                f"are {suffix}: the tokenizer differs from training. Load the checkpoint's tokenizer."
+                f"are {suffix}: {fix}"
             )
+
+
+def _drift_fix(meta: NLAMeta, tokenizer_of: Literal["checkpoint", "extraction"]) -> str:
+    """What a drifted tokenizer means and how to fix it. A checkpoint was trained with the tokenizer saved beside
+    it; an SFT sidecar's token facts are its extraction's, so the base model being trained must share its tokenizer."""
+    if tokenizer_of == "extraction":
+        used = "" if meta.base_model is None else f" ({meta.base_model})"
+        return (f"the base model's tokenizer is not the one the activations were extracted with ({meta.source}). "
+                f"Train with the base model the extraction used{used}")
+    return ("the tokenizer is not the one this NLA was trained with. Load the tokenizer saved with the checkpoint "
+            "(tokenizer.json, tokenizer_config.json, its chat template)")
 
 
 def _marker_context(meta: NLAMeta, tokenizer: Any, ids: list[int]) -> str:

@@ -188,8 +188,8 @@ def test_a_round_trip_does_not_replace_another_outputs_summary(tiny_paths, input
     written = summary.read_text()
     assert json.loads(written)["output"] == "out.parquet" and run(out).summary is not None  # a rerun of the same
     monkeypatch.setattr(nl.ActivationVerbalizer, "from_pretrained", lambda *a, **k: pytest.fail("a model loaded"))
-    with pytest.raises(nl.InputError, match=r"out.summary.json holds the summary of out.parquet, .*give --output "
-                                            r"another name"):
+    with pytest.raises(nl.InputError, match=r"out.summary.json holds the summary of out.parquet, .*pass an output= "
+                                            r"of another stem"):
         run(tmp_path / "out.jsonl")
     assert summary.read_text() == written
     summary.write_text("not json")
@@ -295,7 +295,7 @@ def test_a_rerun_with_other_settings_names_them(tiny_paths, input_file, tmp_path
     av, out = tiny_paths["av_karvonen"], tmp_path / "out.parquet"
     sharded.verbalize_file(av, input_file, out, sampling=GREEDY, shard_size=SHARD_SIZE, shards=[0],
                            progress=False)
-    with pytest.raises(nl.ConfigError, match=r"max_new_tokens: 8 -> 9.*another --output"):
+    with pytest.raises(nl.ConfigError, match=r"max_new_tokens: 8 -> 9.*another output="):
         sharded.verbalize_file(av, input_file, out, sampling=Sampling(max_new_tokens=9), shard_size=SHARD_SIZE,
                                progress=False)
     with pytest.raises(nl.ConfigError, match="shard_size"):
@@ -338,7 +338,7 @@ def test_a_manifest_of_an_older_version_resumes_on_the_cpu_and_is_refused_on_a_g
     (folder / shard_store.MANIFEST).write_text(json.dumps(manifest))
     on_gpu = {**manifest, **GREEDY.facts(torch.device("cuda"), torch.bfloat16)}
     with pytest.raises(nl.ConfigError, match=r"\(batch_size: not recorded -> 32, device: not recorded \(an older "
-                                             r"nla_lens; read as 'cpu'\) -> 'cuda'\)\. Pick another --output"):
+                                             r"nla_lens; read as 'cpu'\) -> 'cuda'\)\. Pass another output="):
         shard_store.check_manifest(folder, shard_store.read_manifest(folder), on_gpu)
     result = sharded.verbalize_file(av, input_file, out, sampling=GREEDY, shard_size=SHARD_SIZE, progress=False)
     assert result.computed == [1, 2, 3] and result.table.num_rows == N_ROWS
@@ -572,6 +572,40 @@ def test_an_output_on_the_input_file_is_refused_before_it_replaces_the_vectors(t
                  "--input", str(input_file), "--output", str(input_file), "--baseline", "0.5"]) == 2
     assert "is the input file" in capsys.readouterr().err
     assert input_file.read_bytes() == before and not shard_store.shard_folder(input_file).exists()
+
+
+@pytest.mark.parametrize("case", ["shard_size", "output_is_input", "shards_folder_is_a_file", "other_settings",
+                                  "another_outputs_summary"])
+def test_a_file_jobs_messages_name_the_keyword_in_python_and_the_flag_in_the_cli(tiny_paths, input_file, tmp_path,
+                                                                                 capsys, case):
+    """They named --shard-size and --output, flags a caller of round_trip_file / verbalize_file (README) never typed:
+    the library names its keywords, which the CLI writes as its flags, as it does the other library messages."""
+    av, ar, out = tiny_paths["av_karvonen"], tiny_paths["ar_nanonla"], tmp_path / "out.parquet"
+    keywords, flags = {"shard_size": SHARD_SIZE}, ["--shard-size", str(SHARD_SIZE)]
+    if case == "shard_size":
+        keywords, flags = {"shard_size": 0}, ["--shard-size", "0"]
+        python, shell = "shard_size=0: must be a whole number >= 1", "--shard-size 0: must be a whole number >= 1"
+    elif case == "output_is_input":
+        out = input_file
+        python, shell = (f"output={out} is the input file: the rows written there would replace its vectors; pass "
+                         "another output=", f"--output {out} is the input file: the rows written there would replace "
+                                            "its vectors; pass another --output")
+    elif case == "shards_folder_is_a_file":
+        shard_store.shard_folder(out).write_text("notes")
+        python, shell = "move the file or pass another output=", "move the file or pass another --output"
+    elif case == "other_settings":
+        sharded.round_trip_file(av, ar, input_file, out, sampling=Sampling(max_new_tokens=2), baseline=0.5,
+                                shard_size=SHARD_SIZE, shards=[0])
+        python, shell = "Pass another output=, or delete", "Pass another --output, or delete"
+    else:
+        sharded.summary_path(out).write_text(json.dumps({"output": "out.jsonl"}))
+        python, shell = "pass an output= of another stem", "pass an --output of another stem"
+    with pytest.raises(nl.NLAError, match=re.escape(python)):
+        sharded.round_trip_file(av, ar, input_file, out, sampling=Sampling(max_new_tokens=3), baseline=0.5, **keywords)
+    capsys.readouterr()
+    assert main(["round-trip", "--av", str(av), "--ar", str(ar), "--input", str(input_file), "--output", str(out),
+                 "--baseline", "0.5", "--max-new-tokens", "3", *flags]) == 2
+    assert shell in capsys.readouterr().err
 
 
 def test_a_pt_file_saved_from_a_gpu_or_with_grad_is_read_as_its_values(tiny_paths, rows, tmp_path, monkeypatch):

@@ -289,6 +289,22 @@ def test_neighbour_drift_names_the_live_and_the_recorded_ids(tiny_paths, tmp_pat
         nl.ActivationVerbalizer.from_pretrained(folder)
 
 
+@pytest.mark.parametrize("name, loader", [("av_karvonen", nl.ActivationVerbalizer),
+                                          ("ar_nanonla", nl.ActivationReconstructor)])
+def test_a_checkpoints_tokenizer_drift_advises_the_tokenizer_saved_with_it(tiny_paths, tmp_path, name, loader):
+    """A checkpoint's sidecar was written for the tokenizer saved beside it: that is the fix, not a base model."""
+    folder = shutil.copytree(tiny_paths[name], tmp_path / name)
+    path = folder / "nla_meta.yaml"
+    sidecar = yaml.safe_load(path.read_text(encoding="utf-8"))
+    sidecar["tokens"]["injection_token_id"] += 1
+    path.write_text(yaml.safe_dump(sidecar, allow_unicode=True), encoding="utf-8")
+    with pytest.raises(nl.TokenizerDriftError, match=r"encodes to .* but the sidecar says .*: the tokenizer is not "
+                                                     "the one this NLA was trained with. Load the tokenizer saved "
+                                                     "with the checkpoint") as refused:
+        loader.from_pretrained(folder)
+    assert "extract" not in str(refused.value)
+
+
 def test_a_twice_placed_marker_placeholder_is_a_sidecar_error_not_drift():
     data = dataset_dialect()
     data["prompt_templates"]["actor"] = AV_TEMPLATE + " and " + AV_TEMPLATE
@@ -345,5 +361,6 @@ def test_sqrt_d_model_scale_matches_sqrt():
 def test_a_recorded_bos_the_tokenizer_does_not_put_first_names_the_fix(tiny_paths):
     meta = load_meta(tiny_paths["ar_nanonla"])
     drifted = parse_meta({**meta.raw, "tokenization": {"bos_token_id": 7}})
-    with pytest.raises(nl.TokenizerDriftError, match=r"records BOS 7 first.*Load the checkpoint's tokenizer\.$"):
+    with pytest.raises(nl.TokenizerDriftError,
+                       match=r"records BOS 7 first.*Load the tokenizer saved with the checkpoint"):
         check_tokenizer(drifted, loading.load_tokenizer(tiny_paths["ar_nanonla"]), role="ar")

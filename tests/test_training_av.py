@@ -233,6 +233,24 @@ def test_an_ar_folder_as_base_model_is_named_before_its_weights_load(tiny_paths,
         pipeline.run_extract(config, progress=False)
 
 
+def test_sft_tokenizer_drift_advises_the_base_the_extraction_used(base_folder, dataset_meta, monkeypatch):
+    """SFT checks the extraction's token facts against base_model's tokenizer; the advice was to load the tokenizer
+    saved with a checkpoint, which SFT has not got: the fix is to train the base the activations came from."""
+    from nla_lens.training import init_ar
+
+    tokens = {**dataset_meta.raw["tokens"], "injection_token_id": dataset_meta.injection_token_id + 1}
+    drifted = nl.parse_meta({**dataset_meta.raw, "tokens": tokens}, source="acts/nla_meta.yaml")
+    monkeypatch.setattr(loading, "load_hooked_transformer", lambda *a, **k: pytest.fail("read the weights"))
+    for init, role in ((init_av, "AV"), (init_ar, "AR")):
+        with pytest.raises(nl.TokenizerDriftError, match=rf"encodes to .* but the sidecar says .*: the base model's "
+                                                         rf"tokenizer is not the one the activations were extracted "
+                                                         rf"with \(the {role} sidecar made from acts/nla_meta.yaml\). "
+                                                         rf"Train with the base model the extraction used "
+                                                         rf"\({dataset_meta.base_model}\)$") as refused:
+            init(base_folder, drifted)
+        assert "checkpoint" not in str(refused.value)
+
+
 def test_an_extractions_av_template_holding_the_marker_names_the_extractions_sidecar(base_folder, extract_config,
                                                                                     tmp_path, monkeypatch):
     """It said "sidecar: the AV template ... (restore the released template)", naming no file: the template is the

@@ -45,7 +45,7 @@ def init_ar(base_model: str | Path, dataset: NLAMeta, *, device: str | torch.dev
     check_base_fits(hf_config, dataset, base_model, folder=folder, role="ar")
     tokenizer = loading.load_tokenizer(folder)
     meta = parse_meta(model_sidecar(dataset, "ar"), source=f"the AR sidecar made from {dataset.source}")
-    check_tokenizer(meta, tokenizer, role="ar")
+    check_tokenizer(meta, tokenizer, role="ar", tokenizer_of="extraction")
     model = loading.load_hooked_transformer(folder, tokenizer, dtype=dtype, device=device, n_layers=meta.layer + 1)
     freeze_weights_hf_lacks(model, hf_config)
     readout = nn.Linear(meta.d_model, meta.d_model, bias=False, device=device, dtype=dtype)

@@ -65,7 +65,7 @@ def init_av(
     # Its templates and token facts are the extraction's: errors name the file they came from.
     meta = parse_meta(model_sidecar(dataset, "av", injection=spec, injection_scale=injection_scale),
                       source=f"the AV sidecar made from {dataset.source}")
-    check_tokenizer(meta, tokenizer)
+    check_tokenizer(meta, tokenizer, tokenizer_of="extraction")
     loading.check_hook_point(folder, spec.hook_point, backend="hooked")  # a typo here cost a full load
     model = loading.load_hooked_transformer(folder, tokenizer, dtype=dtype, device=device)
     freeze_weights_hf_lacks(model, hf_config)

@@ -123,9 +123,10 @@ def check_base_bounds(config: SFTRunConfig, folder: Path, path: str) -> None:
 def add_extract(subparsers: argparse._SubParsersAction) -> None:
     _command(subparsers, "extract", ExtractRunConfig, _extract,
              help="take base-model activations at layer K from a JSONL corpus",
-             description="Run a base model over a JSONL corpus ({\"id\": ..., \"text\": ...} per line; a line "
-                         "without an id takes its line index, from 0) and store blocks.K.hook_resid_post at seeded "
-                         "positions, with provenance, in resumable safetensors shards plus an nla_dataset sidecar.")
+             description="Run a base model over a JSONL corpus ({\"text\": ...} per line, \"id\" optional: a line "
+                         "whose id is absent or null takes its line index, from 0) and store "
+                         "blocks.K.hook_resid_post at seeded positions, with provenance, in resumable safetensors "
+                         "shards plus an nla_dataset sidecar.")
 
 
 def add_train_av(subparsers: argparse._SubParsersAction) -> None:

@@ -169,7 +169,8 @@ def check_command(command: Any, expected: str | None) -> None:
 
 @dataclass
 class ExtractRunConfig:
-    """`nla-lens extract`: a base HF folder, a JSONL corpus ({"id", "text"} per line), an out_dir."""
+    """`nla-lens extract`: a base HF folder, a JSONL corpus ({"text"} per line, "id" optional: absent or null, the
+    line index), an out_dir."""
 
     COMMAND: ClassVar[str] = "extract"
     base_model: str
