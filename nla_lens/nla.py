@@ -217,6 +217,7 @@ class RoundTrip(TabularResult):
     display_columns = ("index", "explanation", "parsed", "mse", "fve")
     schema = pa.schema({"index": pa.int64(), "explanation": pa.string(), "parsed": pa.bool_(), "text": pa.string(),
                         "truncated": pa.bool_(), "mse": pa.float64(), "fve": pa.float64()})
+    warnings_at = "warnings"
 
     @property
     def explanations(self) -> list[str | None]:

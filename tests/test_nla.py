@@ -135,6 +135,26 @@ def test_round_trip_with_a_given_baseline_and_a_failed_injection_warning(av_karv
     assert len(rt.warnings) == 1 and "injection probably failed" in rt.warnings[0]
 
 
+def test_a_round_trips_warnings_are_counted_where_its_repr_and_view_show_it(av_karvonen, ar_nanonla, vectors,
+                                                                             monkeypatch):
+    """The round trip's warnings are kept on the result, never emitted: its repr and view did not mention them, so
+    a failed injection (which no summary says) was seen only by a user who knew to read `rt.warnings`."""
+    fake = [Verbalization("中文中文中文中文", None, [])] * 2
+    monkeypatch.setattr(av_karvonen, "verbalize", lambda v, **kw: fake)
+    rt = nl.NLA(av_karvonen, ar_nanonla).round_trip(vectors[:2])  # too few for a baseline: no FVE as well
+    assert len(rt.warnings) == 2
+    assert repr(rt).splitlines()[0] == f"RoundTrip: {rt.summary()}; 2 warnings (.warnings)"
+    assert "2 warnings (.warnings)" in rt._repr_html_()
+    assert "warning" not in rt.summary()  # the line `nla-lens explain` prints, just before the warnings themselves
+    explained = Explanation(rows=[], texts=["abcd"], tokens=[["abcd"]], layer=av_karvonen.meta.layer,
+                            vectors=vectors[:2], round_trip=rt)
+    assert repr(explained).splitlines()[0].endswith("; 2 warnings (.round_trip.warnings)")
+    assert "2 warnings (.round_trip.warnings)" in explained._repr_html_()
+    _fake_verbalize(av_karvonen, monkeypatch)
+    healthy = nl.NLA(av_karvonen, ar_nanonla).round_trip(vectors, baseline=0.5)
+    assert healthy.warnings == [] and "warning" not in repr(healthy) + healthy._repr_html_()
+
+
 def test_round_trip_end_to_end_on_the_toy_pair():
     """The real AV generates and parses, the real AR rebuilds: every row's score from the AR alone."""
     toy = nl.toy.load()
