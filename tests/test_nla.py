@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -215,6 +216,24 @@ def test_nla_from_pretrained_loads_each_tokenizer_once(tiny_paths, monkeypatch):
     loads.clear()
     assert nl.NLA.from_pretrained(av, ar, tokenizer=av_tokenizer).av.tokenizer is av_tokenizer
     assert loads == [ar]
+
+
+def test_a_given_tokenizer_that_is_not_the_checkpoints_is_named_as_the_argument(tiny_paths, monkeypatch):
+    """`from_pretrained(tokenizer=)` of another model said to "Load the tokenizer saved with the checkpoint", whose
+    files were never read; `NLA.from_pretrained` blamed the AR ("load the AR trained with this AV"); a folder's path
+    given as `tokenizer=` was a TypeError from inside the check."""
+    monkeypatch.setattr(backends, "load_model", lambda *a, **k: pytest.fail("weights read"))
+    other = loading.load_tokenizer(nl.toy.TOY_DIR / "av")  # the toy's: another model's vocabulary
+    av, ar = tiny_paths["av_karvonen"], tiny_paths["ar_nanonla"]
+    loaders = [(nl.ActivationVerbalizer.from_pretrained, av), (nl.ActivationReconstructor.from_pretrained, ar),
+               (lambda folder, **kwargs: nl.NLA.from_pretrained(folder, ar, **kwargs), av)]
+    for load, folder in loaders:
+        named = rf"^tokenizer= is not the tokenizer of {re.escape(str(folder))} \(leave it out to load that one\): "
+        with pytest.raises(nl.TokenizerDriftError, match=named + r"marker '.' encodes to \[\d+\], but the sidecar"):
+            load(folder, tokenizer=other)
+        with pytest.raises(nl.InputError, match=r"^tokenizer= takes a loaded tokenizer .* got str '.*av_karvonen'; "
+                                                r"leave it out to load the one in "):
+            load(folder, tokenizer=str(av))
 
 
 @pytest.mark.parametrize(("av", "ar", "error", "match"), [
