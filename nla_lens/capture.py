@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from transformer_lens.utilities import get_attention_mask
 
 from nla_lens import backends
-from nla_lens.checks import blocks_phrase
+from nla_lens.checks import blocks_phrase, counted
 from nla_lens.errors import InputError
 
 if TYPE_CHECKING:
@@ -279,7 +279,17 @@ class Capture:
             real = real_tokens(self.model, seen_mask, seen_tokens)
         if real is None:
             real = torch.ones(batch, width, dtype=torch.bool, device=output.device)
-        rows, cols = resolve_positions(self.positions, real.to(output.device))
+        try:
+            rows, cols = resolve_positions(self.positions, real.to(output.device))
+        except InputError as exc:
+            if call == 0:
+                raise
+            # The prompt's positions, say, in a KV-cached decode step: "outside row 0 (columns 0..0)" alone
+            # read as a claim about the prompt, which has them.
+            step = (" (a KV-cached step of generate runs its new token alone: positions=-1 fits every pass, or "
+                    "calls='first' records the prompt alone)" if width == 1 else "")
+            raise InputError(f"pass {call} inside the capture (calls='all') ran {counted(width, 'column')}{step}: "
+                             f"{exc}") from exc
         self._chunks.append(output[rows, cols].detach().float())
         tokens = self.tokens if self.tokens is not None and tuple(self.tokens.shape) == (batch, width) else None
         if tokens is None:  # the call's own: a decode step of generate is not the shape of the tokens given

@@ -107,6 +107,7 @@ class SteeringResult(TabularResult):
                         "added": pa.list_(pa.string()), "removed": pa.list_(pa.string()), "cosine": pa.float64(),
                         "fve_clean": pa.float64(), "fve_steered": pa.float64(), "layer": pa.int64(),
                         "steer_layer": pa.int64(), "scale": pa.float64()})
+    warnings_at = "round_trip.warnings"
 
     def to_records(self) -> list[dict[str, Any]]:
         return [{"batch": r.batch, "position": r.position, "token": r.token, "clean": _readout(r.clean),
@@ -118,7 +119,7 @@ class SteeringResult(TabularResult):
     def summary(self) -> str:
         changed = sum(_readout(r.clean) != _readout(r.steered) for r in self.rows)
         return (f"steered at layer {self.steer_layer} (scale {self.scale:g}), read out at layer {self.layer}: "
-                f"{len(self.rows)} sites, {changed} readouts changed by steering; "
+                f"{counted(len(self.rows), 'site')}, {counted(changed, 'readout')} changed by steering; "
                 + _scores(self.round_trip, ("clean", "steered")))
 
 
@@ -175,6 +176,7 @@ class PatchingStudy(TabularResult):
                         "explanation": pa.string(), "parsed": pa.bool_(), "cosine_to_clean": pa.float64(),
                         "fve": pa.float64(), "patched": pa.string(), "patch_position": pa.int64(),
                         "layer": pa.int64()})
+    warnings_at = "round_trip.warnings"
 
     def to_records(self) -> list[dict[str, Any]]:
         return [{"run": r.run, "batch": r.batch, "position": r.position, "token": r.token,

@@ -90,6 +90,7 @@ class Explanation(TabularResult):
                         "explanation": pa.string(), "parsed": pa.bool_(), "text": pa.string(), "truncated": pa.bool_(),
                         "mse": pa.float64(), "fve": pa.float64(), "baseline": pa.float64(),
                         "baseline_source": pa.string(), "layer": pa.int64()})
+    warnings_at = "round_trip.warnings"
 
     @property
     def hook_name(self) -> str:
@@ -130,7 +131,7 @@ class Explanation(TabularResult):
 
     def _repr_html_(self) -> str:
         title = "Explained text" + (f" · {display.model_label(self.model_name)}" if self.model_name else "")
-        return display.explained_text_html(self.cells(), title=title, layer=self.layer, summary=self.summary(),
+        return display.explained_text_html(self.cells(), title=title, layer=self.layer, summary=self._headline(),
                                            hook_name=self.hook_name)
 
 

@@ -31,8 +31,8 @@ from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 from nla_lens import backends, toy
 from nla_lens.backends import gemma3, hf_names
 from nla_lens.checks import blocks_phrase, did_you_mean
-from nla_lens.errors import CheckpointError, InjectionError, InputError, SidecarError
-from nla_lens.sidecar import NLAMeta, load_meta
+from nla_lens.errors import CheckpointError, InjectionError, InputError, SidecarError, TokenizerDriftError
+from nla_lens.sidecar import SIDECAR_NAME, NLAMeta, check_tokenizer, load_meta
 
 try:
     from transformer_lens import HookedTransformer, HookedTransformerConfig
@@ -163,6 +163,26 @@ def load_tokenizer(folder: Path, *, trust_remote_code: bool = False) -> PreTrain
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def checkpoint_tokenizer(folder: Path, meta: NLAMeta, role: Literal["av", "ar"], given: Any = None, *,
+                         trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """The tokenizer of the AV or AR in `folder`, checked against its sidecar: `given` (the `tokenizer=` of
+    `from_pretrained`, loaded by the caller) or else the folder's own. A given one that does not fit is named as the
+    argument, since the folder's tokenizer files were never read."""
+    if given is None:
+        tokenizer = load_tokenizer(folder, trust_remote_code=trust_remote_code)
+        check_tokenizer(meta, tokenizer, role=role, source=str(folder / SIDECAR_NAME))
+        return tokenizer
+    if not isinstance(given, PreTrainedTokenizerBase):
+        raise InputError(f"tokenizer= takes a loaded tokenizer (nla_lens.loading.load_tokenizer(folder)), got "
+                         f"{type(given).__name__} {str(given)[:60]!r}; leave it out to load the one in {folder}")
+    try:
+        check_tokenizer(meta, given, role=role, source=str(folder / SIDECAR_NAME))
+    except TokenizerDriftError as exc:
+        raise TokenizerDriftError(f"tokenizer= is not the tokenizer of {folder} (leave it out to load that one): "
+                                  f"{exc}") from exc
+    return given
 
 
 def truncate_config(config: Any, n_layers: int) -> None:

@@ -217,6 +217,7 @@ class RoundTrip(TabularResult):
     display_columns = ("index", "explanation", "parsed", "mse", "fve")
     schema = pa.schema({"index": pa.int64(), "explanation": pa.string(), "parsed": pa.bool_(), "text": pa.string(),
                         "truncated": pa.bool_(), "mse": pa.float64(), "fve": pa.float64()})
+    warnings_at = "warnings"
 
     @property
     def explanations(self) -> list[str | None]:
@@ -284,9 +285,9 @@ class NLA:
         _check_roles(av_folder, av_meta, ar_folder, ar_meta)
         check_pair(av_meta, ar_meta)
         trust = av_kwargs.get("trust_remote_code", False)
-        av_tokenizer = av_kwargs.pop("tokenizer", None)
-        if av_tokenizer is None:
-            av_tokenizer = loading.load_tokenizer(av_folder, trust_remote_code=trust)
+        # A given tokenizer is checked before the pair's vocabularies: another model's is the argument's fault
+        av_tokenizer = loading.checkpoint_tokenizer(av_folder, av_meta, "av", av_kwargs.pop("tokenizer", None),
+                                                    trust_remote_code=trust)
         ar_tokenizer = loading.load_tokenizer(ar_folder, trust_remote_code=trust)
         check_vocabularies(av_tokenizer, ar_tokenizer)
         av = ActivationVerbalizer.from_pretrained(av_path, device=device, dtype=dtype, backend=backend,

@@ -15,7 +15,7 @@ from nla_lens import backends, loading
 from nla_lens.checks import check_counts, check_explanations, resolve_device, resolve_dtype
 from nla_lens.distributed import inference
 from nla_lens.errors import PromptTooLongError, SidecarError
-from nla_lens.sidecar import NLAMeta, ar_prompt_ids, check_role_template, check_tokenizer, load_meta
+from nla_lens.sidecar import NLAMeta, ar_prompt_ids, check_role_template, load_meta
 
 if TYPE_CHECKING:
     from nla_lens.backends import TLModel
@@ -65,10 +65,8 @@ class ActivationReconstructor:
             raise SidecarError(f"{folder} is an AV checkpoint, not an AR: load it with "
                                "ActivationVerbalizer.from_pretrained")
         check_role_template(meta, "ar", folder)
-        if tokenizer is None:
-            tokenizer = loading.load_tokenizer(folder, trust_remote_code=trust_remote_code)
+        tokenizer = loading.checkpoint_tokenizer(folder, meta, "ar", tokenizer, trust_remote_code=trust_remote_code)
         tokenizer.padding_side = "left"  # the last real token is then always at position -1
-        check_tokenizer(meta, tokenizer, role="ar")
         loading.check_config(folder, meta, tokenizer, trust_remote_code=trust_remote_code)
         # The readout first: one [d, d] matrix, so a missing or damaged one is reported before the backbone is read.
         readout = loading.load_readout(folder, meta.d_model, dtype=dtype, device=device)

@@ -8,7 +8,9 @@ columns:
 * ``schema``: every column of the rows and its arrow type, so that an empty result, or a column that is None in
   every row (no baseline, every parse failed), keeps the columns and types of any other run's table.
 
-Its fields are described once, in an ``Attributes:`` section of its docstring: what ``help()`` shows.
+Its fields are described once, in an ``Attributes:`` section of its docstring: what ``help()`` shows. A result
+that keeps warnings instead of emitting them (a round trip's) names where in ``warnings_at``; its repr and view
+count them.
 
 It then has ``to_pandas()``, ``save(path)`` (``.parquet``, ``.jsonl``, or ``.html`` for the notebook
 view as a standalone page; [`read_result`][nla_lens.results.read_result] reads the rows back, and from a
@@ -30,7 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from nla_lens import __version__, display
-from nla_lens.checks import check_input_file, check_output_path, file_kind, file_path, jsonl_lines
+from nla_lens.checks import check_input_file, check_output_path, counted, file_kind, file_path, jsonl_lines
 from nla_lens.errors import InputError
 from nla_lens.vector_files import OUTPUT_SUFFIXES, json_text, write_atomic, write_table
 
@@ -51,6 +53,9 @@ class TabularResult:
     #: Every column the rows can have, in order, with its arrow type (None: inferred from the rows). The files keep
     #: these types, and an empty result these columns, where rows alone would give no column or arrow's null type.
     schema: ClassVar[pa.Schema | None] = None
+    #: Where the result keeps warnings that its summary does not spell out (``"warnings"``,
+    #: ``"round_trip.warnings"``), which ``repr`` and the view then count and point to; None where it keeps none.
+    warnings_at: ClassVar[str | None] = None
 
     def to_records(self) -> list[dict[str, Any]]:
         """One flat dict per row: what ``to_pandas`` and ``save`` write."""
@@ -86,7 +91,7 @@ class TabularResult:
     def __repr__(self) -> str:
         records = self.to_records()
         columns = self._shown_columns(records)
-        lines = [f"{type(self).__name__}: {self.summary()}"]
+        lines = [f"{type(self).__name__}: {self._headline()}"]
         if records and columns:
             lines += text_table(records[:_REPR_ROWS], columns)
             if len(records) > _REPR_ROWS:
@@ -95,7 +100,20 @@ class TabularResult:
 
     def _repr_html_(self) -> str:
         records = self.to_records()
-        return display.result_html(type(self).__name__, self.summary(), records, self._shown_columns(records))
+        return display.result_html(type(self).__name__, self._headline(), records, self._shown_columns(records))
+
+    def _headline(self) -> str:
+        """The summary, and how many warnings the result holds and where ("1 warning (.warnings)"): they are not
+        also emitted as Python warnings, so a notebook's repr and view are where a user learns of them. Not part of
+        `summary`, which the commands print before the warnings themselves."""
+        held: Any = None
+        if self.warnings_at is not None:
+            held = self
+            for name in self.warnings_at.split("."):  # None on the way (a study run without an AR): none held
+                held = getattr(held, name, None)
+        if not held:
+            return self.summary()
+        return f"{self.summary()}; {counted(len(held), 'warning')} (.{self.warnings_at})"
 
     def _shown_columns(self, records: list[dict[str, Any]]) -> list[str]:
         if self.display_columns is not None:  # those the rows have: optional columns may be absent

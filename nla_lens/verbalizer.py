@@ -25,12 +25,10 @@ from nla_lens.parsing import injection_warning, parse_explanation, unclosed_note
 from nla_lens.results import TabularResult
 from nla_lens.sidecar import (
     DEFAULT_HOOK_POINT,
-    SIDECAR_NAME,
     InjectionSpec,
     NLAMeta,
     av_prompt_ids,
     check_role_template,
-    check_tokenizer,
     load_meta,
 )
 
@@ -185,9 +183,7 @@ class ActivationVerbalizer:
                 "(extraction.injection_scale). Pass injection='karvonen' if this checkpoint was trained with the "
                 "additive injection, or add the injection_scale it was trained with to the sidecar"
             )
-        if tokenizer is None:
-            tokenizer = loading.load_tokenizer(folder, trust_remote_code=trust_remote_code)
-        check_tokenizer(meta, tokenizer, role="av", source=str(folder / SIDECAR_NAME))
+        tokenizer = loading.checkpoint_tokenizer(folder, meta, "av", tokenizer, trust_remote_code=trust_remote_code)
         loading.check_config(folder, meta, tokenizer, trust_remote_code=trust_remote_code)
         loading.check_hook_point(folder, spec.hook_point, backend=backends.resolve_name(backend),
                                  trust_remote_code=trust_remote_code)

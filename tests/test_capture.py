@@ -177,6 +177,22 @@ def test_generate_names_the_token_of_every_row_prompt_and_generated(base, given,
     assert "generate" not in base.__dict__ and not base.embed._forward_pre_hooks
 
 
+def test_positions_that_a_decode_step_lacks_name_the_pass_and_what_fits_every_pass(base):
+    """The prompt's columns given with calls="all": the first decode step raised "position 1 is outside row 0
+    (columns 0..0, ...)", which read as wrong about the prompt that has them."""
+    tokens = base.to_tokens("the cat sat on", prepend_bos=False)
+    with pytest.raises(nl.InputError, match=r"^pass 1 inside the capture \(calls='all'\) ran 1 column \(a "
+                                            r"KV-cached step of generate .* positions=-1 fits every pass, .*\): "
+                                            r"positions: position 1 is outside row 0 \(columns 0..0"):
+        with nl.capture(base, LAYER, [0, 1], calls="all"):
+            base.generate(tokens, **GENERATE)
+    last = tokens.shape[1] - 1
+    with pytest.raises(nl.InputError, match=rf"^positions: position 9 is outside row 0 \(columns 0..{last},"):
+        with nl.capture(base, LAYER, [9], calls="all"):  # wrong on the prompt itself: said as before
+            base.generate(tokens, **GENERATE)
+    assert no_hooks_left(base)
+
+
 def test_a_decode_step_whose_token_shares_the_pad_id_is_captured(base):
     """A generated token equal to the pad id (Qwen pads with its EOS, which generate feeds back once a row
     ends) is a decode step's one real token: on the bridge its row was taken for padding and the capture

@@ -503,6 +503,24 @@ def test_word_diff_leaves_no_quotes_or_punctuation_attached_and_no_empty_words()
     assert word_diff('"\'", a , b -- "', "a b") == ([], ["'"])  # a bare comma, dash or lone quote is no word
 
 
+def test_a_studys_round_trip_warnings_are_counted_where_its_repr_and_view_show_it(base, nla, av_karvonen, steer):
+    """The round trip's "no FVE" is kept on `result.round_trip.warnings`, never emitted: the repr and view said "no
+    FVE" but not where to read why. Counts are in words: "1 sites, 0 readouts changed" read as a typo."""
+    tokens, _ = padded(base, "left")
+    steered = nl.steer_then_verbalize(base, nla, tokens[:1], steering_vector=steer, scale=0.0, steer_layer=0, **FAST)
+    assert len(steered.round_trip.warnings) == 1  # two vectors: no baseline
+    assert repr(steered).splitlines()[0].endswith("1 site, 0 readouts changed by steering; no FVE (no baseline: "
+                                                  "pass baseline=); 1 warning (.round_trip.warnings)")
+    assert "1 warning (.round_trip.warnings)" in steered._repr_html_()
+    clean_tokens, corrupted_tokens = equal_length_pair(base)
+    study = nl.patching_study(base, nla, clean_tokens[:1], corrupted_tokens[:1], patch_layer=0, patch_position=0,
+                              **FAST)
+    assert repr(study).splitlines()[0].endswith("; 1 warning (.round_trip.warnings)")
+    av_only = nl.patching_study(base, av_karvonen, clean_tokens[:1], corrupted_tokens[:1], patch_layer=0,
+                                patch_position=0, **FAST)
+    assert av_only.round_trip is None and "warning" not in repr(av_only) + av_only._repr_html_()
+
+
 def test_experiment_arguments_are_checked_with_typed_errors(base, nla, av_karvonen, steer):
     tokens, mask = padded(base, "left")
     clean_tokens, corrupted_tokens = equal_length_pair(base)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -135,6 +136,26 @@ def test_round_trip_with_a_given_baseline_and_a_failed_injection_warning(av_karv
     assert len(rt.warnings) == 1 and "injection probably failed" in rt.warnings[0]
 
 
+def test_a_round_trips_warnings_are_counted_where_its_repr_and_view_show_it(av_karvonen, ar_nanonla, vectors,
+                                                                             monkeypatch):
+    """The round trip's warnings are kept on the result, never emitted: its repr and view did not mention them, so
+    a failed injection (which no summary says) was seen only by a user who knew to read `rt.warnings`."""
+    fake = [Verbalization("中文中文中文中文", None, [])] * 2
+    monkeypatch.setattr(av_karvonen, "verbalize", lambda v, **kw: fake)
+    rt = nl.NLA(av_karvonen, ar_nanonla).round_trip(vectors[:2])  # too few for a baseline: no FVE as well
+    assert len(rt.warnings) == 2
+    assert repr(rt).splitlines()[0] == f"RoundTrip: {rt.summary()}; 2 warnings (.warnings)"
+    assert "2 warnings (.warnings)" in rt._repr_html_()
+    assert "warning" not in rt.summary()  # the line `nla-lens explain` prints, just before the warnings themselves
+    explained = Explanation(rows=[], texts=["abcd"], tokens=[["abcd"]], layer=av_karvonen.meta.layer,
+                            vectors=vectors[:2], round_trip=rt)
+    assert repr(explained).splitlines()[0].endswith("; 2 warnings (.round_trip.warnings)")
+    assert "2 warnings (.round_trip.warnings)" in explained._repr_html_()
+    _fake_verbalize(av_karvonen, monkeypatch)
+    healthy = nl.NLA(av_karvonen, ar_nanonla).round_trip(vectors, baseline=0.5)
+    assert healthy.warnings == [] and "warning" not in repr(healthy) + healthy._repr_html_()
+
+
 def test_round_trip_end_to_end_on_the_toy_pair():
     """The real AV generates and parses, the real AR rebuilds: every row's score from the AR alone."""
     toy = nl.toy.load()
@@ -195,6 +216,24 @@ def test_nla_from_pretrained_loads_each_tokenizer_once(tiny_paths, monkeypatch):
     loads.clear()
     assert nl.NLA.from_pretrained(av, ar, tokenizer=av_tokenizer).av.tokenizer is av_tokenizer
     assert loads == [ar]
+
+
+def test_a_given_tokenizer_that_is_not_the_checkpoints_is_named_as_the_argument(tiny_paths, monkeypatch):
+    """`from_pretrained(tokenizer=)` of another model said to "Load the tokenizer saved with the checkpoint", whose
+    files were never read; `NLA.from_pretrained` blamed the AR ("load the AR trained with this AV"); a folder's path
+    given as `tokenizer=` was a TypeError from inside the check."""
+    monkeypatch.setattr(backends, "load_model", lambda *a, **k: pytest.fail("weights read"))
+    other = loading.load_tokenizer(nl.toy.TOY_DIR / "av")  # the toy's: another model's vocabulary
+    av, ar = tiny_paths["av_karvonen"], tiny_paths["ar_nanonla"]
+    loaders = [(nl.ActivationVerbalizer.from_pretrained, av), (nl.ActivationReconstructor.from_pretrained, ar),
+               (lambda folder, **kwargs: nl.NLA.from_pretrained(folder, ar, **kwargs), av)]
+    for load, folder in loaders:
+        named = rf"^tokenizer= is not the tokenizer of {re.escape(str(folder))} \(leave it out to load that one\): "
+        with pytest.raises(nl.TokenizerDriftError, match=named + r"marker '.' encodes to \[\d+\], but the sidecar"):
+            load(folder, tokenizer=other)
+        with pytest.raises(nl.InputError, match=r"^tokenizer= takes a loaded tokenizer .* got str '.*av_karvonen'; "
+                                                r"leave it out to load the one in "):
+            load(folder, tokenizer=str(av))
 
 
 @pytest.mark.parametrize(("av", "ar", "error", "match"), [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 
 import pytest
 import torch
@@ -244,6 +245,27 @@ def test_a_file_joining_two_extractions_explanations_or_a_damaged_record_is_name
         label_activations(acts, damaged)
 
 
+def test_explanations_edited_with_pandas_and_written_back_keep_their_record_and_ids(acts, tmp_path):
+    """`pd.read_json(lines=True)` reads the record as a row of its own, and beside its missing doc_id makes ids
+    "0", "1" floats; `to_json(orient="records", lines=True)` wrote the record back with null keys, which was read as
+    an explanation ("position must be the row's token index ... got null"), and the ids as 0.0, 1.0."""
+    import pandas as pd
+
+    numbered = dataclasses.replace(acts, records=[dataclasses.replace(r, doc_id=r.doc_id.removeprefix("doc-"))
+                                                  for r in acts.records])  # a corpus without ids: line indices
+    path = save_explanations(label_activations(numbered, label_by_token), tmp_path / "explanations.jsonl")
+    frame = pd.read_json(path, lines=True)
+    frame.loc[1, "explanation"] = "edited"  # row 0 is the record
+    frame.to_json(path, orient="records", lines=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the record is read: no "does not record which extraction" warning
+        data = label_activations(numbered, path)
+    assert data.explanations == ["edited"] + [label_by_token(r) for r in numbered.records[1:]]
+    assert data.doc_ids == [r.doc_id for r in numbered.records]
+    with pytest.raises(nl.ConfigError, match="rows: .* other documents, positions or tokens"):
+        label_activations(acts, path)  # and it is checked: the ids "doc-0", ... are another extraction's
+
+
 def test_explanations_without_an_extraction_record_load_with_one_warning(acts, tmp_path):
     """Files written before the record (or by other code) still train, with a word that nothing checks them."""
     path = tmp_path / "explanations.jsonl"
@@ -252,6 +274,9 @@ def test_explanations_without_an_extraction_record_load_with_one_warning(acts, t
     with pytest.warns(UserWarning, match=f"{path} does not record which extraction it labels") as warned:
         data = label_activations(acts, path)
     assert len(warned) == 1 and data.explanations == ["x"] * len(acts) and data.extraction is not None
+    # The fix to run, whole: it named the activations as load_activations(...)
+    fix = f"save_explanations(label_activations(load_activations({str(acts.folder.absolute())!r}), {str(path)!r}), "
+    assert fix in str(warned[0].message)
 
 
 def test_explanations_of_one_document_say_the_split_needs_labelled_rows_of_two(acts):

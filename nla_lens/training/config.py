@@ -164,7 +164,8 @@ def check_command(command: Any, expected: str | None) -> None:
         raise ConfigError(f"command: {command!r} is no nla-lens command with a config; set one of {list(COMMANDS)} "
                           "(the command this config is for), or leave it out")
     if expected is not None and command != expected:
-        raise ConfigError(f"command: this config is for nla-lens {command}, not {expected}")
+        raise ConfigError(f"command: this config is for nla-lens {command}, not {expected} (if it is {expected}'s, "
+                          f"set command: {expected})")
 
 
 @dataclass

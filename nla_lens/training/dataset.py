@@ -132,8 +132,9 @@ def check_labelled_extraction(recorded: ExtractionIdentity | None, activations: 
     if recorded is None:
         warnings.warn(f"{path} does not record which extraction it labels (written before nla_lens recorded it, or "
                       f"by other code), so nothing checks that its explanations describe the activations {here}; "
-                      f"once you know they do, save_explanations(label_activations(load_activations(...), {str(path)!r}"
-                      f"), {str(path)!r}) records it", stacklevel=3)
+                      f"once you know they do, save_explanations(label_activations(load_activations("
+                      f"{'...' if activations.folder is None else repr(here)}), {str(path)!r}), {str(path)!r}) "
+                      "records it", stacklevel=3)
         return
     differences = recorded.differences(activations)
     if not differences:
@@ -155,7 +156,7 @@ def _read_explanations(path: Path) -> tuple[dict[tuple[str, int], str], Extracti
     for line_no, line in jsonl_lines(path, "explanations"):
         where = f"{path}:{line_no}"
         row = _json_object(where, line)
-        if RECORD_KEY in row and "doc_id" not in row:
+        if _is_record(row):
             identity = _recorded_extraction(where, row[RECORD_KEY])
             if recorded is not None and recorded[1].differences(identity):
                 raise InputError(f"{where}: records another extraction ({identity.folder}) than line {recorded[0]} "
@@ -168,6 +169,14 @@ def _read_explanations(path: Path) -> tuple[dict[tuple[str, int], str], Extracti
             raise InputError(f"{where}: a second explanation for doc_id {key[0]!r} position {key[1]}")
         out[key] = text
     return out, None if recorded is None else recorded[1]
+
+
+def _is_record(row: dict[str, Any]) -> bool:
+    """Whether a line is the record `save_explanations` writes first. pandas (`read_json(lines=True)`, then
+    `to_json(orient="records", lines=True)`) writes it back with null doc_id, position and explanation, and every
+    explanation line with a null record."""
+    return row.get(RECORD_KEY) is not None and all(row.get(key) is None for key in ("doc_id", "position",
+                                                                                      "explanation"))
 
 
 def _recorded_extraction(where: str, value: Any) -> ExtractionIdentity:
@@ -204,7 +213,10 @@ def _explanation_line(where: str, row: dict[str, Any]) -> tuple[tuple[str, int],
                          f"{json.dumps(row['position'])}")
     if not isinstance(text, str):
         raise InputError(f"{where}: explanation must be a string, got {json.dumps(text)}")
-    return (str(row["doc_id"]), position), text
+    doc_id = row["doc_id"]
+    if isinstance(doc_id, float) and doc_id.is_integer():  # pandas: ids "0", "1" as 0.0, 1.0 beside the record
+        doc_id = int(doc_id)
+    return (str(doc_id), position), text
 
 
 def _position(value: Any) -> int | None:
