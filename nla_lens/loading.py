@@ -159,6 +159,12 @@ def load_tokenizer(folder: Path, *, trust_remote_code: bool = False) -> PreTrain
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise CheckpointError(f"the tokenizer in {folder} cannot be loaded ({type(exc).__name__}: {reason}); "
                               f"{restore}") from exc
+    return _set_up_padding(tokenizer)
+
+
+def _set_up_padding(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """Left padding (an AR's last real token is then at -1; TL pads the AV's prompts on the left) and a pad token
+    (Llama has none; its EOS, which attention masks keep out)."""
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -168,8 +174,9 @@ def load_tokenizer(folder: Path, *, trust_remote_code: bool = False) -> PreTrain
 def checkpoint_tokenizer(folder: Path, meta: NLAMeta, role: Literal["av", "ar"], given: Any = None, *,
                          trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """The tokenizer of the AV or AR in `folder`, checked against its sidecar: `given` (the `tokenizer=` of
-    `from_pretrained`, loaded by the caller) or else the folder's own. A given one that does not fit is named as the
-    argument, since the folder's tokenizer files were never read."""
+    `from_pretrained`, loaded by the caller, and set up as `load_tokenizer` sets one up: left padding, a pad token)
+    or else the folder's own. A given one that does not fit is named as the argument, since the folder's tokenizer
+    files were never read."""
     if given is None:
         tokenizer = load_tokenizer(folder, trust_remote_code=trust_remote_code)
         check_tokenizer(meta, tokenizer, role=role, source=str(folder / SIDECAR_NAME))
@@ -182,7 +189,7 @@ def checkpoint_tokenizer(folder: Path, meta: NLAMeta, role: Literal["av", "ar"],
     except TokenizerDriftError as exc:
         raise TokenizerDriftError(f"tokenizer= is not the tokenizer of {folder} (leave it out to load that one): "
                                   f"{exc}") from exc
-    return given
+    return _set_up_padding(given)
 
 
 def truncate_config(config: Any, n_layers: int) -> None:

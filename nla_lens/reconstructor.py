@@ -56,7 +56,8 @@ class ActivationReconstructor:
 
         `backend` ("hooked" / "bridge") overrides the one the installed TransformerLens implies.
         `dtype` may be a name ("bfloat16"). `tokenizer`: the folder's tokenizer where the caller has loaded it
-        already (`loading.load_tokenizer`), checked as one loaded here is; it saves loading it again.
+        already (`loading.load_tokenizer`), checked as one loaded here is and set to pad on the left with a pad
+        token, as `load_tokenizer` sets one; it saves loading it again.
         """
         device, dtype = resolve_device(device), resolve_dtype(dtype)
         folder = loading.resolve_checkpoint(path_or_id)
@@ -66,7 +67,6 @@ class ActivationReconstructor:
                                "ActivationVerbalizer.from_pretrained")
         check_role_template(meta, "ar", folder)
         tokenizer = loading.checkpoint_tokenizer(folder, meta, "ar", tokenizer, trust_remote_code=trust_remote_code)
-        tokenizer.padding_side = "left"  # the last real token is then always at position -1
         loading.check_config(folder, meta, tokenizer, trust_remote_code=trust_remote_code)
         # The readout first: one [d, d] matrix, so a missing or damaged one is reported before the backbone is read.
         readout = loading.load_readout(folder, meta.d_model, dtype=dtype, device=device)

@@ -167,7 +167,8 @@ class ActivationVerbalizer:
         sidecar implies; by default the checkpoint is served exactly as it was trained. `backend`
         ("hooked" / "bridge") overrides the one the installed TransformerLens implies. `dtype` may
         be a name ("bfloat16"). `tokenizer`: the folder's tokenizer where the caller has loaded it already
-        (`loading.load_tokenizer`), checked as one loaded here is; it saves loading it again (about 1 s on Qwen's).
+        (`loading.load_tokenizer`), checked as one loaded here is and set to pad on the left with a pad token, as
+        `load_tokenizer` sets one; it saves loading it again (about 1 s on Qwen's).
         """
         device, dtype = resolve_device(device), resolve_dtype(dtype)
         folder = loading.resolve_checkpoint(path_or_id)

@@ -236,6 +236,19 @@ def test_a_given_tokenizer_that_is_not_the_checkpoints_is_named_as_the_argument(
             load(folder, tokenizer=str(av))
 
 
+def test_a_given_tokenizer_is_set_up_as_a_loaded_one_and_reconstructs_the_same(tiny_paths, ar_nanonla):
+    """A tokenizer from plain `AutoTokenizer` (right padding; Llama's has no pad token) is given what
+    `load_tokenizer` gives one: the AR pads on the left with a pad id, so its vectors are the folder's own."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_paths["ar_nanonla"], padding_side="right")
+    tokenizer.pad_token = None
+    ar = nl.ActivationReconstructor.from_pretrained(tiny_paths["ar_nanonla"], tokenizer=tokenizer)
+    assert (tokenizer.padding_side, tokenizer.pad_token) == ("left", tokenizer.eos_token)
+    texts = ["a cat", "the sea and the park"]
+    assert torch.equal(ar.reconstruct(texts), ar_nanonla.reconstruct(texts))
+
+
 @pytest.mark.parametrize(("av", "ar", "error", "match"), [
     ("ar_nanonla", "av_karvonen", nl.PairMismatchError, "given the AR first .* and the AV second .*: swap them"),
     ("ar_paper", "av_embedding", nl.PairMismatchError, "given the AR first .* and the AV second .*: swap them"),
