@@ -188,6 +188,17 @@ class Capture:
     def hook_name(self) -> str:
         return resid_post_name(self.layer)
 
+    def __repr__(self) -> str:
+        """What a notebook shows for `cap`: where and what it records, and how much it has."""
+        positions = (f"<{self.positions.dtype} tensor {list(self.positions.shape)}>"
+                     if isinstance(self.positions, Tensor) else repr(self.positions))
+        passes = f"{self.n_calls} forward pass{'' if self.n_calls == 1 else 'es'}"
+        if self.calls == "first" and self.n_calls > 1:
+            passes += ", the first recorded"
+        state = " (recording)" if self._handle is not None else ""
+        return (f"Capture({self.hook_name}, positions={positions}, calls={self.calls!r}){state}: "
+                f"{len(self.rows)} vector{'' if len(self.rows) == 1 else 's'} from {passes}")
+
     @property
     def vectors(self) -> Float[Tensor, "n d_model"]:
         """The captured residuals, float32, one row per entry of `rows`."""

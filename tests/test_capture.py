@@ -357,3 +357,19 @@ def test_captures_closed_out_of_order_leave_the_models_own_forward(base):
     with torch.no_grad():
         twin.blocks[0].attn.W_O.zero_()
         assert not torch.equal(twin(tokens), base(tokens))
+
+
+def test_a_capture_says_what_it_records_and_how_much_it_has(base):
+    """A notebook showed `<nla_lens.capture.Capture object at 0x...>`."""
+    tokens, mask = padded(base, "left")
+    cap = nl.capture(base, LAYER, -1, calls="first")
+    assert repr(cap) == (f"Capture(blocks.{LAYER}.hook_resid_post, positions=-1, calls='first'): "
+                         "0 vectors from 0 forward passes")
+    with cap:
+        base(tokens, attention_mask=mask)
+        assert repr(cap).endswith(f"(recording): {len(tokens)} vectors from 1 forward pass")
+        base(tokens, attention_mask=mask)
+    assert repr(cap).endswith(f": {len(tokens)} vectors from 2 forward passes, the first recorded")
+    every = nl.capture(base, LAYER, torch.ones_like(mask, dtype=torch.bool), calls="all")
+    assert repr(every).startswith(f"Capture(blocks.{LAYER}.hook_resid_post, positions=<torch.bool tensor "
+                                  f"{list(mask.shape)}>, calls='all')")

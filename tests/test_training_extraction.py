@@ -266,8 +266,20 @@ def test_the_documents_dropped_as_too_short_are_counted_in_the_log(tmp_path, bas
     with caplog.at_level(logging.INFO, logger=extraction.__name__):
         rows = len(load_activations(extract_activations(model, tokenizer, corpus, tmp_path, extract_config,
                                                         progress=False)))
-    assert (f"{rows} activation rows from 12 documents in 3 shards, 0 of them from an earlier run of this extraction; "
-            "1 document(s) dropped as too short (at most min_context = 4 tokens)") in caplog.messages
+    assert (f"{rows} activation rows from 12 documents in 3 shards; 1 document(s) dropped as too short (at most "
+            "min_context = 4 tokens)") in caplog.messages  # a first run names no rows of an earlier one
+
+
+def test_a_fresh_extraction_of_long_enough_documents_logs_no_zero_counts(tmp_path, base_tl, corpus, extract_config,
+                                                                         caplog):
+    """It said "0 of them from an earlier run of this extraction; 0 document(s) dropped as too short"."""
+    model, tokenizer = base_tl
+    long_enough = [doc for doc in corpus if len(tokenizer.encode(doc.text)) > extract_config.min_context]
+    with caplog.at_level(logging.INFO, logger=extraction.__name__):
+        rows = len(load_activations(extract_activations(model, tokenizer, long_enough, tmp_path, extract_config,
+                                                        progress=False)))
+    assert caplog.messages[-1].startswith(f"{rows} activation rows from {len(long_enough)} documents in ")
+    assert caplog.messages[-1].endswith(" shards")
 
 
 @pytest.mark.parametrize(("texts", "dropped"), [([], 0), (["the sea", "a cat"], 2)])

@@ -204,9 +204,10 @@ def extract_activations(
                          f"dropped as too short (a document needs more than min_context = {config.min_context} "
                          "tokens); give more or longer documents or lower extract.min_context, and extract into a "
                          f"new out_dir (or delete {out})")
-    logger.info("%d activation rows from %d documents in %d shards, %d of them from an earlier run of this extraction; "
-                "%d document(s) dropped as too short (at most min_context = %d tokens)", rows, n_docs, n_shards, reused,
-                n_docs - kept, config.min_context)
+    earlier = f", {reused} of them from an earlier run of this extraction" if reused else ""
+    dropped = (f"; {n_docs - kept} document(s) dropped as too short (at most min_context = {config.min_context} "
+               "tokens)") if n_docs > kept else ""
+    logger.info("%d activation rows from %d documents in %d shards%s%s", rows, n_docs, n_shards, earlier, dropped)
     text = json.dumps({"shards": n_shards, "rows": rows})
     write_atomic(out / COMPLETE, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     (out / IN_PROGRESS).unlink(missing_ok=True)
