@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import html
 import json
+import operator
 import os
 import re
 import stat
@@ -253,8 +254,9 @@ def test_read_result_gives_back_the_rows_and_from_parquet_the_summary(results, k
     result = results[kind]
     frame = nl.read_result(result.save(tmp_path / "out.parquet"))
     pd.testing.assert_frame_equal(frame, result.to_pandas())
+    kept = {} if result.warnings_at is None else {"warnings": list(operator.attrgetter(result.warnings_at)(result))}
     assert frame.attrs == {"result_type": type(result).__name__, "summary": result.summary(),
-                           "nla_lens_version": nl.__version__}
+                           "nla_lens_version": nl.__version__, **kept}
     rows = nl.read_result(result.save(tmp_path / "out.jsonl"))  # no types: a column None in every row is object
     cells = rows.astype(object).where(rows.notna(), None).to_dict("records")
     assert cells == json.loads(json.dumps(result.to_records())) and rows.attrs == {}
@@ -310,12 +312,13 @@ def test_read_result_reads_a_file_jobs_output_with_the_record_of_the_job(tiny_pa
 
     vectors = torch.randn(3, D_MODEL, generator=torch.Generator().manual_seed(2))
     pq.write_table(pa.table({"vector": pa.array(vectors.tolist(), pa.list_(pa.float32()))}), tmp_path / "in.parquet")
-    out = sharded.verbalize_file(tiny_paths["av_karvonen"], tmp_path / "in.parquet", tmp_path / "out.parquet",
-                                 sampling=sharded.Sampling(max_new_tokens=4), shard_size=2).output
+    result = sharded.verbalize_file(tiny_paths["av_karvonen"], tmp_path / "in.parquet", tmp_path / "out.parquet",
+                                    sampling=sharded.Sampling(max_new_tokens=4), shard_size=2)
+    out = result.output
     frame = nl.read_result(out)
     assert frame.astype(object).where(frame.notna(), None).to_dict("records") == pq.read_table(out).to_pylist()
     job = json.loads(pq.read_schema(out).metadata[sharded.JOB_KEY.encode()])
-    assert frame.attrs == {"job": job} and job["job"] == "verbalize"
+    assert frame.attrs == {"job": job, "warnings": result.warnings} and job["job"] == "verbalize"
 
 
 def test_read_result_says_why_it_cannot_read_a_file(results, tmp_path):
@@ -328,6 +331,7 @@ def test_read_result_says_why_it_cannot_read_a_file(results, tmp_path):
         nl.read_result(tmp_path / "out.csv")
     with pytest.raises(nl.InputError, match="file path"):
         nl.read_result(None)
+
     (tmp_path / "text.parquet").write_text("index,explanation\n0,a\n", encoding="utf-8")
     with pytest.raises(nl.InputError, match="text.parquet is not a parquet file"):
         nl.read_result(tmp_path / "text.parquet")
