@@ -140,16 +140,19 @@ def check_save_path(path: str | Path, what: str = "output") -> Path:
     return path
 
 
-def read_result(path: str | Path) -> pd.DataFrame:
+def read_result(path: str | Path, result_type: type[TabularResult] | None = None) -> pd.DataFrame:
     """The rows of a result that `save` (or an `nla-lens` file job) wrote to ``.parquet`` or ``.jsonl``: the frame
-    ``to_pandas()`` gave (from ``.jsonl``, with types read off the values: a column None in every row is object).
+    ``to_pandas()`` gave.
 
     From a ``.parquet`` file, ``df.attrs`` holds what the rows alone cannot say: ``result_type`` (e.g.
     ``"RoundTrip"``), ``summary`` (its summary line: FVE, which baseline, failed parses), ``nla_lens_version`` and,
     for a type that keeps warnings (``RoundTrip``, ``Explanation``, ``SteeringResult``, ``PatchingStudy``),
     ``warnings`` (a list, empty when none: a failed injection, no FVE); for a file job's output ``job`` (the record
     of what produced it) and ``warnings``. A ``.jsonl`` file holds the rows alone, as does a table nla_lens did not
-    write, so ``attrs`` stays empty."""
+    write, so ``attrs`` stays empty; nor does it say which type wrote it, so its column types are read off the
+    values (a score None in every row is an object column, an empty file has no columns) unless ``result_type``
+    names the type whose ``save`` wrote it (e.g. ``nl.RoundTrip``): then they are that type's, as ``to_pandas()``
+    gives them. A ``.parquet`` file keeps its types; there ``result_type`` is checked against the one it records."""
     path = file_path(path, "read_result")
     kind = file_kind(path)
     if kind == ".html":
@@ -162,8 +165,10 @@ def read_result(path: str | Path) -> pd.DataFrame:
         raise InputError(f"{path}: read_result reads the .parquet or .jsonl file a result's save() or an nla-lens "
                          f"job wrote, not a {path.suffix or 'suffixless'} file")
     check_input_file(path, "result file")
+    if result_type is not None:
+        _check_result_type(result_type)
     if kind == ".jsonl":
-        return _read_jsonl(path)
+        return _read_jsonl(path, result_type)
     try:
         table = pq.read_table(path)
     except Exception as exc:  # noqa: BLE001 - arrow raises several types for a file that is not parquet
@@ -172,6 +177,10 @@ def read_result(path: str | Path) -> pd.DataFrame:
     metadata = table.schema.metadata or {}
     frame = table_frame(table)
     frame.attrs.update(_saved_record(metadata, RESULT_KEY.encode(), path))
+    recorded = frame.attrs.get("result_type")
+    if result_type is not None and recorded is not None and recorded != result_type.__name__:
+        raise InputError(f"{path} holds a {recorded}'s rows, not a {result_type.__name__}'s: pass "
+                         f"result_type={recorded}, or none (a .parquet file keeps its column types)")
     from nla_lens.sharded import JOB_KEY  # here: sharded imports the result types, which import this module
 
     if JOB_KEY.encode() in metadata:
@@ -194,8 +203,15 @@ def _saved_record(metadata: dict[bytes, bytes], key: bytes, path: Path) -> dict[
     return record
 
 
-def _read_jsonl(path: Path) -> pd.DataFrame:
-    """A .jsonl result's rows (one JSON object per line), as `to_pandas` builds its frame from records."""
+def _check_result_type(result_type: Any) -> None:
+    if not (isinstance(result_type, type) and issubclass(result_type, TabularResult) and result_type.schema):
+        raise InputError(f"result_type={result_type!r} is not a result type: pass the class whose save() wrote the "
+                         "file (nl.RoundTrip, nl.SteeringResult, ...), or none")
+
+
+def _read_jsonl(path: Path, result_type: type[TabularResult] | None) -> pd.DataFrame:
+    """A .jsonl result's rows (one JSON object per line), as `to_pandas` builds its frame from records: with
+    `result_type`'s schema when it is given."""
     records = []
     for number, line in jsonl_lines(path, "result file"):
         try:
@@ -207,7 +223,13 @@ def _read_jsonl(path: Path) -> pd.DataFrame:
             raise InputError(f"{path}: line {number} holds a {type(row).__name__}, not a row (a JSON object); "
                              "read_result reads the .jsonl file a result's save() wrote")
         records.append(row)
-    return records_frame(records)
+    if result_type is None:
+        return records_frame(records)
+    unknown = [name for name in records[0] if name not in result_type.schema.names] if records else []
+    if unknown:
+        raise InputError(f"{path}: its rows have columns {unknown}, which a {result_type.__name__}'s have not: pass "
+                         "the result_type whose save() wrote the file, or none")
+    return records_frame(records, result_type.schema)
 
 
 def records_frame(records: list[dict[str, Any]], schema: pa.Schema | None = None) -> pd.DataFrame:
