@@ -14,7 +14,7 @@ count them.
 
 It then has ``to_pandas()``, ``save(path)`` (``.parquet``, ``.jsonl``, or ``.html`` for the notebook
 view as a standalone page; [`read_result`][nla_lens.results.read_result] reads the rows back, and from a
-``.parquet`` file the result type and summary), a short ``__repr__`` (the summary and the first rows, never a
+``.parquet`` file the result type, summary and warnings), a short ``__repr__`` (the summary and the first rows, never a
 tensor) and ``_repr_html_`` (the summary and an HTML table, from [`nla_lens.display`][nla_lens.display]). A result
 with a richer view (tokens coloured by FVE) overrides ``_repr_html_``. Tensors stay attributes. Dataclass results
 are declared with ``repr=False`` so that the mixin's ``__repr__`` is the one Python uses, and those holding
@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
 SAVE_SUFFIXES = (".parquet", ".jsonl", ".html")
-RESULT_KEY = "nla_lens_result"  # a saved .parquet file's schema metadata key: the result type, summary, version
+RESULT_KEY = "nla_lens_result"  # a .parquet file's schema metadata key for what read_result puts in df.attrs
 _REPR_ROWS = 5
 _REPR_CELL = 60
 
@@ -54,7 +54,8 @@ class TabularResult:
     #: these types, and an empty result these columns, where rows alone would give no column or arrow's null type.
     schema: ClassVar[pa.Schema | None] = None
     #: Where the result keeps warnings that its summary does not spell out (``"warnings"``,
-    #: ``"round_trip.warnings"``), which ``repr`` and the view then count and point to; None where it keeps none.
+    #: ``"round_trip.warnings"``), which ``repr`` and the view then count and point to and a ``.parquet`` file keeps;
+    #: None where it keeps none.
     warnings_at: ClassVar[str | None] = None
 
     def to_records(self) -> list[dict[str, Any]]:
@@ -73,8 +74,9 @@ class TabularResult:
     def save(self, path: str | Path) -> Path:
         """Write the rows to ``.parquet`` or ``.jsonl``, or the notebook view to a self-contained ``.html`` page.
 
-        A ``.parquet`` file also keeps the result type, the summary line (FVE, baseline, failed parses) and the
-        nla_lens version in its schema metadata, which `read_result` gives back; a ``.jsonl`` file, one JSON
+        A ``.parquet`` file also keeps the result type, the summary line (FVE, baseline, failed parses), the
+        nla_lens version and, for a type that keeps warnings (see ``warnings_at``), the warnings (a failed
+        injection, no FVE) in its schema metadata, which `read_result` gives back; a ``.jsonl`` file, one JSON
         object per line, holds the rows alone."""
         path = check_save_path(path)
         if file_kind(path) == ".html":
@@ -84,6 +86,8 @@ class TabularResult:
         table = records_table(self.to_records(), self.schema)
         if file_kind(path) == ".parquet":
             record = {"result_type": type(self).__name__, "summary": self.summary(), "nla_lens_version": __version__}
+            if self.warnings_at is not None:
+                record["warnings"] = self._held_warnings()
             table = table.replace_schema_metadata({RESULT_KEY: json_text(record)})
         write_table(table, path)
         return path
@@ -106,14 +110,19 @@ class TabularResult:
         """The summary, and how many warnings the result holds and where ("1 warning (.warnings)"): they are not
         also emitted as Python warnings, so a notebook's repr and view are where a user learns of them. Not part of
         `summary`, which the commands print before the warnings themselves."""
-        held: Any = None
-        if self.warnings_at is not None:
-            held = self
-            for name in self.warnings_at.split("."):  # None on the way (a study run without an AR): none held
-                held = getattr(held, name, None)
+        held = self._held_warnings()
         if not held:
             return self.summary()
         return f"{self.summary()}; {counted(len(held), 'warning')} (.{self.warnings_at})"
+
+    def _held_warnings(self) -> list[str]:
+        """The warnings found at ``warnings_at``; none where the type keeps none."""
+        if self.warnings_at is None:
+            return []
+        held: Any = self
+        for name in self.warnings_at.split("."):  # None on the way (a study run without an AR): none held
+            held = getattr(held, name, None)
+        return list(held or [])
 
     def _shown_columns(self, records: list[dict[str, Any]]) -> list[str]:
         if self.display_columns is not None:  # those the rows have: optional columns may be absent
@@ -131,14 +140,19 @@ def check_save_path(path: str | Path, what: str = "output") -> Path:
     return path
 
 
-def read_result(path: str | Path) -> pd.DataFrame:
+def read_result(path: str | Path, result_type: type[TabularResult] | None = None) -> pd.DataFrame:
     """The rows of a result that `save` (or an `nla-lens` file job) wrote to ``.parquet`` or ``.jsonl``: the frame
-    ``to_pandas()`` gave (from ``.jsonl``, with types read off the values: a column None in every row is object).
+    ``to_pandas()`` gave.
 
     From a ``.parquet`` file, ``df.attrs`` holds what the rows alone cannot say: ``result_type`` (e.g.
-    ``"RoundTrip"``), ``summary`` (its summary line: FVE, which baseline, failed parses) and ``nla_lens_version``;
-    ``job`` for a file job's output (the record of what produced it). A ``.jsonl`` file holds the rows alone, as
-    does a table nla_lens did not write, so ``attrs`` stays empty."""
+    ``"RoundTrip"``), ``summary`` (its summary line: FVE, which baseline, failed parses), ``nla_lens_version`` and,
+    for a type that keeps warnings (``RoundTrip``, ``Explanation``, ``SteeringResult``, ``PatchingStudy``),
+    ``warnings`` (a list, empty when none: a failed injection, no FVE); for a file job's output ``job`` (the record
+    of what produced it) and ``warnings``. A ``.jsonl`` file holds the rows alone, as does a table nla_lens did not
+    write, so ``attrs`` stays empty; nor does it say which type wrote it, so its column types are read off the
+    values (a score None in every row is an object column, an empty file has no columns) unless ``result_type``
+    names the type whose ``save`` wrote it (e.g. ``nl.RoundTrip``): then they are that type's, as ``to_pandas()``
+    gives them. A ``.parquet`` file keeps its types; there ``result_type`` is checked against the one it records."""
     path = file_path(path, "read_result")
     kind = file_kind(path)
     if kind == ".html":
@@ -151,8 +165,10 @@ def read_result(path: str | Path) -> pd.DataFrame:
         raise InputError(f"{path}: read_result reads the .parquet or .jsonl file a result's save() or an nla-lens "
                          f"job wrote, not a {path.suffix or 'suffixless'} file")
     check_input_file(path, "result file")
+    if result_type is not None:
+        _check_result_type(result_type)
     if kind == ".jsonl":
-        return _read_jsonl(path)
+        return _read_jsonl(path, result_type)
     try:
         table = pq.read_table(path)
     except Exception as exc:  # noqa: BLE001 - arrow raises several types for a file that is not parquet
@@ -161,6 +177,10 @@ def read_result(path: str | Path) -> pd.DataFrame:
     metadata = table.schema.metadata or {}
     frame = table_frame(table)
     frame.attrs.update(_saved_record(metadata, RESULT_KEY.encode(), path))
+    recorded = frame.attrs.get("result_type")
+    if result_type is not None and recorded is not None and recorded != result_type.__name__:
+        raise InputError(f"{path} holds a {recorded}'s rows, not a {result_type.__name__}'s: pass "
+                         f"result_type={recorded}, or none (a .parquet file keeps its column types)")
     from nla_lens.sharded import JOB_KEY  # here: sharded imports the result types, which import this module
 
     if JOB_KEY.encode() in metadata:
@@ -183,8 +203,15 @@ def _saved_record(metadata: dict[bytes, bytes], key: bytes, path: Path) -> dict[
     return record
 
 
-def _read_jsonl(path: Path) -> pd.DataFrame:
-    """A .jsonl result's rows (one JSON object per line), as `to_pandas` builds its frame from records."""
+def _check_result_type(result_type: Any) -> None:
+    if not (isinstance(result_type, type) and issubclass(result_type, TabularResult) and result_type.schema):
+        raise InputError(f"result_type={result_type!r} is not a result type: pass the class whose save() wrote the "
+                         "file (nl.RoundTrip, nl.SteeringResult, ...), or none")
+
+
+def _read_jsonl(path: Path, result_type: type[TabularResult] | None) -> pd.DataFrame:
+    """A .jsonl result's rows (one JSON object per line), as `to_pandas` builds its frame from records: with
+    `result_type`'s schema when it is given."""
     records = []
     for number, line in jsonl_lines(path, "result file"):
         try:
@@ -196,7 +223,13 @@ def _read_jsonl(path: Path) -> pd.DataFrame:
             raise InputError(f"{path}: line {number} holds a {type(row).__name__}, not a row (a JSON object); "
                              "read_result reads the .jsonl file a result's save() wrote")
         records.append(row)
-    return records_frame(records)
+    if result_type is None:
+        return records_frame(records)
+    unknown = [name for name in records[0] if name not in result_type.schema.names] if records else []
+    if unknown:
+        raise InputError(f"{path}: its rows have columns {unknown}, which a {result_type.__name__}'s have not: pass "
+                         "the result_type whose save() wrote the file, or none")
+    return records_frame(records, result_type.schema)
 
 
 def records_frame(records: list[dict[str, Any]], schema: pa.Schema | None = None) -> pd.DataFrame:

@@ -28,6 +28,7 @@ from nla_lens.injection import check_vectors
 from nla_lens.nla import NLA, baseline_phrase, check_pair, resolve_baseline
 from nla_lens.parsing import injection_warning
 from nla_lens.reconstructor import ActivationReconstructor
+from nla_lens.results import RESULT_KEY
 from nla_lens.sidecar import SIDECAR_NAME, NLAMeta, load_meta
 from nla_lens.vector_files import VectorTable, check_output, json_text, read_input, write_json, write_table
 from nla_lens.verbalizer import MAX_NEW_TOKENS, ActivationVerbalizer, Verbalization
@@ -151,8 +152,7 @@ def verbalize_file(
         def compute(shard: int, rows: range) -> pa.Table:
             return output_rows(table, rows, sampling.verbalize(load(), table.vectors[rows.start:rows.stop], shard))
 
-        result = _run(table, output, manifest, compute, world, shard_size, shards, progress)
-    return _with_warnings(result, av_meta)
+        return _run(table, output, manifest, compute, world, shard_size, shards, progress, av_meta.injection_char)
 
 
 def round_trip_file(
@@ -197,8 +197,8 @@ def round_trip_file(
             _, mse = nla.score(vectors, verbalizations, reconstruct_batch_size=reconstruct_batch_size)
             return output_rows(table, rows, verbalizations, mse=pa.array(mse.numpy(), pa.float32()))
 
-        result = _run(table, output, manifest, compute, world, shard_size, shards, progress)
-    result = _with_warnings(result, av_meta)
+        result = _run(table, output, manifest, compute, world, shard_size, shards, progress, av_meta.injection_char,
+                      [w for w in [resolved.warning] if w])
     if result.table is None:
         return result
     mse = torch.tensor(result.table.column("mse").to_numpy())
@@ -206,9 +206,9 @@ def round_trip_file(
     summary = RoundTripSummary(len(mse), float(mse.mean()), fve, resolved.value, resolved.source,
                                result.table.column("explanation").null_count,
                                result.table.column("truncated").to_pylist().count(True), ar_meta.mse_scale)
-    record = {**asdict(summary), "output": output.name, "job": job_record(manifest)}
+    record = {**asdict(summary), "warnings": result.warnings, "output": output.name, "job": job_record(manifest)}
     write_json(summary_path(output), record, indent=2)
-    return replace(result, summary=summary, warnings=result.warnings + [w for w in [resolved.warning] if w])
+    return replace(result, summary=summary)
 
 
 JOB_KEY = "nla_lens_job"  # the parquet output's schema metadata key for `job_record`
@@ -350,8 +350,12 @@ def output_rows(table: VectorTable, rows: range, verbalizations: list[Verbalizat
 
 
 def _run(table: VectorTable, output: Path, manifest: dict[str, Any], compute: Callable[[int, range], pa.Table],
-         world: World, shard_size: int, shards: Sequence[int] | None, progress: bool) -> JobResult:
-    """Compute this rank's unfinished shards, wait for every rank, and merge on rank 0 if nothing is missing."""
+         world: World, shard_size: int, shards: Sequence[int] | None, progress: bool, marker_char: str,
+         known_warnings: Sequence[str] = ()) -> JobResult:
+    """Compute this rank's unfinished shards, wait for every rank, and merge on rank 0 if nothing is missing.
+
+    The merged output keeps its warnings (`verbalize`'s failed-injection check, once over every row, then
+    `known_warnings`) beside the job record, so that a reader of the file learns of them too."""
     check_output(output)
     folder = shard_store.shard_folder(output)
     recorded = shard_store.read_manifest(folder)
@@ -371,9 +375,12 @@ def _run(table: VectorTable, output: Path, manifest: dict[str, Any], compute: Ca
     if missing:
         return JobResult(output, len(ranges), todo, missing)
     merged = _with_truncated(shard_store.merge(folder, len(ranges)))
-    merged = merged.replace_schema_metadata({JOB_KEY: json_text(job_record(manifest))})
+    found = injection_warning(merged.column("text").to_pylist(), marker_char)
+    job_warnings = [w for w in [found, *known_warnings] if w]
+    merged = merged.replace_schema_metadata({JOB_KEY: json_text(job_record(manifest)),
+                                             RESULT_KEY: json_text({"warnings": job_warnings})})
     write_table(merged, output)
-    return JobResult(output, len(ranges), todo, [], merged)
+    return JobResult(output, len(ranges), todo, [], merged, warnings=job_warnings)
 
 
 def _warn_relocated(folder: Path, manifest: dict[str, Any], relocated: dict[str, Any]) -> None:
@@ -392,11 +399,3 @@ def _with_truncated(merged: pa.Table) -> pa.Table:
     if "truncated" in merged.column_names:
         return merged
     return merged.add_column(merged.column_names.index("text") + 1, "truncated", pa.nulls(merged.num_rows, pa.bool_()))
-
-
-def _with_warnings(result: JobResult, av_meta: NLAMeta) -> JobResult:
-    """The failed-injection check of `ActivationVerbalizer.verbalize`, once over all merged rows."""
-    if result.table is None:
-        return result
-    warning = injection_warning(result.table.column("text").to_pylist(), av_meta.injection_char)
-    return replace(result, warnings=[warning] if warning else [])

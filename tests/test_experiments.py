@@ -521,6 +521,22 @@ def test_a_studys_round_trip_warnings_are_counted_where_its_repr_and_view_show_i
     assert av_only.round_trip is None and "warning" not in repr(av_only) + av_only._repr_html_()
 
 
+def test_a_saved_study_keeps_its_round_trips_warnings(base, nla, av_karvonen, steer, tmp_path):
+    """`result.round_trip.warnings` ("no FVE", a failed injection) were in no saved file: a .parquet read back later
+    said "no FVE" in its summary but not why, and nothing of a failed injection."""
+    tokens, _ = padded(base, "left")
+    steered = nl.steer_then_verbalize(base, nla, tokens[:1], steering_vector=steer, scale=0.0, steer_layer=0, **FAST)
+    saved = nl.read_result(steered.save(tmp_path / "steered.parquet"))
+    assert saved.attrs["warnings"] == steered.round_trip.warnings and saved.attrs["warnings"][0].startswith("no FVE")
+    clean_tokens, corrupted_tokens = equal_length_pair(base)
+    study = nl.patching_study(base, nla, clean_tokens[:1], corrupted_tokens[:1], patch_layer=0, patch_position=0,
+                              **FAST)
+    assert nl.read_result(study.save(tmp_path / "study.parquet")).attrs["warnings"] == study.round_trip.warnings
+    av_only = nl.patching_study(base, av_karvonen, clean_tokens[:1], corrupted_tokens[:1], patch_layer=0,
+                                patch_position=0, **FAST)
+    assert nl.read_result(av_only.save(tmp_path / "av_only.parquet")).attrs["warnings"] == []
+
+
 def test_experiment_arguments_are_checked_with_typed_errors(base, nla, av_karvonen, steer):
     tokens, mask = padded(base, "left")
     clean_tokens, corrupted_tokens = equal_length_pair(base)

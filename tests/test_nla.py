@@ -156,6 +156,24 @@ def test_a_round_trips_warnings_are_counted_where_its_repr_and_view_show_it(av_k
     assert healthy.warnings == [] and "warning" not in repr(healthy) + healthy._repr_html_()
 
 
+def test_a_saved_round_trip_keeps_its_warnings_for_whoever_reads_the_file(av_karvonen, ar_nanonla, vectors,
+                                                                            monkeypatch, tmp_path):
+    """A round trip's warnings were in no saved file: a .parquet read back later could not tell that the injection
+    failed (no summary line says so) or why there was no FVE. They are kept where the summary is."""
+    fake = [Verbalization("中文中文中文中文", None, [])] * 2
+    monkeypatch.setattr(av_karvonen, "verbalize", lambda v, **kw: fake)
+    rt = nl.NLA(av_karvonen, ar_nanonla).round_trip(vectors[:2])  # a failed injection, and too few for a baseline
+    saved = nl.read_result(rt.save(tmp_path / "rt.parquet"))
+    assert saved.attrs["warnings"] == rt.warnings and len(rt.warnings) == 2
+    assert "injection probably failed" in saved.attrs["warnings"][0] and saved.attrs["warnings"][1].startswith("no FVE")
+    explained = Explanation(rows=[], texts=["abcd"], tokens=[["abcd"]], layer=av_karvonen.meta.layer,
+                            vectors=vectors[:2], round_trip=rt)
+    assert nl.read_result(explained.save(tmp_path / "explained.parquet")).attrs["warnings"] == rt.warnings
+    _fake_verbalize(av_karvonen, monkeypatch)
+    healthy = nl.NLA(av_karvonen, ar_nanonla).round_trip(vectors, baseline=0.5)
+    assert nl.read_result(healthy.save(tmp_path / "healthy.parquet")).attrs["warnings"] == []
+
+
 def test_round_trip_end_to_end_on_the_toy_pair():
     """The real AV generates and parses, the real AR rebuilds: every row's score from the AR alone."""
     toy = nl.toy.load()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import html
 import json
+import operator
 import os
 import re
 import stat
@@ -253,11 +254,29 @@ def test_read_result_gives_back_the_rows_and_from_parquet_the_summary(results, k
     result = results[kind]
     frame = nl.read_result(result.save(tmp_path / "out.parquet"))
     pd.testing.assert_frame_equal(frame, result.to_pandas())
+    kept = {} if result.warnings_at is None else {"warnings": list(operator.attrgetter(result.warnings_at)(result))}
     assert frame.attrs == {"result_type": type(result).__name__, "summary": result.summary(),
-                           "nla_lens_version": nl.__version__}
+                           "nla_lens_version": nl.__version__, **kept}
     rows = nl.read_result(result.save(tmp_path / "out.jsonl"))  # no types: a column None in every row is object
     cells = rows.astype(object).where(rows.notna(), None).to_dict("records")
     assert cells == json.loads(json.dumps(result.to_records())) and rows.attrs == {}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_read_result_of_a_jsonl_file_given_its_result_type_gives_back_its_frame(results, kind, tmp_path):
+    result = results[kind]
+    frame = nl.read_result(result.save(tmp_path / "out.jsonl"), result_type=type(result))
+    pd.testing.assert_frame_equal(frame, result.to_pandas())
+
+
+def test_a_jsonl_score_none_in_every_row_reads_back_as_a_float_column_given_the_result_type(nla, tmp_path):
+    """A score None in every row (no FVE, every parse failed) read back from .jsonl as an object column where
+    `to_pandas()` gave float64. A .jsonl file does not say which type wrote it: `result_type=` says so."""
+    rt = nla.round_trip(torch.randn(2, D_MODEL, generator=torch.Generator().manual_seed(3)), **FAST)  # no FVE
+    assert rt.fves is None and rt.to_pandas()["fve"].dtype == "float64"
+    path = rt.save(tmp_path / "rt.jsonl")
+    assert nl.read_result(path)["fve"].dtype == object  # the values alone say nothing of the type
+    pd.testing.assert_frame_equal(nl.read_result(path, result_type=nl.RoundTrip), rt.to_pandas())
 
 
 @pytest.mark.parametrize("kind", sorted(toy_experiment_results()))
@@ -303,6 +322,8 @@ def test_read_result_of_an_empty_result_keeps_its_columns_and_types(empty_result
     frame = nl.read_result(empty.save(tmp_path / "empty.parquet"))
     pd.testing.assert_frame_equal(frame, empty.to_pandas())
     assert frame.empty and frame.attrs["summary"] == empty.summary()
+    rows = nl.read_result(empty.save(tmp_path / "empty.jsonl"), result_type=type(empty))  # an empty file
+    pd.testing.assert_frame_equal(rows, empty.to_pandas())
 
 
 def test_read_result_reads_a_file_jobs_output_with_the_record_of_the_job(tiny_paths, tmp_path):
@@ -310,12 +331,13 @@ def test_read_result_reads_a_file_jobs_output_with_the_record_of_the_job(tiny_pa
 
     vectors = torch.randn(3, D_MODEL, generator=torch.Generator().manual_seed(2))
     pq.write_table(pa.table({"vector": pa.array(vectors.tolist(), pa.list_(pa.float32()))}), tmp_path / "in.parquet")
-    out = sharded.verbalize_file(tiny_paths["av_karvonen"], tmp_path / "in.parquet", tmp_path / "out.parquet",
-                                 sampling=sharded.Sampling(max_new_tokens=4), shard_size=2).output
+    result = sharded.verbalize_file(tiny_paths["av_karvonen"], tmp_path / "in.parquet", tmp_path / "out.parquet",
+                                    sampling=sharded.Sampling(max_new_tokens=4), shard_size=2)
+    out = result.output
     frame = nl.read_result(out)
     assert frame.astype(object).where(frame.notna(), None).to_dict("records") == pq.read_table(out).to_pylist()
     job = json.loads(pq.read_schema(out).metadata[sharded.JOB_KEY.encode()])
-    assert frame.attrs == {"job": job} and job["job"] == "verbalize"
+    assert frame.attrs == {"job": job, "warnings": result.warnings} and job["job"] == "verbalize"
 
 
 def test_read_result_says_why_it_cannot_read_a_file(results, tmp_path):
@@ -328,6 +350,15 @@ def test_read_result_says_why_it_cannot_read_a_file(results, tmp_path):
         nl.read_result(tmp_path / "out.csv")
     with pytest.raises(nl.InputError, match="file path"):
         nl.read_result(None)
+    rows = rt.save(tmp_path / "rt.jsonl")
+    with pytest.raises(nl.InputError, match=r"rt\.jsonl: its rows have columns \[.*'mse'.*\], which a "
+                                            r"DirectionVerbalization's have not"):
+        nl.read_result(rows, result_type=nl.DirectionVerbalization)
+    with pytest.raises(nl.InputError, match=r"holds a RoundTrip's rows, not a Verbalizations's: pass "
+                                            r"result_type=RoundTrip, or none"):
+        nl.read_result(rt.save(tmp_path / "rt.parquet"), result_type=nl.Verbalizations)
+    with pytest.raises(nl.InputError, match=r"result_type='RoundTrip' is not a result type"):
+        nl.read_result(rows, result_type="RoundTrip")
     (tmp_path / "text.parquet").write_text("index,explanation\n0,a\n", encoding="utf-8")
     with pytest.raises(nl.InputError, match="text.parquet is not a parquet file"):
         nl.read_result(tmp_path / "text.parquet")

@@ -674,6 +674,26 @@ def test_round_trip_of_too_few_vectors_has_no_fve_and_refuses_a_bad_output(tiny_
         sharded.round_trip_file(av, ar, one, tmp_path / "o.csv", baseline=0.5, progress=False)
 
 
+def test_a_jobs_output_and_summary_keep_its_warnings(tiny_paths, rows, tmp_path, monkeypatch):
+    """A job's warnings (a failed injection, no FVE) were printed and kept on the JobResult only: a reader of the
+    output or its summary.json could not tell that the injection failed."""
+    echoed = [nl.Verbalization("中文中文中文中文", None, [1])]
+    monkeypatch.setattr(Sampling, "verbalize", lambda self, av, vectors, shard: echoed * len(vectors))
+    one = tmp_path / "one.safetensors"
+    save_file({"vectors": rows[:1]}, one)
+    with pytest.warns(UserWarning, match="no FVE"):
+        result = sharded.round_trip_file(tiny_paths["av_karvonen"], tiny_paths["ar_nanonla"], one,
+                                         tmp_path / "o.parquet", progress=False)
+    assert len(result.warnings) == 2 and "injection probably failed" in result.warnings[0]
+    assert result.warnings[1].startswith("no FVE")
+    assert nl.read_result(result.output).attrs["warnings"] == result.warnings
+    assert json.loads(sharded.summary_path(result.output).read_text())["warnings"] == result.warnings
+    healthy = [nl.Verbalization("<explanation>the cat</explanation>", "the cat", [1])]
+    monkeypatch.setattr(Sampling, "verbalize", lambda self, av, vectors, shard: healthy * len(vectors))
+    done = sharded.verbalize_file(tiny_paths["av_karvonen"], one, tmp_path / "v.parquet", progress=False)
+    assert done.warnings == [] and nl.read_result(done.output).attrs["warnings"] == []
+
+
 def test_a_job_result_prints_short_with_its_outcome_not_its_table():
     """The generated repr printed the merged table's arrow preview (ten long AV completions per column) and
     every shard id: thousands of characters for an ordinary job."""
