@@ -62,6 +62,7 @@ _STYLE = """
 .nla-view { font: 14px/1.45 system-ui, sans-serif; color: #222; max-width: 72em; }
 .nla-view .nla-head { margin: 0.3em 0; } .nla-view .nla-head b { font-size: 1.1em; }
 .nla-view .nla-meta { color: #555; font-size: 0.9em; margin: 0.2em 0 0.6em; }
+.nla-view .nla-warn { color: #8a4b00; font-size: 0.9em; margin: 0.2em 0; }
 .nla-view .nla-legend { display: flex; flex-wrap: wrap; gap: 0.4em 1.4em; align-items: center; font-size: 0.85em;
   margin: 0.4em 0 0.8em; }
 .nla-view .nla-scale { display: inline-flex; flex-direction: column; vertical-align: middle; width: 16em; }
@@ -193,7 +194,7 @@ class ColourScale:
 
 
 def explained_text_html(texts: Sequence[Sequence[TokenCell]], *, title: str, layer: int | None,
-                        summary: str = "", hook_name: str | None = None) -> str:
+                        summary: str = "", hook_name: str | None = None, warnings: Sequence[str] = ()) -> str:
     """The view of one or more explained texts: coloured tokens, then one row per explained token."""
     scale = ColourScale.from_cells([c for cells in texts for c in cells])
     where = ""
@@ -202,8 +203,13 @@ def explained_text_html(texts: Sequence[Sequence[TokenCell]], *, title: str, lay
     blocks = [_text_block(cells, scale) for cells in texts]
     return (f"<div class='nla-view'><style>{_STYLE}</style>"
             f"<div class='nla-head'><b>{html.escape(_visible(title))}</b>{where}</div>"
-            + (f"<div class='nla-meta'>{html.escape(summary)}</div>" if summary else "")
+            + (f"<div class='nla-meta'>{html.escape(summary)}</div>" if summary else "") + warning_lines(warnings)
             + scale.legend_html() + "".join(blocks) + "</div>")
+
+
+def warning_lines(warnings: Sequence[str]) -> str:
+    """A result's warnings in its view, word for word: a saved page has no `.warnings` to look them up in."""
+    return "".join(f"<div class='nla-warn'>warning: {html.escape(w)}</div>" for w in warnings)
 
 
 def model_label(name: str) -> str:
@@ -291,7 +297,8 @@ def parse_failure(truncated: bool) -> str:
     return "cut at max_new_tokens before </explanation>" if truncated else "no <explanation> tags"
 
 
-def result_html(name: str, summary: str, records: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+def result_html(name: str, summary: str, records: Sequence[dict[str, Any]], columns: Sequence[str],
+                warnings: Sequence[str] = ()) -> str:
     """A result as its summary line and an HTML table of `columns` (the first rows of a long result); long
     cells wrap inside the page and are shown whole."""
     shown = records[:_MAX_TABLE_ROWS]
@@ -315,7 +322,7 @@ def result_html(name: str, summary: str, records: Sequence[dict[str, Any]], colu
     more = (f"<div class='nla-meta'>first {len(shown)} of {len(records)} rows; .to_pandas() has them all</div>"
             if len(records) > len(shown) else "")
     return (f"<div class='nla-view'><style>{_STYLE}</style><div class='nla-head'><b>{html.escape(name)}</b></div>"
-            f"<div class='nla-meta'>{html.escape(summary)}</div>"
+            f"<div class='nla-meta'>{html.escape(summary)}</div>{warning_lines(warnings)}"
             f"<table><tr>{head}</tr>{''.join(body)}</table>{more}</div>")
 
 

@@ -132,7 +132,7 @@ class Explanation(TabularResult):
     def _repr_html_(self) -> str:
         title = "Explained text" + (f" · {display.model_label(self.model_name)}" if self.model_name else "")
         return display.explained_text_html(self.cells(), title=title, layer=self.layer, summary=self._headline(),
-                                           hook_name=self.hook_name)
+                                           hook_name=self.hook_name, warnings=self._held_warnings())
 
 
 def explain(nla: NLA, base: TLModel, text_or_texts: str | Sequence[str], *, positions: ExplainPositions = None,

@@ -104,7 +104,8 @@ class TabularResult:
 
     def _repr_html_(self) -> str:
         records = self.to_records()
-        return display.result_html(type(self).__name__, self._headline(), records, self._shown_columns(records))
+        return display.result_html(type(self).__name__, self._headline(), records, self._shown_columns(records),
+                                   self._held_warnings())
 
     def _headline(self) -> str:
         """The summary, and how many warnings the result holds and where ("1 warning (.warnings)"): they are not

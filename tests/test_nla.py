@@ -156,6 +156,20 @@ def test_a_round_trips_warnings_are_counted_where_its_repr_and_view_show_it(av_k
     assert healthy.warnings == [] and "warning" not in repr(healthy) + healthy._repr_html_()
 
 
+def test_a_saved_page_shows_the_warnings_word_for_word(av_karvonen, ar_nanonla, vectors, monkeypatch, tmp_path):
+    """A saved .html page said "2 warnings (.warnings)", which its reader has no result to look up."""
+    import html
+
+    fake = [Verbalization("中文中文中文中文", None, [])] * 2
+    monkeypatch.setattr(av_karvonen, "verbalize", lambda v, **kw: fake)
+    rt = nl.NLA(av_karvonen, ar_nanonla).round_trip(vectors[:2])
+    explained = Explanation(rows=[], texts=["abcd"], tokens=[["abcd"]], layer=av_karvonen.meta.layer,
+                            vectors=vectors[:2], round_trip=rt)
+    for result in (rt, explained):
+        page = result.save(tmp_path / f"{type(result).__name__}.html").read_text(encoding="utf-8")
+        assert all(f"warning: {html.escape(w)}" in page for w in rt.warnings) and len(rt.warnings) == 2
+
+
 def test_a_saved_round_trip_keeps_its_warnings_for_whoever_reads_the_file(av_karvonen, ar_nanonla, vectors,
                                                                             monkeypatch, tmp_path):
     """A round trip's warnings were in no saved file: a .parquet read back later could not tell that the injection
