@@ -22,7 +22,7 @@ from nla_lens import loading, metrics
 from nla_lens.checks import check_counts, check_keywords
 from nla_lens.errors import CheckpointError, InputError, PairMismatchError, SidecarError
 from nla_lens.injection import check_vectors
-from nla_lens.parsing import injection_warning, unclosed_note
+from nla_lens.parsing import injection_warning, injection_warning_held, unclosed_note
 from nla_lens.reconstructor import ActivationReconstructor
 from nla_lens.results import TabularResult
 from nla_lens.sidecar import NLAMeta, load_meta
@@ -335,8 +335,7 @@ class NLA:
         check_counts(1, reconstruct_batch_size=reconstruct_batch_size)
         vectors = check_vectors(vectors, self.av.meta.d_model).float()
         resolved = resolve_baseline(vectors, self.mse_scale, baseline, self.ar.meta)  # before the expensive part
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # reported once on the result instead
+        with injection_warning_held():  # reported once on the result instead
             verbalizations = self.av.verbalize(vectors, **verbalize_kwargs)
         reconstructions, mse = self.score(vectors, verbalizations, reconstruct_batch_size=reconstruct_batch_size)
         notes = [w for w in [injection_warning([v.text for v in verbalizations], self.av.meta.injection_char),

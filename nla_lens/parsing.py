@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import re
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 # The paper's inference code: first match, surrounding whitespace dropped.
 _EXPLANATION = re.compile(r"<explanation>\s*(.*?)\s*</explanation>", re.DOTALL)
@@ -41,6 +44,15 @@ def looks_like_failed_injection(text: str, marker_char: str, cjk_fraction: float
         return True
     visible = [c for c in text if not c.isspace()]
     return bool(visible) and len(_CJK.findall(text)) / len(visible) > cjk_fraction
+
+
+@contextmanager
+def injection_warning_held() -> Iterator[None]:
+    """Around a `verbalize` whose caller reports a failed injection itself (on its result, once over a whole job):
+    that warning is held back, and any other (torch's, TransformerLens's, the user's hooks') still shows."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"\d+/\d+ AV outputs echo the marker ")
+        yield
 
 
 def injection_warning(texts: list[str], marker_char: str) -> str | None:

@@ -80,7 +80,7 @@ def assigned_shards(n_shards: int, world: World, only: Sequence[int] | None = No
     ids = list(range(n_shards)) if only is None else sorted(set(only))
     outside = [i for i in ids if not 0 <= i < n_shards]
     if outside:
-        raise InputError(f"shards {outside} do not exist: this input has shards 0..{n_shards - 1}")
+        raise InputError(f"shards={outside} names shards that do not exist: this input has shards 0..{n_shards - 1}")
     return ids[world.rank::world.world_size]
 
 

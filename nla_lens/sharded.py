@@ -26,7 +26,7 @@ from nla_lens.distributed import World, barrier, device_for, process_group
 from nla_lens.errors import InputError
 from nla_lens.injection import check_vectors
 from nla_lens.nla import NLA, baseline_phrase, check_pair, resolve_baseline
-from nla_lens.parsing import injection_warning
+from nla_lens.parsing import injection_warning, injection_warning_held
 from nla_lens.reconstructor import ActivationReconstructor
 from nla_lens.results import RESULT_KEY
 from nla_lens.sidecar import SIDECAR_NAME, NLAMeta, load_meta
@@ -66,8 +66,7 @@ class Sampling:
         return facts
 
     def verbalize(self, av: ActivationVerbalizer, vectors: torch.Tensor, shard: int) -> list[Verbalization]:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # checked once over every row at the merge
+        with injection_warning_held():  # checked once over every row at the merge
             return av.verbalize(vectors, max_new_tokens=self.max_new_tokens, temperature=self.temperature,
                                 top_p=self.top_p, batch_size=self.batch_size, seed=shard_seed(self.seed, shard),
                                 progress=False)

@@ -17,6 +17,7 @@ import nla_lens as nl
 from nla_lens import backends, loading, metrics
 from nla_lens.explain import Explanation
 from nla_lens.nla import resolve_baseline
+from nla_lens.parsing import injection_warning
 from nla_lens.testing import build_tokenizer
 from nla_lens.verbalizer import Verbalization
 
@@ -154,6 +155,25 @@ def test_a_round_trips_warnings_are_counted_where_its_repr_and_view_show_it(av_k
     _fake_verbalize(av_karvonen, monkeypatch)
     healthy = nl.NLA(av_karvonen, ar_nanonla).round_trip(vectors, baseline=0.5)
     assert healthy.warnings == [] and "warning" not in repr(healthy) + healthy._repr_html_()
+
+
+def test_a_round_trip_holds_back_only_the_injection_warning_it_reports_itself(av_karvonen, ar_nanonla, vectors,
+                                                                              monkeypatch):
+    """round_trip silenced every warning raised while the AV verbalized (torch's, TL's, the user's hooks'), to keep
+    the one it reports on the result from showing twice."""
+    texts = ["中文中文中文中文"] * len(vectors)
+
+    def verbalize(v, **kwargs):  # what verbalize warns of such outputs, and a warning of a user's hook
+        warnings.warn("a warning of the user's hook", UserWarning, stacklevel=1)
+        warnings.warn(injection_warning(texts, av_karvonen.meta.injection_char), UserWarning, stacklevel=1)
+        return [Verbalization(t, None, []) for t in texts]
+
+    monkeypatch.setattr(av_karvonen, "verbalize", verbalize)
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        rt = nl.NLA(av_karvonen, ar_nanonla).round_trip(vectors, baseline=0.5)
+    assert [str(w.message) for w in shown] == ["a warning of the user's hook"]
+    assert any("injection probably failed" in w for w in rt.warnings)
 
 
 def test_a_saved_page_shows_the_warnings_word_for_word(av_karvonen, ar_nanonla, vectors, monkeypatch, tmp_path):

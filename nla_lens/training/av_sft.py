@@ -7,7 +7,6 @@ training and eval forward, so the model is trained exactly as `verbalize` serves
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import torch
@@ -18,6 +17,7 @@ from torch import Tensor
 from nla_lens import backends, loading
 from nla_lens.distributed import inference
 from nla_lens.errors import ConfigError, InputError
+from nla_lens.parsing import injection_warning_held
 from nla_lens.sidecar import InjectionSpec, NLAMeta, check_tokenizer, parse_meta
 from nla_lens.training import loop
 from nla_lens.training.config import TrainConfig
@@ -110,8 +110,7 @@ def evaluate_av(av: ActivationVerbalizer, rows: AVRows, *, batch_size: int, n_sa
                     for index in torch.arange(len(rows)).split(batch_size))
     metrics: dict = {"eval_loss": total / sum(map(len, rows.responses))}
     if n_samples:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # an untrained AV echoing the marker is expected
+        with injection_warning_held():  # an untrained AV echoing the marker is expected
             outputs = av.verbalize(rows.vectors[:n_samples], max_new_tokens=max_new_tokens,
                                    batch_size=batch_size, progress=False)
         pairs = list(zip(outputs, rows.explanations, strict=False))
