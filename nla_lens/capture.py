@@ -218,10 +218,9 @@ class Capture:
         # The block's output is blocks.{layer}.hook_resid_post after all of its hooks (see above).
         self._handle = self.model.blocks[self.layer].register_forward_hook(self._record)
         self._input_handle = watch_inputs(self.model, self._see_input)
+        self._generate_handles = [_MethodWatch(self.model, "generate", self._start_generating, self._stop_generating)]
         if backends.backend_of(self.model) == "hooked":
-            self._generate_handles = [
-                _MethodWatch(self.model, "generate", self._start_generating, self._stop_generating),
-                self.model.embed.register_forward_pre_hook(self._see_embedded)]
+            self._generate_handles.append(self.model.embed.register_forward_pre_hook(self._see_embedded))
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -244,8 +243,9 @@ class Capture:
         mask = kwargs.get("attention_mask")
         self._seen = (tokens, mask if isinstance(mask, Tensor) and mask.ndim == 2 else None)
 
-    # HookedTransformer's generate (TL 3.9) embeds the prompt and each new token itself and runs forward on the
-    # embeddings, so no call holds the tokens: the ids it embeds inside one generate call name its passes' rows.
+    # Inside `generate` a token it fed back may share the pad id (Qwen pads with its EOS): only the prompt's leading
+    # pads are padding there. HookedTransformer's generate (TL 3.9) embeds the prompt and each new token itself and
+    # runs forward on the embeddings, so no call holds the tokens: the ids it embeds inside one call name its rows.
     def _start_generating(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._generated = []
 
@@ -287,7 +287,7 @@ class Capture:
         # id (Qwen pads with its EOS, which generate feeds back once a row ends) and is never padding.
         inferable = seen_mask is not None or (seen_tokens is not None and width > 1)
         if real is None and self._real is None and inferable:
-            real = real_tokens(self.model, seen_mask, seen_tokens)
+            real = real_tokens(self.model, seen_mask, seen_tokens, trailing_pads_real=self._generated is not None)
         if real is None:
             real = torch.ones(batch, width, dtype=torch.bool, device=output.device)
         try:
@@ -457,10 +457,11 @@ def check_mask_values(attention_mask: Tensor) -> None:
                          "pass (mask != 0).long() (1 for real tokens, 0 for padding)")
 
 
-def real_tokens(model: TLModel, attention_mask: Tensor | None,
-                tokens: Tensor | None) -> Bool[Tensor, "batch pos"] | None:
+def real_tokens(model: TLModel, attention_mask: Tensor | None, tokens: Tensor | None, *,
+                trailing_pads_real: bool = False) -> Bool[Tensor, "batch pos"] | None:
     """Which columns hold real tokens: the mask if given, else inferred from pads in `tokens`; None
-    when nothing marks padding (every column is real)."""
+    when nothing marks padding (every column is real). `trailing_pads_real`: only leading pads are padding (a pass
+    of `generate`, whose fed-back tokens may share the pad id)."""
     for name, value in (("tokens", tokens), ("attention_mask", attention_mask)):
         if value is not None:
             check_token_tensor(value, name)
@@ -477,5 +478,7 @@ def real_tokens(model: TLModel, attention_mask: Tensor | None,
     # TL's rule (leading pads, a BOS that shares the pad id kept), applied from both ends so that
     # left- and right-padded batches both work without a mask.
     prepend_bos = model.cfg.default_prepend_bos
-    return (get_attention_mask(model.tokenizer, tokens, prepend_bos, padding_side="left").bool()
-            & get_attention_mask(model.tokenizer, tokens, prepend_bos, padding_side="right").bool())
+    real = get_attention_mask(model.tokenizer, tokens, prepend_bos, padding_side="left").bool()
+    if trailing_pads_real:
+        return real
+    return real & get_attention_mask(model.tokenizer, tokens, prepend_bos, padding_side="right").bool()

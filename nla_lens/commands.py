@@ -209,7 +209,7 @@ def _run_verbalize(args: argparse.Namespace) -> None:
         if args.shards is not None or args.shard_size is not None or args.column is not None:
             raise InputError("--shards, --shard-size and --column apply to --input files; --text is explained in "
                              "one process")
-        av_tokenizer = loading.load_tokenizer(av_folder)  # to check the base against, then the AV's own
+        av_tokenizer = loading.checkpoint_tokenizer(av_folder, meta, "av")  # the base is checked against it
         base, base_tokenizer = base_for(args.base, meta, av_tokenizer, args.layer)
         layer = meta.layer if args.layer is None else args.layer
         table = capture_text(base, base_tokenizer, layer, args.text, args.device, args.dtype)
@@ -426,7 +426,7 @@ def load_nla_and_base(args: argparse.Namespace, device: torch.device) -> tuple[N
 
     av_folder, av_meta = nla_checkpoint(args.av, "av")
     nla_checkpoint(args.ar, "ar")
-    av_tokenizer = loading.load_tokenizer(av_folder)  # to check the base against, then the AV's own
+    av_tokenizer = loading.checkpoint_tokenizer(av_folder, av_meta, "av")  # the base is checked against it
     base_folder, base_tokenizer = base_for(args.base, av_meta, av_tokenizer)  # warned once
     nla = NLA.from_pretrained(args.av, args.ar, device=device, dtype=args.dtype, tokenizer=av_tokenizer)
     return nla, backends.load_model(base_folder, base_tokenizer, dtype=args.dtype, device=device)

@@ -75,7 +75,8 @@ class ARForward:
     per `reconstruct` call: the attached hooks and the fast blocks are read here, not per batch (reading
     them syncs a GPU several times per block).
 
-    `fallback_reason` says why the call runs TL's forward (None: the fast path serves it).
+    `fallback_reason` says why the call runs TL's forward (None: the fast path serves every batch within TL's
+    rotary tables, which span n_ctx; `reconstruct` refuses a longer prompt before it runs).
     """
 
     def __init__(self, model: HookedTransformer) -> None:

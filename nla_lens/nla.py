@@ -288,7 +288,7 @@ class NLA:
         # A given tokenizer is checked before the pair's vocabularies: another model's is the argument's fault
         av_tokenizer = loading.checkpoint_tokenizer(av_folder, av_meta, "av", av_kwargs.pop("tokenizer", None),
                                                     trust_remote_code=trust)
-        ar_tokenizer = loading.load_tokenizer(ar_folder, trust_remote_code=trust)
+        ar_tokenizer = loading.checkpoint_tokenizer(ar_folder, ar_meta, "ar", trust_remote_code=trust)
         check_vocabularies(av_tokenizer, ar_tokenizer)
         av = ActivationVerbalizer.from_pretrained(av_path, device=device, dtype=dtype, backend=backend,
                                                   tokenizer=av_tokenizer, **av_kwargs)

@@ -193,19 +193,21 @@ def test_positions_that_a_decode_step_lacks_name_the_pass_and_what_fits_every_pa
     assert no_hooks_left(base)
 
 
-def test_a_decode_step_whose_token_shares_the_pad_id_is_captured(base):
+@pytest.mark.parametrize("kv_cache", [True, False], ids=["kv_cache", "no_cache"])
+def test_a_generated_token_that_shares_the_pad_id_is_captured(base, kv_cache):
     """A generated token equal to the pad id (Qwen pads with its EOS, which generate feeds back once a row
-    ends) is a decode step's one real token: on the bridge its row was taken for padding and the capture
-    raised "rows [0] have no real token"."""
+    ends) is real: on the bridge a KV-cached decode step's one column was taken for padding (the capture raised
+    "rows [0] have no real token"), and without the cache, trailing padding, so the prompt's last token was
+    recorded again, without a word."""
     tokens = base.to_tokens("the cat sat on", prepend_bos=False)
-    generated = base.generate(tokens, **GENERATE)[0, tokens.shape[1]:]
+    generated = base.generate(tokens, use_past_kv_cache=kv_cache, **GENERATE)[0, tokens.shape[1]:]
     tokenizer = base.tokenizer
     pad = tokenizer.pad_token_id
     assert int(generated[0]) not in tokens[0].tolist()
     tokenizer.pad_token_id = int(generated[0])
     try:
         with nl.capture(base, LAYER, -1, calls="all") as cap:
-            base.generate(tokens, **GENERATE)
+            base.generate(tokens, use_past_kv_cache=kv_cache, **GENERATE)
     finally:
         tokenizer.pad_token_id = pad
     assert cap.n_calls == 3

@@ -305,6 +305,31 @@ def test_a_checkpoints_tokenizer_drift_advises_the_tokenizer_saved_with_it(tiny_
     assert "extract" not in str(refused.value)
 
 
+@pytest.mark.parametrize("drifted", ["av_karvonen", "ar_nanonla", "cli"])
+def test_a_drifted_folder_loaded_for_you_is_blamed_on_its_tokenizer_not_on_tokenizer_equals(tiny_paths, tmp_path,
+                                                                                          drifted, capsys):
+    """`NLA.from_pretrained` and the CLI load a folder's tokenizer and hand it on: a drift in the folder said
+    "tokenizer= is not the tokenizer of ... (leave it out ...)", an argument the user never gave."""
+    from nla_lens.cli import main
+
+    name = "av_karvonen" if drifted == "cli" else drifted
+    folders = {role: tiny_paths[role] for role in ("av_karvonen", "ar_nanonla")}
+    folders[name] = shutil.copytree(tiny_paths[name], tmp_path / name)
+    path = folders[name] / "nla_meta.yaml"
+    sidecar = yaml.safe_load(path.read_text(encoding="utf-8"))
+    sidecar["tokens"]["injection_token_id"] += 1
+    path.write_text(yaml.safe_dump(sidecar, allow_unicode=True), encoding="utf-8")
+    if drifted == "cli":
+        assert main(["verbalize", "--av", str(folders[name]), "--text", "a cat", "--base",
+                     str(tiny_paths["av_karvonen"])]) == 2
+        said = capsys.readouterr().err
+    else:
+        with pytest.raises(nl.TokenizerDriftError) as refused:
+            nl.NLA.from_pretrained(folders["av_karvonen"], folders["ar_nanonla"])
+        said = str(refused.value)
+    assert "Load the tokenizer saved with the checkpoint" in said and "tokenizer=" not in said
+
+
 def test_a_twice_placed_marker_placeholder_is_a_sidecar_error_not_drift():
     data = dataset_dialect()
     data["prompt_templates"]["actor"] = AV_TEMPLATE + " and " + AV_TEMPLATE

@@ -232,9 +232,15 @@ def test_a_file_joining_two_extractions_explanations_or_a_damaged_record_is_name
     joined = tmp_path / "joined.jsonl"
     joined.write_text(first + second)
     line = first.count("\n") + 1
-    with pytest.raises(nl.InputError, match=rf"joined.jsonl:{line}: records another extraction "
-                                            rf"\({other_layer_acts.folder.absolute()}\) than line 1 "
-                                            rf"\({acts.folder.absolute()}\): the file joins the explanations of two"):
+    with pytest.raises(nl.InputError, match=rf"joined.jsonl:{line}: records another extraction than line 1 "
+                                            rf"\({other_layer_acts.folder.absolute()}; line 1: {acts.folder.absolute()}"
+                                            rf"\): the file joins the explanations of two"):
+        label_activations(acts, joined)
+    again = dataclasses.replace(other_layer_acts, folder=acts.folder)  # the same folder, extracted again since
+    joined.write_text(first + save_explanations(label_activations(again, label_by_token), tmp_path / "c.jsonl")
+                      .read_text())
+    with pytest.raises(nl.InputError, match=rf"records another extraction than line 1 \(both of "
+                                            rf"{acts.folder.absolute()}, extracted again in between\)"):
         label_activations(acts, joined)
     joined.write_text(first + first)  # one extraction's explanations twice over: the same record, then repeats
     with pytest.raises(nl.InputError, match="a second explanation for doc_id"):

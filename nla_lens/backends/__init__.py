@@ -48,7 +48,8 @@ ENV_VAR = "NLA_LENS_BACKEND"
 
 class ARForward(Protocol):
     """An AR model's residual after its last block, at the last position (left padding).
-    `fallback_reason`: why it runs TL's own forward rather than a fast path (None: it doesn't)."""
+    `fallback_reason`: why it runs TL's own forward rather than a fast path (None: a fast path serves prompts within
+    the model's context)."""
 
     fallback_reason: str | None
 

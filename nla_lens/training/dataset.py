@@ -159,9 +159,11 @@ def _read_explanations(path: Path) -> tuple[dict[tuple[str, int], str], Extracti
         if _is_record(row):
             identity = _recorded_extraction(where, row[RECORD_KEY])
             if recorded is not None and recorded[1].differences(identity):
-                raise InputError(f"{where}: records another extraction ({identity.folder}) than line {recorded[0]} "
-                                 f"({recorded[1].folder}): the file joins the explanations of two extractions; keep "
-                                 "those of the extraction you train on")
+                folders = (f"{identity.folder}; line {recorded[0]}: {recorded[1].folder}"
+                           if identity.folder != recorded[1].folder else
+                           f"both of {identity.folder or _IN_MEMORY}, extracted again in between")
+                raise InputError(f"{where}: records another extraction than line {recorded[0]} ({folders}): the file "
+                                 "joins the explanations of two extractions; keep those of the extraction you train on")
             recorded = recorded or (line_no, identity)
             continue
         key, text = _explanation_line(where, row)
