@@ -260,10 +260,15 @@ class Capture:
     def _generated_ids(self, batch: int, width: int) -> Int[Tensor, "batch width"] | None:
         """The ids of a pass of `generate` over `width` positions: the last `width` embedded so far (the prompt then
         each new token, of which a KV-cached step runs the last); None outside generate."""
-        if not self._generated:
+        pieces, n_columns = [], 0
+        for piece in reversed(self._generated or []):  # the last pieces only: a KV-cached step reads one column
+            if n_columns >= width:
+                break
+            pieces.append(piece)
+            n_columns += piece.shape[1]
+        if n_columns < width or pieces[0].shape[0] != batch:
             return None
-        ids = torch.cat(self._generated, dim=1)
-        return ids[:, -width:] if ids.shape[0] == batch and ids.shape[1] >= width else None
+        return torch.cat(pieces[::-1], dim=1)[:, -width:]
 
     def _record(self, module: nn.Module, args: tuple, output: Tensor | tuple) -> None:
         # A bridge block returns whatever its HF decoder layer returns: a tensor, or a tuple on older HF.
