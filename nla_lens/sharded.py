@@ -368,14 +368,15 @@ def _run(table: VectorTable, output: Path, manifest: dict[str, Any], compute: Ca
     for shard in tqdm(todo, desc=manifest["job"], unit="shard", disable=not (progress and world.is_main)):
         shard_store.save_shard(folder, shard, compute(shard, ranges[shard]), manifest)
     barrier(world)
+    known = [w for w in known_warnings if w]  # the injection is checked at the merge, over every row
     if not world.is_main:
-        return JobResult(output, len(ranges), todo, [])
+        return JobResult(output, len(ranges), todo, [], warnings=known)
     missing = shard_store.missing_shards(folder, len(ranges))
     if missing:
-        return JobResult(output, len(ranges), todo, missing)
+        return JobResult(output, len(ranges), todo, missing, warnings=known)
     merged = _with_truncated(shard_store.merge(folder, len(ranges)))
     found = injection_warning(merged.column("text").to_pylist(), marker_char)
-    job_warnings = [w for w in [found, *known_warnings] if w]
+    job_warnings = [w for w in [found, *known] if w]
     merged = merged.replace_schema_metadata({JOB_KEY: json_text(job_record(manifest)),
                                              RESULT_KEY: json_text({"warnings": job_warnings})})
     write_table(merged, output)

@@ -693,6 +693,12 @@ def test_a_jobs_output_and_summary_keep_its_warnings(tiny_paths, rows, tmp_path,
     monkeypatch.setattr(Sampling, "verbalize", lambda self, av, vectors, shard: healthy * len(vectors))
     done = sharded.verbalize_file(tiny_paths["av_karvonen"], one, tmp_path / "v.parquet", progress=False)
     assert done.warnings == [] and nl.read_result(done.output).attrs["warnings"] == []
+    two = tmp_path / "two.safetensors"
+    save_file({"vectors": rows[:2]}, two)
+    with pytest.warns(UserWarning, match="no FVE"):  # one shard of two: not merged, the no FVE kept all the same
+        unmerged = sharded.round_trip_file(tiny_paths["av_karvonen"], tiny_paths["ar_nanonla"], two,
+                                           tmp_path / "u.parquet", shard_size=1, shards=[0], progress=False)
+    assert unmerged.missing == [1] and [w[:6] for w in unmerged.warnings] == ["no FVE"]
 
 
 def test_a_job_result_prints_short_with_its_outcome_not_its_table():

@@ -40,7 +40,8 @@ class ExtractionIdentity:
     """What identifies the extraction a set of explanations labels, recorded by `save_explanations`: a label
     file's (doc_id, position) keys match every extraction of the same corpus and seed, at any layer of any base.
     Read from what `load_activations` has in memory (no shard is hashed again). `folder` is named in messages,
-    never compared: a moved extraction is the same one."""
+    never compared: a moved extraction is the same one. `base_model` is compared by name: other weights saved
+    under the same path or hub id pass as the same base."""
 
     folder: str | None  # absolute; None for an extraction built in memory
     base_model: str | None
