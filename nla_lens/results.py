@@ -223,6 +223,8 @@ def _read_jsonl(path: Path, result_type: type[TabularResult] | None) -> pd.DataF
         if not isinstance(row, dict):
             raise InputError(f"{path}: line {number} holds a {type(row).__name__}, not a row (a JSON object); "
                              "read_result reads the .jsonl file a result's save() wrote")
+        if not records:
+            _refuse_label_file(path, row)
         records.append(row)
     if result_type is None:
         return records_frame(records)
@@ -231,6 +233,18 @@ def _read_jsonl(path: Path, result_type: type[TabularResult] | None) -> pd.DataF
         raise InputError(f"{path}: its rows have columns {unknown}, which a {result_type.__name__}'s have not: pass "
                          "the result_type whose save() wrote the file, or none")
     return records_frame(records, result_type.schema)
+
+
+def _refuse_label_file(path: Path, first_row: dict[str, Any]) -> None:
+    """A label file (`save_explanations`) starts with the record of the extraction it labels, which is no row of a
+    result: read as one, that record became a row of nulls."""
+    from nla_lens.training.dataset import is_extraction_record  # here: the training package is not needed elsewhere
+
+    if is_extraction_record(first_row):
+        raise InputError(f"{path} is a label file (its first line records the extraction it labels), not a result's "
+                         "rows: nla_lens.training.label_activations(load_activations(FOLDER), path) reads it with "
+                         "the activations it labels, or pandas.read_json(path, lines=True) reads its lines as they "
+                         "are")
 
 
 def records_frame(records: list[dict[str, Any]], schema: pa.Schema | None = None) -> pd.DataFrame:

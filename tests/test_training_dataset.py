@@ -272,6 +272,18 @@ def test_explanations_edited_with_pandas_and_written_back_keep_their_record_and_
         label_activations(acts, path)  # and it is checked: the ids "doc-0", ... are another extraction's
 
 
+def test_read_result_of_a_label_file_says_how_to_read_one(acts, tmp_path):
+    """It read the extraction record as a row of nulls among the explanations; as written and after pandas."""
+    import pandas as pd
+
+    path = save_explanations(label_activations(acts, label_by_token), tmp_path / "explanations.jsonl")
+    with pytest.raises(nl.InputError, match=r"is a label file .*label_activations\(load_activations"):
+        nl.read_result(path)
+    pd.read_json(path, lines=True).to_json(path, orient="records", lines=True)
+    with pytest.raises(nl.InputError, match="is a label file"):
+        nl.read_result(path)
+
+
 def test_explanations_without_an_extraction_record_load_with_one_warning(acts, tmp_path):
     """Files written before the record (or by other code) still train, with a word that nothing checks them."""
     path = tmp_path / "explanations.jsonl"

@@ -157,7 +157,7 @@ def _read_explanations(path: Path) -> tuple[dict[tuple[str, int], str], Extracti
     for line_no, line in jsonl_lines(path, "explanations"):
         where = f"{path}:{line_no}"
         row = _json_object(where, line)
-        if _is_record(row):
+        if is_extraction_record(row):
             identity = _recorded_extraction(where, row[RECORD_KEY])
             if recorded is not None and recorded[1].differences(identity):
                 folders = (f"{identity.folder}; line {recorded[0]}: {recorded[1].folder}"
@@ -174,7 +174,7 @@ def _read_explanations(path: Path) -> tuple[dict[tuple[str, int], str], Extracti
     return out, None if recorded is None else recorded[1]
 
 
-def _is_record(row: dict[str, Any]) -> bool:
+def is_extraction_record(row: dict[str, Any]) -> bool:
     """Whether a line is the record `save_explanations` writes first. pandas (`read_json(lines=True)`, then
     `to_json(orient="records", lines=True)`) writes it back with null doc_id, position and explanation, and every
     explanation line with a null record."""
