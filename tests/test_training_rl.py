@@ -388,6 +388,59 @@ def test_train_ar_false_leaves_the_reward_model_untouched(sft_pair):
     assert math.isnan(result.history[-1]["ar_mse"]) and result.history[-1]["kl"] == 0.0
 
 
+def test_ppo_epochs_repeat_the_av_update_on_one_rollout_and_the_ar_steps_once(sft_pair):
+    """ppo_epochs 2 vs the loop written out with plain torch.optim.Adam: two AV updates on one rollout,
+    each loss against the rollout's sampling and reference log-probs (which the first update moved
+    away from, so the clip binds), gradients clipped to 1; the AR takes one step, as with ppo_epochs 1."""
+    config = dataclasses.replace(RL, ppo_epochs=2, lr=1e-2, kl_coef=0.05, micro_batch=5)
+    vectors = _train_vectors(sft_pair).double()
+    av, ar, reference = _load(sft_pair, torch.float64)
+    record = rl._Trainer(av, ar, reference, vectors, config, None).step(0)
+
+    av2, ar2, reference2 = _load(sft_pair, torch.float64)
+    index = rl.step_vectors(0, len(vectors), config.prompts_per_step, config.seed)
+    seeds = [rl.group_seed(config.seed, 0, j) for j in range(config.prompts_per_step)]
+    batch = rl.rollout(av2, ar2, vectors.float()[index], seeds, config)  # the trainer keeps float32 vectors
+    ref_logp = rl.reference_logprobs(reference2, batch, config)
+    params = [p for p in av2.model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=config.lr)
+    for _ in range(2):
+        loss, _ = rl.policy_loss_sum(av2, batch, ref_logp, range(len(batch)), config)
+        (loss / len(batch)).backward()
+        torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad()
+    for (name, mine), theirs in zip(av.model.named_parameters(), av2.model.parameters(), strict=True):
+        assert torch.allclose(mine, theirs, rtol=0, atol=1e-12), name
+    assert record["clip_frac"] > 0  # the second update's ratios moved past 1 +- 0.2
+
+    av3, ar3, reference3 = _load(sft_pair, torch.float64)
+    rl._Trainer(av3, ar3, reference3, vectors, dataclasses.replace(config, ppo_epochs=1), None).step(0)
+    assert torch.equal(ar.readout.weight, ar3.readout.weight)
+    assert all(torch.equal(a, b) for a, b in zip(ar.model.parameters(), ar3.model.parameters(), strict=True))
+    assert not torch.equal(ar.readout.weight, ar2.readout.weight)  # ... which moved it
+    with pytest.raises(nl.ConfigError, match=r"ppo_epochs >= 1 \(got 0\)"):
+        dataclasses.replace(RL, ppo_epochs=0)
+
+
+def test_a_checkpoint_older_than_a_setting_resumes_at_that_settings_default(sft_pair, tmp_path):
+    """A checkpoint written before `ppo_epochs` existed ran one update per rollout: it resumes with the
+    default, and a run asking for more is refused by name."""
+    data = _train_split(sft_pair)
+    config = dataclasses.replace(RL, steps=2, eval_vectors=0)
+    rl.train_rl(*_load(sft_pair), data.vectors, data.vectors[:0], config, out_dir=tmp_path / "run", progress=False)
+    state_path = tmp_path / "run" / "checkpoints" / "step-000002" / "trainer_state.json"
+    state = json.loads(state_path.read_text())
+    del state["config"]["ppo_epochs"]
+    state_path.write_text(json.dumps(state))
+    resumed = rl.train_rl(*_load(sft_pair), data.vectors, data.vectors[:0], dataclasses.replace(config, steps=3),
+                          out_dir=tmp_path / "run", resume="latest", progress=False)
+    assert len(resumed.history) == 3
+    with pytest.raises(nl.ConfigError, match="ppo_epochs: 1 in the checkpoint, 2 now"):
+        rl.train_rl(*_load(sft_pair), data.vectors, data.vectors[:0], dataclasses.replace(config, steps=4,
+                    ppo_epochs=2), out_dir=tmp_path / "run", resume="latest", progress=False)
+
+
 def test_kl_needs_a_reference(sft_pair):
     av, ar, _ = _load(sft_pair)
     with pytest.raises(nl.ConfigError, match="kl_coef"):
@@ -572,10 +625,10 @@ def test_cli_summary_says_when_a_run_had_no_held_out_evaluation(sft_pair, capsys
 
 
 def test_two_rank_ddp_rl_gives_the_one_process_weights(sft_pair, capsys):
-    """The `sft_coef` term on, its 7 rows split 4 / 3 over the ranks."""
-    assert main(["train-rl", _rl_yaml(sft_pair, "rl_1", sft_coef=0.5, sft_batch=7)]) == 0
+    """The `sft_coef` term on, its 7 rows split 4 / 3 over the ranks; two AV updates per rollout."""
+    assert main(["train-rl", _rl_yaml(sft_pair, "rl_1", sft_coef=0.5, sft_batch=7, ppo_epochs=2)]) == 0
     assert "held-out FVE" in capsys.readouterr().out
-    torchrun_cli("train-rl", _rl_yaml(sft_pair, "rl_2", sft_coef=0.5, sft_batch=7))
+    torchrun_cli("train-rl", _rl_yaml(sft_pair, "rl_2", sft_coef=0.5, sft_batch=7, ppo_epochs=2))
     one, two = (load_file(sft_pair / name / "checkpoints" / "step-000004" / "params.safetensors")
                 for name in ("rl_1", "rl_2"))
     assert one.keys() == two.keys() and next(iter(one.values())).dtype == torch.float64

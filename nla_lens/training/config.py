@@ -243,6 +243,8 @@ class RLConfig:
     miss (failed parse, truncated at `max_new_tokens`, non-finite MSE) scores -2.0 at sqrt(d);
     advantages normalised per group; PPO-clipped surrogate + `kl_coef` x k3 KL to the frozen SFT
     AV; then one AR MSE step on the same explanations (misses dropped). Learning rates are constant.
+    `ppo_epochs` > 1 (PPO's epochs, verl's `ppo_epochs`) takes that many AV updates on each rollout,
+    the clip measured against the sampling policy; the AR still takes one step per rollout.
 
     `sft_coef` > 0 goes beyond that recipe: it adds `sft_coef` x the SFT loss (mean token
     cross-entropy) of `sft_batch` supervised rows per step to the AV's loss, anchoring the AV to its
@@ -256,6 +258,7 @@ class RLConfig:
     top_p: float = 1.0  # sampling only: log-probs always come from the raw (pre top-p) distribution
     max_new_tokens: int = 150
     clip_eps: float = 0.2
+    ppo_epochs: int = 1  # AV updates per rollout (the recipe: 1, where the ratio is 1 and the clip never binds)
     kl_coef: float = 0.01  # 0 drops the reference model
     lr: float = 1e-5
     ar_lr: float = 5e-5
@@ -275,7 +278,7 @@ class RLConfig:
     def __post_init__(self) -> None:
         self.betas = _adam_betas(self.betas)
         _check_ranges(self, steps=_AT_LEAST_1, prompts_per_step=_AT_LEAST_1, max_new_tokens=_AT_LEAST_1,
-                      micro_batch=_AT_LEAST_1)
+                      micro_batch=_AT_LEAST_1, ppo_epochs=_AT_LEAST_1)
         if self.group_size < 2:
             raise ConfigError(f"group_size must be >= 2: advantages are relative to the group (got {self.group_size})")
         _check_ranges(self, temperature=_POSITIVE, top_p=(lambda v: 0 < v <= 1, "in (0, 1]"), lr=_POSITIVE,

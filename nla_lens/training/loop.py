@@ -22,7 +22,7 @@ import shutil
 import time
 import warnings
 from collections.abc import Callable, Collection, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -312,6 +312,12 @@ def save_checkpoint(out_dir: Path, step: int, params: dict[str, nn.Parameter], o
     return folder
 
 
+def _defaults_as_saved(config_type: type) -> dict[str, Any]:
+    """The defaults of a config dataclass's fields, as a checkpoint's JSON would hold them."""
+    defaults = {f.name: f.default for f in fields(config_type) if f.default is not MISSING}
+    return json.loads(json.dumps(defaults))
+
+
 def load_checkpoint(folder: Path, params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer,
                     config: TrainConfig, resumable: frozenset[str] | set[str] = frozenset(), *,
                     data: str | None = None) -> TrainResult:
@@ -327,6 +333,8 @@ def load_checkpoint(folder: Path, params: dict[str, nn.Parameter], optimizer: to
     state = _trainer_state(state_path)
     saved = state["config"]
     requested = json.loads(json.dumps(asdict(config)))  # tuples as the JSON lists the checkpoint holds
+    # A setting added after the checkpoint was written ran at the default it has now.
+    saved = {**_defaults_as_saved(type(config)), **saved}
     changed = sorted(k for k, v in requested.items() if k not in _RESUMABLE_CHANGES | resumable and v != saved.get(k))
     if changed:
         values = "; ".join(f"{k}: {saved.get(k)!r} in the checkpoint, {requested[k]!r} now" for k in changed)

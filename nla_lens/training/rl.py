@@ -10,8 +10,11 @@ One step, as the paper (kitft `configs/rl.sh`, `nla/reward.py`) and nanoNLA run 
    injection installed as in SFT, plus k3 KL to the frozen SFT AV run on the same tokens.
 4. One AR MSE step on the same explanations, misses dropped (kitft trains the critic only on
    completed samples); then one Adam step for both, each side's non-finite gradient skipped.
-With `sft_coef` > 0 (beyond the recipe) step 3 also adds `sft_coef` x the SFT loss of a few labelled
-rows, so the AV keeps its supervised answers where the reward is indifferent to them.
+With `ppo_epochs` > 1 (beyond the recipe) steps 3-4 repeat that many times on the same rollout: the AV's
+loss is recomputed with its new weights against the same old and reference log-probs, so the clip
+binds; the AR takes its one step in the first. With `sft_coef` > 0 (beyond the recipe) step 3 also
+adds `sft_coef` x the SFT loss of a few labelled rows, so the AV keeps its supervised answers where
+the reward is indifferent to them.
 
 The trajectory is a pure function of (weights, config, step): the vectors of a step and each
 group's sampling seed depend on the step and the group's global index only, so resuming from a
@@ -295,18 +298,24 @@ class _Trainer:
         sampled = time.perf_counter()
 
         n_global = config.prompts_per_step * config.group_size
-        self.policy_phase = self._grpo_loss
-        loss_total = self._backward(self.policy, _chunks(len(current), config.micro_batch), n_global)
-        sft_total = self._sft_backward(step) if self.sft_rows is not None else float("nan")
-        av_grad_norm, av_skipped = self._clip_or_skip(self.policy_params)
+        loss_total, sft_total, av_grad_norms, av_skipped = 0.0, 0.0, [], 0.0
         ar_total, ar_grad_norm, ar_skipped = 0.0, float("nan"), 0.0
-        if self.reconstructor is not None:
-            ar_total, ar_grad_norm, ar_skipped = self._ar_update(current)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        for epoch in range(config.ppo_epochs):
+            self.policy_phase = self._grpo_loss
+            loss_total += self._backward(self.policy, _chunks(len(current), config.micro_batch), n_global)
+            sft_total += self._sft_backward(step) if self.sft_rows is not None else float("nan")
+            norm, skipped = self._clip_or_skip(self.policy_params)
+            av_grad_norms.append(norm)
+            av_skipped += skipped
+            if epoch == 0 and self.reconstructor is not None:  # one AR step per rollout; Adam skips it after
+                ar_total, ar_grad_norm, ar_skipped = self._ar_update(current)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        epochs = config.ppo_epochs  # the AV's loss, KL and clip fraction below are means over its updates
+        loss_total, sft_total = loss_total / epochs, sft_total / epochs
 
-        kl = torch.cat([d["kl"] for d in self.diagnostics]).sum()
-        clipped = torch.cat([d["clipped"] for d in self.diagnostics]).sum()
+        kl = torch.cat([d["kl"] for d in self.diagnostics]).sum() / epochs
+        clipped = torch.cat([d["clipped"] for d in self.diagnostics]).sum() / epochs
         lengths = [len(r) for r in current.responses]
         sums = parallel.all_reduce_sums([
             len(current), float(current.rewards.sum()), float(kl), float(clipped), float(sum(lengths)),
@@ -320,7 +329,7 @@ class _Trainer:
         return {"step": step + 1, "loss": loss, "reward": reward / n, "fve": 1 + (reward / n) / self.baseline,
                 "kl": kl / n, "clip_frac": clipped / n, "length": length / n, "parse_failure_rate": failed / n,
                 "truncation_rate": truncated / n, "cjk_rate": cjk / n, "scored": hits / n,
-                "av_grad_norm": av_grad_norm, "av_skipped": av_skipped, "ar_mse": ar_mse,
+                "av_grad_norm": sum(av_grad_norms) / epochs, "av_skipped": av_skipped, "ar_mse": ar_mse,
                 "ar_grad_norm": ar_grad_norm, "ar_skipped": ar_skipped, "sft_loss": sft_total / (config.sft_coef or 1),
                 "sample_seconds": sampled - started, "seconds": time.perf_counter() - started}
 
