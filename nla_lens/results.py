@@ -108,9 +108,9 @@ class TabularResult:
                                    self._held_warnings())
 
     def _headline(self) -> str:
-        """The summary, and how many warnings the result holds and where ("1 warning (.warnings)"): they are not
-        also emitted as Python warnings, so a notebook's repr and view are where a user learns of them. Not part of
-        `summary`, which the commands print before the warnings themselves."""
+        """The summary, and how many warnings the result holds and where ("1 warning (.warnings)"): most types keep
+        them without also emitting Python warnings, so a notebook's repr and view are where a user learns of them.
+        Not part of `summary`, which the commands print before the warnings themselves."""
         held = self._held_warnings()
         if not held:
             return self.summary()
@@ -147,13 +147,14 @@ def read_result(path: str | Path, result_type: type[TabularResult] | None = None
 
     From a ``.parquet`` file, ``df.attrs`` holds what the rows alone cannot say: ``result_type`` (e.g.
     ``"RoundTrip"``), ``summary`` (its summary line: FVE, which baseline, failed parses), ``nla_lens_version`` and,
-    for a type that keeps warnings (``RoundTrip``, ``Explanation``, ``SteeringResult``, ``PatchingStudy``),
-    ``warnings`` (a list, empty when none: a failed injection, no FVE); for a file job's output ``job`` (the record
-    of what produced it) and ``warnings``. A ``.jsonl`` file holds the rows alone, as does a table nla_lens did not
-    write, so ``attrs`` stays empty; nor does it say which type wrote it, so its column types are read off the
-    values (a score None in every row is an object column, an empty file has no columns) unless ``result_type``
-    names the type whose ``save`` wrote it (e.g. ``nl.RoundTrip``): then they are that type's, as ``to_pandas()``
-    gives them. A ``.parquet`` file keeps its types; there ``result_type`` is checked against the one it records."""
+    for a type that keeps warnings (``RoundTrip``, ``Explanation``, ``SteeringResult``, ``PatchingStudy``,
+    ``WordSteering``), ``warnings`` (a list, empty when none: a failed injection, no FVE); for a file job's output
+    ``job`` (the record of what produced it) and ``warnings``. A ``.jsonl`` file holds the rows alone, as does a
+    table nla_lens did not write, so ``attrs`` stays empty; nor does it say which type wrote it, so its column types
+    are read off the values (a score None in every row is an object column, an empty file has no columns) unless
+    ``result_type`` names the type whose ``save`` wrote it (e.g. ``nl.RoundTrip``): then they are that type's, as
+    ``to_pandas()`` gives them. A ``.parquet`` file keeps its types; there ``result_type`` is checked against the one
+    it records."""
     path = file_path(path, "read_result")
     kind = file_kind(path)
     if kind == ".html":

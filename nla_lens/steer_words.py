@@ -30,7 +30,7 @@ import math
 import numbers
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -133,6 +133,8 @@ class WordSteering(TabularResult):
         tokenizer: the base model's, to name tokens in the tables.
         continuations: (clean, steered) greedy continuations of each row's real tokens (`continue_tokens > 0`);
             else None.
+        warnings: what `steer_with_words` warned of (an edit leaving some samples unchanged), kept so a
+            notebook's view and a saved `.parquet` still say it.
     """
 
     hook_name: str
@@ -151,7 +153,9 @@ class WordSteering(TabularResult):
     steered_logprobs: Float[Tensor, "n d_vocab"] | None = None
     tokenizer: Any = None
     continuations: list[tuple[str, str]] | None = None
+    warnings: list[str] = field(default_factory=list)
 
+    warnings_at = "warnings"
     # Each pair side by side, clean then steered: what the steering changed
     display_columns = ("batch", "position", "token", "explanation", "edited", "delta_norm", "clean_next",
                        "steered_next", "kl", "clean_continuation", "steered_continuation")
@@ -290,10 +294,10 @@ def steer_with_words(
         else:
             texts = _given_explanations(explanations, len(sites))
         edited = _apply_edits(edit, texts)
-        delta, target = _delta(nla, texts, edited, sites, mode, batch_size)
+        delta, target, warned = _delta(nla, texts, edited, sites, mode, batch_size)
         named = [_decode(base.tokenizer, int(tokens[r, c])) for r, c in sites]
         result = WordSteering(resid_post_name(k), k, float(alpha), mode, rows.cpu(), cols.cpu(), named,
-                              (tokens.shape[0], tokens.shape[1]), texts, edited, delta, target)
+                              (tokens.shape[0], tokens.shape[1]), texts, edited, delta, target, warnings=warned)
         clean = steered = continuations = None
         if compare:
             clean = _site_logprobs(base, tokens, run_mask, rows, cols, [])
@@ -498,25 +502,26 @@ def _apply_edits(edit: Edit, texts: list[list[str]]) -> list[list[str]]:
 
 
 def _delta(nla: NLA, texts: list[list[str]], edited: list[list[str]], sites: list[tuple[int, int]],
-           mode: Mode, batch_size: int) -> tuple[Float[Tensor, "n d_model"], Float[Tensor, "n d_model"]]:
-    """Delta and T per site, the AR reading originals and edits `batch_size` at a time. In add mode an edit that
-    changes nothing raises (Delta = 0); replace mode steers with T, so there it patches in the original's own
-    reconstruction."""
+           mode: Mode, batch_size: int) -> tuple[Float[Tensor, "n d_model"], Float[Tensor, "n d_model"], list[str]]:
+    """Delta and T per site, the AR reading originals and edits `batch_size` at a time, and the warnings emitted. In
+    add mode an edit that changes nothing raises (Delta = 0); replace mode steers with T, so there it patches in the
+    original's own reconstruction."""
     for i, (before, after) in enumerate(zip(texts, edited, strict=True)):
         if before == after and mode == "add":
             raise InputError(
                 f"the edit leaves the explanation of site {i} (row {sites[i][0]}, column {sites[i][1]}) unchanged "
                 f"({before[0]!r}), so Delta = 0 and there is nothing to steer with; edit words that occur in it"
             )
+    warned = []
     for i, (before, after) in enumerate(zip(texts, edited, strict=True)):
         same = [b for b, a in zip(before, after, strict=True) if b == a]
         if same and len(same) < len(before):  # all unchanged is refused above (add) or the control (replace)
             effect = ("Delta is their mean over all of them, so it follows the others alone" if mode == "add"
                       else "T averages their own reconstructions in, pulling the patch towards what is there")
-            warnings.warn(f"the edit leaves {len(same)} of the {len(before)} explanations of site {i} (row "
+            warned.append(f"the edit leaves {len(same)} of the {len(before)} explanations of site {i} (row "
                           f"{sites[i][0]}, column {sites[i][1]}) unchanged, e.g. {same[0]!r}; {effect}. Edit words "
-                          "every sample holds (see result.explanations), or pass explanations= yourself",
-                          stacklevel=3)
+                          "every sample holds (see result.explanations), or pass explanations= yourself")
+            warnings.warn(warned[-1], stacklevel=3)
     flat_before = [t for site in texts for t in site]
     flat_after = [t for site in edited for t in site]
     reconstructed = unit(nla.ar.reconstruct(flat_before + flat_after, batch_size=batch_size).float().cpu())
@@ -537,7 +542,7 @@ def _delta(nla: NLA, texts: list[list[str]], edited: list[list[str]], sites: lis
             f"the AR's unit reconstructions of the edited explanations of site {flat[0]} cancel out, so T = 0 and "
             "replace mode has no direction to patch in; drop the samples that disagree, or use mode='add'"
         )
-    return delta, target
+    return delta, target, warned
 
 
 def _site_logprobs(base: TLModel, tokens: Tensor, run_mask: Tensor | None, rows: Tensor, cols: Tensor,

@@ -191,15 +191,19 @@ def test_delta_and_target_are_means_of_unit_reconstructions(base, nla):
 
 
 @pytest.mark.parametrize("mode", ["add", "replace"])
-def test_an_edit_that_leaves_some_samples_unchanged_is_named_in_a_warning(base, nla, mode):
+def test_an_edit_that_leaves_some_samples_unchanged_is_named_in_a_warning(base, nla, mode, tmp_path):
     """With samples > 1 a str.replace edit often misses a sample that lacks the words: Delta was averaged over
     fewer edits than asked, and replace mode's T mixed in the unedited reconstructions, without a word."""
     tokens, mask = padded(base, "left")
     swap = lambda text: text.replace("cat", "dog")  # noqa: E731
     with pytest.warns(UserWarning, match=r"leaves 1 of the 2 explanations of site 0 \(row 0, column \d+\) unchanged, "
-                                         r"e\.g\. 'the sea is calm'"):
-        steer(nla, base, tokens[:1], -1, mask[:1], explanations=[["the cat sat", "the sea is calm"]], edit=swap,
-              mode=mode, compare=False, continue_tokens=0)
+                                         r"e\.g\. 'the sea is calm'") as emitted:
+        result = steer(nla, base, tokens[:1], -1, mask[:1], explanations=[["the cat sat", "the sea is calm"]],
+                       edit=swap, mode=mode, compare=False, continue_tokens=0)
+    # Kept on the result too: its repr counts it, and a saved .parquet keeps it (it was only emitted).
+    assert result.warnings == [str(w.message) for w in emitted]
+    assert "1 warning (.warnings)" in repr(result)
+    assert nl.read_result(result.save(tmp_path / "steer.parquet")).attrs["warnings"] == result.warnings
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # every sample edited: nothing to say
         steer(nla, base, tokens[:1], -1, mask[:1], explanations=[["the cat sat", "a cat ran"]], edit=swap,

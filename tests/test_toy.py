@@ -152,7 +152,6 @@ def test_bundled_rl_pair_was_trained_with_the_toy_config():
     from dataclasses import asdict
 
     from nla_lens.toy.train import ToyConfig
-
     from nla_lens.training.config import RLConfig
 
     recorded = json.loads((TOY_DIR / "scores.json").read_text())["rl"]["config"]
