@@ -202,6 +202,7 @@ class DirectionVerbalization(TabularResult):
     vectors: Float[Tensor, "n d_model"]
     verbalizations: list[Verbalization]
 
+    warnings_at = "verbalizations.warnings"  # the failed injection verbalize warned of
     display_columns = ("index", "explanation", "norm")
     schema = pa.schema({"index": pa.int64(), "explanation": pa.string(), "parsed": pa.bool_(), "norm": pa.float64()})
 

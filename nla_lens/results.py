@@ -9,8 +9,8 @@ columns:
   every row (no baseline, every parse failed), keeps the columns and types of any other run's table.
 
 Its fields are described once, in an ``Attributes:`` section of its docstring: what ``help()`` shows. A result
-that keeps warnings instead of emitting them (a round trip's) names where in ``warnings_at``; its repr and view
-count them.
+that keeps warnings (a round trip's instead of emitting them; `verbalize`'s and `steer_with_words`' as well as
+emitting them) names where in ``warnings_at``; its repr and view count them.
 
 It then has ``to_pandas()``, ``save(path)`` (``.parquet``, ``.jsonl``, or ``.html`` for the notebook
 view as a standalone page; [`read_result`][nla_lens.results.read_result] reads the rows back, and from a

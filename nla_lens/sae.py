@@ -316,6 +316,7 @@ class FeatureVerbalizations(TabularResult):
     reconstructions: Float[Tensor, "n d_model"] | None
     offset_stats: ResidualStats | None = None
 
+    warnings_at = "verbalizations.warnings"  # the failed injection verbalize warned of
     display_columns = ("feature", "explanation", "parsed", "cosine")
     schema = pa.schema({"feature": pa.int64(), "explanation": pa.string(), "parsed": pa.bool_(), "text": pa.string(),
                         "truncated": pa.bool_(), "cosine": pa.float64(), "hook_name": pa.string(),

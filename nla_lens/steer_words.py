@@ -322,6 +322,7 @@ class Difference(TabularResult):
     cosine: Float[Tensor, " n"]
     verbalizations: list[Verbalization]
 
+    warnings_at = "verbalizations.warnings"  # the failed injection verbalize warned of
     display_columns = ("index", "explanation", "parsed", "cos_a_b", "norm_a_minus_b")
     schema = pa.schema({"index": pa.int64(), "explanation": pa.string(), "parsed": pa.bool_(), "text": pa.string(),
                         "truncated": pa.bool_(), "cos_a_b": pa.float64(), "norm_a_minus_b": pa.float64()})

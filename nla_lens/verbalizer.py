@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numbers
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, SupportsIndex, overload
@@ -72,7 +73,14 @@ class Verbalizations(TabularResult, list):
     """What `verbalize` returns: a list of `Verbalization`s (a slice, `+` on either side, `*` and `copy()` are one too)
     that also prints short, shows as a table in a notebook, and has `to_pandas()` / `save()` (one row per vector). A
     row's `index` is the row of the vectors it explains (its position here for rows built by hand), so `out[10:]`
-    starts at 10."""
+    starts at 10. `warnings` holds what `verbalize` warned of (a failed injection), kept so the repr, the view and a
+    saved `.parquet` still say it; slices, copies and concatenations keep it."""
+
+    warnings_at = "warnings"
+
+    def __init__(self, verbalizations: Iterable[Verbalization] = (), *, warnings: Iterable[str] = ()) -> None:
+        super().__init__(verbalizations)
+        self.warnings: list[str] = list(warnings)
 
     def to_records(self) -> list[dict[str, Any]]:
         return [{"index": i if v.index is None else v.index, "explanation": v.explanation,
@@ -97,24 +105,29 @@ class Verbalizations(TabularResult, list):
     def __getitem__(self, index: SupportsIndex | slice) -> Verbalization | Verbalizations:
         """A slice stays a `Verbalizations` (list's own is a plain list), keeping the repr, `to_pandas()`, `save()`."""
         got = super().__getitem__(index)
-        return Verbalizations(got) if isinstance(index, slice) else got
+        return Verbalizations(got, warnings=self.warnings) if isinstance(index, slice) else got
 
     def __add__(self, other: list[Verbalization]) -> Verbalizations:  # type: ignore[override]
-        return Verbalizations(super().__add__(other))
+        return Verbalizations(super().__add__(other), warnings=_joined_warnings(self, other))
 
     def __radd__(self, other: list[Verbalization]) -> Verbalizations:
         """`[v0] + out` is one too: Python asks a list subclass's `__radd__` before list's own `+` (a plain list)."""
         if not isinstance(other, list):
             return NotImplemented
-        return Verbalizations([*other, *self])
+        return Verbalizations([*other, *self], warnings=_joined_warnings(other, self))
 
     def __mul__(self, times: SupportsIndex) -> Verbalizations:
-        return Verbalizations(super().__mul__(times))
+        return Verbalizations(super().__mul__(times), warnings=self.warnings)
 
     __rmul__ = __mul__
 
     def copy(self) -> Verbalizations:
-        return Verbalizations(self)
+        return Verbalizations(self, warnings=self.warnings)
+
+
+def _joined_warnings(*parts: list[Verbalization]) -> list[str]:
+    """The warnings of each part that holds any, each once, in order."""
+    return list(dict.fromkeys(w for part in parts for w in getattr(part, "warnings", ())))
 
 
 class ActivationVerbalizer:
@@ -267,6 +280,7 @@ class ActivationVerbalizer:
         warning = injection_warning([r.text for r in results], self.meta.injection_char)
         if warning:
             warnings.warn(warning, stacklevel=2)
+            results.warnings.append(warning)
         return results
 
     def _check_fits(self, max_new_tokens: int) -> None:

@@ -322,3 +322,25 @@ def test_a_half_cast_that_left_cfg_dtype_stale_is_a_typed_error_naming_the_fix(t
     assert not av.model.hook_dict["blocks.1.hook_resid_post"].fwd_hooks
     av.model.to(torch.float16)  # the fix the message gives
     assert len(av.verbalize(vectors, max_new_tokens=4)) == len(vectors)
+
+
+def test_verbalize_keeps_its_failed_injection_warning_where_a_notebook_and_a_saved_file_show_it(
+        av_karvonen, vectors, monkeypatch, tmp_path):
+    """It was only emitted: the repr, the view and a saved .parquet of the explanations said nothing of it."""
+    echo = av_karvonen.tokenizer.encode(av_karvonen.meta.injection_char * 4, add_special_tokens=False)
+    monkeypatch.setattr(av_karvonen, "_generate", lambda batch, *_: [echo] * len(batch))
+    with pytest.warns(UserWarning, match="injection probably failed") as emitted:
+        out = av_karvonen.verbalize(vectors[:3])
+    assert out.warnings == [str(w.message) for w in emitted] and len(out.warnings) == 1
+    assert repr(out).splitlines()[0] == f"Verbalizations: {out.summary()}; 1 warning (.warnings)"
+    assert "1 warning (.warnings)" in out._repr_html_()
+    for derived in (out[1:], out.copy(), out + [], [] + out, out * 2):
+        assert derived.warnings == out.warnings
+    assert (out + out).warnings == out.warnings  # once, not twice
+    assert nl.read_result(out.save(tmp_path / "said.parquet")).attrs["warnings"] == out.warnings
+    held = nl.DirectionVerbalization(vectors[:3], out)  # as verbalize_direction returns it
+    assert repr(held).splitlines()[0].endswith("; 1 warning (.verbalizations.warnings)")
+    said = av_karvonen.tokenizer.encode("<explanation>\nthe cat\n</explanation>", add_special_tokens=False)
+    monkeypatch.setattr(av_karvonen, "_generate", lambda batch, *_: [said] * len(batch))
+    fine = av_karvonen.verbalize(vectors[:2])
+    assert fine.warnings == [] and "warning" not in repr(fine)
