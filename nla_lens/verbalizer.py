@@ -74,7 +74,7 @@ class Verbalizations(TabularResult, list):
     that also prints short, shows as a table in a notebook, and has `to_pandas()` / `save()` (one row per vector). A
     row's `index` is the row of the vectors it explains (its position here for rows built by hand), so `out[10:]`
     starts at 10. `warnings` holds what `verbalize` warned of (a failed injection), kept so the repr, the view and a
-    saved `.parquet` still say it; slices, copies and concatenations keep it."""
+    saved `.parquet` still say it; slices, copies and concatenations (`+=` too) keep it."""
 
     warnings_at = "warnings"
 
@@ -116,6 +116,10 @@ class Verbalizations(TabularResult, list):
             return NotImplemented
         return Verbalizations([*other, *self], warnings=_joined_warnings(other, self))
 
+    def __iadd__(self, other: Iterable[Verbalization]) -> Verbalizations:  # type: ignore[override, misc]
+        self.warnings = _joined_warnings(self, other)
+        return super().__iadd__(other)
+
     def __mul__(self, times: SupportsIndex) -> Verbalizations:
         return Verbalizations(super().__mul__(times), warnings=self.warnings)
 
@@ -125,7 +129,7 @@ class Verbalizations(TabularResult, list):
         return Verbalizations(self, warnings=self.warnings)
 
 
-def _joined_warnings(*parts: list[Verbalization]) -> list[str]:
+def _joined_warnings(*parts: Iterable[Verbalization]) -> list[str]:
     """The warnings of each part that holds any, each once, in order."""
     return list(dict.fromkeys(w for part in parts for w in getattr(part, "warnings", ())))
 
