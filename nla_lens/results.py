@@ -224,9 +224,9 @@ def _read_jsonl(path: Path, result_type: type[TabularResult] | None) -> pd.DataF
         if not isinstance(row, dict):
             raise InputError(f"{path}: line {number} holds a {type(row).__name__}, not a row (a JSON object); "
                              "read_result reads the .jsonl file a result's save() wrote")
-        if not records:
-            _refuse_label_file(path, row)
         records.append(row)
+    if records:
+        _refuse_label_file(path, records[0])
     if result_type is None:
         return records_frame(records)
     unknown = [name for name in records[0] if name not in result_type.schema.names] if records else []
