@@ -74,7 +74,7 @@ class Verbalizations(TabularResult, list):
     that also prints short, shows as a table in a notebook, and has `to_pandas()` / `save()` (one row per vector). A
     row's `index` is the row of the vectors it explains (its position here for rows built by hand), so `out[10:]`
     starts at 10. `warnings` holds what `verbalize` warned of (a failed injection), kept so the repr, the view and a
-    saved `.parquet` still say it; slices, copies and concatenations (`+=` too) keep it."""
+    saved `.parquet` still say it; slices, copies and concatenations (`+=` and `extend` too) keep it."""
 
     warnings_at = "warnings"
 
@@ -119,6 +119,10 @@ class Verbalizations(TabularResult, list):
     def __iadd__(self, other: Iterable[Verbalization]) -> Verbalizations:  # type: ignore[override, misc]
         self.warnings = _joined_warnings(self, other)
         return super().__iadd__(other)
+
+    def extend(self, other: Iterable[Verbalization]) -> None:
+        self.warnings = _joined_warnings(self, other)
+        super().extend(other)
 
     def __mul__(self, times: SupportsIndex) -> Verbalizations:
         return Verbalizations(super().__mul__(times), warnings=self.warnings)

@@ -340,6 +340,9 @@ def test_verbalize_keeps_its_failed_injection_warning_where_a_notebook_and_a_sav
     gathered = nl.Verbalizations()
     gathered += out  # batches collected in a loop
     assert gathered.warnings == out.warnings and len(gathered) == len(out)
+    extended = nl.Verbalizations()
+    extended.extend(out)
+    assert extended.warnings == out.warnings and len(extended) == len(out)
     assert nl.read_result(out.save(tmp_path / "said.parquet")).attrs["warnings"] == out.warnings
     held = nl.DirectionVerbalization(vectors[:3], out)  # as verbalize_direction returns it
     assert repr(held).splitlines()[0].endswith("; 1 warning (.verbalizations.warnings)")
