@@ -38,6 +38,8 @@ _ACTIVATION = ((255, 255, 255), (253, 141, 60))  # white to orange
 _CONTEXT = "#e8e8e8"
 _FAILED = "#ffffff"  # a failed parse's token: blank inside its dashed outline, off the colour scale
 _MAX_TABLE_ROWS = 200
+_CURVE_SIZE, _CURVE_X, _CURVE_Y = (264, 130), (62, 254), (20, 104)  # a chart's size and its plot area's x / y span
+_CURVE_INK = "#2c7fb8"
 _HUB_ID = re.compile(r"\w[\w.-]*/[\w.-]+")  # owner/name, as the HF hub spells a repository
 # Written as escapes: control characters, line and paragraph separators, and format characters (bidi controls,
 # which reorder the text drawn after them; zero-width spaces and marks, which draw nothing)
@@ -86,6 +88,8 @@ _STYLE = """
 .nla-view th { white-space: nowrap; }
 .nla-view td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
 .nla-view .nla-unparsed { color: #a00; font-style: italic; }
+.nla-view .nla-curves { display: flex; flex-wrap: wrap; gap: 0.6em 1.2em; margin: 0.3em 0 0.8em; }
+.nla-view .nla-curve text { font: 11px system-ui, sans-serif; fill: #444; }
 .nla-view .nla-empty { font-style: italic; padding: 0.4em 0.6em; border: 1px dashed #bbb; display: inline-block; }
 """
 
@@ -298,9 +302,9 @@ def parse_failure(truncated: bool) -> str:
 
 
 def result_html(name: str, summary: str, records: Sequence[dict[str, Any]], columns: Sequence[str],
-                warnings: Sequence[str] = ()) -> str:
-    """A result as its summary line and an HTML table of `columns` (the first rows of a long result); long
-    cells wrap inside the page and are shown whole."""
+                warnings: Sequence[str] = (), figure: str = "") -> str:
+    """A result as its summary line, `figure` (HTML from this module, e.g. `curves_html`) and an HTML table of
+    `columns` (the first rows of a long result); long cells wrap inside the page and are shown whole."""
     shown = records[:_MAX_TABLE_ROWS]
     head = "".join(f"<th>{html.escape(header(c))}</th>" for c in columns)
     body = []
@@ -322,8 +326,41 @@ def result_html(name: str, summary: str, records: Sequence[dict[str, Any]], colu
     more = (f"<div class='nla-meta'>first {len(shown)} of {len(records)} rows; .to_pandas() has them all</div>"
             if len(records) > len(shown) else "")
     return (f"<div class='nla-view'><style>{_STYLE}</style><div class='nla-head'><b>{html.escape(name)}</b></div>"
-            f"<div class='nla-meta'>{html.escape(summary)}</div>{warning_lines(warnings)}"
+            f"<div class='nla-meta'>{html.escape(summary)}</div>{warning_lines(warnings)}{figure}"
             f"<table><tr>{head}</tr>{''.join(body)}</table>{more}</div>")
+
+
+def curves_html(curves: Sequence[tuple[str, Sequence[tuple[int, float]]]]) -> str:
+    """Each (name, [(step, value), ...]) as a small line chart (inline SVG), side by side: a training run's curves.
+    The y axis spans the curve's own range, labelled at both ends; the title gives the last value."""
+    charts = "".join(_curve_svg(name, points) for name, points in curves if points)
+    return f"<div class='nla-curves'>{charts}</div>" if charts else ""
+
+
+def _curve_svg(name: str, points: Sequence[tuple[int, float]]) -> str:
+    (left, right), (top, bottom) = _CURVE_X, _CURVE_Y
+    steps, values = [p[0] for p in points], [p[1] for p in points]
+    low, high = min(values), max(values)
+
+    def x(step: int) -> float:
+        return left + (right - left) * ((step - steps[0]) / (steps[-1] - steps[0]) if steps[-1] > steps[0] else 0.5)
+
+    def y(value: float) -> float:
+        return bottom - (bottom - top) * ((value - low) / (high - low) if high > low else 0.5)
+
+    line = (f"<polyline fill='none' stroke='{_CURVE_INK}' stroke-width='1.5' points='"
+            + " ".join(f"{x(s):.1f},{y(v):.1f}" for s, v in points) + "'/>"
+            if len(points) > 1 else f"<circle cx='{x(steps[0]):.1f}' cy='{y(values[0]):.1f}' r='2.5' "
+                                    f"fill='{_CURVE_INK}'/>")
+    title = html.escape(f"{name}: {values[-1]:.4g} at step {steps[-1]}")
+    labels = (f"<text x='{left - 4}' y='{top + 4}' text-anchor='end'>{high:.3g}</text>"
+              f"<text x='{left - 4}' y='{bottom}' text-anchor='end'>{low:.3g}</text>"
+              f"<text x='{left}' y='{bottom + 14}'>{steps[0]}</text>"
+              f"<text x='{right}' y='{bottom + 14}' text-anchor='end'>{steps[-1]}</text>")
+    return (f"<svg class='nla-curve' width='{_CURVE_SIZE[0]}' height='{_CURVE_SIZE[1]}' role='img' "
+            f"aria-label='{title}'><text x='{left}' y='12' font-weight='bold'>{title}</text>"
+            f"<rect x='{left}' y='{top}' width='{right - left}' height='{bottom - top}' fill='none' stroke='#ddd'/>"
+            f"{line}{labels}</svg>")
 
 
 def header(column: str) -> str:

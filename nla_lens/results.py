@@ -153,7 +153,8 @@ def read_result(path: str | Path, result_type: type[TabularResult] | None = None
     table nla_lens did not write, so ``attrs`` stays empty; nor does it say which type wrote it, so its column types
     are read off the values (a score None in every row is an object column, an empty file has no columns) unless
     ``result_type`` names the type whose ``save`` wrote it (e.g. ``nl.RoundTrip``): then they are that type's, as
-    ``to_pandas()`` gives them. A ``.parquet`` file keeps its types; there ``result_type`` is checked against the one
+    ``to_pandas()`` gives them (a ``TrainingRun``'s columns depend on its command, so there too they are read off
+    the values). A ``.parquet`` file keeps its types; there ``result_type`` is checked against the one
     it records."""
     path = file_path(path, "read_result")
     kind = file_kind(path)
@@ -206,7 +207,8 @@ def _saved_record(metadata: dict[bytes, bytes], key: bytes, path: Path) -> dict[
 
 
 def _check_result_type(result_type: Any) -> None:
-    if not (isinstance(result_type, type) and issubclass(result_type, TabularResult) and result_type.schema):
+    if not (isinstance(result_type, type) and issubclass(result_type, TabularResult)
+            and result_type is not TabularResult):
         raise InputError(f"result_type={result_type!r} is not a result type: pass the class whose save() wrote the "
                          "file (nl.RoundTrip, nl.SteeringResult, ...), or none")
 
@@ -227,7 +229,7 @@ def _read_jsonl(path: Path, result_type: type[TabularResult] | None) -> pd.DataF
         records.append(row)
     if records:
         _refuse_label_file(path, records[0])
-    if result_type is None:
+    if result_type is None or result_type.schema is None:  # a type whose columns vary (TrainingRun): from the values
         return records_frame(records)
     unknown = [name for name in records[0] if name not in result_type.schema.names] if records else []
     if unknown:

@@ -105,3 +105,19 @@ def test_long_explanations_and_tokens_wrap_inside_the_page_and_are_shown_whole(t
         width, height, pixels = _pixels(_screenshot(page, tmp_path / f"{name}.png", tmp_path / "profile"))
         right_edge = [pixels[y * width + x] for y in range(height) for x in range(width - 20, width)]
         assert all(min(p) > 200 for p in right_edge), f"the {name} runs off the page"  # body margin: blank
+
+
+def test_curves_draw_each_series_in_its_own_range_and_skip_the_empty():
+    """A training run's charts: the y axis spans each curve's own values; one point is a dot; no points, no chart."""
+    page = display.curves_html([("loss", [(1, 4.0), (2, 2.0), (3, 1.0)]), ("kl", []), ("lr", [(5, 1e-3)]),
+                                ("flat <b>", [(0, 0.5), (10, 0.5)])])
+    assert page.count("<svg") == 3 and "kl" not in page
+    loss = page[:page.index("</svg>")]
+    assert "loss: 1 at step 3" in loss and ">4</text>" in loss and ">1</text>" in loss
+    pairs = [pair.split(",") for pair in loss.split("points='")[1].split("'")[0].split()]
+    xs, ys = [float(x) for x, _ in pairs], [float(y) for _, y in pairs]
+    assert len(xs) == 3 and xs == sorted(xs) and ys == sorted(ys)  # later steps to the right, lower losses lower
+    lr, flat = page.split("</svg>")[1:3]
+    assert "<circle" in lr and "<polyline" not in lr and "<polyline" in flat  # one point is a dot; a flat run a line
+    assert "flat &lt;b&gt;: 0.5 at step 10" in page and "flat <b>" not in page  # names are escaped
+    assert display.curves_html([("kl", [])]) == ""

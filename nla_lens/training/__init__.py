@@ -48,14 +48,15 @@ from nla_lens.training.extraction import (
 from nla_lens.training.loop import TrainResult
 from nla_lens.training.pipeline import RLRunResult, RunResult, run_extract, run_train_ar, run_train_av, run_train_rl
 from nla_lens.training.rl import train_rl
+from nla_lens.training.runs import TrainingRun, read_training_run
 
 __all__ = [
     "ARRows", "ARRunConfig", "AVRows", "AVRunConfig", "ActivationDataset", "ActivationRecord", "Document",
     "ExtractConfig", "ExtractRunConfig", "ExtractionIdentity", "LabelledActivations", "RLConfig", "RLRunConfig",
-    "RLRunResult", "RunResult", "TrainConfig", "TrainResult",
+    "RLRunResult", "RunResult", "TrainConfig", "TrainResult", "TrainingRun",
     "ar_loss", "ar_rows", "av_loss", "av_rows", "check_document_disjoint", "evaluate_ar", "evaluate_av",
     "export_ar", "export_av", "extract_activations", "freeze_weights_hf_lacks", "hf_state_dict", "init_ar",
-    "init_av", "label_activations", "load_activations", "load_config", "model_sidecar", "run_extract",
-    "run_train_ar", "run_train_av", "run_train_rl", "save_explanations", "split_by_document", "train_ar", "train_av",
-    "train_rl",
+    "init_av", "label_activations", "load_activations", "load_config", "model_sidecar", "read_training_run",
+    "run_extract", "run_train_ar", "run_train_av", "run_train_rl", "save_explanations", "split_by_document", "train_ar",
+    "train_av", "train_rl",
 ]

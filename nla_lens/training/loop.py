@@ -330,7 +330,7 @@ def load_checkpoint(folder: Path, params: dict[str, nn.Parameter], optimizer: to
     state_path = folder / "trainer_state.json"
     if not state_path.is_file():
         raise CheckpointError(f"{folder} is not a training checkpoint (no trainer_state.json)")
-    state = _trainer_state(state_path)
+    state = read_trainer_state(state_path)
     saved = state["config"]
     requested = json.loads(json.dumps(asdict(config)))  # tuples as the JSON lists the checkpoint holds
     # A setting added after the checkpoint was written ran at the default it has now.
@@ -391,7 +391,7 @@ _TRAINER_STATE_TYPES = {"step": "an integer", "config": "an object", "param_name
                         "evals": "an array", "seconds": "a number"}
 
 
-def _trainer_state(path: Path) -> dict[str, Any]:
+def read_trainer_state(path: Path) -> dict[str, Any]:
     """`trainer_state.json`, checked to have the shape `save_checkpoint` writes before any weight is restored:
     valid JSON of another shape (edited by hand, cut to a list) ended in a bare KeyError or TypeError."""
     state = _read_saved(path, lambda path: json.loads(path.read_text(encoding="utf-8")))
@@ -479,7 +479,7 @@ def is_last_step(folder: Path) -> bool:
     """Whether checkpoint `folder` holds its run's last step, i.e. that run's training finished. A checkpoint whose
     state cannot be read says no: resuming from it reports the damage."""
     try:
-        return _step(folder) == _trainer_state(folder / "trainer_state.json")["config"].get("steps")
+        return _step(folder) == read_trainer_state(folder / "trainer_state.json")["config"].get("steps")
     except CheckpointError:
         return False
 

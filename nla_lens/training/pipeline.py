@@ -125,7 +125,7 @@ def _split(config: SFTRunConfig | RLRunConfig) -> tuple[NLAMeta, LabelledActivat
     return (activations.meta, *split_by_document(data, config.eval_fraction, config.split_seed))
 
 
-def _run_command(config: dict) -> str:
+def run_command(config: dict) -> str:
     """Which command wrote a `train_result.json`, told by its recorded config's keys."""
     return "train-rl" if "rl" in config else "train-av" if "injection" in config else "train-ar"
 
@@ -165,7 +165,7 @@ def check_result_file(out_dir: str | Path, command: str) -> None:
     `extract`, write its shards among that run's files."""
     path = Path(out_dir) / RESULT_FILE
     try:
-        found = _run_command(json.loads(path.read_text(encoding="utf-8")).get("config", {}))
+        found = run_command(json.loads(path.read_text(encoding="utf-8")).get("config", {}))
     except (OSError, ValueError, AttributeError):  # no record (a new folder), or not one of ours: nothing to keep
         return
     if found != command:
