@@ -451,6 +451,22 @@ def check_token_tensor(value: object, name: str = "tokens") -> None:
         raise InputError(f"{name} must be [batch, pos], got shape {list(value.shape)}")
 
 
+def check_token_ids(model: TLModel, tokens: Tensor, name: str = "tokens") -> None:
+    """`tokens` are ids `model` can embed: integers in 0..d_vocab-1. TransformerLens indexes its embedding with them,
+    so a float tensor or an id past the vocabulary (tokens of another tokenizer) fails deep in its forward, and on
+    HookedTransformer a negative id silently embeds a row counted from the end."""
+    check_token_tensor(tokens, name)
+    if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
+        raise InputError(f"{name} must hold integer token ids, got dtype {tokens.dtype}; tokenize with "
+                         "model.to_tokens(text), or pass the ids as .long()")
+    d_vocab = model.cfg.d_vocab
+    outside = tokens[(tokens < 0) | (tokens >= d_vocab)]
+    if outside.numel():
+        raise InputError(f"{name} hold id {int(outside[0])}, outside this model's vocabulary (0..{d_vocab - 1}): "
+                         "were they made by another model's tokenizer? Tokenize with the base model's own, "
+                         "model.to_tokens(text)")
+
+
 def check_mask_values(attention_mask: Tensor) -> None:
     """A mask holds 0/1 integers or booleans, as HF's: TransformerLens indexes with a float mask (IndexError)
     and takes positions from its cumulative sum, so a mask of 2s or -1s runs silently with wrong positions."""
@@ -467,9 +483,10 @@ def real_tokens(model: TLModel, attention_mask: Tensor | None, tokens: Tensor | 
     """Which columns hold real tokens: the mask if given, else inferred from pads in `tokens`; None
     when nothing marks padding (every column is real). `trailing_pads_real`: only leading pads are padding (a pass
     of `generate`, whose fed-back tokens may share the pad id)."""
-    for name, value in (("tokens", tokens), ("attention_mask", attention_mask)):
-        if value is not None:
-            check_token_tensor(value, name)
+    if tokens is not None:
+        check_token_ids(model, tokens)
+    if attention_mask is not None:
+        check_token_tensor(attention_mask, "attention_mask")
     if attention_mask is not None:
         check_mask_values(attention_mask)
     if tokens is not None and attention_mask is not None and tokens.shape != attention_mask.shape:

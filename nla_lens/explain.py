@@ -21,7 +21,7 @@ from torch import Tensor
 
 from nla_lens import backends, display
 from nla_lens.base_model import check_base_model
-from nla_lens.capture import capture, resid_post_name
+from nla_lens.capture import capture, check_token_ids, resid_post_name
 from nla_lens.checks import check_fwd_hooks, counted
 from nla_lens.errors import InputError, PromptTooLongError, VectorError
 from nla_lens.injection import directionless_rows
@@ -199,6 +199,8 @@ def explain_tokens(nla: NLA, base: TLModel, token_rows: Sequence[Sequence[int]],
     fwd_hooks = check_fwd_hooks(fwd_hooks, base.hook_dict, "explain")
     if not token_rows or not all(len(row) for row in token_rows):
         raise InputError("every text to explain needs at least one token")
+    for t, row in enumerate(token_rows):
+        check_token_ids(base, torch.tensor([list(row)]), f"token_rows[{t}]")
     too_long = [len(row) for row in token_rows if len(row) > base.cfg.n_ctx]
     if too_long:
         raise PromptTooLongError(f"a text is {too_long[0]} tokens, over the base model's context of "

@@ -43,7 +43,14 @@ from transformer_lens.hook_points import HookPoint
 
 from nla_lens import backends
 from nla_lens.base_model import check_base_model
-from nla_lens.capture import PositionSpec, real_tokens, resid_post, resid_post_name, resolve_positions
+from nla_lens.capture import (
+    PositionSpec,
+    check_token_ids,
+    real_tokens,
+    resid_post,
+    resid_post_name,
+    resolve_positions,
+)
 from nla_lens.checks import (
     check_counts,
     check_finite,
@@ -376,8 +383,7 @@ def _check_inputs(nla: NLA, base: TLModel, tokens: Tensor, layer: int | None, al
             f"or pass layer={k}"
         )
     check_base_model(base, nla, layer=k)
-    if not isinstance(tokens, Tensor) or tokens.ndim != 2 or tokens.is_floating_point():
-        raise InputError("tokens must be a [batch, pos] integer tensor, e.g. base.to_tokens(prompts)")
+    check_token_ids(base, tokens)
     if mode not in ("add", "replace"):
         raise InputError(f"mode must be 'add' or 'replace', got {mode!r}")
     check_finite(alpha=alpha)
