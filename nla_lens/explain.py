@@ -27,7 +27,7 @@ from nla_lens.errors import InputError, PromptTooLongError, VectorError
 from nla_lens.injection import directionless_rows
 from nla_lens.loading import prepends_bos
 from nla_lens.nla import NLA, RoundTrip, baseline_phrase, check_read_keywords
-from nla_lens.parsing import unclosed_note
+from nla_lens.parsing import failed_parse_note
 from nla_lens.results import TabularResult
 from nla_lens.sidecar import text_ids
 from nla_lens.verbalizer import Verbalization
@@ -113,7 +113,7 @@ class Explanation(TabularResult):
         return (f"{counted(len(self.rows), 'token')} of {counted(len(self.texts), 'text')} at layer {self.layer}, "
                 f"mean MSE {rt.mean_mse:.3f}, "
                 f"{baseline_phrase(rt.fve, rt.baseline, rt.baseline_source, rt.baseline_n)}, "
-                f"{rt.n_failed_parses} failed parses{unclosed_note([v.text for v in rt.verbalizations])}")
+                f"{rt.n_failed_parses} failed parses{failed_parse_note(rt.verbalizations)}")
 
     def cells(self) -> list[list[display.TokenCell]]:
         """Every token of every text as the view draws it (context tokens unexplained)."""

@@ -22,7 +22,7 @@ from nla_lens.distributed import inference
 from nla_lens.errors import InjectionError, InputError, PromptTooLongError, SidecarError
 from nla_lens.injection import BLOCK_0_INPUT, Injection, check_vectors
 from nla_lens.markers import find_marker_sites
-from nla_lens.parsing import injection_warning, parse_explanation, unclosed_note
+from nla_lens.parsing import failed_parse_note, injection_warning, parse_explanation
 from nla_lens.results import TabularResult
 from nla_lens.sidecar import (
     DEFAULT_HOOK_POINT,
@@ -90,7 +90,7 @@ class Verbalizations(TabularResult, list):
 
     def summary(self) -> str:
         failed = sum(v.explanation is None for v in self)
-        return f"{len(self)} verbalizations, {failed} failed to parse{unclosed_note([v.text for v in self])}"
+        return f"{len(self)} verbalizations, {failed} failed to parse{failed_parse_note(self)}"
 
     display_columns = ("index", "explanation", "parsed")
     schema = pa.schema({"index": pa.int64(), "explanation": pa.string(), "parsed": pa.bool_(), "text": pa.string(),
