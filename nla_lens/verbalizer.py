@@ -222,6 +222,9 @@ class ActivationVerbalizer:
 
     def prompt_tokens(self, n: int) -> Int[Tensor, "n pos"]:
         """`n` copies of the canonical AV prompt, each holding one marker site."""
+        if isinstance(n, Tensor) and n.ndim:  # the vectors themselves, a plausible slip: their repr fills a message
+            raise InputError(f"prompt_tokens(n) takes the number of prompts, got a tensor of shape {list(n.shape)}: "
+                             "pass len(vectors)")
         if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:  # expand(-1) gave one copy
             raise InputError(f"n={n!r}: prompt_tokens(n) needs a whole number >= 1 of prompts")
         return self._prompt.to(self.device).expand(int(n), -1).clone()
