@@ -199,12 +199,12 @@ def explain_tokens(nla: NLA, base: TLModel, token_rows: Sequence[Sequence[int]],
     fwd_hooks = check_fwd_hooks(fwd_hooks, base.hook_dict, "explain")
     if not token_rows or not all(len(row) for row in token_rows):
         raise InputError("every text to explain needs at least one token")
-    for t, row in enumerate(token_rows):
-        check_token_ids(base, torch.tensor([list(row)]), f"token_rows[{t}]")
     too_long = [len(row) for row in token_rows if len(row) > base.cfg.n_ctx]
     if too_long:
         raise PromptTooLongError(f"a text is {too_long[0]} tokens, over the base model's context of "
                                  f"{base.cfg.n_ctx}; split it into shorter texts")
+    for t, row in enumerate(token_rows):
+        check_token_ids(base, torch.tensor([list(row)]), f"token_rows[{t}]")
     skip = [0] * len(token_rows) if skip is None else list(skip)
     tokenizer = base.tokenizer
     texts = [tokenizer.decode(list(row)) for row in token_rows] if texts is None else list(texts)

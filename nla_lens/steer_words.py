@@ -289,7 +289,7 @@ def steer_with_words(
     real = real_tokens(base, attention_mask, tokens)
     if real is None:
         real = torch.ones(tokens.shape, dtype=torch.bool)
-    _check_context(base, tokens, real, continue_tokens)
+    _check_context(base, real, continue_tokens)
     rows, cols = resolve_positions(positions, real.to(tokens.device))
     sites = list(zip(rows.tolist(), cols.tolist(), strict=True))
     if len(set(sites)) != len(sites):
@@ -397,14 +397,11 @@ def _check_inputs(nla: NLA, base: TLModel, tokens: Tensor, layer: int | None, al
                          "tokenizer, and this model has none: pass continue_tokens=0, or set base.tokenizer")
 
 
-def _check_context(base: TLModel, tokens: Tensor, real: Tensor, continue_tokens: int) -> None:
-    """A run wider than the base model's context fails inside TransformerLens (an IndexError from the rotary
-    table); refused before the AV runs. A continuation's widest forward is its row's real tokens plus all
-    but the last new one."""
+def _check_context(base: TLModel, real: Tensor, continue_tokens: int) -> None:
+    """A continuation past the base model's context fails inside TransformerLens (an IndexError from the rotary
+    table); refused before the AV runs (the tokens themselves were checked with `check_token_ids`). Its widest
+    forward is its row's real tokens plus all but the last new one."""
     n_ctx = base.cfg.n_ctx
-    if tokens.shape[1] > n_ctx:
-        raise PromptTooLongError(f"tokens have {tokens.shape[1]} columns, over the base model's context of {n_ctx}; "
-                                 "pass shorter texts")
     longest = int(real.sum(dim=1).max())
     if continue_tokens and longest + continue_tokens - 1 > n_ctx:
         raise PromptTooLongError(f"continue_tokens={continue_tokens} would grow a row of {longest} tokens past the "

@@ -359,6 +359,23 @@ def test_token_ids_the_base_cannot_embed_are_input_errors(base, nla, steer, wron
     assert no_hooks_left(base)
 
 
+def test_tokens_wider_than_the_base_context_are_refused_before_a_run(base, nla, steer):
+    """They died inside TransformerLens with an IndexError from the rotary table, as steer_with_words' once did."""
+    n_ctx = base.cfg.n_ctx
+    word = base.tokenizer.encode(" sea", add_special_tokens=False)
+    wide, fits = torch.tensor([word * (n_ctx + 1)]), torch.tensor([word * n_ctx])
+    message = rf"tokens have {n_ctx + 1} columns, over the base model's context of {n_ctx}"
+    with pytest.raises(nl.PromptTooLongError, match=message):
+        nl.steer_then_verbalize(base, nla, wide, steering_vector=steer, scale=1.0, steer_layer=LAYER, **FAST)
+    with pytest.raises(nl.PromptTooLongError, match="clean_" + message):
+        nl.patching_study(base, nla, wide, wide, patch_layer=0, patch_position=-1, **FAST)
+    with pytest.raises(nl.PromptTooLongError, match=message):
+        nl.capture(base, LAYER, -1, tokens=wide)
+    with nl.capture(base, LAYER, -1, tokens=fits) as cap:
+        base(fits)
+    assert len(cap.vectors) == 1 and no_hooks_left(base)
+
+
 def test_an_all_false_steer_positions_mask_is_named_steer_positions(base, nla, steer):
     """It said "the boolean positions mask ... set True at the real tokens to read": `positions`, the captured
     tokens, which the user had not given, and nothing about steering."""
