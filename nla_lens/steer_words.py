@@ -469,11 +469,13 @@ def _verbalize_sites(av: ActivationVerbalizer, base: TLModel, tokens: Tensor, ro
 
 
 def _given_explanations(explanations: Sequence[str | Sequence[str]], n_sites: int) -> list[list[str]]:
-    if isinstance(explanations, str) or len(explanations) != n_sites:
+    if isinstance(explanations, str) or not isinstance(explanations, Sequence) or len(explanations) != n_sites:
         raise InputError(f"explanations must hold one entry per steered site ({n_sites}): a string or a list of them")
-    texts = [[e] if isinstance(e, str) else list(e) for e in explanations]
+    # Anything but a list of samples is one sample, so that None (a failed parse's explanation) is refused by name.
+    texts = [list(e) if isinstance(e, (list, tuple)) else [e] for e in explanations]
     if not all(t and all(isinstance(s, str) for s in t) for t in texts):
-        raise InputError("each site's explanations must be a non-empty string or a non-empty list of strings")
+        raise InputError("each site's explanations must be a non-empty string or a non-empty list of strings (a "
+                         "failed parse's explanation is None: give that site a text, or leave explanations= out)")
     return texts
 
 
