@@ -34,7 +34,7 @@ from transformer_lens.utilities import get_attention_mask
 
 from nla_lens import backends
 from nla_lens.checks import blocks_phrase, counted
-from nla_lens.errors import InputError
+from nla_lens.errors import InputError, PromptTooLongError
 
 if TYPE_CHECKING:
     from nla_lens.backends import TLModel
@@ -172,6 +172,8 @@ class Capture:
         self.positions = positions
         self.calls = calls
         self.tokens = tokens
+        if tokens is not None:  # here, not in real_tokens, which also reads the tokens of every call the model ran
+            check_token_ids(model, tokens)
         self._real = real_tokens(model, attention_mask, tokens)
         if self._real is not None:
             resolve_positions(positions, self._real)  # fail before the user's run, not inside it
@@ -449,6 +451,26 @@ def check_token_tensor(value: object, name: str = "tokens") -> None:
                          f"got {type(value).__name__}")
     if value.ndim != 2:
         raise InputError(f"{name} must be [batch, pos], got shape {list(value.shape)}")
+
+
+def check_token_ids(model: TLModel, tokens: Tensor, name: str = "tokens") -> None:
+    """`tokens` are a run `model` can take: integer ids in 0..d_vocab-1, at most n_ctx columns. TransformerLens indexes
+    its embedding with the ids and its rotary table with the columns, so a float tensor, an id past the vocabulary
+    (tokens of another tokenizer) or a row past the context fails deep in its forward, and on HookedTransformer a
+    negative id silently embeds a row counted from the end."""
+    check_token_tensor(tokens, name)
+    if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
+        raise InputError(f"{name} must hold integer token ids, got dtype {tokens.dtype}; tokenize with "
+                         "model.to_tokens(text), or pass the ids as .long()")
+    d_vocab = model.cfg.d_vocab
+    outside = tokens[(tokens < 0) | (tokens >= d_vocab)]
+    if outside.numel():
+        raise InputError(f"{name} hold id {int(outside[0])}, outside this model's vocabulary (0..{d_vocab - 1}): "
+                         "were they made by another model's tokenizer? Tokenize with the base model's own, "
+                         "model.to_tokens(text)")
+    if tokens.shape[1] > model.cfg.n_ctx:
+        raise PromptTooLongError(f"{name} have {tokens.shape[1]} columns, over the base model's context of "
+                                 f"{model.cfg.n_ctx}; pass shorter texts")
 
 
 def check_mask_values(attention_mask: Tensor) -> None:

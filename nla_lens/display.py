@@ -292,13 +292,16 @@ def _said(cell: TokenCell) -> str:
 
 def unparsed_text(raw_text: str, truncated: bool) -> str:
     """A failed parse as every view and table shows it: why it failed (`parse_failure`), then the raw completion."""
-    return f"({parse_failure(truncated)}) {raw_text}"
+    return f"({parse_failure(raw_text, truncated)}) {raw_text}"
 
 
-def parse_failure(truncated: bool) -> str:
+def parse_failure(raw_text: str, truncated: bool) -> str:
     """Why an explanation failed to parse, in the words of every view. A completion cut at max_new_tokens ran out of
-    tokens before it could close its tag; "no tags" read as an AV that never wrote one."""
-    return "cut at max_new_tokens before </explanation>" if truncated else "no <explanation> tags"
+    tokens before it could close its tag; one that opened the tag and ended (EOS) did not run out, and "no tags"
+    would deny the tag its raw text shows."""
+    if truncated:
+        return "cut at max_new_tokens before </explanation>"
+    return "<explanation> never closed" if "<explanation>" in raw_text else "no <explanation> tags"
 
 
 def result_html(name: str, summary: str, records: Sequence[dict[str, Any]], columns: Sequence[str],

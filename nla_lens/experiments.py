@@ -31,7 +31,7 @@ from nla_lens.capture import (
     PositionSpec,
     capture,
     check_block,
-    check_token_tensor,
+    check_token_ids,
     real_tokens,
     resid_post_name,
     resolve_positions,
@@ -304,6 +304,7 @@ def steer_then_verbalize(
     vector = check_vectors(steering_vector, d_model, "steering_vector")
     _check_reaches(base_model, steer_layer, layer, "steer_layer")
     check_finite(scale=scale)
+    check_token_ids(base_model, tokens)
     real = real_tokens(base_model, attention_mask, tokens)
     if steer_positions is not None:  # a site outside a row or on its padding is refused before either run
         resolve_positions(steer_positions, torch.ones(tokens.shape[:2], dtype=torch.bool) if real is None
@@ -369,8 +370,8 @@ def patching_study(
     check_read_keywords(nla_or_av, verbalize_kwargs, "patching_study")
     layer = _capture_layer(av, capture_layer)
     check_base_model(base_model, nla_or_av, av.meta.layer)
-    check_token_tensor(clean_tokens, "clean_tokens")
-    check_token_tensor(corrupted_tokens, "corrupted_tokens")
+    check_token_ids(base_model, clean_tokens, "clean_tokens")
+    check_token_ids(base_model, corrupted_tokens, "corrupted_tokens")
     if clean_tokens.shape != corrupted_tokens.shape or clean_tokens.ndim != 2:
         raise InputError(
             f"clean {list(clean_tokens.shape)} and corrupted {list(corrupted_tokens.shape)} tokens must be "

@@ -21,13 +21,13 @@ from torch import Tensor
 
 from nla_lens import backends, display
 from nla_lens.base_model import check_base_model
-from nla_lens.capture import capture, resid_post_name
+from nla_lens.capture import capture, check_token_ids, resid_post_name
 from nla_lens.checks import check_fwd_hooks, counted
 from nla_lens.errors import InputError, PromptTooLongError, VectorError
 from nla_lens.injection import directionless_rows
 from nla_lens.loading import prepends_bos
 from nla_lens.nla import NLA, RoundTrip, baseline_phrase, check_read_keywords
-from nla_lens.parsing import unclosed_note
+from nla_lens.parsing import failed_parse_note
 from nla_lens.results import TabularResult
 from nla_lens.sidecar import text_ids
 from nla_lens.verbalizer import Verbalization
@@ -113,7 +113,7 @@ class Explanation(TabularResult):
         return (f"{counted(len(self.rows), 'token')} of {counted(len(self.texts), 'text')} at layer {self.layer}, "
                 f"mean MSE {rt.mean_mse:.3f}, "
                 f"{baseline_phrase(rt.fve, rt.baseline, rt.baseline_source, rt.baseline_n)}, "
-                f"{rt.n_failed_parses} failed parses{unclosed_note([v.text for v in rt.verbalizations])}")
+                f"{rt.n_failed_parses} failed parses{failed_parse_note(rt.verbalizations)}")
 
     def cells(self) -> list[list[display.TokenCell]]:
         """Every token of every text as the view draws it (context tokens unexplained)."""
@@ -203,6 +203,8 @@ def explain_tokens(nla: NLA, base: TLModel, token_rows: Sequence[Sequence[int]],
     if too_long:
         raise PromptTooLongError(f"a text is {too_long[0]} tokens, over the base model's context of "
                                  f"{base.cfg.n_ctx}; split it into shorter texts")
+    for t, row in enumerate(token_rows):
+        check_token_ids(base, torch.tensor([list(row)]), f"token_rows[{t}]")
     skip = [0] * len(token_rows) if skip is None else list(skip)
     tokenizer = base.tokenizer
     texts = [tokenizer.decode(list(row)) for row in token_rows] if texts is None else list(texts)

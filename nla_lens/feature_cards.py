@@ -153,8 +153,9 @@ class FeatureCard(TabularResult):
                 "context_explanation_truncated": context.explanation_truncated}
 
     def summary(self) -> str:
+        said_by = self.verbalization
         said = (display.format_cell(self.explanation, 100) if self.explanation is not None
-                else f"(failed to parse: {display.parse_failure(self.verbalization.truncated)})")
+                else f"(failed to parse: {display.parse_failure(said_by.text, said_by.truncated)})")
         if self.offset_stats is not None:
             said += f" (of the row offset by the {offset_summary(self.offset_stats)})"
         cosine = "" if self.cosine is None else f"; AR cosine to the decoder row {self.cosine:.3f}"

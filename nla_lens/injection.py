@@ -135,6 +135,14 @@ class Injection:
                 "injection='karvonen' if this checkpoint was trained with the additive injection."
             )
 
+    def __repr__(self) -> str:
+        """Where the vectors go, never the vectors themselves (the dataclass repr printed every entry)."""
+        sites = ", ".join(f"({r}, {p})" for r, p in zip(self.rows[:4].tolist(), self.positions[:4].tolist(),
+                                                          strict=True))
+        more = f", ... {len(self.rows) - 4} more" if len(self.rows) > 4 else ""
+        return (f"Injection({self.spec.method} at {self.spec.hook_point}: {len(self.rows)} vector(s) of d_model "
+                f"{self.vectors.shape[-1]} at (row, column) {sites}{more}; tokens {list(self.token_shape)})")
+
     def fwd_hooks(self) -> list[tuple[str, HookFn]]:
         """The hooks to compose with yours. An embedding replacement at `hook_embed` is also written at
         `blocks.0.hook_resid_pre`, the same tensor here: TransformerLens 3.x's `generate` embeds the tokens

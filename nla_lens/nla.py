@@ -22,7 +22,7 @@ from nla_lens import loading, metrics
 from nla_lens.checks import check_counts, check_keywords
 from nla_lens.errors import CheckpointError, InputError, PairMismatchError, SidecarError
 from nla_lens.injection import check_vectors
-from nla_lens.parsing import injection_warning, injection_warning_held, unclosed_note
+from nla_lens.parsing import failed_parse_note, injection_warning, injection_warning_held
 from nla_lens.reconstructor import ActivationReconstructor
 from nla_lens.results import TabularResult
 from nla_lens.sidecar import NLAMeta, load_meta
@@ -232,7 +232,7 @@ class RoundTrip(TabularResult):
     def summary(self) -> str:
         return (f"{len(self.verbalizations)} vectors, mean MSE {self.mean_mse:.3f}, "
                 f"{baseline_phrase(self.fve, self.baseline, self.baseline_source, self.baseline_n)}, "
-                f"{self.n_failed_parses} failed parses{unclosed_note([v.text for v in self.verbalizations])}")
+                f"{self.n_failed_parses} failed parses{failed_parse_note(self.verbalizations)}")
 
 
 def baseline_phrase(fve: float | dict[str, float] | None, baseline: float | None, source: str,

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from nla_lens.verbalizer import Verbalization
 
 # The paper's inference code: first match, surrounding whitespace dropped.
 _EXPLANATION = re.compile(r"<explanation>\s*(.*?)\s*</explanation>", re.DOTALL)
@@ -18,14 +22,16 @@ def parse_explanation(text: str) -> str | None:
     return match.group(1).strip() if match else None
 
 
-def unclosed_note(texts: list[str]) -> str:
-    """" (k opened <explanation> and never closed it: ...)" for a summary's failed parses, or "": such a completion
-    most likely ran out of `max_new_tokens`, which a count of failures alone does not say."""
-    unclosed = sum("<explanation>" in text and parse_explanation(text) is None for text in texts)
-    if not unclosed:
-        return ""
-    return (f" ({unclosed} opened <explanation> and never closed it: cut at max_new_tokens? "
-            f"verbalize with a larger one)")
+def failed_parse_note(verbalizations: Iterable[Verbalization]) -> str:
+    """" (k cut at max_new_tokens before </explanation>: ...)" for a summary's failed parses, which a count of
+    failures alone does not say; those that opened the tag and ended without closing it are counted apart, since a
+    larger `max_new_tokens` would not have closed them. "" when neither occurs."""
+    failed = [v for v in verbalizations if v.explanation is None]
+    cut = sum(v.truncated for v in failed)
+    unclosed = sum(not v.truncated and "<explanation>" in v.text for v in failed)
+    notes = ([f"{cut} cut at max_new_tokens before </explanation>: verbalize with a larger one"] if cut else []) + (
+        [f"{unclosed} opened <explanation> and ended without closing it"] if unclosed else [])
+    return f" ({'; '.join(notes)})" if notes else ""
 
 
 def cjk_fraction(text: str) -> float:

@@ -158,11 +158,16 @@ def read_result(path: str | Path, result_type: type[TabularResult] | None = None
     it records."""
     path = file_path(path, "read_result")
     kind = file_kind(path)
+    if path.is_dir():  # e.g. a file job's `<output>.shards` folder, which a suffix check would call a ".shards file"
+        raise InputError(f"{path} is a folder: read_result reads one .parquet or .jsonl file that a result's save() "
+                         "or an nla-lens job wrote (a job's merged rows are in its --output file, beside its .shards "
+                         "folder)")
     if kind == ".html":
         raise InputError(f"{path} is a result's HTML view, which holds no table to read back; read_result reads the "
                          ".parquet or .jsonl file that save() wrote (save to .parquet to keep the summary too)")
     if kind == ".safetensors":  # what WordSteering.save_vectors (and `nla-lens reconstruct --output`) writes
-        raise InputError(f"{path} holds tensors, not a result's rows: nl.WordSteering.fwd_hooks_from(path) reads the "
+        raise InputError(f"{path} holds tensors, not a result's rows: safetensors.torch.load_file(path) loads them "
+                         "(activation vectors, reconstructions), and nl.WordSteering.fwd_hooks_from(path) reads the "
                          "steering that save_vectors wrote; read_result reads the .parquet or .jsonl file save() wrote")
     if kind not in OUTPUT_SUFFIXES:
         raise InputError(f"{path}: read_result reads the .parquet or .jsonl file a result's save() or an nla-lens "
@@ -182,7 +187,7 @@ def read_result(path: str | Path, result_type: type[TabularResult] | None = None
     frame.attrs.update(_saved_record(metadata, RESULT_KEY.encode(), path))
     recorded = frame.attrs.get("result_type")
     if result_type is not None and recorded is not None and recorded != result_type.__name__:
-        raise InputError(f"{path} holds a {recorded}'s rows, not a {result_type.__name__}'s: pass "
+        raise InputError(f"{path} holds {recorded} rows, not {result_type.__name__} rows: pass "
                          f"result_type={recorded}, or none (a .parquet file keeps its column types)")
     from nla_lens.sharded import JOB_KEY  # here: sharded imports the result types, which import this module
 

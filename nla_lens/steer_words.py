@@ -43,7 +43,14 @@ from transformer_lens.hook_points import HookPoint
 
 from nla_lens import backends
 from nla_lens.base_model import check_base_model
-from nla_lens.capture import PositionSpec, real_tokens, resid_post, resid_post_name, resolve_positions
+from nla_lens.capture import (
+    PositionSpec,
+    check_token_ids,
+    real_tokens,
+    resid_post,
+    resid_post_name,
+    resolve_positions,
+)
 from nla_lens.checks import (
     check_counts,
     check_finite,
@@ -282,7 +289,7 @@ def steer_with_words(
     real = real_tokens(base, attention_mask, tokens)
     if real is None:
         real = torch.ones(tokens.shape, dtype=torch.bool)
-    _check_context(base, tokens, real, continue_tokens)
+    _check_context(base, real, continue_tokens)
     rows, cols = resolve_positions(positions, real.to(tokens.device))
     sites = list(zip(rows.tolist(), cols.tolist(), strict=True))
     if len(set(sites)) != len(sites):
@@ -376,8 +383,7 @@ def _check_inputs(nla: NLA, base: TLModel, tokens: Tensor, layer: int | None, al
             f"or pass layer={k}"
         )
     check_base_model(base, nla, layer=k)
-    if not isinstance(tokens, Tensor) or tokens.ndim != 2 or tokens.is_floating_point():
-        raise InputError("tokens must be a [batch, pos] integer tensor, e.g. base.to_tokens(prompts)")
+    check_token_ids(base, tokens)
     if mode not in ("add", "replace"):
         raise InputError(f"mode must be 'add' or 'replace', got {mode!r}")
     check_finite(alpha=alpha)
@@ -391,14 +397,11 @@ def _check_inputs(nla: NLA, base: TLModel, tokens: Tensor, layer: int | None, al
                          "tokenizer, and this model has none: pass continue_tokens=0, or set base.tokenizer")
 
 
-def _check_context(base: TLModel, tokens: Tensor, real: Tensor, continue_tokens: int) -> None:
-    """A run wider than the base model's context fails inside TransformerLens (an IndexError from the rotary
-    table); refused before the AV runs. A continuation's widest forward is its row's real tokens plus all
-    but the last new one."""
+def _check_context(base: TLModel, real: Tensor, continue_tokens: int) -> None:
+    """A continuation past the base model's context fails inside TransformerLens (an IndexError from the rotary
+    table); refused before the AV runs (the tokens themselves were checked with `check_token_ids`). Its widest
+    forward is its row's real tokens plus all but the last new one."""
     n_ctx = base.cfg.n_ctx
-    if tokens.shape[1] > n_ctx:
-        raise PromptTooLongError(f"tokens have {tokens.shape[1]} columns, over the base model's context of {n_ctx}; "
-                                 "pass shorter texts")
     longest = int(real.sum(dim=1).max())
     if continue_tokens and longest + continue_tokens - 1 > n_ctx:
         raise PromptTooLongError(f"continue_tokens={continue_tokens} would grow a row of {longest} tokens past the "
@@ -466,11 +469,13 @@ def _verbalize_sites(av: ActivationVerbalizer, base: TLModel, tokens: Tensor, ro
 
 
 def _given_explanations(explanations: Sequence[str | Sequence[str]], n_sites: int) -> list[list[str]]:
-    if isinstance(explanations, str) or len(explanations) != n_sites:
+    if isinstance(explanations, str) or not isinstance(explanations, Sequence) or len(explanations) != n_sites:
         raise InputError(f"explanations must hold one entry per steered site ({n_sites}): a string or a list of them")
-    texts = [[e] if isinstance(e, str) else list(e) for e in explanations]
+    # Anything but a list of samples is one sample, so that None (a failed parse's explanation) is refused by name.
+    texts = [list(e) if isinstance(e, (list, tuple)) else [e] for e in explanations]
     if not all(t and all(isinstance(s, str) for s in t) for t in texts):
-        raise InputError("each site's explanations must be a non-empty string or a non-empty list of strings")
+        raise InputError("each site's explanations must be a non-empty string or a non-empty list of strings (a "
+                         "failed parse's explanation is None: give that site a text, or leave explanations= out)")
     return texts
 
 

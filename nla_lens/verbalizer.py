@@ -22,7 +22,7 @@ from nla_lens.distributed import inference
 from nla_lens.errors import InjectionError, InputError, PromptTooLongError, SidecarError
 from nla_lens.injection import BLOCK_0_INPUT, Injection, check_vectors
 from nla_lens.markers import find_marker_sites
-from nla_lens.parsing import injection_warning, parse_explanation, unclosed_note
+from nla_lens.parsing import failed_parse_note, injection_warning, parse_explanation
 from nla_lens.results import TabularResult
 from nla_lens.sidecar import (
     DEFAULT_HOOK_POINT,
@@ -90,7 +90,7 @@ class Verbalizations(TabularResult, list):
 
     def summary(self) -> str:
         failed = sum(v.explanation is None for v in self)
-        return f"{len(self)} verbalizations, {failed} failed to parse{unclosed_note([v.text for v in self])}"
+        return f"{len(self)} verbalizations, {failed} failed to parse{failed_parse_note(self)}"
 
     display_columns = ("index", "explanation", "parsed")
     schema = pa.schema({"index": pa.int64(), "explanation": pa.string(), "parsed": pa.bool_(), "text": pa.string(),
@@ -226,6 +226,9 @@ class ActivationVerbalizer:
 
     def prompt_tokens(self, n: int) -> Int[Tensor, "n pos"]:
         """`n` copies of the canonical AV prompt, each holding one marker site."""
+        if isinstance(n, Tensor) and n.ndim:  # the vectors themselves, a plausible slip: their repr fills a message
+            raise InputError(f"prompt_tokens(n) takes the number of prompts, got a tensor of shape {list(n.shape)}: "
+                             "pass len(vectors)")
         if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:  # expand(-1) gave one copy
             raise InputError(f"n={n!r}: prompt_tokens(n) needs a whole number >= 1 of prompts")
         return self._prompt.to(self.device).expand(int(n), -1).clone()

@@ -14,6 +14,7 @@ import nla_lens as nl
 from nla_lens import metrics
 from nla_lens.capture import resid_post
 from nla_lens.experiments import word_diff
+from nla_lens.explain import explain_tokens
 from nla_lens.testing import save_base_model
 
 NAME = f"blocks.{LAYER}.hook_resid_post"
@@ -331,6 +332,48 @@ def test_an_all_false_positions_mask_is_named_not_reported_as_no_vectors(base, n
                                 steer_layer=LAYER, positions=nothing, **FAST)
     with pytest.raises(nl.InputError, match=message):
         nl.steer_with_words(nla, base, tokens, nothing, edit="a dog", attention_mask=mask)
+
+
+@pytest.mark.parametrize(("wrong", "message"), [
+    (lambda tokens, vocab: tokens.float(), "must hold integer token ids, got dtype torch.float32"),
+    (lambda tokens, vocab: tokens.index_fill(1, torch.tensor([1]), vocab), r"hold id \d+, outside this model's "
+                                                                          r"vocabulary \(0\.\.\d+\)"),
+    (lambda tokens, vocab: tokens.index_fill(1, torch.tensor([1]), -1), r"hold id -1, outside"),
+])
+def test_token_ids_the_base_cannot_embed_are_input_errors(base, nla, steer, wrong, message):
+    """Tokens of another tokenizer (or floats) raised TL's bare IndexError from its embedding, or a shape error from
+    HF's rotary on the bridge; a negative id ran on HookedTransformer, embedding a row counted from the end."""
+    tokens, mask = padded(base, "left")
+    bad = wrong(tokens, base.cfg.d_vocab)
+    with pytest.raises(nl.InputError, match="tokens " + message):
+        nl.steer_then_verbalize(base, nla, bad, attention_mask=mask, steering_vector=steer, scale=1.0,
+                                steer_layer=LAYER, **FAST)
+    with pytest.raises(nl.InputError, match="corrupted_tokens " + message):
+        nl.patching_study(base, nla, tokens, bad, patch_layer=0, patch_position=-1, attention_mask=mask, **FAST)
+    with pytest.raises(nl.InputError, match="tokens " + message):
+        nl.steer_with_words(nla, base, bad, -1, edit="a dog", attention_mask=mask)
+    with pytest.raises(nl.InputError, match="tokens " + message):
+        nl.capture(base, LAYER, -1, tokens=bad, attention_mask=mask)
+    with pytest.raises(nl.InputError, match=r"token_rows\[0\] " + message):
+        explain_tokens(nla, base, [bad[0].tolist()])
+    assert no_hooks_left(base)
+
+
+def test_tokens_wider_than_the_base_context_are_refused_before_a_run(base, nla, steer):
+    """They died inside TransformerLens with an IndexError from the rotary table, as steer_with_words' once did."""
+    n_ctx = base.cfg.n_ctx
+    word = base.tokenizer.encode(" sea", add_special_tokens=False)
+    wide, fits = torch.tensor([word * (n_ctx + 1)]), torch.tensor([word * n_ctx])
+    message = rf"tokens have {n_ctx + 1} columns, over the base model's context of {n_ctx}"
+    with pytest.raises(nl.PromptTooLongError, match=message):
+        nl.steer_then_verbalize(base, nla, wide, steering_vector=steer, scale=1.0, steer_layer=LAYER, **FAST)
+    with pytest.raises(nl.PromptTooLongError, match="clean_" + message):
+        nl.patching_study(base, nla, wide, wide, patch_layer=0, patch_position=-1, **FAST)
+    with pytest.raises(nl.PromptTooLongError, match=message):
+        nl.capture(base, LAYER, -1, tokens=wide)
+    with nl.capture(base, LAYER, -1, tokens=fits) as cap:
+        base(fits)
+    assert len(cap.vectors) == 1 and no_hooks_left(base)
 
 
 def test_an_all_false_steer_positions_mask_is_named_steer_positions(base, nla, steer):

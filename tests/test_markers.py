@@ -49,3 +49,12 @@ def test_av_injection_checks_vector_count_against_sites(av_karvonen):
 def test_tokens_that_are_not_an_integer_tensor_raise_marker_error(tokens):
     with pytest.raises(nl.MarkerError, match="integer"):
         find_marker_sites(tokens, M, L, R, expected=1)
+
+
+def test_an_injection_repr_names_its_sites_and_never_prints_the_vectors(av_karvonen):
+    """`print(inj)` or a notebook cell ending in `av.injection(...)` printed every entry of every vector."""
+    injection = av_karvonen.injection(torch.randn(6, 64), av_karvonen.prompt_tokens(6))
+    shown, column = repr(injection), int(injection.positions[0])
+    assert shown.startswith("Injection(karvonen at blocks.1.hook_resid_post: 6 vector(s) of d_model 64")
+    assert f"(0, {column}), (1, {column})" in shown and "2 more" in shown
+    assert "tensor" not in shown and len(shown) < 200

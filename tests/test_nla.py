@@ -108,24 +108,28 @@ def test_a_malformed_sidecar_baseline_is_refused(tiny_paths, tmp_path):
         nl.ActivationReconstructor.from_pretrained(folder)
 
 
-def test_summaries_say_when_a_failed_parse_opened_the_tag_and_never_closed_it(av_karvonen, ar_nanonla, vectors,
-                                                                           monkeypatch):
-    """A completion cut at max_new_tokens opens <explanation> and never closes it; the summaries counted it as a
-    failed parse only, which does not tell the user to raise max_new_tokens. Untagged text is not such a row."""
-    texts = ["<explanation>\nthe cat\n</explanation>", "<explanation>\nthe sea and the", "no tags here",
-             "<explanation>the sun</explanation>"]
-    fake = nl.Verbalizations([Verbalization(t, nl.verbalizer.parse_explanation(t), []) for t in texts])
-    assert fake.summary() == ("4 verbalizations, 2 failed to parse (1 opened <explanation> and never closed it: cut "
-                              "at max_new_tokens? verbalize with a larger one)")
+def test_summaries_say_which_failed_parses_were_cut_at_max_new_tokens(av_karvonen, ar_nanonla, vectors, monkeypatch):
+    """A completion cut at max_new_tokens opens <explanation> and never closes it: the summaries say so, and to raise
+    max_new_tokens. One that opened the tag and ended (EOS) was also told to raise it, which would change nothing,
+    and its row read "(no <explanation> tags)" under its raw "<explanation>". Untagged text is neither."""
+    said = [("<explanation>\nthe sea and the", True), ("<explanation>\nthe sun", False), ("no tags here", False),
+            ("<explanation>the cat</explanation>", False)]
+    fake = nl.Verbalizations([Verbalization(text, nl.verbalizer.parse_explanation(text), [], truncated=cut)
+                              for text, cut in said])
+    note = ("(1 cut at max_new_tokens before </explanation>: verbalize with a larger one; 1 opened <explanation> and "
+            "ended without closing it)")
+    assert fake.summary() == f"4 verbalizations, 3 failed to parse {note}"
+    assert fake[1:].summary() == ("3 verbalizations, 2 failed to parse (1 opened <explanation> and ended without "
+                                  "closing it)")
     assert fake[2:].summary() == "2 verbalizations, 1 failed to parse"
+    assert "(<explanation> never closed) <explanation>\\nthe sun" in repr(fake)
     monkeypatch.setattr(av_karvonen, "verbalize", lambda v, **kw: fake)
     rt = nl.NLA(av_karvonen, ar_nanonla).round_trip(vectors)
-    note = ("2 failed parses (1 opened <explanation> and never closed it: cut at max_new_tokens? verbalize with a "
-            "larger one)")
-    assert rt.summary().endswith(note)
+    assert rt.summary().endswith(f"3 failed parses {note}")
     explained = Explanation(rows=[], texts=["abcd"], tokens=[["abcd"]], layer=av_karvonen.meta.layer,
                             vectors=vectors, round_trip=rt)  # nl.explain's result: its summary reads the round trip
-    assert explained.summary().endswith(note)
+    assert explained.summary().endswith(f"3 failed parses {note}")
+
 
 def test_round_trip_with_a_given_baseline_and_a_failed_injection_warning(av_karvonen, ar_nanonla, vectors,
                                                                          monkeypatch):

@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import D_MODEL, HAS_SAE_LENS, LAYER, make_sae
+from safetensors.torch import save_file
 
 import nla_lens as nl
 from nla_lens import display
@@ -354,7 +355,7 @@ def test_read_result_says_why_it_cannot_read_a_file(results, tmp_path):
     with pytest.raises(nl.InputError, match=r"rt\.jsonl: its rows have columns \[.*'mse'.*\], which a "
                                             r"DirectionVerbalization's have not"):
         nl.read_result(rows, result_type=nl.DirectionVerbalization)
-    with pytest.raises(nl.InputError, match=r"holds a RoundTrip's rows, not a Verbalizations's: pass "
+    with pytest.raises(nl.InputError, match=r"holds RoundTrip rows, not Verbalizations rows: pass "
                                             r"result_type=RoundTrip, or none"):
         nl.read_result(rt.save(tmp_path / "rt.parquet"), result_type=nl.Verbalizations)
     with pytest.raises(nl.InputError, match=r"result_type='RoundTrip' is not a result type"):
@@ -374,13 +375,27 @@ def test_read_result_says_why_it_cannot_read_a_file(results, tmp_path):
         nl.read_result(tmp_path / "damaged.parquet")
 
 
-def test_read_result_of_saved_steering_vectors_says_fwd_hooks_from_reads_them(results, tmp_path):
-    """A .safetensors file was refused as "not a .safetensors file", without a word of what reads one."""
+def test_read_result_of_a_safetensors_file_says_what_reads_one(results, tmp_path):
+    """A .safetensors file was refused as "not a .safetensors file", without a word of what reads one; then as a file
+    that fwd_hooks_from reads, which a file of vectors (the README's input to `nla-lens round-trip`) is not."""
     delta = results["word_steering"].save_vectors(tmp_path / "delta.safetensors")
-    with pytest.raises(nl.InputError, match=r"delta\.safetensors holds tensors, not a result's rows: "
-                                            r"nl\.WordSteering\.fwd_hooks_from\(path\) reads"):
-        nl.read_result(delta)
+    vectors = tmp_path / "vectors.safetensors"
+    save_file({"vectors": torch.randn(2, 8)}, vectors)
+    for path in (delta, vectors):
+        with pytest.raises(nl.InputError, match=rf"{path.name} holds tensors, not a result's rows: "
+                                                r"safetensors\.torch\.load_file\(path\) loads them .* "
+                                                r"nl\.WordSteering\.fwd_hooks_from\(path\) reads the steering"):
+            nl.read_result(path)
     assert [name for name, _ in nl.WordSteering.fwd_hooks_from(delta)] == [results["word_steering"].hook_name]
+
+
+def test_read_result_of_a_folder_says_it_is_one(tmp_path):
+    """A file job's `<output>.shards` folder was refused as "not a .shards file"."""
+    shards = tmp_path / "scores.parquet.shards"
+    shards.mkdir()
+    with pytest.raises(nl.InputError, match=r"scores\.parquet\.shards is a folder: read_result reads one \.parquet "
+                                            r"or \.jsonl file .* merged rows are in its --output file"):
+        nl.read_result(shards)
 
 
 def test_repr_shows_carriage_returns_and_tabs_as_escapes():

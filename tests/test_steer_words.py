@@ -337,6 +337,15 @@ def test_compare_as_a_numpy_or_torch_bool_runs_or_skips_the_comparison_as_that_b
     assert compared == (bool(flag), bool(flag))
 
 
+@pytest.mark.parametrize("given", [[None], [["the sea", None]], 3])
+def test_explanations_holding_none_or_no_list_are_input_errors(base, nla, given):
+    """A failed parse's None among the explanations (or a number for them) raised a bare TypeError from a list()."""
+    tokens, mask = padded(base, "left")
+    match = "failed parse's explanation is None" if isinstance(given, list) else "one entry per steered site"
+    with pytest.raises(nl.InputError, match=match):
+        steer(nla, base, tokens[:1], -1, mask[:1], explanations=given, edit="the sea")
+
+
 def test_runs_past_the_base_context_are_refused_before_they_start(base, nla):
     """Tokens wider than n_ctx, or continuations that would grow past it, died inside TransformerLens with an
     IndexError from the rotary table (`nla-lens steer-words` on a long --text printed a traceback)."""

@@ -309,6 +309,15 @@ def test_prompt_tokens_refuses_a_count_that_is_not_a_whole_number_above_zero(av_
     assert av_karvonen.prompt_tokens(3).shape[0] == av_karvonen.prompt_tokens(np.int64(3)).shape[0] == 3
 
 
+def test_prompt_tokens_given_the_vectors_asks_for_their_count_without_printing_them(av_karvonen, vectors):
+    """`av.prompt_tokens(vectors)` printed every entry of the vectors as `n=tensor([[...`."""
+    with pytest.raises(nl.InputError, match=r"^prompt_tokens\(n\) takes the number of prompts, got a tensor of "
+                                            r"shape \[4, 64\]: pass len\(vectors\)$"):
+        av_karvonen.prompt_tokens(vectors)
+    with pytest.raises(nl.InputError, match=r"^n=tensor\(3\)"):  # a 0-d tensor is no int either, but short
+        av_karvonen.prompt_tokens(torch.tensor(3))
+
+
 def test_a_half_cast_that_left_cfg_dtype_stale_is_a_typed_error_naming_the_fix(tiny_paths, vectors):
     """`.half()` changes a HookedTransformer's weights but not its cfg.dtype, in which the KV caches are made:
     verbalize failed with torch's bare "expected scalar type Float but found Half"."""
