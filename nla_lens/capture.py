@@ -177,6 +177,8 @@ class Capture:
         self._real = real_tokens(model, attention_mask, tokens)
         if self._real is not None:
             resolve_positions(positions, self._real)  # fail before the user's run, not inside it
+        elif not isinstance(positions, Tensor):  # its columns need the run's tokens, its kind does not
+            _per_row(positions, 1)
         self.rows: list[CapturedRow] = []
         self.n_calls = 0
         self._chunks: list[Tensor] = []

@@ -302,6 +302,14 @@ def test_bad_positions_are_input_errors(base, positions, match):
         nl.capture(base, LAYER, positions, attention_mask=mask)
 
 
+@pytest.mark.parametrize("positions", ["all", 1.5, [], [0, "1"], True])
+def test_a_positions_spec_of_the_wrong_kind_fails_before_the_run_without_tokens(base, positions):
+    """Without tokens or a mask only the kind can be checked before the run; it was checked inside the forward."""
+    with pytest.raises(nl.InputError, match="positions must be an int, a non-empty list of ints"):
+        nl.capture(base, LAYER, positions)
+    assert no_hooks_left(base)
+
+
 def test_mask_of_another_shape_and_an_empty_capture_are_input_errors(base):
     tokens, mask = padded(base, "left")
     with pytest.raises(nl.InputError, match="the model ran"):
