@@ -204,7 +204,12 @@ def explain_tokens(nla: NLA, base: TLModel, token_rows: Sequence[Sequence[int]],
         raise PromptTooLongError(f"a text is {too_long[0]} tokens, over the base model's context of "
                                  f"{base.cfg.n_ctx}; split it into shorter texts")
     for t, row in enumerate(token_rows):
-        check_token_ids(base, torch.tensor([list(row)]), f"token_rows[{t}]")
+        try:
+            ids = torch.tensor([list(row)])
+        except (TypeError, ValueError, RuntimeError) as exc:  # torch's words for a string or a ragged entry
+            raise InputError(f"token_rows[{t}] must hold integer token ids, got {display.format_cell(list(row), 60)}; "
+                             "tokenize with base.to_tokens(text), or explain the text with nla.explain") from exc
+        check_token_ids(base, ids, f"token_rows[{t}]")
     skip = [0] * len(token_rows) if skip is None else list(skip)
     tokenizer = base.tokenizer
     texts = [tokenizer.decode(list(row)) for row in token_rows] if texts is None else list(texts)

@@ -146,6 +146,18 @@ def test_explain_says_texts_are_str_and_what_it_got_instead(base, nla):
             nla.explain(base, bad)
 
 
+def test_explain_tokens_says_its_rows_hold_token_ids(base, nla):
+    """A string among the ids raised torch's bare ValueError; rows of tensor ids (to_tokens' rows) still run."""
+    from nla_lens.explain import explain_tokens
+
+    for bad in ([[1, "2"]], [[1, [2, 3]]]):
+        with pytest.raises(nl.InputError, match=r"^token_rows\[0\] must hold integer token ids, got "):
+            explain_tokens(nla, base, bad)
+    ids = base.to_tokens("a b")[0]
+    assert explain_tokens(nla, base, [ids], max_new_tokens=4).rows == explain_tokens(
+        nla, base, [ids.tolist()], max_new_tokens=4).rows
+
+
 def test_a_position_outside_a_text_names_that_text(base, nla):
     """It said "outside a text of 3 tokens" without saying which of the texts."""
     long, short = "The cat sat on the mat and then it slept all day long", "A dog"
