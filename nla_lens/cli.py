@@ -65,10 +65,10 @@ def _registrars() -> list[Callable[[argparse._SubParsersAction], None]]:
     from nla_lens.commands import add_explain, add_reconstruct, add_round_trip, add_verbalize
     from nla_lens.steer_words_cli import add_parser as add_steer_words
     from nla_lens.toy.demo import add_parser as add_demo
-    from nla_lens.training.cli import add_extract, add_train_ar, add_train_av, add_train_rl
+    from nla_lens.training.cli import add_curve, add_extract, add_train_ar, add_train_av, add_train_rl
 
     return [add_demo, add_explain, add_steer_words, add_verbalize, add_round_trip, add_reconstruct, _add_inspect,
-            add_extract, add_train_av, add_train_ar, add_train_rl, bench.add_parser]
+            add_extract, add_train_av, add_train_ar, add_train_rl, add_curve, bench.add_parser]
 
 
 _DESCRIPTION = ("Natural Language Autoencoders (NLAs) on TransformerLens models. An NLA's activation verbalizer (AV) "

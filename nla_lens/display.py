@@ -447,11 +447,12 @@ def _no_contexts(n_positions: int | None) -> str:
 
 
 def format_cell(value: Any, width: int | None = None) -> str:
-    """A cell as text: floats to 3 decimals, lists joined, control characters escaped, long strings cut to `width`."""
+    """A cell as text: floats to 3 decimals (below 0.0005 in e notation), lists joined, control characters escaped,
+    long strings cut to `width`."""
     if value is None:
         text = ""
-    elif isinstance(value, float):
-        text = "nan" if math.isnan(value) else f"{value:.3f}"
+    elif isinstance(value, float):  # a value that 3 decimals would show as 0.000 (a learning rate, a small KL): e
+        text = "nan" if math.isnan(value) else f"{value:.2e}" if 0 < abs(value) < 5e-4 else f"{value:.3f}"
     elif isinstance(value, (list, tuple)):
         text = _visible(" ".join(map(str, value)))
     elif isinstance(value, str):

@@ -121,3 +121,9 @@ def test_curves_draw_each_series_in_its_own_range_and_skip_the_empty():
     assert "<circle" in lr and "<polyline" not in lr and "<polyline" in flat  # one point is a dot; a flat run a line
     assert "flat &lt;b&gt;: 0.5 at step 10" in page and "flat <b>" not in page  # names are escaped
     assert display.curves_html([("kl", [])]) == ""
+
+
+def test_a_table_cell_too_small_for_three_decimals_is_written_in_e_notation():
+    """A learning rate of 2e-4 or a KL of 8e-5 printed as 0.000."""
+    assert [display.format_cell(v) for v in (2.5e-4, -3e-5, 0.0, 0.0005, 0.123456)] == [
+        "2.50e-04", "-3.00e-05", "0.000", "0.001", "0.123"]

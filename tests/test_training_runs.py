@@ -134,3 +134,20 @@ def test_what_is_not_a_run_is_refused_with_the_way_on(runs, tmp_path):
         (tmp_path / "train_result.json").write_text(damaged)
         with pytest.raises(nl.InputError, match=problem):
             read_training_run(tmp_path)
+
+
+def test_the_curve_command_prints_the_run_at_a_dozen_steps_and_saves_its_view(runs, tmp_path, capsys):
+    record = _record(runs / "av")  # 20 steps: the printed table picks 12 rows, the first and the last among them
+    assert main(["curve", str(runs / "av"), "--html", str(tmp_path / "av.html"),
+                 "--output", str(tmp_path / "av.parquet")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == read_training_run(runs / "av").summary()
+    steps = [int(line.split()[0]) for line in lines[2:] if not line.startswith("wrote")]
+    assert len(steps) == 12 and steps[0] == 0 and steps[-1] == record["steps"] and steps == sorted(set(steps))
+    assert "<svg" in (tmp_path / "av.html").read_text() and len(nl.read_result(tmp_path / "av.parquet")) == 21
+    for flags, said in ((["--html", str(tmp_path / "x.parquet")], "--html"), (["--output", str(tmp_path / "x.html")],
+                                                                            "--output")):
+        assert main(["curve", str(runs / "av"), *flags]) == 2
+        assert f"InputError: {said} " in capsys.readouterr().err
+    assert main(["curve", str(runs / "activations")]) == 2
+    assert "holds no training run" in capsys.readouterr().err

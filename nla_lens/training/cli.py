@@ -11,7 +11,7 @@ from typing import Any
 from nla_lens import backends, loading
 from nla_lens.checks import blocks_phrase, resolve_device
 from nla_lens.distributed import World
-from nla_lens.errors import CheckpointError, ConfigError, InjectionError
+from nla_lens.errors import CheckpointError, ConfigError, InjectionError, InputError
 from nla_lens.sidecar import SIDECAR_NAME, InjectionSpec, load_meta
 from nla_lens.training import pipeline
 from nla_lens.training.config import (
@@ -152,6 +152,36 @@ def add_train_rl(subparsers: argparse._SubParsersAction) -> None:
                          "reward each with -MSE of the AR's reconstruction, update the AV with the PPO-clipped "
                          "group-relative objective plus k3 KL to the frozen SFT AV, and the AR with one MSE "
                          "step on the same explanations. Exports out_dir/av and out_dir/ar (sidecars: stage rl).")
+
+
+def add_curve(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "curve", help="print a training run's curve (finished or still going); --html draws it",
+        description="Read what nla-lens train-av, train-ar or train-rl recorded in OUT_DIR (its train_result.json, "
+                    "or while the run goes, its newest checkpoint) and print how far it got, what moved, and its "
+                    "main columns at a dozen steps spread over the run (nla_lens.training.read_training_run).")
+    parser.add_argument("out_dir", help="a training run's out_dir, or one of the step folders in its checkpoints/")
+    parser.add_argument("--html", help="also write the run's view (its curves and table) to this .html page")
+    parser.add_argument("--output", help="also write every logged column, one row per step, to this .parquet or "
+                                         ".jsonl file (nl.read_result reads it back)")
+    parser.set_defaults(run=_curve)
+
+
+def _curve(args: argparse.Namespace) -> None:
+    from nla_lens.results import check_save_path
+    from nla_lens.training.runs import read_training_run
+
+    pages = [(check_save_path(path, flag), kind) for path, flag, kind in
+             ((args.html, "--html", ".html"), (args.output, "--output", "table")) if path is not None]
+    for path, kind in pages:  # a wrong suffix is refused before the run is read
+        if (path.suffix.lower() == ".html") != (kind == ".html"):
+            raise InputError(f"{'--html' if kind == '.html' else '--output'} {path}: "
+                             + ("the page's name must end in .html" if kind == ".html"
+                                else "the table's name must end in .parquet or .jsonl (--html writes the page)"))
+    run = read_training_run(args.out_dir)
+    print(run.curve_text())
+    for path, _ in pages:
+        print(f"wrote {run.save(path)}")
 
 
 def _extract(config: ExtractRunConfig) -> str:

@@ -17,7 +17,7 @@ from typing import Any
 from nla_lens import display
 from nla_lens.checks import file_path
 from nla_lens.errors import InputError
-from nla_lens.results import TabularResult
+from nla_lens.results import TabularResult, text_table
 from nla_lens.training.loop import checkpoints, read_trainer_state
 from nla_lens.training.pipeline import RESULT_FILE, run_command
 
@@ -83,6 +83,13 @@ class TrainingRun(TabularResult):
         if kls:
             parts.append(f"largest step KL {max(v for _, v in kls):.4g}")
         return "; ".join(parts)
+
+    def curve_text(self, most: int = 12) -> str:
+        """The summary and at most `most` rows spread evenly over the run, its first and last among them: the curve
+        in a terminal (`nla-lens curve`)."""
+        records = self.to_records()
+        picks = sorted({round(i * (len(records) - 1) / max(most - 1, 1)) for i in range(most)}) if records else []
+        return "\n".join([self.summary(), *text_table([records[i] for i in picks], self._shown_columns(records))])
 
     def _shown_columns(self, records: list[dict[str, Any]]) -> list[str]:
         """The step and the curves' columns: an RL step logs about twenty (`to_pandas()` has them all)."""
