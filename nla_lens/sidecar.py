@@ -138,7 +138,8 @@ def load_meta(folder: str | Path) -> NLAMeta:
         # A training run's out_dir (train-av / train-ar export to model/, train-rl to av/ and ar/): name its exports.
         exports = [str(Path(folder) / sub) for sub in ("model", "av", "ar")
                    if (Path(folder) / sub / SIDECAR_NAME).is_file()]
-        run = f" It is a training run's out_dir; its export: {' or '.join(exports)}." if exports else ""
+        run = (f" It is a training run's out_dir (nla-lens curve {folder} shows the run); its export: "
+               f"{' or '.join(exports)}." if exports else "")
         raise SidecarError(
             f"no {SIDECAR_NAME} in {folder}: an NLA checkpoint needs its sidecar.{model}{run} Pass an AV or AR "
             f"folder, or copy the {SIDECAR_NAME} released with the checkpoint into that folder."

@@ -205,7 +205,8 @@ def test_missing_and_unparseable_sidecar_files(tmp_path):
     for export in ("model", "av", "ar"):  # a training run's out_dir given for the checkpoint (train-rl's av: / ar:)
         (tmp_path / export).mkdir()
         (tmp_path / export / "nla_meta.yaml").write_text("kind: nla_model\n")
-    with pytest.raises(nl.SidecarError, match="It is a training run's out_dir; its export: .*model or .*av or .*ar\\."):
+    with pytest.raises(nl.SidecarError, match=r"It is a training run's out_dir \(nla-lens curve .* shows the run\); "
+                                              r"its export: .*model or .*av or .*ar\."):
         load_meta(tmp_path)
     (tmp_path / "nla_meta.yaml").write_text("kind: [unclosed\n")
     with pytest.raises(nl.SidecarError, match="not valid YAML"):
