@@ -162,6 +162,9 @@ def check_input_file(path: Path, what: str = "input") -> None:
         raise InputError(f"{what} {path} is not a file")
 
 
+_PARQUET_MAGIC = b"PAR1"
+
+
 def jsonl_lines(path: str | Path, what: str) -> Iterator[tuple[int, str]]:
     """The non-blank lines of a UTF-8 JSONL file, numbered from 1; a file in another encoding is an
     `InputError` (its decode error is raised while reading a line, outside each caller's per-line check)."""
@@ -175,6 +178,10 @@ def jsonl_lines(path: str | Path, what: str) -> Iterator[tuple[int, str]]:
     except FileNotFoundError as exc:
         raise InputError(f"{what} {path} does not exist; check the path") from exc
     except UnicodeDecodeError as exc:
+        with Path(path).open("rb") as f:
+            if f.read(4) == _PARQUET_MAGIC:  # a table saved (or renamed) under a .jsonl name
+                raise InputError(f"{what} {path} is a parquet file (it starts with {_PARQUET_MAGIC!r}), not JSONL "
+                                 "text: give it a .parquet name") from exc
         raise InputError(f"{what} {path} is not UTF-8 text ({exc}); write it as UTF-8 JSONL") from exc
 
 

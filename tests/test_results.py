@@ -398,6 +398,16 @@ def test_read_result_of_a_folder_says_it_is_one(tmp_path):
         nl.read_result(shards)
 
 
+def test_read_result_of_a_parquet_file_named_jsonl_says_what_it_is(tmp_path):
+    """It said the file was "not UTF-8 text ... write it as UTF-8 JSONL"."""
+    saved = nl.Verbalizations([nl.Verbalization("t", "an explanation", [1])]).save(tmp_path / "said.parquet")
+    renamed = saved.rename(tmp_path / "said.jsonl")
+    with pytest.raises(nl.InputError, match=r"said\.jsonl is a parquet file \(it starts with b'PAR1'\), not JSONL "
+                                            r"text: give it a \.parquet name"):
+        nl.read_result(renamed)
+    assert len(nl.read_result(renamed.rename(tmp_path / "said.parquet"))) == 1
+
+
 def test_repr_shows_carriage_returns_and_tabs_as_escapes():
     cells = [display.format_cell(text) for text in ("a\r\nb", "c\td", "e\rf")]
     assert cells == ["a\\r\\nb", "c\\td", "e\\rf"]  # a bare \r would make a terminal overwrite the row
