@@ -451,7 +451,7 @@ def format_cell(value: Any, width: int | None = None) -> str:
     long strings cut to `width`."""
     if value is None:
         text = ""
-    elif isinstance(value, float):  # a value that 3 decimals would show as 0.000 (a learning rate, a small KL): e
+    elif isinstance(value, float):  # below 0.0005, 3 decimals read 0.000 (a learning rate, a small KL)
         text = "nan" if math.isnan(value) else f"{value:.2e}" if 0 < abs(value) < 5e-4 else f"{value:.3f}"
     elif isinstance(value, (list, tuple)):
         text = _visible(" ".join(map(str, value)))
