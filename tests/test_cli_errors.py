@@ -232,6 +232,16 @@ def test_checkpoints_given_to_the_wrong_flag(tiny_paths, vector_file, tmp_path, 
            f"--layer 9 is outside --base {av}, which has 4 blocks (0-3)")
 
 
+@pytest.mark.parametrize(("run", "export"), [("av", "model"), ("rl", "av")])
+def test_a_training_runs_out_dir_given_as_av_names_its_export(tiny_paths, vector_file, tmp_path, no_model_loads,
+                                                             capsys, run, export):
+    """`--av runs/av` (the out_dir, not its model/) was told "a base model folder?", which it is not."""
+    shutil.copytree(tiny_paths["av_karvonen"], tmp_path / run / export)
+    err = _fails(["verbalize", "--av", tmp_path / run, "--input", vector_file], capsys, "SidecarError",
+                 f"(a training run's out_dir? Its export: {tmp_path / run / export})")
+    assert "base model" not in err
+
+
 def test_a_base_of_another_width_is_a_pair_mismatch_from_the_cli_and_the_library(tiny_paths, no_model_loads,
                                                                                  capsys):
     """`--base` said PairMismatchError and `nl.load_base` InputError, for the same base of another width."""
