@@ -200,6 +200,16 @@ def test_reconstruct_refuses_a_blank_line_that_would_shift_the_vectors(tiny_path
             tmp_path / "v.safetensors"], capsys, "line(s) [2, 4] are blank", "one explanation on every line")
 
 
+def test_reconstruct_refuses_a_jsonl_of_explanations(tiny_paths, tmp_path, no_model_loads, capsys):
+    """A training explanations file was read line by line: the AR encoded each JSON object, keys and the
+    extraction record included, as if it were an explanation."""
+    explanations = tmp_path / "explanations.jsonl"
+    explanations.write_text('{"extraction": {"rows": 1}}\n{"doc_id": "0", "position": 4, "explanation": "a cat"}\n',
+                            encoding="utf-8")
+    _fails(["reconstruct", "--ar", tiny_paths["ar_nanonla"], "--input", explanations], capsys, "InputError",
+           "holds JSON objects (line 1: ", "not one explanation a line", "['explanation']")
+
+
 def test_reconstruct_writes_pt_as_a_tensor_file(tiny_paths, ar_nanonla, tmp_path):
     for name in ("v.pt", "v.safetensors"):
         assert main(["reconstruct", "--ar", str(tiny_paths["ar_nanonla"]), "a cat", "--output",
