@@ -479,6 +479,16 @@ def test_cli_names_a_config_value_of_the_wrong_kind(tmp_path, capsys, value, mes
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", ["train-av", "train-ar", "train-rl"])
+@pytest.mark.parametrize("value", [True, 3])
+def test_a_resume_that_is_not_a_string_says_what_resume_takes(tmp_path, capsys, command, value):
+    """`resume: true` said only "expected a string, got True", leaving the newcomer to guess which string."""
+    config = _write(tmp_path / "bad.yaml", {**_REQUIRED[command], "resume": value})
+    assert main([command, config]) == 2
+    assert (f"resume: expected a string, got {value!r} (resume: latest, or a checkpoints/step-NNNNNN folder; leave "
+            "it out to start at step 0)") in capsys.readouterr().err
+
+
 _REQUIRED = {"extract": {"base_model": "x", "corpus": "y", "out_dir": "o"},
              "train-ar": {"base_model": "x", "activations": "y", "explanations": "z", "out_dir": "o"},
              "train-av": {"base_model": "x", "activations": "y", "explanations": "z", "out_dir": "o"},
