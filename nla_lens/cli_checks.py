@@ -26,8 +26,12 @@ def nla_checkpoint(path_or_id: str | Path, role: Literal["av", "ar"]) -> tuple[P
     flag = _FLAGS[role]
     folder = loading.resolve_checkpoint(path_or_id)
     if not (folder / "nla_meta.yaml").is_file():
-        raise SidecarError(f"{flag} {path_or_id}: no nla_meta.yaml there, so it is not an NLA checkpoint (a base "
-                           f"model folder?). Pass the {_ROLE_NAMES[role]} folder, with the sidecar released with it")
+        # A training run's out_dir holds its export one level down (train-av/ar: model/, train-rl: av/ and ar/).
+        exports = [str(folder / sub) for sub in ("model", role) if (folder / sub / "nla_meta.yaml").is_file()]
+        what = (f"a training run's out_dir? Its export: {' or '.join(exports)}" if exports
+                else "a base model folder?")
+        raise SidecarError(f"{flag} {path_or_id}: no nla_meta.yaml there, so it is not an NLA checkpoint ({what}). "
+                           f"Pass the {_ROLE_NAMES[role]} folder, with the sidecar released with it")
     meta = load_meta(folder)
     found = loading.checkpoint_role(folder, meta)
     if found is not None and found != role:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import warnings
 from dataclasses import asdict
@@ -269,7 +270,18 @@ def _explanation_lines(path: Path) -> list[str]:
         raise InputError(f"--input {path}: line(s) {blank[:8]} are blank; vector i of the output is line i's "
                          "explanation, so give one explanation on every line (remove the blank lines, or put a "
                          "placeholder where an explanation is missing)")
+    if lines and _is_json_object(lines[0]):  # the AR would encode each line's JSON, keys and all, and score it
+        raise InputError(f"--input {path} holds JSON objects (line 1: {lines[0][:80]!r}), not one explanation a line: "
+                         "write the explanations alone, one a line (from a training explanations file: "
+                         "pandas.read_json(path, lines=True)['explanation'].dropna()), and pass that file")
     return lines
+
+
+def _is_json_object(line: str) -> bool:
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:
+        return False
 
 
 def _run_round_trip(args: argparse.Namespace) -> None:

@@ -200,6 +200,16 @@ def test_reconstruct_refuses_a_blank_line_that_would_shift_the_vectors(tiny_path
             tmp_path / "v.safetensors"], capsys, "line(s) [2, 4] are blank", "one explanation on every line")
 
 
+def test_reconstruct_refuses_a_jsonl_of_explanations(tiny_paths, tmp_path, no_model_loads, capsys):
+    """A training explanations file was read line by line: the AR encoded each JSON object, keys and the
+    extraction record included, as if it were an explanation."""
+    explanations = tmp_path / "explanations.jsonl"
+    explanations.write_text('{"extraction": {"rows": 1}}\n{"doc_id": "0", "position": 4, "explanation": "a cat"}\n',
+                            encoding="utf-8")
+    _fails(["reconstruct", "--ar", tiny_paths["ar_nanonla"], "--input", explanations], capsys, "InputError",
+           "holds JSON objects (line 1: ", "not one explanation a line", "['explanation']")
+
+
 def test_reconstruct_writes_pt_as_a_tensor_file(tiny_paths, ar_nanonla, tmp_path):
     for name in ("v.pt", "v.safetensors"):
         assert main(["reconstruct", "--ar", str(tiny_paths["ar_nanonla"]), "a cat", "--output",
@@ -230,6 +240,16 @@ def test_checkpoints_given_to_the_wrong_flag(tiny_paths, vector_file, tmp_path, 
     _fails(["verbalize", "--av", av, "--base", ar, "--text", "the cat"], capsys, "--base", "is an AR checkpoint")
     _fails(["verbalize", "--av", av, "--base", av, "--text", "the cat", "--layer", "9"], capsys, "InputError",
            f"--layer 9 is outside --base {av}, which has 4 blocks (0-3)")
+
+
+@pytest.mark.parametrize(("run", "export"), [("av", "model"), ("rl", "av")])
+def test_a_training_runs_out_dir_given_as_av_names_its_export(tiny_paths, vector_file, tmp_path, no_model_loads,
+                                                             capsys, run, export):
+    """`--av runs/av` (the out_dir, not its model/) was told "a base model folder?", which it is not."""
+    shutil.copytree(tiny_paths["av_karvonen"], tmp_path / run / export)
+    err = _fails(["verbalize", "--av", tmp_path / run, "--input", vector_file], capsys, "SidecarError",
+                 f"(a training run's out_dir? Its export: {tmp_path / run / export})")
+    assert "base model" not in err
 
 
 def test_a_base_of_another_width_is_a_pair_mismatch_from_the_cli_and_the_library(tiny_paths, no_model_loads,

@@ -243,6 +243,36 @@ def test_train_rl_into_the_sft_avs_out_dir_is_refused_before_training(tmp_path, 
     assert "run it with nla-lens train-av" in err and record.read_text() == before
 
 
+@pytest.mark.parametrize("command", ["train-av", "train-rl"])
+@pytest.mark.parametrize(("kind", "made_by"), [
+    ("an extraction", lambda tmp_path, tiny_paths: _extraction_files(tmp_path / "acts")),
+    ("a model folder", lambda tmp_path, tiny_paths: shutil.copytree(tiny_paths["av_karvonen"], tmp_path / "model")),
+])
+def test_training_into_an_extraction_or_a_model_folder_is_refused_before_training(
+        tmp_path, tiny_paths, base_folder, capsys, monkeypatch, command, kind, made_by):
+    """train-av with out_dir at its activations (or train-rl at the SFT AV's export) wrote checkpoints, exports and
+    train_result.json among that folder's files."""
+    monkeypatch.setattr(loading, "load_hooked_transformer", lambda *a, **k: pytest.fail("loaded the model"))
+    monkeypatch.setattr(nl.ActivationVerbalizer, "from_pretrained", lambda *a, **k: pytest.fail("loaded the AV"))
+    out = Path(made_by(tmp_path, tiny_paths))
+    before = _files(out)
+    inputs = ({"base_model": str(base_folder)} if command == "train-av"
+              else {"av": str(tiny_paths["av_karvonen"]), "ar": str(tiny_paths["ar_paper"])})
+    config = _write(tmp_path / "run.yaml", {**inputs, "activations": str(tmp_path), "explanations": str(tmp_path),
+                                            "out_dir": str(out)})
+    assert main([command, config]) == 2
+    err = capsys.readouterr().err
+    assert f"ConfigError: out_dir {out} is {kind}" in err and "Point out_dir at a new folder" in err, err
+    assert _files(out) == before
+
+
+def _extraction_files(folder: Path) -> Path:
+    """The files that make a folder an extraction's, as far as an out_dir check looks."""
+    (folder / "shards").mkdir(parents=True)
+    (folder / "extraction.complete.json").write_text(json.dumps({"shards": 0, "rows": 0}))
+    return folder
+
+
 @pytest.mark.parametrize(("recorded", "found"), [({"injection": "karvonen", "train": {}}, "train-av"),
                                                ({"train": {}}, "train-ar"), ({"rl": {}}, "train-rl")])
 def test_extract_into_a_training_runs_out_dir_is_refused_before_the_model_loads(tmp_path, base_folder, capsys,
@@ -447,6 +477,16 @@ def test_cli_names_a_config_value_of_the_wrong_kind(tmp_path, capsys, value, mes
                                             "out_dir": "o", "train": value})
     assert main(["train-ar", config]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["train-av", "train-ar", "train-rl"])
+@pytest.mark.parametrize("value", [True, 3])
+def test_a_resume_that_is_not_a_string_says_what_resume_takes(tmp_path, capsys, command, value):
+    """`resume: true` said only "expected a string, got True", leaving the newcomer to guess which string."""
+    config = _write(tmp_path / "bad.yaml", {**_REQUIRED[command], "resume": value})
+    assert main([command, config]) == 2
+    assert (f"resume: expected a string, got {value!r} (resume: latest, or a checkpoints/step-NNNNNN folder; leave "
+            "it out to start at step 0)") in capsys.readouterr().err
 
 
 _REQUIRED = {"extract": {"base_model": "x", "corpus": "y", "out_dir": "o"},

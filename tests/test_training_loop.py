@@ -142,6 +142,28 @@ def _checkpoint_of_a_moved_layer(tmp_path, step: int = 1):
     return folder, params, optimizer, config
 
 
+@pytest.mark.parametrize(("saved_by", "resumed_by"), [("train-ar", "train-av"), ("train-av", "train-ar"),
+                                                      ("train-av", "train-rl")])
+def test_a_resume_from_another_commands_checkpoint_names_both_commands(tmp_path, saved_by, resumed_by):
+    """`resume:` naming the AR run's checkpoint in train-av (or an SFT one in train-rl) was refused as "other
+    settings (lr ...)", to set back, though no setting of this command could match that run."""
+    from nla_lens.training import RLConfig
+
+    def parts(command):
+        names = ["model.w", "readout.weight"] if command == "train-ar" else ["model.w"]
+        params = {name: torch.nn.Parameter(torch.ones(2, 2)) for name in names}
+        config = RLConfig(steps=2) if command == "train-rl" else TrainConfig(steps=2, lr=len(names) * 1e-3)
+        return params, config
+
+    params, config = parts(saved_by)
+    folder = save_checkpoint(tmp_path, 1, params, torch.optim.AdamW(params.values()), config, TrainResult(steps=2),
+                             seconds=0.0)
+    params, config = parts(resumed_by)
+    with pytest.raises(nl.ConfigError, match=rf"is a checkpoint of a {saved_by} run, and this is {resumed_by}: a "
+                                             "resume continues a run of the same command"):
+        load_checkpoint(folder, params, torch.optim.AdamW(params.values()), config)
+
+
 @pytest.mark.parametrize("damaged", ["params.safetensors", "optimizer.safetensors", "trainer_state.json"])
 def test_a_truncated_training_checkpoint_is_a_checkpoint_error_naming_the_file(tmp_path, damaged):
     folder, params, optimizer, config = _checkpoint_of_a_moved_layer(tmp_path)

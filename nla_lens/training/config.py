@@ -407,6 +407,8 @@ def _check_scalar(value: Any, hint: Any, where: str) -> None:
     if isinstance(value, accepted) and (kind is bool or not isinstance(value, bool)):
         return
     note = " (YAML reads 1e-5 as text: write 1.0e-5)" if kind is float and _number_text(value) else ""
+    if where == "resume":  # `resume: true` reads as the switch it is not
+        note = " (resume: latest, or a checkpoints/step-NNNNNN folder; leave it out to start at step 0)"
     raise ConfigError(f"{where}: expected {_SCALARS[kind]}, got {value!r}{note}")
 
 

@@ -331,6 +331,11 @@ def load_checkpoint(folder: Path, params: dict[str, nn.Parameter], optimizer: to
     if not state_path.is_file():
         raise CheckpointError(f"{folder} is not a training checkpoint (no trainer_state.json)")
     state = read_trainer_state(state_path)
+    found, wanted = checkpoint_command(state), checkpoint_command({"config": asdict(config), "param_names": params})
+    if found != wanted:  # else its settings read as "other settings" to set back, which no setting could match
+        raise ConfigError(f"{folder} is a checkpoint of a {found} run, and this is {wanted}: a resume continues a "
+                          f"run of the same command. Point resume at a checkpoints/step-NNNNNN folder of a {wanted} "
+                          "run (or at latest in that run's out_dir), or leave resume out to start from step 0")
     saved = state["config"]
     requested = json.loads(json.dumps(asdict(config)))  # tuples as the JSON lists the checkpoint holds
     # A setting added after the checkpoint was written ran at the default it has now.
@@ -383,6 +388,13 @@ def _damaged(path: Path, problem: str) -> CheckpointError:
         f"{path} {problem}: this training checkpoint is damaged or incomplete. Resume from an earlier checkpoint of "
         f"the run (delete {path.parent.name} and resume: latest picks the one before it, if the run kept one), or "
         "start the run again")
+
+
+def checkpoint_command(state: dict[str, Any]) -> str:
+    """The nla-lens command whose run wrote a checkpoint's `trainer_state.json`: RL's config has a group_size, and of
+    the SFT runs only the AR trains a readout."""
+    return ("train-rl" if "group_size" in state["config"]
+            else "train-ar" if any(name.startswith("readout.") for name in state["param_names"]) else "train-av")
 
 
 # The JSON type of each key of trainer_state.json that load_checkpoint reads (`data` may be null or absent).

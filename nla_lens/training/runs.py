@@ -18,7 +18,7 @@ from nla_lens import display
 from nla_lens.checks import file_path
 from nla_lens.errors import InputError
 from nla_lens.results import TabularResult, text_table
-from nla_lens.training.loop import checkpoints, read_trainer_state
+from nla_lens.training.loop import checkpoint_command, checkpoints, read_trainer_state
 from nla_lens.training.pipeline import RESULT_FILE, run_command
 
 # The curves each command's view draws, in order, where the run logged them (history and eval columns).
@@ -142,10 +142,9 @@ def _in_progress(path: Path) -> TrainingRun:
     if problems or not isinstance(state["config"].get("steps"), int):
         raise InputError(f"{path} is not a training checkpoint's state ({'; '.join(problems) or 'no config.steps'})")
     config = state["config"]
-    command = ("train-rl" if "group_size" in config
-               else "train-ar" if any(name.startswith("readout.") for name in state["param_names"]) else "train-av")
-    return TrainingRun(command=command, source=path, finished=len(state["history"]) == config["steps"],
-                       steps=config["steps"], history=state["history"], evals=state["evals"],
+    return TrainingRun(command=checkpoint_command(state), source=path,
+                       finished=len(state["history"]) == config["steps"], steps=config["steps"],
+                       history=state["history"], evals=state["evals"],
                        seconds=float(state["seconds"]), config=config)
 
 
