@@ -63,13 +63,14 @@ def test_the_summary_gives_what_moved_from_the_record(runs):
     rl, av = _record(runs / "rl"), _record(runs / "av")
     summary = read_training_run(runs / "rl").summary()
     first, last = rl["history"][0]["reward"], rl["history"][-1]["reward"]
-    assert summary.startswith(f"train-rl, {len(rl['history'])} of {rl['steps']} steps (finished)")
-    assert f"reward {first:.4g} -> {last:.4g}" in summary
-    assert f"largest step KL {max(step['kl'] for step in rl['history']):.4g}" in summary
+    assert summary.startswith(f"train-rl, {len(rl['history'])} of {rl['steps']} steps (finished), "
+                              f"{rl['seconds']:.0f} s;")  # under a minute: seconds
+    assert f"reward {first:.4f} -> {last:.4f}" in summary
+    assert f"largest step KL {max(step['kl'] for step in rl['history']):.3g}" in summary
     fves = [e["eval_fve"] for e in rl["evals"]]
-    assert f"held-out FVE {fves[0]:.4g} -> {fves[-1]:.4g}" in summary
+    assert f"held-out FVE {fves[0]:.4f} -> {fves[-1]:.4f}" in summary
     losses = [e["eval_loss"] for e in av["evals"]]
-    assert f"eval loss {losses[0]:.4g} -> {losses[-1]:.4g}" in read_training_run(runs / "av").summary()
+    assert f"eval loss {losses[0]:.4f} -> {losses[-1]:.4f}" in read_training_run(runs / "av").summary()
     assert repr(read_training_run(runs / "av")).startswith("TrainingRun: train-av, ")
 
 
@@ -123,6 +124,9 @@ def test_what_is_not_a_run_is_refused_with_the_way_on(runs, tmp_path):
         read_training_run(tmp_path / "missing")
     with pytest.raises(nl.InputError, match=r"holds no training run: no train_result.json and no checkpoints"):
         read_training_run(runs / "activations")  # an extraction, not a training run
+    for export in (runs / "av" / "model", runs / "rl" / "ar"):
+        with pytest.raises(nl.InputError, match=f"is an export of the training run in {export.parent}: pass that"):
+            read_training_run(export)
     with pytest.raises(nl.InputError, match=r"is a file, not a training run: pass the run's out_dir"):
         read_training_run(runs / "explanations.jsonl")
     with pytest.raises(nl.InputError, match="takes a file path"):

@@ -68,7 +68,8 @@ class TrainingRun(TabularResult):
     def summary(self) -> str:
         done = len(self.history)
         state = "finished" if self.finished else f"running or stopped; read from checkpoint {self.source.parent.name}"
-        parts = [f"{self.command}, {done} of {self.steps} steps ({state}), {self.seconds / 60:.1f} min"]
+        took = f"{self.seconds:.0f} s" if self.seconds < 60 else f"{self.seconds / 60:.1f} min"
+        parts = [f"{self.command}, {done} of {self.steps} steps ({state}), {took}"]
         records = self.to_records()
         first_last = [("loss", "loss")] if self.command != "train-rl" else [("reward", "reward")]
         if self.command in _HELD_OUT_FVE:
@@ -78,10 +79,10 @@ class TrainingRun(TabularResult):
         for label, column in first_last:
             values = _series(records, column)
             if values:
-                parts.append(f"{label} {values[0][1]:.4g} -> {values[-1][1]:.4g}")
+                parts.append(f"{label} {values[0][1]:.4f} -> {values[-1][1]:.4f}")
         kls = _series(records, "kl")
         if kls:
-            parts.append(f"largest step KL {max(v for _, v in kls):.4g}")
+            parts.append(f"largest step KL {max(v for _, v in kls):.3g}")
         return "; ".join(parts)
 
     def curve_text(self, most: int = 12) -> str:
@@ -115,6 +116,8 @@ def read_training_run(path: str | Path) -> TrainingRun:
     if (path / RESULT_FILE).is_file():
         return _finished(path / RESULT_FILE)
     folder = path if (path / "trainer_state.json").is_file() else next(reversed(checkpoints(path)), None)
+    if folder is None and ((path.parent / RESULT_FILE).is_file() or checkpoints(path.parent)):
+        raise InputError(f"{path} is an export of the training run in {path.parent}: pass that folder")
     if folder is None:
         raise InputError(f"{path} holds no training run: no {RESULT_FILE} and no checkpoints/step-NNNNNN folder. "
                          "Pass the out_dir of an nla-lens train-av, train-ar or train-rl run; a run shows here once "
