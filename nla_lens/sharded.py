@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from nla_lens import __version__, loading, metrics, shard_store
 from nla_lens.checks import check_counts, check_sampling, counted, file_kind, resolve_device, resolve_dtype
 from nla_lens.distributed import World, barrier, device_for, process_group
-from nla_lens.errors import InputError
+from nla_lens.errors import CheckpointError, InputError
 from nla_lens.injection import check_vectors
 from nla_lens.nla import NLA, baseline_phrase, check_pair, resolve_baseline
 from nla_lens.parsing import injection_warning, injection_warning_held
@@ -278,10 +278,24 @@ def check_extraction_input(input_path: Path, av_meta: NLAMeta) -> None:
         raise InputError(f"{input_path} holds layer-{source.layer} vectors ({folder / SIDECAR_NAME} says so), but the "
                          f"AV explains layer {av_meta.layer}: extract at layer {av_meta.layer}, or use an AV of layer "
                          f"{source.layer}")
-    names = [None if m.base_model is None else Path(m.base_model).name.lower() for m in (source, av_meta)]
-    if None not in names and names[0] != names[1]:
+    if None not in (source.base_model, av_meta.base_model) and _base_names(source.base_model).isdisjoint(
+            _base_names(av_meta.base_model)):
         warnings.warn(f"{input_path} was extracted from base {source.base_model!r} and the AV trained from "
                       f"{av_meta.base_model!r}: an AV explains its own base's activations", stacklevel=3)
+
+
+def _base_names(base_model: str) -> set[str]:
+    """The names a sidecar's `base_model` goes by, lower-cased: its last path part and, where it resolves to a local
+    folder (the toy's by its name, a cached hub id), that folder's and, in the HF cache
+    (`models--Owner--Name/snapshots/<hash>`), the repository's. The toy AV names its base "nla-lens-toy-shakespeare"
+    and an extraction records the folder, `.../checkpoints/base`: by last parts alone they were two models."""
+    names = {Path(base_model).name.lower()}
+    try:
+        folder = loading.named_base_folder(base_model).resolve()
+    except CheckpointError:  # a folder on another machine, a hub id not cached here: the name alone
+        return names
+    return names | {folder.name.lower()} | {part.split("--")[-1].lower() for part in folder.parts
+                                             if part.startswith("models--")}
 
 
 def _read(input_path: Path, column: str | None, av_meta: NLAMeta) -> VectorTable:

@@ -155,3 +155,22 @@ def test_the_curve_command_prints_the_run_at_a_dozen_steps_and_saves_its_view(ru
         assert f"InputError: {said} " in capsys.readouterr().err
     assert main(["curve", str(runs / "activations")]) == 2
     assert "holds no training run" in capsys.readouterr().err
+
+
+def test_the_examples_extraction_verbalized_by_the_toy_av_is_not_called_another_bases(runs, capsys):
+    """The toy AV names its base "nla-lens-toy-shakespeare" and the extraction records .../checkpoints/base: compared
+    by last path part, verbalizing the README's own extraction warned that it came from another base."""
+    shard = next((runs / "activations" / "shards").glob("acts-*.safetensors"))
+    assert main(["verbalize", "--av", str(ROOT / "nla_lens/toy/checkpoints/av"), "--input", str(shard),
+                 "--max-new-tokens", "2"]) == 0
+    assert "was extracted from base" not in capsys.readouterr().err
+
+
+def test_a_base_in_the_hf_cache_goes_by_its_repository_name(tmp_path):
+    from nla_lens.sharded import _base_names
+
+    snapshot = tmp_path / "hub" / "models--Qwen--Qwen3-8B" / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    assert {"0123abcd", "qwen3-8b"} <= _base_names(str(snapshot))
+    assert not _base_names(str(snapshot)).isdisjoint(_base_names("Qwen/Qwen3-8B"))  # the sidecar's hub id
+    assert _base_names(str(snapshot)).isdisjoint(_base_names("Qwen/Qwen2.5-7B-Instruct"))
