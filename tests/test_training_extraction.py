@@ -266,7 +266,7 @@ def test_the_documents_dropped_as_too_short_are_counted_in_the_log(tmp_path, bas
     with caplog.at_level(logging.INFO, logger=extraction.__name__):
         rows = len(load_activations(extract_activations(model, tokenizer, corpus, tmp_path, extract_config,
                                                         progress=False)))
-    assert (f"{rows} activation rows from 12 documents in 3 shards; 1 document(s) dropped as too short (at most "
+    assert (f"{rows} activation rows from 11 of 12 documents in 3 shards; the other 1 dropped as too short (at most "
             "min_context = 4 tokens)") in caplog.messages  # a first run names no rows of an earlier one
 
 

@@ -205,9 +205,11 @@ def extract_activations(
                          "tokens); give more or longer documents or lower extract.min_context, and extract into a "
                          f"new out_dir (or delete {out})")
     earlier = f", {reused} of them from an earlier run of this extraction" if reused else ""
-    dropped = (f"; {n_docs - kept} document(s) dropped as too short (at most min_context = {config.min_context} "
+    # "rows from 3 documents; 1 dropped" read as three documents giving rows
+    source = f"{kept} of {n_docs} documents" if n_docs > kept else f"{n_docs} documents"
+    dropped = (f"; the other {n_docs - kept} dropped as too short (at most min_context = {config.min_context} "
                "tokens)") if n_docs > kept else ""
-    logger.info("%d activation rows from %d documents in %d shards%s%s", rows, n_docs, n_shards, earlier, dropped)
+    logger.info("%d activation rows from %s in %d shards%s%s", rows, source, n_shards, earlier, dropped)
     text = json.dumps({"shards": n_shards, "rows": rows})
     write_atomic(out / COMPLETE, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     (out / IN_PROGRESS).unlink(missing_ok=True)
