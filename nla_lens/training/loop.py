@@ -21,7 +21,7 @@ import re
 import shutil
 import time
 import warnings
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -331,7 +331,8 @@ def load_checkpoint(folder: Path, params: dict[str, nn.Parameter], optimizer: to
     if not state_path.is_file():
         raise CheckpointError(f"{folder} is not a training checkpoint (no trainer_state.json)")
     state = read_trainer_state(state_path)
-    found, wanted = checkpoint_command(state), checkpoint_command({"config": asdict(config), "param_names": params})
+    found = checkpoint_command(state["config"], state["param_names"])
+    wanted = checkpoint_command(asdict(config), params)
     if found != wanted:  # else its settings read as "other settings" to set back, which no setting could match
         raise ConfigError(f"{folder} is a checkpoint of a {found} run, and this is {wanted}: a resume continues a "
                           f"run of the same command. Point resume at a checkpoints/step-NNNNNN folder of a {wanted} "
@@ -390,11 +391,11 @@ def _damaged(path: Path, problem: str) -> CheckpointError:
         "start the run again")
 
 
-def checkpoint_command(state: dict[str, Any]) -> str:
-    """The nla-lens command whose run wrote a checkpoint's `trainer_state.json`: RL's config has a group_size, and of
-    the SFT runs only the AR trains a readout."""
-    return ("train-rl" if "group_size" in state["config"]
-            else "train-ar" if any(name.startswith("readout.") for name in state["param_names"]) else "train-av")
+def checkpoint_command(config: dict[str, Any], param_names: Iterable[str]) -> str:
+    """The nla-lens command whose run trains with `config` and `param_names` (a checkpoint's `trainer_state.json`
+    holds both): RL's config has a group_size, and of the SFT runs only the AR trains a readout."""
+    return ("train-rl" if "group_size" in config
+            else "train-ar" if any(name.startswith("readout.") for name in param_names) else "train-av")
 
 
 # The JSON type of each key of trainer_state.json that load_checkpoint reads (`data` may be null or absent).

@@ -145,7 +145,7 @@ def _in_progress(path: Path) -> TrainingRun:
     if problems or not isinstance(state["config"].get("steps"), int):
         raise InputError(f"{path} is not a training checkpoint's state ({'; '.join(problems) or 'no config.steps'})")
     config = state["config"]
-    return TrainingRun(command=checkpoint_command(state), source=path,
+    return TrainingRun(command=checkpoint_command(config, state["param_names"]), source=path,
                        finished=len(state["history"]) == config["steps"], steps=config["steps"],
                        history=state["history"], evals=state["evals"],
                        seconds=float(state["seconds"]), config=config)
