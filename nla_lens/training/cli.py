@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from nla_lens import backends, loading
-from nla_lens.checks import blocks_phrase, resolve_device
+from nla_lens.checks import blocks_phrase, check_output_path, resolve_device
 from nla_lens.distributed import World
-from nla_lens.errors import CheckpointError, ConfigError, InjectionError, InputError
+from nla_lens.errors import CheckpointError, ConfigError, InjectionError
 from nla_lens.sidecar import SIDECAR_NAME, InjectionSpec, load_meta
 from nla_lens.training import pipeline
 from nla_lens.training.config import (
@@ -168,19 +168,16 @@ def add_curve(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _curve(args: argparse.Namespace) -> None:
-    from nla_lens.results import check_save_path
     from nla_lens.training.runs import read_training_run
+    from nla_lens.vector_files import OUTPUT_SUFFIXES
 
-    pages = [(check_save_path(path, flag), kind) for path, flag, kind in
-             ((args.html, "--html", ".html"), (args.output, "--output", "table")) if path is not None]
-    for path, kind in pages:  # a wrong suffix is refused before the run is read
-        if (path.suffix.lower() == ".html") != (kind == ".html"):
-            raise InputError(f"{'--html' if kind == '.html' else '--output'} {path}: "
-                             + ("the page's name must end in .html" if kind == ".html"
-                                else "the table's name must end in .parquet or .jsonl (--html writes the page)"))
+    files = [(Path(path).expanduser(), flag, suffixes) for path, flag, suffixes in
+             ((args.html, "--html", (".html",)), (args.output, "--output", OUTPUT_SUFFIXES)) if path is not None]
+    for path, flag, suffixes in files:  # before the run is read
+        check_output_path(path, suffixes, flag)
     run = read_training_run(args.out_dir)
     print(run.curve_text())
-    for path, _ in pages:
+    for path, _, _ in files:
         print(f"wrote {run.save(path)}")
 
 
