@@ -15,7 +15,7 @@ from nla_lens import loading
 from nla_lens.checks import blocks_phrase
 from nla_lens.errors import InputError, PairMismatchError, SidecarError
 from nla_lens.nla import shares_vocabulary
-from nla_lens.sidecar import NLAMeta, load_meta
+from nla_lens.sidecar import NLAMeta, load_meta, run_exports
 
 _ROLE_NAMES = {"av": "AV (activation verbalizer)", "ar": "AR (activation reconstructor)"}
 _FLAGS = {"av": "--av", "ar": "--ar"}
@@ -26,8 +26,7 @@ def nla_checkpoint(path_or_id: str | Path, role: Literal["av", "ar"]) -> tuple[P
     flag = _FLAGS[role]
     folder = loading.resolve_checkpoint(path_or_id)
     if not (folder / "nla_meta.yaml").is_file():
-        # A training run's out_dir holds its export one level down (train-av/ar: model/, train-rl: av/ and ar/).
-        exports = [str(folder / sub) for sub in ("model", role) if (folder / sub / "nla_meta.yaml").is_file()]
+        exports = run_exports(folder, ("model", role))
         what = (f"a training run's out_dir? Its export: {' or '.join(exports)}" if exports
                 else "a base model folder?")
         raise SidecarError(f"{flag} {path_or_id}: no nla_meta.yaml there, so it is not an NLA checkpoint ({what}). "

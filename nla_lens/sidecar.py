@@ -129,15 +129,19 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
+def run_exports(folder: str | Path, subfolders: tuple[str, ...]) -> list[str]:
+    """The NLA exports (folders with a sidecar) among `subfolders` of `folder`: a training run's out_dir holds its
+    export one level down (train-av / train-ar: model/, train-rl: av/ and ar/), and a user passes the out_dir."""
+    return [str(Path(folder) / sub) for sub in subfolders if (Path(folder) / sub / SIDECAR_NAME).is_file()]
+
+
 def load_meta(folder: str | Path) -> NLAMeta:
     """Read and parse `nla_meta.yaml` from a checkpoint folder (`safe_load_unique`, no code)."""
     path = Path(folder) / SIDECAR_NAME
     if not path.is_file():
         model = " It holds a model (config.json): a base model is not an NLA checkpoint." if (
             Path(folder) / "config.json").is_file() else ""
-        # A training run's out_dir (train-av / train-ar export to model/, train-rl to av/ and ar/): name its exports.
-        exports = [str(Path(folder) / sub) for sub in ("model", "av", "ar")
-                   if (Path(folder) / sub / SIDECAR_NAME).is_file()]
+        exports = run_exports(folder, ("model", "av", "ar"))
         run = (f" It is a training run's out_dir (nla-lens curve {folder} shows the run); its export: "
                f"{' or '.join(exports)}." if exports else "")
         raise SidecarError(
