@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import stat
 import warnings
 
@@ -85,13 +86,16 @@ def test_a_held_out_split_under_32_vectors_puts_no_baseline_in_the_sidecar(train
 
 
 def test_ar_resume_from_a_mid_run_checkpoint_gives_the_uninterrupted_weights(base_folder, dataset_meta,
-                                                                             label_split, tmp_path):
+                                                                             label_split, tmp_path, caplog):
     config = TrainConfig(steps=4, batch_size=8, lr=1e-3, warmup_steps=1, save_every=2, keep_checkpoints=2)
     whole = init_ar(base_folder, dataset_meta)
     train_ar(whole, *label_split, config, out_dir=tmp_path / "whole", progress=False)
     resumed = init_ar(base_folder, dataset_meta)
-    train_ar(resumed, *label_split, config, out_dir=tmp_path / "resumed",
-             resume=tmp_path / "whole" / "checkpoints" / "step-000002", progress=False)
+    with caplog.at_level(logging.INFO, logger="nla_lens.training.loop"):
+        train_ar(resumed, *label_split, config, out_dir=tmp_path / "resumed",
+                 resume=tmp_path / "whole" / "checkpoints" / "step-000002", progress=False)
+    # Another out_dir's checkpoint: the log says this run branches from that one, which it leaves as it is.
+    assert f"at step 2: a branch of the run in {tmp_path / 'whole'}, continued in {tmp_path / 'resumed'}" in caplog.text
     assert torch.equal(whole.readout.weight, resumed.readout.weight)
     for (name, a), (_, b) in zip(whole.model.named_parameters(), resumed.model.named_parameters(), strict=True):
         assert torch.equal(a, b), name

@@ -83,7 +83,14 @@ def test_a_run_still_going_reads_from_its_newest_checkpoint(runs, tmp_path):
         newest = sorted((going / "checkpoints").iterdir())[-1]
         state = json.loads((newest / "trainer_state.json").read_text())
         run = read_training_run(going)
-        assert (run.command, run.source, run.finished) == (command, newest / "trainer_state.json", True)
+        # Its last step's checkpoint, but no record: the export after training did not finish.
+        assert (run.command, run.source, run.finished) == (command, newest / "trainer_state.json", False)
+        assert f"{state['config']['steps']} of {state['config']['steps']} steps (all steps done, no " \
+               f"train_result.json: an nla-lens command writes it after the export, and resume: latest finishes " \
+               f"one cut short; read from checkpoint {newest.name})" in run.summary()
+        in_finished_run = read_training_run(runs / name / "checkpoints" / newest.name)
+        assert in_finished_run.finished and f"(finished; read from checkpoint {newest.name})" in \
+               in_finished_run.summary()
         assert [row["step"] for row in run.to_records() if row.get("loss") is not None] == [
             step["step"] for step in state["history"]]
         assert read_training_run(newest).to_records() == run.to_records()

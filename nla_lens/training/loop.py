@@ -173,7 +173,7 @@ def train(
         folder = resume_folder(resume, out_dir)
         if folder is not None:
             result = load_checkpoint(folder, params, optimizer, config, data=data)
-            logger.info("resumed from %s at step %d", folder, len(result.history))
+            log_resumed(folder, out_dir, len(result.history))
         _run_steps(modules, step_loss, params, optimizer, n_rows, units, evaluate, config, result, world,
                    out_dir=out_dir, desc=desc, progress=progress, data=data, started=started)
     result.seconds += time.perf_counter() - started
@@ -464,6 +464,17 @@ def resume_folder(resume: str | Path | None, out_dir: str | Path | None) -> Path
                           f"({', '.join(later)}): until this run overwrites them, resume: latest picks them. Move "
                           "them away, or resume into a new out_dir", stacklevel=3)
     return folder
+
+
+def log_resumed(folder: Path, out_dir: str | Path | None, step: int) -> None:
+    """Say where a resumed run continues; a checkpoint of another run's `out_dir` starts a branch of that run here,
+    which is easy to miss when it was meant as a continuation (`resume: latest` in that run's own `out_dir`)."""
+    source_run = folder.parent.parent
+    if out_dir is None or not _STEP_DIR.match(folder.name) or source_run.resolve() == Path(out_dir).resolve():
+        logger.info("resumed from %s at step %d", folder, step)
+    else:
+        logger.info("resumed from %s at step %d: a branch of the run in %s, continued in %s (that run's folder is "
+                    "left as it is)", folder, step, source_run, out_dir)
 
 
 def check_resume(out_dir: str | Path | None, resume: str | Path | None,

@@ -494,7 +494,7 @@ def train_rl(
         result = loop.load_checkpoint(folder, trainer.params, trainer.optimizer, config, resumable=RESUMABLE,
                                       data=data)
         result.steps = config.steps
-        logger.info("resumed from %s at step %d", folder, len(result.history))
+        loop.log_resumed(folder, out_dir, len(result.history))
     if config.eval_vectors >= 2 and len(eval_vectors) < 2:
         logger.warning("%d held-out vector(s): no held-out evaluation (FVE needs >= 2)", len(eval_vectors))
     baseline = heldout_baseline(ar, eval_vectors)

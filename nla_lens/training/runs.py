@@ -38,7 +38,8 @@ class TrainingRun(TabularResult):
     Attributes:
         command: the nla-lens command that ran it: "train-av", "train-ar" or "train-rl".
         source: the file read: the run's `train_result.json`, or its newest checkpoint's `trainer_state.json`.
-        finished: whether the run finished: it wrote `train_result.json`, or the checkpoint read is its last step.
+        finished: whether the run wrote `train_result.json`, which the nla-lens commands (and `run_train_*`) write
+            after the export; a checkpoint at the last step is not enough.
         steps: the steps the run was set to take (`len(history)` of them are done).
         history: the trainer's per-step records, as logged.
         evals: the evaluations, each with its `step`.
@@ -67,7 +68,7 @@ class TrainingRun(TabularResult):
 
     def summary(self) -> str:
         done = len(self.history)
-        state = "finished" if self.finished else f"running or stopped; read from checkpoint {self.source.parent.name}"
+        state = _state(self, done)
         took = f"{self.seconds:.0f} s" if self.seconds < 60 else f"{self.seconds / 60:.1f} min"
         parts = [f"{self.command}, {done} of {self.steps} steps ({state}), {took}"]
         records = self.to_records()
@@ -145,10 +146,26 @@ def _in_progress(path: Path) -> TrainingRun:
     if problems or not isinstance(state["config"].get("steps"), int):
         raise InputError(f"{path} is not a training checkpoint's state ({'; '.join(problems) or 'no config.steps'})")
     config = state["config"]
+    run_dir = path.parent.parent.parent  # out_dir/checkpoints/step-NNNNNN/trainer_state.json
     return TrainingRun(command=checkpoint_command(config, state["param_names"]), source=path,
-                       finished=len(state["history"]) == config["steps"], steps=config["steps"],
+                       finished=(run_dir / RESULT_FILE).is_file(), steps=config["steps"],
                        history=state["history"], evals=state["evals"],
                        seconds=float(state["seconds"]), config=config)
+
+
+def _state(run: TrainingRun, done: int) -> str:
+    """How far the run got, for its summary. A checkpoint at the last step without the run's record is a command's
+    run whose export was cut short (or is being written), or a `train_av` / `train_ar` / `train_rl` call's, which
+    writes no record."""
+    if run.source.name == RESULT_FILE:
+        return "finished"
+    checkpoint = f"read from checkpoint {run.source.parent.name}"
+    if run.finished:
+        return f"finished; {checkpoint}"
+    if done >= run.steps:
+        return (f"all steps done, no {RESULT_FILE}: an nla-lens command writes it after the export, and resume: "
+                f"latest finishes one cut short; {checkpoint}")
+    return f"running or stopped; {checkpoint}"
 
 
 def _shape_problems(record: Any, expected: dict[str, type | tuple[type, ...]]) -> list[str]:
