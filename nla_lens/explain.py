@@ -199,9 +199,11 @@ def explain_tokens(nla: NLA, base: TLModel, token_rows: Sequence[Sequence[int]],
     fwd_hooks = check_fwd_hooks(fwd_hooks, base.hook_dict, "explain")
     if not token_rows or not all(len(row) for row in token_rows):
         raise InputError("every text to explain needs at least one token")
-    too_long = [len(row) for row in token_rows if len(row) > base.cfg.n_ctx]
-    if too_long:
-        raise PromptTooLongError(f"a text is {too_long[0]} tokens, over the base model's context of "
+    too_long = next((t for t, row in enumerate(token_rows) if len(row) > base.cfg.n_ctx), None)
+    if too_long is not None:
+        name = (f"token_rows[{too_long}]" if texts is None
+                else f"text {too_long} ({display.format_cell(texts[too_long], 30)!r})")
+        raise PromptTooLongError(f"{name} is {len(token_rows[too_long])} tokens, over the base model's context of "
                                  f"{base.cfg.n_ctx}; split it into shorter texts")
     for t, row in enumerate(token_rows):
         try:

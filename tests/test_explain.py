@@ -168,6 +168,21 @@ def test_a_position_outside_a_text_names_that_text(base, nla):
         nla.explain(base, [long, short], positions=slice(50, None), **FAST)
 
 
+def test_a_text_past_the_context_names_that_text(base, nla):
+    """It said "a text is N tokens" without saying which of the texts."""
+    from nla_lens.explain import explain_tokens
+
+    n_ctx = base.cfg.n_ctx
+    long = " ".join(["cat"] * 2 * n_ctx)
+    n = len(base.to_tokens(long, truncate=False)[0])
+    with pytest.raises(nl.PromptTooLongError, match=re.escape(
+            f"text 1 ('cat cat cat cat cat cat cat c…') is {n} tokens, over the base model's context of {n_ctx}; "
+            "split it into shorter texts")):
+        nla.explain(base, ["A dog", long], **FAST)
+    with pytest.raises(nl.PromptTooLongError, match=re.escape(f"token_rows[0] is {n_ctx + 1} tokens")):
+        explain_tokens(nla, base, [[1] * (n_ctx + 1)])
+
+
 def test_arguments_in_the_wrong_order_or_of_the_wrong_kind_are_named(base, nla):
     with pytest.raises(nl.PairMismatchError, match="AR first and the AV second: swap them"):
         nl.NLA(nla.ar, nla.av)
