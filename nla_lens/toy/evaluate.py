@@ -401,7 +401,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--best-of", type=int, default=0, metavar="G",
                         help="also sample G explanations of each vector and give the mean FVE of a sample and the "
                              "best-of-G FVE (each vector scored by its best sample: how good the texts in the AV's "
-                             "reach are; default 0: greedy only)")
+                             "reach are; default 0: greedy only). Sample k is seeded k over batches of 64 vectors, "
+                             "so the numbers repeat on the same machine")
     parser.add_argument("--temperature", type=float, default=0.5, help="sampling temperature of --best-of (default "
                         "0.5, the toy RL run's)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
