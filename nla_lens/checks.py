@@ -7,12 +7,14 @@ nothing rather than surfacing as a traceback after minutes of loading or decodin
 from __future__ import annotations
 
 import difflib
+import json
 import math
 import numbers
 import os
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -183,6 +185,20 @@ def jsonl_lines(path: str | Path, what: str) -> Iterator[tuple[int, str]]:
                 raise InputError(f"{what} {path} is a parquet file (it starts with {_PARQUET_MAGIC!r}), not JSONL "
                                  "text: give it a .parquet name") from exc
         raise InputError(f"{what} {path} is not UTF-8 text ({exc}); write it as UTF-8 JSONL") from exc
+
+
+def jsonl_objects(path: str | Path, what: str, expected: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """The non-blank lines of a JSONL file as JSON objects, numbered from 1. A line that is not JSON, or JSON but not
+    an object, is an `InputError` naming the line, in words rather than Python's, and ending in `expected` (what
+    each line should hold)."""
+    for line_no, line in jsonl_lines(path, what):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{path}:{line_no}: not JSON ({exc.msg} at character {exc.pos + 1}); {expected}") from exc
+        if not isinstance(row, dict):
+            raise InputError(f"{path}:{line_no}: holds {line.strip()[:60]}, not a JSON object; {expected}")
+        yield line_no, row
 
 
 def file_path(path: str | os.PathLike, what: str) -> Path:

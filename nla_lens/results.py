@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from nla_lens import __version__, display
-from nla_lens.checks import check_input_file, check_output_path, counted, file_kind, file_path, jsonl_lines
+from nla_lens.checks import check_input_file, check_output_path, counted, file_kind, file_path, jsonl_objects
 from nla_lens.errors import InputError
 from nla_lens.vector_files import OUTPUT_SUFFIXES, json_text, write_atomic, write_table
 
@@ -221,17 +221,8 @@ def _check_result_type(result_type: Any) -> None:
 def _read_jsonl(path: Path, result_type: type[TabularResult] | None) -> pd.DataFrame:
     """A .jsonl result's rows (one JSON object per line), as `to_pandas` builds its frame from records: with
     `result_type`'s schema when it is given."""
-    records = []
-    for number, line in jsonl_lines(path, "result file"):
-        try:
-            row = json.loads(line)
-        except ValueError as exc:
-            raise InputError(f"{path}: line {number} is not JSON ({exc}); read_result reads the .jsonl file a "
-                             "result's save() wrote, one JSON object per line") from exc
-        if not isinstance(row, dict):
-            raise InputError(f"{path}: line {number} holds a {type(row).__name__}, not a row (a JSON object); "
-                             "read_result reads the .jsonl file a result's save() wrote")
-        records.append(row)
+    records = [row for _, row in jsonl_objects(path, "result file", "read_result reads the .jsonl file a result's "
+                                                "save() wrote, one JSON object (a row) per line")]
     if records:
         _refuse_label_file(path, records[0])
     if result_type is None or result_type.schema is None:  # a type whose columns vary (TrainingRun): from the values

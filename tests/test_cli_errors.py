@@ -746,22 +746,25 @@ def test_an_extraction_shard_of_the_avs_layer_is_explained(dataset_meta, tiny_pa
     assert len(out.splitlines()) == 3 and "was extracted from base 'tiny' and the AV trained from 'tiny-qwen3'" in err
 
 
-@pytest.mark.parametrize(("line", "found"), [
-    ({"id": "a", "content": "a cat"}, "its keys are ['content', 'id']"),
-    (["a cat"], 'the line holds ["a cat"]'),
-], ids=["other-key", "not-an-object"])
-def test_a_corpus_line_without_text_names_what_it_holds_and_the_fix(tmp_path, line, found):
+@pytest.mark.parametrize(("line", "message"), [
+    ({"id": "a", "content": "a cat"}, "expected a JSON object with a 'text' key, but its keys are ['content', 'id']; "
+                                      "write each line as {\"id\": ..., \"text\": ...} (rename the key that holds "
+                                      "the document's text to 'text')"),
+    (["a cat"], 'holds ["a cat"], not a JSON object; write each line as {"id": ..., "text": ...}'),
+    ('{"text": "a cat"', "not JSON (Expecting ',' delimiter at character 18); write each line as "
+                         '{"id": ..., "text": ...}'),
+], ids=["other-key", "not-an-object", "not-json"])
+def test_a_corpus_line_without_text_names_what_it_holds_and_the_fix(tmp_path, line, message):
     """A line keyed "content" was "expected a JSON object with a 'text' key ('text')": a KeyError's repr, with
-    neither the line's keys nor what to write."""
+    neither the line's keys nor what to write; a line that is not JSON ended in Python's words."""
     from nla_lens.training.pipeline import read_corpus
 
     corpus = tmp_path / "corpus.jsonl"
-    corpus.write_text(json.dumps({"id": "first", "text": "a dog"}) + "\n" + json.dumps(line) + "\n")
+    corpus.write_text(json.dumps({"id": "first", "text": "a dog"}) + "\n" + (
+        line if isinstance(line, str) else json.dumps(line)) + "\n")
     with pytest.raises(nl.InputError) as info:
         read_corpus(corpus)
-    assert str(info.value) == (f"{corpus}:2: expected a JSON object with a 'text' key, but {found}; write each line "
-                               "as {\"id\": ..., \"text\": ...} (rename the key that holds the document's text to "
-                               "'text')")
+    assert str(info.value) == f"{corpus}:2: {message}"
 
 
 @pytest.mark.parametrize(("command", "example", "meant"), [

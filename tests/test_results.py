@@ -364,10 +364,11 @@ def test_read_result_says_why_it_cannot_read_a_file(results, tmp_path):
     with pytest.raises(nl.InputError, match="text.parquet is not a parquet file"):
         nl.read_result(tmp_path / "text.parquet")
     (tmp_path / "text.jsonl").write_text("index,explanation\n", encoding="utf-8")
-    with pytest.raises(nl.InputError, match="line 1 is not JSON"):
+    with pytest.raises(nl.InputError, match=r"text.jsonl:1: not JSON \(Expecting value at character 1\); read_result "
+                                            r"reads the .jsonl file a result's save\(\) wrote"):
         nl.read_result(tmp_path / "text.jsonl")
     (tmp_path / "list.jsonl").write_text('{"index": 0}\n[1, 2]\n', encoding="utf-8")
-    with pytest.raises(nl.InputError, match="line 2 holds a list, not a row"):
+    with pytest.raises(nl.InputError, match=r"list.jsonl:2: holds \[1, 2\], not a JSON object; "):
         nl.read_result(tmp_path / "list.jsonl")
     damaged = pq.read_table(rt.save(tmp_path / "rt.parquet")).replace_schema_metadata({"nla_lens_result": "{"})
     pq.write_table(damaged, tmp_path / "damaged.parquet")

@@ -82,7 +82,8 @@ def test_an_explanation_matching_no_row_is_rejected(acts, tmp_path):
 
 @pytest.mark.parametrize(("line", "message"), [
     ('{"doc_id": "0", "position": 3', r"explanations.jsonl:2: not JSON \(Expecting ',' delimiter at character 31\)"),
-    ("[1, 2]", r"explanations.jsonl:2: expected a JSON object with doc_id, position and explanation, got \[1, 2\]$"),
+    ("[1, 2]", r"explanations.jsonl:2: holds \[1, 2\], not a JSON object; write one JSON object per line, with "
+               r"doc_id, position and explanation$"),
     ('{"doc_id": "0", "explanation": "x"}', "explanations.jsonl:2: the object lacks position; each line needs"),
     ('{"doc_id": "0", "position": "x", "explanation": "x"}', 'position must be .* a whole number >= 0; got "x"'),
     ('{"doc_id": "0", "position": 1.7, "explanation": "x"}', "position must be .* got 1.7$"),

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from nla_lens import loading
-from nla_lens.checks import check_output_path, file_path, jsonl_lines
+from nla_lens.checks import check_output_path, file_path, jsonl_objects
 from nla_lens.errors import ConfigError, InputError, PromptTooLongError, SplitLeakError
 from nla_lens.sidecar import NLAMeta, ar_prompt_ids, av_prompt_ids
 from nla_lens.training.extraction import ActivationDataset, ActivationRecord
@@ -154,9 +154,9 @@ def _read_explanations(path: Path) -> tuple[dict[tuple[str, int], str], Extracti
     """The explanations by (doc_id, position), and the extraction the file records (None: no record)."""
     out: dict[tuple[str, int], str] = {}
     recorded: tuple[int, ExtractionIdentity] | None = None  # the line that records it first, and what it records
-    for line_no, line in jsonl_lines(path, "explanations"):
+    for line_no, row in jsonl_objects(path, "explanations",
+                                      "write one JSON object per line, with doc_id, position and explanation"):
         where = f"{path}:{line_no}"
-        row = _json_object(where, line)
         if is_extraction_record(row):
             identity = _recorded_extraction(where, row[RECORD_KEY])
             if recorded is not None and recorded[1].differences(identity):
@@ -189,19 +189,6 @@ def _recorded_extraction(where: str, value: Any) -> ExtractionIdentity:
         raise InputError(f"{where}: a damaged record of the extraction labelled ({json.dumps(value)[:80]}); write "
                          "the file again with save_explanations, or delete the line (nothing then checks which "
                          "extraction the explanations label)") from exc
-
-
-def _json_object(where: str, line: str) -> dict[str, Any]:
-    """One line as a JSON object; what is wrong with it, in words (not Python's)."""
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{where}: not JSON ({exc.msg} at character {exc.pos + 1}); write one JSON object per "
-                         "line") from exc
-    if not isinstance(row, dict):
-        raise InputError(f"{where}: expected a JSON object with doc_id, position and explanation, got "
-                         f"{line.strip()[:60]}")
-    return row
 
 
 def _explanation_line(where: str, row: dict[str, Any]) -> tuple[tuple[str, int], str]:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from nla_lens import backends, loading, metrics
-from nla_lens.checks import blocks_phrase, jsonl_lines
+from nla_lens.checks import blocks_phrase, jsonl_objects
 from nla_lens.distributed import World, device_for, process_group
 from nla_lens.errors import ConfigError, InputError
 from nla_lens.nla import check_pair, check_vocabularies
@@ -64,16 +64,11 @@ def read_corpus(path: str | Path) -> list[Document]:
     model loads: a bad line found mid-extraction left a half-made out_dir."""
     docs = []
     first_line: dict[str, tuple[int, str | None]] = {}  # each id's first line, and its id as JSON there (None: absent)
-    for line_no, line in jsonl_lines(path, "corpus"):
-        try:
-            row = json.loads(line)
-        except ValueError as exc:
-            raise InputError(f"{path}:{line_no}: expected a JSON object with a 'text' key ({exc})") from exc
-        if not isinstance(row, dict) or "text" not in row:  # a KeyError's repr named neither the keys nor the fix
-            found = f"its keys are {sorted(row)}" if isinstance(row, dict) else f"the line holds {line.strip()[:40]}"
-            raise InputError(f"{path}:{line_no}: expected a JSON object with a 'text' key, but {found}; write each "
-                             "line as {\"id\": ..., \"text\": ...} (rename the key that holds the document's text "
-                             "to 'text')")
+    for line_no, row in jsonl_objects(path, "corpus", "write each line as {\"id\": ..., \"text\": ...}"):
+        if "text" not in row:  # a KeyError's repr named neither the keys nor the fix
+            raise InputError(f"{path}:{line_no}: expected a JSON object with a 'text' key, but its keys are "
+                             f"{sorted(row)}; write each line as {{\"id\": ..., \"text\": ...}} (rename the key "
+                             "that holds the document's text to 'text')")
         given = row.get("id")
         docs.append(Document(str(line_no - 1 if given is None else given), row["text"]))
         if given is not None and (isinstance(given, bool) or not isinstance(given, (str, int))):
