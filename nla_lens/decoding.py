@@ -25,6 +25,7 @@ hook point `nla_lens.fast_hooks` covers, they materialise the activation as TL d
 from __future__ import annotations
 
 import logging
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +34,7 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 from transformer_lens import HookedTransformer
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
-from transformer_lens.components import Embed, GatedMLP, GroupedQueryAttention, RMSNorm, Unembed
+from transformer_lens.components import Embed, GatedMLP, GroupedQueryAttention, RMSNorm, TransformerBlock, Unembed
 from transformer_lens.components.attention import Attention
 
 from nla_lens import backends
@@ -161,13 +162,16 @@ class _Layer:
 
     q/k/v run as one matmul when they are consecutive rows of one storage, as the loader lays them
     out. (Gate and up stay two: on CPU one wide matmul measured slower than two.)
+    The block's norms and MLP are the classes `FastBlocks.build` / `_GemmaLayer.eligible` checked.
     """
 
-    def __init__(self, block: nn.Module) -> None:
-        attn, mlp = block.attn, block.mlp
-        grouped = isinstance(attn, GroupedQueryAttention)
-        w_k, w_v = (attn._W_K, attn._W_V) if grouped else (attn.W_K, attn.W_V)
-        b_k, b_v = (attn._b_K, attn._b_V) if grouped else (attn.b_K, attn.b_V)
+    def __init__(self, block: TransformerBlock) -> None:
+        attn, mlp = block.attn, cast(GatedMLP, block.mlp)
+        ln1, ln2 = cast(RMSNorm, block.ln1), cast(RMSNorm, block.ln2)
+        if isinstance(attn, GroupedQueryAttention):
+            w_k, w_v, b_k, b_v = attn._W_K, attn._W_V, attn._b_K, attn._b_V
+        else:
+            w_k, w_v, b_k, b_v = attn.W_K, attn.W_V, attn.b_K, attn.b_V
         self.n_heads, self.n_kv, self.d_head = attn.W_Q.shape[0], w_k.shape[0], attn.W_Q.shape[2]
         self.qkv = _rows(_as_linear(attn.W_Q), _as_linear(w_k), _as_linear(w_v))
         b_qkv = torch.cat([attn.b_Q.reshape(-1), b_k.reshape(-1), b_v.reshape(-1)])
@@ -175,21 +179,23 @@ class _Layer:
         self.w_o = attn.W_O.permute(2, 0, 1).reshape(attn.W_O.shape[2], -1)
         self.b_o = attn.b_O
         self.qk_norm = None  # q and k are normalised as one [n_heads + n_kv, d_head] block
-        if attn.q_norm is not None:
+        if attn.q_norm is not None and attn.k_norm is not None:  # TL builds both or neither
             self.qk_norm = torch.cat([attn.q_norm.w.expand(self.n_heads, -1), attn.k_norm.w.expand(self.n_kv, -1)])
         self.attn_scale = attn.attn_scale
         self.cos, self.sin = attn.rotary_cos, attn.rotary_sin
-        self.ln1, self.ln2, self.eps = block.ln1.w, block.ln2.w, block.ln1.eps
+        self.ln1, self.ln2, self.eps = ln1.w, ln2.w, ln1.eps
         self.w_gate, self.w_in, self.act = mlp.W_gate.T, mlp.W_in.T, mlp.act_fn  # TL's own (Gemma: tanh GELU)
         self.b_in = mlp.b_in if bool(mlp.b_in.any()) else None  # TL adds it after the gating
         self.w_out, self.b_out = mlp.W_out.T, mlp.b_out
 
     @staticmethod
-    def in_hf_layout(block: nn.Module) -> bool:
+    def in_hf_layout(block: TransformerBlock) -> bool:
         """Whether every `[out, in]` view above is free (else building them would copy weights)."""
-        attn, mlp = block.attn, block.mlp
-        grouped = isinstance(attn, GroupedQueryAttention)
-        qkv = (attn.W_Q, *((attn._W_K, attn._W_V) if grouped else (attn.W_K, attn.W_V)))
+        attn, mlp = block.attn, cast(GatedMLP, block.mlp)
+        if isinstance(attn, GroupedQueryAttention):
+            qkv = (attn.W_Q, attn._W_K, attn._W_V)
+        else:
+            qkv = (attn.W_Q, attn.W_K, attn.W_V)
         return (all(w.permute(0, 2, 1).is_contiguous() for w in qkv) and attn.W_O.permute(2, 0, 1).is_contiguous()
                 and all(w.T.is_contiguous() for w in (mlp.W_gate, mlp.W_in, mlp.W_out)))
 
@@ -428,6 +434,7 @@ class FastDecoder:
     def __init__(self, blocks: FastBlocks, batch: int, max_len: int, step_hooks: HookPlan) -> None:
         self.blocks = blocks
         self.model = model = blocks.model
+        self.final_norm = cast(RMSNorm, model.ln_final)  # the class `build` checked
         self.keys, self.values = _kv_cache(len(blocks.layers), batch, blocks.n_kv, max_len, blocks.d_head,
                                            model.cfg.dtype, model.W_E.device)
         self.step_hooks = step_hooks
@@ -463,8 +470,8 @@ class FastDecoder:
         return self._logits(resid)[:, -1]
 
     def _logits(self, resid: Float[Tensor, "batch 1 d_model"]) -> Float[Tensor, "batch 1 vocab"]:
-        model = self.model
-        return F.linear(_rms(resid, model.ln_final.w, model.ln_final.eps), model.W_U.T, model.unembed.b_U)
+        model, norm = self.model, self.final_norm
+        return F.linear(_rms(resid, norm.w, norm.eps), model.W_U.T, model.unembed.b_U)
 
 
 def _rms(x: Tensor, w: Tensor, eps: float) -> Tensor:

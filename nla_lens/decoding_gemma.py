@@ -22,13 +22,14 @@ would apply it.
 from __future__ import annotations
 
 import re
+from typing import cast
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 from torch.distributed.tensor import DTensor
 from transformer_lens import HookedTransformer
-from transformer_lens.components import Embed, GatedMLP, GroupedQueryAttention, RMSNorm, Unembed
+from transformer_lens.components import Embed, GatedMLP, GroupedQueryAttention, RMSNorm, TransformerBlock, Unembed
 
 from nla_lens.backends import gemma3
 from nla_lens.decoding import _attention, _kv_cache, _last_logits, _Layer, _mlp, _rms
@@ -41,13 +42,13 @@ _HOOKABLE = re.compile(r"^(hook_embed|blocks\.\d+\.hook_resid_post)$")
 class _GemmaLayer(_Layer):
     """`decoding._Layer` plus Gemma-3's norms after attention and MLP and the layer's attention type."""
 
-    def __init__(self, block: torch.nn.Module) -> None:
+    def __init__(self, block: TransformerBlock) -> None:
         super().__init__(block)
-        self.ln1_post, self.ln2_post = block.ln1_post.w, block.ln2_post.w
+        self.ln1_post, self.ln2_post = cast(RMSNorm, block.ln1_post).w, cast(RMSNorm, block.ln2_post).w
         self.local = block.attn.attn_type == "local"
 
     @staticmethod
-    def eligible(block: torch.nn.Module) -> bool:
+    def eligible(block: TransformerBlock) -> bool:
         attn = block.attn
         norms = (block.ln1, getattr(block, "ln1_post", None), block.ln2, getattr(block, "ln2_post", None),
                  attn.q_norm, attn.k_norm)
@@ -63,7 +64,7 @@ class GemmaDecoder:
     def __init__(self, model: HookedTransformer, batch: int, max_len: int) -> None:
         self.model = model
         self.layers = [_GemmaLayer(block) for block in model.blocks]
-        self.window = model.cfg.window_size
+        self.window = cast(int, model.cfg.window_size)  # set on every Gemma-3 config (TL 3.9's and the loader's)
         first = self.layers[0]
         self.keys, self.values = _kv_cache(len(self.layers), batch, first.n_kv, max_len, first.d_head,
                                            model.cfg.dtype, model.W_E.device)

@@ -16,9 +16,13 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from torch import nn
 from transformer_lens.hook_points import HookPoint
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
 
 # Block hook points in the order TL's `TransformerBlock` fires them, each named by the field of
 # `BlockHooks` that holds it.
@@ -65,7 +69,7 @@ class HookPlan:
         return self.embed is not None or any(b is not NO_BLOCK_HOOKS for b in self.blocks)
 
     @classmethod
-    def of(cls, model: nn.Module, extra: Iterable[str] = ()) -> HookPlan:
+    def of(cls, model: HookedTransformer, extra: Iterable[str] = ()) -> HookPlan:
         """The plan for `model`'s hooks as attached now, plus hooks about to go on the points in `extra`."""
         n_layers = model.cfg.n_layers
         reason = torch_hook_reason(model)

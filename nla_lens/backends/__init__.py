@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from importlib import import_module, metadata
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import torch
 from jaxtyping import Float, Int
@@ -51,7 +51,8 @@ class ARForward(Protocol):
     `fallback_reason`: why it runs TL's own forward rather than a fast path (None: a fast path serves prompts within
     the model's context)."""
 
-    fallback_reason: str | None
+    @property
+    def fallback_reason(self) -> str | None: ...
 
     def __call__(self, tokens: Int[Tensor, "batch pos"],
                  attention_mask: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch d_model"]: ...
@@ -62,7 +63,8 @@ class Decoder(Protocol):
     under whatever hooks the caller installed; both return the last position's logits.
     `fallback_reason`: why this call runs TL's own forward rather than a fast path (None: it doesn't)."""
 
-    fallback_reason: str | None
+    @property
+    def fallback_reason(self) -> str | None: ...
 
     def prefill(self, tokens: Int[Tensor, "batch pos"], fwd_hooks: list) -> Float[Tensor, "batch d_vocab"]: ...
 
@@ -146,7 +148,7 @@ def input_module(model: TLModel) -> torch.nn.Module:
     """The module whose call receives a run's input (first argument) and its `attention_mask=`: the
     HookedTransformer itself, or the HF model a bridge wraps (the bridge calls its own `forward`
     directly from `run_with_hooks` / `run_with_cache`, so hooks on its `__call__` would miss those)."""
-    return model.original_model if backend_of(model) == "bridge" else model
+    return cast("TransformerBridge", model).original_model if backend_of(model) == "bridge" else model
 
 
 def check_dtype_current(model: TLModel, role: str) -> None:

@@ -22,13 +22,13 @@ from __future__ import annotations
 import contextlib
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 from transformer_lens.model_bridge import TransformerBridge
-from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from nla_lens import loading
 from nla_lens.backends import gemma3
@@ -83,11 +83,12 @@ def _load_hf_model(folder: Path, hf_config, *, dtype: torch.dtype, device: str |
         )
     if n_layers is not None:
         loading.truncate_config(hf_config, n_layers)
-    hf_model, report = AutoModelForCausalLM.from_pretrained(
+    # With output_loading_info, transformers returns (model, report); its annotations say model only.
+    hf_model, report = cast(tuple[nn.Module, dict], AutoModelForCausalLM.from_pretrained(
         folder, config=hf_config, dtype=dtype, device_map=torch.device(device), attn_implementation="eager",
         use_safetensors=True, ignore_mismatched_sizes=True, output_loading_info=True,
         trust_remote_code=trust_remote_code,
-    )
+    ))
     _check_report(report, folder, ignored=_AR_IGNORED if n_layers is not None else frozenset())
     return hf_model
 
@@ -109,7 +110,7 @@ class _CachedForward:
 
     def __init__(self, model: TransformerBridge, batch_size: int, device: torch.device) -> None:
         self.model = model
-        self.cache = DynamicCache(config=model.original_model.config)
+        self.cache = DynamicCache(config=cast(PreTrainedModel, model.original_model).config)
         self.mask = torch.zeros(batch_size, 0, dtype=torch.long, device=device)
 
     def __call__(self, tokens: Int[Tensor, "batch pos"],
@@ -157,13 +158,13 @@ def hooks(model: TransformerBridge, fwd_hooks: list) -> contextlib.AbstractConte
     return model.hooks(fwd_hooks=fwd_hooks)
 
 
-def run_with_hooks(model: TransformerBridge, *args: Any, fwd_hooks: list, **kwargs: Any) -> Any:
+def run_with_hooks(model: TransformerBridge, input: Tensor, *, fwd_hooks: list, **kwargs: Any) -> Any:
     """TL 4's bridge removes on exit exactly the hooks its `run_with_hooks` added."""
-    return model.run_with_hooks(*args, fwd_hooks=fwd_hooks, **kwargs)
+    return model.run_with_hooks(input, fwd_hooks=fwd_hooks, **kwargs)
 
 
-def cached_activation(model: TransformerBridge, hook_name: str, *args: Any, **kwargs: Any) -> Tensor | None:
-    cache = model.run_with_cache(*args, names_filter=hook_name, **kwargs)[1]
+def cached_activation(model: TransformerBridge, hook_name: str, input: Tensor, **kwargs: Any) -> Tensor | None:
+    cache = model.run_with_cache(input, names_filter=hook_name, **kwargs)[1]
     return cache[hook_name] if hook_name in cache else None
 
 

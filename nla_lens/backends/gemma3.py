@@ -22,13 +22,16 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from nla_lens.backends import hf_names
 from nla_lens.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
 
 ARCHITECTURES = ("Gemma3ForCausalLM", "Gemma3ForConditionalGeneration")
 TEXT_ARCHITECTURE = "Gemma3ForCausalLM"
@@ -109,7 +112,7 @@ def hooked_config_fields(text: Any) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def finish_hooked(model: nn.Module, d_model: int) -> None:
+def finish_hooked(model: HookedTransformer, d_model: int) -> None:
     """TL's Gemma weight conventions on freshly streamed HF tensors: norms hold ``1 + w`` (summed in
     fp32, as TL's converter does), `W_E` is scaled by ``sqrt(d_model)`` in the model's dtype (as
     HF's scaled embedding multiplies). Call after the tied unembedding copied the raw embedding."""

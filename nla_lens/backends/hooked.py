@@ -6,11 +6,12 @@ import itertools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
 from transformer_lens import HookedTransformer
+from transformer_lens.hook_points import HookPoint
 from transformers import PreTrainedTokenizerBase
 
 from nla_lens import backends, decoding, decoding_gemma, loading
@@ -58,7 +59,8 @@ def hooks(model: HookedTransformer, fwd_hooks: list) -> Iterator[HookedTransform
     level = next(_OWN_LEVELS)
     try:
         for name, fn in fwd_hooks:  # a name or a filter on names, as TL's hooks() takes them
-            points = [model.mod_dict[name]] if isinstance(name, str) else [
+            # A name is looked up in mod_dict, as TL's add_hook does; it names a HookPoint there.
+            points = [cast(HookPoint, model.mod_dict[name])] if isinstance(name, str) else [
                 point for point_name, point in model.hook_dict.items() if name(point_name)]
             for point in points:
                 point.add_hook(fn, dir="fwd", level=level)
