@@ -28,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -154,7 +154,9 @@ def write_checkpoints(root: Path, shape: Shape, ar_layer: int, seed: int = 0) ->
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     with torch.device("meta"):
         model = Qwen3ForCausalLM(config)
-    model = model.to_empty(device="cpu").to(torch.bfloat16).eval()  # every parameter is written below
+    # Every parameter is written below. (transformers wraps `to` in functools.wraps(nn.Module.to), whose type
+    # takes the dtype for `self`: hence the ignore.)
+    model = model.to_empty(device="cpu").to(torch.bfloat16).eval()  # type: ignore[arg-type]
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -256,7 +258,7 @@ def _serve_forks() -> None:
         pid = os.fork()
         if pid == 0:
             try:
-                result = _measure_load(*json.loads(request))
+                result: Mapping[str, int | str] = _measure_load(*json.loads(request))
             except BaseException:  # noqa: BLE001 - reported to the parent, which raises
                 result = {"error": traceback.format_exc()}
             print(_RESULT + json.dumps(result), flush=True)
@@ -288,7 +290,7 @@ def _measure_load(loader: str, folder: str, dtype_name: str, device: str) -> dic
     with torch.inference_mode():
         if loader == "nla_av":
             av = nl.ActivationVerbalizer.from_pretrained(folder, dtype=dtype, device=device)
-            modules = [av.model]
+            modules: list[torch.nn.Module] = [av.model]
             av.model(av.prompt_tokens(1))
         elif loader == "nla_ar":
             ar = nl.ActivationReconstructor.from_pretrained(folder, dtype=dtype, device=device)
@@ -387,10 +389,11 @@ def _edits(cfg: Any, device: str) -> tuple[_Edit, ...]:
               [(resid_post_name(layer), lambda resid, hook: resid + steer)],
               lambda layers: _torch_hook(layers[layer], "forward", lambda _m, _i, out: _map_first(out, steer))),
         _Edit(f"head 0 ablated at blocks.{layer}.attn.hook_z", [(f"blocks.{layer}.attn.hook_z", zero_head)],
-              lambda layers: _torch_hook(layers[layer].self_attn.o_proj, "forward_pre", hf_zero_head)),
+              lambda layers: _torch_hook(layers[layer].get_submodule("self_attn.o_proj"), "forward_pre",
+                                         hf_zero_head)),
         _Edit(f"MLP scaled at blocks.{layer}.mlp.hook_post",
               [(f"blocks.{layer}.mlp.hook_post", lambda post, hook: post * scale)],
-              lambda layers: _torch_hook(layers[layer].mlp.down_proj, "forward_pre",
+              lambda layers: _torch_hook(layers[layer].get_submodule("mlp.down_proj"), "forward_pre",
                                          lambda _m, args: (args[0] * scale, *args[1:]))),
     )
 

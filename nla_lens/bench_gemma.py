@@ -17,7 +17,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -109,7 +109,9 @@ def write_checkpoints(root: Path, shape: GemmaShape, vision: tuple[int, int], se
     ar_layer = shape.ar_layer
     with torch.device("meta"):
         text = Gemma3ForCausalLM(text_config)
-    text = text.to_empty(device="cpu").to(torch.bfloat16).eval()  # every parameter is written below
+    # Every parameter is written below. (transformers wraps `to` in functools.wraps(nn.Module.to), whose type
+    # takes the dtype for `self`: hence the ignores.)
+    text = text.to_empty(device="cpu").to(torch.bfloat16).eval()  # type: ignore[arg-type]
     text.tie_weights()  # to_empty gave lm_head storage of its own
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -128,11 +130,12 @@ def write_checkpoints(root: Path, shape: GemmaShape, vision: tuple[int, int], se
     siglip = {"hidden_size": vision[0], "intermediate_size": 4 * vision[0], "num_hidden_layers": vision[1],
               "num_attention_heads": max(1, vision[0] // 64), "image_size": 224, "patch_size": 14}
     wrapper_config = Gemma3Config(text_config=text_config.to_dict(), vision_config=siglip, mm_tokens_per_image=4,
-                                  boi_token_index=ids("<start_of_image>"), eoi_token_index=ids("<end_of_image>"),
-                                  image_token_index=ids("<image_soft_token>"), tie_word_embeddings=True)
+                                  boi_token_index=cast(int, ids("<start_of_image>")),
+                                  eoi_token_index=cast(int, ids("<end_of_image>")),
+                                  image_token_index=cast(int, ids("<image_soft_token>")), tie_word_embeddings=True)
     with torch.device("meta"):
         wrapper = Gemma3ForConditionalGeneration(wrapper_config)
-    wrapper = wrapper.to_empty(device="cpu").to(torch.bfloat16).eval()
+    wrapper = wrapper.to_empty(device="cpu").to(torch.bfloat16).eval()  # type: ignore[arg-type]
     with torch.no_grad():
         for param in wrapper.model.vision_tower.parameters():
             param.normal_(0.0, 0.02, generator=generator)

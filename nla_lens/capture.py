@@ -25,7 +25,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -321,7 +321,7 @@ class Capture:
         if tokens is None or self.model.tokenizer is None:
             return None
         # As TL's to_str_tokens decodes each token.
-        return self.model.tokenizer.decode([int(tokens[row, col])], clean_up_tokenization_spaces=False)
+        return cast(str, self.model.tokenizer.decode([int(tokens[row, col])], clean_up_tokenization_spaces=False))
 
 
 class _MethodWatch:
@@ -362,8 +362,8 @@ class _MethodWatch:
         self.active = False
         if self.model.__dict__.get(self.name) is self.wrapper:
             previous = self.previous
-            while isinstance(getattr(previous, "watch", None), _MethodWatch) and not previous.watch.active:
-                previous = previous.watch.previous  # a capture closed before this one
+            while isinstance(watch := getattr(previous, "watch", None), _MethodWatch) and not watch.active:
+                previous = watch.previous  # a capture closed before this one
             if previous is None:
                 delattr(self.model, self.name)
             else:

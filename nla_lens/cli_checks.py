@@ -57,7 +57,7 @@ def base_for(path_or_id: str | Path | None, av_meta: NLAMeta, av_tokenizer: PreT
     from nla_lens.base_model import sidecar_base_folder
 
     from_sidecar = path_or_id is None
-    folder = sidecar_base_folder(av_meta) if from_sidecar else loading.resolve_checkpoint(path_or_id)
+    folder = sidecar_base_folder(av_meta) if path_or_id is None else loading.resolve_checkpoint(path_or_id)
     base = _sidecar_base(av_meta, folder) if from_sidecar else f"--base {path_or_id}"
     loading.check_base_folder(folder, base, av_meta.base_model)
     # The library's own checks say nl.load_base(nla); a shell user gives --base or leaves it out.

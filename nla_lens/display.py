@@ -138,7 +138,7 @@ class ColourScale:
         explained = [c for c in cells if c.explained]
         parsed = [c for c in explained if c.explanation is not None]
         if explained and all(c.fve is not None and math.isfinite(c.fve) for c in explained):
-            fves = [c.fve for c in parsed]
+            fves = [c.fve for c in parsed if c.fve is not None]  # every one, as checked just above
             negative = [f for f in fves if f < 0]
             return cls("FVE", tuple(sorted(f for f in fves if f >= 0)), min(negative) if negative else None)
         mses = [c.mse for c in parsed if c.mse is not None and math.isfinite(c.mse)]
@@ -385,7 +385,7 @@ def unparsed_cell(record: dict[str, Any], column: str) -> str | None:
     if flag is None or record.get(flag) is not False:
         return None
     value = record.get(column)
-    if raw_key is None:
+    if raw_key is None or truncated_key is None:  # both or neither: the clean / steered columns have neither
         return unparsed_text(value or "", truncated=False)
     raw = value if value is not None else record.get(raw_key) or ""
     return unparsed_text(raw, record.get(truncated_key) is True)

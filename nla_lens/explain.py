@@ -12,12 +12,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import pyarrow as pa
 import torch
 from jaxtyping import Float
 from torch import Tensor
+from transformers import PreTrainedTokenizerBase
 
 from nla_lens import backends, display
 from nla_lens.base_model import check_base_model
@@ -148,14 +149,19 @@ def explain(nla: NLA, base: TLModel, text_or_texts: str | Sequence[str], *, posi
     """
     backends.backend_of(base)  # the text is tokenized with its tokenizer before explain_tokens checks it
     texts = _texts(text_or_texts)
-    tokenizer = base.tokenizer
-    if tokenizer is None:
-        raise InputError("the base model has no tokenizer; load it with nl.load_base(...), or set base.tokenizer to "
-                         "its tokenizer")
+    tokenizer = _tokenizer(base)
     rows = [text_ids(tokenizer, text) for text in texts]  # BOS first where the tokenizer has one, never two
     skip = [bos_skip(tokenizer, ids) for ids in rows]
     return explain_tokens(nla, base, rows, positions=positions, skip=skip, texts=texts, baseline=baseline,
                           fwd_hooks=fwd_hooks, **verbalize_kwargs)
+
+
+def _tokenizer(base: TLModel) -> PreTrainedTokenizerBase:
+    """The base model's tokenizer: `explain` tokenizes the texts with it, `explain_tokens` names each token."""
+    if base.tokenizer is None:
+        raise InputError("the base model has no tokenizer; load it with nl.load_base(...), or set base.tokenizer to "
+                         "its tokenizer")
+    return base.tokenizer
 
 
 def _texts(text_or_texts: object) -> list[str]:
@@ -213,8 +219,8 @@ def explain_tokens(nla: NLA, base: TLModel, token_rows: Sequence[Sequence[int]],
                              "tokenize with base.to_tokens(text), or explain the text with nla.explain") from exc
         check_token_ids(base, ids, f"token_rows[{t}]")
     skip = [0] * len(token_rows) if skip is None else list(skip)
-    tokenizer = base.tokenizer
-    texts = [tokenizer.decode(list(row)) for row in token_rows] if texts is None else list(texts)
+    tokenizer = _tokenizer(base)
+    texts = [cast(str, tokenizer.decode(list(row))) for row in token_rows] if texts is None else list(texts)
     columns = [select_positions(positions, len(row), s, text=f"text {t} ({display.format_cell(text, 30)!r})")
                for t, (row, s, text) in enumerate(zip(token_rows, skip, texts, strict=True))]
     device = base.W_E.device
@@ -230,7 +236,8 @@ def explain_tokens(nla: NLA, base: TLModel, token_rows: Sequence[Sequence[int]],
             vectors.append(cap.vectors)
             sites += [(t, p) for p in cols]
     captured = torch.cat(vectors)
-    strings = [[tokenizer.decode([i], clean_up_tokenization_spaces=False) for i in row] for row in token_rows]
+    strings = [[cast(str, tokenizer.decode([i], clean_up_tokenization_spaces=False)) for i in row]
+               for row in token_rows]
     _check_directions(captured, sites, strings, layer)
     round_trip = nla.round_trip(captured, baseline=baseline, **verbalize_kwargs)
     fves = [None] * len(sites) if round_trip.fves is None else round_trip.fves.tolist()

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import pyarrow as pa
 import torch
@@ -229,7 +229,7 @@ def feature_card(
         raise InputError(f"feature_card draws one feature's card, got features {feature!r:.60}: pass one id, or one "
                          "card per feature: [nl.feature_card(sae, base, texts, f, nla) for f in features]")
     decoder_rows(sae, [feature])  # checks the id before the scan indexes with it
-    per_text = []
+    per_text: list[tuple[list[int], Tensor]] = []
     with torch.inference_mode():
         # The SAE encodes what it was trained on: another hook's activations when allow_other_hook let it in.
         scanned_hook = None if hook_name in resid_hook_names(av.meta.layer) else hook_name
@@ -260,6 +260,8 @@ def feature_card(
     starts = [0]
     for ids, _ in per_text:
         starts.append(starts[-1] + len(ids))
+    tokenizer = base.tokenizer
+    assert tokenizer is not None  # each_text_residuals refused a base without one before the scan
     contexts = []
     for index in order:
         text = next(i for i in range(len(per_text)) if starts[i + 1] > index)
@@ -268,7 +270,7 @@ def feature_card(
         lo, hi = max(0, position - before), min(len(ids), position + after + 1)
         contexts.append(FeatureContext(
             text, position, float(acts[position]),
-            [base.tokenizer.decode([t], clean_up_tokenization_spaces=False) for t in ids[lo:hi]],
+            [cast(str, tokenizer.decode([t], clean_up_tokenization_spaces=False)) for t in ids[lo:hi]],
             acts[lo:hi].tolist(), position - lo))
     if explain_contexts and contexts:
         contexts = _explain_contexts(av, base, texts, contexts, verbalize_kwargs)

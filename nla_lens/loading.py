@@ -20,6 +20,7 @@ import struct
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from io import BufferedReader
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, BinaryIO, Literal
 
@@ -37,7 +38,7 @@ from nla_lens.sidecar import SIDECAR_NAME, NLAMeta, check_tokenizer, load_meta
 try:
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 except ImportError:  # TransformerLens 4.x: the helpers below still serve nla_lens.backends.bridge
-    HookedTransformer = HookedTransformerConfig = None
+    HookedTransformer = HookedTransformerConfig = None  # type: ignore[misc, assignment]
 
 SUPPORTED_ARCHITECTURES = ("Qwen3ForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM", *gemma3.ARCHITECTURES)
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -354,7 +355,7 @@ class _TensorInfo:
     nbytes: int
 
 
-def _safetensors_entries(path: Path) -> Iterator[tuple[str, _TensorInfo, BinaryIO]]:
+def _safetensors_entries(path: Path) -> Iterator[tuple[str, _TensorInfo, BufferedReader]]:
     """(name, info, file positioned at its data) for each tensor of one file, in file order."""
     with open(path, "rb") as f:
         header = _safetensors_header(f, path)
@@ -425,7 +426,7 @@ def _integer_weight_error(name: str, dtype: str, path: Path) -> CheckpointError:
                            "load the unquantized release, or download the file again")
 
 
-def _read_exactly(f: BinaryIO, out: memoryview, path: Path) -> None:
+def _read_exactly(f: BufferedReader, out: memoryview, path: Path) -> None:
     done = 0
     while done < len(out):
         n = f.readinto(out[done:done + _READ_CHUNK])
@@ -434,7 +435,7 @@ def _read_exactly(f: BinaryIO, out: memoryview, path: Path) -> None:
         done += n
 
 
-def _read_into(f: BinaryIO, info: _TensorInfo, target: Tensor, path: Path, buffer: bytearray) -> None:
+def _read_into(f: BufferedReader, info: _TensorInfo, target: Tensor, path: Path, buffer: bytearray) -> None:
     """Fill `target` (contiguous, laid out as in the file) with one tensor's bytes.
 
     Same dtype on the CPU: read straight into the parameter's memory. Otherwise go through one
@@ -445,7 +446,7 @@ def _read_into(f: BinaryIO, info: _TensorInfo, target: Tensor, path: Path, buffe
     if info.nbytes == 0:
         return
     if target.device.type == "cpu" and target.dtype == info.dtype:
-        _read_exactly(f, memoryview(flat.view(torch.uint8).numpy()), path)
+        _read_exactly(f, flat.view(torch.uint8).numpy().data, path)
         return
     itemsize = info.dtype.itemsize
     step = len(buffer) // itemsize
@@ -588,7 +589,7 @@ def _allocate_hf_layout(model: HookedTransformer, device: str | torch.device) ->
             continue
         hf_shape, view = _hf_layout(tl_name, param.shape)
         storage = torch.empty(hf_shape, dtype=param.dtype, device=device)
-        _replace_parameter(model, tl_name, param, storage, view or (lambda s, shape=param.shape: s.view(shape)))
+        _replace_parameter(model, tl_name, param, storage, view or _view_as(param.shape))
         targets[tl_name] = storage
     for members in groups.values():
         members.sort(key=lambda member: member[0])
@@ -598,10 +599,16 @@ def _allocate_hf_layout(model: HookedTransformer, device: str | torch.device) ->
                               device=device)
         start = 0
         for (_, name, param), (shape, view) in zip(members, layouts, strict=True):
+            assert view is not None  # `_hf_layout` views every q/k/v matrix
             targets[name] = storage[start:start + shape[0]]
             _replace_parameter(model, name, param, targets[name], view)
             start += shape[0]
     return targets
+
+
+def _view_as(shape: torch.Size) -> Callable[[Tensor], Tensor]:
+    """The view of storage that already has the TL tensor's layout: its shape."""
+    return lambda storage: storage.view(shape)
 
 
 def _replace_parameter(model: HookedTransformer, tl_name: str, param: nn.Parameter, storage: Tensor,
@@ -620,10 +627,11 @@ def _stream_weights(folder: Path, targets: dict[str, Tensor], cfg: HookedTransfo
     written: set[str] = set()
     buffer = bytearray(_CAST_CHUNK)
     for file in _weight_files(folder):
-        for name, info, f in _safetensors_entries(file):
-            if wrapped:
-                name = gemma3.text_tensor_name(name)
-            tl_name = None if name is None or name in skip else _tl_name(name, cfg)
+        for stored_name, info, f in _safetensors_entries(file):
+            name = gemma3.text_tensor_name(stored_name) if wrapped else stored_name
+            if name is None or name in skip:
+                continue
+            tl_name = _tl_name(name, cfg)
             if tl_name is None or tl_name not in targets:
                 continue
             target = targets[tl_name]
@@ -751,7 +759,7 @@ def load_hooked_transformer(
     truncated = n_layers is not None
     if truncated:  # the AR reads the raw residual: no final norm, no unembed, and no storage for them
         model.ln_final = nn.Identity()
-        model.unembed = nn.Identity()
+        model.unembed = nn.Identity()  # type: ignore[assignment]  # TL types it Unembed; the AR has none
         model.setup()
     _share_block_buffers(model, cfg, device)  # first: the block it builds is freed before the weights are allocated
     targets = _allocate_hf_layout(model, device)

@@ -10,6 +10,7 @@ import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
@@ -248,7 +249,8 @@ def baseline_phrase(fve: float | dict[str, float] | None, baseline: float | None
 def warn_at_caller(message: str) -> None:
     """`warnings.warn` pointing at the first frame outside nla_lens: the user's line, however deep the call."""
     package = str(Path(__file__).parent)
-    frame, level = sys._getframe(1), 2
+    frame: FrameType | None = sys._getframe(1)
+    level = 2
     while frame is not None and frame.f_code.co_filename.startswith(package):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, stacklevel=level)
@@ -359,7 +361,7 @@ class NLA:
         reconstructions = torch.full_like(vectors, float("nan"))
         mse = torch.full((len(vectors),), metrics.miss_mse(self.av.meta.d_model, scale))
         if parsed:
-            texts = [verbalizations[i].explanation for i in parsed]
+            texts = [v.explanation for v in verbalizations if v.explanation is not None]  # those of `parsed`
             predicted = self.ar.reconstruct(texts, batch_size=reconstruct_batch_size).to(vectors.device)
             reconstructions[parsed] = predicted
             mse[parsed] = metrics.mse_per_item(predicted, vectors[parsed], scale).cpu()

@@ -85,7 +85,8 @@ class TabularResult:
             return path
         table = records_table(self.to_records(), self.schema)
         if file_kind(path) == ".parquet":
-            record = {"result_type": type(self).__name__, "summary": self.summary(), "nla_lens_version": __version__}
+            record: dict[str, str | list[str]] = {"result_type": type(self).__name__, "summary": self.summary(),
+                                                  "nla_lens_version": __version__}
             if self.warnings_at is not None:
                 record["warnings"] = self._held_warnings()
             table = table.replace_schema_metadata({RESULT_KEY: json_text(record)})

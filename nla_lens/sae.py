@@ -436,7 +436,7 @@ def verbalize_sae_features(
     weights) a `VectorError`. `sae.W_dec.any(dim=1)` picks the features that have a direction.
     """
     nla = av_or_nla if isinstance(av_or_nla, NLA) else None
-    av = av_or_nla.av if nla is not None else av_or_nla
+    av = nla.av if nla is not None else av_or_nla
     if not isinstance(av, ActivationVerbalizer):
         raise InputError(f"av_or_nla must be an ActivationVerbalizer or an NLA, got {type(av_or_nla).__name__}: call "
                          "nl.verbalize_sae_features(nla, sae, features), the NLA first (nl.feature_card takes it "
@@ -458,7 +458,8 @@ def verbalize_sae_features(
     reconstructions = torch.full_like(vectors, float("nan"))
     parsed = [i for i, v in enumerate(verbalizations) if v.explanation is not None]
     if parsed:
-        rebuilt = nla.ar.reconstruct([verbalizations[i].explanation for i in parsed]).to(vectors.device)
+        texts = [v.explanation for v in verbalizations if v.explanation is not None]  # those of `parsed`
+        rebuilt = nla.ar.reconstruct(texts).to(vectors.device)
         reconstructions[parsed] = rebuilt
     if offset is not None:
         # The AR was trained on rescaled targets, so its output norm means nothing: give each reconstruction

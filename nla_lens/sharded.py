@@ -270,16 +270,16 @@ def check_extraction_input(input_path: Path, av_meta: NLAMeta) -> None:
                          "nla_lens.training.load_activations")
     if file_kind(input_path) != ".safetensors":
         return
-    source, folder = next(((m, f) for f in input_path.resolve().parents[:2] if (m := _extraction_meta(f))),
-                          (None, None))
-    if source is None:
+    found = next(((m, f) for f in input_path.resolve().parents[:2] if (m := _extraction_meta(f))), None)
+    if found is None:
         return
+    source, folder = found
     if source.layer != av_meta.layer:
         raise InputError(f"{input_path} holds layer-{source.layer} vectors ({folder / SIDECAR_NAME} says so), but the "
                          f"AV explains layer {av_meta.layer}: extract at layer {av_meta.layer}, or use an AV of layer "
                          f"{source.layer}")
-    if None not in (source.base_model, av_meta.base_model) and _base_names(source.base_model).isdisjoint(
-            _base_names(av_meta.base_model)):
+    if source.base_model is not None and av_meta.base_model is not None and _base_names(
+            source.base_model).isdisjoint(_base_names(av_meta.base_model)):
         warnings.warn(f"{input_path} was extracted from base {source.base_model!r} and the AV trained from "
                       f"{av_meta.base_model!r}: an AV explains its own base's activations", stacklevel=3)
 
@@ -313,7 +313,7 @@ def _input_facts(input_path: Path, table: VectorTable) -> dict[str, Any]:
     """Which input the shards were computed from: its path and size, and hashes of the vectors and of the
     columns carried into the output rows (an edited id column changes the output as an edited vector does).
     The rows depend on the hashed content only: the same file moved resumes (see `shard_store.check_manifest`)."""
-    digest = hashlib.sha256(table.vectors.contiguous().numpy()).hexdigest()
+    digest = hashlib.sha256(table.vectors.contiguous().numpy().data).hexdigest()
     return {"input": str(input_path.resolve()), "input_bytes": input_path.stat().st_size,
             "n_rows": table.vectors.shape[0], "vectors_sha256": digest, "columns_sha256": _table_sha256(table.columns)}
 
@@ -375,6 +375,7 @@ def _run(table: VectorTable, output: Path, manifest: dict[str, Any], compute: Ca
     relocated = shard_store.check_manifest(folder, recorded, manifest)
     if relocated and world.is_main:
         _warn_relocated(folder, manifest, relocated)
+        assert recorded is not None  # check_manifest relocates nothing without a recorded manifest
         shard_store.record_locations(folder, recorded, manifest, relocated)  # the next rerun from there says nothing
     ranges = shard_store.shard_rows(table.vectors.shape[0], shard_size)
     todo = [i for i in shard_store.assigned_shards(len(ranges), world, shards)

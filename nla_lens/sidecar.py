@@ -31,7 +31,7 @@ DEFAULT_HOOK_POINT: dict[str, str] = {
     # The token embedding (after any embedding scale), which the paper's checkpoints replace.
     "embedding": "hook_embed",
 }
-_ROLES = {"av": "av", "actor": "av", "ar": "ar", "critic": "ar"}
+_ROLES: dict[str, Literal["av", "ar"]] = {"av": "av", "actor": "av", "ar": "ar", "critic": "ar"}
 
 
 @dataclass(frozen=True)
@@ -255,10 +255,11 @@ def _build(data: dict[str, Any], source: str, *, role: Literal["av", "ar"] | Non
                            f"got {suffix!r}")
     av_template = _template(templates, "av", "actor", source)
     ar_template = _template(templates, "ar", "critic", source)
-    for name, template in (("AV", av_template), ("AR", ar_template)):
+    named_templates: tuple[tuple[Literal["AV", "AR"], Any], ...] = (("AV", av_template), ("AR", ar_template))
+    for name, template in named_templates:
         if template is not None and not isinstance(template, str):
             raise SidecarError(f"{source}: the {name} prompt template must be a string, got {template!r}")
-    for name, template in (("AV", av_template), ("AR", ar_template)):
+    for name, template in named_templates:
         problem = None if template is None else template_problem(name, template)
         if problem is not None:
             raise SidecarError(f"{source}: {problem}; restore the released template")

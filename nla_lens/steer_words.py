@@ -32,7 +32,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import pyarrow as pa
 import torch
@@ -439,8 +439,8 @@ def sampling_settings(explanations: object, samples: int | None, temperature: fl
                              "temperature other than 0; pass samples > 1 (e.g. samples=5) to sample, or drop them")
         check_sampling(0.0, 1.0, max_new_tokens, batch_size)
         return 1, {"temperature": 0.0, "max_new_tokens": max_new_tokens}
-    sampling = {"temperature": 1.0 if temperature is None else temperature, "seed": 0 if seed is None else seed,
-                "max_new_tokens": max_new_tokens}
+    sampling: dict[str, Any] = {"temperature": 1.0 if temperature is None else temperature,
+                                "seed": 0 if seed is None else seed, "max_new_tokens": max_new_tokens}
     check_sampling(sampling["temperature"], 1.0, max_new_tokens, batch_size, sampling["seed"])
     if sampling["temperature"] == 0:  # every sample would be the greedy explanation: Delta averaged over copies
         raise InputError(f"samples={samples}, temperature={temperature!r}: at temperature 0 every sample is the same "
@@ -476,7 +476,7 @@ def _given_explanations(explanations: Sequence[str | Sequence[str]], n_sites: in
     if not all(t and all(isinstance(s, str) for s in t) for t in texts):
         raise InputError("each site's explanations must be a non-empty string or a non-empty list of strings (a "
                          "failed parse's explanation is None: give that site a text, or leave explanations= out)")
-    return texts
+    return cast(list[list[str]], texts)  # every entry a str, as checked just above
 
 
 def _apply_edits(edit: Edit, texts: list[list[str]]) -> list[list[str]]:
@@ -532,11 +532,11 @@ def _delta(nla: NLA, texts: list[list[str]], edited: list[list[str]], sites: lis
     flat_after = [t for site in edited for t in site]
     reconstructed = unit(nla.ar.reconstruct(flat_before + flat_after, batch_size=batch_size).float().cpu())
     n = len(flat_before)
-    before, after = reconstructed[:n], reconstructed[n:]
+    unit_before, unit_after = reconstructed[:n], reconstructed[n:]
     site = torch.tensor([i for i, samples in enumerate(texts) for _ in samples])
     counts = torch.bincount(site, minlength=len(texts)).float()[:, None]
-    delta = torch.zeros(len(texts), before.shape[1]).index_add_(0, site, after - before) / counts
-    target = torch.zeros(len(texts), before.shape[1]).index_add_(0, site, after) / counts
+    delta = torch.zeros(len(texts), unit_before.shape[1]).index_add_(0, site, unit_after - unit_before) / counts
+    target = torch.zeros(len(texts), unit_before.shape[1]).index_add_(0, site, unit_after) / counts
     flat = ((delta if mode == "add" else target).norm(dim=-1) == 0).nonzero().flatten().tolist()
     if flat and mode == "add":
         raise InputError(
@@ -562,6 +562,8 @@ def _continuations(base: TLModel, tokens: Tensor, real: Tensor, result: WordStee
     """Greedy continuations of each row's real tokens, without and with the steering (no padding, no KV cache:
     the steering hook sees the prompt columns in every forward pass). Run with an all-ones mask: every token
     kept is real, a pad-id one too (Qwen's <|endoftext|>), which HookedTransformer would mask when it leads."""
+    tokenizer = base.tokenizer
+    assert tokenizer is not None  # _check_inputs refused continue_tokens for a base without one
     out = []
     for row in range(tokens.shape[0]):
         keep = real[row].nonzero().flatten().to(tokens.device)
@@ -579,7 +581,7 @@ def _continuations(base: TLModel, tokens: Tensor, real: Tensor, result: WordStee
                                                   fwd_hooks=fwd_hooks)
                 # TL moves the tokens to the model's device; the logits come back there, not to `grown`'s.
                 grown = torch.cat([grown, logits[:, -1].argmax(-1, keepdim=True).to(grown.device)], dim=1)
-            pair.append(base.tokenizer.decode(grown[0, ids.shape[1]:].tolist()))
+            pair.append(cast(str, tokenizer.decode(grown[0, ids.shape[1]:].tolist())))
         out.append((pair[0], pair[1]))
     return out
 

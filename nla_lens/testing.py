@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import cast
 
 import torch
 from safetensors.torch import save_file
@@ -54,10 +55,10 @@ def build_tokenizer(folder: Path | None = None, vocab_size: int = 384) -> PreTra
 
 def token_facts(tokenizer: PreTrainedTokenizerFast, av_template: str = AV_TEMPLATE, marker: str = MARKER) -> dict:
     """The sidecar's `tokens:` block, derived from the tokenizer as the training code derives it."""
-    prompt = tokenizer.apply_chat_template(
+    prompt = cast(list[int], tokenizer.apply_chat_template(  # one conversation, tokenized: its ids
         [{"role": "user", "content": av_template.replace("{injection_char}", marker)}],
-        add_generation_prompt=True, tokenize=True, return_dict=False)
-    marker_id = tokenizer.convert_tokens_to_ids(marker)
+        add_generation_prompt=True, tokenize=True, return_dict=False))
+    marker_id = cast(int, tokenizer.convert_tokens_to_ids(marker))
     at = prompt.index(marker_id)
     suffix = AR_TEMPLATE.split("{explanation}")[1]
     return {
@@ -134,7 +135,7 @@ def save_ar(model: Qwen3ForCausalLM, tokenizer: PreTrainedTokenizerFast, folder:
     config.pop("layer_types", None)
     Qwen3Config(**config).save_pretrained(folder)
     keep = {k: v.contiguous() for k, v in model.state_dict().items()
-            if k.startswith("model.embed_tokens") or _layer_of(k) is not None and _layer_of(k) <= layer}
+            if k.startswith("model.embed_tokens") or (block := _layer_of(k)) is not None and block <= layer}
     d_model = model.config.hidden_size
     if placeholders:
         keep["model.norm.weight"] = torch.ones(d_model)
@@ -143,7 +144,7 @@ def save_ar(model: Qwen3ForCausalLM, tokenizer: PreTrainedTokenizerFast, folder:
     if shards == 1:
         save_file(keep, folder / "model.safetensors", metadata={"format": "pt"})
     else:
-        weight_map = {}
+        weight_map: dict[str, str] = {}
         for i in range(shards):
             file = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
             part = {k: keep[k] for k in names[i::shards]}

@@ -14,6 +14,7 @@ unembedding. The multimodal layout wraps it with a tiny SigLIP tower.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from safetensors.torch import save_file
@@ -133,8 +134,9 @@ def build_gemma3(tokenizer: PreTrainedTokenizerFast, *, n_layers: int = 4, d_mod
         text_config=text.config.to_dict(),
         vision_config=SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                          num_attention_heads=2, image_size=28, patch_size=14).to_dict(),
-        mm_tokens_per_image=4, boi_token_index=ids("<start_of_image>"), eoi_token_index=ids("<end_of_image>"),
-        image_token_index=ids("<image_soft_token>"), tie_word_embeddings=True,
+        mm_tokens_per_image=4, boi_token_index=cast(int, ids("<start_of_image>")),
+        eoi_token_index=cast(int, ids("<end_of_image>")), image_token_index=cast(int, ids("<image_soft_token>")),
+        tie_word_embeddings=True,
     )
     wrapper = Gemma3ForConditionalGeneration(config).float().eval()
     wrapper.model.language_model.load_state_dict(text.model.state_dict())
@@ -182,13 +184,14 @@ def save_folder(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, fold
     return folder
 
 
-def save_truncated_ar(model: Gemma3ForCausalLM | LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast,
+def save_truncated_ar(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast,
                       folder: Path, sidecar: dict, layer: int, readout: torch.Tensor) -> Path:
     """The paper's AR layout: a K+1-block text backbone (no final norm, no lm_head) + value head."""
     folder.mkdir(parents=True, exist_ok=True)
-    cut = {"num_hidden_layers": layer + 1}
-    if getattr(model.config, "layer_types", None) is not None:
-        cut["layer_types"] = model.config.layer_types[:layer + 1]
+    cut: dict[str, Any] = {"num_hidden_layers": layer + 1}
+    layer_types = getattr(model.config, "layer_types", None)
+    if layer_types is not None:
+        cut["layer_types"] = layer_types[:layer + 1]
     config = type(model.config)(**(model.config.to_dict() | cut))
     config.architectures = [type(model).__name__]
     config.save_pretrained(folder)

@@ -7,7 +7,7 @@ import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, SupportsIndex, overload
+from typing import TYPE_CHECKING, Any, SupportsIndex, cast, overload
 
 import pyarrow as pa
 import torch
@@ -104,8 +104,9 @@ class Verbalizations(TabularResult, list):
 
     def __getitem__(self, index: SupportsIndex | slice) -> Verbalization | Verbalizations:
         """A slice stays a `Verbalizations` (list's own is a plain list), keeping the repr, `to_pandas()`, `save()`."""
-        got = super().__getitem__(index)
-        return Verbalizations(got, warnings=self.warnings) if isinstance(index, slice) else got
+        if isinstance(index, slice):
+            return Verbalizations(super().__getitem__(index), warnings=self.warnings)
+        return super().__getitem__(index)
 
     def __add__(self, other: list[Verbalization]) -> Verbalizations:  # type: ignore[override]
         return Verbalizations(super().__add__(other), warnings=_joined_warnings(self, other))
@@ -285,7 +286,7 @@ class ActivationVerbalizer:
             for start in tqdm(starts, desc="verbalize", disable=not progress, unit="batch"):
                 for ids in self._generate(vectors[start:start + batch_size], max_new_tokens, temperature, top_p,
                                           generator):
-                    text = self.tokenizer.decode(ids, skip_special_tokens=True)
+                    text = cast(str, self.tokenizer.decode(ids, skip_special_tokens=True))
                     results.append(Verbalization(text, parse_explanation(text), ids, truncated=ids[-1] not in eos,
                                                  index=len(results)))
         warning = injection_warning([r.text for r in results], self.meta.injection_char)

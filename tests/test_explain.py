@@ -16,7 +16,7 @@ from base_batches import distinct_readouts, load_base, no_hooks_left
 import nla_lens as nl
 from nla_lens import metrics
 from nla_lens.cli import main
-from nla_lens.explain import select_positions
+from nla_lens.explain import explain_tokens, select_positions
 from nla_lens.toy.evaluate import MIN_CONTEXT
 from nla_lens.toy.labeler import names_token
 
@@ -209,6 +209,14 @@ def test_a_base_without_a_tokenizer_is_told_a_fix_that_exists(base, nla, monkeyp
     with pytest.raises(nl.InputError, match="no tokenizer") as raised:
         nla.explain(base, "the cat")
     assert "tokenizer=" not in str(raised.value) and "base.tokenizer" in str(raised.value)
+
+
+def test_explain_tokens_with_a_base_without_a_tokenizer_is_told_a_fix_that_exists(base, nla, monkeypatch):
+    """explain_tokens decodes each token to name it; a base without a tokenizer was an AttributeError on None."""
+    ids = [base.tokenizer.encode("the cat", add_special_tokens=True)]
+    monkeypatch.setattr(base, "tokenizer", None)
+    with pytest.raises(nl.InputError, match="no tokenizer.*set base.tokenizer"):
+        explain_tokens(nla, base, ids, positions=-1, max_new_tokens=2)
 
 
 def test_explaining_with_the_avs_own_model_as_base_warns(nla):

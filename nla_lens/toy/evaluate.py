@@ -16,6 +16,7 @@ import random
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -34,6 +35,9 @@ from nla_lens.training.dataset import eval_documents
 from nla_lens.training.extraction import Document
 from nla_lens.vector_files import json_text
 from nla_lens.verbalizer import ActivationVerbalizer
+
+if TYPE_CHECKING:
+    from nla_lens.backends import TLModel
 
 HELDOUT_FILE = "heldout.json"
 SCORES_FILE = "scores.json"
@@ -100,12 +104,12 @@ class ToyNLA:
     """The bundled checkpoints, loaded: the base LM (a TL model of the default backend), the AV and the AR
     (`.nla` pairs them)."""
 
-    base: object
+    base: TLModel
     av: ActivationVerbalizer
     ar: ActivationReconstructor
 
     def __repr__(self) -> str:
-        cfg = self.base.cfg  # type: ignore[attr-defined]
+        cfg = self.base.cfg
         return (f"ToyNLA(base={type(self.base).__name__} with {cfg.n_layers} blocks, d_model {cfg.d_model},\n"
                 f"  av={self.av!r},\n  ar={self.ar!r})")
 
@@ -308,6 +312,8 @@ def score_items(toy: ToyNLA, vectors: Float[Tensor, "n d_model"], tokens: Int[Te
     # The paper baseline of these held-out vectors, not the sidecar's (of the training run's eval split).
     baseline = metrics.paper_baseline(vectors, toy.ar.meta.mse_scale)
     round_trip = toy.nla.round_trip(vectors, baseline=baseline, max_new_tokens=48, batch_size=64)
+    # Given a baseline, round_trip scores with it (or raises): fve, baseline and fves are set.
+    assert round_trip.fve is not None and round_trip.baseline is not None and round_trip.fves is not None
     named = torch.tensor([names_token(v.explanation, toy.av.tokenizer, int(t))
                           for v, t in zip(round_trip.verbalizations, tokens, strict=True)])
     scores = ToyScores(

@@ -9,6 +9,7 @@ rebuild the vector from the words and a test can check the AV named the right to
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 from transformers import PreTrainedTokenizerBase
 
@@ -21,15 +22,16 @@ def quote(piece: str) -> str:
 def describe_position(tokenizer: PreTrainedTokenizerBase, prefix: Sequence[int], predicted: int,
                       context_tokens: int = 1) -> str:
     """2-3 snippets about the last token of `prefix`, given the base model's next-token guess."""
-    final = tokenizer.decode([prefix[-1]])
-    before = tokenizer.decode(list(prefix[-1 - context_tokens:-1])).strip()
+    final = cast(str, tokenizer.decode([prefix[-1]]))
+    before = cast(str, tokenizer.decode(list(prefix[-1 - context_tokens:-1]))).strip()
     snippets = [f"The token {quote(final)}"]
     if before:
         snippets.append(f"after {quote(before)}")
-    snippets.append(f"predicting {quote(tokenizer.decode([predicted]))}.")
+    snippets.append(f"predicting {quote(cast(str, tokenizer.decode([predicted])))}.")
     return ", ".join(snippets)
 
 
 def names_token(explanation: str | None, tokenizer: PreTrainedTokenizerBase, token: int) -> bool:
     """Whether an explanation's first snippet names `token` (the check behind the demo's accuracy)."""
-    return explanation is not None and explanation.startswith(f"The token {quote(tokenizer.decode([token]))}")
+    return explanation is not None and explanation.startswith(
+        f"The token {quote(cast(str, tokenizer.decode([token])))}")

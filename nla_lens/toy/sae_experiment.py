@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import pyarrow as pa
 import torch
@@ -299,10 +299,12 @@ def run_sae_experiment(folder: Path = TOY_DIR, cfg: SAEExperimentConfig | None =
     pairs = control_pairs(targets)
     controls = [targets[j] for j in pairs]
     nla = NLA(toy.av, toy.ar)
-    kwargs = {"max_new_tokens": cfg.max_new_tokens, "batch_size": 128, "progress": False}
+    kwargs: dict[str, Any] = {"max_new_tokens": cfg.max_new_tokens, "batch_size": 128, "progress": False}
     bare = verbalize_sae_features(nla, sae, features, **kwargs)
     shifted = verbalize_sae_features(nla, sae, features, offset=ResidualStats.from_vectors(resid, toy.av.meta.layer),
                                      **kwargs)
+    # Given an NLA, the AR rebuilt each explanation: both runs carry reconstructions and cosines.
+    assert bare.reconstructions is not None and bare.cosines is not None and shifted.cosines is not None
     strongest = resid[acts[:, features].argmax(dim=0)]  # [n_features, d_model]
     top_context = nla.av.verbalize(strongest, **kwargs)
     other_rows = sae.W_dec.detach()[[features[j] for j in pairs]].float()
@@ -311,9 +313,9 @@ def run_sae_experiment(folder: Path = TOY_DIR, cfg: SAEExperimentConfig | None =
     for f, e, e_offset, top, control in zip(found, bare.explanations, shifted.explanations, top_context, controls,
                                             strict=True):
         table.append(FeatureRow(
-            f.feature, tokenizer.decode([f.token]), f.purity, e, e_offset, top.explanation,
+            f.feature, cast(str, tokenizer.decode([f.token])), f.purity, e, e_offset, top.explanation,
             names_token(e, tokenizer, f.token), names_token(e_offset, tokenizer, f.token),
-            names_token(top.explanation, tokenizer, f.token), tokenizer.decode([control]),
+            names_token(top.explanation, tokenizer, f.token), cast(str, tokenizer.decode([control])),
             names_token(e, tokenizer, control)))
     n = len(table)
     return SAEExperimentResult(

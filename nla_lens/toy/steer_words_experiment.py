@@ -31,9 +31,10 @@ import argparse
 import json
 import re
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import pyarrow as pa
 import torch
@@ -234,7 +235,7 @@ def _oracle_directions(toy: ToyNLA, folder: Path, argmax: Int[Tensor, " n"],
     means = {token: total / counts[token] for token, total in sums.items()}
     missing = sorted({int(t) for t in (*targets, *argmax)} - set(means))
     if missing:  # a direction needs the mean residual of positions where the base predicts the token
-        names = ", ".join(f"{quote(toy.av.tokenizer.decode([t]))} (id {t})" for t in missing)
+        names = ", ".join(f"{quote(cast(str, toy.av.tokenizer.decode([t])))} (id {t})" for t in missing)
         raise InputError(
             f"the base model never predicts {names} at the held-out positions the oracle reads (past column "
             f"{MIN_CONTEXT}, the first {MAX_TOKENS} tokens of each text in {folder / HELDOUT_FILE}), so it has no "
@@ -254,12 +255,15 @@ def _choose_edits(toy: ToyNLA, said: list[str | None], clean: Tensor, choice: Ch
     """Sites whose explanation parses, each with Z' (frequent, != Z, != the base argmax) and its edit."""
     argmax = clean.argmax(-1)
     tokenizer = toy.av.tokenizer
-    quoted = {quote(tokenizer.decode([i])): i for i in reversed(range(len(tokenizer)))}  # lowest id wins
+    quoted = {quote(cast(str, tokenizer.decode([i]))): i for i in reversed(range(len(tokenizer)))}  # lowest id wins
     parsed = [EXPLANATION.match(s or "") for s in said]
     counts = Counter(m.group(3) for m in parsed if m and m.group(3) in quoted)
     pool = [z for z, _ in counts.most_common(frequent)]
     rng = torch.Generator().manual_seed(seed)
-    keep, edits, targets, named = [], [], [], []
+    keep: list[int] = []
+    edits: list[Callable[[str], str]] = []
+    targets: list[int] = []
+    named: list[bool] = []
     for i, m in enumerate(parsed):
         if m is None or len(keep) == limit:
             continue

@@ -82,7 +82,8 @@ def response_logits(av: ActivationVerbalizer, prompt: list[int], responses: list
     # Sites from the prompt columns only (a sampled response may echo the marker and its neighbours); the
     # forward runs the whole sequence, which the hook injects at those same sites.
     injection = av.injection(vectors.to(av.device), tokens[:, :len(prompt)])
-    with av.model.hooks(fwd_hooks=injection.fwd_hooks()):
+    # TL annotates fwd_hooks as list[tuple[str | Callable, Callable]]: invariant, so our narrower hooks fail it
+    with av.model.hooks(fwd_hooks=injection.fwd_hooks()):  # type: ignore[arg-type]
         resid = av.model(tokens, attention_mask=mask, stop_at_layer=av.model.cfg.n_layers)
     # Position t predicts token t+1: score positions whose next token is a response token.
     scored = mask[:, 1:].bool()

@@ -8,7 +8,7 @@ import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar, cast
 
 import torch
 import yaml
@@ -50,8 +50,9 @@ class ExtractConfig:
                               f"min_context (got {self.layer}, {self.positions_per_doc}, {self.min_context}, "
                               f"{self.max_tokens})")
         # Here, not once the base has loaded, where the sidecar's parser named no key and said to restore a file.
-        for key, name, default in (("av_template", "AV", DEFAULT_AV_TEMPLATE),
-                                   ("ar_template", "AR", DEFAULT_AR_TEMPLATE)):
+        templates: tuple[tuple[str, Literal["AV", "AR"], str], ...] = (
+            ("av_template", "AV", DEFAULT_AV_TEMPLATE), ("ar_template", "AR", DEFAULT_AR_TEMPLATE))
+        for key, name, default in templates:
             template = getattr(self, key)
             if not isinstance(template, str):
                 raise ConfigError(f"{key}: expected a string, got {template!r}; the default is {default!r}")
@@ -426,7 +427,7 @@ def _number_text(value: Any) -> bool:
 def _dataclass_in(hint: Any) -> type | None:
     """The dataclass a field holds, seeing through `X | None`."""
     if dataclasses.is_dataclass(hint):
-        return hint
+        return cast(type, hint)  # a field's hint: the class, never an instance
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        return next((a for a in typing.get_args(hint) if dataclasses.is_dataclass(a)), None)
+        return next((cast(type, a) for a in typing.get_args(hint) if dataclasses.is_dataclass(a)), None)
     return None

@@ -120,7 +120,8 @@ def label_activations(dataset: ActivationDataset, explanations: str | Path | Lab
         logger.info("%d of %d activation rows have no explanation and are left out", len(texts) - len(keep),
                     len(texts))
     return LabelledActivations(dataset.vectors[keep], [dataset.records[i].doc_id for i in keep],
-                               [dataset.records[i].position for i in keep], [texts[i] for i in keep], identity)
+                               [dataset.records[i].position for i in keep], [t for t in texts if t is not None],
+                               identity)
 
 
 def check_labelled_extraction(recorded: ExtractionIdentity | None, activations: ExtractionIdentity,
@@ -232,14 +233,15 @@ def data_fingerprint(*parts: LabelledActivations | Tensor | nn.Module) -> str:
         if isinstance(part, nn.Module):
             for name, param in part.named_parameters():
                 digest.update(f"{name}{tuple(param.shape)}".encode())
-                digest.update(param.detach().flatten()[::_WEIGHT_STRIDE].to("cpu", torch.float32).contiguous().numpy())
+                sample = param.detach().flatten()[::_WEIGHT_STRIDE].to("cpu", torch.float32).contiguous()
+                digest.update(sample.numpy().data)
             continue
         tensors, lists = ((part.vectors,), (part.doc_ids, part.positions, part.explanations)) if isinstance(
             part, LabelledActivations) else ((part,), ())
         for tensor in tensors:
             digest.update(f"{tuple(tensor.shape)}".encode())
             for chunk in tensor.detach().flatten().split(_FINGERPRINT_CHUNK):  # float32 copies, a chunk at a time
-                digest.update(chunk.to("cpu", torch.float32).contiguous().numpy())
+                digest.update(chunk.to("cpu", torch.float32).contiguous().numpy().data)
         for values in lists:
             digest.update(json.dumps(values).encode())
     return digest.hexdigest()

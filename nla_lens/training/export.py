@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import einops
 import torch
@@ -29,6 +29,8 @@ from nla_lens.verbalizer import ActivationVerbalizer
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
+
+    from nla_lens.backends import TLModel
 
 _BLOCK = re.compile(r"^blocks\.(\d+)\.(.+)$")
 _ROLE_NAMES = {"av": "AV", "ar": "AR"}
@@ -185,7 +187,7 @@ def check_export_folder(folder: str | Path, role: Literal["av", "ar"]) -> None:
         )
 
 
-def _export_backbone(model: HookedTransformer, folder: Path, base_model: str | Path, *, n_layers: int | None,
+def _export_backbone(model: TLModel, folder: Path, base_model: str | Path, *, n_layers: int | None,
                      untie: bool, dtype: torch.dtype) -> bool:
     """Gather the weights (every rank), then on rank 0 write `config.json` + `model.safetensors`.
 
@@ -193,7 +195,7 @@ def _export_backbone(model: HookedTransformer, folder: Path, base_model: str | P
     """
     backends.require_hooked("export", model)
     config = _hf_config(base_model, n_layers=n_layers, untie=untie, dtype=dtype)
-    weights = hf_state_dict(model, qkv_bias=has_qkv_bias(config), dtype=dtype)
+    weights = hf_state_dict(cast("HookedTransformer", model), qkv_bias=has_qkv_bias(config), dtype=dtype)
     if not current_world().is_main:
         return False
     folder.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,7 @@ import random
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import yaml
@@ -355,7 +355,8 @@ def _write_shard(model: HookedTransformer, tokenizer: PreTrainedTokenizerBase, d
         taken = resid[rows.to(device), cols.to(device)].float().cpu()
         for i, part in zip(batch, taken.split([len(picks[i]) for i in batch]), strict=True):
             vectors[i] = part
-    records = [ActivationRecord(doc.id, p, row[p], tokenizer.decode([row[p]]), tokenizer.decode(row[:p]))
+    records = [ActivationRecord(doc.id, p, row[p], cast(str, tokenizer.decode([row[p]])),
+                                cast(str, tokenizer.decode(row[:p])))
                for doc, row, positions in zip(docs, ids, picks, strict=True) for p in positions]
     tensors = {
         "vectors": torch.cat([v for v in vectors if v is not None]) if records

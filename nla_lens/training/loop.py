@@ -24,22 +24,26 @@ import warnings
 from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from jaxtyping import Int
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from nla_lens.checks import blocks_phrase
 from nla_lens.distributed import World
 from nla_lens.errors import CheckpointError, ConfigError
 from nla_lens.training import parallel
-from nla_lens.training.config import TrainConfig
+from nla_lens.training.config import RLConfig, TrainConfig
 from nla_lens.training.recompute import activation_checkpointing
 from nla_lens.vector_files import save_tensors
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
 
 logger = logging.getLogger(__name__)
 CHECKPOINT_DIR = "checkpoints"
@@ -100,7 +104,7 @@ def select_trainable(modules: dict[str, nn.Module], trainable_blocks: list[int] 
     With `trainable_blocks`, only those TransformerLens blocks of the `model` module train (other
     modules, e.g. the AR readout, always train). Parameters already frozen stay frozen.
     """
-    n_layers = modules["model"].cfg.n_layers
+    n_layers = cast("HookedTransformer", modules["model"]).cfg.n_layers
     if blocks_outside(trainable_blocks, n_layers):
         raise ConfigError(f"trainable_blocks {trainable_blocks} must index the model's {blocks_phrase(n_layers)}")
     params = {}
@@ -266,7 +270,8 @@ def _accumulate_gradients(step_loss: nn.Module, batches: list[Int[Tensor, " batc
     for k, index in enumerate(batches):
         share, counts = parallel.rank_share(index, world)
         last = k == len(batches) - 1
-        no_sync = step_loss.no_sync() if hasattr(step_loss, "no_sync") and not last else contextlib.nullcontext()
+        no_sync = (cast(DistributedDataParallel, step_loss).no_sync() if hasattr(step_loss, "no_sync") and not last
+                   else contextlib.nullcontext())
         with no_sync:
             with autocast:
                 loss = step_loss(share, divisor)
@@ -278,7 +283,8 @@ def _accumulate_gradients(step_loss: nn.Module, batches: list[Int[Tensor, " batc
 
 
 def save_checkpoint(out_dir: Path, step: int, params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer,
-                    config: TrainConfig, result: TrainResult, *, data: str | None = None, seconds: float) -> Path:
+                    config: TrainConfig | RLConfig, result: TrainResult, *, data: str | None = None,
+                    seconds: float) -> Path:
     """Write `checkpoints/step-NNNNNN` atomically and keep the newest `keep_checkpoints` of them; `data`
     is the run's `dataset.data_fingerprint`, `seconds` the run's time up to this step (earlier stretches of a
     resumed run included): `result.seconds` counts only the stretches before this process's.
@@ -319,7 +325,7 @@ def _defaults_as_saved(config_type: type) -> dict[str, Any]:
 
 
 def load_checkpoint(folder: Path, params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer,
-                    config: TrainConfig, resumable: frozenset[str] | set[str] = frozenset(), *,
+                    config: TrainConfig | RLConfig, resumable: frozenset[str] | set[str] = frozenset(), *,
                     data: str | None = None) -> TrainResult:
     """Restore weights and optimizer state from `folder`; the config must match the saved one, except
     for settings that leave the trajectory alone (`_RESUMABLE_CHANGES`, plus `resumable`), and so must
@@ -485,7 +491,9 @@ def check_resume(out_dir: str | Path | None, resume: str | Path | None,
     settings `load_checkpoint` lets a resume change (RL's `steps`); `written`: the names the caller's run writes in
     `out_dir` beside the checkpoints (its export, its record), which a finished run's refusal names where found."""
     if resume is None:
-        found = checkpoints(out_dir) if out_dir is not None else []
+        if out_dir is None:
+            return
+        found = checkpoints(out_dir)
         if found and is_last_step(found[-1]):
             raise ConfigError(_finished_run(Path(out_dir), found[-1], written, extendable="steps" in resumable))
         if found:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -28,7 +28,7 @@ def activation_checkpointing(model: nn.Module) -> Iterator[None]:
     """Checkpoint every block of `model` (`model.blocks`) while the context is open."""
     patched = []
     try:
-        for block in model.blocks:
+        for block in cast(nn.ModuleList, model.blocks):
             block.forward = _checkpointed(block, block.forward)
             patched.append(block)
         yield
@@ -60,5 +60,5 @@ def _forward_hooks_as(hook_points: list[HookPoint], recorded: list[OrderedDict])
             hp._forward_hooks = OrderedDict(hooks)
         yield
     finally:
-        for hp, hooks in zip(hook_points, current, strict=True):
-            hp._forward_hooks = hooks
+        for hp, original in zip(hook_points, current, strict=True):
+            hp._forward_hooks = original

@@ -30,13 +30,15 @@ import logging
 import math
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from nla_lens import backends, metrics
@@ -53,6 +55,9 @@ from nla_lens.training.config import RLConfig
 from nla_lens.training.dataset import ARRows, AVRows, LabelledActivations, av_rows, check_fits, data_fingerprint
 from nla_lens.training.export import freeze_weights_hf_lacks
 from nla_lens.verbalizer import ActivationVerbalizer, _sample
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
 
 logger = logging.getLogger(__name__)
 # The learning rates are constant, so a run may also be extended: `steps` may change on a resume.
@@ -168,7 +173,7 @@ def rollout(av: ActivationVerbalizer, ar: ActivationReconstructor, vectors: Floa
         av, vectors, seeds, group_size=config.group_size, max_new_tokens=config.max_new_tokens,
         temperature=config.temperature, top_p=config.top_p)
     targets = vectors.repeat_interleave(config.group_size, dim=0)
-    texts = [av.tokenizer.decode(r, skip_special_tokens=True) for r in responses]
+    texts = [cast(str, av.tokenizer.decode(r, skip_special_tokens=True)) for r in responses]
     explanations, mse, rewards = score(ar, targets, texts, truncated)
     advantages = grpo.group_advantages(rewards.view(-1, config.group_size)).flatten()
     return Rollout(targets, responses, old_logp, texts, explanations, truncated, mse, rewards, advantages)
@@ -273,15 +278,18 @@ class _Trainer:
                               if config.train_ar else None)
 
     def _grpo_loss(self, index: Tensor) -> Tensor:
+        assert self.current is not None  # `step` samples the rollout before any backward
         samples = range(int(index[0]), int(index[-1]) + 1)
         loss, diagnostics = policy_loss_sum(self.av, self.current, self.ref_logp, samples, self.config)
         self.diagnostics.append(diagnostics)
         return loss
 
     def _sft_loss(self, index: Tensor) -> Tensor:
+        assert self.sft_rows is not None and self.sft_share is not None  # set by `_sft_backward`, its only caller
         return self.config.sft_coef * av_loss(self.av, self.sft_rows, self.sft_share[index], reduction="sum")
 
     def _ar_loss(self, index: Tensor) -> Tensor:
+        assert self.ar_rows is not None  # set by `_ar_update`, its only caller
         return ar_loss(self.ar, self.ar_rows, index, reduction="sum")
 
     def step(self, step: int) -> dict[str, float]:
@@ -314,11 +322,11 @@ class _Trainer:
         epochs = config.ppo_epochs  # the AV's loss, KL and clip fraction below are means over its updates
         loss_total, sft_total = loss_total / epochs, sft_total / epochs
 
-        kl = torch.cat([d["kl"] for d in self.diagnostics]).sum() / epochs
-        clipped = torch.cat([d["clipped"] for d in self.diagnostics]).sum() / epochs
+        kl_total = torch.cat([d["kl"] for d in self.diagnostics]).sum() / epochs
+        clipped_total = torch.cat([d["clipped"] for d in self.diagnostics]).sum() / epochs
         lengths = [len(r) for r in current.responses]
         sums = parallel.all_reduce_sums([
-            len(current), float(current.rewards.sum()), float(kl), float(clipped), float(sum(lengths)),
+            len(current), float(current.rewards.sum()), float(kl_total), float(clipped_total), float(sum(lengths)),
             sum(e is None for e in current.explanations), float(current.truncated.sum()),
             sum(cjk_fraction(t) for t in current.texts), float(current.hits.sum()),
             loss_total / world.world_size, ar_total / world.world_size, sft_total / world.world_size,
@@ -333,7 +341,7 @@ class _Trainer:
                 "ar_grad_norm": ar_grad_norm, "ar_skipped": ar_skipped, "sft_loss": sft_total / (config.sft_coef or 1),
                 "sample_seconds": sampled - started, "seconds": time.perf_counter() - started}
 
-    def _backward(self, module: nn.Module, chunks: list[range | None], n_global: float) -> float:
+    def _backward(self, module: nn.Module, chunks: Sequence[range | None], n_global: float) -> float:
         """Backward of each chunk's summed loss / (the step's global count / world size): DDP averages
         the ranks' gradients. A None chunk joins the all-reduce with a zero loss. Returns this rank's
         total, which summed over ranks and divided by the world size is the global mean loss."""
@@ -342,7 +350,8 @@ class _Trainer:
         for k, chunk in enumerate(chunks):
             index = torch.arange(chunk.start, chunk.stop) if chunk is not None else torch.zeros(1, dtype=torch.long)
             last = k == len(chunks) - 1
-            no_sync = module.no_sync() if hasattr(module, "no_sync") and not last else contextlib.nullcontext()
+            no_sync = (cast(DistributedDataParallel, module).no_sync() if hasattr(module, "no_sync") and not last
+                       else contextlib.nullcontext())
             with no_sync:
                 loss = module(index, divisor)
                 if chunk is None:
@@ -356,6 +365,7 @@ class _Trainer:
         AV's gradients after the GRPO loss's; each rank takes a share of the rows (`_padded_chunks`).
         Returns this rank's loss total, as `_backward`."""
         rows, config = self.sft_rows, self.config
+        assert rows is not None  # `step` calls this only with labelled rows
         index = step_vectors(step, len(rows), config.sft_batch, config.seed)
         n_tokens = sum(len(rows.responses[i]) for i in index.tolist())
         share, has_rows = parallel.rank_share(index, self.world)
@@ -389,6 +399,7 @@ class _Trainer:
         prompts = [ar_prompt_ids(self.ar.meta, self.ar.tokenizer, t) for t in texts]  # as `reconstruct` serves them
         self.ar_rows = ARRows(prompts, vectors.float(), texts, [""] * len(texts))
         chunks = _padded_chunks(len(hits), int(max(counts)), self.config.micro_batch)
+        assert self.reconstructor is not None  # `step` calls this only when the AR trains
         total = self._backward(self.reconstructor, chunks, n_global)
         norm, skipped = self._clip_or_skip(self.ar_params)
         return total, norm, skipped
@@ -478,8 +489,9 @@ def train_rl(
     check_vocabularies(av.tokenizer, ar.tokenizer)
     loop.check_resume(out_dir, resume, RESUMABLE)
     check_samples_fit(av, ar, config.max_new_tokens)
-    for model in (av.model, ar.model):
-        freeze_weights_hf_lacks(model)  # TL-only biases stay zero, so the export can drop them
+    for model in (av.model, ar.model):  # HookedTransformers: require_hooked checked both
+        # TL-only biases stay zero, so the export can drop them
+        freeze_weights_hf_lacks(cast("HookedTransformer", model))
     if reference is not None:
         for p in reference.model.parameters():
             p.requires_grad_(False)
@@ -487,7 +499,8 @@ def train_rl(
     trainer = _Trainer(av, ar, reference, train_vectors, config, _sft_rows(av, sft_data, config))
     eval_vectors = eval_vectors[:config.eval_vectors]
     data = data_fingerprint(av.model, ar.model, ar.readout, *([] if reference is None else [reference.model]),
-                            train_vectors, eval_vectors, *([sft_data] if trainer.sft_rows is not None else []))
+                            train_vectors, eval_vectors,
+                            *([sft_data] if sft_data is not None and trainer.sft_rows is not None else []))
     result = loop.TrainResult(steps=config.steps)
     folder = loop.resume_folder(resume, out_dir)
     if folder is not None:
