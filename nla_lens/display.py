@@ -1,7 +1,8 @@
 """HTML views of results: one explained-text view for any model, a feature card, and a plain table for the rest.
 
 Everything here returns self-contained HTML: inline CSS scoped under ``.nla-view``, no scripts, no
-external resources, so a page works offline and a notebook cell does not restyle the notebook.
+external resources, so a page works offline and a notebook cell does not restyle the notebook; nor does the notebook
+restyle the view, which draws on its own white background in a dark theme too.
 Tokens, explanations and raw AV outputs are HTML-escaped, their control and format characters shown as
 escapes (`\\x00`, `\\u202e`): what a model writes is shown, never interpreted.
 
@@ -60,8 +61,13 @@ _SCORE_FLAGS = {"mse": "parsed", "fve": "parsed", "fve_clean": "clean_parsed", "
 _UNITS = {"kl": "nats", "delta_logp": "nats", "control_delta_logp": "nats", "clean_next": "token p",
           "steered_next": "token p"}
 
+# The view draws on its own white background: its colours are chosen against white, and a notebook's dark theme
+# would leave its dark text on a dark page. Its table rules outrank a notebook's own (JupyterLab right-aligns
+# every cell, stripes rows in its theme's colours and sets the table's text colour): `.nla-view .nla-table`
+# selectors.
 _STYLE = """
-.nla-view { font: 14px/1.45 system-ui, sans-serif; color: #222; max-width: 72em; }
+.nla-view { font: 14px/1.45 system-ui, sans-serif; color: #222; background: #fff; max-width: 72em;
+  padding: 0.4em 0.8em; border-radius: 4px; }
 .nla-view .nla-head { margin: 0.3em 0; } .nla-view .nla-head b { font-size: 1.1em; }
 .nla-view .nla-meta { color: #555; font-size: 0.9em; margin: 0.2em 0 0.6em; }
 .nla-view .nla-warn { color: #8a4b00; font-size: 0.9em; margin: 0.2em 0; }
@@ -81,12 +87,14 @@ _STYLE = """
 .nla-view .nla-failed { outline: 2px dashed #b00; outline-offset: -2px; }
 .nla-view .nla-peak { outline: 2px solid #b00; outline-offset: -2px; }
 .nla-view .nla-said { background: #f4f4f4; border-left: 4px solid #888; padding: 0.4em 0.6em; margin: 0.4em 0; }
-.nla-view td.nla-context { font: 15px/1.9 Georgia, serif; }
-.nla-view table { border-collapse: collapse; font-size: 0.9em; }
-.nla-view th, .nla-view td { text-align: left; padding: 0.15em 0.6em; border-bottom: 1px solid #eee;
-  overflow-wrap: anywhere; vertical-align: top; }
-.nla-view th { white-space: nowrap; }
-.nla-view td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+.nla-view .nla-table table { border-collapse: collapse; font-size: 0.9em; color: inherit; margin: 0;
+  table-layout: auto; }
+.nla-view .nla-table tr:nth-child(n) { background: none; }
+.nla-view .nla-table th, .nla-view .nla-table td { text-align: left; line-height: 1.45; padding: 0.15em 0.6em;
+  border-bottom: 1px solid #eee; overflow-wrap: anywhere; vertical-align: top; }
+.nla-view .nla-table th { white-space: nowrap; }
+.nla-view .nla-table td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+.nla-view .nla-table td.nla-context { font: 15px/1.9 Georgia, serif; }
 .nla-view .nla-unparsed { color: #a00; font-style: italic; }
 .nla-view .nla-curves { display: flex; flex-wrap: wrap; gap: 0.6em 1.2em; margin: 0.3em 0 0.8em; }
 .nla-view .nla-curve text { font: 11px system-ui, sans-serif; fill: #444; }
@@ -246,9 +254,14 @@ def _text_block(cells: Sequence[TokenCell], scale: ColourScale) -> str:
                            f"<td class='nla-unparsed'>{html.escape(said)}</td>")
             rows.append(f"<tr><td class='num'>{cell.position}</td><td>{chip}</td>{_score_cell(cell.fve, failed)}"
                         f"{_score_cell(cell.mse, failed)}{explanation}</tr>")
-    table = ("<table><tr><th>pos</th><th>token</th><th>FVE</th><th>MSE</th><th>explanation</th></tr>"
-             + "".join(rows) + "</table>") if rows else ""
+    table = _table("<tr><th>pos</th><th>token</th><th>FVE</th><th>MSE</th><th>explanation</th></tr>"
+                   + "".join(rows)) if rows else ""
     return f"<div class='nla-text'><div class='nla-tokens'>{'<wbr>'.join(spans)}</div>{table}</div>"
+
+
+def _table(rows: str) -> str:
+    """Rows of a view's table, in the wrapper its styles hang on (see `_STYLE`)."""
+    return f"<div class='nla-table'><table>{rows}</table></div>"
 
 
 def _score_cell(value: float | None, failed: bool) -> str:
@@ -330,7 +343,7 @@ def result_html(name: str, summary: str, records: Sequence[dict[str, Any]], colu
             if len(records) > len(shown) else "")
     return (f"<div class='nla-view'><style>{_STYLE}</style><div class='nla-head'><b>{html.escape(name)}</b></div>"
             f"<div class='nla-meta'>{html.escape(summary)}</div>{warning_lines(warnings)}{figure}"
-            f"<table><tr>{head}</tr>{''.join(body)}</table>{more}</div>")
+            f"{_table(f'<tr>{head}</tr>' + ''.join(body))}{more}</div>")
 
 
 def curves_html(curves: Sequence[tuple[str, Sequence[tuple[int, float]]]]) -> str:
@@ -436,8 +449,8 @@ def _readout_html(readout: Readout) -> str:
 
 
 def _contexts_table(rows: Sequence[str], said_here: bool) -> str:
-    return (f"<table><tr><th>activation</th><th>context</th>{'<th>NLA at the peak</th>' if said_here else ''}</tr>"
-            f"{''.join(rows)}</table>")
+    return _table(f"<tr><th>activation</th><th>context</th>{'<th>NLA at the peak</th>' if said_here else ''}</tr>"
+                  + "".join(rows))
 
 
 def _no_contexts(n_positions: int | None) -> str:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import html
+import json
+import re
 import shutil
 import struct
 import subprocess
@@ -67,6 +70,80 @@ def _pixels(png: bytes) -> tuple[int, int, list[tuple[int, int, int]]]:
         previous = line
     pixels = [tuple(row[x * channels:x * channels + 3]) for row in rows for x in range(width)]
     return width, height, pixels
+
+
+# JupyterLab 4's rules for an HTML output's tables (@jupyterlab/rendermime's base.css) with the colours its dark theme
+# gives them (@jupyterlab/theme-dark-extension): the page a notebook view lands on
+_JUPYTERLAB_DARK = """
+body { background: #111; margin: 1.5em; }
+.jp-RenderedHTMLCommon { color: #fff; }
+.jp-RenderedHTMLCommon table { color: rgba(255, 255, 255, 0.87); table-layout: fixed; margin-left: auto;
+  margin-right: auto; }
+.jp-RenderedHTMLCommon td, .jp-RenderedHTMLCommon th, .jp-RenderedHTMLCommon tr { vertical-align: middle;
+  padding: 0.5em; line-height: normal; white-space: normal; max-width: none; border: none; }
+:not(.jp-RenderedMarkdown).jp-RenderedHTMLCommon td, :not(.jp-RenderedMarkdown).jp-RenderedHTMLCommon th {
+  text-align: right; }
+.jp-RenderedHTMLCommon tbody tr:nth-child(odd) { background: #111; }
+.jp-RenderedHTMLCommon tbody tr:nth-child(even) { background: #212121; }
+"""
+# Each element of the view with text of its own: its text, class, alignment, colour and the background it is drawn on
+_READ_STYLES = """<script>
+const drawnOn = e => { for (; e; e = e.parentElement) { const c = getComputedStyle(e).backgroundColor;
+  if (c !== 'rgba(0, 0, 0, 0)') return c; } return 'rgb(255, 255, 255)'; };
+const own = e => [...e.childNodes].some(n => n.nodeType === 3 && n.textContent.trim());
+const out = document.createElement('pre'); out.id = 'styles';
+out.textContent = JSON.stringify([...document.querySelectorAll('.nla-view *')].filter(own).map(e => ({
+  text: e.textContent, tag: e.tagName, cls: e.className, inline: !!e.closest('.nla-tok'),
+  align: getComputedStyle(e).textAlign, colour: getComputedStyle(e).color, background: drawnOn(e)})));
+document.body.append(out);
+</script>"""
+
+
+def _styles(body: str, css: str, tmp_path: Path) -> list[dict]:
+    """What chromium computes for each text element of `body` on a page styled by `css`."""
+    page = tmp_path / "styled.html"
+    page.write_text(f"<!DOCTYPE html><html><head><meta charset='utf-8'><style>{css}</style></head><body>"
+                    f"<div class='jp-RenderedHTMLCommon'>{body}</div>{_READ_STYLES}</body></html>", encoding="utf-8")
+    dom = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                          f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", page.as_uri()],
+                         capture_output=True, timeout=120, check=True, text=True).stdout
+    return json.loads(html.unescape(re.search(r"<pre id=\"styles\">(.*?)</pre>", dom, re.S).group(1)))
+
+
+def _contrast(colour: str, background: str) -> float:
+    """WCAG contrast ratio of two CSS rgb()/rgba() colours (alpha ignored)."""
+    def luminance(css: str) -> float:
+        channels = [int(c) / 255 for c in re.findall(r"[\d.]+", css)[:3]]
+        r, g, b = (c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in channels)
+        return 0.2126 * r + 0.7152 * g + 0.0722 * b
+
+    light, dark = sorted((luminance(colour), luminance(background)), reverse=True)
+    return (light + 0.05) / (dark + 0.05)
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian chromium not installed")
+def test_every_view_stays_readable_in_a_dark_jupyterlab_notebook(tmp_path):
+    """The views set dark text and left no background of their own: in JupyterLab's dark theme the title, summary and
+    legend were #222 on #111, the tables' rows took the theme's dark stripes, and every cell was right-aligned."""
+    cells = _cells()
+    views = {
+        "explained": display.explained_text_html([cells], title="Explained text", layer=3, summary="10 tokens",
+                                                 warnings=["check the injection"]),
+        "table": display.result_html("RoundTrip", "2 vectors", [
+            {"index": 0, "explanation": "The token a", "parsed": True, "fve": 0.5},
+            {"index": 1, "explanation": None, "parsed": False, "text": "raw", "truncated": False, "fve": -1.5}],
+            ["index", "explanation", "parsed", "fve"]),
+        "card": display.feature_card_html("Feature 3", "blocks.3.hook_resid_post", "feature 3", "The token a", "",
+                                          [([" a", " b"], [0.5, 2.0], 1)], [display.Readout("The token b")]),
+    }
+    for name, view in views.items():
+        styles = _styles(view, _JUPYTERLAB_DARK, tmp_path)
+        assert len(styles) > 10, name
+        for element in styles:
+            if not element["inline"]:  # a token chip sets its own colours beside its own background
+                assert _contrast(element["colour"], element["background"]) >= 4.5, (name, element)
+            if element["tag"] == "TD":
+                assert element["align"] == ("right" if "num" in element["cls"].split() else "left"), (name, element)
 
 
 def _hex(colour: str) -> tuple[int, int, int]:
