@@ -39,6 +39,7 @@ _ACTIVATION = ((255, 255, 255), (253, 141, 60))  # white to orange
 _CONTEXT = "#e8e8e8"
 _FAILED = "#ffffff"  # a failed parse's token: blank inside its dashed outline, off the colour scale
 _MAX_TABLE_ROWS = 200
+_PROSE = 24  # characters: a table cell longer than this holds text to read (see `_cell`)
 _CURVE_SIZE, _CURVE_X, _CURVE_Y = (264, 130), (62, 254), (20, 104)  # a chart's size and its plot area's x / y span
 _CURVE_INK = "#2c7fb8"
 _HUB_ID = re.compile(r"\w[\w.-]*/[\w.-]+")  # owner/name, as the HF hub spells a repository
@@ -64,7 +65,7 @@ _UNITS = {"kl": "nats", "delta_logp": "nats", "control_delta_logp": "nats", "cle
 # The view draws on its own white background: its colours are chosen against white, and a notebook's dark theme
 # would leave its dark text on a dark page. Its table rules outrank a notebook's own (JupyterLab right-aligns
 # every cell, stripes rows in its theme's colours and sets the table's text colour): `.nla-view .nla-table`
-# selectors.
+# selectors. A table too wide for the page scrolls inside the view; a header wraps at its spaces, never inside a word.
 _STYLE = """
 .nla-view { font: 14px/1.45 system-ui, sans-serif; color: #222; background: #fff; max-width: 72em;
   padding: 0.4em 0.8em; border-radius: 4px; }
@@ -87,12 +88,14 @@ _STYLE = """
 .nla-view .nla-failed { outline: 2px dashed #b00; outline-offset: -2px; }
 .nla-view .nla-peak { outline: 2px solid #b00; outline-offset: -2px; }
 .nla-view .nla-said { background: #f4f4f4; border-left: 4px solid #888; padding: 0.4em 0.6em; margin: 0.4em 0; }
+.nla-view .nla-table { overflow-x: auto; }
 .nla-view .nla-table table { border-collapse: collapse; font-size: 0.9em; color: inherit; margin: 0;
   table-layout: auto; }
 .nla-view .nla-table tr:nth-child(n) { background: none; }
 .nla-view .nla-table th, .nla-view .nla-table td { text-align: left; line-height: 1.45; padding: 0.15em 0.6em;
   border-bottom: 1px solid #eee; overflow-wrap: anywhere; vertical-align: top; }
-.nla-view .nla-table th { white-space: nowrap; }
+.nla-view .nla-table th { overflow-wrap: normal; }
+.nla-view .nla-table td.nla-prose { min-width: 10em; }
 .nla-view .nla-table td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
 .nla-view .nla-table td.nla-context { font: 15px/1.9 Georgia, serif; }
 .nla-view .nla-unparsed { color: #a00; font-style: italic; }
@@ -320,7 +323,8 @@ def parse_failure(raw_text: str, truncated: bool) -> str:
 def result_html(name: str, summary: str, records: Sequence[dict[str, Any]], columns: Sequence[str],
                 warnings: Sequence[str] = (), figure: str = "") -> str:
     """A result as its summary line, `figure` (HTML from this module, e.g. `curves_html`) and an HTML table of
-    `columns` (the first rows of a long result); long cells wrap inside the page and are shown whole."""
+    `columns` (the first rows of a long result); long cells wrap and are shown whole, and a table too wide for the page
+    scrolls inside the view."""
     shown = records[:_MAX_TABLE_ROWS]
     head = "".join(f"<th>{html.escape(header(c))}</th>" for c in columns)
     body = []
@@ -333,17 +337,22 @@ def result_html(name: str, summary: str, records: Sequence[dict[str, Any]], colu
             if column == "token" and isinstance(value, str):  # a chip, as in the views: its spaces show
                 chip = f"<span class='nla-tok' style='background:{_CONTEXT}'>{_shown_token(value)}</span>"
                 cells.append(f"<td>{chip}</td>")
-            elif failed is not None:
-                cells.append(f"<td class='{'num ' if numeric else ''}nla-unparsed'>{html.escape(format_cell(failed))}"
-                             "</td>")
             else:
-                cells.append(f"<td{' class=num' if numeric else ''}>{html.escape(format_cell(value))}</td>")
+                cells.append(_cell(format_cell(value if failed is None else failed), numeric, failed is not None))
         body.append("<tr>" + "".join(cells) + "</tr>")
     more = (f"<div class='nla-meta'>first {len(shown)} of {len(records)} rows; .to_pandas() has them all</div>"
             if len(records) > len(shown) else "")
     return (f"<div class='nla-view'><style>{_STYLE}</style><div class='nla-head'><b>{html.escape(name)}</b></div>"
             f"<div class='nla-meta'>{html.escape(summary)}</div>{warning_lines(warnings)}{figure}"
             f"{_table(f'<tr>{head}</tr>' + ''.join(body))}{more}</div>")
+
+
+def _cell(text: str, numeric: bool, unparsed: bool) -> str:
+    """A table's cell: a number aligned right; text longer than `_PROSE` characters, to be read, keeps a readable
+    width (`nla-prose`), which a long column beside it would otherwise squeeze to a word a line."""
+    kinds = ("num" if numeric else "nla-prose" if len(text) > _PROSE else "", "nla-unparsed" if unparsed else "")
+    classes = " ".join(kind for kind in kinds if kind)
+    return f"<td class='{classes}'>{html.escape(text)}</td>" if classes else f"<td>{html.escape(text)}</td>"
 
 
 def curves_html(curves: Sequence[tuple[str, Sequence[tuple[int, float]]]]) -> str:

@@ -86,27 +86,34 @@ body { background: #111; margin: 1.5em; }
 .jp-RenderedHTMLCommon tbody tr:nth-child(odd) { background: #111; }
 .jp-RenderedHTMLCommon tbody tr:nth-child(even) { background: #212121; }
 """
-# Each element of the view with text of its own: its text, class, alignment, colour and the background it is drawn on
+# Each element of the view with text of its own (its text, class, alignment, colour, the background it is drawn on,
+# its width), and the page's and each table wrapper's visible and scrolled widths
 _READ_STYLES = """<script>
 const drawnOn = e => { for (; e; e = e.parentElement) { const c = getComputedStyle(e).backgroundColor;
   if (c !== 'rgba(0, 0, 0, 0)') return c; } return 'rgb(255, 255, 255)'; };
 const own = e => [...e.childNodes].some(n => n.nodeType === 3 && n.textContent.trim());
 const out = document.createElement('pre'); out.id = 'styles';
-out.textContent = JSON.stringify([...document.querySelectorAll('.nla-view *')].filter(own).map(e => ({
-  text: e.textContent, tag: e.tagName, cls: e.className, inline: !!e.closest('.nla-tok'),
-  align: getComputedStyle(e).textAlign, colour: getComputedStyle(e).color, background: drawnOn(e)})));
+const page = document.documentElement;
+out.textContent = JSON.stringify({
+  elements: [...document.querySelectorAll('.nla-view *')].filter(own).map(e => ({
+    text: e.textContent, tag: e.tagName, cls: e.className, inline: !!e.closest('.nla-tok'),
+    align: getComputedStyle(e).textAlign, colour: getComputedStyle(e).color, background: drawnOn(e),
+    width: e.getBoundingClientRect().width})),
+  page: [page.clientWidth, page.scrollWidth],
+  tables: [...document.querySelectorAll('.nla-view .nla-table')].map(e => [e.clientWidth, e.scrollWidth])});
 document.body.append(out);
 </script>"""
 
 
-def _styles(body: str, css: str, tmp_path: Path) -> list[dict]:
-    """What chromium computes for each text element of `body` on a page styled by `css`."""
+def _styles(body: str, css: str, tmp_path: Path, width: int = 1000) -> dict:
+    """What chromium computes for `body` on a page styled by `css` in a window `width` pixels wide: `elements`, one
+    per text element, `page` and `tables` (see `_READ_STYLES`)."""
     page = tmp_path / "styled.html"
     page.write_text(f"<!DOCTYPE html><html><head><meta charset='utf-8'><style>{css}</style></head><body>"
                     f"<div class='jp-RenderedHTMLCommon'>{body}</div>{_READ_STYLES}</body></html>", encoding="utf-8")
     dom = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                          f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", page.as_uri()],
-                         capture_output=True, timeout=120, check=True, text=True).stdout
+                          "--hide-scrollbars", f"--window-size={width},800", f"--user-data-dir={tmp_path / 'profile'}",
+                          "--dump-dom", page.as_uri()], capture_output=True, timeout=120, check=True, text=True).stdout
     return json.loads(html.unescape(re.search(r"<pre id=\"styles\">(.*?)</pre>", dom, re.S).group(1)))
 
 
@@ -137,13 +144,34 @@ def test_every_view_stays_readable_in_a_dark_jupyterlab_notebook(tmp_path):
                                           [([" a", " b"], [0.5, 2.0], 1)], [display.Readout("The token b")]),
     }
     for name, view in views.items():
-        styles = _styles(view, _JUPYTERLAB_DARK, tmp_path)
+        styles = _styles(view, _JUPYTERLAB_DARK, tmp_path)["elements"]
         assert len(styles) > 10, name
         for element in styles:
             if not element["inline"]:  # a token chip sets its own colours beside its own background
                 assert _contrast(element["colour"], element["background"]) >= 4.5, (name, element)
             if element["tag"] == "TD":
                 assert element["align"] == ("right" if "num" in element["cls"].split() else "left"), (name, element)
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian chromium not installed")
+def test_a_table_keeps_its_text_columns_readable_and_scrolls_inside_the_view_when_too_wide(tmp_path):
+    """Cells wrap anywhere, so a long column (a degenerate steered explanation) squeezed its neighbour's text to a
+    word a line, about 45 px; and a table of many columns (a WordSteering's eleven) ran past the view and the page."""
+    clean = '<script>alert("x")</script> & "quoted" done'
+    squeezed = display.result_html("SteeringResult", "1 site", [
+        {"batch": 0, "clean": clean, "steered": "a very long explanation " * 30, "cosine": 0.7}],
+        ["batch", "clean", "steered", "cosine"])
+    cell = next(e for e in _styles(squeezed, "", tmp_path)["elements"] if e["tag"] == "TD" and e["text"] == clean)
+    assert cell["width"] > 120 and "nla-prose" in cell["cls"]  # 10em of the table's 12.6 px font, and its padding
+    said = "The token \" am\", after \"I\", predicting \" not\"."
+    record = {"batch": 0, "position": 10, "token": " am", "explanation": said, "edited": said + " edited",
+              "delta_norm": 0.158, "clean_next": "' a' 0.049, ' not' 0.046, ' no' 0.021",
+              "steered_next": "' the' 0.084, ' a' 0.037, ' his' 0.024", "kl": 1.316,
+              "clean_continuation": "a man. King Henry VI: I'll", "steered_continuation": "the king, And I have not"}
+    wide = _styles(display.result_html("WordSteering", "1 site", [record], list(record)), "", tmp_path, width=800)
+    (visible, scrolled), = wide["tables"]
+    assert wide["page"][1] <= wide["page"][0] and scrolled > visible  # the view scrolls; the page does not
+    assert all(e["width"] > 120 for e in wide["elements"] if "nla-prose" in e["cls"])
 
 
 def _hex(colour: str) -> tuple[int, int, int]:

@@ -521,9 +521,9 @@ def test_the_word_steering_view_shows_the_clean_next_tokens_beside_the_steered_o
     view = _body(steering._repr_html_())
     headers = re.findall(r"<th>([^<]*)</th>", view)
     assert headers.index("clean_next (token p)") + 1 == headers.index("steered_next (token p)")
-    for record in steering.to_records():
-        assert f"<td>{html.escape(record['clean_next'])}</td>" in view
-        assert f"<td>{html.escape(record['steered_next'])}</td>" in view
+    for record in steering.to_records():  # a cell of more than a few words keeps a readable width (nla-prose)
+        assert re.search(rf"<td(?: class='nla-prose')?>{re.escape(html.escape(record['clean_next']))}</td>", view)
+        assert re.search(rf"<td(?: class='nla-prose')?>{re.escape(html.escape(record['steered_next']))}</td>", view)
     assert "clean_next (token p)" in repr(steering).splitlines()[1]
 
 
@@ -538,7 +538,8 @@ def test_the_word_steering_view_shows_each_rows_clean_and_steered_continuations_
     for record in steering.to_records():
         clean, steered = (html.escape(display.format_cell(record[column]))
                           for column in ("clean_continuation", "steered_continuation"))
-        assert f"<td>{clean}</td><td>{steered}</td>" in view
+        assert re.search(rf"<td(?: class='nla-prose')?>{re.escape(clean)}</td>"
+                         rf"<td(?: class='nla-prose')?>{re.escape(steered)}</td>", view)
     rows = steering.token_shape[0]
     long = dataclasses.replace(steering, continuations=[("x" * 200, "y" * 200)] * rows)
     printed = repr(long).splitlines()
@@ -656,7 +657,7 @@ def test_a_parsed_rows_score_stays_a_plain_number_beside_a_failed_ones_miss():
     assert parsed_row.split() == ["0", "0.500", "0.375"] and failed_row.split() == ["1", "miss", "(2.000)", "miss",
                                                                                     "(-1.500)"]
     view = _body(rt._repr_html_())
-    assert "<td class=num>0.500</td><td class=num>0.375</td>" in view
+    assert "<td class='num'>0.500</td><td class='num'>0.375</td>" in view
     assert "<td class='num nla-unparsed'>miss (2.000)</td><td class='num nla-unparsed'>miss (-1.500)</td>" in view
     assert rt.to_pandas()["mse"].tolist() == [0.5, 2.0]
 
@@ -719,7 +720,7 @@ def test_a_feature_cards_own_failed_explanation_is_saved_as_failed_with_its_raw_
     assert isinstance(record["text"], int)  # the index of the context's text, not the completion
     marked = display.unparsed_cell(record, "explanation")
     assert marked == display.unparsed_text(said.text, truncated=True)
-    assert ("<td class='nla-unparsed'>(cut at max_new_tokens before &lt;/explanation&gt;) "
+    assert ("<td class='nla-prose nla-unparsed'>(cut at max_new_tokens before &lt;/explanation&gt;) "
             in display.result_html("FeatureCard", "s", [record], ["explanation"]))
 
 
@@ -745,7 +746,8 @@ def test_a_failed_parse_is_marked_in_the_repr_and_table_not_shown_as_an_explanat
     failed = Verbalization("The token <b> and no closing tag", None, [1, 2])
     for result in (Verbalizations([failed]), DirectionVerbalization(torch.ones(1, 4), [failed])):
         assert "(no <explanation> tags) The token <b>" in repr(result)  # was blank, or the raw text unmarked
-        assert ("<td class='nla-unparsed'>(no &lt;explanation&gt; tags) The token &lt;b&gt; and no closing tag</td>"
+        assert ("<td class='nla-prose nla-unparsed'>(no &lt;explanation&gt; tags) The token &lt;b&gt; and no closing "
+                "tag</td>"
                 in result._repr_html_())
 
 
