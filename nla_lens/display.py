@@ -340,11 +340,12 @@ def result_html(name: str, summary: str, records: Sequence[dict[str, Any]], colu
             else:
                 cells.append(_cell(format_cell(value if failed is None else failed), numeric, failed is not None))
         body.append("<tr>" + "".join(cells) + "</tr>")
-    more = (f"<div class='nla-meta'>first {len(shown)} of {len(records)} rows; .to_pandas() has them all</div>"
-            if len(records) > len(shown) else "")
+    # Said above the table: under it, the note is out of sight until the reader has scrolled past every row shown
+    cut = (f"<div class='nla-meta'>the table shows the first {len(shown)} of {len(records)} rows; .to_pandas() has "
+           "them all</div>" if len(records) > len(shown) else "")
     return (f"<div class='nla-view'><style>{_STYLE}</style><div class='nla-head'><b>{html.escape(name)}</b></div>"
-            f"<div class='nla-meta'>{html.escape(summary)}</div>{warning_lines(warnings)}{figure}"
-            f"{_table(f'<tr>{head}</tr>' + ''.join(body))}{more}</div>")
+            f"<div class='nla-meta'>{html.escape(summary)}</div>{warning_lines(warnings)}{figure}{cut}"
+            f"{_table(f'<tr>{head}</tr>' + ''.join(body))}</div>")
 
 
 def _cell(text: str, numeric: bool, unparsed: bool) -> str:

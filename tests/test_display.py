@@ -228,6 +228,15 @@ def test_curves_draw_each_series_in_its_own_range_and_skip_the_empty():
     assert display.curves_html([("kl", [])]) == ""
 
 
+def test_a_table_cut_short_says_so_above_its_rows():
+    """The note that rows were left out sat under the table's 200 rows, out of sight until scrolled past them."""
+    records = [{"index": i, "explanation": f"row {i}"} for i in range(201)]
+    view = display.result_html("Verbalizations", "201 verbalizations", records, ["index", "explanation"])
+    note = "the table shows the first 200 of 201 rows; .to_pandas() has them all"
+    assert note in view and view.index(note) < view.index("<table") and "row 199" in view and "row 200" not in view
+    assert "first 200" not in display.result_html("Verbalizations", "200", records[:200], ["index", "explanation"])
+
+
 def test_a_table_cell_too_small_for_three_decimals_is_written_in_e_notation():
     """A learning rate of 2e-4 or a KL of 8e-5 printed as 0.000."""
     assert [display.format_cell(v) for v in (2.5e-4, -3e-5, 0.0, 0.0005, 0.123456)] == [
