@@ -12,7 +12,7 @@ the text (readable without hovering; hovering a token shows it too). The colour 
 observed range: non-negative FVE runs by rank from pale yellow (the lowest seen) to blue (the highest
 seen), with the observed quantiles on the legend; negative FVE (worse than predicting the mean vector)
 is red, darker the more negative, so it never passes for a low positive score. A failed parse scores as a miss (an
-orthogonal guess): its token stays off the scale, blank in a dashed outline, and its scores read `miss (-1.50)`, as
+orthogonal guess): its token stays off the scale, blank in a dashed outline, and its scores read `miss (-1.500)`, as
 they do in every table. Without a baseline the tokens are coloured by MSE instead (lower is better), and the legend
 says so.
 
@@ -244,7 +244,7 @@ def _text_block(cells: Sequence[TokenCell], scale: ColourScale) -> str:
         value = scale.value(cell) if cell.explained else None
         background = _FAILED if failed else scale.colour(value) if cell.explained else _CONTEXT
         said = _said(cell)
-        score = _missed(_num(value)) if failed and value is not None else _num(value)
+        score = _missed(format_cell(value)) if failed and value is not None else format_cell(value)
         tip = f"{scale.metric} {score}: {said}" if cell.explained else "context token (not explained)"
         outline = " nla-failed" if failed else ""
         spans.append(f"<span class='nla-tok{outline}' style='background:{background};color:{_ink(background)}' "
@@ -270,8 +270,8 @@ def _table(rows: str) -> str:
 def _score_cell(value: float | None, failed: bool) -> str:
     """A score's cell in a view's row: a failed parse's marked as the miss it is, styled as its explanation."""
     if failed and value is not None:
-        return f"<td class='num nla-unparsed'>{_missed(_num(value))}</td>"
-    return f"<td class='num'>{_num(value)}</td>"
+        return f"<td class='num nla-unparsed'>{_missed(format_cell(value))}</td>"
+    return f"<td class='num'>{format_cell(value)}</td>"
 
 
 def _missed(score: str) -> str:
@@ -438,7 +438,7 @@ def feature_card_html(title: str, hook_name: str, summary: str, explanation: str
             spans.append(f"<span class='nla-tok{peak}' style='background:{background};color:{_ink(background)}' "
                          f"title='{tip}'>{_shown_token(token)}</span>")
         here = "" if said_here is None else f"<td>{_readout_html(said_here[row])}</td>"
-        rows.append(f"<tr><td class='num'>{_num(activations[center])}</td>"
+        rows.append(f"<tr><td class='num'>{format_cell(activations[center])}</td>"
                     f"<td class='nla-context'>{''.join(spans)}</td>{here}</tr>")
     stops = ", ".join(_rgb(c) for c in _ACTIVATION)
     legend = (f"<div class='nla-legend'><span><span class='nla-swatch' style='background: linear-gradient(to right, "
@@ -520,6 +520,3 @@ def _ink(background: str) -> str:
     r, g, b = (int(background[i:i + 2], 16) / 255 for i in (1, 3, 5))
     return "#111" if 0.2126 * r + 0.7152 * g + 0.0722 * b > 0.45 else "#fff"
 
-
-def _num(value: float | None) -> str:
-    return "" if value is None else f"{value:.2f}"

@@ -237,6 +237,21 @@ def test_a_table_cut_short_says_so_above_its_rows():
     assert "first 200" not in display.result_html("Verbalizations", "200", records[:200], ["index", "explanation"])
 
 
+def test_the_explained_view_and_the_card_write_scores_as_every_table_does():
+    """The explained view wrote FVE and MSE to 2 decimals where the result's repr, its to_pandas() table, the round
+    trip's view and `nla-lens explain` write 3: a token of FVE 0.995, MSE 0.004 read 1.00 and 0.00 (a perfect
+    reconstruction), a failed parse's miss -1.56 where the table said -1.562; a card's activation 6.44 beside its
+    tooltip's 6.438."""
+    cells = [display.TokenCell(" a", 0, True, "The token a", None, 0.995, 0.004),
+             display.TokenCell(" b", 1, True, None, "garbled", -1.5625, 2.0)]
+    view = display.explained_text_html([cells], title="Explained text", layer=3)
+    assert "<td class='num'>0.995</td><td class='num'>0.004</td>" in view
+    assert "<td class='num nla-unparsed'>miss (-1.562)</td><td class='num nla-unparsed'>miss (2.000)</td>" in view
+    assert "title='FVE 0.995: The token a'" in view and ">1.00<" not in view
+    card = display.feature_card_html("Feature 3", "blocks.3.hook_resid_post", "s", "e", "", [([" a"], [6.4375], 0)])
+    assert "<td class='num'>6.438</td>" in card and "title='6.438'" in card
+
+
 def test_a_table_cell_too_small_for_three_decimals_is_written_in_e_notation():
     """A learning rate of 2e-4 or a KL of 8e-5 printed as 0.000."""
     assert [display.format_cell(v) for v in (2.5e-4, -3e-5, 0.0, 0.0005, 0.123456)] == [

@@ -638,9 +638,8 @@ def test_a_failed_parses_score_shows_as_the_miss_in_the_repr_and_table(results, 
     view, printed = _body(result._repr_html_()), repr(result)
     failed = [(r, column) for r in records for column, flag in SCORES[kind].items() if r[flag] is False]
     assert failed  # the tiny NLA's 4-token completions never close their tag
-    decimals = 2 if kind == "explanation" else 3  # the explained view's rows, as its legend, show two
-    for record, column in failed:
-        assert f"<td class='num nla-unparsed'>miss ({record[column]:.{decimals}f})</td>" in view
+    for record, column in failed:  # to 3 decimals in every view, as in the repr
+        assert f"<td class='num nla-unparsed'>miss ({record[column]:.3f})</td>" in view
     assert f"miss ({failed[0][0][failed[0][1]]:.3f})" in printed
     assert pq.read_table(result.save(tmp_path / "out.parquet")).to_pylist() == records  # numbers, as they were
 
@@ -671,9 +670,9 @@ def test_the_explained_view_marks_a_failed_parses_score_as_the_miss_and_leaves_i
     scale = display.ColourScale.from_cells(cells)
     assert scale.most_negative == -0.4 and scale.colour(-0.4) == "#de2d26"  # the darkest red: the worst real score
     view = _body(display.explained_text_html([cells], title="t", layer=1))
-    assert "<td class='num'>-0.40</td><td class='num'>0.60</td>" in view
-    assert "<td class='num nla-unparsed'>miss (-1.56)</td><td class='num nla-unparsed'>miss (2.00)</td>" in view
-    assert ("<span class='nla-tok nla-failed' style='background:#ffffff;color:#111' title='FVE miss (-1.56): "
+    assert "<td class='num'>-0.400</td><td class='num'>0.600</td>" in view
+    assert "<td class='num nla-unparsed'>miss (-1.560)</td><td class='num nla-unparsed'>miss (2.000)</td>" in view
+    assert ("<span class='nla-tok nla-failed' style='background:#ffffff;color:#111' title='FVE miss (-1.560): "
             "(no &lt;explanation&gt; tags) raw'>c") in view
     assert "down to -0.40" in view and "down to -1.56" not in view
 
