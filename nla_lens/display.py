@@ -95,7 +95,7 @@ _STYLE = """
 .nla-view .nla-table th, .nla-view .nla-table td { text-align: left; line-height: 1.45; padding: 0.15em 0.6em;
   border-bottom: 1px solid #eee; overflow-wrap: anywhere; vertical-align: top; }
 .nla-view .nla-table th { overflow-wrap: normal; }
-.nla-view .nla-table td.nla-prose { min-width: 10em; }
+.nla-view .nla-table td.nla-prose { min-width: 8em; }
 .nla-view .nla-table td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
 .nla-view .nla-table td.nla-context { font: 15px/1.9 Georgia, serif; }
 .nla-view .nla-unparsed { color: #a00; font-style: italic; }
