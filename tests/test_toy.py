@@ -290,6 +290,8 @@ def test_demo_command_runs_offline(tmp_path):
     out = subprocess.run([sys.executable, "-m", "nla_lens.cli", "demo", "--sentences", "1", "--html", str(page)],
                          capture_output=True, text=True, env=env, timeout=300, check=True).stdout
     assert "sidecar (held-out)" in out and "The token" in out  # the summary names the baseline it used
+    row_fves = re.findall(r"^    .{14} +(-?\d+\.\d+)  The token", out, flags=re.MULTILINE)
+    assert row_fves and all(len(fve.split(".")[1]) == 3 for fve in row_fves)  # 3 decimals, as every table writes
     assert out.startswith(f"NLA: the {best_pair(TOY_DIR).upper()} pair")  # it says which pair explains
     html = page.read_text()
     assert html.startswith("<!DOCTYPE html>") and "<script" not in html and "http" not in html

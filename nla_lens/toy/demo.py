@@ -71,7 +71,7 @@ def print_demo(result: DemoResult, folder: Path = TOY_DIR) -> None:
         print(f"    {'token':<14} {'FVE':>6}  explanation")
         for row in explanation.rows:
             if row.text_index == i:
-                fve = "" if row.fve is None else f"{row.fve:.2f}"
+                fve = "" if row.fve is None else f"{row.fve:.3f}"
                 print(f"    {_shown(row.token):<14} {fve:>6}  {row.explanation}")
     print("\n" + summary_line(result))
 
