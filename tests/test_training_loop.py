@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import shutil
 
 import pytest
 import torch
@@ -233,3 +235,36 @@ def test_a_finished_runs_refusal_names_what_the_run_wrote_not_the_users_files_be
         check_out_dir(tmp_path, command, None)
     assert f"(step-000002), and beside them: {', '.join([*exports, RESULT_FILE])}. A run without" in str(info.value)
     assert "notes.txt" not in str(info.value) and "corpus" not in str(info.value)
+
+
+@NEEDS_TL3
+@pytest.mark.parametrize("trainer", ["train_av", "train_ar", "train_rl"])
+@pytest.mark.parametrize("kind", ["an extraction", "a model folder"])
+def test_a_trainer_called_directly_refuses_an_out_dir_that_is_a_runs_input(
+        tmp_path, base_folder, dataset_meta, label_split, av_karvonen, ar_nanonla, trainer, kind):
+    """Only the CLI and run_train_* refused one: train_av(out_dir=the base) wrote checkpoints/ among the base
+    model's files, where a later export there would overwrite them."""
+    from nla_lens.training import RLConfig, init_ar, init_av, train_ar, train_av, train_rl
+    from nla_lens.training.extraction import COMPLETE
+
+    if kind == "a model folder":
+        out_dir = shutil.copytree(base_folder, tmp_path / "base")
+    else:
+        out_dir = tmp_path / "acts"
+        out_dir.mkdir()
+        (out_dir / COMPLETE).write_text(json.dumps({"shards": 0, "rows": 0}))
+    before = sorted(os.listdir(out_dir))
+    one_step = TrainConfig(steps=1, batch_size=4)
+    with pytest.raises(nl.ConfigError, match=rf"^out_dir {re.escape(str(out_dir))} is {kind}.*Point out_dir at a "
+                                             "new folder$"):
+        if trainer == "train_av":
+            train_av(init_av(base_folder, dataset_meta), *label_split, one_step, out_dir=out_dir, n_samples=0,
+                     progress=False)
+        elif trainer == "train_ar":
+            train_ar(init_ar(base_folder, dataset_meta), *label_split, one_step, out_dir=out_dir, progress=False)
+        else:
+            vectors = torch.randn(8, av_karvonen.meta.d_model, generator=torch.Generator().manual_seed(0))
+            train_rl(av_karvonen, ar_nanonla, None, vectors, vectors[:0],
+                     RLConfig(steps=1, prompts_per_step=2, group_size=2, kl_coef=0.0, eval_vectors=0),
+                     out_dir=out_dir, progress=False)
+    assert sorted(os.listdir(out_dir)) == before

@@ -37,8 +37,10 @@ from tqdm.auto import tqdm
 from nla_lens.checks import blocks_phrase
 from nla_lens.distributed import World
 from nla_lens.errors import CheckpointError, ConfigError
+from nla_lens.sidecar import SIDECAR_NAME
 from nla_lens.training import parallel
 from nla_lens.training.config import RLConfig, TrainConfig
+from nla_lens.training.extraction import COMPLETE, IN_PROGRESS
 from nla_lens.training.recompute import activation_checkpointing
 from nla_lens.vector_files import save_tensors
 
@@ -485,11 +487,14 @@ def log_resumed(folder: Path, out_dir: str | Path | None, step: int) -> None:
 
 def check_resume(out_dir: str | Path | None, resume: str | Path | None,
                  resumable: frozenset[str] | set[str] = frozenset(), written: Collection[str] = ()) -> None:
-    """What `resume` needs, checked before any model loads. A checkpoint folder must be one. Without `resume`,
+    """What `out_dir` and `resume` need, checked before any step (by the CLI, before any model loads). `out_dir`
+    must not be a run's input (`check_not_an_input_folder`). A checkpoint folder must be one. Without `resume`,
     `out_dir` must hold no checkpoint: the run would start at step 0 over an interrupted run's checkpoints
     (keep_checkpoints pruning them), or leave a longer run's newest for `resume: latest` to pick. `resumable`: the
     settings `load_checkpoint` lets a resume change (RL's `steps`); `written`: the names the caller's run writes in
     `out_dir` beside the checkpoints (its export, its record), which a finished run's refusal names where found."""
+    if out_dir is not None:  # every trainer and training command passes here, so none writes into its inputs
+        check_not_an_input_folder(out_dir)
     if resume is None:
         if out_dir is None:
             return
@@ -505,6 +510,22 @@ def check_resume(out_dir: str | Path | None, resume: str | Path | None,
         what = "holds no trainer_state.json" if Path(resume).is_dir() else "does not exist"
         raise CheckpointError(f"resume: {resume} {what}, so it is no training checkpoint; set resume to a "
                               f"{CHECKPOINT_DIR}/step-NNNNNN folder of the run, or to latest")
+
+
+def check_not_an_input_folder(out_dir: str | Path) -> None:
+    """Refuse an `out_dir` that is an extraction or a model folder (the activations, an SFT export, the base): a run
+    wrote its checkpoints (and, from the CLI, its exports and record) among their files, and deleting it would take
+    them along."""
+    folder = Path(out_dir)
+    if (folder / COMPLETE).exists() or (folder / IN_PROGRESS).exists():
+        what = "an extraction (nla-lens extract's out_dir)"
+    elif (folder / "config.json").is_file() or (folder / SIDECAR_NAME).is_file():
+        what = "a model folder (an NLA export or a base model: it holds config.json or nla_meta.yaml)"
+    else:
+        return
+    raise ConfigError(f"out_dir {out_dir} is {what}, an input of runs, not a run's out_dir: training would write its "
+                      "checkpoints (and nla-lens its exports and train_result.json) among its files. Point out_dir at "
+                      "a new folder")
 
 
 def is_last_step(folder: Path) -> bool:

@@ -19,7 +19,7 @@ from nla_lens.distributed import World, device_for, process_group
 from nla_lens.errors import ConfigError, InputError
 from nla_lens.nla import check_pair, check_vocabularies
 from nla_lens.reconstructor import ActivationReconstructor
-from nla_lens.sidecar import SIDECAR_NAME, NLAMeta, load_meta
+from nla_lens.sidecar import NLAMeta, load_meta
 from nla_lens.training import rl
 from nla_lens.training.ar_sft import init_ar, train_ar
 from nla_lens.training.av_sft import init_av, train_av
@@ -34,8 +34,6 @@ from nla_lens.training.config import (
 from nla_lens.training.dataset import LabelledActivations, label_activations, split_by_document
 from nla_lens.training.export import check_export_folder, export_ar, export_av
 from nla_lens.training.extraction import (
-    COMPLETE,
-    IN_PROGRESS,
     Document,
     check_extraction_folder,
     extract_activations,
@@ -134,27 +132,12 @@ def run_command(config: dict) -> str:
 
 def check_out_dir(out_dir: str | Path, command: str, resume: str | Path | None) -> None:
     """What each training command checks of its `out_dir` (and `resume`) before any model loads."""
-    check_not_an_input_folder(out_dir, command)
     check_writable_out_dir(out_dir)
     check_result_file(out_dir, command)
     if command == "train-rl":
         check_resume(out_dir, resume, rl.RESUMABLE, written=("av", "ar", RESULT_FILE))  # its exports and record
     else:
         check_resume(out_dir, resume, written=(MODEL_DIR, RESULT_FILE))
-
-
-def check_not_an_input_folder(out_dir: str | Path, command: str) -> None:
-    """Refuse an `out_dir` that is an extraction or a model folder (the activations, an SFT export, the base): a run
-    wrote its checkpoints, exports and record among their files, and deleting it would take them along."""
-    folder = Path(out_dir)
-    if (folder / COMPLETE).exists() or (folder / IN_PROGRESS).exists():
-        what = "an extraction (nla-lens extract's out_dir)"
-    elif (folder / "config.json").is_file() or (folder / SIDECAR_NAME).is_file():
-        what = "a model folder (an NLA export or a base model: it holds config.json or nla_meta.yaml)"
-    else:
-        return
-    raise ConfigError(f"out_dir {out_dir} is {what}, an input of runs, not a run's out_dir: {command} would write its "
-                      "checkpoints, exports and train_result.json among its files. Point out_dir at a new folder")
 
 
 def check_writable_out_dir(out_dir: str | Path) -> None:
