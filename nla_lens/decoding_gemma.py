@@ -25,7 +25,7 @@ import re
 from typing import cast
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from torch.distributed.tensor import DTensor
 from transformer_lens import HookedTransformer
@@ -33,6 +33,7 @@ from transformer_lens.components import Embed, GatedMLP, GroupedQueryAttention, 
 
 from nla_lens.backends import gemma3
 from nla_lens.decoding import _attention, _kv_cache, _last_logits, _Layer, _mlp, _rms
+from nla_lens.errors import ConfigError
 from nla_lens.fast_hooks import NO_BLOCK_HOOKS, torch_hook_reason
 from nla_lens.injection import HookFn
 
@@ -56,6 +57,17 @@ class _GemmaLayer(_Layer):
                 and all(type(norm) is RMSNorm for norm in norms) and _Layer.in_hf_layout(block))
 
 
+def check_window(model: HookedTransformer) -> None:
+    """A Gemma-3 model with local (sliding-window) layers has an integer `cfg.window_size`, which their masks read:
+    a hand-made config without one failed in the prefill with a bare TypeError."""
+    local = [i for i, block in enumerate(model.blocks) if block.attn.attn_type == "local"]
+    if local and not isinstance(model.cfg.window_size, int):
+        raise ConfigError(f"blocks {local} of this Gemma-3 model use local (sliding-window) attention, but "
+                          f"model.cfg.window_size is {model.cfg.window_size!r}: set it to the checkpoint's "
+                          "sliding_window (config.json's, under text_config in the multimodal wrapper), as "
+                          "nla_lens's loader and TransformerLens's Gemma-3 configs do")
+
+
 class GemmaDecoder:
     """`backends.Decoder` for TL Gemma-3 models: prefill, then one token per `step`."""
 
@@ -64,7 +76,8 @@ class GemmaDecoder:
     def __init__(self, model: HookedTransformer, batch: int, max_len: int) -> None:
         self.model = model
         self.layers = [_GemmaLayer(block) for block in model.blocks]
-        self.window = cast(int, model.cfg.window_size)  # set on every Gemma-3 config (TL 3.9's and the loader's)
+        # None without local layers: global ones mask causally only (build refused local ones without a window)
+        self.window = model.cfg.window_size if any(layer.local for layer in self.layers) else None
         first = self.layers[0]
         self.keys, self.values = _kv_cache(len(self.layers), batch, first.n_kv, max_len, first.d_head,
                                            model.cfg.dtype, model.W_E.device)
@@ -75,7 +88,10 @@ class GemmaDecoder:
               fwd_hooks: list[tuple[str, HookFn]]) -> GemmaDecoder | None:
         """The decoder when it computes what TL would and nothing can observe TL's internals, else None."""
         cfg = model.cfg
-        if cfg.original_architecture not in gemma3.ARCHITECTURES or cfg.n_devices != 1:
+        if cfg.original_architecture not in gemma3.ARCHITECTURES:
+            return None
+        check_window(model)  # before any fallback: TL's own forward fails on it too, with an untyped ValueError
+        if cfg.n_devices != 1:
             return None
         if not all(_HOOKABLE.match(name) for name, _ in fwd_hooks):
             return None
@@ -99,22 +115,27 @@ class GemmaDecoder:
         return cls(model, batch, max_len)
 
     def prefill(self, tokens: Int[Tensor, "batch pos"], fwd_hooks: list[tuple[str, HookFn]]) -> Tensor:
-        query = torch.arange(tokens.shape[1], device=tokens.device)
-        local = (query[None, :] <= query[:, None]) & (query[None, :] > query[:, None] - self.window)
+        local = None
+        if self.window is not None:
+            query = torch.arange(tokens.shape[1], device=tokens.device)
+            local = (query[None, :] <= query[:, None]) & (query[None, :] > query[:, None] - self.window)
         resid = self._run(tokens, 0, local, dict(fwd_hooks))
         self.pos = tokens.shape[1]
         return _last_logits(self.model, resid)
 
     def step(self, ids: Int[Tensor, " batch"]) -> Float[Tensor, "batch vocab"]:
-        local = (torch.arange(self.pos + 1, device=ids.device) > self.pos - self.window)[None, :]
+        local = None
+        if self.window is not None:
+            local = (torch.arange(self.pos + 1, device=ids.device) > self.pos - self.window)[None, :]
         resid = self._run(ids[:, None], self.pos, local, {})
         self.pos += 1
         return _last_logits(self.model, resid)
 
-    def _run(self, ids: Int[Tensor, "batch pos"], start: int, local_mask: Tensor,
+    def _run(self, ids: Int[Tensor, "batch pos"], start: int, local_mask: Bool[Tensor, "query key"] | None,
              hooks: dict[str, HookFn]) -> Float[Tensor, "batch pos d_model"]:
         """Blocks over `ids` at cache positions [start, start + pos); global layers attend causally,
-        local ones through `local_mask` (True = attend), which also holds the causal part."""
+        local ones through `local_mask` (True = attend; None without local layers), which also holds the causal
+        part."""
         x = self._hooked(hooks, "hook_embed", self.model.embed.W_E[ids])
         positions = torch.arange(start, start + ids.shape[1], device=ids.device).expand_as(ids)
         end = start + ids.shape[1]

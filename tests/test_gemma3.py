@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 import struct
 
@@ -245,6 +246,42 @@ def test_gemma3_torch_hooks_and_capture_see_every_decode_step(gemma_avs, gemma_v
     with nl.capture(av.model, 1, calls="all") as captured:
         av.verbalize(gemma_vectors[:1], max_new_tokens=4)
     assert len(captured.vectors) == len(widths)
+
+
+@pytest.mark.skipif(backends.default_backend() != "hooked", reason="the HookedTransformer fast decoder")
+def test_gemma3_fast_decoder_without_local_layers_needs_no_window(bos_paths, gemma_vectors):
+    """A Gemma-3 config without window_size (a hand-made HookedTransformerConfig) crashed the fast decoder's prefill
+    with a TypeError, though with every layer global no mask reads the window."""
+    from nla_lens import decoding
+    from nla_lens.decoding_gemma import GemmaDecoder
+
+    av = nl.ActivationVerbalizer.from_pretrained(bos_paths["gemma_av"])
+    for block in av.model.blocks:
+        block.attn.attn_type = "global"
+    av.model.cfg.attn_types, av.model.cfg.window_size = ["global"] * av.model.cfg.n_layers, None
+    tokens = av.prompt_tokens(len(gemma_vectors))
+    hooks = av.injection(gemma_vectors, tokens).site_hooks()
+    fast = backends.decoder(av.model, len(tokens), tokens.shape[1] + 2, hooks)
+    assert isinstance(fast, GemmaDecoder)
+    slow = decoding.HookedDecoder(av.model, len(tokens), "the reference: TL's own forward")
+    with torch.inference_mode():
+        ours, theirs = fast.prefill(tokens, hooks), slow.prefill(tokens, hooks)
+        assert torch.equal(ours, theirs)
+        ids = theirs.argmax(dim=-1)
+        assert torch.equal(fast.step(ids), slow.step(ids))
+
+
+@pytest.mark.skipif(backends.default_backend() != "hooked", reason="the HookedTransformer fast decoder")
+def test_gemma3_local_layers_without_a_window_are_a_config_error_naming_them(bos_paths, gemma_vectors):
+    """They were a TypeError deep in the fast decoder's prefill (TL's forward, after a hook, a bare ValueError)."""
+    av = nl.ActivationVerbalizer.from_pretrained(bos_paths["gemma_av"])
+    av.model.cfg.window_size = None
+    local = [i for i, kind in enumerate(av.model.cfg.attn_types) if kind == "local"]
+    assert local and len(local) < av.model.cfg.n_layers  # the fixture mixes local and global layers
+    with pytest.raises(nl.ConfigError, match=rf"^blocks {re.escape(str(local))} of this Gemma-3 model use local "
+                                             r"\(sliding-window\) attention, but model\.cfg\.window_size is None: set "
+                                             "it to the checkpoint's sliding_window"):
+        av.verbalize(gemma_vectors, max_new_tokens=2, progress=False)
 
 
 def test_load_base_checks_a_multimodal_wrapper_against_the_nla(gemma_avs, bos_paths, tmp_path):
