@@ -11,13 +11,14 @@ from `inputs_embeds` after the paper's embedding replacement (kitft docs/inferen
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
 
@@ -85,21 +86,21 @@ def run(root: Path, plan: GemmaPlan, *, device: str, out: Callable[[str], None])
 def _text_config(shape: GemmaShape, tokenizer: Any) -> Any:
     from transformers import Gemma3TextConfig
 
+    from nla_lens import testing_families as fam
+
     kinds = ["sliding_attention"] * 5 + ["full_attention"]
     return Gemma3TextConfig(
         vocab_size=shape.vocab, hidden_size=shape.d_model, intermediate_size=shape.d_mlp,
         num_hidden_layers=shape.n_layers, num_attention_heads=shape.n_heads, num_key_value_heads=shape.n_kv_heads,
         head_dim=shape.d_head, query_pre_attn_scalar=shape.d_head, sliding_window=shape.sliding_window,
-        layer_types=[kinds[i % 6] for i in range(shape.n_layers)],
-        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0},
-                         "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}},
+        layer_types=[kinds[i % 6] for i in range(shape.n_layers)], rope_parameters=copy.deepcopy(fam.GEMMA3_ROPE),
         max_position_embeddings=2048, rms_norm_eps=1e-6, tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
 
 
 def write_checkpoints(root: Path, shape: GemmaShape, vision: tuple[int, int], seed: int = 0) -> dict[str, Path]:
     """AV text-only, AV in the multimodal wrapper (same text weights), AR (K+1 blocks), bf16 shards."""
-    from transformers import Gemma3Config, Gemma3ForCausalLM, Gemma3ForConditionalGeneration
+    from transformers import Gemma3ForCausalLM, Gemma3ForConditionalGeneration
 
     from nla_lens import testing_families as fam
 
@@ -126,15 +127,10 @@ def write_checkpoints(root: Path, shape: GemmaShape, vision: tuple[int, int], se
     shard = f"{max(1, n_params * 2 // 3 // 2**20)}MB"  # about three shards
     av_sidecar = fam.paper_sidecar(tokens, shape.d_model, ar_layer, "av", 40.0 * math.sqrt(shape.d_model))
     paths = {"av": fam.save_folder(text, tokenizer, root / "av", av_sidecar, max_shard_size=shard)}
-    ids = tokenizer.convert_tokens_to_ids
     siglip = {"hidden_size": vision[0], "intermediate_size": 4 * vision[0], "num_hidden_layers": vision[1],
               "num_attention_heads": max(1, vision[0] // 64), "image_size": 224, "patch_size": 14}
-    wrapper_config = Gemma3Config(text_config=text_config.to_dict(), vision_config=siglip, mm_tokens_per_image=4,
-                                  boi_token_index=cast(int, ids("<start_of_image>")),
-                                  eoi_token_index=cast(int, ids("<end_of_image>")),
-                                  image_token_index=cast(int, ids("<image_soft_token>")), tie_word_embeddings=True)
     with torch.device("meta"):
-        wrapper = Gemma3ForConditionalGeneration(wrapper_config)
+        wrapper = Gemma3ForConditionalGeneration(fam.gemma3_wrapper_config(tokenizer, text_config, siglip))
     wrapper = wrapper.to_empty(device="cpu").to(torch.bfloat16).eval()  # type: ignore[arg-type]
     with torch.no_grad():
         for param in wrapper.model.vision_tower.parameters():

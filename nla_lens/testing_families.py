@@ -13,6 +13,7 @@ unembedding. The multimodal layout wraps it with a tiny SigLIP tower.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, cast
 
@@ -30,7 +31,6 @@ from transformers import (
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
-    SiglipVisionConfig,
 )
 
 from nla_lens import testing
@@ -47,6 +47,9 @@ SLIDING_WINDOW = 6
 # rescaling turns every frequency but the highest by tens of radians within the AV prompt.
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500_000.0, "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+# Gemma-3's rotary bases: linear scaling on the global layers, none on the local ones.
+GEMMA3_ROPE = {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0},
+               "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}}
 GEMMA_SPECIALS = ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>",
                   "<start_of_image>", "<end_of_image>", "<image_soft_token>"]
 GEMMA_CHAT = ("{{ bos_token }}{% for m in messages %}<start_of_turn>user\n{{ m['content'] }}<end_of_turn>\n"
@@ -100,9 +103,7 @@ def gemma3_text_config(tokenizer: PreTrainedTokenizerFast, *, n_layers: int = 4,
         vocab_size=len(tokenizer), hidden_size=d_model, intermediate_size=2 * d_model, num_hidden_layers=n_layers,
         num_attention_heads=4, num_key_value_heads=2, head_dim=d_model // 4,
         query_pre_attn_scalar=3 * d_model // 8, sliding_window=sliding_window,
-        layer_types=[kinds[i % 3] for i in range(n_layers)],
-        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0},
-                         "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}},
+        layer_types=[kinds[i % 3] for i in range(n_layers)], rope_parameters=copy.deepcopy(GEMMA3_ROPE),
         max_position_embeddings=256, rms_norm_eps=1e-6, tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
@@ -129,18 +130,23 @@ def build_gemma3(tokenizer: PreTrainedTokenizerFast, *, n_layers: int = 4, d_mod
     _randomize(text, norm_offset=0.0)  # Gemma's norms multiply by 1 + w
     if not multimodal:
         return text
-    ids = tokenizer.convert_tokens_to_ids
-    config = Gemma3Config(
-        text_config=text.config.to_dict(),
-        vision_config=SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                         num_attention_heads=2, image_size=28, patch_size=14).to_dict(),
-        mm_tokens_per_image=4, boi_token_index=cast(int, ids("<start_of_image>")),
-        eoi_token_index=cast(int, ids("<end_of_image>")), image_token_index=cast(int, ids("<image_soft_token>")),
-        tie_word_embeddings=True,
-    )
-    wrapper = Gemma3ForConditionalGeneration(config).float().eval()
+    siglip = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+              "image_size": 28, "patch_size": 14}
+    wrapper = Gemma3ForConditionalGeneration(gemma3_wrapper_config(tokenizer, text.config, siglip)).float().eval()
     wrapper.model.language_model.load_state_dict(text.model.state_dict())
     return wrapper
+
+
+def gemma3_wrapper_config(tokenizer: PreTrainedTokenizerFast, text_config: Gemma3TextConfig,
+                          vision_config: dict[str, Any]) -> Gemma3Config:
+    """The multimodal wrapper's config around `text_config`: a SigLIP tower (`vision_config`, never read by
+    nla_lens) and the tokenizer's image tokens."""
+    ids = tokenizer.convert_tokens_to_ids
+    return Gemma3Config(
+        text_config=text_config.to_dict(), vision_config=vision_config, mm_tokens_per_image=4,
+        boi_token_index=cast(int, ids("<start_of_image>")), eoi_token_index=cast(int, ids("<end_of_image>")),
+        image_token_index=cast(int, ids("<image_soft_token>")), tie_word_embeddings=True,
+    )
 
 
 def build_llama(tokenizer: PreTrainedTokenizerFast, *, n_layers: int = 4, d_model: int = 64,
