@@ -125,17 +125,16 @@ def _is_main_process() -> bool:
         return True
 
 
-_TRAINING_SECTIONS = {"train-av": "train", "train-ar": "train", "train-rl": "rl"}  # where each keeps save_every
-
-
 def _resume_hint(args: argparse.Namespace) -> str:
     """How to continue an interrupted command, for those whose rerun picks up what the first run wrote."""
+    from nla_lens.training.config import CHECKPOINT_SECTIONS  # loaded already: the parser registered its commands
+
     if args.command == "extract":
         return ("; rerun the same command to continue: the shards already in out_dir are kept (checked against the "
                 "corpus) and skipped")
-    if args.command in _TRAINING_SECTIONS:
+    if args.command in CHECKPOINT_SECTIONS:
         return (f"; to continue from the newest checkpoint in out_dir/checkpoints, rerun the same command with resume: "
-                f"latest in {args.config} (checkpoints are written every {_TRAINING_SECTIONS[args.command]}."
+                f"latest in {args.config} (checkpoints are written every {CHECKPOINT_SECTIONS[args.command]}."
                 "save_every steps; with 0 there is none before the end, and the rerun starts at step 0)")
     if args.command in ("verbalize", "round-trip") and args.input is not None and args.output is not None:
         from nla_lens.shard_store import holds_shards, shard_folder

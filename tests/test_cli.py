@@ -421,6 +421,20 @@ def _training_config(tmp_path, command: str) -> str:
     return str(path)
 
 
+def test_the_commands_a_config_may_name_are_the_subcommands_reading_those_configs():
+    """`command:` in a config is checked against config.COMMANDS, which the CLI registers under names of its own:
+    each named command is a subcommand whose config is the class carrying that name."""
+    from nla_lens.training.config import COMMANDS, ARRunConfig, AVRunConfig, ExtractRunConfig, RLRunConfig
+
+    subcommands = next(action for action in build_parser()._actions
+                       if isinstance(action, argparse._SubParsersAction)).choices
+    run_configs = {cls.COMMAND: cls for cls in (ExtractRunConfig, ARRunConfig, AVRunConfig, RLRunConfig)}
+    assert sorted(run_configs) == sorted(COMMANDS)
+    for command, config_cls in run_configs.items():
+        config_help = next(action.help for action in subcommands[command]._actions if action.dest == "config")
+        assert f"nla_lens.training.{config_cls.__name__} " in config_help, (command, config_help)
+
+
 @pytest.mark.parametrize("command, work, hint", [
     ("extract", "run_extract", "; rerun the same command to continue: the shards already in out_dir are kept"),
     pytest.param("train-av", "run_train_av", "; to continue from the newest checkpoint in out_dir/checkpoints, rerun "

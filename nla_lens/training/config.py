@@ -152,7 +152,10 @@ class TrainConfig:
         _check_ranges(self, eval_every=_NON_NEGATIVE, save_every=_NON_NEGATIVE, keep_checkpoints=_AT_LEAST_1)
 
 
-COMMANDS = ("extract", "train-ar", "train-av", "train-rl")  # the nla-lens commands that read a config
+# The nla-lens training commands, each with the section of its config that holds save_every (the CLI's hint on
+# an interrupted run names it), and every command that reads a config.
+CHECKPOINT_SECTIONS = {"train-ar": "train", "train-av": "train", "train-rl": "rl"}
+COMMANDS = ("extract", *CHECKPOINT_SECTIONS)
 
 
 def check_command(command: Any, expected: str | None) -> None:
