@@ -516,7 +516,14 @@ def _rgb(colour: tuple[int, int, int]) -> str:
 
 
 def _ink(background: str) -> str:
-    """Black or white text, whichever reads better on `background` (relative luminance)."""
-    r, g, b = (int(background[i:i + 2], 16) / 255 for i in (1, 3, 5))
-    return "#111" if 0.2126 * r + 0.7152 * g + 0.0722 * b > 0.45 else "#fff"
+    """Black or white text, whichever contrasts more with `background` by WCAG's relative luminance: one of the two
+    always reaches 4.58:1, above AA's 4.5, on any colour a scale can blend."""
+    luminance = _luminance(background)
+    return "#000" if (luminance + 0.05) / 0.05 >= 1.05 / (luminance + 0.05) else "#fff"
 
+
+def _luminance(colour: str) -> float:
+    """WCAG 2 relative luminance of a `#rrggbb` colour."""
+    channels = [int(colour[i:i + 2], 16) / 255 for i in (1, 3, 5)]
+    r, g, b = (c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in channels)
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b

@@ -96,7 +96,7 @@ const out = document.createElement('pre'); out.id = 'styles';
 const page = document.documentElement;
 out.textContent = JSON.stringify({
   elements: [...document.querySelectorAll('.nla-view *')].filter(own).map(e => ({
-    text: e.textContent, tag: e.tagName, cls: e.className, inline: !!e.closest('.nla-tok'),
+    text: e.textContent, tag: e.tagName, cls: e.className,
     align: getComputedStyle(e).textAlign, colour: getComputedStyle(e).color, background: drawnOn(e),
     width: e.getBoundingClientRect().width})),
   page: [page.clientWidth, page.scrollWidth],
@@ -128,6 +128,34 @@ def _contrast(colour: str, background: str) -> float:
     return (light + 0.05) / (dark + 0.05)
 
 
+def _css(colour: str) -> str:
+    """A `#rgb` or `#rrggbb` colour as CSS rgb(), which `_contrast` reads."""
+    digits = colour[1:] if len(colour) == 7 else "".join(c * 2 for c in colour[1:])
+    return "rgb({}, {}, {})".format(*(int(digits[i:i + 2], 16) for i in (0, 2, 4)))
+
+
+def _chips_of_every_colour() -> str:
+    """Views whose token chips take every colour the views can give one: FVE spread over its whole scale and the
+    negative reds, MSE, a failed parse, context tokens, and a feature card's activations from 0 to its top."""
+    fves = [i / 300 for i in range(301)] + [-i / 100 for i in range(1, 301)]
+    scored = [display.TokenCell(f" t{p}", p, True, "e", None, fve, 1 - fve) for p, fve in enumerate(fves)]
+    unscored = [display.TokenCell(f" t{p}", p, True, "e", None, None, p / 300) for p in range(301)]
+    extra = [display.TokenCell(" failed", 0, True, None, "raw", -1.5, 2.0), display.TokenCell(" context", 1)]
+    card = display.feature_card_html("Feature 3", "blocks.3.hook_resid_post", "s", "e", "",
+                                     [([f" t{i}" for i in range(301)], [i / 100 for i in range(301)], 300)])
+    return "".join(display.explained_text_html([cells + extra], title="t", layer=3) for cells in (scored, unscored)
+                   ) + card
+
+
+def test_every_token_chip_colour_keeps_its_text_at_wcag_aa_contrast():
+    """Black or white ink was chosen by a weighted mean of the gamma-encoded channels: white on the FVE scale's
+    #2c7fb8 read at 4.35:1 and on a mid red (#e5544c) at 3.68:1, under WCAG AA's 4.5."""
+    chips = re.findall(r"style='background:(#[0-9a-f]{6});color:(#[0-9a-f]{3,6})'", _chips_of_every_colour())
+    assert len({background for background, _ in chips}) > 500  # the scales' blends, not a handful of stops
+    for background, ink in set(chips):
+        assert _contrast(_css(ink), _css(background)) >= 4.5, (background, ink)
+
+
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian chromium not installed")
 def test_every_view_stays_readable_in_a_dark_jupyterlab_notebook(tmp_path):
     """The views set dark text and left no background of their own: in JupyterLab's dark theme the title, summary and
@@ -142,13 +170,13 @@ def test_every_view_stays_readable_in_a_dark_jupyterlab_notebook(tmp_path):
             ["index", "explanation", "parsed", "fve"]),
         "card": display.feature_card_html("Feature 3", "blocks.3.hook_resid_post", "feature 3", "The token a", "",
                                           [([" a", " b"], [0.5, 2.0], 1)], [display.Readout("The token b")]),
+        "chips": _chips_of_every_colour(),
     }
     for name, view in views.items():
         styles = _styles(view, _JUPYTERLAB_DARK, tmp_path)["elements"]
         assert len(styles) > 10, name
-        for element in styles:
-            if not element["inline"]:  # a token chip sets its own colours beside its own background
-                assert _contrast(element["colour"], element["background"]) >= 4.5, (name, element)
+        for element in styles:  # a token chip's text too, on the chip's own background
+            assert _contrast(element["colour"], element["background"]) >= 4.5, (name, element)
             if element["tag"] == "TD":
                 assert element["align"] == ("right" if "num" in element["cls"].split() else "left"), (name, element)
 

@@ -672,7 +672,7 @@ def test_the_explained_view_marks_a_failed_parses_score_as_the_miss_and_leaves_i
     view = _body(display.explained_text_html([cells], title="t", layer=1))
     assert "<td class='num'>-0.400</td><td class='num'>0.600</td>" in view
     assert "<td class='num nla-unparsed'>miss (-1.560)</td><td class='num nla-unparsed'>miss (2.000)</td>" in view
-    assert ("<span class='nla-tok nla-failed' style='background:#ffffff;color:#111' title='FVE miss (-1.560): "
+    assert ("<span class='nla-tok nla-failed' style='background:#ffffff;color:#000' title='FVE miss (-1.560): "
             "(no &lt;explanation&gt; tags) raw'>c") in view
     assert "down to -0.40" in view and "down to -1.56" not in view
 
@@ -773,7 +773,7 @@ def test_whitespace_tokens_stay_visible_in_tables_reprs_and_cards():
         assert chip.format(shown) in table
     assert [line.split()[0] for line in text_table(records, ["token", "n"])[1:]] == ["\u2423", "king", "\u21b5"]
     card = display.feature_card_html("f", "h", "s", "e", "", [(["a", " "], [0.5, 1.0], 1)])
-    assert "nla-peak' style='background:#fd8d3c;color:#111' title='1.000'>\u2423</span>" in card  # was an empty box
+    assert "nla-peak' style='background:#fd8d3c;color:#000' title='1.000'>\u2423</span>" in card  # was an empty box
 
 
 def test_an_all_space_token_of_other_spaces_shows_each_as_its_escape():
