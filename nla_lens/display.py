@@ -13,8 +13,8 @@ observed range: non-negative FVE runs by rank from pale yellow (the lowest seen)
 seen), with the observed quantiles on the legend; negative FVE (worse than predicting the mean vector)
 is red, darker the more negative, so it never passes for a low positive score. A failed parse scores as a miss (an
 orthogonal guess): its token stays off the scale, blank in a dashed outline, and its scores read `miss (-1.500)`, as
-they do in every table. Without a baseline the tokens are coloured by MSE instead (lower is better), and the legend
-says so.
+they do in every table. A token whose score is NaN or infinite (a NaN vector) is lilac, off the scale, and the legend
+names it. Without a baseline the tokens are coloured by MSE instead (lower is better), and the legend says so.
 
 The feature card ([`feature_card_html`][nla_lens.display.feature_card_html]) shows an SAE feature's
 strongest contexts, each token shaded by the feature's activation there (white at 0 to orange at the
@@ -38,6 +38,7 @@ _NEGATIVE = ((254, 224, 210), (222, 45, 38))  # light to dark red
 _ACTIVATION = ((255, 255, 255), (253, 141, 60))  # white to orange
 _CONTEXT = "#e8e8e8"
 _FAILED = "#ffffff"  # a failed parse's token: blank inside its dashed outline, off the colour scale
+_NOT_FINITE = "#d4b9da"  # a token whose score is NaN or infinite: lilac, on no scale and not the context's grey
 _MAX_TABLE_ROWS = 200
 _PROSE = 24  # characters: a table cell longer than this holds text to read (see `_cell`)
 _CURVE_SIZE, _CURVE_X, _CURVE_Y = (264, 130), (62, 254), (20, 104)  # a chart's size and its plot area's x / y span
@@ -141,26 +142,32 @@ class ColourScale:
     metric: Literal["FVE", "MSE"]
     observed: tuple[float, ...]  # sorted; FVE: the non-negative values, MSE: all values
     most_negative: float | None  # FVE only: the lowest negative value seen, None if there is none
+    not_finite: bool = False  # some parsed token's score is NaN or infinite: the legend names their colour
 
     @classmethod
     def from_cells(cls, cells: Sequence[TokenCell]) -> ColourScale:
-        """FVE when every explained token has one, else MSE. A failed parse's score (the miss) stays off the scale:
-        it would set the darkest red, paling every real negative FVE."""
+        """FVE when every explained token has one (None: no baseline), else MSE. A failed parse's score (the miss)
+        stays off the scale: it would set the darkest red, paling every real negative FVE; so does a score that is
+        not finite, which has no rank among the others."""
         explained = [c for c in cells if c.explained]
         parsed = [c for c in explained if c.explanation is not None]
-        if explained and all(c.fve is not None and math.isfinite(c.fve) for c in explained):
-            fves = [c.fve for c in parsed if c.fve is not None]  # every one, as checked just above
-            negative = [f for f in fves if f < 0]
-            return cls("FVE", tuple(sorted(f for f in fves if f >= 0)), min(negative) if negative else None)
-        mses = [c.mse for c in parsed if c.mse is not None and math.isfinite(c.mse)]
-        return cls("MSE", tuple(sorted(mses)), None)
+        metric: Literal["FVE", "MSE"] = "FVE" if explained and all(c.fve is not None for c in explained) else "MSE"
+        scores = [c.fve if metric == "FVE" else c.mse for c in parsed]
+        finite = [v for v in scores if v is not None and math.isfinite(v)]
+        not_finite = len(finite) < sum(v is not None for v in scores)
+        if metric == "MSE":
+            return cls("MSE", tuple(sorted(finite)), None, not_finite)
+        negative = [f for f in finite if f < 0]
+        return cls("FVE", tuple(sorted(f for f in finite if f >= 0)), min(negative) if negative else None, not_finite)
 
     def value(self, cell: TokenCell) -> float | None:
         return cell.fve if self.metric == "FVE" else cell.mse
 
     def colour(self, value: float | None) -> str:
-        if value is None or not math.isfinite(value):
+        if value is None:
             return _CONTEXT
+        if not math.isfinite(value):
+            return _NOT_FINITE
         if self.metric == "FVE" and value < 0:
             return _rgb(_ramp(_NEGATIVE, value / self.most_negative if self.most_negative else 1.0))
         t = self._rank(value)
@@ -202,6 +209,9 @@ class ColourScale:
             parts.append(f"<span><span class='nla-swatch' style='background: linear-gradient(to right, {light}, "
                          f"{dark})'></span>FVE below 0, down to {self.most_negative:.2f}: worse than the mean "
                          "vector</span>")
+        if self.not_finite:
+            parts.append(f"<span><span class='nla-swatch' style='background:{_NOT_FINITE}'></span>score not finite "
+                         "(NaN or inf)</span>")
         parts.append(f"<span><span class='nla-swatch' style='background:{_CONTEXT}'></span>not explained</span>")
         parts.append(f"<span><span class='nla-swatch nla-failed' style='background:{_FAILED}'></span>explanation "
                      "failed to parse (its score is the miss, off the scale)</span>")
@@ -245,6 +255,8 @@ def _text_block(cells: Sequence[TokenCell], scale: ColourScale) -> str:
         background = _FAILED if failed else scale.colour(value) if cell.explained else _CONTEXT
         said = _said(cell)
         score = _missed(format_cell(value)) if failed and value is not None else format_cell(value)
+        if not failed and value is not None and not math.isfinite(value):
+            score += " (score not finite)"
         tip = f"{scale.metric} {score}: {said}" if cell.explained else "context token (not explained)"
         outline = " nla-failed" if failed else ""
         spans.append(f"<span class='nla-tok{outline}' style='background:{background};color:{_ink(background)}' "

@@ -140,7 +140,8 @@ def _chips_of_every_colour() -> str:
     fves = [i / 300 for i in range(301)] + [-i / 100 for i in range(1, 301)]
     scored = [display.TokenCell(f" t{p}", p, True, "e", None, fve, 1 - fve) for p, fve in enumerate(fves)]
     unscored = [display.TokenCell(f" t{p}", p, True, "e", None, None, p / 300) for p in range(301)]
-    extra = [display.TokenCell(" failed", 0, True, None, "raw", -1.5, 2.0), display.TokenCell(" context", 1)]
+    extra = [display.TokenCell(" failed", 0, True, None, "raw", -1.5, 2.0), display.TokenCell(" context", 1),
+             display.TokenCell(" nan", 2, True, "e", None, float("nan"), float("nan"))]
     card = display.feature_card_html("Feature 3", "blocks.3.hook_resid_post", "s", "e", "",
                                      [([f" t{i}" for i in range(301)], [i / 100 for i in range(301)], 300)])
     return "".join(display.explained_text_html([cells + extra], title="t", layer=3) for cells in (scored, unscored)
@@ -284,3 +285,27 @@ def test_a_table_cell_too_small_for_three_decimals_is_written_in_e_notation():
     """A learning rate of 2e-4 or a KL of 8e-5 printed as 0.000."""
     assert [display.format_cell(v) for v in (2.5e-4, -3e-5, 0.0, 0.0005, 0.123456)] == [
         "2.50e-04", "-3.00e-05", "0.000", "0.001", "0.123"]
+
+
+def _chip_backgrounds(view: str) -> dict[str, str]:
+    """Each token's background in the line of tokens, by the token."""
+    chips = re.findall(r"<span class='nla-tok[^']*' style='background:(#\w+);color:#\w+' title='[^']*'>([^<]*)<sub>",
+                       view)
+    return {token: background for background, token in chips}
+
+
+def test_a_token_scored_nan_is_drawn_as_not_finite_and_leaves_the_others_coloured_by_fve():
+    """A NaN FVE drew its token in the grey of a context token, and switched the whole view to MSE colouring."""
+    scored = [display.TokenCell(" good", 0, True, "e", None, 0.9, 0.1),
+              display.TokenCell(" fair", 1, True, "e", None, 0.5, 0.5),
+              display.TokenCell(" bad", 2, True, "e", None, -0.4, 1.4), display.TokenCell(" context", 3)]
+    nan = display.TokenCell(" nan", 4, True, "e", None, float("nan"), float("nan"))
+    view = display.explained_text_html([[*scored, nan]], title="t", layer=3)
+    chips = _chip_backgrounds(view)
+    assert chips == {**_chip_backgrounds(display.explained_text_html([scored], title="t", layer=3)),
+                     " nan": chips[" nan"]}  # the finite tokens keep their FVE colours
+    assert chips[" nan"] not in {chips[" good"], chips[" fair"], chips[" bad"], chips[" context"]}
+    assert "<b>FVE</b>" in view and "FVE nan (score not finite): e" in view
+    legend = view[view.index("<div class='nla-legend'>"):view.index("<div class='nla-text'>")]
+    assert f"background:{chips[' nan']}'></span>score not finite" in legend
+    assert "score not finite" not in display.explained_text_html([scored], title="t", layer=3)
