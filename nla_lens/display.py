@@ -40,6 +40,7 @@ _CONTEXT = "#e8e8e8"
 _FAILED = "#ffffff"  # a failed parse's token: blank inside its dashed outline, off the colour scale
 _NOT_FINITE = "#d4b9da"  # a token whose score is NaN or infinite: lilac, on no scale and not the context's grey
 _MAX_TABLE_ROWS = 200
+_NUMERIC_HEADER = " class='num'"  # a number column's header, aligned right over its numbers
 _PROSE = 24  # characters: a table cell longer than this holds text to read (see `_cell`)
 _CURVE_SIZE, _CURVE_X, _CURVE_Y = (264, 130), (62, 254), (20, 104)  # a chart's size and its plot area's x / y span
 _CURVE_INK = "#2c7fb8"
@@ -96,6 +97,7 @@ _STYLE = """
 .nla-view .nla-table th, .nla-view .nla-table td { text-align: left; line-height: 1.45; padding: 0.15em 0.6em;
   border-bottom: 1px solid #eee; overflow-wrap: anywhere; vertical-align: top; }
 .nla-view .nla-table th { overflow-wrap: normal; }
+.nla-view .nla-table th.num { text-align: right; }
 .nla-view .nla-table td.nla-prose { min-width: 8em; }
 .nla-view .nla-table td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
 .nla-view .nla-table td.nla-context { font: 15px/1.9 Georgia, serif; }
@@ -269,7 +271,8 @@ def _text_block(cells: Sequence[TokenCell], scale: ColourScale) -> str:
                            f"<td class='nla-unparsed'>{html.escape(said)}</td>")
             rows.append(f"<tr><td class='num'>{cell.position}</td><td>{chip}</td>{_score_cell(cell.fve, failed)}"
                         f"{_score_cell(cell.mse, failed)}{explanation}</tr>")
-    table = _table("<tr><th>pos</th><th>token</th><th>FVE</th><th>MSE</th><th>explanation</th></tr>"
+    table = _table(f"<tr><th{_NUMERIC_HEADER}>pos</th><th>token</th><th{_NUMERIC_HEADER}>FVE</th>"
+                   f"<th{_NUMERIC_HEADER}>MSE</th><th>explanation</th></tr>"
                    + "".join(rows)) if rows else ""
     return f"<div class='nla-text'><div class='nla-tokens'>{'<wbr>'.join(spans)}</div>{table}</div>"
 
@@ -338,7 +341,8 @@ def result_html(name: str, summary: str, records: Sequence[dict[str, Any]], colu
     `columns` (the first rows of a long result); long cells wrap and are shown whole, and a table too wide for the page
     scrolls inside the view."""
     shown = records[:_MAX_TABLE_ROWS]
-    head = "".join(f"<th>{html.escape(header(c))}</th>" for c in columns)
+    head = "".join(f"<th{_NUMERIC_HEADER if _numeric_column(shown, c) else ''}>{html.escape(header(c))}</th>"
+                   for c in columns)
     body = []
     for record in shown:
         cells = []
@@ -358,6 +362,12 @@ def result_html(name: str, summary: str, records: Sequence[dict[str, Any]], colu
     return (f"<div class='nla-view'><style>{_STYLE}</style><div class='nla-head'><b>{html.escape(name)}</b></div>"
             f"<div class='nla-meta'>{html.escape(summary)}</div>{warning_lines(warnings)}{figure}{cut}"
             f"{_table(f'<tr>{head}</tr>' + ''.join(body))}</div>")
+
+
+def _numeric_column(records: Sequence[dict[str, Any]], column: str) -> bool:
+    """Whether `column` holds numbers (None aside) in `records`: its header is then right-aligned, over them."""
+    values = [r.get(column) for r in records if r.get(column) is not None]
+    return bool(values) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
 
 
 def _cell(text: str, numeric: bool, unparsed: bool) -> str:
@@ -471,8 +481,8 @@ def _readout_html(readout: Readout) -> str:
 
 
 def _contexts_table(rows: Sequence[str], said_here: bool) -> str:
-    return _table(f"<tr><th>activation</th><th>context</th>{'<th>NLA at the peak</th>' if said_here else ''}</tr>"
-                  + "".join(rows))
+    here = "<th>NLA at the peak</th>" if said_here else ""
+    return _table(f"<tr><th{_NUMERIC_HEADER}>activation</th><th>context</th>{here}</tr>" + "".join(rows))
 
 
 def _no_contexts(n_positions: int | None) -> str:

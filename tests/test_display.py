@@ -86,17 +86,19 @@ body { background: #111; margin: 1.5em; }
 .jp-RenderedHTMLCommon tbody tr:nth-child(odd) { background: #111; }
 .jp-RenderedHTMLCommon tbody tr:nth-child(even) { background: #212121; }
 """
-# Each element of the view with text of its own (its text, class, alignment, colour, the background it is drawn on,
-# its width), and the page's and each table wrapper's visible and scrolled widths
+# Each element of the view with text of its own (its text, class, table and column where it is in one, alignment,
+# colour, the background it is drawn on, its width), and the page's and each table wrapper's visible and scrolled widths
 _READ_STYLES = """<script>
 const drawnOn = e => { for (; e; e = e.parentElement) { const c = getComputedStyle(e).backgroundColor;
   if (c !== 'rgba(0, 0, 0, 0)') return c; } return 'rgb(255, 255, 255)'; };
 const own = e => [...e.childNodes].some(n => n.nodeType === 3 && n.textContent.trim());
 const out = document.createElement('pre'); out.id = 'styles';
 const page = document.documentElement;
+const tables = [...document.querySelectorAll('table')];
 out.textContent = JSON.stringify({
   elements: [...document.querySelectorAll('.nla-view *')].filter(own).map(e => ({
-    text: e.textContent, tag: e.tagName, cls: e.className,
+    text: e.textContent, tag: e.tagName, cls: e.className, table: tables.indexOf(e.closest('table')),
+    column: e.cellIndex,
     align: getComputedStyle(e).textAlign, colour: getComputedStyle(e).color, background: drawnOn(e),
     width: e.getBoundingClientRect().width})),
   page: [page.clientWidth, page.scrollWidth],
@@ -309,3 +311,20 @@ def test_a_token_scored_nan_is_drawn_as_not_finite_and_leaves_the_others_coloure
     legend = view[view.index("<div class='nla-legend'>"):view.index("<div class='nla-text'>")]
     assert f"background:{chips[' nan']}'></span>score not finite" in legend
     assert "score not finite" not in display.explained_text_html([scored], title="t", layer=3)
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian chromium not installed")
+def test_a_number_column_has_its_header_aligned_right_over_its_numbers(tmp_path):
+    """Every header was left-aligned, a number column's too, over numbers aligned right."""
+    views = [display.result_html("RoundTrip", "2 vectors", [
+                 {"index": 0, "explanation": "The token a", "fve": 0.5, "mse": None},
+                 {"index": 1, "explanation": None, "parsed": False, "text": "raw", "fve": -1.5, "mse": 2.0}],
+                 ["index", "explanation", "fve", "mse"]),
+             display.explained_text_html([_cells()], title="Explained text", layer=3),
+             display.feature_card_html("Feature 3", "blocks.3.hook_resid_post", "s", "e", "", [([" a"], [2.0], 0)])]
+    elements = _styles("".join(views), "", tmp_path)["elements"]
+    headers = {(e["table"], e["column"]): e for e in elements if e["tag"] == "TH"}
+    cells = [e for e in elements if e["tag"] == "TD"]
+    assert sum(h["align"] == "right" for h in headers.values()) == 7  # index, fve, mse; pos, FVE, MSE; activation
+    for cell in cells:
+        assert headers[cell["table"], cell["column"]]["align"] == cell["align"], cell

@@ -785,7 +785,7 @@ def test_an_all_space_token_of_other_spaces_shows_each_as_its_escape():
 def test_table_headers_name_the_units_of_their_columns(results):
     steering = results["word_steering"]
     assert "kl (nats)" in repr(steering).splitlines()[1] and "steered_next (token p)" in repr(steering)
-    assert "<th>kl (nats)</th>" in steering._repr_html_() and "kl" in steering.to_pandas().columns  # keys stay bare
+    assert ">kl (nats)</th>" in steering._repr_html_() and "kl" in steering.to_pandas().columns  # keys stay bare
 
 
 def test_a_lone_or_constant_score_takes_the_same_colour_in_fve_and_mse():
