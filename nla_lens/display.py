@@ -68,6 +68,8 @@ _UNITS = {"kl": "nats", "delta_logp": "nats", "control_delta_logp": "nats", "cle
 # would leave its dark text on a dark page. Its table rules outrank a notebook's own (JupyterLab right-aligns
 # every cell, stripes rows in its theme's colours and sets the table's text colour): `.nla-view .nla-table`
 # selectors. A table too wide for the page scrolls inside the view; a header wraps at its spaces, never inside a word.
+# A tall table scrolls in a box of its own height, its headers kept in view: at the table's full height, the bar to
+# scroll it sideways sat under its last row, out of sight while reading the first.
 _STYLE = """
 .nla-view { font: 14px/1.45 system-ui, sans-serif; color: #222; background: #fff; max-width: 72em;
   padding: 0.4em 0.8em; border-radius: 4px; }
@@ -90,13 +92,13 @@ _STYLE = """
 .nla-view .nla-failed { outline: 2px dashed #b00; outline-offset: -2px; }
 .nla-view .nla-peak { outline: 2px solid #b00; outline-offset: -2px; }
 .nla-view .nla-said { background: #f4f4f4; border-left: 4px solid #888; padding: 0.4em 0.6em; margin: 0.4em 0; }
-.nla-view .nla-table { overflow-x: auto; }
+.nla-view .nla-table { overflow: auto; max-height: 36em; }
 .nla-view .nla-table table { border-collapse: collapse; font-size: 0.9em; color: inherit; margin: 0;
   table-layout: auto; }
 .nla-view .nla-table tr:nth-child(n) { background: none; }
 .nla-view .nla-table th, .nla-view .nla-table td { text-align: left; line-height: 1.45; padding: 0.15em 0.6em;
   border-bottom: 1px solid #eee; overflow-wrap: anywhere; vertical-align: top; }
-.nla-view .nla-table th { overflow-wrap: normal; }
+.nla-view .nla-table th { overflow-wrap: normal; position: sticky; top: 0; z-index: 1; background: #fff; }
 .nla-view .nla-table th.num { text-align: right; }
 .nla-view .nla-table td.nla-prose { min-width: 8em; }
 .nla-view .nla-table td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }

@@ -87,7 +87,8 @@ body { background: #111; margin: 1.5em; }
 .jp-RenderedHTMLCommon tbody tr:nth-child(even) { background: #212121; }
 """
 # Each element of the view with text of its own (its text, class, table and column where it is in one, alignment,
-# colour, the background it is drawn on, its width), and the page's and each table wrapper's visible and scrolled widths
+# colour, the background it is drawn on, its width and top), the page's visible and scrolled widths and its height, and
+# each table wrapper's visible and scrolled width and height and its top and bottom
 _READ_STYLES = """<script>
 const drawnOn = e => { for (; e; e = e.parentElement) { const c = getComputedStyle(e).backgroundColor;
   if (c !== 'rgba(0, 0, 0, 0)') return c; } return 'rgb(255, 255, 255)'; };
@@ -100,9 +101,11 @@ out.textContent = JSON.stringify({
     text: e.textContent, tag: e.tagName, cls: e.className, table: tables.indexOf(e.closest('table')),
     column: e.cellIndex,
     align: getComputedStyle(e).textAlign, colour: getComputedStyle(e).color, background: drawnOn(e),
-    width: e.getBoundingClientRect().width})),
-  page: [page.clientWidth, page.scrollWidth],
-  tables: [...document.querySelectorAll('.nla-view .nla-table')].map(e => [e.clientWidth, e.scrollWidth])});
+    width: e.getBoundingClientRect().width, top: e.getBoundingClientRect().top})),
+  page: [page.clientWidth, page.scrollWidth, innerHeight],
+  tables: [...document.querySelectorAll('.nla-view .nla-table')].map(e => ({visible: [e.clientWidth, e.clientHeight],
+    scrolled: [e.scrollWidth, e.scrollHeight], top: e.getBoundingClientRect().top,
+    bottom: e.getBoundingClientRect().bottom}))});
 document.body.append(out);
 </script>"""
 
@@ -200,8 +203,8 @@ def test_a_table_keeps_its_text_columns_readable_and_scrolls_inside_the_view_whe
               "steered_next": "' the' 0.084, ' a' 0.037, ' his' 0.024", "kl": 1.316,
               "clean_continuation": "a man. King Henry VI: I'll", "steered_continuation": "the king, And I have not"}
     wide = _styles(display.result_html("WordSteering", "1 site", [record], list(record)), "", tmp_path, width=800)
-    (visible, scrolled), = wide["tables"]
-    assert wide["page"][1] <= wide["page"][0] and scrolled > visible  # the view scrolls; the page does not
+    table, = wide["tables"]
+    assert wide["page"][1] <= wide["page"][0] and table["scrolled"][0] > table["visible"][0]  # the view scrolls
     assert all(e["width"] > 110 for e in wide["elements"] if "nla-prose" in e["cls"])
 
 
@@ -328,3 +331,22 @@ def test_a_number_column_has_its_header_aligned_right_over_its_numbers(tmp_path)
     assert sum(h["align"] == "right" for h in headers.values()) == 7  # index, fve, mse; pos, FVE, MSE; activation
     for cell in cells:
         assert headers[cell["table"], cell["column"]]["align"] == cell["align"], cell
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian chromium not installed")
+def test_a_tall_wide_table_keeps_its_sideways_scrollbar_and_its_headers_in_view(tmp_path):
+    """A WordSteering of 60 sites ran the table's full height, its sideways scrollbar under the last row, far below
+    the window: to scroll the table sideways the reader first scrolled past every row."""
+    said = "The token \" am\", after \"I\", predicting \" not\"."
+    records = [{"batch": b, "position": 10, "token": " am", "explanation": said, "edited": said + " edited",
+                "delta_norm": 0.158, "clean_next": "' a' 0.049, ' not' 0.046", "steered_next": "' the' 0.084",
+                "kl": 1.316, "clean_continuation": "a man. King Henry VI: I'll", "steered_continuation": "the king"}
+               for b in range(60)]
+    view = display.result_html("WordSteering", "60 sites", records, list(records[0]))
+    scrolled_down = "<script>document.querySelector('.nla-table').scrollTop = 300;</script>"
+    read = _styles(view + scrolled_down, "", tmp_path, width=800)
+    (table,), window_height = read["tables"], read["page"][2]
+    assert table["scrolled"][0] > table["visible"][0]  # too wide: it scrolls sideways
+    assert table["scrolled"][1] > table["visible"][1] and table["bottom"] <= window_height  # its bar is in view
+    headers = [e for e in read["elements"] if e["tag"] == "TH"]
+    assert headers and all(abs(h["top"] - table["top"]) < 1 for h in headers)  # scrolled, the headers stay on top
