@@ -382,18 +382,46 @@ def _cell(text: str, numeric: bool, unparsed: bool) -> str:
 
 def curves_html(curves: Sequence[tuple[str, Sequence[tuple[int, float]]]]) -> str:
     """Each (name, [(step, value), ...]) as a small line chart (inline SVG), side by side: a training run's curves.
-    The y axis spans the curve's own range, labelled at both ends; the title gives the last value."""
-    charts = "".join(_curve_svg(name, points) for name, points in curves if points)
+    The y axis spans the curve's own finite range, labelled at both ends, the x axis every step given; the title gives
+    the last finite value. NaN and infinite values are left out of the line and a note under the chart names their
+    steps, so a run that diverged shows where; a curve with no finite value draws no chart."""
+    charts = "".join(_curve(name, points) for name, points in curves if any(math.isfinite(v) for _, v in points))
     return f"<div class='nla-curves'>{charts}</div>" if charts else ""
 
 
-def _curve_svg(name: str, points: Sequence[tuple[int, float]]) -> str:
+def _curve(name: str, points: Sequence[tuple[int, float]]) -> str:
+    """A curve's chart, and under it the steps where its value is not finite."""
+    finite = [(step, value) for step, value in points if math.isfinite(value)]
+    chart = _curve_svg(name, finite, (min(s for s, _ in points), max(s for s, _ in points)))
+    lost = sorted(step for step, value in points if not math.isfinite(value))
+    if not lost:
+        return chart
+    note = f"{name} not finite at step{'s' if len(lost) > 1 else ''} {_step_ranges(lost)}"
+    return (f"<div>{chart}<div class='nla-warn' style='max-width: {_CURVE_SIZE[0]}px'>{html.escape(note)}</div>"
+            "</div>")
+
+
+def _step_ranges(steps: Sequence[int], most: int = 4) -> str:
+    """Sorted steps as runs of consecutive ones, "7-9, 12", the first `most` runs named and the rest counted."""
+    runs: list[list[int]] = []
+    for step in steps:
+        if runs and step == runs[-1][-1] + 1:
+            runs[-1].append(step)
+        else:
+            runs.append([step])
+    named = ", ".join(f"{run[0]}-{run[-1]}" if len(run) > 1 else f"{run[0]}" for run in runs[:most])
+    return named + (f" and {len(runs) - most} more" if len(runs) > most else "")
+
+
+def _curve_svg(name: str, points: Sequence[tuple[int, float]], span: tuple[int, int]) -> str:
+    """The chart of `points` (finite, at least one) on an x axis from the first to the last step of `span`."""
     (left, right), (top, bottom) = _CURVE_X, _CURVE_Y
     steps, values = [p[0] for p in points], [p[1] for p in points]
     low, high = min(values), max(values)
+    first, last = span
 
     def x(step: int) -> float:
-        return left + (right - left) * ((step - steps[0]) / (steps[-1] - steps[0]) if steps[-1] > steps[0] else 0.5)
+        return left + (right - left) * ((step - first) / (last - first) if last > first else 0.5)
 
     def y(value: float) -> float:
         return bottom - (bottom - top) * ((value - low) / (high - low) if high > low else 0.5)
@@ -405,8 +433,8 @@ def _curve_svg(name: str, points: Sequence[tuple[int, float]]) -> str:
     title = html.escape(f"{name}: {values[-1]:.4g} at step {steps[-1]}")
     labels = (f"<text x='{left - 4}' y='{top + 4}' text-anchor='end'>{high:.3g}</text>"
               f"<text x='{left - 4}' y='{bottom}' text-anchor='end'>{low:.3g}</text>"
-              f"<text x='{left}' y='{bottom + 14}'>{steps[0]}</text>"
-              f"<text x='{right}' y='{bottom + 14}' text-anchor='end'>{steps[-1]}</text>")
+              f"<text x='{left}' y='{bottom + 14}'>{first}</text>"
+              f"<text x='{right}' y='{bottom + 14}' text-anchor='end'>{last}</text>")
     return (f"<svg class='nla-curve' width='{_CURVE_SIZE[0]}' height='{_CURVE_SIZE[1]}' role='img' "
             f"aria-label='{title}'><text x='{left}' y='12' font-weight='bold'>{title}</text>"
             f"<rect x='{left}' y='{top}' width='{right - left}' height='{bottom - top}' fill='none' stroke='#ddd'/>"

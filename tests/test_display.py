@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 import re
 import shutil
 import struct
@@ -350,3 +351,38 @@ def test_a_tall_wide_table_keeps_its_sideways_scrollbar_and_its_headers_in_view(
     assert table["scrolled"][1] > table["visible"][1] and table["bottom"] <= window_height  # its bar is in view
     headers = [e for e in read["elements"] if e["tag"] == "TH"]
     assert headers and all(abs(h["top"] - table["top"]) < 1 for h in headers)  # scrolled, the headers stay on top
+
+
+def _polyline(chart: str) -> list[tuple[float, float]]:
+    return [tuple(map(float, pair.split(","))) for pair in chart.split("points='")[1].split("'")[0].split()]
+
+
+def test_a_curve_with_non_finite_values_draws_its_finite_points_and_names_the_other_steps():
+    """A NaN or inf in a curve made every y coordinate NaN: an empty chart, the divergence invisible."""
+    nan, inf = float("nan"), float("inf")
+    page = display.curves_html([("loss", [(1, 4.0), (2, 2.0), (3, 1.0), (4, nan), (5, inf), (6, nan), (8, nan)]),
+                                ("eval_fve", [(0, nan), (10, nan)])])
+    assert page.count("<svg") == 1 and "eval_fve" not in page  # no finite value: no chart, as no value
+    points = _polyline(page)
+    assert len(points) == 3 and all(math.isfinite(c) for point in points for c in point)
+    assert points[-1][0] < 200 and ">8</text>" in page  # the axis runs to step 8; the line stops at step 3
+    assert "loss: 1 at step 3" in page and "loss not finite at steps 4-6, 8</div>" in page
+    single = display.curves_html([("kl", [(1, 0.5), (2, nan)])])
+    assert "kl not finite at step 2<" in single
+
+
+def test_a_training_run_whose_loss_diverged_charts_it_up_to_the_divergence_and_names_the_steps_after():
+    """The run's chart left out the null (non-finite) losses of a finished run's record without a word: it stopped
+    at the last finite step, as if the run had ended there."""
+    from nla_lens.training.runs import TrainingRun
+
+    losses = [3.0, 2.0, 1.5, None, None]  # a finished run's record holds null where the loss was NaN
+    history = [{"step": s, "loss": loss, "lr": 1e-3, "grad_norm": 1.0 if loss else None}
+               for s, loss in enumerate(losses, start=1)]
+    run = TrainingRun("train-av", Path("run/train_result.json"), True, 5, history, [{"step": 0, "loss": 3.5}], 1.0,
+                      {})
+    page = run._repr_html_()
+    loss = page[page.index("<svg"):page.index("</svg>")]
+    assert "loss: 1.5 at step 3" in loss and len(_polyline(loss)) == 3 and ">5</text>" in loss
+    assert "loss not finite at steps 4-5<" in page and "grad_norm not finite at steps 4-5<" in page
+    assert "eval_loss not finite" not in page
