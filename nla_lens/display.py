@@ -60,6 +60,8 @@ _PARSE_KEYS = {"explanation": (("parsed", "text", "truncated"),
 # A table's score column and the record key saying whether its row parsed: a failed parse scores as a miss
 # (metrics.miss_mse, an orthogonal guess), a number that unmarked reads as a reconstruction that bad
 _SCORE_FLAGS = {"mse": "parsed", "fve": "parsed", "fve_clean": "clean_parsed", "fve_steered": "steered_parsed"}
+# Rates a table writes as percentages, as the result's summary and the README do (the record keys hold fractions)
+_PERCENT = frozenset({"argmax_hit", "control_argmax_hit", "oracle_argmax_hit", "av_names_argmax"})
 # Units a table's header names after the column (the record keys stay bare)
 _UNITS = {"kl": "nats", "delta_logp": "nats", "control_delta_logp": "nats", "clean_next": "token p",
           "steered_next": "token p"}
@@ -356,7 +358,8 @@ def result_html(name: str, summary: str, records: Sequence[dict[str, Any]], colu
                 chip = f"<span class='nla-tok' style='background:{_CONTEXT}'>{_shown_token(value)}</span>"
                 cells.append(f"<td>{chip}</td>")
             else:
-                cells.append(_cell(format_cell(value if failed is None else failed), numeric, failed is not None))
+                text = format_cell(value, column=column) if failed is None else format_cell(failed)
+                cells.append(_cell(text, numeric, failed is not None))
         body.append("<tr>" + "".join(cells) + "</tr>")
     # Said above the table: under it, the note is out of sight until the reader has scrolled past every row shown
     cut = (f"<div class='nla-meta'>the table shows the first {len(shown)} of {len(records)} rows; .to_pandas() has "
@@ -521,11 +524,13 @@ def _no_contexts(n_positions: int | None) -> str:
     return f"<div class='nla-empty'>no contexts: the feature is not active (above 0) at {where}</div>"
 
 
-def format_cell(value: Any, width: int | None = None) -> str:
-    """A cell as text: floats to 3 decimals (below 0.0005 in e notation), lists joined, control characters escaped,
-    long strings cut to `width`."""
+def format_cell(value: Any, width: int | None = None, column: str | None = None) -> str:
+    """A cell as text: floats to 3 decimals (below 0.0005 in e notation; a rate `column` as a percentage), lists
+    joined, control characters escaped, long strings cut to `width`."""
     if value is None:
         text = ""
+    elif isinstance(value, float) and column in _PERCENT and math.isfinite(value):
+        text = f"{value:.0%}"
     elif isinstance(value, float):  # below 0.0005, 3 decimals read 0.000 (a learning rate, a small KL)
         text = "nan" if math.isnan(value) else f"{value:.2e}" if 0 < abs(value) < 5e-4 else f"{value:.3f}"
     elif isinstance(value, (list, tuple)):

@@ -1000,3 +1000,18 @@ def test_save_takes_a_suffix_in_any_case(results, tmp_path):
     assert rt.save(tmp_path / "view.HTML").read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
     path = results["word_steering"].save_vectors(tmp_path / "delta.SAFETENSORS")
     assert len(nl.WordSteering.fwd_hooks_from(path)) == 1
+
+
+def test_the_steer_words_experiment_writes_its_hit_rates_as_percentages_as_its_summary_does():
+    """The table wrote a hit rate of 0.25 as 0.250 where the summary (and the README's table) says 25%."""
+    from nla_lens.toy.steer_words_experiment import AlphaRow, SteerWordsExperiment
+
+    result = SteerWordsExperiment(100, 1, "plausible", "add", 0.79, 0.5,
+                                  [AlphaRow(0.5, 0.57, 0.99, 0.04, -0.16, 0.76, 1.0),
+                                   AlphaRow(1.0, 0.25, 1.17, 0.05, -0.52, 0.91, 2.0)])
+    assert "Z' argmax 57% vs random 4% (oracle direction 76%" in result.summary()
+    view, text = _body(result._repr_html_()), repr(result)
+    for rate in ("57%", "4%", "76%", "25%", "5%", "91%"):
+        assert f"<td class='num'>{rate}</td>" in view and f" {rate}" in text
+    assert "0.570" not in view + text and "0.250" not in view + text
+    assert "<td class='num'>0.990</td>" in view  # a log-probability stays a number
