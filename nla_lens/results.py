@@ -64,7 +64,7 @@ class TabularResult:
 
     def summary(self) -> str:
         """One line: what the result holds."""
-        return f"{len(self.to_records())} rows"
+        return counted(len(self.to_records()), 'row')
 
     def to_pandas(self) -> pd.DataFrame:
         """The rows as a `pandas.DataFrame` (one column per record key); `read_result` reads the same frame back

@@ -1015,3 +1015,30 @@ def test_the_steer_words_experiment_writes_its_hit_rates_as_percentages_as_its_s
         assert f"<td class='num'>{rate}</td>" in view and f" {rate}" in text
     assert "0.570" not in view + text and "0.250" not in view + text
     assert "<td class='num'>0.990</td>" in view  # a log-probability stays a number
+
+
+def test_a_summary_counts_one_in_the_singular(results):
+    """Summaries read "1 verbalizations", "1 vectors", "1 failed parses", "1 site(s) ..., 1 sample(s) per site",
+    "1 difference(s)", "1 held-out sites": a count of one in the plural, or with "(s)" for any count."""
+    import dataclasses
+
+    from nla_lens.toy.steer_words_experiment import AlphaRow, SteerWordsExperiment
+    from nla_lens.verbalizer import Verbalization, Verbalizations
+
+    replace, failed = dataclasses.replace, Verbalization("raw", None, [1])
+    assert Verbalizations([failed]).summary() == "1 verbalization, 1 failed to parse"
+    round_trip = results["round_trip"]
+    one_vector = replace(round_trip, verbalizations=[failed], mse=round_trip.mse[:1], fves=round_trip.fves[:1],
+                         n_failed_parses=1)
+    assert one_vector.summary().startswith("1 vector, ") and one_vector.summary().endswith(", 1 failed parse")
+    sites = results["word_steering"]
+    one_site = replace(sites, rows=sites.rows[:1], positions=sites.positions[:1], tokens_at=sites.tokens_at[:1],
+                       explanations=[sites.explanations[0][:1]], edited=sites.edited[:1])
+    assert one_site.summary().startswith("1 site at ") and one_site.summary().endswith(", 1 sample per site")
+    assert "2 sites at " in sites.summary()
+    difference = results["difference"]
+    one_difference = replace(difference, difference=difference.difference[:1], cosine=difference.cosine[:1],
+                             verbalizations=difference.verbalizations[:1])
+    assert one_difference.summary().startswith("1 difference a - b verbalized")
+    experiment = SteerWordsExperiment(1, 1, "random", "add", 1.0, 0.4, [AlphaRow(1.0, 1.0, 1.2, 0.0, 0.0, 1.0, 2.0)])
+    assert experiment.summary().startswith("1 held-out site, random Z', mode=add, 1 explanation sample per site")
