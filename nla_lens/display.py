@@ -13,8 +13,8 @@ observed range: non-negative FVE runs by rank from pale yellow (the lowest seen)
 seen), with the observed quantiles on the legend; negative FVE (worse than predicting the mean vector)
 is red, darker the more negative, so it never passes for a low positive score. A failed parse scores as a miss (an
 orthogonal guess): its token stays off the scale, blank in a dashed outline, and its scores read `miss (-1.500)`, as
-they do in every table. Without a baseline the tokens are coloured by MSE instead (lower is better), and the legend
-says so.
+they do in every table. A token whose score is NaN or infinite (a NaN vector) is lilac, off the scale, and the legend
+names it. Without a baseline the tokens are coloured by MSE instead (lower is better), and the legend says so.
 
 The feature card ([`feature_card_html`][nla_lens.display.feature_card_html]) shows an SAE feature's
 strongest contexts, each token shaded by the feature's activation there (white at 0 to orange at the
@@ -38,7 +38,9 @@ _NEGATIVE = ((254, 224, 210), (222, 45, 38))  # light to dark red
 _ACTIVATION = ((255, 255, 255), (253, 141, 60))  # white to orange
 _CONTEXT = "#e8e8e8"
 _FAILED = "#ffffff"  # a failed parse's token: blank inside its dashed outline, off the colour scale
+_NOT_FINITE = "#d4b9da"  # a token whose score is NaN or infinite: lilac, on no scale and not the context's grey
 _MAX_TABLE_ROWS = 200
+_NUMERIC_HEADER = " class='num'"  # a number column's header, aligned right over its numbers
 _PROSE = 24  # characters: a table cell longer than this holds text to read (see `_cell`)
 _CURVE_SIZE, _CURVE_X, _CURVE_Y = (264, 130), (62, 254), (20, 104)  # a chart's size and its plot area's x / y span
 _CURVE_INK = "#2c7fb8"
@@ -58,6 +60,8 @@ _PARSE_KEYS = {"explanation": (("parsed", "text", "truncated"),
 # A table's score column and the record key saying whether its row parsed: a failed parse scores as a miss
 # (metrics.miss_mse, an orthogonal guess), a number that unmarked reads as a reconstruction that bad
 _SCORE_FLAGS = {"mse": "parsed", "fve": "parsed", "fve_clean": "clean_parsed", "fve_steered": "steered_parsed"}
+# Rates a table writes as percentages, as the result's summary and the README do (the record keys hold fractions)
+_PERCENT = frozenset({"argmax_hit", "control_argmax_hit", "oracle_argmax_hit", "av_names_argmax"})
 # Units a table's header names after the column (the record keys stay bare)
 _UNITS = {"kl": "nats", "delta_logp": "nats", "control_delta_logp": "nats", "clean_next": "token p",
           "steered_next": "token p"}
@@ -66,6 +70,8 @@ _UNITS = {"kl": "nats", "delta_logp": "nats", "control_delta_logp": "nats", "cle
 # would leave its dark text on a dark page. Its table rules outrank a notebook's own (JupyterLab right-aligns
 # every cell, stripes rows in its theme's colours and sets the table's text colour): `.nla-view .nla-table`
 # selectors. A table too wide for the page scrolls inside the view; a header wraps at its spaces, never inside a word.
+# A tall table scrolls in a box of its own height, its headers kept in view: at the table's full height, the bar to
+# scroll it sideways sat under its last row, out of sight while reading the first.
 _STYLE = """
 .nla-view { font: 14px/1.45 system-ui, sans-serif; color: #222; background: #fff; max-width: 72em;
   padding: 0.4em 0.8em; border-radius: 4px; }
@@ -88,13 +94,14 @@ _STYLE = """
 .nla-view .nla-failed { outline: 2px dashed #b00; outline-offset: -2px; }
 .nla-view .nla-peak { outline: 2px solid #b00; outline-offset: -2px; }
 .nla-view .nla-said { background: #f4f4f4; border-left: 4px solid #888; padding: 0.4em 0.6em; margin: 0.4em 0; }
-.nla-view .nla-table { overflow-x: auto; }
+.nla-view .nla-table { overflow: auto; max-height: 36em; }
 .nla-view .nla-table table { border-collapse: collapse; font-size: 0.9em; color: inherit; margin: 0;
   table-layout: auto; }
 .nla-view .nla-table tr:nth-child(n) { background: none; }
 .nla-view .nla-table th, .nla-view .nla-table td { text-align: left; line-height: 1.45; padding: 0.15em 0.6em;
   border-bottom: 1px solid #eee; overflow-wrap: anywhere; vertical-align: top; }
-.nla-view .nla-table th { overflow-wrap: normal; }
+.nla-view .nla-table th { overflow-wrap: normal; position: sticky; top: 0; z-index: 1; background: #fff; }
+.nla-view .nla-table th.num { text-align: right; }
 .nla-view .nla-table td.nla-prose { min-width: 8em; }
 .nla-view .nla-table td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
 .nla-view .nla-table td.nla-context { font: 15px/1.9 Georgia, serif; }
@@ -141,26 +148,32 @@ class ColourScale:
     metric: Literal["FVE", "MSE"]
     observed: tuple[float, ...]  # sorted; FVE: the non-negative values, MSE: all values
     most_negative: float | None  # FVE only: the lowest negative value seen, None if there is none
+    not_finite: bool = False  # some parsed token's score is NaN or infinite: the legend names their colour
 
     @classmethod
     def from_cells(cls, cells: Sequence[TokenCell]) -> ColourScale:
-        """FVE when every explained token has one, else MSE. A failed parse's score (the miss) stays off the scale:
-        it would set the darkest red, paling every real negative FVE."""
+        """FVE when every explained token has one (None: no baseline), else MSE. A failed parse's score (the miss)
+        stays off the scale: it would set the darkest red, paling every real negative FVE; so does a score that is
+        not finite, which has no rank among the others."""
         explained = [c for c in cells if c.explained]
         parsed = [c for c in explained if c.explanation is not None]
-        if explained and all(c.fve is not None and math.isfinite(c.fve) for c in explained):
-            fves = [c.fve for c in parsed if c.fve is not None]  # every one, as checked just above
-            negative = [f for f in fves if f < 0]
-            return cls("FVE", tuple(sorted(f for f in fves if f >= 0)), min(negative) if negative else None)
-        mses = [c.mse for c in parsed if c.mse is not None and math.isfinite(c.mse)]
-        return cls("MSE", tuple(sorted(mses)), None)
+        metric: Literal["FVE", "MSE"] = "FVE" if explained and all(c.fve is not None for c in explained) else "MSE"
+        scores = [c.fve if metric == "FVE" else c.mse for c in parsed]
+        finite = [v for v in scores if v is not None and math.isfinite(v)]
+        not_finite = len(finite) < sum(v is not None for v in scores)
+        if metric == "MSE":
+            return cls("MSE", tuple(sorted(finite)), None, not_finite)
+        negative = [f for f in finite if f < 0]
+        return cls("FVE", tuple(sorted(f for f in finite if f >= 0)), min(negative) if negative else None, not_finite)
 
     def value(self, cell: TokenCell) -> float | None:
         return cell.fve if self.metric == "FVE" else cell.mse
 
     def colour(self, value: float | None) -> str:
-        if value is None or not math.isfinite(value):
+        if value is None:
             return _CONTEXT
+        if not math.isfinite(value):
+            return _NOT_FINITE
         if self.metric == "FVE" and value < 0:
             return _rgb(_ramp(_NEGATIVE, value / self.most_negative if self.most_negative else 1.0))
         t = self._rank(value)
@@ -202,6 +215,9 @@ class ColourScale:
             parts.append(f"<span><span class='nla-swatch' style='background: linear-gradient(to right, {light}, "
                          f"{dark})'></span>FVE below 0, down to {self.most_negative:.2f}: worse than the mean "
                          "vector</span>")
+        if self.not_finite:
+            parts.append(f"<span><span class='nla-swatch' style='background:{_NOT_FINITE}'></span>score not finite "
+                         "(NaN or inf)</span>")
         parts.append(f"<span><span class='nla-swatch' style='background:{_CONTEXT}'></span>not explained</span>")
         parts.append(f"<span><span class='nla-swatch nla-failed' style='background:{_FAILED}'></span>explanation "
                      "failed to parse (its score is the miss, off the scale)</span>")
@@ -245,6 +261,8 @@ def _text_block(cells: Sequence[TokenCell], scale: ColourScale) -> str:
         background = _FAILED if failed else scale.colour(value) if cell.explained else _CONTEXT
         said = _said(cell)
         score = _missed(format_cell(value)) if failed and value is not None else format_cell(value)
+        if not failed and value is not None and not math.isfinite(value):
+            score += " (score not finite)"
         tip = f"{scale.metric} {score}: {said}" if cell.explained else "context token (not explained)"
         outline = " nla-failed" if failed else ""
         spans.append(f"<span class='nla-tok{outline}' style='background:{background};color:{_ink(background)}' "
@@ -257,7 +275,8 @@ def _text_block(cells: Sequence[TokenCell], scale: ColourScale) -> str:
                            f"<td class='nla-unparsed'>{html.escape(said)}</td>")
             rows.append(f"<tr><td class='num'>{cell.position}</td><td>{chip}</td>{_score_cell(cell.fve, failed)}"
                         f"{_score_cell(cell.mse, failed)}{explanation}</tr>")
-    table = _table("<tr><th>pos</th><th>token</th><th>FVE</th><th>MSE</th><th>explanation</th></tr>"
+    table = _table(f"<tr><th{_NUMERIC_HEADER}>pos</th><th>token</th><th{_NUMERIC_HEADER}>FVE</th>"
+                   f"<th{_NUMERIC_HEADER}>MSE</th><th>explanation</th></tr>"
                    + "".join(rows)) if rows else ""
     return f"<div class='nla-text'><div class='nla-tokens'>{'<wbr>'.join(spans)}</div>{table}</div>"
 
@@ -326,7 +345,8 @@ def result_html(name: str, summary: str, records: Sequence[dict[str, Any]], colu
     `columns` (the first rows of a long result); long cells wrap and are shown whole, and a table too wide for the page
     scrolls inside the view."""
     shown = records[:_MAX_TABLE_ROWS]
-    head = "".join(f"<th>{html.escape(header(c))}</th>" for c in columns)
+    head = "".join(f"<th{_NUMERIC_HEADER if _numeric_column(shown, c) else ''}>{html.escape(header(c))}</th>"
+                   for c in columns)
     body = []
     for record in shown:
         cells = []
@@ -338,7 +358,8 @@ def result_html(name: str, summary: str, records: Sequence[dict[str, Any]], colu
                 chip = f"<span class='nla-tok' style='background:{_CONTEXT}'>{_shown_token(value)}</span>"
                 cells.append(f"<td>{chip}</td>")
             else:
-                cells.append(_cell(format_cell(value if failed is None else failed), numeric, failed is not None))
+                text = format_cell(value, column=column) if failed is None else format_cell(failed)
+                cells.append(_cell(text, numeric, failed is not None))
         body.append("<tr>" + "".join(cells) + "</tr>")
     # Said above the table: under it, the note is out of sight until the reader has scrolled past every row shown
     cut = (f"<div class='nla-meta'>the table shows the first {len(shown)} of {len(records)} rows; .to_pandas() has "
@@ -346,6 +367,12 @@ def result_html(name: str, summary: str, records: Sequence[dict[str, Any]], colu
     return (f"<div class='nla-view'><style>{_STYLE}</style><div class='nla-head'><b>{html.escape(name)}</b></div>"
             f"<div class='nla-meta'>{html.escape(summary)}</div>{warning_lines(warnings)}{figure}{cut}"
             f"{_table(f'<tr>{head}</tr>' + ''.join(body))}</div>")
+
+
+def _numeric_column(records: Sequence[dict[str, Any]], column: str) -> bool:
+    """Whether `column` holds numbers (None aside) in `records`: its header is then right-aligned, over them."""
+    values = [r.get(column) for r in records if r.get(column) is not None]
+    return bool(values) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
 
 
 def _cell(text: str, numeric: bool, unparsed: bool) -> str:
@@ -358,18 +385,46 @@ def _cell(text: str, numeric: bool, unparsed: bool) -> str:
 
 def curves_html(curves: Sequence[tuple[str, Sequence[tuple[int, float]]]]) -> str:
     """Each (name, [(step, value), ...]) as a small line chart (inline SVG), side by side: a training run's curves.
-    The y axis spans the curve's own range, labelled at both ends; the title gives the last value."""
-    charts = "".join(_curve_svg(name, points) for name, points in curves if points)
+    The y axis spans the curve's own finite range, labelled at both ends, the x axis every step given; the title gives
+    the last finite value. NaN and infinite values are left out of the line and a note under the chart names their
+    steps, so a run that diverged shows where; a curve with no finite value draws no chart."""
+    charts = "".join(_curve(name, points) for name, points in curves if any(math.isfinite(v) for _, v in points))
     return f"<div class='nla-curves'>{charts}</div>" if charts else ""
 
 
-def _curve_svg(name: str, points: Sequence[tuple[int, float]]) -> str:
+def _curve(name: str, points: Sequence[tuple[int, float]]) -> str:
+    """A curve's chart, and under it the steps where its value is not finite."""
+    finite = [(step, value) for step, value in points if math.isfinite(value)]
+    chart = _curve_svg(name, finite, (min(s for s, _ in points), max(s for s, _ in points)))
+    lost = sorted(step for step, value in points if not math.isfinite(value))
+    if not lost:
+        return chart
+    note = f"{name} not finite at step{'s' if len(lost) > 1 else ''} {_step_ranges(lost)}"
+    return (f"<div>{chart}<div class='nla-warn' style='max-width: {_CURVE_SIZE[0]}px'>{html.escape(note)}</div>"
+            "</div>")
+
+
+def _step_ranges(steps: Sequence[int], most: int = 4) -> str:
+    """Sorted steps as runs of consecutive ones, "7-9, 12", the first `most` runs named and the rest counted."""
+    runs: list[list[int]] = []
+    for step in steps:
+        if runs and step == runs[-1][-1] + 1:
+            runs[-1].append(step)
+        else:
+            runs.append([step])
+    named = ", ".join(f"{run[0]}-{run[-1]}" if len(run) > 1 else f"{run[0]}" for run in runs[:most])
+    return named + (f" and {len(runs) - most} more" if len(runs) > most else "")
+
+
+def _curve_svg(name: str, points: Sequence[tuple[int, float]], span: tuple[int, int]) -> str:
+    """The chart of `points` (finite, at least one) on an x axis from the first to the last step of `span`."""
     (left, right), (top, bottom) = _CURVE_X, _CURVE_Y
     steps, values = [p[0] for p in points], [p[1] for p in points]
     low, high = min(values), max(values)
+    first, last = span
 
     def x(step: int) -> float:
-        return left + (right - left) * ((step - steps[0]) / (steps[-1] - steps[0]) if steps[-1] > steps[0] else 0.5)
+        return left + (right - left) * ((step - first) / (last - first) if last > first else 0.5)
 
     def y(value: float) -> float:
         return bottom - (bottom - top) * ((value - low) / (high - low) if high > low else 0.5)
@@ -381,8 +436,8 @@ def _curve_svg(name: str, points: Sequence[tuple[int, float]]) -> str:
     title = html.escape(f"{name}: {values[-1]:.4g} at step {steps[-1]}")
     labels = (f"<text x='{left - 4}' y='{top + 4}' text-anchor='end'>{high:.3g}</text>"
               f"<text x='{left - 4}' y='{bottom}' text-anchor='end'>{low:.3g}</text>"
-              f"<text x='{left}' y='{bottom + 14}'>{steps[0]}</text>"
-              f"<text x='{right}' y='{bottom + 14}' text-anchor='end'>{steps[-1]}</text>")
+              f"<text x='{left}' y='{bottom + 14}'>{first}</text>"
+              f"<text x='{right}' y='{bottom + 14}' text-anchor='end'>{last}</text>")
     return (f"<svg class='nla-curve' width='{_CURVE_SIZE[0]}' height='{_CURVE_SIZE[1]}' role='img' "
             f"aria-label='{title}'><text x='{left}' y='12' font-weight='bold'>{title}</text>"
             f"<rect x='{left}' y='{top}' width='{right - left}' height='{bottom - top}' fill='none' stroke='#ddd'/>"
@@ -459,8 +514,8 @@ def _readout_html(readout: Readout) -> str:
 
 
 def _contexts_table(rows: Sequence[str], said_here: bool) -> str:
-    return _table(f"<tr><th>activation</th><th>context</th>{'<th>NLA at the peak</th>' if said_here else ''}</tr>"
-                  + "".join(rows))
+    here = "<th>NLA at the peak</th>" if said_here else ""
+    return _table(f"<tr><th{_NUMERIC_HEADER}>activation</th><th>context</th>{here}</tr>" + "".join(rows))
 
 
 def _no_contexts(n_positions: int | None) -> str:
@@ -469,11 +524,13 @@ def _no_contexts(n_positions: int | None) -> str:
     return f"<div class='nla-empty'>no contexts: the feature is not active (above 0) at {where}</div>"
 
 
-def format_cell(value: Any, width: int | None = None) -> str:
-    """A cell as text: floats to 3 decimals (below 0.0005 in e notation), lists joined, control characters escaped,
-    long strings cut to `width`."""
+def format_cell(value: Any, width: int | None = None, column: str | None = None) -> str:
+    """A cell as text: floats to 3 decimals (below 0.0005 in e notation; a rate `column` as a percentage), lists
+    joined, control characters escaped, long strings cut to `width`."""
     if value is None:
         text = ""
+    elif isinstance(value, float) and column in _PERCENT and math.isfinite(value):
+        text = f"{value:.0%}"
     elif isinstance(value, float):  # below 0.0005, 3 decimals read 0.000 (a learning rate, a small KL)
         text = "nan" if math.isnan(value) else f"{value:.2e}" if 0 < abs(value) < 5e-4 else f"{value:.3f}"
     elif isinstance(value, (list, tuple)):
@@ -516,7 +573,14 @@ def _rgb(colour: tuple[int, int, int]) -> str:
 
 
 def _ink(background: str) -> str:
-    """Black or white text, whichever reads better on `background` (relative luminance)."""
-    r, g, b = (int(background[i:i + 2], 16) / 255 for i in (1, 3, 5))
-    return "#111" if 0.2126 * r + 0.7152 * g + 0.0722 * b > 0.45 else "#fff"
+    """Black or white text, whichever contrasts more with `background` by WCAG's relative luminance: one of the two
+    always reaches 4.58:1, above AA's 4.5, on any colour a scale can blend."""
+    luminance = _luminance(background)
+    return "#000" if (luminance + 0.05) / 0.05 >= 1.05 / (luminance + 0.05) else "#fff"
 
+
+def _luminance(colour: str) -> float:
+    """WCAG 2 relative luminance of a `#rrggbb` colour."""
+    channels = [int(colour[i:i + 2], 16) / 255 for i in (1, 3, 5)]
+    r, g, b = (c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in channels)
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b

@@ -114,7 +114,7 @@ class Explanation(TabularResult):
         return (f"{counted(len(self.rows), 'token')} of {counted(len(self.texts), 'text')} at layer {self.layer}, "
                 f"mean MSE {rt.mean_mse:.3f}, "
                 f"{baseline_phrase(rt.fve, rt.baseline, rt.baseline_source, rt.baseline_n)}, "
-                f"{rt.n_failed_parses} failed parses{failed_parse_note(rt.verbalizations)}")
+                f"{counted(rt.n_failed_parses, 'failed parse')}{failed_parse_note(rt.verbalizations)}")
 
     def cells(self) -> list[list[display.TokenCell]]:
         """Every token of every text as the view draws it (context tokens unexplained)."""

@@ -163,8 +163,8 @@ class FeatureCard(TabularResult):
             return (f"feature {self.feature} of {self.hook_name}: {said}; no contexts: not active at any of the "
                     f"{self.n_positions} positions{cosine}")
         token, count = self.top_tokens()[0]
-        return (f"feature {self.feature} of {self.hook_name}: {said}; top {len(self.contexts)} contexts, {count} "
-                f"on {token!r}; active at {self.n_active}/{self.n_positions} positions{cosine}")
+        return (f"feature {self.feature} of {self.hook_name}: {said}; top {counted(len(self.contexts), 'context')}, "
+                f"{count} on {token!r}; active at {self.n_active}/{self.n_positions} positions{cosine}")
 
     def _shown_columns(self, records: list[dict[str, Any]]) -> list[str]:
         """With `explain_contexts=True`, the repr shows what the AV said at each context beside it. A silent card's

@@ -27,6 +27,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens.hook_points import HookPoint
 
+from nla_lens.checks import counted
 from nla_lens.errors import InjectionError, VectorError
 from nla_lens.sidecar import InjectionSpec
 
@@ -140,8 +141,8 @@ class Injection:
         sites = ", ".join(f"({r}, {p})" for r, p in zip(self.rows[:4].tolist(), self.positions[:4].tolist(),
                                                           strict=True))
         more = f", ... {len(self.rows) - 4} more" if len(self.rows) > 4 else ""
-        return (f"Injection({self.spec.method} at {self.spec.hook_point}: {len(self.rows)} vector(s) of d_model "
-                f"{self.vectors.shape[-1]} at (row, column) {sites}{more}; tokens {list(self.token_shape)})")
+        return (f"Injection({self.spec.method} at {self.spec.hook_point}: {counted(len(self.rows), 'vector')} of "
+                f"d_model {self.vectors.shape[-1]} at (row, column) {sites}{more}; tokens {list(self.token_shape)})")
 
     def fwd_hooks(self) -> list[tuple[str, HookFn]]:
         """The hooks to compose with yours. An embedding replacement at `hook_embed` is also written at

@@ -20,7 +20,7 @@ from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
 from nla_lens import loading, metrics
-from nla_lens.checks import check_counts, check_keywords
+from nla_lens.checks import check_counts, check_keywords, counted
 from nla_lens.errors import CheckpointError, InputError, PairMismatchError, SidecarError
 from nla_lens.injection import check_vectors
 from nla_lens.parsing import failed_parse_note, injection_warning, injection_warning_held
@@ -231,9 +231,9 @@ class RoundTrip(TabularResult):
                 for i, (v, mse, fve) in enumerate(zip(self.verbalizations, self.mse.tolist(), fves, strict=True))]
 
     def summary(self) -> str:
-        return (f"{len(self.verbalizations)} vectors, mean MSE {self.mean_mse:.3f}, "
+        return (f"{counted(len(self.verbalizations), 'vector')}, mean MSE {self.mean_mse:.3f}, "
                 f"{baseline_phrase(self.fve, self.baseline, self.baseline_source, self.baseline_n)}, "
-                f"{self.n_failed_parses} failed parses{failed_parse_note(self.verbalizations)}")
+                f"{counted(self.n_failed_parses, 'failed parse')}{failed_parse_note(self.verbalizations)}")
 
 
 def baseline_phrase(fve: float | dict[str, float] | None, baseline: float | None, source: str,

@@ -64,7 +64,7 @@ class TabularResult:
 
     def summary(self) -> str:
         """One line: what the result holds."""
-        return f"{len(self.to_records())} rows"
+        return counted(len(self.to_records()), 'row')
 
     def to_pandas(self) -> pd.DataFrame:
         """The rows as a `pandas.DataFrame` (one column per record key); `read_result` reads the same frame back
@@ -307,7 +307,7 @@ def _shown(record: dict[str, Any], column: str) -> Any:
 
 def text_table(records: Sequence[dict[str, Any]], columns: Sequence[str]) -> list[str]:
     """Rows as aligned plain-text lines (a header, then one line per record), for reprs."""
-    cells = [[display.format_cell(_shown(r, c), _REPR_CELL) for c in columns] for r in records]
+    cells = [[display.format_cell(_shown(r, c), _REPR_CELL, c) for c in columns] for r in records]
     headers = [display.header(c) for c in columns]
     widths = [max([len(h)] + [len(row[i]) for row in cells]) for i, h in enumerate(headers)]
     numeric = [all(isinstance(r.get(c), (int, float)) and not isinstance(r.get(c), bool) for r in records

@@ -347,7 +347,8 @@ class FeatureVerbalizations(TabularResult):
             cosine = f"mean AR cosine to the decoder row {float(self.cosines.nanmean()):.3f}"
         offset = (offset_summary(self.offset_stats) if self.offset_stats is not None
                   else "mean" if self.offset else "none")
-        return f"{len(self)} features of {self.hook_name}, offset={offset}, {failed} failed parses, {cosine}"
+        return (f"{counted(len(self), 'feature')} of {self.hook_name}, offset={offset}, "
+                f"{counted(failed, 'failed parse')}, {cosine}")
 
 
 def feature_id(feature: Any) -> Any:

@@ -108,11 +108,11 @@ class JobResult:
         elif self.table is None:
             text = f"{done}; rank 0 merges them into {self.output}"
         else:
-            text = f"wrote {self.table.num_rows} rows to {self.output} ({done})"
+            text = f"wrote {counted(self.table.num_rows, 'row')} to {self.output} ({done})"
         if self.summary is not None:
             s = self.summary
             text += (f"; mean MSE {s.mean_mse:.3f}, {baseline_phrase(s.fve, s.baseline, s.baseline_source, None)}, "
-                     f"{s.n_failed_parses} failed parses, {s.n_truncated} truncated")
+                     f"{counted(s.n_failed_parses, 'failed parse')}, {s.n_truncated} truncated")
         if self.warnings:
             text += f"; {counted(len(self.warnings), 'warning')} (.warnings)"
         return f"JobResult: {text}"

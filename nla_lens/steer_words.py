@@ -57,6 +57,7 @@ from nla_lens.checks import (
     check_input_file,
     check_output_path,
     check_sampling,
+    counted,
     file_kind,
     file_path,
     is_bool,
@@ -232,8 +233,9 @@ class WordSteering(TabularResult):
         return records
 
     def summary(self) -> str:
-        return (f"{len(self.rows)} site(s) at {self.hook_name}, mode={self.mode}, alpha={self.alpha:g}, "
-                f"{max((len(e) for e in self.explanations), default=0)} sample(s) per site")
+        samples = max((len(e) for e in self.explanations), default=0)
+        return (f"{counted(len(self.rows), 'site')} at {self.hook_name}, mode={self.mode}, alpha={self.alpha:g}, "
+                f"{counted(samples, 'sample')} per site")
 
     def save_vectors(self, path: str | Path) -> Path:
         """Delta and T (with the sites and settings, the token shape the hook is bound to among them) to
@@ -346,7 +348,7 @@ class Difference(TabularResult):
 
     def summary(self) -> str:
         failed = sum(e is None for e in self.explanations)
-        return f"{len(self.verbalizations)} difference(s) a - b verbalized, {failed} failed to parse"
+        return f"{counted(len(self.verbalizations), 'difference')} a - b verbalized, {failed} failed to parse"
 
 
 def describe_difference(nla_or_av: NLA | ActivationVerbalizer, a: Float[Tensor, "n d_model"],

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from nla_lens import backends, loading
-from nla_lens.checks import check_sampling, resolve_device, resolve_dtype
+from nla_lens.checks import check_sampling, counted, resolve_device, resolve_dtype
 from nla_lens.distributed import inference
 from nla_lens.errors import InjectionError, InputError, PromptTooLongError, SidecarError
 from nla_lens.injection import BLOCK_0_INPUT, Injection, check_vectors
@@ -90,7 +90,7 @@ class Verbalizations(TabularResult, list):
 
     def summary(self) -> str:
         failed = sum(v.explanation is None for v in self)
-        return f"{len(self)} verbalizations, {failed} failed to parse{failed_parse_note(self)}"
+        return f"{counted(len(self), 'verbalization')}, {failed} failed to parse{failed_parse_note(self)}"
 
     display_columns = ("index", "explanation", "parsed")
     schema = pa.schema({"index": pa.int64(), "explanation": pa.string(), "parsed": pa.bool_(), "text": pa.string(),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 import re
 import shutil
 import struct
@@ -86,21 +87,26 @@ body { background: #111; margin: 1.5em; }
 .jp-RenderedHTMLCommon tbody tr:nth-child(odd) { background: #111; }
 .jp-RenderedHTMLCommon tbody tr:nth-child(even) { background: #212121; }
 """
-# Each element of the view with text of its own (its text, class, alignment, colour, the background it is drawn on,
-# its width), and the page's and each table wrapper's visible and scrolled widths
+# Each element of the view with text of its own (its text, class, table and column where it is in one, alignment,
+# colour, the background it is drawn on, its width and top), the page's visible and scrolled widths and its height, and
+# each table wrapper's visible and scrolled width and height and its top and bottom
 _READ_STYLES = """<script>
 const drawnOn = e => { for (; e; e = e.parentElement) { const c = getComputedStyle(e).backgroundColor;
   if (c !== 'rgba(0, 0, 0, 0)') return c; } return 'rgb(255, 255, 255)'; };
 const own = e => [...e.childNodes].some(n => n.nodeType === 3 && n.textContent.trim());
 const out = document.createElement('pre'); out.id = 'styles';
 const page = document.documentElement;
+const tables = [...document.querySelectorAll('table')];
 out.textContent = JSON.stringify({
   elements: [...document.querySelectorAll('.nla-view *')].filter(own).map(e => ({
-    text: e.textContent, tag: e.tagName, cls: e.className, inline: !!e.closest('.nla-tok'),
+    text: e.textContent, tag: e.tagName, cls: e.className, table: tables.indexOf(e.closest('table')),
+    column: e.cellIndex,
     align: getComputedStyle(e).textAlign, colour: getComputedStyle(e).color, background: drawnOn(e),
-    width: e.getBoundingClientRect().width})),
-  page: [page.clientWidth, page.scrollWidth],
-  tables: [...document.querySelectorAll('.nla-view .nla-table')].map(e => [e.clientWidth, e.scrollWidth])});
+    width: e.getBoundingClientRect().width, top: e.getBoundingClientRect().top})),
+  page: [page.clientWidth, page.scrollWidth, innerHeight],
+  tables: [...document.querySelectorAll('.nla-view .nla-table')].map(e => ({visible: [e.clientWidth, e.clientHeight],
+    scrolled: [e.scrollWidth, e.scrollHeight], top: e.getBoundingClientRect().top,
+    bottom: e.getBoundingClientRect().bottom}))});
 document.body.append(out);
 </script>"""
 
@@ -128,6 +134,35 @@ def _contrast(colour: str, background: str) -> float:
     return (light + 0.05) / (dark + 0.05)
 
 
+def _css(colour: str) -> str:
+    """A `#rgb` or `#rrggbb` colour as CSS rgb(), which `_contrast` reads."""
+    digits = colour[1:] if len(colour) == 7 else "".join(c * 2 for c in colour[1:])
+    return "rgb({}, {}, {})".format(*(int(digits[i:i + 2], 16) for i in (0, 2, 4)))
+
+
+def _chips_of_every_colour() -> str:
+    """Views whose token chips take every colour the views can give one: FVE spread over its whole scale and the
+    negative reds, MSE, a failed parse, context tokens, and a feature card's activations from 0 to its top."""
+    fves = [i / 300 for i in range(301)] + [-i / 100 for i in range(1, 301)]
+    scored = [display.TokenCell(f" t{p}", p, True, "e", None, fve, 1 - fve) for p, fve in enumerate(fves)]
+    unscored = [display.TokenCell(f" t{p}", p, True, "e", None, None, p / 300) for p in range(301)]
+    extra = [display.TokenCell(" failed", 0, True, None, "raw", -1.5, 2.0), display.TokenCell(" context", 1),
+             display.TokenCell(" nan", 2, True, "e", None, float("nan"), float("nan"))]
+    card = display.feature_card_html("Feature 3", "blocks.3.hook_resid_post", "s", "e", "",
+                                     [([f" t{i}" for i in range(301)], [i / 100 for i in range(301)], 300)])
+    return "".join(display.explained_text_html([cells + extra], title="t", layer=3) for cells in (scored, unscored)
+                   ) + card
+
+
+def test_every_token_chip_colour_keeps_its_text_at_wcag_aa_contrast():
+    """Black or white ink was chosen by a weighted mean of the gamma-encoded channels: white on the FVE scale's
+    #2c7fb8 read at 4.35:1 and on a mid red (#e5544c) at 3.68:1, under WCAG AA's 4.5."""
+    chips = re.findall(r"style='background:(#[0-9a-f]{6});color:(#[0-9a-f]{3,6})'", _chips_of_every_colour())
+    assert len({background for background, _ in chips}) > 500  # the scales' blends, not a handful of stops
+    for background, ink in set(chips):
+        assert _contrast(_css(ink), _css(background)) >= 4.5, (background, ink)
+
+
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian chromium not installed")
 def test_every_view_stays_readable_in_a_dark_jupyterlab_notebook(tmp_path):
     """The views set dark text and left no background of their own: in JupyterLab's dark theme the title, summary and
@@ -142,13 +177,13 @@ def test_every_view_stays_readable_in_a_dark_jupyterlab_notebook(tmp_path):
             ["index", "explanation", "parsed", "fve"]),
         "card": display.feature_card_html("Feature 3", "blocks.3.hook_resid_post", "feature 3", "The token a", "",
                                           [([" a", " b"], [0.5, 2.0], 1)], [display.Readout("The token b")]),
+        "chips": _chips_of_every_colour(),
     }
     for name, view in views.items():
         styles = _styles(view, _JUPYTERLAB_DARK, tmp_path)["elements"]
         assert len(styles) > 10, name
-        for element in styles:
-            if not element["inline"]:  # a token chip sets its own colours beside its own background
-                assert _contrast(element["colour"], element["background"]) >= 4.5, (name, element)
+        for element in styles:  # a token chip's text too, on the chip's own background
+            assert _contrast(element["colour"], element["background"]) >= 4.5, (name, element)
             if element["tag"] == "TD":
                 assert element["align"] == ("right" if "num" in element["cls"].split() else "left"), (name, element)
 
@@ -169,8 +204,8 @@ def test_a_table_keeps_its_text_columns_readable_and_scrolls_inside_the_view_whe
               "steered_next": "' the' 0.084, ' a' 0.037, ' his' 0.024", "kl": 1.316,
               "clean_continuation": "a man. King Henry VI: I'll", "steered_continuation": "the king, And I have not"}
     wide = _styles(display.result_html("WordSteering", "1 site", [record], list(record)), "", tmp_path, width=800)
-    (visible, scrolled), = wide["tables"]
-    assert wide["page"][1] <= wide["page"][0] and scrolled > visible  # the view scrolls; the page does not
+    table, = wide["tables"]
+    assert wide["page"][1] <= wide["page"][0] and table["scrolled"][0] > table["visible"][0]  # the view scrolls
     assert all(e["width"] > 110 for e in wide["elements"] if "nla-prose" in e["cls"])
 
 
@@ -256,3 +291,98 @@ def test_a_table_cell_too_small_for_three_decimals_is_written_in_e_notation():
     """A learning rate of 2e-4 or a KL of 8e-5 printed as 0.000."""
     assert [display.format_cell(v) for v in (2.5e-4, -3e-5, 0.0, 0.0005, 0.123456)] == [
         "2.50e-04", "-3.00e-05", "0.000", "0.001", "0.123"]
+
+
+def _chip_backgrounds(view: str) -> dict[str, str]:
+    """Each token's background in the line of tokens, by the token."""
+    chips = re.findall(r"<span class='nla-tok[^']*' style='background:(#\w+);color:#\w+' title='[^']*'>([^<]*)<sub>",
+                       view)
+    return {token: background for background, token in chips}
+
+
+def test_a_token_scored_nan_is_drawn_as_not_finite_and_leaves_the_others_coloured_by_fve():
+    """A NaN FVE drew its token in the grey of a context token, and switched the whole view to MSE colouring."""
+    scored = [display.TokenCell(" good", 0, True, "e", None, 0.9, 0.1),
+              display.TokenCell(" fair", 1, True, "e", None, 0.5, 0.5),
+              display.TokenCell(" bad", 2, True, "e", None, -0.4, 1.4), display.TokenCell(" context", 3)]
+    nan = display.TokenCell(" nan", 4, True, "e", None, float("nan"), float("nan"))
+    view = display.explained_text_html([[*scored, nan]], title="t", layer=3)
+    chips = _chip_backgrounds(view)
+    assert chips == {**_chip_backgrounds(display.explained_text_html([scored], title="t", layer=3)),
+                     " nan": chips[" nan"]}  # the finite tokens keep their FVE colours
+    assert chips[" nan"] not in {chips[" good"], chips[" fair"], chips[" bad"], chips[" context"]}
+    assert "<b>FVE</b>" in view and "FVE nan (score not finite): e" in view
+    legend = view[view.index("<div class='nla-legend'>"):view.index("<div class='nla-text'>")]
+    assert f"background:{chips[' nan']}'></span>score not finite" in legend
+    assert "score not finite" not in display.explained_text_html([scored], title="t", layer=3)
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian chromium not installed")
+def test_a_number_column_has_its_header_aligned_right_over_its_numbers(tmp_path):
+    """Every header was left-aligned, a number column's too, over numbers aligned right."""
+    views = [display.result_html("RoundTrip", "2 vectors", [
+                 {"index": 0, "explanation": "The token a", "fve": 0.5, "mse": None},
+                 {"index": 1, "explanation": None, "parsed": False, "text": "raw", "fve": -1.5, "mse": 2.0}],
+                 ["index", "explanation", "fve", "mse"]),
+             display.explained_text_html([_cells()], title="Explained text", layer=3),
+             display.feature_card_html("Feature 3", "blocks.3.hook_resid_post", "s", "e", "", [([" a"], [2.0], 0)])]
+    elements = _styles("".join(views), "", tmp_path)["elements"]
+    headers = {(e["table"], e["column"]): e for e in elements if e["tag"] == "TH"}
+    cells = [e for e in elements if e["tag"] == "TD"]
+    assert sum(h["align"] == "right" for h in headers.values()) == 7  # index, fve, mse; pos, FVE, MSE; activation
+    for cell in cells:
+        assert headers[cell["table"], cell["column"]]["align"] == cell["align"], cell
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian chromium not installed")
+def test_a_tall_wide_table_keeps_its_sideways_scrollbar_and_its_headers_in_view(tmp_path):
+    """A WordSteering of 60 sites ran the table's full height, its sideways scrollbar under the last row, far below
+    the window: to scroll the table sideways the reader first scrolled past every row."""
+    said = "The token \" am\", after \"I\", predicting \" not\"."
+    records = [{"batch": b, "position": 10, "token": " am", "explanation": said, "edited": said + " edited",
+                "delta_norm": 0.158, "clean_next": "' a' 0.049, ' not' 0.046", "steered_next": "' the' 0.084",
+                "kl": 1.316, "clean_continuation": "a man. King Henry VI: I'll", "steered_continuation": "the king"}
+               for b in range(60)]
+    view = display.result_html("WordSteering", "60 sites", records, list(records[0]))
+    scrolled_down = "<script>document.querySelector('.nla-table').scrollTop = 300;</script>"
+    read = _styles(view + scrolled_down, "", tmp_path, width=800)
+    (table,), window_height = read["tables"], read["page"][2]
+    assert table["scrolled"][0] > table["visible"][0]  # too wide: it scrolls sideways
+    assert table["scrolled"][1] > table["visible"][1] and table["bottom"] <= window_height  # its bar is in view
+    headers = [e for e in read["elements"] if e["tag"] == "TH"]
+    assert headers and all(abs(h["top"] - table["top"]) < 1 for h in headers)  # scrolled, the headers stay on top
+
+
+def _polyline(chart: str) -> list[tuple[float, float]]:
+    return [tuple(map(float, pair.split(","))) for pair in chart.split("points='")[1].split("'")[0].split()]
+
+
+def test_a_curve_with_non_finite_values_draws_its_finite_points_and_names_the_other_steps():
+    """A NaN or inf in a curve made every y coordinate NaN: an empty chart, the divergence invisible."""
+    nan, inf = float("nan"), float("inf")
+    page = display.curves_html([("loss", [(1, 4.0), (2, 2.0), (3, 1.0), (4, nan), (5, inf), (6, nan), (8, nan)]),
+                                ("eval_fve", [(0, nan), (10, nan)])])
+    assert page.count("<svg") == 1 and "eval_fve" not in page  # no finite value: no chart, as no value
+    points = _polyline(page)
+    assert len(points) == 3 and all(math.isfinite(c) for point in points for c in point)
+    assert points[-1][0] < 200 and ">8</text>" in page  # the axis runs to step 8; the line stops at step 3
+    assert "loss: 1 at step 3" in page and "loss not finite at steps 4-6, 8</div>" in page
+    single = display.curves_html([("kl", [(1, 0.5), (2, nan)])])
+    assert "kl not finite at step 2<" in single
+
+
+def test_a_training_run_whose_loss_diverged_charts_it_up_to_the_divergence_and_names_the_steps_after():
+    """The run's chart left out the null (non-finite) losses of a finished run's record without a word: it stopped
+    at the last finite step, as if the run had ended there."""
+    from nla_lens.training.runs import TrainingRun
+
+    losses = [3.0, 2.0, 1.5, None, None]  # a finished run's record holds null where the loss was NaN
+    history = [{"step": s, "loss": loss, "lr": 1e-3, "grad_norm": 1.0 if loss else None}
+               for s, loss in enumerate(losses, start=1)]
+    run = TrainingRun("train-av", Path("run/train_result.json"), True, 5, history, [{"step": 0, "loss": 3.5}], 1.0,
+                      {})
+    page = run._repr_html_()
+    loss = page[page.index("<svg"):page.index("</svg>")]
+    assert "loss: 1.5 at step 3" in loss and len(_polyline(loss)) == 3 and ">5</text>" in loss
+    assert "loss not finite at steps 4-5<" in page and "grad_norm not finite at steps 4-5<" in page
+    assert "eval_loss not finite" not in page

@@ -55,6 +55,6 @@ def test_an_injection_repr_names_its_sites_and_never_prints_the_vectors(av_karvo
     """`print(inj)` or a notebook cell ending in `av.injection(...)` printed every entry of every vector."""
     injection = av_karvonen.injection(torch.randn(6, 64), av_karvonen.prompt_tokens(6))
     shown, column = repr(injection), int(injection.positions[0])
-    assert shown.startswith("Injection(karvonen at blocks.1.hook_resid_post: 6 vector(s) of d_model 64")
+    assert shown.startswith("Injection(karvonen at blocks.1.hook_resid_post: 6 vectors of d_model 64")
     assert f"(0, {column}), (1, {column})" in shown and "2 more" in shown
     assert "tensor" not in shown and len(shown) < 200

@@ -672,7 +672,7 @@ def test_the_explained_view_marks_a_failed_parses_score_as_the_miss_and_leaves_i
     view = _body(display.explained_text_html([cells], title="t", layer=1))
     assert "<td class='num'>-0.400</td><td class='num'>0.600</td>" in view
     assert "<td class='num nla-unparsed'>miss (-1.560)</td><td class='num nla-unparsed'>miss (2.000)</td>" in view
-    assert ("<span class='nla-tok nla-failed' style='background:#ffffff;color:#111' title='FVE miss (-1.560): "
+    assert ("<span class='nla-tok nla-failed' style='background:#ffffff;color:#000' title='FVE miss (-1.560): "
             "(no &lt;explanation&gt; tags) raw'>c") in view
     assert "down to -0.40" in view and "down to -1.56" not in view
 
@@ -773,7 +773,7 @@ def test_whitespace_tokens_stay_visible_in_tables_reprs_and_cards():
         assert chip.format(shown) in table
     assert [line.split()[0] for line in text_table(records, ["token", "n"])[1:]] == ["\u2423", "king", "\u21b5"]
     card = display.feature_card_html("f", "h", "s", "e", "", [(["a", " "], [0.5, 1.0], 1)])
-    assert "nla-peak' style='background:#fd8d3c;color:#111' title='1.000'>\u2423</span>" in card  # was an empty box
+    assert "nla-peak' style='background:#fd8d3c;color:#000' title='1.000'>\u2423</span>" in card  # was an empty box
 
 
 def test_an_all_space_token_of_other_spaces_shows_each_as_its_escape():
@@ -785,7 +785,7 @@ def test_an_all_space_token_of_other_spaces_shows_each_as_its_escape():
 def test_table_headers_name_the_units_of_their_columns(results):
     steering = results["word_steering"]
     assert "kl (nats)" in repr(steering).splitlines()[1] and "steered_next (token p)" in repr(steering)
-    assert "<th>kl (nats)</th>" in steering._repr_html_() and "kl" in steering.to_pandas().columns  # keys stay bare
+    assert ">kl (nats)</th>" in steering._repr_html_() and "kl" in steering.to_pandas().columns  # keys stay bare
 
 
 def test_a_lone_or_constant_score_takes_the_same_colour_in_fve_and_mse():
@@ -1000,3 +1000,45 @@ def test_save_takes_a_suffix_in_any_case(results, tmp_path):
     assert rt.save(tmp_path / "view.HTML").read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
     path = results["word_steering"].save_vectors(tmp_path / "delta.SAFETENSORS")
     assert len(nl.WordSteering.fwd_hooks_from(path)) == 1
+
+
+def test_the_steer_words_experiment_writes_its_hit_rates_as_percentages_as_its_summary_does():
+    """The table wrote a hit rate of 0.25 as 0.250 where the summary (and the README's table) says 25%."""
+    from nla_lens.toy.steer_words_experiment import AlphaRow, SteerWordsExperiment
+
+    result = SteerWordsExperiment(100, 1, "plausible", "add", 0.79, 0.5,
+                                  [AlphaRow(0.5, 0.57, 0.99, 0.04, -0.16, 0.76, 1.0),
+                                   AlphaRow(1.0, 0.25, 1.17, 0.05, -0.52, 0.91, 2.0)])
+    assert "Z' argmax 57% vs random 4% (oracle direction 76%" in result.summary()
+    view, text = _body(result._repr_html_()), repr(result)
+    for rate in ("57%", "4%", "76%", "25%", "5%", "91%"):
+        assert f"<td class='num'>{rate}</td>" in view and f" {rate}" in text
+    assert "0.570" not in view + text and "0.250" not in view + text
+    assert "<td class='num'>0.990</td>" in view  # a log-probability stays a number
+
+
+def test_a_summary_counts_one_in_the_singular(results):
+    """Summaries read "1 verbalizations", "1 vectors", "1 failed parses", "1 site(s) ..., 1 sample(s) per site",
+    "1 difference(s)", "1 held-out sites": a count of one in the plural, or with "(s)" for any count."""
+    import dataclasses
+
+    from nla_lens.toy.steer_words_experiment import AlphaRow, SteerWordsExperiment
+    from nla_lens.verbalizer import Verbalization, Verbalizations
+
+    replace, failed = dataclasses.replace, Verbalization("raw", None, [1])
+    assert Verbalizations([failed]).summary() == "1 verbalization, 1 failed to parse"
+    round_trip = results["round_trip"]
+    one_vector = replace(round_trip, verbalizations=[failed], mse=round_trip.mse[:1], fves=round_trip.fves[:1],
+                         n_failed_parses=1)
+    assert one_vector.summary().startswith("1 vector, ") and one_vector.summary().endswith(", 1 failed parse")
+    sites = results["word_steering"]
+    one_site = replace(sites, rows=sites.rows[:1], positions=sites.positions[:1], tokens_at=sites.tokens_at[:1],
+                       explanations=[sites.explanations[0][:1]], edited=sites.edited[:1])
+    assert one_site.summary().startswith("1 site at ") and one_site.summary().endswith(", 1 sample per site")
+    assert "2 sites at " in sites.summary()
+    difference = results["difference"]
+    one_difference = replace(difference, difference=difference.difference[:1], cosine=difference.cosine[:1],
+                             verbalizations=difference.verbalizations[:1])
+    assert one_difference.summary().startswith("1 difference a - b verbalized")
+    experiment = SteerWordsExperiment(1, 1, "random", "add", 1.0, 0.4, [AlphaRow(1.0, 1.0, 1.2, 0.0, 0.0, 1.0, 2.0)])
+    assert experiment.summary().startswith("1 held-out site, random Z', mode=add, 1 explanation sample per site")

@@ -381,7 +381,7 @@ def test_result_rows_carry_sites_samples_and_comparisons(base, nla):
     tokens, mask = padded(base, "left")
     samples = [TINY_LABELS[:2], TINY_LABELS[2:3], TINY_LABELS[3:4], TINY_LABELS[4:6]]
     result = steer(nla, base, tokens, -1, mask, explanations=samples, continue_tokens=2)
-    assert repr(result).startswith(f"WordSteering: 4 site(s) at {NAME}, mode=add, alpha=1, 2 sample(s) per site")
+    assert repr(result).startswith(f"WordSteering: 4 sites at {NAME}, mode=add, alpha=1, 2 samples per site")
     frame = result.to_pandas()
     assert list(frame["position"]) == [tokens.shape[1] - 1] * 4 and list(frame["samples"]) == [2, 1, 1, 2]
     assert [list(s) for s in frame["explanation_samples"]] == samples
@@ -609,11 +609,11 @@ def test_sampling_settings_that_would_not_apply_are_refused_before_the_av_runs(b
             steer(nla, base, tokens, -1, mask, **av_path, samples=3, temperature=zero)
     assert not seen  # every refusal came before the AV ran
     # what applies still works as before: greedy by default, sampled at temperature 1 and seed 0 unless told
-    assert repr(steer(nla, base, tokens, -1, mask, **av_path)).startswith("WordSteering: 4 site(s)")
+    assert repr(steer(nla, base, tokens, -1, mask, **av_path)).startswith("WordSteering: 4 sites")
     assert seen["kwargs"]["temperature"] == 0.0 and "seed" not in seen["kwargs"]
     sampled = steer(nla, base, tokens, -1, mask, **av_path, samples=2)
     assert seen["kwargs"]["temperature"] == 1.0 and seen["kwargs"]["seed"] == 0
-    assert "2 sample(s) per site" in repr(sampled)
+    assert "2 samples per site" in repr(sampled)
     steer(nla, base, tokens, -1, mask, **av_path, samples=2, temperature=0.5, seed=9)
     assert seen["kwargs"]["temperature"] == 0.5 and seen["kwargs"]["seed"] == 9
 

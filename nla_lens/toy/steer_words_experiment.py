@@ -43,7 +43,7 @@ from torch import Tensor
 
 from nla_lens import backends
 from nla_lens.capture import resid_post_name
-from nla_lens.checks import check_counts
+from nla_lens.checks import check_counts, counted
 from nla_lens.errors import InputError, NLAError
 from nla_lens.injection import unit
 from nla_lens.nla import NLA
@@ -130,8 +130,9 @@ class SteerWordsExperiment(TabularResult):
         return [{**asdict(r), **settings} for r in self.rows]
 
     def summary(self) -> str:
-        said = (f"{self.n_sites} held-out sites, {self.choice} Z', mode={self.mode}, {self.samples} explanation "
-                f"sample(s) per site; the AV's Z is the base model's argmax at {self.av_names_argmax:.0%} of them; ")
+        said = (f"{counted(self.n_sites, 'held-out site')}, {self.choice} Z', mode={self.mode}, "
+                f"{counted(self.samples, 'explanation sample')} per site; the AV's Z is the base model's argmax at "
+                f"{self.av_names_argmax:.0%} of them; ")
         if not self.rows:  # `save` records the summary of any result, one with no alpha too
             return said + "no alpha run"
         best = max(self.rows, key=lambda r: r.argmax_hit)

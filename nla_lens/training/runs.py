@@ -58,13 +58,19 @@ class TrainingRun(TabularResult):
     config: dict[str, Any]
 
     def to_records(self) -> list[dict[str, Any]]:
+        rows = self._logged_rows()
+        columns = list(dict.fromkeys(key for row in rows for key in row))
+        return [{column: _finite_or_none(row.get(column)) for column in columns} for row in rows]
+
+    def _logged_rows(self) -> list[dict[str, Any]]:
+        """One dict per step, in step order, of the values logged at it as recorded: a NaN kept (a finished run's
+        null is a non-finite value its JSON could not hold), a column the step did not log absent."""
         logged = {key for record in self.history for key in record}
         rows: dict[int, dict[str, Any]] = {record["step"]: dict(record) for record in self.history}
         for evaluation in self.evals:  # an eval key that a step also logs (none today) keeps both, apart
             row = rows.setdefault(evaluation["step"], {"step": evaluation["step"]})
             row.update({(f"eval_{k}" if k in logged else k): v for k, v in evaluation.items() if k != "step"})
-        columns = list(dict.fromkeys(key for row in rows.values() for key in row))
-        return [{column: _finite_or_none(rows[step].get(column)) for column in columns} for step in sorted(rows)]
+        return [rows[step] for step in sorted(rows)]
 
     def summary(self) -> str:
         done = len(self.history)
@@ -98,8 +104,8 @@ class TrainingRun(TabularResult):
         return [c for c in ("step", *_CURVES[self.command]) if records and c in records[0]]
 
     def _repr_html_(self) -> str:
-        records = self.to_records()
-        curves = display.curves_html([(column, _series(records, column)) for column in _CURVES[self.command]])
+        records, logged = self.to_records(), self._logged_rows()
+        curves = display.curves_html([(column, _logged_series(logged, column)) for column in _CURVES[self.command]])
         return display.result_html(type(self).__name__, self._headline(), records, self._shown_columns(records),
                                    figure=curves)
 
@@ -187,6 +193,14 @@ def _series(records: list[dict[str, Any]], column: str) -> list[tuple[int, float
     return [(row["step"], float(row[column])) for row in records
             if isinstance(row.get(column), (int, float)) and not isinstance(row.get(column), bool)
             and math.isfinite(row[column])]
+
+
+def _logged_series(rows: list[dict[str, Any]], column: str) -> list[tuple[int, float]]:
+    """(step, value) of every row that logged `column` as a number or null, null as NaN: the curve's chart draws the
+    finite values and names the steps of the others (a diverged loss)."""
+    return [(row["step"], math.nan if row[column] is None else float(row[column])) for row in rows
+            if column in row and (row[column] is None or isinstance(row[column], (int, float))
+                                  and not isinstance(row[column], bool))]
 
 
 def _finite_or_none(value: Any) -> Any:
