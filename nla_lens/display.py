@@ -90,7 +90,7 @@ _STYLE = """
 .nla-view .nla-tokens { font: 16px/2.2 Georgia, serif; margin: 0.2em 0 0.5em; }
 .nla-view .nla-tok { white-space: pre-wrap; overflow-wrap: anywhere; padding: 0.12em 0.05em; border-radius: 2px;
   box-shadow: inset -1px 0 rgba(255,255,255,0.9); }
-.nla-view .nla-tok sub { font: 9px sans-serif; color: inherit; opacity: 0.7; }
+.nla-view .nla-tok sub { font: 9px sans-serif; color: inherit; }
 .nla-view .nla-failed { outline: 2px dashed #b00; outline-offset: -2px; }
 .nla-view .nla-peak { outline: 2px solid #b00; outline-offset: -2px; }
 .nla-view .nla-said { background: #f4f4f4; border-left: 4px solid #888; padding: 0.4em 0.6em; margin: 0.4em 0; }
