@@ -40,6 +40,7 @@ _CONTEXT = "#e8e8e8"
 _FAILED = "#ffffff"  # a failed parse's token: blank inside its dashed outline, off the colour scale
 _NOT_FINITE = "#d4b9da"  # a token whose score is NaN or infinite: lilac, on no scale and not the context's grey
 _MAX_TABLE_ROWS = 200
+_ROWS_IN_BOX = 20  # about the rows a table's 36em box shows before it scrolls (see `_STYLE`)
 _NUMERIC_HEADER = " class='num'"  # a number column's header, aligned right over its numbers
 _PROSE = 24  # characters: a table cell longer than this holds text to read (see `_cell`)
 _CURVE_SIZE, _CURVE_X, _CURVE_Y = (264, 130), (62, 254), (20, 104)  # a chart's size and its plot area's x / y span
@@ -71,7 +72,8 @@ _UNITS = {"kl": "nats", "delta_logp": "nats", "control_delta_logp": "nats", "cle
 # every cell, stripes rows in its theme's colours and sets the table's text colour): `.nla-view .nla-table`
 # selectors. A table too wide for the page scrolls inside the view; a header wraps at its spaces, never inside a word.
 # A tall table scrolls in a box of its own height, its headers kept in view: at the table's full height, the bar to
-# scroll it sideways sat under its last row, out of sight while reading the first.
+# scroll it sideways sat under its last row, out of sight while reading the first. The box is the table's width (at
+# most the view's), so the bar to scroll it down sits beside its rows.
 _STYLE = """
 .nla-view { font: 14px/1.45 system-ui, sans-serif; color: #222; background: #fff; max-width: 72em;
   padding: 0.4em 0.8em; border-radius: 4px; }
@@ -94,7 +96,7 @@ _STYLE = """
 .nla-view .nla-failed { outline: 2px dashed #b00; outline-offset: -2px; }
 .nla-view .nla-peak { outline: 2px solid #b00; outline-offset: -2px; }
 .nla-view .nla-said { background: #f4f4f4; border-left: 4px solid #888; padding: 0.4em 0.6em; margin: 0.4em 0; }
-.nla-view .nla-table { overflow: auto; max-height: 36em; }
+.nla-view .nla-table { overflow: auto; max-height: 36em; width: fit-content; max-width: 100%; }
 .nla-view .nla-table table { border-collapse: collapse; font-size: 0.9em; color: inherit; margin: 0;
   table-layout: auto; }
 .nla-view .nla-table tr:nth-child(n) { background: none; }
@@ -275,15 +277,21 @@ def _text_block(cells: Sequence[TokenCell], scale: ColourScale) -> str:
                            f"<td class='nla-unparsed'>{html.escape(said)}</td>")
             rows.append(f"<tr><td class='num'>{cell.position}</td><td>{chip}</td>{_score_cell(cell.fve, failed)}"
                         f"{_score_cell(cell.mse, failed)}{explanation}</tr>")
-    table = _table(f"<tr><th{_NUMERIC_HEADER}>pos</th><th>token</th><th{_NUMERIC_HEADER}>FVE</th>"
-                   f"<th{_NUMERIC_HEADER}>MSE</th><th>explanation</th></tr>"
-                   + "".join(rows)) if rows else ""
+    table = _scroll_note(len(rows)) + _table(f"<tr><th{_NUMERIC_HEADER}>pos</th><th>token</th>"
+                                             f"<th{_NUMERIC_HEADER}>FVE</th><th{_NUMERIC_HEADER}>MSE</th>"
+                                             "<th>explanation</th></tr>" + "".join(rows)) if rows else ""
     return f"<div class='nla-text'><div class='nla-tokens'>{'<wbr>'.join(spans)}</div>{table}</div>"
 
 
 def _table(rows: str) -> str:
     """Rows of a view's table, in the wrapper its styles hang on (see `_STYLE`)."""
     return f"<div class='nla-table'><table>{rows}</table></div>"
+
+
+def _scroll_note(n_rows: int) -> str:
+    """Said above a table taller than its box: a scrollbar that shows only under the pointer (macOS, many Linux
+    themes) leaves no sign of the rows below the box."""
+    return f"<div class='nla-meta'>{n_rows} rows: scroll the table for the rest</div>" if n_rows > _ROWS_IN_BOX else ""
 
 
 def _score_cell(value: float | None, failed: bool) -> str:
@@ -362,8 +370,11 @@ def result_html(name: str, summary: str, records: Sequence[dict[str, Any]], colu
                 cells.append(_cell(text, numeric, failed is not None))
         body.append("<tr>" + "".join(cells) + "</tr>")
     # Said above the table: under it, the note is out of sight until the reader has scrolled past every row shown
-    cut = (f"<div class='nla-meta'>the table shows the first {len(shown)} of {len(records)} rows; .to_pandas() has "
-           "them all</div>" if len(records) > len(shown) else "")
+    if len(records) > len(shown):
+        cut = (f"<div class='nla-meta'>the table shows the first {len(shown)} of {len(records)} rows (scroll it); "
+               ".to_pandas() has them all</div>")
+    else:
+        cut = _scroll_note(len(shown))
     return (f"<div class='nla-view'><style>{_STYLE}</style><div class='nla-head'><b>{html.escape(name)}</b></div>"
             f"<div class='nla-meta'>{html.escape(summary)}</div>{warning_lines(warnings)}{figure}{cut}"
             f"{_table(f'<tr>{head}</tr>' + ''.join(body))}</div>")

@@ -276,9 +276,22 @@ def test_a_table_cut_short_says_so_above_its_rows():
     """The note that rows were left out sat under the table's 200 rows, out of sight until scrolled past them."""
     records = [{"index": i, "explanation": f"row {i}"} for i in range(201)]
     view = display.result_html("Verbalizations", "201 verbalizations", records, ["index", "explanation"])
-    note = "the table shows the first 200 of 201 rows; .to_pandas() has them all"
+    note = "the table shows the first 200 of 201 rows (scroll it); .to_pandas() has them all"
     assert note in view and view.index(note) < view.index("<table") and "row 199" in view and "row 200" not in view
     assert "first 200" not in display.result_html("Verbalizations", "200", records[:200], ["index", "explanation"])
+
+
+def test_a_table_taller_than_its_box_says_it_scrolls():
+    """A table of 34 rows showed its first 20 in its box and nothing said more were there: a scrollbar that shows
+    only under the pointer (macOS, many Linux themes) left the other 14 out of sight."""
+    records = [{"index": i, "explanation": f"row {i}"} for i in range(34)]
+    view = display.result_html("Verbalizations", "34 verbalizations", records, ["index", "explanation"])
+    note = "34 rows: scroll the table for the rest"
+    assert note in view and view.index(note) < view.index("<table")
+    assert "scroll" not in display.result_html("Verbalizations", "20", records[:20], ["index", "explanation"])
+    cells = [display.TokenCell(f" t{p}", p, True, f"The token t{p}", None, 0.5, 0.1) for p in range(34)]
+    explained = display.explained_text_html([cells], title="t", layer=3)
+    assert note in explained and explained.index(note) < explained.index("<table")
 
 
 def test_the_explained_view_and_the_card_write_scores_as_every_table_does():
@@ -360,6 +373,17 @@ def test_a_tall_wide_table_keeps_its_sideways_scrollbar_and_its_headers_in_view(
     assert table["scrolled"][1] > table["visible"][1] and table["bottom"] <= window_height  # its bar is in view
     headers = [e for e in read["elements"] if e["tag"] == "TH"]
     assert headers and all(abs(h["top"] - table["top"]) < 1 for h in headers)  # scrolled, the headers stay on top
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian chromium not installed")
+def test_a_tall_narrow_table_keeps_its_scrollbar_beside_its_rows(tmp_path):
+    """The table's box spanned the view's width: a narrow table's vertical scrollbar sat at the page's right edge,
+    hundreds of pixels from the rows it scrolls."""
+    records = [{"index": i, "explanation": f"The token t{i}", "fve": 0.5} for i in range(40)]
+    read = _styles(display.result_html("RoundTrip", "40 vectors", records, list(records[0])), "", tmp_path)
+    (table,) = read["tables"]
+    assert table["scrolled"][1] > table["visible"][1]  # tall: it scrolls
+    assert table["visible"][0] == table["scrolled"][0] < 400  # the box is the table's width, not the page's
 
 
 def _polyline(chart: str) -> list[tuple[float, float]]:
