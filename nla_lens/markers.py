@@ -9,6 +9,7 @@ from __future__ import annotations
 from jaxtyping import Int
 from torch import Tensor
 
+from nla_lens.checks import counted
 from nla_lens.errors import MarkerError
 
 
@@ -37,8 +38,8 @@ def find_marker_sites(
     if expected is not None and rows.numel() != expected:
         loose = int((tokens == marker_id).sum())
         raise MarkerError(
-            f"found {rows.numel()} neighbour-anchored marker site(s) (id {marker_id} between "
-            f"{left_id} and {right_id}; {loose} bare marker id(s)) but {expected} vector(s) to "
+            f"found {counted(rows.numel(), 'neighbour-anchored marker site')} (id {marker_id} between "
+            f"{left_id} and {right_id}; {counted(loose, 'bare marker id')}) but {counted(expected, 'vector')} to "
             "inject. Build prompts with av.prompt_tokens(n), or pass one vector per marker site."
         )
     return rows, positions

@@ -33,6 +33,10 @@ def test_count_mismatch_and_duplicates_raise_marker_error():
         find_marker_sites(tokens, M, L, R, expected=1)
     with pytest.raises(nl.MarkerError, match=r"\[batch, pos\]"):
         find_marker_sites(tokens[0], M, L, R)
+    # counts of one in the singular: it said "1 neighbour-anchored marker site(s) ... but 2 vector(s)"
+    with pytest.raises(nl.MarkerError, match=r"found 1 neighbour-anchored marker site \(.*; 1 bare marker id\) but 2 "
+                                             r"vectors to inject"):
+        find_marker_sites(tokens[:1, :3], M, L, R, expected=2)
 
 
 def test_av_injection_checks_vector_count_against_sites(av_karvonen):

@@ -125,8 +125,11 @@ def test_document_overlap_between_train_and_eval_is_rejected(base_folder, datase
     data = testing.label_determined_vectors(10)
     # A row-level split: every document lands on both sides.
     row_train, row_eval = data.select(range(0, len(data), 2)), data.select(range(1, len(data), 2))
-    with pytest.raises(nl.SplitLeakError, match="both train and eval"):
+    with pytest.raises(nl.SplitLeakError, match="documents have rows in both train and eval"):
         check_document_disjoint(row_train, row_eval)
+    one_shared = data.select([i for i, d in enumerate(data.doc_ids) if d == data.doc_ids[0]])
+    with pytest.raises(nl.SplitLeakError, match="^1 document has rows in both"):  # it said "1 document(s) have"
+        check_document_disjoint(one_shared, one_shared)
     config = TrainConfig(steps=1)
     with pytest.raises(nl.SplitLeakError):
         train_av(init_av(base_folder, dataset_meta), row_train, row_eval, config, progress=False)

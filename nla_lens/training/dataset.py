@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from nla_lens import loading
-from nla_lens.checks import check_output_path, file_path, jsonl_objects
+from nla_lens.checks import check_output_path, counted, file_path, jsonl_objects
 from nla_lens.errors import ConfigError, InputError, PromptTooLongError, SplitLeakError
 from nla_lens.sidecar import NLAMeta, ar_prompt_ids, av_prompt_ids
 from nla_lens.training.extraction import ActivationDataset, ActivationRecord
@@ -110,7 +110,8 @@ def label_activations(dataset: ActivationDataset, explanations: str | Path | Lab
         if by_key:
             doc_id, position = next(iter(by_key))
             raise InputError(
-                f"{len(by_key)} explanation(s) in {explanations} match no activation row, e.g. doc_id "
+                f"{counted(len(by_key), 'explanation')} in {explanations} match{'es' if len(by_key) == 1 else ''} no "
+                f"activation row, e.g. doc_id "
                 f"{doc_id!r} position {position}; label the extraction folder you train on"
             )
     keep = [i for i, text in enumerate(texts) if text is not None]
@@ -294,7 +295,8 @@ def check_document_disjoint(train: LabelledActivations, evaluation: LabelledActi
     shared = sorted(set(train.doc_ids) & set(evaluation.doc_ids))
     if shared:
         raise SplitLeakError(
-            f"{len(shared)} document(s) have rows in both train and eval (e.g. {shared[:5]}); "
+            f"{counted(len(shared), 'document')} {'has' if len(shared) == 1 else 'have'} rows in both train and eval "
+            f"(e.g. {shared[:5]}); "
             "held-out scores would be inflated. Split with split_by_document."
         )
 

@@ -32,7 +32,7 @@ from transformers import PreTrainedTokenizerBase
 
 from nla_lens import backends, loading
 from nla_lens.capture import resid_post_name
-from nla_lens.checks import blocks_phrase
+from nla_lens.checks import blocks_phrase, counted
 from nla_lens.errors import ConfigError, InputError, SidecarError, TokenizerDriftError
 from nla_lens.sidecar import (
     SIDECAR_NAME,
@@ -200,7 +200,7 @@ def extract_activations(
             kept, rows = kept + len(set(row_docs)), rows + len(row_docs)
     _check_no_extra_shards(out, n_shards)
     if not rows:  # else it is "finished", and training says only "run the extraction first"
-        raise InputError(f"the corpus gave no activations: {n_docs} document(s) read, {n_docs - kept} of them "
+        raise InputError(f"the corpus gave no activations: {counted(n_docs, 'document')} read, {n_docs - kept} of them "
                          f"dropped as too short (a document needs more than min_context = {config.min_context} "
                          "tokens); give more or longer documents or lower extract.min_context, and extract into a "
                          f"new out_dir (or delete {out})")
@@ -265,7 +265,7 @@ def _check_no_extra_shards(out: Path, n_shards: int) -> None:
     extra = sorted(p for p in (out / SHARD_DIR).glob("acts-*.safetensors") if _shard_index(p) >= n_shards)
     if extra:
         raise ConfigError(
-            f"{out} holds {len(extra)} shard(s) past the {n_shards} this corpus makes ({extra[0].name} ...), "
+            f"{out} holds {counted(len(extra), 'shard')} past the {n_shards} this corpus makes ({extra[0].name} ...), "
             "written from a longer corpus; use a new out_dir (or delete this one) and extract again"
         )
 
@@ -433,7 +433,7 @@ def _check_no_gaps(folder: Path, shards: list[Path], complete: dict[str, int] | 
     missing = [i for i in range(expected) if i not in present]
     if missing:
         names = ", ".join(shard_path(folder, i).name for i in missing[:4]) + (" ..." if len(missing) > 4 else "")
-        raise ConfigError(f"{folder / SHARD_DIR} lacks {len(missing)} shard(s) {which} ({names}); rerun the "
+        raise ConfigError(f"{folder / SHARD_DIR} lacks {counted(len(missing), 'shard')} {which} ({names}); rerun the "
                           "extraction with the same config and corpus to write them")
 
 

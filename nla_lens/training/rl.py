@@ -42,6 +42,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from nla_lens import backends, metrics
+from nla_lens.checks import counted
 from nla_lens.distributed import inference
 from nla_lens.errors import ConfigError, InputError
 from nla_lens.nla import MIN_BASELINE_VECTORS, NLA, Baseline, check_pair, check_vocabularies, resolve_baseline
@@ -509,7 +510,7 @@ def train_rl(
         result.steps = config.steps
         loop.log_resumed(folder, out_dir, len(result.history))
     if config.eval_vectors >= 2 and len(eval_vectors) < 2:
-        logger.warning("%d held-out vector(s): no held-out evaluation (FVE needs >= 2)", len(eval_vectors))
+        logger.warning("%s: no held-out evaluation (FVE needs >= 2)", counted(len(eval_vectors), "held-out vector"))
     baseline = heldout_baseline(ar, eval_vectors)
     if len(eval_vectors) >= 2 and trainer.world.is_main:
         _log_heldout_baseline(baseline, len(eval_vectors))
