@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from importlib import import_module, metadata
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, cast
 
 import torch
 from jaxtyping import Float, Int
@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
     from transformer_lens.model_bridge import TransformerBridge
 
-    TLModel = HookedTransformer | TransformerBridge
+    TLModel: TypeAlias = HookedTransformer | TransformerBridge
 
 BACKENDS = ("hooked", "bridge")
 ENV_VAR = "NLA_LENS_BACKEND"
