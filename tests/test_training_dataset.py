@@ -76,7 +76,7 @@ def test_rows_without_explanation_are_left_out(acts):
 def test_an_explanation_matching_no_row_is_rejected(acts, tmp_path):
     path = tmp_path / "explanations.jsonl"
     path.write_text(json.dumps({"doc_id": "nope", "position": 3, "explanation": "x"}) + "\n")
-    with pytest.raises(nl.InputError, match="match no activation row"):
+    with pytest.raises(nl.InputError, match=r"^1 explanation in .* matches no activation row"):
         label_activations(acts, path)
 
 

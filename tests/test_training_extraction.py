@@ -217,7 +217,7 @@ def test_a_missing_shard_the_last_included_is_named_until_the_rerun_writes_it(tm
     model, tokenizer = base_tl
     whole = load_activations(extract_activations(model, tokenizer, corpus, tmp_path, extract_config, progress=False))
     shard_path(tmp_path, lost).unlink()
-    with pytest.raises(nl.ConfigError, match=rf"lacks 1 shard\(s\) of the 3 the extraction wrote "
+    with pytest.raises(nl.ConfigError, match=rf"lacks 1 shard of the 3 the extraction wrote "
                                              rf"\(acts-0000{lost}\.safetensors\); rerun the extraction"):
         load_activations(tmp_path)
     again = load_activations(extract_activations(model, tokenizer, corpus, tmp_path, extract_config, progress=False))
@@ -254,7 +254,7 @@ def test_an_extraction_written_before_the_completion_record_is_checked_up_to_its
     (tmp_path / extraction.COMPLETE).unlink()  # as nla_lens wrote a finished extraction before the record
     assert load_activations(tmp_path).records == whole.records
     shard_path(tmp_path, 1).unlink()
-    with pytest.raises(nl.ConfigError, match=r"lacks 1 shard\(s\) before its last one \(acts-00001\.safetensors\)"):
+    with pytest.raises(nl.ConfigError, match=r"lacks 1 shard before its last one \(acts-00001\.safetensors\)"):
         load_activations(tmp_path)
     shard_path(tmp_path, 2).unlink()  # nothing on disk tells the last shards are gone: the rows before them load
     assert load_activations(tmp_path).records == [r for r in whole.records if r.doc_id in {d.id for d in corpus[:5]}]
@@ -287,7 +287,7 @@ def test_a_corpus_that_gives_no_row_is_refused_with_its_counts(tmp_path, base_tl
     """An empty corpus, or one of documents all too short, finished with no rows, and training later said only
     "run the extraction first"."""
     model, tokenizer = base_tl
-    with pytest.raises(nl.InputError, match=rf"no activations: {len(texts)} document\(s\) read, {dropped} of them "
+    with pytest.raises(nl.InputError, match=rf"no activations: {len(texts)} documents read, {dropped} of them "
                                             rf"dropped as too short \(a document needs more than min_context = 4 "
                                             rf"tokens\); give more or longer documents or lower extract\.min_context"):
         extract_activations(model, tokenizer, texts, tmp_path, extract_config, progress=False)
