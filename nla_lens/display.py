@@ -353,14 +353,14 @@ def result_html(name: str, summary: str, records: Sequence[dict[str, Any]], colu
     `columns` (the first rows of a long result); long cells wrap and are shown whole, and a table too wide for the page
     scrolls inside the view."""
     shown = records[:_MAX_TABLE_ROWS]
-    head = "".join(f"<th{_NUMERIC_HEADER if _numeric_column(shown, c) else ''}>{html.escape(header(c))}</th>"
+    head = "".join(f"<th{_NUMERIC_HEADER if numeric_column(shown, c) else ''}>{html.escape(header(c))}</th>"
                    for c in columns)
     body = []
     for record in shown:
         cells = []
         for column in columns:
             value = record.get(column)
-            numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+            numeric = is_number(value)
             failed = unparsed_cell(record, column)
             if column == "token" and isinstance(value, str):  # a chip, as in the views: its spaces show
                 chip = f"<span class='nla-tok' style='background:{_CONTEXT}'>{_shown_token(value)}</span>"
@@ -380,10 +380,16 @@ def result_html(name: str, summary: str, records: Sequence[dict[str, Any]], colu
             f"{_table(f'<tr>{head}</tr>' + ''.join(body))}</div>")
 
 
-def _numeric_column(records: Sequence[dict[str, Any]], column: str) -> bool:
-    """Whether `column` holds numbers (None aside) in `records`: its header is then right-aligned, over them."""
+def is_number(value: object) -> bool:
+    """An int or a float, not a bool: a table aligns it right and a chart draws it."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def numeric_column(records: Sequence[dict[str, Any]], column: str) -> bool:
+    """Whether `column` holds numbers in `records` (None aside, at least one): its header and text are then aligned
+    right, over them, in a view's table and a repr's alike."""
     values = [r.get(column) for r in records if r.get(column) is not None]
-    return bool(values) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    return bool(values) and all(is_number(v) for v in values)
 
 
 def _cell(text: str, numeric: bool, unparsed: bool) -> str:

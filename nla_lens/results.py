@@ -310,8 +310,7 @@ def text_table(records: Sequence[dict[str, Any]], columns: Sequence[str]) -> lis
     cells = [[display.format_cell(_shown(r, c), _REPR_CELL, c) for c in columns] for r in records]
     headers = [display.header(c) for c in columns]
     widths = [max([len(h)] + [len(row[i]) for row in cells]) for i, h in enumerate(headers)]
-    numeric = [all(isinstance(r.get(c), (int, float)) and not isinstance(r.get(c), bool) for r in records
-                   if r.get(c) is not None) for c in columns]
+    numeric = [display.numeric_column(records, c) for c in columns]
 
     def line(values: Sequence[str]) -> str:
         return "  " + "  ".join(v.rjust(w) if num else v.ljust(w)

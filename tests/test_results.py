@@ -1042,3 +1042,13 @@ def test_a_summary_counts_one_in_the_singular(results):
     assert one_difference.summary().startswith("1 difference a - b verbalized")
     experiment = SteerWordsExperiment(1, 1, "random", "add", 1.0, 0.4, [AlphaRow(1.0, 1.0, 1.2, 0.0, 0.0, 1.0, 2.0)])
     assert experiment.summary().startswith("1 held-out site, random Z', mode=add, 1 explanation sample per site")
+
+
+def test_a_repr_aligns_left_a_column_whose_every_explanation_failed_to_parse():
+    """The repr aligned a column right when no row held a value, as if it held numbers: every explanation failed to
+    parse, so each cell was its raw text, and those were right-aligned. The HTML table aligned them left."""
+    said = nl.Verbalizations([nl.Verbalization("garbled output here", None, [1, 2]),
+                              nl.Verbalization("xx", None, [3])])
+    header, *lines = repr(said).splitlines()[1:]
+    assert [line.index("(no <explanation> tags)") for line in lines] == [header.index("explanation")] * 2
+    assert "class='num'" not in display.result_html("Verbalizations", "", said.to_records(), ["explanation"])
