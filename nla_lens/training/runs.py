@@ -58,9 +58,7 @@ class TrainingRun(TabularResult):
     config: dict[str, Any]
 
     def to_records(self) -> list[dict[str, Any]]:
-        rows = self._logged_rows()
-        columns = list(dict.fromkeys(key for row in rows for key in row))
-        return [{column: _finite_or_none(row.get(column)) for column in columns} for row in rows]
+        return _table_rows(self._logged_rows())
 
     def _logged_rows(self) -> list[dict[str, Any]]:
         """One dict per step, in step order, of the values logged at it as recorded: a NaN kept (a finished run's
@@ -74,7 +72,7 @@ class TrainingRun(TabularResult):
 
     def summary(self) -> str:
         done = len(self.history)
-        state = _state(self, done)
+        state = _state(self)
         took = f"{self.seconds:.0f} s" if self.seconds < 60 else f"{self.seconds / 60:.1f} min"
         parts = [f"{self.command}, {done} of {self.steps} steps ({state}), {took}"]
         records = self.to_records()
@@ -104,7 +102,8 @@ class TrainingRun(TabularResult):
         return [c for c in ("step", *_CURVES[self.command]) if records and c in records[0]]
 
     def _repr_html_(self) -> str:
-        records, logged = self.to_records(), self._logged_rows()
+        logged = self._logged_rows()
+        records = _table_rows(logged)
         curves = display.curves_html([(column, _logged_series(logged, column)) for column in _CURVES[self.command]])
         return display.result_html(type(self).__name__, self._headline(), records, self._shown_columns(records),
                                    figure=curves)
@@ -159,7 +158,7 @@ def _in_progress(path: Path) -> TrainingRun:
                        seconds=float(state["seconds"]), config=config)
 
 
-def _state(run: TrainingRun, done: int) -> str:
+def _state(run: TrainingRun) -> str:
     """How far the run got, for its summary. A checkpoint at the last step without the run's record is a command's
     run whose export was cut short (or is being written), or a `train_av` / `train_ar` / `train_rl` call's, which
     writes no record."""
@@ -168,7 +167,7 @@ def _state(run: TrainingRun, done: int) -> str:
     checkpoint = f"read from checkpoint {run.source.parent.name}"
     if run.finished:
         return f"finished; {checkpoint}"
-    if done >= run.steps:
+    if len(run.history) >= run.steps:
         return (f"all steps done, no {RESULT_FILE}: an nla-lens command writes it after the export, and resume: "
                 f"latest finishes one cut short; {checkpoint}")
     return f"running or stopped; {checkpoint}"
@@ -188,19 +187,22 @@ def _shape_problems(record: Any, expected: dict[str, type | tuple[type, ...]]) -
     return problems
 
 
+def _table_rows(logged: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The logged rows as `to_records` gives them: every column in every row, a value that is not finite as None."""
+    columns = list(dict.fromkeys(key for row in logged for key in row))
+    return [{column: _finite_or_none(row.get(column)) for column in columns} for row in logged]
+
+
 def _series(records: list[dict[str, Any]], column: str) -> list[tuple[int, float]]:
     """(step, value) of every row where `column` holds a finite number."""
-    return [(row["step"], float(row[column])) for row in records
-            if isinstance(row.get(column), (int, float)) and not isinstance(row.get(column), bool)
-            and math.isfinite(row[column])]
+    return [(step, value) for step, value in _logged_series(records, column) if math.isfinite(value)]
 
 
 def _logged_series(rows: list[dict[str, Any]], column: str) -> list[tuple[int, float]]:
     """(step, value) of every row that logged `column` as a number or null, null as NaN: the curve's chart draws the
     finite values and names the steps of the others (a diverged loss)."""
     return [(row["step"], math.nan if row[column] is None else float(row[column])) for row in rows
-            if column in row and (row[column] is None or isinstance(row[column], (int, float))
-                                  and not isinstance(row[column], bool))]
+            if column in row and (row[column] is None or display.is_number(row[column]))]
 
 
 def _finite_or_none(value: Any) -> Any:
