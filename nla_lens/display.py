@@ -537,8 +537,15 @@ def _contexts_table(rows: Sequence[str], said_here: bool) -> str:
 
 def _no_contexts(n_positions: int | None) -> str:
     """A card's line in place of its table when the feature never fired: a table of headers alone reads as broken."""
-    where = "any position scanned" if n_positions is None else f"any of the {n_positions} positions scanned"
+    where = positions_scanned(n_positions)
     return f"<div class='nla-empty'>no contexts: the feature is not active (above 0) at {where}</div>"
+
+
+def positions_scanned(n_positions: int | None) -> str:
+    """Where a silent feature was looked for: 'any of the 38 positions scanned', 'the 1 position scanned'."""
+    if n_positions is None:
+        return "any position scanned"
+    return "the 1 position scanned" if n_positions == 1 else f"any of the {n_positions} positions scanned"
 
 
 def format_cell(value: Any, width: int | None = None, column: str | None = None) -> str:

@@ -160,8 +160,8 @@ class FeatureCard(TabularResult):
             said += f" (of the row offset by the {offset_summary(self.offset_stats)})"
         cosine = "" if self.cosine is None else f"; AR cosine to the decoder row {self.cosine:.3f}"
         if not self.contexts:
-            return (f"feature {self.feature} of {self.hook_name}: {said}; no contexts: not active at any of the "
-                    f"{self.n_positions} positions{cosine}")
+            return (f"feature {self.feature} of {self.hook_name}: {said}; no contexts: not active at "
+                    f"{display.positions_scanned(self.n_positions)}{cosine}")
         token, count = self.top_tokens()[0]
         return (f"feature {self.feature} of {self.hook_name}: {said}; top {counted(len(self.contexts), 'context')}, "
                 f"{count} on {token!r}; active at {self.n_active}/{self.n_positions} positions{cosine}")

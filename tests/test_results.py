@@ -553,6 +553,8 @@ def test_a_feature_card_with_no_contexts_says_so_in_place_of_an_empty_table():
     assert "<table" not in card and "<th>" not in card
     assert "not active (above 0) at any of the 38 positions scanned" in card
     assert "<table" in display.feature_card_html("f", "h", "s", "e", "", [(["a"], [1.0], 0)], n_positions=38)
+    one = _body(display.feature_card_html("f", "h", "s", "e", "", [], n_positions=1))
+    assert "not active (above 0) at the 1 position scanned" in one  # not "any of the 1 positions"
 
 
 @pytest.mark.skipif(not HAS_SAE_LENS, reason="needs sae-lens")

@@ -771,7 +771,7 @@ def test_feature_card_of_a_feature_that_never_fires_says_so_and_saves_its_explan
     card = nl.feature_card(sae, toy.base, TOY_TEXTS, 9, toy.av, k=3, max_new_tokens=48, progress=False)
     assert card.contexts == [] and card.n_active == 0 and card.explanation
     assert repr(card) == f"FeatureCard: {card.summary()}"  # no table of empty context cells
-    assert f"not active at any of the {card.n_positions} positions" in repr(card) and "'-'" not in repr(card)
+    assert f"not active at any of the {card.n_positions} positions scanned" in repr(card) and "'-'" not in repr(card)
     context = ["text", "position", "token", "activation", "context", "context_explanation",
                "context_explanation_parsed", "context_explanation_text", "context_explanation_truncated"]
     own = {"feature": 9, "explanation": card.explanation, "explanation_parsed": True,

@@ -3,6 +3,7 @@ once here), as a result that prints, draws and saves; and the errors for what is
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import runpy
@@ -72,6 +73,8 @@ def test_the_summary_gives_what_moved_from_the_record(runs):
     losses = [e["eval_loss"] for e in av["evals"]]
     assert f"eval loss {losses[0]:.4f} -> {losses[-1]:.4f}" in read_training_run(runs / "av").summary()
     assert repr(read_training_run(runs / "av")).startswith("TrainingRun: train-av, ")
+    one_step = dataclasses.replace(read_training_run(runs / "rl"), steps=1, history=rl["history"][:1])
+    assert one_step.summary().startswith("train-rl, 1 of 1 step (")  # not "1 of 1 steps"
 
 
 def test_a_run_still_going_reads_from_its_newest_checkpoint(runs, tmp_path):

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from nla_lens import display
-from nla_lens.checks import file_path
+from nla_lens.checks import counted, file_path
 from nla_lens.errors import InputError
 from nla_lens.results import TabularResult, text_table
 from nla_lens.training.loop import checkpoint_command, checkpoints, read_trainer_state
@@ -74,7 +74,7 @@ class TrainingRun(TabularResult):
         done = len(self.history)
         state = _state(self)
         took = f"{self.seconds:.0f} s" if self.seconds < 60 else f"{self.seconds / 60:.1f} min"
-        parts = [f"{self.command}, {done} of {self.steps} steps ({state}), {took}"]
+        parts = [f"{self.command}, {done} of {counted(self.steps, 'step')} ({state}), {took}"]
         records = self.to_records()
         first_last = [("loss", "loss")] if self.command != "train-rl" else [("reward", "reward")]
         if self.command in _HELD_OUT_FVE:
