@@ -416,17 +416,37 @@ _BEFORE_BLOCKS = ("embed", "pos_embed")  # hook_embed / hook_pos_embed: model-le
 _ADDED_POSITIONS = ("standard", "shortformer")  # the positional_embedding_types that fire hook_pos_embed
 
 
+def _short_name_of(base_model: TLModel, hook_name: str) -> tuple[str, str] | None:
+    """The short name and block that `get_act_name` turns back into `hook_name`'s hook point, or None. A bridge's own
+    name (`blocks.1.hook_out`, `blocks.1.ln2.hook_in`) is read through its TL alias (`resid_post`, `resid_mid`):
+    its last part ('out', 'in') names another hook point or none."""
+    hook_point = base_model.hook_dict.get(hook_name)
+    aliases = [hook_name] if hook_point is None else [n for n, p in base_model.hook_dict.items() if p is hook_point]
+    for name in aliases:
+        short = name.rsplit(".", 1)[-1].removeprefix("hook_")
+        block = re.match(r"blocks\.(\d+)\.", name)
+        if short in _BEFORE_BLOCKS:
+            built, layer = f"hook_{short}", "0"
+        else:
+            built, layer = get_act_name(short, int(block[1]) if block else 0), block[1] if block else "<block>"
+        if built.endswith((".hook_in", ".hook_out")):  # a bridge's own name of a block's input or output, not TL's
+            continue
+        if built in base_model.hook_dict and (hook_point is None or base_model.hook_dict[built] is hook_point):
+            return short, layer
+    return None
+
+
 def _patch_hook_name(base_model: TLModel, activation_name: str, patch_layer: int) -> str:
     """`get_act_name(activation_name, patch_layer)`, checked to be a hook point of `base_model` that takes writes,
     except for the embeddings, which TL names without a block (its `get_act_name("embed", 0)` says
     `blocks.0.hook_embed`, which no model has)."""
     if "." in activation_name or activation_name.startswith("hook_"):  # get_act_name would nest it in blocks.L.hook_
-        short = activation_name.rsplit(".", 1)[-1].removeprefix("hook_")
-        block = re.match(r"blocks\.(\d+)\.", activation_name)
-        layer = block[1] if block else "0" if short in _BEFORE_BLOCKS else "<block>"
+        short_name = _short_name_of(base_model, activation_name)
+        fix = (f"activation_name={short_name[0]!r}, patch_layer={short_name[1]}" if short_name else
+               "no short name reaches it on this model, so patch another activation (e.g. 'resid_pre', "
+               "'attn_out', 'mlp_out', 'z', 'embed')")
         raise InputError(f"activation_name={activation_name!r} is a full hook name; pass the short name "
-                         f"transformer_lens.utils.get_act_name takes and the block apart: "
-                         f"activation_name={short!r}, patch_layer={layer}")
+                         f"transformer_lens.utils.get_act_name takes and the block apart: {fix}")
     if activation_name not in _BEFORE_BLOCKS:
         hook_name = get_act_name(activation_name, patch_layer)
     elif patch_layer != 0:

@@ -200,3 +200,12 @@ def test_an_injection_at_resid_mid_reaches_the_residual_stream_or_is_refused(tin
         monkeypatch.setattr(backends, "load_model", lambda *a, **k: pytest.fail("weights read"))
         with pytest.raises(nl.BackendError, match=r"ln2.hook_in.*patch or injection written there"):
             nl.ActivationVerbalizer.from_pretrained(tiny_paths["av_karvonen"], **load)
+
+
+@pytest.mark.skipif(backends.default_backend() != "bridge", reason="a name only the bridge has")
+def test_an_injection_at_the_bridges_own_name_of_resid_mid_is_refused(tiny_paths):
+    """`blocks.1.ln2.hook_in` is the bridge's resid_mid under its own name: the name check let it through and the
+    AV injected into the MLP's input alone, silently."""
+    with pytest.raises(nl.BackendError, match=r"blocks.1.hook_resid_mid is the MLP norm's input"):
+        nl.ActivationVerbalizer.from_pretrained(tiny_paths["av_karvonen"], injection="karvonen",
+                                                hook_point="blocks.1.ln2.hook_in")

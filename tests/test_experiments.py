@@ -580,6 +580,21 @@ def test_a_saved_study_keeps_its_round_trips_warnings(base, nla, av_karvonen, st
     assert nl.read_result(av_only.save(tmp_path / "av_only.parquet")).attrs["warnings"] == []
 
 
+def test_a_bridge_hook_name_for_activation_name_is_answered_with_its_tl_short_name(base, nla):
+    """The message took the last part of the name: 'blocks.1.ln2.hook_in' -> 'in', and on the bridge
+    get_act_name('in', 1) is blocks.1.hook_in, the block's input (resid_pre), not the MLP norm's input it named."""
+    clean_tokens, corrupted_tokens = equal_length_pair(base)
+    on_bridge = nl.backends.backend_of(base) == "bridge"
+    none = "no short name reaches it on this model"
+    for full, fix in [("blocks.1.hook_out", "activation_name='resid_post', patch_layer=1" if on_bridge else none),
+                      ("blocks.1.ln2.hook_in", "activation_name='resid_mid', patch_layer=1" if on_bridge else none),
+                      ("blocks.1.ln1.hook_scale", none)]:  # TL names it with get_act_name's layer_type alone
+        full_name = re.escape(f"activation_name={full!r} is a full hook name")
+        with pytest.raises(nl.InputError, match=f"{full_name}.*{fix}"):
+            nl.patching_study(base, nla, clean_tokens, corrupted_tokens, patch_layer=1, patch_position=0,
+                              activation_name=full)
+
+
 def test_experiment_arguments_are_checked_with_typed_errors(base, nla, av_karvonen, steer):
     tokens, mask = padded(base, "left")
     clean_tokens, corrupted_tokens = equal_length_pair(base)

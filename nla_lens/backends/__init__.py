@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import import_module, metadata
@@ -212,7 +213,14 @@ def check_patchable(model: TLModel, hook_name: str) -> None:
     """Raise `BackendError` where a value written at `hook_name` reaches less of `model` than of a
     HookedTransformer. TransformerLens 4.3's bridge aliases `blocks.L.hook_resid_mid` to `ln2.hook_in`,
     the MLP norm's input: a write there feeds the MLP, but the residual add after it reads the unwritten
-    tensor (measured: +d at resid_mid moves resid_post by d on hooked, by 0 plus the MLP's change on the bridge)."""
+    tensor (measured: +d at resid_mid moves resid_post by d on hooked, by 0 plus the MLP's change on the bridge).
+    The bridge's own name of that hook point (`blocks.L.ln2.hook_in`) is refused too."""
+    block = re.match(r"blocks\.(\d+)\.", hook_name)
+    if block is not None:
+        resid_mid = f"blocks.{block[1]}.hook_resid_mid"
+        hook_point = model.hook_dict.get(hook_name)
+        if hook_point is not None and hook_point is model.hook_dict.get(resid_mid):
+            hook_name = resid_mid
     check_patchable_on(backend_of(model), hook_name)
 
 
