@@ -564,6 +564,14 @@ def test_the_vector_column_is_found_or_must_be_named(tiny_paths, rows, tmp_path)
         sharded.verbalize_file(av, tmp_path / "empty.parquet", tmp_path / "o.parquet", progress=False)
 
 
+def test_an_input_column_named_as_an_output_column_is_refused_not_replaced(tiny_paths, rows, tmp_path):
+    """An input's own `truncated` column was silently replaced by the AV's, as `index` or `text` would have been."""
+    path = write_parquet(tmp_path / "in.parquet", rows, truncated=[True] * N_ROWS)
+    with pytest.raises(nl.InputError, match=r"columns \['truncated'\], which the output writes itself"):
+        sharded.verbalize_file(tiny_paths["av_karvonen"], path, tmp_path / "o.parquet", sampling=GREEDY,
+                               progress=False)
+
+
 def test_an_output_on_the_input_file_is_refused_before_it_replaces_the_vectors(tiny_paths, input_file, capsys):
     before = input_file.read_bytes()
     with pytest.raises(nl.InputError, match="is the input file"):
