@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import numbers
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from functools import cache
 from pathlib import Path
@@ -21,7 +22,15 @@ import torch
 from tqdm.auto import tqdm
 
 from nla_lens import __version__, loading, metrics, shard_store
-from nla_lens.checks import check_counts, check_sampling, counted, file_kind, resolve_device, resolve_dtype
+from nla_lens.checks import (
+    check_counts,
+    check_sampling,
+    counted,
+    file_kind,
+    file_path,
+    resolve_device,
+    resolve_dtype,
+)
 from nla_lens.distributed import World, barrier, device_for, process_group
 from nla_lens.errors import CheckpointError, InputError
 from nla_lens.injection import check_vectors
@@ -133,8 +142,9 @@ def verbalize_file(
     Output rows: index (the input row), the input's scalar columns, explanation (None if untagged), text,
     truncated (`max_new_tokens` cut the row before any EOS).
     """
-    input_path, output = Path(input_path), Path(output)
+    input_path, output = file_path(input_path, "input_path"), file_path(output, "output")
     _check_paths(input_path, output)
+    _check_job_arguments(sampling, shards)
     check_counts(1, shard_size=shard_size)
     job_device, job_dtype = resolve_device(device), resolve_dtype(dtype)
     av_folder = loading.resolve_checkpoint(av)
@@ -166,8 +176,9 @@ def round_trip_file(
     output as `<stem>.summary.json`) whose baseline is the given one, else the AR sidecar's, else the
     paper's over all input vectors (at least 32 of them), as `NLA.round_trip` picks it.
     """
-    input_path, output = Path(input_path), Path(output)
+    input_path, output = file_path(input_path, "input_path"), file_path(output, "output")
     _check_paths(input_path, output)
+    _check_job_arguments(sampling, shards)
     _check_summary_is_ours(output)
     check_counts(1, shard_size=shard_size, reconstruct_batch_size=reconstruct_batch_size)
     job_device, job_dtype = resolve_device(device), resolve_dtype(dtype)
@@ -250,6 +261,17 @@ def _check_paths(input_path: Path, output: Path) -> None:
     if output.resolve() == input_path.resolve():
         raise InputError(f"output={output} is the input file: the rows written there would replace its vectors; "
                          "pass another output=")
+
+
+def _check_job_arguments(sampling: Sampling, shards: Sequence[int] | None) -> None:
+    """`sampling` and `shards` as the jobs use them: a dict of settings, or a lone shard id, failed only later
+    with a bare AttributeError or TypeError."""
+    if not isinstance(sampling, Sampling):
+        raise InputError(f"sampling= takes a nla_lens.sharded.Sampling, got {type(sampling).__name__}: pass "
+                         "Sampling(max_new_tokens=..., temperature=..., ...)")
+    if shards is not None and (isinstance(shards, str) or not isinstance(shards, Iterable) or not all(
+            isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in shards)):
+        raise InputError(f"shards={shards!r} must be a list of shard ids (whole numbers), e.g. shards=[3, 11]")
 
 
 def _extraction_meta(folder: Path) -> NLAMeta | None:

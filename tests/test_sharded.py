@@ -572,6 +572,24 @@ def test_an_input_column_named_as_an_output_column_is_refused_not_replaced(tiny_
                                progress=False)
 
 
+@pytest.mark.parametrize(("keywords", "match"), [
+    ({"sampling": {"temperature": 0.0}}, r"sampling= takes a nla_lens.sharded.Sampling, got dict"),
+    ({"sampling": None}, r"sampling= takes a nla_lens.sharded.Sampling, got NoneType"),
+    ({"shards": 0}, r"shards=0 must be a list of shard ids"),
+    ({"shards": ["0"]}, r"shards=\['0'\] must be a list of shard ids"),
+    ({"input_path": torch.zeros(2, 64)}, r"input_path takes a file path \(a str or pathlib.Path\), got Tensor"),
+    ({"output": None}, r"output takes a file path \(a str or pathlib.Path\), got NoneType"),
+], ids=["sampling_dict", "sampling_none", "shards_int", "shards_str", "input_tensor", "output_none"])
+def test_a_file_jobs_arguments_of_the_wrong_type_are_named(tiny_paths, input_file, tmp_path, keywords, match):
+    """They failed with a bare AttributeError or TypeError, the shards only after the input was read and hashed."""
+    arguments = {"input_path": input_file, "output": tmp_path / "o.parquet", **keywords}
+    with pytest.raises(nl.InputError, match=match):
+        sharded.verbalize_file(tiny_paths["av_karvonen"], progress=False, **arguments)
+    with pytest.raises(nl.InputError, match=match):
+        sharded.round_trip_file(tiny_paths["av_karvonen"], tiny_paths["ar_nanonla"], baseline=0.5, progress=False,
+                                **arguments)
+
+
 def test_an_output_on_the_input_file_is_refused_before_it_replaces_the_vectors(tiny_paths, input_file, capsys):
     before = input_file.read_bytes()
     with pytest.raises(nl.InputError, match="is the input file"):
