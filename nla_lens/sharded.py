@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pyarrow as pa
 import torch
@@ -147,8 +147,7 @@ def verbalize_file(
     _check_job_arguments(sampling, shards)
     check_counts(1, shard_size=shard_size)
     job_device, job_dtype = resolve_device(device), resolve_dtype(dtype)
-    av_folder = loading.resolve_checkpoint(av)
-    av_meta = load_meta(av_folder)
+    av_folder, av_meta = _checkpoint(av, "av")
     table = _read(input_path, column, av_meta)
     manifest = {"job": "verbalize", **_input_facts(input_path, table), "shard_size": shard_size,
                 **_checkpoint_facts("av", av_folder), "dtype": _dtype_name(dtype),
@@ -182,8 +181,7 @@ def round_trip_file(
     _check_summary_is_ours(output)
     check_counts(1, shard_size=shard_size, reconstruct_batch_size=reconstruct_batch_size)
     job_device, job_dtype = resolve_device(device), resolve_dtype(dtype)
-    av_folder, ar_folder = loading.resolve_checkpoint(av), loading.resolve_checkpoint(ar)
-    av_meta, ar_meta = load_meta(av_folder), load_meta(ar_folder)
+    (av_folder, av_meta), (ar_folder, ar_meta) = _checkpoint(av, "av"), _checkpoint(ar, "ar")
     check_pair(av_meta, ar_meta)
     table = _read(input_path, column, av_meta)
     resolved = resolve_baseline(table.vectors, ar_meta.mse_scale, baseline, ar_meta)  # before any verbalization
@@ -261,6 +259,18 @@ def _check_paths(input_path: Path, output: Path) -> None:
     if output.resolve() == input_path.resolve():
         raise InputError(f"output={output} is the input file: the rows written there would replace its vectors; "
                          "pass another output=")
+
+
+def _checkpoint(path: str | Path, role: Literal["av", "ar"]) -> tuple[Path, NLAMeta]:
+    """The folder and sidecar given as `av=` or `ar=`, checked to be of that role before the input is read: an AV and
+    an AR the other way round failed only at the first shard's load, after a warning about the AV's baseline."""
+    folder = loading.resolve_checkpoint(path)
+    meta = load_meta(folder)
+    found = loading.checkpoint_role(folder, meta)
+    if found is not None and found != role:
+        raise InputError(f"{role}={path} is an {found.upper()} checkpoint, not an {role.upper()}: pass the "
+                         f"{role.upper()} folder as {role}= (the AV first, then the AR)")
+    return folder, meta
 
 
 def _check_job_arguments(sampling: Sampling, shards: Sequence[int] | None) -> None:

@@ -590,6 +590,19 @@ def test_a_file_jobs_arguments_of_the_wrong_type_are_named(tiny_paths, input_fil
                                 **arguments)
 
 
+def test_an_av_and_ar_the_other_way_round_are_refused_before_the_input_is_read(tiny_paths, input_file, tmp_path):
+    """Refused only at the first shard's load, after the AV's sidecar had been read for the AR's baseline (a warning of
+    no FVE), and in terms of from_pretrained."""
+    av, ar, out = tiny_paths["av_karvonen"], tiny_paths["ar_nanonla"], tmp_path / "o.parquet"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(nl.InputError, match=r"av=.* is an AR checkpoint, not an AV: pass the AV folder as av="):
+            sharded.round_trip_file(ar, av, input_file, out, sampling=GREEDY, progress=False)
+        with pytest.raises(nl.InputError, match=r"av=.* is an AR checkpoint, not an AV"):
+            sharded.verbalize_file(ar, input_file, out, sampling=GREEDY, progress=False)
+    assert not shard_store.shard_folder(out).exists()
+
+
 def test_an_output_on_the_input_file_is_refused_before_it_replaces_the_vectors(tiny_paths, input_file, capsys):
     before = input_file.read_bytes()
     with pytest.raises(nl.InputError, match="is the input file"):
