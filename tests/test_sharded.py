@@ -482,6 +482,20 @@ def test_an_input_with_other_bytes_is_refused_under_a_new_name_as_under_its_own(
     assert _written(first_shard) == first_write
 
 
+def test_an_input_written_again_with_the_same_rows_resumes_whatever_its_size(tiny_paths, input_file, tmp_path):
+    """The size of the same vectors and columns depends on how they were written (here the compression): it was
+    compared, and refused the resume as "other settings"."""
+    av, out = tiny_paths["av_karvonen"], tmp_path / "out.parquet"
+    sharded.verbalize_file(av, input_file, out, sampling=GREEDY, shard_size=SHARD_SIZE, shards=[0], progress=False)
+    size = input_file.stat().st_size
+    pq.write_table(pq.read_table(input_file), input_file, compression="zstd")
+    assert input_file.stat().st_size != size
+    result = sharded.verbalize_file(av, input_file, out, sampling=GREEDY, shard_size=SHARD_SIZE, progress=False)
+    assert result.computed == [1, 2, 3]
+    job = json.loads(result.table.schema.metadata[sharded.JOB_KEY.encode()])
+    assert job["input_bytes"] == input_file.stat().st_size  # the job record describes the input as it is now
+
+
 def test_a_checkpoint_exported_again_into_the_same_folder_is_not_resumed(tiny_paths, input_file, tmp_path):
     av, out = tmp_path / "av", tmp_path / "out.parquet"
     shutil.copytree(tiny_paths["av_karvonen"], av)
