@@ -578,6 +578,15 @@ def test_the_vector_column_is_found_or_must_be_named(tiny_paths, rows, tmp_path)
         sharded.verbalize_file(av, tmp_path / "empty.parquet", tmp_path / "o.parquet", progress=False)
 
 
+def test_a_vector_column_of_integers_is_named_with_the_fix_in_the_file(tiny_paths, tmp_path):
+    """It read "found none; name it with --column", and --column then refused the column as not floats."""
+    path = tmp_path / "ints.parquet"
+    pq.write_table(pa.table({"id": ["a", "b"], "vector": pa.array([[1] * 64, [2] * 64], pa.list_(pa.int64()))}), path)
+    with pytest.raises(nl.InputError, match=r"lists of other values: 'vector' \(list<.*int64>\); write the vectors "
+                                            r"as floats"):
+        sharded.verbalize_file(tiny_paths["av_karvonen"], path, tmp_path / "o.parquet", progress=False)
+
+
 def test_an_input_column_named_as_an_output_column_is_refused_not_replaced(tiny_paths, rows, tmp_path):
     """An input's own `truncated` column was silently replaced by the AV's, as `index` or `text` would have been."""
     path = write_parquet(tmp_path / "in.parquet", rows, truncated=[True] * N_ROWS)
