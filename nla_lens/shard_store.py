@@ -26,9 +26,10 @@ MANIFEST = "manifest.json"
 # Facts that older manifests lack, with the value they are read as. Those recorded neither the device nor a greedy
 # job's batch size: a CPU job's shards resume (greedy CPU rows ignore batching); a GPU job's are refused.
 _UNRECORDED = {"device": "cpu"}
-# Facts older manifests recorded that no row depends on, ignored: a round trip's --baseline only rescales the FVE the
-# merge computes, so another one takes no recomputed shard.
-_NOT_ROW_FACTS = ("baseline",)
+# Facts no row depends on, not compared: a round trip's --baseline (older manifests recorded it) only rescales the FVE
+# the merge computes, so another one takes no recomputed shard; the input's size changes with how the same vectors and
+# columns were written (compression, a pandas or safetensors metadata header), and their hashes are compared.
+_NOT_ROW_FACTS = ("baseline", "input_bytes")
 
 
 class LocationFact(NamedTuple):
@@ -104,6 +105,7 @@ def check_manifest(folder: Path, recorded: dict[str, Any] | None, manifest: dict
     if recorded is None:
         return {}
     recorded = {k: v for k, v in recorded.items() if k not in _NOT_ROW_FACTS}
+    manifest = {k: v for k, v in manifest.items() if k not in _NOT_ROW_FACTS}
     read = _UNRECORDED | recorded
     differing = sorted(k for k in read.keys() | manifest.keys() if read.get(k) != manifest.get(k))
     relocated = {k: recorded[k] for k in differing if k in LOCATION_FACTS and k in recorded}

@@ -9,19 +9,28 @@ from __future__ import annotations
 
 import hashlib
 import json
+import numbers
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
 
 from nla_lens import __version__, loading, metrics, shard_store
-from nla_lens.checks import check_counts, check_sampling, counted, file_kind, resolve_device, resolve_dtype
+from nla_lens.checks import (
+    check_counts,
+    check_sampling,
+    counted,
+    file_kind,
+    file_path,
+    resolve_device,
+    resolve_dtype,
+)
 from nla_lens.distributed import World, barrier, device_for, process_group
 from nla_lens.errors import CheckpointError, InputError
 from nla_lens.injection import check_vectors
@@ -133,12 +142,12 @@ def verbalize_file(
     Output rows: index (the input row), the input's scalar columns, explanation (None if untagged), text,
     truncated (`max_new_tokens` cut the row before any EOS).
     """
-    input_path, output = Path(input_path), Path(output)
+    input_path, output = file_path(input_path, "input_path"), file_path(output, "output")
     _check_paths(input_path, output)
+    _check_job_arguments(sampling, shards)
     check_counts(1, shard_size=shard_size)
     job_device, job_dtype = resolve_device(device), resolve_dtype(dtype)
-    av_folder = loading.resolve_checkpoint(av)
-    av_meta = load_meta(av_folder)
+    av_folder, av_meta = _checkpoint(av, "av")
     table = _read(input_path, column, av_meta)
     manifest = {"job": "verbalize", **_input_facts(input_path, table), "shard_size": shard_size,
                 **_checkpoint_facts("av", av_folder), "dtype": _dtype_name(dtype),
@@ -166,13 +175,13 @@ def round_trip_file(
     output as `<stem>.summary.json`) whose baseline is the given one, else the AR sidecar's, else the
     paper's over all input vectors (at least 32 of them), as `NLA.round_trip` picks it.
     """
-    input_path, output = Path(input_path), Path(output)
+    input_path, output = file_path(input_path, "input_path"), file_path(output, "output")
     _check_paths(input_path, output)
+    _check_job_arguments(sampling, shards)
     _check_summary_is_ours(output)
     check_counts(1, shard_size=shard_size, reconstruct_batch_size=reconstruct_batch_size)
     job_device, job_dtype = resolve_device(device), resolve_dtype(dtype)
-    av_folder, ar_folder = loading.resolve_checkpoint(av), loading.resolve_checkpoint(ar)
-    av_meta, ar_meta = load_meta(av_folder), load_meta(ar_folder)
+    (av_folder, av_meta), (ar_folder, ar_meta) = _checkpoint(av, "av"), _checkpoint(ar, "ar")
     check_pair(av_meta, ar_meta)
     table = _read(input_path, column, av_meta)
     resolved = resolve_baseline(table.vectors, ar_meta.mse_scale, baseline, ar_meta)  # before any verbalization
@@ -250,6 +259,29 @@ def _check_paths(input_path: Path, output: Path) -> None:
     if output.resolve() == input_path.resolve():
         raise InputError(f"output={output} is the input file: the rows written there would replace its vectors; "
                          "pass another output=")
+
+
+def _checkpoint(path: str | Path, role: Literal["av", "ar"]) -> tuple[Path, NLAMeta]:
+    """The folder and sidecar given as `av=` or `ar=`, checked to be of that role before the input is read: an AV and
+    an AR the other way round failed only at the first shard's load, after a warning about the AV's baseline."""
+    folder = loading.resolve_checkpoint(path)
+    meta = load_meta(folder)
+    found = loading.checkpoint_role(folder, meta)
+    if found is not None and found != role:
+        raise InputError(f"{role}={path} is an {found.upper()} checkpoint, not an {role.upper()}: pass the "
+                         f"{role.upper()} folder as {role}= (the AV first, then the AR)")
+    return folder, meta
+
+
+def _check_job_arguments(sampling: Sampling, shards: Sequence[int] | None) -> None:
+    """`sampling` and `shards` as the jobs use them: a dict of settings, or a lone shard id, failed only later
+    with a bare AttributeError or TypeError."""
+    if not isinstance(sampling, Sampling):
+        raise InputError(f"sampling= takes a nla_lens.sharded.Sampling, got {type(sampling).__name__}: pass "
+                         "Sampling(max_new_tokens=..., temperature=..., ...)")
+    if shards is not None and (isinstance(shards, str) or not isinstance(shards, Iterable) or not all(
+            isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in shards)):
+        raise InputError(f"shards={shards!r} must be a list of shard ids (whole numbers), e.g. shards=[3, 11]")
 
 
 def _extraction_meta(folder: Path) -> NLAMeta | None:

@@ -32,7 +32,7 @@ from nla_lens.checks import check_input_file, check_output_path, file_kind
 from nla_lens.errors import InputError
 
 # Column names the jobs write; an input column of the same name would be overwritten.
-RESULT_COLUMNS = ("index", "explanation", "text", "mse")
+RESULT_COLUMNS = ("index", "explanation", "text", "truncated", "mse")
 
 
 @dataclass(frozen=True)
@@ -104,9 +104,12 @@ def read_input(path: Path, column: str | None = None) -> VectorTable:
     return VectorTable(_to_tensor(table.column(name), name, path), table.select(carried))
 
 
+def _is_list(kind: pa.DataType) -> bool:
+    return pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)
+
+
 def _is_float_list(kind: pa.DataType) -> bool:
-    list_like = pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)
-    return list_like and pa.types.is_floating(kind.value_type)
+    return _is_list(kind) and pa.types.is_floating(kind.value_type)
 
 
 def _vector_column(schema: pa.Schema, column: str | None, path: Path) -> str:
@@ -118,6 +121,10 @@ def _vector_column(schema: pa.Schema, column: str | None, path: Path) -> str:
             raise InputError(f"{path}: column {column!r} is {schema.field(column).type}, not a list of floats")
         return column
     candidates = [f.name for f in schema if _is_float_list(f.type)]
+    other_lists = [f"{f.name!r} ({f.type})" for f in schema if _is_list(f.type) and not _is_float_list(f.type)]
+    if not candidates and other_lists:  # --column would only refuse it next: the fix is in the file
+        raise InputError(f"{path}: expected a list-of-floats column for the vectors, found lists of other values: "
+                         f"{', '.join(other_lists)}; write the vectors as floats (e.g. list<float32>)")
     if len(candidates) != 1:
         found = f"several: {candidates}" if candidates else "none"
         raise InputError(f"{path}: expected exactly one list-of-floats column for the vectors, found {found}; "

@@ -482,6 +482,20 @@ def test_an_input_with_other_bytes_is_refused_under_a_new_name_as_under_its_own(
     assert _written(first_shard) == first_write
 
 
+def test_an_input_written_again_with_the_same_rows_resumes_whatever_its_size(tiny_paths, input_file, tmp_path):
+    """The size of the same vectors and columns depends on how they were written (here the compression): it was
+    compared, and refused the resume as "other settings"."""
+    av, out = tiny_paths["av_karvonen"], tmp_path / "out.parquet"
+    sharded.verbalize_file(av, input_file, out, sampling=GREEDY, shard_size=SHARD_SIZE, shards=[0], progress=False)
+    size = input_file.stat().st_size
+    pq.write_table(pq.read_table(input_file), input_file, compression="zstd")
+    assert input_file.stat().st_size != size
+    result = sharded.verbalize_file(av, input_file, out, sampling=GREEDY, shard_size=SHARD_SIZE, progress=False)
+    assert result.computed == [1, 2, 3]
+    job = json.loads(result.table.schema.metadata[sharded.JOB_KEY.encode()])
+    assert job["input_bytes"] == input_file.stat().st_size  # the job record describes the input as it is now
+
+
 def test_a_checkpoint_exported_again_into_the_same_folder_is_not_resumed(tiny_paths, input_file, tmp_path):
     av, out = tmp_path / "av", tmp_path / "out.parquet"
     shutil.copytree(tiny_paths["av_karvonen"], av)
@@ -562,6 +576,54 @@ def test_the_vector_column_is_found_or_must_be_named(tiny_paths, rows, tmp_path)
     pq.write_table(pa.table({"vector": pa.array([], pa.list_(pa.float32()))}), tmp_path / "empty.parquet")
     with pytest.raises(nl.InputError, match="'vector' has no rows"):  # was "shape [n, 64], got (0, 0)"
         sharded.verbalize_file(av, tmp_path / "empty.parquet", tmp_path / "o.parquet", progress=False)
+
+
+def test_a_vector_column_of_integers_is_named_with_the_fix_in_the_file(tiny_paths, tmp_path):
+    """It read "found none; name it with --column", and --column then refused the column as not floats."""
+    path = tmp_path / "ints.parquet"
+    pq.write_table(pa.table({"id": ["a", "b"], "vector": pa.array([[1] * 64, [2] * 64], pa.list_(pa.int64()))}), path)
+    with pytest.raises(nl.InputError, match=r"lists of other values: 'vector' \(list<.*int64>\); write the vectors "
+                                            r"as floats"):
+        sharded.verbalize_file(tiny_paths["av_karvonen"], path, tmp_path / "o.parquet", progress=False)
+
+
+def test_an_input_column_named_as_an_output_column_is_refused_not_replaced(tiny_paths, rows, tmp_path):
+    """An input's own `truncated` column was silently replaced by the AV's, as `index` or `text` would have been."""
+    path = write_parquet(tmp_path / "in.parquet", rows, truncated=[True] * N_ROWS)
+    with pytest.raises(nl.InputError, match=r"columns \['truncated'\], which the output writes itself"):
+        sharded.verbalize_file(tiny_paths["av_karvonen"], path, tmp_path / "o.parquet", sampling=GREEDY,
+                               progress=False)
+
+
+@pytest.mark.parametrize(("keywords", "match"), [
+    ({"sampling": {"temperature": 0.0}}, r"sampling= takes a nla_lens.sharded.Sampling, got dict"),
+    ({"sampling": None}, r"sampling= takes a nla_lens.sharded.Sampling, got NoneType"),
+    ({"shards": 0}, r"shards=0 must be a list of shard ids"),
+    ({"shards": ["0"]}, r"shards=\['0'\] must be a list of shard ids"),
+    ({"input_path": torch.zeros(2, 64)}, r"input_path takes a file path \(a str or pathlib.Path\), got Tensor"),
+    ({"output": None}, r"output takes a file path \(a str or pathlib.Path\), got NoneType"),
+], ids=["sampling_dict", "sampling_none", "shards_int", "shards_str", "input_tensor", "output_none"])
+def test_a_file_jobs_arguments_of_the_wrong_type_are_named(tiny_paths, input_file, tmp_path, keywords, match):
+    """They failed with a bare AttributeError or TypeError, the shards only after the input was read and hashed."""
+    arguments = {"input_path": input_file, "output": tmp_path / "o.parquet", **keywords}
+    with pytest.raises(nl.InputError, match=match):
+        sharded.verbalize_file(tiny_paths["av_karvonen"], progress=False, **arguments)
+    with pytest.raises(nl.InputError, match=match):
+        sharded.round_trip_file(tiny_paths["av_karvonen"], tiny_paths["ar_nanonla"], baseline=0.5, progress=False,
+                                **arguments)
+
+
+def test_an_av_and_ar_the_other_way_round_are_refused_before_the_input_is_read(tiny_paths, input_file, tmp_path):
+    """Refused only at the first shard's load, after the AV's sidecar had been read for the AR's baseline (a warning of
+    no FVE), and in terms of from_pretrained."""
+    av, ar, out = tiny_paths["av_karvonen"], tiny_paths["ar_nanonla"], tmp_path / "o.parquet"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(nl.InputError, match=r"av=.* is an AR checkpoint, not an AV: pass the AV folder as av="):
+            sharded.round_trip_file(ar, av, input_file, out, sampling=GREEDY, progress=False)
+        with pytest.raises(nl.InputError, match=r"av=.* is an AR checkpoint, not an AV"):
+            sharded.verbalize_file(ar, input_file, out, sampling=GREEDY, progress=False)
+    assert not shard_store.shard_folder(out).exists()
 
 
 def test_an_output_on_the_input_file_is_refused_before_it_replaces_the_vectors(tiny_paths, input_file, capsys):
