@@ -277,7 +277,7 @@ def _check_job_arguments(sampling: Sampling, shards: Sequence[int] | None) -> No
     """`sampling` and `shards` as the jobs use them: a dict of settings, or a lone shard id, failed only later
     with a bare AttributeError or TypeError."""
     if not isinstance(sampling, Sampling):
-        raise InputError(f"sampling= takes a nla_lens.sharded.Sampling, got {type(sampling).__name__}: pass "
+        raise InputError(f"sampling= takes an nla_lens.sharded.Sampling, got {type(sampling).__name__}: pass "
                          "Sampling(max_new_tokens=..., temperature=..., ...)")
     if shards is not None and (isinstance(shards, str) or not isinstance(shards, Iterable) or not all(
             isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in shards)):

@@ -596,8 +596,8 @@ def test_an_input_column_named_as_an_output_column_is_refused_not_replaced(tiny_
 
 
 @pytest.mark.parametrize(("keywords", "match"), [
-    ({"sampling": {"temperature": 0.0}}, r"sampling= takes a nla_lens.sharded.Sampling, got dict"),
-    ({"sampling": None}, r"sampling= takes a nla_lens.sharded.Sampling, got NoneType"),
+    ({"sampling": {"temperature": 0.0}}, r"sampling= takes an nla_lens.sharded.Sampling, got dict"),
+    ({"sampling": None}, r"sampling= takes an nla_lens.sharded.Sampling, got NoneType"),
     ({"shards": 0}, r"shards=0 must be a list of shard ids"),
     ({"shards": ["0"]}, r"shards=\['0'\] must be a list of shard ids"),
     ({"input_path": torch.zeros(2, 64)}, r"input_path takes a file path \(a str or pathlib.Path\), got Tensor"),
