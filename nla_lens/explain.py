@@ -143,7 +143,8 @@ def explain(nla: NLA, base: TLModel, text_or_texts: str | Sequence[str], *, posi
 
     `positions` is an int, a list of ints (negative counts from the end) or a slice, applied to every
     text; each text's rows come in token order, a position named twice once (`[5, 1]` gives rows 1, 5).
-    `baseline` is the FVE baseline (default: the AR sidecar's, see `NLA.round_trip`);
+    `baseline` is the FVE baseline (default: as `NLA.round_trip` picks it, the AR sidecar's, else the paper
+    baseline of the explained tokens' vectors when there are at least 32);
     `verbalize_kwargs` go to `verbalize` (e.g. `max_new_tokens`, `batch_size`). Texts already tokenized go
     to `explain_tokens` (`from nla_lens.explain import explain_tokens`).
     """

@@ -318,7 +318,8 @@ class NLA:
         round-trip MSE and FVE. Runs `base` under any hooks you have installed, plus `fwd_hooks`.
 
         `positions`: an int, a list of ints (negative from each text's end) or a slice, for every text; each
-        text's rows come in token order. `baseline`: the FVE baseline (default: the AR sidecar's). Other
+        text's rows come in token order. `baseline`: the FVE baseline (default: as `round_trip` picks it, the AR
+        sidecar's, else the paper baseline of the explained tokens' vectors when there are at least 32). Other
         keywords go to `verbalize` (`max_new_tokens`, `batch_size`, ...). This is `nla_lens.explain.explain`."""
         from nla_lens.explain import explain
 
@@ -327,7 +328,10 @@ class NLA:
 
     def round_trip(self, vectors: Float[Tensor, "n d_model"], *, baseline: float | None = None,
                    reconstruct_batch_size: int = 64, **verbalize_kwargs: Any) -> RoundTrip:
-        """Verbalize, reconstruct and score `vectors`.
+        """Verbalize, reconstruct and score `vectors` (`[n, d_model]`, or one `[d_model]` vector).
+
+        Other keywords go to `verbalize` (`max_new_tokens`, `temperature`, `batch_size`, `seed`, ...);
+        `reconstruct_batch_size` bounds the AR's batches.
 
         The FVE baseline is `baseline` if given, else the one the AR's sidecar records (nla_lens's
         exporter writes the held-out one), else the paper baseline of `vectors` when there are at least

@@ -139,6 +139,12 @@ def verbalize_file(
 ) -> JobResult:
     """Explain every vector of `input_path` into `output` (.parquet or .jsonl).
 
+    `av` is a checkpoint folder (or cached hub id), loaded by each process. `input_path` holds `[n, d_model]`
+    vectors: a .safetensors or .pt file (the tensor named `vectors`, or the only one), or a .parquet file whose
+    list-of-floats column (`column` names it where there are several) holds them. `shard_size` input rows make
+    one shard, the unit of work and of resuming; `shards` limits the work to those shard ids (one already on disk
+    is kept, not redone). `device="cuda"` means each rank's own GPU (`nla_lens.distributed.device_for`).
+
     Output rows: index (the input row), the input's scalar columns, explanation (None if untagged), text,
     truncated (`max_new_tokens` cut the row before any EOS).
     """
