@@ -2,7 +2,8 @@
 
 Rank r of W computes shards r, r+W, ... (see `nla_lens.shard_store`), skipping those already on
 disk, then waits for the others; rank 0 merges once every shard exists. A killed or failed run is
-finished by rerunning the same call; `shards=[...]` redoes chosen shards, e.g. in one process.
+finished by rerunning the same call; `shards=[...]` computes only the chosen shards not yet on disk (a
+straggler's, say, in one process).
 """
 
 from __future__ import annotations

@@ -182,7 +182,7 @@ class WordSteering(TabularResult):
 
     @classmethod
     def fwd_hooks_from(cls, path: str | Path, alpha: float | None = None) -> list[tuple[str, HookFn]]:
-        """The `fwd_hooks(alpha)` of the result that `save_vectors` wrote `path`: steer again without the AV
+        """The `fwd_hooks(alpha)` of the result whose `save_vectors` wrote `path`: steer again without the AV
         and the AR. Tensors and text only are read (safetensors runs no code); a file of another kind is refused."""
         path = file_path(path, "fwd_hooks_from")
         if file_kind(path) != ".safetensors":
