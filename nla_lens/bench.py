@@ -69,6 +69,8 @@ class Shape:
 
 @dataclass(frozen=True)
 class Plan:
+    """The bench's model shapes (one for load memory, one for timing) and its workload."""
+
     memory: Shape
     speed: Shape
     ar_layer: int  # K: the AR keeps K + 1 blocks

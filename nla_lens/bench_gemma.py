@@ -58,6 +58,8 @@ class GemmaShape:
 
 @dataclass(frozen=True)
 class GemmaPlan:
+    """The Gemma-3 section's shapes and workload, as `Plan` is the Qwen3 section's."""
+
     memory: GemmaShape
     speed: GemmaShape
     batches: tuple[int, ...]

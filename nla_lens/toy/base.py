@@ -28,6 +28,8 @@ CHAT_TEMPLATE = (
 
 @dataclass(frozen=True)
 class BaseConfig:
+    """The toy base model's shape (a small Qwen3) and its seeded pretraining run."""
+
     vocab_size: int = 2048
     d_model: int = 128
     n_layers: int = 6

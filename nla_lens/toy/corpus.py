@@ -25,6 +25,8 @@ _MARKUP = re.compile(r"[*_#]+")
 
 @dataclass(frozen=True)
 class Play:
+    """One play of the corpus; plays, not speeches, are what the toy splits into training and held out."""
+
     title: str
     text: str  # speeches as "NAME: line line ...", one per paragraph
 

@@ -15,6 +15,8 @@ from nla_lens.toy.evaluate import HELDOUT_FILE, MAX_TOKENS, MIN_CONTEXT, PAIRS, 
 
 @dataclass(frozen=True)
 class DemoResult:
+    """What `nla-lens demo` explained, and with which bundled pair."""
+
     explanation: Explanation  # every token past the first MIN_CONTEXT of each speech
     pair: str  # "sft" or "rl": which of the bundled pairs explained
 

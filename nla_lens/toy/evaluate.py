@@ -56,6 +56,8 @@ SLICES = ("scored", "second", *(f"{play}-rest" for play in HELDOUT_PLAYS), "vali
 
 @dataclass(frozen=True)
 class ToyScores:
+    """One pair's greedy held-out scores on one slice (`scores.json` holds the scored 256's)."""
+
     n: int
     fve: float  # paper baseline of these held-out vectors
     baseline: float

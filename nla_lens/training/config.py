@@ -217,6 +217,10 @@ class SFTRunConfig:
 
 @dataclass
 class AVRunConfig(SFTRunConfig):
+    """`nla-lens train-av`: AV SFT from the base model, with the injection it will be served with (`injection`,
+    `hook_point`; `injection_scale` for embedding replacement). Each evaluation also verbalizes the first `n_samples`
+    held-out vectors greedily and logs them beside their targets: a first look at what the AV says."""
+
     COMMAND: ClassVar[str | None] = "train-av"
     injection: str = "karvonen"
     hook_point: str | None = None
@@ -236,6 +240,9 @@ class AVRunConfig(SFTRunConfig):
 
 @dataclass
 class ARRunConfig(SFTRunConfig):
+    """`nla-lens train-ar`: AR SFT (the base model's first K+1 blocks and a readout) on the AV's extraction and
+    explanations; the same `eval_fraction` and `split_seed` hold out the same documents."""
+
     COMMAND: ClassVar[str | None] = "train-ar"
 
 

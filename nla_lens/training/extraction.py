@@ -60,6 +60,8 @@ DOCUMENTS_KEY = "documents_digest"  # the shard tensor `documents_digest` of the
 
 @dataclass(frozen=True)
 class Document:
+    """One corpus line: the explanations file keys its rows by this `id` (and a position), never by line number."""
+
     id: str
     text: str
 
