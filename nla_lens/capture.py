@@ -190,6 +190,7 @@ class Capture:
 
     @property
     def hook_name(self) -> str:
+        """The hook point recorded: `blocks.{layer}.hook_resid_post`."""
         return resid_post_name(self.layer)
 
     def __repr__(self) -> str:

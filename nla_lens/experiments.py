@@ -208,6 +208,7 @@ class DirectionVerbalization(TabularResult):
 
     @property
     def explanations(self) -> list[str | None]:
+        """Each direction's parsed explanation, None where the AV's text did not parse."""
         return [v.explanation for v in self.verbalizations]
 
     def to_records(self) -> list[dict[str, Any]]:

@@ -61,6 +61,7 @@ class ExplainedToken:
 
     @property
     def explanation(self) -> str | None:
+        """The parsed explanation, None where the AV's text did not parse."""
         return self.verbalization.explanation
 
 
@@ -95,10 +96,12 @@ class Explanation(TabularResult):
 
     @property
     def hook_name(self) -> str:
+        """The hook point the explained vectors were read at: `blocks.{layer}.hook_resid_post`."""
         return resid_post_name(self.layer)
 
     @property
     def explanations(self) -> list[str | None]:
+        """Each row's parsed explanation, None where the AV's text did not parse."""
         return [row.explanation for row in self.rows]
 
     def to_records(self) -> list[dict[str, Any]]:

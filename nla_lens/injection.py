@@ -159,6 +159,8 @@ class Injection:
         return [(self.spec.hook_point, self.hook)]
 
     def hook(self, activation: Float[Tensor, "batch pos d_model"], hook: HookPoint) -> Tensor | None:
+        """The TL hook function itself: writes the vectors at their marker sites on a run of the built token shape
+        (or longer), leaves a one-token KV-cached decode step alone, and refuses any other shape."""
         if activation.ndim != 3 or activation.shape[-1] != self.vectors.shape[-1]:
             raise InjectionError(
                 f"{self.spec.hook_point} carries activations of shape {list(activation.shape)}, not [batch, pos, "

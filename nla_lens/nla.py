@@ -222,6 +222,7 @@ class RoundTrip(TabularResult):
 
     @property
     def explanations(self) -> list[str | None]:
+        """Each vector's parsed explanation, None where the AV's text did not parse (it scores as a miss)."""
         return [v.explanation for v in self.verbalizations]
 
     def to_records(self) -> list[dict[str, Any]]:

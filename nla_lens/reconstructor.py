@@ -76,6 +76,7 @@ class ActivationReconstructor:
 
     @property
     def device(self) -> torch.device:
+        """Where the AR's weights are; `reconstruct` returns its vectors there."""
         return self.model.W_E.device
 
     def __repr__(self) -> str:

@@ -338,6 +338,7 @@ class Difference(TabularResult):
 
     @property
     def explanations(self) -> list[str | None]:
+        """Each row's parsed explanation of a - b, None where the AV's text did not parse."""
         return [v.explanation for v in self.verbalizations]
 
     def to_records(self) -> list[dict[str, Any]]:

@@ -122,6 +122,7 @@ class Verbalizations(TabularResult, list):
         return super().__iadd__(other)
 
     def extend(self, other: Iterable[Verbalization]) -> None:
+        """As `list.extend`, keeping the warnings of both."""
         self.warnings = _joined_warnings(self, other)
         super().extend(other)
 
@@ -131,6 +132,7 @@ class Verbalizations(TabularResult, list):
     __rmul__ = __mul__
 
     def copy(self) -> Verbalizations:
+        """As `list.copy`, with the warnings."""
         return Verbalizations(self, warnings=self.warnings)
 
 
@@ -217,6 +219,7 @@ class ActivationVerbalizer:
 
     @property
     def device(self) -> torch.device:
+        """Where the AV's weights are: `verbalize` moves the vectors there."""
         return self.model.W_E.device
 
     def __repr__(self) -> str:
