@@ -419,7 +419,8 @@ def _run(table: VectorTable, output: Path, manifest: dict[str, Any], compute: Ca
     ranges = shard_store.shard_rows(table.vectors.shape[0], shard_size)
     todo = [i for i in shard_store.assigned_shards(len(ranges), world, shards)
             if not shard_store.shard_path(folder, i).exists()]
-    for shard in tqdm(todo, desc=manifest["job"], unit="shard", disable=not (progress and world.is_main)):
+    # no bar over no shards: a rerun of a finished job would print an empty one ("0shard [00:00, ?shard/s]")
+    for shard in tqdm(todo, desc=manifest["job"], unit="shard", disable=not (progress and world.is_main and todo)):
         shard_store.save_shard(folder, shard, compute(shard, ranges[shard]), manifest)
     barrier(world)
     known = [w for w in known_warnings if w]  # the injection is checked at the merge, over every row

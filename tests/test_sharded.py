@@ -830,3 +830,12 @@ def test_a_round_trip_rerun_with_another_baseline_recomputes_no_shard(tiny_paths
     with pytest.raises(nl.ConfigError, match="shard_size"):  # settings the rows depend on are still checked
         sharded.round_trip_file(tiny_paths["av_karvonen"], tiny_paths["ar_nanonla"], input_file, out,
                                 sampling=GREEDY, baseline=0.8, shard_size=4, progress=False)
+
+
+def test_a_rerun_with_every_shard_on_disk_draws_no_progress_bar(tiny_paths, input_file, tmp_path, capsys):
+    """The first run shows its shards' bar; a rerun with nothing left to compute printed an empty one."""
+    av, out = tiny_paths["av_karvonen"], tmp_path / "out.parquet"
+    sharded.verbalize_file(av, input_file, out, sampling=GREEDY, shard_size=SHARD_SIZE, progress=True)
+    assert "verbalize: 100%" in capsys.readouterr().err
+    result = sharded.verbalize_file(av, input_file, out, sampling=GREEDY, shard_size=SHARD_SIZE, progress=True)
+    assert result.computed == [] and "shard" not in capsys.readouterr().err
