@@ -11,8 +11,9 @@
 #
 # An NLA reads the base model's residual stream at one layer K (`blocks.K.hook_resid_post`). The
 # activation verbalizer (AV) turns each vector into an explanation; the activation reconstructor
-# (AR) turns the explanation back into a vector, and the round-trip FVE says how much of the vector
-# the words kept.
+# (AR) turns the explanation back into a vector, and the round-trip FVE (fraction of variance explained,
+# 1 - MSE / baseline) says how much of the vector the words kept: 1 is a perfect rebuild, 0 no better than
+# the mean vector, below 0 worse (README, "Scores").
 #
 # This runs on the toy NLA bundled with nla_lens: a small Shakespeare LM (6 layers, d_model 128) read
 # at layer 3, whose AV was trained to say which token it sees, the token before it, and what the
@@ -74,6 +75,9 @@ explained  # noqa: B018 - the notebook shows it as HTML
 # baseline used. `save()` writes the rows (`.parquet`, `.jsonl`) or the view (`.html`, one
 # self-contained page). `nl.read_result` reads a saved table back; a `.parquet` file also keeps the
 # summary line (FVE, which baseline, failed parses) in `attrs`, so the rows can be trusted later.
+#
+# The toy AV was trained only on positions with at least 8 tokens before them, so the first tokens of a
+# text read worse: on the toy, position 1 (`"ac"`) is read as `"os"`, with an FVE below 0.
 
 # %%
 table = explained.to_pandas()

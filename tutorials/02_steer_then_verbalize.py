@@ -57,26 +57,29 @@ if os.environ.get("NLA_REAL_CHECKPOINTS"):
 # %% [markdown]
 # ## A contrastive steering vector
 # The difference of the last-token residuals of two prompts at the steering layer, captured with
-# `nl.capture` (which reads the tokens and mask from the run). Any `[d_model]` vector works: an SAE
-# decoder row, a probe weight, a random direction.
+# `nl.capture` (which reads the tokens and mask from the run). As in tutorial 01, a left-padded batch runs
+# with the mask `implicit_attention_mask` derives: TransformerLens 4's bridge does not mask left pads itself.
+# Any `[d_model]` vector works: an SAE decoder row, a probe weight, a random direction.
 
 # %%
 K = nla.layer
 pair = base.to_tokens([TOWARDS, AWAY])
 with nl.capture(base, STEER_LAYER, positions=-1) as contrast:
-    base(pair, stop_at_layer=STEER_LAYER + 1)
+    base(pair, attention_mask=nl.backends.implicit_attention_mask(base, pair), stop_at_layer=STEER_LAYER + 1)
 steering_vector = contrast.vectors[0] - contrast.vectors[1]
 print(f"steering vector at layer {STEER_LAYER}: norm {steering_vector.norm():.2f}")
 
 # %% [markdown]
 # ## What does the AV say about the direction itself?
-# Only the direction reaches the AV (both injection methods normalise it), so its norm does not
-# matter; `scale_like` rescales the returned vector to the norm of real layer-K activations.
+# Only the direction reaches the AV (both injection methods normalise it: README, "How the vector gets
+# in"), so its norm does not matter; `scale_like` rescales the returned vector to the norm of real layer-K
+# activations. On the toy the direction reads as an unrelated token (`" st"`): its AV was trained only on
+# residuals of the base, and a difference of two residuals is not one, so read the steered runs below too.
 
 # %%
 tokens = base.to_tokens(PROMPTS)  # left-padded
 with nl.capture(base, K, positions=-1) as reference:
-    base(tokens, stop_at_layer=K + 1)
+    base(tokens, attention_mask=nl.backends.implicit_attention_mask(base, tokens), stop_at_layer=K + 1)
 direction = nl.verbalize_direction(nla.av, steering_vector, scale_like=reference.vectors,
                                    max_new_tokens=MAX_NEW_TOKENS)
 print(direction)
@@ -84,9 +87,11 @@ print(direction)
 # %% [markdown]
 # ## Steer at layer S, read out at layer K
 # The steering hook adds `SCALE * steering_vector` to `blocks.S.hook_resid_post` at the last real
-# token (`steer_positions=-1`); `positions=-1` captures the same token at layer K. Each row shows the
-# readout without and with steering, the words gained and lost, and both round-trip FVEs. In a
-# notebook the result shows as a table; `to_pandas()` gives the same rows.
+# token (`steer_positions=-1`); `positions=-1` (the default) captures the same token at layer K. Each row
+# shows the readout without and with steering, the words gained and lost, and both round-trip FVEs. In a
+# notebook the result shows as a table; `to_pandas()` gives the same rows. On the toy the AV misreads
+# `" hate"` itself (as `" heard"` or `" then"`), and steering changes all three readouts: the first
+# prompt's now reads `" love"`, the other two name other words.
 
 # %%
 result = nl.steer_then_verbalize(base, nla, tokens, steering_vector=steering_vector, scale=SCALE,
@@ -109,6 +114,10 @@ tolerance = 2 * torch.finfo(base.cfg.dtype).eps * float(at_k.steered_vectors.abs
 assert float((moved - expected).abs().max()) <= tolerance
 assert not torch.equal(result.steered_vectors, result.clean_vectors)  # steering at S < K reached layer K
 assert torch.allclose(direction.vectors.norm(), reference.vectors.norm(dim=-1).mean(), rtol=1e-5)
+for i, prompt in enumerate(PROMPTS):  # the padded batch gave each prompt's own residual, as run alone
+    _, alone = base.run_with_cache(base.to_tokens(prompt), names_filter=reference.hook_name)
+    own = alone[reference.hook_name][0, -1].float()
+    assert (reference.vectors[i] - own).norm() <= (5e-2 if REAL else 1e-3) * own.norm()
 assert len(result.to_pandas()) == len(PROMPTS)
 if not REAL:  # the toy's AR sidecar records a held-out baseline; the released sidecars do not (pass baseline=)
     assert all(r.fve_clean is not None for r in result.rows)

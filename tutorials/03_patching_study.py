@@ -107,7 +107,7 @@ first  # noqa: B018 - the notebook shows it as a table
 
 # %%
 embedding = nl.patching_study(base, nla, clean_tokens, corrupted_tokens, patch_layer=0, patch_position=differ,
-                              max_new_tokens=MAX_NEW_TOKENS)
+                              activation_name="resid_pre", max_new_tokens=MAX_NEW_TOKENS)
 assert torch.equal(embedding.patched_vectors, embedding.clean_vectors)
 at_capture = nl.patching_study(base, nla.av, clean_tokens, corrupted_tokens, patch_layer=K, patch_position=-1,
                                activation_name="resid_post", max_new_tokens=MAX_NEW_TOKENS)
