@@ -74,7 +74,7 @@ print(f"steering vector at layer {STEER_LAYER}: norm {steering_vector.norm():.2f
 # Only the direction reaches the AV (both injection methods normalise it: README, "How the vector gets
 # in"), so its norm does not matter; `scale_like` rescales the returned vector to the norm of real layer-K
 # activations. On the toy the direction reads as an unrelated token (`" st"`): its AV was trained only on
-# residuals of the base, and a difference of two residuals is not one, so read the steered runs below too.
+# residuals of the base, and a difference of two residuals need not look like one, so read the steered runs below too.
 
 # %%
 tokens = base.to_tokens(PROMPTS)  # left-padded
