@@ -135,7 +135,7 @@ def shard_seed(seed: int, shard: int) -> int:
 
 def verbalize_file(
     av: str | Path, input_path: str | Path, output: str | Path, *, sampling: Sampling = Sampling(),
-    column: str | None = None, shard_size: int = 256, shards: Sequence[int] | None = None, device: str = "cpu",
+    column: str | None = None, shard_size: int = 256, shards: Iterable[int] | None = None, device: str = "cpu",
     dtype: torch.dtype | str = torch.float32, progress: bool = False,
 ) -> JobResult:
     """Explain every vector of `input_path` into `output` (.parquet or .jsonl).
@@ -151,7 +151,7 @@ def verbalize_file(
     """
     input_path, output = file_path(input_path, "input_path"), file_path(output, "output")
     _check_paths(input_path, output)
-    _check_job_arguments(sampling, shards)
+    shards = _check_job_arguments(sampling, shards)
     check_counts(1, shard_size=shard_size)
     job_device, job_dtype = resolve_device(device), resolve_dtype(dtype)
     av_folder, av_meta = _checkpoint(av, "av")
@@ -173,7 +173,7 @@ def verbalize_file(
 def round_trip_file(
     av: str | Path, ar: str | Path, input_path: str | Path, output: str | Path, *, sampling: Sampling = Sampling(),
     baseline: float | None = None, reconstruct_batch_size: int = 64, column: str | None = None,
-    shard_size: int = 256, shards: Sequence[int] | None = None, device: str = "cpu",
+    shard_size: int = 256, shards: Iterable[int] | None = None, device: str = "cpu",
     dtype: torch.dtype | str = torch.float32, progress: bool = False,
 ) -> JobResult:
     """Verbalize, reconstruct and score every vector of `input_path`; rows as `verbalize_file` plus `mse`.
@@ -184,7 +184,7 @@ def round_trip_file(
     """
     input_path, output = file_path(input_path, "input_path"), file_path(output, "output")
     _check_paths(input_path, output)
-    _check_job_arguments(sampling, shards)
+    shards = _check_job_arguments(sampling, shards)
     _check_summary_is_ours(output)
     check_counts(1, shard_size=shard_size, reconstruct_batch_size=reconstruct_batch_size)
     job_device, job_dtype = resolve_device(device), resolve_dtype(dtype)
@@ -280,15 +280,18 @@ def _checkpoint(path: str | Path, role: Literal["av", "ar"]) -> tuple[Path, NLAM
     return folder, meta
 
 
-def _check_job_arguments(sampling: Sampling, shards: Sequence[int] | None) -> None:
-    """`sampling` and `shards` as the jobs use them: a dict of settings, or a lone shard id, failed only later
-    with a bare AttributeError or TypeError."""
+def _check_job_arguments(sampling: Sampling, shards: Iterable[int] | None) -> list[int] | None:
+    """`sampling` checked, and `shards` as the list of ids the job uses (a generator read once, here): a dict of
+    settings, or a lone shard id, failed only later with a bare AttributeError or TypeError."""
     if not isinstance(sampling, Sampling):
         raise InputError(f"sampling= takes an nla_lens.sharded.Sampling, got {type(sampling).__name__}: pass "
                          "Sampling(max_new_tokens=..., temperature=..., ...)")
-    if shards is not None and (isinstance(shards, str) or not isinstance(shards, Iterable) or not all(
-            isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in shards)):
+    if shards is None:
+        return None
+    ids = list(shards) if isinstance(shards, Iterable) and not isinstance(shards, str) else None
+    if ids is None or not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in ids):
         raise InputError(f"shards={shards!r} must be a list of shard ids (whole numbers), e.g. shards=[3, 11]")
+    return [int(i) for i in ids]
 
 
 def _extraction_meta(folder: Path) -> NLAMeta | None:
