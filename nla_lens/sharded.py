@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import numbers
+import operator
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -286,12 +286,21 @@ def _check_job_arguments(sampling: Sampling, shards: Iterable[int] | None) -> li
     if not isinstance(sampling, Sampling):
         raise InputError(f"sampling= takes an nla_lens.sharded.Sampling, got {type(sampling).__name__}: pass "
                          "Sampling(max_new_tokens=..., temperature=..., ...)")
-    if shards is None:
-        return None
-    ids = list(shards) if isinstance(shards, Iterable) and not isinstance(shards, str) else None
-    if ids is None or not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in ids):
-        raise InputError(f"shards={shards!r} must be a list of shard ids (whole numbers), e.g. shards=[3, 11]")
-    return [int(i) for i in ids]
+    return None if shards is None else _shard_ids(shards)
+
+
+def _shard_ids(shards: Iterable[int]) -> list[int]:
+    """`shards` as a list, read once (a generator too): ints, NumPy's or a tensor's integer elements."""
+    wrong = InputError(f"shards={shards!r} must be a list of shard ids (whole numbers), e.g. shards=[3, 11]")
+    if isinstance(shards, str) or not isinstance(shards, Iterable):
+        raise wrong
+    ids = list(shards)
+    try:  # operator.index refuses floats and strings; a bool is an int to it
+        if any(isinstance(i, bool) for i in ids):
+            raise TypeError
+        return [operator.index(i) for i in ids]
+    except TypeError:
+        raise wrong from None
 
 
 def _extraction_meta(folder: Path) -> NLAMeta | None:

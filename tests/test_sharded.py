@@ -613,15 +613,18 @@ def test_a_file_jobs_arguments_of_the_wrong_type_are_named(tiny_paths, input_fil
                                 **arguments)
 
 
-def test_shards_given_as_a_generator_or_numpy_ids_are_computed(tiny_paths, input_file, tmp_path):
+def test_shards_given_as_a_generator_or_numpy_or_tensor_ids_are_computed(tiny_paths, input_file, tmp_path):
     """The check of `shards` read a generator to its end, so the job then computed no shard at all."""
     out = tmp_path / "o.parquet"
     result = sharded.verbalize_file(tiny_paths["av_karvonen"], input_file, out, sampling=GREEDY, shard_size=SHARD_SIZE,
                                     shards=(i for i in [0, 2]), progress=False)
     assert result.computed == [0, 2]
     result = sharded.verbalize_file(tiny_paths["av_karvonen"], input_file, out, sampling=GREEDY, shard_size=SHARD_SIZE,
-                                    shards=np.array([1, 3]), progress=False)
-    assert result.computed == [1, 3] and out.exists()
+                                    shards=np.array([1]), progress=False)
+    assert result.computed == [1]
+    result = sharded.verbalize_file(tiny_paths["av_karvonen"], input_file, out, sampling=GREEDY, shard_size=SHARD_SIZE,
+                                    shards=torch.tensor([3]), progress=False)
+    assert result.computed == [3] and out.exists()
 
 
 def test_an_av_and_ar_the_other_way_round_are_refused_before_the_input_is_read(tiny_paths, input_file, tmp_path):
