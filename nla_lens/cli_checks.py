@@ -13,30 +13,16 @@ from transformers import PreTrainedTokenizerBase
 
 from nla_lens import loading
 from nla_lens.checks import blocks_phrase
-from nla_lens.errors import InputError, PairMismatchError, SidecarError
+from nla_lens.errors import InputError, PairMismatchError
 from nla_lens.nla import shares_vocabulary
-from nla_lens.sidecar import NLAMeta, load_meta, run_exports
+from nla_lens.sidecar import NLAMeta
 
-_ROLE_NAMES = {"av": "AV (activation verbalizer)", "ar": "AR (activation reconstructor)"}
 _FLAGS = {"av": "--av", "ar": "--ar"}
 
 
 def nla_checkpoint(path_or_id: str | Path, role: Literal["av", "ar"]) -> tuple[Path, NLAMeta]:
     """The folder and sidecar passed as `--av` or `--ar`, checked to be a checkpoint of that role."""
-    flag = _FLAGS[role]
-    folder = loading.resolve_checkpoint(path_or_id)
-    if not (folder / "nla_meta.yaml").is_file():
-        exports = run_exports(folder, ("model", role))
-        what = (f"a training run's out_dir? Its export: {' or '.join(exports)}" if exports
-                else "a base model folder?")
-        raise SidecarError(f"{flag} {path_or_id}: no nla_meta.yaml there, so it is not an NLA checkpoint ({what}). "
-                           f"Pass the {_ROLE_NAMES[role]} folder, with the sidecar released with it")
-    meta = load_meta(folder)
-    found = loading.checkpoint_role(folder, meta)
-    if found is not None and found != role:
-        other = "ar" if role == "av" else "av"
-        raise InputError(f"{flag} {path_or_id} is an {_ROLE_NAMES[found]} checkpoint: pass it as {_FLAGS[other]}, "
-                         f"and give {flag} the {_ROLE_NAMES[role]} trained with it")
+    folder, meta = loading.nla_checkpoint(path_or_id, role, _FLAGS)
     if role == "ar" and not (folder / loading.VALUE_HEAD_FILE).is_file():
         raise InputError(f"--ar {path_or_id} has no {loading.VALUE_HEAD_FILE}, the readout every AR checkpoint "
                          "carries, so it is not an AR (an AV folder?). Give --ar the AR trained with your AV")

@@ -33,7 +33,7 @@ from nla_lens import backends, toy
 from nla_lens.backends import gemma3, hf_names
 from nla_lens.checks import blocks_phrase, did_you_mean
 from nla_lens.errors import CheckpointError, InjectionError, InputError, SidecarError, TokenizerDriftError
-from nla_lens.sidecar import SIDECAR_NAME, NLAMeta, check_tokenizer, load_meta
+from nla_lens.sidecar import SIDECAR_NAME, NLAMeta, check_tokenizer, load_meta, run_exports
 
 try:
     from transformer_lens import HookedTransformer, HookedTransformerConfig
@@ -127,6 +127,32 @@ def checkpoint_role(folder: Path, meta: NLAMeta) -> Literal["av", "ar"] | None:
     if meta.role is not None:
         return meta.role
     return "ar" if has_readout else None
+
+
+_ROLE_NAMES = {"av": "AV (activation verbalizer)", "ar": "AR (activation reconstructor)"}
+
+
+def nla_checkpoint(path_or_id: str | Path, role: Literal["av", "ar"],
+                   arguments: dict[str, str]) -> tuple[Path, NLAMeta]:
+    """The folder and sidecar passed as the `role` checkpoint, checked to hold a sidecar of that role before any
+    weight is read. `arguments` names each role's argument as the caller's user writes it (`--av` on the command
+    line, `av=` in Python), so the message says which to change."""
+    given = arguments[role]
+    passed = f"{given}{path_or_id}" if given.endswith("=") else f"{given} {path_or_id}"
+    folder = resolve_checkpoint(path_or_id)
+    if not (folder / SIDECAR_NAME).is_file():
+        exports = run_exports(folder, ("model", role))
+        what = (f"a training run's out_dir? Its export: {' or '.join(exports)}" if exports
+                else "a base model folder?")
+        raise SidecarError(f"{passed}: no nla_meta.yaml there, so it is not an NLA checkpoint ({what}). "
+                           f"Pass the {_ROLE_NAMES[role]} folder, with the sidecar released with it")
+    meta = load_meta(folder)
+    found = checkpoint_role(folder, meta)
+    if found is not None and found != role:
+        other = "ar" if role == "av" else "av"
+        raise InputError(f"{passed} is an {_ROLE_NAMES[found]} checkpoint: pass it as {arguments[other]}, "
+                         f"and give {given} the {_ROLE_NAMES[role]} trained with it")
+    return folder, meta
 
 
 def check_base_folder(folder: Path, label: str, base_model: str | None = None) -> None:

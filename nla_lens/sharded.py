@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from functools import cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import pyarrow as pa
 import torch
@@ -42,6 +42,8 @@ from nla_lens.results import RESULT_KEY
 from nla_lens.sidecar import SIDECAR_NAME, NLAMeta, load_meta
 from nla_lens.vector_files import VectorTable, check_output, json_text, read_input, write_json, write_table
 from nla_lens.verbalizer import MAX_NEW_TOKENS, ActivationVerbalizer, Verbalization
+
+_ARGUMENTS = {"av": "av=", "ar": "ar="}  # the checkpoint arguments, as `loading.nla_checkpoint`'s messages name them
 
 
 def batches_matter(device: torch.device, dtype: torch.dtype) -> bool:
@@ -154,7 +156,7 @@ def verbalize_file(
     shards = _check_job_arguments(sampling, shards)
     check_counts(1, shard_size=shard_size)
     job_device, job_dtype = resolve_device(device), resolve_dtype(dtype)
-    av_folder, av_meta = _checkpoint(av, "av")
+    av_folder, av_meta = loading.nla_checkpoint(av, "av", _ARGUMENTS)
     table = _read(input_path, column, av_meta)
     manifest = {"job": "verbalize", **_input_facts(input_path, table), "shard_size": shard_size,
                 **_checkpoint_facts("av", av_folder), "dtype": _dtype_name(dtype),
@@ -188,7 +190,8 @@ def round_trip_file(
     _check_summary_is_ours(output)
     check_counts(1, shard_size=shard_size, reconstruct_batch_size=reconstruct_batch_size)
     job_device, job_dtype = resolve_device(device), resolve_dtype(dtype)
-    (av_folder, av_meta), (ar_folder, ar_meta) = _checkpoint(av, "av"), _checkpoint(ar, "ar")
+    av_folder, av_meta = loading.nla_checkpoint(av, "av", _ARGUMENTS)
+    ar_folder, ar_meta = loading.nla_checkpoint(ar, "ar", _ARGUMENTS)
     check_pair(av_meta, ar_meta)
     table = _read(input_path, column, av_meta)
     resolved = resolve_baseline(table.vectors, ar_meta.mse_scale, baseline, ar_meta)  # before any verbalization
@@ -266,18 +269,6 @@ def _check_paths(input_path: Path, output: Path) -> None:
     if output.resolve() == input_path.resolve():
         raise InputError(f"output={output} is the input file: the rows written there would replace its vectors; "
                          "pass another output=")
-
-
-def _checkpoint(path: str | Path, role: Literal["av", "ar"]) -> tuple[Path, NLAMeta]:
-    """The folder and sidecar given as `av=` or `ar=`, checked to be of that role before the input is read: an AV and
-    an AR the other way round failed only at the first shard's load, after a warning about the AV's baseline."""
-    folder = loading.resolve_checkpoint(path)
-    meta = load_meta(folder)
-    found = loading.checkpoint_role(folder, meta)
-    if found is not None and found != role:
-        raise InputError(f"{role}={path} is an {found.upper()} checkpoint, not an {role.upper()}: pass the "
-                         f"{role.upper()} folder as {role}= (the AV first, then the AR)")
-    return folder, meta
 
 
 def _check_job_arguments(sampling: Sampling, shards: Iterable[int] | None) -> list[int] | None:

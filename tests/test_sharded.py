@@ -633,9 +633,11 @@ def test_an_av_and_ar_the_other_way_round_are_refused_before_the_input_is_read(t
     av, ar, out = tiny_paths["av_karvonen"], tiny_paths["ar_nanonla"], tmp_path / "o.parquet"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        with pytest.raises(nl.InputError, match=r"av=.* is an AR checkpoint, not an AV: pass the AV folder as av="):
+        with pytest.raises(nl.InputError, match=r"av=.* is an AR \(activation reconstructor\) checkpoint: pass it as "
+                                                r"ar=, and give av= the AV \(activation verbalizer\) trained with it"):
             sharded.round_trip_file(ar, av, input_file, out, sampling=GREEDY, progress=False)
-        with pytest.raises(nl.InputError, match=r"av=.* is an AR checkpoint, not an AV"):
+        with pytest.raises(nl.InputError, match=r"av=.* is an AR \(activation reconstructor\) checkpoint: pass it as "
+                                                r"ar="):
             sharded.verbalize_file(ar, input_file, out, sampling=GREEDY, progress=False)
     assert not shard_store.shard_folder(out).exists()
 
