@@ -329,12 +329,6 @@ def steer_then_verbalize(
     return SteeringResult(rows, clean.vectors, steered.vectors, round_trip, layer, steer_layer, float(scale))
 
 
-# Hook points TransformerLens fires only after a `set_use_*` switch, and the switch.
-_ON_REQUEST = {"hook_result": "set_use_attn_result", "hook_q_input": "set_use_split_qkv_input",
-               "hook_k_input": "set_use_split_qkv_input", "hook_v_input": "set_use_split_qkv_input",
-               "hook_attn_in": "set_use_attn_in", "hook_mlp_in": "set_use_hook_mlp_in"}
-
-
 def patching_study(
     base_model: TLModel,
     nla_or_av: NLA | ActivationVerbalizer,
@@ -391,9 +385,7 @@ def patching_study(
             cached = backends.cached_activation(base_model, hook_name, clean_tokens, stop_at_layer=layer + 1,
                                                 attention_mask=clean_mask)
         if cached is None:
-            setter = next((s for suffix, s in _ON_REQUEST.items() if hook_name.endswith(suffix)), "set_use_attn_result")
-            raise InputError(f"{hook_name} did not fire in the clean run: TransformerLens computes it only when asked "
-                             f"(base_model.{setter}(True)); turn that on or patch another activation_name")
+            raise InputError(f"{hook_name} did not fire in the clean run; patch another activation_name")
         patch = (hook_name, _patch_hook(cached, patch_position % width, _position_axis(hook_name)))
         corrupted = _capture_run(base_model, layer, capture_position, corrupted_tokens, attention_mask, [])
         patched = _capture_run(base_model, layer, capture_position, corrupted_tokens, attention_mask, [patch])
@@ -466,6 +458,10 @@ def _patch_hook_name(base_model: TLModel, activation_name: str, patch_layer: int
                          "is not a hook point of this model; pass the short name transformer_lens.utils.get_act_name "
                          "takes (e.g. 'resid_pre', 'attn_out', 'mlp_out', 'z', 'embed') and the block as "
                          "patch_layer")
+    setter = backends.switch_needed(base_model, hook_name)
+    if setter is not None:
+        raise InputError(f"{hook_name} would not fire: TransformerLens computes it only when asked "
+                         f"(base_model.{setter}(True)); turn that on or patch another activation_name")
     backends.check_patchable(base_model, hook_name)
     return hook_name
 

@@ -243,6 +243,12 @@ class ActivationVerbalizer:
         i-th neighbour-anchored site in row-major order. A site count other than the number of vectors is a
         `MarkerError`."""
         vectors = check_vectors(vectors, self.meta.d_model)
+        setter = backends.switch_needed(self.model, self.injection_spec.hook_point)
+        if setter is not None:
+            raise InjectionError(f"{self.injection_spec.hook_point} would not fire, so the vectors would never reach "
+                                 f"the AV: TransformerLens computes it only when asked. Call av.model.{setter}(True) "
+                                 "first, or inject where TL always computes (e.g. blocks.1.hook_resid_post or "
+                                 "hook_embed)")
         if tokens is None:
             tokens = self.prompt_tokens(vectors.shape[0])
         rows, positions = find_marker_sites(

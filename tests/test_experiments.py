@@ -303,7 +303,7 @@ def test_patching_an_activation_tl_computes_only_on_request_says_how_to_turn_it_
     was a KeyError, then an error naming set_use_attn_result for all of them."""
     clean_tokens, corrupted_tokens = equal_length_pair(base)
     assert not (base.cfg.use_attn_result or base.cfg.use_hook_mlp_in or base.cfg.use_split_qkv_input)
-    with pytest.raises(nl.InputError, match=rf"blocks.1.*hook_{name} did not fire .*{setter}\(True\)"):
+    with pytest.raises(nl.InputError, match=rf"blocks.1.*hook_{name} would not fire: .*{setter}\(True\)"):
         nl.patching_study(base, av_karvonen, clean_tokens, corrupted_tokens, patch_layer=1, patch_position=1,
                           activation_name=name, **FAST)
     assert no_hooks_left(base)

@@ -166,6 +166,29 @@ def test_an_injection_at_a_hook_point_that_is_not_the_residual_is_refused(tiny_p
         assert _no_hooks_left(av.model)
 
 
+def test_an_injection_where_tl_computes_only_on_request_is_refused_until_switched_on(tiny_paths, vectors):
+    """TL computes blocks.L.hook_mlp_in only after set_use_hook_mlp_in(True), and nla_lens's decoders attach
+    hooks past TL's add_hook check: the injection went nowhere, and every vector gave the bare prompt's text."""
+    av = nl.ActivationVerbalizer.from_pretrained(tiny_paths["av_karvonen"], hook_point="blocks.1.hook_mlp_in")
+    with pytest.raises(nl.InjectionError, match=r"^blocks.1.hook_mlp_in would not fire.*"
+                                                r"av.model.set_use_hook_mlp_in\(True\) first"):
+        av.verbalize(vectors, max_new_tokens=2, progress=False)
+    assert _no_hooks_left(av.model)
+    av.model.set_use_hook_mlp_in(True)
+    tokens = av.prompt_tokens(len(vectors))
+    mlp_in = av.model.run_with_cache(tokens, names_filter="blocks.1.hook_mlp_in")[1]["blocks.1.hook_mlp_in"]
+    written = {}
+    hooks = [*av.injection(vectors, tokens).fwd_hooks(),
+             ("blocks.1.hook_mlp_in", lambda activation, hook: written.setdefault("mlp_in", activation))]
+    av.model.run_with_hooks(tokens, fwd_hooks=hooks)
+    sites = av.injection(vectors, tokens)
+    marker = mlp_in[sites.rows, sites.positions]
+    expected = mlp_in.clone()
+    expected[sites.rows, sites.positions] = marker + marker.norm(dim=-1, keepdim=True) * vectors / vectors.norm(
+        dim=-1, keepdim=True)
+    torch.testing.assert_close(written["mlp_in"], expected)
+
+
 @pytest.mark.parametrize("which", ["av_karvonen", "av_embedding"])
 @pytest.mark.parametrize("scaled", [lambda v: v * 2.0**100, lambda v: v * 2.0**-110,
                                     lambda v: v.double() * 2.0**600, lambda v: v.double() * 2.0**-600],

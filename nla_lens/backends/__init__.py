@@ -14,7 +14,8 @@ runs TL's own forward where it does), hook contexts that remove only their own h
 (`hooks`, `run_with_hooks`, `cached_activation`: TL 3.x's remove every hook at their context level), the
 attention mask HookedTransformer derives for a padded token tensor and the bridge does not
 (`implicit_attention_mask`), the hook where a write reaches less on the bridge (`check_patchable`), and
-the guard of the HookedTransformer-only training code (`require_hooked`).
+the guard of the HookedTransformer-only training code (`require_hooked`). One thing alike on both lives here
+too: the hook points TL computes only on request (`switch_needed`).
 """
 
 from __future__ import annotations
@@ -222,6 +223,24 @@ def check_patchable(model: TLModel, hook_name: str) -> None:
         if hook_point is not None and hook_point is model.hook_dict.get(resid_mid):
             hook_name = resid_mid
     check_patchable_on(backend_of(model), hook_name)
+
+
+# Hook points TransformerLens computes only after a `set_use_*` switch, by name suffix, and the cfg flag each
+# reads (both backends gate the same points on the same flags).
+_SWITCHED_POINTS = {"attn.hook_result": "use_attn_result", "hook_q_input": "use_split_qkv_input",
+                    "hook_k_input": "use_split_qkv_input", "hook_v_input": "use_split_qkv_input",
+                    "hook_attn_in": "use_attn_in", "hook_mlp_in": "use_hook_mlp_in"}
+
+
+def switch_needed(model: TLModel, hook_name: str) -> str | None:
+    """The `set_use_*` method to call before `hook_name` fires on `model`, or None where it fires already. A
+    hook attached to a switched-off point never runs: TL's `add_hook` refuses it, but a write that skipped that
+    check would do nothing, silently. The bridge judges a point by its own name (an alias may reach one that
+    always fires), so this does too."""
+    point = model.hook_dict.get(hook_name)
+    name = point.name if point is not None and point.name else hook_name
+    flag = next((flag for suffix, flag in _SWITCHED_POINTS.items() if name.endswith(suffix)), None)
+    return None if flag is None or getattr(model.cfg, flag) else f"set_{flag}"
 
 
 def check_patchable_on(backend: str, hook_name: str) -> None:
