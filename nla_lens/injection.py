@@ -145,13 +145,34 @@ class Injection:
                 f"d_model {self.vectors.shape[-1]} at (row, column) {sites}{more}; tokens {list(self.token_shape)})")
 
     def fwd_hooks(self) -> list[tuple[str, HookFn]]:
-        """The hooks to compose with yours. An embedding replacement at `hook_embed` is also written at
+        """The hooks to compose with yours. An injection at `hook_embed` is also written at
         `blocks.0.hook_resid_pre`, the same tensor here: TransformerLens 3.x's `generate` embeds the tokens
-        outside its forward, so `hook_embed` never fires there. The replacement is idempotent, so where
-        both fire the second write changes nothing."""
-        if self.spec.method == "embedding" and self.spec.hook_point == "hook_embed" and self.embed_is_block_input:
+        outside its forward, so `hook_embed` never fires there. An embedding replacement is idempotent, so where
+        both fire the second write changes nothing; a Karvonen add is not, so its second write runs only in a
+        forward where `hook_embed` did not fire."""
+        if self.spec.hook_point != "hook_embed" or not self.embed_is_block_input:
+            return self.site_hooks()
+        if self.spec.method == "embedding":
             return [*self.site_hooks(), (BLOCK_0_INPUT, self.hook)]
-        return self.site_hooks()
+        return self._add_once_hooks()
+
+    def _add_once_hooks(self) -> list[tuple[str, HookFn]]:
+        """The Karvonen add at `hook_embed`, and at block 0's input in a forward that skipped `hook_embed`. The flag
+        is this pair's own (one per `fwd_hooks()` call), so `site_hooks()` used elsewhere never leaves it set."""
+        added_at_embed = [False]  # hook_embed fired in the forward under way; block 0's input comes next
+
+        def at_embed(activation: Tensor, hook: HookPoint) -> Tensor | None:
+            injected = self.hook(activation, hook)
+            added_at_embed[0] = True
+            return injected
+
+        def at_block_0(activation: Tensor, hook: HookPoint) -> Tensor | None:
+            if added_at_embed[0]:
+                added_at_embed[0] = False
+                return None
+            return self.hook(activation, hook)
+
+        return [(self.spec.hook_point, at_embed), (BLOCK_0_INPUT, at_block_0)]
 
     def site_hooks(self) -> list[tuple[str, HookFn]]:
         """The one hook at the injection's point: what nla_lens's own decoders install (their forwards

@@ -278,6 +278,27 @@ def test_the_injection_installed_around_tl_generate_gives_verbalize_tokens(metho
     assert torch.equal(with_both, av.model.run_with_hooks(tokens, fwd_hooks=injection.site_hooks()))
 
 
+@pytest.mark.parametrize("kv_cache", [True, False])
+def test_a_karvonen_add_at_hook_embed_reaches_tl_generate_and_is_added_once(tiny_paths, vectors, kv_cache):
+    """A Karvonen AV told to inject at `hook_embed`: TL 3.x's `generate` never fires that point, so under
+    `model.hooks(fwd_hooks=inj.fwd_hooks())` every row generated the bare prompt's tokens. The add is not
+    idempotent, so block 0's input gets it only in a forward that skipped `hook_embed`: an ordinary forward under
+    `fwd_hooks()` equals one under the single site hook, and the same hook list serves both runs in turn."""
+    av = nl.ActivationVerbalizer.from_pretrained(tiny_paths["av_karvonen"], hook_point="hook_embed")
+    tokens = av.prompt_tokens(len(vectors))
+    injection = av.injection(vectors, tokens)
+    hooks = injection.fwd_hooks()
+    once = av.model.run_with_hooks(tokens, fwd_hooks=injection.site_hooks())
+    assert torch.equal(av.model.run_with_hooks(tokens, fwd_hooks=hooks), once)
+    with av.model.hooks(fwd_hooks=hooks):
+        out = av.model.generate(tokens, max_new_tokens=6, do_sample=False, use_past_kv_cache=kv_cache,
+                                stop_at_eos=False, verbose=False)
+    generated = out[:, tokens.shape[1]:].tolist()
+    _assert_verbalize_gives(av, vectors, 6, generated)
+    assert len({tuple(row) for row in generated}) > 1  # the vectors reached the rows
+    assert torch.equal(av.model.run_with_hooks(tokens, fwd_hooks=hooks), once)
+
+
 @pytest.mark.parametrize("family", ["gemma_av", "llama_av", "qwen2_av"])
 def test_a_released_family_av_under_tl_generate_gives_verbalize_tokens(family, bos_paths):
     """The paper's AVs (embedding replacement; Gemma's after its sqrt(d) scale, which `hook_embed`
