@@ -53,10 +53,12 @@ _FAST_CFG = {
     "use_normalization_before_and_after": False, "use_logn_attn": False, "use_dynamic_ntk_rope": False,
     "clip_qkv": None, "use_attention_sinks": False, "attn_types": None,
     "ungroup_grouped_query_attention": False,  # else TL's hook_k / hook_v hold n_heads heads
+    # else TL sums per-head results (hook_result), which rounds otherwise: bf16 logits moved by 0.08, greedy tokens too
+    "use_attn_result": False,
 }
 _FAST_ARCHITECTURES = ("Qwen3ForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM")
 _NO_FAST_PATH = ("no fast path for this model (Qwen2 / Qwen3 / Llama blocks in the loader's layout, within "
-                 "TL's rotary tables)")
+                 "TL's rotary tables, use_attn_result off)")
 
 
 def decoder_for(model: HookedTransformer, batch: int, max_len: int,

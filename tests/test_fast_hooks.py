@@ -238,6 +238,25 @@ def test_add_hook_persists_until_reset_and_permanent_hooks_survive(av_karvonen, 
     assert not any(hp._forward_hooks for hp in model.hook_dict.values())
 
 
+def test_use_attn_result_gives_tl_forwards_output_not_the_fast_paths(tiny_paths, ar_paper, vectors):
+    """`set_use_attn_result(True)` makes TL sum per-head results (`hook_result`) where the fast paths run one matmul
+    over the heads: other roundings, which in bf16 moved the fast decoder's logits by 0.08 and changed greedy tokens.
+    Both fast paths now step aside for it, with or without a hook at `hook_result`."""
+    av = nl.ActivationVerbalizer.from_pretrained(tiny_paths["av_karvonen"], dtype=torch.bfloat16)
+    av.model.set_use_attn_result(True)
+    served = av.verbalize(vectors, max_new_tokens=MAX_NEW, progress=False)
+    with av.model.hooks(fwd_hooks=[(UNCOVERED, _no_op)]):
+        assert av.verbalize(vectors, max_new_tokens=MAX_NEW, progress=False) == served
+    texts = ["a cat sat on the mat", "the sea", "one two three names of places"]
+    ar_paper.model.set_use_attn_result(True)
+    try:
+        served = ar_paper.reconstruct(texts, batch_size=3)
+        with ar_paper.model.hooks(fwd_hooks=[(UNCOVERED, _no_op)]):
+            assert torch.equal(ar_paper.reconstruct(texts, batch_size=3), served)
+    finally:
+        ar_paper.model.set_use_attn_result(False)
+
+
 def test_backward_hook_forces_tl_forward(av_karvonen, ar_paper, vectors):
     for model in (av_karvonen.model, ar_paper.model):
         model.add_hook("blocks.1.hook_resid_post", _no_op, dir="bwd")
