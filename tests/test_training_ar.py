@@ -138,6 +138,15 @@ def test_a_held_out_split_too_small_for_a_baseline_scores_mse_without_fve(base_f
         train_ar(init_ar(base_folder, dataset_meta), train, held_out.select([]), TrainConfig(steps=1), progress=False)
 
 
+def test_float16_weights_are_refused_before_a_step_turns_them_nan(base_folder, dataset_meta, label_split):
+    """Adam's eps (1e-8) rounds to 0 in float16: one step turned the AR's weights NaN, and the run went on."""
+    ar = init_ar(base_folder, dataset_meta, dtype=torch.float16)
+    before = {name: p.clone() for name, p in ar.model.named_parameters()}
+    with pytest.raises(nl.ConfigError, match="the weights to train: float16 weights cannot train here"):
+        train_ar(ar, *label_split, TrainConfig(steps=1), progress=False)
+    assert all(torch.equal(before[name], p) for name, p in ar.model.named_parameters())
+
+
 def test_the_held_out_fve_uses_the_paper_baseline_of_32_or_more_vectors(base_folder, dataset_meta, label_split):
     train, held_out = label_split
     enough = held_out.select(range(32))

@@ -25,6 +25,7 @@ from nla_lens.training import (
     ARRunConfig,
     AVRunConfig,
     LabelledActivations,
+    RLRunConfig,
     export_ar,
     init_ar,
     label_activations,
@@ -410,6 +411,18 @@ def test_cli_refuses_a_dtype_name_before_anything_loads(tmp_path, capsys, comman
     assert err == (f"nla-lens {command}: ConfigError: {path}: {key}: {value!r} is not a dtype nla_lens trains in; "
                    "use one of float32/fp32/float, bfloat16/bf16, float16/fp16/half (or another torch floating-point "
                    "dtype, such as float64)\n")
+
+
+@pytest.mark.parametrize("command", ["train-av", "train-ar", "train-rl"])
+def test_cli_refuses_float16_training_and_takes_a_float16_export(tmp_path, capsys, command):
+    """Adam's eps rounds to 0 in float16: a train-av / train-ar run turned every weight NaN and exported them, and a
+    train-rl run stopped on torch's sampling error. Exporting in float16 is fine."""
+    path = _write(tmp_path / "bad.yaml", {**_REQUIRED[command], "dtype": "fp16"})
+    assert main([command, path]) == 2
+    assert capsys.readouterr().err.startswith(f"nla-lens {command}: ConfigError: {path}: dtype: float16 weights "
+                                              "cannot train here: Adam's eps (1e-8) rounds to 0 in float16")
+    config_cls = {"train-av": AVRunConfig, "train-ar": ARRunConfig, "train-rl": RLRunConfig}[command]
+    assert load_config(config_cls, _write(tmp_path / "ok.yaml", {**_REQUIRED[command], "export_dtype": "fp16"}))
 
 
 def test_a_file_that_is_not_yaml_is_named_in_one_line(capsys):

@@ -447,6 +447,14 @@ def test_kl_needs_a_reference(sft_pair):
         rl.train_rl(av, ar, None, _train_vectors(sft_pair), torch.empty(0, 64), RL, progress=False)
 
 
+def test_a_pair_loaded_in_float16_is_refused_before_sampling(sft_pair):
+    """Adam's eps rounds to 0 in float16, so the first update turned the AV NaN and the next rollout stopped on
+    torch's multinomial error ("probability tensor contains either inf, nan or element < 0")."""
+    with pytest.raises(nl.ConfigError, match="the weights to train: float16 weights cannot train here"):
+        rl.train_rl(*_load(sft_pair, torch.float16), _train_vectors(sft_pair), torch.empty(0, 64),
+                    dataclasses.replace(RL, steps=2), progress=False)
+
+
 def test_ar_update_trains_on_the_bos_first_prompts_reconstruct_serves(bos_paths):
     """The rewards come from `reconstruct`, which puts BOS first on Llama: the AR update must too."""
     av = nl.ActivationVerbalizer.from_pretrained(bos_paths["gemma_av"], backend="hooked")

@@ -91,6 +91,15 @@ def _check_dtypes(config: object, *names: str) -> None:
         config_dtype(getattr(config, name), name)
 
 
+def check_training_dtype(dtype: torch.dtype, where: str) -> None:
+    """Refuse float16 weights to train: Adam's eps (1e-8) rounds to 0 in float16, so the first step divides 0 by 0
+    wherever a gradient is 0, and the run turned every weight NaN and exported them (RL: a raw torch error)."""
+    if dtype == torch.float16:
+        raise ConfigError(f"{where}: float16 weights cannot train here: Adam's eps (1e-8) rounds to 0 in float16, so "
+                          "the first step turns them NaN. Load and train in float32 or bfloat16; export_dtype: float16 "
+                          "still exports half-precision weights")
+
+
 def _block_indices(blocks: Any) -> list[int] | None:
     """`trainable_blocks`: a list of block indices or None, checked here rather than once the model has loaded
     (the range: by `nla-lens` from the base's config.json, else against the model's blocks once it has loaded)."""
@@ -212,6 +221,7 @@ class SFTRunConfig:
     def __post_init__(self) -> None:
         check_command(self.command, self.COMMAND)
         _check_dtypes(self, "dtype", "export_dtype")
+        check_training_dtype(config_dtype(self.dtype), "dtype")
         _check_ranges(self, eval_fraction=_FRACTION)
 
 
@@ -330,6 +340,7 @@ class RLRunConfig:
     def __post_init__(self) -> None:
         check_command(self.command, self.COMMAND)
         _check_dtypes(self, "dtype", "export_dtype")
+        check_training_dtype(config_dtype(self.dtype), "dtype")
         _check_ranges(self, eval_fraction=_FRACTION)
 
 
