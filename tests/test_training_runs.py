@@ -77,6 +77,22 @@ def test_the_summary_gives_what_moved_from_the_record(runs):
     assert one_step.summary().startswith("train-rl, 1 of 1 step (")  # not "1 of 1 steps"
 
 
+def test_the_summary_names_a_value_logged_once_and_a_diverged_last_one(runs):
+    """A run stopped before its second evaluation read "eval loss 7.3697 -> 7.3697", and one whose last evaluation
+    was NaN (diverged) gave its last finite value: both looked like a run whose eval loss did not move."""
+    run = read_training_run(runs / "av")
+    first = run.evals[0]
+    stopped = dataclasses.replace(run, evals=[first], history=run.history[:5])
+    summary = stopped.summary()
+    assert f"eval loss {first['eval_loss']:.4f} at step 0" in summary and "eval loss" in summary.split(";")[-1]
+    assert f"loss {run.history[0]['loss']:.4f} -> {run.history[4]['loss']:.4f}" in summary
+    diverged = dataclasses.replace(run, evals=[first, {**run.evals[-1], "eval_loss": None}])
+    assert f"eval loss {first['eval_loss']:.4f} -> nan" in diverged.summary()
+    no_fve = dataclasses.replace(read_training_run(runs / "ar"),
+                                 evals=[{**e, "fve": None} for e in read_training_run(runs / "ar").evals])
+    assert "held-out FVE" not in no_fve.summary()  # an AR's FVE from under 32 held-out vectors is never reported
+
+
 def test_a_run_still_going_reads_from_its_newest_checkpoint(runs, tmp_path):
     """No train_result.json yet: the newest checkpoint's history. A stopped run (its checkpoint short of `steps`)
     says so, and an AR's run is told from an AV's by its trainable readout."""

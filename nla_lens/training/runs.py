@@ -75,17 +75,22 @@ class TrainingRun(TabularResult):
         state = _state(self)
         took = f"{self.seconds:.0f} s" if self.seconds < 60 else f"{self.seconds / 60:.1f} min"
         parts = [f"{self.command}, {done} of {counted(self.steps, 'step')} ({state}), {took}"]
-        records = self.to_records()
         first_last = [("loss", "loss")] if self.command != "train-rl" else [("reward", "reward")]
         if self.command in _HELD_OUT_FVE:
             first_last.append(("held-out FVE", _HELD_OUT_FVE[self.command]))
         if self.command == "train-av":
             first_last.append(("eval loss", "eval_loss"))
+        logged = self._logged_rows()
         for label, column in first_last:
-            values = _series(records, column)
-            if values:
-                parts.append(f"{label} {values[0][1]:.4f} -> {values[-1][1]:.4f}")
-        kls = _series(records, "kl")
+            # NaN kept: a diverged last value reads "-> nan", not the last finite one. A column never finite (an
+            # FVE from too few vectors) is left out; one logged once reads "at step N", not "x -> x".
+            values = _logged_series(logged, column)
+            if not any(math.isfinite(value) for _, value in values):
+                continue
+            (first_step, first), (_, last) = values[0], values[-1]
+            parts.append(f"{label} {first:.4f} at step {first_step}" if len(values) == 1 else
+                         f"{label} {first:.4f} -> {last:.4f}")
+        kls = _series(self.to_records(), "kl")
         if kls:
             parts.append(f"largest step KL {max(v for _, v in kls):.3g}")
         return "; ".join(parts)
