@@ -7,10 +7,13 @@ function taking the subparsers object; this module only assembles them.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import re
 import sys
 import warnings
 from collections.abc import Callable, Sequence
+from typing import Any, TextIO
 
 from tqdm import tqdm
 
@@ -147,11 +150,44 @@ def _resume_hint(args: argparse.Namespace) -> str:
     return ""
 
 
+class _StdoutWhoseReaderMayLeave:
+    """`sys.stdout` while a command runs. Once its reader has gone (`nla-lens explain ... --output f | head`), what
+    the command prints goes to /dev/null and the command goes on to write its files: the BrokenPipeError stopped
+    it with "[Errno 32] Broken pipe", before its --output where that came after the printed table."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._to_devnull()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._to_devnull()
+
+    def _to_devnull(self) -> None:
+        """Point the stream's file descriptor at /dev/null: its buffered text, and the interpreter's flush at exit,
+        then go there without an error."""
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, self._stream.fileno())
+        os.close(devnull)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one subcommand. Bad input exits 2 with the typed error's message, a failed file operation
     (permissions, a full disk) exits 1 with the OS's message, Ctrl-C exits 130 (as shells report SIGINT) with how to
     continue; library warnings print as one line each, on a line of their own above any progress bar. Messages name
-    the subcommand's flags where the library names the Python keywords they set."""
+    the subcommand's flags where the library names the Python keywords they set. A reader that leaves early
+    (`| head`) stops only the printing: the command still writes its files and exits 0."""
     args = build_parser().parse_args(_negative_specs_joined(sys.argv[1:] if argv is None else argv))
     prefix = f"nla-lens {args.command}"
 
@@ -165,10 +201,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             # tqdm.write clears the bars drawn on stderr, writes the line and redraws them; a print landed mid-bar.
             tqdm.write(line, file=sys.stderr)
 
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), contextlib.redirect_stdout(_StdoutWhoseReaderMayLeave(sys.stdout)):
         warnings.showwarning = show_warning
         try:
             args.run(args)
+            sys.stdout.flush()  # a reader gone before the buffer filled is met here, not at the interpreter's exit
         except NLAError as exc:
             print(f"{prefix}: {type(exc).__name__}: {in_flags(str(exc), args.flags)}", file=sys.stderr)
             return 2

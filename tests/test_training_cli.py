@@ -408,7 +408,7 @@ def test_cli_refuses_a_dtype_name_before_anything_loads(tmp_path, capsys, comman
     path = _write(tmp_path / "bad.yaml", config)
     assert main([command, path]) == 2
     err = capsys.readouterr().err
-    assert err == (f"nla-lens {command}: ConfigError: {path}: {key}: {value!r} is not a dtype nla_lens trains in; "
+    assert err == (f"nla-lens {command}: ConfigError: {path}: {key}: {value!r} is not a dtype nla_lens knows; "
                    "use one of float32/fp32/float, bfloat16/bf16, float16/fp16/half (or another torch floating-point "
                    "dtype, such as float64)\n")
 

@@ -8,6 +8,7 @@ import json
 import math
 import runpy
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -106,7 +107,8 @@ def test_a_run_still_going_reads_from_its_newest_checkpoint(runs, tmp_path):
         assert (run.command, run.source, run.finished) == (command, newest / "trainer_state.json", False)
         assert f"{state['config']['steps']} of {state['config']['steps']} steps (all steps done, no " \
                f"train_result.json: an nla-lens command writes it after the export, and resume: latest finishes " \
-               f"one cut short; read from checkpoint {newest.name})" in run.summary()
+               f"one cut short; train_av / train_ar / train_rl from Python write none; read from checkpoint " \
+               f"{newest.name})" in run.summary()
         in_finished_run = read_training_run(runs / name / "checkpoints" / newest.name)
         assert in_finished_run.finished and f"(finished; read from checkpoint {newest.name})" in \
                in_finished_run.summary()
@@ -164,6 +166,19 @@ def test_what_is_not_a_run_is_refused_with_the_way_on(runs, tmp_path):
         (tmp_path / "train_result.json").write_text(damaged)
         with pytest.raises(nl.InputError, match=problem):
             read_training_run(tmp_path)
+
+
+def test_a_command_whose_reader_leaves_still_writes_its_files_and_exits_quietly(runs, tmp_path):
+    """`nla-lens curve RUN --output f | head`: the print met a closed pipe and the command stopped on
+    "[Errno 32] Broken pipe" (exit 1); where the printed text came before the --output (explain), without it."""
+    output = tmp_path / "av.parquet"
+    command = subprocess.Popen([sys.executable, "-m", "nla_lens.cli", "curve", str(runs / "av"), "--output",
+                                str(output)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    assert command.stdout is not None and command.stderr is not None
+    command.stdout.close()  # the reader is gone before the first line
+    said = command.stderr.read().decode()
+    assert command.wait() == 0 and "Broken pipe" not in said and "Error" not in said
+    assert len(nl.read_result(output)) == 21
 
 
 def test_the_curve_command_prints_the_run_at_a_dozen_steps_and_saves_its_view(runs, tmp_path, capsys):

@@ -80,7 +80,7 @@ def config_dtype(name: str, field_name: str = "dtype") -> torch.dtype:
     except InputError:
         dtype = getattr(torch, str(name), None)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ConfigError(f"{field_name}: {name!r} is not a dtype nla_lens trains in; use one of {dtype_names()} "
+        raise ConfigError(f"{field_name}: {name!r} is not a dtype nla_lens knows; use one of {dtype_names()} "
                           "(or another torch floating-point dtype, such as float64)")
     return dtype
 

@@ -174,7 +174,7 @@ def _state(run: TrainingRun) -> str:
         return f"finished; {checkpoint}"
     if len(run.history) >= run.steps:
         return (f"all steps done, no {RESULT_FILE}: an nla-lens command writes it after the export, and resume: "
-                f"latest finishes one cut short; {checkpoint}")
+                f"latest finishes one cut short; train_av / train_ar / train_rl from Python write none; {checkpoint}")
     return f"running or stopped; {checkpoint}"
 
 
