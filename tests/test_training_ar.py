@@ -85,6 +85,26 @@ def test_a_held_out_split_under_32_vectors_puts_no_baseline_in_the_sidecar(train
     assert nl.ActivationReconstructor.from_pretrained(folder).meta.fve_baseline is None
 
 
+def test_non_finite_weights_are_not_exported(base_folder, dataset_meta, tmp_path):
+    """A run whose loss went NaN exported its NaN weights, a folder that loads and reconstructs garbage; so did a
+    weight past the export dtype's range (inf once cast). Neither writes a file now."""
+    ar = init_ar(base_folder, dataset_meta)
+    with torch.no_grad():
+        ar.model.blocks[0].attn.W_Q[0, 0, 0] = float("nan")
+    with pytest.raises(nl.ConfigError, match=r"not exporting to .*: 1 of \d+ weight tensors holds NaN or inf in "
+                                             r"float32 \(model\.layers\.0\.self_attn\.q_proj\.weight\)\. The training "
+                                             r"diverged"):
+        export_ar(ar, tmp_path / "nan", base_folder)
+    assert not (tmp_path / "nan").exists()
+    ar = init_ar(base_folder, dataset_meta)
+    with torch.no_grad():
+        ar.readout.weight[0, 0] = 1e5  # float16 tops out at 65504
+    export_ar(ar, tmp_path / "float32", base_folder)
+    with pytest.raises(nl.ConfigError, match=r"1 of 1 weight tensor holds NaN or inf in float16 \(weight\)"):
+        export_ar(ar, tmp_path / "half", base_folder, dtype=torch.float16)
+    assert not (tmp_path / "half").exists()
+
+
 def test_ar_resume_from_a_mid_run_checkpoint_gives_the_uninterrupted_weights(base_folder, dataset_meta,
                                                                              label_split, tmp_path, caplog):
     config = TrainConfig(steps=4, batch_size=8, lr=1e-3, warmup_steps=1, save_every=2, keep_checkpoints=2)

@@ -19,6 +19,7 @@ from transformers import GenerationConfig
 
 from nla_lens import backends, loading, metrics
 from nla_lens.backends import gemma3
+from nla_lens.checks import counted
 from nla_lens.errors import CheckpointError, ConfigError
 from nla_lens.nla import MIN_BASELINE_VECTORS, warn_at_caller
 from nla_lens.reconstructor import ActivationReconstructor
@@ -198,10 +199,23 @@ def _export_backbone(model: TLModel, folder: Path, base_model: str | Path, *, n_
     weights = hf_state_dict(cast("HookedTransformer", model), qkv_bias=has_qkv_bias(config), dtype=dtype)
     if not current_world().is_main:
         return False
+    _check_finite_weights(weights, folder, dtype)
     folder.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(folder)
     save_tensors(weights, folder / "model.safetensors", {"format": "pt"})
     return True
+
+
+def _check_finite_weights(weights: dict[str, Tensor], folder: Path, dtype: torch.dtype) -> None:
+    """Refuse to write NaN or infinite weights (a diverged run, or values past the export dtype's range): the folder
+    would load and verbalize or reconstruct garbage, with only the run's last loss to tell."""
+    bad = [name for name, weight in weights.items() if not torch.isfinite(weight).all()]
+    if bad:
+        named = ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "")
+        raise ConfigError(f"not exporting to {folder}: {len(bad)} of {counted(len(weights), 'weight tensor')} "
+                          f"{'holds' if len(bad) == 1 else 'hold'} NaN or inf in {str(dtype).removeprefix('torch.')} "
+                          f"({named}). The training diverged (a loss of nan), or a weight exceeds the export dtype's "
+                          "range: lower lr and train again, or export in float32")
 
 
 def export_av(av: ActivationVerbalizer, folder: str | Path, base_model: str | Path, *,
@@ -236,10 +250,11 @@ def export_ar(ar: ActivationReconstructor, folder: str | Path, base_model: str |
     """
     folder = Path(folder)
     check_export_folder(folder, "ar")
-    readout = gathered_on_main([("weight", ar.readout.weight)])
+    readout = {name: weight.to(dtype) for name, weight in gathered_on_main([("weight", ar.readout.weight)]).items()}
+    _check_finite_weights(readout, folder, dtype)  # before the backbone's files are written
     if not _export_backbone(ar.model, folder, base_model, n_layers=ar.meta.layer + 1, untie=False, dtype=dtype):
         return folder
-    save_tensors({name: weight.to(dtype) for name, weight in readout.items()}, folder / loading.VALUE_HEAD_FILE)
+    save_tensors(readout, folder / loading.VALUE_HEAD_FILE)
     ar.tokenizer.save_pretrained(folder)
     dump_meta({**_exported_sidecar(ar.meta, stage), **_baseline_block(heldout, ar.meta)}, folder)
     return folder
