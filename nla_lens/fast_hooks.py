@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from torch import nn
+from torch.nn.modules import module as torch_modules
 from transformer_lens.hook_points import HookPoint
 
 if TYPE_CHECKING:
@@ -33,6 +34,9 @@ COVERED_BLOCK_POINTS = {
     "hook_resid_post": "resid_post",
 }
 _BLOCK_POINT = re.compile(r"^blocks\.(\d+)\.(.+)$")
+# torch's hooks on every module's call (private names, stable since torch 1.13; a missing one reads as empty)
+_GLOBAL_HOOK_REGISTRIES = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                           "_global_backward_pre_hooks")
 
 
 @dataclass(frozen=True)
@@ -97,7 +101,11 @@ class HookPlan:
 
 
 def torch_hook_reason(model: nn.Module) -> str | None:
-    """A torch hook on a module the fast path never calls (anything but a `HookPoint`)."""
+    """A torch hook on a module the fast path never calls (anything but a `HookPoint`), or a global one
+    (`torch.nn.modules.module.register_module_forward_hook` and kin), which every module's call runs."""
+    if any(getattr(torch_modules, registry, None) for registry in _GLOBAL_HOOK_REGISTRIES):
+        return ("global torch module hook (register_module_forward_hook and kin), which would see only the "
+                "HookPoints the fast path calls")
     for name, module in model.named_modules():
         if isinstance(module, HookPoint):
             continue

@@ -257,6 +257,35 @@ def test_use_attn_result_gives_tl_forwards_output_not_the_fast_paths(tiny_paths,
         ar_paper.model.set_use_attn_result(False)
 
 
+def test_a_global_torch_hook_sends_the_call_to_tl_forward(av_karvonen, ar_paper, vectors):
+    """`register_module_forward_hook` runs on every module's call, and the fast paths call only HookPoints: a global
+    hook that zeroed block 1's MLP was skipped there, silently. The call now runs TL's forward, where it edits what
+    the same hook on that one module edits."""
+    texts = ["a cat sat on the mat", "the sea"]
+    served = [v.text for v in av_karvonen.verbalize(vectors, max_new_tokens=MAX_NEW, progress=False)]
+    served_vectors = ar_paper.reconstruct(texts)
+    mlps = {av_karvonen.model.blocks[1].mlp, ar_paper.model.blocks[1].mlp}
+    results = {}
+    for how in ("global", "module"):
+        if how == "global":
+            handle = torch.nn.modules.module.register_module_forward_hook(
+                lambda module, args, output: output * 0 if module in mlps else None)
+            handles = [handle]
+        else:
+            handles = [mlp.register_forward_hook(lambda module, args, output: output * 0) for mlp in mlps]
+        try:
+            said = [v.text for v in av_karvonen.verbalize(vectors, max_new_tokens=MAX_NEW, progress=False)]
+            results[how] = (said, ar_paper.reconstruct(texts), av_karvonen.fallback_reason, ar_paper.fallback_reason)
+        finally:
+            for handle in handles:
+                handle.remove()
+    assert results["global"][0] == results["module"][0]
+    assert torch.equal(results["global"][1], results["module"][1])
+    assert results["global"][0] != served and not torch.equal(results["global"][1], served_vectors)
+    assert all("global torch module hook" in reason for reason in results["global"][2:])
+    assert av_karvonen.verbalize(vectors, max_new_tokens=3, progress=False) and av_karvonen.fallback_reason is None
+
+
 def test_backward_hook_forces_tl_forward(av_karvonen, ar_paper, vectors):
     for model in (av_karvonen.model, ar_paper.model):
         model.add_hook("blocks.1.hook_resid_post", _no_op, dir="bwd")
