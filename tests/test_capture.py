@@ -6,11 +6,11 @@ import copy
 
 import pytest
 import torch
-from base_batches import PROMPTS, no_hooks_left, padded
+from base_batches import PROMPTS, load_base, no_hooks_left, padded
 from conftest import LAYER, TL4
 
 import nla_lens as nl
-from nla_lens.capture import resid_post
+from nla_lens.capture import resid_post, text_resid_post
 
 NAME = f"blocks.{LAYER}.hook_resid_post"
 
@@ -243,6 +243,22 @@ def test_resid_post_of_left_padded_tokens_without_a_mask_masks_the_pads_on_both_
     unmasked = resid_post(base, tokens, LAYER)
     assert (unmasked - resid_post(base, tokens, LAYER, attention_mask=mask))[real].abs().max() < 1e-6
 
+
+def test_a_float64_model_captures_each_rows_unpadded_residual_or_is_refused(tiny_paths):
+    """TL 4.3's bridge softmaxes attention in float32, where a float64 mask's finfo.min is -inf: a left-padded
+    row's pads attend to nothing and their NaN reached every real token from the next block on, so the capture of a
+    padded float64 batch (and every AR batch) was NaN without a word. The bridge refuses float64 at load."""
+    if TL4:
+        with pytest.raises(nl.BackendError, match=r"float64 is not supported on the bridge .* Load in float32"):
+            load_base(tiny_paths["av_karvonen"], dtype=torch.float64)
+        return
+    base64 = load_base(tiny_paths["av_karvonen"], dtype=torch.float64)
+    tokens, mask = padded(base64, "left")
+    with nl.capture(base64, LAYER, -1, attention_mask=mask) as cap:
+        base64(tokens, attention_mask=mask)
+    for row, (ids, real) in enumerate(zip(tokens, mask.bool(), strict=True)):
+        alone = text_resid_post(base64, ids[real][None], LAYER)
+        assert (cap.vectors[row] - alone[-1].float()).abs().max() < 1e-5
 
 def test_hooks_removed_after_an_exception_inside_the_context(base):
     tokens, mask = padded(base, "left")

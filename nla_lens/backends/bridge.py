@@ -42,6 +42,14 @@ def load_model(folder: Path, tokenizer: PreTrainedTokenizerBase, *, dtype: torch
                device: str | torch.device, n_layers: int | None = None,
                trust_remote_code: bool = False) -> TransformerBridge:
     """Boot a `TransformerBridge` on the HF folder; with `n_layers`, a truncated AR backbone."""
+    if dtype == torch.float64:
+        # The bridge's attention softmaxes in float32, where the float64 mask value (finfo.min) is -inf: a left pad
+        # attends to nothing (NaN), and its NaN values reach every real token of the row from the next block on.
+        raise BackendError(
+            "float64 is not supported on the bridge backend (TransformerLens 4.x): its attention softmax runs in "
+            "float32, so every left-padded row (the AR's batches, a padded base-model batch) comes out NaN. Load "
+            "in float32, or use TransformerLens 3.x (HookedTransformer) for float64: pip install 'nla-lens[tl3]'"
+        )
     hf_config = loading.load_hf_config(folder, trust_remote_code=trust_remote_code)
     arch = (hf_config.architectures or [None])[0]
     if arch not in loading.SUPPORTED_ARCHITECTURES:
