@@ -23,6 +23,7 @@ from each model call (the token tensor or strings it runs, its ``attention_mask=
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, cast
@@ -300,6 +301,8 @@ class Capture:
             real = real_tokens(self.model, seen_mask, seen_tokens, trailing_pads_real=self._generated is not None)
         if real is None:
             real = torch.ones(batch, width, dtype=torch.bool, device=output.device)
+        if seen_mask is None and width > 1 and backends.backend_of(self.model) == "bridge":
+            _warn_pads_attended(real)
         try:
             rows, cols = resolve_positions(self.positions, real.to(output.device))
         except InputError as exc:
@@ -323,6 +326,18 @@ class Capture:
             return None
         # As TL's to_str_tokens decodes each token.
         return cast(str, self.model.tokenizer.decode([int(tokens[row, col])], clean_up_tokenization_spaces=False))
+
+
+def _warn_pads_attended(real: Bool[Tensor, "batch pos"]) -> None:
+    """Warn where a bridge run without `attention_mask=` had leading padding: the bridge attends to it
+    (HookedTransformer masks it itself), so every real token of those rows differs from its unpadded run (by up to
+    11 in the tiny test model's residual) while capture takes those columns for padding."""
+    padded = (~real[:, 0]).nonzero().flatten().tolist()
+    if padded:
+        warnings.warn(f"the bridge (TransformerLens 4.x) ran a left-padded batch without attention_mask=, so the real "
+                      f"tokens of rows {padded[:8]} attended to their pads and what capture records differs from "
+                      "their unpadded runs. Pass the mask to the run: model(tokens, attention_mask=mask), or "
+                      "generate(tokens, padding_side='left')", stacklevel=2)
 
 
 class _MethodWatch:

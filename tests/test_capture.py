@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -243,6 +244,38 @@ def test_resid_post_of_left_padded_tokens_without_a_mask_masks_the_pads_on_both_
     unmasked = resid_post(base, tokens, LAYER)
     assert (unmasked - resid_post(base, tokens, LAYER, attention_mask=mask))[real].abs().max() < 1e-6
 
+
+@pytest.mark.parametrize("run", ["forward", "generate"])
+def test_a_left_padded_run_without_a_mask_captures_the_unpadded_residuals_or_warns(base, run):
+    """HookedTransformer masks a left-padded batch's pads itself; the bridge attends to them, so a capture of
+    base(tokens) there read residuals off by up to 11 (tiny model) from each row's unpadded run, without a word,
+    while it took the very same columns for padding."""
+    tokens, mask = padded(base, "left")
+    with torch.no_grad():
+        alone = torch.stack([text_resid_post(base, ids[real][None], LAYER)[-1]
+                             for ids, real in zip(tokens, mask.bool(), strict=True)])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with nl.capture(base, LAYER, -1) as cap:
+            if run == "forward":
+                base(tokens)
+            else:
+                base.generate(tokens, **{**GENERATE, "padding_side": None})
+    said = [str(w.message) for w in caught if "attended to their pads" in str(w.message)]
+    off = float((cap.vectors - alone).abs().max())
+    if TL4:
+        padded_rows = (mask[:, 0] == 0).nonzero().flatten().tolist()
+        assert off > 0.1 and said == [
+            f"the bridge (TransformerLens 4.x) ran a left-padded batch without attention_mask=, so the real tokens of "
+            f"rows {padded_rows} attended to their pads and what capture records differs from their unpadded runs. "
+            "Pass the mask to the run: model(tokens, attention_mask=mask), or generate(tokens, padding_side='left')"]
+    else:
+        assert off < 1e-5 and said == []
+    with warnings.catch_warnings(record=True) as caught:  # the same run with its mask: no word, the unpadded values
+        warnings.simplefilter("always")
+        with nl.capture(base, LAYER, -1) as masked:
+            base(tokens, attention_mask=mask)
+    assert not caught and (masked.vectors - alone).abs().max() < 1e-5
 
 def test_a_float64_model_captures_each_rows_unpadded_residual_or_is_refused(tiny_paths):
     """TL 4.3's bridge softmaxes attention in float32, where a float64 mask's finfo.min is -inf: a left-padded
