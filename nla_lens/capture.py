@@ -66,7 +66,8 @@ def last_real_positions(real: Bool[Tensor, "batch pos"]) -> Int[Tensor, " batch"
     """Column of the last real token of each row (padding on either side)."""
     empty = (~real.any(dim=1)).nonzero().flatten().tolist()
     if empty:
-        raise InputError(f"rows {empty[:8]} have no real token (their attention mask is all zeros)")
+        raise InputError(f"rows {empty[:8]} have no real token (an attention mask of zeros, or only pad tokens): "
+                         "drop those rows or pass the mask of their real tokens")
     return real.shape[1] - 1 - real.flip(1).int().argmax(dim=1)
 
 

@@ -80,6 +80,18 @@ def _positions_cases(mask: torch.Tensor) -> list[tuple[object, list[tuple[int, i
     ]
 
 
+def test_a_row_of_only_padding_is_refused_whether_a_mask_or_the_pad_tokens_say_so(base):
+    """The message blamed "their attention mask is all zeros" where no mask was given and the row was pad tokens."""
+    tokens, mask = padded(base, "left")
+    tokens[1], mask[1] = base.tokenizer.pad_token_id, 0
+    for run in ({"attention_mask": mask}, {}):
+        with pytest.raises(nl.InputError, match=r"^rows \[1\] have no real token \(an attention mask of zeros, or only "
+                                                r"pad tokens\): drop those rows"):
+            with nl.capture(base, LAYER, positions=-1):
+                base(tokens, stop_at_layer=LAYER + 1, **run)
+        assert no_hooks_left(base)
+
+
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_capture_reads_tokens_and_mask_from_the_run_when_not_given_them(base, side):
     tokens, mask = padded(base, side)
