@@ -159,7 +159,7 @@ class Capture:
         calls: "first" (record the first forward pass only) or "all".
         tokens: the tokens given, to name each row's token and tell padding; None when not given.
         rows: where each recorded vector came from, in the order of `vectors`.
-        n_calls: forward passes seen inside the context, recorded or not.
+        n_calls: forward passes inside the context that reached block K (the layer read), recorded or not.
     """
 
     def __init__(self, model: TLModel, layer: int, positions: PositionSpec = -1, *,
