@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar, cast
@@ -91,10 +91,10 @@ def _check_dtypes(config: object, *names: str) -> None:
         config_dtype(getattr(config, name), name)
 
 
-def check_training_dtype(dtype: torch.dtype, where: str) -> None:
+def check_training_dtypes(dtypes: Iterable[torch.dtype], where: str) -> None:
     """Refuse float16 weights to train: Adam's eps (1e-8) rounds to 0 in float16, so the first step divides 0 by 0
     wherever a gradient is 0, and the run turned every weight NaN and exported them (RL: a raw torch error)."""
-    if dtype == torch.float16:
+    if torch.float16 in set(dtypes):
         raise ConfigError(f"{where}: float16 weights cannot train here: Adam's eps (1e-8) rounds to 0 in float16, so "
                           "the first step turns them NaN. Load and train in float32 or bfloat16; export_dtype: float16 "
                           "still exports half-precision weights")
@@ -221,7 +221,7 @@ class SFTRunConfig:
     def __post_init__(self) -> None:
         check_command(self.command, self.COMMAND)
         _check_dtypes(self, "dtype", "export_dtype")
-        check_training_dtype(config_dtype(self.dtype), "dtype")
+        check_training_dtypes([config_dtype(self.dtype)], "dtype")
         _check_ranges(self, eval_fraction=_FRACTION)
 
 
@@ -340,7 +340,7 @@ class RLRunConfig:
     def __post_init__(self) -> None:
         check_command(self.command, self.COMMAND)
         _check_dtypes(self, "dtype", "export_dtype")
-        check_training_dtype(config_dtype(self.dtype), "dtype")
+        check_training_dtypes([config_dtype(self.dtype)], "dtype")
         _check_ranges(self, eval_fraction=_FRACTION)
 
 

@@ -39,7 +39,7 @@ from nla_lens.distributed import World
 from nla_lens.errors import CheckpointError, ConfigError
 from nla_lens.sidecar import SIDECAR_NAME
 from nla_lens.training import parallel
-from nla_lens.training.config import RLConfig, TrainConfig, check_training_dtype
+from nla_lens.training.config import RLConfig, TrainConfig, check_training_dtypes
 from nla_lens.training.extraction import COMPLETE, IN_PROGRESS
 from nla_lens.training.recompute import activation_checkpointing
 from nla_lens.vector_files import save_tensors
@@ -161,8 +161,7 @@ def train(
     started = time.perf_counter()
     world = parallel.current_world()
     params = select_trainable(modules, config.trainable_blocks)
-    for dtype in {p.dtype for p in params.values()}:  # a model loaded in float16 from Python
-        check_training_dtype(dtype, "the weights to train")
+    check_training_dtypes((p.dtype for p in params.values()), "the weights to train")  # a float16 model from Python
     device = next(iter(params.values())).device
     with contextlib.ExitStack() as stack:
         stack.enter_context(deterministic_algorithms())

@@ -52,7 +52,7 @@ from nla_lens.sidecar import ar_prompt_ids
 from nla_lens.training import grpo, loop, parallel
 from nla_lens.training.ar_sft import ar_loss
 from nla_lens.training.av_sft import av_loss, response_logits
-from nla_lens.training.config import RLConfig, check_training_dtype
+from nla_lens.training.config import RLConfig, check_training_dtypes
 from nla_lens.training.dataset import ARRows, AVRows, LabelledActivations, av_rows, check_fits, data_fingerprint
 from nla_lens.training.export import freeze_weights_hf_lacks
 from nla_lens.verbalizer import ActivationVerbalizer, _sample
@@ -259,8 +259,7 @@ class _Trainer:
                              f"{self.baseline}): RL's FVE needs a spread; pass vectors from different positions")
         self.policy_params, self.ar_params = trainable_parameters(av, ar, config.train_ar)
         self.params = {**self.policy_params, **self.ar_params}
-        for dtype in {p.dtype for p in self.params.values()}:  # a pair loaded in float16 from Python
-            check_training_dtype(dtype, "the weights to train")
+        check_training_dtypes((p.dtype for p in self.params.values()), "the weights to train")  # float16 from Python
         groups = [{"params": list(self.policy_params.values()), "lr": config.lr}]
         if self.ar_params:
             groups.append({"params": list(self.ar_params.values()), "lr": config.ar_lr})
