@@ -237,9 +237,19 @@ def steering_hook(vector: Float[Tensor, " d_model"], scale: float, positions: Po
     """A TL hook adding `scale * vector` to the residual at `positions` (all positions when None).
 
     Each site is steered once, however many position entries name it ([2, -1] in a row whose last real
-    token is column 2): adding once per entry would steer that row by a multiple of `scale`."""
+    token is column 2): adding once per entry would steer that row by a multiple of `scale`. The vector and
+    scale are checked here, the width in the hook: a `[pos, d_model]` tensor would broadcast over the positions
+    of a run of that width, a NaN would spread through the run, both without a word."""
+    if not isinstance(vector, Tensor) or vector.ndim != 1:
+        shape = list(vector.shape) if isinstance(vector, Tensor) else type(vector).__name__
+        raise VectorError(f"vector must be one [d_model] tensor (it is added to every steered residual), got {shape}")
+    check_vectors(vector, vector.shape[0], "vector")
+    check_finite(scale=scale)
 
     def hook(resid: Float[Tensor, "batch pos d_model"], hook: HookPoint) -> Tensor:
+        if resid.shape[-1] != vector.shape[0]:
+            raise VectorError(f"{hook.name}: vector has {vector.shape[0]} entries but the residual there has "
+                              f"d_model = {resid.shape[-1]}; pass a vector of the base model's width")
         delta = (scale * vector).to(resid.device, resid.dtype)
         if positions is None:
             return resid + delta
@@ -315,6 +325,14 @@ def steer_then_verbalize(
     with torch.no_grad():
         clean = _capture_run(base_model, layer, positions, tokens, attention_mask, [])
         steered = _capture_run(base_model, layer, positions, tokens, attention_mask, [hook])
+    steer_norm = abs(float(scale)) * float(vector.cpu().double().norm())  # float64 on the CPU: MPS has none
+    _check_runs_finite(base_model, layer, clean, steered, steer_norm)
+    if float(scale) != 0 and torch.equal(clean.vectors, steered.vectors):
+        warnings.warn(f"the steering changed no captured residual: the steered run's layer-{layer} vectors equal the "
+                      "clean run's at every site. Steering at tokens after the captured positions cannot reach them "
+                      f"(attention is causal), and scale * steering_vector (norm {steer_norm:.3g}) below the "
+                      "residual's rounding adds nothing; steer at or before the captured tokens, or raise scale",
+                      stacklevel=2)
     n = len(clean.rows)
     verbalizations, fves, round_trip = _read(
         nla_or_av, torch.cat([clean.vectors, steered.vectors]), baseline, verbalize_kwargs)
@@ -327,6 +345,23 @@ def steer_then_verbalize(
         rows.append(SteeringRow(site.batch, site.position, site.token, before, after, added, removed,
                                 cosines[i], fves[i], fves[n + i]))
     return SteeringResult(rows, clean.vectors, steered.vectors, round_trip, layer, steer_layer, float(scale))
+
+
+def _check_runs_finite(base_model: TLModel, layer: int, clean: Capture, steered: Capture, steer_norm: float) -> None:
+    """NaN or Inf in a run's captured residuals, named by run and site with its likely cause: the AV refuses them
+    anyway, but as rows of its joint batch of both runs (the steered ones numbered after the clean ones)."""
+    dtype = next(base_model.parameters()).dtype
+    for run, cap in (("clean", clean), ("steered", steered)):
+        bad = (~cap.vectors.isfinite()).any(dim=-1).nonzero().flatten().tolist()
+        if not bad:
+            continue
+        sites = [(cap.rows[i].batch, cap.rows[i].position) for i in bad[:8]]
+        cause = (f"the base model overflows in {dtype} on these tokens without steering; load it in float32 or "
+                 "bfloat16" if run == "clean" else
+                 f"adding scale * steering_vector (norm {steer_norm:.3g}) overflowed the base model's {dtype} "
+                 "residual stream; lower scale or the vector's norm")
+        raise VectorError(f"the {run} run's layer-{layer} residuals hold NaN or Inf at (batch, position) {sites}: "
+                          f"{cause}")
 
 
 def patching_study(
@@ -485,9 +520,16 @@ def verbalize_direction(
     vectors = check_vectors(direction, av.meta.d_model, "direction").float()
     if scale_like is not None:
         reference = check_vectors(scale_like, av.meta.d_model, "scale_like").float()
+        # Each norm taken over the row divided by its largest entry: a plain fp32 norm of entries ~1e-25 or ~1e25
+        # underflows to 0 or overflows to inf, which made every returned vector zero or inf.
+        largest = reference.abs().amax(dim=-1)
+        target = float(((reference / largest[:, None]).norm(dim=-1).cpu().double() * largest.cpu().double()).mean())
+        if target > torch.finfo(torch.float32).max:
+            raise VectorError(f"scale_like's mean norm {target:.3g} is past float32's range, where the returned "
+                              "vectors are kept; pass reference activations of a norm float32 holds")
         # metrics.rescale: a direction whose squared norm leaves fp32 (entries ~1e-25 or ~1e25) keeps its
         # direction instead of becoming NaN or zero, as the AV, which reads only the direction, keeps it.
-        vectors = metrics.rescale(vectors, float(reference.norm(dim=-1).mean()))
+        vectors = metrics.rescale(vectors, target)
     return DirectionVerbalization(vectors, av.verbalize(vectors, **verbalize_kwargs))
 
 

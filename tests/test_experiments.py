@@ -13,7 +13,7 @@ from conftest import D_MODEL, HAS_SAE_LENS, LAYER, make_sae
 import nla_lens as nl
 from nla_lens import metrics
 from nla_lens.capture import resid_post
-from nla_lens.experiments import word_diff
+from nla_lens.experiments import steering_hook, word_diff
 from nla_lens.explain import explain_tokens
 from nla_lens.testing import save_base_model
 
@@ -434,6 +434,47 @@ def test_a_site_two_steer_positions_name_is_steered_once(base, av_karvonen, stee
     assert no_hooks_left(base)
 
 
+def test_a_steering_that_overflows_the_residual_is_named_by_run_and_site(base, av_karvonen, steer):
+    """It was the AV's refusal of "vectors at rows [4, 5, 6, 7]": rows of its joint batch of both runs, which the
+    user's four-row batch does not have, with no word of the steering."""
+    tokens, mask = padded(base, "left")
+    with pytest.raises(nl.VectorError, match=r"^the steered run's layer-2 residuals hold NaN or Inf at \(batch, "
+                                             r"position\) \[\(0, 8\), \(1, 8\), \(2, 8\), \(3, 8\)\]: .*lower scale"):
+        nl.steer_then_verbalize(base, av_karvonen, tokens, attention_mask=mask, steering_vector=steer * 1e37,
+                                scale=100.0, steer_layer=1, **FAST)
+    assert no_hooks_left(base)
+
+
+def test_a_steering_that_cannot_reach_the_captured_sites_warns(base, av_karvonen, steer, recwarn):
+    """Steering tokens after the captured ones (attention is causal) left every readout as it was, without a word."""
+    tokens, mask = padded(base, "left")
+    kwargs = {"attention_mask": mask, "steering_vector": steer, "scale": 5.0, "steer_layer": 1, "positions": -3, **FAST}
+    with pytest.warns(UserWarning, match="the steering changed no captured residual.*after the captured positions"):
+        unreached = nl.steer_then_verbalize(base, av_karvonen, tokens, steer_positions=-1, **kwargs)
+    assert torch.equal(unreached.steered_vectors, unreached.clean_vectors)
+    recwarn.clear()
+    reached = nl.steer_then_verbalize(base, av_karvonen, tokens, steer_positions=-3, **kwargs)
+    assert not recwarn.list and (reached.steered_vectors - reached.clean_vectors).abs().max() > 1e-2
+
+
+def test_steering_hook_refuses_a_vector_it_would_broadcast_or_spread_as_nan(base, steer):
+    """A [9, d_model] tensor was added position by position to a 9-token run, a NaN spread through it, and a
+    vector of another width or a list failed inside the forward with torch's own error."""
+    tokens, mask = padded(base, "left")
+    assert tokens.shape[1] == 9
+    for vector, message in [(torch.randn(9, D_MODEL), r"^vector must be one \[d_model\] tensor .*got \[9, 64\]"),
+                            ([1.0] * D_MODEL, r"^vector must be one \[d_model\] tensor .*got list"),
+                            (torch.full((D_MODEL,), float("nan")), r"^vector at rows \[0\] hold NaN")]:
+        with pytest.raises(nl.VectorError, match=message):
+            steering_hook(vector, 1.0)
+    with pytest.raises(nl.InputError, match="scale=nan: must be a finite number"):
+        steering_hook(steer, float("nan"))
+    wide = steering_hook(torch.randn(D_MODEL + 1), 1.0)
+    with pytest.raises(nl.VectorError, match="vector has 65 entries but the residual there has d_model = 64"):
+        base.run_with_hooks(tokens, attention_mask=mask, fwd_hooks=[("blocks.1.hook_resid_post", wide)])
+    assert no_hooks_left(base)
+
+
 def test_patching_study_table_has_a_row_per_run_and_site_with_fve(base, nla, monkeypatch):
     distinct_readouts(nla.av, monkeypatch)
     clean_tokens, corrupted_tokens = equal_length_pair(base)
@@ -521,6 +562,20 @@ def test_scale_like_rescales_a_direction_whose_squared_norm_leaves_fp32(av_karvo
     assert rescaled.verbalizations == plain.verbalizations
     assert torch.allclose(rescaled.vectors.norm(dim=-1), reference.norm(dim=-1).mean().expand(2), rtol=1e-6)
     assert torch.allclose(torch.cosine_similarity(rescaled.vectors, direction, dim=-1), torch.ones(2), atol=1e-6)
+
+
+@pytest.mark.parametrize("size", [1e-25, 1e25])
+def test_scale_like_whose_squared_norm_leaves_fp32_gives_its_norm(av_karvonen, size):
+    """scale_like's own fp32 norm underflowed to 0 or overflowed to inf, so verbalize refused the rescaled vectors
+    as zero or non-finite ("vectors at rows [0]"), an argument the user never passed."""
+    direction = torch.randn(2, D_MODEL, generator=torch.Generator().manual_seed(5))
+    reference = torch.randn(8, D_MODEL, generator=torch.Generator().manual_seed(6), dtype=torch.float64) * size
+    rescaled = nl.verbalize_direction(av_karvonen, direction, scale_like=reference.float(), **FAST)
+    assert rescaled.verbalizations == nl.verbalize_direction(av_karvonen, direction, **FAST).verbalizations
+    expected = reference.float().double().norm(dim=-1).mean()
+    assert torch.allclose(rescaled.vectors.double().norm(dim=-1), expected.expand(2), rtol=1e-6)
+    with pytest.raises(nl.VectorError, match=r"^scale_like's mean norm .* is past float32's range"):
+        nl.verbalize_direction(av_karvonen, direction, scale_like=torch.full((2, D_MODEL), 1e38), **FAST)
 
 
 def test_verbalize_direction_takes_an_nla_as_the_other_helpers_do(nla, steer):
