@@ -48,11 +48,12 @@ def paper_baseline(targets: Float[Tensor, "n d_model"], mse_scale: float) -> flo
 
 
 def fve(mse: Float[Tensor, " n"] | float, baseline: float) -> float:
-    """Fraction of variance explained: 1 - mean MSE / baseline."""
+    """Fraction of variance explained: 1 - mean MSE / baseline, the mean taken in float64 (a float64 MSE keeps its
+    digits)."""
     if not (math.isfinite(baseline) and baseline > 0):
         raise InputError(f"the FVE baseline must be a finite number > 0, got {baseline}: use paper_baseline("
                          "vectors, mse_scale) of >= 2 distinct vectors, or the sidecar's held-out baseline")
-    mean = float(torch.as_tensor(mse).float().mean())
+    mean = float(torch.as_tensor(mse).double().mean())
     return 1.0 - mean / baseline
 
 

@@ -22,7 +22,7 @@ from transformers import PreTrainedTokenizerBase
 from nla_lens import loading, metrics
 from nla_lens.checks import check_counts, check_keywords, counted
 from nla_lens.errors import CheckpointError, InputError, PairMismatchError, SidecarError
-from nla_lens.injection import check_vectors
+from nla_lens.injection import check_vectors, directionless_rows
 from nla_lens.parsing import failed_parse_note, injection_warning, injection_warning_held
 from nla_lens.reconstructor import ActivationReconstructor
 from nla_lens.results import TabularResult
@@ -191,14 +191,15 @@ class RoundTrip(TabularResult):
     Attributes:
         verbalizations: the AV's output for each vector, in the order of the vectors.
         reconstructions: the AR's vector for each explanation; NaN rows where the explanation failed to parse.
-        mse: per row, of the vectors rescaled to mse_scale; a failed parse scores `metrics.miss_mse`.
+        mse: per row, of the vectors rescaled to mse_scale; a failed parse, or a reconstruction with no direction
+            (NaN, Inf or zero), scores `metrics.miss_mse`.
         mean_mse: the mean of `mse`.
         fve: 1 - mean_mse / baseline; None without a trustworthy baseline.
         baseline: the FVE denominator; None when there is none.
         baseline_source: "given", "sidecar (held-out)", "paper (these vectors)" or "none".
         n_failed_parses: rows whose completion had no parseable explanation.
-        warnings: what to check before trusting the scores: outputs that look like a failed injection, no
-            baseline (and how to get one).
+        warnings: what to check before trusting the scores: outputs that look like a failed injection,
+            reconstructions with no direction, no baseline (and how to get one).
         fves: per-row FVE, 1 - mse_i / baseline; None without a baseline.
         baseline_n: how many vectors a sidecar or paper baseline rests on.
     """
@@ -255,6 +256,19 @@ def warn_at_caller(message: str) -> None:
     while frame is not None and frame.f_code.co_filename.startswith(package):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, stacklevel=level)
+
+
+def directionless_warning(verbalizations: Sequence[Verbalization], reconstructions: Float[Tensor, "n d_model"],
+                          first_row: int = 0) -> str | None:
+    """A warning naming the parsed rows (numbered from `first_row`: a shard's place in its input) whose
+    reconstruction has no direction (NaN, Inf or zero), which `NLA.score` scored as misses; None when there are none."""
+    non_finite, zero = directionless_rows(reconstructions)
+    rows = sorted(first_row + i for i in {*non_finite, *zero} if verbalizations[i].explanation is not None)
+    if not rows:
+        return None
+    return (f"{len(rows)}/{len(verbalizations)} reconstructions have no direction (NaN, Inf or zero; rows "
+            f"{rows[:8]}), scored as misses: the AR's forward overflowed its dtype (load it in bfloat16 or float32 "
+            "rather than float16) or a hook on ar.model broke it")
 
 
 class NLA:
@@ -346,7 +360,7 @@ class NLA:
             verbalizations = self.av.verbalize(vectors, **verbalize_kwargs)
         reconstructions, mse = self.score(vectors, verbalizations, reconstruct_batch_size=reconstruct_batch_size)
         notes = [w for w in [injection_warning([v.text for v in verbalizations], self.av.meta.injection_char),
-                             resolved.warning] if w]
+                             directionless_warning(verbalizations, reconstructions), resolved.warning] if w]
         n_failed = sum(v.explanation is None for v in verbalizations)
         value = resolved.value
         return RoundTrip(verbalizations, reconstructions, mse, float(mse.mean()),
@@ -358,16 +372,21 @@ class NLA:
         """Reconstruct each parsed explanation and score it against its vector.
 
         Returns the reconstructions (NaN rows for failed parses) and the per-row MSE, where a failed
-        parse scores `metrics.miss_mse`. The one scoring rule of `round_trip` and of sharded jobs.
+        parse scores `metrics.miss_mse`, and so does a reconstruction with no direction (NaN, Inf or zero: an AR
+        that overflowed its dtype, or a hook on `ar.model`), as RL's rewards score it: its MSE would be NaN, and so
+        the mean MSE and FVE of every row. `directionless_warning` names those rows. The one scoring rule of
+        `round_trip` and of sharded jobs.
         """
         vectors = vectors.float()
         scale = self.mse_scale
         parsed = [i for i, v in enumerate(verbalizations) if v.explanation is not None]
         reconstructions = torch.full_like(vectors, float("nan"))
-        mse = torch.full((len(vectors),), metrics.miss_mse(self.av.meta.d_model, scale))
+        miss = metrics.miss_mse(self.av.meta.d_model, scale)
+        mse = torch.full((len(vectors),), miss)
         if parsed:
             texts = [v.explanation for v in verbalizations if v.explanation is not None]  # those of `parsed`
             predicted = self.ar.reconstruct(texts, batch_size=reconstruct_batch_size).to(vectors.device)
             reconstructions[parsed] = predicted
-            mse[parsed] = metrics.mse_per_item(predicted, vectors[parsed], scale).cpu()
+            scored = metrics.mse_per_item(predicted, vectors[parsed], scale).cpu()
+            mse[parsed] = torch.where(scored.isfinite(), scored, miss)  # the targets have one (check_vectors)
         return reconstructions, mse

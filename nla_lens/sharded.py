@@ -35,7 +35,14 @@ from nla_lens.checks import (
 from nla_lens.distributed import World, barrier, device_for, process_group
 from nla_lens.errors import CheckpointError, InputError
 from nla_lens.injection import check_vectors
-from nla_lens.nla import NLA, baseline_phrase, check_pair, resolve_baseline
+from nla_lens.nla import (
+    NLA,
+    baseline_phrase,
+    check_pair,
+    directionless_warning,
+    resolve_baseline,
+    warn_at_caller,
+)
 from nla_lens.parsing import injection_warning, injection_warning_held
 from nla_lens.reconstructor import ActivationReconstructor
 from nla_lens.results import RESULT_KEY
@@ -212,7 +219,10 @@ def round_trip_file(
         def compute(shard: int, rows: range) -> pa.Table:
             nla, vectors = load(), table.vectors[rows.start:rows.stop]
             verbalizations = sampling.verbalize(nla.av, vectors, shard)
-            _, mse = nla.score(vectors, verbalizations, reconstruct_batch_size=reconstruct_batch_size)
+            reconstructions, mse = nla.score(vectors, verbalizations, reconstruct_batch_size=reconstruct_batch_size)
+            directionless = directionless_warning(verbalizations, reconstructions, rows.start)
+            if directionless:  # the output keeps no reconstructions: said as the shard is scored
+                warn_at_caller(f"shard {shard}: {directionless}")
             return output_rows(table, rows, verbalizations, mse=pa.array(mse.numpy(), pa.float32()))
 
         result = _run(table, output, manifest, compute, world, shard_size, shards, progress, av_meta.injection_char,

@@ -46,6 +46,12 @@ def test_fve_refuses_a_baseline_it_cannot_divide_by(baseline):
         metrics.fve(torch.tensor([0.1, 0.2]), baseline)
 
 
+def test_fve_keeps_the_digits_of_a_float64_mse():
+    """The mean was taken in float32, which rounds 1 + 1e-9 to 1: a float64 MSE lost its last digits."""
+    mse = torch.tensor([1 + 1e-9, 1 + 3e-9], dtype=torch.float64)
+    assert metrics.fve(mse, 1.0) == pytest.approx(1 - (mse.tolist()[0] + mse.tolist()[1]) / 2, rel=1e-6, abs=0)
+
+
 @pytest.mark.parametrize("power", [70, -70, -140], ids=["norm_overflows", "norm_underflows", "subnormal"])
 def test_scores_depend_on_direction_only_at_any_norm(power):
     """A row scaled by 2**power scores as the row itself (the AV explains it the same): squaring entries

@@ -131,6 +131,32 @@ def test_summaries_say_which_failed_parses_were_cut_at_max_new_tokens(av_karvone
     assert explained.summary().endswith(f"3 failed parses {note}")
 
 
+def test_a_reconstruction_with_no_direction_scores_as_a_miss_and_is_named(av_karvonen, ar_nanonla, vectors,
+                                                                        monkeypatch):
+    """An AR that returns NaN (a float16 overflow) or zeros (a hook) for a row left that row's MSE NaN, and with it
+    the mean MSE and the FVE of the whole round trip, without a word; RL's rewards score such a row as a miss."""
+    _fake_verbalize(av_karvonen, monkeypatch)
+    last = f"blocks.{ar_nanonla.meta.layer}.hook_resid_post"
+
+    def break_rows_0_and_2(resid, hook):
+        resid[0] = float("nan")
+        resid[2] = 0.0
+        return resid
+
+    with ar_nanonla.model.hooks(fwd_hooks=[(last, break_rows_0_and_2)]):
+        rt = nl.NLA(av_karvonen, ar_nanonla).round_trip(vectors, baseline=0.5)
+
+    scale, healthy = ar_nanonla.meta.mse_scale, [1, 3]
+    expected = metrics.mse_per_item(ar_nanonla.reconstruct(["the cat"] * 2), vectors[healthy], scale)
+    assert torch.allclose(rt.mse[healthy], expected, atol=1e-6)
+    assert rt.mse[[0, 2]].tolist() == [metrics.miss_mse(64, scale)] * 2
+    assert math.isclose(rt.fve, 1 - float(rt.mse.mean()) / 0.5, abs_tol=1e-6)
+    assert torch.isnan(rt.reconstructions[0]).all() and (rt.reconstructions[2] == 0).all()  # kept as the AR gave them
+    assert rt.n_failed_parses == 0
+    assert len(rt.warnings) == 1 and "2/4 reconstructions have no direction" in rt.warnings[0]
+    assert "rows [0, 2]" in rt.warnings[0]
+
+
 def test_round_trip_with_a_given_baseline_and_a_failed_injection_warning(av_karvonen, ar_nanonla, vectors,
                                                                          monkeypatch):
     fake = [Verbalization("中文中文中文中文", None, [])] * len(vectors)

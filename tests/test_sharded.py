@@ -177,6 +177,28 @@ def test_a_round_trip_summary_counts_the_rows_max_new_tokens_cut(tiny_paths, inp
     assert json.loads(sharded.summary_path(out).read_text())["n_truncated"] == cut.count(True)
 
 
+def test_a_sharded_round_trip_scores_a_reconstruction_with_no_direction_as_a_miss_and_says_so(
+        tiny_paths, input_file, tmp_path, monkeypatch):
+    """A NaN reconstruction (an AR overflowing float16) wrote a NaN MSE and made the summary's FVE NaN, unsaid."""
+    text = "<explanation>the cat</explanation>"
+    monkeypatch.setattr(Sampling, "verbalize", lambda self, av, vectors, shard: [
+        nl.Verbalization(text, "the cat", [1])] * len(vectors))
+    monkeypatch.setattr(nl.ActivationReconstructor, "reconstruct", lambda self, texts, batch_size=64: torch.full(
+        (len(texts), 64), float("nan")))
+    with pytest.warns(UserWarning) as record:
+        result = sharded.round_trip_file(tiny_paths["av_karvonen"], tiny_paths["ar_nanonla"], input_file,
+                                         tmp_path / "out.parquet", sampling=GREEDY, baseline=0.5,
+                                         shard_size=SHARD_SIZE)
+    said = [str(w.message) for w in record if "no direction" in str(w.message)]
+    assert [s.split(" reconstructions")[0] for s in said] == ["shard 0: 3/3", "shard 1: 3/3", "shard 2: 3/3",
+                                                                "shard 3: 1/1"]
+    assert "rows [3, 4, 5]" in said[1] and "rows [9]" in said[3]  # the input's rows, not the shard's
+    assert all(w.filename == __file__ for w in record if "no direction" in str(w.message))
+    miss = nl.metrics.miss_mse(64, nl.load_meta(tiny_paths["ar_nanonla"]).mse_scale)
+    assert result.table.column("mse").to_pylist() == [miss] * N_ROWS
+    assert result.summary.fve == pytest.approx(1 - miss / 0.5)
+
+
 def test_a_round_trip_does_not_replace_another_outputs_summary(tiny_paths, input_file, tmp_path, monkeypatch):
     """out.parquet and out.jsonl share out.summary.json: the second round trip replaced the first one's summary.
     It is refused before any model loads; a rerun of the same output, and an older summary naming none, go on."""
