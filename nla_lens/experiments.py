@@ -38,7 +38,7 @@ from nla_lens.capture import (
 )
 from nla_lens.checks import check_finite, counted
 from nla_lens.errors import InputError, VectorError
-from nla_lens.injection import HookFn, check_vectors
+from nla_lens.injection import HookFn, check_vectors, directionless_rows
 from nla_lens.nla import NLA, RoundTrip, baseline_phrase, check_read_keywords
 from nla_lens.results import TabularResult
 from nla_lens.verbalizer import ActivationVerbalizer, Verbalization
@@ -352,7 +352,7 @@ def _check_runs_finite(base_model: TLModel, layer: int, clean: Capture, steered:
     anyway, but as rows of its joint batch of both runs (the steered ones numbered after the clean ones)."""
     dtype = next(base_model.parameters()).dtype
     for run, cap in (("clean", clean), ("steered", steered)):
-        bad = (~cap.vectors.isfinite()).any(dim=-1).nonzero().flatten().tolist()
+        bad = directionless_rows(cap.vectors)[0]
         if not bad:
             continue
         sites = [(cap.rows[i].batch, cap.rows[i].position) for i in bad[:8]]
@@ -520,10 +520,9 @@ def verbalize_direction(
     vectors = check_vectors(direction, av.meta.d_model, "direction").float()
     if scale_like is not None:
         reference = check_vectors(scale_like, av.meta.d_model, "scale_like").float()
-        # Each norm taken over the row divided by its largest entry: a plain fp32 norm of entries ~1e-25 or ~1e25
-        # underflows to 0 or overflows to inf, which made every returned vector zero or inf.
-        largest = reference.abs().amax(dim=-1)
-        target = float(((reference / largest[:, None]).norm(dim=-1).cpu().double() * largest.cpu().double()).mean())
+        # In float64 (on the CPU: MPS has none), where every fp32 entry's square fits: an fp32 norm of entries ~1e-25
+        # or ~1e25 underflows to 0 or overflows to inf, which made every returned vector zero or inf.
+        target = float(reference.cpu().double().norm(dim=-1).mean())
         if target > torch.finfo(torch.float32).max:
             raise VectorError(f"scale_like's mean norm {target:.3g} is past float32's range, where the returned "
                               "vectors are kept; pass reference activations of a norm float32 holds")

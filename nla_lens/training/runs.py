@@ -90,7 +90,7 @@ class TrainingRun(TabularResult):
             (first_step, first), (_, last) = values[0], values[-1]
             parts.append(f"{label} {first:.4f} at step {first_step}" if len(values) == 1 else
                          f"{label} {first:.4f} -> {last:.4f}")
-        kls = _series(self.to_records(), "kl")
+        kls = _series(logged, "kl")
         if kls:
             parts.append(f"largest step KL {max(v for _, v in kls):.3g}")
         return "; ".join(parts)
