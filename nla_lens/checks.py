@@ -119,6 +119,16 @@ def check_sampling(temperature: float, top_p: float, max_new_tokens: int, batch_
         raise InputError("; ".join(wrong))
 
 
+def context_overflow(max_new_tokens: int, prompt: int, n_ctx: int, model: str) -> str | None:
+    """Why a sample of up to `max_new_tokens` tokens after a `prompt`-token prompt runs past `model`'s ("AV", "AR")
+    n_ctx, naming the most that fits; None when it fits. RL's teacher-forced AV forward and the AR's reading of a
+    sample's explanation (its tags and EOS are among the sample's tokens) each take prompt + sample positions."""
+    if prompt + max_new_tokens <= n_ctx:
+        return None
+    return (f"max_new_tokens={max_new_tokens} after the {prompt}-token {model} prompt needs {prompt + max_new_tokens} "
+            f"positions, over the {model}'s n_ctx={n_ctx}; set max_new_tokens <= {n_ctx - prompt}")
+
+
 def is_bool(value: object) -> bool:
     """True or False, NumPy's (an element of a mask) or a one-element bool tensor's too; not 0, 1 or "no", which an
     `if` would take for one."""

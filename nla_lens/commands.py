@@ -360,8 +360,10 @@ def _run_reconstruct(args: argparse.Namespace) -> None:
     if not texts:
         raise InputError("no explanations: give them as arguments, or --input FILE with one per line")
     blank = [i for i, text in enumerate(texts) if not text.strip()]
-    if blank:  # the AR would read an empty <text></text> and return a vector for it
-        raise InputError(f"explanation {blank[0]} is empty; give the explanation's text")
+    if blank:  # a slip (an unset shell variable): the AR would read an empty <text></text> and return a vector for it
+        raise InputError(f"explanation {blank[0]} is empty; give the explanation's text (to reconstruct an empty "
+                         "explanation on purpose, as round trips score an AV's empty one, call ar.reconstruct([\"\"]) "
+                         "in Python)")
     ar = ActivationReconstructor.from_pretrained(args.ar, device=args.device, dtype=args.dtype)
     vectors = ar.reconstruct(texts, batch_size=args.batch_size)
     for i, v in enumerate(vectors):

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import pyarrow as pa
 import torch
@@ -24,10 +24,10 @@ from nla_lens.checks import check_counts, check_keywords, counted
 from nla_lens.errors import CheckpointError, InputError, PairMismatchError, SidecarError
 from nla_lens.injection import check_vectors, directionless_rows
 from nla_lens.parsing import failed_parse_note, injection_warning, injection_warning_held
-from nla_lens.reconstructor import ActivationReconstructor
+from nla_lens.reconstructor import ActivationReconstructor, check_sample_fits
 from nla_lens.results import TabularResult
 from nla_lens.sidecar import NLAMeta, load_meta
-from nla_lens.verbalizer import ActivationVerbalizer, Verbalization
+from nla_lens.verbalizer import MAX_NEW_TOKENS, ActivationVerbalizer, Verbalization
 
 if TYPE_CHECKING:
     from nla_lens.backends import TLModel
@@ -182,7 +182,7 @@ def resolve_baseline(vectors: Float[Tensor, "n d_model"], mse_scale: float, give
 
 @dataclass(frozen=True, eq=False, repr=False)
 class RoundTrip(TabularResult):
-    """Scores of one round trip. A failed parse scores as a miss (an orthogonal guess).
+    """Scores of one round trip. A failed parse scores as a miss (an orthogonal guess); see `NLA.round_trip`.
 
     `fve` and `fves` are None when no baseline could be trusted (see `resolve_baseline`); `warnings`
     then says how to get one. The result is the record of its warnings: they are not also emitted with
@@ -190,16 +190,19 @@ class RoundTrip(TabularResult):
 
     Attributes:
         verbalizations: the AV's output for each vector, in the order of the vectors.
-        reconstructions: the AR's vector for each explanation; NaN rows where the explanation failed to parse.
-        mse: per row, of the vectors rescaled to mse_scale; a failed parse, or a reconstruction with no direction
-            (NaN, Inf or zero), scores `metrics.miss_mse`.
+        reconstructions: the AR's vector for each explanation; NaN rows where the explanation failed to parse or
+            its AR prompt is over the AR's n_ctx.
+        mse: per row, of the vectors rescaled to mse_scale; a failed parse, an explanation the AR cannot read within
+            its n_ctx, or a reconstruction with no direction (NaN, Inf or zero), scores `metrics.miss_mse`.
         mean_mse: the mean of `mse`.
         fve: 1 - mean_mse / baseline; None without a trustworthy baseline.
         baseline: the FVE denominator; None when there is none.
         baseline_source: "given", "sidecar (held-out)", "paper (these vectors)" or "none".
         n_failed_parses: rows whose completion had no parseable explanation.
         warnings: what to check before trusting the scores: outputs that look like a failed injection,
-            reconstructions with no direction, no baseline (and how to get one).
+            explanations too long for the AR, reconstructions with no direction, explanations whose sample ran on
+            to max_new_tokens after closing its tag (scored, though RL scores them as misses), no baseline (and
+            how to get one).
         fves: per-row FVE, 1 - mse_i / baseline; None without a baseline.
         baseline_n: how many vectors a sidecar or paper baseline rests on.
     """
@@ -258,17 +261,61 @@ def warn_at_caller(message: str) -> None:
     warnings.warn(message, stacklevel=level)
 
 
-def directionless_warning(verbalizations: Sequence[Verbalization], reconstructions: Float[Tensor, "n d_model"],
-                          first_row: int = 0) -> str | None:
-    """A warning naming the parsed rows (numbered from `first_row`: a shard's place in its input) whose
-    reconstruction has no direction (NaN, Inf or zero), which `NLA.score` scored as misses; None when there are none."""
-    non_finite, zero = directionless_rows(reconstructions)
-    rows = sorted(first_row + i for i in {*non_finite, *zero} if verbalizations[i].explanation is not None)
+def rows_the_ar_reads(ar: ActivationReconstructor, verbalizations: Sequence[Verbalization]) -> tuple[
+        list[int], list[int]]:
+    """The rows whose parsed explanation the AR reads, and the parsed rows whose AR prompt is over its n_ctx, which
+    `NLA.score` scores as misses. `check_sample_fits` bounds the tokens the AV samples, not its text retokenized:
+    a sampled token holding a split character's stray bytes decodes to U+FFFD, which a byte-level BPE may take
+    back as up to three tokens."""
+    parsed = [i for i, v in enumerate(verbalizations) if v.explanation is not None]
+    fits = ar.prompts_fit([cast(str, verbalizations[i].explanation) for i in parsed])
+    return ([i for i, ok in zip(parsed, fits, strict=True) if ok],
+            [i for i, ok in zip(parsed, fits, strict=True) if not ok])
+
+
+def miss_warnings(ar: ActivationReconstructor, verbalizations: Sequence[Verbalization],
+                  reconstructions: Float[Tensor, "n d_model"], first_row: int = 0) -> list[str]:
+    """The parsed rows `NLA.score` scored as misses, named (numbered from `first_row`: a shard's place in its input):
+    explanations the AR cannot read within its n_ctx, reconstructions with no direction."""
+    read, too_long = rows_the_ar_reads(ar, verbalizations)
+    notes = [too_long_warning(too_long, len(verbalizations), ar.model.cfg.n_ctx, first_row),
+             directionless_warning(reconstructions, read, first_row)]
+    return [note for note in notes if note]
+
+
+def too_long_warning(rows: Sequence[int], n: int, n_ctx: int, first_row: int = 0) -> str | None:
+    """Rows whose explanation the AR cannot read within its n_ctx (`rows_the_ar_reads`), scored as misses."""
     if not rows:
         return None
-    return (f"{len(rows)}/{len(verbalizations)} reconstructions have no direction (NaN, Inf or zero; rows "
+    shown = [first_row + i for i in rows[:8]]
+    return (f"{len(rows)}/{n} explanations make AR prompts over the AR's n_ctx={n_ctx} (rows {shown}), scored as "
+            "misses: their text retokenizes to more tokens than the AV sampled (a sampled token holding stray bytes "
+            "of a split character decodes to U+FFFD, which may tokenize as three); read their `text`")
+
+
+def directionless_warning(reconstructions: Float[Tensor, "n d_model"], read: Sequence[int],
+                          first_row: int = 0) -> str | None:
+    """A warning naming the rows the AR read (`read`, numbered from `first_row`) whose reconstruction has no direction
+    (NaN, Inf or zero), which `NLA.score` scored as misses; None when there are none."""
+    non_finite, zero = directionless_rows(reconstructions)
+    rows = sorted(first_row + i for i in {*non_finite, *zero} & set(read))
+    if not rows:
+        return None
+    return (f"{len(rows)}/{len(reconstructions)} reconstructions have no direction (NaN, Inf or zero; rows "
             f"{rows[:8]}), scored as misses: the AR's forward overflowed its dtype (load it in bfloat16 or float32 "
             "rather than float16) or a hook on ar.model broke it")
+
+
+def ran_on_warning(rows: Sequence[int], n: int) -> str | None:
+    """Of `n` rows, the `rows` whose explanation closed its tag but whose sample reached max_new_tokens without the
+    AV's EOS (`Verbalization.truncated`): round trips score them by the paper's parse rule, RL's reward (the
+    recipe's) as misses, so the two disagree on them."""
+    if not rows:
+        return None
+    return (f"{len(rows)}/{n} explanations closed their tag but the AV did not end the sample before max_new_tokens "
+            f"(rows {list(rows[:8])}): the round trip scores them, by the paper's parse rule, where RL's reward scores "
+            "such samples as misses. A larger max_new_tokens lets a tag closed at the cap end with EOS; what the AV "
+            "wrote on after its tag is in the row's `text`")
 
 
 class NLA:
@@ -352,15 +399,25 @@ class NLA:
         exporter writes the held-out one), else the paper baseline of `vectors` when there are at least
         32 of them; otherwise `fve` is None and `warnings` says how to get one (for Qwen3-8B
         layer-24 vectors: about 0.56).
+
+        Scoring follows the paper's parse rule (`score`): a parsed explanation is reconstructed, an empty one
+        (`<explanation></explanation>`) too, as the paper's critic and RL's reward read it, and so is one whose
+        sample ran on to `max_new_tokens` after closing its tag, which RL's reward scores as a miss: `warnings`
+        names those rows. Raises `PromptTooLongError` before verbalizing when an AR prompt holding a sample of
+        `max_new_tokens` tokens would not fit the AR's n_ctx (`check_sample_fits`, RL's rule).
         """
-        check_counts(1, reconstruct_batch_size=reconstruct_batch_size)
+        max_new_tokens = verbalize_kwargs.get("max_new_tokens", MAX_NEW_TOKENS)
+        check_counts(1, reconstruct_batch_size=reconstruct_batch_size, max_new_tokens=max_new_tokens)
         vectors = check_vectors(vectors, self.av.meta.d_model).float()
         resolved = resolve_baseline(vectors, self.mse_scale, baseline, self.ar.meta)  # before the expensive part
+        check_sample_fits(self.ar.meta, self.ar.tokenizer, self.ar.model.cfg.n_ctx, max_new_tokens)
         with injection_warning_held():  # reported once on the result instead
             verbalizations = self.av.verbalize(vectors, **verbalize_kwargs)
         reconstructions, mse = self.score(vectors, verbalizations, reconstruct_batch_size=reconstruct_batch_size)
+        ran_on = [i for i, v in enumerate(verbalizations) if v.truncated and v.explanation is not None]
         notes = [w for w in [injection_warning([v.text for v in verbalizations], self.av.meta.injection_char),
-                             directionless_warning(verbalizations, reconstructions), resolved.warning] if w]
+                             *miss_warnings(self.ar, verbalizations, reconstructions),
+                             ran_on_warning(ran_on, len(verbalizations)), resolved.warning] if w]
         n_failed = sum(v.explanation is None for v in verbalizations)
         value = resolved.value
         return RoundTrip(verbalizations, reconstructions, mse, float(mse.mean()),
@@ -371,22 +428,25 @@ class NLA:
               reconstruct_batch_size: int = 64) -> tuple[Float[Tensor, "n d_model"], Float[Tensor, " n"]]:
         """Reconstruct each parsed explanation and score it against its vector.
 
-        Returns the reconstructions (NaN rows for failed parses) and the per-row MSE, where a failed
-        parse scores `metrics.miss_mse`, and so does a reconstruction with no direction (NaN, Inf or zero: an AR
-        that overflowed its dtype, or a hook on `ar.model`), as RL's rewards score it: its MSE would be NaN, and so
-        the mean MSE and FVE of every row. `directionless_warning` names those rows. The one scoring rule of
+        Returns the reconstructions (NaN rows where none was made) and the per-row MSE, where a failed
+        parse scores `metrics.miss_mse`, and so do an explanation whose AR prompt is over the AR's n_ctx (left out
+        rather than refused after the AV's work: `rows_the_ar_reads`) and a reconstruction with no direction (NaN,
+        Inf or zero: an AR that overflowed its dtype, or a hook on `ar.model`), as RL's rewards score it: its MSE
+        would be NaN, and so the mean MSE and FVE of every row. Every parsed explanation that fits is scored, an
+        empty one and one whose sample ran on to `max_new_tokens` included (the paper's parse rule).
+        `miss_warnings` names the parsed rows scored as misses. The one scoring rule of
         `round_trip` and of sharded jobs.
         """
         vectors = vectors.float()
         scale = self.mse_scale
-        parsed = [i for i, v in enumerate(verbalizations) if v.explanation is not None]
+        read, _ = rows_the_ar_reads(self.ar, verbalizations)
         reconstructions = torch.full_like(vectors, float("nan"))
         miss = metrics.miss_mse(self.av.meta.d_model, scale)
         mse = torch.full((len(vectors),), miss)
-        if parsed:
-            texts = [v.explanation for v in verbalizations if v.explanation is not None]  # those of `parsed`
+        if read:
+            texts = [cast(str, verbalizations[i].explanation) for i in read]
             predicted = self.ar.reconstruct(texts, batch_size=reconstruct_batch_size).to(vectors.device)
-            reconstructions[parsed] = predicted
-            scored = metrics.mse_per_item(predicted, vectors[parsed], scale).cpu()
-            mse[parsed] = torch.where(scored.isfinite(), scored, miss)  # the targets have one (check_vectors)
+            reconstructions[read] = predicted
+            scored = metrics.mse_per_item(predicted, vectors[read], scale).cpu()
+            mse[read] = torch.where(scored.isfinite(), scored, miss)  # the targets have one (check_vectors)
         return reconstructions, mse

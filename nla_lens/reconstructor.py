@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from nla_lens import backends, loading
-from nla_lens.checks import check_counts, check_explanations, resolve_device, resolve_dtype
+from nla_lens.checks import check_counts, check_explanations, context_overflow, resolve_device, resolve_dtype
 from nla_lens.distributed import inference
 from nla_lens.errors import PromptTooLongError, SidecarError
 from nla_lens.sidecar import NLAMeta, ar_prompt_ids, check_role_template, load_meta
@@ -84,6 +84,10 @@ class ActivationReconstructor:
                 f"mse_scale={self.meta.mse_scale:.4g}, stage={self.meta.raw.get('stage')!r}, "
                 f"base_model={self.meta.base_model!r}, {self.device}, {self.model.W_E.dtype})")
 
+    def prompts_fit(self, explanations: list[str]) -> list[bool]:
+        """Whether each explanation's AR prompt fits n_ctx (`reconstruct` refuses a call holding one that does not)."""
+        return [len(ar_prompt_ids(self.meta, self.tokenizer, e)) <= self.model.cfg.n_ctx for e in explanations]
+
     def prompt_tokens(self, explanations: list[str]) -> tuple[Int[Tensor, "n pos"], Int[Tensor, "n pos"]]:
         """Left-padded AR prompts and their attention mask, tokenized as the paper's critic does
         (with special tokens: BOS first on Gemma / Llama, nothing added on Qwen)."""
@@ -128,3 +132,13 @@ class ActivationReconstructor:
                 resid = forward(tokens[rows, -width:], mask[rows, -width:])
                 out.append(self.readout(resid if readout_dtype is None else resid.to(readout_dtype)).float())
         return torch.cat(out)
+
+
+def check_sample_fits(meta: NLAMeta, tokenizer: PreTrainedTokenizerBase, n_ctx: int, max_new_tokens: int) -> None:
+    """The AR (its sidecar, tokenizer and `n_ctx`) can read the explanation of an AV sample of up to `max_new_tokens`
+    tokens, by RL's rule: the AR prompt of an empty explanation plus the whole sample fits. Checked before
+    verbalizing, so that `reconstruct` does not refuse a long explanation once the AV's work is done."""
+    problem = context_overflow(max_new_tokens, len(ar_prompt_ids(meta, tokenizer, "")), n_ctx, "AR")
+    if problem:
+        raise PromptTooLongError(f"{problem}: the AR reads each sample's explanation in its prompt, and one that long "
+                                 "would not fit (checked before verbalizing)")

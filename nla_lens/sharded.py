@@ -39,12 +39,13 @@ from nla_lens.nla import (
     NLA,
     baseline_phrase,
     check_pair,
-    directionless_warning,
+    miss_warnings,
+    ran_on_warning,
     resolve_baseline,
     warn_at_caller,
 )
 from nla_lens.parsing import injection_warning, injection_warning_held
-from nla_lens.reconstructor import ActivationReconstructor
+from nla_lens.reconstructor import ActivationReconstructor, check_sample_fits
 from nla_lens.results import RESULT_KEY
 from nla_lens.sidecar import SIDECAR_NAME, NLAMeta, load_meta
 from nla_lens.vector_files import VectorTable, check_output, json_text, read_input, write_json, write_table
@@ -187,9 +188,11 @@ def round_trip_file(
 ) -> JobResult:
     """Verbalize, reconstruct and score every vector of `input_path`; rows as `verbalize_file` plus `mse`.
 
-    Each row is scored by `NLA.score`; the merge adds a `RoundTripSummary` (written next to the
-    output as `<stem>.summary.json`) whose baseline is the given one, else the AR sidecar's, else the
-    paper's over all input vectors (at least 32 of them), as `NLA.round_trip` picks it.
+    Each row is scored by `NLA.score`, and each shard warns of the misses `nla.miss_warnings` names; the merge adds a
+    `RoundTripSummary` (written next to the output as `<stem>.summary.json`) whose baseline is the given one, else
+    the AR sidecar's, else the paper's over all input vectors (at least 32 of them), as `NLA.round_trip` picks it.
+    A `sampling.max_new_tokens` whose samples the AR could not read (`check_sample_fits`) is refused before any
+    weight is read.
     """
     input_path, output = file_path(input_path, "input_path"), file_path(output, "output")
     _check_paths(input_path, output)
@@ -202,6 +205,8 @@ def round_trip_file(
     check_pair(av_meta, ar_meta)
     table = _read(input_path, column, av_meta)
     resolved = resolve_baseline(table.vectors, ar_meta.mse_scale, baseline, ar_meta)  # before any verbalization
+    ar_tokenizer = loading.checkpoint_tokenizer(ar_folder, ar_meta, "ar")
+    check_sample_fits(ar_meta, ar_tokenizer, _context_length(ar_folder), sampling.max_new_tokens)
     if resolved.warning:
         warnings.warn(resolved.warning, stacklevel=2)
     manifest = {"job": "round-trip", **_input_facts(input_path, table), "shard_size": shard_size,
@@ -214,19 +219,19 @@ def round_trip_file(
         def load() -> NLA:
             rank_device = device_for(world, device)
             return NLA(ActivationVerbalizer.from_pretrained(av_folder, device=rank_device, dtype=dtype),
-                       ActivationReconstructor.from_pretrained(ar_folder, device=rank_device, dtype=dtype))
+                       ActivationReconstructor.from_pretrained(ar_folder, device=rank_device, dtype=dtype,
+                                                               tokenizer=ar_tokenizer))
 
         def compute(shard: int, rows: range) -> pa.Table:
             nla, vectors = load(), table.vectors[rows.start:rows.stop]
             verbalizations = sampling.verbalize(nla.av, vectors, shard)
             reconstructions, mse = nla.score(vectors, verbalizations, reconstruct_batch_size=reconstruct_batch_size)
-            directionless = directionless_warning(verbalizations, reconstructions, rows.start)
-            if directionless:  # the output keeps no reconstructions: said as the shard is scored
-                warn_at_caller(f"shard {shard}: {directionless}")
+            for note in miss_warnings(nla.ar, verbalizations, reconstructions, rows.start):
+                warn_at_caller(f"shard {shard}: {note}")  # the output keeps no reconstructions: said as it is scored
             return output_rows(table, rows, verbalizations, mse=pa.array(mse.numpy(), pa.float32()))
 
         result = _run(table, output, manifest, compute, world, shard_size, shards, progress, av_meta.injection_char,
-                      [w for w in [resolved.warning] if w])
+                      [w for w in [resolved.warning] if w], _ran_on_warning)
     if result.table is None:
         return result
     mse = torch.tensor(result.table.column("mse").to_numpy())
@@ -237,6 +242,11 @@ def round_trip_file(
     record = {**asdict(summary), "warnings": result.warnings, "output": output.name, "job": job_record(manifest)}
     write_json(summary_path(output), record, indent=2)
     return replace(result, summary=summary)
+
+
+def _context_length(folder: Path) -> int:
+    """The n_ctx the loaded model will have (`loading.hooked_config` takes it from the config), read before loading."""
+    return int(loading.load_hf_config(folder).get_text_config().max_position_embeddings)
 
 
 JOB_KEY = "nla_lens_job"  # the parquet output's schema metadata key for `job_record`
@@ -416,11 +426,13 @@ def output_rows(table: VectorTable, rows: range, verbalizations: list[Verbalizat
 
 def _run(table: VectorTable, output: Path, manifest: dict[str, Any], compute: Callable[[int, range], pa.Table],
          world: World, shard_size: int, shards: Sequence[int] | None, progress: bool, marker_char: str,
-         known_warnings: Sequence[str] = ()) -> JobResult:
+         known_warnings: Sequence[str] = (), merged_warning: Callable[[pa.Table], str | None] | None = None,
+         ) -> JobResult:
     """Compute this rank's unfinished shards, wait for every rank, and merge on rank 0 if nothing is missing.
 
     The merged output keeps its warnings (`verbalize`'s failed-injection check, once over every row, then
-    `known_warnings`) beside the job record, so that a reader of the file learns of them too."""
+    `merged_warning`'s over the merged rows, then `known_warnings`) beside the job record, so that a reader of the
+    file learns of them too."""
     check_output(output)
     folder = shard_store.shard_folder(output)
     recorded = shard_store.read_manifest(folder)
@@ -444,11 +456,20 @@ def _run(table: VectorTable, output: Path, manifest: dict[str, Any], compute: Ca
         return JobResult(output, len(ranges), todo, missing, warnings=known)
     merged = _with_truncated(shard_store.merge(folder, len(ranges)))
     found = injection_warning(merged.column("text").to_pylist(), marker_char)
-    job_warnings = [w for w in [found, *known] if w]
+    merged_note = merged_warning(merged) if merged_warning is not None else None
+    job_warnings = [w for w in [found, merged_note, *known] if w]
     merged = merged.replace_schema_metadata({JOB_KEY: json_text(job_record(manifest)),
                                              RESULT_KEY: json_text({"warnings": job_warnings})})
     write_table(merged, output)
     return JobResult(output, len(ranges), todo, [], merged, warnings=job_warnings)
+
+
+def _ran_on_warning(merged: pa.Table) -> str | None:
+    """`ran_on_warning` over a round trip's merged rows, named by their input row."""
+    closed = merged.column("explanation").is_valid().to_pylist()
+    cut = merged.column("truncated").to_pylist()  # None in rows of shards an older nla_lens wrote: unknown
+    index = merged.column("index").to_pylist()
+    return ran_on_warning([row for row, c, t in zip(index, closed, cut, strict=True) if c and t is True], len(index))
 
 
 def _warn_relocated(folder: Path, manifest: dict[str, Any], relocated: dict[str, Any]) -> None:

@@ -18,6 +18,7 @@ from nla_lens import backends, loading, metrics
 from nla_lens.explain import Explanation
 from nla_lens.nla import resolve_baseline
 from nla_lens.parsing import injection_warning
+from nla_lens.sidecar import ar_prompt_ids
 from nla_lens.testing import build_tokenizer
 from nla_lens.verbalizer import Verbalization
 
@@ -45,6 +46,9 @@ def test_round_trip_scores_parsed_rows_and_counts_failed_parses(av_karvonen, ar_
     row = next(line for line in repr(rt).splitlines() if line.split()[0] == "1")
     # Its MSE reads as the miss it was scored as, not a reconstruction that bad
     assert "(no <explanation> tags) no tags here" in row and row.split()[-3:] == ["False", "miss", "(2.000)"]
+
+
+CAT = Verbalization("<explanation>the cat</explanation>", "the cat", [])
 
 
 def _fake_verbalize(av, monkeypatch, text="<explanation>the cat</explanation>"):
@@ -155,6 +159,88 @@ def test_a_reconstruction_with_no_direction_scores_as_a_miss_and_is_named(av_kar
     assert rt.n_failed_parses == 0
     assert len(rt.warnings) == 1 and "2/4 reconstructions have no direction" in rt.warnings[0]
     assert "rows [0, 2]" in rt.warnings[0]
+
+
+def test_round_trip_refuses_a_max_new_tokens_the_ar_cannot_read_before_verbalizing(av_karvonen, ar_nanonla, vectors,
+                                                                                  monkeypatch):
+    """By RL's rule (the AR prompt of an empty explanation plus the sample fits the AR's n_ctx): `reconstruct` refused
+    a long explanation after the AV had verbalized every vector, and the work was lost."""
+    prompt = len(ar_prompt_ids(ar_nanonla.meta, ar_nanonla.tokenizer, ""))
+    monkeypatch.setattr(ar_nanonla.model.cfg, "n_ctx", prompt + 10)  # an AR that reads shorter texts than the AV writes
+    monkeypatch.setattr(av_karvonen, "verbalize", lambda v, **kw: pytest.fail("verbalized before the check"))
+    nla = nl.NLA(av_karvonen, ar_nanonla)
+    message = (f"max_new_tokens=11 after the {prompt}-token AR prompt needs {prompt + 11} positions, over the AR's "
+               f"n_ctx={prompt + 10}; set max_new_tokens <= 10")
+    with pytest.raises(nl.PromptTooLongError, match=re.escape(message)):
+        nla.round_trip(vectors, max_new_tokens=11)
+    with pytest.raises(nl.PromptTooLongError, match=re.escape(f"max_new_tokens={nl.verbalizer.MAX_NEW_TOKENS} after")):
+        nla.round_trip(vectors)  # verbalize's default
+    _fake_verbalize(av_karvonen, monkeypatch)
+    assert nla.round_trip(vectors, max_new_tokens=10).mse.isfinite().all()
+
+
+def test_an_explanation_that_retokenizes_past_the_ars_context_scores_as_a_miss_named_in_warnings(
+        av_karvonen, ar_nanonla, vectors, monkeypatch):
+    """The up-front check bounds the tokens the AV samples, not its text tokenized again: a sampled byte token of a
+    split character decodes to U+FFFD, three byte tokens here. That row made `reconstruct` refuse the whole call
+    after the AV's work; it scores as a miss and the warnings name it."""
+    tokenizer = av_karvonen.tokenizer
+    stray = next(i for i in range(len(tokenizer)) if tokenizer.decode([i]) == "\ufffd")  # one byte of a character
+    ids = [*tokenizer.encode("<explanation>\n", add_special_tokens=False), *[stray] * 20,
+           *tokenizer.encode("\n</explanation>", add_special_tokens=False), tokenizer.eos_token_id]
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    garbled = Verbalization(text, nl.verbalizer.parse_explanation(text), ids)
+    prompt = len(ar_prompt_ids(ar_nanonla.meta, ar_nanonla.tokenizer, ""))
+    retokenized = len(ar_prompt_ids(ar_nanonla.meta, ar_nanonla.tokenizer, garbled.explanation))
+    assert retokenized > prompt + len(ids)  # longer than any bound on the sampled tokens can foresee
+    monkeypatch.setattr(ar_nanonla.model.cfg, "n_ctx", prompt + len(ids))
+    monkeypatch.setattr(av_karvonen, "verbalize", lambda v, **kw: [CAT, garbled, CAT, CAT])
+    rt = nl.NLA(av_karvonen, ar_nanonla).round_trip(vectors, baseline=0.5, max_new_tokens=len(ids))
+
+    scale, read = ar_nanonla.meta.mse_scale, [0, 2, 3]
+    expected = metrics.mse_per_item(ar_nanonla.reconstruct(["the cat"] * 3), vectors[read], scale)
+    assert torch.allclose(rt.mse[read], expected, atol=1e-6)
+    assert float(rt.mse[1]) == metrics.miss_mse(64, scale) and torch.isnan(rt.reconstructions[1]).all()
+    assert rt.n_failed_parses == 0
+    assert rt.warnings == [f"1/4 explanations make AR prompts over the AR's n_ctx={prompt + len(ids)} (rows [1]), "
+                           "scored as misses: their text retokenizes to more tokens than the AV sampled (a sampled "
+                           "token holding stray bytes of a split character decodes to U+FFFD, which may tokenize as "
+                           "three); read their `text`"]  # and no "no direction" for its NaN row
+
+
+def test_a_closed_explanation_whose_sample_ran_on_is_scored_and_its_rows_named(av_karvonen, ar_nanonla, vectors,
+                                                                              monkeypatch):
+    """The paper's parse rule scores an explanation whose sample closed its tag but never reached EOS; RL's reward
+    scores the same sample as a miss. The round trip keeps the paper's rule and names those rows, once silent."""
+    ran_on = "<explanation>the cat</explanation> and then the"
+    said = [Verbalization(ran_on, "the cat", [], truncated=True), CAT, Verbalization(ran_on, "the cat", [],
+            truncated=True), Verbalization("<explanation>the sea and", None, [], truncated=True)]
+    monkeypatch.setattr(av_karvonen, "verbalize", lambda v, **kw: said)
+    rt = nl.NLA(av_karvonen, ar_nanonla).round_trip(vectors, baseline=0.5)
+
+    scored = [0, 1, 2]
+    expected = metrics.mse_per_item(ar_nanonla.reconstruct(["the cat"] * 3), vectors[scored], ar_nanonla.meta.mse_scale)
+    assert torch.allclose(rt.mse[scored], expected, atol=1e-6)
+    assert rt.warnings == ["2/4 explanations closed their tag but the AV did not end the sample before max_new_tokens "
+                           "(rows [0, 2]): the round trip scores them, by the paper's parse rule, where RL's reward "
+                           "scores such samples as misses. A larger max_new_tokens lets a tag closed at the cap end "
+                           "with EOS; what the AV wrote on after its tag is in the row's `text`"]
+
+
+def test_an_empty_explanation_is_reconstructed_and_scored_as_rls_reward_scores_it(av_karvonen, ar_nanonla, vectors,
+                                                                                  monkeypatch):
+    """The paper's critic reconstructs whatever its parser returns, "" included, and so does RL's reward: round trips
+    score an AV's empty explanation the same way (`nla-lens reconstruct` refuses an empty argument as a slip)."""
+    from nla_lens.training import rl
+
+    text = "<explanation></explanation>"
+    _fake_verbalize(av_karvonen, monkeypatch, text)
+    rt = nl.NLA(av_karvonen, ar_nanonla).round_trip(vectors, baseline=0.5)
+    assert rt.explanations == [""] * 4 and rt.n_failed_parses == 0 and rt.warnings == []
+    assert torch.allclose(rt.reconstructions, ar_nanonla.reconstruct([""]).expand(4, -1), atol=1e-5)
+    _, rl_mse, _ = rl.score(ar_nanonla, vectors, [text] * 4, torch.zeros(4, dtype=torch.bool))
+    assert torch.allclose(rt.mse.double(), rl_mse, atol=1e-6)
+    assert (rt.mse < metrics.miss_mse(64, ar_nanonla.meta.mse_scale)).any()  # a reconstruction, not a miss
 
 
 def test_round_trip_with_a_given_baseline_and_a_failed_injection_warning(av_karvonen, ar_nanonla, vectors,

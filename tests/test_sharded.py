@@ -199,6 +199,49 @@ def test_a_sharded_round_trip_scores_a_reconstruction_with_no_direction_as_a_mis
     assert result.summary.fve == pytest.approx(1 - miss / 0.5)
 
 
+def test_a_sharded_round_trip_refuses_a_max_new_tokens_the_ar_cannot_read_before_any_model_loads(
+        tiny_paths, input_file, tmp_path, monkeypatch):
+    """RL's rule, as `NLA.round_trip` applies it: the AR's `reconstruct` refused a long explanation mid-shard, after
+    the models loaded and the AV had verbalized the shard."""
+    ar = shutil.copytree(tiny_paths["ar_nanonla"], tmp_path / "ar")
+    config = json.loads((ar / "config.json").read_text())
+    tokenizer = nl.loading.load_tokenizer(ar)
+    prompt = len(nl.sidecar.ar_prompt_ids(nl.load_meta(ar), tokenizer, ""))
+    (ar / "config.json").write_text(json.dumps({**config, "max_position_embeddings": prompt + 10}))
+    monkeypatch.setattr(nl.ActivationVerbalizer, "from_pretrained", lambda *a, **k: pytest.fail("a model loaded"))
+    with pytest.raises(nl.PromptTooLongError, match=re.escape(f"over the AR's n_ctx={prompt + 10}; set "
+                                                              "max_new_tokens <= 10")):
+        sharded.round_trip_file(tiny_paths["av_karvonen"], ar, input_file, tmp_path / "out.parquet",
+                                sampling=Sampling(max_new_tokens=11), baseline=0.5, shard_size=SHARD_SIZE)
+    assert not list(shard_store.shard_folder(tmp_path / "out.parquet").glob("shard-*"))
+
+
+def test_a_sharded_round_trips_warnings_name_the_input_rows_scored_though_their_sample_ran_on(
+        tiny_paths, input_file, rows, tmp_path, monkeypatch):
+    """As `NLA.round_trip`'s: an explanation that closed its tag in a sample cut at max_new_tokens is scored (the
+    paper's parse rule), where RL's reward scores it as a miss. The job's warnings, kept in its output and summary,
+    name those rows by the input's numbering."""
+    ran_on = nl.Verbalization("<explanation>the cat</explanation> and", "the cat", [1], truncated=True)
+    cut = nl.Verbalization("<explanation>the cat and", None, [1], truncated=True)
+    healthy = nl.Verbalization("<explanation>the cat</explanation>", "the cat", [1])
+    said = [ran_on if i in (1, 7) else cut if i == 4 else healthy for i in range(N_ROWS)]
+    monkeypatch.setattr(Sampling, "verbalize", lambda self, av, vectors, shard: said[shard * SHARD_SIZE:][
+        :len(vectors)])
+    result = sharded.round_trip_file(tiny_paths["av_karvonen"], tiny_paths["ar_nanonla"], input_file,
+                                     tmp_path / "out.parquet", sampling=GREEDY, baseline=0.5, shard_size=SHARD_SIZE)
+    ar = nl.ActivationReconstructor.from_pretrained(tiny_paths["ar_nanonla"])
+    expected = nl.metrics.mse_per_item(ar.reconstruct(["the cat"]).expand(N_ROWS, -1), rows, ar.meta.mse_scale)
+    mse = torch.tensor(result.table.column("mse").to_pylist())
+    scored = [i for i in range(N_ROWS) if i != 4]
+    assert torch.allclose(mse[scored], expected[scored], atol=1e-5)  # rows 1 and 7 among them
+    assert float(mse[4]) == nl.metrics.miss_mse(64, ar.meta.mse_scale)
+    said_so = ("2/10 explanations closed their tag but the AV did not end the sample before max_new_tokens (rows "
+               "[1, 7]): the round trip scores them")
+    assert len(result.warnings) == 1 and result.warnings[0].startswith(said_so)
+    assert nl.read_result(result.output).attrs["warnings"] == result.warnings
+    assert json.loads(sharded.summary_path(result.output).read_text())["warnings"] == result.warnings
+
+
 def test_a_round_trip_does_not_replace_another_outputs_summary(tiny_paths, input_file, tmp_path, monkeypatch):
     """out.parquet and out.jsonl share out.summary.json: the second round trip replaced the first one's summary.
     It is refused before any model loads; a rerun of the same output, and an older summary naming none, go on."""

@@ -42,7 +42,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from nla_lens import backends, metrics
-from nla_lens.checks import counted
+from nla_lens.checks import context_overflow, counted
 from nla_lens.distributed import inference
 from nla_lens.errors import ConfigError, InputError
 from nla_lens.nla import MIN_BASELINE_VECTORS, NLA, Baseline, check_pair, check_vocabularies, resolve_baseline
@@ -423,10 +423,9 @@ def check_samples_fit(av: ActivationVerbalizer, ar: ActivationReconstructor, max
     and the AR reads the sample's explanation in its template (else an error mid-run)."""
     for name, prompt, n_ctx in (("AV", av.prompt_tokens(1).shape[1], av.model.cfg.n_ctx),
                                 ("AR", len(ar_prompt_ids(ar.meta, ar.tokenizer, "")), ar.model.cfg.n_ctx)):
-        if prompt + max_new_tokens > n_ctx:
-            raise ConfigError(f"rl.max_new_tokens={max_new_tokens} after the {prompt}-token {name} prompt needs "
-                              f"{prompt + max_new_tokens} positions, over the {name}'s n_ctx={n_ctx}; set "
-                              f"max_new_tokens <= {n_ctx - prompt}")
+        problem = context_overflow(max_new_tokens, prompt, n_ctx, name)  # the AR's rule is `round_trip`'s too
+        if problem:
+            raise ConfigError(f"rl.{problem}")
 
 
 def heldout_baseline(ar: ActivationReconstructor, vectors: Float[Tensor, "n d_model"]) -> Baseline:
