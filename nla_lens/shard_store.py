@@ -86,16 +86,28 @@ def assigned_shards(n_shards: int, world: World, only: Sequence[int] | None = No
 
 
 def read_manifest(folder: Path) -> dict[str, Any] | None:
-    """The manifest saved with the folder's first shard, as written; None before any shard was saved."""
+    """The manifest saved with the folder's first shard, as written; None before any shard was saved. Shards
+    without it (a deleted manifest, shard files copied alone) cannot be checked against this run: with none,
+    they were reused whatever settings computed them."""
     path = folder / MANIFEST
+    had_shards = holds_shards(folder)  # looked at first: `save_shard` writes the manifest before any shard
     if not path.exists():
+        if had_shards:
+            raise ConfigError(f"{folder} holds shards but no {MANIFEST}, so they cannot be checked against this "
+                              f"run's settings. Delete {folder} and rerun to start over")
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        manifest = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, OSError) as exc:  # cut short after its rename, as a shard can be (see _read_shard)
-        raise ConfigError(f"{path} cannot be read ({type(exc).__name__}: {exc}): it is damaged or cut short, so the "
-                          f"shards beside it cannot be checked against this run. Delete {folder} and rerun to start "
-                          "over") from exc
+        raise _damaged_manifest(path, f"{type(exc).__name__}: {exc}") from exc
+    if not isinstance(manifest, dict):  # what `save_shard` writes is an object; else a bare AttributeError later
+        raise _damaged_manifest(path, f"it holds a JSON {type(manifest).__name__}, not an object")
+    return manifest
+
+
+def _damaged_manifest(path: Path, reason: str) -> ConfigError:
+    return ConfigError(f"{path} cannot be read ({reason}): it is damaged or cut short, so the shards beside it cannot "
+                       f"be checked against this run. Delete {path.parent} and rerun to start over")
 
 
 def check_manifest(folder: Path, recorded: dict[str, Any] | None, manifest: dict[str, Any]) -> dict[str, Any]:
@@ -155,18 +167,37 @@ def missing_shards(folder: Path, n_shards: int) -> list[int]:
     return [i for i in range(n_shards) if not shard_path(folder, i).exists()]
 
 
-def merge(folder: Path, n_shards: int) -> pa.Table:
-    """Every shard in shard order, which is input row order. Shards an older nla_lens wrote lack the columns added
-    since (`truncated`): those rows hold nulls there, unknown rather than false."""
-    return pa.concat_tables([_read_shard(shard_path(folder, i)) for i in range(n_shards)], promote_options="default")
+def merge(folder: Path, ranges: Sequence[range]) -> pa.Table:
+    """Every shard (`ranges`: each one's input rows, `shard_rows`) in shard order, which is input row order. Shards
+    an older nla_lens wrote lack the columns added since (`truncated`): those rows hold nulls there, unknown rather
+    than false."""
+    return pa.concat_tables([_read_shard(folder, i, rows) for i, rows in enumerate(ranges)], promote_options="default")
 
 
-def _read_shard(path: Path) -> pa.Table:
-    """A shard file; one cut short after its rename (a node that crashed before the data reached the disk,
-    an interrupted copy of the folder) is named, with the fix, instead of arrow's traceback."""
+def _read_shard(folder: Path, index: int, rows: range) -> pa.Table:
+    """Shard `index`'s file, holding input `rows`. One cut short after its rename (a node that crashed before the
+    data reached the disk, an interrupted copy of the folder) is named, with the fix, instead of arrow's traceback;
+    so is one that holds other rows (another shard's file copied over it), which merged as these rows."""
+    path = shard_path(folder, index)
     try:
-        return pq.read_table(path)
+        table = pq.read_table(path)
     except (pa.ArrowException, OSError) as exc:
         raise ConfigError(f"{path} cannot be read ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}): "
                           "it is damaged or cut short. Delete it and rerun the same command to compute that shard "
                           "again") from exc
+    held = table.column("index").to_pylist() if "index" in table.column_names else None
+    if held != list(rows):
+        found = "no index column" if held is None else f"input rows {_shown_rows(held)}"
+        raise ConfigError(f"{path} holds {found}, where shard {index} holds input rows {_shown_rows(rows)}: it is "
+                          "another shard's or another job's file. Delete it and rerun the same command to compute "
+                          "that shard again")
+    return table
+
+
+def _shown_rows(rows: Sequence[int]) -> str:
+    """Input row indices as a message names them: "3-5" where consecutive, else the first few."""
+    if len(rows) == 1:
+        return f"{rows[0]}"
+    if rows and list(rows) == list(range(rows[0], rows[0] + len(rows))):
+        return f"{rows[0]}-{rows[-1]}"
+    return f"{list(rows[:6])}{' ...' if len(rows) > 6 else ''} ({len(rows)} rows)"

@@ -454,7 +454,7 @@ def _run(table: VectorTable, output: Path, manifest: dict[str, Any], compute: Ca
     missing = shard_store.missing_shards(folder, len(ranges))
     if missing:
         return JobResult(output, len(ranges), todo, missing, warnings=known)
-    merged = _with_truncated(shard_store.merge(folder, len(ranges)))
+    merged = _with_truncated(shard_store.merge(folder, ranges))
     found = injection_warning(merged.column("text").to_pylist(), marker_char)
     merged_note = merged_warning(merged) if merged_warning is not None else None
     job_warnings = [w for w in [found, merged_note, *known] if w]

@@ -299,6 +299,54 @@ def test_a_damaged_shard_file_is_named_and_recomputed_once_deleted(tiny_paths, i
     assert result.computed == [1] and result.table.equals(reference)
 
 
+@pytest.mark.parametrize(("damage", "held"), [
+    (lambda shard, other: shutil.copy(other, shard), "input rows 0-2"),  # shard 0's file copied over shard 1's
+    (lambda shard, other: pq.write_table(pq.read_table(shard).slice(0, 2), shard), "input rows 3-4"),
+    (lambda shard, other: pq.write_table(pq.read_table(shard).drop_columns(["index"]), shard), "no index column"),
+], ids=["another_shards_file", "rows_missing", "no_index"])
+def test_a_shard_file_holding_other_rows_is_named_not_merged_as_its_rows(tiny_paths, input_file, tmp_path, damage,
+                                                                          held):
+    """A shard file of other rows merged as its shard's: the output repeated rows 0-2 where rows 3-5 belong (index
+    0, 1, 2, 0, 1, 2, 6, ...), or lost a row, without a word."""
+    av, out = tiny_paths["av_karvonen"], tmp_path / "out.parquet"
+    reference = sharded.verbalize_file(av, input_file, out, sampling=GREEDY, shard_size=SHARD_SIZE,
+                                       progress=False).table
+    folder = shard_store.shard_folder(out)
+    damage(shard_store.shard_path(folder, 1), shard_store.shard_path(folder, 0))
+    out.unlink()
+    with pytest.raises(nl.ConfigError, match=rf"shard-00001\.parquet holds {held}, where shard 1 holds input rows "
+                                             r"3-5: it is another shard's .*Delete it and rerun"):
+        sharded.verbalize_file(av, input_file, out, sampling=GREEDY, shard_size=SHARD_SIZE, progress=False)
+    assert not out.exists()
+    shard_store.shard_path(folder, 1).unlink()
+    result = sharded.verbalize_file(av, input_file, out, sampling=GREEDY, shard_size=SHARD_SIZE, progress=False)
+    assert result.computed == [1] and result.table.equals(reference)
+
+
+def test_shards_whose_manifest_is_gone_are_refused_not_reused_with_other_settings(tiny_paths, input_file, tmp_path):
+    """Without its manifest, a shards folder was read as a new one: its shards, computed with max_new_tokens 8, were
+    merged into a rerun with max_new_tokens 4."""
+    av, out = tiny_paths["av_karvonen"], tmp_path / "out.parquet"
+    sharded.verbalize_file(av, input_file, out, sampling=GREEDY, shard_size=SHARD_SIZE, shards=[0], progress=False)
+    folder = shard_store.shard_folder(out)
+    (folder / shard_store.MANIFEST).unlink()
+    with pytest.raises(nl.ConfigError, match=r"out\.parquet\.shards holds shards but no manifest\.json, so they cannot "
+                                             r"be checked .*Delete .*out\.parquet\.shards and rerun"):
+        sharded.verbalize_file(av, input_file, out, sampling=Sampling(max_new_tokens=4), shard_size=SHARD_SIZE,
+                               progress=False)
+    assert not out.exists()
+
+
+def test_a_manifest_that_is_no_json_object_is_named_with_the_fix(tiny_paths, input_file, tmp_path):
+    """A manifest holding a JSON list failed with a bare AttributeError ('list' object has no attribute 'items')."""
+    av, out = tiny_paths["av_karvonen"], tmp_path / "out.parquet"
+    sharded.verbalize_file(av, input_file, out, sampling=GREEDY, shard_size=SHARD_SIZE, shards=[0], progress=False)
+    (shard_store.shard_folder(out) / shard_store.MANIFEST).write_text("[]\n")
+    with pytest.raises(nl.ConfigError, match=r"manifest\.json cannot be read \(it holds a JSON list, not an object\).*"
+                                             r"Delete .*out\.parquet\.shards and rerun"):
+        sharded.verbalize_file(av, input_file, out, sampling=GREEDY, shard_size=SHARD_SIZE, progress=False)
+
+
 def test_a_damaged_manifest_is_named_with_the_fix(tiny_paths, input_file, tmp_path):
     """A manifest renamed into place before its data reached the disk was json's bare JSONDecodeError."""
     av, out = tiny_paths["av_karvonen"], tmp_path / "out.parquet"
