@@ -328,12 +328,19 @@ def _recorded_baseline(data: dict[str, Any], source: str) -> tuple[float | None,
     return float(value), n
 
 
+_INJECTION_KEYS = ("method", "hook_point")  # the `injection:` block sidecars nla_lens writes
+
+
 def _explicit_injection(data: dict[str, Any], source: str) -> InjectionSpec | None:
     block = data.get("injection")
     if block is None:
         return None
     if not isinstance(block, dict) or "method" not in block:
         raise SidecarError(f"{source}: 'injection' must be a mapping with a 'method' key")
+    unknown = sorted(map(str, block.keys() - _INJECTION_KEYS))
+    if unknown:  # a misspelt `hook_point` was ignored, and the AV served at the method's default site
+        raise SidecarError(f"{source}: injection has keys {unknown} that nla_lens does not read; it reads "
+                           f"{list(_INJECTION_KEYS)}. Fix the spelling or delete them")
     hook_point = block.get("hook_point")
     if hook_point is not None and (not isinstance(hook_point, str) or not hook_point.strip()):
         raise SidecarError(f"{source}: injection.hook_point must be a TransformerLens hook name such as "

@@ -151,6 +151,16 @@ def test_layer_keys_that_disagree_are_refused_not_one_picked(keys):
     assert agreeing.layer == 24
 
 
+@pytest.mark.parametrize("block", [{"method": "karvonen", "hookpoint": "blocks.2.hook_resid_post"},
+                                   {"method": "karvonen", "hook_point": "blocks.2.hook_resid_post", "scale": 2.0}])
+def test_an_injection_block_key_nla_lens_does_not_read_is_refused_not_ignored(block):
+    """`hookpoint:` (misspelt) was ignored: the AV was served at the method's default site, blocks.1, not the
+    blocks.2 the sidecar meant."""
+    with pytest.raises(nl.SidecarError, match=r"injection has keys \['(hookpoint|scale)'\] that nla_lens does not "
+                                              r"read; it reads \['method', 'hook_point'\]\. Fix the spelling"):
+        parse_meta(model_dialect(injection=block))
+
+
 def test_schema_version_true_is_not_schema_1_and_2_0_reads_as_2():
     with pytest.raises(nl.SidecarError, match="schema_version 1, found True"):
         parse_meta({**dataset_dialect(), "schema_version": True})
