@@ -39,6 +39,8 @@ def check_vectors(vectors: Tensor, d_model: int, name: str = "vectors") -> Float
     the user passed them as, which the messages name."""
     if not isinstance(vectors, Tensor):
         raise VectorError(f"{name} must be a torch.Tensor, got {type(vectors).__name__}{_tensor_hint(vectors)}")
+    if vectors.layout != torch.strided:  # sparse: raised NotImplementedError in the checks below
+        raise VectorError(f"{name} must be a dense tensor, got a {vectors.layout} one; call .to_dense()")
     if vectors.ndim == 1:
         vectors = vectors[None]
     if vectors.ndim != 2 or vectors.shape[1] != d_model:
@@ -52,6 +54,8 @@ def check_vectors(vectors: Tensor, d_model: int, name: str = "vectors") -> Float
         raise VectorError(f"no {name} given: pass at least one [d_model] vector")
     if not vectors.is_floating_point():
         raise VectorError(f"{name} must be floating point, got {vectors.dtype}; call .float()")
+    if vectors.dtype.itemsize == 1:  # float8: torch has no isfinite for it, which raised NotImplementedError here
+        raise VectorError(f"{name} are {vectors.dtype}, in which torch cannot test for NaN or Inf; call .float()")
     non_finite, zero = directionless_rows(vectors)
     if non_finite:
         raise VectorError(f"{name} at rows {non_finite[:8]} hold NaN or Inf; check how they were computed")

@@ -853,6 +853,22 @@ def test_bad_vectors_are_refused_before_any_work(tiny_paths, tmp_path, vectors, 
     assert not shard_store.shard_folder(tmp_path / "o.parquet").exists()
 
 
+@pytest.mark.parametrize(("suffix", "vectors", "match"), [
+    (".safetensors", torch.randn(3, 64).to(torch.float8_e4m3fn), r"vectors are torch\.float8_e4m3fn, .*\.float\(\)"),
+    (".pt", torch.randn(3, 64).to_sparse(), r"must be a dense tensor, got a torch\.sparse_coo one; call \.to_dense"),
+], ids=["float8", "sparse"])
+def test_a_vector_file_torch_cannot_check_is_named_with_the_fix(tiny_paths, tmp_path, suffix, vectors, match):
+    """float8 vectors (safetensors stores them) and a sparse tensor (.pt) failed with torch's NotImplementedError
+    ('"isfinite" not implemented for 'Float8_e4m3fn'')."""
+    path = tmp_path / f"v{suffix}"
+    if suffix == ".safetensors":
+        save_file({"vectors": vectors}, path)
+    else:
+        torch.save(vectors, path)
+    with pytest.raises(nl.VectorError, match=match):
+        sharded.verbalize_file(tiny_paths["av_karvonen"], path, tmp_path / "o.parquet", progress=False)
+
+
 def test_round_trip_of_too_few_vectors_has_no_fve_and_refuses_a_bad_output(tiny_paths, rows, tmp_path):
     av, ar = tiny_paths["av_karvonen"], tiny_paths["ar_nanonla"]
     one = tmp_path / "one.safetensors"

@@ -234,6 +234,8 @@ def test_failed_injection_is_flagged():
         (torch.randn(4, 63), r"shape \[n, 64\]"),
         (torch.randn(2, 3, 64), r"shape \[n, 64\]"),
         (torch.ones(4, 64, dtype=torch.long), "floating point"),
+        (torch.randn(4, 64).to(torch.float8_e5m2), r"float8_e5m2, in which torch cannot test for NaN"),
+        (torch.randn(4, 64).to_sparse(), "dense tensor"),
         (torch.tensor([[float("nan")] * 64]), "NaN or Inf"),
         (torch.tensor([[float("inf")] + [0.0] * 63]), "NaN or Inf"),
         (torch.zeros(2, 64), "zero"),
