@@ -143,8 +143,13 @@ def _to_tensor(values: pa.ChunkedArray, name: str, path: Path) -> Float[Tensor, 
         raise InputError(f"{path}: column {name!r} holds vectors of lengths {lengths[:8]}; "
                          "every row must have d_model values")
     width = lengths[0] if lengths else 0
-    flat = values.flatten().to_numpy(zero_copy_only=False)
-    return torch.tensor(flat).reshape(len(values), width)  # a copy: arrow's buffers are read-only
+    flat = values.flatten()
+    if flat.null_count:  # to_numpy reads them as NaN, which the vector check then named as NaN or Inf
+        rows = sorted(set(pc.filter(pc.list_parent_indices(values), pc.is_null(flat)).to_pylist()))
+        raise InputError(f"{path}: column {name!r} holds null values inside rows {rows[:8]}"
+                         f"{' ...' if len(rows) > 8 else ''}; fill or drop them")
+    # a copy: arrow's buffers are read-only
+    return torch.tensor(flat.to_numpy(zero_copy_only=False)).reshape(len(values), width)
 
 
 OUTPUT_SUFFIXES = (".parquet", ".jsonl")

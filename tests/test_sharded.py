@@ -700,6 +700,16 @@ def test_a_vector_column_of_integers_is_named_with_the_fix_in_the_file(tiny_path
         sharded.verbalize_file(tiny_paths["av_karvonen"], path, tmp_path / "o.parquet", progress=False)
 
 
+def test_null_values_inside_a_parquet_vector_are_named_as_nulls_not_as_nan(tiny_paths, rows, tmp_path):
+    """A null inside a row read as NaN: "vectors at rows [1] hold NaN or Inf", where the file holds no NaN."""
+    values = rows[:3].tolist()
+    values[1][5] = None
+    path = tmp_path / "nulls.parquet"
+    pq.write_table(pa.table({"vector": pa.array(values, pa.list_(pa.float32()))}).slice(1), path)
+    with pytest.raises(nl.InputError, match=r"column 'vector' holds null values inside rows \[0\]; fill or drop them"):
+        sharded.verbalize_file(tiny_paths["av_karvonen"], path, tmp_path / "o.parquet", progress=False)
+
+
 def test_an_input_column_named_as_an_output_column_is_refused_not_replaced(tiny_paths, rows, tmp_path):
     """An input's own `truncated` column was silently replaced by the AV's, as `index` or `text` would have been."""
     path = write_parquet(tmp_path / "in.parquet", rows, truncated=[True] * N_ROWS)
