@@ -232,7 +232,11 @@ def _read_jsonl(path: Path, result_type: type[TabularResult] | None) -> pd.DataF
     if unknown:
         raise InputError(f"{path}: its rows have columns {unknown}, which a {result_type.__name__}'s have not: pass "
                          "the result_type whose save() wrote the file, or none")
-    return records_frame(records, result_type.schema)
+    try:
+        return records_frame(records, result_type.schema)
+    except (ValueError, TypeError) as exc:  # a score column holding text or a list: pandas' cast error, bare
+        raise InputError(f"{path}: its rows are not a {result_type.__name__}'s ({exc}): pass the result_type whose "
+                         "save() wrote the file, or none") from exc
 
 
 def _refuse_label_file(path: Path, first_row: dict[str, Any]) -> None:

@@ -270,6 +270,17 @@ def test_read_result_of_a_jsonl_file_given_its_result_type_gives_back_its_frame(
     pd.testing.assert_frame_equal(frame, result.to_pandas())
 
 
+@pytest.mark.parametrize("mse", ["abc", [1, 2]], ids=["text", "list"])
+def test_a_jsonl_row_whose_score_is_no_number_is_named_given_the_result_type(tmp_path, mse):
+    """A .jsonl score column holding text or a list, read as a RoundTrip's float column, was pandas' bare
+    ValueError ("could not convert string to float")."""
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps({"index": 0, "mse": mse}) + "\n", encoding="utf-8")
+    with pytest.raises(nl.InputError, match=r"rows\.jsonl: its rows are not a RoundTrip's \(.*\): pass the "
+                                            "result_type whose save"):
+        nl.read_result(path, result_type=nl.RoundTrip)
+
+
 def test_a_jsonl_score_none_in_every_row_reads_back_as_a_float_column_given_the_result_type(nla, tmp_path):
     """A score None in every row (no FVE, every parse failed) read back from .jsonl as an object column where
     `to_pandas()` gave float64. A .jsonl file does not say which type wrote it: `result_type=` says so."""
