@@ -20,6 +20,7 @@ from nla_lens.training import TrainConfig, ar_loss, ar_rows, export_ar, init_ar,
 pytestmark = NEEDS_TL3
 
 CONFIG = TrainConfig(steps=100, batch_size=16, lr=1e-3, warmup_steps=10)
+ONE_STEP = TrainConfig(steps=1, warmup_steps=0)  # a run inside its warmup warns
 
 
 @pytest.fixture(scope="module")
@@ -152,10 +153,10 @@ def test_a_held_out_split_too_small_for_a_baseline_scores_mse_without_fve(base_f
     train, held_out = label_split
     few = held_out.select(range(31))
     with pytest.warns(UserWarning, match="no FVE: a baseline from 31 held-out vectors is not trustworthy"):
-        result = train_ar(init_ar(base_folder, dataset_meta), train, few, TrainConfig(steps=1), progress=False)
+        result = train_ar(init_ar(base_folder, dataset_meta), train, few, ONE_STEP, progress=False)
     assert [e["fve"] for e in result.evals] == [None, None] and all(e["eval_mse"] > 0 for e in result.evals)
     with pytest.raises(nl.InputError, match="held-out split is empty"):
-        train_ar(init_ar(base_folder, dataset_meta), train, held_out.select([]), TrainConfig(steps=1), progress=False)
+        train_ar(init_ar(base_folder, dataset_meta), train, held_out.select([]), ONE_STEP, progress=False)
 
 
 def test_float16_weights_are_refused_before_a_step_turns_them_nan(base_folder, dataset_meta, label_split):
@@ -163,7 +164,7 @@ def test_float16_weights_are_refused_before_a_step_turns_them_nan(base_folder, d
     ar = init_ar(base_folder, dataset_meta, dtype=torch.float16)
     before = {name: p.clone() for name, p in ar.model.named_parameters()}
     with pytest.raises(nl.ConfigError, match="the weights to train: float16 weights cannot train here"):
-        train_ar(ar, *label_split, TrainConfig(steps=1), progress=False)
+        train_ar(ar, *label_split, ONE_STEP, progress=False)
     assert all(torch.equal(before[name], p) for name, p in ar.model.named_parameters())
 
 
@@ -172,7 +173,7 @@ def test_the_held_out_fve_uses_the_paper_baseline_of_32_or_more_vectors(base_fol
     enough = held_out.select(range(32))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no "no FVE" warning
-        result = train_ar(init_ar(base_folder, dataset_meta), train, enough, TrainConfig(steps=1), progress=False)
+        result = train_ar(init_ar(base_folder, dataset_meta), train, enough, ONE_STEP, progress=False)
     baseline = metrics.paper_baseline(enough.vectors.float(), dataset_meta.mse_scale)
     expected = 1 - result.evals[-1]["eval_mse"] / baseline
     assert result.evals[-1]["fve"] == pytest.approx(expected, rel=1e-5)

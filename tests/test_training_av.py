@@ -75,7 +75,7 @@ def test_the_injection_hook_fires_in_every_training_and_eval_forward(base_folder
     monkeypatch.setattr(Injection, "hook", counting)
     av = init_av(base_folder, dataset_meta)
     train, held_out = label_split
-    config = TrainConfig(steps=3, batch_size=8, grad_accum=2)
+    config = TrainConfig(steps=3, batch_size=8, grad_accum=2, warmup_steps=0)
     train_av(av, train, held_out, config, n_samples=0, progress=False)
     eval_forwards = -(-len(held_out) // config.batch_size)
     assert len(calls) == config.steps * config.grad_accum + 2 * eval_forwards
@@ -96,8 +96,8 @@ def test_training_runs_on_deterministic_kernels_and_restores_the_setting(base_fo
     monkeypatch.setattr(Injection, "hook", recording)
     train, held_out = label_split
     assert not torch.are_deterministic_algorithms_enabled()
-    train_av(init_av(base_folder, dataset_meta), train, held_out, TrainConfig(steps=2, batch_size=8), n_samples=0,
-             progress=False)
+    train_av(init_av(base_folder, dataset_meta), train, held_out, TrainConfig(steps=2, batch_size=8, warmup_steps=0),
+             n_samples=0, progress=False)
     assert seen and all(seen)
     assert not torch.are_deterministic_algorithms_enabled()
 
@@ -146,7 +146,8 @@ def test_resume_from_a_mid_run_checkpoint_gives_the_uninterrupted_weights(base_f
 def test_trainable_blocks_leave_every_other_weight_untouched(base_folder, dataset_meta, label_split):
     av = init_av(base_folder, dataset_meta)
     before = {n: p.detach().clone() for n, p in av.model.named_parameters()}
-    train_av(av, *label_split, TrainConfig(steps=2, lr=1e-2, trainable_blocks=[3]), n_samples=0, progress=False)
+    train_av(av, *label_split, TrainConfig(steps=2, lr=1e-2, warmup_steps=0, trainable_blocks=[3]), n_samples=0,
+             progress=False)
     changed = {n for n, p in av.model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all(n.startswith("blocks.3.") for n in changed)
     assert "blocks.3.attn.b_O" not in changed  # a bias HF Qwen3 lacks stays frozen at zero
@@ -180,7 +181,7 @@ def test_an_embedding_replacement_av_exports_its_method_and_scale(base_folder, d
     with pytest.raises(nl.ConfigError, match="injection_scale"):
         init_av(base_folder, dataset_meta, injection_scale=5.0)
     av = init_av(base_folder, dataset_meta, injection="embedding", injection_scale=5.0)
-    train_av(av, *label_split, TrainConfig(steps=2), n_samples=0, progress=False)
+    train_av(av, *label_split, TrainConfig(steps=2, warmup_steps=0), n_samples=0, progress=False)
     reloaded = nl.ActivationVerbalizer.from_pretrained(export_av(av, tmp_path / "av", base_folder))
     assert reloaded.injection_spec == nl.InjectionSpec("embedding", "hook_embed")
     assert reloaded.meta.injection_scale == 5.0
@@ -190,7 +191,8 @@ def test_an_empty_held_out_split_is_refused_before_training(base_folder, dataset
     # The first evaluation's mean loss would divide by zero held-out tokens.
     train, held_out = label_split
     with pytest.raises(nl.InputError, match="held-out split is empty"):
-        train_av(init_av(base_folder, dataset_meta), train, held_out.select([]), TrainConfig(steps=1), progress=False)
+        train_av(init_av(base_folder, dataset_meta), train, held_out.select([]), TrainConfig(steps=1, warmup_steps=0),
+                 progress=False)
 
 
 def test_a_base_tokenizer_without_eos_is_refused_before_the_weights(base_folder, dataset_meta, tmp_path, monkeypatch):

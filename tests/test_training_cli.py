@@ -702,7 +702,8 @@ def test_training_on_another_local_base_than_the_extraction_names_warns(tmp_path
     extraction's base_model was recorded as written, often relative, so it could not be compared)."""
     common, _ = _training_inputs(tmp_path, str(base_folder), extract_config)
     other = testing.save_base_model(tmp_path / "other_base", seed=1)
-    config = {**common, "base_model": str(other), "out_dir": str(tmp_path / "ar"), "train": {"steps": 1}}
+    config = {**common, "base_model": str(other), "out_dir": str(tmp_path / "ar"),
+              "train": {"steps": 1, "warmup_steps": 0}}
     capsys.readouterr()
     assert main(["train-ar", _write(tmp_path / "ar.yaml", config)]) == 0
     assert (f"nla-lens train-ar: warning: the activations were extracted from base model {base_folder.resolve()}, "

@@ -130,7 +130,7 @@ def test_document_overlap_between_train_and_eval_is_rejected(base_folder, datase
     one_shared = data.select([i for i, d in enumerate(data.doc_ids) if d == data.doc_ids[0]])
     with pytest.raises(nl.SplitLeakError, match="^1 document has rows in both"):  # it said "1 document(s) have"
         check_document_disjoint(one_shared, one_shared)
-    config = TrainConfig(steps=1)
+    config = TrainConfig(steps=1, warmup_steps=0)
     with pytest.raises(nl.SplitLeakError):
         train_av(init_av(base_folder, dataset_meta), row_train, row_eval, config, progress=False)
     with pytest.raises(nl.SplitLeakError):
@@ -142,7 +142,8 @@ def test_an_empty_training_split_is_refused_before_training(base_folder, dataset
     train, held_out = label_split
     for trainer, init in ((train_av, init_av), (train_ar, init_ar)):
         with pytest.raises(nl.InputError, match="the training split is empty"):
-            trainer(init(base_folder, dataset_meta), train.select([]), held_out, TrainConfig(steps=1), progress=False)
+            trainer(init(base_folder, dataset_meta), train.select([]), held_out, TrainConfig(steps=1, warmup_steps=0),
+                    progress=False)
 
 
 def test_av_rows_are_the_canonical_prompt_then_tagged_explanation_and_eos(base_folder, dataset_meta):

@@ -7,6 +7,7 @@ import math
 import os
 import re
 import shutil
+import warnings
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from conftest import NEEDS_TL3
 
 import nla_lens as nl
 from nla_lens.training import TrainConfig
+from nla_lens.training.config import ARRunConfig, load_config
 from nla_lens.training.loop import TrainResult, load_checkpoint, lr_at, make_optimizer, micro_batches, save_checkpoint
 
 
@@ -27,8 +29,41 @@ def test_lr_warms_up_linearly_then_decays_by_cosine_to_the_floor():
     assert all(a >= b for a, b in zip(lrs, lrs[1:], strict=False))
 
 
+@pytest.mark.parametrize(("steps", "warmup_steps", "peak", "said"), [
+    (3, 10, 3e-5, "warmup_steps=10 (the default) >= steps=3: the run ends inside its warmup, so the learning rate "
+                  "peaks at 3e-05 (lr * steps / warmup_steps), short of lr=0.0001, and the cosine decay to lr * "
+                  "min_lr_ratio never starts. Set warmup_steps below steps (0: no warmup)"),
+    (4, 4, 1e-4, "warmup_steps=4 >= steps=4: the run ends inside its warmup, so the learning rate reaches lr=0.0001 "
+                 "only on the last step, and the cosine decay"),
+])
+def test_a_run_that_ends_inside_its_warmup_warns_with_the_rate_it_peaks_at(steps, warmup_steps, peak, said):
+    """The default warmup of 10 ran every run of up to 10 steps without decay, and one of under 10 below `lr`,
+    without a word."""
+    with pytest.warns(UserWarning, match=f"^{re.escape(said)}") as caught:
+        config = TrainConfig(steps=steps, warmup_steps=warmup_steps)
+    assert len(caught) == 1 and caught[0].filename == __file__
+    rates = [lr_at(step, config) for step in range(steps)]
+    assert max(rates) == pytest.approx(peak, rel=1e-12) and rates == sorted(rates)  # the schedule says the same
+
+
+@pytest.mark.parametrize(("steps", "warmup_steps"), [(11, 10), (200, 10), (1, 1), (1, 0), (3, 0)])
+def test_a_warmup_shorter_than_the_run_or_a_one_step_run_at_lr_does_not_warn(steps, warmup_steps):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        config = TrainConfig(steps=steps, warmup_steps=warmup_steps)
+    assert lr_at(steps - 1, config) <= lr_at(min(warmup_steps, steps - 1), config) == pytest.approx(1e-4, rel=1e-12)
+
+
+def test_a_yaml_run_that_ends_inside_its_warmup_warns_as_the_config_is_read(tmp_path):
+    """`nla-lens train-av` / `train-ar` read the YAML before any model loads: the warning comes then."""
+    path = tmp_path / "ar.yaml"
+    path.write_text("base_model: b\nactivations: a\nexplanations: e.jsonl\nout_dir: o\ntrain:\n  steps: 5\n")
+    with pytest.warns(UserWarning, match=r"^warmup_steps=10 \(the default\) >= steps=5: .* peaks at 5e-05"):
+        load_config(ARRunConfig, path)
+
+
 def test_micro_batches_visit_every_row_once_per_epoch_in_a_seeded_order():
-    config = TrainConfig(steps=10, batch_size=4, grad_accum=2, seed=3)
+    config = TrainConfig(steps=10, batch_size=4, grad_accum=2, warmup_steps=0, seed=3)
     first_epoch = torch.cat([i for step in range(2) for i in micro_batches(step, 13, config)])
     assert sorted(first_epoch.tolist()) == list(range(13))  # 4 micro-batches of 4, 4, 4, 1
     assert [len(i) for i in micro_batches(1, 13, config)] == [4, 1]
@@ -134,7 +169,7 @@ def _checkpoint_of_a_moved_layer(tmp_path, step: int = 1):
     would show), with its parameters, optimizer and config."""
     layer = torch.nn.Linear(4, 4)
     params = dict(layer.named_parameters())
-    config = TrainConfig(steps=2)
+    config = TrainConfig(steps=2, warmup_steps=0)
     optimizer = make_optimizer(params, config)
     layer(torch.ones(1, 4)).sum().backward()
     optimizer.step()
@@ -154,7 +189,8 @@ def test_a_resume_from_another_commands_checkpoint_names_both_commands(tmp_path,
     def parts(command):
         names = ["model.w", "readout.weight"] if command == "train-ar" else ["model.w"]
         params = {name: torch.nn.Parameter(torch.ones(2, 2)) for name in names}
-        config = RLConfig(steps=2) if command == "train-rl" else TrainConfig(steps=2, lr=len(names) * 1e-3)
+        config = (RLConfig(steps=2) if command == "train-rl"
+                  else TrainConfig(steps=2, lr=len(names) * 1e-3, warmup_steps=0))
         return params, config
 
     params, config = parts(saved_by)
@@ -254,7 +290,7 @@ def test_a_trainer_called_directly_refuses_an_out_dir_that_is_a_runs_input(
         out_dir.mkdir()
         (out_dir / COMPLETE).write_text(json.dumps({"shards": 0, "rows": 0}))
     before = sorted(os.listdir(out_dir))
-    one_step = TrainConfig(steps=1, batch_size=4)
+    one_step = TrainConfig(steps=1, batch_size=4, warmup_steps=0)
     with pytest.raises(nl.ConfigError, match=rf"^out_dir {re.escape(str(out_dir))} is {kind}.*Point out_dir at a "
                                              "new folder$"):
         if trainer == "train_av":

@@ -83,7 +83,8 @@ class ToyConfig:
     def quick(cls) -> ToyConfig:
         """A few steps on two plays: exercises every stage in about a minute, scores meaningless."""
         return cls(base=toy_base.BaseConfig(steps=3, batch_size=4), max_train_plays=2, rl_documents=40,
-                   av=TrainConfig(steps=3, batch_size=8), ar=TrainConfig(steps=3, batch_size=8), eval_fraction=0.1,
+                   av=TrainConfig(steps=3, batch_size=8, warmup_steps=0),
+                   ar=TrainConfig(steps=3, batch_size=8, warmup_steps=0), eval_fraction=0.1,
                    rl=RLConfig(steps=2, prompts_per_step=2, group_size=2, max_new_tokens=8, eval_vectors=4,
                                sft_coef=1.0, sft_batch=4))
 

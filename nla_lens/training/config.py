@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,6 +127,9 @@ _NON_NEGATIVE = (lambda v: v >= 0, ">= 0")
 _FRACTION = (lambda v: 0 < v < 1, "in (0, 1): the share of documents held out")  # else found once data is read
 
 
+_DEFAULT_WARMUP_STEPS = 10
+
+
 @dataclass
 class TrainConfig:
     """The SFT loop's settings, shared by the AV and AR trainers."""
@@ -134,7 +138,7 @@ class TrainConfig:
     batch_size: int = 8  # rows per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 1e-4
-    warmup_steps: int = 10
+    warmup_steps: int = _DEFAULT_WARMUP_STEPS
     min_lr_ratio: float = 0.1  # the cosine decays to lr * min_lr_ratio
     weight_decay: float = 0.0  # applied to matrices only, never to norms or biases
     betas: tuple[float, float] = (0.9, 0.999)
@@ -159,6 +163,25 @@ class TrainConfig:
         if self.data_parallel not in ("ddp", "fsdp"):
             raise ConfigError(f"data_parallel must be 'ddp' or 'fsdp', got {self.data_parallel!r}")
         _check_ranges(self, eval_every=_NON_NEGATIVE, save_every=_NON_NEGATIVE, keep_checkpoints=_AT_LEAST_1)
+        _warn_warmup_spans_run(self)
+
+
+def _warn_warmup_spans_run(config: TrainConfig) -> None:
+    """Warn when the run ends inside its warmup (`loop.lr_at`): its cosine never starts, and a run shorter than its
+    warmup never reaches `lr`. The default warmup of 10 did this to every run of up to 10 steps without a word. Not
+    an error: a smoke run of a few steps is legitimate. warmup_steps = steps = 1 passes: its one step runs at `lr`,
+    as without warmup."""
+    if config.warmup_steps < max(config.steps, 2):
+        return
+    if config.warmup_steps > config.steps:
+        reach = (f"the learning rate peaks at {config.lr * config.steps / config.warmup_steps:.3g} (lr * steps / "
+                 f"warmup_steps), short of lr={config.lr:g}")
+    else:
+        reach = f"the learning rate reaches lr={config.lr:g} only on the last step"
+    default = " (the default)" if config.warmup_steps == _DEFAULT_WARMUP_STEPS else ""
+    warnings.warn(f"warmup_steps={config.warmup_steps}{default} >= steps={config.steps}: the run ends inside its "
+                  f"warmup, so {reach}, and the cosine decay to lr * min_lr_ratio never starts. Set warmup_steps "
+                  "below steps (0: no warmup)", UserWarning, stacklevel=4)
 
 
 # The nla-lens training commands, each with the section of its config that holds save_every (the CLI's hint on
