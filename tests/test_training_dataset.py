@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import warnings
 
 import pytest
@@ -169,6 +170,56 @@ def test_ar_rows_are_the_critic_prompt_without_special_tokens(base_folder, datas
         assert prompt == tokenizer.encode(dataset_meta.ar_prompt(explanation), add_special_tokens=False)
         assert prompt[-len(suffix):] == suffix
     assert torch.equal(rows.vectors, data.vectors)
+
+
+def _with_explanations(data, changes: dict[int, str]):
+    texts = [changes.get(i, text) for i, text in enumerate(data.explanations)]
+    return dataclasses.replace(data, explanations=texts)
+
+
+@pytest.mark.parametrize(("rows_of", "consequence"), [
+    ("av", "So the AV learns to write those tokens, but verbalize ends an explanation at an EOS and leaves special "
+           "tokens out of the text it decodes; remove or reword that text in the explanations"),
+    ("ar", "So the AR learns to read those tokens, which the AV's explanations never hold (verbalize decodes without "
+           "special tokens); remove or reword that text in the explanations"),
+])
+def test_rows_keep_special_token_text_as_the_token_as_the_papers_training_does_and_name_those_rows(
+        base_folder, dataset_meta, rows_of, consequence):
+    """A label quoting '<|im_end|>' put the EOS id mid-response without a word. The paper's training code
+    tokenizes labels with HF's defaults, which parse special tokens (kitft `sft_actor.py`: the response through
+    `tokenizer(..., add_special_tokens=False)` or the chat template; `sft_critic.py`: `tokenizer(prompt,
+    add_special_tokens=True)`), so the rows keep doing so, and say which rows."""
+    tokenizer = loading.load_tokenizer(base_folder)
+    clean = testing.label_determined_vectors(2)
+    data = _with_explanations(clean, {2: clean.explanations[2] + " <|im_end|> more", 5: "<|im_start|>x"})
+    build = (lambda d: av_rows(d, dataset_meta, tokenizer, tokenizer.eos_token_id)) if rows_of == "av" else (
+        lambda d: ar_rows(d, dataset_meta, tokenizer))
+    said = ("2 explanations of 8 hold special-token text, which the tokenizer reads as the special token itself (as "
+            "the paper's training code does): doc_id 'doc-0' position 10 (<|im_end|>); doc_id 'doc-1' position 9 "
+            f"(<|im_start|>). {consequence}")
+    with pytest.warns(UserWarning, match=f"^{re.escape(said)}$") as caught:
+        rows = build(data)
+    assert len(caught) == 1 and caught[0].filename == __file__
+    if rows_of == "av":
+        tokens = rows.responses[2][:-1]
+        assert tokens == tokenizer(f"<explanation>\n{data.explanations[2]}\n</explanation>",
+                                   add_special_tokens=False)["input_ids"]
+    else:
+        tokens = rows.prompts[2]
+        assert tokens == tokenizer(dataset_meta.ar_prompt(data.explanations[2]), add_special_tokens=True)["input_ids"]
+    assert tokens.count(tokenizer.eos_token_id) == 1  # the special token, where its characters stood
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build(clean)
+
+
+def test_a_warning_of_special_token_text_names_five_rows_and_counts_the_rest(base_folder, dataset_meta):
+    tokenizer = loading.load_tokenizer(base_folder)
+    clean = testing.label_determined_vectors(2)
+    data = _with_explanations(clean, {i: f"a {text} <|endoftext|>" for i, text in enumerate(clean.explanations)})
+    with pytest.warns(UserWarning, match=r"^8 explanations of 8 hold .*: (doc_id '[^']+' position \d+ "
+                                         r"\(<\|endoftext\|>\); ){5}and 3 more\. So the AR"):
+        ar_rows(data, dataset_meta, tokenizer)
 
 
 # The AV reads the injected vector, not layer K of its own stack: only its width must match.

@@ -32,6 +32,7 @@ _FINGERPRINT_CHUNK = 1 << 24  # values hashed per float32 copy (64 MiB)
 _WEIGHT_STRIDE = 997  # every 997th value of each parameter: another checkpoint differs there too
 Labeler = Callable[[ActivationRecord], "str | None"]
 RECORD_KEY = "extraction"  # the key of the line `save_explanations` writes first: the extraction it labels
+_ROWS_NAMED = 5  # rows a warning names before it counts the rest
 _IN_MEMORY = "(an extraction in memory)"  # an extraction's name in messages where it has no folder
 
 
@@ -326,6 +327,8 @@ def response_text(explanation: str) -> str:
 
 def av_rows(data: LabelledActivations, meta: NLAMeta, tokenizer: PreTrainedTokenizerBase,
             eos_token_id: int) -> AVRows:
+    warn_special_token_text(data, tokenizer, "the AV learns to write those tokens, but verbalize ends an explanation "
+                                             "at an EOS and leaves special tokens out of the text it decodes")
     encoded = tokenizer([response_text(e) for e in data.explanations], add_special_tokens=False)["input_ids"]
     return AVRows(torch.tensor(av_prompt_ids(meta, tokenizer)), [row + [eos_token_id] for row in encoded],
                   data.vectors.float(), data.explanations, data.doc_ids)
@@ -350,8 +353,35 @@ class ARRows:
 
 
 def ar_rows(data: LabelledActivations, meta: NLAMeta, tokenizer: PreTrainedTokenizerBase) -> ARRows:
+    warn_special_token_text(data, tokenizer, "the AR learns to read those tokens, which the AV's explanations never "
+                                             "hold (verbalize decodes without special tokens)")
     prompts = [ar_prompt_ids(meta, tokenizer, e) for e in data.explanations]  # as the AR reads them
     return ARRows(prompts, data.vectors.float(), data.explanations, data.doc_ids)
+
+
+def special_token_texts(tokenizer: PreTrainedTokenizerBase) -> list[str]:
+    """The strings a tokenizer reads as one special token wherever they stand in a text (HF tokenizers parse them
+    unless called with split_special_tokens=True): its named special tokens and every added token marked special
+    (Qwen's <|im_start|> is only the latter)."""
+    added = (token.content for token in tokenizer.added_tokens_decoder.values() if token.special)
+    return sorted({*tokenizer.all_special_tokens, *added})
+
+
+def warn_special_token_text(data: LabelledActivations, tokenizer: PreTrainedTokenizerBase, consequence: str) -> None:
+    """Warn of explanations holding special-token text (a label quoting '<|im_end|>'): their rows hold that special
+    token, not its characters. Kept so, since the paper's training code tokenizes labels the same way (kitft
+    `nla/rollout/sft_actor.py`, `sft_critic.py`: HF's default parsing); `consequence` says what the rows teach."""
+    specials = special_token_texts(tokenizer)
+    found = [(i, [s for s in specials if s in text]) for i, text in enumerate(data.explanations)]
+    found = [(i, held) for i, held in found if held]
+    if not found:
+        return
+    where = "; ".join(f"doc_id {data.doc_ids[i]!r} position {data.positions[i]} ({', '.join(held)})"
+                      for i, held in found[:_ROWS_NAMED])
+    more = f"; and {len(found) - _ROWS_NAMED} more" if len(found) > _ROWS_NAMED else ""
+    warnings.warn(f"{counted(len(found), 'explanation')} of {len(data)} hold special-token text, which the tokenizer "
+                  f"reads as the special token itself (as the paper's training code does): {where}{more}. So "
+                  f"{consequence}; remove or reword that text in the explanations", UserWarning, stacklevel=3)
 
 
 def check_fits(n_ctx: int, *rows: AVRows | ARRows) -> None:
