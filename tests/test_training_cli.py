@@ -533,6 +533,11 @@ _REQUIRED = {"extract": {"base_model": "x", "corpus": "y", "out_dir": "o"},
     ("train-rl", "rl", {"top_p": 0.0}, "rl: need top_p in (0, 1] (got 0.0)"),
     ("train-rl", "rl", {"group_size": 1}, "rl: group_size must be >= 2"),
     ("train-rl", "rl", {"eval_vectors": -1}, "rl: need eval_vectors >= 0 (got -1)"),
+    # A held-out round trip every N steps of none: accepted, and no evaluation ran.
+    ("train-rl", "rl", {"eval_every": 5, "eval_vectors": 0}, "rl: eval_every=5 asks for a held-out round trip every "
+     "5 steps, but eval_vectors=0 runs none (FVE needs >= 2 vectors); set eval_vectors >= 2 (the default is 64), or "
+     "eval_every: 0"),
+    ("train-rl", "rl", {"eval_every": 1, "eval_vectors": 1}, "but eval_vectors=1 runs none"),
     ("train-av", "eval_fraction", 1.5, "need eval_fraction in (0, 1): the share of documents held out (got 1.5)"),
     ("train-rl", "eval_fraction", 0.0, "need eval_fraction in (0, 1): the share of documents held out (got 0.0)"),
     ("train-av", "injection", "karvonnen", "injection: 'karvonnen' is no injection method; set one of ['embedding', "

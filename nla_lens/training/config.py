@@ -334,6 +334,10 @@ class RLConfig:
             raise ConfigError(f"need sft_coef >= 0 and sft_batch >= 1 (got {self.sft_coef}, {self.sft_batch})")
         _check_ranges(self, eval_every=_NON_NEGATIVE, eval_vectors=_NON_NEGATIVE, save_every=_NON_NEGATIVE,
                       keep_checkpoints=_AT_LEAST_1)
+        if self.eval_every > 0 and self.eval_vectors < 2:  # else accepted, and no evaluation ever ran
+            raise ConfigError(f"eval_every={self.eval_every} asks for a held-out round trip every {self.eval_every} "
+                              f"steps, but eval_vectors={self.eval_vectors} runs none (FVE needs >= 2 vectors); set "
+                              "eval_vectors >= 2 (the default is 64), or eval_every: 0")
 
 
 @dataclass
