@@ -95,7 +95,8 @@ class FeatureCard(TabularResult):
         hook_name: the SAE's hook point, where the feature is read.
         verbalization: the AV's output for the feature's decoder direction.
         cosine: verbalize_sae_features's cosine: cos(AR reconstruction, decoder row), the offset's mean taken off
-            the reconstruction when there is one; None without an AR or on a failed parse.
+            the reconstruction when there is one; None without an AR, on a failed parse, or where the reconstruction
+            has no direction (verbalize_sae_features warns of it).
         contexts: the top activations, strongest first.
         n_positions: positions scanned.
         n_active: positions where the feature is > 0.

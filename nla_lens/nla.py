@@ -261,6 +261,18 @@ def warn_at_caller(message: str) -> None:
     warnings.warn(message, stacklevel=level)
 
 
+# Why a parsed explanation's reconstruction has no direction, and what to do about it.
+DIRECTIONLESS_CAUSE = ("the AR's forward overflowed its dtype (load it in bfloat16 or float32 rather than float16) "
+                       "or a hook on ar.model broke it")
+
+
+def directionless_parsed(verbalizations: Sequence[Verbalization],
+                         reconstructions: Float[Tensor, "n d_model"]) -> list[int]:
+    """The rows whose explanation parsed but whose reconstruction has no direction (NaN, Inf or zero)."""
+    non_finite, zero = directionless_rows(reconstructions)
+    return sorted(i for i in {*non_finite, *zero} if verbalizations[i].explanation is not None)
+
+
 def rows_the_ar_reads(ar: ActivationReconstructor, verbalizations: Sequence[Verbalization]) -> tuple[
         list[int], list[int]]:
     """The rows whose parsed explanation the AR reads, and the parsed rows whose AR prompt is over its n_ctx, which
@@ -302,8 +314,7 @@ def directionless_warning(reconstructions: Float[Tensor, "n d_model"], read: Seq
     if not rows:
         return None
     return (f"{len(rows)}/{len(reconstructions)} reconstructions have no direction (NaN, Inf or zero; rows "
-            f"{rows[:8]}), scored as misses: the AR's forward overflowed its dtype (load it in bfloat16 or float32 "
-            "rather than float16) or a hook on ar.model broke it")
+            f"{rows[:8]}), scored as misses: {DIRECTIONLESS_CAUSE}")
 
 
 def ran_on_warning(rows: Sequence[int], n: int) -> str | None:

@@ -38,10 +38,10 @@ from nla_lens.checks import check_counts, counted
 from nla_lens.errors import BackendError, InputError, SAEMismatchError, VectorError
 from nla_lens.explain import bos_skip
 from nla_lens.injection import check_vectors, prescaled, unit
-from nla_lens.nla import NLA
+from nla_lens.nla import DIRECTIONLESS_CAUSE, NLA, directionless_parsed, warn_at_caller
 from nla_lens.results import TabularResult
 from nla_lens.sidecar import text_ids
-from nla_lens.verbalizer import ActivationVerbalizer, Verbalization
+from nla_lens.verbalizer import ActivationVerbalizer, Verbalization, Verbalizations
 
 if TYPE_CHECKING:
     from sae_lens import SAE, HookedSAETransformer
@@ -302,7 +302,8 @@ class FeatureVerbalizations(TabularResult):
         hook_name: the SAE's hook point.
         offset: True: mean residual + spread * unit decoder row; False: the decoder row.
         cosines: cos(reconstruction rescaled to the AV input's norm - offset mean, decoder row); NaN on failed
-            parses; None without an AR.
+            parses and on reconstructions with no direction (NaN, Inf or zero: a warning names them); None without an
+            AR.
         reconstructions: the AR's vectors; NaN rows where the parse failed; None without an AR.
         offset_stats: the stats of the offset; saved as its n, layer, mean norm, spread.
     """
@@ -429,7 +430,9 @@ def verbalize_sae_features(
     bare rows read better (README, "SAE features").
     With an NLA, the AR rebuilds each explanation and `cosines` holds cos(reconstruction - offset mean,
     W_dec[f]), the reconstruction first rescaled to the norm of the vector the AV read (the AR's output
-    norm carries no meaning); NaN where the explanation failed to parse. `verbalize_kwargs` go to `av.verbalize`.
+    norm carries no meaning); NaN where the explanation failed to parse, and where its reconstruction has no
+    direction (NaN, Inf or zero: an AR that overflowed float16), which a warning names, as `round_trip`'s does.
+    `verbalize_kwargs` go to `av.verbalize`.
 
     A feature with no direction to verbalize fails the whole call before any generation, and the error names every
     such feature in `features` (a blank row would read as an explanation that failed to parse): an all-zero
@@ -471,8 +474,22 @@ def verbalize_sae_features(
         centred = reconstructions
     # The row prescaled: cosine_similarity clamps the norm product at 1e-8, which a tiny row's norm falls under.
     cosines = torch.nn.functional.cosine_similarity(centred, prescaled(rows), dim=1)
+    # cosine_similarity scores a zero reconstruction 0 (its norm clamped) and a NaN or Inf one NaN, as a failed parse
+    directionless = directionless_parsed(verbalizations, reconstructions)
+    if directionless:
+        cosines[directionless] = float("nan")
+        verbalizations = warned(verbalizations, (
+            f"{len(directionless)}/{len(features)} reconstructions have no direction (NaN, Inf or zero; features "
+            f"{[features[i] for i in directionless][:8]}), so they have no cosine: {DIRECTIONLESS_CAUSE}"))
     return FeatureVerbalizations(features, verbalizations, vectors, hook_name, offset is not None, cosines,
                                  reconstructions, offset)
+
+
+def warned(verbalizations: list[Verbalization], warning: str) -> Verbalizations:
+    """`verbalizations` holding `warning` beside what `verbalize` warned of, which is also emitted at the user's line,
+    as `verbalize` emits its own."""
+    warn_at_caller(warning)
+    return Verbalizations(verbalizations, warnings=[*getattr(verbalizations, "warnings", ()), warning])
 
 
 def hooked_sae_transformer(model: HookedTransformer) -> HookedSAETransformer:

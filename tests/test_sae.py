@@ -463,6 +463,38 @@ def test_a_tiny_decoder_row_is_a_direction_like_any_other(nla, monkeypatch):
 
 
 @NEEDS_SAE_LENS
+@pytest.mark.parametrize("offset", [False, True], ids=["bare", "offset"])
+def test_a_parsed_explanation_rebuilt_with_no_direction_gets_no_cosine_and_a_warning(nla, base, monkeypatch,
+                                                                                     tmp_path, offset):
+    """An AR overflowing float16 rebuilds NaN, Inf or zero. A zero reconstruction scored cosine 0.000 (torch clamps
+    its norm) and a NaN one a blank cosine beside parsed=True, the mean taken over the rest: both without a word."""
+    from nla_lens.sae import ResidualStats
+
+    sae = make_sae(D_MODEL, 16, f"blocks.{LAYER}.hook_resid_post")
+    generator = torch.Generator().manual_seed(3)
+    stats = ResidualStats(torch.randn(D_MODEL, generator=generator), 3.0, 100, LAYER) if offset else None
+    rebuilt = torch.randn(4, D_MODEL, generator=generator)
+    rebuilt[0], rebuilt[1, 5], rebuilt[2, 7] = 0.0, float("nan"), float("inf")
+    monkeypatch.setattr(nla.av, "verbalize", lambda vectors, **kwargs: [
+        nl.Verbalization(f"<explanation>{i}</explanation>", str(i), []) for i in range(len(vectors))])
+    monkeypatch.setattr(nla.ar, "reconstruct", lambda texts: rebuilt[[int(t) for t in texts]])
+    features = [2, 5, 9, 11]
+    with pytest.warns(UserWarning, match=r"3/4 reconstructions have no direction \(NaN, Inf or zero; features "
+                                         r"\[2, 5, 9\]\), so they have no cosine.*float16") as caught:
+        out = nl.verbalize_sae_features(nla, sae, features, offset=stats)
+    assert caught[0].filename == __file__  # the user's line, not nla_lens's
+    assert out.cosines[:3].isnan().all() and out.explanations[0] == "0"
+    centred = rebuilt[3] * out.vectors[3].norm() / rebuilt[3].norm() - stats.mean if offset else rebuilt[3]
+    expected = torch.nn.functional.cosine_similarity(centred, sae.W_dec.detach()[11], dim=0)
+    assert float(out.cosines[3]) == pytest.approx(float(expected), abs=1e-5)
+    assert f"mean AR cosine to the decoder row {float(expected):.3f}" in repr(out) and "1 warning" in repr(out)
+    assert nl.read_result(out.save(tmp_path / "features.parquet")).attrs["warnings"] == out.verbalizations.warnings
+    with pytest.warns(UserWarning, match=r"1/1 reconstructions have no direction.*features \[2\]"):
+        card = nl.feature_card(sae, base, ["The cat sat on the mat."], 2, nla, k=2, offset=stats)
+    assert card.cosine is None and "AR cosine" not in card.summary()
+
+
+@NEEDS_SAE_LENS
 def test_offset_from_another_layer_or_width_or_bad_vectors_is_refused(toy, monkeypatch):
     from nla_lens.sae import ResidualStats
 
