@@ -210,7 +210,9 @@ def feature_card(
     generations): what the NLA says where the feature fires, beside what it says of the decoder row
     (on the bundled toy the former names the feature's token far more often: README, "SAE features").
     `offset` and `verbalize_kwargs` are as in [`verbalize_sae_features`][nla_lens.sae.verbalize_sae_features],
-    which also refuses a feature whose decoder row is all zero or not finite: here before the scan.
+    which also refuses a feature whose decoder row is all zero or not finite: here before the scan. NaN or Inf from
+    `sae.encode` at a scanned position is a `VectorError` naming its cause (broken SAE weights or base activations,
+    else an encoder that overflowed its dtype: a float16 SAE), not a context ranked by a value that means nothing.
     """
     av = nla.av if isinstance(nla, NLA) else nla
     if not isinstance(av, ActivationVerbalizer):
@@ -241,8 +243,9 @@ def feature_card(
             # column `feature`: a view would keep this text's whole [pos, d_sae] encoding alive in per_text.
             acts = (acts.to_dense() if acts.is_sparse else acts)[:, feature].to("cpu", torch.float32, copy=True)
             skip = skipped(base.tokenizer, ids, skip_first)
-            if acts[skip:].isnan().any():  # NaN below marks what skip_first left out: the card would drop these
-                raise VectorError(_nan_activations(sae, feature, len(per_text), resid))
+            # NaN below marks what skip_first left out: the card would drop these; Inf would top it, unranked
+            if not acts[skip:].isfinite().all():
+                raise VectorError(_non_finite_activations(sae, feature, len(per_text), resid))
             acts[:skip] = float("nan")
             per_text.append((ids, acts))
     flat = torch.cat([acts for _, acts in per_text])
@@ -280,9 +283,9 @@ def feature_card(
                        int(scanned.sum()), n_active, explain_contexts, offset)
 
 
-def _nan_activations(sae: SAE, feature: int, text: int, resid: Float[Tensor, "pos d"]) -> str:
-    """What made `sae.encode` give NaN for `feature` on text `text`, and what to do about it."""
-    said = f"sae.encode gives NaN for feature {feature} on texts[{text}]: "
+def _non_finite_activations(sae: SAE, feature: int, text: int, resid: Float[Tensor, "pos d"]) -> str:
+    """What made `sae.encode` give NaN or Inf for `feature` on text `text`, and what to do about it."""
+    said = f"sae.encode gives NaN or Inf for feature {feature} on texts[{text}]: "
     broken = [name for name, tensor in sae.state_dict().items() if tensor.is_floating_point()
               and not tensor.isfinite().all()]
     if broken:

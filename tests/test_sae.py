@@ -205,8 +205,8 @@ def test_a_card_refuses_nan_activations_naming_the_broken_sae_weights(av_karvone
     sae = make_sae(D_MODEL, 8, f"blocks.{LAYER}.hook_resid_post")
     with torch.no_grad():
         sae.b_enc[3] = float("nan")
-    with pytest.raises(nl.VectorError, match=r"sae.encode gives NaN for feature 3 on texts\[0\]: NaN or Inf in the "
-                                             r"SAE's b_enc; reload or retrain the SAE"):
+    with pytest.raises(nl.VectorError, match=r"sae.encode gives NaN or Inf for feature 3 on texts\[0\]: NaN or Inf in "
+                                             r"the SAE's b_enc; reload or retrain the SAE"):
         nl.feature_card(sae, base, texts, 3, av_karvonen, max_new_tokens=2, progress=False)
     sae = make_sae(D_MODEL, 8, f"blocks.{LAYER}.hook_resid_post")
     encode = sae.encode
@@ -226,6 +226,26 @@ def test_a_card_refuses_nan_activations_naming_the_broken_sae_weights(av_karvone
     monkeypatch.setattr(sae, "encode", nan_at(0, texts[1]))  # left out by skip_first: not scanned, not refused
     card = nl.feature_card(sae, base, texts, 3, av_karvonen, skip_first=1, max_new_tokens=2, progress=False)
     assert card.n_positions == sum(len(base.tokenizer(t)["input_ids"]) - 1 for t in texts)
+
+
+@NEEDS_SAE_LENS
+def test_a_card_refuses_infinite_activations_of_a_float16_sae_that_overflowed(av_karvonen, base):
+    """A float16 SAE whose encoder overflows gives Inf: the card listed those positions first, each `inf`, their order
+    arbitrary, with no word of the overflow that NaN from the same SAE was refused for."""
+    from nla_lens.sae import text_residuals
+
+    texts = ["The cat sat on the mat.", "A dog ran."]
+    sae = make_sae(D_MODEL, 8, f"blocks.{LAYER}.hook_resid_post")
+    with torch.no_grad():
+        sae.W_enc[:, 3] *= 1e5  # ~1e4: finite in float16, its sums over d_model are not
+    sae = sae.to(torch.float16)
+    assert all(tensor.isfinite().all() for tensor in sae.state_dict().values())
+    resid = text_residuals(base, texts[:1], LAYER)[0][1]
+    assert sae.encode(resid.half())[:, 3].isinf().any()
+    with pytest.raises(nl.VectorError, match=r"sae.encode gives NaN or Inf for feature 3 on texts\[0\]: its weights "
+                                             r"and these activations are finite, so its encoder overflowed in "
+                                             r"torch.float16; load the SAE in float32 \(sae.to\(torch.float32\)\)"):
+        nl.feature_card(sae, base, texts, 3, av_karvonen, max_new_tokens=2, progress=False)
 
 
 @NEEDS_SAE_LENS
