@@ -23,7 +23,7 @@ from nla_lens import display
 from nla_lens.base_model import check_base_model
 from nla_lens.checks import check_counts, counted
 from nla_lens.errors import InputError, VectorError
-from nla_lens.nla import NLA
+from nla_lens.nla import NLA, check_read_keywords
 from nla_lens.results import TabularResult
 from nla_lens.sae import (
     OFFSET_COLUMNS,
@@ -223,6 +223,7 @@ def feature_card(
     # Another base of the NLA's width and depth scans without error, and its contexts would sit beside an explanation
     # of this base's feature.
     check_base_model(base, nla, av.meta.layer)
+    check_read_keywords(av, verbalize_kwargs, "feature_card")  # a typo was verbalize's TypeError, after the scan
     texts = check_texts(texts)  # a list: the contexts are explained by index
     check_counts(1, k=k)
     check_counts(0, before=before, after=after)

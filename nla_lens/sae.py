@@ -38,7 +38,7 @@ from nla_lens.checks import check_counts, counted
 from nla_lens.errors import BackendError, InputError, SAEMismatchError, VectorError
 from nla_lens.explain import bos_skip
 from nla_lens.injection import check_vectors, prescaled, unit
-from nla_lens.nla import DIRECTIONLESS_CAUSE, NLA, directionless_parsed, warn_at_caller
+from nla_lens.nla import DIRECTIONLESS_CAUSE, NLA, check_read_keywords, directionless_parsed, warn_at_caller
 from nla_lens.results import TabularResult
 from nla_lens.sidecar import text_ids
 from nla_lens.verbalizer import ActivationVerbalizer, Verbalization, Verbalizations
@@ -446,6 +446,7 @@ def verbalize_sae_features(
                          "nl.verbalize_sae_features(nla, sae, features), the NLA first (nl.feature_card takes it "
                          "fifth: (sae, base, texts, feature, nla))")
     hook_name = check_sae_reads_layer(sae, av.meta.layer, av.meta.d_model, allow_other_hook=allow_other_hook)
+    check_read_keywords(av, verbalize_kwargs, "verbalize_sae_features")  # the AR's reconstruct takes none of them
     if isinstance(offset, ResidualStats) and offset.layer not in (None, av.meta.layer):
         raise InputError(
             f"the offset was measured at layer {offset.layer} but the NLA verbalizes layer K={av.meta.layer}; "

@@ -135,6 +135,22 @@ def test_a_card_given_a_list_of_features_says_it_draws_one(toy, features):
 
 
 @NEEDS_SAE_LENS
+def test_a_keyword_verbalize_does_not_take_is_refused_before_any_scan_or_generation(nla, base, monkeypatch):
+    """A typo in **verbalize_kwargs was verbalize's bare TypeError, in a card after the scan of every text."""
+    sae = make_sae(D_MODEL, 8, f"blocks.{LAYER}.hook_resid_post")
+    monkeypatch.setattr(sae, "encode", lambda *a, **k: pytest.fail("the scan started"))
+    monkeypatch.setattr(nla.av, "verbalize", lambda *a, **k: pytest.fail("the AV generated"))
+    with pytest.raises(nl.InputError, match=r"feature_card got the keyword\(s\) \['max_new_token'\], which neither it "
+                                            r"nor verbalize takes; did you mean 'max_new_tokens'"):
+        nl.feature_card(sae, base, ["The cat sat on the mat."], 3, nla, max_new_token=4)
+    # reconstruct_batch_size is round_trip's: the SAE readout calls the AR with its own batches
+    for reader in (nla, nla.av):
+        with pytest.raises(nl.InputError, match=r"verbalize_sae_features got the keyword\(s\) "
+                                                r"\['reconstruct_batch_size'\], which neither it nor verbalize takes"):
+            nl.verbalize_sae_features(reader, sae, [3], reconstruct_batch_size=2)
+
+
+@NEEDS_SAE_LENS
 def test_a_base_without_a_tokenizer_gets_a_typed_error_before_any_scan(toy, monkeypatch):
     sae = make_sae(128, 32, f"blocks.{toy.av.meta.layer}.hook_resid_post")
     monkeypatch.setattr(toy.base, "tokenizer", None)  # e.g. a HookedTransformer built from a bare config
