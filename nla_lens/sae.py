@@ -124,6 +124,20 @@ class ResidualStats:
     n: int
     layer: int | None = None
 
+    def __post_init__(self) -> None:
+        """A mean that is no finite [d_model] float vector would fail later: an int one in the result's repr, after
+        the generation, a NaN one as 'vectors at rows [0] hold NaN or Inf' of the AV's batch."""
+        mean = self.mean
+        build = "build the stats with nl.residual_stats(base, texts, layer) or ResidualStats.from_vectors(residuals)"
+        if not isinstance(mean, Tensor) or mean.ndim != 1 or not mean.is_floating_point():
+            got = (f"a {mean.dtype} tensor of shape {list(mean.shape)}" if isinstance(mean, Tensor)
+                   else type(mean).__name__)
+            raise VectorError(f"ResidualStats.mean must be a [d_model] float tensor, the mean residual; got {got}: "
+                              f"{build}")
+        if not torch.isfinite(mean).all():
+            raise VectorError(f"ResidualStats.mean holds NaN or Inf (residuals near the float32 limit overflow their "
+                              f"sum); {build}")
+
     def __repr__(self) -> str:
         return (f"ResidualStats(n={self.n}, layer={self.layer}, d_model={self.mean.shape[-1]}, "
                 f"spread={self.spread:.4g}, mean norm={float(self.mean.norm()):.4g})")

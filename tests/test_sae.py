@@ -446,6 +446,22 @@ def test_residual_stats_compare_by_identity_instead_of_raising():
     assert stats in [stats] and len({stats}) == 1
 
 @NEEDS_SAE_LENS
+@pytest.mark.parametrize("mean", [torch.zeros(D_MODEL, dtype=torch.long), torch.zeros(2, D_MODEL), [0.0] * D_MODEL,
+                                  torch.full((D_MODEL,), float("nan"))], ids=["int", "2d", "list", "nan"])
+def test_residual_stats_built_by_hand_refuse_a_mean_that_is_no_finite_float_vector(mean):
+    """An int mean verbalized, then raised torch's RuntimeError from the result's repr; a NaN mean was 'vectors at
+    rows [0] hold NaN or Inf; check how they were computed', rows of the AV's batch."""
+    from nla_lens.sae import ResidualStats
+
+    with pytest.raises(nl.VectorError, match=r"ResidualStats.mean (must be a \[d_model\] float tensor|holds NaN).*"
+                                             r"nl.residual_stats\(base, texts, layer\)"):
+        ResidualStats(mean, 3.0, 5, LAYER)
+    with pytest.raises(nl.VectorError, match=r"ResidualStats.mean holds NaN or Inf \(residuals near the float32 limit"):
+        ResidualStats.from_vectors(torch.full((4, D_MODEL), 3e38))  # finite residuals whose sum overflows
+    ResidualStats(torch.zeros(D_MODEL, dtype=torch.float16), 3.0, 5, LAYER)  # any float dtype is a mean
+
+
+@NEEDS_SAE_LENS
 def test_offset_cosine_does_not_depend_on_the_ar_output_norm(nla, monkeypatch):
     """The AR was trained on rescaled targets, so its output norm means nothing: an AR that rebuilds what
     the AV was given exactly up to scale scores cosine 1 with the mean offset, whatever the scale."""
