@@ -64,6 +64,8 @@ class FeatureContext:
         tokens: the window, decoded one token at a time.
         activations: the feature's activation at each token of the window (NaN: left out by skip_first).
         center: index of `position` inside the window.
+        context: the window decoded as one text: a character that spans several tokens (an emoji, a rare CJK
+            character under a byte-level BPE) reads whole here, where each of its tokens alone decodes to U+FFFD.
         explanation: the AV's explanation of the base residual here (`explain_contexts=True`), else None.
         explanation_text: the AV's raw completion there, which the card shows when it failed to parse.
         explanation_truncated: max_new_tokens cut that completion: why its parse failed.
@@ -75,6 +77,7 @@ class FeatureContext:
     tokens: list[str]
     activations: list[float]
     center: int
+    context: str
     explanation: str | None = None
     explanation_text: str = ""
     explanation_truncated: bool = False
@@ -139,7 +142,7 @@ class FeatureCard(TabularResult):
         said = {"explanation": self.explanation, "explanation_parsed": self.explanation is not None,
                 "explanation_text": self.verbalization.text, "explanation_truncated": self.verbalization.truncated}
         contexts = [{"text": c.text, "position": c.position, "token": c.token, "activation": c.activation,
-                     "context": "".join(c.tokens), **self._said_at(c)} for c in self.contexts]
+                     "context": c.context, **self._said_at(c)} for c in self.contexts]
         return [{"feature": self.feature, **context, **said, "cosine": self.cosine, **offset}
                 for context in contexts or [dict.fromkeys(_CONTEXT_COLUMNS)]]
 
@@ -273,10 +276,12 @@ def feature_card(
         ids, acts = per_text[text]
         position = index - starts[text]
         lo, hi = max(0, position - before), min(len(ids), position + after + 1)
+        window = ids[lo:hi]
         contexts.append(FeatureContext(
             text, position, float(acts[position]),
-            [cast(str, tokenizer.decode([t], clean_up_tokenization_spaces=False)) for t in ids[lo:hi]],
-            acts[lo:hi].tolist(), position - lo))
+            [cast(str, tokenizer.decode([t], clean_up_tokenization_spaces=False)) for t in window],
+            acts[lo:hi].tolist(), position - lo,
+            cast(str, tokenizer.decode(window, clean_up_tokenization_spaces=False))))
     if explain_contexts and contexts:
         contexts = _explain_contexts(av, base, texts, contexts, verbalize_kwargs)
     cosine = None if readout.cosines is None or readout.cosines[0].isnan() else float(readout.cosines[0])

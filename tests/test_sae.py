@@ -740,6 +740,26 @@ def test_a_card_of_an_sae_of_another_hook_scans_that_hook(toy, hook):
 
 
 @NEEDS_SAE_LENS
+def test_a_card_context_reads_a_character_split_over_tokens_whole(av_karvonen, base, tmp_path):
+    """The `context` column joined the tokens decoded one by one: a character that a byte-level BPE splits over
+    several tokens (an emoji, a rare CJK character on Qwen) read as U+FFFD replacement characters there."""
+    text = "The cat \u2603 sat on the mat."  # the snowman: three byte tokens in the tiny tokenizer
+    ids = base.tokenizer(text)["input_ids"]
+    assert any("\ufffd" in base.tokenizer.decode([t]) for t in ids)
+    sae = make_sae(D_MODEL, 8, f"blocks.{LAYER}.hook_resid_post")
+    with torch.no_grad():
+        sae.b_enc[3] = 1e3  # active at every position: each is a context
+    card = nl.feature_card(sae, base, [text], 3, av_karvonen, k=len(ids), max_new_tokens=2, progress=False)
+    records = card.to_records()
+    assert len(records) == len(ids)
+    for record in records:
+        window = ids[max(0, record["position"] - 8):record["position"] + 3]
+        assert record["context"] == base.tokenizer.decode(window, clean_up_tokenization_spaces=False)
+    assert any("\u2603" in record["context"] for record in records)
+    assert list(nl.read_result(card.save(tmp_path / "card.parquet"))["context"]) == [r["context"] for r in records]
+
+
+@NEEDS_SAE_LENS
 def test_tied_activations_are_listed_in_text_then_position_order(toy):
     """Identical texts give exactly tied activations; an unstable sort listed them in an arbitrary order."""
     sae = make_sae(128, 32, f"blocks.{toy.av.meta.layer}.hook_resid_post")
