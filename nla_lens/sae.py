@@ -27,6 +27,7 @@ from numbers import Integral
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pyarrow as pa
 import torch
 from jaxtyping import Float, Int
@@ -367,17 +368,17 @@ class FeatureVerbalizations(TabularResult):
 
 
 def feature_id(feature: Any) -> Any:
-    """An integer id of any kind (numpy's, a 0-d tensor from iterating `topk().indices`) as a Python int;
-    anything else (bools, floats, a 1-element tensor) as it came, to be refused by the range check."""
-    if isinstance(feature, Tensor) and feature.ndim == 0:
+    """An integer id of any kind (numpy's, a 0-d tensor from iterating `topk().indices`, a 0-d array) as a Python
+    int; anything else (bools, floats, a 1-element tensor) as it came, to be refused by the range check."""
+    if getattr(feature, "ndim", None) == 0 and hasattr(feature, "item"):  # a 0-d tensor or numpy array, a numpy scalar
         feature = feature.item()
     return int(feature) if isinstance(feature, Integral) and not isinstance(feature, bool) else feature
 
 
 def feature_ids(features: list[int] | Tensor) -> list[int]:
-    """`features` as a list of [`feature_id`][nla_lens.sae.feature_id]s (a tensor's values, any iterable's
-    items); a bare id is refused, not guessed."""
-    if isinstance(features, Tensor):
+    """`features` as a list of [`feature_id`][nla_lens.sae.feature_id]s (a tensor's or array's values, any
+    iterable's items); a bare id is refused, not guessed."""
+    if isinstance(features, (Tensor, np.ndarray)):  # a 0-d array cannot be iterated: its tolist() is the bare id
         features = features.tolist()
     ids = list(features) if isinstance(features, Iterable) and not isinstance(features, str) else []
     if not ids:

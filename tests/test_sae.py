@@ -584,6 +584,24 @@ def test_numpy_feature_ids_are_ids(av_karvonen):
 
 
 @NEEDS_SAE_LENS
+def test_a_0d_numpy_array_is_one_id_as_a_0d_tensor_is(av_karvonen, base):
+    """`np.array(5)` (what `arr[i]` of an object array, or `np.asarray(5)`, gives) was a bare TypeError, "iteration
+    over a 0-d array", from verbalize_sae_features, and "got features array(5)" from a card, which takes one id."""
+    import numpy as np
+
+    sae = make_sae(D_MODEL, 8, f"blocks.{LAYER}.hook_resid_post")
+    for bare in (np.array(5), torch.tensor(5)):
+        with pytest.raises(nl.InputError, match=r"features must be a non-empty list of feature ids, got 5 \(for one "
+                                                r"feature write \[f\]\)"):
+            nl.verbalize_sae_features(av_karvonen, sae, bare, progress=False)
+    card = nl.feature_card(sae, base, ["The cat sat on the mat."], np.array(5), av_karvonen, max_new_tokens=2,
+                           progress=False)
+    assert card.feature == 5 and type(card.feature) is int
+    with pytest.raises(nl.InputError, match=r"feature ids \[5.0\] are not ints"):
+        nl.feature_card(sae, base, ["The cat sat on the mat."], np.array(5.0), av_karvonen, progress=False)
+
+
+@NEEDS_SAE_LENS
 def test_ids_taken_from_a_tensor_one_by_one_are_ids(toy):
     """`for f in acts.topk(3).indices` yields 0-d tensors: they were refused as 'not ints'."""
     sae = make_sae(128, 32, f"blocks.{toy.av.meta.layer}.hook_resid_post")
