@@ -95,6 +95,12 @@ def check_sae_reads_layer(sae: SAE, layer: int, d_model: int, *, allow_other_hoo
         )
     if sae.cfg.metadata.hook_head_index is not None:
         raise SAEMismatchError(f"the SAE reads one attention head of {hook_name}, not the residual stream")
+    if hook_name is None and not allow_other_hook:  # sae-lens's metadata answers None for a name never set
+        raise SAEMismatchError(
+            f"the SAE records no hook point (sae.cfg.metadata.hook_name is None), so nothing says it reads "
+            f"{resid_hook_names(layer)[0]!r}, the residual the NLA verbalizes (layer K={layer}); if it does, set "
+            f"sae.cfg.metadata.hook_name = {resid_hook_names(layer)[0]!r}"
+        )
     if hook_name not in resid_hook_names(layer) and not allow_other_hook:
         raise SAEMismatchError(
             f"the SAE reads {hook_name!r} but the NLA verbalizes {resid_hook_names(layer)[0]!r} (layer K={layer}); "

@@ -74,6 +74,22 @@ def test_sae_of_another_hook_or_width_is_refused_with_a_typed_error(av_karvonen)
 
 
 @NEEDS_SAE_LENS
+def test_an_sae_that_records_no_hook_point_is_told_how_to_name_it(av_karvonen, base):
+    """An SAE built without metadata (sae-lens answers None for its hook_name) was refused as "the SAE reads None"."""
+    sae = make_sae(D_MODEL, 8, f"blocks.{LAYER}.hook_resid_post")
+    sae.cfg.metadata.hook_name = None
+    fix = (rf"records no hook point \(sae.cfg.metadata.hook_name is None\), so nothing says it reads "
+           rf"'blocks.{LAYER}.hook_resid_post'.*set sae.cfg.metadata.hook_name = 'blocks.{LAYER}.hook_resid_post'")
+    with pytest.raises(nl.SAEMismatchError, match=fix):
+        nl.verbalize_sae_features(av_karvonen, sae, [1], progress=False)
+    with pytest.raises(nl.SAEMismatchError, match=fix):
+        nl.feature_card(sae, base, ["The cat sat."], 1, av_karvonen, progress=False)
+    sae.cfg.metadata.hook_name = f"blocks.{LAYER}.hook_resid_post"  # as the message says
+    assert nl.verbalize_sae_features(av_karvonen, sae, [1], max_new_tokens=2, progress=False).hook_name == (
+        f"blocks.{LAYER}.hook_resid_post")
+
+
+@NEEDS_SAE_LENS
 @pytest.mark.parametrize("features", [5, "5", [], None], ids=["bare_int", "str", "empty", "none"])
 def test_features_that_are_not_a_list_of_ids_are_refused(av_karvonen, features):
     sae = make_sae(D_MODEL, 8, f"blocks.{LAYER}.hook_resid_post")
