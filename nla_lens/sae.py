@@ -364,7 +364,8 @@ class FeatureVerbalizations(TabularResult):
         if self.cosines is None:
             cosine = "no AR cosine (AV only)"
         elif self.cosines.isnan().all():
-            cosine = "no AR cosine (no explanation parsed)"
+            cosine = ("no AR cosine (no explanation parsed)" if failed == len(self) else
+                      "no AR cosine (no reconstruction of a parsed explanation has a direction)")
         else:
             cosine = f"mean AR cosine to the decoder row {float(self.cosines.nanmean()):.3f}"
         offset = (offset_summary(self.offset_stats) if self.offset_stats is not None

@@ -560,6 +560,10 @@ def test_a_parsed_explanation_rebuilt_with_no_direction_gets_no_cosine_and_a_war
     with pytest.warns(UserWarning, match=r"1/1 reconstructions have no direction.*features \[2\]"):
         card = nl.feature_card(sae, base, ["The cat sat on the mat."], 2, nla, k=2, offset=stats)
     assert card.cosine is None and "AR cosine" not in card.summary()
+    with pytest.warns(UserWarning, match=r"2/2 reconstructions have no direction"):
+        none = nl.verbalize_sae_features(nla, sae, [2, 5], offset=stats)
+    assert none.summary().endswith("0 failed parses, no AR cosine (no reconstruction of a parsed explanation has a "
+                                   "direction)")
 
 
 @NEEDS_SAE_LENS
