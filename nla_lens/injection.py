@@ -34,9 +34,11 @@ from nla_lens.sidecar import InjectionSpec
 HookFn = Callable[[Tensor, HookPoint], Tensor | None]
 
 
-def check_vectors(vectors: Tensor, d_model: int, name: str = "vectors") -> Float[Tensor, "n d_model"]:
+def check_vectors(vectors: Tensor, d_model: int, name: str = "vectors", *,
+                  zero_ok: bool = False) -> Float[Tensor, "n d_model"]:
     """Validate activation vectors; a single `[d_model]` vector becomes a batch of one. `name` is the argument
-    the user passed them as, which the messages name."""
+    the user passed them as, which the messages name; `zero_ok` lets zero rows through, for vectors that are only
+    an operand (the `b` of a - b), not the direction injected."""
     if not isinstance(vectors, Tensor):
         raise VectorError(f"{name} must be a torch.Tensor, got {type(vectors).__name__}{_tensor_hint(vectors)}")
     if vectors.layout != torch.strided:  # sparse: raised NotImplementedError in the checks below
@@ -59,7 +61,7 @@ def check_vectors(vectors: Tensor, d_model: int, name: str = "vectors") -> Float
     non_finite, zero = directionless_rows(vectors)
     if non_finite:
         raise VectorError(f"{name} at rows {non_finite[:8]} hold NaN or Inf; check how they were computed")
-    if zero:
+    if zero and not zero_ok:
         raise VectorError(f"{name} at rows {zero[:8]} are zero; a zero vector has no direction to inject")
     return vectors
 

@@ -63,7 +63,7 @@ from nla_lens.checks import (
     is_bool,
 )
 from nla_lens.errors import InputError, PairMismatchError, PromptTooLongError, VectorError
-from nla_lens.injection import HookFn, check_vectors, unit
+from nla_lens.injection import HookFn, check_vectors, directionless_rows, prescaled, unit
 from nla_lens.nla import NLA
 from nla_lens.results import TabularResult
 from nla_lens.vector_files import save_tensors
@@ -323,7 +323,7 @@ class Difference(TabularResult):
 
     Attributes:
         difference: a - b per row, what the AV read.
-        cosine: cos(a, b) per row.
+        cosine: cos(a, b) per row; NaN where a or b is zero (no angle).
         verbalizations: the AV's output for each row of `difference`.
     """
 
@@ -342,7 +342,7 @@ class Difference(TabularResult):
         return [v.explanation for v in self.verbalizations]
 
     def to_records(self) -> list[dict[str, Any]]:
-        norms = self.difference.norm(dim=-1).tolist()
+        norms = self.difference.double().norm(dim=-1).tolist()  # float64 holds the square of any float32 entry
         return [{"index": i, "explanation": v.explanation, "parsed": v.explanation is not None, "text": v.text,
                  "truncated": v.truncated, "cos_a_b": cos, "norm_a_minus_b": norm}
                 for i, (v, cos, norm) in enumerate(zip(self.verbalizations, self.cosine.tolist(), norms, strict=True))]
@@ -355,22 +355,34 @@ class Difference(TabularResult):
 def describe_difference(nla_or_av: NLA | ActivationVerbalizer, a: Float[Tensor, "n d_model"],
                         b: Float[Tensor, "n d_model"], **verbalize_kwargs: Any) -> Difference:
     """Verbalize ``a - b`` (Neuronpedia's "compare"): a steered vs a clean residual, a patched vs a clean one,
-    or two steering vectors. `b` may be one vector for all rows of `a`. Only the direction reaches the AV."""
+    or two steering vectors. `b` may be one vector for all rows of `a`. Only the direction reaches the AV, so
+    only the difference must have one: a or b may be zero (b = 0 reads a itself), a row where a equals b is refused."""
     if not isinstance(nla_or_av, (NLA, ActivationVerbalizer)):
         raise InputError(f"describe_difference reads a - b with an NLA or an ActivationVerbalizer, got "
                          f"{type(nla_or_av).__name__}")
     av = nla_or_av.av if isinstance(nla_or_av, NLA) else nla_or_av
     d = av.meta.d_model
-    a, b = check_vectors(a, d, "a").float(), check_vectors(b, d, "b").float()
+    a, b = check_vectors(a, d, "a", zero_ok=True).float(), check_vectors(b, d, "b", zero_ok=True).float()
     if b.shape[0] not in (1, a.shape[0]):
         raise VectorError(f"b has {b.shape[0]} rows; pass one vector or one per row of a ({a.shape[0]})")
     b = b.to(a.device).expand_as(a)
     difference = a - b
-    same = (difference.norm(dim=-1) == 0).nonzero().flatten().tolist()
+    past_range, same = directionless_rows(difference)
+    if past_range:
+        raise VectorError(f"a - b at rows {past_range[:8]} is past float32's range (about 3.4e38), in which the AV "
+                          "reads it; scale a and b down together (only the direction of a - b reaches the AV)")
     if same:
         raise VectorError(f"a and b are equal at rows {same[:8]}: their difference has no direction to verbalize")
     verbalize_kwargs.setdefault("progress", False)
-    return Difference(difference, torch.cosine_similarity(a, b, dim=-1), av.verbalize(difference, **verbalize_kwargs))
+    return Difference(difference, _cosine(a, b), av.verbalize(difference, **verbalize_kwargs))
+
+
+def _cosine(a: Float[Tensor, "n d_model"], b: Float[Tensor, "n d_model"]) -> Float[Tensor, " n"]:
+    """cos(a, b) per row, of the rows brought to a largest entry near 1 first (`prescaled`, exact): on the raw rows
+    torch reads entries ~1e-25 or ~1e25 as cosine 0, their squared norms leaving float32. NaN where a or b is zero,
+    which makes no angle (torch says 0, as for orthogonal rows)."""
+    zero = (a == 0).all(dim=-1) | (b == 0).all(dim=-1)
+    return torch.cosine_similarity(prescaled(a), prescaled(b), dim=-1).masked_fill(zero, math.nan)
 
 
 def _check_inputs(nla: NLA, base: TLModel, tokens: Tensor, layer: int | None, alpha: float, mode: str,

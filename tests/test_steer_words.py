@@ -4,6 +4,7 @@ never leaks, and bad input gets typed errors. Tiny random NLA (API and maths) pl
 from __future__ import annotations
 
 import json
+import math
 import re
 import warnings
 
@@ -450,6 +451,49 @@ def test_describe_difference_verbalizes_a_minus_b(nla):
         nl.describe_difference(nla.ar, a, b)  # was an AttributeError: an AR has no verbalize
     with pytest.raises(nl.VectorError, match=r"^b must have shape"):  # it said "vectors"
         nl.describe_difference(nla.av, a, b[:5])
+
+
+def test_describe_difference_needs_a_direction_of_a_minus_b_only(nla):
+    """b = 0 verbalizes a itself and a = 0 verbalizes -b (both were refused: "a zero vector has no direction"); their
+    cosine is NaN, not torch's 0 (orthogonal). Only a row where a equals b has no direction."""
+    d = nla.av.meta.d_model
+    a = torch.randn(2, d, generator=torch.Generator().manual_seed(3))
+    expected = [v.text for v in nla.av.verbalize(a, max_new_tokens=6, progress=False)]
+    for said, difference in [(nl.describe_difference(nla, a, torch.zeros(d), max_new_tokens=6), a),
+                             (nl.describe_difference(nla, torch.zeros(2, d), -a, max_new_tokens=6), a)]:
+        assert torch.equal(said.difference, difference)
+        assert [v.text for v in said.verbalizations] == expected
+        assert all(math.isnan(r["cos_a_b"]) for r in said.to_records())
+        assert [r["norm_a_minus_b"] for r in said.to_records()] == pytest.approx(a.norm(dim=-1).tolist(), rel=1e-6)
+    with pytest.raises(nl.VectorError, match=r"equal at rows \[1\]: their difference has no direction"):
+        nl.describe_difference(nla, torch.stack([a[0], torch.zeros(d)]), torch.zeros(d))
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e25])
+def test_describe_difference_of_tiny_or_huge_rows_matches_float64(nla, scale):
+    """Entries ~1e-30 or ~1e25 square out of float32: two tiny rows were refused as equal (their difference's norm
+    underflowed to 0) and cos_a_b came out 0 for parallel rows; cosine and norm now match the float64 reference."""
+    d = nla.av.meta.d_model
+    g = torch.Generator().manual_seed(4)
+    a, b = scale * torch.randn(3, d, generator=g), scale * torch.randn(3, d, generator=g)
+    b[0] = 0.5 * a[0]  # parallel: cosine 1
+    said = nl.describe_difference(nla, a, b, max_new_tokens=6)
+    assert torch.equal(said.difference, a - b) and len(said.verbalizations) == 3
+    reference = torch.cosine_similarity(a.double() / scale, b.double() / scale, dim=-1)
+    assert [r["cos_a_b"] for r in said.to_records()] == pytest.approx(reference.tolist(), abs=1e-6)
+    assert said.to_records()[0]["cos_a_b"] == pytest.approx(1.0, abs=1e-6)
+    norms = (a.double() - b.double()).norm(dim=-1)
+    assert [r["norm_a_minus_b"] for r in said.to_records()] == pytest.approx(norms.tolist(), rel=1e-6)
+
+
+def test_describe_difference_refuses_a_difference_past_float32(nla):
+    """a - b past float32 (3e38 - -3e38, or a float64 a past its range) was verbalized as NaN rows ("vectors at
+    rows [0] hold NaN or Inf"): the error names a - b and the rows."""
+    d = nla.av.meta.d_model
+    with pytest.raises(nl.VectorError, match=r"a - b at rows \[0\] is past float32's range"):
+        nl.describe_difference(nla, torch.full((d,), 3e38), torch.full((d,), -3e38))
+    with pytest.raises(nl.VectorError, match=r"a - b at rows \[1\] is past float32's range"):
+        nl.describe_difference(nla, torch.tensor([[1.0] * d, [1e300] * d], dtype=torch.float64), torch.zeros(d))
 
 
 def test_toy_verbalizes_samples_edits_and_steers():
