@@ -83,13 +83,16 @@ _SAVED_SETTINGS = ("hook_name", "layer", "alpha", "mode", "token_shape")
 
 
 def site_steering_hook(directions: Float[Tensor, "n d_model"], rows: Int[Tensor, " n"], cols: Int[Tensor, " n"],
-                       token_shape: tuple[int, int], alpha: float, mode: Mode, hook_name: str) -> HookFn:
+                       token_shape: tuple[int, int], alpha: float, mode: Mode, hook_name: str,
+                       named_as: tuple[Int[Tensor, " n"], Int[Tensor, " n"]] | None = None) -> HookFn:
     """A TL hook for `hook_name` (`blocks.K.hook_resid_post`) that steers residual `(rows[i], cols[i])` along
-    `directions[i]`. Errors name `hook_name`, not `hook.name`: the bridge reports its own (`blocks.K.hook_out`).
+    `directions[i]`. Errors name `hook_name`, not `hook.name`: the bridge reports its own (`blocks.K.hook_out`),
+    and the sites as `named_as` (rows, columns) where given: those of the user's batch, for a hook on one unpadded row.
 
     add: ``h + alpha * ||h|| * d / ||d||``; replace: ``h + alpha * (||h|| * d / ||d|| - h)``; ``||h||`` is
     the residual as it reaches the hook (after any hook added before this one). Computed in float32 and
-    written back in the residual's dtype. Runs of the built shape are steered, as are longer runs
+    written back in the residual's dtype; an alpha that steers a residual past what the layers after can read
+    raises `VectorError` naming alpha and the sites. Runs of the built shape are steered, as are longer runs
     with the same batch (uncached generation: the prompt plus generated tokens); a one-token run
     of a longer prompt is a KV-cached decode step and is left alone, as the prompt was steered at prefill.
     (A one-token prompt cannot be told from a decode step: KV-cached generation would steer every step.)
@@ -112,9 +115,32 @@ def site_steering_hook(directions: Float[Tensor, "n d_model"], rows: Int[Tensor,
         norm = h.norm(dim=-1, keepdim=True)
         d = directions.to(resid.device)
         new = h + alpha * norm * d if mode == "add" else h + alpha * (norm * d - h)
-        return resid.index_put(at, new.to(resid.dtype))
+        written = new.to(resid.dtype)
+        _check_readable(h, new, written, alpha, hook_name, *(named_as or (rows, cols)))
+        return resid.index_put(at, written)
 
     return hook
+
+
+def _check_readable(h: Float[Tensor, "n d_model"], new: Float[Tensor, "n d_model"],
+                    written: Float[Tensor, "n d_model"], alpha: float, hook_name: str, rows: Int[Tensor, " n"],
+                    cols: Int[Tensor, " n"]) -> None:
+    """The steered residuals must stay readable by the layers after: entries past the residual's dtype are inf,
+    and a squared norm past float32's makes the next layer norm's mean of squares inf, which reads the residual as
+    zero (alpha=1e30: uniform next-token odds) or NaN, without a word. A site that arrived non-finite is not
+    the steering's doing and is left to the run."""
+    unreadable = h.isfinite().all(dim=-1) & ~(written.isfinite().all(dim=-1) & new.pow(2).sum(dim=-1).isfinite())
+    if not unreadable.any():
+        return
+    bad = unreadable.nonzero().flatten()
+    sites = [(int(rows[i]), int(cols[i])) for i in bad[:8]]
+    first = int(bad[0])
+    cause = (f"entries past {written.dtype}'s range" if new[first].isfinite().all() and
+             not written[first].isfinite().all() else
+             "a squared norm past float32's range, which the next layer norm reads as zero (or NaN)")
+    raise VectorError(f"{hook_name}: alpha={alpha:g} steers the residual at (batch, position) {sites} past what the "
+                      f"layers after can read: {cause}, so the steered run would be garbage. The first site's norm "
+                      f"before steering is {float(h[first].double().norm()):.3g}; lower |alpha|")
 
 
 @dataclass(frozen=True, eq=False, repr=False)
@@ -586,8 +612,8 @@ def _continuations(base: TLModel, tokens: Tensor, real: Tensor, result: WordStee
         mine = result.rows == row
         shifted = torch.searchsorted(keep.cpu(), result.positions[mine])  # columns within the unpadded row
         directions = (result.delta if result.mode == "add" else result.target)[mine]
-        hook = site_steering_hook(directions, torch.zeros_like(shifted), shifted, (1, ids.shape[1]),
-                                  result.alpha, result.mode, result.hook_name)
+        hook = site_steering_hook(directions, torch.zeros_like(shifted), shifted, (1, ids.shape[1]), result.alpha,
+                                  result.mode, result.hook_name, named_as=(result.rows[mine], result.positions[mine]))
         pair = []
         for fwd_hooks in ([], [(result.hook_name, hook)]):
             grown = ids

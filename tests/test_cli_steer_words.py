@@ -136,6 +136,17 @@ def test_steer_words_refuses_an_edit_that_changes_nothing(capsys):
                           "10) unchanged") and err.count("\n") == 1, err
 
 
+def test_steer_words_refuses_an_alpha_the_layers_after_cannot_read_in_one_line(capsys):
+    """--alpha 1e30 printed uniform next-token odds (the next layer norm read the steered residual as zero) and a
+    garbage continuation, exit 0."""
+    assert main(["steer-words", "--av", AV, "--ar", AR, "--text", TEXTS[0], "--replace", '" not"', '" the"',
+                 "--alpha", "1e30", "--max-new-tokens", "48", "--continue-tokens", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("nla-lens steer-words: VectorError: blocks.3.hook_resid_post: --alpha 1e+30 steers the "
+                          "residual at (batch, position) [(0, 10)] past what the layers after can read") and (
+        err.count("\n") == 1), err
+
+
 def test_steer_words_refuses_a_text_past_the_base_context_in_one_line(capsys):
     """A --text longer than the base model's context printed TransformerLens's IndexError traceback."""
     assert main(["steer-words", "--av", AV, "--ar", AR, "--text", "the king is dead " * 100, "--replace", "a", "b",

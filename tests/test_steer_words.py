@@ -290,6 +290,46 @@ def test_hooks_never_stay_attached_after_an_exception(base, nla):
     assert no_hooks_left(base)
 
 
+@pytest.mark.parametrize(("mode", "alpha", "compare", "continue_tokens"), [
+    ("add", 1e30, True, 0), ("replace", -1e39, True, 0), ("add", 1e30, False, 2)])
+def test_an_alpha_past_what_the_layers_after_read_is_refused_by_alpha_and_site(base, nla, mode, alpha, compare,
+                                                                                continue_tokens):
+    """alpha=1e30 made the steered residual's squared norm inf in float32: the next layer norm read it as zero, so the
+    steered next-token odds came out uniform (1e39: NaN, a NaN KL) and the continuations garbage, without a word."""
+    tokens, mask = padded(base, "left")
+    last = tokens.shape[1] - 1
+    # The comparison steers the batch; each continuation one row alone, unpadded, named by its site in the batch
+    # ("A dog ran": its last token is column 2 of its own three).
+    steered, steered_mask = (tokens, mask) if compare else (tokens[1:], mask[1:])
+    sites = re.escape(str([(row, last) for row in range(len(steered) if compare else 1)]))
+    with pytest.raises(nl.VectorError, match=rf"^{NAME}: alpha={re.escape(f'{alpha:g}')} steers the residual at "
+                                             rf"\(batch, position\) {sites} past what the layers after can read: a "
+                                             "squared norm past float32's range.*lower \\|alpha\\|"):
+        steer(nla, base, steered, -1, steered_mask, alpha=alpha, mode=mode, compare=compare,
+              continue_tokens=continue_tokens)
+    assert no_hooks_left(base)
+    result = steer(nla, base, tokens, -1, mask, mode=mode, compare=False, continue_tokens=0)
+    with pytest.raises(nl.VectorError, match=f"alpha={re.escape(f'{alpha:g}')} steers the residual"):  # a user's run
+        base.run_with_hooks(tokens, attention_mask=mask, fwd_hooks=result.fwd_hooks(alpha=alpha))
+    assert no_hooks_left(base)
+    # just inside float32's squares the model still reads the steered site: the next token follows the direction
+    large = steer(nla, base, tokens, -1, mask, alpha=1e15 if mode == "add" else -1e15, mode=mode, continue_tokens=0)
+    assert large.steered_logprobs.isfinite().all() and large.steered_logprobs.exp().max() > 0.01
+
+
+def test_an_alpha_past_a_float16_residual_is_refused_by_alpha_and_site(tiny_paths, nla):
+    """In a float16 base the steered entries themselves overflow (65504) long before float32's squares do."""
+    from base_batches import load_base
+
+    base16 = load_base(tiny_paths["av_karvonen"], dtype=torch.float16)
+    tokens, mask = padded(base16, "left")
+    steered = steer(nla, base16, tokens, -1, mask, alpha=10.0, continue_tokens=0)
+    assert steered.steered_logprobs.isfinite().all()
+    with pytest.raises(nl.VectorError, match=r"alpha=1e\+06 steers the residual .* entries past torch.float16's range"):
+        steer(nla, base16, tokens, -1, mask, alpha=1e6, continue_tokens=0)
+    assert no_hooks_left(base16)
+
+
 def test_bad_input_gets_typed_errors_that_say_what_to_do(base, nla):
     tokens, mask = padded(base, "left")
     with pytest.raises(nl.InputError, match="outside row"):
