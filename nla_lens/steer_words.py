@@ -417,6 +417,9 @@ def _check_inputs(nla: NLA, base: TLModel, tokens: Tensor, layer: int | None, al
         raise InputError(f"steer_with_words needs an NLA (AV + AR), got {type(nla).__name__}")
     backends.backend_of(base)
     k = nla.ar.meta.layer
+    if layer is not None and (isinstance(layer, bool) or not isinstance(layer, numbers.Integral)):
+        raise InputError(f"layer={layer!r} must be a whole number, the NLA's layer {k}, or None; leave it out to steer "
+                         f"at blocks.{k}.hook_resid_post")
     if layer is not None and layer != k:
         raise PairMismatchError(
             f"this AR reconstructs layer-{k} residuals (blocks.{k}.hook_resid_post), so its Delta only means "
@@ -425,6 +428,8 @@ def _check_inputs(nla: NLA, base: TLModel, tokens: Tensor, layer: int | None, al
         )
     check_base_model(base, nla, layer=k)
     check_token_ids(base, tokens)
+    if tokens.shape[0] == 0:
+        raise InputError(f"tokens have no rows (shape {list(tokens.shape)}): pass at least one row of token ids")
     if mode not in ("add", "replace"):
         raise InputError(f"mode must be 'add' or 'replace', got {mode!r}")
     check_finite(alpha=alpha)

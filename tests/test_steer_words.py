@@ -359,6 +359,24 @@ def test_bad_input_gets_typed_errors_that_say_what_to_do(base, nla):
     assert no_hooks_left(base)
 
 
+@pytest.mark.parametrize("layer", ["2", True, 2.0])
+def test_a_layer_that_is_not_a_whole_number_is_refused_by_type(base, nla, layer):
+    """layer="2" was refused as "steering at layer 2 needs an NLA trained on layer 2", a PairMismatchError with the
+    NLA's own layer; layer=True as "steering at layer True"."""
+    tokens, mask = padded(base, "left")
+    with pytest.raises(nl.InputError, match=rf"^layer={re.escape(repr(layer))} must be a whole number, the NLA's "
+                                            rf"layer {LAYER}, or None"):
+        steer(nla, base, tokens, -1, mask, layer=layer)
+    assert steer(nla, base, tokens, -1, mask, layer=np.int64(LAYER), compare=False, continue_tokens=0).layer == LAYER
+
+
+def test_tokens_without_rows_are_an_input_error(base, nla):
+    """A [0, pos] batch failed in torch (max() of an empty tensor) after the checks had passed it."""
+    tokens, mask = padded(base, "left")
+    with pytest.raises(nl.InputError, match=rf"^tokens have no rows \(shape \[0, {tokens.shape[1]}\]\)"):
+        steer(nla, base, tokens[:0], -1, mask[:0])
+
+
 @pytest.mark.parametrize("flag", ["no", 0, None, np.int64(1), torch.tensor(0)])
 def test_compare_that_is_not_a_bool_is_refused(base, nla, flag):
     """compare="no" is truthy: it ran the next-token comparison it meant to skip."""
