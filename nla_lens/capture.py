@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 
 PositionSpec = int | Sequence[int] | Int[Tensor, " batch"] | Bool[Tensor, "batch pos"]
 Calls = Literal["first", "all"]
+_INT64_MIN, _INT64_MAX = torch.iinfo(torch.int64).min, torch.iinfo(torch.int64).max
 
 
 @dataclass(frozen=True)
@@ -115,9 +116,10 @@ def _per_row(positions: Any, batch: int) -> Int[Tensor, "batch k"]:
     if isinstance(positions, Tensor) and positions.ndim == 0:
         positions = positions.item()
     if isinstance(positions, int) and not isinstance(positions, bool):
-        return torch.full((batch, 1), positions)
+        positions = [positions]
     if isinstance(positions, Tensor):
-        if positions.ndim != 1 or positions.shape[0] != batch or positions.is_floating_point():
+        if (positions.ndim != 1 or positions.shape[0] != batch or positions.is_floating_point()
+                or positions.is_complex()):  # a complex tensor's .long() drops its imaginary part
             raise InputError(
                 f"a positions tensor must be [batch] integers (one per row, batch={batch}) or a "
                 f"[batch, pos] boolean mask; got {positions.dtype} of shape {list(positions.shape)}"
@@ -125,6 +127,10 @@ def _per_row(positions: Any, batch: int) -> Int[Tensor, "batch k"]:
         return positions.long()[:, None]
     if isinstance(positions, Sequence) and not isinstance(positions, str) and positions and all(
             isinstance(p, int) and not isinstance(p, bool) for p in positions):
+        beyond = [p for p in positions if not _INT64_MIN <= p <= _INT64_MAX]
+        if beyond:  # torch's OverflowError, untyped, where a smaller one is "outside row ..."
+            raise InputError(f"positions: position {beyond[0]} is outside every row (past int64); pick positions "
+                             "inside the sequence")
         return torch.tensor(list(positions)).expand(batch, -1)
     raise InputError(
         f"positions must be an int, a non-empty list of ints, a [batch] integer tensor or a "
@@ -248,7 +254,10 @@ class Capture:
                                          padding_side=kwargs.get("padding_side"))
         tokens = given if isinstance(given, Tensor) and given.ndim == 2 and not given.is_floating_point() else None
         mask = kwargs.get("attention_mask")
-        self._seen = (tokens, mask if isinstance(mask, Tensor) and mask.ndim == 2 else None)
+        mask = mask if isinstance(mask, Tensor) and mask.ndim == 2 else None
+        if mask is not None and self._real is None and (self.calls == "all" or self.n_calls == 0):
+            check_mask_values(mask)  # as `_record` would, but before HookedTransformer's own IndexError on a float one
+        self._seen = (tokens, mask)
 
     # Inside `generate` a token it fed back may share the pad id (Qwen pads with its EOS): only the prompt's leading
     # pads are padding there. HookedTransformer's generate (TL 3.9) embeds the prompt and each new token itself and
@@ -420,6 +429,7 @@ def capture(model: TLModel, layer: int, positions: PositionSpec = -1, *,
 def resid_post(model: TLModel, tokens: Int[Tensor, "batch pos"], layer: int, *,
                attention_mask: Int[Tensor, "batch pos"] | None = None) -> Float[Tensor, "batch pos d_model"]:
     """`blocks.{layer}.hook_resid_post` of one run of `tokens` that runs no block after `layer`."""
+    check_block(model, layer)
     return activation_at(model, tokens, resid_post_name(layer), attention_mask=attention_mask)
 
 
@@ -437,6 +447,12 @@ def activation_at(model: TLModel, tokens: Int[Tensor, "batch pos"], hook_name: s
     returns logits. Without `attention_mask`, leading pads are masked on both backends, as HookedTransformer
     does itself (the bridge would attend to them).
     """
+    check_token_ids(model, tokens)
+    if attention_mask is not None:  # TL's IndexError (a float mask) or AssertionError (another shape) otherwise
+        check_attention_mask(attention_mask, tokens)
+    if not isinstance(hook_name, str) or hook_name not in model.hook_dict:
+        raise InputError(f"{hook_name!r} is not a hook point of this model; pass a name in model.hook_dict, e.g. "
+                         f"{resid_post_name(0)!r}")
     block = re.match(r"blocks\.(\d+)\.", hook_name)
     stop = None if block is None else int(block[1]) + 1
     if attention_mask is None:
@@ -473,11 +489,14 @@ def check_token_tensor(value: object, name: str = "tokens") -> None:
 
 
 def check_token_ids(model: TLModel, tokens: Tensor, name: str = "tokens") -> None:
-    """`tokens` are a run `model` can take: integer ids in 0..d_vocab-1, at most n_ctx columns. TransformerLens indexes
-    its embedding with the ids and its rotary table with the columns, so a float tensor, an id past the vocabulary
-    (tokens of another tokenizer) or a row past the context fails deep in its forward, and on HookedTransformer a
-    negative id silently embeds a row counted from the end."""
+    """`tokens` are a run `model` can take: integer ids in 0..d_vocab-1, at least one row and column, at most n_ctx
+    columns. TransformerLens indexes its embedding with the ids and its rotary table with the columns, so a float
+    tensor, an id past the vocabulary (tokens of another tokenizer) or a row past the context fails deep in its
+    forward, and on HookedTransformer a negative id silently embeds a row counted from the end. The bridge cannot
+    run an empty batch (a RuntimeError from a reshape)."""
     check_token_tensor(tokens, name)
+    if tokens.numel() == 0:
+        raise InputError(f"{name} are empty (shape {list(tokens.shape)}); pass at least one row of at least one token")
     if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
         raise InputError(f"{name} must hold integer token ids, got dtype {tokens.dtype}; tokenize with "
                          "model.to_tokens(text), or pass the ids as .long()")
@@ -503,21 +522,25 @@ def check_mask_values(attention_mask: Tensor) -> None:
                          "pass (mask != 0).long() (1 for real tokens, 0 for padding)")
 
 
+def check_attention_mask(attention_mask: Tensor, tokens: Tensor | None = None) -> None:
+    """`attention_mask` is a `[batch, pos]` tensor of 0/1 (`check_mask_values`), of `tokens`' shape if given."""
+    check_token_tensor(attention_mask, "attention_mask")
+    check_mask_values(attention_mask)
+    if tokens is not None and tokens.shape != attention_mask.shape:
+        raise InputError(
+            f"tokens {list(tokens.shape)} and attention_mask {list(attention_mask.shape)} must have the same shape"
+        )
+
+
 def real_tokens(model: TLModel, attention_mask: Tensor | None, tokens: Tensor | None, *,
                 trailing_pads_real: bool = False) -> Bool[Tensor, "batch pos"] | None:
     """Which columns hold real tokens: the mask if given, else inferred from pads in `tokens`; None
     when nothing marks padding (every column is real). `trailing_pads_real`: only leading pads are padding (a pass
     of `generate`, whose fed-back tokens may share the pad id)."""
-    for name, value in (("tokens", tokens), ("attention_mask", attention_mask)):
-        if value is not None:
-            check_token_tensor(value, name)
+    if tokens is not None:
+        check_token_tensor(tokens)
     if attention_mask is not None:
-        check_mask_values(attention_mask)
-    if tokens is not None and attention_mask is not None and tokens.shape != attention_mask.shape:
-        raise InputError(
-            f"tokens {list(tokens.shape)} and attention_mask {list(attention_mask.shape)} must have the same shape"
-        )
-    if attention_mask is not None:
+        check_attention_mask(attention_mask, tokens)
         return attention_mask.bool()
     if tokens is None or model.tokenizer is None or model.tokenizer.pad_token_id is None:
         return None

@@ -11,7 +11,7 @@ from base_batches import PROMPTS, load_base, no_hooks_left, padded
 from conftest import LAYER, TL4
 
 import nla_lens as nl
-from nla_lens.capture import resid_post, text_resid_post
+from nla_lens.capture import activation_at, resid_post, text_resid_post
 
 NAME = f"blocks.{LAYER}.hook_resid_post"
 
@@ -396,6 +396,71 @@ def test_a_mask_that_is_not_0_1_is_refused(base, wrong, message):
     with nl.capture(base, LAYER, -1, attention_mask=mask.bool(), tokens=tokens) as cap:
         base(tokens, attention_mask=mask)
     assert len(cap.vectors) == len(tokens)
+
+
+def test_a_mask_that_is_not_0_1_in_the_run_inside_a_capture_is_refused_on_both_backends(base):
+    """A capture reads the mask of the run it records: on HookedTransformer a float one was TL's bare IndexError
+    from the user's own call (the bridge already met the capture's check)."""
+    tokens, mask = padded(base, "left")
+    with pytest.raises(nl.InputError, match=r"^attention_mask must hold 0/1 integers or booleans, got dtype "
+                                            r"torch\.float32; pass mask\.long\(\)"):
+        with nl.capture(base, LAYER, -1):
+            base(tokens, attention_mask=mask.float())
+    assert no_hooks_left(base) and "forward" not in base.__dict__
+
+
+@pytest.mark.parametrize(("positions", "message"), [
+    (2**70, r"^positions: position 1180591620717411303424 is outside every row \(past int64\); pick positions "),
+    ([-1, -(2**64)], r"^positions: position -18446744073709551616 is outside every row"),
+    (torch.tensor([1j, 1j, 1j, 1j]), r"^a positions tensor must be \[batch\] integers .* got torch\.complex64"),
+])
+def test_positions_past_int64_or_complex_are_input_errors(base, positions, message):
+    """A position past int64 was torch's bare OverflowError; a complex tensor lost its imaginary part and read
+    column 0 (here: 'position 0 of row 0 is padding', a claim about another spec)."""
+    tokens, mask = padded(base, "left")
+    with pytest.raises(nl.InputError, match=message):
+        nl.capture(base, LAYER, positions, attention_mask=mask)
+
+
+_BAD_RUN_INPUTS = {
+    "float mask": (lambda t, m: (t, m.float()), r"^attention_mask must hold 0/1 integers or booleans, got dtype "
+                                                r"torch\.float32; pass mask\.long\(\)"),
+    "mask of 2s": (lambda t, m: (t, m * 2), r"^attention_mask must hold only 0 and 1, got values \[0, 2\]"),
+    "mask of another shape": (lambda t, m: (t, m[:, 1:]), r"^tokens \[4, 9\] and attention_mask \[4, 8\] must "
+                                                          r"have the same shape"),
+    "1-d mask": (lambda t, m: (t, m[0]), r"^attention_mask must be \[batch, pos\], got shape \[9\]"),
+    "mask as a list": (lambda t, m: (t, m.tolist()), r"^attention_mask must be a \[batch, pos\] tensor"),
+    "float tokens": (lambda t, m: (t.float(), m), r"^tokens must hold integer token ids, got dtype torch\.float32"),
+    "1-d tokens": (lambda t, m: (t[0], None), r"^tokens must be \[batch, pos\], got shape \[9\]"),
+    "ids past the vocabulary": (lambda t, m: (t + 10**6, m), r"^tokens hold id 1000\d+, outside this model's "
+                                                             r"vocabulary"),
+    "no column": (lambda t, m: (t[:, :0], None), r"^tokens are empty \(shape \[4, 0\]\); pass at least one row"),
+}
+
+
+@pytest.mark.parametrize("case", list(_BAD_RUN_INPUTS))
+@pytest.mark.parametrize("read", ["resid_post", "activation_at"])
+def test_resid_post_and_activation_at_refuse_bad_tokens_and_masks(base, case, read):
+    """A float mask or tokens were TL's bare IndexError, a mask of another shape its AssertionError, a mask of 2s
+    ran with positions from its cumsum, an empty batch was the bridge's RuntimeError."""
+    wrong, message = _BAD_RUN_INPUTS[case]
+    tokens, mask = wrong(*padded(base, "left"))
+    with pytest.raises(nl.InputError, match=message):
+        if read == "resid_post":
+            resid_post(base, tokens, LAYER, attention_mask=mask)
+        else:
+            activation_at(base, tokens, NAME, attention_mask=mask)
+    assert no_hooks_left(base)
+
+
+def test_resid_post_of_a_missing_block_and_activation_at_of_a_missing_hook_are_input_errors(base):
+    """Both were TL's bare KeyError ('blocks.4.hook_resid_post')."""
+    tokens, mask = padded(base, "left")
+    with pytest.raises(nl.InputError, match=r"^layer must be an int indexing the model's 4 blocks \(0-3\), got 4"):
+        resid_post(base, tokens, 4, attention_mask=mask)
+    with pytest.raises(nl.InputError, match=r"^'blocks\.4\.hook_resid_post' is not a hook point of this model; pass "
+                                            r"a name in model\.hook_dict"):
+        activation_at(base, tokens, "blocks.4.hook_resid_post", attention_mask=mask)
 
 
 def test_reentering_a_capture_that_is_recording_is_refused_and_leaks_no_hook(base):
