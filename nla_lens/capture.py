@@ -226,6 +226,7 @@ class Capture:
         if self._handle is not None:
             raise InputError("this capture is already recording; nest a new nl.capture(...) instead of "
                              "entering the same one twice")
+        backends.check_bridge_dtype(self.model, "base")
         self.rows, self.n_calls, self._chunks = [], 0, []
         self._seen = (None, None)
         # The block's output is blocks.{layer}.hook_resid_post after all of its hooks (see above).
@@ -453,6 +454,7 @@ def activation_at(model: TLModel, tokens: Int[Tensor, "batch pos"], hook_name: s
     if not isinstance(hook_name, str) or hook_name not in model.hook_dict:
         raise InputError(f"{hook_name!r} is not a hook point of this model; pass a name in model.hook_dict, e.g. "
                          f"{resid_post_name(0)!r}")
+    backends.check_bridge_dtype(model, "base")
     block = re.match(r"blocks\.(\d+)\.", hook_name)
     stop = None if block is None else int(block[1]) + 1
     if attention_mask is None:

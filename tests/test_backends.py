@@ -10,12 +10,14 @@ import shutil
 
 import pytest
 import torch
-from base_batches import no_hooks_left
+from base_batches import load_base, no_hooks_left, padded
+from conftest import LAYER
 from safetensors.torch import load_file, save_file
 
 import hf_reference as ref
 import nla_lens as nl
 from nla_lens import backends, loading
+from nla_lens.capture import resid_post
 
 ATOL = 1e-5
 MAX_NEW = 12
@@ -149,6 +151,35 @@ def test_a_kv_cache_that_stays_empty_is_an_error_not_wrong_text(av_karvonen, vec
     with pytest.raises(nl.BackendError, match="KV cache holds 0 positions"):
         av_karvonen.verbalize(vectors, max_new_tokens=MAX_NEW, progress=False)
     assert no_hooks_left(av_karvonen.model)  # the failing prefill took its injection hook with it
+
+
+@pytest.mark.skipif(backends.default_backend() != "bridge", reason="the bridge's float32 attention softmax")
+def test_a_bridge_cast_to_float64_after_loading_is_refused_as_a_float64_load_is(tiny_paths, vectors):
+    """TL 4.3's bridge softmaxes attention in float32, where a float64 mask's padding value is -inf: loading in
+    float64 is refused, but `model.to(torch.float64)` after a float32 load gave NaN rows without a word (the AR's
+    shorter explanation, three of the four rows of a padded capture)."""
+    av = nl.ActivationVerbalizer.from_pretrained(tiny_paths["av_karvonen"])
+    ar = nl.ActivationReconstructor.from_pretrained(tiny_paths["ar_nanonla"])
+    base = load_base(tiny_paths["av_karvonen"])
+    tokens, mask = padded(base, "left")
+    explanations = ["the sea", "a longer explanation of the sea and the mat"]
+    av.model.double()
+    ar.model.to(torch.float64)
+    base.to(torch.float64)
+    refused = (r"^float64 is not supported on the bridge backend \(TransformerLens 4\.x\): .* comes out NaN\. The {} "
+               r"model was cast to float64 after loading .*: cast it back with model\.to\(torch\.float32\)")
+    with pytest.raises(nl.BackendError, match=refused.format("AV")):
+        av.verbalize(vectors, max_new_tokens=2, progress=False)
+    with pytest.raises(nl.BackendError, match=refused.format("AR")):
+        ar.reconstruct(explanations)
+    with pytest.raises(nl.BackendError, match=refused.format("base")):
+        with nl.capture(base, LAYER, -1, attention_mask=mask):
+            base(tokens, attention_mask=mask)
+    with pytest.raises(nl.BackendError, match=refused.format("base")):
+        resid_post(base, tokens, LAYER, attention_mask=mask)
+    assert no_hooks_left(base) and no_hooks_left(av.model) and no_hooks_left(ar.model)
+    ar.model.to(torch.float32)  # cast back, as the message says: every row finite again
+    assert torch.isfinite(ar.reconstruct(explanations)).all()
 
 
 @pytest.mark.skipif(backends.transformer_lens_major() >= 4, reason="both backends exist on 3.x only")

@@ -156,8 +156,10 @@ def input_module(model: TLModel) -> torch.nn.Module:
 def check_dtype_current(model: TLModel, role: str) -> None:
     """`InputError` when a HookedTransformer's weights are no longer `cfg.dtype`: TL allocates its KV cache
     (and nla_lens its fast decoders' caches) in `cfg.dtype`, which `.half()` / `.bfloat16()` leave stale, so the
-    run would fail deep in torch ("expected scalar type Float but found Half"). The bridge runs either way."""
+    run would fail deep in torch ("expected scalar type Float but found Half"). The bridge runs in any dtype but
+    float64 (`check_bridge_dtype`)."""
     if backend_of(model) != "hooked":
+        check_bridge_dtype(model, role)
         return
     if model.W_E.dtype != model.cfg.dtype:
         name = str(model.W_E.dtype).removeprefix("torch.")
@@ -166,6 +168,13 @@ def check_dtype_current(model: TLModel, role: str) -> None:
             f": .half() / .bfloat16() change the weights without telling TransformerLens; use "
             f"model.to(torch.{name}) (it updates cfg.dtype), or load with dtype=torch.{name}"
         )
+
+
+def check_bridge_dtype(model: TLModel, role: str) -> None:
+    """`BackendError` for a bridge cast to float64 after loading, which its load refuses: padded rows come out NaN
+    (see `bridge.check_dtype`). Nothing to check on HookedTransformer."""
+    if backend_of(model) == "bridge":
+        import_module("nla_lens.backends.bridge").check_dtype(model, role)
 
 
 def decoder(model: TLModel, batch_size: int, max_len: int, fwd_hooks: list) -> Decoder:

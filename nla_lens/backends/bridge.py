@@ -43,13 +43,7 @@ def load_model(folder: Path, tokenizer: PreTrainedTokenizerBase, *, dtype: torch
                trust_remote_code: bool = False) -> TransformerBridge:
     """Boot a `TransformerBridge` on the HF folder; with `n_layers`, a truncated AR backbone."""
     if dtype == torch.float64:
-        # The bridge's attention softmaxes in float32, where the float64 mask value (finfo.min) is -inf: a left pad
-        # attends to nothing (NaN), and its NaN values reach every real token of the row from the next block on.
-        raise BackendError(
-            "float64 is not supported on the bridge backend (TransformerLens 4.x): its attention softmax runs in "
-            "float32, so every left-padded row (the AR's batches, a padded base-model batch) comes out NaN. Load "
-            "in float32, or use TransformerLens 3.x (HookedTransformer) for float64: pip install 'nla-lens[tl3]'"
-        )
+        raise _float64_refused("Load in float32")
     hf_config = loading.load_hf_config(folder, trust_remote_code=trust_remote_code)
     arch = (hf_config.architectures or [None])[0]
     if arch not in loading.SUPPORTED_ARCHITECTURES:
@@ -78,6 +72,24 @@ def load_model(folder: Path, tokenizer: PreTrainedTokenizerBase, *, dtype: torch
         bridge.ln_final.set_original_component(nn.Identity())
         bridge.unembed.set_original_component(nn.Identity())
     return bridge.eval()
+
+
+def check_dtype(model: TransformerBridge, role: str) -> None:
+    """Refuse a bridge cast to float64 after loading (`model.to(torch.float64)`, `.double()`), as `load_model`
+    refuses one loaded so. The embedding's dtype is the run's: HF builds its attention mask in it."""
+    if cast(PreTrainedModel, model.original_model).get_input_embeddings().weight.dtype == torch.float64:
+        raise _float64_refused(f"The {role} model was cast to float64 after loading (model.to(torch.float64) or "
+                               ".double()): cast it back with model.to(torch.float32)")
+
+
+def _float64_refused(fix: str) -> BackendError:
+    # The bridge's attention softmaxes in float32, where the float64 mask value (finfo.min) is -inf: a left pad
+    # attends to nothing (NaN), and its NaN values reach every real token of the row from the next block on.
+    return BackendError(
+        "float64 is not supported on the bridge backend (TransformerLens 4.x): its attention softmax runs in "
+        f"float32, so every left-padded row (the AR's batches, a padded base-model batch) comes out NaN. {fix}, "
+        "or use TransformerLens 3.x (HookedTransformer) for float64: pip install 'nla-lens[tl3]'"
+    )
 
 
 def _load_hf_model(folder: Path, hf_config, *, dtype: torch.dtype, device: str | torch.device,
