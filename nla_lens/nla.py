@@ -26,7 +26,7 @@ from nla_lens.injection import check_vectors, directionless_rows
 from nla_lens.parsing import failed_parse_note, injection_warning, injection_warning_held
 from nla_lens.reconstructor import ActivationReconstructor, check_sample_fits
 from nla_lens.results import TabularResult
-from nla_lens.sidecar import NLAMeta, load_meta
+from nla_lens.sidecar import InjectionSpec, NLAMeta, load_meta
 from nla_lens.verbalizer import MAX_NEW_TOKENS, ActivationVerbalizer, Verbalization
 
 if TYPE_CHECKING:
@@ -349,26 +349,29 @@ class NLA:
     @classmethod
     def from_pretrained(cls, av_path: str | Path, ar_path: str | Path, *, device: str | torch.device = "cpu",
                         dtype: torch.dtype | str = torch.float32, backend: str | None = None,
-                        **av_kwargs: Any) -> NLA:
+                        injection: InjectionSpec | str | None = None, hook_point: str | None = None,
+                        trust_remote_code: bool = False, tokenizer: PreTrainedTokenizerBase | None = None) -> NLA:
         """Load an AV and its AR (folders or cached hub ids), checking that they pair before reading weights.
 
-        `av_kwargs` (`injection`, `hook_point`, `trust_remote_code`, `tokenizer`) go to
-        `ActivationVerbalizer.from_pretrained`. Each tokenizer is loaded once, for the pair's check and its model.
+        `injection`, `hook_point` and `tokenizer` are the AV's, as `ActivationVerbalizer.from_pretrained` takes
+        them; `trust_remote_code` applies to both. Each tokenizer is loaded and checked against its sidecar once,
+        for the pair's check and its model.
         """
         av_folder, ar_folder = loading.resolve_checkpoint(av_path), loading.resolve_checkpoint(ar_path)
         av_meta, ar_meta = load_meta(av_folder), load_meta(ar_folder)
         _check_roles(av_folder, av_meta, ar_folder, ar_meta)
         check_pair(av_meta, ar_meta)
-        trust = av_kwargs.get("trust_remote_code", False)
         # A given tokenizer is checked before the pair's vocabularies: another model's is the argument's fault
-        av_tokenizer = loading.checkpoint_tokenizer(av_folder, av_meta, "av", av_kwargs.pop("tokenizer", None),
-                                                    trust_remote_code=trust)
-        ar_tokenizer = loading.checkpoint_tokenizer(ar_folder, ar_meta, "ar", trust_remote_code=trust)
+        av_tokenizer = loading.checkpoint_tokenizer(av_folder, av_meta, "av", tokenizer,
+                                                    trust_remote_code=trust_remote_code)
+        ar_tokenizer = loading.checkpoint_tokenizer(ar_folder, ar_meta, "ar", trust_remote_code=trust_remote_code)
         check_vocabularies(av_tokenizer, ar_tokenizer)
-        av = ActivationVerbalizer.from_pretrained(av_path, device=device, dtype=dtype, backend=backend,
-                                                  tokenizer=av_tokenizer, **av_kwargs)
-        ar = ActivationReconstructor.from_pretrained(ar_path, device=device, dtype=dtype, backend=backend,
-                                                     trust_remote_code=trust, tokenizer=ar_tokenizer)
+        av = ActivationVerbalizer._from_folder(
+            av_folder, av_meta, device=device, dtype=dtype, injection=injection, hook_point=hook_point,
+            trust_remote_code=trust_remote_code, backend=backend, tokenizer=None, checked_tokenizer=av_tokenizer)
+        ar = ActivationReconstructor._from_folder(
+            ar_folder, ar_meta, device=device, dtype=dtype, trust_remote_code=trust_remote_code, backend=backend,
+            tokenizer=None, checked_tokenizer=ar_tokenizer)
         return cls(av, ar)
 
     def __repr__(self) -> str:

@@ -59,14 +59,24 @@ class ActivationReconstructor:
         already (`loading.load_tokenizer`), checked as one loaded here is and set to pad on the left with a pad
         token, as `load_tokenizer` sets one; it saves loading it again.
         """
-        device, dtype = resolve_device(device), resolve_dtype(dtype)
         folder = loading.resolve_checkpoint(path_or_id)
-        meta = load_meta(folder)
+        return cls._from_folder(folder, load_meta(folder), device=device, dtype=dtype,
+                                trust_remote_code=trust_remote_code, backend=backend, tokenizer=tokenizer,
+                                checked_tokenizer=None)
+
+    @classmethod
+    def _from_folder(cls, folder: Path, meta: NLAMeta, *, device: str | torch.device, dtype: torch.dtype | str,
+                     trust_remote_code: bool, backend: str | None, tokenizer: PreTrainedTokenizerBase | None,
+                     checked_tokenizer: PreTrainedTokenizerBase | None) -> ActivationReconstructor:
+        """`from_pretrained` of a resolved folder and its parsed sidecar. `checked_tokenizer`: the folder's tokenizer
+        already checked against this sidecar (`NLA.from_pretrained` checks it for the pair), not checked again."""
+        device, dtype = resolve_device(device), resolve_dtype(dtype)
         if loading.checkpoint_role(folder, meta) == "av":
             raise SidecarError(f"{folder} is an AV checkpoint, not an AR: load it with "
                                "ActivationVerbalizer.from_pretrained")
         check_role_template(meta, "ar", folder)
-        tokenizer = loading.checkpoint_tokenizer(folder, meta, "ar", tokenizer, trust_remote_code=trust_remote_code)
+        tokenizer = (loading.checkpoint_tokenizer(folder, meta, "ar", tokenizer, trust_remote_code=trust_remote_code)
+                     if checked_tokenizer is None else checked_tokenizer)
         loading.check_config(folder, meta, tokenizer, trust_remote_code=trust_remote_code)
         # The readout first: one [d, d] matrix, so a missing or damaged one is reported before the backbone is read.
         readout = loading.load_readout(folder, meta.d_model, dtype=dtype, device=device)

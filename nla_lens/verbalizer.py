@@ -194,9 +194,19 @@ class ActivationVerbalizer:
         (`loading.load_tokenizer`), checked as one loaded here is and set to pad on the left with a pad token, as
         `load_tokenizer` sets one; it saves loading it again (about 1 s on Qwen's).
         """
-        device, dtype = resolve_device(device), resolve_dtype(dtype)
         folder = loading.resolve_checkpoint(path_or_id)
-        meta = load_meta(folder)
+        return cls._from_folder(folder, load_meta(folder), device=device, dtype=dtype, injection=injection,
+                                hook_point=hook_point, trust_remote_code=trust_remote_code, backend=backend,
+                                tokenizer=tokenizer, checked_tokenizer=None)
+
+    @classmethod
+    def _from_folder(cls, folder: Path, meta: NLAMeta, *, device: str | torch.device, dtype: torch.dtype | str,
+                     injection: InjectionSpec | str | None, hook_point: str | None, trust_remote_code: bool,
+                     backend: str | None, tokenizer: PreTrainedTokenizerBase | None,
+                     checked_tokenizer: PreTrainedTokenizerBase | None) -> ActivationVerbalizer:
+        """`from_pretrained` of a resolved folder and its parsed sidecar. `checked_tokenizer`: the folder's tokenizer
+        already checked against this sidecar (`NLA.from_pretrained` checks it for the pair), not checked again."""
+        device, dtype = resolve_device(device), resolve_dtype(dtype)
         if loading.checkpoint_role(folder, meta) == "ar":
             raise SidecarError(f"{folder} is an AR checkpoint, not an AV: load it with "
                                "ActivationReconstructor.from_pretrained")
@@ -208,7 +218,8 @@ class ActivationVerbalizer:
                 "(extraction.injection_scale). Pass injection='karvonen' if this checkpoint was trained with the "
                 "additive injection, or add the injection_scale it was trained with to the sidecar"
             )
-        tokenizer = loading.checkpoint_tokenizer(folder, meta, "av", tokenizer, trust_remote_code=trust_remote_code)
+        tokenizer = (loading.checkpoint_tokenizer(folder, meta, "av", tokenizer, trust_remote_code=trust_remote_code)
+                     if checked_tokenizer is None else checked_tokenizer)
         loading.check_config(folder, meta, tokenizer, trust_remote_code=trust_remote_code)
         loading.check_hook_point(folder, spec.hook_point, backend=backends.resolve_name(backend),
                                  trust_remote_code=trust_remote_code)

@@ -386,6 +386,23 @@ def test_nla_from_pretrained_loads_each_tokenizer_once(tiny_paths, monkeypatch):
     assert loads == [ar]
 
 
+def test_nla_from_pretrained_checks_each_tokenizer_against_its_sidecar_once(tiny_paths, monkeypatch):
+    """The pair's check ran `check_tokenizer` on both tokenizers, and the AV and the AR ran it again on the one they
+    were handed. A drifted tokenizer is still refused (`test_a_given_tokenizer_that_is_not_the_checkpoints_...`)."""
+    av, ar = tiny_paths["av_karvonen"], tiny_paths["ar_nanonla"]
+    checks = []
+    check_tokenizer = loading.check_tokenizer
+
+    def counted(meta, tokenizer, role=None, **kwargs):
+        checks.append((kwargs["source"], role))
+        return check_tokenizer(meta, tokenizer, role, **kwargs)
+
+    monkeypatch.setattr(loading, "check_tokenizer", counted)
+    nla = nl.NLA.from_pretrained(av, ar)
+    assert checks == [(str(av / "nla_meta.yaml"), "av"), (str(ar / "nla_meta.yaml"), "ar")]
+    assert (nla.av.meta.source, nla.ar.meta.source) == (str(av / "nla_meta.yaml"), str(ar / "nla_meta.yaml"))
+
+
 def test_a_given_tokenizer_that_is_not_the_checkpoints_is_named_as_the_argument(tiny_paths, monkeypatch):
     """`from_pretrained(tokenizer=)` of another model said to "Load the tokenizer saved with the checkpoint", whose
     files were never read; `NLA.from_pretrained` blamed the AR ("load the AR trained with this AV"); a folder's path
