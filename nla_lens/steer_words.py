@@ -428,8 +428,6 @@ def _check_inputs(nla: NLA, base: TLModel, tokens: Tensor, layer: int | None, al
         )
     check_base_model(base, nla, layer=k)
     check_token_ids(base, tokens)
-    if tokens.shape[0] == 0:
-        raise InputError(f"tokens have no rows (shape {list(tokens.shape)}): pass at least one row of token ids")
     if mode not in ("add", "replace"):
         raise InputError(f"mode must be 'add' or 'replace', got {mode!r}")
     check_finite(alpha=alpha)

@@ -373,7 +373,7 @@ def test_a_layer_that_is_not_a_whole_number_is_refused_by_type(base, nla, layer)
 def test_tokens_without_rows_are_an_input_error(base, nla):
     """A [0, pos] batch failed in torch (max() of an empty tensor) after the checks had passed it."""
     tokens, mask = padded(base, "left")
-    with pytest.raises(nl.InputError, match=rf"^tokens have no rows \(shape \[0, {tokens.shape[1]}\]\)"):
+    with pytest.raises(nl.InputError, match=rf"^tokens are empty \(shape \[0, {tokens.shape[1]}\]\)"):
         steer(nla, base, tokens[:0], -1, mask[:0])
 
 
