@@ -90,6 +90,56 @@ def test_truncated_and_unparsed_samples_get_the_miss_reward_from_the_ar(ar_nanon
     assert rewards[1:].tolist() == [-2.0, -2.0]  # mse_scale = sqrt(d): an orthogonal guess scores -2
 
 
+def _garbled_response(tokenizer) -> list[int]:
+    """A finished sample whose explanation retokenizes longer than it was sampled: a byte token of a split character
+    decodes to U+FFFD, three byte tokens in the test tokenizer (as tests/test_nla.py builds it)."""
+    stray = next(i for i in range(len(tokenizer)) if tokenizer.decode([i]) == "\ufffd")
+    return [*tokenizer.encode("<explanation>\n", add_special_tokens=False), *[stray] * 20,
+            *tokenizer.encode("\n</explanation>", add_special_tokens=False), tokenizer.eos_token_id]
+
+
+def test_an_explanation_that_retokenizes_past_the_ars_context_gets_the_miss_reward(av_karvonen, ar_nanonla,
+                                                                                 monkeypatch):
+    """`check_samples_fit` bounds the sampled tokens, not their text tokenized again: such a sample made
+    `reconstruct` refuse the whole rollout's scoring mid-run. It scores the miss, as a failed parse does."""
+    tokenizer, scale = ar_nanonla.tokenizer, ar_nanonla.meta.mse_scale
+    ids = _garbled_response(tokenizer)
+    garbled = tokenizer.decode(ids, skip_special_tokens=True)
+    prompt = len(ar_prompt_ids(ar_nanonla.meta, tokenizer, ""))
+    assert len(ar_prompt_ids(ar_nanonla.meta, tokenizer, nl.verbalizer.parse_explanation(garbled))) > prompt + len(ids)
+    monkeypatch.setattr(ar_nanonla.model.cfg, "n_ctx", prompt + len(ids))
+    rl.check_samples_fit(av_karvonen, ar_nanonla, len(ids))  # the up-front check lets a sample this long through
+    vectors = torch.randn(3, ar_nanonla.meta.d_model, generator=torch.Generator().manual_seed(0))
+    cat = "<explanation>\na cat\n</explanation>"
+    explanations, mse, rewards = rl.score(ar_nanonla, vectors, [cat, garbled, cat], torch.zeros(3, dtype=torch.bool))
+    assert explanations[0] == explanations[2] == "a cat" and explanations[1] is not None
+    assert math.isnan(float(mse[1])) and float(rewards[1]) == -2.0  # mse_scale = sqrt(d): an orthogonal guess
+    expected = metrics.mse_per_item(ar_nanonla.reconstruct(["a cat"] * 2), vectors[[0, 2]], scale).double()
+    assert torch.allclose(mse[[0, 2]], expected, atol=1e-6) and torch.equal(rewards[[0, 2]], -mse[[0, 2]])
+
+
+def test_a_step_drops_an_explanation_the_ar_cannot_read_from_the_ars_update_and_logs_it(tiny_paths, monkeypatch):
+    """The AR's update trains on the samples it scored, so one whose explanation retokenizes past its n_ctx is left
+    out, as a failed parse is; the step logs its share as `ar_miss_rate`. The step raised PromptTooLongError."""
+    av = nl.ActivationVerbalizer.from_pretrained(tiny_paths["av_karvonen"], backend="hooked")
+    ar = nl.ActivationReconstructor.from_pretrained(tiny_paths["ar_nanonla"], backend="hooked")  # this step trains it
+    tokenizer = av.tokenizer
+    garbled = _garbled_response(tokenizer)
+    cat = [*tokenizer.encode("<explanation>\nthe cat\n</explanation>", add_special_tokens=False),
+           tokenizer.eos_token_id]
+    responses = [cat, garbled, cat, cat]
+    monkeypatch.setattr(ar.model.cfg, "n_ctx", len(ar_prompt_ids(ar.meta, ar.tokenizer, "")) + len(garbled))
+    monkeypatch.setattr(rl, "sample_groups", lambda *a, **k: (responses, torch.zeros(sum(map(len, responses))),
+                                                              torch.zeros(len(responses), dtype=torch.bool)))
+    vectors = torch.randn(4, ar.meta.d_model, generator=torch.Generator().manual_seed(0))
+    trainer = rl._Trainer(av, ar, None, vectors, RLConfig(prompts_per_step=2, group_size=2, kl_coef=0.0), None)
+    record = trainer.step(0)
+    assert trainer.ar_rows.explanations == ["the cat"] * 3
+    assert float(trainer.current.rewards[1]) == -2.0 and trainer.current.hits.tolist() == [True, False, True, True]
+    assert record["ar_miss_rate"] == 0.25 and record["scored"] == 0.75 and record["parse_failure_rate"] == 0
+    assert record["truncation_rate"] == 0 and math.isfinite(record["ar_mse"])
+
+
 def test_a_response_echoing_the_marker_is_scored_with_the_prompts_injection_site(av_karvonen, tiny_paths):
     """A sample may echo the marker between its neighbours: it is text, not a second site. The loss
     equals one HF forward per sample with the plain layer-1 hook at the prompt's site only."""

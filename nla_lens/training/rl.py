@@ -92,6 +92,13 @@ class Rollout:
         """Samples the AR scored: the ones its own update trains on."""
         return torch.isfinite(self.mse) & ~self.truncated
 
+    @property
+    def ar_misses(self) -> Bool[Tensor, " n"]:
+        """Finished, parsed samples that `score` scored as misses all the same: an explanation whose AR prompt is
+        over the AR's n_ctx, or a reconstruction with no direction (a non-finite MSE)."""
+        parsed = torch.tensor([e is not None for e in self.explanations], dtype=torch.bool)
+        return parsed & ~self.truncated & ~self.hits
+
 
 def step_vectors(step: int, n_rows: int, prompts_per_step: int, seed: int) -> Int[Tensor, " batch"]:
     """Indices of the vectors of step `step`: consecutive slices of a seeded permutation per epoch."""
@@ -154,10 +161,15 @@ def sample_groups(av: ActivationVerbalizer, vectors: Float[Tensor, "groups d_mod
 
 def score(ar: ActivationReconstructor, vectors: Float[Tensor, "n d_model"], texts: list[str],
           truncated: Bool[Tensor, " n"]) -> tuple[list[str | None], Float[Tensor, " n"], Float[Tensor, " n"]]:
-    """Explanations, their MSE (NaN where not scored) and rewards; truncated samples are not scored."""
+    """Explanations, their MSE (NaN where not scored) and rewards. Truncated samples are not scored, nor is an
+    explanation whose AR prompt is over the AR's n_ctx: `check_samples_fit` bounds the sampled tokens, and a sampled
+    token holding a split character's stray bytes decodes to U+FFFD, which may retokenize as three (`reconstruct`
+    refused it mid-run). Both score the miss, and the AR's update drops them (`Rollout.hits`)."""
     explanations = [parse_explanation(text) for text in texts]
     parsed = torch.tensor([e is not None for e in explanations], dtype=torch.bool)
-    wanted = (parsed & ~truncated).nonzero().flatten().tolist()
+    finished = (parsed & ~truncated).nonzero().flatten().tolist()
+    fits = ar.prompts_fit([cast(str, explanations[i]) for i in finished])
+    wanted = [i for i, ok in zip(finished, fits, strict=True) if ok]
     mse = torch.full((len(texts),), float("nan"), dtype=torch.float64)
     if wanted:
         predicted = ar.reconstruct([explanations[i] for i in wanted])
@@ -330,15 +342,16 @@ class _Trainer:
         sums = parallel.all_reduce_sums([
             len(current), float(current.rewards.sum()), float(kl_total), float(clipped_total), float(sum(lengths)),
             sum(e is None for e in current.explanations), float(current.truncated.sum()),
-            sum(cjk_fraction(t) for t in current.texts), float(current.hits.sum()),
+            sum(cjk_fraction(t) for t in current.texts), float(current.hits.sum()), float(current.ar_misses.sum()),
             loss_total / world.world_size, ar_total / world.world_size, sft_total / world.world_size,
         ], self.device)
-        n, reward, kl, clipped, length, failed, truncated, cjk, hits, loss, ar_mse, sft_total = sums
+        n, reward, kl, clipped, length, failed, truncated, cjk, hits, ar_misses, loss, ar_mse, sft_total = sums
         if self.reconstructor is None or hits == 0:
             ar_mse = float("nan")
         return {"step": step + 1, "loss": loss, "reward": reward / n, "fve": 1 + (reward / n) / self.baseline,
                 "kl": kl / n, "clip_frac": clipped / n, "length": length / n, "parse_failure_rate": failed / n,
-                "truncation_rate": truncated / n, "cjk_rate": cjk / n, "scored": hits / n,
+                "truncation_rate": truncated / n, "ar_miss_rate": ar_misses / n, "cjk_rate": cjk / n,
+                "scored": hits / n,
                 "av_grad_norm": sum(av_grad_norms) / epochs, "av_skipped": av_skipped, "ar_mse": ar_mse,
                 "ar_grad_norm": ar_grad_norm, "ar_skipped": ar_skipped, "sft_loss": sft_total / (config.sft_coef or 1),
                 "sample_seconds": sampled - started, "seconds": time.perf_counter() - started}
@@ -481,7 +494,7 @@ def train_rl(
 
     `reference` is the frozen SFT AV of the KL term (None with `kl_coef: 0`); `sft_data`, the
     labelled rows of the `sft_coef` term (SFT's training split; unused when it is 0). `history` holds the
-    per-step log (reward, fve, kl, length, parse-failure / truncation / CJK rates, ...), `evals`
+    per-step log (reward, fve, kl, length, parse-failure / truncation / AR-miss / CJK rates, ...), `evals`
     the greedy held-out round trips. Checkpoints and `resume` work as in SFT (`loop`).
     """
     backends.require_hooked("RL training", av.model)
