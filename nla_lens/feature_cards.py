@@ -28,6 +28,7 @@ from nla_lens.results import TabularResult
 from nla_lens.sae import (
     OFFSET_COLUMNS,
     ResidualStats,
+    check_ar_reads_samples,
     check_sae_reads_layer,
     check_skip_first,
     check_texts,
@@ -236,6 +237,7 @@ def feature_card(
         raise InputError(f"feature_card draws one feature's card, got features {feature!r:.60}: pass one id, or one "
                          "card per feature: [nl.feature_card(sae, base, texts, f, nla) for f in features]")
     decoder_rows(sae, [feature])  # checks the id before the scan indexes with it
+    check_ar_reads_samples(nla, verbalize_kwargs)  # as verbalize_sae_features will, but before the scan
     per_text: list[tuple[list[int], Tensor]] = []
     with torch.inference_mode():
         # The SAE encodes what it was trained on: another hook's activations when allow_other_hook let it in.

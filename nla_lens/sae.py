@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from numbers import Integral
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import pyarrow as pa
@@ -39,10 +39,18 @@ from nla_lens.checks import check_counts, counted
 from nla_lens.errors import BackendError, InputError, SAEMismatchError, VectorError
 from nla_lens.explain import bos_skip
 from nla_lens.injection import check_vectors, prescaled, unit
-from nla_lens.nla import DIRECTIONLESS_CAUSE, NLA, check_read_keywords, directionless_parsed, warn_at_caller
+from nla_lens.nla import (
+    DIRECTIONLESS_CAUSE,
+    NLA,
+    check_read_keywords,
+    directionless_parsed,
+    rows_the_ar_reads,
+    warn_at_caller,
+)
+from nla_lens.reconstructor import check_sample_fits
 from nla_lens.results import TabularResult
 from nla_lens.sidecar import text_ids
-from nla_lens.verbalizer import ActivationVerbalizer, Verbalization, Verbalizations
+from nla_lens.verbalizer import MAX_NEW_TOKENS, ActivationVerbalizer, Verbalization, Verbalizations
 
 if TYPE_CHECKING:
     from sae_lens import SAE, HookedSAETransformer
@@ -323,9 +331,10 @@ class FeatureVerbalizations(TabularResult):
         hook_name: the SAE's hook point.
         offset: True: mean residual + spread * unit decoder row; False: the decoder row.
         cosines: cos(reconstruction rescaled to the AV input's norm - offset mean, decoder row); NaN on failed
-            parses and on reconstructions with no direction (NaN, Inf or zero: a warning names them); None without an
-            AR.
-        reconstructions: the AR's vectors; NaN rows where the parse failed; None without an AR.
+            parses, on explanations the AR cannot read within its n_ctx and on reconstructions with no direction
+            (NaN, Inf or zero): a warning names those two; None without an AR.
+        reconstructions: the AR's vectors; NaN rows where the parse failed or the AR could not read the
+            explanation; None without an AR.
         offset_stats: the stats of the offset; saved as its n, layer, mean norm, spread.
     """
 
@@ -452,9 +461,11 @@ def verbalize_sae_features(
     bare rows read better (README, "SAE features").
     With an NLA, the AR rebuilds each explanation and `cosines` holds cos(reconstruction - offset mean,
     W_dec[f]), the reconstruction first rescaled to the norm of the vector the AV read (the AR's output
-    norm carries no meaning); NaN where the explanation failed to parse, and where its reconstruction has no
-    direction (NaN, Inf or zero: an AR that overflowed float16), which a warning names, as `round_trip`'s does.
-    `verbalize_kwargs` go to `av.verbalize`.
+    norm carries no meaning); NaN where the explanation failed to parse, where its AR prompt is over the AR's
+    n_ctx, and where its reconstruction has no direction (NaN, Inf or zero: an AR that overflowed float16), the last
+    two named in a warning kept in `verbalizations.warnings`, as `round_trip`'s are. `verbalize_kwargs` go to
+    `av.verbalize`. With an NLA, a `max_new_tokens` whose samples the AR could not read is refused before
+    verbalizing (`PromptTooLongError`, as `NLA.round_trip` refuses it).
 
     A feature with no direction to verbalize fails the whole call before any generation, and the error names every
     such feature in `features` (a blank row would read as an explanation that failed to parse): an all-zero
@@ -477,17 +488,20 @@ def verbalize_sae_features(
     features = feature_ids(features)
     rows = decoder_rows(sae, features)
     vectors = check_vectors(feature_vectors(rows, offset), av.meta.d_model)
+    check_ar_reads_samples(av_or_nla, verbalize_kwargs)
     verbalizations = av.verbalize(vectors, **verbalize_kwargs)
     if nla is None:
         return FeatureVerbalizations(features, verbalizations, vectors, hook_name, offset is not None, None, None,
                                      offset)
     # Only the cosine is reported: a round trip's FVE needs a baseline over many real activations.
     reconstructions = torch.full_like(vectors, float("nan"))
-    parsed = [i for i, v in enumerate(verbalizations) if v.explanation is not None]
-    if parsed:
-        texts = [v.explanation for v in verbalizations if v.explanation is not None]  # those of `parsed`
-        rebuilt = nla.ar.reconstruct(texts).to(vectors.device)
-        reconstructions[parsed] = rebuilt
+    read, too_long = rows_the_ar_reads(nla.ar, verbalizations)
+    if read:
+        texts = [cast(str, verbalizations[i].explanation) for i in read]
+        reconstructions[read] = nla.ar.reconstruct(texts).to(vectors.device)
+    if too_long:
+        verbalizations = warned(verbalizations, too_long_warning([features[i] for i in too_long], len(features),
+                                                                 nla.ar.model.cfg.n_ctx))
     if offset is not None:
         # The AR was trained on rescaled targets, so its output norm means nothing: give each reconstruction
         # the norm of the vector the AV read before the mean comes off.
@@ -498,7 +512,7 @@ def verbalize_sae_features(
     # The row prescaled: cosine_similarity clamps the norm product at 1e-8, which a tiny row's norm falls under.
     cosines = torch.nn.functional.cosine_similarity(centred, prescaled(rows), dim=1)
     # cosine_similarity scores a zero reconstruction 0 (its norm clamped) and a NaN or Inf one NaN, as a failed parse
-    directionless = directionless_parsed(verbalizations, reconstructions)
+    directionless = sorted(set(directionless_parsed(verbalizations, reconstructions)) & set(read))  # not the too long
     if directionless:
         cosines[directionless] = float("nan")
         verbalizations = warned(verbalizations, (
@@ -513,6 +527,24 @@ def warned(verbalizations: list[Verbalization], warning: str) -> Verbalizations:
     as `verbalize` emits its own."""
     warn_at_caller(warning)
     return Verbalizations(verbalizations, warnings=[*getattr(verbalizations, "warnings", ()), warning])
+
+
+def check_ar_reads_samples(av_or_nla: ActivationVerbalizer | NLA, verbalize_kwargs: dict[str, Any]) -> None:
+    """With an NLA, the AR can read the explanation of a sample of `verbalize_kwargs`' max_new_tokens: checked before
+    the AV's work, as `NLA.round_trip` checks it (`check_sample_fits`)."""
+    if isinstance(av_or_nla, NLA):
+        max_new_tokens = verbalize_kwargs.get("max_new_tokens", MAX_NEW_TOKENS)
+        check_counts(1, max_new_tokens=max_new_tokens)
+        ar = av_or_nla.ar
+        check_sample_fits(ar.meta, ar.tokenizer, ar.model.cfg.n_ctx, max_new_tokens)
+
+
+def too_long_warning(features: list[int], n: int, n_ctx: int) -> str:
+    """The features whose parsed explanation the AR cannot read within its n_ctx (`rows_the_ar_reads`)."""
+    return (f"{len(features)}/{n} explanations make AR prompts over the AR's n_ctx={n_ctx} (features "
+            f"{features[:8]}), so they have no reconstruction and no cosine (NaN): their text retokenizes to more "
+            "tokens than the AV sampled (a sampled token holding stray bytes of a split character decodes to U+FFFD, "
+            "which may tokenize as three); read their `text`")
 
 
 def hooked_sae_transformer(model: HookedTransformer) -> HookedSAETransformer:

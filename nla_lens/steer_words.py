@@ -62,10 +62,13 @@ from nla_lens.checks import (
     file_path,
     is_bool,
 )
+from nla_lens.display import format_cell
 from nla_lens.errors import InputError, PairMismatchError, PromptTooLongError, VectorError
 from nla_lens.injection import HookFn, check_vectors, directionless_rows, prescaled, unit
-from nla_lens.nla import NLA
+from nla_lens.nla import NLA, rows_the_ar_reads
+from nla_lens.reconstructor import ActivationReconstructor, check_sample_fits
 from nla_lens.results import TabularResult
+from nla_lens.sidecar import ar_prompt_ids
 from nla_lens.vector_files import save_tensors
 from nla_lens.verbalizer import MAX_NEW_TOKENS, ActivationVerbalizer, Verbalization
 
@@ -310,9 +313,15 @@ def steer_with_words(
     the AV's batches and the AR's (which reads every original and edited explanation).
     `compare` stores next-token log-probs at the sites without and with steering; `continue_tokens`
     (0 for none) greedy tokens continue each row without and with it. `layer`, if given, must be K.
+    The AR reads every explanation and edit: a `max_new_tokens` whose samples it could not read is refused before
+    the AV runs (`PromptTooLongError`, `NLA.round_trip`'s rule); an AV sample whose text still retokenizes past the
+    AR's n_ctx is dropped, as a failed parse is; an edit or a given explanation past it is refused by site before
+    the AR reads any (no bound set before the edit holds for it).
     """
     _check_inputs(nla, base, tokens, layer, alpha, mode, compare, continue_tokens)
     samples, sampling = sampling_settings(explanations, samples, temperature, seed, max_new_tokens, batch_size)
+    if explanations is None:  # the AR reads the AV's samples: `NLA.round_trip`'s rule, before the base model runs
+        check_sample_fits(nla.ar.meta, nla.ar.tokenizer, nla.ar.model.cfg.n_ctx, sampling["max_new_tokens"])
     k = nla.ar.meta.layer
     real = real_tokens(base, attention_mask, tokens)
     if real is None:
@@ -325,10 +334,11 @@ def steer_with_words(
     run_mask = attention_mask if attention_mask is not None else backends.implicit_attention_mask(base, tokens)
     with torch.no_grad():
         if explanations is None:
-            texts = _verbalize_sites(nla.av, base, tokens, rows, cols, run_mask, k, samples, sampling, batch_size)
+            texts = _verbalize_sites(nla, base, tokens, rows, cols, run_mask, k, samples, sampling, batch_size)
         else:
             texts = _given_explanations(explanations, len(sites))
         edited = _apply_edits(edit, texts)
+        _check_ar_reads(nla.ar, texts, edited, sites)
         delta, target, warned = _delta(nla, texts, edited, sites, mode, batch_size)
         named = [_decode(base.tokenizer, int(tokens[r, c])) for r, c in sites]
         result = WordSteering(resid_post_name(k), k, float(alpha), mode, rows.cpu(), cols.cpu(), named,
@@ -492,22 +502,34 @@ def sampling_settings(explanations: object, samples: int | None, temperature: fl
     return samples, sampling
 
 
-def _verbalize_sites(av: ActivationVerbalizer, base: TLModel, tokens: Tensor, rows: Tensor, cols: Tensor,
+def _verbalize_sites(nla: NLA, base: TLModel, tokens: Tensor, rows: Tensor, cols: Tensor,
                      run_mask: Tensor | None, k: int, samples: int, sampling: dict[str, Any],
                      batch_size: int) -> list[list[str]]:
-    """`samples` parsed explanations per site (greedy for one); a site with none raises."""
+    """Up to `samples` explanations per site (greedy for one), those that parse and that the AR reads within its
+    n_ctx (`rows_the_ar_reads`: a text may retokenize longer than sampled); a site with none raises."""
     resid = resid_post(base, tokens, k, attention_mask=run_mask)
     vectors = resid[rows.to(resid.device), cols.to(resid.device)].float()
     vectors = vectors.repeat_interleave(samples, dim=0)
-    said = av.verbalize(vectors, batch_size=batch_size, progress=False, **sampling)
-    texts = [[v.explanation for v in said[i * samples:(i + 1) * samples] if v.explanation is not None]
-             for i in range(len(rows))]
+    said = nla.av.verbalize(vectors, batch_size=batch_size, progress=False, **sampling)
+    read, too_long = rows_the_ar_reads(nla.ar, said)
+    texts: list[list[str]] = [[] for _ in range(len(rows))]
+    for j in read:  # sample j is of site j // samples
+        texts[j // samples].append(cast(str, said[j].explanation))
     failed = [i for i, t in enumerate(texts) if not t]
     if failed:
         i = failed[0]
+        site = f"site {i} (row {int(rows[i])}, column {int(cols[i])})"
+        unread = sum(j // samples == i for j in too_long)
+        if unread:
+            raise PromptTooLongError(
+                f"{unread} of the AV's {samples} explanations of {site} make AR prompts over the AR's "
+                f"n_ctx={nla.ar.model.cfg.n_ctx}, the rest failed to parse: a text retokenizes to more tokens than "
+                "the AV sampled (a sampled token holding stray bytes of a split character decodes to U+FFFD, which "
+                "may tokenize as three); pass explanations= yourself"
+            )
         raise InputError(
-            f"the AV wrote no parsable explanation for site {i} (row {int(rows[i])}, column {int(cols[i])}); "
-            f"raise max_new_tokens (now {sampling['max_new_tokens']}) or pass explanations= yourself"
+            f"the AV wrote no parsable explanation for {site}; raise max_new_tokens (now "
+            f"{sampling['max_new_tokens']}) or pass explanations= yourself"
         )
     return texts
 
@@ -521,6 +543,24 @@ def _given_explanations(explanations: Sequence[str | Sequence[str]], n_sites: in
         raise InputError("each site's explanations must be a non-empty string or a non-empty list of strings (a "
                          "failed parse's explanation is None: give that site a text, or leave explanations= out)")
     return cast(list[list[str]], texts)  # every entry a str, as checked just above
+
+
+def _check_ar_reads(ar: ActivationReconstructor, texts: list[list[str]], edited: list[list[str]],
+                    sites: list[tuple[int, int]]) -> None:
+    """Every explanation and edit fits the AR's n_ctx, checked by site before the AR reads any (it refused the first
+    too long by its place among every site's texts). No bound set before the AV ran holds here: an edit may
+    lengthen its text, and `explanations=` are the caller's."""
+    n_ctx = ar.model.cfg.n_ctx
+    for i, (before, after) in enumerate(zip(texts, edited, strict=True)):
+        for what, samples in (("explanation", before), ("edited explanation", after)):
+            too_long = [text for text, fits in zip(samples, ar.prompts_fit(samples), strict=True) if not fits]
+            if too_long:
+                length = len(ar_prompt_ids(ar.meta, ar.tokenizer, too_long[0]))
+                raise PromptTooLongError(
+                    f"the {what} {format_cell(too_long[0], 60)!r} of site {i} (row {sites[i][0]}, column "
+                    f"{sites[i][1]}) makes an AR prompt of {length} tokens, over the AR's n_ctx={n_ctx} "
+                    f"({len(too_long)} of the site's {len(samples)}); shorten it"
+                )
 
 
 def _apply_edits(edit: Edit, texts: list[list[str]]) -> list[list[str]]:

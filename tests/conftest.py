@@ -117,6 +117,17 @@ def bos_paths(tmp_path_factory) -> dict[str, Path]:
     return make_tiny_bos_nlas(tmp_path_factory.mktemp("tiny_bos"), layer=LAYER, d_model=D_MODEL)
 
 
+def stray_byte_verbalization(tokenizer) -> nl.Verbalization:
+    """A finished AV sample whose explanation retokenizes longer than it was sampled: a sampled byte token of a split
+    character decodes to U+FFFD, three byte tokens in the test tokenizer. Its AR prompt is over an AR n_ctx of the
+    empty explanation's prompt + `len(.tokens)`, which `check_sample_fits` lets through for that many tokens."""
+    stray = next(i for i in range(len(tokenizer)) if tokenizer.decode([i]) == "\ufffd")  # one byte of a character
+    ids = [*tokenizer.encode("<explanation>\n", add_special_tokens=False), *[stray] * 20,
+           *tokenizer.encode("\n</explanation>", add_special_tokens=False), tokenizer.eos_token_id]
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    return nl.Verbalization(text, nl.verbalizer.parse_explanation(text), ids)
+
+
 def make_sae(d_in: int, d_sae: int, hook_name: str, seed: int = 0):
     """A sae-lens StandardSAE with seeded random weights, reading `hook_name` (needs the `sae` extra)."""
     from sae_lens import StandardSAE, StandardSAEConfig

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from base_batches import no_hooks_left
-from conftest import D_MODEL, HAS_SAE_LENS, LAYER, TL4, make_sae
+from conftest import D_MODEL, HAS_SAE_LENS, LAYER, TL4, make_sae, stray_byte_verbalization
 from torch.multiprocessing.reductions import StorageWeakRef
 
 import nla_lens as nl
@@ -660,6 +660,60 @@ def test_failed_parses_get_no_cosine(av_karvonen, ar_nanonla):
     assert out.explanations == [None, None]  # three tokens of a random AV: no closing tag
     assert out.cosines.isnan().all() and out.reconstructions.isnan().all()
     assert [r["cosine"] for r in out.to_records()] == [None, None]
+
+
+@NEEDS_SAE_LENS
+def test_a_max_new_tokens_the_ar_cannot_read_is_refused_before_verbalizing(nla, base, monkeypatch):
+    """`NLA.round_trip`'s rule (the AR prompt of an empty explanation plus the sample fits the AR's n_ctx):
+    `reconstruct` refused a long explanation after the AV had verbalized every feature (a card: after its scan)."""
+    from nla_lens import feature_cards
+
+    sae = make_sae(D_MODEL, 16, f"blocks.{LAYER}.hook_resid_post")
+    prompt = len(nl.sidecar.ar_prompt_ids(nla.ar.meta, nla.ar.tokenizer, ""))
+    monkeypatch.setattr(nla.ar.model.cfg, "n_ctx", prompt + 10)
+    monkeypatch.setattr(nla.av, "verbalize", lambda v, **kw: pytest.fail("verbalized before the check"))
+    monkeypatch.setattr(feature_cards, "each_text_residuals", lambda *a, **kw: pytest.fail("scanned first"))
+    fits = f"over the AR's n_ctx={prompt + 10}; set max_new_tokens <= 10"
+    with pytest.raises(nl.PromptTooLongError, match=re.escape(f"max_new_tokens=11 after the {prompt}-token AR "
+                                                              f"prompt needs {prompt + 11} positions, {fits}")):
+        nl.verbalize_sae_features(nla, sae, [0, 1], max_new_tokens=11)
+    with pytest.raises(nl.PromptTooLongError, match=re.escape(f"max_new_tokens={nl.verbalizer.MAX_NEW_TOKENS} af")):
+        nl.verbalize_sae_features(nla, sae, [0, 1])  # verbalize's default
+    with pytest.raises(nl.PromptTooLongError, match=re.escape(fits)):
+        nl.feature_card(sae, base, ["The cat sat."], 1, nla, max_new_tokens=11)
+    said = nl.verbalizer.Verbalizations([nl.Verbalization("<explanation>a cat</explanation>", "a cat", [])] * 2)
+    monkeypatch.setattr(nla.av, "verbalize", lambda v, **kw: said)
+    assert nl.verbalize_sae_features(nla, sae, [0, 1], max_new_tokens=10).cosines.isfinite().all()
+    assert nl.verbalize_sae_features(nla.av, sae, [0, 1], max_new_tokens=11).cosines is None  # no AR to read them
+
+
+@NEEDS_SAE_LENS
+def test_an_explanation_that_retokenizes_past_the_ars_context_gets_no_cosine_and_is_named(nla, monkeypatch):
+    """The up-front check bounds the sampled tokens, not their text tokenized again: such an explanation made
+    `reconstruct` refuse the whole call after the AV's work. It gets no reconstruction and no cosine, as a failed
+    parse, and a warning names its feature (kept on the result, as verbalize's own)."""
+    sae = make_sae(D_MODEL, 16, f"blocks.{LAYER}.hook_resid_post")
+    stray = stray_byte_verbalization(nla.ar.tokenizer)
+    cat = nl.Verbalization("<explanation>the cat</explanation>", "the cat", [])
+    prompt = len(nl.sidecar.ar_prompt_ids(nla.ar.meta, nla.ar.tokenizer, ""))
+    monkeypatch.setattr(nla.ar.model.cfg, "n_ctx", prompt + len(stray.tokens))
+    monkeypatch.setattr(nla.av, "verbalize", lambda v, **kw: nl.verbalizer.Verbalizations([cat, stray, cat]))
+    with pytest.warns(UserWarning) as caught:
+        out = nl.verbalize_sae_features(nla, sae, [2, 5, 9], max_new_tokens=len(stray.tokens))
+
+    read = [0, 2]
+    expected = torch.nn.functional.cosine_similarity(nla.ar.reconstruct(["the cat"] * 2),
+                                                     sae.W_dec.detach()[[2, 9]], dim=1)
+    assert torch.allclose(out.cosines[read], expected, atol=1e-5) and out.cosines[1].isnan()
+    assert out.reconstructions[1].isnan().all() and out.reconstructions[read].isfinite().all()
+    warning = (f"1/3 explanations make AR prompts over the AR's n_ctx={prompt + len(stray.tokens)} (features [5]), "
+               "so they have no reconstruction and no cosine (NaN): their text retokenizes to more tokens than the AV "
+               "sampled (a sampled token holding stray bytes of a split character decodes to U+FFFD, which may "
+               "tokenize as three); read their `text`")
+    assert [str(w.message) for w in caught] == [warning] and caught[0].filename == __file__
+    assert out.verbalizations.warnings == [warning] and repr(out).splitlines()[0].endswith(
+        "1 warning (.verbalizations.warnings)")
+    assert [r["cosine"] for r in out.to_records()][1] is None
 
 
 @NEEDS_SAE_LENS

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from base_batches import no_hooks_left, padded
-from conftest import LAYER
+from conftest import LAYER, stray_byte_verbalization
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -757,6 +757,72 @@ def test_max_new_tokens_with_given_explanations_is_refused(base, nla, monkeypatc
     assert seen["kwargs"]["max_new_tokens"] == 150  # the default, as verbalize's
     steer(nla, base, tokens, -1, mask, **av_path, samples=2, max_new_tokens=20)
     assert seen["kwargs"]["max_new_tokens"] == 20
+
+
+def test_a_max_new_tokens_the_ar_cannot_read_is_refused_before_the_av_runs(base, nla, monkeypatch):
+    """`NLA.round_trip`'s rule (the AR prompt of an empty explanation plus the sample fits the AR's n_ctx): the AR
+    refused a long explanation after the AV had verbalized every site. Given explanations skip the AV and the rule."""
+    tokens, mask = padded(base, "left")
+    seen = {}
+    monkeypatch.setattr(nla.av, "verbalize", fake_verbalize(seen))
+    prompt = len(nl.sidecar.ar_prompt_ids(nla.ar.meta, nla.ar.tokenizer, ""))
+    monkeypatch.setattr(nla.ar.model.cfg, "n_ctx", prompt + 10)
+    av_path = {"explanations": None, "compare": False, "continue_tokens": 0}
+    with pytest.raises(nl.PromptTooLongError, match=re.escape(f"max_new_tokens=11 after the {prompt}-token AR prompt "
+                                                              f"needs {prompt + 11} positions, over the AR's n_ctx="
+                                                              f"{prompt + 10}; set max_new_tokens <= 10")):
+        steer(nla, base, tokens, -1, mask, **av_path, max_new_tokens=11)
+    with pytest.raises(nl.PromptTooLongError, match=re.escape("max_new_tokens=150 after")):
+        steer(nla, base, tokens, -1, mask, **av_path)  # the default
+    assert not seen  # refused before the AV ran
+    assert steer(nla, base, tokens, -1, mask, **av_path, max_new_tokens=10).delta.isfinite().all()
+    assert steer(nla, base, tokens, -1, mask, compare=False, continue_tokens=0).delta.isfinite().all()
+
+
+def test_an_av_sample_that_retokenizes_past_the_ars_context_is_dropped_as_a_failed_parse(base, nla, monkeypatch):
+    """The up-front check bounds the sampled tokens, not their text tokenized again (U+FFFD from a stray byte token):
+    the AR refused the whole call after the AV's work. Such a sample is left out of its site's Delta, as a failed
+    parse is; a site left with none is named."""
+    tokens, mask = padded(base, "left")
+    stray = stray_byte_verbalization(nla.ar.tokenizer)
+    cat = nl.Verbalization("<explanation>the cat</explanation>", "the cat", [])
+    prompt = len(nl.sidecar.ar_prompt_ids(nla.ar.meta, nla.ar.tokenizer, ""))
+    monkeypatch.setattr(nla.ar.model.cfg, "n_ctx", prompt + len(stray.tokens))
+    monkeypatch.setattr(nla.av, "verbalize", lambda vectors, **kw: [stray, cat][:len(vectors)])
+    run = {"explanations": None, "compare": False, "continue_tokens": 0, "max_new_tokens": len(stray.tokens),
+           "edit": lambda text: text.replace("cat", "dog")}
+    result = steer(nla, base, tokens[:1], -1, mask[:1], samples=2, **run)
+    assert result.explanations == [["the cat"]] and result.edited == [["the dog"]]
+    expected = unit(nla.ar.reconstruct(["the dog"])) - unit(nla.ar.reconstruct(["the cat"]))
+    assert torch.allclose(result.delta, expected, atol=1e-6)
+    with pytest.raises(nl.PromptTooLongError, match=re.escape(
+            f"1 of the AV's 1 explanations of site 0 (row 0, column {tokens.shape[1] - 1}) make AR prompts over the "
+            f"AR's n_ctx={prompt + len(stray.tokens)}, the rest failed to parse: a text retokenizes to more tokens "
+            "than the AV sampled")):
+        steer(nla, base, tokens[:1], -1, mask[:1], **run)
+
+
+def test_an_edit_past_the_ars_context_is_refused_by_site_before_the_ar_reads_any(base, nla, monkeypatch):
+    """No bound set before the AV runs holds for an edit, which may lengthen its text: the AR refused "explanation 5",
+    numbered among every site's originals and edits together. The site, and whether its explanation or its edit, is
+    named before the AR reads any."""
+    tokens, mask = padded(base, "left")
+    prompt = len(nl.sidecar.ar_prompt_ids(nla.ar.meta, nla.ar.tokenizer, ""))
+    monkeypatch.setattr(nla.ar.model.cfg, "n_ctx", prompt + 12)
+    monkeypatch.setattr(nla.ar, "reconstruct", lambda *a, **kw: pytest.fail("the AR read before the check"))
+    longer = ["the sea", "the sea and on and on and on and on and on and on"]
+    length = len(nl.sidecar.ar_prompt_ids(nla.ar.meta, nla.ar.tokenizer, longer[1]))
+    assert length > prompt + 12
+    with pytest.raises(nl.PromptTooLongError, match=re.escape(
+            f"the edited explanation 'the sea and on and on and on and on and on and on' of site 1 "
+            f"(row 1, column {tokens.shape[1] - 1}) makes an AR prompt of {length} tokens, over the AR's n_ctx="
+            f"{prompt + 12} (1 of the site's 1); shorten it")):
+        steer(nla, base, tokens[:2], -1, mask[:2], explanations=["a dog", "the sea"], edit=["the cat", longer[1]])
+    with pytest.raises(nl.PromptTooLongError, match=re.escape(
+            f"the explanation 'the sea and on and on and on and on and on and on' of site 0 (row 0, column "
+            f"{tokens.shape[1] - 1}) makes an AR prompt of {length} tokens, over the AR's n_ctx={prompt + 12} (1 of "
+            "the site's 2)")):
+        steer(nla, base, tokens[:1], -1, mask[:1], explanations=[longer], edit=lambda text: "the cat")
 
 
 @pytest.mark.parametrize("zero", [0, 0.0, np.float64(0.0), np.float32(0.0)])

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import LAYER, NEEDS_TL3
+from conftest import LAYER, NEEDS_TL3, stray_byte_verbalization
 from launch import torchrun_cli
 from safetensors.torch import load_file
 
@@ -90,23 +90,15 @@ def test_truncated_and_unparsed_samples_get_the_miss_reward_from_the_ar(ar_nanon
     assert rewards[1:].tolist() == [-2.0, -2.0]  # mse_scale = sqrt(d): an orthogonal guess scores -2
 
 
-def _garbled_response(tokenizer) -> list[int]:
-    """A finished sample whose explanation retokenizes longer than it was sampled: a byte token of a split character
-    decodes to U+FFFD, three byte tokens in the test tokenizer (as tests/test_nla.py builds it)."""
-    stray = next(i for i in range(len(tokenizer)) if tokenizer.decode([i]) == "\ufffd")
-    return [*tokenizer.encode("<explanation>\n", add_special_tokens=False), *[stray] * 20,
-            *tokenizer.encode("\n</explanation>", add_special_tokens=False), tokenizer.eos_token_id]
-
-
 def test_an_explanation_that_retokenizes_past_the_ars_context_gets_the_miss_reward(av_karvonen, ar_nanonla,
                                                                                  monkeypatch):
     """`check_samples_fit` bounds the sampled tokens, not their text tokenized again: such a sample made
     `reconstruct` refuse the whole rollout's scoring mid-run. It scores the miss, as a failed parse does."""
     tokenizer, scale = ar_nanonla.tokenizer, ar_nanonla.meta.mse_scale
-    ids = _garbled_response(tokenizer)
-    garbled = tokenizer.decode(ids, skip_special_tokens=True)
+    stray = stray_byte_verbalization(tokenizer)
+    ids, garbled = stray.tokens, stray.text
     prompt = len(ar_prompt_ids(ar_nanonla.meta, tokenizer, ""))
-    assert len(ar_prompt_ids(ar_nanonla.meta, tokenizer, nl.verbalizer.parse_explanation(garbled))) > prompt + len(ids)
+    assert len(ar_prompt_ids(ar_nanonla.meta, tokenizer, stray.explanation)) > prompt + len(ids)
     monkeypatch.setattr(ar_nanonla.model.cfg, "n_ctx", prompt + len(ids))
     rl.check_samples_fit(av_karvonen, ar_nanonla, len(ids))  # the up-front check lets a sample this long through
     vectors = torch.randn(3, ar_nanonla.meta.d_model, generator=torch.Generator().manual_seed(0))
@@ -124,7 +116,7 @@ def test_a_step_drops_an_explanation_the_ar_cannot_read_from_the_ars_update_and_
     av = nl.ActivationVerbalizer.from_pretrained(tiny_paths["av_karvonen"], backend="hooked")
     ar = nl.ActivationReconstructor.from_pretrained(tiny_paths["ar_nanonla"], backend="hooked")  # this step trains it
     tokenizer = av.tokenizer
-    garbled = _garbled_response(tokenizer)
+    garbled = stray_byte_verbalization(tokenizer).tokens
     cat = [*tokenizer.encode("<explanation>\nthe cat\n</explanation>", add_special_tokens=False),
            tokenizer.eos_token_id]
     responses = [cat, garbled, cat, cat]
