@@ -228,7 +228,7 @@ def _run_verbalize(args: argparse.Namespace) -> None:
     av = ActivationVerbalizer.from_pretrained(args.av, device=args.device, dtype=args.dtype, tokenizer=av_tokenizer)
     out = av.verbalize(table.vectors, max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
                        top_p=sampling.top_p, seed=sampling.seed, batch_size=sampling.batch_size, progress=True)
-    _warn_truncated([v.truncated for v in out], sampling.max_new_tokens)
+    _warn_truncated([v.truncated for v in out], [v.explanation is not None for v in out], sampling.max_new_tokens)
     if args.output:
         write_table(sharded.output_rows(table, range(len(out)), out), args.output)
         print(f"wrote {counted(len(out), 'row')} to {args.output}")
@@ -311,20 +311,26 @@ def _report(result: sharded.JobResult, max_new_tokens: int) -> None:
     elif result.table is not None:
         print(f"wrote {counted(result.table.num_rows, 'row')} to {result.output} ({len(result.computed)} of "
               f"{result.n_shards} shards computed by this process; shards kept in {folder})")
-        _warn_truncated(result.table.column("truncated").to_pylist(), max_new_tokens,
+        parsed = [e is not None for e in result.table.column("explanation").to_pylist()]
+        _warn_truncated(result.table.column("truncated").to_pylist(), parsed, max_new_tokens,
                         f" into a new --output (or delete {folder}: its shards hold these rows)")
     for warning in result.warnings:
         warnings.warn(warning, stacklevel=1)  # printed by `cli.main` as every warning is, once
 
 
-def _warn_truncated(truncated: list[bool | None], max_new_tokens: int, rerun: str = "") -> None:
-    """Rows `max_new_tokens` cut before the AV's EOS hold a cut-short explanation, or none (no closing tag): a
-    command that printed only its success line hid them. None is a shard from before the column: unknown."""
-    n_truncated = truncated.count(True)
-    if n_truncated:
-        warnings.warn(f"{n_truncated} of {len(truncated)} rows were cut at --max-new-tokens {max_new_tokens} before "
-                      f"the AV ended them, so their explanations are cut short or missing (no closing tag); rerun "
-                      f"with a larger --max-new-tokens{rerun}", stacklevel=1)
+def _warn_truncated(truncated: list[bool | None], parsed: list[bool], max_new_tokens: int, rerun: str = "") -> None:
+    """Rows `max_new_tokens` cut before the AV's EOS: those cut before the closing tag have no explanation, those cut
+    after it hold a whole one and ran on past it (round trips score it, RL's reward would not). A command that
+    printed only its success line hid them. None is a shard from before the column: unknown."""
+    cut = [p for t, p in zip(truncated, parsed, strict=True) if t is True]
+    if not cut:
+        return
+    parts = [f"{n} {what}" for n, what in (
+        (cut.count(False), "before closing the explanation tag, so they have no explanation"),
+        (cut.count(True), "after closing it: their explanation is whole, and what the AV wrote on past the tag is in "
+                          "their text")) if n]
+    warnings.warn(f"{len(cut)} of {len(truncated)} rows were cut at --max-new-tokens {max_new_tokens} before the AV "
+                  f"ended them: {'; '.join(parts)}. Rerun with a larger --max-new-tokens{rerun}", stacklevel=1)
 
 
 def add_reconstruct(subparsers: argparse._SubParsersAction) -> None:
@@ -469,7 +475,8 @@ def _run_explain(args: argparse.Namespace) -> None:
             token = format_cell(visible_token(row.token), 14)  # a lone space as ␣, a newline as ↵: as the views
             print(f"  {row.position:>4}  {token:<14} {fve:>6} {mse:>6}  {format_cell(said)}")
     print("\n" + in_flags(explanation.summary(), args.flags))
-    _warn_truncated([row.verbalization.truncated for row in explanation.rows], args.max_new_tokens)
+    _warn_truncated([row.verbalization.truncated for row in explanation.rows],
+                    [row.explanation is not None for row in explanation.rows], args.max_new_tokens)
     for warning in explanation.round_trip.warnings:
         warnings.warn(warning, stacklevel=1)
     if args.output is not None:

@@ -391,6 +391,35 @@ def test_verbalize_and_round_trip_warn_of_rows_cut_by_max_new_tokens(tmp_path, c
     assert "were cut" not in capsys.readouterr().err
 
 
+def test_rows_cut_after_closing_their_tag_are_not_called_cut_short_or_missing(tmp_path, capsys, monkeypatch):
+    """A row whose explanation closed its tag and ran on to --max-new-tokens holds a whole explanation (a round trip
+    scores it): the warning called every cut row's explanation "cut short or missing (no closing tag)"."""
+    from nla_lens.sharded import Sampling
+
+    av, ar = str(nl.toy.TOY_DIR / "av"), str(nl.toy.TOY_DIR / "ar")
+    save_file({"vectors": torch.randn(3, load_meta(av).d_model, generator=torch.Generator().manual_seed(0))},
+              tmp_path / "v.safetensors")
+    source = ["--input", str(tmp_path / "v.safetensors"), "--max-new-tokens", "5"]
+    ran_on = nl.Verbalization("<explanation>the cat</explanation> and", "the cat", [1] * 5, truncated=True)
+    cut = nl.Verbalization("<explanation>the cat and so", None, [1] * 5, truncated=True)
+    ended = nl.Verbalization("<explanation>the cat</explanation>", "the cat", [1, 2])
+    said = nl.verbalizer.Verbalizations([ran_on, cut, ended])
+    monkeypatch.setattr(nl.ActivationVerbalizer, "verbalize", lambda self, vectors, **kw: said)
+    assert main(["verbalize", "--av", av, *source]) == 0
+    assert ("nla-lens verbalize: warning: 2 of 3 rows were cut at --max-new-tokens 5 before the AV ended them: 1 "
+            "before closing the explanation tag, so they have no explanation; 1 after closing it: their explanation "
+            "is whole, and what the AV wrote on past the tag is in their text. Rerun with a larger --max-new-tokens\n"
+            in capsys.readouterr().err)
+    monkeypatch.setattr(Sampling, "verbalize", lambda self, av, vectors, shard: [ran_on, ended, ended])
+    out = tmp_path / "rt.jsonl"
+    assert main(["round-trip", "--av", av, "--ar", ar, *source, "--output", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert ("nla-lens round-trip: warning: 1 of 3 rows were cut at --max-new-tokens 5 before the AV ended them: 1 "
+            "after closing it: their explanation is whole, and what the AV wrote on past the tag is in their text. "
+            f"Rerun with a larger --max-new-tokens into a new --output (or delete {out}.shards") in err
+    assert "no explanation" not in err and "1/3 explanations closed their tag" in err  # the round trip's own note
+
+
 def _interrupt(*_: object, **__: object) -> None:
     raise KeyboardInterrupt
 
