@@ -469,9 +469,10 @@ def _run_explain(args: argparse.Namespace) -> None:
         print(f"  {'pos':>4}  {'token':<14} {'FVE':>6} {'MSE':>6}  explanation")
         for row in (r for r in explanation.rows if r.text_index == i):
             said, fve, mse = row.explanation, format_cell(row.fve), format_cell(row.mse)
-            if said is None:  # scored as a miss (an orthogonal guess), not a reconstruction that bad: as the views
-                said = unparsed_text(row.verbalization.text, row.verbalization.truncated)
+            if row.miss:  # a failed parse, or one the AR could not score: an orthogonal guess, as the views say
                 fve, mse = ("miss" if row.fve is not None else fve), "miss"
+            if said is None:
+                said = unparsed_text(row.verbalization.text, row.verbalization.truncated)
             token = format_cell(visible_token(row.token), 14)  # a lone space as ␣, a newline as ↵: as the views
             print(f"  {row.position:>4}  {token:<14} {fve:>6} {mse:>6}  {format_cell(said)}")
     print("\n" + in_flags(explanation.summary(), args.flags))

@@ -12,8 +12,9 @@ the text (readable without hovering; hovering a token shows it too). The colour 
 observed range: non-negative FVE runs by rank from pale yellow (the lowest seen) to blue (the highest
 seen), with the observed quantiles on the legend; negative FVE (worse than predicting the mean vector)
 is red, darker the more negative, so it never passes for a low positive score. A failed parse scores as a miss (an
-orthogonal guess): its token stays off the scale, blank in a dashed outline, and its scores read `miss (-1.500)`, as
-they do in every table. A token whose score is NaN or infinite (a NaN vector) is lilac, off the scale, and the legend
+orthogonal guess), as does a parsed explanation the AR could not score (too long for it, a reconstruction with no
+direction): its token stays off the scale, blank in a dashed outline, and its scores read `miss (-1.500)`, as they do
+in every table. A token whose score is NaN or infinite (a NaN vector) is lilac, off the scale, and the legend
 names it. Without a baseline the tokens are coloured by MSE instead (lower is better), and the legend says so.
 
 The feature card ([`feature_card_html`][nla_lens.display.feature_card_html]) shows an SAE feature's
@@ -59,8 +60,11 @@ _PARSE_KEYS = {"explanation": (("parsed", "text", "truncated"),
                "context_explanation": (("context_explanation_parsed", "context_explanation_text",
                                         "context_explanation_truncated"),)}
 # A table's score column and the record key saying whether its row parsed: a failed parse scores as a miss
-# (metrics.miss_mse, an orthogonal guess), a number that unmarked reads as a reconstruction that bad
+# (metrics.miss_mse, an orthogonal guess), a number that unmarked reads as a reconstruction that bad. A round trip's
+# row (RoundTrip, Explanation) also says `miss` of its mse and fve: a parsed row the AR could not score (too long for
+# it, a reconstruction with no direction) scored the miss too.
 _SCORE_FLAGS = {"mse": "parsed", "fve": "parsed", "fve_clean": "clean_parsed", "fve_steered": "steered_parsed"}
+_MISS_SCORES = frozenset({"mse", "fve"})
 # Rates a table writes as percentages, as the result's summary and the README do (the record keys hold fractions)
 _PERCENT = frozenset({"argmax_hit", "control_argmax_hit", "oracle_argmax_hit", "av_names_argmax"})
 # Units a table's header names after the column (the record keys stay bare)
@@ -126,6 +130,12 @@ class TokenCell:
     fve: float | None = None
     mse: float | None = None
     truncated: bool = False  # max_new_tokens cut the AV's completion: why a parse failed
+    miss: bool = False  # its scores are the miss though it parsed: the AR could not read it, or rebuilt no direction
+
+    @property
+    def missed(self) -> bool:
+        """An explained token whose scores are the miss (`metrics.miss_mse`): a failed parse, or `miss`."""
+        return self.explained and (self.explanation is None or self.miss)
 
 
 @dataclass(frozen=True)
@@ -154,13 +164,13 @@ class ColourScale:
 
     @classmethod
     def from_cells(cls, cells: Sequence[TokenCell]) -> ColourScale:
-        """FVE when every explained token has one (None: no baseline), else MSE. A failed parse's score (the miss)
-        stays off the scale: it would set the darkest red, paling every real negative FVE; so does a score that is
-        not finite, which has no rank among the others."""
+        """FVE when every explained token has one (None: no baseline), else MSE. A miss (a failed parse's score, or
+        a parsed one the AR could not score) stays off the scale: it would set the darkest red, paling every real
+        negative FVE; so does a score that is not finite, which has no rank among the others."""
         explained = [c for c in cells if c.explained]
-        parsed = [c for c in explained if c.explanation is not None]
+        scored = [c for c in explained if not c.missed]
         metric: Literal["FVE", "MSE"] = "FVE" if explained and all(c.fve is not None for c in explained) else "MSE"
-        scores = [c.fve if metric == "FVE" else c.mse for c in parsed]
+        scores = [c.fve if metric == "FVE" else c.mse for c in scored]
         finite = [v for v in scores if v is not None and math.isfinite(v)]
         not_finite = len(finite) < sum(v is not None for v in scores)
         if metric == "MSE":
@@ -221,8 +231,8 @@ class ColourScale:
             parts.append(f"<span><span class='nla-swatch' style='background:{_NOT_FINITE}'></span>score not finite "
                          "(NaN or inf)</span>")
         parts.append(f"<span><span class='nla-swatch' style='background:{_CONTEXT}'></span>not explained</span>")
-        parts.append(f"<span><span class='nla-swatch nla-failed' style='background:{_FAILED}'></span>explanation "
-                     "failed to parse (its score is the miss, off the scale)</span>")
+        parts.append(f"<span><span class='nla-swatch nla-failed' style='background:{_FAILED}'></span>scored as the "
+                     "miss, off the scale: the explanation failed to parse, or the AR could not score it</span>")
         return "<div class='nla-legend'>" + "".join(parts) + "</div>"
 
 
@@ -258,15 +268,15 @@ def model_label(name: str) -> str:
 def _text_block(cells: Sequence[TokenCell], scale: ColourScale) -> str:
     spans, rows = [], []
     for cell in cells:
-        failed = cell.explained and cell.explanation is None
+        missed = cell.missed
         value = scale.value(cell) if cell.explained else None
-        background = _FAILED if failed else scale.colour(value) if cell.explained else _CONTEXT
+        background = _FAILED if missed else scale.colour(value) if cell.explained else _CONTEXT
         said = _said(cell)
-        score = _missed(format_cell(value)) if failed and value is not None else format_cell(value)
-        if not failed and value is not None and not math.isfinite(value):
+        score = _missed(format_cell(value)) if missed and value is not None else format_cell(value)
+        if not missed and value is not None and not math.isfinite(value):
             score += " (score not finite)"
         tip = f"{scale.metric} {score}: {said}" if cell.explained else "context token (not explained)"
-        outline = " nla-failed" if failed else ""
+        outline = " nla-failed" if missed else ""
         spans.append(f"<span class='nla-tok{outline}' style='background:{background};color:{_ink(background)}' "
                      f"title='{html.escape(tip, quote=True)}'>{_shown_token(cell.token)}"
                      f"<sub>{cell.position}</sub></span>")
@@ -275,8 +285,8 @@ def _text_block(cells: Sequence[TokenCell], scale: ColourScale) -> str:
                     f"{_shown_token(cell.token)}</span>")
             explanation = (f"<td>{html.escape(_visible(cell.explanation))}</td>" if cell.explanation is not None else
                            f"<td class='nla-unparsed'>{html.escape(said)}</td>")
-            rows.append(f"<tr><td class='num'>{cell.position}</td><td>{chip}</td>{_score_cell(cell.fve, failed)}"
-                        f"{_score_cell(cell.mse, failed)}{explanation}</tr>")
+            rows.append(f"<tr><td class='num'>{cell.position}</td><td>{chip}</td>{_score_cell(cell.fve, missed)}"
+                        f"{_score_cell(cell.mse, missed)}{explanation}</tr>")
     table = _scroll_note(len(rows)) + _table(f"<tr><th{_NUMERIC_HEADER}>pos</th><th>token</th>"
                                              f"<th{_NUMERIC_HEADER}>FVE</th><th{_NUMERIC_HEADER}>MSE</th>"
                                              "<th>explanation</th></tr>" + "".join(rows)) if rows else ""
@@ -294,15 +304,17 @@ def _scroll_note(n_rows: int) -> str:
     return f"<div class='nla-meta'>{n_rows} rows: scroll the table for the rest</div>" if n_rows > _ROWS_IN_BOX else ""
 
 
-def _score_cell(value: float | None, failed: bool) -> str:
-    """A score's cell in a view's row: a failed parse's marked as the miss it is, styled as its explanation."""
-    if failed and value is not None:
+def _score_cell(value: float | None, missed: bool) -> str:
+    """A score's cell in a view's row: a miss's (a failed parse's, or a parsed one the AR could not score) marked as
+    the miss it is, styled as a failed parse's explanation."""
+    if missed and value is not None:
         return f"<td class='num nla-unparsed'>{_missed(format_cell(value))}</td>"
     return f"<td class='num'>{format_cell(value)}</td>"
 
 
 def _missed(score: str) -> str:
-    """A failed parse's score as views and tables show it: the miss it was scored as, not a reconstruction's."""
+    """A miss's score as views and tables show it (a failed parse's, or a parsed one the AR could not score): the
+    miss it was scored as, not a reconstruction's."""
     return f"miss ({score})"
 
 
@@ -468,13 +480,14 @@ def header(column: str) -> str:
 
 def unparsed_cell(record: dict[str, Any], column: str) -> str | None:
     """The cell of `column` in a row whose explanation failed to parse, marked as the explained view marks it: a
-    text column with the raw completion, a score column as the miss ("miss (2.000)"); None when it parsed (or
-    the score is None). Unmarked, the raw text reads as an explanation (or the cell is blank) and the miss as a
-    reconstruction that bad."""
+    text column with the raw completion, a score column as the miss ("miss (2.000)"), as is the score of a parsed
+    row that scored the miss (its `miss`); None when it parsed and scored (or the score is None). Unmarked, the raw
+    text reads as an explanation (or the cell is blank) and the miss as a reconstruction that bad."""
     score_flag = _SCORE_FLAGS.get(column)
     if score_flag is not None:
         score = record.get(column)
-        return _missed(format_cell(score)) if record.get(score_flag) is False and score is not None else None
+        missed = record.get(score_flag) is False or (column in _MISS_SCORES and record.get("miss") is True)
+        return _missed(format_cell(score)) if missed and score is not None else None
     flag, raw_key, truncated_key = next((keys for keys in _PARSE_KEYS.get(column, ()) if keys[0] in record),
                                         (None, None, None))
     if flag is None or record.get(flag) is not False:

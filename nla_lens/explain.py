@@ -50,6 +50,8 @@ class ExplainedToken:
         verbalization: the AV's output for the token's layer-K residual.
         mse: round-trip MSE of this token's vector (see NLA.round_trip).
         fve: the token's own FVE, 1 - mse / baseline; None when there is no trustworthy baseline.
+        miss: whether its scores are the miss (`RoundTrip.misses`): a failed parse, an explanation the AR cannot
+            read within its n_ctx, or a reconstruction with no direction.
     """
 
     text_index: int
@@ -58,6 +60,7 @@ class ExplainedToken:
     verbalization: Verbalization
     mse: float
     fve: float | None
+    miss: bool = False
 
     @property
     def explanation(self) -> str | None:
@@ -90,7 +93,7 @@ class Explanation(TabularResult):
     display_columns = ("text_index", "position", "token", "explanation", "parsed", "fve", "mse")
     schema = pa.schema({"text_index": pa.int64(), "position": pa.int64(), "token": pa.string(),
                         "explanation": pa.string(), "parsed": pa.bool_(), "text": pa.string(), "truncated": pa.bool_(),
-                        "mse": pa.float64(), "fve": pa.float64(), "baseline": pa.float64(),
+                        "mse": pa.float64(), "fve": pa.float64(), "miss": pa.bool_(), "baseline": pa.float64(),
                         "baseline_source": pa.string(), "layer": pa.int64()})
     warnings_at = "round_trip.warnings"
 
@@ -108,7 +111,7 @@ class Explanation(TabularResult):
         rt = self.round_trip
         return [{"text_index": r.text_index, "position": r.position, "token": r.token, "explanation": r.explanation,
                  "parsed": r.explanation is not None, "text": r.verbalization.text,
-                 "truncated": r.verbalization.truncated, "mse": r.mse, "fve": r.fve,
+                 "truncated": r.verbalization.truncated, "mse": r.mse, "fve": r.fve, "miss": r.miss,
                  "baseline": rt.baseline, "baseline_source": rt.baseline_source, "layer": self.layer}
                 for r in self.rows]
 
@@ -129,7 +132,7 @@ class Explanation(TabularResult):
                 row = by_site.get((t, p))
                 cells.append(display.TokenCell(token, p) if row is None else display.TokenCell(
                     token, p, True, row.explanation, row.verbalization.text, row.fve, row.mse,
-                    row.verbalization.truncated))
+                    row.verbalization.truncated, row.miss))
             out.append(cells)
         return out
 
@@ -245,8 +248,8 @@ def explain_tokens(nla: NLA, base: TLModel, token_rows: Sequence[Sequence[int]],
     _check_directions(captured, sites, strings, layer)
     round_trip = nla.round_trip(captured, baseline=baseline, **verbalize_kwargs)
     fves = [None] * len(sites) if round_trip.fves is None else round_trip.fves.tolist()
-    explained = [ExplainedToken(t, p, strings[t][p], v, mse, fve) for (t, p), v, mse, fve in
-                 zip(sites, round_trip.verbalizations, round_trip.mse.tolist(), fves, strict=True)]
+    explained = [ExplainedToken(t, p, strings[t][p], v, mse, fve, miss) for (t, p), v, mse, fve, miss in
+                 zip(sites, round_trip.verbalizations, round_trip.mse.tolist(), fves, round_trip.misses, strict=True)]
     return Explanation(explained, texts, strings, layer, captured, round_trip, getattr(base.cfg, "model_name", None))
 
 

@@ -221,7 +221,7 @@ class RoundTrip(TabularResult):
 
     display_columns = ("index", "explanation", "parsed", "mse", "fve")
     schema = pa.schema({"index": pa.int64(), "explanation": pa.string(), "parsed": pa.bool_(), "text": pa.string(),
-                        "truncated": pa.bool_(), "mse": pa.float64(), "fve": pa.float64()})
+                        "truncated": pa.bool_(), "mse": pa.float64(), "fve": pa.float64(), "miss": pa.bool_()})
     warnings_at = "warnings"
 
     @property
@@ -229,11 +229,21 @@ class RoundTrip(TabularResult):
         """Each vector's parsed explanation, None where the AV's text did not parse (it scores as a miss)."""
         return [v.explanation for v in self.verbalizations]
 
+    @property
+    def misses(self) -> list[bool]:
+        """Per row, whether it scored `metrics.miss_mse` (see `NLA.score`): a failed parse, an explanation the AR
+        cannot read within its n_ctx, a reconstruction with no direction. Those are the rows whose reconstruction
+        has no direction (NaN, Inf or zero), which the tables mark "miss" (the record's `miss`)."""
+        non_finite, zero = directionless_rows(self.reconstructions)
+        missed = {*non_finite, *zero}
+        return [i in missed for i in range(len(self.verbalizations))]
+
     def to_records(self) -> list[dict[str, Any]]:
         fves = [None] * len(self.mse) if self.fves is None else self.fves.tolist()
         return [{"index": i, "explanation": v.explanation, "parsed": v.explanation is not None, "text": v.text,
-                 "truncated": v.truncated, "mse": mse, "fve": fve}
-                for i, (v, mse, fve) in enumerate(zip(self.verbalizations, self.mse.tolist(), fves, strict=True))]
+                 "truncated": v.truncated, "mse": mse, "fve": fve, "miss": miss}
+                for i, (v, mse, fve, miss) in enumerate(zip(self.verbalizations, self.mse.tolist(), fves, self.misses,
+                                                            strict=True))]
 
     def summary(self) -> str:
         return (f"{counted(len(self.verbalizations), 'vector')}, mean MSE {self.mean_mse:.3f}, "

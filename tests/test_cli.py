@@ -527,6 +527,22 @@ def test_ctrl_c_under_torchrun_is_reported_by_rank_0_only(tmp_path, capsys, monk
         assert capsys.readouterr().err.count("nla-lens verbalize: interrupted") == lines
 
 
+def test_explain_prints_a_parsed_rows_miss_as_the_miss(capsys, monkeypatch):
+    """A parsed row whose reconstruction has no direction scores the miss, as a failed parse does, but `nla-lens
+    explain` printed only a failed parse's scores as "miss": these read as a reconstruction that bad."""
+    av, ar = str(nl.toy.TOY_DIR / "av"), str(nl.toy.TOY_DIR / "ar")
+    d_model = load_meta(ar).d_model
+    monkeypatch.setattr(nl.ActivationReconstructor, "reconstruct", lambda self, texts, **kw: torch.zeros(len(texts),
+                                                                                                          d_model))
+    argv = ["explain", "--av", av, "--ar", ar, "--text", "Macbeth: the king is dead", "--positions", "-2,-1"]
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    rows = [line.split() for line in out.splitlines() if re.match(r"\s+\d+\s", line)]
+    assert len(rows) == 2 and all(row[2:4] == ["miss", "miss"] for row in rows)
+    assert "(no <explanation> tags)" not in out  # they parsed: their explanations are printed as they are
+    assert "2/2 reconstructions have no direction" in err
+
+
 def test_explain_warns_of_rows_cut_by_max_new_tokens(capsys):
     """explain's table had the truncated column, but the command printed a cut-short run as a plain success."""
     av, ar = str(nl.toy.TOY_DIR / "av"), str(nl.toy.TOY_DIR / "ar")

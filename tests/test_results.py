@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import D_MODEL, HAS_SAE_LENS, LAYER, make_sae
+from conftest import D_MODEL, HAS_SAE_LENS, LAYER, make_sae, stray_byte_verbalization
 from safetensors.torch import save_file
 
 import nla_lens as nl
@@ -663,7 +663,8 @@ def test_a_parsed_rows_score_stays_a_plain_number_beside_a_failed_ones_miss():
     from nla_lens.verbalizer import Verbalization
 
     said = [Verbalization("<explanation>\na\n</explanation>", "a", [1]), Verbalization("b", None, [2])]
-    rt = RoundTrip(said, torch.zeros(2, 4), torch.tensor([0.5, 2.0]), 1.25, -0.5625, 0.8, "given", 1,
+    rebuilt = torch.tensor([[1.0, 0.0, 0.0, 0.0], [float("nan")] * 4])  # as round_trip leaves them: a direction, NaN
+    rt = RoundTrip(said, rebuilt, torch.tensor([0.5, 2.0]), 1.25, -0.5625, 0.8, "given", 1,
                    fves=torch.tensor([0.375, -1.5]))
     parsed_row, failed_row = text_table(rt.to_records(), ["index", "mse", "fve"])[1:]
     assert parsed_row.split() == ["0", "0.500", "0.375"] and failed_row.split() == ["1", "miss", "(2.000)", "miss",
@@ -672,6 +673,70 @@ def test_a_parsed_rows_score_stays_a_plain_number_beside_a_failed_ones_miss():
     assert "<td class='num'>0.500</td><td class='num'>0.375</td>" in view
     assert "<td class='num nla-unparsed'>miss (2.000)</td><td class='num nla-unparsed'>miss (-1.500)</td>" in view
     assert rt.to_pandas()["mse"].tolist() == [0.5, 2.0]
+
+
+def _round_trip_with_every_kind_of_miss(nla, monkeypatch, vectors, **kwargs):
+    """The round trip of 4 vectors whose row 0 scores, row 1's explanation retokenizes past the AR's n_ctx, row 2's
+    reconstruction has no direction (zeroed by a hook) and row 3 fails to parse; `kwargs` go to `round_trip`."""
+    ar = nla.ar
+    stray = stray_byte_verbalization(ar.tokenizer)
+    cat = nl.Verbalization("<explanation>the cat</explanation>", "the cat", [])
+    said = [cat, stray, cat, nl.Verbalization("no tags", None, [])]
+    monkeypatch.setattr(ar.model.cfg, "n_ctx", len(nl.sidecar.ar_prompt_ids(ar.meta, ar.tokenizer, "")) +
+                        len(stray.tokens))
+    monkeypatch.setattr(nla.av, "verbalize", lambda v, **kw: said[:len(v)])
+
+    def zero_row_2(resid, hook):  # the AR reads rows 0 and 2 (row 1 is too long): its second is row 2
+        resid[1] = 0.0
+        return resid
+
+    with ar.model.hooks(fwd_hooks=[(f"blocks.{ar.meta.layer}.hook_resid_post", zero_row_2)]):
+        return nla.round_trip(vectors, baseline=0.5, max_new_tokens=len(stray.tokens), **kwargs)
+
+
+def test_every_row_scored_as_the_miss_shows_as_the_miss_in_a_round_trips_tables(av_karvonen, ar_nanonla, vectors,
+                                                                                monkeypatch, tmp_path):
+    """A parsed row the AR could not score (its explanation past the AR's n_ctx, its reconstruction with no
+    direction) scores the miss as a failed parse does, but the tables marked only failed parses: its MSE 2.000 and
+    FVE -3.000 read as a reconstruction that bad. Every row's `miss` says it, in the files too."""
+    from nla_lens.results import text_table
+
+    rt = _round_trip_with_every_kind_of_miss(nl.NLA(av_karvonen, ar_nanonla), monkeypatch, vectors)
+    assert rt.mse[1:].tolist() == [2.0] * 3 and rt.fves[1:].tolist() == [-3.0] * 3  # miss_mse at sqrt(d); 1 - 2/0.5
+    assert rt.misses == [False, True, True, True]
+    records = rt.to_records()
+    assert [r["miss"] for r in records] == rt.misses and [r["parsed"] for r in records] == [True, True, True, False]
+    lines = text_table(records, ["index", "mse", "fve"])[1:]
+    assert lines[0].split() == ["0", f"{records[0]['mse']:.3f}", f"{records[0]['fve']:.3f}"]
+    assert [line.split() for line in lines[1:]] == [[str(i), "miss", "(2.000)", "miss", "(-3.000)"] for i in (1, 2, 3)]
+    view = _body(rt._repr_html_())
+    assert view.count("<td class='num nla-unparsed'>miss (2.000)</td><td class='num nla-unparsed'>miss (-3.000)</td>"
+                      ) == 3
+    assert nl.read_result(rt.save(tmp_path / "rt.parquet"))["miss"].tolist() == rt.misses
+    assert [r["miss"] for r in nl.read_result(rt.save(tmp_path / "rt.jsonl")).to_dict("records")] == rt.misses
+
+
+def test_the_explained_view_marks_every_row_scored_as_the_miss_and_leaves_it_off_the_colour_scale(
+        base, av_karvonen, ar_nanonla, vectors, monkeypatch):
+    """`explain`'s rows and view, as a round trip's tables: a parsed token the AR could not score was coloured by its
+    miss (the darkest red) and its row read FVE -3.000 as a reconstruction's."""
+    nla = nl.NLA(av_karvonen, ar_nanonla)
+    tokens = base.to_tokens("The cat sat on")[0].tolist()
+    assert len(tokens) == 4  # one token per row of the round trip above
+    monkeypatch.setattr(nla, "round_trip", lambda v, **kw: _round_trip_with_every_kind_of_miss(
+        nl.NLA(av_karvonen, ar_nanonla), monkeypatch, vectors))
+    explained = nla.explain(base, "The cat sat on")
+    assert [r.miss for r in explained.rows] == [False, True, True, True]
+    assert [r["miss"] for r in explained.to_records()] == [False, True, True, True]
+    assert "miss (-3.000)" not in repr(explained).splitlines()[2] and repr(explained).count("miss (-3.000)") == 3
+    cells = explained.cells()[0]
+    assert [c.missed for c in cells] == [False, True, True, True]
+    scale = display.ColourScale.from_cells(cells)
+    assert scale.observed == () and scale.most_negative == explained.rows[0].fve  # the misses set no colour
+    view = _body(explained._repr_html_())
+    assert view.count("<td class='num nla-unparsed'>miss (-3.000)</td><td class='num nla-unparsed'>miss (2.000)</td>"
+                      ) == 3
+    assert view.count("<span class='nla-tok nla-failed' style='background:#ffffff;color:#000' title='FVE miss") == 3
 
 
 def test_the_explained_view_marks_a_failed_parses_score_as_the_miss_and_leaves_it_off_the_colour_scale():
