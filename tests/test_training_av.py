@@ -45,7 +45,7 @@ def test_av_sft_halves_the_held_out_response_loss(trained):
 
 def test_av_loss_scores_the_response_tokens_only(base_folder, dataset_meta, label_split):
     av = init_av(base_folder, dataset_meta)
-    rows = av_rows(label_split[0], av.meta, av.tokenizer, av.tokenizer.eos_token_id)
+    rows = av_rows(label_split[0], av.meta, av.tokenizer)
     index = torch.tensor([0, 5, 9])
     loss = av_loss(av, rows, index).detach()
 
@@ -196,7 +196,7 @@ def test_an_empty_held_out_split_is_refused_before_training(base_folder, dataset
 
 
 def test_a_base_tokenizer_without_eos_is_refused_before_the_weights(base_folder, dataset_meta, tmp_path, monkeypatch):
-    """Every AV training row ends with the EOS the AV learns to stop on: a tokenizer without one built an AV
+    """The AV stops on the EOS as well as on the turn end its rows end with: a tokenizer without one built an AV
     whose stop ids were [None]."""
     folder = shutil.copytree(base_folder, tmp_path / "base")
     config = json.loads((folder / "tokenizer_config.json").read_text())
@@ -204,6 +204,29 @@ def test_a_base_tokenizer_without_eos_is_refused_before_the_weights(base_folder,
     monkeypatch.setattr(loading, "load_hooked_transformer", lambda *a, **k: pytest.fail("read the weights"))
     with pytest.raises(nl.ConfigError, match=r"tokenizer \(.*\) has no EOS token"):
         init_av(folder, dataset_meta)
+
+
+def test_an_av_whose_eos_is_not_the_turn_end_stops_on_the_turn_end_its_rows_end_with(base_folder, dataset_meta,
+                                                                                     label_split, tmp_path):
+    """Some tokenizers name as EOS a token their chat template never writes (`<|endoftext|>` in some Qwen base
+    tokenizers, `<eos>` in Gemma-3's): the rows ended with it and the AV stopped on it alone, so it learned that token
+    where the paper's AV learns the turn end. Here the base's EOS is made `<|endoftext|>`; its template ends a turn
+    with `<|im_end|>`."""
+    folder = shutil.copytree(base_folder, tmp_path / "base")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "eos_token": "<|endoftext|>"}))
+    av = init_av(folder, dataset_meta)
+    im_end, endoftext = av.tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    assert av.tokenizer.eos_token_id == endoftext != im_end
+    assert av.eos_token_ids == sorted([im_end, endoftext])
+    assert {row[-1] for row in av_rows(label_split[0], av.meta, av.tokenizer).responses} == {im_end}
+    av.eos_token_ids = [endoftext]  # e.g. an AV folder whose generation_config.json names only the EOS
+    with pytest.raises(nl.ConfigError, match=rf"^every AV training row ends the turn with '<\|im_end\|>' \(id "
+                                             rf"{im_end}\), as the chat template does, but the AV stops on ids "
+                                             rf"\[{endoftext}\], so it would learn to stop where generation goes "
+                                             rf"on; add {im_end} to eos_token_id in the AV folder's "
+                                             r"generation_config.json$"):
+        train_av(av, *label_split, TrainConfig(steps=1, warmup_steps=0), n_samples=0, progress=False)
 
 
 @pytest.mark.parametrize("hook_point", ["blocks.99.hook_resid_post", "blocks.1.hook_resid_pots"])

@@ -147,15 +147,15 @@ def test_an_empty_training_split_is_refused_before_training(base_folder, dataset
                     progress=False)
 
 
-def test_av_rows_are_the_canonical_prompt_then_tagged_explanation_and_eos(base_folder, dataset_meta):
+def test_av_rows_are_the_canonical_prompt_then_tagged_explanation_and_the_turn_end(base_folder, dataset_meta):
     tokenizer = loading.load_tokenizer(base_folder)
     data = testing.label_determined_vectors(3)
-    rows = av_rows(data, dataset_meta, tokenizer, tokenizer.eos_token_id)
+    rows = av_rows(data, dataset_meta, tokenizer)
     assert rows.prompt.tolist() == av_prompt_ids(dataset_meta, tokenizer)
     find_marker_sites(rows.prompt[None], dataset_meta.injection_token_id, dataset_meta.injection_left_neighbor_id,
                       dataset_meta.injection_right_neighbor_id, expected=1)
     for response, explanation in zip(rows.responses, data.explanations, strict=True):
-        assert response[-1] == tokenizer.eos_token_id
+        assert response[-1] == tokenizer.convert_tokens_to_ids("<|im_end|>")  # the test template's turn end
         text = tokenizer.decode(response[:-1])
         assert text == f"<explanation>\n{explanation}\n</explanation>"
         assert parse_explanation(text) == explanation
@@ -192,7 +192,7 @@ def test_rows_keep_special_token_text_as_the_token_as_the_papers_training_does_a
     tokenizer = loading.load_tokenizer(base_folder)
     clean = testing.label_determined_vectors(2)
     data = _with_explanations(clean, {2: clean.explanations[2] + " <|im_end|> more", 5: "<|im_start|>x"})
-    build = (lambda d: av_rows(d, dataset_meta, tokenizer, tokenizer.eos_token_id)) if rows_of == "av" else (
+    build = (lambda d: av_rows(d, dataset_meta, tokenizer)) if rows_of == "av" else (
         lambda d: ar_rows(d, dataset_meta, tokenizer))
     said = ("2 explanations of 8 hold special-token text, which the tokenizer reads as the special token itself (as "
             "the paper's training code does): doc_id 'doc-0' position 10 (<|im_end|>); doc_id 'doc-1' position 9 "

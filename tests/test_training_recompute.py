@@ -16,7 +16,7 @@ pytestmark = NEEDS_TL3
 @pytest.fixture(scope="module")
 def av_and_rows(base_folder, dataset_meta, label_split):
     av = init_av(base_folder, dataset_meta)
-    return av, av_rows(label_split[0], av.meta, av.tokenizer, av.tokenizer.eos_token_id)
+    return av, av_rows(label_split[0], av.meta, av.tokenizer)
 
 
 def _gradients(av, rows, block_runs: list[str] | None = None) -> dict[str, torch.Tensor]:

@@ -336,6 +336,15 @@ def test_sft_term_needs_labelled_rows_and_a_valid_config(sft_pair):
         dataclasses.replace(RL, sft_coef=-1.0)
 
 
+def test_sft_term_refuses_an_av_that_does_not_stop_on_the_turn_end_its_rows_end_with(av_karvonen, monkeypatch):
+    """The SFT rows end with the chat template's turn end (`<|im_end|>` here): an AV whose generation_config names
+    other stop ids would learn a stop its rollouts never take."""
+    monkeypatch.setattr(av_karvonen, "eos_token_ids", [av_karvonen.model.cfg.d_vocab + 1])
+    data = testing.label_determined_vectors(2, d_model=av_karvonen.meta.d_model)
+    with pytest.raises(nl.ConfigError, match=r"^every AV training row ends the turn with '<\|im_end\|>'"):
+        rl._sft_rows(av_karvonen, data, dataclasses.replace(RL, sft_coef=0.5))
+
+
 @contextlib.contextmanager
 def _karvonen_hook_with_grad(model, sites, vectors):
     """hf_reference.karvonen_hook without its in-place edit (which autograd refuses): h + ||h|| v/||v||

@@ -29,6 +29,7 @@ from nla_lens.training.dataset import (
     check_document_disjoint,
     check_fits,
     data_fingerprint,
+    turn_end_ids,
 )
 from nla_lens.training.export import freeze_weights_hf_lacks, model_sidecar
 from nla_lens.training.padding import pad
@@ -59,17 +60,30 @@ def init_av(
     hf_config = loading.load_hf_config(folder)
     check_base_fits(hf_config, dataset, base_model, folder=folder, role="av")
     tokenizer = loading.load_tokenizer(folder)
-    if tokenizer.eos_token_id is None:  # every explanation the AV learns ends with it: how it learns to stop
-        raise ConfigError(f"the base model's tokenizer ({folder}) has no EOS token, which ends every AV training row "
-                          "so that the AV learns to stop; use the base model's own tokenizer files")
+    if tokenizer.eos_token_id is None:
+        raise ConfigError(f"the base model's tokenizer ({folder}) has no EOS token, one of the ids the AV stops on; "
+                          "use the base model's own tokenizer files")
     # Its templates and token facts are the extraction's: errors name the file they came from.
     meta = parse_meta(model_sidecar(dataset, "av", injection=spec, injection_scale=injection_scale),
                       source=f"the AV sidecar made from {dataset.source}")
     check_tokenizer(meta, tokenizer, tokenizer_of="extraction")
+    # It stops where every training row ends, and on the EOS too, as HF's generation_config of an instruct model does.
+    stop_ids = sorted({turn_end_ids(tokenizer)[-1], tokenizer.eos_token_id})
     loading.check_hook_point(folder, spec.hook_point, backend="hooked")  # a typo here cost a full load
     model = loading.load_hooked_transformer(folder, tokenizer, dtype=dtype, device=device)
     freeze_weights_hf_lacks(model, hf_config)
-    return ActivationVerbalizer(model, tokenizer, meta, spec, [tokenizer.eos_token_id])
+    return ActivationVerbalizer(model, tokenizer, meta, spec, stop_ids)
+
+
+def check_stops_at_turn_end(av: ActivationVerbalizer) -> None:
+    """Refuse to train an AV whose stop ids lack the token every training row ends with (`turn_end_ids`): it would
+    learn to end its turn where generation goes on."""
+    end = turn_end_ids(av.tokenizer)[-1]
+    if end not in av.eos_token_ids:
+        raise ConfigError(f"every AV training row ends the turn with {av.tokenizer.convert_ids_to_tokens(end)!r} (id "
+                          f"{end}), as the chat template does, but the AV stops on ids {av.eos_token_ids}, so it would "
+                          f"learn to stop where generation goes on; add {end} to eos_token_id in the AV folder's "
+                          "generation_config.json")
 
 
 def response_logits(av: ActivationVerbalizer, prompt: list[int], responses: list[list[int]],
@@ -97,7 +111,7 @@ def response_logits(av: ActivationVerbalizer, prompt: list[int], responses: list
 
 def av_loss(av: ActivationVerbalizer, rows: AVRows, index: Int[Tensor, " batch"], *,
             reduction: str = "mean") -> Tensor:
-    """Cross-entropy on the response tokens (explanation + EOS) only, injection hook installed."""
+    """Cross-entropy on the response tokens (explanation + turn end) only, injection hook installed."""
     logits, targets = response_logits(av, rows.prompt.tolist(), [rows.responses[i] for i in index.tolist()],
                                       rows.vectors[index])
     return F.cross_entropy(logits, targets, reduction=reduction)
@@ -140,10 +154,8 @@ def train_av(
     if len(evaluation) == 0:  # else the first evaluation's mean loss divides by zero tokens
         raise InputError("the held-out split is empty, and AV SFT reports a held-out loss; raise eval_fraction "
                          "or pass held-out rows")
-    eos = av.tokenizer.eos_token_id
-    if eos not in av.eos_token_ids:
-        raise ConfigError(f"the tokenizer's EOS id {eos} is not among the AV's stop ids {av.eos_token_ids}")
-    rows, eval_rows = (av_rows(data, av.meta, av.tokenizer, eos) for data in (train, evaluation))
+    check_stops_at_turn_end(av)
+    rows, eval_rows = (av_rows(data, av.meta, av.tokenizer) for data in (train, evaluation))
     check_fits(av.model.cfg.n_ctx, rows, eval_rows)
     return loop.train(
         modules={"model": av.model}, n_rows=len(rows),

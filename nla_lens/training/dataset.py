@@ -14,7 +14,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from jaxtyping import Float, Int
@@ -23,7 +23,7 @@ from transformers import PreTrainedTokenizerBase
 
 from nla_lens import loading
 from nla_lens.checks import check_output_path, counted, file_path, jsonl_objects
-from nla_lens.errors import ConfigError, InputError, PromptTooLongError, SplitLeakError
+from nla_lens.errors import ChatTemplateError, ConfigError, InputError, PromptTooLongError, SplitLeakError
 from nla_lens.sidecar import NLAMeta, ar_prompt_ids, av_prompt_ids
 from nla_lens.training.extraction import ActivationDataset, ActivationRecord
 
@@ -34,6 +34,7 @@ Labeler = Callable[[ActivationRecord], "str | None"]
 RECORD_KEY = "extraction"  # the key of the line `save_explanations` writes first: the extraction it labels
 _ROWS_NAMED = 5  # rows a warning names before it counts the rest
 _IN_MEMORY = "(an extraction in memory)"  # an extraction's name in messages where it has no folder
+_TURN_PROBE = "NLA turn probe"  # an assistant message's text, found again in the template's rendering
 
 
 @dataclass(frozen=True)
@@ -304,7 +305,8 @@ def check_document_disjoint(train: LabelledActivations, evaluation: LabelledActi
 
 @dataclass(frozen=True)
 class AVRows:
-    """AV SFT rows: the canonical prompt (one marker) then `<explanation>\\n{text}\\n</explanation>` + EOS."""
+    """AV SFT rows: the canonical prompt (one marker) then `<explanation>\\n{text}\\n</explanation>` and the chat
+    template's turn end (`turn_end_ids`)."""
 
     prompt: Int[Tensor, " prompt_len"]
     responses: list[list[int]]
@@ -325,13 +327,38 @@ def response_text(explanation: str) -> str:
     return f"<explanation>\n{explanation}\n</explanation>"
 
 
-def av_rows(data: LabelledActivations, meta: NLAMeta, tokenizer: PreTrainedTokenizerBase,
-            eos_token_id: int) -> AVRows:
+def turn_end_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """What the chat template writes after an assistant message, up to and including its first special token
+    (Qwen's `<|im_end|>`, Gemma's `<end_of_turn>`, Llama's `<|eot_id|>`): the AV writes these to end its turn and
+    stops on the last. The paper's AV SFT ends each row as the template ends the turn (kitft `sft_actor.py`, through
+    miles' `MultiTurnLossMaskGenerator`), not with the tokenizer's EOS, which may be a token the template never writes
+    (`<eos>` on Gemma-3). The template's tokens after the stop (a newline on Qwen and Gemma, which the paper's rows
+    also hold) are never generated; leaving them out keeps the rows the bundled toy was trained on."""
+    messages = [{"role": "user", "content": "x"}, {"role": "assistant", "content": _TURN_PROBE}]
+    text = cast(str, tokenizer.apply_chat_template(messages, tokenize=False))
+    at = text.rfind(_TURN_PROBE)
+    fix = "use the base model's own tokenizer files (an instruct model's chat template)"
+    if at < 0:
+        raise ChatTemplateError("the tokenizer's chat template does not write an assistant message's text, so the "
+                                f"AV's training rows cannot end its turn as the template does; {fix}")
+    closing = text[at + len(_TURN_PROBE):]
+    after = tokenizer(closing, add_special_tokens=False)["input_ids"]
+    specials = set(cast(list[int], tokenizer.convert_tokens_to_ids(special_token_texts(tokenizer))))
+    ends = [n for n, i in enumerate(after) if i in specials]
+    if not ends:
+        raise ChatTemplateError(f"the tokenizer's chat template ends an assistant turn with {closing!r}, which holds "
+                                f"no special token, so an AV trained with it would have no token to stop on; {fix}")
+    return after[:ends[0] + 1]
+
+
+def av_rows(data: LabelledActivations, meta: NLAMeta, tokenizer: PreTrainedTokenizerBase) -> AVRows:
     warn_special_token_text(data, tokenizer, "the AV learns to write those tokens, but verbalize ends an explanation "
                                              "at an EOS and leaves special tokens out of the text it decodes")
+    prompt = av_prompt_ids(meta, tokenizer)  # first: its error names a tokenizer without a chat template
+    turn_end = turn_end_ids(tokenizer)
     encoded = tokenizer([response_text(e) for e in data.explanations], add_special_tokens=False)["input_ids"]
-    return AVRows(torch.tensor(av_prompt_ids(meta, tokenizer)), [row + [eos_token_id] for row in encoded],
-                  data.vectors.float(), data.explanations, data.doc_ids)
+    return AVRows(torch.tensor(prompt), [row + turn_end for row in encoded], data.vectors.float(), data.explanations,
+                  data.doc_ids)
 
 
 @dataclass(frozen=True)

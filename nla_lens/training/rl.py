@@ -51,7 +51,7 @@ from nla_lens.reconstructor import ActivationReconstructor
 from nla_lens.sidecar import ar_prompt_ids
 from nla_lens.training import grpo, loop, parallel
 from nla_lens.training.ar_sft import ar_loss
-from nla_lens.training.av_sft import av_loss, response_logits
+from nla_lens.training.av_sft import av_loss, check_stops_at_turn_end, response_logits
 from nla_lens.training.config import RLConfig, check_training_dtypes
 from nla_lens.training.dataset import ARRows, AVRows, LabelledActivations, av_rows, check_fits, data_fingerprint
 from nla_lens.training.export import freeze_weights_hf_lacks
@@ -426,7 +426,8 @@ def _sft_rows(av: ActivationVerbalizer, data: LabelledActivations | None, config
     if data is None:
         raise ConfigError(f"sft_coef={config.sft_coef} adds the SFT loss of labelled rows: pass sft_data "
                           "(the SFT training split), or set sft_coef: 0")
-    rows = av_rows(data, av.meta, av.tokenizer, av.tokenizer.eos_token_id)
+    check_stops_at_turn_end(av)
+    rows = av_rows(data, av.meta, av.tokenizer)
     check_fits(av.model.cfg.n_ctx, rows)
     return rows
 
