@@ -186,7 +186,8 @@ def _parse_model_dialect(data: dict[str, Any], source: str) -> NLAMeta:
     extraction = _section(data, "extraction", source, required=False)
     critic = _section(data, "critic", source, required=False)
     ar = _section(data, "ar", source, required=False)
-    d_model = _int(data.get("d_model", extraction.get("d_model")), "d_model", source, minimum=1)
+    d_model = _int(_agreed({"d_model": data.get("d_model"), "extraction.d_model": extraction.get("d_model")}, source),
+                   "d_model", source, minimum=1)
     layer = _layer_of_model_dialect(data, extraction, critic, ar, source)
     injection_scale = _scale(extraction.get("injection_scale"), d_model, "injection_scale", source)
     injection = _explicit_injection(data, source)
@@ -218,10 +219,14 @@ def _parse_dataset_dialect(data: dict[str, Any], source: str) -> NLAMeta:
     _expect_schema(data, 1, source)
     extraction = _section(data, "extraction", source)
     d_model = _int(extraction.get("d_model"), "extraction.d_model", source, minimum=1)
+    layer = extraction.get("layer_index")
+    # The dialect reads extraction's keys; top-level ones (the nla_model dialect's spelling) must not contradict them.
+    _agreed({"extraction.d_model": d_model, "d_model": data.get("d_model")}, source)
+    _agreed({"extraction.layer_index": layer, "extraction_layer_index": data.get("extraction_layer_index")}, source)
     injection_scale = _scale(extraction.get("injection_scale"), d_model, "injection_scale", source)
     # nanoNLA trains with the Karvonen add at the output of decoder layer 1.
     injection = _explicit_injection(data, source) or InjectionSpec.of("karvonen")
-    return _build(data, source, role=None, d_model=d_model, layer=extraction.get("layer_index"),
+    return _build(data, source, role=None, d_model=d_model, layer=layer,
                   extraction=extraction, injection_scale=injection_scale, injection=injection)
 
 
@@ -269,7 +274,9 @@ def _build(data: dict[str, Any], source: str, *, role: Literal["av", "ar"] | Non
         raise SidecarError(f"{source}: no extraction layer; the sidecar needs {keys}, the layer K the NLA reads. "
                            "Restore the released nla_meta.yaml")
     fve_baseline, fve_baseline_n = _recorded_baseline(data, source)
-    base_model = extraction.get("base_model", data.get("base_model"))
+    _check_tokenization(data, source)
+    base_model = _agreed({"extraction.base_model": extraction.get("base_model"), "base_model": data.get("base_model")},
+                         source)
     if base_model is not None and (not isinstance(base_model, str) or not base_model):
         raise SidecarError(f"{source}: base_model must be the base model's hub id or folder path as a string (or "
                            f"absent), got {base_model!r}; quote it in the YAML or delete the entry")
@@ -304,6 +311,18 @@ def _build(data: dict[str, Any], source: str, *, role: Literal["av", "ar"] | Non
     )
 
 
+def _agreed(found: dict[str, Any], source: str) -> Any:
+    """The value the keys of `found` that the sidecar has give (None where it has none). Two that disagree are
+    refused, naming both: a sidecar that contradicts itself does not say which one the checkpoint was trained with."""
+    present = {name: value for name, value in found.items() if value is not None}
+    values = list(present.values())
+    if any(value != values[0] for value in values[1:]):
+        told = " but ".join(f"{name} is {value!r}" for name, value in present.items())
+        raise SidecarError(f"{source} contradicts itself: {told}; restore the released {SIDECAR_NAME}, or make both "
+                           "give the value the NLA was trained with")
+    return values[0] if values else None
+
+
 def _template(templates: dict[str, Any], name: str, old_name: str, source: str) -> Any:
     """A role's prompt template under either dialect's key; both keys with different texts leave no way to
     tell which one the checkpoint was trained on."""
@@ -326,6 +345,28 @@ def _recorded_baseline(data: dict[str, Any], source: str) -> tuple[float | None,
         raise SidecarError(f"{source}: fve_baseline must be a mapping {{value: a positive number, n: an integer "
                            f">= 2}}, got {block!r}; fix it or delete the block")
     return float(value), n
+
+
+_TOKENIZATION_KEYS = ("base_text", "ar_prompt", "bos_token_id")  # the block `tokenization_record` writes
+
+
+def _check_tokenization(data: dict[str, Any], source: str) -> None:
+    """The `tokenization:` block, whose `bos_token_id` `check_tokenizer` compares with the live tokenizer's BOS. One
+    that is not a mapping, or spells that key otherwise, skipped the check without a word."""
+    block = data.get("tokenization")
+    if block is None:
+        return
+    if not isinstance(block, dict):
+        raise SidecarError(f"{source}: tokenization must be a mapping {{{', '.join(_TOKENIZATION_KEYS)}}} (its "
+                           f"bos_token_id is checked against the tokenizer), got {block!r}; restore the sidecar as "
+                           "written, or delete the block")
+    unknown = sorted(map(str, block.keys() - _TOKENIZATION_KEYS))
+    if unknown:
+        raise SidecarError(f"{source}: tokenization has keys {unknown} that nla_lens does not read; it reads "
+                           f"{list(_TOKENIZATION_KEYS)}. Fix the spelling or delete them")
+    bos = block.get("bos_token_id")
+    if bos is not None:
+        _int(bos, "tokenization.bos_token_id", source, minimum=0)
 
 
 _INJECTION_KEYS = ("method", "hook_point")  # the `injection:` block sidecars nla_lens writes

@@ -112,6 +112,8 @@ def test_injection_scale_resolution():
     (lambda d: d["extraction"].update(injection_scale=-1), "injection_scale must be a positive finite number"),
     (lambda d: d["extraction"].update(injection_scale=float("inf")), "injection_scale must be a positive finite"),
     (lambda d: d.update(fve_baseline={"value": float("inf"), "n": 10}), "fve_baseline must be a mapping"),
+    # Both keys are required: a misspelt one is refused as missing, so an unknown key cannot hide it.
+    (lambda d: d.update(fve_baseline={"valeu": 0.7, "n": 10}), "fve_baseline must be a mapping"),
     (lambda d: d.update(d_model=0), "d_model must be >= 1, got 0"),
     (lambda d: d.update(extraction_layer_index=-1), "layer index must be >= 0, got -1"),
     (lambda d: d["tokens"].update(critic_suffix_ids=5), "critic_suffix_ids must be a non-empty list"),
@@ -159,6 +161,59 @@ def test_an_injection_block_key_nla_lens_does_not_read_is_refused_not_ignored(bl
     with pytest.raises(nl.SidecarError, match=r"injection has keys \['(hookpoint|scale)'\] that nla_lens does not "
                                               r"read; it reads \['method', 'hook_point'\]\. Fix the spelling"):
         parse_meta(model_dialect(injection=block))
+
+
+@pytest.mark.parametrize(("keys", "told"), [
+    ({"extraction": {"injection_scale": 150.0, "d_model": 2048}}, "d_model is 4096 but extraction.d_model is 2048"),
+    ({"base_model": "Qwen/Qwen3-4B", "extraction": {"injection_scale": 150.0, "base_model": "Qwen/Qwen3-8B"}},
+     "extraction.base_model is 'Qwen/Qwen3-8B' but base_model is 'Qwen/Qwen3-4B'"),
+], ids=["d_model", "base_model"])
+def test_a_model_sidecar_that_contradicts_itself_is_refused_naming_both_values_and_the_file(tmp_path, keys, told):
+    """The top-level d_model silently won over extraction.d_model (and extraction.base_model over base_model): a
+    damaged sidecar served the checkpoint at a width, or with a base, it may not have been trained with."""
+    (tmp_path / "nla_meta.yaml").write_text(yaml.safe_dump(model_dialect(**keys)), encoding="utf-8")
+    with pytest.raises(nl.SidecarError, match=re.escape(f"{tmp_path / 'nla_meta.yaml'} contradicts itself: {told}; "
+                                                        "restore the released nla_meta.yaml")):
+        load_meta(tmp_path)
+    agreeing = parse_meta(model_dialect(base_model="Qwen/Qwen3-8B", extraction={
+        "injection_scale": 150.0, "d_model": 4096, "base_model": "Qwen/Qwen3-8B"}))
+    assert (agreeing.d_model, agreeing.base_model) == (4096, "Qwen/Qwen3-8B")
+    only_extraction = model_dialect(extraction={"injection_scale": 150.0, "d_model": 2048})
+    del only_extraction["d_model"]
+    assert parse_meta(only_extraction).d_model == 2048
+
+
+@pytest.mark.parametrize(("key", "value", "told"), [
+    ("d_model", 2048, "extraction.d_model is 4096 but d_model is 2048"),
+    ("extraction_layer_index", 20, "extraction.layer_index is 24 but extraction_layer_index is 20"),
+    ("base_model", "Qwen/Qwen3-4B", "extraction.base_model is 'Qwen/Qwen3-8B' but base_model is 'Qwen/Qwen3-4B'"),
+])
+def test_a_dataset_sidecars_top_level_key_that_contradicts_its_extraction_block_is_refused(key, value, told):
+    """The nla_dataset dialect reads extraction.d_model and extraction.layer_index: a top-level d_model or
+    extraction_layer_index (the nla_model spelling) of another value was ignored without a word. One that agrees
+    is read as before."""
+    with pytest.raises(nl.SidecarError, match=re.escape(f"sidecar contradicts itself: {told}")):
+        parse_meta({**dataset_dialect(), key: value})
+    agreeing = parse_meta({**dataset_dialect(), "d_model": 4096, "extraction_layer_index": 24,
+                           "base_model": "Qwen/Qwen3-8B"})
+    assert (agreeing.d_model, agreeing.layer, agreeing.base_model) == (4096, 24, "Qwen/Qwen3-8B")
+
+
+@pytest.mark.parametrize(("block", "match"), [
+    ("add_special_tokens", r"tokenization must be a mapping \{base_text, ar_prompt, bos_token_id\} .*got "
+                           r"'add_special_tokens'; restore"),
+    ([{"bos_token_id": 7}], r"tokenization must be a mapping .*got \[\{'bos_token_id': 7\}\]"),
+    ({"bos_token": 7}, r"tokenization has keys \['bos_token'\] that nla_lens does not read; it reads \['base_text', "
+                       r"'ar_prompt', 'bos_token_id'\]\. Fix the spelling"),
+    ({"bos_token_id": "2"}, r"tokenization.bos_token_id must be an integer, got '2'"),
+], ids=["string", "list", "misspelt_key", "id_as_text"])
+def test_a_tokenization_block_whose_bos_cannot_be_checked_is_refused_not_skipped(block, match):
+    """`check_tokenizer` compares the block's bos_token_id with the live tokenizer's BOS: a block that was not a
+    mapping, or spelt the key otherwise, skipped that check without a word (and '2' was drift from BOS 2)."""
+    with pytest.raises(nl.SidecarError, match=match):
+        parse_meta({**dataset_dialect(), "tokenization": block})
+    written = {"base_text": "add_special_tokens", "ar_prompt": "add_special_tokens", "bos_token_id": None}
+    assert parse_meta({**dataset_dialect(), "tokenization": written}).raw["tokenization"] == written
 
 
 def test_schema_version_true_is_not_schema_1_and_2_0_reads_as_2():
