@@ -77,11 +77,35 @@ def _readable(path: Path, read: Callable[[], Any]) -> Any:
     try:
         return read()
     except Exception as exc:  # noqa: BLE001 - safetensors, pickle and arrow each raise their own types
+        objects = _pickled_objects(path) if file_kind(path) == ".pt" else []
+        if objects:
+            raise InputError(_pickled_objects_message(path, objects)) from exc
         # torch's own text suggests weights_only=False, which would run pickled code: never pass that on.
         detail = "" if file_kind(path) == ".pt" else f" ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0]})"
         raise InputError(f"{path} cannot be read as a {path.suffix} file of vectors{detail}; is it corrupt or of "
                          "another format? Write vectors with safetensors.torch.save_file({'vectors': v}, path)"
                          ) from exc
+
+
+def _pickled_objects(path: Path) -> list[str]:
+    """The Python objects besides tensors that a .pt file pickles (a NumPy array's `numpy.ndarray`, ...), which the
+    weights-only load refuses; listed without running the pickle. Empty for a file torch.save did not write."""
+    try:
+        return sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # noqa: BLE001 - not a torch.save zip file: corrupt, or of another format
+        return []
+
+
+def _pickled_objects_message(path: Path, objects: list[str]) -> str:
+    """Why a .pt file that torch.save wrote is refused, and how to save its vectors as tensors."""
+    why = (f"nla_lens reads a .pt file with torch.load(weights_only=True), so that no pickled code runs, which "
+           f"refuses the pickled {', '.join(objects)}")
+    if "numpy.ndarray" in objects:
+        return (f"{path} holds a NumPy array, not a torch tensor: {why}. Save the array as a tensor, "
+                "torch.save(torch.from_numpy(array), path), or as safetensors, "
+                "safetensors.torch.save_file({'vectors': torch.from_numpy(array)}, 'vectors.safetensors')")
+    return (f"{path} holds Python objects besides tensors: {why}. Save the vectors as a bare tensor "
+            "(torch.save(vectors, path)) or with safetensors.torch.save_file({'vectors': v}, path)")
 
 
 def read_input(path: Path, column: str | None = None) -> VectorTable:

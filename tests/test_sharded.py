@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fractions
 import functools
 import json
 import re
@@ -849,6 +850,56 @@ def test_a_pt_file_of_a_list_says_how_to_save_the_vectors(rows, tmp_path):
     with pytest.raises(nl.InputError, match=r"must hold a \[n, d_model\] tensor, got list; save the bare tensor "
                                             r"\(torch.save\(vectors, path\)\)"):
         read_vectors(tmp_path / "list.pt")
+
+
+@pytest.mark.parametrize("saved", ["array", "dict_of_array"])
+def test_a_pt_file_of_a_numpy_array_says_so_and_how_to_save_a_tensor(rows, tmp_path, saved):
+    """torch.load(weights_only=True) refuses NumPy's pickled array: the file was called "corrupt or of another
+    format", which torch.save wrote it in."""
+    array = rows.numpy()
+    torch.save(array if saved == "array" else {"vectors": array}, tmp_path / "v.pt")
+    with pytest.raises(nl.InputError, match=r"v\.pt holds a NumPy array, not a torch tensor: nla_lens reads a \.pt "
+                                            r"file with torch\.load\(weights_only=True\), so that no pickled code "
+                                            r"runs, which refuses the pickled numpy\..*Save the array as a tensor, "
+                                            r"torch\.save\(torch\.from_numpy\(array\), path\), or as safetensors"):
+        read_vectors(tmp_path / "v.pt")
+    torch.save(torch.from_numpy(array), tmp_path / "v.pt")  # the fix the message gives
+    assert torch.equal(read_vectors(tmp_path / "v.pt"), rows)
+    (tmp_path / "v.pt").write_bytes(b"not a torch file")
+    with pytest.raises(nl.InputError, match=r"cannot be read as a \.pt file of vectors; is it corrupt"):
+        read_vectors(tmp_path / "v.pt")
+
+
+def test_a_pt_file_pickling_another_python_object_names_it(rows, tmp_path):
+    """Any object a weights-only load refuses was "corrupt or of another format" too."""
+    torch.save({"vectors": rows, "ratio": fractions.Fraction(1, 3)}, tmp_path / "v.pt")
+    with pytest.raises(nl.InputError, match=r"v\.pt holds Python objects besides tensors: .*weights_only=True.*which "
+                                            r"refuses the pickled fractions\.Fraction\. Save the vectors as a bare "
+                                            r"tensor"):
+        read_vectors(tmp_path / "v.pt")
+
+
+@pytest.mark.parametrize("peak", [1e39, 1e-46], ids=["overflow", "underflow"])
+def test_float64_vectors_past_float32s_range_are_refused_by_input_row_before_any_shard(tiny_paths, rows, tmp_path,
+                                                                                       peak):
+    """The job's .float() made them inf (or zero rows), which a shard then refused as "vectors at rows [1] hold NaN or
+    Inf" (row 4 of the file, counted from its shard) or "are zero"; the AV needs only their direction."""
+    vectors = rows.double()
+    vectors[4] = vectors[4] / vectors[4].abs().max() * peak
+    save_file({"vectors": vectors}, tmp_path / "v.safetensors")
+    out = tmp_path / "o.parquet"
+    with pytest.raises(nl.VectorError, match=re.escape(
+            f"the float64 vectors at rows [4] lie past float32's range, in which the job computes: row 4's largest "
+            f"entry is {peak:.3g} in magnitude, where float32 holds 1.18e-38 to 3.4e+38, so its direction would "
+            "become inf, zero or a few coarse steps. Rescale each row (e.g. v / v.abs().amax(dim=1, keepdim=True))")):
+        sharded.verbalize_file(tiny_paths["av_karvonen"], tmp_path / "v.safetensors", out, sampling=GREEDY,
+                               shard_size=SHARD_SIZE, progress=False)
+    assert not shard_store.shard_folder(out).exists()
+    vectors[4] = vectors[4] / vectors[4].abs().max()  # the rescale the message gives
+    save_file({"vectors": vectors}, tmp_path / "v.safetensors")
+    result = sharded.verbalize_file(tiny_paths["av_karvonen"], tmp_path / "v.safetensors", out, sampling=GREEDY,
+                                    shard_size=SHARD_SIZE, progress=False)
+    assert result.table.num_rows == N_ROWS
 
 
 @pytest.mark.parametrize(("vectors", "error", "match"), [
