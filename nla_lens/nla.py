@@ -369,11 +369,24 @@ class NLA:
         """
         av_folder, ar_folder = loading.resolve_checkpoint(av_path), loading.resolve_checkpoint(ar_path)
         av_meta, ar_meta = load_meta(av_folder), load_meta(ar_folder)
+        return cls._from_folders(av_folder, av_meta, ar_folder, ar_meta, device=device, dtype=dtype, backend=backend,
+                                 injection=injection, hook_point=hook_point, trust_remote_code=trust_remote_code,
+                                 tokenizer=tokenizer, checked_av_tokenizer=None)
+
+    @classmethod
+    def _from_folders(cls, av_folder: Path, av_meta: NLAMeta, ar_folder: Path, ar_meta: NLAMeta, *,
+                      device: str | torch.device, dtype: torch.dtype | str, backend: str | None,
+                      injection: InjectionSpec | str | None, hook_point: str | None, trust_remote_code: bool,
+                      tokenizer: PreTrainedTokenizerBase | None,
+                      checked_av_tokenizer: PreTrainedTokenizerBase | None) -> NLA:
+        """`from_pretrained` of resolved folders and their parsed sidecars. `checked_av_tokenizer`: the AV folder's
+        tokenizer already checked against its sidecar (the CLI checks it for the base), not checked again."""
         _check_roles(av_folder, av_meta, ar_folder, ar_meta)
         check_pair(av_meta, ar_meta)
         # A given tokenizer is checked before the pair's vocabularies: another model's is the argument's fault
-        av_tokenizer = loading.checkpoint_tokenizer(av_folder, av_meta, "av", tokenizer,
-                                                    trust_remote_code=trust_remote_code)
+        av_tokenizer = (loading.checkpoint_tokenizer(av_folder, av_meta, "av", tokenizer,
+                                                     trust_remote_code=trust_remote_code)
+                        if checked_av_tokenizer is None else checked_av_tokenizer)
         ar_tokenizer = loading.checkpoint_tokenizer(ar_folder, ar_meta, "ar", trust_remote_code=trust_remote_code)
         check_vocabularies(av_tokenizer, ar_tokenizer)
         av = ActivationVerbalizer._from_folder(

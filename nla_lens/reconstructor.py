@@ -69,7 +69,8 @@ class ActivationReconstructor:
                      trust_remote_code: bool, backend: str | None, tokenizer: PreTrainedTokenizerBase | None,
                      checked_tokenizer: PreTrainedTokenizerBase | None) -> ActivationReconstructor:
         """`from_pretrained` of a resolved folder and its parsed sidecar. `checked_tokenizer`: the folder's tokenizer
-        already checked against this sidecar (`NLA.from_pretrained` checks it for the pair), not checked again."""
+        already checked against this sidecar (`NLA.from_pretrained` checks it for the pair, `round_trip_file` for its
+        sample length), not checked again."""
         device, dtype = resolve_device(device), resolve_dtype(dtype)
         if loading.checkpoint_role(folder, meta) == "av":
             raise SidecarError(f"{folder} is an AV checkpoint, not an AR: load it with "

@@ -205,7 +205,8 @@ class ActivationVerbalizer:
                      backend: str | None, tokenizer: PreTrainedTokenizerBase | None,
                      checked_tokenizer: PreTrainedTokenizerBase | None) -> ActivationVerbalizer:
         """`from_pretrained` of a resolved folder and its parsed sidecar. `checked_tokenizer`: the folder's tokenizer
-        already checked against this sidecar (`NLA.from_pretrained` checks it for the pair), not checked again."""
+        already checked against this sidecar (`NLA.from_pretrained` checks it for the pair, `nla-lens verbalize --text`
+        for the base), not checked again."""
         device, dtype = resolve_device(device), resolve_dtype(dtype)
         if loading.checkpoint_role(folder, meta) == "ar":
             raise SidecarError(f"{folder} is an AR checkpoint, not an AV: load it with "

@@ -176,6 +176,35 @@ def test_verbalize_text_and_explain_from_a_base_load_each_tokenizer_once(tiny_pa
     assert tokenizer_loads == {av: 1, ar: 1, base: 1}
 
 
+@pytest.fixture()
+def tokenizer_checks(monkeypatch) -> Counter:
+    """How many times each sidecar checks a tokenizer (`loading.check_tokenizer`), by the sidecar's path."""
+    checks: Counter = Counter()
+    check_tokenizer = loading.check_tokenizer
+
+    def counted(meta, tokenizer, role=None, **kwargs):
+        checks[Path(kwargs["source"]).resolve()] += 1
+        return check_tokenizer(meta, tokenizer, role, **kwargs)
+
+    monkeypatch.setattr(loading, "check_tokenizer", counted)
+    return checks
+
+
+def test_verbalize_text_and_explain_check_each_tokenizer_against_its_sidecar_once(tiny_paths, tmp_path,
+                                                                                  tokenizer_checks):
+    """The AV's tokenizer was checked for the base, then again by the loader it was handed to (`tokenizer=`). A
+    drifted tokenizer is still refused (`test_a_drifted_tokenizer_fails_verbalize_text_before_the_base_loads`)."""
+    av, ar = tiny_paths["av_karvonen"].resolve(), tiny_paths["ar_nanonla"].resolve()
+    base = shutil.copytree(av, tmp_path / "base").resolve()
+    (base / "nla_meta.yaml").unlink()
+    assert main(["verbalize", "--av", str(av), "--base", str(base), "--text", "the cat", "--max-new-tokens", "2"]) == 0
+    assert tokenizer_checks == {av / "nla_meta.yaml": 1}
+    tokenizer_checks.clear()
+    assert main(["explain", "--av", str(av), "--ar", str(ar), "--base", str(base), "--text", "the cat",
+                 "--positions", "-1", "--max-new-tokens", "2"]) == 0
+    assert tokenizer_checks == {av / "nla_meta.yaml": 1, ar / "nla_meta.yaml": 1}
+
+
 def test_errors_exit_2_with_the_typed_reason(tiny_paths, tmp_path, capsys):
     assert main(["inspect", str(tiny_paths["ar_paper"])]) == 0
     assert main(["inspect", str(tmp_path)]) == 2

@@ -8,6 +8,7 @@ import json
 import re
 import shutil
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from launch import torchrun_cli
 from safetensors.torch import load_file, save_file
 
 import nla_lens as nl
-from nla_lens import shard_store, sharded
+from nla_lens import loading, shard_store, sharded
 from nla_lens.cli import main
 from nla_lens.distributed import World, device_for
 from nla_lens.sharded import Sampling
@@ -176,6 +177,24 @@ def test_a_round_trip_summary_counts_the_rows_max_new_tokens_cut(tiny_paths, inp
     cut = result.table.column("truncated").to_pylist()
     assert result.summary.n_truncated == cut.count(True) > 0 and f"{cut.count(True)} truncated" in repr(result)
     assert json.loads(sharded.summary_path(out).read_text())["n_truncated"] == cut.count(True)
+
+
+def test_a_round_trip_file_checks_each_tokenizer_against_its_sidecar_once(tiny_paths, input_file, tmp_path,
+                                                                          monkeypatch):
+    """The job checked the AR's tokenizer for its sample length, then the AR loader checked it again. A drifted one
+    is still refused (`test_a_drifted_folder_loaded_for_you_is_blamed_on_its_tokenizer_not_on_tokenizer_equals`)."""
+    av, ar = tiny_paths["av_karvonen"].resolve(), tiny_paths["ar_nanonla"].resolve()
+    checks = Counter()
+    check_tokenizer = loading.check_tokenizer
+
+    def counted(meta, tokenizer, role=None, **kwargs):
+        checks[Path(kwargs["source"]).resolve()] += 1
+        return check_tokenizer(meta, tokenizer, role, **kwargs)
+
+    monkeypatch.setattr(loading, "check_tokenizer", counted)
+    sharded.round_trip_file(av, ar, input_file, tmp_path / "out.parquet", sampling=Sampling(max_new_tokens=2),
+                            baseline=0.5, shard_size=N_ROWS)
+    assert checks == {av / "nla_meta.yaml": 1, ar / "nla_meta.yaml": 1}
 
 
 def test_a_sharded_round_trip_scores_a_reconstruction_with_no_direction_as_a_miss_and_says_so(

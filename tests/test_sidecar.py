@@ -8,10 +8,12 @@ import re
 import shutil
 
 import pytest
+import torch
 import yaml
+from safetensors.torch import save_file
 
 import nla_lens as nl
-from nla_lens import loading
+from nla_lens import loading, sharded
 from nla_lens.sidecar import InjectionSpec, check_tokenizer, load_meta, parse_meta
 from nla_lens.testing import AR_TEMPLATE, AV_TEMPLATE, build_tokenizer, token_facts
 
@@ -371,27 +373,35 @@ def test_a_checkpoints_tokenizer_drift_advises_the_tokenizer_saved_with_it(tiny_
     assert "extract" not in str(refused.value)
 
 
-@pytest.mark.parametrize("drifted", ["av_karvonen", "ar_nanonla", "cli"])
+@pytest.mark.parametrize("drifted", ["av_karvonen", "ar_nanonla", "cli", "cli explain", "round-trip file"])
 def test_a_drifted_folder_loaded_for_you_is_blamed_on_its_tokenizer_not_on_tokenizer_equals(tiny_paths, tmp_path,
                                                                                           drifted, capsys):
     """`NLA.from_pretrained` and the CLI load a folder's tokenizer and hand it on: a drift in the folder said
-    "tokenizer= is not the tokenizer of ... (leave it out ...)", an argument the user never gave."""
+    "tokenizer= is not the tokenizer of ... (leave it out ...)", an argument the user never gave. The CLI and file
+    jobs check the tokenizer they hand on once, before handing it (`..._check_each_tokenizer_..._once`)."""
     from nla_lens.cli import main
 
-    name = "av_karvonen" if drifted == "cli" else drifted
+    name = {"cli": "av_karvonen", "cli explain": "av_karvonen", "round-trip file": "ar_nanonla"}.get(drifted, drifted)
     folders = {role: tiny_paths[role] for role in ("av_karvonen", "ar_nanonla")}
     folders[name] = shutil.copytree(tiny_paths[name], tmp_path / name)
     path = folders[name] / "nla_meta.yaml"
     sidecar = yaml.safe_load(path.read_text(encoding="utf-8"))
     sidecar["tokens"]["injection_token_id"] += 1
     path.write_text(yaml.safe_dump(sidecar, allow_unicode=True), encoding="utf-8")
-    if drifted == "cli":
-        assert main(["verbalize", "--av", str(folders[name]), "--text", "a cat", "--base",
-                     str(tiny_paths["av_karvonen"])]) == 2
+    base = str(tiny_paths["av_karvonen"])
+    if drifted.startswith("cli"):
+        pair = ["explain", "--ar", str(folders["ar_nanonla"])] if drifted == "cli explain" else ["verbalize"]
+        assert main([*pair, "--av", str(folders["av_karvonen"]), "--text", "a cat", "--base", base]) == 2
         said = capsys.readouterr().err
     else:
         with pytest.raises(nl.TokenizerDriftError) as refused:
-            nl.NLA.from_pretrained(folders["av_karvonen"], folders["ar_nanonla"])
+            if drifted == "round-trip file":
+                vectors = tmp_path / "v.safetensors"
+                save_file({"vectors": torch.randn(2, 64)}, vectors)
+                sharded.round_trip_file(folders["av_karvonen"], folders["ar_nanonla"], vectors,
+                                        tmp_path / "o.parquet", baseline=0.5)
+            else:
+                nl.NLA.from_pretrained(folders["av_karvonen"], folders["ar_nanonla"])
         said = str(refused.value)
     assert "Load the tokenizer saved with the checkpoint" in said and "tokenizer=" not in said
 
