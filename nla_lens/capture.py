@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from transformer_lens.utilities import get_attention_mask
 
 from nla_lens import backends
-from nla_lens.checks import blocks_phrase, counted
+from nla_lens.checks import blocks_phrase, counted, is_integer
 from nla_lens.errors import InputError, PromptTooLongError
 
 if TYPE_CHECKING:
@@ -89,7 +89,7 @@ def resolve_positions(
             raise InputError(f"the boolean {name} mask selects no token (every entry is False); set True at "
                              f"the real tokens to {use}")
     else:
-        wanted = _per_row(positions, batch).to(real.device)
+        wanted = _per_row(positions, batch, name).to(real.device)
         last = last_real_positions(real)[:, None]
         cols = torch.where(wanted < 0, last + 1 + wanted, wanted)
         outside = (cols < 0) | (cols >= width)
@@ -111,29 +111,30 @@ def resolve_positions(
     return rows, cols
 
 
-def _per_row(positions: Any, batch: int) -> Int[Tensor, "batch k"]:
-    """Every non-mask spec as a `[batch, k]` integer tensor of requested columns."""
+def _per_row(positions: Any, batch: int, name: str = "positions") -> Int[Tensor, "batch k"]:
+    """Every non-mask spec as a `[batch, k]` integer tensor of requested columns; the errors name the argument."""
     if isinstance(positions, Tensor) and positions.ndim == 0:
         positions = positions.item()
-    if isinstance(positions, int) and not isinstance(positions, bool):
+    if is_integer(positions):
         positions = [positions]
     if isinstance(positions, Tensor):
         if (positions.ndim != 1 or positions.shape[0] != batch or positions.is_floating_point()
                 or positions.is_complex()):  # a complex tensor's .long() drops its imaginary part
             raise InputError(
-                f"a positions tensor must be [batch] integers (one per row, batch={batch}) or a "
+                f"a {name} tensor must be [batch] integers (one per row, batch={batch}) or a "
                 f"[batch, pos] boolean mask; got {positions.dtype} of shape {list(positions.shape)}"
             )
         return positions.long()[:, None]
-    if isinstance(positions, Sequence) and not isinstance(positions, str) and positions and all(
-            isinstance(p, int) and not isinstance(p, bool) for p in positions):
-        beyond = [p for p in positions if not _INT64_MIN <= p <= _INT64_MAX]
+    if (isinstance(positions, Sequence) and not isinstance(positions, str) and positions
+            and all(is_integer(p) for p in positions)):
+        columns = [int(p) for p in positions]
+        beyond = [p for p in columns if not _INT64_MIN <= p <= _INT64_MAX]
         if beyond:  # torch's OverflowError, untyped, where a smaller one is "outside row ..."
-            raise InputError(f"positions: position {beyond[0]} is outside every row (past int64); pick positions "
+            raise InputError(f"{name}: position {beyond[0]} is outside every row (past int64); pick positions "
                              "inside the sequence")
-        return torch.tensor(list(positions)).expand(batch, -1)
+        return torch.tensor(columns).expand(batch, -1)
     raise InputError(
-        f"positions must be an int, a non-empty list of ints, a [batch] integer tensor or a "
+        f"{name} must be an int, a non-empty list of ints, a [batch] integer tensor or a "
         f"[batch, pos] boolean mask; got {positions!r}"
     )
 

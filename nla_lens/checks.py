@@ -14,7 +14,7 @@ import os
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 import torch
@@ -133,6 +133,11 @@ def is_bool(value: object) -> bool:
     """True or False, NumPy's (an element of a mask) or a one-element bool tensor's too; not 0, 1 or "no", which an
     `if` would take for one."""
     return isinstance(_python_scalar(value), bool)
+
+
+def is_integer(value: object) -> TypeGuard[numbers.Integral]:
+    """A whole number, Python's or NumPy's (an element of an index array, an argmax), not a bool of either."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _is_real(value: object) -> bool:

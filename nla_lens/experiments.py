@@ -36,7 +36,7 @@ from nla_lens.capture import (
     resid_post_name,
     resolve_positions,
 )
-from nla_lens.checks import check_finite, counted
+from nla_lens.checks import check_finite, counted, is_integer
 from nla_lens.errors import InputError, VectorError
 from nla_lens.injection import HookFn, check_vectors, directionless_rows
 from nla_lens.nla import NLA, RoundTrip, baseline_phrase, check_read_keywords
@@ -410,9 +410,10 @@ def patching_study(
     _check_reaches(base_model, patch_layer, layer, "patch_layer")
     hook_name = _patch_hook_name(base_model, activation_name, patch_layer)
     width = clean_tokens.shape[1]
-    if isinstance(patch_position, bool) or not isinstance(patch_position, int) or not -width <= patch_position < width:
+    if not is_integer(patch_position) or not -width <= int(patch_position) < width:
         raise InputError(f"patch_position must be an int column in -{width}..{width - 1}, got {patch_position!r}")
-    _warn_patch_on_padding(base_model, clean_tokens, corrupted_tokens, attention_mask, patch_position % width)
+    column = int(patch_position) % width
+    _warn_patch_on_padding(base_model, clean_tokens, corrupted_tokens, attention_mask, column)
     with torch.no_grad():
         clean_mask = (backends.implicit_attention_mask(base_model, clean_tokens) if attention_mask is None
                       else attention_mask)
@@ -421,7 +422,7 @@ def patching_study(
                                                 attention_mask=clean_mask)
         if cached is None:
             raise InputError(f"{hook_name} did not fire in the clean run; patch another activation_name")
-        patch = (hook_name, _patch_hook(cached, patch_position % width, _position_axis(hook_name)))
+        patch = (hook_name, _patch_hook(cached, column, _position_axis(hook_name)))
         corrupted = _capture_run(base_model, layer, capture_position, corrupted_tokens, attention_mask, [])
         patched = _capture_run(base_model, layer, capture_position, corrupted_tokens, attention_mask, [patch])
     runs: tuple[tuple[Literal["clean", "corrupted", "patched"], Capture], ...] = (
@@ -437,7 +438,7 @@ def patching_study(
             rows.append(PatchingRow(run, site.batch, site.position, site.token,
                                     replace(verbalizations[k * n + i], index=i), fves[k * n + i], cosines[i]))
     return PatchingStudy(rows, hook_name, clean.vectors, corrupted.vectors, patched.vectors, round_trip,
-                         patch_position % width, layer)
+                         column, layer)
 
 
 _BEFORE_BLOCKS = ("embed", "pos_embed")  # hook_embed / hook_pos_embed: model-level, before block 0

@@ -23,7 +23,7 @@ from transformers import PreTrainedTokenizerBase
 from nla_lens import backends, display
 from nla_lens.base_model import check_base_model
 from nla_lens.capture import capture, check_token_ids, resid_post_name
-from nla_lens.checks import check_fwd_hooks, counted
+from nla_lens.checks import check_fwd_hooks, counted, is_integer
 from nla_lens.errors import InputError, PromptTooLongError, VectorError
 from nla_lens.injection import directionless_rows
 from nla_lens.loading import prepends_bos
@@ -279,11 +279,11 @@ def select_positions(positions: ExplainPositions, length: int, skip: int = 0, te
         return list(range(min(skip, length - 1), length))
     if isinstance(positions, slice):
         chosen = list(range(length))[positions]
-    elif isinstance(positions, int) and not isinstance(positions, bool):
-        chosen = [positions]
+    elif is_integer(positions):
+        chosen = [int(positions)]
     elif (isinstance(positions, Sequence) and not isinstance(positions, str) and positions
-          and all(isinstance(p, int) and not isinstance(p, bool) for p in positions)):
-        chosen = list(positions)
+          and all(is_integer(p) for p in positions)):
+        chosen = [int(p) for p in positions]
     else:
         raise InputError(f"positions must be None (every token), an int, a non-empty list of ints or a slice; "
                          f"got {positions!r}")

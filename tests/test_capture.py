@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from base_batches import PROMPTS, load_base, no_hooks_left, padded
@@ -420,6 +421,28 @@ def test_positions_past_int64_or_complex_are_input_errors(base, positions, messa
     tokens, mask = padded(base, "left")
     with pytest.raises(nl.InputError, match=message):
         nl.capture(base, LAYER, positions, attention_mask=mask)
+
+
+def test_numpy_integer_positions_capture_what_python_ints_do(base):
+    """`positions=np.int64(-1)` or a list of NumPy ints (an argmax, an index array's elements) were refused as not an
+    int; alpha, layer= of steer_with_words and SAE feature ids took them."""
+    tokens, mask = padded(base, "left")
+    for numpy_positions, positions in [(np.int64(-1), -1), ([np.int32(-2), np.int64(-1)], [-2, -1]),
+                                       (torch.tensor(np.int64(-1)), -1)]:
+        with nl.capture(base, LAYER, numpy_positions, attention_mask=mask) as got:
+            base(tokens, attention_mask=mask)
+        with nl.capture(base, LAYER, positions, attention_mask=mask) as expected:
+            base(tokens, attention_mask=mask)
+        assert [(r.batch, r.position) for r in got.rows] == [(r.batch, r.position) for r in expected.rows]
+        assert torch.equal(got.vectors, expected.vectors)
+    with pytest.raises(nl.InputError, match=r"^positions: position 9223372036854775808 is outside every row"):
+        nl.capture(base, LAYER, [np.uint64(2**63)], attention_mask=mask)
+
+
+@pytest.mark.parametrize("positions", [np.bool_(True), np.float64(-1.0), [np.bool_(False)], [np.float32(1.0)]])
+def test_numpy_bools_and_floats_are_not_positions(base, positions):
+    with pytest.raises(nl.InputError, match="positions must be an int, a non-empty list of ints"):
+        nl.capture(base, LAYER, positions)
 
 
 _BAD_RUN_INPUTS = {

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import re
 
+import numpy as np
 import pytest
 import torch
 from base_batches import distinct_readouts, no_hooks_left, padded
@@ -388,6 +389,34 @@ def test_an_all_false_steer_positions_mask_is_named_steer_positions(base, nla, s
     with pytest.raises(nl.InputError, match=r"a boolean steer_positions mask must have the \[batch, pos\] shape"):
         nl.steer_then_verbalize(base, nla, tokens, attention_mask=mask, steering_vector=steer, scale=1.0,
                                 steer_layer=LAYER, steer_positions=nothing[:1], **FAST)
+
+
+@pytest.mark.parametrize(("steer_positions", "message"), [
+    ("last", r"^steer_positions must be an int, a non-empty list of ints"),
+    (torch.tensor([0.0, 1.0]), r"^a steer_positions tensor must be \[batch\] integers"),
+    ([2**70], r"^steer_positions: position 1180591620717411303424 is outside every row \(past int64\)"),
+])
+def test_steer_positions_of_the_wrong_kind_are_named_steer_positions(base, nla, steer, steer_positions, message):
+    """These said "positions must be ...", the captured tokens' argument, which the user had not given."""
+    tokens, mask = padded(base, "left")
+    with pytest.raises(nl.InputError, match=message):
+        nl.steer_then_verbalize(base, nla, tokens, attention_mask=mask, steering_vector=steer, scale=1.0,
+                                steer_layer=LAYER, steer_positions=steer_positions, **FAST)
+
+
+def test_numpy_integer_positions_steer_and_patch_as_python_ints(base, av_karvonen, steer):
+    """`steer_positions` and `patch_position` of NumPy ints were refused as not ints."""
+    tokens, mask = padded(base, "left")
+    kwargs = {"attention_mask": mask, "steering_vector": steer, "scale": 2.0, "steer_layer": 0, **FAST}
+    got = nl.steer_then_verbalize(base, av_karvonen, tokens, steer_positions=[np.int64(-2)], **kwargs)
+    expected = nl.steer_then_verbalize(base, av_karvonen, tokens, steer_positions=[-2], **kwargs)
+    assert torch.equal(got.steered_vectors, expected.steered_vectors)
+    assert not torch.equal(got.steered_vectors, got.clean_vectors)
+    clean_tokens, corrupted_tokens = equal_length_pair(base)
+    studies = [nl.patching_study(base, av_karvonen, clean_tokens, corrupted_tokens, patch_layer=0,
+                                 patch_position=position, **FAST) for position in (np.int64(1), 1)]
+    assert torch.equal(studies[0].patched_vectors, studies[1].patched_vectors)
+    assert type(studies[0].patch_position) is int and studies[0].patch_position == 1
 
 
 @pytest.mark.parametrize("use_nla", [True, False], ids=["nla", "av"])

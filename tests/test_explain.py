@@ -7,6 +7,7 @@ import re
 import shutil
 import warnings
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -127,6 +128,16 @@ def test_positions_select_the_same_tokens_in_every_text():
         select_positions(slice(1, 1, 2), 5)
     with pytest.raises(nl.InputError, match="positions must be"):
         select_positions("last", 5)
+
+
+def test_explain_positions_take_numpy_integers_not_numpy_bools():
+    """NumPy ints (an argmax over a text's tokens) were refused as not an int, as capture's positions refused them."""
+    assert select_positions(np.int64(-1), 5) == [4]
+    assert select_positions([np.int32(3), np.int64(-1)], 5) == [3, 4]
+    assert select_positions(slice(np.int64(2), None), 5) == [2, 3, 4]
+    for wrong in (np.bool_(True), [np.bool_(True)], np.float64(1.0)):
+        with pytest.raises(nl.InputError, match="positions must be"):
+            select_positions(wrong, 5)
 
 
 def test_explain_refuses_empty_texts_with_a_typed_error(base, nla):
