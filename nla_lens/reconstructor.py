@@ -123,7 +123,9 @@ class ActivationReconstructor:
         """The readout at the last token of each AR prompt: `[n, d_model]` float32 on the AR's device, one row
         per explanation. Only the direction means anything: the AR was trained against targets rescaled to
         `meta.mse_scale` (`metrics.rescale` before comparing with a residual's norm). Raises `InputError`
-        (not a non-empty list of strings) and `PromptTooLongError` (an AR prompt past `n_ctx`)."""
+        (not a non-empty list of strings; a HookedTransformer cast with `.half()` / `.bfloat16()`, whose
+        `cfg.dtype` is stale), `PromptTooLongError` (an AR prompt past `n_ctx`) and `BackendError` (a bridge cast to
+        float64 after loading)."""
         check_counts(1, batch_size=batch_size)
         backends.check_dtype_current(self.model, "AR")
         tokens, mask = self.prompt_tokens(explanations)

@@ -291,8 +291,9 @@ class ActivationVerbalizer:
         makes sampling reproducible for the same vectors, `batch_size` and device (a batch's rows draw from one
         generator in turn, so a row sampled alone or in another batch gets other draws). `progress` shows a bar
         over batches (off by default; the CLI turns it on). Raises `VectorError` (wrong shape, NaN / Inf, a zero
-        row), `PromptTooLongError` (the AV prompt plus `max_new_tokens` past `n_ctx`) and `InputError` (a
-        sampling setting out of range)."""
+        row), `PromptTooLongError` (the AV prompt plus `max_new_tokens` past `n_ctx`), `InputError` (a sampling
+        setting out of range; a HookedTransformer cast with `.half()` / `.bfloat16()`, whose `cfg.dtype` is stale)
+        and `BackendError` (a bridge cast to float64 after loading)."""
         check_sampling(temperature, top_p, max_new_tokens, batch_size, seed)
         self._check_fits(max_new_tokens)
         backends.check_dtype_current(self.model, "AV")
