@@ -8,14 +8,24 @@ import os
 import re
 import shutil
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import NEEDS_TL3
 
 import nla_lens as nl
+from nla_lens.cli import main
 from nla_lens.training import TrainConfig
-from nla_lens.training.config import ARRunConfig, load_config
+from nla_lens.training.config import (
+    ARRunConfig,
+    AVRunConfig,
+    ExtractRunConfig,
+    RLConfig,
+    RLRunConfig,
+    load_config,
+)
 from nla_lens.training.loop import TrainResult, load_checkpoint, lr_at, make_optimizer, micro_batches, save_checkpoint
 
 
@@ -60,6 +70,64 @@ def test_a_yaml_run_that_ends_inside_its_warmup_warns_as_the_config_is_read(tmp_
     path.write_text("base_model: b\nactivations: a\nexplanations: e.jsonl\nout_dir: o\ntrain:\n  steps: 5\n")
     with pytest.warns(UserWarning, match=r"^warmup_steps=10 \(the default\) >= steps=5: .* peaks at 5e-05"):
         load_config(ARRunConfig, path)
+
+
+_RL_RUN = {"av": "a", "ar": "r", "activations": "x", "explanations": "e.jsonl", "out_dir": "o"}
+_AV_RUN = {"base_model": "b", "activations": "x", "explanations": "e.jsonl", "out_dir": "o"}
+_NO_SFT_TERM = "rl.sft_coef is 0, so RL adds no SFT term (set rl.sft_coef > 0 to add one), or delete rl.sft_batch"
+
+
+@pytest.mark.parametrize(("cls", "data", "said"), [
+    (RLRunConfig, {**_RL_RUN, "rl": {"sft_batch": 8}}, f"rl.sft_batch has no effect: {_NO_SFT_TERM}"),
+    (RLRunConfig, {**_RL_RUN, "rl": {"sft_coef": 0.0, "sft_batch": 8}}, f"rl.sft_batch has no effect: {_NO_SFT_TERM}"),
+    (RLRunConfig, {**_RL_RUN, "rl": {"train_ar": False, "ar_lr": 1.0e-4}},
+     "rl.ar_lr has no effect: rl.train_ar is false, so the AR is a frozen reward model (set rl.train_ar: true to "
+     "train it), or delete rl.ar_lr"),
+    (AVRunConfig, {**_AV_RUN, "n_samples": 0, "sample_max_new_tokens": 16},
+     "sample_max_new_tokens has no effect: n_samples is 0, so no held-out vector is verbalized at evaluation (set "
+     "n_samples > 0 to log some), or delete sample_max_new_tokens"),
+])
+def test_a_yaml_key_the_rest_of_the_file_leaves_without_effect_warns_naming_it(tmp_path, cls, data, said):
+    """`rl.sft_batch` without `rl.sft_coef`, `rl.ar_lr` with `rl.train_ar: false` and `sample_max_new_tokens` with
+    `n_samples: 0` were read and ignored: the file read as if they were in use."""
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    with pytest.warns(UserWarning) as caught:
+        load_config(cls, path)
+    assert [str(w.message) for w in caught] == [f"{path}: {said}"] and caught[0].filename == __file__
+
+
+@pytest.mark.parametrize(("cls", "data"), [
+    (RLRunConfig, {**_RL_RUN, "rl": {"sft_coef": 0.5, "sft_batch": 8, "ar_lr": 1.0e-4}}),
+    (RLRunConfig, {**_RL_RUN, "rl": {"train_ar": False, "sft_coef": 0.0}}),  # the settings, not the inert keys
+    (AVRunConfig, {**_AV_RUN, "n_samples": 0}),
+    (AVRunConfig, {**_AV_RUN, "n_samples": 2, "sample_max_new_tokens": 16}),
+])
+def test_a_yaml_key_in_use_or_a_python_config_does_not_warn(tmp_path, cls, data):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_config(cls, path)
+        RLConfig(sft_batch=8, train_ar=False, ar_lr=1e-4)  # Python callers: no file, left as they are
+        AVRunConfig(**_AV_RUN, n_samples=0, sample_max_new_tokens=16)
+
+
+def test_the_shipped_example_configs_write_no_key_without_effect():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for name, cls in [("extract", ExtractRunConfig), ("train-av", AVRunConfig), ("train-ar", ARRunConfig),
+                          ("train-rl", RLRunConfig)]:
+            load_config(cls, Path(__file__).parents[1] / "examples" / f"{name}.yaml")
+
+
+def test_a_config_refused_as_another_commands_warns_of_nothing_that_command_would_ignore(tmp_path, capsys):
+    """The refusal tries the file as each other command's config: that command's warnings are not this run's."""
+    path = tmp_path / "av.yaml"
+    path.write_text(yaml.safe_dump({**_AV_RUN, "n_samples": 0, "sample_max_new_tokens": 16}), encoding="utf-8")
+    assert main(["train-ar", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "reads as a config for nla-lens train-av" in err and "warning" not in err
 
 
 def test_micro_batches_visit_every_row_once_per_epoch_in_a_seeded_order():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -57,7 +58,9 @@ def load_config_for(command: str, config_cls: type, path: str) -> Any:
             if other == command:
                 continue
             try:
-                load_config(other_cls, path)
+                with warnings.catch_warnings():  # a probe: what the file would warn of as that command's is moot
+                    warnings.simplefilter("ignore")
+                    load_config(other_cls, path)
             except ConfigError:
                 continue
             raise ConfigError(f"{exc}. {path} reads as a config for nla-lens {other}: run nla-lens {other} {path}, "

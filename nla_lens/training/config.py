@@ -371,11 +371,47 @@ class RLRunConfig:
         _check_ranges(self, eval_fraction=_FRACTION)
 
 
+# Keys a config file may write that the run then never reads: per section class, each key with why it is unread
+# (given the loaded section and its prefix in the file, "rl."), or None where it is read.
+_INERT_KEYS: dict[type, tuple[tuple[str, Callable[[Any, str], str | None]], ...]] = {
+    RLConfig: (
+        ("sft_batch", lambda rl, at: None if rl.sft_coef > 0 else
+         f"{at}sft_coef is 0, so RL adds no SFT term (set {at}sft_coef > 0 to add one)"),
+        ("ar_lr", lambda rl, at: None if rl.train_ar else
+         f"{at}train_ar is false, so the AR is a frozen reward model (set {at}train_ar: true to train it)"),
+    ),
+    AVRunConfig: (
+        ("sample_max_new_tokens", lambda av, at: None if av.n_samples > 0 else
+         f"{at}n_samples is 0, so no held-out vector is verbalized at evaluation (set {at}n_samples > 0 to log "
+         "some)"),
+    ),
+}
+
+
+def _inert_keys(config: object, data: dict, at: str = "") -> list[str]:
+    """Each key `data` (the file's mapping) writes where the rest of it leaves that key no effect, said with why: a
+    setting that does nothing reads as one in use. Python callers building the dataclasses wrote no such key."""
+    notes = []
+    for cls, rules in _INERT_KEYS.items():
+        if not isinstance(config, cls):
+            continue
+        for key, unread in rules:
+            reason = unread(config, at) if key in data else None
+            if reason is not None:
+                notes.append(f"{at}{key} has no effect: {reason}, or delete {at}{key}")
+    for f in dataclasses.fields(cast(Any, config)):
+        section = getattr(config, f.name)
+        if dataclasses.is_dataclass(section) and isinstance(data.get(f.name), dict):
+            notes += _inert_keys(section, data[f.name], f"{at}{f.name}.")
+    return notes
+
+
 Config = TypeVar("Config")
 
 
 def load_config(cls: type[Config], path: str | Path) -> Config:
-    """Read a YAML file into the dataclass `cls`, nested sections included."""
+    """Read a YAML file into the dataclass `cls`, nested sections included; warn of each key the rest of the file
+    leaves without effect (`_INERT_KEYS`)."""
     try:
         data = safe_load_unique(Path(path).read_text(encoding="utf-8"))
     except OSError as exc:
@@ -396,9 +432,12 @@ def load_config(cls: type[Config], path: str | Path) -> Config:
     try:
         if isinstance(data, dict):  # before the keys: another command's keys read as unknown ones
             check_command(data.get("command"), getattr(cls, "COMMAND", None))
-        return from_dict(cls, data)
+        config = from_dict(cls, data)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from exc
+    for note in _inert_keys(config, data):
+        warnings.warn(f"{path}: {note}", UserWarning, stacklevel=2)
+    return config
 
 
 def from_dict(cls: type[Config], data: Any, *, where: str = "") -> Config:
