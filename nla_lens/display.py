@@ -59,12 +59,12 @@ _PARSE_KEYS = {"explanation": (("parsed", "text", "truncated"),
                "clean": (("clean_parsed", None, None),), "steered": (("steered_parsed", None, None),),
                "context_explanation": (("context_explanation_parsed", "context_explanation_text",
                                         "context_explanation_truncated"),)}
-# A table's score column and the record key saying whether its row parsed: a failed parse scores as a miss
-# (metrics.miss_mse, an orthogonal guess), a number that unmarked reads as a reconstruction that bad. A round trip's
-# row (RoundTrip, Explanation) also says `miss` of its mse and fve: a parsed row the AR could not score (too long for
-# it, a reconstruction with no direction) scored the miss too.
-_SCORE_FLAGS = {"mse": "parsed", "fve": "parsed", "fve_clean": "clean_parsed", "fve_steered": "steered_parsed"}
-_MISS_SCORES = frozenset({"mse", "fve"})
+# A table's score column and the record keys saying whether its row parsed and whether it scored the miss
+# (`RoundTrip.misses`): a failed parse scores as a miss (metrics.miss_mse, an orthogonal guess), and so does a parsed
+# row the AR could not score (too long for it, a reconstruction with no direction), numbers that unmarked read as a
+# reconstruction that bad.
+_SCORE_FLAGS = {"mse": ("parsed", "miss"), "fve": ("parsed", "miss"), "fve_clean": ("clean_parsed", "clean_miss"),
+                "fve_steered": ("steered_parsed", "steered_miss")}
 # Rates a table writes as percentages, as the result's summary and the README do (the record keys hold fractions)
 _PERCENT = frozenset({"argmax_hit", "control_argmax_hit", "oracle_argmax_hit", "av_names_argmax"})
 # Units a table's header names after the column (the record keys stay bare)
@@ -483,10 +483,11 @@ def unparsed_cell(record: dict[str, Any], column: str) -> str | None:
     text column with the raw completion, a score column as the miss ("miss (2.000)"), as is the score of a parsed
     row that scored the miss (its `miss`); None when it parsed and scored (or the score is None). Unmarked, the raw
     text reads as an explanation (or the cell is blank) and the miss as a reconstruction that bad."""
-    score_flag = _SCORE_FLAGS.get(column)
-    if score_flag is not None:
+    score_flags = _SCORE_FLAGS.get(column)
+    if score_flags is not None:
+        parsed, miss = score_flags
         score = record.get(column)
-        missed = record.get(score_flag) is False or (column in _MISS_SCORES and record.get("miss") is True)
+        missed = record.get(parsed) is False or record.get(miss) is True
         return _missed(format_cell(score)) if missed and score is not None else None
     flag, raw_key, truncated_key = next((keys for keys in _PARSE_KEYS.get(column, ()) if keys[0] in record),
                                         (None, None, None))

@@ -64,6 +64,9 @@ class SteeringRow:
         cosine: between the clean and the steered captured vectors.
         fve_clean: per-row FVE of the round trip; None without an AR.
         fve_steered: the same for the steered vector.
+        clean_miss: whether the clean readout's scores are the miss (`RoundTrip.misses`: a failed parse, an
+            explanation too long for the AR, a reconstruction with no direction); None without an AR.
+        steered_miss: the same for the steered readout.
     """
 
     batch: int
@@ -76,6 +79,8 @@ class SteeringRow:
     cosine: float
     fve_clean: float | None
     fve_steered: float | None
+    clean_miss: bool | None = None
+    steered_miss: bool | None = None
 
 
 @dataclass(frozen=True, eq=False, repr=False)
@@ -105,7 +110,8 @@ class SteeringResult(TabularResult):
     schema = pa.schema({"batch": pa.int64(), "position": pa.int64(), "token": pa.string(), "clean": pa.string(),
                         "clean_parsed": pa.bool_(), "steered": pa.string(), "steered_parsed": pa.bool_(),
                         "added": pa.list_(pa.string()), "removed": pa.list_(pa.string()), "cosine": pa.float64(),
-                        "fve_clean": pa.float64(), "fve_steered": pa.float64(), "layer": pa.int64(),
+                        "fve_clean": pa.float64(), "fve_steered": pa.float64(), "clean_miss": pa.bool_(),
+                        "steered_miss": pa.bool_(), "layer": pa.int64(),
                         "steer_layer": pa.int64(), "scale": pa.float64()})
     warnings_at = "round_trip.warnings"
 
@@ -113,7 +119,8 @@ class SteeringResult(TabularResult):
         return [{"batch": r.batch, "position": r.position, "token": r.token, "clean": _readout(r.clean),
                  "clean_parsed": r.clean.explanation is not None, "steered": _readout(r.steered),
                  "steered_parsed": r.steered.explanation is not None, "added": r.added, "removed": r.removed,
-                 "cosine": r.cosine, "fve_clean": r.fve_clean, "fve_steered": r.fve_steered, "layer": self.layer,
+                 "cosine": r.cosine, "fve_clean": r.fve_clean, "fve_steered": r.fve_steered,
+                 "clean_miss": r.clean_miss, "steered_miss": r.steered_miss, "layer": self.layer,
                  "steer_layer": self.steer_layer, "scale": self.scale} for r in self.rows]
 
     def summary(self) -> str:
@@ -136,6 +143,8 @@ class PatchingRow:
         verbalization: the AV's readout of the site's vector.
         fve: per-row FVE of the round trip; None without an AR.
         cosine_to_clean: captured vector vs the clean run's at the same site.
+        miss: whether the readout's scores are the miss (`RoundTrip.misses`: a failed parse, an explanation too
+            long for the AR, a reconstruction with no direction); None without an AR.
     """
 
     run: Literal["clean", "corrupted", "patched"]
@@ -145,6 +154,7 @@ class PatchingRow:
     verbalization: Verbalization
     fve: float | None
     cosine_to_clean: float
+    miss: bool | None = None
 
 
 @dataclass(frozen=True, eq=False, repr=False)
@@ -174,14 +184,14 @@ class PatchingStudy(TabularResult):
     display_columns = ("run", "batch", "position", "token", "explanation", "cosine_to_clean", "fve")
     schema = pa.schema({"run": pa.string(), "batch": pa.int64(), "position": pa.int64(), "token": pa.string(),
                         "explanation": pa.string(), "parsed": pa.bool_(), "cosine_to_clean": pa.float64(),
-                        "fve": pa.float64(), "patched": pa.string(), "patch_position": pa.int64(),
+                        "fve": pa.float64(), "miss": pa.bool_(), "patched": pa.string(), "patch_position": pa.int64(),
                         "layer": pa.int64()})
     warnings_at = "round_trip.warnings"
 
     def to_records(self) -> list[dict[str, Any]]:
         return [{"run": r.run, "batch": r.batch, "position": r.position, "token": r.token,
                  "explanation": _readout(r.verbalization), "parsed": r.verbalization.explanation is not None,
-                 "cosine_to_clean": r.cosine_to_clean, "fve": r.fve, "patched": self.hook_name,
+                 "cosine_to_clean": r.cosine_to_clean, "fve": r.fve, "miss": r.miss, "patched": self.hook_name,
                  "patch_position": self.patch_position, "layer": self.layer} for r in self.rows]
 
     def summary(self) -> str:
@@ -334,7 +344,7 @@ def steer_then_verbalize(
                       "residual's rounding adds nothing; steer at or before the captured tokens, or raise scale",
                       stacklevel=2)
     n = len(clean.rows)
-    verbalizations, fves, round_trip = _read(
+    verbalizations, fves, misses, round_trip = _read(
         nla_or_av, torch.cat([clean.vectors, steered.vectors]), baseline, verbalize_kwargs)
     cosines = torch.cosine_similarity(clean.vectors, steered.vectors, dim=-1).tolist()
     rows = []
@@ -343,7 +353,7 @@ def steer_then_verbalize(
         before, after = verbalizations[i], replace(verbalizations[n + i], index=i)
         added, removed = word_diff(_readout(before), _readout(after))
         rows.append(SteeringRow(site.batch, site.position, site.token, before, after, added, removed,
-                                cosines[i], fves[i], fves[n + i]))
+                                cosines[i], fves[i], fves[n + i], misses[i], misses[n + i]))
     return SteeringResult(rows, clean.vectors, steered.vectors, round_trip, layer, steer_layer, float(scale))
 
 
@@ -428,7 +438,7 @@ def patching_study(
     runs: tuple[tuple[Literal["clean", "corrupted", "patched"], Capture], ...] = (
         ("clean", clean), ("corrupted", corrupted), ("patched", patched))
     vectors = torch.cat([cap.vectors for _, cap in runs])
-    verbalizations, fves, round_trip = _read(nla_or_av, vectors, baseline, verbalize_kwargs)
+    verbalizations, fves, misses, round_trip = _read(nla_or_av, vectors, baseline, verbalize_kwargs)
     n = len(clean.rows)
     rows = []
     for k, (run, cap) in enumerate(runs):
@@ -436,7 +446,8 @@ def patching_study(
         for i, site in enumerate(cap.rows):
             # One AV batch held the three runs: a readout is given its row i in its own run, not k * n + i.
             rows.append(PatchingRow(run, site.batch, site.position, site.token,
-                                    replace(verbalizations[k * n + i], index=i), fves[k * n + i], cosines[i]))
+                                    replace(verbalizations[k * n + i], index=i), fves[k * n + i], cosines[i],
+                                    misses[k * n + i]))
     return PatchingStudy(rows, hook_name, clean.vectors, corrupted.vectors, patched.vectors, round_trip,
                          column, layer)
 
@@ -600,13 +611,16 @@ def _capture_run(model: TLModel, layer: int, positions: PositionSpec, tokens: Te
 
 
 def _read(nla_or_av: NLA | ActivationVerbalizer, vectors: Float[Tensor, "n d_model"], baseline: float | None,
-          verbalize_kwargs: dict[str, Any]) -> tuple[list[Verbalization], list[float | None], RoundTrip | None]:
-    """Verbalizations and per-row FVEs (1 - mse_i / baseline) of `vectors`, in one AV batch."""
+          verbalize_kwargs: dict[str, Any]
+          ) -> tuple[list[Verbalization], list[float | None], list[bool | None], RoundTrip | None]:
+    """Verbalizations, per-row FVEs (1 - mse_i / baseline) and whether each row scored the miss
+    (`RoundTrip.misses`; None without an AR) of `vectors`, in one AV batch."""
     if isinstance(nla_or_av, ActivationVerbalizer):
-        return nla_or_av.verbalize(vectors, **verbalize_kwargs), [None] * len(vectors), None
+        return nla_or_av.verbalize(vectors, **verbalize_kwargs), [None] * len(vectors), [None] * len(vectors), None
     round_trip = nla_or_av.round_trip(vectors, baseline=baseline, **verbalize_kwargs)
     fves: list[float | None] = [None] * len(vectors) if round_trip.fves is None else round_trip.fves.tolist()
-    return round_trip.verbalizations, fves, round_trip
+    misses: list[bool | None] = list(round_trip.misses)
+    return round_trip.verbalizations, fves, misses, round_trip
 
 
 def _capture_layer(av: ActivationVerbalizer, capture_layer: int | None) -> int:

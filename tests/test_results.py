@@ -739,6 +739,42 @@ def test_the_explained_view_marks_every_row_scored_as_the_miss_and_leaves_it_off
     assert view.count("<span class='nla-tok nla-failed' style='background:#ffffff;color:#000' title='FVE miss") == 3
 
 
+def test_steering_and_patching_tables_show_every_row_scored_as_the_miss_as_the_miss(base, av_karvonen, ar_nanonla,
+                                                                                    monkeypatch, tmp_path):
+    """The steering and patching tables marked a score as the miss only where its readout failed to parse: a parsed
+    readout the AR could not score (too long for it, a reconstruction with no direction) printed FVE -3.000 as a
+    reconstruction that bad. Their rows carry `RoundTrip.misses`, in the files too."""
+    from nla_lens.results import text_table
+
+    nla = nl.NLA(av_karvonen, ar_nanonla)
+    monkeypatch.setattr(nla, "round_trip", lambda v, **kw: _round_trip_with_every_kind_of_miss(
+        nl.NLA(av_karvonen, ar_nanonla), monkeypatch, v))
+    tokens = base.to_tokens(["The cat sat on the mat.", "A dog sat on the mat."])
+    steer = torch.randn(D_MODEL, generator=torch.Generator().manual_seed(1))
+    steering = nl.steer_then_verbalize(base, nla, tokens, steering_vector=steer, scale=4.0, steer_layer=1)
+    # clean rows 0 (scored) and 1 (too long for the AR), steered rows 0 (no direction) and 1 (failed parse)
+    assert [(r.clean_miss, r.steered_miss) for r in steering.rows] == [(False, True), (True, True)]
+    records = steering.to_records()
+    assert [(r["clean_parsed"], r["steered_parsed"]) for r in records] == [(True, True), (True, False)]
+    lines = [line.split() for line in text_table(records, ["batch", "fve_clean", "fve_steered"])[1:]]
+    assert lines == [["0", f"{records[0]['fve_clean']:.3f}", "miss", "(-3.000)"],
+                     ["1", "miss", "(-3.000)", "miss", "(-3.000)"]]
+    assert _body(steering._repr_html_()).count("<td class='num nla-unparsed'>miss (-3.000)</td>") == 3
+    saved = nl.read_result(steering.save(tmp_path / "steering.parquet"))
+    assert saved[["clean_miss", "steered_miss"]].values.tolist() == [[False, True], [True, True]]
+
+    study = nl.patching_study(base, nla, tokens[:1], tokens[:1], patch_layer=1, patch_position=1)
+    # the clean row scored, the corrupted row's explanation was too long for the AR, the patched row had no direction
+    assert [r.miss for r in study.rows] == [False, True, True]
+    assert all(r["parsed"] for r in study.to_records())
+    fves = [line.split()[1:] for line in text_table(study.to_records(), ["run", "fve"])[1:]]
+    assert fves == [[f"{study.rows[0].fve:.3f}"], ["miss", "(-3.000)"], ["miss", "(-3.000)"]]
+    assert _body(study._repr_html_()).count("<td class='num nla-unparsed'>miss (-3.000)</td>") == 2
+    assert nl.read_result(study.save(tmp_path / "patching.parquet"))["miss"].tolist() == [False, True, True]
+    assert [r.miss for r in nl.patching_study(base, av_karvonen, tokens[:1], tokens[:1], patch_layer=1,
+                                              patch_position=1, max_new_tokens=4).rows] == [None] * 3  # no AR: no score
+
+
 def test_the_explained_view_marks_a_failed_parses_score_as_the_miss_and_leaves_it_off_the_colour_scale():
     """A failed parse's token was coloured by its miss (the darkest red, paling every real negative FVE), and its
     row and tooltip read FVE -1.56 / MSE 2.00 as a reconstruction's."""
