@@ -92,7 +92,7 @@ def add_round_trip(subparsers: argparse._SubParsersAction) -> None:
         "round-trip", help="verbalize, reconstruct and score vectors (MSE, FVE) with an AV/AR pair",
         description="Score an NLA on a vector file: each vector is explained by the AV, rebuilt from the "
                     "explanation by the AR and scored as NLA.round_trip does (a failed parse scores as a miss). "
-                    "Writes the rows (index, the input's columns, explanation, text, truncated, mse) to --output "
+                    "Writes the rows (index, the input's columns, explanation, text, truncated, mse, miss) to --output "
                     "and the mean MSE, baseline and FVE over all rows to <output stem>.summary.json. Runs as one "
                     "process or under torchrun; rerun the same command to resume. " + _SHARDING_NOTE)
     parser.add_argument("--av", required=True, help="the AV checkpoint folder (or a hub id in the local HF cache)")

@@ -234,8 +234,7 @@ class RoundTrip(TabularResult):
         """Per row, whether it scored `metrics.miss_mse` (see `NLA.score`): a failed parse, an explanation the AR
         cannot read within its n_ctx, a reconstruction with no direction. Those are the rows whose reconstruction
         has no direction (NaN, Inf or zero), which the tables mark "miss" (the record's `miss`)."""
-        non_finite, zero = directionless_rows(self.reconstructions)
-        missed = {*non_finite, *zero}
+        missed = scored_misses(self.reconstructions)
         return [i in missed for i in range(len(self.verbalizations))]
 
     def to_records(self) -> list[dict[str, Any]]:
@@ -276,11 +275,17 @@ DIRECTIONLESS_CAUSE = ("the AR's forward overflowed its dtype (load it in bfloat
                        "or a hook on ar.model broke it")
 
 
+def scored_misses(reconstructions: Float[Tensor, "n d_model"]) -> set[int]:
+    """The rows `NLA.score` scored `metrics.miss_mse`: it leaves each of them (a failed parse, an explanation too
+    long for the AR, a reconstruction with no direction) a reconstruction with no direction (NaN, Inf or zero)."""
+    non_finite, zero = directionless_rows(reconstructions)
+    return {*non_finite, *zero}
+
+
 def directionless_parsed(verbalizations: Sequence[Verbalization],
                          reconstructions: Float[Tensor, "n d_model"]) -> list[int]:
     """The rows whose explanation parsed but whose reconstruction has no direction (NaN, Inf or zero)."""
-    non_finite, zero = directionless_rows(reconstructions)
-    return sorted(i for i in {*non_finite, *zero} if verbalizations[i].explanation is not None)
+    return sorted(i for i in scored_misses(reconstructions) if verbalizations[i].explanation is not None)
 
 
 def rows_the_ar_reads(ar: ActivationReconstructor, verbalizations: Sequence[Verbalization]) -> tuple[

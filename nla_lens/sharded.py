@@ -44,6 +44,7 @@ from nla_lens.nla import (
     miss_warnings,
     ran_on_warning,
     resolve_baseline,
+    scored_misses,
     warn_at_caller,
 )
 from nla_lens.parsing import injection_warning, injection_warning_held
@@ -188,7 +189,9 @@ def round_trip_file(
     shard_size: int = 256, shards: Iterable[int] | None = None, device: str = "cpu",
     dtype: torch.dtype | str = torch.float32, progress: bool = False,
 ) -> JobResult:
-    """Verbalize, reconstruct and score every vector of `input_path`; rows as `verbalize_file` plus `mse`.
+    """Verbalize, reconstruct and score every vector of `input_path`; rows as `verbalize_file` plus `mse` and `miss`
+    (the row scored `metrics.miss_mse`, as `RoundTrip.misses` says: a failed parse, an explanation too long for the
+    AR, a reconstruction with no direction; null in rows of shards an older nla_lens wrote).
 
     Each row is scored by `NLA.score`, and each shard warns of the misses `nla.miss_warnings` names; the merge adds a
     `RoundTripSummary` (written next to the output as `<stem>.summary.json`) whose baseline is the given one, else
@@ -231,7 +234,9 @@ def round_trip_file(
             reconstructions, mse = nla.score(vectors, verbalizations, reconstruct_batch_size=reconstruct_batch_size)
             for note in miss_warnings(nla.ar, verbalizations, reconstructions, rows.start):
                 warn_at_caller(f"shard {shard}: {note}")  # the output keeps no reconstructions: said as it is scored
-            return output_rows(table, rows, verbalizations, mse=pa.array(mse.numpy(), pa.float32()))
+            missed = scored_misses(reconstructions)
+            return output_rows(table, rows, verbalizations, mse=pa.array(mse.numpy(), pa.float32()),
+                               miss=pa.array([i in missed for i in range(len(rows))], pa.bool_()))
 
         result = _run(table, output, manifest, compute, world, shard_size, shards, progress, av_meta.injection_char,
                       [w for w in [resolved.warning] if w], _ran_on_warning)
@@ -476,7 +481,7 @@ def _run(table: VectorTable, output: Path, manifest: dict[str, Any], compute: Ca
     missing = shard_store.missing_shards(folder, len(ranges))
     if missing:
         return JobResult(output, len(ranges), todo, missing, warnings=known)
-    merged = _with_truncated(shard_store.merge(folder, ranges))
+    merged = _with_new_columns(shard_store.merge(folder, ranges))
     found = injection_warning(merged.column("text").to_pylist(), marker_char)
     merged_note = merged_warning(merged) if merged_warning is not None else None
     job_warnings = [w for w in [found, merged_note, *known] if w]
@@ -504,9 +509,16 @@ def _warn_relocated(folder: Path, manifest: dict[str, Any], relocated: dict[str,
                   f"{' and '.join(manifest[k] for k in relocated)}", stacklevel=4)
 
 
-def _with_truncated(merged: pa.Table) -> pa.Table:
-    """The merged rows with a `truncated` column after `text`, all null (unknown) where every shard was written by
-    an nla_lens from before the column; the merge already nulls it in the rows of such shards among newer ones."""
-    if "truncated" in merged.column_names:
-        return merged
-    return merged.add_column(merged.column_names.index("text") + 1, "truncated", pa.nulls(merged.num_rows, pa.bool_()))
+# Output columns added since the first release, and the column each follows: the round trip's `miss` only where
+# there is an `mse` (a round trip's rows)
+_NEW_COLUMNS = (("truncated", "text"), ("miss", "mse"))
+
+
+def _with_new_columns(merged: pa.Table) -> pa.Table:
+    """The merged rows with the `_NEW_COLUMNS` they lack, all null (unknown) where every shard was written by an
+    nla_lens from before the column; the merge already nulls it in the rows of such shards among newer ones."""
+    for name, after in _NEW_COLUMNS:
+        if name not in merged.column_names and after in merged.column_names:
+            merged = merged.add_column(merged.column_names.index(after) + 1, name,
+                                       pa.nulls(merged.num_rows, pa.bool_()))
+    return merged

@@ -32,7 +32,7 @@ from nla_lens.checks import check_input_file, check_output_path, file_kind
 from nla_lens.errors import InputError
 
 # Column names the jobs write; an input column of the same name would be overwritten.
-RESULT_COLUMNS = ("index", "explanation", "text", "truncated", "mse")
+RESULT_COLUMNS = ("index", "explanation", "text", "truncated", "mse", "miss")
 
 
 @dataclass(frozen=True)

@@ -219,6 +219,46 @@ def test_a_sharded_round_trip_scores_a_reconstruction_with_no_direction_as_a_mis
     assert result.summary.fve == pytest.approx(1 - miss / 0.5)
 
 
+def test_a_sharded_round_trips_miss_column_says_which_rows_scored_the_miss(tiny_paths, input_file, tmp_path,
+                                                                            monkeypatch):
+    """Only the job's warnings named the parsed rows scored as misses: a reader of the output could not filter them
+    (their mse reads as a reconstruction that bad). The `miss` column holds `RoundTrip.misses`'s rule; shards an
+    older nla_lens wrote merge with nulls there (unknown), and a merge of only such shards gets an all-null column."""
+    said = {0: nl.Verbalization("<explanation>the cat</explanation>", "the cat", [1]),
+            1: nl.Verbalization("<explanation>nothing</explanation>", "nothing", [1]),
+            2: nl.Verbalization("no tags", None, [1])}
+    monkeypatch.setattr(Sampling, "verbalize", lambda self, av, vectors, shard: [
+        said[(shard * SHARD_SIZE + i) % 3] for i in range(len(vectors))])
+    reconstruct = nl.ActivationReconstructor.reconstruct
+    monkeypatch.setattr(nl.ActivationReconstructor, "reconstruct", lambda self, texts, batch_size=64: reconstruct(
+        self, texts, batch_size=batch_size) * torch.tensor([[t != "nothing"] for t in texts]))  # "nothing": zero
+    out = tmp_path / "out.parquet"
+
+    def run() -> sharded.JobResult:
+        return sharded.round_trip_file(tiny_paths["av_karvonen"], tiny_paths["ar_nanonla"], input_file, out,
+                                       sampling=GREEDY, baseline=0.5, shard_size=SHARD_SIZE)
+
+    with pytest.warns(UserWarning, match="no direction"):
+        reference = run().table
+    expected = [i % 3 != 0 for i in range(N_ROWS)]  # a reconstruction with no direction, a failed parse
+    assert reference.column_names[-2:] == ["mse", "miss"] and reference.column("miss").to_pylist() == expected
+    miss = nl.metrics.miss_mse(64, nl.load_meta(tiny_paths["ar_nanonla"]).mse_scale)
+    assert [m == pytest.approx(miss) for m in reference.column("mse").to_pylist()] == expected
+    assert nl.read_result(out)["miss"].tolist() == expected
+    folder = shard_store.shard_folder(out)
+    older = shard_store.shard_path(folder, 0)
+    pq.write_table(pq.read_table(older).drop_columns(["miss"]), older)
+    out.unlink()
+    assert run().table.column("miss").to_pylist() == [None] * SHARD_SIZE + expected[SHARD_SIZE:]
+    for shard in sorted(folder.glob("shard-*.parquet"))[1:]:  # shard 0 lacks it already
+        pq.write_table(pq.read_table(shard).drop_columns(["miss"]), shard)
+    out.unlink()
+    result = run()
+    assert result.computed == [] and result.table.column_names == reference.column_names
+    assert result.table.column("miss").null_count == N_ROWS
+    assert result.table.drop_columns(["miss"]).equals(reference.drop_columns(["miss"]))
+
+
 def test_a_sharded_round_trip_refuses_a_max_new_tokens_the_ar_cannot_read_before_any_model_loads(
         tiny_paths, input_file, tmp_path, monkeypatch):
     """RL's rule, as `NLA.round_trip` applies it: the AR's `reconstruct` refused a long explanation mid-shard, after
@@ -730,10 +770,12 @@ def test_null_values_inside_a_parquet_vector_are_named_as_nulls_not_as_nan(tiny_
         sharded.verbalize_file(tiny_paths["av_karvonen"], path, tmp_path / "o.parquet", progress=False)
 
 
-def test_an_input_column_named_as_an_output_column_is_refused_not_replaced(tiny_paths, rows, tmp_path):
-    """An input's own `truncated` column was silently replaced by the AV's, as `index` or `text` would have been."""
-    path = write_parquet(tmp_path / "in.parquet", rows, truncated=[True] * N_ROWS)
-    with pytest.raises(nl.InputError, match=r"columns \['truncated'\], which the output writes itself"):
+@pytest.mark.parametrize("name", ["truncated", "miss"])
+def test_an_input_column_named_as_an_output_column_is_refused_not_replaced(tiny_paths, rows, tmp_path, name):
+    """An input's own `truncated` column was silently replaced by the AV's, as `index` or `text` would have been,
+    and a round trip's `miss` is one of them."""
+    path = write_parquet(tmp_path / "in.parquet", rows, **{name: [True] * N_ROWS})
+    with pytest.raises(nl.InputError, match=rf"columns \['{name}'\], which the output writes itself"):
         sharded.verbalize_file(tiny_paths["av_karvonen"], path, tmp_path / "o.parquet", sampling=GREEDY,
                                progress=False)
 
