@@ -316,7 +316,7 @@ def steer_with_words(
     The AR reads every explanation and edit: a `max_new_tokens` whose samples it could not read is refused before
     the AV runs (`PromptTooLongError`, `NLA.round_trip`'s rule); an AV sample whose text still retokenizes past the
     AR's n_ctx is dropped, as a failed parse is; an edit or a given explanation past it is refused by site before
-    the AR reads any (no bound set before the edit holds for it).
+    the AR reads any (no bound set before the edit holds for it), an edit given as text before the AV runs.
     """
     _check_inputs(nla, base, tokens, layer, alpha, mode, compare, continue_tokens)
     samples, sampling = sampling_settings(explanations, samples, temperature, seed, max_new_tokens, batch_size)
@@ -331,13 +331,16 @@ def steer_with_words(
     sites = list(zip(rows.tolist(), cols.tolist(), strict=True))
     if len(set(sites)) != len(sites):
         raise InputError("positions name the same (row, column) twice; steer each site once")
+    per_site = _site_edits(edit, len(sites))
+    if explanations is None:
+        _check_fixed_edits(nla.ar, per_site, samples, sites)
     run_mask = attention_mask if attention_mask is not None else backends.implicit_attention_mask(base, tokens)
     with torch.no_grad():
         if explanations is None:
             texts = _verbalize_sites(nla, base, tokens, rows, cols, run_mask, k, samples, sampling, batch_size)
         else:
             texts = _given_explanations(explanations, len(sites))
-        edited = _apply_edits(edit, texts)
+        edited = _apply_edits(per_site, texts)
         _check_ar_reads(nla.ar, texts, edited, sites)
         delta, target, warned = _delta(nla, texts, edited, sites, mode, batch_size)
         named = [_decode(base.tokenizer, int(tokens[r, c])) for r, c in sites]
@@ -563,32 +566,51 @@ def _check_ar_reads(ar: ActivationReconstructor, texts: list[list[str]], edited:
                 )
 
 
-def _apply_edits(edit: Edit, texts: list[list[str]]) -> list[list[str]]:
+def _site_edits(edit: Edit, n_sites: int) -> list[EditFn | str]:
+    """`edit` as one str or function per site, checked before the AV runs."""
     if callable(edit) or isinstance(edit, str):
-        per_site: Sequence[EditFn | str] = [edit] * len(texts)
-    elif isinstance(edit, Sequence) and len(edit) == len(texts):
-        per_site = edit
+        per_site: list[EditFn | str] = [edit] * n_sites
+    elif isinstance(edit, Sequence) and len(edit) == n_sites:
+        per_site = list(edit)
     else:
         raise InputError(
-            f"edit must be a function of the explanation, the edited text, or one of those per site ({len(texts)})"
+            f"edit must be a function of the explanation, the edited text, or one of those per site ({n_sites})"
         )
+    for site_edit in per_site:
+        if not isinstance(site_edit, str) and not callable(site_edit):
+            raise InputError(f"each edit must be a str or a function str -> str, got {type(site_edit).__name__}")
+    return per_site
+
+
+def _check_fixed_edits(ar: ActivationReconstructor, per_site: list[EditFn | str], samples: int,
+                       sites: list[tuple[int, int]]) -> None:
+    """The edits given as text, checked as `_apply_edits` and `_check_ar_reads` check every edit, but before the AV
+    runs: what the AV says does not change them."""
+    fixed = [[site_edit] * samples if isinstance(site_edit, str) else [] for site_edit in per_site]
+    _check_not_empty(fixed)
+    _check_ar_reads(ar, [[] for _ in per_site], fixed, sites)
+
+
+def _apply_edits(per_site: list[EditFn | str], texts: list[list[str]]) -> list[list[str]]:
     edited = []
     for site_edit, samples in zip(per_site, texts, strict=True):
         if isinstance(site_edit, str):
             edited.append([site_edit] * len(samples))
-        elif callable(site_edit):
+        else:
             new = [site_edit(text) for text in samples]
             if not all(isinstance(t, str) for t in new):
                 raise InputError("an edit function must return the edited explanation as a str")
             edited.append(new)
-        else:
-            raise InputError(f"each edit must be a str or a function str -> str, got {type(site_edit).__name__}")
+    _check_not_empty(edited)
+    return edited
+
+
+def _check_not_empty(edited: list[list[str]]) -> None:
     for i, samples in enumerate(edited):
         if any(not text.strip() for text in samples):
             raise InputError(f"the edit of site {i} gives an empty explanation: the AR would read an empty "
                              "<text></text> and steer towards that. Pass the edited explanation's text (or a "
                              "function returning it)")
-    return edited
 
 
 def _delta(nla: NLA, texts: list[list[str]], edited: list[list[str]], sites: list[tuple[int, int]],

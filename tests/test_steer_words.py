@@ -825,6 +825,29 @@ def test_an_edit_past_the_ars_context_is_refused_by_site_before_the_ar_reads_any
         steer(nla, base, tokens[:1], -1, mask[:1], explanations=[longer], edit=lambda text: "the cat")
 
 
+def test_an_edit_given_as_text_is_refused_before_the_av_runs(base, nla, monkeypatch):
+    """An edit given as text does not depend on what the AV says, but one too long for the AR (or empty, or a list
+    of edits of the wrong length) was refused only after the AV had verbalized every site."""
+    tokens, mask = padded(base, "left")
+    prompt = len(nl.sidecar.ar_prompt_ids(nla.ar.meta, nla.ar.tokenizer, ""))
+    monkeypatch.setattr(nla.ar.model.cfg, "n_ctx", prompt + 12)
+    monkeypatch.setattr(nla.av, "verbalize", lambda *a, **kw: pytest.fail("the AV ran before the edit was checked"))
+    longer = "the sea and on and on and on and on and on and on"
+    length = len(nl.sidecar.ar_prompt_ids(nla.ar.meta, nla.ar.tokenizer, longer))
+    assert length > prompt + 12
+    av_path = {"explanations": None, "compare": False, "continue_tokens": 0, "max_new_tokens": 12}
+    with pytest.raises(nl.PromptTooLongError, match=re.escape(
+            f"the edited explanation {longer!r} of site 1 (row 1, column {tokens.shape[1] - 1}) makes an AR prompt "
+            f"of {length} tokens, over the AR's n_ctx={prompt + 12} (2 of the site's 2); shorten it")):
+        steer(nla, base, tokens[:2], -1, mask[:2], **av_path, samples=2, edit=[lambda text: text, longer])
+    with pytest.raises(nl.PromptTooLongError, match=re.escape(f"the edited explanation {longer!r} of site 0 ")):
+        steer(nla, base, tokens[:2], -1, mask[:2], **av_path, edit=longer)
+    with pytest.raises(nl.InputError, match="the edit of site 0 gives an empty explanation"):
+        steer(nla, base, tokens[:2], -1, mask[:2], **av_path, edit=" ")
+    with pytest.raises(nl.InputError, match=re.escape("or one of those per site (2)")):
+        steer(nla, base, tokens[:2], -1, mask[:2], **av_path, edit=["the cat"])
+
+
 @pytest.mark.parametrize("zero", [0, 0.0, np.float64(0.0), np.float32(0.0)])
 def test_samples_one_at_temperature_zero_is_the_greedy_read(base, nla, monkeypatch, zero):
     """samples=1 is the greedy explanation, i.e. temperature 0: saying so was refused as a temperature it ignores.
