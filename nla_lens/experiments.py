@@ -529,9 +529,9 @@ def verbalize_direction(
     be stored, compared or round-tripped next to real activations.
     """
     av = _verbalizer(nla_or_av)
-    vectors = check_vectors(direction, av.meta.d_model, "direction").float()
+    vectors = check_vectors(direction, av.meta.d_model, "direction", as_float32=True)
     if scale_like is not None:
-        reference = check_vectors(scale_like, av.meta.d_model, "scale_like").float()
+        reference = check_vectors(scale_like, av.meta.d_model, "scale_like", as_float32=True)
         # In float64 (on the CPU: MPS has none), where every fp32 entry's square fits: an fp32 norm of entries ~1e-25
         # or ~1e25 underflows to 0 or overflows to inf, which made every returned vector zero or inf.
         target = float(reference.cpu().double().norm(dim=-1).mean())

@@ -34,11 +34,12 @@ from nla_lens.sidecar import InjectionSpec
 HookFn = Callable[[Tensor, HookPoint], Tensor | None]
 
 
-def check_vectors(vectors: Tensor, d_model: int, name: str = "vectors", *,
-                  zero_ok: bool = False) -> Float[Tensor, "n d_model"]:
+def check_vectors(vectors: Tensor, d_model: int, name: str = "vectors", *, zero_ok: bool = False,
+                  as_float32: bool = False) -> Float[Tensor, "n d_model"]:
     """Validate activation vectors; a single `[d_model]` vector becomes a batch of one. `name` is the argument
     the user passed them as, which the messages name; `zero_ok` lets zero rows through, for vectors that are only
-    an operand (the `b` of a - b), not the direction injected."""
+    an operand (the `b` of a - b), not the direction injected. `as_float32` returns them in float32, for callers
+    that compute in it, refusing the float64 rows it cannot hold (`check_float32_range`)."""
     if not isinstance(vectors, Tensor):
         raise VectorError(f"{name} must be a torch.Tensor, got {type(vectors).__name__}{_tensor_hint(vectors)}")
     if vectors.layout != torch.strided:  # sparse: raised NotImplementedError in the checks below
@@ -63,7 +64,28 @@ def check_vectors(vectors: Tensor, d_model: int, name: str = "vectors", *,
         raise VectorError(f"{name} at rows {non_finite[:8]} hold NaN or Inf; check how they were computed")
     if zero and not zero_ok:
         raise VectorError(f"{name} at rows {zero[:8]} are zero; a zero vector has no direction to inject")
+    if as_float32:
+        check_float32_range(vectors, name)
+        return vectors.float()
     return vectors
+
+
+def check_float32_range(vectors: Float[Tensor, "n d_model"], name: str = "vectors") -> None:
+    """Refuse the float64 rows whose largest entry lies past float32's normal range: `.float()` makes them inf, zero
+    or a few coarse steps, then refused as holding NaN or Inf or as zero, or read as another direction. A zero row
+    is zero in float32 too. (The injection itself takes float64 rows as they are: it scales them first, exactly.)"""
+    if vectors.dtype != torch.float64:
+        return
+    peak = vectors.abs().amax(dim=1)
+    limits = torch.finfo(torch.float32)
+    rows = ((peak > limits.max) | ((peak > 0) & (peak < limits.tiny))).nonzero().flatten().tolist()
+    if rows:
+        raise VectorError(
+            f"{name} at rows {rows[:8]}{' ...' if len(rows) > 8 else ''} are float64 past float32's range, in which "
+            f"nla_lens computes them: row {rows[0]}'s largest entry is {float(peak[rows[0]]):.3g} in magnitude, where "
+            f"float32 holds {limits.tiny:.3g} to {limits.max:.3g}, so the row would become inf, zero or a few coarse "
+            "steps. Rescale such rows into that range (e.g. v / v.abs().amax(dim=1, keepdim=True), which keeps each "
+            "row's direction, all that reaches the AV and a round trip's MSE)")
 
 
 def directionless_rows(vectors: Float[Tensor, "n d_model"]) -> tuple[list[int], list[int]]:

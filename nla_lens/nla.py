@@ -450,7 +450,7 @@ class NLA:
         """
         max_new_tokens = verbalize_kwargs.get("max_new_tokens", MAX_NEW_TOKENS)
         check_counts(1, reconstruct_batch_size=reconstruct_batch_size, max_new_tokens=max_new_tokens)
-        vectors = check_vectors(vectors, self.av.meta.d_model).float()
+        vectors = check_vectors(vectors, self.av.meta.d_model, as_float32=True)
         resolved = resolve_baseline(vectors, self.mse_scale, baseline, self.ar.meta)  # before the expensive part
         check_sample_fits(self.ar.meta, self.ar.tokenizer, self.ar.model.cfg.n_ctx, max_new_tokens)
         with injection_warning_held():  # reported once on the result instead

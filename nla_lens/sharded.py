@@ -20,8 +20,6 @@ from typing import Any
 
 import pyarrow as pa
 import torch
-from jaxtyping import Float
-from torch import Tensor
 from tqdm.auto import tqdm
 
 from nla_lens import __version__, loading, metrics, shard_store
@@ -35,7 +33,7 @@ from nla_lens.checks import (
     resolve_dtype,
 )
 from nla_lens.distributed import World, barrier, device_for, process_group
-from nla_lens.errors import CheckpointError, InputError, VectorError
+from nla_lens.errors import CheckpointError, InputError
 from nla_lens.injection import check_vectors
 from nla_lens.nla import (
     NLA,
@@ -371,26 +369,8 @@ def _base_names(base_model: str) -> set[str]:
 def _read(input_path: Path, column: str | None, av_meta: NLAMeta) -> VectorTable:
     check_extraction_input(input_path, av_meta)
     table = read_input(input_path, column)
-    return VectorTable(_in_float32(check_vectors(table.vectors, av_meta.d_model), input_path), table.columns)
-
-
-def _in_float32(vectors: Float[Tensor, "n d_model"], input_path: Path) -> Float[Tensor, "n d_model"]:
-    """`vectors` in the float32 the job computes in, refusing here, by input row, the float64 rows whose largest
-    entry lies past float32's normal range: float32 holds them as inf, zero or a few coarse steps, which a shard
-    would refuse by its own row numbers, or explain as another direction."""
-    if vectors.dtype == torch.float64:
-        peak = vectors.abs().amax(dim=1)
-        limits = torch.finfo(torch.float32)
-        rows = ((peak > limits.max) | (peak < limits.tiny)).nonzero().flatten().tolist()
-        if rows:
-            raise VectorError(
-                f"{input_path}: the float64 vectors at rows {rows[:8]}{' ...' if len(rows) > 8 else ''} lie past "
-                f"float32's range, in which the job computes: row {rows[0]}'s largest entry is "
-                f"{float(peak[rows[0]]):.3g} in magnitude, where float32 holds {limits.tiny:.3g} to {limits.max:.3g}, "
-                "so its direction would become inf, zero or a few coarse steps. Rescale each row (e.g. "
-                "v / v.abs().amax(dim=1, keepdim=True)) and write the file again: only a vector's direction reaches "
-                "the AV and the round trip's MSE")
-    return vectors.float()
+    # float32, in which the job computes: refused here, by input row, where a shard would name its own rows
+    return VectorTable(check_vectors(table.vectors, av_meta.d_model, as_float32=True), table.columns)
 
 
 def _dtype_name(dtype: torch.dtype | str) -> str:

@@ -401,7 +401,8 @@ def describe_difference(nla_or_av: NLA | ActivationVerbalizer, a: Float[Tensor, 
                          f"{type(nla_or_av).__name__}")
     av = nla_or_av.av if isinstance(nla_or_av, NLA) else nla_or_av
     d = av.meta.d_model
-    a, b = check_vectors(a, d, "a", zero_ok=True).float(), check_vectors(b, d, "b", zero_ok=True).float()
+    a = check_vectors(a, d, "a", zero_ok=True, as_float32=True)
+    b = check_vectors(b, d, "b", zero_ok=True, as_float32=True)
     if b.shape[0] not in (1, a.shape[0]):
         raise VectorError(f"b has {b.shape[0]} rows; pass one vector or one per row of a ({a.shape[0]})")
     b = b.to(a.device).expand_as(a)

@@ -607,6 +607,19 @@ def test_scale_like_whose_squared_norm_leaves_fp32_gives_its_norm(av_karvonen, s
         nl.verbalize_direction(av_karvonen, direction, scale_like=torch.full((2, D_MODEL), 1e38), **FAST)
 
 
+@pytest.mark.parametrize("peak", [1e39, 1e-46], ids=["overflow", "underflow"])
+def test_verbalize_direction_names_a_float64_argument_past_float32s_range(av_karvonen, peak):
+    """Its .float() made such a row inf or zero: a direction was refused as "vectors at rows [1] hold NaN or Inf" (a
+    name the user never passed), and a tiny scale_like rescaled every vector to zero ("vectors ... are zero")."""
+    direction = torch.randn(2, D_MODEL, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    wide = direction.clone()
+    wide[1] = wide[1] / wide[1].abs().max() * peak
+    with pytest.raises(nl.VectorError, match=r"^direction at rows \[1\] are float64 past float32's range"):
+        nl.verbalize_direction(av_karvonen, wide, **FAST)
+    with pytest.raises(nl.VectorError, match=r"^scale_like at rows \[1\] are float64 past float32's range"):
+        nl.verbalize_direction(av_karvonen, direction, scale_like=wide, **FAST)
+
+
 def test_verbalize_direction_takes_an_nla_as_the_other_helpers_do(nla, steer):
     through_nla = nl.verbalize_direction(nla, steer, **FAST)
     assert through_nla.verbalizations == nla.av.verbalize(steer[None], **FAST)

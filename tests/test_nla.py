@@ -179,6 +179,27 @@ def test_round_trip_refuses_a_max_new_tokens_the_ar_cannot_read_before_verbalizi
     assert nla.round_trip(vectors, max_new_tokens=10).mse.isfinite().all()
 
 
+@pytest.mark.parametrize("peak", [1e39, 1e-39, 1e-46], ids=["overflow", "subnormal", "underflow"])
+def test_round_trip_refuses_float64_vectors_past_float32s_range_by_row_before_verbalizing(av_karvonen, ar_nanonla,
+                                                                                            vectors, monkeypatch, peak):
+    """round_trip computes in float32: its .float() made such a row inf (refused as "vectors at rows [2] hold NaN or
+    Inf; check how they were computed"), zero ("are zero") or a few coarse subnormal steps (another direction,
+    verbalized without a word). The rescale the message gives is taken."""
+    monkeypatch.setattr(av_karvonen, "verbalize", lambda v, **kw: pytest.fail("verbalized before the check"))
+    nla = nl.NLA(av_karvonen, ar_nanonla)
+    wide = vectors.double()
+    wide[2] = wide[2] / wide[2].abs().max() * peak
+    with pytest.raises(nl.VectorError, match=re.escape(
+            f"vectors at rows [2] are float64 past float32's range, in which nla_lens computes them: row 2's largest "
+            f"entry is {peak:.3g} in magnitude, where float32 holds 1.18e-38 to 3.4e+38, so the row would become inf, "
+            "zero or a few coarse steps. Rescale such rows into that range")):
+        nla.round_trip(wide, baseline=0.5, max_new_tokens=4)
+    monkeypatch.undo()
+    rescaled = nla.round_trip(wide / wide.abs().amax(dim=1, keepdim=True), baseline=0.5, max_new_tokens=4)
+    assert len(rescaled.mse) == 4 and rescaled.mse.isfinite().all()
+    assert nla.round_trip(vectors.double(), baseline=0.5, max_new_tokens=4).mse.isfinite().all()  # in range: taken
+
+
 def test_an_explanation_that_retokenizes_past_the_ars_context_scores_as_a_miss_named_in_warnings(
         av_karvonen, ar_nanonla, vectors, monkeypatch):
     """The up-front check bounds the tokens the AV samples, not its text tokenized again: a sampled byte token of a

@@ -950,9 +950,10 @@ def test_float64_vectors_past_float32s_range_are_refused_by_input_row_before_any
     save_file({"vectors": vectors}, tmp_path / "v.safetensors")
     out = tmp_path / "o.parquet"
     with pytest.raises(nl.VectorError, match=re.escape(
-            f"the float64 vectors at rows [4] lie past float32's range, in which the job computes: row 4's largest "
-            f"entry is {peak:.3g} in magnitude, where float32 holds 1.18e-38 to 3.4e+38, so its direction would "
-            "become inf, zero or a few coarse steps. Rescale each row (e.g. v / v.abs().amax(dim=1, keepdim=True))")):
+            f"vectors at rows [4] are float64 past float32's range, in which nla_lens computes them: row 4's largest "
+            f"entry is {peak:.3g} in magnitude, where float32 holds 1.18e-38 to 3.4e+38, so the row would become "
+            "inf, zero or a few coarse steps. Rescale such rows into that range (e.g. "
+            "v / v.abs().amax(dim=1, keepdim=True)")):
         sharded.verbalize_file(tiny_paths["av_karvonen"], tmp_path / "v.safetensors", out, sampling=GREEDY,
                                shard_size=SHARD_SIZE, progress=False)
     assert not shard_store.shard_folder(out).exists()

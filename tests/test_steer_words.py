@@ -546,12 +546,15 @@ def test_describe_difference_of_tiny_or_huge_rows_matches_float64(nla, scale):
 
 def test_describe_difference_refuses_a_difference_past_float32(nla):
     """a - b past float32 (3e38 - -3e38, or a float64 a past its range) was verbalized as NaN rows ("vectors at
-    rows [0] hold NaN or Inf"): the error names a - b and the rows."""
+    rows [0] hold NaN or Inf"): the error names a - b and the rows, or the float64 operand past float32's range
+    (a tiny one: a - b read as zero, "a and b are equal")."""
     d = nla.av.meta.d_model
     with pytest.raises(nl.VectorError, match=r"a - b at rows \[0\] is past float32's range"):
         nl.describe_difference(nla, torch.full((d,), 3e38), torch.full((d,), -3e38))
-    with pytest.raises(nl.VectorError, match=r"a - b at rows \[1\] is past float32's range"):
-        nl.describe_difference(nla, torch.tensor([[1.0] * d, [1e300] * d], dtype=torch.float64), torch.zeros(d))
+    for huge_or_tiny in (1e300, 1e-300):
+        with pytest.raises(nl.VectorError, match=r"^a at rows \[1\] are float64 past float32's range"):
+            nl.describe_difference(nla, torch.tensor([[1.0] * d, [huge_or_tiny] * d], dtype=torch.float64),
+                                   torch.zeros(d))
 
 
 def test_toy_verbalizes_samples_edits_and_steers():

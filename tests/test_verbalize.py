@@ -248,6 +248,19 @@ def test_bad_vectors_raise_vector_error(av_karvonen, bad, match):
         av_karvonen.verbalize(bad, max_new_tokens=2, progress=False)
 
 
+@pytest.mark.parametrize("power", [1000, -1000])
+def test_verbalize_reads_float64_vectors_past_float32s_range_as_their_direction(av_karvonen, av_embedding, vectors,
+                                                                                 power):
+    """The AV takes float64 rows as they are (each is scaled to a largest entry near 1 in float64 before the
+    injection's float32 or model-dtype arithmetic, exactly): a row past float32's range says what its direction
+    says, bit for bit here (a power of two apart), where `round_trip`, which computes in float32, refuses it."""
+    wide = vectors.double() * 2.0 ** power  # ~1e301 or ~1e-301
+    for av in (av_karvonen, av_embedding):
+        said = av.verbalize(wide, max_new_tokens=6, progress=False)
+        assert [v.tokens for v in said] == [v.tokens for v in av.verbalize(vectors, max_new_tokens=6,
+                                                                           progress=False)]
+
+
 @pytest.mark.parametrize(
     ("bad", "fix"),
     [
