@@ -173,7 +173,7 @@ class Capture:
                  attention_mask: Int[Tensor, "batch pos"] | None = None,
                  tokens: Int[Tensor, "batch pos"] | None = None, calls: Calls = "first") -> None:
         backends.backend_of(model)  # an NLA or an AV here fell through to an AttributeError on .cfg
-        check_block(model, layer)
+        layer = check_block(model, layer)
         if calls not in ("first", "all"):
             raise InputError(f"calls must be 'first' or 'all', got {calls!r}")
         self.model = model
@@ -431,8 +431,7 @@ def capture(model: TLModel, layer: int, positions: PositionSpec = -1, *,
 def resid_post(model: TLModel, tokens: Int[Tensor, "batch pos"], layer: int, *,
                attention_mask: Int[Tensor, "batch pos"] | None = None) -> Float[Tensor, "batch pos d_model"]:
     """`blocks.{layer}.hook_resid_post` of one run of `tokens` that runs no block after `layer`."""
-    check_block(model, layer)
-    return activation_at(model, tokens, resid_post_name(layer), attention_mask=attention_mask)
+    return activation_at(model, tokens, resid_post_name(check_block(model, layer)), attention_mask=attention_mask)
 
 
 def resid_post_name(layer: int) -> str:
@@ -475,11 +474,12 @@ def text_resid_post(model: TLModel, tokens: Int[Tensor, "1 pos"], layer: int) ->
     return resid_post(model, tokens, layer, attention_mask=torch.ones_like(tokens))[0]
 
 
-def check_block(model: TLModel, layer: int, name: str = "layer") -> None:
-    """`layer` indexes one of the model's blocks."""
+def check_block(model: TLModel, layer: int, name: str = "layer") -> int:
+    """`layer` indexes one of the model's blocks; returned as a Python int (a NumPy one is taken, not a bool)."""
     n_layers = model.cfg.n_layers
-    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n_layers:
+    if not is_integer(layer) or not 0 <= int(layer) < n_layers:
         raise InputError(f"{name} must be an int indexing the model's {blocks_phrase(n_layers)}, got {layer!r}")
+    return int(layer)
 
 
 def check_token_tensor(value: object, name: str = "tokens") -> None:

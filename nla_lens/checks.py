@@ -83,12 +83,19 @@ def resolve_device(device: torch.device | str) -> torch.device:
     return parsed
 
 
-def check_counts(minimum: int, /, **values: int) -> None:
-    """Each named count must be an int >= `minimum`, e.g. `check_counts(1, batch_size=batch_size)`."""
-    wrong = [f"{name}={value!r}" for name, value in values.items()
-             if isinstance(value, bool) or not isinstance(value, int) or value < minimum]
+def check_counts(minimum: int, /, **values: int) -> tuple[int, ...]:
+    """Each named count must be a whole number >= `minimum` (`is_integer`: NumPy's too, not a bool or a float);
+    returns them as Python ints in the order given, e.g. `(batch_size,) = check_counts(1, batch_size=batch_size)`,
+    so a NumPy one goes on as the int a JSON manifest or a result's file can hold."""
+    wrong = [f"{name}={value!r}" for name, value in values.items() if not is_count(value, minimum)]
     if wrong:
         raise InputError(f"{', '.join(wrong)}: must be a whole number >= {minimum}")
+    return tuple(int(value) for value in values.values())
+
+
+def is_count(value: object, minimum: int) -> bool:
+    """A whole number (`is_integer`) >= `minimum`."""
+    return is_integer(value) and int(value) >= minimum
 
 
 def check_finite(**values: float) -> None:
@@ -101,22 +108,24 @@ def check_finite(**values: float) -> None:
 
 
 def check_sampling(temperature: float, top_p: float, max_new_tokens: int, batch_size: int,
-                   seed: int | None = None) -> None:
-    """The decoding settings of `verbalize`; the message names every value that is out of range."""
+                   seed: int | None = None) -> tuple[int, int]:
+    """The decoding settings of `verbalize`; the message names every value that is out of range. Returns
+    `max_new_tokens` and `batch_size` as Python ints (NumPy's are taken, as by `check_counts`)."""
     wrong = []
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+    if seed is not None and not is_integer(seed):
         wrong.append(f"seed={seed!r} must be a whole number (or None for an unseeded draw)")
-    elif seed is not None and not -2**63 <= seed < 2**64:  # torch's generator takes a 64-bit seed
+    elif seed is not None and not -2**63 <= int(seed) < 2**64:  # torch's generator takes a 64-bit seed
         wrong.append(f"seed={seed!r} is outside the 64-bit range a torch generator takes: pick one in [-2**63, 2**64)")
     if not _is_real(temperature) or not 0 <= temperature < math.inf:
         wrong.append(f"temperature={temperature!r} must be a finite number >= 0 (0 is greedy)")
     if not _is_real(top_p) or not 0 < top_p <= 1:
         wrong.append(f"top_p={top_p!r} must be in (0, 1] (1 keeps every token)")
     for name, value in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if not is_count(value, 1):
             wrong.append(f"{name}={value!r} must be a whole number >= 1")
     if wrong:
         raise InputError("; ".join(wrong))
+    return int(max_new_tokens), int(batch_size)
 
 
 def context_overflow(max_new_tokens: int, prompt: int, n_ctx: int, model: str) -> str | None:

@@ -316,14 +316,14 @@ def steer_then_verbalize(
     """
     av = _verbalizer(nla_or_av)
     check_read_keywords(nla_or_av, verbalize_kwargs, "steer_then_verbalize")
-    layer = _capture_layer(av, capture_layer)
     check_base_model(base_model, nla_or_av, av.meta.layer)
+    layer = _capture_layer(base_model, av, capture_layer)
     d_model = base_model.cfg.d_model
     if isinstance(steering_vector, Tensor) and tuple(steering_vector.shape) not in ((d_model,), (1, d_model)):
         raise VectorError(f"steering_vector must be one [d_model] = [{d_model}] vector (it is added to the base "
                           f"model's residual stream), got shape {list(steering_vector.shape)}")
     vector = check_vectors(steering_vector, d_model, "steering_vector")
-    _check_reaches(base_model, steer_layer, layer, "steer_layer")
+    steer_layer = _check_reaches(base_model, steer_layer, layer, "steer_layer")
     check_finite(scale=scale)
     check_token_ids(base_model, tokens)
     real = real_tokens(base_model, attention_mask, tokens)
@@ -408,8 +408,8 @@ def patching_study(
     """
     av = _verbalizer(nla_or_av)
     check_read_keywords(nla_or_av, verbalize_kwargs, "patching_study")
-    layer = _capture_layer(av, capture_layer)
     check_base_model(base_model, nla_or_av, av.meta.layer)
+    layer = _capture_layer(base_model, av, capture_layer)
     check_token_ids(base_model, clean_tokens, "clean_tokens")
     check_token_ids(base_model, corrupted_tokens, "corrupted_tokens")
     if clean_tokens.shape != corrupted_tokens.shape or clean_tokens.ndim != 2:
@@ -417,7 +417,7 @@ def patching_study(
             f"clean {list(clean_tokens.shape)} and corrupted {list(corrupted_tokens.shape)} tokens must be "
             "[batch, pos] of one shape, as in transformer_lens.patching; pick prompts of equal token length"
         )
-    _check_reaches(base_model, patch_layer, layer, "patch_layer")
+    patch_layer = _check_reaches(base_model, patch_layer, layer, "patch_layer")
     hook_name = _patch_hook_name(base_model, activation_name, patch_layer)
     width = clean_tokens.shape[1]
     if not is_integer(patch_position) or not -width <= int(patch_position) < width:
@@ -623,11 +623,14 @@ def _read(nla_or_av: NLA | ActivationVerbalizer, vectors: Float[Tensor, "n d_mod
     return round_trip.verbalizations, fves, misses, round_trip
 
 
-def _capture_layer(av: ActivationVerbalizer, capture_layer: int | None) -> int:
+def _capture_layer(base_model: TLModel, av: ActivationVerbalizer, capture_layer: int | None) -> int:
     """The layer to read out: the NLA's, or `capture_layer` with a warning (as `nla-lens --layer` warns), since the
     AV was trained on its own layer's vectors and the AR's baseline is that layer's."""
-    if capture_layer is None or capture_layer == av.meta.layer:
+    if capture_layer is None:
         return av.meta.layer
+    capture_layer = check_block(base_model, capture_layer, "capture_layer")
+    if capture_layer == av.meta.layer:
+        return capture_layer
     warnings.warn(f"capture_layer={capture_layer} differs from layer {av.meta.layer}, the one this NLA was trained to "
                   "read (its sidecar): explanations of other layers are off-distribution, and FVEs against the AR "
                   f"sidecar's baseline are that layer's. Leave capture_layer out to read layer {av.meta.layer}",
@@ -643,11 +646,12 @@ def _verbalizer(nla_or_av: NLA | ActivationVerbalizer) -> ActivationVerbalizer:
     raise InputError(f"expected an NLA or an ActivationVerbalizer, got {type(nla_or_av).__name__}")
 
 
-def _check_reaches(base_model: TLModel, layer: int, capture_layer: int, name: str) -> None:
-    """An intervention at block `layer` must run before the capture at `capture_layer`."""
-    check_block(base_model, layer, name)
+def _check_reaches(base_model: TLModel, layer: int, capture_layer: int, name: str) -> int:
+    """An intervention at block `layer` must run before the capture at `capture_layer`; `layer` as a Python int."""
+    layer = check_block(base_model, layer, name)
     if layer > capture_layer:
         raise InputError(
             f"{name}={layer} comes after the captured layer {capture_layer}, so it cannot change what is "
             "captured; intervene at or before the NLA's layer"
         )
+    return layer

@@ -229,9 +229,9 @@ def feature_card(
     check_base_model(base, nla, av.meta.layer)
     check_read_keywords(av, verbalize_kwargs, "feature_card")  # a typo was verbalize's TypeError, after the scan
     texts = check_texts(texts)  # a list: the contexts are explained by index
-    check_counts(1, k=k)
-    check_counts(0, before=before, after=after)
-    check_skip_first(skip_first)
+    (k,) = check_counts(1, k=k)
+    before, after = check_counts(0, before=before, after=after)
+    skip_first = check_skip_first(skip_first)
     feature = feature_id(feature)
     if isinstance(feature, (Iterable, Tensor)) and not isinstance(feature, str):  # verbalize_sae_features takes lists
         raise InputError(f"feature_card draws one feature's card, got features {feature!r:.60}: pass one id, or one "

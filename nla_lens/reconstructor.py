@@ -126,7 +126,7 @@ class ActivationReconstructor:
         (not a non-empty list of strings; a HookedTransformer cast with `.half()` / `.bfloat16()`, whose
         `cfg.dtype` is stale), `PromptTooLongError` (an AR prompt past `n_ctx`) and `BackendError` (a bridge cast to
         float64 after loading)."""
-        check_counts(1, batch_size=batch_size)
+        (batch_size,) = check_counts(1, batch_size=batch_size)
         backends.check_dtype_current(self.model, "AR")
         tokens, mask = self.prompt_tokens(explanations)
         # A model cast after loading (`ar.model.to(...)`) leaves the readout as loaded: feed it its own float dtype.

@@ -244,9 +244,9 @@ def each_text_residuals(base: TLModel, texts: Iterable[str], layer: int, *, max_
     if base.tokenizer is None:
         raise InputError("the base model has no tokenizer to tokenize the texts with; load it with "
                          "nl.load_base(...), or set base.tokenizer to its tokenizer")
-    check_block(base, layer)
+    layer = check_block(base, layer)
     if max_tokens is not None:
-        check_counts(1, max_tokens=max_tokens)
+        (max_tokens,) = check_counts(1, max_tokens=max_tokens)
     limit = max_tokens or base.cfg.n_ctx
     for text in texts:
         ids = text_ids(base.tokenizer, text)[:limit]
@@ -271,10 +271,12 @@ def _text_activation(base: TLModel, tokens: Int[Tensor, "1 pos"], hook_name: str
     return activation
 
 
-def check_skip_first(skip_first: int | None) -> None:
-    """`skip_first` is None (leave out the BOS) or a whole number."""
-    if skip_first is not None:
-        check_counts(0, skip_first=skip_first)
+def check_skip_first(skip_first: int | None) -> int | None:
+    """`skip_first` is None (leave out the BOS) or a whole number, returned as a Python int."""
+    if skip_first is None:
+        return None
+    (skip_first,) = check_counts(0, skip_first=skip_first)
+    return skip_first
 
 
 def skipped(tokenizer: Any, ids: list[int], skip_first: int | None) -> int:
@@ -291,14 +293,14 @@ def residual_stats(base: TLModel, texts: Iterable[str], layer: int, *, skip_firs
     Streams: each text's residuals merge into a running mean and spread, so memory is O(d_model) plus
     one text's residuals, however many texts there are.
     """
-    check_skip_first(skip_first)
+    skip_first = check_skip_first(skip_first)
     moments = RunningMoments()
     for ids, resid in each_text_residuals(base, texts, layer, max_tokens=max_tokens):
         moments.add(resid[skipped(base.tokenizer, ids, skip_first):])
     if moments.n == 0:
         bos = " (the BOS)" if skip_first is None else ""
         raise InputError(f"no positions left after skip_first={skip_first}{bos}; use longer texts")
-    return moments.stats(layer)
+    return moments.stats(int(layer))  # checked by each_text_residuals: a NumPy int stored as the int it is
 
 
 # A saved row's record of the offset (None without one): enough to say which mean and spread the AV's vectors were

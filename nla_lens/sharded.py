@@ -76,14 +76,14 @@ class Sampling:
 
     def facts(self, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
         """The settings a finished shard depends on, as the manifest's JSON holds them: a numpy float32 or tensor
-        setting as its float, a numpy seed as its int. Greedy rows depend on the batch size only where
+        setting as its float, a numpy integer one as its int. Greedy rows depend on the batch size only where
         `batches_matter`."""
-        facts: dict[str, Any] = {"device": device.type, "max_new_tokens": self.max_new_tokens,
+        facts: dict[str, Any] = {"device": device.type, "max_new_tokens": int(self.max_new_tokens),
                                  "temperature": float(self.temperature)}
         if self.temperature > 0:
             facts |= {"top_p": float(self.top_p), "seed": int(self.seed)}
         if self.temperature > 0 or batches_matter(device, dtype):
-            facts["batch_size"] = self.batch_size
+            facts["batch_size"] = int(self.batch_size)
         return facts
 
     def verbalize(self, av: ActivationVerbalizer, vectors: torch.Tensor, shard: int) -> list[Verbalization]:
@@ -163,7 +163,7 @@ def verbalize_file(
     input_path, output = file_path(input_path, "input_path"), file_path(output, "output")
     _check_paths(input_path, output)
     shards = _check_job_arguments(sampling, shards)
-    check_counts(1, shard_size=shard_size)
+    (shard_size,) = check_counts(1, shard_size=shard_size)
     job_device, job_dtype = resolve_device(device), resolve_dtype(dtype)
     av_folder, av_meta = loading.nla_checkpoint(av, "av", _ARGUMENTS)
     table = _read(input_path, column, av_meta)
@@ -201,7 +201,8 @@ def round_trip_file(
     _check_paths(input_path, output)
     shards = _check_job_arguments(sampling, shards)
     _check_summary_is_ours(output)
-    check_counts(1, shard_size=shard_size, reconstruct_batch_size=reconstruct_batch_size)
+    shard_size, reconstruct_batch_size = check_counts(1, shard_size=shard_size,
+                                                      reconstruct_batch_size=reconstruct_batch_size)
     job_device, job_dtype = resolve_device(device), resolve_dtype(dtype)
     av_folder, av_meta = loading.nla_checkpoint(av, "av", _ARGUMENTS)
     ar_folder, ar_meta = loading.nla_checkpoint(ar, "ar", _ARGUMENTS)

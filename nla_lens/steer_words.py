@@ -61,6 +61,7 @@ from nla_lens.checks import (
     file_kind,
     file_path,
     is_bool,
+    is_count,
 )
 from nla_lens.display import format_cell
 from nla_lens.errors import InputError, PairMismatchError, PromptTooLongError, VectorError
@@ -225,7 +226,7 @@ class WordSteering(TabularResult):
         """Per site: the top-k next tokens without and with steering, and KL(clean || steered) in nats."""
         if self.clean_logprobs is None or self.steered_logprobs is None:
             raise InputError("this result holds no next-token comparison; call steer_with_words(..., compare=True)")
-        check_counts(1, k=k)
+        (k,) = check_counts(1, k=k)
         k = min(k, self.clean_logprobs.shape[-1])  # topk past the vocabulary raises a bare RuntimeError
         kl = (self.clean_logprobs.exp() * (self.clean_logprobs - self.steered_logprobs)).sum(-1)
         out = []
@@ -448,7 +449,7 @@ def _check_inputs(nla: NLA, base: TLModel, tokens: Tensor, layer: int | None, al
     if not is_bool(compare):  # compare="no" is truthy: it would run the comparison it meant to skip
         raise InputError(f"compare must be True or False, got {compare!r}: compare=False skips the next-token "
                          "comparison")
-    if isinstance(continue_tokens, bool) or not isinstance(continue_tokens, int) or continue_tokens < 0:
+    if not is_count(continue_tokens, 0):
         raise InputError(f"continue_tokens must be an int >= 0, got {continue_tokens!r}")
     if continue_tokens and base.tokenizer is None:  # checked before the AV and AR run, not after
         raise InputError(f"continue_tokens={continue_tokens} decodes the continuations with the base model's "
@@ -485,7 +486,7 @@ def sampling_settings(explanations: object, samples: int | None, temperature: fl
         return 1, {}
     max_new_tokens = MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens
     samples = 1 if samples is None else samples
-    check_counts(1, samples=samples)
+    (samples,) = check_counts(1, samples=samples)
     if samples == 1:
         # temperature 0 (int, float or NumPy) says what samples=1 does; a seed has no effect on a greedy read
         greedy = isinstance(temperature, numbers.Real) and not isinstance(temperature, bool) and temperature == 0
@@ -495,11 +496,12 @@ def sampling_settings(explanations: object, samples: int | None, temperature: fl
             settings = ", ".join(f"{name}={value!r}" for name, value in unused.items())
             raise InputError(f"{settings}: samples=1 reads the greedy explanation, which takes no seed and no "
                              "temperature other than 0; pass samples > 1 (e.g. samples=5) to sample, or drop them")
-        check_sampling(0.0, 1.0, max_new_tokens, batch_size)
+        max_new_tokens, _ = check_sampling(0.0, 1.0, max_new_tokens, batch_size)
         return 1, {"temperature": 0.0, "max_new_tokens": max_new_tokens}
     sampling: dict[str, Any] = {"temperature": 1.0 if temperature is None else temperature,
-                                "seed": 0 if seed is None else seed, "max_new_tokens": max_new_tokens}
-    check_sampling(sampling["temperature"], 1.0, max_new_tokens, batch_size, sampling["seed"])
+                                "seed": 0 if seed is None else seed}
+    sampling["max_new_tokens"], _ = check_sampling(sampling["temperature"], 1.0, max_new_tokens, batch_size,
+                                                   sampling["seed"])
     if sampling["temperature"] == 0:  # every sample would be the greedy explanation: Delta averaged over copies
         raise InputError(f"samples={samples}, temperature={temperature!r}: at temperature 0 every sample is the same "
                          "greedy explanation; pass samples=1 for it, or a temperature > 0 to sample")

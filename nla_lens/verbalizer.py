@@ -294,7 +294,7 @@ class ActivationVerbalizer:
         row), `PromptTooLongError` (the AV prompt plus `max_new_tokens` past `n_ctx`), `InputError` (a sampling
         setting out of range; a HookedTransformer cast with `.half()` / `.bfloat16()`, whose `cfg.dtype` is stale)
         and `BackendError` (a bridge cast to float64 after loading)."""
-        check_sampling(temperature, top_p, max_new_tokens, batch_size, seed)
+        max_new_tokens, batch_size = check_sampling(temperature, top_p, max_new_tokens, batch_size, seed)
         self._check_fits(max_new_tokens)
         backends.check_dtype_current(self.model, "AV")
         vectors = check_vectors(vectors, self.meta.d_model)

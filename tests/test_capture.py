@@ -329,7 +329,7 @@ def test_capture_of_something_other_than_a_tl_model_is_a_backend_error(model):
         nl.capture(model, 1)
 
 
-@pytest.mark.parametrize("layer", [4, -1, 1.0, "2", True])
+@pytest.mark.parametrize("layer", [4, -1, 1.0, "2", True, np.bool_(True), np.float64(2.0), np.int64(4)])
 def test_bad_layer_is_an_input_error(base, layer):
     with pytest.raises(nl.InputError, match=r"layer must be an int indexing the model's 4 blocks \(0-3\)"):
         nl.capture(base, layer)
@@ -437,6 +437,19 @@ def test_numpy_integer_positions_capture_what_python_ints_do(base):
         assert torch.equal(got.vectors, expected.vectors)
     with pytest.raises(nl.InputError, match=r"^positions: position 9223372036854775808 is outside every row"):
         nl.capture(base, LAYER, [np.uint64(2**63)], attention_mask=mask)
+
+
+def test_a_numpy_integer_layer_captures_and_reads_what_its_int_does(base):
+    """`layer=np.int64(2)` was refused as not an int by capture and resid_post, where positions took NumPy ints."""
+    tokens, mask = padded(base, "left")
+    with nl.capture(base, np.int64(LAYER), attention_mask=mask) as got:
+        base(tokens, attention_mask=mask)
+    with nl.capture(base, LAYER, attention_mask=mask) as expected:
+        base(tokens, attention_mask=mask)
+    assert type(got.layer) is int and got.hook_name == NAME
+    assert torch.equal(got.vectors, expected.vectors)
+    assert torch.equal(resid_post(base, tokens, np.int32(LAYER), attention_mask=mask),
+                       resid_post(base, tokens, LAYER, attention_mask=mask))
 
 
 @pytest.mark.parametrize("positions", [np.bool_(True), np.float64(-1.0), [np.bool_(False)], [np.float32(1.0)]])

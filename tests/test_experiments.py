@@ -188,6 +188,27 @@ def test_reading_out_another_layer_than_the_nlas_warns_as_the_cli_does(base, nla
         assert not [w for w in recwarn if "capture_layer" in str(w.message)], name
 
 
+def test_numpy_integer_layers_steer_patch_and_read_out_as_their_ints(base, av_karvonen, steer):
+    """steer_layer / patch_layer / capture_layer=np.int64(...) were refused as not an int, where positions took
+    NumPy ints; a capture_layer that is no int at all ('1') was a bare TypeError from comparing it with steer_layer."""
+    clean_tokens, corrupted_tokens = equal_length_pair(base)
+    steering = {"steering_vector": steer, "scale": 1.0, **FAST}
+    got = nl.steer_then_verbalize(base, av_karvonen, clean_tokens, steer_layer=np.int64(0),
+                                  capture_layer=np.int32(LAYER), **steering)
+    expected = nl.steer_then_verbalize(base, av_karvonen, clean_tokens, steer_layer=0, **steering)
+    assert (type(got.steer_layer), type(got.layer)) == (int, int)
+    assert torch.equal(got.steered_vectors, expected.steered_vectors)
+    study = nl.patching_study(base, av_karvonen, clean_tokens, corrupted_tokens, patch_layer=np.int64(1),
+                              patch_position=1, **FAST)
+    assert study.hook_name == "blocks.1.hook_resid_pre"
+    assert torch.equal(study.patched_vectors, nl.patching_study(base, av_karvonen, clean_tokens, corrupted_tokens,
+                                                                patch_layer=1, patch_position=1,
+                                                                **FAST).patched_vectors)
+    with pytest.raises(nl.InputError, match=r"^capture_layer must be an int indexing the model's 4 blocks \(0-3\), "
+                                            r"got '1'$"):
+        nl.steer_then_verbalize(base, av_karvonen, clean_tokens, steer_layer=0, capture_layer="1", **steering)
+
+
 def test_patching_the_embedding_of_the_one_differing_token_gives_the_clean_run(base, av_karvonen):
     """activation_name="embed" was refused: TL's get_act_name("embed", 0) says blocks.0.hook_embed. The tiny base
     has no positional embedding, so the corrupted run with the clean token's embedding is the clean run."""

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+
+import numpy as np
 import pytest
 import torch
 
@@ -70,6 +73,16 @@ def test_empty_explanations_are_an_input_error(ar_nanonla):
         ar_nanonla.reconstruct([])
     with pytest.raises(nl.InputError):
         ar_nanonla.reconstruct("a bare string, not a list")
+
+
+def test_a_numpy_integer_batch_size_reads_as_its_int_and_numpy_bools_and_floats_are_refused(ar_nanonla):
+    """check_counts refused batch_size=np.int64(2) as not a whole number, where positions and seeds took NumPy
+    ints."""
+    assert torch.equal(ar_nanonla.reconstruct(TEXTS, batch_size=np.int64(2)),
+                       ar_nanonla.reconstruct(TEXTS, batch_size=2))
+    for wrong in (np.bool_(True), np.float64(2.0), np.int64(0)):
+        with pytest.raises(nl.InputError, match=rf"^batch_size={re.escape(repr(wrong))}: must be a whole number >= 1$"):
+            ar_nanonla.reconstruct(TEXTS, batch_size=wrong)
 
 
 def test_a_model_cast_after_loading_is_refused_or_read_in_the_readouts_dtype(tiny_paths):

@@ -304,6 +304,22 @@ def test_texts_are_any_iterable_of_strings_and_anything_else_among_them_is_named
 
 
 @NEEDS_SAE_LENS
+def test_numpy_integer_counts_scan_as_their_ints(av_karvonen, base):
+    """residual_stats' layer, skip_first and max_tokens, and feature_card's k, before, after and skip_first, were
+    refused as not whole numbers (the layer as not an int) when NumPy's, where positions and feature ids took them."""
+    texts = ["The cat sat on the mat.", "A dog ran far away from home."]
+    stats = nl.residual_stats(base, texts, np.int64(LAYER), skip_first=np.int64(1), max_tokens=np.int32(6))
+    expected = nl.residual_stats(base, texts, LAYER, skip_first=1, max_tokens=6)
+    assert type(stats.layer) is int and stats.n == expected.n == 10 and torch.equal(stats.mean, expected.mean)
+    sae = make_sae(D_MODEL, 8, f"blocks.{LAYER}.hook_resid_post")
+    window = {"k": 2, "before": 2, "after": 1, "skip_first": 0}  # 0: no NaN activations, which compare unequal
+    fast = {"max_new_tokens": 2, "progress": False}
+    numpy_window = {name: np.int64(n) for name, n in window.items()}
+    card = nl.feature_card(sae, base, texts, 3, av_karvonen, **fast, **numpy_window)
+    assert card.contexts == nl.feature_card(sae, base, texts, 3, av_karvonen, **fast, **window).contexts
+
+
+@NEEDS_SAE_LENS
 def test_residual_stats_merged_text_by_text_match_the_stats_of_all_positions_at_once(base):
     """residual_stats merges each text's block of residuals into a running mean and sum of squared distances
     (Chan et al.) instead of concatenating every position: the merge gives what the concatenation gives."""

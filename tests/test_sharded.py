@@ -728,6 +728,20 @@ def test_sampling_settings_as_numpy_or_tensor_numbers_reach_the_manifest_as_floa
     assert (manifest["temperature"], manifest["top_p"], manifest["seed"]) == (1.0, 0.5, 3)
 
 
+def test_numpy_integer_counts_run_a_file_job_and_reach_the_manifest_as_ints(tiny_paths, input_file, tmp_path):
+    """Sampling took a NumPy seed but refused max_new_tokens / batch_size, and shard_size was refused too, as not
+    whole numbers; taken as they are, they would reach the manifest, whose json.dumps cannot write them."""
+    av = tiny_paths["av_karvonen"]
+    plain = sharded.verbalize_file(av, input_file, tmp_path / "a.parquet", progress=False, shard_size=2,
+                                   sampling=Sampling(max_new_tokens=8, temperature=1.0, seed=3, batch_size=2))
+    typed = sharded.verbalize_file(av, input_file, tmp_path / "b.parquet", progress=False, shard_size=np.int64(2),
+                                   sampling=Sampling(max_new_tokens=np.int64(8), temperature=1.0, seed=3,
+                                                     batch_size=np.int32(2)))
+    assert typed.table.equals(plain.table)
+    manifest = json.loads((shard_store.shard_folder(tmp_path / "b.parquet") / shard_store.MANIFEST).read_text())
+    assert (manifest["shard_size"], manifest["max_new_tokens"], manifest["batch_size"]) == (2, 8, 2)
+
+
 @pytest.mark.parametrize("seed", [1.5, "3", True])
 def test_a_seed_that_is_not_a_whole_number_is_refused(seed):
     with pytest.raises(nl.InputError, match=rf"seed={seed!r} must be a whole number"):

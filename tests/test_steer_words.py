@@ -436,6 +436,25 @@ def test_a_base_without_a_tokenizer_names_tokens_by_id(base, nla, monkeypatch):
     assert result.next_tokens(k=1)[0]["clean_top"][0][0] == str(int(result.clean_logprobs[0].argmax()))
 
 
+def test_numpy_integer_counts_steer_as_their_ints(base, nla, monkeypatch):
+    """samples, continue_tokens, max_new_tokens, batch_size and next_tokens' k of NumPy's were refused as not whole
+    numbers (continue_tokens as not an int), where positions and layer= took NumPy ints."""
+    tokens, mask = padded(base, "left")
+    seen: dict = {}
+    monkeypatch.setattr(nla.av, "verbalize", fake_verbalize(seen))
+    av_path = {"explanations": None, "temperature": 1.0, "seed": 0}
+    expected = steer(nla, base, tokens, -1, mask, **av_path, samples=2, continue_tokens=2, max_new_tokens=20,
+                     batch_size=3)
+    got = steer(nla, base, tokens, -1, mask, **av_path, samples=np.int64(2), continue_tokens=np.int64(2),
+                max_new_tokens=np.int64(20), batch_size=np.int32(3))
+    assert type(seen["kwargs"]["max_new_tokens"]) is int and seen["kwargs"]["max_new_tokens"] == 20
+    assert got.explanations == expected.explanations and got.continuations == expected.continuations
+    assert torch.equal(got.delta, expected.delta)
+    assert got.next_tokens(k=np.int64(2)) == expected.next_tokens(k=2)
+    with pytest.raises(nl.InputError, match=r"^continue_tokens must be an int >= 0, got np\.float64\(2\.0\)$"):
+        steer(nla, base, tokens, -1, mask, continue_tokens=np.float64(2.0))
+
+
 def test_result_rows_carry_sites_samples_and_comparisons(base, nla):
     tokens, mask = padded(base, "left")
     samples = [TINY_LABELS[:2], TINY_LABELS[2:3], TINY_LABELS[3:4], TINY_LABELS[4:6]]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import warnings
 
 import numpy as np
@@ -206,6 +207,19 @@ def test_a_numpy_seed_samples_as_its_int_and_a_seed_past_64_bits_is_an_input_err
     for seed in (2**64, -2**63 - 1):
         with pytest.raises(nl.InputError, match=rf"seed={seed} is outside the 64-bit range"):
             av_karvonen.verbalize(vectors, seed=seed, **kwargs)
+
+
+def test_numpy_integer_counts_decode_as_their_ints_and_numpy_bools_and_floats_are_refused(av_karvonen, vectors):
+    """check_sampling took a NumPy seed but refused max_new_tokens=np.int64(12) and batch_size=np.int32(2) as not
+    whole numbers."""
+    as_ints = av_karvonen.verbalize(vectors, max_new_tokens=MAX_NEW, batch_size=2, progress=False)
+    assert av_karvonen.verbalize(vectors, max_new_tokens=np.int64(MAX_NEW), batch_size=np.int32(2),
+                                 progress=False) == as_ints
+    for wrong in (np.bool_(True), np.float64(2.0)):
+        shown = re.escape(repr(wrong))
+        with pytest.raises(nl.InputError, match=rf"^max_new_tokens={shown} must be a whole number >= 1; "
+                                                rf"batch_size={shown} must be a whole number >= 1$"):
+            av_karvonen.verbalize(vectors, max_new_tokens=wrong, batch_size=wrong, progress=False)
 
 
 def test_explanations_are_parsed_from_tags():
