@@ -74,18 +74,27 @@ def check_float32_range(vectors: Float[Tensor, "n d_model"], name: str = "vector
     """Refuse the float64 rows whose largest entry lies past float32's normal range: `.float()` makes them inf, zero
     or a few coarse steps, then refused as holding NaN or Inf or as zero, or read as another direction. A zero row
     is zero in float32 too. (The injection itself takes float64 rows as they are: it scales them first, exactly.)"""
-    if vectors.dtype != torch.float64:
-        return
-    peak = vectors.abs().amax(dim=1)
-    limits = torch.finfo(torch.float32)
-    rows = ((peak > limits.max) | ((peak > 0) & (peak < limits.tiny))).nonzero().flatten().tolist()
+    rows = past_float32_rows(vectors)
     if rows:
+        peak = vectors.abs().amax(dim=1)
+        limits = torch.finfo(torch.float32)
         raise VectorError(
             f"{name} at rows {rows[:8]}{' ...' if len(rows) > 8 else ''} are float64 past float32's range, in which "
             f"nla_lens computes them: row {rows[0]}'s largest entry is {float(peak[rows[0]]):.3g} in magnitude, where "
             f"float32 holds {limits.tiny:.3g} to {limits.max:.3g}, so the row would become inf, zero or a few coarse "
             "steps. Rescale such rows into that range (e.g. v / v.abs().amax(dim=1, keepdim=True), which keeps each "
             "row's direction, all that reaches the AV and a round trip's MSE)")
+
+
+def past_float32_rows(vectors: Float[Tensor, "n d_model"]) -> list[int]:
+    """The finite float64 rows whose largest entry lies past float32's normal range (above its max, or nonzero below
+    its smallest normal number); NaN, Inf and zero rows are left to `directionless_rows`."""
+    if vectors.dtype != torch.float64:
+        return []
+    peak = vectors.abs().amax(dim=1)
+    limits = torch.finfo(torch.float32)
+    past = peak.isfinite() & ((peak > limits.max) | ((peak > 0) & (peak < limits.tiny)))
+    return past.nonzero().flatten().tolist()
 
 
 def directionless_rows(vectors: Float[Tensor, "n d_model"]) -> tuple[list[int], list[int]]:

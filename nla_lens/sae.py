@@ -38,7 +38,7 @@ from nla_lens.capture import activation_at, check_block, resid_post_name, text_r
 from nla_lens.checks import check_counts, counted
 from nla_lens.errors import BackendError, InputError, SAEMismatchError, VectorError
 from nla_lens.explain import bos_skip
-from nla_lens.injection import check_vectors, prescaled, unit
+from nla_lens.injection import check_vectors, past_float32_rows, prescaled, unit
 from nla_lens.nla import (
     DIRECTIONLESS_CAUSE,
     NLA,
@@ -412,7 +412,9 @@ def decoder_rows(sae: SAE, features: list[int]) -> Float[Tensor, "n d_in"]:
     bad = [f for f in features if isinstance(f, bool) or not isinstance(f, int) or not 0 <= f < d_sae]
     if bad:
         raise InputError(f"feature ids {bad[:8]} are not ints in 0..{d_sae - 1} (this SAE has d_sae={d_sae})")
-    rows = sae.W_dec.detach()[features].float()
+    rows = sae.W_dec.detach()[features]
+    _check_float32_range(rows, features)
+    rows = rows.float()
     broken = [f for f, finite in zip(features, rows.isfinite().all(dim=1).tolist(), strict=True) if not finite]
     if broken:  # check_vectors would name the rows of the batch and ask how they were computed
         raise VectorError(f"features {broken[:8]} have NaN or Inf in their decoder rows (sae.W_dec): the SAE's "
@@ -424,6 +426,22 @@ def decoder_rows(sae: SAE, features: list[int]) -> Float[Tensor, "n d_in"]:
                          "into the residual, wherever it fires, so there is no direction to verbalize; leave it out "
                          "(the features with a direction: sae.W_dec.any(dim=1).nonzero())")
     return rows
+
+
+def _check_float32_range(rows: Float[Tensor, "n d_in"], features: list[int]) -> None:
+    """Float64 decoder rows float32 cannot hold, named by feature (`check_float32_range`'s rule): their `.float()`
+    is inf, zero or a few coarse steps, refused as broken weights or as an all-zero row, or read as another
+    direction."""
+    past = past_float32_rows(rows)
+    if past:
+        peak = float(rows[past[0]].abs().amax())
+        raise VectorError(
+            f"features {[features[i] for i in past][:8]} have float64 decoder rows (sae.W_dec) past float32's range, "
+            f"in which nla_lens verbalizes them: feature {features[past[0]]}'s largest entry is {peak:.3g} in "
+            f"magnitude, where float32 holds {torch.finfo(torch.float32).tiny:.3g} to "
+            f"{torch.finfo(torch.float32).max:.3g}, so the row would become inf, zero or a few coarse steps. Only a "
+            "row's direction reaches the AV: rescale such rows into that range (sae.W_dec[f] / "
+            "sae.W_dec[f].abs().amax() keeps feature f's direction) and verbalize them with nl.verbalize_direction")
 
 
 def feature_vectors(rows: Float[Tensor, "n d_model"], offset: ResidualStats | None) -> Float[Tensor, "n d_model"]:

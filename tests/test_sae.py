@@ -210,6 +210,26 @@ def test_a_non_finite_decoder_row_is_named_by_its_feature_before_any_scan(av_kar
 
 
 @NEEDS_SAE_LENS
+@pytest.mark.parametrize("peak", [1e40, 1e-40, 1e-50], ids=["overflow", "subnormal", "underflow"])
+def test_float64_decoder_rows_past_float32s_range_are_named_by_feature_before_any_scan(av_karvonen, base, monkeypatch,
+                                                                                       peak):
+    """Their .float() was inf (refused as broken weights, 'NaN or Inf in their decoder rows'), zero (as an all-zero
+    decoder row) or a few coarse subnormal steps (verbalized as another direction, silently)."""
+    sae = make_sae(D_MODEL, 8, f"blocks.{LAYER}.hook_resid_post").double()
+    with torch.no_grad():
+        sae.W_dec[3] *= peak / sae.W_dec[3].abs().amax()
+    monkeypatch.setattr(av_karvonen, "verbalize", lambda *a, **k: pytest.fail("verbalized a row float32 cannot hold"))
+    for run in ("run_with_hooks", "forward"):
+        monkeypatch.setattr(base, run, lambda *a, **k: pytest.fail("scanned before checking the row"))
+    message = (rf"^features \[3\] have float64 decoder rows \(sae.W_dec\) past float32's range, in which nla_lens "
+               rf"verbalizes them: feature 3's largest entry is {re.escape(f'{peak:.3g}')} in magnitude.*rescale")
+    with pytest.raises(nl.VectorError, match=message):
+        nl.verbalize_sae_features(av_karvonen, sae, [1, 3], progress=False)
+    with pytest.raises(nl.VectorError, match=message):
+        nl.feature_card(sae, base, ["The cat sat on the mat."], 3, av_karvonen, progress=False)
+
+
+@NEEDS_SAE_LENS
 def test_a_zero_decoder_row_is_refused_by_name_with_how_to_pick_the_features_that_have_one(toy):
     """A feature whose decoder row is all zero (a pruned or dead one) writes nothing into the residual even where it
     fires: both entry points name it and say how to keep only the features with a direction."""
