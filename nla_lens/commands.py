@@ -93,7 +93,8 @@ def add_round_trip(subparsers: argparse._SubParsersAction) -> None:
         description="Score an NLA on a vector file: each vector is explained by the AV, rebuilt from the "
                     "explanation by the AR and scored as NLA.round_trip does (a failed parse scores as a miss). "
                     "Writes the rows (index, the input's columns, explanation, text, truncated, mse, miss) to --output "
-                    "and the mean MSE, baseline and FVE over all rows to <output stem>.summary.json. Runs as one "
+                    "and the mean MSE, baseline, FVE and the count of rows scored the miss (n_misses, failed parses "
+                    "included) over all rows to <output stem>.summary.json. Runs as one "
                     "process or under torchrun; rerun the same command to resume. " + _SHARDING_NOTE)
     parser.add_argument("--av", required=True, help="the AV checkpoint folder (or a hub id in the local HF cache)")
     parser.add_argument("--ar", required=True, help="the AR trained with this AV")

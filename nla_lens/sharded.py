@@ -103,6 +103,10 @@ class RoundTripSummary:
     baseline: float | None
     baseline_source: str  # "given", "sidecar (held-out)", "paper (these vectors)" (all input vectors) or "none"
     n_failed_parses: int
+    # Rows scored `metrics.miss_mse` (the `miss` column, `RoundTrip.misses`'s rule): the failed parses included, with
+    # explanations too long for the AR and reconstructions with no direction; in rows of shards an older nla_lens
+    # wrote (no `miss` there), their failed parses only
+    n_misses: int
     n_truncated: int  # rows `max_new_tokens` cut before any EOS (rows of shards an older nla_lens wrote not counted)
     mse_scale: float
 
@@ -133,7 +137,8 @@ class JobResult:
         if self.summary is not None:
             s = self.summary
             text += (f"; mean MSE {s.mean_mse:.3f}, {baseline_phrase(s.fve, s.baseline, s.baseline_source, None)}, "
-                     f"{counted(s.n_failed_parses, 'failed parse')}, {s.n_truncated} truncated")
+                     f"{counted(s.n_failed_parses, 'failed parse')}, {counted(s.n_misses, 'row')} scored the miss "
+                     f"(failed parses included), {s.n_truncated} truncated")
         if self.warnings:
             text += f"; {counted(len(self.warnings), 'warning')} (.warnings)"
         return f"JobResult: {text}"
@@ -193,7 +198,8 @@ def round_trip_file(
 
     Each row is scored by `NLA.score`, and each shard warns of the misses `nla.miss_warnings` names; the merge adds a
     `RoundTripSummary` (written next to the output as `<stem>.summary.json`) whose baseline is the given one, else
-    the AR sidecar's, else the paper's over all input vectors (at least 32 of them), as `NLA.round_trip` picks it.
+    the AR sidecar's, else the paper's over all input vectors (at least 32 of them), as `NLA.round_trip` picks it,
+    and which counts the rows scored the miss (`n_misses`, the failed parses included).
     A `sampling.max_new_tokens` whose samples the AR could not read (`check_sample_fits`) is refused before any
     weight is read.
     """
@@ -244,11 +250,18 @@ def round_trip_file(
     mse = torch.tensor(result.table.column("mse").to_numpy())
     fve = None if resolved.value is None else metrics.fve(mse, resolved.value)
     summary = RoundTripSummary(len(mse), float(mse.mean()), fve, resolved.value, resolved.source,
-                               result.table.column("explanation").null_count,
+                               result.table.column("explanation").null_count, _count_misses(result.table),
                                result.table.column("truncated").to_pylist().count(True), ar_meta.mse_scale)
     record = {**asdict(summary), "warnings": result.warnings, "output": output.name, "job": job_record(manifest)}
     write_json(summary_path(output), record, indent=2)
     return replace(result, summary=summary)
+
+
+def _count_misses(table: pa.Table) -> int:
+    """The merged rows scored the miss: those the `miss` column marks, and where it is null (a shard an older
+    nla_lens wrote) the failed parses, which always score it."""
+    rows = zip(table.column("miss").to_pylist(), table.column("explanation").to_pylist(), strict=True)
+    return sum(miss is True or (miss is None and explanation is None) for miss, explanation in rows)
 
 
 def _context_length(folder: Path) -> int:

@@ -94,6 +94,7 @@ def test_two_torchrun_ranks_score_the_round_trip_as_one_process_and_nla(toy_vect
                                                   progress=False)
     assert reference.n_failed_parses < N_ROWS  # rows parse, so the AR's reconstructions are really scored
     assert summary["n_failed_parses"] == reference.n_failed_parses
+    assert summary["n_misses"] == sum(reference.misses)
     assert summary["n_truncated"] == sum(v.truncated for v in reference.verbalizations)
     assert summary["baseline"] == pytest.approx(reference.baseline, abs=1e-9)
     assert summary["fve"] == pytest.approx(reference.fve, abs=1e-6)
@@ -219,11 +220,9 @@ def test_a_sharded_round_trip_scores_a_reconstruction_with_no_direction_as_a_mis
     assert result.summary.fve == pytest.approx(1 - miss / 0.5)
 
 
-def test_a_sharded_round_trips_miss_column_says_which_rows_scored_the_miss(tiny_paths, input_file, tmp_path,
-                                                                            monkeypatch):
-    """Only the job's warnings named the parsed rows scored as misses: a reader of the output could not filter them
-    (their mse reads as a reconstruction that bad). The `miss` column holds `RoundTrip.misses`'s rule; shards an
-    older nla_lens wrote merge with nulls there (unknown), and a merge of only such shards gets an all-null column."""
+def scored_parsed_miss_and_failed_parse(monkeypatch) -> list[bool]:
+    """Rows that cycle through a scored explanation, a parsed one whose reconstruction is zero (scored the miss) and
+    a failed parse (the miss too), by input row; returns which rows scored the miss."""
     said = {0: nl.Verbalization("<explanation>the cat</explanation>", "the cat", [1]),
             1: nl.Verbalization("<explanation>nothing</explanation>", "nothing", [1]),
             2: nl.Verbalization("no tags", None, [1])}
@@ -232,6 +231,15 @@ def test_a_sharded_round_trips_miss_column_says_which_rows_scored_the_miss(tiny_
     reconstruct = nl.ActivationReconstructor.reconstruct
     monkeypatch.setattr(nl.ActivationReconstructor, "reconstruct", lambda self, texts, batch_size=64: reconstruct(
         self, texts, batch_size=batch_size) * torch.tensor([[t != "nothing"] for t in texts]))  # "nothing": zero
+    return [i % 3 != 0 for i in range(N_ROWS)]
+
+
+def test_a_sharded_round_trips_miss_column_says_which_rows_scored_the_miss(tiny_paths, input_file, tmp_path,
+                                                                            monkeypatch):
+    """Only the job's warnings named the parsed rows scored as misses: a reader of the output could not filter them
+    (their mse reads as a reconstruction that bad). The `miss` column holds `RoundTrip.misses`'s rule; shards an
+    older nla_lens wrote merge with nulls there (unknown), and a merge of only such shards gets an all-null column."""
+    expected = scored_parsed_miss_and_failed_parse(monkeypatch)
     out = tmp_path / "out.parquet"
 
     def run() -> sharded.JobResult:
@@ -240,7 +248,6 @@ def test_a_sharded_round_trips_miss_column_says_which_rows_scored_the_miss(tiny_
 
     with pytest.warns(UserWarning, match="no direction"):
         reference = run().table
-    expected = [i % 3 != 0 for i in range(N_ROWS)]  # a reconstruction with no direction, a failed parse
     assert reference.column_names[-2:] == ["mse", "miss"] and reference.column("miss").to_pylist() == expected
     miss = nl.metrics.miss_mse(64, nl.load_meta(tiny_paths["ar_nanonla"]).mse_scale)
     assert [m == pytest.approx(miss) for m in reference.column("mse").to_pylist()] == expected
@@ -257,6 +264,30 @@ def test_a_sharded_round_trips_miss_column_says_which_rows_scored_the_miss(tiny_
     assert result.computed == [] and result.table.column_names == reference.column_names
     assert result.table.column("miss").null_count == N_ROWS
     assert result.table.drop_columns(["miss"]).equals(reference.drop_columns(["miss"]))
+
+
+def test_a_round_trip_summary_counts_the_rows_scored_the_miss_failed_parses_included(tiny_paths, input_file, tmp_path,
+                                                                                      monkeypatch):
+    """The summary counted failed parses only: the parsed rows scored the miss (too long for the AR, no direction)
+    were in no count of it or its file. In rows of shards an older nla_lens wrote (no miss column), the failed parses,
+    which always score the miss, are still counted."""
+    misses = scored_parsed_miss_and_failed_parse(monkeypatch)
+    out = tmp_path / "out.parquet"
+
+    def run() -> sharded.JobResult:
+        return sharded.round_trip_file(tiny_paths["av_karvonen"], tiny_paths["ar_nanonla"], input_file, out,
+                                       sampling=GREEDY, baseline=0.5, shard_size=SHARD_SIZE)
+
+    with pytest.warns(UserWarning, match="no direction"):
+        result = run()
+    assert (result.summary.n_misses, result.summary.n_failed_parses) == (misses.count(True), 3) == (6, 3)
+    assert "3 failed parses, 6 rows scored the miss (failed parses included), 0 truncated" in repr(result)
+    assert json.loads(sharded.summary_path(out).read_text())["n_misses"] == 6
+    older = shard_store.shard_path(shard_store.shard_folder(out), 0)  # rows 0-2: scored, zero reconstruction, no tags
+    pq.write_table(pq.read_table(older).drop_columns(["miss"]), older)
+    out.unlink()
+    merged = run()  # from the shards on disk: nothing computed, nothing warned
+    assert merged.computed == [] and merged.summary.n_misses == 5  # row 1's miss is unknown there, row 2's is not
 
 
 def test_a_sharded_round_trip_refuses_a_max_new_tokens_the_ar_cannot_read_before_any_model_loads(
@@ -1049,11 +1080,12 @@ def test_a_job_result_prints_short_with_its_outcome_not_its_table():
     """The generated repr printed the merged table's arrow preview (ten long AV completions per column) and
     every shard id: thousands of characters for an ordinary job."""
     table = pa.table({"index": list(range(1000)), "explanation": ["w" * 500] * 1000, "text": ["t" * 500] * 1000})
-    summary = sharded.RoundTripSummary(1000, 0.41, 0.47, 0.78, "sidecar (held-out)", 3, 2, 8.0)
+    summary = sharded.RoundTripSummary(1000, 0.41, 0.47, 0.78, "sidecar (held-out)", 3, 4, 2, 8.0)
     done = sharded.JobResult(Path("out.parquet"), 2000, list(range(2000)), [], table, summary, ["a warning"])
     text = repr(done)
     assert text == ("JobResult: wrote 1000 rows to out.parquet (2000 of 2000 shards computed here); mean MSE 0.410, "
-                    "FVE 0.470 (baseline 0.780, sidecar (held-out)), 3 failed parses, 2 truncated; "
+                    "FVE 0.470 (baseline 0.780, sidecar (held-out)), 3 failed parses, 4 rows scored the miss "
+                    "(failed parses included), 2 truncated; "
                     "1 warning (.warnings)")
     unfinished = repr(sharded.JobResult(Path("out.parquet"), 2000, [0], list(range(1, 2000))))
     assert unfinished.startswith("JobResult: 1999 of 2000 shards not finished (1, 2, 3, 4, 5, 6, 7, 8, ...)")
