@@ -38,6 +38,7 @@ from nla_lens.sae import (
     offset_columns,
     offset_summary,
     resid_hook_names,
+    sae_hook_phrase,
     skipped,
     text_residuals,
     verbalize_sae_features,
@@ -96,7 +97,8 @@ class FeatureCard(TabularResult):
 
     Attributes:
         feature: the SAE feature's index.
-        hook_name: the SAE's hook point, where the feature is read.
+        hook_name: the SAE's hook point, where the feature is read; None for an SAE that records none
+            (`allow_other_hook=True` let it in), read at the NLA's residual.
         verbalization: the AV's output for the feature's decoder direction.
         cosine: verbalize_sae_features's cosine: cos(AR reconstruction, decoder row), the offset's mean taken off
             the reconstruction when there is one; None without an AR, on a failed parse, or where the reconstruction
@@ -109,7 +111,7 @@ class FeatureCard(TabularResult):
     """
 
     feature: int
-    hook_name: str
+    hook_name: str | None
     verbalization: Verbalization
     cosine: float | None
     contexts: list[FeatureContext]
@@ -165,10 +167,11 @@ class FeatureCard(TabularResult):
             said += f" (of the row offset by the {offset_summary(self.offset_stats)})"
         cosine = "" if self.cosine is None else f"; AR cosine to the decoder row {self.cosine:.3f}"
         if not self.contexts:
-            return (f"feature {self.feature} of {self.hook_name}: {said}; no contexts: not active at "
+            return (f"feature {self.feature} of {sae_hook_phrase(self.hook_name)}: {said}; no contexts: not active at "
                     f"{display.positions_scanned(self.n_positions)}{cosine}")
         token, count = self.top_tokens()[0]
-        return (f"feature {self.feature} of {self.hook_name}: {said}; top {counted(len(self.contexts), 'context')}, "
+        return (f"feature {self.feature} of {sae_hook_phrase(self.hook_name)}: {said}; top "
+                f"{counted(len(self.contexts), 'context')}, "
                 f"{count} on {token!r}; active at {self.n_active}/{self.n_positions} positions{cosine}")
 
     def _shown_columns(self, records: list[dict[str, Any]]) -> list[str]:
@@ -240,8 +243,9 @@ def feature_card(
     check_ar_reads_samples(nla, verbalize_kwargs)  # as verbalize_sae_features will, but before the scan
     per_text: list[tuple[list[int], Tensor]] = []
     with torch.inference_mode():
-        # The SAE encodes what it was trained on: another hook's activations when allow_other_hook let it in.
-        scanned_hook = None if hook_name in resid_hook_names(av.meta.layer) else hook_name
+        # The SAE encodes what it was trained on: another hook's activations when allow_other_hook let it in (the
+        # NLA's residual for one that records no hook point, as allow_other_hook took it).
+        scanned_hook = None if hook_name is None or hook_name in resid_hook_names(av.meta.layer) else hook_name
         # One text's residuals at a time: the card keeps only the feature's activations of each.
         for ids, resid in each_text_residuals(base, texts, av.meta.layer, hook_name=scanned_hook):
             acts = sae.encode(resid.to(sae.W_dec.device, sae.W_dec.dtype))

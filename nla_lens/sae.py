@@ -82,8 +82,9 @@ def resid_hook_names(layer: int) -> tuple[str, str]:
     return resid_post_name(layer), f"blocks.{layer + 1}.hook_resid_pre"
 
 
-def check_sae_reads_layer(sae: SAE, layer: int, d_model: int, *, allow_other_hook: bool = False) -> str:
-    """The SAE's hook name, after checking it reads the residual the NLA verbalizes (`blocks.{layer}`).
+def check_sae_reads_layer(sae: SAE, layer: int, d_model: int, *, allow_other_hook: bool = False) -> str | None:
+    """The SAE's hook name, after checking it reads the residual the NLA verbalizes (`blocks.{layer}`); None for an
+    SAE that records none, which only `allow_other_hook=True` lets in (nothing says where it reads).
 
     A width mismatch cannot be overridden (the vectors would not fit); a different hook point can,
     with `allow_other_hook=True`, for users who know the two activations live in one space.
@@ -91,9 +92,10 @@ def check_sae_reads_layer(sae: SAE, layer: int, d_model: int, *, allow_other_hoo
     if not hasattr(sae, "W_dec") or not hasattr(getattr(sae, "cfg", None), "d_sae"):
         raise InputError(f"expected a sae-lens SAE, got {type(sae).__name__}; check the order of the arguments")
     hook_name = sae.cfg.metadata.hook_name
+    at = "" if hook_name is None else f" ({hook_name})"  # sae-lens's metadata answers None for a name never set
     if sae.cfg.d_in != d_model:
         raise SAEMismatchError(
-            f"the SAE reads {sae.cfg.d_in}-dim activations ({hook_name}) but the NLA verbalizes "
+            f"the SAE reads {sae.cfg.d_in}-dim activations{at} but the NLA verbalizes "
             f"d_model={d_model} residuals; use an SAE trained on this NLA's base model"
         )
     if tuple(sae.W_dec.shape) != (sae.cfg.d_sae, sae.cfg.d_in):
@@ -102,8 +104,10 @@ def check_sae_reads_layer(sae: SAE, layer: int, d_model: int, *, allow_other_hoo
             f"{[sae.cfg.d_sae, sae.cfg.d_in]}, one row per feature; if yours stores features as columns, transpose it"
         )
     if sae.cfg.metadata.hook_head_index is not None:
-        raise SAEMismatchError(f"the SAE reads one attention head of {hook_name}, not the residual stream")
-    if hook_name is None and not allow_other_hook:  # sae-lens's metadata answers None for a name never set
+        of = "" if hook_name is None else f" of {hook_name}"
+        raise SAEMismatchError(f"the SAE reads one attention head{of} (hook_head_index="
+                               f"{sae.cfg.metadata.hook_head_index}), not the residual stream")
+    if hook_name is None and not allow_other_hook:
         raise SAEMismatchError(
             f"the SAE records no hook point (sae.cfg.metadata.hook_name is None), so nothing says it reads "
             f"{resid_hook_names(layer)[0]!r}, the residual the NLA verbalizes (layer K={layer}); if it does, set "
@@ -115,7 +119,15 @@ def check_sae_reads_layer(sae: SAE, layer: int, d_model: int, *, allow_other_hoo
             "use an SAE of that hook point, or pass allow_other_hook=True if you know its decoder "
             "directions live in the same space"
         )
-    return hook_name or resid_hook_names(layer)[0]
+    return hook_name
+
+
+def sae_hook_phrase(hook_name: str | None) -> str:
+    """Where an SAE reads, as summaries name it: its hook point, or that it records none (let in by
+    `allow_other_hook=True`, and taken to read the residual the NLA verbalizes)."""
+    if hook_name is None:
+        return "an SAE that records no hook point (taken as reading the NLA's residual: allow_other_hook=True)"
+    return hook_name
 
 
 @dataclass(frozen=True, eq=False)  # == on the tensor field would raise; identity, as the result classes
@@ -330,7 +342,7 @@ class FeatureVerbalizations(TabularResult):
         features: the SAE feature indices, one per row.
         verbalizations: the AV's output for each feature.
         vectors: what the AV was given.
-        hook_name: the SAE's hook point.
+        hook_name: the SAE's hook point; None for an SAE that records none (`allow_other_hook=True` let it in).
         offset: True: mean residual + spread * unit decoder row; False: the decoder row.
         cosines: cos(reconstruction rescaled to the AV input's norm - offset mean, decoder row); NaN on failed
             parses, on explanations the AR cannot read within its n_ctx and on reconstructions with no direction
@@ -343,7 +355,7 @@ class FeatureVerbalizations(TabularResult):
     features: list[int]
     verbalizations: list[Verbalization]
     vectors: Float[Tensor, "n d_model"]
-    hook_name: str
+    hook_name: str | None
     offset: bool
     cosines: Float[Tensor, " n"] | None
     reconstructions: Float[Tensor, "n d_model"] | None
@@ -381,7 +393,7 @@ class FeatureVerbalizations(TabularResult):
             cosine = f"mean AR cosine to the decoder row {float(self.cosines.nanmean()):.3f}"
         offset = (offset_summary(self.offset_stats) if self.offset_stats is not None
                   else "mean" if self.offset else "none")
-        return (f"{counted(len(self), 'feature')} of {self.hook_name}, offset={offset}, "
+        return (f"{counted(len(self), 'feature')} of {sae_hook_phrase(self.hook_name)}, offset={offset}, "
                 f"{counted(failed, 'failed parse')}, {cosine}")
 
 
@@ -454,10 +466,16 @@ def feature_vectors(rows: Float[Tensor, "n d_model"], offset: ResidualStats | No
     if offset.mean.shape != rows.shape[1:]:
         raise VectorError(f"the offset mean has shape {list(offset.mean.shape)} but the NLA verbalizes "
                           f"d_model={rows.shape[1]} residuals; take the stats from this NLA's base model")
-    if not (math.isfinite(offset.spread) and offset.spread > 0):  # 0: one residual, or all of them alike
+    if offset.spread == 0:  # one residual, or all of them alike
         raise VectorError(f"the offset's spread is {offset.spread} (n={offset.n}): every feature would be verbalized "
                           "as the mean residual, its decoder row scaled away; take the stats over many positions, "
                           "nl.residual_stats(base, texts, layer)")
+    if not (math.isfinite(offset.spread) and offset.spread > 0):
+        outcome = ("be NaN or Inf" if not math.isfinite(offset.spread)
+                   else "move the mean against each feature's direction")
+        raise VectorError(f"the offset's spread is {offset.spread} (n={offset.n}), which no RMS distance is (they are "
+                          f"finite and >= 0): mean + spread * W_dec[f] / ||W_dec[f]|| would {outcome}; build the "
+                          "stats with nl.residual_stats(base, texts, layer) or ResidualStats.from_vectors(residuals)")
     # prescaled: the same bits as rows / ||rows|| where that norm is representable, a unit row where it is not
     return offset.mean.to(rows.device).float() + offset.spread * unit(prescaled(rows))
 

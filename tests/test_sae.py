@@ -615,9 +615,8 @@ def test_offset_from_another_layer_or_width_or_bad_vectors_is_refused(toy, monke
         nl.verbalize_sae_features(toy.av, sae, [1], offset=ResidualStats(torch.randn(64), 1.0, 5))
     # A spread of 0 (one residual) verbalized the mean alone, the same vector for every feature.
     monkeypatch.setattr(toy.av, "verbalize", lambda *a, **k: pytest.fail("verbalized the mean for every feature"))
-    for spread, n in ((0.0, 1), (-2.0, 5), (float("nan"), 5)):
-        with pytest.raises(nl.VectorError, match=rf"offset's spread is {spread} \(n={n}\).*as the mean residual"):
-            nl.verbalize_sae_features(toy.av, sae, [1, 2], offset=ResidualStats(torch.randn(128), spread, n))
+    with pytest.raises(nl.VectorError, match=r"offset's spread is 0.0 \(n=1\).*as the mean residual"):
+        nl.verbalize_sae_features(toy.av, sae, [1, 2], offset=ResidualStats(torch.randn(128), 0.0, 1))
     with pytest.raises(nl.VectorError, match=r"spread is 0.0 \(n=1\)"):
         nl.verbalize_sae_features(toy.av, sae, [1], offset=ResidualStats.from_vectors(torch.randn(1, 128)))
     for bad in (torch.randn(128), torch.randn(0, 128), torch.full((2, 128), float("nan"))):
@@ -625,6 +624,52 @@ def test_offset_from_another_layer_or_width_or_bad_vectors_is_refused(toy, monke
             ResidualStats.from_vectors(bad)
     with pytest.raises(nl.InputError, match="max_tokens=0: must be a whole number >= 1"):
         nl.residual_stats(toy.base, TOY_TEXTS, toy.av.meta.layer, max_tokens=0)
+
+
+@NEEDS_SAE_LENS
+@pytest.mark.parametrize(("spread", "outcome"), [(float("inf"), "be NaN or Inf"), (float("nan"), "be NaN or Inf"),
+                                                 (-2.0, "move the mean against each feature's direction")])
+def test_an_offset_spread_no_rms_distance_has_is_refused_saying_what_it_would_do(av_karvonen, monkeypatch, spread,
+                                                                                 outcome):
+    """An infinite, NaN or negative spread was refused as a zero one is: 'every feature would be verbalized as the
+    mean residual', which only a zero spread does."""
+    from nla_lens.sae import ResidualStats
+
+    sae = make_sae(D_MODEL, 8, f"blocks.{LAYER}.hook_resid_post")
+    monkeypatch.setattr(av_karvonen, "verbalize", lambda *a, **k: pytest.fail("verbalized a broken offset"))
+    with pytest.raises(nl.VectorError, match=rf"^the offset's spread is {spread} \(n=5\), which no RMS distance is "
+                                             rf"\(they are finite and >= 0\): mean \+ spread \* W_dec\[f\] / "
+                                             rf"\|\|W_dec\[f\]\|\| would {outcome}; build the stats"):
+        nl.verbalize_sae_features(av_karvonen, sae, [1], offset=ResidualStats(torch.randn(D_MODEL), spread, 5))
+
+
+@NEEDS_SAE_LENS
+def test_an_sae_that_records_no_hook_point_is_named_so_not_as_reading_the_residual(av_karvonen, base, tmp_path):
+    """allow_other_hook=True let it in, and its results named blocks.K.hook_resid_post as its hook point, an
+    assumption stated as fact; a width or attention-head mismatch printed its hook point as 'None'."""
+    sae = make_sae(D_MODEL, 8, f"blocks.{LAYER}.hook_resid_post")
+    named = make_sae(D_MODEL, 8, f"blocks.{LAYER}.hook_resid_post")  # the same weights (seed 0), a hook point named
+    sae.cfg.metadata.hook_name = None
+    fast = {"allow_other_hook": True, "max_new_tokens": 2, "progress": False}
+    out = nl.verbalize_sae_features(av_karvonen, sae, [1, 2], **fast)
+    unnamed = "an SAE that records no hook point (taken as reading the NLA's residual: allow_other_hook=True)"
+    assert out.hook_name is None and out.summary().startswith(f"2 features of {unnamed}, offset=none")
+    out.save(tmp_path / "features.parquet")
+    assert nl.read_result(tmp_path / "features.parquet")["hook_name"].isna().all()
+    texts = ["The cat sat on the mat.", "A dog ran far away from home."]
+    card = nl.feature_card(sae, base, texts, 3, av_karvonen, k=3, **fast)
+    assert card.hook_name is None and card.summary().startswith(f"feature 3 of {unnamed}: ")
+    assert "no hook point recorded</div>" in card._repr_html_()
+    assert card.contexts == nl.feature_card(named, base, texts, 3, av_karvonen, k=3, **fast).contexts  # scanned at K
+    narrow = make_sae(D_MODEL // 2, 8, f"blocks.{LAYER}.hook_resid_post")
+    narrow.cfg.metadata.hook_name = None
+    with pytest.raises(nl.SAEMismatchError, match=rf"^the SAE reads {D_MODEL // 2}-dim activations but the NLA "
+                                                  rf"verbalizes d_model={D_MODEL} residuals"):
+        nl.verbalize_sae_features(av_karvonen, narrow, [0], **fast)
+    sae.cfg.metadata.hook_head_index = 1
+    with pytest.raises(nl.SAEMismatchError, match=r"^the SAE reads one attention head \(hook_head_index=1\), not "
+                                                  r"the residual stream$"):
+        nl.verbalize_sae_features(av_karvonen, sae, [0], **fast)
 
 
 @NEEDS_SAE_LENS
