@@ -44,7 +44,7 @@ _MAX_TABLE_ROWS = 200
 _ROWS_IN_BOX = 20  # about the rows a table's 36em box shows before it scrolls (see `_STYLE`)
 _NUMERIC_HEADER = " class='num'"  # a number column's header, aligned right over its numbers
 _PROSE = 24  # characters: a table cell longer than this holds text to read (see `_cell`)
-_CURVE_SIZE, _CURVE_X, _CURVE_Y = (264, 130), (62, 254), (20, 104)  # a chart's size and its plot area's x / y span
+_CURVE_SIZE, _CURVE_X, _CURVE_Y = (264, 112), (62, 254), (8, 92)  # a chart's size and its plot area's x / y span
 _CURVE_INK = "#2c7fb8"
 _HUB_ID = re.compile(r"\w[\w.-]*/[\w.-]+")  # owner/name, as the HF hub spells a repository
 # Written as escapes: control characters, line and paragraph separators, and format characters (bidi controls,
@@ -78,6 +78,9 @@ _UNITS = {"kl": "nats", "delta_logp": "nats", "control_delta_logp": "nats", "cle
 # A tall table scrolls in a box of its own height, its headers kept in view: at the table's full height, the bar to
 # scroll it sideways sat under its last row, out of sight while reading the first. The box is the table's width (at
 # most the view's), so the bar to scroll it down sits beside its rows.
+# A token chip in a table is never broken: the table's automatic layout squeezed a token column beside long text to
+# a sliver, breaking " villain" after its space. A chip outlined inside its box (a miss, a card's peak) is padded by
+# the outline's width, which covered a narrow glyph (",", "l") whole.
 _STYLE = """
 .nla-view { font: 14px/1.45 system-ui, sans-serif; color: #222; background: #fff; max-width: 72em;
   padding: 0.4em 0.8em; border-radius: 4px; }
@@ -99,6 +102,9 @@ _STYLE = """
 .nla-view .nla-tok sub { font: 9px sans-serif; color: inherit; }
 .nla-view .nla-failed { outline: 2px dashed #b00; outline-offset: -2px; }
 .nla-view .nla-peak { outline: 2px solid #b00; outline-offset: -2px; }
+.nla-view .nla-tok.nla-failed, .nla-view .nla-tok.nla-peak { padding-left: calc(0.05em + 2px);
+  padding-right: calc(0.05em + 2px); }
+.nla-view .nla-table .nla-tok { white-space: pre; }
 .nla-view .nla-said { background: #f4f4f4; border-left: 4px solid #888; padding: 0.4em 0.6em; margin: 0.4em 0; }
 .nla-view .nla-table { overflow: auto; max-height: 36em; width: fit-content; max-width: 100%; }
 .nla-view .nla-table table { border-collapse: collapse; font-size: 0.9em; color: inherit; margin: 0;
@@ -114,6 +120,7 @@ _STYLE = """
 .nla-view .nla-unparsed { color: #a00; font-style: italic; }
 .nla-view .nla-curves { display: flex; flex-wrap: wrap; gap: 0.6em 1.2em; margin: 0.3em 0 0.8em; }
 .nla-view .nla-curve text { font: 11px system-ui, sans-serif; fill: #444; }
+.nla-view .nla-curve-title { font: bold 11px system-ui, sans-serif; color: #444; overflow-wrap: anywhere; }
 .nla-view .nla-empty { font-style: italic; padding: 0.4em 0.6em; border: 1px dashed #bbb; display: inline-block; }
 """
 
@@ -325,12 +332,13 @@ def _shown_token(token: str) -> str:
 
 def visible_token(token: str) -> str:
     """A token as text that shows every character: a newline drawn as ↵, the spaces of an all-whitespace token
-    as ␣ (other spaces of one, such as a no-break or ideographic space, as their escapes: \\xa0, \\u3000), other
-    control and format characters as escapes (\\r, \\x0c, \\u200f). Bare, they leave a chip or a cell blank (a lone
-    space is a sliver, invisible outside a chip), HTML reads a \\r as a line break, and a right-to-left
-    override reverses the tokens drawn after it."""
+    as ␣ (its tabs and other spaces, such as a no-break or ideographic space, as their escapes: \\t, \\xa0,
+    \\u3000), other control and format characters as escapes (\\r, \\x0c, \\u200f); a tab beside other text is
+    kept, as the indent it is. Bare, they leave a chip or a cell blank (a lone space is a sliver, invisible outside
+    a chip; a lone tab a blank box), HTML reads a \\r as a line break, and a right-to-left override reverses the
+    tokens drawn after it."""
     if token.strip() == "":
-        token = "".join("\u2423" if c == " " else _escaped(c) if unicodedata.category(c) == "Zs" else c
+        token = "".join("\u2423" if c == " " else _escaped(c) if c == "\t" or unicodedata.category(c) == "Zs" else c
                         for c in token)
     return _visible(token.replace("\n", "\u21b5"), keep="\t")
 
@@ -422,15 +430,16 @@ def curves_html(curves: Sequence[tuple[str, Sequence[tuple[int, float]]]]) -> st
 
 
 def _curve(name: str, points: Sequence[tuple[int, float]]) -> str:
-    """A curve's chart, and under it the steps where its value is not finite."""
+    """A curve's title (its last finite value), its chart, and under it the steps where its value is not finite.
+    The title is text above the chart, not in it, so a long one wraps: the chart's box clipped "parse_failure_rate:
+    0.04688 at step 2000" to "... at step 2"."""
     finite = [(step, value) for step, value in points if math.isfinite(value)]
-    chart = _curve_svg(name, finite, (min(s for s, _ in points), max(s for s, _ in points)))
+    title = html.escape(f"{name}: {finite[-1][1]:.4g} at step {finite[-1][0]}")
+    chart = _curve_svg(title, finite, (min(s for s, _ in points), max(s for s, _ in points)))
     lost = sorted(step for step, value in points if not math.isfinite(value))
-    if not lost:
-        return chart
-    note = f"{name} not finite at step{'s' if len(lost) > 1 else ''} {_step_ranges(lost)}"
-    return (f"<div>{chart}<div class='nla-warn' style='max-width: {_CURVE_SIZE[0]}px'>{html.escape(note)}</div>"
-            "</div>")
+    note = f"{name} not finite at step{'s' if len(lost) > 1 else ''} {_step_ranges(lost)}" if lost else ""
+    return (f"<div style='width: {_CURVE_SIZE[0]}px'><div class='nla-curve-title'>{title}</div>{chart}"
+            + (f"<div class='nla-warn'>{html.escape(note)}</div>" if note else "") + "</div>")
 
 
 def _step_ranges(steps: Sequence[int], most: int = 4) -> str:
@@ -445,8 +454,10 @@ def _step_ranges(steps: Sequence[int], most: int = 4) -> str:
     return named + (f" and {len(runs) - most} more" if len(runs) > most else "")
 
 
-def _curve_svg(name: str, points: Sequence[tuple[int, float]], span: tuple[int, int]) -> str:
-    """The chart of `points` (finite, at least one) on an x axis from the first to the last step of `span`."""
+def _curve_svg(title: str, points: Sequence[tuple[int, float]], span: tuple[int, int]) -> str:
+    """The chart of `points` (finite, at least one) on an x axis from the first to the last step of `span`; `title`
+    (escaped) names it to a screen reader. A flat curve has one y label, beside its line: the two ends of a span
+    labelled alike read as a range the line sat in the middle of."""
     (left, right), (top, bottom) = _CURVE_X, _CURVE_Y
     steps, values = [p[0] for p in points], [p[1] for p in points]
     low, high = min(values), max(values)
@@ -462,13 +473,13 @@ def _curve_svg(name: str, points: Sequence[tuple[int, float]], span: tuple[int, 
             + " ".join(f"{x(s):.1f},{y(v):.1f}" for s, v in points) + "'/>"
             if len(points) > 1 else f"<circle cx='{x(steps[0]):.1f}' cy='{y(values[0]):.1f}' r='2.5' "
                                     f"fill='{_CURVE_INK}'/>")
-    title = html.escape(f"{name}: {values[-1]:.4g} at step {steps[-1]}")
-    labels = (f"<text x='{left - 4}' y='{top + 4}' text-anchor='end'>{high:.3g}</text>"
-              f"<text x='{left - 4}' y='{bottom}' text-anchor='end'>{low:.3g}</text>"
-              f"<text x='{left}' y='{bottom + 14}'>{first}</text>"
+    y_labels = (f"<text x='{left - 4}' y='{top + 4}' text-anchor='end'>{high:.3g}</text>"
+                f"<text x='{left - 4}' y='{bottom}' text-anchor='end'>{low:.3g}</text>" if high > low else
+                f"<text x='{left - 4}' y='{y(low) + 4:.1f}' text-anchor='end'>{low:.3g}</text>")
+    labels = (f"{y_labels}<text x='{left}' y='{bottom + 14}'>{first}</text>"
               f"<text x='{right}' y='{bottom + 14}' text-anchor='end'>{last}</text>")
     return (f"<svg class='nla-curve' width='{_CURVE_SIZE[0]}' height='{_CURVE_SIZE[1]}' role='img' "
-            f"aria-label='{title}'><text x='{left}' y='12' font-weight='bold'>{title}</text>"
+            f"aria-label='{title}'>"
             f"<rect x='{left}' y='{top}' width='{right - left}' height='{bottom - top}' fill='none' stroke='#ddd'/>"
             f"{line}{labels}</svg>")
 

@@ -12,6 +12,7 @@ import subprocess
 import zlib
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -115,9 +116,21 @@ document.body.append(out);
 def _styles(body: str, css: str, tmp_path: Path, width: int = 1000) -> dict:
     """What chromium computes for `body` on a page styled by `css` in a window `width` pixels wide: `elements`, one
     per text element, `page` and `tables` (see `_READ_STYLES`)."""
+    return _computed(body, css, _READ_STYLES, tmp_path, width)
+
+
+def _measured(body: str, expression: str, tmp_path: Path, width: int = 1000) -> Any:
+    """The JSON value of the JavaScript `expression`, run by chromium on a page of `body` `width` pixels wide."""
+    script = (f"<script>const out = document.createElement('pre'); out.id = 'styles'; "
+              f"out.textContent = JSON.stringify({expression}); document.body.append(out);</script>")
+    return _computed(body, "", script, tmp_path, width)
+
+
+def _computed(body: str, css: str, script: str, tmp_path: Path, width: int) -> Any:
+    """What `script` writes to `pre#styles` on a page of `body` styled by `css`, `width` pixels wide."""
     page = tmp_path / "styled.html"
     page.write_text(f"<!DOCTYPE html><html><head><meta charset='utf-8'><style>{css}</style></head><body>"
-                    f"<div class='jp-RenderedHTMLCommon'>{body}</div>{_READ_STYLES}</body></html>", encoding="utf-8")
+                    f"<div class='jp-RenderedHTMLCommon'>{body}</div>{script}</body></html>", encoding="utf-8")
     dom = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
                           "--hide-scrollbars", f"--window-size={width},800", f"--user-data-dir={tmp_path / 'profile'}",
                           "--dump-dom", page.as_uri()], capture_output=True, timeout=120, check=True, text=True).stdout
@@ -419,3 +432,57 @@ def test_a_training_run_whose_loss_diverged_charts_it_up_to_the_divergence_and_n
     assert "loss: 1.5 at step 3" in loss and len(_polyline(loss)) == 3 and ">5</text>" in loss
     assert "loss not finite at steps 4-5<" in page and "grad_norm not finite at steps 4-5<" in page
     assert "eval_loss not finite" not in page
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian chromium not installed")
+def test_a_token_chip_in_a_table_beside_long_text_stays_on_one_line(tmp_path):
+    """A steering table's automatic layout squeezed its token column to a sliver: the chip " villain" broke after
+    its space, a blank sliver on one line and "villain" on the next."""
+    said = "The token \"ction\", after \"c\", predicting \",\"."
+    records = [{"batch": b, "position": 4, "token": token, "clean": said, "steered": said + " steered", "added": "a b",
+                "removed": "c d", "cosine": 0.4, "fve_clean": 0.8, "fve_steered": -1.2}
+               for b, token in enumerate((" dead", " villain", " wherefore"))]
+    view = display.result_html("SteeringResult", "3 sites", records, list(records[0]))
+    lines = _measured(view, "[...document.querySelectorAll('.nla-tok')].map(e => e.getClientRects().length)",
+                      tmp_path, width=800)
+    assert lines == [1, 1, 1]
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian chromium not installed")
+def test_an_outlined_token_is_padded_clear_of_its_outline(tmp_path):
+    """The miss's dashed outline and a card's peak outline are drawn 2 px inside the chip, whose padding was 0.05 em
+    (under 1 px): they covered a narrow glyph ("," or "l") whole."""
+    missed = display.TokenCell(",", 0, True, None, "raw", -1.5, 2.0)
+    views = (display.explained_text_html([[missed]], title="t", layer=1)
+             + display.feature_card_html("f", "h", "s", "e", "", [(["B", "l", "ow"], [0.5, 2.0, 0.1], 1)]))
+    chips = _measured(views, "[...document.querySelectorAll('.nla-tok.nla-failed, .nla-tok.nla-peak')].map(e => "
+                             "[getComputedStyle(e).paddingLeft, getComputedStyle(e).paddingRight, "
+                             "getComputedStyle(e).outlineWidth, getComputedStyle(e).outlineOffset])", tmp_path)
+    assert len(chips) == 3  # the line's chip and the row's, and the card's peak
+    for left, right, width, offset in ([float(v.removesuffix("px")) for v in chip] for chip in chips):
+        assert offset == -width and min(left, right) >= width + 0.5
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian chromium not installed")
+def test_a_long_chart_title_is_shown_whole_above_its_chart(tmp_path):
+    """The title was SVG text in the chart's 264 px box: "parse_failure_rate: 0.04688 at step 2000" was clipped to
+    "... at step 2", a step the run had long passed."""
+    curve = display.curves_html([("parse_failure_rate", [(1, 0.05), (2000, 0.04688)])])
+    title = "parse_failure_rate: 0.04688 at step 2000"
+    boxes = _measured(curve, "[...document.querySelectorAll('.nla-curves > div')].map(e => [e.getBoundingClientRect()"
+                             ".right, [...e.querySelectorAll('*')].filter(c => c.textContent === "
+                             f"{json.dumps(title)}).map(c => c.getBoundingClientRect().right)])", tmp_path)
+    (chart_right, title_rights), = boxes
+    assert title_rights and all(right <= chart_right + 0.5 for right in title_rights)
+
+
+def test_a_flat_curve_labels_its_one_value_beside_its_line():
+    """A curve whose values are all equal was labelled with that value at the top and at the bottom of its y axis,
+    a range the line sat in the middle of."""
+    flat = display.curves_html([("length", [(1, 30.0), (2, 30.0), (3, 30.0)])])
+    assert flat.count(">30</text>") == 1
+    line_y = {y for _, y in _polyline(flat)}
+    label_y = float(re.search(r"<text x='\d+' y='([\d.]+)' text-anchor='end'>30</text>", flat).group(1))
+    assert len(line_y) == 1 and abs(label_y - 4 - line_y.pop()) < 0.1  # on the line's height (its baseline 4 px down)
+    dot = display.curves_html([("lr", [(5, 1e-3)])])
+    assert dot.count(">0.001</text>") == 1

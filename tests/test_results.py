@@ -432,7 +432,7 @@ def test_repr_and_views_show_every_control_character_as_an_escape():
     cells = [display.TokenCell(t, p, True, "x", None, 0.5 + p / 10) for p, t in enumerate(tokens)]
     html = display.explained_text_html([cells], title="t", layer=1).split("</style>")[1]
     assert not {"\r", "\x0c", "\x1b"} & set(html)  # HTML reads a \r as a line break; the others draw nothing
-    assert "\\r\u21b5<sub>0</sub>" in html and "\\x0c<sub>1</sub>" in html and "\t<sub>3</sub>" in html
+    assert "\\r\u21b5<sub>0</sub>" in html and "\\x0c<sub>1</sub>" in html and "\\t<sub>3</sub>" in html
     card = display.feature_card_html("f", "h", "s", "e", "", [(["\r", "a"], [1.0, 0.5], 0)])
     assert "\r" not in card.split("</style>")[1]
 
@@ -1166,3 +1166,13 @@ def test_a_repr_aligns_left_a_column_whose_every_explanation_failed_to_parse():
     header, *lines = repr(said).splitlines()[1:]
     assert [line.index("(no <explanation> tags)") for line in lines] == [header.index("explanation")] * 2
     assert "class='num'" not in display.result_html("Verbalizations", "", said.to_records(), ["explanation"])
+
+
+def test_a_tab_token_is_drawn_as_its_escape_not_a_blank_chip():
+    """A lone tab token was kept bare, as a tab beside text is: its chip was a blank box, in the view's line and rows
+    alike (a miss's chip, white in its outline, showed nothing at all)."""
+    assert display.visible_token("\t") == "\\t" and display.visible_token(" \t") == "\u2423\\t"
+    assert display.visible_token("\tif") == "\tif"  # beside text, the indent it is
+    cells = [display.TokenCell("\t", 0, True, None, "raw", -1.5, 2.0)]
+    view = display.explained_text_html([cells], title="t", layer=1).split("</style>")[1]
+    assert "\t" not in view and view.count(">\\t<") == 2 and "\\t<sub>0</sub>" in view  # the line and its row
