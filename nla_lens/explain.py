@@ -246,11 +246,19 @@ def explain_tokens(nla: NLA, base: TLModel, token_rows: Sequence[Sequence[int]],
     strings = [[cast(str, tokenizer.decode([i], clean_up_tokenization_spaces=False)) for i in row]
                for row in token_rows]
     _check_directions(captured, sites, strings, layer)
-    round_trip = nla.round_trip(captured, baseline=baseline, **verbalize_kwargs)
+    round_trip = nla.round_trip(captured, baseline=baseline, name_rows=lambda rows: _name_sites(rows, sites, strings),
+                                **verbalize_kwargs)
     fves = [None] * len(sites) if round_trip.fves is None else round_trip.fves.tolist()
     explained = [ExplainedToken(t, p, strings[t][p], v, mse, fve, miss) for (t, p), v, mse, fve, miss in
                  zip(sites, round_trip.verbalizations, round_trip.mse.tolist(), fves, round_trip.misses, strict=True)]
     return Explanation(explained, texts, strings, layer, captured, round_trip, getattr(base.cfg, "model_name", None))
+
+
+def _name_sites(rows: Sequence[int], sites: Sequence[tuple[int, int]], strings: Sequence[Sequence[str]]) -> str:
+    """Rows of the concatenation of every text's explained positions named as the table shows them: "text 0
+    position 3 (' cat')"; an index into that concatenation means nothing to the reader of the table."""
+    where = [f"text {t} position {p} ({strings[t][p]!r})" for t, p in (sites[i] for i in rows[:5])]
+    return ", ".join(where) + (f" and {len(rows) - 5} more" if len(rows) > 5 else "")
 
 
 def _check_directions(vectors: Float[Tensor, "n d_model"], sites: Sequence[tuple[int, int]],
@@ -258,9 +266,8 @@ def _check_directions(vectors: Float[Tensor, "n d_model"], sites: Sequence[tuple
     """Refuse residuals the AV cannot be given (zero: no direction; non-finite), naming each by its text,
     position and token; `verbalize` would name rows of the concatenation of every text's positions."""
     non_finite, zero = directionless_rows(vectors)
-    where = [f"text {t} position {p} ({strings[t][p]!r})" for t, p in (sites[i] for i in sorted({*non_finite, *zero}))]
-    if where:
-        shown = ", ".join(where[:5]) + (f" and {len(where) - 5} more" if len(where) > 5 else "")
+    if non_finite or zero:
+        shown = _name_sites(sorted({*non_finite, *zero}), sites, strings)
         raise VectorError(f"the layer-{layer} residual at {shown} is zero or not finite, so it has no direction to "
                           "inject (a hook of yours that zeroes it, or a token whose embedding is zero). Leave those "
                           "positions out with positions=, or explain a run that leaves them their values")

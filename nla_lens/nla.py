@@ -23,7 +23,7 @@ from nla_lens import loading, metrics
 from nla_lens.checks import check_counts, check_keywords, counted
 from nla_lens.errors import CheckpointError, InputError, PairMismatchError, SidecarError
 from nla_lens.injection import check_vectors, directionless_rows
-from nla_lens.parsing import failed_parse_note, injection_warning, injection_warning_held
+from nla_lens.parsing import RowNamer, failed_parse_note, injection_warning, injection_warning_held, row_indices
 from nla_lens.reconstructor import ActivationReconstructor, check_sample_fits
 from nla_lens.results import TabularResult
 from nla_lens.sidecar import InjectionSpec, NLAMeta, load_meta
@@ -126,7 +126,8 @@ def check_read_keywords(nla_or_av: NLA | ActivationVerbalizer, keywords: Iterabl
     accepted = set(inspect.signature(ActivationVerbalizer.verbalize).parameters) - {"self", "vectors"}
     passed_to = "verbalize"
     if isinstance(nla_or_av, NLA):
-        own = {"self", "vectors", "baseline", "verbalize_kwargs"}  # the experiment binds its own baseline
+        # bound by the experiment itself (its baseline, how its warnings name its rows), never passed through
+        own = {"self", "vectors", "baseline", "name_rows", "verbalize_kwargs"}
         accepted |= set(inspect.signature(NLA.round_trip).parameters) - own
         passed_to = "round_trip"
     check_keywords(keywords, accepted, where, passed_to)
@@ -301,45 +302,47 @@ def rows_the_ar_reads(ar: ActivationReconstructor, verbalizations: Sequence[Verb
 
 
 def miss_warnings(ar: ActivationReconstructor, verbalizations: Sequence[Verbalization],
-                  reconstructions: Float[Tensor, "n d_model"], first_row: int = 0) -> list[str]:
-    """The parsed rows `NLA.score` scored as misses, named (numbered from `first_row`: a shard's place in its input):
-    explanations the AR cannot read within its n_ctx, reconstructions with no direction."""
+                  reconstructions: Float[Tensor, "n d_model"], first_row: int = 0,
+                  name_rows: RowNamer = row_indices) -> list[str]:
+    """The parsed rows `NLA.score` scored as misses, named by `name_rows` (numbered from `first_row`: a shard's place
+    in its input): explanations the AR cannot read within its n_ctx, reconstructions with no direction."""
     read, too_long = rows_the_ar_reads(ar, verbalizations)
-    notes = [too_long_warning(too_long, len(verbalizations), ar.model.cfg.n_ctx, first_row),
-             directionless_warning(reconstructions, read, first_row)]
+    notes = [too_long_warning(too_long, len(verbalizations), ar.model.cfg.n_ctx, first_row, name_rows),
+             directionless_warning(reconstructions, read, first_row, name_rows)]
     return [note for note in notes if note]
 
 
-def too_long_warning(rows: Sequence[int], n: int, n_ctx: int, first_row: int = 0) -> str | None:
+def too_long_warning(rows: Sequence[int], n: int, n_ctx: int, first_row: int = 0,
+                     name_rows: RowNamer = row_indices) -> str | None:
     """Rows whose explanation the AR cannot read within its n_ctx (`rows_the_ar_reads`), scored as misses."""
     if not rows:
         return None
-    shown = [first_row + i for i in rows[:8]]
-    return (f"{len(rows)}/{n} explanations make AR prompts over the AR's n_ctx={n_ctx} (rows {shown}), scored as "
+    shown = name_rows([first_row + i for i in rows])
+    return (f"{len(rows)}/{n} explanations make AR prompts over the AR's n_ctx={n_ctx} ({shown}), scored as "
             "misses: their text retokenizes to more tokens than the AV sampled (a sampled token holding stray bytes "
             "of a split character decodes to U+FFFD, which may tokenize as three); read their `text`")
 
 
 def directionless_warning(reconstructions: Float[Tensor, "n d_model"], read: Sequence[int],
-                          first_row: int = 0) -> str | None:
+                          first_row: int = 0, name_rows: RowNamer = row_indices) -> str | None:
     """A warning naming the rows the AR read (`read`, numbered from `first_row`) whose reconstruction has no direction
     (NaN, Inf or zero), which `NLA.score` scored as misses; None when there are none."""
     non_finite, zero = directionless_rows(reconstructions)
     rows = sorted(first_row + i for i in {*non_finite, *zero} & set(read))
     if not rows:
         return None
-    return (f"{len(rows)}/{len(reconstructions)} reconstructions have no direction (NaN, Inf or zero; rows "
-            f"{rows[:8]}), scored as misses: {DIRECTIONLESS_CAUSE}")
+    return (f"{len(rows)}/{len(reconstructions)} reconstructions have no direction (NaN, Inf or zero; "
+            f"{name_rows(rows)}), scored as misses: {DIRECTIONLESS_CAUSE}")
 
 
-def ran_on_warning(rows: Sequence[int], n: int) -> str | None:
+def ran_on_warning(rows: Sequence[int], n: int, name_rows: RowNamer = row_indices) -> str | None:
     """Of `n` rows, the `rows` whose explanation closed its tag but whose sample reached max_new_tokens without the
     AV's EOS (`Verbalization.truncated`): round trips score them by the paper's parse rule, RL's reward (the
     recipe's) as misses, so the two disagree on them."""
     if not rows:
         return None
     return (f"{len(rows)}/{n} explanations closed their tag but the AV did not end the sample before max_new_tokens "
-            f"(rows {list(rows[:8])}): the round trip scores them, by the paper's parse rule, where RL's reward scores "
+            f"({name_rows(rows)}): the round trip scores them, by the paper's parse rule, where RL's reward scores "
             "such samples as misses. A larger max_new_tokens lets a tag closed at the cap end with EOS; what the AV "
             "wrote on after its tag is in the row's `text`")
 
@@ -431,11 +434,13 @@ class NLA:
                        **verbalize_kwargs)
 
     def round_trip(self, vectors: Float[Tensor, "n d_model"], *, baseline: float | None = None,
-                   reconstruct_batch_size: int = 64, **verbalize_kwargs: Any) -> RoundTrip:
+                   reconstruct_batch_size: int = 64, name_rows: RowNamer = row_indices,
+                   **verbalize_kwargs: Any) -> RoundTrip:
         """Verbalize, reconstruct and score `vectors` (`[n, d_model]`, or one `[d_model]` vector).
 
         Other keywords go to `verbalize` (`max_new_tokens`, `temperature`, `batch_size`, `seed`, ...);
-        `reconstruct_batch_size` bounds the AR's batches.
+        `reconstruct_batch_size` bounds the AR's batches. `name_rows` names the rows a warning is about, given
+        their indices in `vectors` (default "rows [0, 2]"; `explain` names each row's text, position and token).
 
         The FVE baseline is `baseline` if given, else the one the AR's sidecar records (nla_lens's
         exporter writes the held-out one), else the paper baseline of `vectors` when there are at least
@@ -457,9 +462,10 @@ class NLA:
             verbalizations = self.av.verbalize(vectors, **verbalize_kwargs)
         reconstructions, mse = self.score(vectors, verbalizations, reconstruct_batch_size=reconstruct_batch_size)
         ran_on = [i for i, v in enumerate(verbalizations) if v.truncated and v.explanation is not None]
-        notes = [w for w in [injection_warning([v.text for v in verbalizations], self.av.meta.injection_char),
-                             *miss_warnings(self.ar, verbalizations, reconstructions),
-                             ran_on_warning(ran_on, len(verbalizations)), resolved.warning] if w]
+        notes = [w for w in [injection_warning([v.text for v in verbalizations], self.av.meta.injection_char,
+                                               name_rows),
+                             *miss_warnings(self.ar, verbalizations, reconstructions, name_rows=name_rows),
+                             ran_on_warning(ran_on, len(verbalizations), name_rows), resolved.warning] if w]
         n_failed = sum(v.explanation is None for v in verbalizations)
         value = resolved.value
         return RoundTrip(verbalizations, reconstructions, mse, float(mse.mean()),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
@@ -14,6 +14,15 @@ if TYPE_CHECKING:
 # The paper's inference code: first match, surrounding whitespace dropped.
 _EXPLANATION = re.compile(r"<explanation>\s*(.*?)\s*</explanation>", re.DOTALL)
 _CJK = re.compile(r"[\u2e80-\u9fff\uac00-\ud7af\uf900-\ufaff\u3000-\u303f\uff00-\uffef]")
+
+# How a warning names the rows it is about, given their indices in the batch: "rows [0, 2]" by default; `explain`
+# names its text, position and token, since its table has no flat row index.
+RowNamer = Callable[[Sequence[int]], str]
+
+
+def row_indices(rows: Sequence[int]) -> str:
+    """Rows named by their index in the batch, the first 8: "rows [0, 2]"."""
+    return f"rows {list(rows[:8])}"
 
 
 def parse_explanation(text: str) -> str | None:
@@ -61,13 +70,13 @@ def injection_warning_held() -> Iterator[None]:
         yield
 
 
-def injection_warning(texts: list[str], marker_char: str) -> str | None:
-    """A warning for a batch of AV outputs, or None when they look healthy."""
+def injection_warning(texts: list[str], marker_char: str, name_rows: RowNamer = row_indices) -> str | None:
+    """A warning for a batch of AV outputs, naming the flagged rows with `name_rows`; None when they look healthy."""
     flagged = [i for i, t in enumerate(texts) if looks_like_failed_injection(t, marker_char)]
     if not flagged:
         return None
     return (
         f"{len(flagged)}/{len(texts)} AV outputs echo the marker {marker_char!r} or are mostly CJK "
-        f"(rows {flagged[:8]}): the injection probably failed. Check the injection method and hook "
+        f"({name_rows(flagged)}): the injection probably failed. Check the injection method and hook "
         "point against how this AV was trained (av.injection_spec)."
     )

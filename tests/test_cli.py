@@ -570,6 +570,12 @@ def test_explain_prints_a_parsed_rows_miss_as_the_miss(capsys, monkeypatch):
     assert len(rows) == 2 and all(row[2:4] == ["miss", "miss"] for row in rows)
     assert "(no <explanation> tags)" not in out  # they parsed: their explanations are printed as they are
     assert "2/2 reconstructions have no direction" in err
+    # named as the table shows them, not as rows of the round trip ("rows [0, 1]")
+    tokenizer = AutoTokenizer.from_pretrained(av)
+    ids = tokenizer("Macbeth: the king is dead")["input_ids"]
+    named = ", ".join(f"text 0 position {p} ({tokenizer.decode([ids[p]], clean_up_tokenization_spaces=False)!r})"
+                      for p in (len(ids) - 2, len(ids) - 1))
+    assert f"(NaN, Inf or zero; {named})" in err and "rows [" not in err
 
 
 def test_explain_warns_of_rows_cut_by_max_new_tokens(capsys):

@@ -20,6 +20,7 @@ from nla_lens.cli import main
 from nla_lens.explain import explain_tokens, select_positions
 from nla_lens.toy.evaluate import MIN_CONTEXT
 from nla_lens.toy.labeler import names_token
+from nla_lens.verbalizer import Verbalization
 
 FAST = {"max_new_tokens": 4}
 TEXTS = ["The cat sat on the mat.", "A dog ran"]
@@ -103,6 +104,37 @@ def test_a_zeroed_residual_is_named_by_its_text_position_and_token(base, nla):
     assert no_hooks_left(base)
     assert len(nla.explain(base, TEXTS, positions=[0, 1], fwd_hooks=[(name, ablate)], baseline=0.8, **FAST).rows) == 4
 
+
+def test_the_round_trips_warnings_name_each_row_by_its_text_position_and_token(base, nla, monkeypatch):
+    """A failed injection, a reconstruction with no direction and a sample that ran on past its tag were named by
+    their index among every text's explained positions ("rows [9]"), a number the explain table does not show."""
+    tokens = [[base.tokenizer.decode([i]) for i in base.tokenizer.encode(text)] for text in TEXTS]
+    sites = [(t, p) for t, row in enumerate(tokens) for p in range(len(row))]
+    echoed, directionless, ran_on = sites.index((1, 1)), sites.index((1, 2)), sites.index((0, 2))
+    marker = nla.av.meta.injection_char
+    cat = Verbalization("<explanation>the cat</explanation>", "the cat", [])
+    said = [cat] * len(sites)
+    said[echoed] = Verbalization(f"<explanation>{marker}</explanation>", marker, [])
+    said[ran_on] = Verbalization("<explanation>the cat</explanation> and", "the cat", [], truncated=True)
+    monkeypatch.setattr(nla.av, "verbalize", lambda v, **kw: said)
+
+    def zero_one_reconstruction(resid, hook):  # every explanation parses and fits: the AR reads every row in order
+        resid[directionless] = 0.0
+        return resid
+
+    with nla.ar.model.hooks(fwd_hooks=[(f"blocks.{nla.layer}.hook_resid_post", zero_one_reconstruction)]):
+        explained = nla.explain(base, TEXTS, baseline=0.8, **FAST)
+
+    assert [r.miss for r in explained.rows] == [i == directionless for i in range(len(sites))]
+    n, warned = len(sites), explained.round_trip.warnings
+    assert len(warned) == 3 and not any("rows [" in w for w in warned)
+    assert warned[0].startswith(f"1/{n} AV outputs echo the marker {marker!r} or are mostly CJK (text 1 position 1 "
+                                f"({tokens[1][1]!r})): the injection probably failed")
+    assert warned[1].startswith(f"1/{n} reconstructions have no direction (NaN, Inf or zero; text 1 position 2 "
+                                f"({tokens[1][2]!r})), scored as misses")
+    assert warned[2].startswith(f"1/{n} explanations closed their tag but the AV did not end the sample before "
+                                f"max_new_tokens (text 0 position 2 ({tokens[0][2]!r})): the round trip scores them")
+    assert no_hooks_left(base)
 
 def test_a_hook_name_typo_or_a_lone_pair_in_fwd_hooks_is_a_typed_error_naming_the_fix(base, nla):
     """TL answers both with a bare KeyError / ValueError; explain says which name it meant and the form."""
