@@ -14,6 +14,7 @@ import difflib
 import re
 import string
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -28,6 +29,7 @@ from nla_lens import backends, metrics
 from nla_lens.base_model import check_base_model
 from nla_lens.capture import (
     Capture,
+    CapturedRow,
     PositionSpec,
     capture,
     check_block,
@@ -345,7 +347,7 @@ def steer_then_verbalize(
                       stacklevel=2)
     n = len(clean.rows)
     verbalizations, fves, misses, round_trip = _read(
-        nla_or_av, torch.cat([clean.vectors, steered.vectors]), baseline, verbalize_kwargs)
+        nla_or_av, [("clean", clean), ("steered", steered)], baseline, verbalize_kwargs)
     cosines = torch.cosine_similarity(clean.vectors, steered.vectors, dim=-1).tolist()
     rows = []
     for i, site in enumerate(clean.rows):
@@ -437,8 +439,7 @@ def patching_study(
         patched = _capture_run(base_model, layer, capture_position, corrupted_tokens, attention_mask, [patch])
     runs: tuple[tuple[Literal["clean", "corrupted", "patched"], Capture], ...] = (
         ("clean", clean), ("corrupted", corrupted), ("patched", patched))
-    vectors = torch.cat([cap.vectors for _, cap in runs])
-    verbalizations, fves, misses, round_trip = _read(nla_or_av, vectors, baseline, verbalize_kwargs)
+    verbalizations, fves, misses, round_trip = _read(nla_or_av, runs, baseline, verbalize_kwargs)
     n = len(clean.rows)
     rows = []
     for k, (run, cap) in enumerate(runs):
@@ -610,17 +611,29 @@ def _capture_run(model: TLModel, layer: int, positions: PositionSpec, tokens: Te
     return cap
 
 
-def _read(nla_or_av: NLA | ActivationVerbalizer, vectors: Float[Tensor, "n d_model"], baseline: float | None,
+def _read(nla_or_av: NLA | ActivationVerbalizer, runs: Sequence[tuple[str, Capture]], baseline: float | None,
           verbalize_kwargs: dict[str, Any]
           ) -> tuple[list[Verbalization], list[float | None], list[bool | None], RoundTrip | None]:
     """Verbalizations, per-row FVEs (1 - mse_i / baseline) and whether each row scored the miss
-    (`RoundTrip.misses`; None without an AR) of `vectors`, in one AV batch."""
+    (`RoundTrip.misses`; None without an AR) of every run's captured vectors, in one AV batch, in the order of
+    `runs`; the round trip's warnings name each row by its run and site."""
+    vectors = torch.cat([cap.vectors for _, cap in runs])
     if isinstance(nla_or_av, ActivationVerbalizer):
         return nla_or_av.verbalize(vectors, **verbalize_kwargs), [None] * len(vectors), [None] * len(vectors), None
-    round_trip = nla_or_av.round_trip(vectors, baseline=baseline, **verbalize_kwargs)
+    sites = [(run, row) for run, cap in runs for row in cap.rows]
+    round_trip = nla_or_av.round_trip(vectors, baseline=baseline, name_rows=lambda rows: _name_run_sites(rows, sites),
+                                      **verbalize_kwargs)
     fves: list[float | None] = [None] * len(vectors) if round_trip.fves is None else round_trip.fves.tolist()
     misses: list[bool | None] = list(round_trip.misses)
     return round_trip.verbalizations, fves, misses, round_trip
+
+
+def _name_run_sites(rows: Sequence[int], sites: Sequence[tuple[str, CapturedRow]]) -> str:
+    """Rows of the joint AV batch of every run named as the table shows them: "steered run, batch 0 position 3
+    (' cat')"; an index into that batch (the steered rows numbered after the clean ones) means nothing there."""
+    where = [f"{run} run, batch {site.batch} position {site.position}" + (f" ({site.token!r})" if site.token else "")
+             for run, site in (sites[i] for i in rows[:5])]
+    return ", ".join(where) + (f" and {len(rows) - 5} more" if len(rows) > 5 else "")
 
 
 def _capture_layer(base_model: TLModel, av: ActivationVerbalizer, capture_layer: int | None) -> int:

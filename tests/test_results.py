@@ -775,6 +775,28 @@ def test_steering_and_patching_tables_show_every_row_scored_as_the_miss_as_the_m
                                               patch_position=1, max_new_tokens=4).rows] == [None] * 3  # no AR: no score
 
 
+def test_steering_and_patching_warnings_name_each_row_by_its_run_and_site(base, av_karvonen, ar_nanonla, monkeypatch):
+    """Both experiments round-trip every run's readouts in one batch, and its warnings named rows of that batch
+    ("rows [1]", the steered rows numbered after the clean ones), which their tables do not show."""
+    nla = nl.NLA(av_karvonen, ar_nanonla)
+    monkeypatch.setattr(nla, "round_trip", lambda v, baseline=None, **kw: _round_trip_with_every_kind_of_miss(
+        nl.NLA(av_karvonen, ar_nanonla), monkeypatch, v, **kw))  # kw: how the experiment names its rows
+    tokens = base.to_tokens(["The cat sat on the mat.", "A dog sat on the mat."])
+    steer = torch.randn(D_MODEL, generator=torch.Generator().manual_seed(1))
+    steering = nl.steer_then_verbalize(base, nla, tokens, steering_vector=steer, scale=4.0, steer_layer=1)
+    last = [(r.batch, r.position, r.token) for r in steering.rows]
+    said = " | ".join(steering.round_trip.warnings)
+    # the joint batch's row 1 is clean row 1 (too long for the AR), row 2 steered row 0 (no direction)
+    assert f"(clean run, batch {last[1][0]} position {last[1][1]} ({last[1][2]!r})), scored as misses" in said
+    assert f"steered run, batch {last[0][0]} position {last[0][1]} ({last[0][2]!r})), scored as misses" in said
+    assert "rows [" not in said
+
+    study = nl.patching_study(base, nla, tokens[:1], tokens[:1], patch_layer=1, patch_position=1)
+    said = " | ".join(study.round_trip.warnings)
+    assert "(corrupted run, batch 0 position" in said and "patched run, batch 0 position" in said
+    assert "rows [" not in said
+
+
 def test_the_explained_view_marks_a_failed_parses_score_as_the_miss_and_leaves_it_off_the_colour_scale():
     """A failed parse's token was coloured by its miss (the darkest red, paling every real negative FVE), and its
     row and tooltip read FVE -1.56 / MSE 2.00 as a reconstruction's."""
