@@ -24,7 +24,7 @@ from nla_lens.checks import check_counts, check_keywords, counted
 from nla_lens.errors import CheckpointError, InputError, PairMismatchError, SidecarError
 from nla_lens.injection import check_vectors, directionless_rows
 from nla_lens.parsing import RowNamer, failed_parse_note, injection_warning, injection_warning_held, row_indices
-from nla_lens.reconstructor import ActivationReconstructor, check_sample_fits
+from nla_lens.reconstructor import ActivationReconstructor
 from nla_lens.results import TabularResult
 from nla_lens.sidecar import InjectionSpec, NLAMeta, load_meta
 from nla_lens.verbalizer import MAX_NEW_TOKENS, ActivationVerbalizer, Verbalization
@@ -457,7 +457,7 @@ class NLA:
         check_counts(1, reconstruct_batch_size=reconstruct_batch_size, max_new_tokens=max_new_tokens)
         vectors = check_vectors(vectors, self.av.meta.d_model, as_float32=True)
         resolved = resolve_baseline(vectors, self.mse_scale, baseline, self.ar.meta)  # before the expensive part
-        check_sample_fits(self.ar.meta, self.ar.tokenizer, self.ar.model.cfg.n_ctx, max_new_tokens)
+        self.ar.check_reads_samples(max_new_tokens)
         with injection_warning_held():  # reported once on the result instead
             verbalizations = self.av.verbalize(vectors, **verbalize_kwargs)
         reconstructions, mse = self.score(vectors, verbalizations, reconstruct_batch_size=reconstruct_batch_size)

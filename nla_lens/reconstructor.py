@@ -95,6 +95,10 @@ class ActivationReconstructor:
                 f"mse_scale={self.meta.mse_scale:.4g}, stage={self.meta.raw.get('stage')!r}, "
                 f"base_model={self.meta.base_model!r}, {self.device}, {self.model.W_E.dtype})")
 
+    def check_reads_samples(self, max_new_tokens: int) -> None:
+        """`check_sample_fits` for this AR: it reads the explanation of an AV sample of up to `max_new_tokens`."""
+        check_sample_fits(self.meta, self.tokenizer, self.model.cfg.n_ctx, max_new_tokens)
+
     def prompts_fit(self, explanations: list[str]) -> list[bool]:
         """Whether each explanation's AR prompt fits n_ctx (`reconstruct` refuses a call holding one that does not)."""
         return [len(ar_prompt_ids(self.meta, self.tokenizer, e)) <= self.model.cfg.n_ctx for e in explanations]

@@ -47,7 +47,6 @@ from nla_lens.nla import (
     rows_the_ar_reads,
     warn_at_caller,
 )
-from nla_lens.reconstructor import check_sample_fits
 from nla_lens.results import TabularResult
 from nla_lens.sidecar import text_ids
 from nla_lens.verbalizer import MAX_NEW_TOKENS, ActivationVerbalizer, Verbalization, Verbalizations
@@ -573,8 +572,7 @@ def check_ar_reads_samples(av_or_nla: ActivationVerbalizer | NLA, verbalize_kwar
     if isinstance(av_or_nla, NLA):
         max_new_tokens = verbalize_kwargs.get("max_new_tokens", MAX_NEW_TOKENS)
         check_counts(1, max_new_tokens=max_new_tokens)
-        ar = av_or_nla.ar
-        check_sample_fits(ar.meta, ar.tokenizer, ar.model.cfg.n_ctx, max_new_tokens)
+        av_or_nla.ar.check_reads_samples(max_new_tokens)
 
 
 def too_long_warning(features: list[int], n: int, n_ctx: int) -> str:

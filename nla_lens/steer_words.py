@@ -62,12 +62,13 @@ from nla_lens.checks import (
     file_path,
     is_bool,
     is_count,
+    is_integer,
 )
 from nla_lens.display import format_cell
 from nla_lens.errors import InputError, PairMismatchError, PromptTooLongError, VectorError
 from nla_lens.injection import HookFn, check_vectors, directionless_rows, prescaled, unit
 from nla_lens.nla import NLA, rows_the_ar_reads
-from nla_lens.reconstructor import ActivationReconstructor, check_sample_fits
+from nla_lens.reconstructor import ActivationReconstructor
 from nla_lens.results import TabularResult
 from nla_lens.sidecar import ar_prompt_ids
 from nla_lens.vector_files import save_tensors
@@ -322,7 +323,7 @@ def steer_with_words(
     _check_inputs(nla, base, tokens, layer, alpha, mode, compare, continue_tokens)
     samples, sampling = sampling_settings(explanations, samples, temperature, seed, max_new_tokens, batch_size)
     if explanations is None:  # the AR reads the AV's samples: `NLA.round_trip`'s rule, before the base model runs
-        check_sample_fits(nla.ar.meta, nla.ar.tokenizer, nla.ar.model.cfg.n_ctx, sampling["max_new_tokens"])
+        nla.ar.check_reads_samples(sampling["max_new_tokens"])
     k = nla.ar.meta.layer
     real = real_tokens(base, attention_mask, tokens)
     if real is None:
@@ -432,7 +433,7 @@ def _check_inputs(nla: NLA, base: TLModel, tokens: Tensor, layer: int | None, al
         raise InputError(f"steer_with_words needs an NLA (AV + AR), got {type(nla).__name__}")
     backends.backend_of(base)
     k = nla.ar.meta.layer
-    if layer is not None and (isinstance(layer, bool) or not isinstance(layer, numbers.Integral)):
+    if layer is not None and not is_integer(layer):
         raise InputError(f"layer={layer!r} must be a whole number, the NLA's layer {k}, or None; leave it out to steer "
                          f"at blocks.{k}.hook_resid_post")
     if layer is not None and layer != k:

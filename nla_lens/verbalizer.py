@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numbers
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -17,7 +16,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from nla_lens import backends, loading
-from nla_lens.checks import check_sampling, counted, resolve_device, resolve_dtype
+from nla_lens.checks import check_sampling, counted, is_count, resolve_device, resolve_dtype
 from nla_lens.distributed import inference
 from nla_lens.errors import InjectionError, InputError, PromptTooLongError, SidecarError
 from nla_lens.injection import BLOCK_0_INPUT, Injection, check_vectors
@@ -245,7 +244,7 @@ class ActivationVerbalizer:
         if isinstance(n, Tensor) and n.ndim:  # the vectors themselves, a plausible slip: their repr fills a message
             raise InputError(f"prompt_tokens(n) takes the number of prompts, got a tensor of shape {list(n.shape)}: "
                              "pass len(vectors)")
-        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:  # expand(-1) gave one copy
+        if not is_count(n, 1):  # expand(-1) gave one copy
             raise InputError(f"n={n!r}: prompt_tokens(n) needs a whole number >= 1 of prompts")
         return self._prompt.to(self.device).expand(int(n), -1).clone()
 
