@@ -234,6 +234,12 @@ def scored_parsed_miss_and_failed_parse(monkeypatch) -> list[bool]:
     return [i % 3 != 0 for i in range(N_ROWS)]
 
 
+def _greedy_round_trip(tiny_paths, input_file, out) -> sharded.JobResult:
+    """The tiny pair's greedy sharded round trip of `input_file` into `out` (baseline 0.5, SHARD_SIZE rows a shard)."""
+    return sharded.round_trip_file(tiny_paths["av_karvonen"], tiny_paths["ar_nanonla"], input_file, out,
+                                   sampling=GREEDY, baseline=0.5, shard_size=SHARD_SIZE)
+
+
 def test_a_sharded_round_trips_miss_column_says_which_rows_scored_the_miss(tiny_paths, input_file, tmp_path,
                                                                             monkeypatch):
     """Only the job's warnings named the parsed rows scored as misses: a reader of the output could not filter them
@@ -243,8 +249,7 @@ def test_a_sharded_round_trips_miss_column_says_which_rows_scored_the_miss(tiny_
     out = tmp_path / "out.parquet"
 
     def run() -> sharded.JobResult:
-        return sharded.round_trip_file(tiny_paths["av_karvonen"], tiny_paths["ar_nanonla"], input_file, out,
-                                       sampling=GREEDY, baseline=0.5, shard_size=SHARD_SIZE)
+        return _greedy_round_trip(tiny_paths, input_file, out)
 
     with pytest.warns(UserWarning, match="no direction"):
         reference = run().table
@@ -275,8 +280,7 @@ def test_a_round_trip_summary_counts_the_rows_scored_the_miss_failed_parses_incl
     out = tmp_path / "out.parquet"
 
     def run() -> sharded.JobResult:
-        return sharded.round_trip_file(tiny_paths["av_karvonen"], tiny_paths["ar_nanonla"], input_file, out,
-                                       sampling=GREEDY, baseline=0.5, shard_size=SHARD_SIZE)
+        return _greedy_round_trip(tiny_paths, input_file, out)
 
     with pytest.warns(UserWarning, match="no direction"):
         result = run()
