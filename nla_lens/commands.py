@@ -226,8 +226,7 @@ def _run_verbalize(args: argparse.Namespace) -> None:
         av_tokenizer = None  # loaded with the AV
     from nla_lens.verbalizer import ActivationVerbalizer
 
-    av = ActivationVerbalizer._from_folder(av_folder, meta, device=args.device, dtype=args.dtype, injection=None,
-                                           hook_point=None, trust_remote_code=False, backend=None, tokenizer=None,
+    av = ActivationVerbalizer._from_folder(av_folder, meta, device=args.device, dtype=args.dtype,
                                            checked_tokenizer=av_tokenizer)
     out = av.verbalize(table.vectors, max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
                        top_p=sampling.top_p, seed=sampling.seed, batch_size=sampling.batch_size, progress=True)
@@ -451,8 +450,7 @@ def load_nla_and_base(args: argparse.Namespace, device: torch.device) -> tuple[N
     ar_folder, ar_meta = nla_checkpoint(args.ar, "ar")
     av_tokenizer = loading.checkpoint_tokenizer(av_folder, av_meta, "av")  # the base is checked against it
     base_folder, base_tokenizer = base_for(args.base, av_meta, av_tokenizer)  # warned once
-    nla = NLA._from_folders(av_folder, av_meta, ar_folder, ar_meta, device=device, dtype=args.dtype, backend=None,
-                            injection=None, hook_point=None, trust_remote_code=False, tokenizer=None,
+    nla = NLA._from_folders(av_folder, av_meta, ar_folder, ar_meta, device=device, dtype=args.dtype,
                             checked_av_tokenizer=av_tokenizer)
     return nla, backends.load_model(base_folder, base_tokenizer, dtype=args.dtype, device=device)
 

@@ -327,8 +327,7 @@ def directionless_warning(reconstructions: Float[Tensor, "n d_model"], read: Seq
                           first_row: int = 0, name_rows: RowNamer = row_indices) -> str | None:
     """A warning naming the rows the AR read (`read`, numbered from `first_row`) whose reconstruction has no direction
     (NaN, Inf or zero), which `NLA.score` scored as misses; None when there are none."""
-    non_finite, zero = directionless_rows(reconstructions)
-    rows = sorted(first_row + i for i in {*non_finite, *zero} & set(read))
+    rows = sorted(first_row + i for i in scored_misses(reconstructions) & set(read))
     if not rows:
         return None
     return (f"{len(rows)}/{len(reconstructions)} reconstructions have no direction (NaN, Inf or zero; "
@@ -383,10 +382,10 @@ class NLA:
 
     @classmethod
     def _from_folders(cls, av_folder: Path, av_meta: NLAMeta, ar_folder: Path, ar_meta: NLAMeta, *,
-                      device: str | torch.device, dtype: torch.dtype | str, backend: str | None,
-                      injection: InjectionSpec | str | None, hook_point: str | None, trust_remote_code: bool,
-                      tokenizer: PreTrainedTokenizerBase | None,
-                      checked_av_tokenizer: PreTrainedTokenizerBase | None) -> NLA:
+                      device: str | torch.device, dtype: torch.dtype | str, backend: str | None = None,
+                      injection: InjectionSpec | str | None = None, hook_point: str | None = None,
+                      trust_remote_code: bool = False, tokenizer: PreTrainedTokenizerBase | None = None,
+                      checked_av_tokenizer: PreTrainedTokenizerBase | None = None) -> NLA:
         """`from_pretrained` of resolved folders and their parsed sidecars. `checked_av_tokenizer`: the AV folder's
         tokenizer already checked against its sidecar (the CLI checks it for the base), not checked again."""
         _check_roles(av_folder, av_meta, ar_folder, ar_meta)

@@ -66,8 +66,9 @@ class ActivationReconstructor:
 
     @classmethod
     def _from_folder(cls, folder: Path, meta: NLAMeta, *, device: str | torch.device, dtype: torch.dtype | str,
-                     trust_remote_code: bool, backend: str | None, tokenizer: PreTrainedTokenizerBase | None,
-                     checked_tokenizer: PreTrainedTokenizerBase | None) -> ActivationReconstructor:
+                     trust_remote_code: bool = False, backend: str | None = None,
+                     tokenizer: PreTrainedTokenizerBase | None = None,
+                     checked_tokenizer: PreTrainedTokenizerBase | None = None) -> ActivationReconstructor:
         """`from_pretrained` of a resolved folder and its parsed sidecar. `checked_tokenizer`: the folder's tokenizer
         already checked against this sidecar (`NLA.from_pretrained` checks it for the pair, `round_trip_file` for its
         sample length), not checked again."""

@@ -230,7 +230,6 @@ def round_trip_file(
             rank_device = device_for(world, device)
             return NLA(ActivationVerbalizer.from_pretrained(av_folder, device=rank_device, dtype=dtype),
                        ActivationReconstructor._from_folder(ar_folder, ar_meta, device=rank_device, dtype=dtype,
-                                                            trust_remote_code=False, backend=None, tokenizer=None,
                                                             checked_tokenizer=ar_tokenizer))
 
         def compute(shard: int, rows: range) -> pa.Table:

@@ -200,9 +200,10 @@ class ActivationVerbalizer:
 
     @classmethod
     def _from_folder(cls, folder: Path, meta: NLAMeta, *, device: str | torch.device, dtype: torch.dtype | str,
-                     injection: InjectionSpec | str | None, hook_point: str | None, trust_remote_code: bool,
-                     backend: str | None, tokenizer: PreTrainedTokenizerBase | None,
-                     checked_tokenizer: PreTrainedTokenizerBase | None) -> ActivationVerbalizer:
+                     injection: InjectionSpec | str | None = None, hook_point: str | None = None,
+                     trust_remote_code: bool = False, backend: str | None = None,
+                     tokenizer: PreTrainedTokenizerBase | None = None,
+                     checked_tokenizer: PreTrainedTokenizerBase | None = None) -> ActivationVerbalizer:
         """`from_pretrained` of a resolved folder and its parsed sidecar. `checked_tokenizer`: the folder's tokenizer
         already checked against this sidecar (`NLA.from_pretrained` checks it for the pair, `nla-lens verbalize --text`
         for the base), not checked again."""
