@@ -270,6 +270,22 @@ def test_a_resume_from_another_commands_checkpoint_names_both_commands(tmp_path,
         load_checkpoint(folder, params, torch.optim.AdamW(params.values()), config)
 
 
+def test_an_rl_resume_with_fewer_steps_than_its_checkpoint_is_refused_naming_both(tmp_path):
+    """RL may change `steps` on a resume; below the checkpoint's step it ran no step, exported that step's weights
+    and recorded them as a shorter run ('train-rl, 2 of 1 step (finished)')."""
+    from nla_lens.training.rl import RESUMABLE
+
+    params = {"model.w": torch.nn.Parameter(torch.ones(2, 2))}
+    folder = save_checkpoint(tmp_path, 2, params, torch.optim.Adam(params.values()), RLConfig(steps=2),
+                             TrainResult(steps=2), seconds=0.0)
+    with pytest.raises(nl.ConfigError, match=r"at step 2, with steps: 1: a resume cannot go back, .* Set steps to 2 "
+                                             r"or more \(its run set 2\), or resume from a checkpoint at step 1 or "
+                                             "before$"):
+        load_checkpoint(folder, params, torch.optim.Adam(params.values()), RLConfig(steps=1), RESUMABLE)
+    assert len(load_checkpoint(folder, params, torch.optim.Adam(params.values()), RLConfig(steps=3),
+                               RESUMABLE).history) == 0  # extending it still resumes
+
+
 @pytest.mark.parametrize("damaged", ["params.safetensors", "optimizer.safetensors", "trainer_state.json"])
 def test_a_truncated_training_checkpoint_is_a_checkpoint_error_naming_the_file(tmp_path, damaged):
     folder, params, optimizer, config = _checkpoint_of_a_moved_layer(tmp_path)

@@ -356,6 +356,11 @@ def load_checkpoint(folder: Path, params: dict[str, nn.Parameter], optimizer: to
         raise ConfigError(f"resuming from {folder} with other settings ({values}); an exact resume needs the config "
                           "the run started with, so set them back."
                           + (_STEPS_ARE_FIXED.format(steps=saved["steps"]) if "steps" in changed else ""))
+    if state["step"] > config.steps:  # only where steps may change (RL): it ran no step and exported step N's weights
+        raise ConfigError(f"resuming from {folder}, at step {state['step']}, with steps: {config.steps}: a resume "
+                          f"cannot go back, so the run would take no step and record step {state['step']}'s weights "
+                          f"as a {config.steps}-step run. Set steps to {state['step']} or more (its run set "
+                          f"{saved['steps']}), or resume from a checkpoint at step {config.steps} or before")
     if data is not None and state.get("data") not in (None, data):
         raise ConfigError(f"resuming from {folder} on other data than the run started with (another activations "
                           "or explanations file, eval_fraction or split_seed), or from other starting weights "
