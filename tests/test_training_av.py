@@ -143,6 +143,27 @@ def test_resume_from_a_mid_run_checkpoint_gives_the_uninterrupted_weights(base_f
                  resume=mid, n_samples=0, progress=False)
 
 
+def test_a_resume_with_another_injection_is_refused_naming_both(base_folder, dataset_meta, label_split, tmp_path):
+    """The injection is no TrainConfig field: a resume with another hook_point (or method) trained the rest of the
+    run at another site, and a finished run's `resume: latest` exported its weights with the new site."""
+    train, held_out = label_split
+    config = TrainConfig(steps=1, batch_size=8, warmup_steps=0)
+    train_av(init_av(base_folder, dataset_meta), train, held_out, config, out_dir=tmp_path, n_samples=0,
+             progress=False)
+    moved = init_av(base_folder, dataset_meta, hook_point="blocks.2.hook_resid_post")
+    with pytest.raises(nl.ConfigError, match=r"with other settings \(hook_point: 'blocks.1.hook_resid_post' in the "
+                                             r"checkpoint, 'blocks.2.hook_resid_post' now\); an exact resume"):
+        train_av(moved, train, held_out, config, out_dir=tmp_path, resume="latest", n_samples=0, progress=False)
+    embedding = init_av(base_folder, dataset_meta, injection="embedding", injection_scale=50.0)
+    with pytest.raises(nl.ConfigError, match=r"\(hook_point: 'blocks.1.hook_resid_post' in the checkpoint, "
+                                             r"'hook_embed' now; injection: 'karvonen' in the checkpoint, 'embedding' "
+                                             r"now; injection_scale: None in the checkpoint, 50.0 now\)"):
+        train_av(embedding, train, held_out, config, out_dir=tmp_path, resume="latest", n_samples=0, progress=False)
+    resumed = train_av(init_av(base_folder, dataset_meta), train, held_out, config, out_dir=tmp_path,
+                       resume="latest", n_samples=0, progress=False)
+    assert len(resumed.history) == 1
+
+
 def test_trainable_blocks_leave_every_other_weight_untouched(base_folder, dataset_meta, label_split):
     av = init_av(base_folder, dataset_meta)
     before = {n: p.detach().clone() for n, p in av.model.named_parameters()}

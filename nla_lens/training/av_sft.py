@@ -8,6 +8,7 @@ training and eval forward, so the model is trained exactly as `verbalize` serves
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -164,5 +165,13 @@ def train_av(
         evaluate=lambda: evaluate_av(av, eval_rows, batch_size=config.batch_size, n_samples=n_samples,
                                      max_new_tokens=sample_max_new_tokens),
         config=config, out_dir=out_dir, resume=resume, desc="av sft", progress=progress,
-        data=data_fingerprint(av.model, train, evaluation),
+        data=data_fingerprint(av.model, train, evaluation), settings=injection_settings(av),
     )
+
+
+def injection_settings(av: ActivationVerbalizer) -> dict[str, Any]:
+    """The AV's injection, by its config keys: the trajectory depends on it, and the export records it, so a resume
+    with another one (a hook_point edited between launches) mixed two runs, or exported the finished weights with a
+    site they were not trained at."""
+    return {"injection": av.injection_spec.method, "hook_point": av.injection_spec.hook_point,
+            "injection_scale": av.meta.injection_scale}

@@ -145,6 +145,7 @@ def train(
     desc: str = "train",
     progress: bool = True,
     data: str | None = None,
+    settings: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Run `config.steps` optimizer steps; a step's loss is `loss_sum(rows) / units(rows)` over the rows of
     all its micro-batches.
@@ -155,7 +156,8 @@ def train(
     `modules["model"]` is the TransformerLens model. `evaluate()` runs (on every rank) at the start,
     every `eval_every` steps and at the end; checkpoints go to `out_dir/checkpoints/step-NNNNNN`.
     `resume` is a checkpoint folder or "latest" (the newest under `out_dir`; step 0 before the first).
-    `data` (`dataset.data_fingerprint` of the rows) is kept in each checkpoint and must match on resume.
+    `data` (`dataset.data_fingerprint` of the rows) is kept in each checkpoint and must match on resume; so must
+    `settings`, the trainer's own settings outside `config` that shape the trajectory (the AV's injection), named.
     """
     check_resume(out_dir, resume)
     started = time.perf_counter()
@@ -179,10 +181,10 @@ def train(
         result = TrainResult(steps=config.steps)
         folder = resume_folder(resume, out_dir)
         if folder is not None:
-            result = load_checkpoint(folder, params, optimizer, config, data=data)
+            result = load_checkpoint(folder, params, optimizer, config, data=data, settings=settings)
             log_resumed(folder, out_dir, len(result.history))
         _run_steps(modules, step_loss, params, optimizer, n_rows, units, evaluate, config, result, world,
-                   out_dir=out_dir, desc=desc, progress=progress, data=data, started=started)
+                   out_dir=out_dir, desc=desc, progress=progress, data=data, settings=settings, started=started)
     result.seconds += time.perf_counter() - started
     return result
 
@@ -208,7 +210,7 @@ def _run_steps(modules: dict[str, nn.Module], step_loss: nn.Module, params: dict
                optimizer: torch.optim.Optimizer, n_rows: int, units: Callable[[Tensor], int],
                evaluate: Callable[[], dict[str, Any]], config: TrainConfig, result: TrainResult,
                world: World, *, out_dir: str | Path | None, desc: str, progress: bool, data: str | None,
-               started: float) -> None:
+               settings: dict[str, Any] | None, started: float) -> None:
     start = len(result.history)
     device = next(iter(params.values())).device
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if config.bf16 and device.type == "cuda"
@@ -251,6 +253,7 @@ def _run_steps(modules: dict[str, nn.Module], step_loss: nn.Module, params: dict
             run_eval(done)
         if out_dir is not None and is_due(done, config.steps, config.save_every):
             result.checkpoint = save_checkpoint(Path(out_dir), done, params, optimizer, config, result, data=data,
+                                                settings=settings,
                                                 seconds=result.seconds + time.perf_counter() - started)
     for module in modules.values():
         module.eval()
@@ -287,7 +290,7 @@ def _accumulate_gradients(step_loss: nn.Module, batches: list[Int[Tensor, " batc
 
 def save_checkpoint(out_dir: Path, step: int, params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer,
                     config: TrainConfig | RLConfig, result: TrainResult, *, data: str | None = None,
-                    seconds: float) -> Path:
+                    settings: dict[str, Any] | None = None, seconds: float) -> Path:
     """Write `checkpoints/step-NNNNNN` atomically and keep the newest `keep_checkpoints` of them; `data`
     is the run's `dataset.data_fingerprint`, `seconds` the run's time up to this step (earlier stretches of a
     resumed run included): `result.seconds` counts only the stretches before this process's.
@@ -312,6 +315,7 @@ def save_checkpoint(out_dir: Path, step: int, params: dict[str, nn.Parameter], o
         "step": step, "param_names": list(params), "param_groups": state["param_groups"],
         "optimizer_scalars": scalars, "config": asdict(config),
         "history": result.history, "evals": result.evals, "seconds": seconds, "data": data,
+        "settings": settings,
     }
     (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1), encoding="utf-8")
     shutil.rmtree(folder, ignore_errors=True)
@@ -329,10 +333,10 @@ def _defaults_as_saved(config_type: type) -> dict[str, Any]:
 
 def load_checkpoint(folder: Path, params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer,
                     config: TrainConfig | RLConfig, resumable: frozenset[str] | set[str] = frozenset(), *,
-                    data: str | None = None) -> TrainResult:
+                    data: str | None = None, settings: dict[str, Any] | None = None) -> TrainResult:
     """Restore weights and optimizer state from `folder`; the config must match the saved one, except
     for settings that leave the trajectory alone (`_RESUMABLE_CHANGES`, plus `resumable`), and so must
-    the `data` fingerprint where both the checkpoint and the caller have one.
+    the `data` fingerprint and the `settings` where both the checkpoint and the caller have them.
 
     The saved tensors are whole, so the run may resume on another number of ranks.
     """
@@ -351,10 +355,11 @@ def load_checkpoint(folder: Path, params: dict[str, nn.Parameter], optimizer: to
     # A setting added after the checkpoint was written ran at the default it has now.
     saved = {**_defaults_as_saved(type(config)), **saved}
     changed = sorted(k for k, v in requested.items() if k not in _RESUMABLE_CHANGES | resumable and v != saved.get(k))
-    if changed:
-        values = "; ".join(f"{k}: {saved.get(k)!r} in the checkpoint, {requested[k]!r} now" for k in changed)
-        raise ConfigError(f"resuming from {folder} with other settings ({values}); an exact resume needs the config "
-                          "the run started with, so set them back."
+    values = [f"{k}: {saved.get(k)!r} in the checkpoint, {requested[k]!r} now" for k in changed]
+    values += _other_settings(state.get("settings"), settings)
+    if values:
+        raise ConfigError(f"resuming from {folder} with other settings ({'; '.join(values)}); an exact resume needs "
+                          "the config the run started with, so set them back."
                           + (_STEPS_ARE_FIXED.format(steps=saved["steps"]) if "steps" in changed else ""))
     if state["step"] > config.steps:  # only where steps may change (RL): it ran no step and exported step N's weights
         raise ConfigError(f"resuming from {folder}, at step {state['step']}, with steps: {config.steps}: a resume "
@@ -387,6 +392,16 @@ def load_checkpoint(folder: Path, params: dict[str, nn.Parameter], optimizer: to
     optimizer.load_state_dict({"state": moments, "param_groups": groups})
     return TrainResult(steps=config.steps, history=state["history"], evals=state["evals"],
                        checkpoint=folder, seconds=state["seconds"])
+
+
+def _other_settings(saved: Any, settings: dict[str, Any] | None) -> list[str]:
+    """Each of `settings` that differs from the checkpoint's, with both values. A checkpoint written before
+    checkpoints kept them has none to compare."""
+    if not isinstance(saved, dict) or settings is None:
+        return []
+    now = json.loads(json.dumps(settings))  # as the checkpoint's JSON holds them
+    return [f"{k}: {saved[k]!r} in the checkpoint, {v!r} now" for k, v in sorted(now.items())
+            if k in saved and saved[k] != v]
 
 
 def _read_saved(path: Path, read: Callable[[Path], Any]) -> Any:
