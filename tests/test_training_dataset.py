@@ -69,6 +69,26 @@ def test_save_explanations_checks_its_path_first(acts, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize(("value", "said"), [(float("nan"), "hold NaN or Inf"), (float("inf"), "hold NaN or Inf"),
+                                           (0.0, "are zero: no direction")])
+def test_labelled_rows_without_a_direction_are_refused_by_document_and_position(acts, value, said):
+    """A float16 extraction overflows to Inf: AV SFT stopped at the first batch holding such a row, naming its index in
+    that batch, and AR SFT skipped each step holding one (a NaN loss), logging a warning."""
+    vectors = acts.vectors.clone()
+    if value == 0.0:
+        vectors[[2, 5]] = 0.0
+    else:
+        vectors[[2, 5], 3] = value
+    broken = dataclasses.replace(acts, vectors=vectors)
+    named = "; ".join(f"doc_id {acts.records[i].doc_id!r} position {acts.records[i].position}" for i in (2, 5))
+    with pytest.raises(nl.VectorError, match=rf"^2 labelled activation rows of .* {said} \({re.escape(named)}\), so "
+                                             "they cannot train an AV or an AR. Extract again in float32 or bfloat16 "
+                                             r".*, or leave those rows out of the explanations"):
+        label_activations(broken, label_by_token)
+    kept = label_activations(broken, lambda r: None if r in (acts.records[2], acts.records[5]) else "x")
+    assert len(kept) == len(acts) - 2 and torch.isfinite(kept.vectors).all()
+
+
 def test_rows_without_explanation_are_left_out(acts):
     data = label_activations(acts, lambda r: None if r.position % 2 else label_by_token(r))
     assert data.positions == [r.position for r in acts.records if r.position % 2 == 0]

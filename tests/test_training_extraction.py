@@ -237,6 +237,27 @@ def test_a_shard_replaced_by_one_with_other_rows_is_refused(tmp_path, base_tl, c
         load_activations(tmp_path / "a")
 
 
+@pytest.mark.parametrize("edit", ["wider", "a row short"])
+def test_a_shard_whose_vectors_do_not_fit_its_rows_and_d_model_is_refused(tmp_path, base_tl, corpus, extract_config,
+                                                                           edit):
+    """A shard of another extraction of the corpus (another base of the tokenizer: wider rows) passed the checks of
+    its rows and failed in training, after the model loaded (AR SFT: a bare RuntimeError on the shapes)."""
+    model, tokenizer = base_tl
+    folder = extract_activations(model, tokenizer, corpus[:3], tmp_path, extract_config, progress=False)
+    path = shard_path(folder, 0)
+    with safe_open(str(path), "pt") as f:
+        metadata, tensors = f.metadata(), {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
+    vectors = tensors["vectors"]
+    n = len(vectors)
+    tensors["vectors"] = torch.cat([vectors, vectors[:, :8]], 1) if edit == "wider" else vectors[:-1]
+    save_file(tensors, str(path), metadata=metadata)
+    found = [n, D_MODEL + 8] if edit == "wider" else [n - 1, D_MODEL]
+    with pytest.raises(nl.ConfigError, match=rf"holds vectors of shape \[{found[0]}, {found[1]}\], but its {n} rows "
+                                             rf"and the extraction's d_model {D_MODEL} \(its nla_meta.yaml\) need "
+                                             rf"\[{n}, {D_MODEL}\]: the shard is another extraction's"):
+        load_activations(folder)
+
+
 def test_a_damaged_completion_record_is_named_and_rewritten_by_the_rerun(tmp_path, base_tl, corpus, extract_config):
     model, tokenizer = base_tl
     whole = load_activations(extract_activations(model, tokenizer, corpus, tmp_path, extract_config, progress=False))

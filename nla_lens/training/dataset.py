@@ -23,7 +23,15 @@ from transformers import PreTrainedTokenizerBase
 
 from nla_lens import loading
 from nla_lens.checks import check_output_path, counted, file_path, jsonl_objects
-from nla_lens.errors import ChatTemplateError, ConfigError, InputError, PromptTooLongError, SplitLeakError
+from nla_lens.errors import (
+    ChatTemplateError,
+    ConfigError,
+    InputError,
+    PromptTooLongError,
+    SplitLeakError,
+    VectorError,
+)
+from nla_lens.injection import directionless_rows
 from nla_lens.sidecar import NLAMeta, ar_prompt_ids, av_prompt_ids
 from nla_lens.training.extraction import ActivationDataset, ActivationRecord
 
@@ -122,9 +130,27 @@ def label_activations(dataset: ActivationDataset, explanations: str | Path | Lab
     if len(keep) < len(texts):
         logger.info("%d of %d activation rows have no explanation and are left out", len(texts) - len(keep),
                     len(texts))
+    check_directions(dataset, keep)
     return LabelledActivations(dataset.vectors[keep], [dataset.records[i].doc_id for i in keep],
                                [dataset.records[i].position for i in keep], [t for t in texts if t is not None],
                                identity)
+
+
+def check_directions(dataset: ActivationDataset, rows: list[int]) -> None:
+    """Refuse labelled rows whose vector holds NaN or Inf (a float16 extraction overflows) or is zero: the AV cannot
+    inject them and the AR scores nothing against them. Else AV SFT stopped at the first batch holding one, naming
+    its index in that batch, and AR SFT skipped every step holding one with a logged warning (a NaN loss)."""
+    non_finite, zero = directionless_rows(dataset.vectors[rows])
+    for found, what in ((non_finite, "hold NaN or Inf"), (zero, "are zero: no direction")):
+        if not found:
+            continue
+        records = [dataset.records[rows[i]] for i in found]
+        where = "; ".join(f"doc_id {r.doc_id!r} position {r.position}" for r in records[:_ROWS_NAMED])
+        more = f"; and {len(found) - _ROWS_NAMED} more" if len(found) > _ROWS_NAMED else ""
+        raise VectorError(f"{counted(len(found), 'labelled activation row')} of "
+                          f"{dataset.folder or _IN_MEMORY} {what} ({where}{more}), so they cannot train an AV or an "
+                          "AR. Extract again in float32 or bfloat16 (float16 overflows residuals), or leave those rows "
+                          "out of the explanations (a row without one is not trained on)")
 
 
 def check_labelled_extraction(recorded: ExtractionIdentity | None, activations: ExtractionIdentity,

@@ -401,7 +401,7 @@ def load_activations(folder: str | Path) -> ActivationDataset:
         with _open_shard(path) as f:
             provenance = json.loads(f.metadata()["records"])
             positions, token_ids = f.get_tensor("positions").tolist(), f.get_tensor("token_ids").tolist()
-            vectors.append(f.get_tensor("vectors"))
+            vectors.append(_shard_vectors(path, f.get_tensor("vectors"), len(provenance), meta.d_model))
         records += [ActivationRecord(r["doc_id"], p, t, r["token"], r["prefix"])
                     for r, p, t in zip(provenance, positions, token_ids, strict=True)]
     if complete is not None and len(records) != complete["rows"]:
@@ -409,6 +409,17 @@ def load_activations(folder: str | Path) -> ActivationDataset:
                           f"{complete['rows']}: shards were replaced since. Extract again into a new out_dir (or "
                           "delete this one)")
     return ActivationDataset(meta, torch.cat(vectors), records, folder)
+
+
+def _shard_vectors(path: Path, vectors: Tensor, n_rows: int, d_model: int) -> Float[Tensor, "n d_model"]:
+    """A shard's vectors, checked to hold one `d_model`-wide row per recorded row: a shard of another extraction of
+    the corpus (another base of the same tokenizer) passed the rows' checks and failed in training, after the model
+    loaded (AR SFT: a bare RuntimeError)."""
+    if tuple(vectors.shape) != (n_rows, d_model):
+        raise ConfigError(f"{path} holds vectors of shape {list(vectors.shape)}, but its {n_rows} rows and the "
+                          f"extraction's d_model {d_model} (its {SIDECAR_NAME}) need [{n_rows}, {d_model}]: the shard "
+                          "is another extraction's. Extract again into a new out_dir")
+    return vectors
 
 
 def _completion_record(folder: Path) -> dict[str, int] | None:
