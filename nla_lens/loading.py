@@ -42,6 +42,7 @@ except ImportError:  # TransformerLens 4.x: the helpers below still serve nla_le
 
 SUPPORTED_ARCHITECTURES = ("Qwen3ForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM", *gemma3.ARCHITECTURES)
 VALUE_HEAD_FILE = "value_head.safetensors"
+WEIGHT_INDEX = "model.safetensors.index.json"  # a sharded checkpoint's, read before model.safetensors
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
@@ -487,7 +488,7 @@ def weight_index(folder: Path) -> dict[str, Any] | None:
     """`folder`'s `model.safetensors.index.json` (None: there is none), its weight_map checked to name a weight
     file in `folder` for each tensor: a damaged one got a bare TypeError here, or an IndexError inside
     transformers, and `../x.safetensors` or an absolute path was read from outside the checkpoint."""
-    path = folder / "model.safetensors.index.json"
+    path = folder / WEIGHT_INDEX
     if not path.is_file():
         return None
     try:

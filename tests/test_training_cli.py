@@ -354,6 +354,23 @@ def test_export_refuses_a_folder_of_the_other_role_and_rewrites_its_own(tmp_path
     assert nl.ActivationReconstructor.from_pretrained(again).meta.role == "ar"
 
 
+def test_export_refuses_a_sharded_models_folder_whose_index_would_outrank_it(tmp_path, base_folder, dataset_meta):
+    """An AR folder sharded as released checkpoints are (an index and its shards): the export wrote its own
+    model.safetensors beside them, and loading, which reads the index first, gave back the old weights."""
+    ar = init_ar(base_folder, dataset_meta)
+    folder = export_ar(ar, tmp_path / "ar", base_folder)
+    weights = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").rename(folder / "model-00001-of-00001.safetensors")
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": dict.fromkeys(weights, "model-00001-of-00001.safetensors")}))
+    before = _files(folder)
+    with pytest.raises(nl.ConfigError, match=r"holds model.safetensors.index.json, which an export does not write "
+                                             r"and which loading reads before the exported model.safetensors, .*"
+                                             r"Export into a new folder \(or remove the index and its shards\)$"):
+        export_ar(ar, folder, base_folder)
+    assert _files(folder) == before
+
+
 def test_exports_record_a_local_base_model_by_its_absolute_path(tmp_path, base_folder, extract_config,
                                                               dataset_meta, monkeypatch):
     monkeypatch.chdir(base_folder.parent)  # the configs name the base relatively, as the example YAMLs do

@@ -175,8 +175,14 @@ def _hf_config(base_model: str | Path, *, n_layers: int | None, untie: bool, dty
 
 def check_export_folder(folder: str | Path, role: Literal["av", "ar"]) -> None:
     """Refuse a folder that holds an NLA export of the other role: writing there would replace it and
-    leave its files mixed with the new ones (an AV over an AR keeps the AR's value head)."""
+    leave its files mixed with the new ones (an AV over an AR keeps the AR's value head). Refuse a sharded model's
+    folder too (a base, a released NLA): its weight index outranks the export's single file."""
     folder = Path(folder)
+    if (folder / loading.WEIGHT_INDEX).is_file():  # never written here, and read before model.safetensors
+        raise ConfigError(f"{folder} holds {loading.WEIGHT_INDEX}, which an export does not write and which loading "
+                          "reads before the exported model.safetensors, so the folder would load the weights its index "
+                          "names, not the trained ones. Export into a new folder (or remove the index and its "
+                          "shards)")
     if not (folder / SIDECAR_NAME).is_file():
         return
     found = loading.checkpoint_role(folder, load_meta(folder))
