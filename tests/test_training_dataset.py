@@ -89,6 +89,23 @@ def test_labelled_rows_without_a_direction_are_refused_by_document_and_position(
     assert len(kept) == len(acts) - 2 and torch.isfinite(kept.vectors).all()
 
 
+def test_empty_or_whitespace_explanations_are_refused_by_document_and_position(acts, tmp_path):
+    """A labeler that answered nothing trained the AV to write an empty explanation, without a word."""
+    blank = {0: "", 3: " \n\t"}
+    texts = {r: blank.get(i, label_by_token(r)) for i, r in enumerate(acts.records)}
+    named = "; ".join(f"doc_id {acts.records[i].doc_id!r} position {acts.records[i].position}" for i in blank)
+    said = rf"^2 explanations are empty or only whitespace \({re.escape(named)}\): the AV would learn to explain "
+    with pytest.raises(nl.InputError, match=said + "nothing. Label those rows again, or leave them out"):
+        label_activations(acts, texts.__getitem__)
+    path = tmp_path / "explanations.jsonl"
+    path.write_text("".join(json.dumps({"doc_id": r.doc_id, "position": r.position, "explanation": text}) + "\n"
+                            for r, text in texts.items()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the file records no extraction
+        with pytest.raises(nl.InputError, match=said):
+            label_activations(acts, path)
+
+
 def test_rows_without_explanation_are_left_out(acts):
     data = label_activations(acts, lambda r: None if r.position % 2 else label_by_token(r))
     assert data.positions == [r.position for r in acts.records if r.position % 2 == 0]

@@ -124,6 +124,7 @@ def label_activations(dataset: ActivationDataset, explanations: str | Path | Lab
                 f"activation row, e.g. doc_id "
                 f"{doc_id!r} position {position}; label the extraction folder you train on"
             )
+    check_not_blank(dataset, texts)
     keep = [i for i, text in enumerate(texts) if text is not None]
     if not keep:
         raise InputError("no activation row has an explanation; nothing to train on")
@@ -134,6 +135,20 @@ def label_activations(dataset: ActivationDataset, explanations: str | Path | Lab
     return LabelledActivations(dataset.vectors[keep], [dataset.records[i].doc_id for i in keep],
                                [dataset.records[i].position for i in keep], [t for t in texts if t is not None],
                                identity)
+
+
+def check_not_blank(dataset: ActivationDataset, texts: list[str | None]) -> None:
+    """Refuse explanations that are empty or only whitespace (a labeler that answered nothing): the AV learned to
+    write `<explanation>` with nothing in it, and the AR to read nothing as a vector, without a word."""
+    blank = [i for i, text in enumerate(texts) if text is not None and not text.strip()]
+    if not blank:
+        return
+    where = "; ".join(f"doc_id {dataset.records[i].doc_id!r} position {dataset.records[i].position}"
+                      for i in blank[:_ROWS_NAMED])
+    more = f"; and {len(blank) - _ROWS_NAMED} more" if len(blank) > _ROWS_NAMED else ""
+    raise InputError(f"{counted(len(blank), 'explanation')} {'is' if len(blank) == 1 else 'are'} empty or only "
+                     f"whitespace ({where}{more}): the AV would learn to explain nothing. Label those rows again, or "
+                     "leave them out (delete their lines; a labeler returns None for a row to leave out)")
 
 
 def check_directions(dataset: ActivationDataset, rows: list[int]) -> None:
