@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 
     from nla_lens.backends import TLModel
     from nla_lens.nla import NLA
+    from nla_lens.sidecar import NLAMeta
 
 _VECTOR_SUFFIXES = (".safetensors", ".pt")  # what `reconstruct --output` writes
 
@@ -434,29 +435,50 @@ def _explain_texts(args: argparse.Namespace) -> list[str]:
 
 
 def add_nla_flags(parser: argparse.ArgumentParser) -> None:
-    """`--av`, `--ar` and `--base`: what `load_nla_and_base` reads."""
+    """`--av`, `--ar` and `--base`: what `nla_and_base_folders` reads."""
     parser.add_argument("--av", required=True, help="the AV checkpoint folder (or a hub id in the local HF cache)")
     parser.add_argument("--ar", required=True, help="the AR trained with this AV")
     parser.add_argument("--base", help="the base model folder (default: the sidecar's base_model)")
 
 
-def load_nla_and_base(args: argparse.Namespace, device: torch.device) -> tuple[NLA, TLModel]:
+@dataclass(frozen=True)
+class NLAFolders:
+    """The folders `--av`, `--ar` and `--base` name, each checked for its role and the base against the AV, with
+    the tokenizers read on the way: a command checks what depends on the base's tokens (`--positions`) with
+    `base_tokenizer` before `load` reads any weight."""
+
+    av: Path
+    av_meta: NLAMeta
+    av_tokenizer: PreTrainedTokenizerBase
+    ar: Path
+    ar_meta: NLAMeta
+    base: Path
+    base_tokenizer: PreTrainedTokenizerBase
+
+    def load(self, device: torch.device, dtype: torch.dtype) -> tuple[NLA, TLModel]:
+        """The NLA and the base model."""
+        from nla_lens import backends
+        from nla_lens.nla import NLA
+
+        nla = NLA._from_folders(self.av, self.av_meta, self.ar, self.ar_meta, device=device, dtype=dtype,
+                                checked_av_tokenizer=self.av_tokenizer)
+        return nla, backends.load_model(self.base, self.base_tokenizer, dtype=dtype, device=device)
+
+
+def nla_and_base_folders(args: argparse.Namespace) -> NLAFolders:
     """The `--av` / `--ar` pair and the base model (`--base`, else the sidecar's base_model), each folder checked
     for its role before anything loads."""
-    from nla_lens import backends
-    from nla_lens.nla import NLA
-
     av_folder, av_meta = nla_checkpoint(args.av, "av")
     ar_folder, ar_meta = nla_checkpoint(args.ar, "ar")
     av_tokenizer = loading.checkpoint_tokenizer(av_folder, av_meta, "av")  # the base is checked against it
     base_folder, base_tokenizer = base_for(args.base, av_meta, av_tokenizer)  # warned once
-    nla = NLA._from_folders(av_folder, av_meta, ar_folder, ar_meta, device=device, dtype=args.dtype,
-                            checked_av_tokenizer=av_tokenizer)
-    return nla, backends.load_model(base_folder, base_tokenizer, dtype=args.dtype, device=device)
+    return NLAFolders(av_folder, av_meta, av_tokenizer, ar_folder, ar_meta, base_folder, base_tokenizer)
 
 
 def _run_explain(args: argparse.Namespace) -> None:
     from nla_lens.display import format_cell, unparsed_text, visible_token
+    from nla_lens.explain import text_columns, text_rows
+    from nla_lens.nla import check_baseline
     from nla_lens.results import check_save_path
 
     texts = _explain_texts(args)  # every input checked before any model is loaded
@@ -464,7 +486,11 @@ def _run_explain(args: argparse.Namespace) -> None:
     if args.output is not None:
         check_save_path(args.output, "--output")
     check_counts(1, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
-    nla, base = load_nla_and_base(args, device)
+    if args.baseline is not None:
+        check_baseline(args.baseline)
+    folders = nla_and_base_folders(args)
+    text_columns(args.positions, *text_rows(folders.base_tokenizer, texts), texts)  # explain picks them again
+    nla, base = folders.load(device, args.dtype)
     explanation = nla.explain(base, texts, positions=args.positions, baseline=args.baseline,
                               max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, progress=True)
     for i, text in enumerate(explanation.texts):

@@ -156,11 +156,24 @@ def explain(nla: NLA, base: TLModel, text_or_texts: str | Sequence[str], *, posi
     """
     backends.backend_of(base)  # the text is tokenized with its tokenizer before explain_tokens checks it
     texts = _texts(text_or_texts)
-    tokenizer = _tokenizer(base)
-    rows = [text_ids(tokenizer, text) for text in texts]  # BOS first where the tokenizer has one, never two
-    skip = [bos_skip(tokenizer, ids) for ids in rows]
+    rows, skip = text_rows(_tokenizer(base), texts)
     return explain_tokens(nla, base, rows, positions=positions, skip=skip, texts=texts, baseline=baseline,
                           fwd_hooks=fwd_hooks, **verbalize_kwargs)
+
+
+def text_rows(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> tuple[list[list[int]], list[int]]:
+    """Each text's token ids as `explain` reads them (BOS first where the tokenizer has one, never two), and how
+    many leading ones it leaves out by default (that BOS)."""
+    rows = [text_ids(tokenizer, text) for text in texts]
+    return rows, [bos_skip(tokenizer, ids) for ids in rows]
+
+
+def text_columns(positions: ExplainPositions, token_rows: Sequence[Sequence[int]], skip: Sequence[int],
+                 texts: Sequence[str]) -> list[list[int]]:
+    """The columns of each row that `positions` names (`select_positions`), its errors naming the text as the
+    table does; `nla-lens explain` checks its `--positions` with it before any weight is read."""
+    return [select_positions(positions, len(row), s, text=f"text {t} ({display.format_cell(text, 30)!r})")
+            for t, (row, s, text) in enumerate(zip(token_rows, skip, texts, strict=True))]
 
 
 def _tokenizer(base: TLModel) -> PreTrainedTokenizerBase:
@@ -228,8 +241,7 @@ def explain_tokens(nla: NLA, base: TLModel, token_rows: Sequence[Sequence[int]],
     skip = [0] * len(token_rows) if skip is None else list(skip)
     tokenizer = _tokenizer(base)
     texts = [cast(str, tokenizer.decode(list(row))) for row in token_rows] if texts is None else list(texts)
-    columns = [select_positions(positions, len(row), s, text=f"text {t} ({display.format_cell(text, 30)!r})")
-               for t, (row, s, text) in enumerate(zip(token_rows, skip, texts, strict=True))]
+    columns = text_columns(positions, token_rows, skip, texts)
     device = base.W_E.device
     vectors, sites = [], []
     with torch.no_grad():

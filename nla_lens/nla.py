@@ -153,18 +153,23 @@ class Baseline:
     warning: str | None = None
 
 
+def check_baseline(given: float | Tensor) -> float:
+    """A caller's FVE baseline as a float, checked: `nla-lens explain` checks its `--baseline` so before any weight
+    is read, where `explain` would meet it only after the base model's forward."""
+    if isinstance(given, Tensor) and given.numel() == 1:  # e.g. a baseline computed in torch
+        given = given.item()
+    # numbers.Real takes numpy scalars too; inf would make every FVE 1.0
+    if isinstance(given, bool) or not isinstance(given, numbers.Real) or not 0 < given < math.inf:
+        raise InputError(f"baseline={given!r} must be a positive finite number (a held-out set's paper baseline)")
+    return float(given)
+
+
 def resolve_baseline(vectors: Float[Tensor, "n d_model"], mse_scale: float, given: float | None = None,
                      recorded: NLAMeta | None = None) -> Baseline:
     """The caller's baseline, else the one recorded in the sidecar at export, else the paper baseline of
     `vectors` if there are at least `MIN_BASELINE_VECTORS` of them, else none (FVE None, with a warning)."""
     if given is not None:
-        if isinstance(given, Tensor) and given.numel() == 1:  # e.g. a baseline computed in torch
-            given = given.item()
-        # numbers.Real takes numpy scalars too; inf would make every FVE 1.0
-        if isinstance(given, bool) or not isinstance(given, numbers.Real) or not 0 < given < math.inf:
-            raise InputError(f"baseline must be a positive finite number (a held-out set's paper baseline), "
-                             f"got {given!r}")
-        return Baseline(float(given), "given")
+        return Baseline(check_baseline(given), "given")
     if recorded is not None and recorded.fve_baseline is not None:
         return Baseline(recorded.fve_baseline, "sidecar (held-out)", recorded.fve_baseline_n)
     n = vectors.shape[0]

@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
-from jaxtyping import Bool
+from jaxtyping import Bool, Int
 from torch import Tensor
 
 from nla_lens.checks import check_counts, check_finite, check_output_path, resolve_device
-from nla_lens.commands import add_dtype_flag, add_nla_flags, load_nla_and_base
+from nla_lens.commands import add_dtype_flag, add_nla_flags, nla_and_base_folders
 from nla_lens.errors import InputError
 from nla_lens.verbalizer import MAX_NEW_TOKENS
 
@@ -89,6 +90,19 @@ def _site_mask(positions: list[int], lengths: list[int], width: int) -> Bool[Ten
     return mask
 
 
+def _batch(tokenizer: Any, texts: list[str], positions: list[int]
+           ) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"], Bool[Tensor, "batch pos"]]:
+    """The texts tokenized as explain does, in one left-padded batch with its attention mask, and the sites that
+    `--positions` names there. The pads are masked out, so their id is 0 as in every other pad() call (Llama 3's
+    tokenizer has no pad token)."""
+    from nla_lens.sidecar import text_ids
+    from nla_lens.training.padding import pad
+
+    rows = [text_ids(tokenizer, text) for text in texts]
+    tokens, mask = pad(rows, 0, "left")
+    return tokens, mask, _site_mask(positions, [len(row) for row in rows], tokens.shape[1])
+
+
 def _word_edit(args: argparse.Namespace) -> str | Callable[[str], str]:
     """`--edit-to` as the edited text, or `--replace` as a function of the explanation."""
     if args.edit_to is not None:
@@ -109,9 +123,7 @@ def _word_edit(args: argparse.Namespace) -> str | Callable[[str], str]:
 def _run_steer_words(args: argparse.Namespace) -> None:
     from nla_lens.display import format_cell
     from nla_lens.results import check_save_path
-    from nla_lens.sidecar import text_ids
     from nla_lens.steer_words import sampling_settings, steer_with_words
-    from nla_lens.training.padding import pad
 
     if not all(text.strip() for text in args.text):
         raise InputError("--text is empty; give the texts whose tokens to steer")
@@ -125,12 +137,11 @@ def _run_steer_words(args: argparse.Namespace) -> None:
     sampling_settings(None, args.samples, args.temperature, args.seed, args.max_new_tokens, args.batch_size)
     check_finite(alpha=args.alpha)
     check_counts(0, continue_tokens=args.continue_tokens)
-    nla, base = load_nla_and_base(args, device)
-    # One left-padded batch with its mask. The pads are masked out, so their id is 0 as in every other pad() call
-    # (Llama 3's tokenizer has no pad token).
-    rows = [text_ids(base.tokenizer, text) for text in args.text]
-    tokens, mask = pad(rows, 0, "left")
-    sites = _site_mask(args.positions, [len(row) for row in rows], tokens.shape[1])
+    folders = nla_and_base_folders(args)
+    # --positions checked before any weight is read; the batch steered is the loaded base tokenizer's own
+    _batch(folders.base_tokenizer, args.text, args.positions)
+    nla, base = folders.load(device, args.dtype)
+    tokens, mask, sites = _batch(base.tokenizer, args.text, args.positions)
     result = steer_with_words(nla, base, tokens.to(device), sites.to(device), edit=edit, alpha=args.alpha,
                               mode=args.mode, samples=args.samples, temperature=args.temperature, seed=args.seed,
                               attention_mask=mask.to(device), continue_tokens=args.continue_tokens,

@@ -134,10 +134,13 @@ def test_demo_wrong_checkpoint_folder(tmp_path, capsys, monkeypatch):
 
 
 @pytest.mark.parametrize("sentences", ["0", "-1"])
-def test_demo_sentence_count(capsys, monkeypatch, sentences):
+def test_demo_counts_are_named_as_every_commands_flags_are(capsys, monkeypatch, sentences):
+    """demo said `--sentences=0:` where every other command says `--batch-size 0:` (flag, space, value)."""
     monkeypatch.setattr(backends, "load_model", lambda *a, **k: pytest.fail("loaded the toy"))
     _fails(["demo", "--sentences", sentences], capsys, "InputError",
-           f"--sentences={sentences}: must be a whole number >= 1")
+           f"--sentences {sentences}: must be a whole number >= 1")
+    _fails(["demo", "--max-new-tokens", sentences], capsys, "InputError",
+           f"--max-new-tokens {sentences}: must be a whole number >= 1")
 
 
 def test_demo_html_in_a_missing_folder(tmp_path, no_model_loads, capsys):
@@ -624,6 +627,29 @@ def test_explain_output_errors_name_the_flag(tiny_paths, tmp_path, no_model_load
            capsys, f"InputError: --output {tmp_path / 'absent' / 'x.html'}: ", "does not exist; create it first")
     _fails(["explain", "--av", av, "--ar", ar, "--text", "the cat", "--output", tmp_path / "x.csv"], capsys,
            f"InputError: --output {tmp_path / 'x.csv'}: save to a .parquet or .jsonl file")
+
+
+TOY_AV, TOY_AR = nl.toy.TOY_DIR / "av", nl.toy.TOY_DIR / "ar"
+
+
+@pytest.mark.parametrize(("flags", "expected"), [
+    (["--baseline", "-1"], "InputError: --baseline -1.0 must be a positive finite number"),
+    (["--baseline", "nan"], "InputError: --baseline nan must be a positive finite number"),
+    (["--positions", "4"], "InputError: position 4 is outside text 1 ('Thou art') of 3 tokens (0..2"),
+    (["--positions", "5:9"], "InputError: positions 5:9 select no token of text 1 ('Thou art') of 3 tokens"),
+], ids=["negative-baseline", "nan-baseline", "position-outside", "empty-slice"])
+def test_explain_checks_baseline_and_positions_before_any_model_loads(no_model_loads, capsys, flags, expected):
+    """A bad --baseline or --positions was met only inside nla.explain: after the AV, the AR and the base model
+    had loaded and the base had run (minutes for an 8B pair), and the baseline was named `baseline`, not its flag."""
+    _fails(["explain", "--av", TOY_AV, "--ar", TOY_AR, "--text", "Romeo: wherefore art thou", "--text", "Thou art",
+            *flags], capsys, expected)
+
+
+def test_steer_words_checks_positions_before_any_model_loads(no_model_loads, capsys):
+    """--positions outside a text was refused only after the AV, the AR and the base model had loaded."""
+    _fails(["steer-words", "--av", TOY_AV, "--ar", TOY_AR, "--text", "Romeo: wherefore art thou", "--text", "Thou art",
+            "--replace", "a", "b", "--positions", "3"], capsys,
+           "InputError: --positions 3 is outside text 1, which is 3 tokens (0..2, or -3..-1 from its last)")
 
 
 def test_text_files_that_are_not_utf8_are_input_errors(tiny_paths, tmp_path, no_model_loads, monkeypatch, capsys):

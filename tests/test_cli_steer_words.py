@@ -159,19 +159,19 @@ def test_steer_words_refuses_a_text_past_the_base_context_in_one_line(capsys):
 def test_steer_words_pads_texts_for_a_tokenizer_without_a_pad_token(tmp_path, capsys, monkeypatch):
     """Llama 3's tokenizer has no pad token: the command padded with None (a TypeError in torch.full). The pads are
     masked out, so the table is the one a tokenizer with a pad token gives."""
-    from nla_lens import steer_words_cli
+    from nla_lens.commands import NLAFolders
 
-    load = steer_words_cli.load_nla_and_base
+    load = NLAFolders.load
     tables = {}
     for has_pad in (True, False):
-        def loader(args, device, has_pad=has_pad):
-            nla, base = load(args, device)
+        def loader(folders, device, dtype, has_pad=has_pad):
+            nla, base = load(folders, device, dtype)
             if not has_pad:
                 base.tokenizer.pad_token = None  # this load's own tokenizer, dropped after the command
                 assert base.tokenizer.pad_token_id is None
             return nla, base
 
-        monkeypatch.setattr(steer_words_cli, "load_nla_and_base", loader)
+        monkeypatch.setattr(NLAFolders, "load", loader)
         tables[has_pad] = tmp_path / f"pad-{has_pad}.parquet"
         assert main(["steer-words", "--av", AV, "--ar", AR, *[a for t in TEXTS for a in ("--text", t)],
                      "--replace", "predicting", "foretelling", "--max-new-tokens", "48", "--continue-tokens", "2",

@@ -93,7 +93,7 @@ def test_a_given_baseline_may_be_any_real_scalar_but_must_be_positive_and_finite
         resolved = resolve_baseline(vectors, 8**0.5, given)
         assert (resolved.value, resolved.source) == (0.5, "given") and type(resolved.value) is float
     for given in (math.inf, math.nan, 0.0, -0.5, True, "0.5", torch.tensor([0.5, 0.6])):
-        with pytest.raises(nl.InputError, match="baseline must be a positive finite number"):
+        with pytest.raises(nl.InputError, match=r"baseline=.* must be a positive finite number"):
             resolve_baseline(vectors, 8**0.5, given)
 
 

@@ -103,7 +103,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> None:
-    check_counts(1, **{"--sentences": args.sentences, "--max-new-tokens": args.max_new_tokens})  # the flags' names
+    check_counts(1, sentences=args.sentences, max_new_tokens=args.max_new_tokens)  # named by their flags (in_flags)
     if args.html:
         check_output_path(args.html, (".html",), "--html")
     result = run_demo(args.checkpoint, args.sentences, args.max_new_tokens, progress=True, pair=args.pair)
