@@ -73,7 +73,10 @@ def _named_vectors(tensors: dict[str, Any], path: Path) -> Any:
 
 
 def _readable(path: Path, read: Callable[[], Any]) -> Any:
-    """`read()`, with a corrupt or mislabelled file reported as such rather than as the reader's traceback."""
+    """`read()`, with a corrupt or mislabelled file reported as such rather than as the reader's traceback. A file
+    this process may not read is the OS's PermissionError (the CLI's exit 1), met by opening it first: safetensors
+    called it missing (FileNotFoundError) and torch's error read as a corrupt file."""
+    path.open("rb").close()
     try:
         return read()
     except Exception as exc:  # noqa: BLE001 - safetensors, pickle and arrow each raise their own types

@@ -85,6 +85,26 @@ def test_corrupt_input_file(tiny_paths, tmp_path, no_model_loads, capsys, suffix
     assert "weights_only=False" not in err  # torch's advice would run pickled code
 
 
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt", ".parquet"])
+def test_a_vector_file_that_cannot_be_read_says_permission_denied(tiny_paths, tmp_path, no_model_loads, monkeypatch,
+                                                                   capsys, suffix):
+    """A file this process may not read (mode 000, another user's) was "No such file or directory" (safetensors) or
+    "corrupt or of another format" (.pt): now the OS's error, exit 1 as for every failed file operation. Root reads
+    any file, so the denial is the OS's error raised when the file is opened."""
+    path = tmp_path / f"v{suffix}"
+    path.write_bytes(b"x")
+    opened = Path.open
+
+    def denied(self, *args, **kwargs):
+        if self == path:
+            raise PermissionError(13, "Permission denied", str(self))
+        return opened(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", denied)
+    assert main(["verbalize", "--av", str(tiny_paths["av_karvonen"]), "--input", str(path)]) == 1
+    assert capsys.readouterr().err == f"nla-lens verbalize: [Errno 13] Permission denied: '{path}'\n"
+
+
 @pytest.mark.parametrize("device, expected", [
     pytest.param("cuda", "has no CUDA support",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this torch has CUDA")),
