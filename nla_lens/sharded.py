@@ -72,18 +72,24 @@ class Sampling:
     batch_size: int = 32
 
     def __post_init__(self) -> None:
-        check_sampling(self.temperature, self.top_p, self.max_new_tokens, self.batch_size, self.seed)
+        """Checked, and kept as Python numbers: a NumPy or tensor setting showed as `np.int64(5)` in the repr and
+        went into the manifest's JSON as such."""
+        max_new_tokens, batch_size = check_sampling(self.temperature, self.top_p, self.max_new_tokens,
+                                                    self.batch_size, self.seed)
+        plain = {"max_new_tokens": max_new_tokens, "temperature": float(self.temperature), "top_p": float(self.top_p),
+                 "seed": self.seed if self.seed is None else int(self.seed), "batch_size": batch_size}
+        for name, value in plain.items():
+            object.__setattr__(self, name, value)  # frozen: set once, here
 
     def facts(self, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-        """The settings a finished shard depends on, as the manifest's JSON holds them: a numpy float32 or tensor
-        setting as its float, a numpy integer one as its int. Greedy rows depend on the batch size only where
-        `batches_matter`."""
-        facts: dict[str, Any] = {"device": device.type, "max_new_tokens": int(self.max_new_tokens),
-                                 "temperature": float(self.temperature)}
+        """The settings a finished shard depends on, as the manifest's JSON holds them. Greedy rows depend on the
+        batch size only where `batches_matter`."""
+        facts: dict[str, Any] = {"device": device.type, "max_new_tokens": self.max_new_tokens,
+                                 "temperature": self.temperature}
         if self.temperature > 0:
-            facts |= {"top_p": float(self.top_p), "seed": int(self.seed)}
+            facts |= {"top_p": self.top_p, "seed": self.seed}
         if self.temperature > 0 or batches_matter(device, dtype):
-            facts["batch_size"] = int(self.batch_size)
+            facts["batch_size"] = self.batch_size
         return facts
 
     def verbalize(self, av: ActivationVerbalizer, vectors: torch.Tensor, shard: int) -> list[Verbalization]:
@@ -178,7 +184,7 @@ def verbalize_file(
     with process_group(device) as world:
         @cache
         def load() -> ActivationVerbalizer:
-            return ActivationVerbalizer.from_pretrained(av_folder, device=device_for(world, device), dtype=dtype)
+            return ActivationVerbalizer._from_folder(av_folder, av_meta, device=device_for(world, device), dtype=dtype)
 
         def compute(shard: int, rows: range) -> pa.Table:
             return output_rows(table, rows, sampling.verbalize(load(), table.vectors[rows.start:rows.stop], shard))
@@ -228,7 +234,7 @@ def round_trip_file(
         @cache
         def load() -> NLA:
             rank_device = device_for(world, device)
-            return NLA(ActivationVerbalizer.from_pretrained(av_folder, device=rank_device, dtype=dtype),
+            return NLA(ActivationVerbalizer._from_folder(av_folder, av_meta, device=rank_device, dtype=dtype),
                        ActivationReconstructor._from_folder(ar_folder, ar_meta, device=rank_device, dtype=dtype,
                                                             checked_tokenizer=ar_tokenizer))
 

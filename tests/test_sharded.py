@@ -183,19 +183,30 @@ def test_a_round_trip_summary_counts_the_rows_max_new_tokens_cut(tiny_paths, inp
 def test_a_round_trip_file_checks_each_tokenizer_against_its_sidecar_once(tiny_paths, input_file, tmp_path,
                                                                           monkeypatch):
     """The job checked the AR's tokenizer for its sample length, then the AR loader checked it again. A drifted one
-    is still refused (`test_a_drifted_folder_loaded_for_you_is_blamed_on_its_tokenizer_not_on_tokenizer_equals`)."""
+    is still refused (`test_a_drifted_folder_loaded_for_you_is_blamed_on_its_tokenizer_not_on_tokenizer_equals`).
+    Each sidecar is parsed once too: the AV loader parsed the AV's again, after the job's check of its role."""
     av, ar = tiny_paths["av_karvonen"].resolve(), tiny_paths["ar_nanonla"].resolve()
-    checks = Counter()
-    check_tokenizer = loading.check_tokenizer
+    checks, parses = Counter(), Counter()
+    check_tokenizer, parse_meta = loading.check_tokenizer, nl.sidecar.parse_meta
 
     def counted(meta, tokenizer, role=None, **kwargs):
         checks[Path(kwargs["source"]).resolve()] += 1
         return check_tokenizer(meta, tokenizer, role, **kwargs)
 
+    def counted_parse(data, *, source):
+        parses[Path(source).resolve()] += 1
+        return parse_meta(data, source=source)
+
     monkeypatch.setattr(loading, "check_tokenizer", counted)
+    monkeypatch.setattr(nl.sidecar, "parse_meta", counted_parse)
     sharded.round_trip_file(av, ar, input_file, tmp_path / "out.parquet", sampling=Sampling(max_new_tokens=2),
                             baseline=0.5, shard_size=N_ROWS)
     assert checks == {av / "nla_meta.yaml": 1, ar / "nla_meta.yaml": 1}
+    assert parses == {av / "nla_meta.yaml": 1, ar / "nla_meta.yaml": 1}
+    parses.clear()
+    sharded.verbalize_file(av, input_file, tmp_path / "out.jsonl", sampling=Sampling(max_new_tokens=2),
+                           shard_size=N_ROWS)
+    assert parses == {av / "nla_meta.yaml": 1}
 
 
 def test_a_sharded_round_trip_scores_a_reconstruction_with_no_direction_as_a_miss_and_says_so(
@@ -303,7 +314,7 @@ def test_a_sharded_round_trip_refuses_a_max_new_tokens_the_ar_cannot_read_before
     tokenizer = nl.loading.load_tokenizer(ar)
     prompt = len(nl.sidecar.ar_prompt_ids(nl.load_meta(ar), tokenizer, ""))
     (ar / "config.json").write_text(json.dumps({**config, "max_position_embeddings": prompt + 10}))
-    monkeypatch.setattr(nl.ActivationVerbalizer, "from_pretrained", lambda *a, **k: pytest.fail("a model loaded"))
+    monkeypatch.setattr(nl.ActivationVerbalizer, "_from_folder", lambda *a, **k: pytest.fail("a model loaded"))
     with pytest.raises(nl.PromptTooLongError, match=re.escape(f"over the AR's n_ctx={prompt + 10}; set "
                                                               "max_new_tokens <= 10")):
         sharded.round_trip_file(tiny_paths["av_karvonen"], ar, input_file, tmp_path / "out.parquet",
@@ -347,7 +358,7 @@ def test_a_round_trip_does_not_replace_another_outputs_summary(tiny_paths, input
     summary = sharded.summary_path(out)
     written = summary.read_text()
     assert json.loads(written)["output"] == "out.parquet" and run(out).summary is not None  # a rerun of the same
-    monkeypatch.setattr(nl.ActivationVerbalizer, "from_pretrained", lambda *a, **k: pytest.fail("a model loaded"))
+    monkeypatch.setattr(nl.ActivationVerbalizer, "_from_folder", lambda *a, **k: pytest.fail("a model loaded"))
     with pytest.raises(nl.InputError, match=r"out.summary.json holds the summary of out.parquet, .*pass an output= "
                                             r"of another stem"):
         run(tmp_path / "out.jsonl")
@@ -777,6 +788,18 @@ def test_numpy_integer_counts_run_a_file_job_and_reach_the_manifest_as_ints(tiny
     assert (manifest["shard_size"], manifest["max_new_tokens"], manifest["batch_size"]) == (2, 8, 2)
 
 
+def test_sampling_keeps_numpy_and_tensor_settings_as_python_numbers_in_its_repr_and_equality():
+    """`check_sampling` took NumPy and tensor settings, but Sampling kept them as given: its repr read
+    `max_new_tokens=np.int64(5)`, and two equal ones with tensor top_ps hashed apart (a tensor hashes by id)."""
+    typed = Sampling(max_new_tokens=np.int64(5), temperature=np.float32(0.5), top_p=torch.tensor(0.25),
+                     seed=np.int32(3), batch_size=np.uint8(4))
+    assert repr(typed) == "Sampling(max_new_tokens=5, temperature=0.5, top_p=0.25, seed=3, batch_size=4)"
+    assert typed == Sampling(max_new_tokens=5, temperature=0.5, top_p=0.25, seed=3, batch_size=4)
+    assert [type(getattr(typed, name)) for name in ("max_new_tokens", "temperature", "top_p", "seed", "batch_size")
+            ] == [int, float, float, int, int]
+    assert hash(Sampling(top_p=torch.tensor(0.25))) == hash(Sampling(top_p=torch.tensor(0.25)))
+
+
 @pytest.mark.parametrize("seed", [1.5, "3", True])
 def test_a_seed_that_is_not_a_whole_number_is_refused(seed):
     with pytest.raises(nl.InputError, match=rf"seed={seed!r} must be a whole number"):
@@ -1100,7 +1123,7 @@ def test_a_job_result_prints_short_with_its_outcome_not_its_table():
 def test_a_shards_folder_that_cannot_be_made_is_refused_before_any_model_loads(tiny_paths, input_file, tmp_path,
                                                                                 monkeypatch, where):
     """It ended at the first shard's write, after the model loaded, in a bare [Errno 17] or [Errno 2]."""
-    monkeypatch.setattr(nl.ActivationVerbalizer, "from_pretrained", lambda *a, **k: pytest.fail("a model loaded"))
+    monkeypatch.setattr(nl.ActivationVerbalizer, "_from_folder", lambda *a, **k: pytest.fail("a model loaded"))
     if where == "proc":
         if not Path("/proc/self").is_dir():
             pytest.skip("needs Linux's /proc, a folder no file can be created in")
