@@ -102,7 +102,7 @@ def check_finite(**values: float) -> None:
     """Each named value must be a finite real number (not a bool, NaN or inf), e.g. a steering scale; NumPy's and
     one-element tensors count, as in `check_sampling` (an alpha sweep over torch.linspace or np.float32 values)."""
     wrong = [f"{name}={value!r}" for name, value in values.items()
-             if not _is_real(value) or not math.isfinite(float(value))]
+             if not is_real(value) or not math.isfinite(float(value))]
     if wrong:
         raise InputError(f"{', '.join(wrong)}: must be a finite number")
 
@@ -116,9 +116,9 @@ def check_sampling(temperature: float, top_p: float, max_new_tokens: int, batch_
         wrong.append(f"seed={seed!r} must be a whole number (or None for an unseeded draw)")
     elif seed is not None and not -2**63 <= int(seed) < 2**64:  # torch's generator takes a 64-bit seed
         wrong.append(f"seed={seed!r} is outside the 64-bit range a torch generator takes: pick one in [-2**63, 2**64)")
-    if not _is_real(temperature) or not 0 <= temperature < math.inf:
+    if not is_real(temperature) or not 0 <= temperature < math.inf:
         wrong.append(f"temperature={temperature!r} must be a finite number >= 0 (0 is greedy)")
-    if not _is_real(top_p) or not 0 < top_p <= 1:
+    if not is_real(top_p) or not 0 < top_p <= 1:
         wrong.append(f"top_p={top_p!r} must be in (0, 1] (1 keeps every token)")
     for name, value in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
         if not is_count(value, 1):
@@ -149,7 +149,7 @@ def is_integer(value: object) -> TypeGuard[numbers.Integral]:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def _is_real(value: object) -> bool:
+def is_real(value: object) -> bool:
     """A real number (numpy's, or a one-element tensor such as a step of torch.linspace), not a bool: a string
     ("0.5") would fail in the range comparison with a bare TypeError."""
     value = _python_scalar(value)

@@ -35,7 +35,7 @@ from torch import Tensor
 
 from nla_lens import backends
 from nla_lens.capture import activation_at, check_block, resid_post_name, text_resid_post
-from nla_lens.checks import check_counts, counted
+from nla_lens.checks import check_counts, counted, is_real
 from nla_lens.errors import BackendError, InputError, SAEMismatchError, VectorError
 from nla_lens.explain import bos_skip
 from nla_lens.injection import check_vectors, past_float32_rows, prescaled, unit
@@ -152,7 +152,8 @@ class ResidualStats:
 
     def __post_init__(self) -> None:
         """A mean that is no finite [d_model] float vector would fail later: an int one in the result's repr, after
-        the generation, a NaN one as 'vectors at rows [0] hold NaN or Inf' of the AV's batch."""
+        the generation, a NaN one as 'vectors at rows [0] hold NaN or Inf' of the AV's batch. The spread is kept as
+        a float, refused where no RMS distance is that (`_checked_spread`)."""
         mean = self.mean
         build = "build the stats with nl.residual_stats(base, texts, layer) or ResidualStats.from_vectors(residuals)"
         if not isinstance(mean, Tensor) or mean.ndim != 1 or not mean.is_floating_point():
@@ -163,6 +164,7 @@ class ResidualStats:
         if not torch.isfinite(mean).all():
             raise VectorError(f"ResidualStats.mean holds NaN or Inf (residuals near the float32 limit overflow their "
                               f"sum); {build}")
+        object.__setattr__(self, "spread", _checked_spread(self.spread, self.n, build))  # frozen: set once, here
 
     def __repr__(self) -> str:
         return (f"ResidualStats(n={self.n}, layer={self.layer}, d_model={self.mean.shape[-1]}, "
@@ -178,6 +180,20 @@ class ResidualStats:
         moments = RunningMoments()
         moments.add(vectors)
         return moments.stats(layer)
+
+
+def _checked_spread(spread: float, n: int, build: str) -> float:
+    """`spread` as a float where it is one an RMS distance can be (finite, >= 0; zero is one residual's): a NaN,
+    infinite or negative one was refused only where an offset used it, a string one with a bare TypeError there."""
+    if not is_real(spread):
+        raise VectorError(f"ResidualStats.spread={spread!r} must be a number, the RMS distance of the residuals from "
+                          f"the mean; {build}")
+    value = float(spread)
+    if not (math.isfinite(value) and value >= 0):
+        outcome = "be NaN or Inf" if not math.isfinite(value) else "move the mean against each feature's direction"
+        raise VectorError(f"ResidualStats.spread is {value} (n={n}), which no RMS distance is (they are finite and "
+                          f">= 0): an offset mean + spread * W_dec[f] / ||W_dec[f]|| would {outcome}; {build}")
+    return value
 
 
 class RunningMoments:
@@ -465,16 +481,10 @@ def feature_vectors(rows: Float[Tensor, "n d_model"], offset: ResidualStats | No
     if offset.mean.shape != rows.shape[1:]:
         raise VectorError(f"the offset mean has shape {list(offset.mean.shape)} but the NLA verbalizes "
                           f"d_model={rows.shape[1]} residuals; take the stats from this NLA's base model")
-    if offset.spread == 0:  # one residual, or all of them alike
+    if offset.spread == 0:  # one residual, or all of them alike: true stats, but no offset
         raise VectorError(f"the offset's spread is {offset.spread} (n={offset.n}): every feature would be verbalized "
                           "as the mean residual, its decoder row scaled away; take the stats over many positions, "
                           "nl.residual_stats(base, texts, layer)")
-    if not (math.isfinite(offset.spread) and offset.spread > 0):
-        outcome = ("be NaN or Inf" if not math.isfinite(offset.spread)
-                   else "move the mean against each feature's direction")
-        raise VectorError(f"the offset's spread is {offset.spread} (n={offset.n}), which no RMS distance is (they are "
-                          f"finite and >= 0): mean + spread * W_dec[f] / ||W_dec[f]|| would {outcome}; build the "
-                          "stats with nl.residual_stats(base, texts, layer) or ResidualStats.from_vectors(residuals)")
     # prescaled: the same bits as rows / ||rows|| where that norm is representable, a unit row where it is not
     return offset.mean.to(rows.device).float() + offset.spread * unit(prescaled(rows))
 

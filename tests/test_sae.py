@@ -629,18 +629,29 @@ def test_offset_from_another_layer_or_width_or_bad_vectors_is_refused(toy, monke
 @NEEDS_SAE_LENS
 @pytest.mark.parametrize(("spread", "outcome"), [(float("inf"), "be NaN or Inf"), (float("nan"), "be NaN or Inf"),
                                                  (-2.0, "move the mean against each feature's direction")])
-def test_an_offset_spread_no_rms_distance_has_is_refused_saying_what_it_would_do(av_karvonen, monkeypatch, spread,
-                                                                                 outcome):
-    """An infinite, NaN or negative spread was refused as a zero one is: 'every feature would be verbalized as the
-    mean residual', which only a zero spread does."""
+def test_residual_stats_refuse_a_spread_no_rms_distance_has_when_built(spread, outcome):
+    """An infinite, NaN or negative spread was taken when the stats were built, and refused only where an offset
+    used it (first as a zero one is: 'every feature would be verbalized as the mean residual', which only a zero
+    spread does)."""
     from nla_lens.sae import ResidualStats
 
-    sae = make_sae(D_MODEL, 8, f"blocks.{LAYER}.hook_resid_post")
-    monkeypatch.setattr(av_karvonen, "verbalize", lambda *a, **k: pytest.fail("verbalized a broken offset"))
-    with pytest.raises(nl.VectorError, match=rf"^the offset's spread is {spread} \(n=5\), which no RMS distance is "
-                                             rf"\(they are finite and >= 0\): mean \+ spread \* W_dec\[f\] / "
+    with pytest.raises(nl.VectorError, match=rf"^ResidualStats.spread is {spread} \(n=5\), which no RMS distance is "
+                                             rf"\(they are finite and >= 0\): an offset mean \+ spread \* W_dec\[f\] / "
                                              rf"\|\|W_dec\[f\]\|\| would {outcome}; build the stats"):
-        nl.verbalize_sae_features(av_karvonen, sae, [1], offset=ResidualStats(torch.randn(D_MODEL), spread, 5))
+        ResidualStats(torch.randn(D_MODEL), spread, 5)
+
+
+@NEEDS_SAE_LENS
+def test_residual_stats_keep_a_numeric_spread_as_a_float_and_refuse_any_other():
+    """A NumPy or tensor spread is kept as its float (zero too: one residual's, refused only as an offset); a string
+    one was taken, then failed the offset's check with a bare TypeError."""
+    from nla_lens.sae import ResidualStats
+
+    for given in (np.float32(2.5), torch.tensor(2.5), 2.5, 0):
+        stats = ResidualStats(torch.zeros(D_MODEL), given, 5)
+        assert type(stats.spread) is float and stats.spread == float(given)
+    with pytest.raises(nl.VectorError, match=r"ResidualStats.spread='2.5' must be a number, the RMS distance"):
+        ResidualStats(torch.zeros(D_MODEL), "2.5", 5)
 
 
 @NEEDS_SAE_LENS
