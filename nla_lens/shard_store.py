@@ -169,8 +169,8 @@ def missing_shards(folder: Path, n_shards: int) -> list[int]:
 
 def merge(folder: Path, ranges: Sequence[range]) -> pa.Table:
     """Every shard (`ranges`: each one's input rows, `shard_rows`) in shard order, which is input row order. Shards
-    an older nla_lens wrote lack the columns added since (`truncated`): those rows hold nulls there, unknown rather
-    than false."""
+    an older nla_lens wrote lack the columns added since (`truncated`, a round trip's `miss`): those rows hold nulls
+    there, unknown rather than false (the round trip then tells `miss` from the rows)."""
     return pa.concat_tables([_read_shard(folder, i, rows) for i, rows in enumerate(ranges)], promote_options="default")
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from tqdm.auto import tqdm
 
@@ -110,8 +111,7 @@ class RoundTripSummary:
     baseline_source: str  # "given", "sidecar (held-out)", "paper (these vectors)" (all input vectors) or "none"
     n_failed_parses: int
     # Rows scored `metrics.miss_mse` (the `miss` column, `RoundTrip.misses`'s rule): the failed parses included, with
-    # explanations too long for the AR and reconstructions with no direction; in rows of shards an older nla_lens
-    # wrote (no `miss` there), their failed parses only
+    # explanations too long for the AR and reconstructions with no direction
     n_misses: int
     n_truncated: int  # rows `max_new_tokens` cut before any EOS (rows of shards an older nla_lens wrote not counted)
     mse_scale: float
@@ -200,7 +200,7 @@ def round_trip_file(
 ) -> JobResult:
     """Verbalize, reconstruct and score every vector of `input_path`; rows as `verbalize_file` plus `mse` and `miss`
     (the row scored `metrics.miss_mse`, as `RoundTrip.misses` says: a failed parse, an explanation too long for the
-    AR, a reconstruction with no direction; null in rows of shards an older nla_lens wrote).
+    AR, a reconstruction with no direction; recomputed for rows of shards an older nla_lens wrote, `_with_miss`).
 
     Each row is scored by `NLA.score`, and each shard warns of the misses `nla.miss_warnings` names; the merge adds a
     `RoundTripSummary` (written next to the output as `<stem>.summary.json`) whose baseline is the given one, else
@@ -249,24 +249,19 @@ def round_trip_file(
                                miss=pa.array([i in missed for i in range(len(rows))], pa.bool_()))
 
         result = _run(table, output, manifest, compute, world, shard_size, shards, progress, av_meta.injection_char,
-                      [w for w in [resolved.warning] if w], _ran_on_warning)
+                      [w for w in [resolved.warning] if w], _ran_on_warning,
+                      miss_mse=metrics.miss_mse(av_meta.d_model, ar_meta.mse_scale))
     if result.table is None:
         return result
     mse = torch.tensor(result.table.column("mse").to_numpy())
     fve = None if resolved.value is None else metrics.fve(mse, resolved.value)
     summary = RoundTripSummary(len(mse), float(mse.mean()), fve, resolved.value, resolved.source,
-                               result.table.column("explanation").null_count, _count_misses(result.table),
+                               result.table.column("explanation").null_count,
+                               result.table.column("miss").to_pylist().count(True),
                                result.table.column("truncated").to_pylist().count(True), ar_meta.mse_scale)
     record = {**asdict(summary), "warnings": result.warnings, "output": output.name, "job": job_record(manifest)}
     write_json(summary_path(output), record, indent=2)
     return replace(result, summary=summary)
-
-
-def _count_misses(table: pa.Table) -> int:
-    """The merged rows scored the miss: those the `miss` column marks, and where it is null (a shard an older
-    nla_lens wrote) the failed parses, which always score it."""
-    rows = zip(table.column("miss").to_pylist(), table.column("explanation").to_pylist(), strict=True)
-    return sum(miss is True or (miss is None and explanation is None) for miss, explanation in rows)
 
 
 def _context_length(folder: Path) -> int:
@@ -453,12 +448,12 @@ def output_rows(table: VectorTable, rows: range, verbalizations: list[Verbalizat
 def _run(table: VectorTable, output: Path, manifest: dict[str, Any], compute: Callable[[int, range], pa.Table],
          world: World, shard_size: int, shards: Sequence[int] | None, progress: bool, marker_char: str,
          known_warnings: Sequence[str] = (), merged_warning: Callable[[pa.Table], str | None] | None = None,
-         ) -> JobResult:
+         miss_mse: float | None = None) -> JobResult:
     """Compute this rank's unfinished shards, wait for every rank, and merge on rank 0 if nothing is missing.
 
     The merged output keeps its warnings (`verbalize`'s failed-injection check, once over every row, then
     `merged_warning`'s over the merged rows, then `known_warnings`) beside the job record, so that a reader of the
-    file learns of them too."""
+    file learns of them too. `miss_mse`: a round trip's, which completes the `miss` column (`_with_miss`)."""
     check_output(output)
     folder = shard_store.shard_folder(output)
     recorded = shard_store.read_manifest(folder)
@@ -481,6 +476,8 @@ def _run(table: VectorTable, output: Path, manifest: dict[str, Any], compute: Ca
     if missing:
         return JobResult(output, len(ranges), todo, missing, warnings=known)
     merged = _with_new_columns(shard_store.merge(folder, ranges))
+    if miss_mse is not None:
+        merged = _with_miss(merged, miss_mse)
     found = injection_warning(merged.column("text").to_pylist(), marker_char)
     merged_note = merged_warning(merged) if merged_warning is not None else None
     job_warnings = [w for w in [found, merged_note, *known] if w]
@@ -508,9 +505,8 @@ def _warn_relocated(folder: Path, manifest: dict[str, Any], relocated: dict[str,
                   f"{' and '.join(manifest[k] for k in relocated)}", stacklevel=4)
 
 
-# Output columns added since the first release, and the column each follows: the round trip's `miss` only where
-# there is an `mse` (a round trip's rows)
-_NEW_COLUMNS = (("truncated", "text"), ("miss", "mse"))
+# Output columns added since the first release that the rows cannot tell again, and the column each follows
+_NEW_COLUMNS = (("truncated", "text"),)
 
 
 def _with_new_columns(merged: pa.Table) -> pa.Table:
@@ -521,3 +517,16 @@ def _with_new_columns(merged: pa.Table) -> pa.Table:
             merged = merged.add_column(merged.column_names.index(after) + 1, name,
                                        pa.nulls(merged.num_rows, pa.bool_()))
     return merged
+
+
+def _with_miss(merged: pa.Table, miss_mse: float) -> pa.Table:
+    """A round trip's rows with their `miss` column (after `mse`) filled in where a shard an older nla_lens wrote has
+    none, from the columns it does hold: `NLA.score` gives `miss_mse` to every row it scores the miss, a failed parse
+    always among them (before the miss rule took them, a reconstruction with no direction scored NaN)."""
+    mse = merged.column("mse")
+    scored_miss = pc.or_(pc.or_(merged.column("explanation").is_null(), pc.is_nan(mse)),
+                         pc.equal(mse, pa.scalar(miss_mse, mse.type)))
+    if "miss" not in merged.column_names:
+        return merged.add_column(merged.column_names.index("mse") + 1, "miss", scored_miss)
+    return merged.set_column(merged.column_names.index("miss"), "miss", pc.coalesce(merged.column("miss"),
+                                                                                     scored_miss))

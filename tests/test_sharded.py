@@ -254,8 +254,9 @@ def _greedy_round_trip(tiny_paths, input_file, out) -> sharded.JobResult:
 def test_a_sharded_round_trips_miss_column_says_which_rows_scored_the_miss(tiny_paths, input_file, tmp_path,
                                                                             monkeypatch):
     """Only the job's warnings named the parsed rows scored as misses: a reader of the output could not filter them
-    (their mse reads as a reconstruction that bad). The `miss` column holds `RoundTrip.misses`'s rule; shards an
-    older nla_lens wrote merge with nulls there (unknown), and a merge of only such shards gets an all-null column."""
+    (their mse reads as a reconstruction that bad). The `miss` column holds `RoundTrip.misses`'s rule. Shards an
+    older nla_lens wrote, without it, merged with nulls there; their rows' miss is now told from what they hold (a
+    failed parse, an mse of `miss_mse`, or NaN: no direction, before such rows scored the miss)."""
     expected = scored_parsed_miss_and_failed_parse(monkeypatch)
     out = tmp_path / "out.parquet"
 
@@ -272,21 +273,24 @@ def test_a_sharded_round_trips_miss_column_says_which_rows_scored_the_miss(tiny_
     older = shard_store.shard_path(folder, 0)
     pq.write_table(pq.read_table(older).drop_columns(["miss"]), older)
     out.unlink()
-    assert run().table.column("miss").to_pylist() == [None] * SHARD_SIZE + expected[SHARD_SIZE:]
+    assert run().table.column("miss").to_pylist() == expected
     for shard in sorted(folder.glob("shard-*.parquet"))[1:]:  # shard 0 lacks it already
         pq.write_table(pq.read_table(shard).drop_columns(["miss"]), shard)
     out.unlink()
     result = run()
-    assert result.computed == [] and result.table.column_names == reference.column_names
-    assert result.table.column("miss").null_count == N_ROWS
-    assert result.table.drop_columns(["miss"]).equals(reference.drop_columns(["miss"]))
+    assert result.computed == [] and result.table.equals(reference)
+    rows = pq.read_table(older)  # row 0 parsed and scored; an older nla_lens scored it NaN had it no direction
+    pq.write_table(rows.set_column(rows.column_names.index("mse"), "mse", pa.array(
+        [float("nan"), *rows.column("mse").to_pylist()[1:]], pa.float32())), older)
+    out.unlink()
+    assert expected[0] is False and run().table.column("miss").to_pylist() == [True, *expected[1:]]
 
 
 def test_a_round_trip_summary_counts_the_rows_scored_the_miss_failed_parses_included(tiny_paths, input_file, tmp_path,
                                                                                       monkeypatch):
     """The summary counted failed parses only: the parsed rows scored the miss (too long for the AR, no direction)
-    were in no count of it or its file. In rows of shards an older nla_lens wrote (no miss column), the failed parses,
-    which always score the miss, are still counted."""
+    were in no count of it or its file. Rows of shards an older nla_lens wrote (no miss column) are counted as their
+    recomputed miss says: the parsed one scored the miss there was left out."""
     misses = scored_parsed_miss_and_failed_parse(monkeypatch)
     out = tmp_path / "out.parquet"
 
@@ -302,7 +306,7 @@ def test_a_round_trip_summary_counts_the_rows_scored_the_miss_failed_parses_incl
     pq.write_table(pq.read_table(older).drop_columns(["miss"]), older)
     out.unlink()
     merged = run()  # from the shards on disk: nothing computed, nothing warned
-    assert merged.computed == [] and merged.summary.n_misses == 5  # row 1's miss is unknown there, row 2's is not
+    assert merged.computed == [] and merged.summary.n_misses == 6  # row 1's miss too, told by its mse
 
 
 def test_a_sharded_round_trip_refuses_a_max_new_tokens_the_ar_cannot_read_before_any_model_loads(
