@@ -125,7 +125,8 @@ _INPUT_HELP = (".safetensors or .pt (tensor 'vectors', or the only one) or .parq
 _SHARDING_NOTE = ("Shards are --shard-size consecutive rows, written to <output>.shards/ as they finish; the "
                   "folder is kept after the merge (delete it when done; a rerun then recomputes everything). Its "
                   "manifest.json, what produced the output, is also kept in a .parquet output's schema metadata "
-                  "(nla_lens_job) and in a round trip's summary (job).")
+                  "(nla_lens_job) and in a round trip's summary (job). An existing --output file this job did not "
+                  "write (by that record, or, for .jsonl, by the shards beside it) is refused, not replaced.")
 
 
 _SHARD_SIZE = 256

@@ -28,8 +28,9 @@ MANIFEST = "manifest.json"
 _UNRECORDED = {"device": "cpu"}
 # Facts no row depends on, not compared: a round trip's --baseline (older manifests recorded it) only rescales the FVE
 # the merge computes, so another one takes no recomputed shard; the input's size changes with how the same vectors and
-# columns were written (compression, a pandas or safetensors metadata header), and their hashes are compared.
-_NOT_ROW_FACTS = ("baseline", "input_bytes")
+# columns were written (compression, a pandas or safetensors metadata header), and their hashes are compared; an
+# output's job record adds the nla_lens version that merged it.
+_NOT_ROW_FACTS = ("baseline", "input_bytes", "nla_lens_version")
 
 
 class LocationFact(NamedTuple):
@@ -116,19 +117,29 @@ def check_manifest(folder: Path, recorded: dict[str, Any] | None, manifest: dict
     else differs: the same file, found at another path."""
     if recorded is None:
         return {}
-    recorded = {k: v for k, v in recorded.items() if k not in _NOT_ROW_FACTS}
-    manifest = {k: v for k, v in manifest.items() if k not in _NOT_ROW_FACTS}
-    read = _UNRECORDED | recorded
-    differing = sorted(k for k in read.keys() | manifest.keys() if read.get(k) != manifest.get(k))
+    differing = differing_facts(recorded, manifest)
     relocated = {k: recorded[k] for k in differing if k in LOCATION_FACTS and k in recorded}
     if len(relocated) < len(differing):
-        changes = ", ".join(f"{k}: {_recorded_value(recorded, k)} -> "
-                            f"{repr(manifest[k]) if k in manifest else 'not used'}" for k in differing)
         raise ConfigError(
-            f"{folder} holds shards computed with other settings ({changes}). Pass another output=, "
-            "or delete that folder to start over"
+            f"{folder} holds shards computed with other settings ({changes(recorded, manifest, differing)}). Pass "
+            "another output=, or delete that folder to start over"
         )
     return relocated
+
+
+def differing_facts(recorded: dict[str, Any], manifest: dict[str, Any]) -> list[str]:
+    """The facts `recorded` (a shards folder's manifest, or an output's job record) and this run's `manifest` disagree
+    on, sorted: those no row depends on, and the nla_lens version a job record adds, left out."""
+    recorded, manifest = ({k: v for k, v in facts.items() if k not in _NOT_ROW_FACTS}
+                          for facts in (recorded, manifest))
+    read = _UNRECORDED | recorded
+    return sorted(k for k in read.keys() | manifest.keys() if read.get(k) != manifest.get(k))
+
+
+def changes(recorded: dict[str, Any], manifest: dict[str, Any], differing: list[str]) -> str:
+    """The `differing` facts as messages name them: `recorded value -> this run's`."""
+    return ", ".join(f"{k}: {_recorded_value(recorded, k)} -> {repr(manifest[k]) if k in manifest else 'not used'}"
+                     for k in differing)
 
 
 def record_locations(folder: Path, recorded: dict[str, Any], manifest: dict[str, Any],

@@ -20,6 +20,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
@@ -301,6 +302,39 @@ def _check_summary_is_ours(output: Path) -> None:
                          f"replace it; {rename}")
 
 
+def _check_output_is_this_jobs(output: Path, manifest: dict[str, Any], shards_are_this_jobs: bool) -> None:
+    """An existing `output` is replaced by the merge only where this job wrote it: its job record (a parquet output
+    keeps one) names this job's settings, or, with no record (a .jsonl output), the shards folder beside it holds this
+    job's shards (`check_manifest` passed). Another job's rows there, or a file of the user's, were overwritten."""
+    if not output.exists():
+        return
+    record = _job_record_in(output)
+    if record is None and shards_are_this_jobs:
+        return
+    differing = [] if record is None else [k for k in shard_store.differing_facts(record, manifest)
+                                           if k not in shard_store.LOCATION_FACTS]  # the same file moved is no other
+    if record is not None and not differing:
+        return
+    found = (f"holds the rows of another job ({shard_store.changes(record, manifest, differing)})" if record is not None
+             else f"exists, and nothing shows this job wrote it (no job record in it, no shards of this job in "
+                  f"{shard_store.shard_folder(output)})")
+    raise InputError(f"{output} {found}: this job's merged rows would replace it. Pass another output=, or delete "
+                     f"{output} to write this job's rows there")
+
+
+def _job_record_in(output: Path) -> dict[str, Any] | None:
+    """The `job_record` a parquet output keeps in its schema metadata; None for a .jsonl one, a file an nla_lens job
+    did not write or one that is no parquet file."""
+    if file_kind(output) != ".parquet":
+        return None
+    try:
+        metadata = pq.read_schema(output).metadata or {}
+        record = json.loads(metadata[JOB_KEY.encode()])
+    except (pa.ArrowException, OSError, KeyError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
 def _check_paths(input_path: Path, output: Path) -> None:
     """The output and its shards folder can be written, and the output is not the input file: there the rows
     would replace the vectors."""
@@ -458,6 +492,7 @@ def _run(table: VectorTable, output: Path, manifest: dict[str, Any], compute: Ca
     folder = shard_store.shard_folder(output)
     recorded = shard_store.read_manifest(folder)
     relocated = shard_store.check_manifest(folder, recorded, manifest)
+    _check_output_is_this_jobs(output, manifest, shards_are_this_jobs=recorded is not None)
     if relocated and world.is_main:
         _warn_relocated(folder, manifest, relocated)
         assert recorded is not None  # check_manifest relocates nothing without a recorded manifest

@@ -501,6 +501,41 @@ def test_the_outputs_record_the_job_that_produced_them(tiny_paths, input_file, t
     assert namespace["job"] == job
 
 
+def test_an_output_this_job_did_not_write_is_refused_not_overwritten(tiny_paths, input_file, rows, tmp_path,
+                                                                   monkeypatch):
+    """A file at output= that another job or the user wrote was replaced by the merge, silently. It is refused before
+    any shard is computed, and left as it was; this job's own output (its job record, or its shards beside it) is
+    still merged again by a rerun."""
+    av = tiny_paths["av_karvonen"]
+    run = functools.partial(sharded.verbalize_file, av, input_file, shard_size=SHARD_SIZE, progress=False)
+    users = {tmp_path / "users.parquet": write_parquet(tmp_path / "users.parquet", rows * 2).read_bytes(),
+             tmp_path / "users.jsonl": b'{"note": "my own rows"}\n'}
+    for path, held in users.items():
+        path.write_bytes(held)
+        with pytest.raises(nl.InputError, match=re.escape(
+                f"{path} exists, and nothing shows this job wrote it (no job record in it, no shards of this job in "
+                f"{shard_store.shard_folder(path)}): this job's merged rows would replace it. Pass another output=, "
+                f"or delete {path} to write this job's rows there")):
+            run(path, sampling=GREEDY)
+        assert path.read_bytes() == held and not shard_store.shard_folder(path).exists()
+
+    out = tmp_path / "out.parquet"
+    reference = run(out, sampling=GREEDY).table
+    shutil.rmtree(shard_store.shard_folder(out))  # as the README says, once the job is done
+    written = out.read_bytes()
+    with pytest.raises(nl.InputError, match=re.escape(f"{out} holds the rows of another job (max_new_tokens: 8 -> 4)"
+                                                      ": this job's merged rows would replace it")):
+        run(out, sampling=Sampling(max_new_tokens=4))
+    assert out.read_bytes() == written
+    assert run(out, sampling=GREEDY).table.equals(reference)  # the same job, by its record: computed again
+    jsonl = tmp_path / "out.jsonl"
+    run(jsonl, sampling=GREEDY)
+    assert run(jsonl, sampling=GREEDY).computed == []  # merged again from its own shards
+    shutil.rmtree(shard_store.shard_folder(jsonl))
+    with pytest.raises(nl.InputError, match="nothing shows this job wrote it"):  # a .jsonl keeps no record
+        run(jsonl, sampling=GREEDY)
+
+
 def test_the_readme_imports_sampling_from_where_it_lives_with_the_clis_defaults():
     """The README used `Sampling(...)` without saying where to import it from."""
     from nla_lens.cli import build_parser
@@ -915,7 +950,7 @@ def test_an_output_on_the_input_file_is_refused_before_it_replaces_the_vectors(t
 
 
 @pytest.mark.parametrize("case", ["shard_size", "output_is_input", "shards_folder_is_a_file", "other_settings",
-                                  "another_outputs_summary"])
+                                  "another_outputs_summary", "a_file_of_the_users"])
 def test_a_file_jobs_messages_name_the_keyword_in_python_and_the_flag_in_the_cli(tiny_paths, input_file, tmp_path,
                                                                                  capsys, case):
     """They named --shard-size and --output, flags a caller of round_trip_file / verbalize_file (README) never typed:
@@ -936,6 +971,9 @@ def test_a_file_jobs_messages_name_the_keyword_in_python_and_the_flag_in_the_cli
     elif case == "other_settings":
         sharded.round_trip_file(av, ar, input_file, out, sampling=Sampling(max_new_tokens=2), baseline=0.5,
                                 shard_size=SHARD_SIZE, shards=[0])
+        python, shell = "Pass another output=, or delete", "Pass another --output, or delete"
+    elif case == "a_file_of_the_users":
+        write_parquet(out, torch.zeros(2, 64))
         python, shell = "Pass another output=, or delete", "Pass another --output, or delete"
     else:
         sharded.summary_path(out).write_text(json.dumps({"output": "out.jsonl"}))
