@@ -170,7 +170,8 @@ def verbalize_file(
     is kept, not redone). `device="cuda"` means each rank's own GPU (`nla_lens.distributed.device_for`).
 
     Output rows: index (the input row), the input's scalar columns, explanation (None if untagged), text,
-    truncated (`max_new_tokens` cut the row before any EOS).
+    truncated (`max_new_tokens` cut the row before any EOS). An existing `output` is replaced only where this job
+    wrote it (`_check_output_is_this_jobs`), else refused before any shard is computed.
     """
     input_path, output = file_path(input_path, "input_path"), file_path(output, "output")
     _check_paths(input_path, output)
