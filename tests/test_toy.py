@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import re
@@ -19,7 +21,7 @@ from transformers import PreTrainedTokenizerFast
 from hf_reference import load_hf
 from nla_lens.errors import CheckpointError
 from nla_lens.toy import corpus, labeler, load
-from nla_lens.toy.demo import TOY_DIR, run_demo
+from nla_lens.toy.demo import TOY_DIR, DemoResult, print_demo, run_demo
 from nla_lens.toy.evaluate import (
     HELDOUT_SPEECHES_PER_PLAY,
     MAX_TOKENS,
@@ -297,15 +299,45 @@ def test_demo_command_runs_offline(tmp_path):
     assert html.startswith("<!DOCTYPE html>") and "<script" not in html and "http" not in html
 
 
-def test_demo_rows_cover_every_token():
-    result = run_demo(n_sentences=2, max_new_tokens=48)
+@pytest.fixture(scope="module")
+def demo_output() -> tuple[DemoResult, str]:
+    """`nla-lens demo` with its defaults (3 speeches, 48 new tokens, the better pair), and what it prints."""
+    result = run_demo()
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        print_demo(result)
+    return result, printed.getvalue()
+
+
+def test_demo_rows_cover_every_token(demo_output):
+    result, _ = demo_output
     explanation = result.explanation
-    assert len(explanation.tokens) == 2
+    assert len(explanation.tokens) == 3
     # Every token past the toy's minimum context is explained, and scored against the sidecar's baseline.
     assert [(r.text_index, r.position) for r in explanation.rows] == [
         (t, p) for t, tokens in enumerate(explanation.tokens) for p in range(MIN_CONTEXT, len(tokens))]
     assert result.n_explained == len(explanation.rows)
     assert explanation.round_trip.baseline_source == "sidecar (held-out)" and result.mean_fve > 0.5
+
+
+def test_readme_demo_block_is_what_the_demo_prints(demo_output):
+    """The README's demo output: its header, speech and first rows' tokens (from the first token past the toy's
+    minimum context on) as the demo prints them, and its summary line to the FVE rounding other CPUs give (as above)."""
+    _, printed = demo_output
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    block = readme.split("## The demo and the bundled toy NLA")[1].split("```\n")[1].split("```")[0].splitlines()
+    assert f"each token past the first {MIN_CONTEXT} " in readme.split("## The demo and the bundled toy NLA")[1]
+    lines = printed.splitlines()
+    header, speech, rows = block[0], block[2], block[4:block.index("...")]
+    assert header == lines[0] and speech == lines[2] and len(rows) >= 10
+    row = re.compile(r"^    (.{14}) +(-?\d+\.\d+)  (.*)$")
+    # The tokens, not each row's explanation and FVE: a greedy explanation may flip under other BLAS kernels.
+    assert [row.match(line)[1] for line in rows] == [row.match(line)[1] for line in lines[4:4 + len(rows)]]
+    summary = re.compile(r"(\d+) tokens of (\d+) texts at layer (\d+), mean MSE (\S+), FVE (\S+) \(baseline (\S+), "
+                         r"(.*), n=(\d+)\), (\d+) failed parses")
+    quoted, measured = summary.fullmatch(block[-1]).groups(), summary.fullmatch(lines[-1]).groups()
+    assert quoted[:3] + quoted[5:] == measured[:3] + measured[5:]
+    assert [float(v) for v in quoted[3:5]] == pytest.approx([float(v) for v in measured[3:5]], abs=0.01)
 
 
 def _fake_wheel(folder: Path, speeches_per_play: int = 60) -> None:

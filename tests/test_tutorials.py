@@ -58,6 +58,14 @@ def test_real_cells_load_the_base_their_nla_names_and_base_text_keeps_its_bos():
         assert dropped == [], script.name
 
 
+
+def test_real_cells_pair_the_qwen3_8b_av_release_with_an_ar_you_trained():
+    """nanoNLA released a Qwen3-8B AV and no AR: 05 called it "the released Qwen3-8B NLA" and asked for its AR."""
+    for script in TUTORIALS:
+        markdown = " ".join(line.lstrip("# ") for line in script.read_text(encoding="utf-8").splitlines())
+        if "Qwen3-8B" in markdown:
+            assert "AR you trained" in markdown and "released Qwen3-8B NLA" not in markdown, script.name
+
 @pytest.mark.parametrize("tutorial", [pytest.param(t, marks=NEEDS_SAE_LENS) if "sae" in t.stem else t
                                       for t in TUTORIALS], ids=lambda t: t.stem)
 def test_tutorial_notebook_runs_and_its_last_cell_asserts(tutorial, tmp_path, monkeypatch, capsys):

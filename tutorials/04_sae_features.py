@@ -44,7 +44,8 @@ sae = train_toy_sae(toy, token_rows(toy, nl.toy.TOY_DIR, 128), SAEExperimentConf
 
 # %% [markdown]
 # ## Real checkpoints
-# Your own SAE of the layer the NLA reads, e.g. layer 24 of Qwen3-8B for the released nanoNLA AV:
+# Your own SAE of the layer the NLA reads, e.g. layer 24 of Qwen3-8B for the released nanoNLA AV, paired
+# with an AR you trained (the release is an AV only):
 # `NLA_REAL_CHECKPOINTS=1 NLA_AV=/path/to/av NLA_AR=/path/to/ar NLA_SAE=/path/to/sae_folder`.
 
 # %%

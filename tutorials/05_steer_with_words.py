@@ -47,9 +47,10 @@ ALPHA = 1.0
 REAL = False
 
 # %% [markdown]
-# ## Real checkpoints: the released Qwen3-8B NLA (layer 24)
+# ## Real checkpoints: a Qwen3-8B NLA (layer 24)
 # Needs a GPU, `Qwen/Qwen3-8B` in the local HF cache and the AV and AR checkpoint folders:
-# `NLA_REAL_CHECKPOINTS=1 NLA_AV=/path/to/av NLA_AR=/path/to/ar`. The edit is the paper's
+# `NLA_REAL_CHECKPOINTS=1 NLA_AV=/path/to/av NLA_AR=/path/to/ar`. The nanoNLA Qwen3-8B release is an AV
+# only: pair it with an AR you trained (`nla-lens train-ar`). The edit is the paper's
 # "Planning in Poetry" one: at the end of the first line, swap the planned rhyme. The new rhyme is due
 # at the end of the second line, not at the next token, so read it in the steered continuation (the
 # next-token numbers below are about the toy's edit).
