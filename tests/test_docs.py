@@ -232,8 +232,8 @@ def test_readme_extras_table_lists_every_extra():
 
 
 def test_readme_explain_block_names_every_column_of_the_table():
-    """The comment on `explained.to_pandas()` listed 7 of the table's 13 columns as its rows (not `miss`, `truncated`,
-    `text_index`, ...)."""
+    """The comment on `explained.to_pandas()` named 7 of the table's 13 columns, leaving out `miss`, `truncated`,
+    `text_index`, ..."""
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     block = readme.split("## Explain a text in one call")[1].split("```python\n")[1].split("```")[0]
     comment = block.split("explained.to_pandas()")[1].split("\nexplained.save(")[0]
