@@ -240,3 +240,42 @@ def test_an_injection_at_the_bridges_own_name_of_resid_mid_is_refused(tiny_paths
     with pytest.raises(nl.BackendError, match=r"blocks.1.hook_resid_mid is the MLP norm's input"):
         nl.ActivationVerbalizer.from_pretrained(tiny_paths["av_karvonen"], injection="karvonen",
                                                 hook_point="blocks.1.ln2.hook_in")
+
+
+def test_a_hook_the_caller_left_on_the_bridge_stays_through_verbalize_and_the_helpers(tiny_paths, vectors):
+    """TransformerLens 3.9's bridge (`backend="bridge"` there) removes on leaving its `hooks()`, `run_with_hooks` and
+    `run_with_cache` every hook at their context level on each hook point they touched, the caller's too: a steering
+    hook left at the injection's point by `run_with_hooks(..., reset_hooks_end=False)` went with the prefill's
+    injection (the decode steps ran unsteered, and the hook was gone), and hooks left at a steered or patched point, or
+    at the block where the helpers' base runs stop, went with those runs."""
+    av = nl.ActivationVerbalizer.from_pretrained(tiny_paths["av_karvonen"], backend="bridge")
+    model = av.model
+    steer = 4.0 * torch.randn(av.meta.d_model, generator=torch.Generator().manual_seed(13))
+    at_injection = [(av.injection_spec.hook_point, lambda resid, hook: resid + steer)]
+    with model.hooks(fwd_hooks=at_injection):
+        expected = av.verbalize(vectors, max_new_tokens=MAX_NEW, progress=False)
+    base = backends.load_model(tiny_paths["av_karvonen"], av.tokenizer, backend="bridge", dtype=torch.float32,
+                               device="cpu")
+    tokens, mask = padded(base, "left")
+    calls: dict[str, int] = {}
+    left = ["blocks.1.hook_resid_post", "blocks.1.hook_resid_pre", f"blocks.{LAYER + 1}.hook_resid_pre"]
+    try:
+        model.run_with_hooks(av.prompt_tokens(1), fwd_hooks=at_injection, reset_hooks_end=False)
+        assert av.verbalize(vectors, max_new_tokens=MAX_NEW, progress=False) == expected
+        assert len(model.hook_dict[av.injection_spec.hook_point].fwd_hooks) == 1
+        base.run_with_hooks(tokens, attention_mask=mask, reset_hooks_end=False, fwd_hooks=[
+            (name, lambda resid, hook, name=name: calls.update({name: calls.get(name, 0) + 1})) for name in left])
+        calls.clear()
+        nl.steer_then_verbalize(base, av, tokens, attention_mask=mask, steering_vector=steer, scale=1.0,
+                                steer_layer=1, max_new_tokens=2)
+        nl.patching_study(base, av, tokens, tokens.flip(0), attention_mask=mask.flip(0) * mask, patch_layer=1,
+                          patch_position=-1, max_new_tokens=2)
+        assert [len(base.hook_dict[name].fwd_hooks) for name in left] == [1, 1, 1]
+        # Two steering runs, three patching runs (clean, corrupted, patched); the bridge stops them at the
+        # input of block LAYER + 1, after the hooks there.
+        assert calls == dict.fromkeys(left, 5)
+    finally:
+        model.reset_hooks()
+        base.reset_hooks()
+    assert av.verbalize(vectors, max_new_tokens=MAX_NEW, progress=False) != expected
+    assert no_hooks_left(model) and no_hooks_left(base)

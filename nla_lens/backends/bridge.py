@@ -19,7 +19,9 @@ Choices made here, each because the bridge's default would change what nla_lens 
 
 from __future__ import annotations
 
-import contextlib
+import itertools
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 from typing import Any, cast
@@ -173,18 +175,41 @@ class _Decoder:
         return self.forward(ids[:, None], self.step_mask)[:, -1]
 
 
-def hooks(model: TransformerBridge, fwd_hooks: list) -> contextlib.AbstractContextManager:
-    """TL 4's bridge removes on exit exactly the hooks its `hooks()` added."""
-    return model.hooks(fwd_hooks=fwd_hooks)
+# Context levels TL never gives out (its own count up from 1), one per call of `_level_of_its_own`.
+_OWN_LEVELS = itertools.count(-2, -1)
+
+
+@contextmanager
+def _level_of_its_own(model: TransformerBridge) -> Iterator[None]:
+    """TL's `hooks()`, `run_with_hooks` and `run_with_cache` below add their hooks at `context_level + 1` of a level
+    parked where TL never counts. TransformerLens 3.9's bridge removes on exit every hook at that level on each hook
+    point it touched, not its own alone: a hook the caller left there at level 1 (`run_with_hooks(...,
+    reset_hooks_end=False)`, `hooks(..., reset_hooks_end=False)`) went with the prefill's injection, a steering or a
+    patch, and the steps after it ran without. TL 4.3's bridge removes its own hooks by handle either way."""
+    outer = model.context_level
+    model.context_level = next(_OWN_LEVELS)
+    try:
+        yield
+    finally:
+        model.context_level = outer
+
+
+@contextmanager
+def hooks(model: TransformerBridge, fwd_hooks: list) -> Iterator[TransformerBridge]:
+    """`model.hooks(fwd_hooks=...)` that removes exactly the hooks it added (see `_level_of_its_own`)."""
+    with _level_of_its_own(model), model.hooks(fwd_hooks=fwd_hooks):
+        yield model
 
 
 def run_with_hooks(model: TransformerBridge, input: Tensor, *, fwd_hooks: list, **kwargs: Any) -> Any:
-    """TL 4's bridge removes on exit exactly the hooks its `run_with_hooks` added."""
-    return model.run_with_hooks(input, fwd_hooks=fwd_hooks, **kwargs)
+    """`model.run_with_hooks` that removes exactly the hooks it added (see `_level_of_its_own`)."""
+    with _level_of_its_own(model):
+        return model.run_with_hooks(input, fwd_hooks=fwd_hooks, **kwargs)
 
 
 def cached_activation(model: TransformerBridge, hook_name: str, input: Tensor, **kwargs: Any) -> Tensor | None:
-    cache = model.run_with_cache(input, names_filter=hook_name, **kwargs)[1]
+    with _level_of_its_own(model):
+        cache = model.run_with_cache(input, names_filter=hook_name, **kwargs)[1]
     return cache[hook_name] if hook_name in cache else None
 
 
