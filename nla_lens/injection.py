@@ -194,22 +194,36 @@ class Injection:
         return self._add_once_hooks()
 
     def _add_once_hooks(self) -> list[tuple[str, HookFn]]:
-        """The Karvonen add at `hook_embed`, and at block 0's input in a forward that skipped `hook_embed`. The flag
-        is this pair's own (one per `fwd_hooks()` call), so `site_hooks()` used elsewhere never leaves it set."""
-        added_at_embed = [False]  # hook_embed fired in the forward under way; block 0's input comes next
+        """The Karvonen add at `hook_embed`, and at block 0's input in a forward that skipped `hook_embed`. Block 0's
+        hook tells the two apart by the marker rows, which `hook_embed`'s add changed if it ran in the forward under
+        way: a flag set there alone stayed set when a forward never reached block 0 (a later hook raised,
+        `stop_at_layer=0`), and the next forward that skipped `hook_embed` (TL 3.x's `generate`) ran without the
+        vectors. The state is this pair's own (one per `fwd_hooks()` call), so `site_hooks()` used elsewhere never
+        leaves any."""
+        given: list[Tensor | None] = [None]  # the marker rows hook_embed last added to, as it was given them
 
         def at_embed(activation: Tensor, hook: HookPoint) -> Tensor | None:
             injected = self.hook(activation, hook)
-            added_at_embed[0] = True
+            if injected is not None:
+                given[0] = self._marker_rows(activation)
             return injected
 
         def at_block_0(activation: Tensor, hook: HookPoint) -> Tensor | None:
-            if added_at_embed[0]:
-                added_at_embed[0] = False
-                return None
+            before, given[0] = given[0], None
+            if before is not None:
+                now = self._marker_rows(activation)
+                if now is not None and not torch.equal(now, before):
+                    return None  # hook_embed added the vectors in this forward
             return self.hook(activation, hook)
 
         return [(self.spec.hook_point, at_embed), (BLOCK_0_INPUT, at_block_0)]
+
+    def _marker_rows(self, activation: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "n d_model"] | None:
+        """A copy of the rows at the marker sites of a run of the built token shape (or longer), else None."""
+        batch, pos = self.token_shape
+        if activation.ndim != 3 or activation.shape[0] != batch or activation.shape[1] < pos:
+            return None
+        return activation[self.rows.to(activation.device), self.positions.to(activation.device)]
 
     def site_hooks(self) -> list[tuple[str, HookFn]]:
         """The one hook at the injection's point: what nla_lens's own decoders install (their forwards

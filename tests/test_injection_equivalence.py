@@ -299,6 +299,39 @@ def test_a_karvonen_add_at_hook_embed_reaches_tl_generate_and_is_added_once(tiny
     assert torch.equal(av.model.run_with_hooks(tokens, fwd_hooks=hooks), once)
 
 
+@pytest.mark.parametrize("stopped_by", ["a raising hook", "stop_at_layer=0"])
+def test_a_karvonen_add_at_hook_embed_reaches_tl_generate_after_a_forward_that_never_reached_block_0(
+        tiny_paths, vectors, stopped_by):
+    """The list `fwd_hooks()` returns serves one run after another. A forward that fired `hook_embed` but never reached
+    block 0's input (a hook of yours there raised, or `stop_at_layer=0`) left the pair's "added at hook_embed" flag
+    set, so in the next TL 3.x `generate` under the same list, which never fires `hook_embed`, block 0's hook skipped
+    the add too: every row ran without its vector, silently. A hook of yours after the injection's at `hook_embed`, or
+    ahead of it at block 0's input, still leaves a forward one add."""
+    av = nl.ActivationVerbalizer.from_pretrained(tiny_paths["av_karvonen"], hook_point="hook_embed")
+    tokens = av.prompt_tokens(len(vectors))
+    injection = av.injection(vectors, tokens)
+    hooks = injection.fwd_hooks()
+
+    def explode(resid, hook):
+        raise RuntimeError("user hook failed")
+
+    if stopped_by == "stop_at_layer=0":
+        av.model.run_with_hooks(tokens, fwd_hooks=hooks, stop_at_layer=0)
+    else:
+        with pytest.raises(RuntimeError, match="user hook failed"):
+            av.model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.hook_resid_pre", explode), *hooks])
+    with av.model.hooks(fwd_hooks=hooks):
+        out = av.model.generate(tokens, max_new_tokens=6, do_sample=False, stop_at_eos=False, verbose=False)
+    _assert_verbalize_gives(av, vectors, 6, out[:, tokens.shape[1]:].tolist())
+    double = ("hook_embed", lambda embed, hook: embed * 2)
+    assert torch.equal(av.model.run_with_hooks(tokens, fwd_hooks=[*hooks, double]),
+                       av.model.run_with_hooks(tokens, fwd_hooks=[*injection.site_hooks(), double]))
+    double = ("blocks.0.hook_resid_pre", double[1])
+    assert torch.equal(av.model.run_with_hooks(tokens, fwd_hooks=[double, *hooks]),
+                       av.model.run_with_hooks(tokens, fwd_hooks=[double, *injection.site_hooks()]))
+    assert _no_hooks_left(av.model)
+
+
 @pytest.mark.parametrize("family", ["gemma_av", "llama_av", "qwen2_av"])
 def test_a_released_family_av_under_tl_generate_gives_verbalize_tokens(family, bos_paths):
     """The paper's AVs (embedding replacement; Gemma's after its sqrt(d) scale, which `hook_embed`
