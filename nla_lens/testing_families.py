@@ -43,10 +43,12 @@ LLAMA_MARKER = "㎡"  # the paper's Llama-3.3 marker: '㈎' is three tokens in L
 # Long enough that the AV prompt outgrows the sliding window (SLIDING_WINDOW tokens) several times.
 AV_TEMPLATE = "Here is the vector:\n\n<concept>{injection_char}</concept>\n\nPlease provide an explanation."
 SLIDING_WINDOW = 6
-# Llama-3.3-70B's rope block, its original context shrunk from 8192 to 32 so that the NTK-by-parts
-# rescaling turns every frequency but the highest by tens of radians within the AV prompt.
+# Llama-3.3-70B's rope block, its original context shrunk from 8192 to 64 so that, at head_dim 16, NTK-by-parts
+# leaves the highest frequency alone, interpolates the next (its wavelength, 32.5, lies between 64 / 4 and 64 / 1:
+# the smoothed band, 6 of Llama-3.3's 64 frequencies) and divides the rest by 8, each turned by radians within
+# the AV prompt.
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500_000.0, "factor": 8.0, "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
 # Gemma-3's rotary bases: linear scaling on the global layers, none on the local ones.
 GEMMA3_ROPE = {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0},
                "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}}

@@ -2,16 +2,18 @@
 
 Beside `test_gemma3.py` (Gemma-3) and `test_injection_equivalence.py` (Qwen3): the Llama AV (BOS first,
 Llama-3.3's `llama3` rotary scaling), the Qwen2 pair (Qwen2.5's architecture: GQA with q/k/v biases, no
-BOS), and every family in bf16. In bf16 HF and TransformerLens round differently (SDPA or eager
-attention, norm op order), so the bound there is HF's own bf16 error: nla_lens in bf16 must sit as near
-the fp32 reference as HF in bf16 does (measured: 1.0-1.3x), while the injection moves the logits 8-40x
-further. The embedding, Gemma's sqrt(d) scale and the replaced marker row included, is HF's to the bit.
+BOS), every family in bf16, and every family's KV-cached decode steps against HF's full forward. In bf16 HF
+and TransformerLens round differently (SDPA or eager attention, norm op order: TL stores Gemma's 1 + w in bf16
+and multiplies after the cast, HF in fp32 before it), so the bound there is HF's own bf16 error: nla_lens in bf16
+must sit as near the fp32 reference as HF in bf16 does (measured: 0.9-1.3x), while the injection moves the logits
+8-40x further. The embedding, Gemma's sqrt(d) scale and the replaced marker row included, is HF's to the bit.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 
 import pytest
 import torch
@@ -32,10 +34,12 @@ from nla_lens.testing_families import (
 )
 
 ATOL = 1e-5
+DECODE_ATOL = 2e-5  # measured up to 1e-5 (the Qwen3 AV, whose logits are largest), 2.7e-6 elsewhere
 MAX_NEW = 10
 BF16_NOISE_RATIO = 1.5  # nla_lens's bf16 error over HF's own (both against HF fp32); measured 1.0-1.3
 EXPLANATIONS = ["the cat sat on the mat", "a dog ran in the park and the weather", "the sea"]
 TEXT = "The cat sat on the mat. A dog ran in the park."
+CONTINUATION = "<explanation>\nThe cat sat on the mat. A dog ran in the park and the weather and the sea."
 # (fixture, key) of every AV family: nanoNLA's Qwen3 (Karvonen) and the paper's (embedding replacement).
 AVS = {"qwen3": ("tiny_paths", "av_karvonen"), "qwen2": ("bos_paths", "qwen2_av"),
        "llama": ("bos_paths", "llama_av"), "gemma": ("bos_paths", "gemma_av"),
@@ -109,19 +113,35 @@ def test_av_logits_and_greedy_tokens_match_hf_embedding_replacement(request, fam
 
 
 def test_llama3_rope_scaling_is_served_as_hf_computes_it(bos_paths):
-    """Llama-3.1 / 3.3 checkpoints say `rope_type: llama3`; the tiny Llama's shrunk original context makes it bite."""
+    """Llama-3.1 / 3.3 checkpoints say `rope_type: llama3`; the tiny Llama's shrunk original context makes it bite,
+    in each of NTK-by-parts' three bands: kept, interpolated (smoothed) and divided by the factor."""
     folder = bos_paths["llama_av"]
-    assert json.loads((folder / "config.json").read_text())["rope_parameters"]["rope_type"] == "llama3"
+    rope = json.loads((folder / "config.json").read_text())["rope_parameters"]
+    assert rope["rope_type"] == "llama3"
     av = nl.ActivationVerbalizer.from_pretrained(folder)
     tokens = av.prompt_tokens(1)
     hf = _hf(folder)
-    unscaled = AutoModelForCausalLM.from_config(hf.config.__class__(**{
-        **hf.config.to_dict(), "rope_parameters": {"rope_type": "default", "rope_theta": 500_000.0}})).eval()
-    unscaled.load_state_dict(hf.state_dict())
     with torch.no_grad():
-        expected, without = hf(tokens).logits, unscaled(tokens).logits
+        expected = hf(tokens).logits
+        unscaled = _llama_with_rope(hf, {"rope_type": "default", "rope_theta": rope["rope_theta"]})(tokens).logits
+        # low_freq_factor 2 moves the one interpolated frequency (wavelength 32.4) into the divided band, alone
+        unsmoothed = _llama_with_rope(hf, {**rope, "low_freq_factor": 2.0})(tokens).logits
     assert (av.model(tokens) - expected).abs().max() < ATOL
-    assert (expected - without).abs().max() > 0.1
+    wavelengths = 2 * math.pi * rope["rope_theta"] ** (torch.arange(0, hf.config.head_dim, 2) / hf.config.head_dim)
+    original = rope["original_max_position_embeddings"]
+    bands = torch.bucketize(wavelengths, torch.tensor([original / rope["high_freq_factor"],
+                                                       original / rope["low_freq_factor"]]), right=False)
+    assert bands.tolist() == [0, 1] + [2] * (len(wavelengths) - 2)
+    # Teeth: the scaling moves the logits, and so does the interpolated band by itself.
+    assert (expected - unscaled).abs().max() > 0.1
+    assert (expected - unsmoothed).abs().max() > 0.1
+
+
+def _llama_with_rope(hf, rope: dict):
+    """`hf`'s weights under another rope block."""
+    model = AutoModelForCausalLM.from_config(hf.config.__class__(**{**hf.config.to_dict(), "rope_parameters": rope}))
+    model.load_state_dict(hf.state_dict())
+    return model.eval()
 
 
 @pytest.mark.skipif(backends.default_backend() != "hooked", reason="compares with TransformerLens 3.9's configs")
@@ -275,3 +295,41 @@ def test_capture_on_load_base_is_hf_hidden_states_k_plus_1(request, family, dtyp
     else:
         noise = _mean_abs(expected[dtype], expected[torch.float32])
         assert _mean_abs(captured.vectors, expected[torch.float32]) < BF16_NOISE_RATIO * noise
+
+
+# --- KV-cached decoding: every family, fp32 and bf16 ---
+
+@pytest.mark.parametrize("family", sorted(AVS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_kv_cached_decode_steps_are_hf_full_forward_logits(request, family, dtype, family_vectors):
+    """verbalize's decoder (on `hooked` the fast one, Gemma-3's own included; on the bridge HF's cache) fed a fixed
+    continuation: its prefill's and every step's logits are HF's full forward over prompt + continuation under the
+    training code's injection, at DECODE_ATOL in fp32, and in bf16 as near HF fp32 as HF's own bf16 forward is
+    (measured: 0.9-1.25x). Gemma's 24 steps run on past its sliding window of 6."""
+    folder = _folder(request, AVS[family])
+    av = nl.ActivationVerbalizer.from_pretrained(folder, dtype=dtype)
+    tokens = av.prompt_tokens(len(family_vectors))
+    continuation = torch.tensor(av.tokenizer.encode(CONTINUATION, add_special_tokens=False)).expand(len(tokens), -1)
+    full = torch.cat([tokens, continuation], dim=1)
+    hooks = av.injection(family_vectors, tokens).site_hooks()
+    decoder = backends.decoder(av.model, len(tokens), full.shape[1], hooks)
+    with torch.inference_mode():
+        steps = [decoder.prefill(tokens, hooks)] + [decoder.step(ids) for ids in continuation.T[:-1]]
+    ours = torch.stack(steps, dim=1).float()
+
+    decoded = slice(tokens.shape[1] - 1, full.shape[1] - 1)  # the positions whose logits pick each next token
+    expected = {}
+    for reference_dtype in dict.fromkeys((torch.float32, dtype)):
+        hf = _hf(folder, reference_dtype)
+        with torch.no_grad(), _reference_injection(hf, folder, full, family_vectors):
+            expected[reference_dtype] = hf(full).logits[:, decoded].float()
+        if reference_dtype == torch.float32:
+            with torch.no_grad():
+                plain = hf(full).logits[:, decoded]
+    truth = expected[torch.float32]
+    if dtype == torch.float32:
+        assert (ours - truth).abs().max() < DECODE_ATOL
+    else:
+        assert _mean_abs(ours, truth) < BF16_NOISE_RATIO * _mean_abs(expected[dtype], truth)
+    # Teeth: every step reads the injected prompt back from the cache.
+    assert (truth - plain).abs().amax(dim=(0, 2)).min() > 1e-2
