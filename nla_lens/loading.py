@@ -316,6 +316,8 @@ def hooked_config(hf_config: Any, *, n_layers: int | None, dtype: torch.dtype,
     if arch not in gemma3.ARCHITECTURES and rope_type not in ("default", "llama3"):
         raise CheckpointError(f"rope scaling {rope_type!r} is not supported yet (nla_lens serves default and "
                               "llama3 rotary embeddings, and Gemma-3's)")
+    if arch not in gemma3.ARCHITECTURES:
+        _refuse_sliding_layers(hf_config, n_layers)
     d_head = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
     n_kv = hf_config.num_key_value_heads
     family = gemma3.hooked_config_fields(hf_config) if arch in gemma3.ARCHITECTURES else {
@@ -348,6 +350,21 @@ def hooked_config(hf_config: Any, *, n_layers: int | None, dtype: torch.dtype,
         device=str(device),
         **family,
     )
+
+
+def _refuse_sliding_layers(hf_config: Any, n_layers: int | None) -> None:
+    """A Qwen config with `use_sliding_window: true` gives blocks from `max_window_layers` on sliding-window
+    attention in HF; the HookedTransformer built here attends to every earlier token, so past the window each such
+    block computed something else (a tiny Qwen2, window 4, 14 tokens: logits 0.5 off). Gemma-3 serves its own."""
+    layer_types = list(getattr(hf_config, "layer_types", None) or [])[:n_layers]
+    sliding = [i for i, kind in enumerate(layer_types) if kind == "sliding_attention"]
+    if sliding:
+        raise CheckpointError(
+            f"blocks {sliding} of this checkpoint use sliding-window attention (config.json: use_sliding_window, "
+            f"sliding_window={getattr(hf_config, 'sliding_window', None)}), which nla_lens's HookedTransformer does "
+            "not model on Qwen / Llama blocks: it would attend past the window. Load it with backend='bridge', "
+            "which runs HF's own attention"
+        )
 
 
 def _llama3_rope_fields(scaling: dict[str, Any], max_positions: int) -> dict[str, Any]:

@@ -12,21 +12,29 @@ must sit as near the fp32 reference as HF in bf16 does (measured: 0.9-1.3x), whi
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 
 import pytest
 import torch
 from conftest import LAYER
-from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma3ForConditionalGeneration
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    Gemma3ForConditionalGeneration,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 import hf_reference as ref
 import nla_lens as nl
-from nla_lens import backends
+from nla_lens import backends, loading, testing
 from nla_lens.sidecar import text_ids
 from nla_lens.testing_families import (
     GEMMA_MARKER,
     build_gemma3,
+    build_qwen2,
     gemma_tokenizer,
     paper_sidecar,
     save_folder,
@@ -179,6 +187,35 @@ def test_qwen2_ar_matches_the_paper_critic_and_reads_no_bos(bos_paths):
     # Teeth: Qwen2's q/k/v biases are part of what the AR computes.
     assert (ref.ar_reconstruct(bos_paths["qwen2_ar"], EXPLANATIONS, hooks=_zero_qkv_biases)
             - ref.ar_reconstruct(bos_paths["qwen2_ar"], EXPLANATIONS)).abs().max() > 0.1
+
+
+def test_qwen2_sliding_window_blocks_are_hf_on_the_bridge_and_refused_on_hooked(tmp_path):
+    """A Qwen2 / Qwen3 config with `use_sliding_window: true` slides its blocks from `max_window_layers` on. The
+    bridge runs HF's attention; the HookedTransformer attended past the window (logits 0.5 off) and now refuses
+    such blocks, unless an AR's kept blocks hold none."""
+    tokenizer = testing.build_tokenizer()
+    full = build_qwen2(tokenizer)
+    sliding = Qwen2ForCausalLM(Qwen2Config(**{**full.config.to_dict(), "use_sliding_window": True, "sliding_window": 4,
+                                              "max_window_layers": 2, "layer_types": None})).eval()
+    sliding.load_state_dict(full.state_dict())
+    assert sliding.config.layer_types == ["full_attention"] * 2 + ["sliding_attention"] * 2
+    folder = tmp_path / "qwen2_sliding"
+    sliding.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    ids = torch.tensor([tokenizer.encode(TEXT)])
+    with torch.no_grad():
+        expected, unwindowed = sliding(ids).logits, full(ids).logits
+    load = functools.partial(backends.load_model, folder, loading.load_tokenizer(folder), dtype=torch.float32,
+                             device="cpu")
+    assert (load(backend="bridge")(ids) - expected).abs().max() < ATOL
+    # Teeth: the window bites within the text.
+    assert ids.shape[1] > 3 * 4 and (expected - unwindowed).abs().max() > 0.1
+    if backends.transformer_lens_major() < 4:
+        with pytest.raises(nl.CheckpointError, match=r"^blocks \[2, 3\] of this checkpoint use sliding-window "
+                                                     r"attention .*: it would attend past the window\. Load it with "
+                                                     r"backend='bridge'"):
+            load(backend="hooked")
+        assert load(backend="hooked", n_layers=2).cfg.n_layers == 2  # an AR of the full-attention blocks
 
 
 @contextlib.contextmanager
