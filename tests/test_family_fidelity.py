@@ -338,18 +338,27 @@ def test_capture_on_load_base_is_hf_hidden_states_k_plus_1(request, family, dtyp
 
 @pytest.mark.parametrize("family", sorted(AVS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_kv_cached_decode_steps_are_hf_full_forward_logits(request, family, dtype, family_vectors):
-    """verbalize's decoder (on `hooked` the fast one, Gemma-3's own included; on the bridge HF's cache) fed a fixed
-    continuation: its prefill's and every step's logits are HF's full forward over prompt + continuation under the
+@pytest.mark.parametrize("which", ["default", "tl_forward"])
+def test_kv_cached_decode_steps_are_hf_full_forward_logits(request, family, dtype, which, family_vectors):
+    """verbalize's decoders fed a fixed continuation: the default one (on `hooked` the fast one, Gemma-3's own
+    included; on the bridge HF's cache) and on `hooked` the fallback a hook sends it to (TL's forward with TL's
+    cache). Their prefill's and every step's logits are HF's full forward over prompt + continuation under the
     training code's injection, at DECODE_ATOL in fp32, and in bf16 as near HF fp32 as HF's own bf16 forward is
     (measured: 0.9-1.25x). Gemma's 24 steps run on past its sliding window of 6."""
+    if which == "tl_forward" and backends.default_backend() != "hooked":
+        pytest.skip("the bridge has one decoder")
     folder = _folder(request, AVS[family])
     av = nl.ActivationVerbalizer.from_pretrained(folder, dtype=dtype)
     tokens = av.prompt_tokens(len(family_vectors))
     continuation = torch.tensor(av.tokenizer.encode(CONTINUATION, add_special_tokens=False)).expand(len(tokens), -1)
     full = torch.cat([tokens, continuation], dim=1)
     hooks = av.injection(family_vectors, tokens).site_hooks()
-    decoder = backends.decoder(av.model, len(tokens), full.shape[1], hooks)
+    if which == "default":
+        decoder = backends.decoder(av.model, len(tokens), full.shape[1], hooks)
+    else:
+        from nla_lens import decoding  # HookedTransformer's: TL 3.x only
+
+        decoder = decoding.HookedDecoder(av.model, len(tokens), "the fallback")
     with torch.inference_mode():
         steps = [decoder.prefill(tokens, hooks)] + [decoder.step(ids) for ids in continuation.T[:-1]]
     ours = torch.stack(steps, dim=1).float()
