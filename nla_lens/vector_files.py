@@ -12,10 +12,11 @@ import io
 import json
 import math
 import os
+import shutil
 import stat
 import uuid
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -257,3 +258,43 @@ def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def replaced_folders(folders: Sequence[Path]) -> Iterator[list[Path]]:
+    """Hidden temporary siblings to write `folders` into (named as `write_atomic` names its files), renamed into
+    their places only once the block ends without an error, all together; a block that fails leaves the old folders
+    as they were and removes the temporary ones. A folder written in place and cut short (Ctrl-C) loaded with old and
+    new files mixed. The swap moves every old folder aside before moving any new one in, so a crash inside it leaves
+    a folder missing, never some new folders beside old ones (a new AV beside the old AR)."""
+    token = uuid.uuid4().hex
+    staged = [folder.with_name(f".{folder.name}.{token}.tmp") for folder in folders]
+    try:
+        yield staged
+        _swap_in(staged, list(folders), [folder.with_name(f".{folder.name}.{token}.old") for folder in folders])
+    finally:
+        for folder in staged:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _swap_in(staged: list[Path], folders: list[Path], aside: list[Path]) -> None:
+    """Rename each of `staged` to its place in `folders`, the old folders first renamed to `aside` and then deleted;
+    a rename that fails puts back what was moved."""
+    moved: list[tuple[Path, Path]] = []  # (from, to), in order, to undo
+    try:
+        for folder, old in zip(folders, aside, strict=True):
+            if os.path.lexists(folder):
+                os.replace(folder, old)
+                moved.append((folder, old))
+        for new, folder in zip(staged, folders, strict=True):
+            os.replace(new, folder)
+            moved.append((new, folder))
+    except BaseException:
+        for source, target in reversed(moved):
+            os.replace(target, source)
+        raise
+    for old in aside:
+        if old.is_symlink():  # a link to the old folder: the link goes, what it pointed at stays
+            old.unlink()
+        elif old.exists():
+            shutil.rmtree(old)

@@ -809,3 +809,28 @@ def test_a_config_naming_no_known_command_is_refused(tmp_path, capsys):
     assert (f"{config}: command: 'train-critic' is no nla-lens command with a config; set one of ['extract', "
             "'train-ar', 'train-av', 'train-rl'] (the command this config is for), or leave it out"
             ) in capsys.readouterr().err
+
+
+def test_a_run_record_cut_short_leaves_the_earlier_record_whole(tmp_path, monkeypatch):
+    """train_result.json was written in place: a full disk (or Ctrl-C) mid-write left half a JSON file, which
+    read back as no record at all."""
+    from nla_lens.distributed import World
+    from nla_lens.training import TrainResult
+
+    config = RLRunConfig(av="av", ar="ar", activations="acts", explanations="e.jsonl", out_dir=str(tmp_path))
+    pipeline._save_result(config, tmp_path / "av", TrainResult(steps=1), World())
+    record = tmp_path / pipeline.RESULT_FILE
+    before = record.read_bytes()
+    write_text = Path.write_text
+
+    def disk_full_halfway(path, text, *args, **kwargs):
+        write_text(path, text[:len(text) // 2], *args, **kwargs)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", disk_full_halfway)
+    with pytest.raises(OSError, match="No space left on device"):
+        pipeline._save_result(config, tmp_path / "av", TrainResult(steps=2), World())
+    monkeypatch.undo()
+    assert record.read_bytes() == before
+    assert json.loads(before)["steps"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == [pipeline.RESULT_FILE]

@@ -95,3 +95,70 @@ def test_a_gemma3_base_is_refused_before_training_with_the_reason(bos_paths):
             init(folder, meta)
     with pytest.raises(nl.CheckpointError, match="Gemma-3 NLA is not supported yet"):
         hf_state_dict(_load(folder), qkv_bias=False)
+
+
+def _files(folder) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_an_export_cut_short_leaves_the_earlier_export_as_it_was_and_nothing_beside_it(tmp_path, base_folder,
+                                                                                      dataset_meta, monkeypatch):
+    """A re-export interrupted (Ctrl-C) after the weights were written left the new weights under the old sidecar
+    and tokenizer: a folder that loads and is neither export."""
+    from nla_lens.training import export_ar, init_ar
+
+    ar = init_ar(base_folder, dataset_meta)
+    folder = export_ar(ar, tmp_path / "ar", base_folder)
+    before = _files(folder)
+    with torch.no_grad():
+        ar.readout.weight.mul_(2.0)
+        next(ar.model.parameters()).add_(1.0)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ar.tokenizer, "save_pretrained", interrupted)  # after the weights, before the sidecar
+    with pytest.raises(KeyboardInterrupt):
+        export_ar(ar, folder, base_folder)
+    assert _files(folder) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["ar"]  # no temporary folder left behind
+    monkeypatch.undo()
+    export_ar(ar, folder, base_folder)
+    reloaded = nl.ActivationReconstructor.from_pretrained(folder)
+    torch.testing.assert_close(reloaded.readout.weight, ar.readout.weight, rtol=0, atol=0)
+
+
+def test_a_re_export_replaces_the_folder_whole(tmp_path, base_folder, dataset_meta):
+    """An earlier export's file the new one does not write (a tokenizer saved in another format) stayed beside it."""
+    from nla_lens.training import export_ar, init_ar
+
+    ar = init_ar(base_folder, dataset_meta)
+    folder = export_ar(ar, tmp_path / "ar", base_folder)
+    written = set(_files(folder))
+    (folder / "vocab.json").write_text("{}")  # an earlier tokenizer's file
+    export_ar(ar, folder, base_folder)
+    assert set(_files(folder)) == written
+
+
+@pytest.mark.parametrize("what", ["file", "folder"])
+def test_an_export_into_a_file_or_a_folder_of_other_files_is_refused_and_leaves_them(tmp_path, base_folder,
+                                                                                     dataset_meta, what):
+    from nla_lens.training import export_av, init_av
+
+    av = init_av(base_folder, dataset_meta)
+    target = tmp_path / "out"
+    if what == "file":
+        target.write_text("notes")
+        message = "is a file, and an export writes a folder there; export into a new folder"
+    else:
+        target.mkdir()
+        (target / "notes.txt").write_text("notes")
+        message = (r"holds files but no nla_meta.yaml, so it is no NLA export, and an export replaces its folder "
+                   r"whole: they would be deleted. Export into a new or empty folder \(or, if it is an export that "
+                   r"was cut short, delete it\)$")
+    before = target.read_bytes() if what == "file" else _files(target)
+    with pytest.raises(nl.ConfigError, match=message):
+        export_av(av, target, base_folder)
+    assert (target.read_bytes() if what == "file" else _files(target)) == before
+    (tmp_path / "empty").mkdir()  # an empty folder is taken
+    assert nl.ActivationVerbalizer.from_pretrained(export_av(av, tmp_path / "empty", base_folder)).meta.role == "av"

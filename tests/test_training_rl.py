@@ -701,3 +701,44 @@ def test_two_rank_ddp_rl_gives_the_one_process_weights(sft_pair, capsys):
     av = nl.ActivationVerbalizer.from_pretrained(sft_pair / "rl_2" / "av")
     ar = nl.ActivationReconstructor.from_pretrained(sft_pair / "rl_2" / "ar")
     assert av.meta.raw["stage"] == ar.meta.raw["stage"] == "rl" and ar.meta.layer == LAYER
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_an_rl_export_cut_short_at_the_ar_leaves_the_earlier_pair_whole(tiny_paths, label_split, tmp_path,
+                                                                       monkeypatch):
+    """train-rl exported its AV, then its AR, each in place: a run cut short between them (a finished run extended
+    by raising rl.steps) left the new AV beside the old AR, a pair that loads and was never trained together."""
+    from nla_lens.training import TrainResult, export, pipeline
+
+    runs = []
+
+    def grpo_moves_the_weights(av, ar, *args, **kwargs):  # each run from the SFT pair to other weights
+        runs.append(len(runs) + 1)
+        with torch.no_grad():
+            for model in (av.model, ar.model):
+                next(model.parameters()).add_(float(runs[-1]))
+        return TrainResult(steps=runs[-1])
+
+    monkeypatch.setattr(pipeline, "train_rl", grpo_moves_the_weights)
+    config = RLRunConfig(av=str(tiny_paths["av_karvonen"]), ar=str(tiny_paths["ar_nanonla"]), activations="acts",
+                         explanations="explanations.jsonl", out_dir=str(tmp_path), rl=RLConfig(steps=1, kl_coef=0.0))
+    train, evaluation = label_split
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the AR's sidecar records no baseline from 12 held-out vectors
+        pipeline._train_and_export_rl(config, train, evaluation, torch.device("cpu"), progress=False)
+        before = {role: _files(tmp_path / role) for role in ("av", "ar")}
+        save = export.save_tensors
+
+        def disk_full_at_the_value_head(tensors, path, *args, **kwargs):
+            if path.name == loading.VALUE_HEAD_FILE:
+                raise OSError(28, "No space left on device")
+            save(tensors, path, *args, **kwargs)
+
+        monkeypatch.setattr(export, "save_tensors", disk_full_at_the_value_head)
+        with pytest.raises(OSError, match="No space left on device"):
+            pipeline._train_and_export_rl(config, train, evaluation, torch.device("cpu"), progress=False)
+    assert {role: _files(tmp_path / role) for role in ("av", "ar")} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ar", "av"]  # no temporary folder left behind

@@ -37,7 +37,14 @@ from nla_lens.training.dataset import (
     save_explanations,
     split_by_document,
 )
-from nla_lens.training.export import export_ar, export_av, freeze_weights_hf_lacks, hf_state_dict, model_sidecar
+from nla_lens.training.export import (
+    export_ar,
+    export_av,
+    export_pair,
+    freeze_weights_hf_lacks,
+    hf_state_dict,
+    model_sidecar,
+)
 from nla_lens.training.extraction import (
     ActivationDataset,
     ActivationRecord,
@@ -53,10 +60,9 @@ from nla_lens.training.runs import TrainingRun, read_training_run
 __all__ = [
     "ARRows", "ARRunConfig", "AVRows", "AVRunConfig", "ActivationDataset", "ActivationRecord", "Document",
     "ExtractConfig", "ExtractRunConfig", "ExtractionIdentity", "LabelledActivations", "RLConfig", "RLRunConfig",
-    "RLRunResult", "RunResult", "TrainConfig", "TrainResult", "TrainingRun",
-    "ar_loss", "ar_rows", "av_loss", "av_rows", "check_document_disjoint", "evaluate_ar", "evaluate_av",
-    "export_ar", "export_av", "extract_activations", "freeze_weights_hf_lacks", "hf_state_dict", "init_ar",
-    "init_av", "label_activations", "load_activations", "load_config", "model_sidecar", "read_training_run",
-    "run_extract", "run_train_ar", "run_train_av", "run_train_rl", "save_explanations", "split_by_document", "train_ar",
-    "train_av", "train_rl",
+    "RLRunResult", "RunResult", "TrainConfig", "TrainResult", "TrainingRun", "ar_loss", "ar_rows", "av_loss",
+    "av_rows", "check_document_disjoint", "evaluate_ar", "evaluate_av", "export_ar", "export_av", "export_pair",
+    "extract_activations", "freeze_weights_hf_lacks", "hf_state_dict", "init_ar", "init_av", "label_activations",
+    "load_activations", "load_config", "model_sidecar", "read_training_run", "run_extract", "run_train_ar",
+    "run_train_av", "run_train_rl", "save_explanations", "split_by_document", "train_ar", "train_av", "train_rl",
 ]

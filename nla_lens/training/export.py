@@ -8,7 +8,9 @@ the exporter refuses to drop one that is not zero.
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast
 
@@ -25,7 +27,7 @@ from nla_lens.nla import MIN_BASELINE_VECTORS, warn_at_caller
 from nla_lens.reconstructor import ActivationReconstructor
 from nla_lens.sidecar import SIDECAR_NAME, InjectionSpec, NLAMeta, dump_meta, load_meta
 from nla_lens.training.parallel import current_world, gathered_on_main, whole
-from nla_lens.vector_files import save_tensors
+from nla_lens.vector_files import replaced_folders, save_tensors
 from nla_lens.verbalizer import ActivationVerbalizer
 
 if TYPE_CHECKING:
@@ -174,16 +176,22 @@ def _hf_config(base_model: str | Path, *, n_layers: int | None, untie: bool, dty
 
 
 def check_export_folder(folder: str | Path, role: Literal["av", "ar"]) -> None:
-    """Refuse a folder that holds an NLA export of the other role: writing there would replace it and
-    leave its files mixed with the new ones (an AV over an AR keeps the AR's value head). Refuse a sharded model's
-    folder too (a base, a released NLA): its weight index outranks the export's single file."""
+    """Refuse a folder that holds an NLA export of the other role: the export replaces its folder whole, and
+    would destroy it. Refuse a sharded model's folder too (a base, a released NLA): its weight index outranks the
+    export's single file; and a file, or a folder of files but no sidecar, which the export would delete."""
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"{folder} is a file, and an export writes a folder there; export into a new folder")
     if (folder / loading.WEIGHT_INDEX).is_file():  # never written here, and read before model.safetensors
         raise ConfigError(f"{folder} holds {loading.WEIGHT_INDEX}, which an export does not write and which loading "
                           "reads before the exported model.safetensors, so the folder would load the weights its index "
                           "names, not the trained ones. Export into a new folder (or remove the index and its "
                           "shards)")
     if not (folder / SIDECAR_NAME).is_file():
+        if folder.is_dir() and any(folder.iterdir()):
+            raise ConfigError(f"{folder} holds files but no {SIDECAR_NAME}, so it is no NLA export, and an export "
+                              "replaces its folder whole: they would be deleted. Export into a new or empty folder "
+                              "(or, if it is an export that was cut short, delete it)")
         return
     found = loading.checkpoint_role(folder, load_meta(folder))
     if found is not None and found != role:
@@ -194,9 +202,10 @@ def check_export_folder(folder: str | Path, role: Literal["av", "ar"]) -> None:
         )
 
 
-def _export_backbone(model: TLModel, folder: Path, base_model: str | Path, *, n_layers: int | None,
+def _export_backbone(model: TLModel, folder: Path, staged: Path, base_model: str | Path, *, n_layers: int | None,
                      untie: bool, dtype: torch.dtype) -> bool:
-    """Gather the weights (every rank), then on rank 0 write `config.json` + `model.safetensors`.
+    """Gather the weights (every rank), then on rank 0 write `config.json` + `model.safetensors` into `staged`,
+    the folder that becomes `folder` (`_staged`).
 
     Returns whether this rank wrote them, i.e. whether it goes on to write the rest of the folder.
     """
@@ -206,9 +215,9 @@ def _export_backbone(model: TLModel, folder: Path, base_model: str | Path, *, n_
     if not current_world().is_main:
         return False
     _check_finite_weights(weights, folder, dtype)
-    folder.mkdir(parents=True, exist_ok=True)
-    config.save_pretrained(folder)
-    save_tensors(weights, folder / "model.safetensors", {"format": "pt"})
+    staged.mkdir(parents=True)
+    config.save_pretrained(staged)
+    save_tensors(weights, staged / "model.safetensors", {"format": "pt"})
     return True
 
 
@@ -228,19 +237,15 @@ def export_av(av: ActivationVerbalizer, folder: str | Path, base_model: str | Pa
               dtype: torch.dtype = torch.float32, stage: str | None = None) -> Path:
     """Write the AV as an HF folder + tokenizer + generation_config + `nla_meta.yaml` (role av).
 
-    `stage` ("sft", "rl") replaces the sidecar's record of the training stage. A folder holding an AR
-    is refused. Under `torchrun` every rank calls this (to gather FSDP shards) and rank 0 writes.
+    `stage` ("sft", "rl") replaces the sidecar's record of the training stage. The folder is written beside its
+    place and then renamed into it, replacing an earlier export whole (`replaced_folders`): an export cut short
+    leaves the old folder as it was. A folder holding an AR, or files but no sidecar, is refused. Under `torchrun`
+    every rank calls this (to gather FSDP shards) and rank 0 writes.
     """
     folder = Path(folder)
     check_export_folder(folder, "av")
-    if not _export_backbone(av.model, folder, base_model, n_layers=None, untie=True, dtype=dtype):
-        return folder
-    # `verbalize` stops on these ids (loading.eos_token_ids reads this file first).
-    GenerationConfig(eos_token_id=av.eos_token_ids, pad_token_id=av.tokenizer.pad_token_id).save_pretrained(folder)
-    av.tokenizer.save_pretrained(folder)
-    spec = av.injection_spec  # what the AV was trained with, even where its sidecar left it implicit
-    dump_meta({**_exported_sidecar(av.meta, stage), "injection": {"method": spec.method,
-                                                                   "hook_point": spec.hook_point}}, folder)
+    with _staged([folder]) as (staged,):
+        _write_av(av, folder, staged, base_model, dtype=dtype, stage=stage)
     return folder
 
 
@@ -251,19 +256,65 @@ def export_ar(ar: ActivationReconstructor, folder: str | Path, base_model: str |
     `heldout` (the held-out layer-K vectors, e.g. the eval split) puts their paper baseline and count
     in the sidecar (`fve_baseline: {value, n}`), the baseline `NLA.round_trip` then uses by default; fewer
     than `MIN_BASELINE_VECTORS` of them put none (a warning says so).
-    `stage` ("sft", "rl") replaces the sidecar's record of the training stage. A folder holding an AV is
-    refused. Under `torchrun` every rank calls this (to gather FSDP shards) and rank 0 writes.
+    `stage` ("sft", "rl") replaces the sidecar's record of the training stage. Written and renamed into place as
+    `export_av` is; a folder holding an AV, or files but no sidecar, is refused. Under `torchrun` every rank calls
+    this (to gather FSDP shards) and rank 0 writes.
     """
     folder = Path(folder)
     check_export_folder(folder, "ar")
+    with _staged([folder]) as (staged,):
+        _write_ar(ar, folder, staged, base_model, dtype=dtype, heldout=heldout, stage=stage)
+    return folder
+
+
+def export_pair(av: ActivationVerbalizer, ar: ActivationReconstructor, folders: tuple[Path, Path],
+                base_models: tuple[str | Path, str | Path], *, dtype: torch.dtype = torch.float32,
+                heldout: Tensor | None = None, stage: str | None = None) -> tuple[Path, Path]:
+    """`export_av` and `export_ar` into `folders` (AV, AR), both renamed into place only once both are written:
+    exported one after the other, a run cut short between them left the new AV beside the old AR, a pair that
+    loads and was never trained together (train-rl extending a run). `base_models`: each one's, as there."""
+    for folder, role in zip(folders, ("av", "ar"), strict=True):
+        check_export_folder(folder, cast(Literal["av", "ar"], role))
+    with _staged(list(folders)) as (av_staged, ar_staged):
+        _write_av(av, folders[0], av_staged, base_models[0], dtype=dtype, stage=stage)
+        _write_ar(ar, folders[1], ar_staged, base_models[1], dtype=dtype, heldout=heldout, stage=stage)
+    return folders
+
+
+@contextlib.contextmanager
+def _staged(folders: list[Path]) -> Iterator[list[Path]]:
+    """Where to write `folders`: `replaced_folders` on rank 0, the one that writes; the other ranks only gather."""
+    if not current_world().is_main:
+        yield folders
+        return
+    with replaced_folders(folders) as staged:
+        yield staged
+
+
+def _write_av(av: ActivationVerbalizer, folder: Path, staged: Path, base_model: str | Path, *, dtype: torch.dtype,
+              stage: str | None) -> None:
+    """The AV's export, written into `staged` (messages name `folder`, where it goes)."""
+    if not _export_backbone(av.model, folder, staged, base_model, n_layers=None, untie=True, dtype=dtype):
+        return
+    # `verbalize` stops on these ids (loading.eos_token_ids reads this file first).
+    GenerationConfig(eos_token_id=av.eos_token_ids, pad_token_id=av.tokenizer.pad_token_id).save_pretrained(staged)
+    av.tokenizer.save_pretrained(staged)
+    spec = av.injection_spec  # what the AV was trained with, even where its sidecar left it implicit
+    dump_meta({**_exported_sidecar(av.meta, stage), "injection": {"method": spec.method,
+                                                                   "hook_point": spec.hook_point}}, staged)
+
+
+def _write_ar(ar: ActivationReconstructor, folder: Path, staged: Path, base_model: str | Path, *,
+              dtype: torch.dtype, heldout: Tensor | None, stage: str | None) -> None:
+    """The AR's export, written into `staged` (messages name `folder`, where it goes)."""
     readout = {name: weight.to(dtype) for name, weight in gathered_on_main([("weight", ar.readout.weight)]).items()}
     _check_finite_weights(readout, folder, dtype)  # before the backbone's files are written
-    if not _export_backbone(ar.model, folder, base_model, n_layers=ar.meta.layer + 1, untie=False, dtype=dtype):
-        return folder
-    save_tensors(readout, folder / loading.VALUE_HEAD_FILE)
-    ar.tokenizer.save_pretrained(folder)
-    dump_meta({**_exported_sidecar(ar.meta, stage), **_baseline_block(heldout, ar.meta)}, folder)
-    return folder
+    if not _export_backbone(ar.model, folder, staged, base_model, n_layers=ar.meta.layer + 1, untie=False,
+                            dtype=dtype):
+        return
+    save_tensors(readout, staged / loading.VALUE_HEAD_FILE)
+    ar.tokenizer.save_pretrained(staged)
+    dump_meta({**_exported_sidecar(ar.meta, stage), **_baseline_block(heldout, ar.meta)}, staged)
 
 
 def _baseline_block(heldout: Tensor | None, meta: NLAMeta) -> dict[str, Any]:

@@ -32,7 +32,7 @@ from nla_lens.training.config import (
     config_dtype,
 )
 from nla_lens.training.dataset import LabelledActivations, label_activations, split_by_document
-from nla_lens.training.export import check_export_folder, export_ar, export_av
+from nla_lens.training.export import check_export_folder, export_ar, export_av, export_pair
 from nla_lens.training.extraction import (
     Document,
     check_extraction_folder,
@@ -41,7 +41,7 @@ from nla_lens.training.extraction import (
 )
 from nla_lens.training.loop import TrainResult, check_resume
 from nla_lens.training.rl import train_rl
-from nla_lens.vector_files import json_text
+from nla_lens.vector_files import write_json
 from nla_lens.verbalizer import ActivationVerbalizer
 
 MODEL_DIR = "model"
@@ -178,7 +178,7 @@ def _save_result(config: SFTRunConfig | RLRunConfig, model_dir: Path, result: Tr
     if world.is_main:
         summary = {"model_dir": model_dir, "config": asdict(config), "world_size": world.world_size,
                    **asdict(result)}
-        (Path(config.out_dir) / RESULT_FILE).write_text(json_text(summary, indent=1), encoding="utf-8")
+        write_json(Path(config.out_dir) / RESULT_FILE, summary, indent=1)  # never half-written
     return RunResult(model_dir, result)
 
 
@@ -314,8 +314,7 @@ def _train_and_export_rl(config: RLRunConfig, train: LabelledActivations, evalua
         reference = ActivationVerbalizer.from_pretrained(config.av, device=device, dtype=dtype, backend="hooked")
     result = train_rl(av, ar, reference, train.vectors, evaluation.vectors, config.rl, out_dir=config.out_dir,
                       resume=config.resume, sft_data=train, progress=progress)
-    out, export_dtype = Path(config.out_dir), config_dtype(config.export_dtype)
-    av_dir = export_av(av, out / "av", config.av, dtype=export_dtype, stage="rl")
-    ar_dir = export_ar(ar, out / "ar", config.ar, dtype=export_dtype, heldout=evaluation.vectors,
-                       stage="rl")
+    out = Path(config.out_dir)
+    av_dir, ar_dir = export_pair(av, ar, (out / "av", out / "ar"), (config.av, config.ar),
+                                 dtype=config_dtype(config.export_dtype), heldout=evaluation.vectors, stage="rl")
     return result, av_dir, ar_dir
