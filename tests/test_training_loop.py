@@ -14,6 +14,7 @@ import pytest
 import torch
 import yaml
 from conftest import NEEDS_TL3
+from safetensors.torch import load_file, save_file
 
 import nla_lens as nl
 from nla_lens.cli import main
@@ -293,6 +294,31 @@ def test_a_truncated_training_checkpoint_is_a_checkpoint_error_naming_the_file(t
     file.write_bytes(file.read_bytes()[:file.stat().st_size // 2])  # a copy cut short
     moved = {name: param.detach().clone() for name, param in params.items()}
     with pytest.raises(nl.CheckpointError, match=rf"{damaged} cannot be read .*damaged or incomplete.*earlier"):
+        load_checkpoint(folder, params, optimizer, config)
+    assert all(torch.equal(params[name], moved[name]) for name in params)  # nothing half-restored
+
+
+@pytest.mark.parametrize(("file", "edit", "problem"), [
+    ("params.safetensors", lambda saved: {"weight": saved["weight"]},
+     r"lacks 1 trainable parameter \(bias\)"),
+    ("params.safetensors", lambda saved: {**saved, "weight": torch.zeros(4, 5)},
+     r"holds 1 parameter of another shape \(weight as \[4, 5\] where this model's is \[4, 4\]; if the run trained "
+     r"another base model, resume with that one\)"),
+    ("optimizer.safetensors", lambda saved: {**saved, "0.exp_avg": torch.zeros(3)},
+     r"holds optimizer moments that fit no parameter \(0.exp_avg is \[3\] where its parameter is \[4, 4\]\)"),
+    ("optimizer.safetensors", lambda saved: {**saved, "2.exp_avg": torch.zeros(4)},
+     r"holds optimizer moments that fit no parameter \(2.exp_avg is of parameter 2, but the optimizer has 2\)"),
+])
+def test_a_checkpoint_lacking_a_tensor_or_holding_one_of_another_shape_is_a_checkpoint_error_naming_it(
+        tmp_path, file, edit, problem):
+    """A readable params.safetensors without one of the model's parameters (or with one of another shape) ended in a
+    bare KeyError (or RuntimeError), the parameters before it already restored."""
+    folder, params, optimizer, config = _checkpoint_of_a_moved_layer(tmp_path)
+    path = folder / file
+    save_file(edit(load_file(path)), path)
+    moved = {name: param.detach().clone() for name, param in params.items()}
+    with pytest.raises(nl.CheckpointError, match=rf"^{re.escape(str(path))} {problem}: this training checkpoint is "
+                                                 "damaged or incomplete. Resume from an earlier checkpoint"):
         load_checkpoint(folder, params, optimizer, config)
     assert all(torch.equal(params[name], moved[name]) for name in params)  # nothing half-restored
 

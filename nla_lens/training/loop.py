@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from nla_lens.checks import blocks_phrase
+from nla_lens.checks import blocks_phrase, counted
 from nla_lens.distributed import World
 from nla_lens.errors import CheckpointError, ConfigError
 from nla_lens.sidecar import SIDECAR_NAME
@@ -376,10 +376,12 @@ def load_checkpoint(folder: Path, params: dict[str, nn.Parameter], optimizer: to
                               "the same base model and trainable_blocks")
     weights = _read_saved(folder / "params.safetensors", load_file)
     saved_moments = _read_saved(folder / "optimizer.safetensors", load_file)  # both read before any weight changes
+    ordered = [p for group in optimizer.param_groups for p in group["params"]]
+    _check_saved_weights(folder / "params.safetensors", weights, params)
+    _check_saved_moments(folder / "optimizer.safetensors", saved_moments, ordered)
     with torch.no_grad():
         for name, param in params.items():
             param.copy_(parallel.like(weights[name], param))
-    ordered = [p for group in optimizer.param_groups for p in group["params"]]
     moments: dict[int, dict[str, Any]] = {}
     for key, value in saved_moments.items():
         index, name = key.split(".", 1)
@@ -411,6 +413,39 @@ def _read_saved(path: Path, read: Callable[[Path], Any]) -> Any:
         return read(path)
     except (SafetensorError, OSError, ValueError) as exc:
         raise _damaged(path, f"cannot be read ({type(exc).__name__}: {exc})") from exc
+
+
+def _check_saved_weights(path: Path, weights: dict[str, Tensor], params: dict[str, nn.Parameter]) -> None:
+    """Refuse a readable params.safetensors that lacks one of `params` or holds one of another shape (a file cut
+    down or edited, or of another base model with the same parameter names): restoring it ended in a bare KeyError
+    or RuntimeError, the weights before it already overwritten."""
+    missing = [name for name in params if name not in weights]
+    # A sharded (FSDP) parameter's shape is the whole tensor's, as saved.
+    other = [f"{name} as {list(weights[name].shape)} where this model's is {list(param.shape)}"
+             for name, param in params.items() if name in weights and weights[name].shape != param.shape]
+    problems = ([f"lacks {counted(len(missing), 'trainable parameter')} ({_first_few(missing)})"] if missing else [])
+    problems += [f"holds {counted(len(other), 'parameter')} of another shape ({_first_few(other)}; if the run "
+                 "trained another base model, resume with that one)"] if other else []
+    if problems:
+        raise _damaged(path, "; ".join(problems))
+
+
+def _check_saved_moments(path: Path, moments: dict[str, Tensor], ordered: list[Tensor]) -> None:
+    """Refuse optimizer moments of a parameter the optimizer lacks, or of another shape than it (a bare IndexError
+    on restore, or a RuntimeError at the first step after it). Adam's step count is a scalar of any parameter."""
+    problems = []
+    for key, value in moments.items():
+        index = int(key.split(".", 1)[0])
+        if index >= len(ordered):
+            problems.append(f"{key} is of parameter {index}, but the optimizer has {len(ordered)}")
+        elif value.dim() > 0 and value.shape != ordered[index].shape:
+            problems.append(f"{key} is {list(value.shape)} where its parameter is {list(ordered[index].shape)}")
+    if problems:
+        raise _damaged(path, f"holds optimizer moments that fit no parameter ({_first_few(problems)})")
+
+
+def _first_few(items: list[str]) -> str:
+    return ", ".join(items[:3]) + (f", and {len(items) - 3} more" if len(items) > 3 else "")
 
 
 def _damaged(path: Path, problem: str) -> CheckpointError:
