@@ -742,3 +742,37 @@ def test_an_rl_export_cut_short_at_the_ar_leaves_the_earlier_pair_whole(tiny_pat
             pipeline._train_and_export_rl(config, train, evaluation, torch.device("cpu"), progress=False)
     assert {role: _files(tmp_path / role) for role in ("av", "ar")} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ar", "av"]  # no temporary folder left behind
+
+
+def test_train_rl_warns_when_the_activations_are_of_another_base_model_than_the_avs(layer1_extraction, tmp_path,
+                                                                                    monkeypatch):
+    """SFT warns of activations extracted from another base than it trains; RL compared layers and widths only, so a
+    pair trained on one model took another's activations of the same shape without a word."""
+    from nla_lens.training import pipeline
+
+    class Trained(Exception):
+        pass
+
+    def refuse_training(*args, **kwargs):
+        raise Trained
+
+    monkeypatch.setattr(pipeline, "_train_and_export_rl", refuse_training)
+    pair = testing.make_tiny_nla(tmp_path, layer=1)  # its sidecars name base tiny-qwen3; the extraction, tiny
+    config = dataclasses.replace(_layer1_run(layer1_extraction, pair["av_karvonen"], pair["ar_nanonla"]),
+                                 out_dir=str(tmp_path / "rl"))
+    said = []
+    for recorded in ("tiny-qwen3", "tiny"):
+        sidecar = yaml.safe_load((pair["av_karvonen"] / "nla_meta.yaml").read_text())
+        sidecar["extraction"]["base_model"] = recorded
+        (pair["av_karvonen"] / "nla_meta.yaml").write_text(yaml.safe_dump(sidecar))
+        with contextlib.ExitStack() as stack:
+            caught = stack.enter_context(warnings.catch_warnings(record=True))
+            warnings.simplefilter("always")
+            stack.enter_context(pytest.raises(Trained))
+            run_train_rl(config, progress=False)
+        said.append([str(w.message) for w in caught if "extracted from base model" in str(w.message)])
+    assert said[1] == []
+    assert said[0] == [f"the activations {layer1_extraction / 'acts'} were extracted from base model tiny, but the AV "
+                       f"{pair['av_karvonen']} was trained on tiny-qwen3's: RL would train the pair on another model's "
+                       "activations. Point activations at the extraction the SFT pair was trained on, or ignore this "
+                       "if the two names are one model"]

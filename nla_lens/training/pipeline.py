@@ -266,7 +266,7 @@ def run_train_rl(config: RLRunConfig, *, progress: bool = True) -> RLRunResult:
 def check_rl_layers(config: RLRunConfig, activations: NLAMeta) -> None:
     """`av` holds an AV and `ar` an AR; the two and the activations read one layer of one d_model; the AV and AR
     share a vocabulary. Checked from the sidecars and tokenizers, before any weights load: RL on another layer's
-    vectors would export sidecars claiming the AV's."""
+    vectors would export sidecars claiming the AV's. Activations of another base model than the AV's warn."""
     folders = [loading.resolve_checkpoint(path) for path in (config.av, config.ar)]
     av, ar = (load_meta(folder) for folder in folders)
     for key, folder, meta in zip(("av", "ar"), folders, (av, ar), strict=True):
@@ -285,6 +285,25 @@ def check_rl_layers(config: RLRunConfig, activations: NLAMeta) -> None:
                 f"{config.av} and AR {config.ar} were trained on {name} {getattr(av, name)}; point activations "
                 "at the extraction the SFT pair was trained on (or extract that layer with nla-lens extract)"
             )
+    if _other_bases(activations.base_model, av.base_model):  # as SFT warns of another base (check_base_fits)
+        warnings.warn(f"the activations {config.activations} were extracted from base model {activations.base_model}, "
+                      f"but the AV {config.av} was trained on {av.base_model}'s: RL would train the pair on another "
+                      "model's activations. Point activations at the extraction the SFT pair was trained on, or "
+                      "ignore this if the two names are one model", stacklevel=3)
+
+
+def _other_bases(first: str | None, second: str | None) -> bool:
+    """Whether two recorded base models surely differ: two names that are no local paths (hub ids), or two folders
+    on this machine that resolve apart. A hub id beside a folder (a local copy of it?), or a folder not on this
+    machine, cannot be compared."""
+    if first is None or second is None or first == second:
+        return False
+    paths = [Path(first), Path(second)]
+    if not any(path.is_absolute() for path in paths):
+        return True
+    if all(path.is_absolute() and path.is_dir() for path in paths):
+        return paths[0].resolve() != paths[1].resolve()
+    return False
 
 
 def check_rl_split(config: RLRunConfig, evaluation: LabelledActivations) -> None:
