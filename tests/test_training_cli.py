@@ -834,3 +834,28 @@ def test_a_run_record_cut_short_leaves_the_earlier_record_whole(tmp_path, monkey
     assert record.read_bytes() == before
     assert json.loads(before)["steps"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == [pipeline.RESULT_FILE]
+
+
+@pytest.mark.parametrize("command", ["train-av", "train-ar"])
+def test_labels_too_long_for_the_context_are_named_by_row_before_the_base_model_loads(tmp_path, base_folder,
+                                                                                      extract_config, monkeypatch,
+                                                                                      command):
+    """A label past the base's n_ctx (256 here) was refused only after the weights loaded, as 'a training row has N
+    tokens', naming no row."""
+    common, data = _training_inputs(tmp_path, str(base_folder), extract_config)
+    long_rows = {(data.doc_ids[i], data.positions[i]) for i in (0, 5)}
+    labels = [" ".join(["token"] * 300) if (d, p) in long_rows else text
+              for d, p, text in zip(data.doc_ids, data.positions, data.explanations, strict=True)]
+    save_explanations(dataclasses.replace(data, explanations=labels), common["explanations"])
+    monkeypatch.setattr(loading, "load_hooked_transformer", lambda *a, **k: pytest.fail("weights read"))
+    config = load_config(AVRunConfig if command == "train-av" else ARRunConfig,
+                         _write(tmp_path / "run.yaml", {**common, "out_dir": str(tmp_path / "run")}))
+    run = pipeline.run_train_av if command == "train-av" else pipeline.run_train_ar
+    with pytest.raises(nl.PromptTooLongError) as info:
+        run(config, progress=False)
+    named = [f"doc_id {d!r} position {p}: " for d, p in sorted(long_rows)]
+    message = str(info.value)
+    assert message.startswith("2 training rows are longer than the model's context of n_ctx=256 tokens (")
+    assert all(row in message for row in named)
+    assert message.endswith("shorten those explanations, or leave the rows out (delete their lines; a labeler "
+                            "returns None for a row to leave out)")

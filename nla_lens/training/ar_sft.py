@@ -9,6 +9,7 @@ calls `reconstruct` itself, so the AR is scored exactly as it will be served.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -30,15 +31,21 @@ from nla_lens.training.dataset import (
     check_base_fits,
     check_document_disjoint,
     check_fits,
+    context_length,
     data_fingerprint,
+    encoded_ar_rows,
 )
 from nla_lens.training.export import freeze_weights_hf_lacks, model_sidecar
 from nla_lens.training.padding import pad
 
 
 def init_ar(base_model: str | Path, dataset: NLAMeta, *, device: str | torch.device = "cpu",
-            dtype: torch.dtype = torch.float32) -> ActivationReconstructor:
-    """An untrained AR: the base's first K+1 blocks (no final norm, no unembed), readout = identity."""
+            dtype: torch.dtype = torch.float32,
+            train_on: Sequence[LabelledActivations] = ()) -> ActivationReconstructor:
+    """An untrained AR: the base's first K+1 blocks (no final norm, no unembed), readout = identity.
+
+    `train_on`: the labelled rows it will train and be evaluated on, checked to fit the base's context (from its
+    config.json) before the weights load (`PromptTooLongError` naming them; `train_ar` checks them again)."""
     backends.require_hooked("training")
     folder = loading.resolve_checkpoint(base_model)
     hf_config = loading.load_hf_config(folder)
@@ -46,6 +53,9 @@ def init_ar(base_model: str | Path, dataset: NLAMeta, *, device: str | torch.dev
     tokenizer = loading.load_tokenizer(folder)
     meta = parse_meta(model_sidecar(dataset, "ar"), source=f"the AR sidecar made from {dataset.source}")
     check_tokenizer(meta, tokenizer, role="ar", tokenizer_of="extraction")
+    n_ctx = context_length(hf_config)
+    if n_ctx is not None and train_on:
+        check_fits(n_ctx, *(encoded_ar_rows(data, meta, tokenizer) for data in train_on))
     model = loading.load_hooked_transformer(folder, tokenizer, dtype=dtype, device=device, n_layers=meta.layer + 1)
     freeze_weights_hf_lacks(model, hf_config)
     readout = nn.Linear(meta.d_model, meta.d_model, bias=False, device=device, dtype=dtype)

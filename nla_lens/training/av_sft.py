@@ -7,6 +7,7 @@ training and eval forward, so the model is trained exactly as `verbalize` serves
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,9 @@ from nla_lens.training.dataset import (
     check_base_fits,
     check_document_disjoint,
     check_fits,
+    context_length,
     data_fingerprint,
+    encoded_av_rows,
     turn_end_ids,
 )
 from nla_lens.training.export import freeze_weights_hf_lacks, model_sidecar
@@ -46,11 +49,14 @@ def init_av(
     injection_scale: float | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
+    train_on: Sequence[LabelledActivations] = (),
 ) -> ActivationVerbalizer:
     """An untrained AV: the full base model, with the sidecar it will be exported with.
 
     The injection defaults to what `dataset`'s sidecar implies (Karvonen at the output of decoder
-    layer 1 for an `nla_dataset`); embedding replacement needs an `injection_scale`.
+    layer 1 for an `nla_dataset`); embedding replacement needs an `injection_scale`. `train_on`: the labelled rows
+    it will train and be evaluated on, checked to fit the base's context (from its config.json) before the weights
+    load (`PromptTooLongError` naming them; `train_av` checks them again, after a load).
     """
     backends.require_hooked("training")
     spec = _injection_spec(dataset, injection, hook_point)
@@ -71,6 +77,9 @@ def init_av(
     # It stops where every training row ends, and on the EOS too, as HF's generation_config of an instruct model does.
     stop_ids = sorted({turn_end_ids(tokenizer)[-1], tokenizer.eos_token_id})
     loading.check_hook_point(folder, spec.hook_point, backend="hooked")  # a typo here cost a full load
+    n_ctx = context_length(hf_config)
+    if n_ctx is not None and train_on:
+        check_fits(n_ctx, *(encoded_av_rows(data, meta, tokenizer) for data in train_on))
     model = loading.load_hooked_transformer(folder, tokenizer, dtype=dtype, device=device)
     freeze_weights_hf_lacks(model, hf_config)
     return ActivationVerbalizer(model, tokenizer, meta, spec, stop_ids)

@@ -354,13 +354,18 @@ class AVRows:
     vectors: Float[Tensor, "n d_model"]
     explanations: list[str]
     doc_ids: list[str]
+    positions: list[int]
 
     def __len__(self) -> int:
         return len(self.responses)
 
     @property
+    def lengths(self) -> list[int]:
+        return [self.prompt.numel() + len(response) for response in self.responses]
+
+    @property
     def max_length(self) -> int:
-        return self.prompt.numel() + max(map(len, self.responses))
+        return max(self.lengths)
 
 
 def response_text(explanation: str) -> str:
@@ -395,11 +400,16 @@ def turn_end_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
 def av_rows(data: LabelledActivations, meta: NLAMeta, tokenizer: PreTrainedTokenizerBase) -> AVRows:
     warn_special_token_text(data, tokenizer, "the AV learns to write those tokens, but verbalize ends an explanation "
                                              "at an EOS and leaves special tokens out of the text it decodes")
+    return encoded_av_rows(data, meta, tokenizer)
+
+
+def encoded_av_rows(data: LabelledActivations, meta: NLAMeta, tokenizer: PreTrainedTokenizerBase) -> AVRows:
+    """`av_rows` without its warning: what `init_av` checks against the context before the weights load."""
     prompt = av_prompt_ids(meta, tokenizer)  # first: its error names a tokenizer without a chat template
     turn_end = turn_end_ids(tokenizer)
     encoded = tokenizer([response_text(e) for e in data.explanations], add_special_tokens=False)["input_ids"]
     return AVRows(torch.tensor(prompt), [row + turn_end for row in encoded], data.vectors.float(), data.explanations,
-                  data.doc_ids)
+                  data.doc_ids, data.positions)
 
 
 @dataclass(frozen=True)
@@ -411,20 +421,30 @@ class ARRows:
     vectors: Float[Tensor, "n d_model"]
     explanations: list[str]
     doc_ids: list[str]
+    positions: list[int]
 
     def __len__(self) -> int:
         return len(self.prompts)
 
     @property
+    def lengths(self) -> list[int]:
+        return list(map(len, self.prompts))
+
+    @property
     def max_length(self) -> int:
-        return max(map(len, self.prompts))
+        return max(self.lengths)
 
 
 def ar_rows(data: LabelledActivations, meta: NLAMeta, tokenizer: PreTrainedTokenizerBase) -> ARRows:
     warn_special_token_text(data, tokenizer, "the AR learns to read those tokens, which the AV's explanations never "
                                              "hold (verbalize decodes without special tokens)")
+    return encoded_ar_rows(data, meta, tokenizer)
+
+
+def encoded_ar_rows(data: LabelledActivations, meta: NLAMeta, tokenizer: PreTrainedTokenizerBase) -> ARRows:
+    """`ar_rows` without its warning: what `init_ar` checks against the context before the weights load."""
     prompts = [ar_prompt_ids(meta, tokenizer, e) for e in data.explanations]  # as the AR reads them
-    return ARRows(prompts, data.vectors.float(), data.explanations, data.doc_ids)
+    return ARRows(prompts, data.vectors.float(), data.explanations, data.doc_ids, data.positions)
 
 
 def special_token_texts(tokenizer: PreTrainedTokenizerBase) -> list[str]:
@@ -453,10 +473,25 @@ def warn_special_token_text(data: LabelledActivations, tokenizer: PreTrainedToke
 
 
 def check_fits(n_ctx: int, *rows: AVRows | ARRows) -> None:
-    """Refuse rows longer than the model's context rather than let them be truncated."""
-    longest = max(r.max_length for r in rows)
-    if longest > n_ctx:
-        raise PromptTooLongError(f"a training row has {longest} tokens, over n_ctx={n_ctx}; shorten the explanations")
+    """Refuse rows longer than the model's context rather than let them be truncated, naming them (document and
+    position) as the other checks of labelled rows do."""
+    too_long = [(r.doc_ids[i], r.positions[i], length) for r in rows for i, length in enumerate(r.lengths)
+                if length > n_ctx]
+    if not too_long:
+        return
+    where = "; ".join(f"doc_id {doc_id!r} position {position}: {length} tokens"
+                      for doc_id, position, length in too_long[:_ROWS_NAMED])
+    more = f"; and {len(too_long) - _ROWS_NAMED} more" if len(too_long) > _ROWS_NAMED else ""
+    raise PromptTooLongError(f"{counted(len(too_long), 'training row')} {'is' if len(too_long) == 1 else 'are'} "
+                             f"longer than the model's context of n_ctx={n_ctx} tokens ({where}{more}); shorten "
+                             "those explanations, or leave the rows out (delete their lines; a labeler returns None "
+                             "for a row to leave out)")
+
+
+def context_length(hf_config: Any) -> int | None:
+    """The n_ctx the loader gives the model (`loading.hooked_config`), from its config.json: known before the
+    weights load. None where the config does not say."""
+    return getattr(hf_config.get_text_config(), "max_position_embeddings", None)
 
 
 def check_base_fits(hf_config: Any, dataset: NLAMeta, base_model: str | Path, *, folder: Path, role: str) -> None:

@@ -206,7 +206,8 @@ def _train_and_export_av(config: AVRunConfig, meta: NLAMeta, train: LabelledActi
                          progress: bool) -> tuple[TrainResult, Path]:
     # The model lives in this frame only, so it is gone before the process group is destroyed.
     av = init_av(config.base_model, meta, injection=config.injection, hook_point=config.hook_point,
-                 injection_scale=config.injection_scale, device=device, dtype=config_dtype(config.dtype))
+                 injection_scale=config.injection_scale, device=device, dtype=config_dtype(config.dtype),
+                 train_on=(train, evaluation))
     result = train_av(av, train, evaluation, config.train, out_dir=config.out_dir, resume=config.resume,
                       n_samples=config.n_samples, sample_max_new_tokens=config.sample_max_new_tokens,
                       progress=progress)
@@ -228,7 +229,7 @@ def _train_and_export_ar(config: ARRunConfig, meta: NLAMeta, train: LabelledActi
                          evaluation: LabelledActivations, device: torch.device,
                          progress: bool) -> tuple[TrainResult, Path]:
     # The model lives in this frame only, so it is gone before the process group is destroyed.
-    ar = init_ar(config.base_model, meta, device=device, dtype=config_dtype(config.dtype))
+    ar = init_ar(config.base_model, meta, device=device, dtype=config_dtype(config.dtype), train_on=(train, evaluation))
     result = train_ar(ar, train, evaluation, config.train, out_dir=config.out_dir, resume=config.resume,
                       progress=progress)
     return result, export_ar(ar, Path(config.out_dir) / MODEL_DIR, config.base_model,

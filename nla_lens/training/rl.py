@@ -412,7 +412,7 @@ class _Trainer:
         texts = [current.explanations[i] for i in hits] or [""]  # a placeholder row for a zero loss
         vectors = current.vectors[hits] if hits else current.vectors[:1]
         prompts = [ar_prompt_ids(self.ar.meta, self.ar.tokenizer, t) for t in texts]  # as `reconstruct` serves them
-        self.ar_rows = ARRows(prompts, vectors.float(), texts, [""] * len(texts))
+        self.ar_rows = ARRows(prompts, vectors.float(), texts, [""] * len(texts), [-1] * len(texts))  # no documents
         chunks = _padded_chunks(len(hits), int(max(counts)), self.config.micro_batch)
         assert self.reconstructor is not None  # `step` calls this only when the AR trains
         total = self._backward(self.reconstructor, chunks, n_global)
