@@ -182,24 +182,23 @@ def check_export_folder(folder: str | Path, role: Literal["av", "ar"]) -> None:
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise ConfigError(f"{folder} is a file, and an export writes a folder there; export into a new folder")
+    if (folder / SIDECAR_NAME).is_file():  # the other role first: the most specific way on
+        found = loading.checkpoint_role(folder, load_meta(folder))
+        if found is not None and found != role:
+            raise ConfigError(
+                f"{folder} already holds an NLA {_ROLE_NAMES[found]} (its {SIDECAR_NAME} says role: {found}), so an "
+                f"{_ROLE_NAMES[role]} cannot be exported there without destroying it. Point out_dir at another "
+                f"folder, or, if this config is the {_ROLE_NAMES[found]}'s, run it with nla-lens train-{found}"
+            )
     if (folder / loading.WEIGHT_INDEX).is_file():  # never written here, and read before model.safetensors
         raise ConfigError(f"{folder} holds {loading.WEIGHT_INDEX}, which an export does not write and which loading "
                           "reads before the exported model.safetensors, so the folder would load the weights its index "
                           "names, not the trained ones. Export into a new folder (or remove the index and its "
                           "shards)")
-    if not (folder / SIDECAR_NAME).is_file():
-        if folder.is_dir() and any(folder.iterdir()):
-            raise ConfigError(f"{folder} holds files but no {SIDECAR_NAME}, so it is no NLA export, and an export "
-                              "replaces its folder whole: they would be deleted. Export into a new or empty folder "
-                              "(or, if it is an export that was cut short, delete it)")
-        return
-    found = loading.checkpoint_role(folder, load_meta(folder))
-    if found is not None and found != role:
-        raise ConfigError(
-            f"{folder} already holds an NLA {_ROLE_NAMES[found]} (its {SIDECAR_NAME} says role: {found}), so an "
-            f"{_ROLE_NAMES[role]} cannot be exported there without destroying it. Point out_dir at another "
-            f"folder, or, if this config is the {_ROLE_NAMES[found]}'s, run it with nla-lens train-{found}"
-        )
+    if not (folder / SIDECAR_NAME).is_file() and folder.is_dir() and any(folder.iterdir()):
+        raise ConfigError(f"{folder} holds files but no {SIDECAR_NAME}, so it is no NLA export, and an export "
+                          "replaces its folder whole: they would be deleted. Export into a new or empty folder "
+                          "(or, if it is an export that was cut short, delete it)")
 
 
 def _export_backbone(model: TLModel, folder: Path, staged: Path, base_model: str | Path, *, n_layers: int | None,
