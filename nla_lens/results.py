@@ -6,7 +6,8 @@ columns:
 * ``to_records()``: one flat ``dict`` per row (str / int / float / bool / None, or a list of str);
 * ``summary()``: one line that says what the result holds (counts, FVE, the baseline used);
 * ``schema``: every column of the rows and its arrow type, so that an empty result, or a column that is None in
-  every row (no baseline, every parse failed), keeps the columns and types of any other run's table.
+  every row (no baseline, every parse failed), keeps the columns and types of any other run's table; and
+  ``optional_columns``, those of them its rows may leave out, where there are any.
 
 Its fields are described once, in an ``Attributes:`` section of its docstring: what ``help()`` shows. A result
 that keeps warnings (a round trip's instead of emitting them; `verbalize`'s and `steer_with_words`' as well as
@@ -26,7 +27,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -53,6 +54,9 @@ class TabularResult:
     #: Every column the rows can have, in order, with its arrow type (None: inferred from the rows). The files keep
     #: these types, and an empty result these columns, where rows alone would give no column or arrow's null type.
     schema: ClassVar[pa.Schema | None] = None
+    #: Columns of ``schema`` that the rows may leave out (a steering run without continuations): `read_result` does
+    #: not ask a file for them.
+    optional_columns: ClassVar[tuple[str, ...]] = ()
     #: Where the result keeps warnings that its summary does not spell out (``"warnings"``,
     #: ``"round_trip.warnings"``), which ``repr`` and the view then count and point to and a ``.parquet`` file keeps;
     #: None where it keeps none.
@@ -156,7 +160,10 @@ def read_result(path: str | Path, result_type: type[TabularResult] | None = None
     ``result_type`` names the type whose ``save`` wrote it (e.g. ``nl.RoundTrip``): then they are that type's, as
     ``to_pandas()`` gives them (a ``TrainingRun``'s columns depend on its command, so there too they are read off
     the values). A ``.parquet`` file keeps its types; there ``result_type`` is checked against the one
-    it records."""
+    it records. A file whose columns are no longer its type's (edited by hand: a column dropped, a score made text) is
+    an `InputError` naming what changed: a ``.parquet`` file is checked against ``result_type`` or the type it records
+    (where this process has loaded that type), a ``.jsonl`` file against ``result_type``, and each of its rows
+    against the first row's columns."""
     path = file_path(path, "read_result")
     kind = file_kind(path)
     if path.is_dir():  # e.g. a file job's `<output>.shards` folder, which a suffix check would call a ".shards file"
@@ -184,12 +191,16 @@ def read_result(path: str | Path, result_type: type[TabularResult] | None = None
         raise InputError(f"{path} is not a parquet file ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}); "
                          "read_result reads the tables a result's save() or an nla-lens job wrote") from exc
     metadata = table.schema.metadata or {}
-    frame = table_frame(table)
-    frame.attrs.update(_saved_record(metadata, RESULT_KEY.encode(), path))
-    recorded = frame.attrs.get("result_type")
+    record = _saved_record(metadata, RESULT_KEY.encode(), path)
+    recorded = record.get("result_type")
     if result_type is not None and recorded is not None and recorded != result_type.__name__:
         raise InputError(f"{path} holds {recorded} rows, not {result_type.__name__} rows: pass "
                          f"result_type={recorded}, or none (a .parquet file keeps its column types)")
+    expected = result_type or _loaded_result_type(recorded)
+    if expected is not None and expected.schema is not None:
+        _check_parquet_columns(path, table.schema, expected, record)
+    frame = table_frame(table)
+    frame.attrs.update(record)
     from nla_lens.sharded import JOB_KEY  # here: sharded imports the result types, which import this module
 
     if JOB_KEY.encode() in metadata:
@@ -222,21 +233,119 @@ def _check_result_type(result_type: Any) -> None:
 def _read_jsonl(path: Path, result_type: type[TabularResult] | None) -> pd.DataFrame:
     """A .jsonl result's rows (one JSON object per line), as `to_pandas` builds its frame from records: with
     `result_type`'s schema when it is given."""
-    records = [row for _, row in jsonl_objects(path, "result file", "read_result reads the .jsonl file a result's "
-                                                "save() wrote, one JSON object (a row) per line")]
+    lines = list(jsonl_objects(path, "result file", "read_result reads the .jsonl file a result's save() wrote, "
+                                                  "one JSON object (a row) per line"))
+    records = [row for _, row in lines]
     if records:
         _refuse_label_file(path, records[0])
+        _check_same_columns(path, lines)
     if result_type is None or result_type.schema is None:  # a type whose columns vary (TrainingRun): from the values
         return records_frame(records)
-    unknown = [name for name in records[0] if name not in result_type.schema.names] if records else []
-    if unknown:
-        raise InputError(f"{path}: its rows have columns {unknown}, which a {result_type.__name__}'s have not: pass "
-                         "the result_type whose save() wrote the file, or none")
-    try:
-        return records_frame(records, result_type.schema)
-    except (ValueError, TypeError) as exc:  # a score column holding text or a list: pandas' cast error, bare
-        raise InputError(f"{path}: its rows are not a {result_type.__name__}'s ({exc}): pass the result_type whose "
-                         "save() wrote the file, or none") from exc
+    if lines:
+        _check_jsonl_columns(path, lines, result_type)
+    return records_frame(records, result_type.schema)
+
+
+def _loaded_result_type(name: str | None) -> type[TabularResult] | None:
+    """The result type a .parquet file records by `name`, where this process has loaded it (`import nla_lens` loads
+    all but the SAE and toy experiment types, which their modules bring) and no other type goes by that name."""
+    found = [kind for kind in _result_types(TabularResult) if kind.__name__ == name]
+    return found[0] if len(found) == 1 else None
+
+
+def _result_types(parent: type[TabularResult]) -> set[type[TabularResult]]:
+    return {kind for child in parent.__subclasses__() for kind in {child, *_result_types(child)}}
+
+
+def _check_parquet_columns(path: Path, schema: pa.Schema, result_type: type[TabularResult],
+                           record: dict[str, Any]) -> None:
+    """A parquet file holds `result_type`'s columns, each of its kind: one edited by hand (a column dropped, a score
+    made text) read back as a frame that `to_pandas()` never gave, under the type and summary it records. Widths
+    aside (pandas writes text as large_string, and a column None in every row as null), as `_holds` reads JSON."""
+    expected = cast(pa.Schema, result_type.schema)
+    problems = _column_problems(schema.names, result_type)
+    problems += [f"column {field.name!r} is {field.type}, not {expected.field(field.name).type}" for field in schema
+                 if field.name in expected.names and not _same_kind(field.type, expected.field(field.name).type)]
+    if not problems:
+        return
+    if "result_type" not in record:
+        why = ("It records no result type (a result's save() did not write it): read it without result_type= to get "
+               "its rows as they are")
+    else:
+        version = record.get("nla_lens_version", __version__)
+        wrote = "" if version == __version__ else (f" (by nla_lens {version}, whose columns may differ: this is "
+                                                   f"{__version__})")
+        why = (f"The file was edited or damaged since save() wrote it{wrote}: save the result again, or read the "
+               "file as it is with pandas.read_parquet(path)")
+    raise InputError(f"{path} does not hold a {result_type.__name__}'s columns: {'; '.join(problems)}. {why}")
+
+
+def _same_kind(kind: pa.DataType, declared: pa.DataType) -> bool:
+    """Whether a parquet column of arrow type `kind` holds what a column `declared` does: integers, floats, booleans,
+    text, or lists of one of those; a null column (None in every row) holds anything."""
+    if pa.types.is_null(kind):
+        return True
+    if pa.types.is_list(declared) or pa.types.is_large_list(declared):
+        return ((pa.types.is_list(kind) or pa.types.is_large_list(kind))
+                and _same_kind(kind.value_type, declared.value_type))
+    return any(test(kind) and test(declared) for test in (pa.types.is_integer, pa.types.is_floating,
+                                                           pa.types.is_boolean, _is_text))
+
+
+def _is_text(kind: pa.DataType) -> bool:
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind)
+
+
+def _check_same_columns(path: Path, lines: list[tuple[int, dict[str, Any]]]) -> None:
+    """Every row of a .jsonl file has the first row's columns, as `save` writes them: a row that lacks one (edited
+    by hand) read back with NaN there."""
+    first_line, first = lines[0]
+    for line_no, row in lines[1:]:
+        if row.keys() != first.keys():
+            lacks, extra = [c for c in first if c not in row], [c for c in row if c not in first]
+            differs = "; ".join(part for part in (lacks and f"lacks {lacks}", extra and f"adds {extra}") if part)
+            raise InputError(f"{path}:{line_no}: its row {differs} beside line {first_line}'s columns; every row a "
+                             "result's save() writes has the same columns: the file was edited or damaged")
+
+
+def _check_jsonl_columns(path: Path, lines: list[tuple[int, dict[str, Any]]],
+                         result_type: type[TabularResult]) -> None:
+    """The rows of a .jsonl file hold `result_type`'s columns, each value of its column's type (or null)."""
+    problems = _column_problems(list(lines[0][1]), result_type)
+    if problems:
+        raise InputError(f"{path}: its rows are not a {result_type.__name__}'s: {'; '.join(problems)}. Pass the "
+                         "result_type whose save() wrote the file, or none")
+    schema = cast(pa.Schema, result_type.schema)
+    for line_no, row in lines:
+        for name, value in row.items():
+            kind = schema.field(name).type
+            if value is not None and not _holds(kind, value):
+                raise InputError(f"{path}:{line_no}: {name} is {json_text(value)[:60]}, which a "
+                                 f"{result_type.__name__}'s {name} ({kind}) cannot be: pass the result_type whose "
+                                 "save() wrote the file, or none")
+
+
+def _column_problems(columns: Sequence[str], result_type: type[TabularResult]) -> list[str]:
+    """Columns that `result_type`'s rows have not, and those its rows always have that are missing."""
+    names = cast(pa.Schema, result_type.schema).names
+    unknown = [name for name in columns if name not in names]
+    missing = [name for name in names if name not in columns and name not in result_type.optional_columns]
+    return ([f"it has the columns {unknown}, which a {result_type.__name__}'s have not"] if unknown else []) + (
+        [f"it lacks the columns {missing}, which a {result_type.__name__}'s save() writes"] if missing else [])
+
+
+def _holds(kind: pa.DataType, value: Any) -> bool:
+    """Whether a JSON `value` fits arrow type `kind` (those the result types declare: int, float, bool, str, lists
+    of them); an int fits a float column, as JSON from elsewhere may write 2.0."""
+    if pa.types.is_list(kind):
+        return isinstance(value, list) and all(item is None or _holds(kind.value_type, item) for item in value)
+    if pa.types.is_boolean(kind):
+        return isinstance(value, bool)
+    if pa.types.is_integer(kind):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if pa.types.is_floating(kind):
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    return isinstance(value, str)
 
 
 def _refuse_label_file(path: Path, first_row: dict[str, Any]) -> None:

@@ -198,13 +198,14 @@ class WordSteering(TabularResult):
     # Each pair side by side, clean then steered: what the steering changed
     display_columns = ("batch", "position", "token", "explanation", "edited", "delta_norm", "clean_next",
                        "steered_next", "kl", "clean_continuation", "steered_continuation")
-    # clean_next .. kl only with compare=True, the continuations only with continue_tokens > 0
     schema = pa.schema({"batch": pa.int64(), "position": pa.int64(), "token": pa.string(), "explanation": pa.string(),
                         "edited": pa.string(), "samples": pa.int64(), "explanation_samples": pa.list_(pa.string()),
                         "edited_samples": pa.list_(pa.string()), "delta_norm": pa.float64(), "hook_name": pa.string(),
                         "mode": pa.string(), "alpha": pa.float64(), "clean_next": pa.string(),
                         "steered_next": pa.string(), "kl": pa.float64(), "clean_continuation": pa.string(),
                         "steered_continuation": pa.string()})
+    # clean_next .. kl only with compare=True, the continuations only with continue_tokens > 0
+    optional_columns = ("clean_next", "steered_next", "kl", "clean_continuation", "steered_continuation")
 
     def fwd_hooks(self, alpha: float | None = None) -> list[tuple[str, HookFn]]:
         """`[(blocks.K.hook_resid_post, hook)]` for `run_with_hooks` or `model.hooks(...)`; `alpha` overrides."""

@@ -271,14 +271,109 @@ def test_read_result_of_a_jsonl_file_given_its_result_type_gives_back_its_frame(
 
 
 @pytest.mark.parametrize("mse", ["abc", [1, 2]], ids=["text", "list"])
-def test_a_jsonl_row_whose_score_is_no_number_is_named_given_the_result_type(tmp_path, mse):
+def test_a_jsonl_row_whose_score_is_no_number_is_named_given_the_result_type(results, tmp_path, mse):
     """A .jsonl score column holding text or a list, read as a RoundTrip's float column, was pandas' bare
     ValueError ("could not convert string to float")."""
+    row = results["round_trip"].to_records()[0] | {"mse": mse}
     path = tmp_path / "rows.jsonl"
-    path.write_text(json.dumps({"index": 0, "mse": mse}) + "\n", encoding="utf-8")
-    with pytest.raises(nl.InputError, match=r"rows\.jsonl: its rows are not a RoundTrip's \(.*\): pass the "
-                                            "result_type whose save"):
+    path.write_text(json.dumps(row) + "\n", encoding="utf-8")
+    with pytest.raises(nl.InputError, match=r"rows\.jsonl:1: mse is .*, which a RoundTrip's mse \(double\) cannot be: "
+                                            "pass the result_type whose save"):
         nl.read_result(path, result_type=nl.RoundTrip)
+
+
+def edited_parquet(result: nl.TabularResult, path: Path, edit: str) -> Path:
+    """`result` saved to `path`, then edited by hand with pyarrow, which keeps the schema metadata that records the
+    result type and its summary."""
+    table = pq.read_table(result.save(path))
+    if edit == "column dropped":
+        table = table.drop_columns(["mse"])
+    elif edit == "column added":
+        table = table.append_column("note", pa.array(["mine"] * table.num_rows))
+    elif edit == "index as float":
+        table = table.set_column(0, "index", table["index"].cast(pa.float64()))
+    else:
+        assert edit == "mse as text"
+        table = table.set_column(table.schema.get_field_index("mse"), "mse", table["mse"].cast(pa.string()))
+    assert table.schema.metadata == pq.read_schema(path).metadata
+    pq.write_table(table, path)
+    return path
+
+
+EDITS = {"column dropped": r"it lacks the columns \['mse'\], which a RoundTrip's save\(\) writes",
+         "column added": r"it has the columns \['note'\], which a RoundTrip's have not",
+         "index as float": r"column 'index' is double, not int64",
+         "mse as text": r"column 'mse' is string, not double"}
+
+
+@pytest.mark.parametrize("edit", EDITS)
+def test_a_parquet_result_edited_by_hand_is_refused_naming_what_changed(results, tmp_path, edit):
+    """A .parquet file edited with pyarrow keeps the record of the result type and summary: it read back as a frame
+    that type's to_pandas() never gave (a column gone, a score as text), with that type's summary in attrs."""
+    path = edited_parquet(results["round_trip"], tmp_path / "rt.parquet", edit)
+    for result_type in (None, nl.RoundTrip):
+        with pytest.raises(nl.InputError, match=rf"rt\.parquet does not hold a RoundTrip's columns: {EDITS[edit]}\. "
+                                                r"The file was edited or damaged since save\(\) wrote it: save the "
+                                                r"result again, or read the file as it is with pandas\.read_parquet"):
+            nl.read_result(path, result_type=result_type)
+
+
+def test_a_parquet_of_other_columns_read_as_a_result_type_is_refused(results, tmp_path):
+    """A table nla_lens did not write records no type; named as one, it was read without a look at its columns."""
+    path = tmp_path / "mine.parquet"
+    results["round_trip"].to_pandas().drop(columns=["miss"]).to_parquet(path)
+    assert len(nl.read_result(path)) == 3  # no type named, none recorded: the table as it is
+    with pytest.raises(nl.InputError, match=r"does not hold a RoundTrip's columns: it lacks the columns \['miss'\]"
+                                            r".*\. It records no result type \(a result's save\(\) did not write it\): "
+                                            "read it without result_type="):
+        nl.read_result(path, result_type=nl.RoundTrip)
+    pd.testing.assert_frame_equal(nl.read_result(results["round_trip"].to_pandas().to_parquet(path) or path,
+                                                 result_type=nl.RoundTrip).astype(object),
+                                  results["round_trip"].to_pandas().astype(object))  # pandas' own types are its kinds
+
+
+JSONL_EDITS = {"column dropped": (lambda row: {k: v for k, v in row.items() if k != "parsed"},
+                                  r"rt\.jsonl: its rows are not a RoundTrip's: it lacks the columns \['parsed'\]"),
+               "bool as text": (lambda row: row | {"parsed": "yes"},
+                                r"rt\.jsonl:1: parsed is \"yes\", which a RoundTrip's parsed \(bool\) cannot be"),
+               "index as float": (lambda row: row | {"index": 1.5},
+                                  r"rt\.jsonl:1: index is 1\.5, which a RoundTrip's index \(int64\) cannot be")}
+
+
+@pytest.mark.parametrize("edit", JSONL_EDITS)
+def test_a_jsonl_result_edited_by_hand_is_refused_given_its_result_type(results, tmp_path, edit):
+    """Read as a RoundTrip's, a .jsonl file lacking a column gave a frame without it, and one whose flag or index
+    held text or a fraction gave an object or float column; only a score that pandas could not cast was caught."""
+    change, message = JSONL_EDITS[edit]
+    path = tmp_path / "rt.jsonl"
+    path.write_text("".join(json.dumps(change(row)) + "\n" for row in results["round_trip"].to_records()),
+                    encoding="utf-8")
+    with pytest.raises(nl.InputError, match=message):
+        nl.read_result(path, result_type=nl.RoundTrip)
+
+
+def test_a_jsonl_row_that_lost_a_column_is_refused(results, tmp_path):
+    """A row edited by hand to lack a column read back with NaN there, typed or not."""
+    rows = results["round_trip"].to_records()
+    rows[1].pop("mse")
+    path = tmp_path / "rt.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    for result_type in (None, nl.RoundTrip):
+        with pytest.raises(nl.InputError, match=r"rt\.jsonl:2: its row lacks \['mse'\] beside line 1's columns; "
+                                                r"every row a result's save\(\) writes has the same columns"):
+            nl.read_result(path, result_type=result_type)
+
+
+def test_a_word_steering_without_its_optional_columns_reads_back_given_its_type(base, nla, tmp_path):
+    """Without compare= or continue_tokens=, a WordSteering has no next-token or continuation columns: its own
+    files are not refused for lacking them."""
+    tokens = base.to_tokens(["The cat sat on the mat."])
+    result = nl.steer_with_words(nla, base, tokens, -1, explanations=TINY_LABELS[:1],
+                                 edit=lambda text: text + " the end", compare=False, continue_tokens=0)
+    assert "kl" not in result.to_records()[0] and "clean_continuation" not in result.to_records()[0]
+    for suffix in (".parquet", ".jsonl"):
+        frame = nl.read_result(result.save(tmp_path / f"steer{suffix}"), result_type=nl.WordSteering)
+        pd.testing.assert_frame_equal(frame, result.to_pandas())
 
 
 def test_a_jsonl_score_none_in_every_row_reads_back_as_a_float_column_given_the_result_type(nla, tmp_path):
@@ -363,8 +458,8 @@ def test_read_result_says_why_it_cannot_read_a_file(results, tmp_path):
     with pytest.raises(nl.InputError, match="file path"):
         nl.read_result(None)
     rows = rt.save(tmp_path / "rt.jsonl")
-    with pytest.raises(nl.InputError, match=r"rt\.jsonl: its rows have columns \[.*'mse'.*\], which a "
-                                            r"DirectionVerbalization's have not"):
+    with pytest.raises(nl.InputError, match=r"rt\.jsonl: its rows are not a DirectionVerbalization's: it has the "
+                                            r"columns \[.*'mse'.*\], which a DirectionVerbalization's have not"):
         nl.read_result(rows, result_type=nl.DirectionVerbalization)
     with pytest.raises(nl.InputError, match=r"holds RoundTrip rows, not Verbalizations rows: pass "
                                             r"result_type=RoundTrip, or none"):
