@@ -246,7 +246,9 @@ def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
     """`write(tmp)` to a private temporary name beside `path`, then rename: readers never see half a file,
     and a write that fails leaves nothing behind (a large shard's half would only fill the disk). The file
     gets the mode `open()` gives (0666 less the umask) whatever mode `write` left it with, where the filesystem
-    keeps modes: one that refuses chmod (some FUSE and SMB mounts) keeps the written file as it is."""
+    keeps modes: one that refuses chmod (some FUSE and SMB mounts) keeps the written file as it is. A symlink's target
+    is written, as `open()` writes it, and the link kept: renaming onto the link replaced it, the target left stale."""
+    path = path.resolve() if path.is_symlink() else path
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
         tmp.touch(exist_ok=False)

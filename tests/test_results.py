@@ -699,6 +699,25 @@ def test_a_write_that_fails_leaves_no_temporary_file(tmp_path):
     assert (tmp_path / "shard.parquet").read_bytes() == b"whole"
 
 
+@pytest.mark.parametrize("suffix", [".parquet", ".jsonl", ".html"])
+def test_save_replaces_an_existing_file_and_writes_through_a_symlink_to_its_target(tmp_path, suffix):
+    """Saved to a link (`latest.parquet -> runs/3.parquet`), the rows replaced the link with a file of their own and
+    left its target holding the old rows."""
+    old, new = (nl.Verbalizations([nl.Verbalization("t", said, [1])]) for said in ("old words", "new words"))
+    (tmp_path / "runs").mkdir()
+    target = old.save(tmp_path / "runs" / f"3{suffix}")
+    link = tmp_path / f"latest{suffix}"
+    link.symlink_to(Path("runs") / target.name)
+    assert new.save(link) == link
+    assert link.is_symlink() and link.resolve() == target
+    if suffix == ".html":
+        page = target.read_text(encoding="utf-8")
+        assert "new words" in page and "old words" not in page
+    else:
+        assert nl.read_result(target)["explanation"].tolist() == ["new words"]
+    assert sorted(p.name for p in tmp_path.rglob("*")) == sorted(["runs", target.name, link.name])
+
+
 def test_written_tensor_vector_and_table_files_get_the_umask_mode_others_can_read(tmp_path, group_umask):
     """safetensors creates its files 0600: exported weights and saved vectors were unreadable to the other users
     of a shared machine."""
