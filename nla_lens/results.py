@@ -314,7 +314,8 @@ def _check_jsonl_columns(path: Path, lines: list[tuple[int, dict[str, Any]]],
     problems = _column_problems(list(lines[0][1]), result_type)
     if problems:
         raise InputError(f"{path}: its rows are not a {result_type.__name__}'s: {'; '.join(problems)}. Pass the "
-                         "result_type whose save() wrote the file, or none")
+                         "result_type whose save() wrote the file, or none (as for an nla-lens file job's output, "
+                         "whose columns are its own)")
     schema = cast(pa.Schema, result_type.schema)
     for line_no, row in lines:
         for name, value in row.items():
