@@ -6,8 +6,8 @@ bf16 sharded safetensors into a temporary folder that is deleted afterwards.
 
 * memory: each load runs in a fresh subprocess, so peaks never contaminate each other. The figure
   is (peak RSS - RSS once the libraries are imported) / bytes of the loaded weights, over the load
-  plus one forward pass, after touching every weight (HF maps safetensors lazily). On a GPU the
-  peak of allocated device memory is reported as well.
+  plus one forward pass of the same 4 tokens whichever the loader, after touching every weight (HF
+  maps safetensors lazily). On a GPU the peak of allocated device memory is reported as well.
 * speed: `verbalize` against HF `generate` with the reference forward hook on decoder layer 1,
   hookless and under each user edit of `_edits` (steering, a head ablation, an MLP scaling: TL
   hooks on our side, the equivalent torch hooks on HF's); the forward pass with and without the
@@ -216,6 +216,9 @@ def size_text(n_bytes: float) -> str:
 
 
 _RESULT = "nla-lens-bench-result "
+# Every AV loader runs this one forward: a longer input on one side (the 74-token AV prompt) put its logits,
+# a few % of the weights, on that side's peak alone.
+_FORWARD_IDS = [[1, 2, 3, 4]]
 
 
 class _ForkServer:
@@ -293,7 +296,7 @@ def _measure_load(loader: str, folder: str, dtype_name: str, device: str) -> dic
         if loader == "nla_av":
             av = nl.ActivationVerbalizer.from_pretrained(folder, dtype=dtype, device=device)
             modules: list[torch.nn.Module] = [av.model]
-            av.model(av.prompt_tokens(1))
+            av.model(torch.tensor(_FORWARD_IDS, device=av.device))
         elif loader == "nla_ar":
             ar = nl.ActivationReconstructor.from_pretrained(folder, dtype=dtype, device=device)
             modules = [ar.model, ar.readout]
@@ -301,10 +304,10 @@ def _measure_load(loader: str, folder: str, dtype_name: str, device: str) -> dic
         elif loader == "hf":
             hf = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map=device).eval()
             modules = [hf]
-            hf(torch.tensor([[1, 2, 3, 4]], device=device))
+            hf(torch.tensor(_FORWARD_IDS, device=device))
         else:
             modules = [_tl_from_hf_model(Path(folder), AutoTokenizer.from_pretrained(folder), dtype, device)]
-            modules[0](torch.tensor([[1, 2, 3, 4]], device=device))
+            modules[0](torch.tensor(_FORWARD_IDS, device=device))
         params = [p for m in modules for p in m.parameters()]
         for p in params:  # fault in every page (HF maps safetensors lazily)
             p.sum()

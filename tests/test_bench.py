@@ -76,3 +76,25 @@ def test_a_thread_count_below_one_is_refused_before_the_run(monkeypatch, capsys)
     for threads in ("0", "-1"):
         assert main(["bench", "--threads", threads]) == 2
         assert f"InputError: --threads {threads}: must be a whole number >= 1" in capsys.readouterr().err
+
+
+def test_every_av_load_is_measured_over_the_same_forward(tiny_paths):
+    """The memory rows compare loaders over load + one forward: nla_lens's AV ran its whole AV prompt where HF
+    and TL ran 4 tokens, and on the bench's 412M-parameter model that prompt's logits alone were +0.03x (bf16)
+    and +0.05x (fp32) of the weights on nla_lens's rows only."""
+    forwards: dict[str, list[list[int]]] = {}
+    loader = ""
+
+    def record_model_input(_module: torch.nn.Module, args: tuple) -> None:
+        tokens = args[0] if args else None
+        if isinstance(tokens, torch.Tensor) and not tokens.is_floating_point():
+            forwards.setdefault(loader, tokens.tolist())  # the first module called is the model itself
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(record_model_input)
+    try:
+        for loader in ("nla_av", "hf", "tl"):
+            bench._measure_load(loader, str(tiny_paths["av_karvonen"]), "float32", "cpu")
+    finally:
+        handle.remove()
+    assert list(forwards) == ["nla_av", "hf", "tl"], forwards
+    assert forwards["nla_av"] == forwards["hf"] == forwards["tl"], forwards
