@@ -434,13 +434,18 @@ def _report_verbalize(av: Any, hf: Any, vectors: torch.Tensor, plan: Plan, devic
             return _hf_generate(hf, av, vectors, plan.new_tokens)
 
     same = sum(a == b for a, b in zip(ours(), theirs(), strict=True))
-    path = "fast decoder" if av.fallback_reason is None else f"TL forward: {av.fallback_reason}"
+    path = decoder_path(av)
     t_ours, t_theirs = _interleaved(ours, theirs, plan.reps, device)
     tokens = batch * plan.new_tokens
     what = f" with {edit.label}" if edit else ""
     out(f"  verbalize batch {batch:2d}{what}, {plan.new_tokens} new tokens, greedy: nla_lens {tokens / t_ours:7.1f} "
         f"tok/s ({path}), HF generate + layer-1 hook{' + same edit' if edit else ''} {tokens / t_theirs:7.1f} "
         f"tok/s -> {t_theirs / t_ours:.2f}x (rows with identical tokens: {same}/{batch})")
+
+
+def decoder_path(av: Any) -> str:
+    """Which decoder served the AV's last `verbalize`: the figures time that one, not the other."""
+    return "fast decoder" if av.fallback_reason is None else f"TL forward: {av.fallback_reason}"
 
 
 def _report_hook_overhead(av: Any, vectors: torch.Tensor, plan: Plan, device: str,

@@ -220,7 +220,8 @@ def _report_speed(paths: dict[str, Path], plan: GemmaPlan, device: str, out: Cal
         t_ours, t_theirs = bench._interleaved(ours, theirs, plan.reps, device)
         tokens = batch * plan.new_tokens
         out(f"  Gemma verbalize, batch {batch:2d}, {plan.new_tokens} new tokens, greedy: nla_lens "
-            f"{tokens / t_ours:7.1f} tok/s, HF generate(inputs_embeds) {tokens / t_theirs:7.1f} tok/s -> "
+            f"{tokens / t_ours:7.1f} tok/s ({bench.decoder_path(av)}), HF generate(inputs_embeds) "
+            f"{tokens / t_theirs:7.1f} tok/s -> "
             f"{t_theirs / t_ours:.2f}x (rows with the same tokens as HF: {same}/{batch})")
 
 
