@@ -12,7 +12,7 @@ import torch
 from conftest import NEEDS_TL3
 
 import nla_lens as nl
-from nla_lens import bench
+from nla_lens import bench, bench_gemma
 from nla_lens.cli import main
 
 pytestmark = NEEDS_TL3  # the bench measures the streaming HookedTransformer loader and decoder
@@ -101,3 +101,16 @@ def test_every_av_load_is_measured_over_the_same_forward(tiny_paths):
         handle.remove()
     assert list(forwards) == ["nla_av", "hf", "tl"], forwards
     assert forwards["nla_av"] == forwards["hf"] == forwards["tl"], forwards
+
+
+def test_gemma_text_weight_bytes_count_the_text_model_alone(tmp_path):
+    """The Gemma memory rows' second denominator: the text weights, the same for the text-only folder and
+    the multimodal one (SigLIP tower and projector left out), as HF counts the text model's parameters."""
+    from transformers import AutoModelForCausalLM
+
+    paths = bench_gemma.write_checkpoints(tmp_path, bench_gemma.QUICK.memory, bench_gemma.QUICK.vision)
+    text = AutoModelForCausalLM.from_pretrained(paths["av"], dtype=torch.float32)
+    n_text = sum(p.numel() for p in text.parameters())  # the tied unembedding once
+    for folder in ("av", "av_multimodal"):
+        assert bench_gemma.text_weight_bytes(paths[folder], torch.bfloat16) == 2 * n_text, folder
+        assert bench_gemma.text_weight_bytes(paths[folder], torch.float32) == 4 * n_text, folder
