@@ -186,6 +186,7 @@ class _Layer:
         self.attn_scale = attn.attn_scale
         self.cos, self.sin = attn.rotary_cos, attn.rotary_sin
         self.ln1, self.ln2, self.eps = ln1.w, ln2.w, ln1.eps
+        self.norm_dtype: torch.dtype | None = None  # `_rms`'s: None, TL's RMSNorm (a Gemma layer casts after * w)
         self.w_gate, self.w_in, self.act = mlp.W_gate.T, mlp.W_in.T, mlp.act_fn  # TL's own (Gemma: tanh GELU)
         self.b_in = mlp.b_in if bool(mlp.b_in.any()) else None  # TL adds it after the gating
         self.w_out, self.b_out = mlp.W_out.T, mlp.b_out
@@ -310,7 +311,7 @@ def _attention(layer: _Layer, hook: BlockHooks, h: Float[Tensor, "batch pos d_mo
     qkv = qkv.transpose(1, 2)
     qk = qkv[:, :n_heads + n_kv]
     if layer.qk_norm is not None:
-        qk = _rms(qk, layer.qk_norm[:, None], layer.eps)
+        qk = _rms(qk, layer.qk_norm[:, None], layer.eps, layer.norm_dtype)
     half = layer.d_head // 2  # TL's (GPT-NeoX style) rotary embedding
     qk = qk * cos + torch.cat([-qk[..., half:], qk[..., :half]], dim=-1) * sin
     keys[:, :, start:end] = qk[:, n_heads:]
@@ -476,10 +477,13 @@ class FastDecoder:
         return F.linear(_rms(resid, norm.w, norm.eps), model.W_U.T, model.unembed.b_U)
 
 
-def _rms(x: Tensor, w: Tensor, eps: float) -> Tensor:
+def _rms(x: Tensor, w: Tensor, eps: float, dtype: torch.dtype | None = None) -> Tensor:
     """TL's `RMSNorm` op for op (x / sqrt(mean(x^2) + eps), then * w; statistics in fp32 at least), so
     fp32 activations match TL's to the bit (torch's fused `rms_norm` multiplies by rsqrt: another rounding). The
-    result is cast to the weights' dtype (TL's cfg.dtype), as TL's is: a hook that widened the residual (a float32
-    steering vector added to a bf16 one) leaves the matmuls after it in the model's dtype."""
+    result is in the model's dtype, as TL's is: a hook that widened the residual (a float32 steering vector added
+    to a bf16 one) leaves the matmuls after it in the model's dtype. Without `dtype`, TL's `RMSNorm`: cast to the
+    weights' dtype (TL's cfg.dtype), then * w. With it, `gemma3_norm.GemmaRMSNorm` (HF's Gemma arithmetic): * w
+    (fp32) first, then one cast to `dtype`."""
     wide = x if x.dtype in (torch.float32, torch.float64) else x.float()
-    return (wide / (wide.pow(2).mean(-1, keepdim=True) + eps).sqrt()).to(w.dtype) * w
+    normalized = wide / (wide.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+    return normalized.to(w.dtype) * w if dtype is None else (normalized * w).to(dtype)

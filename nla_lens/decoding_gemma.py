@@ -1,12 +1,12 @@
 """A fast KV-cached decoder for TransformerLens Gemma-3 models (the `hooked` backend's `verbalize`).
 
-It computes what TL's Gemma-3 blocks compute on the same parameters (norm weights stored as
-``1 + w``, `W_E` pre-scaled by sqrt(d), see `nla_lens.backends.gemma3`): RMSNorm before and after
-attention and MLP, q/k norms, rotary embeddings with one table per layer (local or global base),
-keys beyond the sliding window masked on local layers, `gelu_pytorch_tanh` gating. What it saves is
-TL's per-step overhead: TL caches keys before the rotary embedding and re-rotates the whole cache in
-every layer at every step, repeats the K/V heads over the whole cache and rebuilds masks per layer;
-here rotated keys live in a buffer allocated once.
+It computes what TL's Gemma-3 blocks compute on the same parameters (norms the loader's `GemmaRMSNorm`s:
+``1 + w`` in fp32, multiplied before the cast as HF does; `W_E` pre-scaled by sqrt(d); see
+`nla_lens.backends.gemma3`): RMSNorm before and after attention and MLP, q/k norms, rotary embeddings
+with one table per layer (local or global base), keys beyond the sliding window masked on local layers,
+`gelu_pytorch_tanh` gating. What it saves is TL's per-step overhead: TL caches keys before the rotary
+embedding and re-rotates the whole cache in every layer at every step, repeats the K/V heads over the
+whole cache and rebuilds masks per layer; here rotated keys live in a buffer allocated once.
 
 The arithmetic is `decoding.FastBlocks`'s, shared with it (`_rms`, `_attention` with `_attend`,
 `_attend_step` and `_kv_cache`, `_mlp`, TL's own final norm and unembed): TL's op order and
@@ -29,9 +29,10 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from torch.distributed.tensor import DTensor
 from transformer_lens import HookedTransformer
-from transformer_lens.components import Embed, GatedMLP, GroupedQueryAttention, RMSNorm, TransformerBlock, Unembed
+from transformer_lens.components import Embed, GatedMLP, GroupedQueryAttention, TransformerBlock, Unembed
 
 from nla_lens.backends import gemma3
+from nla_lens.backends.gemma3_norm import GemmaRMSNorm
 from nla_lens.decoding import _attention, _kv_cache, _last_logits, _Layer, _mlp, _rms
 from nla_lens.errors import ConfigError
 from nla_lens.fast_hooks import NO_BLOCK_HOOKS, torch_hook_reason
@@ -41,11 +42,13 @@ _HOOKABLE = re.compile(r"^(hook_embed|blocks\.\d+\.hook_resid_post)$")
 
 
 class _GemmaLayer(_Layer):
-    """`decoding._Layer` plus Gemma-3's norms after attention and MLP and the layer's attention type."""
+    """`decoding._Layer` plus Gemma-3's norms after attention and MLP and the layer's attention type. Every norm
+    is a `GemmaRMSNorm` (`eligible` checks): fp32 ``1 + w``, multiplied before the cast to the model's dtype."""
 
     def __init__(self, block: TransformerBlock) -> None:
         super().__init__(block)
-        self.ln1_post, self.ln2_post = cast(RMSNorm, block.ln1_post).w, cast(RMSNorm, block.ln2_post).w
+        self.ln1_post, self.ln2_post = cast(GemmaRMSNorm, block.ln1_post).w, cast(GemmaRMSNorm, block.ln2_post).w
+        self.norm_dtype = cast(GemmaRMSNorm, block.ln1).out_dtype
         self.local = block.attn.attn_type == "local"
 
     @staticmethod
@@ -54,7 +57,7 @@ class _GemmaLayer(_Layer):
         norms = (block.ln1, getattr(block, "ln1_post", None), block.ln2, getattr(block, "ln2_post", None),
                  attn.q_norm, attn.k_norm)
         return (type(attn) is GroupedQueryAttention and type(block.mlp) is GatedMLP
-                and all(type(norm) is RMSNorm for norm in norms) and _Layer.in_hf_layout(block))
+                and all(type(norm) is GemmaRMSNorm for norm in norms) and _Layer.in_hf_layout(block))
 
 
 def check_window(model: HookedTransformer) -> None:
@@ -106,7 +109,9 @@ class GemmaDecoder:
             return None
         if any(isinstance(p, DTensor) for p in model.parameters()):
             return None
-        if type(model.embed) is not Embed or type(model.ln_final) is not RMSNorm or type(model.unembed) is not Unembed:
+        if type(model.embed) is not Embed or type(model.unembed) is not Unembed:
+            return None
+        if type(model.ln_final) is not GemmaRMSNorm:  # e.g. TL's own Gemma-3 model: its forward serves it
             return None
         if not all(_GemmaLayer.eligible(block) for block in model.blocks):
             return None
@@ -141,11 +146,12 @@ class GemmaDecoder:
         end = start + ids.shape[1]
         for i, layer in enumerate(self.layers):
             cos, sin = layer.cos[positions][:, None], layer.sin[positions][:, None]
-            attn = _attention(layer, NO_BLOCK_HOOKS, _rms(x, layer.ln1, layer.eps), cos, sin,
+            attn = _attention(layer, NO_BLOCK_HOOKS, _rms(x, layer.ln1, layer.eps, layer.norm_dtype), cos, sin,
                               local_mask if layer.local else None, self.keys[i], self.values[i], start, end, None)
-            x = x + _rms(attn, layer.ln1_post, layer.eps)
-            mlp = _mlp(layer, NO_BLOCK_HOOKS, _rms(x, layer.ln2, layer.eps))
-            x = self._hooked(hooks, f"blocks.{i}.hook_resid_post", x + _rms(mlp, layer.ln2_post, layer.eps))
+            x = x + _rms(attn, layer.ln1_post, layer.eps, layer.norm_dtype)
+            mlp = _mlp(layer, NO_BLOCK_HOOKS, _rms(x, layer.ln2, layer.eps, layer.norm_dtype))
+            x = self._hooked(hooks, f"blocks.{i}.hook_resid_post",
+                             x + _rms(mlp, layer.ln2_post, layer.eps, layer.norm_dtype))
         return x
 
     def _hooked(self, hooks: dict[str, HookFn], name: str, activation: Tensor) -> Tensor:

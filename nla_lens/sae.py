@@ -598,15 +598,19 @@ def hooked_sae_transformer(model: HookedTransformer) -> HookedSAETransformer:
 
     Built from a copy of `model.cfg` on the meta device, then given `model`'s own tensors, so a model that
     nla_lens loaded without weight processing stays unprocessed. The settings are its own: a shared
-    `cfg` let `set_use_attn_result` (and the other `set_use_*`) on one model switch the other too.
+    `cfg` let `set_use_attn_result` (and the other `set_use_*`) on one model switch the other too. A Gemma-3
+    model's norms stay `GemmaRMSNorm`s, HF's arithmetic on the same fp32 weights.
     """
     from sae_lens import HookedSAETransformer
 
     backends.require_hooked("hooked_sae_transformer", model)
+    from nla_lens.backends import gemma3_norm
+
     tokenizer = model.tokenizer
     side = tokenizer.padding_side if tokenizer is not None else "right"  # TL's default; unread without a tokenizer
     with torch.device("meta"):
         out = HookedSAETransformer(copy.deepcopy(model.cfg), tokenizer=tokenizer, move_to_device=False,
                                    default_padding_side=side)
     out.load_state_dict(model.state_dict(keep_vars=True), strict=True, assign=True)
+    gemma3_norm.share_norms(out, model)
     return out.eval()

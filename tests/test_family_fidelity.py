@@ -3,10 +3,12 @@
 Beside `test_gemma3.py` (Gemma-3) and `test_injection_equivalence.py` (Qwen3): the Llama AV (BOS first,
 Llama-3.3's `llama3` rotary scaling), the Qwen2 pair (Qwen2.5's architecture: GQA with q/k/v biases, no
 BOS), every family in bf16, and every family's KV-cached decode steps against HF's full forward. In bf16 HF
-and TransformerLens round differently (SDPA or eager attention, norm op order: TL stores Gemma's 1 + w in bf16
-and multiplies after the cast, HF in fp32 before it), so the bound there is HF's own bf16 error: nla_lens in bf16
-must sit as near the fp32 reference as HF in bf16 does (measured: 0.9-1.3x), while the injection moves the logits
-8-40x further. The embedding, Gemma's sqrt(d) scale and the replaced marker row included, is HF's to the bit.
+and TransformerLens round differently (SDPA or eager attention, op order), so the bound there is HF's own bf16
+error: nla_lens in bf16 must sit as near the fp32 reference as HF in bf16 does (measured: 0.8-1.3x), while the
+injection moves the logits 8-40x further. Gemma-3's bound is tighter: its norms compute HF's arithmetic (fp32
+1 + w, multiplied before the cast), measured 0.93-1.13x on both backends (1.12-1.36x while the hooked backend's
+rounded 1 + w to bf16 and multiplied after the cast). The embedding, Gemma's sqrt(d) scale and the replaced
+marker row included, is HF's to the bit.
 """
 
 from __future__ import annotations
@@ -44,7 +46,8 @@ from nla_lens.testing_families import (
 ATOL = 1e-5
 DECODE_ATOL = 2e-5  # measured up to 1e-5 (the Qwen3 AV, whose logits are largest), 2.7e-6 elsewhere
 MAX_NEW = 10
-BF16_NOISE_RATIO = 1.5  # nla_lens's bf16 error over HF's own (both against HF fp32); measured 1.0-1.3
+BF16_NOISE_RATIO = 1.5  # nla_lens's bf16 error over HF's own (both against HF fp32); measured 0.77-1.31
+GEMMA_BF16_NOISE_RATIO = 1.2  # Gemma-3's; measured 0.93-1.13
 EXPLANATIONS = ["the cat sat on the mat", "a dog ran in the park and the weather", "the sea"]
 TEXT = "The cat sat on the mat. A dog ran in the park."
 CONTINUATION = "<explanation>\nThe cat sat on the mat. A dog ran in the park and the weather and the sea."
@@ -54,6 +57,10 @@ AVS = {"qwen3": ("tiny_paths", "av_karvonen"), "qwen2": ("bos_paths", "qwen2_av"
        "gemma_multimodal": ("bos_paths", "gemma_av_multimodal")}
 ARS = {"qwen3": ("tiny_paths", "ar_nanonla"), "qwen2": ("bos_paths", "qwen2_ar"),
        "llama": ("bos_paths", "llama_ar"), "gemma": ("bos_paths", "gemma_ar")}
+
+
+def _bf16_bound(family: str) -> float:
+    return GEMMA_BF16_NOISE_RATIO if family.startswith("gemma") else BF16_NOISE_RATIO
 
 
 def _folder(request, where):
@@ -251,9 +258,9 @@ def test_bf16_av_logits_sit_as_near_fp32_as_hf_bf16(request, family, family_vect
     with torch.no_grad():
         plain = hf(tokens).logits
     truth, noise = expected[torch.float32], _mean_abs(expected[torch.bfloat16], expected[torch.float32])
-    assert _mean_abs(ours, truth) < BF16_NOISE_RATIO * noise
+    assert _mean_abs(ours, truth) < _bf16_bound(family) * noise
     last_noise = _mean_abs(expected[torch.bfloat16][:, -1], truth[:, -1])
-    assert _mean_abs(prefill, truth[:, -1]) < BF16_NOISE_RATIO * last_noise
+    assert _mean_abs(prefill, truth[:, -1]) < _bf16_bound(family) * last_noise
     # Teeth: without the injection the logits would miss the bound several times over.
     assert _mean_abs(plain, truth) > 3 * BF16_NOISE_RATIO * noise
 
@@ -303,7 +310,7 @@ def test_bf16_ar_sits_as_near_fp32_as_hf_bf16(request, family):
     expected = {dtype: ref.ar_reconstruct(folder, EXPLANATIONS, dtype=dtype)
                 for dtype in (torch.float32, torch.bfloat16)}
     noise = _mean_abs(expected[torch.bfloat16], expected[torch.float32])
-    assert _mean_abs(ours, expected[torch.float32]) < BF16_NOISE_RATIO * noise
+    assert _mean_abs(ours, expected[torch.float32]) < _bf16_bound(family) * noise
     # Teeth: another explanation lands far further away than bf16 rounds.
     assert _mean_abs(expected[torch.float32][0], expected[torch.float32][1]) > 10 * noise
 
@@ -331,7 +338,7 @@ def test_capture_on_load_base_is_hf_hidden_states_k_plus_1(request, family, dtyp
         assert (captured.vectors - expected[dtype]).abs().max() < ATOL
     else:
         noise = _mean_abs(expected[dtype], expected[torch.float32])
-        assert _mean_abs(captured.vectors, expected[torch.float32]) < BF16_NOISE_RATIO * noise
+        assert _mean_abs(captured.vectors, expected[torch.float32]) < _bf16_bound(family) * noise
 
 
 # --- KV-cached decoding: every family, fp32 and bf16 ---
@@ -344,7 +351,8 @@ def test_kv_cached_decode_steps_are_hf_full_forward_logits(request, family, dtyp
     included; on the bridge HF's cache) and on `hooked` the fallback a hook sends it to (TL's forward with TL's
     cache). Their prefill's and every step's logits are HF's full forward over prompt + continuation under the
     training code's injection, at DECODE_ATOL in fp32, and in bf16 as near HF fp32 as HF's own bf16 forward is
-    (measured: 0.9-1.25x). Gemma's 24 steps run on past its sliding window of 6."""
+    (measured: 0.93-1.10x; Gemma-3's 1.25x while the hooked backend rounded its norms' 1 + w to bf16). Gemma's 24
+    steps run on past its sliding window of 6."""
     if which == "tl_forward" and backends.default_backend() != "hooked":
         pytest.skip("the bridge has one decoder")
     folder = _folder(request, AVS[family])
@@ -376,6 +384,6 @@ def test_kv_cached_decode_steps_are_hf_full_forward_logits(request, family, dtyp
     if dtype == torch.float32:
         assert (ours - truth).abs().max() < DECODE_ATOL
     else:
-        assert _mean_abs(ours, truth) < BF16_NOISE_RATIO * _mean_abs(expected[dtype], truth)
+        assert _mean_abs(ours, truth) < _bf16_bound(family) * _mean_abs(expected[dtype], truth)
     # Teeth: every step reads the injected prompt back from the cache.
     assert (truth - plain).abs().amax(dim=(0, 2)).min() > 1e-2

@@ -159,6 +159,97 @@ def test_gemma3_shared_buffers_equal_the_ones_tl_builds_per_layer(gemma_avs):
     assert not torch.equal(local.rotary_sin, global_.rotary_sin)
 
 
+# TL 3.9's Gemma-3 norms -> HF Gemma3ForCausalLM's, per block (and the final norm).
+_HF_NORMS = {"ln1": "input_layernorm", "ln1_post": "post_attention_layernorm", "ln2": "pre_feedforward_layernorm",
+             "ln2_post": "post_feedforward_layernorm", "attn.q_norm": "self_attn.q_norm",
+             "attn.k_norm": "self_attn.k_norm"}
+
+
+def _hf_norm_of(hf, tl_name: str):
+    if tl_name == "ln_final":
+        return hf.model.norm
+    _, index, rest = tl_name.split(".", 2)
+    return hf.model.layers[int(index)].get_submodule(_HF_NORMS[rest])
+
+
+@pytest.mark.skipif(backends.default_backend() != "hooked", reason="the HookedTransformer's norms")
+def test_gemma3_bf16_norms_compute_hf_gemma3_rmsnorm(bos_paths):
+    """Every Gemma-3 norm (4 per block, q/k norms, the final norm) holds HF's fp32 ``1.0 + w.float()`` and
+    multiplies before its one cast, as HF's `Gemma3RMSNorm`: bit for bit against that arithmetic with TL's
+    division, and HF's module itself (which multiplies by rsqrt) within one bf16 ulp (measured: none differ). TL's
+    norm held 1 + w in bf16 and multiplied after the cast: 37% of these outputs differed from HF's, by up to 2 ulps.
+    The hook points see what TL's did: the fp32 RMS and the fp32 x / RMS."""
+    from transformer_lens.components import RMSNorm
+
+    av = nl.ActivationVerbalizer.from_pretrained(bos_paths["gemma_av"], dtype=torch.bfloat16)
+    hf = AutoModelForCausalLM.from_pretrained(bos_paths["gemma_av"], dtype=torch.bfloat16).eval()
+    norms = {name: module for name, module in av.model.named_modules() if isinstance(module, RMSNorm)}
+    assert len(norms) == 6 * av.model.cfg.n_layers + 1  # TL 3.9's Gemma-3 block has six, plus ln_final
+    generator = torch.Generator().manual_seed(0)
+    mismatched = total = 0
+    for name, norm in norms.items():
+        hf_norm = _hf_norm_of(hf, name)
+        one_plus_w = 1.0 + hf_norm.weight.float()
+        assert norm.w.dtype == torch.float32 and torch.equal(norm.w, one_plus_w), name
+        x = (3.0 * torch.randn(3, 7, norm.length, generator=generator)).to(torch.bfloat16)
+        with torch.no_grad():
+            ours, theirs = norm(x), hf_norm(x)
+        wide = x.float()
+        expected = (wide / (wide.pow(2).mean(-1, keepdim=True) + norm.eps).sqrt() * one_plus_w).to(torch.bfloat16)
+        assert ours.dtype == torch.bfloat16 and torch.equal(ours, expected), name
+        ulp = torch.ldexp(torch.ones_like(expected.float()), torch.frexp(theirs.float()).exponent - 8)  # bf16's
+        assert ((ours.float() - theirs.float()).abs() <= ulp).all(), name
+        mismatched, total = mismatched + int((ours != theirs).sum()), total + ours.numel()
+    assert mismatched / total < 1e-3
+    # In fp32 the arithmetic is TL's RMSNorm's, bit for bit.
+    fp32 = nl.ActivationVerbalizer.from_pretrained(bos_paths["gemma_av"]).model.blocks[1].ln2
+    tl_norm = RMSNorm(fp32.cfg)
+    tl_norm.w.data.copy_(fp32.w)
+    x = torch.randn(3, 7, fp32.length, generator=generator)
+    with torch.no_grad():
+        assert torch.equal(fp32(x), tl_norm(x))
+
+    tokens = av.prompt_tokens(2)
+    names = ("blocks.1.hook_resid_mid", "blocks.1.ln2.hook_scale", "blocks.1.ln2.hook_normalized")
+    _, cache = av.model.run_with_cache(tokens, names_filter=lambda hook_name: hook_name in names)
+    resid = cache["blocks.1.hook_resid_mid"].float()
+    scale = (resid.pow(2).mean(-1, keepdim=True) + av.model.cfg.eps).sqrt()
+    assert cache["blocks.1.ln2.hook_scale"].dtype == torch.float32
+    assert torch.equal(cache["blocks.1.ln2.hook_scale"], scale)
+    assert torch.equal(cache["blocks.1.ln2.hook_normalized"], resid / scale)
+
+
+@pytest.mark.skipif(backends.default_backend() != "hooked", reason="the HookedTransformer's norms")
+def test_gemma3_norm_weights_stay_fp32_through_model_casts(bos_paths):
+    """`model.to(dtype)`, `.half()`, `.bfloat16()` and device moves keep the norms' fp32 1 + w unrounded: a round
+    trip through fp32 gives the bf16 logits back bit for bit. `.float()`, which TL leaves out of cfg.dtype, still
+    runs, in fp32, as TL's own norm made it run."""
+    av = nl.ActivationVerbalizer.from_pretrained(bos_paths["gemma_av"], dtype=torch.bfloat16)
+    model, tokens = av.model, av.prompt_tokens(2)
+    loaded = {name: param.detach().clone() for name, param in model.named_parameters() if name.endswith(".w")}
+    before = model(tokens)
+
+    def norms_kept() -> bool:
+        params = dict(model.named_parameters())
+        return all(params[name].dtype == torch.float32 and torch.equal(params[name], w) for name, w in loaded.items())
+
+    model.to(torch.float32, print_details=False)
+    assert norms_kept() and model.W_E.dtype == torch.float32
+    model.to(torch.bfloat16, print_details=False)
+    assert norms_kept() and torch.equal(model(tokens), before)
+    for cast in (model.half, model.bfloat16, lambda: model.to("cpu", print_details=False)):
+        cast()
+        assert norms_kept()
+    assert torch.equal(model(tokens), before)
+    ln_final = model.ln_final
+    ln_final.to("meta")
+    assert ln_final.w.device.type == "meta" and ln_final.w.dtype == torch.float32
+    ln_final.to_empty(device="cpu")
+    ln_final.w.data.copy_(loaded["ln_final.w"])
+    model.float()  # cfg.dtype stays bf16
+    assert norms_kept() and model.cfg.dtype == torch.bfloat16 and model(tokens).dtype == torch.float32
+
+
 @pytest.mark.parametrize("which", ["gemma_ar", "llama_ar"])
 def test_bos_family_ar_matches_the_paper_critic(bos_paths, which):
     ar = nl.ActivationReconstructor.from_pretrained(bos_paths[which])

@@ -413,6 +413,22 @@ def test_residual_stats_refuse_nan_residuals_unless_skip_first_leaves_them_out(b
 
 
 @NEEDS_SAE_LENS
+def test_hooked_sae_transformer_of_a_bf16_gemma_model_runs_it_as_loaded(bos_paths):
+    """A Gemma-3 model's norms hold fp32 weights and cast after multiplying (HF's arithmetic): the SAE model built
+    from it keeps them so, sharing the weights, and gives its logits bit for bit. With TL's own norms around those
+    weights, bf16 activations came out fp32 and the next matmul refused them."""
+    from base_batches import load_base
+
+    gemma = load_base(bos_paths["gemma_av"], dtype=torch.bfloat16)
+    model = nl.hooked_sae_transformer(gemma)
+    tokens = gemma.to_tokens("The cat sat on the mat.")
+    assert type(model.blocks[0].attn.q_norm) is type(gemma.blocks[0].attn.q_norm)
+    assert model.ln_final.w is gemma.ln_final.w and model.blocks[1].ln2_post.w is gemma.blocks[1].ln2_post.w
+    assert "blocks.0.ln1.hook_normalized" in model.hook_dict
+    assert torch.equal(model(tokens), gemma(tokens))
+
+
+@NEEDS_SAE_LENS
 def test_sae_scans_leave_out_the_bos_by_default_as_explain_does(bos_paths, av_karvonen, base):
     """On a Gemma / Llama tokenizer the BOS (an attention sink with a huge norm) went into residual_stats' mean and
     spread, and into a feature card's contexts, while `explain` leaves it out by default."""

@@ -9,11 +9,12 @@ The `HookedTransformer` is configured as TransformerLens 3.9 configures its own 
 (`loading_from_pretrained`: sliding-window local layers between global ones, local and global
 rotary bases with linear scaling on the global ones, q/k norms, norms before and after attention
 and MLP, `gelu_pytorch_tanh`), and its weights follow TL's `convert_gemma_weights`: every RMSNorm
-weight stored as ``1 + w`` (Gemma's norm multiplies by ``1 + w``, summed in fp32), `W_E` pre-scaled
-by ``sqrt(d_model)`` in the model's dtype, and the tied unembedding the *unscaled* embedding. So
-`hook_embed` holds the scaled embedding, exactly what HF's `Gemma3TextScaledWordEmbedding` returns,
-and the paper's embedding replacement there equals overwriting HF's embedded row. One deliberate
-difference from TL 3.9's hard-coded configs: the attention scale is read from the checkpoint's
+weight stored as ``1 + w`` (Gemma's norm multiplies by ``1 + w``), `W_E` pre-scaled by ``sqrt(d_model)``
+in the model's dtype, and the tied unembedding the *unscaled* embedding. So `hook_embed` holds the
+scaled embedding, exactly what HF's `Gemma3TextScaledWordEmbedding` returns, and the paper's embedding
+replacement there equals overwriting HF's embedded row. Two deliberate differences from TL 3.9: each
+RMSNorm is a `gemma3_norm.GemmaRMSNorm`, which holds ``1 + w`` in fp32 and multiplies before casting, as
+HF does (TL's rounds twice more in bf16), and the attention scale is read from the checkpoint's
 `query_pre_attn_scalar` (TL's Gemma-3-27B config omits it and would divide by sqrt(128), not sqrt(168)).
 """
 
@@ -48,7 +49,6 @@ BLOCK_NAMES = {
 # Google's releases hold), `model.language_model.*` as transformers 5 names them in memory.
 _WRAPPED_TEXT = re.compile(r"^(?:language_model\.model\.|model\.language_model\.)(.+)$")
 _WRAPPED_HEAD = ("language_model.lm_head.weight", "lm_head.weight")
-_NORM = re.compile(r"(^|\.)(ln1|ln1_post|ln2|ln2_post|ln_final|q_norm|k_norm)\.w$")
 _ATTN_TYPES = {"sliding_attention": "local", "full_attention": "global"}
 
 
@@ -113,12 +113,12 @@ def hooked_config_fields(text: Any) -> dict[str, Any]:
 
 @torch.no_grad()
 def finish_hooked(model: HookedTransformer, d_model: int) -> None:
-    """TL's Gemma weight conventions on freshly streamed HF tensors: norms hold ``1 + w`` (summed in
-    fp32, as TL's converter does), `W_E` is scaled by ``sqrt(d_model)`` in the model's dtype (as
-    HF's scaled embedding multiplies). Call after the tied unembedding copied the raw embedding."""
-    for name, param in model.named_parameters():
-        if _NORM.search(name):
-            param.copy_(param.float() + 1.0)
+    """Gemma's weight conventions on freshly streamed HF tensors: each norm a `GemmaRMSNorm` holding HF's
+    ``1.0 + w.float()`` in fp32, `W_E` scaled by ``sqrt(d_model)`` in the model's dtype (as HF's scaled
+    embedding multiplies). Call after the tied unembedding copied the raw embedding."""
+    from nla_lens.backends import gemma3_norm  # TransformerLens 3.x only
+
+    gemma3_norm.use_hf_norms(model)
     embed = model.embed.W_E
     embed.mul_(torch.tensor(d_model ** 0.5, dtype=embed.dtype))
 
