@@ -575,14 +575,14 @@ def positions_scanned(n_positions: int | None) -> str:
 
 
 def format_cell(value: Any, width: int | None = None, column: str | None = None) -> str:
-    """A cell as text: floats to 3 decimals (below 0.0005 in e notation; a rate `column` as a percentage), lists
-    joined, control characters escaped, long strings cut to `width`."""
+    """A cell as text: floats to 3 decimals (below 0.0005 and from 1e6 up in e notation; a rate `column` as a
+    percentage), lists joined, control characters escaped, long strings cut to `width`."""
     if value is None:
         text = ""
     elif isinstance(value, float) and column in _PERCENT and math.isfinite(value):
         text = f"{value:.0%}"
-    elif isinstance(value, float):  # below 0.0005, 3 decimals read 0.000 (a learning rate, a small KL)
-        text = "nan" if math.isnan(value) else f"{value:.2e}" if 0 < abs(value) < 5e-4 else f"{value:.3f}"
+    elif isinstance(value, float):
+        text = "nan" if math.isnan(value) else f"{value:.2e}" if _beyond_decimals(value) else f"{value:.3f}"
     elif isinstance(value, (list, tuple)):
         text = _visible(" ".join(map(str, value)))
     elif isinstance(value, str):
@@ -592,6 +592,12 @@ def format_cell(value: Any, width: int | None = None, column: str | None = None)
     if width is not None and len(text) > width:
         text = text[:width - 1] + "…"
     return text
+
+
+def _beyond_decimals(value: float) -> bool:
+    """Whether 3 decimals misshow `value`: below 0.0005 they read 0.000 (a learning rate, a small KL); from 1e6 up
+    they run to dozens of digits (1e20: a diverging loss), which a repr's cell cuts to a prefix read as a number."""
+    return 0 < abs(value) < 5e-4 or abs(value) >= 1e6
 
 
 def _visible(text: str, keep: str = "") -> str:

@@ -328,6 +328,21 @@ def test_a_table_cell_too_small_for_three_decimals_is_written_in_e_notation():
         "2.50e-04", "-3.00e-05", "0.000", "0.001", "0.123"]
 
 
+def test_a_table_cell_too_large_for_three_decimals_is_written_in_e_notation_in_repr_html_and_terminal():
+    """A diverging loss of 1e20 printed as 25 digits, and from about 1e57 a repr's 60-character cell cut the digits
+    to a prefix that read as another number."""
+    from nla_lens.training.runs import TrainingRun
+
+    assert [display.format_cell(v) for v in (1e20, -3.2e9, 1e6, 999999.9, 123456.789, 0.901, 0.173)] == [
+        "1.00e+20", "-3.20e+09", "1.00e+06", "999999.900", "123456.789", "0.901", "0.173"]
+    history = [{"step": 1, "loss": 2.5, "lr": 1e-3, "grad_norm": 4e57}, {"step": 2, "loss": 1.5e20, "lr": 1e-3,
+                                                                           "grad_norm": 1e58}]
+    run = TrainingRun("train-av", Path("run/train_result.json"), True, 2, history, [], 1.0, {})
+    for shown in (repr(run), run.curve_text()):
+        assert shown.splitlines()[-1].split() == ["2", "1.50e+20", "1.00e+58", "0.001"]
+    assert "<td class='num'>4.00e+57</td>" in run._repr_html_()
+
+
 def _chip_backgrounds(view: str) -> dict[str, str]:
     """Each token's background in the line of tokens, by the token."""
     chips = re.findall(r"<span class='nla-tok[^']*' style='background:(#\w+);color:#\w+' title='[^']*'>([^<]*)<sub>",
