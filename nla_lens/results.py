@@ -408,7 +408,38 @@ def records_table(records: list[dict[str, Any]], schema: pa.Schema | None = None
     arrow's null type, which readers take for no value at all and which will not concatenate with another run's."""
     if schema is not None and records:
         schema = pa.schema([schema.field(name) for name in records[0]])
-    return pa.Table.from_pylist(records, schema=schema)
+    try:
+        return pa.Table.from_pylist(records, schema=schema)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        raise InputError(f"{_mixed_column(records) or 'the rows'} cannot be written as one arrow column ({exc}): a "
+                         ".parquet or .jsonl file holds one kind of value per column. Make the column one kind "
+                         "(to_pandas() gives the rows as they are), or save as .html") from exc
+
+
+def _mixed_column(records: list[dict[str, Any]]) -> str | None:
+    """The first column whose rows hold values of two kinds (a number in one, text in another), naming a row of
+    each; None where every column holds one kind."""
+    for column in dict.fromkeys(key for record in records for key in record):
+        first: tuple[int, Any] | None = None
+        for row, record in enumerate(records):
+            value = record.get(column)
+            if value is None:
+                continue
+            if first is None:
+                first = row, value
+            elif _value_kind(value) != _value_kind(first[1]):
+                return (f"column {column!r} (row {first[0]}: {_value_kind(first[1])} {json_text(first[1])[:40]}; "
+                        f"row {row}: {_value_kind(value)} {json_text(value)[:40]})")
+    return None
+
+
+def _value_kind(value: Any) -> str:
+    """What arrow makes of a cell's value: an int and a float share a column, a flag or text does not."""
+    if isinstance(value, bool):
+        return "a flag"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return "text" if isinstance(value, str) else f"a {type(value).__name__}"
 
 
 def _shown(record: dict[str, Any], column: str) -> Any:

@@ -718,6 +718,20 @@ def test_save_replaces_an_existing_file_and_writes_through_a_symlink_to_its_targ
     assert sorted(p.name for p in tmp_path.rglob("*")) == sorted(["runs", target.name, link.name])
 
 
+def test_saving_a_result_whose_column_mixes_numbers_and_text_names_the_column(tmp_path):
+    """Saving as .parquet or .jsonl was pyarrow's bare ArrowInvalid ("Could not convert 'diverged' with type str"),
+    naming neither the column nor its rows."""
+    from nla_lens.training.runs import TrainingRun
+
+    history = [{"step": 1, "loss": 2.5, "lr": 1e-3}, {"step": 2, "loss": "diverged", "lr": 1e-3}]
+    run = TrainingRun("train-av", Path("run/train_result.json"), True, 2, history, [], 1.0, {})
+    for name in ("run.parquet", "run.jsonl"):
+        with pytest.raises(nl.InputError, match=r"column 'loss' \(row 0: a number 2.5; row 1: text \"diverged\"\) "
+                                                r"cannot be written as one arrow column .* save as \.html"):
+            run.save(tmp_path / name)
+        assert not (tmp_path / name).exists()
+    assert "<svg" in run.save(tmp_path / "run.html").read_text()
+
 def test_written_tensor_vector_and_table_files_get_the_umask_mode_others_can_read(tmp_path, group_umask):
     """safetensors creates its files 0600: exported weights and saved vectors were unreadable to the other users
     of a shared machine."""
