@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import math
@@ -465,6 +466,56 @@ def test_rl_only_refuses_an_earlier_runs_checkpoints_in_the_toys_words(tmp_path,
         train.main(["--rl-only", "--out", str(out), "--work", str(work)])
     assert exit_info.value.code == 2
     assert said.format(step=step) in capsys.readouterr().err
+
+
+@NEEDS_TL3
+def test_an_rl_export_cut_short_leaves_the_earlier_rl_pair_whole(tmp_path, monkeypatch):
+    """The toy deleted rl/ and exported the AV, then the AR: cut short in the AR's export (Ctrl-C, a full disk), rl/
+    held the new AV alone, and the AR gone. Now both are written before either replaces the earlier pair."""
+    import shutil
+
+    from nla_lens.toy import train
+    from nla_lens.training import export
+
+    out = tmp_path / "out"
+    shutil.copytree(TOY_DIR, out)
+    before = _digests(out / "rl")
+    _fake_wheel(tmp_path / "work" / "wheel")
+    monkeypatch.setattr(train, "train_rl", lambda *args, **kwargs: None)  # the SFT pair as it loaded: no RL steps
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(export, "_write_ar", disk_full)
+    with pytest.raises(OSError, match="No space left on device"):
+        train.train_toy_rl(out, train.ToyConfig.quick(), tmp_path / "work")
+    assert _digests(out / "rl") == before
+    assert sorted(p.name for p in (out / "rl").iterdir()) == ["ar", "av"]  # no staged folder left behind
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    """Each file under `folder` by its relative path: its sha256."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+@NEEDS_TL3
+def test_rl_only_refuses_an_rl_folder_of_foreign_files_before_the_run(tmp_path, monkeypatch):
+    """The toy deleted rl/ whole at the export, after the RL run, files of the user's in rl/av included; the
+    export now refuses such a folder (it replaces it whole), so the script refuses it before the run."""
+    from nla_lens.errors import ConfigError
+    from nla_lens.toy import train
+
+    monkeypatch.setattr(train, "fetch_wheel", lambda *a: pytest.fail("the run started"))
+    out = tmp_path / "sft"
+    for name in ("base", "av", "ar", "rl/av"):
+        (out / name).mkdir(parents=True)
+    for name in ("scores.json", "heldout.json"):
+        (out / name).write_text("{}")
+    (out / "rl" / "av" / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match=r"rl/av holds files but no nla_meta.yaml"):
+        train.train_toy_rl(out, train.ToyConfig.quick(), tmp_path / "work")
+    assert (out / "rl" / "av" / "notes.txt").read_text() == "mine"
 
 
 @NEEDS_TL3

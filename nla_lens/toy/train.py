@@ -46,7 +46,7 @@ from nla_lens.toy.labeler import describe_position
 from nla_lens.training import ExtractConfig, RLConfig, TrainConfig, label_activations, split_by_document, train_rl
 from nla_lens.training.ar_sft import init_ar, train_ar
 from nla_lens.training.av_sft import init_av, train_av
-from nla_lens.training.export import export_ar, export_av
+from nla_lens.training.export import check_export_folder, export_ar, export_av, export_pair
 from nla_lens.training.extraction import Document, extract_activations, load_activations
 from nla_lens.training.loop import checkpoints, is_last_step
 from nla_lens.training.padding import pad
@@ -161,6 +161,8 @@ def train_toy_rl(out: Path, cfg: ToyConfig, work: Path, resume: Path | None = No
     # Checked before the run: the scoring at its end reads heldout.json too.
     require_parts(out, (*TOY_PARTS, SCORES_FILE), "holds no SFT pair to start RL from", "Pass the --out folder of "
                   "a full `python -m nla_lens.toy.train` run, or run it without --rl-only")
+    check_export_folder(pair_folder(out, "rl") / "av", "av")  # before the run, not after it: export_pair replaces
+    check_export_folder(pair_folder(out, "rl") / "ar", "ar")  # each folder whole and refuses one of foreign files
     earlier = checkpoints(work / RL_RUN)
     if resume is None and earlier:  # train_rl refuses them too, but in the YAML's words (resume: latest)
         what, resumed = (("a finished RL run", "export and score it again (no further step runs)")
@@ -185,10 +187,8 @@ def train_toy_rl(out: Path, cfg: ToyConfig, work: Path, resume: Path | None = No
     ar = ActivationReconstructor.from_pretrained(out / "ar", backend="hooked")
     result = train_rl(av, ar, reference, train.vectors, evaluation.vectors, cfg.rl, out_dir=work / RL_RUN,
                       resume=resume, sft_data=train)
-    rl_dir = pair_folder(out, "rl")
-    shutil.rmtree(rl_dir, ignore_errors=True)
-    export_av(av, rl_dir / "av", out / "av", dtype=torch.bfloat16, stage="rl")
-    export_ar(ar, rl_dir / "ar", out / "ar", dtype=torch.bfloat16, stage="rl")
+    rl_dir = pair_folder(out, "rl")  # both written before either replaces the earlier pair: never half a pair
+    export_pair(av, ar, (rl_dir / "av", rl_dir / "ar"), (out / "av", out / "ar"), dtype=torch.bfloat16, stage="rl")
     scores = evaluate_toy(out, pair="rl")
     summary["rl"] = {"heldout": asdict(scores), "evals": result.evals, "rows": {"train": len(train)},
                      "documents": len(documents),
