@@ -97,3 +97,28 @@ def test_the_command_counts_sites_and_keeps_the_older_flag(capsys):
         with pytest.raises(SystemExit) as info:
             main([flag, "0"])
         assert info.value.code == 2 and "n_sites must be >= 1" in capsys.readouterr().err
+
+
+def test_a_hook_the_caller_left_on_the_toy_base_stays_through_the_experiments_base_runs(tmp_path):
+    """The experiment ran the base through TL's own `run_with_hooks`, which on TransformerLens 3.x removes on exit
+    every hook at its context level: a hook left by `run_with_hooks(..., reset_hooks_end=False)` (level 1) went
+    with the first run. It now goes through nla_lens's backend helper, as the library's own base runs do."""
+    from nla_lens.toy.steer_words_experiment import _site_logprobs, _site_vectors
+
+    toy = ToyNLA.load(TOY_DIR)
+    text = json.loads((TOY_DIR / HELDOUT_FILE).read_text())[0]["text"]
+    (tmp_path / HELDOUT_FILE).write_text(json.dumps([{"id": "one", "text": text}]))  # one text: a fast scan
+    tokens = torch.tensor([toy.av.tokenizer.encode(text, add_special_tokens=False)[:MIN_CONTEXT + 4]])
+    positions = torch.tensor([MIN_CONTEXT + 2])
+    point = f"blocks.{toy.av.meta.layer}.hook_resid_post"
+    calls: list[int] = []
+    toy.base.run_with_hooks(tokens, fwd_hooks=[(point, lambda resid, hook: calls.append(1))], reset_hooks_end=False)
+    try:
+        with torch.no_grad():
+            clean = _site_logprobs(toy.base, tokens, positions, [])
+            _site_vectors(toy, tokens, positions)
+            predicted = clean.argmax(-1)
+            _oracle_directions(toy, tmp_path, predicted, predicted)
+        assert len(calls) == 4 and len(toy.base.hook_dict[point].fwd_hooks) == 1
+    finally:
+        toy.base.reset_hooks()

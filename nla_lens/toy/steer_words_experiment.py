@@ -208,7 +208,7 @@ def _candidate_sites(toy: ToyNLA, folder: Path, stride: int, per_doc: int,
 def _site_vectors(toy: ToyNLA, tokens: Tensor, positions: Tensor) -> Tensor:
     k = toy.av.meta.layer
     kept: list[Tensor] = []
-    toy.base.run_with_hooks(tokens, stop_at_layer=k + 1, fwd_hooks=[
+    backends.run_with_hooks(toy.base, tokens, stop_at_layer=k + 1, fwd_hooks=[
         (resid_post_name(k), lambda resid, hook: kept.append(resid[torch.arange(len(tokens)), positions]))])
     return kept[0].float()
 
@@ -228,7 +228,7 @@ def _oracle_directions(toy: ToyNLA, folder: Path, argmax: Int[Tensor, " n"],
         if len(ids) <= MIN_CONTEXT:
             continue
         kept.clear()
-        logits = toy.base.run_with_hooks(torch.tensor([ids]), fwd_hooks=[keep])
+        logits = backends.run_with_hooks(toy.base, torch.tensor([ids]), fwd_hooks=[keep])
         residuals = unit(kept[0].float())
         for predicted, residual in zip(logits[0, MIN_CONTEXT:].argmax(-1).tolist(), residuals, strict=True):
             sums[predicted] = sums.get(predicted, 0) + residual
@@ -247,7 +247,7 @@ def _oracle_directions(toy: ToyNLA, folder: Path, argmax: Int[Tensor, " n"],
 
 def _site_logprobs(base, tokens: Tensor, positions: Tensor, fwd_hooks: list) -> Tensor:
     mask = backends.implicit_attention_mask(base, tokens)
-    logits = base.run_with_hooks(tokens, attention_mask=mask, fwd_hooks=fwd_hooks)
+    logits = backends.run_with_hooks(base, tokens, attention_mask=mask, fwd_hooks=fwd_hooks)
     return logits[torch.arange(len(tokens)), positions].float().log_softmax(-1)
 
 
