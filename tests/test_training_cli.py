@@ -859,3 +859,37 @@ def test_labels_too_long_for_the_context_are_named_by_row_before_the_base_model_
     assert all(row in message for row in named)
     assert message.endswith("shorten those explanations, or leave the rows out (delete their lines; a labeler "
                             "returns None for a row to leave out)")
+
+
+def test_train_rl_names_anchor_rows_too_long_for_the_avs_context_before_the_weights_load(tmp_path, tiny_paths,
+                                                                                          base_folder, extract_config,
+                                                                                          monkeypatch):
+    """RL's `sft_coef` term trains the AV on labelled rows of the training split, as SFT does: one past the AV's
+    n_ctx (256 here) was refused only after the AV, the AR and the reference had loaded."""
+    from nla_lens.training import split_by_document
+
+    common, data = _training_inputs(tmp_path, str(base_folder), extract_config)
+    train, held_out = split_by_document(data, common["eval_fraction"], 0)
+    long_rows = {(train.doc_ids[0], train.positions[0]), (held_out.doc_ids[0], held_out.positions[0])}
+    labels = [" ".join(["token"] * 300) if (d, p) in long_rows else text
+              for d, p, text in zip(data.doc_ids, data.positions, data.explanations, strict=True)]
+    save_explanations(dataclasses.replace(data, explanations=labels), common["explanations"])
+
+    class WeightsRead(Exception):
+        pass
+
+    def weights_read(*args, **kwargs):
+        raise WeightsRead
+
+    monkeypatch.setattr(loading, "load_hooked_transformer", weights_read)
+    fields = {"av": str(tiny_paths["av_karvonen"]), "ar": str(tiny_paths["ar_paper"]),
+              "activations": common["activations"], "explanations": common["explanations"],
+              "eval_fraction": common["eval_fraction"], "out_dir": str(tmp_path / "rl")}
+    for sft_coef, raised in ((0.5, pytest.raises(nl.PromptTooLongError)), (0.0, pytest.raises(WeightsRead))):
+        config = load_config(RLRunConfig, _write(tmp_path / "rl.yaml", {**fields, "rl": {"sft_coef": sft_coef}}))
+        with warnings.catch_warnings(), raised as info:  # without the term: on to the weights
+            warnings.simplefilter("ignore")  # another base, another split: the tiny pair is not this extraction's
+            pipeline.run_train_rl(config, progress=False)
+        if sft_coef:  # the training split's row alone: the held-out rows are no anchor rows
+            assert str(info.value).startswith("1 training row is longer than the model's context of n_ctx=256 tokens "
+                                              f"(doc_id {train.doc_ids[0]!r} position {train.positions[0]}: ")

@@ -31,7 +31,14 @@ from nla_lens.training.config import (
     SFTRunConfig,
     config_dtype,
 )
-from nla_lens.training.dataset import LabelledActivations, label_activations, split_by_document
+from nla_lens.training.dataset import (
+    LabelledActivations,
+    check_fits,
+    context_length,
+    encoded_av_rows,
+    label_activations,
+    split_by_document,
+)
 from nla_lens.training.export import check_export_folder, export_ar, export_av, export_pair
 from nla_lens.training.extraction import (
     Document,
@@ -256,6 +263,7 @@ def run_train_rl(config: RLRunConfig, *, progress: bool = True) -> RLRunResult:
     check_out_dir(config.out_dir, "train-rl", config.resume)
     activations, train, evaluation = _split(config)
     check_rl_layers(config, activations)
+    check_anchor_rows_fit(config, train)
     check_rl_split(config, evaluation)
     with process_group(config.device) as world:
         result, av_dir, ar_dir = _train_and_export_rl(config, train, evaluation, device_for(world, config.device),
@@ -291,6 +299,18 @@ def check_rl_layers(config: RLRunConfig, activations: NLAMeta) -> None:
                       f"but the AV {config.av} was trained on {av.base_model}'s: RL would train the pair on another "
                       "model's activations. Point activations at the extraction the SFT pair was trained on, or "
                       "ignore this if the two names are one model", stacklevel=3)
+
+
+def check_anchor_rows_fit(config: RLRunConfig, train: LabelledActivations) -> None:
+    """The `sft_coef` term's rows (the training split) fit the AV's context, checked from its config.json before the
+    weights load, as SFT's rows are (`init_av(train_on=)`): a row too long was refused only after the AV, the AR and
+    the reference had loaded (`train_rl` checks them again there)."""
+    if config.rl.sft_coef == 0:
+        return
+    folder = loading.resolve_checkpoint(config.av)
+    n_ctx = context_length(loading.load_hf_config(folder))
+    if n_ctx is not None:
+        check_fits(n_ctx, encoded_av_rows(train, load_meta(folder), loading.load_tokenizer(folder)))
 
 
 def _other_bases(first: str | None, second: str | None) -> bool:
