@@ -65,6 +65,8 @@ _PARSE_KEYS = {"explanation": (("parsed", "text", "truncated"),
 # reconstruction that bad.
 _SCORE_FLAGS = {"mse": ("parsed", "miss"), "fve": ("parsed", "miss"), "fve_clean": ("clean_parsed", "clean_miss"),
                 "fve_steered": ("steered_parsed", "steered_miss")}
+# From here up, fixed decimals run to dozens of digits: numbers are written in e notation (format_number)
+_E_FROM = 1e6
 # Rates a table writes as percentages, as the result's summary and the README do (the record keys hold fractions)
 _PERCENT = frozenset({"argmax_hit", "control_argmax_hit", "oracle_argmax_hit", "av_names_argmax"})
 # Units a table's header names after the column (the record keys stay bare)
@@ -219,7 +221,7 @@ class ColourScale:
         stops = ", ".join(_rgb(_ramp(_SEQUENTIAL, i / 8)) for i in range(9))
         # Each label once: a lone value (or a few) fills the quantiles with repeats; a single one sits mid-bar,
         # where the scale draws it
-        shown = list(dict.fromkeys(f"{v:.2f}" for v in labels))
+        shown = list(dict.fromkeys(format_number(v, 2) for v in labels))
         ticks = "".join(f"<span>{label}</span>" for label in shown)
         centred = " style='justify-content: center'" if len(shown) == 1 else ""
         note = ("lower MSE is better; no FVE without a baseline" if self.metric == "MSE" else
@@ -232,8 +234,8 @@ class ColourScale:
         if self.most_negative is not None:
             light, dark = _rgb(_NEGATIVE[0]), _rgb(_NEGATIVE[1])
             parts.append(f"<span><span class='nla-swatch' style='background: linear-gradient(to right, {light}, "
-                         f"{dark})'></span>FVE below 0, down to {self.most_negative:.2f}: worse than the mean "
-                         "vector</span>")
+                         f"{dark})'></span>FVE below 0, down to {format_number(self.most_negative, 2)}: worse than "
+                         "the mean vector</span>")
         if self.not_finite:
             parts.append(f"<span><span class='nla-swatch' style='background:{_NOT_FINITE}'></span>score not finite "
                          "(NaN or inf)</span>")
@@ -530,7 +532,7 @@ def feature_card_html(title: str, hook_name: str | None, summary: str, explanati
             known = not math.isnan(activation)
             background = _rgb(_ramp(_ACTIVATION, activation / top if known else 0.0))
             # NaN off the peak: a token the card's skip_first left out; the peak was scanned, its value is NaN
-            tip = f"{activation:.3f}" if known or i == center else "not scanned (skip_first)"
+            tip = format_number(activation) if known or i == center else "not scanned (skip_first)"
             peak = " nla-peak" if i == center else ""
             spans.append(f"<span class='nla-tok{peak}' style='background:{background};color:{_ink(background)}' "
                          f"title='{tip}'>{_shown_token(token)}</span>")
@@ -539,8 +541,8 @@ def feature_card_html(title: str, hook_name: str | None, summary: str, explanati
                     f"<td class='nla-context'>{''.join(spans)}</td>{here}</tr>")
     stops = ", ".join(_rgb(c) for c in _ACTIVATION)
     legend = (f"<div class='nla-legend'><span><span class='nla-swatch' style='background: linear-gradient(to right, "
-              f"{stops})'></span>activation 0 to {top:.2f}</span><span><span class='nla-swatch nla-peak'></span>"
-              "the context's peak token</span></div>") if windows else ""
+              f"{stops})'></span>activation 0 to {format_number(top, 2)}</span><span><span class='nla-swatch "
+              "nla-peak'></span>the context's peak token</span></div>") if windows else ""
     return (f"<div class='nla-view'><style>{_STYLE}</style>"
             f"<div class='nla-head'><b>{html.escape(title)}</b> · "
             f"{'no hook point recorded' if hook_name is None else f'<code>{html.escape(hook_name)}</code>'}</div>"
@@ -575,14 +577,14 @@ def positions_scanned(n_positions: int | None) -> str:
 
 
 def format_cell(value: Any, width: int | None = None, column: str | None = None) -> str:
-    """A cell as text: floats to 3 decimals (below 0.0005 and from 1e6 up in e notation; a rate `column` as a
-    percentage), lists joined, control characters escaped, long strings cut to `width`."""
+    """A cell as text: floats as `format_number` writes them (a rate `column` as a percentage, in e notation from
+    1e6 % up), lists joined, control characters escaped, long strings cut to `width`."""
     if value is None:
         text = ""
-    elif isinstance(value, float) and column in _PERCENT and math.isfinite(value):
-        text = f"{value:.0%}"
+    elif isinstance(value, float) and column in _PERCENT and math.isfinite(percent := value * 100):
+        text = f"{percent:.2e}%" if abs(percent) >= _E_FROM else f"{value:.0%}"
     elif isinstance(value, float):
-        text = "nan" if math.isnan(value) else f"{value:.2e}" if _beyond_decimals(value) else f"{value:.3f}"
+        text = format_number(value)
     elif isinstance(value, (list, tuple)):
         text = _visible(" ".join(map(str, value)))
     elif isinstance(value, str):
@@ -594,10 +596,17 @@ def format_cell(value: Any, width: int | None = None, column: str | None = None)
     return text
 
 
-def _beyond_decimals(value: float) -> bool:
-    """Whether 3 decimals misshow `value`: below 0.0005 they read 0.000 (a learning rate, a small KL); from 1e6 up
-    they run to dozens of digits (1e20: a diverging loss), which a repr's cell cuts to a prefix read as a number."""
-    return 0 < abs(value) < 5e-4 or abs(value) >= 1e6
+def format_number(value: float, decimals: int = 3) -> str:
+    """`value` to `decimals` decimals, in e notation (1.00e+20) where they would misshow it: a table cell's rule,
+    shared by the headlines, legends and tooltips that print numbers to other decimals."""
+    return f"{value:.2e}" if _beyond_decimals(value, decimals) else f"{value:.{decimals}f}"
+
+
+def _beyond_decimals(value: float, decimals: int) -> bool:
+    """Whether `decimals` decimals misshow `value`: below half the last one they read 0 (0.000 for a learning rate, a
+    small KL); from 1e6 up they run to dozens of digits (1e20: a diverging loss), which a repr's cell cuts to a
+    prefix read as a number."""
+    return 0 < abs(value) < 0.5 * 10.0 ** -decimals or abs(value) >= _E_FROM
 
 
 def _visible(text: str, keep: str = "") -> str:

@@ -343,6 +343,27 @@ def test_a_table_cell_too_large_for_three_decimals_is_written_in_e_notation_in_r
     assert "<td class='num'>4.00e+57</td>" in run._repr_html_()
 
 
+
+def test_headlines_legends_tooltips_and_rate_cells_follow_the_table_cells_e_notation():
+    """format_cell wrote 1e20 as 1.00e+20 while a TrainingRun's headline (4 decimals: a loss of 1e57 as 58 digits),
+    the views' legends and a card's tooltips (2 and 3 decimals) and a rate column (1e20 as a percentage of 23
+    digits) printed every digit, and the legends' 2 decimals wrote 0.002 as 0.00. Ordinary values print as before."""
+    from nla_lens.training.runs import TrainingRun
+
+    history = [{"step": 1, "loss": 2.5, "lr": 1e-3}, {"step": 2, "loss": 1e57, "lr": 1e-3}]
+    run = TrainingRun("train-av", Path("run/train_result.json"), True, 2, history, [], 1.0, {})
+    assert run.summary().endswith("; loss 2.5000 -> 1.00e+57")
+    assert repr(run).splitlines()[0].endswith("; loss 2.5000 -> 1.00e+57")
+    mse_legend = display.ColourScale("MSE", (0.002, 0.25, 3e20), None).legend_html()
+    assert re.findall(r"<span>([^<]*)</span>", mse_legend)[:3] == ["3.00e+20", "0.25", "2.00e-03"]
+    assert "FVE below 0, down to -4.00e+21:" in display.ColourScale("FVE", (0.5,), -4e21).legend_html()
+    assert "FVE below 0, down to -1.50:" in display.ColourScale("FVE", (0.5,), -1.5).legend_html()
+    card = display.feature_card_html("f", "h", "s", "e", "", [([" a", " b"], [1e20, 0.4375], 0)])
+    assert "title='1.00e+20'" in card and "title='0.438'" in card and "activation 0 to 1.00e+20<" in card
+    assert "activation 0 to 6.44<" in display.feature_card_html("f", "h", "s", "e", "", [([" a"], [6.4375], 0)])
+    assert [display.format_cell(v, column="argmax_hit") for v in (1e20, -3e9, 0.4, 1.0, 0.004, 9999.0, 1e4)] == [
+        "1.00e+22%", "-3.00e+11%", "40%", "100%", "0%", "999900%", "1.00e+06%"]
+
 def _chip_backgrounds(view: str) -> dict[str, str]:
     """Each token's background in the line of tokens, by the token."""
     chips = re.findall(r"<span class='nla-tok[^']*' style='background:(#\w+);color:#\w+' title='[^']*'>([^<]*)<sub>",

@@ -88,8 +88,9 @@ class TrainingRun(TabularResult):
             if not any(math.isfinite(value) for _, value in values):
                 continue
             (first_step, first), (_, last) = values[0], values[-1]
-            parts.append(f"{label} {first:.4f} at step {first_step}" if len(values) == 1 else
-                         f"{label} {first:.4f} -> {last:.4f}")
+            first_text, last_text = (display.format_number(value, 4) for value in (first, last))
+            parts.append(f"{label} {first_text} at step {first_step}" if len(values) == 1 else
+                         f"{label} {first_text} -> {last_text}")
         kls = _series(logged, "kl")
         if kls:
             parts.append(f"largest step KL {max(v for _, v in kls):.3g}")
