@@ -493,6 +493,33 @@ def test_an_rl_export_cut_short_leaves_the_earlier_rl_pair_whole(tmp_path, monke
     assert sorted(p.name for p in (out / "rl").iterdir()) == ["ar", "av"]  # no staged folder left behind
 
 
+
+@NEEDS_TL3
+def test_an_sft_export_cut_short_leaves_the_earlier_toy_whole(tmp_path, monkeypatch):
+    """The toy deleted base/, av/ and ar/, exported them one by one and deleted rl/ after: cut short in the AR's
+    export (Ctrl-C, a full disk), the folder held a new base and AV, no AR, and the earlier RL pair. Now all are
+    written before any replaces the earlier toy, whose RL pair goes with them."""
+    import shutil
+
+    from nla_lens.toy import train
+    from nla_lens.training import export
+
+    out = tmp_path / "out"
+    shutil.copytree(TOY_DIR, out)
+    before = _digests(out)
+    _fake_wheel(tmp_path / "work" / "wheel")
+    monkeypatch.setattr(train.toy_base, "train_tokenizer",
+                        lambda texts, size, _real=train.toy_base.train_tokenizer: _real(texts, 400))
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(export, "_write_ar", disk_full)
+    with pytest.raises(OSError, match="No space left on device"):
+        train.train_toy(out, train.ToyConfig.quick(), tmp_path / "work")
+    assert _digests(out) == before
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in TOY_DIR.iterdir())  # nothing staged left
+
 def _digests(folder: Path) -> dict[str, str]:
     """Each file under `folder` by its relative path: its sha256."""
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*"))

@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from jaxtyping import Float
+from torch import Tensor
 from transformers import GenerationConfig
 
 from nla_lens import backends, loading
@@ -46,11 +48,11 @@ from nla_lens.toy.labeler import describe_position
 from nla_lens.training import ExtractConfig, RLConfig, TrainConfig, label_activations, split_by_document, train_rl
 from nla_lens.training.ar_sft import init_ar, train_ar
 from nla_lens.training.av_sft import init_av, train_av
-from nla_lens.training.export import check_export_folder, export_ar, export_av, export_pair
+from nla_lens.training.export import check_export_folder, export_pair
 from nla_lens.training.extraction import Document, extract_activations, load_activations
 from nla_lens.training.loop import checkpoints, is_last_step
 from nla_lens.training.padding import pad
-from nla_lens.vector_files import json_text
+from nla_lens.vector_files import json_text, replaced_folders
 from nla_lens.verbalizer import ActivationVerbalizer
 
 AV_TEMPLATE = "Explain <concept>{injection_char}</concept>"
@@ -123,13 +125,8 @@ def train_toy(out: Path, cfg: ToyConfig, work: Path) -> dict:
     ar_result = train_ar(ar, train, evaluation, cfg.ar)
 
     out.mkdir(parents=True, exist_ok=True)
-    for name in ("base", "av", "ar"):
-        shutil.rmtree(out / name, ignore_errors=True)
-    _export_base(base_dir, out / "base")
-    export_av(av, out / "av", base_dir, dtype=torch.bfloat16)
-    export_ar(ar, out / "ar", base_dir, dtype=torch.bfloat16, heldout=evaluation.vectors)
+    _export_sft(out, base_dir, av, ar, evaluation.vectors)
     heldout_documents([p for p in plays if p.title in HELDOUT_PLAYS], out / HELDOUT_FILE)
-    shutil.rmtree(pair_folder(out, "rl"), ignore_errors=True)  # a previous run's RL pair is not this SFT's
     scores = evaluate_toy(out, pair="sft")
     summary = {
         "base": {"heldout_perplexity": ppl, "unigram_perplexity": unigram_ppl, "final_train_loss": losses[-1],
@@ -197,6 +194,18 @@ def train_toy_rl(out: Path, cfg: ToyConfig, work: Path, resume: Path | None = No
     summary["best_pair"] = "rl" if scores.fve > summary["heldout"]["fve"] else "sft"
     (out / SCORES_FILE).write_text(json_text(summary, indent=1))
     return summary
+
+
+def _export_sft(out: Path, base_dir: Path, av: ActivationVerbalizer, ar: ActivationReconstructor,
+                heldout: Float[Tensor, "n d_model"]) -> None:
+    """The base and the SFT pair in bf16, all written before any replaces the earlier toy's (`replaced_folders`),
+    whose RL pair goes with them (it is not this SFT's): a run cut short leaves the earlier toy whole."""
+    rl_dir = pair_folder(out, "rl")
+    with replaced_folders([out / "base", out / "av", out / "ar", rl_dir]) as (base_new, av_new, ar_new, rl_new):
+        _export_base(base_dir, base_new)
+        export_pair(av, ar, (av_new, ar_new), (base_dir, base_dir), dtype=torch.bfloat16, heldout=heldout)
+        rl_new.mkdir()  # swapped in empty, then removed: no RL pair until the RL stage exports one
+    rl_dir.rmdir()
 
 
 def _export_base(hf_dir: Path, out: Path) -> None:
