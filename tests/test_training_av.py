@@ -63,6 +63,23 @@ def test_av_loss_scores_the_response_tokens_only(base_folder, dataset_meta, labe
     assert abs(float(av_loss(av, shuffled, index).detach()) - float(loss)) > 1e-3
 
 
+def test_a_hook_the_caller_left_on_the_av_stays_through_its_training_forwards(base_folder, dataset_meta, label_split):
+    """The loss ran its forward under TL's own `hooks()`, which on TransformerLens 3.x removes on exit every hook at
+    its context level: a hook left by `run_with_hooks(..., reset_hooks_end=False)` (level 1) ran in the first
+    forward and was gone for the rest. It now goes through nla_lens's backend helper, as `verbalize` does."""
+    av = init_av(base_folder, dataset_meta)
+    rows = av_rows(label_split[0], av.meta, av.tokenizer)
+    point = "blocks.0.hook_resid_post"
+    calls: list[int] = []
+    av.model.run_with_hooks(rows.prompt[None], fwd_hooks=[(point, lambda resid, hook: calls.append(1))],
+                            reset_hooks_end=False)
+    try:
+        for _ in range(2):
+            av_loss(av, rows, torch.tensor([0, 1]))
+        assert len(calls) == 3 and len(av.model.hook_dict[point].fwd_hooks) == 1
+    finally:
+        av.model.reset_hooks()
+
 def test_the_injection_hook_fires_in_every_training_and_eval_forward(base_folder, dataset_meta, label_split,
                                                                      monkeypatch):
     calls = []

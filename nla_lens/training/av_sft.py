@@ -1,6 +1,6 @@
 """AV SFT: the base model learns to answer the canonical prompt, vector injected, with the explanation.
 
-The injection is the AV's own `Injection` hook, installed with `model.hooks(...)` around every
+The injection is the AV's own `Injection` hook, installed with `backends.hooks(...)` around every
 training and eval forward, so the model is trained exactly as `verbalize` serves it. With
 `activation_checkpointing`, the recompute in backward replays that hook (`training.recompute`).
 """
@@ -106,8 +106,8 @@ def response_logits(av: ActivationVerbalizer, prompt: list[int], responses: list
     # Sites from the prompt columns only (a sampled response may echo the marker and its neighbours); the
     # forward runs the whole sequence, which the hook injects at those same sites.
     injection = av.injection(vectors.to(av.device), tokens[:, :len(prompt)])
-    # TL annotates fwd_hooks as list[tuple[str | Callable, Callable]]: invariant, so our narrower hooks fail it
-    with av.model.hooks(fwd_hooks=injection.fwd_hooks()):  # type: ignore[arg-type]
+    # Through the backend's helper: TL 3.x's hooks() took away on exit the hooks a caller had left on the AV
+    with backends.hooks(av.model, injection.fwd_hooks()):
         resid = av.model(tokens, attention_mask=mask, stop_at_layer=av.model.cfg.n_layers)
     # Position t predicts token t+1: score positions whose next token is a response token.
     scored = mask[:, 1:].bool()

@@ -1,7 +1,7 @@
 """Activation checkpointing for TL blocks that replays the forward's hooks in the recompute.
 
-TL hooks usually live for one forward (`model.hooks(...)`; the AV trainer installs the injection
-that way), so they are gone when backward recomputes a checkpointed block. A recompute without the
+TL hooks usually live for one forward (a `hooks(...)` context; the AV trainer installs the injection
+in one), so they are gone when backward recomputes a checkpointed block. A recompute without the
 injection would rebuild other activations than the forward used, and torch's checkpoint compares
 only their shapes: the gradients would be silently wrong. Each checkpointed block therefore records
 its hook points' forward hooks when it runs and puts exactly those back for its recompute.
