@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,6 +29,7 @@ from nla_lens.cli_checks import base_for, nla_checkpoint
 from nla_lens.distributed import World
 from nla_lens.errors import InputError, PromptTooLongError
 from nla_lens.sharded import Sampling
+from nla_lens.sidecar import text_ids
 from nla_lens.vector_files import OUTPUT_SUFFIXES, VectorTable, read_input, write_table, write_vectors
 from nla_lens.verbalizer import MAX_NEW_TOKENS
 
@@ -41,6 +43,20 @@ if TYPE_CHECKING:
 _VECTOR_SUFFIXES = (".safetensors", ".pt")  # what `reconstruct --output` writes
 
 
+def _check_text_fits(row: Sequence[int], n_ctx: int | None) -> None:
+    """`verbalize --text`'s token ids fit the base's context `n_ctx` (None: its config.json does not say)."""
+    if n_ctx is not None and len(row) > n_ctx:
+        raise PromptTooLongError(f"--text is {len(row)} tokens, over the base model's context of {n_ctx}; pass a "
+                                 "shorter text")
+
+
+def _config_context(folder: Path) -> int | None:
+    """The n_ctx the base in `folder` will load with, from its config.json: known before any weight loads."""
+    from nla_lens.training.dataset import context_length
+
+    return context_length(loading.load_hf_config(folder))
+
+
 def capture_text(base: Path, tokenizer: PreTrainedTokenizerBase, layer: int, text: str, device: str,
                  dtype: torch.dtype) -> VectorTable:
     """`blocks.{layer}.hook_resid_post` of the base model in folder `base` (with its loaded `tokenizer`; both, and
@@ -50,13 +66,10 @@ def capture_text(base: Path, tokenizer: PreTrainedTokenizerBase, layer: int, tex
     from nla_lens import backends
     from nla_lens.capture import text_resid_post
     from nla_lens.explain import bos_skip, select_positions
-    from nla_lens.sidecar import text_ids
 
     model = backends.load_model(base, tokenizer, dtype=dtype, device=device)
     row = text_ids(tokenizer, text)  # BOS first where the base has one
-    if len(row) > model.cfg.n_ctx:
-        raise PromptTooLongError(f"--text is {len(row)} tokens, over the base model's context of "
-                                 f"{model.cfg.n_ctx}; pass a shorter text")
+    _check_text_fits(row, model.cfg.n_ctx)
     with torch.inference_mode():
         vectors = text_resid_post(model, torch.tensor([row], device=device), layer).float()
     positions = select_positions(None, len(row), bos_skip(tokenizer, row))
@@ -215,6 +228,7 @@ def _run_verbalize(args: argparse.Namespace) -> None:
                              "one process")
         av_tokenizer = loading.checkpoint_tokenizer(av_folder, meta, "av")  # the base is checked against it
         base, base_tokenizer = base_for(args.base, meta, av_tokenizer, args.layer)
+        _check_text_fits(text_ids(base_tokenizer, args.text), _config_context(base))  # capture_text checks it again
         layer = meta.layer if args.layer is None else args.layer
         table = capture_text(base, base_tokenizer, layer, args.text, args.device, args.dtype)
         if table.columns.column("position")[0].as_py() > 0:
@@ -478,7 +492,7 @@ def nla_and_base_folders(args: argparse.Namespace) -> NLAFolders:
 
 def _run_explain(args: argparse.Namespace) -> None:
     from nla_lens.display import format_cell, unparsed_text, visible_token
-    from nla_lens.explain import text_columns, text_rows
+    from nla_lens.explain import check_rows_fit, text_columns, text_rows
     from nla_lens.nla import check_baseline
     from nla_lens.results import check_save_path
 
@@ -490,7 +504,11 @@ def _run_explain(args: argparse.Namespace) -> None:
     if args.baseline is not None:
         check_baseline(args.baseline)
     folders = nla_and_base_folders(args)
-    text_columns(args.positions, *text_rows(folders.base_tokenizer, texts), texts)  # explain picks them again
+    token_rows, skip = text_rows(folders.base_tokenizer, texts)
+    n_ctx = _config_context(folders.base)
+    if n_ctx is not None:  # explain checks it again against the loaded base
+        check_rows_fit(token_rows, n_ctx, texts)
+    text_columns(args.positions, token_rows, skip, texts)  # explain picks them again
     nla, base = folders.load(device, args.dtype)
     explanation = nla.explain(base, texts, positions=args.positions, baseline=args.baseline,
                               max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, progress=True)

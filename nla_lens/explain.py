@@ -176,6 +176,17 @@ def text_columns(positions: ExplainPositions, token_rows: Sequence[Sequence[int]
             for t, (row, s, text) in enumerate(zip(token_rows, skip, texts, strict=True))]
 
 
+def check_rows_fit(token_rows: Sequence[Sequence[int]], n_ctx: int, texts: Sequence[str] | None) -> None:
+    """A PromptTooLongError naming the first row longer than the base's context `n_ctx` (by its text where `texts`
+    are given); `nla-lens explain` checks with its config.json's n_ctx before any weight is read."""
+    too_long = next((t for t, row in enumerate(token_rows) if len(row) > n_ctx), None)
+    if too_long is not None:
+        name = (f"token_rows[{too_long}]" if texts is None
+                else f"text {too_long} ({display.format_cell(texts[too_long], 30)!r})")
+        raise PromptTooLongError(f"{name} is {len(token_rows[too_long])} tokens, over the base model's context of "
+                                 f"{n_ctx}; split it into shorter texts")
+
+
 def _tokenizer(base: TLModel) -> PreTrainedTokenizerBase:
     """The base model's tokenizer: `explain` tokenizes the texts with it, `explain_tokens` names each token."""
     if base.tokenizer is None:
@@ -225,12 +236,7 @@ def explain_tokens(nla: NLA, base: TLModel, token_rows: Sequence[Sequence[int]],
     fwd_hooks = check_fwd_hooks(fwd_hooks, base.hook_dict, "explain")
     if not token_rows or not all(len(row) for row in token_rows):
         raise InputError("every text to explain needs at least one token")
-    too_long = next((t for t, row in enumerate(token_rows) if len(row) > base.cfg.n_ctx), None)
-    if too_long is not None:
-        name = (f"token_rows[{too_long}]" if texts is None
-                else f"text {too_long} ({display.format_cell(texts[too_long], 30)!r})")
-        raise PromptTooLongError(f"{name} is {len(token_rows[too_long])} tokens, over the base model's context of "
-                                 f"{base.cfg.n_ctx}; split it into shorter texts")
+    check_rows_fit(token_rows, base.cfg.n_ctx, texts)
     for t, row in enumerate(token_rows):
         try:
             ids = torch.tensor([list(row)])

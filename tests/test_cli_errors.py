@@ -852,3 +852,30 @@ def test_an_empty_config_says_it_is_empty(tmp_path, capsys, text):
     config.write_text(text, encoding="utf-8")
     _fails(["extract", config], capsys, "ConfigError", f"config {config} is empty (or only comments); write the run's "
            "keys in it (examples/ has a config for each command)")
+
+
+LONG_TEXT = "the king is dead " * 100  # past the toy base's context of 256 tokens
+
+
+@pytest.mark.parametrize("command", [
+    ["verbalize", "--av", TOY_AV, "--text", LONG_TEXT],
+    ["explain", "--av", TOY_AV, "--ar", TOY_AR, "--text", "Thou art", "--text", LONG_TEXT],
+], ids=["verbalize", "explain"])
+def test_a_text_past_the_base_context_is_refused_before_any_model_loads(command, monkeypatch, capsys):
+    """verbalize --text and explain met a text too long for the base only once the base had loaded (explain: the AV
+    and the AR too). They check it against the context in the base's config.json first, in the words of the check
+    after the load, which still stands (here it is what a config without max_position_embeddings meets)."""
+    from nla_lens import commands
+
+    with monkeypatch.context() as patched:
+        patched.setattr(commands, "_config_context", lambda folder: None, raising=False)
+        late = _fails(command, capsys, "PromptTooLongError: ")
+    with monkeypatch.context() as patched:
+        def tripwire(*args, **kwargs):
+            raise AssertionError("a model was loaded before the bad input was reported")
+
+        for owner, name in [(nl.ActivationVerbalizer, "from_pretrained"), (backends, "load_model")]:
+            patched.setattr(owner, name, tripwire)
+        assert _fails(command, capsys, "PromptTooLongError: ") == late
+    assert re.search(r"PromptTooLongError: (--text|text 1 \('the king is dead the king is …'\)) is \d+ tokens, over "
+                     r"the base model's context of 256; (pass a shorter text|split it into shorter texts)\n$", late)
