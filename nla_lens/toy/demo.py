@@ -20,22 +20,6 @@ class DemoResult:
     explanation: Explanation  # every token past the first MIN_CONTEXT of each speech
     pair: str  # "sft" or "rl": which of the bundled pairs explained
 
-    @property
-    def mean_fve(self) -> float | None:
-        return self.explanation.round_trip.fve
-
-    @property
-    def baseline(self) -> float | None:
-        return self.explanation.round_trip.baseline
-
-    @property
-    def n_explained(self) -> int:
-        return len(self.explanation.rows)
-
-    @property
-    def failed_parses(self) -> int:
-        return self.explanation.round_trip.n_failed_parses
-
 
 def run_demo(folder: Path = TOY_DIR, n_sentences: int = 3, max_new_tokens: int = 48,
              progress: bool = False, pair: str | None = None) -> DemoResult:

@@ -363,10 +363,6 @@ class AVRows:
     def lengths(self) -> list[int]:
         return [self.prompt.numel() + len(response) for response in self.responses]
 
-    @property
-    def max_length(self) -> int:
-        return max(self.lengths)
-
 
 def response_text(explanation: str) -> str:
     """The AV's target text; `parsing.parse_explanation` reads it back."""
@@ -429,10 +425,6 @@ class ARRows:
     @property
     def lengths(self) -> list[int]:
         return list(map(len, self.prompts))
-
-    @property
-    def max_length(self) -> int:
-        return max(self.lengths)
 
 
 def ar_rows(data: LabelledActivations, meta: NLAMeta, tokenizer: PreTrainedTokenizerBase) -> ARRows:
