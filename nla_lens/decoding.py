@@ -140,7 +140,8 @@ class HookedDecoder:
         self.cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.W_E.device, batch)
         self.step_mask = torch.ones(batch, 1, dtype=torch.long, device=model.W_E.device)
 
-    def prefill(self, tokens: Int[Tensor, "batch pos"], fwd_hooks: list[tuple[str, HookFn]]) -> Tensor:
+    def prefill(self, tokens: Int[Tensor, "batch pos"],
+                fwd_hooks: list[tuple[str, HookFn]]) -> Float[Tensor, "batch d_vocab"]:
         with backends.hooks(self.model, fwd_hooks):
             if _head_hooked(self.model):  # TL's forward shows such hooks every position, so the prefill does too
                 return self.model(tokens, attention_mask=torch.ones_like(tokens), past_kv_cache=self.cache)[:, -1]
@@ -148,7 +149,7 @@ class HookedDecoder:
                                stop_at_layer=self.model.cfg.n_layers)
             return _last_logits(self.model, resid)
 
-    def step(self, ids: Int[Tensor, " batch"]) -> Float[Tensor, "batch vocab"]:
+    def step(self, ids: Int[Tensor, " batch"]) -> Float[Tensor, "batch d_vocab"]:
         return self.model(ids[:, None], attention_mask=self.step_mask, past_kv_cache=self.cache)[:, -1]
 
 
@@ -259,8 +260,10 @@ class FastBlocks:
             return None
         return cls(model, [_Layer(block) for block in model.blocks])
 
-    def run(self, ids: Int[Tensor, "batch pos"], positions: Int[Tensor, "batch pos"], mask: Tensor | None,
-            keys: Tensor, values: Tensor, *, start: int, shared_cache: bool = False, hooks: HookPlan | None = None,
+    def run(self, ids: Int[Tensor, "batch pos"], positions: Int[Tensor, "batch pos"],
+            mask: Bool[Tensor, "batch 1 pos kv_pos"] | None, keys: Float[Tensor, "layers batch n_kv max_len d_head"],
+            values: Float[Tensor, "layers batch n_kv max_len d_head"], *, start: int, shared_cache: bool = False,
+            hooks: HookPlan | None = None,
             pad_queries: Bool[Tensor, "batch 1 pos 1"] | None = None) -> Float[Tensor, "batch pos d_model"]:
         """Blocks over `ids` at cache positions [start, start + pos); keys / values are
         `[layers, batch, n_kv, max_len, d_head]` (one layer reused by all when `shared_cache`).
@@ -454,7 +457,8 @@ class FastDecoder:
             return None
         return cls(blocks, batch, max_len, step_hooks)
 
-    def prefill(self, tokens: Int[Tensor, "batch pos"], fwd_hooks: list[tuple[str, HookFn]]) -> Tensor:
+    def prefill(self, tokens: Int[Tensor, "batch pos"],
+                fwd_hooks: list[tuple[str, HookFn]]) -> Float[Tensor, "batch d_vocab"]:
         positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
         with backends.hooks(self.model, fwd_hooks):
             hooks = HookPlan.of(self.model)
@@ -465,7 +469,7 @@ class FastDecoder:
         self.pos = tokens.shape[1]
         return self._logits(resid[:, -1:])[:, -1]
 
-    def step(self, ids: Int[Tensor, " batch"]) -> Float[Tensor, "batch vocab"]:
+    def step(self, ids: Int[Tensor, " batch"]) -> Float[Tensor, "batch d_vocab"]:
         positions = torch.full((len(ids), 1), self.pos, device=ids.device)
         resid = self.blocks.run(ids[:, None], positions, None, self.keys, self.values, start=self.pos,
                                 hooks=self.step_hooks)

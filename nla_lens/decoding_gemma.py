@@ -119,7 +119,8 @@ class GemmaDecoder:
             return None
         return cls(model, batch, max_len)
 
-    def prefill(self, tokens: Int[Tensor, "batch pos"], fwd_hooks: list[tuple[str, HookFn]]) -> Tensor:
+    def prefill(self, tokens: Int[Tensor, "batch pos"],
+                fwd_hooks: list[tuple[str, HookFn]]) -> Float[Tensor, "batch d_vocab"]:
         local = None
         if self.window is not None:
             query = torch.arange(tokens.shape[1], device=tokens.device)
@@ -128,7 +129,7 @@ class GemmaDecoder:
         self.pos = tokens.shape[1]
         return _last_logits(self.model, resid)
 
-    def step(self, ids: Int[Tensor, " batch"]) -> Float[Tensor, "batch vocab"]:
+    def step(self, ids: Int[Tensor, " batch"]) -> Float[Tensor, "batch d_vocab"]:
         local = None
         if self.window is not None:
             local = (torch.arange(self.pos + 1, device=ids.device) > self.pos - self.window)[None, :]

@@ -134,6 +134,7 @@ class FeatureCard(TabularResult):
 
     @property
     def explanation(self) -> str | None:
+        """The feature's parsed explanation (None where the AV's output did not parse)."""
         return self.verbalization.explanation
 
     def top_tokens(self) -> list[tuple[str, int]]:

@@ -230,7 +230,8 @@ class Injection:
         always pass through `hook_embed`)."""
         return [(self.spec.hook_point, self.hook)]
 
-    def hook(self, activation: Float[Tensor, "batch pos d_model"], hook: HookPoint) -> Tensor | None:
+    def hook(self, activation: Float[Tensor, "batch pos d_model"],
+             hook: HookPoint) -> Float[Tensor, "batch pos d_model"] | None:
         """The TL hook function itself: writes the vectors at their marker sites on a run of the built token shape
         (or longer), leaves a one-token KV-cached decode step alone, and refuses any other shape."""
         if activation.ndim != 3 or activation.shape[-1] != self.vectors.shape[-1]:

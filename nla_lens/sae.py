@@ -172,6 +172,7 @@ class ResidualStats:
 
     @classmethod
     def from_vectors(cls, vectors: Float[Tensor, "n d_model"], layer: int | None = None) -> ResidualStats:
+        """The stats of residuals already in hand (`nl.residual_stats` captures them from texts itself)."""
         if not isinstance(vectors, Tensor) or vectors.ndim != 2:
             raise VectorError(f"vectors must be a [n, d_model] tensor of residuals, got "
                               f"{list(vectors.shape) if isinstance(vectors, Tensor) else type(vectors).__name__}")
@@ -384,6 +385,7 @@ class FeatureVerbalizations(TabularResult):
 
     @property
     def explanations(self) -> list[str | None]:
+        """Each feature's parsed explanation, in `features` order (None where the AV's output did not parse)."""
         return [v.explanation for v in self.verbalizations]
 
     def __len__(self) -> int:
@@ -420,7 +422,7 @@ def feature_id(feature: Any) -> Any:
     return int(feature) if isinstance(feature, Integral) and not isinstance(feature, bool) else feature
 
 
-def feature_ids(features: list[int] | Tensor) -> list[int]:
+def feature_ids(features: list[int] | Int[Tensor, " n_features"]) -> list[int]:
     """`features` as a list of [`feature_id`][nla_lens.sae.feature_id]s (a tensor's or array's values, any
     iterable's items); a bare id is refused, not guessed."""
     if isinstance(features, (Tensor, np.ndarray)):  # a 0-d array cannot be iterated: its tolist() is the bare id
@@ -492,7 +494,7 @@ def feature_vectors(rows: Float[Tensor, "n d_model"], offset: ResidualStats | No
 def verbalize_sae_features(
     av_or_nla: ActivationVerbalizer | NLA,
     sae: SAE,
-    features: list[int] | Tensor,
+    features: list[int] | Int[Tensor, " n_features"],
     *,
     offset: ResidualStats | None = None,
     allow_other_hook: bool = False,

@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
+from jaxtyping import Float
 from tqdm.auto import tqdm
 
 from nla_lens import __version__, loading, metrics, shard_store
@@ -94,7 +95,8 @@ class Sampling:
             facts["batch_size"] = self.batch_size
         return facts
 
-    def verbalize(self, av: ActivationVerbalizer, vectors: torch.Tensor, shard: int) -> list[Verbalization]:
+    def verbalize(self, av: ActivationVerbalizer, vectors: Float[torch.Tensor, "n d_model"],
+                  shard: int) -> list[Verbalization]:
         with injection_warning_held():  # checked once over every row at the merge
             return av.verbalize(vectors, max_new_tokens=self.max_new_tokens, temperature=self.temperature,
                                 top_p=self.top_p, batch_size=self.batch_size, seed=shard_seed(self.seed, shard),

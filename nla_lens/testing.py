@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import cast
 
 import torch
+from jaxtyping import Float
 from safetensors.torch import save_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
@@ -127,7 +128,8 @@ def save_av(model: Qwen3ForCausalLM, tokenizer: PreTrainedTokenizerFast, folder:
 
 
 def save_ar(model: Qwen3ForCausalLM, tokenizer: PreTrainedTokenizerFast, folder: Path, sidecar: dict,
-            layer: int, *, readout: torch.Tensor, shards: int = 1, placeholders: bool = False) -> Path:
+            layer: int, *, readout: Float[torch.Tensor, "d_model d_model"], shards: int = 1,
+            placeholders: bool = False) -> Path:
     """A truncated K+1-block backbone + `value_head.safetensors`; sharded and with the Megatron
     placeholders (`model.norm.weight` = ones, `lm_head.weight` = eye(d)) when asked."""
     folder.mkdir(parents=True, exist_ok=True)

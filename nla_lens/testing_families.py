@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import torch
+from jaxtyping import Float
 from safetensors.torch import save_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
@@ -193,7 +194,7 @@ def save_folder(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, fold
 
 
 def save_truncated_ar(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast,
-                      folder: Path, sidecar: dict, layer: int, readout: torch.Tensor) -> Path:
+                      folder: Path, sidecar: dict, layer: int, readout: Float[torch.Tensor, "d_model d_model"]) -> Path:
     """The paper's AR layout: a K+1-block text backbone (no final norm, no lm_head) + value head."""
     folder.mkdir(parents=True, exist_ok=True)
     cut: dict[str, Any] = {"num_hidden_layers": layer + 1}

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from jaxtyping import Int
+from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from nla_lens import backends, loading, metrics
@@ -65,7 +65,7 @@ def init_ar(base_model: str | Path, dataset: NLAMeta, *, device: str | torch.dev
 
 
 def ar_loss(ar: ActivationReconstructor, rows: ARRows, index: Int[Tensor, " batch"], *,
-            reduction: str = "mean") -> Tensor:
+            reduction: str = "mean") -> Float[Tensor, ""]:
     """MSE of the rescaled readout at the last prompt token against the rescaled targets (mean or sum)."""
     tokens, mask = pad([rows.prompts[i] for i in index.tolist()], 0, side="left")
     resid = ar.model(tokens.to(ar.device), attention_mask=mask.to(ar.device))

@@ -120,7 +120,7 @@ def response_logits(av: ActivationVerbalizer, prompt: list[int], responses: list
 
 
 def av_loss(av: ActivationVerbalizer, rows: AVRows, index: Int[Tensor, " batch"], *,
-            reduction: str = "mean") -> Tensor:
+            reduction: str = "mean") -> Float[Tensor, ""]:
     """Cross-entropy on the response tokens (explanation + turn end) only, injection hook installed."""
     logits, targets = response_logits(av, rows.prompt.tolist(), [rows.responses[i] for i in index.tolist()],
                                       rows.vectors[index])

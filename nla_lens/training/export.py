@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 
 import einops
 import torch
+from jaxtyping import Float
 from torch import Tensor
 from transformers import GenerationConfig
 
@@ -249,7 +250,8 @@ def export_av(av: ActivationVerbalizer, folder: str | Path, base_model: str | Pa
 
 
 def export_ar(ar: ActivationReconstructor, folder: str | Path, base_model: str | Path, *,
-              dtype: torch.dtype = torch.float32, heldout: Tensor | None = None, stage: str | None = None) -> Path:
+              dtype: torch.dtype = torch.float32, heldout: Float[Tensor, "n d_model"] | None = None,
+              stage: str | None = None) -> Path:
     """Write the AR as a truncated HF folder (K+1 layers, no norm / lm_head) + `value_head.safetensors`.
 
     `heldout` (the held-out layer-K vectors, e.g. the eval split) puts their paper baseline and count
@@ -268,7 +270,7 @@ def export_ar(ar: ActivationReconstructor, folder: str | Path, base_model: str |
 
 def export_pair(av: ActivationVerbalizer, ar: ActivationReconstructor, folders: tuple[Path, Path],
                 base_models: tuple[str | Path, str | Path], *, dtype: torch.dtype = torch.float32,
-                heldout: Tensor | None = None, stage: str | None = None) -> tuple[Path, Path]:
+                heldout: Float[Tensor, "n d_model"] | None = None, stage: str | None = None) -> tuple[Path, Path]:
     """`export_av` and `export_ar` into `folders` (AV, AR), both renamed into place only once both are written:
     exported one after the other, a run cut short between them left the new AV beside the old AR, a pair that
     loads and was never trained together (train-rl extending a run). `base_models`: each one's, as there."""

@@ -59,7 +59,7 @@ def per_sample_mean(values: Float[Tensor, " tokens"], sample: Int[Tensor, " toke
 def grpo_loss_sum(logp: Float[Tensor, " tokens"], old_logp: Float[Tensor, " tokens"],
                   ref_logp: Float[Tensor, " tokens"] | None, advantages: Float[Tensor, " n"],
                   sample: Int[Tensor, " tokens"], *, clip_eps: float, kl_coef: float) -> tuple[
-                      Tensor, dict[str, Tensor]]:
+                      Float[Tensor, ""], dict[str, Float[Tensor, " n"]]]:
     """The summed per-sample losses of n samples (divide by the step's sample count for the mean),
     and per-sample diagnostics (kl: mean k3 per token; clipped: fraction of tokens outside the clip).
 

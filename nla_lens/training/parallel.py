@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 import torch.distributed as dist
-from jaxtyping import Int
+from jaxtyping import Float, Int
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
@@ -38,7 +38,7 @@ class LossModule(nn.Module):
         self.parts = nn.ModuleDict(modules)
         self.loss_sum = loss_sum
 
-    def forward(self, index: Int[Tensor, " batch"], divisor: float) -> Tensor:
+    def forward(self, index: Int[Tensor, " batch"], divisor: float) -> Float[Tensor, ""]:
         return self.loss_sum(index) / divisor
 
 

@@ -208,8 +208,8 @@ def reference_logprobs(reference: ActivationVerbalizer, rollout: Rollout, config
                           for chunk in _chunks(len(rollout), config.micro_batch)])
 
 
-def policy_loss_sum(av: ActivationVerbalizer, rollout: Rollout, ref_logp: Tensor | None, samples: range,
-                    config: RLConfig) -> tuple[Tensor, dict[str, Tensor]]:
+def policy_loss_sum(av: ActivationVerbalizer, rollout: Rollout, ref_logp: Float[Tensor, " tokens"] | None,
+                    samples: range, config: RLConfig) -> tuple[Float[Tensor, ""], dict[str, Float[Tensor, " n"]]]:
     """Summed GRPO losses of `samples` (contiguous) and their per-sample diagnostics."""
     offsets = rollout.offsets
     tokens = slice(offsets[samples.start], offsets[samples.stop])
