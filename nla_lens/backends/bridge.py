@@ -214,6 +214,8 @@ def cached_activation(model: TransformerBridge, hook_name: str, input: Tensor, *
 
 
 def decoder(model: TransformerBridge, batch_size: int, max_len: int, fwd_hooks: list) -> _Decoder:
+    """`backends.decoder` on the bridge: its cached forward, no fast path, so `max_len` and `fwd_hooks` (what the
+    hooked backend's fast paths plan with) go unused here; `prefill` installs the hooks it is given."""
     return _Decoder(model, batch_size)
 
 

@@ -27,11 +27,11 @@ def load_model(folder: Path, tokenizer: PreTrainedTokenizerBase, *, dtype: torch
                                            trust_remote_code=trust_remote_code)
 
 
-def decoder(model: HookedTransformer, batch: int, max_len: int, fwd_hooks: list) -> backends.Decoder:
+def decoder(model: HookedTransformer, batch_size: int, max_len: int, fwd_hooks: list) -> backends.Decoder:
     """Gemma-3's fast decoder (decoding_gemma.py) when no hook could observe it; otherwise decoding.py's,
     which honours the hooks it covers and falls back to TL's own forward for others."""
-    gemma = decoding_gemma.GemmaDecoder.build(model, batch, max_len, fwd_hooks)
-    return gemma if gemma is not None else decoding.decoder_for(model, batch, max_len, fwd_hooks)
+    gemma = decoding_gemma.GemmaDecoder.build(model, batch_size, max_len, fwd_hooks)
+    return gemma if gemma is not None else decoding.decoder_for(model, batch_size, max_len, fwd_hooks)
 
 
 ARForward = decoding.ARForward
