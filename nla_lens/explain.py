@@ -118,7 +118,7 @@ class Explanation(TabularResult):
     def summary(self) -> str:
         rt = self.round_trip
         return (f"{counted(len(self.rows), 'token')} of {counted(len(self.texts), 'text')} at layer {self.layer}, "
-                f"mean MSE {rt.mean_mse:.3f}, "
+                f"mean MSE {display.format_number(rt.mean_mse)}, "
                 f"{baseline_phrase(rt.fve, rt.baseline, rt.baseline_source, rt.baseline_n)}, "
                 f"{counted(rt.n_failed_parses, 'failed parse')}{failed_parse_note(rt.verbalizations)}")
 

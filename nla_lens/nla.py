@@ -21,6 +21,7 @@ from transformers import PreTrainedTokenizerBase
 
 from nla_lens import loading, metrics
 from nla_lens.checks import check_counts, check_keywords, counted
+from nla_lens.display import format_number
 from nla_lens.errors import CheckpointError, InputError, PairMismatchError, SidecarError
 from nla_lens.injection import check_vectors, directionless_rows
 from nla_lens.parsing import RowNamer, failed_parse_note, injection_warning, injection_warning_held, row_indices
@@ -251,7 +252,7 @@ class RoundTrip(TabularResult):
                                                             strict=True))]
 
     def summary(self) -> str:
-        return (f"{counted(len(self.verbalizations), 'vector')}, mean MSE {self.mean_mse:.3f}, "
+        return (f"{counted(len(self.verbalizations), 'vector')}, mean MSE {format_number(self.mean_mse)}, "
                 f"{baseline_phrase(self.fve, self.baseline, self.baseline_source, self.baseline_n)}, "
                 f"{counted(self.n_failed_parses, 'failed parse')}{failed_parse_note(self.verbalizations)}")
 
@@ -262,8 +263,9 @@ def baseline_phrase(fve: float | dict[str, float] | None, baseline: float | None
     several runs scored at one baseline: "FVE clean 0.734, steered 0.477 (baseline ...)"."""
     if fve is None or baseline is None:
         return "no FVE (no baseline: pass baseline=)"
-    scores = f"{fve:.3f}" if isinstance(fve, float) else ", ".join(f"{run} {value:.3f}" for run, value in fve.items())
-    return f"FVE {scores} (baseline {baseline:.3f}, {source}{'' if n is None else f', n={n}'})"
+    scores = (format_number(fve) if isinstance(fve, float)
+              else ", ".join(f"{run} {format_number(value)}" for run, value in fve.items()))
+    return f"FVE {scores} (baseline {format_number(baseline)}, {source}{'' if n is None else f', n={n}'})"
 
 
 def warn_at_caller(message: str) -> None:

@@ -35,6 +35,7 @@ from nla_lens.checks import (
     resolve_device,
     resolve_dtype,
 )
+from nla_lens.display import format_number
 from nla_lens.distributed import World, barrier, device_for, process_group
 from nla_lens.errors import CheckpointError, InputError
 from nla_lens.injection import check_vectors
@@ -145,7 +146,8 @@ class JobResult:
             text = f"wrote {counted(self.table.num_rows, 'row')} to {self.output} ({done})"
         if self.summary is not None:
             s = self.summary
-            text += (f"; mean MSE {s.mean_mse:.3f}, {baseline_phrase(s.fve, s.baseline, s.baseline_source, None)}, "
+            text += (f"; mean MSE {format_number(s.mean_mse)}, "
+                     f"{baseline_phrase(s.fve, s.baseline, s.baseline_source, None)}, "
                      f"{counted(s.n_failed_parses, 'failed parse')}, {counted(s.n_misses, 'row')} scored the miss "
                      f"(failed parses included), {s.n_truncated} truncated")
         if self.warnings:

@@ -516,6 +516,35 @@ def test_ctrl_c_during_extract_or_training_exits_130_saying_how_to_continue(comm
     assert hint.format(config=config) in err
 
 
+@pytest.mark.parametrize("command, work, run, line", [
+    pytest.param("train-av", "run_train_av", {"evals": [{"eval_loss": 7.36974}, {"eval_loss": 1e57}]},
+                 "eval loss 7.3697 -> 1.00e+57; AV exported to ", marks=NEEDS_TL3),
+    pytest.param("train-ar", "run_train_ar", {"evals": [{"fve": -3e20, "baseline_source": "given"},
+                                                        {"fve": 0.8124, "baseline_source": "given"}]},
+                 "held-out FVE -3.00e+20 -> 0.812 (baseline: given); AR exported to ", marks=NEEDS_TL3),
+    pytest.param("train-ar", "run_train_ar", {"evals": [{"eval_mse": 2e9, "fve": None}, {"eval_mse": 0.00004,
+                                                                                         "fve": None}]},
+                 "held-out MSE 2.00e+09 -> 4.00e-05 (no FVE", marks=NEEDS_TL3),
+    ("train-rl", "run_train_rl", {"history": [{"reward": -1e30, "fve": 0.1234, "kl": 0.0}, {"reward": -0.25,
+                                                                                            "fve": 3e7, "kl": 2e-6}],
+                                  "evals": [{"eval_fve": 0.0001}, {"eval_fve": 0.5}]},
+     "reward -1.00e+30 -> -0.2500, rollout FVE 0.123 -> 3.00e+07, KL 2.00e-06; held-out FVE 1.00e-04 -> 0.500; AV "),
+], ids=["train-av", "train-ar", "train-ar-no-fve", "train-rl"])
+def test_a_training_commands_last_line_writes_huge_and_tiny_scores_in_e_notation(command, work, run, line, tmp_path,
+                                                                                capsys, monkeypatch):
+    """train-av / train-ar / train-rl printed their eval loss, reward, KL and FVE with every digit (a diverged loss
+    of 1e57 as 62 characters) and a KL of 2e-6 as 0.0000, where `nla-lens curve` wrote 1.00e+57 and 2.00e-06."""
+    from types import SimpleNamespace
+
+    from nla_lens.training import pipeline
+
+    result = SimpleNamespace(train=SimpleNamespace(evals=run["evals"], history=run.get("history")),
+                             model_dir="out", av_dir="out/av", ar_dir="out/ar")
+    monkeypatch.setattr(pipeline, work, lambda *_, **__: result)
+    assert main([command, _training_config(tmp_path, command)]) == 0
+    assert line in capsys.readouterr().out
+
+
 def test_ctrl_c_during_a_file_job_exits_130_saying_a_rerun_keeps_its_shards(tmp_path, capsys, monkeypatch):
     from nla_lens import sharded
 

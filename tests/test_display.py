@@ -364,6 +364,29 @@ def test_headlines_legends_tooltips_and_rate_cells_follow_the_table_cells_e_nota
     assert [display.format_cell(v, column="argmax_hit") for v in (1e20, -3e9, 0.4, 1.0, 0.004, 9999.0, 1e4)] == [
         "1.00e+22%", "-3.00e+11%", "40%", "100%", "0%", "999900%", "1.00e+06%"]
 
+def test_round_trip_explanation_and_job_summaries_follow_the_table_cells_e_notation():
+    """A round trip's, an explanation's and a file job's summary printed the mean MSE, the FVE and the baseline to 3
+    decimals with every digit (a diverged mean MSE of 1e57 as 61 characters) and a small FVE as 0.000, where the
+    tables beside them wrote 1.00e+57 and 4.00e-04. Ordinary values print as before."""
+    import torch
+
+    from nla_lens.explain import Explanation
+    from nla_lens.nla import RoundTrip, baseline_phrase
+    from nla_lens.sharded import JobResult, RoundTripSummary
+    from nla_lens.verbalizer import Verbalization
+
+    said = [Verbalization("<explanation>\na\n</explanation>", "a", [1])]
+    rt = RoundTrip(said, torch.zeros(1, 4), torch.tensor([1e57]), 1e57, -2e56, 5.0, "given", 0)
+    assert rt.summary() == "1 vector, mean MSE 1.00e+57, FVE -2.00e+56 (baseline 5.000, given), 0 failed parses"
+    explained = Explanation([], ["abcd"], [["abcd"]], 1, torch.zeros(1, 4), rt)
+    assert explained.summary().startswith("0 tokens of 1 text at layer 1, mean MSE 1.00e+57, FVE -2.00e+56 (")
+    summary = RoundTripSummary(4, 3e20, 0.0004, 2e-5, "sidecar (held-out)", 0, 0, 0, 1.0)
+    assert "; mean MSE 3.00e+20, FVE 4.00e-04 (baseline 2.00e-05, sidecar (held-out)), " in repr(
+        JobResult(Path("out.parquet"), 1, [0], [], None, summary))
+    assert baseline_phrase({"clean": 0.7341, "steered": 1e9}, 0.5, "given", 8) == (
+        "FVE clean 0.734, steered 1.00e+09 (baseline 0.500, given, n=8)")
+
+
 def _chip_backgrounds(view: str) -> dict[str, str]:
     """Each token's background in the line of tokens, by the token."""
     chips = re.findall(r"<span class='nla-tok[^']*' style='background:(#\w+);color:#\w+' title='[^']*'>([^<]*)<sub>",

@@ -11,6 +11,7 @@ from typing import Any
 
 from nla_lens import backends, loading
 from nla_lens.checks import blocks_phrase, check_output_path, resolve_device
+from nla_lens.display import format_number
 from nla_lens.distributed import World
 from nla_lens.errors import CheckpointError, ConfigError, InjectionError
 from nla_lens.sidecar import SIDECAR_NAME, InjectionSpec, load_meta
@@ -191,16 +192,16 @@ def _extract(config: ExtractRunConfig) -> str:
 def _train_av(config: AVRunConfig) -> str:
     run = pipeline.run_train_av(config)
     first, last = run.train.evals[0], run.train.evals[-1]
-    return f"eval loss {first['eval_loss']:.4f} -> {last['eval_loss']:.4f}; AV exported to {run.model_dir}"
+    return f"eval loss {_change(first['eval_loss'], last['eval_loss'], 4)}; AV exported to {run.model_dir}"
 
 
 def _train_ar(config: ARRunConfig) -> str:
     run = pipeline.run_train_ar(config)
     first, last = run.train.evals[0], run.train.evals[-1]
     if last["fve"] is None:
-        score = f"held-out MSE {first['eval_mse']:.4f} -> {last['eval_mse']:.4f} (no FVE: too few held-out vectors)"
+        score = f"held-out MSE {_change(first['eval_mse'], last['eval_mse'], 4)} (no FVE: too few held-out vectors)"
     else:
-        score = f"held-out FVE {first['fve']:.3f} -> {last['fve']:.3f} (baseline: {last['baseline_source']})"
+        score = f"held-out FVE {_change(first['fve'], last['fve'], 3)} (baseline: {last['baseline_source']})"
     return f"{score}; AR exported to {run.model_dir}"
 
 
@@ -208,13 +209,19 @@ def _train_rl(config: RLRunConfig) -> str:
     run = pipeline.run_train_rl(config)
     history = run.train.history
     first, last = history[0], history[-1]
-    line = (f"reward {first['reward']:.4f} -> {last['reward']:.4f}, rollout FVE {first['fve']:.3f} -> "
-            f"{last['fve']:.3f}, KL {last['kl']:.4f}")
+    line = (f"reward {_change(first['reward'], last['reward'], 4)}, rollout FVE {_change(first['fve'], last['fve'], 3)}"
+            f", KL {format_number(last['kl'], 4)}")
     fves = [evaluation["eval_fve"] for evaluation in run.train.evals]
     if None in fves:
         line += "; no held-out FVE (no trustworthy baseline: see the log)"
     elif fves:
-        line += f"; held-out FVE {fves[0]:.3f} -> {fves[-1]:.3f}"
+        line += f"; held-out FVE {_change(fves[0], fves[-1], 3)}"
     else:
         line += "; no held-out evaluation (it needs rl.eval_vectors >= 2 and as many held-out vectors)"
     return f"{line}; AV exported to {run.av_dir}, AR to {run.ar_dir}"
+
+
+def _change(first: float, last: float, decimals: int) -> str:
+    """"first -> last" as a table cell writes numbers (`display.format_number`): a diverged 1e20 in e notation, not
+    21 digits."""
+    return f"{format_number(first, decimals)} -> {format_number(last, decimals)}"
