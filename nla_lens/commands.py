@@ -479,6 +479,11 @@ class NLAFolders:
                                 checked_av_tokenizer=self.av_tokenizer)
         return nla, backends.load_model(self.base, self.base_tokenizer, dtype=dtype, device=device)
 
+    def base_context(self) -> int | None:
+        """The base's n_ctx from its config.json (None where it does not say): texts are checked against it before
+        `load` reads any weight."""
+        return _config_context(self.base)
+
 
 def nla_and_base_folders(args: argparse.Namespace) -> NLAFolders:
     """The `--av` / `--ar` pair and the base model (`--base`, else the sidecar's base_model), each folder checked
@@ -505,7 +510,7 @@ def _run_explain(args: argparse.Namespace) -> None:
         check_baseline(args.baseline)
     folders = nla_and_base_folders(args)
     token_rows, skip = text_rows(folders.base_tokenizer, texts)
-    n_ctx = _config_context(folders.base)
+    n_ctx = folders.base_context()
     if n_ctx is not None:  # explain checks it again against the loaded base
         check_rows_fit(token_rows, n_ctx, texts)
     text_columns(args.positions, token_rows, skip, texts)  # explain picks them again

@@ -90,15 +90,19 @@ def _site_mask(positions: list[int], lengths: list[int], width: int) -> Bool[Ten
     return mask
 
 
-def _batch(tokenizer: Any, texts: list[str], positions: list[int]
+def _batch(tokenizer: Any, texts: list[str], positions: list[int], n_ctx: int | None
            ) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"], Bool[Tensor, "batch pos"]]:
-    """The texts tokenized as explain does, in one left-padded batch with its attention mask, and the sites that
-    `--positions` names there. The pads are masked out, so their id is 0 as in every other pad() call (Llama 3's
-    tokenizer has no pad token)."""
+    """The texts tokenized as explain does, each checked against the base's context `n_ctx` (None: unknown) as
+    explain checks them, in one left-padded batch with its attention mask, and the sites that `--positions` names
+    there. The pads are masked out, so their id is 0 as in every other pad() call (Llama 3's tokenizer has no pad
+    token)."""
+    from nla_lens.explain import check_rows_fit
     from nla_lens.sidecar import text_ids
     from nla_lens.training.padding import pad
 
     rows = [text_ids(tokenizer, text) for text in texts]
+    if n_ctx is not None:
+        check_rows_fit(rows, n_ctx, texts)
     tokens, mask = pad(rows, 0, "left")
     return tokens, mask, _site_mask(positions, [len(row) for row in rows], tokens.shape[1])
 
@@ -138,10 +142,11 @@ def _run_steer_words(args: argparse.Namespace) -> None:
     check_finite(alpha=args.alpha)
     check_counts(0, continue_tokens=args.continue_tokens)
     folders = nla_and_base_folders(args)
-    # --positions checked before any weight is read; the batch steered is the loaded base tokenizer's own
-    _batch(folders.base_tokenizer, args.text, args.positions)
+    # The texts' lengths and --positions checked before any weight is read; the batch steered is the loaded base
+    # tokenizer's own
+    _batch(folders.base_tokenizer, args.text, args.positions, folders.base_context())
     nla, base = folders.load(device, args.dtype)
-    tokens, mask, sites = _batch(base.tokenizer, args.text, args.positions)
+    tokens, mask, sites = _batch(base.tokenizer, args.text, args.positions, base.cfg.n_ctx)
     result = steer_with_words(nla, base, tokens.to(device), sites.to(device), edit=edit, alpha=args.alpha,
                               mode=args.mode, samples=args.samples, temperature=args.temperature, seed=args.seed,
                               attention_mask=mask.to(device), continue_tokens=args.continue_tokens,

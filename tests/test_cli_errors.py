@@ -860,11 +860,13 @@ LONG_TEXT = "the king is dead " * 100  # past the toy base's context of 256 toke
 @pytest.mark.parametrize("command", [
     ["verbalize", "--av", TOY_AV, "--text", LONG_TEXT],
     ["explain", "--av", TOY_AV, "--ar", TOY_AR, "--text", "Thou art", "--text", LONG_TEXT],
-], ids=["verbalize", "explain"])
+    ["steer-words", "--av", TOY_AV, "--ar", TOY_AR, "--text", "Thou art", "--text", LONG_TEXT, "--replace", "a", "b"],
+], ids=["verbalize", "explain", "steer-words"])
 def test_a_text_past_the_base_context_is_refused_before_any_model_loads(command, monkeypatch, capsys):
-    """verbalize --text and explain met a text too long for the base only once the base had loaded (explain: the AV
-    and the AR too). They check it against the context in the base's config.json first, in the words of the check
-    after the load, which still stands (here it is what a config without max_position_embeddings meets)."""
+    """verbalize --text, explain and steer-words met a text too long for the base only once the base had loaded
+    (explain, steer-words: the AV and the AR too). They check it against the context in the base's config.json
+    first, in the words of the check after the load, which still stands (here it is what a config without
+    max_position_embeddings meets)."""
     from nla_lens import commands
 
     with monkeypatch.context() as patched:

@@ -152,8 +152,9 @@ def test_steer_words_refuses_a_text_past_the_base_context_in_one_line(capsys):
     assert main(["steer-words", "--av", AV, "--ar", AR, "--text", "the king is dead " * 100, "--replace", "a", "b",
                  "--continue-tokens", "0"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("nla-lens steer-words: PromptTooLongError: tokens have ") and err.count("\n") == 1, err
-    assert "over the base model's context of 256; pass shorter texts" in err
+    assert err.startswith("nla-lens steer-words: PromptTooLongError: text 0 ('the king is dead the king is …') is "
+                          ) and err.count("\n") == 1, err
+    assert "tokens, over the base model's context of 256; split it into shorter texts" in err  # explain's words
 
 
 def test_steer_words_pads_texts_for_a_tokenizer_without_a_pad_token(tmp_path, capsys, monkeypatch):
