@@ -277,7 +277,7 @@ def _check_parquet_columns(path: Path, schema: pa.Schema, result_type: type[Tabu
                                                    f"{__version__})")
         why = (f"The file was edited or damaged since save() wrote it{wrote}: save the result again, or read the "
                "file as it is with pandas.read_parquet(path)")
-    raise InputError(f"{path} does not hold a {result_type.__name__}'s columns: {'; '.join(problems)}. {why}")
+    raise InputError(f"{path} does not hold {result_type.__name__} rows: {'; '.join(problems)}. {why}")
 
 
 def _same_kind(kind: pa.DataType, declared: pa.DataType) -> bool:
@@ -313,7 +313,7 @@ def _check_jsonl_columns(path: Path, lines: list[tuple[int, dict[str, Any]]],
     """The rows of a .jsonl file hold `result_type`'s columns, each value of its column's type (or null)."""
     problems = _column_problems(list(lines[0][1]), result_type)
     if problems:
-        raise InputError(f"{path}: its rows are not a {result_type.__name__}'s: {'; '.join(problems)}. Pass the "
+        raise InputError(f"{path}: its rows are not {result_type.__name__} rows: {'; '.join(problems)}. Pass the "
                          "result_type whose save() wrote the file, or none (as for an nla-lens file job's output, "
                          "whose columns are its own)")
     schema = cast(pa.Schema, result_type.schema)
@@ -321,8 +321,8 @@ def _check_jsonl_columns(path: Path, lines: list[tuple[int, dict[str, Any]]],
         for name, value in row.items():
             kind = schema.field(name).type
             if value is not None and not _holds(kind, value):
-                raise InputError(f"{path}:{line_no}: {name} is {json_text(value)[:60]}, which a "
-                                 f"{result_type.__name__}'s {name} ({kind}) cannot be: pass the result_type whose "
+                raise InputError(f"{path}:{line_no}: {name} is {json_text(value)[:60]}, which the {name} "
+                                 f"of {result_type.__name__} rows ({kind}) cannot be: pass the result_type whose "
                                  "save() wrote the file, or none")
 
 
@@ -331,8 +331,8 @@ def _column_problems(columns: Sequence[str], result_type: type[TabularResult]) -
     names = cast(pa.Schema, result_type.schema).names
     unknown = [name for name in columns if name not in names]
     missing = [name for name in names if name not in columns and name not in result_type.optional_columns]
-    return ([f"it has the columns {unknown}, which a {result_type.__name__}'s have not"] if unknown else []) + (
-        [f"it lacks the columns {missing}, which a {result_type.__name__}'s save() writes"] if missing else [])
+    return ([f"it has the columns {unknown}, which {result_type.__name__} rows have not"] if unknown else []) + (
+        [f"it lacks the columns {missing}, which {result_type.__name__}.save() writes"] if missing else [])
 
 
 def _holds(kind: pa.DataType, value: Any) -> bool:

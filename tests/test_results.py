@@ -277,8 +277,8 @@ def test_a_jsonl_row_whose_score_is_no_number_is_named_given_the_result_type(res
     row = results["round_trip"].to_records()[0] | {"mse": mse}
     path = tmp_path / "rows.jsonl"
     path.write_text(json.dumps(row) + "\n", encoding="utf-8")
-    with pytest.raises(nl.InputError, match=r"rows\.jsonl:1: mse is .*, which a RoundTrip's mse \(double\) cannot be: "
-                                            "pass the result_type whose save"):
+    with pytest.raises(nl.InputError, match=r"rows\.jsonl:1: mse is .*, which the mse of RoundTrip rows \(double\) "
+                                            "cannot be: pass the result_type whose save"):
         nl.read_result(path, result_type=nl.RoundTrip)
 
 
@@ -300,8 +300,8 @@ def edited_parquet(result: nl.TabularResult, path: Path, edit: str) -> Path:
     return path
 
 
-EDITS = {"column dropped": r"it lacks the columns \['mse'\], which a RoundTrip's save\(\) writes",
-         "column added": r"it has the columns \['note'\], which a RoundTrip's have not",
+EDITS = {"column dropped": r"it lacks the columns \['mse'\], which RoundTrip\.save\(\) writes",
+         "column added": r"it has the columns \['note'\], which RoundTrip rows have not",
          "index as float": r"column 'index' is double, not int64",
          "mse as text": r"column 'mse' is string, not double"}
 
@@ -312,7 +312,7 @@ def test_a_parquet_result_edited_by_hand_is_refused_naming_what_changed(results,
     that type's to_pandas() never gave (a column gone, a score as text), with that type's summary in attrs."""
     path = edited_parquet(results["round_trip"], tmp_path / "rt.parquet", edit)
     for result_type in (None, nl.RoundTrip):
-        with pytest.raises(nl.InputError, match=rf"rt\.parquet does not hold a RoundTrip's columns: {EDITS[edit]}\. "
+        with pytest.raises(nl.InputError, match=rf"rt\.parquet does not hold RoundTrip rows: {EDITS[edit]}\. "
                                                 r"The file was edited or damaged since save\(\) wrote it: save the "
                                                 r"result again, or read the file as it is with pandas\.read_parquet"):
             nl.read_result(path, result_type=result_type)
@@ -323,7 +323,7 @@ def test_a_parquet_of_other_columns_read_as_a_result_type_is_refused(results, tm
     path = tmp_path / "mine.parquet"
     results["round_trip"].to_pandas().drop(columns=["miss"]).to_parquet(path)
     assert len(nl.read_result(path)) == 3  # no type named, none recorded: the table as it is
-    with pytest.raises(nl.InputError, match=r"does not hold a RoundTrip's columns: it lacks the columns \['miss'\]"
+    with pytest.raises(nl.InputError, match=r"does not hold RoundTrip rows: it lacks the columns \['miss'\]"
                                             r".*\. It records no result type \(a result's save\(\) did not write it\): "
                                             "read it without result_type="):
         nl.read_result(path, result_type=nl.RoundTrip)
@@ -333,11 +333,12 @@ def test_a_parquet_of_other_columns_read_as_a_result_type_is_refused(results, tm
 
 
 JSONL_EDITS = {"column dropped": (lambda row: {k: v for k, v in row.items() if k != "parsed"},
-                                  r"rt\.jsonl: its rows are not a RoundTrip's: it lacks the columns \['parsed'\]"),
+                                  r"rt\.jsonl: its rows are not RoundTrip rows: it lacks the columns \['parsed'\]"),
                "bool as text": (lambda row: row | {"parsed": "yes"},
-                                r"rt\.jsonl:1: parsed is \"yes\", which a RoundTrip's parsed \(bool\) cannot be"),
+                                r"rt\.jsonl:1: parsed is \"yes\", which the parsed of RoundTrip rows "
+                                r"\(bool\) cannot be"),
                "index as float": (lambda row: row | {"index": 1.5},
-                                  r"rt\.jsonl:1: index is 1\.5, which a RoundTrip's index \(int64\) cannot be")}
+                                  r"rt\.jsonl:1: index is 1\.5, which the index of RoundTrip rows \(int64\) cannot be")}
 
 
 @pytest.mark.parametrize("edit", JSONL_EDITS)
@@ -458,8 +459,8 @@ def test_read_result_says_why_it_cannot_read_a_file(results, tmp_path):
     with pytest.raises(nl.InputError, match="file path"):
         nl.read_result(None)
     rows = rt.save(tmp_path / "rt.jsonl")
-    with pytest.raises(nl.InputError, match=r"rt\.jsonl: its rows are not a DirectionVerbalization's: it has the "
-                                            r"columns \[.*'mse'.*\], which a DirectionVerbalization's have not"):
+    with pytest.raises(nl.InputError, match=r"rt\.jsonl: its rows are not DirectionVerbalization rows: it has the "
+                                            r"columns \[.*'mse'.*\], which DirectionVerbalization rows have not"):
         nl.read_result(rows, result_type=nl.DirectionVerbalization)
     with pytest.raises(nl.InputError, match=r"holds RoundTrip rows, not Verbalizations rows: pass "
                                             r"result_type=RoundTrip, or none"):
