@@ -14,7 +14,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import torch
 from jaxtyping import Float, Int
@@ -41,6 +41,7 @@ _WEIGHT_STRIDE = 997  # every 997th value of each parameter: another checkpoint 
 Labeler = Callable[[ActivationRecord], "str | None"]
 RECORD_KEY = "extraction"  # the key of the line `save_explanations` writes first: the extraction it labels
 _ROWS_NAMED = 5  # rows a warning names before it counts the rest
+Row = TypeVar("Row")
 _IN_MEMORY = "(an extraction in memory)"  # an extraction's name in messages where it has no folder
 _TURN_PROBE = "NLA turn probe"  # an assistant message's text, found again in the template's rendering
 
@@ -137,17 +138,22 @@ def label_activations(dataset: ActivationDataset, explanations: str | Path | Lab
                                identity)
 
 
+def _named(found: Sequence[Row], name: Callable[[Row], str]) -> str:
+    """The first `_ROWS_NAMED` of `found` as `name` writes them, then how many more: how the checks of labelled rows
+    name them."""
+    more = f"; and {len(found) - _ROWS_NAMED} more" if len(found) > _ROWS_NAMED else ""
+    return "; ".join(map(name, found[:_ROWS_NAMED])) + more
+
+
 def check_not_blank(dataset: ActivationDataset, texts: list[str | None]) -> None:
     """Refuse explanations that are empty or only whitespace (a labeler that answered nothing): the AV learned to
     write `<explanation>` with nothing in it, and the AR to read nothing as a vector, without a word."""
     blank = [i for i, text in enumerate(texts) if text is not None and not text.strip()]
     if not blank:
         return
-    where = "; ".join(f"doc_id {dataset.records[i].doc_id!r} position {dataset.records[i].position}"
-                      for i in blank[:_ROWS_NAMED])
-    more = f"; and {len(blank) - _ROWS_NAMED} more" if len(blank) > _ROWS_NAMED else ""
+    where = _named(blank, lambda i: f"doc_id {dataset.records[i].doc_id!r} position {dataset.records[i].position}")
     raise InputError(f"{counted(len(blank), 'explanation')} {'is' if len(blank) == 1 else 'are'} empty or only "
-                     f"whitespace ({where}{more}): the AV would learn to explain nothing. Label those rows again, or "
+                     f"whitespace ({where}): the AV would learn to explain nothing. Label those rows again, or "
                      "leave them out (delete their lines; a labeler returns None for a row to leave out)")
 
 
@@ -160,10 +166,9 @@ def check_directions(dataset: ActivationDataset, rows: list[int]) -> None:
         if not found:
             continue
         records = [dataset.records[rows[i]] for i in found]
-        where = "; ".join(f"doc_id {r.doc_id!r} position {r.position}" for r in records[:_ROWS_NAMED])
-        more = f"; and {len(found) - _ROWS_NAMED} more" if len(found) > _ROWS_NAMED else ""
+        where = _named(records, lambda r: f"doc_id {r.doc_id!r} position {r.position}")
         raise VectorError(f"{counted(len(found), 'labelled activation row')} of "
-                          f"{dataset.folder or _IN_MEMORY} {what} ({where}{more}), so they cannot train an AV or an "
+                          f"{dataset.folder or _IN_MEMORY} {what} ({where}), so they cannot train an AV or an "
                           "AR. Extract again in float32 or bfloat16 (float16 overflows residuals), or leave those rows "
                           "out of the explanations (a row without one is not trained on)")
 
@@ -456,11 +461,10 @@ def warn_special_token_text(data: LabelledActivations, tokenizer: PreTrainedToke
     found = [(i, held) for i, held in found if held]
     if not found:
         return
-    where = "; ".join(f"doc_id {data.doc_ids[i]!r} position {data.positions[i]} ({', '.join(held)})"
-                      for i, held in found[:_ROWS_NAMED])
-    more = f"; and {len(found) - _ROWS_NAMED} more" if len(found) > _ROWS_NAMED else ""
+    where = _named(found, lambda row: f"doc_id {data.doc_ids[row[0]]!r} position {data.positions[row[0]]} "
+                                      f"({', '.join(row[1])})")
     warnings.warn(f"{counted(len(found), 'explanation')} of {len(data)} hold special-token text, which the tokenizer "
-                  f"reads as the special token itself (as the paper's training code does): {where}{more}. So "
+                  f"reads as the special token itself (as the paper's training code does): {where}. So "
                   f"{consequence}; remove or reword that text in the explanations", UserWarning, stacklevel=3)
 
 
@@ -471,11 +475,9 @@ def check_fits(n_ctx: int, *rows: AVRows | ARRows) -> None:
                 if length > n_ctx]
     if not too_long:
         return
-    where = "; ".join(f"doc_id {doc_id!r} position {position}: {length} tokens"
-                      for doc_id, position, length in too_long[:_ROWS_NAMED])
-    more = f"; and {len(too_long) - _ROWS_NAMED} more" if len(too_long) > _ROWS_NAMED else ""
+    where = _named(too_long, lambda row: f"doc_id {row[0]!r} position {row[1]}: {row[2]} tokens")
     raise PromptTooLongError(f"{counted(len(too_long), 'training row')} {'is' if len(too_long) == 1 else 'are'} "
-                             f"longer than the model's context of n_ctx={n_ctx} tokens ({where}{more}); shorten "
+                             f"longer than the model's context of n_ctx={n_ctx} tokens ({where}); shorten "
                              "those explanations, or leave the rows out (delete their lines; a labeler returns None "
                              "for a row to leave out)")
 
