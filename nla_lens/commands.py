@@ -52,9 +52,7 @@ def _check_text_fits(row: Sequence[int], n_ctx: int | None) -> None:
 
 def _config_context(folder: Path) -> int | None:
     """The n_ctx the base in `folder` will load with, from its config.json: known before any weight loads."""
-    from nla_lens.training.dataset import context_length
-
-    return context_length(loading.load_hf_config(folder))
+    return loading.context_length(loading.load_hf_config(folder))
 
 
 def capture_text(base: Path, tokenizer: PreTrainedTokenizerBase, layer: int, text: str, device: str,

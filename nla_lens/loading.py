@@ -300,6 +300,12 @@ def eos_token_ids(folder: Path, tokenizer: PreTrainedTokenizerBase) -> list[int]
     return sorted(set(ids))
 
 
+def context_length(hf_config: Any) -> int | None:
+    """The n_ctx `hooked_config` gives the model, from its config.json: known before the weights load, so texts and
+    training rows are checked against it first. None where the config does not say."""
+    return getattr(hf_config.get_text_config(), "max_position_embeddings", None)
+
+
 def hooked_config(hf_config: Any, *, n_layers: int | None, dtype: torch.dtype,
                   device: str | torch.device) -> HookedTransformerConfig:
     """TL config for the Qwen3 / Qwen2 / Llama / Gemma-3 families, n_ctx taken from the HF config."""

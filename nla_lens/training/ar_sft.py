@@ -31,7 +31,6 @@ from nla_lens.training.dataset import (
     check_base_fits,
     check_document_disjoint,
     check_fits,
-    context_length,
     data_fingerprint,
     encoded_ar_rows,
 )
@@ -53,7 +52,7 @@ def init_ar(base_model: str | Path, dataset: NLAMeta, *, device: str | torch.dev
     tokenizer = loading.load_tokenizer(folder)
     meta = parse_meta(model_sidecar(dataset, "ar"), source=f"the AR sidecar made from {dataset.source}")
     check_tokenizer(meta, tokenizer, role="ar", tokenizer_of="extraction")
-    n_ctx = context_length(hf_config)
+    n_ctx = loading.context_length(hf_config)
     if n_ctx is not None and train_on:
         check_fits(n_ctx, *(encoded_ar_rows(data, meta, tokenizer) for data in train_on))
     model = loading.load_hooked_transformer(folder, tokenizer, dtype=dtype, device=device, n_layers=meta.layer + 1)

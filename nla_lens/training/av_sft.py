@@ -30,7 +30,6 @@ from nla_lens.training.dataset import (
     check_base_fits,
     check_document_disjoint,
     check_fits,
-    context_length,
     data_fingerprint,
     encoded_av_rows,
     turn_end_ids,
@@ -77,7 +76,7 @@ def init_av(
     # It stops where every training row ends, and on the EOS too, as HF's generation_config of an instruct model does.
     stop_ids = sorted({turn_end_ids(tokenizer)[-1], tokenizer.eos_token_id})
     loading.check_hook_point(folder, spec.hook_point, backend="hooked")  # a typo here cost a full load
-    n_ctx = context_length(hf_config)
+    n_ctx = loading.context_length(hf_config)
     if n_ctx is not None and train_on:
         check_fits(n_ctx, *(encoded_av_rows(data, meta, tokenizer) for data in train_on))
     model = loading.load_hooked_transformer(folder, tokenizer, dtype=dtype, device=device)

@@ -482,11 +482,6 @@ def check_fits(n_ctx: int, *rows: AVRows | ARRows) -> None:
                              "for a row to leave out)")
 
 
-def context_length(hf_config: Any) -> int | None:
-    """The n_ctx the loader gives the model (`loading.hooked_config`), from its config.json: known before the
-    weights load. None where the config does not say."""
-    return getattr(hf_config.get_text_config(), "max_position_embeddings", None)
-
 
 def check_base_fits(hf_config: Any, dataset: NLAMeta, base_model: str | Path, *, folder: Path, role: str) -> None:
     """Refuse a `base_model` whose width (or, for the AR, depth) cannot hold the extraction's vectors, read from

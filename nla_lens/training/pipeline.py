@@ -34,7 +34,6 @@ from nla_lens.training.config import (
 from nla_lens.training.dataset import (
     LabelledActivations,
     check_fits,
-    context_length,
     encoded_av_rows,
     label_activations,
     split_by_document,
@@ -308,7 +307,7 @@ def check_anchor_rows_fit(config: RLRunConfig, train: LabelledActivations) -> No
     if config.rl.sft_coef == 0:
         return
     folder = loading.resolve_checkpoint(config.av)
-    n_ctx = context_length(loading.load_hf_config(folder))
+    n_ctx = loading.context_length(loading.load_hf_config(folder))
     if n_ctx is not None:
         check_fits(n_ctx, encoded_av_rows(train, load_meta(folder), loading.load_tokenizer(folder)))
 
