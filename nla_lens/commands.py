@@ -508,9 +508,7 @@ def _run_explain(args: argparse.Namespace) -> None:
         check_baseline(args.baseline)
     folders = nla_and_base_folders(args)
     token_rows, skip = text_rows(folders.base_tokenizer, texts)
-    n_ctx = folders.base_context()
-    if n_ctx is not None:  # explain checks it again against the loaded base
-        check_rows_fit(token_rows, n_ctx, texts)
+    check_rows_fit(token_rows, folders.base_context(), texts)  # explain checks it again against the loaded base
     text_columns(args.positions, token_rows, skip, texts)  # explain picks them again
     nla, base = folders.load(device, args.dtype)
     explanation = nla.explain(base, texts, positions=args.positions, baseline=args.baseline,

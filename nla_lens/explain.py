@@ -176,9 +176,12 @@ def text_columns(positions: ExplainPositions, token_rows: Sequence[Sequence[int]
             for t, (row, s, text) in enumerate(zip(token_rows, skip, texts, strict=True))]
 
 
-def check_rows_fit(token_rows: Sequence[Sequence[int]], n_ctx: int, texts: Sequence[str] | None) -> None:
+def check_rows_fit(token_rows: Sequence[Sequence[int]], n_ctx: int | None, texts: Sequence[str] | None) -> None:
     """A PromptTooLongError naming the first row longer than the base's context `n_ctx` (by its text where `texts`
-    are given); `nla-lens explain` checks with its config.json's n_ctx before any weight is read."""
+    are given; None: a context config.json does not say, nothing to check); `nla-lens explain` and `steer-words`
+    check with the config's n_ctx before any weight is read."""
+    if n_ctx is None:
+        return
     too_long = next((t for t, row in enumerate(token_rows) if len(row) > n_ctx), None)
     if too_long is not None:
         name = (f"token_rows[{too_long}]" if texts is None

@@ -101,8 +101,7 @@ def _batch(tokenizer: Any, texts: list[str], positions: list[int], n_ctx: int | 
     from nla_lens.training.padding import pad
 
     rows = [text_ids(tokenizer, text) for text in texts]
-    if n_ctx is not None:
-        check_rows_fit(rows, n_ctx, texts)
+    check_rows_fit(rows, n_ctx, texts)
     tokens, mask = pad(rows, 0, "left")
     return tokens, mask, _site_mask(positions, [len(row) for row in rows], tokens.shape[1])
 
