@@ -128,6 +128,18 @@ def stray_byte_verbalization(tokenizer) -> nl.Verbalization:
     return nl.Verbalization(text, nl.verbalizer.parse_explanation(text), ids)
 
 
+def cut_write_text_short(patch: pytest.MonkeyPatch) -> None:
+    """Make `Path.write_text` under `patch` write half its text and then fail as a full disk does: what an in-place
+    write leaves behind, for the tests that an atomic write leaves the earlier file whole."""
+    write_text = Path.write_text
+
+    def half_then_disk_full(self, text, *args, **kwargs):
+        write_text(self, text[:len(text) // 2], *args, **kwargs)
+        raise OSError(28, "No space left on device")
+
+    patch.setattr(Path, "write_text", half_then_disk_full)
+
+
 def make_sae(d_in: int, d_sae: int, hook_name: str, seed: int = 0):
     """A sae-lens StandardSAE with seeded random weights, reading `hook_name` (needs the `sae` extra)."""
     from sae_lens import StandardSAE, StandardSAEConfig

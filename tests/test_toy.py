@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import NEEDS_TL3
+from conftest import NEEDS_TL3, cut_write_text_short
 from transformers import PreTrainedTokenizerFast
 
 from hf_reference import load_hf
@@ -555,14 +555,8 @@ def test_heldout_json_cut_short_leaves_the_earlier_file_whole(tmp_path, monkeypa
     path.parent.mkdir()
     earlier = '[{"id": "macbeth/0", "text": "the earlier run"}]'
     path.write_text(earlier)
-    write_text = Path.write_text
-
-    def half_then_disk_full(self, data, *args, **kwargs):
-        write_text(self, data[:len(data) // 2], *args, **kwargs)
-        raise OSError(28, "No space left on device")
-
     with monkeypatch.context() as patched:
-        patched.setattr(Path, "write_text", half_then_disk_full)
+        cut_write_text_short(patched)
         with pytest.raises(OSError, match="No space left on device"):
             evaluate.heldout_documents(plays, path)
     assert path.read_text() == earlier and [p.name for p in path.parent.iterdir()] == ["heldout.json"]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import LAYER, NEEDS_TL3
+from conftest import LAYER, NEEDS_TL3, cut_write_text_short
 from safetensors.torch import load_file
 
 import nla_lens as nl
@@ -821,13 +821,7 @@ def test_a_run_record_cut_short_leaves_the_earlier_record_whole(tmp_path, monkey
     pipeline._save_result(config, tmp_path / "av", TrainResult(steps=1), World())
     record = tmp_path / pipeline.RESULT_FILE
     before = record.read_bytes()
-    write_text = Path.write_text
-
-    def disk_full_halfway(path, text, *args, **kwargs):
-        write_text(path, text[:len(text) // 2], *args, **kwargs)
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(Path, "write_text", disk_full_halfway)
+    cut_write_text_short(monkeypatch)
     with pytest.raises(OSError, match="No space left on device"):
         pipeline._save_result(config, tmp_path / "av", TrainResult(steps=2), World())
     monkeypatch.undo()

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import D_MODEL, LAYER, NEEDS_TL3
+from conftest import D_MODEL, LAYER, NEEDS_TL3, cut_write_text_short
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -195,13 +194,7 @@ def test_a_sidecar_write_cut_short_does_not_block_the_rerun(tmp_path, base_tl, c
     """The sidecar was written in place: half of it (a full disk, a kill) made the rerun refuse the folder as
     "an extraction with other settings"."""
     model, tokenizer = base_tl
-    write_text = Path.write_text
-
-    def half_then_fail(self, text, *args, **kwargs):
-        write_text(self, text[:len(text) // 2], *args, **kwargs)
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(Path, "write_text", half_then_fail)
+    cut_write_text_short(monkeypatch)
     with pytest.raises(OSError, match="No space left"):
         extract_activations(model, tokenizer, corpus, tmp_path, extract_config, progress=False)
     monkeypatch.undo()
