@@ -14,9 +14,11 @@ import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 
-def load_hf(folder: Path, dtype: torch.dtype = torch.float32):
+def load_hf(folder: Path, dtype: torch.dtype = torch.float32, attn_implementation: str | None = None):
+    """`attn_implementation`: None for HF's default (SDPA), or "eager"."""
     # ignore_mismatched_sizes: a paper AR may carry an eye(d) lm_head placeholder, unused here.
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, ignore_mismatched_sizes=True).eval()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, ignore_mismatched_sizes=True,
+                                                 attn_implementation=attn_implementation).eval()
     return model, AutoTokenizer.from_pretrained(folder)
 
 
@@ -153,16 +155,17 @@ def av_prompt(tokenizer, meta: dict) -> list[int]:
 
 
 def ar_reconstruct(folder: Path, texts: list[str], special_tokens: bool = True,
-                   hooks=contextlib.nullcontext, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                   hooks=contextlib.nullcontext, dtype: torch.dtype = torch.float32,
+                   attn_implementation: str | None = None) -> torch.Tensor:
     """The paper's NLACritic: truncated backbone, final norm -> Identity, value head at the last token,
     the prompt tokenized WITH special tokens (BOS first for Gemma / Llama, nothing for Qwen); run in
-    `dtype`, returned in float32.
+    `dtype` with `attn_implementation` (`load_hf`'s), returned in float32.
 
     `hooks(model)`: a context manager installing torch hooks on the HF model for the forwards.
     """
     from safetensors.torch import load_file
 
-    model, tokenizer = load_hf(folder, dtype)
+    model, tokenizer = load_hf(folder, dtype, attn_implementation)
     model.model.norm = torch.nn.Identity()
     meta = sidecar(folder)
     templates = meta["prompt_templates"]

@@ -7,8 +7,9 @@ and TransformerLens round differently (SDPA or eager attention, op order), so th
 error: nla_lens in bf16 must sit as near the fp32 reference as HF in bf16 does (measured: 0.8-1.3x), while the
 injection moves the logits 8-40x further. Gemma-3's bound is tighter: its norms compute HF's arithmetic (fp32
 1 + w, multiplied before the cast), measured 0.93-1.13x on both backends (1.12-1.36x while the hooked backend's
-rounded 1 + w to bf16 and multiplied after the cast). The embedding, Gemma's sqrt(d) scale and the replaced
-marker row included, is HF's to the bit.
+rounded 1 + w to bf16 and multiplied after the cast). The rest is HF's default attention (SDPA, whose scores and
+softmax stay fp32): against HF's eager attention, Gemma-3's bf16 outputs are HF's to the bit on both backends. The
+embedding, Gemma's sqrt(d) scale and the replaced marker row included, is HF's to the bit.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ ATOL = 1e-5
 DECODE_ATOL = 2e-5  # measured up to 1e-5 (the Qwen3 AV, whose logits are largest), 2.7e-6 elsewhere
 MAX_NEW = 10
 BF16_NOISE_RATIO = 1.5  # nla_lens's bf16 error over HF's own (both against HF fp32); measured 0.77-1.31
-GEMMA_BF16_NOISE_RATIO = 1.2  # Gemma-3's; measured 0.93-1.13
+GEMMA_BF16_NOISE_RATIO = 1.2  # Gemma-3's; measured 0.93-1.13, HF's eager attention's own over its SDPA's
 EXPLANATIONS = ["the cat sat on the mat", "a dog ran in the park and the weather", "the sea"]
 TEXT = "The cat sat on the mat. A dog ran in the park."
 CONTINUATION = "<explanation>\nThe cat sat on the mat. A dog ran in the park and the weather and the sea."
@@ -68,9 +69,10 @@ def _folder(request, where):
     return request.getfixturevalue(fixture)[key]
 
 
-def _hf(folder, dtype=torch.float32):
+def _hf(folder, dtype=torch.float32, attn_implementation=None):
+    """HF's model of `folder`; `attn_implementation` None for HF's default attention (SDPA), or "eager"."""
     model_class = Gemma3ForConditionalGeneration if "multimodal" in folder.name else AutoModelForCausalLM
-    return model_class.from_pretrained(folder, dtype=dtype).eval()
+    return model_class.from_pretrained(folder, dtype=dtype, attn_implementation=attn_implementation).eval()
 
 
 def _reference_injection(hf, folder, tokens, vectors):
@@ -339,6 +341,65 @@ def test_capture_on_load_base_is_hf_hidden_states_k_plus_1(request, family, dtyp
     else:
         noise = _mean_abs(expected[dtype], expected[torch.float32])
         assert _mean_abs(captured.vectors, expected[torch.float32]) < _bf16_bound(family) * noise
+
+
+# --- Gemma-3 bf16: HF's eager attention to the bit ---
+
+@pytest.mark.parametrize("family", ["gemma", "gemma_multimodal"])
+def test_gemma3_bf16_av_logits_and_decode_steps_are_hf_eager_attention_to_the_bit(request, family, family_vectors):
+    """What is left of Gemma-3's bf16 gap to HF's default forward (0.93-1.13x HF's own bf16 error) is HF's attention,
+    not nla_lens: HF's default SDPA keeps the q.k scores and the softmax in fp32 and rounds once at its output, where
+    HF's eager attention (which the bridge loads) rounds the scores and the probabilities to bf16, as TL's attention
+    does. Against eager, the injected prompt's logits and every KV-cached decode step's (each decoder verbalize may
+    run) are HF's to the bit, on either backend. (Before the norms computed HF's arithmetic, they were not.)"""
+    folder = _folder(request, AVS[family])
+    av = nl.ActivationVerbalizer.from_pretrained(folder, dtype=torch.bfloat16)
+    tokens = av.prompt_tokens(len(family_vectors))
+    continuation = torch.tensor(av.tokenizer.encode(CONTINUATION, add_special_tokens=False)).expand(len(tokens), -1)
+    full = torch.cat([tokens, continuation], dim=1)
+    hooks = av.injection(family_vectors, tokens).site_hooks()
+    decoders = [backends.decoder(av.model, len(tokens), full.shape[1], hooks)]
+    if backends.default_backend() == "hooked":
+        from nla_lens import decoding  # HookedTransformer's: TL 3.x only
+
+        decoders.append(decoding.HookedDecoder(av.model, len(tokens), "the fallback"))
+    with torch.inference_mode():
+        decoded = [torch.stack([decoder.prefill(tokens, hooks)] + [decoder.step(ids) for ids in continuation.T[:-1]],
+                               dim=1) for decoder in decoders]
+    ours = av.model.run_with_hooks(tokens, fwd_hooks=hooks)
+
+    hf = _hf(folder, torch.bfloat16, attn_implementation="eager")
+    with torch.no_grad():
+        with _reference_injection(hf, folder, tokens, family_vectors):
+            expected = hf(tokens).logits
+        with _reference_injection(hf, folder, full, family_vectors):
+            expected_steps = hf(full).logits[:, tokens.shape[1] - 1:full.shape[1] - 1]
+    assert torch.equal(ours, expected)
+    for steps in decoded:
+        assert torch.equal(steps, expected_steps)
+    # Teeth: HF's default attention rounds otherwise.
+    sdpa = _hf(folder, torch.bfloat16)
+    with torch.no_grad(), _reference_injection(sdpa, folder, tokens, family_vectors):
+        assert (sdpa(tokens).logits - expected).abs().max() > 1e-3
+
+
+def test_gemma3_bf16_ar_and_capture_are_hf_eager_attention_to_the_bit(bos_paths):
+    """The Gemma-3 AR's bf16 reconstructions and `nl.capture`'s bf16 residual (HF's `hidden_states[K + 1]`) are
+    HF's eager attention forward to the bit, on either backend."""
+    ar = nl.ActivationReconstructor.from_pretrained(bos_paths["gemma_ar"], dtype=torch.bfloat16)
+    ours = ar.reconstruct(EXPLANATIONS, batch_size=2)  # one row padded
+    expected = ref.ar_reconstruct(bos_paths["gemma_ar"], EXPLANATIONS, dtype=torch.bfloat16,
+                                  attn_implementation="eager")
+    assert torch.equal(ours.float(), expected)
+    with pytest.warns(UserWarning, match="not the base model"):
+        base = nl.load_base(bos_paths["gemma_av"], dtype=torch.bfloat16)
+    tokens = base.to_tokens(TEXT)
+    with nl.capture(base, LAYER, positions=torch.ones_like(tokens, dtype=torch.bool)) as captured:
+        base(tokens)
+    with torch.no_grad():
+        hidden = _hf(bos_paths["gemma_av"], torch.bfloat16, attn_implementation="eager").model(
+            tokens, output_hidden_states=True).hidden_states[LAYER + 1][0]
+    assert torch.equal(captured.vectors.float(), hidden.float())
 
 
 # --- KV-cached decoding: every family, fp32 and bf16 ---
