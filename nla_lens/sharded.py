@@ -271,8 +271,16 @@ def round_trip_file(
 
 
 def _context_length(folder: Path) -> int:
-    """The n_ctx the loaded model will have (`loading.hooked_config` takes it from the config), read before loading."""
-    return int(loading.load_hf_config(folder).get_text_config().max_position_embeddings)
+    """`loading.context_length` of the model in `folder`, which `check_sample_fits` needs: a config.json that does not
+    say is of no architecture nla_lens loads (each has max_position_embeddings), refused before any weight is read."""
+    config = loading.load_hf_config(folder)
+    n_ctx = loading.context_length(config)
+    if n_ctx is None:
+        raise CheckpointError(f"{folder}/config.json (model_type {config.model_type!r}) gives no context length "
+                              "(max_position_embeddings), so it is no model nla_lens loads "
+                              f"({', '.join(loading.SUPPORTED_ARCHITECTURES)}); restore the config.json saved with "
+                              "the checkpoint")
+    return n_ctx
 
 
 JOB_KEY = "nla_lens_job"  # the parquet output's schema metadata key for `job_record`

@@ -326,6 +326,22 @@ def test_a_sharded_round_trip_refuses_a_max_new_tokens_the_ar_cannot_read_before
     assert not list(shard_store.shard_folder(tmp_path / "out.parquet").glob("shard-*"))
 
 
+def test_a_sharded_round_trip_refuses_an_ar_whose_config_gives_no_context_length_before_any_model_loads(
+        tiny_paths, input_file, tmp_path, monkeypatch):
+    """The AR's context bounds `max_new_tokens` (`check_sample_fits`), read from its config.json: a config of no
+    architecture nla_lens loads (a T5's has no max_position_embeddings) raised a bare AttributeError."""
+    ar = shutil.copytree(tiny_paths["ar_nanonla"], tmp_path / "ar")
+    config = json.loads((ar / "config.json").read_text())
+    del config["max_position_embeddings"]
+    (ar / "config.json").write_text(json.dumps({**config, "model_type": "t5", "architectures": ["T5Model"]}))
+    monkeypatch.setattr(nl.ActivationVerbalizer, "_from_folder", lambda *a, **k: pytest.fail("a model loaded"))
+    with pytest.raises(nl.CheckpointError, match=re.escape(f"{ar}/config.json (model_type 't5') gives no context "
+                                                           "length (max_position_embeddings), so it is no model "
+                                                           "nla_lens loads (Qwen3ForCausalLM, ")):
+        sharded.round_trip_file(tiny_paths["av_karvonen"], ar, input_file, tmp_path / "out.parquet",
+                                sampling=GREEDY, baseline=0.5, shard_size=SHARD_SIZE)
+
+
 def test_a_sharded_round_trips_warnings_name_the_input_rows_scored_though_their_sample_ran_on(
         tiny_paths, input_file, rows, tmp_path, monkeypatch):
     """As `NLA.round_trip`'s: an explanation that closed its tag in a sample cut at max_new_tokens is scored (the
