@@ -296,14 +296,14 @@ def directionless_parsed(verbalizations: Sequence[Verbalization],
     return sorted(i for i in scored_misses(reconstructions) if verbalizations[i].explanation is not None)
 
 
-def rows_the_ar_reads(ar: ActivationReconstructor, verbalizations: Sequence[Verbalization]) -> tuple[
+def rows_the_ar_reads(ar: ActivationReconstructor, explanations: Sequence[str | None]) -> tuple[
         list[int], list[int]]:
-    """The rows whose parsed explanation the AR reads, and the parsed rows whose AR prompt is over its n_ctx, which
-    `NLA.score` scores as misses. `check_sample_fits` bounds the tokens the AV samples, not its text retokenized:
-    a sampled token holding a split character's stray bytes decodes to U+FFFD, which a byte-level BPE may take
-    back as up to three tokens."""
-    parsed = [i for i, v in enumerate(verbalizations) if v.explanation is not None]
-    fits = ar.prompts_fit([cast(str, verbalizations[i].explanation) for i in parsed])
+    """The rows whose parsed explanation (None: a failed parse) the AR reads, and the parsed rows whose AR prompt is
+    over its n_ctx, which `NLA.score` and RL's reward score as misses. `check_sample_fits` bounds the tokens the AV
+    samples, not its text retokenized: a sampled token holding a split character's stray bytes decodes to U+FFFD,
+    which a byte-level BPE may take back as up to three tokens."""
+    parsed = [i for i, e in enumerate(explanations) if e is not None]
+    fits = ar.prompts_fit([cast(str, explanations[i]) for i in parsed])
     return ([i for i, ok in zip(parsed, fits, strict=True) if ok],
             [i for i, ok in zip(parsed, fits, strict=True) if not ok])
 
@@ -313,7 +313,7 @@ def miss_warnings(ar: ActivationReconstructor, verbalizations: Sequence[Verbaliz
                   name_rows: RowNamer = row_indices) -> list[str]:
     """The parsed rows `NLA.score` scored as misses, named by `name_rows` (numbered from `first_row`: a shard's place
     in its input): explanations the AR cannot read within its n_ctx, reconstructions with no direction."""
-    read, too_long = rows_the_ar_reads(ar, verbalizations)
+    read, too_long = rows_the_ar_reads(ar, [v.explanation for v in verbalizations])
     notes = [too_long_warning(too_long, len(verbalizations), ar.model.cfg.n_ctx, first_row, name_rows),
              directionless_warning(reconstructions, read, first_row, name_rows)]
     return [note for note in notes if note]
@@ -493,7 +493,7 @@ class NLA:
         """
         vectors = vectors.float()
         scale = self.mse_scale
-        read, _ = rows_the_ar_reads(self.ar, verbalizations)
+        read, _ = rows_the_ar_reads(self.ar, [v.explanation for v in verbalizations])
         reconstructions = torch.full_like(vectors, float("nan"))
         miss = metrics.miss_mse(self.av.meta.d_model, scale)
         mse = torch.full((len(vectors),), miss)

@@ -544,7 +544,7 @@ def verbalize_sae_features(
                                      offset)
     # Only the cosine is reported: a round trip's FVE needs a baseline over many real activations.
     reconstructions = torch.full_like(vectors, float("nan"))
-    read, too_long = rows_the_ar_reads(nla.ar, verbalizations)
+    read, too_long = rows_the_ar_reads(nla.ar, [v.explanation for v in verbalizations])
     if read:
         texts = [cast(str, verbalizations[i].explanation) for i in read]
         reconstructions[read] = nla.ar.reconstruct(texts).to(vectors.device)

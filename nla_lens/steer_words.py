@@ -519,7 +519,7 @@ def _verbalize_sites(nla: NLA, base: TLModel, tokens: Tensor, rows: Tensor, cols
     vectors = resid[rows.to(resid.device), cols.to(resid.device)].float()
     vectors = vectors.repeat_interleave(samples, dim=0)
     said = nla.av.verbalize(vectors, batch_size=batch_size, progress=False, **sampling)
-    read, too_long = rows_the_ar_reads(nla.ar, said)
+    read, too_long = rows_the_ar_reads(nla.ar, [v.explanation for v in said])
     texts: list[list[str]] = [[] for _ in range(len(rows))]
     for j in read:  # sample j is of site j // samples
         texts[j // samples].append(cast(str, said[j].explanation))

@@ -45,7 +45,15 @@ from nla_lens import backends, metrics
 from nla_lens.checks import context_overflow, counted
 from nla_lens.distributed import inference
 from nla_lens.errors import ConfigError, InputError
-from nla_lens.nla import MIN_BASELINE_VECTORS, NLA, Baseline, check_pair, check_vocabularies, resolve_baseline
+from nla_lens.nla import (
+    MIN_BASELINE_VECTORS,
+    NLA,
+    Baseline,
+    check_pair,
+    check_vocabularies,
+    resolve_baseline,
+    rows_the_ar_reads,
+)
 from nla_lens.parsing import cjk_fraction, parse_explanation
 from nla_lens.reconstructor import ActivationReconstructor
 from nla_lens.sidecar import ar_prompt_ids
@@ -161,18 +169,18 @@ def sample_groups(av: ActivationVerbalizer, vectors: Float[Tensor, "groups d_mod
 
 def score(ar: ActivationReconstructor, vectors: Float[Tensor, "n d_model"], texts: list[str],
           truncated: Bool[Tensor, " n"]) -> tuple[list[str | None], Float[Tensor, " n"], Float[Tensor, " n"]]:
-    """Explanations, their MSE (NaN where not scored) and rewards. Truncated samples are not scored, nor is an
-    explanation whose AR prompt is over the AR's n_ctx: `check_samples_fit` bounds the sampled tokens, and a sampled
-    token holding a split character's stray bytes decodes to U+FFFD, which may retokenize as three (`reconstruct`
-    refused it mid-run). Both score the miss, and the AR's update drops them (`Rollout.hits`)."""
+    """Explanations, their MSE (NaN where not scored) and rewards. The AR scores what `NLA.score` reads
+    (`rows_the_ar_reads`: not an explanation whose AR prompt is over the AR's n_ctx, which `reconstruct` refused
+    mid-run) less the truncated samples: the recipe's reward counts a sample cut at `max_new_tokens` a miss, its tag
+    closed or not, where the paper's parse rule scores it. Both score the miss, and the AR's update drops them
+    (`Rollout.hits`)."""
     explanations = [parse_explanation(text) for text in texts]
     parsed = torch.tensor([e is not None for e in explanations], dtype=torch.bool)
-    finished = (parsed & ~truncated).nonzero().flatten().tolist()
-    fits = ar.prompts_fit([cast(str, explanations[i]) for i in finished])
-    wanted = [i for i, ok in zip(finished, fits, strict=True) if ok]
+    finished = [None if cut else e for e, cut in zip(explanations, truncated.tolist(), strict=True)]
+    wanted, _ = rows_the_ar_reads(ar, finished)
     mse = torch.full((len(texts),), float("nan"), dtype=torch.float64)
     if wanted:
-        predicted = ar.reconstruct([explanations[i] for i in wanted])
+        predicted = ar.reconstruct([cast(str, explanations[i]) for i in wanted])
         targets = vectors[wanted].to(predicted.device)
         mse[wanted] = metrics.mse_per_item(predicted, targets, ar.meta.mse_scale).cpu().double()
     miss = -metrics.miss_mse(ar.meta.d_model, ar.meta.mse_scale)
