@@ -290,12 +290,6 @@ def scored_misses(reconstructions: Float[Tensor, "n d_model"]) -> set[int]:
     return {*non_finite, *zero}
 
 
-def directionless_parsed(verbalizations: Sequence[Verbalization],
-                         reconstructions: Float[Tensor, "n d_model"]) -> list[int]:
-    """The rows whose explanation parsed but whose reconstruction has no direction (NaN, Inf or zero)."""
-    return sorted(i for i in scored_misses(reconstructions) if verbalizations[i].explanation is not None)
-
-
 def rows_the_ar_reads(ar: ActivationReconstructor, explanations: Sequence[str | None]) -> tuple[
         list[int], list[int]]:
     """The rows whose parsed explanation (None: a failed parse) the AR reads, and the parsed rows whose AR prompt is
@@ -320,25 +314,27 @@ def miss_warnings(ar: ActivationReconstructor, verbalizations: Sequence[Verbaliz
 
 
 def too_long_warning(rows: Sequence[int], n: int, n_ctx: int, first_row: int = 0,
-                     name_rows: RowNamer = row_indices) -> str | None:
-    """Rows whose explanation the AR cannot read within its n_ctx (`rows_the_ar_reads`), scored as misses."""
+                     name_rows: RowNamer = row_indices, *, consequence: str = "scored as misses") -> str | None:
+    """Rows whose explanation the AR cannot read within its n_ctx (`rows_the_ar_reads`), which `NLA.score` scored as
+    misses (`consequence` says what they get where nothing is scored)."""
     if not rows:
         return None
     shown = name_rows([first_row + i for i in rows])
-    return (f"{len(rows)}/{n} explanations make AR prompts over the AR's n_ctx={n_ctx} ({shown}), scored as "
-            "misses: their text retokenizes to more tokens than the AV sampled (a sampled token holding stray bytes "
-            "of a split character decodes to U+FFFD, which may tokenize as three); read their `text`")
+    return (f"{len(rows)}/{n} explanations make AR prompts over the AR's n_ctx={n_ctx} ({shown}), {consequence}: "
+            "their text retokenizes to more tokens than the AV sampled (a sampled token holding stray bytes of a "
+            "split character decodes to U+FFFD, which may tokenize as three); read their `text`")
 
 
-def directionless_warning(reconstructions: Float[Tensor, "n d_model"], read: Sequence[int],
-                          first_row: int = 0, name_rows: RowNamer = row_indices) -> str | None:
+def directionless_warning(reconstructions: Float[Tensor, "n d_model"], read: Sequence[int], first_row: int = 0,
+                          name_rows: RowNamer = row_indices, *, consequence: str = "scored as misses") -> str | None:
     """A warning naming the rows the AR read (`read`, numbered from `first_row`) whose reconstruction has no direction
-    (NaN, Inf or zero), which `NLA.score` scored as misses; None when there are none."""
+    (NaN, Inf or zero), which `NLA.score` scored as misses (`consequence` says what they get where nothing is
+    scored); None when there are none."""
     rows = sorted(first_row + i for i in scored_misses(reconstructions) & set(read))
     if not rows:
         return None
     return (f"{len(rows)}/{len(reconstructions)} reconstructions have no direction (NaN, Inf or zero; "
-            f"{name_rows(rows)}), scored as misses: {DIRECTIONLESS_CAUSE}")
+            f"{name_rows(rows)}), {consequence}: {DIRECTIONLESS_CAUSE}")
 
 
 def ran_on_warning(rows: Sequence[int], n: int, name_rows: RowNamer = row_indices) -> str | None:

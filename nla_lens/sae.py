@@ -40,13 +40,15 @@ from nla_lens.errors import BackendError, InputError, SAEMismatchError, VectorEr
 from nla_lens.explain import bos_skip
 from nla_lens.injection import check_vectors, past_float32_rows, prescaled, unit
 from nla_lens.nla import (
-    DIRECTIONLESS_CAUSE,
     NLA,
     check_read_keywords,
-    directionless_parsed,
+    directionless_warning,
     rows_the_ar_reads,
+    scored_misses,
+    too_long_warning,
     warn_at_caller,
 )
+from nla_lens.parsing import RowNamer
 from nla_lens.results import TabularResult
 from nla_lens.sidecar import text_ids
 from nla_lens.verbalizer import MAX_NEW_TOKENS, ActivationVerbalizer, Verbalization, Verbalizations
@@ -548,9 +550,6 @@ def verbalize_sae_features(
     if read:
         texts = [cast(str, verbalizations[i].explanation) for i in read]
         reconstructions[read] = nla.ar.reconstruct(texts).to(vectors.device)
-    if too_long:
-        verbalizations = warned(verbalizations, too_long_warning([features[i] for i in too_long], len(features),
-                                                                 nla.ar.model.cfg.n_ctx))
     if offset is not None:
         # The AR was trained on rescaled targets, so its output norm means nothing: give each reconstruction
         # the norm of the vector the AV read before the mean comes off.
@@ -561,12 +560,15 @@ def verbalize_sae_features(
     # The row prescaled: cosine_similarity clamps the norm product at 1e-8, which a tiny row's norm falls under.
     cosines = torch.nn.functional.cosine_similarity(centred, prescaled(rows), dim=1)
     # cosine_similarity scores a zero reconstruction 0 (its norm clamped) and a NaN or Inf one NaN, as a failed parse
-    directionless = sorted(set(directionless_parsed(verbalizations, reconstructions)) & set(read))  # not the too long
+    directionless = sorted(scored_misses(reconstructions) & set(read))  # not the too long: no reconstruction at all
     if directionless:
         cosines[directionless] = float("nan")
-        verbalizations = warned(verbalizations, (
-            f"{len(directionless)}/{len(features)} reconstructions have no direction (NaN, Inf or zero; features "
-            f"{[features[i] for i in directionless][:8]}), so they have no cosine: {DIRECTIONLESS_CAUSE}"))
+    named = _features_named(features)
+    notes = [too_long_warning(too_long, len(features), nla.ar.model.cfg.n_ctx, name_rows=named,
+                              consequence="so they have no reconstruction and no cosine (NaN)"),
+             directionless_warning(reconstructions, read, name_rows=named, consequence="so they have no cosine")]
+    for note in filter(None, notes):
+        verbalizations = warned(verbalizations, note)
     return FeatureVerbalizations(features, verbalizations, vectors, hook_name, offset is not None, cosines,
                                  reconstructions, offset)
 
@@ -587,12 +589,9 @@ def check_ar_reads_samples(av_or_nla: ActivationVerbalizer | NLA, verbalize_kwar
         av_or_nla.ar.check_reads_samples(max_new_tokens)
 
 
-def too_long_warning(features: list[int], n: int, n_ctx: int) -> str:
-    """The features whose parsed explanation the AR cannot read within its n_ctx (`rows_the_ar_reads`)."""
-    return (f"{len(features)}/{n} explanations make AR prompts over the AR's n_ctx={n_ctx} (features "
-            f"{features[:8]}), so they have no reconstruction and no cosine (NaN): their text retokenizes to more "
-            "tokens than the AV sampled (a sampled token holding stray bytes of a split character decodes to U+FFFD, "
-            "which may tokenize as three); read their `text`")
+def _features_named(features: list[int]) -> RowNamer:
+    """Warnings name rows by their feature ids, the first 8, as this module's errors name features."""
+    return lambda rows: f"features {[features[i] for i in rows][:8]}"
 
 
 def hooked_sae_transformer(model: HookedTransformer) -> HookedSAETransformer:
