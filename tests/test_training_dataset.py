@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import random
 import re
 import warnings
 
@@ -32,6 +33,7 @@ from nla_lens.training import (
     train_ar,
     train_av,
 )
+from nla_lens.training.dataset import texts_holding
 
 pytestmark = NEEDS_TL3
 
@@ -257,6 +259,24 @@ def test_a_warning_of_special_token_text_names_five_rows_and_counts_the_rest(bas
     with pytest.warns(UserWarning, match=r"^8 explanations of 8 hold .*: (doc_id '[^']+' position \d+ "
                                          r"\(<\|endoftext\|>\); ){5}and 3 more\. So the AR"):
         ar_rows(data, dataset_meta, tokenizer)
+
+
+def test_special_token_text_is_found_in_one_pass_in_the_rows_a_search_for_each_token_finds():
+    """`warn_special_token_text` searched every label for every special token (a real tokenizer has hundreds; Gemma-3
+    thousands). One regex a label must name the same rows and tokens as that search, also where a token begins or
+    holds another, overlaps itself, or holds regex syntax."""
+    rng = random.Random(0)
+    specials = sorted({*(f"<|reserved_special_token_{i}|>" for i in range(300)), "<|end|>", "<|end|>x", "<pad>",
+                       "<<pad>>", "[MASK]", "a.b", "(x)|y", "\\d+", "$", "^", "㈎", "<|im_end|>", "aa"})
+    fragments = [*specials, *(s[:rng.randrange(1, len(s))] for s in specials if len(s) > 1),
+                 "the cat", " ", "<", "|", ">", "a", "ab", "x", "d"]
+    texts = ["".join(rng.choice(fragments) for _ in range(rng.randrange(0, 4))) for _ in range(3000)]
+    each_token = [(i, [s for s in specials if s in text]) for i, text in enumerate(texts)]  # the old search
+    expected = [(i, held) for i, held in each_token if held]
+    found = texts_holding(texts, specials)
+    assert found == expected
+    assert 500 < len(found) < 2500 and any(len(held) > 1 for _, held in found)  # both kinds, and several tokens
+    assert texts_holding(texts, []) == []
 
 
 # The AV reads the injected vector, not layer K of its own stack: only its width must match.
