@@ -54,6 +54,11 @@ def counted(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
+def first_few(items: Sequence[str]) -> str:
+    """The first three of `items`, then how many more: 'a, b, c, and 4 more'."""
+    return ", ".join(items[:3]) + (f", and {len(items) - 3} more" if len(items) > 3 else "")
+
+
 def blocks_phrase(n_blocks: int) -> str:
     """A model's blocks and their indices as messages name them: '4 blocks (0-3)', '1 block (0)'."""
     return "1 block (0)" if n_blocks == 1 else f"{n_blocks} blocks (0-{n_blocks - 1})"

@@ -263,17 +263,24 @@ def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
 
 
 @contextlib.contextmanager
-def replaced_folders(folders: Sequence[Path]) -> Iterator[list[Path]]:
+def replaced_folders(folders: Sequence[Path], before_swap: Callable[[], object] | None = None
+                     ) -> Iterator[list[Path]]:
     """Hidden temporary siblings to write `folders` into (named as `write_atomic` names its files), renamed into
     their places only once the block ends without an error, all together; a block that fails leaves the old folders
     as they were and removes the temporary ones. A folder written in place and cut short (Ctrl-C) loaded with old and
     new files mixed. The swap moves every old folder aside before moving any new one in, so a crash inside it leaves
-    a folder missing, never some new folders beside old ones (a new AV beside the old AR)."""
+    a folder missing, never some new folders beside old ones (a new AV beside the old AR). A symlink's target is
+    replaced and the link kept, as `write_atomic` does: renaming onto the link replaced it, the target left stale.
+    `before_swap` runs once the new folders are written, just before the swap: a record of the old folders (a run's
+    train_result.json) removed there never sits beside the new ones, which a crash after the swap left it doing."""
+    folders = [folder.resolve() if folder.is_symlink() else folder for folder in folders]
     token = uuid.uuid4().hex
     staged = [folder.with_name(f".{folder.name}.{token}.tmp") for folder in folders]
     try:
         yield staged
-        _swap_in(staged, list(folders), [folder.with_name(f".{folder.name}.{token}.old") for folder in folders])
+        if before_swap is not None:
+            before_swap()
+        _swap_in(staged, folders, [folder.with_name(f".{folder.name}.{token}.old") for folder in folders])
     finally:
         for folder in staged:
             shutil.rmtree(folder, ignore_errors=True)
@@ -296,7 +303,5 @@ def _swap_in(staged: list[Path], folders: list[Path], aside: list[Path]) -> None
             os.replace(target, source)
         raise
     for old in aside:
-        if old.is_symlink():  # a link to the old folder: the link goes, what it pointed at stays
-            old.unlink()
-        elif old.exists():
+        if old.exists():
             shutil.rmtree(old)

@@ -490,6 +490,34 @@ def test_an_rl_export_cut_short_leaves_the_earlier_rl_pair_whole(tmp_path, monke
         train.train_toy_rl(out, train.ToyConfig.quick(), tmp_path / "work")
     assert _digests(out / "rl") == before
     assert sorted(p.name for p in (out / "rl").iterdir()) == ["ar", "av"]  # no staged folder left behind
+    assert (out / "scores.json").read_bytes() == (TOY_DIR / "scores.json").read_bytes()  # its RL scores kept too
+
+
+@NEEDS_TL3
+def test_an_rl_export_drops_the_earlier_rl_scores_just_before_its_swap(tmp_path, monkeypatch):
+    """scores.json was rewritten only once the new RL pair was scored: a run stopped in between left the earlier RL
+    pair's scores (and best_pair) beside the new pair. They go just before the swap; the SFT pair's stay."""
+    import shutil
+
+    from nla_lens.toy import train
+
+    out = tmp_path / "out"
+    shutil.copytree(TOY_DIR, out)
+    _fake_wheel(tmp_path / "work" / "wheel")
+    monkeypatch.setattr(train, "train_rl", lambda *args, **kwargs: None)  # the SFT pair as it loaded: no RL steps
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "evaluate_toy", stopped)  # the first thing after the swap
+    with pytest.raises(KeyboardInterrupt):
+        train.train_toy_rl(out, train.ToyConfig.quick(), tmp_path / "work")
+    bundled = json.loads((TOY_DIR / "scores.json").read_text())
+    assert bundled["best_pair"] == "rl"
+    assert json.loads((out / "scores.json").read_text()) == {key: value for key, value in bundled.items()
+                                                               if key not in ("rl", "best_pair")}
+    assert _digests(out / "rl") != _digests(TOY_DIR / "rl")  # the new pair is in
+    assert best_pair(out) == "sft"
 
 
 
@@ -542,6 +570,57 @@ def test_the_sft_stage_refuses_an_out_folder_of_foreign_files_before_training(fo
     with pytest.raises(ConfigError, match=re.escape(f"{out / folder} ") + re.escape(said.split(" ", 1)[1])):
         train.train_toy(out, train.ToyConfig.quick(), tmp_path / "work")
     assert (out / folder / "notes.txt").read_text() == "mine"
+
+
+@NEEDS_TL3
+@pytest.mark.parametrize(("folder", "replaced", "elsewhere"), [
+    ("base", "the toy replaces that folder whole", "pass another --out"),
+    ("av", "an export replaces its folder whole", "export into another folder"),
+    ("rl/ar", "an export replaces its folder whole", "export into another folder"),
+])
+def test_the_sft_stage_refuses_the_users_files_beside_the_toys_own_before_training(folder, replaced, elsewhere,
+                                                                                   tmp_path, monkeypatch):
+    """A folder holding the toy's own files (its base, an NLA export) plus a file of the user's was replaced whole
+    at the export, after the whole run, and the user's file deleted."""
+    import shutil
+
+    from nla_lens.errors import ConfigError
+    from nla_lens.toy import train
+
+    monkeypatch.setattr(train, "fetch_wheel", lambda *a: pytest.fail("the run started"))
+    out = tmp_path / "out"
+    shutil.copytree(TOY_DIR / folder, out / folder)
+    (out / folder / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError) as info:
+        train.train_toy(out, train.ToyConfig.quick(), tmp_path / "work")
+    assert str(info.value) == (f"{out / folder} holds 1 file that no export writes (notes.txt), and {replaced}: they "
+                               f"would be deleted. Move them out of {out / folder}, or {elsewhere}")
+    assert (out / folder / "notes.txt").read_text() == "mine"
+
+
+@NEEDS_TL3
+def test_an_sft_export_keeps_a_symlinked_rl_folder_and_drops_the_earlier_scores_before_its_swap(tmp_path):
+    """rl/ a link to a folder elsewhere: the swap replaced the link with a folder, then removed it, and the folder
+    it pointed at kept the earlier RL pair. And scores.json, rewritten only once the new pair was scored, sat beside
+    it (best_pair naming an RL pair that is gone) when the run stopped in between: it goes just before the swap."""
+    import shutil
+
+    from nla_lens.reconstructor import ActivationReconstructor
+    from nla_lens.toy import train
+    from nla_lens.verbalizer import ActivationVerbalizer
+
+    out, elsewhere = tmp_path / "out", tmp_path / "disk" / "rl"
+    shutil.copytree(TOY_DIR, out, ignore=lambda folder, names: ["rl"] if Path(folder) == TOY_DIR else [])
+    shutil.copytree(TOY_DIR / "rl", elsewhere)
+    (out / "rl").symlink_to(elsewhere, target_is_directory=True)
+    av = ActivationVerbalizer.from_pretrained(TOY_DIR / "av", backend="hooked")
+    ar = ActivationReconstructor.from_pretrained(TOY_DIR / "ar", backend="hooked")
+    train._export_sft(out, TOY_DIR / "base", av, ar, torch.randn(40, av.meta.d_model))
+    # What a run stopped here, before the new pair is scored, leaves:
+    assert sorted(p.name for p in out.iterdir()) == ["ar", "av", "base", "heldout.json", "rl", "sae_scores.json"]
+    assert (out / "rl").is_symlink() and (out / "rl").resolve() == elsewhere.resolve()
+    assert not any(elsewhere.iterdir()) and [p.name for p in elsewhere.parent.iterdir()] == ["rl"]
+    assert best_pair(out) == "sft"
 
 
 def test_heldout_json_cut_short_leaves_the_earlier_file_whole(tmp_path, monkeypatch):

@@ -228,6 +228,22 @@ def test_train_rl_refuses_an_out_dir_whose_av_folder_holds_an_ar(tmp_path, tiny_
     assert f"ConfigError: {tmp_path / 'rl' / 'av'} already holds an NLA AR" in capsys.readouterr().err
 
 
+def test_train_rl_refuses_the_users_files_beside_an_earlier_export_before_training(tmp_path, tiny_paths, capsys,
+                                                                                    monkeypatch):
+    """out_dir/av holding an earlier AV and a file of the user's: the export replaced the folder whole after the run,
+    and deleted the file."""
+    monkeypatch.setattr(nl.ActivationVerbalizer, "from_pretrained", lambda *a, **k: pytest.fail("loaded the AV"))
+    shutil.copytree(tiny_paths["av_karvonen"], tmp_path / "rl" / "av")
+    (tmp_path / "rl" / "av" / "notes.txt").write_text("mine")
+    config = _write(tmp_path / "rl.yaml", {"av": str(tiny_paths["av_karvonen"]), "ar": str(tiny_paths["ar_paper"]),
+                                           "activations": str(tmp_path), "explanations": str(tmp_path),
+                                           "out_dir": str(tmp_path / "rl")})
+    assert main(["train-rl", config]) == 2
+    assert (f"ConfigError: {tmp_path / 'rl' / 'av'} holds 1 file that no export writes (notes.txt), and an export "
+            "replaces its folder whole") in capsys.readouterr().err
+    assert (tmp_path / "rl" / "av" / "notes.txt").read_text() == "mine"
+
+
 def test_train_rl_into_the_sft_avs_out_dir_is_refused_before_training(tmp_path, tiny_paths, capsys, monkeypatch):
     """RL pointed at the SFT AV's out_dir overwrote its train_result.json and mixed checkpoints with it."""
     monkeypatch.setattr(nl.ActivationVerbalizer, "from_pretrained", lambda *a, **k: pytest.fail("loaded the AV"))
@@ -887,3 +903,27 @@ def test_train_rl_names_anchor_rows_too_long_for_the_avs_context_before_the_weig
         if sft_coef:  # the training split's row alone: the held-out rows are no anchor rows
             assert str(info.value).startswith("1 training row is longer than the model's context of n_ctx=256 tokens "
                                               f"(doc_id {train.doc_ids[0]!r} position {train.positions[0]}: ")
+
+
+def test_an_sft_rerun_stopped_after_its_export_leaves_no_earlier_record_beside_the_new_model(
+        tmp_path, base_folder, extract_config, monkeypatch):
+    """train_result.json is written after the export: a rerun (resume: latest) stopped between the two left the
+    earlier run's record beside the new model, read back as a finished run. The record goes just before the swap."""
+    from nla_lens.training import read_training_run
+
+    common, _ = _training_inputs(tmp_path, str(base_folder), extract_config)
+    config = {**common, "out_dir": str(tmp_path / "ar")}
+    assert main(["train-ar", _write(tmp_path / "ar.yaml", config)]) == 0
+    record = tmp_path / "ar" / pipeline.RESULT_FILE
+    assert read_training_run(tmp_path / "ar").finished
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    resumed = _write(tmp_path / "ar_resume.yaml", {**config, "resume": "latest"})
+    with monkeypatch.context() as patched:
+        patched.setattr(pipeline, "_save_result", stopped)
+        assert main(["train-ar", resumed]) == 130  # Ctrl-C's exit
+    assert not record.exists() and load_meta(tmp_path / "ar" / "model").role == "ar"
+    assert not read_training_run(tmp_path / "ar").finished  # the newest checkpoint: its export cut short
+    assert main(["train-ar", resumed]) == 0 and read_training_run(tmp_path / "ar").finished

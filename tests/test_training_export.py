@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import NEEDS_TL3
@@ -162,3 +164,62 @@ def test_an_export_into_a_file_or_a_folder_of_other_files_is_refused_and_leaves_
     assert (target.read_bytes() if what == "file" else _files(target)) == before
     (tmp_path / "empty").mkdir()  # an empty folder is taken
     assert nl.ActivationVerbalizer.from_pretrained(export_av(av, tmp_path / "empty", base_folder)).meta.role == "av"
+
+
+def test_a_re_export_refuses_files_beside_the_earlier_export_naming_them_and_leaves_them(tmp_path, base_folder,
+                                                                                         dataset_meta):
+    """An earlier export's folder holding the user's files too (notes, a results table, a folder of runs) was
+    replaced whole, and those files deleted without a word."""
+    from nla_lens.training import export_av, init_av
+
+    av = init_av(base_folder, dataset_meta)
+    folder = export_av(av, tmp_path / "av", base_folder)
+    exported = _files(folder)
+    for name in ("notes.txt", "results.parquet", "README.md"):
+        (folder / name).write_text("mine")
+    (folder / "runs").mkdir()
+    (folder / "runs" / "a.json").write_text("{}")
+    before = _files(folder)
+    with pytest.raises(nl.ConfigError) as info:
+        export_av(av, folder, base_folder)
+    assert str(info.value) == (f"{folder} holds 4 files that no export writes (README.md, notes.txt, results.parquet, "
+                               "and 1 more), and an export replaces its folder whole: they would be deleted. Move "
+                               f"them out of {folder}, or export into another folder")
+    assert _files(folder) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["av"]  # nothing staged
+    for name in ("notes.txt", "results.parquet", "README.md", "runs/a.json"):
+        (folder / name).unlink()
+    (folder / "runs").rmdir()
+    export_av(av, folder, base_folder)  # the earlier export's own files alone: replaced without a word
+    assert _files(folder) == exported
+
+
+def test_every_file_an_export_writes_is_one_a_re_export_replaces(tmp_path, base_folder, dataset_meta):
+    """check_export_folder takes any name outside EXPORT_FILES for the user's: an export that wrote one could not be
+    exported over again."""
+    from nla_lens.training import export_ar, export_av, init_ar, init_av
+    from nla_lens.training.export import EXPORT_FILES
+
+    folders = (export_av(init_av(base_folder, dataset_meta), tmp_path / "av", base_folder),
+               export_ar(init_ar(base_folder, dataset_meta), tmp_path / "ar", base_folder))
+    for folder in folders:
+        written = {p.name for p in folder.iterdir()}
+        assert {"config.json", "model.safetensors", "nla_meta.yaml", "tokenizer.json"} <= written <= EXPORT_FILES
+
+
+def test_an_export_through_a_symlink_writes_its_target_and_keeps_the_link(tmp_path, base_folder, dataset_meta):
+    """The rename replaced the link with a new folder and left the folder it pointed at holding the old export."""
+    from nla_lens.training import export_av, init_av
+
+    av = init_av(base_folder, dataset_meta)
+    target = export_av(av, tmp_path / "exports" / "av", base_folder)
+    earlier = _files(target)
+    link = tmp_path / "av"
+    link.symlink_to(Path("exports") / "av", target_is_directory=True)
+    with torch.no_grad():
+        next(av.model.parameters()).add_(1.0)
+    assert export_av(av, link, base_folder) == link
+    assert link.is_symlink() and link.resolve() == target.resolve()
+    assert _files(target) == _files(export_av(av, tmp_path / "fresh", base_folder)) != earlier
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["av", "exports", "fresh"]
+    assert [p.name for p in (tmp_path / "exports").iterdir()] == ["av"]  # nothing staged or set aside left

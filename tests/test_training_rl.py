@@ -776,3 +776,38 @@ def test_train_rl_warns_when_the_activations_are_of_another_base_model_than_the_
                        f"{pair['av_karvonen']} was trained on tiny-qwen3's: RL would train the pair on another model's "
                        "activations. Point activations at the extraction the SFT pair was trained on, or ignore this "
                        "if the two names are one model"]
+
+
+def test_an_rl_export_removes_the_earlier_runs_record_just_before_its_swap(tiny_paths, label_split, tmp_path,
+                                                                           monkeypatch):
+    """train_result.json is written after the export: a crash after the new pair was swapped in and before the record
+    was rewritten (a finished run extended by raising rl.steps) left the earlier run's record beside the new pair, read
+    back as its record. The record goes just before the swap; an export cut short before it leaves both whole."""
+    from nla_lens.distributed import World
+    from nla_lens.training import TrainResult, export, pipeline
+
+    monkeypatch.setattr(pipeline, "train_rl", lambda av, ar, *args, **kwargs: TrainResult(steps=1))
+    config = RLRunConfig(av=str(tiny_paths["av_karvonen"]), ar=str(tiny_paths["ar_nanonla"]), activations="acts",
+                         explanations="explanations.jsonl", out_dir=str(tmp_path), rl=RLConfig(steps=1, kl_coef=0.0))
+    train, evaluation = label_split
+    record = tmp_path / pipeline.RESULT_FILE
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the AR's sidecar records no baseline from 12 held-out vectors
+        result, _, _ = pipeline._train_and_export_rl(config, train, evaluation, torch.device("cpu"), progress=False)
+        pipeline._save_result(config, tmp_path / "av", result, World())
+        earlier = record.read_bytes()
+        with monkeypatch.context() as patched:
+            save = export.save_tensors
+
+            def disk_full_at_the_value_head(tensors, path, *args, **kwargs):
+                if path.name == loading.VALUE_HEAD_FILE:
+                    raise OSError(28, "No space left on device")
+                save(tensors, path, *args, **kwargs)
+
+            patched.setattr(export, "save_tensors", disk_full_at_the_value_head)
+            with pytest.raises(OSError, match="No space left on device"):
+                pipeline._train_and_export_rl(config, train, evaluation, torch.device("cpu"), progress=False)
+        assert record.read_bytes() == earlier
+        # The new pair swapped in, and the process stopping here, before _save_result: no record beside it.
+        pipeline._train_and_export_rl(config, train, evaluation, torch.device("cpu"), progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ar", "av"]

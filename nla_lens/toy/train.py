@@ -48,7 +48,7 @@ from nla_lens.toy.labeler import describe_position
 from nla_lens.training import ExtractConfig, RLConfig, TrainConfig, label_activations, split_by_document, train_rl
 from nla_lens.training.ar_sft import init_ar, train_ar
 from nla_lens.training.av_sft import init_av, train_av
-from nla_lens.training.export import check_export_folder, export_pair
+from nla_lens.training.export import check_export_folder, check_no_foreign_files, export_pair
 from nla_lens.training.extraction import Document, extract_activations, load_activations
 from nla_lens.training.loop import checkpoints, is_last_step
 from nla_lens.training.padding import pad
@@ -186,7 +186,10 @@ def train_toy_rl(out: Path, cfg: ToyConfig, work: Path, resume: Path | None = No
     result = train_rl(av, ar, reference, train.vectors, evaluation.vectors, cfg.rl, out_dir=work / RL_RUN,
                       resume=resume, sft_data=train)
     rl_dir = pair_folder(out, "rl")  # both written before either replaces the earlier pair: never half a pair
-    export_pair(av, ar, (rl_dir / "av", rl_dir / "ar"), (out / "av", out / "ar"), dtype=torch.bfloat16, stage="rl")
+    sft_scores = {key: value for key, value in summary.items() if key not in ("rl", "best_pair")}
+    # The earlier RL pair's scores go just before that pair does: a crash before the new scores left them beside it.
+    export_pair(av, ar, (rl_dir / "av", rl_dir / "ar"), (out / "av", out / "ar"), dtype=torch.bfloat16, stage="rl",
+                before_swap=lambda: write_json(out / SCORES_FILE, sft_scores, indent=1))
     scores = evaluate_toy(out, pair="rl")
     summary["rl"] = {"heldout": asdict(scores), "evals": result.evals, "rows": {"train": len(train)},
                      "documents": len(documents),
@@ -210,6 +213,7 @@ def _check_sft_folders(out: Path) -> None:
         raise ConfigError(f"{base} holds files but no config.json, so it is no base model the toy wrote, and the toy "
                           "replaces that folder whole: they would be deleted. Pass another --out, or move them (or, "
                           "if it is a toy's export that was cut short, delete the folder)")
+    check_no_foreign_files(base, "the toy replaces that folder whole", "pass another --out")
     rl_dir = pair_folder(out, "rl")
     foreign = sorted(p.name for p in rl_dir.iterdir() if p.name not in ("av", "ar")) if rl_dir.is_dir() else []
     if foreign:
@@ -220,13 +224,15 @@ def _check_sft_folders(out: Path) -> None:
 def _export_sft(out: Path, base_dir: Path, av: ActivationVerbalizer, ar: ActivationReconstructor,
                 heldout: Float[Tensor, "n d_model"]) -> None:
     """The base and the SFT pair in bf16, all written before any replaces the earlier toy's (`replaced_folders`),
-    whose RL pair goes with them (it is not this SFT's): a run cut short leaves the earlier toy whole."""
+    whose RL pair goes with them (it is not this SFT's): a run cut short leaves the earlier toy whole. Its
+    scores.json goes just before the swap, not after the new pair's scoring: a crash between left it beside them."""
     rl_dir = pair_folder(out, "rl")
-    with replaced_folders([out / "base", out / "av", out / "ar", rl_dir]) as (base_new, av_new, ar_new, rl_new):
+    with replaced_folders([out / "base", out / "av", out / "ar", rl_dir],
+                          before_swap=lambda: (out / SCORES_FILE).unlink(missing_ok=True)
+                          ) as (base_new, av_new, ar_new, rl_new):
         _export_base(base_dir, base_new)
         export_pair(av, ar, (av_new, ar_new), (base_dir, base_dir), dtype=torch.bfloat16, heldout=heldout)
-        rl_new.mkdir()  # swapped in empty, then removed: no RL pair until the RL stage exports one
-    rl_dir.rmdir()
+        rl_new.mkdir()  # swapped in empty, and kept (a symlinked rl/ stays a link): no RL pair until RL exports one
 
 
 def _export_base(hf_dir: Path, out: Path) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast
 
@@ -22,7 +22,7 @@ from transformers import GenerationConfig
 
 from nla_lens import backends, loading, metrics
 from nla_lens.backends import gemma3
-from nla_lens.checks import counted
+from nla_lens.checks import counted, first_few
 from nla_lens.errors import CheckpointError, ConfigError
 from nla_lens.nla import MIN_BASELINE_VECTORS, warn_at_caller
 from nla_lens.reconstructor import ActivationReconstructor
@@ -176,10 +176,22 @@ def _hf_config(base_model: str | Path, *, n_layers: int | None, untie: bool, dty
     return config
 
 
+# Every name an export (or the toy's base) writes into its folder: the model's config, weights and generation config,
+# the AR's readout, the sidecar, and the tokenizer's files, which of them depending on the tokenizer's class and the
+# transformers version that saved it (vocab.json and merges.txt for Qwen's, tokenizer.model for a sentencepiece one).
+# A re-export replaces these whole; any other file in the folder is the user's.
+EXPORT_FILES = frozenset({
+    "config.json", "model.safetensors", "generation_config.json", loading.VALUE_HEAD_FILE, SIDECAR_NAME,
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
+    "chat_template.json", "additional_chat_templates", "vocab.json", "merges.txt", "tokenizer.model",
+})
+
+
 def check_export_folder(folder: str | Path, role: Literal["av", "ar"]) -> None:
     """Refuse a folder that holds an NLA export of the other role: the export replaces its folder whole, and
     would destroy it. Refuse a sharded model's folder too (a base, a released NLA): its weight index outranks the
-    export's single file; and a file, or a folder of files but no sidecar, which the export would delete."""
+    export's single file; and a file, a folder of files but no sidecar, or an earlier export with files beside it
+    that no export writes (`EXPORT_FILES`), which the export would delete."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise ConfigError(f"{folder} is a file, and an export writes a folder there; export into a new folder")
@@ -200,6 +212,18 @@ def check_export_folder(folder: str | Path, role: Literal["av", "ar"]) -> None:
         raise ConfigError(f"{folder} holds files but no {SIDECAR_NAME}, so it is no NLA export, and an export "
                           "replaces its folder whole: they would be deleted. Export into a new or empty folder "
                           "(or, if it is an export that was cut short, delete it)")
+    check_no_foreign_files(folder, "an export replaces its folder whole", "export into another folder")
+
+
+def check_no_foreign_files(folder: Path, replaced: str, elsewhere: str) -> None:
+    """Refuse a folder about to be replaced whole that holds files no export writes (`EXPORT_FILES`): a user's notes
+    or results beside an earlier export. `replaced` says what replaces it, `elsewhere` the other way on."""
+    foreign = sorted(path.name + ("/" if path.is_dir() else "") for path in folder.iterdir()
+                     if path.name not in EXPORT_FILES) if folder.is_dir() else []
+    if foreign:
+        raise ConfigError(f"{folder} holds {counted(len(foreign), 'file')} that no export writes "
+                          f"({first_few(foreign)}), and {replaced}: they would be deleted. Move them out of {folder}, "
+                          f"or {elsewhere}")
 
 
 def _export_backbone(model: TLModel, folder: Path, staged: Path, base_model: str | Path, *, n_layers: int | None,
@@ -234,61 +258,66 @@ def _check_finite_weights(weights: dict[str, Tensor], folder: Path, dtype: torch
 
 
 def export_av(av: ActivationVerbalizer, folder: str | Path, base_model: str | Path, *,
-              dtype: torch.dtype = torch.float32, stage: str | None = None) -> Path:
+              dtype: torch.dtype = torch.float32, stage: str | None = None,
+              before_swap: Callable[[], object] | None = None) -> Path:
     """Write the AV as an HF folder + tokenizer + generation_config + `nla_meta.yaml` (role av).
 
     `stage` ("sft", "rl") replaces the sidecar's record of the training stage. The folder is written beside its
     place and then renamed into it, replacing an earlier export whole (`replaced_folders`): an export cut short
-    leaves the old folder as it was. A folder holding an AR, or files but no sidecar, is refused. Under `torchrun`
-    every rank calls this (to gather FSDP shards) and rank 0 writes.
+    leaves the old folder as it was; `before_swap` runs just before the rename (`replaced_folders`), on rank 0. A
+    folder holding an AR, files but no sidecar, or files no export writes beside an earlier export, is refused; a
+    symlink's target is written, the link kept. Under `torchrun` every rank calls this (to gather FSDP shards) and
+    rank 0 writes.
     """
     folder = Path(folder)
     check_export_folder(folder, "av")
-    with _staged([folder]) as (staged,):
+    with _staged([folder], before_swap) as (staged,):
         _write_av(av, folder, staged, base_model, dtype=dtype, stage=stage)
     return folder
 
 
 def export_ar(ar: ActivationReconstructor, folder: str | Path, base_model: str | Path, *,
               dtype: torch.dtype = torch.float32, heldout: Float[Tensor, "n d_model"] | None = None,
-              stage: str | None = None) -> Path:
+              stage: str | None = None, before_swap: Callable[[], object] | None = None) -> Path:
     """Write the AR as a truncated HF folder (K+1 layers, no norm / lm_head) + `value_head.safetensors`.
 
     `heldout` (the held-out layer-K vectors, e.g. the eval split) puts their paper baseline and count
     in the sidecar (`fve_baseline: {value, n}`), the baseline `NLA.round_trip` then uses by default; fewer
     than `MIN_BASELINE_VECTORS` of them put none (a warning says so).
     `stage` ("sft", "rl") replaces the sidecar's record of the training stage. Written and renamed into place as
-    `export_av` is; a folder holding an AV, or files but no sidecar, is refused. Under `torchrun` every rank calls
-    this (to gather FSDP shards) and rank 0 writes.
+    `export_av` is, `before_swap` too; a folder is refused as there, one holding an AV in place of one holding an AR.
+    Under `torchrun` every rank calls this (to gather FSDP shards) and rank 0 writes.
     """
     folder = Path(folder)
     check_export_folder(folder, "ar")
-    with _staged([folder]) as (staged,):
+    with _staged([folder], before_swap) as (staged,):
         _write_ar(ar, folder, staged, base_model, dtype=dtype, heldout=heldout, stage=stage)
     return folder
 
 
 def export_pair(av: ActivationVerbalizer, ar: ActivationReconstructor, folders: tuple[Path, Path],
                 base_models: tuple[str | Path, str | Path], *, dtype: torch.dtype = torch.float32,
-                heldout: Float[Tensor, "n d_model"] | None = None, stage: str | None = None) -> tuple[Path, Path]:
+                heldout: Float[Tensor, "n d_model"] | None = None, stage: str | None = None,
+                before_swap: Callable[[], object] | None = None) -> tuple[Path, Path]:
     """`export_av` and `export_ar` into `folders` (AV, AR), both renamed into place only once both are written:
     exported one after the other, a run cut short between them left the new AV beside the old AR, a pair that
-    loads and was never trained together (train-rl extending a run). `base_models`: each one's, as there."""
+    loads and was never trained together (train-rl extending a run). `base_models`: each one's, as there;
+    `before_swap` runs once, just before the two renames."""
     for folder, role in zip(folders, ("av", "ar"), strict=True):
         check_export_folder(folder, cast(Literal["av", "ar"], role))
-    with _staged(list(folders)) as (av_staged, ar_staged):
+    with _staged(list(folders), before_swap) as (av_staged, ar_staged):
         _write_av(av, folders[0], av_staged, base_models[0], dtype=dtype, stage=stage)
         _write_ar(ar, folders[1], ar_staged, base_models[1], dtype=dtype, heldout=heldout, stage=stage)
     return folders
 
 
 @contextlib.contextmanager
-def _staged(folders: list[Path]) -> Iterator[list[Path]]:
+def _staged(folders: list[Path], before_swap: Callable[[], object] | None) -> Iterator[list[Path]]:
     """Where to write `folders`: `replaced_folders` on rank 0, the one that writes; the other ranks only gather."""
     if not current_world().is_main:
         yield folders
         return
-    with replaced_folders(folders) as staged:
+    with replaced_folders(folders, before_swap) as staged:
         yield staged
 
 

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from nla_lens.checks import blocks_phrase, counted
+from nla_lens.checks import blocks_phrase, counted, first_few
 from nla_lens.distributed import World
 from nla_lens.errors import CheckpointError, ConfigError
 from nla_lens.sidecar import SIDECAR_NAME
@@ -423,8 +423,8 @@ def _check_saved_weights(path: Path, weights: dict[str, Tensor], params: dict[st
     # A sharded (FSDP) parameter's shape is the whole tensor's, as saved.
     other = [f"{name} as {list(weights[name].shape)} where this model's is {list(param.shape)}"
              for name, param in params.items() if name in weights and weights[name].shape != param.shape]
-    problems = ([f"lacks {counted(len(missing), 'trainable parameter')} ({_first_few(missing)})"] if missing else [])
-    problems += [f"holds {counted(len(other), 'parameter')} of another shape ({_first_few(other)}; if the run "
+    problems = ([f"lacks {counted(len(missing), 'trainable parameter')} ({first_few(missing)})"] if missing else [])
+    problems += [f"holds {counted(len(other), 'parameter')} of another shape ({first_few(other)}; if the run "
                  "trained another base model, resume with that one)"] if other else []
     if problems:
         raise _damaged(path, "; ".join(problems))
@@ -441,11 +441,7 @@ def _check_saved_moments(path: Path, moments: dict[str, Tensor], ordered: list[T
         elif value.dim() > 0 and value.shape != ordered[index].shape:
             problems.append(f"{key} is {list(value.shape)} where its parameter is {list(ordered[index].shape)}")
     if problems:
-        raise _damaged(path, f"holds optimizer moments that fit no parameter ({_first_few(problems)})")
-
-
-def _first_few(items: list[str]) -> str:
-    return ", ".join(items[:3]) + (f", and {len(items) - 3} more" if len(items) > 3 else "")
+        raise _damaged(path, f"holds optimizer moments that fit no parameter ({first_few(problems)})")
 
 
 def _damaged(path: Path, problem: str) -> CheckpointError:

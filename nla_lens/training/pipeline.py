@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import shutil
@@ -188,6 +189,13 @@ def _save_result(config: SFTRunConfig | RLRunConfig, model_dir: Path, result: Tr
     return RunResult(model_dir, result)
 
 
+def _record_remover(out_dir: str | Path) -> Callable[[], None]:
+    """What an export runs just before its swap: remove the earlier run's `train_result.json` (a finished run resumed
+    or extended), written again only after the export, which a crash between the two left beside the new model as its
+    record. Without it, the newest checkpoint says the export was cut short (`read_training_run`)."""
+    return functools.partial(Path.unlink, Path(out_dir) / RESULT_FILE, missing_ok=True)
+
+
 def _run_sft(config: SFTRunConfig, train_and_export: Callable[..., tuple[TrainResult, Path]],
              progress: bool) -> RunResult:
     meta, train, evaluation = _split(config)
@@ -218,7 +226,7 @@ def _train_and_export_av(config: AVRunConfig, meta: NLAMeta, train: LabelledActi
                       n_samples=config.n_samples, sample_max_new_tokens=config.sample_max_new_tokens,
                       progress=progress)
     return result, export_av(av, Path(config.out_dir) / MODEL_DIR, config.base_model,
-                             dtype=config_dtype(config.export_dtype))
+                             dtype=config_dtype(config.export_dtype), before_swap=_record_remover(config.out_dir))
 
 
 def run_train_ar(config: ARRunConfig, *, progress: bool = True) -> RunResult:
@@ -239,7 +247,8 @@ def _train_and_export_ar(config: ARRunConfig, meta: NLAMeta, train: LabelledActi
     result = train_ar(ar, train, evaluation, config.train, out_dir=config.out_dir, resume=config.resume,
                       progress=progress)
     return result, export_ar(ar, Path(config.out_dir) / MODEL_DIR, config.base_model,
-                             dtype=config_dtype(config.export_dtype), heldout=evaluation.vectors)
+                             dtype=config_dtype(config.export_dtype), heldout=evaluation.vectors,
+                             before_swap=_record_remover(config.out_dir))
 
 
 @dataclass(frozen=True)
@@ -355,5 +364,6 @@ def _train_and_export_rl(config: RLRunConfig, train: LabelledActivations, evalua
                       resume=config.resume, sft_data=train, progress=progress)
     out = Path(config.out_dir)
     av_dir, ar_dir = export_pair(av, ar, (out / "av", out / "ar"), (config.av, config.ar),
-                                 dtype=config_dtype(config.export_dtype), heldout=evaluation.vectors, stage="rl")
+                                 dtype=config_dtype(config.export_dtype), heldout=evaluation.vectors, stage="rl",
+                                 before_swap=_record_remover(out))
     return result, av_dir, ar_dir
