@@ -14,7 +14,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, cast
 
-import pyarrow as pa
 import torch
 from jaxtyping import Float
 from torch import Tensor
@@ -26,7 +25,6 @@ from nla_lens.errors import InputError, VectorError
 from nla_lens.nla import NLA, check_read_keywords
 from nla_lens.results import TabularResult
 from nla_lens.sae import (
-    OFFSET_COLUMNS,
     ResidualStats,
     check_ar_reads_samples,
     check_sae_reads_layer,
@@ -43,6 +41,7 @@ from nla_lens.sae import (
     text_residuals,
     verbalize_sae_features,
 )
+from nla_lens.sae_columns import FEATURE_CARD
 from nla_lens.verbalizer import ActivationVerbalizer, Verbalization
 
 if TYPE_CHECKING:
@@ -121,16 +120,7 @@ class FeatureCard(TabularResult):
     offset_stats: ResidualStats | None = None
 
     display_columns = ("text", "position", "token", "activation", "context")
-    # The context_explanation_* columns are None without explain_contexts; with it, a failed parse's row has
-    # context_explanation None, context_explanation_parsed False and the raw completion in context_explanation_text.
-    # The card's own explanation has the same three as explanation_*: `text` is the index of a context's text.
-    schema = pa.schema({"feature": pa.int64(), "text": pa.int64(), "position": pa.int64(), "token": pa.string(),
-                        "activation": pa.float64(), "context": pa.string(), "context_explanation": pa.string(),
-                        "context_explanation_parsed": pa.bool_(), "context_explanation_text": pa.string(),
-                        "context_explanation_truncated": pa.bool_(), "explanation": pa.string(),
-                        "explanation_parsed": pa.bool_(), "explanation_text": pa.string(),
-                        "explanation_truncated": pa.bool_(), "cosine": pa.float64(), "offset": pa.bool_(),
-                        **OFFSET_COLUMNS})
+    schema = FEATURE_CARD.schema
 
     @property
     def explanation(self) -> str | None:

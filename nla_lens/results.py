@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import import_module
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, cast
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -44,6 +46,13 @@ SAVE_SUFFIXES = (".parquet", ".jsonl", ".html")
 RESULT_KEY = "nla_lens_result"  # a .parquet file's schema metadata key for what read_result puts in df.attrs
 _REPR_ROWS = 5
 _REPR_CELL = 60
+# The result types `import nla_lens` does not load, by the name a .parquet file records: the module and name that
+# declare their columns, which read_result imports to check such a file in a process that has not loaded the type.
+# The SAE types' columns are declared apart from their modules, which need sae-lens: a read needs none.
+_DECLARED_ELSEWHERE = {"FeatureVerbalizations": ("nla_lens.sae_columns", "FEATURE_VERBALIZATIONS"),
+                       "FeatureCard": ("nla_lens.sae_columns", "FEATURE_CARD"),
+                       "SAEExperimentResult": ("nla_lens.sae_columns", "SAE_EXPERIMENT"),
+                       "SteerWordsExperiment": ("nla_lens.toy.steer_words_experiment", "SteerWordsExperiment")}
 
 
 class TabularResult:
@@ -136,6 +145,28 @@ class TabularResult:
         return list(records[0]) if records else []
 
 
+@dataclass(frozen=True)
+class ResultColumns:
+    """What a result type's rows hold, apart from the type: what `read_result` checks a saved file against.
+
+    Attributes:
+        name: the type's name, as a ``.parquet`` file records it.
+        schema: every column of the rows and its arrow type (the type's ``schema``).
+        optional_columns: those the rows may leave out (the type's ``optional_columns``).
+    """
+
+    name: str
+    schema: pa.Schema
+    optional_columns: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, result_type: type[TabularResult]) -> ResultColumns | None:
+        """`result_type`'s columns; None for a type that declares none (a `TrainingRun`'s depend on its command)."""
+        if result_type.schema is None:
+            return None
+        return cls(result_type.__name__, result_type.schema, result_type.optional_columns)
+
+
 def check_save_path(path: str | Path, what: str = "output") -> Path:
     """Checked before writing: a known suffix, an existing folder, not a folder itself. `~` is expanded, as
     checkpoint paths are. `what` names the path in messages (a command's flag, e.g. "--output")."""
@@ -162,8 +193,8 @@ def read_result(path: str | Path, result_type: type[TabularResult] | None = None
     the values). A ``.parquet`` file keeps its types; there ``result_type`` is checked against the one
     it records. A file whose columns are no longer its type's (edited by hand: a column dropped, a score made text) is
     an `InputError` naming what changed: a ``.parquet`` file is checked against ``result_type`` or the type it records
-    (where this process has loaded that type), a ``.jsonl`` file against ``result_type``, and each of its rows
-    against the first row's columns."""
+    (one this process has not imported too: the SAE types' check needs no sae-lens), a ``.jsonl`` file against
+    ``result_type``, and each of its rows against the first row's columns."""
     path = file_path(path, "read_result")
     kind = file_kind(path)
     if path.is_dir():  # e.g. a file job's `<output>.shards` folder, which a suffix check would call a ".shards file"
@@ -196,8 +227,8 @@ def read_result(path: str | Path, result_type: type[TabularResult] | None = None
     if result_type is not None and recorded is not None and recorded != result_type.__name__:
         raise InputError(f"{path} holds {recorded} rows, not {result_type.__name__} rows: pass "
                          f"result_type={recorded}, or none (a .parquet file keeps its column types)")
-    expected = result_type or _loaded_result_type(recorded)
-    if expected is not None and expected.schema is not None:
+    expected = ResultColumns.of(result_type) if result_type is not None else _recorded_columns(recorded)
+    if expected is not None:
         _check_parquet_columns(path, table.schema, expected, record)
     frame = table_frame(table)
     frame.attrs.update(record)
@@ -239,31 +270,41 @@ def _read_jsonl(path: Path, result_type: type[TabularResult] | None) -> pd.DataF
     if records:
         _refuse_label_file(path, records[0])
         _check_same_columns(path, lines)
-    if result_type is None or result_type.schema is None:  # a type whose columns vary (TrainingRun): from the values
+    declared = None if result_type is None else ResultColumns.of(result_type)
+    if declared is None:  # no type, or one whose columns vary (TrainingRun): from the values
         return records_frame(records)
     if lines:
-        _check_jsonl_columns(path, lines, result_type)
-    return records_frame(records, result_type.schema)
+        _check_jsonl_columns(path, lines, declared)
+    return records_frame(records, declared.schema)
 
 
-def _loaded_result_type(name: str | None) -> type[TabularResult] | None:
-    """The result type a .parquet file records by `name`, where this process has loaded it (`import nla_lens` loads
-    all but the SAE and toy experiment types, which their modules bring) and no other type goes by that name."""
+def _recorded_columns(name: str | None) -> ResultColumns | None:
+    """The columns of the result type a .parquet file records by `name`: of the one loaded type of that name, else
+    those `_DECLARED_ELSEWHERE` declares (`import nla_lens` loads all but the SAE and toy experiment types); None
+    where two loaded types share the name, or none has it (a file nla_lens did not write)."""
     found = [kind for kind in _result_types(TabularResult) if kind.__name__ == name]
-    return found[0] if len(found) == 1 else None
+    if found:
+        return ResultColumns.of(found[0]) if len(found) == 1 else None
+    return _declared_elsewhere(name) if name in _DECLARED_ELSEWHERE else None
+
+
+def _declared_elsewhere(name: str) -> ResultColumns | None:
+    """The columns of `name` that `_DECLARED_ELSEWHERE` points to, imported: a declaration, or the type itself."""
+    module, declaration = _DECLARED_ELSEWHERE[name]
+    declared = getattr(import_module(module), declaration)
+    return declared if isinstance(declared, ResultColumns) else ResultColumns.of(declared)
 
 
 def _result_types(parent: type[TabularResult]) -> set[type[TabularResult]]:
     return {kind for child in parent.__subclasses__() for kind in {child, *_result_types(child)}}
 
 
-def _check_parquet_columns(path: Path, schema: pa.Schema, result_type: type[TabularResult],
-                           record: dict[str, Any]) -> None:
-    """A parquet file holds `result_type`'s columns, each of its kind: one edited by hand (a column dropped, a score
+def _check_parquet_columns(path: Path, schema: pa.Schema, declared: ResultColumns, record: dict[str, Any]) -> None:
+    """A parquet file holds the `declared` columns, each of its kind: one edited by hand (a column dropped, a score
     made text) read back as a frame that `to_pandas()` never gave, under the type and summary it records. Widths
     aside (pandas writes text as large_string, and a column None in every row as null), as `_holds` reads JSON."""
-    expected = cast(pa.Schema, result_type.schema)
-    problems = _column_problems(schema.names, result_type)
+    expected = declared.schema
+    problems = _column_problems(schema.names, declared)
     problems += [f"column {field.name!r} is {field.type}, not {expected.field(field.name).type}" for field in schema
                  if field.name in expected.names and not _same_kind(field.type, expected.field(field.name).type)]
     if not problems:
@@ -277,7 +318,7 @@ def _check_parquet_columns(path: Path, schema: pa.Schema, result_type: type[Tabu
                                                    f"{__version__})")
         why = (f"The file was edited or damaged since save() wrote it{wrote}: save the result again, or read the "
                "file as it is with pandas.read_parquet(path)")
-    raise InputError(f"{path} does not hold {result_type.__name__} rows: {'; '.join(problems)}. {why}")
+    raise InputError(f"{path} does not hold {declared.name} rows: {'; '.join(problems)}. {why}")
 
 
 def _same_kind(kind: pa.DataType, declared: pa.DataType) -> bool:
@@ -308,31 +349,29 @@ def _check_same_columns(path: Path, lines: list[tuple[int, dict[str, Any]]]) -> 
                              "result's save() writes has the same columns: the file was edited or damaged")
 
 
-def _check_jsonl_columns(path: Path, lines: list[tuple[int, dict[str, Any]]],
-                         result_type: type[TabularResult]) -> None:
-    """The rows of a .jsonl file hold `result_type`'s columns, each value of its column's type (or null)."""
-    problems = _column_problems(list(lines[0][1]), result_type)
+def _check_jsonl_columns(path: Path, lines: list[tuple[int, dict[str, Any]]], declared: ResultColumns) -> None:
+    """The rows of a .jsonl file hold the `declared` columns, each value of its column's type (or null)."""
+    problems = _column_problems(list(lines[0][1]), declared)
     if problems:
-        raise InputError(f"{path}: its rows are not {result_type.__name__} rows: {'; '.join(problems)}. Pass the "
+        raise InputError(f"{path}: its rows are not {declared.name} rows: {'; '.join(problems)}. Pass the "
                          "result_type whose save() wrote the file, or none (as for an nla-lens file job's output, "
                          "whose columns are its own)")
-    schema = cast(pa.Schema, result_type.schema)
     for line_no, row in lines:
         for name, value in row.items():
-            kind = schema.field(name).type
+            kind = declared.schema.field(name).type
             if value is not None and not _holds(kind, value):
                 raise InputError(f"{path}:{line_no}: {name} is {json_text(value)[:60]}, which the {name} "
-                                 f"of {result_type.__name__} rows ({kind}) cannot be: pass the result_type whose "
+                                 f"of {declared.name} rows ({kind}) cannot be: pass the result_type whose "
                                  "save() wrote the file, or none")
 
 
-def _column_problems(columns: Sequence[str], result_type: type[TabularResult]) -> list[str]:
-    """Columns that `result_type`'s rows have not, and those its rows always have that are missing."""
-    names = cast(pa.Schema, result_type.schema).names
+def _column_problems(columns: Sequence[str], declared: ResultColumns) -> list[str]:
+    """Columns that the `declared` type's rows have not, and those its rows always have that are missing."""
+    names = declared.schema.names
     unknown = [name for name in columns if name not in names]
-    missing = [name for name in names if name not in columns and name not in result_type.optional_columns]
-    return ([f"it has the columns {unknown}, which {result_type.__name__} rows have not"] if unknown else []) + (
-        [f"it lacks the columns {missing}, which {result_type.__name__}.save() writes"] if missing else [])
+    missing = [name for name in names if name not in columns and name not in declared.optional_columns]
+    return ([f"it has the columns {unknown}, which {declared.name} rows have not"] if unknown else []) + (
+        [f"it lacks the columns {missing}, which {declared.name}.save() writes"] if missing else [])
 
 
 def _holds(kind: pa.DataType, value: Any) -> bool:

@@ -28,7 +28,6 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
-import pyarrow as pa
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
@@ -50,6 +49,7 @@ from nla_lens.nla import (
 )
 from nla_lens.parsing import RowNamer
 from nla_lens.results import TabularResult
+from nla_lens.sae_columns import FEATURE_VERBALIZATIONS, OFFSET_COLUMNS
 from nla_lens.sidecar import text_ids
 from nla_lens.verbalizer import MAX_NEW_TOKENS, ActivationVerbalizer, Verbalization, Verbalizations
 
@@ -333,12 +333,6 @@ def residual_stats(base: TLModel, texts: Iterable[str], layer: int, *, skip_firs
     return moments.stats(int(layer))  # checked by each_text_residuals: a NumPy int stored as the int it is
 
 
-# A saved row's record of the offset (None without one): enough to say which mean and spread the AV's vectors were
-# built from, and to check stats recomputed from the same texts against them.
-OFFSET_COLUMNS = {"offset_n": pa.int64(), "offset_layer": pa.int64(), "offset_mean_norm": pa.float64(),
-                  "offset_spread": pa.float64()}
-
-
 def offset_columns(stats: ResidualStats | None) -> dict[str, Any]:
     """The `OFFSET_COLUMNS` of one row: the stats' n, layer, mean norm and spread, or None in each."""
     if stats is None:
@@ -381,9 +375,7 @@ class FeatureVerbalizations(TabularResult):
 
     warnings_at = "verbalizations.warnings"  # the failed injection verbalize warned of
     display_columns = ("feature", "explanation", "parsed", "cosine")
-    schema = pa.schema({"feature": pa.int64(), "explanation": pa.string(), "parsed": pa.bool_(), "text": pa.string(),
-                        "truncated": pa.bool_(), "cosine": pa.float64(), "hook_name": pa.string(),
-                        "offset": pa.bool_(), **OFFSET_COLUMNS})
+    schema = FEATURE_VERBALIZATIONS.schema
 
     @property
     def explanations(self) -> list[str | None]:

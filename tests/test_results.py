@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import copy
 import html
+import importlib
 import json
 import operator
 import os
 import re
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -391,6 +394,118 @@ def test_a_jsonl_score_none_in_every_row_reads_back_as_a_float_column_given_the_
 def test_read_result_of_a_toy_experiments_result_gives_back_its_frame(kind, tmp_path):
     result = toy_experiment_results()[kind]
     pd.testing.assert_frame_equal(nl.read_result(result.save(tmp_path / "out.parquet")), result.to_pandas())
+
+
+# Reads each file named after the first argument with `import nla_lens` alone, as a fresh process does; with
+# "no-sae-lens", as if sae-lens were not installed (`import sae_lens` raises ImportError, as under TL 4.x).
+FRESH_READ = """
+import sys
+if sys.argv[1] == "no-sae-lens":
+    sys.modules["sae_lens"] = None
+import nla_lens as nl
+for path in sys.argv[2:]:
+    try:
+        print(f"rows {len(nl.read_result(path))}")
+    except nl.InputError as exc:
+        print(f"refused {exc}")
+"""
+
+
+def read_in_a_fresh_process(paths: list[Path], sae_lens: bool = True) -> list[str]:
+    """What `nl.read_result` says of each path in a new Python process: "rows N" or "refused <its message>"."""
+    mode = "sae-lens" if sae_lens else "no-sae-lens"
+    run = subprocess.run([sys.executable, "-c", FRESH_READ, mode, *map(str, paths)], cwd=Path(__file__).parents[1],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    return run.stdout.splitlines()
+
+
+def without_column(path: Path, column: str) -> Path:
+    """A copy of the parquet file at `path` with `column` dropped by pyarrow, which keeps the recorded type."""
+    edited = path.with_name(f"edited_{path.name}")
+    pq.write_table(pq.read_table(path).drop_columns([column]), edited)
+    return edited
+
+
+def test_an_edited_result_of_a_type_import_nla_lens_does_not_load_is_refused_in_a_fresh_process(results, tmp_path):
+    """The toy experiments' and SAE types' modules are not imported by `import nla_lens`: a process that had not
+    imported them read a file of theirs edited by hand without a look at its columns, returning a half-result."""
+    saved = toy_experiment_results() | {kind: results[kind] for kind in ("feature_verbalizations", "feature_card")
+                                        if HAS_SAE_LENS}
+    paths, expected = [], []
+    for kind, result in saved.items():
+        path = result.save(tmp_path / f"{kind}.parquet")
+        first = result.schema.names[0]
+        paths += [path, without_column(path, first)]
+        expected += [f"rows {len(result.to_records())}",
+                     f"refused {paths[-1]} does not hold {type(result).__name__} rows: it lacks the columns "
+                     f"['{first}'], which {type(result).__name__}.save() writes. The file was edited or damaged"]
+    said = read_in_a_fresh_process(paths)
+    assert len(said) == len(expected)
+    for line, start in zip(said, expected, strict=True):
+        assert line.startswith(start)
+
+
+SAE_ROWS = {  # one row of each type whose module needs sae-lens, as its save() writes it: written here without it
+    "FeatureVerbalizations": {"feature": 3, "explanation": "The token \"cat\"", "parsed": True, "text": "x",
+                              "truncated": False, "cosine": 0.25, "hook_name": f"blocks.{LAYER}.hook_resid_post",
+                              "offset": False, "offset_n": None, "offset_layer": None, "offset_mean_norm": None,
+                              "offset_spread": None},
+    "SAEExperimentResult": {"feature": 3, "token": " the", "purity": 0.9, "explanation": None,
+                            "explanation_offset": "The token", "explanation_top_context": None, "named": False,
+                            "named_offset": True, "named_top_context": False, "control_token": " a",
+                            "named_control": False},
+}
+
+
+def test_an_edited_sae_result_is_refused_without_sae_lens(tmp_path):
+    """The SAE types' columns are declared where sae-lens is not needed: a process without it reads their files
+    (no ImportError) and refuses one edited by hand (a score made text, a column dropped)."""
+    from nla_lens.results import RESULT_KEY
+
+    def saved(name: str, row: dict) -> Path:
+        record = {"result_type": name, "summary": "1 row", "nla_lens_version": nl.__version__}
+        path = tmp_path / f"{name}_{len(row)}_{type(row.get('cosine')).__name__}.parquet"
+        pq.write_table(pa.Table.from_pylist([row]).replace_schema_metadata({RESULT_KEY: json.dumps(record)}), path)
+        return path
+
+    verbalizations, experiment = SAE_ROWS["FeatureVerbalizations"], SAE_ROWS["SAEExperimentResult"]
+    paths = [saved("FeatureVerbalizations", verbalizations), saved("SAEExperimentResult", experiment),
+             saved("FeatureVerbalizations", verbalizations | {"cosine": "0.25"}),
+             saved("SAEExperimentResult", {k: v for k, v in experiment.items() if k != "named_control"})]
+    assert read_in_a_fresh_process(paths, sae_lens=False) == [
+        "rows 1", "rows 1",
+        f"refused {paths[2]} does not hold FeatureVerbalizations rows: column 'cosine' is string, not double. The "
+        "file was edited or damaged since save() wrote it: save the result again, or read the file as it is with "
+        "pandas.read_parquet(path)",
+        f"refused {paths[3]} does not hold SAEExperimentResult rows: it lacks the columns ['named_control'], which "
+        "SAEExperimentResult.save() writes. The file was edited or damaged since save() wrote it: save the result "
+        "again, or read the file as it is with pandas.read_parquet(path)"]
+
+
+def test_every_result_type_import_nla_lens_does_not_load_has_its_columns_declared_for_read_result():
+    """read_result checks a file of a type that `import nla_lens` leaves unloaded against `_DECLARED_ELSEWHERE`: a
+    new such type missing there, or a declaration that drifted from its type's columns, fails here."""
+    import pkgutil
+
+    from nla_lens.results import _DECLARED_ELSEWHERE, ResultColumns, _declared_elsewhere, _result_types
+
+    fresh = subprocess.run([sys.executable, "-c", "import nla_lens; from nla_lens.results import TabularResult, "
+                            "_result_types; print(*sorted(kind.__name__ for kind in _result_types(TabularResult)))"],
+                           cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=300)
+    assert fresh.returncode == 0, fresh.stderr
+    for module in pkgutil.walk_packages(nl.__path__, "nla_lens."):  # every result type this install can load
+        try:
+            importlib.import_module(module.name)
+        except (nl.BackendError, ImportError):  # sae-lens or a backend this TransformerLens lacks
+            pass
+    unloaded = {kind.__name__: kind for kind in _result_types(nl.TabularResult)
+                if kind.__name__ not in fresh.stdout.split() and kind.schema is not None}
+    assert {"SteerWordsExperiment"} | ({"FeatureVerbalizations", "FeatureCard", "SAEExperimentResult"}
+                                       if HAS_SAE_LENS else set()) <= set(unloaded)
+    assert set(unloaded) <= set(_DECLARED_ELSEWHERE)
+    for name, kind in unloaded.items():
+        assert _declared_elsewhere(name) == ResultColumns.of(kind)
 
 
 def test_read_result_converts_each_column_as_the_rows_would_give_it(tmp_path):

@@ -28,7 +28,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
-import pyarrow as pa
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
@@ -39,6 +38,7 @@ from nla_lens.errors import InputError, NLAError
 from nla_lens.nla import NLA
 from nla_lens.results import TabularResult
 from nla_lens.sae import ResidualStats, require_sae_lens, verbalize_sae_features
+from nla_lens.sae_columns import SAE_EXPERIMENT
 from nla_lens.toy.demo import TOY_DIR
 from nla_lens.toy.evaluate import HELDOUT_FILE, MIN_CONTEXT, ToyNLA
 from nla_lens.toy.labeler import names_token
@@ -146,10 +146,7 @@ class SAEExperimentResult(TabularResult):
     rows: list[FeatureRow]
 
     display_columns = ("feature", "token", "purity", "named", "named_offset", "named_top_context", "explanation")
-    schema = pa.schema({"feature": pa.int64(), "token": pa.string(), "purity": pa.float64(), "explanation": pa.string(),
-                        "explanation_offset": pa.string(), "explanation_top_context": pa.string(),
-                        "named": pa.bool_(), "named_offset": pa.bool_(), "named_top_context": pa.bool_(),
-                        "control_token": pa.string(), "named_control": pa.bool_()})
+    schema = SAE_EXPERIMENT.schema
 
     def to_records(self) -> list[dict[str, Any]]:
         return [asdict(r) for r in self.rows]
