@@ -596,10 +596,12 @@ def format_cell(value: Any, width: int | None = None, column: str | None = None)
     return text
 
 
-def format_number(value: float, decimals: int = 3) -> str:
+def format_number(value: float, decimals: int = 3, *, signed: bool = False) -> str:
     """`value` to `decimals` decimals, in e notation (1.00e+20) where they would misshow it: a table cell's rule,
-    shared by the headlines, legends and tooltips that print numbers to other decimals."""
-    return f"{value:.2e}" if _beyond_decimals(value, decimals) else f"{value:.{decimals}f}"
+    shared by the headlines, legends and tooltips that print numbers to other decimals. `signed`: with a + before a
+    value >= 0, as a difference is written (+0.016)."""
+    sign = "+" if signed else ""
+    return f"{value:{sign}.2e}" if _beyond_decimals(value, decimals) else f"{value:{sign}.{decimals}f}"
 
 
 def _beyond_decimals(value: float, decimals: int) -> bool:

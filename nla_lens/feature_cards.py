@@ -156,7 +156,7 @@ class FeatureCard(TabularResult):
                 else f"(failed to parse: {display.parse_failure(said_by.text, said_by.truncated)})")
         if self.offset_stats is not None:
             said += f" (of the row offset by the {offset_summary(self.offset_stats)})"
-        cosine = "" if self.cosine is None else f"; AR cosine to the decoder row {self.cosine:.3f}"
+        cosine = "" if self.cosine is None else f"; AR cosine to the decoder row {display.format_number(self.cosine)}"
         if not self.contexts:
             return (f"feature {self.feature} of {sae_hook_phrase(self.hook_name)}: {said}; no contexts: not active at "
                     f"{display.positions_scanned(self.n_positions)}{cosine}")

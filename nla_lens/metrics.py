@@ -15,6 +15,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
+from nla_lens.display import format_number
 from nla_lens.errors import InputError
 from nla_lens.injection import prescaled
 
@@ -70,7 +71,8 @@ class PairedDifference:
     n: int
 
     def __str__(self) -> str:
-        return f"{self.difference:+.3f} [{self.low:+.3f}, {self.high:+.3f}]"
+        low, high = (format_number(bound, signed=True) for bound in (self.low, self.high))
+        return f"{format_number(self.difference, signed=True)} [{low}, {high}]"
 
 
 _BOOTSTRAP_BLOCK = 2**22  # resampled items drawn at once by `paired_difference` (64 MB)

@@ -35,6 +35,7 @@ from torch import Tensor
 from nla_lens import backends
 from nla_lens.capture import activation_at, check_block, resid_post_name, text_resid_post
 from nla_lens.checks import check_counts, counted, is_real
+from nla_lens.display import format_number
 from nla_lens.errors import BackendError, InputError, SAEMismatchError, VectorError
 from nla_lens.explain import bos_skip
 from nla_lens.injection import check_vectors, past_float32_rows, prescaled, unit
@@ -401,7 +402,7 @@ class FeatureVerbalizations(TabularResult):
             cosine = ("no AR cosine (no explanation parsed)" if failed == len(self) else
                       "no AR cosine (no reconstruction of a parsed explanation has a direction)")
         else:
-            cosine = f"mean AR cosine to the decoder row {float(self.cosines.nanmean()):.3f}"
+            cosine = f"mean AR cosine to the decoder row {format_number(float(self.cosines.nanmean()))}"
         offset = (offset_summary(self.offset_stats) if self.offset_stats is not None
                   else "mean" if self.offset else "none")
         return (f"{counted(len(self), 'feature')} of {sae_hook_phrase(self.hook_name)}, offset={offset}, "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -138,6 +139,25 @@ def cut_write_text_short(patch: pytest.MonkeyPatch) -> None:
         raise OSError(28, "No space left on device")
 
     patch.setattr(Path, "write_text", half_then_disk_full)
+
+
+def record_postfixes(patch: pytest.MonkeyPatch, module: ModuleType) -> list[dict[str, str]]:
+    """Replace `module`'s tqdm under `patch` by a bar that records, in order, what each `set_postfix` call wrote: the
+    training loops' progress bars, read without a terminal."""
+    postfixes: list[dict[str, str]] = []
+
+    class RecordingBar:
+        def __init__(self, iterable, **_):
+            self.iterable = iterable
+
+        def __iter__(self):
+            return iter(self.iterable)
+
+        def set_postfix(self, **values):
+            postfixes.append(values)
+
+    patch.setattr(module, "tqdm", RecordingBar)
+    return postfixes
 
 
 def make_sae(d_in: int, d_sae: int, hook_name: str, seed: int = 0):

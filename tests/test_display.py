@@ -545,3 +545,10 @@ def test_a_flat_curve_labels_its_one_value_beside_its_line():
     assert len(line_y) == 1 and abs(label_y - 4 - line_y.pop()) < 0.1  # on the line's height (its baseline 4 px down)
     dot = display.curves_html([("lr", [(5, 1e-3)])])
     assert dot.count(">0.001</text>") == 1
+
+
+def test_format_number_signed_writes_a_plus_before_a_value_at_or_above_zero():
+    """A difference is written +0.016, in e notation too where the decimals would misshow it (+2.00e-06)."""
+    assert [display.format_number(v, signed=True) for v in (0.016, 0.0, -0.25, 2e-6, -3e20)] == [
+        "+0.016", "+0.000", "-0.250", "+2.00e-06", "-3.00e+20"]
+    assert [display.format_number(v, 2) for v in (0.016, 2e-6)] == ["0.02", "2.00e-06"]  # unsigned: as before

@@ -136,3 +136,11 @@ def test_mcnemar_exact_by_hand():
     assert metrics.mcnemar_exact(*pair(5, 0)) == (5, 0, 2 / 32)
     assert metrics.mcnemar_exact(*pair(1, 0)) == (1, 0, 1.0)
     assert metrics.mcnemar_exact(*pair(0, 0)) == (0, 0, 1.0)
+
+
+def test_a_paired_difference_prints_huge_and_tiny_numbers_in_e_notation():
+    """str() wrote each number to 3 signed decimals: a gain of 2e-6 as +0.000 and a bound of -3e20 with every digit,
+    where a table cell writes 2.00e-06 and -3.00e+20. Ordinary values print as before (the README's example)."""
+    assert str(metrics.PairedDifference(2e-6, -3e20, 1e57, 0.95, 10)) == "+2.00e-06 [-3.00e+20, +1.00e+57]"
+    assert str(metrics.PairedDifference(0.016, 0.001, 0.030, 0.95, 256)) == "+0.016 [+0.001, +0.030]"
+    assert str(metrics.PairedDifference(0.0, -0.005, 0.0049, 0.95, 10)) == "+0.000 [-0.005, +0.005]"

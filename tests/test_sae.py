@@ -1260,3 +1260,23 @@ def test_hooked_sae_transformer_shares_the_weights_but_not_the_settings(base):
         assert not any(name.endswith("hook_result") for name in cache)
     finally:
         model.set_use_attn_result(False)  # the old shared cfg must not outlive this test
+
+
+@NEEDS_SAE_LENS
+def test_sae_cosine_phrases_write_tiny_and_huge_numbers_in_e_notation():
+    """The summaries of verbalize_sae_features, a feature card and the toy SAE experiment wrote cosines to 3 decimals
+    (2e-6 as 0.000, where the table's cell writes 2.00e-06) and the experiment's FVU with every digit (1e57 as 58).
+    Ordinary values print as before."""
+    from nla_lens.feature_cards import FeatureCard
+    from nla_lens.sae import FeatureVerbalizations
+
+    said, hook = nl.Verbalization("<explanation>\na\n</explanation>", "a", [1]), f"blocks.{LAYER}.hook_resid_post"
+    features = FeatureVerbalizations([3, 5], [said, said], torch.zeros(2, 4), hook, False, torch.tensor([2e-6, 2e-6]),
+                                     torch.zeros(2, 4))
+    assert features.summary().endswith("0 failed parses, mean AR cosine to the decoder row 2.00e-06")
+    assert FeatureCard(3, hook, said, -3e-7, [], 10, 0).summary().endswith("; AR cosine to the decoder row -3.00e-07")
+    experiment = replace(sae_experiment_result(), cosine=2e-6, control_cosine=-1e-9, sae_fvu=1e57, sae_l0=52.68)
+    assert ("Mean AR cosine to the decoder row 2.00e-06 (0.720 with the offset; -1.00e-09 to the control's row). SAE: "
+            "d_sae 512, L0 52.7, FVU 1.00e+57, trained in 12 s") in experiment.summary()
+    assert ("Mean AR cosine to the decoder row 0.810 (0.720 with the offset; 0.100 to the control's row). SAE: d_sae "
+            "512, L0 9.5, FVU 0.300, trained in 12 s") in sae_experiment_result().summary()

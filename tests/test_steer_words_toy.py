@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -122,3 +123,17 @@ def test_a_hook_the_caller_left_on_the_toy_base_stays_through_the_experiments_ba
         assert len(calls) == 4 and len(toy.base.hook_dict[point].fwd_hooks) == 1
     finally:
         toy.base.reset_hooks()
+
+
+def test_the_experiments_table_and_summary_write_huge_and_tiny_numbers_in_e_notation():
+    """to_markdown wrote each mean change of log p to 2 signed decimals (2e-6 as +0.00, a diverged -1e30 with all its
+    digits) and the summary the oracle cosine to 2 (1e-9 as 0.00). Ordinary values print as before (the README's
+    table)."""
+    from nla_lens.toy.steer_words_experiment import AlphaRow, SteerWordsExperiment
+
+    rows = [AlphaRow(0.5, 0.57, 2e-6, 0.04, -1e30, 0.76, 1.0), AlphaRow(1.0, 0.63, 1.17, 0.05, -0.52, 0.91, 2.0)]
+    result = SteerWordsExperiment(100, 1, "plausible", "add", 0.5, 1e-9, rows)
+    assert result.to_markdown().splitlines()[2:] == ["| 0.5 | 57% | +2.00e-06 | 4% | -1.00e+30 | 76% |",
+                                                      "| 1 | 63% | +1.17 | 5% | -0.52 | 91% |"]
+    assert result.summary().endswith("(oracle direction 91%; cosine of Delta with it 1.00e-09)")
+    assert replace(result, oracle_cosine=0.4321).summary().endswith("cosine of Delta with it 0.43)")

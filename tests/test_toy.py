@@ -714,3 +714,33 @@ def _check_validation_slice(out: Path, work: Path) -> None:
     del summary["config"]["extract"]  # a scores.json from elsewhere: the settings are missing, not a KeyError
     with pytest.raises(CheckpointError, match="lacks the training run's setting 'extract'"):
         evaluate.validation_speeches(plays, tokenizer, summary)
+
+
+def test_the_toy_reports_write_huge_and_tiny_scores_in_e_notation(tmp_path, capsys):
+    """The evaluation's lines, the demo's rows and its pair line wrote FVE to 3 decimals with every digit (a diverged
+    -1e57 as 59 characters) and an FVE or gain of 2e-6 as 0.000, where a table cell writes -1.00e+57 and 2.00e-06.
+    Ordinary values print as before."""
+    from nla_lens.explain import ExplainedToken, Explanation
+    from nla_lens.nla import RoundTrip
+    from nla_lens.toy.evaluate import SampledFVE, change_line, score_line
+    from nla_lens.verbalizer import Verbalization
+
+    scores = ToyScores(n=256, fve=-1e57, baseline=0.73, names_final_token=0.75, shuffled_fve=2e-6, failed_parses=0)
+    assert score_line("scored", "sft", scores, 0.9061, SampledFVE(8, 0.5, 1e-9, 0.9)) == (
+        f"{'scored':<17} sft n=256  FVE -1.00e+57  named 75.0% (192)  failed parses 0  shuffled FVE 2.00e-06  true "
+        "labels' FVE 0.906  8 samples at T 0.5: mean FVE 1.00e-09, best-of-8 0.900")
+    change = {"fve_gain": 2e-6, "fve_gain_low": -3e20, "fve_gain_high": 0.0164, "named_change": 0.01,
+              "named_change_low": -0.02, "named_change_high": 0.04, "named_gained": 9, "named_lost": 7,
+              "named_mcnemar_p": 0.8}
+    assert change_line("scored", change) == (f"{'scored':<17} rl-sft  FVE +2.00e-06 [-3.00e+20, +0.016]  named +1.0 "
+                                             "pt [-2.0, +4.0] (RL only 9, SFT only 7, exact McNemar p 0.8)")
+    (tmp_path / "scores.json").write_text(json.dumps({"heldout": {"fve": 1e-9}, "rl": {"heldout": {"fve": 0.8704}}}))
+    said = Verbalization("<explanation>\na\n</explanation>", "a", [1])
+    rows = [ExplainedToken(0, 1, " mar", said, 0.1, -1e57), ExplainedToken(0, 2, "in", said, 0.1, 0.9339)]
+    round_trip = RoundTrip([said, said], torch.zeros(2, 4), torch.tensor([0.1, 0.1]), 0.1, 0.5, 0.2, "given", 0)
+    print_demo(DemoResult(Explanation(rows, ["x marin"], [["x", " mar", "in"]], 3, torch.zeros(2, 4), round_trip),
+                          "sft"), tmp_path)
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == ("NLA: the SFT pair (supervised fine-tuning only); held-out round-trip FVE in scores.json: "
+                          "SFT 1.00e-09, RL 0.870")
+    assert printed[4:6] == [f"    {' mar':<14} -1.00e+57  a", f"    {'in':<14}  0.934  a"]

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import NEEDS_TL3
+from conftest import NEEDS_TL3, record_postfixes
 from safetensors.torch import load_file, save_file
 
 import nla_lens as nl
@@ -414,3 +414,23 @@ def test_a_trainer_called_directly_refuses_an_out_dir_that_is_a_runs_input(
                      RLConfig(steps=1, prompts_per_step=2, group_size=2, kl_coef=0.0, eval_vectors=0),
                      out_dir=out_dir, progress=False)
     assert sorted(os.listdir(out_dir)) == before
+
+
+@NEEDS_TL3
+def test_the_progress_bar_writes_a_huge_or_tiny_loss_in_e_notation(monkeypatch):
+    """The bar's postfix wrote the step's loss to 4 decimals: a diverged 1e30 with all 31 digits, 1e-9 as 0.0000."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    from nla_lens.training import loop
+
+    postfixes = record_postfixes(monkeypatch, loop)
+    model = HookedTransformer(HookedTransformerConfig(n_layers=1, d_model=8, n_ctx=4, d_head=4, d_vocab=5,
+                                                      act_fn="relu", seed=0))
+    losses = iter([1e30, 1e-9, 0.25])
+
+    def loss_sum(rows):  # the step's loss, whatever the weights: each value one step's mean
+        return (model.W_E.sum() * 0 + next(losses)) * len(rows)
+
+    loop.train(modules={"model": model}, n_rows=2, loss_sum=loss_sum, units=len, evaluate=dict,
+               config=TrainConfig(steps=3, batch_size=2, warmup_steps=0))
+    assert postfixes == [{"loss": "1.00e+30"}, {"loss": "1.00e-09"}, {"loss": "0.2500"}]

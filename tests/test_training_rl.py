@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import LAYER, NEEDS_TL3, stray_byte_verbalization
+from conftest import LAYER, NEEDS_TL3, record_postfixes, stray_byte_verbalization
 from launch import torchrun_cli
 from safetensors.torch import load_file
 
@@ -811,3 +811,16 @@ def test_an_rl_export_removes_the_earlier_runs_record_just_before_its_swap(tiny_
         # The new pair swapped in, and the process stopping here, before _save_result: no record beside it.
         pipeline._train_and_export_rl(config, train, evaluation, torch.device("cpu"), progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ar", "av"]
+
+
+def test_the_rl_progress_bar_writes_a_huge_reward_and_a_tiny_kl_in_e_notation(tiny_paths, monkeypatch):
+    """The bar's postfix wrote reward and KL to 3 decimals: a reward of -1e30 with all its digits, a KL of 2e-6 as
+    0.000."""
+    av = nl.ActivationVerbalizer.from_pretrained(tiny_paths["av_karvonen"], backend="hooked")
+    ar = nl.ActivationReconstructor.from_pretrained(tiny_paths["ar_nanonla"], backend="hooked")
+    postfixes = record_postfixes(monkeypatch, rl)
+    records = iter([{"reward": -1e30, "kl": 2e-6}, {"reward": -0.25, "kl": 0.0123}])
+    monkeypatch.setattr(rl._Trainer, "step", lambda self, step: next(records))
+    vectors = torch.randn(4, ar.meta.d_model, generator=torch.Generator().manual_seed(0))
+    rl.train_rl(av, ar, None, vectors, vectors[:0], dataclasses.replace(RL, steps=2, kl_coef=0.0, eval_vectors=0))
+    assert postfixes == [{"reward": "-1.00e+30", "kl": "2.00e-06"}, {"reward": "-0.250", "kl": "0.012"}]

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nla_lens.checks import check_counts, check_output_path
+from nla_lens.display import format_number
 from nla_lens.explain import Explanation, explain_tokens
 from nla_lens.toy import TOY_DIR
 from nla_lens.toy.evaluate import HELDOUT_FILE, MAX_TOKENS, MIN_CONTEXT, PAIRS, ToyNLA, best_pair, read_scores
@@ -40,7 +41,7 @@ def pair_line(folder: Path, pair: str) -> str:
     """Which pair explains, and the held-out FVE of each pair that the training script recorded."""
     scores = read_scores(folder)
     recorded = {"sft": scores.get("heldout", {}).get("fve"), "rl": scores.get("rl", {}).get("heldout", {}).get("fve")}
-    measured = ", ".join(f"{name.upper()} {fve:.3f}" for name, fve in recorded.items() if fve is not None)
+    measured = ", ".join(f"{name.upper()} {format_number(fve)}" for name, fve in recorded.items() if fve is not None)
     names = {"sft": "SFT pair (supervised fine-tuning only)", "rl": "RL pair (GRPO after SFT)"}
     return f"NLA: the {names[pair]}" + (f"; held-out round-trip FVE in scores.json: {measured}" if measured else "")
 
@@ -57,7 +58,7 @@ def print_demo(result: DemoResult, folder: Path = TOY_DIR) -> None:
         print(f"    {'token':<14} {'FVE':>6}  explanation")
         for row in explanation.rows:
             if row.text_index == i:
-                fve = "" if row.fve is None else f"{row.fve:.3f}"
+                fve = "" if row.fve is None else format_number(row.fve)
                 print(f"    {_shown(row.token):<14} {fve:>6}  {row.explanation}")
     print("\n" + summary_line(result))
 

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from nla_lens import backends, loading, metrics
 from nla_lens.capture import resid_post_name, text_resid_post
+from nla_lens.display import format_number
 from nla_lens.errors import CheckpointError, InputError, NLAError
 from nla_lens.nla import NLA
 from nla_lens.reconstructor import ActivationReconstructor
@@ -372,13 +373,29 @@ def compare_pairs(sft: ItemScores, rl: ItemScores) -> dict[str, float | int]:
             "named_gained": gained, "named_lost": lost, "named_mcnemar_p": p_value}
 
 
+def score_line(name: str, pair: str, scores: ToyScores, labels: float, sampled: SampledFVE | None) -> str:
+    """One printed row of a pair's scores on a slice: FVE, naming, the shuffled control, the true labels' FVE and,
+    with samples, their mean and best-of FVE."""
+    line = (f"{name:<17} {pair:<3} n={scores.n:<4} FVE {format_number(scores.fve)}  named "
+            f"{scores.names_final_token:.1%} ({round(scores.names_final_token * scores.n)})  "
+            f"failed parses {scores.failed_parses}  shuffled FVE {format_number(scores.shuffled_fve)}  "
+            f"true labels' FVE {format_number(labels)}")
+    if sampled is None:
+        return line
+    return (f"{line}  {sampled.samples} samples at T {sampled.temperature:g}: mean FVE "
+            f"{format_number(sampled.mean_fve)}, best-of-{sampled.samples} {format_number(sampled.best_fve)}")
+
+
 def change_line(name: str, change: dict[str, float | int]) -> str:
     """One printed row of `compare_pairs`: the differences, their intervals, and the naming flips."""
     def points(key: str) -> str:
         return f"{100 * change[key]:+.1f}"
 
-    return (f"{name:<17} rl-sft  FVE {change['fve_gain']:+.3f} [{change['fve_gain_low']:+.3f}, "
-            f"{change['fve_gain_high']:+.3f}]  named {points('named_change')} pt [{points('named_change_low')}, "
+    def gain(key: str) -> str:
+        return format_number(change[key], signed=True)
+
+    return (f"{name:<17} rl-sft  FVE {gain('fve_gain')} [{gain('fve_gain_low')}, {gain('fve_gain_high')}]  named "
+            f"{points('named_change')} pt [{points('named_change_low')}, "
             f"{points('named_change_high')}] (RL only {change['named_gained']}, SFT only {change['named_lost']}, "
             f"exact McNemar p {change['named_mcnemar_p']:.2g})")
 
@@ -439,13 +456,7 @@ def main(argv: list[str] | None = None) -> None:
                                if args.best_of else None)
                     results.append({"slice": name, "pair": pair, **asdict(scores), "label_fve": labels,
                                     **({"sampled": asdict(sampled)} if sampled else {})})
-                    print(f"{name:<17} {pair:<3} n={scores.n:<4} FVE {scores.fve:.3f}  named "
-                          f"{scores.names_final_token:.1%} ({round(scores.names_final_token * scores.n)})  "
-                          f"failed parses {scores.failed_parses}  shuffled FVE {scores.shuffled_fve:.3f}  "
-                          f"true labels' FVE {labels:.3f}" + (
-                              f"  {sampled.samples} samples at T {sampled.temperature:g}: mean FVE "
-                              f"{sampled.mean_fve:.3f}, best-of-{sampled.samples} {sampled.best_fve:.3f}"
-                              if sampled else ""), flush=True)
+                    print(score_line(name, pair, scores, labels, sampled), flush=True)
                 if len(items) == len(PAIRS):
                     change = compare_pairs(items["sft"], items["rl"])
                     results.append({"slice": name, "pair": "rl-sft", **change})

@@ -34,6 +34,7 @@ from torch import Tensor
 
 from nla_lens.capture import resid_post, resid_post_name
 from nla_lens.checks import check_input_file, check_output_path, file_kind, file_path
+from nla_lens.display import format_number
 from nla_lens.errors import InputError, NLAError
 from nla_lens.nla import NLA
 from nla_lens.results import TabularResult
@@ -193,10 +194,10 @@ class SAEExperimentResult(TabularResult):
                 f"token in their top {self.config.top_k}; the AV names that token for {self.agreement:.1%} of them "
                 f"(bare decoder rows), {self.agreement_offset:.1%} with the mean offset, "
                 f"{self.agreement_top_context:.1%} for the residual where it fires most; control (another "
-                f"feature's token) {self.control:.1%}. Mean AR cosine to the decoder row {self.cosine:.3f} "
-                f"({self.cosine_offset:.3f} with the offset; {self.control_cosine:.3f} to the control's row). "
-                f"SAE: d_sae {self.config.d_sae}, L0 {self.sae_l0:.1f}, "
-                f"FVU {self.sae_fvu:.3f}, trained in {self.train_seconds:.0f} s")
+                f"feature's token) {self.control:.1%}. Mean AR cosine to the decoder row {format_number(self.cosine)} "
+                f"({format_number(self.cosine_offset)} with the offset; {format_number(self.control_cosine)} to the "
+                f"control's row). SAE: d_sae {self.config.d_sae}, L0 {format_number(self.sae_l0, 1)}, "
+                f"FVU {format_number(self.sae_fvu)}, trained in {self.train_seconds:.0f} s")
 
 
 def token_rows(toy: ToyNLA, folder: Path, context_size: int) -> Int[Tensor, "rows context"]:

@@ -44,6 +44,7 @@ from torch import Tensor
 from nla_lens import backends
 from nla_lens.capture import resid_post_name
 from nla_lens.checks import check_counts, counted
+from nla_lens.display import format_number
 from nla_lens.errors import InputError, NLAError
 from nla_lens.injection import unit
 from nla_lens.nla import NLA
@@ -120,8 +121,9 @@ class SteerWordsExperiment(TabularResult):
     def to_markdown(self) -> str:
         lines = ["| alpha | Z' argmax (words) | mean Δ log p(Z') (words) | Z' argmax (random) "
                  "| mean Δ log p(Z') (random) | Z' argmax (oracle) |", "|---|---|---|---|---|---|"]
-        lines += [f"| {r.alpha:g} | {r.argmax_hit:.0%} | {r.delta_logp:+.2f} | {r.control_argmax_hit:.0%} "
-                  f"| {r.control_delta_logp:+.2f} | {r.oracle_argmax_hit:.0%} |" for r in self.rows]
+        lines += [f"| {r.alpha:g} | {r.argmax_hit:.0%} | {format_number(r.delta_logp, 2, signed=True)} "
+                  f"| {r.control_argmax_hit:.0%} | {format_number(r.control_delta_logp, 2, signed=True)} "
+                  f"| {r.oracle_argmax_hit:.0%} |" for r in self.rows]
         return "\n".join(lines)
 
     def to_records(self) -> list[dict[str, Any]]:
@@ -138,7 +140,7 @@ class SteerWordsExperiment(TabularResult):
         best = max(self.rows, key=lambda r: r.argmax_hit)
         return said + (f"best alpha={best.alpha:g}: Z' argmax {best.argmax_hit:.0%} vs random "
                        f"{best.control_argmax_hit:.0%} (oracle direction {best.oracle_argmax_hit:.0%}; cosine of Delta "
-                       f"with it {self.oracle_cosine:.2f})")
+                       f"with it {format_number(self.oracle_cosine, 2)})")
 
 
 def run_experiment(folder: Path = TOY_DIR, n_sites: int = 100, alphas: tuple[float, ...] = ALPHAS,

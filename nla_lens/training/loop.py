@@ -35,6 +35,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from nla_lens.checks import blocks_phrase, counted, first_few
+from nla_lens.display import format_number
 from nla_lens.distributed import World
 from nla_lens.errors import CheckpointError, ConfigError
 from nla_lens.sidecar import SIDECAR_NAME
@@ -247,7 +248,7 @@ def _run_steps(modules: dict[str, nn.Module], step_loss: nn.Module, params: dict
             logger.warning("%s step %d: non-finite gradient norm; the update is skipped", desc, step + 1)
         optimizer.zero_grad(set_to_none=True)
         result.history.append({"step": step + 1, "loss": total, "lr": lr, "grad_norm": grad_norm})
-        bar.set_postfix(loss=f"{total:.4f}")
+        bar.set_postfix(loss=format_number(total, 4))
         done = step + 1
         if is_due(done, config.steps, config.eval_every):
             run_eval(done)

@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 
 from nla_lens import backends, metrics
 from nla_lens.checks import context_overflow, counted
+from nla_lens.display import format_number
 from nla_lens.distributed import inference
 from nla_lens.errors import ConfigError, InputError
 from nla_lens.nla import (
@@ -553,7 +554,7 @@ def train_rl(
         for step in bar:
             record = trainer.step(step)
             result.history.append(record)
-            bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{record['kl']:.3f}")
+            bar.set_postfix(reward=format_number(record["reward"]), kl=format_number(record["kl"]))
             done = step + 1
             if loop.is_due(done, config.steps, config.eval_every):
                 run_eval(done)
