@@ -44,7 +44,9 @@ def _replace_output(output, fn):
 
 @contextlib.contextmanager
 def karvonen_hook(model, sites, vectors, layer_module=None):
-    """h' = h + ||h|| v/||v|| on the output of decoder layer 1, prefill only (seq_len > 1)."""
+    """h' = h + ||h|| (v/||v||) on the output of decoder layer 1, prefill only (seq_len > 1), in the residual's
+    dtype with v normalised first, as nanoNLA's `karvonen_inject_in_residual` computes it (bf16 rounds
+    (||h|| v)/||v|| otherwise)."""
     module = layer_module if layer_module is not None else model.model.layers[1]
 
     def hook(_module, _inputs, output):
@@ -54,7 +56,7 @@ def karvonen_hook(model, sites, vectors, layer_module=None):
             h = h.clone()
             for i, (b, p) in enumerate(sites):
                 v = vectors[i].to(h.dtype)
-                h[b, p] = h[b, p] + h[b, p].norm() * v / v.norm()
+                h[b, p] = h[b, p] + h[b, p].norm() * (v / v.norm())
             return h
         return _replace_output(output, add)
 

@@ -4,12 +4,13 @@ Beside `test_gemma3.py` (Gemma-3) and `test_injection_equivalence.py` (Qwen3): t
 Llama-3.3's `llama3` rotary scaling), the Qwen2 pair (Qwen2.5's architecture: GQA with q/k/v biases, no
 BOS), every family in bf16, and every family's KV-cached decode steps against HF's full forward. In bf16 HF
 and TransformerLens round differently (SDPA or eager attention, op order), so the bound there is HF's own bf16
-error: nla_lens in bf16 must sit as near the fp32 reference as HF in bf16 does (measured: 0.8-1.3x), while the
+error: nla_lens in bf16 must sit as near the fp32 reference as HF in bf16 does (measured: 0.78-1.31x), while the
 injection moves the logits 8-40x further. Gemma-3's bound is tighter: its norms compute HF's arithmetic (fp32
 1 + w, multiplied before the cast), measured 0.93-1.13x on both backends (1.12-1.36x while the hooked backend's
 rounded 1 + w to bf16 and multiplied after the cast). The rest is HF's default attention (SDPA, whose scores and
-softmax stay fp32): against HF's eager attention, Gemma-3's bf16 outputs are HF's to the bit on both backends. The
-embedding, Gemma's sqrt(d) scale and the replaced marker row included, is HF's to the bit.
+softmax stay fp32): against HF's eager attention, every family's bf16 outputs are HF's to the bit on both backends
+(but one KV-cached step of the tiny Llama on the hooked backend: `DECODE_OFF_EAGER`). The embedding, Gemma's
+sqrt(d) scale and the replaced marker row included, is HF's to the bit.
 """
 
 from __future__ import annotations
@@ -47,8 +48,10 @@ from nla_lens.testing_families import (
 ATOL = 1e-5
 DECODE_ATOL = 2e-5  # measured up to 1e-5 (the Qwen3 AV, whose logits are largest), 2.7e-6 elsewhere
 MAX_NEW = 10
-BF16_NOISE_RATIO = 1.5  # nla_lens's bf16 error over HF's own (both against HF fp32); measured 0.77-1.31
-GEMMA_BF16_NOISE_RATIO = 1.2  # Gemma-3's; measured 0.93-1.13, HF's eager attention's own over its SDPA's
+# nla_lens's bf16 error over HF's own (both against HF fp32), HF's eager attention's own over its SDPA's: measured
+# 0.78-1.31 (1.34 with ATEN_CPU_CAPABILITY=avx2), Gemma-3's 0.93-1.13
+BF16_NOISE_RATIO = 1.4
+GEMMA_BF16_NOISE_RATIO = 1.2
 EXPLANATIONS = ["the cat sat on the mat", "a dog ran in the park and the weather", "the sea"]
 TEXT = "The cat sat on the mat. A dog ran in the park."
 CONTINUATION = "<explanation>\nThe cat sat on the mat. A dog ran in the park and the weather and the sea."
@@ -343,15 +346,23 @@ def test_capture_on_load_base_is_hf_hidden_states_k_plus_1(request, family, dtyp
         assert _mean_abs(captured.vectors, expected[torch.float32]) < _bf16_bound(family) * noise
 
 
-# --- Gemma-3 bf16: HF's eager attention to the bit ---
+# --- bf16: HF's eager attention to the bit, every family ---
 
-@pytest.mark.parametrize("family", ["gemma", "gemma_multimodal"])
-def test_gemma3_bf16_av_logits_and_decode_steps_are_hf_eager_attention_to_the_bit(request, family, family_vectors):
-    """What is left of Gemma-3's bf16 gap to HF's default forward (0.93-1.13x HF's own bf16 error) is HF's attention,
-    not nla_lens: HF's default SDPA keeps the q.k scores and the softmax in fp32 and rounds once at its output, where
+# Where KV-cached decode steps are not HF eager's to the bit: (family, backend) -> (steps off, most they are off by).
+# TL's attention softmaxes its bf16 scores in torch's bf16 kernel, whose sum over a row depends on the row's length,
+# so a cached step's row (the keys so far) and the full forward's (masked past the query) can round a probability
+# one bf16 step apart; HF's eager attention softmaxes in fp32. The tiny Llama's step 18: one probability in block 3.
+DECODE_OFF_EAGER = {("llama", "hooked"): (1, 2**-9)}
+
+
+@pytest.mark.parametrize("family", sorted(AVS))
+def test_bf16_av_logits_and_decode_steps_are_hf_eager_attention_to_the_bit(request, family, family_vectors):
+    """What is left of the bf16 gap to HF's default forward (0.78-1.31x HF's own bf16 error) is HF's attention, not
+    nla_lens: HF's default SDPA keeps the q.k scores and the softmax in fp32 and rounds once at its output, where
     HF's eager attention (which the bridge loads) rounds the scores and the probabilities to bf16, as TL's attention
-    does. Against eager, the injected prompt's logits and every KV-cached decode step's (each decoder verbalize may
-    run) are HF's to the bit, on either backend. (Before the norms computed HF's arithmetic, they were not.)"""
+    does. Against eager, the injected prompt's logits (Qwen3's Karvonen add at layer 1's output, the others' replaced
+    embedding) and every KV-cached decode step's (each decoder verbalize may run) are HF's to the bit, on either
+    backend, but for `DECODE_OFF_EAGER`. (Before Gemma-3's norms computed HF's arithmetic, its outputs were not.)"""
     folder = _folder(request, AVS[family])
     av = nl.ActivationVerbalizer.from_pretrained(folder, dtype=torch.bfloat16)
     tokens = av.prompt_tokens(len(family_vectors))
@@ -374,30 +385,35 @@ def test_gemma3_bf16_av_logits_and_decode_steps_are_hf_eager_attention_to_the_bi
             expected = hf(tokens).logits
         with _reference_injection(hf, folder, full, family_vectors):
             expected_steps = hf(full).logits[:, tokens.shape[1] - 1:full.shape[1] - 1]
+        plain = hf(tokens).logits
     assert torch.equal(ours, expected)
+    steps_off, most = DECODE_OFF_EAGER.get((family, backends.default_backend()), (0, 0.0))
     for steps in decoded:
-        assert torch.equal(steps, expected_steps)
-    # Teeth: HF's default attention rounds otherwise.
+        assert (steps != expected_steps).any(dim=2).any(dim=0).sum() <= steps_off
+        assert (steps - expected_steps).abs().max() <= most
+    # Teeth: the injection moves the logits, and HF's default attention rounds otherwise.
+    assert (expected - plain).abs().max() > 0.1
     sdpa = _hf(folder, torch.bfloat16)
     with torch.no_grad(), _reference_injection(sdpa, folder, tokens, family_vectors):
         assert (sdpa(tokens).logits - expected).abs().max() > 1e-3
 
 
-def test_gemma3_bf16_ar_and_capture_are_hf_eager_attention_to_the_bit(bos_paths):
-    """The Gemma-3 AR's bf16 reconstructions and `nl.capture`'s bf16 residual (HF's `hidden_states[K + 1]`) are
-    HF's eager attention forward to the bit, on either backend."""
-    ar = nl.ActivationReconstructor.from_pretrained(bos_paths["gemma_ar"], dtype=torch.bfloat16)
+@pytest.mark.parametrize("family", sorted(ARS))
+def test_bf16_ar_and_capture_are_hf_eager_attention_to_the_bit(request, family):
+    """The AR's bf16 reconstructions and `nl.capture`'s bf16 residual (HF's `hidden_states[K + 1]`) are HF's eager
+    attention forward to the bit, on either backend."""
+    folder, av_folder = _folder(request, ARS[family]), _folder(request, AVS[family])
+    ar = nl.ActivationReconstructor.from_pretrained(folder, dtype=torch.bfloat16)
     ours = ar.reconstruct(EXPLANATIONS, batch_size=2)  # one row padded
-    expected = ref.ar_reconstruct(bos_paths["gemma_ar"], EXPLANATIONS, dtype=torch.bfloat16,
-                                  attn_implementation="eager")
+    expected = ref.ar_reconstruct(folder, EXPLANATIONS, dtype=torch.bfloat16, attn_implementation="eager")
     assert torch.equal(ours.float(), expected)
     with pytest.warns(UserWarning, match="not the base model"):
-        base = nl.load_base(bos_paths["gemma_av"], dtype=torch.bfloat16)
+        base = nl.load_base(av_folder, dtype=torch.bfloat16)
     tokens = base.to_tokens(TEXT)
     with nl.capture(base, LAYER, positions=torch.ones_like(tokens, dtype=torch.bool)) as captured:
         base(tokens)
     with torch.no_grad():
-        hidden = _hf(bos_paths["gemma_av"], torch.bfloat16, attn_implementation="eager").model(
+        hidden = _hf(av_folder, torch.bfloat16, attn_implementation="eager").model(
             tokens, output_hidden_states=True).hidden_states[LAYER + 1][0]
     assert torch.equal(captured.vectors.float(), hidden.float())
 
