@@ -337,16 +337,17 @@ def directionless_warning(reconstructions: Float[Tensor, "n d_model"], read: Seq
             f"{name_rows(rows)}), {consequence}: {DIRECTIONLESS_CAUSE}")
 
 
-def ran_on_warning(rows: Sequence[int], n: int, name_rows: RowNamer = row_indices) -> str | None:
+def ran_on_warning(rows: Sequence[int], n: int, name_rows: RowNamer = row_indices, *,
+                   consequence: str = "the round trip scores them") -> str | None:
     """Of `n` rows, the `rows` whose explanation closed its tag but whose sample reached max_new_tokens without the
     AV's EOS (`Verbalization.truncated`): round trips score them by the paper's parse rule, RL's reward (the
-    recipe's) as misses, so the two disagree on them."""
+    recipe's) as misses, so the two disagree on them (`consequence` says what they get where nothing is scored)."""
     if not rows:
         return None
     return (f"{len(rows)}/{n} explanations closed their tag but the AV did not end the sample before max_new_tokens "
-            f"({name_rows(rows)}): the round trip scores them, by the paper's parse rule, where RL's reward scores "
-            "such samples as misses. A larger max_new_tokens lets a tag closed at the cap end with EOS; what the AV "
-            "wrote on after its tag is in the row's `text`")
+            f"({name_rows(rows)}): {consequence}, by the paper's parse rule, where RL's reward scores such samples "
+            "as misses. A larger max_new_tokens lets a tag closed at the cap end with EOS; what the AV wrote on "
+            "after its tag is in the row's `text`")
 
 
 class NLA:

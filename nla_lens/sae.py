@@ -43,6 +43,7 @@ from nla_lens.nla import (
     NLA,
     check_read_keywords,
     directionless_warning,
+    ran_on_warning,
     rows_the_ar_reads,
     scored_misses,
     too_long_warning,
@@ -432,21 +433,22 @@ def feature_ids(features: list[int] | Int[Tensor, " n_features"]) -> list[int]:
 def decoder_rows(sae: SAE, features: list[int]) -> Float[Tensor, "n d_in"]:
     """`sae.W_dec[features]` as float32, after checking the ids."""
     features = feature_ids(features)
+    named = _features_named(features)
     d_sae = sae.cfg.d_sae
-    bad = [f for f in features if isinstance(f, bool) or not isinstance(f, int) or not 0 <= f < d_sae]
+    bad = [i for i, f in enumerate(features) if isinstance(f, bool) or not isinstance(f, int) or not 0 <= f < d_sae]
     if bad:
-        raise InputError(f"feature ids {bad[:8]} are not ints in 0..{d_sae - 1} (this SAE has d_sae={d_sae})")
+        raise InputError(f"{named(bad)} are not ints in 0..{d_sae - 1} (this SAE has d_sae={d_sae})")
     rows = sae.W_dec.detach()[features]
     _check_float32_range(rows, features)
     rows = rows.float()
-    broken = [f for f, finite in zip(features, rows.isfinite().all(dim=1).tolist(), strict=True) if not finite]
+    broken = [i for i, finite in enumerate(rows.isfinite().all(dim=1).tolist()) if not finite]
     if broken:  # check_vectors would name the rows of the batch and ask how they were computed
-        raise VectorError(f"features {broken[:8]} have NaN or Inf in their decoder rows (sae.W_dec): the SAE's "
+        raise VectorError(f"{named(broken)} have NaN or Inf in their decoder rows (sae.W_dec): the SAE's "
                           "weights are broken (a diverged training run, a float16 overflow); reload or retrain it")
     # Not the norm: it underflows to 0 for entries near 1e-23, a direction the AV injection still reads.
-    zero = [f for f, empty in zip(features, (rows == 0).all(dim=1).tolist(), strict=True) if empty]
+    zero = [i for i, empty in enumerate((rows == 0).all(dim=1).tolist()) if empty]
     if zero:
-        raise InputError(f"features {zero[:8]} have all-zero decoder rows (sae.W_dec): such a feature writes nothing "
+        raise InputError(f"{named(zero)} have all-zero decoder rows (sae.W_dec): such a feature writes nothing "
                          "into the residual, wherever it fires, so there is no direction to verbalize; leave it out "
                          "(the features with a direction: sae.W_dec.any(dim=1).nonzero())")
     return rows
@@ -460,7 +462,7 @@ def _check_float32_range(rows: Float[Tensor, "n d_in"], features: list[int]) -> 
     if past:
         peak = float(rows[past[0]].abs().amax())
         raise VectorError(
-            f"features {[features[i] for i in past][:8]} have float64 decoder rows (sae.W_dec) past float32's range, "
+            f"{_features_named(features)(past)} have float64 decoder rows (sae.W_dec) past float32's range, "
             f"in which nla_lens verbalizes them: feature {features[past[0]]}'s largest entry is {peak:.3g} in "
             f"magnitude, where float32 holds {torch.finfo(torch.float32).tiny:.3g} to "
             f"{torch.finfo(torch.float32).max:.3g}, so the row would become inf, zero or a few coarse steps. Only a "
@@ -507,7 +509,9 @@ def verbalize_sae_features(
     W_dec[f]), the reconstruction first rescaled to the norm of the vector the AV read (the AR's output
     norm carries no meaning); NaN where the explanation failed to parse, where its AR prompt is over the AR's
     n_ctx, and where its reconstruction has no direction (NaN, Inf or zero: an AR that overflowed float16), the last
-    two named in a warning kept in `verbalizations.warnings`, as `round_trip`'s are. `verbalize_kwargs` go to
+    two named in a warning kept in `verbalizations.warnings`, as `round_trip`'s are; so are the features scored
+    although their sample reached `max_new_tokens` after closing its tag (RL's reward scores such a sample as a
+    miss). `verbalize_kwargs` go to
     `av.verbalize`. With an NLA, a `max_new_tokens` whose samples the AR could not read is refused before
     verbalizing (`PromptTooLongError`, as `NLA.round_trip` refuses it).
 
@@ -556,10 +560,13 @@ def verbalize_sae_features(
     directionless = sorted(scored_misses(reconstructions) & set(read))  # not the too long: no reconstruction at all
     if directionless:
         cosines[directionless] = float("nan")
+    # A sample that ran on past its closed tag is scored as a round trip scores it: RL's reward would call it a miss.
+    ran_on = [i for i in read if verbalizations[i].truncated and i not in directionless]
     named = _features_named(features)
     notes = [too_long_warning(too_long, len(features), nla.ar.model.cfg.n_ctx, name_rows=named,
                               consequence="so they have no reconstruction and no cosine (NaN)"),
-             directionless_warning(reconstructions, read, name_rows=named, consequence="so they have no cosine")]
+             directionless_warning(reconstructions, read, name_rows=named, consequence="so they have no cosine"),
+             ran_on_warning(ran_on, len(features), named, consequence="they have a reconstruction and a cosine")]
     for note in filter(None, notes):
         verbalizations = warned(verbalizations, note)
     return FeatureVerbalizations(features, verbalizations, vectors, hook_name, offset is not None, cosines,
@@ -583,7 +590,7 @@ def check_ar_reads_samples(av_or_nla: ActivationVerbalizer | NLA, verbalize_kwar
 
 
 def _features_named(features: list[int]) -> RowNamer:
-    """Warnings name rows by their feature ids, the first 8, as this module's errors name features."""
+    """How this module's warnings and errors name rows: by their feature ids, the first 8."""
     return lambda rows: f"features {[features[i] for i in rows][:8]}"
 
 

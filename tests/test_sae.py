@@ -117,7 +117,7 @@ def test_a_card_with_no_position_left_after_skip_first_is_refused_as_residual_st
     with pytest.raises(nl.InputError, match=r"no positions left after skip_first=100: the longest text has \d+ "
                                             r"tokens; use longer texts or a smaller skip_first"):
         nl.feature_card(sae, toy.base, TOY_TEXTS, 9, toy.av, skip_first=100)
-    with pytest.raises(nl.InputError, match=r"feature ids \[32\] are not ints in 0..31"):
+    with pytest.raises(nl.InputError, match=r"^features \[32\] are not ints in 0..31 \(this SAE has d_sae=32\)$"):
         nl.feature_card(sae, toy.base, TOY_TEXTS, 32, toy.av)
 
 
@@ -725,7 +725,7 @@ def test_a_0d_numpy_array_is_one_id_as_a_0d_tensor_is(av_karvonen, base):
     card = nl.feature_card(sae, base, ["The cat sat on the mat."], np.array(5), av_karvonen, max_new_tokens=2,
                            progress=False)
     assert card.feature == 5 and type(card.feature) is int
-    with pytest.raises(nl.InputError, match=r"feature ids \[5.0\] are not ints"):
+    with pytest.raises(nl.InputError, match=r"^features \[5.0\] are not ints"):
         nl.feature_card(sae, base, ["The cat sat on the mat."], np.array(5.0), av_karvonen, progress=False)
 
 
@@ -822,6 +822,36 @@ def test_an_explanation_that_retokenizes_past_the_ars_context_gets_no_cosine_and
     assert out.verbalizations.warnings == [warning] and repr(out).splitlines()[0].endswith(
         "1 warning (.verbalizations.warnings)")
     assert [r["cosine"] for r in out.to_records()][1] is None
+
+
+@NEEDS_SAE_LENS
+def test_features_scored_though_their_sample_ran_on_past_the_closed_tag_are_named_as_round_trips_name_them(
+        nla, monkeypatch):
+    """A sample that closed its tag but reached max_new_tokens without EOS gets a cosine by the paper's parse rule,
+    where RL's reward scores it as a miss: round trips name such rows, verbalize_sae_features said nothing. A failed
+    parse cut at the cap has no cosine and is not named; a ran-on row rebuilt with no direction is named only as
+    that."""
+    sae = make_sae(D_MODEL, 16, f"blocks.{LAYER}.hook_resid_post")
+    ran_on = nl.Verbalization("<explanation>the cat</explanation> and then the", "the cat", [], truncated=True)
+    cat = nl.Verbalization("<explanation>the cat</explanation>", "the cat", [])
+    cut = nl.Verbalization("<explanation>the sea and", None, [], truncated=True)
+    monkeypatch.setattr(nla.av, "verbalize", lambda v, **kw: nl.verbalizer.Verbalizations([ran_on, cat, cut,
+                                                                                             ran_on, ran_on]))
+    reconstruct = nla.ar.reconstruct
+    monkeypatch.setattr(nla.ar, "reconstruct", lambda texts: torch.cat([reconstruct(texts[:-1]),
+                                                                        torch.zeros(1, D_MODEL)]))
+    with pytest.warns(UserWarning) as caught:
+        out = nl.verbalize_sae_features(nla, sae, [2, 5, 9, 11, 13], max_new_tokens=8)
+
+    assert out.cosines[[0, 1, 3]].isfinite().all() and out.cosines[[2, 4]].isnan().all()
+    warning = ("2/5 explanations closed their tag but the AV did not end the sample before max_new_tokens (features "
+               "[2, 11]): they have a reconstruction and a cosine, by the paper's parse rule, where RL's reward scores "
+               "such samples as misses. A larger max_new_tokens lets a tag closed at the cap end with EOS; what the "
+               "AV wrote on after its tag is in the row's `text`")
+    said = [str(w.message) for w in caught]
+    assert len(said) == 2 and said[0].startswith("1/5 reconstructions have no direction (NaN, Inf or zero; features "
+                                                 "[13]), so they have no cosine") and said[1] == warning
+    assert out.verbalizations.warnings == said and all(w.filename == __file__ for w in caught)
 
 
 @NEEDS_SAE_LENS
