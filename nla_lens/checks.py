@@ -12,7 +12,7 @@ import math
 import numbers
 import os
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeGuard
 
@@ -57,6 +57,12 @@ def counted(n: int, noun: str) -> str:
 def first_few(items: Sequence[str]) -> str:
     """The first three of `items`, then how many more: 'a, b, c, and 4 more'."""
     return ", ".join(items[:3]) + (f", and {len(items) - 3} more" if len(items) > 3 else "")
+
+
+def first_five(rows: Sequence[int], name: Callable[[int], str]) -> str:
+    """The first five of `rows` as `name` writes each, then how many more: 'a, b, c, d, e and 2 more'. How warnings
+    name rows of a batch whose index means nothing to the reader (`explain`'s texts, an experiment's runs)."""
+    return ", ".join(map(name, rows[:5])) + (f" and {len(rows) - 5} more" if len(rows) > 5 else "")
 
 
 def blocks_phrase(n_blocks: int) -> str:

@@ -38,7 +38,7 @@ from nla_lens.capture import (
     resid_post_name,
     resolve_positions,
 )
-from nla_lens.checks import check_finite, counted, is_integer
+from nla_lens.checks import check_finite, counted, first_five, is_integer
 from nla_lens.errors import InputError, VectorError
 from nla_lens.injection import HookFn, check_vectors, directionless_rows
 from nla_lens.nla import NLA, RoundTrip, baseline_phrase, check_read_keywords
@@ -631,9 +631,12 @@ def _read(nla_or_av: NLA | ActivationVerbalizer, runs: Sequence[tuple[str, Captu
 def _name_run_sites(rows: Sequence[int], sites: Sequence[tuple[str, CapturedRow]]) -> str:
     """Rows of the joint AV batch of every run named as the table shows them: "steered run, batch 0 position 3
     (' cat')"; an index into that batch (the steered rows numbered after the clean ones) means nothing there."""
-    where = [f"{run} run, batch {site.batch} position {site.position}" + (f" ({site.token!r})" if site.token else "")
-             for run, site in (sites[i] for i in rows[:5])]
-    return ", ".join(where) + (f" and {len(rows) - 5} more" if len(rows) > 5 else "")
+    def site(row: int) -> str:
+        run, captured = sites[row]
+        token = f" ({captured.token!r})" if captured.token else ""
+        return f"{run} run, batch {captured.batch} position {captured.position}{token}"
+
+    return first_five(rows, site)
 
 
 def _capture_layer(base_model: TLModel, av: ActivationVerbalizer, capture_layer: int | None) -> int:

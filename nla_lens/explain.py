@@ -23,7 +23,7 @@ from transformers import PreTrainedTokenizerBase
 from nla_lens import backends, display
 from nla_lens.base_model import check_base_model
 from nla_lens.capture import capture, check_token_ids, resid_post_name
-from nla_lens.checks import check_fwd_hooks, counted, is_integer
+from nla_lens.checks import check_fwd_hooks, counted, first_five, is_integer
 from nla_lens.errors import InputError, PromptTooLongError, VectorError
 from nla_lens.injection import directionless_rows
 from nla_lens.loading import prepends_bos
@@ -278,8 +278,11 @@ def explain_tokens(nla: NLA, base: TLModel, token_rows: Sequence[Sequence[int]],
 def _name_sites(rows: Sequence[int], sites: Sequence[tuple[int, int]], strings: Sequence[Sequence[str]]) -> str:
     """Rows of the concatenation of every text's explained positions named as the table shows them: "text 0
     position 3 (' cat')"; an index into that concatenation means nothing to the reader of the table."""
-    where = [f"text {t} position {p} ({strings[t][p]!r})" for t, p in (sites[i] for i in rows[:5])]
-    return ", ".join(where) + (f" and {len(rows) - 5} more" if len(rows) > 5 else "")
+    def site(row: int) -> str:
+        text, position = sites[row]
+        return f"text {text} position {position} ({strings[text][position]!r})"
+
+    return first_five(rows, site)
 
 
 def _check_directions(vectors: Float[Tensor, "n d_model"], sites: Sequence[tuple[int, int]],

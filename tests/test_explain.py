@@ -105,6 +105,21 @@ def test_a_zeroed_residual_is_named_by_its_text_position_and_token(base, nla):
     assert len(nla.explain(base, TEXTS, positions=[0, 1], fwd_hooks=[(name, ablate)], baseline=0.8, **FAST).rows) == 4
 
 
+def test_past_five_sites_a_refusal_names_the_first_five_and_counts_the_rest(base, nla):
+    """Sites are named as the experiments name theirs (`checks.first_five`): five, then how many more."""
+    def ablate(resid, hook):
+        resid[:, 1:] = 0
+        return resid
+
+    name = f"blocks.{nla.layer}.hook_resid_post"
+    tokens = [[base.tokenizer.decode([i]) for i in base.tokenizer.encode(text)] for text in TEXTS]
+    zeroed = [(t, p) for t, row in enumerate(tokens) for p in range(1, len(row))]
+    shown = ", ".join(f"text {t} position {p} ({tokens[t][p]!r})" for t, p in zeroed[:5])
+    assert len(zeroed) > 5
+    with pytest.raises(nl.VectorError, match=re.escape(f"residual at {shown} and {len(zeroed) - 5} more is zero")):
+        nla.explain(base, TEXTS, fwd_hooks=[(name, ablate)], baseline=0.8, **FAST)
+
+
 def test_the_round_trips_warnings_name_each_row_by_its_text_position_and_token(base, nla, monkeypatch):
     """A failed injection, a reconstruction with no direction and a sample that ran on past its tag were named by
     their index among every text's explained positions ("rows [9]"), a number the explain table does not show."""
