@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -223,3 +224,23 @@ def test_an_export_through_a_symlink_writes_its_target_and_keeps_the_link(tmp_pa
     assert _files(target) == _files(export_av(av, tmp_path / "fresh", base_folder)) != earlier
     assert sorted(p.name for p in tmp_path.iterdir()) == ["av", "exports", "fresh"]
     assert [p.name for p in (tmp_path / "exports").iterdir()] == ["av"]  # nothing staged or set aside left
+
+
+def test_non_finite_weights_past_three_are_named_first_three_then_counted(tmp_path, base_folder, dataset_meta):
+    """The refusal listed three tensors then "...", where every other list of names says how many more."""
+    from nla_lens.training import export_ar, init_ar
+
+    ar = init_ar(base_folder, dataset_meta)
+    with torch.no_grad():
+        for name, param in ar.model.named_parameters():
+            if not name.rsplit(".", 1)[-1].lstrip("_").startswith("b_"):  # biases HF lacks: refused first
+                param.fill_(float("nan"))
+    with pytest.raises(nl.ConfigError) as info:
+        export_ar(ar, tmp_path / "nan", base_folder)
+    said = re.search(r"(\d+) of (\d+) weight tensors hold NaN or inf in float32 \(([^()]*)\)\. The training diverged",
+                     str(info.value))
+    assert said is not None and said[1] == said[2]
+    names = said[3].split(", ")
+    assert len(names) == 4 and names[0] == "model.embed_tokens.weight"
+    assert names[3] == f"and {int(said[1]) - 3} more" and int(said[1]) > 3
+    assert not (tmp_path / "nan").exists()

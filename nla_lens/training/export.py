@@ -250,11 +250,10 @@ def _check_finite_weights(weights: dict[str, Tensor], folder: Path, dtype: torch
     would load and verbalize or reconstruct garbage, with only the run's last loss to tell."""
     bad = [name for name, weight in weights.items() if not torch.isfinite(weight).all()]
     if bad:
-        named = ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "")
         raise ConfigError(f"not exporting to {folder}: {len(bad)} of {counted(len(weights), 'weight tensor')} "
                           f"{'holds' if len(bad) == 1 else 'hold'} NaN or inf in {str(dtype).removeprefix('torch.')} "
-                          f"({named}). The training diverged (a loss of nan), or a weight exceeds the export dtype's "
-                          "range: lower lr and train again, or export in float32")
+                          f"({first_few(bad)}). The training diverged (a loss of nan), or a weight exceeds the export "
+                          "dtype's range: lower lr and train again, or export in float32")
 
 
 def export_av(av: ActivationVerbalizer, folder: str | Path, base_model: str | Path, *,
