@@ -433,6 +433,31 @@ def test_rl_only_on_a_folder_without_an_sft_pair_is_a_clear_error(tmp_path, caps
 
 
 @NEEDS_TL3
+@pytest.mark.parametrize("heldout", [True, False], ids=["heldout-kept", "first-run"])
+def test_rl_only_after_an_sft_stage_stopped_before_scoring_says_the_pair_is_unscored(tmp_path, capsys, monkeypatch,
+                                                                                     heldout):
+    """The SFT stage removes scores.json just before its swap: a run stopped between the swap and the scoring left
+    the pair, and --rl-only called it "no SFT pair to start RL from: it lacks ['scores.json']"."""
+    from nla_lens.toy import train
+
+    monkeypatch.setattr(train, "fetch_wheel", lambda *a: pytest.fail("the run started"))
+    out = tmp_path / "toy"
+    for name in ("base", "av", "ar", "rl"):
+        (out / name).mkdir(parents=True)
+    if heldout:  # a retrained toy keeps the earlier heldout.json; a first run stopped before writing it
+        (out / "heldout.json").write_text("[]")
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--rl-only", "--out", str(out)])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == (
+        f"error: {out} holds an SFT pair (base/, av/, ar/) but no scores.json: the SFT stage that exported it stopped "
+        "before scoring it (its export removes the earlier run's scores.json), and RL compares its pair with those "
+        f"scores and keeps them beside its own. Run the SFT stage again, `python -m nla_lens.toy.train --out {out}` "
+        "without --rl-only (with --quick if the first run had it): it trains, exports and scores the SFT pair, then "
+        "runs RL\n")
+
+
+@NEEDS_TL3
 @pytest.mark.parametrize(("finished", "said"), [
     (False, "holds checkpoints of an earlier RL run (up to step-000040): pass --rl-resume {step} to continue it"),
     (True, "holds a finished RL run (up to step-000040): pass --rl-resume {step} to export and score it again (no "

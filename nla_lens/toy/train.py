@@ -25,7 +25,7 @@ from torch import Tensor
 from transformers import GenerationConfig
 
 from nla_lens import backends, loading
-from nla_lens.errors import ConfigError, NLAError
+from nla_lens.errors import CheckpointError, ConfigError, NLAError
 from nla_lens.reconstructor import ActivationReconstructor
 from nla_lens.toy import BASE_MODEL, TOY_DIR
 from nla_lens.toy import base as toy_base
@@ -157,6 +157,7 @@ def train_toy_rl(out: Path, cfg: ToyConfig, work: Path, resume: Path | None = No
     earlier run's checkpoints there are refused (delete them to start over).
     """
     # Checked before the run: the scoring at its end reads heldout.json too.
+    _check_sft_pair_scored(out)
     require_parts(out, (*TOY_PARTS, SCORES_FILE), "holds no SFT pair to start RL from", "Pass the --out folder of "
                   "a full `python -m nla_lens.toy.train` run, or run it without --rl-only")
     check_export_folder(pair_folder(out, "rl") / "av", "av")  # before the run, not after it: export_pair replaces
@@ -198,6 +199,21 @@ def train_toy_rl(out: Path, cfg: ToyConfig, work: Path, resume: Path | None = No
     summary["best_pair"] = "rl" if scores.fve > summary["heldout"]["fve"] else "sft"
     write_json(out / SCORES_FILE, summary, indent=1)
     return summary
+
+
+def _check_sft_pair_scored(out: Path) -> None:
+    """Refuse an SFT pair without scores.json as unscored, where RL called it no SFT pair: its SFT stage stopped
+    between the swap (which removes the earlier scores.json) and its scoring. Those scores hold the SFT run's record
+    (evals, settings the validation slice reads), so only that stage can write them again."""
+    if (out / SCORES_FILE).exists() or not all((out / name).is_dir() for name in ("base", "av", "ar")):
+        return
+    raise CheckpointError(
+        f"{out} holds an SFT pair (base/, av/, ar/) but no {SCORES_FILE}: the SFT stage that exported it stopped "
+        f"before scoring it (its export removes the earlier run's {SCORES_FILE}), and RL compares its pair with those "
+        f"scores and keeps them beside its own. Run the SFT stage again, `python -m nla_lens.toy.train --out {out}` "
+        "without --rl-only (with --quick if the first run had it): it trains, exports and scores the SFT pair, then "
+        "runs RL"
+    )
 
 
 def _check_sft_folders(out: Path) -> None:
