@@ -8,6 +8,7 @@ a reader (or a resumed job) never sees a half-written file.
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import math
@@ -30,7 +31,7 @@ from safetensors.torch import load_file, save, save_file
 from torch import Tensor
 
 from nla_lens.checks import check_input_file, check_output_path, file_kind
-from nla_lens.errors import InputError
+from nla_lens.errors import ConfigError, InputError
 
 # Column names the jobs write; an input column of the same name would be overwritten.
 RESULT_COLUMNS = ("index", "explanation", "text", "truncated", "mse", "miss")
@@ -270,10 +271,11 @@ def replaced_folders(folders: Sequence[Path], before_swap: Callable[[], object] 
     as they were and removes the temporary ones. A folder written in place and cut short (Ctrl-C) loaded with old and
     new files mixed. The swap moves every old folder aside before moving any new one in, so a crash inside it leaves
     a folder missing, never some new folders beside old ones (a new AV beside the old AR). A symlink's target is
-    replaced and the link kept, as `write_atomic` does: renaming onto the link replaced it, the target left stale.
-    `before_swap` runs once the new folders are written, just before the swap: a record of the old folders (a run's
-    train_result.json) removed there never sits beside the new ones, which a crash after the swap left it doing."""
-    folders = [folder.resolve() if folder.is_symlink() else folder for folder in folders]
+    replaced and the link kept, as `write_atomic` does: renaming onto the link replaced it, the target left stale; a
+    link that leads round a loop is a `ConfigError` (`link_target`). `before_swap` runs once the new folders are
+    written, just before the swap: a record of the old folders (a run's train_result.json) removed there never sits
+    beside the new ones, which a crash after the swap left it doing."""
+    folders = [link_target(folder) if folder.is_symlink() else folder for folder in folders]
     token = uuid.uuid4().hex
     staged = [folder.with_name(f".{folder.name}.{token}.tmp") for folder in folders]
     try:
@@ -284,6 +286,18 @@ def replaced_folders(folders: Sequence[Path], before_swap: Callable[[], object] 
     finally:
         for folder in staged:
             shutil.rmtree(folder, ignore_errors=True)
+
+
+def link_target(link: Path) -> Path:
+    """Where the symlink `link` leads; a `ConfigError` naming a link that leads round a loop, of which
+    `Path.resolve` raised a bare RuntimeError (Python 3.11), or said nothing (3.13)."""
+    try:
+        os.stat(link)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise ConfigError(f"{link} is a symlink that leads round a loop of links, so there is no folder there "
+                              "to write into: point it at a folder, or remove it") from error
+    return link.resolve()
 
 
 def _swap_in(staged: list[Path], folders: list[Path], aside: list[Path]) -> None:

@@ -815,6 +815,20 @@ def test_a_write_that_fails_leaves_no_temporary_file(tmp_path):
     assert (tmp_path / "shard.parquet").read_bytes() == b"whole"
 
 
+def test_replaced_folders_refuses_a_symlink_loop_naming_the_link_before_staging_anything(tmp_path):
+    """Path.resolve raised a bare RuntimeError ("Symlink loop from ...") on entering the block."""
+    from nla_lens.vector_files import replaced_folders
+
+    (tmp_path / "a").symlink_to("b", target_is_directory=True)
+    (tmp_path / "b").symlink_to("a", target_is_directory=True)
+    with pytest.raises(nl.ConfigError, match=re.escape(f"{tmp_path / 'b'} is a symlink that leads round a loop of "
+                                                       "links, so there is no folder there to write into: point it "
+                                                       "at a folder, or remove it")):
+        with replaced_folders([tmp_path / "fine", tmp_path / "b"]):
+            pytest.fail("staged folders for a link that leads nowhere")
+    assert sorted((p.name, os.readlink(p)) for p in tmp_path.iterdir()) == [("a", "b"), ("b", "a")]
+
+
 @pytest.mark.parametrize("suffix", [".parquet", ".jsonl", ".html"])
 def test_save_replaces_an_existing_file_and_writes_through_a_symlink_to_its_target(tmp_path, suffix):
     """Saved to a link (`latest.parquet -> runs/3.parquet`), the rows replaced the link with a file of their own and

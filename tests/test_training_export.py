@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -244,3 +245,25 @@ def test_non_finite_weights_past_three_are_named_first_three_then_counted(tmp_pa
     assert len(names) == 4 and names[0] == "model.embed_tokens.weight"
     assert names[3] == f"and {int(said[1]) - 3} more" and int(said[1]) > 3
     assert not (tmp_path / "nan").exists()
+
+
+@pytest.mark.parametrize("loop", ["self", "pair"])
+def test_an_export_into_a_symlink_loop_is_refused_naming_the_link_and_writes_nothing(tmp_path, base_folder,
+                                                                                   dataset_meta, loop):
+    """Path.resolve raised a bare RuntimeError ("Symlink loop from ...") out of the export's replaced_folders."""
+    from nla_lens.training import export_av, init_av
+
+    av = init_av(base_folder, dataset_meta)
+    link = tmp_path / "av"
+    if loop == "self":
+        link.symlink_to("av", target_is_directory=True)
+    else:
+        link.symlink_to("other", target_is_directory=True)
+        (tmp_path / "other").symlink_to("av", target_is_directory=True)
+    before = sorted((p.name, os.readlink(p)) for p in tmp_path.iterdir())
+    refusal = (f"{link} is a symlink that leads round a loop of links, so there is no folder there to write into: "
+               "point it at a folder, or remove it")
+    with pytest.raises(nl.ConfigError) as info:
+        export_av(av, link, base_folder)
+    assert str(info.value) == refusal
+    assert sorted((p.name, os.readlink(p)) for p in tmp_path.iterdir()) == before  # nothing staged, links kept
