@@ -267,3 +267,14 @@ def test_an_export_into_a_symlink_loop_is_refused_naming_the_link_and_writes_not
         export_av(av, link, base_folder)
     assert str(info.value) == refusal
     assert sorted((p.name, os.readlink(p)) for p in tmp_path.iterdir()) == before  # nothing staged, links kept
+
+
+def test_a_symlink_loop_is_refused_by_the_check_run_before_training(tmp_path):
+    """The training commands and the toy check their export folders before training; a loop passed that check
+    (nothing exists behind it) and was refused only by the export, after the run."""
+    from nla_lens.training.export import check_export_folder
+
+    link = tmp_path / "model"
+    link.symlink_to("model", target_is_directory=True)
+    with pytest.raises(nl.ConfigError, match=rf"^{re.escape(str(link))} is a symlink that leads round a loop"):
+        check_export_folder(link, "av")

@@ -28,7 +28,7 @@ from nla_lens.nla import MIN_BASELINE_VECTORS, warn_at_caller
 from nla_lens.reconstructor import ActivationReconstructor
 from nla_lens.sidecar import SIDECAR_NAME, InjectionSpec, NLAMeta, dump_meta, load_meta
 from nla_lens.training.parallel import current_world, gathered_on_main, whole
-from nla_lens.vector_files import replaced_folders, save_tensors
+from nla_lens.vector_files import link_target, replaced_folders, save_tensors
 from nla_lens.verbalizer import ActivationVerbalizer
 
 if TYPE_CHECKING:
@@ -191,8 +191,11 @@ def check_export_folder(folder: str | Path, role: Literal["av", "ar"]) -> None:
     """Refuse a folder that holds an NLA export of the other role: the export replaces its folder whole, and
     would destroy it. Refuse a sharded model's folder too (a base, a released NLA): its weight index outranks the
     export's single file; and a file, a folder of files but no sidecar, or an earlier export with files beside it
-    that no export writes (`EXPORT_FILES`), which the export would delete."""
+    that no export writes (`EXPORT_FILES`), which the export would delete, and a symlink that leads round a loop,
+    which `replaced_folders` refuses only once the weights are trained."""
     folder = Path(folder)
+    if folder.is_symlink():
+        link_target(folder)
     if folder.exists() and not folder.is_dir():
         raise ConfigError(f"{folder} is a file, and an export writes a folder there; export into a new folder")
     if (folder / SIDECAR_NAME).is_file():  # the other role first: the most specific way on
