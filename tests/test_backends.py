@@ -10,6 +10,7 @@ import shutil
 
 import pytest
 import torch
+import yaml
 from base_batches import load_base, no_hooks_left, padded
 from conftest import LAYER
 from safetensors.torch import load_file, save_file
@@ -57,6 +58,41 @@ def test_training_on_the_bridge_is_a_backend_error_saying_how_to_get_tl3(base_fo
     with pytest.raises(nl.BackendError, match=r"export needs the TL 3.x backend.*model is a TransformerBridge"):
         export_av(av_karvonen, tmp_path / "av", base_folder)
     assert not (tmp_path / "av").exists()
+
+
+@pytest.mark.parametrize(("command", "setting"), [
+    ("train-av", {"hook_point": "blocks.1.hook_resid_mid"}),  # a site the bridge refuses with its own words
+    ("train-ar", {}),
+    ("train-rl", {}),
+])
+def test_training_runs_on_the_bridge_say_training_needs_tl3_before_reading_the_activations(
+        tmp_path, capsys, monkeypatch, base_folder, dataset_meta, tiny_paths, command, setting):
+    """On both legs (the bridge chosen by $NLA_LENS_BACKEND on TL 3.x). run_train_av / run_train_ar / run_train_rl
+    read, labelled and split the whole extraction before the backend refused (train-rl's command too: the others'
+    checked the backend among their early checks, where a hook point was otherwise judged by the bridge's rules)."""
+    from nla_lens.cli import main
+    from nla_lens.sidecar import dump_meta
+    from nla_lens.training import ARRunConfig, AVRunConfig, RLRunConfig, load_config, pipeline
+
+    monkeypatch.setattr(pipeline, "load_activations", lambda *a, **k: pytest.fail("activations read"))
+    monkeypatch.setenv(backends.ENV_VAR, "bridge")
+    (tmp_path / "acts").mkdir()
+    dump_meta(dataset_meta.raw, tmp_path / "acts")  # an extraction's sidecar and no shards: nothing may read them
+    (tmp_path / "explanations.jsonl").write_text("")
+    models = ({"av": str(tiny_paths["av_karvonen"]), "ar": str(tiny_paths["ar_paper"])} if command == "train-rl"
+              else {"base_model": str(base_folder)})
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({**models, "activations": str(tmp_path / "acts"),
+                                      "explanations": str(tmp_path / "explanations.jsonl"),
+                                      "out_dir": str(tmp_path / "out"), **setting}))
+    assert main([command, str(config)]) == 2
+    assert "BackendError: training needs the TL 3.x backend" in capsys.readouterr().err
+    config_cls, run = {"train-av": (AVRunConfig, pipeline.run_train_av),
+                       "train-ar": (ARRunConfig, pipeline.run_train_ar),
+                       "train-rl": (RLRunConfig, pipeline.run_train_rl)}[command]
+    with pytest.raises(nl.BackendError, match=r"training needs the TL 3.x backend: pip install 'nla_lens\[tl3\]'"):
+        run(load_config(config_cls, config))
+    assert not (tmp_path / "out").exists()
 
 
 def test_the_model_built_is_the_chosen_backends(av_karvonen, ar_paper):

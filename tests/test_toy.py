@@ -20,6 +20,7 @@ from conftest import NEEDS_TL3, cut_write_text_short
 from transformers import PreTrainedTokenizerFast
 
 from hf_reference import load_hf
+from nla_lens import backends
 from nla_lens.errors import CheckpointError
 from nla_lens.toy import corpus, labeler, load
 from nla_lens.toy.demo import TOY_DIR, DemoResult, print_demo, run_demo
@@ -430,6 +431,25 @@ def test_rl_only_on_a_folder_without_an_sft_pair_is_a_clear_error(tmp_path, caps
     with pytest.raises(SystemExit):
         train.main(["--rl-only", "--out", str(tmp_path / "sft")])
     assert "it lacks ['heldout.json']" in capsys.readouterr().err
+
+
+def test_rl_only_on_the_bridge_says_training_needs_tl3_before_the_run(tmp_path, capsys, monkeypatch):
+    """On both legs (the bridge chosen by $NLA_LENS_BACKEND on TL 3.x). The SFT stage checked the backend first, the
+    RL stage never: under TransformerLens 4.x `--rl-only` downloaded the corpus, then died in a TypeError traceback
+    (no HookedTransformerConfig there) at the base's load."""
+    from nla_lens.toy import train
+
+    monkeypatch.setattr(train, "fetch_wheel", lambda *a: pytest.fail("the run started"))
+    monkeypatch.setenv(backends.ENV_VAR, "bridge")
+    out = tmp_path / "sft"
+    for name in ("base", "av", "ar"):
+        (out / name).mkdir(parents=True)
+    for name in ("scores.json", "heldout.json"):
+        (out / name).write_text("{}")
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--rl-only", "--out", str(out), "--work", str(tmp_path / "work")])
+    assert exit_info.value.code == 2
+    assert "error: training needs the TL 3.x backend: pip install 'nla_lens[tl3]'" in capsys.readouterr().err
 
 
 @NEEDS_TL3

@@ -16,7 +16,7 @@ from conftest import LAYER, NEEDS_TL3, cut_write_text_short
 from safetensors.torch import load_file
 
 import nla_lens as nl
-from nla_lens import backends, loading, testing
+from nla_lens import loading, testing
 from nla_lens.base_model import sidecar_base_folder
 from nla_lens.cli import main
 from nla_lens.sharded import check_extraction_input
@@ -707,18 +707,6 @@ def test_an_injection_site_a_one_block_base_lacks_names_the_injection_key(tmp_pa
     assert main(["train-av", config]) == 2
     assert (f"names block(s) [1], but the AV trains the 1 block (0) of base_model {base}; use indices among those"
             ) in capsys.readouterr().err
-
-
-def test_the_early_checks_on_the_bridge_say_training_needs_tl3(tmp_path, capsys, monkeypatch, base_folder,
-                                                               dataset_meta):
-    """The hook point was judged by the bridge's rules (a resid_mid site got the bridge's own refusal) though
-    training runs on the hooked backend only."""
-    monkeypatch.setattr(pipeline, "load_activations", lambda *a, **k: pytest.fail("activations read"))
-    monkeypatch.setenv(backends.ENV_VAR, "bridge")
-    config = _write(tmp_path / "av.yaml", {"base_model": str(base_folder), "hook_point": "blocks.1.hook_resid_mid",
-                                           **_fake_extraction(tmp_path, dataset_meta)})
-    assert main(["train-av", config]) == 2
-    assert "BackendError: training needs the TL 3.x backend" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("command", "setting"), [

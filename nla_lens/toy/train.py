@@ -156,6 +156,7 @@ def train_toy_rl(out: Path, cfg: ToyConfig, work: Path, resume: Path | None = No
     a checkpoint of an earlier run of this stage (in `work/rl_run`) to continue, or to extend; without it, an
     earlier run's checkpoints there are refused (delete them to start over).
     """
+    backends.require_hooked("training")  # before the corpus download and the HookedTransformer load
     # Checked before the run: the scoring at its end reads heldout.json too.
     _check_sft_pair_scored(out)
     require_parts(out, (*TOY_PARTS, SCORES_FILE), "holds no SFT pair to start RL from", "Pass the --out folder of "

@@ -210,6 +210,7 @@ def run_train_av(config: AVRunConfig, *, progress: bool = True) -> RunResult:
 
     Under `torchrun` every rank runs this: data-parallel SFT (`config.train.data_parallel`), rank 0 writes.
     """
+    backends.require_hooked("training")  # before the activations are read
     check_export_folder(Path(config.out_dir) / MODEL_DIR, "av")  # before training, not after it
     check_out_dir(config.out_dir, "train-av", config.resume)
     return _run_sft(config, _train_and_export_av, progress)
@@ -234,6 +235,7 @@ def run_train_ar(config: ARRunConfig, *, progress: bool = True) -> RunResult:
 
     Under `torchrun` every rank runs this: data-parallel SFT (`config.train.data_parallel`), rank 0 writes.
     """
+    backends.require_hooked("training")  # before the activations are read
     check_export_folder(Path(config.out_dir) / MODEL_DIR, "ar")  # before training, not after it
     check_out_dir(config.out_dir, "train-ar", config.resume)
     return _run_sft(config, _train_and_export_ar, progress)
@@ -266,6 +268,7 @@ def run_train_rl(config: RLRunConfig, *, progress: bool = True) -> RLRunResult:
     Under `torchrun` every rank runs this (each samples whole groups, DDP averages the gradients),
     and rank 0 writes.
     """
+    backends.require_hooked("training")  # before the activations are read
     for role in ("av", "ar"):  # before training, not after it
         check_export_folder(Path(config.out_dir) / role, role)
     check_out_dir(config.out_dir, "train-rl", config.resume)
@@ -353,7 +356,6 @@ def check_rl_split(config: RLRunConfig, evaluation: LabelledActivations) -> None
 
 def _train_and_export_rl(config: RLRunConfig, train: LabelledActivations, evaluation: LabelledActivations,
                          device: torch.device, progress: bool) -> tuple[TrainResult, Path, Path]:
-    backends.require_hooked("training")
     dtype = config_dtype(config.dtype)
     av = ActivationVerbalizer.from_pretrained(config.av, device=device, dtype=dtype, backend="hooked")
     ar = ActivationReconstructor.from_pretrained(config.ar, device=device, dtype=dtype, backend="hooked")
