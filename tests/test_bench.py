@@ -15,9 +15,8 @@ import nla_lens as nl
 from nla_lens import bench, bench_gemma
 from nla_lens.cli import main
 
-pytestmark = NEEDS_TL3  # the bench measures the streaming HookedTransformer loader and decoder
 
-
+@NEEDS_TL3  # the bench measures the streaming HookedTransformer loader and decoder
 def test_quick_bench_prints_every_ratio(capsys):
     threads = torch.get_num_threads()
     try:  # one thread: on a busy machine, torch's worker threads wait on each other
@@ -53,6 +52,15 @@ def test_quick_bench_prints_every_ratio(capsys):
                       r"(\d+)/(\d+)\)", out) == [("1", "1"), ("4", "4")], out
 
 
+def test_the_bench_on_the_bridge_says_it_needs_tl3_before_it_runs(capsys, monkeypatch):
+    """On both legs (the bridge chosen by $NLA_LENS_BACKEND on TL 3.x): what a TL 4.x install gets."""
+    monkeypatch.setenv(nl.backends.ENV_VAR, "bridge")
+    monkeypatch.setattr(bench, "write_checkpoints", lambda *a, **k: pytest.fail("the bench ran"))
+    assert main(["bench", "--quick"]) == 2
+    assert ("BackendError: nla-lens bench (it measures the streaming HookedTransformer loader and decoder) needs "
+            "the TL 3.x backend: pip install 'nla_lens[tl3]'") in capsys.readouterr().err
+
+
 def test_sizes_below_one_megabyte_are_given_in_kilobytes():
     assert [bench.size_text(n) for n in (300_000, 2**20, 43.4 * 2**20)] == ["293 KB", "1 MB", "43 MB"]
 
@@ -81,6 +89,7 @@ def test_a_thread_count_below_one_is_refused_before_the_run(monkeypatch, capsys)
         assert f"InputError: --threads {threads}: must be a whole number >= 1" in capsys.readouterr().err
 
 
+@NEEDS_TL3  # TL's own HookedTransformer.from_pretrained is one of the loaders
 def test_every_av_load_is_measured_over_the_same_forward(tiny_paths):
     """The memory rows compare loaders over load + one forward: nla_lens's AV ran its whole AV prompt where HF
     and TL ran 4 tokens, and on the bench's 412M-parameter model that prompt's logits alone were +0.03x (bf16)

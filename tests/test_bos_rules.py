@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import LAYER, NEEDS_TL3
+from conftest import HAS_SAE_LENS, LAYER, NEEDS_TL3
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import nla_lens as nl
@@ -110,7 +110,7 @@ def test_cli_text_capture_reads_a_leading_pad_id_token_as_a_real_one(tiny_paths)
     assert (captured - _hf_resid(folder, ids)).abs().max() < ATOL
 
 
-@NEEDS_TL3
+@pytest.mark.skipif(not HAS_SAE_LENS, reason="needs sae-lens")
 def test_sae_text_residuals_read_a_leading_pad_id_token_as_a_real_one(tiny_paths):
     from nla_lens.sae import text_residuals
 

@@ -1,4 +1,5 @@
-"""The example configs in examples/ run as shipped: extract, label, train-av, train-ar, train-rl on the toy base."""
+"""The example configs in examples/ run as shipped: extract, label, train-av, train-ar, train-rl on the toy base
+(TL 3.x); what label.py and the commands say of a wrong call, on both backends."""
 
 from __future__ import annotations
 
@@ -13,10 +14,10 @@ from conftest import NEEDS_TL3
 import nla_lens as nl
 from nla_lens.cli import main
 
-pytestmark = NEEDS_TL3
 ROOT = Path(__file__).parents[1]
 
 
+@NEEDS_TL3  # extract and the training commands
 def test_example_configs_extract_and_train_an_nla_that_loads(tmp_path, monkeypatch, capsys):
     # The configs name paths relative to the repository root; mirror it so outputs land in tmp_path/runs.
     for name in ("examples", "nla_lens"):
