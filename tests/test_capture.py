@@ -229,7 +229,6 @@ def test_a_generated_token_that_shares_the_pad_id_is_captured(base, kv_cache):
     assert [r.token for r in cap.rows] == [base.to_single_str_token(int(t)) for t in fed]
 
 
-@pytest.mark.skipif(TL4, reason="HookedTransformer's forward from a residual (start_at_layer)")
 def test_a_forward_from_embeddings_after_generate_is_not_named_by_the_generated_tokens(base):
     """The ids generate embeds name its own passes only: a later run from embeddings the user made holds no token."""
     tokens, _ = padded(base, "left")
