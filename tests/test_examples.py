@@ -44,6 +44,15 @@ def test_example_configs_extract_and_train_an_nla_that_loads(tmp_path, monkeypat
     assert rl_av.meta.raw["stage"] == "rl" and rl_av.injection_spec == av.injection_spec
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["activations", "ar", "av", "explanations.jsonl",
                                                                      "rl"]
+    # The README's block that reads these runs, as a newcomer runs it after the examples: it read a
+    # runs/rl-lr2e-4 that nothing writes (InputError).
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = readme.split("To look at a run, finished or still going")[1].split("```python\n")[1].split("```")[0]
+    namespace: dict = {}
+    exec(compile(block, "README.md", "exec"), namespace)
+    assert sorted(set(namespace["runs"]["run"])) == ["runs/ar", "runs/av", "runs/rl"]
+    assert namespace["run"].summary().startswith("train-rl, 4 of 4 steps (finished)")
+    assert (tmp_path / "rl-curve.html").is_file()
 
 
 def _not_json(constant: str) -> None:

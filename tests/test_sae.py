@@ -1267,6 +1267,10 @@ def test_toy_sae_features_are_named_by_the_av_well_above_control():
 def test_readme_sae_snippet_runs_on_the_toy(toy):
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     block = readme.split("## SAE features through the NLA")[1].split("```python\n")[1].split("```")[0]
+    # The block loads your SAE and names your texts; here a made-up SAE of the toy's layer and the toy's texts.
+    lines = block.splitlines()
+    block = "\n".join(line for line in lines if not line.startswith(("sae = SAE.load_from_disk(", "texts = [")))
+    assert len(block.splitlines()) == len(lines) - 2
     K = toy.av.meta.layer
     namespace = {"nl": nl, "nla": nl.NLA(toy.av, toy.ar), "sae": make_sae(128, 1024, f"blocks.{K}.hook_resid_post"),
                  "base": toy.base, "texts": TOY_TEXTS, "K": K,

@@ -268,19 +268,20 @@ def test_toy_load_picks_the_pair_and_refuses_an_unknown_one():
 
 
 def test_readme_scores_snippet_compares_the_two_pairs(capsys):
-    """README's "Scores" block, on 64 scored positions: the interval it prints is the FVE gain's."""
+    """README's "Scores" block, on 64 of its 256 scored positions: the interval it prints is the FVE gain's."""
     import torch
 
     import nla_lens as nl
-    from nla_lens.toy.evaluate import ToyNLA, heldout_positions
 
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     block = readme.split("\n## Scores\n")[1].split("\n## ")[0].split("```python\n")[1].split("```")[0]
-    sft, rl = ToyNLA.load(TOY_DIR, pair="sft"), ToyNLA.load(TOY_DIR, pair="rl")
-    vectors = heldout_positions(sft, TOY_DIR, limit=64).vectors
-    namespace = {"nl": nl, "nla_sft": sft.nla, "nla_rl": rl.nla, "vectors": vectors}
-    exec(compile(block, "README.md", "exec"), namespace)
-    a, b = namespace["a"], namespace["b"]
+    scored = "heldout_positions(sft, nl.toy.TOY_DIR).vectors"
+    assert scored in block
+    namespace: dict = {}
+    exec(compile(block.replace(scored, "heldout_positions(sft, nl.toy.TOY_DIR, limit=64).vectors"), "README.md",
+                 "exec"), namespace)
+    a, b, sft, vectors = namespace["a"], namespace["b"], namespace["sft"], namespace["vectors"]
+    assert len(vectors) == 64 and namespace["rl"].av.meta.raw["stage"] == "rl"
     gain = nl.metrics.paired_difference(a.fves, b.fves)
     # Mean of differences vs difference of means of float32 FVEs: equal to rounding (absolute: the gain is small).
     assert gain.difference == pytest.approx(b.fve - a.fve, abs=1e-6) and gain.low < gain.difference < gain.high
