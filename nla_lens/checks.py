@@ -7,6 +7,7 @@ nothing rather than surfacing as a traceback after minutes of loading or decodin
 from __future__ import annotations
 
 import difflib
+import errno
 import json
 import math
 import numbers
@@ -250,15 +251,36 @@ def file_kind(path: Path) -> str:
 
 
 def check_output_path(path: Path, suffixes: Sequence[str], what: str = "output") -> None:
-    """A file nla_lens may write: its folder exists and takes files, it is not a folder, and its suffix is one it
-    writes."""
+    """A file nla_lens may write: its folder exists and takes files, it is not a folder nor a symlink that leads round
+    a loop, and its suffix is one it writes."""
     if path.is_dir():
         raise InputError(f"{what} {path} is a folder; give a file path, e.g. {path / ('out' + suffixes[0])}")
     if file_kind(path) not in suffixes:
         raise InputError(f"{what} {path}: the file name must end in {' or '.join(suffixes)}")
+    if leads_round_a_loop(path):  # refused by the write itself only after the work
+        raise InputError(f"{what} {loop_refusal(path, 'file')}")
     if not path.parent.is_dir():
         raise InputError(f"{what} {path}: {no_folder(path.parent)}")
     check_writable(path.parent, f"{what} {path}")
+
+
+def leads_round_a_loop(path: Path) -> bool:
+    """Whether `path` is a symlink that leads round a loop of links (os.stat's ELOOP): `exists()` and `is_dir()` call
+    it absent, and `Path.resolve` raised a bare RuntimeError on it (Python 3.11) or said nothing (3.13)."""
+    if not path.is_symlink():
+        return False
+    try:
+        os.stat(path)
+    except OSError as error:
+        return error.errno == errno.ELOOP
+    return False
+
+
+def loop_refusal(path: Path, kind: str) -> str:
+    """Why nothing can be written at `path`, a symlink that leads round a loop, and the ways on; `kind`: what the
+    writer writes there ("file", "folder")."""
+    return (f"{path} is a symlink that leads round a loop of links, so there is no {kind} there to write into: "
+            f"point it at a {kind}, or remove it")
 
 
 def check_writable(folder: Path, what: str) -> None:

@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from nla_lens.checks import check_writable
+from nla_lens.checks import check_writable, leads_round_a_loop, loop_refusal
 from nla_lens.distributed import World
 from nla_lens.errors import ConfigError, InputError
 from nla_lens.vector_files import write_atomic
@@ -54,7 +54,10 @@ def shard_folder(output: Path) -> Path:
 
 def check_folder(folder: Path) -> None:
     """The shards folder can take shards, checked before any model loads: a file of its name, or a folder the job
-    may not write, failed only at the first shard's write, with a bare OSError."""
+    may not write, failed only at the first shard's write, with a bare OSError; so did a symlink that leads round a
+    loop."""
+    if leads_round_a_loop(folder):
+        raise InputError(f"shards folder {loop_refusal(folder, 'folder')}")
     if folder.exists() and not folder.is_dir():
         raise InputError(f"{folder} is a file, where the job keeps its shards in a folder of that name; move the file "
                          "or pass another output=")

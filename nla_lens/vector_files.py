@@ -8,7 +8,6 @@ a reader (or a resumed job) never sees a half-written file.
 from __future__ import annotations
 
 import contextlib
-import errno
 import io
 import json
 import math
@@ -20,7 +19,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -30,7 +29,7 @@ from jaxtyping import Float
 from safetensors.torch import load_file, save, save_file
 from torch import Tensor
 
-from nla_lens.checks import check_input_file, check_output_path, file_kind
+from nla_lens.checks import check_input_file, check_output_path, file_kind, leads_round_a_loop, loop_refusal
 from nla_lens.errors import ConfigError, InputError
 
 # Column names the jobs write; an input column of the same name would be overwritten.
@@ -248,8 +247,9 @@ def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
     and a write that fails leaves nothing behind (a large shard's half would only fill the disk). The file
     gets the mode `open()` gives (0666 less the umask) whatever mode `write` left it with, where the filesystem
     keeps modes: one that refuses chmod (some FUSE and SMB mounts) keeps the written file as it is. A symlink's target
-    is written, as `open()` writes it, and the link kept: renaming onto the link replaced it, the target left stale."""
-    path = path.resolve() if path.is_symlink() else path
+    is written, as `open()` writes it, and the link kept: renaming onto the link replaced it, the target left stale; a
+    link that leads round a loop is an `InputError` (`link_target`)."""
+    path = link_target(path, "file") if path.is_symlink() else path
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
         tmp.touch(exist_ok=False)
@@ -288,15 +288,14 @@ def replaced_folders(folders: Sequence[Path], before_swap: Callable[[], object] 
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def link_target(link: Path) -> Path:
-    """Where the symlink `link` leads; a `ConfigError` naming a link that leads round a loop, of which
-    `Path.resolve` raised a bare RuntimeError (Python 3.11), or said nothing (3.13)."""
-    try:
-        os.stat(link)
-    except OSError as error:
-        if error.errno == errno.ELOOP:
-            raise ConfigError(f"{link} is a symlink that leads round a loop of links, so there is no folder there "
-                              "to write into: point it at a folder, or remove it") from error
+def link_target(link: Path, kind: Literal["file", "folder"] = "folder") -> Path:
+    """Where the symlink `link` leads. One that leads round a loop (`checks.leads_round_a_loop`), of which
+    `Path.resolve` raised a bare RuntimeError (Python 3.11) or said nothing (3.13), is refused naming the link, with
+    the error its writer's other path refusals give: a `ConfigError` for a folder (an export's), an `InputError` for
+    a file (as `check_output_path` refuses one)."""
+    if leads_round_a_loop(link):
+        error = InputError if kind == "file" else ConfigError
+        raise error(loop_refusal(link, kind))
     return link.resolve()
 
 

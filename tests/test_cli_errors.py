@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -881,3 +882,24 @@ def test_a_text_past_the_base_context_is_refused_before_any_model_loads(command,
         assert _fails(command, capsys, "PromptTooLongError: ") == late
     assert re.search(r"PromptTooLongError: (--text|text 1 \('the king is dead the king is …'\)) is \d+ tokens, over "
                      r"the base model's context of 256; (pass a shorter text|split it into shorter texts)\n$", late)
+
+
+@pytest.mark.parametrize(("command", "flag", "name"), [
+    (["verbalize", "--av", TOY_AV, "--text", "Thou art"], "--output", "rows.parquet"),
+    (["explain", "--av", TOY_AV, "--ar", TOY_AR, "--text", "Thou art"], "--output", "view.html"),
+    (["reconstruct", "--ar", TOY_AR, "a king"], "--output", "vectors.safetensors"),
+    (["steer-words", "--av", TOY_AV, "--ar", TOY_AR, "--text", "Thou art", "--replace", "a", "b"], "--output",
+     "steering.jsonl"),
+    (["steer-words", "--av", TOY_AV, "--ar", TOY_AR, "--text", "Thou art", "--replace", "a", "b"], "--save-vectors",
+     "steering.safetensors"),
+], ids=["verbalize", "explain", "reconstruct", "steer-words", "steer-words-vectors"])
+def test_an_output_that_is_a_symlink_loop_is_refused_before_any_model_loads(command, flag, name, tmp_path,
+                                                                            no_model_loads, capsys):
+    """check_output_path passed a link that leads round a loop (exists() and is_dir() call it absent): the command
+    ran, then its write's Path.resolve raised a bare RuntimeError ("Symlink loop from ...")."""
+    link = tmp_path / name
+    link.symlink_to(name)
+    _fails([*command, flag, link], capsys, f"InputError: {flag} {link} is a symlink that leads round a loop of "
+                                           "links, so there is no file there to write into: point it at a file, or "
+                                           "remove it")
+    assert [(p.name, os.readlink(p)) for p in tmp_path.iterdir()] == [(name, name)]

@@ -830,6 +830,56 @@ def test_replaced_folders_refuses_a_symlink_loop_naming_the_link_before_staging_
 
 
 @pytest.mark.parametrize("suffix", [".parquet", ".jsonl", ".html"])
+@pytest.mark.parametrize("loop", ["self", "pair"])
+def test_save_refuses_a_symlink_loop_naming_the_link_and_writes_nothing(tmp_path, suffix, loop):
+    """`save` (check_save_path) passed a link that leads round a loop, which `exists()` and `is_dir()` call absent,
+    and the write's Path.resolve raised a bare RuntimeError ("Symlink loop from ...")."""
+    link = tmp_path / f"out{suffix}"
+    link.symlink_to(link.name if loop == "self" else f"other{suffix}")
+    if loop == "pair":
+        (tmp_path / f"other{suffix}").symlink_to(link.name)
+    before = sorted((p.name, os.readlink(p)) for p in tmp_path.iterdir())
+    with pytest.raises(nl.InputError) as info:
+        nl.Verbalizations([nl.Verbalization("t", "words", [1])]).save(link)
+    assert str(info.value) == (f"output {link} is a symlink that leads round a loop of links, so there is no file "
+                               "there to write into: point it at a file, or remove it")
+    assert sorted((p.name, os.readlink(p)) for p in tmp_path.iterdir()) == before  # no temporary file left
+
+
+@pytest.mark.parametrize("name", ["record.json", "shard.safetensors", "vectors.pt"])
+def test_an_atomic_write_through_a_symlink_loop_is_an_input_error_naming_the_link(tmp_path, name):
+    """write_atomic (shards, manifests, json records, tensors) resolved the link: a bare RuntimeError ("Symlink loop
+    from ...") on Python 3.11. Python 3.13's resolve says nothing, so the check is os.stat's, tested apart."""
+    from nla_lens.vector_files import save_tensors, write_json, write_vectors
+
+    link = tmp_path / name
+    link.symlink_to(link.name)
+    writes = {"record.json": lambda: write_json(link, {"a": 1}, indent=1),
+              "shard.safetensors": lambda: save_tensors({"v": torch.ones(2)}, link),
+              "vectors.pt": lambda: write_vectors(torch.ones(2, 3), link)}
+    with pytest.raises(nl.InputError, match=rf"^{re.escape(str(link))} is a symlink that leads round a loop of links, "
+                                            "so there is no file there to write into: point it at a file, or remove "
+                                            "it$"):
+        writes[name]()
+    assert [(p.name, os.readlink(p)) for p in tmp_path.iterdir()] == [(name, name)]
+
+
+def test_leads_round_a_loop_is_true_of_loops_alone(tmp_path):
+    """Not of a file, a folder, a link to either, a link to nothing, nor a path under a loop (itself no link)."""
+    from nla_lens.checks import leads_round_a_loop
+
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "folder").mkdir()
+    for name, target in [("to_file", "file"), ("to_folder", "folder"), ("dangling", "nowhere"), ("self", "self"),
+                         ("a", "b"), ("b", "a")]:
+        (tmp_path / name).symlink_to(target)
+    looped = {name for name in ("file", "folder", "to_file", "to_folder", "dangling", "self", "a", "b", "missing")
+              if leads_round_a_loop(tmp_path / name)}
+    assert looped == {"self", "a", "b"}
+    assert not leads_round_a_loop(tmp_path / "self" / "inside")
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".jsonl", ".html"])
 def test_save_replaces_an_existing_file_and_writes_through_a_symlink_to_its_target(tmp_path, suffix):
     """Saved to a link (`latest.parquet -> runs/3.parquet`), the rows replaced the link with a file of their own and
     left its target holding the old rows."""

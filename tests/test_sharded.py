@@ -1177,15 +1177,21 @@ def test_a_job_result_prints_short_with_its_outcome_not_its_table():
     assert len(unfinished) < 300 and "nothing merged into out.parquet" in unfinished
 
 
-@pytest.mark.parametrize("where", ["a_file_of_its_name", "proc"])
+@pytest.mark.parametrize("where", ["a_file_of_its_name", "proc", "a_symlink_loop"])
 def test_a_shards_folder_that_cannot_be_made_is_refused_before_any_model_loads(tiny_paths, input_file, tmp_path,
                                                                                 monkeypatch, where):
-    """It ended at the first shard's write, after the model loaded, in a bare [Errno 17] or [Errno 2]."""
+    """It ended at the first shard's write, after the model loaded, in a bare [Errno 17] or [Errno 2] (a symlink
+    that leads round a loop: [Errno 17], exists() and is_dir() calling it absent)."""
     monkeypatch.setattr(nl.ActivationVerbalizer, "_from_folder", lambda *a, **k: pytest.fail("a model loaded"))
     if where == "proc":
         if not Path("/proc/self").is_dir():
             pytest.skip("needs Linux's /proc, a folder no file can be created in")
         output, match = Path("/proc/o.parquet"), "output /proc/o.parquet: no file can be created in /proc"
+    elif where == "a_symlink_loop":
+        output = tmp_path / "o.parquet"
+        shard_store.shard_folder(output).symlink_to(shard_store.shard_folder(output).name, target_is_directory=True)
+        match = (f"shards folder {shard_store.shard_folder(output)} is a symlink that leads round a loop of links, so "
+                 "there is no folder there to write into: point it at a folder, or remove it")
     else:
         output = tmp_path / "o.parquet"
         shard_store.shard_folder(output).write_text("notes")
