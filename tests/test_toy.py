@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -642,6 +643,49 @@ def test_the_sft_stage_refuses_the_users_files_beside_the_toys_own_before_traini
     assert str(info.value) == (f"{out / folder} holds 1 file that no export writes (notes.txt), and {replaced}: they "
                                f"would be deleted. Move them out of {out / folder}, or {elsewhere}")
     assert (out / folder / "notes.txt").read_text() == "mine"
+
+
+@NEEDS_TL3
+@pytest.mark.parametrize("folder", ["base", "rl", "."], ids=["base", "rl", "out"])
+def test_the_sft_stage_refuses_a_symlink_loop_in_its_out_folder_before_training(folder, tmp_path, monkeypatch):
+    """base/ or rl/ a symlink that leads round a loop passed the checks before training (exists() and is_dir() call
+    it absent) and was refused only at the export, after the whole run; --out such a link failed there too, in
+    out.mkdir's bare FileExistsError."""
+    from nla_lens.errors import ConfigError
+    from nla_lens.toy import train
+
+    monkeypatch.setattr(train, "fetch_wheel", lambda *a: pytest.fail("the run started"))
+    out = tmp_path / "out"
+    if folder != ".":
+        out.mkdir()
+    link = (out / folder) if folder != "." else out
+    link.symlink_to(link.name, target_is_directory=True)
+    with pytest.raises(ConfigError) as info:
+        train.train_toy(out, train.ToyConfig.quick(), tmp_path / "work")
+    assert str(info.value) == (f"{link} is a symlink that leads round a loop of links, so there is no folder there to "
+                               "write into: point it at a folder, or remove it")
+    assert os.readlink(link) == link.name
+
+
+@NEEDS_TL3
+def test_rl_only_refuses_an_rl_folder_that_is_a_symlink_loop_before_the_run(tmp_path, monkeypatch):
+    """rl/ a symlink that leads round a loop passed check_export_folder on rl/av and rl/ar (a path through the loop is
+    no symlink, and does not exist), and the export after the RL run failed on it."""
+    from nla_lens.errors import ConfigError
+    from nla_lens.toy import train
+
+    monkeypatch.setattr(train, "fetch_wheel", lambda *a: pytest.fail("the run started"))
+    out = tmp_path / "sft"
+    for name in ("base", "av", "ar"):
+        (out / name).mkdir(parents=True)
+    for name in ("scores.json", "heldout.json"):
+        (out / name).write_text("{}")
+    (out / "rl").symlink_to("elsewhere", target_is_directory=True)
+    (out / "elsewhere").symlink_to("rl", target_is_directory=True)
+    with pytest.raises(ConfigError) as info:
+        train.train_toy_rl(out, train.ToyConfig.quick(), tmp_path / "work")
+    assert str(info.value) == (f"{out / 'rl'} is a symlink that leads round a loop of links, so there is no folder "
+                               "there to write into: point it at a folder, or remove it")
 
 
 @NEEDS_TL3

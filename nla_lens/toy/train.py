@@ -52,7 +52,7 @@ from nla_lens.training.export import check_export_folder, check_no_foreign_files
 from nla_lens.training.extraction import Document, extract_activations, load_activations
 from nla_lens.training.loop import checkpoints, is_last_step
 from nla_lens.training.padding import pad
-from nla_lens.vector_files import replaced_folders, write_json
+from nla_lens.vector_files import link_target, replaced_folders, write_json
 from nla_lens.verbalizer import ActivationVerbalizer
 
 AV_TEMPLATE = "Explain <concept>{injection_char}</concept>"
@@ -161,6 +161,7 @@ def train_toy_rl(out: Path, cfg: ToyConfig, work: Path, resume: Path | None = No
     _check_sft_pair_scored(out)
     require_parts(out, (*TOY_PARTS, SCORES_FILE), "holds no SFT pair to start RL from", "Pass the --out folder of "
                   "a full `python -m nla_lens.toy.train` run, or run it without --rl-only")
+    _check_no_link_loops(pair_folder(out, "rl"))
     check_export_folder(pair_folder(out, "rl") / "av", "av")  # before the run, not after it: export_pair replaces
     check_export_folder(pair_folder(out, "rl") / "ar", "ar")  # each folder whole and refuses one of foreign files
     earlier = checkpoints(work / RL_RUN)
@@ -219,7 +220,9 @@ def _check_sft_pair_scored(out: Path) -> None:
 
 def _check_sft_folders(out: Path) -> None:
     """`_export_sft` replaces base/, av/, ar/ and rl/ whole: a folder there that is not the toy's is refused before
-    training, as the RL stage refuses its own (`check_export_folder`), not deleted after it."""
+    training, as the RL stage refuses its own (`check_export_folder`), not deleted after it; so is `out` or one of
+    them that is a symlink leading round a loop (`_check_no_link_loops`)."""
+    _check_no_link_loops(out, out / "base", pair_folder(out, "rl"))
     for pair_dir in (out, pair_folder(out, "rl")):
         check_export_folder(pair_dir / "av", "av")
         check_export_folder(pair_dir / "ar", "ar")
@@ -236,6 +239,15 @@ def _check_sft_folders(out: Path) -> None:
     if foreign:
         raise ConfigError(f"{rl_dir} holds {foreign} beside the RL pair's av/ and ar/, and the toy replaces that "
                           "folder whole: they would be deleted. Pass another --out, or move them")
+
+
+def _check_no_link_loops(*folders: Path) -> None:
+    """Refuse any of `folders` that is a symlink leading round a loop (`link_target`): `exists()` and `is_dir()`
+    call it absent, so it passed the other checks and failed only after training, at the export (or `out.mkdir`). A
+    folder comes before those inside it, which a loop above hides (their `is_symlink()` says False)."""
+    for folder in folders:
+        if folder.is_symlink():
+            link_target(folder)
 
 
 def _export_sft(out: Path, base_dir: Path, av: ActivationVerbalizer, ar: ActivationReconstructor,
