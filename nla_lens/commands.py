@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import torch
+from jaxtyping import Float
+from torch import Tensor
 
 from nla_lens import loading, shard_store, sharded
 from nla_lens.checks import (
@@ -26,6 +28,7 @@ from nla_lens.checks import (
 )
 from nla_lens.cli import in_flags
 from nla_lens.cli_checks import base_for, nla_checkpoint
+from nla_lens.display import format_number
 from nla_lens.distributed import World
 from nla_lens.errors import InputError, PromptTooLongError
 from nla_lens.sharded import Sampling
@@ -389,10 +392,18 @@ def _run_reconstruct(args: argparse.Namespace) -> None:
     ar = ActivationReconstructor.from_pretrained(args.ar, device=args.device, dtype=args.dtype)
     vectors = ar.reconstruct(texts, batch_size=args.batch_size)
     for i, v in enumerate(vectors):
-        print(f"{i}\tnorm {float(v.norm()):.3f}\t{[round(x, 3) for x in v[:4].tolist()]} ...")
+        print(vector_line(i, v))
     if args.output:
         write_vectors(vectors, args.output)
         print(f"wrote {len(vectors)} vectors to {args.output}")
+
+
+def vector_line(index: int, vector: Float[Tensor, " d_model"]) -> str:
+    """`nla-lens reconstruct`'s printed row: the vector's norm and first entries, as a table cell writes numbers
+    (`format_number`): a diverged AR's norm of 1e15 printed every digit, and a norm of 1e-9 read 0.000, its entries
+    0.0. The norm is taken in float64: in float32 or bf16 the squares of entries past 2e19 overflow, and it read inf."""
+    head = ", ".join(format_number(x) for x in vector[:4].tolist())
+    return f"{index}\tnorm {format_number(float(vector.double().norm()))}\t[{head}] ..."
 
 
 def add_explain(subparsers: argparse._SubParsersAction) -> None:

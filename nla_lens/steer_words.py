@@ -64,7 +64,7 @@ from nla_lens.checks import (
     is_count,
     is_integer,
 )
-from nla_lens.display import format_cell
+from nla_lens.display import format_cell, format_number
 from nla_lens.errors import InputError, PairMismatchError, PromptTooLongError, VectorError
 from nla_lens.injection import HookFn, check_vectors, directionless_rows, prescaled, unit
 from nla_lens.nla import NLA, rows_the_ar_reads
@@ -240,7 +240,8 @@ class WordSteering(TabularResult):
     def _top(self, logprobs: Tensor, k: int) -> list[tuple[str, float]]:
         values, ids = logprobs.topk(k)
         names = [_decode(self.tokenizer, int(i)) for i in ids]
-        return [(name, round(float(v.exp()), 4)) for name, v in zip(names, values, strict=True)]
+        # 4 significant digits, not 4 decimals: those read a flat distribution's tops (1e-5 each) as 0
+        return [(name, float(f"{float(v.exp()):.4g}")) for name, v in zip(names, values, strict=True)]
 
     def to_records(self) -> list[dict[str, Any]]:
         """One row per steered site: where, the first explanation and its edit (every sample in the
@@ -759,4 +760,4 @@ def _decode(tokenizer: Any, token_id: int) -> str:
 
 
 def _tops_text(tops: list[tuple[str, float]]) -> str:
-    return ", ".join(f"{token!r} {p:.3f}" for token, p in tops)
+    return ", ".join(f"{token!r} {format_number(p)}" for token, p in tops)

@@ -118,6 +118,23 @@ def test_reconstruct_writes_the_ar_vectors(ar_nanonla, tiny_paths, tmp_path):
     assert torch.equal(load_file(str(out))["vectors"], ar_nanonla.reconstruct(["a cat", "the sea"]))
 
 
+def test_reconstruct_prints_huge_and_tiny_norms_and_entries_in_e_notation(tiny_paths, monkeypatch, capsys):
+    """A norm of 5e-10 printed as 0.000 and its entries (round(x, 3)) as 0.0, a diverged AR's norm with every digit
+    (1e15) or, past 2e19, as inf (float32's squares overflow); now as a table cell writes them, the norm taken in
+    float64. Ordinary norms print as before; entries get the cell's 3 decimals."""
+    vectors = torch.zeros(4, 64)
+    vectors[0, 0] = 1e30
+    vectors[1, :2] = torch.tensor([3e-10, -4e-10])
+    vectors[2, :3] = torch.tensor([0.6, -0.8, 0.25])
+    vectors[3, 0] = 1e15
+    monkeypatch.setattr(nl.ActivationReconstructor, "reconstruct", lambda self, texts, batch_size: vectors)
+    assert main(["reconstruct", "--ar", str(tiny_paths["ar_nanonla"]), "a", "b", "c", "d"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["0\tnorm 1.00e+30\t[1.00e+30, 0.000, 0.000, 0.000] ...",
+                                                    "1\tnorm 5.00e-10\t[3.00e-10, -4.00e-10, 0.000, 0.000] ...",
+                                                    "2\tnorm 1.031\t[0.600, -0.800, 0.250, 0.000] ...",
+                                                    "3\tnorm 1.00e+15\t[1.00e+15, 0.000, 0.000, 0.000] ..."]
+
+
 def test_inspect_prints_the_role_stage_and_recorded_baseline(capsys):
     from nla_lens.toy.demo import TOY_DIR
 

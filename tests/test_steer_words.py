@@ -455,6 +455,26 @@ def test_numpy_integer_counts_steer_as_their_ints(base, nla, monkeypatch):
         steer(nla, base, tokens, -1, mask, continue_tokens=np.float64(2.0))
 
 
+def test_next_token_probabilities_below_the_tables_decimals_show_in_e_notation(base, nla):
+    """A confident site's runners-up (p 2e-5, 1e-6) read 0.000 in clean_next and steered_next (3 decimals), and
+    next_tokens rounded them to 4 decimals, to 0.0; ordinary probabilities print as before."""
+    import dataclasses
+
+    tokens, mask = padded(base, "left")
+    result = steer(nla, base, tokens, -1, mask, explanations=[TINY_LABELS[:1]] * 4)
+    confident, spread = (torch.full_like(result.clean_logprobs, -100.0) for _ in range(2))
+    confident[:, :3] = torch.tensor([1.0, 2e-5, 1e-6]).log()
+    spread[:, :3] = torch.tensor([0.6, 0.3, 0.1]).log()
+    result = dataclasses.replace(result, clean_logprobs=confident.log_softmax(-1),
+                                 steered_logprobs=spread.log_softmax(-1))
+    names = [repr(base.tokenizer.decode([i], clean_up_tokenization_spaces=False)) for i in range(3)]
+    record = result.to_records()[0]
+    assert record["clean_next"] == f"{names[0]} 1.000, {names[1]} 2.00e-05, {names[2]} 1.00e-06"
+    assert record["steered_next"] == f"{names[0]} 0.600, {names[1]} 0.300, {names[2]} 0.100"
+    clean_top = [p for _, p in result.next_tokens(k=3)[0]["clean_top"]]
+    assert clean_top == pytest.approx([1.0, 2e-5, 1e-6], rel=1e-3)
+
+
 def test_result_rows_carry_sites_samples_and_comparisons(base, nla):
     tokens, mask = padded(base, "left")
     samples = [TINY_LABELS[:2], TINY_LABELS[2:3], TINY_LABELS[3:4], TINY_LABELS[4:6]]

@@ -834,3 +834,12 @@ def test_the_toy_reports_write_huge_and_tiny_scores_in_e_notation(tmp_path, caps
     assert printed[0] == ("NLA: the SFT pair (supervised fine-tuning only); held-out round-trip FVE in scores.json: "
                           "SFT 1.00e-09, RL 0.870")
     assert printed[4:6] == [f"    {' mar':<14} -1.00e+57  a", f"    {'in':<14}  0.934  a"]
+
+
+def test_the_base_perplexity_line_writes_a_diverged_models_in_e_notation():
+    """The training log's base-LM line wrote perplexities with %.1f: a diverged model's 1e30 with every digit.
+    Ordinary ones print as before (the README's 128.3 vs 567.6)."""
+    from nla_lens.toy.train import perplexity_line
+
+    assert perplexity_line(128.3412, 567.64) == "base LM: held-out perplexity 128.3 (unigram 567.6)"
+    assert perplexity_line(1e30, 2.5e6) == "base LM: held-out perplexity 1.00e+30 (unigram 2.50e+06)"

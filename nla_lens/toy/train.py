@@ -25,6 +25,7 @@ from torch import Tensor
 from transformers import GenerationConfig
 
 from nla_lens import backends, loading
+from nla_lens.display import format_number
 from nla_lens.errors import CheckpointError, ConfigError, NLAError
 from nla_lens.reconstructor import ActivationReconstructor
 from nla_lens.toy import BASE_MODEL, TOY_DIR
@@ -106,7 +107,7 @@ def train_toy(out: Path, cfg: ToyConfig, work: Path) -> dict:
     heldout_docs = toy_base.encode_documents(tokenizer, [p.text for p in plays if p.title in HELDOUT_PLAYS])
     losses = toy_base.train_base(model, train_docs, cfg.base)
     ppl, unigram_ppl = toy_base.perplexities(model, train_docs, heldout_docs, cfg.base.seq_len)
-    log.info("base LM: held-out perplexity %.1f (unigram %.1f)", ppl, unigram_ppl)
+    log.info("%s", perplexity_line(ppl, unigram_ppl))
     model.save_pretrained(base_dir)
     tokenizer.save_pretrained(base_dir)
     GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id).save_pretrained(base_dir)
@@ -141,6 +142,12 @@ def train_toy(out: Path, cfg: ToyConfig, work: Path) -> dict:
     }
     write_json(out / SCORES_FILE, summary, indent=1)
     return train_toy_rl(out, cfg, work)
+
+
+def perplexity_line(heldout: float, unigram: float) -> str:
+    """The log's line on the trained base LM, to one decimal as a table cell writes them (`format_number`): a
+    diverged model's perplexity of 1e30 printed every digit."""
+    return f"base LM: held-out perplexity {format_number(heldout, 1)} (unigram {format_number(unigram, 1)})"
 
 
 RL_RUN = "rl_run"  # the RL stage's out_dir (checkpoints) inside the scratch folder
