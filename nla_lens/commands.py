@@ -437,7 +437,7 @@ def _positions_arg(value: str) -> list[int] | slice:
     try:
         if ":" in value:
             parts = [int(p) if p.strip() else None for p in value.split(":")]
-            if len(parts) > 3:
+            if len(parts) > 3 or parts[2:] == [0]:  # a step of 0 selects nothing: Python refuses it too
                 raise ValueError(value)
             return slice(*parts)
         return [int(p) for p in value.split(",")]  # int('') fails: '1,,2' and '3,' are typos, not positions

@@ -10,7 +10,7 @@ tokens coloured by FVE, `to_pandas()` and `save()`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
@@ -202,6 +202,10 @@ def _texts(text_or_texts: object) -> list[str]:
     """`explain`'s texts as a list of non-blank strings; anything else is an InputError saying what was given."""
     if isinstance(text_or_texts, str):
         texts = [text_or_texts]
+    elif isinstance(text_or_texts, bytes | bytearray | Mapping):  # iterate as ints, and as keys: not the texts
+        hint = ("; decode it first (text.decode('utf-8'))" if isinstance(text_or_texts, bytes | bytearray)
+                else "; pass the texts as a list (list(d.values()) for a dict of texts)")
+        raise InputError(f"explain takes a str or a list of str, got {type(text_or_texts).__name__}{hint}")
     elif isinstance(text_or_texts, Iterable) and not isinstance(text_or_texts, Tensor):
         texts = list(text_or_texts)
     else:  # a tensor iterates as tensors, None or a number not at all: neither is a list of texts
@@ -303,13 +307,22 @@ def _slice_text(positions: slice) -> str:
     return ":".join(parts if positions.step is not None else parts[:2])
 
 
+def _sliced(positions: slice, length: int) -> list[int]:
+    """The columns a slice names; a step of 0 or a bound that is not an int is an InputError, not Python's."""
+    bounds = (positions.start, positions.stop, positions.step)
+    if not all(v is None or is_integer(v) for v in bounds) or positions.step == 0:
+        raise InputError(f"positions {_slice_text(positions)} is not a slice of token positions: its start, stop and "
+                         "step are ints (or left out) and its step is not 0, e.g. 8: or -4: or ::2")
+    return list(range(length))[positions]
+
+
 def select_positions(positions: ExplainPositions, length: int, skip: int = 0, text: str = "a text") -> list[int]:
     """The columns of a `length`-token text that `positions` names (see `explain`), sorted, no repeats; the errors
     name the text as `text` says ("text 2 ('The cat sat')")."""
     if positions is None:
         return list(range(min(skip, length - 1), length))
     if isinstance(positions, slice):
-        chosen = list(range(length))[positions]
+        chosen = _sliced(positions, length)
     elif is_integer(positions):
         chosen = [int(positions)]
     elif (isinstance(positions, Sequence) and not isinstance(positions, str) and positions

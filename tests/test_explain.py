@@ -187,6 +187,14 @@ def test_explain_positions_take_numpy_integers_not_numpy_bools():
             select_positions(wrong, 5)
 
 
+@pytest.mark.parametrize("positions", [slice(None, None, 0), slice(1.0, None), slice("a", None)])
+def test_a_slice_of_positions_with_step_zero_or_non_int_bounds_is_an_input_error(positions):
+    """A step of 0 raised Python's bare ValueError, a float or str bound its TypeError, from inside select_positions."""
+    with pytest.raises(nl.InputError, match=r"^positions .* is not a slice of token positions: its start, stop and "
+                                            r"step are ints \(or left out\) and its step is not 0"):
+        select_positions(positions, 5)
+
+
 def test_explain_refuses_empty_texts_with_a_typed_error(base, nla):
     for bad in ("", "   ", [], ["fine", ""]):
         with pytest.raises(nl.InputError, match="non-empty"):
@@ -196,8 +204,11 @@ def test_explain_refuses_empty_texts_with_a_typed_error(base, nla):
 
 
 def test_explain_says_texts_are_str_and_what_it_got_instead(base, nla):
-    """It said "pass a non-empty text" for a number, None or a tensor of token ids."""
+    """It said "pass a non-empty text" for a number, None or a tensor of token ids; bytes it read as ints ("text 0
+    is int"), and a dict it explained silently, its keys as the texts."""
     for bad, said in [(3, ", got int"), (None, ", got NoneType"), (["fine", 7], "; text 1 is int"),
+                      (b"a cat", ", got bytes; decode it first (text.decode('utf-8'))"),
+                      ({"a cat": 1}, ", got dict; pass the texts as a list (list(d.values()) for a dict of texts)"),
                       (torch.tensor([[1, 2]]),
                        ", got Tensor; token ids go to explain_tokens (from nla_lens.explain import explain_tokens)")]:
         with pytest.raises(nl.InputError, match=re.escape(f"explain takes a str or a list of str{said}")):
@@ -438,7 +449,7 @@ def test_explain_positions_take_the_forms_the_help_shows(value, positions):
     assert args.positions == positions
 
 
-@pytest.mark.parametrize("value", ["=1,,2", "=3,", "=", "=,-1"])
+@pytest.mark.parametrize("value", ["=1,,2", "=3,", "=", "=,-1", "=::0", "=1:4:0"])
 def test_explain_positions_refuse_empty_entries(value, capsys):
     """'1,,2' was read as [1, 2] and '=' as no positions at all: a typo now stops at the parser."""
     from nla_lens.cli import build_parser
