@@ -333,12 +333,12 @@ def select_positions(positions: ExplainPositions, length: int, skip: int = 0, te
                          f"got {positions!r}")
     outside = [p for p in chosen if not -length <= p < length]
     if outside:
-        raise InputError(f"position {outside[0]} is outside {text} of {length} tokens (0..{length - 1}, or "
+        raise InputError(f"position {outside[0]} is outside {text} of {counted(length, 'token')} (0..{length - 1}, or "
                          f"-{length}..-1 from the end)")
     if not chosen:
         shown = _slice_text(positions) if isinstance(positions, slice) else repr(positions)
-        raise InputError(f"positions {shown} select no token of {text} of {length} tokens (0..{length - 1}); "
-                         "pick positions inside every text, e.g. -1 for each one's last token")
+        raise InputError(f"positions {shown} select no token of {text} of {counted(length, 'token')} "
+                         f"(0..{length - 1}); pick positions inside every text, e.g. -1 for each one's last token")
     return sorted({p % length for p in chosen})
 
 

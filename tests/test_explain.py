@@ -195,6 +195,14 @@ def test_a_slice_of_positions_with_step_zero_or_non_int_bounds_is_an_input_error
         select_positions(positions, 5)
 
 
+def test_a_position_outside_a_one_token_text_counts_one_token_in_words():
+    """It said "outside text 0 ('x') of 1 tokens"."""
+    with pytest.raises(nl.InputError, match=re.escape("position 2 is outside text 0 ('x') of 1 token (0..0, or -1")):
+        select_positions(2, 1, text="text 0 ('x')")
+    with pytest.raises(nl.InputError, match=re.escape("positions 3: select no token of a text of 1 token (0..0);")):
+        select_positions(slice(3, None), 1)
+
+
 def test_explain_refuses_empty_texts_with_a_typed_error(base, nla):
     for bad in ("", "   ", [], ["fine", ""]):
         with pytest.raises(nl.InputError, match="non-empty"):
