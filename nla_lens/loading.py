@@ -33,7 +33,7 @@ from nla_lens import backends, toy
 from nla_lens.backends import gemma3, hf_names
 from nla_lens.checks import blocks_phrase, did_you_mean
 from nla_lens.errors import CheckpointError, InjectionError, InputError, SidecarError, TokenizerDriftError
-from nla_lens.sidecar import SIDECAR_NAME, NLAMeta, check_tokenizer, load_meta, run_exports
+from nla_lens.sidecar import SIDECAR_NAME, NLAMeta, check_tokenizer, load_meta, prepends_bos, run_exports
 
 try:
     from transformer_lens import HookedTransformer, HookedTransformerConfig
@@ -266,16 +266,6 @@ def check_config(folder: Path, meta: NLAMeta, tokenizer: PreTrainedTokenizerBase
             f"config.json has num_hidden_layers={blocks}: the sidecar and weights are from different checkpoints; "
             "fix the sidecar's layer or use the folder the checkpoint was exported to"
         )
-
-
-def prepends_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
-    """Whether the tokenizer puts a BOS first when it adds its special tokens (Gemma, Llama; not Qwen).
-
-    The training code tokenizes base text and AR prompts that way, so a TL model built here keeps
-    `default_prepend_bos` equal to this: `model.to_tokens(text)` then gives the tokens it trained on.
-    """
-    bos = tokenizer.bos_token_id
-    return bos is not None and tokenizer.encode("a", add_special_tokens=True)[:1] == [bos]
 
 
 def eos_token_ids(folder: Path, tokenizer: PreTrainedTokenizerBase) -> list[int]:

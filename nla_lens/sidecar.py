@@ -447,15 +447,26 @@ def av_prompt_ids(meta: NLAMeta, tokenizer: Any) -> list[int]:
                                               return_dict=False))
 
 
+def prepends_bos(tokenizer: Any) -> bool:
+    """Whether the tokenizer puts a BOS first when it adds its special tokens (Gemma, Llama; not Qwen).
+
+    The training code tokenizes base text and AR prompts that way, so a TL model built here keeps
+    `default_prepend_bos` equal to this: `model.to_tokens(text)` then gives the tokens it trained on.
+    """
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer.encode("a", add_special_tokens=True)[:1] == [bos]
+
+
 def text_ids(tokenizer: Any, text: str) -> list[int]:
     """Base-model text as the training code tokenized it to extract activations (kitft
     `nla/datagen/extractors.py`): with the tokenizer's special tokens, so BOS first where the
     tokenizer has one (Gemma, Llama) and nothing added for Qwen. A text that already starts with that BOS
     (e.g. copied from `to_str_tokens` or a chat-formatted prompt) keeps its one BOS: a second one is no
-    token the base model was trained to read there, and moves every residual after it."""
+    token the base model was trained to read there, and moves every residual after it. Where the tokenizer
+    adds no BOS (one whose bos_token it never puts first), the text's own tokens are all kept."""
     ids = list(tokenizer.encode(text, add_special_tokens=True))
     bos = tokenizer.bos_token_id
-    return ids[1:] if bos is not None and ids[:2] == [bos, bos] else ids
+    return ids[1:] if bos is not None and ids[:2] == [bos, bos] and prepends_bos(tokenizer) else ids
 
 
 def ar_prompt_ids(meta: NLAMeta, tokenizer: Any, explanation: str) -> list[int]:

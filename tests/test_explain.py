@@ -18,6 +18,8 @@ import nla_lens as nl
 from nla_lens import metrics
 from nla_lens.cli import main
 from nla_lens.explain import explain_tokens, select_positions
+from nla_lens.loading import prepends_bos
+from nla_lens.sidecar import text_ids
 from nla_lens.toy.evaluate import MIN_CONTEXT
 from nla_lens.toy.labeler import names_token
 from nla_lens.verbalizer import Verbalization
@@ -201,6 +203,18 @@ def test_a_position_outside_a_one_token_text_counts_one_token_in_words():
         select_positions(2, 1, text="text 0 ('x')")
     with pytest.raises(nl.InputError, match=re.escape("positions 3: select no token of a text of 1 token (0..0);")):
         select_positions(slice(3, None), 1)
+
+
+def test_a_text_opening_with_two_bos_strings_keeps_both_where_the_tokenizer_adds_no_bos(toy):
+    """The toy's tokenizer names <|im_end|> its bos_token but never puts it first: text_ids dropped the text's own
+    first <|im_end|> of two, so every explained token sat one position off the text's tokens."""
+    tokenizer = toy.base.tokenizer
+    bos = tokenizer.bos_token
+    assert bos is not None and not prepends_bos(tokenizer)
+    text = f"{bos}{bos} the king"
+    assert text_ids(tokenizer, text) == tokenizer.encode(text)
+    explained = toy.nla.explain(toy.base, text, positions=[0, 1], max_new_tokens=4)
+    assert explained.tokens[0][:2] == [bos, bos] and len(explained.tokens[0]) == len(tokenizer.encode(text))
 
 
 def test_explain_refuses_empty_texts_with_a_typed_error(base, nla):
