@@ -424,8 +424,9 @@ class NLA:
     def explain(self, base: TLModel, text_or_texts: str | Sequence[str], *, positions: ExplainPositions = None,
                 baseline: float | None = None, fwd_hooks: Sequence[tuple[str, Any]] = (),
                 **verbalize_kwargs: Any) -> Explanation:
-        """Explain every token (or `positions`) of one or more texts: one row per token with its explanation,
-        round-trip MSE and FVE. Runs `base` under any hooks you have installed, plus `fwd_hooks`.
+        """Explain every token but a BOS the tokenizer adds (or `positions`) of one or more texts: one row per token
+        with its explanation, round-trip MSE and FVE. Runs `base` under any hooks you have installed, plus
+        `fwd_hooks`.
 
         `positions`: an int, a list of ints (negative from each text's end) or a slice, for every text; each
         text's rows come in token order. `baseline`: the FVE baseline (default: as `round_trip` picks it, the AR
