@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import pyarrow as pa
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
@@ -228,12 +228,13 @@ def bos_skip(tokenizer: Any, ids: Sequence[int]) -> int:
     return int(prepends_bos(tokenizer) and list(ids[:1]) == [tokenizer.bos_token_id])
 
 
-def explain_tokens(nla: NLA, base: TLModel, token_rows: Sequence[Sequence[int]], *,
+def explain_tokens(nla: NLA, base: TLModel, token_rows: Sequence[Sequence[int]] | Int[Tensor, "1 pos"], *,
                    positions: ExplainPositions = None, skip: Sequence[int] | None = None,
                    texts: Sequence[str] | None = None, baseline: float | None = None,
                    fwd_hooks: Sequence[tuple[str, Any]] = (), **verbalize_kwargs: Any) -> Explanation:
-    """`explain` for texts already tokenized (`token_rows`); `skip[i]` leading tokens of row i are left
-    out when `positions` is None (a BOS the tokenizer added)."""
+    """`explain` for texts already tokenized (`token_rows`: a list of each text's unpadded ids, or one text's
+    `base.to_tokens(text)`); `skip[i]` leading tokens of row i are left out when `positions` is None (a BOS the
+    tokenizer added)."""
     if not isinstance(nla, NLA):  # an AV alone has no AR to score with: an AttributeError further down
         raise InputError(f"explain needs an NLA (AV and AR: nl.NLA(av, ar)), got {type(nla).__name__}; with an AV "
                          "alone, capture the vectors with nl.capture and call av.verbalize")
@@ -241,8 +242,10 @@ def explain_tokens(nla: NLA, base: TLModel, token_rows: Sequence[Sequence[int]],
     check_base_model(base, nla, layer)
     check_read_keywords(nla, verbalize_kwargs, "explain")
     fwd_hooks = check_fwd_hooks(fwd_hooks, base.hook_dict, "explain")
+    token_rows = _rows_of(token_rows)
     if not token_rows or not all(len(row) for row in token_rows):
         raise InputError("every text to explain needs at least one token")
+    _check_per_row(token_rows, skip=skip, texts=texts)
     check_rows_fit(token_rows, base.cfg.n_ctx, texts)
     for t, row in enumerate(token_rows):
         try:
@@ -277,6 +280,37 @@ def explain_tokens(nla: NLA, base: TLModel, token_rows: Sequence[Sequence[int]],
     explained = [ExplainedToken(t, p, strings[t][p], v, mse, fve, miss) for (t, p), v, mse, fve, miss in
                  zip(sites, round_trip.verbalizations, round_trip.mse.tolist(), fves, round_trip.misses, strict=True)]
     return Explanation(explained, texts, strings, layer, captured, round_trip, getattr(base.cfg, "model_name", None))
+
+
+def _rows_of(token_rows: object) -> list[Any]:
+    """`explain_tokens`' rows as a list, one per text. A `[1, pos]` tensor (`base.to_tokens(text)`) is one row; a
+    tensor of several rows is refused, as `to_tokens` of several texts pads them and a pad would be explained as a
+    token; one row of ids not in a list is refused, as it would be read as texts of one token each."""
+    if isinstance(token_rows, Tensor):
+        if token_rows.ndim == 2 and token_rows.shape[0] == 1:
+            return list(token_rows)
+        raise InputError(f"token_rows is a tensor of shape {list(token_rows.shape)}; pass a list of each text's own "
+                         "unpadded ids ([base.to_tokens(text)[0] for text in texts]), or one text's [1, pos] tokens")
+    if not isinstance(token_rows, Sequence) or isinstance(token_rows, str):
+        raise InputError(f"token_rows must be a list of token-id rows, one per text, got {type(token_rows).__name__}")
+    if any(is_integer(row) or (isinstance(row, Tensor) and row.ndim == 0) for row in token_rows):
+        raise InputError("token_rows holds ids, not rows of ids: pass a list of rows, one per text ([ids] for one)")
+    return list(token_rows)
+
+
+def _check_per_row(token_rows: Sequence[Sequence[int]], *, skip: Sequence[int] | None,
+                   texts: Sequence[str] | None) -> None:
+    """`skip` and `texts` give one entry per row, `skip` a count of leading tokens (>= 0): a shorter list was a bare
+    ValueError from zip, and a negative skip named positions from the end, each twice."""
+    n = len(token_rows)
+    for name, given in (("skip", skip), ("texts", texts)):
+        if given is not None and len(given) != n:
+            raise InputError(f"{name} gives {len(given)} for {counted(n, 'row')} of token_rows; give one per row, "
+                             f"or leave {name} out")
+    bad = next((s for s in skip or () if not is_integer(s) or s < 0), None)
+    if bad is not None:
+        raise InputError(f"skip holds {bad!r}: each entry is how many leading tokens of its row to leave out, a whole "
+                         "number >= 0")
 
 
 def _name_sites(rows: Sequence[int], sites: Sequence[tuple[int, int]], strings: Sequence[Sequence[str]]) -> str:

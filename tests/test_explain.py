@@ -249,6 +249,41 @@ def test_explain_tokens_says_its_rows_hold_token_ids(base, nla):
         nla, base, [ids.tolist()], max_new_tokens=4).rows
 
 
+def test_explain_tokens_takes_to_tokens_of_one_text_as_its_one_row(base, nla):
+    """The tensor explain's own error sends token ids on with (base.to_tokens(text), [1, pos]) raised torch's
+    "Boolean value of Tensor with more than one value is ambiguous"."""
+    tokens = base.to_tokens("a b")
+    assert explain_tokens(nla, base, tokens, max_new_tokens=4).rows == explain_tokens(
+        nla, base, [tokens[0].tolist()], max_new_tokens=4).rows
+
+
+@pytest.mark.parametrize(("token_rows", "message"), [
+    (torch.tensor([[5, 6], [7, 8]]), r"^token_rows is a tensor of shape \[2, 2\]; pass a list of each text's own "
+                                     r"unpadded ids"),
+    (torch.tensor([5, 6]), r"^token_rows is a tensor of shape \[2\]"),
+    ([5, 6], r"^token_rows holds ids, not rows of ids: pass a list of rows, one per text \(\[ids\] for one\)"),
+    ("5 6", r"^token_rows must be a list of token-id rows, one per text, got str"),
+])
+def test_explain_tokens_refuses_rows_that_are_not_one_list_per_text(base, nla, token_rows, message):
+    """A flat list of ids was a bare TypeError (len of an int), a [2, pos] tensor torch's RuntimeError; a padded
+    batch's pads would be explained as tokens."""
+    with pytest.raises(nl.InputError, match=message):
+        explain_tokens(nla, base, token_rows, max_new_tokens=4)
+
+
+@pytest.mark.parametrize(("keywords", "message"), [
+    ({"skip": [0]}, r"^skip gives 1 for 2 rows of token_rows; give one per row, or leave skip out"),
+    ({"texts": ["a b"]}, r"^texts gives 1 for 2 rows of token_rows; give one per row, or leave texts out"),
+    ({"skip": [0, -2]}, r"^skip holds -2: each entry is how many leading tokens of its row to leave out"),
+])
+def test_explain_tokens_checks_skip_and_texts_give_one_entry_per_row(base, nla, keywords, message):
+    """A short skip or texts was zip's bare ValueError; a negative skip explained positions from the end, each twice
+    (a 4-token row gave 7 rows)."""
+    ids = base.to_tokens("a b")[0].tolist()
+    with pytest.raises(nl.InputError, match=message):
+        explain_tokens(nla, base, [ids, ids], max_new_tokens=4, **keywords)
+
+
 def test_a_position_outside_a_text_names_that_text(base, nla):
     """It said "outside a text of 3 tokens" without saying which of the texts."""
     long, short = "The cat sat on the mat and then it slept all day long", "A dog"
