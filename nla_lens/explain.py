@@ -24,7 +24,7 @@ from nla_lens import backends, display
 from nla_lens.base_model import check_base_model
 from nla_lens.capture import capture, check_token_ids, resid_post_name
 from nla_lens.checks import check_fwd_hooks, counted, first_five, is_integer
-from nla_lens.errors import InputError, PromptTooLongError, VectorError
+from nla_lens.errors import InputError, PairMismatchError, PromptTooLongError, VectorError
 from nla_lens.injection import directionless_rows
 from nla_lens.loading import prepends_bos
 from nla_lens.nla import NLA, RoundTrip, baseline_phrase, check_read_keywords
@@ -156,9 +156,25 @@ def explain(nla: NLA, base: TLModel, text_or_texts: str | Sequence[str], *, posi
     """
     backends.backend_of(base)  # the text is tokenized with its tokenizer before explain_tokens checks it
     texts = _texts(text_or_texts)
-    rows, skip = text_rows(_tokenizer(base), texts)
+    tokenizer = _tokenizer(base)
+    if isinstance(nla, NLA):  # anything else is explain_tokens' InputError
+        check_bos_rule(tokenizer, nla.av.tokenizer)
+    rows, skip = text_rows(tokenizer, texts)
     return explain_tokens(nla, base, rows, positions=positions, skip=skip, texts=texts, baseline=baseline,
                           fwd_hooks=fwd_hooks, **verbalize_kwargs)
+
+
+def check_bos_rule(base_tokenizer: PreTrainedTokenizerBase, nla_tokenizer: PreTrainedTokenizerBase) -> None:
+    """A PairMismatchError where the base's tokenizer puts a BOS first and the NLA's does not, or the reverse (one
+    loaded with another `add_bos_token`): the texts would start unlike those the NLA was trained on, and every
+    residual after would move. The vocabularies are `check_base_model`'s to compare."""
+    base_adds, nla_adds = prepends_bos(base_tokenizer), prepends_bos(nla_tokenizer)
+    if base_adds != nla_adds:
+        said = "puts a BOS first" if base_adds else "puts no BOS first"
+        raise PairMismatchError(f"the base model's tokenizer {said} and the NLA's tokenizer "
+                                f"{'does not' if base_adds else 'does'}: its texts would not be tokenized as the NLA's "
+                                "training texts were. Set base.tokenizer = nla.av.tokenizer, or load the base with "
+                                "nl.load_base(nla)")
 
 
 def text_rows(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> tuple[list[list[int]], list[int]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
 import shutil
@@ -215,6 +216,26 @@ def test_a_text_opening_with_two_bos_strings_keeps_both_where_the_tokenizer_adds
     assert text_ids(tokenizer, text) == tokenizer.encode(text)
     explained = toy.nla.explain(toy.base, text, positions=[0, 1], max_new_tokens=4)
     assert explained.tokens[0][:2] == [bos, bos] and len(explained.tokens[0]) == len(tokenizer.encode(text))
+
+
+def test_a_base_tokenizer_with_another_bos_rule_than_the_nlas_is_a_pair_mismatch(toy, monkeypatch):
+    """A base whose tokenizer put a BOS first where the NLA's puts none (or none where it puts one) was explained
+    silently, every text starting with a token the NLA was never trained to read there."""
+    plain = toy.base.tokenizer
+    adds_bos = copy.deepcopy(plain)
+    adds_bos.add_bos_token = True
+    assert prepends_bos(adds_bos) and not prepends_bos(plain)
+    monkeypatch.setattr(toy.base, "tokenizer", adds_bos)
+    with pytest.raises(nl.PairMismatchError, match=re.escape(
+            "the base model's tokenizer puts a BOS first and the NLA's tokenizer does not: its texts would not be "
+            "tokenized as the NLA's training texts were. Set base.tokenizer = nla.av.tokenizer, or load the base")):
+        toy.nla.explain(toy.base, "the king is dead", max_new_tokens=4)
+    from nla_lens.explain import check_bos_rule
+
+    with pytest.raises(nl.PairMismatchError, match=r"^the base model's tokenizer puts no BOS first and the NLA's "
+                                                   r"tokenizer does:"):
+        check_bos_rule(plain, adds_bos)
+    check_bos_rule(plain, plain)
 
 
 def test_explain_refuses_empty_texts_with_a_typed_error(base, nla):
