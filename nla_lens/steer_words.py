@@ -518,6 +518,7 @@ def _verbalize_sites(nla: NLA, base: TLModel, tokens: Tensor, rows: Tensor, cols
     n_ctx (`rows_the_ar_reads`: a text may retokenize longer than sampled); a site with none raises."""
     resid = resid_post(base, tokens, k, attention_mask=run_mask)
     vectors = resid[rows.to(resid.device), cols.to(resid.device)].float()
+    _check_site_residuals(vectors, rows, cols, k)
     vectors = vectors.repeat_interleave(samples, dim=0)
     said = nla.av.verbalize(vectors, batch_size=batch_size, progress=False, **sampling)
     read, too_long = rows_the_ar_reads(nla.ar, [v.explanation for v in said])
@@ -541,6 +542,19 @@ def _verbalize_sites(nla: NLA, base: TLModel, tokens: Tensor, rows: Tensor, cols
             f"{sampling['max_new_tokens']}) or pass explanations= yourself"
         )
     return texts
+
+
+def _check_site_residuals(vectors: Float[Tensor, "n d_model"], rows: Int[Tensor, " n"], cols: Int[Tensor, " n"],
+                          layer: int) -> None:
+    """Refuse site residuals the AV cannot be given (zero: no direction; non-finite), by (batch, position), before
+    it runs: `verbalize` named rows of its own batch, each site repeated once per sample."""
+    non_finite, zero = directionless_rows(vectors)
+    for bad, what in ((non_finite, "not finite (NaN or Inf)"), (zero, "zero")):
+        if bad:
+            sites = [(int(rows[i]), int(cols[i])) for i in bad[:8]]
+            raise VectorError(f"the base model's {resid_post_name(layer)} at (batch, position) {sites} is {what}, so "
+                              "the AV has no direction to read there (a hook of yours that writes it, or weights "
+                              "that overflow in this dtype). Steer other positions, or run without that hook")
 
 
 def _given_explanations(explanations: Sequence[str | Sequence[str]], n_sites: int) -> list[list[str]]:

@@ -637,6 +637,27 @@ def test_verbalizes_the_sites_in_the_order_given_with_samples(base, nla, monkeyp
         width - 1, width - 4]
 
 
+@pytest.mark.parametrize(("value", "said"), [(math.nan, "not finite"), (0.0, "zero")])
+def test_a_site_residual_the_av_cannot_read_is_named_by_site_not_av_row(base, nla, monkeypatch, value, said):
+    """A hook of the user's that leaves NaN or zero at a site: named by (batch, position), before the AV runs;
+    verbalize named rows of its joint batch (each site repeated per sample), none of which is a row of the user's."""
+    tokens, mask = padded(base, "left")
+    width = tokens.shape[1]
+    monkeypatch.setattr(nla.av, "verbalize", lambda *a, **k: pytest.fail("the AV ran"))
+
+    def spoil(resid, hook):
+        resid = resid.clone()
+        resid[0, width - 1] = value
+        return resid
+
+    with base.hooks(fwd_hooks=[(NAME, spoil)]), pytest.raises(nl.VectorError) as caught:
+        nl.steer_with_words(nla, base, tokens[:1], [width - 4, width - 1], attention_mask=mask[:1],
+                            edit=lambda text: text + " the end", samples=3, compare=False, continue_tokens=0)
+    message = str(caught.value)
+    assert f"(batch, position) [(0, {width - 1})]" in message and said in message and NAME in message
+    assert no_hooks_left(base)
+
+
 @pytest.mark.parametrize("mode", ["add", "replace"])
 def test_saved_vectors_steer_again_exactly_as_the_live_hooks(base, nla, tmp_path, mode):
     """save_vectors then fwd_hooks_from: the same logits as the live result's hooks, bit for bit, alpha sweeps too."""
