@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import replace
 from pathlib import Path
@@ -66,10 +67,25 @@ def test_the_measurement_is_a_table_like_every_result(measured, tmp_path):
                                                      ({"n_sites": 0}, "n_sites must be >= 1"),
                                                      ({"alphas": ()}, "alphas must name at least one"),
                                                      ({"choice": "best"}, "choice must be"),
-                                                     ({"samples": 0}, r"samples=0: must be a whole number >= 1")])
+                                                     ({"samples": 0}, r"samples=0: must be a whole number >= 1"),
+                                                     ({"n_sites": 2.5}, "n_sites must be >= 1"),
+                                                     ({"stride": 0}, r"stride=0: must be a whole number >= 1"),
+                                                     ({"stride": -1}, r"stride=-1: must be a whole number >= 1"),
+                                                     ({"per_doc": 0}, r"per_doc=0: must be a whole number >= 1"),
+                                                     ({"mode": "sub"}, "mode must be 'add' or 'replace'"),
+                                                     ({"alphas": (1.0, math.nan)}, r"alphas\[1\]=nan: must be "
+                                                                                   "a finite number")])
 def test_arguments_that_leave_no_experiment_are_refused_before_the_toy_loads(arguments, message, tmp_path):
     with pytest.raises(nl.InputError, match=message):
         run_experiment(tmp_path / "not-loaded", **arguments)  # a missing folder would be a CheckpointError
+
+
+def test_more_sites_than_the_held_out_speeches_hold_are_refused_before_the_av_runs(monkeypatch):
+    """The speeches give per_doc sites each; asking for more was refused only after the AV had read all of them,
+    as sites without a parsable explanation (all had one) that a lower stride would fix (it gives no more)."""
+    monkeypatch.setattr(nl.ActivationVerbalizer, "verbalize", lambda *a, **k: pytest.fail("the AV ran"))
+    with pytest.raises(nl.InputError, match=r"the held-out speeches give 600 sites \(2 per speech"):
+        run_experiment(n_sites=100_000)
 
 
 def test_an_oracle_token_the_base_never_predicts_is_named(tmp_path):

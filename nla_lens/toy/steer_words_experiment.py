@@ -43,7 +43,7 @@ from torch import Tensor
 
 from nla_lens import backends
 from nla_lens.capture import resid_post_name
-from nla_lens.checks import check_counts, counted
+from nla_lens.checks import check_counts, check_finite, counted, is_count
 from nla_lens.display import format_number
 from nla_lens.errors import InputError, NLAError
 from nla_lens.injection import unit
@@ -149,17 +149,25 @@ def run_experiment(folder: Path = TOY_DIR, n_sites: int = 100, alphas: tuple[flo
     """The measurement behind the README table; `samples > 1` averages Delta over sampled explanations."""
     if choice not in ("random", "plausible"):
         raise InputError(f"choice must be 'random' or 'plausible', got {choice!r}")
-    if n_sites < 1:
+    if not is_count(n_sites, 1):
         raise InputError(f"n_sites must be >= 1 (the experiment steers at that many held-out sites), got {n_sites}")
     if not alphas:  # a table of no rows, after minutes of verbalizing
         raise InputError("alphas must name at least one steering strength, e.g. (0.5, 1.0)")
-    check_counts(1, samples=samples)  # here: below, samples < 1 would run the greedy branch as one sample
+    check_finite(**{f"alphas[{i}]": alpha for i, alpha in enumerate(alphas)})  # not after the AV and AR ran
+    if mode not in ("add", "replace"):
+        raise InputError(f"mode must be 'add' or 'replace', got {mode!r}")
+    # samples < 1 would run the greedy branch as one sample; a stride < 1 or no site per speech picks no column
+    check_counts(1, samples=samples, stride=stride, per_doc=per_doc)
     if frequent < 3:  # Z' excludes Z and the base's argmax: fewer than 3 candidates can leave none
         raise InputError(f"frequent must be >= 3 (Z' is drawn from that many frequent tokens, never Z and never "
                          f"the base model's argmax), got {frequent}")
     toy = ToyNLA.load(folder)
     nla = NLA(toy.av, toy.ar)
     tokens, positions = _candidate_sites(toy, folder, stride, per_doc, limit=n_sites + n_sites // 4)
+    if len(tokens) < n_sites:
+        raise InputError(f"the held-out speeches give {len(tokens)} sites ({per_doc} per speech of at least "
+                         f"{MIN_CONTEXT + (per_doc - 1) * stride + 1} tokens), fewer than n_sites={n_sites}; lower "
+                         "n_sites, or raise per_doc")
     with torch.no_grad():
         clean = _site_logprobs(toy.base, tokens, positions, [])
         vectors = _site_vectors(toy, tokens, positions)
