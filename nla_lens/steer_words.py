@@ -588,6 +588,9 @@ def _check_ar_reads(ar: ActivationReconstructor, texts: list[list[str]], edited:
 
 def _site_edits(edit: Edit, n_sites: int) -> list[EditFn | str]:
     """`edit` as one str or function per site, checked before the AV runs."""
+    if isinstance(edit, (bytes, bytearray)):  # a Sequence of ints: it read as per-site edits, "got int"
+        raise InputError(f"edit is {type(edit).__name__}, not text: pass .decode() of it, the edited explanation "
+                         "as a str")
     if callable(edit) or isinstance(edit, str):
         per_site: list[EditFn | str] = [edit] * n_sites
     elif isinstance(edit, Sequence) and len(edit) == n_sites:

@@ -359,6 +359,14 @@ def test_bad_input_gets_typed_errors_that_say_what_to_do(base, nla):
     assert no_hooks_left(base)
 
 
+@pytest.mark.parametrize("edit", [b"the sea", bytearray(b"the sea")], ids=["bytes", "bytearray"])
+def test_an_edit_given_as_bytes_is_refused_as_bytes_not_as_its_ints(base, nla, edit):
+    """bytes is a Sequence of ints: the per-site check read b"x" as one int edit and said "got int"."""
+    tokens, mask = padded(base, "left")
+    with pytest.raises(nl.InputError, match=f"edit is {type(edit).__name__}, not text: pass .decode\\(\\)"):
+        steer(nla, base, tokens[:1], -1, mask[:1], explanations=["the land"], edit=edit)
+
+
 @pytest.mark.parametrize("layer", ["2", True, 2.0])
 def test_a_layer_that_is_not_a_whole_number_is_refused_by_type(base, nla, layer):
     """layer="2" was refused as "steering at layer 2 needs an NLA trained on layer 2", a PairMismatchError with the
