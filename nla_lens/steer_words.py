@@ -115,6 +115,11 @@ def site_steering_hook(directions: Float[Tensor, "n d_model"], rows: Int[Tensor,
                 f"[batch, pos] = {[n, pos]}; run the tokens you passed to steer_with_words (generate may "
                 "append tokens), or call steer_with_words again for these"
             )
+        if resid.shape[-1] != directions.shape[-1]:
+            raise PairMismatchError(
+                f"{hook_name}: this steering's directions are {directions.shape[-1]}-d but the run's residual is "
+                f"{resid.shape[-1]}-d: the model is not the base the NLA reads; steer the base it was built on"
+            )
         at = (rows.to(resid.device), cols.to(resid.device))
         h = resid[at].float()
         norm = h.norm(dim=-1, keepdim=True)

@@ -367,6 +367,19 @@ def test_an_edit_given_as_bytes_is_refused_as_bytes_not_as_its_ints(base, nla, e
         steer(nla, base, tokens[:1], -1, mask[:1], explanations=["the land"], edit=edit)
 
 
+def test_a_steering_run_on_a_base_of_another_width_is_a_pair_mismatch(base, nla, tmp_path):
+    """The live hook and the one read back from save_vectors, on a residual of another d_model (a base the NLA does
+    not read): a PairMismatchError naming both widths; it was torch's bare size-mismatch RuntimeError."""
+    tokens, mask = padded(base, "left")
+    result = steer(nla, base, tokens, -1, mask, compare=False, continue_tokens=0)
+    d = result.delta.shape[1]
+    wider = torch.zeros(*tokens.shape, 2 * d)
+    result.save_vectors(tmp_path / "delta.safetensors")
+    for _name, hook in [*result.fwd_hooks(), *nl.WordSteering.fwd_hooks_from(tmp_path / "delta.safetensors")]:
+        with pytest.raises(nl.PairMismatchError, match=f"^{re.escape(NAME)}: .*{d}-d.*{2 * d}-d"):
+            hook(wider, None)
+
+
 @pytest.mark.parametrize("layer", ["2", True, 2.0])
 def test_a_layer_that_is_not_a_whole_number_is_refused_by_type(base, nla, layer):
     """layer="2" was refused as "steering at layer 2 needs an NLA trained on layer 2", a PairMismatchError with the
