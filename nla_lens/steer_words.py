@@ -771,6 +771,12 @@ def _read_saved(path: Path) -> dict[str, Any]:
     if not fits:
         raise InputError(f"{not_ours}: its delta {list(delta.shape)}, target {list(saved['target'].shape)}, rows, "
                          f"positions and token_shape {saved['token_shape']} do not fit together")
+    batch, width = saved["token_shape"]
+    positions = saved["positions"]
+    if not (rows.ge(0).all() and rows.lt(batch).all() and positions.ge(0).all() and positions.lt(width).all()):
+        raise InputError(f"{not_ours}: its sites (rows {rows.tolist()[:8]}, positions {positions.tolist()[:8]}) lie "
+                         f"outside its token_shape {[batch, width]}, where the hook would steer; write it again with "
+                         "result.save_vectors(path)")
     return saved
 
 

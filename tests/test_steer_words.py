@@ -731,6 +731,26 @@ def test_loading_saved_vectors_refuses_what_save_vectors_did_not_write(base, nla
             nl.WordSteering.fwd_hooks_from(other)
 
 
+@pytest.mark.parametrize("broken", ["position_past_width", "negative_row", "empty_token_shape"])
+def test_a_saved_file_whose_sites_lie_outside_its_token_shape_is_refused(base, nla, tmp_path, broken):
+    """Sites outside the [batch, pos] the hook is bound to: the hook raised a bare IndexError at its first run (or,
+    for a negative index, steered a site counted from the end), or named a token shape [0, 0] no run has."""
+    tokens, mask = padded(base, "left")
+    path = steer(nla, base, tokens, -1, mask, compare=False, continue_tokens=0).save_vectors(tmp_path / "d.safetensors")
+    with safe_open(str(path), "pt") as saved:
+        tensors, metadata = load_file(str(path)), saved.metadata()
+    batch, width = tokens.shape
+    if broken == "position_past_width":
+        tensors["positions"] = tensors["positions"] + width
+    elif broken == "negative_row":
+        tensors["rows"] = tensors["rows"] - batch
+    else:
+        metadata = {**metadata, "token_shape": "[0, 0]"}
+    save_file(tensors, str(path), metadata=metadata)
+    with pytest.raises(nl.InputError, match="sites .* lie outside its token_shape"):
+        nl.WordSteering.fwd_hooks_from(path)
+
+
 def test_replace_mode_patches_in_an_unchanged_explanations_own_reconstruction(base, nla):
     """The control of "patch with words": an edit that changes nothing makes T the original explanations' mean unit
     reconstruction, and replace mode steers with T; Delta = 0, which the table says. Add mode, which steers along
