@@ -68,6 +68,7 @@ from nla_lens.display import format_cell, format_number
 from nla_lens.errors import InputError, PairMismatchError, PromptTooLongError, VectorError
 from nla_lens.injection import HookFn, check_vectors, directionless_rows, prescaled, unit
 from nla_lens.nla import NLA, rows_the_ar_reads
+from nla_lens.parsing import failed_parse_note
 from nla_lens.reconstructor import ActivationReconstructor
 from nla_lens.results import TabularResult
 from nla_lens.sidecar import ar_prompt_ids
@@ -177,8 +178,8 @@ class WordSteering(TabularResult):
         tokenizer: the base model's, to name tokens in the tables.
         continuations: (clean, steered) greedy continuations of each row's real tokens (`continue_tokens > 0`);
             else None.
-        warnings: what `steer_with_words` warned of (an edit leaving some samples unchanged), kept so a
-            notebook's view and a saved `.parquet` still say it.
+        warnings: what `steer_with_words` warned of (samples dropped for a failed parse, an edit leaving some
+            samples unchanged), kept so a notebook's view and a saved `.parquet` still say it.
     """
 
     hook_name: str
@@ -346,15 +347,17 @@ def steer_with_words(
     run_mask = attention_mask if attention_mask is not None else backends.implicit_attention_mask(base, tokens)
     with torch.no_grad():
         if explanations is None:
-            texts = _verbalize_sites(nla, base, tokens, rows, cols, run_mask, k, samples, sampling, batch_size)
+            texts, dropped = _verbalize_sites(nla, base, tokens, rows, cols, run_mask, k, samples, sampling,
+                                              batch_size)
         else:
-            texts = _given_explanations(explanations, len(sites))
+            texts, dropped = _given_explanations(explanations, len(sites)), []
         edited = _apply_edits(per_site, texts)
         _check_ar_reads(nla.ar, texts, edited, sites)
         delta, target, warned = _delta(nla, texts, edited, sites, mode, batch_size)
         named = [_decode(base.tokenizer, int(tokens[r, c])) for r, c in sites]
         result = WordSteering(resid_post_name(k), k, float(alpha), mode, rows.cpu(), cols.cpu(), named,
-                              (tokens.shape[0], tokens.shape[1]), texts, edited, delta, target, warnings=warned)
+                              (tokens.shape[0], tokens.shape[1]), texts, edited, delta, target,
+                              warnings=dropped + warned)
         clean = steered = continuations = None
         if compare:
             clean = _site_logprobs(base, tokens, run_mask, rows, cols, [])
@@ -518,9 +521,10 @@ def sampling_settings(explanations: object, samples: int | None, temperature: fl
 
 def _verbalize_sites(nla: NLA, base: TLModel, tokens: Tensor, rows: Tensor, cols: Tensor,
                      run_mask: Tensor | None, k: int, samples: int, sampling: dict[str, Any],
-                     batch_size: int) -> list[list[str]]:
+                     batch_size: int) -> tuple[list[list[str]], list[str]]:
     """Up to `samples` explanations per site (greedy for one), those that parse and that the AR reads within its
-    n_ctx (`rows_the_ar_reads`: a text may retokenize longer than sampled); a site with none raises."""
+    n_ctx (`rows_the_ar_reads`: a text may retokenize longer than sampled); a site with none raises, a site with
+    fewer is warned of (the warnings are returned too)."""
     resid = resid_post(base, tokens, k, attention_mask=run_mask)
     vectors = resid[rows.to(resid.device), cols.to(resid.device)].float()
     _check_site_residuals(vectors, rows, cols, k)
@@ -546,7 +550,27 @@ def _verbalize_sites(nla: NLA, base: TLModel, tokens: Tensor, rows: Tensor, cols
             f"the AV wrote no parsable explanation for {site}; raise max_new_tokens (now "
             f"{sampling['max_new_tokens']}) or pass explanations= yourself"
         )
-    return texts
+    return texts, _warn_dropped_samples(said, too_long, texts, samples, rows, cols)
+
+
+def _warn_dropped_samples(said: Sequence[Verbalization], too_long: list[int], texts: list[list[str]], samples: int,
+                          rows: Tensor, cols: Tensor) -> list[str]:
+    """Warn of each site whose Delta averages fewer explanations than `samples` asked for, and why; the summary's
+    "N samples per site" is the most any site kept."""
+    warned = []
+    for i, kept in enumerate(texts):
+        if len(kept) == samples:
+            continue
+        own = said[i * samples:(i + 1) * samples]  # sample j is of site j // samples
+        failed = [v for v in own if v.explanation is None]
+        unread = sum(j // samples == i for j in too_long)
+        why = ([f"{len(failed)} failed to parse{failed_parse_note(failed)}"] if failed else []) + (
+            [f"{unread} make AR prompts over the AR's n_ctx"] if unread else [])
+        warned.append(f"{samples - len(kept)} of the AV's {samples} explanations of site {i} (row {int(rows[i])}, "
+                      f"column {int(cols[i])}) were dropped, {' and '.join(why)}: Delta averages the {len(kept)} "
+                      "left. Raise max_new_tokens, or pass explanations= yourself")
+        warnings.warn(warned[-1], stacklevel=4)
+    return warned
 
 
 def _check_site_residuals(vectors: Float[Tensor, "n d_model"], rows: Int[Tensor, " n"], cols: Int[Tensor, " n"],

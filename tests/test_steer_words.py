@@ -883,6 +883,24 @@ def test_a_max_new_tokens_the_ar_cannot_read_is_refused_before_the_av_runs(base,
     assert steer(nla, base, tokens, -1, mask, compare=False, continue_tokens=0).delta.isfinite().all()
 
 
+def test_samples_dropped_for_a_failed_parse_are_counted_in_a_warning_the_result_keeps(base, nla, monkeypatch, tmp_path):
+    """samples=3 with one sample cut at max_new_tokens: Delta averages the other two, which the result said nowhere
+    (its summary read "2 samples per site"): a UserWarning naming the site, the count and why, kept in .warnings."""
+    tokens, mask = padded(base, "left")
+    cut = nl.Verbalization("<explanation>the ca", None, [5] * 4, truncated=True)
+    said = [nl.Verbalization(f"<explanation>{t}</explanation>", t, []) for t in TINY_LABELS[:2]]
+    monkeypatch.setattr(nla.av, "verbalize", lambda vectors, **kw: [said[0], cut, said[1]])
+    with pytest.warns(UserWarning, match=re.escape(
+            f"1 of the AV's 3 explanations of site 0 (row 0, column {tokens.shape[1] - 1}) were dropped, 1 failed to "
+            "parse (1 cut at max_new_tokens before </explanation>: verbalize with a larger one): Delta averages the "
+            "2 left")) as caught:
+        result = nl.steer_with_words(nla, base, tokens[:1], -1, attention_mask=mask[:1], samples=3,
+                                     edit=lambda text: text + " the end", compare=False, continue_tokens=0)
+    assert result.explanations == [TINY_LABELS[:2]]
+    assert result.warnings == [str(w.message) for w in caught if "failed to parse" in str(w.message)]
+    assert nl.read_result(result.save(tmp_path / "steer.parquet")).attrs["warnings"] == result.warnings
+
+
 def test_an_av_sample_that_retokenizes_past_the_ars_context_is_dropped_as_a_failed_parse(base, nla, monkeypatch):
     """The up-front check bounds the sampled tokens, not their text tokenized again (U+FFFD from a stray byte token):
     the AR refused the whole call after the AV's work. Such a sample is left out of its site's Delta, as a failed
@@ -895,7 +913,9 @@ def test_an_av_sample_that_retokenizes_past_the_ars_context_is_dropped_as_a_fail
     monkeypatch.setattr(nla.av, "verbalize", lambda vectors, **kw: [stray, cat][:len(vectors)])
     run = {"explanations": None, "compare": False, "continue_tokens": 0, "max_new_tokens": len(stray.tokens),
            "edit": lambda text: text.replace("cat", "dog")}
-    result = steer(nla, base, tokens[:1], -1, mask[:1], samples=2, **run)
+    with pytest.warns(UserWarning, match=r"1 of the AV's 2 explanations of site 0 .* were dropped, 1 make AR "
+                                         r"prompts over the AR's n_ctx: Delta averages the 1 left"):
+        result = steer(nla, base, tokens[:1], -1, mask[:1], samples=2, **run)
     assert result.explanations == [["the cat"]] and result.edited == [["the dog"]]
     expected = unit(nla.ar.reconstruct(["the dog"])) - unit(nla.ar.reconstruct(["the cat"]))
     assert torch.allclose(result.delta, expected, atol=1e-6)
