@@ -530,6 +530,7 @@ def verbalize_direction(
     be stored, compared or round-tripped next to real activations.
     """
     av = _verbalizer(nla_or_av)
+    check_read_keywords(av, verbalize_kwargs, "verbalize_direction")  # only verbalize runs, with an NLA too
     vectors = check_vectors(direction, av.meta.d_model, "direction", as_float32=True)
     if scale_like is not None:
         reference = check_vectors(scale_like, av.meta.d_model, "scale_like", as_float32=True)

@@ -647,6 +647,17 @@ def test_verbalize_direction_takes_an_nla_as_the_other_helpers_do(nla, steer):
     assert through_nla.summary().startswith("1 direction verbalized, ")
 
 
+@pytest.mark.parametrize("use_nla", [True, False], ids=["nla", "av"])
+def test_verbalize_direction_refuses_a_keyword_verbalize_does_not_take(nla, steer, use_nla):
+    """A typo, or a round-trip keyword such as baseline= given with an NLA, was verbalize's bare TypeError."""
+    reader = nla if use_nla else nla.av
+    with pytest.raises(nl.InputError, match=r"^verbalize_direction got the keyword\(s\) \['max_new_token'\], which "
+                                            "neither it nor verbalize takes; did you mean 'max_new_tokens'"):
+        nl.verbalize_direction(reader, steer, max_new_token=4)
+    with pytest.raises(nl.InputError, match=r"^verbalize_direction got the keyword\(s\) \['baseline'\]"):
+        nl.verbalize_direction(reader, steer, baseline=0.5, **FAST)
+
+
 def test_word_diff_reports_added_and_removed_words():
     assert word_diff("the cat sat on the mat", "the dog sat on a red mat") == (["dog", "a", "red"], ["cat", "the"])
     assert word_diff("same words", "same words") == ([], [])
