@@ -293,6 +293,28 @@ def _warn_patch_on_padding(base_model: TLModel, clean_tokens: Int[Tensor, "batch
                       "token in every row (e.g. left-pad the prompts and patch -1)", stacklevel=3)
 
 
+def _warn_unaligned_rows(base_model: TLModel, clean_tokens: Int[Tensor, "batch pos"],
+                         corrupted_tokens: Int[Tensor, "batch pos"], attention_mask: Int[Tensor, "batch pos"] | None,
+                         column: int) -> None:
+    """Warn where a clean and a corrupted row hold their real tokens in different columns: prompts of different
+    token lengths padded to one shape pass the shape check, but the patch copies column to column, so in such a
+    row it writes one token's activation into another token's position. One `attention_mask` marks both alike."""
+    if attention_mask is not None:
+        return
+    clean_real = real_tokens(base_model, None, clean_tokens)
+    corrupted_real = real_tokens(base_model, None, corrupted_tokens)
+    if clean_real is None or corrupted_real is None:
+        return
+    rows = (clean_real != corrupted_real).any(dim=1).nonzero().flatten().tolist()
+    if rows:
+        lengths = first_five(rows, lambda r: f"row {r}: {int(clean_real[r].sum())} vs {int(corrupted_real[r].sum())}")
+        warnings.warn(f"the clean and corrupted tokens hold their real tokens in different columns in rows {rows} "
+                      f"(real tokens, clean vs corrupted: {lengths}): prompts of different token "
+                      f"lengths padded to one shape. The patch copies column {column} of each clean row into the same "
+                      "column of the corrupted row, which there is another token's position; pick prompts of equal "
+                      "token length in every row (swap words that are one token each)", stacklevel=3)
+
+
 def steer_then_verbalize(
     base_model: TLModel,
     nla_or_av: NLA | ActivationVerbalizer,
@@ -426,6 +448,7 @@ def patching_study(
         raise InputError(f"patch_position must be an int column in -{width}..{width - 1}, got {patch_position!r}")
     column = int(patch_position) % width
     _warn_patch_on_padding(base_model, clean_tokens, corrupted_tokens, attention_mask, column)
+    _warn_unaligned_rows(base_model, clean_tokens, corrupted_tokens, attention_mask, column)
     with torch.no_grad():
         clean_mask = (backends.implicit_attention_mask(base_model, clean_tokens) if attention_mask is None
                       else attention_mask)

@@ -854,3 +854,27 @@ def test_vector_errors_name_the_argument_the_vectors_were_passed_as(base, nla, a
         nl.verbalize_direction(av_karvonen, steer, scale_like=torch.ones(3, D_MODEL + 1))
     with pytest.raises(nl.VectorError, match=r"^scale_like must be a torch.Tensor, got list"):
         nl.verbalize_direction(av_karvonen, steer, scale_like=[1.0] * D_MODEL)
+
+
+def test_clean_and_corrupted_rows_of_different_token_lengths_warn(base, av_karvonen):
+    """Prompts of different lengths padded to one shape passed the shape check without a word, and the patch wrote
+    one token's clean activation into another token's position of the corrupted row."""
+    tokens, _ = padded(base, "left")
+    clean_tokens = tokens[:2]
+    corrupted_tokens = torch.stack([tokens[0], tokens[2]])  # row 1: another prompt, of another length
+    with pytest.warns(UserWarning, match=r"different columns in rows \[1\] \(real tokens, clean vs corrupted: row 1: "
+                                         rf"{_real(base, tokens[1])} vs {_real(base, tokens[2])}\)"):
+        nl.patching_study(base, av_karvonen, clean_tokens, corrupted_tokens, patch_layer=0, patch_position=-1, **FAST)
+    assert no_hooks_left(base)
+
+
+def test_clean_and_corrupted_rows_of_one_layout_or_one_mask_do_not_warn_of_columns(base, av_karvonen, recwarn):
+    tokens, mask = padded(base, "left")
+    nl.patching_study(base, av_karvonen, tokens, tokens, patch_layer=0, patch_position=-1, **FAST)
+    nl.patching_study(base, av_karvonen, tokens, tokens.flip(0), attention_mask=mask * mask.flip(0), patch_layer=0,
+                      patch_position=-1, **FAST)  # the mask marks both alike
+    assert not [w for w in recwarn if "different columns" in str(w.message)]
+
+
+def _real(base, row: torch.Tensor) -> int:
+    return int((row != base.tokenizer.pad_token_id).sum())
