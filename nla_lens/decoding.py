@@ -328,7 +328,7 @@ def _attention(layer: _Layer, hook: BlockHooks, h: Float[Tensor, "batch pos d_mo
         z = z.masked_fill(pad_queries, 0.0)
     z = z.transpose(1, 2)  # [batch, pos, heads, d_head]: TL's hook_z
     if hook.z is not None:
-        z = hook.z(z)
+        z = hook.z(z).to(layer.w_o.dtype)  # TL casts z to W_O's dtype, whatever dtype a hook returned
     return F.linear(z.reshape(batch, z.shape[1], -1), layer.w_o, layer.b_o)
 
 

@@ -174,6 +174,23 @@ def test_a_float32_steer_of_a_bf16_residual_runs_on_as_under_tl_forward(tiny_pat
     assert fast == tl
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=["fp64", "bf16"])
+def test_a_z_hook_returning_another_dtype_runs_on_as_under_tl_forward(av_karvonen, vectors, dtype):
+    """TL's attention casts z to W_O's dtype before the output projection, so a hook_z returning float64 (a head
+    scaled in double precision) runs on; the fast decoder's projection failed ("mat1 and mat2 must have the same
+    dtype")."""
+    def z_in(z, hook):
+        return z.to(dtype)
+
+    with av_karvonen.model.hooks(fwd_hooks=[("blocks.1.attn.hook_z", z_in)]):
+        fast = [o.tokens for o in av_karvonen.verbalize(vectors, max_new_tokens=MAX_NEW, progress=False)]
+        assert av_karvonen.fallback_reason is None
+        with av_karvonen.model.hooks(fwd_hooks=[(UNCOVERED, _no_op)]):
+            tl = [o.tokens for o in av_karvonen.verbalize(vectors, max_new_tokens=MAX_NEW, progress=False)]
+            assert UNCOVERED in av_karvonen.fallback_reason
+    assert fast == tl
+
+
 @pytest.mark.parametrize("edit", ["steer_resid_post", "ablate_head_z", "scale_mlp_post"])
 def test_editing_hook_in_the_ar_matches_tl_and_hf(ar_paper, tiny_paths, edit):
     ar = ar_paper
