@@ -275,6 +275,15 @@ def steering_hook(vector: Float[Tensor, " d_model"], scale: float, positions: Po
     return hook
 
 
+def _check_sites(base_model: TLModel, spec: PositionSpec, tokens: Int[Tensor, "batch pos"],
+                 attention_mask: Int[Tensor, "batch pos"] | None, name: str, use: str) -> None:
+    """Refuse a position spec that names a site outside a row or on its padding before any run, in errors that
+    name the argument (`name`) as the caller spells it."""
+    real = real_tokens(base_model, attention_mask, tokens)
+    resolve_positions(spec, torch.ones(tokens.shape[:2], dtype=torch.bool) if real is None else real.bool(),
+                      name=name, use=use)
+
+
 def _warn_patch_on_padding(base_model: TLModel, clean_tokens: Int[Tensor, "batch pos"],
                            corrupted_tokens: Int[Tensor, "batch pos"], attention_mask: Int[Tensor, "batch pos"] | None,
                            column: int) -> None:
@@ -352,8 +361,7 @@ def steer_then_verbalize(
     check_token_ids(base_model, tokens)
     real = real_tokens(base_model, attention_mask, tokens)
     if steer_positions is not None:  # a site outside a row or on its padding is refused before either run
-        resolve_positions(steer_positions, torch.ones(tokens.shape[:2], dtype=torch.bool) if real is None
-                          else real.bool(), name="steer_positions", use="steer")
+        _check_sites(base_model, steer_positions, tokens, attention_mask, "steer_positions", "steer")
     hook = (resid_post_name(steer_layer),
             steering_hook(vector[0], float(scale), steer_positions, None if real is None else real.long()))
     with torch.no_grad():
@@ -447,6 +455,8 @@ def patching_study(
     if not is_integer(patch_position) or not -width <= int(patch_position) < width:
         raise InputError(f"patch_position must be an int column in -{width}..{width - 1}, got {patch_position!r}")
     column = int(patch_position) % width
+    for tokens in (clean_tokens, corrupted_tokens):  # the capture's own errors would call it "positions"
+        _check_sites(base_model, capture_position, tokens, attention_mask, "capture_position", "read out")
     _warn_patch_on_padding(base_model, clean_tokens, corrupted_tokens, attention_mask, column)
     _warn_unaligned_rows(base_model, clean_tokens, corrupted_tokens, attention_mask, column)
     with torch.no_grad():
@@ -504,6 +514,9 @@ def _patch_hook_name(base_model: TLModel, activation_name: str, patch_layer: int
     """`get_act_name(activation_name, patch_layer)`, checked to be a hook point of `base_model` that takes writes,
     except for the embeddings, which TL names without a block (its `get_act_name("embed", 0)` says
     `blocks.0.hook_embed`, which no model has)."""
+    if not isinstance(activation_name, str):  # else a bare TypeError from the `in` tests below
+        raise InputError(f"activation_name must be the short name transformer_lens.utils.get_act_name takes (e.g. "
+                         f"'resid_pre', 'attn_out', 'mlp_out', 'z', 'embed'), got {activation_name!r}")
     if "." in activation_name or activation_name.startswith("hook_"):  # get_act_name would nest it in blocks.L.hook_
         short_name = _short_name_of(base_model, activation_name)
         fix = (f"activation_name={short_name[0]!r}, patch_layer={short_name[1]}" if short_name else

@@ -879,3 +879,20 @@ def test_clean_and_corrupted_rows_of_one_layout_or_one_mask_do_not_warn_of_colum
 
 def _real(base, row: torch.Tensor) -> int:
     return int((row != base.tokenizer.pad_token_id).sum())
+
+
+def test_patching_study_errors_name_capture_position_and_a_non_string_activation_name(base, nla):
+    """capture_position's errors called it "positions" (the capture's own word), and activation_name=None was a bare
+    TypeError ("argument of type 'NoneType' is not iterable")."""
+    clean, corrupted = equal_length_pair(base)
+    width = clean.shape[1]
+    with pytest.raises(nl.InputError, match=rf"^capture_position: position {width + 3} is outside row 0"):
+        nl.patching_study(base, nla, clean, corrupted, patch_layer=0, patch_position=1, capture_position=width + 3,
+                          **FAST)
+    with pytest.raises(nl.InputError, match=r"^capture_position must be an int, a non-empty list of ints"):
+        nl.patching_study(base, nla, clean, corrupted, patch_layer=0, patch_position=1, capture_position=True, **FAST)
+    for name in (None, 5):
+        with pytest.raises(nl.InputError, match=rf"^activation_name must be the short name .*, got {name!r}$"):
+            nl.patching_study(base, nla, clean, corrupted, patch_layer=0, patch_position=1, activation_name=name,
+                              **FAST)
+    assert no_hooks_left(base)
