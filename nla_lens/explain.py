@@ -156,10 +156,7 @@ def explain(nla: NLA, base: TLModel, text_or_texts: str | Sequence[str], *, posi
     """
     backends.backend_of(base)  # the text is tokenized with its tokenizer before explain_tokens checks it
     texts = _texts(text_or_texts)
-    tokenizer = _tokenizer(base)
-    if isinstance(nla, NLA):  # anything else is explain_tokens' InputError
-        check_bos_rule(tokenizer, nla.av.tokenizer)
-    rows, skip = text_rows(tokenizer, texts)
+    rows, skip = text_rows(_tokenizer(base), texts)
     return explain_tokens(nla, base, rows, positions=positions, skip=skip, texts=texts, baseline=baseline,
                           fwd_hooks=fwd_hooks, **verbalize_kwargs)
 
@@ -256,6 +253,7 @@ def explain_tokens(nla: NLA, base: TLModel, token_rows: Sequence[Sequence[int]] 
                          "alone, capture the vectors with nl.capture and call av.verbalize")
     layer = nla.layer
     check_base_model(base, nla, layer)
+    check_bos_rule(_tokenizer(base), nla.av.tokenizer)  # after the vocabularies: another family is named as such
     check_read_keywords(nla, verbalize_kwargs, "explain")
     fwd_hooks = check_fwd_hooks(fwd_hooks, base.hook_dict, "explain")
     token_rows = _rows_of(token_rows)
