@@ -145,16 +145,23 @@ def _hf_generate(folder, vectors, edit):
     return [row[:next((i + 1 for i, t in enumerate(row) if t == eos), len(row))] for row in rows]
 
 
-@pytest.mark.parametrize("edit", ["steer_resid_post", "ablate_head_z", "scale_mlp_post"])
-def test_editing_hook_gives_tl_and_hf_tokens(av_karvonen, tiny_paths, vectors, edit):
-    av = av_karvonen
-    tl_hooks, hf_hooks = _edits(av)[edit]
-    with av.model.hooks(fwd_hooks=tl_hooks):
+def _fast_and_tl_tokens(av, fwd_hooks, vectors) -> tuple[list, list]:
+    """The tokens `av` verbalizes under `fwd_hooks` on its fast decoder, then through TL's forward (an uncovered no-op
+    hook beside them forces the fallback), each path checked to be the one that ran."""
+    with av.model.hooks(fwd_hooks=fwd_hooks):
         fast = [o.tokens for o in av.verbalize(vectors, max_new_tokens=MAX_NEW, progress=False)]
         assert av.fallback_reason is None
         with av.model.hooks(fwd_hooks=[(UNCOVERED, _no_op)]):
             tl = [o.tokens for o in av.verbalize(vectors, max_new_tokens=MAX_NEW, progress=False)]
             assert UNCOVERED in av.fallback_reason
+    return fast, tl
+
+
+@pytest.mark.parametrize("edit", ["steer_resid_post", "ablate_head_z", "scale_mlp_post"])
+def test_editing_hook_gives_tl_and_hf_tokens(av_karvonen, tiny_paths, vectors, edit):
+    av = av_karvonen
+    tl_hooks, hf_hooks = _edits(av)[edit]
+    fast, tl = _fast_and_tl_tokens(av, tl_hooks, vectors)
     assert fast == tl == _hf_generate(tiny_paths["av_karvonen"], vectors, hf_hooks)
     assert fast != [o.tokens for o in av.verbalize(vectors, max_new_tokens=MAX_NEW, progress=False)]
 
@@ -165,12 +172,7 @@ def test_a_float32_steer_of_a_bf16_residual_runs_on_as_under_tl_forward(tiny_pat
     failed ("expected m1 and m2 to have the same dtype")."""
     av = nl.ActivationVerbalizer.from_pretrained(tiny_paths["av_karvonen"], dtype=torch.bfloat16)
     steer = _steer(av.meta.d_model)  # float32
-    with av.model.hooks(fwd_hooks=[("blocks.1.hook_resid_post", lambda r, hook: r + steer)]):
-        fast = [o.tokens for o in av.verbalize(vectors, max_new_tokens=MAX_NEW, progress=False)]
-        assert av.fallback_reason is None
-        with av.model.hooks(fwd_hooks=[(UNCOVERED, _no_op)]):
-            tl = [o.tokens for o in av.verbalize(vectors, max_new_tokens=MAX_NEW, progress=False)]
-            assert UNCOVERED in av.fallback_reason
+    fast, tl = _fast_and_tl_tokens(av, [("blocks.1.hook_resid_post", lambda r, hook: r + steer)], vectors)
     assert fast == tl
 
 
@@ -182,12 +184,7 @@ def test_a_z_hook_returning_another_dtype_runs_on_as_under_tl_forward(av_karvone
     def z_in(z, hook):
         return z.to(dtype)
 
-    with av_karvonen.model.hooks(fwd_hooks=[("blocks.1.attn.hook_z", z_in)]):
-        fast = [o.tokens for o in av_karvonen.verbalize(vectors, max_new_tokens=MAX_NEW, progress=False)]
-        assert av_karvonen.fallback_reason is None
-        with av_karvonen.model.hooks(fwd_hooks=[(UNCOVERED, _no_op)]):
-            tl = [o.tokens for o in av_karvonen.verbalize(vectors, max_new_tokens=MAX_NEW, progress=False)]
-            assert UNCOVERED in av_karvonen.fallback_reason
+    fast, tl = _fast_and_tl_tokens(av_karvonen, [("blocks.1.attn.hook_z", z_in)], vectors)
     assert fast == tl
 
 
