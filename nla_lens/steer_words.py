@@ -555,9 +555,10 @@ def _verbalize_sites(nla: NLA, base: TLModel, tokens: Tensor, rows: Tensor, cols
 
 def _warn_dropped_samples(said: Sequence[Verbalization], too_long: list[int], texts: list[list[str]], samples: int,
                           rows: Tensor, cols: Tensor) -> list[str]:
-    """Warn of each site whose Delta averages fewer explanations than `samples` asked for, and why; the summary's
-    "N samples per site" is the most any site kept."""
-    warned = []
+    """One warning naming the sites whose Delta averages fewer explanations than `samples` asked for, and why (the
+    summary's "N samples per site" is the most any site kept); one warning, not one a site: a run of hundreds of
+    sites would print hundreds."""
+    short = []
     for i, kept in enumerate(texts):
         if len(kept) == samples:
             continue
@@ -566,11 +567,16 @@ def _warn_dropped_samples(said: Sequence[Verbalization], too_long: list[int], te
         unread = sum(j // samples == i for j in too_long)
         why = ([f"{len(failed)} failed to parse{failed_parse_note(failed)}"] if failed else []) + (
             [f"{unread} make AR prompts over the AR's n_ctx"] if unread else [])
-        warned.append(f"{samples - len(kept)} of the AV's {samples} explanations of site {i} (row {int(rows[i])}, "
-                      f"column {int(cols[i])}) were dropped, {' and '.join(why)}: Delta averages the {len(kept)} "
-                      "left. Raise max_new_tokens, or pass explanations= yourself")
-        warnings.warn(warned[-1], stacklevel=4)
-    return warned
+        short.append(f"site {i} (row {int(rows[i])}, column {int(cols[i])}) dropped {samples - len(kept)}, "
+                     f"{' and '.join(why)}")
+    if not short:
+        return []
+    more = f"; and {len(short) - 5} more" if len(short) > 5 else ""
+    note = (f"{len(short)} of {counted(len(texts), 'site')} kept fewer than the AV's {samples} explanations: "
+            f"{'; '.join(short[:5])}{more}. Delta averages those left. Raise max_new_tokens, or pass explanations= "
+            "yourself")
+    warnings.warn(note, stacklevel=4)
+    return [note]
 
 
 def _check_site_residuals(vectors: Float[Tensor, "n d_model"], rows: Int[Tensor, " n"], cols: Int[Tensor, " n"],

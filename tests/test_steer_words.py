@@ -891,14 +891,30 @@ def test_samples_dropped_for_a_failed_parse_are_counted_in_a_warning_the_result_
     said = [nl.Verbalization(f"<explanation>{t}</explanation>", t, []) for t in TINY_LABELS[:2]]
     monkeypatch.setattr(nla.av, "verbalize", lambda vectors, **kw: [said[0], cut, said[1]])
     with pytest.warns(UserWarning, match=re.escape(
-            f"1 of the AV's 3 explanations of site 0 (row 0, column {tokens.shape[1] - 1}) were dropped, 1 failed to "
-            "parse (1 cut at max_new_tokens before </explanation>: verbalize with a larger one): Delta averages the "
-            "2 left")) as caught:
+            f"1 of 1 site kept fewer than the AV's 3 explanations: site 0 (row 0, column {tokens.shape[1] - 1}) "
+            "dropped 1, 1 failed to parse (1 cut at max_new_tokens before </explanation>: verbalize with a larger "
+            "one). Delta averages those left")) as caught:
         result = nl.steer_with_words(nla, base, tokens[:1], -1, attention_mask=mask[:1], samples=3,
                                      edit=lambda text: text + " the end", compare=False, continue_tokens=0)
     assert result.explanations == [TINY_LABELS[:2]]
     assert result.warnings == [str(w.message) for w in caught if "failed to parse" in str(w.message)]
     assert nl.read_result(result.save(tmp_path / "steer.parquet")).attrs["warnings"] == result.warnings
+
+
+def test_sites_that_dropped_samples_are_named_in_one_warning_the_first_five_then_counted(base, nla, monkeypatch):
+    """A warning a site printed hundreds for a run of hundreds of sites: one warning names the first five and counts
+    the rest."""
+    tokens, mask = padded(base, "left")
+    cut = nl.Verbalization("<explanation>the ca", None, [5] * 4, truncated=True)
+    kept = nl.Verbalization(f"<explanation>{TINY_LABELS[0]}</explanation>", TINY_LABELS[0], [])
+    monkeypatch.setattr(nla.av, "verbalize", lambda vectors, **kw: [kept, cut] * (len(vectors) // 2))
+    positions = list(range(tokens.shape[1]))[-7:]
+    with pytest.warns(UserWarning) as caught:
+        nl.steer_with_words(nla, base, tokens[:1], positions, attention_mask=mask[:1], samples=2,
+                            edit=lambda text: text + " the end", compare=False, continue_tokens=0)
+    said = [str(w.message) for w in caught if "kept fewer" in str(w.message)]
+    assert len(said) == 1 and said[0].startswith("7 of 7 sites kept fewer than the AV's 2 explanations: site 0 ")
+    assert "site 4 (row 0" in said[0] and "site 5 " not in said[0] and "; and 2 more. Delta averages" in said[0]
 
 
 def test_an_av_sample_that_retokenizes_past_the_ars_context_is_dropped_as_a_failed_parse(base, nla, monkeypatch):
@@ -913,8 +929,8 @@ def test_an_av_sample_that_retokenizes_past_the_ars_context_is_dropped_as_a_fail
     monkeypatch.setattr(nla.av, "verbalize", lambda vectors, **kw: [stray, cat][:len(vectors)])
     run = {"explanations": None, "compare": False, "continue_tokens": 0, "max_new_tokens": len(stray.tokens),
            "edit": lambda text: text.replace("cat", "dog")}
-    with pytest.warns(UserWarning, match=r"1 of the AV's 2 explanations of site 0 .* were dropped, 1 make AR "
-                                         r"prompts over the AR's n_ctx: Delta averages the 1 left"):
+    with pytest.warns(UserWarning, match=r"1 of 1 site kept fewer than the AV's 2 explanations: site 0 .* dropped 1, "
+                                         r"1 make AR prompts over the AR's n_ctx\. Delta averages those left"):
         result = steer(nla, base, tokens[:1], -1, mask[:1], samples=2, **run)
     assert result.explanations == [["the cat"]] and result.edited == [["the dog"]]
     expected = unit(nla.ar.reconstruct(["the dog"])) - unit(nla.ar.reconstruct(["the cat"]))
