@@ -230,8 +230,11 @@ def _texts(text_or_texts: object) -> list[str]:
     for i, text in enumerate(texts):
         if not isinstance(text, str):
             raise InputError(f"explain takes a str or a list of str; text {i} is {type(text).__name__}")
+        if not text:
+            raise InputError(f"text {i} is empty: pass non-empty texts to explain")
         if not text.strip():
-            raise InputError(f"text {i} is {text!r}: pass non-empty texts to explain")
+            raise InputError(f"text {i} is {text!r}, blank (whitespace only): pass texts with a non-space character "
+                             "to explain")
     return texts
 
 

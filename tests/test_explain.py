@@ -239,11 +239,20 @@ def test_a_base_tokenizer_with_another_bos_rule_than_the_nlas_is_a_pair_mismatch
 
 
 def test_explain_refuses_empty_texts_with_a_typed_error(base, nla):
-    for bad in ("", "   ", [], ["fine", ""]):
+    for bad in ("", [], ["fine", ""]):
         with pytest.raises(nl.InputError, match="non-empty"):
             nla.explain(base, bad)
-    with pytest.raises(nl.InputError, match=r"^text 1 is '  ': pass non-empty texts"):
-        nla.explain(base, ["fine", "  "])
+    with pytest.raises(nl.InputError, match=r"^text 1 is empty: pass non-empty texts"):
+        nla.explain(base, ["fine", ""])
+
+
+def test_explain_says_a_whitespace_only_text_is_blank_not_empty(base, nla):
+    """It said "pass non-empty texts" of '   ', which is not empty."""
+    for bad, i, blank in (("   ", 0, "   "), (["fine", "  "], 1, "  "), (["\n\t"], 0, "\n\t")):
+        with pytest.raises(nl.InputError, match=rf"^text {i} is {re.escape(repr(blank))}, blank \(whitespace only\): "
+                                                "pass texts with a non-space character") as info:
+            nla.explain(base, bad)
+        assert "non-empty" not in str(info.value)
 
 
 def test_explain_says_texts_are_str_and_what_it_got_instead(base, nla):
