@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
+import numpy as np
 import pyarrow as pa
 import torch
 from jaxtyping import Float, Int
@@ -36,7 +37,7 @@ from nla_lens.verbalizer import Verbalization
 if TYPE_CHECKING:
     from nla_lens.backends import TLModel
 
-ExplainPositions = int | Sequence[int] | slice | None
+ExplainPositions = int | Sequence[int] | slice | Int[Tensor, " k"] | np.ndarray | None
 
 
 @dataclass(frozen=True)
@@ -147,7 +148,8 @@ def explain(nla: NLA, base: TLModel, text_or_texts: str | Sequence[str], *, posi
             **verbalize_kwargs: Any) -> Explanation:
     """Explain `positions` (default: every token but the BOS the tokenizer puts first) of each text with `nla`.
 
-    `positions` is an int, a list of ints (negative counts from the end) or a slice, applied to every
+    `positions` is an int, a list of ints (negative counts from the end; also a 1-d integer tensor or NumPy
+    array, or a 0-d one such as an `argmax()`, as `nl.capture` takes them) or a slice, applied to every
     text; each text's rows come in token order, a position named twice once (`[5, 1]` gives rows 1, 5).
     `baseline` is the FVE baseline (default: as `NLA.round_trip` picks it, the AR sidecar's, else the paper
     baseline of the explained tokens' vectors when there are at least 32);
@@ -352,6 +354,16 @@ def _check_directions(vectors: Float[Tensor, "n d_model"], sites: Sequence[tuple
                           "positions out with positions=, or explain a run that leaves them their values")
 
 
+def _unwrapped(positions: ExplainPositions) -> ExplainPositions:
+    """A 0-d or 1-d integer tensor or NumPy array as the int or list of ints it holds (an `argmax()`, an index array,
+    as `nl.capture` takes them); anything else, a float or bool array among them, as given, for the checks to refuse."""
+    if not isinstance(positions, Tensor | np.ndarray) or positions.ndim > 1:
+        return positions
+    integral = (not positions.is_floating_point() and not positions.is_complex() and positions.dtype != torch.bool
+                if isinstance(positions, Tensor) else np.issubdtype(positions.dtype, np.integer))
+    return positions.tolist() if integral else positions
+
+
 def _slice_text(positions: slice) -> str:
     """A slice as it is written (`3:`, `2:10`, `::2`), not `slice(3, None, None)`."""
     parts = ["" if v is None else str(v) for v in (positions.start, positions.stop, positions.step)]
@@ -372,6 +384,7 @@ def select_positions(positions: ExplainPositions, length: int, skip: int = 0, te
     name the text as `text` says ("text 2 ('The cat sat')")."""
     if positions is None:
         return list(range(min(skip, length - 1), length))
+    positions = _unwrapped(positions)
     if isinstance(positions, slice):
         chosen = _sliced(positions, length)
     elif is_integer(positions):
@@ -380,8 +393,8 @@ def select_positions(positions: ExplainPositions, length: int, skip: int = 0, te
           and all(is_integer(p) for p in positions)):
         chosen = [int(p) for p in positions]
     else:
-        raise InputError(f"positions must be None (every token), an int, a non-empty list of ints or a slice; "
-                         f"got {positions!r}")
+        raise InputError(f"positions must be None (every token), an int, a non-empty list of ints (or a 1-d integer "
+                         f"tensor or array) or a slice; got {positions!r}")
     outside = [p for p in chosen if not -length <= p < length]
     if outside:
         raise InputError(f"position {outside[0]} is outside {text} of {counted(length, 'token')} (0..{length - 1}, or "

@@ -190,6 +190,25 @@ def test_explain_positions_take_numpy_integers_not_numpy_bools():
             select_positions(wrong, 5)
 
 
+def test_explain_positions_take_integer_tensors_and_arrays_as_capture_does(base, nla, monkeypatch):
+    """A 1-d integer tensor or NumPy array and a 0-d one (an argmax) were refused as 'positions must be', though
+    nl.capture takes them; float and bool ones stay refused."""
+    for given in (torch.tensor([3, -1]), np.array([3, -1]), torch.tensor([3, -1], dtype=torch.int32),
+                  np.array([3, -1], dtype=np.int16)):
+        assert select_positions(given, 5) == [3, 4]
+    assert select_positions(torch.tensor([0.1, 0.2, 0.3, 0.4, 4.0]).argmax(), 5) == [4]
+    assert select_positions(np.array(-2), 5) == [3]
+    for wrong in (torch.tensor([1.0]), torch.tensor([True]), torch.tensor(2.0), torch.tensor([[1, 2]]),
+                  np.array([1.0]), np.array([True]), np.array(True), torch.tensor([], dtype=torch.long)):
+        with pytest.raises(nl.InputError, match=r"^positions must be None \(every token\), an int, a non-empty list"):
+            select_positions(wrong, 5)
+    distinct_readouts(nla.av, monkeypatch)
+    listed = nla.explain(base, TEXTS, positions=[0, -1], baseline=0.8, **FAST)
+    tensor = nla.explain(base, TEXTS, positions=torch.tensor([0, -1]), baseline=0.8, **FAST)
+    assert [(r.text_index, r.position) for r in tensor.rows] == [(r.text_index, r.position) for r in listed.rows]
+    assert len(tensor.rows) == 4
+
+
 @pytest.mark.parametrize("positions", [slice(None, None, 0), slice(1.0, None), slice("a", None)])
 def test_a_slice_of_positions_with_step_zero_or_non_int_bounds_is_an_input_error(positions):
     """A step of 0 raised Python's bare ValueError, a float or str bound its TypeError, from inside select_positions."""
