@@ -428,7 +428,8 @@ class NLA:
         with its explanation, round-trip MSE and FVE. Runs `base` under any hooks you have installed, plus
         `fwd_hooks`.
 
-        `positions`: an int, a list of ints (negative from each text's end) or a slice, for every text; each
+        `positions`: an int, a list of ints (negative from each text's end; or a 0-d / 1-d integer tensor or NumPy
+        array) or a slice, for every text; each
         text's rows come in token order. `baseline`: the FVE baseline (default: as `round_trip` picks it, the AR
         sidecar's, else the paper baseline of the explained tokens' vectors when there are at least 32). Other
         keywords go to `verbalize` (`max_new_tokens`, `batch_size`, ...). This is `nla_lens.explain.explain`."""
