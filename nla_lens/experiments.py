@@ -41,7 +41,7 @@ from nla_lens.capture import (
 from nla_lens.checks import check_finite, counted, first_five, is_integer
 from nla_lens.errors import InputError, VectorError
 from nla_lens.injection import HookFn, check_vectors, directionless_rows
-from nla_lens.nla import NLA, RoundTrip, baseline_phrase, check_read_keywords
+from nla_lens.nla import NLA, RoundTrip, baseline_phrase, check_read_keywords, nla_type_name
 from nla_lens.results import TabularResult
 from nla_lens.verbalizer import ActivationVerbalizer, Verbalization
 
@@ -696,7 +696,7 @@ def _verbalizer(nla_or_av: NLA | ActivationVerbalizer) -> ActivationVerbalizer:
         return nla_or_av.av
     if isinstance(nla_or_av, ActivationVerbalizer):
         return nla_or_av
-    raise InputError(f"expected an NLA or an ActivationVerbalizer, got {type(nla_or_av).__name__}")
+    raise InputError(f"expected an NLA or an ActivationVerbalizer, got {nla_type_name(nla_or_av)}")
 
 
 def _check_reaches(base_model: TLModel, layer: int, capture_layer: int, name: str) -> int:

@@ -28,7 +28,7 @@ from nla_lens.checks import check_fwd_hooks, counted, first_five, is_integer
 from nla_lens.errors import InputError, PairMismatchError, PromptTooLongError, VectorError
 from nla_lens.injection import directionless_rows
 from nla_lens.loading import prepends_bos
-from nla_lens.nla import NLA, RoundTrip, baseline_phrase, check_read_keywords
+from nla_lens.nla import NLA, RoundTrip, baseline_phrase, check_read_keywords, nla_type_name
 from nla_lens.parsing import failed_parse_note
 from nla_lens.results import TabularResult
 from nla_lens.sidecar import text_ids
@@ -254,7 +254,7 @@ def explain_tokens(nla: NLA, base: TLModel, token_rows: Sequence[Sequence[int]] 
     `base.to_tokens(text)`); `skip[i]` leading tokens of row i are left out when `positions` is None (a BOS the
     tokenizer added)."""
     if not isinstance(nla, NLA):  # an AV alone has no AR to score with: an AttributeError further down
-        raise InputError(f"explain needs an NLA (AV and AR: nl.NLA(av, ar)), got {type(nla).__name__}; with an AV "
+        raise InputError(f"explain needs an NLA (AV and AR: nl.NLA(av, ar)), got {nla_type_name(nla)}; with an AV "
                          "alone, capture the vectors with nl.capture and call av.verbalize")
     layer = nla.layer
     check_base_model(base, nla, layer)

@@ -22,7 +22,7 @@ from nla_lens import display
 from nla_lens.base_model import check_base_model
 from nla_lens.checks import check_counts, counted
 from nla_lens.errors import InputError, VectorError
-from nla_lens.nla import NLA, check_read_keywords
+from nla_lens.nla import NLA, check_read_keywords, nla_type_name
 from nla_lens.results import TabularResult
 from nla_lens.sae import (
     ResidualStats,
@@ -214,7 +214,7 @@ def feature_card(
     """
     av = nla.av if isinstance(nla, NLA) else nla
     if not isinstance(av, ActivationVerbalizer):
-        raise InputError(f"nla must be an NLA or an ActivationVerbalizer, got {type(nla).__name__}: call "
+        raise InputError(f"nla must be an NLA or an ActivationVerbalizer, got {nla_type_name(nla)}: call "
                          "nl.feature_card(sae, base, texts, feature, nla), the SAE first and the NLA fifth "
                          "(nl.verbalize_sae_features takes the NLA first)")
     hook_name = check_sae_reads_layer(sae, av.meta.layer, av.meta.d_model, allow_other_hook=allow_other_hook)

@@ -134,6 +134,15 @@ def check_read_keywords(nla_or_av: NLA | ActivationVerbalizer, keywords: Iterabl
     check_keywords(keywords, accepted, where, passed_to)
 
 
+def nla_type_name(got: object) -> str:
+    """`got`'s type for the error of an entry point that takes an NLA; the bundled toy (`nl.toy.load()`), which holds
+    an AV and an AR without being an NLA, is pointed to its `.nla`."""
+    name = type(got).__name__
+    holds_pair = (isinstance(getattr(got, "av", None), ActivationVerbalizer)
+                  and isinstance(getattr(got, "ar", None), ActivationReconstructor))
+    return f"{name} (the bundled toy, not an NLA itself: pass toy.nla)" if holds_pair else name
+
+
 MIN_BASELINE_VECTORS = 32  # fewer vectors than this give a paper baseline too noisy to divide by
 
 

@@ -43,6 +43,7 @@ from nla_lens.nla import (
     NLA,
     check_read_keywords,
     directionless_warning,
+    nla_type_name,
     ran_on_warning,
     rows_the_ar_reads,
     scored_misses,
@@ -523,7 +524,7 @@ def verbalize_sae_features(
     nla = av_or_nla if isinstance(av_or_nla, NLA) else None
     av = nla.av if nla is not None else av_or_nla
     if not isinstance(av, ActivationVerbalizer):
-        raise InputError(f"av_or_nla must be an ActivationVerbalizer or an NLA, got {type(av_or_nla).__name__}: call "
+        raise InputError(f"av_or_nla must be an ActivationVerbalizer or an NLA, got {nla_type_name(av_or_nla)}: call "
                          "nl.verbalize_sae_features(nla, sae, features), the NLA first (nl.feature_card takes it "
                          "fifth: (sae, base, texts, feature, nla))")
     hook_name = check_sae_reads_layer(sae, av.meta.layer, av.meta.d_model, allow_other_hook=allow_other_hook)

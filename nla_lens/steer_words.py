@@ -67,7 +67,7 @@ from nla_lens.checks import (
 from nla_lens.display import format_cell, format_number
 from nla_lens.errors import InputError, PairMismatchError, PromptTooLongError, VectorError
 from nla_lens.injection import HookFn, check_vectors, directionless_rows, prescaled, unit
-from nla_lens.nla import NLA, rows_the_ar_reads
+from nla_lens.nla import NLA, nla_type_name, rows_the_ar_reads
 from nla_lens.parsing import failed_parse_note
 from nla_lens.reconstructor import ActivationReconstructor
 from nla_lens.results import TabularResult
@@ -410,7 +410,7 @@ def describe_difference(nla_or_av: NLA | ActivationVerbalizer, a: Float[Tensor, 
     only the difference must have one: a or b may be zero (b = 0 reads a itself), a row where a equals b is refused."""
     if not isinstance(nla_or_av, (NLA, ActivationVerbalizer)):
         raise InputError(f"describe_difference reads a - b with an NLA or an ActivationVerbalizer, got "
-                         f"{type(nla_or_av).__name__}")
+                         f"{nla_type_name(nla_or_av)}")
     av = nla_or_av.av if isinstance(nla_or_av, NLA) else nla_or_av
     d = av.meta.d_model
     a = check_vectors(a, d, "a", zero_ok=True, as_float32=True)
@@ -440,7 +440,7 @@ def _cosine(a: Float[Tensor, "n d_model"], b: Float[Tensor, "n d_model"]) -> Flo
 def _check_inputs(nla: NLA, base: TLModel, tokens: Tensor, layer: int | None, alpha: float, mode: str,
                   compare: bool, continue_tokens: int) -> None:
     if not isinstance(nla, NLA):
-        raise InputError(f"steer_with_words needs an NLA (AV + AR), got {type(nla).__name__}")
+        raise InputError(f"steer_with_words needs an NLA (AV + AR), got {nla_type_name(nla)}")
     backends.backend_of(base)
     k = nla.ar.meta.layer
     if layer is not None and not is_integer(layer):

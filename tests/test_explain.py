@@ -217,6 +217,27 @@ def test_a_slice_of_positions_with_step_zero_or_non_int_bounds_is_an_input_error
         select_positions(positions, 5)
 
 
+def test_entry_points_given_the_bundled_toy_itself_say_to_pass_toy_nla(toy):
+    """Each said "got ToyNLA" and no more, though the toy holds the NLA they want as `toy.nla`."""
+    tokens = toy.base.to_tokens("the king is dead")
+    d = toy.av.meta.d_model
+    calls = {
+        "explain": lambda: nl.explain(toy, toy.base, "the king is dead"),
+        "explain_tokens": lambda: explain_tokens(toy, toy.base, tokens),
+        "steer_with_words": lambda: nl.steer_with_words(toy, toy.base, tokens, -1, edit="queen"),
+        "describe_difference": lambda: nl.describe_difference(toy, torch.ones(1, d), torch.zeros(1, d)),
+        "steer_then_verbalize": lambda: nl.steer_then_verbalize(toy.base, toy, tokens, steering_vector=torch.ones(d),
+                                                                scale=1.0, steer_layer=0),
+        "patching_study": lambda: nl.patching_study(toy.base, toy, tokens, tokens, patch_layer=0, patch_position=-1),
+        "verbalize_direction": lambda: nl.verbalize_direction(toy, torch.ones(1, d)),
+    }
+    for call in calls.values():
+        with pytest.raises(nl.InputError, match=r"got ToyNLA \(the bundled toy, not an NLA itself: pass toy\.nla\)"):
+            call()
+    with pytest.raises(nl.InputError, match=r"got int$"):  # anything else is named by its type alone
+        nl.steer_with_words(3, toy.base, tokens, -1, edit="queen")
+
+
 def test_a_position_outside_a_one_token_text_counts_one_token_in_words():
     """It said "outside text 0 ('x') of 1 tokens"."""
     with pytest.raises(nl.InputError, match=re.escape("position 2 is outside text 0 ('x') of 1 token (0..0, or -1")):

@@ -141,6 +141,17 @@ def test_sae_helpers_name_arguments_of_the_wrong_kind_or_order(toy):
 
 
 @NEEDS_SAE_LENS
+def test_sae_helpers_given_the_bundled_toy_itself_say_to_pass_toy_nla(toy):
+    """Both said "got ToyNLA" and no more, though the toy holds the NLA they take as `toy.nla`."""
+    sae = make_sae(128, 32, f"blocks.{toy.av.meta.layer}.hook_resid_post")
+    toy_hint = r"got ToyNLA \(the bundled toy, not an NLA itself: pass toy\.nla\): call "
+    with pytest.raises(nl.InputError, match=toy_hint + r"nl\.verbalize_sae_features"):
+        nl.verbalize_sae_features(toy, sae, [12])
+    with pytest.raises(nl.InputError, match=toy_hint + r"nl\.feature_card"):
+        nl.feature_card(sae, toy.base, TOY_TEXTS, 12, toy)
+
+
+@NEEDS_SAE_LENS
 @pytest.mark.parametrize("features", [[12], [12, 40], torch.tensor([12]), np.array([12])])
 def test_a_card_given_a_list_of_features_says_it_draws_one(toy, features):
     """verbalize_sae_features takes a list, so a list is what the next call gets; it was "feature ids [[12]] are
