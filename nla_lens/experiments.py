@@ -13,9 +13,8 @@ from __future__ import annotations
 import difflib
 import re
 import string
-import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 import pyarrow as pa
@@ -41,7 +40,7 @@ from nla_lens.capture import (
 from nla_lens.checks import check_finite, counted, first_five, is_integer
 from nla_lens.errors import InputError, VectorError
 from nla_lens.injection import HookFn, check_vectors, directionless_rows
-from nla_lens.nla import NLA, RoundTrip, baseline_phrase, check_read_keywords, nla_type_name
+from nla_lens.nla import NLA, RoundTrip, baseline_phrase, check_read_keywords, nla_type_name, warn_at_caller
 from nla_lens.results import TabularResult
 from nla_lens.verbalizer import ActivationVerbalizer, Verbalization
 
@@ -97,6 +96,9 @@ class SteeringResult(TabularResult):
         layer: the layer read out (blocks.{layer}.hook_resid_post).
         steer_layer: scale * steering_vector was added at blocks.{steer_layer}.hook_resid_post.
         scale: the multiple of the steering vector added.
+        warnings: what the study warned of (steering that changed nothing, another layer than the NLA's), then the
+            round trip's warnings (without an AR, the AV's), kept so the repr, the view and a saved `.parquet`
+            still say them.
     """
 
     rows: list[SteeringRow]
@@ -106,6 +108,7 @@ class SteeringResult(TabularResult):
     layer: int
     steer_layer: int
     scale: float
+    warnings: list[str] = field(default_factory=list)
 
     display_columns = ("batch", "position", "token", "clean", "steered", "added", "removed", "cosine",
                        "fve_clean", "fve_steered")
@@ -115,7 +118,7 @@ class SteeringResult(TabularResult):
                         "fve_clean": pa.float64(), "fve_steered": pa.float64(), "clean_miss": pa.bool_(),
                         "steered_miss": pa.bool_(), "layer": pa.int64(),
                         "steer_layer": pa.int64(), "scale": pa.float64()})
-    warnings_at = "round_trip.warnings"
+    warnings_at = "warnings"
 
     def to_records(self) -> list[dict[str, Any]]:
         return [{"batch": r.batch, "position": r.position, "token": r.token, "clean": _readout(r.clean),
@@ -172,6 +175,9 @@ class PatchingStudy(TabularResult):
         round_trip: over clean, corrupted, patched vectors; None without an AR.
         patch_position: the patched column (query row of an attention pattern), >= 0.
         layer: the layer read out (blocks.{layer}.hook_resid_post).
+        warnings: what the study warned of (a patch column on padding, rows whose real tokens sit in different
+            columns, another layer than the NLA's), then the round trip's warnings (without an AR, the AV's), kept so
+            the repr, the view and a saved `.parquet` still say them.
     """
 
     rows: list[PatchingRow]
@@ -182,13 +188,14 @@ class PatchingStudy(TabularResult):
     round_trip: RoundTrip | None
     patch_position: int
     layer: int
+    warnings: list[str] = field(default_factory=list)
 
     display_columns = ("run", "batch", "position", "token", "explanation", "cosine_to_clean", "fve")
     schema = pa.schema({"run": pa.string(), "batch": pa.int64(), "position": pa.int64(), "token": pa.string(),
                         "explanation": pa.string(), "parsed": pa.bool_(), "cosine_to_clean": pa.float64(),
                         "fve": pa.float64(), "miss": pa.bool_(), "patched": pa.string(), "patch_position": pa.int64(),
                         "layer": pa.int64()})
-    warnings_at = "round_trip.warnings"
+    warnings_at = "warnings"
 
     def to_records(self) -> list[dict[str, Any]]:
         return [{"run": r.run, "batch": r.batch, "position": r.position, "token": r.token,
@@ -286,7 +293,7 @@ def _check_sites(base_model: TLModel, spec: PositionSpec, tokens: Int[Tensor, "b
 
 def _warn_patch_on_padding(base_model: TLModel, clean_tokens: Int[Tensor, "batch pos"],
                            corrupted_tokens: Int[Tensor, "batch pos"], attention_mask: Int[Tensor, "batch pos"] | None,
-                           column: int) -> None:
+                           column: int) -> list[str]:
     """Warn where the patch column is padding in a row (TL's column rule, kept for sweeps): padding in the
     corrupted row leaves its patched vector silently the corrupted one; in the clean row, a pad's
     activation is written into a real token."""
@@ -295,33 +302,35 @@ def _warn_patch_on_padding(base_model: TLModel, clean_tokens: Int[Tensor, "batch
         real = real_tokens(base_model, attention_mask, tokens)
         if real is not None:
             padded |= set((~real[:, column]).nonzero().flatten().tolist())
-    if padded:
-        warnings.warn(f"patch_position {column} is padding in rows {sorted(padded)} of the clean or corrupted "
-                      "tokens: there the patch either cannot reach the row's real tokens (its patched vector is "
-                      "the corrupted one) or writes a pad's activation into one. Patch a column that is a real "
-                      "token in every row (e.g. left-pad the prompts and patch -1)", stacklevel=3)
+    if not padded:
+        return []
+    return _warn_kept(f"patch_position {column} is padding in rows {sorted(padded)} of the clean or corrupted tokens: "
+                      "there the patch either cannot reach the row's real tokens (its patched vector is the corrupted "
+                      "one) or writes a pad's activation into one. Patch a column that is a real token in every row "
+                      "(e.g. left-pad the prompts and patch -1)")
 
 
 def _warn_unaligned_rows(base_model: TLModel, clean_tokens: Int[Tensor, "batch pos"],
                          corrupted_tokens: Int[Tensor, "batch pos"], attention_mask: Int[Tensor, "batch pos"] | None,
-                         column: int) -> None:
+                         column: int) -> list[str]:
     """Warn where a clean and a corrupted row hold their real tokens in different columns: prompts of different
     token lengths padded to one shape pass the shape check, but the patch copies column to column, so in such a
     row it writes one token's activation into another token's position. One `attention_mask` marks both alike."""
     if attention_mask is not None:
-        return
+        return []
     clean_real = real_tokens(base_model, None, clean_tokens)
     corrupted_real = real_tokens(base_model, None, corrupted_tokens)
     if clean_real is None or corrupted_real is None:
-        return
+        return []
     rows = (clean_real != corrupted_real).any(dim=1).nonzero().flatten().tolist()
-    if rows:
-        lengths = first_five(rows, lambda r: f"row {r}: {int(clean_real[r].sum())} vs {int(corrupted_real[r].sum())}")
-        warnings.warn(f"the clean and corrupted tokens hold their real tokens in different columns in rows {rows} "
-                      f"(real tokens, clean vs corrupted: {lengths}): prompts of different token "
-                      f"lengths padded to one shape. The patch copies column {column} of each clean row into the same "
-                      "column of the corrupted row, which there is another token's position; pick prompts of equal "
-                      "token length in every row (swap words that are one token each)", stacklevel=3)
+    if not rows:
+        return []
+    lengths = first_five(rows, lambda r: f"row {r}: {int(clean_real[r].sum())} vs {int(corrupted_real[r].sum())}")
+    return _warn_kept(f"the clean and corrupted tokens hold their real tokens in different columns in rows {rows} "
+                      f"(real tokens, clean vs corrupted: {lengths}): prompts of different token lengths padded to "
+                      f"one shape. The patch copies column {column} of each clean row into the same column of the "
+                      "corrupted row, which there is another token's position; pick prompts of equal token length in "
+                      "every row (swap words that are one token each)")
 
 
 def steer_then_verbalize(
@@ -350,7 +359,7 @@ def steer_then_verbalize(
     av = _verbalizer(nla_or_av)
     check_read_keywords(nla_or_av, verbalize_kwargs, "steer_then_verbalize")
     check_base_model(base_model, nla_or_av, av.meta.layer)
-    layer = _capture_layer(base_model, av, capture_layer)
+    layer, notes = _capture_layer(base_model, av, capture_layer)
     d_model = base_model.cfg.d_model
     if isinstance(steering_vector, Tensor) and tuple(steering_vector.shape) not in ((d_model,), (1, d_model)):
         raise VectorError(f"steering_vector must be one [d_model] = [{d_model}] vector (it is added to the base "
@@ -370,11 +379,11 @@ def steer_then_verbalize(
     steer_norm = abs(float(scale)) * float(vector.cpu().double().norm())  # float64 on the CPU: MPS has none
     _check_runs_finite(base_model, layer, clean, steered, steer_norm)
     if float(scale) != 0 and torch.equal(clean.vectors, steered.vectors):
-        warnings.warn(f"the steering changed no captured residual: the steered run's layer-{layer} vectors equal the "
-                      "clean run's at every site. Steering at tokens after the captured positions cannot reach them "
-                      f"(attention is causal), and scale * steering_vector (norm {steer_norm:.3g}) below the "
-                      "residual's rounding adds nothing; steer at or before the captured tokens, or raise scale",
-                      stacklevel=2)
+        notes += _warn_kept(
+            f"the steering changed no captured residual: the steered run's layer-{layer} vectors equal the clean run's "
+            "at every site. Steering at tokens after the captured positions cannot reach them (attention is causal), "
+            f"and scale * steering_vector (norm {steer_norm:.3g}) below the residual's rounding adds nothing; steer "
+            "at or before the captured tokens, or raise scale")
     n = len(clean.rows)
     verbalizations, fves, misses, round_trip = _read(
         nla_or_av, [("clean", clean), ("steered", steered)], baseline, verbalize_kwargs)
@@ -386,7 +395,8 @@ def steer_then_verbalize(
         added, removed = word_diff(_readout(before), _readout(after))
         rows.append(SteeringRow(site.batch, site.position, site.token, before, after, added, removed,
                                 cosines[i], fves[i], fves[n + i], misses[i], misses[n + i]))
-    return SteeringResult(rows, clean.vectors, steered.vectors, round_trip, layer, steer_layer, float(scale))
+    return SteeringResult(rows, clean.vectors, steered.vectors, round_trip, layer, steer_layer, float(scale),
+                          _kept_warnings(notes, verbalizations, round_trip))
 
 
 def _check_runs_finite(base_model: TLModel, layer: int, clean: Capture, steered: Capture, steer_norm: float) -> None:
@@ -441,7 +451,7 @@ def patching_study(
     av = _verbalizer(nla_or_av)
     check_read_keywords(nla_or_av, verbalize_kwargs, "patching_study")
     check_base_model(base_model, nla_or_av, av.meta.layer)
-    layer = _capture_layer(base_model, av, capture_layer)
+    layer, notes = _capture_layer(base_model, av, capture_layer)
     check_token_ids(base_model, clean_tokens, "clean_tokens")
     check_token_ids(base_model, corrupted_tokens, "corrupted_tokens")
     if clean_tokens.shape != corrupted_tokens.shape or clean_tokens.ndim != 2:
@@ -457,8 +467,8 @@ def patching_study(
     column = int(patch_position) % width
     for tokens in (clean_tokens, corrupted_tokens):  # the capture's own errors would call it "positions"
         _check_sites(base_model, capture_position, tokens, attention_mask, "capture_position", "read out")
-    _warn_patch_on_padding(base_model, clean_tokens, corrupted_tokens, attention_mask, column)
-    _warn_unaligned_rows(base_model, clean_tokens, corrupted_tokens, attention_mask, column)
+    notes += _warn_patch_on_padding(base_model, clean_tokens, corrupted_tokens, attention_mask, column)
+    notes += _warn_unaligned_rows(base_model, clean_tokens, corrupted_tokens, attention_mask, column)
     with torch.no_grad():
         clean_mask = (backends.implicit_attention_mask(base_model, clean_tokens) if attention_mask is None
                       else attention_mask)
@@ -483,7 +493,7 @@ def patching_study(
                                     replace(verbalizations[k * n + i], index=i), fves[k * n + i], cosines[i],
                                     misses[k * n + i]))
     return PatchingStudy(rows, hook_name, clean.vectors, corrupted.vectors, patched.vectors, round_trip,
-                         column, layer)
+                         column, layer, _kept_warnings(notes, verbalizations, round_trip))
 
 
 _BEFORE_BLOCKS = ("embed", "pos_embed")  # hook_embed / hook_pos_embed: model-level, before block 0
@@ -676,19 +686,31 @@ def _name_run_sites(rows: Sequence[int], sites: Sequence[tuple[str, CapturedRow]
     return first_five(rows, site)
 
 
-def _capture_layer(base_model: TLModel, av: ActivationVerbalizer, capture_layer: int | None) -> int:
+def _capture_layer(base_model: TLModel, av: ActivationVerbalizer, capture_layer: int | None) -> tuple[int, list[str]]:
     """The layer to read out: the NLA's, or `capture_layer` with a warning (as `nla-lens --layer` warns), since the
-    AV was trained on its own layer's vectors and the AR's baseline is that layer's."""
+    AV was trained on its own layer's vectors and the AR's baseline is that layer's; and the warning, if any."""
     if capture_layer is None:
-        return av.meta.layer
+        return av.meta.layer, []
     capture_layer = check_block(base_model, capture_layer, "capture_layer")
     if capture_layer == av.meta.layer:
-        return capture_layer
-    warnings.warn(f"capture_layer={capture_layer} differs from layer {av.meta.layer}, the one this NLA was trained to "
-                  "read (its sidecar): explanations of other layers are off-distribution, and FVEs against the AR "
-                  f"sidecar's baseline are that layer's. Leave capture_layer out to read layer {av.meta.layer}",
-                  stacklevel=3)
-    return capture_layer
+        return capture_layer, []
+    return capture_layer, _warn_kept(
+        f"capture_layer={capture_layer} differs from layer {av.meta.layer}, the one this NLA was trained to read (its "
+        "sidecar): explanations of other layers are off-distribution, and FVEs against the AR sidecar's baseline are "
+        f"that layer's. Leave capture_layer out to read layer {av.meta.layer}")
+
+
+def _warn_kept(message: str) -> list[str]:
+    """`message` emitted at the user's line and returned, for the result to keep: a notebook's repr and view and a
+    saved `.parquet` then still say it, as they say the round trip's warnings."""
+    warn_at_caller(message)
+    return [message]
+
+
+def _kept_warnings(notes: list[str], verbalizations: list[Verbalization], round_trip: RoundTrip | None) -> list[str]:
+    """A study's own warnings, then its read-out's: the round trip's, or without an AR what `verbalize` warned of."""
+    read = getattr(verbalizations, "warnings", []) if round_trip is None else round_trip.warnings
+    return [*notes, *read]
 
 
 def _verbalizer(nla_or_av: NLA | ActivationVerbalizer) -> ActivationVerbalizer:

@@ -683,12 +683,12 @@ def test_a_studys_round_trip_warnings_are_counted_where_its_repr_and_view_show_i
     steered = nl.steer_then_verbalize(base, nla, tokens[:1], steering_vector=steer, scale=0.0, steer_layer=0, **FAST)
     assert len(steered.round_trip.warnings) == 1  # two vectors: no baseline
     assert repr(steered).splitlines()[0].endswith("1 site, 0 readouts changed by steering; no FVE (no baseline: "
-                                                  "pass baseline=); 1 warning (.round_trip.warnings)")
-    assert "1 warning (.round_trip.warnings)" in steered._repr_html_()
+                                                  "pass baseline=); 1 warning (.warnings)")
+    assert "1 warning (.warnings)" in steered._repr_html_()
     clean_tokens, corrupted_tokens = equal_length_pair(base)
     study = nl.patching_study(base, nla, clean_tokens[:1], corrupted_tokens[:1], patch_layer=0, patch_position=0,
                               **FAST)
-    assert repr(study).splitlines()[0].endswith("; 1 warning (.round_trip.warnings)")
+    assert repr(study).splitlines()[0].endswith("; 1 warning (.warnings)")
     av_only = nl.patching_study(base, av_karvonen, clean_tokens[:1], corrupted_tokens[:1], patch_layer=0,
                                 patch_position=0, **FAST)
     assert av_only.round_trip is None and "warning" not in repr(av_only) + av_only._repr_html_()
@@ -708,6 +708,31 @@ def test_a_saved_study_keeps_its_round_trips_warnings(base, nla, av_karvonen, st
     av_only = nl.patching_study(base, av_karvonen, clean_tokens[:1], corrupted_tokens[:1], patch_layer=0,
                                 patch_position=0, **FAST)
     assert nl.read_result(av_only.save(tmp_path / "av_only.parquet")).attrs["warnings"] == []
+
+
+@pytest.mark.parametrize("use_nla", [True, False], ids=["nla", "av-only"])
+def test_a_studys_own_warnings_are_kept_on_the_result_and_in_its_saved_file(base, nla, av_karvonen, steer, tmp_path,
+                                                                             use_nla):
+    """What the studies warned of themselves (a patch column on padding, rows of different token lengths, steering
+    that changed nothing, another layer than the NLA's) was emitted once and kept nowhere: `.warnings` held the round
+    trip's alone, so a notebook's view and a saved .parquet said nothing of it."""
+    reader = nla if use_nla else av_karvonen
+    tokens, mask = padded(base, "left")
+    with pytest.warns(UserWarning) as seen:
+        steered = nl.steer_then_verbalize(base, reader, tokens, attention_mask=mask, steering_vector=steer, scale=5.0,
+                                          steer_layer=1, positions=-3, steer_positions=-1, capture_layer=1, **FAST)
+        study = nl.patching_study(base, reader, tokens, tokens.flip(0), patch_layer=0, patch_position=0, **FAST)
+    emitted = [str(w.message) for w in seen]
+    read = [] if not use_nla else steered.round_trip.warnings
+    assert steered.warnings[:2] == emitted[:2] and steered.warnings[2:] == read
+    assert steered.warnings[0].startswith("capture_layer=1 differs") and "changed no captured" in steered.warnings[1]
+    read = [] if not use_nla else study.round_trip.warnings
+    assert study.warnings[:2] == emitted[2:] and study.warnings[2:] == read
+    assert "is padding in rows" in study.warnings[0] and "different columns" in study.warnings[1]
+    for name, result in (("steered", steered), ("study", study)):
+        saved = nl.read_result(result.save(tmp_path / f"{name}.parquet"))
+        assert saved.attrs["warnings"] == result.warnings
+        assert f"{len(result.warnings)} warnings (.warnings)" in repr(result).splitlines()[0]
 
 
 def test_a_bridge_hook_name_for_activation_name_is_answered_with_its_tl_short_name(base, nla):
