@@ -28,7 +28,7 @@ from nla_lens.checks import (
 )
 from nla_lens.cli import in_flags
 from nla_lens.cli_checks import base_for, nla_checkpoint
-from nla_lens.display import format_number
+from nla_lens.display import format_cell, format_number
 from nla_lens.distributed import World
 from nla_lens.errors import InputError, PromptTooLongError
 from nla_lens.sharded import Sampling
@@ -229,7 +229,11 @@ def _run_verbalize(args: argparse.Namespace) -> None:
                              "one process")
         av_tokenizer = loading.checkpoint_tokenizer(av_folder, meta, "av")  # the base is checked against it
         base, base_tokenizer = base_for(args.base, meta, av_tokenizer, args.layer)
-        _check_text_fits(text_ids(base_tokenizer, args.text), _config_context(base))  # capture_text checks it again
+        from nla_lens.explain import bos_skip, select_positions
+
+        row = text_ids(base_tokenizer, args.text)
+        _check_text_fits(row, _config_context(base))  # capture_text checks it again
+        select_positions(None, len(row), bos_skip(base_tokenizer, row), text=f"--text {format_cell(args.text, 30)!r}")
         layer = meta.layer if args.layer is None else args.layer
         table = capture_text(base, base_tokenizer, layer, args.text, args.device, args.dtype)
         if table.columns.column("position")[0].as_py() > 0:
@@ -252,7 +256,7 @@ def _run_verbalize(args: argparse.Namespace) -> None:
         write_table(sharded.output_rows(table, range(len(out)), out), args.output)
         print(f"wrote {counted(len(out), 'row')} to {args.output}")
         return
-    from nla_lens.display import format_cell, unparsed_text, visible_token
+    from nla_lens.display import unparsed_text, visible_token
 
     tokens = table.columns.column("token").to_pylist() if "token" in table.columns.column_names else None
     # A --text row is its token's position in the text; an --input row, the input row.
@@ -505,7 +509,7 @@ def nla_and_base_folders(args: argparse.Namespace) -> NLAFolders:
 
 
 def _run_explain(args: argparse.Namespace) -> None:
-    from nla_lens.display import format_cell, unparsed_text, visible_token
+    from nla_lens.display import unparsed_text, visible_token
     from nla_lens.explain import check_rows_fit, text_columns, text_rows
     from nla_lens.nla import check_baseline
     from nla_lens.results import check_save_path

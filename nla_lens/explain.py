@@ -383,7 +383,10 @@ def select_positions(positions: ExplainPositions, length: int, skip: int = 0, te
     """The columns of a `length`-token text that `positions` names (see `explain`), sorted, no repeats; the errors
     name the text as `text` says ("text 2 ('The cat sat')")."""
     if positions is None:
-        return list(range(min(skip, length - 1), length))
+        if skip >= length:  # a text that is only its BOS: explaining the BOS would be the noise the default skips
+            raise InputError(f"{text} has no token past its BOS, which is left out by default: pass a text with a "
+                             "token after its BOS, or positions=0 (--positions 0) to explain the BOS itself")
+        return list(range(skip, length))
     positions = _unwrapped(positions)
     if isinstance(positions, slice):
         chosen = _sliced(positions, length)

@@ -903,3 +903,12 @@ def test_an_output_that_is_a_symlink_loop_is_refused_before_any_model_loads(comm
                                            "links, so there is no file there to write into: point it at a file, or "
                                            "remove it")
     assert [(p.name, os.readlink(p)) for p in tmp_path.iterdir()] == [(name, name)]
+
+
+def test_explain_of_a_text_that_is_only_its_bos_names_it_before_any_model_loads(bos_paths, no_model_loads, capsys):
+    """`nla-lens explain --text "<bos>"` explained the BOS, which it leaves out of every other text."""
+    av, ar = bos_paths["gemma_av"], bos_paths["gemma_ar"]
+    _fails(["explain", "--av", av, "--ar", ar, "--base", av, "--text", "the cat", "--text", "<bos>"], capsys,
+           "InputError", "text 1 ('<bos>') has no token past its BOS, which is left out by default")
+    _fails(["verbalize", "--av", av, "--base", av, "--text", "<bos>"], capsys, "InputError",
+           "--text '<bos>' has no token past its BOS, which is left out by default")

@@ -603,3 +603,20 @@ def test_the_summary_counts_in_words_one_token_of_one_text(toy):
     """It said "1 tokens of 1 text"."""
     explained = toy.nla.explain(toy.base, "Macbeth: the king is dead", positions=-1, max_new_tokens=48)
     assert explained.summary().startswith("1 token of 1 text at layer 3, ")
+
+
+def test_a_text_that_is_only_its_bos_is_refused_naming_the_text(bos_paths):
+    """Gemma's "<bos>" alone was explained at its BOS (the one token past nothing), which the default leaves out of
+    every other text: its residual is an attention sink whose explanation is noise."""
+    nla = nl.NLA.from_pretrained(bos_paths["gemma_av"], bos_paths["gemma_ar"])
+    with pytest.warns(UserWarning, match="not the base model"):  # a tiny AV stands in for the base here
+        base = nl.load_base(bos_paths["gemma_av"])
+    bos = base.tokenizer.bos_token
+    assert text_ids(base.tokenizer, bos) == [base.tokenizer.bos_token_id]
+    for texts, index in ((bos, 0), (["the cat", bos], 1)):
+        with pytest.raises(nl.InputError, match=re.escape(f"text {index} ('{bos}') has no token past its BOS, which is "
+                                                          "left out by default: pass a text with a token after its "
+                                                          "BOS, or positions=0")):
+            nla.explain(base, texts, baseline=1.0, **FAST)
+    explained = nla.explain(base, bos, positions=0, baseline=1.0, **FAST)  # asked for, the BOS is explained
+    assert [(row.position, row.token) for row in explained.rows] == [(0, bos)]
