@@ -509,7 +509,7 @@ def nla_and_base_folders(args: argparse.Namespace) -> NLAFolders:
 
 
 def _run_explain(args: argparse.Namespace) -> None:
-    from nla_lens.display import unparsed_text, visible_token
+    from nla_lens.display import text_label, unparsed_text, visible_token
     from nla_lens.explain import check_rows_fit, text_columns, text_rows
     from nla_lens.nla import check_baseline
     from nla_lens.results import check_save_path
@@ -529,7 +529,7 @@ def _run_explain(args: argparse.Namespace) -> None:
     explanation = nla.explain(base, texts, positions=args.positions, baseline=args.baseline,
                               max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, progress=True)
     for i, text in enumerate(explanation.texts):
-        print(f"\n[{i}] {format_cell(text)}")  # a newline in the text escaped, as the views' titles do
+        print(f"\n{text_label(i, text)}")  # as the view heads the text's block, a newline in it escaped
         print(f"  {'pos':>4}  {'token':<14} {'FVE':>6} {'MSE':>6}  explanation")
         for row in (r for r in explanation.rows if r.text_index == i):
             said, fve, mse = row.explanation, format_cell(row.fve), format_cell(row.mse)

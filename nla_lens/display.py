@@ -6,10 +6,10 @@ restyle the view, which draws on its own white background in a dark theme too.
 Tokens, explanations and raw AV outputs are HTML-escaped, their control and format characters shown as
 escapes (`\\x00`, `\\u202e`): what a model writes is shown, never interpreted.
 
-The explained-text view ([`explained_text_html`][nla_lens.display.explained_text_html]) shows each text
-as a line of tokens coloured by round-trip FVE, with every explained token's explanation in rows under
-the text (readable without hovering; hovering a token shows it too). The colour scale spreads the
-observed range: non-negative FVE runs by rank from pale yellow (the lowest seen) to blue (the highest
+The explained-text view ([`explained_text_html`][nla_lens.display.explained_text_html]) shows each text, under
+its label (`[1] A dog ran`), as a line of tokens coloured by round-trip FVE, with every explained token's
+explanation in rows under the text (readable without hovering; hovering a token shows it too). The colour scale
+spreads the observed range: non-negative FVE runs by rank from pale yellow (the lowest seen) to blue (the highest
 seen), with the observed quantiles on the legend; negative FVE (worse than predicting the mean vector)
 is red, darker the more negative, so it never passes for a low positive score. A failed parse scores as a miss (an
 orthogonal guess), as does a parsed explanation the AR could not score (too long for it, a reconstruction with no
@@ -98,6 +98,7 @@ _STYLE = """
 .nla-view .nla-swatch { display: inline-block; width: 1.4em; height: 1em; vertical-align: middle;
   border: 1px solid #999; margin-right: 0.3em; }
 .nla-view .nla-text { margin: 0 0 1.4em; border-top: 1px solid #ddd; padding-top: 0.5em; }
+.nla-view .nla-label { font-weight: bold; overflow-wrap: anywhere; }
 .nla-view .nla-tokens { font: 16px/2.2 Georgia, serif; margin: 0.2em 0 0.5em; }
 .nla-view .nla-tok { white-space: pre-wrap; overflow-wrap: anywhere; padding: 0.12em 0.05em; border-radius: 2px;
   box-shadow: inset -1px 0 rgba(255,255,255,0.9); }
@@ -246,13 +247,16 @@ class ColourScale:
 
 
 def explained_text_html(texts: Sequence[Sequence[TokenCell]], *, title: str, layer: int | None,
-                        summary: str = "", hook_name: str | None = None, warnings: Sequence[str] = ()) -> str:
-    """The view of one or more explained texts: coloured tokens, then one row per explained token."""
+                        summary: str = "", hook_name: str | None = None, warnings: Sequence[str] = (),
+                        labels: Sequence[str] | None = None) -> str:
+    """The view of one or more explained texts: coloured tokens, then one row per explained token. `labels` head
+    each text's block (`text_label`), so a row's `text_index` finds its block."""
     scale = ColourScale.from_cells([c for cells in texts for c in cells])
     where = ""
     if layer is not None:
         where = f" · layer {layer} (<code>{html.escape(hook_name or f'blocks.{layer}.hook_resid_post')}</code>)"
-    blocks = [_text_block(cells, scale) for cells in texts]
+    heads = [None] * len(texts) if labels is None else labels
+    blocks = [_text_block(cells, scale, label) for cells, label in zip(texts, heads, strict=True)]
     return (f"<div class='nla-view'><style>{_STYLE}</style>"
             f"<div class='nla-head'><b>{html.escape(_visible(title))}</b>{where}</div>"
             + (f"<div class='nla-meta'>{html.escape(summary)}</div>" if summary else "") + warning_lines(warnings)
@@ -274,7 +278,13 @@ def model_label(name: str) -> str:
     return PureWindowsPath(name).name or name  # splits at / and \ alike; a bare root has no name
 
 
-def _text_block(cells: Sequence[TokenCell], scale: ColourScale) -> str:
+def text_label(index: int, text: str, width: int | None = None) -> str:
+    """How a text is headed where several are shown, `[1] A dog ran`: the `text_index` of its rows, then the text
+    (control characters escaped, cut to `width`), in `nla-lens explain`'s output and the explained-text view alike."""
+    return f"[{index}] {format_cell(text, width)}"
+
+
+def _text_block(cells: Sequence[TokenCell], scale: ColourScale, label: str | None = None) -> str:
     spans, rows = [], []
     for cell in cells:
         missed = cell.missed
@@ -299,7 +309,8 @@ def _text_block(cells: Sequence[TokenCell], scale: ColourScale) -> str:
     table = _scroll_note(len(rows)) + _table(f"<tr><th{_NUMERIC_HEADER}>pos</th><th>token</th>"
                                              f"<th{_NUMERIC_HEADER}>FVE</th><th{_NUMERIC_HEADER}>MSE</th>"
                                              "<th>explanation</th></tr>" + "".join(rows)) if rows else ""
-    return f"<div class='nla-text'><div class='nla-tokens'>{'<wbr>'.join(spans)}</div>{table}</div>"
+    head = "" if label is None else f"<div class='nla-label'>{html.escape(label)}</div>"
+    return f"<div class='nla-text'>{head}<div class='nla-tokens'>{'<wbr>'.join(spans)}</div>{table}</div>"
 
 
 def _table(rows: str) -> str:

@@ -37,6 +37,7 @@ from nla_lens.verbalizer import Verbalization
 if TYPE_CHECKING:
     from nla_lens.backends import TLModel
 
+_LABEL_WIDTH = 80  # a text's head in the view: its tokens under it show the rest
 ExplainPositions = int | Sequence[int] | slice | Int[Tensor, " k"] | np.ndarray | None
 
 
@@ -139,8 +140,9 @@ class Explanation(TabularResult):
 
     def _repr_html_(self) -> str:
         title = "Explained text" + (f" · {display.model_label(self.model_name)}" if self.model_name else "")
+        labels = [display.text_label(t, text, _LABEL_WIDTH) for t, text in enumerate(self.texts)]
         return display.explained_text_html(self.cells(), title=title, layer=self.layer, summary=self._headline(),
-                                           hook_name=self.hook_name, warnings=self._held_warnings())
+                                           hook_name=self.hook_name, warnings=self._held_warnings(), labels=labels)
 
 
 def explain(nla: NLA, base: TLModel, text_or_texts: str | Sequence[str], *, positions: ExplainPositions = None,

@@ -552,3 +552,12 @@ def test_format_number_signed_writes_a_plus_before_a_value_at_or_above_zero():
     assert [display.format_number(v, signed=True) for v in (0.016, 0.0, -0.25, 2e-6, -3e20)] == [
         "+0.016", "+0.000", "-0.250", "+2.00e-06", "-3.00e+20"]
     assert [display.format_number(v, 2) for v in (0.016, 2e-6)] == ["0.02", "2.00e-06"]  # unsigned: as before
+
+
+def test_explained_text_view_heads_each_block_with_its_label_escaped_and_none_without_labels():
+    cells = _cells()
+    view = display.explained_text_html([cells, cells], title="t", layer=3, labels=["[0] <i>a</i>", "[1] b & c"])
+    assert re.findall(r"<div class='nla-text'><div class='nla-label'>(.*?)</div><div class='nla-tokens'>", view) == [
+        "[0] &lt;i&gt;a&lt;/i&gt;", "[1] b &amp; c"]
+    assert "nla-label'>" not in display.explained_text_html([cells], title="t", layer=3)
+    assert display.text_label(2, "a\nb" + "c" * 20, width=8) == "[2] a\\nbccc…"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import html
 import re
 import shutil
 import warnings
@@ -620,3 +621,17 @@ def test_a_text_that_is_only_its_bos_is_refused_naming_the_text(bos_paths):
             nla.explain(base, texts, baseline=1.0, **FAST)
     explained = nla.explain(base, bos, positions=0, baseline=1.0, **FAST)  # asked for, the BOS is explained
     assert [(row.position, row.token) for row in explained.rows] == [(0, bos)]
+
+
+def test_the_view_of_several_texts_heads_each_block_with_its_text_index_as_the_cli_prints_it(toy, capsys):
+    """The blocks of an Explanation of several texts had no head: a row's text_index found no block, where
+    `nla-lens explain` prints `[i] text` above each text's rows."""
+    texts = ["the king <b>is</b> dead", "long live\nthe queen", "x " * 60]
+    view = toy.nla.explain(toy.base, texts, positions=-1, **FAST)._repr_html_()
+    heads = re.findall(r"<div class='nla-text'><div class='nla-label'>(.*?)</div>", view)
+    assert heads == ["[0] the king &lt;b&gt;is&lt;/b&gt; dead", "[1] long live\\nthe queen",
+                     "[2] " + "x " * 39 + "x…"]  # escaped, a newline shown as \n, a long text cut to 80 characters
+    assert "<b>is</b>" not in view
+    from nla_lens.display import text_label
+
+    assert [html.unescape(head) for head in heads[:2]] == [text_label(i, text) for i, text in enumerate(texts[:2])]
