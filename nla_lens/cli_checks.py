@@ -35,12 +35,14 @@ def base_for(path_or_id: str | Path | None, av_meta: NLAMeta, av_tokenizer: PreT
     checked against the AV's sidecar and tokenizer before any model is loaded. `layer` is `--layer`, None where it
     was left out (the AV's own layer).
 
-    An AR can never serve (it is truncated), nor a base of another width, depth or vocabulary: the NLA was not
-    trained to read it (PairMismatchError). A `--layer` outside the base is an InputError. An AV folder or a layer
+    An AR can never serve (it is truncated), nor a base of another width, depth or vocabulary, or whose tokenizer
+    puts a BOS first where the AV's puts none (or the reverse): the NLA was not trained to read it
+    (PairMismatchError). A `--layer` outside the base is an InputError. An AV folder or a layer
     other than the sidecar's runs, with a warning, since explaining them is possible but off the distribution the
     AV was trained on.
     """
     from nla_lens.base_model import sidecar_base_folder
+    from nla_lens.explain import bos_rule_difference
 
     from_sidecar = path_or_id is None
     folder = sidecar_base_folder(av_meta) if path_or_id is None else loading.resolve_checkpoint(path_or_id)
@@ -63,6 +65,10 @@ def base_for(path_or_id: str | Path | None, av_meta: NLAMeta, av_tokenizer: PreT
         raise PairMismatchError(f"{base} has a tokenizer of another vocabulary than the AV's "
                                 f"({len(base_tokenizer)} and {len(av_tokenizer)} tokens): it is another base, whose "
                                 f"activations the NLA was not trained to read; {pass_base}")
+    difference = bos_rule_difference(base_tokenizer, av_tokenizer)
+    if difference is not None:  # explain refused it too, but only once every model's weights had loaded
+        raise PairMismatchError(f"{base} has a tokenizer that {difference}: its texts would not be tokenized as the "
+                                f"NLA's training texts were; {pass_base}")
     if layer is not None and not 0 <= layer < n_blocks:
         raise InputError(f"--layer {layer} is outside {base}, which has {blocks_phrase(n_blocks)}: pass one of "
                          f"those, or leave --layer out for layer {av_meta.layer}, the one this AV reads")

@@ -169,13 +169,21 @@ def check_bos_rule(base_tokenizer: PreTrainedTokenizerBase, nla_tokenizer: PreTr
     """A PairMismatchError where the base's tokenizer puts a BOS first and the NLA's does not, or the reverse (one
     loaded with another `add_bos_token`): the texts would start unlike those the NLA was trained on, and every
     residual after would move. The vocabularies are `check_base_model`'s to compare."""
-    base_adds, nla_adds = prepends_bos(base_tokenizer), prepends_bos(nla_tokenizer)
-    if base_adds != nla_adds:
-        said = "puts a BOS first" if base_adds else "puts no BOS first"
-        raise PairMismatchError(f"the base model's tokenizer {said} and the NLA's tokenizer "
-                                f"{'does not' if base_adds else 'does'}: its texts would not be tokenized as the NLA's "
-                                "training texts were. Set base.tokenizer = nla.av.tokenizer, or load the base with "
-                                "nl.load_base(nla)")
+    difference = bos_rule_difference(base_tokenizer, nla_tokenizer)
+    if difference is not None:
+        raise PairMismatchError(f"the base model's tokenizer {difference}: its texts would not be tokenized as the "
+                                "NLA's training texts were. Set base.tokenizer = nla.av.tokenizer, or load the base "
+                                "with nl.load_base(nla)")
+
+
+def bos_rule_difference(base_tokenizer: PreTrainedTokenizerBase, nla_tokenizer: PreTrainedTokenizerBase) -> str | None:
+    """How the base's tokenizer and the NLA's differ in putting a BOS first ("puts a BOS first and the NLA's tokenizer
+    does not"), None where they agree; `nla-lens` checks it before any weight loads, `explain` on the live models."""
+    base_adds = prepends_bos(base_tokenizer)
+    if base_adds == prepends_bos(nla_tokenizer):
+        return None
+    return ("puts a BOS first and the NLA's tokenizer does not" if base_adds
+            else "puts no BOS first and the NLA's tokenizer does")
 
 
 def text_rows(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> tuple[list[list[int]], list[int]]:

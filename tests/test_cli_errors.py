@@ -912,3 +912,32 @@ def test_explain_of_a_text_that_is_only_its_bos_names_it_before_any_model_loads(
            "InputError", "text 1 ('<bos>') has no token past its BOS, which is left out by default")
     _fails(["verbalize", "--av", av, "--base", av, "--text", "<bos>"], capsys, "InputError",
            "--text '<bos>' has no token past its BOS, which is left out by default")
+
+
+def _base_putting_no_bos_first(gemma_av: Path, folder: Path) -> Path:
+    """The tiny Gemma AV as a base folder whose tokenizer puts no BOS first: the BOS comes from tokenizer.json's
+    post_processor (a TemplateProcessing), not from add_bos_token, so that is what is edited."""
+    base = shutil.copytree(gemma_av, folder)
+    (base / "nla_meta.yaml").unlink()  # a base model folder has no sidecar
+    spec = json.loads((base / "tokenizer.json").read_text())
+    text_a, text_b = {"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 0}}
+    spec["post_processor"] = {"type": "TemplateProcessing", "single": [text_a], "pair": [text_a, text_b],
+                              "special_tokens": {}}
+    (base / "tokenizer.json").write_text(json.dumps(spec))
+    return base
+
+
+def test_a_base_tokenizer_with_another_bos_rule_is_refused_before_any_model_loads(bos_paths, tmp_path, no_model_loads,
+                                                                                  capsys):
+    """`nla-lens explain` refused such a base only after the AV, the AR and the base had all loaded (explain's
+    check_bos_rule); `verbalize --text` and `steer-words` ran on its BOS-less texts without a word."""
+    av, ar = bos_paths["gemma_av"], bos_paths["gemma_ar"]
+    base = _base_putting_no_bos_first(av, tmp_path / "base")
+    from nla_lens.loading import prepends_bos
+
+    assert not prepends_bos(loading.load_tokenizer(base)) and prepends_bos(loading.load_tokenizer(av))
+    for command in (["explain", "--av", av, "--ar", ar], ["verbalize", "--av", av],
+                    ["steer-words", "--av", av, "--ar", ar, "--replace", "cat", "dog"]):
+        _fails([*command, "--base", base, "--text", "the cat"], capsys, "PairMismatchError",
+               f"--base {base} has a tokenizer that puts no BOS first and the NLA's tokenizer does: its texts would "
+               "not be tokenized as the NLA's training texts were; give --base the base model this NLA was trained on")
