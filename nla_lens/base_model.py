@@ -19,10 +19,12 @@ from nla_lens.checks import blocks_phrase
 from nla_lens.errors import CheckpointError, InputError, PairMismatchError
 from nla_lens.nla import NLA, shares_vocabulary
 from nla_lens.reconstructor import ActivationReconstructor
-from nla_lens.sidecar import NLAMeta
+from nla_lens.sidecar import NLAMeta, prepends_bos
 from nla_lens.verbalizer import ActivationVerbalizer
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
     from nla_lens.backends import TLModel
 
 _PASS_BASE = "pass the base model's folder: --base path/to/base (nla-lens explain) or nl.load_base('path/to/base')"
@@ -72,9 +74,32 @@ def check_base_model(base: TLModel, nla_or_av: NLA | ActivationVerbalizer, layer
                                 f"({len(base.tokenizer)} and {len(av.tokenizer)} tokens): it is another base, whose "
                                 "activations the NLA was not trained to read. Pass the base model the NLA was "
                                 "trained on (nl.load_base(nla) loads the one its sidecar names)")
+    if base.tokenizer is not None:  # after the vocabularies: another family is named as such
+        check_bos_rule(base.tokenizer, av.tokenizer)
     if base is av.model:
         warnings.warn("the base model given is the AV's own model, a fine-tuned copy: its activations are not the "
                       "ones the NLA was trained to read. Pass the base model (nl.load_base(nla))", stacklevel=3)
+
+
+def check_bos_rule(base_tokenizer: PreTrainedTokenizerBase, nla_tokenizer: PreTrainedTokenizerBase) -> None:
+    """A PairMismatchError where the base's tokenizer puts a BOS first and the NLA's does not, or the reverse (one
+    loaded with another `add_bos_token`): the texts would start unlike those the NLA was trained on, and every
+    residual after would move. The vocabularies are `check_base_model`'s to compare."""
+    difference = bos_rule_difference(base_tokenizer, nla_tokenizer)
+    if difference is not None:
+        raise PairMismatchError(f"the base model's tokenizer {difference}: its texts would not be tokenized as the "
+                                "NLA's training texts were. Set base.tokenizer = nla.av.tokenizer, or load the base "
+                                "with nl.load_base(nla)")
+
+
+def bos_rule_difference(base_tokenizer: PreTrainedTokenizerBase, nla_tokenizer: PreTrainedTokenizerBase) -> str | None:
+    """How the base's tokenizer and the NLA's differ in putting a BOS first ("puts a BOS first and the NLA's tokenizer
+    does not"), None where they agree; `nla-lens` checks it before any weight loads, `explain` on the live models."""
+    base_adds = prepends_bos(base_tokenizer)
+    if base_adds == prepends_bos(nla_tokenizer):
+        return None
+    return ("puts a BOS first and the NLA's tokenizer does not" if base_adds
+            else "puts no BOS first and the NLA's tokenizer does")
 
 
 def _meta_of(source: object) -> NLAMeta | None:

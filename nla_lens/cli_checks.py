@@ -41,8 +41,7 @@ def base_for(path_or_id: str | Path | None, av_meta: NLAMeta, av_tokenizer: PreT
     other than the sidecar's runs, with a warning, since explaining them is possible but off the distribution the
     AV was trained on.
     """
-    from nla_lens.base_model import sidecar_base_folder
-    from nla_lens.explain import bos_rule_difference
+    from nla_lens.base_model import bos_rule_difference, sidecar_base_folder
 
     from_sidecar = path_or_id is None
     folder = sidecar_base_folder(av_meta) if path_or_id is None else loading.resolve_checkpoint(path_or_id)

@@ -25,7 +25,7 @@ from nla_lens import backends, display
 from nla_lens.base_model import check_base_model
 from nla_lens.capture import capture, check_token_ids, resid_post_name
 from nla_lens.checks import check_fwd_hooks, counted, first_five, is_integer
-from nla_lens.errors import InputError, PairMismatchError, PromptTooLongError, VectorError
+from nla_lens.errors import InputError, PromptTooLongError, VectorError
 from nla_lens.injection import directionless_rows
 from nla_lens.loading import prepends_bos
 from nla_lens.nla import NLA, RoundTrip, baseline_phrase, check_read_keywords, nla_type_name
@@ -165,27 +165,6 @@ def explain(nla: NLA, base: TLModel, text_or_texts: str | Sequence[str], *, posi
                           fwd_hooks=fwd_hooks, **verbalize_kwargs)
 
 
-def check_bos_rule(base_tokenizer: PreTrainedTokenizerBase, nla_tokenizer: PreTrainedTokenizerBase) -> None:
-    """A PairMismatchError where the base's tokenizer puts a BOS first and the NLA's does not, or the reverse (one
-    loaded with another `add_bos_token`): the texts would start unlike those the NLA was trained on, and every
-    residual after would move. The vocabularies are `check_base_model`'s to compare."""
-    difference = bos_rule_difference(base_tokenizer, nla_tokenizer)
-    if difference is not None:
-        raise PairMismatchError(f"the base model's tokenizer {difference}: its texts would not be tokenized as the "
-                                "NLA's training texts were. Set base.tokenizer = nla.av.tokenizer, or load the base "
-                                "with nl.load_base(nla)")
-
-
-def bos_rule_difference(base_tokenizer: PreTrainedTokenizerBase, nla_tokenizer: PreTrainedTokenizerBase) -> str | None:
-    """How the base's tokenizer and the NLA's differ in putting a BOS first ("puts a BOS first and the NLA's tokenizer
-    does not"), None where they agree; `nla-lens` checks it before any weight loads, `explain` on the live models."""
-    base_adds = prepends_bos(base_tokenizer)
-    if base_adds == prepends_bos(nla_tokenizer):
-        return None
-    return ("puts a BOS first and the NLA's tokenizer does not" if base_adds
-            else "puts no BOS first and the NLA's tokenizer does")
-
-
 def text_rows(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> tuple[list[list[int]], list[int]]:
     """Each text's token ids as `explain` reads them (BOS first where the tokenizer has one, never two), and how
     many leading ones it leaves out by default (that BOS)."""
@@ -268,7 +247,6 @@ def explain_tokens(nla: NLA, base: TLModel, token_rows: Sequence[Sequence[int]] 
                          "alone, capture the vectors with nl.capture and call av.verbalize")
     layer = nla.layer
     check_base_model(base, nla, layer)
-    check_bos_rule(_tokenizer(base), nla.av.tokenizer)  # after the vocabularies: another family is named as such
     check_read_keywords(nla, verbalize_kwargs, "explain")
     fwd_hooks = check_fwd_hooks(fwd_hooks, base.hook_dict, "explain")
     token_rows = _rows_of(token_rows)

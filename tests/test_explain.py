@@ -271,12 +271,32 @@ def test_a_base_tokenizer_with_another_bos_rule_than_the_nlas_is_a_pair_mismatch
             "the base model's tokenizer puts a BOS first and the NLA's tokenizer does not: its texts would not be "
             "tokenized as the NLA's training texts were. Set base.tokenizer = nla.av.tokenizer, or load the base")):
         toy.nla.explain(toy.base, "the king is dead", max_new_tokens=4)
-    from nla_lens.explain import check_bos_rule
+    from nla_lens.base_model import check_bos_rule
 
     with pytest.raises(nl.PairMismatchError, match=r"^the base model's tokenizer puts no BOS first and the NLA's "
                                                    r"tokenizer does:"):
         check_bos_rule(plain, adds_bos)
     check_bos_rule(plain, plain)
+
+
+@pytest.mark.parametrize("run", ["steer_then_verbalize", "patching_study", "steer_with_words"])
+def test_every_experiment_refuses_a_base_tokenizer_with_another_bos_rule_before_it_runs(toy, monkeypatch, run):
+    """explain refused a base whose tokenizer puts a BOS first where the NLA's puts none; the experiments, whose
+    tokens come from the same base.to_tokens, ran on them silently. check_base_model now checks the rule for all."""
+    tokens = toy.base.to_tokens(["the king is dead"])
+    adds_bos = copy.deepcopy(toy.base.tokenizer)
+    adds_bos.add_bos_token = True
+    monkeypatch.setattr(toy.base, "tokenizer", adds_bos)
+    monkeypatch.setattr(toy.base, "run_with_hooks", lambda *a, **k: pytest.fail("ran the base"))
+    calls = {
+        "steer_then_verbalize": lambda: nl.steer_then_verbalize(toy.base, toy.nla, tokens, steer_layer=0, scale=1.0,
+                                                                steering_vector=torch.ones(toy.base.cfg.d_model)),
+        "patching_study": lambda: nl.patching_study(toy.base, toy.nla, tokens, tokens, patch_layer=0,
+                                                    patch_position=0),
+        "steer_with_words": lambda: nl.steer_with_words(toy.nla, toy.base, tokens, -1, edit="a dog"),
+    }
+    with pytest.raises(nl.PairMismatchError, match="^the base model's tokenizer puts a BOS first and the NLA's"):
+        calls[run]()
 
 
 def test_explain_refuses_empty_texts_with_a_typed_error(base, nla):
