@@ -76,7 +76,7 @@ class Explanation(TabularResult):
 
     Attributes:
         rows: one per explained token, text by text, in token order.
-        texts: the explained texts.
+        texts: the explained texts; a row's is its `input_text` in the records and a saved file.
         tokens: every token of each text, explained or not (what the view draws).
         layer: the base model's layer read (blocks.{layer}.hook_resid_post), the NLA's K.
         vectors: the captured residuals, one per row.
@@ -93,10 +93,14 @@ class Explanation(TabularResult):
     model_name: str | None = None
 
     display_columns = ("text_index", "position", "token", "explanation", "parsed", "fve", "mse")
-    schema = pa.schema({"text_index": pa.int64(), "position": pa.int64(), "token": pa.string(),
-                        "explanation": pa.string(), "parsed": pa.bool_(), "text": pa.string(), "truncated": pa.bool_(),
-                        "mse": pa.float64(), "fve": pa.float64(), "miss": pa.bool_(), "baseline": pa.float64(),
-                        "baseline_source": pa.string(), "layer": pa.int64()})
+    # input_text is the explained text, so that a saved file says what each row explains (`text` is the AV's raw
+    # output, as in RoundTrip's and verbalize's rows).
+    schema = pa.schema({"text_index": pa.int64(), "input_text": pa.string(), "position": pa.int64(),
+                        "token": pa.string(), "explanation": pa.string(), "parsed": pa.bool_(), "text": pa.string(),
+                        "truncated": pa.bool_(), "mse": pa.float64(), "fve": pa.float64(), "miss": pa.bool_(),
+                        "baseline": pa.float64(), "baseline_source": pa.string(), "layer": pa.int64()})
+    # Every row has it, but files saved before rows recorded it do not: read_result reads those as they are.
+    optional_columns = ("input_text",)
     warnings_at = "round_trip.warnings"
 
     @property
@@ -111,10 +115,10 @@ class Explanation(TabularResult):
 
     def to_records(self) -> list[dict[str, Any]]:
         rt = self.round_trip
-        return [{"text_index": r.text_index, "position": r.position, "token": r.token, "explanation": r.explanation,
-                 "parsed": r.explanation is not None, "text": r.verbalization.text,
-                 "truncated": r.verbalization.truncated, "mse": r.mse, "fve": r.fve, "miss": r.miss,
-                 "baseline": rt.baseline, "baseline_source": rt.baseline_source, "layer": self.layer}
+        return [{"text_index": r.text_index, "input_text": self.texts[r.text_index], "position": r.position,
+                 "token": r.token, "explanation": r.explanation, "parsed": r.explanation is not None,
+                 "text": r.verbalization.text, "truncated": r.verbalization.truncated, "mse": r.mse, "fve": r.fve,
+                 "miss": r.miss, "baseline": rt.baseline, "baseline_source": rt.baseline_source, "layer": self.layer}
                 for r in self.rows]
 
     def summary(self) -> str:

@@ -63,8 +63,8 @@ class TabularResult:
     #: Every column the rows can have, in order, with its arrow type (None: inferred from the rows). The files keep
     #: these types, and an empty result these columns, where rows alone would give no column or arrow's null type.
     schema: ClassVar[pa.Schema | None] = None
-    #: Columns of ``schema`` that the rows may leave out (a steering run without continuations): `read_result` does
-    #: not ask a file for them.
+    #: Columns of ``schema`` that the rows may leave out (a steering run without continuations), or that files saved
+    #: before the type had them lack (an `Explanation`'s ``input_text``): `read_result` does not ask a file for them.
     optional_columns: ClassVar[tuple[str, ...]] = ()
     #: Where the result keeps warnings that its summary does not spell out (``"warnings"``,
     #: ``"round_trip.warnings"``), which ``repr`` and the view then count and point to and a ``.parquet`` file keeps;

@@ -5,11 +5,13 @@ from __future__ import annotations
 import copy
 import dataclasses
 import html
+import json
 import re
 import shutil
 import warnings
 
 import numpy as np
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -19,6 +21,7 @@ from base_batches import distinct_readouts, load_base, no_hooks_left
 import nla_lens as nl
 from nla_lens import metrics
 from nla_lens.cli import main
+from nla_lens.display import text_label
 from nla_lens.explain import explain_tokens, select_positions
 from nla_lens.loading import prepends_bos
 from nla_lens.sidecar import text_ids
@@ -585,6 +588,7 @@ def test_explain_command_prints_rows_and_writes_them(tmp_path, capsys):
     assert "sidecar (held-out)" in printed and printed.count("The token") == 2
     rows = pq.read_table(out).to_pylist()
     assert [r["text_index"] for r in rows] == [0, 1] and all(r["fve"] is not None for r in rows)
+    assert [r["input_text"] for r in rows] == ["Romeo: wherefore art", "Thou art a villain"]
 
 
 @pytest.mark.parametrize("value, positions", [("-1", [-1]), ("=-2,-1", [-2, -1]), ("=-4:", slice(-4, None)),
@@ -652,6 +656,39 @@ def test_the_view_of_several_texts_heads_each_block_with_its_text_index_as_the_c
     assert heads == ["[0] the king &lt;b&gt;is&lt;/b&gt; dead", "[1] long live\\nthe queen",
                      "[2] " + "x " * 39 + "x…"]  # escaped, a newline shown as \n, a long text cut to 80 characters
     assert "<b>is</b>" not in view
-    from nla_lens.display import text_label
-
     assert [html.unescape(head) for head in heads[:2]] == [text_label(i, text) for i, text in enumerate(texts[:2])]
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".jsonl"])
+def test_a_saved_explanation_names_the_input_text_of_each_row(base, nla, tmp_path, suffix):
+    """A saved Explanation kept `text_index` but not the texts, and its `text` column is the AV's raw output: a reader
+    of the file could not tell which text a row explained."""
+    ex = nla.explain(base, TEXTS, baseline=0.8, **FAST)
+    assert len(TEXTS[0]) != len(TEXTS[1]) and {r.text_index for r in ex.rows} == {0, 1}
+    frame = nl.read_result(ex.save(tmp_path / f"explained{suffix}"))
+    assert list(frame["input_text"]) == [TEXTS[t] for t in frame["text_index"]]
+    assert list(frame["text"]) == [r.verbalization.text for r in ex.rows]  # still the AV's output
+    pd.testing.assert_frame_equal(frame, ex.to_pandas())
+    pd.testing.assert_frame_equal(nl.read_result(tmp_path / f"explained{suffix}", result_type=nl.Explanation),
+                                  ex.to_pandas())
+    view = ex._repr_html_()  # the view heads each text's block with the text its rows name
+    heads = re.findall(r"<div class='nla-text'><div class='nla-label'>(.*?)</div>", view)
+    named = dict(zip(frame["text_index"], frame["input_text"], strict=True))
+    assert [html.unescape(head) for head in heads] == [text_label(t, named[t]) for t in sorted(named)]
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".jsonl"])
+def test_an_explanation_saved_before_rows_had_input_text_reads_back_without_it(base, nla, tmp_path, suffix):
+    """Files saved before rows recorded `input_text` still read, typed or not: their rows as they were written."""
+    ex = nla.explain(base, TEXTS, baseline=0.8, **FAST)
+    path = ex.save(tmp_path / f"old{suffix}")
+    if suffix == ".parquet":  # pyarrow keeps the recorded type and summary, as an older save wrote them
+        pq.write_table(pq.read_table(path).drop_columns(["input_text"]), path)
+    else:
+        path.write_text("".join(json.dumps({k: v for k, v in row.items() if k != "input_text"}) + "\n"
+                                for row in ex.to_records()), encoding="utf-8")
+    expected = ex.to_pandas().drop(columns=["input_text"])
+    for result_type in (None, nl.Explanation):
+        pd.testing.assert_frame_equal(nl.read_result(path, result_type=result_type), expected)
+    if suffix == ".parquet":
+        assert nl.read_result(path).attrs["result_type"] == "Explanation"
