@@ -51,11 +51,13 @@ def load_base(source: NLA | ActivationVerbalizer | ActivationReconstructor | NLA
 
 
 def check_base_model(base: TLModel, nla_or_av: NLA | ActivationVerbalizer, layer: int | None = None) -> None:
-    """`base` can be the model the NLA reads: a TransformerLens model of the NLA's d_model (with a block
-    `layer`, if given) whose tokenizer, if it has one, has the AV's vocabulary. The AV's own model runs
-    too, but it is fine-tuned: a warning, as for an AV folder. The AR's model is refused, as an AR folder is:
-    its first K+1 blocks run, fine-tuned, and look plausible. Another width, depth or vocabulary is a
-    `PairMismatchError`, as from `load_base` and `--base`: a base the NLA does not read."""
+    """`base` can be the model the NLA reads: a TransformerLens model of the NLA's d_model (with a block `layer`, if
+    given, and no more blocks than the AV) whose tokenizer, if it has one, has the AV's vocabulary. The AV's own
+    model runs too, but it is fine-tuned: a warning, as for an AV folder. The AR's model is refused, as an AR folder
+    is: its first K+1 blocks run, fine-tuned, and look plausible. Another width or vocabulary, or too few blocks to
+    reach `layer`, is a `PairMismatchError`, as from `load_base` and `--base`: a base the NLA does not read; so are
+    more blocks than the AV's (a full copy of the base), as from `--base`. Fewer blocks that still reach `layer` run:
+    a base cut short to capture cheaply."""
     av = nla_or_av.av if isinstance(nla_or_av, NLA) else nla_or_av
     backends.backend_of(base)
     if isinstance(nla_or_av, NLA) and base is nla_or_av.ar.model:
@@ -69,6 +71,11 @@ def check_base_model(base: TLModel, nla_or_av: NLA | ActivationVerbalizer, layer
     if layer is not None and base.cfg.n_layers <= layer:
         raise PairMismatchError(f"the base model has {blocks_phrase(base.cfg.n_layers)}, but this NLA reads layer "
                                 f"{layer}; pass the base model the NLA was trained on")
+    if base.cfg.n_layers > av.model.cfg.n_layers:  # fewer reaching layer K is a cheap capture; more is another model
+        raise PairMismatchError(f"the base model has {blocks_phrase(base.cfg.n_layers)}, more than the "
+                                f"{av.model.cfg.n_layers} of this NLA's AV, a full copy of the base it reads: it is "
+                                "another base, whose activations the NLA was not trained to read. Pass the base model "
+                                "the NLA was trained on (nl.load_base(nla) loads the one its sidecar names)")
     if base.tokenizer is not None and not shares_vocabulary(base.tokenizer, av.tokenizer):
         raise PairMismatchError(f"the base model's tokenizer has another vocabulary than the NLA's "
                                 f"({len(base.tokenizer)} and {len(av.tokenizer)} tokens): it is another base, whose "

@@ -29,17 +29,17 @@ def nla_checkpoint(path_or_id: str | Path, role: Literal["av", "ar"]) -> tuple[P
     return folder, meta
 
 
-def base_for(path_or_id: str | Path | None, av_meta: NLAMeta, av_tokenizer: PreTrainedTokenizerBase,
+def base_for(path_or_id: str | Path | None, av_folder: Path, av_meta: NLAMeta, av_tokenizer: PreTrainedTokenizerBase,
              layer: int | None = None) -> tuple[Path, PreTrainedTokenizerBase]:
     """The folder and tokenizer of the base model to capture from, `--base` (None: the one the AV's sidecar names),
-    checked against the AV's sidecar and tokenizer before any model is loaded. `layer` is `--layer`, None where it
-    was left out (the AV's own layer).
+    checked against the AV's folder, sidecar and tokenizer before any model is loaded. `layer` is `--layer`, None
+    where it was left out (the AV's own layer).
 
-    An AR can never serve (it is truncated), nor a base of another width, depth or vocabulary, or whose tokenizer
-    puts a BOS first where the AV's puts none (or the reverse): the NLA was not trained to read it
-    (PairMismatchError). A `--layer` outside the base is an InputError. An AV folder or a layer
-    other than the sidecar's runs, with a warning, since explaining them is possible but off the distribution the
-    AV was trained on.
+    An AR can never serve (it is truncated), nor a base of another width or vocabulary, too shallow to reach the AV's
+    layer or deeper than the AV (a full copy of its base), or whose tokenizer puts a BOS first where the AV's puts
+    none (or the reverse): the NLA was not trained to read it (PairMismatchError). A `--layer` outside the base is an
+    InputError. An AV folder or a layer other than the sidecar's runs, with a warning, since explaining them is
+    possible but off the distribution the AV was trained on.
     """
     from nla_lens.base_model import bos_rule_difference, sidecar_base_folder
 
@@ -59,6 +59,11 @@ def base_for(path_or_id: str | Path | None, av_meta: NLAMeta, av_tokenizer: PreT
     if n_blocks <= av_meta.layer:
         raise PairMismatchError(f"{base} has {blocks_phrase(n_blocks)}, and the AV reads layer {av_meta.layer}: it "
                                 f"is another base, whose activations the NLA was not trained to read; {pass_base}")
+    av_blocks = loading.load_hf_config(av_folder).get_text_config().num_hidden_layers
+    if n_blocks > av_blocks:
+        raise PairMismatchError(f"{base} has {blocks_phrase(n_blocks)}, more than the {av_blocks} of the AV, a full "
+                                "copy of the base it reads: it is another base, whose activations the NLA was not "
+                                f"trained to read; {pass_base}")
     base_tokenizer = loading.load_tokenizer(folder)
     if not shares_vocabulary(base_tokenizer, av_tokenizer):
         raise PairMismatchError(f"{base} has a tokenizer of another vocabulary than the AV's "

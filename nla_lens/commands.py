@@ -228,7 +228,7 @@ def _run_verbalize(args: argparse.Namespace) -> None:
             raise InputError("--shards, --shard-size and --column apply to --input files; --text is explained in "
                              "one process")
         av_tokenizer = loading.checkpoint_tokenizer(av_folder, meta, "av")  # the base is checked against it
-        base, base_tokenizer = base_for(args.base, meta, av_tokenizer, args.layer)
+        base, base_tokenizer = base_for(args.base, av_folder, meta, av_tokenizer, args.layer)
         from nla_lens.explain import bos_skip, select_positions
 
         row = text_ids(base_tokenizer, args.text)
@@ -504,7 +504,7 @@ def nla_and_base_folders(args: argparse.Namespace) -> NLAFolders:
     av_folder, av_meta = nla_checkpoint(args.av, "av")
     ar_folder, ar_meta = nla_checkpoint(args.ar, "ar")
     av_tokenizer = loading.checkpoint_tokenizer(av_folder, av_meta, "av")  # the base is checked against it
-    base_folder, base_tokenizer = base_for(args.base, av_meta, av_tokenizer)  # warned once
+    base_folder, base_tokenizer = base_for(args.base, av_folder, av_meta, av_tokenizer)  # warned once
     return NLAFolders(av_folder, av_meta, av_tokenizer, ar_folder, ar_meta, base_folder, base_tokenizer)
 
 

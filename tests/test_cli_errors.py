@@ -346,6 +346,43 @@ def test_a_base_without_the_avs_layer_is_a_pair_mismatch_named_as_the_user_gave_
     assert "--layer" not in err
 
 
+def test_a_base_deeper_than_the_av_is_a_pair_mismatch_before_any_model_loads(tiny_paths, tmp_path, no_model_loads,
+                                                                              capsys):
+    """A base of the NLA's width and vocabulary with a block more than the AV (a full copy of its base) is another
+    model, whose layer-K residuals the NLA never read: --base and the sidecar's base_model ran with it silently."""
+    deep = save_base_model(tmp_path / "deep", n_layers=5)  # the tiny AV has 4 blocks and reads layer 2
+    av, ar = _av_naming_base(tiny_paths, tmp_path / "av", deep), tiny_paths["ar_nanonla"]
+    capsys.readouterr()  # the base's save progress
+    for command in (["verbalize", "--av", av], ["explain", "--av", av, "--ar", ar]):
+        err = _fails([*command, "--text", "the cat"], capsys, "PairMismatchError",
+                     f"the sidecar's base_model {deep} has 5 blocks (0-4), more than the 4 of the AV, a full copy of "
+                     "the base it reads: it is another base", "give --base the base model this NLA was trained on")
+        assert "leave --base out" not in err
+    _fails(["explain", "--av", tiny_paths["av_karvonen"], "--ar", ar, "--base", deep, "--text", "the cat"], capsys,
+           "PairMismatchError", f"--base {deep} has 5 blocks (0-4), more than the 4 of the AV",
+           "leave --base out to use the one its sidecar names")
+
+
+def test_a_base_of_the_first_k_plus_1_blocks_is_taken_as_the_base(tiny_paths, tmp_path, capsys):
+    """A base cut short to its first K+1 blocks (captured cheaply) is the same model up to layer K: the check for a
+    base deeper than the AV lets it through, and it captures what the whole base does."""
+    from transformers import AutoModelForCausalLM
+
+    whole = save_base_model(tmp_path / "whole")  # 4 blocks, as the tiny AV; it reads layer 2
+    short = shutil.copytree(whole, tmp_path / "short")
+    model = AutoModelForCausalLM.from_pretrained(whole)
+    model.model.layers = model.model.layers[:3]
+    loading.truncate_config(model.config, 3)
+    model.save_pretrained(short)
+    capsys.readouterr()  # the base's save progress
+    printed = []
+    for base in (short, whole):
+        assert main(["verbalize", "--av", str(tiny_paths["av_karvonen"]), "--base", str(base), "--text", "the cat",
+                     "--max-new-tokens", "2"]) == 0
+        printed.append(capsys.readouterr().out)
+    assert printed[0] == printed[1] and printed[0]
+
+
 def test_a_sidecar_base_named_by_other_than_its_path_is_named_with_its_folder(tiny_paths, tmp_path, no_model_loads,
                                                                               capsys):
     """A sidecar's base_model that is a name (the toy's, a cached hub id) is shown with the folder it resolved to."""

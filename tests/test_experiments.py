@@ -12,7 +12,7 @@ from base_batches import distinct_readouts, no_hooks_left, padded
 from conftest import D_MODEL, HAS_SAE_LENS, LAYER, make_sae
 
 import nla_lens as nl
-from nla_lens import metrics
+from nla_lens import backends, loading, metrics
 from nla_lens.capture import resid_post
 from nla_lens.experiments import steering_hook, word_diff
 from nla_lens.explain import explain_tokens
@@ -848,7 +848,11 @@ def _gemma_stand_in_base(bos_paths):
     # must be an int in 0..1", not that the base is the wrong one.
     (lambda paths: nl.load_base(save_base_model(paths["gemma_av"].parent / "two_block_base", n_layers=2)),
      rf"the base model has 2 blocks \(0-1\), but this NLA reads layer {LAYER}"),
-], ids=["another-width", "another-family", "too-few-blocks"])
+    # One of the NLA's width and tokenizer with a block more than the AV (a full copy of its base): another model,
+    # whose layer-K residuals the NLA never read, ran silently.
+    (lambda paths: nl.load_base(save_base_model(paths["gemma_av"].parent / "five_block_base", n_layers=5)),
+     r"the base model has 5 blocks \(0-4\), more than the 4 of this NLA's AV, a full copy of the base it reads"),
+], ids=["another-width", "another-family", "too-few-blocks", "more-blocks-than-the-av"])
 def test_a_base_model_the_nla_cannot_read_is_refused_before_it_runs(nla, bos_paths, run, other_base, message,
                                                                     monkeypatch):
     other = other_base(bos_paths)
@@ -866,6 +870,19 @@ def test_a_base_model_the_nla_cannot_read_is_refused_before_it_runs(nla, bos_pat
     }
     with pytest.raises(nl.PairMismatchError, match=message):
         calls[run]()
+
+
+def test_a_base_cut_short_that_still_reaches_layer_k_explains_as_the_whole_base(nla, base_folder):
+    """A base of fewer blocks than the AV that reaches layer K (its first K+1 blocks, loaded to capture cheaply) is
+    the same model up to layer K: the check for a base deeper than the AV lets it through, and it captures the
+    whole base's residuals."""
+    whole = nl.load_base(base_folder)
+    short = backends.load_model(base_folder, loading.load_tokenizer(base_folder), dtype=torch.float32, device="cpu",
+                                n_layers=LAYER + 1)
+    assert short.cfg.n_layers == LAYER + 1 < whole.cfg.n_layers == nla.av.model.cfg.n_layers
+    short_rows, whole_rows = (nla.explain(model, "The cat sat on the mat.", positions=[1, -1], max_new_tokens=2)
+                              for model in (short, whole))
+    torch.testing.assert_close(short_rows.vectors, whole_rows.vectors, rtol=1e-5, atol=1e-5)
 
 
 def test_vector_errors_name_the_argument_the_vectors_were_passed_as(base, nla, av_karvonen, steer):
