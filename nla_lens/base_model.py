@@ -8,7 +8,6 @@ would change the residual stream the NLA was trained on.
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,7 +16,7 @@ import torch
 from nla_lens import backends, loading
 from nla_lens.checks import blocks_phrase
 from nla_lens.errors import CheckpointError, InputError, PairMismatchError
-from nla_lens.nla import NLA, shares_vocabulary
+from nla_lens.nla import NLA, shares_vocabulary, warn_at_caller
 from nla_lens.reconstructor import ActivationReconstructor
 from nla_lens.sidecar import NLAMeta, prepends_bos
 from nla_lens.verbalizer import ActivationVerbalizer
@@ -84,8 +83,8 @@ def check_base_model(base: TLModel, nla_or_av: NLA | ActivationVerbalizer, layer
     if base.tokenizer is not None:  # after the vocabularies: another family is named as such
         check_bos_rule(base.tokenizer, av.tokenizer)
     if base is av.model:
-        warnings.warn("the base model given is the AV's own model, a fine-tuned copy: its activations are not the "
-                      "ones the NLA was trained to read. Pass the base model (nl.load_base(nla))", stacklevel=3)
+        warn_at_caller("the base model given is the AV's own model, a fine-tuned copy: its activations are not the "
+                       "ones the NLA was trained to read. Pass the base model (nl.load_base(nla))")
 
 
 def check_bos_rule(base_tokenizer: PreTrainedTokenizerBase, nla_tokenizer: PreTrainedTokenizerBase) -> None:

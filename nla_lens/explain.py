@@ -165,8 +165,8 @@ def explain(nla: NLA, base: TLModel, text_or_texts: str | Sequence[str], *, posi
     backends.backend_of(base)  # the text is tokenized with its tokenizer before explain_tokens checks it
     texts = _texts(text_or_texts)
     rows, skip = text_rows(_tokenizer(base), texts)
-    return explain_tokens(nla, base, rows, positions=positions, skip=skip, texts=texts, baseline=baseline,
-                          fwd_hooks=fwd_hooks, **verbalize_kwargs)
+    return _explain_rows(nla, base, rows, positions=positions, skip=skip, skip_is_bos=True, texts=texts,
+                         baseline=baseline, fwd_hooks=fwd_hooks, **verbalize_kwargs)
 
 
 def text_rows(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> tuple[list[list[int]], list[int]]:
@@ -177,10 +177,11 @@ def text_rows(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> tuple
 
 
 def text_columns(positions: ExplainPositions, token_rows: Sequence[Sequence[int]], skip: Sequence[int],
-                 texts: Sequence[str]) -> list[list[int]]:
+                 texts: Sequence[str], *, skip_is_bos: bool = True) -> list[list[int]]:
     """The columns of each row that `positions` names (`select_positions`), its errors naming the text as the
     table does; `nla-lens explain` checks its `--positions` with it before any weight is read."""
-    return [select_positions(positions, len(row), s, text=f"text {t} ({display.format_cell(text, 30)!r})")
+    return [select_positions(positions, len(row), s, text=f"text {t} ({display.format_cell(text, 30)!r})",
+                             skip_is_bos=skip_is_bos)
             for t, (row, s, text) in enumerate(zip(token_rows, skip, texts, strict=True))]
 
 
@@ -246,6 +247,16 @@ def explain_tokens(nla: NLA, base: TLModel, token_rows: Sequence[Sequence[int]] 
     """`explain` for texts already tokenized (`token_rows`: a list of each text's unpadded ids, or one text's
     `base.to_tokens(text)`); `skip[i]` leading tokens of row i are left out when `positions` is None (a BOS the
     tokenizer added)."""
+    return _explain_rows(nla, base, token_rows, positions=positions, skip=skip, skip_is_bos=False, texts=texts,
+                         baseline=baseline, fwd_hooks=fwd_hooks, **verbalize_kwargs)
+
+
+def _explain_rows(nla: NLA, base: TLModel, token_rows: Sequence[Sequence[int]] | Int[Tensor, "1 pos"], *,
+                  positions: ExplainPositions, skip: Sequence[int] | None, skip_is_bos: bool,
+                  texts: Sequence[str] | None, baseline: float | None, fwd_hooks: Sequence[tuple[str, Any]],
+                  **verbalize_kwargs: Any) -> Explanation:
+    """`explain_tokens`; `skip_is_bos` says whether `skip` is `explain`'s own (each row's BOS) or the caller's, so a
+    row it leaves nothing of is named by what was skipped."""
     if not isinstance(nla, NLA):  # an AV alone has no AR to score with: an AttributeError further down
         raise InputError(f"explain needs an NLA (AV and AR: nl.NLA(av, ar)), got {nla_type_name(nla)}; with an AV "
                          "alone, capture the vectors with nl.capture and call av.verbalize")
@@ -268,7 +279,7 @@ def explain_tokens(nla: NLA, base: TLModel, token_rows: Sequence[Sequence[int]] 
     skip = [0] * len(token_rows) if skip is None else list(skip)
     tokenizer = _tokenizer(base)
     texts = [cast(str, tokenizer.decode(list(row))) for row in token_rows] if texts is None else list(texts)
-    columns = text_columns(positions, token_rows, skip, texts)
+    columns = text_columns(positions, token_rows, skip, texts, skip_is_bos=skip_is_bos)
     device = base.W_E.device
     vectors, sites = [], []
     with torch.no_grad():
@@ -371,13 +382,18 @@ def _sliced(positions: slice, length: int) -> list[int]:
     return list(range(length))[positions]
 
 
-def select_positions(positions: ExplainPositions, length: int, skip: int = 0, text: str = "a text") -> list[int]:
+def select_positions(positions: ExplainPositions, length: int, skip: int = 0, text: str = "a text", *,
+                     skip_is_bos: bool = True) -> list[int]:
     """The columns of a `length`-token text that `positions` names (see `explain`), sorted, no repeats; the errors
-    name the text as `text` says ("text 2 ('The cat sat')")."""
+    name the text as `text` says ("text 2 ('The cat sat')"). `skip_is_bos`: the `skip` leading tokens are the BOS the
+    default leaves out, else the ones a caller's `skip=` leaves out."""
     if positions is None:
-        if skip >= length:  # a text that is only its BOS: explaining the BOS would be the noise the default skips
+        if skip >= length and skip_is_bos:  # a text that is only its BOS: explaining it would be the default's noise
             raise InputError(f"{text} has no token past its BOS, which is left out by default: pass a text with a "
                              "token after its BOS, or positions=0 (--positions 0) to explain the BOS itself")
+        if skip >= length:
+            raise InputError(f"{text} has no token past the {counted(skip, 'token')} skip= leaves out (it has "
+                             f"{length}): pass a smaller skip for it, or positions= to name the tokens to explain")
         return list(range(skip, length))
     positions = _unwrapped(positions)
     if isinstance(positions, slice):

@@ -22,7 +22,7 @@ import nla_lens as nl
 from nla_lens import metrics
 from nla_lens.cli import main
 from nla_lens.display import text_label
-from nla_lens.explain import explain_tokens, select_positions
+from nla_lens.explain import bos_skip, explain_tokens, select_positions
 from nla_lens.loading import prepends_bos
 from nla_lens.sidecar import text_ids
 from nla_lens.toy.evaluate import MIN_CONTEXT
@@ -439,9 +439,14 @@ def test_explain_tokens_with_a_base_without_a_tokenizer_is_told_a_fix_that_exist
         explain_tokens(nla, base, ids, positions=-1, max_new_tokens=2)
 
 
-def test_explaining_with_the_avs_own_model_as_base_warns(nla):
-    with pytest.warns(UserWarning, match="the AV's own model, a fine-tuned copy"):
-        nla.explain(nla.av.model, "the cat", positions=-1, max_new_tokens=2)
+def test_explaining_with_the_avs_own_model_as_base_warns_at_the_callers_line(nla):
+    """From nla.explain the warning pointed at a line of nla_lens's explain.py, not the user's."""
+    ids = [nla.av.model.to_tokens("the cat")[0].tolist()]
+    for run in (lambda: nla.explain(nla.av.model, "the cat", positions=-1, max_new_tokens=2),
+                lambda: explain_tokens(nla, nla.av.model, ids, positions=-1, max_new_tokens=2)):
+        with pytest.warns(UserWarning, match="the AV's own model, a fine-tuned copy") as seen:
+            run()
+        assert [w.filename for w in seen if "AV's own model" in str(w.message)] == [__file__]
 
 
 def test_the_ars_own_model_as_base_is_refused(nla):
@@ -645,6 +650,18 @@ def test_a_text_that_is_only_its_bos_is_refused_naming_the_text(bos_paths):
             nla.explain(base, texts, baseline=1.0, **FAST)
     explained = nla.explain(base, bos, positions=0, baseline=1.0, **FAST)  # asked for, the BOS is explained
     assert [(row.position, row.token) for row in explained.rows] == [(0, bos)]
+
+
+@pytest.mark.parametrize("skip", [3, 5])
+def test_a_skip_that_leaves_a_row_nothing_names_the_tokens_skip_leaves_out_not_a_bos(base, nla, skip):
+    """explain_tokens said such a row "has no token past its BOS, which is left out by default" where skip= had left
+    out its leading tokens, none of them a BOS (this tokenizer puts none first)."""
+    ids = base.to_tokens("the cat")[0].tolist()
+    assert len(ids) == 3 and bos_skip(base.tokenizer, ids) == 0  # no BOS: the default would skip nothing
+    message = (f"text 1 ('the cat') has no token past the {skip} tokens skip= leaves out (it has 3): pass a smaller "
+               "skip for it, or positions= to name the tokens to explain")
+    with pytest.raises(nl.InputError, match=f"^{re.escape(message)}$"):
+        explain_tokens(nla, base, [ids, ids], skip=[0, skip], texts=["a cat", "the cat"], **FAST)
 
 
 def test_the_view_of_several_texts_heads_each_block_with_its_text_index_as_the_cli_prints_it(toy, capsys):
