@@ -196,6 +196,35 @@ def test_a_re_export_refuses_files_beside_the_earlier_export_naming_them_and_lea
     assert _files(folder) == exported
 
 
+def test_the_oss_metadata_files_block_no_re_export_and_go_with_the_folder_but_a_users_file_still_does(
+        tmp_path, base_folder, dataset_meta):
+    """A .DS_Store (macOS Finder), Thumbs.db / desktop.ini (Windows) or AppleDouble ._* file, which the OS writes
+    into a folder the user merely opens, was taken for the user's file and refused the re-export, also into an empty
+    folder that held nothing else."""
+    from nla_lens.training import export_av, init_av
+
+    os_files = (".DS_Store", "Thumbs.db", "desktop.ini", "._model.safetensors")
+    av = init_av(base_folder, dataset_meta)
+    folder = export_av(av, tmp_path / "av", base_folder)
+    exported = _files(folder)
+    for name in os_files:
+        (folder / name).write_bytes(b"\x00\x05\x16\x07")
+    export_av(av, folder, base_folder)
+    assert _files(folder) == exported  # removed with the folder
+    for name in os_files:
+        (folder / name).write_bytes(b"\x00\x05\x16\x07")
+    (folder / "notes.txt").write_text("mine")
+    before = _files(folder)
+    with pytest.raises(nl.ConfigError, match=re.escape(f"{folder} holds 1 file that no export writes (notes.txt), and "
+                                                       "an export replaces its folder whole")):
+        export_av(av, folder, base_folder)
+    assert _files(folder) == before
+    fresh = tmp_path / "fresh"  # a new folder the user opened before exporting into it
+    fresh.mkdir()
+    (fresh / ".DS_Store").write_bytes(b"\x00")
+    assert _files(export_av(av, fresh, base_folder)) == exported
+
+
 def test_every_file_an_export_writes_is_one_a_re_export_replaces(tmp_path, base_folder, dataset_meta):
     """check_export_folder takes any name outside EXPORT_FILES for the user's: an export that wrote one could not be
     exported over again."""

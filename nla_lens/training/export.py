@@ -186,13 +186,19 @@ EXPORT_FILES = frozenset({
     "chat_template.json", "additional_chat_templates", "vocab.json", "merges.txt", "tokenizer.model",
 })
 
+# Files the operating system writes into a folder a user merely opens (macOS Finder's .DS_Store, Windows Explorer's
+# Thumbs.db and desktop.ini; AppleDouble ._* files beside each file copied to a non-Mac disk): not the user's, so they
+# go with the folder an export replaces.
+OS_METADATA_FILES = frozenset({".DS_Store", "Thumbs.db", "desktop.ini"})
+
 
 def check_export_folder(folder: str | Path, role: Literal["av", "ar"]) -> None:
     """Refuse a folder that holds an NLA export of the other role: the export replaces its folder whole, and
     would destroy it. Refuse a sharded model's folder too (a base, a released NLA): its weight index outranks the
     export's single file; and a file, a folder of files but no sidecar, or an earlier export with files beside it
     that no export writes (`EXPORT_FILES`), which the export would delete, and a symlink that leads round a loop,
-    which `replaced_folders` refuses only once the weights are trained."""
+    which `replaced_folders` refuses only once the weights are trained. The OS's metadata files (`OS_METADATA_FILES`,
+    AppleDouble `._*`) are no user's: they block nothing, and go with the folder."""
     folder = Path(folder)
     if folder.is_symlink():
         link_target(folder)
@@ -211,7 +217,7 @@ def check_export_folder(folder: str | Path, role: Literal["av", "ar"]) -> None:
                           "reads before the exported model.safetensors, so the folder would load the weights its index "
                           "names, not the trained ones. Export into a new folder (or remove the index and its "
                           "shards)")
-    if not (folder / SIDECAR_NAME).is_file() and folder.is_dir() and any(folder.iterdir()):
+    if not (folder / SIDECAR_NAME).is_file() and folder.is_dir() and _users_entries(folder):
         raise ConfigError(f"{folder} holds files but no {SIDECAR_NAME}, so it is no NLA export, and an export "
                           "replaces its folder whole: they would be deleted. Export into a new or empty folder "
                           "(or, if it is an export that was cut short, delete it)")
@@ -220,13 +226,20 @@ def check_export_folder(folder: str | Path, role: Literal["av", "ar"]) -> None:
 
 def check_no_foreign_files(folder: Path, replaced: str, elsewhere: str) -> None:
     """Refuse a folder about to be replaced whole that holds files no export writes (`EXPORT_FILES`): a user's notes
-    or results beside an earlier export. `replaced` says what replaces it, `elsewhere` the other way on."""
-    foreign = sorted(path.name + ("/" if path.is_dir() else "") for path in folder.iterdir()
+    or results beside an earlier export (not the OS's metadata files). `replaced` says what replaces it, `elsewhere`
+    the other way on."""
+    foreign = sorted(path.name + ("/" if path.is_dir() else "") for path in _users_entries(folder)
                      if path.name not in EXPORT_FILES) if folder.is_dir() else []
     if foreign:
         raise ConfigError(f"{folder} holds {counted(len(foreign), 'file')} that no export writes "
                           f"({first_few(foreign)}), and {replaced}: they would be deleted. Move them out of {folder}, "
                           f"or {elsewhere}")
+
+
+def _users_entries(folder: Path) -> list[Path]:
+    """The entries of `folder` that a user may have put there: all but the OS's metadata files."""
+    return [path for path in folder.iterdir()
+            if not (path.is_file() and (path.name in OS_METADATA_FILES or path.name.startswith("._")))]
 
 
 def _export_backbone(model: TLModel, folder: Path, staged: Path, base_model: str | Path, *, n_layers: int | None,
