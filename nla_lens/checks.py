@@ -156,6 +156,21 @@ def is_bool(value: object) -> bool:
     return isinstance(_python_scalar(value), bool)
 
 
+def check_draws_of(draws_of: object, n: int) -> torch.Tensor:
+    """`verbalize`'s `draws_of` as a `[n]` long tensor on the CPU: one row index in [0, n) per vector."""
+    items = draws_of.tolist() if isinstance(draws_of, (torch.Tensor, np.ndarray)) else draws_of
+    if not isinstance(items, (list, tuple, range)) or not all(is_integer(i) for i in items):
+        raise InputError(f"draws_of must hold one row index (a whole number) per vector, e.g. "
+                         f"[*range(n), *range(n)] for two runs of n sites; got {type(draws_of).__name__} {items!r:.80}")
+    if len(items) != n:
+        raise InputError(f"draws_of has {len(items)} entries for {n} vectors: give one row index per vector")
+    outside = [int(i) for i in items if not 0 <= int(i) < n]
+    if outside:
+        raise InputError(f"draws_of holds {outside[:5]}, outside the rows 0..{n - 1}: each entry names the row whose "
+                         "random numbers that row draws")
+    return torch.tensor([int(i) for i in items], dtype=torch.long)
+
+
 def is_integer(value: object) -> TypeGuard[numbers.Integral]:
     """A whole number, Python's or NumPy's (an element of an index array, an argmax), not a bool of either."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)

@@ -355,9 +355,13 @@ def steer_then_verbalize(
     Steering at layer K itself moves the captured vector by exactly `scale * steering_vector`.
     Without `attention_mask`, `steer_positions` skip padding by the rule the capture uses.
     `baseline` is passed to the round trip: give a held-out set's for per-row FVEs that mean much.
+    Other keywords go to `verbalize` (or the round trip). Sampled at `temperature > 0`, a site's clean and steered
+    rows draw common random numbers (`verbalize`'s `draws_of`, set here), so readouts part only where the steering
+    moved the vectors: equal vectors give the same sample and no added or removed words.
     """
     av = _verbalizer(nla_or_av)
     check_read_keywords(nla_or_av, verbalize_kwargs, "steer_then_verbalize")
+    _check_draws_free(verbalize_kwargs, "steer_then_verbalize")
     check_base_model(base_model, nla_or_av, av.meta.layer)
     layer, notes = _capture_layer(base_model, av, capture_layer)
     d_model = base_model.cfg.d_model
@@ -447,9 +451,14 @@ def patching_study(
     column by column). Without it, padding is read from the pad tokens at either end of each, as the capture
     does; pass one (all ones for unpadded prompts) to keep a pad-id token at either end as a real token
     (Qwen's pad is `<|endoftext|>`, which ends documents).
+
+    Other keywords go to `verbalize` (or the round trip). Sampled at `temperature > 0`, a site's clean, corrupted
+    and patched rows draw common random numbers (`verbalize`'s `draws_of`, set here): a patch that leaves the
+    corrupted vectors as they were reads out the corrupted run's sample.
     """
     av = _verbalizer(nla_or_av)
     check_read_keywords(nla_or_av, verbalize_kwargs, "patching_study")
+    _check_draws_free(verbalize_kwargs, "patching_study")
     check_base_model(base_model, nla_or_av, av.meta.layer)
     layer, notes = _capture_layer(base_model, av, capture_layer)
     check_token_ids(base_model, clean_tokens, "clean_tokens")
@@ -663,8 +672,10 @@ def _read(nla_or_av: NLA | ActivationVerbalizer, runs: Sequence[tuple[str, Captu
           ) -> tuple[list[Verbalization], list[float | None], list[bool | None], RoundTrip | None]:
     """Verbalizations, per-row FVEs (1 - mse_i / baseline) and whether each row scored the miss
     (`RoundTrip.misses`; None without an AR) of every run's captured vectors, in one AV batch, in the order of
-    `runs`; the round trip's warnings name each row by its run and site."""
+    `runs`; the round trip's warnings name each row by its run and site. Site i of every run samples with the
+    same random numbers (`verbalize`'s `draws_of`), so sampling noise alone does not part the runs' readouts."""
     vectors = torch.cat([cap.vectors for _, cap in runs])
+    verbalize_kwargs = {**verbalize_kwargs, "draws_of": [i for _, cap in runs for i in range(len(cap.rows))]}
     if isinstance(nla_or_av, ActivationVerbalizer):
         return nla_or_av.verbalize(vectors, **verbalize_kwargs), [None] * len(vectors), [None] * len(vectors), None
     sites = [(run, row) for run, cap in runs for row in cap.rows]
@@ -673,6 +684,13 @@ def _read(nla_or_av: NLA | ActivationVerbalizer, runs: Sequence[tuple[str, Captu
     fves: list[float | None] = [None] * len(vectors) if round_trip.fves is None else round_trip.fves.tolist()
     misses: list[bool | None] = list(round_trip.misses)
     return round_trip.verbalizations, fves, misses, round_trip
+
+
+def _check_draws_free(verbalize_kwargs: dict[str, Any], where: str) -> None:
+    """`draws_of` is the study's own: it pairs each site's rows across its runs."""
+    if "draws_of" in verbalize_kwargs:
+        raise InputError(f"{where} sets draws_of itself: site i of every run samples with the same random numbers, "
+                         "so sampling noise alone does not part their readouts; drop draws_of")
 
 
 def _name_run_sites(rows: Sequence[int], sites: Sequence[tuple[str, CapturedRow]]) -> str:

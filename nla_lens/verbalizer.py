@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, SupportsIndex, cast, overload
@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from nla_lens import backends, loading
-from nla_lens.checks import check_sampling, counted, is_count, resolve_device, resolve_dtype
+from nla_lens.checks import check_draws_of, check_sampling, counted, is_count, resolve_device, resolve_dtype
 from nla_lens.distributed import inference
 from nla_lens.errors import InjectionError, InputError, PromptTooLongError, SidecarError
 from nla_lens.injection import BLOCK_0_INPUT, Injection, check_vectors
@@ -282,6 +282,7 @@ class ActivationVerbalizer:
         batch_size: int = 32,
         seed: int | None = None,
         progress: bool = False,
+        draws_of: Sequence[int] | Tensor | None = None,
     ) -> Verbalizations:
         """Explain each vector: one `Verbalization` per row of `vectors`, in order.
 
@@ -289,7 +290,13 @@ class ActivationVerbalizer:
         residuals at `blocks.K.hook_resid_post` (K = `meta.layer`), or any direction, since only the direction
         reaches the AV. `max_new_tokens` caps each completion, EOS included. Temperature 0 is greedy; a seed
         makes sampling reproducible for the same vectors, `batch_size` and device (a batch's rows draw from one
-        generator in turn, so a row sampled alone or in another batch gets other draws). `progress` shows a bar
+        generator in turn, so a row sampled alone or in another batch gets other draws). `draws_of` gives rows common
+        random numbers, for comparing readouts of paired vectors (clean and steered): row i samples with row
+        `draws_of[i]`'s numbers, one uniform per step read through the inverse CDF of its distribution over token ids,
+        so rows that share them write the same sample from equal vectors and mostly the same tokens from similar
+        ones, where their own draws would part them by sampling noise alone. Its numbers come from one table drawn
+        per call (seeded by `seed`, else torch's global generator), so they do not depend on `batch_size`; greedy
+        decoding draws none. `progress` shows a bar
         over batches (off by default; the CLI turns it on). Raises `VectorError` (wrong shape, NaN / Inf, a zero
         row), `PromptTooLongError` (the AV prompt plus `max_new_tokens` past `n_ctx`), `InputError` (a sampling
         setting out of range; a HookedTransformer cast with `.half()` / `.bfloat16()`, whose `cfg.dtype` is stale)
@@ -298,6 +305,8 @@ class ActivationVerbalizer:
         self._check_fits(max_new_tokens)
         backends.check_dtype_current(self.model, "AV")
         vectors = check_vectors(vectors, self.meta.d_model)
+        draws = None if draws_of is None else check_draws_of(draws_of, vectors.shape[0])
+        uniforms = None if draws is None or temperature == 0 else _common_uniforms(draws, max_new_tokens, seed)
         generator = None
         if seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(int(seed))  # numpy's too
@@ -306,8 +315,9 @@ class ActivationVerbalizer:
         starts = range(0, vectors.shape[0], batch_size)
         with inference(self.model):
             for start in tqdm(starts, desc="verbalize", disable=not progress, unit="batch"):
+                batch_uniforms = None if uniforms is None else uniforms[start:start + batch_size]
                 for ids in self._generate(vectors[start:start + batch_size], max_new_tokens, temperature, top_p,
-                                          generator):
+                                          generator, batch_uniforms):
                     text = cast(str, self.tokenizer.decode(ids, skip_special_tokens=True))
                     results.append(Verbalization(text, parse_explanation(text), ids, truncated=ids[-1] not in eos,
                                                  index=len(results)))
@@ -327,8 +337,10 @@ class ActivationVerbalizer:
             )
 
     def _generate(self, vectors: Float[Tensor, "n d_model"], max_new_tokens: int, temperature: float,
-                  top_p: float, generator: torch.Generator | None) -> list[list[int]]:
-        """KV-cached decoding; the injection hook is installed for the prefill forward only."""
+                  top_p: float, generator: torch.Generator | None,
+                  uniforms: Float[Tensor, "n max_new_tokens"] | None = None) -> list[list[int]]:
+        """KV-cached decoding; the injection hook is installed for the prefill forward only. `uniforms`: each row's
+        draw per step for `_sample_inverse_cdf` (None: `_sample`'s multinomial with `generator`)."""
         n = vectors.shape[0]
         tokens = self.prompt_tokens(n)
         injection = self.injection(vectors, tokens)
@@ -341,8 +353,11 @@ class ActivationVerbalizer:
         finished = torch.zeros(n, dtype=torch.bool, device=self.device)
         generated = torch.empty(n, max_new_tokens, dtype=torch.long, device=self.device)
         check_every = _STOP_CHECK_EVERY.get(self.device.type, _STOP_CHECK_EVERY_DEFAULT)
+        if uniforms is not None:
+            uniforms = uniforms.to(self.device)
         for step in range(max_new_tokens):
-            next_ids = _sample(logits, temperature, top_p, generator)
+            next_ids = (_sample(logits, temperature, top_p, generator) if uniforms is None
+                        else _sample_inverse_cdf(logits, temperature, top_p, uniforms[:, step]))
             generated[:, step] = next_ids
             finished |= torch.isin(next_ids, eos)
             if step == max_new_tokens - 1 or (step % check_every == 0 and bool(finished.all())):
@@ -357,6 +372,22 @@ def _sample(logits: Float[Tensor, "n vocab"], temperature: float, top_p: float,
             generator: torch.Generator | None) -> Int[Tensor, " n"]:
     if temperature == 0:
         return logits.argmax(dim=-1)
+    return torch.multinomial(_probabilities(logits, temperature, top_p), 1, generator=generator).squeeze(-1)
+
+
+def _sample_inverse_cdf(logits: Float[Tensor, "n vocab"], temperature: float, top_p: float,
+                        uniforms: Float[Tensor, " n"]) -> Int[Tensor, " n"]:
+    """Row i takes the first token id whose cumulative probability passes `uniforms[i]` of the row's mass: rows given
+    one uniform and near-equal distributions take one token unless it falls between their cumulative sums."""
+    cdf = _probabilities(logits, temperature, top_p).cumsum(dim=-1)
+    mass = cdf[:, -1:].contiguous()
+    chosen = torch.searchsorted(cdf, uniforms[:, None].to(cdf.dtype) * mass, right=True)
+    # u * mass may round up to the mass itself, past every token: take the last token with probability then
+    return torch.minimum(chosen, torch.searchsorted(cdf, mass)).squeeze(-1)
+
+
+def _probabilities(logits: Float[Tensor, "n vocab"], temperature: float, top_p: float) -> Float[Tensor, "n vocab"]:
+    """The sampling distribution at `temperature` (> 0), cut to the top-p nucleus (not renormalised)."""
     scaled = logits.float() / temperature
     if not bool(scaled.isfinite().all()):  # a tiny temperature overflows: the same distribution, shifted first
         # in fp64: a temperature below fp32's smallest number (1.4e-45) is 0 there, and 0 / 0 is NaN
@@ -369,7 +400,15 @@ def _sample(logits: Float[Tensor, "n vocab"], temperature: float, top_p: float,
         drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return probs
+
+
+def _common_uniforms(draws: Int[Tensor, " n"], max_new_tokens: int,
+                     seed: int | None) -> Float[Tensor, "n max_new_tokens"]:
+    """Row i's uniform per decode step: row `draws[i]` of one table drawn on the CPU, whatever the device and
+    `batch_size`."""
+    generator = None if seed is None else torch.Generator().manual_seed(int(seed))
+    return torch.rand(len(draws), max_new_tokens, generator=generator)[draws]
 
 
 def _injection_spec(meta: NLAMeta, injection: InjectionSpec | str | None,

@@ -938,3 +938,86 @@ def test_patching_study_errors_name_capture_position_and_a_non_string_activation
             nl.patching_study(base, nla, clean, corrupted, patch_layer=0, patch_position=1, activation_name=name,
                               **FAST)
     assert no_hooks_left(base)
+
+
+SAMPLED = {"temperature": 1.0, "max_new_tokens": 12, "progress": False}
+# The tiny AV's samples are nearly random tokens, some mostly CJK, which verbalize warns of as a failed injection.
+CJK_SAMPLES = pytest.mark.filterwarnings("ignore:.*AV outputs echo the marker")
+
+
+def _same_tokens(pairs) -> float:
+    """The share of generated positions where both readouts of a pair hold one token (the longer one counts)."""
+    same = sum(a == b for x, y in pairs for a, b in zip(x.tokens, y.tokens, strict=False))
+    return same / sum(max(len(x.tokens), len(y.tokens)) for x, y in pairs)
+
+
+@CJK_SAMPLES
+@pytest.mark.parametrize("seed", [0, None], ids=["seeded", "unseeded"])
+def test_a_steering_that_changes_nothing_reads_out_the_same_sample_at_temperature_1(base, av_karvonen, steer, seed):
+    """Clean and steered rows drew their own random numbers in one AV batch, so at temperature 1 the readouts of
+    equal vectors differed (every one of the 4 sites here) and word_diff reported sampling noise as the steering's
+    effect. Each site's two rows now sample with common random numbers, seeded or not."""
+    tokens, mask = padded(base, "left")
+    with pytest.warns(UserWarning, match="the steering changed no captured residual"):
+        result = nl.steer_then_verbalize(base, av_karvonen, tokens, attention_mask=mask, steering_vector=steer,
+                                         scale=5.0, steer_layer=1, positions=-3, steer_positions=-1, seed=seed,
+                                         **SAMPLED)
+    assert torch.equal(result.steered_vectors, result.clean_vectors)
+    assert len({r.clean.text for r in result.rows}) == 4  # sampled: four sites, four readouts
+    assert [r.steered for r in result.rows] == [r.clean for r in result.rows]
+    assert all(r.added == r.removed == [] for r in result.rows)
+    assert "0 readouts changed by steering" in result.summary()
+
+
+@CJK_SAMPLES
+def test_a_small_steering_reads_out_mostly_the_same_tokens_at_temperature_1(base, av_karvonen, steer):
+    """Cosine 0.99983 between clean and steered vectors: with common random numbers 70 of the 96 generated tokens
+    match position by position (measured on TL 3.9 and 4.3), and 5 of the 8 readouts are equal; with each row's own
+    draws none did (the tiny AV's distributions are nearly flat)."""
+    tokens, mask = padded(base, "left")
+    result = nl.steer_then_verbalize(base, av_karvonen, tokens, attention_mask=mask, steering_vector=steer,
+                                     scale=0.02, steer_layer=1, positions=[-1, -2], seed=0, **SAMPLED)
+    assert min(r.cosine for r in result.rows) == pytest.approx(0.99983, abs=5e-5)
+    assert _same_tokens([(r.clean, r.steered) for r in result.rows]) >= 0.5  # measured 70 / 96 = 0.73
+    assert sum(r.clean == r.steered for r in result.rows) >= 3  # measured 5 of 8
+
+
+@CJK_SAMPLES
+def test_a_seeded_sampled_study_reproduces(base, av_karvonen, steer):
+    tokens, mask = padded(base, "left")
+    kwargs = {"attention_mask": mask, "steering_vector": steer, "scale": 0.3, "steer_layer": 1, **SAMPLED}
+    first = nl.steer_then_verbalize(base, av_karvonen, tokens, seed=3, **kwargs)
+    again = nl.steer_then_verbalize(base, av_karvonen, tokens, seed=3, **kwargs)
+    other = nl.steer_then_verbalize(base, av_karvonen, tokens, seed=4, **kwargs)
+    assert [(r.clean, r.steered, r.added, r.removed) for r in again.rows] == [
+        (r.clean, r.steered, r.added, r.removed) for r in first.rows]
+    assert [r.clean for r in other.rows] != [r.clean for r in first.rows]
+    clean_tokens, corrupted_tokens = equal_length_pair(base)
+    studies = [nl.patching_study(base, av_karvonen, clean_tokens, corrupted_tokens, patch_layer=1, patch_position=1,
+                                 seed=3, **SAMPLED) for _ in range(2)]
+    assert [r.verbalization for r in studies[0].rows] == [r.verbalization for r in studies[1].rows]
+
+
+@CJK_SAMPLES
+@pytest.mark.parametrize("seed", [0, None], ids=["seeded", "unseeded"])
+def test_a_patch_that_changes_nothing_reads_out_the_corrupted_sample_at_temperature_1(base, av_karvonen, seed):
+    """Column 0 ("The") holds one token and, attention being causal, one residual in both runs: patching it leaves
+    the patched vectors the corrupted ones, whose readouts drew other random numbers than the patched run's."""
+    clean_tokens, corrupted_tokens = equal_length_pair(base)
+    study = nl.patching_study(base, av_karvonen, clean_tokens, corrupted_tokens, patch_layer=0, patch_position=0,
+                              seed=seed, **SAMPLED)
+    assert torch.equal(study.patched_vectors, study.corrupted_vectors)
+    runs = {run: [r.verbalization for r in study.rows if r.run == run] for run in ("clean", "corrupted", "patched")}
+    assert runs["patched"] == runs["corrupted"] != runs["clean"]
+    assert len({v.text for v in runs["corrupted"]}) == 2
+
+
+def test_a_study_refuses_draws_of_which_it_sets_itself(base, av_karvonen, steer):
+    clean_tokens, corrupted_tokens = equal_length_pair(base)
+    message = r"^{} sets draws_of itself: site i of every run samples with the same random numbers"
+    with pytest.raises(nl.InputError, match=message.format("steer_then_verbalize")):
+        nl.steer_then_verbalize(base, av_karvonen, clean_tokens, steering_vector=steer, scale=1.0, steer_layer=1,
+                                draws_of=[0, 1, 0, 1])
+    with pytest.raises(nl.InputError, match=message.format("patching_study")):
+        nl.patching_study(base, av_karvonen, clean_tokens, corrupted_tokens, patch_layer=0, patch_position=0,
+                          draws_of=[0, 1, 0, 1, 0, 1])

@@ -388,3 +388,43 @@ def test_verbalize_keeps_its_failed_injection_warning_where_a_notebook_and_a_sav
     monkeypatch.setattr(av_karvonen, "_generate", lambda batch, *_: [said] * len(batch))
     fine = av_karvonen.verbalize(vectors[:2])
     assert fine.warnings == [] and "warning" not in repr(fine)
+
+
+def test_rows_sharing_draws_sample_equal_vectors_alike_whatever_the_batch_size(av_karvonen, vectors):
+    """`draws_of`: common random numbers for paired rows. Without it each row draws its own numbers, so a vector
+    repeated in one call is sampled otherwise each time (measured: all four pairs differ)."""
+    kwargs = dict(max_new_tokens=MAX_NEW, temperature=1.0, seed=0, progress=False)
+    twice = torch.cat([vectors, vectors])
+    paired = av_karvonen.verbalize(twice, draws_of=[0, 1, 2, 3] * 2, **kwargs)
+    assert paired[:4] == paired[4:] and len({v.text for v in paired}) == 4
+    assert av_karvonen.verbalize(twice, draws_of=torch.arange(4).repeat(2), batch_size=2, **kwargs) == paired
+    own = av_karvonen.verbalize(twice, **kwargs)
+    assert all(own[i] != own[i + 4] for i in range(4))
+    assert av_karvonen.verbalize(twice, draws_of=range(8), **kwargs) != paired
+    greedy = av_karvonen.verbalize(twice, max_new_tokens=MAX_NEW, progress=False)
+    assert av_karvonen.verbalize(twice, draws_of=[0] * 8, max_new_tokens=MAX_NEW, progress=False) == greedy
+
+
+@pytest.mark.parametrize(("draws_of", "match"), [
+    ([0, 1, 2], r"^draws_of has 3 entries for 4 vectors: give one row index per vector$"),
+    ([0, 1, 4, -1], r"^draws_of holds \[4, -1\], outside the rows 0\.\.3: each entry names the row"),
+    (torch.tensor([0.0, 1.0, 2.0, 3.0]), r"^draws_of must hold one row index \(a whole number\) per vector"),
+    ([0, 1, True, 3], r"^draws_of must hold one row index"),
+    (3, r"^draws_of must hold one row index .*got int 3$"),
+])
+def test_draws_of_other_than_one_row_index_per_vector_is_an_input_error(av_karvonen, vectors, draws_of, match):
+    with pytest.raises(nl.InputError, match=match):
+        av_karvonen.verbalize(vectors, draws_of=draws_of, max_new_tokens=2, progress=False)
+
+
+def test_inverse_cdf_sampling_follows_the_distribution_and_never_picks_a_token_cut_by_top_p():
+    from nla_lens.verbalizer import _sample_inverse_cdf
+
+    logits = torch.log(torch.tensor([[0.1, 0.2, 0.3, 0.4]]))
+    grid = (torch.arange(1000) + 0.5) / 1000  # evenly spread draws: each token's share is its probability
+    picks = torch.cat([_sample_inverse_cdf(logits, 1.0, 1.0, u[None]) for u in grid])
+    assert torch.bincount(picks, minlength=4).tolist() == [100, 200, 300, 400]
+    # top_p 0.6 keeps tokens 3 and 2 (mass 0.7); a draw of 1.0 (u * mass rounds to the mass) still takes token 3
+    cut = torch.cat([_sample_inverse_cdf(logits, 1.0, 0.6, u[None]) for u in [*grid, torch.tensor(1.0)]])
+    assert set(cut.tolist()) == {2, 3} and cut[-1] == 3
+    assert torch.bincount(cut[:-1], minlength=4).tolist() == [0, 0, 429, 571]  # 0.3 / 0.7 and 0.4 / 0.7 of 1000
