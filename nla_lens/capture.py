@@ -554,3 +554,17 @@ def real_tokens(model: TLModel, attention_mask: Tensor | None, tokens: Tensor | 
     if trailing_pads_real:
         return real
     return real & get_attention_mask(model.tokenizer, tokens, prepend_bos, padding_side="right").bool()
+
+
+def decoded_prompts(model: TLModel, tokens: Int[Tensor, "batch pos"],
+                    real: Bool[Tensor, "batch pos"] | None) -> list[str | None]:
+    """Each row's real tokens (`real`, as `real_tokens` gives it: None, every column) decoded with the model's
+    tokenizer into one text, padding left out and special tokens kept (a BOS is part of what the row ran): the prompt
+    a result's rows name, so that a saved file says which prompt its `batch` was. None per row without a tokenizer."""
+    tokenizer = model.tokenizer
+    if tokenizer is None:
+        return [None] * tokens.shape[0]
+    kept = torch.ones(tokens.shape, dtype=torch.bool) if real is None else real.bool().cpu()
+    # As TL's to_str_tokens decodes each token: spaces as the tokens hold them.
+    return [cast(str, tokenizer.decode(row[keep].tolist(), clean_up_tokenization_spaces=False))
+            for row, keep in zip(tokens.cpu(), kept, strict=True)]

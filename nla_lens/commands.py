@@ -62,8 +62,9 @@ def capture_text(base: Path, tokenizer: PreTrainedTokenizerBase, layer: int, tex
                  dtype: torch.dtype) -> VectorTable:
     """`blocks.{layer}.hook_resid_post` of the base model in folder `base` (with its loaded `tokenizer`; both, and
     `layer`, checked by `cli_checks.base_for`) at the positions of `text` (found non-empty by `_run_verbalize`) that
-    `explain` explains by default (every one but a BOS the tokenizer puts first), with each one's `position` and
-    `token` columns, so an explanation can be read against what it explains."""
+    `explain` explains by default (every one but a BOS the tokenizer puts first), with each one's `input_text` (the
+    text, as `explain`'s rows name it), `position` and `token` columns, so an explanation can be read against what it
+    explains."""
     from nla_lens import backends
     from nla_lens.capture import text_resid_post
     from nla_lens.explain import bos_skip, select_positions
@@ -74,7 +75,8 @@ def capture_text(base: Path, tokenizer: PreTrainedTokenizerBase, layer: int, tex
     with torch.inference_mode():
         vectors = text_resid_post(model, torch.tensor([row], device=device), layer).float()
     positions = select_positions(None, len(row), bos_skip(tokenizer, row))
-    return VectorTable(vectors[positions], pa.table({"position": pa.array(positions, pa.int64()),
+    return VectorTable(vectors[positions], pa.table({"input_text": pa.array([text] * len(positions), pa.string()),
+                                                     "position": pa.array(positions, pa.int64()),
                                                      "token": [tokenizer.decode([row[p]]) for p in positions]}))
 
 
@@ -96,8 +98,9 @@ def add_verbalize(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--base", help="base model folder for --text (default: the sidecar's base_model)")
     parser.add_argument("--layer", type=int, help="layer K for --text (default: the AV's sidecar layer)")
     parser.add_argument("--output", type=Path,
-                        help="write the rows (index, the input's columns or --text's position and token, "
-                             "explanation, text, truncated) to this .parquet or .jsonl file instead of printing them")
+                        help="write the rows (index, the input's columns or --text's input_text, position and "
+                             "token, explanation, text, truncated) to this .parquet or .jsonl file instead of "
+                             "printing them")
     _add_job_flags(parser)
     parser.set_defaults(run=_run_verbalize)
 

@@ -33,6 +33,7 @@ from nla_lens.capture import (
     capture,
     check_block,
     check_token_ids,
+    decoded_prompts,
     real_tokens,
     resid_post_name,
     resolve_positions,
@@ -57,6 +58,8 @@ class SteeringRow:
         batch: the row of the base model's tokens.
         position: the column captured in that row.
         token: the token at that column; None when the tokens are unknown.
+        prompt: the row's prompt: its real tokens decoded with the base model's tokenizer (padding left out,
+            special tokens kept), so that a saved file says which prompt `batch` was; None without a tokenizer.
         clean: the AV's readout of the site's vector without steering.
         steered: the AV's readout of the site's vector with steering.
         added: words of the steered readout that the clean one lacks, in order (difflib); words as `word_diff`
@@ -73,6 +76,7 @@ class SteeringRow:
     batch: int
     position: int
     token: str | None
+    prompt: str | None
     clean: Verbalization
     steered: Verbalization
     added: list[str]
@@ -112,18 +116,20 @@ class SteeringResult(TabularResult):
 
     display_columns = ("batch", "position", "token", "clean", "steered", "added", "removed", "cosine",
                        "fve_clean", "fve_steered")
-    schema = pa.schema({"batch": pa.int64(), "position": pa.int64(), "token": pa.string(), "clean": pa.string(),
-                        "clean_parsed": pa.bool_(), "steered": pa.string(), "steered_parsed": pa.bool_(),
-                        "added": pa.list_(pa.string()), "removed": pa.list_(pa.string()), "cosine": pa.float64(),
-                        "fve_clean": pa.float64(), "fve_steered": pa.float64(), "clean_miss": pa.bool_(),
-                        "steered_miss": pa.bool_(), "layer": pa.int64(),
+    schema = pa.schema({"batch": pa.int64(), "prompt": pa.string(), "position": pa.int64(), "token": pa.string(),
+                        "clean": pa.string(), "clean_parsed": pa.bool_(), "steered": pa.string(),
+                        "steered_parsed": pa.bool_(), "added": pa.list_(pa.string()), "removed": pa.list_(pa.string()),
+                        "cosine": pa.float64(), "fve_clean": pa.float64(), "fve_steered": pa.float64(),
+                        "clean_miss": pa.bool_(), "steered_miss": pa.bool_(), "layer": pa.int64(),
                         "steer_layer": pa.int64(), "scale": pa.float64()})
+    optional_columns = ("prompt",)  # every row has it; files saved before rows named their prompt do not
     warnings_at = "warnings"
 
     def to_records(self) -> list[dict[str, Any]]:
-        return [{"batch": r.batch, "position": r.position, "token": r.token, "clean": _readout(r.clean),
-                 "clean_parsed": r.clean.explanation is not None, "steered": _readout(r.steered),
-                 "steered_parsed": r.steered.explanation is not None, "added": r.added, "removed": r.removed,
+        return [{"batch": r.batch, "prompt": r.prompt, "position": r.position, "token": r.token,
+                 "clean": _readout(r.clean), "clean_parsed": r.clean.explanation is not None,
+                 "steered": _readout(r.steered), "steered_parsed": r.steered.explanation is not None,
+                 "added": r.added, "removed": r.removed,
                  "cosine": r.cosine, "fve_clean": r.fve_clean, "fve_steered": r.fve_steered,
                  "clean_miss": r.clean_miss, "steered_miss": r.steered_miss, "layer": self.layer,
                  "steer_layer": self.steer_layer, "scale": self.scale} for r in self.rows]
@@ -145,6 +151,9 @@ class PatchingRow:
         batch: the row of that run's tokens.
         position: the column read out (capture_position), not the patched one.
         token: the token at that column in that run; None when the tokens are unknown.
+        prompt: the row's prompt in that run (a patched row's is the corrupted one): its real tokens decoded with
+            the base model's tokenizer (padding left out, special tokens kept), so that a saved file says which
+            prompt `batch` was; None without a tokenizer.
         verbalization: the AV's readout of the site's vector.
         fve: per-row FVE of the round trip; None without an AR.
         cosine_to_clean: captured vector vs the clean run's at the same site.
@@ -156,6 +165,7 @@ class PatchingRow:
     batch: int
     position: int
     token: str | None
+    prompt: str | None
     verbalization: Verbalization
     fve: float | None
     cosine_to_clean: float
@@ -191,14 +201,15 @@ class PatchingStudy(TabularResult):
     warnings: list[str] = field(default_factory=list)
 
     display_columns = ("run", "batch", "position", "token", "explanation", "cosine_to_clean", "fve")
-    schema = pa.schema({"run": pa.string(), "batch": pa.int64(), "position": pa.int64(), "token": pa.string(),
-                        "explanation": pa.string(), "parsed": pa.bool_(), "cosine_to_clean": pa.float64(),
-                        "fve": pa.float64(), "miss": pa.bool_(), "patched": pa.string(), "patch_position": pa.int64(),
-                        "layer": pa.int64()})
+    schema = pa.schema({"run": pa.string(), "batch": pa.int64(), "prompt": pa.string(), "position": pa.int64(),
+                        "token": pa.string(), "explanation": pa.string(), "parsed": pa.bool_(),
+                        "cosine_to_clean": pa.float64(), "fve": pa.float64(), "miss": pa.bool_(),
+                        "patched": pa.string(), "patch_position": pa.int64(), "layer": pa.int64()})
+    optional_columns = ("prompt",)  # every row has it; files saved before rows named their prompt do not
     warnings_at = "warnings"
 
     def to_records(self) -> list[dict[str, Any]]:
-        return [{"run": r.run, "batch": r.batch, "position": r.position, "token": r.token,
+        return [{"run": r.run, "batch": r.batch, "prompt": r.prompt, "position": r.position, "token": r.token,
                  "explanation": _readout(r.verbalization), "parsed": r.verbalization.explanation is not None,
                  "cosine_to_clean": r.cosine_to_clean, "fve": r.fve, "miss": r.miss, "patched": self.hook_name,
                  "patch_position": self.patch_position, "layer": self.layer} for r in self.rows]
@@ -392,13 +403,14 @@ def steer_then_verbalize(
     verbalizations, fves, misses, round_trip = _read(
         nla_or_av, [("clean", clean), ("steered", steered)], baseline, verbalize_kwargs)
     cosines = torch.cosine_similarity(clean.vectors, steered.vectors, dim=-1).tolist()
+    prompts = decoded_prompts(base_model, tokens, real)
     rows = []
     for i, site in enumerate(clean.rows):
         # One AV batch held clean then steered rows: a steered readout is given its own row i, not n + i.
         before, after = verbalizations[i], replace(verbalizations[n + i], index=i)
         added, removed = word_diff(_readout(before), _readout(after))
-        rows.append(SteeringRow(site.batch, site.position, site.token, before, after, added, removed,
-                                cosines[i], fves[i], fves[n + i], misses[i], misses[n + i]))
+        rows.append(SteeringRow(site.batch, site.position, site.token, prompts[site.batch], before, after, added,
+                                removed, cosines[i], fves[i], fves[n + i], misses[i], misses[n + i]))
     return SteeringResult(rows, clean.vectors, steered.vectors, round_trip, layer, steer_layer, float(scale),
                           _kept_warnings(notes, verbalizations, round_trip))
 
@@ -493,12 +505,16 @@ def patching_study(
         ("clean", clean), ("corrupted", corrupted), ("patched", patched))
     verbalizations, fves, misses, round_trip = _read(nla_or_av, runs, baseline, verbalize_kwargs)
     n = len(clean.rows)
+    clean_prompts, corrupted_prompts = (
+        decoded_prompts(base_model, tokens, real_tokens(base_model, attention_mask, tokens))
+        for tokens in (clean_tokens, corrupted_tokens))
+    prompts = {"clean": clean_prompts, "corrupted": corrupted_prompts, "patched": corrupted_prompts}
     rows = []
     for k, (run, cap) in enumerate(runs):
         cosines = torch.cosine_similarity(cap.vectors, clean.vectors, dim=-1).tolist()
         for i, site in enumerate(cap.rows):
             # One AV batch held the three runs: a readout is given its row i in its own run, not k * n + i.
-            rows.append(PatchingRow(run, site.batch, site.position, site.token,
+            rows.append(PatchingRow(run, site.batch, site.position, site.token, prompts[run][site.batch],
                                     replace(verbalizations[k * n + i], index=i), fves[k * n + i], cosines[i],
                                     misses[k * n + i]))
     return PatchingStudy(rows, hook_name, clean.vectors, corrupted.vectors, patched.vectors, round_trip,

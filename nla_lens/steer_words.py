@@ -46,6 +46,7 @@ from nla_lens.base_model import check_base_model
 from nla_lens.capture import (
     PositionSpec,
     check_token_ids,
+    decoded_prompts,
     real_tokens,
     resid_post,
     resid_post_name,
@@ -172,6 +173,9 @@ class WordSteering(TabularResult):
         edited: per site, those explanations after the edit.
         delta: per site, the mean of unit(AR(edited)) - unit(AR(original)): Delta, what "add" steers along.
         target: per site, the mean of unit(AR(edited)): T, what "replace" steers towards.
+        prompts: per row of the tokens, its prompt: its real tokens decoded with the base model's tokenizer (padding
+            left out, special tokens kept), so that a saved file says which prompt a site's `batch` was; None
+            without a tokenizer.
         clean_logprobs: the base model's next-token log-probs at each site without the hook (`compare=True`);
             else None.
         steered_logprobs: the same with the hook installed.
@@ -194,6 +198,7 @@ class WordSteering(TabularResult):
     edited: list[list[str]]
     delta: Float[Tensor, "n d_model"]
     target: Float[Tensor, "n d_model"]
+    prompts: list[str | None]
     clean_logprobs: Float[Tensor, "n d_vocab"] | None = None
     steered_logprobs: Float[Tensor, "n d_vocab"] | None = None
     tokenizer: Any = None
@@ -204,14 +209,15 @@ class WordSteering(TabularResult):
     # Each pair side by side, clean then steered: what the steering changed
     display_columns = ("batch", "position", "token", "explanation", "edited", "delta_norm", "clean_next",
                        "steered_next", "kl", "clean_continuation", "steered_continuation")
-    schema = pa.schema({"batch": pa.int64(), "position": pa.int64(), "token": pa.string(), "explanation": pa.string(),
-                        "edited": pa.string(), "samples": pa.int64(), "explanation_samples": pa.list_(pa.string()),
-                        "edited_samples": pa.list_(pa.string()), "delta_norm": pa.float64(), "hook_name": pa.string(),
-                        "mode": pa.string(), "alpha": pa.float64(), "clean_next": pa.string(),
-                        "steered_next": pa.string(), "kl": pa.float64(), "clean_continuation": pa.string(),
-                        "steered_continuation": pa.string()})
-    # clean_next .. kl only with compare=True, the continuations only with continue_tokens > 0
-    optional_columns = ("clean_next", "steered_next", "kl", "clean_continuation", "steered_continuation")
+    schema = pa.schema({"batch": pa.int64(), "prompt": pa.string(), "position": pa.int64(), "token": pa.string(),
+                        "explanation": pa.string(), "edited": pa.string(), "samples": pa.int64(),
+                        "explanation_samples": pa.list_(pa.string()), "edited_samples": pa.list_(pa.string()),
+                        "delta_norm": pa.float64(), "hook_name": pa.string(), "mode": pa.string(),
+                        "alpha": pa.float64(), "clean_next": pa.string(), "steered_next": pa.string(),
+                        "kl": pa.float64(), "clean_continuation": pa.string(), "steered_continuation": pa.string()})
+    # clean_next .. kl only with compare=True, the continuations only with continue_tokens > 0; prompt in every row,
+    # but not in files saved before rows named their prompt
+    optional_columns = ("prompt", "clean_next", "steered_next", "kl", "clean_continuation", "steered_continuation")
 
     def fwd_hooks(self, alpha: float | None = None) -> list[tuple[str, HookFn]]:
         """`[(blocks.K.hook_resid_post, hook)]` for `run_with_hooks` or `model.hooks(...)`; `alpha` overrides."""
@@ -250,16 +256,16 @@ class WordSteering(TabularResult):
         return [(name, float(f"{float(v.exp()):.4g}")) for name, v in zip(names, values, strict=True)]
 
     def to_records(self) -> list[dict[str, Any]]:
-        """One row per steered site: where, the first explanation and its edit (every sample in the
-        `*_samples` columns), Delta's size `delta_norm` (how far the edit moved the reconstruction: add mode steers
-        along Delta, replace mode towards T, so an unchanged edit there is 0 and still steers), the top next tokens
-        without / with steering, the continuations."""
+        """One row per steered site: where (with its row's `prompt`), the first explanation and its edit (every
+        sample in the `*_samples` columns), Delta's size `delta_norm` (how far the edit moved the reconstruction: add
+        mode steers along Delta, replace mode towards T, so an unchanged edit there is 0 and still steers), the top
+        next tokens without / with steering, the continuations."""
         tops = self.next_tokens(_TABLE_TOP_K) if self.clean_logprobs is not None else [{}] * len(self.rows)
         records = []
         for i in range(len(self.rows)):
             row = int(self.rows[i])
-            record = {"batch": row, "position": int(self.positions[i]), "token": self.tokens_at[i],
-                      "explanation": self.explanations[i][0], "edited": self.edited[i][0],
+            record = {"batch": row, "prompt": self.prompts[row], "position": int(self.positions[i]),
+                      "token": self.tokens_at[i], "explanation": self.explanations[i][0], "edited": self.edited[i][0],
                       "samples": len(self.explanations[i]), "explanation_samples": self.explanations[i],
                       "edited_samples": self.edited[i], "delta_norm": float(self.delta[i].norm()),
                       "hook_name": self.hook_name, "mode": self.mode, "alpha": self.alpha}
@@ -357,7 +363,7 @@ def steer_with_words(
         named = [_decode(base.tokenizer, int(tokens[r, c])) for r, c in sites]
         result = WordSteering(resid_post_name(k), k, float(alpha), mode, rows.cpu(), cols.cpu(), named,
                               (tokens.shape[0], tokens.shape[1]), texts, edited, delta, target,
-                              warnings=dropped + warned)
+                              decoded_prompts(base, tokens, real), warnings=dropped + warned)
         clean = steered = continuations = None
         if compare:
             clean = _site_logprobs(base, tokens, run_mask, rows, cols, [])

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from pathlib import Path
 from types import ModuleType
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 from base_batches import load_base
@@ -127,6 +129,20 @@ def stray_byte_verbalization(tokenizer) -> nl.Verbalization:
            *tokenizer.encode("\n</explanation>", add_special_tokens=False), tokenizer.eos_token_id]
     text = tokenizer.decode(ids, skip_special_tokens=True)
     return nl.Verbalization(text, nl.verbalizer.parse_explanation(text), ids)
+
+
+def saved_without(result: nl.TabularResult, path: Path, column: str) -> Path:
+    """`result` saved to `path` (.parquet or .jsonl) as a save from before its rows had `column`: the file `save`
+    writes, that column taken out (a .parquet keeps its recorded type, summary and warnings)."""
+    path = result.save(path)
+    if path.suffix == ".parquet":
+        pq.write_table(pq.read_table(path).drop_columns([column]), path)
+    else:
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+        assert rows and all(column in row for row in rows)
+        path.write_text("".join(json.dumps({k: v for k, v in row.items() if k != column}) + "\n" for row in rows),
+                        encoding="utf-8")
+    return path
 
 
 def cut_write_text_short(patch: pytest.MonkeyPatch) -> None:

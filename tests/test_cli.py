@@ -62,6 +62,19 @@ def test_verbalize_text_explains_the_avs_layer_at_every_position_of_the_base(av_
     assert [line.split("\t", 2)[2] for line in lines] == shown
 
 
+@pytest.mark.parametrize("suffix", [".parquet", ".jsonl"])
+def test_verbalize_text_output_names_the_text_each_row_explains(tiny_paths, tmp_path, suffix):
+    """`verbalize --text --output` wrote each row's `position` and `token` but not the text: a file read back later
+    did not say what it explains. Its rows hold `input_text`, as `explain`'s do."""
+    folder, text, out = str(tiny_paths["av_karvonen"]), "the cat sat", tmp_path / f"out{suffix}"
+    assert main(["verbalize", "--av", folder, "--base", folder, "--text", text, "--max-new-tokens", "2",
+                 "--output", str(out)]) == 0
+    frame = nl.read_result(out)
+    ids = AutoTokenizer.from_pretrained(folder).encode(text)
+    assert list(frame["position"]) == list(range(len(ids))) and list(frame["input_text"]) == [text] * len(ids)
+    assert list(frame.columns[:4]) == ["index", "input_text", "position", "token"]
+
+
 def test_verbalize_text_prints_tokens_and_explanations_as_explain_does(tiny_paths, capsys, monkeypatch):
     """Tokens were printed as Python reprs (`' '`, `'\\n'`) where `explain` and the views draw ␣ and ↵, and an
     explanation holding a newline split its row in two."""
@@ -106,6 +119,7 @@ def test_verbalize_text_leaves_out_the_bos_the_tokenizer_puts_first_as_explain_d
                  "--output", str(out)]) == 0
     written = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(r["index"], r["position"]) for r in written] == list(enumerate(explained))
+    assert {r["input_text"] for r in written} == {"the cat sat"}  # the text given, without the BOS
 
 
 def test_reconstruct_writes_the_ar_vectors(ar_nanonla, tiny_paths, tmp_path):

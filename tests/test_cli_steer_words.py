@@ -72,6 +72,7 @@ def test_steer_words_command_writes_what_the_library_computes(toy, tmp_path, cap
 
     rows, records = pq.read_table(table).to_pylist(), result.to_records()
     assert len(rows) == len(records) == n_sites
+    assert [row["prompt"] for row in rows] == [TEXTS[row["batch"]] for row in rows]  # the toy puts no BOS first
     for row, record in zip(rows, records, strict=True):
         assert row.keys() == record.keys()
         for name, value in record.items():

@@ -6,10 +6,11 @@ import dataclasses
 import re
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from base_batches import distinct_readouts, no_hooks_left, padded
-from conftest import D_MODEL, HAS_SAE_LENS, LAYER, make_sae
+from conftest import D_MODEL, HAS_SAE_LENS, LAYER, make_sae, saved_without
 
 import nla_lens as nl
 from nla_lens import backends, loading, metrics
@@ -733,6 +734,53 @@ def test_a_studys_own_warnings_are_kept_on_the_result_and_in_its_saved_file(base
         saved = nl.read_result(result.save(tmp_path / f"{name}.parquet"))
         assert saved.attrs["warnings"] == result.warnings
         assert f"{len(result.warnings)} warnings (.warnings)" in repr(result).splitlines()[0]
+
+
+# Two prompts of different token lengths, left-padded into one batch; the corrupted ones swap one word each.
+CLEAN_PROMPTS = ["The cat sat on the mat.", "A dog ran"]
+CORRUPTED_PROMPTS = ["The dog sat on the mat.", "A cat ran"]
+
+
+def _studies_of_two_prompts(base, nla, steer) -> dict[str, nl.TabularResult]:
+    clean, mask = padded(base, "left", CLEAN_PROMPTS)
+    corrupted, corrupted_mask = padded(base, "left", CORRUPTED_PROMPTS)
+    assert torch.equal(mask, corrupted_mask) and not mask.all()  # row 1 has padding, which no prompt should hold
+    steered = nl.steer_then_verbalize(base, nla, clean, attention_mask=mask, steering_vector=steer, scale=2.0,
+                                      steer_layer=0, baseline=0.5, **FAST)
+    study = nl.patching_study(base, nla, clean, corrupted, attention_mask=mask, patch_layer=0, patch_position=-1,
+                              baseline=0.5, **FAST)
+    return {"steered": steered, "study": study}
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".jsonl"])
+def test_saved_steering_and_patching_rows_name_the_prompt_of_their_batch_row(base, nla, steer, tmp_path, suffix):
+    """The rows held `batch`, `position` and `token` but not the prompt: a file read back later could not say which
+    prompt `batch=1` was. Each row's `prompt` is its row's real tokens decoded (padding left out); a patched row ran
+    the corrupted tokens."""
+    for name, result in _studies_of_two_prompts(base, nla, steer).items():
+        path = result.save(tmp_path / f"{name}{suffix}")
+        frame = nl.read_result(path)
+        runs = list(frame["run"]) if "run" in frame else ["clean"] * len(frame)
+        assert set(frame["batch"]) == {0, 1} and len(set(runs)) == (3 if name == "study" else 1)
+        expected = [(CLEAN_PROMPTS if run == "clean" else CORRUPTED_PROMPTS)[batch]
+                    for run, batch in zip(runs, frame["batch"], strict=True)]
+        assert list(frame["prompt"]) == expected
+        pd.testing.assert_frame_equal(frame, result.to_pandas())
+        pd.testing.assert_frame_equal(nl.read_result(path, result_type=type(result)), result.to_pandas())
+        assert "prompt" not in repr(result).splitlines()[1]  # the repr's columns stay as they were
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".jsonl"])
+def test_steering_and_patching_files_saved_before_rows_named_their_prompt_still_read(base, nla, steer, tmp_path,
+                                                                                    suffix):
+    """Files saved before rows held `prompt` read back, typed or not, with their rows as they were written."""
+    for name, result in _studies_of_two_prompts(base, nla, steer).items():
+        path = saved_without(result, tmp_path / f"old-{name}{suffix}", "prompt")
+        expected = result.to_pandas().drop(columns=["prompt"])
+        for result_type in (None, type(result)):
+            pd.testing.assert_frame_equal(nl.read_result(path, result_type=result_type), expected)
+        if suffix == ".parquet":
+            assert nl.read_result(path).attrs["result_type"] == type(result).__name__
 
 
 def test_a_bridge_hook_name_for_activation_name_is_answered_with_its_tl_short_name(base, nla):

@@ -9,10 +9,11 @@ import re
 import warnings
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from base_batches import no_hooks_left, padded
-from conftest import LAYER, stray_byte_verbalization
+from conftest import LAYER, saved_without, stray_byte_verbalization
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -454,6 +455,7 @@ def test_a_base_without_a_tokenizer_names_tokens_by_id(base, nla, monkeypatch):
         steer(nla, base, tokens, -1, mask, continue_tokens=2)
     result = steer(nla, base, tokens, -1, mask, continue_tokens=0)
     assert list(result.to_pandas()["token"]) == [str(int(t)) for t in tokens[:, -1]]
+    assert list(result.to_pandas()["prompt"]) == [None] * len(tokens)  # nothing to decode them with
     assert result.next_tokens(k=1)[0]["clean_top"][0][0] == str(int(result.clean_logprobs[0].argmax()))
 
 
@@ -552,6 +554,40 @@ def test_delta_saves_to_safetensors_beside_the_table(base, nla, tmp_path):
         result.save_vectors(tmp_path / "delta.parquet")
     with pytest.raises(nl.InputError, match="does not exist"):
         result.save_vectors(tmp_path / "no" / "delta.safetensors")
+
+
+TWO_PROMPTS = ["The cat sat on the mat.", "A dog ran"]  # of different token lengths
+
+
+def _steering_of_two_prompts(base, nla) -> nl.WordSteering:
+    """Two sites in each of two left-padded prompts."""
+    tokens, mask = padded(base, "left", TWO_PROMPTS)
+    assert not mask.all()  # row 1 has padding, which its prompt should not hold
+    return steer(nla, base, tokens, [-2, -1], mask, explanations=TINY_LABELS[:4], continue_tokens=0)
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".jsonl"])
+def test_a_saved_word_steering_names_the_prompt_of_each_sites_row(base, nla, tmp_path, suffix):
+    """The rows held `batch`, `position` and `token` but not the prompt: a file read back later could not say which
+    prompt `batch=1` was. Each site's `prompt` is its row's real tokens decoded, padding left out."""
+    result = _steering_of_two_prompts(base, nla)
+    path = result.save(tmp_path / f"steer{suffix}")
+    frame = nl.read_result(path)
+    assert list(frame["batch"]) == [0, 0, 1, 1]
+    assert list(frame["prompt"]) == [TWO_PROMPTS[batch] for batch in frame["batch"]]
+    pd.testing.assert_frame_equal(frame, result.to_pandas())
+    pd.testing.assert_frame_equal(nl.read_result(path, result_type=nl.WordSteering), result.to_pandas())
+    assert "prompt" not in repr(result).splitlines()[1]  # the repr's columns stay as they were
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".jsonl"])
+def test_a_word_steering_saved_before_rows_named_their_prompt_still_reads(base, nla, tmp_path, suffix):
+    """Files saved before rows held `prompt` read back, typed or not, with their rows as they were written."""
+    result = _steering_of_two_prompts(base, nla)
+    path = saved_without(result, tmp_path / f"old{suffix}", "prompt")
+    for result_type in (None, nl.WordSteering):
+        pd.testing.assert_frame_equal(nl.read_result(path, result_type=result_type),
+                                      result.to_pandas().drop(columns=["prompt"]))
 
 
 def test_describe_difference_verbalizes_a_minus_b(nla):
