@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import html
-import json
 import re
 import shutil
 import warnings
@@ -17,6 +16,7 @@ import pytest
 import torch
 import yaml
 from base_batches import distinct_readouts, load_base, no_hooks_left
+from conftest import saved_without
 
 import nla_lens as nl
 from nla_lens import metrics
@@ -698,12 +698,7 @@ def test_a_saved_explanation_names_the_input_text_of_each_row(base, nla, tmp_pat
 def test_an_explanation_saved_before_rows_had_input_text_reads_back_without_it(base, nla, tmp_path, suffix):
     """Files saved before rows recorded `input_text` still read, typed or not: their rows as they were written."""
     ex = nla.explain(base, TEXTS, baseline=0.8, **FAST)
-    path = ex.save(tmp_path / f"old{suffix}")
-    if suffix == ".parquet":  # pyarrow keeps the recorded type and summary, as an older save wrote them
-        pq.write_table(pq.read_table(path).drop_columns(["input_text"]), path)
-    else:
-        path.write_text("".join(json.dumps({k: v for k, v in row.items() if k != "input_text"}) + "\n"
-                                for row in ex.to_records()), encoding="utf-8")
+    path = saved_without(ex, tmp_path / f"old{suffix}", "input_text")
     expected = ex.to_pandas().drop(columns=["input_text"])
     for result_type in (None, nl.Explanation):
         pd.testing.assert_frame_equal(nl.read_result(path, result_type=result_type), expected)
