@@ -36,8 +36,6 @@ from nla_lens.training import (
 )
 from nla_lens.training.cli import check_inputs
 
-pytestmark = NEEDS_TL3
-
 
 def _write(path, data) -> str:
     path.write_text(yaml.safe_dump(data), encoding="utf-8")
@@ -64,6 +62,7 @@ def _files(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+@NEEDS_TL3
 def test_cli_extracts_trains_and_exports_an_nla_that_loads_with_no_flags(tmp_path, base_folder, extract_config,
                                                                            capsys):
     common, data = _training_inputs(tmp_path, str(base_folder), extract_config)
@@ -89,6 +88,7 @@ def test_cli_extracts_trains_and_exports_an_nla_that_loads_with_no_flags(tmp_pat
     assert len(json.loads((tmp_path / "av" / "train_result.json").read_text())["history"]) == 3
 
 
+@NEEDS_TL3
 def test_train_av_given_the_ars_config_refuses_its_export_folder_and_leaves_it_untouched(
         tmp_path, base_folder, extract_config, capsys):
     common, _ = _training_inputs(tmp_path, str(base_folder), extract_config)
@@ -110,6 +110,7 @@ def test_train_av_given_the_ars_config_refuses_its_export_folder_and_leaves_it_u
     assert load_meta(tmp_path / "ar" / "model").role == "ar"
 
 
+@NEEDS_TL3
 def test_a_fresh_run_into_an_out_dir_with_a_longer_runs_checkpoints_is_refused_before_training(
         tmp_path, base_folder, extract_config, capsys):
     """A shorter fresh run there pruned its own checkpoint (train_result.json named a deleted folder) and left the
@@ -128,6 +129,7 @@ def test_a_fresh_run_into_an_out_dir_with_a_longer_runs_checkpoints_is_refused_b
     assert _files(tmp_path / "ar") == before  # refused before training: nothing written
 
 
+@NEEDS_TL3
 def test_rerunning_a_finished_run_without_resume_says_it_finished_and_that_resume_latest_only_exports_it_again(
         tmp_path, base_folder, extract_config, capsys):
     """The refusal said "Set resume: latest to continue that run" of a run that had finished: resume: latest runs no
@@ -154,6 +156,7 @@ def test_rerunning_a_finished_run_without_resume_says_it_finished_and_that_resum
     assert exported == {name: data for name, data in before.items() if name.startswith("model/")}
 
 
+@NEEDS_TL3
 def test_rerunning_an_interrupted_run_without_resume_is_refused_and_resume_latest_continues_it(
         tmp_path, base_folder, extract_config, capsys, caplog):
     """The rerun started at step 0 and overwrote the interrupted run's checkpoints (only checkpoints past its
@@ -182,6 +185,7 @@ def test_rerunning_an_interrupted_run_without_resume_is_refused_and_resume_lates
     assert [row["step"] for row in history] == [1, 2, 3]
 
 
+@NEEDS_TL3
 @pytest.mark.parametrize(("field", "message"), [
     ("explanations", "InputError: explanations {path} is a folder; point it at the JSONL file itself"),
     ("out_dir", "ConfigError: {config}: out_dir {path} is a file; point out_dir at a folder"),
@@ -198,6 +202,7 @@ def test_an_explanations_folder_or_an_out_dir_file_is_named_before_training(tmp_
     assert not (tmp_path / "ar").exists()
 
 
+@NEEDS_TL3
 @pytest.mark.parametrize("command", ["train-av", "train-ar", "train-rl"])
 @pytest.mark.parametrize("where", ["under_a_file", "proc"])
 def test_an_out_dir_that_cannot_be_written_is_refused_before_any_model_loads(tmp_path, tiny_paths, base_folder,
@@ -218,6 +223,7 @@ def test_an_out_dir_that_cannot_be_written_is_refused_before_any_model_loads(tmp
     assert f"ConfigError: out_dir '{out_dir}' cannot be written" in err and "set out_dir to a folder" in err, err
 
 
+@NEEDS_TL3
 def test_train_rl_refuses_an_out_dir_whose_av_folder_holds_an_ar(tmp_path, tiny_paths, capsys, monkeypatch):
     monkeypatch.setattr(nl.ActivationVerbalizer, "from_pretrained", lambda *a, **k: pytest.fail("loaded the AV"))
     shutil.copytree(tiny_paths["ar_paper"], tmp_path / "rl" / "av")
@@ -228,6 +234,7 @@ def test_train_rl_refuses_an_out_dir_whose_av_folder_holds_an_ar(tmp_path, tiny_
     assert f"ConfigError: {tmp_path / 'rl' / 'av'} already holds an NLA AR" in capsys.readouterr().err
 
 
+@NEEDS_TL3
 def test_train_rl_refuses_the_users_files_beside_an_earlier_export_before_training(tmp_path, tiny_paths, capsys,
                                                                                     monkeypatch):
     """out_dir/av holding an earlier AV and a file of the user's: the export replaced the folder whole after the run,
@@ -244,6 +251,7 @@ def test_train_rl_refuses_the_users_files_beside_an_earlier_export_before_traini
     assert (tmp_path / "rl" / "av" / "notes.txt").read_text() == "mine"
 
 
+@NEEDS_TL3
 def test_train_rl_into_the_sft_avs_out_dir_is_refused_before_training(tmp_path, tiny_paths, capsys, monkeypatch):
     """RL pointed at the SFT AV's out_dir overwrote its train_result.json and mixed checkpoints with it."""
     monkeypatch.setattr(nl.ActivationVerbalizer, "from_pretrained", lambda *a, **k: pytest.fail("loaded the AV"))
@@ -260,6 +268,7 @@ def test_train_rl_into_the_sft_avs_out_dir_is_refused_before_training(tmp_path, 
     assert "run it with nla-lens train-av" in err and record.read_text() == before
 
 
+@NEEDS_TL3
 @pytest.mark.parametrize("command", ["train-av", "train-rl"])
 @pytest.mark.parametrize(("kind", "made_by"), [
     ("an extraction", lambda tmp_path, tiny_paths: _extraction_files(tmp_path / "acts")),
@@ -290,6 +299,7 @@ def _extraction_files(folder: Path) -> Path:
     return folder
 
 
+@NEEDS_TL3
 @pytest.mark.parametrize(("recorded", "found"), [({"injection": "karvonen", "train": {}}, "train-av"),
                                                ({"train": {}}, "train-ar"), ({"rl": {}}, "train-rl")])
 def test_extract_into_a_training_runs_out_dir_is_refused_before_the_model_loads(tmp_path, base_folder, capsys,
@@ -305,6 +315,7 @@ def test_extract_into_a_training_runs_out_dir_is_refused_before_the_model_loads(
     assert "Point out_dir at a new folder" in err and os.listdir(record.parent) == ["train_result.json"]
 
 
+@NEEDS_TL3
 @pytest.mark.parametrize("holding", ["exported model", "run checkpoints", "other files"])
 def test_extract_into_a_folder_of_other_files_is_refused_before_the_model_loads(tmp_path, base_folder, tiny_paths,
                                                                                 capsys, monkeypatch, holding):
@@ -331,6 +342,7 @@ def test_extract_into_a_folder_of_other_files_is_refused_before_the_model_loads(
     assert _files(out_dir) == before and not (out_dir / "shards").exists()
 
 
+@NEEDS_TL3
 def test_extract_into_a_folder_of_only_hidden_files_extracts(tmp_path, base_folder):
     """A killed write's temporary file (hidden) is no one's data: the folder counts as empty."""
     out_dir = tmp_path / "acts"
@@ -340,6 +352,7 @@ def test_extract_into_a_folder_of_only_hidden_files_extracts(tmp_path, base_fold
     assert len(load_activations(out_dir)) > 0
 
 
+@NEEDS_TL3
 def test_extract_into_an_out_dir_that_cannot_be_written_is_refused_before_the_model_loads(tmp_path, base_folder,
                                                                                           capsys, monkeypatch):
     """An out_dir under a file failed with a bare error once the base model had loaded."""
@@ -357,6 +370,7 @@ def _one_document_extraction(tmp_path: Path, base_folder: Path, out_dir: Path) -
                                               "out_dir": str(out_dir), "extract": {"layer": LAYER}})
 
 
+@NEEDS_TL3
 def test_export_refuses_a_folder_of_the_other_role_and_rewrites_its_own(tmp_path, tiny_paths, base_folder,
                                                                        dataset_meta):
     av_folder = shutil.copytree(tiny_paths["av_embedding"], tmp_path / "av")  # a paper AV: role av
@@ -370,6 +384,7 @@ def test_export_refuses_a_folder_of_the_other_role_and_rewrites_its_own(tmp_path
     assert nl.ActivationReconstructor.from_pretrained(again).meta.role == "ar"
 
 
+@NEEDS_TL3
 def test_export_refuses_a_sharded_models_folder_whose_index_would_outrank_it(tmp_path, base_folder, dataset_meta):
     """An AR folder sharded as released checkpoints are (an index and its shards): the export wrote its own
     model.safetensors beside them, and loading, which reads the index first, gave back the old weights."""
@@ -387,6 +402,7 @@ def test_export_refuses_a_sharded_models_folder_whose_index_would_outrank_it(tmp
     assert _files(folder) == before
 
 
+@NEEDS_TL3
 def test_exports_record_a_local_base_model_by_its_absolute_path(tmp_path, base_folder, extract_config,
                                                               dataset_meta, monkeypatch):
     monkeypatch.chdir(base_folder.parent)  # the configs name the base relatively, as the example YAMLs do
@@ -404,6 +420,7 @@ def test_exports_record_a_local_base_model_by_its_absolute_path(tmp_path, base_f
     assert load_meta(export_ar(ar, tmp_path / "hub", base_folder)).base_model == dataset_meta.base_model == "tiny"
 
 
+@NEEDS_TL3
 def test_an_extraction_records_a_local_base_model_by_its_absolute_path(tmp_path, base_folder, extract_config,
                                                                      monkeypatch):
     """A relative base_model was recorded as written: read from another folder, the extraction's sidecar named no
@@ -424,6 +441,7 @@ def test_an_extraction_records_a_local_base_model_by_its_absolute_path(tmp_path,
         check_extraction_input(next((acts / "shards").iterdir()), av_meta)
 
 
+@NEEDS_TL3
 def test_cli_trains_and_exports_with_dtype_names_the_library_takes(tmp_path, base_folder, extract_config):
     common, _ = _training_inputs(tmp_path, str(base_folder), extract_config)
     config = {**common, "out_dir": str(tmp_path / "ar"), "dtype": "fp32", "export_dtype": "bf16"}
@@ -590,6 +608,7 @@ def test_cli_refuses_an_out_of_range_setting_before_anything_loads(tmp_path, cap
     assert "ConfigError" in err and message in err
 
 
+@NEEDS_TL3
 def test_extract_refuses_a_layer_the_base_model_lacks_before_its_weights_load(tmp_path, capsys, base_folder,
                                                                              extract_config, monkeypatch):
     """It was refused only once the whole base model had loaded (minutes for an 8B model)."""
@@ -604,6 +623,7 @@ def test_extract_refuses_a_layer_the_base_model_lacks_before_its_weights_load(tm
     assert not (tmp_path / "acts").exists()
 
 
+@NEEDS_TL3
 @pytest.mark.parametrize("text", [None, 5, ["a", "b"]])
 def test_a_corpus_line_whose_text_is_not_a_string_is_named_before_extraction(tmp_path, capsys, base_folder,
                                                                              extract_config, text):
@@ -620,6 +640,7 @@ def test_a_corpus_line_whose_text_is_not_a_string_is_named_before_extraction(tmp
     assert not acts.exists()
 
 
+@NEEDS_TL3
 def test_a_repeated_document_id_is_named_by_its_lines_before_the_base_model_loads(tmp_path, capsys, base_folder,
                                                                                   extract_config, monkeypatch):
     """It was found inside the extraction, after the model loaded, leaving nla_meta.yaml and an empty shards/."""
@@ -660,6 +681,7 @@ def _fake_extraction(tmp_path: Path, dataset_meta) -> dict:
             "out_dir": str(tmp_path / "out")}
 
 
+@NEEDS_TL3
 @pytest.mark.parametrize(("command", "setting", "message"), [
     ("train-av", {"hook_point": "blocks.99.hook_resid_post"},
      "hook_point: hook point 'blocks.99.hook_resid_post' names block 99, but {base}/config.json has 4 blocks (0-3)"),
@@ -689,6 +711,7 @@ def test_a_hook_point_or_trainable_block_the_base_lacks_is_refused_from_its_conf
     assert message.format(base=base_folder) in err
 
 
+@NEEDS_TL3
 def test_an_injection_site_a_one_block_base_lacks_names_the_injection_key(tmp_path, capsys, monkeypatch,
                                                                           dataset_meta):
     """With hook_point unset the method's default site (karvonen: blocks.1.hook_resid_post) is checked, and named;
@@ -709,6 +732,7 @@ def test_an_injection_site_a_one_block_base_lacks_names_the_injection_key(tmp_pa
             ) in capsys.readouterr().err
 
 
+@NEEDS_TL3
 @pytest.mark.parametrize(("command", "setting"), [
     ("train-av", {"hook_point": "blocks.3.hook_resid_post", "train": {"trainable_blocks": [0, 3]}}),
     ("train-av", {"injection": "embedding", "injection_scale": 50.0}),
@@ -722,6 +746,7 @@ def test_hook_points_and_trainable_blocks_at_the_edge_of_the_base_pass_the_early
     check_inputs(load_config(config_cls, path), path)
 
 
+@NEEDS_TL3
 def test_training_on_another_local_base_than_the_extraction_names_warns(tmp_path, base_folder, extract_config,
                                                                          capsys):
     """A base of the extraction's width and depth trained on another model's activations without a word (the
@@ -740,6 +765,7 @@ def test_training_on_another_local_base_than_the_extraction_names_warns(tmp_path
         init_ar(os.path.relpath(base_folder), load_meta(common["activations"]))
 
 
+@NEEDS_TL3
 def test_training_on_another_layers_extraction_than_the_explanations_label_is_refused_before_training(
         tmp_path, base_folder, extract_config, capsys):
     """Labels of the layer-2 extraction trained an AR on the layer-1 extraction of the same corpus without a word:
@@ -784,6 +810,7 @@ def test_an_extract_template_without_its_placeholder_names_the_config_key_before
     assert "sidecar" not in err and not (tmp_path / "acts").exists()
 
 
+@NEEDS_TL3
 def test_a_config_that_names_its_command_is_refused_by_every_other_and_run_by_its_own(
         tmp_path, base_folder, extract_config, capsys):
     """`nla-lens train-av` given the AR's YAML trained an AV into the AR's out_dir on a first run: an AR's keys are
@@ -834,6 +861,7 @@ def test_a_run_record_cut_short_leaves_the_earlier_record_whole(tmp_path, monkey
     assert sorted(p.name for p in tmp_path.iterdir()) == [pipeline.RESULT_FILE]
 
 
+@NEEDS_TL3
 @pytest.mark.parametrize("command", ["train-av", "train-ar"])
 def test_labels_too_long_for_the_context_are_named_by_row_before_the_base_model_loads(tmp_path, base_folder,
                                                                                       extract_config, monkeypatch,
@@ -859,6 +887,7 @@ def test_labels_too_long_for_the_context_are_named_by_row_before_the_base_model_
                             "returns None for a row to leave out)")
 
 
+@NEEDS_TL3
 def test_train_rl_names_anchor_rows_too_long_for_the_avs_context_before_the_weights_load(tmp_path, tiny_paths,
                                                                                           base_folder, extract_config,
                                                                                           monkeypatch):
@@ -893,6 +922,7 @@ def test_train_rl_names_anchor_rows_too_long_for_the_avs_context_before_the_weig
                                               f"(doc_id {train.doc_ids[0]!r} position {train.positions[0]}: ")
 
 
+@NEEDS_TL3
 def test_an_sft_rerun_stopped_after_its_export_leaves_no_earlier_record_beside_the_new_model(
         tmp_path, base_folder, extract_config, monkeypatch):
     """train_result.json is written after the export: a rerun (resume: latest) stopped between the two left the

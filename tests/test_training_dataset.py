@@ -35,8 +35,6 @@ from nla_lens.training import (
 )
 from nla_lens.training.dataset import texts_holding
 
-pytestmark = NEEDS_TL3
-
 
 def label_by_token(record: ActivationRecord) -> str:
     return f"the token {record.token.strip()}"
@@ -52,6 +50,7 @@ def acts(tmp_path_factory, base_folder, extract_config):
     return load_activations(folder)
 
 
+@NEEDS_TL3
 def test_explanations_from_jsonl_equal_those_from_a_labeler(acts, tmp_path):
     from_labeler = label_activations(acts, label_by_token)
     path = save_explanations(from_labeler, tmp_path / "explanations.jsonl")
@@ -61,6 +60,7 @@ def test_explanations_from_jsonl_equal_those_from_a_labeler(acts, tmp_path):
     assert torch.equal(from_jsonl.vectors, acts.vectors)
 
 
+@NEEDS_TL3
 def test_save_explanations_checks_its_path_first(acts, tmp_path):
     """A missing folder was open()'s FileNotFoundError traceback (examples/label.py printed it whole)."""
     data = label_activations(acts, label_by_token)
@@ -71,6 +71,7 @@ def test_save_explanations_checks_its_path_first(acts, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@NEEDS_TL3
 @pytest.mark.parametrize(("value", "said"), [(float("nan"), "hold NaN or Inf"), (float("inf"), "hold NaN or Inf"),
                                            (0.0, "are zero: no direction")])
 def test_labelled_rows_without_a_direction_are_refused_by_document_and_position(acts, value, said):
@@ -91,6 +92,7 @@ def test_labelled_rows_without_a_direction_are_refused_by_document_and_position(
     assert len(kept) == len(acts) - 2 and torch.isfinite(kept.vectors).all()
 
 
+@NEEDS_TL3
 def test_empty_or_whitespace_explanations_are_refused_by_document_and_position(acts, tmp_path):
     """A labeler that answered nothing trained the AV to write an empty explanation, without a word."""
     blank = {0: "", 3: " \n\t"}
@@ -108,11 +110,13 @@ def test_empty_or_whitespace_explanations_are_refused_by_document_and_position(a
             label_activations(acts, path)
 
 
+@NEEDS_TL3
 def test_rows_without_explanation_are_left_out(acts):
     data = label_activations(acts, lambda r: None if r.position % 2 else label_by_token(r))
     assert data.positions == [r.position for r in acts.records if r.position % 2 == 0]
 
 
+@NEEDS_TL3
 def test_an_explanation_matching_no_row_is_rejected(acts, tmp_path):
     path = tmp_path / "explanations.jsonl"
     path.write_text(json.dumps({"doc_id": "nope", "position": 3, "explanation": "x"}) + "\n")
@@ -120,6 +124,7 @@ def test_an_explanation_matching_no_row_is_rejected(acts, tmp_path):
         label_activations(acts, path)
 
 
+@NEEDS_TL3
 @pytest.mark.parametrize(("line", "message"), [
     ('{"doc_id": "0", "position": 3', r"explanations.jsonl:2: not JSON \(Expecting ',' delimiter at character 31\)"),
     ("[1, 2]", r"explanations.jsonl:2: holds \[1, 2\], not a JSON object; write one JSON object per line, with "
@@ -140,6 +145,7 @@ def test_a_bad_explanations_line_is_named_with_what_is_wrong_in_words(acts, tmp_
         label_activations(acts, path)
 
 
+@NEEDS_TL3
 def test_whole_number_positions_written_as_floats_or_strings_still_match(acts, tmp_path):
     record = acts.records[0]
     path = tmp_path / "explanations.jsonl"
@@ -161,6 +167,7 @@ def test_split_is_document_disjoint_and_seeded():
     assert split_by_document(data, eval_fraction=0.25, seed=2)[0].doc_ids != train.doc_ids
 
 
+@NEEDS_TL3
 def test_document_overlap_between_train_and_eval_is_rejected(base_folder, dataset_meta):
     data = testing.label_determined_vectors(10)
     # A row-level split: every document lands on both sides.
@@ -177,6 +184,7 @@ def test_document_overlap_between_train_and_eval_is_rejected(base_folder, datase
         train_ar(init_ar(base_folder, dataset_meta), row_train, row_eval, config, progress=False)
 
 
+@NEEDS_TL3
 def test_an_empty_training_split_is_refused_before_training(base_folder, dataset_meta, label_split):
     """It was a raw IndexError (AV: the tokenizer on no explanations) or ValueError (AR: max of no rows)."""
     train, held_out = label_split
@@ -280,6 +288,7 @@ def test_special_token_text_is_found_in_one_pass_in_the_rows_a_search_for_each_t
 
 
 # The AV reads the injected vector, not layer K of its own stack: only its width must match.
+@NEEDS_TL3
 @pytest.mark.parametrize(("init", "shape", "message"), [
     (init_ar, {"n_layers": 2}, r"has 2 layers, but the AR needs its first 3 \(the activations are layer 2's\)"),
     (init_ar, {"d_model": 32}, r"has d_model=32, but the activations are 64-d vectors of layer 2"),
@@ -307,6 +316,7 @@ def other_layer_acts(tmp_path_factory, base_folder, extract_config):
     return load_activations(folder)
 
 
+@NEEDS_TL3
 def test_explanations_saved_for_one_extraction_are_refused_on_another_layers(acts, other_layer_acts, tmp_path):
     """Labels of a layer-2 extraction trained on the layer-1 vectors of the same rows without a word: every
     (doc_id, position) matched."""
@@ -321,6 +331,7 @@ def test_explanations_saved_for_one_extraction_are_refused_on_another_layers(act
     assert message.endswith(f"label {other} and train on those explanations, or point activations at {labelled}")
 
 
+@NEEDS_TL3
 def test_explanations_record_their_extractions_base_and_rows(acts, tmp_path):
     path = save_explanations(label_activations(acts, label_by_token), tmp_path / "explanations.jsonl")
     assert label_activations(acts, path).extraction == label_activations(acts, label_by_token).extraction
@@ -338,6 +349,7 @@ def test_explanations_record_their_extractions_base_and_rows(acts, tmp_path):
         label_activations(edited, path)
 
 
+@NEEDS_TL3
 def test_a_file_joining_two_extractions_explanations_or_a_damaged_record_is_named_by_its_line(
         acts, other_layer_acts, tmp_path):
     first = save_explanations(label_activations(acts, label_by_token), tmp_path / "a.jsonl").read_text()
@@ -364,6 +376,7 @@ def test_a_file_joining_two_extractions_explanations_or_a_damaged_record_is_name
         label_activations(acts, damaged)
 
 
+@NEEDS_TL3
 def test_explanations_edited_with_pandas_and_written_back_keep_their_record_and_ids(acts, tmp_path):
     """`pd.read_json(lines=True)` reads the record as a row of its own, and beside its missing doc_id makes ids
     "0", "1" floats; `to_json(orient="records", lines=True)` wrote the record back with null keys, which was read as
@@ -385,6 +398,7 @@ def test_explanations_edited_with_pandas_and_written_back_keep_their_record_and_
         label_activations(acts, path)  # and it is checked: the ids "doc-0", ... are another extraction's
 
 
+@NEEDS_TL3
 def test_read_result_of_a_label_file_says_how_to_read_one(acts, tmp_path):
     """It read the extraction record as a row of nulls among the explanations; as written and after pandas."""
     import pandas as pd
@@ -397,6 +411,7 @@ def test_read_result_of_a_label_file_says_how_to_read_one(acts, tmp_path):
         nl.read_result(path)
 
 
+@NEEDS_TL3
 def test_explanations_without_an_extraction_record_load_with_one_warning(acts, tmp_path):
     """Files written before the record (or by other code) still train, with a word that nothing checks them."""
     path = tmp_path / "explanations.jsonl"
@@ -410,6 +425,7 @@ def test_explanations_without_an_extraction_record_load_with_one_warning(acts, t
     assert fix in str(warned[0].message)
 
 
+@NEEDS_TL3
 def test_explanations_of_one_document_say_the_split_needs_labelled_rows_of_two(acts):
     one_document = label_activations(acts, lambda r: "x" if r.doc_id == acts.records[0].doc_id else None)
     with pytest.raises(nl.InputError) as refused:

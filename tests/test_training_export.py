@@ -16,8 +16,6 @@ from nla_lens import loading, testing
 from nla_lens.training import hf_state_dict
 from nla_lens.training.export import freeze_weights_hf_lacks, has_qkv_bias
 
-pytestmark = NEEDS_TL3
-
 SHAPE = {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 3, "num_attention_heads": 4,
          "max_position_embeddings": 64}
 
@@ -46,6 +44,7 @@ def _load(folder, n_layers=None):
                                            device="cpu", n_layers=n_layers)
 
 
+@NEEDS_TL3
 def test_hf_state_dict_inverts_the_loader(hf_folder):
     folder, hf = hf_folder
     expected = hf.state_dict()
@@ -55,6 +54,7 @@ def test_hf_state_dict_inverts_the_loader(hf_folder):
         assert torch.equal(exported[name], value), name
 
 
+@NEEDS_TL3
 def test_hf_state_dict_of_a_truncated_model_has_no_final_norm_or_head(hf_folder):
     folder, hf = hf_folder
     exported = hf_state_dict(_load(folder, n_layers=2), qkv_bias=has_qkv_bias(hf.config))
@@ -64,6 +64,7 @@ def test_hf_state_dict_of_a_truncated_model_has_no_final_norm_or_head(hf_folder)
     assert all(torch.equal(exported[k], v) for k, v in expected.items())
 
 
+@NEEDS_TL3
 def test_only_biases_the_hf_model_lacks_are_frozen(hf_folder):
     folder, hf = hf_folder
     model = _load(folder)
@@ -74,6 +75,7 @@ def test_only_biases_the_hf_model_lacks_are_frozen(hf_folder):
     assert all(not p.requires_grad for n, p in model.named_parameters() if n in frozen)
 
 
+@NEEDS_TL3
 def test_export_refuses_a_nonzero_bias_the_hf_model_cannot_hold(hf_folder):
     folder, hf = hf_folder
     model = _load(folder)
@@ -83,6 +85,7 @@ def test_export_refuses_a_nonzero_bias_the_hf_model_cannot_hold(hf_folder):
         hf_state_dict(model, qkv_bias=has_qkv_bias(hf.config))
 
 
+@NEEDS_TL3
 def test_a_gemma3_base_is_refused_before_training_with_the_reason(bos_paths):
     """init_av / init_ar (and train_rl, which freezes the same way) said only "no HF counterpart known for
     'blocks.0.ln1_post.w'"; the exporter, which has no inverse of TL's Gemma weights, is why."""
@@ -105,6 +108,7 @@ def _files(folder) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+@NEEDS_TL3
 def test_an_export_cut_short_leaves_the_earlier_export_as_it_was_and_nothing_beside_it(tmp_path, base_folder,
                                                                                       dataset_meta, monkeypatch):
     """A re-export interrupted (Ctrl-C) after the weights were written left the new weights under the old sidecar
@@ -132,6 +136,7 @@ def test_an_export_cut_short_leaves_the_earlier_export_as_it_was_and_nothing_bes
     torch.testing.assert_close(reloaded.readout.weight, ar.readout.weight, rtol=0, atol=0)
 
 
+@NEEDS_TL3
 def test_a_re_export_replaces_the_folder_whole(tmp_path, base_folder, dataset_meta):
     """An earlier export's file the new one does not write (a tokenizer saved in another format) stayed beside it."""
     from nla_lens.training import export_ar, init_ar
@@ -144,6 +149,7 @@ def test_a_re_export_replaces_the_folder_whole(tmp_path, base_folder, dataset_me
     assert set(_files(folder)) == written
 
 
+@NEEDS_TL3
 @pytest.mark.parametrize("what", ["file", "folder"])
 def test_an_export_into_a_file_or_a_folder_of_other_files_is_refused_and_leaves_them(tmp_path, base_folder,
                                                                                      dataset_meta, what):
@@ -168,6 +174,7 @@ def test_an_export_into_a_file_or_a_folder_of_other_files_is_refused_and_leaves_
     assert nl.ActivationVerbalizer.from_pretrained(export_av(av, tmp_path / "empty", base_folder)).meta.role == "av"
 
 
+@NEEDS_TL3
 def test_a_re_export_refuses_files_beside_the_earlier_export_naming_them_and_leaves_them(tmp_path, base_folder,
                                                                                          dataset_meta):
     """An earlier export's folder holding the user's files too (notes, a results table, a folder of runs) was
@@ -196,6 +203,7 @@ def test_a_re_export_refuses_files_beside_the_earlier_export_naming_them_and_lea
     assert _files(folder) == exported
 
 
+@NEEDS_TL3
 def test_the_oss_metadata_files_block_no_re_export_and_go_with_the_folder_but_a_users_file_still_does(
         tmp_path, base_folder, dataset_meta):
     """A .DS_Store (macOS Finder), Thumbs.db / desktop.ini (Windows) or AppleDouble ._* file, which the OS writes
@@ -225,6 +233,7 @@ def test_the_oss_metadata_files_block_no_re_export_and_go_with_the_folder_but_a_
     assert _files(export_av(av, fresh, base_folder)) == exported
 
 
+@NEEDS_TL3
 def test_every_file_an_export_writes_is_one_a_re_export_replaces(tmp_path, base_folder, dataset_meta):
     """check_export_folder takes any name outside EXPORT_FILES for the user's: an export that wrote one could not be
     exported over again."""
@@ -238,6 +247,7 @@ def test_every_file_an_export_writes_is_one_a_re_export_replaces(tmp_path, base_
         assert {"config.json", "model.safetensors", "nla_meta.yaml", "tokenizer.json"} <= written <= EXPORT_FILES
 
 
+@NEEDS_TL3
 def test_an_export_through_a_symlink_writes_its_target_and_keeps_the_link(tmp_path, base_folder, dataset_meta):
     """The rename replaced the link with a new folder and left the folder it pointed at holding the old export."""
     from nla_lens.training import export_av, init_av
@@ -256,6 +266,7 @@ def test_an_export_through_a_symlink_writes_its_target_and_keeps_the_link(tmp_pa
     assert [p.name for p in (tmp_path / "exports").iterdir()] == ["av"]  # nothing staged or set aside left
 
 
+@NEEDS_TL3
 def test_non_finite_weights_past_three_are_named_first_three_then_counted(tmp_path, base_folder, dataset_meta):
     """The refusal listed three tensors then "...", where every other list of names says how many more."""
     from nla_lens.training import export_ar, init_ar
@@ -276,6 +287,7 @@ def test_non_finite_weights_past_three_are_named_first_three_then_counted(tmp_pa
     assert not (tmp_path / "nan").exists()
 
 
+@NEEDS_TL3
 @pytest.mark.parametrize("loop", ["self", "pair"])
 def test_an_export_into_a_symlink_loop_is_refused_naming_the_link_and_writes_nothing(tmp_path, base_folder,
                                                                                    dataset_meta, loop):

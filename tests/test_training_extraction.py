@@ -18,8 +18,6 @@ from nla_lens.sidecar import SIDECAR_NAME, check_tokenizer
 from nla_lens.training import Document, extract_activations, extraction, load_activations
 from nla_lens.training.extraction import DOCUMENTS_KEY, sample_positions, shard_path, token_facts
 
-pytestmark = NEEDS_TL3
-
 
 @pytest.fixture(scope="module")
 def base_tl(base_folder):
@@ -34,6 +32,7 @@ def corpus() -> list[Document]:
     return [*docs[:4], Document("short", "the sea"), *[Document(d.id, d.text * 2) for d in docs[4:]]]
 
 
+@NEEDS_TL3
 def test_extraction_stores_unbatched_resid_post_with_provenance(tmp_path, base_tl, corpus, extract_config):
     model, tokenizer = base_tl
     acts = load_activations(extract_activations(model, tokenizer, corpus, tmp_path, extract_config, progress=False))
@@ -57,6 +56,7 @@ def test_extraction_stores_unbatched_resid_post_with_provenance(tmp_path, base_t
             assert (acts.vectors[i] - cache[hook][0, record.position]).abs().max() < 1e-5
 
 
+@NEEDS_TL3
 def test_dataset_sidecar_is_nanonla_dialect_and_matches_the_tokenizer(tmp_path, base_tl, corpus, extract_config):
     model, tokenizer = base_tl
     meta = load_activations(extract_activations(model, tokenizer, corpus[:3], tmp_path, extract_config,
@@ -78,6 +78,7 @@ def test_positions_are_seeded_by_document_and_past_min_context(extract_config):
                for i in range(5))
 
 
+@NEEDS_TL3
 def test_extraction_resumes_by_skipping_written_shards(tmp_path, base_tl, corpus, extract_config, caplog):
     model, tokenizer = base_tl
     extract_activations(model, tokenizer, corpus, tmp_path, extract_config, progress=False)
@@ -102,6 +103,7 @@ def test_extraction_resumes_by_skipping_written_shards(tmp_path, base_tl, corpus
                             progress=False)
 
 
+@NEEDS_TL3
 def test_resuming_with_other_settings_names_each_one_with_both_values(tmp_path, base_tl, corpus, extract_config):
     """The refusal said only "other settings (base model, layer, positions, tokenizer or templates)"."""
     model, tokenizer = base_tl
@@ -126,6 +128,7 @@ def _changed(corpus: list[Document], change: str) -> list[Document]:
     return corpus[:5] if change == "shorter" else [*corpus[:6], edited[change], *corpus[7:]]
 
 
+@NEEDS_TL3
 @pytest.mark.parametrize("change", ["text", "id", "shorter"])
 def test_resuming_with_another_corpus_is_refused(tmp_path, base_tl, corpus, extract_config, change):
     model, tokenizer = base_tl
@@ -134,6 +137,7 @@ def test_resuming_with_another_corpus_is_refused(tmp_path, base_tl, corpus, extr
         extract_activations(model, tokenizer, _changed(corpus, change), tmp_path, extract_config, progress=False)
 
 
+@NEEDS_TL3
 def test_shards_written_without_a_documents_record_are_checked_by_their_rows_doc_ids(tmp_path, base_tl, corpus,
                                                                                     extract_config):
     model, tokenizer = base_tl
@@ -148,6 +152,7 @@ def test_shards_written_without_a_documents_record_are_checked_by_their_rows_doc
         extract_activations(model, tokenizer, _changed(corpus, "id"), tmp_path, extract_config, progress=False)
 
 
+@NEEDS_TL3
 def test_a_damaged_shard_is_named_with_the_fix_on_load_and_on_resume(tmp_path, base_tl, corpus, extract_config):
     """A shard cut short after its rename (a crash before its data reached the disk, an interrupted copy) was
     safetensors' bare 'incomplete metadata' error, which names no file, from load_activations and from resuming."""
@@ -164,6 +169,7 @@ def test_a_damaged_shard_is_named_with_the_fix_on_load_and_on_resume(tmp_path, b
     assert torch.equal(again.vectors, whole.vectors) and again.records == whole.records
 
 
+@NEEDS_TL3
 def test_an_extraction_killed_midway_is_refused_until_resumed(tmp_path, base_tl, corpus, extract_config, monkeypatch):
     """load_activations read the shards a killed run had written as if they were the whole corpus."""
     model, tokenizer = base_tl
@@ -190,6 +196,7 @@ def test_an_extraction_killed_midway_is_refused_until_resumed(tmp_path, base_tl,
     assert torch.equal(resumed.vectors, whole.vectors) and resumed.records == whole.records
 
 
+@NEEDS_TL3
 def test_a_sidecar_write_cut_short_does_not_block_the_rerun(tmp_path, base_tl, corpus, extract_config, monkeypatch):
     """The sidecar was written in place: half of it (a full disk, a kill) made the rerun refuse the folder as
     "an extraction with other settings"."""
@@ -202,6 +209,7 @@ def test_a_sidecar_write_cut_short_does_not_block_the_rerun(tmp_path, base_tl, c
                                                     progress=False))) > 0
 
 
+@NEEDS_TL3
 @pytest.mark.parametrize("lost", [1, 2])
 def test_a_missing_shard_the_last_included_is_named_until_the_rerun_writes_it(tmp_path, base_tl, corpus,
                                                                              extract_config, lost):
@@ -217,6 +225,7 @@ def test_a_missing_shard_the_last_included_is_named_until_the_rerun_writes_it(tm
     assert torch.equal(again.vectors, whole.vectors) and again.records == whole.records
 
 
+@NEEDS_TL3
 def test_a_shard_replaced_by_one_with_other_rows_is_refused(tmp_path, base_tl, corpus, extract_config):
     model, tokenizer = base_tl
     whole = load_activations(extract_activations(model, tokenizer, corpus, tmp_path / "a", extract_config,
@@ -230,6 +239,7 @@ def test_a_shard_replaced_by_one_with_other_rows_is_refused(tmp_path, base_tl, c
         load_activations(tmp_path / "a")
 
 
+@NEEDS_TL3
 @pytest.mark.parametrize("edit", ["wider", "a row short"])
 def test_a_shard_whose_vectors_do_not_fit_its_rows_and_d_model_is_refused(tmp_path, base_tl, corpus, extract_config,
                                                                            edit):
@@ -251,6 +261,7 @@ def test_a_shard_whose_vectors_do_not_fit_its_rows_and_d_model_is_refused(tmp_pa
         load_activations(folder)
 
 
+@NEEDS_TL3
 def test_a_damaged_completion_record_is_named_and_rewritten_by_the_rerun(tmp_path, base_tl, corpus, extract_config):
     model, tokenizer = base_tl
     whole = load_activations(extract_activations(model, tokenizer, corpus, tmp_path, extract_config, progress=False))
@@ -261,6 +272,7 @@ def test_a_damaged_completion_record_is_named_and_rewritten_by_the_rerun(tmp_pat
                                                 progress=False)).records == whole.records
 
 
+@NEEDS_TL3
 def test_an_extraction_written_before_the_completion_record_is_checked_up_to_its_last_shard(
         tmp_path, base_tl, corpus, extract_config):
     model, tokenizer = base_tl
@@ -274,6 +286,7 @@ def test_an_extraction_written_before_the_completion_record_is_checked_up_to_its
     assert load_activations(tmp_path).records == [r for r in whole.records if r.doc_id in {d.id for d in corpus[:5]}]
 
 
+@NEEDS_TL3
 def test_the_documents_dropped_as_too_short_are_counted_in_the_log(tmp_path, base_tl, corpus, extract_config,
                                                                    caplog):
     model, tokenizer = base_tl
@@ -284,6 +297,7 @@ def test_the_documents_dropped_as_too_short_are_counted_in_the_log(tmp_path, bas
             "min_context = 4 tokens)") in caplog.messages  # a first run names no rows of an earlier one
 
 
+@NEEDS_TL3
 def test_a_fresh_extraction_of_long_enough_documents_logs_no_zero_counts(tmp_path, base_tl, corpus, extract_config,
                                                                          caplog):
     """It said "0 of them from an earlier run of this extraction; 0 document(s) dropped as too short"."""
@@ -296,6 +310,7 @@ def test_a_fresh_extraction_of_long_enough_documents_logs_no_zero_counts(tmp_pat
     assert caplog.messages[-1].endswith(" shards")
 
 
+@NEEDS_TL3
 @pytest.mark.parametrize(("texts", "dropped"), [([], 0), (["the sea", "a cat"], 2)])
 def test_a_corpus_that_gives_no_row_is_refused_with_its_counts(tmp_path, base_tl, extract_config, texts, dropped):
     """An empty corpus, or one of documents all too short, finished with no rows, and training later said only
@@ -308,6 +323,7 @@ def test_a_corpus_that_gives_no_row_is_refused_with_its_counts(tmp_path, base_tl
     assert not (tmp_path / extraction.COMPLETE).exists()
 
 
+@NEEDS_TL3
 def test_max_tokens_over_the_base_models_context_is_refused(tmp_path, base_tl, corpus, extract_config):
     model, tokenizer = base_tl
     config = dataclasses.replace(extract_config, max_tokens=model.cfg.n_ctx + 1)
@@ -315,6 +331,7 @@ def test_max_tokens_over_the_base_models_context_is_refused(tmp_path, base_tl, c
         extract_activations(model, tokenizer, corpus, tmp_path, config, progress=False)
 
 
+@NEEDS_TL3
 def test_duplicate_document_ids_are_rejected(tmp_path, base_tl, extract_config):
     model, tokenizer = base_tl
     docs = [Document("a", "the cat sat on the mat " * 3), Document("a", "a dog ran in the park " * 3)]
@@ -322,6 +339,7 @@ def test_duplicate_document_ids_are_rejected(tmp_path, base_tl, extract_config):
         extract_activations(model, tokenizer, docs, tmp_path, extract_config, progress=False)
 
 
+@NEEDS_TL3
 def test_an_error_mid_extraction_closes_the_progress_bar(tmp_path, base_tl, corpus, extract_config, capsys):
     """The bar stayed open while the error was handled, so `nla-lens extract` printed the error line (or Ctrl-C's)
     onto the bar's line."""
@@ -336,6 +354,7 @@ def test_an_error_mid_extraction_closes_the_progress_bar(tmp_path, base_tl, corp
     assert "extract:" in bar and "2/3" in bar and bar.endswith("\n"), repr(bar)
 
 
+@NEEDS_TL3
 def test_a_marker_that_is_not_one_token_is_rejected(base_tl):
     _, tokenizer = base_tl
     with pytest.raises(nl.TokenizerDriftError, match="single token"):
@@ -364,6 +383,7 @@ def test_activations_folder_without_a_sidecar_names_the_extraction(tmp_path):
     assert "AV or AR" not in str(error.value)
 
 
+@NEEDS_TL3
 def test_an_extraction_recorded_with_a_relative_base_model_resumes(tmp_path, base_tl, base_folder, corpus,
                                                                    extract_config, monkeypatch):
     """Earlier versions recorded a relative base_model as written; now it is recorded absolute, so resuming such a
@@ -383,6 +403,7 @@ def test_an_extraction_recorded_with_a_relative_base_model_resumes(tmp_path, bas
         extract_activations(model, tokenizer, corpus, out, extract_config, base_model=str(tmp_path), progress=False)
 
 
+@NEEDS_TL3
 @pytest.mark.parametrize("absolute", [False, True])
 def test_an_extraction_an_earlier_version_recorded_through_a_linked_base_folder_resumes(
         tmp_path, base_tl, base_folder, corpus, extract_config, monkeypatch, absolute):

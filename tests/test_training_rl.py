@@ -27,7 +27,6 @@ from nla_lens.training.config import RLConfig, RLRunConfig
 from nla_lens.training.export import _hf_target
 from nla_lens.training.pipeline import run_train_rl
 
-pytestmark = NEEDS_TL3
 RL = RLConfig(steps=4, prompts_per_step=4, group_size=4, max_new_tokens=24, lr=3e-4, ar_lr=3e-4, micro_batch=6,
               eval_vectors=8, save_every=2, keep_checkpoints=4)
 
@@ -110,6 +109,7 @@ def test_an_explanation_that_retokenizes_past_the_ars_context_gets_the_miss_rewa
     assert torch.allclose(mse[[0, 2]], expected, atol=1e-6) and torch.equal(rewards[[0, 2]], -mse[[0, 2]])
 
 
+@NEEDS_TL3
 def test_a_step_drops_an_explanation_the_ar_cannot_read_from_the_ars_update_and_logs_it(tiny_paths, monkeypatch):
     """The AR's update trains on the samples it scored, so one whose explanation retokenizes past its n_ctx is left
     out, as a failed parse is; the step logs its share as `ar_miss_rate`. The step raised PromptTooLongError."""
@@ -132,6 +132,7 @@ def test_a_step_drops_an_explanation_the_ar_cannot_read_from_the_ars_update_and_
     assert record["truncation_rate"] == 0 and math.isfinite(record["ar_mse"])
 
 
+@NEEDS_TL3
 def test_a_response_echoing_the_marker_is_scored_with_the_prompts_injection_site(av_karvonen, tiny_paths):
     """A sample may echo the marker between its neighbours: it is text, not a second site. The loss
     equals one HF forward per sample with the plain layer-1 hook at the prompt's site only."""
@@ -217,6 +218,7 @@ def _train_vectors(root: Path) -> torch.Tensor:
     return _train_split(root).vectors
 
 
+@NEEDS_TL3
 def test_sampling_log_probs_are_the_policys_raw_log_probs_even_under_top_p(sft_pair):
     av, _, _ = _load(sft_pair)
     vectors = _train_vectors(sft_pair)[:3]
@@ -234,6 +236,7 @@ def test_sampling_log_probs_are_the_policys_raw_log_probs_even_under_top_p(sft_p
     assert torch.allclose(old_logp.float(), teacher_forced, atol=1e-4)
 
 
+@NEEDS_TL3
 def test_rl_step_gradient_equals_plain_hf_and_torch(sft_pair):
     """Our loss (batched, padded, micro-batched) vs one HF forward per sample with a plain layer-1
     hook and the GRPO formula written out: the same gradient, in float64."""
@@ -297,6 +300,7 @@ def _assert_same_gradients(av, hf) -> None:
     assert compared == len([p for p in hf.parameters() if p.requires_grad])
 
 
+@NEEDS_TL3
 def test_sft_term_adds_the_plain_cross_entropy_gradient(sft_pair):
     """`sft_coef` x mean token cross-entropy of the step's labelled rows vs one HF forward per row
     (plain layer-1 hook, the target text tokenized here): the same gradient, in float64."""
@@ -327,6 +331,7 @@ def test_sft_term_adds_the_plain_cross_entropy_gradient(sft_pair):
     _assert_same_gradients(av, hf)
 
 
+@NEEDS_TL3
 def test_sft_term_needs_labelled_rows_and_a_valid_config(sft_pair):
     av, ar, reference = _load(sft_pair)
     with pytest.raises(nl.ConfigError, match="sft_data"):
@@ -371,6 +376,7 @@ def _params(av, ar) -> dict[str, torch.Tensor]:
             "readout": ar.readout.weight.detach().clone()}
 
 
+@NEEDS_TL3
 def test_resume_and_extension_give_the_uninterrupted_run(sft_pair, tmp_path):
     """With the `sft_coef` term on: its rows, like the vectors, are a function of the step."""
     data = _train_split(sft_pair)
@@ -414,6 +420,7 @@ def test_resume_and_extension_give_the_uninterrupted_run(sft_pair, tmp_path):
     assert 0 <= row["parse_failure_rate"] <= 1 and row["kl"] >= 0 and row["sft_loss"] > 0
 
 
+@NEEDS_TL3
 def test_resume_latest_starts_a_first_launch_at_step_0_and_a_rerun_without_it_is_refused(sft_pair, tmp_path):
     """One config launches and relaunches a preemptible job: `resume: latest` with no checkpoint yet was a
     CheckpointError. A rerun without `resume` started at step 0 over the checkpoints it found; over a finished run,
@@ -428,6 +435,7 @@ def test_resume_latest_starts_a_first_launch_at_step_0_and_a_rerun_without_it_is
         rl.train_rl(*_load(sft_pair)[:2], None, train, train[:0], config, out_dir=tmp_path, progress=False)
 
 
+@NEEDS_TL3
 def test_train_ar_false_leaves_the_reward_model_untouched(sft_pair):
     av, ar, reference = _load(sft_pair)
     before = _params(av, ar)
@@ -439,6 +447,7 @@ def test_train_ar_false_leaves_the_reward_model_untouched(sft_pair):
     assert math.isnan(result.history[-1]["ar_mse"]) and result.history[-1]["kl"] == 0.0
 
 
+@NEEDS_TL3
 def test_ppo_epochs_repeat_the_av_update_on_one_rollout_and_the_ar_steps_once(sft_pair):
     """ppo_epochs 2 vs the loop written out with plain torch.optim.Adam: two AV updates on one rollout,
     each loss against the rollout's sampling and reference log-probs (which the first update moved
@@ -474,6 +483,7 @@ def test_ppo_epochs_repeat_the_av_update_on_one_rollout_and_the_ar_steps_once(sf
         dataclasses.replace(RL, ppo_epochs=0)
 
 
+@NEEDS_TL3
 def test_a_checkpoint_older_than_a_setting_resumes_at_that_settings_default(sft_pair, tmp_path):
     """A checkpoint written before `ppo_epochs` existed ran one update per rollout: it resumes with the
     default, and a run asking for more is refused by name."""
@@ -492,12 +502,14 @@ def test_a_checkpoint_older_than_a_setting_resumes_at_that_settings_default(sft_
                     ppo_epochs=2), out_dir=tmp_path / "run", resume="latest", progress=False)
 
 
+@NEEDS_TL3
 def test_kl_needs_a_reference(sft_pair):
     av, ar, _ = _load(sft_pair)
     with pytest.raises(nl.ConfigError, match="kl_coef"):
         rl.train_rl(av, ar, None, _train_vectors(sft_pair), torch.empty(0, 64), RL, progress=False)
 
 
+@NEEDS_TL3
 def test_a_pair_loaded_in_float16_is_refused_before_sampling(sft_pair):
     """Adam's eps rounds to 0 in float16, so the first update turned the AV NaN and the next rollout stopped on
     torch's multinomial error ("probability tensor contains either inf, nan or element < 0")."""
@@ -506,6 +518,7 @@ def test_a_pair_loaded_in_float16_is_refused_before_sampling(sft_pair):
                     dataclasses.replace(RL, steps=2), progress=False)
 
 
+@NEEDS_TL3
 def test_ar_update_trains_on_the_bos_first_prompts_reconstruct_serves(bos_paths):
     """The rewards come from `reconstruct`, which puts BOS first on Llama: the AR update must too."""
     av = nl.ActivationVerbalizer.from_pretrained(bos_paths["gemma_av"], backend="hooked")
@@ -523,6 +536,7 @@ def test_ar_update_trains_on_the_bos_first_prompts_reconstruct_serves(bos_paths)
     assert all(prompt[0] == ar.tokenizer.bos_token_id for prompt in trainer.ar_rows.prompts)
 
 
+@NEEDS_TL3
 def test_samples_longer_than_either_models_context_are_refused_before_training(sft_pair, monkeypatch):
     av, ar, _ = _load(sft_pair)
     prompt, n_ctx = av.prompt_tokens(1).shape[1], av.model.cfg.n_ctx
@@ -536,6 +550,7 @@ def test_samples_longer_than_either_models_context_are_refused_before_training(s
         rl.train_rl(av, ar, None, _train_vectors(sft_pair), torch.empty(0, 64), config, progress=False)
 
 
+@NEEDS_TL3
 def test_training_vectors_without_a_spread_are_an_input_error(sft_pair):
     """Copies of one vector have a paper baseline of 0: the first step's FVE divided by it (ZeroDivisionError)."""
     av, ar, _ = _load(sft_pair)
@@ -545,6 +560,7 @@ def test_training_vectors_without_a_spread_are_an_input_error(sft_pair):
         rl.train_rl(av, ar, None, same, same, config, progress=False)
 
 
+@NEEDS_TL3
 @pytest.mark.parametrize(("eval_vectors", "held_out"), [(1, 8), (8, 1)])
 def test_fewer_than_two_held_out_vectors_record_no_evaluation(sft_pair, eval_vectors, held_out):
     """FVE needs a spread: `eval_vectors: 1` (documented "no evaluation"), or a one-vector split, runs none."""
@@ -576,6 +592,7 @@ def _layer1_run(root: Path, av: Path, ar: Path) -> RLRunConfig:
                        rl=RLConfig(steps=1, prompts_per_step=2, group_size=2, kl_coef=0.0, eval_vectors=0))
 
 
+@NEEDS_TL3
 def test_train_rl_refuses_activations_of_another_layer_than_the_pair(layer1_extraction, tiny_paths):
     config = _layer1_run(layer1_extraction, tiny_paths["av_karvonen"], tiny_paths["ar_nanonla"])
     with pytest.raises(nl.ConfigError, match="hold layer 1, but the AV .* trained on layer 2"):
@@ -583,6 +600,7 @@ def test_train_rl_refuses_activations_of_another_layer_than_the_pair(layer1_extr
     assert not (layer1_extraction / "rl").exists()  # refused before any training
 
 
+@NEEDS_TL3
 def test_train_rl_refuses_an_av_and_ar_of_different_layers(layer1_extraction, tiny_paths, tmp_path):
     layer1_av = testing.make_tiny_nla(tmp_path, layer=1)["av_karvonen"]
     config = _layer1_run(layer1_extraction, layer1_av, tiny_paths["ar_nanonla"])
@@ -590,6 +608,7 @@ def test_train_rl_refuses_an_av_and_ar_of_different_layers(layer1_extraction, ti
         run_train_rl(config, progress=False)
 
 
+@NEEDS_TL3
 def test_train_rl_refuses_an_ar_of_another_family_before_any_weight(layer1_extraction, tiny_paths, bos_paths,
                                                                      monkeypatch):
     monkeypatch.setattr(backends, "load_model", lambda *a, **k: pytest.fail("weights read"))
@@ -598,6 +617,7 @@ def test_train_rl_refuses_an_ar_of_another_family_before_any_weight(layer1_extra
         run_train_rl(config, progress=False)
 
 
+@NEEDS_TL3
 @pytest.mark.parametrize(("av", "ar", "message"), [
     ("av_karvonen", "av_karvonen", "ar: .* is an AV checkpoint, not an AR; point ar at the SFT AR"),  # no role
     ("av_karvonen", "av_embedding", "ar: .* is an AV checkpoint, not an AR; point ar at the SFT AR"),
@@ -613,6 +633,7 @@ def test_train_rl_refuses_a_checkpoint_of_the_other_role_before_any_weight(layer
         run_train_rl(config, progress=False)
 
 
+@NEEDS_TL3
 def test_train_rl_warns_when_its_held_out_split_is_not_the_one_the_ar_was_exported_with(sft_pair, base_folder,
                                                                                        tmp_path, monkeypatch):
     """An RL YAML without the SFT runs' eval_fraction (its default is 0.1) silently trained on SFT's held-out
@@ -644,6 +665,7 @@ def test_train_rl_warns_when_its_held_out_split_is_not_the_one_the_ar_was_export
     assert "RL would train on vectors SFT held out" in said[0] and "eval_fraction and split_seed" in said[0]
 
 
+@NEEDS_TL3
 @pytest.mark.parametrize(("n_eval", "recorded", "logged"), [
     (8, True, "against the baseline 0.7 (sidecar (held-out), n=500)"),
     (8, False, "record no FVE: 8 held-out vectors give no trustworthy baseline"),
@@ -678,11 +700,13 @@ def _rl_yaml(root: Path, name: str, **rl_overrides) -> str:
     return str(path)
 
 
+@NEEDS_TL3
 def test_cli_summary_says_when_a_run_had_no_held_out_evaluation(sft_pair, capsys):
     assert main(["train-rl", _rl_yaml(sft_pair, "rl_eval1", steps=1, save_every=0, eval_vectors=1)]) == 0
     assert "no held-out evaluation" in capsys.readouterr().out
 
 
+@NEEDS_TL3
 def test_two_rank_ddp_rl_gives_the_one_process_weights(sft_pair, capsys):
     """The `sft_coef` term on, its 7 rows split 4 / 3 over the ranks; two AV updates per rollout."""
     assert main(["train-rl", _rl_yaml(sft_pair, "rl_1", sft_coef=0.5, sft_batch=7, ppo_epochs=2)]) == 0
@@ -707,6 +731,7 @@ def _files(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+@NEEDS_TL3
 def test_an_rl_export_cut_short_at_the_ar_leaves_the_earlier_pair_whole(tiny_paths, label_split, tmp_path,
                                                                        monkeypatch):
     """train-rl exported its AV, then its AR, each in place: a run cut short between them (a finished run extended
@@ -744,6 +769,7 @@ def test_an_rl_export_cut_short_at_the_ar_leaves_the_earlier_pair_whole(tiny_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ar", "av"]  # no temporary folder left behind
 
 
+@NEEDS_TL3
 def test_train_rl_warns_when_the_activations_are_of_another_base_model_than_the_avs(layer1_extraction, tmp_path,
                                                                                     monkeypatch):
     """SFT warns of activations extracted from another base than it trains; RL compared layers and widths only, so a
@@ -778,6 +804,7 @@ def test_train_rl_warns_when_the_activations_are_of_another_base_model_than_the_
                        "if the two names are one model"]
 
 
+@NEEDS_TL3
 def test_an_rl_export_removes_the_earlier_runs_record_just_before_its_swap(tiny_paths, label_split, tmp_path,
                                                                            monkeypatch):
     """train_result.json is written after the export: a crash after the new pair was swapped in and before the record
@@ -813,6 +840,7 @@ def test_an_rl_export_removes_the_earlier_runs_record_just_before_its_swap(tiny_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ar", "av"]
 
 
+@NEEDS_TL3
 def test_the_rl_progress_bar_writes_a_huge_reward_and_a_tiny_kl_in_e_notation(tiny_paths, monkeypatch):
     """The bar's postfix wrote reward and KL to 3 decimals: a reward of -1e30 with all its digits, a KL of 2e-6 as
     0.000."""
