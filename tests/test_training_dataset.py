@@ -7,18 +7,23 @@ import json
 import random
 import re
 import warnings
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import NEEDS_TL3
+from conftest import D_MODEL, NEEDS_TL3
+from transformers import AutoModelForCausalLM
 
 import nla_lens as nl
-from nla_lens import loading, testing
+from nla_lens import backends, loading, testing
 from nla_lens.markers import find_marker_sites
 from nla_lens.parsing import parse_explanation
 from nla_lens.sidecar import av_prompt_ids
 from nla_lens.training import (
+    ActivationDataset,
     ActivationRecord,
+    ExtractConfig,
     TrainConfig,
     ar_rows,
     av_rows,
@@ -40,17 +45,58 @@ def label_by_token(record: ActivationRecord) -> str:
     return f"the token {record.token.strip()}"
 
 
-@pytest.fixture(scope="module")
-def acts(tmp_path_factory, base_folder, extract_config):
-    tokenizer = loading.load_tokenizer(base_folder)
-    model = loading.load_hooked_transformer(base_folder, tokenizer, dtype=torch.float32, device="cpu")
-    folder = tmp_path_factory.mktemp("acts")
-    extract_activations(model, tokenizer, testing.tiny_corpus(8, words_per_doc=10), folder, extract_config,
-                        progress=False)
+class HFResidPost:
+    """What `extract_activations` asks of its model, from plain HF transformers: `model(tokens, attention_mask=mask,
+    stop_at_layer=K + 1)` is `hidden_states[K + 1]`, the output of decoder layer K (TL's `blocks.K.hook_resid_post`;
+    for K + 1 below the layer count, where HF has not applied the final norm). The dataset tests extract through it
+    on either TransformerLens leg; `test_the_hf_stand_in_extracts_what_the_hooked_transformer_extracts` pins it."""
+
+    def __init__(self, folder: Path):
+        self.hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        config = self.hf.config
+        self.cfg = SimpleNamespace(n_layers=config.num_hidden_layers, n_ctx=config.max_position_embeddings,
+                                   d_model=config.hidden_size, model_name=config._name_or_path)
+        self.W_E = self.hf.get_input_embeddings().weight
+
+    @torch.no_grad()
+    def __call__(self, tokens: torch.Tensor, *, attention_mask: torch.Tensor, stop_at_layer: int) -> torch.Tensor:
+        assert stop_at_layer < self.cfg.n_layers, "the last hidden state is after the final norm"
+        return self.hf(tokens, attention_mask=attention_mask, output_hidden_states=True).hidden_states[stop_at_layer]
+
+
+def _extract(model, base_folder: Path, folder: Path, config: ExtractConfig) -> ActivationDataset:
+    extract_activations(model, loading.load_tokenizer(base_folder), testing.tiny_corpus(8, words_per_doc=10), folder,
+                        config, progress=False)
     return load_activations(folder)
 
 
+def _extract_through_hf(base_folder: Path, folder: Path, config: ExtractConfig) -> ActivationDataset:
+    """The tiny corpus extracted by `extract_activations` through `HFResidPost`, its backend check (training needs
+    TL 3.x) set aside: a real extraction folder for the labelling tests on both legs."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(backends, "require_hooked", lambda *_: None)
+        return _extract(HFResidPost(base_folder), base_folder, folder, config)
+
+
+@pytest.fixture(scope="module")
+def acts(tmp_path_factory, base_folder, extract_config):
+    return _extract_through_hf(base_folder, tmp_path_factory.mktemp("acts"), extract_config)
+
+
 @NEEDS_TL3
+def test_the_hf_stand_in_extracts_what_the_hooked_transformer_extracts(acts, base_folder, extract_config, tmp_path):
+    """The same sidecar, shards and rows, and the same vectors to float32 rounding: the stand-in behind `acts` is
+    the extraction nla-lens extract runs."""
+    tokenizer = loading.load_tokenizer(base_folder)
+    model = loading.load_hooked_transformer(base_folder, tokenizer, dtype=torch.float32, device="cpu")
+    hooked = _extract(model, base_folder, tmp_path, extract_config)
+    assert hooked.meta.raw == acts.meta.raw and hooked.records == acts.records
+    assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == sorted(
+        p.name for p in (acts.folder / "shards").iterdir())
+    assert hooked.vectors.shape == acts.vectors.shape == (len(acts), D_MODEL)
+    assert torch.allclose(hooked.vectors, acts.vectors, rtol=0, atol=1e-5)
+
+
 def test_explanations_from_jsonl_equal_those_from_a_labeler(acts, tmp_path):
     from_labeler = label_activations(acts, label_by_token)
     path = save_explanations(from_labeler, tmp_path / "explanations.jsonl")
@@ -60,7 +106,6 @@ def test_explanations_from_jsonl_equal_those_from_a_labeler(acts, tmp_path):
     assert torch.equal(from_jsonl.vectors, acts.vectors)
 
 
-@NEEDS_TL3
 def test_save_explanations_checks_its_path_first(acts, tmp_path):
     """A missing folder was open()'s FileNotFoundError traceback (examples/label.py printed it whole)."""
     data = label_activations(acts, label_by_token)
@@ -71,7 +116,6 @@ def test_save_explanations_checks_its_path_first(acts, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-@NEEDS_TL3
 @pytest.mark.parametrize(("value", "said"), [(float("nan"), "hold NaN or Inf"), (float("inf"), "hold NaN or Inf"),
                                            (0.0, "are zero: no direction")])
 def test_labelled_rows_without_a_direction_are_refused_by_document_and_position(acts, value, said):
@@ -92,7 +136,6 @@ def test_labelled_rows_without_a_direction_are_refused_by_document_and_position(
     assert len(kept) == len(acts) - 2 and torch.isfinite(kept.vectors).all()
 
 
-@NEEDS_TL3
 def test_empty_or_whitespace_explanations_are_refused_by_document_and_position(acts, tmp_path):
     """A labeler that answered nothing trained the AV to write an empty explanation, without a word."""
     blank = {0: "", 3: " \n\t"}
@@ -110,13 +153,11 @@ def test_empty_or_whitespace_explanations_are_refused_by_document_and_position(a
             label_activations(acts, path)
 
 
-@NEEDS_TL3
 def test_rows_without_explanation_are_left_out(acts):
     data = label_activations(acts, lambda r: None if r.position % 2 else label_by_token(r))
     assert data.positions == [r.position for r in acts.records if r.position % 2 == 0]
 
 
-@NEEDS_TL3
 def test_an_explanation_matching_no_row_is_rejected(acts, tmp_path):
     path = tmp_path / "explanations.jsonl"
     path.write_text(json.dumps({"doc_id": "nope", "position": 3, "explanation": "x"}) + "\n")
@@ -124,7 +165,6 @@ def test_an_explanation_matching_no_row_is_rejected(acts, tmp_path):
         label_activations(acts, path)
 
 
-@NEEDS_TL3
 @pytest.mark.parametrize(("line", "message"), [
     ('{"doc_id": "0", "position": 3', r"explanations.jsonl:2: not JSON \(Expecting ',' delimiter at character 31\)"),
     ("[1, 2]", r"explanations.jsonl:2: holds \[1, 2\], not a JSON object; write one JSON object per line, with "
@@ -145,7 +185,6 @@ def test_a_bad_explanations_line_is_named_with_what_is_wrong_in_words(acts, tmp_
         label_activations(acts, path)
 
 
-@NEEDS_TL3
 def test_whole_number_positions_written_as_floats_or_strings_still_match(acts, tmp_path):
     record = acts.records[0]
     path = tmp_path / "explanations.jsonl"
@@ -308,15 +347,10 @@ def test_a_base_model_that_cannot_hold_the_extractions_vectors_is_refused_before
 @pytest.fixture(scope="module")
 def other_layer_acts(tmp_path_factory, base_folder, extract_config):
     """The `acts` corpus and positions at another layer: its (doc_id, position) keys are every one of `acts`'."""
-    tokenizer = loading.load_tokenizer(base_folder)
-    model = loading.load_hooked_transformer(base_folder, tokenizer, dtype=torch.float32, device="cpu")
-    folder = tmp_path_factory.mktemp("acts_other_layer")
-    config = dataclasses.replace(extract_config, layer=extract_config.layer - 1)
-    extract_activations(model, tokenizer, testing.tiny_corpus(8, words_per_doc=10), folder, config, progress=False)
-    return load_activations(folder)
+    return _extract_through_hf(base_folder, tmp_path_factory.mktemp("acts_other_layer"),
+                               dataclasses.replace(extract_config, layer=extract_config.layer - 1))
 
 
-@NEEDS_TL3
 def test_explanations_saved_for_one_extraction_are_refused_on_another_layers(acts, other_layer_acts, tmp_path):
     """Labels of a layer-2 extraction trained on the layer-1 vectors of the same rows without a word: every
     (doc_id, position) matched."""
@@ -331,7 +365,6 @@ def test_explanations_saved_for_one_extraction_are_refused_on_another_layers(act
     assert message.endswith(f"label {other} and train on those explanations, or point activations at {labelled}")
 
 
-@NEEDS_TL3
 def test_explanations_record_their_extractions_base_and_rows(acts, tmp_path):
     path = save_explanations(label_activations(acts, label_by_token), tmp_path / "explanations.jsonl")
     assert label_activations(acts, path).extraction == label_activations(acts, label_by_token).extraction
@@ -349,7 +382,6 @@ def test_explanations_record_their_extractions_base_and_rows(acts, tmp_path):
         label_activations(edited, path)
 
 
-@NEEDS_TL3
 def test_a_file_joining_two_extractions_explanations_or_a_damaged_record_is_named_by_its_line(
         acts, other_layer_acts, tmp_path):
     first = save_explanations(label_activations(acts, label_by_token), tmp_path / "a.jsonl").read_text()
@@ -376,7 +408,6 @@ def test_a_file_joining_two_extractions_explanations_or_a_damaged_record_is_name
         label_activations(acts, damaged)
 
 
-@NEEDS_TL3
 def test_explanations_edited_with_pandas_and_written_back_keep_their_record_and_ids(acts, tmp_path):
     """`pd.read_json(lines=True)` reads the record as a row of its own, and beside its missing doc_id makes ids
     "0", "1" floats; `to_json(orient="records", lines=True)` wrote the record back with null keys, which was read as
@@ -398,7 +429,6 @@ def test_explanations_edited_with_pandas_and_written_back_keep_their_record_and_
         label_activations(acts, path)  # and it is checked: the ids "doc-0", ... are another extraction's
 
 
-@NEEDS_TL3
 def test_read_result_of_a_label_file_says_how_to_read_one(acts, tmp_path):
     """It read the extraction record as a row of nulls among the explanations; as written and after pandas."""
     import pandas as pd
@@ -411,7 +441,6 @@ def test_read_result_of_a_label_file_says_how_to_read_one(acts, tmp_path):
         nl.read_result(path)
 
 
-@NEEDS_TL3
 def test_explanations_without_an_extraction_record_load_with_one_warning(acts, tmp_path):
     """Files written before the record (or by other code) still train, with a word that nothing checks them."""
     path = tmp_path / "explanations.jsonl"
@@ -425,7 +454,6 @@ def test_explanations_without_an_extraction_record_load_with_one_warning(acts, t
     assert fix in str(warned[0].message)
 
 
-@NEEDS_TL3
 def test_explanations_of_one_document_say_the_split_needs_labelled_rows_of_two(acts):
     one_document = label_activations(acts, lambda r: "x" if r.doc_id == acts.records[0].doc_id else None)
     with pytest.raises(nl.InputError) as refused:
