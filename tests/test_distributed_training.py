@@ -24,7 +24,6 @@ from nla_lens.distributed import World
 from nla_lens.training import label_activations, load_activations, save_explanations, split_by_document
 from nla_lens.training.parallel import rank_share
 
-pytestmark = NEEDS_TL3
 TRAIN = {"steps": 4, "batch_size": 7, "lr": 1e-3, "warmup_steps": 1, "save_every": 2, "keep_checkpoints": 4}
 
 
@@ -64,6 +63,7 @@ def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
+@NEEDS_TL3
 def test_two_rank_ddp_av_sft_gives_the_one_process_weights(workdir, base_folder):
     assert main(["train-av", _config(workdir, base_folder, "av_1", dtype="float64")]) == 0
     torchrun_cli("train-av", _config(workdir, base_folder, "av_2", dtype="float64"))
@@ -83,6 +83,7 @@ def test_two_rank_ddp_av_sft_gives_the_one_process_weights(workdir, base_folder)
     assert _max_diff(one, _weights(workdir, "av_2_then_1")) <= 1e-9
 
 
+@NEEDS_TL3
 def test_fsdp_with_activation_checkpointing_resumes_a_one_process_run_on_two_ranks(workdir, base_folder):
     assert main(["train-av", _config(workdir, base_folder, "av_1_fp32", dtype="float32")]) == 0
     torchrun_cli("train-av", _config(workdir, base_folder, "av_1_then_fsdp", dtype="float32",
@@ -109,6 +110,7 @@ def ar_train_settings(workdir, base_folder) -> dict:
     return train
 
 
+@NEEDS_TL3
 @pytest.mark.parametrize("data_parallel", ["ddp", "fsdp"])
 def test_two_rank_ar_sft_gives_the_one_process_weights(workdir, base_folder, ar_train_settings, data_parallel):
     torchrun_cli("train-ar", _config(workdir, base_folder, f"ar_2_{data_parallel}", dtype="float64",
