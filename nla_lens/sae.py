@@ -86,9 +86,21 @@ def resid_hook_names(layer: int) -> tuple[str, str]:
     return resid_post_name(layer), f"blocks.{layer + 1}.hook_resid_pre"
 
 
+def decoder_space(sae: SAE) -> tuple[str, str | None, int]:
+    """(the metadata field naming it, the hook point, the width) of where `sae`'s decoder rows are directions: an SAE
+    decodes into the hook point it reads (`hook_name`, d_in); a sae-lens transcoder reads one hook point and writes
+    another (`hook_name_out`, d_out), so its rows live there, whatever it reads."""
+    from sae_lens import Transcoder
+
+    if isinstance(sae, Transcoder):
+        return "hook_name_out", sae.cfg.metadata.hook_name_out, sae.cfg.d_out
+    return "hook_name", sae.cfg.metadata.hook_name, sae.cfg.d_in
+
+
 def check_sae_reads_layer(sae: SAE, layer: int, d_model: int, *, allow_other_hook: bool = False) -> str | None:
-    """The SAE's hook name, after checking it reads the residual the NLA verbalizes (`blocks.{layer}`); None for an
-    SAE that records none, which only `allow_other_hook=True` lets in (nothing says where it reads).
+    """The SAE's hook name, after checking its decoder rows are directions of the residual the NLA verbalizes
+    (`blocks.{layer}`): the hook point an SAE reads, the one a transcoder writes; None for an SAE that records
+    none, which only `allow_other_hook=True` lets in (nothing says where it reads).
 
     A width mismatch cannot be overridden (the vectors would not fit); a different hook point can,
     with `allow_other_hook=True`, for users who know the two activations live in one space.
@@ -96,34 +108,53 @@ def check_sae_reads_layer(sae: SAE, layer: int, d_model: int, *, allow_other_hoo
     if not hasattr(sae, "W_dec") or not hasattr(getattr(sae, "cfg", None), "d_sae"):
         raise InputError(f"expected a sae-lens SAE, got {type(sae).__name__}; check the order of the arguments")
     hook_name = sae.cfg.metadata.hook_name
-    at = "" if hook_name is None else f" ({hook_name})"  # sae-lens's metadata answers None for a name never set
-    if sae.cfg.d_in != d_model:
+    field, written, width = decoder_space(sae)
+    at = "" if written is None else f" ({written})"  # sae-lens's metadata answers None for a name never set
+    width_name, moves = ("d_in", "reads") if field == "hook_name" else ("d_out", "writes")
+    if width != d_model:
         raise SAEMismatchError(
-            f"the SAE reads {sae.cfg.d_in}-dim activations{at} but the NLA verbalizes "
+            f"the SAE {moves} {width}-dim activations{at} but the NLA verbalizes "
             f"d_model={d_model} residuals; use an SAE trained on this NLA's base model"
         )
-    if tuple(sae.W_dec.shape) != (sae.cfg.d_sae, sae.cfg.d_in):
+    if tuple(sae.W_dec.shape) != (sae.cfg.d_sae, width):
         raise InputError(
-            f"sae.W_dec has shape {list(sae.W_dec.shape)} but a sae-lens decoder is [d_sae, d_in] = "
-            f"{[sae.cfg.d_sae, sae.cfg.d_in]}, one row per feature; if yours stores features as columns, transpose it"
+            f"sae.W_dec has shape {list(sae.W_dec.shape)} but a sae-lens decoder is [d_sae, {width_name}] = "
+            f"{[sae.cfg.d_sae, width]}, one row per feature; if yours stores features as columns, transpose it"
         )
     if sae.cfg.metadata.hook_head_index is not None:
         of = "" if hook_name is None else f" of {hook_name}"
         raise SAEMismatchError(f"the SAE reads one attention head{of} (hook_head_index="
                                f"{sae.cfg.metadata.hook_head_index}), not the residual stream")
-    if hook_name is None and not allow_other_hook:
+    if not allow_other_hook:
+        _check_hooks_named(hook_name, field, written, layer)
+    return hook_name
+
+
+def _check_hooks_named(hook_name: str | None, field: str, written: str | None, layer: int) -> None:
+    """The SAE names its hook points, and its decoder rows (at `written`, named by metadata `field`) are directions of
+    the NLA's residual."""
+    residual = resid_hook_names(layer)[0]
+    transcoder = field == "hook_name_out"
+    if written is None:
         raise SAEMismatchError(
-            f"the SAE records no hook point (sae.cfg.metadata.hook_name is None), so nothing says it reads "
-            f"{resid_hook_names(layer)[0]!r}, the residual the NLA verbalizes (layer K={layer}); if it does, set "
-            f"sae.cfg.metadata.hook_name = {resid_hook_names(layer)[0]!r}"
+            f"the SAE records no hook point (sae.cfg.metadata.{field} is None), so nothing says it "
+            f"{'writes' if transcoder else 'reads'} {residual!r}, the residual the NLA verbalizes (layer K={layer}); "
+            f"if it does, set sae.cfg.metadata.{field} = {residual!r}"
         )
-    if hook_name not in resid_hook_names(layer) and not allow_other_hook:
+    if written not in resid_hook_names(layer):
+        where = (f"reads {hook_name!r} and writes {written!r}, so its decoder rows are directions of {written!r},"
+                 if transcoder else f"reads {written!r}")
         raise SAEMismatchError(
-            f"the SAE reads {hook_name!r} but the NLA verbalizes {resid_hook_names(layer)[0]!r} (layer K={layer}); "
+            f"the SAE {where} but the NLA verbalizes {residual!r} (layer K={layer}); "
             "use an SAE of that hook point, or pass allow_other_hook=True if you know its decoder "
             "directions live in the same space"
         )
-    return hook_name
+    if hook_name is None:  # a transcoder that records where it writes only: a card scans where it reads
+        raise SAEMismatchError(
+            f"the SAE records no hook point to read (sae.cfg.metadata.hook_name is None; it writes {written!r}), "
+            "so nothing says where its encoder reads, which is where a card finds the feature's contexts; set "
+            "sae.cfg.metadata.hook_name to it"
+        )
 
 
 def sae_hook_phrase(hook_name: str | None) -> str:

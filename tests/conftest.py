@@ -185,6 +185,17 @@ def make_sae(d_in: int, d_sae: int, hook_name: str, seed: int = 0):
     return StandardSAE(StandardSAEConfig(d_in=d_in, d_sae=d_sae, metadata=SAEMetadata(hook_name=hook_name))).eval()
 
 
+def make_transcoder(d_in: int, d_out: int, d_sae: int, hook_name: str | None, hook_name_out: str | None, seed: int = 0):
+    """A sae-lens Transcoder with seeded random weights, reading `hook_name` and writing `hook_name_out`."""
+    from sae_lens import Transcoder, TranscoderConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    torch.manual_seed(seed)
+    metadata = SAEMetadata(hook_name=hook_name, hook_name_out=hook_name_out)
+    return Transcoder(TranscoderConfig(d_in=d_in, d_sae=d_sae, d_out=d_out, apply_b_dec_to_input=False,
+                                       metadata=metadata)).eval()
+
+
 @pytest.fixture(scope="module")
 def base(tiny_paths):
     """The tiny base model the tiny NLA reads, without weight processing; one per test module, so a

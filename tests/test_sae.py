@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from base_batches import no_hooks_left
-from conftest import D_MODEL, HAS_SAE_LENS, LAYER, TL4, make_sae, stray_byte_verbalization
+from conftest import D_MODEL, HAS_SAE_LENS, LAYER, TL4, make_sae, make_transcoder, stray_byte_verbalization
 from torch.multiprocessing.reductions import StorageWeakRef
 
 import nla_lens as nl
@@ -484,6 +484,52 @@ def test_next_blocks_resid_pre_is_the_same_residual(av_karvonen):
 
     sae = make_sae(D_MODEL, 8, f"blocks.{LAYER + 1}.hook_resid_pre")
     assert check_sae_reads_layer(sae, LAYER, D_MODEL) == f"blocks.{LAYER + 1}.hook_resid_pre"
+
+
+@NEEDS_SAE_LENS
+def test_a_transcoder_is_checked_where_its_decoder_writes_not_where_it_reads(av_karvonen, base):
+    """A transcoder's decoder rows are directions of the hook point it writes (hook_name_out, d_out). One that read
+    the NLA's residual and wrote the next block's was verbalized as if its rows were this residual's, silently; one of
+    another d_out was told to transpose its decoder."""
+    residual, after = f"blocks.{LAYER}.hook_resid_post", f"blocks.{LAYER + 1}.hook_resid_post"
+    writes_after = make_transcoder(D_MODEL, D_MODEL, 8, residual, after)
+    elsewhere = (rf"reads '{residual}' and writes '{after}', so its decoder rows are directions of '{after}', but the "
+                 rf"NLA verbalizes '{residual}'.*allow_other_hook=True")
+    with pytest.raises(nl.SAEMismatchError, match=elsewhere):
+        nl.verbalize_sae_features(av_karvonen, writes_after, [1], max_new_tokens=2, progress=False)
+    with pytest.raises(nl.SAEMismatchError, match=elsewhere):
+        nl.feature_card(writes_after, base, ["The cat sat."], 1, av_karvonen, max_new_tokens=2, progress=False)
+    narrow = make_transcoder(D_MODEL, D_MODEL // 2, 8, residual, f"blocks.{LAYER}.hook_mlp_out")
+    with pytest.raises(nl.SAEMismatchError,
+                       match=rf"writes {D_MODEL // 2}-dim activations \(blocks.{LAYER}.hook_mlp_out\)"):
+        nl.verbalize_sae_features(av_karvonen, narrow, [1], allow_other_hook=True, progress=False)
+    unnamed = make_transcoder(D_MODEL, D_MODEL, 8, residual, None)
+    with pytest.raises(nl.SAEMismatchError, match=rf"hook_name_out is None\), so nothing says it writes '{residual}'.*"
+                                                   rf"set sae.cfg.metadata.hook_name_out = '{residual}'"):
+        nl.verbalize_sae_features(av_karvonen, unnamed, [1], progress=False)
+    mid = f"blocks.{LAYER}.hook_resid_mid"  # writes the NLA's residual from block K's middle: its rows are ours
+    writes_here = make_transcoder(D_MODEL, D_MODEL, 8, mid, residual)
+    out = nl.verbalize_sae_features(av_karvonen, writes_here, [1, 5], max_new_tokens=2, progress=False)
+    assert out.hook_name == mid and torch.equal(out.vectors, writes_here.W_dec.detach()[[1, 5]])
+    writes_here.cfg.metadata.hook_name = None
+    with pytest.raises(nl.SAEMismatchError, match=rf"no hook point to read \(sae.cfg.metadata.hook_name is None; it "
+                                                   rf"writes '{residual}'\)"):
+        nl.verbalize_sae_features(av_karvonen, writes_here, [1], progress=False)
+
+
+@NEEDS_SAE_LENS
+def test_a_card_of_a_transcoder_that_writes_the_residual_scans_where_it_reads(toy):
+    """Its encoder reads `hook_name`: the contexts are the activations there, as sae-lens computes them."""
+    layer = toy.av.meta.layer
+    mid = f"blocks.{layer}.hook_resid_mid"
+    transcoder = make_transcoder(128, 128, 32, mid, f"blocks.{layer}.hook_resid_post")
+    card = nl.feature_card(transcoder, toy.base, TOY_TEXTS, 9, toy.av, k=4, max_new_tokens=2, progress=False)
+    every = [(float(a), t, p) for t, text in enumerate(TOY_TEXTS)
+             for p, a in enumerate(_reference_activations(toy, transcoder, text, 9, mid).tolist()) if a > 0]
+    top = sorted(every, key=lambda e: (-e[0], e[1], e[2]))[:4]
+    assert len(top) == 4 and card.hook_name == mid and card.n_active == len(every)
+    assert [(c.text, c.position) for c in card.contexts] == [(t, p) for _, t, p in top]
+    assert [c.activation for c in card.contexts] == pytest.approx([a for a, _, _ in top], abs=1e-5)
 
 
 @NEEDS_SAE_LENS
