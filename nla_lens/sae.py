@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from importlib import metadata
@@ -102,8 +103,9 @@ def check_sae_reads_layer(sae: SAE, layer: int, d_model: int, *, allow_other_hoo
     (`blocks.{layer}`): the hook point an SAE reads, the one a transcoder writes; None for an SAE that records
     none, which only `allow_other_hook=True` lets in (nothing says where it reads).
 
-    A width mismatch cannot be overridden (the vectors would not fit); a different hook point can,
-    with `allow_other_hook=True`, for users who know the two activations live in one space.
+    A width mismatch cannot be overridden (the vectors would not fit), nor can an SAE of the heads' z (no residual
+    direction at any width); a different hook point can, with `allow_other_hook=True`, for users who know the two
+    activations live in one space.
     """
     if not hasattr(sae, "W_dec") or not hasattr(getattr(sae, "cfg", None), "d_sae"):
         raise InputError(f"expected a sae-lens SAE, got {type(sae).__name__}; check the order of the arguments")
@@ -111,6 +113,8 @@ def check_sae_reads_layer(sae: SAE, layer: int, d_model: int, *, allow_other_hoo
     field, written, width = decoder_space(sae)
     at = "" if written is None else f" ({written})"  # sae-lens's metadata answers None for a name never set
     width_name, moves = ("d_in", "reads") if field == "hook_name" else ("d_out", "writes")
+    if (written or "").endswith(".hook_z") or (field == "hook_name" and sae.cfg.reshape_activations == "hook_z"):
+        raise SAEMismatchError(_heads_z_refusal(written, moves))
     if width != d_model:
         raise SAEMismatchError(
             f"the SAE {moves} {width}-dim activations{at} but the NLA verbalizes "
@@ -128,6 +132,18 @@ def check_sae_reads_layer(sae: SAE, layer: int, d_model: int, *, allow_other_hoo
     if not allow_other_hook:
         _check_hooks_named(hook_name, field, written, layer)
     return hook_name
+
+
+def _heads_z_refusal(hook_name: str | None, moves: str) -> str:
+    """Why an SAE of the heads' z has no direction the NLA reads, and the one its feature writes into the residual."""
+    layer = re.fullmatch(r"blocks\.(\d+)\.attn\.hook_z", hook_name or "")
+    block = f"base.blocks[{layer.group(1) if layer else 'L'}]"
+    named = hook_name or "sae.cfg.reshape_activations='hook_z'"
+    return (f"the SAE {moves} the attention heads' z ({named}), before W_O: its decoder rows are [n_heads * d_head] "
+            "vectors of that space, no direction of the residual even where n_heads * d_head == d_model, so "
+            "allow_other_hook=True does not let it in. What feature f writes into the residual is "
+            f"einsum('hd,hdm->m', sae.W_dec[f].reshape(n_heads, d_head), {block}.attn.W_O): verbalize that with "
+            "nl.verbalize_direction")
 
 
 def _check_hooks_named(hook_name: str | None, field: str, written: str | None, layer: int) -> None:

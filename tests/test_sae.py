@@ -533,6 +533,44 @@ def test_a_card_of_a_transcoder_that_writes_the_residual_scans_where_it_reads(to
 
 
 @NEEDS_SAE_LENS
+def test_an_sae_of_the_heads_z_is_refused_even_with_allow_other_hook_and_told_its_residual_direction(av_karvonen,
+                                                                                                      base):
+    """An attention SAE (blocks.L.attn.hook_z, d_in = n_heads * d_head, here d_model) decodes into the heads' z, before
+    W_O. allow_other_hook=True let its z-space rows be verbalized as residuals, silently; its card then refused the
+    per-head hook point without saying what to do."""
+    n_heads, d_head = base.cfg.n_heads, base.cfg.d_head
+    assert n_heads * d_head == D_MODEL
+    z_name = f"blocks.{LAYER}.attn.hook_z"
+    attention = make_sae(D_MODEL, 8, z_name)
+    recipe = (rf"heads' z \({z_name}\), before W_O.*allow_other_hook=True does not let it in.*einsum\('hd,hdm->m', "
+              rf"sae.W_dec\[f\].reshape\(n_heads, d_head\), base.blocks\[{LAYER}\].attn.W_O\).*nl.verbalize_direction")
+    for allow in (False, True):
+        with pytest.raises(nl.SAEMismatchError, match=recipe):
+            nl.verbalize_sae_features(av_karvonen, attention, [1], allow_other_hook=allow, progress=False)
+    with pytest.raises(nl.SAEMismatchError, match=recipe):
+        nl.feature_card(attention, base, ["The cat sat."], 1, av_karvonen, allow_other_hook=True, progress=False)
+    unnamed = make_sae(D_MODEL, 8, z_name)
+    unnamed.cfg.metadata.hook_name, unnamed.cfg.reshape_activations = None, "hook_z"  # how sae-lens loads hook_z SAEs
+    with pytest.raises(nl.SAEMismatchError, match=r"heads' z \(sae.cfg.reshape_activations='hook_z'\).*blocks\[L\]"):
+        nl.verbalize_sae_features(av_karvonen, unnamed, [1], allow_other_hook=True, progress=False)
+
+    # The direction the message gives is what the heads write: hook_attn_out moves by it where z moves by the row.
+    row = attention.W_dec.detach()[1]
+    tokens = base.to_tokens("The cat sat.")
+
+    def attn_out(*fwd_hooks):
+        seen = []
+        base.run_with_hooks(tokens, fwd_hooks=[*fwd_hooks, (f"blocks.{LAYER}.hook_attn_out",
+                                                            lambda out, hook: seen.append(out[0, -1].clone()))])
+        return seen[0]
+
+    moved = attn_out((z_name, lambda z, hook: z + row.reshape(n_heads, d_head))) - attn_out()
+    written = torch.einsum("hd,hdm->m", row.reshape(n_heads, d_head), base.blocks[LAYER].attn.W_O.detach())
+    torch.testing.assert_close(moved, written, atol=1e-5, rtol=1e-4)
+    assert no_hooks_left(base)
+
+
+@NEEDS_SAE_LENS
 def test_bare_features_are_verbalized_exactly_as_their_decoder_rows(av_karvonen):
     sae = make_sae(D_MODEL, 16, f"blocks.{LAYER}.hook_resid_post")
     features = [3, 0, 11]
