@@ -328,10 +328,11 @@ def each_text_residuals(base: TLModel, texts: Iterable[str], layer: int, *, max_
     if max_tokens is not None:
         (max_tokens,) = check_counts(1, max_tokens=max_tokens)
     limit = max_tokens or base.cfg.n_ctx
-    for text in texts:
+    for i, text in enumerate(texts):
         ids = text_ids(base.tokenizer, text)[:limit]
-        if not ids:
-            raise InputError(f"text {text!r} has no tokens")
+        if not ids:  # an empty text where the tokenizer adds no BOS
+            raise InputError(f"texts[{i}] ({text!r:.60}) has no tokens, so there is nothing to scan in it: leave it "
+                             "out of texts")
         tokens = torch.tensor([ids], device=base.cfg.device)
         with torch.inference_mode():  # entered per text: a generator suspended inside it would leak it to the caller
             resid = (text_resid_post(base, tokens, layer) if hook_name is None

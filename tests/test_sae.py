@@ -335,6 +335,20 @@ def test_texts_are_any_iterable_of_strings_and_anything_else_among_them_is_named
 
 
 @NEEDS_SAE_LENS
+def test_an_empty_text_among_the_texts_is_named_by_its_index(av_karvonen, base):
+    """A text of no tokens (an empty line of a dataset, where the tokenizer adds no BOS) stopped a scan as "text ''
+    has no tokens": not which of many texts, nor what to do."""
+    sae = make_sae(D_MODEL, 8, f"blocks.{LAYER}.hook_resid_post")
+    texts = ["The cat sat.", "", "A dog ran."]
+    assert base.tokenizer("")["input_ids"] == []
+    named = r"texts\[1\] \(''\) has no tokens, so there is nothing to scan in it: leave it out of texts"
+    with pytest.raises(nl.InputError, match=named):
+        nl.feature_card(sae, base, texts, 1, av_karvonen, max_new_tokens=2, progress=False)
+    with pytest.raises(nl.InputError, match=named):
+        nl.residual_stats(base, texts, LAYER)
+
+
+@NEEDS_SAE_LENS
 def test_numpy_integer_counts_scan_as_their_ints(av_karvonen, base):
     """residual_stats' layer, skip_first and max_tokens, and feature_card's k, before, after and skip_first, were
     refused as not whole numbers (the layer as not an int) when NumPy's, where positions and feature ids took them."""
