@@ -239,7 +239,7 @@ def feature_card(
         scanned_hook = None if hook_name is None or hook_name in resid_hook_names(av.meta.layer) else hook_name
         # One text's residuals at a time: the card keeps only the feature's activations of each.
         for ids, resid in each_text_residuals(base, texts, av.meta.layer, hook_name=scanned_hook):
-            acts = sae.encode(resid.to(sae.W_dec.device, sae.W_dec.dtype))
+            acts = _encode_text(sae, resid.to(sae.W_dec.device, sae.W_dec.dtype))
             # TopK training SAEs with use_sparse_activations encode to a sparse COO tensor. A copy, not a view of
             # column `feature`: a view would keep this text's whole [pos, d_sae] encoding alive in per_text.
             acts = (acts.to_dense() if acts.is_sparse else acts)[:, feature].to("cpu", torch.float32, copy=True)
@@ -284,6 +284,17 @@ def feature_card(
     cosine = None if readout.cosines is None or readout.cosines[0].isnan() else float(readout.cosines[0])
     return FeatureCard(feature, readout.hook_name, readout.verbalizations[0], cosine, contexts,
                        int(scanned.sum()), n_active, explain_contexts, offset)
+
+
+def _encode_text(sae: SAE, activations: Float[Tensor, "pos d"]) -> Float[Tensor, "pos d_sae"]:
+    """`sae.encode` of one text's activations. A sae-lens TemporalSAE attends over the text's earlier positions, so
+    it encodes a [batch, pos, d] batch (a [pos, d] text was a bare ValueError); the others encode each position by
+    itself, some as [pos, d] only (matching pursuit picks its features along dim 1)."""
+    from sae_lens import TemporalSAE
+
+    if isinstance(sae, TemporalSAE):
+        return sae.encode(activations[None])[0]
+    return sae.encode(activations)
 
 
 def _non_finite_activations(sae: SAE, feature: int, text: int, resid: Float[Tensor, "pos d"]) -> str:

@@ -1079,6 +1079,29 @@ def test_a_card_of_an_sae_of_another_hook_scans_that_hook(toy, hook):
 
 
 @NEEDS_SAE_LENS
+def test_a_card_of_a_temporal_sae_encodes_each_text_as_one_sequence(toy):
+    """A sae-lens TemporalSAE (pretrained ones exist: temporal-sae-gemma-2-2b) attends over a text's earlier positions
+    and encodes [batch, pos, d]; the card gave it [pos, d], a bare ValueError from sae-lens."""
+    from sae_lens import TemporalSAE, TemporalSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    residual = f"blocks.{toy.av.meta.layer}.hook_resid_post"
+    torch.manual_seed(0)
+    sae = TemporalSAE(TemporalSAEConfig(d_in=128, d_sae=32, n_heads=4, bottleneck_factor=2, kval_topk=4,
+                                        metadata=SAEMetadata(hook_name=residual))).eval()
+    card = nl.feature_card(sae, toy.base, TOY_TEXTS, 9, toy.av, k=4, max_new_tokens=2, progress=False)
+    every = []
+    for t, text in enumerate(TOY_TEXTS):  # independent reference: the whole text's cached residuals as one sequence
+        _, cache = toy.base.run_with_cache(torch.tensor([toy.base.tokenizer(text)["input_ids"]]), names_filter=residual)
+        acts = sae.encode(cache[residual])[0, :, 9].detach()
+        every += [(float(a), t, p) for p, a in enumerate(acts.tolist()) if a > 0]
+    top = sorted(every, key=lambda e: (-e[0], e[1], e[2]))[:4]
+    assert len(top) == 4 and card.n_active == len(every)
+    assert [(c.text, c.position) for c in card.contexts] == [(t, p) for _, t, p in top]
+    assert [c.activation for c in card.contexts] == pytest.approx([a for a, _, _ in top], abs=1e-5)
+
+
+@NEEDS_SAE_LENS
 def test_a_card_context_reads_a_character_split_over_tokens_whole(av_karvonen, base, tmp_path):
     """The `context` column joined the tokens decoded one by one: a character that a byte-level BPE splits over
     several tokens (an emoji, a rare CJK character on Qwen) read as U+FFFD replacement characters there."""
