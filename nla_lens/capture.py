@@ -451,6 +451,7 @@ def activation_at(model: TLModel, tokens: Int[Tensor, "batch pos"], hook_name: s
     check_token_ids(model, tokens)
     if attention_mask is not None:  # TL's IndexError (a float mask) or AssertionError (another shape) otherwise
         check_attention_mask(attention_mask, tokens)
+    check_no_sae_at(model, hook_name)
     if not isinstance(hook_name, str) or hook_name not in model.hook_dict:
         raise InputError(f"{hook_name!r} is not a hook point of this model; pass a name in model.hook_dict, e.g. "
                          f"{resid_post_name(0)!r}")
@@ -466,6 +467,17 @@ def activation_at(model: TLModel, tokens: Int[Tensor, "batch pos"], hook_name: s
         raise InputError(f"{hook_name} did not fire in a forward pass of this model: TransformerLens computes some "
                          "hook points only after their set_use_* switch")
     return kept[0]
+
+
+def check_no_sae_at(model: TLModel, hook_name: object) -> None:
+    """`hook_name` is not where sae-lens's `HookedSAETransformer.add_sae` put an SAE: the SAE takes the hook point's
+    place in the model, so reading it was "not a hook point of this model", which the model's own name says it is."""
+    attached = getattr(model, "acts_to_saes", {})
+    if isinstance(hook_name, str) and hook_name in attached:
+        raise InputError(f"an SAE is attached to this model at {hook_name!r} (HookedSAETransformer.add_sae), in that "
+                         "hook point's place, so it cannot be read there; pass the model without SAEs (the one "
+                         "nl.hooked_sae_transformer was built from shares its weights), or call model.reset_saes() "
+                         "first")
 
 
 def text_resid_post(model: TLModel, tokens: Int[Tensor, "1 pos"], layer: int) -> Float[Tensor, "pos d_model"]:

@@ -34,7 +34,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from nla_lens import backends
-from nla_lens.capture import activation_at, check_block, resid_post_name, text_resid_post
+from nla_lens.capture import activation_at, check_block, check_no_sae_at, resid_post_name, text_resid_post
 from nla_lens.checks import check_counts, counted, is_real
 from nla_lens.display import format_number
 from nla_lens.errors import BackendError, InputError, SAEMismatchError, VectorError
@@ -342,6 +342,7 @@ def each_text_residuals(base: TLModel, texts: Iterable[str], layer: int, *, max_
 
 def _text_activation(base: TLModel, tokens: Int[Tensor, "1 pos"], hook_name: str) -> Float[Tensor, "pos d"]:
     """`hook_name` at every token of one unpadded text (all real, as `text_resid_post`)."""
+    check_no_sae_at(base, hook_name)
     if hook_name not in base.hook_dict:
         raise SAEMismatchError(f"the SAE reads {hook_name!r}, which this base model has no hook point for; use an "
                                "SAE of this model")

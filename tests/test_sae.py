@@ -1414,6 +1414,32 @@ def test_readme_sae_snippet_runs_on_the_toy(toy):
 
 
 @NEEDS_SAE_LENS
+def test_a_scan_of_a_model_with_an_sae_attached_where_it_reads_says_to_take_the_sae_off(av_karvonen, base):
+    """`add_sae` puts the SAE in its hook point's place, so a card or residual_stats of the README's sae_model said
+    "'blocks.K.hook_resid_post' is not a hook point of this model; pass a name in model.hook_dict"."""
+    sae_model = nl.hooked_sae_transformer(base)
+    texts = ["The cat sat on the mat.", "A dog ran in the park"]
+    for hook in (f"blocks.{LAYER}.hook_resid_post", f"blocks.{LAYER}.hook_mlp_out"):
+        sae = make_sae(D_MODEL, 8, hook)
+        sae_model.add_sae(sae)
+        off = rf"an SAE is attached to this model at '{hook}'.*pass the model without SAEs.*model.reset_saes\(\)"
+        with pytest.raises(nl.InputError, match=off):
+            nl.feature_card(sae, sae_model, texts, 1, av_karvonen, allow_other_hook=True, max_new_tokens=2,
+                            progress=False)
+        if hook.endswith("resid_post"):
+            with pytest.raises(nl.InputError, match=off):
+                nl.residual_stats(sae_model, texts, LAYER)
+        sae_model.reset_saes()  # as the message says: the scan is the plain base's
+        card, plain = (nl.feature_card(sae, model, texts, 1, av_karvonen, allow_other_hook=True, max_new_tokens=2,
+                                       progress=False) for model in (sae_model, base))
+        assert card.contexts and [(c.text, c.position) for c in card.contexts] == [
+            (c.text, c.position) for c in plain.contexts]
+        assert [c.activation for c in card.contexts] == pytest.approx([c.activation for c in plain.contexts],
+                                                                      abs=1e-5)
+    assert no_hooks_left(base)
+
+
+@NEEDS_SAE_LENS
 def test_hooked_sae_transformer_shares_the_weights_but_not_the_settings(base):
     """The two models held one `cfg`: `set_use_attn_result(True)` on the SAE model turned it on in the
     user's base too, whose every later run then computed (and `run_with_cache` kept) per-head results."""
