@@ -523,7 +523,7 @@ def _run(table: VectorTable, output: Path, manifest: dict[str, Any], compute: Ca
     missing = shard_store.missing_shards(folder, len(ranges))
     if missing:
         return JobResult(output, len(ranges), todo, missing, warnings=known)
-    merged = _with_new_columns(shard_store.merge(folder, ranges))
+    merged = _with_new_columns(shard_store.merge(folder, ranges, manifest))
     if miss_mse is not None:
         merged = _with_miss(merged, miss_mse)
     found = injection_warning(merged.column("text").to_pylist(), marker_char)

@@ -449,6 +449,60 @@ def test_a_shard_file_holding_other_rows_is_named_not_merged_as_its_rows(tiny_pa
     assert result.computed == [1] and result.table.equals(reference)
 
 
+ANOTHER_JOBS_SHARD = (r"shard-0000{}\.parquet holds rows that another job computed \(other inputs or settings than "
+                      r"this job's: its file copied in, or a second job writing into the same shards folder\)\. "
+                      r"Delete it and rerun")
+
+
+def test_a_shard_file_of_another_job_copied_in_is_named_not_merged_as_this_jobs_rows(tiny_paths, input_file, rows,
+                                                                                     tmp_path):
+    """Shard 1 of a job over other vectors (same row count and shard size, so the same input rows 3-5), copied into
+    this job's folder, merged as this job's rows 3-5: their explanations sat beside this input's ids, without a
+    word."""
+    av, out = tiny_paths["av_karvonen"], tmp_path / "out.parquet"
+    reference = sharded.verbalize_file(av, input_file, tmp_path / "ref.parquet", sampling=GREEDY,
+                                       shard_size=SHARD_SIZE, progress=False).table
+    other_input = write_parquet(tmp_path / "other.parquet", -rows, doc_id=[f"doc{i // 4}" for i in range(N_ROWS)],
+                                position=list(range(N_ROWS)))
+    other = tmp_path / "other_out.parquet"
+    other_rows = sharded.verbalize_file(av, other_input, other, sampling=GREEDY, shard_size=SHARD_SIZE,
+                                        progress=False).table
+    assert other_rows.column("text").to_pylist()[3:6] != reference.column("text").to_pylist()[3:6]
+    sharded.verbalize_file(av, input_file, out, sampling=GREEDY, shard_size=SHARD_SIZE, shards=[0], progress=False)
+    folder = shard_store.shard_folder(out)
+    shutil.copy(shard_store.shard_path(shard_store.shard_folder(other), 1), shard_store.shard_path(folder, 1))
+    with pytest.raises(nl.ConfigError, match=ANOTHER_JOBS_SHARD.format(1)):
+        sharded.verbalize_file(av, input_file, out, sampling=GREEDY, shard_size=SHARD_SIZE, progress=False)
+    assert not out.exists()
+    shard_store.shard_path(folder, 1).unlink()
+    result = sharded.verbalize_file(av, input_file, out, sampling=GREEDY, shard_size=SHARD_SIZE, progress=False)
+    assert result.computed == [1] and result.table.equals(reference)
+
+
+def test_a_second_job_writing_into_the_same_shards_folder_is_named_at_either_jobs_merge(tiny_paths, input_file, rows,
+                                                                                       tmp_path, monkeypatch):
+    """Job B (other vectors) started before job A saved its first shard, so neither found a manifest to check; B's
+    shard 1 then went in under A's manifest and each job merged the other's rows as its own."""
+    av, out = tiny_paths["av_karvonen"], tmp_path / "out.parquet"
+    other_input = write_parquet(tmp_path / "other.parquet", -rows, doc_id=[f"doc{i // 4}" for i in range(N_ROWS)],
+                                position=list(range(N_ROWS)))
+    save = shard_store.save_shard
+
+    def job_a_saves_first(*args, **kwargs):
+        monkeypatch.setattr(shard_store, "save_shard", save)
+        sharded.verbalize_file(av, input_file, out, sampling=GREEDY, shard_size=SHARD_SIZE, shards=[0, 2, 3],
+                               progress=False)
+        save(*args, **kwargs)
+
+    monkeypatch.setattr(shard_store, "save_shard", job_a_saves_first)
+    with pytest.raises(nl.ConfigError, match=ANOTHER_JOBS_SHARD.format(0)):  # B's merge
+        sharded.verbalize_file(av, other_input, out, sampling=GREEDY, shard_size=SHARD_SIZE, shards=[1],
+                               progress=False)
+    with pytest.raises(nl.ConfigError, match=ANOTHER_JOBS_SHARD.format(1)):  # A's rerun
+        sharded.verbalize_file(av, input_file, out, sampling=GREEDY, shard_size=SHARD_SIZE, progress=False)
+    assert not out.exists()
+
+
 def test_shards_whose_manifest_is_gone_are_refused_not_reused_with_other_settings(tiny_paths, input_file, tmp_path):
     """Without its manifest, a shards folder was read as a new one: its shards, computed with max_new_tokens 8, were
     merged into a rerun with max_new_tokens 4."""
