@@ -15,7 +15,14 @@ from safetensors.torch import load_file, save_file
 import nla_lens as nl
 from nla_lens import loading, testing
 from nla_lens.sidecar import SIDECAR_NAME, check_tokenizer
-from nla_lens.training import Document, extract_activations, extraction, load_activations
+from nla_lens.training import (
+    Document,
+    extract_activations,
+    extraction,
+    label_activations,
+    load_activations,
+    save_explanations,
+)
 from nla_lens.training.extraction import DOCUMENTS_KEY, sample_positions, shard_path, token_facts
 
 
@@ -337,6 +344,34 @@ def test_duplicate_document_ids_are_rejected(tmp_path, base_tl, extract_config):
     docs = [Document("a", "the cat sat on the mat " * 3), Document("a", "a dog ran in the park " * 3)]
     with pytest.raises(nl.InputError, match="occurs twice"):
         extract_activations(model, tokenizer, docs, tmp_path, extract_config, progress=False)
+
+
+@NEEDS_TL3
+def test_integer_document_ids_are_stored_as_text_so_saved_explanations_find_their_rows(tmp_path, base_tl, corpus,
+                                                                                       extract_config):
+    """`Document(i, text)` stored the id as a JSON number, and a saved explanations file (read as text) matched none
+    of the extraction's rows: "explanations ... match no activation row", for the very folder they were saved from."""
+    model, tokenizer = base_tl
+    docs = [Document(i, doc.text) for i, doc in enumerate(corpus)]
+    extract_activations(model, tokenizer, docs, tmp_path / "acts", extract_config, progress=False)
+    acts = load_activations(tmp_path / "acts")
+    assert {r.doc_id for r in acts.records} <= {str(i) for i in range(len(docs))}
+    labelled = label_activations(acts, lambda record: f"{record.doc_id}/{record.position}")
+    saved = label_activations(acts, save_explanations(labelled, tmp_path / "explanations.jsonl"))
+    assert saved.explanations == labelled.explanations == [f"{r.doc_id}/{r.position}" for r in acts.records]
+
+
+@NEEDS_TL3
+def test_a_document_id_given_as_a_number_and_as_its_digits_is_one_id(tmp_path, base_tl, extract_config):
+    """`Document(1, ...)` and `Document("1", ...)` were two documents whose rows share one key in an explanations
+    file ("1" and a position both sample alike): one label line named rows of both."""
+    model, tokenizer = base_tl
+    docs = [Document(1, "the cat sat on the mat " * 3), Document("1", "a dog ran in the park " * 3)]
+    with pytest.raises(nl.InputError, match="document id '1' occurs twice"):
+        extract_activations(model, tokenizer, docs, tmp_path, extract_config, progress=False)
+    with pytest.raises(nl.InputError, match=r"document 0 has id 1\.5, a float: ids are text .*Document\(str"):
+        extract_activations(model, tokenizer, [Document(1.5, "the cat sat")], tmp_path, extract_config,
+                            progress=False)
 
 
 @NEEDS_TL3

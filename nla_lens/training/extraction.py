@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import numbers
 import random
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
@@ -62,7 +63,7 @@ DOCUMENTS_KEY = "documents_digest"  # the shard tensor `documents_digest` of the
 class Document:
     """One corpus line: the explanations file keys its rows by this `id` (and a position), never by line number."""
 
-    id: str
+    id: str  # an integer is stored as its digits, as the explanations file's ids are read
     text: str
 
 
@@ -314,12 +315,26 @@ def _as_recorded_now(written: Any) -> Any:
 def _as_documents(documents: Iterable[Document | str]) -> Iterator[Document]:
     seen: set[str] = set()
     for index, doc in enumerate(documents):
-        doc = doc if isinstance(doc, Document) else Document(str(index), doc)
+        doc = _as_document(doc, index)
         if doc.id in seen:
             raise InputError(f"document id {doc.id!r} occurs twice; document ids must be unique "
                              "(splits are made by document)")
         seen.add(doc.id)
         yield doc
+
+
+def _as_document(doc: Document | str, index: int) -> Document:
+    """A corpus item as a `Document` whose id is text, as `read_corpus` reads ids: an integer id (`Document(i, text)`)
+    was stored as a JSON number, which no line of a saved explanations file matched (they are read as text), and
+    `Document(1, ...)` beside `Document("1", ...)` made two documents that one explanation line keyed."""
+    if not isinstance(doc, Document):
+        return Document(str(index), doc)
+    if isinstance(doc.id, str):
+        return doc
+    if isinstance(doc.id, numbers.Integral) and not isinstance(doc.id, bool):
+        return Document(str(doc.id), doc.text)
+    raise InputError(f"document {index} has id {doc.id!r}, a {type(doc.id).__name__}: ids are text (a whole number is "
+                     "read as its digits), and explanations find their rows by it; pass Document(str(...), text)")
 
 
 def _chunks(docs: Iterator[Document], size: int) -> Iterator[list[Document]]:
