@@ -23,7 +23,7 @@ from nla_lens.training import (
     load_activations,
     save_explanations,
 )
-from nla_lens.training.extraction import DOCUMENTS_KEY, sample_positions, shard_path, token_facts
+from nla_lens.training.extraction import DOCUMENTS_KEY, SETTINGS_KEY, sample_positions, shard_path, token_facts
 
 
 @pytest.fixture(scope="module")
@@ -157,6 +157,48 @@ def test_shards_written_without_a_documents_record_are_checked_by_their_rows_doc
     extract_activations(model, tokenizer, corpus, tmp_path, extract_config, progress=False)
     with pytest.raises(nl.ConfigError, match="other documents"):
         extract_activations(model, tokenizer, _changed(corpus, "id"), tmp_path, extract_config, progress=False)
+
+
+@NEEDS_TL3
+def test_a_shard_of_another_layers_extraction_copied_in_is_refused_on_load_and_on_resume(tmp_path, base_tl, corpus,
+                                                                                         extract_config):
+    """An extraction of the same corpus at another layer holds the same documents, positions and tokens in each shard:
+    its shard 1 copied over this one's loaded as this extraction's layer, and a resume kept it, without a word."""
+    model, tokenizer = base_tl
+    whole = load_activations(extract_activations(model, tokenizer, corpus, tmp_path / "a", extract_config,
+                                                 progress=False))
+    other_layer = dataclasses.replace(extract_config, layer=extract_config.layer - 1)
+    other = load_activations(extract_activations(model, tokenizer, corpus, tmp_path / "b", other_layer,
+                                                 progress=False))
+    assert other.records == whole.records and not torch.allclose(other.vectors, whole.vectors, atol=1e-3)
+    copied = shard_path(tmp_path / "a", 1)
+    shard_path(tmp_path / "b", 1).replace(copied)
+    for run in (lambda: load_activations(tmp_path / "a"),
+                lambda: extract_activations(model, tokenizer, corpus, tmp_path / "a", extract_config, progress=False)):
+        with pytest.raises(nl.ConfigError, match=r"acts-00001\.safetensors was written by another extraction than "
+                                                 r".*another layer, base model or sampling .*Delete it and rerun"):
+            run()
+    copied.unlink()
+    again = load_activations(extract_activations(model, tokenizer, corpus, tmp_path / "a", extract_config,
+                                                 progress=False))
+    assert torch.equal(again.vectors, whole.vectors) and again.records == whole.records
+
+
+def _without_settings_record(folder):
+    """The folder's shards as nla_lens wrote them before they recorded their extraction (`SETTINGS_KEY`)."""
+    for path in (folder / "shards").glob("*.safetensors"):
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata()
+        save_file({k: v for k, v in load_file(path).items() if k != SETTINGS_KEY}, path, metadata=metadata)
+
+
+@NEEDS_TL3
+def test_shards_written_before_they_recorded_their_extraction_still_load(tmp_path, base_tl, corpus, extract_config):
+    model, tokenizer = base_tl
+    whole = load_activations(extract_activations(model, tokenizer, corpus, tmp_path, extract_config, progress=False))
+    _without_settings_record(tmp_path)
+    again = load_activations(extract_activations(model, tokenizer, corpus, tmp_path, extract_config, progress=False))
+    assert torch.equal(again.vectors, whole.vectors) and again.records == whole.records
 
 
 @NEEDS_TL3
@@ -431,6 +473,7 @@ def test_an_extraction_recorded_with_a_relative_base_model_resumes(tmp_path, bas
     assert sidecar["extraction"]["base_model"] == str(base_folder.resolve())
     sidecar["extraction"]["base_model"] = base_folder.name  # as an earlier version wrote it
     (out / SIDECAR_NAME).write_text(yaml.safe_dump(sidecar, sort_keys=False), encoding="utf-8")
+    _without_settings_record(out)
     shard_path(out, 1).unlink()
     extract_activations(model, tokenizer, corpus, out, extract_config, base_model=base_folder.name, progress=False)
     assert len(load_activations(out)) > 0
@@ -457,6 +500,7 @@ def test_an_extraction_an_earlier_version_recorded_through_a_linked_base_folder_
     sidecar["extraction"]["base_model"] = given
     sidecar["dataset_id"] = f"base-link-L{extract_config.layer}"
     (out / SIDECAR_NAME).write_text(yaml.safe_dump(sidecar, sort_keys=False), encoding="utf-8")
+    _without_settings_record(out)
     shard_path(out, 1).unlink()
     extract_activations(model, tokenizer, corpus, out, extract_config, base_model=given, progress=False)
     assert len(load_activations(out)) > 0

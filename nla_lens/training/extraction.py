@@ -4,7 +4,8 @@ A folder holds `nla_meta.yaml` (``kind: nla_dataset``, ``schema_version: 1``) an
 ``shards/acts-00000.safetensors``, ... Each shard is one file: `vectors` [n, d_model] float32 and
 `positions` / `token_ids` [n], with the per-row provenance (doc id, position, token, prefix) as JSON
 in the safetensors metadata, so a shard is written (and counted as done) atomically; its
-`documents_digest` [16] uint8 lets a resumed run check the shard holds the corpus's documents.
+`documents_digest` [16] uint8 lets a resumed run check the shard holds the corpus's documents, and its
+`extraction_digest` [16] uint8 that it was written under the folder's sidecar (layer, base, sampling).
 While shards are being written the folder also holds `extraction.in_progress`, so a run killed midway
 is not read as a finished, smaller dataset; a finished run writes `extraction.complete.json` (its shard and row
 counts), so a shard lost afterwards, the last one included, is named on load.
@@ -57,6 +58,7 @@ SHARD_DIR = "shards"
 IN_PROGRESS = "extraction.in_progress"  # present while shards are being written: load_activations refuses the folder
 COMPLETE = "extraction.complete.json"  # {"shards": n, "rows": n} of the finished run: what load_activations expects
 DOCUMENTS_KEY = "documents_digest"  # the shard tensor `documents_digest` of the documents it holds
+SETTINGS_KEY = "extraction_digest"  # the shard tensor `extraction_digest` of the sidecar it was written under
 
 
 @dataclass(frozen=True)
@@ -181,6 +183,7 @@ def extract_activations(
     sidecar = dataset_sidecar(tokenizer, config, base_model=base_model or model.cfg.model_name,
                               d_model=model.cfg.d_model)
     _write_or_check_sidecar(out, sidecar)
+    settings = extraction_digest(load_meta(out))  # of the sidecar on disk, which a resume keeps as it was written
     (out / SHARD_DIR).mkdir(exist_ok=True)
     total = len(documents) if hasattr(documents, "__len__") else None  # type: ignore[arg-type]
     n_shards = n_docs = kept = rows = reused = 0
@@ -189,7 +192,7 @@ def extract_activations(
         for index, chunk in enumerate(_chunks(_as_documents(documents), config.docs_per_shard)):
             path = shard_path(out, index)
             if path.is_file():
-                _check_written_shard(path, chunk)
+                _check_written_shard(path, chunk, settings)
                 row_docs = _row_doc_ids(path)
                 reused += 1
             else:
@@ -197,7 +200,7 @@ def extract_activations(
                 # shards kept after a kill (the in-progress marker deleted by hand) are not checked against it.
                 (out / IN_PROGRESS).touch()
                 (out / COMPLETE).unlink(missing_ok=True)
-                row_docs = _write_shard(model, tokenizer, chunk, path, config)
+                row_docs = _write_shard(model, tokenizer, chunk, path, config, settings)
             bar.update(len(chunk))
             n_shards, n_docs = index + 1, n_docs + len(chunk)
             kept, rows = kept + len(set(row_docs)), rows + len(row_docs)
@@ -243,9 +246,31 @@ def documents_digest(docs: list[Document]) -> Tensor:
     return torch.frombuffer(bytearray(digest.digest()), dtype=torch.uint8)
 
 
-def _check_written_shard(path: Path, docs: list[Document]) -> None:
-    """A shard on disk is skipped only if this corpus would have written it from the same documents."""
+def extraction_digest(meta: NLAMeta) -> Tensor:
+    """A digest of an extraction sidecar's `extraction` block (base model, layer, positions sampled, ...), as uint8:
+    what each shard keeps of the settings its vectors were taken with. A shard of another extraction of the same
+    corpus (another layer, another base of the tokenizer and width) holds the same documents, positions and tokens,
+    so every other check passed it, and its vectors loaded as this extraction's."""
+    block = json.dumps(meta.raw.get("extraction"), sort_keys=True, ensure_ascii=False, default=str)
+    digest = hashlib.blake2b(block.encode(), digest_size=16)
+    return torch.frombuffer(bytearray(digest.digest()), dtype=torch.uint8)
+
+
+def _check_shard_settings(path: Path, f: Any, settings: Tensor) -> None:
+    """The open shard `f` was written under the sidecar whose `extraction_digest` is `settings` (shards written before
+    they recorded it pass: nothing tells)."""
+    if SETTINGS_KEY in f.keys() and not torch.equal(f.get_tensor(SETTINGS_KEY), settings):
+        raise ConfigError(f"{path} was written by another extraction than {path.parent.parent} (other settings than "
+                          f"the `extraction` block of its {SIDECAR_NAME}: another layer, base model or sampling of the "
+                          "same documents; its file copied in), so its vectors are not this extraction's. Delete it "
+                          "and rerun the extraction with the same config and corpus to write that shard again")
+
+
+def _check_written_shard(path: Path, docs: list[Document], settings: Tensor) -> None:
+    """A shard on disk is skipped only if this corpus would have written it from the same documents, under this
+    folder's sidecar."""
     with _open_shard(path) as f:
+        _check_shard_settings(path, f, settings)
         if DOCUMENTS_KEY in f.keys():
             same = torch.equal(f.get_tensor(DOCUMENTS_KEY), documents_digest(docs))
         else:
@@ -354,9 +379,9 @@ def shard_path(out: Path, index: int) -> Path:
 
 @torch.inference_mode()
 def _write_shard(model: HookedTransformer, tokenizer: PreTrainedTokenizerBase, docs: list[Document],
-                 path: Path, config: ExtractConfig) -> list[str]:
-    """Run the chunk's documents in length-sorted batches and save one shard atomically; the document id of each
-    row it holds."""
+                 path: Path, config: ExtractConfig, settings: Tensor) -> list[str]:
+    """Run the chunk's documents in length-sorted batches and save one shard atomically, with the `extraction_digest`
+    (`settings`) of the sidecar it is written under; the document id of each row it holds."""
     ids = [text_ids(tokenizer, d.text)[:config.max_tokens] for d in docs]  # BOS first where the tokenizer has one
     picks = [sample_positions(len(row), doc.id, config) for row, doc in zip(ids, docs, strict=True)]
     vectors: list[Tensor | None] = [None] * len(docs)
@@ -381,6 +406,7 @@ def _write_shard(model: HookedTransformer, tokenizer: PreTrainedTokenizerBase, d
         "positions": torch.tensor([r.position for r in records], dtype=torch.int64),
         "token_ids": torch.tensor([r.token_id for r in records], dtype=torch.int64),
         DOCUMENTS_KEY: documents_digest(docs),
+        SETTINGS_KEY: settings,
     }
     metadata = {"records": json.dumps([{"doc_id": r.doc_id, "token": r.token, "prefix": r.prefix}
                                        for r in records], ensure_ascii=False)}
@@ -392,8 +418,9 @@ def load_activations(folder: str | Path) -> ActivationDataset:
     """Read an extraction folder (sidecar + every shard) into memory.
 
     A folder still holding `extraction.in_progress` (a run killed, failed or still writing), lacking a shard the
-    finished run recorded (before the last one on disk, for folders written before that record), or holding other
-    rows than it recorded is a `ConfigError`: rerun the same extraction (config and corpus) to finish it.
+    finished run recorded (before the last one on disk, for folders written before that record), holding other
+    rows than it recorded, or a shard written under another sidecar (`extraction_digest`) is a `ConfigError`: rerun
+    the same extraction (config and corpus) to finish it.
     """
     folder = Path(folder)
     if not (folder / SIDECAR_NAME).is_file():  # load_meta's own message asks for an AV or AR folder
@@ -412,8 +439,10 @@ def load_activations(folder: str | Path) -> ActivationDataset:
     complete = _completion_record(folder)
     _check_no_gaps(folder, shards, complete)
     vectors, records = [], []
+    settings = extraction_digest(meta)
     for path in shards:
         with _open_shard(path) as f:
+            _check_shard_settings(path, f, settings)
             provenance = json.loads(f.metadata()["records"])
             positions, token_ids = f.get_tensor("positions").tolist(), f.get_tensor("token_ids").tolist()
             vectors.append(_shard_vectors(path, f.get_tensor("vectors"), len(provenance), meta.d_model))
