@@ -9,7 +9,6 @@ A shard file exists only once it is complete (written under a temporary name, th
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,7 +23,7 @@ from nla_lens.errors import ConfigError, InputError
 from nla_lens.vector_files import write_atomic
 
 MANIFEST = "manifest.json"
-SHARD_KEY = "nla_lens_shard_facts"  # a shard file's schema metadata: `row_facts_digest` of the job that computed it
+SHARD_KEY = "nla_lens_manifest"  # a shard file's schema metadata: the manifest of the job that computed it
 # Facts that older manifests lack, with the value they are read as. Those recorded neither the device nor a greedy
 # job's batch size: a CPU job's shards resume (greedy CPU rows ignore batching); a GPU job's are refused.
 _UNRECORDED = {"device": "cpu"}
@@ -165,26 +164,19 @@ def _recorded_value(recorded: dict[str, Any], key: str) -> str:
     return "not recorded"
 
 
-def row_facts_digest(manifest: dict[str, Any]) -> str:
-    """A hash of the facts a shard's rows depend on: the manifest less where its files were found (`LOCATION_FACTS`)
-    and the facts no row depends on, so that a moved input, another baseline or the same rows written again keep it."""
-    facts = {k: v for k, v in manifest.items() if k not in LOCATION_FACTS and k not in _NOT_ROW_FACTS}
-    return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()
-
-
 def save_shard(folder: Path, index: int, table: pa.Table, manifest: dict[str, Any]) -> None:
     """Write one finished shard; it counts as done only once renamed to its final name.
 
     The manifest is written with the first shard, so a run that fails before finishing any shard
     (bad settings, a model that does not load) leaves nothing a corrected rerun would be checked
     against. Concurrent ranks write identical content under private names, then rename. Each shard keeps its job's
-    `row_facts_digest`, which the merge checks: the folder's manifest speaks only for the shards its own job wrote.
+    manifest too, which the merge checks: the folder's manifest speaks only for the shards its own job wrote.
     """
     folder.mkdir(parents=True, exist_ok=True)
     if not (folder / MANIFEST).exists():
         write_atomic(folder / MANIFEST, lambda tmp: tmp.write_text(
             json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8"))
-    table = table.replace_schema_metadata({SHARD_KEY: row_facts_digest(manifest)})
+    table = table.replace_schema_metadata({SHARD_KEY: json.dumps(manifest, sort_keys=True)})
     write_atomic(shard_path(folder, index), lambda tmp: pq.write_table(table, tmp))
 
 
@@ -196,17 +188,16 @@ def merge(folder: Path, ranges: Sequence[range], manifest: dict[str, Any]) -> pa
     """Every shard (`ranges`: each one's input rows, `shard_rows`) of the job `manifest` describes, in shard order,
     which is input row order. Shards an older nla_lens wrote lack the columns added since (`truncated`, a round trip's
     `miss`): those rows hold nulls there, unknown rather than false (the round trip then tells `miss` from the rows)."""
-    digest = row_facts_digest(manifest)
-    return pa.concat_tables([_read_shard(folder, i, rows, digest) for i, rows in enumerate(ranges)],
+    return pa.concat_tables([_read_shard(folder, i, rows, manifest) for i, rows in enumerate(ranges)],
                             promote_options="default")
 
 
-def _read_shard(folder: Path, index: int, rows: range, digest: str) -> pa.Table:
-    """Shard `index`'s file, holding input `rows` computed as `digest` (`row_facts_digest`) says. One cut short after
-    its rename (a node that crashed before the data reached the disk, an interrupted copy of the folder) is named,
-    with the fix, instead of arrow's traceback; so is one that holds other rows (another shard's file copied over
-    it), which merged as these rows, and one another job computed (its file copied in, or a second job writing into
-    the same folder), which merged as this job's rows: the manifest checked on resume is the first job's alone."""
+def _read_shard(folder: Path, index: int, rows: range, manifest: dict[str, Any]) -> pa.Table:
+    """Shard `index`'s file, holding input `rows` computed as `manifest` says. One cut short after its rename (a node
+    that crashed before the data reached the disk, an interrupted copy of the folder) is named, with the fix, instead
+    of arrow's traceback; so is one that holds other rows (another shard's file copied over it), which merged as these
+    rows, and one another job computed (its file copied in, or a second job writing into the same folder), which
+    merged as this job's rows: the manifest checked on resume is the first job's alone."""
     path = shard_path(folder, index)
     try:
         table = pq.read_table(path)
@@ -220,12 +211,23 @@ def _read_shard(folder: Path, index: int, rows: range, digest: str) -> pa.Table:
         raise ConfigError(f"{path} holds {found}, where shard {index} holds input rows {_shown_rows(rows)}: it is "
                           "another shard's or another job's file. Delete it and rerun the same command to compute "
                           "that shard again")
-    written_by = (table.schema.metadata or {}).get(SHARD_KEY.encode())  # None: an older nla_lens wrote it
-    if written_by is not None and written_by.decode() != digest:
-        raise ConfigError(f"{path} holds rows that another job computed (other inputs or settings than this job's: "
-                          "its file copied in, or a second job writing into the same shards folder). Delete it and "
-                          "rerun the same command to compute that shard again")
+    _check_shard_job(path, table, manifest)
     return table.replace_schema_metadata(None)
+
+
+def _check_shard_job(path: Path, table: pa.Table, manifest: dict[str, Any]) -> None:
+    """The shard `table` read from `path` was computed by the job `manifest` describes, as `check_manifest` compares
+    a folder's manifest (the same file found at another path is the same job). A shard an older nla_lens wrote keeps
+    no manifest: nothing tells."""
+    written = (table.schema.metadata or {}).get(SHARD_KEY.encode())
+    if written is None:
+        return
+    recorded = json.loads(written)
+    differing = [k for k in differing_facts(recorded, manifest) if k not in LOCATION_FACTS]
+    if differing:
+        raise ConfigError(f"{path} holds rows that another job computed ({changes(recorded, manifest, differing)}): "
+                          "its file copied in from another job's folder, or written by a second job started on the "
+                          "same output. Delete it and rerun the same command to compute that shard again")
 
 
 def _shown_rows(rows: Sequence[int]) -> str:

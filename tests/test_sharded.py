@@ -449,9 +449,9 @@ def test_a_shard_file_holding_other_rows_is_named_not_merged_as_its_rows(tiny_pa
     assert result.computed == [1] and result.table.equals(reference)
 
 
-ANOTHER_JOBS_SHARD = (r"shard-0000{}\.parquet holds rows that another job computed \(other inputs or settings than "
-                      r"this job's: its file copied in, or a second job writing into the same shards folder\)\. "
-                      r"Delete it and rerun")
+ANOTHER_JOBS_SHARD = (r"shard-0000{}\.parquet holds rows that another job computed \(vectors_sha256: '\w+' -> "
+                      r"'\w+'\): its file copied in from another job's folder, or written by a second job started on "
+                      r"the same output\. Delete it and rerun")
 
 
 def test_a_shard_file_of_another_job_copied_in_is_named_not_merged_as_this_jobs_rows(tiny_paths, input_file, rows,
