@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 
 import pytest
@@ -401,6 +402,25 @@ def test_integer_document_ids_are_stored_as_text_so_saved_explanations_find_thei
     labelled = label_activations(acts, lambda record: f"{record.doc_id}/{record.position}")
     saved = label_activations(acts, save_explanations(labelled, tmp_path / "explanations.jsonl"))
     assert saved.explanations == labelled.explanations == [f"{r.doc_id}/{r.position}" for r in acts.records]
+
+
+@NEEDS_TL3
+def test_an_extraction_an_earlier_version_wrote_with_integer_ids_loads_them_as_text(tmp_path, base_tl, corpus,
+                                                                                    extract_config):
+    """Its shards record the ids as JSON numbers: loaded as such, no explanation saved for it matched a row."""
+    model, tokenizer = base_tl
+    docs = [Document(str(i), doc.text) for i, doc in enumerate(corpus)]
+    whole = load_activations(extract_activations(model, tokenizer, docs, tmp_path, extract_config, progress=False))
+    for path in (tmp_path / "shards").glob("*.safetensors"):  # as an earlier version wrote Document(i, text)'s
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata()
+        records = [{**r, "doc_id": int(r["doc_id"])} for r in json.loads(metadata["records"])]
+        save_file(load_file(path), path, metadata={**metadata, "records": json.dumps(records)})
+    acts = load_activations(tmp_path)
+    assert acts.records == whole.records
+    labelled = label_activations(acts, lambda record: f"{record.doc_id}/{record.position}")
+    assert label_activations(acts, save_explanations(labelled, tmp_path / "labels.jsonl")).explanations == (
+        labelled.explanations)
 
 
 @NEEDS_TL3

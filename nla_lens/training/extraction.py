@@ -446,7 +446,8 @@ def load_activations(folder: str | Path) -> ActivationDataset:
             provenance = json.loads(f.metadata()["records"])
             positions, token_ids = f.get_tensor("positions").tolist(), f.get_tensor("token_ids").tolist()
             vectors.append(_shard_vectors(path, f.get_tensor("vectors"), len(provenance), meta.d_model))
-        records += [ActivationRecord(r["doc_id"], p, t, r["token"], r["prefix"])
+        # str: before `_as_document`, an integer Document id was kept as a JSON number, which no explanation matched
+        records += [ActivationRecord(str(r["doc_id"]), p, t, r["token"], r["prefix"])
                     for r, p, t in zip(provenance, positions, token_ids, strict=True)]
     if complete is not None and len(records) != complete["rows"]:
         raise ConfigError(f"{folder / SHARD_DIR} holds {len(records)} rows, but the extraction wrote "
