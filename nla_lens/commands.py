@@ -278,11 +278,14 @@ def _text_lines(path: Path, flag: str, item: str) -> list[str]:
 
 
 def _lines(path: Path, flag: str, item: str) -> list[str]:
+    """The file's lines, split at line ends only (`\\n`, `\\r\\n`, `\\r`): `str.splitlines` also splits at U+2028,
+    form feeds and U+0085, which an explanation or a text may hold, and would move every later line's vector."""
     try:
-        return path.read_text(encoding="utf-8").splitlines()
+        text = path.read_text(encoding="utf-8")  # universal newlines: every line end reads as a newline
     except UnicodeDecodeError as exc:
         raise InputError(f"{flag} {path} is not UTF-8 text ({exc}); pass a plain text file, one {item} a "
                          "line") from exc
+    return text.removesuffix("\n").split("\n")
 
 
 def _explanation_lines(path: Path) -> list[str]:

@@ -132,6 +132,17 @@ def test_reconstruct_writes_the_ar_vectors(ar_nanonla, tiny_paths, tmp_path):
     assert torch.equal(load_file(str(out))["vectors"], ar_nanonla.reconstruct(["a cat", "the sea"]))
 
 
+def test_reconstruct_input_lines_are_split_at_newlines_only(ar_nanonla, tiny_paths, tmp_path):
+    """str.splitlines also splits at U+2028, form feeds and U+0085, so an explanation holding one became two lines,
+    and every later vector sat one line off its own explanation."""
+    explanations = ["a cat\u2028on a mat", "the\x0csea", "a dog\x85ran"]
+    (tmp_path / "explanations.txt").write_text("\r\n".join(explanations) + "\n", encoding="utf-8")
+    out = tmp_path / "r.safetensors"
+    assert main(["reconstruct", "--ar", str(tiny_paths["ar_nanonla"]), "--input", str(tmp_path / "explanations.txt"),
+                 "--output", str(out)]) == 0
+    assert torch.equal(load_file(str(out))["vectors"], ar_nanonla.reconstruct(explanations))
+
+
 def test_reconstruct_prints_huge_and_tiny_norms_and_entries_in_e_notation(tiny_paths, monkeypatch, capsys):
     """A norm of 5e-10 printed as 0.000 and its entries (round(x, 3)) as 0.0, a diverged AR's norm with every digit
     (1e15) or, past 2e19, as inf (float32's squares overflow); now as a table cell writes them, the norm taken in
