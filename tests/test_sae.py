@@ -531,6 +531,17 @@ def test_a_transcoder_is_checked_where_its_decoder_writes_not_where_it_reads(av_
         nl.verbalize_sae_features(av_karvonen, writes_here, [1], progress=False)
 
 
+def _assert_top_4_contexts(card, toy, sae, hook):
+    """`card` (k=4, feature 9 over TOY_TEXTS) holds the 4 strongest activations of the feature at `hook`, as sae-lens
+    encodes that hook's activations, in order, and counts every active token."""
+    every = [(float(a), t, p) for t, text in enumerate(TOY_TEXTS)
+             for p, a in enumerate(_reference_activations(toy, sae, text, 9, hook).tolist()) if a > 0]
+    top = sorted(every, key=lambda e: (-e[0], e[1], e[2]))[:4]
+    assert len(top) == 4 and card.hook_name == hook and card.n_active == len(every)
+    assert [(c.text, c.position) for c in card.contexts] == [(t, p) for _, t, p in top]
+    assert [c.activation for c in card.contexts] == pytest.approx([a for a, _, _ in top], abs=1e-5)
+
+
 @NEEDS_SAE_LENS
 def test_a_card_of_a_transcoder_that_writes_the_residual_scans_where_it_reads(toy):
     """Its encoder reads `hook_name`: the contexts are the activations there, as sae-lens computes them."""
@@ -538,12 +549,7 @@ def test_a_card_of_a_transcoder_that_writes_the_residual_scans_where_it_reads(to
     mid = f"blocks.{layer}.hook_resid_mid"
     transcoder = make_transcoder(128, 128, 32, mid, f"blocks.{layer}.hook_resid_post")
     card = nl.feature_card(transcoder, toy.base, TOY_TEXTS, 9, toy.av, k=4, max_new_tokens=2, progress=False)
-    every = [(float(a), t, p) for t, text in enumerate(TOY_TEXTS)
-             for p, a in enumerate(_reference_activations(toy, transcoder, text, 9, mid).tolist()) if a > 0]
-    top = sorted(every, key=lambda e: (-e[0], e[1], e[2]))[:4]
-    assert len(top) == 4 and card.hook_name == mid and card.n_active == len(every)
-    assert [(c.text, c.position) for c in card.contexts] == [(t, p) for _, t, p in top]
-    assert [c.activation for c in card.contexts] == pytest.approx([a for a, _, _ in top], abs=1e-5)
+    _assert_top_4_contexts(card, toy, transcoder, mid)
 
 
 @NEEDS_SAE_LENS
@@ -1066,12 +1072,7 @@ def test_a_card_of_an_sae_of_another_hook_scans_that_hook(toy, hook):
     sae = make_sae(128, 32, hook)
     card = nl.feature_card(sae, toy.base, TOY_TEXTS, 9, toy.av, k=4, allow_other_hook=True, max_new_tokens=2,
                            progress=False)
-    every = [(float(a), t, p) for t, text in enumerate(TOY_TEXTS)
-             for p, a in enumerate(_reference_activations(toy, sae, text, 9, hook).tolist()) if a > 0]
-    top = sorted(every, key=lambda e: (-e[0], e[1], e[2]))[:4]
-    assert len(top) == 4 and card.hook_name == hook and card.n_active == len(every)
-    assert [(c.text, c.position) for c in card.contexts] == [(t, p) for _, t, p in top]
-    assert [c.activation for c in card.contexts] == pytest.approx([a for a, _, _ in top], abs=1e-5)
+    _assert_top_4_contexts(card, toy, sae, hook)
     with pytest.raises(nl.SAEMismatchError, match="no hook point for"):
         nl.feature_card(make_sae(128, 32, "blocks.3.hook_nowhere"), toy.base, TOY_TEXTS, 9, toy.av,
                         allow_other_hook=True, max_new_tokens=2, progress=False)
