@@ -153,6 +153,18 @@ def test_empty_or_whitespace_explanations_are_refused_by_document_and_position(a
             label_activations(acts, path)
 
 
+def test_a_labeler_returning_no_string_is_refused_by_document_position_and_type(acts):
+    """NaN from a pandas lookup of a missing label, or an int, failed in the blank check with a bare AttributeError
+    ('float' object has no attribute 'strip') naming no row."""
+    wrong = {1: float("nan"), 4: 7, 6: b"bytes"}
+    named = "; ".join(f"doc_id {acts.records[i].doc_id!r} position {acts.records[i].position}: {kind}"
+                      for i, kind in ((1, "float nan"), (4, "int 7"), (6, "bytes b'bytes'")))
+    with pytest.raises(nl.InputError, match=rf"^the labeler returned 3 values that are not a string \("
+                                            rf"{re.escape(named)}\): a labeler returns each row's explanation as a "
+                                            r"str, or None to leave the row out"):
+        label_activations(acts, lambda r: wrong.get(acts.records.index(r), label_by_token(r)))
+
+
 def test_rows_without_explanation_are_left_out(acts):
     data = label_activations(acts, lambda r: None if r.position % 2 else label_by_token(r))
     assert data.positions == [r.position for r in acts.records if r.position % 2 == 0]

@@ -114,6 +114,7 @@ def label_activations(dataset: ActivationDataset, explanations: str | Path | Lab
     if callable(explanations):
         identity = ExtractionIdentity.of(dataset)
         texts = [explanations(record) for record in dataset.records]
+        check_labels_are_text(dataset, texts)
     else:
         by_key, recorded = _read_explanations(Path(explanations))  # the file's own problems first
         identity = ExtractionIdentity.of(dataset)
@@ -144,6 +145,19 @@ def _named(found: Sequence[Row], name: Callable[[Row], str]) -> str:
     name them."""
     more = f"; and {len(found) - _ROWS_NAMED} more" if len(found) > _ROWS_NAMED else ""
     return "; ".join(map(name, found[:_ROWS_NAMED])) + more
+
+
+def check_labels_are_text(dataset: ActivationDataset, texts: list[Any]) -> None:
+    """Refuse what a labeler returned that is neither a string nor None (NaN from a pandas lookup of a missing label,
+    an int): `check_not_blank` failed on it with a bare AttributeError naming no row."""
+    wrong = [i for i, text in enumerate(texts) if text is not None and not isinstance(text, str)]
+    if not wrong:
+        return
+    where = _named(wrong, lambda i: f"doc_id {dataset.records[i].doc_id!r} position {dataset.records[i].position}: "
+                                    f"{type(texts[i]).__name__} {texts[i]!r:.40}")
+    raise InputError(f"the labeler returned {counted(len(wrong), 'value')} that {'is' if len(wrong) == 1 else 'are'} "
+                     f"not a string ({where}): a labeler returns each row's explanation as a str, or None to leave "
+                     "the row out (a pandas lookup of a missing label gives NaN: return None for it)")
 
 
 def check_not_blank(dataset: ActivationDataset, texts: list[str | None]) -> None:
