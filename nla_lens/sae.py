@@ -131,7 +131,19 @@ def check_sae_reads_layer(sae: SAE, layer: int, d_model: int, *, allow_other_hoo
                                f"{sae.cfg.metadata.hook_head_index}), not the residual stream")
     if not allow_other_hook:
         _check_hooks_named(hook_name, field, written, layer)
+    _check_weights_hold_values(sae)
     return hook_name
+
+
+def _check_weights_hold_values(sae: SAE) -> None:
+    """Refuse an SAE whose weights are on the meta device (built with device="meta", or whose weights were never
+    loaded): reading its decoder rows raised a bare NotImplementedError ("Cannot copy out of meta tensor")."""
+    on_meta = [name for name, tensor in sae.state_dict().items() if tensor.device.type == "meta"]
+    if on_meta:
+        raise VectorError(f"the SAE's {', '.join(on_meta)} {'is' if len(on_meta) == 1 else 'are'} on the meta device, "
+                          "which holds no values (an SAE built with device='meta', its weights never loaded): load its "
+                          "weights onto a real device, e.g. SAE.from_pretrained(..., device='cpu') or "
+                          "sae.load_state_dict(weights, assign=True)")
 
 
 def _heads_z_refusal(hook_name: str | None, moves: str) -> str:
@@ -213,6 +225,8 @@ class ResidualStats:
                    else type(mean).__name__)
             raise VectorError(f"ResidualStats.mean must be a [d_model] float tensor, the mean residual; got {got}: "
                               f"{build}")
+        if mean.device.type == "meta":  # its isfinite below raised a bare RuntimeError (no values to read)
+            raise VectorError(f"ResidualStats.mean is on the meta device, which holds no values: {build}")
         if not torch.isfinite(mean).all():
             raise VectorError(f"ResidualStats.mean holds NaN or Inf (residuals near the float32 limit overflow their "
                               f"sum); {build}")

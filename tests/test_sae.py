@@ -221,6 +221,31 @@ def test_a_non_finite_decoder_row_is_named_by_its_feature_before_any_scan(av_kar
 
 
 @NEEDS_SAE_LENS
+def test_an_sae_on_the_meta_device_is_told_to_load_its_weights_before_any_scan(av_karvonen, base, monkeypatch):
+    """An SAE built with device="meta" (or one tensor of it left there) failed with a bare NotImplementedError
+    ('Cannot copy out of meta tensor; no data!') from reading its decoder rows."""
+    from sae_lens import StandardSAE, StandardSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    hook = f"blocks.{LAYER}.hook_resid_post"
+    built_on_meta = StandardSAE(StandardSAEConfig(d_in=D_MODEL, d_sae=8, device="meta",
+                                                  metadata=SAEMetadata(hook_name=hook)))
+    decoder_on_meta = make_sae(D_MODEL, 8, hook)
+    decoder_on_meta.W_dec = torch.nn.Parameter(torch.empty(8, D_MODEL, device="meta"))
+    for run in ("run_with_hooks", "forward"):
+        monkeypatch.setattr(base, run, lambda *a, **k: pytest.fail("scanned with an SAE that holds no values"))
+    for sae, named in ((built_on_meta, "b_dec, W_dec, W_enc, b_enc are"), (decoder_on_meta, "W_dec is")):
+        message = (rf"^the SAE's {named} on the meta device, which holds no values \(an SAE built with device='meta', "
+                   r"its weights never loaded\): load its weights onto a real device")
+        with pytest.raises(nl.VectorError, match=message):
+            nl.verbalize_sae_features(av_karvonen, sae, [1], max_new_tokens=2, progress=False)
+        with pytest.raises(nl.VectorError, match=message):
+            nl.feature_card(sae, base, ["The cat sat on the mat."], 1, av_karvonen, max_new_tokens=2, progress=False)
+    built_on_meta.load_state_dict(make_sae(D_MODEL, 8, hook).state_dict(), assign=True)  # as the message says
+    assert len(nl.verbalize_sae_features(av_karvonen, built_on_meta, [1], max_new_tokens=2, progress=False)) == 1
+
+
+@NEEDS_SAE_LENS
 @pytest.mark.parametrize("peak", [1e40, 1e-40, 1e-50], ids=["overflow", "subnormal", "underflow"])
 def test_float64_decoder_rows_past_float32s_range_are_named_by_feature_before_any_scan(av_karvonen, base, monkeypatch,
                                                                                        peak):
@@ -630,13 +655,16 @@ def test_residual_stats_compare_by_identity_instead_of_raising():
 
 @NEEDS_SAE_LENS
 @pytest.mark.parametrize("mean", [torch.zeros(D_MODEL, dtype=torch.long), torch.zeros(2, D_MODEL), [0.0] * D_MODEL,
-                                  torch.full((D_MODEL,), float("nan"))], ids=["int", "2d", "list", "nan"])
+                                  torch.full((D_MODEL,), float("nan")), torch.zeros(D_MODEL, device="meta")],
+                         ids=["int", "2d", "list", "nan", "meta"])
 def test_residual_stats_built_by_hand_refuse_a_mean_that_is_no_finite_float_vector(mean):
     """An int mean verbalized, then raised torch's RuntimeError from the result's repr; a NaN mean was 'vectors at
-    rows [0] hold NaN or Inf; check how they were computed', rows of the AV's batch."""
+    rows [0] hold NaN or Inf; check how they were computed', rows of the AV's batch; a mean on the meta device was
+    a bare RuntimeError ('Tensor.item() cannot be called on meta tensors')."""
     from nla_lens.sae import ResidualStats
 
-    with pytest.raises(nl.VectorError, match=r"ResidualStats.mean (must be a \[d_model\] float tensor|holds NaN).*"
+    with pytest.raises(nl.VectorError, match=r"ResidualStats.mean (must be a \[d_model\] float tensor|holds NaN|is on "
+                                             r"the meta device, which holds no values).*"
                                              r"nl.residual_stats\(base, texts, layer\)"):
         ResidualStats(mean, 3.0, 5, LAYER)
     with pytest.raises(nl.VectorError, match=r"ResidualStats.mean holds NaN or Inf \(residuals near the float32 limit"):
