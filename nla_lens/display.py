@@ -527,12 +527,13 @@ def unparsed_cell(record: dict[str, Any], column: str) -> str | None:
 def feature_card_html(title: str, hook_name: str | None, summary: str, explanation: str | None, raw_text: str,
                       windows: Sequence[tuple[Sequence[str], Sequence[float], int]],
                       said_here: Sequence[Readout] | None = None, *, truncated: bool = False,
-                      n_positions: int | None = None) -> str:
+                      n_positions: int | None = None, warnings: Sequence[str] = ()) -> str:
     """An SAE feature's card: the NLA's explanation, then one row per context window (tokens, their
     activations, the index of the token the window was picked for), strongest first; with `said_here`,
     a column of what the NLA says of the residual at each window's peak. `truncated`: the explanation's
     completion was cut at max_new_tokens; `n_positions`: how many were scanned, which a card without windows
-    names in place of the table; `hook_name` None: the SAE records no hook point."""
+    names in place of the table; `hook_name` None: the SAE records no hook point; `warnings`: the card's, word for
+    word."""
     # The largest finite positive peak: an infinite (overflowed) or NaN one would make every shade NaN.
     top = max((a for _, acts, center in windows if math.isfinite(a := acts[center]) and a > 0), default=1.0)
     said = _readout_html(Readout(explanation, raw_text, truncated))
@@ -557,7 +558,8 @@ def feature_card_html(title: str, hook_name: str | None, summary: str, explanati
     return (f"<div class='nla-view'><style>{_STYLE}</style>"
             f"<div class='nla-head'><b>{html.escape(title)}</b> · "
             f"{'no hook point recorded' if hook_name is None else f'<code>{html.escape(hook_name)}</code>'}</div>"
-            f"<div class='nla-said'>NLA: {said}</div><div class='nla-meta'>{html.escape(summary)}</div>{legend}"
+            f"<div class='nla-said'>NLA: {said}</div><div class='nla-meta'>{html.escape(summary)}</div>"
+            f"{warning_lines(warnings)}{legend}"
             + (_contexts_table(rows, said_here is not None) if windows else _no_contexts(n_positions)) + "</div>")
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
@@ -40,6 +40,7 @@ from nla_lens.sae import (
     skipped,
     text_residuals,
     verbalize_sae_features,
+    warn_of_cut_texts,
 )
 from nla_lens.sae_columns import FEATURE_CARD
 from nla_lens.verbalizer import ActivationVerbalizer, Verbalization
@@ -107,6 +108,8 @@ class FeatureCard(TabularResult):
         n_active: positions where the feature is > 0.
         explained_contexts: each context carries the AV's explanation of its own residual.
         offset_stats: the explanation is of mean + spread * unit row (`offset=`); None: of the bare row.
+        warnings: what the card warned of (texts longer than the base's context, cut to it), then what the
+            explanations' verbalizations warned of, kept so the repr, the view and a saved `.parquet` still say it.
     """
 
     feature: int
@@ -118,9 +121,11 @@ class FeatureCard(TabularResult):
     n_active: int
     explained_contexts: bool = False
     offset_stats: ResidualStats | None = None
+    warnings: list[str] = field(default_factory=list)
 
     display_columns = ("text", "position", "token", "activation", "context")
     schema = FEATURE_CARD.schema
+    warnings_at = "warnings"
 
     @property
     def explanation(self) -> str | None:
@@ -176,9 +181,10 @@ class FeatureCard(TabularResult):
         windows = [(c.tokens, c.activations, c.center) for c in self.contexts]
         said_here = ([display.Readout(c.explanation, c.explanation_text, c.explanation_truncated)
                       for c in self.contexts] if self.explained_contexts else None)
-        return display.feature_card_html(f"Feature {self.feature}", self.hook_name, self.summary(), self.explanation,
+        return display.feature_card_html(f"Feature {self.feature}", self.hook_name, self._headline(), self.explanation,
                                          self.verbalization.text, windows, said_here,
-                                         truncated=self.verbalization.truncated, n_positions=self.n_positions)
+                                         truncated=self.verbalization.truncated, n_positions=self.n_positions,
+                                         warnings=self._held_warnings())
 
 
 def feature_card(
@@ -203,7 +209,8 @@ def feature_card(
     The base model runs each text to layer K, `sae.encode` reads `blocks.K.hook_resid_post` (an SAE of
     another hook, let in by `allow_other_hook=True`, reads its own hook point); the first `skip_first`
     positions of each text are left out (default: the BOS the tokenizer puts first, as `explain` leaves it out;
-    none on Qwen).
+    none on Qwen). A text longer than the base's n_ctx is scanned up to it, with a warning, kept in the card's
+    `warnings`, naming such texts.
     `explain_contexts=True` also verbalizes the base residual at each context's peak (`k` more AV
     generations): what the NLA says where the feature fires, beside what it says of the decoder row
     (on the bundled toy the former names the feature's token far more often: README, "SAE features").
@@ -233,12 +240,13 @@ def feature_card(
     decoder_rows(sae, [feature])  # checks the id before the scan indexes with it
     check_ar_reads_samples(nla, verbalize_kwargs)  # as verbalize_sae_features will, but before the scan
     per_text: list[tuple[list[int], Tensor]] = []
+    cut: list[int] = []
     with torch.inference_mode():
         # The SAE encodes what it was trained on: another hook's activations when allow_other_hook let it in (the
         # NLA's residual for one that records no hook point, as allow_other_hook took it).
         scanned_hook = None if hook_name is None or hook_name in resid_hook_names(av.meta.layer) else hook_name
         # One text's residuals at a time: the card keeps only the feature's activations of each.
-        for ids, resid in each_text_residuals(base, texts, av.meta.layer, hook_name=scanned_hook):
+        for ids, resid in each_text_residuals(base, texts, av.meta.layer, hook_name=scanned_hook, cut=cut):
             acts = _encode_text(sae, resid.to(sae.W_dec.device, sae.W_dec.dtype))
             # TopK training SAEs with use_sparse_activations encode to a sparse COO tensor. A copy, not a view of
             # column `feature`: a view would keep this text's whole [pos, d_sae] encoding alive in per_text.
@@ -249,6 +257,7 @@ def feature_card(
                 raise VectorError(_non_finite_activations(sae, feature, len(per_text), resid))
             acts[:skip] = float("nan")
             per_text.append((ids, acts))
+    notes = warn_of_cut_texts(cut, len(texts), base.cfg.n_ctx, "the card holds no context past it")
     flat = torch.cat([acts for _, acts in per_text])
     scanned = ~flat.isnan()
     if not scanned.any():  # as residual_stats refuses it: an empty card would look like a dead feature
@@ -279,11 +288,13 @@ def feature_card(
             [cast(str, tokenizer.decode([t], clean_up_tokenization_spaces=False)) for t in window],
             acts[lo:hi].tolist(), position - lo,
             cast(str, tokenizer.decode(window, clean_up_tokenization_spaces=False))))
+    notes += getattr(readout.verbalizations, "warnings", [])
     if explain_contexts and contexts:
-        contexts = _explain_contexts(av, base, texts, contexts, verbalize_kwargs)
+        contexts, said_notes = _explain_contexts(av, base, texts, contexts, verbalize_kwargs)
+        notes += said_notes
     cosine = None if readout.cosines is None or readout.cosines[0].isnan() else float(readout.cosines[0])
     return FeatureCard(feature, readout.hook_name, readout.verbalizations[0], cosine, contexts,
-                       int(scanned.sum()), n_active, explain_contexts, offset)
+                       int(scanned.sum()), n_active, explain_contexts, offset, notes)
 
 
 def _encode_text(sae: SAE, activations: Float[Tensor, "pos d"]) -> Float[Tensor, "pos d_sae"]:
@@ -312,12 +323,12 @@ def _non_finite_activations(sae: SAE, feature: int, text: int, resid: Float[Tens
 
 
 def _explain_contexts(av: ActivationVerbalizer, base: TLModel, texts: list[str], contexts: list[FeatureContext],
-                      verbalize_kwargs: dict[str, Any]) -> list[FeatureContext]:
-    """Each context with the AV's explanation of the base residual at its peak. The (at most k) texts
-    involved run once more rather than every text's residuals being kept through the scan."""
+                      verbalize_kwargs: dict[str, Any]) -> tuple[list[FeatureContext], list[str]]:
+    """Each context with the AV's explanation of the base residual at its peak, and what `verbalize` warned of.
+    The (at most k) texts involved run once more rather than every text's residuals being kept through the scan."""
     chosen = sorted({c.text for c in contexts})
     residuals = dict(zip(chosen, (resid for _, resid in text_residuals(base, [texts[i] for i in chosen],
                                                                         av.meta.layer)), strict=True))
     said = av.verbalize(torch.stack([residuals[c.text][c.position] for c in contexts]), **verbalize_kwargs)
-    return [replace(c, explanation=v.explanation, explanation_text=v.text, explanation_truncated=v.truncated)
-            for c, v in zip(contexts, said, strict=True)]
+    return ([replace(c, explanation=v.explanation, explanation_text=v.text, explanation_truncated=v.truncated)
+             for c, v in zip(contexts, said, strict=True)], list(getattr(said, "warnings", [])))

@@ -184,13 +184,13 @@ def read_result(path: str | Path, result_type: type[TabularResult] | None = None
     From a ``.parquet`` file, ``df.attrs`` holds what the rows alone cannot say: ``result_type`` (e.g.
     ``"RoundTrip"``), ``summary`` (its summary line: FVE, which baseline, failed parses), ``nla_lens_version`` and,
     for a type that keeps warnings (``RoundTrip``, ``Explanation``, ``SteeringResult``, ``PatchingStudy``,
-    ``WordSteering``), ``warnings`` (a list, empty when none: a failed injection, no FVE); for a file job's output
-    ``job`` (the record of what produced it) and ``warnings``. A ``.jsonl`` file holds the rows alone, as does a
-    table nla_lens did not write, so ``attrs`` stays empty; nor does it say which type wrote it, so its column types
-    are read off the values (a score None in every row is an object column, an empty file has no columns) unless
-    ``result_type`` names the type whose ``save`` wrote it (e.g. ``nl.RoundTrip``): then they are that type's, as
-    ``to_pandas()`` gives them (a ``TrainingRun``'s columns depend on its command, so there too they are read off
-    the values). A ``.parquet`` file keeps its types; there ``result_type`` is checked against the one
+    ``WordSteering``, ``FeatureCard``), ``warnings`` (a list, empty when none: a failed injection, no FVE); for a
+    file job's output ``job`` (the record of what produced it) and ``warnings``. A ``.jsonl`` file holds the rows
+    alone, as does a table nla_lens did not write, so ``attrs`` stays empty; nor does it say which type wrote it, so
+    its column types are read off the values (a score None in every row is an object column, an empty file has no
+    columns) unless ``result_type`` names the type whose ``save`` wrote it (e.g. ``nl.RoundTrip``): then they are
+    that type's, as ``to_pandas()`` gives them (a ``TrainingRun``'s columns depend on its command, so there too they
+    are read off the values). A ``.parquet`` file keeps its types; there ``result_type`` is checked against the one
     it records. A file whose columns are no longer its type's (edited by hand: a column dropped, a score made text) is
     an `InputError` naming what changed: a ``.parquet`` file is checked against ``result_type`` or the type it records
     (one this process has not imported too: the SAE types' check needs no sae-lens), a ``.jsonl`` file against

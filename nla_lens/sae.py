@@ -323,16 +323,19 @@ def text_residuals(base: TLModel, texts: Iterable[str], layer: int, *, max_token
     """(token ids, `blocks.{layer}.hook_resid_post` at every position) of each text, one run per text.
 
     Texts are tokenized with special tokens (a BOS first where the tokenizer has one), as the NLA
-    training code extracted its activations; `max_tokens` cuts each text (default: the context).
+    training code extracted its activations; `max_tokens` cuts each text (default: the context, silently: the
+    scans `feature_card` and `residual_stats` warn of it).
     `hook_name` reads that `[pos, d]` hook point instead (an SAE of another hook, read where it fires).
     """
     return list(each_text_residuals(base, texts, layer, max_tokens=max_tokens, hook_name=hook_name))
 
 
 def each_text_residuals(base: TLModel, texts: Iterable[str], layer: int, *, max_tokens: int | None = None,
-                        hook_name: str | None = None) -> Iterator[tuple[list[int], Float[Tensor, "pos d_model"]]]:
+                        hook_name: str | None = None, cut: list[int] | None = None,
+                        ) -> Iterator[tuple[list[int], Float[Tensor, "pos d_model"]]]:
     """[`text_residuals`][nla_lens.sae.text_residuals] one text at a time, for scans that keep less than
-    every position."""
+    every position. `cut`, where given, collects the indices of the texts the base's context cut (with no
+    `max_tokens`, which asks for its cut), for the scan to warn of (`warn_of_cut_texts`)."""
     texts = check_texts(texts)
     backends.backend_of(base)
     if base.tokenizer is None:
@@ -343,7 +346,10 @@ def each_text_residuals(base: TLModel, texts: Iterable[str], layer: int, *, max_
         (max_tokens,) = check_counts(1, max_tokens=max_tokens)
     limit = max_tokens or base.cfg.n_ctx
     for i, text in enumerate(texts):
-        ids = text_ids(base.tokenizer, text)[:limit]
+        ids = text_ids(base.tokenizer, text)
+        if cut is not None and max_tokens is None and len(ids) > limit:
+            cut.append(i)
+        ids = ids[:limit]
         if not ids:  # an empty text where the tokenizer adds no BOS
             raise InputError(f"texts[{i}] ({text!r:.60}) has no tokens, so there is nothing to scan in it: leave it "
                              "out of texts")
@@ -352,6 +358,18 @@ def each_text_residuals(base: TLModel, texts: Iterable[str], layer: int, *, max_
             resid = (text_resid_post(base, tokens, layer) if hook_name is None
                      else _text_activation(base, tokens, hook_name)).float()
         yield ids, resid
+
+
+def warn_of_cut_texts(cut: list[int], n_texts: int, n_ctx: int, consequence: str) -> list[str]:
+    """The warning, emitted at the user's line and returned for a result to keep (none where no text was cut), that
+    the texts at `cut` were longer than the base's context and cut to it: else a scan left their ends out without a
+    word."""
+    if not cut:
+        return []
+    note = (f"{len(cut)}/{n_texts} texts are longer than the base model's context and were cut to its n_ctx={n_ctx} "
+            f"tokens (texts {cut[:8]}), so {consequence}: split such texts to scan them whole")
+    warn_at_caller(note)
+    return [note]
 
 
 def _text_activation(base: TLModel, tokens: Int[Tensor, "1 pos"], hook_name: str) -> Float[Tensor, "pos d"]:
@@ -384,15 +402,19 @@ def skipped(tokenizer: Any, ids: list[int], skip_first: int | None) -> int:
 def residual_stats(base: TLModel, texts: Iterable[str], layer: int, *, skip_first: int | None = None,
                    max_tokens: int | None = None) -> ResidualStats:
     """[`ResidualStats`][nla_lens.sae.ResidualStats] of layer `layer` over every position of `texts` past
-    the first `skip_first` (default: past the BOS the tokenizer puts first, none on Qwen).
+    the first `skip_first` (default: past the BOS the tokenizer puts first, none on Qwen). A text longer than the
+    base's n_ctx is cut to it (`max_tokens` cuts shorter), with a warning naming such texts.
 
     Streams: each text's residuals merge into a running mean and spread, so memory is O(d_model) plus
     one text's residuals, however many texts there are.
     """
     skip_first = check_skip_first(skip_first)
     moments = RunningMoments()
-    for ids, resid in each_text_residuals(base, texts, layer, max_tokens=max_tokens):
+    texts = check_texts(texts)  # a list: the warning counts them
+    cut: list[int] = []
+    for ids, resid in each_text_residuals(base, texts, layer, max_tokens=max_tokens, cut=cut):
         moments.add(resid[skipped(base.tokenizer, ids, skip_first):])
+    warn_of_cut_texts(cut, len(texts), base.cfg.n_ctx, "their positions past it are not in the stats")
     if moments.n == 0:
         bos = " (the BOS)" if skip_first is None else ""
         raise InputError(f"no positions left after skip_first={skip_first}{bos}; use longer texts")

@@ -7,6 +7,7 @@ import html
 import json
 import math
 import re
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -1070,6 +1071,47 @@ def test_feature_card_shows_the_strongest_contexts_next_to_the_explanation(toy, 
     assert "NLA at the peak" not in page and set(card.to_pandas()["context_explanation"]) == {None}
     said = card.to_pandas()[["explanation", "explanation_parsed", "explanation_text", "explanation_truncated"]]
     assert set(map(tuple, said.to_numpy())) == {(card.explanation, True, card.verbalization.text, False)}
+
+
+@NEEDS_SAE_LENS
+def test_scans_warn_once_of_texts_cut_to_the_bases_context_and_a_card_keeps_the_warning(toy, tmp_path):
+    """A text past the base's n_ctx was cut to it without a word: a card missed the contexts past it, and
+    residual_stats their positions. The cut itself is unchanged: what max_tokens=n_ctx, which asks for it, gives."""
+    from nla_lens.sae import skipped
+    from nla_lens.sidecar import text_ids
+
+    layer, n_ctx = toy.av.meta.layer, toy.base.cfg.n_ctx
+    long = " ".join(["So foul and fair a day I have not seen."] * n_ctx)
+    assert len(toy.base.tokenizer.encode(long)) > 2 * n_ctx
+    texts = [TOY_TEXTS[0], long, TOY_TEXTS[1], long]
+    said = (rf"2/4 texts are longer than the base model's context and were cut to its n_ctx={n_ctx} tokens "
+            r"\(texts \[1, 3\]\), so {}: split such texts to scan them whole")
+    with pytest.warns(UserWarning) as caught:
+        stats = nl.residual_stats(toy.base, texts, layer)
+    cut = [str(w.message) for w in caught if "longer than the base model's context" in str(w.message)]
+    assert len(cut) == 1 and re.fullmatch(said.format("their positions past it are not in the stats"), cut[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # a cut asked for, or texts within the context: nothing to warn of
+        asked = nl.residual_stats(toy.base, texts, layer, max_tokens=n_ctx)
+        nl.residual_stats(toy.base, TOY_TEXTS, layer)
+    assert stats.n == asked.n and torch.allclose(stats.mean, asked.mean, atol=1e-6)
+    assert stats.spread == pytest.approx(asked.spread, rel=1e-6)
+
+    sae = make_sae(128, 32, f"blocks.{layer}.hook_resid_post")
+    with pytest.warns(UserWarning) as caught:  # explain_contexts runs the texts again: still one warning
+        card = nl.feature_card(sae, toy.base, texts, 9, toy.av, k=3, explain_contexts=True, max_new_tokens=8,
+                               progress=False)
+    cut = [str(w.message) for w in caught if "longer than the base model's context" in str(w.message)]
+    assert len(cut) == 1 and re.fullmatch(said.format("the card holds no context past it"), cut[0])
+    assert card.warnings == cut and repr(card).startswith(f"FeatureCard: {card.summary()}; 1 warning (.warnings)")
+    assert nl.read_result(card.save(tmp_path / "card.parquet")).attrs["warnings"] == card.warnings
+    assert html.escape(cut[0]) in card.save(tmp_path / "card.html").read_text()
+    ids = [text_ids(toy.base.tokenizer, text) for text in texts]
+    assert card.n_positions == stats.n == sum(min(len(i), n_ctx) - skipped(toy.base.tokenizer, i, None) for i in ids)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        short = nl.feature_card(sae, toy.base, TOY_TEXTS, 9, toy.av, k=3, max_new_tokens=8, progress=False)
+    assert short.warnings == []
 
 
 @NEEDS_SAE_LENS
