@@ -324,7 +324,7 @@ def text_residuals(base: TLModel, texts: Iterable[str], layer: int, *, max_token
 
     Texts are tokenized with special tokens (a BOS first where the tokenizer has one), as the NLA
     training code extracted its activations; `max_tokens` cuts each text (default: the context, silently: the
-    scans `feature_card` and `residual_stats` warn of it).
+    scans `feature_card` and `residual_stats` warn of it), and one over the base's n_ctx is an `InputError`.
     `hook_name` reads that `[pos, d]` hook point instead (an SAE of another hook, read where it fires).
     """
     return list(each_text_residuals(base, texts, layer, max_tokens=max_tokens, hook_name=hook_name))
@@ -344,6 +344,7 @@ def each_text_residuals(base: TLModel, texts: Iterable[str], layer: int, *, max_
     layer = check_block(base, layer)
     if max_tokens is not None:
         (max_tokens,) = check_counts(1, max_tokens=max_tokens)
+        check_max_tokens_fit(base, max_tokens)
     limit = max_tokens or base.cfg.n_ctx
     for i, text in enumerate(texts):
         ids = text_ids(base.tokenizer, text)
@@ -358,6 +359,15 @@ def each_text_residuals(base: TLModel, texts: Iterable[str], layer: int, *, max_
             resid = (text_resid_post(base, tokens, layer) if hook_name is None
                      else _text_activation(base, tokens, hook_name)).float()
         yield ids, resid
+
+
+def check_max_tokens_fit(base: TLModel, max_tokens: int) -> None:
+    """Refuse a `max_tokens` past the base's n_ctx, before any text runs: a text that long failed mid-scan with a
+    `PromptTooLongError` that named its columns, not `max_tokens` (as `extract_activations` refuses it)."""
+    if max_tokens > base.cfg.n_ctx:
+        raise InputError(f"max_tokens={max_tokens} is over the base model's context n_ctx={base.cfg.n_ctx}: pass "
+                         f"max_tokens <= {base.cfg.n_ctx}, or none to cut each text to the context (with a warning "
+                         "naming the texts cut)")
 
 
 def warn_of_cut_texts(cut: list[int], n_texts: int, n_ctx: int, consequence: str) -> list[str]:
@@ -403,7 +413,7 @@ def residual_stats(base: TLModel, texts: Iterable[str], layer: int, *, skip_firs
                    max_tokens: int | None = None) -> ResidualStats:
     """[`ResidualStats`][nla_lens.sae.ResidualStats] of layer `layer` over every position of `texts` past
     the first `skip_first` (default: past the BOS the tokenizer puts first, none on Qwen). A text longer than the
-    base's n_ctx is cut to it (`max_tokens` cuts shorter), with a warning naming such texts.
+    base's n_ctx is cut to it, with a warning naming such texts; `max_tokens` (at most n_ctx) cuts shorter.
 
     Streams: each text's residuals merge into a running mean and spread, so memory is O(d_model) plus
     one text's residuals, however many texts there are.

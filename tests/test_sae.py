@@ -1115,6 +1115,24 @@ def test_scans_warn_once_of_texts_cut_to_the_bases_context_and_a_card_keeps_the_
 
 
 @NEEDS_SAE_LENS
+def test_a_max_tokens_over_the_bases_context_is_refused_by_name_before_any_text_runs(toy, monkeypatch):
+    """max_tokens=n_ctx + 1 let a long text through at n_ctx + 1 tokens, and the run failed with a PromptTooLongError
+    ('tokens have 257 columns ... pass shorter texts') that never named max_tokens."""
+    from nla_lens import sae
+
+    layer, n_ctx = toy.av.meta.layer, toy.base.cfg.n_ctx
+    long = " ".join(["So foul and fair a day I have not seen."] * n_ctx)
+    monkeypatch.setattr(sae, "text_resid_post", lambda *a: pytest.fail("ran the base on a text"))
+    said = (rf"^max_tokens={n_ctx + 1} is over the base model's context n_ctx={n_ctx}: pass max_tokens <= {n_ctx}, "
+            r"or none to cut each text to the context \(with a warning naming the texts cut\)$")
+    for scan in (nl.residual_stats, sae.text_residuals):
+        with pytest.raises(nl.InputError, match=said):
+            scan(toy.base, [TOY_TEXTS[0], long], layer, max_tokens=n_ctx + 1)
+    monkeypatch.undo()
+    assert [len(ids) for ids, _ in sae.text_residuals(toy.base, [long], layer, max_tokens=n_ctx)] == [n_ctx]
+
+
+@NEEDS_SAE_LENS
 def test_feature_card_scan_holds_one_texts_residuals_at_a_time(toy, monkeypatch):
     """The scan read every text's residuals into a list before encoding any; it keeps one [pos] row of
     the feature's activations per text, so one text's residuals at a time is all it needs, and of each text's
