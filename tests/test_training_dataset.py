@@ -165,6 +165,52 @@ def test_a_labeler_returning_no_string_is_refused_by_document_position_and_type(
         label_activations(acts, lambda r: wrong.get(acts.records.index(r), label_by_token(r)))
 
 
+def test_a_mapping_keyed_by_document_and_position_labels_the_rows_the_same_jsonl_labels(acts, tmp_path):
+    """A dict of explanations, keyed as the JSONL lines are, failed with a bare TypeError from Path(dict). Rows
+    without a key, or whose value is None, are left out, as a labeler's None leaves them out."""
+    mapping = {(r.doc_id, r.position): None if i == 4 else label_by_token(r)
+               for i, r in enumerate(acts.records) if i % 3}
+    path = tmp_path / "explanations.jsonl"
+    path.write_text("".join(json.dumps({"doc_id": doc_id, "position": position, "explanation": text}) + "\n"
+                            for (doc_id, position), text in mapping.items() if text is not None))
+    from_mapping = label_activations(acts, mapping)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the file records no extraction
+        from_jsonl = label_activations(acts, path)
+    kept = [i for i in range(len(acts)) if i % 3 and i != 4]
+    assert from_mapping.explanations == from_jsonl.explanations == [label_by_token(acts.records[i]) for i in kept]
+    assert from_mapping.doc_ids == from_jsonl.doc_ids and from_mapping.positions == from_jsonl.positions
+    assert torch.equal(from_mapping.vectors, acts.vectors[kept])
+    assert from_mapping.extraction == label_activations(acts, label_by_token).extraction
+
+
+def test_a_mapping_key_matching_no_row_or_a_value_not_text_is_refused_by_name(acts):
+    first, second = acts.records[0], acts.records[1]
+    labels = {(first.doc_id, first.position): "a label"}
+    with pytest.raises(nl.InputError, match=rf"^2 keys of the explanations mapping match no activation row, e\.g\. "
+                                            rf"\('doc-0', {first.position}, 'x'\): key each explanation by \(doc_id, "
+                                            r"position\), the row's document id as text and its token index, as in "
+                                            rf"{re.escape(repr((first.doc_id, first.position)))}$"):
+        label_activations(acts, {**labels, ("doc-0", first.position, "x"): "y", 0: "z"})
+    with pytest.raises(nl.InputError, match=r"^1 key of the explanations mapping matches no activation row, e\.g\. "
+                                            rf"\(0, {first.position}\):"):
+        label_activations(acts, {**labels, (0, first.position): "a doc_id given as a number"})
+    named = f"doc_id {second.doc_id!r} position {second.position}: float nan"
+    with pytest.raises(nl.InputError, match=rf"^the explanations mapping holds 1 value that is not a string \("
+                                            rf"{re.escape(named)}\): a mapping holds each row's explanation as a str, "
+                                            r"or None to leave the row out"):
+        label_activations(acts, {**labels, (second.doc_id, second.position): float("nan")})
+
+
+@pytest.mark.parametrize("explanations", [["a label"], None, b"explanations.jsonl", 3])
+def test_explanations_of_another_kind_are_refused_saying_what_to_pass(acts, explanations):
+    """A list, None, an int or a bytes path failed with a bare TypeError from Path(...)."""
+    with pytest.raises(nl.InputError, match=r"^explanations must be the path of a JSONL file, a mapping "
+                                            r"\{\(doc_id, position\): explanation\} or a labeler\(record\) -> str "
+                                            rf"\| None; got {type(explanations).__name__} "):
+        label_activations(acts, explanations)
+
+
 def test_rows_without_explanation_are_left_out(acts):
     data = label_activations(acts, lambda r: None if r.position % 2 else label_by_token(r))
     assert data.positions == [r.position for r in acts.records if r.position % 2 == 0]

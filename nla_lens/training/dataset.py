@@ -12,10 +12,11 @@ import logging
 import random
 import re
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from os import PathLike
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, Literal, TypeVar, cast
 
 import torch
 from jaxtyping import Float, Int
@@ -44,6 +45,12 @@ RECORD_KEY = "extraction"  # the key of the line `save_explanations` writes firs
 _ROWS_NAMED = 5  # rows a warning names before it counts the rest
 Row = TypeVar("Row")
 _IN_MEMORY = "(an extraction in memory)"  # an extraction's name in messages where it has no folder
+_NOT_TEXT_WORDS = {  # check_labels_are_text's words per source: what gave the values, and how to give a row's label
+    "labeler": ("the labeler returned", "a labeler returns each row's explanation as a str, or None to leave the row "
+                "out (a pandas lookup of a missing label gives NaN: return None for it)"),
+    "mapping": ("the explanations mapping holds", "a mapping holds each row's explanation as a str, or None to leave "
+                "the row out (pandas gives NaN for a missing label: drop those keys)"),
+}
 _TURN_PROBE = "NLA turn probe"  # an assistant message's text, found again in the template's rendering
 
 
@@ -103,23 +110,30 @@ class LabelledActivations:
                                    self.extraction)
 
 
-def label_activations(dataset: ActivationDataset, explanations: str | Path | Labeler) -> LabelledActivations:
-    """Pair rows with explanations from a JSONL file or a `labeler(record) -> str | None`.
+def label_activations(dataset: ActivationDataset,
+                      explanations: str | Path | Labeler | Mapping[tuple[str, int], str | None],
+                      ) -> LabelledActivations:
+    """Pair rows with explanations from a JSONL file, a mapping or a `labeler(record) -> str | None`.
 
     JSONL lines are ``{"doc_id", "position", "explanation"}``, after the record of the extraction labelled that
     `save_explanations` writes first: explanations of another extraction (another layer or base, other rows) are a
-    `ConfigError`, and a file without the record (older, or written by other code) loads with a warning. Rows left
-    without an explanation are dropped (and counted in the log); a JSONL line that matches no row is an error.
+    `ConfigError`, and a file without the record (older, or written by other code) loads with a warning. A mapping
+    is keyed as those lines are, ``{(doc_id, position): explanation}`` with the row's document id as text (records
+    nothing, as a labeler does). A labeler or mapping gives None for a row to leave out. Rows left without an
+    explanation are dropped (and counted in the log); a JSONL line or mapping key that matches no row is an error.
     """
-    if callable(explanations):
+    if isinstance(explanations, Mapping):
+        identity = ExtractionIdentity.of(dataset)
+        texts = _texts_of_mapping(dataset, explanations)
+    elif callable(explanations):
         identity = ExtractionIdentity.of(dataset)
         texts = [explanations(record) for record in dataset.records]
-        check_labels_are_text(dataset, texts)
-    else:
+        check_labels_are_text(dataset, texts, "labeler")
+    elif isinstance(explanations, (str, PathLike)):
         by_key, recorded = _read_explanations(Path(explanations))  # the file's own problems first
         identity = ExtractionIdentity.of(dataset)
         check_labelled_extraction(recorded, identity, explanations)
-        texts = [by_key.pop((r.doc_id, r.position), None) for r in dataset.records]
+        texts = _pop_texts(dataset, by_key)
         if by_key:
             doc_id, position = next(iter(by_key))
             raise InputError(
@@ -127,6 +141,10 @@ def label_activations(dataset: ActivationDataset, explanations: str | Path | Lab
                 f"activation row, e.g. doc_id "
                 f"{doc_id!r} position {position}; label the extraction folder you train on"
             )
+    else:
+        raise InputError(f"explanations must be the path of a JSONL file, a mapping {{(doc_id, position): "
+                         f"explanation}} or a labeler(record) -> str | None; got {type(explanations).__name__} "
+                         f"{explanations!r:.60} (a pandas Series indexed by doc_id and position: pass .to_dict())")
     check_not_blank(dataset, texts)
     keep = [i for i, text in enumerate(texts) if text is not None]
     if not keep:
@@ -140,6 +158,27 @@ def label_activations(dataset: ActivationDataset, explanations: str | Path | Lab
                                identity)
 
 
+def _pop_texts(dataset: ActivationDataset, by_key: dict[Any, Any]) -> list[Any]:
+    """Each row's explanation (None: it has none), taken out of `by_key`: what is left there matches no row."""
+    return [by_key.pop((r.doc_id, r.position), None) for r in dataset.records]
+
+
+def _texts_of_mapping(dataset: ActivationDataset, explanations: Mapping[Any, Any]) -> list[str | None]:
+    """Each row's explanation from a mapping keyed as the JSONL is: a key that matches no row (a doc_id given as a
+    number, keys by row index) is refused by name, as a JSONL line that matches none is."""
+    by_key = dict(explanations)
+    texts = _pop_texts(dataset, by_key)
+    if by_key:
+        rows = [(r.doc_id, r.position) for r in dataset.records[:1]]
+        example = f", as in {rows[0]!r}" if rows else ""
+        raise InputError(f"{counted(len(by_key), 'key')} of the explanations mapping match"
+                         f"{'es' if len(by_key) == 1 else ''} no activation row, e.g. {next(iter(by_key))!r:.60}: key "
+                         f"each explanation by (doc_id, position), the row's document id as text and its token "
+                         f"index{example}")
+    check_labels_are_text(dataset, texts, "mapping")
+    return texts
+
+
 def _named(found: Sequence[Row], name: Callable[[Row], str]) -> str:
     """The first `_ROWS_NAMED` of `found` as `name` writes them, then how many more: how the checks of labelled rows
     name them."""
@@ -147,17 +186,17 @@ def _named(found: Sequence[Row], name: Callable[[Row], str]) -> str:
     return "; ".join(map(name, found[:_ROWS_NAMED])) + more
 
 
-def check_labels_are_text(dataset: ActivationDataset, texts: list[Any]) -> None:
-    """Refuse what a labeler returned that is neither a string nor None (NaN from a pandas lookup of a missing label,
-    an int): `check_not_blank` failed on it with a bare AttributeError naming no row."""
+def check_labels_are_text(dataset: ActivationDataset, texts: list[Any], source: Literal["labeler", "mapping"]) -> None:
+    """Refuse what a labeler returned or a mapping holds that is neither a string nor None (NaN from a pandas lookup of
+    a missing label, an int): `check_not_blank` failed on it with a bare AttributeError naming no row."""
     wrong = [i for i, text in enumerate(texts) if text is not None and not isinstance(text, str)]
     if not wrong:
         return
+    given, fix = _NOT_TEXT_WORDS[source]
     where = _named(wrong, lambda i: f"doc_id {dataset.records[i].doc_id!r} position {dataset.records[i].position}: "
                                     f"{type(texts[i]).__name__} {texts[i]!r:.40}")
-    raise InputError(f"the labeler returned {counted(len(wrong), 'value')} that {'is' if len(wrong) == 1 else 'are'} "
-                     f"not a string ({where}): a labeler returns each row's explanation as a str, or None to leave "
-                     "the row out (a pandas lookup of a missing label gives NaN: return None for it)")
+    raise InputError(f"{given} {counted(len(wrong), 'value')} that {'is' if len(wrong) == 1 else 'are'} not a string "
+                     f"({where}): {fix}")
 
 
 def check_not_blank(dataset: ActivationDataset, texts: list[str | None]) -> None:
