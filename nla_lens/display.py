@@ -3,8 +3,8 @@
 Everything here returns self-contained HTML: inline CSS scoped under ``.nla-view``, no scripts, no
 external resources, so a page works offline and a notebook cell does not restyle the notebook; nor does the notebook
 restyle the view, which draws on its own white background in a dark theme too.
-Tokens, explanations and raw AV outputs are HTML-escaped, their control and format characters shown as
-escapes (`\\x00`, `\\u202e`): what a model writes is shown, never interpreted.
+Tokens, explanations and raw AV outputs are HTML-escaped, their control and format characters (and lone
+surrogates) shown as escapes (`\\x00`, `\\u202e`, `\\ud800`): what a model writes is shown, never interpreted.
 
 The explained-text view ([`explained_text_html`][nla_lens.display.explained_text_html]) shows each text, under
 its label (`[1] A dog ran`), as a line of tokens coloured by round-trip FVE, with every explained token's
@@ -47,9 +47,10 @@ _PROSE = 24  # characters: a table cell longer than this holds text to read (see
 _CURVE_SIZE, _CURVE_X, _CURVE_Y = (264, 112), (62, 254), (8, 92)  # a chart's size and its plot area's x / y span
 _CURVE_INK = "#2c7fb8"
 _HUB_ID = re.compile(r"\w[\w.-]*/[\w.-]+")  # owner/name, as the HF hub spells a repository
-# Written as escapes: control characters, line and paragraph separators, and format characters (bidi controls,
-# which reorder the text drawn after them; zero-width spaces and marks, which draw nothing)
-_UNSEEN = ("Cc", "Zl", "Zp", "Cf")
+# Written as escapes: control characters, line and paragraph separators, format characters (bidi controls,
+# which reorder the text drawn after them; zero-width spaces and marks, which draw nothing) and lone surrogates
+# (a JSON file's "\ud800"), which UTF-8 cannot encode: bare, a saved page or a notebook's view of one fails
+_UNSEEN = ("Cc", "Zl", "Zp", "Cf", "Cs")
 # A table's text column and the record keys of its parse: the flag saying whether it parsed, the raw completion and
 # the truncated flag, where the column is None on a failed parse (the steering tables' clean / steered hold the raw
 # completion themselves, with no truncated flag: None). The first whose flag the row has: a feature card's rows name
@@ -627,7 +628,8 @@ def _beyond_decimals(value: float, decimals: int) -> bool:
 def _visible(text: str, keep: str = "") -> str:
     """`text` with each control or format character (and line / paragraph separator) but those in `keep` written
     as its escape (\\n, \\r, \\x1b, \\u2028, \\u202e): bare, a \\r overwrites a printed row, an ESC starts a terminal
-    command, a form feed or \\u2028 splits a row in two, and a bidi control reorders the text after it."""
+    command, a form feed or \\u2028 splits a row in two, a bidi control reorders the text after it, and a lone
+    surrogate (\\ud800) cannot be written as UTF-8 at all."""
     if text.isprintable():
         return text
     return "".join(_escaped(c) if c not in keep and unicodedata.category(c) in _UNSEEN else c for c in text)

@@ -1313,6 +1313,24 @@ def test_bidi_and_other_invisible_format_characters_show_as_escapes():
     assert "\\u202e<sub>0</sub>" in view and "\\u200f<sub>2</sub>" in view and "x\\u202ey" in table
 
 
+def test_a_lone_surrogate_shows_as_its_escape_and_the_view_saves(tmp_path):
+    """A lone surrogate (a JSON file's "\\ud800", read back by `SAEExperimentResult.load`; a row built by hand) reached
+    the view and the repr bare: save('.html') raised a bare UnicodeEncodeError, and the notebook could not send the
+    view, which UTF-8 cannot encode."""
+    from nla_lens.verbalizer import Verbalization
+
+    said = "a\ud800b\udcffc"
+    assert display.visible_token("\ud800") == "\\ud800" and display.format_cell(said) == "a\\ud800b\\udcffc"
+    result = nl.Verbalizations([Verbalization(said, said, [1]), Verbalization(said, None, [1])])
+    cells = [display.TokenCell("\ud800", 0, True, said, None, 0.5), display.TokenCell("x", 1, True, None, said, 0.4)]
+    views = [result._repr_html_(), repr(result), display.explained_text_html([cells], title="t", layer=1),
+             display.feature_card_html("f", "h", "s", said, "", [(["\ud800"], [1.0], 0)],
+                                       said_here=[display.Readout(None, said)])]
+    for view in views:
+        assert "a\\ud800b\\udcffc" in view and not any("\ud800" <= c <= "\udfff" for c in view)
+    assert "a\\ud800b" in result.save(tmp_path / "view.html").read_text(encoding="utf-8")
+
+
 def test_a_real_explanation_escapes_model_text_in_its_view_and_repr(results):
     """What an AV writes reaches the page only as text: markup, entities, quotes, NUL and bidi controls."""
     import dataclasses
