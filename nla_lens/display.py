@@ -84,6 +84,8 @@ _UNITS = {"kl": "nats", "delta_logp": "nats", "control_delta_logp": "nats", "cle
 # A token chip in a table is never broken: the table's automatic layout squeezed a token column beside long text to
 # a sliver, breaking " villain" after its space. A chip outlined inside its box (a miss, a card's peak) is padded by
 # the outline's width, which covered a narrow glyph (",", "l") whole.
+# The lines of text around them (the title, summary, warnings, a card's explanation) wrap a word too long for the
+# view anywhere, as the table cells do: a degenerate AV output's one long word ran the page far off to the side.
 _STYLE = """
 .nla-view { font: 14px/1.45 system-ui, sans-serif; color: #222; background: #fff; max-width: 72em;
   padding: 0.4em 0.8em; border-radius: 4px; }
@@ -110,6 +112,7 @@ _STYLE = """
   padding-right: calc(0.05em + 2px); }
 .nla-view .nla-table .nla-tok { white-space: pre; }
 .nla-view .nla-said { background: #f4f4f4; border-left: 4px solid #888; padding: 0.4em 0.6em; margin: 0.4em 0; }
+.nla-view .nla-head, .nla-view .nla-meta, .nla-view .nla-warn, .nla-view .nla-said { overflow-wrap: anywhere; }
 .nla-view .nla-table { overflow: auto; max-height: 36em; width: fit-content; max-width: 100%; }
 .nla-view .nla-table table { border-collapse: collapse; font-size: 0.9em; color: inherit; margin: 0;
   table-layout: auto; }

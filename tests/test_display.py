@@ -269,6 +269,22 @@ def test_long_explanations_and_tokens_wrap_inside_the_page_and_are_shown_whole(t
         assert all(min(p) > 200 for p in right_edge), f"the {name} runs off the page"  # body margin: blank
 
 
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian chromium not installed")
+def test_a_long_unbroken_word_in_a_card_a_warning_or_a_summary_wraps_inside_the_page(tmp_path):
+    """A feature card's explanation (or its failed parse's raw output), a warning (steer_with_words' quotes an
+    unchanged explanation) and a summary line did not wrap a degenerate AV output's one long word: the card's
+    "NLA:" line made a 1,000 px window's page 22,932 px wide, where the tables and the explained view wrap it."""
+    said = "w" * 2000
+    cards = [display.feature_card_html("Feature 3", "blocks.3.hook_resid_post", f"feature 3: {said}", explanation, said,
+                                       [([" a", " b"], [0.5, 2.0], 1)]) for explanation in (said, None)]
+    table = display.result_html("WordSteering", said, [{"index": 0}], ["index"], warnings=[f"e.g. {said!r}"])
+    for name, body in (("card", cards[0]), ("failed card", cards[1]), ("table", table)):
+        page = _measured(body, "[document.documentElement.clientWidth, document.documentElement.scrollWidth]",
+                         tmp_path)
+        assert page[1] <= page[0], f"the {name} runs off the page"
+    assert all(card.count(said) == 2 for card in cards) and table.count(said) == 2  # wrapped, shown whole
+
+
 def test_curves_draw_each_series_in_its_own_range_and_skip_the_empty():
     """A training run's charts: the y axis spans each curve's own values; one point is a dot; no points, no chart."""
     page = display.curves_html([("loss", [(1, 4.0), (2, 2.0), (3, 1.0)]), ("kl", []), ("lr", [(5, 1e-3)]),
