@@ -285,6 +285,17 @@ def test_a_long_unbroken_word_in_a_card_a_warning_or_a_summary_wraps_inside_the_
     assert all(card.count(said) == 2 for card in cards) and table.count(said) == 2  # wrapped, shown whole
 
 
+def test_every_line_that_holds_model_text_may_break_inside_a_word():
+    """What the browser test above measures, checked where no browser is (CI): every class a view puts model text or
+    a warning in has a style rule that lets a long word break, so one degenerate word cannot widen the page."""
+    rules = {}
+    for selectors, body in re.findall(r"([^{}]+)\{([^}]*)\}", display._STYLE):
+        for selector in selectors.split(","):
+            rules.setdefault(selector.strip(), []).append(body)
+    for cls in ("nla-head", "nla-meta", "nla-warn", "nla-said", "nla-label", "nla-tok"):
+        assert any("overflow-wrap: anywhere" in body for body in rules.get(f".nla-view .{cls}", [])), cls
+
+
 def test_curves_draw_each_series_in_its_own_range_and_skip_the_empty():
     """A training run's charts: the y axis spans each curve's own values; one point is a dot; no points, no chart."""
     page = display.curves_html([("loss", [(1, 4.0), (2, 2.0), (3, 1.0)]), ("kl", []), ("lr", [(5, 1e-3)]),
