@@ -205,6 +205,20 @@ def check_explanations(explanations: Sequence[str]) -> None:
                     "score the vectors with NLA.round_trip.")
         raise InputError(f"explanation {i} is {item!r} ({type(item).__name__}), not a string "
                          f"({counted(len(wrong), 'such item')}).{hint}")
+    for i, item in enumerate(explanations):
+        check_encodable(item, f"explanation {i}")
+
+
+def check_encodable(text: str, name: str) -> None:
+    """A text a tokenizer can encode: a lone surrogate (a JSON ``"\\ud800"`` escape, a file read with
+    ``errors="surrogateescape"``) is no UTF-8, and the tokenizers raise a bare TypeError on it naming no text."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InputError(f"{name} holds {text[exc.start:exc.end]!r} at character {exc.start}, a lone surrogate, which "
+                         "is no Unicode character and which no tokenizer encodes (a JSON '\\ud800' escape or a file "
+                         "read with errors='surrogateescape' leaves one); drop it, or replace it with "
+                         "text.encode('utf-8', 'replace').decode('utf-8')") from None
 
 
 def check_input_file(path: Path, what: str = "input") -> None:

@@ -24,7 +24,7 @@ from transformers import PreTrainedTokenizerBase
 from nla_lens import backends, display
 from nla_lens.base_model import check_base_model
 from nla_lens.capture import capture, check_token_ids, resid_post_name
-from nla_lens.checks import check_fwd_hooks, counted, first_five, is_integer
+from nla_lens.checks import check_encodable, check_fwd_hooks, counted, first_five, is_integer
 from nla_lens.errors import InputError, PromptTooLongError, VectorError
 from nla_lens.injection import directionless_rows
 from nla_lens.loading import prepends_bos
@@ -231,6 +231,7 @@ def _texts(text_or_texts: object) -> list[str]:
         if not text.strip():
             raise InputError(f"text {i} is {text!r}, blank (whitespace only): pass texts with a non-space character "
                              "to explain")
+        check_encodable(text, f"text {i}")
     return texts
 
 

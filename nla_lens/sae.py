@@ -35,7 +35,7 @@ from torch import Tensor
 
 from nla_lens import backends
 from nla_lens.capture import activation_at, check_block, check_no_sae_at, resid_post_name, text_resid_post
-from nla_lens.checks import check_counts, counted, is_real
+from nla_lens.checks import check_counts, check_encodable, counted, is_real
 from nla_lens.display import format_number
 from nla_lens.errors import BackendError, InputError, SAEMismatchError, VectorError
 from nla_lens.explain import bos_skip
@@ -315,6 +315,8 @@ def check_texts(texts: Iterable[str]) -> list[str]:
         i, text = wrong[0]
         raise InputError(f"texts[{i}] is {text!r:.60} ({type(text).__name__}), not a string "
                          f"({counted(len(wrong), 'such item')}); pass the texts themselves")
+    for i, text in enumerate(items):
+        check_encodable(text, f"texts[{i}]")
     return items
 
 

@@ -319,6 +319,16 @@ def test_explain_says_a_whitespace_only_text_is_blank_not_empty(base, nla):
         assert "non-empty" not in str(info.value)
 
 
+def test_a_lone_surrogate_in_a_text_or_an_explanation_is_named_before_the_tokenizer_sees_it(base, nla):
+    """A lone surrogate (a JSON '\\ud800' escape) reached the tokenizers, whose bare TypeError ("TextEncodeInput must
+    be ...") named no text; the AR's explanations alike."""
+    said = r"holds '\\ud800' at character 4, a lone surrogate, which is no Unicode character .*text\.encode\('utf-8', "
+    with pytest.raises(nl.InputError, match=r"^text 1 " + said):
+        nla.explain(base, ["fine", "bad \ud800 text"])
+    with pytest.raises(nl.InputError, match=r"^explanation 0 " + said):
+        nla.ar.reconstruct(["bad \ud800 text", "fine"])
+
+
 def test_explain_says_texts_are_str_and_what_it_got_instead(base, nla):
     """It said "pass a non-empty text" for a number, None or a tensor of token ids; bytes it read as ints ("text 0
     is int"), and a dict it explained silently, its keys as the texts."""

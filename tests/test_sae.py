@@ -361,6 +361,13 @@ def test_texts_are_any_iterable_of_strings_and_anything_else_among_them_is_named
 
 
 @NEEDS_SAE_LENS
+def test_a_lone_surrogate_among_the_texts_is_named_before_any_text_runs(base):
+    """It reached the tokenizers, whose bare TypeError named no text (explain and the AR: tests/test_explain.py)."""
+    with pytest.raises(nl.InputError, match=r"^texts\[1\] holds '\\ud800' at character 4, a lone surrogate"):
+        nl.residual_stats(base, ["fine", "bad \ud800 text"], LAYER)
+
+
+@NEEDS_SAE_LENS
 def test_an_empty_text_among_the_texts_is_named_by_its_index(av_karvonen, base):
     """A text of no tokens (an empty line of a dataset, where the tokenizer adds no BOS) stopped a scan as "text ''
     has no tokens": not which of many texts, nor what to do."""
