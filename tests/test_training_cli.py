@@ -464,6 +464,23 @@ def test_cli_refuses_a_dtype_name_before_anything_loads(tmp_path, capsys, comman
                    "dtype, such as float64)\n")
 
 
+@pytest.mark.parametrize(("command", "key", "value"), [
+    ("train-ar", "export_dtype", "float8_e4m3fn"), ("train-rl", "export_dtype", "float8_e5m2"),
+    ("train-av", "dtype", "float8_e5m2"), ("extract", "dtype", "float8_e4m3fn"),
+])
+def test_cli_refuses_a_float_dtype_under_16_bits_before_anything_loads(tmp_path, capsys, command, key, value):
+    """torch names float8 dtypes floating-point, so they passed: an 8-bit export trained the whole run, then stopped on
+    a bare NotImplementedError ("isfinite" not implemented for 'Float8_e4m3fn'), and training in one stopped on
+    another as the model loaded."""
+    config = {**_REQUIRED[command], key: value, **({"extract": {"layer": 1}} if command == "extract" else {})}
+    path = _write(tmp_path / "bad.yaml", config)
+    assert main([command, path]) == 2
+    assert capsys.readouterr().err == (
+        f"nla-lens {command}: ConfigError: {path}: {key}: {value!r} is a float narrower than 16 bits, which nla_lens "
+        "neither trains nor exports in; use one of float32/fp32/float, bfloat16/bf16, float16/fp16/half (bfloat16 is "
+        "the smallest)\n")
+
+
 @pytest.mark.parametrize("command", ["train-av", "train-ar", "train-rl"])
 def test_cli_refuses_float16_training_and_takes_a_float16_export(tmp_path, capsys, command):
     """Adam's eps rounds to 0 in float16: a train-av / train-ar run turned every weight NaN and exported them, and a

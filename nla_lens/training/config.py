@@ -83,6 +83,9 @@ def config_dtype(name: str, field_name: str = "dtype") -> torch.dtype:
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ConfigError(f"{field_name}: {name!r} is not a dtype nla_lens knows; use one of {dtype_names()} "
                           "(or another torch floating-point dtype, such as float64)")
+    if dtype.itemsize < 2:  # torch has no isfinite and no random init for them: a bare error after training
+        raise ConfigError(f"{field_name}: {name!r} is a float narrower than 16 bits, which nla_lens neither "
+                          f"trains nor exports in; use one of {dtype_names()} (bfloat16 is the smallest)")
     return dtype
 
 
