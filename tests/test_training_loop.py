@@ -434,3 +434,32 @@ def test_the_progress_bar_writes_a_huge_or_tiny_loss_in_e_notation(monkeypatch):
     loop.train(modules={"model": model}, n_rows=2, loss_sum=loss_sum, units=len, evaluate=dict,
                config=TrainConfig(steps=3, batch_size=2, warmup_steps=0))
     assert postfixes == [{"loss": "1.00e+30"}, {"loss": "1.00e-09"}, {"loss": "0.2500"}]
+
+
+@NEEDS_TL3
+def test_a_resume_in_another_dtype_than_the_run_trained_in_is_refused(tmp_path):
+    """The data fingerprint samples weights as float32, so a base stored in bfloat16 fingerprinted alike loaded in
+    float32 or bfloat16: `dtype: bfloat16` on the resume of a float32 run (or float64 on a float32 one) went on at
+    another precision, the saved weights rounded (or widened), without a word."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    from nla_lens.training import loop
+
+    model = HookedTransformer(HookedTransformerConfig(n_layers=1, d_model=8, n_ctx=4, d_head=4, d_vocab=5,
+                                                      act_fn="relu", seed=0))
+    config = TrainConfig(steps=2, batch_size=2, warmup_steps=0, save_every=1)
+
+    def run(resume: str | None) -> TrainResult:
+        return loop.train(modules={"model": model}, n_rows=4, units=len, evaluate=dict, config=config,
+                          loss_sum=lambda rows: (model.W_E.float() ** 2).sum() * len(rows), out_dir=tmp_path,
+                          resume=resume, progress=False)
+
+    run(None)
+    first = tmp_path / "checkpoints" / "step-000001"
+    model.to(torch.float64)
+    with pytest.raises(nl.ConfigError, match=rf"resuming from {re.escape(str(first))}, whose run trained in float32, "
+                                             r"with weights in float64: an exact resume needs the dtype the run "
+                                             r"started with; set dtype: float32 back"):
+        run(str(first))
+    model.to(torch.float32)
+    assert len(run(str(first)).history) == 2  # the run's own dtype resumes

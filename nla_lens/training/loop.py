@@ -379,6 +379,7 @@ def load_checkpoint(folder: Path, params: dict[str, nn.Parameter], optimizer: to
     saved_moments = _read_saved(folder / "optimizer.safetensors", load_file)  # both read before any weight changes
     ordered = [p for group in optimizer.param_groups for p in group["params"]]
     _check_saved_weights(folder / "params.safetensors", weights, params)
+    _check_saved_dtypes(folder, weights, params)
     _check_saved_moments(folder / "optimizer.safetensors", saved_moments, ordered)
     with torch.no_grad():
         for name, param in params.items():
@@ -429,6 +430,18 @@ def _check_saved_weights(path: Path, weights: dict[str, Tensor], params: dict[st
                  "trained another base model, resume with that one)"] if other else []
     if problems:
         raise _damaged(path, "; ".join(problems))
+
+
+def _check_saved_dtypes(folder: Path, weights: dict[str, Tensor], params: dict[str, nn.Parameter]) -> None:
+    """Refuse a resume in another dtype than the run trained in (its checkpoint saves the weights in it). The data
+    fingerprint samples weights as float32, so a base stored in bfloat16 (as released bases are) fingerprinted alike
+    loaded in either, and the run went on at another precision, its saved weights rounded or widened, without a word."""
+    pairs = {(weights[name].dtype, param.dtype) for name, param in params.items() if weights[name].dtype != param.dtype}
+    if pairs:
+        saved, now = (", ".join(sorted({str(pair[i]).removeprefix("torch.") for pair in pairs})) for i in (0, 1))
+        raise ConfigError(f"resuming from {folder}, whose run trained in {saved}, with weights in {now}: an exact "
+                          f"resume needs the dtype the run started with; set dtype: {saved} back (dtype= from "
+                          "Python), or start a new run in a new out_dir")
 
 
 def _check_saved_moments(path: Path, moments: dict[str, Tensor], ordered: list[Tensor]) -> None:
