@@ -35,6 +35,7 @@ from nla_lens.training import (
     save_explanations,
 )
 from nla_lens.training.cli import check_inputs
+from nla_lens.training.loop import check_not_an_input_folder
 
 
 def _write(path, data) -> str:
@@ -290,6 +291,42 @@ def test_training_into_an_extraction_or_a_model_folder_is_refused_before_trainin
     err = capsys.readouterr().err
     assert f"ConfigError: out_dir {out} is {kind}" in err and "Point out_dir at a new folder" in err, err
     assert _files(out) == before
+
+
+@NEEDS_TL3
+@pytest.mark.parametrize("command", ["train-av", "train-rl"])
+@pytest.mark.parametrize(("kind", "made_by"), [
+    ("an extraction", lambda tmp_path, tiny_paths: _extraction_files(tmp_path / "acts")),
+    ("a model folder", lambda tmp_path, tiny_paths: shutil.copytree(tiny_paths["av_karvonen"], tmp_path / "model")),
+])
+def test_training_into_a_folder_inside_an_extraction_or_a_model_folder_is_refused_before_training(
+        tmp_path, tiny_paths, base_folder, capsys, monkeypatch, command, kind, made_by):
+    """out_dir: activations/run (or the SFT AV's export/rl) passed the check of out_dir itself: the run wrote its
+    checkpoints and exports inside the input, which deleting it took along, and the SFT AV's export then refused to
+    be written again over the run's folder."""
+    monkeypatch.setattr(loading, "load_hooked_transformer", lambda *a, **k: pytest.fail("loaded the model"))
+    monkeypatch.setattr(nl.ActivationVerbalizer, "from_pretrained", lambda *a, **k: pytest.fail("loaded the AV"))
+    inside = Path(made_by(tmp_path, tiny_paths))
+    before = _files(inside)
+    out = inside / "runs" / "run"
+    inputs = ({"base_model": str(base_folder)} if command == "train-av"
+              else {"av": str(tiny_paths["av_karvonen"]), "ar": str(tiny_paths["ar_paper"])})
+    config = _write(tmp_path / "run.yaml", {**inputs, "activations": str(tmp_path), "explanations": str(tmp_path),
+                                            "out_dir": str(out)})
+    assert main([command, config]) == 2
+    err = capsys.readouterr().err
+    assert f"ConfigError: out_dir {out} lies inside {inside}, {kind}" in err, err
+    assert "Point out_dir at a new folder outside it" in err
+    assert _files(inside) == before and not (inside / "runs").exists()
+
+
+def test_an_out_dir_below_a_folder_holding_only_a_config_json_is_not_a_model_folder(tmp_path):
+    """A project folder may hold a config.json of its own: above out_dir, a model folder needs weights beside it."""
+    (tmp_path / "config.json").write_text("{}")
+    check_not_an_input_folder(tmp_path / "runs" / "av")
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(nl.ConfigError, match="lies inside .*, a model folder"):
+        check_not_an_input_folder(tmp_path / "runs" / "av")
 
 
 def _extraction_files(folder: Path) -> Path:

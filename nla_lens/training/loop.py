@@ -579,19 +579,29 @@ def check_resume(out_dir: str | Path | None, resume: str | Path | None,
 
 
 def check_not_an_input_folder(out_dir: str | Path) -> None:
-    """Refuse an `out_dir` that is an extraction or a model folder (the activations, an SFT export, the base): a run
-    wrote its checkpoints (and, from the CLI, its exports and record) among their files, and deleting it would take
-    them along."""
+    """Refuse an `out_dir` that is an extraction or a model folder (the activations, an SFT export, the base), or lies
+    inside one (`activations/run`): a run wrote its checkpoints (and, from the CLI, its exports and record) among
+    their files, and deleting it would take them along (an SFT export then refused to be written again over them)."""
     folder = Path(out_dir)
+    for candidate in (folder, *folder.absolute().parents):
+        what = _input_folder_kind(candidate, nested=candidate != folder)
+        if what is None:
+            continue
+        where = f"is {what}" if candidate == folder else f"lies inside {candidate}, {what}"
+        raise ConfigError(f"out_dir {out_dir} {where}, an input of runs, not a run's out_dir: training would write "
+                          "its checkpoints (and nla-lens its exports and train_result.json) among its files. Point "
+                          "out_dir at a new folder" + ("" if candidate == folder else " outside it"))
+
+
+def _input_folder_kind(folder: Path, *, nested: bool) -> str | None:
+    """What input of runs `folder` is, in words, or None. A folder above out_dir (`nested`) is a model folder only
+    with weights beside its config.json: a project folder may hold a config.json of its own."""
     if (folder / COMPLETE).exists() or (folder / IN_PROGRESS).exists():
-        what = "an extraction (nla-lens extract's out_dir)"
-    elif (folder / "config.json").is_file() or (folder / SIDECAR_NAME).is_file():
-        what = "a model folder (an NLA export or a base model: it holds config.json or nla_meta.yaml)"
-    else:
-        return
-    raise ConfigError(f"out_dir {out_dir} is {what}, an input of runs, not a run's out_dir: training would write its "
-                      "checkpoints (and nla-lens its exports and train_result.json) among its files. Point out_dir at "
-                      "a new folder")
+        return "an extraction (nla-lens extract's out_dir)"
+    weights = any(folder.glob("*.safetensors")) or any(folder.glob("pytorch_model*.bin"))
+    if (folder / SIDECAR_NAME).is_file() or ((folder / "config.json").is_file() and (weights or not nested)):
+        return "a model folder (an NLA export or a base model: it holds config.json or nla_meta.yaml)"
+    return None
 
 
 def is_last_step(folder: Path) -> bool:
