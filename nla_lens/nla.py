@@ -65,7 +65,7 @@ def _check_roles(av_folder: Path, av_meta: NLAMeta, ar_folder: Path, ar_meta: NL
 # Explanation-like text: words, digits, punctuation, casing. Its token strings map to the same ids in two
 # tokenizers of one base, whatever their options (add_prefix_space, an added marker token); tokenizers of
 # different families (Qwen, Gemma, Llama) map them to other ids or none. Bases that share one tokenizer (Llama
-# 3.1 and 3.3) agree; for an AV and an AR the sidecars' base names tell those apart (`_warn_if_bases_differ`).
+# 3.1 and 3.3) agree; for an AV and an AR the sidecars' base names tell those apart (`warn_if_bases_differ`).
 _VOCAB_PROBE = "The speaker, ANTONIO, asks whether 3 sailors can't hear him: 'Boatswain!' (twice)."
 
 
@@ -100,7 +100,7 @@ def _warn_if_stages_differ(av_meta: NLAMeta, ar_meta: NLAMeta) -> None:
                       "trained together; load both from one stage", stacklevel=3)
 
 
-def _warn_if_bases_differ(av_meta: NLAMeta, ar_meta: NLAMeta) -> None:
+def warn_if_bases_differ(av_meta: NLAMeta, ar_meta: NLAMeta) -> None:
     """Two bases of one width and depth pass `check_pair`; the sidecars' recorded base names tell them
     apart. A warning, not an error, since a renamed folder is not a different model."""
     av_base, ar_base = av_meta.base_model, ar_meta.base_model
@@ -372,7 +372,7 @@ class NLA:
         check_pair(av.meta, ar.meta)
         check_vocabularies(av.tokenizer, ar.tokenizer)
         _warn_if_stages_differ(av.meta, ar.meta)
-        _warn_if_bases_differ(av.meta, ar.meta)
+        warn_if_bases_differ(av.meta, ar.meta)
         self.av = av
         self.ar = ar
 

@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import shutil
 import warnings
 from pathlib import Path
 
@@ -433,6 +434,28 @@ def test_resume_latest_starts_a_first_launch_at_step_0_and_a_rerun_without_it_is
                                              r"\(step-000001\)\. A run without resume .* runs no further step: .*, "
                                              "unless you raise steps: then it extends the run$"):
         rl.train_rl(*_load(sft_pair)[:2], None, train, train[:0], config, out_dir=tmp_path, progress=False)
+
+
+@NEEDS_TL3
+@pytest.mark.parametrize("eval_vectors", [0, 8])
+def test_an_ar_whose_sidecar_names_another_base_than_the_avs_is_warned_of_once_before_any_step(sft_pair, tmp_path,
+                                                                                             eval_vectors):
+    """RL warned of it only through the held-out evaluation's NLA: never with eval_vectors < 2, so an AV of one base
+    trained against the reward of an AR of another, and exported as a pair, without a word."""
+    ar_folder = Path(shutil.copytree(sft_pair / "ar", tmp_path / "ar"))
+    sidecar = yaml.safe_load((ar_folder / "nla_meta.yaml").read_text())
+    sidecar["extraction"]["base_model"] = "other-org/other-base"
+    (ar_folder / "nla_meta.yaml").write_text(yaml.safe_dump(sidecar, allow_unicode=True))
+    av = nl.ActivationVerbalizer.from_pretrained(sft_pair / "av", backend="hooked")
+    ar = nl.ActivationReconstructor.from_pretrained(ar_folder, backend="hooked")
+    train = _train_vectors(sft_pair)
+    config = dataclasses.replace(RL, steps=1, kl_coef=0.0, eval_vectors=eval_vectors)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rl.train_rl(av, ar, None, train, train[:8], config, progress=False)
+    bases = [str(w.message) for w in caught if "names base model" in str(w.message)]
+    assert len(bases) == 1, bases
+    assert "and the AR's 'other-org/other-base', which are not one folder here" in bases[0]
 
 
 @NEEDS_TL3

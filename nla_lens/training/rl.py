@@ -54,6 +54,7 @@ from nla_lens.nla import (
     check_vocabularies,
     resolve_baseline,
     rows_the_ar_reads,
+    warn_if_bases_differ,
 )
 from nla_lens.parsing import cjk_fraction, parse_explanation
 from nla_lens.reconstructor import ActivationReconstructor
@@ -469,6 +470,7 @@ def evaluate_rl(av: ActivationVerbalizer, ar: ActivationReconstructor, vectors: 
                          "evaluate on more held-out vectors")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="no FVE")  # train_rl logged it once
+        warnings.filterwarnings("ignore", message="the AV's sidecar names base model")  # train_rl warned of it
         result = NLA(av, ar).round_trip(vectors, baseline=baseline.value, max_new_tokens=max_new_tokens,
                                         progress=False)
     lengths = [len(v.tokens) for v in result.verbalizations]
@@ -511,6 +513,7 @@ def train_rl(
     backends.require_hooked("RL training", ar.model)
     check_pair(av.meta, ar.meta)
     check_vocabularies(av.tokenizer, ar.tokenizer)
+    warn_if_bases_differ(av.meta, ar.meta)  # before any step: the evaluation's NLA warned only if one ran
     loop.check_resume(out_dir, resume, RESUMABLE)
     check_samples_fit(av, ar, config.max_new_tokens)
     for model in (av.model, ar.model):  # HookedTransformers: require_hooked checked both
