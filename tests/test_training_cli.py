@@ -662,6 +662,24 @@ def test_cli_refuses_an_out_of_range_setting_before_anything_loads(tmp_path, cap
     assert "ConfigError" in err and message in err
 
 
+@pytest.mark.parametrize(("command", "section", "setting", "message"), [
+    ("train-ar", "train", "lr: .inf", "train: need a finite number for lr (got inf); write one\n"),
+    ("train-av", "train", "weight_decay: .nan", "train: need a finite number for weight_decay (got nan); write one\n"),
+    ("train-ar", "train", "grad_clip: .inf", "train: need a finite number for grad_clip (got inf); write one "
+     "(grad_clip: 1.0e6 clips nothing)\n"),
+    ("train-rl", "rl", "sft_coef: .nan", "rl: need a finite number for sft_coef (got nan); write one\n"),
+    ("train-rl", "rl", "temperature: .inf", "rl: need a finite number for temperature (got inf); write one\n"),
+])
+def test_a_nan_or_infinite_setting_is_refused_before_anything_loads(tmp_path, capsys, command, section, setting,
+                                                                    message):
+    """NaN passed every range check written as `v < 0`, and .inf every `v > 0`: `lr: .inf` and `weight_decay: .nan`
+    trained the whole run, then refused to export its NaN weights; `rl.sft_coef: .nan` skipped every AV update."""
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(_REQUIRED[command]) + f"{section}:\n  {setting}\n", encoding="utf-8")
+    assert main([command, str(path)]) == 2
+    assert capsys.readouterr().err == f"nla-lens {command}: ConfigError: {path}: {message}"
+
+
 @NEEDS_TL3
 def test_extract_refuses_a_layer_the_base_model_lacks_before_its_weights_load(tmp_path, capsys, base_folder,
                                                                              extract_config, monkeypatch):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 import warnings
@@ -124,6 +125,18 @@ def _check_ranges(config: object, **rules: tuple[Callable[[Any], bool], str]) ->
         raise ConfigError(f"need {'; '.join(bad)}")
 
 
+def _check_finite(config: object) -> None:
+    """Refuse NaN and infinities (YAML's .nan, .inf) in a float setting before any range: NaN passes every check
+    written as `v < 0`. Measured: `lr: .inf` and `weight_decay: .nan` trained the run, then refused to export its
+    NaN weights; `rl.sft_coef: .nan` skipped every AV update (a non-finite gradient), `rl.temperature: .inf` sampled
+    uniformly."""
+    bad = [f"{f.name} (got {getattr(config, f.name)!r})" for f in dataclasses.fields(cast(Any, config))
+           if isinstance(getattr(config, f.name), float) and not math.isfinite(getattr(config, f.name))]
+    if bad:
+        clip = " (grad_clip: 1.0e6 clips nothing)" if any(b.startswith("grad_clip ") for b in bad) else ""
+        raise ConfigError(f"need a finite number for {'; '.join(bad)}; write one{clip}")
+
+
 _AT_LEAST_1 = (lambda v: v >= 1, ">= 1")
 _POSITIVE = (lambda v: v > 0, "> 0")
 _NON_NEGATIVE = (lambda v: v >= 0, ">= 0")
@@ -156,6 +169,7 @@ class TrainConfig:
     activation_checkpointing: bool = False  # recompute each block in backward (hooks replayed)
 
     def __post_init__(self) -> None:
+        _check_finite(self)
         self.betas = _adam_betas(self.betas)
         self.trainable_blocks = _block_indices(self.trainable_blocks)
         _check_ranges(self, steps=_AT_LEAST_1, batch_size=_AT_LEAST_1, grad_accum=_AT_LEAST_1, lr=_POSITIVE)
@@ -323,6 +337,7 @@ class RLConfig:
     keep_checkpoints: int = 2
 
     def __post_init__(self) -> None:
+        _check_finite(self)
         self.betas = _adam_betas(self.betas)
         _check_ranges(self, steps=_AT_LEAST_1, prompts_per_step=_AT_LEAST_1, max_new_tokens=_AT_LEAST_1,
                       micro_batch=_AT_LEAST_1, ppo_epochs=_AT_LEAST_1)
