@@ -584,6 +584,27 @@ def test_training_vectors_without_a_spread_are_an_input_error(sft_pair):
 
 
 @NEEDS_TL3
+def test_more_prompts_per_step_than_training_vectors_is_refused_before_the_weights_load(sft_pair, tmp_path,
+                                                                                        monkeypatch):
+    """It was refused at the first step, after the AV, the AR and the reference had loaded and the first held-out
+    round trip had run, in words that did not say what to set."""
+    n_train = len(_train_vectors(sft_pair))
+    config = RLRunConfig(av=str(sft_pair / "av"), ar=str(sft_pair / "ar"), activations=str(sft_pair / "acts"),
+                         explanations=str(sft_pair / "explanations.jsonl"), out_dir=str(tmp_path / "rl"),
+                         eval_fraction=0.25, rl=RLConfig(prompts_per_step=n_train + 1, group_size=2))
+    monkeypatch.setattr(backends, "load_model", lambda *a, **k: pytest.fail("weights read"))
+    message = (rf"rl.prompts_per_step={n_train + 1} is more than the {n_train} training vectors \(the training side "
+               rf"of the split\): set rl.prompts_per_step to {n_train} or fewer, or extract more documents")
+    with pytest.raises(nl.ConfigError, match=message):
+        run_train_rl(config, progress=False)
+    monkeypatch.undo()
+    av, ar, _ = _load(sft_pair)
+    train = _train_vectors(sft_pair)
+    with pytest.raises(nl.ConfigError, match=message):  # from Python: before the first evaluation
+        rl.train_rl(av, ar, None, train, train[:8], dataclasses.replace(config.rl, kl_coef=0.0), progress=False)
+
+
+@NEEDS_TL3
 @pytest.mark.parametrize(("eval_vectors", "held_out"), [(1, 8), (8, 1)])
 def test_fewer_than_two_held_out_vectors_record_no_evaluation(sft_pair, eval_vectors, held_out):
     """FVE needs a spread: `eval_vectors: 1` (documented "no evaluation"), or a one-vector split, runs none."""

@@ -274,6 +274,7 @@ def run_train_rl(config: RLRunConfig, *, progress: bool = True) -> RLRunResult:
     check_out_dir(config.out_dir, "train-rl", config.resume)
     activations, train, evaluation = _split(config)
     check_rl_layers(config, activations)
+    rl.check_prompts_fit(len(train), config.rl.prompts_per_step)
     check_anchor_rows_fit(config, train)
     check_rl_split(config, evaluation)
     with process_group(config.device) as world:

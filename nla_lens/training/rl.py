@@ -119,6 +119,15 @@ def step_vectors(step: int, n_rows: int, prompts_per_step: int, seed: int) -> In
     return loop._epoch_order(n_rows, seed, epoch)[k * prompts_per_step:(k + 1) * prompts_per_step]
 
 
+def check_prompts_fit(n_train: int, prompts_per_step: int) -> None:
+    """A step samples `prompts_per_step` distinct training vectors. Checked by `nla-lens train-rl` before the models
+    load and by `train_rl` before its first evaluation: `step_vectors` refused it only at the first step."""
+    if prompts_per_step > n_train:
+        raise ConfigError(f"rl.prompts_per_step={prompts_per_step} is more than the {n_train} training vectors (the "
+                          f"training side of the split): set rl.prompts_per_step to {n_train} or fewer, or extract "
+                          "more documents")
+
+
 def group_seed(seed: int, step: int, group: int) -> int:
     """The sampling seed of one group: fixed by (seed, step, global group index), whatever rank runs it."""
     digest = hashlib.blake2b(f"{seed}/{step}/{group}".encode(), digest_size=8).digest()
@@ -267,6 +276,7 @@ class _Trainer:
         if reference is None and config.kl_coef > 0:
             raise ConfigError(f"kl_coef={config.kl_coef} needs the frozen SFT AV as reference; pass it, "
                               "or set kl_coef: 0")
+        check_prompts_fit(len(train_vectors), config.prompts_per_step)
         if sft_rows is not None and len(sft_rows) < config.sft_batch:
             raise ConfigError(f"sft_batch={config.sft_batch} is more than the {len(sft_rows)} labelled rows")
         self.av, self.ar, self.reference, self.config = av, ar, reference, config
