@@ -320,6 +320,33 @@ def test_training_into_a_folder_inside_an_extraction_or_a_model_folder_is_refuse
     assert _files(inside) == before and not (inside / "runs").exists()
 
 
+@NEEDS_TL3
+@pytest.mark.parametrize(("kind", "made_by"), [
+    ("an extraction", lambda tmp_path, tiny_paths: _extraction_files(tmp_path / "acts")),
+    ("a model folder", lambda tmp_path, tiny_paths: shutil.copytree(tiny_paths["av_karvonen"], tmp_path / "model")),
+])
+def test_extract_into_a_folder_inside_an_extraction_or_a_model_folder_is_refused_before_the_model_loads(
+        tmp_path, tiny_paths, base_folder, capsys, monkeypatch, kind, made_by):
+    """extract wrote its shards into activations/more or an SFT export's model/acts: deleting the input took them
+    along, and the export then refused to be written again over them."""
+    monkeypatch.setattr(loading, "load_hooked_transformer", lambda *a, **k: pytest.fail("loaded the model"))
+    inside = Path(made_by(tmp_path, tiny_paths))
+    before = _files(inside)
+    out = inside / "more"
+    config = _write(tmp_path / "extract.yaml", {"base_model": str(base_folder), "corpus": "examples/corpus.jsonl",
+                                                "out_dir": str(out), "extract": {"layer": 1}})
+    assert main(["extract", config]) == 2
+    assert capsys.readouterr().err == (
+        f"nla-lens extract: ConfigError: out_dir {out} lies inside {inside}, {kind} "
+        f"{_KIND_DETAIL[kind]}, an input of runs, not a run's out_dir: extract would write its shards among its files. "
+        "Point out_dir at a new folder outside it\n")
+    assert _files(inside) == before and not out.exists()
+
+
+_KIND_DETAIL = {"an extraction": "(nla-lens extract's out_dir)",
+                "a model folder": "(an NLA export or a base model: it holds config.json or nla_meta.yaml)"}
+
+
 def test_an_out_dir_below_a_folder_holding_only_a_config_json_is_not_a_model_folder(tmp_path):
     """A project folder may hold a config.json of its own: above out_dir, a model folder needs weights beside it."""
     (tmp_path / "config.json").write_text("{}")

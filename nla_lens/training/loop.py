@@ -578,19 +578,23 @@ def check_resume(out_dir: str | Path | None, resume: str | Path | None,
                               f"{CHECKPOINT_DIR}/step-NNNNNN folder of the run, or to latest")
 
 
-def check_not_an_input_folder(out_dir: str | Path) -> None:
+_TRAINING_WRITES = "training would write its checkpoints (and nla-lens its exports and train_result.json)"
+
+
+def check_not_an_input_folder(out_dir: str | Path, *, itself: bool = True, writes: str = _TRAINING_WRITES) -> None:
     """Refuse an `out_dir` that is an extraction or a model folder (the activations, an SFT export, the base), or lies
     inside one (`activations/run`): a run wrote its checkpoints (and, from the CLI, its exports and record) among
-    their files, and deleting it would take them along (an SFT export then refused to be written again over them)."""
+    their files, and deleting it would take them along (an SFT export then refused to be written again over them).
+    `itself=False` checks only the folders above it (`extract`, whose out_dir is an extraction it may resume);
+    `writes` says what the run would write there."""
     folder = Path(out_dir)
-    for candidate in (folder, *folder.absolute().parents):
+    for candidate in ([folder] if itself else []) + list(folder.absolute().parents):
         what = _input_folder_kind(candidate, nested=candidate != folder)
         if what is None:
             continue
         where = f"is {what}" if candidate == folder else f"lies inside {candidate}, {what}"
-        raise ConfigError(f"out_dir {out_dir} {where}, an input of runs, not a run's out_dir: training would write "
-                          "its checkpoints (and nla-lens its exports and train_result.json) among its files. Point "
-                          "out_dir at a new folder" + ("" if candidate == folder else " outside it"))
+        raise ConfigError(f"out_dir {out_dir} {where}, an input of runs, not a run's out_dir: {writes} among its "
+                          "files. Point out_dir at a new folder" + ("" if candidate == folder else " outside it"))
 
 
 def _input_folder_kind(folder: Path, *, nested: bool) -> str | None:

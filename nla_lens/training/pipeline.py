@@ -46,7 +46,7 @@ from nla_lens.training.extraction import (
     extract_activations,
     load_activations,
 )
-from nla_lens.training.loop import TrainResult, check_resume
+from nla_lens.training.loop import TrainResult, check_not_an_input_folder, check_resume
 from nla_lens.training.rl import train_rl
 from nla_lens.vector_files import write_json
 from nla_lens.verbalizer import ActivationVerbalizer
@@ -109,6 +109,7 @@ def _id_note(first: tuple[int, str | None], second: tuple[int, str | None]) -> s
 
 def run_extract(config: ExtractRunConfig, *, progress: bool = True) -> Path:
     backends.require_hooked("training")
+    check_not_an_input_folder(config.out_dir, itself=False, writes="extract would write its shards")
     check_writable_out_dir(config.out_dir)  # before the model loads, as the training commands check theirs
     check_result_file(config.out_dir, "extract")
     check_extraction_folder(Path(config.out_dir))
