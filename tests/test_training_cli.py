@@ -270,54 +270,32 @@ def test_train_rl_into_the_sft_avs_out_dir_is_refused_before_training(tmp_path, 
 
 
 @NEEDS_TL3
+@pytest.mark.parametrize("below", ["", "runs/run"], ids=["the-folder", "inside-it"])
 @pytest.mark.parametrize("command", ["train-av", "train-rl"])
 @pytest.mark.parametrize(("kind", "made_by"), [
     ("an extraction", lambda tmp_path, tiny_paths: _extraction_files(tmp_path / "acts")),
     ("a model folder", lambda tmp_path, tiny_paths: shutil.copytree(tiny_paths["av_karvonen"], tmp_path / "model")),
 ])
-def test_training_into_an_extraction_or_a_model_folder_is_refused_before_training(
-        tmp_path, tiny_paths, base_folder, capsys, monkeypatch, command, kind, made_by):
+def test_training_into_an_extraction_or_a_model_folder_or_inside_one_is_refused_before_training(
+        tmp_path, tiny_paths, base_folder, capsys, monkeypatch, command, kind, made_by, below):
     """train-av with out_dir at its activations (or train-rl at the SFT AV's export) wrote checkpoints, exports and
-    train_result.json among that folder's files."""
+    train_result.json among that folder's files; out_dir: activations/run (or the SFT AV's export/rl) passed the
+    check of out_dir itself: the run wrote inside the input, which deleting it took along, and the SFT AV's export
+    then refused to be written again over the run's folder."""
     monkeypatch.setattr(loading, "load_hooked_transformer", lambda *a, **k: pytest.fail("loaded the model"))
     monkeypatch.setattr(nl.ActivationVerbalizer, "from_pretrained", lambda *a, **k: pytest.fail("loaded the AV"))
-    out = Path(made_by(tmp_path, tiny_paths))
-    before = _files(out)
+    folder = Path(made_by(tmp_path, tiny_paths))
+    before = _files(folder)
+    out = folder / below if below else folder
     inputs = ({"base_model": str(base_folder)} if command == "train-av"
               else {"av": str(tiny_paths["av_karvonen"]), "ar": str(tiny_paths["ar_paper"])})
     config = _write(tmp_path / "run.yaml", {**inputs, "activations": str(tmp_path), "explanations": str(tmp_path),
                                             "out_dir": str(out)})
     assert main([command, config]) == 2
     err = capsys.readouterr().err
-    assert f"ConfigError: out_dir {out} is {kind}" in err and "Point out_dir at a new folder" in err, err
-    assert _files(out) == before
-
-
-@NEEDS_TL3
-@pytest.mark.parametrize("command", ["train-av", "train-rl"])
-@pytest.mark.parametrize(("kind", "made_by"), [
-    ("an extraction", lambda tmp_path, tiny_paths: _extraction_files(tmp_path / "acts")),
-    ("a model folder", lambda tmp_path, tiny_paths: shutil.copytree(tiny_paths["av_karvonen"], tmp_path / "model")),
-])
-def test_training_into_a_folder_inside_an_extraction_or_a_model_folder_is_refused_before_training(
-        tmp_path, tiny_paths, base_folder, capsys, monkeypatch, command, kind, made_by):
-    """out_dir: activations/run (or the SFT AV's export/rl) passed the check of out_dir itself: the run wrote its
-    checkpoints and exports inside the input, which deleting it took along, and the SFT AV's export then refused to
-    be written again over the run's folder."""
-    monkeypatch.setattr(loading, "load_hooked_transformer", lambda *a, **k: pytest.fail("loaded the model"))
-    monkeypatch.setattr(nl.ActivationVerbalizer, "from_pretrained", lambda *a, **k: pytest.fail("loaded the AV"))
-    inside = Path(made_by(tmp_path, tiny_paths))
-    before = _files(inside)
-    out = inside / "runs" / "run"
-    inputs = ({"base_model": str(base_folder)} if command == "train-av"
-              else {"av": str(tiny_paths["av_karvonen"]), "ar": str(tiny_paths["ar_paper"])})
-    config = _write(tmp_path / "run.yaml", {**inputs, "activations": str(tmp_path), "explanations": str(tmp_path),
-                                            "out_dir": str(out)})
-    assert main([command, config]) == 2
-    err = capsys.readouterr().err
-    assert f"ConfigError: out_dir {out} lies inside {inside}, {kind}" in err, err
-    assert "Point out_dir at a new folder outside it" in err
-    assert _files(inside) == before and not (inside / "runs").exists()
+    said = f"out_dir {out} lies inside {folder}, {kind}" if below else f"out_dir {out} is {kind}"
+    assert f"ConfigError: {said}" in err and "Point out_dir at a new folder" in err, err
+    assert _files(folder) == before and not (folder / "runs").exists()
 
 
 @NEEDS_TL3
@@ -463,7 +441,7 @@ def test_export_refuses_a_sharded_models_folder_whose_index_would_outrank_it(tmp
                                              r"and which loading reads before the exported model.safetensors, .*"
                                              r"Export into a new folder \(or remove the index and its shards\)$"):
         export_ar(ar, folder, base_folder)
-    assert _files(folder) == before
+    assert _files(folder) == before and not (folder / "runs").exists()
 
 
 @NEEDS_TL3
