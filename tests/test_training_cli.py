@@ -25,7 +25,10 @@ from nla_lens.training import (
     ARRunConfig,
     AVRunConfig,
     LabelledActivations,
+    RLConfig,
     RLRunConfig,
+    TrainConfig,
+    TrainResult,
     export_ar,
     init_ar,
     label_activations,
@@ -35,7 +38,7 @@ from nla_lens.training import (
     save_explanations,
 )
 from nla_lens.training.cli import check_inputs
-from nla_lens.training.loop import check_not_an_input_folder
+from nla_lens.training.loop import check_not_an_input_folder, save_checkpoint
 
 
 def _write(path, data) -> str:
@@ -267,6 +270,40 @@ def test_train_rl_into_the_sft_avs_out_dir_is_refused_before_training(tmp_path, 
     err = capsys.readouterr().err
     assert f"ConfigError: {tmp_path / 'av'} holds a train-av run ({record}); train-rl would overwrite" in err
     assert "run it with nla-lens train-av" in err and record.read_text() == before
+
+
+def _checkpoint_of(command: str, out_dir: Path) -> Path:
+    """A one-step checkpoint of a `command` run, as its trainer writes it (`checkpoint_command` tells its stage)."""
+    names = ["model.w", "readout.weight"] if command == "train-ar" else ["model.w"]
+    params = {name: torch.nn.Parameter(torch.ones(2, 2)) for name in names}
+    config = RLConfig(steps=2) if command == "train-rl" else TrainConfig(steps=2, warmup_steps=0)
+    return save_checkpoint(out_dir, 1, params, torch.optim.AdamW(params.values()), config, TrainResult(steps=2),
+                           seconds=0.0)
+
+
+@NEEDS_TL3
+@pytest.mark.parametrize("given", ["its-folder", "latest"])
+@pytest.mark.parametrize(("saved_by", "resumed_by"), [("train-av", "train-ar"), ("train-ar", "train-av"),
+                                                      ("train-rl", "train-av"), ("train-av", "train-rl")])
+def test_a_resume_from_another_stages_checkpoint_is_refused_before_any_model_loads(
+        tmp_path, tiny_paths, base_folder, capsys, monkeypatch, saved_by, resumed_by, given):
+    """`load_checkpoint` refused it (naming both commands) only once the base model, or RL's AV, AR and reference,
+    had loaded. `latest`: an interrupted run of the other stage in out_dir (no train_result.json yet)."""
+    monkeypatch.setattr(loading, "load_hooked_transformer", lambda *a, **k: pytest.fail("loaded the model"))
+    monkeypatch.setattr(nl.ActivationVerbalizer, "from_pretrained", lambda *a, **k: pytest.fail("loaded the AV"))
+    monkeypatch.setattr(nl.ActivationReconstructor, "from_pretrained", lambda *a, **k: pytest.fail("loaded the AR"))
+    out_dir = tmp_path / "run"
+    folder = _checkpoint_of(saved_by, tmp_path / "other" if given == "its-folder" else out_dir)
+    inputs = ({"base_model": str(base_folder)} if resumed_by != "train-rl"
+              else {"av": str(tiny_paths["av_karvonen"]), "ar": str(tiny_paths["ar_paper"])})
+    config = _write(tmp_path / "run.yaml", {**inputs, "activations": str(tmp_path), "explanations": str(tmp_path),
+                                            "out_dir": str(out_dir),
+                                            "resume": str(folder) if given == "its-folder" else "latest"})
+    assert main([resumed_by, config]) == 2
+    assert capsys.readouterr().err == (
+        f"nla-lens {resumed_by}: ConfigError: {folder} is a checkpoint of a {saved_by} run, and this is {resumed_by}: "
+        "a resume continues a run of the same command. Point resume at a checkpoints/step-NNNNNN folder of a "
+        f"{resumed_by} run (or at latest in that run's out_dir), or leave resume out to start from step 0\n")
 
 
 @NEEDS_TL3
@@ -923,7 +960,6 @@ def test_a_run_record_cut_short_leaves_the_earlier_record_whole(tmp_path, monkey
     """train_result.json was written in place: a full disk (or Ctrl-C) mid-write left half a JSON file, which
     read back as no record at all."""
     from nla_lens.distributed import World
-    from nla_lens.training import TrainResult
 
     config = RLRunConfig(av="av", ar="ar", activations="acts", explanations="e.jsonl", out_dir=str(tmp_path))
     pipeline._save_result(config, tmp_path / "av", TrainResult(steps=1), World())

@@ -345,12 +345,7 @@ def load_checkpoint(folder: Path, params: dict[str, nn.Parameter], optimizer: to
     if not state_path.is_file():
         raise CheckpointError(f"{folder} is not a training checkpoint (no trainer_state.json)")
     state = read_trainer_state(state_path)
-    found = checkpoint_command(state["config"], state["param_names"])
-    wanted = checkpoint_command(asdict(config), params)
-    if found != wanted:  # else its settings read as "other settings" to set back, which no setting could match
-        raise ConfigError(f"{folder} is a checkpoint of a {found} run, and this is {wanted}: a resume continues a "
-                          f"run of the same command. Point resume at a checkpoints/step-NNNNNN folder of a {wanted} "
-                          "run (or at latest in that run's out_dir), or leave resume out to start from step 0")
+    check_checkpoint_command(folder, checkpoint_command(asdict(config), params), state)
     saved = state["config"]
     requested = json.loads(json.dumps(asdict(config)))  # tuples as the JSON lists the checkpoint holds
     # A setting added after the checkpoint was written ran at the default it has now.
@@ -470,6 +465,17 @@ def checkpoint_command(config: dict[str, Any], param_names: Iterable[str]) -> st
     holds both): RL's config has a group_size, and of the SFT runs only the AR trains a readout."""
     return ("train-rl" if "group_size" in config
             else "train-ar" if any(name.startswith("readout.") for name in param_names) else "train-av")
+
+
+def check_checkpoint_command(folder: Path, wanted: str, state: dict[str, Any] | None = None) -> None:
+    """Refuse a resume from a checkpoint of another command's run (`state`: its `trainer_state.json`, read here if
+    not given): else its settings read as "other settings" to set back, which no setting could match."""
+    state = read_trainer_state(folder / "trainer_state.json") if state is None else state
+    found = checkpoint_command(state["config"], state["param_names"])
+    if found != wanted:
+        raise ConfigError(f"{folder} is a checkpoint of a {found} run, and this is {wanted}: a resume continues a "
+                          f"run of the same command. Point resume at a checkpoints/step-NNNNNN folder of a {wanted} "
+                          "run (or at latest in that run's out_dir), or leave resume out to start from step 0")
 
 
 # The JSON type of each key of trainer_state.json that load_checkpoint reads (`data` may be null or absent).

@@ -46,7 +46,13 @@ from nla_lens.training.extraction import (
     extract_activations,
     load_activations,
 )
-from nla_lens.training.loop import TrainResult, check_not_an_input_folder, check_resume
+from nla_lens.training.loop import (
+    TrainResult,
+    check_checkpoint_command,
+    check_not_an_input_folder,
+    check_resume,
+    checkpoints,
+)
 from nla_lens.training.rl import train_rl
 from nla_lens.vector_files import write_json
 from nla_lens.verbalizer import ActivationVerbalizer
@@ -146,6 +152,18 @@ def check_out_dir(out_dir: str | Path, command: str, resume: str | Path | None) 
         check_resume(out_dir, resume, rl.RESUMABLE, written=("av", "ar", RESULT_FILE))  # its exports and record
     else:
         check_resume(out_dir, resume, written=(MODEL_DIR, RESULT_FILE))
+    folder = _resumed_checkpoint(out_dir, resume)
+    if folder is not None:  # from its trainer_state.json: `load_checkpoint` refused it only once the models loaded
+        check_checkpoint_command(folder, command)
+
+
+def _resumed_checkpoint(out_dir: str | Path, resume: str | Path | None) -> Path | None:
+    """The checkpoint a run with `resume` continues (`resume_folder`'s pick, without its warning and log), or None
+    where it starts at step 0. Called after `check_resume`, so a named folder holds a trainer_state.json."""
+    if resume != "latest":
+        return None if resume is None else Path(resume)
+    found = checkpoints(out_dir)
+    return found[-1] if found else None
 
 
 def check_writable_out_dir(out_dir: str | Path) -> None:
