@@ -615,6 +615,47 @@ def test_fewer_than_two_held_out_vectors_record_no_evaluation(sft_pair, eval_vec
     assert result.evals == [] and len(result.history) == 1
 
 
+@NEEDS_TL3
+@pytest.mark.parametrize(("held_out", "said"), [(5, "the held-out round trips score those 5"),
+                                                 (1, "the run has no held-out evaluation (FVE needs >= 2 vectors)")])
+def test_eval_vectors_beyond_the_held_out_split_warns_once_naming_both_counts_before_the_first_step(
+        sft_pair, monkeypatch, held_out, said):
+    """`rl.eval_vectors: 8` on a held-out split of 5 scored 5 in silence; the config's comment reads as 8."""
+    av, ar, _ = _load(sft_pair)
+    train = _train_vectors(sft_pair)
+    config = dataclasses.replace(RL, steps=1, kl_coef=0.0, eval_vectors=8)
+    scored: list[int] = []  # the vectors of each held-out round trip
+    warned_at_first_step: list[int] = []
+    evaluate, step = rl.evaluate_rl, rl._Trainer.step
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        monkeypatch.setattr(rl, "evaluate_rl",
+                            lambda av, ar, vectors, *a: scored.append(len(vectors)) or evaluate(av, ar, vectors, *a))
+        monkeypatch.setattr(rl._Trainer, "step", lambda self, i: (warned_at_first_step.append(len(caught))
+                                                                  or step(self, i)))
+        result = rl.train_rl(av, ar, None, train, train[:held_out], config, progress=False)
+    mine = [i for i, w in enumerate(caught) if "rl.eval_vectors" in str(w.message)]
+    assert [str(caught[i].message) for i in mine] == [
+        f"rl.eval_vectors is 8, but the held-out split holds {held_out} vector{'s' * (held_out != 1)}: {said}. "
+        f"Raise eval_fraction for more held-out vectors, or set rl.eval_vectors to {held_out} or fewer"]
+    assert caught[mine[0]].filename == __file__  # it points at the train_rl call
+    assert warned_at_first_step[0] > mine[0]  # warned before the first step
+    assert scored == ([5, 5] if held_out == 5 else [])  # the split's 5, at the start and the end
+    assert len(result.evals) == len(scored)
+
+
+@NEEDS_TL3
+@pytest.mark.parametrize(("eval_vectors", "held_out"), [(1, 0), (5, 5)], ids=["asks-for-none", "as-many-as-held-out"])
+def test_eval_vectors_asking_for_none_or_as_many_as_held_out_do_not_warn(sft_pair, eval_vectors, held_out):
+    av, ar, _ = _load(sft_pair)
+    train = _train_vectors(sft_pair)
+    config = dataclasses.replace(RL, steps=1, kl_coef=0.0, eval_vectors=eval_vectors)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rl.train_rl(av, ar, None, train, train[:held_out], config, progress=False)
+    assert not [w for w in caught if "rl.eval_vectors" in str(w.message)]
+
+
 @pytest.fixture(scope="module")
 def layer1_extraction(tmp_path_factory, base_folder, extract_config) -> Path:
     """An extraction (and labels) of layer 1, where the tiny NLA pairs read layer 2."""

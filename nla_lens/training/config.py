@@ -331,7 +331,8 @@ class RLConfig:
     micro_batch: int = 64  # samples per forward in the AV and AR updates (memory only, not the result)
     seed: int = 0
     eval_every: int = 0  # 0: greedy held-out round trip at the start and the end only
-    # held-out vectors in that round trip (0 or 1: no evaluation); under 32, FVE uses the AR sidecar's baseline
+    # held-out vectors in that round trip (0 or 1: no evaluation); under 32, FVE uses the AR sidecar's baseline.
+    # A held-out split of fewer is scored whole, with a warning naming both counts
     eval_vectors: int = 64
     save_every: int = 0
     keep_checkpoints: int = 2

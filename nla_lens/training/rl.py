@@ -471,6 +471,20 @@ def heldout_baseline(ar: ActivationReconstructor, vectors: Float[Tensor, "n d_mo
     return resolve_baseline(vectors, ar.meta.mse_scale, recorded=recorded)
 
 
+def heldout_for_eval(vectors: Float[Tensor, "m d_model"], wanted: int, *, warn: bool) -> Float[Tensor, "k d_model"]:
+    """The first `wanted` held-out vectors (`rl.eval_vectors`). A split of fewer is scored whole, with a warning
+    naming both counts (`warn`: on one rank), before the first step: it was cut to the split's count in silence.
+    Not refused: the default 64 exceeds small splits, which the held-out round trip may still score."""
+    if warn and wanted >= 2 and len(vectors) < wanted:  # eval_vectors 0 or 1 asks for no evaluation
+        scored = (f"the held-out round trips score those {len(vectors)}" if len(vectors) >= 2
+                  else "the run has no held-out evaluation (FVE needs >= 2 vectors)")
+        warnings.warn(f"rl.eval_vectors is {wanted}, but the held-out split holds "
+                      f"{counted(len(vectors), 'vector')}: {scored}. Raise eval_fraction "
+                      f"for more held-out vectors, or set rl.eval_vectors to {len(vectors)} or fewer",
+                      stacklevel=3)
+    return vectors[:wanted]
+
+
 def evaluate_rl(av: ActivationVerbalizer, ar: ActivationReconstructor, vectors: Float[Tensor, "n d_model"],
                 max_new_tokens: int, baseline: Baseline) -> dict[str, Any]:
     """Greedy round trip of held-out vectors (failed parses count as misses), as the NLA is served; FVE
@@ -534,7 +548,7 @@ def train_rl(
             p.requires_grad_(False)
     started = time.perf_counter()
     trainer = _Trainer(av, ar, reference, train_vectors, config, _sft_rows(av, sft_data, config))
-    eval_vectors = eval_vectors[:config.eval_vectors]
+    eval_vectors = heldout_for_eval(eval_vectors, config.eval_vectors, warn=trainer.world.is_main)
     data = data_fingerprint(av.model, ar.model, ar.readout, *([] if reference is None else [reference.model]),
                             train_vectors, eval_vectors,
                             *([sft_data] if sft_data is not None and trainer.sft_rows is not None else []))
@@ -545,8 +559,6 @@ def train_rl(
                                       data=data)
         result.steps = config.steps
         loop.log_resumed(folder, out_dir, len(result.history))
-    if config.eval_vectors >= 2 and len(eval_vectors) < 2:
-        logger.warning("%s: no held-out evaluation (FVE needs >= 2)", counted(len(eval_vectors), "held-out vector"))
     baseline = heldout_baseline(ar, eval_vectors)
     if len(eval_vectors) >= 2 and trainer.world.is_main:
         _log_heldout_baseline(baseline, len(eval_vectors))
