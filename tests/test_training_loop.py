@@ -363,7 +363,11 @@ def test_a_finished_runs_out_dir_is_refused_as_finished_and_only_rl_is_told_more
                                              r"\(step-000002\)\. A run without resume") as info:
         check_out_dir(tmp_path, command, None)
     assert str(info.value).endswith(", unless you raise steps: then it extends the run") == (command == "train-rl")
-    check_out_dir(tmp_path, command, "latest")
+    if command == "train-av":
+        check_out_dir(tmp_path, command, "latest")
+    else:  # the checkpoint is an SFT run's of a Linear (a train-av run's): another command cannot continue it
+        with pytest.raises(nl.ConfigError, match=rf"is a checkpoint of a train-av run, and this is {command}"):
+            check_out_dir(tmp_path, command, "latest")
 
 
 @pytest.mark.parametrize(("command", "exports"), [("train-av", ["model"]), ("train-rl", ["ar", "av"])])
