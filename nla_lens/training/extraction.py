@@ -240,10 +240,7 @@ def documents_digest(docs: list[Document]) -> Tensor:
     """A digest of a shard's document ids and texts, in order, as uint8: what resuming checks a written
     shard by. A tensor, not metadata: safetensors writes metadata keys in hash order, and a second key
     would make a rewritten shard differ byte for byte."""
-    digest = hashlib.blake2b(digest_size=16)
-    for doc in docs:
-        digest.update(json.dumps([doc.id, doc.text], ensure_ascii=False).encode())
-    return torch.frombuffer(bytearray(digest.digest()), dtype=torch.uint8)
+    return _digest(json.dumps([doc.id, doc.text], ensure_ascii=False) for doc in docs)
 
 
 def extraction_digest(meta: NLAMeta) -> Tensor:
@@ -251,8 +248,14 @@ def extraction_digest(meta: NLAMeta) -> Tensor:
     what each shard keeps of the settings its vectors were taken with. A shard of another extraction of the same
     corpus (another layer, another base of the tokenizer and width) holds the same documents, positions and tokens,
     so every other check passed it, and its vectors loaded as this extraction's."""
-    block = json.dumps(meta.raw.get("extraction"), sort_keys=True, ensure_ascii=False, default=str)
-    digest = hashlib.blake2b(block.encode(), digest_size=16)
+    return _digest([json.dumps(meta.raw.get("extraction"), sort_keys=True, ensure_ascii=False, default=str)])
+
+
+def _digest(parts: Iterable[str]) -> Tensor:
+    """The 16-byte blake2b digest of `parts` in order, as a uint8 tensor a shard holds."""
+    digest = hashlib.blake2b(digest_size=16)
+    for part in parts:
+        digest.update(part.encode())
     return torch.frombuffer(bytearray(digest.digest()), dtype=torch.uint8)
 
 
