@@ -41,7 +41,7 @@ from nla_lens.capture import (
 from nla_lens.checks import check_finite, counted, first_five, is_integer
 from nla_lens.errors import InputError, VectorError
 from nla_lens.injection import HookFn, check_vectors, directionless_rows
-from nla_lens.nla import NLA, RoundTrip, baseline_phrase, check_read_keywords, nla_type_name, warn_at_caller
+from nla_lens.nla import NLA, RoundTrip, baseline_phrase, check_read_keywords, nla_type_name, warn_kept
 from nla_lens.results import TabularResult
 from nla_lens.verbalizer import ActivationVerbalizer, Verbalization
 
@@ -315,7 +315,7 @@ def _warn_patch_on_padding(base_model: TLModel, clean_tokens: Int[Tensor, "batch
             padded |= set((~real[:, column]).nonzero().flatten().tolist())
     if not padded:
         return []
-    return _warn_kept(f"patch_position {column} is padding in rows {sorted(padded)} of the clean or corrupted tokens: "
+    return warn_kept(f"patch_position {column} is padding in rows {sorted(padded)} of the clean or corrupted tokens: "
                       "there the patch either cannot reach the row's real tokens (its patched vector is the corrupted "
                       "one) or writes a pad's activation into one. Patch a column that is a real token in every row "
                       "(e.g. left-pad the prompts and patch -1)")
@@ -337,7 +337,7 @@ def _warn_unaligned_rows(base_model: TLModel, clean_tokens: Int[Tensor, "batch p
     if not rows:
         return []
     lengths = first_five(rows, lambda r: f"row {r}: {int(clean_real[r].sum())} vs {int(corrupted_real[r].sum())}")
-    return _warn_kept(f"the clean and corrupted tokens hold their real tokens in different columns in rows {rows} "
+    return warn_kept(f"the clean and corrupted tokens hold their real tokens in different columns in rows {rows} "
                       f"(real tokens, clean vs corrupted: {lengths}): prompts of different token lengths padded to "
                       f"one shape. The patch copies column {column} of each clean row into the same column of the "
                       "corrupted row, which there is another token's position; pick prompts of equal token length in "
@@ -394,7 +394,7 @@ def steer_then_verbalize(
     steer_norm = abs(float(scale)) * float(vector.cpu().double().norm())  # float64 on the CPU: MPS has none
     _check_runs_finite(base_model, layer, clean, steered, steer_norm)
     if float(scale) != 0 and torch.equal(clean.vectors, steered.vectors):
-        notes += _warn_kept(
+        notes += warn_kept(
             f"the steering changed no captured residual: the steered run's layer-{layer} vectors equal the clean run's "
             "at every site. Steering at tokens after the captured positions cannot reach them (attention is causal), "
             f"and scale * steering_vector (norm {steer_norm:.3g}) below the residual's rounding adds nothing; steer "
@@ -728,17 +728,10 @@ def _capture_layer(base_model: TLModel, av: ActivationVerbalizer, capture_layer:
     capture_layer = check_block(base_model, capture_layer, "capture_layer")
     if capture_layer == av.meta.layer:
         return capture_layer, []
-    return capture_layer, _warn_kept(
+    return capture_layer, warn_kept(
         f"capture_layer={capture_layer} differs from layer {av.meta.layer}, the one this NLA was trained to read (its "
         "sidecar): explanations of other layers are off-distribution, and FVEs against the AR sidecar's baseline are "
         f"that layer's. Leave capture_layer out to read layer {av.meta.layer}")
-
-
-def _warn_kept(message: str) -> list[str]:
-    """`message` emitted at the user's line and returned, for the result to keep: a notebook's repr and view and a
-    saved `.parquet` then still say it, as they say the round trip's warnings."""
-    warn_at_caller(message)
-    return [message]
 
 
 def _kept_warnings(notes: list[str], verbalizations: list[Verbalization], round_trip: RoundTrip | None) -> list[str]:

@@ -287,6 +287,13 @@ def warn_at_caller(message: str) -> None:
     warnings.warn(message, stacklevel=level)
 
 
+def warn_kept(message: str) -> list[str]:
+    """`message` emitted at the user's line and returned, for the result to keep: a notebook's repr and view and a
+    saved `.parquet` then still say it, as they say the round trip's warnings."""
+    warn_at_caller(message)
+    return [message]
+
+
 # Why a parsed explanation's reconstruction has no direction, and what to do about it.
 DIRECTIONLESS_CAUSE = ("the AR's forward overflowed its dtype (load it in bfloat16 or float32 rather than float16) "
                        "or a hook on ar.model broke it")

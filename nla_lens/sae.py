@@ -50,6 +50,7 @@ from nla_lens.nla import (
     scored_misses,
     too_long_warning,
     warn_at_caller,
+    warn_kept,
 )
 from nla_lens.parsing import RowNamer
 from nla_lens.results import TabularResult
@@ -380,8 +381,7 @@ def warn_of_cut_texts(cut: list[int], n_texts: int, n_ctx: int, consequence: str
         return []
     note = (f"{len(cut)}/{n_texts} texts are longer than the base model's context and were cut to its n_ctx={n_ctx} "
             f"tokens (texts {cut[:8]}), so {consequence}: split such texts to scan them whole")
-    warn_at_caller(note)
-    return [note]
+    return warn_kept(note)
 
 
 def _text_activation(base: TLModel, tokens: Int[Tensor, "1 pos"], hook_name: str) -> Float[Tensor, "pos d"]:
