@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import pyarrow as pa
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from transformer_lens.hook_points import HookPoint
 from transformer_lens.utilities import get_act_name
@@ -293,44 +293,36 @@ def steering_hook(vector: Float[Tensor, " d_model"], scale: float, positions: Po
     return hook
 
 
-def _check_sites(base_model: TLModel, spec: PositionSpec, tokens: Int[Tensor, "batch pos"],
-                 attention_mask: Int[Tensor, "batch pos"] | None, name: str, use: str) -> None:
-    """Refuse a position spec that names a site outside a row or on its padding before any run, in errors that
-    name the argument (`name`) as the caller spells it."""
-    real = real_tokens(base_model, attention_mask, tokens)
+def _check_sites(spec: PositionSpec, tokens: Int[Tensor, "batch pos"], real: Bool[Tensor, "batch pos"] | None,
+                 name: str, use: str) -> None:
+    """Refuse a position spec that names a site outside a row or on its padding (`real`, as `real_tokens` gives it)
+    before any run, in errors that name the argument (`name`) as the caller spells it."""
     resolve_positions(spec, torch.ones(tokens.shape[:2], dtype=torch.bool) if real is None else real.bool(),
                       name=name, use=use)
 
 
-def _warn_patch_on_padding(base_model: TLModel, clean_tokens: Int[Tensor, "batch pos"],
-                           corrupted_tokens: Int[Tensor, "batch pos"], attention_mask: Int[Tensor, "batch pos"] | None,
-                           column: int) -> list[str]:
-    """Warn where the patch column is padding in a row (TL's column rule, kept for sweeps): padding in the
-    corrupted row leaves its patched vector silently the corrupted one; in the clean row, a pad's
-    activation is written into a real token."""
+def _warn_patch_on_padding(reals: Sequence[Bool[Tensor, "batch pos"] | None], column: int) -> list[str]:
+    """Warn where the patch column is padding in a row of the clean or corrupted tokens (`reals`: their real
+    tokens, TL's column rule, kept for sweeps): padding in the corrupted row leaves its patched vector silently the
+    corrupted one; in the clean row, a pad's activation is written into a real token."""
     padded = set()
-    for tokens in (clean_tokens, corrupted_tokens):
-        real = real_tokens(base_model, attention_mask, tokens)
+    for real in reals:
         if real is not None:
             padded |= set((~real[:, column]).nonzero().flatten().tolist())
     if not padded:
         return []
     return warn_kept(f"patch_position {column} is padding in rows {sorted(padded)} of the clean or corrupted tokens: "
-                      "there the patch either cannot reach the row's real tokens (its patched vector is the corrupted "
-                      "one) or writes a pad's activation into one. Patch a column that is a real token in every row "
-                      "(e.g. left-pad the prompts and patch -1)")
+                     "there the patch either cannot reach the row's real tokens (its patched vector is the corrupted "
+                     "one) or writes a pad's activation into one. Patch a column that is a real token in every row "
+                     "(e.g. left-pad the prompts and patch -1)")
 
 
-def _warn_unaligned_rows(base_model: TLModel, clean_tokens: Int[Tensor, "batch pos"],
-                         corrupted_tokens: Int[Tensor, "batch pos"], attention_mask: Int[Tensor, "batch pos"] | None,
-                         column: int) -> list[str]:
-    """Warn where a clean and a corrupted row hold their real tokens in different columns: prompts of different
-    token lengths padded to one shape pass the shape check, but the patch copies column to column, so in such a
-    row it writes one token's activation into another token's position. One `attention_mask` marks both alike."""
-    if attention_mask is not None:
-        return []
-    clean_real = real_tokens(base_model, None, clean_tokens)
-    corrupted_real = real_tokens(base_model, None, corrupted_tokens)
+def _warn_unaligned_rows(clean_real: Bool[Tensor, "batch pos"] | None,
+                         corrupted_real: Bool[Tensor, "batch pos"] | None, column: int) -> list[str]:
+    """Warn where a clean and a corrupted row hold their real tokens (read from their pads: one `attention_mask`
+    marks both alike) in different columns: prompts of different token lengths padded to one shape pass the shape
+    check, but the patch copies column to column, so in such a row it writes one token's activation into another
+    token's position."""
     if clean_real is None or corrupted_real is None:
         return []
     rows = (clean_real != corrupted_real).any(dim=1).nonzero().flatten().tolist()
@@ -338,10 +330,10 @@ def _warn_unaligned_rows(base_model: TLModel, clean_tokens: Int[Tensor, "batch p
         return []
     lengths = first_five(rows, lambda r: f"row {r}: {int(clean_real[r].sum())} vs {int(corrupted_real[r].sum())}")
     return warn_kept(f"the clean and corrupted tokens hold their real tokens in different columns in rows {rows} "
-                      f"(real tokens, clean vs corrupted: {lengths}): prompts of different token lengths padded to "
-                      f"one shape. The patch copies column {column} of each clean row into the same column of the "
-                      "corrupted row, which there is another token's position; pick prompts of equal token length in "
-                      "every row (swap words that are one token each)")
+                     f"(real tokens, clean vs corrupted: {lengths}): prompts of different token lengths padded to "
+                     f"one shape. The patch copies column {column} of each clean row into the same column of the "
+                     "corrupted row, which there is another token's position; pick prompts of equal token length in "
+                     "every row (swap words that are one token each)")
 
 
 def steer_then_verbalize(
@@ -385,7 +377,7 @@ def steer_then_verbalize(
     check_token_ids(base_model, tokens)
     real = real_tokens(base_model, attention_mask, tokens)
     if steer_positions is not None:  # a site outside a row or on its padding is refused before either run
-        _check_sites(base_model, steer_positions, tokens, attention_mask, "steer_positions", "steer")
+        _check_sites(steer_positions, tokens, real, "steer_positions", "steer")
     hook = (resid_post_name(steer_layer),
             steering_hook(vector[0], float(scale), steer_positions, None if real is None else real.long()))
     with torch.no_grad():
@@ -486,10 +478,13 @@ def patching_study(
     if not is_integer(patch_position) or not -width <= int(patch_position) < width:
         raise InputError(f"patch_position must be an int column in -{width}..{width - 1}, got {patch_position!r}")
     column = int(patch_position) % width
-    for tokens in (clean_tokens, corrupted_tokens):  # the capture's own errors would call it "positions"
-        _check_sites(base_model, capture_position, tokens, attention_mask, "capture_position", "read out")
-    notes += _warn_patch_on_padding(base_model, clean_tokens, corrupted_tokens, attention_mask, column)
-    notes += _warn_unaligned_rows(base_model, clean_tokens, corrupted_tokens, attention_mask, column)
+    pairs = [(tokens, real_tokens(base_model, attention_mask, tokens)) for tokens in (clean_tokens, corrupted_tokens)]
+    for tokens, real in pairs:  # the capture's own errors would call it "positions"
+        _check_sites(capture_position, tokens, real, "capture_position", "read out")
+    (_, clean_real), (_, corrupted_real) = pairs
+    notes += _warn_patch_on_padding([clean_real, corrupted_real], column)
+    if attention_mask is None:
+        notes += _warn_unaligned_rows(clean_real, corrupted_real, column)
     with torch.no_grad():
         clean_mask = (backends.implicit_attention_mask(base_model, clean_tokens) if attention_mask is None
                       else attention_mask)
@@ -505,9 +500,7 @@ def patching_study(
         ("clean", clean), ("corrupted", corrupted), ("patched", patched))
     verbalizations, fves, misses, round_trip = _read(nla_or_av, runs, baseline, verbalize_kwargs)
     n = len(clean.rows)
-    clean_prompts, corrupted_prompts = (
-        decoded_prompts(base_model, tokens, real_tokens(base_model, attention_mask, tokens))
-        for tokens in (clean_tokens, corrupted_tokens))
+    clean_prompts, corrupted_prompts = (decoded_prompts(base_model, tokens, real) for tokens, real in pairs)
     prompts = {"clean": clean_prompts, "corrupted": corrupted_prompts, "patched": corrupted_prompts}
     rows = []
     for k, (run, cap) in enumerate(runs):
