@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import math
 import numbers
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -68,7 +67,7 @@ from nla_lens.checks import (
 from nla_lens.display import format_cell, format_number
 from nla_lens.errors import InputError, PairMismatchError, PromptTooLongError, VectorError
 from nla_lens.injection import HookFn, check_vectors, directionless_rows, prescaled, unit
-from nla_lens.nla import NLA, nla_type_name, rows_the_ar_reads
+from nla_lens.nla import NLA, nla_type_name, rows_the_ar_reads, warn_kept
 from nla_lens.parsing import failed_parse_note
 from nla_lens.reconstructor import ActivationReconstructor
 from nla_lens.results import TabularResult
@@ -581,8 +580,7 @@ def _warn_dropped_samples(said: Sequence[Verbalization], too_long: list[int], te
     note = (f"{len(short)} of {counted(len(texts), 'site')} kept fewer than the AV's {samples} explanations: "
             f"{'; '.join(short[:5])}{more}. Delta averages those left. Raise max_new_tokens, or pass explanations= "
             "yourself")
-    warnings.warn(note, stacklevel=4)
-    return [note]
+    return warn_kept(note)
 
 
 def _check_site_residuals(vectors: Float[Tensor, "n d_model"], rows: Int[Tensor, " n"], cols: Int[Tensor, " n"],
@@ -694,10 +692,9 @@ def _delta(nla: NLA, texts: list[list[str]], edited: list[list[str]], sites: lis
         if same and len(same) < len(before):  # all unchanged is refused above (add) or the control (replace)
             effect = ("Delta is their mean over all of them, so it follows the others alone" if mode == "add"
                       else "T averages their own reconstructions in, pulling the patch towards what is there")
-            warned.append(f"the edit leaves {len(same)} of the {len(before)} explanations of site {i} (row "
-                          f"{sites[i][0]}, column {sites[i][1]}) unchanged, e.g. {same[0]!r}; {effect}. Edit words "
-                          "every sample holds (see result.explanations), or pass explanations= yourself")
-            warnings.warn(warned[-1], stacklevel=3)
+            warned += warn_kept(f"the edit leaves {len(same)} of the {len(before)} explanations of site {i} (row "
+                                f"{sites[i][0]}, column {sites[i][1]}) unchanged, e.g. {same[0]!r}; {effect}. Edit "
+                                "words every sample holds (see result.explanations), or pass explanations= yourself")
     flat_before = [t for site in texts for t in site]
     flat_after = [t for site in edited for t in site]
     reconstructed = unit(nla.ar.reconstruct(flat_before + flat_after, batch_size=batch_size).float().cpu())
