@@ -59,6 +59,7 @@ def check_base_model(base: TLModel, nla_or_av: NLA | ActivationVerbalizer, layer
     a base cut short to capture cheaply."""
     av = nla_or_av.av if isinstance(nla_or_av, NLA) else nla_or_av
     backends.backend_of(base)
+    backends.check_holds_weights(base, "base")
     if isinstance(nla_or_av, NLA) and base is nla_or_av.ar.model:
         raise InputError("the base model given is the AR's own model (a fine-tuned copy of the base's first K+1 "
                          "blocks): its activations are not the ones the NLA was trained to read. Pass the base "

@@ -78,6 +78,8 @@ def resolve_positions(
     """(row, column) of every selected token, row-major; raise on columns outside the row or on padding. The
     errors name the argument (`name`) and, for a mask that selects nothing, what its tokens are for (`use`)."""
     batch, width = real.shape
+    if isinstance(positions, Tensor) and positions.is_meta:  # reading its columns raised a bare NotImplementedError
+        raise InputError(f"{name}: on the meta device, which holds no values; pass a tensor on a real device")
     if isinstance(positions, Tensor) and positions.dtype == torch.bool:
         if positions.shape != real.shape:
             raise InputError(
@@ -173,6 +175,7 @@ class Capture:
                  attention_mask: Int[Tensor, "batch pos"] | None = None,
                  tokens: Int[Tensor, "batch pos"] | None = None, calls: Calls = "first") -> None:
         backends.backend_of(model)  # an NLA or an AV here fell through to an AttributeError on .cfg
+        backends.check_holds_weights(model, "base")
         layer = check_block(model, layer)
         if calls not in ("first", "all"):
             raise InputError(f"calls must be 'first' or 'all', got {calls!r}")
@@ -501,6 +504,9 @@ def check_token_tensor(value: object, name: str = "tokens") -> None:
                          f"got {type(value).__name__}")
     if value.ndim != 2:
         raise InputError(f"{name} must be [batch, pos], got shape {list(value.shape)}")
+    if value.device.type == "meta":  # reading them (pads, ids, a mask's values) raised a bare NotImplementedError
+        raise InputError(f"{name}: on the meta device, which holds no values; pass them on a real device, as "
+                         "model.to_tokens(text) gives them")
 
 
 def check_token_ids(model: TLModel, tokens: Tensor, name: str = "tokens") -> None:

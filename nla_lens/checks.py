@@ -27,6 +27,7 @@ DTYPES = {
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
 }
+_MODEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)  # the float dtypes torch computes in
 _GPU_WORDS = ("gpu", "nvidia", "cuda0", "gpu0")
 
 
@@ -36,6 +37,9 @@ def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
         if not dtype.is_floating_point:  # an integer model fails deep in torch ("Only Tensors of floating point ...")
             raise InputError(f"dtype {dtype} is not a floating-point dtype, so no model can be loaded in it; pass "
                              f"one of {dtype_names()}")
+        if dtype not in _MODEL_DTYPES:  # float8 loaded, then its first run failed ('"neg_cpu" not implemented for ...')
+            raise InputError(f"dtype {dtype} is a storage format torch runs no model in (no norms or matmuls); pass "
+                             f"one of {dtype_names()} (or torch.float64)")
         return dtype
     if isinstance(dtype, str) and dtype.lower().removeprefix("torch.") in DTYPES:
         return DTYPES[dtype.lower().removeprefix("torch.")]
@@ -92,7 +96,22 @@ def resolve_device(device: torch.device | str) -> torch.device:
                              f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
     if parsed.type == "mps" and not torch.backends.mps.is_available():
         raise InputError("device 'mps' is not available in this torch build or machine; use 'cpu'")
+    if parsed.type == "meta":  # a model loaded there has shapes and no weights: every run failed deep in torch
+        raise InputError("device 'meta' holds no values, so a model loaded there has no weights to run; use 'cpu' "
+                         "or 'cuda'")
+    if parsed.type not in ("cpu", "cuda", "mps"):
+        _check_can_allocate(parsed)
     return parsed
+
+
+def _check_can_allocate(device: torch.device) -> None:
+    """Another accelerator type ('xla', 'xpu', 'hpu', ...): torch parses the name whether or not this build and machine
+    have one, then the first tensor put there failed in loading with NotImplementedError or AssertionError."""
+    try:
+        torch.empty(0, device=device)
+    except Exception as exc:  # torch raises a different type for each backend it lacks
+        raise InputError(f"device {str(device)!r} cannot hold tensors in this torch ({torch.__version__}) on this "
+                         f"machine ({type(exc).__name__}); use 'cpu', or 'cuda' on a machine with an NVIDIA GPU") from exc
 
 
 def check_counts(minimum: int, /, **values: int) -> tuple[int, ...]:
@@ -184,8 +203,9 @@ def is_real(value: object) -> bool:
 
 
 def _python_scalar(value: object) -> object:
-    """A NumPy scalar or a one-element tensor as the Python number or bool it holds; anything else as given."""
-    if isinstance(value, np.generic) or isinstance(value, torch.Tensor) and value.numel() == 1:
+    """A NumPy scalar or a one-element tensor as the Python number or bool it holds; anything else as given (a meta
+    tensor holds no number: its `.item()` raised a bare RuntimeError)."""
+    if isinstance(value, np.generic) or isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_meta:
         return value.item()
     return value
 

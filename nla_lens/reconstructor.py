@@ -14,7 +14,7 @@ from transformers import PreTrainedTokenizerBase
 from nla_lens import backends, loading
 from nla_lens.checks import check_counts, check_explanations, context_overflow, resolve_device, resolve_dtype
 from nla_lens.distributed import inference
-from nla_lens.errors import PromptTooLongError, SidecarError
+from nla_lens.errors import InputError, PromptTooLongError, SidecarError
 from nla_lens.sidecar import NLAMeta, ar_prompt_ids, check_role_template, load_meta
 
 if TYPE_CHECKING:
@@ -132,11 +132,14 @@ class ActivationReconstructor:
         `cfg.dtype` is stale), `PromptTooLongError` (an AR prompt past `n_ctx`) and `BackendError` (a bridge cast to
         float64 after loading)."""
         (batch_size,) = check_counts(1, batch_size=batch_size)
+        backends.check_holds_weights(self.model, "AR")
         backends.check_dtype_current(self.model, "AR")
+        weight = getattr(self.readout, "weight", None)
+        if isinstance(weight, Tensor):
+            self._check_readout_device(weight.device)
         tokens, mask = self.prompt_tokens(explanations)
         # A model cast after loading (`ar.model.to(...)`) leaves the readout as loaded: feed it its own float dtype.
         # A readout without float weights (quantized, or a user's module) takes the residual as it is.
-        weight = getattr(self.readout, "weight", None)
         readout_dtype = weight.dtype if isinstance(weight, Tensor) and weight.is_floating_point() else None
         lengths = mask.sum(dim=1).tolist()  # read once: a read per batch would sync a GPU per batch
         out = []
@@ -150,6 +153,15 @@ class ActivationReconstructor:
                 resid = forward(tokens[rows, -width:], mask[rows, -width:])
                 out.append(self.readout(resid if readout_dtype is None else resid.to(readout_dtype)).float())
         return torch.cat(out)
+
+    def _check_readout_device(self, readout_device: torch.device) -> None:
+        """The readout must sit with the model: `ar.model.to(device)` moves the model alone. A readout on another GPU
+        failed with a bare RuntimeError, and one on the meta device returned uninitialised memory as the vectors."""
+        if readout_device != self.device:
+            empty = ", which holds no values" if readout_device.type == "meta" else ""
+            raise InputError(f"the AR's readout (value head) is on {readout_device}{empty}, but its model is on "
+                             f"{self.device}: move it there too, ar.readout.to(ar.device) (ar.model.to(...) moves "
+                             "only the model)")
 
 
 def check_sample_fits(meta: NLAMeta, tokenizer: PreTrainedTokenizerBase, n_ctx: int, max_new_tokens: int) -> None:

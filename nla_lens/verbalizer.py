@@ -255,6 +255,7 @@ class ActivationVerbalizer:
         i-th neighbour-anchored site in row-major order. A site count other than the number of vectors is a
         `MarkerError`."""
         vectors = check_vectors(vectors, self.meta.d_model)
+        backends.check_holds_weights(self.model, "AV")
         setter = backends.switch_needed(self.model, self.injection_spec.hook_point)
         if setter is not None:
             raise InjectionError(f"{self.injection_spec.hook_point} would not fire, so the vectors would never reach "
@@ -303,6 +304,7 @@ class ActivationVerbalizer:
         and `BackendError` (a bridge cast to float64 after loading)."""
         max_new_tokens, batch_size = check_sampling(temperature, top_p, max_new_tokens, batch_size, seed)
         self._check_fits(max_new_tokens)
+        backends.check_holds_weights(self.model, "AV")
         backends.check_dtype_current(self.model, "AV")
         vectors = check_vectors(vectors, self.meta.d_model)
         draws = None if draws_of is None else check_draws_of(draws_of, vectors.shape[0])

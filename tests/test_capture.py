@@ -544,3 +544,36 @@ def test_a_capture_says_what_it_records_and_how_much_it_has(base):
     every = nl.capture(base, LAYER, torch.ones_like(mask, dtype=torch.bool), calls="all")
     assert repr(every).startswith(f"Capture(blocks.{LAYER}.hook_resid_post, positions=<torch.bool tensor "
                                   f"{list(mask.shape)}>, calls='all')")
+
+
+def test_a_base_moved_to_the_meta_device_is_refused_by_capture_and_the_experiments(tiny_paths, nla):
+    """`base.to("meta")` keeps shapes and drops the weights: capture, steer_then_verbalize and explain raised bare
+    NotImplementedError / RuntimeError from torch."""
+    base = load_base(tiny_paths["av_karvonen"])
+    tokens, _ = padded(base, "left")
+    base.to("meta")
+    refused = r"^the base model's weights \(.+\) are on the meta device, which holds no values, so it cannot run"
+    with pytest.raises(nl.InputError, match=refused):
+        nl.capture(base, layer=LAYER)
+    with pytest.raises(nl.InputError, match=refused):
+        nl.steer_then_verbalize(base, nla, tokens, steering_vector=STEER, scale=1.0, steer_layer=1)
+    with pytest.raises(nl.InputError, match=refused):
+        nla.explain(base, "the cat sat", max_new_tokens=2)
+
+
+def test_tokens_masks_positions_and_scales_on_the_meta_device_are_refused(base, nla):
+    """Meta tensors hold no values: reading their pads, ids, columns or number raised bare NotImplementedError /
+    RuntimeError ('Tensor.item() cannot be called on meta tensors') in capture and the experiments."""
+    tokens, mask = padded(base, "left")
+    on_meta = r": on the meta device, which holds no values"
+    with pytest.raises(nl.InputError, match="^tokens" + on_meta):
+        nl.capture(base, layer=LAYER, tokens=tokens.to("meta"))
+    with pytest.raises(nl.InputError, match="^attention_mask" + on_meta):
+        nl.capture(base, layer=LAYER, attention_mask=mask.to("meta"))
+    with pytest.raises(nl.InputError, match="^positions" + on_meta):
+        nl.capture(base, layer=LAYER, positions=torch.ones_like(mask, dtype=torch.bool, device="meta"), tokens=tokens)
+    with pytest.raises(nl.InputError, match="^corrupted_tokens" + on_meta):
+        nl.patching_study(base, nla, tokens, tokens.to("meta"), patch_layer=1, patch_position=1, attention_mask=mask)
+    with pytest.raises(nl.InputError, match=r"^scale=tensor\(\.\.\., device='meta', size=\(\)\): must be a finite"):
+        nl.steer_then_verbalize(base, nla, tokens, steering_vector=STEER, scale=torch.tensor(1.0, device="meta"),
+                                steer_layer=1, attention_mask=mask)

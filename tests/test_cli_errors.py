@@ -111,6 +111,8 @@ def test_a_vector_file_that_cannot_be_read_says_permission_denied(tiny_paths, tm
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this torch has CUDA")),
     ("gpu", "torch calls NVIDIA GPUs 'cuda'"),
     ("cuda:x", "is not a torch device"),
+    ("meta", "device 'meta' holds no values"),  # loaded, then the first run raised a bare RuntimeError
+    ("xla", "device 'xla' cannot hold tensors in this torch"),  # a bare NotImplementedError while loading
 ])
 def test_device_that_cannot_run(tiny_paths, vector_file, no_model_loads, capsys, device, expected):
     _fails(["verbalize", "--av", tiny_paths["av_karvonen"], "--input", vector_file, "--device", device], capsys,
@@ -515,6 +517,37 @@ def test_from_pretrained_rejects_a_device_before_loading(tiny_paths, monkeypatch
     monkeypatch.setattr(backends, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
     with pytest.raises(nl.InputError, match="torch calls NVIDIA GPUs 'cuda'"):
         nl.ActivationVerbalizer.from_pretrained(tiny_paths["av_karvonen"], device="gpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_a_float8_dtype_is_refused_before_loading(tiny_paths, base_folder, monkeypatch, dtype):
+    """float8 is floating point to torch, so it loaded; the first verbalize raised a bare NotImplementedError
+    ('"neg_cpu" not implemented for 'Float8_e4m3fn''). nl.load_base refuses it in load_model, before its weights."""
+    refused = rf"dtype {dtype} is a storage format torch runs no model in.*bf16"
+    monkeypatch.setattr(backends, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    for load, folder in [(nl.ActivationVerbalizer.from_pretrained, "av_karvonen"),
+                         (nl.ActivationReconstructor.from_pretrained, "ar_nanonla")]:
+        with pytest.raises(nl.InputError, match=refused):
+            load(tiny_paths[folder], dtype=dtype)
+    monkeypatch.undo()
+    with pytest.raises(nl.InputError, match=refused):
+        nl.load_base(base_folder, dtype=dtype)
+
+
+@pytest.mark.parametrize("device", ["meta", torch.device("meta")])
+def test_the_meta_device_is_refused_before_loading(tiny_paths, base_folder, monkeypatch, device):
+    """A model loaded on meta has shapes and no weights: every load succeeded, then verbalize, reconstruct and a
+    capture raised bare NotImplementedError / RuntimeError ('Cannot copy out of meta tensor')."""
+    refused = "device 'meta' holds no values.*use 'cpu' or 'cuda'"
+    monkeypatch.setattr(backends, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    for load, paths in [(nl.ActivationVerbalizer.from_pretrained, ["av_karvonen"]),
+                        (nl.ActivationReconstructor.from_pretrained, ["ar_nanonla"]),
+                        (nl.NLA.from_pretrained, ["av_karvonen", "ar_nanonla"])]:
+        with pytest.raises(nl.InputError, match=refused):
+            load(*(tiny_paths[name] for name in paths), device=device)
+    monkeypatch.undo()
+    with pytest.raises(nl.InputError, match=refused):
+        nl.load_base(base_folder, device=device)
 
 
 def test_loading_an_ar_folder_as_an_av_says_so(tiny_paths):

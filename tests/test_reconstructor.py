@@ -126,3 +126,24 @@ def test_a_readout_without_float_weights_gets_the_residual_as_it_is(tiny_paths):
     quantized = ar.reconstruct(texts)
     assert ar.readout.seen == [torch.float32]
     assert torch.nn.functional.cosine_similarity(quantized, reference).min() > 0.99
+
+
+def test_a_readout_left_on_another_device_than_the_model_is_refused(tiny_paths):
+    """`ar.model.to(device)` moves the model alone. A readout left on another device returned uninitialised memory as
+    the reconstructions, without a word, when that device was meta (which stands in for a second device on this
+    CPU-only suite: a readout on another GPU raised a bare RuntimeError)."""
+    ar = nl.ActivationReconstructor.from_pretrained(tiny_paths["ar_nanonla"])
+    ar.readout.to("meta")
+    with pytest.raises(nl.InputError, match=r"^the AR's readout \(value head\) is on meta, which holds no values, but "
+                                            r"its model is on cpu: move it there too, ar\.readout\.to\(ar\.device\)"):
+        ar.reconstruct(["the sea is calm", "a storm"])
+
+
+def test_an_ar_moved_to_the_meta_device_is_refused(tiny_paths):
+    """`ar.model.to("meta")` keeps shapes and drops the weights; reconstruct raised a bare NotImplementedError
+    ('Cannot copy out of meta tensor')."""
+    ar = nl.ActivationReconstructor.from_pretrained(tiny_paths["ar_nanonla"])
+    ar.model.to("meta")
+    with pytest.raises(nl.InputError, match=r"^the AR model's weights \(.+\) are on the meta device, which holds no "
+                                            r"values, so it cannot run: load it again onto 'cpu' or 'cuda'"):
+        ar.reconstruct(["the sea is calm"])

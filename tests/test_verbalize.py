@@ -428,3 +428,15 @@ def test_inverse_cdf_sampling_follows_the_distribution_and_never_picks_a_token_c
     cut = torch.cat([_sample_inverse_cdf(logits, 1.0, 0.6, u[None]) for u in [*grid, torch.tensor(1.0)]])
     assert set(cut.tolist()) == {2, 3} and cut[-1] == 3
     assert torch.bincount(cut[:-1], minlength=4).tolist() == [0, 0, 429, 571]  # 0.3 / 0.7 and 0.4 / 0.7 of 1000
+
+
+def test_an_av_moved_to_the_meta_device_is_refused(tiny_paths, vectors):
+    """`av.model.to("meta")` keeps shapes and drops the weights; verbalize (with a seed: its generator) and injection
+    raised bare RuntimeError / NotImplementedError from torch."""
+    av = nl.ActivationVerbalizer.from_pretrained(tiny_paths["av_karvonen"])
+    av.model.to("meta")
+    refused = r"^the AV model's weights \(.+\) are on the meta device, which holds no values, so it cannot run"
+    with pytest.raises(nl.InputError, match=refused):
+        av.verbalize(vectors, max_new_tokens=2, temperature=1.0, seed=0)
+    with pytest.raises(nl.InputError, match=refused):
+        av.injection(vectors)

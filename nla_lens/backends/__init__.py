@@ -153,6 +153,16 @@ def input_module(model: TLModel) -> torch.nn.Module:
     return cast("TransformerBridge", model).original_model if backend_of(model) == "bridge" else model
 
 
+def check_holds_weights(model: TLModel, role: str) -> None:
+    """`InputError` for a model with weights on the meta device (`model.to("meta")`), which hold no values: its runs
+    failed deep in torch (NotImplementedError from `nonzero`, "Cannot copy out of meta tensor")."""
+    on_meta = [name for name, param in model.named_parameters() if param.is_meta]
+    if on_meta:
+        raise InputError(f"the {role} model's weights ({on_meta[0]}{' and more' if len(on_meta) > 1 else ''}) are on "
+                         "the meta device, which holds no values, so it cannot run: load it again onto 'cpu' or "
+                         "'cuda' (moving it off meta gives no weights back)")
+
+
 def check_dtype_current(model: TLModel, role: str) -> None:
     """`InputError` when a HookedTransformer's weights are no longer `cfg.dtype`: TL allocates its KV cache
     (and nla_lens its fast decoders' caches) in `cfg.dtype`, which `.half()` / `.bfloat16()` leave stale, so the
