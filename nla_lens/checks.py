@@ -111,7 +111,8 @@ def _check_can_allocate(device: torch.device) -> None:
         torch.empty(0, device=device)
     except Exception as exc:  # torch raises a different type for each backend it lacks
         raise InputError(f"device {str(device)!r} cannot hold tensors in this torch ({torch.__version__}) on this "
-                         f"machine ({type(exc).__name__}); use 'cpu', or 'cuda' on a machine with an NVIDIA GPU") from exc
+                         f"machine ({type(exc).__name__}); use 'cpu', or 'cuda' on a machine with an NVIDIA "
+                         "GPU") from exc
 
 
 def check_counts(minimum: int, /, **values: int) -> tuple[int, ...]:
