@@ -18,6 +18,7 @@ forward longer than one token. Both methods are differentiable in `vectors` (onl
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,6 +152,15 @@ def embedding_replacement(
 
 
 BLOCK_0_INPUT = "blocks.0.hook_resid_pre"
+# Points that carry [batch, pos, d_model] on every TL model: an activation of another width there comes from a model
+# of another d_model than the injection's vectors.
+_D_MODEL_POINT = re.compile(r"^hook_embed$|\.hook_(resid_pre|resid_mid|resid_post|attn_out|mlp_out)$")
+
+
+def is_injection_hook(fn: object) -> bool:
+    """Whether `fn` is one of the hooks an `Injection` hands out (`hook`, or the pair `fwd_hooks()` builds at
+    `hook_embed`), told by where it was defined: an `Injection` holds no state to mark them with."""
+    return getattr(fn, "__module__", None) == __name__ and getattr(fn, "__qualname__", "").startswith("Injection.")
 
 
 @dataclass(frozen=True)
@@ -218,6 +228,24 @@ class Injection:
 
         return [(self.spec.hook_point, at_embed), (BLOCK_0_INPUT, at_block_0)]
 
+    def _check_width(self, activation: Tensor) -> None:
+        """Refuse an activation that is not `[batch, pos, d_model]` of the vectors' d_model, saying why: a point
+        outside the residual stream, or a model of another d_model than the AV that built this injection."""
+        d_model = self.vectors.shape[-1]
+        if activation.ndim == 3 and activation.shape[-1] == d_model:
+            return
+        if activation.ndim == 3 and _D_MODEL_POINT.search(self.spec.hook_point):
+            raise InjectionError(
+                f"{self.spec.hook_point} carries activations of d_model {activation.shape[-1]}, but this injection's "
+                f"vectors have d_model {d_model}: another model's AV built it. Build the injection for the model you "
+                "run with that model's AV: av.injection(vectors, tokens)"
+            )
+        raise InjectionError(
+            f"{self.spec.hook_point} carries activations of shape {list(activation.shape)}, not [batch, pos, "
+            f"{d_model}]: inject at a residual-stream or embedding hook point (e.g. blocks.1.hook_resid_post or "
+            "hook_embed)"
+        )
+
     def _marker_rows(self, activation: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "n d_model"] | None:
         """A copy of the rows at the marker sites of a run of the built token shape (or longer), else None."""
         batch, pos = self.token_shape
@@ -234,12 +262,7 @@ class Injection:
              hook: HookPoint) -> Float[Tensor, "batch pos d_model"] | None:
         """The TL hook function itself: writes the vectors at their marker sites on a run of the built token shape
         (or longer), leaves a one-token KV-cached decode step alone, and refuses any other shape."""
-        if activation.ndim != 3 or activation.shape[-1] != self.vectors.shape[-1]:
-            raise InjectionError(
-                f"{self.spec.hook_point} carries activations of shape {list(activation.shape)}, not [batch, pos, "
-                f"{self.vectors.shape[-1]}]: inject at a residual-stream or embedding hook point (e.g. "
-                "blocks.1.hook_resid_post or hook_embed)"
-            )
+        self._check_width(activation)
         batch, pos = activation.shape[:2]
         if pos == 1 and self.token_shape[1] > 1:
             return None  # a KV-cached decode step: the prompt was injected at prefill

@@ -19,7 +19,7 @@ from nla_lens import backends, loading
 from nla_lens.checks import check_draws_of, check_sampling, counted, is_count, resolve_device, resolve_dtype
 from nla_lens.distributed import inference
 from nla_lens.errors import InjectionError, InputError, PromptTooLongError, SidecarError
-from nla_lens.injection import BLOCK_0_INPUT, Injection, check_vectors
+from nla_lens.injection import BLOCK_0_INPUT, HookFn, Injection, check_vectors, is_injection_hook
 from nla_lens.markers import find_marker_sites
 from nla_lens.parsing import failed_parse_note, injection_warning, parse_explanation
 from nla_lens.results import TabularResult
@@ -33,6 +33,8 @@ from nla_lens.sidecar import (
 )
 
 if TYPE_CHECKING:
+    from transformer_lens.hook_points import HookPoint
+
     from nla_lens.backends import TLModel
 
 MAX_NEW_TOKENS = 150  # verbalize's default, shared by the callers that run it for you (steer words, sharded)
@@ -306,6 +308,7 @@ class ActivationVerbalizer:
         self._check_fits(max_new_tokens)
         backends.check_holds_weights(self.model, "AV")
         backends.check_dtype_current(self.model, "AV")
+        _check_no_injection_attached(self.model)
         vectors = check_vectors(vectors, self.meta.d_model)
         draws = None if draws_of is None else check_draws_of(draws_of, vectors.shape[0])
         uniforms = None if draws is None or temperature == 0 else _common_uniforms(draws, max_new_tokens, seed)
@@ -346,11 +349,20 @@ class ActivationVerbalizer:
         n = vectors.shape[0]
         tokens = self.prompt_tokens(n)
         injection = self.injection(vectors, tokens)
+        inject = _NotingItRan(injection.hook)
+        site_hooks: list[tuple[str, HookFn]] = [(injection.spec.hook_point, inject)]
         # The last token is never fed back: the cache holds prompt + max_new_tokens - 1 positions, so the
         # longest generation `_check_fits` allows still fits the fast decoders' rotary tables (n_ctx).
-        decoder = backends.decoder(self.model, n, tokens.shape[1] + max_new_tokens - 1, injection.site_hooks())
+        decoder = backends.decoder(self.model, n, tokens.shape[1] + max_new_tokens - 1, site_hooks)
         self.fallback_reason = decoder.fallback_reason
-        logits = decoder.prefill(tokens, injection.site_hooks())
+        logits = decoder.prefill(tokens, site_hooks)
+        if not inject.ran:
+            raise InjectionError(
+                f"the injection at {injection.spec.hook_point} never ran in the prefill: a hook removed it before "
+                "that point fired (model.reset_hooks() or remove_hooks() called from inside a hook of yours?), so "
+                "the AV read its prompt without the vectors. Remove hooks after verbalize returns, not from inside "
+                "one of its forward passes"
+            )
         eos = torch.tensor(self.eos_token_ids, device=self.device, dtype=torch.long)
         finished = torch.zeros(n, dtype=torch.bool, device=self.device)
         generated = torch.empty(n, max_new_tokens, dtype=torch.long, device=self.device)
@@ -368,6 +380,33 @@ class ActivationVerbalizer:
         rows = generated[:, :step + 1].tolist()
         eos_ids = set(self.eos_token_ids)
         return [row[:next((i + 1 for i, t in enumerate(row) if t in eos_ids), len(row))] for row in rows]
+
+
+class _NotingItRan:
+    """The prefill's injection hook, noting whether it ran: a hook of the caller's that fires first may remove it
+    (`model.reset_hooks()` inside a hook), and the AV would explain its bare prompt for every vector."""
+
+    def __init__(self, hook: HookFn) -> None:
+        self.hook = hook
+        self.ran = False
+
+    def __call__(self, activation: Tensor, hook: HookPoint) -> Tensor | None:
+        self.ran = True
+        return self.hook(activation, hook)
+
+
+def _check_no_injection_attached(model: TLModel) -> None:
+    """Refuse to verbalize while an `Injection`'s hook is attached to the AV (a `model.hooks(fwd_hooks=inj.fwd_hooks())`
+    block around the call, `run_with_hooks(..., reset_hooks_end=False)`, `add_hook`): `verbalize` adds its own, and the
+    vectors would go in twice (a Karvonen add doubles), or an injection built for other tokens would raise mid-run."""
+    for name, point in model.hook_dict.items():
+        if any(is_injection_hook(getattr(handle, "user_hook", None)) for handle in point.fwd_hooks):
+            raise InjectionError(
+                f"an injection is attached to the AV at {name}, and verbalize adds its own to every batch: the "
+                "vectors would be injected twice. Remove it first (leave the `with av.model.hooks(...)` block that "
+                "installed it, or call av.model.reset_hooks()); to decode under your own injection, run TL's "
+                "generate inside that block instead"
+            )
 
 
 def _sample(logits: Float[Tensor, "n vocab"], temperature: float, top_p: float,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -89,6 +91,26 @@ def test_injection_composes_with_user_ablation_and_steering_in_one_run(av_karvon
     assert _no_hooks_left(av_karvonen.model)
 
 
+def test_run_with_cache_under_the_injection_and_the_next_hook_point_show_the_injected_residual(
+        av_karvonen, tiny_paths, vectors):
+    """What the README tells a researcher who wants the injected residual: `run_with_cache` inside
+    `model.hooks(fwd_hooks=inj.fwd_hooks())` caches it at the injection's point and at the next one
+    (`blocks.2.hook_resid_pre`), as HF's hidden state after layer 1 under the reference hook holds it."""
+    tokens = av_karvonen.prompt_tokens(len(vectors))
+    with av_karvonen.model.hooks(fwd_hooks=av_karvonen.injection(vectors, tokens).fwd_hooks()):
+        _, cache = av_karvonen.model.run_with_cache(tokens)
+    assert _no_hooks_left(av_karvonen.model)
+    hf, _ = ref.load_hf(tiny_paths["av_karvonen"])
+    sites = ref.marker_sites(tokens, ref.sidecar(tiny_paths["av_karvonen"])["tokens"])
+    with torch.no_grad(), ref.karvonen_hook(hf, sites, vectors):
+        injected = hf(tokens, output_hidden_states=True).hidden_states[2]
+    with torch.no_grad():
+        plain = hf(tokens, output_hidden_states=True).hidden_states[2]
+    for name in ("blocks.1.hook_resid_post", "blocks.2.hook_resid_pre"):
+        assert (cache[name] - injected).abs().max() < ATOL
+    assert (injected - plain).abs().max() > 1e-2
+
+
 def test_any_hook_point_can_be_chosen(tiny_paths, vectors):
     av = nl.ActivationVerbalizer.from_pretrained(tiny_paths["av_karvonen"], hook_point="blocks.0.hook_resid_post")
     tokens = av.prompt_tokens(len(vectors))
@@ -132,6 +154,63 @@ def test_a_keyboard_interrupt_mid_generation_leaves_no_hook_and_no_state(av_karv
     assert calls[-1] == (av_karvonen.prompt_tokens(1).shape[1] if at_call == 1 else 1)
     assert _no_hooks_left(av_karvonen.model)
     assert av_karvonen.verbalize(vectors, max_new_tokens=4, progress=False) == plain
+
+
+def test_a_hook_that_removes_the_injection_before_it_fires_is_an_injection_error(av_karvonen, vectors):
+    """`model.reset_hooks()` inside a hook of the user's that fires before the injection's point took the prefill's
+    injection with it: every vector was explained as the bare prompt, with no warning. After that point the injection
+    has run, and the call reads the vectors as usual."""
+    model = av_karvonen.model
+    plain = av_karvonen.verbalize(vectors, max_new_tokens=4, progress=False)
+
+    def reset(activation, hook):
+        model.reset_hooks()
+
+    removed = pytest.raises(nl.InjectionError, match=r"injection at blocks.1.hook_resid_post never ran in the "
+                                                     r"prefill.*reset_hooks\(\)")
+    with removed, model.hooks(fwd_hooks=[("blocks.0.hook_resid_post", reset)]):
+        av_karvonen.verbalize(vectors, max_new_tokens=4, progress=False)
+    assert _no_hooks_left(model)
+    with model.hooks(fwd_hooks=[("blocks.2.hook_resid_post", reset)]):
+        assert av_karvonen.verbalize(vectors, max_new_tokens=4, progress=False) == plain
+    assert av_karvonen.verbalize(vectors, max_new_tokens=4, progress=False) == plain
+
+
+@pytest.mark.parametrize("how", ["hooks_context", "run_with_hooks_left", "perma_hook", "karvonen_at_hook_embed"])
+def test_verbalize_refuses_an_injection_left_attached_to_the_av(tiny_paths, vectors, how):
+    """An injection of the user's still attached when `verbalize` adds its own went in twice (a Karvonen add at the
+    marker twice over), silently: other explanations than the vectors' own. Refused up front, on every way a hook
+    stays attached; with it removed the call reads the vectors as usual."""
+    hook_point = "hook_embed" if how == "karvonen_at_hook_embed" else None
+    av = nl.ActivationVerbalizer.from_pretrained(tiny_paths["av_karvonen"], hook_point=hook_point)
+    model = av.model
+    plain = av.verbalize(vectors, max_new_tokens=4, progress=False)
+    tokens = av.prompt_tokens(len(vectors))
+    injection = av.injection(vectors, tokens)
+    refused = pytest.raises(nl.InjectionError, match=r"an injection is attached to the AV at .*injected twice")
+    if how in ("hooks_context", "karvonen_at_hook_embed"):
+        with refused, model.hooks(fwd_hooks=injection.fwd_hooks()):
+            av.verbalize(vectors, max_new_tokens=4, progress=False)
+    else:
+        if how == "run_with_hooks_left":
+            model.run_with_hooks(tokens, fwd_hooks=injection.fwd_hooks(), reset_hooks_end=False)
+        else:
+            model.add_perma_hook(*injection.site_hooks()[0])
+        with refused:
+            av.verbalize(vectors, max_new_tokens=4, progress=False)
+        model.reset_hooks(including_permanent=True)
+    assert _no_hooks_left(model)
+    assert av.verbalize(vectors, max_new_tokens=4, progress=False) == plain
+
+
+def test_an_injection_run_on_a_model_of_another_width_says_another_models_av_built_it(av_karvonen, vectors):
+    """The message pointed at residual-stream hook points, naming the very point the injection was at."""
+    tokens = av_karvonen.prompt_tokens(len(vectors))
+    narrow = dataclasses.replace(av_karvonen.injection(vectors, tokens), vectors=vectors[:, :32])
+    with pytest.raises(nl.InjectionError, match=r"^blocks.1.hook_resid_post carries activations of d_model 64, "
+                                                r"but this injection's vectors have d_model 32: another model's AV"):
+        av_karvonen.model.run_with_hooks(tokens, fwd_hooks=narrow.fwd_hooks())
+    assert _no_hooks_left(av_karvonen.model)
 
 
 def test_injection_refuses_tokens_it_was_not_built_for(av_karvonen, vectors):
