@@ -252,6 +252,17 @@ def explain_tokens(nla: NLA, base: TLModel, token_rows: Sequence[Sequence[int]] 
                          baseline=baseline, fwd_hooks=fwd_hooks, **verbalize_kwargs)
 
 
+def _check_hooks_fire(base: TLModel, fwd_hooks: Sequence[tuple[Any, Any]]) -> None:
+    """Refuse a hook at a point TransformerLens computes only when asked (`attn.hook_result`, `hook_mlp_in`, ...):
+    HookedTransformer attaches it and never runs it, so the explanations would be the unhooked ones; the bridge
+    refuses it with a bare ValueError."""
+    for name, _ in fwd_hooks:
+        setter = backends.switch_needed(base, name) if isinstance(name, str) else None
+        if setter is not None:
+            raise InputError(f"explain: fwd_hooks names {name!r}, which TransformerLens computes only when asked, so "
+                             f"the hook would never run: call base.{setter}(True) first")
+
+
 def _explain_rows(nla: NLA, base: TLModel, token_rows: Sequence[Sequence[int]] | Int[Tensor, "1 pos"], *,
                   positions: ExplainPositions, skip: Sequence[int] | None, skip_is_bos: bool,
                   texts: Sequence[str] | None, baseline: float | None, fwd_hooks: Sequence[tuple[str, Any]],
@@ -265,6 +276,7 @@ def _explain_rows(nla: NLA, base: TLModel, token_rows: Sequence[Sequence[int]] |
     check_base_model(base, nla, layer)
     check_read_keywords(nla, verbalize_kwargs, "explain")
     fwd_hooks = check_fwd_hooks(fwd_hooks, base.hook_dict, "explain")
+    _check_hooks_fire(base, fwd_hooks)
     token_rows = _rows_of(token_rows)
     if not token_rows or not all(len(row) for row in token_rows):
         raise InputError("every text to explain needs at least one token")

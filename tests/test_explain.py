@@ -169,6 +169,30 @@ def test_a_hook_name_typo_or_a_lone_pair_in_fwd_hooks_is_a_typed_error_naming_th
     assert no_hooks_left(base)
 
 
+@pytest.mark.parametrize(("point", "setter"), [("attn.hook_result", "set_use_attn_result"),
+                                             ("hook_mlp_in", "set_use_hook_mlp_in"),
+                                             ("hook_q_input", "set_use_split_qkv_input")])
+def test_a_hook_where_tl_computes_only_when_asked_is_a_typed_error_naming_the_switch(base, nla, point, setter):
+    """HookedTransformer attached such a hook and never ran it: explain returned the unhooked explanations as the
+    ablated ones. The bridge refused it with a bare ValueError. Once switched on, the hook runs."""
+    name = f"blocks.0.{point}"
+    calls = []
+
+    def record(activation, hook):
+        calls.append(activation.shape)
+
+    with pytest.raises(nl.InputError, match=rf"'{re.escape(name)}', which TransformerLens computes only when asked.*"
+                                            rf"base\.{setter}\(True\) first"):
+        nla.explain(base, TEXTS[0], positions=-1, fwd_hooks=[(name, record)], **FAST)
+    assert calls == [] and no_hooks_left(base)
+    getattr(base, setter)(True)
+    try:
+        nla.explain(base, TEXTS[0], positions=-1, fwd_hooks=[(name, record)], **FAST)
+    finally:
+        getattr(base, setter)(False)
+    assert len(calls) == 1 and no_hooks_left(base)
+
+
 def test_positions_select_the_same_tokens_in_every_text():
     assert select_positions(None, 5) == [0, 1, 2, 3, 4]
     assert select_positions(None, 5, skip=1) == [1, 2, 3, 4]  # a BOS the tokenizer added
