@@ -172,6 +172,28 @@ def test_patching_study_equals_hand_written_tl_patching(base, nla, layer, positi
     assert no_hooks_left(base)
 
 
+def test_permanent_hooks_run_in_every_helper_run_before_the_patch_and_stay_attached(base, nla):
+    """What the README promises of the helpers: a permanent hook of the user's on the base model runs in the clean,
+    corrupted and patched runs, before the patch at its own point (added first, it sees the corrupted value
+    there); one on the AV runs in the readout; both stay attached, and the patch is the hand-written one."""
+    clean_tokens, corrupted_tokens = equal_length_pair(base)
+    seen, av_calls = [], []
+    base.add_perma_hook("blocks.0.hook_resid_pre", lambda resid, hook: seen.append(resid[:, 1].clone()))
+    nla.av.model.add_perma_hook("blocks.0.hook_resid_post", lambda resid, hook: av_calls.append(resid.shape[1]))
+    try:
+        study = nl.patching_study(base, nla, clean_tokens, corrupted_tokens, patch_layer=0, patch_position=1,
+                                  baseline=0.5, **FAST)
+        assert [len(point.fwd_hooks) for point in (base.hook_dict["blocks.0.hook_resid_pre"],
+                                                   nla.av.model.hook_dict["blocks.0.hook_resid_post"])] == [1, 1]
+    finally:
+        base.reset_hooks(including_permanent=True)
+        nla.av.model.reset_hooks(including_permanent=True)
+    assert len(seen) == 3 and not torch.equal(seen[0], seen[1]) and torch.equal(seen[1], seen[2])
+    assert av_calls and av_calls[0] > 1  # the prefill, then decode steps
+    assert torch.equal(study.patched_vectors, hand_written_patching(base, clean_tokens, corrupted_tokens, 0, 1)[2])
+    assert no_hooks_left(base) and no_hooks_left(nla.av.model)
+
+
 def test_reading_out_another_layer_than_the_nlas_warns_as_the_cli_does(base, nla, steer, recwarn):
     """capture_layer=1 ran the layer-2 NLA on layer-1 vectors, scored against the layer-2 baseline, silently."""
     clean_tokens, corrupted_tokens = equal_length_pair(base)

@@ -317,13 +317,22 @@ def test_a_hook_point_given_beside_an_injection_spec_is_honoured(tiny_paths):
     assert av.injection_spec == InjectionSpec("karvonen", "blocks.3.hook_resid_post")
 
 
-def test_a_user_hook_at_the_injection_site_runs_before_the_injection(av_karvonen, tiny_paths, vectors):
+@pytest.mark.parametrize("installed", ["hooks_context", "perma_hook"])
+def test_a_user_hook_at_the_injection_site_runs_before_the_injection(av_karvonen, tiny_paths, vectors, installed):
     """TL runs a point's hooks in the order they were added and `verbalize` adds the injection last, so
-    steering at the injection site changes the ||h|| that the Karvonen add scales by."""
+    steering at the injection site changes the ||h|| that the Karvonen add scales by; a permanent hook too."""
     assert av_karvonen.injection_spec.hook_point == "blocks.1.hook_resid_post"
     steer = 3.0 * torch.randn(av_karvonen.meta.d_model, generator=torch.Generator().manual_seed(1))
-    with av_karvonen.model.hooks(fwd_hooks=[("blocks.1.hook_resid_post", lambda r, hook: r + steer)]):
-        out = av_karvonen.verbalize(vectors, max_new_tokens=MAX_NEW, progress=False)
+    steering = ("blocks.1.hook_resid_post", lambda r, hook: r + steer)
+    if installed == "perma_hook":
+        av_karvonen.model.add_perma_hook(*steering)
+        try:
+            out = av_karvonen.verbalize(vectors, max_new_tokens=MAX_NEW, progress=False)
+        finally:
+            av_karvonen.model.reset_hooks(including_permanent=True)
+    else:
+        with av_karvonen.model.hooks(fwd_hooks=[steering]):
+            out = av_karvonen.verbalize(vectors, max_new_tokens=MAX_NEW, progress=False)
     kwargs = dict(steer=lambda h: h + steer, steer_layer=1)
     steered_first = hf_generate(tiny_paths["av_karvonen"], vectors, steer_first=True, **kwargs)
     assert [o.tokens for o in out] == steered_first
