@@ -258,18 +258,18 @@ def explained_text_html(texts: Sequence[Sequence[TokenCell]], *, title: str, lay
     scale = ColourScale.from_cells([c for cells in texts for c in cells])
     where = ""
     if layer is not None:
-        where = f" · layer {layer} (<code>{html.escape(hook_name or f'blocks.{layer}.hook_resid_post')}</code>)"
+        where = f" · layer {layer} (<code>{_shown_text(hook_name or f'blocks.{layer}.hook_resid_post')}</code>)"
     heads = [None] * len(texts) if labels is None else labels
     blocks = [_text_block(cells, scale, label) for cells, label in zip(texts, heads, strict=True)]
     return (f"<div class='nla-view'><style>{_STYLE}</style>"
-            f"<div class='nla-head'><b>{html.escape(_visible(title))}</b>{where}</div>"
-            + (f"<div class='nla-meta'>{html.escape(summary)}</div>" if summary else "") + warning_lines(warnings)
+            f"<div class='nla-head'><b>{_shown_text(title)}</b>{where}</div>"
+            + (f"<div class='nla-meta'>{_shown_text(summary)}</div>" if summary else "") + warning_lines(warnings)
             + scale.legend_html() + "".join(blocks) + "</div>")
 
 
 def warning_lines(warnings: Sequence[str]) -> str:
     """A result's warnings in its view, word for word: a saved page has no `.warnings` to look them up in."""
-    return "".join(f"<div class='nla-warn'>warning: {html.escape(w)}</div>" for w in warnings)
+    return "".join(f"<div class='nla-warn'>warning: {_shown_text(w)}</div>" for w in warnings)
 
 
 def model_label(name: str) -> str:
@@ -306,7 +306,7 @@ def _text_block(cells: Sequence[TokenCell], scale: ColourScale, label: str | Non
         if cell.explained:
             chip = (f"<span class='nla-tok{outline}' style='background:{background};color:{_ink(background)}'>"
                     f"{_shown_token(cell.token)}</span>")
-            explanation = (f"<td>{html.escape(_visible(cell.explanation))}</td>" if cell.explanation is not None else
+            explanation = (f"<td>{_shown_text(cell.explanation)}</td>" if cell.explanation is not None else
                            f"<td class='nla-unparsed'>{html.escape(said)}</td>")
             rows.append(f"<tr><td class='num'>{cell.position}</td><td>{chip}</td>{_score_cell(cell.fve, missed)}"
                         f"{_score_cell(cell.mse, missed)}{explanation}</tr>")
@@ -412,8 +412,8 @@ def result_html(name: str, summary: str, records: Sequence[dict[str, Any]], colu
                ".to_pandas() has them all</div>")
     else:
         cut = _scroll_note(len(shown))
-    return (f"<div class='nla-view'><style>{_STYLE}</style><div class='nla-head'><b>{html.escape(name)}</b></div>"
-            f"<div class='nla-meta'>{html.escape(summary)}</div>{warning_lines(warnings)}{figure}{cut}"
+    return (f"<div class='nla-view'><style>{_STYLE}</style><div class='nla-head'><b>{_shown_text(name)}</b></div>"
+            f"<div class='nla-meta'>{_shown_text(summary)}</div>{warning_lines(warnings)}{figure}{cut}"
             f"{_table(f'<tr>{head}</tr>' + ''.join(body))}</div>")
 
 
@@ -560,9 +560,9 @@ def feature_card_html(title: str, hook_name: str | None, summary: str, explanati
               f"{stops})'></span>activation 0 to {format_number(top, 2)}</span><span><span class='nla-swatch "
               "nla-peak'></span>the context's peak token</span></div>") if windows else ""
     return (f"<div class='nla-view'><style>{_STYLE}</style>"
-            f"<div class='nla-head'><b>{html.escape(title)}</b> · "
-            f"{'no hook point recorded' if hook_name is None else f'<code>{html.escape(hook_name)}</code>'}</div>"
-            f"<div class='nla-said'>NLA: {said}</div><div class='nla-meta'>{html.escape(summary)}</div>"
+            f"<div class='nla-head'><b>{_shown_text(title)}</b> · "
+            f"{'no hook point recorded' if hook_name is None else f'<code>{_shown_text(hook_name)}</code>'}</div>"
+            f"<div class='nla-said'>NLA: {said}</div><div class='nla-meta'>{_shown_text(summary)}</div>"
             f"{warning_lines(warnings)}{legend}"
             + (_contexts_table(rows, said_here is not None) if windows else _no_contexts(n_positions)) + "</div>")
 
@@ -570,9 +570,9 @@ def feature_card_html(title: str, hook_name: str | None, summary: str, explanati
 def _readout_html(readout: Readout) -> str:
     """A card's explanation, or its failed parse marked as every view marks one (see `unparsed_text`)."""
     if readout.explanation is not None:
-        return html.escape(_visible(readout.explanation))
+        return _shown_text(readout.explanation)
     failed = unparsed_text(readout.raw_text, readout.truncated)
-    return f"<span class='nla-unparsed'>{html.escape(_visible(failed))}</span>"
+    return f"<span class='nla-unparsed'>{_shown_text(failed)}</span>"
 
 
 def _contexts_table(rows: Sequence[str], said_here: bool) -> str:
@@ -626,6 +626,13 @@ def _beyond_decimals(value: float, decimals: int) -> bool:
     small KL); from 1e6 up they run to dozens of digits (1e20: a diverging loss), which a repr's cell cuts to a
     prefix read as a number."""
     return 0 < abs(value) < 0.5 * 10.0 ** -decimals or abs(value) >= _E_FROM
+
+
+def _shown_text(text: str) -> str:
+    """`text` as a view shows it: control and format characters written as escapes (`_visible`), then HTML-escaped.
+    A view's own lines go through it as its rows do: a summary, warning or hook name quotes what the user or the
+    model gave (a text, an explanation, an SAE's metadata)."""
+    return html.escape(_visible(text))
 
 
 def _visible(text: str, keep: str = "") -> str:

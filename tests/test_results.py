@@ -1331,6 +1331,33 @@ def test_a_lone_surrogate_shows_as_its_escape_and_the_view_saves(tmp_path):
     assert "a\\ud800b" in result.save(tmp_path / "view.html").read_text(encoding="utf-8")
 
 
+def test_views_show_control_characters_of_summaries_warnings_and_hook_names_as_escapes(tmp_path):
+    """A view's summary, warnings and hook name were HTML-escaped only: a warning quoting a text's ESC or CR, a
+    summary's bidi override and an SAE's hook name with a line separator reached the page bare, where the rows beside
+    them show escapes; a warning quoting a lone surrogate made save('x.html') raise a bare UnicodeEncodeError."""
+    from nla_lens.verbalizer import Verbalization
+
+    warning, summary, hook = "text 0 says a\x1b[2Jb\rc\ud800", "FVE \u202e0.5", "blocks.2.hook\u2028resid_post"
+    shown = {warning: "text 0 says a\\x1b[2Jb\\rc\\ud800", summary: "FVE \\u202e0.5",
+             hook: "blocks.2.hook\\u2028resid_post"}
+    cells = [display.TokenCell("x", 0, True, "said", None, 0.5)]
+    views = {"table": display.result_html("R", summary, [{"a": 1}], ["a"], [warning]),
+             "explained": display.explained_text_html([cells], title="t", layer=2, summary=summary, hook_name=hook,
+                                                      warnings=[warning]),
+             "card": display.feature_card_html("f", hook, summary, "e", "", [(["a"], [1.0], 0)], warnings=[warning])}
+    result = nl.Verbalizations([Verbalization("<explanation>\ne\n</explanation>", "e", [1])], warnings=[warning])
+    views["result"] = result.save(tmp_path / "view.html").read_text(encoding="utf-8")
+    for name, view in views.items():
+        page = _body(view)
+        assert not {"\x1b", "\r", "\u202e", "\u2028"} & set(page), name
+        assert not any("\ud800" <= c <= "\udfff" for c in page), name
+        assert f"warning: {shown[warning]}" in page, name
+    for name in ("table", "explained", "card"):
+        assert shown[summary] in views[name], name
+    for name in ("explained", "card"):
+        assert f"<code>{shown[hook]}</code>" in views[name], name
+
+
 def test_a_real_explanation_escapes_model_text_in_its_view_and_repr(results):
     """What an AV writes reaches the page only as text: markup, entities, quotes, NUL and bidi controls."""
     import dataclasses
