@@ -25,7 +25,7 @@ tensors with ``eq=False``: a generated ``==`` compares the tensors and raises.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from importlib import import_module
 from pathlib import Path
@@ -102,7 +102,12 @@ class TabularResult:
                                                   "nla_lens_version": __version__}
             if self.warnings_at is not None:
                 record["warnings"] = self._held_warnings()
-            table = table.replace_schema_metadata({RESULT_KEY: json_text(record)})
+            try:
+                table = table.replace_schema_metadata({RESULT_KEY: json_text(record)})
+            except UnicodeEncodeError:
+                _refuse_lone_surrogate([("the summary", record["summary"]), *(
+                    (f"warning {i}", w) for i, w in enumerate(record.get("warnings", [])))])
+                raise
         write_table(table, path)
         return path
 
@@ -453,6 +458,34 @@ def records_table(records: list[dict[str, Any]], schema: pa.Schema | None = None
         raise InputError(f"{_mixed_column(records) or 'the rows'} cannot be written as one arrow column ({exc}): a "
                          ".parquet or .jsonl file holds one kind of value per column. Make the column one kind "
                          "(to_pandas() gives the rows as they are), or save as .html") from exc
+    except UnicodeEncodeError:
+        _refuse_lone_surrogate((f"column {column!r} row {row}", value)
+                               for row, record in enumerate(records) for column, value in record.items())
+        raise
+
+
+def _refuse_lone_surrogate(named_values: Iterable[tuple[str, Any]]) -> None:
+    """An `InputError` naming the first value (text, or text in a list) that holds a lone surrogate, which arrow
+    could not encode: its bare UnicodeEncodeError named no column and no row."""
+    for name, value in named_values:
+        char = _lone_surrogate(value)
+        if char is not None:
+            raise InputError(f"{name} holds {char!r}, a lone surrogate (a JSON '\\ud800' escape or a file read with "
+                             "errors='surrogateescape' leaves one), which UTF-8 cannot encode, so no .parquet or "
+                             ".jsonl file can hold it. Save as .html, whose view shows it as its escape, or replace "
+                             "it (to_pandas() gives the rows; text.encode('utf-8', 'replace').decode('utf-8') "
+                             "replaces it with '?')")
+
+
+def _lone_surrogate(value: Any) -> str | None:
+    """The first lone surrogate in `value` (text, or text in lists and mappings), None where there is none."""
+    if isinstance(value, str):
+        return next((c for c in value if "\ud800" <= c <= "\udfff"), None)
+    if isinstance(value, dict):
+        return _lone_surrogate([*value.keys(), *value.values()])
+    if isinstance(value, (list, tuple)):
+        return next((char for item in value if (char := _lone_surrogate(item)) is not None), None)
+    return None
 
 
 def _mixed_column(records: list[dict[str, Any]]) -> str | None:

@@ -1331,6 +1331,26 @@ def test_a_lone_surrogate_shows_as_its_escape_and_the_view_saves(tmp_path):
     assert "a\\ud800b" in result.save(tmp_path / "view.html").read_text(encoding="utf-8")
 
 
+def test_saving_a_lone_surrogate_to_parquet_or_jsonl_is_an_input_error_naming_its_column_and_row(tmp_path):
+    """A lone surrogate in a text column (a raw output read back from JSON, a row built by hand) made
+    save('x.parquet') and save('x.jsonl') raise pyarrow's bare UnicodeEncodeError, naming no column and no row; one in
+    a warning did so for .parquet, whose metadata keeps them. The .html view shows it as its escape and saves."""
+    from nla_lens.verbalizer import Verbalization
+
+    fine = Verbalization("<explanation>\nok\n</explanation>", "ok", [1])
+    result = nl.Verbalizations([fine, Verbalization("no tags a\ud800b", None, [2])])
+    for suffix in (".parquet", ".jsonl"):
+        with pytest.raises(nl.InputError, match=r"column 'text' row 1 holds '\\ud800', a lone surrogate .*UTF-8 "
+                                                r"cannot encode.*Save as \.html"):
+            result.save(tmp_path / f"rows{suffix}")
+        assert not (tmp_path / f"rows{suffix}").exists()
+    assert "a\\ud800b" in result.save(tmp_path / "rows.html").read_text(encoding="utf-8")
+    warned = nl.Verbalizations([fine], warnings=["fine", "text 0 holds x\udcff"])
+    with pytest.raises(nl.InputError, match=r"warning 1 holds '\\udcff', a lone surrogate"):
+        warned.save(tmp_path / "warned.parquet")
+    assert nl.read_result(warned.save(tmp_path / "warned.jsonl"))["text"].tolist() == [fine.text]  # the rows alone
+
+
 def test_views_show_control_characters_of_summaries_warnings_and_hook_names_as_escapes(tmp_path):
     """A view's summary, warnings and hook name were HTML-escaped only: a warning quoting a text's ESC or CR, a
     summary's bidi override and an SAE's hook name with a line separator reached the page bare, where the rows beside
