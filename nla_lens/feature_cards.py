@@ -25,6 +25,7 @@ from nla_lens.errors import InputError, VectorError
 from nla_lens.nla import NLA, check_read_keywords, nla_type_name
 from nla_lens.results import TabularResult
 from nla_lens.sae import (
+    SIDECAR_BASE,
     ResidualStats,
     check_ar_reads_samples,
     check_sae_reads_layer,
@@ -35,12 +36,14 @@ from nla_lens.sae import (
     feature_id,
     offset_columns,
     offset_summary,
+    read_features,
     resid_hook_names,
     sae_hook_phrase,
     skipped,
     text_residuals,
-    verbalize_sae_features,
+    tl_model_name,
     warn_of_cut_texts,
+    warn_of_other_model,
 )
 from nla_lens.sae_columns import FEATURE_CARD
 from nla_lens.verbalizer import ActivationVerbalizer, Verbalization
@@ -210,7 +213,8 @@ def feature_card(
     another hook, let in by `allow_other_hook=True`, reads its own hook point); the first `skip_first`
     positions of each text are left out (default: the BOS the tokenizer puts first, as `explain` leaves it out;
     none on Qwen). A text longer than the base's n_ctx is scanned up to it, with a warning, kept in the card's
-    `warnings`, naming such texts.
+    `warnings`, naming such texts. So is an SAE whose `sae.cfg.metadata.model_name` names neither the sidecar's
+    `base_model` nor `base.cfg.model_name` (compared by `nla_lens.sae.model_key`): warned of once, before the scan.
     `explain_contexts=True` also verbalizes the base residual at each context's peak (`k` more AV
     generations): what the NLA says where the feature fires, beside what it says of the decoder row
     (on the bundled toy the former names the feature's token far more often: README, "SAE features").
@@ -238,7 +242,8 @@ def feature_card(
         raise InputError(f"feature_card draws one feature's card, got features {feature!r:.60}: pass one id, or one "
                          "card per feature: [nl.feature_card(sae, base, texts, f, nla) for f in features]")
     decoder_rows(sae, [feature])  # checks the id before the scan indexes with it
-    check_ar_reads_samples(nla, verbalize_kwargs)  # as verbalize_sae_features will, but before the scan
+    check_ar_reads_samples(nla, verbalize_kwargs)  # as read_features will, but before the scan
+    notes = warn_of_other_model(sae, [(av.meta.base_model, SIDECAR_BASE), (tl_model_name(base), "base.cfg.model_name")])
     per_text: list[tuple[list[int], Tensor]] = []
     cut: list[int] = []
     with torch.inference_mode():
@@ -257,7 +262,7 @@ def feature_card(
                 raise VectorError(_non_finite_activations(sae, feature, len(per_text), resid))
             acts[:skip] = float("nan")
             per_text.append((ids, acts))
-    notes = warn_of_cut_texts(cut, len(texts), base.cfg.n_ctx, "the card holds no context past it")
+    notes += warn_of_cut_texts(cut, len(texts), base.cfg.n_ctx, "the card holds no context past it")
     flat = torch.cat([acts for _, acts in per_text])
     scanned = ~flat.isnan()
     if not scanned.any():  # as residual_stats refuses it: an empty card would look like a dead feature
@@ -266,8 +271,7 @@ def feature_card(
                     else ("", "a smaller skip_first"))
         raise InputError(f"no positions left after skip_first={skip_first}{bos}: the longest text has "
                          f"{counted(longest, 'token')}; use longer texts or {fix}")
-    readout = verbalize_sae_features(nla, sae, [feature], offset=offset, allow_other_hook=allow_other_hook,
-                                     **verbalize_kwargs)
+    readout = read_features(nla, sae, [feature], hook_name, offset, [], verbalize_kwargs)  # its model warned of above
     n_active = int((flat[scanned] > 0).sum())
     # Stable: exact ties (a text repeated, a shared prefix) keep text-then-position order, the same on every run.
     order = torch.nan_to_num(flat, nan=-float("inf")).argsort(descending=True, stable=True)[:min(k, n_active)].tolist()

@@ -9,7 +9,7 @@ to the contexts the feature fires on, which is how to check it.
 Needs the ``sae`` extra (``pip install 'nla_lens[sae]'``): sae-lens 6.x, which requires
 transformer-lens < 4, so this module raises [`BackendError`][nla_lens.errors.BackendError] on import under
 TransformerLens 4.x. The SAE itself is only read through ``W_dec``, ``encode``, ``cfg.d_in`` and
-``cfg.metadata.hook_name``.
+``cfg.metadata`` (``hook_name``, and ``model_name``, which a warning compares with the base's name).
 
 ``nl.capture`` on a ``HookedSAETransformer`` records the output of block K, i.e. what block K+1
 reads: with an SAE attached at ``blocks.K.hook_resid_post`` that is the SAE's reconstruction, or
@@ -21,7 +21,7 @@ from __future__ import annotations
 import copy
 import math
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from numbers import Integral
@@ -192,6 +192,44 @@ def sae_hook_phrase(hook_name: str | None) -> str:
     if hook_name is None:
         return "an SAE that records no hook point (taken as reading the NLA's residual: allow_other_hook=True)"
     return hook_name
+
+
+SIDECAR_BASE = "the NLA sidecar's base_model"  # where a name of the base comes from, as the warning names it
+
+
+def warn_of_other_model(sae: SAE, base_names: Sequence[tuple[str | None, str]]) -> list[str]:
+    """The warning, emitted at the user's line and returned for a result to keep (none where the SAE names no model,
+    nothing names the base, or a name matches), that `sae` was trained on another model than the base: an SAE of
+    another model of the same width passes every other check, and its features are directions of another residual
+    stream. `base_names`: (a name of the base or None, where it comes from), compared by `model_key`."""
+    trained_on = getattr(sae.cfg.metadata, "model_name", None)
+    known = [(name, where) for name, where in base_names if isinstance(name, str) and name]
+    if not isinstance(trained_on, str) or not trained_on or not known:
+        return []
+    if model_key(trained_on) in {model_key(name) for name, _ in known}:
+        return []
+    base = " and ".join(f"{name!r} ({where})" for name, where in known)
+    return warn_kept(f"the SAE was trained on {trained_on!r} (sae.cfg.metadata.model_name) but the base model is "
+                     f"{base}: an SAE of another model reads another residual stream, even at the same width, so its "
+                     "features are not directions of this one. Use an SAE trained on this base; if it is one (saved "
+                     f"under another name), set sae.cfg.metadata.model_name = {known[0][0]!r} to silence this warning")
+
+
+def model_key(name: str) -> str:
+    """A model's name as `warn_of_other_model` compares it: the last part of a hub id or a folder path, case and
+    '_' / '-' folded (`Qwen/Qwen3-8B`, `qwen3-8b` and `/models/Qwen3_8B/` alike); a folder of the HF cache
+    (`.../models--Qwen--Qwen3-8B/snapshots/<commit>`, where a hub id loads from) by its repository's name."""
+    parts = [part for part in re.split(r"[/\\]", name.strip()) if part]
+    cached = [part for part in parts if part.startswith("models--")]
+    last = cached[-1].split("--")[-1] if cached else parts[-1] if parts else name
+    return last.casefold().replace("_", "-")
+
+
+def tl_model_name(model: TLModel) -> str | None:
+    """`model.cfg.model_name` where it names the model: not TransformerLens's "custom" (a model built from a config)
+    nor the architecture nla_lens records for an HF config that names no model."""
+    name = getattr(model.cfg, "model_name", None)
+    return None if name in ("custom", getattr(model.cfg, "original_architecture", None)) else name
 
 
 @dataclass(frozen=True, eq=False)  # == on the tensor field would raise; identity, as the result classes
@@ -598,7 +636,9 @@ def verbalize_sae_features(
     """Explain SAE features with the NLA's AV: each feature's decoder row `sae.W_dec[f]` is verbalized.
 
     The SAE must read the residual the NLA verbalizes (`blocks.K.hook_resid_post`, width d_model):
-    a `SAEMismatchError` otherwise; `allow_other_hook=True` accepts another hook point of that width.
+    a `SAEMismatchError` otherwise; `allow_other_hook=True` accepts another hook point of that width. An SAE whose
+    `sae.cfg.metadata.model_name` names another model than the sidecar's `base_model` is warned of (`model_key`
+    compares them), the warning kept in `verbalizations.warnings`.
     `offset` (a [`ResidualStats`][nla_lens.sae.ResidualStats], e.g. from
     [`residual_stats`][nla_lens.sae.residual_stats]) verbalizes `mean + spread * W_dec[f] / ||W_dec[f]||`
     instead of the bare row: decoder rows lack the mean that real residuals carry. On the bundled toy the
@@ -626,6 +666,18 @@ def verbalize_sae_features(
                          "fifth: (sae, base, texts, feature, nla))")
     hook_name = check_sae_reads_layer(sae, av.meta.layer, av.meta.d_model, allow_other_hook=allow_other_hook)
     check_read_keywords(av, verbalize_kwargs, "verbalize_sae_features")  # the AR's reconstruct takes none of them
+    notes = warn_of_other_model(sae, [(av.meta.base_model, SIDECAR_BASE)])
+    return read_features(av_or_nla, sae, features, hook_name, offset, notes, verbalize_kwargs)
+
+
+def read_features(av_or_nla: ActivationVerbalizer | NLA, sae: SAE, features: list[int] | Int[Tensor, " n_features"],
+                  hook_name: str | None, offset: ResidualStats | None, notes: list[str],
+                  verbalize_kwargs: dict[str, Any]) -> FeatureVerbalizations:
+    """`verbalize_sae_features` once `sae` is checked (`hook_name` is what the check gave), keeping `notes`, warnings
+    already emitted, ahead of those it emits: `feature_card` warns of the SAE's model itself, knowing the base's name
+    too, and warns once."""
+    nla = av_or_nla if isinstance(av_or_nla, NLA) else None
+    av = nla.av if nla is not None else cast(ActivationVerbalizer, av_or_nla)
     if isinstance(offset, ResidualStats) and offset.layer not in (None, av.meta.layer):
         raise InputError(
             f"the offset was measured at layer {offset.layer} but the NLA verbalizes layer K={av.meta.layer}; "
@@ -636,6 +688,8 @@ def verbalize_sae_features(
     vectors = check_vectors(feature_vectors(rows, offset), av.meta.d_model)
     check_ar_reads_samples(av_or_nla, verbalize_kwargs)
     verbalizations = av.verbalize(vectors, **verbalize_kwargs)
+    if notes:
+        verbalizations = Verbalizations(verbalizations, warnings=[*notes, *getattr(verbalizations, "warnings", ())])
     if nla is None:
         return FeatureVerbalizations(features, verbalizations, vectors, hook_name, offset is not None, None, None,
                                      offset)
@@ -661,11 +715,11 @@ def verbalize_sae_features(
     # A sample that ran on past its closed tag is scored as a round trip scores it: RL's reward would call it a miss.
     ran_on = [i for i in read if verbalizations[i].truncated and i not in directionless]
     named = _features_named(features)
-    notes = [too_long_warning(too_long, len(features), nla.ar.model.cfg.n_ctx, name_rows=named,
-                              consequence="so they have no reconstruction and no cosine (NaN)"),
-             directionless_warning(reconstructions, read, name_rows=named, consequence="so they have no cosine"),
-             ran_on_warning(ran_on, len(features), named, consequence="they have a reconstruction and a cosine")]
-    for note in filter(None, notes):
+    scoring = [too_long_warning(too_long, len(features), nla.ar.model.cfg.n_ctx, name_rows=named,
+                                consequence="so they have no reconstruction and no cosine (NaN)"),
+               directionless_warning(reconstructions, read, name_rows=named, consequence="so they have no cosine"),
+               ran_on_warning(ran_on, len(features), named, consequence="they have a reconstruction and a cosine")]
+    for note in filter(None, scoring):
         verbalizations = warned(verbalizations, note)
     return FeatureVerbalizations(features, verbalizations, vectors, hook_name, offset is not None, cosines,
                                  reconstructions, offset)

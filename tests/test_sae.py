@@ -10,6 +10,7 @@ import re
 import warnings
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -88,6 +89,61 @@ def test_an_sae_that_records_no_hook_point_is_told_how_to_name_it(av_karvonen, b
     sae.cfg.metadata.hook_name = f"blocks.{LAYER}.hook_resid_post"  # as the message says
     assert nl.verbalize_sae_features(av_karvonen, sae, [1], max_new_tokens=2, progress=False).hook_name == (
         f"blocks.{LAYER}.hook_resid_post")
+
+
+def _model_warnings(caught: Any) -> list[str]:
+    return [str(w.message) for w in caught if "sae.cfg.metadata.model_name" in str(w.message)]
+
+
+@NEEDS_SAE_LENS
+def test_an_sae_of_another_model_is_warned_of_once_naming_both_models_and_the_fix(av_karvonen, base, tmp_path):
+    """sae.cfg.metadata.model_name was never read: an SAE of the NLA's width and hook trained on another model passed
+    in silence, its features directions of another residual stream."""
+    sae = make_sae(D_MODEL, 8, f"blocks.{LAYER}.hook_resid_post")
+    sae.cfg.metadata.model_name = "google/gemma-2-2b"
+    said = (r"the SAE was trained on 'google/gemma-2-2b' \(sae.cfg.metadata.model_name\) but the base model is "
+            r"'tiny-qwen3' \(the NLA sidecar's base_model\){}: an SAE of another model reads another residual stream"
+            r".*set sae.cfg.metadata.model_name = 'tiny-qwen3' to silence this warning")
+    with pytest.warns(UserWarning) as caught:
+        out = nl.verbalize_sae_features(av_karvonen, sae, [1, 2], max_new_tokens=2, progress=False)
+    assert len(_model_warnings(caught)) == 1 and re.fullmatch(said.format(""), _model_warnings(caught)[0])
+    assert out.verbalizations.warnings[:1] == _model_warnings(caught)  # kept: the repr, view and .parquet say it
+    with pytest.warns(UserWarning) as caught:  # the card verbalizes its feature too: still one warning
+        card = nl.feature_card(sae, base, ["The cat sat on the mat."], 1, av_karvonen, max_new_tokens=2,
+                               progress=False)
+    folder = re.escape(repr(base.cfg.model_name))
+    assert len(_model_warnings(caught)) == 1
+    assert re.fullmatch(said.format(rf" and {folder} \(base.cfg.model_name\)"), _model_warnings(caught)[0])
+    assert card.warnings.count(_model_warnings(caught)[0]) == 1
+    sae.cfg.metadata.model_name = "tiny-qwen3"  # as the message says
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        nl.verbalize_sae_features(av_karvonen, sae, [1], max_new_tokens=2, progress=False)
+        sae.cfg.metadata.model_name = Path(base.cfg.model_name).name  # the folder the base was loaded from, by name
+        nl.feature_card(sae, base, ["The cat sat on the mat."], 1, av_karvonen, max_new_tokens=2, progress=False)
+        sae.cfg.metadata.model_name = None  # names no model: nothing to compare
+        nl.verbalize_sae_features(av_karvonen, sae, [1], max_new_tokens=2, progress=False)
+
+
+@NEEDS_SAE_LENS
+@pytest.mark.parametrize(("trained_on", "base_name"), [
+    ("Qwen/Qwen3-8B", "qwen3-8b"), ("qwen3_8b", "Qwen/Qwen3-8B"), ("Qwen/Qwen3-8B", "/models/Qwen3-8B/"),
+    ("Qwen/Qwen3-8B", "/home/u/.cache/huggingface/hub/models--Qwen--Qwen3-8B/snapshots/0123abcd"),
+    ("gemma-2-2b", "C:\\models\\gemma-2-2b")])
+def test_model_names_match_as_hub_ids_folders_and_cache_snapshots_of_one_model(trained_on, base_name):
+    from nla_lens.sae import model_key
+
+    assert model_key(trained_on) == model_key(base_name)
+
+
+@NEEDS_SAE_LENS
+@pytest.mark.parametrize(("trained_on", "base_name"), [
+    ("Qwen/Qwen3-8B", "Qwen/Qwen3-4B"), ("google/gemma-2-2b", "google/gemma-2-2b-it"),
+    ("Qwen/Qwen3-8B", "/models/qwen3-8b-finetune")])
+def test_model_names_of_other_models_differ(trained_on, base_name):
+    from nla_lens.sae import model_key
+
+    assert model_key(trained_on) != model_key(base_name)
 
 
 @NEEDS_SAE_LENS

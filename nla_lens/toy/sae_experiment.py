@@ -40,6 +40,7 @@ from nla_lens.nla import NLA
 from nla_lens.results import TabularResult
 from nla_lens.sae import ResidualStats, require_sae_lens, verbalize_sae_features
 from nla_lens.sae_columns import SAE_EXPERIMENT
+from nla_lens.toy import BASE_MODEL
 from nla_lens.toy.demo import TOY_DIR
 from nla_lens.toy.evaluate import HELDOUT_FILE, MIN_CONTEXT, ToyNLA
 from nla_lens.toy.labeler import names_token
@@ -236,7 +237,7 @@ def train_toy_sae(toy: ToyNLA, rows: Int[Tensor, "rows context"], cfg: SAEExperi
         d_in=toy.av.meta.d_model, d_sae=cfg.d_sae, l1_coefficient=cfg.l1_coefficient,
         normalize_activations="none", dtype="float32", device="cpu")
     runner_cfg = sae_lens.LanguageModelSAERunnerConfig(
-        sae=sae_cfg, model_name="nla-lens-toy", hook_name=resid_post_name(layer),
+        sae=sae_cfg, model_name=BASE_MODEL, hook_name=resid_post_name(layer),
         is_dataset_tokenized=True, streaming=False, context_size=rows.shape[1], prepend_bos=False,
         seqpos_slice=(MIN_CONTEXT, None), training_tokens=cfg.training_tokens,
         train_batch_size_tokens=cfg.train_batch_size_tokens, store_batch_size_prompts=16,
