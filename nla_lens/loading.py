@@ -13,6 +13,7 @@ than copies of every weight. No fold_ln, no centering, no value-bias folding: ac
 from __future__ import annotations
 
 import difflib
+import hashlib
 import json
 import os
 import re
@@ -79,6 +80,28 @@ def named_base_folder(base_model: str) -> Path:
     """The folder a sidecar's `base_model` names: the toy's base by its name, else a local folder or a cached hub
     id (`resolve_checkpoint`)."""
     return toy.TOY_DIR / "base" if base_model == toy.BASE_MODEL else resolve_checkpoint(base_model)
+
+
+_SAMPLES, _SAMPLE_BYTES = 64, 4096
+
+
+def folder_fingerprint(folder: Path, suffixes: Sequence[str] | None = None) -> str:
+    """A fingerprint of a checkpoint folder's files (those ending in `suffixes`, if given) that costs the same at any
+    size: each file's name and length, small files whole, and 64 blocks of 4 KiB spread over each large one. Other
+    weights saved into the same folder differ in nearly every block; a copy of them elsewhere does not differ."""
+    digest = hashlib.sha256()
+    files = (p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    for path in sorted(p for p in files if suffixes is None or p.name.endswith(tuple(suffixes))):
+        size = path.stat().st_size
+        digest.update(f"{path.name}\0{size}\0".encode())
+        with path.open("rb") as f:
+            if size <= _SAMPLES * _SAMPLE_BYTES:
+                digest.update(f.read())
+                continue
+            for i in range(_SAMPLES):
+                f.seek(i * (size - _SAMPLE_BYTES) // (_SAMPLES - 1))
+                digest.update(f.read(_SAMPLE_BYTES))
+    return digest.hexdigest()
 
 
 def recorded_path(path_or_id: str | Path) -> str:

@@ -457,26 +457,12 @@ def _table_sha256(table: pa.Table) -> str:
     return hashlib.sha256(sink.getvalue()).hexdigest()
 
 
-_SAMPLES, _SAMPLE_BYTES = 64, 4096
-
-
 def _checkpoint_facts(role: str, folder: Path) -> dict[str, str]:
-    """A checkpoint's folder and a fingerprint of its contents that costs the same at any size: each file's
-    name and length, small files whole, and 64 blocks of 4 KiB spread over each large one. A checkpoint
-    exported again into the same folder differs in nearly every block of its trained weights; a copy of it
-    at the same path on another node does not differ at all, and one moved elsewhere resumes as a moved input does."""
-    digest = hashlib.sha256()
-    for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
-        size = path.stat().st_size
-        digest.update(f"{path.name}\0{size}\0".encode())
-        with path.open("rb") as f:
-            if size <= _SAMPLES * _SAMPLE_BYTES:
-                digest.update(f.read())
-                continue
-            for i in range(_SAMPLES):
-                f.seek(i * (size - _SAMPLE_BYTES) // (_SAMPLES - 1))
-                digest.update(f.read(_SAMPLE_BYTES))
-    return {role: str(folder.resolve()), f"{role}_fingerprint": digest.hexdigest()}  # resolved, as the input is
+    """A checkpoint's folder and `loading.folder_fingerprint` of its contents. A checkpoint exported again into the
+    same folder differs in nearly every block of its trained weights; a copy of it at the same path on another node
+    does not differ at all, and one moved elsewhere resumes as a moved input does."""
+    # resolved, as the input is
+    return {role: str(folder.resolve()), f"{role}_fingerprint": loading.folder_fingerprint(folder)}
 
 
 def output_rows(table: VectorTable, rows: range, verbalizations: list[Verbalization], **extra: pa.Array) -> pa.Table:

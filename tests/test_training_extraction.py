@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shutil
 
 import pytest
 import torch
@@ -191,6 +192,78 @@ def _without_settings_record(folder):
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata()
         save_file({k: v for k, v in load_file(path).items() if k != SETTINGS_KEY}, path, metadata=metadata)
+
+
+@NEEDS_TL3
+def test_resuming_an_extraction_in_another_dtype_is_refused_naming_both(tmp_path, base_tl, base_folder, corpus,
+                                                                        extract_config):
+    """The sidecar did not record the dtype the base ran in: a resume in bfloat16 of a float32 extraction wrote its
+    missing shards in bfloat16 beside the float32 ones, one dataset of two precisions, without a word."""
+    model, tokenizer = base_tl
+    extract_activations(model, tokenizer, corpus, tmp_path, extract_config, progress=False)
+    recorded = yaml.safe_load((tmp_path / SIDECAR_NAME).read_text(encoding="utf-8"))["extraction"]
+    assert recorded["dtype"] == "float32"
+    assert recorded["base_fingerprint"] == loading.folder_fingerprint(base_folder, extraction.WEIGHT_FILES)
+    shard_path(tmp_path, 1).unlink()
+    half = loading.load_hooked_transformer(base_folder, tokenizer, dtype=torch.bfloat16, device="cpu")
+    with pytest.raises(nl.ConfigError, match=rf"{tmp_path} was extracted with the base model in float32, and this run "
+                                             r"has it in bfloat16: its shards would mix the two precisions\. Resume in "
+                                             r"float32 \(dtype: float32 in the extract config.*or extract into a new "
+                                             r"out_dir"):
+        extract_activations(half, tokenizer, corpus, tmp_path, extract_config, progress=False)
+    assert not shard_path(tmp_path, 1).exists()  # refused before any shard was written
+    extract_activations(model, tokenizer, corpus, tmp_path, extract_config, progress=False)  # as the message says
+    assert len(load_activations(tmp_path)) > 0
+
+
+@NEEDS_TL3
+def test_resuming_an_extraction_whose_base_weights_were_replaced_is_refused(tmp_path, base_tl, base_folder, corpus,
+                                                                            extract_config):
+    """Other weights saved into the base folder (a re-export, a re-download of another revision) resumed as the same
+    base: the sidecar compared the folder's path alone."""
+    model, tokenizer = base_tl
+    base = tmp_path / "base"
+    shutil.copytree(base_folder, base)
+    out = tmp_path / "acts"
+    extract_activations(model, tokenizer, corpus, out, extract_config, base_model=str(base), progress=False)
+    shard_path(out, 1).unlink()
+    (base / "README.md").write_text("notes", encoding="utf-8")  # not a weight file: the same base
+    extract_activations(model, tokenizer, corpus, out, extract_config, base_model=str(base), progress=False)
+    shard_path(out, 1).unlink()
+    testing.save_base_model(base, d_model=D_MODEL, seed=1)
+    with pytest.raises(nl.ConfigError, match=r"was extracted from other weight files of base model .*base than this "
+                                             r"run reads \(fingerprint [0-9a-f]{64} on disk, [0-9a-f]{64} now.*mix "
+                                             r"two models' activations"):
+        extract_activations(model, tokenizer, corpus, out, extract_config, base_model=str(base), progress=False)
+    assert not shard_path(out, 1).exists()
+
+
+@NEEDS_TL3
+def test_an_extraction_written_before_it_recorded_the_base_dtype_still_loads_and_resumes_with_a_warning(
+        tmp_path, base_tl, corpus, extract_config):
+    model, tokenizer = base_tl
+    whole = load_activations(extract_activations(model, tokenizer, corpus, tmp_path, extract_config, progress=False))
+    sidecar = yaml.safe_load((tmp_path / SIDECAR_NAME).read_text(encoding="utf-8"))
+    for key in extraction.BASE_RUN_KEYS:  # as an earlier version wrote it, its shards under that sidecar
+        del sidecar["extraction"][key]
+    (tmp_path / SIDECAR_NAME).write_text(yaml.safe_dump(sidecar, sort_keys=False), encoding="utf-8")
+    _with_settings_record(tmp_path, extraction.extraction_digest(nl.load_meta(tmp_path)))
+    assert torch.equal(load_activations(tmp_path).vectors, whole.vectors)
+    shard_path(tmp_path, 1).unlink()
+    with pytest.warns(UserWarning, match=rf"{tmp_path} records no dtype nor base_fingerprint of the base model "
+                                         r"\(extracted before nla_lens recorded them\), so nothing checks"):
+        again = load_activations(extract_activations(model, tokenizer, corpus, tmp_path, extract_config,
+                                                     progress=False))
+    assert torch.equal(again.vectors, whole.vectors) and again.records == whole.records
+    assert yaml.safe_load((tmp_path / SIDECAR_NAME).read_text(encoding="utf-8")) == sidecar  # kept as it was written
+
+
+def _with_settings_record(folder, settings):
+    """The folder's shards recording `settings` as the `extraction_digest` they were written under."""
+    for path in (folder / "shards").glob("*.safetensors"):
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata()
+        save_file({**load_file(path), SETTINGS_KEY: settings}, path, metadata=metadata)
 
 
 @NEEDS_TL3

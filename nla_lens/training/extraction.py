@@ -35,7 +35,8 @@ from transformers import PreTrainedTokenizerBase
 from nla_lens import backends, loading
 from nla_lens.capture import resid_post_name
 from nla_lens.checks import blocks_phrase, counted
-from nla_lens.errors import ConfigError, InputError, SidecarError, TokenizerDriftError
+from nla_lens.errors import ConfigError, InputError, NLAError, SidecarError, TokenizerDriftError
+from nla_lens.nla import warn_at_caller
 from nla_lens.sidecar import (
     SIDECAR_NAME,
     NLAMeta,
@@ -59,6 +60,10 @@ IN_PROGRESS = "extraction.in_progress"  # present while shards are being written
 COMPLETE = "extraction.complete.json"  # {"shards": n, "rows": n} of the finished run: what load_activations expects
 DOCUMENTS_KEY = "documents_digest"  # the shard tensor `documents_digest` of the documents it holds
 SETTINGS_KEY = "extraction_digest"  # the shard tensor `extraction_digest` of the sidecar it was written under
+# What the sidecar's `extraction` block records of the base as it ran (`base_run_facts`). Absent from extractions
+# written before nla_lens recorded them, which still resume (unchecked, with a warning).
+BASE_RUN_KEYS = ("dtype", "base_fingerprint")
+WEIGHT_FILES = (".safetensors", ".bin")  # the base folder's files its fingerprint reads: a README added changes none
 
 
 @dataclass(frozen=True)
@@ -127,10 +132,11 @@ def _draft_meta(tokens: dict[str, Any], av_template: str, ar_template: str) -> N
 
 
 def dataset_sidecar(tokenizer: PreTrainedTokenizerBase, config: ExtractConfig, *, base_model: str,
-                    d_model: int) -> dict[str, Any]:
+                    d_model: int, base_run: dict[str, str | None] | None = None) -> dict[str, Any]:
     """The `nla_dataset` sidecar of an extraction (the key layout nanoNLA copies into checkpoints). A local
     `base_model` folder is recorded by its absolute path: a relative one named nothing once read from elsewhere.
-    The dataset is named after the folder as given (a link's name, not its target's), as earlier versions did."""
+    The dataset is named after the folder as given (a link's name, not its target's), as earlier versions did.
+    `base_run` (`base_run_facts`: the base's dtype and weights fingerprint) goes into the `extraction` block."""
     settings = {k: v for k, v in asdict(config).items()
                 if k not in ("layer", "batch_size", "injection_char", "av_template", "ar_template")}
     return {
@@ -140,11 +146,23 @@ def dataset_sidecar(tokenizer: PreTrainedTokenizerBase, config: ExtractConfig, *
         "schema_version": 1,
         "extraction": {"base_model": loading.recorded_path(base_model), "d_model": d_model,
                        "layer_index": config.layer, "hook_point": resid_post_name(config.layer),
-                       "norm": "none", **settings},
+                       "norm": "none", **settings, **(base_run or {})},
         "tokens": token_facts(tokenizer, config.injection_char, config.av_template, config.ar_template),
         "prompt_templates": {"actor": config.av_template, "critic": config.ar_template},
         "tokenization": tokenization_record(tokenizer),
     }
+
+
+def base_run_facts(model: Any, base_model: str) -> dict[str, str | None]:
+    """The base as this extraction runs it (`BASE_RUN_KEYS`): the dtype of its weights, which the residuals are
+    computed in, and the `loading.folder_fingerprint` of the weight files of the folder `base_model` names (None where
+    it names none here). A resume checks both: each shard's vectors come from the run that wrote it, so another dtype
+    or other weights at the same path would leave shards of two precisions or two models in one dataset, in silence."""
+    try:
+        fingerprint: str | None = loading.folder_fingerprint(loading.named_base_folder(base_model), WEIGHT_FILES)
+    except NLAError:  # a name that is no folder here, nor a hub id in the local cache: nothing to fingerprint
+        fingerprint = None
+    return {"dtype": str(model.W_E.dtype).removeprefix("torch."), "base_fingerprint": fingerprint}
 
 
 def sample_positions(n_tokens: int, doc_id: str, config: ExtractConfig) -> list[int]:
@@ -167,9 +185,10 @@ def extract_activations(
     """Write `blocks.{layer}.hook_resid_post` at sampled positions of each document to `out_dir`.
 
     Resumable: shards already on disk are skipped (their documents are not even tokenized) once
-    their recorded documents are this corpus's, and the sidecar must match the one on disk. Plain
-    strings get their corpus index as doc id. A corpus that gives no row (empty, or every document at most
-    `min_context` tokens) is an `InputError`.
+    their recorded documents are this corpus's, and the sidecar must match the one on disk, the base's dtype and
+    weights (`base_run_facts`, recorded in it) included: a resume in another dtype or from other weights is a
+    `ConfigError` naming both, as its shards would mix them. Plain strings get their corpus index as doc id. A
+    corpus that gives no row (empty, or every document at most `min_context` tokens) is an `InputError`.
     """
     backends.require_hooked("training", model)
     if not 0 <= config.layer < model.cfg.n_layers:
@@ -180,8 +199,9 @@ def extract_activations(
     out = Path(out_dir)
     check_extraction_folder(out)
     out.mkdir(parents=True, exist_ok=True)
-    sidecar = dataset_sidecar(tokenizer, config, base_model=base_model or model.cfg.model_name,
-                              d_model=model.cfg.d_model)
+    base_model = base_model or model.cfg.model_name
+    sidecar = dataset_sidecar(tokenizer, config, base_model=base_model, d_model=model.cfg.d_model,
+                              base_run=base_run_facts(model, base_model))
     _write_or_check_sidecar(out, sidecar)
     settings = extraction_digest(load_meta(out))  # of the sidecar on disk, which a resume keeps as it was written
     (out / SHARD_DIR).mkdir(exist_ok=True)
@@ -304,14 +324,47 @@ def _check_no_extra_shards(out: Path, n_shards: int) -> None:
 def _write_or_check_sidecar(out: Path, sidecar: dict[str, Any]) -> None:
     path = out / SIDECAR_NAME
     if path.is_file():
-        differences = _differences(_as_recorded_now(yaml.safe_load(path.read_text(encoding="utf-8"))), sidecar)
+        on_disk = _as_recorded_now(yaml.safe_load(path.read_text(encoding="utf-8")))
+        differences = _differences(_without_base_run(on_disk), _without_base_run(sidecar))
         if differences:
             raise ConfigError(f"{out} holds an extraction with other settings ({'; '.join(differences)}); resume "
                               "with the same config or use a new out_dir")
+        _check_base_run(out, on_disk["extraction"], sidecar["extraction"])
         return
     text = yaml.safe_dump(sidecar, allow_unicode=True, sort_keys=False)
     # Atomically: a sidecar cut short (a full disk, a kill) made every resume "an extraction with other settings".
     write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def _without_base_run(sidecar: Any) -> Any:
+    """`sidecar` less what it records of the base's run (`BASE_RUN_KEYS`), which `_check_base_run` compares."""
+    extraction = sidecar.get("extraction") if isinstance(sidecar, dict) else None
+    if not isinstance(extraction, dict):
+        return sidecar
+    return {**sidecar, "extraction": {k: v for k, v in extraction.items() if k not in BASE_RUN_KEYS}}
+
+
+def _check_base_run(out: Path, recorded: dict[str, Any], now: dict[str, Any]) -> None:
+    """Refuse resuming `out` with the base in another dtype, or from other weight files, than its shards were
+    extracted with (its sidecar's `extraction` block is `recorded`; `now` is this run's), naming both. An extraction
+    written before nla_lens recorded them resumes, with a warning that nothing checks them; a fingerprint this run
+    cannot take (its base_model names no folder here) is not checked."""
+    if "dtype" in recorded and recorded["dtype"] != now["dtype"]:
+        raise ConfigError(f"{out} was extracted with the base model in {recorded['dtype']}, and this run has it in "
+                          f"{now['dtype']}: its shards would mix the two precisions. Resume in {recorded['dtype']} "
+                          f"(dtype: {recorded['dtype']} in the extract config; from Python, load the base in it), or "
+                          "extract into a new out_dir")
+    fingerprints = recorded.get("base_fingerprint"), now["base_fingerprint"]
+    if None not in fingerprints and fingerprints[0] != fingerprints[1]:
+        raise ConfigError(f"{out} was extracted from other weight files of base model {now['base_model']} than this "
+                          f"run reads (fingerprint {fingerprints[0]} on disk, {fingerprints[1]} now: the folder's "
+                          "weights were replaced since): its shards would mix two models' activations. Resume with the "
+                          "weights the extraction started with, or extract into a new out_dir")
+    unrecorded = [key for key in BASE_RUN_KEYS if key not in recorded]
+    if unrecorded:
+        warn_at_caller(f"{out} records no {' nor '.join(unrecorded)} of the base model (extracted before nla_lens "
+                       f"recorded them), so nothing checks that this run's base ({now['dtype']}) is the one its shards "
+                       "were extracted with; resume it only with the same base_model weights and dtype")
 
 
 def _differences(on_disk: Any, requested: Any, key: str = "sidecar") -> list[str]:
