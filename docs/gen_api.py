@@ -81,6 +81,8 @@ def main() -> None:
         page.write(index_page(modules))
     with mkdocs_gen_files.open("reference/cli.md", "w") as page:
         page.write(cli_page())
+    api_section = next(entry["API reference"] for entry in mkdocs_gen_files.config["nav"] if "API reference" in entry)
+    api_section += [f"reference/{module}.md" for module in modules]  # mkdocs.yml's nav names the fixed pages only
 
 
 main()

@@ -221,6 +221,37 @@ def test_cited_docs_pages_exist():
     assert [path for path in sorted(cited) if not (ROOT / path).is_file()] == []
 
 
+def _anchors(page: Path) -> set[str]:
+    """The anchors of a markdown page's headings, as GitHub and the site's toc slug them (lower case, punctuation
+    dropped, spaces as hyphens)."""
+    headings = re.findall(r"^#+ (.+)$", re.sub(r"^```.*?^```$", "", page.read_text(encoding="utf-8"),
+                                                flags=re.DOTALL | re.MULTILINE), flags=re.MULTILINE)
+    return {re.sub(r"[-\s]+", "-", re.sub(r"[^\w\s-]", "", heading.strip().lower())) for heading in headings}
+
+
+def test_readme_links_name_headings_that_exist():
+    """The README's sections end with `Details: [docs/guide/<page>.md](docs/guide/<page>.md#anchor)`: each link's page
+    has that heading, and each of the README's own `(#anchor)` links names one of its headings. (Links between the
+    site's pages are checked by `mkdocs build --strict`, `validation.anchors`.)"""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    links = re.findall(r"\]\(((?:docs/[\w./-]+\.md)?)(?:#([\w-]+))?\)", readme)
+    guide_links = [(path, anchor) for path, anchor in links if path.startswith("docs/guide/")]
+    assert len(guide_links) >= 10 and all(anchor for _, anchor in guide_links)
+    broken = [f"{path or 'README.md'}#{anchor}" for path, anchor in links
+              if anchor and anchor not in _anchors(ROOT / (path or "README.md"))]
+    assert broken == []
+
+
+def test_every_guide_page_is_in_the_site_nav_and_the_docs_index():
+    """A guide page the site's nav leaves out fails the strict build (omitted file); one docs/index.md leaves out
+    is found by no reader of the site's home page."""
+    nav = (ROOT / "mkdocs.yml").read_text(encoding="utf-8")
+    index = (ROOT / "docs" / "index.md").read_text(encoding="utf-8")
+    pages = [path.relative_to(ROOT / "docs").as_posix() for path in sorted((ROOT / "docs" / "guide").glob("*.md"))]
+    assert len(pages) >= 6
+    assert [page for page in pages if f": {page}\n" not in nav or f"]({page})" not in index] == []
+
+
 def test_readme_extras_table_lists_every_extra():
     """The README's install table named four of pyproject's five extras (not `docs`, which its API reference
     section then asks for)."""

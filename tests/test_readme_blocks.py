@@ -1,10 +1,12 @@
-"""The README's code blocks name what exists, checked without loading a model.
+"""The code blocks of the README and its guide pages (docs/guide/*.md, docs/backends.md) name what exists, checked
+without loading a model.
 
-A newcomer copies the blocks into a notebook or a shell. The blocks that run on the bundled toy are executed by
-test_docs, test_examples, test_sae, test_sharded and test_toy; most others need a released checkpoint. So here,
-statically (ast + inspect): every nla_lens name a ```python block uses exists, every keyword it passes an nla_lens
-callable is one that callable takes, no block reads a variable that neither it nor a block before it defines, and
-every `nla-lens` command of a ```bash block parses with that command's own parser.
+A newcomer copies the blocks into a notebook or a shell, the README's first and then a guide page's. The blocks that
+run on the bundled toy are executed by test_docs, test_examples, test_sae, test_sharded and test_toy; most others need
+a released checkpoint. So here, statically (ast + inspect): every nla_lens name a ```python block uses exists, every
+keyword it passes an nla_lens callable is one that callable takes, no block reads a variable that neither it nor a
+block before it defines, and every `nla-lens` command of a ```bash block parses with that command's own parser. The
+README and then each guide page are read as one session: a guide page's block may use what a README block defined.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
+import docs_text
 import pytest
 
 import nla_lens
@@ -32,6 +35,13 @@ from nla_lens.errors import BackendError
 
 ROOT = Path(__file__).parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
+GUIDES = [(str(path.relative_to(ROOT)), docs_text.read(path)) for path in docs_text.guide_pages()]
+DOCS = [("README.md", README), *GUIDES]
+
+
+def with_readme(readme: str) -> list[tuple[str, str]]:
+    """The docs with another README text before the guide pages (the same session, one line changed)."""
+    return [("README.md", readme), *GUIDES]
 
 
 def code_blocks(text: str, language: str) -> list[tuple[int, str]]:
@@ -128,18 +138,19 @@ def _class_annotations(cls: type) -> dict[str, object]:
 
 
 class BlockChecker:
-    """Walks the README's python blocks in order, as one notebook session, and collects what does not exist."""
+    """Walks the docs' python blocks in order, as one notebook session, and collects what does not exist."""
 
     def __init__(self) -> None:
         self.env: dict[str, object] = {}
         self.problems: list[str] = []
+        self.file = "README.md"
         self.line = 0
 
     def problem(self, node: ast.AST, message: str) -> None:
-        self.problems.append(f"README.md:{self.line + getattr(node, 'lineno', 1) - 1}: {message}")
+        self.problems.append(f"{self.file}:{self.line + getattr(node, 'lineno', 1) - 1}: {message}")
 
-    def check(self, first_line: int, code: str) -> None:
-        self.line = first_line
+    def check(self, file: str, first_line: int, code: str) -> None:
+        self.file, self.line = file, first_line
         self.statements(ast.parse(code).body)
 
     def module(self, node: ast.AST, name: str) -> ModuleType | None:
@@ -303,19 +314,29 @@ def _with_verbalize_keywords(signature: inspect.Signature) -> inspect.Signature:
         p for p in verbalize if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in own])
 
 
-def check_python_blocks(text: str) -> list[str]:
+def check_python_blocks(pages: list[tuple[str, str]]) -> list[str]:
     checker = BlockChecker()
-    for first_line, code in code_blocks(text, "python"):
-        checker.check(first_line, code)
+    for file, text in pages:
+        for first_line, code in code_blocks(text, "python"):
+            checker.check(file, first_line, code)
     return checker.problems
 
 
 def test_readme_python_blocks_use_only_names_and_keywords_that_exist():
     """Read as one session: `nl.X`, `from nla_lens... import X`, the methods and attributes of what nla_lens calls
     return, and the keywords of every call to nla_lens."""
-    blocks = code_blocks(README, "python")
+    blocks = [block for _, text in DOCS for block in code_blocks(text, "python")]
     assert len(blocks) >= 17
-    assert check_python_blocks(README) == []
+    assert check_python_blocks(DOCS) == []
+
+
+def test_a_guide_pages_python_blocks_are_checked_too():
+    """A block moved from the README to a guide page is still checked: the job-record block of the scaling guide."""
+    original = "import json, pyarrow.parquet as pq"
+    assert original in dict(GUIDES)["docs/guide/scaling.md"] and original not in README
+    typo = [(file, text.replace(original, original + "\nfrom nla_lens import shardz", 1)) for file, text in DOCS]
+    problems = check_python_blocks(typo)
+    assert len(problems) == 1 and problems[0].startswith("docs/guide/scaling.md:") and "shardz" in problems[0], problems
 
 
 @pytest.mark.parametrize(("original", "typo", "problem"), [
@@ -332,7 +353,7 @@ def test_readme_python_blocks_use_only_names_and_keywords_that_exist():
 ])
 def test_a_typo_in_a_readme_python_block_is_found(original, typo, problem):
     assert original in README
-    problems = check_python_blocks(README.replace(original, typo, 1))
+    problems = check_python_blocks(with_readme(README.replace(original, typo, 1)))
     assert len(problems) == 1 and problem in problems[0], problems
 
 
@@ -350,30 +371,31 @@ def _names_bound(tree: ast.AST) -> set[str]:
     return bound
 
 
-def names_read_before_defined(text: str) -> list[str]:
-    """`line: name` for each variable a python block reads that neither it nor any block before it defines."""
+def names_read_before_defined(pages: list[tuple[str, str]]) -> list[str]:
+    """`file:line: name` for each variable a python block reads that neither it nor any block before it defines."""
     bound, unbound = set(dir(builtins)), []
-    for first_line, code in code_blocks(text, "python"):
-        tree = ast.parse(code)
-        bound |= _names_bound(tree)
-        unbound += [f"README.md:{first_line + node.lineno - 1}: {node.id}" for node in ast.walk(tree)
-                    if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load) and node.id not in bound]
+    for file, text in pages:
+        for first_line, code in code_blocks(text, "python"):
+            tree = ast.parse(code)
+            bound |= _names_bound(tree)
+            unbound += [f"{file}:{first_line + node.lineno - 1}: {node.id}" for node in ast.walk(tree)
+                        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load) and node.id not in bound]
     return unbound
 
 
 def test_readme_python_blocks_read_only_variables_the_readme_defines():
     """The SAE block read `sae` and `texts`, the FSDP block `base_folder`, `meta`, `train` and `held_out`, the
     Scores block `nla_sft` and `nla_rl`: defined by no block, so a newcomer's copy stopped at a NameError."""
-    assert names_read_before_defined(README) == []
+    assert names_read_before_defined(DOCS) == []
     renamed = README.replace("\nK = av.meta.layer", "\nk = av.meta.layer", 1)
     assert renamed != README
-    assert [line.split(": ")[1] for line in names_read_before_defined(renamed)] == ["K", "K", "K"]
+    assert [line.split(": ")[1] for line in names_read_before_defined(with_readme(renamed))] == ["K", "K", "K"]
 
 
-def shell_commands(text: str) -> list[list[str]]:
-    """Each command of the ```bash blocks as shell words, comments dropped and continued lines joined."""
+def shell_commands(pages: list[tuple[str, str]]) -> list[list[str]]:
+    """Each command of the pages' ```bash blocks as shell words, comments dropped and continued lines joined."""
     commands = []
-    for _, code in code_blocks(text, "bash"):
+    for _, code in [block for _, text in pages for block in code_blocks(text, "bash")]:
         for line in code.replace("\\\n", " ").splitlines():
             words = shlex.split(line, comments=True)
             while words:
@@ -392,14 +414,14 @@ def nla_lens_arguments(command: list[str]) -> list[str] | None:
     return None
 
 
-def unparsable_nla_lens_commands(text: str) -> list[str]:
+def unparsable_nla_lens_commands(pages: list[tuple[str, str]]) -> list[str]:
     """The commands nla-lens's parser refuses, each flag spelled out whole: argparse takes `--save-vector` for
     `--save-vectors`, a prefix the README should not lean on."""
     parser = build_parser()
     for command in next(a for a in parser._actions if a.dest == "command").choices.values():
         command.allow_abbrev = False
     failed = []
-    for command in shell_commands(text):
+    for command in shell_commands(pages):
         arguments = nla_lens_arguments(command)
         if arguments is None:
             continue
@@ -412,11 +434,11 @@ def unparsable_nla_lens_commands(text: str) -> list[str]:
 
 def test_readme_bash_blocks_run_nla_lens_commands_that_parse(capsys):
     """Each `nla-lens CMD ...` of a ```bash block names a command and flags its parser has, with values it takes."""
-    commands = [nla_lens_arguments(c) for c in shell_commands(README)]
+    commands = [nla_lens_arguments(c) for c in shell_commands(DOCS)]
     assert len([c for c in commands if c is not None]) >= 15
-    assert unparsable_nla_lens_commands(README) == []
+    assert unparsable_nla_lens_commands(DOCS) == []
     wrong = README.replace("--save-vectors delta.safetensors", "--save-vector delta.safetensors", 1)
-    assert unparsable_nla_lens_commands(wrong) == [
+    assert unparsable_nla_lens_commands(with_readme(wrong)) == [
         "nla-lens steer-words --av nla_lens/toy/checkpoints/av --ar nla_lens/toy/checkpoints/ar --text 'Romeo: I "
         "will not hear you, for I am' --replace '\" not\"' '\" the\"' --alpha 2 --output steer.parquet "
         "--save-vector delta.safetensors"]
@@ -428,10 +450,10 @@ def test_readme_bash_blocks_name_files_and_extras_that_exist():
     `pip install` names extras pyproject.toml declares and its torch pin."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
     torch_pin = next(d for d in project["dependencies"] if d.startswith("torch=="))
-    words = [word for command in shell_commands(README) for word in command]
+    words = [word for command in shell_commands(DOCS) for word in command]
     paths = [w for w in words if re.match(r"(examples|\.ci|nla_lens|tutorials)/", w)]
     assert len(paths) >= 10 and [p for p in paths if not (ROOT / p).exists()] == []
-    installs = [c for c in shell_commands(README) if c[:2] == ["pip", "install"]]
+    installs = [c for c in shell_commands(DOCS) if c[:2] == ["pip", "install"]]
     extras = {e for c in installs for w in c for found in re.findall(r"\[([\w,]+)\]", w) for e in found.split(",")}
     assert {"tl3", "tl4", "test", "sae", "docs"} <= extras <= set(project["optional-dependencies"])
     pins = {w for c in installs for w in c if w.startswith("torch")}

@@ -12,6 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import docs_text
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
@@ -1540,10 +1541,10 @@ def test_toy_sae_features_are_named_by_the_av_well_above_control():
     assert result.agreement_top_context == pytest.approx(recorded["agreement_top_context"], abs=0.05)
     # Where the feature fires most, the real residual is named far more often than the decoder row is.
     assert result.agreement_top_context >= result.agreement + 0.2
-    # The README's table, read from the README (not only from the file the experiment rewrites).
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    # The guide's table, read from the page (not only from the file the experiment rewrites).
+    page = docs_text.guide("sae")
     for label, value in (("bare decoder row", result.agreement), ("mean residual + spread", result.agreement_offset)):
-        quoted = re.search(rf"^\| {re.escape(label)}[^|]*\| \**([\d.]+)%", readme, re.MULTILINE)
+        quoted = re.search(rf"^\| {re.escape(label)}[^|]*\| \**([\d.]+)%", page, re.MULTILINE)
         assert quoted is not None and value == pytest.approx(float(quoted.group(1)) / 100, abs=0.05), label
 
 

@@ -11,6 +11,7 @@ import warnings
 from collections import Counter
 from pathlib import Path
 
+import docs_text
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -564,10 +565,10 @@ def test_the_outputs_record_the_job_that_produced_them(tiny_paths, input_file, t
     assert job == {"nla_lens_version": nl.__version__, **manifest}
     assert job["job"] == "round-trip" and job["av"] == str(av.resolve()) and job["input"] == str(input_file.resolve())
     assert json.loads(sharded.summary_path(out).read_text())["job"] == job
-    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
-    snippet = next(b.split("```")[0] for b in readme.split("```python\n")[1:] if "nla_lens_job" in b.split("```")[0])
+    docs = docs_text.readme_and_guides()
+    snippet = next(b.split("```")[0] for b in docs.split("```python\n")[1:] if "nla_lens_job" in b.split("```")[0])
     namespace: dict = {}
-    exec(snippet.replace('"explained.parquet"', repr(str(out))), namespace)  # the README's way to read it back
+    exec(snippet.replace('"explained.parquet"', repr(str(out))), namespace)  # the docs' way to read it back
     assert namespace["job"] == job
 
 

@@ -6,8 +6,8 @@ import json
 import math
 import re
 from dataclasses import replace
-from pathlib import Path
 
+import docs_text
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -37,19 +37,18 @@ def test_edited_words_steer_the_next_token_and_a_random_direction_does_not(measu
 def test_issue_target_on_the_bundled_toy(measured):
     """Issue #16's bar: at some alpha <= 2, Z' the argmax at >= 50% of sites, the random control at <= 5%.
     Met with Z' the frequent token the base already finds most likely (57% vs 4% at alpha 0.5 here);
-    not with Z' drawn uniformly from the frequent tokens (21% at best): README, 'Steer with words'."""
+    not with Z' drawn uniformly from the frequent tokens (21% at best): docs/guide/steer-words.md."""
     assert measured["plausible"].meets_target()
 
 
-def test_readme_quotes_the_measured_table(measured):
-    """Each README row within one site in 100 of what this checkpoint gives here (argmax ties may flip)."""
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    section = readme.split("## Steer with words")[1].split("\n## ")[0]
+def test_the_guide_quotes_the_measured_table(measured):
+    """Each row of the guide's tables within one site in 100 of what this checkpoint gives (argmax ties may flip)."""
+    section = docs_text.guide("steer-words").split("## Measured on the bundled toy")[1]
     for choice, result in measured.items():
         table = section.split(f"<!-- {choice} -->")[1]
         for row in result.rows:
             quoted = re.search(rf"^\| {row.alpha:g} \| (\d+)% \| ([+-]\d\.\d\d) \| (\d+)% \|", table, re.MULTILINE)
-            assert quoted, f"no alpha={row.alpha:g} row in the README's {choice} table"
+            assert quoted, f"no alpha={row.alpha:g} row in the guide's {choice} table"
             assert abs(int(quoted.group(1)) - 100 * row.argmax_hit) <= 1.01
             assert abs(float(quoted.group(2)) - row.delta_logp) <= 0.02
             assert abs(int(quoted.group(3)) - 100 * row.control_argmax_hit) <= 1.01
