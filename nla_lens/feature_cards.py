@@ -217,7 +217,7 @@ def feature_card(
     `base_model` nor `base.cfg.model_name` (compared by `nla_lens.sae.model_key`): warned of once, before the scan.
     `explain_contexts=True` also verbalizes the base residual at each context's peak (`k` more AV
     generations): what the NLA says where the feature fires, beside what it says of the decoder row
-    (on the bundled toy the former names the feature's token far more often: README, "SAE features").
+    (on the bundled toy the former names the feature's token far more often: docs/guide/sae.md).
     `offset` and `verbalize_kwargs` are as in [`verbalize_sae_features`][nla_lens.sae.verbalize_sae_features],
     which also refuses a feature whose decoder row is all zero or not finite: here before the scan. NaN or Inf from
     `sae.encode` at a scanned position is a `VectorError` naming its cause (broken SAE weights or base activations,

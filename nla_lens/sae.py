@@ -642,7 +642,7 @@ def verbalize_sae_features(
     `offset` (a [`ResidualStats`][nla_lens.sae.ResidualStats], e.g. from
     [`residual_stats`][nla_lens.sae.residual_stats]) verbalizes `mean + spread * W_dec[f] / ||W_dec[f]||`
     instead of the bare row: decoder rows lack the mean that real residuals carry. On the bundled toy the
-    bare rows read better (README, "SAE features").
+    bare rows read better (docs/guide/sae.md, "Measured on the bundled toy").
     With an NLA, the AR rebuilds each explanation and `cosines` holds cos(reconstruction - offset mean,
     W_dec[f]), the reconstruction first rescaled to the norm of the vector the AV read (the AR's output
     norm carries no meaning); NaN where the explanation failed to parse, where its AR prompt is over the AR's

@@ -15,7 +15,7 @@ fraction of the activation's own size, scale-free across models. `replace` with 
 residual's norm). With `samples > 1` the AV samples several explanations per site and Delta is the
 mean over them (the paper averaged 5). The formulas are those of issue #16; the paper's own pages
 (transformer-circuits.pub/2026/nla) were not in the stored corpus this module was written against,
-see the README section "Steer with words" for what was checked and where.
+see docs/guide/steer-words.md ("Where the method comes from") for what was checked and where.
 
 The steering is one plain TransformerLens hook at `blocks.K.hook_resid_post` (`result.fwd_hooks()`),
 bound to the token shape it was built for; it leaves single-token KV-cached decode steps alone, so

@@ -87,8 +87,8 @@ print({f: base.tokenizer.decode([token_ids[where[f]]]) for f in features})
 # ## Verbalize their decoder rows
 # With an NLA the AR rebuilds each explanation into a vector: `cosines` compares it with the decoder
 # row. `offset=nl.residual_stats(...)` verbalizes `mean + spread * row / ||row||` instead (decoder rows
-# lack the mean that real residuals carry); on the toy the bare rows read better (README, "SAE features
-# through the NLA").
+# lack the mean that real residuals carry); on the toy the bare rows read better (docs/guide/sae.md,
+# "Measured on the bundled toy").
 
 # %%
 bare = nl.verbalize_sae_features(nla, sae, features, max_new_tokens=MAX_NEW_TOKENS, progress=False)
@@ -104,8 +104,8 @@ bare  # noqa: B018 - the notebook shows it as a table
 # In a notebook the card shows as HTML (the strongest token of each context outlined);
 # `card.save("card.html")` writes a self-contained page. `explain_contexts=True` also asks the AV
 # about the real residual at each context's peak: over the toy's single-token features, the explanation
-# at a feature's strongest context names its token 96% of the time, the decoder row's 59% (README, "SAE
-# features through the NLA"). `top_tokens()` counts the contexts' tokens: a feature may fire on more
+# at a feature's strongest context names its token 96% of the time, the decoder row's 59% (docs/guide/sae.md,
+# "Measured on the bundled toy"). `top_tokens()` counts the contexts' tokens: a feature may fire on more
 # tokens than its explanation names.
 
 # %%

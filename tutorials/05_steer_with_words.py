@@ -121,8 +121,8 @@ print(difference.explanations)
 # `nla_lens.toy.steer_words_experiment` repeats this at many held-out positions, with the edit
 # Z -> Z' of the predicted token and a random direction of the same norm as the control; the oracle
 # column pushes along a direction read off the base model itself, what a push at one site can do
-# (README, "Measured on the bundled toy"; `python -m nla_lens.toy.steer_words_experiment`). A small run,
-# Z' drawn uniformly as in the README's second table, at 40 sites instead of its 100 (one site is 2.5%):
+# (docs/guide/steer-words.md, "Measured on the bundled toy"; `python -m nla_lens.toy.steer_words_experiment`).
+# A small run, Z' drawn uniformly as in that page's second table, at 40 sites instead of its 100 (one site is 2.5%):
 
 # %%
 if not REAL:

@@ -2,7 +2,7 @@
 on the true labels.
 
 `python -m nla_lens.toy.evaluate` scores both pairs on the scored positions and on the held-out slices
-the README quotes beside them (`--help` lists them); with both pairs it adds RL minus SFT per slice, with
+docs/guide/toy.md quotes beside them (`--help` lists them); with both pairs it adds RL minus SFT per slice, with
 95% bootstrap intervals over positions and an exact McNemar test of the naming change. Each pair's row also
 gives its AR's FVE on the true labels of the slice (`label_fve`): what imitating the SFT targets perfectly scores;
 `--best-of G` adds the FVE of G sampled explanations per vector, on average and at their best (`sampled_fve`).

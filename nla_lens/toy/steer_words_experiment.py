@@ -14,15 +14,15 @@ every hit is a change:
 * ``choice="random"``: Z' drawn uniformly (seeded) from those tokens;
 * ``choice="plausible"``: the one the base model already finds most likely at the site, i.e. an
   edit the explanation could have said (as the paper's rabbit -> mouse). The toy AR was trained only
-  on explanations consistent with their context and reads an implausible Z' weakly (README, "Steer
-  with words"); the issue's bar is met with these edits, not with uniform ones.
+  on explanations consistent with their context and reads an implausible Z' weakly
+  (docs/guide/steer-words.md); the issue's bar is met with these edits, not with uniform ones.
 
 Run it:
 
     python -m nla_lens.toy.steer_words_experiment [--checkpoint DIR] [--sites 100] [--samples 1]
         [--choice random|plausible] [--mode add|replace]
 
-Re-run it whenever the bundled toy is retrained; the README table is its output.
+Re-run it whenever the bundled toy is retrained; the tables of docs/guide/steer-words.md are its output.
 """
 
 from __future__ import annotations
@@ -146,7 +146,8 @@ class SteerWordsExperiment(TabularResult):
 def run_experiment(folder: Path = TOY_DIR, n_sites: int = 100, alphas: tuple[float, ...] = ALPHAS,
                    samples: int = 1, choice: Choice = "random", mode: Mode = "add", stride: int = 5, per_doc: int = 2,
                    frequent: int = 8, seed: int = 0) -> SteerWordsExperiment:
-    """The measurement behind the README table; `samples > 1` averages Delta over sampled explanations."""
+    """The measurement behind docs/guide/steer-words.md's tables; `samples > 1` averages Delta over sampled
+    explanations."""
     if choice not in ("random", "plausible"):
         raise InputError(f"choice must be 'random' or 'plausible', got {choice!r}")
     if not is_count(n_sites, 1):
