@@ -46,6 +46,18 @@ def test_hooked_backend_on_transformer_lens_4_says_how_to_get_it(tiny_paths):
         nl.ActivationReconstructor.from_pretrained(tiny_paths["ar_nanonla"], backend="hooked")
 
 
+def test_hooked_backend_from_the_env_var_on_transformer_lens_4_says_to_unset_it(monkeypatch):
+    """The commands take no backend=: on TL 4.x, $NLA_LENS_BACKEND=hooked (left from a 3.x setup) was answered with
+    "Use backend='bridge'", which a shell user cannot pass. TL 4.x stood in for on the 3.x leg."""
+    monkeypatch.setattr(backends, "transformer_lens_major", lambda: 4)
+    monkeypatch.setenv(backends.ENV_VAR, "hooked")
+    with pytest.raises(nl.BackendError, match=r"\$NLA_LENS_BACKEND asks for it: unset it or set it to 'bridge'") as exc:
+        backends.resolve_name()
+    assert "backend='bridge'" not in str(exc.value) and "transformer-lens==3.9.0" in str(exc.value)
+    with pytest.raises(nl.BackendError, match=r"\(removed in 4.0\)\. Use backend='bridge'"):
+        backends.resolve_name("hooked")
+
+
 @pytest.mark.skipif(backends.default_backend() == "hooked", reason="training runs on the hooked backend")
 def test_training_on_the_bridge_is_a_backend_error_saying_how_to_get_tl3(base_folder, dataset_meta, av_karvonen,
                                                                           tmp_path):

@@ -94,10 +94,13 @@ def resolve_name(backend: str | None = None) -> str:
     """The name of the backend `resolve` picks ("hooked" / "bridge")."""
     name = default_backend() if backend is None else _check_name(backend, "backend")
     if name == "hooked" and transformer_lens_major() >= 4:
+        # From the environment, no backend= was passed (the commands take none): the variable is what to change.
+        fix = (f"${ENV_VAR} asks for it: unset it or set it to 'bridge'" if backend is None
+               else "Use backend='bridge'")
         raise BackendError(
             f"backend 'hooked' needs HookedTransformer, which transformer-lens "
-            f"{metadata.version('transformer-lens')} no longer has (removed in 4.0). Use "
-            "backend='bridge', or install the 3.x flavour: pip install 'transformer-lens==3.9.0'"
+            f"{metadata.version('transformer-lens')} no longer has (removed in 4.0). {fix}, or install the 3.x "
+            "flavour: pip install 'transformer-lens==3.9.0'"
         )
     return name
 
