@@ -7,6 +7,7 @@ The rest of the suite runs unchanged on whichever backend the installed Transfor
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -105,6 +106,21 @@ def test_training_runs_on_the_bridge_say_training_needs_tl3_before_reading_the_a
     with pytest.raises(nl.BackendError, match=r"training needs the TL 3.x backend: pip install 'nla_lens\[tl3\]'"):
         run(load_config(config_cls, config))
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", ["extract", "train-av", "train-ar", "train-rl"])
+def test_training_commands_on_the_bridge_say_training_needs_tl3_before_checking_their_inputs(
+        tmp_path, capsys, monkeypatch, command):
+    """examples/ run from a clone on TL 4.3, before `nla-lens extract`: train-av said its activations did not exist
+    ("nla-lens extract writes it"), and only then did extract say training needs TL 3.x."""
+    from nla_lens.cli import main
+
+    monkeypatch.setenv(backends.ENV_VAR, "bridge")
+    monkeypatch.chdir(tmp_path)  # no runs/ here: every input the example names is missing
+    config = Path(__file__).parents[1] / "examples" / f"{command}.yaml"
+    assert main([command, str(config)]) == 2
+    err = capsys.readouterr().err
+    assert f"nla-lens {command}: BackendError: training needs the TL 3.x backend" in err and "ConfigError" not in err
 
 
 def test_the_model_built_is_the_chosen_backends(av_karvonen, ar_paper):

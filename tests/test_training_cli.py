@@ -596,6 +596,7 @@ def test_cli_rejects_an_unknown_config_key(tmp_path, capsys):
     assert "ConfigError" in err and "'trian'" in err
 
 
+@NEEDS_TL3  # on the bridge the command refuses first (test_backends)
 def test_a_missing_relative_input_names_the_folder_it_is_read_from(tmp_path, monkeypatch, capsys):
     """examples/extract.yaml run from outside the repository said only "corpus examples/corpus.jsonl does not
     exist", while the file sits beside the YAML: relative paths are read from the current folder."""
@@ -771,6 +772,7 @@ def test_a_repeated_document_id_is_named_by_its_lines_before_the_base_model_load
     assert not acts.exists()
 
 
+@NEEDS_TL3  # on the bridge the command refuses first (test_backends)
 def test_a_missing_base_model_is_named_by_its_key_before_the_activations_are_read(tmp_path, capsys, monkeypatch):
     """It was a CheckpointError without the key or the YAML, once the (possibly large) activations had loaded."""
     monkeypatch.setattr(pipeline, "load_activations", lambda *a, **k: pytest.fail("activations read"))

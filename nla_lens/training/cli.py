@@ -36,6 +36,8 @@ def _command(subparsers: argparse._SubParsersAction, name: str, config_cls: type
     def main(args: argparse.Namespace) -> None:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
         config = load_config_for(name, config_cls, args.config)
+        # Before the inputs: a missing extraction's advice (run nla-lens extract) is moot on the bridge.
+        backends.require_hooked("training")
         check_inputs(config, args.config)
         summary = run(config)
         if World.from_env().is_main:  # under torchrun, one summary for the job
@@ -97,7 +99,6 @@ def check_inputs(config: Any, path: str) -> None:
 def check_base_bounds(config: SFTRunConfig, folder: Path, path: str) -> None:
     """train-av's injection hook point and `train.trainable_blocks` fit the base model, read from its config.json
     by the rules the trainers apply once the weights are in (those refused them only after a full load)."""
-    backends.require_hooked("training")  # else the hook point is judged by the bridge's rules, not training's
     try:
         n_layers = loading.load_hf_config(folder).get_text_config().num_hidden_layers
     except CheckpointError as exc:
