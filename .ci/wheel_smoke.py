@@ -1,8 +1,9 @@
 """Smoke test of an installed nla_lens wheel, run by .ci/wheel_check.sh as `python -I` from outside the clone.
 
-    python -I wheel_smoke.py CLONE DEMO_OUTPUT
+    python -I wheel_smoke.py CLONE DEMO_OUTPUT BACKEND
 
-Checks that nla_lens comes from the venv (not the clone), that its version is the distribution's, that
+Checks that nla_lens comes from the venv (not the clone), that its version is the distribution's, that the install
+gives the BACKEND expected of it ("hooked" with the tl3 extra, "bridge" without one), that
 `nla-lens demo` (its stdout in DEMO_OUTPUT) met the toy's held-out bar, and that the public API loads the
 toy AV from the installed package and verbalizes captured base-model activations into parsed explanations.
 """
@@ -31,6 +32,12 @@ def check_installed(clone: Path) -> Path:
     assert not package.is_relative_to(clone), f"nla_lens imported from the clone ({package})"
     assert nl.__version__ == version("nla_lens"), f"__version__ {nl.__version__} != {version('nla_lens')}"
     return package
+
+
+def check_backend(expected: str) -> None:
+    found = backends.default_backend()
+    assert found == expected, f"backend {found} on transformer-lens {version('transformer-lens')}, expected {expected}"
+    print(f"backend ok: {found} on transformer-lens {version('transformer-lens')}")
 
 
 def check_demo(demo_output: str) -> None:
@@ -62,9 +69,10 @@ def check_verbalize(toy: Path) -> None:
 
 
 def main() -> None:
-    clone, demo_output = Path(sys.argv[1]).resolve(), Path(sys.argv[2])
+    clone, demo_output, backend = Path(sys.argv[1]).resolve(), Path(sys.argv[2]), sys.argv[3]
     package = check_installed(clone)
     print(f"installed ok: nla_lens {nl.__version__} from {package}")
+    check_backend(backend)
     check_demo(demo_output.read_text())
     check_verbalize(package / "toy" / "checkpoints")
 
