@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import json
+import re
 from importlib.metadata import version
 from pathlib import Path
 
@@ -65,6 +66,26 @@ def test_real_cells_pair_the_qwen3_8b_av_release_with_an_ar_you_trained():
         markdown = " ".join(line.lstrip("# ") for line in script.read_text(encoding="utf-8").splitlines())
         if "Qwen3-8B" in markdown:
             assert "AR you trained" in markdown and "released Qwen3-8B NLA" not in markdown, script.name
+
+def test_the_tutorials_text_names_only_functions_nla_lens_has():
+    """The markdown names `nl.` functions that no cell may call (the real cells are skipped): a rename would leave
+    the old name in the text, where running the notebook catches nothing."""
+    def exists(name: str) -> bool:
+        head, *rest = name.split(".")
+        if head in nl._SAE_NAMES:  # imported on first use, which TransformerLens 4.x refuses: the name is enough
+            return not rest
+        found = getattr(nl, head, None)
+        for part in rest:
+            found = getattr(found, part, None)
+        return found is not None
+
+    for script in TUTORIALS:
+        cells = json.loads(script.with_suffix(".ipynb").read_text(encoding="utf-8"))["cells"]
+        markdown = "".join("".join(c["source"]) for c in cells if c["cell_type"] == "markdown")
+        names = re.findall(r"`(?:[^`]*\W)?nl\.([A-Za-z_][\w.]*[\w])", markdown)
+        assert names, script.name
+        assert [name for name in names if not exists(name)] == [], script.name
+
 
 @pytest.mark.parametrize("tutorial", [pytest.param(t, marks=NEEDS_SAE_LENS) if "sae" in t.stem else t
                                       for t in TUTORIALS], ids=lambda t: t.stem)

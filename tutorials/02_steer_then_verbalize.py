@@ -103,7 +103,8 @@ result  # noqa: B018 - the notebook shows it as a table
 # %% [markdown]
 # ## Check: steering at layer K itself moves the captured vector by exactly `scale * vector`
 # The capture sees the residual after every hook at `blocks.K.hook_resid_post`, the user's
-# included. The tolerance is the rounding of one addition in the model's dtype.
+# included. The tolerance is the rounding of one addition in the model's dtype. On the toy, the readouts
+# are the ones the prose above names.
 
 # %%
 at_k = nl.steer_then_verbalize(base, nla, tokens, steering_vector=steering_vector, scale=SCALE, steer_layer=K,
@@ -121,4 +122,9 @@ for i, prompt in enumerate(PROMPTS):  # the padded batch gave each prompt's own 
 assert len(result.to_pandas()) == len(PROMPTS)
 if not REAL:  # the toy's AR sidecar records a held-out baseline; the released sidecars do not (pass baseline=)
     assert all(r.fve_clean is not None for r in result.rows)
+    # the toy's readouts, as the prose above reads them
+    assert direction.explanations[0].startswith('The token " st"')
+    assert all(r.token == " hate" and r.clean.explanation.startswith(('The token " heard"', 'The token " then"'))
+               and r.steered.explanation != r.clean.explanation for r in result.rows)
+    assert result.rows[0].steered.explanation.startswith('The token " love"')
 print("ok")

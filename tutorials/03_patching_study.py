@@ -119,4 +119,5 @@ if not REAL:  # the toy's answer, as the prose above reads it
     reads_clean = [s.rows[2].verbalization.explanation == first.rows[0].verbalization.explanation
                    for s in studies.values()]
     assert reads_clean == [True, False, False, False] * 2
+    assert all(studies[name, 0].rows[2].cosine_to_clean > 0.998 for name in ("attn_out", "mlp_out"))  # "0.999"
 print("ok")

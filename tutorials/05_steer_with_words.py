@@ -134,7 +134,8 @@ if not REAL:
 # %% [markdown]
 # ## Check
 # The hook left the model when each run ended. On the toy, the new word also became the base model's
-# most likely next token at the steered position, and the edited explanations name it.
+# most likely next token at the steered position, the edited explanations name it, and the difference the
+# AV reads does not.
 
 # %%
 assert all(not hp.fwd_hooks for hp in base.hook_dict.values())
@@ -142,4 +143,5 @@ assert len(difference.verbalizations) == 1
 if not REAL:
     assert int(result.steered_logprobs[0].argmax()) == target != int(result.clean_logprobs[0].argmax())
     assert all(NEW_WORD.strip() in text for text in result.edited[0])
+    assert f'"{NEW_WORD}"' not in difference.explanations[0]  # the difference does not read as the new word
 print("ok")
