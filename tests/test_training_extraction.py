@@ -434,6 +434,16 @@ def test_a_fresh_extraction_of_long_enough_documents_logs_no_zero_counts(tmp_pat
 
 
 @NEEDS_TL3
+def test_an_extraction_into_one_shard_logs_it_in_the_singular(tmp_path, base_tl, corpus, extract_config, caplog):
+    """`nla-lens extract examples/extract.yaml`, the README's first training command, said "in 1 shards"."""
+    model, tokenizer = base_tl
+    config = dataclasses.replace(extract_config, docs_per_shard=len(corpus))
+    with caplog.at_level(logging.INFO, logger=extraction.__name__):
+        extract_activations(model, tokenizer, corpus, tmp_path, config, progress=False)
+    assert " in 1 shard; the other 1 dropped as too short" in caplog.messages[-1]
+
+
+@NEEDS_TL3
 @pytest.mark.parametrize(("texts", "dropped"), [([], 0), (["the sea", "a cat"], 2)])
 def test_a_corpus_that_gives_no_row_is_refused_with_its_counts(tmp_path, base_tl, extract_config, texts, dropped):
     """An empty corpus, or one of documents all too short, finished with no rows, and training later said only

@@ -235,7 +235,7 @@ def extract_activations(
     source = f"{kept} of {n_docs} documents" if n_docs > kept else f"{n_docs} documents"
     dropped = (f"; the other {n_docs - kept} dropped as too short (at most min_context = {config.min_context} "
                "tokens)") if n_docs > kept else ""
-    logger.info("%d activation rows from %s in %d shards%s%s", rows, source, n_shards, earlier, dropped)
+    logger.info("%d activation rows from %s in %s%s%s", rows, source, counted(n_shards, "shard"), earlier, dropped)
     text = json.dumps({"shards": n_shards, "rows": rows})
     write_atomic(out / COMPLETE, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     (out / IN_PROGRESS).unlink(missing_ok=True)
