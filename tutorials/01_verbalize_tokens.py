@@ -75,9 +75,10 @@ explained  # noqa: B018 - the notebook shows it as HTML
 # ## A table to work with
 # `to_pandas()` has one row per token: the text (`text_index`, and `input_text`, the text itself), position,
 # token, explanation, parsed flag, the AV's raw `text` and whether `max_new_tokens` cut it (`truncated`), MSE,
-# FVE, `miss` (a failed parse scored as a miss), the baseline used and the layer. `save()` writes the rows (`.parquet`, `.jsonl`) or the view (`.html`, one
-# self-contained page). `nl.read_result` reads a saved table back; a `.parquet` file also keeps the
-# summary line (FVE, which baseline, failed parses) in `attrs`, so the rows can be trusted later.
+# FVE, `miss` (scored as a miss, e.g. a failed parse), the baseline used and the layer. `save()` writes the
+# rows (`.parquet`, `.jsonl`) or the view (`.html`, one self-contained page). `nl.read_result` reads a saved
+# table back; a `.parquet` file also keeps the summary line (FVE, which baseline, failed parses) in `attrs`,
+# so the rows can be trusted later.
 #
 # The toy AV was trained only on positions with at least 8 tokens before them, so the first tokens of a
 # text read worse: on the toy, position 1 (`"ac"`) is read as `"os"`, with an FVE below 0.
