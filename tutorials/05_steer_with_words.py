@@ -53,7 +53,9 @@ REAL = False
 # only: pair it with an AR you trained (`nla-lens train-ar`). The edit is the paper's
 # "Planning in Poetry" one: at the end of the first line, swap the planned rhyme. The new rhyme is due
 # at the end of the second line, not at the next token, so read it in the steered continuation (the
-# next-token numbers below are about the toy's edit).
+# next-token numbers below are about the toy's edit). Your AV may not write "rabbit": an edit that changes
+# none of a site's samples leaves Delta = 0, which `steer_with_words` refuses (`nl.InputError`, quoting the
+# explanation), so edit a word it does write.
 
 # %%
 if os.environ.get("NLA_REAL_CHECKPOINTS"):
