@@ -103,38 +103,63 @@ def test_tutorial_notebook_runs_and_its_last_cell_asserts(tutorial, tmp_path, mo
     assert list(tmp_path.iterdir()) == []  # wrote its files in a temp dir, not in the cwd
 
 
-@pytest.mark.parametrize("text_chars", [None, 12], ids=["its_text", "as_few_tokens_as_a_real_tokenizer_makes"])
-def test_tutorial_01_real_cell_runs_on_a_pair_whose_tokenizer_puts_a_bos_first(bos_paths, monkeypatch, tmp_path,
-                                                                              capsys, text_chars):
-    """01 pointed at a Gemma or Llama pair: a tiny Llama pair stands in for the released checkpoints (on the
-    CPU, its AV folder as the base), and the check cell holds: `explain` leaves out the BOS that the text's
-    tokens and `run_with_cache` keep. The real cell's text is about 12 tokens to the released pairs' tokenizers,
-    under the 32 a paper baseline needs, and their sidecars record none, so its rows have no FVE: the check cell
-    asserted one in every row (AssertionError on every released pair). The tiny tokenizer makes 35 tokens of the
-    text, so its first 12 characters stand in for what a real tokenizer makes of it."""
-    monkeypatch.setenv("NLA_REAL_CHECKPOINTS", "1")
-    monkeypatch.setenv("NLA_AV", str(bos_paths["llama_av"]))
-    monkeypatch.setenv("NLA_AR", str(bos_paths["llama_ar"]))
+def _run_with_real_cell(script: Path, av: Path, ar: Path, monkeypatch, tmp_path: Path, **after_real_cell) -> dict:
+    """Run `script`'s notebook with its real cell pointed at a tiny pair (on the CPU, its AV folder as the base);
+    `after_real_cell` replaces what the real cell set that a tiny pair cannot serve. Returns the namespace."""
+    for name, value in (("NLA_REAL_CHECKPOINTS", "1"), ("NLA_AV", str(av)), ("NLA_AR", str(ar))):
+        monkeypatch.setenv(name, value)
     from_pretrained = nl.NLA.from_pretrained
     monkeypatch.setattr(nl.NLA, "from_pretrained", lambda av, ar, **device_and_dtype: from_pretrained(av, ar))
-    monkeypatch.setattr(nl, "load_base", lambda nla, **device_and_dtype: load_base(bos_paths["llama_av"]))
+    monkeypatch.setattr(nl, "load_base", lambda nla, **device_and_dtype: load_base(av))
     monkeypatch.chdir(tmp_path)
-    script = FOLDER / "01_verbalize_tokens.py"
     cells = [c for c in json.loads(script.with_suffix(".ipynb").read_text(encoding="utf-8"))["cells"]
              if c["cell_type"] == "code"]
     namespace = {"__name__": "__main__"}
     for i, cell in enumerate(cells):
         source = "".join(cell["source"])
         exec(compile(source, f"{script.stem}.ipynb[{i}]", "exec"), namespace)
-        if "NLA_REAL_CHECKPOINTS" in source and text_chars is not None:
-            namespace["TEXT"] = namespace["TEXT"][:text_chars]
+        if 'if os.environ.get("NLA_REAL_CHECKPOINTS"):' in source:
+            namespace.update(after_real_cell)
+    return namespace
+
+
+@pytest.mark.parametrize("short", [False, True], ids=["its_text", "as_few_tokens_as_a_real_tokenizer_makes"])
+def test_tutorial_01_real_cell_runs_on_a_pair_whose_tokenizer_puts_a_bos_first(bos_paths, monkeypatch, tmp_path,
+                                                                              capsys, short):
+    """01 pointed at a Gemma or Llama pair: a tiny Llama pair stands in for the released checkpoints, and the check
+    cell holds: `explain` leaves out the BOS that the text's tokens and `run_with_cache` keep. The real cell's text
+    is about 12 tokens to the released pairs' tokenizers, under the 32 a paper baseline needs, and their sidecars
+    record none, so its rows have no FVE: the check cell asserted one in every row (AssertionError on every
+    released pair). The tiny tokenizer makes 35 tokens of the text; its start stands in for a real tokenizer's few."""
+    shorter = {"TEXT": "The Eiffel Tower"} if short else {}
+    namespace = _run_with_real_cell(FOLDER / "01_verbalize_tokens.py", bos_paths["llama_av"], bos_paths["llama_ar"],
+                                    monkeypatch, tmp_path, **shorter)
     # No baseline in the sidecar: the 3-prompt round trip says so on the result, which the notebook prints
     assert any(w.startswith("no FVE") for w in namespace["rt"].warnings) and "no FVE" in str(namespace["rt"])
     explained = namespace["explained"]
-    assert len(explained.rows) < 32 if text_chars else len(explained.rows) >= 32
-    assert (explained.round_trip.fve is None) == (text_chars is not None)
+    assert len(explained.rows) < 32 if short else len(explained.rows) >= 32
+    assert (explained.round_trip.fve is None) == short
     assert namespace["REAL"] and namespace["base"].cfg.default_prepend_bos
     assert capsys.readouterr().out.rstrip().endswith("ok")
+
+
+@pytest.mark.filterwarnings("ignore:.*the injection probably failed")  # the tiny AVs babble
+@pytest.mark.parametrize("family", ["qwen", "llama"])
+@pytest.mark.parametrize(("tutorial", "tiny_stand_ins"), [
+    ("02_steer_then_verbalize", {"STEER_LAYER": 1}),  # the real cell's 12: the tiny base has 4 blocks
+    # one token apart for the tiny tokenizer, which splits the real cell's names into pieces of other lengths
+    ("03_patching_study", {"CLEAN": "the cat sat on the mat", "CORRUPTED": "the dog sat on the mat"}),
+])
+def test_tutorial_real_cells_run_on_a_tiny_pair_whose_sidecar_records_no_baseline(
+        tutorial, tiny_stand_ins, family, tiny_paths, bos_paths, monkeypatch, tmp_path, capsys):
+    """02 and 03 pointed at real checkpoints, as 01 is above: the released sidecars record no FVE baseline and these
+    read a few vectors, so nothing after the real cell may count on an FVE (01's check cell did). The tiny Qwen and
+    Llama pairs stand in (their AVs babble, their readouts fail to parse). 05's real cell cannot run on them:
+    `steer_with_words` needs a parsable explanation to edit."""
+    av, ar = ((tiny_paths["av_karvonen"], tiny_paths["ar_nanonla"]) if family == "qwen"
+              else (bos_paths["llama_av"], bos_paths["llama_ar"]))
+    namespace = _run_with_real_cell(FOLDER / f"{tutorial}.py", av, ar, monkeypatch, tmp_path, **tiny_stand_ins)
+    assert namespace["REAL"] and capsys.readouterr().out.rstrip().endswith("ok")
 
 
 @NEEDS_SAE_LENS
