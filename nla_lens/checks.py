@@ -12,9 +12,12 @@ import json
 import math
 import numbers
 import os
+import sys
 import tempfile
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
+from types import FrameType
 from typing import Any, TypeGuard
 
 import numpy as np
@@ -384,3 +387,13 @@ def no_folder(folder: Path) -> str:
     if folder.exists():
         return f"{folder} is a file, not a folder; give a path inside a folder"
     return f"the folder {folder} does not exist; create it first"
+
+
+def warn_at_caller(message: str) -> None:
+    """`warnings.warn` pointing at the first frame outside nla_lens: the user's line, however deep the call."""
+    package = str(Path(__file__).parent)
+    frame: FrameType | None = sys._getframe(1)
+    level = 2
+    while frame is not None and frame.f_code.co_filename.startswith(package):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, stacklevel=level)

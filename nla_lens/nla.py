@@ -5,12 +5,10 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
-import sys
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import TYPE_CHECKING, Any, cast
 
 import pyarrow as pa
@@ -20,7 +18,7 @@ from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
 from nla_lens import loading, metrics
-from nla_lens.checks import check_counts, check_keywords, counted
+from nla_lens.checks import check_counts, check_keywords, counted, warn_at_caller
 from nla_lens.display import format_number
 from nla_lens.errors import CheckpointError, InputError, PairMismatchError, SidecarError
 from nla_lens.injection import check_vectors, directionless_rows
@@ -275,16 +273,6 @@ def baseline_phrase(fve: float | dict[str, float] | None, baseline: float | None
     scores = (format_number(fve) if isinstance(fve, float)
               else ", ".join(f"{run} {format_number(value)}" for run, value in fve.items()))
     return f"FVE {scores} (baseline {format_number(baseline)}, {source}{'' if n is None else f', n={n}'})"
-
-
-def warn_at_caller(message: str) -> None:
-    """`warnings.warn` pointing at the first frame outside nla_lens: the user's line, however deep the call."""
-    package = str(Path(__file__).parent)
-    frame: FrameType | None = sys._getframe(1)
-    level = 2
-    while frame is not None and frame.f_code.co_filename.startswith(package):
-        frame, level = frame.f_back, level + 1
-    warnings.warn(message, stacklevel=level)
 
 
 def warn_kept(message: str) -> list[str]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +15,15 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from nla_lens import backends, loading
-from nla_lens.checks import check_draws_of, check_sampling, counted, is_count, resolve_device, resolve_dtype
+from nla_lens.checks import (
+    check_draws_of,
+    check_sampling,
+    counted,
+    is_count,
+    resolve_device,
+    resolve_dtype,
+    warn_at_caller,
+)
 from nla_lens.distributed import inference
 from nla_lens.errors import InjectionError, InputError, PromptTooLongError, SidecarError
 from nla_lens.injection import BLOCK_0_INPUT, HookFn, Injection, check_vectors, is_injection_hook
@@ -328,7 +335,7 @@ class ActivationVerbalizer:
                                                  index=len(results)))
         warning = injection_warning([r.text for r in results], self.meta.injection_char)
         if warning:
-            warnings.warn(warning, stacklevel=2)
+            warn_at_caller(warning)  # the user's line, also when a helper (steer_then_verbalize, ...) called this
             results.warnings.append(warning)
         return results
 

@@ -194,6 +194,23 @@ def test_permanent_hooks_run_in_every_helper_run_before_the_patch_and_stay_attac
     assert no_hooks_left(base) and no_hooks_left(nla.av.model)
 
 
+def test_a_failed_injection_warns_at_the_callers_line_through_every_helper(base, nla, steer, monkeypatch):
+    """verbalize warned with stacklevel=2, so a helper's call put the warning at nla_lens's own line
+    (experiments.py, steer_words.py) and Python's default filter showed it once per session, not at the user's."""
+    echo = nla.av.tokenizer.encode(nla.av.meta.injection_char * 4, add_special_tokens=False)
+    monkeypatch.setattr(nla.av, "_generate", lambda batch, *_: [echo] * len(batch))
+    clean_tokens, _ = equal_length_pair(base)
+    runs = {"verbalize": lambda: nla.av.verbalize(steer[None], **FAST),
+            "verbalize_direction": lambda: nl.verbalize_direction(nla.av, steer, **FAST),
+            "describe_difference": lambda: nl.describe_difference(nla, steer[None] * 2, steer[None], **FAST),
+            "steer_then_verbalize": lambda: nl.steer_then_verbalize(  # an AV alone: with an AR, the round trip keeps it
+                base, nla.av, clean_tokens, steering_vector=steer, scale=1.0, steer_layer=0, **FAST)}
+    for name, run in runs.items():
+        with pytest.warns(UserWarning, match="injection probably failed") as seen:
+            run()
+        assert {w.filename for w in seen if "injection probably failed" in str(w.message)} == {__file__}, name
+
+
 def test_reading_out_another_layer_than_the_nlas_warns_as_the_cli_does(base, nla, steer, recwarn):
     """capture_layer=1 ran the layer-2 NLA on layer-1 vectors, scored against the layer-2 baseline, silently."""
     clean_tokens, corrupted_tokens = equal_length_pair(base)
