@@ -210,7 +210,17 @@ def load_tokenizer(folder: Path, *, trust_remote_code: bool = False) -> PreTrain
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise CheckpointError(f"the tokenizer in {folder} cannot be loaded ({type(exc).__name__}: {reason}); "
                               f"{restore}") from exc
-    return _set_up_padding(tokenizer)
+    return _set_up_padding(_without_stray_bos(tokenizer))
+
+
+def _without_stray_bos(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """Drop a BOS that is the EOS and never put first: what TransformerLens sets on a tokenizer without one (Qwen),
+    and NLAs exported before nla_lens copied the base's tokenizer files recorded. Kept, TransformerLens reloads the
+    tokenizer with `add_bos_token=True`, so the model's tokenizer put that EOS first, unlike the base's. Nothing
+    nla_lens tokenizes changes: the BOS was never put first."""
+    if tokenizer.bos_token is not None and tokenizer.bos_token == tokenizer.eos_token and not prepends_bos(tokenizer):
+        tokenizer.bos_token = None
+    return tokenizer
 
 
 def _set_up_padding(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:

@@ -164,3 +164,22 @@ def test_str_tokens_of_a_gemma_text_through_its_tokens(bos_paths):
     tokens = av.model.to_tokens(TEXT)
     assert av.model.to_str_tokens(tokens) == [av.tokenizer.decode([t]) for t in text_ids(av.tokenizer, TEXT)]
     assert av.model.to_str_tokens(tokens)[0] == av.tokenizer.bos_token
+
+
+def test_an_nla_exported_with_a_stray_bos_tokenizes_as_its_base_on_either_backend(tmp_path):
+    """NLAs exported before the export copied the base's tokenizer files recorded the EOS TransformerLens had set as
+    their BOS: TransformerLens then reloaded their tokenizer with add_bos_token=True, so the AV's model put `<|im_end|>`
+    first where the Qwen-style base puts nothing, and the AV's model as the base was refused, not warned of."""
+    import json
+    import shutil
+
+    from nla_lens.base_model import check_base_model
+    from nla_lens.toy.demo import TOY_DIR
+
+    folder = Path(shutil.copytree(TOY_DIR / "av", tmp_path / "av"))
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "bos_token": config["eos_token"]}))
+    av = nl.ActivationVerbalizer.from_pretrained(folder)
+    assert av.model.tokenizer.encode(TEXT) == loading.load_tokenizer(TOY_DIR / "base").encode(TEXT)
+    with pytest.warns(UserWarning, match="the AV's own model, a fine-tuned copy"):
+        check_base_model(av.model, av)

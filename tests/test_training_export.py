@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import NEEDS_TL3
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 import nla_lens as nl
 from nla_lens import loading, testing
@@ -113,7 +114,7 @@ def test_an_export_cut_short_leaves_the_earlier_export_as_it_was_and_nothing_bes
                                                                                       dataset_meta, monkeypatch):
     """A re-export interrupted (Ctrl-C) after the weights were written left the new weights under the old sidecar
     and tokenizer: a folder that loads and is neither export."""
-    from nla_lens.training import export_ar, init_ar
+    from nla_lens.training import export, export_ar, init_ar
 
     ar = init_ar(base_folder, dataset_meta)
     folder = export_ar(ar, tmp_path / "ar", base_folder)
@@ -125,7 +126,7 @@ def test_an_export_cut_short_leaves_the_earlier_export_as_it_was_and_nothing_bes
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ar.tokenizer, "save_pretrained", interrupted)  # after the weights, before the sidecar
+    monkeypatch.setattr(export, "copy_tokenizer_files", interrupted)  # after the weights, before the sidecar
     with pytest.raises(KeyboardInterrupt):
         export_ar(ar, folder, base_folder)
     assert _files(folder) == before
@@ -245,6 +246,65 @@ def test_every_file_an_export_writes_is_one_a_re_export_replaces(tmp_path, base_
     for folder in folders:
         written = {p.name for p in folder.iterdir()}
         assert {"config.json", "model.safetensors", "nla_meta.yaml", "tokenizer.json"} <= written <= EXPORT_FILES
+
+
+def _tokenizer_files(folder: Path) -> dict[str, bytes]:
+    """The folder's files but the model's, the readout's and the sidecar."""
+    others = {"config.json", "model.safetensors", "generation_config.json", "value_head.safetensors", "nla_meta.yaml"}
+    return {name: data for name, data in _files(folder).items() if name not in others}
+
+
+def _exported_pair(tmp_path: Path, base_folder: Path, dataset_meta: nl.NLAMeta) -> tuple[Path, Path]:
+    from nla_lens.training import export_pair, init_ar, init_av
+
+    return export_pair(init_av(base_folder, dataset_meta), init_ar(base_folder, dataset_meta),
+                       (tmp_path / "av", tmp_path / "ar"), (base_folder, base_folder))
+
+
+@NEEDS_TL3
+def test_an_export_carries_the_bases_tokenizer_files_byte_for_byte_with_no_bos_the_base_lacks(
+        tmp_path, base_folder, dataset_meta):
+    """The export saved the live tokenizer, to which TransformerLens had given a BOS (its EOS) the Qwen base has
+    none of: every exported AV / AR recorded `bos_token: <|im_end|>`, and TransformerLens, loading the folder, put
+    it first in every text."""
+    base_files = _tokenizer_files(base_folder)
+    assert "tokenizer_config.json" in base_files
+    text = "the cat sat"
+    expected = loading.load_tokenizer(base_folder).encode(text)
+    for folder in _exported_pair(tmp_path, base_folder, dataset_meta):
+        assert _tokenizer_files(folder) == base_files
+        assert AutoTokenizer.from_pretrained(folder).bos_token is None
+    av = nl.ActivationVerbalizer.from_pretrained(tmp_path / "av", backend="hooked")
+    assert av.model.tokenizer.encode(text) == expected  # TransformerLens's tokenizer, as the base's
+
+
+@NEEDS_TL3
+def test_a_bos_family_export_carries_its_tokenizer_files_and_keeps_the_bos(tmp_path, bos_paths):
+    """Llama puts `<|begin_of_text|>` first: the exported AV's tokenizer must too, from the same files."""
+    from nla_lens.training import export_av
+
+    source = bos_paths["llama_av"]
+    folder = export_av(nl.ActivationVerbalizer.from_pretrained(source, backend="hooked"), tmp_path / "av", source)
+    assert _tokenizer_files(folder) == _tokenizer_files(source) != {}
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert tokenizer.bos_token == "<|begin_of_text|>"
+    assert tokenizer.encode("a")[:1] == [tokenizer.bos_token_id]
+
+
+@NEEDS_TL3
+@pytest.mark.parametrize("stray_bos", [False, True], ids=["exported-now", "exported-with-a-stray-bos"])
+def test_an_exported_av_as_the_base_warns_and_explains(tmp_path, base_folder, dataset_meta, stray_bos):
+    """The README: an AV passed as the base runs, with a warning. With the BOS the export recorded, TransformerLens
+    gave the AV's model a tokenizer that put it first, and explain refused the pair ("puts a BOS first"). A folder
+    exported so before the fix (simulated: its EOS recorded as its BOS) loads as one exported now."""
+    av_folder, ar_folder = _exported_pair(tmp_path, base_folder, dataset_meta)
+    if stray_bos:
+        config = json.loads((av_folder / "tokenizer_config.json").read_text())
+        (av_folder / "tokenizer_config.json").write_text(json.dumps({**config, "bos_token": config["eos_token"]}))
+    nla = nl.NLA.from_pretrained(av_folder, ar_folder, backend="hooked")
+    with pytest.warns(UserWarning, match="the AV's own model, a fine-tuned copy"):
+        table = nla.explain(nla.av.model, "the cat", positions=-1, baseline=1.0, max_new_tokens=2)
+    assert len(table.rows) == 1
 
 
 @NEEDS_TL3

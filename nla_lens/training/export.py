@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast
@@ -176,14 +177,18 @@ def _hf_config(base_model: str | Path, *, n_layers: int | None, untie: bool, dty
     return config
 
 
+# The tokenizer's files, which of them depending on the tokenizer's class and the transformers version that saved it
+# (vocab.json and merges.txt for Qwen's, tokenizer.model for a sentencepiece one).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "chat_template.jinja", "chat_template.json", "additional_chat_templates", "vocab.json", "merges.txt",
+                   "tokenizer.model")
+
 # Every name an export (or the toy's base) writes into its folder: the model's config, weights and generation config,
-# the AR's readout, the sidecar, and the tokenizer's files, which of them depending on the tokenizer's class and the
-# transformers version that saved it (vocab.json and merges.txt for Qwen's, tokenizer.model for a sentencepiece one).
-# A re-export replaces these whole; any other file in the folder is the user's.
+# the AR's readout, the sidecar, and the tokenizer's files. A re-export replaces these whole; any other file in the
+# folder is the user's.
 EXPORT_FILES = frozenset({
     "config.json", "model.safetensors", "generation_config.json", loading.VALUE_HEAD_FILE, SIDECAR_NAME,
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
-    "chat_template.json", "additional_chat_templates", "vocab.json", "merges.txt", "tokenizer.model",
+    *TOKENIZER_FILES,
 })
 
 # Files the operating system writes into a folder a user merely opens (macOS Finder's .DS_Store, Windows Explorer's
@@ -275,7 +280,8 @@ def _check_finite_weights(weights: dict[str, Tensor], folder: Path, dtype: torch
 def export_av(av: ActivationVerbalizer, folder: str | Path, base_model: str | Path, *,
               dtype: torch.dtype = torch.float32, stage: str | None = None,
               before_swap: Callable[[], object] | None = None) -> Path:
-    """Write the AV as an HF folder + tokenizer + generation_config + `nla_meta.yaml` (role av).
+    """Write the AV as an HF folder + tokenizer + generation_config + `nla_meta.yaml` (role av). The tokenizer's
+    files are `base_model`'s, the folder the AV's tokenizer was read from, copied as they are there.
 
     `stage` ("sft", "rl") replaces the sidecar's record of the training stage. The folder is written beside its
     place and then renamed into it, replacing an earlier export whole (`replaced_folders`): an export cut short
@@ -294,7 +300,8 @@ def export_av(av: ActivationVerbalizer, folder: str | Path, base_model: str | Pa
 def export_ar(ar: ActivationReconstructor, folder: str | Path, base_model: str | Path, *,
               dtype: torch.dtype = torch.float32, heldout: Float[Tensor, "n d_model"] | None = None,
               stage: str | None = None, before_swap: Callable[[], object] | None = None) -> Path:
-    """Write the AR as a truncated HF folder (K+1 layers, no norm / lm_head) + `value_head.safetensors`.
+    """Write the AR as a truncated HF folder (K+1 layers, no norm / lm_head) + `value_head.safetensors`, with
+    `base_model`'s tokenizer files, as `export_av` copies them.
 
     `heldout` (the held-out layer-K vectors, e.g. the eval split) puts their paper baseline and count
     in the sidecar (`fve_baseline: {value, n}`), the baseline `NLA.round_trip` then uses by default; fewer
@@ -343,7 +350,7 @@ def _write_av(av: ActivationVerbalizer, folder: Path, staged: Path, base_model: 
         return
     # `verbalize` stops on these ids (loading.eos_token_ids reads this file first).
     GenerationConfig(eos_token_id=av.eos_token_ids, pad_token_id=av.tokenizer.pad_token_id).save_pretrained(staged)
-    av.tokenizer.save_pretrained(staged)
+    copy_tokenizer_files(loading.resolve_checkpoint(base_model), staged)
     spec = av.injection_spec  # what the AV was trained with, even where its sidecar left it implicit
     dump_meta({**_exported_sidecar(av.meta, stage), "injection": {"method": spec.method,
                                                                    "hook_point": spec.hook_point}}, staged)
@@ -358,8 +365,21 @@ def _write_ar(ar: ActivationReconstructor, folder: Path, staged: Path, base_mode
                             dtype=dtype):
         return
     save_tensors(readout, staged / loading.VALUE_HEAD_FILE)
-    ar.tokenizer.save_pretrained(staged)
+    copy_tokenizer_files(loading.resolve_checkpoint(base_model), staged)
     dump_meta({**_exported_sidecar(ar.meta, stage), **_baseline_block(heldout, ar.meta)}, staged)
+
+
+def copy_tokenizer_files(source: Path, staged: Path) -> None:
+    """Copy the tokenizer's files byte for byte from `source`, the folder training read the tokenizer from. The live
+    tokenizer is no longer that one: TransformerLens sets its `bos_token` to the EOS where it has none (Qwen), and
+    saved, every exported Qwen NLA recorded a BOS its base never had, which TransformerLens, loading the folder,
+    then put first."""
+    for name in TOKENIZER_FILES:
+        path = source / name
+        if path.is_dir():
+            shutil.copytree(path, staged / name)
+        elif path.is_file():
+            shutil.copyfile(path, staged / name)
 
 
 def _baseline_block(heldout: Tensor | None, meta: NLAMeta) -> dict[str, Any]:
