@@ -165,6 +165,17 @@ def test_bundled_rl_pair_was_trained_with_the_toy_config():
     assert {**added, **recorded} == json.loads(json.dumps(asdict(ToyConfig().rl)))
 
 
+def test_the_bundled_nlas_carry_the_bases_tokenizer_files_byte_for_byte():
+    """The export saved the live tokenizer, to which TransformerLens had given the base's EOS as its BOS: the four
+    bundled NLAs recorded `bos_token: <|im_end|>`, a BOS the base never had. An export copies the base's files now."""
+    base = {p.name: p.read_bytes() for p in (TOY_DIR / "base").iterdir() if p.name.startswith(("tokenizer", "chat"))}
+    assert sorted(base) == ["chat_template.jinja", "tokenizer.json", "tokenizer_config.json"]
+    assert "bos_token" not in json.loads(base["tokenizer_config.json"])
+    for name in ("av", "ar", "rl/av", "rl/ar"):
+        assert {p.name: (TOY_DIR / name / p.name).read_bytes() for p in (TOY_DIR / name).iterdir()
+                if p.name.startswith(("tokenizer", "chat"))} == base, name
+
+
 def test_a_corrupt_scores_json_is_a_checkpoint_error_not_a_json_traceback(tmp_path):
     """The demo's pair choice and the validation slice read scores.json: a truncated or foreign file was a bare
     JSONDecodeError / AttributeError."""
