@@ -536,14 +536,15 @@ def test_the_commands_a_config_may_name_are_the_subcommands_reading_those_config
 
 
 @pytest.mark.parametrize("command, work, hint", [
-    ("extract", "run_extract", "; rerun the same command to continue: the shards already in out_dir are kept"),
+    pytest.param("extract", "run_extract", "; rerun the same command to continue: the shards already in out_dir are "
+                 "kept", marks=NEEDS_TL3),  # every training command refuses the bridge once its YAML is read
     pytest.param("train-av", "run_train_av", "; to continue from the newest checkpoint in out_dir/checkpoints, rerun "
                  "the same command with resume: latest in {config} (checkpoints are written every train.",
                  marks=NEEDS_TL3),  # SFT refuses the bridge before its work starts
     pytest.param("train-ar", "run_train_ar", "rerun the same command with resume: latest in {config} (checkpoints "
                  "are written every train.save_every steps; with 0 there is none before the end", marks=NEEDS_TL3),
-    ("train-rl", "run_train_rl", "rerun the same command with resume: latest in {config} (checkpoints are "
-                                 "written every rl.save_every steps"),
+    pytest.param("train-rl", "run_train_rl", "rerun the same command with resume: latest in {config} (checkpoints "
+                 "are written every rl.save_every steps", marks=NEEDS_TL3),
 ], ids=["extract", "train-av", "train-ar", "train-rl"])
 def test_ctrl_c_during_extract_or_training_exits_130_saying_how_to_continue(command, work, hint, tmp_path, capsys,
                                                                            monkeypatch):
@@ -567,10 +568,11 @@ def test_ctrl_c_during_extract_or_training_exits_130_saying_how_to_continue(comm
     pytest.param("train-ar", "run_train_ar", {"evals": [{"eval_mse": 2e9, "fve": None}, {"eval_mse": 0.00004,
                                                                                          "fve": None}]},
                  "held-out MSE 2.00e+09 -> 4.00e-05 (no FVE", marks=NEEDS_TL3),
-    ("train-rl", "run_train_rl", {"history": [{"reward": -1e30, "fve": 0.1234, "kl": 0.0}, {"reward": -0.25,
-                                                                                            "fve": 3e7, "kl": 2e-6}],
-                                  "evals": [{"eval_fve": 0.0001}, {"eval_fve": 0.5}]},
-     "reward -1.00e+30 -> -0.2500, rollout FVE 0.123 -> 3.00e+07, KL 2.00e-06; held-out FVE 1.00e-04 -> 0.500; AV "),
+    pytest.param("train-rl", "run_train_rl", {"history": [{"reward": -1e30, "fve": 0.1234, "kl": 0.0},
+                                                          {"reward": -0.25, "fve": 3e7, "kl": 2e-6}],
+                                              "evals": [{"eval_fve": 0.0001}, {"eval_fve": 0.5}]},
+                 "reward -1.00e+30 -> -0.2500, rollout FVE 0.123 -> 3.00e+07, KL 2.00e-06; held-out FVE 1.00e-04 -> "
+                 "0.500; AV ", marks=NEEDS_TL3),
 ], ids=["train-av", "train-ar", "train-ar-no-fve", "train-rl"])
 def test_a_training_commands_last_line_writes_huge_and_tiny_scores_in_e_notation(command, work, run, line, tmp_path,
                                                                                 capsys, monkeypatch):

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import NEEDS_TL3
 from safetensors.torch import load_file, save_file
 
 import nla_lens as nl
@@ -662,6 +663,7 @@ def test_round_trip_checks_the_reconstruct_batch_before_verbalizing(av_karvonen,
         nl.NLA(av_karvonen, ar_nanonla).round_trip(vectors, reconstruct_batch_size=0)
 
 
+@NEEDS_TL3  # on the bridge every training command refuses once its YAML is read (test_backends pins it)
 @pytest.mark.parametrize("command, config, expected", [
     ("extract", {"corpus": "no/corpus.jsonl", "out_dir": "acts", "extract": {"layer": 1}}, "corpus no/corpus.jsonl"),
     ("train-av", {"activations": "no/acts", "explanations": "e.jsonl", "out_dir": "av"}, "nla-lens extract writes"),
