@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from nla_lens import backends, loading
-from nla_lens.checks import blocks_phrase
+from nla_lens.checks import blocks_phrase, warn_at_caller
 from nla_lens.errors import CheckpointError, InputError, PairMismatchError
-from nla_lens.nla import NLA, shares_vocabulary, warn_at_caller
+from nla_lens.nla import NLA, shares_vocabulary
 from nla_lens.reconstructor import ActivationReconstructor
 from nla_lens.sidecar import NLAMeta, prepends_bos
 from nla_lens.verbalizer import ActivationVerbalizer

@@ -23,9 +23,9 @@ from transformers import GenerationConfig
 
 from nla_lens import backends, loading, metrics
 from nla_lens.backends import gemma3
-from nla_lens.checks import counted, first_few
+from nla_lens.checks import counted, first_few, warn_at_caller
 from nla_lens.errors import CheckpointError, ConfigError
-from nla_lens.nla import MIN_BASELINE_VECTORS, warn_at_caller
+from nla_lens.nla import MIN_BASELINE_VECTORS
 from nla_lens.reconstructor import ActivationReconstructor
 from nla_lens.sidecar import SIDECAR_NAME, InjectionSpec, NLAMeta, dump_meta, load_meta
 from nla_lens.training.parallel import current_world, gathered_on_main, whole

@@ -34,9 +34,8 @@ from transformers import PreTrainedTokenizerBase
 
 from nla_lens import backends, loading
 from nla_lens.capture import resid_post_name
-from nla_lens.checks import blocks_phrase, counted
+from nla_lens.checks import blocks_phrase, counted, warn_at_caller
 from nla_lens.errors import ConfigError, InputError, NLAError, SidecarError, TokenizerDriftError
-from nla_lens.nla import warn_at_caller
 from nla_lens.sidecar import (
     SIDECAR_NAME,
     NLAMeta,
