@@ -31,10 +31,11 @@ from nla_lens.cli_checks import base_for, nla_checkpoint
 from nla_lens.display import format_cell, format_number
 from nla_lens.distributed import World
 from nla_lens.errors import InputError, PromptTooLongError
+from nla_lens.results import write_rows
 from nla_lens.sharded import Sampling
 from nla_lens.sidecar import text_ids
-from nla_lens.vector_files import OUTPUT_SUFFIXES, VectorTable, read_input, write_table, write_vectors
-from nla_lens.verbalizer import MAX_NEW_TOKENS
+from nla_lens.vector_files import OUTPUT_SUFFIXES, VectorTable, read_input, write_vectors
+from nla_lens.verbalizer import MAX_NEW_TOKENS, Verbalizations
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -80,6 +81,13 @@ def capture_text(base: Path, tokenizer: PreTrainedTokenizerBase, layer: int, tex
                                                      "token": [tokenizer.decode([row[p]]) for p in positions]}))
 
 
+def _text_records(table: VectorTable, out: Verbalizations) -> list[dict[str, Any]]:
+    """`verbalize --text`'s rows: `out`'s, each with the input_text, position and token it explains (`table`'s
+    columns, `Verbalizations.context_schema`) after its index, so that its file reads back as `Verbalizations`."""
+    return [{"index": row["index"], **context, **row}
+            for context, row in zip(table.columns.to_pylist(), out.to_records(), strict=True)]
+
+
 def add_verbalize(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "verbalize", help="explain activation vectors with an AV",
@@ -98,9 +106,11 @@ def add_verbalize(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--base", help="base model folder for --text (default: the sidecar's base_model)")
     parser.add_argument("--layer", type=int, help="layer K for --text (default: the AV's sidecar layer)")
     parser.add_argument("--output", type=Path,
-                        help="write the rows (index, the input's columns or --text's input_text, position and "
-                             "token, explanation, text, truncated) to this .parquet or .jsonl file instead of "
-                             "printing them")
+                        help="write the rows to this .parquet or .jsonl file instead of printing them: with --input "
+                             "the file job's (index, the input's columns, explanation, text, truncated); with --text "
+                             "verbalize's (index, input_text, position, token, explanation, parsed, text, n_tokens, "
+                             "truncated), which nl.read_result reads back as Verbalizations rows (from .parquet with "
+                             "their summary and warnings), as verbalize(...).save writes them")
     _add_job_flags(parser)
     parser.set_defaults(run=_run_verbalize)
 
@@ -256,7 +266,7 @@ def _run_verbalize(args: argparse.Namespace) -> None:
                        top_p=sampling.top_p, seed=sampling.seed, batch_size=sampling.batch_size, progress=True)
     _warn_truncated([v.truncated for v in out], [v.explanation is not None for v in out], sampling.max_new_tokens)
     if args.output:
-        write_table(sharded.output_rows(table, range(len(out)), out), args.output)
+        write_rows(out, _text_records(table, out), args.output)
         print(f"wrote {counted(len(out), 'row')} to {args.output}")
         return
     from nla_lens.display import unparsed_text, visible_token

@@ -66,6 +66,10 @@ class TabularResult:
     #: Columns of ``schema`` that the rows may leave out (a steering run without continuations), or that files saved
     #: before the type had them lack (an `Explanation`'s ``input_text``): `read_result` does not ask a file for them.
     optional_columns: ClassVar[tuple[str, ...]] = ()
+    #: Columns that a command's file of this type holds before the rows' own, to say what each row reads (`nla-lens
+    #: verbalize --text`'s input_text, position and token): never in ``to_records()``, but `read_result` reads a file
+    #: that has them as this type, with their types. None where no command writes any.
+    context_schema: ClassVar[pa.Schema | None] = None
     #: Where the result keeps warnings that its summary does not spell out (``"warnings"``,
     #: ``"round_trip.warnings"``), which ``repr`` and the view then count and point to and a ``.parquet`` file keeps;
     #: None where it keeps none.
@@ -96,19 +100,7 @@ class TabularResult:
             page = display.page(type(self).__name__, self._repr_html_())
             write_atomic(path, lambda tmp: tmp.write_text(page, encoding="utf-8"))
             return path
-        table = records_table(self.to_records(), self.schema)
-        if file_kind(path) == ".parquet":
-            record: dict[str, str | list[str]] = {"result_type": type(self).__name__, "summary": self.summary(),
-                                                  "nla_lens_version": __version__}
-            if self.warnings_at is not None:
-                record["warnings"] = self._held_warnings()
-            try:
-                table = table.replace_schema_metadata({RESULT_KEY: json_text(record)})
-            except UnicodeEncodeError:
-                _refuse_lone_surrogate([("the summary", record["summary"]), *(
-                    (f"warning {i}", w) for i, w in enumerate(record.get("warnings", [])))])
-                raise
-        write_table(table, path)
+        write_rows(self, self.to_records(), path)
         return path
 
     def __repr__(self) -> str:
@@ -156,8 +148,9 @@ class ResultColumns:
 
     Attributes:
         name: the type's name, as a ``.parquet`` file records it.
-        schema: every column of the rows and its arrow type (the type's ``schema``).
-        optional_columns: those the rows may leave out (the type's ``optional_columns``).
+        schema: every column of the rows and its arrow type (the type's ``schema``, with its ``context_schema``).
+        optional_columns: those the rows may leave out (the type's ``optional_columns``, and its
+            ``context_schema``'s).
     """
 
     name: str
@@ -166,10 +159,39 @@ class ResultColumns:
 
     @classmethod
     def of(cls, result_type: type[TabularResult]) -> ResultColumns | None:
-        """`result_type`'s columns; None for a type that declares none (a `TrainingRun`'s depend on its command)."""
-        if result_type.schema is None:
+        """`result_type`'s columns, those a command may add (``context_schema``) among the optional ones; None for a
+        type that declares none (a `TrainingRun`'s depend on its command)."""
+        schema = file_schema(result_type)
+        if schema is None:
             return None
-        return cls(result_type.__name__, result_type.schema, result_type.optional_columns)
+        context = result_type.context_schema.names if result_type.context_schema is not None else []
+        return cls(result_type.__name__, schema, (*result_type.optional_columns, *context))
+
+
+def write_rows(result: TabularResult, records: list[dict[str, Any]], path: Path) -> None:
+    """`records` as `result`'s rows in the ``.parquet`` or ``.jsonl`` file `path` (checked by the caller), with a
+    ``.parquet`` file's metadata as `save` writes it: `save` passes ``to_records()``, `nla-lens verbalize --text`
+    those rows with the type's ``context_schema`` columns, so that its file reads back as `result`'s type too."""
+    table = records_table(records, file_schema(type(result)) if records else result.schema)
+    if file_kind(path) == ".parquet":
+        record: dict[str, str | list[str]] = {"result_type": type(result).__name__, "summary": result.summary(),
+                                              "nla_lens_version": __version__}
+        if result.warnings_at is not None:
+            record["warnings"] = result._held_warnings()
+        try:
+            table = table.replace_schema_metadata({RESULT_KEY: json_text(record)})
+        except UnicodeEncodeError:
+            _refuse_lone_surrogate([("the summary", record["summary"]), *(
+                (f"warning {i}", w) for i, w in enumerate(record.get("warnings", [])))])
+            raise
+    write_table(table, path)
+
+
+def file_schema(result_type: type[TabularResult]) -> pa.Schema | None:
+    """Every column a file of `result_type` may hold: its ``schema``, and its ``context_schema`` where it has one."""
+    if result_type.schema is None or result_type.context_schema is None:
+        return result_type.schema
+    return pa.schema([*result_type.context_schema, *result_type.schema])
 
 
 def check_save_path(path: str | Path, what: str = "output") -> Path:
@@ -276,10 +298,11 @@ def _read_jsonl(path: Path, result_type: type[TabularResult] | None) -> pd.DataF
         _refuse_label_file(path, records[0])
         _check_same_columns(path, lines)
     declared = None if result_type is None else ResultColumns.of(result_type)
-    if declared is None:  # no type, or one whose columns vary (TrainingRun): from the values
+    if result_type is None or declared is None:  # no type, or one whose columns vary (TrainingRun): from the values
         return records_frame(records)
-    if lines:
-        _check_jsonl_columns(path, lines, declared)
+    if not lines:  # the columns of an empty result of the type, not those a command's rows may add
+        return records_frame(records, result_type.schema)
+    _check_jsonl_columns(path, lines, declared)
     return records_frame(records, declared.schema)
 
 

@@ -103,6 +103,9 @@ class Verbalizations(TabularResult, list):
     display_columns = ("index", "explanation", "parsed")
     schema = pa.schema({"index": pa.int64(), "explanation": pa.string(), "parsed": pa.bool_(), "text": pa.string(),
                         "n_tokens": pa.int64(), "truncated": pa.bool_()})
+    # `nla-lens verbalize --text --output` names the text, position and token each row explains, as `explain`'s rows
+    # do, after the index
+    context_schema = pa.schema({"input_text": pa.string(), "position": pa.int64(), "token": pa.string()})
 
     @overload
     def __getitem__(self, index: SupportsIndex) -> Verbalization: ...

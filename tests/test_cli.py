@@ -75,6 +75,34 @@ def test_verbalize_text_output_names_the_text_each_row_explains(tiny_paths, tmp_
     assert list(frame.columns[:4]) == ["index", "input_text", "position", "token"]
 
 
+@pytest.mark.parametrize("suffix", [".parquet", ".jsonl"])
+def test_verbalize_text_output_reads_back_as_the_verbalizations_python_saves(av_karvonen, base, tiny_paths, tmp_path,
+                                                                             suffix):
+    """`verbalize --text --output` wrote a file job's rows with no record: `nl.read_result` gave no result type,
+    summary or warnings, and refused `result_type=nl.Verbalizations`, where `verbalize(...).save(...)` reads back
+    as Verbalizations. Its rows are now verbalize's, with the text, position and token each explains after the
+    index."""
+    import pandas as pd
+
+    folder, text, out = str(tiny_paths["av_karvonen"]), "the cat sat", tmp_path / f"out{suffix}"
+    assert main(["verbalize", "--av", folder, "--base", folder, "--text", text, "--max-new-tokens", "2",
+                 "--output", str(out)]) == 0
+    ids = AutoTokenizer.from_pretrained(folder).encode(text)  # no BOS: every position is explained
+    hook = f"blocks.{av_karvonen.meta.layer}.hook_resid_post"
+    with torch.inference_mode():
+        _, cache = base.run_with_cache(torch.tensor([ids]), names_filter=hook)
+    expected = av_karvonen.verbalize(cache[hook][0].float(), max_new_tokens=2, progress=False)
+    saved = nl.read_result(expected.save(tmp_path / f"python{suffix}"), result_type=nl.Verbalizations)
+    frame = nl.read_result(out, result_type=nl.Verbalizations)
+    context = ["input_text", "position", "token"]
+    assert list(frame.columns) == ["index", *context, *saved.columns[1:]]
+    pd.testing.assert_frame_equal(frame.drop(columns=context), saved)
+    assert frame.attrs == saved.attrs
+    if suffix == ".parquet":  # read without naming the type, as the Python file reads
+        assert nl.read_result(out).attrs == saved.attrs
+        assert saved.attrs["result_type"] == "Verbalizations" and saved.attrs["summary"] == expected.summary()
+
+
 def test_verbalize_text_prints_tokens_and_explanations_as_explain_does(tiny_paths, capsys, monkeypatch):
     """Tokens were printed as Python reprs (`' '`, `'\\n'`) where `explain` and the views draw ␣ and ↵, and an
     explanation holding a newline split its row in two."""
