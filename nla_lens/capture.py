@@ -23,18 +23,19 @@ from each model call (the token tensor or strings it runs, its ``attention_mask=
 from __future__ import annotations
 
 import re
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
+import transformer_lens
+import transformers
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 from transformer_lens.utilities import get_attention_mask
 
 from nla_lens import backends
-from nla_lens.checks import blocks_phrase, counted, is_integer
+from nla_lens.checks import blocks_phrase, counted, is_integer, warn_at_caller
 from nla_lens.errors import InputError, PromptTooLongError
 
 if TYPE_CHECKING:
@@ -43,6 +44,8 @@ if TYPE_CHECKING:
 PositionSpec = int | Sequence[int] | Int[Tensor, " batch"] | Bool[Tensor, "batch pos"]
 Calls = Literal["first", "all"]
 _INT64_MIN, _INT64_MAX = torch.iinfo(torch.int64).min, torch.iinfo(torch.int64).max
+# The code that runs between the user's call of the model and a torch hook on one of its blocks.
+_MODEL_CODE = (torch, transformers, transformer_lens)
 
 
 @dataclass(frozen=True)
@@ -346,13 +349,14 @@ class Capture:
 def _warn_pads_attended(real: Bool[Tensor, "batch pos"]) -> None:
     """Warn where a bridge run without `attention_mask=` had leading padding: the bridge attends to it
     (HookedTransformer masks it itself), so every real token of those rows differs from its unpadded run (by up to
-    11 in the tiny test model's residual) while capture takes those columns for padding."""
+    11 in the tiny test model's residual) while capture takes those columns for padding. Raised inside the block's
+    torch hook, it points past torch's and the model's frames at the user's line that ran the model."""
     padded = (~real[:, 0]).nonzero().flatten().tolist()
     if padded:
-        warnings.warn(f"the bridge (TransformerLens 4.x) ran a left-padded batch without attention_mask=, so the real "
-                      f"tokens of rows {padded[:8]} attended to their pads and what capture records differs from "
-                      "their unpadded runs. Pass the mask to the run: model(tokens, attention_mask=mask), or "
-                      "generate(tokens, padding_side='left')", stacklevel=2)
+        warn_at_caller(f"the bridge (TransformerLens 4.x) ran a left-padded batch without attention_mask=, so the real "
+                       f"tokens of rows {padded[:8]} attended to their pads and what capture records differs from "
+                       "their unpadded runs. Pass the mask to the run: model(tokens, attention_mask=mask), or "
+                       "generate(tokens, padding_side='left')", through=_MODEL_CODE)
 
 
 class _MethodWatch:

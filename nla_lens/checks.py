@@ -17,8 +17,8 @@ import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from types import FrameType
-from typing import Any, TypeGuard
+from types import FrameType, ModuleType
+from typing import Any, TypeGuard, cast
 
 import numpy as np
 import torch
@@ -389,11 +389,15 @@ def no_folder(folder: Path) -> str:
     return f"the folder {folder} does not exist; create it first"
 
 
-def warn_at_caller(message: str) -> None:
-    """`warnings.warn` pointing at the first frame outside nla_lens: the user's line, however deep the call."""
-    package = str(Path(__file__).parent)
+def warn_at_caller(message: str, *, through: Sequence[ModuleType] = ()) -> None:
+    """`warnings.warn` pointing at the first frame outside nla_lens: the user's line, however deep the call. From
+    inside a torch hook, `through` names the packages whose frames lie between the hook and the user's line (torch,
+    and the model's own code): those are passed over too. A warning filed under a library's line is shown once per
+    session by Python's default filter, and points the user nowhere."""
+    folders = [Path(__file__).parent, *(Path(cast(str, package.__file__)).parent for package in through)]
+    inside = tuple(f"{folder}{os.sep}" for folder in folders)
     frame: FrameType | None = sys._getframe(1)
     level = 2
-    while frame is not None and frame.f_code.co_filename.startswith(package):
+    while frame is not None and frame.f_code.co_filename.startswith(inside):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, stacklevel=level)

@@ -258,10 +258,12 @@ def test_resid_post_of_left_padded_tokens_without_a_mask_masks_the_pads_on_both_
 
 
 @pytest.mark.parametrize("run", ["forward", "generate"])
-def test_a_left_padded_run_without_a_mask_captures_the_unpadded_residuals_or_warns(base, run):
+def test_a_left_padded_run_without_a_mask_captures_the_unpadded_residuals_or_warns_at_the_users_line(base, run):
     """HookedTransformer masks a left-padded batch's pads itself; the bridge attends to them, so a capture of
     base(tokens) there read residuals off by up to 11 (tiny model) from each row's unpadded run, without a word,
-    while it took the very same columns for padding."""
+    while it took the very same columns for padding. The warning, raised inside a torch hook, was filed under
+    capture.py with stacklevel=2 (torch's own frame), which Python's default filter shows once per session: it
+    points at the user's line that ran the model."""
     tokens, mask = padded(base, "left")
     with torch.no_grad():
         alone = torch.stack([text_resid_post(base, ids[real][None], LAYER)[-1]
@@ -277,6 +279,7 @@ def test_a_left_padded_run_without_a_mask_captures_the_unpadded_residuals_or_war
     off = float((cap.vectors - alone).abs().max())
     if TL4:
         padded_rows = (mask[:, 0] == 0).nonzero().flatten().tolist()
+        assert [w.filename for w in caught if "attended to their pads" in str(w.message)] == [__file__]
         assert off > 0.1 and said == [
             f"the bridge (TransformerLens 4.x) ran a left-padded batch without attention_mask=, so the real tokens of "
             f"rows {padded_rows} attended to their pads and what capture records differs from their unpadded runs. "
