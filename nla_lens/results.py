@@ -106,7 +106,8 @@ class TabularResult:
     def __repr__(self) -> str:
         records = self.to_records()
         columns = self._shown_columns(records)
-        lines = [f"{type(self).__name__}: {self._headline()}"]
+        # Control characters escaped, as in the rows and the views: a summary may quote model text or an SAE's metadata
+        lines = [f"{type(self).__name__}: {display.format_cell(self._headline())}"]
         if records and columns:
             lines += text_table(records[:_REPR_ROWS], columns)
             if len(records) > _REPR_ROWS:

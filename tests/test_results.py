@@ -636,6 +636,20 @@ def test_repr_shows_carriage_returns_and_tabs_as_escapes():
     assert cells == ["a\\r\\nb", "c\\td", "e\\rf"]  # a bare \r would make a terminal overwrite the row
 
 
+def test_repr_shows_control_characters_of_its_summary_line_as_escapes_as_its_rows_do():
+    """The plain-text repr escaped its rows' control characters but printed the summary line bare: an ESC that a
+    summary quotes (model text, an SAE's metadata) reached the terminal as a command ("\\x1b[2J" clears it)."""
+
+    class Said(nl.TabularResult):
+        def to_records(self) -> list[dict[str, str]]:
+            return [{"explanation": "a\x1b[2Jb"}]
+
+        def summary(self) -> str:
+            return "said \x1b[2J\r\u202e"
+
+    assert repr(Said()).split("\n") == ["Said: said \\x1b[2J\\r\\u202e", "  explanation", "  a\\x1b[2Jb"]
+
+
 def test_repr_and_views_show_every_control_character_as_an_escape():
     said = "a\x0cb\x1b[2Jc\u2028d"
     assert display.format_cell(said) == "a\\x0cb\\x1b[2Jc\\u2028d" and display.format_cell(["x\x0b", "y"]) == "x\\x0b y"
