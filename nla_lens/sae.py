@@ -71,13 +71,18 @@ def require_sae_lens() -> ModuleType:
         raise BackendError(
             "SAE features need sae-lens 6.x, which requires transformer-lens < 4 (it builds on "
             f"HookedTransformer); this environment has transformer-lens {metadata.version('transformer-lens')}. "
-            "Use a TransformerLens 3.x environment: pip install 'nla_lens[tl3,sae]'"
+            f"Use a TransformerLens 3.x environment: {_install('tl3,sae')}"
         )
     try:
         import sae_lens
     except ImportError as error:
-        raise BackendError("SAE features need sae-lens 6.x: pip install 'nla_lens[sae]'") from error
+        raise BackendError(f"SAE features need sae-lens 6.x: {_install('sae')}") from error
     return sae_lens
+
+
+def _install(extras: str) -> str:
+    """The pip command that brings `extras`, for an installed nla_lens and for a git checkout."""
+    return f"pip install 'nla_lens[{extras}]' (from a git checkout of nla_lens: pip install -e '.[{extras}]')"
 
 
 require_sae_lens()

@@ -9,6 +9,7 @@ import math
 import re
 import warnings
 from dataclasses import replace
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,22 @@ def test_sae_features_fail_with_a_typed_error_on_transformer_lens_4():
         nl.verbalize_sae_features  # noqa: B018
     with pytest.raises(BackendError, match=r"nla_lens\[tl3,sae\]"):
         import nla_lens.feature_cards  # noqa: F401
+
+
+@pytest.mark.skipif(not TL4, reason="checks the TransformerLens 4.x environment, where sae-lens cannot install")
+def test_the_sae_experiment_command_says_in_one_line_that_it_needs_transformer_lens_3(capsys):
+    """`python -m nla_lens.toy.sae_experiment` on TransformerLens 4.x showed the traceback of its import of
+    nla_lens.sae; it exits 2 with the BackendError's line, which names the install for a package and a checkout."""
+    from nla_lens.toy import sae_experiment
+
+    with pytest.raises(SystemExit) as info:
+        sae_experiment.main([])
+    assert info.value.code == 2
+    assert capsys.readouterr().err == (
+        "error: SAE features need sae-lens 6.x, which requires transformer-lens < 4 (it builds on HookedTransformer); "
+        f"this environment has transformer-lens {metadata.version('transformer-lens')}. Use a TransformerLens 3.x "
+        "environment: pip install 'nla_lens[tl3,sae]' (from a git checkout of nla_lens: pip install -e "
+        "'.[tl3,sae]')\n")
 
 
 @NEEDS_SAE_LENS

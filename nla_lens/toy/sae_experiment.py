@@ -12,7 +12,10 @@ explanation with another feature's T.
 `--output run.json` saves a run's result (the figures it prints, the config and every feature's
 row; `SAEExperimentResult.load` reads it back). Maintainers re-run it whenever the bundled toy is
 retrained, with `--write`, which overwrites the numbers stored beside the checkpoints (the test
-compares them with a fresh run; the README quotes them).
+compares them with a fresh run; the README quotes the headline, docs/guide/sae.md the rest).
+
+It needs the ``sae`` extra (sae-lens 6.x, TransformerLens 3.x); elsewhere it exits with the
+[`BackendError`][nla_lens.errors.BackendError] that names the install.
 """
 
 from __future__ import annotations
@@ -38,7 +41,6 @@ from nla_lens.display import format_number
 from nla_lens.errors import InputError, NLAError
 from nla_lens.nla import NLA
 from nla_lens.results import TabularResult
-from nla_lens.sae import ResidualStats, require_sae_lens, verbalize_sae_features
 from nla_lens.sae_columns import SAE_EXPERIMENT
 from nla_lens.toy import BASE_MODEL
 from nla_lens.toy.demo import TOY_DIR
@@ -229,8 +231,11 @@ def train_toy_sae(toy: ToyNLA, rows: Int[Tensor, "rows context"], cfg: SAEExperi
     Positions before MIN_CONTEXT are left out (the toy AV never saw them); the torch RNG is seeded
     for the run (sae-lens's runner does not use its `seed` itself) and restored afterwards.
     """
-    sae_lens = require_sae_lens()
     from datasets import Dataset
+
+    from nla_lens.sae import require_sae_lens
+
+    sae_lens = require_sae_lens()
 
     layer = toy.av.meta.layer
     sae_cfg = sae_lens.StandardTrainingSAEConfig(
@@ -275,6 +280,10 @@ def control_pairs(tokens: list[int]) -> list[int]:
 
 
 def run_sae_experiment(folder: Path = TOY_DIR, cfg: SAEExperimentConfig | None = None) -> SAEExperimentResult:
+    # Here, not at the top: on TransformerLens 4.x it raises the BackendError that names the install, which `main`
+    # prints as one line, and the module's result types still load
+    from nla_lens.sae import ResidualStats, verbalize_sae_features
+
     cfg = cfg or SAEExperimentConfig()
     toy = ToyNLA.load(folder)
     tokenizer = toy.av.tokenizer
@@ -338,8 +347,9 @@ def main(argv: list[str] | None = None) -> None:
                              "every feature's row (SAEExperimentResult.load reads it back)")
     parser.add_argument("--write", action="store_true",
                         help=f"maintainers' use, after retraining the toy: overwrite {SCORES_FILE} in the "
-                             "--checkpoint folder (in the package by default), the numbers the README quotes and "
-                             "tests/test_sae.py compares with; to keep a run's result, use --output")
+                             "--checkpoint folder (in the package by default), the numbers tests/test_sae.py "
+                             "compares with (the README quotes the headline, docs/guide/sae.md the rest: update "
+                             "them too); to keep a run's result, use --output")
     args = parser.parse_args(argv)
     scores = args.checkpoint / SCORES_FILE
     try:  # the outputs are checked before the minutes of work whose result goes there
