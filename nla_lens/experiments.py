@@ -57,16 +57,18 @@ class SteeringRow:
     Attributes:
         batch: the row of the base model's tokens.
         position: the column captured in that row.
-        token: the token at that column; None when the tokens are unknown.
+        token: the token at that column; None when the base model has no tokenizer.
         prompt: the row's prompt: its real tokens decoded with the base model's tokenizer (padding left out,
             special tokens kept), so that a saved file says which prompt `batch` was; None without a tokenizer.
         clean: the AV's readout of the site's vector without steering.
         steered: the AV's readout of the site's vector with steering.
-        added: words of the steered readout that the clean one lacks, in order (difflib); words as `word_diff`
-            reads them, without the quotes and punctuation around them ('"love",' is "love", a lone '"' no word).
+        added: words of the steered readout (its explanation, or its raw text where that failed to parse) that the
+            clean one lacks, in order (difflib); words as `word_diff` reads them, without the quotes and punctuation
+            around them ('"love",' is "love", a lone '"' no word).
         removed: words of the clean readout that the steered one lacks, read the same way.
         cosine: between the clean and the steered captured vectors.
-        fve_clean: per-row FVE of the round trip; None without an AR.
+        fve_clean: per-row FVE of the round trip; None without an AR, or without a baseline (`round_trip.fves` is
+            None: no `baseline=`, none in the AR sidecar, and too few or too alike vectors for the paper's).
         fve_steered: the same for the steered vector.
         clean_miss: whether the clean readout's scores are the miss (`RoundTrip.misses`: a failed parse, an
             explanation too long for the AR, a reconstruction with no direction); None without an AR.
@@ -150,12 +152,13 @@ class PatchingRow:
         run: which run the site is from: "clean", "corrupted" or "patched".
         batch: the row of that run's tokens.
         position: the column read out (capture_position), not the patched one.
-        token: the token at that column in that run; None when the tokens are unknown.
+        token: the token at that column in that run; None when the base model has no tokenizer.
         prompt: the row's prompt in that run (a patched row's is the corrupted one): its real tokens decoded with
             the base model's tokenizer (padding left out, special tokens kept), so that a saved file says which
             prompt `batch` was; None without a tokenizer.
         verbalization: the AV's readout of the site's vector.
-        fve: per-row FVE of the round trip; None without an AR.
+        fve: per-row FVE of the round trip; None without an AR, or without a baseline (`round_trip.fves` is None: no
+            `baseline=`, none in the AR sidecar, and too few or too alike vectors for the paper's).
         cosine_to_clean: captured vector vs the clean run's at the same site.
         miss: whether the readout's scores are the miss (`RoundTrip.misses`: a failed parse, an explanation too
             long for the AR, a reconstruction with no direction); None without an AR.
