@@ -228,7 +228,8 @@ class DirectionVerbalization(TabularResult):
     """What `verbalize_direction` returns: each direction's explanation and the vector as verbalized.
 
     Attributes:
-        vectors: the directions as verbalized (rescaled to `scale_like`'s mean norm if given).
+        vectors: the directions as verbalized, a float32 copy detached from the caller's tensor (rescaled to
+            `scale_like`'s mean norm if given).
         verbalizations: the AV's output for each direction, in order.
     """
 
@@ -598,7 +599,8 @@ def verbalize_direction(
     """
     av = _verbalizer(nla_or_av)
     check_read_keywords(av, verbalize_kwargs, "verbalize_direction")  # only verbalize runs, with an NLA too
-    vectors = check_vectors(direction, av.meta.d_model, "direction", as_float32=True)
+    # A copy: `.float()` of a float32 direction is the caller's own tensor, which an edit of the result edited
+    vectors = check_vectors(direction, av.meta.d_model, "direction", as_float32=True).detach().clone()
     if scale_like is not None:
         reference = check_vectors(scale_like, av.meta.d_model, "scale_like", as_float32=True)
         # In float64 (on the CPU: MPS has none), where every fp32 entry's square fits: an fp32 norm of entries ~1e-25

@@ -688,6 +688,18 @@ def test_verbalize_direction_takes_an_nla_as_the_other_helpers_do(nla, steer):
     assert through_nla.summary().startswith("1 direction verbalized, ")
 
 
+@pytest.mark.parametrize("shape", [(D_MODEL,), (1, D_MODEL)], ids=["one_vector", "batch"])
+def test_verbalize_direction_returns_a_copy_of_the_direction(av_karvonen, steer, shape):
+    """Without scale_like, `.vectors` was the caller's float32 tensor itself (a view of a single vector): an edit of
+    the result edited the direction, and a direction that required grad came back attached to its graph."""
+    direction = steer.reshape(shape).clone()
+    result = nl.verbalize_direction(av_karvonen, direction, **FAST)
+    assert torch.equal(result.vectors, steer[None])
+    result.vectors.mul_(2.0)
+    assert torch.equal(direction.reshape(D_MODEL), steer)
+    assert not nl.verbalize_direction(av_karvonen, direction.requires_grad_(), **FAST).vectors.requires_grad
+
+
 @pytest.mark.parametrize("use_nla", [True, False], ids=["nla", "av"])
 def test_verbalize_direction_refuses_a_keyword_verbalize_does_not_take(nla, steer, use_nla):
     """A typo, or a round-trip keyword such as baseline= given with an NLA, was verbalize's bare TypeError."""
