@@ -29,8 +29,8 @@ DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "float64": torch.float64, "fp64": torch.float64, "double": torch.float64,  # refused at load on the bridge
 }
-_MODEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)  # the float dtypes torch computes in
 _GPU_WORDS = ("gpu", "nvidia", "cuda0", "gpu0")
 
 
@@ -40,13 +40,19 @@ def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
         if not dtype.is_floating_point:  # an integer model fails deep in torch ("Only Tensors of floating point ...")
             raise InputError(f"dtype {dtype} is not a floating-point dtype, so no model can be loaded in it; pass "
                              f"one of {dtype_names()}")
-        if dtype not in _MODEL_DTYPES:  # float8 loaded, then its first run failed ('"neg_cpu" not implemented for ...')
+        # The float dtypes torch computes in: float8 loaded, then its first run failed ('"neg_cpu" not implemented ...')
+        if dtype not in DTYPES.values():
             raise InputError(f"dtype {dtype} is a storage format torch runs no model in (no norms or matmuls); pass "
-                             f"one of {dtype_names()} (or torch.float64)")
+                             f"one of {dtype_names()}")
         return dtype
-    if isinstance(dtype, str) and dtype.lower().removeprefix("torch.") in DTYPES:
-        return DTYPES[dtype.lower().removeprefix("torch.")]
+    if isinstance(dtype, str) and _dtype_key(dtype) in DTYPES:
+        return DTYPES[_dtype_key(dtype)]
     raise InputError(f"dtype {dtype!r} is not one nla_lens loads; pass a torch dtype or one of {dtype_names()}")
+
+
+def _dtype_key(name: str) -> str:
+    """How `DTYPES` spells a dtype name: "torch.float16" is "float16", "BF16" is "bf16"."""
+    return name.lower().removeprefix("torch.")
 
 
 def dtype_names() -> str:

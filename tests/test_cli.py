@@ -334,7 +334,7 @@ def test_dtype_bf16_loads_in_bfloat16_and_a_bad_name_lists_the_good_ones(tiny_pa
         main(["reconstruct", "--ar", ar, "--dtype", "bf17", "a cat"])
     assert info.value.code == 2
     assert ("argument --dtype: 'bf17' is not a dtype nla_lens loads; pass one of "
-            "float32/fp32/float, bfloat16/bf16, float16/fp16/half") in capsys.readouterr().err
+            "float32/fp32/float, bfloat16/bf16, float16/fp16/half, float64/fp64/double") in capsys.readouterr().err
 
 
 def test_round_trip_with_a_text_points_to_explain(capsys):

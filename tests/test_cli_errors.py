@@ -505,6 +505,26 @@ def test_from_pretrained_takes_dtype_names(tiny_paths):
         nl.ActivationVerbalizer.from_pretrained(tiny_paths["av_karvonen"], dtype="float8")
 
 
+@pytest.mark.parametrize("name", ["float64", "fp64", "double", "torch.float64", "FP64"])
+def test_float64_names_load_where_torch_float64_does(tiny_paths, name):
+    """torch.float64 loads on the hooked backend (TL 3.x), but its names were refused as no dtype nla_lens loads. The
+    bridge (TL 4.x) refuses float64 at load, by name as by torch dtype, saying why."""
+    from nla_lens.checks import resolve_dtype
+
+    assert resolve_dtype(name) is torch.float64
+    if backends.default_backend() == "hooked":
+        av = nl.ActivationVerbalizer.from_pretrained(tiny_paths["av_karvonen"], dtype=name)
+        ar = nl.ActivationReconstructor.from_pretrained(tiny_paths["ar_nanonla"], dtype=name)
+        dtypes = {av.model.W_E.dtype, av.model.cfg.dtype, ar.model.W_E.dtype, ar.readout.weight.dtype}
+        assert dtypes == {torch.float64}
+        return
+    refused = (r"^float64 is not supported on the bridge backend \(TransformerLens 4\.x\): .* use TransformerLens 3\.x "
+               r"\(HookedTransformer\) for float64")
+    for dtype in (name, torch.float64):
+        with pytest.raises(nl.BackendError, match=refused):
+            nl.ActivationVerbalizer.from_pretrained(tiny_paths["av_karvonen"], dtype=dtype)
+
+
 def test_an_integer_dtype_is_refused_before_loading(tiny_paths, monkeypatch):
     """torch.int8 reached the model build: RuntimeError "Only Tensors of floating point ... can require gradients"."""
     monkeypatch.setattr(backends, "load_model", lambda *a, **k: pytest.fail("loaded the model"))

@@ -539,8 +539,7 @@ def test_cli_refuses_a_dtype_name_before_anything_loads(tmp_path, capsys, comman
     assert main([command, path]) == 2
     err = capsys.readouterr().err
     assert err == (f"nla-lens {command}: ConfigError: {path}: {key}: {value!r} is not a dtype nla_lens knows; "
-                   "use one of float32/fp32/float, bfloat16/bf16, float16/fp16/half (or another torch floating-point "
-                   "dtype, such as float64)\n")
+                   "use one of float32/fp32/float, bfloat16/bf16, float16/fp16/half, float64/fp64/double\n")
 
 
 @pytest.mark.parametrize(("command", "key", "value"), [
@@ -556,8 +555,8 @@ def test_cli_refuses_a_float_dtype_under_16_bits_before_anything_loads(tmp_path,
     assert main([command, path]) == 2
     assert capsys.readouterr().err == (
         f"nla-lens {command}: ConfigError: {path}: {key}: {value!r} is a float narrower than 16 bits, which nla_lens "
-        "neither trains nor exports in; use one of float32/fp32/float, bfloat16/bf16, float16/fp16/half (bfloat16 is "
-        "the smallest)\n")
+        "neither trains nor exports in; use one of float32/fp32/float, bfloat16/bf16, float16/fp16/half, "
+        "float64/fp64/double (bfloat16 is the smallest)\n")
 
 
 @pytest.mark.parametrize("command", ["train-av", "train-ar", "train-rl"])

@@ -75,19 +75,17 @@ def _adam_betas(betas: Any) -> tuple[float, float]:
 
 
 def config_dtype(name: str, field_name: str = "dtype") -> torch.dtype:
-    """A config's dtype: any name the library takes ("bf16", "float16", ...: `checks.DTYPES`), or another
-    torch floating-point dtype ("float64", which the exact-equality tests train in)."""
+    """A config's dtype: any name the library takes (`checks.DTYPES`: "bf16", "float16", "float64", which the
+    exact-equality tests train in, ...)."""
     try:
         return resolve_dtype(name)
     except InputError:
         dtype = getattr(torch, str(name), None)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ConfigError(f"{field_name}: {name!r} is not a dtype nla_lens knows; use one of {dtype_names()} "
-                          "(or another torch floating-point dtype, such as float64)")
-    if dtype.itemsize < 2:  # torch has no isfinite and no random init for them: a bare error after training
+    # float8: torch has no isfinite and no random init for them, a bare error after training
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point and dtype.itemsize < 2:
         raise ConfigError(f"{field_name}: {name!r} is a float narrower than 16 bits, which nla_lens neither "
                           f"trains nor exports in; use one of {dtype_names()} (bfloat16 is the smallest)")
-    return dtype
+    raise ConfigError(f"{field_name}: {name!r} is not a dtype nla_lens knows; use one of {dtype_names()}")
 
 
 def _check_dtypes(config: object, *names: str) -> None:
