@@ -55,6 +55,18 @@ def _dtype_key(name: str) -> str:
     return name.lower().removeprefix("torch.")
 
 
+def resolve_move(device: torch.device | str | torch.dtype | None,
+                 dtype: torch.dtype | str | None) -> tuple[torch.device | None, torch.dtype | None]:
+    """The arguments of an AV's, AR's or NLA's `.to()`, each checked as a load checks it (None where not given). As
+    torch's `Module.to` takes them, a dtype may come first: `av.to(torch.float64)`, `av.to("bf16")`."""
+    if isinstance(device, torch.dtype) or isinstance(device, str) and _dtype_key(device) in DTYPES:
+        if dtype is not None:
+            raise InputError(f"to({device!r}, {dtype!r}) names two dtypes; pass to(device, dtype), e.g. "
+                             "to('cuda', torch.bfloat16)")
+        device, dtype = None, device
+    return (None if device is None else resolve_device(device), None if dtype is None else resolve_dtype(dtype))
+
+
 def dtype_names() -> str:
     """The names `resolve_dtype` takes, grouped by dtype for help texts and errors: 'float32/fp32/float, ...'."""
     groups: dict[torch.dtype, list[str]] = {}

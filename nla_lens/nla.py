@@ -18,7 +18,7 @@ from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
 from nla_lens import loading, metrics
-from nla_lens.checks import check_counts, check_keywords, counted, warn_at_caller
+from nla_lens.checks import check_counts, check_keywords, counted, resolve_move, warn_at_caller
 from nla_lens.display import format_number
 from nla_lens.errors import CheckpointError, InputError, PairMismatchError, SidecarError
 from nla_lens.injection import check_vectors, directionless_rows
@@ -411,6 +411,26 @@ class NLA:
             ar_folder, ar_meta, device=device, dtype=dtype, trust_remote_code=trust_remote_code, backend=backend,
             tokenizer=None, checked_tokenizer=ar_tokenizer)
         return cls(av, ar)
+
+    def to(self, device: torch.device | str | torch.dtype | None = None, dtype: torch.dtype | str | None = None) -> NLA:
+        """Move the AV and the AR (model and readout) to `device` and / or cast them to `dtype` in place, and return
+        the NLA, as torch's `Module.to` does: `nla.to("cuda")`, `nla.to(torch.float64)`, `nla.to("cuda", "bf16")`.
+
+        Both are checked as `from_pretrained` checks them (no 'meta', no float8, a device this torch can use), and
+        both models before either moves: a refused move changes nothing. TransformerLens's `cfg.device` and
+        `cfg.dtype` follow, so `model.to_tokens` and `generate` agree, and the rotary tables are computed afresh as a
+        load computes them. A cast gives what a load in that dtype gives where the weights as loaded hold the
+        checkpoint's (the float32 toy cast to float64 matches a float64 load to the bit), but not for Gemma-3 on the
+        hooked backend, whose norms keep float32 weights through a cast and whose embedding the loader scaled in the
+        load's dtype; a cast to a narrower dtype and back keeps the narrower one's rounding. Load in the dtype you
+        want for the checkpoint's own weights. The bridge backend (TransformerLens 4.x) moves between devices only: a
+        cast there is a `BackendError` (load again with `dtype=`)."""
+        device, dtype = resolve_move(device, dtype)
+        for part in (self.av, self.ar):
+            part._check_movable(dtype)
+        for part in (self.av, self.ar):
+            part._move(device, dtype)
+        return self
 
     def __repr__(self) -> str:
         return f"NLA(\n  av={self.av!r},\n  ar={self.ar!r})"

@@ -12,7 +12,14 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from nla_lens import backends, loading
-from nla_lens.checks import check_counts, check_explanations, context_overflow, resolve_device, resolve_dtype
+from nla_lens.checks import (
+    check_counts,
+    check_explanations,
+    context_overflow,
+    resolve_device,
+    resolve_dtype,
+    resolve_move,
+)
 from nla_lens.distributed import inference
 from nla_lens.errors import InputError, PromptTooLongError, SidecarError
 from nla_lens.sidecar import NLAMeta, ar_prompt_ids, check_role_template, load_meta
@@ -91,6 +98,27 @@ class ActivationReconstructor:
         """Where the AR's weights are; `reconstruct` returns its vectors there."""
         return self.model.W_E.device
 
+    def to(self, device: torch.device | str | torch.dtype | None = None,
+           dtype: torch.dtype | str | None = None) -> ActivationReconstructor:
+        """Move the AR, its model and its readout, to `device` and / or cast both to `dtype` in place, and return it,
+        as torch's `Module.to` does: `ar.to("cuda")`, `ar.to(torch.bfloat16)`. Each is checked as `from_pretrained`
+        checks it; a refused move changes nothing (`ar.model.to(...)` moves the model alone). See `NLA.to` for what a
+        cast keeps of the load."""
+        device, dtype = resolve_move(device, dtype)
+        self._check_movable(dtype)
+        self._move(device, dtype)
+        return self
+
+    def _check_movable(self, dtype: torch.dtype | None) -> None:
+        backends.check_movable(self.model, "AR", dtype)
+        if any(t.is_meta for t in (*self.readout.parameters(), *self.readout.buffers())):
+            raise InputError("the AR's readout (value head) is on the meta device, which holds no values, so there is "
+                             "nothing to move: load the AR again")
+
+    def _move(self, device: torch.device | None, dtype: torch.dtype | None) -> None:
+        backends.move(self.model, device, dtype)
+        self.readout.to(device=device, dtype=dtype)
+
     def __repr__(self) -> str:
         return (f"ActivationReconstructor(layer={self.meta.layer}, d_model={self.meta.d_model}, "
                 f"mse_scale={self.meta.mse_scale:.4g}, stage={self.meta.raw.get('stage')!r}, "
@@ -157,11 +185,13 @@ class ActivationReconstructor:
     def _check_readout_device(self, readout_device: torch.device) -> None:
         """The readout must sit with the model: `ar.model.to(device)` moves the model alone. A readout on another GPU
         failed with a bare RuntimeError, and one on the meta device returned uninitialised memory as the vectors."""
-        if readout_device != self.device:
-            empty = ", which holds no values" if readout_device.type == "meta" else ""
-            raise InputError(f"the AR's readout (value head) is on {readout_device}{empty}, but its model is on "
-                             f"{self.device}: move it there too, ar.readout.to(ar.device) (ar.model.to(...) moves "
-                             "only the model)")
+        if readout_device == self.device:
+            return
+        where = f"the AR's readout (value head) is on {readout_device}"
+        if readout_device.type == "meta":  # nothing to move back: torch cannot copy out of meta
+            raise InputError(f"{where}, which holds no values, but its model is on {self.device}: load the AR again")
+        raise InputError(f"{where}, but its model is on {self.device}: move the AR as one, ar.to(device) "
+                         "(ar.model.to(...) moves only the model), or the readout alone, ar.readout.to(ar.device)")
 
 
 def check_sample_fits(meta: NLAMeta, tokenizer: PreTrainedTokenizerBase, n_ctx: int, max_new_tokens: int) -> None:

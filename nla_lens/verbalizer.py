@@ -22,6 +22,7 @@ from nla_lens.checks import (
     is_count,
     resolve_device,
     resolve_dtype,
+    resolve_move,
     warn_at_caller,
 )
 from nla_lens.distributed import inference
@@ -245,6 +246,23 @@ class ActivationVerbalizer:
     def device(self) -> torch.device:
         """Where the AV's weights are: `verbalize` moves the vectors there."""
         return self.model.W_E.device
+
+    def to(self, device: torch.device | str | torch.dtype | None = None,
+           dtype: torch.dtype | str | None = None) -> ActivationVerbalizer:
+        """Move the AV to `device` and / or cast it to `dtype` in place, and return it, as torch's `Module.to` does:
+        `av.to("cuda")`, `av.to(torch.bfloat16)`, `av.to("cuda", "bf16")`. Each is checked as `from_pretrained` checks
+        it; a refused move changes nothing. See `NLA.to` for what a cast keeps of the load."""
+        device, dtype = resolve_move(device, dtype)
+        self._check_movable(dtype)
+        self._move(device, dtype)
+        return self
+
+    def _check_movable(self, dtype: torch.dtype | None) -> None:
+        backends.check_movable(self.model, "AV", dtype)
+
+    def _move(self, device: torch.device | None, dtype: torch.dtype | None) -> None:
+        """The model is all it holds on a device: `prompt_tokens` moves the prompt to `device` at each call."""
+        backends.move(self.model, device, dtype)
 
     def __repr__(self) -> str:
         spec = self.injection_spec

@@ -134,9 +134,14 @@ def test_a_readout_left_on_another_device_than_the_model_is_refused(tiny_paths):
     CPU-only suite: a readout on another GPU raised a bare RuntimeError)."""
     ar = nl.ActivationReconstructor.from_pretrained(tiny_paths["ar_nanonla"])
     ar.readout.to("meta")
+    # nothing to move back: torch copies nothing off meta
     with pytest.raises(nl.InputError, match=r"^the AR's readout \(value head\) is on meta, which holds no values, but "
-                                            r"its model is on cpu: move it there too, ar\.readout\.to\(ar\.device\)"):
+                                            r"its model is on cpu: load the AR again$"):
         ar.reconstruct(["the sea is calm", "a storm"])
+    with pytest.raises(nl.InputError, match=r"^the AR's readout \(value head\) is on cuda:1, but its model is on cpu: "
+                                            r"move the AR as one, ar\.to\(device\) \(ar\.model\.to\(\.\.\.\) moves "
+                                            r"only the model\), or the readout alone, ar\.readout\.to\(ar\.device\)$"):
+        ar._check_readout_device(torch.device("cuda:1"))  # a second GPU, which this suite has not
 
 
 def test_an_ar_moved_to_the_meta_device_is_refused(tiny_paths):

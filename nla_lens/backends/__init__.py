@@ -166,6 +166,21 @@ def check_holds_weights(model: TLModel, role: str) -> None:
                          "'cuda' (moving it off meta gives no weights back)")
 
 
+def check_movable(model: TLModel, role: str, dtype: torch.dtype | None) -> None:
+    """What `move` refuses, checked before anything moves: a model on the meta device, which has no values to move
+    (torch raised a bare NotImplementedError), and a cast on the bridge (`bridge.check_castable`)."""
+    check_holds_weights(model, role)
+    if dtype is not None and backend_of(model) == "bridge":
+        import_module("nla_lens.backends.bridge").check_castable(model, role, dtype)
+
+
+def move(model: TLModel, device: torch.device | None, dtype: torch.dtype | None) -> None:
+    """`model` onto `device` and into `dtype` (None: where it is), in place, with `cfg.device` and `cfg.dtype` as a
+    load there gives them, so TL's `to_tokens`, `generate` and KV caches follow. `check_movable` first."""
+    if device is not None or dtype is not None:
+        import_module(f"nla_lens.backends.{backend_of(model)}").move(model, device, dtype)
+
+
 def check_dtype_current(model: TLModel, role: str) -> None:
     """`InputError` when a HookedTransformer's weights are no longer `cfg.dtype`: TL allocates its KV cache
     (and nla_lens its fast decoders' caches) in `cfg.dtype`, which `.half()` / `.bfloat16()` leave stale, so the

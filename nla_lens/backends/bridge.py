@@ -79,9 +79,44 @@ def load_model(folder: Path, tokenizer: PreTrainedTokenizerBase, *, dtype: torch
 def check_dtype(model: TransformerBridge, role: str) -> None:
     """Refuse a bridge cast to float64 after loading (`model.to(torch.float64)`, `.double()`), as `load_model`
     refuses one loaded so. The embedding's dtype is the run's: HF builds its attention mask in it."""
-    if cast(PreTrainedModel, model.original_model).get_input_embeddings().weight.dtype == torch.float64:
+    if _run_dtype(model) == torch.float64:
         raise _float64_refused(f"The {role} model was cast to float64 after loading (model.to(torch.float64) or "
                                ".double()): cast it back with model.to(torch.float32)")
+
+
+def check_castable(model: TransformerBridge, role: str, dtype: torch.dtype) -> None:
+    """Refuse to cast a loaded bridge to another dtype: HF's loader keeps each rotary `inv_freq` in float32, and a cast
+    rounds it to the new dtype, so the outputs are no longer those of a load in that dtype (tiny Qwen3, float32 cast
+    to bfloat16: logits 0.11 apart, other greedy explanations; 0.0 with `inv_freq` kept). float64 as `load_model`."""
+    current = _run_dtype(model)
+    if dtype == current:
+        return
+    if dtype == torch.float64:
+        raise _float64_refused(f"Keep the {role} model in {str(current).removeprefix('torch.')}")
+    name = str(dtype).removeprefix("torch.")
+    raise BackendError(
+        f"the {role} model cannot be cast to {name} on the bridge backend (TransformerLens 4.x): a cast rounds HF's "
+        f"rotary frequencies (inv_freq, which HF's loader keeps in float32) to {name}, so its outputs would not be "
+        f"those of a model loaded in {name}. Load it again with dtype=torch.{name}; a move to another device alone "
+        "(.to(device)) is fine"
+    )
+
+
+def move(model: TransformerBridge, device: torch.device | None, dtype: torch.dtype | None) -> None:
+    """`backends.move` on the bridge: to `device` (`check_castable` let only the model's own dtype through), with
+    `cfg.device` the weights' device, as `boot_transformers` sets it."""
+    if device is not None:
+        model.to(str(device), print_details=False)
+        model.cfg.device = str(_embedding(model).device)
+
+
+def _run_dtype(model: TransformerBridge) -> torch.dtype:
+    """The dtype the bridge runs in: HF builds its attention mask in the embedding's."""
+    return _embedding(model).dtype
+
+
+def _embedding(model: TransformerBridge) -> Tensor:
+    return cast(Tensor, cast(PreTrainedModel, model.original_model).get_input_embeddings().weight)
 
 
 def _float64_refused(fix: str) -> BackendError:

@@ -37,6 +37,35 @@ def decoder(model: HookedTransformer, batch_size: int, max_len: int, fwd_hooks: 
 ARForward = decoding.ARForward
 
 
+def move(model: HookedTransformer, device: torch.device | None, dtype: torch.dtype | None) -> None:
+    """`backends.move` through TL's own `to`, which updates `cfg.device` and `cfg.dtype`; then the rotary tables as a
+    load computes them."""
+    if device is not None:
+        model.to(str(device), print_details=False)  # a torch.device leaves cfg.device its type: cuda:1 became cuda
+    if dtype is not None:
+        model.to(dtype, print_details=False)
+    _compute_rotary_tables(model)
+
+
+def _compute_rotary_tables(model: HookedTransformer) -> None:
+    """Each attention's rotary tables computed afresh on its device in `cfg.dtype`, one tensor per kind shared by
+    the layers alike, as the loader gives them (`loading._share_block_buffers`). TL computes them in float32 (float64
+    for a float64 model) and rounds once; a cast rounds the load's tables instead: a float32 model cast to float64
+    kept float32's angles (logits 8e-7 off a float64 load), and `Module.to` gives each layer a copy of its own."""
+    if model.cfg.positional_embedding_type != "rotary":
+        return
+    rotary_dim = cast(int, model.cfg.rotary_dim)  # set for every rotary model
+    tables: dict[tuple[str, float, int], tuple[Tensor, Tensor]] = {}
+    for block in model.blocks:
+        attn = block.attn
+        device, size = attn.rotary_cos.device, attn.rotary_cos.shape[0]  # the size TL has grown it to, if it has
+        kind = (attn.attn_type, attn._rotary_base(), size)  # Gemma-3: local and global layers differ
+        if kind not in tables:
+            with torch.device(device):  # where the loader computed them: a GPU's sin and cos may round otherwise
+                tables[kind] = attn.calculate_sin_cos_rotary(rotary_dim, size, base=kind[1], dtype=model.cfg.dtype)
+        attn.rotary_sin, attn.rotary_cos = tables[kind]
+
+
 def run_with_hooks(model: HookedTransformer, *args: Any, fwd_hooks: list, **kwargs: Any) -> Any:
     """TL's `run_with_hooks` (`forward` under the hooks) with `hooks` in place of TL's `hooks()`."""
     with hooks(model, fwd_hooks):
