@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import LAYER, NEEDS_TL3, cut_write_text_short
+from conftest import D_MODEL, LAYER, NEEDS_TL3, cut_write_text_short
 from safetensors.torch import load_file
 
 import nla_lens as nl
@@ -439,6 +439,31 @@ def test_extract_into_an_out_dir_that_cannot_be_written_is_refused_before_the_mo
     out_dir = tmp_path / "corpus.jsonl" / "acts"
     assert main(["extract", _one_document_extraction(tmp_path, base_folder, out_dir)]) == 2
     assert f"ConfigError: out_dir '{out_dir}' cannot be written" in capsys.readouterr().err
+
+
+@NEEDS_TL3
+@pytest.mark.parametrize("changed", ["dtype", "weights"])
+def test_resuming_an_extraction_in_another_dtype_or_from_other_weights_is_refused_before_the_model_loads(
+        tmp_path, base_folder, capsys, monkeypatch, changed):
+    """The config names the dtype and the base folder, yet a resume in another dtype than the extraction recorded (or
+    from weight files replaced since) was refused only once the base model had loaded: minutes for an 8B."""
+    base = shutil.copytree(base_folder, tmp_path / "base")
+    out_dir = tmp_path / "acts"
+    config = _one_document_extraction(tmp_path, base, out_dir)
+    assert main(["extract", config]) == 0
+    before = _files(out_dir)
+    if changed == "dtype":
+        config = _write(Path(config), {**yaml.safe_load(Path(config).read_text(encoding="utf-8")), "dtype": "bf16"})
+        expected = ("was extracted with the base model in float32, and this run has it in bfloat16: its shards would "
+                    "mix the two precisions")
+    else:
+        testing.save_base_model(base, d_model=D_MODEL, seed=1)
+        expected = f"was extracted from other weight files of base model {base} than this run reads"
+    monkeypatch.setattr(loading, "load_hooked_transformer", lambda *a, **k: pytest.fail("loaded the model"))
+    assert main(["extract", config]) == 2
+    err = capsys.readouterr().err
+    assert f"ConfigError: {out_dir} {expected}" in err, err
+    assert _files(out_dir) == before
 
 
 def _one_document_extraction(tmp_path: Path, base_folder: Path, out_dir: Path) -> str:

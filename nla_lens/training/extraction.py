@@ -152,8 +152,8 @@ def dataset_sidecar(tokenizer: PreTrainedTokenizerBase, config: ExtractConfig, *
     }
 
 
-def base_run_facts(model: Any, base_model: str) -> dict[str, str | None]:
-    """The base as this extraction runs it (`BASE_RUN_KEYS`): the dtype of its weights, which the residuals are
+def base_run_facts(dtype: torch.dtype, base_model: str) -> dict[str, str | None]:
+    """The base as this extraction runs it (`BASE_RUN_KEYS`): `dtype`, its weights' dtype, which the residuals are
     computed in, and the `loading.folder_fingerprint` of the weight files of the folder `base_model` names (None where
     it names none here). A resume checks both: each shard's vectors come from the run that wrote it, so another dtype
     or other weights at the same path would leave shards of two precisions or two models in one dataset, in silence."""
@@ -161,7 +161,23 @@ def base_run_facts(model: Any, base_model: str) -> dict[str, str | None]:
         fingerprint: str | None = loading.folder_fingerprint(loading.named_base_folder(base_model), WEIGHT_FILES)
     except NLAError:  # a name that is no folder here, nor a hub id in the local cache: nothing to fingerprint
         fingerprint = None
-    return {"dtype": str(model.W_E.dtype).removeprefix("torch."), "base_fingerprint": fingerprint}
+    return {"dtype": str(dtype).removeprefix("torch."), "base_fingerprint": fingerprint}
+
+
+def check_resume_before_loading(out: Path, dtype: torch.dtype, base_model: str) -> None:
+    """Refuse resuming `out` with the base in another dtype or from other weight files than its sidecar records, from
+    the extract config, before the base loads: `extract_activations` refuses it too, but only once the weights have
+    loaded (minutes for an 8B base)."""
+    path = out / SIDECAR_NAME
+    if not path.is_file():
+        return
+    try:
+        recorded = _as_recorded_now(yaml.safe_load(path.read_text(encoding="utf-8")))["extraction"]
+    except (yaml.YAMLError, TypeError, KeyError):  # no extraction sidecar: `extract_activations` names what is wrong
+        return
+    if isinstance(recorded, dict):
+        _refuse_another_base_run(out, recorded, {"base_model": loading.recorded_path(base_model),
+                                                 **base_run_facts(dtype, base_model)})
 
 
 def sample_positions(n_tokens: int, doc_id: str, config: ExtractConfig) -> list[int]:
@@ -200,7 +216,7 @@ def extract_activations(
     out.mkdir(parents=True, exist_ok=True)
     base_model = base_model or model.cfg.model_name
     sidecar = dataset_sidecar(tokenizer, config, base_model=base_model, d_model=model.cfg.d_model,
-                              base_run=base_run_facts(model, base_model))
+                              base_run=base_run_facts(model.W_E.dtype, base_model))
     _write_or_check_sidecar(out, sidecar)
     settings = extraction_digest(load_meta(out))  # of the sidecar on disk, which a resume keeps as it was written
     (out / SHARD_DIR).mkdir(exist_ok=True)
@@ -344,10 +360,20 @@ def _without_base_run(sidecar: Any) -> Any:
 
 
 def _check_base_run(out: Path, recorded: dict[str, Any], now: dict[str, Any]) -> None:
+    """Refuse resuming `out` with another base run than its shards were extracted with (`_refuse_another_base_run`).
+    An extraction written before nla_lens recorded its base's run resumes, with a warning that nothing checks it."""
+    _refuse_another_base_run(out, recorded, now)
+    unrecorded = [key for key in BASE_RUN_KEYS if key not in recorded]
+    if unrecorded:
+        warn_at_caller(f"{out} records no {' nor '.join(unrecorded)} of the base model (extracted before nla_lens "
+                       f"recorded them), so nothing checks that this run's base ({now['dtype']}) is the one its shards "
+                       "were extracted with; resume it only with the same base_model weights and dtype")
+
+
+def _refuse_another_base_run(out: Path, recorded: dict[str, Any], now: dict[str, Any]) -> None:
     """Refuse resuming `out` with the base in another dtype, or from other weight files, than its shards were
-    extracted with (its sidecar's `extraction` block is `recorded`; `now` is this run's), naming both. An extraction
-    written before nla_lens recorded them resumes, with a warning that nothing checks them; a fingerprint this run
-    cannot take (its base_model names no folder here) is not checked."""
+    extracted with (its sidecar's `extraction` block is `recorded`; `now` is this run's), naming both. What `recorded`
+    lacks, and a fingerprint this run cannot take (its base_model names no folder here), is not checked."""
     if "dtype" in recorded and recorded["dtype"] != now["dtype"]:
         raise ConfigError(f"{out} was extracted with the base model in {recorded['dtype']}, and this run has it in "
                           f"{now['dtype']}: its shards would mix the two precisions. Resume in {recorded['dtype']} "
@@ -359,11 +385,6 @@ def _check_base_run(out: Path, recorded: dict[str, Any], now: dict[str, Any]) ->
                           f"run reads (fingerprint {fingerprints[0]} on disk, {fingerprints[1]} now: the folder's "
                           "weights were replaced since): its shards would mix two models' activations. Resume with the "
                           "weights the extraction started with, or extract into a new out_dir")
-    unrecorded = [key for key in BASE_RUN_KEYS if key not in recorded]
-    if unrecorded:
-        warn_at_caller(f"{out} records no {' nor '.join(unrecorded)} of the base model (extracted before nla_lens "
-                       f"recorded them), so nothing checks that this run's base ({now['dtype']}) is the one its shards "
-                       "were extracted with; resume it only with the same base_model weights and dtype")
 
 
 def _differences(on_disk: Any, requested: Any, key: str = "sidecar") -> list[str]:

@@ -43,6 +43,7 @@ from nla_lens.training.export import check_export_folder, export_ar, export_av, 
 from nla_lens.training.extraction import (
     Document,
     check_extraction_folder,
+    check_resume_before_loading,
     extract_activations,
     load_activations,
 )
@@ -125,6 +126,7 @@ def run_extract(config: ExtractRunConfig, *, progress: bool = True) -> Path:
     if n_layers is not None and config.extract.layer >= n_layers:  # from config.json: before the weights load
         raise ConfigError(f"extract.layer {config.extract.layer} is outside base_model {config.base_model}'s "
                           f"{blocks_phrase(n_layers)}; set it to one of those indices")
+    check_resume_before_loading(Path(config.out_dir), config_dtype(config.dtype), config.base_model)
     documents = read_corpus(config.corpus)
     tokenizer = loading.load_tokenizer(folder)
     model = loading.load_hooked_transformer(folder, tokenizer, dtype=config_dtype(config.dtype), device=config.device)
