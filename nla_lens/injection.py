@@ -163,6 +163,22 @@ def is_injection_hook(fn: object) -> bool:
     return getattr(fn, "__module__", None) == __name__ and getattr(fn, "__qualname__", "").startswith("Injection.")
 
 
+class NotingItRan:
+    """Hooks that note whether one of them ran. A forward that never reached the injection's point (a hook of the
+    caller's removed it first, a `stop_at_layer` short of it, a name bound to a HookPoint off the forward's path) read
+    the prompt without the vectors, and nothing in its output tells."""
+
+    def __init__(self, fwd_hooks: list[tuple[str, HookFn]]) -> None:
+        self.ran = False
+        self.fwd_hooks = [(name, self._noting(fn)) for name, fn in fwd_hooks]
+
+    def _noting(self, fn: HookFn) -> HookFn:
+        def noted(activation: Tensor, hook: HookPoint) -> Tensor | None:
+            self.ran = True
+            return fn(activation, hook)
+        return noted
+
+
 @dataclass(frozen=True)
 class Injection:
     """Vectors bound to the marker sites of one token batch; `fwd_hooks()` composes with any hooks."""

@@ -27,7 +27,7 @@ from nla_lens.checks import (
 )
 from nla_lens.distributed import inference
 from nla_lens.errors import InjectionError, InputError, PromptTooLongError, SidecarError
-from nla_lens.injection import BLOCK_0_INPUT, HookFn, Injection, check_vectors, is_injection_hook
+from nla_lens.injection import BLOCK_0_INPUT, Injection, NotingItRan, check_vectors, is_injection_hook
 from nla_lens.markers import find_marker_sites
 from nla_lens.parsing import failed_parse_note, injection_warning, parse_explanation
 from nla_lens.results import TabularResult
@@ -41,8 +41,6 @@ from nla_lens.sidecar import (
 )
 
 if TYPE_CHECKING:
-    from transformer_lens.hook_points import HookPoint
-
     from nla_lens.backends import TLModel
 
 MAX_NEW_TOKENS = 150  # verbalize's default, shared by the callers that run it for you (steer words, sharded)
@@ -376,21 +374,11 @@ class ActivationVerbalizer:
         draw per step for `_sample_inverse_cdf` (None: `_sample`'s multinomial with `generator`)."""
         n = vectors.shape[0]
         tokens = self.prompt_tokens(n)
-        injection = self.injection(vectors, tokens)
-        inject = _NotingItRan(injection.hook)
-        site_hooks: list[tuple[str, HookFn]] = [(injection.spec.hook_point, inject)]
         # The last token is never fed back: the cache holds prompt + max_new_tokens - 1 positions, so the
         # longest generation `_check_fits` allows still fits the fast decoders' rotary tables (n_ctx).
-        decoder = backends.decoder(self.model, n, tokens.shape[1] + max_new_tokens - 1, site_hooks)
+        decoder, logits = injected_prefill(self.model, tokens, self.injection(vectors, tokens),
+                                           tokens.shape[1] + max_new_tokens - 1)
         self.fallback_reason = decoder.fallback_reason
-        logits = decoder.prefill(tokens, site_hooks)
-        if not inject.ran:
-            raise InjectionError(
-                f"the injection at {injection.spec.hook_point} never ran in the prefill: a hook removed it before "
-                "that point fired (model.reset_hooks() or remove_hooks() called from inside a hook of yours?), so "
-                "the AV read its prompt without the vectors. Remove hooks after verbalize returns, not from inside "
-                "one of its forward passes"
-            )
         eos = torch.tensor(self.eos_token_ids, device=self.device, dtype=torch.long)
         finished = torch.zeros(n, dtype=torch.bool, device=self.device)
         generated = torch.empty(n, max_new_tokens, dtype=torch.long, device=self.device)
@@ -410,17 +398,24 @@ class ActivationVerbalizer:
         return [row[:next((i + 1 for i, t in enumerate(row) if t in eos_ids), len(row))] for row in rows]
 
 
-class _NotingItRan:
-    """The prefill's injection hook, noting whether it ran: a hook of the caller's that fires first may remove it
-    (`model.reset_hooks()` inside a hook), and the AV would explain its bare prompt for every vector."""
-
-    def __init__(self, hook: HookFn) -> None:
-        self.hook = hook
-        self.ran = False
-
-    def __call__(self, activation: Tensor, hook: HookPoint) -> Tensor | None:
-        self.ran = True
-        return self.hook(activation, hook)
+def injected_prefill(model: TLModel, tokens: Int[Tensor, "n pos"], injection: Injection,
+                     max_len: int) -> tuple[backends.Decoder, Float[Tensor, "n d_vocab"]]:
+    """A decoder for `tokens` (and what follows, up to `max_len` positions) and its prefill's last logits, the
+    injection installed for the prefill only: what `verbalize` and RL's sampling decode from. An `InjectionError`
+    where the injection never ran there: every row would explain the bare prompt."""
+    inject = NotingItRan(injection.site_hooks())
+    decoder = backends.decoder(model, tokens.shape[0], max_len, inject.fwd_hooks)
+    logits = decoder.prefill(tokens, inject.fwd_hooks)
+    if not inject.ran:
+        point = injection.spec.hook_point
+        raise InjectionError(
+            f"the injection at {point} never ran in the prefill, so the AV read its prompt without the vectors: a "
+            "hook removed it before that point fired (model.reset_hooks() or remove_hooks() called from inside a hook "
+            "of yours? Remove hooks after the call returns, not from inside one of its forward passes), or the name "
+            f"{point} leads to a HookPoint the forward does not pass through (a hook point replaced on the model "
+            "without model.setup()?)"
+        )
+    return decoder, logits
 
 
 def _check_no_injection_attached(model: TLModel) -> None:

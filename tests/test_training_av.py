@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import NEEDS_TL3
+from transformer_lens.hook_points import HookPoint
 
 import hf_reference as ref
 import nla_lens as nl
@@ -97,6 +98,23 @@ def test_the_injection_hook_fires_in_every_training_and_eval_forward(base_folder
     eval_forwards = -(-len(held_out) // config.batch_size)
     assert len(calls) == config.steps * config.grad_accum + 2 * eval_forwards
     assert set(calls) == {"blocks.1.hook_resid_post"}
+
+
+@pytest.mark.parametrize("how", ["past-the-blocks", "point-replaced"])
+def test_an_injection_that_never_runs_in_the_training_forward_is_an_injection_error(base_folder, dataset_meta,
+                                                                                    label_split, monkeypatch, how):
+    """The training forward runs the blocks alone (stop_at_layer): an injection at the final norm, which `verbalize`
+    serves, never fired there, nor one whose name leads to a HookPoint off the forward's path, and the AV trained on
+    its prompt without the vectors, its loss falling all the same."""
+    av = init_av(base_folder, dataset_meta, hook_point="ln_final.hook_normalized" if how == "past-the-blocks" else None)
+    point = av.injection_spec.hook_point
+    if how == "point-replaced":
+        monkeypatch.setitem(av.model.mod_dict, point, HookPoint())  # hooks added by name go there
+    with pytest.raises(nl.InjectionError, match=rf"^the injection at {point} never ran in the teacher-forced forward, "
+                                                r"so the AV would learn from its prompt without the vectors: .* inject "
+                                                r"at a point inside them \(e\.g\. blocks\.1\.hook_resid_post"):
+        train_av(av, *label_split, TrainConfig(steps=1, batch_size=8, warmup_steps=0), n_samples=0, progress=False)
+    assert all(not hp.fwd_hooks for hp in av.model.hook_dict.values())
 
 
 def test_training_runs_on_deterministic_kernels_and_restores_the_setting(base_folder, dataset_meta, label_split,

@@ -17,6 +17,7 @@ import yaml
 from conftest import LAYER, NEEDS_TL3, record_postfixes, stray_byte_verbalization
 from launch import torchrun_cli
 from safetensors.torch import load_file
+from transformer_lens.hook_points import HookPoint
 
 import hf_reference as ref
 import nla_lens as nl
@@ -161,6 +162,27 @@ def test_a_response_echoing_the_marker_is_scored_with_the_prompts_injection_site
     expected, _ = grpo.grpo_loss_sum(torch.cat(logp), old_logp, None, advantages, torch.tensor([0, 0, 0, 0, 1]),
                                      clip_eps=config.clip_eps, kl_coef=0.0)
     assert float(loss) == pytest.approx(float(expected), rel=1e-4, abs=1e-5)
+
+
+@NEEDS_TL3
+@pytest.mark.parametrize("forward", ["sampling", "teacher-forced"])
+def test_an_injection_that_never_runs_in_an_rl_forward_is_an_injection_error(tiny_paths, monkeypatch, forward):
+    """RL's sampling prefill installed the injection by its hook point's name and never checked that it ran: a name
+    leading to a HookPoint the forward does not pass through (renamed, replaced) had every rollout explain the bare
+    prompt, in silence. Its teacher-forced log-probs (the policy's and the reference's) go through SFT's forward,
+    which checks it too."""
+    av = nl.ActivationVerbalizer.from_pretrained(tiny_paths["av_karvonen"], backend="hooked")
+    point = av.injection_spec.hook_point
+    vectors = torch.randn(2, av.meta.d_model, generator=torch.Generator().manual_seed(0))
+    monkeypatch.setitem(av.model.mod_dict, point, HookPoint())  # hooks added by name go there
+    where = "prefill" if forward == "sampling" else "teacher-forced forward"
+    with pytest.raises(nl.InjectionError, match=rf"^the injection at {point} never ran in the {where}, so the AV "):
+        if forward == "sampling":
+            rl.sample_groups(av, vectors, [1, 2], group_size=2, max_new_tokens=4, temperature=1.0, top_p=1.0)
+        else:
+            batch = rl.Rollout(vectors.repeat_interleave(2, 0), [[10, 11]] * 4, torch.zeros(8), [], [],
+                               torch.zeros(4, dtype=torch.bool), *[None] * 3)
+            rl.policy_logprobs(av, batch, range(4), temperature=1.0)
 
 
 # --- a small SFT pair to run RL from ----------------------------------------------------------------

@@ -1,7 +1,8 @@
 """AV SFT: the base model learns to answer the canonical prompt, vector injected, with the explanation.
 
 The injection is the AV's own `Injection` hook, installed with `backends.hooks(...)` around every
-training and eval forward, so the model is trained exactly as `verbalize` serves it. With
+training and eval forward, so the model is trained exactly as `verbalize` serves it (and checked to have run there, as
+`verbalize` checks its prefill). With
 `activation_checkpointing`, the recompute in backward replays that hook (`training.recompute`).
 """
 
@@ -18,7 +19,8 @@ from torch import Tensor
 
 from nla_lens import backends, loading
 from nla_lens.distributed import inference
-from nla_lens.errors import ConfigError, InputError
+from nla_lens.errors import ConfigError, InjectionError, InputError
+from nla_lens.injection import NotingItRan
 from nla_lens.parsing import injection_warning_held
 from nla_lens.sidecar import InjectionSpec, NLAMeta, check_tokenizer, parse_meta
 from nla_lens.training import loop
@@ -105,9 +107,18 @@ def response_logits(av: ActivationVerbalizer, prompt: list[int], responses: list
     # Sites from the prompt columns only (a sampled response may echo the marker and its neighbours); the
     # forward runs the whole sequence, which the hook injects at those same sites.
     injection = av.injection(vectors.to(av.device), tokens[:, :len(prompt)])
+    inject = NotingItRan(injection.fwd_hooks())
     # Through the backend's helper: TL 3.x's hooks() took away on exit the hooks a caller had left on the AV
-    with backends.hooks(av.model, injection.fwd_hooks()):
+    with backends.hooks(av.model, inject.fwd_hooks):
         resid = av.model(tokens, attention_mask=mask, stop_at_layer=av.model.cfg.n_layers)
+    if not inject.ran:
+        raise InjectionError(
+            f"the injection at {injection.spec.hook_point} never ran in the teacher-forced forward, so the AV would "
+            "learn from its prompt without the vectors: that forward runs the blocks alone (the final norm and the "
+            "unembed run after it, on the scored positions only), so inject at a point inside them (e.g. "
+            "blocks.1.hook_resid_post or hook_embed). A hook of yours that removes hooks mid-forward, or a hook point "
+            "replaced on the model without model.setup(), does this too"
+        )
     # Position t predicts token t+1: score positions whose next token is a response token.
     scored = mask[:, 1:].bool()
     scored[:, :len(prompt) - 1] = False

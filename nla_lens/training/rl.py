@@ -65,7 +65,7 @@ from nla_lens.training.av_sft import av_loss, check_stops_at_turn_end, response_
 from nla_lens.training.config import RLConfig, check_training_dtypes
 from nla_lens.training.dataset import ARRows, AVRows, LabelledActivations, av_rows, check_fits, data_fingerprint
 from nla_lens.training.export import freeze_weights_hf_lacks
-from nla_lens.verbalizer import ActivationVerbalizer, _sample
+from nla_lens.verbalizer import ActivationVerbalizer, _sample, injected_prefill
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
@@ -154,9 +154,8 @@ def sample_groups(av: ActivationVerbalizer, vectors: Float[Tensor, "groups d_mod
     n = rows.shape[0]
     with inference(av.model):
         tokens = av.prompt_tokens(n)
-        injection = av.injection(rows, tokens)
-        decoder = backends.decoder(av.model, n, tokens.shape[1] + max_new_tokens, injection.site_hooks())
-        logits = decoder.prefill(tokens, injection.site_hooks())
+        decoder, logits = injected_prefill(av.model, tokens, av.injection(rows, tokens),
+                                           tokens.shape[1] + max_new_tokens)
         generators = [torch.Generator(device=av.device).manual_seed(s) for s in seeds]
         stop = torch.tensor(av.eos_token_ids, device=av.device)
         finished = torch.zeros(n, dtype=torch.bool, device=av.device)
