@@ -131,6 +131,16 @@ def stray_byte_verbalization(tokenizer) -> nl.Verbalization:
     return nl.Verbalization(text, nl.verbalizer.parse_explanation(text), ids)
 
 
+def as_exported_with_a_stray_bos(folder: Path) -> Path:
+    """`folder`'s tokenizer_config.json as an export wrote it before nla_lens copied the base's files: the EOS recorded
+    as the BOS (TransformerLens had set it on the live tokenizer), which TransformerLens, reading the folder, put
+    first."""
+    config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "bos_token": config["eos_token"]}),
+                                                  encoding="utf-8")
+    return folder
+
+
 def saved_without(result: nl.TabularResult, path: Path, column: str) -> Path:
     """`result` saved to `path` (.parquet or .jsonl) as a save from before its rows had `column`: the file `save`
     writes, that column taken out (a .parquet keeps its recorded type, summary and warnings)."""

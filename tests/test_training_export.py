@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import NEEDS_TL3
+from conftest import NEEDS_TL3, as_exported_with_a_stray_bos
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 import nla_lens as nl
@@ -305,6 +306,35 @@ def test_an_exported_av_as_the_base_warns_and_explains(tmp_path, base_folder, da
     with pytest.warns(UserWarning, match="the AV's own model, a fine-tuned copy"):
         table = nla.explain(nla.av.model, "the cat", positions=-1, baseline=1.0, max_new_tokens=2)
     assert len(table.rows) == 1
+
+
+@NEEDS_TL3
+@pytest.mark.parametrize("drift", ["stray-bos", "another-chat-template"])
+def test_an_export_whose_base_tokenizes_otherwise_than_training_is_refused_and_writes_nothing(tmp_path, base_folder,
+                                                                                              dataset_meta, drift):
+    """The export copies `base_model`'s tokenizer files: a base_model other than the one the model was trained from
+    (another tokenizer, or its files replaced since) gave the export a tokenizer it was never trained with, in silence.
+    The files written must tokenize the sidecar's prompts as the tokenizer training used, read either way."""
+    from nla_lens.training import export_av, init_av
+
+    av = init_av(base_folder, dataset_meta)
+    other = Path(shutil.copytree(base_folder, tmp_path / "other_base"))
+    if drift == "stray-bos":
+        as_exported_with_a_stray_bos(other)
+        expected = ("read as TransformerLens reads a folder (add_bos_token=True), tokenize the AV template's text "
+                    "otherwise than the tokenizer training used")
+    else:
+        template = other / "chat_template.jinja"
+        template.write_text(template.read_text(encoding="utf-8").replace("<|im_start|>{% endif %}",
+                                                                         "<|im_start|>\n{% endif %}"), encoding="utf-8")
+        expected = "read as nla_lens reads them, tokenize the AV prompt otherwise than the tokenizer training used"
+    with pytest.raises(nl.TokenizerDriftError, match=rf"^the tokenizer files of {re.escape(str(other))}, "
+                                                     rf"{re.escape(expected)} \({re.escape(str(base_folder))}\): "
+                                                     r"from token \d+, .* where training had .*Export with the "
+                                                     r"tokenizer files of the base model the checkpoint was trained "
+                                                     r"from"):
+        export_av(av, tmp_path / "av", other)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other_base"]  # nothing written, no staged folder left
 
 
 @NEEDS_TL3

@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -14,19 +15,20 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import LAYER, NEEDS_TL3, record_postfixes, stray_byte_verbalization
+from conftest import LAYER, NEEDS_TL3, as_exported_with_a_stray_bos, record_postfixes, stray_byte_verbalization
 from launch import torchrun_cli
 from safetensors.torch import load_file
 from transformer_lens.hook_points import HookPoint
+from transformers import AutoTokenizer
 
 import hf_reference as ref
 import nla_lens as nl
 from nla_lens import backends, loading, metrics, testing
 from nla_lens.cli import main
-from nla_lens.sidecar import ar_prompt_ids
+from nla_lens.sidecar import ar_prompt_ids, dump_meta
 from nla_lens.training import grpo, rl
 from nla_lens.training.config import RLConfig, RLRunConfig
-from nla_lens.training.export import _hf_target
+from nla_lens.training.export import TOKENIZER_FILES, _hf_target
 from nla_lens.training.pipeline import run_train_rl
 
 RL = RLConfig(steps=4, prompts_per_step=4, group_size=4, max_new_tokens=24, lr=3e-4, ar_lr=3e-4, micro_batch=6,
@@ -874,6 +876,75 @@ def test_an_rl_export_cut_short_at_the_ar_leaves_the_earlier_pair_whole(tiny_pat
             pipeline._train_and_export_rl(config, train, evaluation, torch.device("cpu"), progress=False)
     assert {role: _files(tmp_path / role) for role in ("av", "ar")} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ar", "av"]  # no temporary folder left behind
+
+
+def _tokenizer_files(folder: Path) -> dict[str, bytes]:
+    return {name: (folder / name).read_bytes() for name in TOKENIZER_FILES if (folder / name).is_file()}
+
+
+def _naming_base(folder: Path, base_model: str) -> Path:
+    """`folder`, its sidecar naming `base_model` as its base."""
+    sidecar = nl.load_meta(folder).raw
+    dump_meta({**sidecar, "extraction": {**sidecar["extraction"], "base_model": base_model}}, folder)
+    return folder
+
+
+@NEEDS_TL3
+def test_an_rl_export_of_a_pair_exported_with_a_stray_bos_carries_its_bases_tokenizer_files(
+        base_folder, dataset_meta, label_split, tmp_path, monkeypatch):
+    """train-rl copied its SFT pair's tokenizer files: a pair exported before the export copied its base's files passed
+    on the EOS it recorded as its BOS, which TransformerLens, reading the RL folder, put first in every text. The files
+    now come from the base the pair's sidecars name, byte for byte."""
+    from nla_lens.training import TrainResult, export_pair, init_ar, init_av, pipeline
+
+    sft = export_pair(init_av(base_folder, dataset_meta), init_ar(base_folder, dataset_meta),
+                      (tmp_path / "sft_av", tmp_path / "sft_ar"), (base_folder, base_folder))
+    for folder in sft:
+        as_exported_with_a_stray_bos(_naming_base(folder, str(base_folder)))
+    monkeypatch.setattr(pipeline, "train_rl", lambda av, ar, *args, **kwargs: TrainResult(steps=1))
+    config = RLRunConfig(av=str(sft[0]), ar=str(sft[1]), activations="acts", explanations="explanations.jsonl",
+                         out_dir=str(tmp_path / "rl"), rl=RLConfig(steps=1, kl_coef=0.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the AR's sidecar records no baseline from 12 held-out vectors
+        pipeline._train_and_export_rl(config, *label_split, torch.device("cpu"), progress=False)
+    text = "the cat sat"
+    as_transformer_lens_reads = AutoTokenizer.from_pretrained(base_folder, add_bos_token=True).encode(text)
+    for role in ("av", "ar"):
+        folder = tmp_path / "rl" / role
+        assert _tokenizer_files(folder) == _tokenizer_files(base_folder) != {}
+        assert AutoTokenizer.from_pretrained(folder, add_bos_token=True).encode(text) == as_transformer_lens_reads
+
+
+@NEEDS_TL3
+@pytest.mark.parametrize("base", ["not-here", "of-another-tokenizer"])
+def test_train_rl_refuses_a_pair_with_a_stray_bos_and_no_base_to_copy_from_before_any_weight(layer1_extraction,
+                                                                                             tmp_path, monkeypatch,
+                                                                                             base):
+    """An SFT pair exported before the export copied its base's files records its EOS as a BOS. With no base on this
+    machine to copy from, or one whose tokenizer is not the pair's, the RL export can only pass the pair's files on,
+    stray BOS and all: refused before any weight loads, naming both tokenizers and what to do."""
+    monkeypatch.setattr(backends, "load_model", lambda *a, **k: pytest.fail("weights read"))
+    pair = testing.make_tiny_nla(tmp_path, layer=1)
+    av, ar = pair["av_karvonen"], pair["ar_nanonla"]
+    named = tmp_path / "gone"
+    if base == "of-another-tokenizer":
+        named = Path(shutil.copytree(av, tmp_path / "base"))
+        (named / "nla_meta.yaml").unlink()  # a base model's folder
+        template = named / "chat_template.jinja"
+        template.write_text(template.read_text(encoding="utf-8").replace("<|im_start|>{% endif %}",
+                                                                         "<|im_start|>\n{% endif %}"), encoding="utf-8")
+    for folder in (av, ar):
+        as_exported_with_a_stray_bos(_naming_base(folder, str(named)))
+    config = dataclasses.replace(_layer1_run(layer1_extraction, av, ar), out_dir=str(tmp_path / "rl"))
+    expected = (f"the tokenizer files of {av}, read as TransformerLens reads a folder (add_bos_token=True), tokenize "
+                f"the AV template's text otherwise than the tokenizer training used ({av}): from token 0, "
+                "['<|im_end|>', ")
+    fix = (f"{av} is an NLA checkpoint, and the base model its sidecar names ({named}) is not on this machine, or "
+           "tokenizes otherwise too, so there are no base's files to copy")
+    with pytest.raises(nl.TokenizerDriftError, match=rf"^{re.escape(expected)}.* where training had \['.*"
+                                                     + re.escape(fix)):
+        run_train_rl(config, progress=False)
+    assert not (tmp_path / "rl").exists()
 
 
 @NEEDS_TL3

@@ -19,15 +19,15 @@ import einops
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from transformers import GenerationConfig
+from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
 
 from nla_lens import backends, loading, metrics
 from nla_lens.backends import gemma3
 from nla_lens.checks import counted, first_few, warn_at_caller
-from nla_lens.errors import CheckpointError, ConfigError
+from nla_lens.errors import CheckpointError, ConfigError, TokenizerDriftError
 from nla_lens.nla import MIN_BASELINE_VECTORS
 from nla_lens.reconstructor import ActivationReconstructor
-from nla_lens.sidecar import SIDECAR_NAME, InjectionSpec, NLAMeta, dump_meta, load_meta
+from nla_lens.sidecar import SIDECAR_NAME, InjectionSpec, NLAMeta, ar_prompt_ids, av_prompt_ids, dump_meta, load_meta
 from nla_lens.training.parallel import current_world, gathered_on_main, whole
 from nla_lens.vector_files import link_target, replaced_folders, save_tensors
 from nla_lens.verbalizer import ActivationVerbalizer
@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 
 _BLOCK = re.compile(r"^blocks\.(\d+)\.(.+)$")
 _ROLE_NAMES = {"av": "AV", "ar": "AR"}
+Role = Literal["av", "ar"]
 _SAME = {"ln1.w": "input_layernorm.weight", "ln2.w": "post_attention_layernorm.weight",
          "attn.q_norm.w": "self_attn.q_norm.weight", "attn.k_norm.w": "self_attn.k_norm.weight"}
 
@@ -281,7 +282,9 @@ def export_av(av: ActivationVerbalizer, folder: str | Path, base_model: str | Pa
               dtype: torch.dtype = torch.float32, stage: str | None = None,
               before_swap: Callable[[], object] | None = None) -> Path:
     """Write the AV as an HF folder + tokenizer + generation_config + `nla_meta.yaml` (role av). The tokenizer's
-    files are `base_model`'s, the folder the AV's tokenizer was read from, copied as they are there.
+    files are `base_model`'s, copied as they are there (for an NLA checkpoint as `base_model`, those of the base its
+    sidecar names: `tokenizer_source`), and refused with a `TokenizerDriftError` where they tokenize the sidecar's
+    prompts otherwise than `av.tokenizer` (`check_tokenizer_files`).
 
     `stage` ("sft", "rl") replaces the sidecar's record of the training stage. The folder is written beside its
     place and then renamed into it, replacing an earlier export whole (`replaced_folders`): an export cut short
@@ -350,7 +353,7 @@ def _write_av(av: ActivationVerbalizer, folder: Path, staged: Path, base_model: 
         return
     # `verbalize` stops on these ids (loading.eos_token_ids reads this file first).
     GenerationConfig(eos_token_id=av.eos_token_ids, pad_token_id=av.tokenizer.pad_token_id).save_pretrained(staged)
-    copy_tokenizer_files(loading.resolve_checkpoint(base_model), staged)
+    _write_tokenizer_files(av.tokenizer, av.meta, "av", base_model, staged)
     spec = av.injection_spec  # what the AV was trained with, even where its sidecar left it implicit
     dump_meta({**_exported_sidecar(av.meta, stage), "injection": {"method": spec.method,
                                                                    "hook_point": spec.hook_point}}, staged)
@@ -365,13 +368,102 @@ def _write_ar(ar: ActivationReconstructor, folder: Path, staged: Path, base_mode
                             dtype=dtype):
         return
     save_tensors(readout, staged / loading.VALUE_HEAD_FILE)
-    copy_tokenizer_files(loading.resolve_checkpoint(base_model), staged)
+    _write_tokenizer_files(ar.tokenizer, ar.meta, "ar", base_model, staged)
     dump_meta({**_exported_sidecar(ar.meta, stage), **_baseline_block(heldout, ar.meta)}, staged)
 
 
+def _write_tokenizer_files(tokenizer: PreTrainedTokenizerBase, meta: NLAMeta, role: Role, base_model: str | Path,
+                           staged: Path) -> None:
+    """Copy the tokenizer files `tokenizer_source` picks for `base_model` into `staged`, and check they tokenize as
+    `tokenizer`, the one training used (`check_tokenizer_files`)."""
+    source = tokenizer_source(loading.resolve_checkpoint(base_model), tokenizer, meta, role)
+    copy_tokenizer_files(source, staged)
+    check_tokenizer_files(tokenizer, staged, meta, role, source=source)
+
+
+def tokenizer_source(folder: Path, tokenizer: PreTrainedTokenizerBase, meta: NLAMeta, role: Role) -> Path:
+    """The folder whose tokenizer files an export of a model initialised from `folder` copies: `folder` itself, a
+    base model; for an NLA checkpoint (train-rl's SFT pair), the base model its sidecar names where this machine has it
+    and it tokenizes as `tokenizer`, the one training used (an NLA exported before nla_lens copied its base's files
+    recorded its EOS as a BOS the base lacks); else the checkpoint's own files, which the export then checks."""
+    if not (folder / SIDECAR_NAME).is_file():
+        return folder
+    name = load_meta(folder).base_model
+    if name is None:
+        return folder
+    try:
+        base = loading.named_base_folder(name)
+        check_tokenizer_files(tokenizer, base, meta, role, source=base)
+    except (CheckpointError, TokenizerDriftError):  # not here, or not its base (the toy's name, trained elsewhere)
+        return folder
+    return base
+
+
+def check_tokenizer_source(folder: Path, role: Role) -> None:
+    """Refuse, before training, the tokenizer files an export of a model initialised from the NLA (`role`) in `folder`
+    would copy (`tokenizer_source`) where they tokenize otherwise than the tokenizer training loads from `folder`: the
+    export refuses them too (`check_tokenizer_files`), but only once the run is over."""
+    tokenizer, meta = loading.load_tokenizer(folder), load_meta(folder)
+    if tokenizer_source(folder, tokenizer, meta, role) == folder:  # a base it picks has passed the same check
+        check_tokenizer_files(tokenizer, folder, meta, role, source=folder)
+
+
+_PROBE_EXPLANATION = "The text is about a cat."  # what the AR template is filled with to probe it
+
+
+def check_tokenizer_files(tokenizer: PreTrainedTokenizerBase, folder: Path, meta: NLAMeta, role: Role, *,
+                          source: Path) -> None:
+    """A `TokenizerDriftError` where the tokenizer files in `folder` (copied from `source`) tokenize the prompts of the
+    AV or AR (`role`) otherwise than `tokenizer`, the one training used, read as nla_lens reads a folder or as
+    TransformerLens does (`add_bos_token=True`, under which a BOS the base lacks goes first): the export would be
+    served, or read by other tools, with other prompts than those it was trained on."""
+    trained = _probe_ids(tokenizer, meta, role)
+    readings = (("as nla_lens reads them", loading.load_tokenizer(folder)),
+                ("as TransformerLens reads a folder (add_bos_token=True)",
+                 AutoTokenizer.from_pretrained(folder, add_bos_token=True)))
+    for how, files in readings:
+        for probe, ids in _probe_ids(files, meta, role).items():
+            if ids != trained[probe]:
+                at = next((i for i, (a, b) in enumerate(zip(ids, trained[probe], strict=False)) if a != b),
+                          min(len(ids), len(trained[probe])))
+                raise TokenizerDriftError(
+                    f"the tokenizer files of {source}, read {how}, tokenize {probe} otherwise than the tokenizer "
+                    f"training used ({tokenizer.name_or_path}): from token {at}, {_tokens(files, ids[at:])} where "
+                    f"training had {_tokens(tokenizer, trained[probe][at:])}, so an export would carry another "
+                    f"tokenizer than the one it was trained with. {_tokenizer_fix(source)}")
+
+
+def _probe_ids(tokenizer: PreTrainedTokenizerBase, meta: NLAMeta, role: Role) -> dict[str, list[int]]:
+    """The ids of the AV's or AR's prompts (`role`) as training tokenized them, by name, where the sidecar has the
+    template: the AV prompt through the chat template and its template's text with special tokens (where a BOS goes),
+    or the AR prompt."""
+    if role == "av" and meta.av_template is not None:
+        return {"the AV prompt": av_prompt_ids(meta, tokenizer),
+                "the AV template's text": list(tokenizer.encode(meta.av_prompt(), add_special_tokens=True))}
+    if role == "ar" and meta.ar_template is not None:
+        return {"the AR prompt": ar_prompt_ids(meta, tokenizer, _PROBE_EXPLANATION)}
+    return {}
+
+
+def _tokens(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> str:
+    """The first few of `ids` as tokens, for a message."""
+    shown = ", ".join(repr(token) for token in tokenizer.convert_ids_to_tokens(ids[:4]))
+    return f"[{shown}{', ...' if len(ids) > 4 else ''}]"
+
+
+def _tokenizer_fix(source: Path) -> str:
+    if (source / SIDECAR_NAME).is_file():  # `tokenizer_source` found no base to copy from
+        return (f"{source} is an NLA checkpoint, and the base model its sidecar names ({load_meta(source).base_model}) "
+                "is not on this machine, or tokenizes otherwise too, so there are no base's files to copy (an NLA "
+                "exported before nla_lens copied them records its EOS as a BOS the base lacks): make that base "
+                f"available here (its folder, or hf download), or copy its tokenizer files into {source}")
+    return (f"Export with the tokenizer files of the base model the checkpoint was trained from: {source} holds "
+            "another tokenizer (another base, or files replaced since training)")
+
+
 def copy_tokenizer_files(source: Path, staged: Path) -> None:
-    """Copy the tokenizer's files byte for byte from `source`, the folder training read the tokenizer from. The live
-    tokenizer is no longer that one: TransformerLens sets its `bos_token` to the EOS where it has none (Qwen), and
+    """Copy the tokenizer's files byte for byte from `source` (`tokenizer_source`), not the live tokenizer's: it is no
+    longer the one they hold: TransformerLens sets its `bos_token` to the EOS where it has none (Qwen), and
     saved, every exported Qwen NLA recorded a BOS its base never had, which TransformerLens, loading the folder,
     then put first."""
     for name in TOKENIZER_FILES:

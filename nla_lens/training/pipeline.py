@@ -39,7 +39,13 @@ from nla_lens.training.dataset import (
     label_activations,
     split_by_document,
 )
-from nla_lens.training.export import check_export_folder, export_ar, export_av, export_pair
+from nla_lens.training.export import (
+    check_export_folder,
+    check_tokenizer_source,
+    export_ar,
+    export_av,
+    export_pair,
+)
 from nla_lens.training.extraction import (
     Document,
     check_extraction_folder,
@@ -295,6 +301,9 @@ def run_train_rl(config: RLRunConfig, *, progress: bool = True) -> RLRunResult:
     check_out_dir(config.out_dir, "train-rl", config.resume)
     activations, train, evaluation = _split(config)
     check_rl_layers(config, activations)
+    # The tokenizer files the exports will copy: before the run, not after it.
+    check_tokenizer_source(loading.resolve_checkpoint(config.av), "av")
+    check_tokenizer_source(loading.resolve_checkpoint(config.ar), "ar")
     rl.check_prompts_fit(len(train), config.rl.prompts_per_step)
     check_anchor_rows_fit(config, train)
     check_rl_split(config, evaluation)
