@@ -91,6 +91,97 @@ def test_after_a_cast_the_readout_and_the_model_share_the_dtype(tiny_paths, vect
     assert av.verbalize(vectors, max_new_tokens=12) == fresh_av.verbalize(vectors, max_new_tokens=12)
 
 
+def _storage_layout(model: torch.nn.Module) -> dict[str, tuple]:
+    """Each parameter and rotary table's dtype, shape, stride, offset into its storage, that storage's size, and
+    which storage it is (numbered by first use): equal layouts share the same storages the same way, byte for byte.
+    (TL's other buffers, the causal mask and the -inf fill, keep float32 in a float64 load but not through a cast.)"""
+    storages: dict[int, int] = {}
+    layout = {}
+    tables = [(name, table) for name, table in model.named_buffers(remove_duplicate=False) if ".rotary_" in name]
+    for name, tensor in [*model.named_parameters(remove_duplicate=False), *tables]:
+        storage = tensor.untyped_storage()
+        number = storages.setdefault(storage.data_ptr(), len(storages)) if storage.nbytes() else None
+        layout[name] = (tensor.dtype, tuple(tensor.shape), tensor.stride(), tensor.storage_offset(), storage.nbytes(),
+                        number)
+    return layout
+
+
+def _runs_qkv_as_one_matmul(model) -> bool:
+    """What the fast decoders see: each block in HF layout (free `[out, in]` views), its q/k/v one `[rows, in]`
+    matrix (`decoding._rows`)."""
+    from nla_lens import decoding  # HookedTransformer's: TL 3.x only
+
+    return all(decoding._Layer.in_hf_layout(block) and len(decoding._Layer(block).qkv) == 1 for block in model.blocks)
+
+
+@NEEDS_HOOKED
+def test_a_cast_keeps_the_loads_shared_storage_so_qkv_stay_one_matmul(tiny_paths, vectors):
+    """The loader lays a block's q/k/v out in one storage, which the fast decoder runs as one matmul; TL's
+    `model.to` gave each its own, three matmuls. A cast, and a cast there and back, now leave the storages a load in
+    that dtype gives: the same sharing, strides and bytes (nothing more copied), and the same outputs."""
+    nla = _tiny_nla(tiny_paths)
+    for dtype in (torch.float64, torch.float32):
+        assert nla.to(dtype) is nla
+        fresh = _tiny_nla(tiny_paths, dtype=dtype)
+        for model, fresh_model in ((nla.av.model, fresh.av.model), (nla.ar.model, fresh.ar.model)):
+            assert _storage_layout(model) == _storage_layout(fresh_model)
+            assert _runs_qkv_as_one_matmul(model)
+            assert len({block.attn.rotary_cos.data_ptr() for block in model.blocks}) == 1
+        assert nla.av.verbalize(vectors, max_new_tokens=12) == fresh.av.verbalize(vectors, max_new_tokens=12)
+        assert torch.equal(nla.ar.reconstruct(TEXTS), fresh.ar.reconstruct(TEXTS))
+
+
+@NEEDS_HOOKED
+@pytest.mark.filterwarnings("ignore:.*the injection probably failed")  # the tiny AVs babble
+@pytest.mark.parametrize("family", ["gemma", "llama"])
+def test_a_cast_keeps_the_loads_shared_storage_on_other_families(bos_paths, family):
+    """Gemma-3 (its norms' own `_apply`, two kinds of rotary table) and Llama-3 keep their load's sharing, shapes,
+    strides and offsets too. (A float64 load keeps Gemma's norms in float32, which a cast widens: no value changes.)"""
+    av = nl.ActivationVerbalizer.from_pretrained(bos_paths[f"{family}_av"]).to(torch.float64)
+    fresh = nl.ActivationVerbalizer.from_pretrained(bos_paths[f"{family}_av"], dtype=torch.float64)
+    without_dtype = [{name: (*entry[1:4], entry[5]) for name, entry in _storage_layout(model).items()}
+                     for model in (av.model, fresh.model)]
+    assert without_dtype[0] == without_dtype[1]
+    assert _runs_qkv_as_one_matmul(av.model)
+
+
+@NEEDS_HOOKED
+def test_a_move_keeps_a_users_tied_weights_tied_and_copies_only_a_slices_bytes(tiny_paths):
+    """A storage the model's tensors read whole moves whole, so weights a user tied stay tied (TL's `to` untied
+    them); one that holds more than the model reads (a slice of a user's larger tensor) moves tensor by tensor, as
+    torch moves it: only the slice's bytes are copied."""
+    av = nl.ActivationVerbalizer.from_pretrained(tiny_paths["av_karvonen"])
+    model = av.model
+    model.unembed.W_U.data = model.embed.W_E.data.T  # tied as HF ties them, the unembedding a view of the embedding
+    larger = torch.randn(3, D_MODEL, generator=torch.Generator().manual_seed(3))
+    model.blocks[0].ln1.w.data = larger[1]
+    embedding, ln1 = model.embed.W_E.detach().clone(), model.blocks[0].ln1.w
+    av.to(torch.float64)
+    assert model.unembed.W_U.untyped_storage().data_ptr() == model.embed.W_E.untyped_storage().data_ptr()
+    assert torch.equal(model.unembed.W_U, embedding.double().T) and torch.equal(model.embed.W_E, embedding.double())
+    assert model.blocks[0].ln1.w is ln1 and ln1.requires_grad  # the user's Parameter, moved in place
+    assert torch.equal(ln1, larger[1].double()) and ln1.untyped_storage().nbytes() == D_MODEL * 8
+    assert _runs_qkv_as_one_matmul(model)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_a_move_to_a_gpu_and_back_keeps_the_loads_shared_storage(tiny_paths, vectors):
+    """The move `.to()` is mostly for: onto a GPU, where the fast decoder's one q/k/v matmul matters most."""
+    nla = _tiny_nla(tiny_paths)
+    for device in ("cuda", "cpu"):
+        assert nla.to(device) is nla
+        fresh = _tiny_nla(tiny_paths, device=device)
+        for model, fresh_model in ((nla.av.model, fresh.av.model), (nla.ar.model, fresh.ar.model)):
+            assert model.W_E.device.type == device and model.cfg.device == device
+            assert {name: entry[:5] for name, entry in _storage_layout(model).items()} == {
+                name: entry[:5] for name, entry in _storage_layout(fresh_model).items()}
+            if HOOKED:
+                assert _storage_layout(model) == _storage_layout(fresh_model)
+                assert _runs_qkv_as_one_matmul(model)
+        assert nla.av.verbalize(vectors, max_new_tokens=12) == fresh.av.verbalize(vectors, max_new_tokens=12)
+        assert torch.allclose(nla.ar.reconstruct(TEXTS), fresh.ar.reconstruct(TEXTS), rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("move", [{"device": "meta"}, {"device": torch.device("meta")},
                                   {"dtype": torch.float8_e4m3fn}, {"device": "gpu"}],
                          ids=["meta", "meta_device", "float8", "gpu"])

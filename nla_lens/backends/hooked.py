@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import Any, cast
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
+from transformer_lens.utilities import warn_if_mps
 from transformers import PreTrainedTokenizerBase
 
 from nla_lens import backends, decoding, decoding_gemma, loading
@@ -38,20 +39,105 @@ ARForward = decoding.ARForward
 
 
 def move(model: HookedTransformer, device: torch.device | None, dtype: torch.dtype | None) -> None:
-    """`backends.move` through TL's own `to`, which updates `cfg.device` and `cfg.dtype`; then the rotary tables as a
-    load computes them."""
+    """`backends.move` that keeps the load's shared storage (`_StorageMove`), then sets `cfg.device` and `cfg.dtype`
+    as TL's own `to` does and computes the rotary tables as a load computes them. TL's `to` (`Module._apply`) gave
+    each tensor a storage of its own: a block's q/k/v, one storage at load (`loading._FUSED`), became three matmuls
+    in the fast decoder."""
     if device is not None:
-        model.to(str(device), print_details=False)  # a torch.device leaves cfg.device its type: cuda:1 became cuda
+        warn_if_mps(device)
+    model._apply(_StorageMove(model, device, dtype))
+    if device is not None:
+        model.cfg.device = str(device)  # as TL's to(str): its to(torch.device) kept the type alone, cuda:1 became cuda
     if dtype is not None:
-        model.to(dtype, print_details=False)
+        model.cfg.dtype = dtype
     _compute_rotary_tables(model)
+
+
+# A storage as `_StorageMove` knows it: device, address, size in bytes, and the dtype its tensors read it as.
+_StorageKey = tuple[torch.device, int, int, torch.dtype]
+
+
+class _StorageMove:
+    """`Module._apply`'s function for `Module.to(device, dtype)` (floating tensors alone cast) that moves each storage
+    once and points its tensors at the same shape, stride and offset of the new one, so tensors that shared a storage
+    still share it. `_apply` keeps the `nn.Parameter` objects (`param.data = ...`) and runs modules' own `_apply`
+    (`GemmaRMSNorm`'s). A storage the model's tensors do not cover whole (a slice of a user's larger tensor) is
+    converted tensor by tensor, as torch does: moving it whole would copy bytes the model never reads."""
+
+    def __init__(self, model: nn.Module, device: torch.device | None, dtype: torch.dtype | None) -> None:
+        self.device, self.dtype = device, dtype
+        self.whole = _covered_storages([*model.parameters(), *model.buffers()])
+        self.moved: dict[_StorageKey, Tensor] = {}
+
+    def __call__(self, tensor: Tensor) -> Tensor:
+        dtype = self.dtype if tensor.is_floating_point() or tensor.is_complex() else None
+        key = _storage_key(tensor)
+        if key not in self.whole:
+            return tensor.to(self.device, dtype)
+        if key not in self.moved:
+            self.moved[key] = _storage_as_tensor(tensor).to(self.device, dtype)
+        return self.moved[key].as_strided(tensor.shape, tensor.stride(), tensor.storage_offset())
+
+
+def _storage_key(tensor: Tensor) -> _StorageKey | None:
+    """None for what `_StorageMove` leaves to torch: an empty storage (no address to share) or a tensor that is not a
+    plain strided one (a DTensor shard)."""
+    if type(tensor.data) is not Tensor or tensor.layout != torch.strided:
+        return None
+    storage = tensor.untyped_storage()
+    if storage.nbytes() == 0:
+        return None
+    return tensor.device, storage.data_ptr(), storage.nbytes(), tensor.dtype
+
+
+def _covered_storages(tensors: list[Tensor]) -> set[_StorageKey]:
+    """The storages whose every element some tensor of `tensors` reads, each tensor dense: those a whole move copies
+    nothing extra of (the loader gives each parameter exactly its bytes, a block's q/k/v together theirs)."""
+    spans: dict[_StorageKey, list[tuple[int, int]]] = {}
+    gapped: set[_StorageKey] = set()
+    for tensor in tensors:
+        key = _storage_key(tensor)
+        if key is None:
+            continue
+        span = _dense_span(tensor)
+        if span is None:
+            gapped.add(key)
+        else:
+            spans.setdefault(key, []).append(span)
+    return {key for key, key_spans in spans.items()
+            if key not in gapped and _cover(key_spans, key[2] // key[3].itemsize)}
+
+
+def _dense_span(tensor: Tensor) -> tuple[int, int] | None:
+    """The elements `[start, end)` of its storage that `tensor` reads, when it reads each of them once (None: a
+    strided view with gaps or overlaps, whose footprint is not one span)."""
+    by_stride = sorted(range(tensor.ndim), key=tensor.stride, reverse=True)
+    if not tensor.permute(by_stride).is_contiguous():
+        return None
+    start = int(tensor.storage_offset())
+    return start, start + tensor.numel()
+
+
+def _cover(spans: list[tuple[int, int]], n_elements: int) -> bool:
+    """Whether `spans` (they may overlap: tied weights) together cover elements `[0, n_elements)`."""
+    covered = 0
+    for start, end in sorted(spans):
+        if start > covered:
+            return False
+        covered = max(covered, end)
+    return covered == n_elements
+
+
+def _storage_as_tensor(tensor: Tensor) -> Tensor:
+    """`tensor`'s whole storage as one flat tensor of its dtype, element i at storage offset i."""
+    return torch.empty(0, dtype=tensor.dtype, device=tensor.device).set_(tensor.untyped_storage())
 
 
 def _compute_rotary_tables(model: HookedTransformer) -> None:
     """Each attention's rotary tables computed afresh on its device in `cfg.dtype`, one tensor per kind shared by
     the layers alike, as the loader gives them (`loading._share_block_buffers`). TL computes them in float32 (float64
     for a float64 model) and rounds once; a cast rounds the load's tables instead: a float32 model cast to float64
-    kept float32's angles (logits 8e-7 off a float64 load), and `Module.to` gives each layer a copy of its own."""
+    kept float32's angles (logits 8e-7 off a float64 load)."""
     if model.cfg.positional_embedding_type != "rotary":
         return
     rotary_dim = cast(int, model.cfg.rotary_dim)  # set for every rotary model
