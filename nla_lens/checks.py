@@ -411,11 +411,22 @@ def warn_at_caller(message: str, *, through: Sequence[ModuleType] = ()) -> None:
     """`warnings.warn` pointing at the first frame outside nla_lens: the user's line, however deep the call. From
     inside a torch hook, `through` names the packages whose frames lie between the hook and the user's line (torch,
     and the model's own code): those are passed over too. A warning filed under a library's line is shown once per
-    session by Python's default filter, and points the user nowhere."""
+    session by Python's default filter, and points the user nowhere. Code these packages generate (a dataclass's
+    `__init__`, filed under "<string>") counts as theirs: it runs in their module's globals."""
     folders = [Path(__file__).parent, *(Path(cast(str, package.__file__)).parent for package in through)]
     inside = tuple(f"{folder}{os.sep}" for folder in folders)
+    names = (__name__.split(".")[0], *(package.__name__ for package in through))
     frame: FrameType | None = sys._getframe(1)
     level = 2
-    while frame is not None and frame.f_code.co_filename.startswith(inside):
+    while frame is not None and _runs_inside(frame, inside, names):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, stacklevel=level)
+
+
+def _runs_inside(frame: FrameType, folders: tuple[str, ...], names: tuple[str, ...]) -> bool:
+    """Whether `frame` runs code of one of the packages in `folders` (by file) or `names` (generated code, by the
+    module whose globals it runs in)."""
+    if frame.f_code.co_filename.startswith(folders):
+        return True
+    module = str(frame.f_globals.get("__name__", ""))
+    return frame.f_code.co_filename.startswith("<") and module.split(".")[0] in names

@@ -32,7 +32,7 @@ from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
 from nla_lens import backends, toy
 from nla_lens.backends import gemma3, hf_names
-from nla_lens.checks import blocks_phrase, did_you_mean
+from nla_lens.checks import blocks_phrase, did_you_mean, warn_at_caller
 from nla_lens.errors import CheckpointError, InjectionError, InputError, SidecarError, TokenizerDriftError
 from nla_lens.sidecar import SIDECAR_NAME, NLAMeta, check_tokenizer, load_meta, prepends_bos, run_exports
 
@@ -189,8 +189,8 @@ def check_base_folder(folder: Path, label: str, base_model: str | None = None) -
     if checkpoint_role(folder, load_meta(folder)) == "ar":
         raise InputError(f"{label} is an AR checkpoint, which holds only the first K+1 blocks of the base model. "
                          f"Pass the base model the NLA reads{named}")
-    warnings.warn(f"{label} is an AV checkpoint, a fine-tuned copy of the base model: its activations are not the "
-                  f"base model's. Pass the base model the NLA reads{named}", stacklevel=3)
+    warn_at_caller(f"{label} is an AV checkpoint, a fine-tuned copy of the base model: its activations are not the "
+                   f"base model's. Pass the base model the NLA reads{named}")
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")

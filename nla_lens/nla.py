@@ -5,7 +5,6 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
-import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,8 +93,8 @@ def _warn_if_stages_differ(av_meta: NLAMeta, ar_meta: NLAMeta) -> None:
         return
     stages = av_meta.raw.get("stage"), ar_meta.raw.get("stage")
     if None not in stages and stages[0] != stages[1]:
-        warnings.warn(f"the AV is from training stage {stages[0]!r} and the AR from {stages[1]!r}: they were not "
-                      "trained together; load both from one stage", stacklevel=3)
+        warn_at_caller(f"the AV is from training stage {stages[0]!r} and the AR from {stages[1]!r}: they were not "
+                       "trained together; load both from one stage")
 
 
 def warn_if_bases_differ(av_meta: NLAMeta, ar_meta: NLAMeta) -> None:
@@ -103,9 +102,9 @@ def warn_if_bases_differ(av_meta: NLAMeta, ar_meta: NLAMeta) -> None:
     apart. A warning, not an error, since a renamed folder is not a different model."""
     av_base, ar_base = av_meta.base_model, ar_meta.base_model
     if av_base is not None and ar_base is not None and not _name_one_base(av_base, ar_base):
-        warnings.warn(f"the AV's sidecar names base model {av_base!r} and the AR's {ar_base!r}, which are not one "
-                      "folder here: an NLA's AV and AR are copies of one base. Load the AR trained with this AV, "
-                      "or ignore this if both name the same base", stacklevel=3)
+        warn_at_caller(f"the AV's sidecar names base model {av_base!r} and the AR's {ar_base!r}, which are not one "
+                       "folder here: an NLA's AV and AR are copies of one base. Load the AR trained with this AV, "
+                       "or ignore this if both name the same base")
 
 
 def _name_one_base(a: str, b: str) -> bool:

@@ -409,8 +409,8 @@ def check_extraction_input(input_path: Path, av_meta: NLAMeta) -> None:
                          f"{source.layer}")
     if source.base_model is not None and av_meta.base_model is not None and _base_names(
             source.base_model).isdisjoint(_base_names(av_meta.base_model)):
-        warnings.warn(f"{input_path} was extracted from base {source.base_model!r} and the AV trained from "
-                      f"{av_meta.base_model!r}: an AV explains its own base's activations", stacklevel=3)
+        warn_at_caller(f"{input_path} was extracted from base {source.base_model!r} and the AV trained from "
+                       f"{av_meta.base_model!r}: an AV explains its own base's activations")
 
 
 def _base_names(base_model: str) -> set[str]:

@@ -15,7 +15,6 @@ import os
 import shutil
 import stat
 import uuid
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,14 @@ from jaxtyping import Float
 from safetensors.torch import load_file, save, save_file
 from torch import Tensor
 
-from nla_lens.checks import check_input_file, check_output_path, file_kind, leads_round_a_loop, loop_refusal
+from nla_lens.checks import (
+    check_input_file,
+    check_output_path,
+    file_kind,
+    leads_round_a_loop,
+    loop_refusal,
+    warn_at_caller,
+)
 from nla_lens.errors import ConfigError, InputError
 
 # Column names the jobs write; an input column of the same name would be overwritten.
@@ -124,8 +130,8 @@ def read_input(path: Path, column: str | None = None) -> VectorTable:
     carried = [f.name for f in table.schema if f.name != name and not pa.types.is_nested(f.type)]
     dropped = [f.name for f in table.schema if f.name != name and pa.types.is_nested(f.type)]
     if dropped:
-        warnings.warn(f"{path}: columns {dropped} are lists or structs and are not copied to the output rows (only "
-                      "scalar columns are); keep what you need from them by the output's index column", stacklevel=2)
+        warn_at_caller(f"{path}: columns {dropped} are lists or structs and are not copied to the output rows (only "
+                       "scalar columns are); keep what you need from them by the output's index column")
     clash = sorted(set(carried) & set(RESULT_COLUMNS))
     if clash:
         raise InputError(f"{path} has columns {clash}, which the output writes itself; rename them")

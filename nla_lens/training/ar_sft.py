@@ -8,7 +8,6 @@ calls `reconstruct` itself, so the AR is scored exactly as it will be served.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from nla_lens import backends, loading, metrics
-from nla_lens.checks import counted
+from nla_lens.checks import counted, warn_at_caller
 from nla_lens.errors import InputError
 from nla_lens.nla import MIN_BASELINE_VECTORS, resolve_baseline
 from nla_lens.reconstructor import ActivationReconstructor
@@ -103,10 +102,9 @@ def train_ar(
         raise InputError("the held-out split is empty, so the AR cannot be scored; raise eval_fraction or extract "
                          "more documents")
     if len(evaluation) < MIN_BASELINE_VECTORS:
-        warnings.warn(f"AR SFT reports the held-out MSE but no FVE: a baseline from "
-                      f"{counted(len(evaluation), 'held-out vector')} is not trustworthy (need >= "
-                      f"{MIN_BASELINE_VECTORS}); raise eval_fraction or extract more documents for an FVE",
-                      stacklevel=2)
+        warn_at_caller(f"AR SFT reports the held-out MSE but no FVE: a baseline from "
+                       f"{counted(len(evaluation), 'held-out vector')} is not trustworthy (need >= "
+                       f"{MIN_BASELINE_VECTORS}); raise eval_fraction or extract more documents for an FVE")
     rows, eval_rows = (ar_rows(data, ar.meta, ar.tokenizer) for data in (train, evaluation))
     check_fits(ar.model.cfg.n_ctx, rows, eval_rows)
     return loop.train(

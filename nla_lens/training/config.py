@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Literal, TypeVar, cast
 import torch
 import yaml
 
-from nla_lens.checks import dtype_names, resolve_dtype
+from nla_lens.checks import dtype_names, resolve_dtype, warn_at_caller
 from nla_lens.errors import ConfigError, InputError
 from nla_lens.sidecar import DEFAULT_HOOK_POINT, DuplicateKeyError, safe_load_unique, template_problem
 
@@ -194,9 +194,9 @@ def _warn_warmup_spans_run(config: TrainConfig) -> None:
     else:
         reach = f"the learning rate reaches lr={config.lr:g} only on the last step"
     default = " (the default)" if config.warmup_steps == _DEFAULT_WARMUP_STEPS else ""
-    warnings.warn(f"warmup_steps={config.warmup_steps}{default} >= steps={config.steps}: the run ends inside its "
-                  f"warmup, so {reach}, and the cosine decay to lr * min_lr_ratio never starts. Set warmup_steps "
-                  "below steps (0: no warmup)", UserWarning, stacklevel=4)
+    warn_at_caller(f"warmup_steps={config.warmup_steps}{default} >= steps={config.steps}: the run ends inside its "
+                   f"warmup, so {reach}, and the cosine decay to lr * min_lr_ratio never starts. Set warmup_steps "
+                   "below steps (0: no warmup)")
 
 
 # The nla-lens training commands, each with the section of its config that holds save_every (the CLI's hint on

@@ -11,7 +11,6 @@ import json
 import logging
 import random
 import re
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from os import PathLike
@@ -24,7 +23,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from nla_lens import loading
-from nla_lens.checks import check_output_path, counted, file_path, jsonl_objects
+from nla_lens.checks import check_output_path, counted, file_path, jsonl_objects, warn_at_caller
 from nla_lens.errors import (
     ChatTemplateError,
     ConfigError,
@@ -235,11 +234,11 @@ def check_labelled_extraction(recorded: ExtractionIdentity | None, activations: 
     the record, and by other code, must still load."""
     here = activations.folder or _IN_MEMORY
     if recorded is None:
-        warnings.warn(f"{path} does not record which extraction it labels (written before nla_lens recorded it, or "
-                      f"by other code), so nothing checks that its explanations describe the activations {here}; "
-                      f"once you know they do, save_explanations(label_activations(load_activations("
-                      f"{'...' if activations.folder is None else repr(here)}), {str(path)!r}), {str(path)!r}) "
-                      "records it", stacklevel=3)
+        warn_at_caller(f"{path} does not record which extraction it labels (written before nla_lens recorded it, or "
+                       f"by other code), so nothing checks that its explanations describe the activations {here}; "
+                       f"once you know they do, save_explanations(label_activations(load_activations("
+                       f"{'...' if activations.folder is None else repr(here)}), {str(path)!r}), {str(path)!r}) "
+                       "records it")
         return
     differences = recorded.differences(activations)
     if not differences:
@@ -545,9 +544,9 @@ def warn_special_token_text(data: LabelledActivations, tokenizer: PreTrainedToke
         return
     where = _named(found, lambda row: f"doc_id {data.doc_ids[row[0]]!r} position {data.positions[row[0]]} "
                                       f"({', '.join(row[1])})")
-    warnings.warn(f"{counted(len(found), 'explanation')} of {len(data)} hold special-token text, which the tokenizer "
-                  f"reads as the special token itself (as the paper's training code does): {where}. So "
-                  f"{consequence}; remove or reword that text in the explanations", UserWarning, stacklevel=3)
+    warn_at_caller(f"{counted(len(found), 'explanation')} of {len(data)} hold special-token text, which the tokenizer "
+                   f"reads as the special token itself (as the paper's training code does): {where}. So "
+                   f"{consequence}; remove or reword that text in the explanations")
 
 
 def check_fits(n_ctx: int, *rows: AVRows | ARRows) -> None:
@@ -584,6 +583,6 @@ def check_base_fits(hf_config: Any, dataset: NLAMeta, base_model: str | Path, *,
     # (extracted elsewhere) cannot be compared.
     recorded = Path(str(dataset.base_model)) if dataset.base_model is not None else None
     if recorded is not None and recorded.is_absolute() and recorded.is_dir() and recorded.resolve() != folder.resolve():
-        warnings.warn(f"the activations were extracted from base model {recorded}, but base_model is {folder}: the "
-                      f"{role.upper()} would learn another model's activations; set base_model to {recorded}, or "
-                      "ignore this if the two folders hold one model", stacklevel=3)
+        warn_at_caller(f"the activations were extracted from base model {recorded}, but base_model is {folder}: the "
+                       f"{role.upper()} would learn another model's activations; set base_model to {recorded}, or "
+                       "ignore this if the two folders hold one model")

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from nla_lens.checks import blocks_phrase, counted, first_few
+from nla_lens.checks import blocks_phrase, counted, first_few, warn_at_caller
 from nla_lens.display import format_number
 from nla_lens.distributed import World
 from nla_lens.errors import CheckpointError, ConfigError
@@ -540,9 +540,9 @@ def resume_folder(resume: str | Path | None, out_dir: str | Path | None) -> Path
     if out_dir is not None and _STEP_DIR.match(folder.name):
         later = [p.name for p in checkpoints(out_dir) if _step(p) > _step(folder)]
         if later:
-            warnings.warn(f"resuming from {folder} into {out_dir}, which holds later checkpoints of another run "
-                          f"({', '.join(later)}): until this run overwrites them, resume: latest picks them. Move "
-                          "them away, or resume into a new out_dir", stacklevel=3)
+            warn_at_caller(f"resuming from {folder} into {out_dir}, which holds later checkpoints of another run "
+                           f"({', '.join(later)}): until this run overwrites them, resume: latest picks them. Move "
+                           "them away, or resume into a new out_dir")
     return folder
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from nla_lens import backends, loading, metrics
-from nla_lens.checks import blocks_phrase, jsonl_objects
+from nla_lens.checks import blocks_phrase, jsonl_objects, warn_at_caller
 from nla_lens.distributed import World, device_for, process_group
 from nla_lens.errors import ConfigError, InputError
 from nla_lens.nla import check_pair, check_vocabularies
@@ -379,10 +379,10 @@ def check_rl_split(config: RLRunConfig, evaluation: LabelledActivations) -> None
         return
     baseline = metrics.paper_baseline(evaluation.vectors.float(), ar.mse_scale)
     if ar.fve_baseline_n != len(evaluation) or not math.isclose(baseline, ar.fve_baseline, rel_tol=1e-4):
-        warnings.warn(f"the held-out split ({len(evaluation)} vectors, baseline {baseline:.6g}) is not the one the AR "
-                      f"{config.ar} was exported with ({ar.fve_baseline_n} vectors, baseline {ar.fve_baseline:.6g}): "
-                      "RL would train on vectors SFT held out. Give train-rl the SFT runs' activations, explanations, "
-                      "eval_fraction and split_seed", stacklevel=2)
+        warn_at_caller(f"the held-out split ({len(evaluation)} vectors, baseline {baseline:.6g}) is not the one the AR "
+                       f"{config.ar} was exported with ({ar.fve_baseline_n} vectors, baseline {ar.fve_baseline:.6g}): "
+                       "RL would train on vectors SFT held out. Give train-rl the SFT runs' activations, explanations, "
+                       "eval_fraction and split_seed")
 
 
 def _train_and_export_rl(config: RLRunConfig, train: LabelledActivations, evaluation: LabelledActivations,

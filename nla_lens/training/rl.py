@@ -42,7 +42,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from nla_lens import backends, metrics
-from nla_lens.checks import context_overflow, counted
+from nla_lens.checks import context_overflow, counted, warn_at_caller
 from nla_lens.display import format_number
 from nla_lens.distributed import inference
 from nla_lens.errors import ConfigError, InputError
@@ -477,10 +477,9 @@ def heldout_for_eval(vectors: Float[Tensor, "m d_model"], wanted: int, *, warn: 
     if warn and wanted >= 2 and len(vectors) < wanted:  # eval_vectors 0 or 1 asks for no evaluation
         scored = (f"the held-out round trips score those {len(vectors)}" if len(vectors) >= 2
                   else "the run has no held-out evaluation (FVE needs >= 2 vectors)")
-        warnings.warn(f"rl.eval_vectors is {wanted}, but the held-out split holds "
-                      f"{counted(len(vectors), 'vector')}: {scored}. Raise eval_fraction "
-                      f"for more held-out vectors, or set rl.eval_vectors to {len(vectors)} or fewer",
-                      stacklevel=3)
+        warn_at_caller(f"rl.eval_vectors is {wanted}, but the held-out split holds "
+                       f"{counted(len(vectors), 'vector')}: {scored}. Raise eval_fraction "
+                       f"for more held-out vectors, or set rl.eval_vectors to {len(vectors)} or fewer")
     return vectors[:wanted]
 
 
