@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 
 import pytest
@@ -15,7 +16,7 @@ from transformer_lens.hook_points import HookPoint
 
 import hf_reference as ref
 import nla_lens as nl
-from nla_lens import loading
+from nla_lens import loading, testing
 from nla_lens.injection import Injection
 from nla_lens.training import TrainConfig, av_loss, av_rows, export_av, init_av, train_av
 
@@ -101,12 +102,18 @@ def test_the_injection_hook_fires_in_every_training_and_eval_forward(base_folder
 
 
 @pytest.mark.parametrize("how", ["past-the-blocks", "point-replaced"])
-def test_an_injection_that_never_runs_in_the_training_forward_is_an_injection_error(base_folder, dataset_meta,
-                                                                                    label_split, monkeypatch, how):
+def test_an_injection_that_never_runs_in_the_training_forward_is_an_injection_error(tiny_paths, base_folder,
+                                                                                    dataset_meta, label_split,
+                                                                                    monkeypatch, how):
     """The training forward runs the blocks alone (stop_at_layer): an injection at the final norm, which `verbalize`
     serves, never fired there, nor one whose name leads to a HookPoint off the forward's path, and the AV trained on
-    its prompt without the vectors, its loss falling all the same."""
-    av = init_av(base_folder, dataset_meta, hook_point="ln_final.hook_normalized" if how == "past-the-blocks" else None)
+    its prompt without the vectors, its loss falling all the same. `init_av` refuses the first; an AV loaded to train
+    further reaches the forward with it."""
+    if how == "past-the-blocks":
+        av = nl.ActivationVerbalizer.from_pretrained(tiny_paths["av_karvonen"], hook_point="ln_final.hook_normalized",
+                                                     backend="hooked")
+    else:
+        av = init_av(base_folder, dataset_meta)
     point = av.injection_spec.hook_point
     if how == "point-replaced":
         monkeypatch.setitem(av.model.mod_dict, point, HookPoint())  # hooks added by name go there
@@ -294,6 +301,40 @@ def test_init_av_refuses_a_hook_point_the_base_lacks_before_its_weights_load(bas
     monkeypatch.setattr(loading, "load_hooked_transformer", no_weights)
     with pytest.raises(nl.InjectionError, match=f"hook point '{hook_point}'"):
         init_av(base_folder, dataset_meta, hook_point=hook_point)
+
+
+@pytest.mark.parametrize("hook_point", ["ln_final.hook_normalized", "ln_final.hook_scale", "unembed.hook_in"])
+def test_init_av_refuses_a_hook_point_past_the_blocks_before_its_weights_load(base_folder, dataset_meta,
+                                                                             extract_config, tmp_path, monkeypatch,
+                                                                             hook_point):
+    """The training forward runs the injection with the blocks only (`stop_at_layer`): an AV built to inject at the
+    final norm or the unembed, which `verbalize` serves, was refused only at the first training forward, its weights
+    loaded (from a train-av config's hook_point too)."""
+    from nla_lens.training import (
+        AVRunConfig,
+        extract_activations,
+        label_activations,
+        load_activations,
+        run_train_av,
+        save_explanations,
+    )
+
+    said = (rf"^hook point '{re.escape(hook_point)}' is outside the embedding and the blocks, the part of AV "
+            r"training's forward that runs with the hooks on .* training injects at hook_embed or a point inside the "
+            r"blocks \(blocks\.<i>\.\*, e\.g\. blocks\.1\.hook_resid_post\): set hook_point to one of those$")
+    tokenizer = loading.load_tokenizer(base_folder)
+    base = loading.load_hooked_transformer(base_folder, tokenizer, dtype=torch.float32, device="cpu")
+    acts = extract_activations(base, tokenizer, testing.tiny_corpus(4, words_per_doc=10), tmp_path / "acts",
+                               extract_config, base_model=str(base_folder), progress=False)
+    save_explanations(label_activations(load_activations(acts), lambda r: "a token"), tmp_path / "labels.jsonl")
+    monkeypatch.setattr(loading, "load_hooked_transformer", lambda *a, **k: pytest.fail("read the weights"))
+    with pytest.raises(nl.InjectionError, match=said):
+        init_av(base_folder, dataset_meta, hook_point=hook_point)
+    config = AVRunConfig(base_model=str(base_folder), activations=str(acts),
+                         explanations=str(tmp_path / "labels.jsonl"), out_dir=str(tmp_path / "run"),
+                         hook_point=hook_point)
+    with pytest.raises(nl.InjectionError, match=said):
+        run_train_av(config, progress=False)
 
 
 def test_an_ar_folder_as_base_model_is_named_before_its_weights_load(tiny_paths, dataset_meta, extract_config,

@@ -830,6 +830,9 @@ def _fake_extraction(tmp_path: Path, dataset_meta) -> dict:
      "'blocks.1.hook_resid_post'? pick one of model.hook_dict, e.g. 'blocks.1.hook_resid_post' or 'hook_embed'"),
     ("train-av", {"injection": "embedding", "injection_scale": 50.0, "hook_point": "embed"},
      "hook_point: hook point 'embed' does not exist in this model"),
+    ("train-av", {"hook_point": "ln_final.hook_normalized"},
+     "hook_point: hook point 'ln_final.hook_normalized' is outside the embedding and the blocks, the part of AV "
+     "training's forward that runs with the hooks on"),
     ("train-av", {"train": {"trainable_blocks": [2, 4]}},
      "train.trainable_blocks: [2, 4] names block(s) [4], but the AV trains the 4 blocks (0-3) of base_model {base}; "
      "use indices among those (null: every block)"),

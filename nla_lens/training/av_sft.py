@@ -8,6 +8,7 @@ training and eval forward, so the model is trained exactly as `verbalize` serves
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,9 @@ from nla_lens.training.dataset import (
 from nla_lens.training.export import freeze_weights_hf_lacks, model_sidecar
 from nla_lens.training.padding import pad
 from nla_lens.verbalizer import ActivationVerbalizer, _injection_spec
+
+# The points `response_logits` runs with the hooks on: the embedding and everything inside the blocks
+_TRAINABLE_HOOK_POINT = re.compile(r"hook_embed|hook_pos_embed|blocks\.\d+\..+")
 
 
 def init_av(
@@ -78,12 +82,27 @@ def init_av(
     # It stops where every training row ends, and on the EOS too, as HF's generation_config of an instruct model does.
     stop_ids = sorted({turn_end_ids(tokenizer)[-1], tokenizer.eos_token_id})
     loading.check_hook_point(folder, spec.hook_point, backend="hooked")  # a typo here cost a full load
+    check_trainable_hook_point(spec.hook_point)
     n_ctx = loading.context_length(hf_config)
     if n_ctx is not None and train_on:
         check_fits(n_ctx, *(encoded_av_rows(data, meta, tokenizer) for data in train_on))
     model = loading.load_hooked_transformer(folder, tokenizer, dtype=dtype, device=device)
     freeze_weights_hf_lacks(model, hf_config)
     return ActivationVerbalizer(model, tokenizer, meta, spec, stop_ids)
+
+
+def check_trainable_hook_point(hook_point: str) -> None:
+    """Refuse an injection point that training's teacher-forced forward (`response_logits`) never runs: it runs the
+    embedding and the blocks with the hooks on (`stop_at_layer`), then the final norm and the unembed without them, on
+    the scored positions only. `verbalize` serves such a point, but SFT and RL would train on the prompt without the
+    vectors: `response_logits` refuses that at the first forward, once the weights have loaded; this, before."""
+    if not _TRAINABLE_HOOK_POINT.fullmatch(hook_point):
+        raise InjectionError(
+            f"hook point {hook_point!r} is outside the embedding and the blocks, the part of AV training's forward "
+            "that runs with the hooks on (the final norm and the unembed run after it, without them), so the AV "
+            "would learn from its prompt without the vectors; training injects at hook_embed or a point inside the "
+            "blocks (blocks.<i>.*, e.g. blocks.1.hook_resid_post): set hook_point to one of those"
+        )
 
 
 def check_stops_at_turn_end(av: ActivationVerbalizer) -> None:

@@ -16,6 +16,7 @@ from nla_lens.distributed import World
 from nla_lens.errors import CheckpointError, ConfigError, InjectionError
 from nla_lens.sidecar import SIDECAR_NAME, InjectionSpec, load_meta
 from nla_lens.training import pipeline
+from nla_lens.training.av_sft import check_trainable_hook_point
 from nla_lens.training.config import (
     ARRunConfig,
     AVRunConfig,
@@ -97,8 +98,9 @@ def check_inputs(config: Any, path: str) -> None:
 
 
 def check_base_bounds(config: SFTRunConfig, folder: Path, path: str) -> None:
-    """train-av's injection hook point and `train.trainable_blocks` fit the base model, read from its config.json
-    by the rules the trainers apply once the weights are in (those refused them only after a full load)."""
+    """train-av's injection hook point (one training runs: `check_trainable_hook_point`) and `train.trainable_blocks`
+    fit the base model, read from its config.json by the rules the trainers apply once the weights are in (those
+    refused them only after a full load)."""
     try:
         n_layers = loading.load_hf_config(folder).get_text_config().num_hidden_layers
     except CheckpointError as exc:
@@ -108,6 +110,7 @@ def check_base_bounds(config: SFTRunConfig, folder: Path, path: str) -> None:
         key = "hook_point" if config.hook_point else f"injection (hook_point unset: {config.injection}'s default)"
         try:
             loading.check_hook_point(folder, hook_point, backend="hooked")
+            check_trainable_hook_point(hook_point)
         except InjectionError as exc:
             raise ConfigError(f"{path}: {key}: {exc}") from exc
         trained = f"the AV trains the {blocks_phrase(n_layers)} of base_model {config.base_model}"
