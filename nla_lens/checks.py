@@ -59,12 +59,18 @@ def resolve_move(device: torch.device | str | torch.dtype | None,
                  dtype: torch.dtype | str | None) -> tuple[torch.device | None, torch.dtype | None]:
     """The arguments of an AV's, AR's or NLA's `.to()`, each checked as a load checks it (None where not given). As
     torch's `Module.to` takes them, a dtype may come first: `av.to(torch.float64)`, `av.to("bf16")`."""
-    if isinstance(device, torch.dtype) or isinstance(device, str) and _dtype_key(device) in DTYPES:
+    if isinstance(device, torch.dtype) or isinstance(device, str) and _names_a_dtype(device):
         if dtype is not None:
             raise InputError(f"to({device!r}, {dtype!r}) names two dtypes; pass to(device, dtype), e.g. "
                              "to('cuda', torch.bfloat16)")
         device, dtype = None, device
     return (None if device is None else resolve_device(device), None if dtype is None else resolve_dtype(dtype))
+
+
+def _names_a_dtype(name: str) -> bool:
+    """Whether `name` is a dtype's name: one `DTYPES` knows, or any of torch's ("float8_e4m3fn", "int8"), which
+    `resolve_dtype` then refuses as a dtype it does not load, rather than `resolve_device` as no torch device."""
+    return _dtype_key(name) in DTYPES or isinstance(getattr(torch, _dtype_key(name), None), torch.dtype)
 
 
 def dtype_names() -> str:

@@ -35,6 +35,10 @@ def test_to_takes_a_device_and_a_dtype_as_torch_does():
     assert resolve_move(None, "fp16") == (None, torch.float16)
     with pytest.raises(nl.InputError, match=r"^to\(torch\.float16, 'bf16'\) names two dtypes; pass to\(device, "):
         resolve_move(torch.float16, "bf16")
+    # A dtype torch has but runs no model in is refused as a dtype, not as "not a torch device"
+    for name in ["float8_e4m3fn", "int8"]:
+        with pytest.raises(nl.InputError, match=rf"^dtype '{name}' is not one nla_lens loads; pass a torch dtype or "):
+            resolve_move(name, None)
 
 
 @NEEDS_HOOKED
