@@ -237,6 +237,51 @@ def test_karvonen_add_matches_the_reference_bits_and_survives_extreme_norms(dtyp
         assert torch.equal(karvonen_add(resid, v * scale), reference)
 
 
+def _karvonen_reference(resid: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+    """h + ||h|| v / ||v||, written out as the reference forward hook computes it."""
+    return resid + resid.norm(dim=-1, keepdim=True) * (vectors / vectors.norm(dim=-1, keepdim=True))
+
+
+def test_a_one_position_run_skips_the_write_only_as_a_decode_step_of_a_longer_prompt():
+    """A one-position run under an injection built for longer rows is a KV-cached decode step after the
+    prefill that injected: nothing to write. An injection built for one-position rows writes there, since that
+    run is its whole prompt."""
+    from nla_lens.injection import Injection
+    from nla_lens.sidecar import InjectionSpec
+
+    g = torch.Generator().manual_seed(1)
+    vectors, resid = torch.randn(1, 64, generator=g), torch.randn(1, 1, 64, generator=g)
+    site = (torch.tensor([0]), torch.tensor([0]))
+    one = Injection(InjectionSpec.of("karvonen"), vectors, *site, (1, 1))
+    assert torch.equal(one.hook(resid, None), _karvonen_reference(resid, vectors[:, None]))
+    longer = Injection(InjectionSpec.of("karvonen"), vectors, *site, (1, 5))
+    assert longer.hook(resid, None) is None
+
+
+def test_block_0s_karvonen_add_skips_only_when_hook_embed_added_in_the_same_forward():
+    """The `fwd_hooks()` pair of a Karvonen add at `hook_embed`. After a forward that added at `hook_embed` (block 0
+    then adds nothing), a forward that never fires `hook_embed` (TL 3.x's `generate`) and reaches block 0's input
+    with other rows there than the last forward's (a hook of yours ahead of the injection at block 0's input, or
+    weights a training step changed) still gets the vectors: the rows `hook_embed` saw are compared once, then
+    forgotten. Had they been kept, that forward would have run without its vectors, silently."""
+    from nla_lens.injection import Injection
+    from nla_lens.sidecar import InjectionSpec
+
+    g = torch.Generator().manual_seed(2)
+    vectors = torch.randn(2, 64, generator=g)
+    rows, positions = torch.tensor([0, 1]), torch.tensor([3, 2])
+    injection = Injection(InjectionSpec.of("karvonen", "hook_embed"), vectors, rows, positions, (2, 5),
+                          embed_is_block_input=True)
+    (_, at_embed), (_, at_block_0) = injection.fwd_hooks()
+    embed = torch.randn(2, 5, 64, generator=g)
+    added = at_embed(embed, None)
+    assert at_block_0(added, None) is None  # added once, at hook_embed
+    steered = embed + 0.5  # the next forward: hook_embed skipped, block 0's input steered first
+    expected = steered.clone()
+    expected[rows, positions] = _karvonen_reference(steered[rows, positions], vectors)
+    assert torch.equal(at_block_0(steered, None), expected)
+
+
 def test_an_injection_at_a_hook_point_that_is_not_the_residual_is_refused(tiny_paths, vectors):
     for hook_point in ("blocks.1.mlp.hook_post", "blocks.1.attn.hook_z", "blocks.1.attn.hook_pattern"):
         av = nl.ActivationVerbalizer.from_pretrained(tiny_paths["av_karvonen"], hook_point=hook_point)

@@ -117,6 +117,8 @@ def test_paired_difference_draws_in_bounded_blocks_with_the_same_numbers(monkeyp
 def test_paired_difference_refuses_what_it_cannot_pair():
     with pytest.raises(InputError, match="one length"):
         metrics.paired_difference(torch.zeros(3), torch.zeros(4))
+    with pytest.raises(InputError, match="one length >= 2"):  # one item has no spread: its interval collapsed on it
+        metrics.paired_difference(torch.tensor([0.5]), torch.tensor([0.75]))
     with pytest.raises(InputError, match="finite"):
         metrics.paired_difference(torch.zeros(3), torch.tensor([0.0, float("nan"), 1.0]))
     with pytest.raises(InputError, match="pass the same baseline= to both"):

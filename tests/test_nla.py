@@ -135,6 +135,16 @@ def test_summaries_say_which_failed_parses_were_cut_at_max_new_tokens(av_karvone
     assert explained.summary().endswith(f"3 failed parses {note}")
 
 
+def test_a_completion_cut_after_its_explanation_closed_is_not_counted_as_cut_before_it():
+    """A completion that closed </explanation> and ran on to max_new_tokens without its end token parses: the note
+    counts only the failed parses cut before </explanation>, not every completion cut."""
+    said = [("<explanation>the cat</explanation> and the cat and the", True), ("<explanation>\nthe sea and the", True)]
+    fake = nl.Verbalizations([Verbalization(text, nl.verbalizer.parse_explanation(text), [], truncated=cut)
+                              for text, cut in said])
+    assert fake.summary() == ("2 verbalizations, 1 failed to parse (1 cut at max_new_tokens before </explanation>: "
+                              "verbalize with a larger one)")
+
+
 def test_a_reconstruction_with_no_direction_scores_as_a_miss_and_is_named(av_karvonen, ar_nanonla, vectors,
                                                                         monkeypatch):
     """An AR that returns NaN (a float16 overflow) or zeros (a hook) for a row left that row's MSE NaN, and with it

@@ -104,6 +104,16 @@ def test_a_model_cast_after_loading_is_refused_or_read_in_the_readouts_dtype(tin
     assert torch.allclose(cast, reference, rtol=0.05, atol=0.05 * float(reference.abs().max()))
 
 
+def test_a_bfloat16_ar_returns_float32_vectors(tiny_paths):
+    """`reconstruct` returns float32 whatever the AR's dtype (its docstring's contract; scores and files take
+    float32): a bfloat16 AR gave bfloat16 rows. They are the float32 AR's to bfloat16's precision."""
+    ar = nl.ActivationReconstructor.from_pretrained(tiny_paths["ar_nanonla"], dtype=torch.bfloat16)
+    got = ar.reconstruct(TEXTS)
+    expected = ref.ar_reconstruct(tiny_paths["ar_nanonla"], TEXTS)
+    assert got.dtype == torch.float32
+    assert torch.nn.functional.cosine_similarity(got, expected).min() > 0.99
+
+
 def test_a_readout_without_float_weights_gets_the_residual_as_it_is(tiny_paths):
     """The cast to the readout's dtype is for float readouts only: a quantized readout (int8 weights, its own
     float forward) got the residual cast to int8, every value truncated."""

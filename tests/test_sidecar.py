@@ -58,6 +58,8 @@ def test_model_dialect_with_injection_scale_means_embedding_replacement():
     assert meta.role == "av" and meta.layer == 24
     assert meta.injection == InjectionSpec("embedding", "hook_embed")
     assert meta.injection_scale == 150.0
+    # The rule is an AV's: an AR's sidecar with the pair's injection_scale injects nothing.
+    assert parse_meta(model_dialect(role="ar")).injection is None
 
 
 @pytest.mark.parametrize("role, expected", [("actor", "av"), ("av", "av"), ("critic", "ar"), ("ar", "ar")])
@@ -116,6 +118,7 @@ def test_injection_scale_resolution():
     (lambda d: d.update(fve_baseline={"value": float("inf"), "n": 10}), "fve_baseline must be a mapping"),
     # Both keys are required: a misspelt one is refused as missing, so an unknown key cannot hide it.
     (lambda d: d.update(fve_baseline={"valeu": 0.7, "n": 10}), "fve_baseline must be a mapping"),
+    (lambda d: d.update(fve_baseline={"value": 0.7, "n": 1}), "fve_baseline must be a mapping"),  # no spread in one
     (lambda d: d.update(d_model=0), "d_model must be >= 1, got 0"),
     (lambda d: d.update(extraction_layer_index=-1), "layer index must be >= 0, got -1"),
     (lambda d: d["tokens"].update(critic_suffix_ids=5), "critic_suffix_ids must be a non-empty list"),

@@ -75,6 +75,22 @@ def test_grpo_loss_is_a_per_token_mean_within_each_sample_then_a_sum():
     assert diagnostics["clipped"].tolist() == pytest.approx([0.5, 0.0])
 
 
+def test_the_advantage_eps_damps_a_group_whose_rewards_barely_differ():
+    """(r - mean) / (std + 1e-6): rewards 0 and 2e-6 have a Bessel std of sqrt(2) 1e-6, so their advantages are
+    -+1 / (sqrt(2) + 1) = -+(sqrt(2) - 1), not the -+1 / sqrt(2) that a smaller eps gives."""
+    advantages = grpo.group_advantages(torch.tensor([[0.0, 2e-6]], dtype=torch.float64))
+    assert advantages[0].tolist() == pytest.approx([1 - math.sqrt(2), math.sqrt(2) - 1], rel=1e-9)
+
+
+def test_the_clip_fraction_counts_ratios_below_and_above_the_clip_range():
+    """Ratios 0.5, 0.9, 1.0, 1.5 at eps 0.2: 0.5 and 1.5 lie outside [0.8, 1.2], so half the tokens are clipped."""
+    ratios = torch.tensor([0.5, 0.9, 1.0, 1.5], dtype=torch.float64)
+    logp = torch.zeros(4, dtype=torch.float64)
+    _, diagnostics = grpo.grpo_loss_sum(logp, logp - ratios.log(), None, torch.tensor([1.0], dtype=torch.float64),
+                                        torch.zeros(4, dtype=torch.long), clip_eps=0.2, kl_coef=0.0)
+    assert diagnostics["clipped"].tolist() == [0.5]
+
+
 def test_misses_score_as_orthogonal_guesses():
     mse = torch.tensor([0.3, 0.4, 0.5, float("nan"), 0.6], dtype=torch.float64)
     parsed = torch.tensor([True, False, True, True, True])

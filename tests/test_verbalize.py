@@ -231,6 +231,35 @@ def test_explanations_are_parsed_from_tags():
     assert parse_explanation("no tags") is None
 
 
+def test_an_explanation_of_several_lines_is_parsed_whole():
+    """The parse reads across newlines (re.DOTALL): without it an explanation of two lines would fail to parse."""
+    from nla_lens.parsing import parse_explanation
+
+    text = "<explanation>\nThe cat sat on the mat.\nThen it slept.\n</explanation><|im_end|>"
+    assert parse_explanation(text) == "The cat sat on the mat.\nThen it slept."
+
+
+def test_the_cjk_share_is_of_the_visible_characters():
+    """Whitespace does not dilute the share: an output of two CJK characters and one Latin letter over blank lines
+    is 2/3 CJK, and flagged, however many newlines it holds."""
+    from nla_lens.parsing import cjk_fraction, looks_like_failed_injection
+
+    text = "中文 a\n\n\n\n\n\n\n\n"
+    assert cjk_fraction(text) == pytest.approx(2 / 3, abs=1e-12)
+    assert looks_like_failed_injection(text, "㈎")
+
+
+def test_kana_and_hangul_count_as_cjk():
+    """The CJK share takes in Japanese kana (U+3040-U+30FF) and Korean Hangul syllables (U+AC00-U+D7AF) besides the
+    Chinese ideographs."""
+    from nla_lens.parsing import cjk_fraction, looks_like_failed_injection
+
+    for text in ("ひらがな カタカナ", "한국어 문장"):
+        assert cjk_fraction(text) == 1.0
+        assert looks_like_failed_injection(text, "㈎")
+    assert cjk_fraction("a cat, 3 dogs") == 0.0
+
+
 def test_failed_injection_is_flagged():
     from nla_lens.parsing import injection_warning, looks_like_failed_injection
 
@@ -260,6 +289,15 @@ def test_failed_injection_is_flagged():
 def test_bad_vectors_raise_vector_error(av_karvonen, bad, match):
     with pytest.raises(nl.VectorError, match=match):
         av_karvonen.verbalize(bad, max_new_tokens=2, progress=False)
+
+
+def test_a_vector_with_zero_entries_is_a_direction_not_a_zero_vector(av_karvonen):
+    """Only a row of zeros has no direction to inject: a basis vector (one neuron's direction, zero elsewhere) is
+    injected as it is, and beside it only the all-zero row is named."""
+    basis = torch.eye(64)[:2]
+    assert torch.equal(av_karvonen.injection(basis).vectors, basis)
+    with pytest.raises(nl.VectorError, match=r"^vectors at rows \[1\] are zero"):
+        av_karvonen.injection(torch.stack([basis[0], torch.zeros(64)]))
 
 
 @pytest.mark.parametrize("power", [1000, -1000])
