@@ -25,7 +25,7 @@ import hf_reference as ref
 import nla_lens as nl
 from nla_lens import backends, loading, metrics, testing
 from nla_lens.cli import main
-from nla_lens.sidecar import ar_prompt_ids, dump_meta
+from nla_lens.sidecar import SIDECAR_NAME, ar_prompt_ids, dump_meta
 from nla_lens.training import grpo, rl
 from nla_lens.training.config import RLConfig, RLRunConfig
 from nla_lens.training.export import TOKENIZER_FILES, _hf_target
@@ -756,6 +756,38 @@ def test_train_rl_refuses_a_checkpoint_of_the_other_role_before_any_weight(layer
     config = _layer1_run(layer1_extraction, tiny_paths[av], tiny_paths[ar])
     with pytest.raises(nl.ConfigError, match=message):
         run_train_rl(config, progress=False)
+
+
+@NEEDS_TL3
+def test_train_rl_refuses_an_av_injecting_after_the_blocks_before_any_weight(layer1_extraction, tiny_paths, tmp_path,
+                                                                             monkeypatch):
+    """An AV whose sidecar injects at the final norm (a point `verbalize` serves) was refused only at the first step's
+    teacher-forced forward, once the AV, its reference and the AR had loaded and the first rollout had run."""
+    av = tmp_path / "av"
+    shutil.copytree(tiny_paths["av_karvonen"], av)
+    meta = yaml.safe_load((av / SIDECAR_NAME).read_text())
+    meta["injection"] = {"method": "karvonen", "hook_point": "ln_final.hook_normalized"}
+    (av / SIDECAR_NAME).write_text(yaml.safe_dump(meta))
+    monkeypatch.setattr(backends, "load_model", lambda *a, **k: pytest.fail("weights read"))
+    config = _layer1_run(layer1_extraction, av, tiny_paths["ar_nanonla"])
+    with pytest.raises(nl.InjectionError, match="hook point 'ln_final.hook_normalized' is outside the embedding and "
+                                                "the blocks"):
+        run_train_rl(config, progress=False)
+
+
+@NEEDS_TL3
+def test_train_rl_refuses_an_av_served_after_the_blocks_before_its_first_step(tiny_paths, monkeypatch):
+    """The Python API: an AV loaded with a hook point past the blocks trained on its bare prompt until the first
+    step's forward refused it; now before any rollout or evaluation."""
+    av = nl.ActivationVerbalizer.from_pretrained(tiny_paths["av_karvonen"], hook_point="ln_final.hook_normalized",
+                                                 backend="hooked")
+    ar = nl.ActivationReconstructor.from_pretrained(tiny_paths["ar_nanonla"], backend="hooked")
+    monkeypatch.setattr(rl, "rollout", lambda *a, **k: pytest.fail("a rollout ran"))
+    monkeypatch.setattr(rl, "evaluate_rl", lambda *a, **k: pytest.fail("an evaluation ran"))
+    vectors = torch.randn(8, av.meta.d_model, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(nl.InjectionError, match="is outside the embedding and the blocks"):
+        rl.train_rl(av, ar, None, vectors, vectors, RLConfig(steps=1, prompts_per_step=2, group_size=2, kl_coef=0.0),
+                    progress=False)
 
 
 @NEEDS_TL3

@@ -23,7 +23,7 @@ from nla_lens.reconstructor import ActivationReconstructor
 from nla_lens.sidecar import NLAMeta, load_meta
 from nla_lens.training import rl
 from nla_lens.training.ar_sft import init_ar, train_ar
-from nla_lens.training.av_sft import init_av, train_av
+from nla_lens.training.av_sft import check_trainable_hook_point, init_av, train_av
 from nla_lens.training.config import (
     ARRunConfig,
     AVRunConfig,
@@ -327,6 +327,8 @@ def check_rl_layers(config: RLRunConfig, activations: NLAMeta) -> None:
         if role != key:
             raise ConfigError(f"{key}: {getattr(config, key)} is an {role.upper()} checkpoint, not an {key.upper()}; "
                               f"point {key} at the SFT {key.upper()} (nla-lens train-{key}'s out_dir/model)")
+    if av.injection is not None:  # else refused at the first step's forward, once three models had loaded
+        check_trainable_hook_point(av.injection.hook_point)
     check_pair(av, ar)
     check_vocabularies(*(loading.load_tokenizer(folder) for folder in folders))
     for name in ("layer", "d_model"):

@@ -61,7 +61,12 @@ from nla_lens.reconstructor import ActivationReconstructor
 from nla_lens.sidecar import ar_prompt_ids
 from nla_lens.training import grpo, loop, parallel
 from nla_lens.training.ar_sft import ar_loss
-from nla_lens.training.av_sft import av_loss, check_stops_at_turn_end, response_logits
+from nla_lens.training.av_sft import (
+    av_loss,
+    check_stops_at_turn_end,
+    check_trainable_hook_point,
+    response_logits,
+)
 from nla_lens.training.config import RLConfig, check_training_dtypes
 from nla_lens.training.dataset import ARRows, AVRows, LabelledActivations, av_rows, check_fits, data_fingerprint
 from nla_lens.training.export import freeze_weights_hf_lacks
@@ -533,6 +538,7 @@ def train_rl(
     """
     backends.require_hooked("RL training", av.model)
     backends.require_hooked("RL training", ar.model)
+    check_trainable_hook_point(av.injection_spec.hook_point)  # before any step, not at the first one's forward
     check_pair(av.meta, ar.meta)
     check_vocabularies(av.tokenizer, ar.tokenizer)
     warn_if_bases_differ(av.meta, ar.meta)  # before any step: the evaluation's NLA warned only if one ran
