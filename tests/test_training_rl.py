@@ -44,6 +44,18 @@ def test_group_advantages_normalise_within_each_group():
     assert torch.allclose(grpo.group_advantages(rewards), expected, atol=1e-12)
 
 
+def test_the_best_sample_bonus_goes_to_each_groups_best_scored_sample():
+    """weight x group_size on the highest-reward scored sample, the first of a tie; an unscored sample is never the
+    best (the third group's -0.1 is a miss the test marks unscored); a group with no scored sample gets none."""
+    rewards = torch.tensor([[-0.1, -0.05, -0.3, -2.0], [-2.0, -2.0, -2.0, -2.0], [-0.1, -0.4, -0.2, -0.2],
+                            [-0.3, -0.2, -0.2, -0.9]], dtype=torch.float64)
+    scored = torch.tensor([[True, True, True, False], [False] * 4, [False, True, True, True], [True] * 4])
+    bonus = grpo.best_sample_bonus(rewards, scored, 0.5)
+    expected = torch.zeros(4, 4, dtype=torch.float64)
+    expected[0, 1] = expected[2, 2] = expected[3, 1] = 2.0
+    assert torch.equal(bonus, expected)
+
+
 def test_k3_kl_is_exp_d_minus_d_minus_one():
     logp, ref_logp = torch.tensor([-1.0, -2.0, -0.3]), torch.tensor([-1.5, -1.0, -0.3])
     expected = torch.tensor([math.exp(-0.5) + 0.5 - 1, math.exp(1.0) - 1 - 1, 0.0])
@@ -544,6 +556,42 @@ def test_ppo_epochs_repeat_the_av_update_on_one_rollout_and_the_ar_steps_once(sf
     assert not torch.equal(ar.readout.weight, ar2.readout.weight)  # ... which moved it
     with pytest.raises(nl.ConfigError, match=r"ppo_epochs >= 1 \(got 0\)"):
         dataclasses.replace(RL, ppo_epochs=0)
+
+
+@NEEDS_TL3
+def test_self_imitation_adds_the_cross_entropy_of_each_groups_best_sample(sft_pair):
+    """self_imitation w vs the loss written out with plain torch: the GRPO loss (advantages as the recipe's) plus w x
+    the mean over groups of the best scored sample's mean token -log p (at the sampling temperature, as the ratio),
+    one Adam step with gradients clipped to 1. The AV's weights agree to 1e-12 in float64."""
+    config = dataclasses.replace(RL, self_imitation=0.5, lr=1e-2, kl_coef=0.05, micro_batch=5)
+    vectors = _train_vectors(sft_pair).double()
+    av, ar, reference = _load(sft_pair, torch.float64)
+    rl._Trainer(av, ar, reference, vectors, config, None).step(0)
+
+    av2, ar2, reference2 = _load(sft_pair, torch.float64)
+    plain = dataclasses.replace(config, self_imitation=0.0)
+    index = rl.step_vectors(0, len(vectors), config.prompts_per_step, config.seed)
+    seeds = [rl.group_seed(config.seed, 0, j) for j in range(config.prompts_per_step)]
+    batch = rl.rollout(av2, ar2, vectors.float()[index], seeds, plain)  # the trainer keeps float32 vectors
+    ref_logp = rl.reference_logprobs(reference2, batch, config)
+    params = [p for p in av2.model.parameters() if p.requires_grad]
+    grpo_loss, _ = rl.policy_loss_sum(av2, batch, ref_logp, range(len(batch)), config)
+    logp, offsets = rl.policy_logprobs(av2, batch, range(len(batch)), config.temperature), batch.offsets
+    best = []
+    for group in range(config.prompts_per_step):
+        members = range(group * config.group_size, (group + 1) * config.group_size)
+        scored = [i for i in members if bool(batch.hits[i])]
+        if scored:
+            best.append(max(scored, key=lambda i: (float(batch.rewards[i]), -i)))
+    assert best  # the SFT pair parses most samples
+    imitation = torch.stack([-logp[offsets[i]:offsets[i + 1]].mean() for i in best]).sum() / config.prompts_per_step
+    (grpo_loss / len(batch) + config.self_imitation * imitation).backward()
+    torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+    torch.optim.Adam(params, lr=config.lr).step()
+    for (name, mine), theirs in zip(av.model.named_parameters(), av2.model.parameters(), strict=True):
+        assert torch.allclose(mine, theirs, rtol=0, atol=1e-12), name
+    with pytest.raises(nl.ConfigError, match=r"self_imitation >= 0 \(got -1.0\)"):
+        dataclasses.replace(RL, self_imitation=-1.0)
 
 
 @NEEDS_TL3

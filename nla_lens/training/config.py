@@ -308,6 +308,8 @@ class RLConfig:
     `sft_coef` > 0 goes beyond that recipe: it adds `sft_coef` x the SFT loss (mean token
     cross-entropy) of `sft_batch` supervised rows per step to the AV's loss, anchoring the AV to its
     labels where the reward does not look (InstructGPT's "PPO-ptx"). 0, the default, is the recipe.
+    `self_imitation` > 0 (also beyond it) adds that x the mean token cross-entropy of each group's best scored
+    sample (a bonus on its advantage, exact while the ratio is 1: `grpo.best_sample_bonus`).
     """
 
     steps: int = 100
@@ -324,6 +326,7 @@ class RLConfig:
     train_ar: bool = True  # False: the AR is a frozen reward model
     sft_coef: float = 0.0  # > 0: add this x the SFT loss of `sft_batch` labelled rows per step (not the recipe)
     sft_batch: int = 32
+    self_imitation: float = 0.0  # > 0: add this x the CE of each group's best scored sample (not the recipe)
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = 1.0
     micro_batch: int = 64  # samples per forward in the AV and AR updates (memory only, not the result)
@@ -343,7 +346,7 @@ class RLConfig:
         if self.group_size < 2:
             raise ConfigError(f"group_size must be >= 2: advantages are relative to the group (got {self.group_size})")
         _check_ranges(self, temperature=_POSITIVE, top_p=(lambda v: 0 < v <= 1, "in (0, 1]"), lr=_POSITIVE,
-                      ar_lr=_POSITIVE, grad_clip=_POSITIVE, kl_coef=_NON_NEGATIVE)
+                      ar_lr=_POSITIVE, grad_clip=_POSITIVE, kl_coef=_NON_NEGATIVE, self_imitation=_NON_NEGATIVE)
         if not 0 < self.clip_eps < 1:
             raise ConfigError(f"clip_eps must be in (0, 1): the ratio is clipped to [1 - clip_eps, 1 + clip_eps] "
                               f"(the recipe: 0.2), got {self.clip_eps}")

@@ -35,6 +35,19 @@ def group_advantages(rewards: Float[Tensor, "groups group_size"]) -> Float[Tenso
     return (rewards - mean) / (std + ADVANTAGE_EPS)
 
 
+def best_sample_bonus(rewards: Float[Tensor, "groups group_size"], scored: Bool[Tensor, "groups group_size"],
+                      weight: float) -> Float[Tensor, "groups group_size"]:
+    """`weight` x group_size on each group's highest-reward scored sample (the first of a tie), 0 elsewhere; a group
+    with no scored sample gets none. Added to the advantages, it adds `weight` x the mean over groups of that
+    sample's mean-token cross-entropy to the step's loss while the ratio is 1 (one update per rollout): the
+    policy imitates the best of its own samples (self-imitation) beside the group-relative push of GRPO."""
+    best = torch.where(scored, rewards, torch.full_like(rewards, -torch.inf)).argmax(dim=1)
+    rows = torch.arange(rewards.shape[0], device=rewards.device)
+    bonus = torch.zeros_like(rewards)
+    bonus[rows, best] = scored[rows, best].to(rewards.dtype) * (weight * rewards.shape[1])
+    return bonus
+
+
 def k3_kl(logp: Float[Tensor, " tokens"], ref_logp: Float[Tensor, " tokens"]) -> Float[Tensor, " tokens"]:
     """The k3 estimator of KL(policy || reference) per sampled token: exp(d) - d - 1, d = ref - policy."""
     delta = ref_logp - logp

@@ -14,7 +14,8 @@ With `ppo_epochs` > 1 (beyond the recipe) steps 3-4 repeat that many times on th
 loss is recomputed with its new weights against the same old and reference log-probs, so the clip
 binds; the AR takes its one step in the first. With `sft_coef` > 0 (beyond the recipe) step 3 also
 adds `sft_coef` x the SFT loss of a few labelled rows, so the AV keeps its supervised answers where
-the reward is indifferent to them.
+the reward is indifferent to them; with `self_imitation` > 0 (beyond the recipe) each group's best scored
+sample gets a bonus advantage (`grpo.best_sample_bonus`), the cross-entropy of the best of its own samples.
 
 The trajectory is a pure function of (weights, config, step): the vectors of a step and each
 group's sampling seed depend on the step and the group's global index only, so resuming from a
@@ -211,8 +212,12 @@ def rollout(av: ActivationVerbalizer, ar: ActivationReconstructor, vectors: Floa
     targets = vectors.repeat_interleave(config.group_size, dim=0)
     texts = [cast(str, av.tokenizer.decode(r, skip_special_tokens=True)) for r in responses]
     explanations, mse, rewards = score(ar, targets, texts, truncated)
-    advantages = grpo.group_advantages(rewards.view(-1, config.group_size)).flatten()
-    return Rollout(targets, responses, old_logp, texts, explanations, truncated, mse, rewards, advantages)
+    grouped = rewards.view(-1, config.group_size)
+    advantages = grpo.group_advantages(grouped)
+    if config.self_imitation > 0:
+        scored = (torch.isfinite(mse) & ~truncated).view(-1, config.group_size)
+        advantages = advantages + grpo.best_sample_bonus(grouped, scored, config.self_imitation)
+    return Rollout(targets, responses, old_logp, texts, explanations, truncated, mse, rewards, advantages.flatten())
 
 
 def policy_logprobs(av: ActivationVerbalizer, rollout: Rollout, samples: range,
