@@ -213,11 +213,12 @@ def rollout(av: ActivationVerbalizer, ar: ActivationReconstructor, vectors: Floa
     texts = [cast(str, av.tokenizer.decode(r, skip_special_tokens=True)) for r in responses]
     explanations, mse, rewards = score(ar, targets, texts, truncated)
     grouped = rewards.view(-1, config.group_size)
-    advantages = grpo.group_advantages(grouped)
+    batch = Rollout(targets, responses, old_logp, texts, explanations, truncated, mse, rewards,
+                    grpo.group_advantages(grouped).flatten())
     if config.self_imitation > 0:
-        scored = (torch.isfinite(mse) & ~truncated).view(-1, config.group_size)
-        advantages = advantages + grpo.best_sample_bonus(grouped, scored, config.self_imitation)
-    return Rollout(targets, responses, old_logp, texts, explanations, truncated, mse, rewards, advantages.flatten())
+        scored = batch.hits.view(-1, config.group_size)
+        batch.advantages = batch.advantages + grpo.best_sample_bonus(grouped, scored, config.self_imitation).flatten()
+    return batch
 
 
 def policy_logprobs(av: ActivationVerbalizer, rollout: Rollout, samples: range,
