@@ -354,10 +354,12 @@ def test_capture_on_load_base_is_hf_hidden_states_k_plus_1(request, family, dtyp
 # so a cached step's row (the keys so far) and the full forward's (masked past the query) can round a probability
 # one bf16 step apart; HF's eager attention softmaxes in fp32. The tiny Llama's step 18: one probability in block 3.
 DECODE_OFF_EAGER = {("llama", "hooked"): (1, 2**-9)}
-# Where torch's CPU kernels are AVX2 ones (2026-12-06, an AMD EPYC of this project's kind; the CI machines before
-# it gave the bits above), TL's einsum projections and HF's Linear round bf16 differently: the tiny Llama's layer-2
-# query projection already differs, and the Llama's outputs and Qwen3's decode steps were off eager's by 1/40-1/30 of
-# HF's own SDPA-vs-eager gap (mean absolute), Qwen2's and Gemma-3's still to the bit. There: a tenth of that gap.
+# TL's RMSNorm divides by sqrt(mean x^2 + eps) where HF's multiplies by its rsqrt: fp32 results an ulp apart, of which
+# a few survive the bf16 cast. On the CPUs CI ran on until 2026-12-06 none did for these inputs; where torch's CPU
+# kernels are AVX2 ones (an AMD EPYC of this project's kind, 2026-12-06) some do: 20 elements of the tiny Llama's
+# block-2 query differ (TL's W_Q einsum on HF's normed input is HF's Linear to the bit), and the Llama's outputs and
+# Qwen3's decode steps were off eager's by 1/40-1/30 of HF's own SDPA-vs-eager gap (mean absolute); Qwen2's stayed
+# to the bit, and Gemma-3's (its norms compute HF's arithmetic). There: a tenth of that gap.
 AVX2_KERNELS = torch.backends.cpu.get_cpu_capability() == "AVX2"
 AVX2_OFF_EAGER = 0.1
 
